@@ -1,0 +1,67 @@
+"""FLOP counts (REFERENCE 7.1). Pure functions of ModelSpec and token counts; numpy-vectorised.
+
+Convention: a multiply-add is 2 FLOPs. Attention is counted per document (Σ s_j², never the
+packed row's (Σ s_j)²). Causal attention counts the (q, k) pairs actually computed, s(s+1)/2,
+i.e. it is "halved"; `causal_halved=False` gives the PaLM / Megatron unhalved convention."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from costmodel.specs import ModelSpec
+
+ArrayLike = np.ndarray | float | int
+
+
+def linear_flops_per_token(model: ModelSpec) -> float:
+    """Forward GEMM FLOPs of one layer per token: QKV, output projection, SwiGLU (top_k experts), router."""
+    h = model.hidden
+    qkv = 2 * h * (model.q_width + 2 * model.kv_width)
+    out = 2 * model.q_width * h
+    mlp = 6 * h * model.ffn * model.top_k
+    router = 2 * h * model.experts if model.is_moe else 0
+    return float(qkv + out + mlp + router)
+
+
+def causal_pairs(s: ArrayLike) -> np.ndarray:
+    """(query, key) pairs under a causal mask, diagonal included: s(s+1)/2."""
+    s = np.asarray(s, dtype=float)
+    return s * (s + 1) / 2
+
+
+def attention_flops_fwd(lengths: ArrayLike, model: ModelSpec, causal: bool = True,
+                        causal_halved: bool = True) -> np.ndarray:
+    """Forward attention-core FLOPs of one layer, per document: 4·pairs·n_q·d_h (QKᵀ and PV)."""
+    s = np.asarray(lengths, dtype=float)
+    pairs = causal_pairs(s) if (causal and causal_halved) else s * s
+    return 4.0 * pairs * model.q_width
+
+
+def zigzag_shard_pairs(s: int, degree: int) -> np.ndarray:
+    """Causal (q, k) pairs held by each of the `degree` ranks of a document sharded zigzag into
+    2·degree chunks (rank i keeps chunks i and 2·degree−1−i) after padding to a multiple of
+    2·degree. The shares are equal and sum to the padded document's pairs (REFERENCE 2.3)."""
+    n2 = 2 * degree
+    c = -(-int(s) // n2)  # chunk length after padding
+    i = np.arange(degree, dtype=float)
+    # chunk k holds rows k·c .. (k+1)·c−1, each row r attends r+1 keys: c·k·c + c(c+1)/2 pairs
+    chunk = lambda k: c * k * c + c * (c + 1) / 2  # noqa: E731
+    return chunk(i) + chunk(n2 - 1 - i)
+
+
+def layer_flops_fwd(lengths: ArrayLike, model: ModelSpec, causal_halved: bool = True) -> np.ndarray:
+    """Forward FLOPs of one layer for each document."""
+    s = np.asarray(lengths, dtype=float)
+    return linear_flops_per_token(model) * s + attention_flops_fwd(s, model, causal_halved=causal_halved)
+
+
+def lm_head_flops_fwd(tokens: ArrayLike, model: ModelSpec) -> np.ndarray:
+    return 2.0 * np.asarray(tokens, dtype=float) * model.hidden * model.vocab
+
+
+def model_flops(lengths: ArrayLike, model: ModelSpec, causal_halved: bool = True) -> float:
+    """Training FLOPs (forward + backward = 3× forward, recompute excluded) of a set of documents:
+    the numerator of MFU."""
+    s = np.asarray(lengths, dtype=float)
+    fwd = model.layers * layer_flops_fwd(s, model, causal_halved).sum() + lm_head_flops_fwd(s.sum(), model)
+    return float(3.0 * fwd)

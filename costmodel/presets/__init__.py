@@ -1,0 +1,65 @@
+"""Model and cluster presets shipped as JSON beside this file, and lookup by name or path.
+
+A model argument is a preset name (`llama-7b`), a preset-format JSON file, or a HuggingFace
+`config.json`; a cluster argument is a preset name or a preset-format JSON file."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from costmodel.specs import ClusterSpec, ModelSpec, SpecError
+
+_ROOT = resources.files("costmodel.presets")
+
+
+def _names(kind: str) -> list[str]:
+    return sorted(p.name[:-5] for p in _ROOT.joinpath(kind).iterdir() if p.name.endswith(".json"))
+
+
+def model_names() -> list[str]:
+    return _names("models")
+
+
+def cluster_names() -> list[str]:
+    return _names("clusters")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A model preset by name, or a spec / HuggingFace config file by path."""
+    if name_or_path in model_names():
+        return ModelSpec.from_dict(json.loads(_ROOT.joinpath("models", f"{name_or_path}.json").read_text()))
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.exists():
+        if p.is_dir():
+            p = p / "config.json"
+        data = _read_json(p)
+        if "num_hidden_layers" in data:
+            return ModelSpec.from_hf_config(p)
+        return ModelSpec.from_dict(data)
+    raise SpecError(f"unknown model {name_or_path!r}; presets: {', '.join(model_names())} "
+                    "(or a path to a config.json)")
+
+
+def load_cluster(name_or_path: str) -> ClusterSpec:
+    """A cluster preset by name, or a cluster spec file by path."""
+    if name_or_path in cluster_names():
+        return ClusterSpec.from_dict(json.loads(_ROOT.joinpath("clusters", f"{name_or_path}.json").read_text()))
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.exists():
+        return ClusterSpec.from_dict(_read_json(p))
+    raise SpecError(f"unknown cluster {name_or_path!r}; presets: {', '.join(cluster_names())} "
+                    "(or a path to a cluster JSON file)")

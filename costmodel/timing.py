@@ -1,0 +1,274 @@
+"""Times from the profile (REFERENCE 7.1, 7.5, 7.6, 2.5): per-unit forward/backward compute, ring
+context-parallel overlap, TP collectives, offload exposure, gradient sync, PP point-to-point.
+
+`CostModel` precomputes log-log curves from the profile once, so each lookup afterwards is a
+numpy interpolation: planners call it for thousands of units per step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from costmodel import flops
+from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, memory_budget, params_per_rank)
+from costmodel.specs import ClusterSpec, ModelSpec, Setup, TrainingSpec
+from profiles.table import Profile
+
+_TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
+_BYTES_GRID = np.geomspace(1, 2**36, 160)
+
+
+def _interp(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Log-log interpolation over a precomputed grid (the grid spans every size a plan uses)."""
+    return np.exp(np.interp(np.log(np.maximum(np.asarray(x, float), 1e-9)), np.log(xs), np.log(ys)))
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """Per-rank time of one unit on one pipeline stage (all of its ranks run in lockstep)."""
+
+    fwd_compute_s: float  # GEMMs + attention core, forward, the stage's layers
+    bwd_compute_s: float  # backward (+ recompute forward when recomputing)
+    ring_comm_s: float  # ring-CP transfer time, forward + backward (hidden or not)
+    ring_exposed_fwd_s: float  # ring-CP transfers not hidden under attention compute, forward
+    ring_exposed_bwd_s: float  # ... backward (K/V plus dK/dV; and the recompute forward's ring)
+    tp_comm_fwd_s: float  # TP/SP all-gathers and reduce-scatters (not overlapped), forward
+    tp_comm_bwd_s: float
+    offload_exposed_fwd_s: float  # device-to-host copies not hidden under the layer's forward
+    offload_exposed_bwd_s: float  # host-to-device copies not hidden under the layer's backward
+    head_fwd_s: float  # LM head + loss (last stage only)
+    head_bwd_s: float
+    tokens_per_rank: int  # tokens each member holds
+
+    @property
+    def fwd_s(self) -> float:
+        """Forward wall time of the stage, exposed communication and head included."""
+        return (self.fwd_compute_s + self.ring_exposed_fwd_s + self.tp_comm_fwd_s + self.offload_exposed_fwd_s
+                + self.head_fwd_s)
+
+    @property
+    def bwd_s(self) -> float:
+        return (self.bwd_compute_s + self.ring_exposed_bwd_s + self.tp_comm_bwd_s + self.offload_exposed_bwd_s
+                + self.head_bwd_s)
+
+    @property
+    def compute_s(self) -> float:
+        return self.fwd_compute_s + self.bwd_compute_s + self.head_fwd_s + self.head_bwd_s
+
+    @property
+    def ring_exposed_s(self) -> float:
+        return self.ring_exposed_fwd_s + self.ring_exposed_bwd_s
+
+    @property
+    def tp_comm_s(self) -> float:
+        return self.tp_comm_fwd_s + self.tp_comm_bwd_s
+
+    @property
+    def offload_exposed_s(self) -> float:
+        return self.offload_exposed_fwd_s + self.offload_exposed_bwd_s
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return self.ring_exposed_s + self.tp_comm_s + self.offload_exposed_s
+
+    @property
+    def total_s(self) -> float:
+        return self.fwd_s + self.bwd_s
+
+
+@dataclass
+class CostModel:
+    """Cost of units, syncs and transfers for one (model, cluster, training) on one profile."""
+
+    setup: Setup
+    profile: Profile
+    _curves: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        m, tr = self.setup.model, self.setup.training
+        self.model: ModelSpec = m
+        self.tp = tr.tp
+        self.pp = tr.pp
+        self.layers_per_stage = m.layers // tr.pp
+        self.bytes_per_elem = tr.dtype_bytes
+        self.budget: MemoryBudget = memory_budget(self.setup)
+        self.capacity_tokens = self.budget.capacity_tokens
+        self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes)
+        self.heads_per_rank = max(1, m.heads // tr.tp)
+        dt = "bf16" if tr.dtype in ("bf16", "fp16") else "fp32"
+        dtypes = set(self.profile.tables["gemm"]["dtype"])
+        self.dtype = dt if dt in dtypes else sorted(dtypes)[0]
+        p = self.profile
+        t = float(tr.tp)
+        shapes = [  # (n, k) per GEMM of a layer, per TP rank; m = tokens (× top_k for experts)
+            (int(math.ceil((m.q_width + 2 * m.kv_width) / t)), m.hidden, 1),
+            (m.hidden, int(math.ceil(m.q_width / t)), 1),
+            (int(math.ceil(2 * m.ffn / t)), m.hidden, m.top_k),
+            (m.hidden, int(math.ceil(m.ffn / t)), m.top_k),
+        ]
+        g = np.zeros_like(_TOKEN_GRID)
+        for n, k, mult in shapes:
+            g += p.gemm_time_s(_TOKEN_GRID * mult, n, k, self.dtype)
+        self._curves["gemm_layer"] = g
+        self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, int(math.ceil(m.vocab / t)), m.hidden, self.dtype)
+        for direction in ("fwd", "bwd"):
+            tt = p.attention_time_s(_TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True,
+                                    direction=direction, dtype=self.dtype)
+            self._curves[f"attn_{direction}"] = np.maximum(tt, 1e-12)
+        for scope in ("intra", "inter"):
+            self._curves[f"p2p_{scope}"] = p.collective_time_s("send_recv", _BYTES_GRID, 2, scope)
+        self._curves["d2h"] = p.host_copy_time_s(_BYTES_GRID, "d2h", True)
+        self._curves["h2d"] = p.host_copy_time_s(_BYTES_GRID, "h2d", True)
+        if tr.tp > 1:
+            for op in ("all_gather", "reduce_scatter"):
+                self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra")
+        self._curves["fit"] = self.fit_layer_time()
+
+    # ---- primitive lookups (vectorised) ---------------------------------------------------------
+    def gemm_layer_fwd_s(self, tokens: np.ndarray | float) -> np.ndarray:
+        """Forward GEMMs of one layer for `tokens` tokens on one TP rank."""
+        return _interp(tokens, _TOKEN_GRID, self._curves["gemm_layer"])
+
+    def attn_fwd_s(self, doc_len: np.ndarray | float) -> np.ndarray:
+        """Forward attention core of one layer, whole documents on one TP rank."""
+        return _interp(doc_len, _TOKEN_GRID, self._curves["attn_fwd"])
+
+    def attn_bwd_s(self, doc_len: np.ndarray | float) -> np.ndarray:
+        return _interp(doc_len, _TOKEN_GRID, self._curves["attn_bwd"])
+
+    def p2p_s(self, nbytes: np.ndarray | float, inter_node: bool) -> np.ndarray:
+        return _interp(nbytes, _BYTES_GRID, self._curves["p2p_inter" if inter_node else "p2p_intra"])
+
+    def host_copy_s(self, nbytes: np.ndarray | float, direction: str) -> np.ndarray:
+        return _interp(nbytes, _BYTES_GRID, self._curves[direction])
+
+    # ---- units ----------------------------------------------------------------------------------
+    def unit_cost(self, doc_lengths: np.ndarray | list[int], degree: int = 1, offload_ratio: float = 0.0,
+                  inter_node: bool = False, with_head: bool | None = None) -> UnitCost:
+        """Per-rank cost of a unit: documents `doc_lengths` packed on one rank (degree 1) or each sharded
+        zigzag over `degree` ranks with ring attention (REFERENCE 7.6: per ring step the max of compute and
+        transfer; the first step has nothing to wait for). with_head defaults to pp == 1."""
+        s = np.asarray(doc_lengths, dtype=float)
+        d = int(degree)
+        l = self.layers_per_stage
+        if d == 1:
+            per_rank = s
+            tokens = float(s.sum())
+            attn_f = float(self.attn_fwd_s(s).sum())
+            attn_b = float(self.attn_bwd_s(s).sum())
+        else:
+            per_rank = 2.0 * np.ceil(s / (2 * d))  # zigzag chunk pair per document
+            tokens = float(per_rank.sum())
+            # A rank computes 1/d of each document's causal area; the kernel works on chunk-sized blocks,
+            # so its rate is the one at the per-rank length: time = d × time(per-rank length).
+            attn_f = float((self.attn_fwd_s(per_rank) * d).sum())
+            attn_b = float((self.attn_bwd_s(per_rank) * d).sum())
+        gemm_f = float(self.gemm_layer_fwd_s(tokens))
+        fwd_layer = gemm_f + attn_f
+        bwd_layer = 2.0 * gemm_f + attn_b  # dgrad + wgrad: two GEMMs of the forward's size
+        rec = self.setup.training.recompute
+        if rec == "full":
+            bwd_layer += fwd_layer
+        ring_comm = ring_exp_f = ring_exp_b = 0.0
+        if d > 1:
+            kv_bytes = tokens * 2 * self.model.kv_width / self.tp * self.bytes_per_elem
+            step_f, step_b = attn_f / d, attn_b / d
+            comm_f = float(self.p2p_s(kv_bytes, inter_node))
+            comm_b = float(self.p2p_s(2 * kv_bytes, inter_node))  # K/V in, dK/dV back
+            passes_f = 2 if rec == "full" else 1  # full recompute replays the forward ring
+            ring_comm = l * (d - 1) * (passes_f * comm_f + comm_b)
+            ring_exp_f = l * (d - 1) * max(0.0, comm_f - step_f)
+            ring_exp_b = l * (d - 1) * ((passes_f - 1) * max(0.0, comm_f - step_f) + max(0.0, comm_b - step_b))
+        tp_comm = 0.0
+        if self.tp > 1:
+            act = tokens * self.tp * self.model.hidden * self.bytes_per_elem  # full sequence-parallel tensor
+            ag = float(_interp(act, _BYTES_GRID, self._curves["tp_all_gather"]))
+            rs = float(_interp(act, _BYTES_GRID, self._curves["tp_reduce_scatter"]))
+            tp_comm = l * (2 * ag + 2 * rs)  # 2 AG + 2 RS per layer, the same again in backward
+        off_f = off_b = 0.0
+        if offload_ratio > 0 and l > 2:
+            nbytes = offload_ratio * tokens * self.a_tok
+            off_f = (l - 2) * max(0.0, float(self.host_copy_s(nbytes, "d2h")) - fwd_layer)
+            off_b = (l - 2) * max(0.0, float(self.host_copy_s(nbytes, "h2d")) - bwd_layer)
+        if with_head is None:
+            with_head = self.pp == 1
+        head_f = float(_interp(tokens, _TOKEN_GRID, self._curves["gemm_head"])) if with_head else 0.0
+        return UnitCost(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
+                        ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_comm,
+                        tp_comm_bwd_s=tp_comm, offload_exposed_fwd_s=off_f, offload_exposed_bwd_s=off_b,
+                        head_fwd_s=head_f, head_bwd_s=2.0 * head_f, tokens_per_rank=int(tokens))
+
+    def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
+        return self.unit_cost(doc_lengths, degree, offload_ratio, inter_node).total_s
+
+    # ---- fast estimate for heuristics -----------------------------------------------------------
+    def fit_layer_time(self, max_len: int | None = None) -> dict[str, float]:
+        """Least-squares fit of one layer's fwd+bwd time of a whole document on one rank,
+        T(s) = α1·s² + β1·s + γ (ByteScale §5.2), relative error weighted, coefficients ≥ 0."""
+        hi = max_len or max(2 * self.capacity_tokens, 65536)
+        s = np.unique(np.round(np.geomspace(64, hi, 48)))
+        gemm = self.gemm_layer_fwd_s(s)
+        t = 3.0 * gemm + self.attn_fwd_s(s) + self.attn_bwd_s(s)
+        a = np.stack([s * s, s, np.ones_like(s)], axis=1) / t[:, None]
+        coef, *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+        if (coef < 0).any():  # refit without the negative terms
+            keep = coef >= 0
+            c2, *_ = np.linalg.lstsq(a[:, keep], np.ones_like(t), rcond=None)
+            coef = np.zeros(3)
+            coef[keep] = np.maximum(c2, 0)
+        pred = a @ coef  # predicted / measured
+        fit_t = pred * t
+        r2 = 1.0 - float(np.sum((fit_t - t) ** 2) / np.sum((t - t.mean()) ** 2))
+        return {"alpha1_s_per_token2": float(coef[0]), "beta1_s_per_token": float(coef[1]),
+                "gamma_s": float(coef[2]), "max_rel_err": float(np.max(np.abs(pred - 1))), "r2": r2}
+
+    def doc_time_estimate_s(self, lengths: np.ndarray | float, degree: np.ndarray | int = 1) -> np.ndarray:
+        """Fast per-rank estimate of a document sharded over `degree` ranks: L·(α1 s²/d + β1 s/d) from the
+        fit (γ is charged once per unit by callers). Used to balance; final numbers use unit_cost."""
+        f = self._curves["fit"]
+        s = np.asarray(lengths, float)
+        d = np.asarray(degree, float)
+        return self.model.layers / self.pp * (f["alpha1_s_per_token2"] * s * s + f["beta1_s_per_token"] * s) / d
+
+    @property
+    def unit_overhead_s(self) -> float:
+        """γ of the fit for all of a stage's layers: the per-micro-batch fixed cost."""
+        return self.layers_per_stage * self._curves["fit"]["gamma_s"]
+
+    # ---- step-level communication ---------------------------------------------------------------
+    def grad_sync_s(self, hdp_ranks: int | None = None) -> float:
+        """Gradient synchronisation over the HDP ranks of a stage (REFERENCE 7.5): all-reduce of fp32
+        grads, or with the distributed optimizer a reduce-scatter of grads plus an all-gather of params."""
+        d = hdp_ranks or self.setup.hdp
+        if d <= 1:
+            return 0.0
+        tr = self.setup.training
+        p = params_per_rank(self.setup)
+        inter = d > self.setup.hdp_per_node
+        scope = "inter" if inter else "intra"
+        gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
+        group = d  # one collective per TP rank, over the d HDP ranks holding the same shard
+        if tr.zero_stage >= 1:
+            return float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope)
+                         + self.profile.collective_time_s("all_gather", p * pb, group, scope))
+        return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope))
+
+    def pp_p2p_s(self, tokens_per_rank: float) -> float:
+        """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes; stages sit on
+        different nodes whenever a stage fills at least a node."""
+        inter = self.setup.hdp * self.tp >= self.setup.cluster.gpus_per_node
+        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter))
+
+    def peak_flops(self) -> float:
+        return self.profile.constant("peak_bf16_flops")
+
+
+def fit_layer_time(model: ModelSpec, training: TrainingSpec, profile: Profile) -> dict[str, float]:
+    """T(s) fit for a model on a profile, independent of any cluster size (one rank, ample memory)."""
+    cluster = ClusterSpec(name="fit", gpu=profile.fingerprint.device, nodes=1, gpus_per_node=max(8, training.tp),
+                          gpu_memory_bytes=10**15, host_memory_bytes=10**15, intra_node_bw_bytes_per_s=1e11,
+                          inter_node_bw_bytes_per_s=1e10, host_link_bw_bytes_per_s=1e10, profile="")
+    cm = CostModel(Setup(model, cluster.with_gpus(max(8, training.tp * training.pp)), training), profile)
+    return cm.fit_layer_time(max_len=262144)

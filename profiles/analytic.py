@@ -1,0 +1,236 @@
+"""Analytic profiles: the Profile tables built from datasheet peaks and published measurements
+(REFERENCE.md §8), for GPUs we cannot measure here. Every constant carries its source; the
+generated files in profiles/data/*.analytic.json are written by `python -m profiles.analytic`
+and checked against this module by the tests (never edited by hand)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from profiles.table import Fingerprint, Profile, attention_flops, bus_factor
+
+GB = 1e9
+KiB = 2**10
+MiB = 2**20
+GiB = 2**30
+ANALYTIC_DATE = "2026-11-22"  # snapshot date of the REFERENCE.md numbers
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+    unit: str
+    source: str
+
+
+@dataclass(frozen=True)
+class GpuNumbers:
+    """The published numbers one analytic profile is built from."""
+
+    name: str  # profile name stem
+    device: str
+    peak_bf16: Const  # dense BF16 peak
+    gemm_large: Const  # achieved large-GEMM FLOP/s (MAMF)
+    attn_plateau: dict[str, Const]  # "fwd_noncausal", "fwd_causal", "bwd": fraction of peak at long lengths
+    ar_plateau_intra: Const  # 8-GPU intra-node all-reduce busbw plateau
+    p2p_intra: Const  # NVLink P2P bandwidth per direction
+    a2a_intra: Const  # intra-node all-to-all busbw plateau
+    nic: Const  # per-GPU scale-out line rate
+    h2d: Const  # pinned host->device
+    d2h: Const  # pinned device->host
+
+
+# Shared, GPU-independent numbers -------------------------------------------------------------
+S_HALF = {  # document length at which attention reaches half its plateau efficiency
+    "fwd_noncausal": Const(200, "tokens", "REFERENCE 8.2 analytic fallback fit to FA3 Figs. 5-6 [assumption]"),
+    "fwd_causal": Const(550, "tokens", "REFERENCE 8.2 analytic fallback fit to FA3 Figs. 5-6 [assumption]"),
+    "bwd": Const(400, "tokens", "REFERENCE 8.2 analytic fallback fit to FA3 Figs. 5-6 [assumption]"),
+}
+HEAD_DIM_64_FACTOR = Const(0.85, "x", "FlashAttention head-dim 64 runs below 128 [assumption]")
+GEMM_HALF_FLOPS_AT_989T = Const(2e10, "FLOP", "GEMM reaches half of its large-size efficiency near 2e10 FLOP "
+                                "(about 20 us at H100 rate) [assumption]; scaled with the peak")
+GEMM_FLOOR = Const(5e-6, "s", "kernel launch + tail floor for a GEMM [assumption]")
+# 8xH200 all-reduce busbw (NCCL 2.30): 32 KiB 3.2, 1 MiB 74.6, 16 MiB 255.9, 256 MiB 441.9, 1 GiB 465.9 GB/s
+AR_SHAPE = Const(0, "-", "shape of 8xH200 all-reduce busbw vs size [meas: stas00, REFERENCE 8.3], "
+                 "normalised by its 1 GiB value and applied to every intra-node AR/AG/RS")
+_AR_SHAPE_POINTS = [(32 * KiB, 3.2), (1 * MiB, 74.6), (16 * MiB, 255.9), (256 * MiB, 441.9), (1 * GiB, 465.9)]
+INTER_SHAPE = Const(0, "-", "inter-node plateau needs >= 1 GiB: 12.5% at 16 MiB, 44% at 256 MiB "
+                    "[REFERENCE 8.3]; 1.4% at 1 MiB [meas: stas00 B200]; 80% at 1 GiB [assumption]")
+_INTER_SHAPE_POINTS = [(1 * MiB, 0.014), (16 * MiB, 0.125), (256 * MiB, 0.44), (1 * GiB, 0.80), (16 * GiB, 1.0)]
+NIC_EFF = Const(0.73, "x", "achieved / line rate on the wire, 4x8 B200 400G EFA [meas: stas00, REFERENCE 8.3]")
+P2P_NIC_EFF = Const(0.90, "x", "48-49 GB/s achievable per 400G NIC [NVIDIA staff, nccl-tests #267]; rounded down")
+FLOOR_INTRA = Const(18e-6, "s", "intra-node all-reduce floor, 8 GPUs back-to-back [meas: stas00, REFERENCE 8.3]")
+FLOOR_P2P = Const(10.5e-6, "s", "small all-to-all / send-recv floor, one node [meas: DeepEP #303]")
+FLOOR_INTER_256 = Const(65e-6, "s", "multi-node all-reduce floor at 256 ranks [meas: NCCL #652]")
+FLOOR_INTER_P2P = Const(15e-6, "s", "inter-node send/recv floor (IB verbs latency + NCCL) [assumption]")
+HOST_COPY_FLOOR = Const(10e-6, "s", "cudaMemcpyAsync latency floor [assumption]")
+PAGEABLE_FACTOR = Const(0.5, "x", "pageable copies run at about half the pinned rate [assumption]")
+
+
+def _c(v: float, unit: str, src: str) -> Const:
+    return Const(v, unit, src)
+
+
+H100 = GpuNumbers(
+    name="h100-sxm", device="NVIDIA H100 SXM 80GB (analytic)",
+    peak_bf16=_c(989e12, "FLOP/s", "H100 SXM datasheet dense BF16 [spec]"),
+    gemm_large=_c(794.5e12, "FLOP/s", "MAMF large BF16 GEMM [meas: stas00 ml-engineering]"),
+    attn_plateau={
+        "fwd_noncausal": _c(648 / 989, "x", "FA3 fwd non-causal 648 TFLOP/s at 16K, hd128 [FA3 paper Fig. 5]"),
+        "fwd_causal": _c(616 / 989, "x", "FA3 fwd causal 616 TFLOP/s at 16K, hd128 [FA3 paper Fig. 5]"),
+        "bwd": _c(561 / 989, "x", "FA3 bwd 561 TFLOP/s at 16K, hd128 [FA3 paper Fig. 6]"),
+    },
+    ar_plateau_intra=_c(465.9e9, "B/s", "8xH200 all-reduce busbw at 1 GiB; H100 has the same NVLink4 [meas: stas00]"),
+    p2p_intra=_c(378e9, "B/s", "NVLink4 P2P 376-380 of 450 GB/s per direction [REFERENCE 8.1]"),
+    a2a_intra=_c(285e9, "B/s", "intra-node all-to-all plateau 270-300 GB/s busbw [assumption, REFERENCE 8.3]"),
+    nic=_c(50e9, "B/s", "400 Gb/s NDR per GPU [spec]"),
+    h2d=_c(35.2e9, "B/s", "H2D pinned, SM-copy path [meas: nvbandwidth #24]"),
+    d2h=_c(52.8e9, "B/s", "D2H pinned, SM-copy path [meas: nvbandwidth #24]"),
+)
+
+A100 = GpuNumbers(
+    name="a100-sxm-80gb", device="NVIDIA A100 SXM 80GB (analytic)",
+    peak_bf16=_c(312e12, "FLOP/s", "A100 datasheet dense BF16 [spec]"),
+    gemm_large=_c(271.2e12, "FLOP/s", "MAMF large BF16 GEMM [meas: stas00 ml-engineering]"),
+    attn_plateau={
+        "fwd_noncausal": _c(0.70, "x", "FA2 on A100: 50-73% of peak forward [FA2 paper]; upper part of the range"),
+        "fwd_causal": _c(0.70 * 335 / 370, "x", "0.70 x FA2 causal/non-causal ratio on H100 (335/370) [derived]"),
+        "bwd": _c(0.70 * 322 / 370, "x", "0.70 x FA2 bwd/fwd ratio on H100 (322/370) [derived]"),
+    },
+    ar_plateau_intra=_c(234.9e9, "B/s", "8xA100 all-reduce busbw at 16 GiB [meas: ml-engineering]"),
+    p2p_intra=_c(274e9, "B/s", "NVLink3 P2P 274 of 300 GB/s per direction [REFERENCE 8.1]"),
+    a2a_intra=_c(0.62 * 274e9, "B/s", "H100 a2a/p2p ratio (285/378) applied to A100 P2P [derived]"),
+    nic=_c(25e9, "B/s", "200 Gb/s HDR per GPU on DGX A100 [spec]"),
+    h2d=_c(25.1e9, "B/s", "H2D pinned on A100 [meas: nvbandwidth #42]"),
+    d2h=_c(25.1e9, "B/s", "D2H taken equal to H2D (PCIe Gen4) [assumption]"),
+)
+
+H200 = GpuNumbers(
+    name="h200-sxm", device="NVIDIA H200 SXM 141GB (analytic)",
+    peak_bf16=_c(989e12, "FLOP/s", "H200 datasheet dense BF16 [spec]"),
+    gemm_large=H100.gemm_large, attn_plateau=H100.attn_plateau,
+    ar_plateau_intra=_c(465.9e9, "B/s", "8xH200 all-reduce busbw at 1 GiB, NVLS [meas: stas00]"),
+    p2p_intra=H100.p2p_intra, a2a_intra=H100.a2a_intra, nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h,
+)
+
+H800 = GpuNumbers(
+    name="h800-sxm", device="NVIDIA H800 SXM 80GB (analytic)",
+    peak_bf16=_c(989e12, "FLOP/s", "same die as H100 [spec]"),
+    gemm_large=H100.gemm_large, attn_plateau=H100.attn_plateau,
+    ar_plateau_intra=_c(190e9, "B/s", "~200 GB/s NVLink per direction -> ~190 busbw [assumption, unmeasured]"),
+    p2p_intra=_c(168e9, "B/s", "200 GB/s x H100's P2P efficiency 378/450 [derived]"),
+    a2a_intra=_c(0.75 * 168e9, "B/s", "H100 a2a/p2p ratio (285/378) [derived]"),
+    nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h,
+)
+
+GPUS: dict[str, GpuNumbers] = {g.name: g for g in (H100, A100, H200, H800)}
+
+SIZES_BYTES = [KiB * 4**i for i in range(13)]  # 1 KiB .. 16 GiB
+ATTN_LENGTHS = [128 * 2**i for i in range(15)]  # 128 .. 2M tokens
+GEMM_EDGES = [128 * 2**i for i in range(9)]  # 128 .. 32K
+INTRA_GROUPS = [2, 4, 8]
+INTER_GROUPS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
+def _shape(points: list[tuple[float, float]], sizes: np.ndarray, norm: float) -> np.ndarray:
+    """Fraction of plateau busbw vs size; below the first point busbw falls in proportion to size."""
+    xs = np.array([p[0] for p in points], float)
+    ys = np.array([p[1] for p in points], float) / norm
+    out = np.exp(np.interp(np.log(sizes), np.log(xs), np.log(ys)))
+    return np.where(sizes < xs[0], ys[0] * sizes / xs[0], out)
+
+
+def build(g: GpuNumbers) -> Profile:
+    """The four tables for one GPU from its published numbers."""
+    consts: dict[str, Const] = {
+        "peak_bf16_flops": g.peak_bf16, "gemm_large_flops": g.gemm_large, "ar_plateau_intra": g.ar_plateau_intra,
+        "p2p_intra": g.p2p_intra, "a2a_intra": g.a2a_intra, "nic": g.nic, "h2d": g.h2d, "d2h": g.d2h,
+        "gemm_half_flops": GEMM_HALF_FLOPS_AT_989T, "gemm_floor": GEMM_FLOOR, "head_dim_64_factor": HEAD_DIM_64_FACTOR,
+        "nic_eff": NIC_EFF, "p2p_nic_eff": P2P_NIC_EFF, "floor_intra": FLOOR_INTRA, "floor_p2p": FLOOR_P2P,
+        "floor_inter_256": FLOOR_INTER_256, "floor_inter_p2p": FLOOR_INTER_P2P, "host_copy_floor": HOST_COPY_FLOOR,
+        "pageable_factor": PAGEABLE_FACTOR, "ar_shape": AR_SHAPE, "inter_shape": INTER_SHAPE,
+    }
+    consts.update({f"attn_plateau_{k}": v for k, v in g.attn_plateau.items()})
+    consts.update({f"attn_s_half_{k}": v for k, v in S_HALF.items()})
+
+    # GEMM: generic cube-ish grid; time = max(floor, flops / (achieved * x/(x + x_half))).
+    half = GEMM_HALF_FLOPS_AT_989T.value * g.peak_bf16.value / 989e12
+    rows = []
+    for m in GEMM_EDGES:
+        for n, k in ((m, m), (4096, 4096), (8192, 8192)):
+            fl = 2.0 * m * n * k
+            rate = g.gemm_large.value * fl / (fl + half)
+            rows.append((m, n, k, "bf16", max(GEMM_FLOOR.value, fl / rate)))
+    gemm = pd.DataFrame(rows, columns=["m", "n", "k", "dtype", "time_s"])
+
+    # Attention: rate = peak * plateau * s/(s + s_half); calls hold >= 16K tokens like the FA3 runs.
+    rows = []
+    for hd in (64, 128):
+        for key, direction, causal in (("fwd_noncausal", "fwd", False), ("fwd_causal", "fwd", True),
+                                       ("bwd", "bwd", True), ("bwd", "bwd", False)):
+            plateau = g.attn_plateau[key].value * (HEAD_DIM_64_FACTOR.value if hd == 64 else 1.0)
+            for s in ATTN_LENGTHS:
+                docs = max(1, 16384 // s)
+                rate = g.peak_bf16.value * plateau * s / (s + S_HALF[key].value)
+                fl = float(attention_flops(s, 32, hd, causal, direction)) * docs
+                rows.append((direction, causal, 32, 8, hd, s, docs, "bf16", fl / rate))
+    attention = pd.DataFrame(rows, columns=["direction", "causal", "heads", "kv_heads", "head_dim", "doc_len",
+                                            "docs", "dtype", "time_s"])
+
+    # Collectives.
+    sizes = np.array(SIZES_BYTES, float)
+    rows = []
+    ar_shape = _shape(_AR_SHAPE_POINTS, sizes, 465.9)
+    inter_shape = _shape(_INTER_SHAPE_POINTS, sizes, 1.0)
+    nic_eff = g.nic.value * NIC_EFF.value
+    gpn = 8
+    for op in ("all_reduce", "all_gather", "reduce_scatter"):
+        for n in INTRA_GROUPS:
+            bw = g.ar_plateau_intra.value * ar_shape
+            t = np.maximum(FLOOR_INTRA.value, sizes * bus_factor(op, n) / bw)
+            rows += [(op, "intra", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
+        for n in INTER_GROUPS:
+            k = n // gpn  # nodes; hierarchical: each GPU moves 1/gpn of the node's inter-node share
+            plateau = min(g.ar_plateau_intra.value, bus_factor(op, n) * gpn * nic_eff / bus_factor(op, k))
+            floor = FLOOR_INTRA.value + (FLOOR_INTER_256.value - FLOOR_INTRA.value) * np.log2(n / gpn) / 5
+            t = np.maximum(floor, sizes * bus_factor(op, n) / (plateau * inter_shape))
+            rows += [(op, "inter", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
+    for n in INTRA_GROUPS:  # alpha-beta for all-to-all and P2P
+        t = FLOOR_P2P.value + sizes * bus_factor("all_to_all", n) / g.a2a_intra.value
+        rows += [("all_to_all", "intra", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
+    for n in INTER_GROUPS:  # inter-node all-to-all runs at about one NIC's rate (REFERENCE 8.3)
+        t = FLOOR_INTER_P2P.value + sizes * bus_factor("all_to_all", n) / (g.nic.value * P2P_NIC_EFF.value)
+        rows += [("all_to_all", "inter", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
+    t = FLOOR_P2P.value + sizes / g.p2p_intra.value
+    rows += [("send_recv", "intra", 2, 1, int(s), float(x)) for s, x in zip(sizes, t)]
+    t = FLOOR_INTER_P2P.value + sizes / (g.nic.value * P2P_NIC_EFF.value)
+    rows += [("send_recv", "inter", 2, 1, int(s), float(x)) for s, x in zip(sizes, t)]
+    collective = pd.DataFrame(rows, columns=["op", "scope", "group_size", "concurrent_groups", "bytes", "time_s"])
+
+    rows = []
+    for direction, bw in (("h2d", g.h2d.value), ("d2h", g.d2h.value)):
+        for pinned in (True, False):
+            eff = bw * (1.0 if pinned else PAGEABLE_FACTOR.value)
+            rows += [(direction, pinned, int(s), HOST_COPY_FLOOR.value + s / eff) for s in sizes]
+    host_copy = pd.DataFrame(rows, columns=["direction", "pinned", "bytes", "time_s"])
+
+    fp = Fingerprint(name=f"{g.name}.analytic", device=g.device, source="analytic", created=ANALYTIC_DATE,
+                     versions={"meshplan.profiles.analytic": "1"},
+                     notes="Built from datasheet peaks and published measurements (REFERENCE.md §8); "
+                           "every constant lists its source. Calibrate against a measured profile.")
+    return Profile(fingerprint=fp, tables={"gemm": gemm, "attention": attention, "collective": collective,
+                                           "host_copy": host_copy},
+                   constants={k: {"value": v.value, "unit": v.unit, "source": v.source} for k, v in consts.items()})
+
+
+def write_all(folder: Path) -> list[Path]:
+    return [build(g).save(folder / f"{g.name}.analytic.json") for g in GPUS.values()]
+
+
+if __name__ == "__main__":
+    for p in write_all(Path(__file__).parent / "data"):
+        print(p)

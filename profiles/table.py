@@ -1,0 +1,356 @@
+"""Profile: measured or analytic lookup tables of what the hardware does, with a fingerprint.
+
+Four tables (pandas DataFrames, one row per measurement):
+
+- ``gemm``:       m, n, k, dtype, time_s                     (C[m,n] = A[m,k] @ B[k,n])
+- ``attention``:  direction ("fwd"/"bwd"), causal, heads, kv_heads, head_dim, doc_len,
+                  docs (documents per kernel call), dtype, time_s
+- ``collective``: op, scope ("intra"/"inter"), group_size, concurrent_groups, bytes, time_s
+                  (bytes is nccl-tests' S: all-gather output, reduce-scatter input,
+                  all-to-all per-rank send buffer, all-reduce buffer, send/recv message)
+- ``host_copy``:  direction ("h2d"/"d2h"/"memcpy"), pinned, bytes, time_s
+
+Interpolation is piecewise-linear in log-log space. Extrapolation, by table:
+- time-vs-size curves (GEMM, host copies): below the grid the smallest point's time is a
+  floor (launch latency); above it time grows in proportion to size (last throughput held).
+- rate-vs-size curves (attention FLOP/s vs document length, collective busbw vs bytes): the
+  rate is held flat beyond either end (busbw below the grid is then optimistic only for
+  messages under the smallest measured size, which is 1 KiB on every shipped profile).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A profile file is missing, corrupt, or lacks a table the cost model needs."""
+
+
+TABLE_COLUMNS: dict[str, list[str]] = {
+    "gemm": ["m", "n", "k", "dtype", "time_s"],
+    "attention": ["direction", "causal", "heads", "kv_heads", "head_dim", "doc_len", "docs", "dtype", "time_s"],
+    "collective": ["op", "scope", "group_size", "concurrent_groups", "bytes", "time_s"],
+    "host_copy": ["direction", "pinned", "bytes", "time_s"],
+}
+
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+
+def bus_factor(op: str, n: int) -> float:
+    """nccl-tests busbw/algbw factor F for a group of n ranks (REFERENCE 7.6)."""
+    if op == "all_reduce":
+        return 2.0 * (n - 1) / n
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) / n
+    if op == "send_recv":
+        return 1.0
+    raise ProfileError(f"unknown collective op {op!r}; one of {', '.join(COLLECTIVE_OPS)}")
+
+
+def attention_flops(doc_len: np.ndarray | float, heads: int, head_dim: int, causal: bool,
+                    direction: str) -> np.ndarray:
+    """FLOPs of the attention core for one document: 4·s²·n_q·d_h forward (QKᵀ and PV), halved when
+    causal; backward 2.5× forward (FlashAttention's convention, REFERENCE 7.1)."""
+    s = np.asarray(doc_len, dtype=float)
+    f = 4.0 * s * s * heads * head_dim * (0.5 if causal else 1.0)
+    return f * (2.5 if direction == "bwd" else 1.0)
+
+
+def loglog_interp(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray, *, below: str = "clamp",
+                  above: str = "clamp") -> np.ndarray:
+    """Piecewise-linear interpolation of log(y) over log(x). Outside [xs[0], xs[-1]]:
+    'clamp' holds the end value, 'proportional' scales y with x (constant y/x)."""
+    xs = np.asarray(xs, dtype=float)
+    ys = np.asarray(ys, dtype=float)
+    xq = np.maximum(np.asarray(x, dtype=float), 1e-300)
+    if len(xs) == 1:
+        out = np.full_like(xq, ys[0])
+    else:
+        out = np.exp(np.interp(np.log(xq), np.log(xs), np.log(ys)))
+    if above == "proportional":
+        hi = xq > xs[-1]
+        out = np.where(hi, ys[-1] * xq / xs[-1], out)
+    if below == "proportional":
+        lo = xq < xs[0]
+        out = np.where(lo, ys[0] * xq / xs[0], out)
+    return out
+
+
+def _series(df: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique x with the median y per x (repeated measurements collapse)."""
+    g = df.groupby(x, sort=True)[y].median()
+    return g.index.to_numpy(dtype=float), g.to_numpy(dtype=float)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Where a profile's numbers come from."""
+
+    name: str  # profile name, e.g. "h100-sxm.analytic"
+    device: str  # device the numbers describe, e.g. "NVIDIA H100 80GB HBM3" or "cpu: <model>"
+    source: str  # "measured" or "analytic"
+    created: str  # ISO date (analytic: date of the sources' snapshot)
+    versions: dict[str, str] = field(default_factory=dict)  # software versions (torch, cuda, nccl, ...)
+    notes: str = ""  # free text: what was measured how, caveats
+    sha256: str = ""  # hash of the canonical JSON content (filled on save / load)
+
+
+@dataclass
+class Profile:
+    """Tables + fingerprint + fitted coefficients, with the interpolation the cost model uses."""
+
+    fingerprint: Fingerprint
+    tables: dict[str, pd.DataFrame]
+    constants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"value", "unit", "source"}
+    fits: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. per-layer T(s) per model
+
+    def __post_init__(self) -> None:
+        if self.fingerprint.source not in ("measured", "analytic"):
+            raise ProfileError(f"profile {self.fingerprint.name!r}: source must be 'measured' or 'analytic'")
+        for name, cols in TABLE_COLUMNS.items():
+            if name not in self.tables:
+                self.tables[name] = pd.DataFrame(columns=cols)
+            missing = [c for c in cols if c not in self.tables[name].columns]
+            if missing:
+                raise ProfileError(f"profile {self.fingerprint.name!r}: table {name} lacks columns {missing}")
+            bad = self.tables[name]["time_s"].astype(float)
+            if len(bad) and not (np.isfinite(bad).all() and (bad > 0).all()):
+                raise ProfileError(f"profile {self.fingerprint.name!r}: table {name} has non-positive "
+                                   "or non-finite times")
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def content_dict(self) -> dict[str, Any]:
+        """Everything but the sha256: the hashed content."""
+        fp = asdict(self.fingerprint)
+        fp.pop("sha256")
+        tables = {}
+        for name, cols in TABLE_COLUMNS.items():
+            df = self.tables[name]
+            extra = [c for c in df.columns if c not in cols]
+            allc = cols + extra
+            tables[name] = {"columns": allc,
+                            "rows": [[_py(v) for v in row] for row in df[allc].itertuples(index=False)]}
+        return {"schema_version": SCHEMA_VERSION, "fingerprint": fp, "constants": self.constants,
+                "fits": self.fits, "tables": tables}
+
+    def compute_sha256(self) -> str:
+        blob = json.dumps(self.content_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        d = self.content_dict()
+        d["fingerprint"]["sha256"] = self.compute_sha256()
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename): a crash never leaves a half-written profile."""
+        path = Path(path)
+        text = self.to_json()
+        self.fingerprint = Fingerprint(**{**asdict(self.fingerprint), "sha256": self.compute_sha256()})
+        atomic_write_text(path, text)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Any, origin: str = "profile") -> "Profile":
+        if not isinstance(d, dict) or "fingerprint" not in d or "tables" not in d:
+            raise ProfileError(f"{origin}: not a meshplan profile (needs 'fingerprint' and 'tables')")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ProfileError(f"{origin}: schema_version {d.get('schema_version')!r} not supported "
+                               f"(expected {SCHEMA_VERSION}); re-create it with `meshplan profile`")
+        try:
+            fp = Fingerprint(**d["fingerprint"])
+            tables = {}
+            for name, t in d["tables"].items():
+                tables[name] = pd.DataFrame(t["rows"], columns=t["columns"])
+                if not t["rows"]:
+                    tables[name] = pd.DataFrame(columns=t["columns"])
+        except (TypeError, KeyError) as e:
+            raise ProfileError(f"{origin}: malformed profile ({e})") from None
+        prof = cls(fingerprint=fp, tables=tables, constants=d.get("constants", {}), fits=d.get("fits", {}))
+        sha = prof.compute_sha256()
+        if fp.sha256 and fp.sha256 != sha:
+            raise ProfileError(f"{origin}: sha256 mismatch (file edited or corrupt); re-create it with "
+                               "`meshplan profile`")
+        prof.fingerprint = Fingerprint(**{**asdict(fp), "sha256": sha})
+        return prof
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ProfileError(f"{path}: cannot read profile ({e.strerror})") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{path}: truncated or corrupt profile JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(d, origin=str(path))
+
+    # ---- lookups ----------------------------------------------------------------------------
+    def gemm_time_s(self, m: np.ndarray | float, n: int, k: int, dtype: str = "bf16") -> np.ndarray:
+        """Time of an (m×k)·(k×n) GEMM. Uses the measured series of this exact (n, k) when it has two
+        or more m points, else the generic time-vs-FLOPs curve of the dtype."""
+        m_arr = np.asarray(m, dtype=float)
+        df = self.tables["gemm"]
+        df = df[df["dtype"] == dtype]
+        if df.empty:
+            raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} GEMM table; "
+                               f"dtypes present: {sorted(set(self.tables['gemm']['dtype']))}")
+        exact = df[(df["n"] == n) & (df["k"] == k)]
+        if exact["m"].nunique() >= 2:
+            xs, ys = _series(exact, "m", "time_s")
+            return loglog_interp(m_arr, xs, ys, below="clamp", above="proportional")
+        xs, ys = self._gemm_generic(dtype)
+        flops = 2.0 * m_arr * n * k
+        return loglog_interp(flops, xs, ys, below="clamp", above="proportional")
+
+    def _gemm_generic(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        key = ("gemm_generic", dtype)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            df = self.tables["gemm"]
+            df = df[df["dtype"] == dtype].assign(flops=lambda t: 2.0 * t["m"] * t["n"] * t["k"])
+            xs, ys = _series(df, "flops", "time_s")
+            # Keep the lower envelope's monotone part: time never falls as work grows.
+            ys = np.maximum.accumulate(ys)
+            cache[key] = (xs, ys)
+        return cache[key]
+
+    def attention_time_s(self, doc_len: np.ndarray | float, *, heads: int, head_dim: int, causal: bool = True,
+                         direction: str = "fwd", dtype: str = "bf16") -> np.ndarray:
+        """Attention-core time of documents of the given lengths (each a separate causal document,
+        as in a varlen call), from the achieved FLOP/s at that document length."""
+        rate_x, rate_y = self._attention_rate(direction, causal, head_dim, dtype)
+        s = np.asarray(doc_len, dtype=float)
+        rate = loglog_interp(s, rate_x, rate_y)
+        return attention_flops(s, heads, head_dim, causal, direction) / rate
+
+    def _attention_rate(self, direction: str, causal: bool, head_dim: int, dtype: str):
+        key = ("attn", direction, causal, head_dim, dtype)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key in cache:
+            return cache[key]
+        df = self.tables["attention"]
+        df = df[(df["direction"] == direction) & (df["dtype"] == dtype)]
+        if df.empty:
+            raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} attention {direction} table")
+        sub = df[df["causal"] == causal]
+        if sub.empty:  # fall back to the other masking, FLOPs convention keeps rates comparable
+            sub = df
+        dims = sorted(set(sub["head_dim"]))
+        hd = min(dims, key=lambda d: (abs(math.log(d / head_dim)), d))
+        sub = sub[sub["head_dim"] == hd]
+        # Per-row rate: docs × per-doc FLOPs (of the row's own masking and heads) / time.
+        per = np.array([float(attention_flops(r.doc_len, r.heads, r.head_dim, bool(r.causal), direction))
+                        for r in sub.itertuples()]) * sub["docs"].to_numpy(float)
+        rates = sub.assign(rate=per / sub["time_s"].to_numpy(float))
+        cache[key] = _series(rates, "doc_len", "rate")
+        return cache[key]
+
+    def collective_time_s(self, op: str, nbytes: np.ndarray | float, group_size: int,
+                          scope: str = "intra") -> np.ndarray:
+        """Time of one collective of S = nbytes on `group_size` ranks: t = S·F(n) / busbw(S), with busbw
+        interpolated log-log in S and in the group size (nccl-tests conventions, REFERENCE 7.6)."""
+        b = np.asarray(nbytes, dtype=float)
+        if group_size <= 1:
+            return np.zeros_like(b)
+        df = self.tables["collective"]
+        df = df[(df["op"] == op) & (df["concurrent_groups"] == 1)]
+        if df.empty:
+            raise ProfileError(f"profile {self.fingerprint.name!r} has no {op} collective table")
+        if not (df["scope"] == scope).any():
+            scope = "intra" if scope == "inter" else "inter"  # single-node profiles have no 'inter'
+        df = df[df["scope"] == scope]
+        sizes = sorted(set(int(g) for g in df["group_size"]))
+        lo = max([g for g in sizes if g <= group_size], default=sizes[0])
+        hi = min([g for g in sizes if g >= group_size], default=sizes[-1])
+
+        def busbw(g: int) -> np.ndarray:
+            sub = df[df["group_size"] == g]
+            bw = sub["bytes"].to_numpy(float) * bus_factor(op, g) / sub["time_s"].to_numpy(float)
+            xs, ys = _series(sub.assign(busbw=bw), "bytes", "busbw")
+            return loglog_interp(b, xs, ys)
+
+        if lo == hi:
+            bw = busbw(lo)
+        else:
+            w = (math.log(group_size) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            bw = np.exp((1 - w) * np.log(busbw(lo)) + w * np.log(busbw(hi)))
+        return b * bus_factor(op, group_size) / bw
+
+    def host_copy_time_s(self, nbytes: np.ndarray | float, direction: str = "d2h", pinned: bool = True) -> np.ndarray:
+        """Host<->device copy time (on CPU profiles: memcpy, marked direction 'memcpy')."""
+        df = self.tables["host_copy"]
+        sub = df[(df["direction"] == direction) & (df["pinned"] == pinned)]
+        if sub.empty:
+            sub = df[df["direction"] == direction]
+        if sub.empty:
+            sub = df[df["direction"] == "memcpy"]
+        if sub.empty:
+            raise ProfileError(f"profile {self.fingerprint.name!r} has no host-copy table")
+        xs, ys = _series(sub, "bytes", "time_s")
+        return loglog_interp(np.asarray(nbytes, dtype=float), xs, ys, below="clamp", above="proportional")
+
+    def constant(self, name: str) -> float:
+        try:
+            return float(self.constants[name]["value"])
+        except KeyError:
+            raise ProfileError(f"profile {self.fingerprint.name!r} lacks constant {name!r}") from None
+
+
+def _py(v: Any) -> Any:
+    """numpy scalars -> Python scalars for JSON."""
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path via a temp file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_DATA = resources.files("profiles").joinpath("data")
+
+
+def profile_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _DATA.iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name (e.g. 'h100-sxm.analytic') or a profile JSON by path."""
+    if name_or_path in profile_names():
+        with resources.as_file(_DATA.joinpath(f"{name_or_path}.json")) as p:
+            return Profile.load(p)
+    p = Path(name_or_path)
+    if p.exists() or p.suffix == ".json":
+        return Profile.load(p)
+    raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(profile_names()) or 'none'} "
+                       "(or a path to a profile JSON)")

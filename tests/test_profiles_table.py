@@ -1,0 +1,72 @@
+"""Profile tables: interpolation, JSON round trip, corruption, analytic files match their generator."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from profiles import analytic
+from profiles.table import Fingerprint, Profile, ProfileError, load_profile, loglog_interp, profile_names
+
+
+def test_interp_exact_on_grid_and_monotone_between():
+    xs = np.array([1.0, 10.0, 100.0, 1000.0])
+    ys = np.array([2.0, 3.0, 30.0, 400.0])
+    assert np.allclose(loglog_interp(xs, xs, ys), ys)
+    q = np.geomspace(1, 1000, 500)
+    v = loglog_interp(q, xs, ys)
+    assert np.all(np.diff(v) >= 0)
+    # extrapolation: floor below, proportional above
+    assert loglog_interp(0.1, xs, ys, below="clamp") == pytest.approx(2.0)
+    assert loglog_interp(2000, xs, ys, above="proportional") == pytest.approx(800.0)
+
+
+@pytest.mark.parametrize("name", ["h100-sxm", "a100-sxm-80gb", "h200-sxm", "h800-sxm"])
+def test_shipped_analytic_matches_generator(name):
+    shipped = load_profile(f"{name}.analytic")
+    assert shipped.content_dict() == analytic.build(analytic.GPUS[name]).content_dict()
+    assert all(c["source"] for c in shipped.constants.values())
+
+
+def test_round_trip_exact(tmp_path):
+    p = analytic.build(analytic.H100)
+    path = p.save(tmp_path / "p.json")
+    q = Profile.load(path)
+    assert q.content_dict() == p.content_dict()
+    assert q.fingerprint.sha256 == p.compute_sha256()
+    assert path.read_text() == q.to_json()
+
+
+def test_corrupt_and_truncated_profiles(tmp_path):
+    text = analytic.build(analytic.A100).to_json()
+    (tmp_path / "t.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ProfileError, match="truncated or corrupt"):
+        Profile.load(tmp_path / "t.json")
+    d = json.loads(text)
+    d["tables"]["gemm"]["rows"][0][-1] *= 2
+    (tmp_path / "e.json").write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="sha256 mismatch"):
+        Profile.load(tmp_path / "e.json")
+    with pytest.raises(ProfileError, match="unknown profile"):
+        load_profile("no-such-profile")
+
+
+def test_negative_times_rejected():
+    fp = Fingerprint(name="x", device="d", source="measured", created="2026-01-01")
+    with pytest.raises(ProfileError, match="non-positive"):
+        Profile(fp, {"gemm": pd.DataFrame([(1, 1, 1, "fp32", -1.0)], columns=["m", "n", "k", "dtype", "time_s"])})
+
+
+def test_lookups_grow_with_size():
+    p = load_profile("h100-sxm.analytic")
+    g = p.gemm_time_s(np.array([256, 1024, 4096, 16384]), 4096, 4096)
+    assert np.all(np.diff(g) > 0)
+    a = p.attention_time_s(np.array([512, 4096, 65536]), heads=32, head_dim=128)
+    assert np.all(np.diff(a) > 0)
+    c = p.collective_time_s("all_reduce", np.array([2**10, 2**20, 2**30]), 8)
+    assert np.all(np.diff(c) > 0)
+    # busbw never exceeds the published plateau
+    busbw = 2**30 * 2 * 7 / 8 / p.collective_time_s("all_reduce", 2**30, 8)
+    assert busbw <= 466e9
+    assert set(profile_names()) >= {"h100-sxm.analytic", "a100-sxm-80gb.analytic"}

@@ -1,0 +1,78 @@
+"""Specs and presets: parameter counts against published figures, validation, HF config reading."""
+
+import json
+
+import pytest
+
+from costmodel.presets import cluster_names, load_cluster, load_model, model_names
+from costmodel.specs import ModelSpec, Setup, SpecError, TrainingSpec
+
+REQUIRED_MODELS = ["llama-7b", "llama-13b", "llama-30b", "llama-70b", "mistral-8x7b", "mistral-8x22b", "llama3-8b",
+                   "llama3-70b", "llama3-405b", "qwen2.5-7b", "qwen2.5-72b", "tiny"]
+
+
+def test_all_presets_present():
+    assert set(REQUIRED_MODELS) <= set(model_names())
+    assert {"dgx-h100", "dgx-a100", "hgx-h200", "h800-cluster", "local-cpu"} <= set(cluster_names())
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("llama3-8b", 8.03e9, 8.03e9), ("llama3-70b", 70.6e9, 70.6e9), ("mistral-8x22b", 141e9, 39e9),
+    ("llama3-405b", 405.9e9, 405.9e9), ("mistral-8x7b", 46.7e9, 12.9e9)])
+def test_parameter_counts(name, total, active):
+    m = load_model(name)
+    assert m.parameters == pytest.approx(total, rel=0.005)
+    assert m.active_parameters == pytest.approx(active, rel=0.005)
+
+
+def test_hand_counted_tiny_parameters():
+    m = load_model("tiny")  # L=2, h=64, q=4x16, kv=2x16, f=128, V=256, untied
+    attn = 64 * (64 + 2 * 32) + 64 * 64
+    mlp = 3 * 64 * 128
+    layer = attn + mlp + 2 * 64
+    assert m.parameters == 2 * layer + 2 * 256 * 64 + 64
+
+
+def test_bad_model_values_rejected():
+    with pytest.raises(SpecError, match="kv_heads"):
+        ModelSpec(name="x", layers=2, hidden=64, heads=4, kv_heads=3, head_dim=16, ffn=128, vocab=10)
+    with pytest.raises(SpecError, match="layers must be a positive integer"):
+        ModelSpec(name="x", layers=0, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=10)
+    with pytest.raises(SpecError, match="unknown field"):
+        ModelSpec.from_dict({"name": "x", "layerz": 3})
+
+
+def test_bad_training_and_layout_rejected():
+    with pytest.raises(SpecError, match="recompute"):
+        TrainingSpec(recompute="sometimes")
+    with pytest.raises(SpecError, match="pp=3 must divide"):
+        Setup(load_model("llama-7b"), load_cluster("dgx-h100"), TrainingSpec(pp=3))
+    with pytest.raises(SpecError, match="NVLink"):
+        Setup(load_model("llama3-405b"), load_cluster("dgx-h100"), TrainingSpec(tp=16))
+    with pytest.raises(SpecError, match="whole number"):
+        load_cluster("dgx-h100").with_gpus(12)
+
+
+def test_unknown_preset_message():
+    with pytest.raises(SpecError, match="unknown model 'nope'.*llama-7b"):
+        load_model("nope")
+
+
+def test_hf_config(tmp_path):
+    cfg = {"architectures": ["MixtralForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000,
+           "num_local_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False}
+    d = tmp_path / "mixtral"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(d / "config.json"))
+    assert m == ModelSpec(**{**load_model("mistral-8x7b").__dict__, "name": "mixtral", "source": m.source})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SpecError, match="not valid JSON"):
+        load_model(str(tmp_path / "bad.json"))
+
+
+def test_spec_json_round_trip():
+    for n in model_names():
+        m = load_model(n)
+        assert ModelSpec.from_dict(json.loads(json.dumps(m.to_dict()))) == m
