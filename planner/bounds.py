@@ -1,0 +1,44 @@
+"""Lower bounds that grade plans (every plan reports step_time / lower_bound).
+
+LB = max( total compute / (ranks) + gradient sync,
+          longest single sequence at its best degree + gradient sync ).
+
+Total compute charges every token's GEMMs at the rate of a full C-token micro-batch (the most
+efficient unit a rank runs) and every document's attention at its own length on one rank (the
+best attention rate it can get): no schedule can do less work. The second term is the critical
+path of one sequence: the fastest it can run over any number of ranks up to the mesh."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from costmodel.memory import min_degree
+from costmodel.timing import CostModel
+
+
+def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
+    """Forward + backward compute of all documents over all layers and stages, one rank's worth each."""
+    s = np.asarray(lengths, dtype=float)
+    c = float(cm.capacity_tokens)
+    per_token_gemm = float(cm.gemm_layer_fwd_s(c)) / c
+    rec = 2.0 if cm.setup.training.recompute == "full" else 0.0
+    attn = cm.attn_fwd_s(s) * (1 + rec / 2) + cm.attn_bwd_s(s)
+    layer = (3.0 + rec / 2) * per_token_gemm * s.sum() + float(attn.sum())
+    return cm.model.layers * layer
+
+
+def best_single_unit_s(s: int, cm: CostModel, hdp: int) -> float:
+    """The fastest one sequence can run: unit time minimised over feasible degrees (without offload
+    exposure, so a bound), largest useful degree searched on a geometric grid up to the mesh."""
+    d_min = min(hdp, min_degree(s, cm.capacity_tokens, 1.0, cm.layers_per_stage))
+    cands = sorted({d_min, hdp, *[d for d in (2 ** np.arange(0, 20)).tolist() if d_min <= d <= hdp]})
+    best = min(cm.unit_cost([s], int(d), 0.0, inter_node=d > cm.setup.hdp_per_node).total_s for d in cands)
+    return best * cm.pp if cm.pp > 1 else best
+
+
+def lower_bound_s(lengths: np.ndarray, cm: CostModel, hdp: int) -> float:
+    sync = cm.grad_sync_s(hdp)
+    lengths = np.asarray(lengths)
+    work = total_compute_s(lengths, cm) / (hdp * cm.pp) + sync
+    longest = best_single_unit_s(int(lengths.max()), cm, hdp) + sync if len(lengths) else 0.0
+    return max(work, longest)

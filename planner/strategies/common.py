@@ -1,0 +1,237 @@
+"""Building blocks every strategy shares: options, unit drafts, best-fit packing, rank-set choice,
+and `finalize`, which numbers units, orders them deadlock-free, prices them with the cost model
+and simulates the step. A strategy only decides *which* units exist and roughly *when*."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from costmodel.memory import min_degree, offload_lower_bound
+from costmodel.timing import CostModel
+from planner.batch import GlobalBatch
+from planner.plan import Piece, PlanError, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Knobs shared by the strategies; defaults follow REFERENCE §11."""
+
+    offload: bool = True  # selective activation offloading (hdp strategies; Eq. 3)
+    delta: float = 0.05  # balance slack: relative lag that makes a rank a target (Alg. 2)
+    buckets: int | None = None  # FLOP-equal buckets; None = distinct D values clamped to [4, 16]
+    placement: Literal["hdp_any", "dcp_pow2"] = "hdp_any"  # rank sets of any size, or aligned powers of two
+    static_cp: int | None = None  # static strategy: CP degree (None = smallest that fits the max context)
+    dcp_compat: bool = False  # dcp: mirror Megatron's quirks (stop-rule reference degree set once)
+    seed: int = 0
+
+
+@dataclass
+class Draft:
+    """A unit before numbering: which ranks, which pieces, the planned start for ordering."""
+
+    ranks: tuple[int, ...]
+    pieces: list[Piece]
+    offload_ratio: float = 0.0
+    sort_key: float = 0.0  # planned start (strategy estimate) or round index; ids follow it
+
+    @property
+    def lengths(self) -> list[int]:
+        return [p.tokens for p in self.pieces]
+
+
+@dataclass
+class SeqTable:
+    """The step's sequences as arrays (planning touches thousands of them)."""
+
+    ids: np.ndarray  # int64
+    lengths: np.ndarray  # int64 tokens
+
+    @classmethod
+    def of(cls, batch: GlobalBatch) -> "SeqTable":
+        return cls(np.asarray(batch.seq_ids, dtype=np.int64), np.asarray(batch.lengths_tokens, dtype=np.int64))
+
+    def piece(self, i: int) -> Piece:
+        return Piece(int(self.ids[i]), 0, int(self.lengths[i]))
+
+
+def check_fits(s_max: int, cm: CostModel, hdp: int, offload: bool) -> None:
+    """A sequence longer than the cluster can hold even with full offload is a clear PlanError."""
+    l = cm.layers_per_stage
+    need = min_degree(s_max, cm.capacity_tokens, 1.0 if offload else 0.0, l)
+    if need > hdp:
+        raise PlanError(f"a {s_max}-token sequence needs {need} HDP ranks at C = {cm.capacity_tokens} tokens/rank"
+                        f"{' even with full offload' if offload else ''}, but the mesh has {hdp}; add GPUs, raise "
+                        "tp/pp, use recompute, or lower --max-context")
+
+
+def ratio_for_tokens(tokens_per_rank: int, cm: CostModel) -> float | None:
+    """Smallest offload ratio r with (2 + (1 − r)(l − 2))/l · tokens ≤ C (Eq. 3's budget on the padded
+    per-rank tokens); None when even r = 1 is not enough."""
+    C, l = cm.capacity_tokens, cm.layers_per_stage
+    if tokens_per_rank <= C:
+        return 0.0
+    if l <= 2:
+        return None
+    r = 1.0 - (l * C / tokens_per_rank - 2.0) / (l - 2)
+    return None if r > 1.0 + 1e-12 else max(0.0, min(1.0, r))
+
+
+def fit_degree(s: int, d: int, cm: CostModel, r_cap: float, pow2: bool = False) -> tuple[int, float]:
+    """Raise d until the zigzag-padded per-rank share fits C with an offload ratio ≤ r_cap; returns
+    (d, smallest such r). pow2 keeps d a power of two (Megatron's aligned groups)."""
+    while True:
+        r = ratio_for_tokens(zigzag_tokens_per_rank([s], d), cm)
+        if r is not None and r <= r_cap + 1e-12:
+            return d, r
+        d = d * 2 if pow2 else d + 1
+
+
+def long_degree(s: int, cm: CostModel, offload: bool) -> tuple[int, float]:
+    """ByteScale's (D, r) for a sequence: the smallest D reachable with an offload ratio whose copies
+    hide under compute (r ≤ r_max, and only if r_max clears Eq. 3's lower bound), and the smallest r
+    that reaches it (REFERENCE 2.5, decision 9). Short sequences (s ≤ C) get (1, 0)."""
+    C, l = cm.capacity_tokens, cm.layers_per_stage
+    if s <= C:
+        return 1, 0.0
+    r_cap = 0.0
+    # Full recompute keeps only layer inputs; its working set (one whole layer) cannot be offloaded,
+    # so Eq. 3 does not apply: offload and full recompute are alternatives (ByteScale Fig. 21).
+    if offload and l > 2 and cm.setup.training.recompute != "full":
+        r_max = offload_r_max(s, cm)
+        if r_max >= offload_lower_bound(s, C, l):
+            r_cap = r_max
+    return fit_degree(s, min_degree(s, C, r_cap, l), cm, r_cap)
+
+
+def offload_r_max(s: int, cm: CostModel) -> float:
+    """r_max = min(1, T_fwd(s)·B_min / Act(s)) per layer (copies hidden by the forward compute)."""
+    t_fwd = float(cm.gemm_layer_fwd_s(s) + cm.attn_fwd_s(s))
+    act = s * cm.a_tok
+    b_min = min(act / float(cm.host_copy_s(act, "d2h")), act / float(cm.host_copy_s(act, "h2d")))
+    return min(1.0, t_fwd * b_min / act)
+
+
+def best_fit_pack(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each item (index into lengths, taken in `order`) goes to the open bin with
+    the least room that still fits it, else opens a bin. O(n log n) with a sorted list of rooms."""
+    import bisect
+
+    rooms: list[tuple[int, int]] = []  # (room, bin index), sorted
+    bins: list[list[int]] = []
+    for i in order:
+        s = int(lengths[i])
+        k = bisect.bisect_left(rooms, (s, -1))
+        if k < len(rooms):
+            room, b = rooms.pop(k)
+            bins[b].append(int(i))
+            if room - s > 0:
+                bisect.insort(rooms, (room - s, b))
+        else:
+            bins.append([int(i)])
+            if capacity - s > 0:
+                bisect.insort(rooms, (capacity - s, len(bins) - 1))
+    return bins
+
+
+def node_local_ranks(loads: np.ndarray, d: int, per_node: int, slack_s: float) -> tuple[int, ...]:
+    """The d least-loaded ranks, moved inside one node (or onto whole contiguous nodes) when that
+    delays the unit's start by at most `slack_s` (REFERENCE decision 3: prefer one node)."""
+    n = len(loads)
+    order = np.argsort(loads, kind="stable")
+    best = order[:d]
+    best_start = float(loads[best].max())
+    if d <= per_node and n > per_node:
+        nodes = n // per_node
+        blk = loads[: nodes * per_node].reshape(nodes, per_node)
+        part = np.sort(blk, axis=1)[:, d - 1]  # start time if the unit stays in node k
+        k = int(np.argmin(part))
+        if part[k] <= best_start + slack_s:
+            local = k * per_node + np.argsort(blk[k], kind="stable")[:d]
+            return tuple(sorted(int(r) for r in local))
+    elif d > per_node and d % per_node == 0 and n > d:
+        nodes_needed = d // per_node
+        nodes = n // per_node
+        node_max = loads[: nodes * per_node].reshape(nodes, per_node).max(axis=1)
+        win = np.array([node_max[i:i + nodes_needed].max() for i in range(nodes - nodes_needed + 1)])
+        k = int(np.argmin(win))
+        if win[k] <= best_start + slack_s:
+            return tuple(range(k * per_node, (k + nodes_needed) * per_node))
+    return tuple(sorted(int(r) for r in best))
+
+
+def spans_nodes(ranks: tuple[int, ...], per_node: int) -> bool:
+    return ranks[0] // per_node != ranks[-1] // per_node if ranks else False
+
+
+def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int) -> Step:
+    """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
+    total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
+    from planner.simulate import simulate_step
+
+    drafts = sorted(drafts, key=lambda d: (d.sort_key, d.ranks[0], len(d.ranks)))
+    per_node = cm.setup.hdp_per_node
+    units: list[Unit] = []
+    order: dict[int, list[int]] = {r: [] for r in range(hdp)}
+    for uid, d in enumerate(drafts):
+        ranks = tuple(sorted(d.ranks))
+        lengths = d.lengths
+        cost = cm.unit_cost(lengths, len(ranks), d.offload_ratio, spans_nodes(ranks, per_node))
+        units.append(Unit(id=uid, hdp_ranks=ranks, pieces=tuple(d.pieces), offload_ratio=math.ceil(d.offload_ratio * 1e6) / 1e6,
+                          slices=1, predicted_time_s=cost.total_s,
+                          tokens_per_rank=zigzag_tokens_per_rank(lengths, len(ranks))))
+        for r in ranks:
+            order[r].append(uid)
+    step = Step(step=batch.step, global_tokens=int(np.sum(batch.lengths_tokens)),
+                sequences=[Sequence(int(i), int(s)) for i, s in zip(batch.seq_ids, batch.lengths_tokens)],
+                units=units, order=order,
+                predicted=Predicted(step_time_s=0.0, lower_bound_s=0.0, per_rank_busy_s=[0.0] * hdp,
+                                    peak_memory_bytes=[0.0] * hdp))
+    step.predicted = simulate_step(step, cm).predicted()
+    return step
+
+
+class LoadHeap:
+    """Per-rank planned finish times with O(log n) least-loaded pops (Alg. 2's t_i)."""
+
+    def __init__(self, n: int) -> None:
+        self.t = np.zeros(n)
+        self.heap = [(0.0, r) for r in range(n)]
+
+    def pop_least(self) -> int:
+        while True:
+            t, r = heapq.heappop(self.heap)
+            if t == self.t[r]:
+                return r
+
+    def set(self, r: int, t: float) -> None:
+        self.t[r] = t
+        heapq.heappush(self.heap, (t, r))
+
+    def rebuild(self) -> None:
+        self.heap = [(float(t), r) for r, t in enumerate(self.t)]
+        heapq.heapify(self.heap)
+
+
+def flop_buckets(costs: np.ndarray, k: int) -> list[np.ndarray]:
+    """Cut indices sorted by cost (descending) into k consecutive runs of about equal total cost
+    (Alg. 2 step 1: long buckets hold few sequences)."""
+    order = np.argsort(-costs, kind="stable")
+    csum = np.cumsum(costs[order])
+    total = csum[-1] if len(csum) else 0.0
+    if total <= 0 or k <= 1:
+        return [order]
+    cuts = np.searchsorted(csum, total * np.arange(1, k) / k, side="right")
+    return [b for b in np.split(order, cuts) if len(b)]
+
+
+def clamp_buckets(distinct: int, opt: int | None) -> int:
+    return opt if opt else int(min(16, max(4, distinct)))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
