@@ -172,7 +172,7 @@ def lengths_describe(
                   f"max-context pieces ({len(lengths):,} documents -> {d['count']:,} sequences).")
     facts = getattr(src, "facts", ())
     if facts:
-        ft = Table(title=f"published facts met by {src.name} (seed {seed})")
+        ft = Table(title=f"published facts met by {src.name} (seed {seed})", caption=getattr(src, "summary", None))
         for c in ("fact", "source", "measured", "accepted", "ok"):
             ft.add_column(c)
         for f in facts:

@@ -4,6 +4,7 @@ plan its steps with a strategy, validate, and summarise (tokens/s, MFU, speedup 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -101,7 +102,7 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
         "model": s.model.name, "cluster": s.cluster.name, "gpus": s.cluster.world_size,
         "profile": {"name": fp.name, "source": fp.source, "sha256": fp.sha256},
         "strategy": strategy,
-        "options": {**dataclasses.asdict(req.options), "lengths": req.lengths, "tokens_per_step": req.tokens_per_step,
+        "options": {**json.loads(json.dumps(dataclasses.asdict(req.options))), "lengths": req.lengths, "tokens_per_step": req.tokens_per_step,
                     "max_context_tokens": req.max_context_tokens, "steps": req.steps},
         "solver": {"name": strategy, "status": "heuristic", "seconds": round(secs, 6), "gap": None},
         "seed": req.seed,

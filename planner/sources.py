@@ -122,6 +122,7 @@ def _column_integers(values: pd.Series, where: Callable[[int], str]) -> np.ndarr
     bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.floor(arr)))
     if bad.size:
         v = raw[int(bad[0])]
+        v = v.item() if isinstance(v, np.generic) else v  # repr as written: 2.5, not np.float64(2.5)
         missing = v is None or (pd.api.types.is_scalar(v) and pd.isna(v) and not isinstance(v, str))
         raise SourceError(f"{where(int(bad[0]))}: " + ("missing value" if missing else f"{v!r} is not an integer"))
     return np.clip(arr, -(2.0 ** 62), 2.0 ** 62).astype(np.int64)
@@ -462,8 +463,8 @@ Component = Union[LogNormal, PowerLaw, Fixed]
 
 @dataclass(frozen=True)
 class Mixture:
-    """Draw each sample from component j with probability weights[j]; lengths are floored to whole
-    tokens, so [lo, hi) laws give integers in [lo, hi − 1]."""
+    """Each sample comes from a component picked with its share of samples; lengths are floored to
+    whole tokens, so [lo, hi) laws give integers in [lo, hi − 1]."""
 
     parts: tuple[tuple[float, Component], ...]  # (share of samples, component)
 

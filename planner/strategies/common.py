@@ -27,6 +27,7 @@ class PlanOptions:
     placement: Literal["hdp_any", "dcp_pow2"] = "hdp_any"  # rank sets of any size, or aligned powers of two
     static_cp: int | None = None  # static strategy: CP degree (None = smallest that fits the max context)
     dcp_compat: bool = False  # dcp: mirror Megatron's quirks (stop-rule reference degree set once)
+    balance_slacks: tuple[float, ...] = (1.0, 1.15, 1.35, 1.7, 2.5, 1e9)  # hdp: makespan targets tried
     seed: int = 0
 
 

@@ -73,7 +73,7 @@ def plan_naive(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
 
 
 def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, float]], cm: CostModel,
-                short_work_s: float) -> list[tuple[float, int, int, float]]:
+                short_work_s: float, slack: float = 1.0) -> list[tuple[float, int, int, float]]:
     """(time, seq index, D, r) per long sequence, longest first.
 
     If the memory-minimal degrees fit side by side (Σ D_min ≤ hdp), the long units run concurrently
@@ -89,7 +89,7 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
         base[int(i)] = (d, r, cm.unit_time_s([int(seqs.lengths[i])], d, r, d > per_node))
     if not base:
         return []
-    avg = (short_work_s + sum(d * c for d, _, c in base.values())) / hdp
+    avg = slack * (short_work_s + sum(d * c for d, _, c in base.values())) / hdp
 
     def degrees(T: float) -> dict[int, int]:
         return {i: int(min(hdp, max(d, np.ceil(d * c / T - 1e-9)))) for i, (d, _, c) in base.items()}
@@ -130,7 +130,25 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     short_cost = cm.doc_time_estimate_s(seqs.lengths[short_idx])
     gamma = cm.unit_overhead_s
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / cm.capacity_tokens)))
-    longs = _long_units(seqs, long_idx, deg, cm, float(short_cost.sum()) + n_bins * gamma)
+    short_work = float(short_cost.sum()) + n_bins * gamma
+    best = None
+    # The target makespan for long units is a guess (shorts must still fit around them): try a few
+    # slacks and keep the plan with the smallest estimated finish; only that one is finalised.
+    for slack in opt.balance_slacks:
+        drafts, t = _dp_balance(seqs, short_idx, short_cost, _long_units(seqs, long_idx, deg, cm, short_work, slack),
+                                cm, opt)
+        if best is None or t.max() < best[1]:
+            best = (drafts, float(t.max()))
+    return finalize(batch, best[0], cm, hdp)
+
+
+def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
+                longs: list[tuple[float, int, int, float]], cm: CostModel,
+                opt: PlanOptions) -> tuple[list[Draft], np.ndarray]:
+    """DP-Balance placement; returns the drafts and the planned finish time of every rank."""
+    hdp = cm.setup.hdp
+    per_node = cm.setup.hdp_per_node
+    gamma = cm.unit_overhead_s
     t = np.zeros(hdp)
     drafts: list[Draft] = []
     for c, i, d, r in longs:
@@ -159,7 +177,7 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
         room[r] -= s
         t[r] += float(short_cost[j])
         heapq.heappush(heap, (float(t[r]), r))
-    return finalize(batch, drafts, cm, hdp)
+    return drafts, t
 
 
 def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
