@@ -19,7 +19,8 @@ from costmodel.timing import CostModel
 def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
     """Forward + backward compute of all documents over all layers and stages, one rank's worth each."""
     s = np.asarray(lengths, dtype=float)
-    c = float(cm.capacity_tokens)
+    # The most tokens a rank can hold in one unit: C, or l/2·C with full offload (Eq. 3).
+    c = float(cm.capacity_tokens) * max(1.0, cm.layers_per_stage / 2)
     per_token_gemm = float(cm.gemm_layer_fwd_s(c)) / c
     rec = 2.0 if cm.setup.training.recompute == "full" else 0.0
     attn = cm.attn_fwd_s(s) * (1 + rec / 2) + cm.attn_bwd_s(s)
@@ -28,11 +29,23 @@ def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
 
 
 def best_single_unit_s(s: int, cm: CostModel, hdp: int) -> float:
-    """The fastest one sequence can run: unit time minimised over feasible degrees (without offload
-    exposure, so a bound), largest useful degree searched on a geometric grid up to the mesh."""
+    """The fastest one sequence can run: its unit time without offload exposure (so a bound) minimised
+    over every degree from the smallest feasible one (full offload) to the mesh: all integers up to
+    2,048 candidates, else a fine geometric grid refined around its best point."""
     d_min = min(hdp, min_degree(s, cm.capacity_tokens, 1.0, cm.layers_per_stage))
-    cands = sorted({d_min, hdp, *[d for d in (2 ** np.arange(0, 20)).tolist() if d_min <= d <= hdp]})
-    best = min(cm.unit_cost([s], int(d), 0.0, inter_node=d > cm.setup.hdp_per_node).total_s for d in cands)
+    per_node = cm.setup.hdp_per_node
+
+    def t(d: int) -> float:
+        return cm.unit_cost([s], int(d), 0.0, inter_node=d > per_node).total_s
+
+    if hdp - d_min <= 2048:
+        best = min(t(d) for d in range(d_min, hdp + 1))
+    else:
+        grid = np.unique(np.round(np.geomspace(d_min, hdp, 400)).astype(int))
+        times = [t(d) for d in grid]
+        k = int(np.argmin(times))
+        lo, hi = int(grid[max(0, k - 1)]), int(grid[min(len(grid) - 1, k + 1)])
+        best = min(min(times), *(t(d) for d in range(lo, hi + 1)))
     return best * cm.pp if cm.pp > 1 else best
 
 

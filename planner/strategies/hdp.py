@@ -76,11 +76,10 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
                 short_work_s: float, slack: float = 1.0) -> list[tuple[float, int, int, float]]:
     """(time, seq index, D, r) per long sequence, longest first.
 
-    If the memory-minimal degrees fit side by side (Σ D_min ≤ hdp), the long units run concurrently
-    from the start ("one length level per time step"): find the smallest makespan T ≥ the average
-    rank load for which degrees D_k(T) (smallest D ≥ D_min with time ≤ T, time ∝ 1/D) still fit side
-    by side, by bisection. Otherwise they run in waves and only a unit that would outlast the
-    average load gets more ranks."""
+    Units that would outlast the step's target T get more ranks: D_k(T) = the smallest D ≥ D_min with
+    time ≤ T (time ∝ 1/D). They must run side by side to finish by T, so T starts at the average rank
+    load (times `slack`) and is raised by bisection until their degrees fit in the mesh; the other
+    long units keep D_min and are packed around them like bins ("one length level per time step")."""
     hdp = cm.setup.hdp
     per_node = cm.setup.hdp_per_node
     base = {}
@@ -94,17 +93,19 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
     def degrees(T: float) -> dict[int, int]:
         return {i: int(min(hdp, max(d, np.ceil(d * c / T - 1e-9)))) for i, (d, _, c) in base.items()}
 
-    if sum(d for d, _, _ in base.values()) <= hdp:
-        hi = max(c for _, _, c in base.values())
-        T = max(avg, 1e-12)
-        if sum(degrees(T).values()) > hdp:
-            lo = T
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if sum(degrees(mid).values()) <= hdp else (mid, hi)
-            T = hi
-    else:
-        T = avg
+    def ranks_needed(T: float) -> int:
+        """Ranks the units that would outlast T need side by side to finish by T (the others run
+        one after another like packed bins)."""
+        deg = degrees(T)
+        return sum(deg[i] for i, (_, _, c) in base.items() if c > T)
+
+    T = max(avg, 1e-12)
+    if ranks_needed(T) > hdp:
+        lo, hi = T, max(c for _, _, c in base.values())
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if ranks_needed(mid) <= hdp else (mid, hi)
+        T = hi
     out = []
     for i, nd in degrees(T).items():
         d, r, c = base[i]
