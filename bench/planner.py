@@ -17,7 +17,7 @@ from datetime import date
 import numpy as np
 
 from planner.api import PlanRequest, build_cost_model, make_batches
-from planner.strategies import STRATEGIES, PlanOptions
+from planner.strategies import HEURISTICS, STRATEGIES, PlanOptions
 
 M = 2**20
 
@@ -49,7 +49,7 @@ def quality() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for lengths in ("byted-like", "github-like"):
         for seed in (0, 1, 2):
-            cm, r = run(case(lengths=lengths, seed=seed), list(STRATEGIES))
+            cm, r = run(case(lengths=lengths, seed=seed), list(HEURISTICS))
             h, lb, _ = r["hdp"]
             print(f"| {lengths} | {seed} | {cm.setup.training.recompute} | {cm.capacity_tokens} | "
                   f"{r['static'][0]:.2f} | {r['dcp'][0]:.2f} | {r['hdp-naive'][0]:.2f} | {h:.2f} | {h / lb:.3f} | "
@@ -62,9 +62,9 @@ def speed() -> None:
     print("|---|---|---|---|---|---|---|")
     for gpus, tokens in ((1024, 32 * M), (8192, 128 * M)):
         req = case(gpus=gpus, tokens_per_step=tokens)
-        cm, r = run(req, list(STRATEGIES))
+        cm, r = run(req, list(HEURISTICS))
         n = len(make_batches(req)[0].lengths_tokens)
-        print(f"| {cm.setup.hdp} | {tokens // M}M | {n} | " + " | ".join(f"{r[k][2]:.2f}" for k in STRATEGIES) + " |")
+        print(f"| {cm.setup.hdp} | {tokens // M}M | {n} | " + " | ".join(f"{r[k][2]:.2f}" for k in HEURISTICS) + " |")
 
 
 def ablation() -> None:

@@ -118,6 +118,21 @@ def activation_factor(offload_ratio: float, layers_per_stage: int) -> float:
     return (2 + (1 - offload_ratio) * (l - 2)) / l
 
 
+def sliced_capacity_tokens(capacity_tokens: float, pp: int, slices: int, dkv_ratio: float = 0.0) -> float:
+    """Tokens per rank a unit of n pipeline slices may hold: stage 0 keeps n + p − 1 of its slices in
+    flight where 1F1B keeps p whole micro-batches of C tokens, and a sliced unit also holds fp32 dK/dV
+    accumulators of the whole sequence (dkv_ratio = their bytes per token ÷ activation bytes per
+    token), so C·p / ((n + p − 1)/n + dkv_ratio) (C when n = 1)."""
+    if slices <= 1:
+        return float(capacity_tokens)
+    return capacity_tokens * pp / ((slices + pp - 1) / slices + dkv_ratio)
+
+
+def dkv_activation_ratio(model: ModelSpec, tp: int, recompute: str, dtype_bytes: int = 2) -> float:
+    """fp32 dK and dV bytes per token per layer over the saved activation bytes per token per layer."""
+    return (2 * model.kv_width * 4 / tp) / activation_bytes_per_token_layer(model, tp, recompute, dtype_bytes)
+
+
 def min_degree(s: float, capacity_tokens: int, offload_ratio: float, layers_per_stage: int) -> int:
     """ByteScale D(s; r) = ceil([2 + (1 − r)(l − 2)] · s / (l · C)), with Act(s) ∝ s (REFERENCE 2.5)."""
     return max(1, math.ceil(activation_factor(offload_ratio, layers_per_stage) * s / capacity_tokens - 1e-9))

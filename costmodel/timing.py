@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from costmodel import flops
-from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, memory_budget, params_per_rank)
+from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, memory_budget,
+                              params_per_rank)
 from costmodel.specs import ClusterSpec, ModelSpec, Setup, TrainingSpec
 from profiles.table import Profile
 
@@ -41,6 +42,8 @@ class UnitCost:
     head_fwd_s: float  # LM head + loss (last stage only)
     head_bwd_s: float
     tokens_per_rank: int  # tokens each member holds
+    attn_fwd_compute_s: float = 0.0  # the attention-core part of fwd_compute_s (slices split it unevenly)
+    attn_bwd_compute_s: float = 0.0  # the attention-core part of bwd_compute_s
 
     @property
     def fwd_s(self) -> float:
@@ -96,6 +99,7 @@ class CostModel:
         self.budget: MemoryBudget = memory_budget(self.setup)
         self.capacity_tokens = self.budget.capacity_tokens
         self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes)
+        self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes)
         self.heads_per_rank = max(1, m.heads // tr.tp)
         dt = "bf16" if tr.dtype in ("bf16", "fp16") else "fp32"
         dtypes = set(self.profile.tables["gemm"]["dtype"])
@@ -183,7 +187,7 @@ class CostModel:
             ring_exp_b = l * (d - 1) * ((passes_f - 1) * max(0.0, comm_f - step_f) + max(0.0, comm_b - step_b))
         tp_comm = 0.0
         if self.tp > 1:
-            act = tokens * self.tp * self.model.hidden * self.bytes_per_elem  # full sequence-parallel tensor
+            act = tokens * self.model.hidden * self.bytes_per_elem  # the gathered tensor of the TP group
             ag = float(_interp(act, _BYTES_GRID, self._curves["tp_all_gather"]))
             rs = float(_interp(act, _BYTES_GRID, self._curves["tp_reduce_scatter"]))
             tp_comm = l * (2 * ag + 2 * rs)  # 2 AG + 2 RS per layer, the same again in backward
@@ -198,7 +202,9 @@ class CostModel:
         return UnitCost(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
                         ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_comm,
                         tp_comm_bwd_s=tp_comm, offload_exposed_fwd_s=off_f, offload_exposed_bwd_s=off_b,
-                        head_fwd_s=head_f, head_bwd_s=2.0 * head_f, tokens_per_rank=int(tokens))
+                        head_fwd_s=head_f, head_bwd_s=2.0 * head_f, tokens_per_rank=int(tokens),
+                        attn_fwd_compute_s=l * attn_f,
+                        attn_bwd_compute_s=l * (attn_b + (attn_f if rec == "full" else 0.0)))
 
     def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
         return self.unit_cost(doc_lengths, degree, offload_ratio, inter_node).total_s

@@ -20,6 +20,7 @@ from costmodel.timing import CostModel
 from planner.batch import GlobalBatch, global_batches
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.strategies import PlanOptions, get_strategy
+from planner.strategies.ilp import collect_solver_reports, solver_meta
 from profiles.table import load_profile
 
 BYTESCALE_TOKENS_PER_STEP = 32 * 2**20  # ByteScale §8.1: 32M tokens per step
@@ -92,7 +93,8 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
     batches = batches if batches is not None else make_batches(req)
     fn = get_strategy(strategy)
     t0 = time.perf_counter()
-    steps = [fn(b, cm, req.options) for b in batches]
+    with collect_solver_reports() as reports:  # exact strategies report status and gap per step
+        steps = [fn(b, cm, req.options) for b in batches]
     secs = time.perf_counter() - t0
     s = cm.setup
     fp = cm.profile.fingerprint
@@ -104,13 +106,14 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
         "strategy": strategy,
         "options": {**json.loads(json.dumps(dataclasses.asdict(req.options))), "lengths": req.lengths, "tokens_per_step": req.tokens_per_step,
                     "max_context_tokens": req.max_context_tokens, "steps": req.steps},
-        "solver": {"name": strategy, "status": "heuristic", "seconds": round(secs, 6), "gap": None},
+        "solver": solver_meta(reports, strategy, secs),
         "seed": req.seed,
         "training": s.training.to_dict(),
         "model_spec": dataclasses.asdict(s.model),
         "cluster_spec": dataclasses.asdict(s.cluster),
         "capacity_tokens": cm.capacity_tokens,
         "layers_per_stage": cm.layers_per_stage,
+        "dkv_activation_ratio": cm.dkv_ratio,
         "split_documents": int(sum(b.split_documents for b in batches)),
     }
     plan = Plan(meta=meta, mesh=Mesh(world_size=s.cluster.world_size, tp=s.training.tp, pp=s.training.pp, hdp=s.hdp),

@@ -14,6 +14,8 @@ from typing import Any
 
 import networkx as nx
 
+from costmodel.memory import activation_factor, sliced_capacity_tokens
+
 SCHEMA_VERSION = 1
 
 
@@ -233,11 +235,11 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
                 raise PlanError(f"{uw}: tokens_per_rank {u.tokens_per_rank} != {need} (zigzag over "
                                 f"{u.degree} ranks)")
             if cap:
-                l = lay or 1
-                eff = need if l <= 2 else need * (2 + (1 - u.offload_ratio) * (l - 2)) / l
-                if eff > cap * (1 + 1e-9) * max(1, u.slices if m.pp > 1 else 1):
-                    raise PlanError(f"{uw}: {need} tokens per rank (offload {u.offload_ratio:.2f}) exceed "
-                                    f"capacity C = {cap}")
+                eff = need * activation_factor(u.offload_ratio, lay or 1)
+                limit = sliced_capacity_tokens(cap, m.pp, u.slices, plan.meta.get("dkv_activation_ratio", 0.0))
+                if eff > limit * (1 + 1e-9):
+                    raise PlanError(f"{uw}: {need} tokens per rank (offload {u.offload_ratio:.2f}, {u.slices} "
+                                    f"slice(s)) exceed the capacity of {limit:.0f} tokens (C = {cap})")
             if not math.isfinite(u.predicted_time_s) or u.predicted_time_s < 0:
                 raise PlanError(f"{uw}: predicted_time_s must be finite and >= 0")
         for q, iv in pieces.items():

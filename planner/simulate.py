@@ -154,90 +154,120 @@ def _static_memory(cm: CostModel, stage: int | None = None) -> float:
     return model_state_bytes(cm.setup, stage) + b.ctx_bytes + b.logits_bytes
 
 
-def one_f_one_b(m: int, p: int, stage: int) -> list[tuple[str, int]]:
-    """1F1B op list of one stage: min(p − s − 1, m) warm-up forwards, then alternate, then drain."""
-    warm = min(p - stage - 1, m)
-    ops = [("fwd", i) for i in range(warm)]
-    f, b = warm, 0
-    while f < m:
-        ops.append(("fwd", f))
-        f += 1
-        ops.append(("bwd", b))
-        b += 1
-    ops += [("bwd", i) for i in range(b, m)]
-    return ops
+def slice_weights(u_cost: UnitCost, n: int, kind: str, redistribute: bool) -> list[float]:
+    """Share of a unit's stage time taken by each of its n uniform token slices. GEMMs split evenly;
+    causal attention of slice j covers (2j + 1)/n² of the document's area, so later slices cost more
+    (REFERENCE §6) unless mirror-pairing redistribution evens attention out (then every slice pays
+    1/n; the Q/O and K/V transfers ride on PP links under the attention compute)."""
+    if n == 1:
+        return [1.0]
+    total = u_cost.fwd_s if kind == "F" else u_cost.bwd_s
+    attn = u_cost.attn_fwd_compute_s if kind == "F" else u_cost.attn_bwd_compute_s
+    a = min(attn / total, 1.0) if total > 0 else 0.0
+    if redistribute:
+        return [1.0 / n] * n
+    return [(1 - a) / n + a * (2 * j + 1) / (n * n) for j in range(n)]
 
 
 def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
-    """Event simulation over ops (unit, stage, kind). Each pipeline's stage runs its 1F1B list; an op
-    is ready when its data dependency is done and it is next on every member pipeline's stage list."""
+    """Every HDP rank is a pipeline running `planner.pipeline` op lists; a shared unit's op is one
+    co-scheduled op on all member pipelines (`run_ops`), so misaligned plans surface as deadlocks."""
+    from planner.pipeline import PipeOp, ScheduleError, dependency, inflight_budget, run_ops, stage_ops
+
     p = cm.pp
     units = {u.id: u for u in step.units}
-    lists: dict[tuple[int, int], list[tuple[str, int]]] = {}
-    for r in range(hdp):
-        mbs = step.order.get(r, [])
-        for s in range(p):
-            lists[(r, s)] = [(k, mbs[i]) for k, i in one_f_one_b(len(mbs), p, s)]
-    pos = {key: 0 for key in lists}
-    free = {key: 0.0 for key in lists}
-    done: dict[tuple[str, int, int], float] = {}
+    sched = (step.pipeline or {}).get("schedule", "1f1b")
+    v = int((step.pipeline or {}).get("v", 1))
+    redistribute = sched == "sliced-redistributed"
+    # Micro-batches weigh their tokens ÷ C in the in-flight budget (memory-faithful); if pipelines that
+    # share units then disagree on op order, fall back to unit weights (count-based 1F1B), whose lists
+    # agree whenever shared units sit at the same positions after the same slice counts.
+    cap = float(cm.capacity_tokens)
+    weight_of = {u.id: max(costs[u.id][0].tokens_per_rank / cap, 1e-6) for u in step.units}
+
+    def build_lists(by_tokens: bool):
+        lists = {}
+        w_all = [weight_of[u.id] if by_tokens else 1.0 for u in step.units]
+        s_all = [u.slices for u in step.units]
+        for r in range(hdp):
+            ids = step.order.get(r, [])
+            w = [weight_of[i] if by_tokens else 1.0 for i in ids]
+            for s in range(p):
+                budget = inflight_budget(p, s, s_all, w_all)  # one budget for every pipeline
+                lists[(r, s)] = [((s, PipeOp(op.kind, ids[op.mb], op.slice, op.chunk)), None)
+                                 for op in stage_ops(p, s, [units[i].slices for i in ids], v, budget, w)]
+        return lists
+    weights = {}
+
+    def cost_of(s: int, uid: int) -> UnitCost:
+        return costs[uid][1] if s == p - 1 else costs[uid][0]
+
+    def duration(key) -> float:
+        s, op = key
+        c = cost_of(s, op.mb)
+        k = (s == p - 1, op.mb, op.kind)
+        if k not in weights:
+            weights[k] = slice_weights(c, units[op.mb].slices, op.kind, redistribute)
+        return (c.fwd_s if op.kind == "F" else c.bwd_s) / v * weights[k][op.slice]
+
+    p2p = {uid: cm.pp_p2p_s(costs[uid][0].tokens_per_rank / units[uid].slices) for uid in units}
+
+    def dep(key):
+        s, op = key
+        return dependency(op, s, p, v, units[op.mb].slices - 1)
+
+    def transfer(key) -> float:
+        s, op = key
+        d = dependency(op, s, p, v, units[op.mb].slices - 1)
+        return 0.0 if d is None or d[0] == s else p2p[op.mb]
+
+    try:
+        runs = run_ops(build_lists(True), dep, duration, transfer)
+    except ScheduleError:
+        try:
+            runs = run_ops(build_lists(False), dep, duration, transfer)
+        except ScheduleError as e:
+            raise PlanError(f"step {step.step}: {e} (shared units must sit at the same micro-batch position "
+                            "in every member pipeline)") from None
     busy = np.zeros((hdp, p))
-    mem_now = np.zeros((hdp, p))
-    mem_peak = np.zeros((hdp, p))
     parts = {"compute": 0.0, "ring_exposed": 0.0, "tp_comm": 0.0, "offload_exposed": 0.0}
+    events: dict[tuple[int, int], list[tuple[float, float]]] = {}
     ops: list[OpTiming] = []
-    remaining = sum(len(v) for v in lists.values())
-    p2p = {uid: cm.pp_p2p_s(costs[uid][0].tokens_per_rank) for uid in units}
-    progress = True
-    while remaining and progress:
-        progress = False
-        for (r, s), lst in lists.items():
-            i = pos[(r, s)]
-            if i >= len(lst):
-                continue
-            kind, uid = lst[i]
-            u = units[uid]
-            if any(lists[(m, s)][pos[(m, s)]] != (kind, uid) if pos[(m, s)] < len(lists[(m, s)]) else True
-                   for m in u.hdp_ranks):
-                continue  # a member pipeline has not reached this op yet
-            if kind == "fwd":
-                dep = done.get(("fwd", uid, s - 1), None) if s > 0 else 0.0
-                ready = None if dep is None else dep + (p2p[uid] if s > 0 else 0.0)
+    for run in runs:
+        s, op = run.key
+        u = units[op.mb]
+        c = cost_of(s, op.mb)
+        dur = run.end_s - run.start_s
+        f = op.kind == "F"
+        whole = (c.fwd_s if f else c.bwd_s) or 1.0
+        share = dur / whole * len(run.resources) / (hdp * p)
+        parts["compute"] += share * ((c.fwd_compute_s + c.head_fwd_s) if f else (c.bwd_compute_s + c.head_bwd_s))
+        parts["ring_exposed"] += share * (c.ring_exposed_fwd_s if f else c.ring_exposed_bwd_s)
+        parts["tp_comm"] += share * (c.tp_comm_fwd_s if f else c.tp_comm_bwd_s)
+        parts["offload_exposed"] += share * (c.offload_exposed_fwd_s if f else c.offload_exposed_bwd_s)
+        act = _activation_bytes(c.tokens_per_rank, u.offload_ratio, cm) / (u.slices * v)
+        # fp32 dK/dV accumulators of the whole sequence, from a sliced unit's first backward to its last.
+        dkv = (c.tokens_per_rank * 2 * cm.model.kv_width / cm.tp * 4 * cm.layers_per_stage / v
+               if u.slices > 1 else 0.0)
+        for (r, st) in run.resources:
+            busy[r, st] += dur
+            ev = events.setdefault((r, st), [])
+            if f:
+                ev.append((run.end_s, act))
             else:
-                dep = done.get(("bwd", uid, s + 1), None) if s < p - 1 else done.get(("fwd", uid, s))
-                ready = None if dep is None else dep + (p2p[uid] if s < p - 1 else 0.0)
-            if ready is None:
-                continue
-            c = costs[uid][1] if s == p - 1 else costs[uid][0]
-            dur = c.fwd_s if kind == "fwd" else c.bwd_s
-            start = max(ready, *(free[(m, s)] for m in u.hdp_ranks))
-            end = start + dur
-            act = _activation_bytes(c.tokens_per_rank, u.offload_ratio, cm)
-            for m in u.hdp_ranks:
-                free[(m, s)] = end
-                pos[(m, s)] += 1
-                busy[m, s] += dur
-                mem_now[m, s] += act if kind == "fwd" else -act
-                mem_peak[m, s] = max(mem_peak[m, s], mem_now[m, s])
-            remaining -= len(u.hdp_ranks)
-            done[(kind, uid, s)] = end
-            share = len(u.hdp_ranks) / (hdp * p)
-            if kind == "fwd":
-                parts["compute"] += share * (c.fwd_compute_s + c.head_fwd_s)
-                parts["ring_exposed"] += share * c.ring_exposed_fwd_s
-                parts["tp_comm"] += share * c.tp_comm_fwd_s
-                parts["offload_exposed"] += share * c.offload_exposed_fwd_s
-            else:
-                parts["compute"] += share * (c.bwd_compute_s + c.head_bwd_s)
-                parts["ring_exposed"] += share * c.ring_exposed_bwd_s
-                parts["tp_comm"] += share * c.tp_comm_bwd_s
-                parts["offload_exposed"] += share * c.offload_exposed_bwd_s
-            ops.append(OpTiming(uid, u.hdp_ranks, s, kind, start, end))
-            progress = True
-    if remaining:
-        raise PlanError(f"step {step.step}: pipelined schedule deadlocks (shared units sit at different "
-                        "1F1B positions in their member pipelines)")
-    finish = max(free.values()) if free else 0.0
+                ev.append((run.end_s, -act))
+                if op.slice == u.slices - 1:
+                    ev.append((run.start_s, dkv))
+                if op.slice == 0:
+                    ev.append((run.end_s, -dkv))
+        ops.append(OpTiming(op.mb, u.hdp_ranks, s, f"{'fwd' if f else 'bwd'}" +
+                            (f" s{op.slice}" if u.slices > 1 else "") + (f" c{op.chunk}" if v > 1 else ""),
+                            run.start_s, run.end_s))
+    mem_peak = np.zeros((hdp, p))
+    for (r, st), ev in events.items():
+        ev.sort(key=lambda x: (x[0], x[1]))  # releases before allocations at the same instant
+        mem_peak[r, st] = max(0.0, float(np.max(np.cumsum([x[1] for x in ev]))))
+    finish = max((run.end_s for run in runs), default=0.0)
     static = np.array([_static_memory(cm, s) for s in range(p)])
     mem = (mem_peak + static[None, :]).max(axis=1)
     stage_busy = busy.max(axis=1)

@@ -13,7 +13,7 @@ from planner.api import PlanRequest, build_cost_model, make_plan
 from planner.batch import GlobalBatch
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.simulate import simulate_step
-from planner.strategies import STRATEGIES, PlanOptions
+from planner.strategies import HEURISTICS, STRATEGIES, PlanOptions
 
 CAP = 4096  # small capacity so short batches exercise sharding
 
@@ -41,7 +41,7 @@ gpus_st = st.sampled_from([8, 16, 32])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=lengths_st, gpus=gpus_st, name=st.sampled_from(list(STRATEGIES)))
+@given(lengths=lengths_st, gpus=gpus_st, name=st.sampled_from(list(HEURISTICS)))
 def test_every_plan_validates_and_conserves_tokens(lengths, gpus, name):
     cm = cost_model(gpus)
     b = batch_of(lengths)
@@ -87,7 +87,7 @@ def test_hdp_never_slower_than_naive(lengths, gpus):
     assert bal.predicted.step_time_s <= naive.predicted.step_time_s * 1.001
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", list(HEURISTICS))
 def test_plans_are_deterministic(name):
     req = PlanRequest(gpus=16, lengths="byted-like", tokens_per_step=2 * 2**20, max_context_tokens=256 * 1024)
     a = make_plan(req, name).to_dict()

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from costmodel.memory import min_degree, offload_lower_bound
+from costmodel.memory import min_degree, offload_lower_bound, sliced_capacity_tokens
 from costmodel.timing import CostModel
 from planner.batch import GlobalBatch
 from planner.plan import Piece, PlanError, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
@@ -28,7 +28,12 @@ class PlanOptions:
     static_cp: int | None = None  # static strategy: CP degree (None = smallest that fits the max context)
     dcp_compat: bool = False  # dcp: mirror Megatron's quirks (stop-rule reference degree set once)
     balance_slacks: tuple[float, ...] = (1.0, 1.15, 1.35, 1.7, 2.5, 1e9)  # hdp: makespan targets tried
+    max_slices: int = 64  # hdp with PP: most uniform slices per sequence (SlimPipe: 2048K / 32K = 64)
+    pp_schedule: Literal["1f1b", "sliced", "sliced-redistributed"] = "sliced-redistributed"  # hdp with PP
     seed: int = 0
+    solver: Literal["cbc", "highs", "cpsat"] = "highs"  # ilp: MILP backend (CBC, HiGHS) or CP-SAT
+    time_limit_s: float = 10.0  # ilp: wall-clock budget per step; the best incumbent so far is kept
+    ilp_buckets: int = 16  # ilp: length classes Q of FlexSP's DP bucketing of short sequences
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Draft:
     pieces: list[Piece]
     offload_ratio: float = 0.0
     sort_key: float = 0.0  # planned start (strategy estimate) or round index; ids follow it
+    slices: int = 1  # pipeline slices (PP only)
 
     @property
     def lengths(self) -> list[int]:
@@ -60,20 +66,25 @@ class SeqTable:
         return Piece(int(self.ids[i]), 0, int(self.lengths[i]))
 
 
-def check_fits(s_max: int, cm: CostModel, hdp: int, offload: bool) -> None:
+def check_fits(s_max: int, cm: CostModel, hdp: int, offload: bool, max_slices: int = 1) -> None:
     """A sequence longer than the cluster can hold even with full offload is a clear PlanError."""
     l = cm.layers_per_stage
-    need = min_degree(s_max, cm.capacity_tokens, 1.0 if offload else 0.0, l)
+    cap = int(slice_capacity(cm, max_slices if cm.pp > 1 else 1))
+    need = min_degree(s_max, cap, 1.0 if offload else 0.0, l)
     if need > hdp:
         raise PlanError(f"a {s_max}-token sequence needs {need} HDP ranks at C = {cm.capacity_tokens} tokens/rank"
                         f"{' even with full offload' if offload else ''}, but the mesh has {hdp}; add GPUs, raise "
                         "tp/pp, use recompute, or lower --max-context")
 
 
-def ratio_for_tokens(tokens_per_rank: int, cm: CostModel) -> float | None:
-    """Smallest offload ratio r with (2 + (1 − r)(l − 2))/l · tokens ≤ C (Eq. 3's budget on the padded
-    per-rank tokens); None when even r = 1 is not enough."""
-    C, l = cm.capacity_tokens, cm.layers_per_stage
+def slice_capacity(cm: CostModel, slices: int) -> float:
+    return sliced_capacity_tokens(cm.capacity_tokens, cm.pp, slices, cm.dkv_ratio)
+
+
+def ratio_for_tokens(tokens_per_rank: int, cm: CostModel, slices: int = 1) -> float | None:
+    """Smallest offload ratio r with (2 + (1 − r)(l − 2))/l · tokens ≤ C_eff (Eq. 3's budget on the
+    padded per-rank tokens); None when even r = 1 is not enough."""
+    C, l = slice_capacity(cm, slices), cm.layers_per_stage
     if tokens_per_rank <= C:
         return 0.0
     if l <= 2:
@@ -82,23 +93,32 @@ def ratio_for_tokens(tokens_per_rank: int, cm: CostModel) -> float | None:
     return None if r > 1.0 + 1e-12 else max(0.0, min(1.0, r))
 
 
-def fit_degree(s: int, d: int, cm: CostModel, r_cap: float, pow2: bool = False) -> tuple[int, float]:
-    """Raise d until the zigzag-padded per-rank share fits C with an offload ratio ≤ r_cap; returns
-    (d, smallest such r). pow2 keeps d a power of two (Megatron's aligned groups)."""
+def fit_degree(s: int, d: int, cm: CostModel, r_cap: float, pow2: bool = False,
+               max_slices: int = 1) -> tuple[int, float, int]:
+    """Raise d until the zigzag-padded per-rank share fits with an offload ratio ≤ r_cap and some
+    slice count ≤ max_slices; returns (d, smallest such r, smallest such n). pow2 keeps d a power of
+    two (Megatron's aligned groups)."""
     while True:
-        r = ratio_for_tokens(zigzag_tokens_per_rank([s], d), cm)
-        if r is not None and r <= r_cap + 1e-12:
-            return d, r
+        tokens = zigzag_tokens_per_rank([s], d)
+        n = 1
+        while True:
+            r = ratio_for_tokens(tokens, cm, n)
+            if r is not None and r <= r_cap + 1e-12:
+                return d, r, n
+            if n >= max_slices:
+                break
+            n = min(max_slices, n * 2)
         d = d * 2 if pow2 else d + 1
 
 
-def long_degree(s: int, cm: CostModel, offload: bool) -> tuple[int, float]:
-    """ByteScale's (D, r) for a sequence: the smallest D reachable with an offload ratio whose copies
-    hide under compute (r ≤ r_max, and only if r_max clears Eq. 3's lower bound), and the smallest r
-    that reaches it (REFERENCE 2.5, decision 9). Short sequences (s ≤ C) get (1, 0)."""
+def long_degree(s: int, cm: CostModel, offload: bool, max_slices: int = 1) -> tuple[int, float, int]:
+    """ByteScale's (D, r) for a sequence, plus SlimPipe's slice count n with PP: the smallest D
+    reachable with an offload ratio whose copies hide under compute (r ≤ r_max, and only if r_max
+    clears Eq. 3's lower bound) and n ≤ max_slices; then the smallest r and n that reach it
+    (REFERENCE 2.5, 6, decisions 9 and 20). Short sequences (s ≤ C) get (1, 0, 1)."""
     C, l = cm.capacity_tokens, cm.layers_per_stage
     if s <= C:
-        return 1, 0.0
+        return 1, 0.0, 1
     r_cap = 0.0
     # Full recompute keeps only layer inputs; its working set (one whole layer) cannot be offloaded,
     # so Eq. 3 does not apply: offload and full recompute are alternatives (ByteScale Fig. 21).
@@ -106,7 +126,9 @@ def long_degree(s: int, cm: CostModel, offload: bool) -> tuple[int, float]:
         r_max = offload_r_max(s, cm)
         if r_max >= offload_lower_bound(s, C, l):
             r_cap = r_max
-    return fit_degree(s, min_degree(s, C, r_cap, l), cm, r_cap)
+    n_max = max_slices if cm.pp > 1 else 1
+    d_start = max(1, min_degree(s, int(slice_capacity(cm, n_max)), r_cap, l))
+    return fit_degree(s, d_start, cm, r_cap, max_slices=n_max)
 
 
 def offload_r_max(s: int, cm: CostModel) -> float:
@@ -169,7 +191,8 @@ def spans_nodes(ranks: tuple[int, ...], per_node: int) -> bool:
     return ranks[0] // per_node != ranks[-1] // per_node if ranks else False
 
 
-def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int) -> Step:
+def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
+             pipeline: dict | None = None) -> Step:
     """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
     total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
     from planner.simulate import simulate_step
@@ -182,14 +205,16 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int) -
         ranks = tuple(sorted(d.ranks))
         lengths = d.lengths
         cost = cm.unit_cost(lengths, len(ranks), d.offload_ratio, spans_nodes(ranks, per_node))
-        units.append(Unit(id=uid, hdp_ranks=ranks, pieces=tuple(d.pieces), offload_ratio=math.ceil(d.offload_ratio * 1e6) / 1e6,
-                          slices=1, predicted_time_s=cost.total_s,
+        units.append(Unit(id=uid, hdp_ranks=ranks, pieces=tuple(d.pieces),
+                          offload_ratio=math.ceil(d.offload_ratio * 1e6) / 1e6, slices=d.slices,
+                          predicted_time_s=cost.total_s,
                           tokens_per_rank=zigzag_tokens_per_rank(lengths, len(ranks))))
         for r in ranks:
             order[r].append(uid)
     step = Step(step=batch.step, global_tokens=int(np.sum(batch.lengths_tokens)),
                 sequences=[Sequence(int(i), int(s)) for i, s in zip(batch.seq_ids, batch.lengths_tokens)],
                 units=units, order=order,
+                pipeline=(pipeline or {"schedule": "1f1b", "v": 1}) if cm.pp > 1 else None,
                 predicted=Predicted(step_time_s=0.0, lower_bound_s=0.0, per_rank_busy_s=[0.0] * hdp,
                                     peak_memory_bytes=[0.0] * hdp))
     step.predicted = simulate_step(step, cm).predicted()

@@ -30,7 +30,7 @@ class _Group:
 
 
 def _need(s: int, cm: CostModel) -> int:
-    return fit_degree(s, 1, cm, 0.0, pow2=True)[0]
+    return fit_degree(s, 1, cm, 0.0, pow2=True)[0]  # 1F1B without slicing: n = 1
 
 
 def _layout(groups: list[_Group]) -> None:

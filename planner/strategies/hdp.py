@@ -34,17 +34,21 @@ from planner.strategies.common import (Draft, PlanOptions, SeqTable, best_fit_pa
                                        long_degree, node_local_ranks, spans_nodes)
 
 
-def _split(seqs: SeqTable, cm: CostModel, offload: bool) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[int, float]]]:
+def _split(seqs: SeqTable, cm: CostModel, offload: bool,
+           max_slices: int = 1) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[int, float, int]]]:
+    """Short (≤ C, packed) and long (sharded) sequences, with each long one's (D, r, n)."""
     C = cm.capacity_tokens
-    check_fits(int(seqs.lengths.max()), cm, cm.setup.hdp, offload)
+    check_fits(int(seqs.lengths.max()), cm, cm.setup.hdp, offload, max_slices)
     long_idx = np.flatnonzero(seqs.lengths > C)
     short_idx = np.flatnonzero(seqs.lengths <= C)
-    deg = {int(i): long_degree(int(seqs.lengths[i]), cm, offload) for i in long_idx}
+    deg = {int(i): long_degree(int(seqs.lengths[i]), cm, offload, max_slices) for i in long_idx}
     return long_idx, short_idx, deg
 
 
 def plan_naive(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     """Alg. 1: data-aware sharding + best-fit packing + a naive (cursor / round-robin) assignment."""
+    if cm.pp > 1:
+        return _plan_pp_balance(batch, cm, opt, naive=True)
     hdp = cm.setup.hdp
     seqs = SeqTable.of(batch)
     long_idx, short_idx, deg = _split(seqs, cm, opt.offload)
@@ -60,7 +64,7 @@ def plan_naive(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
         drafts.append(Draft(ranks=ranks, pieces=pieces, offload_ratio=r, sort_key=start))
 
     for i in long_idx[np.argsort(-seqs.lengths[long_idx], kind="stable")]:
-        d, r = deg[int(i)]
+        d, r, _ = deg[int(i)]
         if cursor + d > hdp:
             cursor = 0
         place(tuple(range(cursor, cursor + d)), [seqs.piece(int(i))], r)
@@ -72,9 +76,16 @@ def plan_naive(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     return finalize(batch, drafts, cm, hdp)
 
 
-def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, float]], cm: CostModel,
-                short_work_s: float, slack: float = 1.0) -> list[tuple[float, int, int, float]]:
-    """(time, seq index, D, r) per long sequence, longest first.
+def _slice_peak(n: int, schedule: str) -> float:
+    """Largest share of a unit's stage time in one of its n slices: 1/n when redistribution evens the
+    slices out, else the last slice's causal-attention share (2n − 1)/n² (attention-bound bound)."""
+    return 1.0 / n if schedule == "sliced-redistributed" else (2 * n - 1) / (n * n)
+
+
+def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, float, int]], cm: CostModel,
+                short_work_s: float, slack: float = 1.0,
+                pp_schedule: str = "1f1b") -> list[tuple[float, int, int, float, int]]:
+    """(time, seq index, D, r, n slices) per long sequence, largest D·time first.
 
     Units that would outlast the step's target T get more ranks: D_k(T) = the smallest D ≥ D_min with
     time ≤ T (time ∝ 1/D). They must run side by side to finish by T, so T starts at the average rank
@@ -84,39 +95,41 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
     per_node = cm.setup.hdp_per_node
     base = {}
     for i in long_idx:
-        d, r = deg[int(i)]
-        base[int(i)] = (d, r, cm.unit_time_s([int(seqs.lengths[i])], d, r, d > per_node))
+        d, r, n = deg[int(i)]
+        c = cm.unit_time_s([int(seqs.lengths[i])], d, r, d > per_node)
+        # With PP a unit alone also fills and drains the pipeline: (p − 1) of its largest slice.
+        base[int(i)] = (d, r, c * (1 + (cm.pp - 1) * _slice_peak(n, pp_schedule)), n)
     if not base:
         return []
-    avg = slack * (short_work_s + sum(d * c for d, _, c in base.values())) / hdp
+    avg = slack * (short_work_s + sum(d * c for d, _, c, _ in base.values())) / hdp
 
     def degrees(T: float) -> dict[int, int]:
-        return {i: int(min(hdp, max(d, np.ceil(d * c / T - 1e-9)))) for i, (d, _, c) in base.items()}
+        return {i: int(min(hdp, max(d, np.ceil(d * c / T - 1e-9)))) for i, (d, _, c, _) in base.items()}
 
     def ranks_needed(T: float) -> int:
         """Ranks the units that would outlast T need side by side to finish by T (the others run
         one after another like packed bins)."""
         deg = degrees(T)
-        return sum(deg[i] for i, (_, _, c) in base.items() if c > T)
+        return sum(deg[i] for i, (_, _, c, _) in base.items() if c > T)
 
     T = max(avg, 1e-12)
     if ranks_needed(T) > hdp:
-        lo, hi = T, max(c for _, _, c in base.values())
+        lo, hi = T, max(c for _, _, c, _ in base.values())
         for _ in range(40):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if ranks_needed(mid) <= hdp else (mid, hi)
         T = hi
     out = []
     for i, nd in degrees(T).items():
-        d, r, c = base[i]
+        d, r, c, n = base[i]
         s = int(seqs.lengths[i])
         if nd > d:
-            nd, nr = fit_degree(s, nd, cm, r)
-            nc = cm.unit_time_s([s], nd, nr, nd > per_node)
+            nd, nr, nn = fit_degree(s, nd, cm, r, max_slices=n)
+            nc = cm.unit_time_s([s], nd, nr, nd > per_node) * (1 + (cm.pp - 1) * _slice_peak(nn, pp_schedule))
             if nc < c:
-                d, r, c = nd, nr, nc
-        out.append((c, i, d, r))
-    out.sort(key=lambda x: -x[0])
+                d, r, c, n = nd, nr, nc, nn
+        out.append((c, i, d, r, n))
+    out.sort(key=lambda x: (-x[0] * x[2], -x[0]))  # largest rank-time area first (LPT for gangs)
     return out
 
 
@@ -138,13 +151,29 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     for slack in opt.balance_slacks:
         drafts, t = _dp_balance(seqs, short_idx, short_cost, _long_units(seqs, long_idx, deg, cm, short_work, slack),
                                 cm, opt)
-        if best is None or t.max() < best[1]:
-            best = (drafts, float(t.max()))
+        # Small steps: score with exact unit costs (the fit's few-% error can flip close calls).
+        score = _replay_finish(drafts, cm, hdp) if len(drafts) <= EXACT_SCORING_MAX_UNITS else float(t.max())
+        if best is None or score < best[1]:
+            best = (drafts, score)
     return finalize(batch, best[0], cm, hdp)
 
 
+EXACT_SCORING_MAX_UNITS = 600  # above this, candidates are compared on the fitted estimate (speed)
+
+
+def _replay_finish(drafts: list[Draft], cm: CostModel, hdp: int) -> float:
+    """Finish time of drafts run in planned order with exact unit costs (what the simulator will say)."""
+    per_node = cm.setup.hdp_per_node
+    free = np.zeros(hdp)
+    for d in sorted(drafts, key=lambda d: (d.sort_key, d.ranks[0], len(d.ranks))):
+        idx = list(d.ranks)
+        free[idx] = free[idx].max() + cm.unit_time_s(d.lengths, len(idx), d.offload_ratio,
+                                                     spans_nodes(tuple(sorted(idx)), per_node))
+    return float(free.max())
+
+
 def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
-                longs: list[tuple[float, int, int, float]], cm: CostModel,
+                longs: list[tuple[float, int, int, float, int]], cm: CostModel,
                 opt: PlanOptions) -> tuple[list[Draft], np.ndarray]:
     """DP-Balance placement; returns the drafts and the planned finish time of every rank."""
     hdp = cm.setup.hdp
@@ -152,7 +181,7 @@ def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
     gamma = cm.unit_overhead_s
     t = np.zeros(hdp)
     drafts: list[Draft] = []
-    for c, i, d, r in longs:
+    for c, i, d, r, _ in longs:
         ranks = node_local_ranks(t, d, per_node, opt.delta * float(t.max()))
         start = float(t[list(ranks)].max())
         t[list(ranks)] = start + c
@@ -181,18 +210,29 @@ def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
     return drafts, t
 
 
-def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
-    """PP-Balance: pipelines as ranks, 1F1B estimate Σt + (p−1)·max t, sharded units slot-aligned."""
+def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive: bool = False) -> Step:
+    """PP-Balance: pipelines as ranks, 1F1B estimate Σt + (p−1)·max t, sharded units slot-aligned.
+    naive=True is Alg. 1 under PP: the same slot alignment (without it 1F1B lists deadlock), but
+    memory-minimal degrees, pipelines taken in index order, bins dealt round-robin, no slicing."""
     hdp = cm.setup.hdp
     p = cm.pp
     per_node = cm.setup.hdp_per_node
     seqs = SeqTable.of(batch)
-    long_idx, short_idx, deg = _split(seqs, cm, opt.offload)
+    sliced = opt.pp_schedule != "1f1b" and not naive
+    long_idx, short_idx, deg = _split(seqs, cm, opt.offload, opt.max_slices if sliced else 1)
     C = cm.capacity_tokens
     short_cost = cm.doc_time_estimate_s(seqs.lengths[short_idx])
     gamma = cm.unit_overhead_s
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / C)))
-    longs = _long_units(seqs, long_idx, deg, cm, float(short_cost.sum()) + n_bins * gamma)
+    sched = opt.pp_schedule if sliced else "1f1b"
+    if naive:
+        longs = sorted(((cm.unit_time_s([int(seqs.lengths[i])], deg[int(i)][0], deg[int(i)][1],
+                                        deg[int(i)][0] > per_node), int(i), *deg[int(i)]) for i in long_idx),
+                       key=lambda x: -int(seqs.lengths[x[1]]))
+    else:
+        longs = [(c / (1 + (p - 1) * _slice_peak(n, sched)), i, d, r, n)  # back to the stage time
+                 for c, i, d, r, n in _long_units(seqs, long_idx, deg, cm, float(short_cost.sum()) + n_bins * gamma,
+                                                  pp_schedule=sched)]
     total = np.zeros(hdp)  # Σ t_μ per pipeline (per stage)
     worst = np.zeros(hdp)  # max t_μ per pipeline
     count = np.zeros(hdp, dtype=int)  # micro-batch slots used per pipeline
@@ -201,11 +241,11 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Ste
     def est(r: np.ndarray) -> np.ndarray:
         return total[r] + (p - 1) * worst[r]
 
-    def put(ranks: tuple[int, ...], pieces, r: float, c: float) -> None:
+    def put(ranks: tuple[int, ...], pieces, r: float, c: float, n: int = 1) -> None:
         idx = list(ranks)
-        drafts.append(Draft(ranks=ranks, pieces=pieces, offload_ratio=r, sort_key=float(count[idx].max())))
+        drafts.append(Draft(ranks=ranks, pieces=pieces, offload_ratio=r, sort_key=float(count[idx].max()), slices=n))
         total[idx] += c
-        worst[idx] = np.maximum(worst[idx], c)
+        worst[idx] = np.maximum(worst[idx], c * _slice_peak(n, sched))
         count[idx] = count[idx].max() + 1
 
     order = short_idx[np.argsort(-seqs.lengths[short_idx], kind="stable")]
@@ -214,9 +254,9 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Ste
     bin_cost = [gamma + sum(cost_of[i] for i in b) for b in bins]
     queue = [int(k) for k in np.argsort(-np.array(bin_cost), kind="stable")]
 
-    def put_bin(r: int) -> None:
+    def put_bin(r: int, n: int = 1) -> None:
         k = queue.pop(0)
-        put((r,), [seqs.piece(i) for i in bins[k]], 0.0, bin_cost[k])
+        put((r,), [seqs.piece(i) for i in bins[k]], 0.0, bin_cost[k], n)
 
     # Sharded units in rounds: all pipelines of the lowest slot level take the round's units; the
     # level's pipelines left over take a bin each, so the level stays aligned for the next round.
@@ -224,27 +264,36 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Ste
     while pending:
         level = int(count.min())
         free = np.flatnonzero(count == level)
-        left, placed = [], False
-        for c, i, d, r in pending:
+        left, chosen = [], []
+        for c, i, d, r, n in pending:
             if d <= len(free):
-                local = node_local_ranks(est(free), d, per_node if len(free) == hdp else len(free) + 1, 0.0)
-                ranks = tuple(sorted(int(free[j]) for j in local))
-                put(ranks, [seqs.piece(i)], r, c)
+                if naive:
+                    ranks = tuple(int(x) for x in free[:d])
+                else:
+                    local = node_local_ranks(est(free), d, per_node if len(free) == hdp else len(free) + 1, 0.0)
+                    ranks = tuple(sorted(int(free[j]) for j in local))
+                chosen.append((ranks, i, r, c))
                 free = np.setdiff1d(free, ranks)
-                placed = True
             else:
-                left.append((c, i, d, r))
+                left.append((c, i, d, r, n))
+        # Every unit of a round takes the round's largest slice count, padding bins included: member
+        # pipelines of later shared units then have identical slice sequences, hence identical op order.
+        n_round = max((n for c, i, d, r, n in pending if any(i == x[1] for x in chosen)), default=1)
+        for ranks, i, r, c in chosen:
+            put(ranks, [seqs.piece(i)], r, c, n_round)
+        placed = bool(chosen)
         pending = left
-        for r in free[np.argsort(est(free), kind="stable")]:
+        for r in (free if naive else free[np.argsort(est(free), kind="stable")]):
             if not queue:
                 break
-            put_bin(int(r))
+            put_bin(int(r), n_round)
             placed = True
         if not placed and pending:  # no bins left to realign: place unaligned; the simulator checks it
-            c, i, d, r = pending.pop(0)
+            c, i, d, r, n = pending.pop(0)
             ranks = tuple(sorted(int(x) for x in np.argsort(est(np.arange(hdp)), kind="stable")[:d]))
-            put(ranks, [seqs.piece(i)], r, c)
+            put(ranks, [seqs.piece(i)], r, c, n)
     # Remaining bins, costliest first, to the pipeline with the smallest 1F1B estimate.
     while queue:
-        put_bin(int(np.argmin(est(np.arange(hdp)))))
-    return finalize(batch, drafts, cm, hdp)
+        put_bin(int(np.argmin(count)) if naive else int(np.argmin(est(np.arange(hdp)))))
+    schedule = opt.pp_schedule if any(d.slices > 1 for d in drafts) else "1f1b"
+    return finalize(batch, drafts, cm, hdp, pipeline={"schedule": schedule, "v": 1})
