@@ -283,3 +283,45 @@ def simulate_plan(plan: Plan, cm: CostModel) -> list[StepSimulation]:
         raise PlanError(f"plan mesh (tp {plan.mesh.tp}, pp {plan.mesh.pp}, hdp {plan.mesh.hdp}) does not match the "
                         f"cost model's (tp {cm.tp}, pp {cm.pp}, hdp {cm.setup.hdp})")
     return [simulate_step(s, cm) for s in plan.steps]
+
+
+@dataclass(frozen=True)
+class MeasuredComparison:
+    """Predicted (this simulator) vs measured (a `meshplan replay --trace` file)."""
+
+    units: list[dict]  # per (replay step, unit): predicted_s, measured_s (mean over its ranks), rel_err
+    steps: list[dict]  # per replay step: predicted_s, measured_s, rel_err
+
+    @property
+    def median_abs_unit_err(self) -> float:
+        return float(np.median([abs(u["rel_err"]) for u in self.units])) if self.units else float("nan")
+
+
+def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparison:
+    """Match a measured trace (schema meshplan.measured/1) to the plan's simulation, unit by unit and
+    step by step. Relative error = predicted / measured − 1."""
+    if not isinstance(trace, dict) or not str(trace.get("schema", "")).startswith("meshplan.measured/"):
+        raise PlanError("not a measured trace (expected the JSON written by `meshplan replay --trace`)")
+    if not trace.get("complete"):
+        raise PlanError("measured trace is incomplete (the replay did not finish)")
+    sims = {s.step: simulate_step(s, cm) for s in plan.steps}
+    steps_by_id = {s.step: s for s in plan.steps}
+    units_out, steps_out = [], []
+    for st in trace.get("steps", []):
+        ps = st["plan_step"]
+        if ps not in steps_by_id:
+            raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
+        costs = unit_costs(steps_by_id[ps], cm)
+        per_unit: dict[int, list[float]] = {}
+        for u in st["units"]:
+            per_unit.setdefault(int(u["unit"]), []).append(float(u["fwd_s"]) + float(u["bwd_s"]))
+        for uid, vals in sorted(per_unit.items()):
+            pred = costs[uid][1].total_s
+            meas = float(np.mean(vals))
+            units_out.append({"step": st["step"], "unit": uid, "predicted_s": pred, "measured_s": meas,
+                              "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
+        pred_step = sims[ps].step_time_s
+        meas_step = float(st["step_time_s"])
+        steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,
+                          "rel_err": pred_step / meas_step - 1 if meas_step > 0 else float("inf")})
+    return MeasuredComparison(units_out, steps_out)

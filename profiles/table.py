@@ -5,6 +5,7 @@ Four tables (pandas DataFrames, one row per measurement):
 - ``gemm``:       m, n, k, dtype, time_s                     (C[m,n] = A[m,k] @ B[k,n])
 - ``attention``:  direction ("fwd"/"bwd"), causal, heads, kv_heads, head_dim, doc_len,
                   docs (documents per kernel call), dtype, time_s
+                  [+ optional layout: when present, lookups use only "varlen" rows]
 - ``collective``: op, scope ("intra"/"inter"), group_size, concurrent_groups, bytes, time_s
                   (bytes is nccl-tests' S: all-gather output, reduce-scatter input,
                   all-to-all per-rank send buffer, all-reduce buffer, send/recv message)
@@ -247,6 +248,8 @@ class Profile:
             return cache[key]
         df = self.tables["attention"]
         df = df[(df["direction"] == direction) & (df["dtype"] == dtype)]
+        if "layout" in df.columns:  # measured profiles: only packed varlen calls; other layouts are for study
+            df = df[df["layout"].isna() | (df["layout"] == "varlen")]
         if df.empty:
             raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} attention {direction} table")
         sub = df[df["causal"] == causal]

@@ -1,0 +1,58 @@
+"""The torch executor: replays a plan under torchrun (`python -m planner.runtime plan.json`).
+
+The only package besides profiles/measure that imports torch; it reads plans (planner/plan.py)
+and never imports strategies. Entry points: `executor.run(ReplayOptions)` on each rank, and
+`meshplan replay` (cli.py), which launches torchrun after `preflight`. This file stays free of
+torch so the CLI can refuse a plan before any process starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from costmodel.presets import load_model
+from costmodel.specs import ModelSpec
+from planner.plan import Plan, PlanError, validate
+
+
+CP_IMPLS = ("ring", "allgather")  # context-parallel attention: overlapped ring, or all-gather first-correct form
+BLOCK_KERNELS = ("auto", "math", "fused-cpu")  # ring block kernel (auto: fused on CPU, math elsewhere)
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PlanError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def preflight(plan_path: str | Path, world_size: int | None, model: str | None = None, *, cp_impl: str = "ring",
+              ring_kernel: str = "auto", optimizer: str = "adamw", steps: int | None = None) -> tuple[Plan, ModelSpec]:
+    """Load and validate the plan against the job's world size (None: not known yet) and the
+    model the replay will build, and check the options; raise PlanError or SpecError with a
+    message a user can act on."""
+    _choice("context-parallel implementation", cp_impl, CP_IMPLS)
+    _choice("ring kernel", ring_kernel, BLOCK_KERNELS)
+    _choice("optimizer", optimizer, OPTIMIZERS)
+    if steps is not None and steps < 1:
+        raise PlanError(f"--steps must be >= 1, got {steps}")
+    plan = Plan.load(plan_path)
+    validate(plan)
+    m = plan.mesh
+    if world_size is not None and m.world_size != world_size:
+        raise PlanError(f"{plan_path}: the plan is for world_size {m.world_size} (tp {m.tp} × pp {m.pp} × hdp "
+                        f"{m.hdp}) but this job has {world_size} processes; launch {m.world_size} "
+                        f"(meshplan replay --nproc {m.world_size})")
+    if m.pp > 1:
+        raise PlanError(f"{plan_path}: pipeline replay (pp = {m.pp} > 1) is not implemented yet; replay a pp = 1 plan")
+    if m.tp > 1:
+        raise PlanError(f"{plan_path}: tensor-parallel replay (tp = {m.tp} > 1) is not implemented yet; "
+                        "replay a tp = 1 plan")
+    name = model or plan.meta.get("model")
+    if not name:
+        raise PlanError(f"{plan_path}: the plan names no model (meta.model); pass --model NAME")
+    spec = load_model(str(name))
+    if spec.is_moe:
+        raise PlanError(f"model {spec.name!r}: MoE replay is not implemented (dense Llama-style models only); "
+                        "pass --model tiny or a dense preset")
+    if spec.head_dim % 2:
+        raise PlanError(f"model {spec.name!r}: RoPE needs an even head_dim, got {spec.head_dim}")
+    return plan, spec

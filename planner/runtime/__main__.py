@@ -1,0 +1,54 @@
+"""`torchrun --nproc-per-node N -m planner.runtime plan.json [options]`: replay a plan.
+
+Prints JSON lines on rank 0 once the run finished: one {"step": ...} per step and, with --check,
+{"check": {"max_rel_grad_err", "loss_abs_err", "ranks", "units"}}. Exit codes: 0 done, 2 plan
+refused (before anything ran), 1 a rank failed (its rank and unit are on stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from planner.runtime import BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS
+
+
+def _rank_unit(text: str) -> tuple[int, int]:
+    try:
+        r, u = text.split(":")
+        return int(r), int(u)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RANK:UNIT, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m planner.runtime", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan_path", metavar="plan", type=Path, help="plan JSON (pp = 1, tp = 1)")
+    p.add_argument("--model", default=None, help="model preset or file (default: the plan's meta.model), e.g. tiny")
+    p.add_argument("--steps", type=int, default=None, help="iterations (default: every plan step once; more cycle)")
+    p.add_argument("--check", action="store_true", help="compare with a single-process reference on rank 0")
+    p.add_argument("--trace", dest="trace_path", type=Path, default=None, help="measured trace JSON; PATH.chrome.json is written too")
+    p.add_argument("--cp", dest="cp_impl", choices=CP_IMPLS, default="ring", help="context-parallel attention")
+    p.add_argument("--ring-kernel", choices=BLOCK_KERNELS, default="auto",
+                   help="ring block kernel: auto (fused on CPU, math elsewhere), math or fused-cpu")
+    p.add_argument("--seed", type=int, default=0, help="model init and generated tokens")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tokens", dest="tokens_path", type=Path, default=None,
+                   help="flat .npy token stream (default: tokens generated per sequence id)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
+    p.add_argument("--inject-failure", type=_rank_unit, default=None, metavar="RANK:UNIT",
+                   help="testing: make RANK fail in the forward of UNIT")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from planner.runtime.executor import ReplayOptions, run
+
+    return run(ReplayOptions(**vars(parser().parse_args(argv))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

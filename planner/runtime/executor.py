@@ -1,0 +1,442 @@
+"""Replay a plan under torchrun: every HDP rank runs its units in the plan's order, then one
+gradient all-reduce and an optimizer step (DESIGN.md "Core concepts").
+
+Per unit, a member builds its zigzag shard of the unit's documents, runs forward with the unit's
+attention (packed, or context-parallel over P2P with the other members) under the unit's
+offload hooks, and adds token-level cross-entropy divided by the step's global token count, so
+the all-reduced gradient is the full batch's whatever the assignment (REFERENCE 1, Eq. 1-2).
+
+`--check` makes rank 0 replay the same global batch in one process with plain per-sequence
+attention and compare losses and gradients. Scope: pp = 1 and tp = 1 plans."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from costmodel.specs import SpecError
+from planner.plan import Plan, PlanError, Step, Unit
+from planner.runtime import preflight
+from planner.runtime.cp import CPImpl, Peers, shard_layout, unit_attention, unit_documents
+from planner.runtime.model import IGNORE_INDEX, Decoder, ModelConfig, TokenSource, build_model
+from planner.runtime.offload import Offloader, parameter_pointers
+from planner.runtime.trace import RankTrace, StepRecord, UnitRecord, build_trace, remove_stale, write_trace
+
+
+class ReplayFailure(RuntimeError):
+    """A rank failed while running; the message names the rank, step and unit."""
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    plan_path: Path  # plan JSON
+    model: str | None = None  # model preset / file; None = the plan's meta["model"]
+    steps: int | None = None  # iterations to run; None = every plan step once (more cycle the plan)
+    check: bool = False  # compare with a single-process reference on rank 0
+    trace_path: Path | None = None  # measured trace JSON (a .chrome.json is written beside it)
+    cp_impl: CPImpl = "ring"  # context-parallel attention: "ring" (overlapped) or "allgather"
+    ring_kernel: str = "auto"  # ring block kernel: "auto" (fused on CPU), "math" or "fused-cpu"
+    seed: int = 0  # model init and generated tokens
+    optimizer: str = "adamw"  # "adamw" or "sgd"
+    lr: float = 1e-3  # learning rate
+    tokens_path: Path | None = None  # flat .npy token stream; None = generated tokens
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    timeout_s: float = 300.0  # process-group timeout: a lost peer ends the job after this at most
+    inject_failure: tuple[int, int] | None = None  # (global rank, unit id) raising in forward; for tests
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every rank checks before the process group exists."""
+
+    plan: Plan
+    config: ModelConfig
+    iterations: int  # replayed steps
+
+
+def prepare(opts: ReplayOptions, world_size: int) -> Prepared:
+    """Every check that needs no process group (planner.runtime.preflight)."""
+    plan, spec = preflight(opts.plan_path, world_size, opts.model, cp_impl=opts.cp_impl,
+                           ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps)
+    return Prepared(plan, ModelConfig.from_spec(spec), len(plan.steps) if opts.steps is None else opts.steps)
+
+
+# -- one step ---------------------------------------------------------------------------------
+
+def unit_inputs(tokens: dict[int, torch.Tensor], layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, labels, RoPE positions) of a member's local tokens; padding gets id 0 and an
+    ignored label."""
+    inp = torch.zeros(layout.tokens, dtype=torch.long)
+    lab = torch.full((layout.tokens,), IGNORE_INDEX, dtype=torch.long)
+    for sid in layout.seq.unique().tolist():
+        sel = (layout.seq == sid) & layout.valid
+        pos = layout.pos[sel]
+        inp[sel] = tokens[sid][pos]
+        lab[sel] = tokens[sid][pos + 1]
+    return inp, lab, layout.pos
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
+    """Summed token cross-entropy over the global token count (ByteScale Eq. 1-2)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / global_tokens
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+@dataclass
+class Context:
+    """Per-rank state of a replay."""
+
+    opts: ReplayOptions
+    prep: Prepared
+    rank: int
+    hdp_rank: int
+    device: torch.device
+    model: Decoder
+    optimizer: torch.optim.Optimizer
+    tokens: TokenSource
+    params: frozenset[int]  # parameter data pointers (never offloaded)
+    trace: RankTrace
+
+
+def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, torch.Tensor]) -> float:
+    """Forward and backward of one unit on this rank; returns its loss share."""
+    mesh = ctx.prep.plan.mesh
+    index = unit.hdp_ranks.index(ctx.hdp_rank)
+    docs = unit_documents(unit.pieces)
+    layouts = [shard_layout(docs, unit.degree, j) for j in range(unit.degree)]
+    inp, lab, pos = (t.to(ctx.device) for t in unit_inputs(tokens, layouts[index]))
+    peers = Peers(tuple(mesh.global_rank(0, r) for r in unit.hdp_ranks), index)
+    attn = unit_attention(unit, layouts, peers, ctx.opts.cp_impl, ctx.prep.config.head_dim, ctx.device,
+                          ctx.opts.ring_kernel)
+    off = Offloader(unit.offload_ratio, ctx.params)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    t0 = time.perf_counter()
+    with off.active():
+        if ctx.opts.inject_failure == (ctx.rank, unit.id):
+            raise RuntimeError("injected failure (--inject-failure)")
+        loss = token_loss(ctx.model(inp, pos, attn), lab, step.global_tokens)
+    _sync(ctx.device)
+    t1 = time.perf_counter()
+    loss.backward()
+    _sync(ctx.device)
+    t2 = time.perf_counter()
+    ctx.trace.units.append(UnitRecord(
+        step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, unit=unit.id, degree=unit.degree,
+        tokens=layouts[index].tokens, start_s=t0, fwd_s=t1 - t0, bwd_s=t2 - t1, comm_wait_s=peers.stats.wait_s,
+        sent_bytes=peers.stats.sent_bytes, saved_bytes=off.stats.saved_bytes,
+        offloaded_bytes=off.stats.offloaded_bytes, offload_ratio=unit.offload_ratio,
+        peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=unit.predicted_time_s))
+    return float(loss.detach())
+
+
+def prewarm(ctx: Context) -> float:
+    """Exchange one element with every rank set the plan shares a unit over, following the plan's
+    orders (deadlock-free for the same reason the units are), so transports set up their pair
+    connections (NCCL: on first use) before step 0 is timed. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    done: set[tuple[int, ...]] = set()
+    for step in ctx.prep.plan.steps:
+        units = {u.id: u for u in step.units}
+        for uid in step.order.get(ctx.hdp_rank, []):
+            u = units[uid]
+            if u.degree > 1 and u.hdp_ranks not in done:  # every member skips the same repeats
+                done.add(u.hdp_ranks)
+                mesh = ctx.prep.plan.mesh
+                Peers(tuple(mesh.global_rank(0, r) for r in u.hdp_ranks), u.hdp_ranks.index(ctx.hdp_rank)).all_gather(
+                    torch.zeros(1, device=ctx.device))
+    _sync(ctx.device)
+    return time.perf_counter() - t0
+
+
+def sync_gradients(model: nn.Module, loss: float) -> float:
+    """One all-reduce of every gradient and the loss share (one flat buffer, one collective);
+    returns the step loss."""
+    grads = [p.grad for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([loss])])
+    dist.all_reduce(flat)
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
+    return float(flat[-1])
+
+
+class ReferenceAttention:
+    """The reference's attention for one whole sequence: causal within each of its plan segments
+    (a sequence split over units is one document per unit, as the executor runs it)."""
+
+    def __init__(self, segment: torch.Tensor) -> None:
+        n = segment.numel()
+        self.mask = None if bool((segment == segment[0]).all()) else (
+            (segment[:, None] == segment[None, :]) & torch.ones(n, n, dtype=torch.bool, device=segment.device).tril())
+
+    def __call__(self, q, k, v, layer):
+        qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.mask, is_causal=self.mask is None,
+                                           enable_gqa=True)
+        return o[0].transpose(0, 1)
+
+
+def reference_step(model: Decoder, step: Step, tokens: dict[int, torch.Tensor], device: torch.device) -> float:
+    """Single-process forward and backward of the whole global batch, one sequence at a time with
+    plain causal attention; gradients accumulate in model. Returns the loss."""
+    segment = {q.id: torch.empty(q.length, dtype=torch.long) for q in step.sequences}
+    for u in step.units:
+        for p in u.pieces:
+            segment[p.seq][p.start:p.end] = u.id
+    total = 0.0
+    for q in step.sequences:
+        ids = tokens[q.id].to(device)
+        logits = model(ids[:-1], torch.arange(q.length, device=device), ReferenceAttention(segment[q.id].to(device)))
+        loss = token_loss(logits, ids[1:], step.global_tokens)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def reference_loop(plan: Plan, config: ModelConfig, iterations: int, opts: ReplayOptions,
+                   threads: int = 1) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds per step of a plain single-process training loop on the replay's tokens
+    (the `--check` reference plus the optimizer): the baseline replay overhead is measured against."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    model = build_model(config, opts.seed, device)
+    optimizer = make_optimizer(model, opts)
+    source = TokenSource(config.vocab, opts.seed, str(opts.tokens_path) if opts.tokens_path else None)
+    times = []
+    for it in range(iterations):
+        step = plan.steps[it % len(plan.steps)]
+        tokens = source.tokens(it, step.sequences, _stream_offset(plan, it))
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.zero_grad(set_to_none=True)
+        reference_step(model, step, tokens, device)
+        optimizer.step()
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    return times
+
+
+def max_rel_grad_err(model: nn.Module, reference: nn.Module) -> float:
+    """max over parameters of max|g - g_ref| / max|g_ref| (relative to each tensor's scale, so
+    near-zero entries do not dominate)."""
+    worst = 0.0
+    for p, r in zip(model.parameters(), reference.parameters()):
+        scale = float(r.grad.abs().max())
+        err = float((p.grad - r.grad).abs().max())
+        worst = max(worst, err / scale if scale > 0 else err)
+    return worst
+
+
+def make_optimizer(model: nn.Module, opts: ReplayOptions) -> torch.optim.Optimizer:
+    # foreach=False: the plain per-parameter loop, same on every rank and device.
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opts.lr, foreach=False)
+    return torch.optim.AdamW(model.parameters(), lr=opts.lr, foreach=False)
+
+
+def _stream_offset(plan: Plan, it: int) -> int:
+    return sum(plan.steps[i % len(plan.steps)].global_tokens for i in range(it))
+
+
+def _peer_lost(e: Exception) -> bool:
+    """A transport error caused by another rank dying (its own error names the root cause)."""
+    text = str(e)
+    return isinstance(e, dist.DistBackendError) or any(
+        m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
+
+
+def _failure(ctx: Context, e: Exception, where: str) -> ReplayFailure:
+    verb = "stopped (a peer rank failed first)" if _peer_lost(e) else "failed"
+    return ReplayFailure(f"rank {ctx.rank} (HDP rank {ctx.hdp_rank}) {verb} in {where}: {type(e).__name__}: {e}")
+
+
+@dataclass
+class CheckResult:
+    max_rel_grad_err: float = 0.0
+    loss_abs_err: float = 0.0
+    units: int = 0
+
+
+def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
+    plan = ctx.prep.plan
+    step = plan.steps[it % len(plan.steps)]
+    units = {u.id: u for u in step.units}
+    mine = step.order.get(ctx.hdp_rank, [])
+    wanted = {p.seq for uid in mine for p in units[uid].pieces}
+    offset = _stream_offset(plan, it)
+    tokens = ctx.tokens.tokens(it, step.sequences, offset, wanted)
+    reference = copy.deepcopy(ctx.model) if check is not None and ctx.rank == 0 else None
+    if reference is not None:
+        reference.zero_grad(set_to_none=True)
+    for p in ctx.model.parameters():  # zeros, not None: ranks without units still join the all-reduce
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = 0.0
+    for uid in mine:
+        try:
+            loss += run_unit(ctx, it, step, units[uid], tokens)
+        except Exception as e:  # name the rank and unit; the launcher ends the other ranks
+            raise _failure(ctx, e, f"step {it} (plan step {step.step}) unit {uid} "
+                                   f"(HDP ranks {list(units[uid].hdp_ranks)})") from e
+    t1 = time.perf_counter()
+    try:
+        step_loss = sync_gradients(ctx.model, loss)
+        _sync(ctx.device)
+    except Exception as e:
+        raise _failure(ctx, e, f"step {it} gradient all-reduce") from e
+    t2, c2 = time.perf_counter(), time.process_time()
+    if reference is not None:
+        all_tokens = ctx.tokens.tokens(it, step.sequences, offset)
+        ref_loss = reference_step(reference, step, all_tokens, ctx.device)
+        check.max_rel_grad_err = max(check.max_rel_grad_err, max_rel_grad_err(ctx.model, reference))
+        check.loss_abs_err = max(check.loss_abs_err, abs(ref_loss - step_loss))
+        check.units += len(step.units)
+        del reference
+    t3, c3 = time.perf_counter(), time.process_time()
+    ctx.optimizer.step()
+    _sync(ctx.device)
+    t4, c4 = time.perf_counter(), time.process_time()
+    return StepRecord(step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, start_s=t0,
+                      units_s=t1 - t0, grad_sync_s=t2 - t1, optimizer_s=t4 - t3, wall_s=(t4 - t0) - (t3 - t2),
+                      cpu_s=(c4 - c0) - (c3 - c2), loss=loss, step_loss=step_loss)
+
+
+# -- the job ----------------------------------------------------------------------------------
+
+def _device(opts: ReplayOptions, local_rank: int) -> torch.device:
+    if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise PlanError("--device cuda asked for but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def _trace_meta(ctx: Context, world: int) -> dict:
+    """Inputs' fingerprints, as every output file records them (DESIGN.md conventions)."""
+    dev = ctx.device
+    return {"plan": str(ctx.opts.plan_path),
+            "plan_sha256": hashlib.sha256(Path(ctx.opts.plan_path).read_bytes()).hexdigest(),
+            "plan_model": ctx.prep.plan.meta.get("model"), "model": ctx.prep.config.name, "world_size": world,
+            "cp_impl": ctx.opts.cp_impl, "ring_kernel": ctx.opts.ring_kernel, "seed": ctx.opts.seed,
+            "optimizer": ctx.opts.optimizer, "lr": ctx.opts.lr,
+            "tokens": str(ctx.opts.tokens_path) if ctx.opts.tokens_path else "generated",
+            "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else (platform.processor() or platform.machine()), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "backend": dist.get_backend(), "steps": ctx.prep.iterations,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run(opts: ReplayOptions) -> int:
+    """The body of `python -m planner.runtime` on every rank; returns the exit code."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        prep = prepare(opts, world)
+        tokens = TokenSource(prep.config.vocab, opts.seed, str(opts.tokens_path) if opts.tokens_path else None)
+        device = _device(opts, local_rank)
+    except (PlanError, SpecError) as e:
+        if rank == 0:  # every rank reaches the same verdict; say it once
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if rank == 0 and opts.trace_path is not None:
+        remove_stale(opts.trace_path)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        model = build_model(prep.config, opts.seed, device)
+        ctx = Context(opts=opts, prep=prep, rank=rank, hdp_rank=rank // prep.plan.mesh.tp, device=device,
+                      model=model, optimizer=make_optimizer(model, opts), tokens=tokens,
+                      params=parameter_pointers(model), trace=RankTrace(rank, time.time() - time.perf_counter()))
+        # Every rank must replay the same plan (each node reads its own copy); a mismatch would
+        # hang in P2P, so compare digests first (REFERENCE 11, decision 23).
+        digest = hashlib.sha256(prep.plan.to_json().encode()).hexdigest()
+        digests: list[str | None] = [None] * world
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            odd = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise ReplayFailure(f"rank {rank}: the plan differs across ranks (ranks {odd} read a different plan "
+                                f"than rank 0); give every node the same {opts.plan_path}")
+        try:
+            ctx.trace.prewarm_s = prewarm(ctx)
+        except Exception as e:
+            raise _failure(ctx, e, "the P2P warm-up before step 0") from e
+        check = CheckResult() if opts.check else None
+        for it in range(prep.iterations):
+            try:
+                rec = replay_step(ctx, it, check)
+            except ReplayFailure:
+                raise
+            except Exception as e:  # outside any unit: token reading, the check, the optimizer
+                raise _failure(ctx, e, f"step {it}") from e
+            ctx.trace.steps.append(rec)
+            if rank == 0:  # progress only; the results are printed once every rank finished
+                print(f"step {it} (plan step {rec.plan_step}): loss {rec.step_loss:.6f}, rank 0 {rec.wall_s:.3f} s",
+                      file=sys.stderr, flush=True)
+        traces: list[RankTrace | None] = [None] * world if rank == 0 else None
+        dist.gather_object(ctx.trace, traces, dst=0)
+        if rank == 0:
+            _finish(ctx, traces, check, world)
+        dist.barrier()  # nobody leaves before rank 0 has written everything
+    except Exception as e:
+        msg = str(e) if isinstance(e, ReplayFailure) else f"rank {rank} failed: {type(e).__name__}: {e}"
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        os._exit(1)  # peers may be blocked in P2P with us: no teardown, the launcher ends them
+    dist.destroy_process_group()
+    return 0
+
+
+def _finish(ctx: Context, traces: list[RankTrace], check: CheckResult | None, world: int) -> None:
+    """Rank 0, after every rank finished: step lines, the check line, the trace files."""
+    origin = min(t.clock_offset_s + min((s.start_s for s in t.steps), default=0.0) for t in traces)
+    for t in traces:  # per-rank perf_counter -> shared wall clock, zero at the first step start
+        shift = t.clock_offset_s - origin
+        for u in t.units:
+            u.start_s += shift
+        for s in t.steps:
+            s.start_s += shift
+    plan = ctx.prep.plan
+    doc = build_trace(_trace_meta(ctx, world), traces, {s.step: s.predicted.step_time_s for s in plan.steps})
+    for s in doc["steps"]:
+        _emit({"step": {"step": s["step"], "plan_step": s["plan_step"], "loss": s["loss"],
+                        "wall_s": s["step_time_s"], "predicted_s": s["predicted_step_time_s"]}})
+    if ctx.opts.trace_path is not None:
+        j, c = write_trace(ctx.opts.trace_path, doc)
+        print(f"trace: {j} and {c}", file=sys.stderr, flush=True)
+    if check is not None:
+        _emit({"check": {"max_rel_grad_err": check.max_rel_grad_err, "loss_abs_err": check.loss_abs_err,
+                         "ranks": world, "units": check.units}})

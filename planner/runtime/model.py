@@ -1,0 +1,211 @@
+"""A small Llama-style decoder in plain torch (RMSNorm, RoPE, GQA attention, SwiGLU).
+
+The model never decides how attention is computed: every forward takes an `Attention` callable
+that sees the local (q, k, v) of all layers. The executor passes packed-bin, context-parallel or
+reference attention; the weights and everything else are shared, which is what makes the
+distributed gradients comparable with the single-process reference."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from costmodel.specs import ModelSpec
+from planner.plan import PlanError, Sequence
+
+IGNORE_INDEX = -100  # label of padding tokens: cross_entropy skips them
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder; built from a ModelSpec (preset name, file or HuggingFace config)."""
+
+    name: str  # preset or file name
+    layers: int  # decoder layers L
+    hidden: int  # model width h
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (GQA)
+    head_dim: int  # d_h
+    ffn: int  # SwiGLU inner width
+    vocab: int  # vocabulary V
+    tied_embeddings: bool = False  # LM head shares the input embedding
+    qkv_bias: bool = False  # Qwen2-style bias on Q, K, V
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "ModelConfig":
+        """Dense specs only (planner.runtime.preflight refuses MoE and odd head_dim first)."""
+        return cls(name=spec.name, layers=spec.layers, hidden=spec.hidden, heads=spec.heads,
+                   kv_heads=spec.kv_heads, head_dim=spec.head_dim, ffn=spec.ffn, vocab=spec.vocab,
+                   tied_embeddings=spec.tied_embeddings, qkv_bias=spec.qkv_bias)
+
+
+class Attention(Protocol):
+    """Attention over the local tokens of a unit: q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D].
+    `layer` lets context-parallel implementations name their transfers."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, D/2] for explicit per-token positions (they restart at each document)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [T, H, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
+                layer: int) -> torch.Tensor:
+        t, c = x.shape[0], self.cfg
+        q = apply_rope(self.wq(x).view(t, c.heads, c.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(t, c.kv_heads, c.head_dim), cos, sin)
+        v = self.wv(x).view(t, c.kv_heads, c.head_dim)
+        return self.wo(attn(q, k, v, layer).reshape(t, c.heads * c.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
+        self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
+        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
+                layer: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """tokens [T] + positions [T] -> logits [T, V]; one flat token dimension (no batch axis), as
+    varlen kernels see a packed bin."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.head = None if cfg.tied_embeddings else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn: Attention) -> torch.Tensor:
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn, i)
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight if self.head is None else self.head.weight)
+
+
+def build_model(cfg: ModelConfig, seed: int, device: torch.device) -> Decoder:
+    """Deterministic init from `seed` alone (a private generator, parameters in name order), so
+    every rank and the reference start from bit-identical weights whatever the global RNG did."""
+    model = Decoder(cfg)
+    g = torch.Generator().manual_seed(seed)
+    std = 0.02
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.to(device)
+
+
+def sequence_seed(seed: int, iteration: int, seq_id: int) -> int:
+    """A 63-bit generator seed per (run seed, step iteration, sequence id), stable across processes
+    and Python versions (unlike hash())."""
+    h = hashlib.blake2b(f"{seed}:{iteration}:{seq_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class TokenSource:
+    """Token ids of every sequence of a replayed step: `length + 1` ids per sequence, so each of
+    its `length` positions has a next-token label and the loss counts exactly global_tokens.
+
+    Generated (default): uniform ids from a generator seeded by (seed, iteration, sequence id), so
+    any rank can make any sequence without talking to the others. From a file: a flat .npy array
+    of ids read as a stream; each step takes its sequences in plan order from where the previous
+    step stopped (wrapping at the end of the file)."""
+
+    def __init__(self, vocab: int, seed: int, path: str | None = None) -> None:
+        self.vocab, self.seed = vocab, seed
+        self.stream = None
+        if path is not None:
+            import numpy as np
+
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise PlanError(f"{path}: cannot read token file ({e}); expected a flat .npy array of token ids") from None
+            if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size < 2:
+                raise PlanError(f"{path}: token file must be a 1-D integer .npy array with at least 2 ids, got "
+                                f"shape {arr.shape} dtype {arr.dtype}")
+            self.stream = arr
+
+    def tokens(self, iteration: int, sequences: list[Sequence], stream_offset: int = 0,
+               wanted: set[int] | None = None) -> dict[int, torch.Tensor]:
+        """Ids [length + 1] of each wanted sequence (all when None). stream_offset: where this step's
+        share of the file stream starts (the sum of earlier steps' global_tokens)."""
+        out, offset = {}, stream_offset
+        for q in sequences:
+            start, offset = offset, offset + q.length
+            if wanted is not None and q.id not in wanted:
+                continue
+            n = q.length + 1
+            if self.stream is None:
+                g = torch.Generator().manual_seed(sequence_seed(self.seed, iteration, q.id))
+                out[q.id] = torch.randint(0, self.vocab, (n,), generator=g)
+                continue
+            idx = (start + torch.arange(n)) % self.stream.size  # the file is read as a ring
+            ids = torch.from_numpy(self.stream[idx.numpy()].astype("int64"))
+            if int(ids.max()) >= self.vocab or int(ids.min()) < 0:
+                raise PlanError(f"token file: sequence {q.id} has ids outside [0, {self.vocab}) (model vocab)")
+            out[q.id] = ids
+        return out

@@ -1,0 +1,400 @@
+"""Micro-benchmarks that fill the Profile tables (profiles/table.py) on the machine they run on.
+
+This module is torch-free at import time: it holds the measurement plan (which points each table
+measures, `MeasureConfig`), the one timing helper every benchmark uses (`time_op`, which imports
+torch when called) and the device fingerprint. The benchmarks themselves live in gemm.py,
+attention.py, collectives.py (a torchrun worker) and host_copy.py; runner.py orchestrates them.
+
+Timing: warm-up calls, then repeated calls, median reported. On GPU each call is bracketed by
+CUDA events after an L2 flush (a memset of twice the L2 size); on CPU by time.perf_counter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from profiles.table import ProfileError
+
+KiB = 2**10
+MiB = 2**20
+GiB = 2**30
+
+TABLES = ("gemm", "attention", "collective", "host_copy")  # measurement order
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+
+class MeasureError(ProfileError):
+    """A measurement could not run (bad option, worker failure, missing torch); one actionable line."""
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How often one point is run."""
+
+    warmup: int  # untimed calls first (lazy init, allocator, caches, autotuning)
+    repeats: int  # timed calls at most; the median is reported
+    min_repeats: int  # timed calls at least, whatever the budget
+    budget_s: float  # stop adding repeats once this much time went into one point (inf: fixed count)
+
+    def repeats_for(self, est_s: float) -> int:
+        """Timed calls for a point whose call takes about est_s seconds."""
+        if not math.isfinite(self.budget_s) or est_s <= 0:
+            return self.repeats
+        return max(self.min_repeats, min(self.repeats, int(self.budget_s / est_s)))
+
+
+@dataclass(frozen=True)
+class GemmPoint:
+    m: int  # tokens (rows of A)
+    n: int  # output features
+    k: int  # input features
+    dtype: str  # "bf16" | "fp16" | "fp32"
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k
+
+
+@dataclass(frozen=True)
+class AttentionPoint:
+    direction: str  # "fwd" | "bwd"
+    causal: bool
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (GQA)
+    head_dim: int
+    doc_len: int  # tokens per document
+    docs: int  # documents per measured call
+    dtype: str
+    layout: str  # "varlen" (looked up by the cost model), "single" (one lone document), "docmask"
+
+
+@dataclass(frozen=True)
+class CollectiveCase:
+    op: str  # one of OPS
+    group_size: int  # ranks per group
+    concurrent_groups: int  # groups running the op at the same time (disjoint consecutive ranks)
+    nbytes: int  # requested S (nccl-tests convention); the worker rounds to whole elements per rank
+
+
+@dataclass(frozen=True)
+class HostCopyPoint:
+    direction: str  # "h2d" | "d2h" on GPU, "memcpy" on CPU
+    pinned: bool
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """Everything that decides what a profile run measures; pure data, so it can be planned (and
+    its run time estimated) without torch. Build it with `plan_config`."""
+
+    device: str  # "cpu" | "cuda"
+    quick: bool
+    dtypes: tuple[str, ...]  # GEMM / attention dtypes; the first is the profile's main dtype
+    timing: TimingConfig
+    gemm_tokens: tuple[int, ...]  # m grid for the model shapes
+    gemm_flop_cap: float  # skip GEMMs above this many FLOPs (time budget)
+    gemm_generic_edges: tuple[int, ...]  # cube edges of the generic grid
+    gemm_generic_nk: int  # also (m, nk, nk) for m in gemm_tokens
+    model_shapes: tuple[tuple[str, int, int], ...]  # (label, n, k) from --models
+    attn_heads: tuple[int, int]  # (query heads, KV heads)
+    attn_head_dims: tuple[int, ...]
+    attn_lengths: tuple[int, ...]  # document lengths, log grid
+    attn_pack_tokens: int  # tokens per varlen call (FA3 benchmark convention on GPU: 16K)
+    attn_docmask_lengths: tuple[int, ...]  # lengths also measured as one call with a document mask
+    attn_single: bool  # also measure lone short documents (differs from varlen on GPU only)
+    nproc: int  # ranks for the collective table
+    coll_sizes: tuple[int, ...]  # S grid in bytes
+    coll_group_sizes: tuple[int, ...]
+    coll_timing: TimingConfig
+    copy_sizes: tuple[int, ...]
+    cpu_threads: int = 0  # torch threads for CPU compute (0: leave as is; GPU runs)
+
+    @property
+    def main_dtype(self) -> str:
+        return self.dtypes[0]
+
+    def key(self) -> dict[str, Any]:
+        """What a resumed run must share with the partial file it resumes."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["timing"] = vars(self.timing)
+        d["coll_timing"] = vars(self.coll_timing)
+        return _jsonable(d)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _pow2(lo: int, hi: int, step: int = 2) -> tuple[int, ...]:
+    out, v = [], lo
+    while v <= hi:
+        out.append(v)
+        v *= step
+    return tuple(out)
+
+
+def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None = None,
+                model_shapes: tuple[tuple[str, int, int], ...] = (), dtypes: tuple[str, ...] | None = None,
+                mem_cap_bytes: int | None = None) -> MeasureConfig:
+    """The grids for one device kind and mode. CPU grids are sized so the quick profile runs in a few
+    minutes on 2 cores; GPU grids follow the issue (1 KiB..1 GiB, 16K-token attention calls)."""
+    if device not in ("cpu", "cuda"):
+        raise MeasureError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    gpu = device == "cuda"
+    if dtypes is None:
+        dtypes = ("bf16", "fp16", "fp32") if gpu else ("fp32",)
+    if gpu:
+        timing = (TimingConfig(warmup=3, repeats=20, min_repeats=5, budget_s=0.2) if quick else
+                  TimingConfig(warmup=5, repeats=50, min_repeats=10, budget_s=0.5))
+        coll_timing = (TimingConfig(warmup=3, repeats=20, min_repeats=5, budget_s=math.inf) if quick else
+                       TimingConfig(warmup=5, repeats=40, min_repeats=5, budget_s=math.inf))
+    else:
+        # Many repeats for short calls: on a shared CPU a descheduled call costs a whole time slice,
+        # and the median of many calls stays clear of those.
+        timing = (TimingConfig(warmup=1, repeats=15, min_repeats=3, budget_s=0.3) if quick else
+                  TimingConfig(warmup=2, repeats=25, min_repeats=5, budget_s=1.5))
+        coll_timing = (TimingConfig(warmup=1, repeats=15, min_repeats=3, budget_s=math.inf) if quick else
+                       TimingConfig(warmup=2, repeats=25, min_repeats=3, budget_s=math.inf))
+    default_bytes = (256 * MiB if quick else GiB) if gpu else (16 * MiB if quick else GiB)
+    cap = min(max_bytes or default_bytes, mem_cap_bytes or 2**62)
+    if cap < KiB:
+        raise MeasureError(f"--max-bytes must be at least 1024, got {cap}")
+    # Collective sizes: x2 on a full GPU run (protocol switches are sharp there), x4 otherwise.
+    coll_sizes = _pow2(KiB, cap, 2 if gpu and not quick else 4)
+    copy_sizes = _pow2(4 * KiB, cap, 4)
+    if nproc >= 2:
+        group_sizes = (tuple(range(2, nproc + 1)) if not quick or nproc <= 4 else
+                       tuple(sorted({g for g in _pow2(2, nproc)} | {nproc})))
+    else:
+        group_sizes = ()
+    if gpu:
+        return MeasureConfig(
+            device=device, quick=quick, dtypes=tuple(dtypes), timing=timing,
+            gemm_tokens=_pow2(256, 32768) if quick else _pow2(128, 131072),
+            gemm_flop_cap=2e13 if quick else 1.2e14,
+            gemm_generic_edges=_pow2(256, 16384) if quick else _pow2(128, 32768),
+            gemm_generic_nk=4096, model_shapes=model_shapes,
+            attn_heads=(32, 8), attn_head_dims=(64, 128),
+            attn_lengths=_pow2(256, 32768) if quick else _pow2(128, 131072),
+            attn_pack_tokens=16384, attn_docmask_lengths=(), attn_single=True,
+            nproc=nproc, coll_sizes=coll_sizes, coll_group_sizes=group_sizes, coll_timing=coll_timing,
+            copy_sizes=copy_sizes)
+    return MeasureConfig(
+        device=device, quick=quick, dtypes=tuple(dtypes), timing=timing,
+        gemm_tokens=_pow2(128, 4096) if quick else _pow2(64, 16384),
+        gemm_flop_cap=4e9 if quick else 3e10,
+        gemm_generic_edges=_pow2(128, 1024) if quick else _pow2(64, 2048),
+        gemm_generic_nk=1024, model_shapes=model_shapes,
+        # Fewer heads than a 7B layer: the rate per head is what the lookup uses (FLOPs scale with heads).
+        attn_heads=(8, 2), attn_head_dims=(64, 128),
+        attn_lengths=_pow2(128, 2048) if quick else _pow2(64, 4096),
+        attn_pack_tokens=2048 if quick else 4096,
+        attn_docmask_lengths=(128, 512) if quick else (64, 256, 1024),
+        attn_single=False,  # the CPU varlen path already runs one call per document
+        nproc=nproc, coll_sizes=coll_sizes, coll_group_sizes=group_sizes, coll_timing=coll_timing,
+        copy_sizes=copy_sizes,
+        # One thread, as each torchrun rank of the CPU runtime has (OMP_NUM_THREADS=1): the tables
+        # then give per-rank compute, and a descheduled OpenMP thread cannot stall a parallel region.
+        cpu_threads=1)
+
+
+def gemm_points(cfg: MeasureConfig) -> list[GemmPoint]:
+    """Model shapes x token grid, then the generic grid; each (m, n, k, dtype) once. At least the two
+    smallest m of a model shape are kept past the FLOP cap, since the lookup needs two points."""
+    seen: dict[tuple, GemmPoint] = {}
+
+    def add(m: int, n: int, k: int, dt: str, force: bool = False) -> None:
+        p = GemmPoint(m, n, k, dt)
+        # fp32 on a GPU runs without tensor cores (~1/15 of bf16): cap its FLOPs to match in time.
+        cap = cfg.gemm_flop_cap / (16 if cfg.device == "cuda" and dt == "fp32" else 1)
+        if (force or p.flops <= cap) and (m, n, k, dt) not in seen:
+            seen[(m, n, k, dt)] = p
+
+    for dt in cfg.dtypes:
+        for _, n, k in cfg.model_shapes:
+            for i, m in enumerate(cfg.gemm_tokens):
+                add(m, n, k, dt, force=i < 2)
+        for e in cfg.gemm_generic_edges:
+            add(e, e, e, dt)
+        for m in cfg.gemm_tokens:
+            add(m, cfg.gemm_generic_nk, cfg.gemm_generic_nk, dt)
+    return list(seen.values())
+
+
+def attention_points(cfg: MeasureConfig) -> list[AttentionPoint]:
+    hq, hkv = cfg.attn_heads
+    pts = []
+    for dt in cfg.dtypes[:1]:  # the main dtype only: the cost model reads bf16 for bf16 and fp16 runs
+        for hd in cfg.attn_head_dims:
+            for s in cfg.attn_lengths:
+                docs = max(1, cfg.attn_pack_tokens // s)
+                layouts = ["varlen"]
+                if cfg.attn_single and docs > 1:
+                    layouts.append("single")
+                if s in cfg.attn_docmask_lengths and docs > 1 and hd == max(cfg.attn_head_dims):
+                    layouts.append("docmask")
+                for layout in layouts:
+                    for direction in ("fwd", "bwd"):
+                        pts.append(AttentionPoint(direction, True, hq, hkv, hd, s,
+                                                  1 if layout == "single" else docs, dt, layout))
+    return pts
+
+
+def collective_cases(cfg: MeasureConfig, world: int) -> list[CollectiveCase]:
+    """Each op x group size x {one group, as many disjoint groups as fit} x size."""
+    out = []
+    for op in OPS:
+        for g in cfg.coll_group_sizes:
+            if g > world:
+                continue
+            for conc in sorted({1, world // g}):
+                for s in cfg.coll_sizes:
+                    out.append(CollectiveCase(op, g, conc, s))
+    return out
+
+
+def collective_timing(cfg: MeasureConfig, nbytes: int) -> TimingConfig:
+    """Same repeat count on every rank (decided by size, never by a local clock): big messages get
+    fewer repeats so a full run stays within minutes."""
+    budget_bytes = 64 * GiB if cfg.device == "cuda" else GiB
+    t = cfg.coll_timing
+    reps = max(t.min_repeats, min(t.repeats, budget_bytes // max(nbytes, 1)))
+    return TimingConfig(warmup=t.warmup, repeats=reps, min_repeats=reps, budget_s=math.inf)
+
+
+def host_copy_points(cfg: MeasureConfig) -> list[HostCopyPoint]:
+    if cfg.device == "cpu":
+        return [HostCopyPoint("memcpy", False, s) for s in cfg.copy_sizes]
+    return [HostCopyPoint(d, pinned, s) for d in ("h2d", "d2h") for pinned in (True, False)
+            for s in cfg.copy_sizes]
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+_L2_FLUSH: dict[str, Any] = {}
+
+
+def _l2_flush_buffer(torch: Any) -> Any:
+    """A buffer twice the L2 size: writing it evicts the previous call's operands."""
+    if "buf" not in _L2_FLUSH:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        size = max(2 * int(getattr(props, "L2_cache_size", 50 * MiB)), 8 * MiB)
+        _L2_FLUSH["buf"] = torch.empty(size, dtype=torch.uint8, device="cuda")
+    return _L2_FLUSH["buf"]
+
+
+def time_op(fn: Callable[[Any], object], timing: TimingConfig, *, device: str = "cpu",
+            setup: Callable[[], Any] | None = None, flush_l2: bool = True) -> list[float]:
+    """Seconds of each timed call of fn(setup()). setup runs before every call, outside the timed
+    window (a barrier, a fresh forward graph); on GPU so does the L2 flush. The first warm-up call's
+    time sets the repeat count within the budget, unless the budget is infinite: collectives need
+    the same count on every rank."""
+    setup = setup or (lambda: None)
+    gpu = device == "cuda"
+    if gpu:
+        import torch
+        flush = _l2_flush_buffer(torch) if flush_l2 else None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once() -> float:
+        arg = setup()
+        if gpu:
+            if flush is not None:
+                flush.zero_()
+            start.record()
+            fn(arg)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn(arg)
+        return time.perf_counter() - t0
+
+    est = 0.0
+    for i in range(timing.warmup):
+        t = once()
+        est = t if i == 0 else min(est, t)
+    return [once() for _ in range(timing.repeats_for(est))]
+
+
+def median(samples: list[float]) -> float:
+    return float(statistics.median(samples))
+
+
+# ---- fingerprint -----------------------------------------------------------------------------
+
+def cpu_model_name() -> str:
+    """CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def device_fingerprint(device: str) -> tuple[str, dict[str, str]]:
+    """(device description, software versions) for the Fingerprint. Imports torch."""
+    import torch
+
+    versions = {"torch": torch.__version__, "python": platform.python_version(),
+                "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+                "torch_threads": str(torch.get_num_threads())}
+    try:
+        from importlib.metadata import version
+        versions["meshplan"] = version("meshplan")
+    except Exception:  # noqa: BLE001 -- not installed: leave it out
+        pass
+    cores = os.cpu_count() or 0
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        versions["cuda"] = str(torch.version.cuda)
+        try:
+            versions["nccl"] = ".".join(str(x) for x in torch.cuda.nccl.version())
+        except Exception:  # noqa: BLE001 -- torch built without NCCL
+            versions["nccl"] = "unavailable"
+        versions["gpus"] = str(torch.cuda.device_count())
+        try:
+            import flash_attn  # noqa: F401
+            versions["flash_attn"] = flash_attn.__version__
+        except ImportError:
+            pass
+        return f"{name} (host cpu: {cpu_model_name()}, {cores} cores)", versions
+    versions["cuda"] = "none"
+    versions["nccl"] = "none"
+    return f"cpu: {cpu_model_name()} ({cores} cores)", versions
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    except KeyError:
+        raise MeasureError(f"unknown dtype {name!r}; one of bf16, fp16, fp32") from None

@@ -1,0 +1,476 @@
+"""Orchestration of `meshplan profile`: plan the points, run each table's micro-benchmark under a
+rich progress bar, and write one fingerprinted Profile.
+
+Resumable: each finished table goes into `<out>.partial` (written atomically) together with the
+plan it was measured under; a rerun with the same plan on the same device skips those tables. The
+final profile is written atomically and the partial file removed.
+
+torch is imported only when measuring, so `compare_profiles` and the planning helpers work without
+it (the CLI's `--compare` runs on a laptop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from profiles.measure import (TABLES, MeasureConfig, MeasureError, attention_points, available_memory_bytes,
+                              collective_cases, gemm_points, host_copy_points, plan_config)
+from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
+
+BF16_SANE_FRACTION = 0.25  # profile bf16 on CPU only if it reaches this fraction of the fp32 rate
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """What the user asked `meshplan profile` for."""
+
+    out: Path  # output profile JSON
+    quick: bool = False  # small grids, few repeats
+    ops: tuple[str, ...] = TABLES  # tables to measure
+    max_bytes: int | None = None  # cap on collective and host-copy sizes
+    nproc: int | None = None  # collective ranks (default: GPUs, or 4 on CPU like the local-cpu preset)
+    model_shapes: tuple[tuple[str, int, int], ...] = ()  # (label, n, k) GEMM shapes of --models
+    device: str | None = None  # "cpu" / "cuda"; default: cuda when available
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.ops if o not in TABLES]
+        if bad or not self.ops:
+            raise MeasureError(f"--ops: unknown table(s) {bad or '(none given)'}; choose from {','.join(TABLES)}")
+        if self.max_bytes is not None and self.max_bytes < 1024:
+            raise MeasureError(f"--max-bytes must be at least 1024, got {self.max_bytes}")
+        if self.nproc is not None and self.nproc < 1:
+            raise MeasureError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise MeasureError(f"--device must be cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class RunResult:
+    profile: Profile
+    seconds: dict[str, float]  # measuring time per table (0 for resumed ones)
+    resumed: list[str] = field(default_factory=list)  # tables taken from the partial file
+    total_s: float = 0.0
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def profile_name(out: Path) -> str:
+    return out.name[:-5] if out.name.endswith(".json") else out.name
+
+
+# ---- partial file ---------------------------------------------------------------------------
+
+def _read_partial(path: Path, key: dict) -> dict:
+    """Finished tables of an earlier run with the same plan, else {} (a different plan: start over)."""
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # torn by a crash mid-write is impossible (atomic), but never trust it blindly
+    if not isinstance(d, dict) or d.get("key") != key:
+        return {}
+    return d.get("tables", {})
+
+
+def _write_partial(path: Path, key: dict, tables: dict) -> None:
+    atomic_write_text(path, json.dumps({"key": key, "tables": tables}, sort_keys=True) + "\n")
+
+
+def _df_to_json(df: pd.DataFrame, seconds: float) -> dict:
+    return {"columns": list(df.columns), "rows": [[_py(v) for v in r] for r in df.itertuples(index=False)],
+            "seconds": seconds}
+
+
+def _py(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _json_to_df(t: dict) -> pd.DataFrame:
+    return pd.DataFrame(t["rows"], columns=t["columns"])
+
+
+# ---- device and plan ------------------------------------------------------------------------
+
+def detect_device() -> str:
+    try:
+        import torch
+    except ImportError:
+        raise MeasureError("measuring needs torch: pip install torch (or the `runtime` extra)") from None
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def choose_dtypes(device: str) -> tuple[tuple[str, ...], str]:
+    """(dtypes to profile, a note). GPUs: bf16, fp16, fp32. CPUs: fp32, plus bf16 when a probe GEMM
+    shows it runs at a sane speed (CPUs without native bf16 emulate it ~100x slower)."""
+    if device == "cuda":
+        return ("bf16", "fp16", "fp32"), "GEMM dtypes bf16, fp16, fp32 (fp32 without TF32)"
+    from profiles.measure.gemm import dtype_rate_flops
+    fp32, bf16 = dtype_rate_flops("fp32", device), dtype_rate_flops("bf16", device)
+    note = f"CPU probe 512^3 GEMM: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s"
+    if bf16 >= BF16_SANE_FRACTION * fp32:
+        return ("fp32", "bf16"), note + "; both profiled"
+    return ("fp32",), note + f"; bf16 below {BF16_SANE_FRACTION:.0%} of fp32, not profiled"
+
+
+def build_config(req: ProfileRequest, device: str, dtypes: tuple[str, ...]) -> MeasureConfig:
+    if device == "cuda":
+        import torch
+        nproc = req.nproc or torch.cuda.device_count()
+        mem_cap = torch.cuda.mem_get_info()[0] // 4  # input, output and ring temporaries per GPU
+    else:
+        nproc = req.nproc or 4
+        avail = available_memory_bytes()
+        mem_cap = avail // (4 * max(nproc, 1)) if avail else None
+    return plan_config(device, quick=req.quick, nproc=nproc, max_bytes=req.max_bytes,
+                       model_shapes=req.model_shapes, dtypes=dtypes, mem_cap_bytes=mem_cap)
+
+
+def plan_counts(cfg: MeasureConfig) -> dict[str, int]:
+    return {"gemm": len(gemm_points(cfg)), "attention": len(attention_points(cfg)),
+            "collective": len(collective_cases(cfg, cfg.nproc)), "host_copy": len(host_copy_points(cfg))}
+
+
+# ---- measuring --------------------------------------------------------------------------------
+
+def run_collectives(cfg: MeasureConfig, ops: tuple[str, ...] | None = None,
+                    on_progress: Callable[[int, int], None] | None = None, check: bool = False) -> pd.DataFrame:
+    """Launch the torchrun worker with cfg.nproc ranks and read its rows back."""
+    if cfg.nproc < 2:
+        raise MeasureError("the collective table needs --nproc >= 2")
+    with tempfile.TemporaryDirectory(prefix="meshplan-coll-") as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.nproc),
+               "-m", "profiles.measure.collectives", "--out", str(out), "--max-bytes", str(cfg.coll_sizes[-1])]
+        if cfg.quick:
+            cmd.append("--quick")
+        if ops:
+            cmd += ["--ops", ",".join(ops)]
+        if check:
+            cmd.append("--check")
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # the tree holding `profiles`, installed or not
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set; stated to silence its warning
+        from profiles.measure.collectives import PROGRESS_TAG
+        with open(Path(tmp) / "stderr.txt", "w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(PROGRESS_TAG) and on_progress:
+                    done, total = line.split()[1:3]
+                    on_progress(int(done), int(total))
+            rc = proc.wait()
+            err.seek(0)
+            log = err.read()
+        if rc != 0 or not out.exists():
+            raise MeasureError(f"collective worker failed (exit {rc}): {_last_error(log)}; rerun with "
+                               f"`{' '.join(cmd[1:])}` to see its log")
+        d = json.loads(out.read_text())
+    return pd.DataFrame(d["rows"], columns=d["columns"])
+
+
+def _last_error(log: str) -> str:
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error:" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def measure_table(name: str, cfg: MeasureConfig, tick: Callable[[int, int], None]) -> pd.DataFrame:
+    """Run one table's benchmark; tick(done, total) after each point."""
+    if name == "collective":
+        return run_collectives(cfg, on_progress=tick)
+    if name == "gemm":
+        from profiles.measure.gemm import measure_gemm as fn
+        pts = gemm_points(cfg)
+    elif name == "attention":
+        from profiles.measure.attention import measure_attention as fn
+        pts = attention_points(cfg)
+    else:
+        from profiles.measure.host_copy import measure_host_copy as fn
+        pts = host_copy_points(cfg)
+    done = [0]
+
+    def on_point() -> None:
+        done[0] += 1
+        tick(done[0], len(pts))
+
+    return fn(cfg, pts, on_point)
+
+
+def peak_constant(gemm: pd.DataFrame, dtype: str, device: str) -> dict:
+    """The best achieved GEMM rate of the main dtype: on a measured profile it stands in for the
+    datasheet peak so that MFU is defined (on CPU there is no bf16 peak to quote)."""
+    g = gemm[gemm["dtype"] == dtype]
+    rate = 2.0 * g["m"] * g["n"] * g["k"] / g["time_s"]
+    best = g.loc[rate.idxmax()]
+    return {"value": float(rate.max()), "unit": "FLOP/s",
+            "source": f"measured: best achieved {dtype} GEMM rate on this {device} "
+                      f"(m,n,k = {int(best.m)},{int(best.n)},{int(best.k)}), not a datasheet peak"}
+
+
+def run_profile(req: ProfileRequest, *, post: Callable[[Profile], None] | None = None,
+                console=None, show_progress: bool = True) -> RunResult:
+    """Measure the requested tables (resuming finished ones), build the Profile, let `post` add fits,
+    write it atomically to req.out and remove the partial file."""
+    t_start = time.perf_counter()
+    device = req.device or detect_device()
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MeasureError("--device cuda: torch sees no CUDA device here (torch "
+                           f"{torch.__version__}); leave --device out to profile the CPU")
+    threads0 = torch.get_num_threads()
+    try:
+        return _run_profile(req, device, t_start, post, console, show_progress)
+    finally:
+        torch.set_num_threads(threads0)
+
+
+def _run_profile(req: ProfileRequest, device: str, t_start: float, post, console, show_progress) -> RunResult:
+    import torch
+    if device == "cpu":
+        torch.set_num_threads(1)  # = plan_config's cpu_threads; set before the dtype probe
+    from profiles.measure import device_fingerprint
+    desc, versions = device_fingerprint(device)
+    dtypes, dtype_note = choose_dtypes(device)
+    cfg = build_config(req, device, dtypes)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+        versions["torch_threads"] = str(cfg.cpu_threads)
+    if "collective" in req.ops and cfg.nproc < 2:
+        raise MeasureError("the collective table needs --nproc >= 2 (or leave it out of --ops)")
+    key = {"device": desc, "versions": {k: versions[k] for k in ("torch", "cuda", "nccl")}, "plan": cfg.key(),
+           "ops": list(req.ops)}
+    ppath = partial_path(req.out)
+    done = _read_partial(ppath, key)
+    load0 = os.getloadavg()
+    counts = plan_counts(cfg)
+    seconds: dict[str, float] = {}
+    resumed = [t for t in TABLES if t in req.ops and t in done]
+
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
+                        disable=not show_progress, transient=False)
+    with progress:
+        tasks = {t: progress.add_task(t + (" (resumed)" if t in done else ""), total=counts[t] or 1,
+                                      completed=counts[t] if t in done else 0)
+                 for t in TABLES if t in req.ops}
+        for name in TABLES:
+            if name not in req.ops or name in done:
+                continue
+            t0 = time.perf_counter()
+            df = measure_table(name, cfg, lambda d, n, _t=tasks[name]: progress.update(_t, completed=d, total=n))
+            seconds[name] = time.perf_counter() - t0
+            done[name] = _df_to_json(df, seconds[name])
+            _write_partial(ppath, key, done)  # a crash after this line loses no finished table
+
+    tables = {name: _json_to_df(done[name]) for name in TABLES if name in done and name in req.ops}
+    for name in resumed:
+        seconds[name] = 0.0
+    constants = {}
+    if "gemm" in tables and len(tables["gemm"]):
+        constants["peak_bf16_flops"] = peak_constant(tables["gemm"], cfg.main_dtype, device)
+        constants["gemm_large_flops"] = dict(constants["peak_bf16_flops"])
+    measured_s = {n: round(float(done[n].get("seconds", 0.0)), 1) for n in tables}
+    notes = (f"meshplan profile ({'quick' if cfg.quick else 'full'}), main dtype {cfg.main_dtype}. {dtype_note}. "
+             f"Timing: warm-up {cfg.timing.warmup}, up to {cfg.timing.repeats} repeats (min {cfg.timing.min_repeats}, "
+             f"{cfg.timing.budget_s:g} s per point), median; "
+             + ("CUDA events after an L2 flush. " if device == "cuda" else
+                f"time.perf_counter, {cfg.cpu_threads} torch thread(s): per-rank compute as under torchrun. ")
+             + f"Attention: heads {cfg.attn_heads[0]}/{cfg.attn_heads[1]} (q/kv), causal, "
+             f"{cfg.attn_pack_tokens} tokens per varlen call; extra columns layout/impl say how each row ran. "
+             f"Collectives: {cfg.nproc} ranks ({'nccl' if device == 'cuda' else 'gloo'}), world group only, "
+             "native ops when the group is the world, P2P rings on subsets (impl column); time = max over ranks. "
+             + ("Host copy: memcpy (torch copy_ between host buffers), no device on this machine. "
+                if device == "cpu" else "Host copy: pinned and pageable H2D/D2H. ")
+             + f"Seconds per table: {measured_s}. Load average at start {load0[0]:.2f}, at end "
+             f"{os.getloadavg()[0]:.2f} (other processes share the machine when it is above its core count).")
+    fp = Fingerprint(name=profile_name(req.out), device=desc, source="measured",
+                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     versions=versions, notes=notes)
+    prof = Profile(fingerprint=fp, tables=tables, constants=constants)
+    if post:
+        post(prof)
+    prof.save(req.out)
+    ppath.unlink(missing_ok=True)
+    return RunResult(profile=prof, seconds=seconds, resumed=resumed, total_s=time.perf_counter() - t_start)
+
+
+def main_dtype(profile: Profile) -> str:
+    """The dtype a training spec should use on this profile: bf16 where measured, else fp32."""
+    dts = set(profile.tables["gemm"]["dtype"])
+    for dt in ("bf16", "fp16", "fp32"):
+        if dt in dts:
+            return dt
+    raise ProfileError(f"profile {profile.fingerprint.name!r} has no GEMM table")
+
+
+# ---- run-time estimate ------------------------------------------------------------------------------
+
+# Costs no table row shows. [assumption] unless a source is named; they are small next to the rows.
+EST_CALL_OVERHEAD_S = {"cpu": 20e-6, "cuda": 60e-6}  # Python + timer per call; GPU: L2-flush memset + event sync
+EST_BARRIER_S = {"cpu": 5e-4, "cuda": 5e-5}  # the untimed barrier before each collective repeat
+EST_FILL_BYTES_PER_S = {"cpu": 1e9, "cuda": 1e12}  # allocating + filling a case's ~3 S bytes of buffers per rank
+EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0},  # imports, dtype probe; torchrun + gloo rendezvous
+               "cuda": {"startup": 20.0,  # CUDA context, cuBLAS/flash init, autotune warm-ups
+                        "torchrun": 40.0}}  # NCCL init ~4.5 s per group + ~0.2 s per P2P pair (REFERENCE 8.4)
+# A reference profile may hold only bf16 GEMMs: time of other dtypes relative to bf16.
+DTYPE_VS_BF16 = {"bf16": 1.0, "fp16": 1.0, "fp32": 989 / 67}  # H100 SXM dense bf16 989 vs fp32 67 TFLOP/s [spec]
+
+
+def estimate_request(req: ProfileRequest, ref: Profile) -> tuple[MeasureConfig, dict[str, float]]:
+    """The plan `meshplan profile` would run for req on req.device (default cpu; cuda: 8 GPUs unless
+    --nproc), without torch or the machine, and its estimated seconds (tables not in --ops are 0)."""
+    device = req.device or "cpu"
+    if device not in ("cpu", "cuda"):
+        raise MeasureError(f"--device must be cpu or cuda, got {device!r}")
+    cfg = plan_config(device, quick=req.quick, nproc=req.nproc or (8 if device == "cuda" else 4),
+                      max_bytes=req.max_bytes, model_shapes=req.model_shapes)
+    est = estimate_seconds(cfg, ref)
+    return cfg, {k: (v if k == "fixed" or k in req.ops else 0.0) for k, v in est.items()}
+
+
+def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
+    """Seconds a run of plan `cfg` should take, per table plus 'fixed', from the times in a reference
+    profile of the same device (e.g. an analytic GPU profile): every point's warm-up and repeat
+    calls at the reference time plus per-call overhead. Torch-free."""
+    dev = cfg.device
+    over = EST_CALL_OVERHEAD_S[dev]
+    ref_dtypes = set(ref.tables["gemm"]["dtype"])
+
+    def calls(t: float, timing) -> float:
+        return (timing.warmup + timing.repeats_for(t)) * (t + over)
+
+    def ref_dtype(dt: str) -> tuple[str, float]:
+        if dt in ref_dtypes:
+            return dt, 1.0
+        base = main_dtype(ref)
+        return base, DTYPE_VS_BF16.get(dt, 1.0) / DTYPE_VS_BF16.get(base, 1.0)
+
+    est = {"fixed": EST_FIXED_S[dev]["startup"]}
+    t = 0.0
+    for p in gemm_points(cfg):
+        dt, f = ref_dtype(p.dtype)
+        t += calls(float(ref.gemm_time_s(p.m, p.n, p.k, dt)) * f, cfg.timing)
+    est["gemm"] = t
+    t = 0.0
+    for p in attention_points(cfg):
+        dt, f = ref_dtype(p.dtype)
+        one = float(ref.attention_time_s(p.doc_len, heads=p.heads, head_dim=p.head_dim, causal=p.causal,
+                                         direction=p.direction, dtype=dt)) * f
+        work = p.docs * (p.docs if p.layout == "docmask" else 1)  # a document mask does T^2 work
+        t += calls(one * work, cfg.timing) + (calls(one, cfg.timing) if p.direction == "bwd" else 0.0)  # + fwd in setup
+    est["attention"] = t
+    t = 0.0
+    if cfg.nproc >= 2:
+        for c in collective_cases(cfg, cfg.nproc):
+            from profiles.measure import collective_timing
+            one = float(ref.collective_time_s(c.op, c.nbytes, c.group_size))
+            tm = collective_timing(cfg, c.nbytes)
+            t += (tm.warmup + tm.repeats) * (one + over + EST_BARRIER_S[dev]) + 3 * c.nbytes / EST_FILL_BYTES_PER_S[dev]
+        t += EST_FIXED_S[dev]["torchrun"]
+    est["collective"] = t
+    t = 0.0
+    for p in host_copy_points(cfg):
+        direction = p.direction if (ref.tables["host_copy"]["direction"] == p.direction).any() else "memcpy"
+        t += calls(float(ref.host_copy_time_s(p.nbytes, direction, p.pinned)), cfg.timing)
+    est["host_copy"] = t
+    return est
+
+
+# ---- comparison ---------------------------------------------------------------------------------
+
+# Keys to align rows on, the keys dropped one by one when nothing aligns (so a CPU fp32 profile still
+# compares with a bf16 GPU one), the x-axis of the summary, and the summary grouping.
+_CMP = {
+    "gemm": (["m", "n", "k", "dtype"], ["dtype"], "flops", ["dtype"]),
+    "attention": (["direction", "causal", "head_dim", "doc_len", "dtype"], ["dtype", "causal"], "doc_len",
+                  ["direction", "head_dim"]),
+    "collective": (["op", "scope", "group_size", "concurrent_groups", "bytes"], ["scope"], "bytes",
+                   ["op", "group_size", "concurrent_groups"]),
+    "host_copy": (["direction", "pinned", "bytes"], ["pinned", "direction"], "bytes", ["direction", "pinned"]),
+}
+
+
+@dataclass
+class TableComparison:
+    table: str
+    rows: pd.DataFrame  # aligned keys, value_a, value_b, ratio (A/B)
+    summary: pd.DataFrame  # per group: n, geomean, min, max, ratio at the smallest and largest x
+    quantity: str  # what value_a / value_b are
+    note: str = ""  # keys dropped, or why nothing aligned
+
+
+def _comparable(table: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with a comparable value: time, or for attention seconds per FLOP (profiles measure
+    different head counts and documents per call) on the rows the cost model looks up."""
+    df = df.copy()
+    if table == "attention":
+        if "layout" in df.columns:
+            df = df[df["layout"].isna() | (df["layout"] == "varlen")]
+        fl = np.array([float(attention_flops(r.doc_len, r.heads, r.head_dim, bool(r.causal), r.direction))
+                       for r in df.itertuples()]) * df["docs"].to_numpy(float)
+        df["value"] = df["time_s"].to_numpy(float) / fl if len(df) else []
+    else:
+        df["value"] = df["time_s"].astype(float)
+    if table == "gemm":
+        df["flops"] = 2.0 * df["m"] * df["n"] * df["k"]
+    return df
+
+
+def compare_profiles(a: Profile, b: Profile) -> list[TableComparison]:
+    """Ratios A/B table by table, aligned on common keys (medians where a key repeats)."""
+    out = []
+    for table in TABLES:
+        keys, soft, x, group = _CMP[table]
+        qty = "s per FLOP" if table == "attention" else "time_s"
+        da, db = _comparable(table, a.tables[table]), _comparable(table, b.tables[table])
+        if da.empty or db.empty:
+            out.append(TableComparison(table, pd.DataFrame(), pd.DataFrame(), qty,
+                                       f"{'A' if da.empty else 'B'} has no {table} rows"))
+            continue
+        use, dropped, merged = list(keys), [], pd.DataFrame()
+        for drop in [None] + soft:
+            if drop:
+                use.remove(drop)
+                dropped.append(drop)
+            ga = da.groupby(use, as_index=False)["value"].median()
+            gb = db.groupby(use, as_index=False)["value"].median()
+            merged = ga.merge(gb, on=use, suffixes=("_a", "_b"))
+            if len(merged):
+                break
+        if merged.empty:
+            out.append(TableComparison(table, merged, pd.DataFrame(), qty, "no common keys"))
+            continue
+        merged["ratio"] = merged["value_a"] / merged["value_b"]
+        if table == "gemm":
+            merged["flops"] = 2.0 * merged["m"] * merged["n"] * merged["k"]
+        grp = [g for g in group if g in use]
+        summ = []
+        for gkey, sub in (merged.groupby(grp) if grp else [((), merged)]):
+            sub = sub.sort_values(x)
+            gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+            summ.append({**dict(zip(grp, gkey)), "n": len(sub), "geomean": float(np.exp(np.log(sub["ratio"]).mean())),
+                         "min": float(sub["ratio"].min()), "max": float(sub["ratio"].max()),
+                         "at_smallest": float(sub["ratio"].iloc[0]), "at_largest": float(sub["ratio"].iloc[-1])})
+        note = f"aligned ignoring {', '.join(dropped)}" if dropped else ""
+        out.append(TableComparison(table, merged, pd.DataFrame(summ), qty, note))
+    return out

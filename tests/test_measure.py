@@ -1,0 +1,280 @@
+"""profiles/measure: each micro-benchmark on CPU in seconds, the collective worker under torchrun
+(gloo), resume, corrupt files, the fingerprint, comparison, and the shipped measured profile."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from profiles.measure import (MeasureError, TimingConfig, attention_points, collective_cases,  # noqa: E402
+                              cpu_model_name, gemm_points, host_copy_points, plan_config, time_op)
+from profiles.measure import runner  # noqa: E402
+from profiles.measure.attention import measure_attention  # noqa: E402
+from profiles.measure.gemm import measure_gemm  # noqa: E402
+from profiles.measure.host_copy import measure_host_copy  # noqa: E402
+from profiles.table import Profile, ProfileError, load_profile  # noqa: E402
+
+FAST = TimingConfig(warmup=1, repeats=5, min_repeats=3, budget_s=0.2)
+
+
+def tiny_cfg(**kw):
+    """The quick CPU plan, shrunk so each benchmark runs in a second or two."""
+    base = plan_config("cpu", quick=True, nproc=2, max_bytes=16 * 2**20)
+    return dataclasses.replace(base, timing=FAST, **kw)
+
+
+def positive_finite(df: pd.DataFrame) -> bool:
+    t = df["time_s"].to_numpy(float)
+    return len(t) > 0 and bool(np.isfinite(t).all() and (t > 0).all())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Benchmarks run single-threaded as in run_profile; restore torch's setting after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- micro-benchmarks -------------------------------------------------------------------------------
+
+def test_time_op_repeats_and_setup_outside_window():
+    calls = []
+    samples = time_op(lambda arg: calls.append(arg), FAST, setup=lambda: time.sleep(0.01) or "x")
+    assert 3 <= len(samples) <= 5 and all(s < 0.005 for s in samples)  # the 10 ms setup is not timed
+    assert calls == ["x"] * (1 + len(samples))
+
+
+def test_gemm_positive_and_grows_with_m():
+    cfg = tiny_cfg(gemm_tokens=(64, 256, 2048), model_shapes=(("t.o", 256, 256),), gemm_generic_edges=(64, 256),
+                   gemm_generic_nk=128)
+    pts = gemm_points(cfg)
+    df = measure_gemm(cfg, pts)
+    assert positive_finite(df) and len(df) == len(pts)
+    s = df[(df.n == 256) & (df.k == 256)].set_index("m")["time_s"]
+    assert s[2048] > s[64] * 4  # 32x the FLOPs
+    cube = df[(df.m == df.n) & (df.n == df.k)].set_index("m")["time_s"]
+    assert cube[256] > cube[64]
+
+
+def test_gemm_points_keep_two_m_per_model_shape_past_the_cap():
+    cfg = tiny_cfg(gemm_flop_cap=1.0, model_shapes=(("big.qkv", 12288, 4096),))
+    ms = sorted(p.m for p in gemm_points(cfg) if (p.n, p.k) == (12288, 4096))
+    assert ms == list(cfg.gemm_tokens[:2])
+
+
+def test_attention_fwd_bwd_positive_grows_and_derates():
+    cfg = tiny_cfg(attn_heads=(2, 1), attn_head_dims=(64,), attn_lengths=(64, 512), attn_pack_tokens=512,
+                   attn_docmask_lengths=(64,))
+    pts = attention_points(cfg)
+    assert {(p.layout, p.direction) for p in pts} == {("varlen", "fwd"), ("varlen", "bwd"), ("docmask", "fwd"),
+                                                     ("docmask", "bwd")}
+    df = measure_attention(cfg, pts)
+    assert positive_finite(df) and set(df["impl"]) == {"sdpa_loop", "sdpa", "sdpa_docmask"}
+    v = df[df.layout == "varlen"]
+    for d in ("fwd", "bwd"):
+        s = v[v.direction == d].set_index("doc_len")["time_s"]
+        assert s[512] > s[64]  # same 512 tokens per call, 8x the attention work
+    # the cost model's lookup reads only varlen rows: docmask rows (T^2 work) must not move it
+    prof = _profile({"attention": df})
+    only = _profile({"attention": v.drop(columns=["layout"])})
+    for d in ("fwd", "bwd"):
+        kw = dict(heads=2, head_dim=64, direction=d, dtype="fp32")
+        assert prof.attention_time_s([64, 512], **kw) == pytest.approx(only.attention_time_s([64, 512], **kw))
+
+
+def test_host_copy_memcpy_grows_with_size():
+    cfg = tiny_cfg(copy_sizes=(4096, 2**20, 16 * 2**20))
+    df = measure_host_copy(cfg, host_copy_points(cfg))
+    assert positive_finite(df) and set(df["direction"]) == {"memcpy"}
+    s = df.set_index("bytes")["time_s"]
+    assert s[16 * 2**20] > s[4096]
+
+
+def test_plan_collective_cases_groups_and_concurrency():
+    cfg = plan_config("cpu", quick=False, nproc=4, max_bytes=2**20)
+    cases = collective_cases(cfg, 4)
+    combos = {(c.op, c.group_size, c.concurrent_groups) for c in cases}
+    assert ("all_reduce", 2, 2) in combos and ("send_recv", 3, 1) in combos and ("all_to_all", 4, 1) in combos
+    assert len(cases) == 5 * 4 * len(cfg.coll_sizes)  # g=2 alone and x2, g=3, g=4
+    assert cfg.coll_sizes[0] == 1024 and cfg.coll_sizes[-1] == 2**20
+
+
+def test_bad_requests_are_measure_errors(tmp_path):
+    with pytest.raises(MeasureError, match="--ops"):
+        runner.ProfileRequest(out=tmp_path / "x.json", ops=("gemm", "flops"))
+    with pytest.raises(MeasureError, match="max-bytes"):
+        runner.ProfileRequest(out=tmp_path / "x.json", max_bytes=10)
+    assert issubclass(MeasureError, ProfileError)
+
+
+# -- collectives under torchrun ----------------------------------------------------------------------
+
+@pytest.mark.torchrun
+def test_collectives_two_gloo_ranks():
+    cfg = plan_config("cpu", quick=True, nproc=2, max_bytes=16 * 2**20)
+    t0 = time.perf_counter()
+    seen = []
+    df = runner.run_collectives(cfg, on_progress=lambda d, n: seen.append((d, n)), check=True)
+    assert time.perf_counter() - t0 < 60
+    assert positive_finite(df) and len(df) == len(collective_cases(cfg, 2)) == seen[-1][1]
+    assert set(df["op"]) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}
+    assert set(df["scope"]) == {"intra"} and set(df["group_size"]) == {2}
+    assert set(df[df.op != "send_recv"]["impl"]) == {"native"}
+    for op, sub in df.groupby("op"):
+        s = sub.set_index("bytes")["time_s"]
+        assert s.iloc[-1] > s.iloc[:2].min(), op  # 16 MiB takes longer than 1-4 KiB (robust to a stall)
+    assert np.allclose(df["algbw_bytes_per_s"], df["bytes"] / df["time_s"])
+    prof = _profile({"collective": df})
+    assert prof.collective_time_s("send_recv", 2**20, 2) > 0
+
+
+@pytest.mark.torchrun
+def test_p2p_rings_on_rank_subsets_three_ranks(tmp_path):
+    """--check verifies every P2P algorithm against hand-computed results on the whole world and on a
+    2-rank subset with the third rank idle; the 2-rank cases then run as subset rings."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
+           "profiles.measure.collectives", "--out", str(out), "--quick", "--max-bytes", "4096",
+           "--ops", "all_reduce,reduce_scatter", "--check"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                                  "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(out.read_text())
+    df = pd.DataFrame(d["rows"], columns=d["columns"])
+    assert set(zip(df.group_size, df.impl)) == {(2, "p2p_ring"), (3, "native")}
+    assert set(df[df.group_size == 3]["bytes"]) == {1020, 4092}  # whole elements divisible by 3
+    assert positive_finite(df)
+
+
+# -- runner: fingerprint, resume, corruption ---------------------------------------------------------
+
+def _profile(tables: dict) -> Profile:
+    from profiles.table import Fingerprint
+    return Profile(Fingerprint(name="t", device="cpu: test", source="measured", created="2026-01-01"), dict(tables))
+
+
+def _small_request(tmp_path, ops=("gemm", "host_copy")):
+    return runner.ProfileRequest(out=tmp_path / "m.measured.json", quick=True, ops=ops, max_bytes=2**20,
+                                 nproc=2, device="cpu")
+
+
+def test_fingerprint_records_device_and_measured_peak(tmp_path):
+    res = runner.run_profile(_small_request(tmp_path), show_progress=False)
+    p = Profile.load(tmp_path / "m.measured.json")
+    fp = p.fingerprint
+    assert fp.source == "measured" and fp.name == "m.measured"
+    assert fp.device.startswith("cpu: ") and cpu_model_name() in fp.device
+    assert fp.versions["torch"] == torch.__version__ and fp.versions["cuda"] == "none"
+    assert fp.created[:4].isdigit() and fp.sha256 == p.compute_sha256()
+    peak = p.constants["peak_bf16_flops"]
+    g = p.tables["gemm"]
+    assert peak["value"] == pytest.approx((2 * g.m * g.n * g.k / g.time_s).max())
+    assert peak["source"].startswith("measured") and "fp32" in peak["source"]
+    assert not (tmp_path / "m.measured.json.partial").exists()
+    assert res.seconds["gemm"] > 0 and res.resumed == []
+
+
+def test_resume_skips_finished_tables(tmp_path, monkeypatch):
+    real = runner.measure_table
+    calls = []
+
+    def crash_on_host_copy(name, cfg, tick):
+        calls.append(name)
+        if name == "host_copy":
+            raise KeyboardInterrupt  # the user pressed Ctrl-C after the GEMM table finished
+        return real(name, cfg, tick)
+
+    monkeypatch.setattr(runner, "measure_table", crash_on_host_copy)
+    req = _small_request(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_profile(req, show_progress=False)
+    partial = runner.partial_path(req.out)
+    assert partial.exists() and not req.out.exists()
+    assert set(json.loads(partial.read_text())["tables"]) == {"gemm"}
+
+    calls.clear()
+    monkeypatch.setattr(runner, "measure_table", lambda name, cfg, tick: calls.append(name) or real(name, cfg, tick))
+    res = runner.run_profile(req, show_progress=False)
+    assert calls == ["host_copy"] and res.resumed == ["gemm"]
+    assert len(res.profile.tables["gemm"]) > 0 and not partial.exists()
+    assert Profile.load(req.out).content_dict() == res.profile.content_dict()
+
+
+def test_partial_from_another_plan_is_not_reused(tmp_path, monkeypatch):
+    req = _small_request(tmp_path, ops=("host_copy",))
+    runner._write_partial(runner.partial_path(req.out), {"plan": "something else"},
+                          {"host_copy": {"columns": ["direction", "pinned", "bytes", "time_s"],
+                                         "rows": [["memcpy", False, 4096, 123.0]], "seconds": 1}})
+    res = runner.run_profile(req, show_progress=False)
+    assert res.resumed == [] and res.profile.tables["host_copy"]["time_s"].max() < 1.0
+
+
+def test_truncated_or_corrupt_profile_is_a_clear_error(tmp_path):
+    good = tmp_path / "p.json"
+    load_profile("local-cpu.measured").save(good)
+    text = good.read_text()
+    (tmp_path / "trunc.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ProfileError, match="truncated or corrupt"):
+        Profile.load(tmp_path / "trunc.json")
+    d = json.loads(text)
+    d["tables"]["gemm"]["rows"][0][-1] *= 2  # a hand edit
+    (tmp_path / "edited.json").write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="sha256 mismatch"):
+        Profile.load(tmp_path / "edited.json")
+    res = subprocess.run([sys.executable, "-m", "cli", "profile", "--compare", str(tmp_path / "trunc.json"),
+                          "h100-sxm.analytic"], capture_output=True, text=True)
+    assert res.returncode == 2 and "truncated or corrupt" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- the shipped profile and --compare --------------------------------------------------------------------
+
+def test_shipped_cpu_profile_is_complete():
+    p = load_profile("local-cpu.measured")
+    fp = p.fingerprint
+    assert fp.source == "measured" and fp.device.startswith("cpu: ") and fp.notes.startswith("meshplan profile")
+    for name in ("gemm", "attention", "collective", "host_copy"):
+        assert positive_finite(p.tables[name]), name
+    assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
+    assert p.constant("peak_bf16_flops") > 0
+    assert set(p.tables["collective"]["op"]) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all",
+                                                  "send_recv"}
+    # lookups the cost model makes on it work and grow with size
+    t = p.attention_time_s([256, 2048], heads=4, head_dim=16, direction="bwd", dtype="fp32")
+    assert math.isfinite(t[1]) and t[1] > t[0]
+    assert p.collective_time_s("all_reduce", 2**24, 4) > p.collective_time_s("all_reduce", 2**10, 4)
+
+
+def test_compare_measured_with_analytic():
+    cmp = {c.table: c for c in runner.compare_profiles(load_profile("local-cpu.measured"),
+                                                       load_profile("h100-sxm.analytic"))}
+    assert set(cmp) == {"gemm", "attention", "collective", "host_copy"}
+    g = cmp["gemm"]
+    assert "dtype" in g.note and len(g.rows) > 0 and (g.rows["ratio"] > 1).all()  # a CPU core vs an H100
+    assert len(cmp["collective"].rows) > 0 and (cmp["collective"].summary["n"] > 0).all()
+    # comparing a profile with itself gives ratio 1 everywhere
+    same = runner.compare_profiles(load_profile("local-cpu.measured"), load_profile("local-cpu.measured"))
+    for c in same:
+        assert np.allclose(c.rows["ratio"], 1.0), c.table
+    res = subprocess.run([sys.executable, "-m", "cli", "profile", "--compare", "local-cpu.measured",
+                          "h100-sxm.analytic"], capture_output=True, text=True)
+    assert res.returncode == 0 and "gemm" in res.stdout and "collective" in res.stdout
+
+
+def test_cli_profile_needs_out_or_compare():
+    res = subprocess.run([sys.executable, "-m", "cli", "profile"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--out" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "cli", "profile", "--out", "x.json", "--ops", "flops"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--ops" in res.stderr and "Traceback" not in res.stderr

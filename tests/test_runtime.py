@@ -1,0 +1,410 @@
+"""planner/runtime: layout and offload in one process; the replay itself under torchrun (gloo, CPU,
+2-4 processes, tiny model), compared with the single-process reference of `--check`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from planner.plan import Mesh, Piece, Plan, Predicted, Sequence, Step, Unit, validate, zigzag_tokens_per_rank  # noqa: E402
+from planner.runtime.cp import (FusedCPUBlocks, MathBlocks, PackedAttention, attention_mask, merge_block,  # noqa: E402
+                                shard_layout, unit_documents)
+from planner.runtime.executor import ReferenceAttention, token_loss, unit_inputs  # noqa: E402
+from planner.runtime.model import ModelConfig, TokenSource, build_model  # noqa: E402
+from planner.runtime.offload import Offloader, parameter_pointers  # noqa: E402
+from costmodel.presets import load_model  # noqa: E402
+
+GRAD_TOL = 1e-4  # fp32: max relative gradient error vs the single-process reference
+LOSS_TOL = 1e-5
+TIMEOUT_S = 180
+
+
+# -- hand-built plans -----------------------------------------------------------------------------
+
+def make_step(step: int, hdp: int, seqs: dict[int, int], units: list[tuple], order: dict[int, list[int]]) -> Step:
+    """units: (id, hdp_ranks, [(seq, start, end), ...], offload_ratio)."""
+    return Step(step=step, global_tokens=sum(seqs.values()), sequences=[Sequence(i, n) for i, n in seqs.items()],
+                units=[Unit(id=i, hdp_ranks=tuple(r), pieces=tuple(Piece(*p) for p in ps), offload_ratio=o,
+                            tokens_per_rank=zigzag_tokens_per_rank([p[2] - p[1] for p in ps], len(r)))
+                       for i, r, ps, o in units],
+                order=order, predicted=Predicted(1.0, 0.5, [0.5] * hdp, [1e6] * hdp))
+
+
+def make_plan(hdp: int, steps: list[Step]) -> Plan:
+    plan = Plan(meta={"model": "tiny", "strategy": "hand-built"}, mesh=Mesh(hdp, 1, 1, hdp), steps=steps)
+    validate(plan)
+    return plan
+
+
+def mixed_plan_3() -> Plan:
+    """3 ranks: a packed bin; a unit on all 3 ranks with uneven documents (121, 23: not multiples of
+    2N = 6, so padding); a 2-rank unit holding the tail of a split sequence; a sequence whose two
+    pieces on rank 2 are not contiguous (its middle is on rank 0); offload 0.3, 0.5 and 1.0;
+    3, 2 and 3 units per rank."""
+    seqs = {0: 37, 1: 50, 2: 23, 3: 121, 4: 64, 5: 90, 6: 60}
+    units = [(0, [0], [(0, 0, 37), (1, 0, 50)], 0.0),
+             (1, [0, 1, 2], [(3, 0, 121), (2, 0, 23)], 0.0),
+             (2, [1, 2], [(4, 0, 64), (5, 40, 90)], 0.3),
+             (3, [0], [(5, 0, 40), (6, 20, 40)], 0.5),
+             (4, [2], [(6, 0, 20), (6, 40, 60)], 1.0)]
+    return make_plan(3, [make_step(0, 3, seqs, units, {0: [0, 1, 3], 1: [1, 2], 2: [1, 2, 4]})])
+
+
+def pairs_plan_4() -> Plan:
+    """4 ranks, two steps: disjoint pairs, an overlapping pair, a 4-rank unit (150 and 203 tokens over
+    2N = 8: padding), a sequence split in three units; in step 1 rank 3 has no unit at all."""
+    seqs = {0: 150, 1: 33, 2: 97, 3: 80, 4: 61, 5: 12, 6: 45, 7: 203}
+    units = [(0, [0, 1], [(0, 0, 150), (1, 0, 33)], 0.0),
+             (1, [2, 3], [(2, 0, 97)], 0.5),
+             (2, [1, 2], [(3, 0, 80), (4, 45, 61)], 0.0),
+             (3, [0], [(4, 0, 30), (5, 0, 12)], 0.0),
+             (4, [0], [(6, 0, 45)], 1.0),
+             (5, [3], [(4, 30, 45)], 0.0),
+             (6, [0, 1, 2, 3], [(7, 0, 203)], 0.25)]
+    s0 = make_step(0, 4, seqs, units, {0: [0, 3, 4, 6], 1: [0, 2, 6], 2: [1, 2, 6], 3: [1, 5, 6]})
+    seqs1 = {10: 150, 11: 70, 12: 9}
+    units1 = [(0, [0, 1, 2], [(10, 0, 150)], 0.0), (1, [2], [(11, 0, 70)], 0.0), (2, [1], [(12, 0, 9)], 0.0)]
+    s1 = make_step(1, 4, seqs1, units1, {0: [0], 1: [0, 2], 2: [0, 1]})
+    return make_plan(4, [s0, s1])
+
+
+def without_offload(plan: Plan) -> Plan:
+    return Plan(meta=plan.meta, mesh=plan.mesh, steps=[
+        replace(s, units=[replace(u, offload_ratio=0.0) for u in s.units]) for s in plan.steps])
+
+
+# -- running --------------------------------------------------------------------------------------
+
+def torchrun(nproc: int, plan: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "planner.runtime", str(plan), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**_env(), "OMP_NUM_THREADS": "1"})
+
+
+def meshplan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from cli import app; app()", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=TIMEOUT_S, env=_env())
+
+
+def _env() -> dict[str, str]:
+    """This environment without a surrounding torchrun's rank variables."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+
+
+def json_lines(out: str) -> dict[str, list[dict]]:
+    got: dict[str, list[dict]] = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            (k, v), = json.loads(line).items()
+            got.setdefault(k, []).append(v)
+    return got
+
+
+def assert_matches_reference(res: subprocess.CompletedProcess, ranks: int, units: int) -> dict:
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = json_lines(res.stdout)
+    assert len(lines["check"]) == 1, res.stdout
+    c = lines["check"][0]
+    assert c["ranks"] == ranks and c["units"] == units
+    assert c["max_rel_grad_err"] < GRAD_TOL, c
+    assert c["loss_abs_err"] < LOSS_TOL, c
+    return lines
+
+
+@pytest.fixture(scope="module")
+def mixed_ring(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixed")
+    mixed_plan_3().save(d / "plan.json")
+    res = torchrun(3, d / "plan.json", "--check", "--steps", "2", "--cp", "ring", "--trace", str(d / "trace.json"),
+                   cwd=d)
+    return d, res
+
+
+# -- one process: layout, attention, offload, tokens -------------------------------------------
+
+@pytest.mark.parametrize("lengths,degree", [([121, 23], 3), ([150, 33], 2), ([203], 4), ([37, 50], 1), ([5], 4)])
+def test_zigzag_layout_covers_every_token_once(lengths, degree):
+    docs = unit_documents(tuple(Piece(i, 0, n) for i, n in enumerate(lengths)))
+    lays = [shard_layout(docs, degree, j) for j in range(degree)]
+    assert {lay.tokens for lay in lays} == {zigzag_tokens_per_rank(lengths, degree)}
+    real = sorted((int(s), int(p)) for lay in lays for s, p, v in zip(lay.seq, lay.pos, lay.valid) if v)
+    assert real == [(i, p) for i, n in enumerate(lengths) for p in range(n)]
+    keys = torch.cat([lay.key for lay in lays])
+    assert keys.unique().numel() == keys.numel()  # padding included: every slot distinct
+    if degree > 1:  # member 0 holds the first and the last chunk of each document
+        c = -(-lengths[0] // (2 * degree))
+        assert lays[0].pos[:c].tolist() == list(range(c))
+        assert lays[0].pos[c:2 * c][lays[0].valid[c:2 * c]].tolist() == list(range((2 * degree - 1) * c, lengths[0]))
+
+
+def test_mask_is_causal_per_document_and_padding_sees_only_itself():
+    docs = unit_documents((Piece(7, 0, 5), Piece(8, 10, 13)))  # 5 and 3 tokens over 2 ranks: 8 slots each
+    lays = [shard_layout(docs, 2, j) for j in range(2)]
+    mask = torch.cat([attention_mask(lays[0], lay) for lay in lays], dim=1)
+    q = lays[0]
+    keys = [(int(s), int(p), bool(v), int(k)) for lay in lays for s, p, v, k in zip(lay.seq, lay.pos, lay.valid, lay.key)]
+    for i in range(q.tokens):
+        for j, (s, p, v, k) in enumerate(keys):
+            if bool(q.valid[i]):
+                want = v and s == int(q.seq[i]) and p <= int(q.pos[i])
+            else:
+                want = k == int(q.key[i])
+            assert bool(mask[i, j]) == want, (i, j)
+
+
+@pytest.mark.parametrize("kernel", ["math", "fused-cpu"])
+@pytest.mark.parametrize("lengths", [[23, 8], [23], [24], [5]])
+def test_ring_block_kernels_merge_to_full_attention(kernel, lengths):
+    """Every member of 3 (padding when a length is not a multiple of 6; [5] pads into several
+    chunks): per-block outputs merged by log-sum-exp, and per-block gradients from the final
+    output, equal plain masked attention and its autograd gradients on every real row. Padding rows
+    get a zero output gradient, as in the model (nothing reads them)."""
+    docs = unit_documents(tuple(Piece(i, 0, n) for i, n in enumerate(lengths)))
+    lays = [shard_layout(docs, 3, j) for j in range(3)]
+    g = torch.Generator().manual_seed(0)
+    t, hq, hkv, d = lays[0].tokens, 4, 2, 8
+    shapes = set()
+    for me in range(3):
+        q = torch.randn(hq, t, d, generator=g).requires_grad_()
+        ks = [torch.randn(hkv, t, d, generator=g).requires_grad_() for _ in lays]
+        vs = [torch.randn(hkv, t, d, generator=g).requires_grad_() for _ in lays]
+        allowed = torch.cat([attention_mask(lays[me], lay) for lay in lays], dim=1)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[None], torch.cat(ks, 1).repeat_interleave(2, 0)[None], torch.cat(vs, 1).repeat_interleave(2, 0)[None],
+            attn_mask=allowed)[0]
+        real = lays[me].valid
+        dout = torch.randn(ref.shape, generator=g) * real[None, :, None]
+        ref.backward(dout)
+        blocked = {j: ~attention_mask(lays[me], lay) for j, lay in enumerate(lays)}
+        blocked = {j: b for j, b in blocked.items() if not bool(b.all())}
+        kern = MathBlocks(blocked) if kernel == "math" else FusedCPUBlocks(blocked, real, me)
+        shapes |= {sh.kind for sh in getattr(kern, "shapes", {}).values()}
+        scale = d ** -0.5
+        with torch.no_grad():
+            out, lse = torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"))
+            for j in blocked:
+                out, lse = merge_block(out, lse, *kern.forward(q, ks[j], vs[j], j, scale))
+            assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+            torch.testing.assert_close(out[:, real], ref[:, real], rtol=1e-5, atol=1e-5)
+            dq = torch.zeros_like(q)
+            for j in range(3):
+                bq, bk, bv = (kern.backward(dout, q, ks[j], vs[j], out, lse, j, scale) if j in blocked
+                              else (0, torch.zeros_like(ks[j]), torch.zeros_like(vs[j])))
+                dq += bq
+                torch.testing.assert_close(bk, ks[j].grad, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(bv, vs[j].grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(dq[:, real], q.grad[:, real], rtol=1e-4, atol=1e-5)
+    if kernel == "fused-cpu" and len(lengths) == 1 and lengths[0] > 6:  # one document: zigzag shapes
+        assert shapes == {"causal", "rows", "cols"}, shapes
+
+
+def test_split_piece_positions_are_true_sequence_positions():
+    docs = unit_documents((Piece(3, 40, 44), Piece(3, 10, 12)))  # two pieces of one sequence: one document
+    assert len(docs) == 1 and docs[0].positions.tolist() == [10, 11, 40, 41, 42, 43]
+    toks = {3: torch.arange(100, 150)}
+    inp, lab, pos = unit_inputs(toks, shard_layout(docs, 1, 0))
+    assert inp.tolist() == [110, 111, 140, 141, 142, 143] and lab.tolist() == [111, 112, 141, 142, 143, 144]
+
+
+def _loss_and_grads(model, step: Step, unit: Unit, tokens, offload_ratio: float):
+    model.zero_grad(set_to_none=True)
+    lay = shard_layout(unit_documents(unit.pieces), 1, 0)
+    inp, lab, pos = unit_inputs(tokens, lay)
+    off = Offloader(offload_ratio, parameter_pointers(model))
+    with off.active():
+        loss = token_loss(model(inp, pos, PackedAttention(lay)), lab, step.global_tokens)
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()], off.stats
+
+
+def test_offload_gives_bitwise_identical_gradients_and_hits_the_ratio():
+    step = mixed_plan_3().steps[0]
+    unit = step.units[0]
+    model = build_model(ModelConfig.from_spec(load_model("tiny")), seed=1, device=torch.device("cpu"))
+    tokens = TokenSource(256, seed=0).tokens(0, step.sequences)
+    base_loss, base, stats0 = _loss_and_grads(model, step, unit, tokens, 0.0)
+    assert stats0.offloaded_bytes == 0 and stats0.saved_bytes > 0
+    for r in (0.3, 0.5, 1.0):
+        loss, grads, stats = _loss_and_grads(model, step, unit, tokens, r)
+        assert loss == base_loss
+        assert all(torch.equal(a, b) for a, b in zip(grads, base))
+        assert stats.saved_bytes == stats0.saved_bytes
+        assert 0 < stats.offloaded_bytes <= r * stats.saved_bytes + 1e-9
+        assert stats.achieved_ratio > r - 0.25  # greedy by whole tensors: close to r
+    assert stats.achieved_ratio == 1.0
+
+
+def test_packed_bin_equals_per_sequence_reference():
+    """A packed bin (per-document masks, positions restarting per document) gives the same logits
+    as each sequence run alone."""
+    step = mixed_plan_3().steps[0]
+    unit = step.units[0]  # sequences 0 and 1, whole
+    model = build_model(ModelConfig.from_spec(load_model("tiny")), seed=3, device=torch.device("cpu"))
+    tokens = TokenSource(256, seed=5).tokens(0, step.sequences)
+    lay = shard_layout(unit_documents(unit.pieces), 1, 0)
+    inp, _, pos = unit_inputs(tokens, lay)
+    with torch.no_grad():
+        packed = model(inp, pos, PackedAttention(lay))
+        alone = [model(tokens[s][:-1], torch.arange(n), ReferenceAttention(torch.zeros(n, dtype=torch.long)))
+                 for s, n in ((0, 37), (1, 50))]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_are_deterministic_per_sequence_and_read_from_a_file(tmp_path):
+    seqs = [Sequence(4, 10), Sequence(9, 6)]
+    a = TokenSource(256, seed=2).tokens(3, seqs)
+    b = TokenSource(256, seed=2).tokens(3, seqs[::-1], wanted={9})
+    assert torch.equal(a[9], b[9]) and a[4].shape == (11,)
+    assert not torch.equal(a[9], TokenSource(256, seed=2).tokens(4, seqs)[9])  # a new step, new tokens
+    np.save(tmp_path / "t.npy", np.arange(20, dtype=np.uint16))
+    f = TokenSource(256, seed=0, path=str(tmp_path / "t.npy")).tokens(0, seqs, stream_offset=15)
+    assert f[4].tolist() == [15, 16, 17, 18, 19, 0, 1, 2, 3, 4, 5]  # the file is read as a ring
+    assert f[9].tolist() == [5, 6, 7, 8, 9, 10, 11]  # starts where sequence 4's `length` tokens end
+
+
+# -- torchrun --------------------------------------------------------------------------------------
+
+@pytest.mark.torchrun
+def test_mixed_plan_ring_matches_reference_and_writes_trace(mixed_ring):
+    d, res = mixed_ring
+    lines = assert_matches_reference(res, ranks=3, units=2 * 5)
+    assert [s["step"] for s in lines["step"]] == [0, 1]  # --steps 2 cycles the one-step plan
+    doc = json.loads((d / "trace.json").read_text())
+    assert doc["complete"] and doc["meta"]["cp_impl"] == "ring" and len(doc["steps"]) == 2
+    units = doc["steps"][0]["units"]
+    assert len(units) == 3 + 2 + 3  # one record per (rank, unit)
+    by = {(u["rank"], u["unit"]): u for u in units}
+    assert by[(0, 1)]["sent_bytes"] > 0 and by[(0, 0)]["sent_bytes"] == 0
+    assert by[(2, 4)]["offloaded_bytes"] == by[(2, 4)]["saved_bytes"] > 0
+    assert by[(0, 0)]["offloaded_bytes"] == 0
+    assert by[(1, 1)]["tokens"] == 2 * 21 + 2 * 4  # zigzag over 3 ranks: 121 -> 126, 23 -> 24
+    assert all(u["fwd_s"] > 0 and u["bwd_s"] > 0 for u in units)
+    chrome = json.loads((d / "trace.chrome.json").read_text())
+    assert sum(e.get("cat") == "forward" for e in chrome["traceEvents"]) == 2 * 8
+
+
+@pytest.mark.torchrun
+def test_mixed_plan_allgather_matches_reference(tmp_path):
+    mixed_plan_3().save(tmp_path / "plan.json")
+    res = torchrun(3, tmp_path / "plan.json", "--check", "--cp", "allgather", cwd=tmp_path)
+    assert_matches_reference(res, ranks=3, units=5)
+
+
+@pytest.mark.torchrun
+def test_offload_on_and_off_give_identical_results(mixed_ring, tmp_path):
+    _, on = mixed_ring
+    without_offload(mixed_plan_3()).save(tmp_path / "plan.json")
+    off = torchrun(3, tmp_path / "plan.json", "--check", "--steps", "2", "--cp", "ring", cwd=tmp_path)
+    a, b = json_lines(on.stdout), json_lines(off.stdout)
+    assert off.returncode == 0, off.stderr[-3000:]
+    # Same gradients bit for bit: the same error against the reference, the same losses after an
+    # optimizer step taken on those gradients.
+    assert a["check"] == b["check"]
+    assert [s["loss"] for s in a["step"]] == [s["loss"] for s in b["step"]]
+
+
+@pytest.mark.torchrun
+def test_cli_replay_four_ranks_math_kernel_token_file_sgd_rendezvous_passthrough(tmp_path):
+    pairs_plan_4().save(tmp_path / "plan.json")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 256, 5000).astype(np.int32))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = meshplan("replay", "plan.json", "--nproc", "4", "--check", "--optimizer", "sgd", "--lr", "0.1",
+                   "--ring-kernel", "math",
+                   "--tokens", "tokens.npy", "--nnodes", "1", "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test", cwd=tmp_path)
+    assert_matches_reference(res, ranks=4, units=7 + 3)
+
+
+@pytest.mark.torchrun
+def test_plans_from_every_strategy_match_reference(tmp_path):
+    from planner.api import PlanRequest, make_plan as plan_with
+
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, profile="h100-sxm.analytic",
+                      lengths="lognormal:median=60,sigma=1.0,max=300", tokens_per_step=1200,
+                      max_context_tokens=300, capacity_tokens=200, seed=3)
+    steps = []
+    for i, name in enumerate(("static", "dcp", "hdp-naive", "hdp")):
+        st = plan_with(req, name).steps[0]
+        steps.append(replace(st, step=i))
+    assert any(u.degree > 1 for s in steps for u in s.units) and any(u.degree == 1 for s in steps for u in s.units)
+    plan = Plan(meta={"model": "tiny"}, mesh=Mesh(4, 1, 1, 4), steps=steps)
+    validate(plan)
+    plan.save(tmp_path / "plan.json")
+    res = torchrun(4, tmp_path / "plan.json", "--check", cwd=tmp_path)
+    assert_matches_reference(res, ranks=4, units=sum(len(s.units) for s in steps))
+
+
+@pytest.mark.torchrun
+def test_failing_rank_is_named_and_leaves_no_output(tmp_path):
+    mixed_plan_3().save(tmp_path / "plan.json")
+    (tmp_path / "trace.json").write_text('{"stale": true}\n')  # from an earlier run
+    res = meshplan("replay", "plan.json", "--nproc", "3", "--check", "--trace", "trace.json",
+                   "--inject-failure", "2:2", cwd=tmp_path)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert "replay failed: rank 2" in last and "unit 2" in last and "injected failure" in last, res.stderr[-2000:]
+    assert "check" not in json_lines(res.stdout) and "step" not in json_lines(res.stdout)
+    assert not (tmp_path / "trace.json").exists() and not (tmp_path / "trace.chrome.json").exists()
+
+
+@pytest.mark.torchrun
+def test_runtime_refuses_world_size_mismatch(tmp_path):
+    mixed_plan_3().save(tmp_path / "plan.json")
+    res = torchrun(2, tmp_path / "plan.json", "--check", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "world_size 3" in res.stderr and "this job has 2 processes" in res.stderr
+    assert res.stderr.count("error: ") == 1  # said once, by rank 0
+    assert res.stdout.strip() == ""
+
+
+# -- refused before anything starts (no torchrun launched) ----------------------------------------
+
+def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    good = mixed_plan_3()
+    good.save(tmp_path / "good.json")
+    text = (tmp_path / "good.json").read_text()
+    (tmp_path / "truncated.json").write_text(text[: len(text) // 2])
+    d = json.loads(text)
+    d["steps"][0]["units"][0]["pieces"][0]["end"] = 30  # sequence 0 loses 7 tokens
+    d["steps"][0]["units"][0]["tokens_per_rank"] = 0  # (0: not stated, so coverage is what fails)
+    (tmp_path / "gap.json").write_text(json.dumps(d))
+    pp = json.loads(text)
+    pp["mesh"] = {"world_size": 6, "tp": 1, "pp": 2, "hdp": 3}
+    (tmp_path / "pp.json").write_text(json.dumps(pp))
+    moe = json.loads(text)
+    moe["meta"]["model"] = "mistral-8x7b"
+    (tmp_path / "moe.json").write_text(json.dumps(moe))
+    return [(["truncated.json", "--nproc", "3"], "truncated or corrupt plan JSON"),
+            (["gap.json", "--nproc", "3"], "sequence 0 covers 30 of 37 tokens"),
+            (["good.json", "--nproc", "4"], "the plan is for world_size 3"),
+            (["pp.json", "--nproc", "6"], "pipeline replay (pp = 2 > 1) is not implemented yet"),
+            (["moe.json", "--nproc", "3"], "MoE replay is not implemented"),
+            (["good.json", "--nproc", "3", "--model", "nope"], "unknown model 'nope'")]
+
+
+def test_cli_refuses_bad_plans_with_one_line(tmp_path, monkeypatch, capsys):
+    from cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for args, message in _corrupt_cases(tmp_path):
+        with pytest.raises(SystemExit) as exit_:
+            app(["replay", *args], prog_name="meshplan")
+        out = capsys.readouterr()
+        err = " ".join(out.err.split())  # rich wraps long lines
+        assert exit_.value.code == 2, (args, out.err)
+        assert err.startswith("error:") and message in err and "Traceback" not in err, (args, out.err)
+        assert out.out == ""
