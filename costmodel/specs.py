@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,21 @@ class SpecError(ValueError):
 def _positive(name: str, value: float, owner: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise SpecError(f"{owner}: {name} must be a positive number, got {value!r}")
+
+
+def _from_fields(cls, d: Any, what: str, derived: set[str]):
+    """Build a spec dataclass from a dict: unknown or missing fields are one clear SpecError
+    (derived fields that to_dict adds are accepted and ignored)."""
+    if not isinstance(d, dict):
+        raise SpecError(f"{what}: expected a JSON object")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known - derived
+    if unknown:
+        raise SpecError(f"{what}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING]
+    if missing:
+        raise SpecError(f"{what}: missing field(s) {missing}")
+    return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -102,27 +116,15 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        derived = {"parameters", "active_parameters"}
-        unknown = set(d) - known - derived
-        if unknown:
-            raise SpecError(f"model spec: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in d and f.default is dataclasses.MISSING]
-        if missing:
-            raise SpecError(f"model spec: missing field(s) {missing}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return _from_fields(cls, d, "model spec", derived={"parameters", "active_parameters"})
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelSpec":
         """Read a HuggingFace `config.json` (Llama, Mistral, Mixtral, Qwen2 architectures)."""
+        from profiles.table import read_json
+
         p = Path(path)
-        try:
-            cfg = json.loads(p.read_text())
-        except OSError as e:
-            raise SpecError(f"{p}: cannot read HuggingFace config ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise SpecError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        cfg = read_json(p, "HuggingFace config", SpecError)
         if not isinstance(cfg, dict):
             raise SpecError(f"{p}: expected a JSON object")
         need = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"]
@@ -202,15 +204,7 @@ class ClusterSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClusterSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"world_size"}
-        if unknown:
-            raise SpecError(f"cluster spec: unknown field(s) {sorted(unknown)}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in d and f.default is dataclasses.MISSING]
-        if missing:
-            raise SpecError(f"cluster spec: missing field(s) {missing}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return _from_fields(cls, d, "cluster spec", derived={"world_size"})
 
 
 Recompute = Literal["none", "selective", "full"]

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from costmodel import flops
 from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, memory_budget,
                               params_per_rank)
 from costmodel.specs import ClusterSpec, ModelSpec, Setup, TrainingSpec

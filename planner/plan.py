@@ -163,14 +163,9 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except OSError as e:
-            raise PlanError(f"{path}: cannot read plan ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path}: truncated or corrupt plan JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(d, origin=str(path))
+        from profiles.table import read_json
+
+        return cls.from_dict(read_json(path, "plan", PlanError), origin=str(path))
 
 
 def zigzag_tokens_per_rank(lengths: list[int] | tuple[int, ...], degree: int) -> int:

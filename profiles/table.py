@@ -191,16 +191,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ProfileError(f"{path}: cannot read profile ({e.strerror})") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ProfileError(f"{path}: truncated or corrupt profile JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(d, origin=str(path))
+        return cls.from_dict(read_json(path, "profile", ProfileError), origin=str(path))
 
     # ---- lookups ----------------------------------------------------------------------------
     def gemm_time_s(self, m: np.ndarray | float, n: int, k: int, dtype: str = "bf16") -> np.ndarray:
@@ -321,6 +312,19 @@ def _py(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def read_json(path: str | Path, what: str, error: type[Exception]) -> Any:
+    """Parse a JSON file; an unreadable or corrupt file raises `error` with one actionable line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: truncated or corrupt {what} JSON (line {e.lineno}: {e.msg})") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

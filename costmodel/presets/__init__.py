@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from costmodel.specs import ClusterSpec, ModelSpec, SpecError
+from profiles.table import read_json
 
 _ROOT = resources.files("costmodel.presets")
 
@@ -27,12 +28,7 @@ def cluster_names() -> list[str]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    data = read_json(path, "spec", SpecError)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a JSON object")
     return data

@@ -138,7 +138,6 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     if cm.pp > 1:
         return _plan_pp_balance(batch, cm, opt)
     hdp = cm.setup.hdp
-    per_node = cm.setup.hdp_per_node
     seqs = SeqTable.of(batch)
     long_idx, short_idx, deg = _split(seqs, cm, opt.offload)
     short_cost = cm.doc_time_estimate_s(seqs.lengths[short_idx])
