@@ -187,7 +187,7 @@ def lengths_describe(
 import os  # noqa: E402
 import subprocess  # noqa: E402
 from importlib.util import find_spec  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path  # noqa: E402,F811  (this section stands alone)
 
 from rich.markup import escape  # noqa: E402
 
@@ -241,6 +241,8 @@ def replay(ctx: typer.Context,
            trace: Optional[Path] = typer.Option(None, "--trace", help="Measured trace JSON (PATH.chrome.json is "
                                                 "written beside it), only once the run finished."),
            cp: str = typer.Option("ring", "--cp", help="Context-parallel attention: ring (overlapped) or allgather."),
+           ring_kernel: str = typer.Option("auto", "--ring-kernel", help="Ring block kernel: auto (fused on CPU, "
+                                           "plain torch elsewhere), math or fused-cpu."),
            seed: int = typer.Option(0, "--seed", help="Model init and generated tokens."),
            optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd."),
            lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
@@ -262,9 +264,9 @@ def replay(ctx: typer.Context,
     world = nproc * int(nnodes) if nnodes and nnodes.isdigit() else (None if multi_node else nproc)
     from planner.runtime import preflight  # torch-free: refuse a bad plan before any process starts
 
-    preflight(plan, world, model)
-    args = [str(plan), "--cp", cp, "--seed", str(seed), "--optimizer", optimizer, "--lr", repr(lr),
-            "--device", device, "--timeout-s", repr(timeout_s)]
+    preflight(plan, world, model, cp_impl=cp, ring_kernel=ring_kernel, optimizer=optimizer, steps=steps)
+    args = [str(plan), "--cp", cp, "--ring-kernel", ring_kernel, "--seed", str(seed), "--optimizer", optimizer,
+            "--lr", repr(lr), "--device", device, "--timeout-s", repr(timeout_s)]
     args += ["--model", model] if model else []
     args += ["--steps", str(steps)] if steps is not None else []
     args += ["--check"] if check else []
@@ -284,7 +286,7 @@ def replay(ctx: typer.Context,
 # -- plan / simulate: the planner ------------------------------------------------------------------
 from planner.api import PlanRequest, compare as compare_strategies, cost_model_for_plan  # noqa: E402
 from planner.plan import Plan as _Plan, PlanError as _PlanError  # noqa: E402
-from planner.strategies import STRATEGIES, PlanOptions  # noqa: E402
+from planner.strategies import HEURISTICS, STRATEGIES, PlanOptions  # noqa: E402
 
 USER_ERRORS += (_PlanError,)
 
@@ -309,7 +311,9 @@ def plan_cmd(
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         strategy: str = typer.Option("hdp", help=f"Strategy whose plan is written: {', '.join(STRATEGIES)}."),
-        compare: str = typer.Option(",".join(STRATEGIES), help="Strategies in the comparison table."),
+        compare: str = typer.Option(",".join(HEURISTICS), help="Strategies in the comparison table (add ilp to solve exactly)."),
+        solver: str = typer.Option("highs", help="ilp: cbc or highs (MILP), or cpsat (CP-SAT)."),
+        time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, help="ilp: solver seconds per step."),
         out_path: Path = typer.Option(Path("plan.json"), "--out", help="Where the plan is written."),
         trace: Optional[Path] = typer.Option(None, help="Also write a Chrome/Perfetto trace of the plan."),
         seed: int = typer.Option(0, help="Seed of the length source."),
@@ -324,16 +328,23 @@ def plan_cmd(
         names.append(strategy)
     if recompute not in ("auto", "none", "selective", "full"):
         fail(f"--recompute must be auto, none, selective or full, got {recompute!r}")
+    if solver not in ("cbc", "highs", "cpsat"):
+        fail(f"--solver must be cbc, highs or cpsat, got {solver!r}")
     req = PlanRequest(model=model, cluster=cluster, gpus=gpus, tp=tp, pp=pp, profile=profile, lengths=lengths,
                       steps=steps, tokens_per_step=parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, seed=seed,
-                      options=PlanOptions(offload=offload, seed=seed))
+                      options=PlanOptions(offload=offload, seed=seed, solver=solver, time_limit_s=time_limit))
+    import warnings
+
     from rich.progress import Progress
 
-    with Progress(console=err, transient=True, disable=as_json) as prog:
+    with Progress(console=err, transient=True, disable=as_json) as prog, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         task = prog.add_task("planning", total=len(names))
         res = compare_strategies(req, names, progress=lambda n: prog.update(task, advance=1, description=n))
+    for w in caught:  # e.g. the exact solver fell back to the heuristic's plan
+        err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
     if strategy not in res.plans:
         fail(f"strategy {strategy} could not plan this case: {res.failures[strategy]}")
     plan = res.plans[strategy]
@@ -369,7 +380,12 @@ def plan_cmd(
         t.add_row(n, "infeasible", "", "", "", "", "", "", "", "", style="dim")
         err.print(f"[yellow]{n}:[/] {why}", soft_wrap=True)
     out.print(t)
-    out.print(f"MFU: causal attention halved, recompute excluded, peak {cm.peak_flops() / 1e12:.0f} TFLOP/s. "
+    for n, p in res.plans.items():  # exact solvers: how sure the answer is
+        sv = p.meta["solver"]
+        if sv["status"] != "heuristic":
+            gap = "-" if sv["gap"] is None else f"{sv['gap']:.2%}"
+            out.print(f"{n}: {sv['name']} {sv['status']}, gap {gap} (within the partition model), {sv['seconds']:.1f} s")
+    out.print(f"MFU: causal attention halved, recompute excluded, peak {cm.peak_flops() / 1e12:.3g} TFLOP/s. "
               f"Wrote {out_path} ({strategy})" + (f" and trace {trace}" if trace else ""))
 
 
@@ -378,6 +394,7 @@ def simulate_cmd(
         plan_path: Path = typer.Argument(..., help="A plan.json written by `meshplan plan`."),
         profile: Optional[str] = typer.Option(None, help="Re-simulate on another profile."),
         trace: Optional[Path] = typer.Option(None, help="Write a Chrome/Perfetto trace of step 0."),
+        measured: Optional[Path] = typer.Option(None, help="A `meshplan replay --trace` file: predicted vs measured."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-simulate a plan: step time, breakdown, busiest and idlest ranks, peak memory."""
@@ -393,10 +410,31 @@ def simulate_cmd(
     rows = [{"step": x.step, "step_time_s": x.step_time_s, "lower_bound_s": x.lower_bound_s,
              "busiest_rank_s": max(x.per_rank_busy_s), "idlest_rank_s": min(x.per_rank_busy_s),
              "peak_memory_bytes": max(x.peak_memory_bytes), "breakdown": x.breakdown} for x in sims]
+    comparison = None
+    if measured is not None:
+        from planner.simulate import compare_measured
+
+        try:
+            doc = json.loads(measured.read_text())
+        except json.JSONDecodeError as e:
+            fail(f"{measured}: truncated or corrupt trace JSON (line {e.lineno}: {e.msg})")
+        comparison = compare_measured(plan, cm, doc)
     if as_json:
+        extra = {} if comparison is None else {"measured": {"units": comparison.units, "steps": comparison.steps}}
         sys.stdout.write(json.dumps({"plan": str(plan_path), "profile": cm.profile.fingerprint.name,
-                                     "steps": rows}) + "\n")
+                                     "steps": rows, **extra}) + "\n")
         return
+    if comparison is not None:
+        t = Table(title=f"predicted ({cm.profile.fingerprint.name}) vs measured ({measured})")
+        for c in ("step", "unit", "predicted (s)", "measured (s)", "error"):
+            t.add_column(c, justify="right")
+        for x in comparison.steps:
+            t.add_row(str(x["step"]), "step", f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}")
+        for x in comparison.units:
+            t.add_row(str(x["step"]), str(x["unit"]), f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}",
+                      f"{x['rel_err']:+.1%}")
+        out.print(t)
+        out.print(f"median |error| per unit: {comparison.median_abs_unit_err:.1%}")
     t = Table(title=f"{plan_path} ({plan.meta.get('strategy')}) on {cm.profile.fingerprint.name}")
     keys = list(rows[0]["breakdown"]) if rows else []
     for c in ["step", "step time (s)", "/ LB", "busiest (s)", "idlest (s)", "peak mem (GB)"] + keys:
@@ -408,6 +446,380 @@ def simulate_cmd(
     out.print(t)
     out.print("breakdown columns: seconds per rank (mean over ranks)" + (f"; trace written to {trace}" if trace else ""))
 
+
+# -- profile: measured profiles ----------------------------------------------------------------------
+from profiles.measure import TABLES as _PROFILE_TABLES, MeasureError  # noqa: E402
+
+USER_ERRORS += (MeasureError,)
+
+
+def _model_gemm_shapes(names: list[str]) -> tuple[tuple[str, int, int], ...]:
+    """(label, n, k) of each forward GEMM the cost model looks up for a model at tp=1."""
+    shapes = []
+    for name in names:
+        m = load_model(name)
+        shapes += [(f"{name}.qkv", m.q_width + 2 * m.kv_width, m.hidden), (f"{name}.o", m.hidden, m.q_width),
+                   (f"{name}.gate_up", 2 * m.ffn, m.hidden), (f"{name}.down", m.hidden, m.ffn),
+                   (f"{name}.lm_head", m.vocab, m.hidden)]
+    return tuple(shapes)
+
+
+def _add_fits(profile, names: list[str]) -> None:
+    """T(s) = α1·s² + β1·s + γ per model, from costmodel.timing when it is there."""
+    try:
+        from costmodel.timing import fit_layer_time
+    except ImportError:
+        err.print("note: costmodel.timing.fit_layer_time not available; profile written without fits")
+        return
+    from costmodel.specs import TrainingSpec
+    from profiles.measure.runner import main_dtype
+    training = TrainingSpec(dtype=main_dtype(profile))
+    for name in names:
+        try:
+            profile.fits[name] = fit_layer_time(load_model(name), training, profile)
+        except (ProfileError, SpecError) as e:
+            err.print(f"note: no T(s) fit for {name}: {e}", highlight=False)
+
+
+def _print_comparison(a: str, b: str) -> None:
+    from profiles.measure.runner import compare_profiles
+    pa, pb = load_profile(a), load_profile(b)
+    out.print(f"A = {pa.fingerprint.name} ({pa.fingerprint.source}, {pa.fingerprint.device})\n"
+              f"B = {pb.fingerprint.name} ({pb.fingerprint.source}, {pb.fingerprint.device})", highlight=False)
+    for c in compare_profiles(pa, pb):
+        title = f"{c.table}: A/B of {c.quantity}" + (f" ({c.note})" if c.note else "")
+        if c.summary.empty:
+            out.print(f"[bold]{c.table}[/]: {c.note or 'nothing to compare'}")
+            continue
+        t = Table(title=title)
+        for col in c.summary.columns:
+            t.add_column(col, justify="left" if c.summary[col].dtype == object else "right")
+        for row in c.summary.itertuples(index=False):
+            t.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+        out.print(t)
+
+
+@app.command("profile")
+def profile_cmd(
+        out_path: Optional[Path] = typer.Option(None, "--out",
+                                                help="Profile JSON to write (e.g. profiles/data/NAME.measured.json)."),
+        quick: bool = typer.Option(False, "--quick", help="Small grids and few repeats (minutes on a CPU)."),
+        ops: str = typer.Option(",".join(_PROFILE_TABLES), "--ops", help="Tables to measure, comma-separated."),
+        max_bytes: Optional[int] = typer.Option(None, "--max-bytes",
+                                                help="Largest collective / host-copy size in bytes."),
+        nproc: Optional[int] = typer.Option(None, "--nproc",
+                                            help="Ranks for collectives (default: GPUs, or 4 on CPU)."),
+        models: str = typer.Option("tiny", "--models", help="Models whose GEMM shapes and T(s) fits go in."),
+        compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B",
+                                                          help="Print A/B ratios table by table, no measuring."),
+        estimate: Optional[str] = typer.Option(None, "--estimate", metavar="REF",
+                                               help="Print how long this run would take, from profile REF's "
+                                                    "times (e.g. h100-sxm.analytic with --device cuda); no measuring."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Measure GEMM, attention, collective and host-copy tables on this machine into a profile
+    (resumes an interrupted run), compare two profiles, or estimate a run's duration."""
+    if compare:
+        _print_comparison(*compare)
+        return
+    from profiles.measure.runner import ProfileRequest, estimate_request, partial_path, plan_counts, run_profile
+    names = [m for m in models.split(",") if m]
+    req = ProfileRequest(out=out_path or Path("estimate.json"), quick=quick,
+                         ops=tuple(o for o in ops.split(",") if o), max_bytes=max_bytes, nproc=nproc,
+                         model_shapes=_model_gemm_shapes(names), device=device)
+    if estimate:
+        cfg, est = estimate_request(req, load_profile(estimate))
+        counts = plan_counts(cfg)
+        t = Table(title=f"estimated {'quick' if quick else 'full'} profile on {cfg.device} x{cfg.nproc} "
+                        f"from {estimate}")
+        for c in ("table", "points", "seconds"):
+            t.add_column(c, justify="right" if c != "table" else "left")
+        for k, v in est.items():
+            t.add_row(k, str(counts.get(k, "")) if v or k == "fixed" else "skipped", f"{v:.0f}")
+        t.add_row("total", "", f"{sum(est.values()):.0f}")
+        out.print(t)
+        return
+    if out_path is None:
+        fail("give --out FILE to measure, --compare A B to compare two profiles, or --estimate REF")
+    if partial_path(out_path).exists():
+        err.print(f"resuming from {partial_path(out_path)} (tables measured with the same plan are skipped)")
+    res = run_profile(req, post=lambda p: _add_fits(p, names), console=err)
+    p = res.profile
+    t = Table(title=f"{out_path} ({p.fingerprint.device})")
+    for c in ("table", "rows", "seconds"):
+        t.add_column(c, justify="right" if c != "table" else "left")
+    for name, df in p.tables.items():
+        if len(df):
+            t.add_row(name, str(len(df)), "resumed" if name in res.resumed else f"{res.seconds.get(name, 0):.1f}")
+    out.print(t)
+    out.print(f"total {res.total_s:.1f} s; peak (measured) "
+              f"{p.constants.get('peak_bf16_flops', {}).get('value', float('nan')) / 1e9:.1f} GFLOP/s; "
+              f"fits: {', '.join(p.fits) or 'none'}; sha256 {p.fingerprint.sha256}", highlight=False)
+
+
+# -- whatif / report: capacity studies, plots and reports (planner/whatif.py, planner/report.py) ------
+from planner.whatif import (LayoutRules as _LayoutRules, SweepSpec as _SweepSpec,  # noqa: E402
+                            Target as _Target, capacity_search as _capacity_search, json_row as _json_row,
+                            progress_bar as _progress_bar, run_sweep as _run_sweep)
+
+whatif_app = typer.Typer(add_completion=False, invoke_without_command=True,
+                         help="What-if studies. Without a subcommand: a sweep over model x cluster x GPUs x TP/PP x "
+                              "context x lengths x strategy, written as CSV + Parquet (resumable). Subcommands: "
+                              "`capacity` (smallest GPU count for a target), `reproduce` (the ByteScale table).")
+app.add_typer(whatif_app, name="whatif")
+
+
+def _csv_list(text: str, what: str) -> list[str]:
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    if not vals:
+        fail(f"{what}: give at least one value")
+    return vals
+
+
+def _counts(text: str, what: str) -> tuple[int, ...]:
+    """Comma list of sizes: plain counts or K/M suffixes (K = 1024)."""
+    return tuple(parse_tokens(x) for x in _csv_list(text, what))
+
+
+def _rate(v: float) -> str:
+    return f"{v:,.0f}" if v == v else "-"
+
+
+def _interrupted(out_path: Path) -> None:
+    from planner.whatif import journal_path
+
+    err.print(f"interrupted: finished points are kept in {journal_path(out_path)}; run the same command again to "
+              "resume", highlight=False)
+    raise typer.Exit(130)
+
+
+@whatif_app.callback()
+def whatif_sweep(
+        ctx: typer.Context,
+        model: str = typer.Option("llama-7b", help="Model presets or config paths, comma-separated."),
+        cluster: str = typer.Option("dgx-h100", help="Cluster presets, comma-separated."),
+        gpus: str = typer.Option("256,512", help="GPU counts, comma-separated (plain or K suffix)."),
+        context: str = typer.Option("256K,1M", help="Max contexts, comma-separated (K/M suffixes or counts)."),
+        lengths: str = typer.Option("byted-like", help="Length sources, comma-separated (see `meshplan lengths`)."),
+        strategies: str = typer.Option("static,hdp", help=f"Strategies, comma-separated: {', '.join(STRATEGIES)}."),
+        tp: str = typer.Option("1", help="TP degrees, comma-separated."),
+        pp: str = typer.Option("1", help="PP degrees, comma-separated (1F1B)."),
+        steps: int = typer.Option(2, min=1, help="Sampled global batches planned per point."),
+        tokens_per_step: str = typer.Option("32M", help="Token budget per step (ByteScale: 32M)."),
+        seed: int = typer.Option(0, help="Seed of the length sources."),
+        recompute: str = typer.Option("auto", help="none | selective | full | auto (least that fits the context)."),
+        offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
+        static_mesh: str = typer.Option("context", help="Static CP sized for the max context (what a static job "
+                                        "must do) or per batch's longest sequence ('batch')."),
+        out_path: Path = typer.Option(Path("sweep.csv"), "--out", help="Table (CSV, and Parquet beside it); finished "
+                                      "points are journaled in STEM.journal.jsonl, so a rerun resumes."),
+        report: Optional[Path] = typer.Option(None, "--report", help="Also write report.md, report.html and the "
+                                              "figures into this folder."),
+        workers: int = typer.Option(1, min=1, help="Processes planning configs in parallel."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Sweep what-if points; every point keeps a row (infeasible ones with their reason)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if recompute not in ("auto", "none", "selective", "full"):
+        fail(f"--recompute must be auto, none, selective or full, got {recompute!r}")
+    if static_mesh not in ("context", "batch"):
+        fail(f"--static-mesh must be context or batch, got {static_mesh!r}")
+    spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
+                      gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"),
+                      contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
+                      strategies=tuple(_csv_list(strategies, "--strategies")), steps=steps,
+                      tokens_per_step=parse_tokens(tokens_per_step), seed=seed, recompute=recompute,
+                      offload=offload, static_mesh=static_mesh)
+    points = spec.points()
+    try:
+        with _progress_bar(len(points), enabled=not as_json) as on_point:
+            res = _run_sweep(points, out_path, workers=workers, on_point=on_point)
+    except KeyboardInterrupt:
+        _interrupted(out_path)
+    md = None
+    if report is not None:
+        from planner.report import write_sweep_report
+
+        md = write_sweep_report(res.table, report)
+    df = res.table
+    if as_json:
+        sys.stdout.write(json.dumps({"table": [str(p) for p in res.paths], "report": str(md) if md else None,
+                                     "computed": res.computed, "reused": res.reused,
+                                     "rows": json.loads(df.to_json(orient="records"))}) + "\n")
+        return
+    t = Table(title=f"what-if sweep: {len(df)} points ({res.computed} planned, {res.reused} from the journal)")
+    for c in ("model", "GPUs", "tp/pp", "context", "lengths", "strategy", "tokens/s", "MFU", "step (s)",
+              "speedup", "peak GB"):
+        t.add_column(c, justify="left" if c in ("model", "lengths", "strategy") else "right")
+    for r in df.head(200).itertuples(index=False):
+        if not r.feasible:
+            t.add_row(r.model, str(r.gpus), f"{r.tp}/{r.pp}", format_tokens(int(r.context_tokens)), r.lengths,
+                      r.strategy, "infeasible", "", "", "", "", style="dim")
+            continue
+        t.add_row(r.model, str(r.gpus), f"{r.tp}/{r.pp}", format_tokens(int(r.context_tokens)), r.lengths, r.strategy,
+                  _rate(r.tokens_per_s), f"{r.mfu:.1%}", f"{r.step_time_s:.2f}",
+                  "-" if r.speedup_vs_static != r.speedup_vs_static else f"{r.speedup_vs_static:.2f}x",
+                  _gb(r.peak_memory_bytes))
+    out.print(t)
+    for r in df[~df["feasible"]].head(20).itertuples(index=False):
+        err.print(f"[yellow]{r.model} {r.gpus} GPUs tp{r.tp} pp{r.pp} {format_tokens(int(r.context_tokens))} "
+                  f"{r.lengths} {r.strategy}:[/] {escape(str(r.reason))}", soft_wrap=True)
+    out.print(("(first 200 rows shown) " if len(df) > 200 else "") + "MFU: causal attention halved, recompute "
+              f"excluded. Wrote {', '.join(str(p) for p in res.paths)}" + (f" and {md}" if md else ""))
+
+
+@whatif_app.command("capacity")
+def whatif_capacity(
+        model: str = typer.Option(..., help="Model preset or config path."),
+        context: str = typer.Option(..., help="Max context (K/M suffixes), e.g. 1M."),
+        target_tokens_per_s: Optional[float] = typer.Option(None, "--target-tokens-per-s",
+                                                            help="Reach at least this many tokens/s."),
+        target_step_time: Optional[float] = typer.Option(None, "--target-step-time",
+                                                         help="Reach a step time of at most this many seconds."),
+        target_mfu: Optional[float] = typer.Option(None, "--target-mfu", help="Reach at least this MFU (causal "
+                                                   "halved): a fraction (0.4) or a percentage (40)."),
+        cluster: str = typer.Option("dgx-h100", help="Cluster preset (its node size sets the GPU counts)."),
+        lengths: str = typer.Option("byted-like", help="Length source."),
+        strategy: str = typer.Option("hdp", help=f"Strategy: {', '.join(STRATEGIES)}."),
+        tp: str = typer.Option("1,2,4,8", help="TP degrees the search may use."),
+        pp: str = typer.Option("1,2,4,8", help="PP degrees the search may use (1F1B)."),
+        min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
+        max_gpus: int = typer.Option(16384, help="Largest GPU count."),
+        steps: int = typer.Option(2, min=1, help="Sampled global batches per candidate."),
+        tokens_per_step: str = typer.Option("32M", help="Token budget per step."),
+        seed: int = typer.Option(0, help="Seed of the length source."),
+        runners_up: int = typer.Option(5, min=0, help="Runners-up to list."),
+        workers: int = typer.Option(min(4, os.cpu_count() or 1), min=1, help="Processes planning layouts in "
+                                    "parallel."),
+        table: Optional[Path] = typer.Option(None, "--table", help="Write every (GPUs, tp, pp) tried as CSV."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Smallest GPU count and parallel layout (tp, pp) that meet a target. GPU counts are one node x 2^k in
+    increasing order; at each, every tp x pp allowed by the model and the node (same rules at every count);
+    layouts whose step-time lower bound misses the target are not planned. A layout meets the target only
+    when it plans and its simulated peak memory fits the HBM."""
+    given = [(m, v) for m, v in (("tokens_per_s", target_tokens_per_s), ("step_time_s", target_step_time),
+                                 ("mfu", target_mfu)) if v is not None]
+    if len(given) != 1:
+        fail("give exactly one of --target-tokens-per-s, --target-step-time, --target-mfu")
+    metric, value = given[0]
+    if metric == "mfu" and value > 1:
+        value /= 100.0
+    target = _Target(metric, value)
+    rules = _LayoutRules(tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), min_gpus=min_gpus, max_gpus=max_gpus)
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True, disable=as_json) as prog:
+        task = prog.add_task("searching", total=None)
+        res = _capacity_search(model, parse_tokens(context), target, cluster=cluster, lengths=lengths,
+                               strategy=strategy, rules=rules, tokens_per_step=parse_tokens(tokens_per_step),
+                               steps=steps, seed=seed, runners_up=runners_up, workers=workers,
+                               on_row=lambda r: prog.update(task, advance=1, description=(
+                                   f"{r['gpus']} GPUs tp{r['tp']} pp{r['pp']}: {r['status']}")))
+    if table is not None:
+        from profiles.table import atomic_write_text
+
+        atomic_write_text(table, res.table.to_csv(index=False))
+    keep = ("gpus", "tp", "pp", "hdp", "recompute", "capacity_tokens", "tokens_per_s", "mfu", "mfu_unhalved",
+            "step_time_s", "lower_bound_s", "peak_memory_bytes", "status", "reason")
+    pick = lambda r: _json_row({k: r.get(k) for k in keep})  # noqa: E731
+    if as_json:
+        sys.stdout.write(json.dumps({"target": {"metric": target.metric, "value": target.value},
+                                     "strategy": strategy, "answer": pick(res.answer) if res.answer else None,
+                                     "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table)},
+                                    default=str) + "\n")
+        if res.answer is None:
+            raise typer.Exit(1)
+        return
+    head = f"{model}, {format_tokens(parse_tokens(context))} context, {lengths}, {strategy}: {target.describe()}"
+    if res.answer is None:
+        fail(f"{head}: no GPU count up to {max_gpus} meets the target ({len(res.table)} layouts tried"
+             + (f"; best tokens/s {res.table['tokens_per_s'].max():,.0f}" if res.table["tokens_per_s"].notna().any()
+                else "") + ")", code=1)
+    a = res.answer
+    out.print(f"[bold]{head}[/]\n[bold green]{a['gpus']} GPUs[/] with tp={a['tp']} pp={a['pp']} (hdp={a['hdp']}, "
+              f"recompute={a['recompute']}): {a['tokens_per_s']:,.0f} tokens/s, MFU {a['mfu']:.1%}, step "
+              f"{a['step_time_s']:.2f} s, peak {_gb(a['peak_memory_bytes'])} GB", highlight=False)
+    t = Table(title="answer and runners-up")
+    for c in ("GPUs", "tp", "pp", "tokens/s", "MFU", "step (s)", "peak GB"):
+        t.add_column(c, justify="right")
+    for r in [a, *res.runners_up]:
+        t.add_row(str(r["gpus"]), str(r["tp"]), str(r["pp"]), _rate(r["tokens_per_s"]), f"{r['mfu']:.1%}",
+                  f"{r['step_time_s']:.2f}", _gb(r["peak_memory_bytes"]))
+    out.print(t)
+    smaller = res.table[res.table["gpus"] < a["gpus"]]
+    if len(smaller):
+        counts = smaller.groupby("gpus")["status"].agg(lambda s: ", ".join(f"{n} {k}" for k, n in
+                                                                         s.value_counts().items()))
+        out.print("smaller counts: " + "; ".join(f"{g} GPUs: {v}" for g, v in counts.items()), highlight=False)
+
+
+@whatif_app.command("reproduce")
+def whatif_reproduce(
+        doc: Path = typer.Option(Path("docs/REPRODUCTION.md"), help="Document whose ByteScale section is rewritten."),
+        table: Optional[Path] = typer.Option(None, help="Sweep table (+ journal) path (default: a temp folder)."),
+        gpu_scale: float = typer.Option(1.0, help="Scale the paper's GPU counts (whole nodes)."),
+        tokens_per_step: str = typer.Option("32M", help="Token budget per step."),
+        steps: int = typer.Option(2, min=1, help="Sampled global batches per point."),
+        workers: int = typer.Option(min(4, os.cpu_count() or 1), min=1, help="Processes planning in parallel."),
+) -> None:
+    """Regenerate docs/REPRODUCTION.md's ByteScale section: LLaMA-7B/13B/30B/70B and Mistral 8x7B/8x22B at
+    256K-2M on github-like and byted-like, predicted speedups next to the paper's."""
+    from planner.report import reproduce_bytescale
+    from planner.whatif import BYTESCALE_TOKENS_PER_STEP, ByteScaleGrid
+
+    tps = parse_tokens(tokens_per_step)
+    grid = ByteScaleGrid(gpu_scale=gpu_scale, tokens_per_step=tps, steps=steps)
+    cmd = "meshplan whatif reproduce" + (f" --gpu-scale {gpu_scale:g}" if gpu_scale != 1 else "") + (
+        f" --tokens-per-step {tokens_per_step}" if tps != BYTESCALE_TOKENS_PER_STEP else "") + (
+        f" --steps {steps}" if steps != 2 else "")
+    n = len(grid.tuning_points()) + len(grid.points({p.model: p.layouts[0] for p in grid.panels}))
+    try:
+        with _progress_bar(n, "ByteScale grid") as on_point:
+            rep = reproduce_bytescale(doc, grid, table=table, workers=workers, on_point=on_point, command=cmd)
+    except KeyboardInterrupt:
+        from planner.whatif import default_bytescale_table
+
+        _interrupted(table or default_bytescale_table())
+    out.print(f"{rep.computed} points planned in {rep.elapsed_s:.0f} s; layouts "
+              + ", ".join(f"{m} tp{tp}/pp{pp}" for m, (tp, pp) in rep.layouts.items())
+              + f"; wrote the ByteScale section of {doc} and {', '.join(str(p) for p in rep.paths)}")
+
+
+@app.command("report")
+def report_cmd(
+        source: Path = typer.Argument(..., help="A plan.json (Gantt and memory figures) or a sweep table "
+                                                "(.csv / .parquet: a full report)."),
+        gantt: Optional[Path] = typer.Option(None, help="Plan: per-rank timeline figure (PNG and SVG)."),
+        memory: Optional[Path] = typer.Option(None, help="Plan: memory breakdown per rank (per stage with PP)."),
+        step: int = typer.Option(0, min=0, help="Plan: which step."),
+        profile: Optional[str] = typer.Option(None, help="Plan: re-simulate on another profile."),
+        max_ranks: int = typer.Option(256, min=1, help="Plan: HDP ranks drawn in the Gantt."),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="Sweep: report folder (default: STEM_report)."),
+        example: bool = typer.Option(True, help="Sweep: re-plan the best-speedup point for a Gantt and memory."),
+) -> None:
+    """Figures of a plan (Gantt, memory) or a self-contained report of a sweep table."""
+    from planner import report as rp
+
+    if source.suffix in (".csv", ".parquet"):
+        from planner.whatif import read_table
+
+        md = rp.write_sweep_report(read_table(source), out_dir or source.with_name(source.stem + "_report"),
+                                   example=example)
+        out.print(f"wrote {md} and {md.with_suffix('.html')}")
+        return
+    if gantt is None and memory is None:
+        fail("give --gantt FILE and/or --memory FILE for a plan (or pass a sweep .csv/.parquet)")
+    from planner.plan import validate
+
+    plan = _Plan.load(source)
+    validate(plan)
+    if not 0 <= step < len(plan.steps):
+        fail(f"--step {step}: the plan has {len(plan.steps)} step(s)")
+    cm = cost_model_for_plan(plan, profile)
+    figs = rp.plot_plan(plan, cm, step=step, gantt=gantt, memory=memory, max_ranks=max_ranks)
+    out.print("wrote " + ", ".join(str(p) for p in figs.gantt + figs.memory))
 
 
 if __name__ == "__main__":

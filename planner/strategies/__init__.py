@@ -7,7 +7,7 @@ from typing import Callable
 from costmodel.timing import CostModel
 from planner.batch import GlobalBatch
 from planner.plan import PlanError, Step
-from planner.strategies import dcp, hdp, static
+from planner.strategies import dcp, hdp, ilp, static
 from planner.strategies.common import PlanOptions
 
 StrategyFn = Callable[[GlobalBatch, CostModel, PlanOptions], Step]
@@ -17,7 +17,12 @@ STRATEGIES: dict[str, StrategyFn] = {
     "dcp": dcp.plan_step,
     "hdp-naive": hdp.plan_naive,
     "hdp": hdp.plan_balance,
+    "ilp": ilp.plan_step,  # exact: MILP (CBC, HiGHS) or CP-SAT; PlanOptions.solver, time_limit_s
 }
+
+
+# The fast heuristics: what `meshplan plan` compares by default (ilp runs when asked for).
+HEURISTICS: tuple[str, ...] = ("static", "dcp", "hdp-naive", "hdp")
 
 
 def get_strategy(name: str) -> StrategyFn:
@@ -27,4 +32,4 @@ def get_strategy(name: str) -> StrategyFn:
         raise PlanError(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}") from None
 
 
-__all__ = ["STRATEGIES", "PlanOptions", "get_strategy"]
+__all__ = ["HEURISTICS", "STRATEGIES", "PlanOptions", "get_strategy"]

@@ -142,6 +142,15 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     long_idx, short_idx, deg = _split(seqs, cm, opt.offload)
     short_cost = cm.doc_time_estimate_s(seqs.lengths[short_idx])
     gamma = cm.unit_overhead_s
+    # A sequence that fits one rank but alone outlasts the average rank load (large C, e.g. with full
+    # recompute) would be the step's critical path: hand it to the long path, which shards it.
+    avg = (float(short_cost.sum()) + sum(deg[int(i)][0] * cm.doc_time_estimate_s(seqs.lengths[i], deg[int(i)][0])
+                                         for i in long_idx)) / hdp
+    heavy = short_cost > avg
+    if heavy.any():
+        deg.update({int(i): (1, 0.0, 1) for i in short_idx[heavy]})
+        long_idx = np.concatenate([long_idx, short_idx[heavy]])
+        short_idx, short_cost = short_idx[~heavy], short_cost[~heavy]
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / cm.capacity_tokens)))
     short_work = float(short_cost.sum()) + n_bins * gamma
     best = None
