@@ -179,11 +179,13 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
     sched = (step.pipeline or {}).get("schedule", "1f1b")
     v = int((step.pipeline or {}).get("v", 1))
     redistribute = sched == "sliced-redistributed"
-    # Micro-batches weigh their tokens ÷ C in the in-flight budget (memory-faithful); if pipelines that
+    # Micro-batches weigh their resident activations (offload applied) ÷ a C-token micro-batch's in the
+    # in-flight budget (memory-faithful); if pipelines that
     # share units then disagree on op order, fall back to unit weights (count-based 1F1B), whose lists
     # agree whenever shared units sit at the same positions after the same slice counts.
-    cap = float(cm.capacity_tokens)
-    weight_of = {u.id: max(costs[u.id][0].tokens_per_rank / cap, 1e-6) for u in step.units}
+    full = _activation_bytes(cm.capacity_tokens, 0.0, cm)  # one C-token micro-batch's resident activations
+    weight_of = {u.id: max(_activation_bytes(costs[u.id][0].tokens_per_rank, u.offload_ratio, cm) / full, 1e-6)
+                 for u in step.units}
 
     def build_lists(by_tokens: bool):
         lists = {}

@@ -4,7 +4,8 @@ A *config* is one planning case (model, cluster, GPUs, TP/PP, max context, lengt
 per step, steps, seed); a *point* is a config and a strategy. Each point is planned over `steps`
 sampled global batches and simulated through planner.api, giving one row of the sweep table
 (SWEEP_COLUMNS). A point that cannot be planned (model states do not fit, context too long for the
-mesh, invalid layout) keeps its row with feasible=False and the one-line reason.
+mesh, invalid layout) keeps its row with feasible=False and the one-line reason; so does a point where
+a strategy raised anything else ("planner error (Type): ..."), a bug that should not sink a sweep.
 
 Resumability: each finished point is appended as one JSON line to a journal beside the table
 (`sweep.csv` -> `sweep.journal.jsonl`) with one write and an fsync. A line cut short by a kill is
@@ -248,6 +249,10 @@ def _base_row(point: Point) -> dict:
     return row
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def evaluate_point(point: Point, static_step_time_s: float | None = None) -> dict:
     """Plan and simulate one point; a row of SWEEP_COLUMNS (infeasible: feasible=False and the reason).
     `static_step_time_s`: the config's static step time, the reference of speedup_vs_static."""
@@ -260,7 +265,10 @@ def evaluate_point(point: Point, static_step_time_s: float | None = None) -> dic
         req = c.request(options_for(c, point.strategy, cm))
         plan = make_plan(req, point.strategy, cm, batches_of(c))
     except POINT_ERRORS as e:
-        row["reason"] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        row["reason"] = _first_line(e)
+        return row
+    except Exception as e:  # a planner bug must not sink a whole sweep; the row names it
+        row["reason"] = f"planner error ({type(e).__name__}): {_first_line(e)}"
         return row
     is_static = point.strategy == "static"
     s = summarize(plan, cm, None if is_static else static_step_time_s)

@@ -59,15 +59,16 @@ def _pp_cost_model():
 @settings(max_examples=15, deadline=None)
 @given(lengths=st.lists(st.integers(500, 60_000), min_size=1, max_size=30), seed=st.integers(0, 3))
 def test_redistribution_never_increases_simulated_time(lengths, seed):
+    # The planner keeps redistribution for a step only where it does not slow it down.
     cm = _pp_cost_model()
     a = np.asarray(lengths, dtype=np.int64)
     b = GlobalBatch(step=0, lengths_tokens=a, seq_ids=np.arange(len(a), dtype=np.int64),
                     max_context_tokens=int(a.max()), split_documents=0, source="t")
-    step = STRATEGIES["hdp"](b, cm, PlanOptions(pp_schedule="sliced", seed=seed))
-    plain = simulate_step(step, cm).step_time_s
-    red = simulate_step(dataclasses.replace(step, pipeline={"schedule": "sliced-redistributed", "v": 1}),
-                        cm).step_time_s
-    assert red <= plain * (1 + 1e-9)
+    step = STRATEGIES["hdp"](b, cm, PlanOptions(pp_schedule="sliced-redistributed", seed=seed))
+    chosen = simulate_step(step, cm).step_time_s
+    assert chosen == pytest.approx(step.predicted.step_time_s)
+    plain = simulate_step(dataclasses.replace(step, pipeline={"schedule": "sliced", "v": 1}), cm).step_time_s
+    assert chosen <= plain * (1 + 1e-9)
 
 
 def test_sliced_plans_slice_long_sequences_only_and_fit_memory():
@@ -78,7 +79,7 @@ def test_sliced_plans_slice_long_sequences_only_and_fit_memory():
     step = STRATEGIES["hdp"](b, cm, PlanOptions())
     long_units = [u for u in step.units if u.tokens > cm.capacity_tokens]
     assert any(u.slices > 1 for u in long_units)
-    assert step.pipeline["schedule"] == "sliced-redistributed"
+    assert step.pipeline["schedule"] in ("sliced-redistributed", "sliced")
     one = STRATEGIES["hdp"](b, cm, PlanOptions(pp_schedule="1f1b"))
     assert all(u.slices == 1 for u in one.units)
     # slicing lets a long sequence use fewer ranks than unsliced 1F1B needs

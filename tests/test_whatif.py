@@ -121,6 +121,19 @@ def test_infeasible_points_keep_a_row_with_the_reason(tmp_path):
     assert df[["tokens_per_s", "speedup_vs_static"]].isna().all().all()
 
 
+def test_a_planner_bug_marks_its_point_not_the_sweep(tmp_path, monkeypatch):
+    from planner.strategies import STRATEGIES
+
+    def boom(batch, cm, opt):
+        raise IndexError("index 4 is out of bounds")
+
+    monkeypatch.setitem(STRATEGIES, "hdp-naive", boom)
+    df = run_sweep(SPEC.points()[:3], tmp_path / "s.csv").table
+    bad = df[df["strategy"] == "hdp-naive"].iloc[0]
+    assert not bad["feasible"] and bad["reason"] == "planner error (IndexError): index 4 is out of bounds"
+    assert df[df["strategy"] != "hdp-naive"]["feasible"].all()
+
+
 def test_unknown_inputs_fail_before_planning(tmp_path):
     from costmodel.specs import SpecError
     from planner.plan import PlanError

@@ -360,7 +360,8 @@ def _trace_meta(ctx: Context, world: int) -> dict:
 
 
 def run(opts: ReplayOptions) -> int:
-    """The body of `python -m planner.runtime` on every rank; returns the exit code."""
+    """The body of `python -m planner.runtime` on every rank: returns a non-zero exit code on refusal;
+    a finished run ends the process right after its final barrier (exit code 0)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -416,8 +417,12 @@ def run(opts: ReplayOptions) -> int:
         msg = str(e) if isinstance(e, ReplayFailure) else f"rank {rank} failed: {type(e).__name__}: {e}"
         print(f"error: {msg}", file=sys.stderr, flush=True)
         os._exit(1)  # peers may be blocked in P2P with us: no teardown, the launcher ends them
-    dist.destroy_process_group()
-    return 0
+    # Every rank passed the final barrier, so all work is done and rank 0's files are written. Skip the
+    # process-group teardown: gloo's destructors can abort ("terminate called without an active
+    # exception") while finished P2P work objects are collected, turning a good run into a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _finish(ctx: Context, traces: list[RankTrace], check: CheckResult | None, world: int) -> None:

@@ -4,6 +4,7 @@ and simulates the step. A strategy only decides *which* units exist and roughly 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
@@ -67,14 +68,14 @@ class SeqTable:
 
 
 def check_fits(s_max: int, cm: CostModel, hdp: int, offload: bool, max_slices: int = 1) -> None:
-    """A sequence longer than the cluster can hold even with full offload is a clear PlanError."""
-    l = cm.layers_per_stage
-    cap = int(slice_capacity(cm, max_slices if cm.pp > 1 else 1))
-    need = min_degree(s_max, cap, 1.0 if offload else 0.0, l)
+    """A sequence longer than the mesh can hold, after the offload and slicing the strategy may use,
+    is a clear PlanError that says how many ranks it would need."""
+    need = long_degree(s_max, cm, offload, max_slices)[0]
     if need > hdp:
-        raise PlanError(f"a {s_max}-token sequence needs {need} HDP ranks at C = {cm.capacity_tokens} tokens/rank"
-                        f"{' even with full offload' if offload else ''}, but the mesh has {hdp}; add GPUs, raise "
-                        "tp/pp, use recompute, or lower --max-context")
+        how = "with offload" if offload and cm.setup.training.recompute != "full" else "without offload"
+        raise PlanError(f"a {s_max}-token sequence needs {need} HDP ranks at C = {cm.capacity_tokens} tokens/rank "
+                        f"({how}), but the mesh has {hdp}; add GPUs, raise tp/pp, change --recompute, or lower "
+                        "--max-context")
 
 
 def slice_capacity(cm: CostModel, slices: int) -> float:
@@ -217,7 +218,15 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
                 pipeline=(pipeline or {"schedule": "1f1b", "v": 1}) if cm.pp > 1 else None,
                 predicted=Predicted(step_time_s=0.0, lower_bound_s=0.0, per_rank_busy_s=[0.0] * hdp,
                                     peak_memory_bytes=[0.0] * hdp))
-    step.predicted = simulate_step(step, cm).predicted()
+    sim = simulate_step(step, cm)
+    if step.pipeline and step.pipeline.get("schedule") == "sliced-redistributed":
+        # Redistribution costs transfers and only pays off when slices are uneven enough: keep it only
+        # where the simulation says it does not slow the step (SlimPipe's threshold, per step).
+        plain = dataclasses.replace(step, pipeline={**step.pipeline, "schedule": "sliced"})
+        sim_plain = simulate_step(plain, cm)
+        if sim_plain.step_time_s < sim.step_time_s:
+            step, sim = plain, sim_plain
+    step.predicted = sim.predicted()
     return step
 
 
