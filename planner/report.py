@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from costmodel.memory import activation_factor, model_state_bytes  # noqa: E402
@@ -195,7 +196,10 @@ def plot_gantt(sim: StepSimulation, stem: Path, *, title: str = "", max_ranks: i
             ax.axhline(i * shown - 0.5, color="black", lw=0.6)
         ax.set_yticks([i * shown + shown / 2 - 0.5 for i in range(len(stages))], [f"stage {s}" for s in stages])
     sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
-    fig.colorbar(sm, ax=ax, label="unit degree (ranks)")
+    cb = fig.colorbar(sm, ax=ax, label="unit degree (ranks)")
+    ticks = [2**k for k in range(0, int(np.log2(max(2, max_deg))) + 1)]
+    cb.set_ticks(ticks, labels=[str(t) for t in ticks])
+    cb.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     more = f" (first {shown} of {sim.hdp} HDP ranks)" if shown < sim.hdp else ""
     ax.set_title((title + "\n" if title else "") + f"step {sim.step}: {sim.step_time_s:.2f} s, gradient sync "
                  f"{sim.grad_sync_s:.2f} s (grey){more}", fontsize=10)
