@@ -513,8 +513,8 @@ def bytescale_markdown(df: pd.DataFrame, tuning: pd.DataFrame, layouts: dict[str
         f"Setup: {BYTESCALE_LAYOUT_NOTE} The baseline is meshplan's `static` strategy (one DP x CP mesh, CP the "
         "smallest divisor of the HDP ranks that holds the max context, rows packed to C·CP tokens, equal "
         "micro-batch counts); `hdp-naive` is ByteScale Alg. 1 and `hdp` its balance scheduler (Alg. 2: DP-Balance "
-        "without PP, PP-Balance with PP), both as meshplan implements them. Pipelines run 1F1B as the simulator "
-        "has it. Length sources are meshplan's synthetic `github-like` and `byted-like` families fitted to "
+        "without PP, PP-Balance with PP), both as meshplan implements them. With PP, static, dcp and hdp-naive run "
+        "1F1B; hdp slices long sequences (sliced 1F1B with redistribution where it helps, SlimPipe). Length sources are meshplan's synthetic `github-like` and `byted-like` families fitted to "
         "ByteScale §3.1 (REFERENCE §9), not the paper's data. † marks plans whose simulated peak memory exceeds "
         "the 80 GB HBM although they validated; headline figures use the plans that fit.",
         "",
