@@ -92,11 +92,13 @@ def _activation_bytes(u_tokens: int, offload: float, cm: CostModel) -> float:
     return u_tokens * cm.layers_per_stage * cm.a_tok * activation_factor(offload, cm.layers_per_stage)
 
 
-def simulate_step(step: Step, cm: CostModel) -> StepSimulation:
+def simulate_step(step: Step, cm: CostModel,
+                  costs: dict[int, tuple[UnitCost, UnitCost]] | None = None) -> StepSimulation:
+    """Simulate one step; `costs` (from `unit_costs`) may be passed in when the caller priced the units."""
     hdp = cm.setup.hdp
     if any(r >= hdp for u in step.units for r in u.hdp_ranks):
         raise PlanError(f"step {step.step}: plan uses HDP ranks beyond the mesh's {hdp}")
-    costs = unit_costs(step, cm)
+    costs = costs if costs is not None else unit_costs(step, cm)
     lb = lower_bound_s(np.array([q.length for q in step.sequences]), cm, hdp)
     sync = cm.grad_sync_s(hdp)
     if cm.pp == 1:

@@ -5,7 +5,6 @@ and simulates the step. A strategy only decides *which* units exist and roughly 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -24,7 +23,6 @@ class PlanOptions:
 
     offload: bool = True  # selective activation offloading (hdp strategies; Eq. 3)
     delta: float = 0.05  # balance slack: relative lag that makes a rank a target (Alg. 2)
-    buckets: int | None = None  # FLOP-equal buckets; None = distinct D values clamped to [4, 16]
     placement: Literal["hdp_any", "dcp_pow2"] = "hdp_any"  # rank sets of any size, or aligned powers of two
     static_cp: int | None = None  # static strategy: CP degree (None = smallest that fits the max context)
     dcp_compat: bool = False  # dcp: mirror Megatron's quirks (stop-rule reference degree set once)
@@ -196,20 +194,16 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
              pipeline: dict | None = None) -> Step:
     """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
     total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
-    from planner.simulate import simulate_step
+    from planner.simulate import simulate_step, unit_costs
 
     drafts = sorted(drafts, key=lambda d: (d.sort_key, d.ranks[0], len(d.ranks)))
-    per_node = cm.setup.hdp_per_node
     units: list[Unit] = []
     order: dict[int, list[int]] = {r: [] for r in range(hdp)}
     for uid, d in enumerate(drafts):
         ranks = tuple(sorted(d.ranks))
-        lengths = d.lengths
-        cost = cm.unit_cost(lengths, len(ranks), d.offload_ratio, spans_nodes(ranks, per_node))
         units.append(Unit(id=uid, hdp_ranks=ranks, pieces=tuple(d.pieces),
                           offload_ratio=math.ceil(d.offload_ratio * 1e6) / 1e6, slices=d.slices,
-                          predicted_time_s=cost.total_s,
-                          tokens_per_rank=zigzag_tokens_per_rank(lengths, len(ranks))))
+                          tokens_per_rank=zigzag_tokens_per_rank(d.lengths, len(ranks))))
         for r in ranks:
             order[r].append(uid)
     step = Step(step=batch.step, global_tokens=int(np.sum(batch.lengths_tokens)),
@@ -218,54 +212,19 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
                 pipeline=(pipeline or {"schedule": "1f1b", "v": 1}) if cm.pp > 1 else None,
                 predicted=Predicted(step_time_s=0.0, lower_bound_s=0.0, per_rank_busy_s=[0.0] * hdp,
                                     peak_memory_bytes=[0.0] * hdp))
-    sim = simulate_step(step, cm)
+    # Price every unit once: the plan records it and the simulations below reuse it.
+    costs = unit_costs(step, cm)
+    step.units = [dataclasses.replace(u, predicted_time_s=costs[u.id][1].total_s) for u in units]
+    sim = simulate_step(step, cm, costs)
     if step.pipeline and step.pipeline.get("schedule") == "sliced-redistributed":
         # Redistribution costs transfers and only pays off when slices are uneven enough: keep it only
         # where the simulation says it does not slow the step (SlimPipe's threshold, per step).
         plain = dataclasses.replace(step, pipeline={**step.pipeline, "schedule": "sliced"})
-        sim_plain = simulate_step(plain, cm)
+        sim_plain = simulate_step(plain, cm, costs)
         if sim_plain.step_time_s < sim.step_time_s:
             step, sim = plain, sim_plain
     step.predicted = sim.predicted()
     return step
-
-
-class LoadHeap:
-    """Per-rank planned finish times with O(log n) least-loaded pops (Alg. 2's t_i)."""
-
-    def __init__(self, n: int) -> None:
-        self.t = np.zeros(n)
-        self.heap = [(0.0, r) for r in range(n)]
-
-    def pop_least(self) -> int:
-        while True:
-            t, r = heapq.heappop(self.heap)
-            if t == self.t[r]:
-                return r
-
-    def set(self, r: int, t: float) -> None:
-        self.t[r] = t
-        heapq.heappush(self.heap, (t, r))
-
-    def rebuild(self) -> None:
-        self.heap = [(float(t), r) for r, t in enumerate(self.t)]
-        heapq.heapify(self.heap)
-
-
-def flop_buckets(costs: np.ndarray, k: int) -> list[np.ndarray]:
-    """Cut indices sorted by cost (descending) into k consecutive runs of about equal total cost
-    (Alg. 2 step 1: long buckets hold few sequences)."""
-    order = np.argsort(-costs, kind="stable")
-    csum = np.cumsum(costs[order])
-    total = csum[-1] if len(csum) else 0.0
-    if total <= 0 or k <= 1:
-        return [order]
-    cuts = np.searchsorted(csum, total * np.arange(1, k) / k, side="right")
-    return [b for b in np.split(order, cuts) if len(b)]
-
-
-def clamp_buckets(distinct: int, opt: int | None) -> int:
-    return opt if opt else int(min(16, max(4, distinct)))
 
 
 def ceil_div(a: int, b: int) -> int:
