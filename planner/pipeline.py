@@ -213,3 +213,28 @@ def simulate_uniform(p: int, m: int, n: int = 1, v: int = 1, fwd_s: float = 1.0,
     total = max(r.end_s for r in runs)
     busy0 = sum(r.end_s - r.start_s for r in runs if (0, 0) in r.resources)
     return total, 1.0 - busy0 / total
+
+
+def step_op_lists(p: int, order: dict[int, list[int]], slices: dict[int, int], v: int = 1,
+                  weights: dict[int, float] | None = None) -> dict[tuple[int, int], list[PipeOp]]:
+    """The op list of every (pipeline, stage) of a plan step, `PipeOp.mb` holding the unit id: what
+    the simulator times and the runtime executes, from the step's `pipeline` section. `weights`
+    (unit id → in-flight weight, the section's "weights") make the 1F1B budget token-weighted; one
+    budget over all units of the step, so every pipeline applies the same rule. None: count-based."""
+    all_ids = sorted(slices)
+    w_all = [1.0 if weights is None else weights[i] for i in all_ids]
+    s_all = [slices[i] for i in all_ids]
+    out = {}
+    for r, ids in order.items():
+        w = None if weights is None else [weights[i] for i in ids]
+        for s in range(p):
+            budget = inflight_budget(p, s, s_all, w_all)
+            out[(r, s)] = [PipeOp(op.kind, ids[op.mb], op.slice, op.chunk)
+                           for op in stage_ops(p, s, [slices[i] for i in ids], v, budget, w)]
+    return out
+
+
+def section_weights(section: dict | None) -> dict[int, float] | None:
+    """Unit id → in-flight weight from a step's `pipeline` section (JSON keys are strings)."""
+    w = (section or {}).get("weights")
+    return None if w is None else {int(k): float(x) for k, x in w.items()}

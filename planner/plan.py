@@ -258,6 +258,8 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
         if extra:
             raise PlanError(f"{where}: order names HDP ranks {sorted(extra)} outside [0, {m.hdp})")
         check_deadlock_free(st)
+        if m.pp > 1:
+            check_pipeline(st, m.pp, m.hdp)
         pr = st.predicted
         vals = [pr.step_time_s, pr.lower_bound_s, *pr.per_rank_busy_s, *pr.peak_memory_bytes, *pr.breakdown.values()]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
@@ -276,3 +278,32 @@ def check_deadlock_free(st: Step) -> None:
     if not nx.is_directed_acyclic_graph(g):
         cyc = nx.find_cycle(g)
         raise PlanError(f"step {st.step}: orders deadlock: units {[a for a, _ in cyc]} wait on each other in a cycle")
+
+
+def check_pipeline(st: Step, pp: int, hdp: int) -> None:
+    """pp > 1: the step's `pipeline` section is well formed and the op lists it expands to run to the
+    end (a shared unit's op must head every member pipeline's list at once)."""
+    from planner.pipeline import SCHEDULES, ScheduleError, dependency, run_ops, section_weights, step_op_lists
+
+    where = f"step {st.step} pipeline"
+    sec = st.pipeline or {}
+    if sec.get("schedule", "1f1b") not in SCHEDULES:
+        raise PlanError(f"{where}: unknown schedule {sec.get('schedule')!r}; one of {', '.join(SCHEDULES)}")
+    v = sec.get("v", 1)
+    if not isinstance(v, int) or v < 1:
+        raise PlanError(f"{where}: v must be an integer >= 1, got {v!r}")
+    try:
+        weights = section_weights(sec)
+    except (AttributeError, TypeError, ValueError):
+        raise PlanError(f"{where}: weights must map unit ids to numbers") from None
+    slices = {u.id: u.slices for u in st.units}
+    if weights is not None and (set(weights) != set(slices) or
+                                not all(math.isfinite(w) and w > 0 for w in weights.values())):
+        raise PlanError(f"{where}: weights must give every unit of the step a positive finite number")
+    try:
+        lists = step_op_lists(pp, {r: st.order.get(r, []) for r in range(hdp)}, slices, v, weights)
+        last = {u: n - 1 for u, n in slices.items()}
+        run_ops({k: [((k[1], op), None) for op in ops] for k, ops in lists.items()},
+                lambda key: dependency(key[1], key[0], pp, v, last[key[1].mb]), lambda key: 1.0, lambda key: 0.0)
+    except ScheduleError as e:
+        raise PlanError(f"{where}: {e}") from None

@@ -156,6 +156,15 @@ def _static_memory(cm: CostModel, stage: int | None = None) -> float:
     return model_state_bytes(cm.setup, stage) + b.ctx_bytes + b.logits_bytes
 
 
+def inflight_weights(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]]) -> dict[str, float]:
+    """The pipeline section's "weights": each unit's resident activations per stage (offload applied) ÷
+    a C-token micro-batch's, so the 1F1B in-flight budget is memory-faithful (rounded: the plan file
+    holds exactly what the simulator and the runtime expand)."""
+    full = _activation_bytes(cm.capacity_tokens, 0.0, cm)
+    return {str(u.id): round(max(_activation_bytes(costs[u.id][0].tokens_per_rank, u.offload_ratio, cm) / full, 1e-6), 6)
+            for u in step.units}
+
+
 def slice_weights(u_cost: UnitCost, n: int, kind: str, redistribute: bool) -> list[float]:
     """Share of a unit's stage time taken by each of its n uniform token slices. GEMMs split evenly;
     causal attention of slice j covers (2j + 1)/n² of the document's area, so later slices cost more
@@ -174,33 +183,16 @@ def slice_weights(u_cost: UnitCost, n: int, kind: str, redistribute: bool) -> li
 def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
     """Every HDP rank is a pipeline running `planner.pipeline` op lists; a shared unit's op is one
     co-scheduled op on all member pipelines (`run_ops`), so misaligned plans surface as deadlocks."""
-    from planner.pipeline import PipeOp, ScheduleError, dependency, inflight_budget, run_ops, stage_ops
+    from planner.pipeline import ScheduleError, dependency, run_ops, section_weights, step_op_lists
 
     p = cm.pp
     units = {u.id: u for u in step.units}
     sched = (step.pipeline or {}).get("schedule", "1f1b")
     v = int((step.pipeline or {}).get("v", 1))
     redistribute = sched == "sliced-redistributed"
-    # Micro-batches weigh their resident activations (offload applied) ÷ a C-token micro-batch's in the
-    # in-flight budget (memory-faithful); if pipelines that
-    # share units then disagree on op order, fall back to unit weights (count-based 1F1B), whose lists
-    # agree whenever shared units sit at the same positions after the same slice counts.
-    full = _activation_bytes(cm.capacity_tokens, 0.0, cm)  # one C-token micro-batch's resident activations
-    weight_of = {u.id: max(_activation_bytes(costs[u.id][0].tokens_per_rank, u.offload_ratio, cm) / full, 1e-6)
-                 for u in step.units}
-
-    def build_lists(by_tokens: bool):
-        lists = {}
-        w_all = [weight_of[u.id] if by_tokens else 1.0 for u in step.units]
-        s_all = [u.slices for u in step.units]
-        for r in range(hdp):
-            ids = step.order.get(r, [])
-            w = [weight_of[i] if by_tokens else 1.0 for i in ids]
-            for s in range(p):
-                budget = inflight_budget(p, s, s_all, w_all)  # one budget for every pipeline
-                lists[(r, s)] = [((s, PipeOp(op.kind, ids[op.mb], op.slice, op.chunk)), None)
-                                 for op in stage_ops(p, s, [units[i].slices for i in ids], v, budget, w)]
-        return lists
+    op_lists = step_op_lists(p, {r: step.order.get(r, []) for r in range(hdp)}, {u.id: u.slices for u in step.units},
+                             v, section_weights(step.pipeline))
+    lists = {key: [((key[1], op), None) for op in ops] for key, ops in op_lists.items()}
     weights = {}
 
     def cost_of(s: int, uid: int) -> UnitCost:
@@ -226,13 +218,10 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
         return 0.0 if d is None or d[0] == s else p2p[op.mb]
 
     try:
-        runs = run_ops(build_lists(True), dep, duration, transfer)
-    except ScheduleError:
-        try:
-            runs = run_ops(build_lists(False), dep, duration, transfer)
-        except ScheduleError as e:
-            raise PlanError(f"step {step.step}: {e} (shared units must sit at the same micro-batch position "
-                            "in every member pipeline)") from None
+        runs = run_ops(lists, dep, duration, transfer)
+    except ScheduleError as e:
+        raise PlanError(f"step {step.step}: {e} (shared units must sit at the same micro-batch position "
+                        "in every member pipeline)") from None
     busy = np.zeros((hdp, p))
     parts = {"compute": 0.0, "ring_exposed": 0.0, "tp_comm": 0.0, "offload_exposed": 0.0}
     events: dict[tuple[int, int], list[tuple[float, float]]] = {}

@@ -194,7 +194,7 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
              pipeline: dict | None = None) -> Step:
     """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
     total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
-    from planner.simulate import simulate_step, unit_costs
+    from planner.simulate import inflight_weights, simulate_step, unit_costs
 
     drafts = sorted(drafts, key=lambda d: (d.sort_key, d.ranks[0], len(d.ranks)))
     units: list[Unit] = []
@@ -215,7 +215,18 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
     # Price every unit once: the plan records it and the simulations below reuse it.
     costs = unit_costs(step, cm)
     step.units = [dataclasses.replace(u, predicted_time_s=costs[u.id][1].total_s) for u in units]
-    sim = simulate_step(step, cm, costs)
+    if step.pipeline is None:
+        sim = simulate_step(step, cm, costs)
+    else:
+        # Token-weighted 1F1B budgets (memory-faithful) when the pipelines sharing units still agree on
+        # their op order; otherwise count-based lists, which agree whenever shared units sit at the same
+        # positions after the same slice counts.
+        step.pipeline = {**step.pipeline, "weights": inflight_weights(step, cm, costs)}
+        try:
+            sim = simulate_step(step, cm, costs)
+        except PlanError:
+            step.pipeline = {k: x for k, x in step.pipeline.items() if k != "weights"}
+            sim = simulate_step(step, cm, costs)
     if step.pipeline and step.pipeline.get("schedule") == "sliced-redistributed":
         # Redistribution costs transfers and only pays off when slices are uneven enough: keep it only
         # where the simulation says it does not slow the step (SlimPipe's threshold, per step).
