@@ -110,6 +110,19 @@ def dependency(op: PipeOp, stage: int, p: int, v: int, last_slice: int) -> tuple
     return stage, PipeOp("F", op.mb, last_slice, op.chunk)  # loss after the last forward slice
 
 
+def consumer(op: PipeOp, stage: int, p: int, v: int) -> tuple[int, PipeOp] | None:
+    """(stage, op) that takes this op's output across a stage boundary (the inverse of `dependency`):
+    a forward feeds the next stage (or chunk c + 1 on stage 0), a backward the previous one (or
+    chunk c − 1 on the last stage); None where the data stays (the loss, the embedding)."""
+    if op.kind == "F":
+        if stage < p - 1:
+            return stage + 1, op
+        return (0, PipeOp("F", op.mb, op.slice, op.chunk + 1)) if op.chunk < v - 1 else None
+    if stage > 0:
+        return stage - 1, op
+    return (p - 1, PipeOp("B", op.mb, op.slice, op.chunk - 1)) if op.chunk > 0 else None
+
+
 def check_schedule(p: int, slices: list[int], v: int = 1) -> None:
     """Every op once; F before its B on each stage; slice order; no deadlock (by simulation)."""
     for s in range(p):
