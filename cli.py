@@ -230,7 +230,7 @@ def _run_torchrun(cmd: list[str], env: dict[str, str]) -> tuple[int, str | None]
 
 @app.command("replay", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def replay(ctx: typer.Context,
-           plan: Path = typer.Argument(..., help="Plan JSON (pp = 1 and tp = 1 for now)."),
+           plan: Path = typer.Argument(..., help="Plan JSON (tp = 1; any pp)."),
            nproc: int = typer.Option(..., "--nproc", help="Processes per node: one per GPU, or CPU workers (gloo)."),
            model: Optional[str] = typer.Option(None, "--model", help="Model preset or file to build instead of "
                                                "the plan's meta.model, e.g. tiny."),
@@ -431,8 +431,8 @@ def simulate_cmd(
         for x in comparison.steps:
             t.add_row(str(x["step"]), "step", f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}")
         for x in comparison.units:
-            t.add_row(str(x["step"]), str(x["unit"]), f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}",
-                      f"{x['rel_err']:+.1%}")
+            unit = f"{x['unit']} (stage {x['stage']})" if plan.mesh.pp > 1 else str(x["unit"])
+            t.add_row(str(x["step"]), unit, f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}")
         out.print(t)
         out.print(f"median |error| per unit: {comparison.median_abs_unit_err:.1%}")
     t = Table(title=f"{plan_path} ({plan.meta.get('strategy')}) on {cm.profile.fingerprint.name}")

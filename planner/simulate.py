@@ -305,14 +305,15 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         if ps not in steps_by_id:
             raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
         costs = unit_costs(steps_by_id[ps], cm)
-        per_unit: dict[int, list[float]] = {}
+        # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss)
+        per_unit: dict[tuple[int, int], list[float]] = {}
         for u in st["units"]:
-            per_unit.setdefault(int(u["unit"]), []).append(float(u["fwd_s"]) + float(u["bwd_s"]))
-        for uid, vals in sorted(per_unit.items()):
-            pred = costs[uid][1].total_s
+            per_unit.setdefault((int(u["unit"]), int(u.get("stage", 0))), []).append(float(u["fwd_s"]) + float(u["bwd_s"]))
+        for (uid, stage), vals in sorted(per_unit.items()):
+            pred = costs[uid][1 if stage == cm.pp - 1 else 0].total_s
             meas = float(np.mean(vals))
-            units_out.append({"step": st["step"], "unit": uid, "predicted_s": pred, "measured_s": meas,
-                              "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
+            units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,
+                              "measured_s": meas, "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
         pred_step = sims[ps].step_time_s
         meas_step = float(st["step_time_s"])
         steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,

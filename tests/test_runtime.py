@@ -83,6 +83,31 @@ def without_offload(plan: Plan) -> Plan:
         replace(s, units=[replace(u, offload_ratio=0.0) for u in s.units]) for s in plan.steps])
 
 
+DEEP_TIED = {"name": "tiny-deep-tied", "layers": 4, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
+             "ffn": 128, "vocab": 256, "tied_embeddings": True, "source": "tests: 4 layers, tied embedding"}
+
+
+def pipelined_plan(schedule: str = "sliced", v: int = 1) -> Plan:
+    """pp = 2 over 2 pipelines, two steps. Step 0: a unit shared by both pipelines (CP over 2 ranks on
+    each stage) with two documents in 3 slices; a 2-slice unit with offload 0.5; a packed bin
+    unsliced; pipelines with 2 and 3 micro-batches. Step 1: a shared unsliced unit (ring CP).
+    `schedule`/`v` other than sliced: every unit unsliced."""
+    seqs = {0: 150, 1: 33, 2: 97, 3: 80, 4: 61, 5: 12}
+    units = [(0, [0, 1], [(0, 0, 150), (1, 0, 33)], 0.0),
+             (1, [0], [(2, 0, 97)], 0.0),
+             (2, [1], [(3, 0, 80), (4, 0, 61)], 0.5),
+             (3, [1], [(5, 0, 12)], 0.0)]
+    st0 = make_step(0, 2, seqs, units, {0: [0, 1], 1: [0, 2, 3]})
+    slices = {0: 3, 1: 2, 2: 2, 3: 1} if schedule == "sliced" else {}
+    st0 = replace(st0, units=[replace(u, slices=slices.get(u.id, 1)) for u in st0.units],
+                  pipeline={"schedule": schedule, "v": v})
+    st1 = replace(make_step(1, 2, {7: 90, 8: 40}, [(0, [0, 1], [(7, 0, 90)], 0.0), (1, [1], [(8, 0, 40)], 0.25)],
+                            {0: [0], 1: [0, 1]}), pipeline={"schedule": "1f1b" if v == 1 else schedule, "v": v})
+    plan = Plan(meta={"model": "tiny", "strategy": "hand-built"}, mesh=Mesh(4, 1, 2, 2), steps=[st0, st1])
+    validate(plan)
+    return plan
+
+
 # -- running --------------------------------------------------------------------------------------
 
 def torchrun(nproc: int, plan: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -262,6 +287,60 @@ def test_packed_bin_equals_per_sequence_reference():
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
 
+def test_sliced_attention_with_kv_cache_equals_whole_unit():
+    """A unit run as n slices (forward in order against the KV cache, backward in reverse feeding the
+    accumulated dK/dV) gives the loss and gradients of the unit run whole."""
+    from planner.runtime.cp import KVCache, Peers, SlicedAttention, slice_layout
+
+    step = pairs_plan_4().steps[0]
+    unit = replace(step.units[0], hdp_ranks=(0,))  # sequences 0 (150) and 1 (33) packed on one rank
+    model = build_model(ModelConfig.from_spec(load_model("tiny")), seed=3, device=torch.device("cpu"))
+    tokens = TokenSource(256, seed=5).tokens(0, step.sequences)
+    docs = unit_documents(unit.pieces)
+    lay = shard_layout(docs, 1, 0)
+    inp, lab, pos = unit_inputs(tokens, lay)
+    whole = token_loss(model(inp, pos, PackedAttention(lay)), lab, step.global_tokens)
+    whole.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    n, cache, peers = 4, KVCache(), Peers((0,), 0)
+    layouts = [[slice_layout(docs, n, j, 1, 0)] for j in range(n)]
+    losses = []
+    for j in range(n):
+        i, lb, ps = unit_inputs(tokens, layouts[j][0])
+        losses.append(token_loss(model(i, ps, SlicedAttention(layouts, j, peers, cache, torch.device("cpu"))), lb,
+                                 step.global_tokens))
+    assert sum(lay[0].tokens for lay in layouts) == lay.tokens
+    for j in reversed(range(n)):
+        roots, grads = cache.backward_roots(j, range(model.cfg.layers))
+        assert bool(roots) == (j < n - 1)  # every slice but the last has dK/dV from later slices
+        torch.autograd.backward([losses[j], *roots], [None, *grads])
+    assert not cache.outs and not cache.leaves
+    assert abs(sum(float(x.detach()) for x in losses) - float(whole.detach())) < 1e-6
+    for g, w in zip((p.grad for p in model.parameters()), want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_stage_layers_and_parameters_partition_the_model():
+    from planner.runtime.executor import stage_parameters
+    from planner.runtime.model import virtual_stage_layers
+
+    assert virtual_stage_layers(10, 2, 2) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    with pytest.raises(Exception, match="fewer than pp × v"):
+        virtual_stage_layers(3, 2, 2)
+    for tied in (False, True):
+        cfg = replace(ModelConfig.from_spec(load_model("tiny")), layers=4, tied_embeddings=tied)
+        model = build_model(cfg, seed=0, device=torch.device("cpu"))
+        ranges = tuple(virtual_stage_layers(4, 2, 2))
+        owners = [{id(p) for p in stage_parameters(model, ranges, 2, s)} for s in range(2)]
+        every = {id(p) for p in model.parameters()}
+        assert owners[0] | owners[1] == every
+        shared = owners[0] & owners[1]
+        assert shared == ({id(model.embed.weight)} if tied else set())
+        # stage 0 holds layers 0 and 2 (chunks 0 and 1), stage 1 layers 1 and 3
+        assert id(model.layers[2].mlp.up.weight) in owners[0] and id(model.layers[1].mlp.up.weight) in owners[1]
+
+
 def test_tokens_are_deterministic_per_sequence_and_read_from_a_file(tmp_path):
     seqs = [Sequence(4, 10), Sequence(9, 6)]
     a = TokenSource(256, seed=2).tokens(3, seqs)
@@ -371,6 +450,42 @@ def test_runtime_refuses_world_size_mismatch(tmp_path):
     assert res.stdout.strip() == ""
 
 
+@pytest.mark.torchrun
+@pytest.mark.parametrize("schedule,v", [("sliced", 1), ("interleaved", 2)])
+def test_pipelined_replay_matches_reference(tmp_path, schedule, v):
+    """pp = 2: sliced 1F1B with the KV cache (shared CP unit in 3 slices, offload) or interleaved
+    chunks; a tied embedding split over the first and last stage; 3 iterations (the reference
+    follows every stage's optimizer steps)."""
+    pipelined_plan(schedule, v).save(tmp_path / "plan.json")
+    (tmp_path / "deep.json").write_text(json.dumps(DEEP_TIED))
+    res = torchrun(4, tmp_path / "plan.json", "--check", "--steps", "3", "--model", "deep.json", cwd=tmp_path)
+    assert_matches_reference(res, ranks=4, units=4 + 2 + 4)
+
+
+@pytest.mark.torchrun
+def test_planned_pipeline_replays_and_traces_per_stage(tmp_path):
+    """An hdp plan with pp = 2 (long sequences sliced by the planner) replays with the reference's
+    gradients; the trace carries per-stage ops and `simulate --measured` compares per stage."""
+    from planner.api import PlanRequest, make_plan as plan_with
+
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2, lengths="lognormal:median=60,sigma=1.0,max=300",
+                      tokens_per_step=1200, max_context_tokens=300, capacity_tokens=200, seed=3)
+    plan = plan_with(req, "hdp")
+    assert any(u.slices > 1 for u in plan.steps[0].units)
+    plan.save(tmp_path / "plan.json")
+    res = torchrun(4, tmp_path / "plan.json", "--check", "--trace", str(tmp_path / "trace.json"), cwd=tmp_path)
+    assert_matches_reference(res, ranks=4, units=len(plan.steps[0].units))
+    doc = json.loads((tmp_path / "trace.json").read_text())
+    recs = doc["steps"][0]["units"]
+    assert {r["stage"] for r in recs} == {0, 1}
+    sliced = [r for r in recs if r["slices"] > 1]
+    assert sliced and all(len(r["ops"]) == 2 * r["slices"] for r in sliced)
+    res = meshplan("simulate", "plan.json", "--measured", "trace.json", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)["measured"]["units"]
+    assert {(u["unit"], u["stage"]) for u in got} == {(u.id, s) for u in plan.steps[0].units for s in (0, 1)}
+
+
 # -- refused before anything starts (no torchrun launched) ----------------------------------------
 
 def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -382,16 +497,28 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     d["steps"][0]["units"][0]["pieces"][0]["end"] = 30  # sequence 0 loses 7 tokens
     d["steps"][0]["units"][0]["tokens_per_rank"] = 0  # (0: not stated, so coverage is what fails)
     (tmp_path / "gap.json").write_text(json.dumps(d))
+    tp = json.loads(text)
+    tp["mesh"] = {"world_size": 6, "tp": 2, "pp": 1, "hdp": 3}
+    (tmp_path / "tp.json").write_text(json.dumps(tp))
     pp = json.loads(text)
-    pp["mesh"] = {"world_size": 6, "tp": 1, "pp": 2, "hdp": 3}
+    pp["mesh"] = {"world_size": 12, "tp": 1, "pp": 4, "hdp": 3}  # tiny has 2 layers
     (tmp_path / "pp.json").write_text(json.dumps(pp))
+    sliced = pipelined_plan()
+    sliced.steps[0].units[3] = replace(sliced.steps[0].units[3], slices=13)  # its document has 12 tokens
+    sliced.save(tmp_path / "slices.json")
+    mixed_v = pipelined_plan()
+    mixed_v.steps[1].pipeline = {"schedule": "interleaved", "v": 2}
+    mixed_v.save(tmp_path / "mixed_v.json")
     moe = json.loads(text)
     moe["meta"]["model"] = "mistral-8x7b"
     (tmp_path / "moe.json").write_text(json.dumps(moe))
     return [(["truncated.json", "--nproc", "3"], "truncated or corrupt plan JSON"),
             (["gap.json", "--nproc", "3"], "sequence 0 covers 30 of 37 tokens"),
             (["good.json", "--nproc", "4"], "the plan is for world_size 3"),
-            (["pp.json", "--nproc", "6"], "pipeline replay (pp = 2 > 1) is not implemented yet"),
+            (["tp.json", "--nproc", "6"], "tensor-parallel replay (tp = 2 > 1) is not implemented yet"),
+            (["pp.json", "--nproc", "12"], "has 2 layers, fewer than the plan's 4 pipeline chunks"),
+            (["slices.json", "--nproc", "4"], "unit 3 has 13 slices but its longest document only 12 tokens"),
+            (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),
             (["moe.json", "--nproc", "3"], "MoE replay is not implemented"),
             (["good.json", "--nproc", "3", "--model", "nope"], "unknown model 'nope'")]
 

@@ -42,7 +42,7 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
                         f"{m.hdp}) but this job has {world_size} processes; launch {m.world_size} "
                         f"(meshplan replay --nproc {m.world_size})")
     if m.pp > 1:
-        raise PlanError(f"{plan_path}: pipeline replay (pp = {m.pp} > 1) is not implemented yet; replay a pp = 1 plan")
+        _check_pipelined(plan, str(plan_path))
     if m.tp > 1:
         raise PlanError(f"{plan_path}: tensor-parallel replay (tp = {m.tp} > 1) is not implemented yet; "
                         "replay a tp = 1 plan")
@@ -55,4 +55,26 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
                         "pass --model tiny or a dense preset")
     if spec.head_dim % 2:
         raise PlanError(f"model {spec.name!r}: RoPE needs an even head_dim, got {spec.head_dim}")
+    chunks = m.pp * int((plan.steps[0].pipeline or {}).get("v", 1))
+    if spec.layers < chunks:
+        raise PlanError(f"model {spec.name!r} has {spec.layers} layers, fewer than the plan's {chunks} pipeline "
+                        "chunks (pp × v); pass a deeper --model")
     return plan, spec
+
+
+def _check_pipelined(plan: Plan, where: str) -> None:
+    """What the pipeline replay needs beyond validate(): one layer placement for the whole run, and
+    no empty slice (a slice is the j-th part of every document of its unit)."""
+    vs = {int((s.pipeline or {}).get("v", 1)) for s in plan.steps}
+    if len(vs) > 1:
+        raise PlanError(f"{where}: steps use different chunk counts v {sorted(vs)}; a run places its layers once, "
+                        "so every step must use the same v")
+    for st in plan.steps:
+        for u in st.units:
+            per_doc: dict[int, int] = {}
+            for p in u.pieces:
+                per_doc[p.seq] = per_doc.get(p.seq, 0) + p.tokens
+            longest = max(per_doc.values())
+            if u.slices > longest:
+                raise PlanError(f"{where}: step {st.step} unit {u.id} has {u.slices} slices but its longest "
+                                f"document only {longest} tokens; a slice must hold at least one token")

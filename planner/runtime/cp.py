@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -58,6 +58,19 @@ def unit_documents(pieces: tuple[Piece, ...]) -> list[Document]:
         by_seq.setdefault(p.seq, []).append(p)
     return [Document(seq, torch.cat([torch.arange(p.start, p.end) for p in sorted(ps, key=lambda p: p.start)]))
             for seq, ps in by_seq.items()]
+
+
+def slice_documents(docs: list[Document], n: int, j: int) -> list[Document]:
+    """Slice j of n (SlimPipe's uniform token slices): the j-th of n nearly equal contiguous parts of
+    every document. Documents keep their index (a part may be empty), so masks compare across slices."""
+    return [Document(d.seq, d.positions[d.length * j // n: d.length * (j + 1) // n]) for d in docs]
+
+
+def slice_layout(docs: list[Document], n: int, j: int, degree: int, index: int) -> ShardLayout:
+    """Member `index`'s zigzag shard of slice j; padding ids are offset per slice so that a padding
+    query still matches only its own key when earlier slices' keys sit beside it."""
+    lay = shard_layout(slice_documents(docs, n, j), degree, index)
+    return replace(lay, key=lay.key + (j << 32))
 
 
 @dataclass(frozen=True)
@@ -473,6 +486,53 @@ class RingAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         heads_first = (x.transpose(0, 1).contiguous() for x in (q, k, v))
         return _RingAttentionFn.apply(*heads_first, self).transpose(0, 1)
+
+
+class KVCache:
+    """The K/V of a sliced unit's slices as every member sees them (gathered over the unit's members),
+    per (slice, layer): later slices attend them as leaves, whose gradients accumulate the dK/dV that
+    the slice's own backward then feeds into its graph (SlimPipe's KV cache and dK/dV accumulators)."""
+
+    def __init__(self) -> None:
+        self.outs: dict[tuple[int, int], torch.Tensor] = {}  # in the graph of the slice that made them
+        self.leaves: dict[tuple[int, int], torch.Tensor] = {}  # detached copies later slices attend
+
+    def put(self, j: int, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        self.outs[(j, layer)] = kv
+        leaf = self.leaves[(j, layer)] = kv.detach().requires_grad_()
+        return leaf
+
+    def backward_roots(self, j: int, layers: range) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(tensors, gradients) to add to slice j's backward: the dK/dV later slices accumulated. Slice
+        j's entries are dropped: in reverse slice order nothing needs them again."""
+        roots, grads = [], []
+        for layer in layers:
+            out, leaf = self.outs.pop((j, layer), None), self.leaves.pop((j, layer), None)
+            if out is not None and leaf.grad is not None:
+                roots.append(out)
+                grads.append(leaf.grad)
+        return roots, grads
+
+
+class SlicedAttention:
+    """Attention of slice j of a sliced unit: its queries against the cached K/V of slices < j and the
+    K/V of slice j, all-gathered over the unit's members (degree 1: nothing to move), under the
+    per-document causal mask. `layouts[i][m]` is member m's layout of slice i."""
+
+    def __init__(self, layouts: list[list[ShardLayout]], j: int, peers: Peers, cache: KVCache,
+                 device: torch.device) -> None:
+        me = layouts[j][peers.index]
+        self.j, self.peers, self.cache = j, peers, cache
+        self.mask = torch.cat([attention_mask(me, other) for i in range(j + 1) for other in layouts[i]],
+                              dim=1).to(device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        kv = torch.stack((k, v), dim=1)
+        full = (_GatherKV.apply(kv, self.peers) if self.peers.degree > 1 else kv[None]).flatten(0, 1)
+        self.cache.put(self.j, layer, full)
+        kv_all = torch.cat([self.cache.leaves[(i, layer)] for i in range(self.j)] + [full])
+        return F.scaled_dot_product_attention(_bhtd(q), _bhtd(kv_all[:, 0]), _bhtd(kv_all[:, 1]),
+                                              attn_mask=self.mask, enable_gqa=True)[0].transpose(0, 1)
 
 
 def unit_attention(unit: Unit, layouts: list[ShardLayout], peers: Peers, impl: CPImpl, head_dim: int,

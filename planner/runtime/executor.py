@@ -7,7 +7,8 @@ offload hooks, and adds token-level cross-entropy divided by the step's global t
 the all-reduced gradient is the full batch's whatever the assignment (REFERENCE 1, Eq. 1-2).
 
 `--check` makes rank 0 replay the same global batch in one process with plain per-sequence
-attention and compare losses and gradients. Scope: pp = 1 and tp = 1 plans."""
+attention and compare losses and gradients. With pp > 1 a rank is one stage of one pipeline and
+runs the plan's op lists (planner/runtime/stages.py). Scope: tp = 1 plans."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from costmodel.specs import SpecError
 from planner.plan import Plan, PlanError, Step, Unit
 from planner.runtime import preflight
 from planner.runtime.cp import CPImpl, Peers, shard_layout, unit_attention, unit_documents
-from planner.runtime.model import IGNORE_INDEX, Decoder, ModelConfig, TokenSource, build_model
+from planner.runtime.model import IGNORE_INDEX, Decoder, ModelConfig, TokenSource, build_model, virtual_stage_layers
 from planner.runtime.offload import Offloader, parameter_pointers
 from planner.runtime.trace import RankTrace, StepRecord, UnitRecord, build_trace, remove_stale, write_trace
 
@@ -66,13 +67,15 @@ class Prepared:
     plan: Plan
     config: ModelConfig
     iterations: int  # replayed steps
+    chunks: int = 1  # model chunks per pipeline stage (v), the same in every step
 
 
 def prepare(opts: ReplayOptions, world_size: int) -> Prepared:
     """Every check that needs no process group (planner.runtime.preflight)."""
     plan, spec = preflight(opts.plan_path, world_size, opts.model, cp_impl=opts.cp_impl,
                            ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps)
-    return Prepared(plan, ModelConfig.from_spec(spec), len(plan.steps) if opts.steps is None else opts.steps)
+    return Prepared(plan, ModelConfig.from_spec(spec), len(plan.steps) if opts.steps is None else opts.steps,
+                    int((plan.steps[0].pipeline or {}).get("v", 1)))
 
 
 # -- one step ---------------------------------------------------------------------------------
@@ -120,6 +123,10 @@ class Context:
     tokens: TokenSource
     params: frozenset[int]  # parameter data pointers (never offloaded)
     trace: RankTrace
+    stage: int = 0  # pipeline stage of this rank
+    layer_ranges: tuple[tuple[int, int], ...] = ()  # [start, end) per virtual stage (chunk·pp + stage)
+    owned: tuple[nn.Parameter, ...] = ()  # parameters of this stage (all of them when pp = 1)
+    stage_group: object = None  # process group of this stage's HDP ranks (None: the world, pp = 1)
 
 
 def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, torch.Tensor]) -> float:
@@ -167,23 +174,74 @@ def prewarm(ctx: Context) -> float:
             if u.degree > 1 and u.hdp_ranks not in done:  # every member skips the same repeats
                 done.add(u.hdp_ranks)
                 mesh = ctx.prep.plan.mesh
-                Peers(tuple(mesh.global_rank(0, r) for r in u.hdp_ranks), u.hdp_ranks.index(ctx.hdp_rank)).all_gather(
+                Peers(tuple(mesh.global_rank(ctx.stage, r) for r in u.hdp_ranks),
+                      u.hdp_ranks.index(ctx.hdp_rank)).all_gather(
                     torch.zeros(1, device=ctx.device))
     _sync(ctx.device)
     return time.perf_counter() - t0
 
 
-def sync_gradients(model: nn.Module, loss: float) -> float:
-    """One all-reduce of every gradient and the loss share (one flat buffer, one collective);
-    returns the step loss."""
-    grads = [p.grad for p in model.parameters()]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([loss])])
-    dist.all_reduce(flat)
+def _flat_all_reduce(tensors: list[torch.Tensor], extra: list[float], group=None) -> list[float]:
+    """Sum `tensors` in place and the `extra` scalars over `group` in one collective (one flat buffer)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [tensors[0].new_tensor(extra)])
+    dist.all_reduce(flat, group=group)
     off = 0
-    for g in grads:
-        g.copy_(flat[off:off + g.numel()].view_as(g))
-        off += g.numel()
-    return float(flat[-1])
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
+    return flat[off:].tolist()
+
+
+def sync_gradients(ctx: Context, loss: float) -> float:
+    """One all-reduce of the stage's gradients over its HDP ranks (pp = 1: the world, the loss share
+    riding along); with pp > 1 a tied embedding's two halves (first and last stage of a pipeline)
+    are then summed point to point, and the loss (last stage only) is all-reduced over the world.
+    Returns the step loss."""
+    pipelined = ctx.prep.plan.mesh.pp > 1
+    total = _flat_all_reduce([p.grad for p in ctx.owned], [loss], ctx.stage_group)[0]
+    if not pipelined:
+        return total
+    mesh, model = ctx.prep.plan.mesh, ctx.model
+    if model.head is None and ctx.stage in (0, mesh.pp - 1):
+        g = model.embed.weight.grad
+        peer = mesh.global_rank(mesh.pp - 1 - ctx.stage, ctx.hdp_rank)
+        other = torch.empty_like(g)
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, g.clone(), peer, tag=7),
+                                         dist.P2POp(dist.irecv, other, peer, tag=7)]):
+            w.wait()
+        g.add_(other)
+    out = torch.tensor([loss], dtype=torch.float64)
+    dist.all_reduce(out)
+    return float(out[0])
+
+
+def collect_full(ctx: Context, attr: str) -> None:
+    """--check with pp > 1: every parameter's value ("data") or gradient ("grad") from one owner (HDP
+    rank 0 of the first stage holding it) to every rank, so rank 0's reference sees the whole model."""
+    mine = {id(p) for p in ctx.owned}
+    first = {}
+    for s in reversed(range(ctx.prep.plan.mesh.pp)):
+        for p in stage_parameters(ctx.model, ctx.layer_ranges, ctx.prep.plan.mesh.pp, s):
+            first[id(p)] = s
+    params = list(ctx.model.parameters())
+    vals = []
+    for p in params:
+        src = p.data if attr == "data" else p.grad
+        owner = ctx.hdp_rank == 0 and first[id(p)] == ctx.stage and id(p) in mine
+        vals.append(src.clone() if owner else torch.zeros_like(p.data))
+    _flat_all_reduce(vals, [0.0])
+    for p, val in zip(params, vals):
+        if attr == "data":
+            p.data.copy_(val)
+        else:
+            p.grad = val
+
+
+def stage_parameters(model: Decoder, layer_ranges: tuple[tuple[int, int], ...], pp: int,
+                     stage: int) -> list[nn.Parameter]:
+    """Parameters pipeline stage `stage` owns (its chunks' layers; embedding first, head last)."""
+    v = len(layer_ranges) // pp
+    return model.stage_parameters([layer_ranges[c * pp + stage] for c in range(v)], stage == 0, stage == pp - 1)
 
 
 class ReferenceAttention:
@@ -226,7 +284,7 @@ def reference_loop(plan: Plan, config: ModelConfig, iterations: int, opts: Repla
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     model = build_model(config, opts.seed, device)
-    optimizer = make_optimizer(model, opts)
+    optimizer = make_optimizer(list(model.parameters()), opts)
     source = TokenSource(config.vocab, opts.seed, str(opts.tokens_path) if opts.tokens_path else None)
     times = []
     for it in range(iterations):
@@ -251,11 +309,11 @@ def max_rel_grad_err(model: nn.Module, reference: nn.Module) -> float:
     return worst
 
 
-def make_optimizer(model: nn.Module, opts: ReplayOptions) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], opts: ReplayOptions) -> torch.optim.Optimizer:
     # foreach=False: the plain per-parameter loop, same on every rank and device.
     if opts.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opts.lr, foreach=False)
-    return torch.optim.AdamW(model.parameters(), lr=opts.lr, foreach=False)
+        return torch.optim.SGD(params, lr=opts.lr, foreach=False)
+    return torch.optim.AdamW(params, lr=opts.lr, foreach=False)
 
 
 def _stream_offset(plan: Plan, it: int) -> int:
@@ -281,6 +339,53 @@ class CheckResult:
     units: int = 0
 
 
+def _unit_failure(ctx: Context, e: Exception, it: int, step: Step, unit: Unit) -> ReplayFailure:
+    stage = f" on stage {ctx.stage}" if ctx.prep.plan.mesh.pp > 1 else ""
+    return _failure(ctx, e, f"step {it} (plan step {step.step}) unit {unit.id}{stage} "
+                            f"(HDP ranks {list(unit.hdp_ranks)})")
+
+
+def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]) -> float:
+    """pp = 1: this rank's units in plan order; returns its loss share."""
+    units = {u.id: u for u in step.units}
+    loss = 0.0
+    for uid in step.order.get(ctx.hdp_rank, []):
+        try:
+            loss += run_unit(ctx, it, step, units[uid], tokens)
+        except Exception as e:  # name the rank and unit; the launcher ends the other ranks
+            raise _unit_failure(ctx, e, it, step, units[uid]) from e
+    return loss
+
+
+def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]) -> float:
+    """pp > 1: this rank's op list (planner/runtime/stages.py); returns its loss share (last stage)."""
+    from planner.runtime.stages import StageRunner, rank_ops
+
+    mesh = ctx.prep.plan.mesh
+    runner = StageRunner(ctx, it, step, tokens, unit_inputs, token_loss)
+    units = {u.id: u for u in step.units}
+    for op in rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage):
+        try:
+            (runner.forward if op.kind == "F" else runner.backward)(op)
+        except Exception as e:
+            raise _unit_failure(ctx, e, it, step, units[op.mb]) from e
+    try:
+        runner.finish()
+    except Exception as e:
+        raise _failure(ctx, e, f"step {it}: stage-boundary sends") from e
+    for run in runner.runs.values():
+        u = run.unit
+        ctx.trace.units.append(UnitRecord(
+            step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, unit=u.id, degree=u.degree,
+            tokens=sum(lay[run.index].tokens for lay in run.layouts), start_s=run.start_s, fwd_s=run.fwd_s,
+            bwd_s=run.bwd_s, comm_wait_s=run.peers.stats.wait_s + run.recv_wait_s,
+            sent_bytes=run.peers.stats.sent_bytes, saved_bytes=run.offload.stats.saved_bytes,
+            offloaded_bytes=run.offload.stats.offloaded_bytes, offload_ratio=u.offload_ratio,
+            peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=u.predicted_time_s, stage=ctx.stage,
+            slices=u.slices, ops=run.ops))
+    return runner.loss
+
+
 def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
     plan = ctx.prep.plan
     step = plan.steps[it % len(plan.steps)]
@@ -289,25 +394,24 @@ def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
     wanted = {p.seq for uid in mine for p in units[uid].pieces}
     offset = _stream_offset(plan, it)
     tokens = ctx.tokens.tokens(it, step.sequences, offset, wanted)
+    pipelined = plan.mesh.pp > 1
+    if check is not None and pipelined:  # rank 0's reference starts from every stage's current weights
+        collect_full(ctx, "data")
     reference = copy.deepcopy(ctx.model) if check is not None and ctx.rank == 0 else None
     if reference is not None:
         reference.zero_grad(set_to_none=True)
-    for p in ctx.model.parameters():  # zeros, not None: ranks without units still join the all-reduce
+    for p in ctx.owned:  # zeros, not None: ranks without units still join the all-reduce
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         else:
             p.grad.zero_()
     t0, c0 = time.perf_counter(), time.process_time()
-    loss = 0.0
-    for uid in mine:
-        try:
-            loss += run_unit(ctx, it, step, units[uid], tokens)
-        except Exception as e:  # name the rank and unit; the launcher ends the other ranks
-            raise _failure(ctx, e, f"step {it} (plan step {step.step}) unit {uid} "
-                                   f"(HDP ranks {list(units[uid].hdp_ranks)})") from e
+    loss = run_pipelined(ctx, it, step, tokens) if pipelined else run_units(ctx, it, step, tokens)
     t1 = time.perf_counter()
     try:
-        step_loss = sync_gradients(ctx.model, loss)
+        step_loss = sync_gradients(ctx, loss)
+        if check is not None and pipelined:
+            collect_full(ctx, "grad")
         _sync(ctx.device)
     except Exception as e:
         raise _failure(ctx, e, f"step {it} gradient all-reduce") from e
@@ -380,9 +484,18 @@ def run(opts: ReplayOptions) -> int:
                             **({"device_id": device} if device.type == "cuda" else {}))
     try:
         model = build_model(prep.config, opts.seed, device)
-        ctx = Context(opts=opts, prep=prep, rank=rank, hdp_rank=rank // prep.plan.mesh.tp, device=device,
-                      model=model, optimizer=make_optimizer(model, opts), tokens=tokens,
-                      params=parameter_pointers(model), trace=RankTrace(rank, time.time() - time.perf_counter()))
+        mesh = prep.plan.mesh
+        stage, hdp_rank = divmod(rank // mesh.tp, mesh.hdp)
+        ranges = tuple(virtual_stage_layers(prep.config.layers, mesh.pp, prep.chunks))
+        owned = tuple(stage_parameters(model, ranges, mesh.pp, stage))
+        # One static group per stage (every rank creates all of them, in order): the gradient
+        # all-reduce runs over a stage's HDP ranks. Units never get a group (P2P on the world).
+        groups = [dist.new_group([mesh.global_rank(s, r) for r in range(mesh.hdp)]) for s in range(mesh.pp)] \
+            if mesh.pp > 1 else [None]
+        ctx = Context(opts=opts, prep=prep, rank=rank, hdp_rank=hdp_rank, device=device, model=model,
+                      optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
+                      trace=RankTrace(rank, time.time() - time.perf_counter()), stage=stage, layer_ranges=ranges,
+                      owned=owned, stage_group=groups[stage])
         # Every rank must replay the same plan (each node reads its own copy); a mismatch would
         # hang in P2P, so compare digests first (REFERENCE 11, decision 23).
         digest = hashlib.sha256(prep.plan.to_json().encode()).hexdigest()
@@ -432,6 +545,8 @@ def _finish(ctx: Context, traces: list[RankTrace], check: CheckResult | None, wo
         shift = t.clock_offset_s - origin
         for u in t.units:
             u.start_s += shift
+            for o in u.ops:
+                o[3] += shift
         for s in t.steps:
             s.start_s += shift
     plan = ctx.prep.plan

@@ -133,12 +133,45 @@ class Decoder(nn.Module):
         self.head = None if cfg.tied_embeddings else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn: Attention) -> torch.Tensor:
+        x = self.run_layers(self.embed(tokens), positions, attn, 0, self.cfg.layers)
+        return self.logits(x)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, attn: Attention, start: int,
+                   end: int) -> torch.Tensor:
+        """Hidden states through layers [start, end): one pipeline stage's (or chunk's) share."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn, i)
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight if self.head is None else self.head.weight)
+        for i in range(start, end):
+            x = self.layers[i](x, cos, sin, attn, i)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (the last pipeline stage's tail)."""
+        return F.linear(self.norm(x), self.embed.weight if self.head is None else self.head.weight)
+
+    def stage_parameters(self, layer_ranges: list[tuple[int, int]], first: bool, last: bool) -> list[nn.Parameter]:
+        """The parameters a pipeline stage owns: its layers, the embedding on the first virtual stage,
+        the final norm and head on the last (a tied embedding belongs to both), in model order."""
+        own = {id(p) for a, b in layer_ranges for i in range(a, b) for p in self.layers[i].parameters()}
+        if first:
+            own.add(id(self.embed.weight))
+        if last:
+            own.update(id(p) for p in self.norm.parameters())
+            own.add(id(self.embed.weight if self.head is None else self.head.weight))
+        return [p for p in self.parameters() if id(p) in own]
+
+
+def virtual_stage_layers(layers: int, pp: int, v: int) -> list[tuple[int, int]]:
+    """[start, end) of each virtual stage k = chunk·pp + stage: layers split as evenly as possible,
+    earlier virtual stages taking the remainder."""
+    k = pp * v
+    if layers < k:
+        raise PlanError(f"the model has {layers} layers, fewer than pp × v = {pp} × {v} pipeline chunks; "
+                        "pass a deeper --model")
+    base, extra = divmod(layers, k)
+    bounds = [0]
+    for i in range(k):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return list(zip(bounds, bounds[1:]))
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device) -> Decoder:

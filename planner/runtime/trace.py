@@ -37,9 +37,16 @@ class UnitRecord:
     offload_ratio: float  # the plan's ratio for the unit
     peak_memory_bytes: int  # CUDA: max allocated during the unit; CPU: process peak RSS so far
     predicted_time_s: float  # the plan's forward+backward prediction for the unit
+    stage: int = 0  # pipeline stage (pp > 1)
+    slices: int = 1  # the unit's pipeline slices
+    # pp > 1: the unit's ops on this rank, [kind "F"/"B", slice, chunk, start_s, dur_s] (its forward
+    # and backward are not contiguous there: other micro-batches run between them)
+    ops: list[list] = field(default_factory=list)
 
     @property
     def end_s(self) -> float:
+        if self.ops:
+            return max(o[3] + o[4] for o in self.ops)
         return self.start_s + self.fwd_s + self.bwd_s
 
 
@@ -106,6 +113,14 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
         for u in s["units"]:
             args = {k: u[k] for k in ("unit", "degree", "tokens", "comm_wait_s", "sent_bytes", "offloaded_bytes",
                                       "predicted_time_s")}
+            if u.get("ops"):  # pipelined: one slice per op
+                for kind, j, c, t, dur in u["ops"]:
+                    name = f"unit {u['unit']} {'fwd' if kind == 'F' else 'bwd'}" + \
+                        (f" s{j}" if u["slices"] > 1 else "") + (f" c{c}" if c else "")
+                    ev.append({"ph": "X", "pid": u["rank"], "tid": 0, "name": name,
+                               "cat": "forward" if kind == "F" else "backward", "ts": t * us, "dur": dur * us,
+                               "args": {**args, "stage": u["stage"]}})
+                continue
             ev.append({"ph": "X", "pid": u["rank"], "tid": 0, "name": f"unit {u['unit']} fwd", "cat": "forward",
                        "ts": u["start_s"] * us, "dur": u["fwd_s"] * us, "args": args})
             ev.append({"ph": "X", "pid": u["rank"], "tid": 0, "name": f"unit {u['unit']} bwd", "cat": "backward",

@@ -1,0 +1,189 @@
+"""Pipeline replay (pp > 1): a rank is one stage of one pipeline (an HDP rank) and runs the op list
+the plan's `pipeline` section expands to (`planner.pipeline.step_op_lists`, the lists the simulator
+times): forward and backward of (unit, slice, chunk), in order.
+
+- Activations and their gradients cross stage boundaries point to point with the same pipeline's
+  neighbour (`planner.pipeline.dependency` / `consumer` say who); sends are asynchronous and drained
+  at the end of the step, a receive blocks until its data is there. Activations and gradients use
+  different tags, so a pair of ranks carrying both (p = 2 with chunks) never confuses them.
+- A unit shared by several pipelines runs context-parallel on each stage over the unit's ranks of
+  that stage, exactly as with pp = 1.
+- Sliced units (SlimPipe, `slices` = n): slice j is the j-th uniform part of every document, zigzag
+  sharded over the unit's members; it attends the KV cache of slices < j. Backward runs slices in
+  reverse and feeds the dK/dV that later slices accumulated into slice j's graph (`cp.KVCache`).
+  "sliced-redistributed" is replayed as "sliced": mirror pairing moves work between stages, not
+  results, so the gradients are the same.
+- The last virtual stage computes the token loss of each slice over the step's global tokens."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from planner.pipeline import PipeOp, consumer, dependency, section_weights, step_op_lists
+from planner.plan import Step, Unit
+from planner.runtime.cp import (KVCache, Peers, ShardLayout, SlicedAttention, shard_layout, slice_layout,
+                                unit_attention, unit_documents)
+from planner.runtime.offload import Offloader
+
+_TAG_ACT, _TAG_GRAD = 5, 6  # beside cp.py's 1-4: stage-boundary activations and their gradients
+
+
+@dataclass
+class _UnitRun:
+    """One unit on this rank during a step: layouts per slice, inputs, attention, live tensors."""
+
+    unit: Unit
+    index: int  # this rank's member index
+    layouts: list[list[ShardLayout]]  # [slice][member]
+    inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per slice: (ids, labels, positions)
+    peers: Peers
+    offload: Offloader
+    cache: KVCache = field(default_factory=KVCache)
+    attn: dict[int, object] = field(default_factory=dict)  # per slice
+    live: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (slice, chunk) -> (input leaf, output)
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    recv_wait_s: float = 0.0  # blocked receiving stage-boundary tensors
+    start_s: float | None = None
+    ops: list[list] = field(default_factory=list)  # [kind, slice, chunk, start_s, dur_s]
+
+
+def step_chunks(step: Step) -> int:
+    return int((step.pipeline or {}).get("v", 1))
+
+
+def rank_ops(step: Step, pp: int, hdp: int, hdp_rank: int, stage: int) -> list[PipeOp]:
+    """This rank's op list (PipeOp.mb = unit id)."""
+    lists = step_op_lists(pp, {r: step.order.get(r, []) for r in range(hdp)}, {u.id: u.slices for u in step.units},
+                          step_chunks(step), section_weights(step.pipeline))
+    return lists[(hdp_rank, stage)]
+
+
+class StageRunner:
+    """Runs one step's op list on one rank. `ctx` is the executor's Context (model, device, mesh
+    coordinates, options); `unit_inputs` and `token_loss` come from the executor."""
+
+    def __init__(self, ctx, it: int, step: Step, tokens: dict[int, torch.Tensor], unit_inputs, token_loss) -> None:
+        self.ctx, self.it, self.step, self.tokens = ctx, it, step, tokens
+        self.unit_inputs, self.token_loss = unit_inputs, token_loss
+        mesh = ctx.prep.plan.mesh
+        self.p, self.hdp, self.v = mesh.pp, mesh.hdp, step_chunks(step)
+        self.units = {u.id: u for u in step.units}
+        self.runs: dict[int, _UnitRun] = {}
+        self.sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.loss = 0.0
+
+    # -- coordinates --------------------------------------------------------------------------
+    def _rank_of(self, stage: int) -> int:
+        return self.ctx.prep.plan.mesh.global_rank(stage, self.ctx.hdp_rank)
+
+    def _layers(self, chunk: int) -> tuple[int, int]:
+        return self.ctx.layer_ranges[chunk * self.p + self.ctx.stage]
+
+    def _first(self, chunk: int) -> bool:
+        return self.ctx.stage == 0 and chunk == 0
+
+    def _last(self, chunk: int) -> bool:
+        return self.ctx.stage == self.p - 1 and chunk == self.v - 1
+
+    # -- per unit -----------------------------------------------------------------------------
+    def _run(self, uid: int) -> _UnitRun:
+        if uid not in self.runs:
+            u = self.units[uid]
+            ctx, n = self.ctx, u.slices
+            index = u.hdp_ranks.index(ctx.hdp_rank)
+            docs = unit_documents(u.pieces)
+            if n == 1:
+                layouts = [[shard_layout(docs, u.degree, m) for m in range(u.degree)]]
+            else:
+                layouts = [[slice_layout(docs, n, j, u.degree, m) for m in range(u.degree)] for j in range(n)]
+            inputs = [tuple(t.to(ctx.device) for t in self.unit_inputs(self.tokens, lay[index])) for lay in layouts]
+            mesh = ctx.prep.plan.mesh
+            peers = Peers(tuple(mesh.global_rank(ctx.stage, r) for r in u.hdp_ranks), index)
+            self.runs[uid] = _UnitRun(u, index, layouts, inputs, peers, Offloader(u.offload_ratio, ctx.params))
+        return self.runs[uid]
+
+    def _attention(self, run: _UnitRun, j: int):
+        if j not in run.attn:
+            ctx = self.ctx
+            if run.unit.slices == 1:
+                run.attn[j] = unit_attention(run.unit, run.layouts[0], run.peers, ctx.opts.cp_impl,
+                                             ctx.prep.config.head_dim, ctx.device, ctx.opts.ring_kernel)
+            else:
+                run.attn[j] = SlicedAttention(run.layouts, j, run.peers, run.cache, ctx.device)
+        return run.attn[j]
+
+    # -- transfers ----------------------------------------------------------------------------
+    def _recv(self, op: PipeOp, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The op's input from another stage (None when it has none: embedding, loss)."""
+        d = dependency(op, self.ctx.stage, self.p, self.v, self.units[op.mb].slices - 1)
+        if d is None or d[0] == self.ctx.stage:
+            return None
+        buf = torch.empty(shape, device=self.ctx.device)
+        t0 = time.perf_counter()
+        dist.recv(buf, self._rank_of(d[0]), tag=_TAG_ACT if op.kind == "F" else _TAG_GRAD)
+        self._run(op.mb).recv_wait_s += time.perf_counter() - t0
+        return buf
+
+    def _send(self, op: PipeOp, t: torch.Tensor) -> None:
+        c = consumer(op, self.ctx.stage, self.p, self.v)
+        if c is not None:
+            t = t.contiguous()
+            self.sends.append((dist.isend(t, self._rank_of(c[0]), tag=_TAG_ACT if op.kind == "F" else _TAG_GRAD), t))
+
+    # -- ops ----------------------------------------------------------------------------------
+    def forward(self, op: PipeOp) -> None:
+        run, j, c = self._run(op.mb), op.slice, op.chunk
+        ids, labels, pos = run.inputs[j]
+        ctx = self.ctx
+        x = self._recv(op, (ids.numel(), ctx.prep.config.hidden))
+        t0 = time.perf_counter()
+        with run.offload.active():
+            if ctx.opts.inject_failure == (ctx.rank, op.mb):
+                raise RuntimeError("injected failure (--inject-failure)")
+            if x is None:
+                h = ctx.model.embed(ids)
+            else:
+                h = x.requires_grad_()
+            a, b = self._layers(c)
+            y = ctx.model.run_layers(h, pos, self._attention(run, j), a, b)
+            if self._last(c):
+                y = self.token_loss(ctx.model.logits(y), labels, self.step.global_tokens)
+                self.loss += float(y.detach())
+        run.live[(j, c)] = (x, y)
+        if not self._last(c):
+            self._send(op, y.detach())
+        self._timed(run, "F", op, t0)
+
+    def backward(self, op: PipeOp) -> None:
+        run, j, c = self._run(op.mb), op.slice, op.chunk
+        x, y = run.live.pop((j, c))
+        dy = None if self._last(c) else self._recv(op, tuple(y.shape))
+        t0 = time.perf_counter()
+        a, b = self._layers(c)
+        roots, grads = run.cache.backward_roots(j, range(a, b)) if run.unit.slices > 1 else ([], [])
+        torch.autograd.backward([y, *roots], [dy, *grads])
+        if x is not None:
+            self._send(op, x.grad)
+        self._timed(run, "B", op, t0)
+
+    def _timed(self, run: _UnitRun, kind: str, op: PipeOp, t0: float) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        t1 = time.perf_counter()
+        if kind == "F":
+            run.fwd_s += t1 - t0
+        else:
+            run.bwd_s += t1 - t0
+        run.start_s = t0 if run.start_s is None else run.start_s
+        run.ops.append([kind, op.slice, op.chunk, t0, t1 - t0])
+
+    def finish(self) -> None:
+        """Every send of the step delivered (the receivers have them)."""
+        for w, _ in self.sends:
+            w.wait()
+        self.sends.clear()
