@@ -2,7 +2,7 @@
 loop (the --check reference: one sequence at a time, full-sequence causal attention, same
 optimizer) on the same tokens and the same model.
 
-    python bench/replay_overhead.py --nproc 2 --steps 6 --tokens-per-step 4096 [--model tiny|cpu-small] [--cp ring]
+    python bench/replay_overhead.py --nproc 2 --steps 6 --tokens-per-step 4096 [--model tiny|cpu-small] [--cp ring] [--pp 2]
 
 Prints a table and one JSON line. Every process gets OMP_NUM_THREADS threads (default 1), the
 single-process loop too, so with N ranks on >= N cores the ideal replay step is loop / N plus
@@ -32,7 +32,7 @@ CPU_SMALL = {"name": "cpu-small", "layers": 4, "hidden": 256, "heads": 8, "kv_he
 def plan_for(args: argparse.Namespace, path: Path) -> None:
     from planner.api import PlanRequest, make_plan
 
-    req = PlanRequest(model=args.model, cluster="local-cpu", gpus=args.nproc, profile=args.profile,
+    req = PlanRequest(model=args.model, cluster="local-cpu", gpus=args.nproc, pp=args.pp, profile=args.profile,
                       lengths=args.lengths, tokens_per_step=args.tokens_per_step, max_context_tokens=args.max_context,
                       capacity_tokens=args.capacity, seed=args.seed)
     make_plan(req, args.strategy).save(path)
@@ -74,6 +74,7 @@ def single_process(args: argparse.Namespace, plan_path: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (nproc = pp × HDP ranks)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--model", default="tiny", help="preset, spec file, or cpu-small (defined here)")
     p.add_argument("--cp", choices=("ring", "allgather"), default="ring")
@@ -97,7 +98,7 @@ def main() -> None:
         ref = single_process(args, plan)
     ratio = rep["step_s"] / ref["step_s"]
     args.model = label
-    print(f"model {label}, {args.tokens_per_step} tokens/step, {args.strategy} plan on {args.nproc} ranks "
+    print(f"model {label}, {args.tokens_per_step} tokens/step, {args.strategy} plan on {args.nproc} ranks (pp {args.pp}) "
           f"({rep['units']} unit records/step), cp {args.cp}, {args.threads} thread(s) per process, "
           f"{os.cpu_count()} cores")
     cpu_ratio = rep["cpu_s_all_ranks"] / ref["cpu_s"]

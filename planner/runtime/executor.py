@@ -488,6 +488,11 @@ def run(opts: ReplayOptions) -> int:
         stage, hdp_rank = divmod(rank // mesh.tp, mesh.hdp)
         ranges = tuple(virtual_stage_layers(prep.config.layers, mesh.pp, prep.chunks))
         owned = tuple(stage_parameters(model, ranges, mesh.pp, stage))
+        if not opts.check:  # a stage holds only its own weights (--check keeps all: rank 0's reference needs them)
+            mine = {id(p) for p in owned}
+            for p in model.parameters():
+                if id(p) not in mine:
+                    p.data = p.data.new_empty(0)
         # One static group per stage (every rank creates all of them, in order): the gradient
         # all-reduce runs over a stage's HDP ranks. Units never get a group (P2P on the world).
         groups = [dist.new_group([mesh.global_rank(s, r) for r in range(mesh.hdp)]) for s in range(mesh.pp)] \
