@@ -230,7 +230,7 @@ def _run_torchrun(cmd: list[str], env: dict[str, str]) -> tuple[int, str | None]
 
 @app.command("replay", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def replay(ctx: typer.Context,
-           plan: Path = typer.Argument(..., help="Plan JSON (tp = 1; any pp)."),
+           plan: Path = typer.Argument(..., help="Plan JSON (any tp × pp × hdp mesh of a dense model)."),
            nproc: int = typer.Option(..., "--nproc", help="Processes per node: one per GPU, or CPU workers (gloo)."),
            model: Optional[str] = typer.Option(None, "--model", help="Model preset or file to build instead of "
                                                "the plan's meta.model, e.g. tiny."),

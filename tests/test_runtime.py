@@ -87,7 +87,7 @@ DEEP_TIED = {"name": "tiny-deep-tied", "layers": 4, "hidden": 64, "heads": 4, "k
              "ffn": 128, "vocab": 256, "tied_embeddings": True, "source": "tests: 4 layers, tied embedding"}
 
 
-def pipelined_plan(schedule: str = "sliced", v: int = 1) -> Plan:
+def pipelined_plan(schedule: str = "sliced", v: int = 1, tp: int = 1) -> Plan:
     """pp = 2 over 2 pipelines, two steps. Step 0: a unit shared by both pipelines (CP over 2 ranks on
     each stage) with two documents in 3 slices; a 2-slice unit with offload 0.5; a packed bin
     unsliced; pipelines with 2 and 3 micro-batches. Step 1: a shared unsliced unit (ring CP).
@@ -103,7 +103,7 @@ def pipelined_plan(schedule: str = "sliced", v: int = 1) -> Plan:
                   pipeline={"schedule": schedule, "v": v})
     st1 = replace(make_step(1, 2, {7: 90, 8: 40}, [(0, [0, 1], [(7, 0, 90)], 0.0), (1, [1], [(8, 0, 40)], 0.25)],
                             {0: [0], 1: [0, 1]}), pipeline={"schedule": "1f1b" if v == 1 else schedule, "v": v})
-    plan = Plan(meta={"model": "tiny", "strategy": "hand-built"}, mesh=Mesh(4, 1, 2, 2), steps=[st0, st1])
+    plan = Plan(meta={"model": "tiny", "strategy": "hand-built"}, mesh=Mesh(4 * tp, tp, 2, 2), steps=[st0, st1])
     validate(plan)
     return plan
 
@@ -463,6 +463,27 @@ def test_pipelined_replay_matches_reference(tmp_path, schedule, v):
 
 
 @pytest.mark.torchrun
+def test_tensor_parallel_replay_matches_reference(tmp_path):
+    """tp = 2 on the 3-rank mixed plan (6 processes): heads and FFN split per TP group, context
+    parallelism between the same TP rank of different HDP ranks, offload."""
+    plan = mixed_plan_3()
+    plan = Plan(meta=plan.meta, mesh=Mesh(6, 2, 1, 3), steps=plan.steps)
+    validate(plan)
+    plan.save(tmp_path / "plan.json")
+    res = torchrun(6, tmp_path / "plan.json", "--check", "--steps", "2", "--cp", "allgather", cwd=tmp_path)
+    assert_matches_reference(res, ranks=6, units=10)
+
+
+@pytest.mark.torchrun
+def test_tensor_and_pipeline_parallel_replay_matches_reference(tmp_path):
+    """tp = 2 × pp = 2 × 2 pipelines (8 processes): sliced shared unit, tied embedding."""
+    pipelined_plan(tp=2).save(tmp_path / "plan.json")
+    (tmp_path / "deep.json").write_text(json.dumps(DEEP_TIED))
+    res = torchrun(8, tmp_path / "plan.json", "--check", "--steps", "2", "--model", "deep.json", cwd=tmp_path)
+    assert_matches_reference(res, ranks=8, units=6)
+
+
+@pytest.mark.torchrun
 def test_planned_pipeline_replays_and_traces_per_stage(tmp_path):
     """An hdp plan with pp = 2 (long sequences sliced by the planner) replays with the reference's
     gradients; the trace carries per-stage ops and `simulate --measured` compares per stage."""
@@ -498,7 +519,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     d["steps"][0]["units"][0]["tokens_per_rank"] = 0  # (0: not stated, so coverage is what fails)
     (tmp_path / "gap.json").write_text(json.dumps(d))
     tp = json.loads(text)
-    tp["mesh"] = {"world_size": 6, "tp": 2, "pp": 1, "hdp": 3}
+    tp["mesh"] = {"world_size": 12, "tp": 4, "pp": 1, "hdp": 3}  # tiny has 2 KV heads
     (tmp_path / "tp.json").write_text(json.dumps(tp))
     pp = json.loads(text)
     pp["mesh"] = {"world_size": 12, "tp": 1, "pp": 4, "hdp": 3}  # tiny has 2 layers
@@ -515,7 +536,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     return [(["truncated.json", "--nproc", "3"], "truncated or corrupt plan JSON"),
             (["gap.json", "--nproc", "3"], "sequence 0 covers 30 of 37 tokens"),
             (["good.json", "--nproc", "4"], "the plan is for world_size 3"),
-            (["tp.json", "--nproc", "6"], "tensor-parallel replay (tp = 2 > 1) is not implemented yet"),
+            (["tp.json", "--nproc", "12"], "kv_heads = 2 does not split over tp = 4"),
             (["pp.json", "--nproc", "12"], "has 2 layers, fewer than the plan's 4 pipeline chunks"),
             (["slices.json", "--nproc", "4"], "unit 3 has 13 slices but its longest document only 12 tokens"),
             (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),

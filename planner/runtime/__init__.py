@@ -43,9 +43,6 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
                         f"(meshplan replay --nproc {m.world_size})")
     if m.pp > 1:
         _check_pipelined(plan, str(plan_path))
-    if m.tp > 1:
-        raise PlanError(f"{plan_path}: tensor-parallel replay (tp = {m.tp} > 1) is not implemented yet; "
-                        "replay a tp = 1 plan")
     name = model or plan.meta.get("model")
     if not name:
         raise PlanError(f"{plan_path}: the plan names no model (meta.model); pass --model NAME")
@@ -55,6 +52,10 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
                         "pass --model tiny or a dense preset")
     if spec.head_dim % 2:
         raise PlanError(f"model {spec.name!r}: RoPE needs an even head_dim, got {spec.head_dim}")
+    for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn)):
+        if n % m.tp:
+            raise PlanError(f"model {spec.name!r}: {what} = {n} does not split over tp = {m.tp} (whole heads and "
+                            "equal FFN slices per TP rank); pass a model whose heads, kv_heads and ffn divide by tp")
     chunks = m.pp * int((plan.steps[0].pipeline or {}).get("v", 1))
     if spec.layers < chunks:
         raise PlanError(f"model {spec.name!r} has {spec.layers} layers, fewer than the plan's {chunks} pipeline "

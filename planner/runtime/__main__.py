@@ -24,7 +24,7 @@ def _rank_unit(text: str) -> tuple[int, int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m planner.runtime", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("plan_path", metavar="plan", type=Path, help="plan JSON (tp = 1; any pp)")
+    p.add_argument("plan_path", metavar="plan", type=Path, help="plan JSON (any tp × pp × hdp mesh of a dense model)")
     p.add_argument("--model", default=None, help="model preset or file (default: the plan's meta.model), e.g. tiny")
     p.add_argument("--steps", type=int, default=None, help="iterations (default: every plan step once; more cycle)")
     p.add_argument("--check", action="store_true", help="compare with a single-process reference on rank 0")

@@ -8,7 +8,8 @@ the all-reduced gradient is the full batch's whatever the assignment (REFERENCE 
 
 `--check` makes rank 0 replay the same global batch in one process with plain per-sequence
 attention and compare losses and gradients. With pp > 1 a rank is one stage of one pipeline and
-runs the plan's op lists (planner/runtime/stages.py). Scope: tp = 1 plans."""
+runs the plan's op lists (planner/runtime/stages.py); with tp > 1 an HDP rank is a TP group
+(planner/runtime/tp.py) whose members talk to the same TP rank of other HDP ranks."""
 
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ class Context:
     stage: int = 0  # pipeline stage of this rank
     layer_ranges: tuple[tuple[int, int], ...] = ()  # [start, end) per virtual stage (chunk·pp + stage)
     owned: tuple[nn.Parameter, ...] = ()  # parameters of this stage (all of them when pp = 1)
-    stage_group: object = None  # process group of this stage's HDP ranks (None: the world, pp = 1)
+    stage_group: object = None  # process group of this stage's HDP ranks of our TP rank (None: the world)
+    tp_rank: int = 0  # index in the TP group
+    full: Decoder | None = None  # --check with pp or tp > 1: the whole model, filled from the shards' owners
 
 
 def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, torch.Tensor]) -> float:
@@ -136,7 +139,7 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, to
     docs = unit_documents(unit.pieces)
     layouts = [shard_layout(docs, unit.degree, j) for j in range(unit.degree)]
     inp, lab, pos = (t.to(ctx.device) for t in unit_inputs(tokens, layouts[index]))
-    peers = Peers(tuple(mesh.global_rank(0, r) for r in unit.hdp_ranks), index)
+    peers = Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in unit.hdp_ranks), index)
     attn = unit_attention(unit, layouts, peers, ctx.opts.cp_impl, ctx.prep.config.head_dim, ctx.device,
                           ctx.opts.ring_kernel)
     off = Offloader(unit.offload_ratio, ctx.params)
@@ -174,7 +177,7 @@ def prewarm(ctx: Context) -> float:
             if u.degree > 1 and u.hdp_ranks not in done:  # every member skips the same repeats
                 done.add(u.hdp_ranks)
                 mesh = ctx.prep.plan.mesh
-                Peers(tuple(mesh.global_rank(ctx.stage, r) for r in u.hdp_ranks),
+                Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in u.hdp_ranks),
                       u.hdp_ranks.index(ctx.hdp_rank)).all_gather(
                     torch.zeros(1, device=ctx.device))
     _sync(ctx.device)
@@ -193,18 +196,17 @@ def _flat_all_reduce(tensors: list[torch.Tensor], extra: list[float], group=None
 
 
 def sync_gradients(ctx: Context, loss: float) -> float:
-    """One all-reduce of the stage's gradients over its HDP ranks (pp = 1: the world, the loss share
-    riding along); with pp > 1 a tied embedding's two halves (first and last stage of a pipeline)
-    are then summed point to point, and the loss (last stage only) is all-reduced over the world.
-    Returns the step loss."""
-    pipelined = ctx.prep.plan.mesh.pp > 1
+    """One all-reduce of the stage's gradients over its HDP ranks of the same TP rank (pp = tp = 1: the
+    world, the loss share riding along); with pp > 1 a tied embedding's two halves (first and last
+    stage of a pipeline) are then summed point to point; the loss (last stage, TP rank 0) is
+    all-reduced over the world. Returns the step loss."""
     total = _flat_all_reduce([p.grad for p in ctx.owned], [loss], ctx.stage_group)[0]
-    if not pipelined:
+    if ctx.stage_group is None:
         return total
     mesh, model = ctx.prep.plan.mesh, ctx.model
-    if model.head is None and ctx.stage in (0, mesh.pp - 1):
+    if mesh.pp > 1 and model.head is None and ctx.stage in (0, mesh.pp - 1):
         g = model.embed.weight.grad
-        peer = mesh.global_rank(mesh.pp - 1 - ctx.stage, ctx.hdp_rank)
+        peer = mesh.global_rank(mesh.pp - 1 - ctx.stage, ctx.hdp_rank, ctx.tp_rank)
         other = torch.empty_like(g)
         for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, g.clone(), peer, tag=7),
                                          dist.P2POp(dist.irecv, other, peer, tag=7)]):
@@ -216,21 +218,27 @@ def sync_gradients(ctx: Context, loss: float) -> float:
 
 
 def collect_full(ctx: Context, attr: str) -> None:
-    """--check with pp > 1: every parameter's value ("data") or gradient ("grad") from one owner (HDP
-    rank 0 of the first stage holding it) to every rank, so rank 0's reference sees the whole model."""
-    mine = {id(p) for p in ctx.owned}
+    """--check with pp or tp > 1: every parameter's value ("data") or gradient ("grad") into ctx.full on
+    every rank, each piece from one owner: HDP rank 0 of the first stage holding it, every TP rank
+    for its shard, TP rank 0 for replicated weights."""
+    from planner.runtime.tp import place_shard, shard_dim
+
+    mesh = ctx.prep.plan.mesh
+    name_of = {id(p): n for n, p in ctx.model.named_parameters()}
     first = {}
-    for s in reversed(range(ctx.prep.plan.mesh.pp)):
-        for p in stage_parameters(ctx.model, ctx.layer_ranges, ctx.prep.plan.mesh.pp, s):
-            first[id(p)] = s
-    params = list(ctx.model.parameters())
-    vals = []
-    for p in params:
-        src = p.data if attr == "data" else p.grad
-        owner = ctx.hdp_rank == 0 and first[id(p)] == ctx.stage and id(p) in mine
-        vals.append(src.clone() if owner else torch.zeros_like(p.data))
+    for s in reversed(range(mesh.pp)):
+        for p in stage_parameters(ctx.model, ctx.layer_ranges, mesh.pp, s):
+            first[name_of[id(p)]] = s
+    local = dict(ctx.model.named_parameters())
+    names, vals = [], []
+    for name, p in ctx.full.named_parameters():
+        owner = (ctx.hdp_rank == 0 and first[name] == ctx.stage
+                 and (ctx.tp_rank == 0 or shard_dim(name) is not None))
+        src = local[name].data if attr == "data" else local[name].grad
+        vals.append(place_shard(p.shape, src, name, mesh.tp, ctx.tp_rank) if owner else torch.zeros_like(p.data))
+        names.append(name)
     _flat_all_reduce(vals, [0.0])
-    for p, val in zip(params, vals):
+    for (name, p), val in zip(ctx.full.named_parameters(), vals):
         if attr == "data":
             p.data.copy_(val)
         else:
@@ -395,9 +403,10 @@ def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
     offset = _stream_offset(plan, it)
     tokens = ctx.tokens.tokens(it, step.sequences, offset, wanted)
     pipelined = plan.mesh.pp > 1
-    if check is not None and pipelined:  # rank 0's reference starts from every stage's current weights
+    whole = ctx.model if ctx.full is None else ctx.full  # what the reference is compared with
+    if check is not None and ctx.full is not None:  # rank 0's reference starts from every shard's weights
         collect_full(ctx, "data")
-    reference = copy.deepcopy(ctx.model) if check is not None and ctx.rank == 0 else None
+    reference = copy.deepcopy(whole) if check is not None and ctx.rank == 0 else None
     if reference is not None:
         reference.zero_grad(set_to_none=True)
     for p in ctx.owned:  # zeros, not None: ranks without units still join the all-reduce
@@ -407,10 +416,11 @@ def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
             p.grad.zero_()
     t0, c0 = time.perf_counter(), time.process_time()
     loss = run_pipelined(ctx, it, step, tokens) if pipelined else run_units(ctx, it, step, tokens)
+    loss = loss if ctx.tp_rank == 0 else 0.0  # a TP group computes its loss once per member: count it once
     t1 = time.perf_counter()
     try:
         step_loss = sync_gradients(ctx, loss)
-        if check is not None and pipelined:
+        if check is not None and ctx.full is not None:
             collect_full(ctx, "grad")
         _sync(ctx.device)
     except Exception as e:
@@ -419,7 +429,7 @@ def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
     if reference is not None:
         all_tokens = ctx.tokens.tokens(it, step.sequences, offset)
         ref_loss = reference_step(reference, step, all_tokens, ctx.device)
-        check.max_rel_grad_err = max(check.max_rel_grad_err, max_rel_grad_err(ctx.model, reference))
+        check.max_rel_grad_err = max(check.max_rel_grad_err, max_rel_grad_err(whole, reference))
         check.loss_abs_err = max(check.loss_abs_err, abs(ref_loss - step_loss))
         check.units += len(step.units)
         del reference
@@ -463,6 +473,37 @@ def _trace_meta(ctx: Context, world: int) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.device, tokens: TokenSource) -> Context:
+    """This rank's coordinates, model shard and groups (needs the process group)."""
+    from planner.runtime.tp import TPGroup, shard_model
+
+    mesh = prep.plan.mesh
+    stage, rest = divmod(rank, mesh.hdp * mesh.tp)
+    hdp_rank, tp_rank = divmod(rest, mesh.tp)
+    full = build_model(prep.config, opts.seed, device)
+    # Static groups, created by every rank in the same order: per (stage, tp rank) the HDP ranks that
+    # all-reduce gradients, per (stage, HDP rank) the TP group. Units never get one (P2P on the world).
+    split = mesh.pp > 1 or mesh.tp > 1
+    dp_groups = {(s, t): dist.new_group([mesh.global_rank(s, r, t) for r in range(mesh.hdp)])
+                 for s in range(mesh.pp) for t in range(mesh.tp)} if split else {}
+    tp_groups = {(s, r): dist.new_group([mesh.global_rank(s, r, t) for t in range(mesh.tp)])
+                 for s in range(mesh.pp) for r in range(mesh.hdp)} if mesh.tp > 1 else {}
+    model = shard_model(full, TPGroup(tp_groups[(stage, hdp_rank)], mesh.tp, tp_rank)) if mesh.tp > 1 else full
+    reference_model = None
+    if opts.check and split:  # rank 0's reference needs the whole model: every rank keeps a full copy to fill
+        reference_model = full if model is not full else copy.deepcopy(full)
+    ranges = tuple(virtual_stage_layers(prep.config.layers, mesh.pp, prep.chunks))
+    owned = tuple(stage_parameters(model, ranges, mesh.pp, stage))
+    mine = {id(p) for p in owned}
+    for p in model.parameters():  # a stage holds only its own weights
+        if id(p) not in mine:
+            p.data = p.data.new_empty(0)
+    return Context(opts=opts, prep=prep, rank=rank, hdp_rank=hdp_rank, device=device, model=model,
+                   optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
+                   trace=RankTrace(rank, time.time() - time.perf_counter()), stage=stage, layer_ranges=ranges,
+                   owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank, full=reference_model)
+
+
 def run(opts: ReplayOptions) -> int:
     """The body of `python -m planner.runtime` on every rank: returns a non-zero exit code on refusal;
     a finished run ends the process right after its final barrier (exit code 0)."""
@@ -483,24 +524,7 @@ def run(opts: ReplayOptions) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
                             **({"device_id": device} if device.type == "cuda" else {}))
     try:
-        model = build_model(prep.config, opts.seed, device)
-        mesh = prep.plan.mesh
-        stage, hdp_rank = divmod(rank // mesh.tp, mesh.hdp)
-        ranges = tuple(virtual_stage_layers(prep.config.layers, mesh.pp, prep.chunks))
-        owned = tuple(stage_parameters(model, ranges, mesh.pp, stage))
-        if not opts.check:  # a stage holds only its own weights (--check keeps all: rank 0's reference needs them)
-            mine = {id(p) for p in owned}
-            for p in model.parameters():
-                if id(p) not in mine:
-                    p.data = p.data.new_empty(0)
-        # One static group per stage (every rank creates all of them, in order): the gradient
-        # all-reduce runs over a stage's HDP ranks. Units never get a group (P2P on the world).
-        groups = [dist.new_group([mesh.global_rank(s, r) for r in range(mesh.hdp)]) for s in range(mesh.pp)] \
-            if mesh.pp > 1 else [None]
-        ctx = Context(opts=opts, prep=prep, rank=rank, hdp_rank=hdp_rank, device=device, model=model,
-                      optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
-                      trace=RankTrace(rank, time.time() - time.perf_counter()), stage=stage, layer_ranges=ranges,
-                      owned=owned, stage_group=groups[stage])
+        ctx = _context(opts, prep, rank, device, tokens)
         # Every rank must replay the same plan (each node reads its own copy); a mismatch would
         # hang in P2P, so compare digests first (REFERENCE 11, decision 23).
         digest = hashlib.sha256(prep.plan.to_json().encode()).hexdigest()

@@ -85,14 +85,19 @@ class SelfAttention(nn.Module):
         self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+        self.tp = None  # planner.runtime.tp.TPGroup when the heads are split over a TP group
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
                 layer: int) -> torch.Tensor:
-        t, c = x.shape[0], self.cfg
-        q = apply_rope(self.wq(x).view(t, c.heads, c.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(t, c.kv_heads, c.head_dim), cos, sin)
-        v = self.wv(x).view(t, c.kv_heads, c.head_dim)
-        return self.wo(attn(q, k, v, layer).reshape(t, c.heads * c.head_dim))
+        t, d = x.shape[0], self.cfg.head_dim
+        if self.tp is not None:
+            x = self.tp.enter(x)
+        # head counts from the weights: this rank's heads under TP, all of them otherwise
+        q = apply_rope(self.wq(x).view(t, -1, d), cos, sin)
+        k = apply_rope(self.wk(x).view(t, -1, d), cos, sin)
+        v = self.wv(x).view(t, -1, d)
+        out = self.wo(attn(q, k, v, layer).reshape(t, -1))
+        return out if self.tp is None else self.tp.exit(out)
 
 
 class SwiGLU(nn.Module):
@@ -101,9 +106,13 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+        self.tp = None  # planner.runtime.tp.TPGroup when the FFN is split over a TP group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.tp is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        x = self.tp.enter(x)
+        return self.tp.exit(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -79,7 +79,7 @@ class StageRunner:
 
     # -- coordinates --------------------------------------------------------------------------
     def _rank_of(self, stage: int) -> int:
-        return self.ctx.prep.plan.mesh.global_rank(stage, self.ctx.hdp_rank)
+        return self.ctx.prep.plan.mesh.global_rank(stage, self.ctx.hdp_rank, self.ctx.tp_rank)
 
     def _layers(self, chunk: int) -> tuple[int, int]:
         return self.ctx.layer_ranges[chunk * self.p + self.ctx.stage]
@@ -103,7 +103,7 @@ class StageRunner:
                 layouts = [[slice_layout(docs, n, j, u.degree, m) for m in range(u.degree)] for j in range(n)]
             inputs = [tuple(t.to(ctx.device) for t in self.unit_inputs(self.tokens, lay[index])) for lay in layouts]
             mesh = ctx.prep.plan.mesh
-            peers = Peers(tuple(mesh.global_rank(ctx.stage, r) for r in u.hdp_ranks), index)
+            peers = Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in u.hdp_ranks), index)
             self.runs[uid] = _UnitRun(u, index, layouts, inputs, peers, Offloader(u.offload_ratio, ctx.params))
         return self.runs[uid]
 
