@@ -3,8 +3,9 @@ the plan's `pipeline` section expands to (`planner.pipeline.step_op_lists`, the 
 times): forward and backward of (unit, slice, chunk), in order.
 
 - Activations and their gradients cross stage boundaries point to point with the same pipeline's
-  neighbour (`planner.pipeline.dependency` / `consumer` say who); sends are asynchronous and drained
-  at the end of the step, a receive blocks until its data is there. Activations and gradients use
+  neighbour (`planner.pipeline.dependency` / `consumer` say who); an op's send is posted with the
+  next op's receive as one batch, sends are drained at the end of the step, and an op blocks until
+  its input is there. Activations and gradients use
   different tags, so a pair of ranks carrying both (p = 2 with chunks) never confuses them.
 - A unit shared by several pipelines runs context-parallel on each stage over the unit's ranks of
   that stage, exactly as with pp = 1.
@@ -74,7 +75,8 @@ class StageRunner:
         self.p, self.hdp, self.v = mesh.pp, mesh.hdp, step_chunks(step)
         self.units = {u.id: u for u in step.units}
         self.runs: dict[int, _UnitRun] = {}
-        self.sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.sends: list[tuple[dist.Work, torch.Tensor]] = []  # posted, kept alive until the step ends
+        self.pending: list[tuple[int, torch.Tensor, int]] = []  # (peer, tensor, tag) to post with the next op
         self.loss = 0.0
 
     # -- coordinates --------------------------------------------------------------------------
@@ -118,29 +120,39 @@ class StageRunner:
         return run.attn[j]
 
     # -- transfers ----------------------------------------------------------------------------
-    def _recv(self, op: PipeOp, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """The op's input from another stage (None when it has none: embedding, loss)."""
+    # An op's output send is posted together with the next op's input receive, as one batch
+    # (Megatron's send_forward_recv_backward): in 1F1B neighbours each send before they receive from
+    # each other, which NCCL (one stream per pair, a send waits for its receive) would deadlock on.
+    def _input(self, op: PipeOp, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Post the pending send and, when the op reads another stage's output, its receive; return
+        that input (None: embedding, or the loss on the last stage)."""
         d = dependency(op, self.ctx.stage, self.p, self.v, self.units[op.mb].slices - 1)
-        if d is None or d[0] == self.ctx.stage:
-            return None
-        buf = torch.empty(shape, device=self.ctx.device)
-        t0 = time.perf_counter()
-        dist.recv(buf, self._rank_of(d[0]), tag=_TAG_ACT if op.kind == "F" else _TAG_GRAD)
-        self._run(op.mb).recv_wait_s += time.perf_counter() - t0
+        ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for peer, t, tag in self.pending]
+        buf = None
+        if d is not None and d[0] != self.ctx.stage:
+            buf = torch.empty(shape, device=self.ctx.device)
+            ops.append(dist.P2POp(dist.irecv, buf, self._rank_of(d[0]), tag=_TAG_ACT if op.kind == "F" else _TAG_GRAD))
+        if ops:
+            works = dist.batch_isend_irecv(ops)
+            self.sends += [(w, t) for w, (_, t, _) in zip(works, self.pending)]
+            if buf is not None:
+                t0 = time.perf_counter()
+                works[-1].wait()
+                self._run(op.mb).recv_wait_s += time.perf_counter() - t0
+        self.pending = []
         return buf
 
     def _send(self, op: PipeOp, t: torch.Tensor) -> None:
         c = consumer(op, self.ctx.stage, self.p, self.v)
         if c is not None:
-            t = t.contiguous()
-            self.sends.append((dist.isend(t, self._rank_of(c[0]), tag=_TAG_ACT if op.kind == "F" else _TAG_GRAD), t))
+            self.pending.append((self._rank_of(c[0]), t.contiguous(), _TAG_ACT if op.kind == "F" else _TAG_GRAD))
 
     # -- ops ----------------------------------------------------------------------------------
     def forward(self, op: PipeOp) -> None:
         run, j, c = self._run(op.mb), op.slice, op.chunk
         ids, labels, pos = run.inputs[j]
         ctx = self.ctx
-        x = self._recv(op, (ids.numel(), ctx.prep.config.hidden))
+        x = self._input(op, (ids.numel(), ctx.prep.config.hidden))
         t0 = time.perf_counter()
         with run.offload.active():
             if ctx.opts.inject_failure == (ctx.rank, op.mb):
@@ -162,7 +174,7 @@ class StageRunner:
     def backward(self, op: PipeOp) -> None:
         run, j, c = self._run(op.mb), op.slice, op.chunk
         x, y = run.live.pop((j, c))
-        dy = None if self._last(c) else self._recv(op, tuple(y.shape))
+        dy = self._input(op, tuple(y.shape))
         t0 = time.perf_counter()
         a, b = self._layers(c)
         roots, grads = run.cache.backward_roots(j, range(a, b)) if run.unit.slices > 1 else ([], [])
@@ -182,8 +194,15 @@ class StageRunner:
         run.start_s = t0 if run.start_s is None else run.start_s
         run.ops.append([kind, op.slice, op.chunk, t0, t1 - t0])
 
+    def _flush(self) -> None:
+        if self.pending:
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer, tag=tag) for peer, t, tag in self.pending])
+            self.sends += [(w, t) for w, (_, t, _) in zip(works, self.pending)]
+            self.pending = []
+
     def finish(self) -> None:
         """Every send of the step delivered (the receivers have them)."""
+        self._flush()
         for w, _ in self.sends:
             w.wait()
         self.sends.clear()
