@@ -370,7 +370,7 @@ def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Ten
     from planner.runtime.stages import StageRunner, rank_ops
 
     mesh = ctx.prep.plan.mesh
-    runner = StageRunner(ctx, it, step, tokens, unit_inputs, token_loss)
+    runner = StageRunner(ctx, step, tokens, unit_inputs, token_loss)
     units = {u.id: u for u in step.units}
     for op in rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage):
         try:

@@ -5,8 +5,8 @@ times): forward and backward of (unit, slice, chunk), in order.
 - Activations and their gradients cross stage boundaries point to point with the same pipeline's
   neighbour (`planner.pipeline.dependency` / `consumer` say who); an op's send is posted with the
   next op's receive as one batch, sends are drained at the end of the step, and an op blocks until
-  its input is there. Activations and gradients use
-  different tags, so a pair of ranks carrying both (p = 2 with chunks) never confuses them.
+  its input is there. Activations and gradients use different tags, so a pair of ranks carrying
+  both (p = 2 with chunks) never confuses them.
 - A unit shared by several pipelines runs context-parallel on each stage over the unit's ranks of
   that stage, exactly as with pp = 1.
 - Sliced units (SlimPipe, `slices` = n): slice j is the j-th uniform part of every document, zigzag
@@ -68,8 +68,8 @@ class StageRunner:
     """Runs one step's op list on one rank. `ctx` is the executor's Context (model, device, mesh
     coordinates, options); `unit_inputs` and `token_loss` come from the executor."""
 
-    def __init__(self, ctx, it: int, step: Step, tokens: dict[int, torch.Tensor], unit_inputs, token_loss) -> None:
-        self.ctx, self.it, self.step, self.tokens = ctx, it, step, tokens
+    def __init__(self, ctx, step: Step, tokens: dict[int, torch.Tensor], unit_inputs, token_loss) -> None:
+        self.ctx, self.step, self.tokens = ctx, step, tokens
         self.unit_inputs, self.token_loss = unit_inputs, token_loss
         mesh = ctx.prep.plan.mesh
         self.p, self.hdp, self.v = mesh.pp, mesh.hdp, step_chunks(step)
@@ -85,9 +85,6 @@ class StageRunner:
 
     def _layers(self, chunk: int) -> tuple[int, int]:
         return self.ctx.layer_ranges[chunk * self.p + self.ctx.stage]
-
-    def _first(self, chunk: int) -> bool:
-        return self.ctx.stage == 0 and chunk == 0
 
     def _last(self, chunk: int) -> bool:
         return self.ctx.stage == self.p - 1 and chunk == self.v - 1
