@@ -302,6 +302,12 @@ def plan_cmd(
         gpus: int = typer.Option(64, help="GPUs (whole nodes, or part of one)."),
         tp: int = typer.Option(1, help="Tensor-parallel degree."),
         pp: int = typer.Option(1, help="Pipeline stages."),
+        pp_schedule: str = typer.Option("sliced-redistributed", help="PP (hdp): 1f1b, sliced (SlimPipe slices) "
+                                        "or sliced-redistributed (plus mirror pairing where it pays)."),
+        pp_v: Optional[int] = typer.Option(None, "--pp-v", min=1, help="PP (hdp): model chunks per stage "
+                                           "(interleaving); default: chosen by simulation, one v per plan."),
+        redistribute_max_chunks: int = typer.Option(1000, min=0, help="PP mirror pairing: most K/V chunks "
+                                                    "(one slice's each) a stage pair moves per op."),
         profile: Optional[str] = typer.Option(None, help="Profile name or path (default: the cluster's)."),
         lengths: str = typer.Option("byted-like", help="Length source: file or name (see `meshplan lengths`)."),
         steps: int = typer.Option(1, min=1, help="Global batches (steps) to plan."),
@@ -330,11 +336,15 @@ def plan_cmd(
         fail(f"--recompute must be auto, none, selective or full, got {recompute!r}")
     if solver not in ("cbc", "highs", "cpsat"):
         fail(f"--solver must be cbc, highs or cpsat, got {solver!r}")
+    if pp_schedule not in ("1f1b", "sliced", "sliced-redistributed"):
+        fail(f"--pp-schedule must be 1f1b, sliced or sliced-redistributed, got {pp_schedule!r}")
     req = PlanRequest(model=model, cluster=cluster, gpus=gpus, tp=tp, pp=pp, profile=profile, lengths=lengths,
                       steps=steps, tokens_per_step=parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, seed=seed,
-                      options=PlanOptions(offload=offload, seed=seed, solver=solver, time_limit_s=time_limit))
+                      options=PlanOptions(offload=offload, seed=seed, solver=solver, time_limit_s=time_limit,
+                                          pp_schedule=pp_schedule, pp_v=pp_v,
+                                          redistribute_max_chunks=redistribute_max_chunks))
     import warnings
 
     from rich.progress import Progress

@@ -1,6 +1,7 @@
-"""Pipeline benchmark (issue 7): closed-form bubbles vs the event simulator, the imbalance of uniform
-token slices and its removal by redistribution, stage-0 memory per schedule for Llama-70B at
-256K-2M on 256 GPUs (the SlimPipe setting), and MFU per schedule. Prints markdown.
+"""Pipeline benchmark (issue 7): closed-form bubbles vs the event simulator (1F1B, interleaved, sliced,
+sliced and interleaved), the imbalance of uniform token slices and what mirror-pairing redistribution
+removes (with its transfers priced), and stage-0 memory, step time and MFU per schedule for Llama-70B at
+256K-2M on 256 GPUs (the SlimPipe setting). Prints markdown.
 
     python -m bench.pipeline
 """
@@ -9,84 +10,164 @@ from __future__ import annotations
 
 import platform
 from datetime import date
+from functools import cache
 
 from costmodel.flops import model_flops
+from costmodel.timing import CostModel
 from planner.api import PlanRequest, build_cost_model
-from planner.pipeline import closed_form_bubble, simulate_uniform
-from planner.plan import Piece, Predicted, Sequence, Step, Unit
-from planner.simulate import _static_memory, simulate_step
+from planner.pipeline import closed_form_bubble, group_size, simulate_uniform
+from planner.plan import Piece, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
+from planner.simulate import StepSimulation, _static_memory, simulate_step
 
 K = 1024
+GIB = 2**30
+M_SEQS = 8  # sequences per step in the Llama-70B setting (SlimPipe: GBS 8)
 
 
 def bubbles() -> None:
     print("\n### Bubble fraction: simulator vs closed form (uniform work, backward = 2 x forward)\n")
-    print("| schedule | p | m | n | v | closed form | simulated |")
-    print("|---|---|---|---|---|---|---|")
-    rows = [("1F1B", 8, 4, 1, 1), ("1F1B", 8, 16, 1, 1), ("interleaved", 8, 8, 1, 5), ("interleaved", 4, 16, 1, 10),
-            ("sliced (balanced)", 8, 4, 16, 1), ("sliced (balanced)", 8, 4, 32, 1), ("sliced (balanced)", 8, 16, 16, 1)]
+    print("| schedule | p | m | n | v | closed form | simulated | sim / closed |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [("1F1B", 8, 16, 1, 1), ("interleaved", 8, 8, 1, 5), ("interleaved", 4, 16, 1, 10),
+            ("sliced (balanced)", 8, 16, 16, 1), ("SlimPipe n x v", 8, 16, 16, 5),
+            ("Llama-13B 1F1B", 8, 4, 1, 1), ("Llama-13B interleaved", 8, 4, 1, 2),
+            ("Llama-13B interleaved", 8, 4, 1, 5),
+            ("Llama-13B sliced", 8, 4, 16, 1), ("Llama-13B SlimPipe", 8, 4, 16, 5), ("Llama-13B SlimPipe", 8, 4, 32, 5),
+            ("2048K SlimPipe", 16, 8, 32, 5), ("2048K SlimPipe", 16, 8, 64, 5)]
     for name, p, m, n, v in rows:
         _, b = simulate_uniform(p, m, n, v)
-        print(f"| {name} | {p} | {m} | {n} | {v} | {closed_form_bubble(p, m, n, v):.4f} | {b:.4f} |")
-    print("\nSliced and interleaved together (n·v > n) are not simulated: this op-list generator interleaves\n"
-          "unsliced micro-batches only; SlimPipe's n=16, v=5 row (closed form 0.0212) is therefore not checked.")
-    p, m, n = 8, 4, 16
-    w = [(2 * j + 1) / n for j in range(n)]
-    _, uneven = simulate_uniform(p, m, n, slice_weights=w)
-    _, even = simulate_uniform(p, m, n)
-    print("\n### Uniform token slices: imbalance and redistribution (p = 8, m = 4, n = 16, attention-bound)\n")
-    print("| slices | bubble |\n|---|---|")
-    print(f"| uniform tokens, no redistribution (slice j weighs (2j+1)/n) | {uneven:.4f} |")
-    print(f"| redistributed (mirror pairing evens attention) | {even:.4f} |")
-    print(f"| closed form (p-1)/(m n + p - 1) | {closed_form_bubble(p, m, n):.4f} |")
+        cf = closed_form_bubble(p, m, n, v)
+        print(f"| {name} | {p} | {m} | {n} | {v} | {cf:.4f} | {b:.4f} | {b / cf:.3f} |")
+    print("\nInterleaving with m < p micro-batches (Llama-13B v = 2, 5 at m = 4, p = 8) cannot fill Megatron's\n"
+          "groups of p: chunk c + 1 on stage 0 waits for chunk c to leave the last stage, so the simulator\n"
+          f"exceeds the closed form there. Slices fill the groups instead (group = smallest divisor of n >= p:\n"
+          f"{group_size(16, 8)} for n = 16, p = 8).")
 
 
-def _step(cm, s: int, m: int, slices: int, v: int = 1) -> Step:
+def imbalance() -> None:
+    print("\n### Uniform token slices: imbalance and mirror pairing (p = 8, m = 4, attention-bound)\n")
+    print("| n | v | uniform slices | mirror pairing | pairing, <= 2 chunks per pair | evened slices (closed form) |")
+    print("|---|---|---|---|---|---|")
+    p, m = 8, 4
+    for n, v in ((16, 1), (32, 1), (16, 5), (32, 5)):
+        uneven = simulate_uniform(p, m, n, v, attn_share=1.0)[1]
+        paired = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True)[1]
+        clipped = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True, max_chunks=2)[1]
+        print(f"| {n} | {v} | {uneven:.4f} | {paired:.4f} | {clipped:.4f} | {closed_form_bubble(p, m, n, v):.4f} |")
+    print("\nSlice j's attention is (2j + 1)/n of the mean (REFERENCE §6). Mirror pairing (free transfers here)\n"
+          "pairs the ops of a schedule step (SlimPipe's offsets: stage r at forward position t - r, backward\n"
+          "t - (p - 1 - r)) by attention and moves whole K/V chunks from the heavy op to its partner; it is off\n"
+          "where some stage has no op of that step (fill and drain). In the event simulation, where 1F1B\n"
+          "interleaves forwards and backwards, paired ops are not exactly simultaneous and every stage still sees\n"
+          "slice costs that vary over time, so pairing removes part of the imbalance bubble, not all of it; the\n"
+          "evened-slices column (free, perfect balance) is the bound. SlimPipe's pairs exchange tensors, which\n"
+          "synchronises them; the simulator does not model that rendezvous.")
+
+
+def cp_step(cm: CostModel, s: int, m: int, slices: int, v: int, schedule: str) -> Step:
     """m micro-batches of one s-token sequence, each sharded over every HDP rank (CP = hdp)."""
     hdp = cm.setup.hdp
-    units = [Unit(id=i, hdp_ranks=tuple(range(hdp)), pieces=(Piece(i, 0, s),), slices=slices) for i in range(m)]
+    units = [Unit(id=i, hdp_ranks=tuple(range(hdp)), pieces=(Piece(i, 0, s),), slices=slices,
+                  tokens_per_rank=zigzag_tokens_per_rank([s], hdp)) for i in range(m)]
     return Step(step=0, global_tokens=s * m, sequences=[Sequence(i, s) for i in range(m)], units=units,
-                order={r: list(range(m)) for r in range(hdp)},
-                predicted=Predicted(0.0, 0.0, [0.0] * hdp, [0.0] * hdp),
-                pipeline={"schedule": "sliced-redistributed" if slices > 1 else ("interleaved" if v > 1 else "1f1b"),
-                          "v": v})
+                order={r: list(range(m)) for r in range(hdp)}, predicted=Predicted(0.0, 0.0, [0.0] * hdp, [0.0] * hdp),
+                pipeline={"schedule": schedule, "v": v})
+
+
+@cache
+def llama70b(s: int) -> CostModel:
+    # SlimPipe's 2048K configuration: TP4 CP4 PP16 on 256 GPUs (REFERENCE §6); here CP4 = 4 HDP ranks.
+    return build_cost_model(PlanRequest(model="llama-70b", gpus=256, tp=4, pp=16, recompute="full",
+                                        max_context_tokens=s))
+
+
+@cache
+def run(s: int, n: int, v: int, schedule: str) -> StepSimulation:
+    cm = llama70b(s)
+    return simulate_step(cp_step(cm, s, M_SEQS, n, v, schedule), cm)
+
+
+def schedule_of(n: int, v: int) -> str:
+    return "sliced-redistributed" if n > 1 else ("interleaved" if v > 1 else "1f1b")
+
+
+def memory_formula_bytes(cm: CostModel, s: int, n: int, v: int) -> float:
+    """Stage-0 resident activations by closed form: in-flight units × their bytes, plus fp32 dK/dV of the
+    whole sequence (all v chunks' when a micro-batch spans several slice groups, else one chunk's)."""
+    p, m, L = cm.pp, M_SEQS, cm.model.layers
+    tok = zigzag_tokens_per_rank([s], cm.setup.hdp)
+    if n == 1 and v == 1:
+        inflight = min(p, m)  # 1F1B: micro-batches
+    elif n == 1:
+        inflight = min(2 * (p - 1) + (v - 1) * p + 1, m * v)  # Megatron: chunk-forwards
+    elif v == 1:
+        inflight = min(n + p - 1, m * n)  # Seq1F1B: slices
+    else:
+        inflight = min(n * v + 2 * (p - 1), m * n * v)  # SlimPipe: slice-chunks
+    act = inflight * tok / (n * v) * (L / p) * cm.a_tok
+    dkv = 0.0
+    if n > 1:
+        dkv = tok * 2 * cm.model.kv_width / cm.tp * 4 * cm.layers_per_stage
+        dkv /= v if n == group_size(n, p) else 1
+    return act + dkv
 
 
 def memory_and_mfu() -> None:
-    # SlimPipe's 2048K configuration: TP4 CP4 PP16 on 256 GPUs, GBS 8 (REFERENCE §6); here CP4 = 4 HDP ranks.
-    print("\n### Llama-70B on 256 x H100 (analytic): TP4, PP16, 4 HDP ranks (CP 4), 8 sequences per step\n")
-    print("| context | schedule | n | stage-0 activations (GiB) | formula (GiB) | peak incl. states (GiB) | step (s) | "
-          "bubble | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n### Llama-70B on 256 x H100 (analytic): TP4, PP16, 4 HDP ranks (CP 4), {M_SEQS} sequences per step\n")
+    print("| context | schedule | n | v | stage-0 act. + dK/dV (GiB) | closed form (GiB) | "
+          "SlimPipe s·L·a/p·(1+2(p-1)/(nv)) (GiB) | peak incl. states (GiB) | step (s) | bubble | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in (256 * K, 512 * K, 1024 * K, 2048 * K):
-        cm = build_cost_model(PlanRequest(model="llama-70b", gpus=256, tp=4, pp=16, recompute="full",
-                                          max_context_tokens=s))
+        cm = llama70b(s)
         p, L = cm.pp, cm.model.layers
-        tok = s / cm.setup.hdp
-        for name, n, v in (("1F1B", 1, 1), ("interleaved v=5", 1, 5), ("sliced", 32, 1), ("sliced", 64, 1)):
-            sim = simulate_step(_step(cm, s, 8, n, v), cm)
-            static = sim.peak_memory_bytes[0]
-            act = static - _static_memory(cm, None)
-            m = 8
-            formula = tok * (L / p) * cm.a_tok * min(n + p - 1, m * n) / n  # slices in flight on stage 0
-            if v > 1:  # Megatron interleaving: 2(p−1) + (v−1)p + 1 chunk-forwards of L/(p·v) layers, ≤ m·v
-                formula = tok * (L / (p * v)) * cm.a_tok * min(2 * (p - 1) + (v - 1) * p + 1, m * v)
-            if n > 1:
-                formula += tok * 2 * cm.model.kv_width / cm.tp * 4 * cm.layers_per_stage
-            mfu = model_flops([s] * 8, cm.model) / (sim.step_time_s * cm.setup.cluster.world_size * cm.peak_flops())
-            print(f"| {s // K}K | {name} | {n} | {act / 2**30:.1f} | {formula / 2**30:.1f} | "
-                  f"{static / 2**30:.1f} | {sim.step_time_s:.1f} | {sim.breakdown['bubble'] / sim.step_time_s:.3f} | "
-                  f"{mfu:.1%} |")
-    print("\nformula: stage 0 holds min(n + p − 1, m·n) slices of s/n tokens × L/p layers × a bytes (1F1B: n = 1,\n"
-          "min(p, m) micro-batches), plus, when sliced, fp32 dK/dV of the whole sequence for the stage's layers.\n"
-          "SlimPipe's form (s·L·a/p)·(1 + 2(p−1)/(n·v)) counts a deeper warm-up (2(p−1) slices); ours follows\n"
-          "Seq1F1B's n − 1 extra slices. MFU: causal attention halved, recompute excluded, 989 TFLOP/s peak.")
+        tok = zigzag_tokens_per_rank([s], cm.setup.hdp)
+        for name, n, v in (("1F1B", 1, 1), ("interleaved", 1, 5), ("sliced", 32, 1), ("sliced", 64, 1),
+                           ("SlimPipe", 32, 5), ("SlimPipe", 64, 5)):
+            sim = run(s, n, v, schedule_of(n, v))
+            peak = sim.peak_memory_bytes[0]
+            act = peak - _static_memory(cm, None)
+            slim = f"{tok * L * cm.a_tok / p * (1 + 2 * (p - 1) / (n * v)) / GIB:.1f}" if n > 1 else "-"
+            available_flop = sim.step_time_s * cm.setup.cluster.world_size * cm.peak_flops()
+            mfu = model_flops([s] * M_SEQS, cm.model) / available_flop
+            formula = memory_formula_bytes(cm, s, n, v)
+            print(f"| {s // K}K | {name} | {n} | {v} | {act / GIB:.1f} | {formula / GIB:.1f} | "
+                  f"{slim} | {peak / GIB:.1f} | {sim.step_time_s:.1f} | "
+                  f"{sim.breakdown['bubble'] / sim.step_time_s:.3f} | {mfu:.1%} |")
+    print("\nclosed form: stage 0 holds min(p, m) micro-batches (1F1B), min(2(p-1) + (v-1)p + 1, m·v) chunks\n"
+          "(interleaved), min(n + p - 1, m·n) slices (sliced, Seq1F1B) or min(n·v + 2(p-1), m·n·v) slice-chunks\n"
+          "(SlimPipe), each of s/n tokens per CP rank × L/(p·v) layers × a bytes, plus fp32 dK/dV of the sequence\n"
+          "for the stage's layers (one chunk's when a micro-batch is a single slice group). The SlimPipe column\n"
+          "is REFERENCE §6's form without dK/dV. Sliced rows use mirror pairing with its transfers priced.\n"
+          "MFU: causal attention halved, recompute excluded, 989 TFLOP/s peak.")
+
+
+def redistribution() -> None:
+    print("\n### Llama-70B: uniform slices vs mirror pairing with its transfers (same setting)\n")
+    print("| context | n | v | step, uniform slices (s) | bubble | step, mirror pairing (s) | bubble | "
+          "exposed exchange (s/rank) | closed-form bubble |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in (256 * K, 512 * K, 2048 * K):
+        for n, v in ((32, 1), (64, 1), (32, 5), (64, 5)):
+            plain = run(s, n, v, "sliced")
+            paired = run(s, n, v, "sliced-redistributed")
+            print(f"| {s // K}K | {n} | {v} | {plain.step_time_s:.1f} | "
+                  f"{plain.breakdown['bubble'] / plain.step_time_s:.3f} | "
+                  f"{paired.step_time_s:.1f} | {paired.breakdown['bubble'] / paired.step_time_s:.3f} | "
+                  f"{paired.breakdown['pp_exchange']:.3f} | {closed_form_bubble(16, M_SEQS, n, v):.4f} |")
+    cm = llama70b(256 * K)
+    print(f"\nThe exchange moves Q + k K/V chunks (forward) or dO, Q, O, lse + k chunks (backward) per layer to the\n"
+          f"light partner and O + lse (forward) or dQ + k chunks' dK/dV (backward) back, on the PP link between the\n"
+          f"two stages (here inter-node: a stage fills {cm.setup.hdp * cm.tp} GPUs); a pair moves only when that\n"
+          "shortens its longer op. Exposed exchange: seconds per rank the transfers add beyond the attention\n"
+          "that hides them.")
 
 
 def main() -> None:
     print(f"meshplan pipeline benchmark, {date.today()}, {platform.machine()}, python {platform.python_version()}")
     bubbles()
+    imbalance()
     memory_and_mfu()
+    redistribution()
 
 
 if __name__ == "__main__":

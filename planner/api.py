@@ -95,6 +95,9 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
     t0 = time.perf_counter()
     with collect_solver_reports() as reports:  # exact strategies report status and gap per step
         steps = [fn(b, cm, req.options) for b in batches]
+        chunkings = {int((st.pipeline or {}).get("v", 1)) for st in steps}
+        if len(chunkings) > 1:
+            steps = _one_chunking(fn, batches, cm, req.options, chunkings)
     secs = time.perf_counter() - t0
     s = cm.setup
     fp = cm.profile.fingerprint
@@ -120,6 +123,21 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
                 steps=steps)
     validate(plan)
     return plan
+
+
+def _one_chunking(fn, batches: list[GlobalBatch], cm: CostModel, options: PlanOptions, chunkings: set[int]) -> list:
+    """Steps chose different interleaving depths v, but a run places its layers once: re-plan every
+    step with each v some step chose and keep the v with the least total step time among those whose
+    every step fits HBM (the least peak memory when none does)."""
+    best = None
+    for v in sorted(chunkings):
+        steps = [fn(b, cm, dataclasses.replace(options, pp_v=v)) for b in batches]
+        peak = max(max(st.predicted.peak_memory_bytes) for st in steps)
+        key = (peak > cm.budget.hbm_bytes, sum(st.predicted.step_time_s for st in steps) if peak <= cm.budget.hbm_bytes
+               else peak)
+        if best is None or key < best[0]:
+            best = (key, steps)
+    return best[1]
 
 
 def cost_model_for_plan(plan: Plan, profile: str | None = None) -> CostModel:

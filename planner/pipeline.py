@@ -9,8 +9,13 @@ Rules that make the lists valid (checked by `check_schedule`):
 - a micro-batch's backward on the last stage starts after its last forward slice there;
 - stage r warms up with (p − r − 1) + (n_max − 1) forward slices (1F1B when n = 1; Seq1F1B's
   n − 1 extra), then alternates one forward and one backward, then drains;
-- interleaved (v chunks): Megatron's order: groups of p micro-batches, chunk by chunk, warm-up
-  2(p − r − 1) + (v − 1)·p; chunk c of stage p−1 feeds chunk c+1 of stage 0.
+- interleaved (v chunks), sliced or not: slices run in groups chunk by chunk (Megatron's groups of
+  p micro-batches when n = 1; SlimPipe's groups of the smallest divisor of n that is ≥ p); in flight
+  before the first backward: 2(p − r − 1) + (v − 1)·p + 1 chunks (n = 1) or n·v + 2(p − r − 1)
+  slice-chunks (SlimPipe); chunk c of stage p−1 feeds chunk c+1 of stage 0.
+
+`mirror_pairs` is SlimPipe's workload redistribution: which ops of a pipeline pair up to share
+attention (the simulator prices the moves and their transfers).
 
 `run_ops` is the one discrete-event engine: the plan simulator feeds it the op lists of every
 pipeline (shared units occupy the same op on all member pipelines) and per-op durations."""
@@ -18,7 +23,7 @@ pipeline (shared units occupy the same op on all member pipelines) and per-op du
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable
+from typing import Callable, Hashable, Iterable, NamedTuple
 
 SCHEDULES = ("1f1b", "interleaved", "sliced", "sliced-redistributed")
 
@@ -27,48 +32,132 @@ class ScheduleError(ValueError):
     """A schedule is invalid or deadlocks."""
 
 
-@dataclass(frozen=True, order=True)
-class PipeOp:
+class PipeOp(NamedTuple):
+    """(kind, micro-batch, slice, chunk); a named tuple: the simulator hashes millions of them."""
+
     kind: str  # "F" or "B"
     mb: int  # micro-batch position in its pipeline
     slice: int = 0  # 0 .. n−1
     chunk: int = 0  # model chunk (virtual stage) 0 .. v−1
 
 
-def inflight_budget(p: int, stage: int, slices: Iterable[int], weights: Iterable[float] | None = None) -> float:
+def warm_lead(n: int, p: int, v: int) -> int:
+    """Forward position of a micro-batch's last slice in its last chunk within a uniform interleaved
+    stream (`_streams`): the last stage runs that many forwards plus one before the micro-batch's first
+    backward. n·v − 1 with n ≥ p slices (SlimPipe), (v − 1)·G + n − 1 when whole micro-batches form
+    groups of G ≥ p items (Megatron: n = 1, G = p), n − 1 without interleaving."""
+    if v == 1 or n >= p:
+        return n * v - 1
+    return (v - 1) * n * -(-p // n) + n - 1
+
+
+def inflight_budget(p: int, stage: int, slices: Iterable[int], weights: Iterable[float] | None = None,
+                    v: int = 1) -> float:
     """What a stage may hold in flight, in weight units (a micro-batch of weight w, e.g. its tokens ÷ C,
-    in n slices weighs w/n per slice): max over micro-batches of w·(n + p − r − 1)/n (p − r whole
-    micro-batches in plain 1F1B, n + p − r − 1 slices in Seq1F1B)."""
+    in n slices and v chunks weighs w/(n·v) per slice-chunk). v = 1: max over micro-batches of
+    w·(n + p − r − 1)/n (p − r whole micro-batches in plain 1F1B, n + p − r − 1 slices in Seq1F1B).
+    v > 1: the last stage's, max of w·(warm_lead + 1)/(n·v), for every stage (earlier stages run a
+    fixed number of forwards more, see `_interleaved_ops`)."""
     slices = list(slices)
     w = [1.0] * len(slices) if weights is None else list(weights)
+    if v > 1:
+        return max((wi * (warm_lead(n, p, v) + 1) / (n * v) for n, wi in zip(slices, w)), default=0.0)
     return max((wi * (n + p - stage - 1) / n for n, wi in zip(slices, w)), default=0.0)
+
+
+def group_size(n: int, p: int) -> int:
+    """SlimPipe's interleaving group of a micro-batch of n ≥ p slices: the smallest divisor of n that is
+    ≥ p, so a slice's chunk c output from the last stage is back on stage 0 before chunk c + 1 needs it."""
+    return next(g for g in range(p, n + 1) if n % g == 0)
+
+
+def _streams(slices: list[int], p: int, v: int) -> tuple[list[PipeOp], list[PipeOp]]:
+    """Forward and backward op streams, in groups run chunk by chunk (one group per chunk when v = 1): a
+    micro-batch of n ≥ p slices splits into groups of `group_size(n, p)` slices; other micro-batches
+    are gathered whole until a group holds ≥ p items (Megatron's groups of p micro-batches when n = 1).
+    Backward groups take the same cuts of the backward items (each micro-batch's slices reversed) and
+    run chunks v−1 .. 0."""
+    # A micro-batch that starts a group and has n ≥ p slices splits into SlimPipe's groups; others are
+    # gathered whole until a group holds ≥ p items, and a short last group joins the one before: with
+    # fewer than p items, stage 0 would start a group's next chunk before the last stage produced its
+    # input, while that stage waits on stage 0's backward (a deadlock).
+    sizes: list[int] = []
+    pending = 0
+    for n in slices:
+        if not pending and n >= p:
+            sizes += [group_size(n, p)] * (n // group_size(n, p))
+            continue
+        pending += n
+        if pending >= p:
+            sizes.append(pending)
+            pending = 0
+    if pending:
+        if sizes:
+            sizes[-1] += pending
+        else:
+            sizes.append(pending)
+    f_items = [(mb, j) for mb, n in enumerate(slices) for j in range(n)]
+    b_items = [(mb, j) for mb, n in enumerate(slices) for j in reversed(range(n))]
+    fwd: list[PipeOp] = []
+    bwd: list[PipeOp] = []
+    start = 0
+    for g in sizes:  # the same cuts backward: each micro-batch's slices reversed
+        fwd += [PipeOp("F", mb, j, c) for c in range(v) for mb, j in f_items[start:start + g]]
+        bwd += [PipeOp("B", mb, j, c) for c in reversed(range(v)) for mb, j in b_items[start:start + g]]
+        start += g
+    return fwd, bwd
+
+
+def _interleaved_ops(p: int, stage: int, slices: list[int], v: int, budget: float | None,
+                     weights: list[float] | None) -> list[PipeOp]:
+    """1F1B over the interleaved streams. Before backward i every stage r has run R(i) + 2(p − r − 1)
+    forwards (Megatron's warm-up offset), where R paces the last stage: at least the forward position
+    of the micro-batch's last slice in its last chunk plus one (its backward waits for it), else
+    R(i − 1) + 1 (one forward per backward), or R(i − 1) (a pause) when the next forward would push the
+    last stage's in-flight weight over `budget` and no forward stage 0 has queued meanwhile waits for a
+    chunk input the last stage has not yet produced (pausing then would deadlock). Uniform micro-batches
+    never pause: Megatron's 2(p − r − 1) + (v − 1)p + 1 chunks in flight (n = 1), SlimPipe's
+    n·v + 2(p − r − 1) slice-chunks (n ≥ p). Pipelines whose slices and weights agree up to the end of
+    a shared unit's group build the same order for it (elsewhere the simulator reports a deadlock)."""
+    fwd, bwd = _streams(slices, p, v)
+    fpos = {op: i for i, op in enumerate(fwd)}
+    w = [1.0] * len(slices) if weights is None else weights
+    size = [wi / (n * v) for n, wi in zip(slices, w)]
+    if budget is None:
+        budget = inflight_budget(p, stage, slices, w, v)
+    # position of the last stage's output each chunk c ≥ 1 forward consumes (-1: chunk 0)
+    needs = [fpos[PipeOp("F", op.mb, op.slice, op.chunk - 1)] if op.chunk else -1 for op in fwd]
+    extra = 2 * (p - stage - 1)
+    ops: list[PipeOp] = []
+    emitted = 0
+    ran = 0  # R(i − 1)
+    held = 0.0  # the last stage's in-flight weight
+    for op in bwd:
+        pause = (ran < len(fwd) and held + size[fwd[ran].mb] > budget * (1 + 1e-9)
+                 and all(needs[k] < ran for k in range(ran, min(len(fwd), ran + 2 * (p - 1)))))
+        new = max(fpos[PipeOp("F", op.mb, slices[op.mb] - 1, v - 1)] + 1, ran + (0 if pause else 1))
+        held += sum(size[fwd[k].mb] for k in range(ran, min(new, len(fwd)))) - size[op.mb]
+        ran = new
+        target = min(len(fwd), ran + extra)
+        ops += fwd[emitted:target]
+        emitted = max(emitted, target)
+        ops.append(op)
+    return ops + fwd[emitted:]
 
 
 def stage_ops(p: int, stage: int, slices: list[int], v: int = 1, budget: float | None = None,
               weights: list[float] | None = None) -> list[PipeOp]:
     """The op list of one stage for micro-batches with the given slice counts and weights (default 1:
-    count-based). `budget` (default: `inflight_budget` of these micro-batches) is passed in when several
-    pipelines must agree."""
-    m = len(slices)
+    count-based) in v chunks. `budget` (default: `inflight_budget` of these micro-batches) is passed in
+    when several pipelines must agree. v > 1: the interleaved schedule (`_interleaved_ops`)."""
     if v > 1:
-        if any(n != 1 for n in slices):
-            raise ScheduleError("interleaved schedules here take unsliced micro-batches (n = 1)")
-        fwd, bwd = [], []
-        for g0 in range(0, m, p):
-            group = range(g0, min(m, g0 + p))
-            fwd += [PipeOp("F", mb, 0, c) for c in range(v) for mb in group]
-            bwd += [PipeOp("B", mb, 0, c) for c in reversed(range(v)) for mb in group]
-        warm = min(len(fwd), 2 * (p - stage - 1) + (v - 1) * p)
-        ops = fwd[:warm]
-        for i in range(warm, len(fwd)):
-            ops += [fwd[i], bwd[i - warm]]
-        return ops + bwd[len(fwd) - warm:]
+        return _interleaved_ops(p, stage, slices, v, budget, weights)
     # 1F1B at slice granularity with an in-flight budget (a slice weighs w/n). Uniform micro-batches
     # reproduce the classic lists; with mixed sizes a forward is admitted only when backwards freed
     # room, so small micro-batches never pile up behind the slices of a long sequence. With unit
     # weights the list depends only on slice counts and positions (pipelines sharing units agree).
-    fwd = [PipeOp("F", mb, j) for mb in range(m) for j in range(slices[mb])]
-    bwd = [PipeOp("B", mb, j) for mb in range(m) for j in reversed(range(slices[mb]))]
+    m = len(slices)
+    fwd, bwd = _streams(slices, p, 1)
     fpos = {op: i for i, op in enumerate(fwd)}
     w = [1.0] * m if weights is None else weights
     size = [w[i] / slices[i] for i in range(m)]
@@ -209,18 +298,78 @@ def closed_form_bubble(p: int, m: int, n: int = 1, v: int = 1) -> float:
     return (p - 1) / (m * n * v + p - 1)
 
 
-def simulate_uniform(p: int, m: int, n: int = 1, v: int = 1, fwd_s: float = 1.0, bwd_s: float = 2.0,
-                     slice_weights: Iterable[float] | None = None) -> tuple[float, float]:
-    """One pipeline of m identical micro-batches: (step time, bubble fraction of stage 0). Per-op
-    times are the micro-batch's stage time ÷ (n·v), times the slice's weight when given (uniform
-    token slices of a causal sequence weigh (2j + 1)/n in attention-dominated work)."""
-    w = list(slice_weights) if slice_weights is not None else [1.0] * n
-    lists = {(0, s): [((s, op), op) for op in stage_ops(p, s, [n] * m, v)] for s in range(p)}
+def slice_share(j: int, n: int, attn_share: float) -> float:
+    """Share of a micro-batch's stage time in slice j of its n uniform token slices (the n shares sum
+    to 1). GEMMs split evenly; causal attention of slice j covers (2j + 1)/n² of the document's area
+    (its cache of j slices plus half its own block), so the last slice's attention is (2n − 1)× the
+    first's [REFERENCE §6]."""
+    return (1 - attn_share) / n + attn_share * (2 * j + 1) / (n * n)
 
-    def dur(key):
-        _, op = key
-        base = (fwd_s if op.kind == "F" else bwd_s) / (n * v)
-        return base * w[op.slice]
+
+OpKey = tuple[int, PipeOp]  # (stage, op) within one pipeline
+
+
+def mirror_pairs(stage_lists: list[list[PipeOp]],
+                 attn_s: Callable[[int, PipeOp], float | None]) -> list[tuple[OpKey, OpKey]]:
+    """SlimPipe's mirror pairing on one pipeline: (heavy, light) op pairs that share attention.
+
+    Every stage runs the same forward stream one position behind its upstream neighbour and the same
+    backward stream one position behind its downstream one, so at a schedule step t stage r runs
+    forward position t − r and backward position t − (p − 1 − r) (SlimPipe pairs ranks by these
+    offsets). A step's ops are sorted by their attention seconds `attn_s(stage, op)` (None: not
+    redistributable, e.g. an unsliced micro-batch) and paired smallest with largest; with one long
+    sequence the cache lengths of a step form a contiguous run, so every pair has the same sum and the
+    step balances at once. Steps where some stage has no op of that kind (fill and drain) are left
+    alone, like SlimPipe's warm-up and cool-down."""
+    p = len(stage_lists)
+    pairs: list[tuple[OpKey, OpKey]] = []
+    for kind in "FB":
+        streams = [[op for op in ops if op.kind == kind] for ops in stage_lists]
+        lag = [r if kind == "F" else p - 1 - r for r in range(p)]
+        for t in range(p - 1, min(len(s) + lag[r] for r, s in enumerate(streams))):
+            step = [(a, r, op) for r, op in ((r, streams[r][t - lag[r]]) for r in range(p))
+                    if (a := attn_s(r, op)) is not None]
+            step.sort(key=lambda x: (x[0], x[1]))
+            for i in range(len(step) // 2):
+                (_, rl, lo), (_, rh, hi) = step[i], step[-1 - i]
+                pairs.append(((rh, hi), (rl, lo)))
+    return pairs
+
+
+def mirror_chunks(heavy_attn_s: float, light_attn_s: float, block_s: float, max_chunks: int) -> int:
+    """K/V chunks the heavy op hands over: half the attention gap in whole chunks of `block_s` seconds
+    (one cached slice × the current slice), at most `max_chunks` (SlimPipe's `attn_balance`)."""
+    if block_s <= 0 or heavy_attn_s <= light_attn_s or max_chunks <= 0:
+        return 0
+    return int(min(max_chunks, (heavy_attn_s - light_attn_s) / (2 * block_s) + 1e-9))
+
+
+def simulate_uniform(p: int, m: int, n: int = 1, v: int = 1, fwd_s: float = 1.0, bwd_s: float = 2.0,
+                     attn_share: float = 0.0, redistribute: bool = False,
+                     max_chunks: int = 10**9) -> tuple[float, float]:
+    """One pipeline of m identical single-sequence micro-batches: (step time, bubble fraction of stage
+    0). Per-op times are the micro-batch's stage time ÷ v, times its slice's share (`slice_share`:
+    uniform token slices of a sequence whose stage time is `attn_share` causal attention). redistribute: mirror pairing
+    moves whole K/V chunks between paired ops at no transfer cost (the plan simulator prices them)."""
+    lists = {(0, s): [((s, op), op) for op in stage_ops(p, s, [n] * m, v)] for s in range(p)}
+    extra: dict[OpKey, float] = {}
+
+    def base(op: PipeOp) -> float:
+        return (fwd_s if op.kind == "F" else bwd_s) / v
+
+    if redistribute and n > 1 and attn_share > 0:
+        def attn(_s: int, op: PipeOp) -> float:
+            return base(op) * attn_share * (2 * op.slice + 1) / (n * n)
+
+        stage_lists = [[op for _, op in lists[(0, s)]] for s in range(p)]
+        for hi, lo in mirror_pairs(stage_lists, attn):
+            k = mirror_chunks(attn(*hi), attn(*lo), base(hi[1]) * attn_share * 2 / (n * n), max_chunks)
+            moved = k * base(hi[1]) * attn_share * 2 / (n * n)
+            extra[hi] = extra.get(hi, 0.0) - moved
+            extra[lo] = extra.get(lo, 0.0) + moved
+
+    def dur(key: OpKey) -> float:
+        return base(key[1]) * slice_share(key[1].slice, n, attn_share) + extra.get(key, 0.0)
 
     runs = run_ops(lists, lambda key: _dep_key(key, p, v, [n] * m), dur, lambda key: 0.0)
     total = max(r.end_s for r in runs)
@@ -238,10 +387,14 @@ def step_op_lists(p: int, order: dict[int, list[int]], slices: dict[int, int], v
     w_all = [1.0 if weights is None else weights[i] for i in all_ids]
     s_all = [slices[i] for i in all_ids]
     out = {}
+    done: dict[tuple[int, ...], int] = {}  # pipelines running the same units (a wide CP unit) share lists
     for r, ids in order.items():
+        if (twin := done.setdefault(tuple(ids), r)) != r:
+            out.update({(r, s): list(out[(twin, s)]) for s in range(p)})
+            continue
         w = None if weights is None else [weights[i] for i in ids]
         for s in range(p):
-            budget = inflight_budget(p, s, s_all, w_all)
+            budget = inflight_budget(p, s, s_all, w_all, v)
             out[(r, s)] = [PipeOp(op.kind, ids[op.mb], op.slice, op.chunk)
                            for op in stage_ops(p, s, [slices[i] for i in ids], v, budget, w)]
     return out

@@ -292,6 +292,9 @@ def check_pipeline(st: Step, pp: int, hdp: int) -> None:
     v = sec.get("v", 1)
     if not isinstance(v, int) or v < 1:
         raise PlanError(f"{where}: v must be an integer >= 1, got {v!r}")
+    mc = sec.get("max_chunks", 0)
+    if not isinstance(mc, int) or mc < 0:
+        raise PlanError(f"{where}: max_chunks must be an integer >= 0, got {mc!r}")
     try:
         weights = section_weights(sec)
     except (AttributeError, TypeError, ValueError):

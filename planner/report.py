@@ -31,7 +31,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from costmodel.memory import activation_factor, model_state_bytes  # noqa: E402
+from costmodel.memory import model_state_bytes  # noqa: E402
 from costmodel.timing import CostModel  # noqa: E402
 from planner.api import make_plan  # noqa: E402
 from planner.plan import Plan, Step  # noqa: E402
@@ -214,32 +214,14 @@ def memory_breakdown(step: Step, sim: StepSimulation, cm: CostModel) -> pd.DataF
     activations (peak of resident micro-batches, after offload), logits (loss-head peak), ctx (CUDA
     context + NCCL buffers) and frag (HBM held back for fragmentation)."""
     b = cm.budget
-    units = {u.id: u for u in step.units}
-    l = cm.layers_per_stage
-
-    def act(uid: int) -> float:
-        u = units[uid]
-        return u.tokens_per_rank * l * cm.a_tok * activation_factor(u.offload_ratio, l)
-
     if cm.pp == 1:
-        peak = np.zeros(sim.hdp)
-        for op in sim.ops:
-            r = np.asarray(op.ranks)
-            peak[r] = np.maximum(peak[r], act(op.unit))
         index = pd.RangeIndex(sim.hdp, name="hdp_rank")
         states = np.full(sim.hdp, model_state_bytes(cm.setup))
+        peak = np.asarray(sim.peak_memory_bytes) - states - b.ctx_bytes - b.logits_bytes
     else:
-        live: dict[tuple[int, int], float] = {}
-        peak_rs: dict[tuple[int, int], float] = {}
-        for op in sorted(sim.ops, key=lambda o: (o.start_s, o.kind == "fwd")):
-            a = act(op.unit) if op.kind == "fwd" else -act(op.unit)
-            for r in op.ranks:
-                k = (r, op.stage)
-                live[k] = live.get(k, 0.0) + a
-                peak_rs[k] = max(peak_rs.get(k, 0.0), live[k])
-        peak = np.array([max((v for (r, s), v in peak_rs.items() if s == st), default=0.0) for st in range(cm.pp)])
         index = pd.RangeIndex(cm.pp, name="stage")
         states = np.array([model_state_bytes(cm.setup, s) for s in range(cm.pp)])
+        peak = np.asarray(sim.stage_activation_peak_bytes)  # slices, chunks and dK/dV included
     n = len(index)
     return pd.DataFrame({"states": states, "activations": peak, "logits": np.full(n, b.logits_bytes),
                          "ctx": np.full(n, b.ctx_bytes), "frag": np.full(n, b.frag_bytes)}, index=index)

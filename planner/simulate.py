@@ -9,6 +9,7 @@ so a plan can be re-simulated on another profile."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 from costmodel.memory import activation_factor, model_state_bytes
 from costmodel.timing import CostModel, UnitCost
 from planner.bounds import lower_bound_s
+from planner.pipeline import slice_share
 from planner.plan import Plan, PlanError, Predicted, Step
 
 
@@ -45,6 +47,8 @@ class StepSimulation:
     peak_memory_bytes: list[float]  # per HDP rank (max over its stages)
     breakdown: dict[str, float]  # seconds, summed over ranks ÷ ranks (stage-averaged with PP)
     ops: list[OpTiming] = field(default_factory=list)
+    # pp > 1: per stage, the activation peak (KV cache, dK/dV accumulators included) of its busiest rank
+    stage_activation_peak_bytes: list[float] = field(default_factory=list)
 
     def predicted(self) -> Predicted:
         return Predicted(step_time_s=self.step_time_s, lower_bound_s=self.lower_bound_s,
@@ -165,19 +169,90 @@ def inflight_weights(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost,
             for u in step.units}
 
 
-def slice_weights(u_cost: UnitCost, n: int, kind: str, redistribute: bool) -> list[float]:
-    """Share of a unit's stage time taken by each of its n uniform token slices. GEMMs split evenly;
-    causal attention of slice j covers (2j + 1)/n² of the document's area, so later slices cost more
-    (REFERENCE §6) unless mirror-pairing redistribution evens attention out (then every slice pays
-    1/n; the Q/O and K/V transfers ride on PP links under the attention compute)."""
-    if n == 1:
-        return [1.0]
-    total = u_cost.fwd_s if kind == "F" else u_cost.bwd_s
-    attn = u_cost.attn_fwd_compute_s if kind == "F" else u_cost.attn_bwd_compute_s
-    a = min(attn / total, 1.0) if total > 0 else 0.0
-    if redistribute:
-        return [1.0 / n] * n
-    return [(1 - a) / n + a * (2 * j + 1) / (n * n) for j in range(n)]
+DEFAULT_MAX_CHUNKS = 1000  # mirror pairing: most K/V chunks one pair moves (SlimPipe configs: 100-1000)
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Seconds of one pipeline op over all its slices: a unit's pass through one chunk of one stage."""
+
+    time_s: float  # the last stage's last chunk carries the LM head and loss
+    attn_s: float  # its causal attention compute, what mirror pairing moves
+
+    def slice_attn_s(self, j: int, n: int) -> float:
+        """Attention of slice j of n uniform token slices: (2j + 1)/n² of the whole (REFERENCE §6). Every
+        document is sliced (the runtime's slice j is the j-th part of each), so packed units follow it too."""
+        return self.attn_s * (2 * j + 1) / (n * n)
+
+    def slice_s(self, j: int, n: int) -> float:
+        """Slice j's time before any redistribution (`planner.pipeline.slice_share`)."""
+        return self.time_s * slice_share(j, n, min(self.attn_s / self.time_s, 1.0) if self.time_s > 0 else 0.0)
+
+
+def _redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: dict[int, int], cm: CostModel,
+                    v: int, max_chunks: int) -> tuple[dict, dict]:
+    """Mirror pairing (REFERENCE §6) on every pipeline: per op key, the seconds added (the borrowed
+    attention plus the exposed exchange) or removed (the attention handed over), and the exposed
+    exchange seconds. A pair moves k whole K/V chunks (`mirror_chunks`, at most max_chunks) only when
+    that shortens the pair's longer op; the Q/O (forward) and dO/dQ/dK/dV (backward) transfers ride on
+    the PP link between the two stages (`costmodel.slicing`). An op shared by several pipelines ends
+    with its slowest member, so it keeps the largest change any member pipeline gives it."""
+    from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s, stages_inter_node
+    from planner.pipeline import mirror_chunks, mirror_pairs
+
+    layers = cm.layers_per_stage / v  # layers of one chunk
+    attn_cache: dict = {}
+
+    def slice_attn(s: int, op) -> float | None:
+        key = (s, op)
+        if key not in attn_cache:
+            n = units[op.mb].slices
+            attn_cache[key] = op_cost(s, op).slice_attn_s(op.slice, n) if n > 1 else None
+        return attn_cache[key]
+
+    @functools.cache
+    def p2p_s(nbytes: float, inter: bool) -> float:
+        return float(cm.p2p_s(nbytes, inter))
+
+    @functools.cache
+    def pair(hi_key, lo_key, inter: bool) -> tuple[float, float, float, float] | None:
+        """(heavy change, light change, heavy exposed, light exposed) seconds, or None: no move."""
+        (sh, hi), (sl, lo) = hi_key, lo_key
+        a_h, a_l = slice_attn(sh, hi), slice_attn(sl, lo)
+        n = units[hi.mb].slices
+        block = op_cost(sh, hi).attn_s * 2 / (n * n)  # one cached slice's K/V against this slice
+        k = mirror_chunks(a_h, a_l, block, max_chunks)
+        if k == 0:
+            return None
+        moved = k * block
+        to_light_b, back_b = mirror_exchange_bytes(tokens_per_rank[hi.mb] / n, k, cm.model, cm.tp,
+                                                   cm.bytes_per_elem, hi.kind)
+        exp_h, exp_l = (layers * x for x in mirror_exchange_exposed_s(
+            p2p_s(to_light_b, inter), p2p_s(back_b, inter), a_h / layers, a_l / layers, moved / layers))
+        t_h, t_l = op_cost(sh, hi).slice_s(hi.slice, n), op_cost(sl, lo).slice_s(lo.slice, units[lo.mb].slices)
+        if max(t_h - moved + exp_h, t_l + moved + exp_l) >= t_h:
+            return None  # the transfers would cost more than the balance gains
+        return exp_h - moved, exp_l + moved, exp_h, exp_l
+
+    per_pipe: dict[int, dict] = {}
+    exposed_per_pipe: dict[int, dict] = {}
+    pairs_of: dict[tuple, list] = {}  # pipelines with the same op lists pair the same way
+    for r in range(hdp):
+        delta, exposed = per_pipe.setdefault(r, {}), exposed_per_pipe.setdefault(r, {})
+        sig = tuple(op_lists[(r, 0)])
+        if sig not in pairs_of:
+            pairs_of[sig] = mirror_pairs([op_lists[(r, s)] for s in range(p)], slice_attn)
+        for hi_key, lo_key in pairs_of[sig]:
+            res = pair(hi_key, lo_key, stages_inter_node(cm.setup, hi_key[0], lo_key[0], r))
+            if res is not None:
+                delta[hi_key], delta[lo_key], exposed[hi_key], exposed[lo_key] = res
+    delta_all: dict = {}
+    exposed_all: dict = {}
+    for key in {k for delta in per_pipe.values() for k in delta}:
+        members = units[key[1].mb].hdp_ranks  # a member without a pair leaves the op whole (change 0)
+        delta_all[key] = max(per_pipe[m].get(key, 0.0) for m in members)
+        exposed_all[key] = max(exposed_per_pipe[m].get(key, 0.0) for m in members)
+    return delta_all, exposed_all
 
 
 def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
@@ -187,24 +262,42 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
 
     p = cm.pp
     units = {u.id: u for u in step.units}
-    sched = (step.pipeline or {}).get("schedule", "1f1b")
-    v = int((step.pipeline or {}).get("v", 1))
-    redistribute = sched == "sliced-redistributed"
+    sec = step.pipeline or {}
+    sched = sec.get("schedule", "1f1b")
+    v = int(sec.get("v", 1))
     op_lists = step_op_lists(p, {r: step.order.get(r, []) for r in range(hdp)}, {u.id: u.slices for u in step.units},
                              v, section_weights(step.pipeline))
     lists = {key: [((key[1], op), None) for op in ops] for key, ops in op_lists.items()}
-    weights = {}
 
     def cost_of(s: int, uid: int) -> UnitCost:
         return costs[uid][1] if s == p - 1 else costs[uid][0]
 
-    def duration(key) -> float:
+    op_costs: dict = {}
+
+    def op_cost(s: int, op) -> OpCost:
+        """A chunk is 1/v of the stage's layers; the LM head runs once, on the last stage's last chunk."""
+        k = (s, op.mb, op.kind, op.chunk)
+        if k not in op_costs:
+            mid, last = costs[op.mb]
+            f = op.kind == "F"
+            t = (mid.fwd_s if f else mid.bwd_s) / v
+            if s == p - 1 and op.chunk == v - 1:
+                t += (last.fwd_s - mid.fwd_s) if f else (last.bwd_s - mid.bwd_s)
+            op_costs[k] = OpCost(t, (mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) / v)
+        return op_costs[k]
+
+    def base_duration(key) -> float:
         s, op = key
-        c = cost_of(s, op.mb)
-        k = (s == p - 1, op.mb, op.kind)
-        if k not in weights:
-            weights[k] = slice_weights(c, units[op.mb].slices, op.kind, redistribute)
-        return (c.fwd_s if op.kind == "F" else c.bwd_s) / v * weights[k][op.slice]
+        return op_cost(s, op).slice_s(op.slice, units[op.mb].slices)
+
+    delta, exchange_exposed = ({}, {})
+    if sched == "sliced-redistributed":
+        delta, exchange_exposed = _redistribution(op_lists, p, hdp, units, op_cost,
+                                                  {uid: c[0].tokens_per_rank for uid, c in costs.items()}, cm, v,
+                                                  int(sec.get("max_chunks", DEFAULT_MAX_CHUNKS)))
+
+    def duration(key) -> float:
+        return base_duration(key) + delta.get(key, 0.0)
 
     p2p = {uid: cm.pp_p2p_s(costs[uid][0].tokens_per_rank / units[uid].slices) for uid in units}
 
@@ -223,21 +316,26 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
         raise PlanError(f"step {step.step}: {e} (shared units must sit at the same micro-batch position "
                         "in every member pipeline)") from None
     busy = np.zeros((hdp, p))
-    parts = {"compute": 0.0, "ring_exposed": 0.0, "tp_comm": 0.0, "offload_exposed": 0.0}
+    parts = {"compute": 0.0, "ring_exposed": 0.0, "tp_comm": 0.0, "offload_exposed": 0.0, "pp_exchange": 0.0}
     events: dict[tuple[int, int], list[tuple[float, float]]] = {}
     ops: list[OpTiming] = []
     for run in runs:
         s, op = run.key
         u = units[op.mb]
         c = cost_of(s, op.mb)
+        mid = costs[op.mb][0]
         dur = run.end_s - run.start_s
         f = op.kind == "F"
-        whole = (c.fwd_s if f else c.bwd_s) or 1.0
-        share = dur / whole * len(run.resources) / (hdp * p)
-        parts["compute"] += share * ((c.fwd_compute_s + c.head_fwd_s) if f else (c.bwd_compute_s + c.head_bwd_s))
-        parts["ring_exposed"] += share * (c.ring_exposed_fwd_s if f else c.ring_exposed_bwd_s)
-        parts["tp_comm"] += share * (c.tp_comm_fwd_s if f else c.tp_comm_bwd_s)
-        parts["offload_exposed"] += share * (c.offload_exposed_fwd_s if f else c.offload_exposed_bwd_s)
+        # Parts of this op: 1/v of the stage's (head-less) parts, the head on the last stage's last chunk;
+        # mirror pairing only moves attention between stages, its exposed exchange is a part of its own.
+        weight = len(run.resources) / (hdp * p)
+        share = base_duration(run.key) / (op_cost(s, op).time_s or 1.0) * weight
+        head = (c.head_fwd_s if f else c.head_bwd_s) if op.chunk == v - 1 else 0.0
+        parts["compute"] += share * ((mid.fwd_compute_s if f else mid.bwd_compute_s) / v + head)
+        parts["ring_exposed"] += share * (mid.ring_exposed_fwd_s if f else mid.ring_exposed_bwd_s) / v
+        parts["tp_comm"] += share * (mid.tp_comm_fwd_s if f else mid.tp_comm_bwd_s) / v
+        parts["offload_exposed"] += share * (mid.offload_exposed_fwd_s if f else mid.offload_exposed_bwd_s) / v
+        parts["pp_exchange"] += exchange_exposed.get(run.key, 0.0) * weight
         act = _activation_bytes(c.tokens_per_rank, u.offload_ratio, cm) / (u.slices * v)
         # fp32 dK/dV accumulators of the whole sequence, from a sliced unit's first backward to its last.
         dkv = (c.tokens_per_rank * 2 * cm.model.kv_width / cm.tp * 4 * cm.layers_per_stage / v
@@ -268,7 +366,7 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
     bd = dict(parts)
     bd.update(idle=float(idle_all.mean()), grad_sync=sync, bubble=float(idle_all.mean()))
     return StepSimulation(step.step, hdp, finish + sync, lb, sync, stage_busy.tolist(),
-                          (finish - stage_busy).tolist(), mem.tolist(), bd, ops)
+                          (finish - stage_busy).tolist(), mem.tolist(), bd, ops, mem_peak.max(axis=0).tolist())
 
 
 def simulate_plan(plan: Plan, cm: CostModel) -> list[StepSimulation]:

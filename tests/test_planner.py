@@ -170,3 +170,24 @@ def test_plan_json_round_trip(tmp_path):
     (tmp_path / "t.json").write_text(path.read_text()[:100])
     with pytest.raises(PlanError, match="truncated or corrupt"):
         Plan.load(tmp_path / "t.json")
+
+
+def test_one_chunking_per_plan_least_total_time_that_fits():
+    """Steps that chose different interleaving depths are re-planned with one v for the whole plan
+    (a run places its layers once): the least total time among the v's whose every step fits HBM."""
+    from types import SimpleNamespace as NS
+
+    from planner.api import _one_chunking
+
+    # per (v, step): (step time, peak bytes); v = 2 is fastest in total but step 1 overflows HBM
+    table = {1: [(5.0, 10), (5.0, 10)], 2: [(3.0, 10), (4.0, 99)], 4: [(4.0, 10), (5.5, 10)]}
+
+    def fn(batch, cm, opts):
+        t, peak = table[opts.pp_v][batch]
+        return NS(predicted=NS(step_time_s=t, peak_memory_bytes=[peak]), pipeline={"v": opts.pp_v})
+
+    cm = NS(budget=NS(hbm_bytes=50))
+    steps = _one_chunking(fn, [0, 1], cm, PlanOptions(), {1, 2, 4})
+    assert [s.pipeline["v"] for s in steps] == [4, 4]  # 9.5 s beats 10 s; v = 2 does not fit
+    cm_small = NS(budget=NS(hbm_bytes=5))  # nothing fits: the least peak memory
+    assert _one_chunking(fn, [0, 1], cm_small, PlanOptions(), {2, 4})[0].pipeline["v"] == 4

@@ -451,7 +451,7 @@ def test_runtime_refuses_world_size_mismatch(tmp_path):
 
 
 @pytest.mark.torchrun
-@pytest.mark.parametrize("schedule,v", [("sliced", 1), ("interleaved", 2)])
+@pytest.mark.parametrize("schedule,v", [("sliced", 1), ("interleaved", 2), ("sliced", 2)])
 def test_pipelined_replay_matches_reference(tmp_path, schedule, v):
     """pp = 2: sliced 1F1B with the KV cache (shared CP unit in 3 slices, offload) or interleaved
     chunks; a tied embedding split over the first and last stage; 3 iterations (the reference

@@ -29,6 +29,8 @@ class PlanOptions:
     balance_slacks: tuple[float, ...] = (1.0, 1.15, 1.35, 1.7, 2.5, 1e9)  # hdp: makespan targets tried
     max_slices: int = 64  # hdp with PP: most uniform slices per sequence (SlimPipe: 2048K / 32K = 64)
     pp_schedule: Literal["1f1b", "sliced", "sliced-redistributed"] = "sliced-redistributed"  # hdp with PP
+    pp_v: int | None = None  # hdp with PP: model chunks per stage (interleaving); None = per step by simulation
+    redistribute_max_chunks: int = 1000  # mirror pairing: most K/V chunks (one slice's each) a pair moves
     seed: int = 0
     solver: Literal["cbc", "highs", "cpsat"] = "highs"  # ilp: MILP backend (CBC, HiGHS) or CP-SAT
     time_limit_s: float = 10.0  # ilp: wall-clock budget per step; the best incumbent so far is kept
@@ -218,24 +220,41 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
     if step.pipeline is None:
         sim = simulate_step(step, cm, costs)
     else:
-        # Token-weighted 1F1B budgets (memory-faithful) when the pipelines sharing units still agree on
-        # their op order; otherwise count-based lists, which agree whenever shared units sit at the same
-        # positions after the same slice counts.
-        step.pipeline = {**step.pipeline, "weights": inflight_weights(step, cm, costs)}
-        try:
-            sim = simulate_step(step, cm, costs)
-        except PlanError:
-            step.pipeline = {k: x for k, x in step.pipeline.items() if k != "weights"}
-            sim = simulate_step(step, cm, costs)
-    if step.pipeline and step.pipeline.get("schedule") == "sliced-redistributed":
-        # Redistribution costs transfers and only pays off when slices are uneven enough: keep it only
-        # where the simulation says it does not slow the step (SlimPipe's threshold, per step).
-        plain = dataclasses.replace(step, pipeline={**step.pipeline, "schedule": "sliced"})
-        sim_plain = simulate_step(plain, cm, costs)
-        if sim_plain.step_time_s < sim.step_time_s:
-            step, sim = plain, sim_plain
+        step, sim = _best_schedule(step, cm, costs, inflight_weights(step, cm, costs))
     step.predicted = sim.predicted()
     return step
+
+
+def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[str, float]):
+    """The step's pipeline section, settled by simulation: a token-weighted (memory-faithful) or a
+    count-based 1F1B in-flight budget, and with "sliced-redistributed" also plain "sliced" (the
+    transfers only pay off when slices are uneven enough: SlimPipe's threshold, per step). Keeps the
+    fastest variant whose peak memory fits HBM (else the least memory); a weighted variant on which
+    pipelines sharing units disagree (a deadlock) is skipped — the count-based lists always agree,
+    shared units sitting at the same positions after the same slice counts."""
+    from planner.simulate import simulate_step
+
+    base = {k: x for k, x in step.pipeline.items() if k != "weights"}
+    sections = [{**base, "weights": weights}, base]
+    if base.get("schedule") == "sliced-redistributed":
+        plain = {**{k: x for k, x in base.items() if k != "max_chunks"}, "schedule": "sliced"}
+        sections += [{**plain, "weights": weights}, plain]
+    hbm = cm.budget.hbm_bytes
+    best, error = None, None
+    for sec in sections:
+        cand = dataclasses.replace(step, pipeline=sec)
+        try:
+            sim = simulate_step(cand, cm, costs)
+        except PlanError as e:
+            error = e
+            continue
+        peak = max(sim.peak_memory_bytes)
+        key = (peak > hbm, sim.step_time_s if peak <= hbm else peak)
+        if best is None or key < best[0]:
+            best = (key, cand, sim)
+    if best is None:
+        raise error
+    return best[1], best[2]
 
 
 def ceil_div(a: int, b: int) -> int:

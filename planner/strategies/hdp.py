@@ -18,7 +18,8 @@ units. They differ in assignment:
   * PP-Balance (pp > 1): ranks are pipelines; t_i is the 1F1B estimate Σt + (p−1)·max t; sharded
     units are placed in rounds so that they occupy the same micro-batch slot in every member
     pipeline (otherwise co-scheduled 1F1B lists can deadlock); the cheapest pipeline gets the next
-    bin, so cheaper pipelines run more micro-batches.
+    bin, so cheaper pipelines run more micro-batches. The step's chunk count v (interleaving; with
+    slices SlimPipe's n·v schedule) is the fastest simulated one that fits HBM.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from costmodel.timing import CostModel
 from planner.batch import GlobalBatch
-from planner.plan import Step
+from planner.plan import PlanError, Step
 from planner.strategies.common import (Draft, PlanOptions, SeqTable, best_fit_pack, check_fits, finalize, fit_degree,
                                        long_degree, node_local_ranks, spans_nodes)
 
@@ -303,5 +304,45 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
     # Remaining bins, costliest first, to the pipeline with the smallest 1F1B estimate.
     while queue:
         put_bin(int(np.argmin(count)) if naive else int(np.argmin(est(np.arange(hdp)))))
-    schedule = opt.pp_schedule if any(d.slices > 1 for d in drafts) else "1f1b"
-    return finalize(batch, drafts, cm, hdp, pipeline={"schedule": schedule, "v": 1})
+    sliced_any = any(d.slices > 1 for d in drafts)
+    section: dict = {"schedule": opt.pp_schedule if sliced_any else "1f1b", "v": 1}
+    if section["schedule"] == "sliced-redistributed":
+        section["max_chunks"] = opt.redistribute_max_chunks
+    if naive:
+        return finalize(batch, drafts, cm, hdp, pipeline=section)
+    return _fastest_chunking(batch, drafts, cm, hdp, section, opt.pp_v)
+
+
+MAX_CHUNKS_PER_STAGE = 8  # interleaving depth tried by PP-Balance (deeper adds P2P hops for little gain)
+
+
+def chunk_candidates(layers_per_stage: int, pinned: int | None = None) -> list[int]:
+    """Model chunks per stage to try: v = 1 and the three smallest divisors of the stage's layers up
+    to MAX_CHUNKS_PER_STAGE (a chunk holds whole layers); only `pinned` when given."""
+    if pinned is not None:
+        if pinned < 1 or layers_per_stage % pinned:
+            raise PlanError(f"pp_v = {pinned} must divide the {layers_per_stage} layers of a pipeline stage")
+        return [pinned]
+    return [1] + [d for d in range(2, min(layers_per_stage, MAX_CHUNKS_PER_STAGE) + 1) if layers_per_stage % d == 0][:3]
+
+
+def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int, section: dict,
+                      pinned: int | None) -> Step:
+    """Finalise the step for each chunk count v (interleaving, SlimPipe's n·v slice-chunks) and keep
+    the fastest whose simulated peak memory fits HBM (v = 1 when none does). Slice counts stay those
+    memory chose: the cost model has no per-slice overhead, so more slices would always look faster."""
+    best: Step | None = None
+    fallback: Step | None = None
+    for v in chunk_candidates(cm.layers_per_stage, pinned):
+        sched = section["schedule"] if section["schedule"] != "1f1b" or v == 1 else "interleaved"
+        try:
+            step = finalize(batch, drafts, cm, hdp, pipeline={**section, "schedule": sched, "v": v})
+        except PlanError:
+            if pinned is not None or v == 1:
+                raise
+            continue  # pipelines sharing units disagree on this interleaving (a deadlock): skip it
+        fallback = fallback or step
+        if max(step.predicted.peak_memory_bytes) <= cm.budget.hbm_bytes and (
+                best is None or step.predicted.step_time_s < best.predicted.step_time_s):
+            best = step
+    return best or fallback

@@ -1,0 +1,42 @@
+"""SlimPipe's mirror-pairing exchange between two pipeline stages (REFERENCE §6 "P2P cost"): bytes
+per layer and the part of the transfer time that compute does not hide. Pure functions; the
+simulator decides who pairs with whom (planner.pipeline.mirror_pairs) and how many chunks move."""
+
+from __future__ import annotations
+
+from costmodel.specs import ModelSpec, Setup
+
+LSE_BYTES = 4  # the softmax log-sum-exp travels in fp32
+
+
+def mirror_exchange_bytes(slice_tokens: float, chunks: int, model: ModelSpec, tp: int, dtype_bytes: int,
+                          kind: str) -> tuple[float, float]:
+    """(bytes to the light partner, bytes back to the heavy one) per layer and TP rank when the heavy
+    op hands `chunks` K/V chunks (one slice of `slice_tokens` tokens each) to its partner.
+    Forward: Q and the chunks' K/V out; the partial O and its log-sum-exp back (merged by online
+    softmax). Backward: dO, Q, O, lse and the chunks' K/V out; dQ′ and the borrowed chunks' dK/dV back."""
+    q_bytes = slice_tokens * model.q_width * dtype_bytes / tp  # Q, O, dO and dQ′ each
+    lse_bytes = slice_tokens * model.heads / tp * LSE_BYTES
+    kv_bytes = chunks * slice_tokens * 2 * model.kv_width * dtype_bytes / tp
+    if kind == "F":
+        return q_bytes + kv_bytes, q_bytes + lse_bytes
+    return 3 * q_bytes + lse_bytes + kv_bytes, q_bytes + kv_bytes
+
+
+def mirror_exchange_exposed_s(to_light_s: float, back_s: float, heavy_attn_s: float, light_attn_s: float,
+                              moved_s: float) -> tuple[float, float]:
+    """(heavy, light) seconds per layer that the exchange adds to the two ops. The light partner
+    receives while it computes its own attention, then computes the borrowed part `moved_s` and sends
+    it back; the heavy one computes what it kept meanwhile and waits for the result to merge it."""
+    light = max(0.0, to_light_s - light_attn_s)
+    ready_s = max(to_light_s, light_attn_s) + moved_s + back_s
+    heavy = max(0.0, ready_s - (heavy_attn_s - moved_s))
+    return heavy, light
+
+
+def stages_inter_node(setup: Setup, stage_a: int, stage_b: int, hdp_rank: int) -> bool:
+    """Whether HDP rank `hdp_rank`'s GPUs of two stages sit on different nodes (global rank =
+    stage·hdp·tp + hdp_rank·tp, nodes of consecutive ranks)."""
+    tp, per_node = setup.training.tp, setup.cluster.gpus_per_node
+    width = setup.hdp * tp
+    return (stage_a * width + hdp_rank * tp) // per_node != (stage_b * width + hdp_rank * tp) // per_node
