@@ -46,22 +46,32 @@ def bubbles() -> None:
 
 def imbalance() -> None:
     print("\n### Uniform token slices: imbalance and mirror pairing (p = 8, m = 4, attention-bound)\n")
-    print("| n | v | uniform slices | mirror pairing | pairing, <= 2 chunks per pair | evened slices (closed form) |")
-    print("|---|---|---|---|---|---|")
+    print("| n | v | uniform slices | mirror pairing (rendezvous: the planner's model) | same moves, free-running "
+          "| pairing, <= 2 chunks per pair | evened slices (closed form) |")
+    print("|---|---|---|---|---|---|---|")
     p, m = 8, 4
     for n, v in ((16, 1), (32, 1), (16, 5), (32, 5)):
         uneven = simulate_uniform(p, m, n, v, attn_share=1.0)[1]
-        paired = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True)[1]
-        clipped = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True, max_chunks=2)[1]
-        print(f"| {n} | {v} | {uneven:.4f} | {paired:.4f} | {clipped:.4f} | {closed_form_bubble(p, m, n, v):.4f} |")
+        cf = closed_form_bubble(p, m, n, v)
+        if v == 1:  # SlimPipe's pairing needs its own warm-up (see below): the planner does not pair here
+            print(f"| {n} | {v} | {uneven:.4f} | (not paired) | | | {cf:.4f} |")
+            continue
+        paired = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True, rendezvous=True)[1]
+        free = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True)[1]
+        clipped = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True, max_chunks=2, rendezvous=True)[1]
+        print(f"| {n} | {v} | {uneven:.4f} | {paired:.4f} | {free:.4f} | {clipped:.4f} | {cf:.4f} |")
     print("\nSlice j's attention is (2j + 1)/n of the mean (REFERENCE §6). Mirror pairing (free transfers here)\n"
           "pairs the ops of a schedule step (SlimPipe's offsets: stage r at forward position t - r, backward\n"
           "t - (p - 1 - r)) by attention and moves whole K/V chunks from the heavy op to its partner; it is off\n"
-          "where some stage has no op of that step (fill and drain). In the event simulation, where 1F1B\n"
-          "interleaves forwards and backwards, paired ops are not exactly simultaneous and every stage still sees\n"
-          "slice costs that vary over time, so pairing removes part of the imbalance bubble, not all of it; the\n"
-          "evened-slices column (free, perfect balance) is the bound. SlimPipe's pairs exchange tensors, which\n"
-          "synchronises them; the simulator does not model that rendezvous.")
+          "where some stage has no op of that step (fill and drain). Partners exchange tensors mid-op, so they\n"
+          "start together (a rendezvous in the event engine); free-running lets each op take its new duration\n"
+          "whenever its stage reaches it, which spreads the leftovers over time and is optimistic. What keeps\n"
+          "the rendezvous above the closed form: unpaired fill/drain steps, unequal pair sums where a step's\n"
+          "slices wrap across a micro-batch or group boundary, and whole-chunk rounding (half a chunk stays\n"
+          "when the slice gap is odd). With v = 1 the lists keep Seq1F1B's warm-up (n + p - r - 2 slices), under\n"
+          "which the ops a step pairs belong to different iterations; SlimPipe aligns them with a warm-up of\n"
+          "n + 2(p - r - 1), i.e. more memory. Paired as rendezvous they stall the pipeline (slower than no\n"
+          "pairing), so the planner pairs only interleaved (v > 1) sliced schedules.")
 
 
 def cp_step(cm: CostModel, s: int, m: int, slices: int, v: int, schedule: str) -> Step:
@@ -87,8 +97,11 @@ def run(s: int, n: int, v: int, schedule: str) -> StepSimulation:
     return simulate_step(cp_step(cm, s, M_SEQS, n, v, schedule), cm)
 
 
-def schedule_of(n: int, v: int) -> str:
-    return "sliced-redistributed" if n > 1 else ("interleaved" if v > 1 else "1f1b")
+def planned(s: int, n: int, v: int) -> StepSimulation:
+    """The schedule the planner would keep: sliced units with mirror pairing only where it is faster."""
+    if n == 1:
+        return run(s, n, v, "interleaved" if v > 1 else "1f1b")
+    return min((run(s, n, v, "sliced"), run(s, n, v, "sliced-redistributed")), key=lambda x: x.step_time_s)
 
 
 def memory_formula_bytes(cm: CostModel, s: int, n: int, v: int) -> float:
@@ -123,7 +136,7 @@ def memory_and_mfu() -> None:
         tok = zigzag_tokens_per_rank([s], cm.setup.hdp)
         for name, n, v in (("1F1B", 1, 1), ("interleaved", 1, 5), ("sliced", 32, 1), ("sliced", 64, 1),
                            ("SlimPipe", 32, 5), ("SlimPipe", 64, 5)):
-            sim = run(s, n, v, schedule_of(n, v))
+            sim = planned(s, n, v)
             peak = sim.peak_memory_bytes[0]
             act = peak - _static_memory(cm, None)
             slim = f"{tok * L * cm.a_tok / p * (1 + 2 * (p - 1) / (n * v)) / GIB:.1f}" if n > 1 else "-"
@@ -137,7 +150,8 @@ def memory_and_mfu() -> None:
           "(interleaved), min(n + p - 1, m·n) slices (sliced, Seq1F1B) or min(n·v + 2(p-1), m·n·v) slice-chunks\n"
           "(SlimPipe), each of s/n tokens per CP rank × L/(p·v) layers × a bytes, plus fp32 dK/dV of the sequence\n"
           "for the stage's layers (one chunk's when a micro-batch is a single slice group). The SlimPipe column\n"
-          "is REFERENCE §6's form without dK/dV. Sliced rows use mirror pairing with its transfers priced.\n"
+          "is REFERENCE §6's form without dK/dV. Sliced rows keep mirror pairing (its transfers priced) where it\n"
+          "is faster, as the planner does.\n"
           "MFU: causal attention halved, recompute excluded, 989 TFLOP/s peak.")
 
 
@@ -147,7 +161,7 @@ def redistribution() -> None:
           "exposed exchange (s/rank) | closed-form bubble |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s in (256 * K, 512 * K, 2048 * K):
-        for n, v in ((32, 1), (64, 1), (32, 5), (64, 5)):
+        for n, v in ((32, 2), (64, 2), (32, 5), (64, 5)):  # v = 1 is not paired (see above)
             plain = run(s, n, v, "sliced")
             paired = run(s, n, v, "sliced-redistributed")
             print(f"| {s // K}K | {n} | {v} | {plain.step_time_s:.1f} | "

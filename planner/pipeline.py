@@ -248,23 +248,58 @@ class OpRun:
 
 
 def run_ops(lists: dict[Hashable, list[tuple[Hashable, PipeOp]]], dep: Callable[[Hashable], Hashable | None],
-            duration: Callable[[Hashable], float], transfer: Callable[[Hashable], float]) -> list[OpRun]:
+            duration: Callable[[Hashable], float], transfer: Callable[[Hashable], float],
+            pairs: Iterable[tuple[Hashable, Hashable]] = (), solo: Callable[[Hashable], float] | None = None,
+            broken: list | None = None) -> list[OpRun]:
     """Discrete-event engine. `lists[resource]` is that resource's ordered (op key, op); an op key
     that appears on several resources is one co-scheduled op (a shared unit) and starts when it
     heads every one of those lists, its dependency `dep(key)` has finished (+ `transfer(key)`),
-    and all of them are free. Raises ScheduleError on deadlock."""
+    and all of them are free. Raises ScheduleError on deadlock.
+
+    `pairs` (heavy key, light key) is a rendezvous (SlimPipe's mirror pairing exchanges tensors mid-op):
+    the two start together once both are ready as above, take `duration`, and the heavy op ends no
+    earlier than the light one (it merges the light op's partial result). A pair that cannot meet
+    (each waits on the other through the schedule) is broken and its ops run alone for `solo(key)`
+    seconds (default `duration`); its heavy key is appended to `broken` when given."""
     members: dict[Hashable, list[Hashable]] = {}
     for res, lst in lists.items():
         for key, _ in lst:
             members.setdefault(key, []).append(res)
+    partner: dict[Hashable, Hashable] = {}
+    heavy: set = set()
+    for hi, lo in pairs:
+        if hi in members and lo in members and hi not in partner and lo not in partner and hi != lo:
+            partner[hi], partner[lo] = lo, hi
+            heavy.add(hi)
+    alone: set = set()
     pos = {r: 0 for r in lists}
     free = {r: 0.0 for r in lists}
     done: dict[Hashable, float] = {}
     runs: list[OpRun] = []
     ready_heads = list(lists)
     remaining = len(members)
+
+    def ready_at(key) -> float | None:
+        """When `key` could start (None: not at the head of all its lists or its dependency is pending)."""
+        mem = members[key]
+        if any(pos[m] >= len(lists[m]) or lists[m][pos[m]][0] != key for m in mem):
+            return None
+        d = dep(key)
+        if d is not None and d not in done:
+            return None
+        return max([done[d] + transfer(key) if d is not None else 0.0] + [free[m] for m in mem])
+
+    def launch(key, start: float, end: float) -> None:
+        mem = members[key]
+        for m in mem:
+            free[m] = end
+            pos[m] += 1
+        done[key] = end
+        runs.append(OpRun(key, tuple(mem), start, end))
+
     while remaining:
         progressed = False
+        waiting: list[tuple[float, Hashable]] = []
         for res in ready_heads:
             i = pos[res]
             if i >= len(lists[res]):
@@ -272,22 +307,38 @@ def run_ops(lists: dict[Hashable, list[tuple[Hashable, PipeOp]]], dep: Callable[
             key = lists[res][i][0]
             if key in done:
                 continue
-            mem = members[key]
-            if any(pos[m] >= len(lists[m]) or lists[m][pos[m]][0] != key for m in mem):
+            t = ready_at(key)
+            if t is None:
                 continue
-            d = dep(key)
-            if d is not None and d not in done:
+            q = partner.get(key)
+            if q is None:
+                launch(key, t, t + (solo(key) if solo is not None and key in alone else duration(key)))
+                remaining -= 1
+                progressed = True
                 continue
-            start = max([done[d] + transfer(key) if d is not None else 0.0] + [free[m] for m in mem])
-            end = start + duration(key)
-            for m in mem:
-                free[m] = end
-                pos[m] += 1
-            done[key] = end
-            runs.append(OpRun(key, tuple(mem), start, end))
-            remaining -= 1
+            tq = ready_at(q)
+            if tq is None:
+                waiting.append((t, key))
+                continue
+            start = max(t, tq)
+            end_k, end_q = start + duration(key), start + duration(q)
+            if key in heavy:
+                end_k = max(end_k, end_q)
+            else:
+                end_q = max(end_q, end_k)
+            launch(key, start, end_k)
+            launch(q, start, end_q)
+            remaining -= 2
             progressed = True
         if not progressed:
+            if waiting:  # a pair that cannot meet: break the one whose ready op waits longest
+                _, key = min(waiting, key=lambda x: x[0])
+                q = partner.pop(key)
+                del partner[q]
+                alone.update((key, q))
+                if broken is not None:
+                    broken.append(key if key in heavy else q)
+                continue
             stuck = [lists[r][pos[r]][0] for r in lists if pos[r] < len(lists[r])][:3]
             raise ScheduleError(f"pipeline schedule deadlocks (waiting ops: {stuck})")
     return runs
@@ -346,13 +397,16 @@ def mirror_chunks(heavy_attn_s: float, light_attn_s: float, block_s: float, max_
 
 def simulate_uniform(p: int, m: int, n: int = 1, v: int = 1, fwd_s: float = 1.0, bwd_s: float = 2.0,
                      attn_share: float = 0.0, redistribute: bool = False,
-                     max_chunks: int = 10**9) -> tuple[float, float]:
+                     max_chunks: int = 10**9, rendezvous: bool = False) -> tuple[float, float]:
     """One pipeline of m identical single-sequence micro-batches: (step time, bubble fraction of stage
     0). Per-op times are the micro-batch's stage time ÷ v, times its slice's share (`slice_share`:
     uniform token slices of a sequence whose stage time is `attn_share` causal attention). redistribute: mirror pairing
-    moves whole K/V chunks between paired ops at no transfer cost (the plan simulator prices them)."""
+    moves whole K/V chunks between paired ops at no transfer cost (the plan simulator prices them).
+    rendezvous: paired ops start together (`run_ops` pairs), as SlimPipe's per-layer exchange forces;
+    without it each op just takes its adjusted duration whenever its stage reaches it."""
     lists = {(0, s): [((s, op), op) for op in stage_ops(p, s, [n] * m, v)] for s in range(p)}
     extra: dict[OpKey, float] = {}
+    moved_pairs: list[tuple[OpKey, OpKey]] = []
 
     def base(op: PipeOp) -> float:
         return (fwd_s if op.kind == "F" else bwd_s) / v
@@ -367,11 +421,17 @@ def simulate_uniform(p: int, m: int, n: int = 1, v: int = 1, fwd_s: float = 1.0,
             moved = k * base(hi[1]) * attn_share * 2 / (n * n)
             extra[hi] = extra.get(hi, 0.0) - moved
             extra[lo] = extra.get(lo, 0.0) + moved
+            if k:
+                moved_pairs.append((hi, lo))
+
+    def solo(key: OpKey) -> float:
+        return base(key[1]) * slice_share(key[1].slice, n, attn_share)
 
     def dur(key: OpKey) -> float:
-        return base(key[1]) * slice_share(key[1].slice, n, attn_share) + extra.get(key, 0.0)
+        return solo(key) + extra.get(key, 0.0)
 
-    runs = run_ops(lists, lambda key: _dep_key(key, p, v, [n] * m), dur, lambda key: 0.0)
+    runs = run_ops(lists, lambda key: _dep_key(key, p, v, [n] * m), dur, lambda key: 0.0,
+                   pairs=moved_pairs if rendezvous else (), solo=solo)
     total = max(r.end_s for r in runs)
     busy0 = sum(r.end_s - r.start_s for r in runs if (0, 0) in r.resources)
     return total, 1.0 - busy0 / total

@@ -190,13 +190,18 @@ class OpCost:
 
 
 def _redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: dict[int, int], cm: CostModel,
-                    v: int, max_chunks: int) -> tuple[dict, dict]:
+                    v: int, max_chunks: int) -> tuple[dict, dict, list]:
     """Mirror pairing (REFERENCE §6) on every pipeline: per op key, the seconds added (the borrowed
-    attention plus the exposed exchange) or removed (the attention handed over), and the exposed
-    exchange seconds. A pair moves k whole K/V chunks (`mirror_chunks`, at most max_chunks) only when
-    that shortens the pair's longer op; the Q/O (forward) and dO/dQ/dK/dV (backward) transfers ride on
-    the PP link between the two stages (`costmodel.slicing`). An op shared by several pipelines ends
-    with its slowest member, so it keeps the largest change any member pipeline gives it."""
+    attention plus the exposed exchange) or removed (the attention handed over), the exposed exchange
+    seconds, and the (heavy, light) pairs, which `run_ops` runs as rendezvous (the partners exchange
+    tensors mid-op, so they start together). A pair moves k whole K/V chunks (`mirror_chunks`, at most
+    max_chunks) only when that shortens the pair's longer op; the Q/O (forward) and dO/dQ/dK/dV
+    (backward) transfers ride on the PP link between the two stages (`costmodel.slicing`). Nothing
+    pairs with v = 1: SlimPipe pairs the forward and backward of one iteration, aligned by its warm-up
+    of n·v + 2(p − r − 1) slices, which our v > 1 lists use; the v = 1 lists keep Seq1F1B's smaller
+    warm-up, under which paired ops sit iterations apart and the rendezvous stalls the pipeline
+    (measured: slower than no pairing). An op of a unit shared by several pipelines is paired only
+    where every member pipeline pairs it with the same partner."""
     from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s, stages_inter_node
     from planner.pipeline import mirror_chunks, mirror_pairs
 
@@ -234,25 +239,31 @@ def _redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank:
             return None  # the transfers would cost more than the balance gains
         return exp_h - moved, exp_l + moved, exp_h, exp_l
 
-    per_pipe: dict[int, dict] = {}
-    exposed_per_pipe: dict[int, dict] = {}
+    applied: dict[tuple, tuple] = {}  # (heavy, light) -> its changes (as the first pipeline priced it)
+    seen: dict[tuple, int] = {}  # (heavy, light) -> pipelines that pair it
     pairs_of: dict[tuple, list] = {}  # pipelines with the same op lists pair the same way
     for r in range(hdp):
-        delta, exposed = per_pipe.setdefault(r, {}), exposed_per_pipe.setdefault(r, {})
         sig = tuple(op_lists[(r, 0)])
         if sig not in pairs_of:
-            pairs_of[sig] = mirror_pairs([op_lists[(r, s)] for s in range(p)], slice_attn)
+            pairs_of[sig] = mirror_pairs([op_lists[(r, s)] for s in range(p)], slice_attn) if v > 1 else []
         for hi_key, lo_key in pairs_of[sig]:
             res = pair(hi_key, lo_key, stages_inter_node(cm.setup, hi_key[0], lo_key[0], r))
             if res is not None:
-                delta[hi_key], delta[lo_key], exposed[hi_key], exposed[lo_key] = res
-    delta_all: dict = {}
-    exposed_all: dict = {}
-    for key in {k for delta in per_pipe.values() for k in delta}:
-        members = units[key[1].mb].hdp_ranks  # a member without a pair leaves the op whole (change 0)
-        delta_all[key] = max(per_pipe[m].get(key, 0.0) for m in members)
-        exposed_all[key] = max(exposed_per_pipe[m].get(key, 0.0) for m in members)
-    return delta_all, exposed_all
+                applied.setdefault((hi_key, lo_key), res)
+                seen[(hi_key, lo_key)] = seen.get((hi_key, lo_key), 0) + 1
+    delta: dict = {}
+    exposed: dict = {}
+    kept: list = []
+    used: set = set()
+    for (hi_key, lo_key), (d_h, d_l, e_h, e_l) in applied.items():
+        ranks = units[hi_key[1].mb].hdp_ranks
+        if (units[lo_key[1].mb].hdp_ranks != ranks or seen[(hi_key, lo_key)] != len(ranks)
+                or hi_key in used or lo_key in used):
+            continue  # member pipelines disagree on this pairing: the ops run unpaired
+        used.update((hi_key, lo_key))
+        delta[hi_key], delta[lo_key], exposed[hi_key], exposed[lo_key] = d_h, d_l, e_h, e_l
+        kept.append((hi_key, lo_key))
+    return delta, exposed, kept
 
 
 def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
@@ -290,9 +301,9 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
         s, op = key
         return op_cost(s, op).slice_s(op.slice, units[op.mb].slices)
 
-    delta, exchange_exposed = ({}, {})
+    delta, exchange_exposed, pairs = {}, {}, []
     if sched == "sliced-redistributed":
-        delta, exchange_exposed = _redistribution(op_lists, p, hdp, units, op_cost,
+        delta, exchange_exposed, pairs = _redistribution(op_lists, p, hdp, units, op_cost,
                                                   {uid: c[0].tokens_per_rank for uid, c in costs.items()}, cm, v,
                                                   int(sec.get("max_chunks", DEFAULT_MAX_CHUNKS)))
 
@@ -311,7 +322,7 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
         return 0.0 if d is None or d[0] == s else p2p[op.mb]
 
     try:
-        runs = run_ops(lists, dep, duration, transfer)
+        runs = run_ops(lists, dep, duration, transfer, pairs=pairs, solo=base_duration)
     except ScheduleError as e:
         raise PlanError(f"step {step.step}: {e} (shared units must sit at the same micro-batch position "
                         "in every member pipeline)") from None

@@ -146,17 +146,20 @@ def _cp_step(cm, s: int, m: int, slices: int, schedule: str, v: int = 1, **secti
 
 def test_redistribution_moves_work_and_pays_its_transfers():
     cm = _pp_cost_model()
-    # 256K over 16 ranks in 32 slices (512 tokens per rank and slice): the transfers show (exposed
-    # seconds > 0) but pairing still shortens the step
-    plain = simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced"), cm)
-    paired = simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced-redistributed"), cm)
-    assert paired.step_time_s < 0.95 * plain.step_time_s
+    # 256K over 16 ranks in 32 slices and 2 chunks (512 tokens per rank and slice): the transfers show
+    # (exposed seconds > 0) but paired ops, run as rendezvous, still shorten the step
+    plain = simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced", 2), cm)
+    paired = simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced-redistributed", 2), cm)
+    assert paired.step_time_s < 0.99 * plain.step_time_s
     assert paired.breakdown["pp_exchange"] > 0 and plain.breakdown["pp_exchange"] == 0
-    off = simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced-redistributed", max_chunks=0), cm)
+    off = simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced-redistributed", 2, max_chunks=0), cm)
     assert off.step_time_s == pytest.approx(plain.step_time_s)
+    # v = 1 (Seq1F1B warm-up): SlimPipe's pairing does not apply, nothing moves
+    one = simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced-redistributed"), cm)
+    assert one.step_time_s == pytest.approx(simulate_step(_cp_step(cm, 262_144, 4, 32, "sliced"), cm).step_time_s)
     # short slices across nodes: a chunk's attention is worth less than moving it, so nothing moves
-    short_plain = simulate_step(_cp_step(cm, 16_384, 4, 16, "sliced"), cm)
-    short = simulate_step(_cp_step(cm, 16_384, 4, 16, "sliced-redistributed"), cm)
+    short_plain = simulate_step(_cp_step(cm, 16_384, 4, 16, "sliced", 2), cm)
+    short = simulate_step(_cp_step(cm, 16_384, 4, 16, "sliced-redistributed", 2), cm)
     assert short.step_time_s == pytest.approx(short_plain.step_time_s)
     # sliced and interleaved plans simulate; memory shrinks with n·v as SlimPipe's formula says
     mem = {nv: max(simulate_step(_cp_step(cm, 1_048_576, 4, *nv[:1], "sliced", nv[1]), cm).peak_memory_bytes)
@@ -231,3 +234,53 @@ def test_pp_balance_keeps_the_fastest_chunking_that_fits(lengths):
     validate(Plan(meta={"capacity_tokens": cm.capacity_tokens, "layers_per_stage": cm.layers_per_stage},
                   mesh=Mesh(cm.setup.cluster.world_size, cm.tp, cm.pp, cm.setup.hdp), steps=[auto]))
     assert simulate_step(auto, cm).step_time_s == pytest.approx(auto.predicted.step_time_s)
+
+
+def test_rendezvous_pairs_start_together_and_heavy_waits_for_light():
+    lists = {"a": [("h0", PipeOp("F", 0)), ("h", PipeOp("F", 1))], "b": [("l", PipeOp("F", 1))]}
+    dur = {"h0": 2.0, "h": 1.0, "l": 3.0}
+    runs = {r.key: r for r in run_ops(lists, lambda k: None, dur.__getitem__, lambda k: 0.0, pairs=[("h", "l")])}
+    assert runs["h"].start_s == runs["l"].start_s == 2.0  # the light op waits for its partner
+    assert runs["h"].end_s == runs["l"].end_s == 5.0  # the heavy one merges the light one's result
+    # a pair that cannot meet (each waits on the other through the schedule) runs alone, solo-timed
+    lists = {"a": [("x", PipeOp("F", 0)), ("y", PipeOp("F", 1))], "b": [("z", PipeOp("F", 0))]}
+    broken = []
+    runs = {r.key: r for r in run_ops(lists, lambda k: "y" if k == "z" else None, lambda k: 1.0, lambda k: 0.0,
+                                      pairs=[("x", "z")], solo=lambda k: 2.0, broken=broken)}
+    assert broken == ["x"] and runs["z"].start_s == runs["y"].end_s == 3.0 and runs["z"].end_s == 5.0
+
+
+def test_mirror_pairing_with_rendezvous_what_limits_the_removal():
+    # SlimPipe's pairs exchange Q/O and K/V layer by layer, so paired ops run together (a rendezvous).
+    p, m, n = 8, 4, 16
+    # 1) The lockstep itself is free: with even slices, forcing every pair of the SlimPipe schedule
+    #    (v = 5: warm-up n·v + 2(p − r − 1)) to start together leaves the closed-form bubble.
+    v = 5
+    lists = {(0, s): [((s, op), op) for op in stage_ops(p, s, [n] * m, v)] for s in range(p)}
+    pairs = mirror_pairs([[op for _, op in lists[(0, s)]] for s in range(p)], lambda s, op: 1.0)
+    broken = []
+    runs = run_ops(lists, lambda k: dependency(k[1], k[0], p, v, n - 1), lambda k: (1.0 if k[1].kind == "F" else 2.0),
+                   lambda k: 0.0, pairs=pairs, broken=broken)
+    total = max(r.end_s for r in runs)
+    busy0 = sum(r.end_s - r.start_s for r in runs if (0, 0) in r.resources)
+    assert not broken and 1 - busy0 / total == pytest.approx(closed_form_bubble(p, m, n, v), rel=1e-6)
+    # 2) With uneven (attention-bound) slices the rendezvous keeps each pair's residual (whole chunks:
+    #    an odd slice gap leaves half a chunk, a gap of 1 moves nothing) and the unequal pair sums of
+    #    steps that wrap across a micro-batch or slice group; free-running ops smooth them over time,
+    #    so the free model is optimistic: 0.102 vs 0.067 (closed form 0.021).
+    free = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True)[1]
+    rdv = simulate_uniform(p, m, n, v, attn_share=1.0, redistribute=True, rendezvous=True)[1]
+    uneven = simulate_uniform(p, m, n, v, attn_share=1.0)[1]
+    assert free == pytest.approx(0.0675, abs=2e-3) and rdv == pytest.approx(0.102, abs=3e-3)
+    assert closed_form_bubble(p, m, n, v) < free < rdv < uneven
+    # 3) v = 1 uses Seq1F1B's warm-up (n + p − r − 2), not SlimPipe's (n + 2(p − r − 1)): forward pairs
+    #    (stage r at position t − r) then lie p − 1 − 2r iterations apart and cannot meet their backward
+    #    pairs, so the rendezvous breaks pairs and is worse than no pairing.
+    lists1 = {(0, s): [((s, op), op) for op in stage_ops(p, s, [n] * m)] for s in range(p)}
+    pairs1 = mirror_pairs([[op for _, op in lists1[(0, s)]] for s in range(p)], lambda s, op: float(op.slice))
+    broken1 = []
+    run_ops(lists1, lambda k: dependency(k[1], k[0], p, 1, n - 1), lambda k: 1.0, lambda k: 0.0, pairs=pairs1,
+            broken=broken1)
+    assert broken1
+    assert (simulate_uniform(p, m, n, attn_share=1.0, redistribute=True, rendezvous=True)[1]
+            > simulate_uniform(p, m, n, attn_share=1.0)[1])

@@ -50,6 +50,10 @@ def plan_naive(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     """Alg. 1: data-aware sharding + best-fit packing + a naive (cursor / round-robin) assignment."""
     if cm.pp > 1:
         return _plan_pp_balance(batch, cm, opt, naive=True)
+    return finalize(batch, _naive_drafts(batch, cm, opt), cm, cm.setup.hdp)
+
+
+def _naive_drafts(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> list[Draft]:
     hdp = cm.setup.hdp
     seqs = SeqTable.of(batch)
     long_idx, short_idx, deg = _split(seqs, cm, opt.offload)
@@ -74,7 +78,7 @@ def plan_naive(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     for b in best_fit_pack(seqs.lengths, order, cm.capacity_tokens):
         place((cursor,), [seqs.piece(i) for i in b], 0.0)
         cursor = (cursor + 1) % hdp
-    return finalize(batch, drafts, cm, hdp)
+    return drafts
 
 
 def _slice_peak(n: int, schedule: str) -> float:
@@ -164,6 +168,12 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
         score = _replay_finish(drafts, cm, hdp) if len(drafts) <= EXACT_SCORING_MAX_UNITS else float(t.max())
         if best is None or score < best[1]:
             best = (drafts, score)
+    if len(best[0]) <= EXACT_SCORING_MAX_UNITS:
+        # Alg. 1's placement is one more candidate: where candidates are scored exactly, the balance
+        # scheduler is then never slower than naive HDP (a few units side by side can beat the gang LPT).
+        naive = _naive_drafts(batch, cm, opt)
+        if _replay_finish(naive, cm, hdp) < best[1]:
+            best = (naive, 0.0)
     return finalize(batch, best[0], cm, hdp)
 
 
