@@ -2,14 +2,15 @@
 sequences, hdp's gap to the ILP over seeded instances, and which backend is fastest at which size.
 Prints markdown tables (figures go to docs/BENCHMARKS.md, "Exact solvers", with date and machine).
 
-    python -m bench.ilp                      # both sections (~12 minutes on 2 cores; -m: run as a file,
+    python -m bench.ilp                      # both sections (~10 minutes on 2 cores; -m: run as a file,
                                              # bench/planner.py would shadow the planner package)
     python -m bench.ilp --only gap           # gap | backends
     python -m bench.ilp --time-limit 3 --seeds 1   # a quicker look
 
 Every instance: LLaMA-7B on DGX-H100 (analytic profile), pp = tp = 1, recompute chosen by `auto`, one step.
-Step times are the simulator's (ilp and hdp alike); the gap is the solver's, within the partition model
-(objective vs the best of the solver's dual bound, the area bound and the slowest single sequence).
+Step times are the simulator's (ilp and hdp alike); the gap is within the partition model: objective vs the
+largest proven bound of the same model (the area bound or slowest sequence, the configuration LP, the integer
+configuration model, or the solver's dual bound; see planner/strategies/ilp.py).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def run(shape: Shape, seed: int, solver: str, limit_s: float) -> dict:
     return dict(shape=asdict(shape), seed=seed, solver=solver, seqs=len(batch), long=int(
         (batch.lengths_tokens > cm.capacity_tokens).sum()), C=cm.capacity_tokens,
         recompute=cm.setup.training.recompute, items=r.items, variables=r.variables, status=r.status,
+        bound_from=r.bound_from, note=r.note,
         seconds=secs, gap=r.gap, objective_s=r.objective_s, bound_s=r.bound_s,
         ilp_s=step.predicted.step_time_s, hdp_s=hdp.predicted.step_time_s, hdp_plan_s=hdp_s,
         lower_bound_s=step.predicted.lower_bound_s)
@@ -114,6 +116,10 @@ def gap_section(limit_s: float, seeds: int) -> None:
     print(f"\nsolved within {limit_s:g} s at ≤ 2% gap: {ok.sum()}/{len(rows)}; proven optimal: "
           f"{sum(r['status'] == 'optimal' for r in rows)}; gap median {100 * np.median(gaps):.2f}%, max "
           f"{100 * gaps.max():.2f}%; time median {np.median(secs):.1f} s, max {secs.max():.1f} s")
+    sources: dict[str, int] = {}
+    for r in rows:
+        sources[r["bound_from"]] = sources.get(r["bound_from"], 0) + 1
+    print("bound that sets the gap: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items(), key=lambda x: -x[1])))
     by = {}
     for r, g in zip(rows, gaps):
         by.setdefault(r["shape"]["gpus"], []).append(g)
@@ -142,6 +148,10 @@ def backend_section(limit_s: float) -> None:
         cells = [f"{res[s][k]['status']}, {res[s][k]['seconds']:.1f} s, {100 * res[s][k]['gap']:.2f}%, "
                  f"{res[s][k]['ilp_s']:.3f}" for s in ilp.SOLVERS]
         print(f"| {label(r0)} | {r0['seqs']} | {r0['variables']} | " + " | ".join(cells) + " |")
+    notes = [f"{s} on {label(res[s][k])}: {res[s][k]['note']}" for s in ilp.SOLVERS for k in range(len(BACKEND_SHAPES))
+             if res[s][k]["note"]]
+    for n in notes:
+        print(f"\n- {n}")
 
 
 def worker(solver: str, limit_s: float) -> None:

@@ -139,12 +139,30 @@ def test_unknown_solver_and_pipelines_are_refused():
 
 def test_no_incumbent_falls_back_to_hdp_with_a_warning(monkeypatch):
     monkeypatch.setitem(ilp.BACKENDS, "highs", lambda lm, x0, limit: ilp.Solution("none", None, None, None))
+    monkeypatch.setattr(ilp, "warm_start", lambda *a: None)  # no partition of our own either
     lengths = [6000, 3000, 2000, 800]
     with pytest.warns(ilp.SolverWarning, match="found no solution"):
         step, info, cm = solve(lengths)
     heuristic = STRATEGIES["hdp"](batch_of(lengths), cm, PlanOptions(offload=False))
     assert info.status == "fallback" and info.gap is None
     assert step.predicted.step_time_s == heuristic.predicted.step_time_s
+
+
+def test_a_failed_backend_keeps_the_warm_start(monkeypatch):
+    """A backend that returns nothing (CBC's binary can crash mid-search) leaves the warm start, which
+    is a solution of the model: it is kept, with a warning, and its gap is against the proven bound."""
+    monkeypatch.setitem(ilp.BACKENDS, "highs",
+                        lambda lm, x0, limit: ilp.Solution("none", None, None, None, note="it crashed"))
+    monkeypatch.setattr(ilp, "config_bound", lambda items, tab, hdp, C, lo, hi, deadline, engine:
+                        ilp.ConfigBound(bound_s=lo, columns=[]))  # leave a gap for the backend to close
+    monkeypatch.setattr(ilp, "pool_partition", lambda cl, items, tab, hdp, C, lo, hi, deadline: (None, lo))
+    monkeypatch.setattr(ilp, "integer_search", lambda cl, items, tab, hdp, C, lo, hi, deadline: (lo, None))
+    lengths = [6000, 6000, 6000]
+    with pytest.warns(ilp.SolverWarning, match=r"returned no solution \(it crashed\); kept the warm start"):
+        step, info, cm = solve(lengths)
+    assert info.status == "feasible" and "kept the warm start" in info.note
+    assert 0 < info.gap < 0.2 and info.bound_s < info.objective_s
+    assert step.predicted.step_time_s == pytest.approx(info.objective_s, rel=1e-9)  # priced exactly: lone lengths
 
 
 def test_meta_solver_of_a_plan():
@@ -201,3 +219,118 @@ def test_cli_plans_with_the_exact_solver(tmp_path):
     assert "ilp: cbc" in res.output and out.exists()
     res = CliRunner().invoke(app, ["plan", "--gpus", "8", "--solver", "glpk"])
     assert res.exit_code == 2 and "--solver must be cbc, highs or cpsat" in res.output
+
+
+# ---- the configuration bounds and the partitions they lead to ----------------------------------------
+
+def model_of(lengths, gpus=4):
+    """Items, table and the pruned-free model of a batch, as plan_step builds them."""
+    cm = cost_model(gpus)
+    seqs = ilp.SeqTable.of(batch_of(lengths))
+    price = ilp.Pricer(cm)
+    items = ilp.make_items(seqs, cm, 16, price)
+    tab = ilp.make_table(items, seqs, cm, PlanOptions(offload=False), price)
+    return items, tab, cm.setup.hdp, cm.capacity_tokens
+
+
+def test_knapsack_matches_brute_force():
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        n = int(rng.integers(1, 5))
+        w, v, c = rng.integers(0, 9, n), rng.random(n), rng.integers(1, 4, n)
+        cap = int(rng.integers(0, 20))
+        a = ilp.knapsack(w, v, c, cap)
+        assert (a >= 0).all() and (a <= c).all() and w @ a <= cap
+        best = max(v @ np.array(x) for x in itertools.product(*(range(k + 1) for k in c)) if w @ np.array(x) <= cap)
+        assert v @ a == pytest.approx(best)
+
+
+def test_enumerated_configurations_are_all_multisets_that_fit():
+    w = np.array([[0.5, 0.3], [0.25, np.inf], [0.05, 0.02]])  # [items, sizes]
+    counts = np.array([3, 2, 40])
+    T = 1.0
+    ok = np.isfinite(w) & (w <= T)
+    configs, big = ilp.enumerate_configs(w, counts, ok, T, cap=200)
+    assert big[:, 0].tolist() == [True, True, False]  # 0.05 < T/8: fluid; the others whole
+    for k in range(2):
+        got = sorted(tuple(a) for kk, a in configs if kk == k)
+        want = sorted(x for x in itertools.product(*(range(c + 1) if big[i, k] else [0] for i, c in enumerate(counts)))
+                      if sum(x[i] * w[i, k] for i in range(3) if x[i]) <= T)
+        assert got == want
+
+
+@pytest.mark.parametrize("lengths", [[6000, 6000, 6000], [7000, 5000, 9000], [12000, 5000]])
+def test_configuration_bound_is_valid_and_closes_the_area_gap(lengths):
+    """On hand-checkable instances the configuration LP proves the brute-force optimum (to its
+    bisection tolerance) where the area bound is far below it, and never refutes the optimum itself."""
+    items, tab, hdp, C = model_of(lengths)
+    opt = brute_force_makespan_s(lengths, cost_model(4))
+    area = ilp.area_bound_s(items, tab, hdp, C)
+    for engine in ("highs",):
+        cb = ilp.config_bound(items, tab, hdp, C, area, opt, time.perf_counter() + 60, engine)
+        assert cb.bound_s <= opt and cb.bound_s >= opt * (1 - 2 * ilp.BISECT_TOL)
+        cl = ilp.ConfigLP(items, tab, hdp, C, engine)
+        assert not cl.refutes(opt * (1 + 1e-9), time.perf_counter() + 60)
+        assert not ilp.integer_model(cl, opt * (1 + 1e-9), 60)[0]
+    assert area < 0.97 * opt  # the MILP's own relaxation (area) stays 3% or more below the optimum
+
+
+def test_bounds_never_pass_a_proven_optimum():
+    """Random small steps solved to proven optimality by the MILP alone (no configuration bound in
+    it): the configuration LP and the integer model refute no makespan at or above the optimum, and
+    their bounds stay below it."""
+    rng = np.random.default_rng(11)
+    for gpus in (4, 6, 8):
+        lengths = np.concatenate([rng.integers(4000, 16000, int(rng.integers(2, 6))), rng.integers(200, 3000, 12)])
+        items, tab, hdp, C = model_of(lengths, gpus)
+        sm = ilp.build_model(items, tab, hdp, C)
+        sol = ilp.solve("highs", sm.lm, None, 60)
+        assert sol.status == "optimal"
+        opt = ilp.makespan_s(ilp.read_partition(sol.x, sm, len(items.count)), items, tab, C)
+        lo = ilp.area_bound_s(items, tab, hdp, C)
+        cl = ilp.ConfigLP(items, tab, hdp, C, "highs")
+        assert not cl.refutes(opt * (1 + 1e-9), time.perf_counter() + 60)
+        refuted, copies = ilp.integer_model(cl, opt * (1 + 1e-9), 60)
+        assert not refuted and copies is not None
+        cb = ilp.config_bound(items, tab, hdp, C, lo, opt * 1.05, time.perf_counter() + 60, "highs")
+        bound, p = ilp.integer_search(cl, items, tab, hdp, C, cb.bound_s, opt * 1.05, time.perf_counter() + 60)
+        assert lo <= cb.bound_s <= bound <= opt * (1 + 1e-4)  # the MILP's optimum is within its 0.01% gap
+        if p is not None:  # a partition of every member, on the mesh, no better than the optimum
+            assert (np.sum(p.counts, axis=0) == items.count).all() and sum(p.sizes) <= hdp
+            assert ilp.makespan_s(p, items, tab, C) >= opt * (1 - 1e-4)
+
+
+def test_fill_partition_places_every_member_once():
+    items, tab, hdp, C = model_of([12000, 6000, 6000, 2500, 2000, 800, 800, 300], gpus=8)
+    p = ilp.fill_partition([4], [np.zeros(len(items.count), np.int64)], items, tab, hdp, C)
+    assert p is not None and sum(p.sizes) <= hdp and 4 in p.sizes
+    assert (np.sum(p.counts, axis=0) == items.count).all()
+    for d, c in zip(p.sizes, p.counts):  # only placements the table allows
+        assert np.isfinite(tab.time_s[c > 0, np.searchsorted(tab.sizes, d)]).all()
+    assert ilp.fill_partition([4, 4, 4], [np.zeros(len(items.count), np.int64)] * 3, items, tab, hdp, C) is None
+
+
+def test_glop_and_highs_prove_the_same_bound():
+    """The configuration LP runs on HiGHS or, in a process that loads OR-Tools (CP-SAT), on GLOP and
+    SCIP: both give the same bounds (a fresh process: the two libraries cannot share one)."""
+    import json
+    import subprocess
+    import sys
+
+    lengths = [7000, 5000, 9000, 6000, 3000, 2500, 900, 400]
+    code = ("import json, time, sys; sys.path.insert(0, '.'); from tests.test_ilp import model_of; "
+            "from planner.strategies import ilp; "
+            f"items, tab, hdp, C = model_of({lengths}, 6); lo = ilp.area_bound_s(items, tab, hdp, C); "
+            "cb = ilp.config_bound(items, tab, hdp, C, lo, 2 * lo, time.perf_counter() + 60, '{e}'); "
+            "cl = ilp.ConfigLP(items, tab, hdp, C, '{e}'); "
+            "b, _ = ilp.integer_search(cl, items, tab, hdp, C, cb.bound_s, 2 * lo, time.perf_counter() + 60); "
+            "import sys as s; print(json.dumps([cb.bound_s, b, sorted({{m.split('.')[0] for m in s.modules}} "
+            "& {{'highspy', 'ortools'}})]))")
+    out = {}
+    for e in ("glop", "highs"):
+        res = subprocess.run([sys.executable, "-c", code.format(e=e)], capture_output=True, text=True, check=True,
+                             cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+        out[e] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["glop"][2] == ["ortools"] and out["highs"][2] == ["highspy"]
+    assert out["glop"][0] == pytest.approx(out["highs"][0], rel=1e-6)
+    assert out["glop"][1] == pytest.approx(out["highs"][1], rel=1e-6)
