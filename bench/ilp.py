@@ -10,7 +10,7 @@ Prints markdown tables (figures go to docs/BENCHMARKS.md, "Exact solvers", with 
 Every instance: LLaMA-7B on DGX-H100 (analytic profile), pp = tp = 1, recompute chosen by `auto`, one step.
 Step times are the simulator's (ilp and hdp alike); the gap is within the partition model: objective vs the
 largest proven bound of the same model (the area bound or slowest sequence, the configuration LP, the integer
-configuration model, or the solver's dual bound; see planner/strategies/ilp.py).
+configuration model, or the solver's dual bound; see planner/strategies/ilp/__init__.py).
 """
 
 from __future__ import annotations

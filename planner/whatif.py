@@ -181,7 +181,7 @@ _SHARED_STRATEGY_FILES = {"common.py", "static.py"}  # every row carries static'
 def code_fingerprint(strategy: str | None = None) -> str:
     """sha256 (12 hex digits) of the sources and data files that determine a point's figures: costmodel,
     profiles, presets, planner, and of the strategies only the shared helpers, static and `strategy`'s
-    own module (None: all of them), so work on one strategy does not invalidate another's rows."""
+    own module or package (None: all of them), so work on one strategy does not invalidate another's rows."""
     import hashlib
     import sys
 
@@ -192,6 +192,8 @@ def code_fingerprint(strategy: str | None = None) -> str:
         if strategy not in STRATEGIES:
             return ""
         own = Path(sys.modules[STRATEGIES[strategy].__module__].__file__).resolve()
+        if own.name == "__init__.py":  # a strategy package (ilp): all of its modules are its own
+            own = own.parent
     h = hashlib.sha256()
     for pkg in ("costmodel", "planner", "profiles"):
         for f in sorted((root / pkg).rglob("*")):
@@ -199,8 +201,8 @@ def code_fingerprint(strategy: str | None = None) -> str:
             if (f.suffix not in (".py", ".json", ".gz") or not f.is_file() or f.name in _OWN
                     or rel.startswith(_NOT_PLANNING) or "__pycache__" in rel):
                 continue
-            if (own is not None and f.parent == strategies_dir and f.name not in _SHARED_STRATEGY_FILES
-                    and f.resolve() != own):
+            top = strategies_dir / f.relative_to(strategies_dir).parts[0] if strategies_dir in f.parents else None
+            if own is not None and top is not None and top.name not in _SHARED_STRATEGY_FILES and top.resolve() != own:
                 continue
             h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:12]

@@ -1,4 +1,4 @@
-"""The exact solvers (planner/strategies/ilp.py): optima on hand-checkable instances for every backend,
+"""The exact solvers (planner/strategies/ilp/): optima on hand-checkable instances for every backend,
 plans that validate and simulate to the reported objective, the time limit, clear infeasibility,
 the fallback to hdp, and FlexSP's bucketing DP."""
 

@@ -1,0 +1,284 @@
+"""Exact solvers for one step with pp = 1 (REFERENCE §4.1–4.2, decision 17): a MILP solved by CBC
+(through pulp) or HiGHS (highspy), and the same model in CP-SAT (OR-Tools).
+
+The model partitions the HDP ranks into disjoint groups for the whole step (FlexSP's MILP, priced
+by our cost model) and puts every sequence on one group:
+
+  items i    one sequence, or a DP bucket of short ones (b_i members; mean time of a member)
+  groups g   candidate rank groups: size d_g in 1..hdp (or powers of two), copies k = 0, 1, ...
+  u_g ∈ {0,1}   the group is formed           x_ig ∈ Z≥0  members of item i run on group g
+  β_g ∈ Z≥0     C-token bins (d_g = 1)         L_g ≥ 0     group time (s);  T  makespan (s)
+
+  min T  s.t.  Σ_g x_ig = b_i                    every sequence runs exactly once (token conservation)
+               Σ_g d_g u_g ≤ hdp                 ranks
+               x_ig ≤ b_i u_g                    only formed groups run work
+               C β_g ≥ Σ_i τ_i x_ig             per-rank capacity: a rank's sequences fill β_g bins
+               L_g = Σ_i t_i(d_g) x_ig + γ β_g   co-scheduling: all d_g members are busy for L_g
+               T ≥ L_g ;  hdp·T ≥ Σ_g d_g L_g    (the second is implied by the rest; it lifts the LP bound)
+               u and L non-increasing over the copies of one size (symmetry between identical groups)
+
+x_ig exists only where d_g ≥ D_min(i) (the memory minimum after offload, REFERENCE 2.5). t_i(d) is
+the cost model's unit time of a member sharded over d ranks (ring exposure and offload included),
+and for d = 1 its marginal time inside a C-token bin, γ being the bin's fixed cost. Groups are laid
+out contiguously; sizes of a divisor chain of the node (1, 2, 4, 8 on 8-GPU nodes) never cross a
+node boundary, other sizes are priced as if they did. So T + gradient sync is the step time the
+simulator reports, up to bucketing (members of a bucket differ from its mean), bin packing (best
+fit may need more bins than ⌈tokens/C⌉) and odd-sized groups that land inside a node (cheaper).
+
+Size reduction (REFERENCE 4.2): one exact item per distinct long length, and per the longest short
+lengths up to EXACT_ITEMS; the other short sequences in `ilp_buckets` classes cut by FlexSP's
+padding DP (on one-rank time); minimum-degree pruning; a short sequence is sharded only where it
+wastes at most SHARD_WASTE_MAX rank-time, or over the whole mesh (keeps every instance feasible);
+copies of a size capped by the sequences that may use them; placements pruned that no solution
+better than the warm start can use. The warm start is the best of greedy partitions (hdp's degrees
+at hdp's makespan, first fit over a ladder of targets, homogeneous sizes) after a local search
+(moves and swaps off the busiest group).
+
+Bounds and incumbents. The MILP's LP relaxation is only the area bound; where long sequences fill
+wide groups two or three at a time, whole members leave idle time that it does not see (up to ≈6%
+below the optimum on 64 ranks with small C), and HiGHS or CP-SAT rarely close that in 10 s. So before the
+MILP, within shares of the time limit:
+  1. the configuration LP (column generation, knapsack pricing, Farley's bound as the certificate),
+     bisected over the makespan: the largest refuted makespan is a proven bound (config_bound);
+  2. price and round: partitions from its configurations (LP rounding, a small cover MIP), completed
+     greedily and polished (pool_partition);
+  3. the integer configuration model (every configuration of the big members enumerated, whole
+     group counts, small members fluid), bisected again: a bound where the number of groups matters,
+     and partitions from its solutions (integer_search).
+The MILP then starts from the best partition with T ≥ the best proven bound as a cut. A plan's gap
+is (objective − bound) / objective with the largest proven bound: the area bound or the slowest
+member, the two configuration bounds, or the solver's own; each is a bound on the same model.
+
+A static partition cannot re-group ranks in the middle of a step (hdp can: a long unit on 16 ranks,
+then bins on each), so on some batches hdp beats this "optimum"; the plan's meta reports both.
+
+Where the parts live (this package):
+  reports.py         SolverWarning, SolverInfo and the meta["solver"] side channel
+  model.py           items and DP buckets, cost tables (Pricer), area bound, pruning, the linear model
+  partitions.py      Partition, greedy warm starts, local search, completion of partial partitions
+  configurations.py  the configuration LP bound, pool partitions, the integer configuration model
+  backends.py        CBC, HiGHS, CP-SAT; solve (and solve_job, the entry of a separate solver process)
+  __init__.py        plan_step: from a solution to units, and the strategy itself
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+
+from costmodel.timing import CostModel
+from planner.batch import GlobalBatch
+from planner.plan import PlanError, Step, zigzag_tokens_per_rank
+from planner.strategies.common import (Draft, PlanOptions, SeqTable, best_fit_pack, check_fits, finalize, long_degree,
+                                       ratio_for_tokens)
+from planner.strategies.hdp import plan_balance
+from planner.strategies.ilp.backends import BACKENDS, REL_GAP, SOLVERS, Solution, solve, solve_job
+from planner.strategies.ilp.configurations import (BISECT_TOL, ConfigBound, ConfigLP, config_bound, enumerate_configs,
+                                                   integer_model, integer_search, knapsack, lp_engine, pool_partition)
+from planner.strategies.ilp.model import (Items, Pricer, StepModel, Table, area_bound_s, build_model, make_items,
+                                          make_table, node_local_sizes, padding_buckets, prune)
+from planner.strategies.ilp.partitions import Partition, fill_partition, makespan_s, partition_to_vector, warm_start
+from planner.strategies.ilp.reports import SolverInfo, SolverWarning, collect_solver_reports, report_solver, solver_meta
+
+# ---- from a solution to units -----------------------------------------------------------------------
+
+def read_partition(sol: np.ndarray, sm: StepModel, n_items: int) -> Partition:
+    counts = np.zeros((len(sm.group_size), n_items), dtype=np.int64)
+    for (i, g), col in sm.x.items():
+        counts[g, i] = int(round(sol[col]))
+    used = np.flatnonzero(counts.any(axis=1))
+    return Partition([int(sm.group_size[g]) for g in used], [counts[g] for g in used])
+
+
+def assign_members(p: Partition, items: Items, seqs: SeqTable, C: int, price: Pricer) -> list[list[int]]:
+    """Sequences per group. A lone sequence goes where the solver put it. A bucket's members are dealt to
+    group sizes in the solver's counts per size, interleaved by length (each size gets a fair share of
+    long and short members, so its total matches the model's mean); within a size, members go longest
+    first to the copy where they finish soonest, priced by their own length (LPT) — better balanced
+    than the solver's per-copy counts, which only know the bucket's mean."""
+    G = len(p.sizes)
+    sizes = np.array(p.sizes)
+    on_bin = dict(zip(seqs.lengths.tolist(), price.bin_s(seqs.lengths).tolist())) if (sizes == 1).any() else {}
+
+    def cost(s: int, d: int) -> float:
+        return on_bin[s] if d == 1 else price.shard_s(s, d)
+
+    busy = np.zeros(G)  # Σ member times; single ranks add γ per started C-token bin
+    tok = np.zeros(G)
+    out: list[list[int]] = [[] for _ in range(G)]
+
+    def put(m: int, g: int) -> None:
+        s = int(seqs.lengths[m])
+        busy[g] += cost(s, int(sizes[g]))
+        tok[g] += s
+        out[g].append(int(m))
+
+    for i in np.flatnonzero(items.count == 1):
+        put(int(items.members[i][0]), next(g for g in range(G) if p.counts[g][i]))
+    dealt: dict[int, list[int]] = {int(d): [] for d in set(p.sizes)}
+    for i in np.flatnonzero(items.count > 1):
+        classes = sorted(dealt)
+        quota = np.array([sum(int(p.counts[g][i]) for g in range(G) if sizes[g] == d) for d in classes], float)
+        got = np.zeros(len(classes))
+        for j, m in enumerate(items.members[i]):  # longest first: the class furthest behind its share
+            c = int(np.argmax(quota * (j + 1) / len(items.members[i]) - got + 1e-9 * quota))
+            got[c] += 1
+            dealt[classes[c]].append(int(m))
+    for d, mem in dealt.items():
+        gs = np.flatnonzero(sizes == d)
+        for m in sorted(mem, key=lambda m: -seqs.lengths[m]):
+            s = int(seqs.lengths[m])
+            finish = busy[gs] + cost(s, d)
+            if d == 1:
+                finish += price.gamma_s * np.ceil((tok[gs] + s) / C - 1e-9)
+            put(m, int(gs[np.argmin(finish)]))
+    return out
+
+
+def layout(sizes: list[int], hdp: int, per_node: int) -> list[tuple[int, ...]]:
+    """Contiguous rank sets: node-local sizes first, largest first, from rank 0 (each start is then a
+    multiple of its size, so none crosses a node boundary), then the other sizes, largest first."""
+    local = node_local_sizes(hdp, per_node)
+    order = sorted(range(len(sizes)), key=lambda g: (sizes[g] not in local, -sizes[g], g))
+    out: list[tuple[int, ...]] = [()] * len(sizes)
+    start = 0
+    for g in order:
+        out[g] = tuple(range(start, start + sizes[g]))
+        start += sizes[g]
+    return out
+
+
+def partition_drafts(p: Partition, items: Items, seqs: SeqTable, cm: CostModel, price: Pricer) -> list[Draft]:
+    """Units of a partition: on single ranks best-fit bins of ≤ C tokens, on larger groups one sharded
+    unit per sequence, longest first, one after another."""
+    members = assign_members(p, items, seqs, cm.capacity_tokens, price)
+    ranks = layout(p.sizes, cm.setup.hdp, cm.setup.hdp_per_node)
+    drafts: list[Draft] = []
+    for d, rs, mem in zip(p.sizes, ranks, members):
+        mem = np.array(sorted(mem, key=lambda m: -seqs.lengths[m]), dtype=np.int64)
+        if d == 1:
+            for k, b in enumerate(best_fit_pack(seqs.lengths, mem, cm.capacity_tokens)):
+                drafts.append(Draft(ranks=rs, pieces=[seqs.piece(i) for i in b], sort_key=float(k)))
+            continue
+        for k, m in enumerate(mem):
+            r = ratio_for_tokens(zigzag_tokens_per_rank([int(seqs.lengths[m])], d), cm) or 0.0
+            drafts.append(Draft(ranks=rs, pieces=[seqs.piece(int(m))], offload_ratio=r, sort_key=float(k)))
+    return drafts
+
+
+# ---- the strategy -----------------------------------------------------------------------------------
+
+# The three phases before the MILP take at most these shares of the budget each (they stop sooner
+# once their bisection closes), so the MILP keeps at least half of it.
+BOUND_SHARE = 0.25  # the configuration-LP bound
+POOL_SHARE = 0.1  # partitions assembled from its configurations
+INT_SHARE = 0.15  # the integer configuration bound (and its partitions)
+
+
+def model_bound_s(items: Items, tab: Table, hdp: int, C: int) -> float:
+    """A bound valid for the whole model: the area bound, or the slowest member at its fastest size."""
+    return max(area_bound_s(items, tab, hdp, C), float(np.min(tab.time_s, axis=1).max()))
+
+
+def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
+    """The `ilp` strategy: solve the step's partition model, fall back to `hdp` without an incumbent."""
+    t0 = time.perf_counter()
+    if cm.pp > 1:
+        raise PlanError("ilp models pp = 1 only; use --strategy hdp for pipelined meshes")
+    if opt.solver not in BACKENDS:
+        raise PlanError(f"unknown solver {opt.solver!r}; one of {', '.join(SOLVERS)}")
+    hdp, C = cm.setup.hdp, cm.capacity_tokens
+    seqs = SeqTable.of(batch)
+    check_fits(int(seqs.lengths.max()), cm, hdp, opt.offload)
+    heuristic = plan_balance(batch, cm, opt)
+    finalize_s = time.perf_counter() - t0  # about what mapping, finalize and simulation take afterwards
+    sync = cm.grad_sync_s(hdp)
+    hdp_s = heuristic.predicted.step_time_s
+    price = Pricer(cm)
+    items = make_items(seqs, cm, max(1, opt.ilp_buckets), price)
+    tab = make_table(items, seqs, cm, opt, price)
+    floor = model_bound_s(items, tab, hdp, C)
+    hint = np.ones(len(items.count), dtype=np.int64)
+    item_of = {int(m): i for i, mem in enumerate(items.members) for m in mem}
+    row_of = {int(q): k for k, q in enumerate(seqs.ids)}
+    for u in heuristic.units:  # hdp's degrees seed one of the warm starts
+        if u.degree > 1:
+            for p in u.pieces:
+                i = item_of[row_of[p.seq]]
+                hint[i] = max(hint[i], u.degree)
+    warm = warm_start(items, tab, hdp, C, hint, hdp_s - sync)
+    bound_from, incumbent = "area", math.inf
+    if warm is not None:
+        incumbent = makespan_s(warm, items, tab, C)
+        tab = prune(items, tab, hdp, C, incumbent)
+        budget = max(0.0, opt.time_limit_s - (time.perf_counter() - t0) - finalize_s)
+        engine = lp_engine(opt.solver)
+        if incumbent - floor > REL_GAP * incumbent:
+            cb = config_bound(items, tab, hdp, C, floor, incumbent, time.perf_counter() + BOUND_SHARE * budget,
+                              engine)
+            if cb.bound_s > floor:
+                floor, bound_from = cb.bound_s, "configuration LP"
+            cl = ConfigLP(items, tab, hdp, C, engine)
+            for k, a in cb.columns:
+                cl.remember(k, a)
+            for d, c in zip(warm.sizes, warm.counts):  # the warm start's groups are configurations too
+                cl.remember(int(np.searchsorted(tab.sizes, d)), np.asarray(c, np.int64))
+            def pool(tab_: Table, lo: float, hi: float, deadline: float):
+                return pool_partition(cl, items, tab_, hdp, C, lo, hi, deadline)
+
+            def integer(tab_: Table, lo: float, hi: float, deadline: float):
+                raised, better = integer_search(cl, items, tab_, hdp, C, lo, hi, deadline)
+                return better, raised
+
+            # Each phase may raise the proven bound and return a better partition (the next one prunes on it).
+            for name, share, phase in (("configuration LP", POOL_SHARE, pool),
+                                       ("integer configurations", INT_SHARE, integer)):
+                better, raised = phase(tab, floor, incumbent, time.perf_counter() + share * budget)
+                if raised > floor:
+                    floor, bound_from = raised, name
+                if better is not None:
+                    warm, incumbent = better, makespan_s(better, items, tab, C)
+                    tab = prune(items, tab, hdp, C, incumbent)
+    sm = build_model(items, tab, hdp, C, floor)
+    x0 = partition_to_vector(warm, sm, items, tab, C) if warm is not None else None
+    size = dict(items=len(items.count), groups=len(sm.group_size), variables=sm.lm.n)
+    if x0 is not None and incumbent - floor <= REL_GAP * incumbent:
+        sol = Solution("optimal", x0, incumbent, floor)  # the bound already proves the warm start optimal
+    else:
+        limit = max(0.05, opt.time_limit_s - (time.perf_counter() - t0) - finalize_s)
+        sol = solve(opt.solver, sm.lm, x0, limit)
+        if sol.bound is not None and sol.bound > floor:
+            bound_from = "solver"
+    if sol.status == "infeasible":
+        raise PlanError(f"ilp ({opt.solver}): no partition of the {hdp} HDP ranks holds this step's "
+                        f"{len(seqs.ids)} sequences at C = {C} tokens/rank")
+    note = ""
+    if sol.x is None and x0 is not None:  # the solver failed, but the warm start is an incumbent
+        note = f"{opt.solver} returned no solution ({sol.note or 'none in ' + f'{limit:.1f} s'}); kept the warm start"
+        warnings.warn(f"ilp step {batch.step}: {note}", SolverWarning, stacklevel=2)
+        sol = Solution("feasible", x0, incumbent, floor)
+    if sol.x is None:
+        note = f"{opt.solver} found no solution in {limit:.1f} s; using the hdp plan"
+        warnings.warn(f"ilp step {batch.step}: {note}", SolverWarning, stacklevel=2)
+        report_solver(SolverInfo(opt.solver, "fallback", time.perf_counter() - t0, None, None, None, hdp_s, hdp_s,
+                                 note=note, **size))
+        return heuristic
+    part = read_partition(sol.x, sm, len(items.count))
+    step = finalize(batch, partition_drafts(part, items, seqs, cm, price), cm, hdp)
+    obj = makespan_s(part, items, tab, C)  # the solution's own makespan (CP-SAT's objective is in ticks)
+    bound = min(obj, max(floor, sol.bound if sol.bound is not None else 0.0))
+    report_solver(SolverInfo(opt.solver, sol.status, time.perf_counter() - t0, (obj - bound) / obj if obj > 0 else 0.0,
+                             obj + sync, bound + sync, step.predicted.step_time_s, hdp_s, **size, note=note,
+                             bound_from=bound_from))
+    return step
+
+
+# plan_step, and what tests, bench/ilp.py and planner.api use from the package
+__all__ = ["BACKENDS", "BISECT_TOL", "ConfigBound", "ConfigLP", "Pricer", "SOLVERS", "SeqTable", "Solution",
+           "SolverInfo", "SolverWarning", "area_bound_s", "build_model", "collect_solver_reports", "config_bound",
+           "enumerate_configs", "fill_partition", "integer_model", "integer_search", "knapsack", "long_degree",
+           "make_items", "make_table", "makespan_s", "padding_buckets", "plan_step", "pool_partition", "read_partition",
+           "solve", "solve_job", "solver_meta", "warm_start"]

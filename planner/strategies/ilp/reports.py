@@ -1,0 +1,72 @@
+"""Solver reports: a side channel from the exact strategy to a plan's meta["solver"]."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator
+
+
+class SolverWarning(UserWarning):
+    """The exact solver gave no plan: the warm start (or, without one, the heuristic's plan) was used."""
+
+
+# ---- solver reports: a side channel from strategies to meta["solver"] ------------------------------
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """What the solver did for one step."""
+
+    name: str  # backend: cbc | highs | cpsat
+    status: str  # optimal | feasible (time limit, incumbent kept) | fallback (heuristic plan used)
+    seconds: float  # wall time of the whole strategy call (model, warm start, solve, finalize)
+    gap: float | None  # (objective − bound) / objective of the makespan (before the gradient sync)
+    objective_s: float | None  # model step time: makespan + gradient sync
+    bound_s: float | None  # best proven lower bound on objective_s within the model
+    simulated_s: float | None  # step time of the emitted plan, from the simulator
+    hdp_s: float | None  # step time of the `hdp` plan (the warm start's seed) on the same batch
+    items: int = 0  # sequences or buckets in the model
+    groups: int = 0  # candidate groups
+    variables: int = 0
+    note: str = ""  # why a fallback happened, or why the warm start was kept
+    bound_from: str = ""  # what proved bound_s: area (or slowest member), configuration LP, integer
+    #                       configurations, or solver
+
+    def to_meta(self) -> dict:
+        """Per-step record for the plan's meta (no wall times: plans stay byte-identical when optimal)."""
+        d = dataclasses.asdict(self)
+        d.pop("seconds")
+        d.pop("bound_from")  # depends on which proof finished first: kept out of the (deterministic) plan
+        return {k: (round(v, 9) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+_REPORTS: contextvars.ContextVar[list[SolverInfo] | None] = contextvars.ContextVar("solver_reports", default=None)
+
+
+@contextlib.contextmanager
+def collect_solver_reports() -> Iterator[list[SolverInfo]]:
+    """Collect the SolverInfo of every strategy call made inside the block (see solver_meta)."""
+    reports: list[SolverInfo] = []
+    token = _REPORTS.set(reports)
+    try:
+        yield reports
+    finally:
+        _REPORTS.reset(token)
+
+
+def report_solver(info: SolverInfo) -> None:
+    reports = _REPORTS.get()
+    if reports is not None:
+        reports.append(info)
+
+
+def solver_meta(reports: list[SolverInfo], strategy: str, seconds: float) -> dict:
+    """meta["solver"] of a plan: heuristics report themselves; solver steps give their worst status and gap."""
+    if not reports:
+        return {"name": strategy, "status": "heuristic", "seconds": round(seconds, 6), "gap": None}
+    worst = max(reports, key=lambda r: ("optimal", "feasible", "fallback").index(r.status))
+    gaps = [r.gap for r in reports if r.gap is not None]
+    return {"name": reports[0].name, "status": worst.status, "seconds": round(seconds, 6),
+            "gap": round(max(gaps), 9) if gaps else None, "steps": [r.to_meta() for r in reports]}
