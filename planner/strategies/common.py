@@ -193,7 +193,7 @@ def spans_nodes(ranks: tuple[int, ...], per_node: int) -> bool:
 
 
 def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
-             pipeline: dict | None = None) -> Step:
+             pipeline: dict | None = None, variants: bool = True) -> Step:
     """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
     total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
     from planner.simulate import inflight_weights, simulate_step, unit_costs
@@ -220,40 +220,40 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
     if step.pipeline is None:
         sim = simulate_step(step, cm, costs)
     else:
-        step, sim = _best_schedule(step, cm, costs, inflight_weights(step, cm, costs))
+        step, sim = _best_schedule(step, cm, costs, inflight_weights(step, cm, costs), variants)
     step.predicted = sim.predicted()
     return step
 
 
-def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[str, float]):
-    """The step's pipeline section, settled by simulation: a token-weighted (memory-faithful) or a
-    count-based 1F1B in-flight budget, and with "sliced-redistributed" also plain "sliced" (the
-    transfers only pay off when slices are uneven enough: SlimPipe's threshold, per step). Keeps the
-    fastest variant whose peak memory fits HBM (else the least memory); a weighted variant on which
-    pipelines sharing units disagree (a deadlock) is skipped — the count-based lists always agree,
-    shared units sitting at the same positions after the same slice counts."""
+def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[str, float], variants: bool = True):
+    """The step's pipeline section, settled by simulation: a token-weighted (memory-faithful) 1F1B
+    in-flight budget, or the count-based one where pipelines sharing units disagree on the weighted
+    order (a deadlock; the count-based lists always agree, shared units sitting at the same positions
+    after the same slice counts). With "sliced-redistributed" and `variants`, plain "sliced" is tried
+    too: the transfers only pay off when slices are uneven enough (SlimPipe's threshold, per step).
+    Keeps the fastest variant whose peak memory fits HBM (else the least memory)."""
     from planner.simulate import simulate_step
 
     base = {k: x for k, x in step.pipeline.items() if k != "weights"}
-    sections = [{**base, "weights": weights}, base]
-    if base.get("schedule") == "sliced-redistributed":
-        plain = {**{k: x for k, x in base.items() if k != "max_chunks"}, "schedule": "sliced"}
-        sections += [{**plain, "weights": weights}, plain]
+    plans = [base]
+    if variants and base.get("schedule") == "sliced-redistributed":  # plain first: it wins ties
+        plans.insert(0, {**{k: x for k, x in base.items() if k != "max_chunks"}, "schedule": "sliced"})
     hbm = cm.budget.hbm_bytes
-    best, error = None, None
-    for sec in sections:
-        cand = dataclasses.replace(step, pipeline=sec)
-        try:
-            sim = simulate_step(cand, cm, costs)
-        except PlanError as e:
-            error = e
-            continue
+    best = None
+    for sec in plans:
+        sim = None
+        for cand in (dataclasses.replace(step, pipeline={**sec, "weights": weights}),
+                     dataclasses.replace(step, pipeline=sec)):
+            try:
+                sim = simulate_step(cand, cm, costs)
+                break
+            except PlanError:
+                if cand.pipeline is sec:
+                    raise
         peak = max(sim.peak_memory_bytes)
         key = (peak > hbm, sim.step_time_s if peak <= hbm else peak)
         if best is None or key < best[0]:
             best = (key, cand, sim)
-    if best is None:
-        raise error
     return best[1], best[2]
 
 

@@ -338,21 +338,28 @@ def chunk_candidates(layers_per_stage: int, pinned: int | None = None) -> list[i
 
 def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int, section: dict,
                       pinned: int | None) -> Step:
-    """Finalise the step for each chunk count v (interleaving, SlimPipe's n·v slice-chunks) and keep
-    the fastest whose simulated peak memory fits HBM (v = 1 when none does). Slice counts stay those
-    memory chose: the cost model has no per-slice overhead, so more slices would always look faster."""
-    best: Step | None = None
-    fallback: Step | None = None
-    for v in chunk_candidates(cm.layers_per_stage, pinned):
+    """Simulate the step for each chunk count v (interleaving, SlimPipe's n·v slice-chunks) with the
+    section as given (one simulation each) and finalise the fastest whose simulated peak memory fits
+    HBM (v = 1 when none does) with its schedule variants. Slice counts stay those memory chose: the
+    cost model has no per-slice overhead, so more slices would always look faster."""
+    candidates = chunk_candidates(cm.layers_per_stage, pinned)
+
+    def section_for(v: int) -> dict:
         sched = section["schedule"] if section["schedule"] != "1f1b" or v == 1 else "interleaved"
+        return {**section, "schedule": sched, "v": v}
+
+    if len(candidates) == 1:
+        return finalize(batch, drafts, cm, hdp, pipeline=section_for(candidates[0]))
+    best: tuple | None = None
+    for v in candidates:
         try:
-            step = finalize(batch, drafts, cm, hdp, pipeline={**section, "schedule": sched, "v": v})
+            step = finalize(batch, drafts, cm, hdp, pipeline=section_for(v), variants=False)
         except PlanError:
-            if pinned is not None or v == 1:
+            if v == 1:
                 raise
             continue  # pipelines sharing units disagree on this interleaving (a deadlock): skip it
-        fallback = fallback or step
-        if max(step.predicted.peak_memory_bytes) <= cm.budget.hbm_bytes and (
-                best is None or step.predicted.step_time_s < best.predicted.step_time_s):
-            best = step
-    return best or fallback
+        fits = max(step.predicted.peak_memory_bytes) <= cm.budget.hbm_bytes
+        key = (not fits, step.predicted.step_time_s if fits else float(v != 1))  # none fits: v = 1
+        if best is None or key < best[0]:
+            best = (key, v)
+    return finalize(batch, drafts, cm, hdp, pipeline=section_for(best[1]))
