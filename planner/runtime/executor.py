@@ -130,6 +130,7 @@ class Context:
     stage_group: object = None  # process group of this stage's HDP ranks of our TP rank (None: the world)
     tp_rank: int = 0  # index in the TP group
     full: Decoder | None = None  # --check with pp or tp > 1: the whole model, filled from the shards' owners
+    check_owned: frozenset[str] = frozenset()  # names of the parameters this rank fills `full` with
 
 
 def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, torch.Tensor]) -> float:
@@ -219,30 +220,38 @@ def sync_gradients(ctx: Context, loss: float) -> float:
 
 def collect_full(ctx: Context, attr: str) -> None:
     """--check with pp or tp > 1: every parameter's value ("data") or gradient ("grad") into ctx.full on
-    every rank, each piece from one owner: HDP rank 0 of the first stage holding it, every TP rank
-    for its shard, TP rank 0 for replicated weights."""
-    from planner.runtime.tp import place_shard, shard_dim
+    every rank, each piece from its one owner (`check_owners`)."""
+    from planner.runtime.tp import place_shard
 
-    mesh = ctx.prep.plan.mesh
-    name_of = {id(p): n for n, p in ctx.model.named_parameters()}
-    first = {}
-    for s in reversed(range(mesh.pp)):
-        for p in stage_parameters(ctx.model, ctx.layer_ranges, mesh.pp, s):
-            first[name_of[id(p)]] = s
+    tp = ctx.prep.plan.mesh.tp
     local = dict(ctx.model.named_parameters())
-    names, vals = [], []
+    vals = []
     for name, p in ctx.full.named_parameters():
-        owner = (ctx.hdp_rank == 0 and first[name] == ctx.stage
-                 and (ctx.tp_rank == 0 or shard_dim(name) is not None))
         src = local[name].data if attr == "data" else local[name].grad
-        vals.append(place_shard(p.shape, src, name, mesh.tp, ctx.tp_rank) if owner else torch.zeros_like(p.data))
-        names.append(name)
+        vals.append(place_shard(p.shape, src, name, tp, ctx.tp_rank) if name in ctx.check_owned
+                    else torch.zeros_like(p.data))
     _flat_all_reduce(vals, [0.0])
     for (name, p), val in zip(ctx.full.named_parameters(), vals):
         if attr == "data":
             p.data.copy_(val)
         else:
             p.grad = val
+
+
+def check_owners(model: Decoder, layer_ranges: tuple[tuple[int, int], ...], mesh, stage: int, hdp_rank: int,
+                 tp_rank: int) -> frozenset[str]:
+    """Names of the parameters this rank contributes to the whole-model copy: HDP rank 0 of the first
+    stage holding a parameter, every TP rank for its shard, TP rank 0 for replicated weights."""
+    from planner.runtime.tp import shard_dim
+
+    if hdp_rank != 0:
+        return frozenset()
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    first = {}
+    for s in reversed(range(mesh.pp)):
+        for p in stage_parameters(model, layer_ranges, mesh.pp, s):
+            first[name_of[id(p)]] = s
+    return frozenset(n for n, s in first.items() if s == stage and (tp_rank == 0 or shard_dim(n) is not None))
 
 
 def stage_parameters(model: Decoder, layer_ranges: tuple[tuple[int, int], ...], pp: int,
@@ -494,6 +503,8 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
         reference_model = full if model is not full else copy.deepcopy(full)
     ranges = tuple(virtual_stage_layers(prep.config.layers, mesh.pp, prep.chunks))
     owned = tuple(stage_parameters(model, ranges, mesh.pp, stage))
+    check_owned = (check_owners(model, ranges, mesh, stage, hdp_rank, tp_rank) if reference_model is not None
+                   else frozenset())
     mine = {id(p) for p in owned}
     for p in model.parameters():  # a stage holds only its own weights
         if id(p) not in mine:
@@ -501,7 +512,8 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
     return Context(opts=opts, prep=prep, rank=rank, hdp_rank=hdp_rank, device=device, model=model,
                    optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
                    trace=RankTrace(rank, time.time() - time.perf_counter()), stage=stage, layer_ranges=ranges,
-                   owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank, full=reference_model)
+                   owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank, full=reference_model,
+                   check_owned=check_owned)
 
 
 def run(opts: ReplayOptions) -> int:

@@ -361,5 +361,7 @@ def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hd
         fits = max(step.predicted.peak_memory_bytes) <= cm.budget.hbm_bytes
         key = (not fits, step.predicted.step_time_s if fits else float(v != 1))  # none fits: v = 1
         if best is None or key < best[0]:
-            best = (key, v)
+            best = (key, v, step)
+    if section["schedule"] != "sliced-redistributed":  # no variants to settle: the step is final
+        return best[2]
     return finalize(batch, drafts, cm, hdp, pipeline=section_for(best[1]))

@@ -103,13 +103,25 @@ def greedy_partition(items: Items, tab: Table, hdp: int, C: int, target_s: float
     for ti, i in rest:
         ki = np.searchsorted(tab.sizes, g_size)
         ti_g = t[i, ki] + np.where(g_size == 1, tab.gamma_s * items.mean_tokens[i] / C, 0.0)  # bins amortised
-        g = int(np.argmin(cur + ti_g))
-        if not np.isfinite(ti_g[g]):
+        if not _place_least_loaded(counts, cur, i, ti_g):
             return None
-        counts[g][i] += 1
-        cur[g] += ti_g[g]
+    return _nonempty(sizes, counts)
+
+
+def _place_least_loaded(counts: list[np.ndarray], cur: np.ndarray, i: int, ti: np.ndarray) -> bool:
+    """One member of item i onto the group that finishes first with it (`ti`: its time per group);
+    False when no group can run it."""
+    g = int(np.argmin(cur + ti))
+    if not np.isfinite(ti[g]):
+        return False
+    counts[g][i] += 1
+    cur[g] += ti[g]
+    return True
+
+
+def _nonempty(sizes: list[int], counts: list[np.ndarray]) -> Partition:
     keep = [g for g in range(len(sizes)) if counts[g].any()]
-    return Partition(sizes=[sizes[g] for g in keep], counts=[counts[g] for g in keep])
+    return Partition([sizes[g] for g in keep], [counts[g] for g in keep])
 
 
 def merge_groups(sizes: list[int], counts: list[np.ndarray], tab: Table,
@@ -279,11 +291,6 @@ def fill_partition(sizes: list[int], counts: list[np.ndarray], items: Items, tab
     t_min = np.where(np.isfinite(tab.time_s), tab.time_s, np.inf).min(axis=1)
     for i in sorted(np.flatnonzero(left), key=lambda i: -t_min[i]):
         for _ in range(int(left[i])):
-            ti = tab.time_s[i, ki] + amort * items.mean_tokens[i]
-            g = int(np.argmin(cur + ti))
-            if not np.isfinite(ti[g]):
+            if not _place_least_loaded(counts, cur, i, tab.time_s[i, ki] + amort * items.mean_tokens[i]):
                 return None
-            counts[g][i] += 1
-            cur[g] += ti[g]
-    keep = [g for g in range(len(sizes)) if counts[g].any()]
-    return Partition([sizes[g] for g in keep], [counts[g] for g in keep])
+    return _nonempty(sizes, counts)
