@@ -1,17 +1,27 @@
 """meshplan command line: thin typer app. Parses, calls library functions, prints with rich.
 Library errors (SpecError, ProfileError, PlanError, SourceError, ...) become one line on stderr
-and exit code 2; nothing here holds planning logic."""
+and exit code 2, a bug one line and exit code 3 (MESHPLAN_DEBUG=1 shows its traceback), Ctrl-C
+exit code 130; nothing here holds planning logic. Tables and help are never cut: see Table."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import os
 import sys
+import traceback
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich import box
+from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table as _RichTable
+from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
 from costmodel.specs import SpecError
@@ -19,33 +29,155 @@ from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
 USER_ERRORS: tuple[type[Exception], ...] = (SpecError, ProfileError, OSError)
+# typer's own ways out of a command (exit codes, usage errors): never reported as internal errors.
+_TYPER_EXITS = (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError)
+_PIPE_WIDTH = 100_000  # a pipe or file has no width: tables and lines are printed whole
 
+
+def _error_line(message: str) -> None:
+    """One `error: ...` line on stderr; the message is plain text (user paths, names), never markup."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _report(e: BaseException) -> int:
+    """Print what escaped a command as one line on stderr and return its exit code: 2 for a
+    user's error, 130 when interrupted, 3 for a bug (its traceback with MESHPLAN_DEBUG=1)."""
+    if isinstance(e, KeyboardInterrupt):
+        err.print("interrupted", highlight=False)
+        return 130
+    if isinstance(e, USER_ERRORS):
+        _error_line(str(e))
+        return 2
+    if os.environ.get("MESHPLAN_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e)
+        _error_line(f"internal error: {type(e).__name__}: {e}")
+    else:
+        _error_line(f"internal error: {type(e).__name__}: {e} (rerun with MESHPLAN_DEBUG=1 for the traceback)")
+    return 3
+
+
+class _Group(TyperGroup):
+    """meshplan's command groups: whatever a command raises becomes one line and an exit code,
+    never a traceback (here rather than in _App.__call__ so that CliRunner tests see it too), and
+    the list of commands shows each one's first sentence whole."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _TYPER_EXITS:
+            raise
+        except (Exception, KeyboardInterrupt) as e:
+            raise typer.Exit(_report(e)) from e
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=_PIPE_WIDTH)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:  # click would cut each summary to one line with "..."; write_dl wraps it instead
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 class _App(typer.Typer):
-    """Typer app that reports library errors as one line and exit code 2, never a traceback."""
+    """Typer app whose errors outside a command (option callbacks) are one line too."""
 
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
-        except USER_ERRORS as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+        except Exception as e:  # SystemExit (every normal end) passes through
+            sys.exit(_report(e))
 
 
-app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _Console(Console):
+    """stdout: the terminal's width in a terminal; in a pipe or file no width limit, so
+    `meshplan presets | grep llama3` sees every name and number whole."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(_PIPE_WIDTH, size.height)
+
+
+class Table(_RichTable):
+    """A rich Table that never cuts what a user reads or types. When it is wider than the terminal,
+    headers wrap at their spaces, then the borders go, then cells wrap at their spaces (each
+    column at least as wide as its longest word: names and numbers stay whole), and only when even
+    that does not fit do cells fold onto more lines (rich's default would end them with `…`)."""
+
+    def add_column(self, *args, overflow="fold", **kwargs) -> None:
+        super().add_column(*args, overflow=overflow, **kwargs)
+
+    def add_row(self, *renderables, **kwargs) -> None:
+        while len(self.columns) < len(renderables):  # rich's implicit columns would ellipsise
+            self.add_column()
+        super().add_row(*renderables, **kwargs)
+
+    def __rich_console__(self, console, options):
+        return _RichTable.__rich_console__(self._narrowed(console, options), console, options)
+
+    def _narrowed(self, console, options) -> _RichTable:
+        """This table, or a narrower copy of it that fits options.max_width if one can."""
+        if _natural_width(self, console, options) <= options.max_width:
+            return self
+        t = copy.copy(self)
+        t.columns = [dataclasses.replace(c, header=c.header.replace(" ", "\n")) if isinstance(c.header, str) else c
+                     for c in self.columns]
+        if _natural_width(t, console, options) <= options.max_width:
+            return t
+        t.box, t.show_edge, t.padding = box.SIMPLE_HEAD, False, (0, 0)  # one space between columns
+        natural = _natural_width(t, console, options)
+        if natural <= options.max_width:
+            return t
+        # rich would shrink the widest columns first and fold their words; give each column its
+        # longest word and share the rest in proportion to how much more each would take
+        wide = options.update_width(_PIPE_WIDTH)
+        spans = [[Measurement.get(console, wide, r) for r in (c.header, *c.cells)] for c in t.columns]
+        mins = [max(m.minimum for m in col) for col in spans]
+        maxs = [max(m.maximum for m in col) for col in spans]
+        budget = options.max_width - (natural - sum(maxs))  # less borders and padding
+        if sum(mins) <= budget:
+            extra, slack = budget - sum(mins), [hi - lo for lo, hi in zip(mins, maxs)]
+            t.columns = [dataclasses.replace(c, width=lo + extra * s // sum(slack))
+                         for c, lo, s in zip(t.columns, mins, slack)]
+        return t
+
+
+def _natural_width(table: _RichTable, console, options) -> int:
+    """The width a table takes when nothing limits it."""
+    return table.__rich_measure__(console, options.update_width(_PIPE_WIDTH)).maximum
+
+
+app = _App(cls=_Group, no_args_is_help=True, pretty_exceptions_enable=False,
+           rich_markup_mode=None,  # click's plain help wraps long option names and values instead of cutting them
+           context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
            help="Plan dynamic DP x CP (HDP) meshes and pipeline slicing for long-context training.")
-presets_app = typer.Typer(add_completion=False, invoke_without_command=True,
+presets_app = typer.Typer(cls=_Group, invoke_without_command=True,
                           help="List model, cluster and profile presets; `show NAME` prints one.")
 app.add_typer(presets_app, name="presets")
 
-out = Console()
+out = _Console()
 err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print `error: message` (plain text, escaped here) and exit with code."""
+    _error_line(message)
     raise typer.Exit(code)
+
+
+def writable(path: Optional[Path], option: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder, or one under a
+    file or an unwritable folder (missing folders are fine: atomic_write_text creates them)."""
+    if path is None:
+        return
+    if path.is_dir():
+        fail(f"{option} {path}: is a folder, give a file name")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: no permission to write in {parent}")
 
 
 def _version_callback(value: bool) -> None:
@@ -65,33 +197,42 @@ def main(version_: bool = typer.Option(False, "--version", callback=_version_cal
 
 
 @presets_app.callback()
-def presets_list(ctx: typer.Context) -> None:
+def presets_list(ctx: typer.Context,
+                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object {models, clusters, "
+                                              "profiles}, each a list of specs with their names.")) -> None:
     """List every model, cluster and profile preset."""
     if ctx.invoked_subcommand is not None:
+        return
+    models = [load_model(n) for n in model_names()]
+    clusters = [load_cluster(n) for n in cluster_names()]
+    profiles = {n: load_profile(n).fingerprint for n in profile_names()}
+    if as_json:
+        sys.stdout.write(json.dumps({"models": [m.to_dict() for m in models],
+                                     "clusters": [c.to_dict() for c in clusters],
+                                     "profiles": [{**dataclasses.asdict(fp), "name": n} for n, fp in profiles.items()]},
+                                    default=str) + "\n")
         return
     t = Table(title="models", show_lines=False)
     for c in ("name", "layers", "hidden", "heads/kv", "ffn", "vocab", "experts", "params (B)", "active (B)"):
         t.add_column(c, justify="right" if c not in ("name",) else "left")
-    for n in model_names():
-        m = load_model(n)
-        t.add_row(n, str(m.layers), str(m.hidden), f"{m.heads}/{m.kv_heads}", str(m.ffn), str(m.vocab),
+    for m in models:
+        t.add_row(escape(m.name), str(m.layers), str(m.hidden), f"{m.heads}/{m.kv_heads}", str(m.ffn), str(m.vocab),
                   f"{m.experts}x top{m.top_k}" if m.is_moe else "-", f"{m.parameters / 1e9:.2f}",
                   f"{m.active_parameters / 1e9:.2f}")
     out.print(t)
     t = Table(title="clusters")
     for c in ("name", "gpu", "nodes x gpus", "HBM (GB)", "intra GB/s", "inter GB/s", "profile"):
         t.add_column(c)
-    for n in cluster_names():
-        c = load_cluster(n)
-        t.add_row(n, c.gpu, f"{c.nodes} x {c.gpus_per_node}", f"{c.gpu_memory_bytes / 1e9:.0f}",
-                  f"{c.intra_node_bw_bytes_per_s / 1e9:.0f}", f"{c.inter_node_bw_bytes_per_s / 1e9:.0f}", c.profile)
+    for c in clusters:
+        t.add_row(escape(c.name), escape(c.gpu), f"{c.nodes} x {c.gpus_per_node}", f"{c.gpu_memory_bytes / 1e9:.0f}",
+                  f"{c.intra_node_bw_bytes_per_s / 1e9:.0f}", f"{c.inter_node_bw_bytes_per_s / 1e9:.0f}",
+                  escape(c.profile))
     out.print(t)
     t = Table(title="profiles")
     for c in ("name", "source", "device", "created", "sha256"):
         t.add_column(c)
-    for n in profile_names():
-        fp = load_profile(n).fingerprint
-        t.add_row(n, fp.source, fp.device, fp.created, fp.sha256[:12])
+    for n, fp in profiles.items():
+        t.add_row(escape(n), escape(fp.source), escape(fp.device), fp.created.replace("T", " "), fp.sha256[:12])
     out.print(t)
 
 
@@ -116,9 +257,9 @@ def presets_show(name: str = typer.Argument(..., help="Model, cluster or profile
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2, default=str) + "\n")
     else:
-        t = Table(title=name, show_header=False)
+        t = Table(title=escape(name), show_header=False)
         for k, v in d.items():
-            t.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+            t.add_row(escape(k), escape(json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v)))
         out.print(t)
 
 
@@ -130,7 +271,7 @@ from planner.sources import (DEFAULT_SAMPLES, SourceError, describe_lengths, for
 
 USER_ERRORS += (SourceError,)
 
-lengths_app = typer.Typer(add_completion=False, no_args_is_help=True,
+lengths_app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                           help="Sequence-length sources: files, the Wikipedia sample, synthetic families.")
 app.add_typer(lengths_app, name="lengths")
 
@@ -185,7 +326,11 @@ def lengths_describe(
 
 # -- replay: run a plan for real under torchrun (planner/runtime) --------------------------------
 import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from importlib.util import find_spec  # noqa: E402
 from pathlib import Path  # noqa: E402,F811  (this section stands alone)
 
@@ -210,22 +355,77 @@ def _torchrun_nnodes(args: list[str]) -> str | None:
     return None
 
 
-def _run_torchrun(cmd: list[str], env: dict[str, str]) -> tuple[int, str | None]:
-    """Run torchrun, stdout straight through, stderr forwarded line by line. Returns the exit code
-    and the first rank error that is a root cause (not a rank stopped by a peer's failure); after
-    it, only the ranks' own error lines are forwarded, not the launcher's traceback."""
-    root = None
-    seen_rank_error = False
+# torchrun's own lines once a worker failed (its traceback and failure summary follow them).
+_LAUNCHER_FAILURE = ("failed (exitcode:", "closing signal SIG", "ChildFailedError")
+_SUMMARY_FIELD = re.compile(r"\s*(?P<key>rank|exitcode)\s*:\s*(?P<value>-?\d+)")  # "rank : 7 (local_rank: 3)"
+_PEER_STOPPED = "stopped (a peer rank failed first)"
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What a torchrun job's stderr said."""
+
+    returncode: int
+    root: str | None  # first rank error that is a root cause (not a rank stopped by a peer's failure)
+    stopped: str | None  # first error of a rank stopped by a peer's failure (it names the unit it waited in)
+    failures: tuple[tuple[int, int], ...] = ()  # launcher's summary: (global rank, exit code), root cause last
+
+    def dead(self) -> tuple[int, int] | None:
+        """(rank, exit code) to blame: a rank killed by a signal other than the SIGTERM torchrun sends to
+        the survivors (the first observed failure may be a survivor, stopped by its peer's death), else
+        the launcher's root cause."""
+        killed = [f for f in self.failures if f[1] < 0 and -f[1] != signal.SIGTERM]
+        return killed[0] if killed else (self.failures[-1] if self.failures else None)
+
+
+def _run_torchrun(cmd: list[str], env: dict[str, str]) -> _Launch:
+    """Run torchrun, stdout straight through, stderr forwarded line by line until the job fails: after
+    a rank's error line or the launcher's first failure line, only root-cause error lines of ranks are
+    forwarded: not those of ranks stopped by a peer's failure (one per rank), nor the launcher's
+    traceback and summary (whose root cause is parsed instead)."""
+    errors: list[str] = []
+    failures: list[tuple[int, int]] = []
+    rank: int | None = None
+    failing = in_summary = False
     with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
         for line in proc.stderr:
             is_error = line.startswith("error: ")
-            if is_error and root is None and "stopped (a peer rank failed first)" not in line:
-                root = line[len("error: "):].strip()
-            seen_rank_error = seen_rank_error or is_error
-            if is_error or not seen_rank_error:
+            if is_error:
+                errors.append(line[len("error: "):].strip())
+            in_summary = in_summary or (failing and line.startswith("Failures:"))
+            field = _SUMMARY_FIELD.match(line) if in_summary else None
+            if field and field["key"] == "rank":
+                rank = int(field["value"])
+            elif field and rank is not None:  # the exit code of the rank just named
+                failures.append((rank, int(field["value"])))
+                rank = None
+            failing = failing or is_error or any(m in line for m in _LAUNCHER_FAILURE)
+            if (is_error and _PEER_STOPPED not in line) or not failing:
                 sys.stderr.write(line)
                 sys.stderr.flush()
-    return proc.returncode, root
+    return _Launch(proc.returncode, next((e for e in errors if _PEER_STOPPED not in e), None),
+                   next((e for e in errors if _PEER_STOPPED in e), None), tuple(failures))
+
+
+def _replay_failure(launch: _Launch, status_dir: Path) -> str:
+    """One line for a failed job, naming the rank and where it was (step, unit): its own error, or for a
+    rank that died without a word (a signal) the launcher's verdict and the position the rank kept in
+    status_dir (planner.runtime.executor.Position)."""
+    if launch.root:
+        return launch.root
+    dead = launch.dead()
+    if dead is not None and (dead[1] < 0 or launch.stopped is None):
+        rank, code = dead
+        status = status_dir / f"rank{rank}"
+        where = f" in {status.read_text().strip()}" if status.is_file() else ""
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            hint = " (SIGKILL with no error is often the out-of-memory killer)" if -code == signal.SIGKILL else ""
+            return f"rank {rank} was killed by {name}{where}{hint}"
+        return f"rank {rank} exited with code {code}{where}; see its output above"
+    if launch.stopped:
+        return launch.stopped
+    return f"torchrun exit code {launch.returncode} and no rank named the cause; see the output above"
 
 
 @app.command("replay", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -251,7 +451,8 @@ def replay(ctx: typer.Context,
            device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
            timeout_s: float = typer.Option(300.0, "--timeout-s", help="Process-group timeout in seconds."),
            inject_failure: Optional[str] = typer.Option(None, "--inject-failure", hidden=True,
-                                                        help="Testing: RANK:UNIT fails in that unit's forward.")) -> None:
+                                                        help="Testing: RANK:UNIT fails in that unit's forward "
+                                                        "(RANK:UNIT:kill: by SIGKILL).")) -> None:
     """Replay a plan for real under torchrun: units in the plan's order, context parallelism over
     P2P, one gradient all-reduce per step. Arguments it does not know go to torchrun, e.g.
     `--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id JOB` for a
@@ -277,10 +478,11 @@ def replay(ctx: typer.Context,
            "--nproc-per-node", str(nproc), "-m", "planner.runtime", *args]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscription
-    rc, root = _run_torchrun(cmd, env)
-    if rc:
-        fail(escape(f"replay failed: {root}" if root else f"replay failed (torchrun exit code {rc}); see above"),
-             code=1 if root and root.startswith("rank") else 2)
+    with tempfile.TemporaryDirectory(prefix="meshplan-replay-") as status_dir:  # where each rank is
+        launch = _run_torchrun(cmd + ["--status-dir", status_dir], env)
+        if launch.returncode:
+            message = _replay_failure(launch, Path(status_dir))
+            fail(f"replay failed: {message}", code=1 if message.startswith("rank") else 2)
 
 
 # -- plan / simulate: the planner ------------------------------------------------------------------
@@ -311,12 +513,14 @@ def plan_cmd(
         profile: Optional[str] = typer.Option(None, help="Profile name or path (default: the cluster's)."),
         lengths: str = typer.Option("byted-like", help="Length source: file or name (see `meshplan lengths`)."),
         steps: int = typer.Option(1, min=1, help="Global batches (steps) to plan."),
-        tokens_per_step: str = typer.Option("32M", help="Token budget per step (K/M suffixes)."),
+        tokens_per_step: str = typer.Option("auto", help="Token budget per step (K/M suffixes). auto: one "
+                                            "micro-batch per HDP rank, hdp × min(C, max context) tokens."),
         max_context: str = typer.Option("2M", help="Longest sequence; longer documents are split."),
         recompute: str = typer.Option("auto", help="none | selective | full | auto (least that fits the context)."),
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
-        strategy: str = typer.Option("hdp", help=f"Strategy whose plan is written: {', '.join(STRATEGIES)}."),
+        strategy: Optional[str] = typer.Option(None, help=f"Write this strategy's plan ({', '.join(STRATEGIES)}); "
+                                               "default: the fastest of those compared."),
         compare: str = typer.Option(",".join(HEURISTICS), help="Strategies in the comparison table (add ilp to solve exactly)."),
         solver: str = typer.Option("highs", help="ilp: cbc or highs (MILP), or cpsat (CP-SAT)."),
         time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, help="ilp: solver seconds per step."),
@@ -325,13 +529,19 @@ def plan_cmd(
         seed: int = typer.Option(0, help="Seed of the length source."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Plan training steps, compare strategies, and write the chosen strategy's plan.json."""
+    """Plan training steps, compare strategies, and write the fastest one's plan.json (or --strategy's)."""
     names = [x.strip() for x in compare.split(",") if x.strip()]
-    for n in names + [strategy]:
+    for n in names + ([strategy] if strategy else []):
         if n not in STRATEGIES:
             fail(f"unknown strategy {n!r}; one of {', '.join(STRATEGIES)}")
-    if strategy not in names:
+    if strategy and strategy not in names:
         names.append(strategy)
+    if not names:
+        fail(f"--compare: give at least one of {', '.join(STRATEGIES)}")
+    writable(out_path, "--out")
+    writable(trace, "--trace")
+    if trace is not None and trace.absolute() == out_path.absolute():
+        fail(f"--trace {trace}: the same file as --out")
     if recompute not in ("auto", "none", "selective", "full"):
         fail(f"--recompute must be auto, none, selective or full, got {recompute!r}")
     if solver not in ("cbc", "highs", "cpsat"):
@@ -339,7 +549,8 @@ def plan_cmd(
     if pp_schedule not in ("1f1b", "sliced", "sliced-redistributed"):
         fail(f"--pp-schedule must be 1f1b, sliced or sliced-redistributed, got {pp_schedule!r}")
     req = PlanRequest(model=model, cluster=cluster, gpus=gpus, tp=tp, pp=pp, profile=profile, lengths=lengths,
-                      steps=steps, tokens_per_step=parse_tokens(tokens_per_step),
+                      steps=steps, tokens_per_step=None if tokens_per_step.strip().lower() == "auto"
+                      else parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, solver=solver, time_limit_s=time_limit,
@@ -354,26 +565,28 @@ def plan_cmd(
         task = prog.add_task("planning", total=len(names))
         res = compare_strategies(req, names, progress=lambda n: prog.update(task, advance=1, description=n))
     for w in caught:  # e.g. the exact solver fell back to the heuristic's plan
-        err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
-    if strategy not in res.plans:
-        fail(f"strategy {strategy} could not plan this case: {res.failures[strategy]}")
-    plan = res.plans[strategy]
-    plan.save(out_path)
-    if trace:
+        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+    choice = res.chosen(strategy)
+    plan = res.plans[choice.strategy]
+    if trace:  # first: a trace that cannot be written leaves no plan behind (both writes are atomic)
         from planner.simulate import simulate_step
 
         simulate_step(plan.steps[0], res.cost_model).write_trace(trace)
+    plan.save(out_path)
     if as_json:
-        sys.stdout.write(json.dumps({"plan": str(out_path), "summary": [x.to_dict() for x in res.summaries],
+        sys.stdout.write(json.dumps({"plan": str(out_path), "strategy": choice.strategy, "reason": choice.reason,
+                                     "trace": None if trace is None else str(trace),
+                                     "summary": [x.to_dict() for x in res.summaries],
                                      "failures": res.failures}) + "\n")
         return
     cm = res.cost_model
     su = cm.setup
-    out.print(f"[bold]{su.model.name}[/] on {su.cluster.world_size} x {su.cluster.gpu} ({su.cluster.name}), "
-              f"tp={su.training.tp} pp={su.training.pp} hdp={su.hdp}, recompute={su.training.recompute}, "
-              f"C={cm.capacity_tokens} tokens/rank, profile {cm.profile.fingerprint.name}")
+    out.print(f"[bold]{escape(su.model.name)}[/] on {su.cluster.world_size} x {escape(su.cluster.gpu)} "
+              f"({escape(su.cluster.name)}), tp={su.training.tp} pp={su.training.pp} hdp={su.hdp}, "
+              f"recompute={su.training.recompute}, C={cm.capacity_tokens} tokens/rank, "
+              f"profile {escape(cm.profile.fingerprint.name)}")
     b = res.batches
-    out.print(f"{len(b)} step(s) of {lengths}: {sum(len(x.lengths_tokens) for x in b)} sequences, "
+    out.print(f"{len(b)} step(s) of {escape(lengths)}: {sum(len(x.lengths_tokens) for x in b)} sequences, "
               f"{sum(x.total_tokens for x in b)} tokens, longest {max(int(x.lengths_tokens.max()) for x in b)}"
               + (f", {sum(x.split_documents for x in b)} document(s) split at the max context"
                  if any(x.split_documents for x in b) else ""))
@@ -382,21 +595,22 @@ def plan_cmd(
               "busiest rank (s)", "idlest rank (s)", "peak mem (GB)", "plan time (s)"):
         t.add_column(c, justify="left" if c == "strategy" else "right")
     for x in res.summaries:
-        t.add_row(x.strategy + (" *" if x.strategy == strategy else ""), f"{x.step_time_s:.2f}",
+        t.add_row(x.strategy + (" *" if x.strategy == choice.strategy else ""), f"{x.step_time_s:.2f}",
                   f"{x.step_time_s / x.lower_bound_s:.2f}", f"{x.tokens_per_s:,.0f}", f"{x.mfu:.1%}",
                   "-" if x.speedup_vs_static is None else f"{x.speedup_vs_static:.2f}x",
                   f"{x.busiest_rank_s:.2f}", f"{x.idlest_rank_s:.2f}", _gb(x.peak_memory_bytes), f"{x.planning_s:.2f}")
     for n, why in res.failures.items():
         t.add_row(n, "infeasible", "", "", "", "", "", "", "", "", style="dim")
-        err.print(f"[yellow]{n}:[/] {why}", soft_wrap=True)
+        err.print(f"[yellow]{n}:[/] {escape(why)}", soft_wrap=True)
     out.print(t)
     for n, p in res.plans.items():  # exact solvers: how sure the answer is
         sv = p.meta["solver"]
         if sv["status"] != "heuristic":
             gap = "-" if sv["gap"] is None else f"{sv['gap']:.2%}"
             out.print(f"{n}: {sv['name']} {sv['status']}, gap {gap} (within the partition model), {sv['seconds']:.1f} s")
-    out.print(f"MFU: causal attention halved, recompute excluded, peak {cm.peak_flops() / 1e12:.3g} TFLOP/s. "
-              f"Wrote {out_path} ({strategy})" + (f" and trace {trace}" if trace else ""))
+    out.print(f"MFU: causal attention halved, recompute excluded, peak {cm.peak_flops() / 1e12:.3g} TFLOP/s.")
+    out.print(escape(f"* wrote {out_path}: {choice.strategy}, {choice.reason}" + (f"; trace {trace}" if trace else "")),
+              highlight=False)
 
 
 @app.command("simulate")
@@ -411,6 +625,7 @@ def simulate_cmd(
     from planner.plan import validate
     from planner.simulate import simulate_plan
 
+    writable(trace, "--trace")
     plan = _Plan.load(plan_path)
     validate(plan)
     cm = cost_model_for_plan(plan, profile)
@@ -435,7 +650,7 @@ def simulate_cmd(
                                      "steps": rows, **extra}) + "\n")
         return
     if comparison is not None:
-        t = Table(title=f"predicted ({cm.profile.fingerprint.name}) vs measured ({measured})")
+        t = Table(title=escape(f"predicted ({cm.profile.fingerprint.name}) vs measured ({measured})"))
         for c in ("step", "unit", "predicted (s)", "measured (s)", "error"):
             t.add_column(c, justify="right")
         for x in comparison.steps:
@@ -445,16 +660,23 @@ def simulate_cmd(
             t.add_row(str(x["step"]), unit, f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}")
         out.print(t)
         out.print(f"median |error| per unit: {comparison.median_abs_unit_err:.1%}")
-    t = Table(title=f"{plan_path} ({plan.meta.get('strategy')}) on {cm.profile.fingerprint.name}")
-    keys = list(rows[0]["breakdown"]) if rows else []
-    for c in ["step", "step time (s)", "/ LB", "busiest (s)", "idlest (s)", "peak mem (GB)"] + keys:
+    t = Table(title=escape(f"{plan_path} ({plan.meta.get('strategy')}) on {cm.profile.fingerprint.name}"))
+    for c in ["step", "step time (s)", "/ LB", "busiest (s)", "idlest (s)", "peak mem (GB)"]:
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["step"]), f"{r['step_time_s']:.3f}", f"{r['step_time_s'] / r['lower_bound_s']:.2f}",
-                  f"{r['busiest_rank_s']:.3f}", f"{r['idlest_rank_s']:.3f}", _gb(r["peak_memory_bytes"]),
-                  *[f"{r['breakdown'][k]:.3f}" for k in keys])
+                  f"{r['busiest_rank_s']:.3f}", f"{r['idlest_rank_s']:.3f}", _gb(r["peak_memory_bytes"]))
     out.print(t)
-    out.print("breakdown columns: seconds per rank (mean over ranks)" + (f"; trace written to {trace}" if trace else ""))
+    # the breakdown is a table of its own: 13 columns in one would not fit a terminal
+    keys = list(rows[0]["breakdown"]) if rows else []
+    t = Table(title="breakdown: seconds per rank (mean over ranks)")
+    for c in ["step"] + [k.replace("_", " ") for k in keys]:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["step"]), *[f"{r['breakdown'][k]:.3f}" for k in keys])
+    out.print(t)
+    if trace:
+        out.print(escape(f"trace written to {trace}"), highlight=False)
 
 
 # -- profile: measured profiles ----------------------------------------------------------------------
@@ -488,15 +710,28 @@ def _add_fits(profile, names: list[str]) -> None:
         try:
             profile.fits[name] = fit_layer_time(load_model(name), training, profile)
         except (ProfileError, SpecError) as e:
-            err.print(f"note: no T(s) fit for {name}: {e}", highlight=False)
+            err.print(f"note: no T(s) fit for {name}: {e}", highlight=False, markup=False)
 
 
-def _print_comparison(a: str, b: str) -> None:
+def _profile_id(p) -> dict:
+    fp = p.fingerprint
+    return {"name": fp.name, "source": fp.source, "device": fp.device, "sha256": fp.sha256}
+
+
+def _print_comparison(a: str, b: str, as_json: bool = False) -> None:
     from profiles.measure.runner import compare_profiles
     pa, pb = load_profile(a), load_profile(b)
+    cmps = compare_profiles(pa, pb)
+    if as_json:
+        tables = [{"table": c.table, "quantity": f"A/B of {c.quantity}", "note": c.note,
+                   "summary": [] if c.summary.empty else
+                   json.loads(c.summary.to_json(orient="records", double_precision=15))} for c in cmps]
+        sys.stdout.write(json.dumps({"a": _profile_id(pa), "b": _profile_id(pb), "tables": tables}) + "\n")
+        return
     out.print(f"A = {pa.fingerprint.name} ({pa.fingerprint.source}, {pa.fingerprint.device})\n"
-              f"B = {pb.fingerprint.name} ({pb.fingerprint.source}, {pb.fingerprint.device})", highlight=False)
-    for c in compare_profiles(pa, pb):
+              f"B = {pb.fingerprint.name} ({pb.fingerprint.source}, {pb.fingerprint.device})", highlight=False,
+              markup=False)
+    for c in cmps:
         title = f"{c.table}: A/B of {c.quantity}" + (f" ({c.note})" if c.note else "")
         if c.summary.empty:
             out.print(f"[bold]{c.table}[/]: {c.note or 'nothing to compare'}")
@@ -526,13 +761,15 @@ def profile_cmd(
                                                help="Print how long this run would take, from profile REF's "
                                                     "times (e.g. h100-sxm.analytic with --device cuda); no measuring."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Measure GEMM, attention, collective and host-copy tables on this machine into a profile
-    (resumes an interrupted run), compare two profiles, or estimate a run's duration."""
+    (Ctrl-C keeps what was measured: rerun the same command to resume), compare two profiles, or
+    estimate a run's duration."""
     if compare:
-        _print_comparison(*compare)
+        _print_comparison(*compare, as_json=as_json)
         return
-    from profiles.measure.runner import ProfileRequest, estimate_request, partial_path, plan_counts, run_profile
+    from profiles.measure.runner import ProfileRequest, estimate_request, plan_counts, resume_hint, run_profile
     names = [m for m in models.split(",") if m]
     req = ProfileRequest(out=out_path or Path("estimate.json"), quick=quick,
                          ops=tuple(o for o in ops.split(",") if o), max_bytes=max_bytes, nproc=nproc,
@@ -540,6 +777,13 @@ def profile_cmd(
     if estimate:
         cfg, est = estimate_request(req, load_profile(estimate))
         counts = plan_counts(cfg)
+        if as_json:
+            sys.stdout.write(json.dumps({
+                "reference": estimate, "device": cfg.device, "nproc": cfg.nproc, "quick": quick,
+                "tables": {k: {"points": counts.get(k), "seconds": v, "skipped": k != "fixed" and not v}
+                           for k, v in est.items()},
+                "total_s": sum(est.values())}) + "\n")
+            return
         t = Table(title=f"estimated {'quick' if quick else 'full'} profile on {cfg.device} x{cfg.nproc} "
                         f"from {estimate}")
         for c in ("table", "points", "seconds"):
@@ -551,10 +795,20 @@ def profile_cmd(
         return
     if out_path is None:
         fail("give --out FILE to measure, --compare A B to compare two profiles, or --estimate REF")
-    if partial_path(out_path).exists():
-        err.print(f"resuming from {partial_path(out_path)} (tables measured with the same plan are skipped)")
-    res = run_profile(req, post=lambda p: _add_fits(p, names), console=err)
+    try:
+        res = run_profile(req, post=lambda p: _add_fits(p, names), console=err)
+    except KeyboardInterrupt:
+        fail(resume_hint(out_path), code=130)
     p = res.profile
+    peak_flops = p.constants.get("peak_bf16_flops", {}).get("value")
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "out": str(out_path), "name": p.fingerprint.name, "device": p.fingerprint.device,
+            "sha256": p.fingerprint.sha256, "total_s": res.total_s, "peak_flops": peak_flops,
+            "fits": sorted(p.fits),
+            "tables": {name: {"rows": len(df), "seconds": res.seconds.get(name, 0.0), "resumed": name in res.resumed}
+                       for name, df in p.tables.items() if len(df)}}) + "\n")
+        return
     t = Table(title=f"{out_path} ({p.fingerprint.device})")
     for c in ("table", "rows", "seconds"):
         t.add_column(c, justify="right" if c != "table" else "left")
@@ -563,16 +817,19 @@ def profile_cmd(
             t.add_row(name, str(len(df)), "resumed" if name in res.resumed else f"{res.seconds.get(name, 0):.1f}")
     out.print(t)
     out.print(f"total {res.total_s:.1f} s; peak (measured) "
-              f"{p.constants.get('peak_bf16_flops', {}).get('value', float('nan')) / 1e9:.1f} GFLOP/s; "
-              f"fits: {', '.join(p.fits) or 'none'}; sha256 {p.fingerprint.sha256}", highlight=False)
+              f"{(peak_flops if peak_flops is not None else float('nan')) / 1e9:.1f} GFLOP/s; "
+              f"fits: {', '.join(p.fits) or 'none'}; sha256 {p.fingerprint.sha256}", highlight=False, markup=False)
 
 
 # -- whatif / report: capacity studies, plots and reports (planner/whatif.py, planner/report.py) ------
-from planner.whatif import (LayoutRules as _LayoutRules, SweepSpec as _SweepSpec,  # noqa: E402
-                            Target as _Target, capacity_search as _capacity_search, json_row as _json_row,
-                            progress_bar as _progress_bar, run_sweep as _run_sweep)
+from contextlib import contextmanager  # noqa: E402
 
-whatif_app = typer.Typer(add_completion=False, invoke_without_command=True,
+from planner.whatif import (LayoutRules as _LayoutRules, SweepSpec as _SweepSpec, Target as _Target,  # noqa: E402
+                            capacity_search as _capacity_search, default_capacity_table as _default_capacity_table,
+                            journal_path as _journal_path, json_row as _json_row, progress_bar as _progress_bar,
+                            read_table as _read_table, run_sweep as _run_sweep)
+
+whatif_app = typer.Typer(cls=_Group, add_completion=False, invoke_without_command=True,
                          help="What-if studies. Without a subcommand: a sweep over model x cluster x GPUs x TP/PP x "
                               "context x lengths x strategy, written as CSV + Parquet (resumable). Subcommands: "
                               "`capacity` (smallest GPU count for a target), `reproduce` (the ByteScale table).")
@@ -588,7 +845,17 @@ def _csv_list(text: str, what: str) -> list[str]:
 
 def _counts(text: str, what: str) -> tuple[int, ...]:
     """Comma list of sizes: plain counts or K/M suffixes (K = 1024)."""
-    return tuple(parse_tokens(x) for x in _csv_list(text, what))
+    return tuple(_count(x, what) for x in _csv_list(text, what))
+
+
+def _count(text: str, what: str) -> int:
+    """A positive whole number with an optional binary suffix (K = 1024, M = 1024², G = 1024³), or a float
+    such as 2e6 that names one; a one-line error naming the option otherwise."""
+    try:
+        return parse_tokens(text)
+    except SourceError:
+        fail(f"{what} {text!r}: give a positive whole number, optionally with a K, M or G suffix (K = 1024, "
+             "M = 1024²) or as a float such as 2e6")
 
 
 def _rate(v: float) -> str:
@@ -596,10 +863,8 @@ def _rate(v: float) -> str:
 
 
 def _interrupted(out_path: Path) -> None:
-    from planner.whatif import journal_path
-
-    err.print(f"interrupted: finished points are kept in {journal_path(out_path)}; run the same command again to "
-              "resume", highlight=False)
+    err.print(escape(f"interrupted: finished points are kept in {_journal_path(out_path)}; run the same command "
+                     "again to resume"), highlight=False, soft_wrap=True)
     raise typer.Exit(130)
 
 
@@ -639,7 +904,7 @@ def whatif_sweep(
                       gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"),
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
                       strategies=tuple(_csv_list(strategies, "--strategies")), steps=steps,
-                      tokens_per_step=parse_tokens(tokens_per_step), seed=seed, recompute=recompute,
+                      tokens_per_step=_count(tokens_per_step, "--tokens-per-step"), seed=seed, recompute=recompute,
                       offload=offload, static_mesh=static_mesh)
     points = spec.points()
     try:
@@ -683,8 +948,9 @@ def whatif_sweep(
 def whatif_capacity(
         model: str = typer.Option(..., help="Model preset or config path."),
         context: str = typer.Option(..., help="Max context (K/M suffixes), e.g. 1M."),
-        target_tokens_per_s: Optional[float] = typer.Option(None, "--target-tokens-per-s",
-                                                            help="Reach at least this many tokens/s."),
+        target_tokens_per_s: Optional[str] = typer.Option(None, "--target-tokens-per-s", help="Reach at least this "
+                                                          "many tokens/s: a number (2000000, 2e6) or K/M suffixed, "
+                                                          "binary as everywhere in meshplan (2M = 2 x 1024²)."),
         target_step_time: Optional[float] = typer.Option(None, "--target-step-time",
                                                          help="Reach a step time of at most this many seconds."),
         target_mfu: Optional[float] = typer.Option(None, "--target-mfu", help="Reach at least this MFU (causal "
@@ -699,34 +965,46 @@ def whatif_capacity(
         steps: int = typer.Option(2, min=1, help="Sampled global batches per candidate."),
         tokens_per_step: str = typer.Option("32M", help="Token budget per step."),
         seed: int = typer.Option(0, help="Seed of the length source."),
-        runners_up: int = typer.Option(5, min=0, help="Runners-up to list."),
+        best_layout: bool = typer.Option(False, "--best-layout", help="At the answer's GPU count, plan every layout "
+                                         "whose bound could beat the best found (slow with PP), not just the first "
+                                         "that meets the target."),
+        runners_up: int = typer.Option(5, min=0, help="Runners-up to list (from the layouts planned)."),
         workers: int = typer.Option(min(4, os.cpu_count() or 1), min=1, help="Processes planning layouts in "
                                     "parallel."),
-        table: Optional[Path] = typer.Option(None, "--table", help="Write every (GPUs, tp, pp) tried as CSV."),
+        table: Optional[Path] = typer.Option(None, "--table", help="Write every (GPUs, tp, pp) decided as CSV. "
+                                             "Planned layouts are journaled in STEM.journal.jsonl beside it (default: "
+                                             "a temp folder), so running the same command again resumes."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Smallest GPU count and parallel layout (tp, pp) that meet a target. GPU counts are one node x 2^k in
-    increasing order; at each, every tp x pp allowed by the model and the node (same rules at every count);
-    layouts whose step-time lower bound misses the target are not planned. A layout meets the target only
-    when it plans and its simulated peak memory fits the HBM."""
+    """Smallest GPU count and a parallel layout (tp, pp) that meet a target. GPU counts are one node x 2^k in
+    increasing order; at each, every tp x pp allowed by the model and the node (same rules at every count).
+    Layouts whose step-time lower bound misses the target are not planned; the others are planned cheapest
+    first (fewer PP stages). The search stops at the first count where a layout meets the target: every
+    smaller count was decided, so that count is minimal. A layout meets the target only when it plans and
+    its simulated peak memory fits the HBM."""
     given = [(m, v) for m, v in (("tokens_per_s", target_tokens_per_s), ("step_time_s", target_step_time),
                                  ("mfu", target_mfu)) if v is not None]
     if len(given) != 1:
         fail("give exactly one of --target-tokens-per-s, --target-step-time, --target-mfu")
     metric, value = given[0]
+    if metric == "tokens_per_s":
+        value = float(_count(value, "--target-tokens-per-s"))
     if metric == "mfu" and value > 1:
         value /= 100.0
     target = _Target(metric, value)
     rules = _LayoutRules(tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), min_gpus=min_gpus, max_gpus=max_gpus)
-    from rich.progress import Progress
-
-    with Progress(console=err, transient=True, disable=as_json) as prog:
-        task = prog.add_task("searching", total=None)
-        res = _capacity_search(model, parse_tokens(context), target, cluster=cluster, lengths=lengths,
-                               strategy=strategy, rules=rules, tokens_per_step=parse_tokens(tokens_per_step),
-                               steps=steps, seed=seed, runners_up=runners_up, workers=workers,
-                               on_row=lambda r: prog.update(task, advance=1, description=(
-                                   f"{r['gpus']} GPUs tp{r['tp']} pp{r['pp']}: {r['status']}")))
+    context_tokens = _count(context, "--context")
+    table_path = table or _default_capacity_table()
+    journal = _journal_path(table_path)
+    try:
+        with _capacity_progress(enabled=not as_json) as on_progress:
+            res = _capacity_search(model, context_tokens, target, cluster=cluster, lengths=lengths,
+                                   strategy=strategy, rules=rules, tokens_per_step=_count(tokens_per_step,
+                                                                                          "--tokens-per-step"),
+                                   steps=steps, seed=seed, runners_up=runners_up, workers=workers,
+                                   best_layout=best_layout, journal=journal, on_progress=on_progress)
+    except KeyboardInterrupt:
+        _interrupted(table_path)
     if table is not None:
         from profiles.table import atomic_write_text
 
@@ -734,35 +1012,66 @@ def whatif_capacity(
     keep = ("gpus", "tp", "pp", "hdp", "recompute", "capacity_tokens", "tokens_per_s", "mfu", "mfu_unhalved",
             "step_time_s", "lower_bound_s", "peak_memory_bytes", "status", "reason")
     pick = lambda r: _json_row({k: r.get(k) for k in keep})  # noqa: E731
+    statuses = res.table["status"].value_counts().to_dict() if len(res.table) else {}
     if as_json:
         sys.stdout.write(json.dumps({"target": {"metric": target.metric, "value": target.value},
                                      "strategy": strategy, "answer": pick(res.answer) if res.answer else None,
-                                     "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table)},
-                                    default=str) + "\n")
+                                     "minimal": res.answer is not None, "best_layout": best_layout,
+                                     "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table),
+                                     "statuses": statuses, "planned": res.planned, "reused": res.reused,
+                                     "journal": str(journal)}, default=str) + "\n")
         if res.answer is None:
             raise typer.Exit(1)
         return
-    head = f"{model}, {format_tokens(parse_tokens(context))} context, {lengths}, {strategy}: {target.describe()}"
+    head = f"{model}, {format_tokens(context_tokens)} context, {lengths}, {strategy}: {target.describe()}"
+    done = (f"{len(res.table)} layouts decided: {', '.join(f'{n} {k}' for k, n in statuses.items())}; "
+            f"{res.planned} planned, {res.reused} from the journal {journal}")
     if res.answer is None:
-        fail(f"{head}: no GPU count up to {max_gpus} meets the target ({len(res.table)} layouts tried"
-             + (f"; best tokens/s {res.table['tokens_per_s'].max():,.0f}" if res.table["tokens_per_s"].notna().any()
-                else "") + ")", code=1)
+        fail(escape(f"{head}: no GPU count up to {max_gpus} meets the target ({done}"
+                    + (f"; best {res.table['tokens_per_s'].max():,.0f} tokens/s"
+                       if res.table["tokens_per_s"].notna().any() else "") + ")"), code=1)
     a = res.answer
-    out.print(f"[bold]{head}[/]\n[bold green]{a['gpus']} GPUs[/] with tp={a['tp']} pp={a['pp']} (hdp={a['hdp']}, "
-              f"recompute={a['recompute']}): {a['tokens_per_s']:,.0f} tokens/s, MFU {a['mfu']:.1%}, step "
-              f"{a['step_time_s']:.2f} s, peak {_gb(a['peak_memory_bytes'])} GB", highlight=False)
-    t = Table(title="answer and runners-up")
-    for c in ("GPUs", "tp", "pp", "tokens/s", "MFU", "step (s)", "peak GB"):
-        t.add_column(c, justify="right")
-    for r in [a, *res.runners_up]:
-        t.add_row(str(r["gpus"]), str(r["tp"]), str(r["pp"]), _rate(r["tokens_per_s"]), f"{r['mfu']:.1%}",
-                  f"{r['step_time_s']:.2f}", _gb(r["peak_memory_bytes"]))
-    out.print(t)
+    out.print(f"[bold]{escape(head)}[/]\n[bold green]{a['gpus']} GPUs[/] (the smallest count that meets it) with "
+              f"tp={a['tp']} pp={a['pp']} (hdp={a['hdp']}, recompute={a['recompute']}): {a['tokens_per_s']:,.0f} "
+              f"tokens/s, MFU {a['mfu']:.1%}, step {a['step_time_s']:.2f} s, peak {_gb(a['peak_memory_bytes'])} GB",
+              highlight=False)
+    if res.runners_up:
+        t = Table(title="answer and runners-up (layouts planned)")
+        for c in ("GPUs", "tp", "pp", "tokens/s", "MFU", "step (s)", "peak GB"):
+            t.add_column(c, justify="right")
+        for r in [a, *res.runners_up]:
+            t.add_row(str(r["gpus"]), str(r["tp"]), str(r["pp"]), _rate(r["tokens_per_s"]), f"{r['mfu']:.1%}",
+                      f"{r['step_time_s']:.2f}", _gb(r["peak_memory_bytes"]))
+        out.print(t)
+    skipped = res.not_planned()
+    if len(skipped):
+        out.print(f"{len(skipped)} other layout(s) at {a['gpus']} GPUs not planned (runners-up come only from "
+                  "layouts planned); --best-layout plans those whose bound could beat this one.", highlight=False)
     smaller = res.table[res.table["gpus"] < a["gpus"]]
     if len(smaller):
         counts = smaller.groupby("gpus")["status"].agg(lambda s: ", ".join(f"{n} {k}" for k, n in
                                                                          s.value_counts().items()))
         out.print("smaller counts: " + "; ".join(f"{g} GPUs: {v}" for g, v in counts.items()), highlight=False)
+    out.print(escape(done) + "; larger counts not searched.", highlight=False)
+
+
+@contextmanager
+def _capacity_progress(enabled: bool):
+    """Progress of a capacity search on stderr: layouts decided at the current GPU count and overall (the
+    overall total counts every allowed count; the search usually stops well before), with elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not enabled) as prog:
+        count = prog.add_task("GPU count", total=None)
+        overall = prog.add_task("all counts", total=None)
+
+        def on_progress(p) -> None:
+            prog.update(count, completed=p.count_done, total=p.count_total,
+                        description=escape(f"{p.gpus} GPUs ({p.count_index}/{p.counts}): {p.activity}"))
+            prog.update(overall, completed=p.done, total=p.total, description="layouts, all counts")
+
+        yield on_progress
 
 
 @whatif_app.command("reproduce")
@@ -808,16 +1117,26 @@ def report_cmd(
         max_ranks: int = typer.Option(256, min=1, help="Plan: HDP ranks drawn in the Gantt."),
         out_dir: Optional[Path] = typer.Option(None, "--out", help="Sweep: report folder (default: STEM_report)."),
         example: bool = typer.Option(True, help="Sweep: re-plan the best-speedup point for a Gantt and memory."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {source, kind, written: [paths]}."),
 ) -> None:
     """Figures of a plan (Gantt, memory) or a self-contained report of a sweep table."""
     from planner import report as rp
 
-    if source.suffix in (".csv", ".parquet"):
-        from planner.whatif import read_table
+    def wrote(kind: str, paths: list[Path]) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps({"source": str(source), "kind": kind, "written": [str(p) for p in paths]})
+                             + "\n")
+        else:
+            out.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
 
-        md = rp.write_sweep_report(read_table(source), out_dir or source.with_name(source.stem + "_report"),
-                                   example=example)
-        out.print(f"wrote {md} and {md.with_suffix('.html')}")
+    if source.suffix in (".csv", ".parquet"):
+        df = _read_table(source)  # a one-line error naming the file when it is not a sweep table
+        folder = out_dir or source.with_name(source.stem + "_report")
+        figures = folder / "figures"
+        before = {f: f.stat().st_mtime_ns for f in figures.iterdir()} if figures.is_dir() else {}
+        md = rp.write_sweep_report(df, folder, example=example)
+        new = sorted(f for f in figures.iterdir() if before.get(f) != f.stat().st_mtime_ns) if figures.is_dir() else []
+        wrote("sweep", [md, md.with_suffix(".html"), *new])
         return
     if gantt is None and memory is None:
         fail("give --gantt FILE and/or --memory FILE for a plan (or pass a sweep .csv/.parquet)")
@@ -829,7 +1148,7 @@ def report_cmd(
         fail(f"--step {step}: the plan has {len(plan.steps)} step(s)")
     cm = cost_model_for_plan(plan, profile)
     figs = rp.plot_plan(plan, cm, step=step, gantt=gantt, memory=memory, max_ranks=max_ranks)
-    out.print("wrote " + ", ".join(str(p) for p in figs.gantt + figs.memory))
+    wrote("plan", [*figs.gantt, *figs.memory])
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@ logits, the per-rank token capacity C, and ByteScale's offload-aware degree D(s;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from costmodel.specs import DTYPE_BYTES, ModelSpec, Setup, SpecError
+from costmodel.specs import DTYPE_BYTES, ModelSpec, Setup, SpecError, TrainingSpec
+
+GB = 1e9  # messages report decimal GB, as the CLI's tables do
 
 
 def params_per_rank(setup: Setup, stage: int | None = None) -> float:
@@ -25,13 +28,19 @@ def params_per_rank(setup: Setup, stage: int | None = None) -> float:
     return (layers + extra) / t
 
 
+def state_bytes_per_param_parts(training: TrainingSpec) -> tuple[float, float]:
+    """(bytes per parameter every HDP rank keeps, bytes per parameter sharded over the HDP ranks):
+    bf16 params + fp32 grads kept, fp32 master/m/v (12 B) sharded under ZeRO-1, else kept."""
+    kept = float(DTYPE_BYTES[training.dtype] + DTYPE_BYTES[training.grad_dtype])
+    opt = 12.0  # fp32 master weights, Adam m and v
+    return (kept, opt) if training.zero_stage >= 1 else (kept + opt, 0.0)
+
+
 def state_bytes_per_param(setup: Setup) -> float:
     """Megatron mixed precision (REFERENCE 7.3): bf16 params + fp32 grads + fp32 master/m/v.
     Replicated: 2 + 4 + 12 = 18 B; distributed optimizer over d HDP ranks: 6 + 12/d."""
-    tr = setup.training
-    pb, gb = DTYPE_BYTES[tr.dtype], DTYPE_BYTES[tr.grad_dtype]
-    opt = 12.0  # fp32 master weights, Adam m and v
-    return pb + gb + (opt / setup.hdp if tr.zero_stage >= 1 else opt)
+    kept, sharded = state_bytes_per_param_parts(setup.training)
+    return kept + sharded / setup.hdp
 
 
 def model_state_bytes(setup: Setup, stage: int | None = None) -> float:
@@ -81,32 +90,156 @@ class MemoryBudget:
     capacity_tokens: int  # C
 
 
-def memory_budget(setup: Setup) -> MemoryBudget:
-    """Per-rank token capacity C (REFERENCE 2.1):
-    C = (M_hbm − M_states − M_logits − M_ctx − M_frag) / (k_inflight · l · a_tok).
-    With PP under 1F1B, stage 0 keeps p micro-batches of L/p layers, so k·l = L."""
+@dataclass(frozen=True)
+class _Terms:
+    """The terms of C's formula for one setup, before the capacity_tokens override."""
+
+    states_bytes: float
+    frag_bytes: float
+    free_bytes: float  # HBM − states − ctx − frag − fused-loss chunk: what activations may use
+    activation_bytes_per_token: float  # all resident layers, one token
+    working_bytes_per_token: float  # full recompute: one layer's activations during backward
+    head_bytes_per_token: float  # unfused loss: fp32 logits and their gradient over V/t
+
+    @property
+    def per_token_bytes(self) -> float:
+        return self.activation_bytes_per_token + self.working_bytes_per_token + self.head_bytes_per_token
+
+    @property
+    def capacity_tokens(self) -> float:
+        return self.free_bytes / self.per_token_bytes
+
+
+def _terms(setup: Setup) -> _Terms:
     tr, m = setup.training, setup.model
     hbm = float(setup.cluster.gpu_memory_bytes)
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
-    a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes)
-    per_token = a_tok * m.layers  # k_inflight·l = L with or without PP (1F1B)
+    free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.fused_loss else 0.0)
+    act = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes) * m.layers
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
-    avail = hbm - states - tr.ctx_overhead_bytes - frag
-    head = (setup.model.vocab / tr.tp) * 8.0
-    if tr.fused_loss:
-        avail -= logits_bytes(8192.0, setup)
-        cap = avail / (per_token + work)
-    else:
-        cap = avail / (per_token + work + head)
-    if tr.capacity_tokens is not None:
-        cap = float(tr.capacity_tokens)
+    return _Terms(states, frag, free, act, work, 0.0 if tr.fused_loss else (m.vocab / tr.tp) * 8.0)
+
+
+def memory_budget(setup: Setup) -> MemoryBudget:
+    """Per-rank token capacity C (REFERENCE 2.1):
+    C = (M_hbm − M_states − M_logits − M_ctx − M_frag) / (k_inflight · l · a_tok).
+    With PP under 1F1B, stage 0 keeps p micro-batches of L/p layers, so k·l = L."""
+    tr = setup.training
+    t = _terms(setup)
+    cap = float(tr.capacity_tokens) if tr.capacity_tokens is not None else t.capacity_tokens
     if cap < 1:
-        raise SpecError(f"{m.name} does not fit on {setup.cluster.gpu} with tp={tr.tp}, pp={tr.pp}: model states "
-                        f"take {states / 1e9:.1f} GB of {hbm / 1e9:.0f} GB; raise tp or pp, or use recompute")
+        raise SpecError(does_not_fit_message(setup, t))
     c = int(cap)
-    return MemoryBudget(hbm, states, float(tr.ctx_overhead_bytes), frag, logits_bytes(min(c, 8192), setup),
-                        per_token, work, c)
+    return MemoryBudget(float(setup.cluster.gpu_memory_bytes), t.states_bytes, float(tr.ctx_overhead_bytes),
+                        t.frag_bytes, logits_bytes(min(c, 8192), setup), t.activation_bytes_per_token,
+                        t.working_bytes_per_token, c)
+
+
+# ---- why a setup does not fit, and what would -----------------------------------------------------
+def _fits(setup: Setup) -> bool:
+    return _terms(setup).capacity_tokens >= 1
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _layouts(setup: Setup, gpus: int) -> list[Setup]:
+    """Every valid tp × pp of the model on `gpus` GPUs of this cluster, by tp·pp then pp."""
+    out = []
+    cluster = setup.cluster.with_gpus(gpus)
+    for tp in _divisors(setup.cluster.gpus_per_node):
+        for pp in _divisors(setup.model.layers):
+            try:
+                out.append(Setup(setup.model, cluster, dataclasses.replace(setup.training, tp=tp, pp=pp)))
+            except SpecError:
+                continue
+    return sorted(out, key=lambda s: (s.training.tp * s.training.pp, s.training.pp))
+
+
+def _fewest_gpus(setup: Setup) -> Setup | None:
+    """The fewest GPUs (then the smallest tp·pp) whose model states leave room for a token. More
+    GPUs shrink only the ZeRO-1 optimizer shard, so per layout the HDP degree needed is solved for."""
+    kept, sharded = state_bytes_per_param_parts(setup.training)
+    per_node = setup.cluster.gpus_per_node
+    best: Setup | None = None
+    for tp in _divisors(per_node):
+        for pp in _divisors(setup.model.layers):
+            step = math.lcm(per_node, tp * pp)  # cluster sizes this layout can use
+            try:
+                probe = Setup(setup.model, setup.cluster.with_gpus(step),
+                              dataclasses.replace(setup.training, tp=tp, pp=pp))
+            except SpecError:
+                continue
+            t, params = _terms(probe), params_per_rank(probe)
+            slack = t.free_bytes + t.states_bytes - t.per_token_bytes - kept * params  # for the optimizer shard
+            if slack <= 0:
+                continue  # weights and gradients alone do not fit this layout
+            hdp = max(1, math.ceil(sharded * params / slack))
+            gpus = math.ceil(tp * pp * hdp / step) * step
+            if best is not None and gpus > best.cluster.world_size:
+                continue
+            cand = next((c for c in (Setup(setup.model, setup.cluster.with_gpus(gpus + k * step), probe.training)
+                                     for k in range(4)) if _fits(c)), None)  # rounding: a size or two up
+            if cand is None:
+                continue
+            key = (cand.cluster.world_size, tp * pp, pp)
+            if best is None or key < (best.cluster.world_size, best.training.tp * best.training.pp, best.training.pp):
+                best = cand
+    return best
+
+
+def _layout_text(s: Setup) -> str:
+    return f"tp={s.training.tp}, pp={s.training.pp}"
+
+
+def _fit_text(s: Setup) -> str:
+    """'tp=8, pp=2 (54.9 GB of states per GPU, C = 9,000 tokens)': C says whether the fit is of use."""
+    return (f"{_layout_text(s)} ({model_state_bytes(s) / GB:.1f} GB of states per GPU, "
+            f"C = {int(_terms(s).capacity_tokens):,} tokens)")
+
+
+def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
+    """One line: what fills the HBM and what would help. Model states (weights, gradients, optimizer)
+    shrink only with tp, pp, more HDP ranks for the ZeRO-1 optimizer shard, or a higher ZeRO stage;
+    recompute and offload shrink activations only."""
+    tr, m, c = setup.training, setup.model, setup.cluster
+    head = (f"{m.name} does not fit on {c.gpu} ({c.world_size} GPUs, {_layout_text(setup)}, "
+            f"recompute={tr.recompute})")
+    hbm = float(c.gpu_memory_bytes)
+    room = terms.free_bytes + terms.states_bytes  # left for states and activations
+    if terms.free_bytes > 0:  # the states fit: one token's activations do not
+        return (f"{head}: model states take {terms.states_bytes / GB:.1f} GB per GPU, leaving "
+                f"{terms.free_bytes / 1e6:.1f} MB, less than one token's activations "
+                f"({terms.per_token_bytes / 1e6:.1f} MB over {m.layers} layers); "
+                + ("raise tp or pp" if tr.recompute == "full" else "use --recompute full, or raise tp or pp"))
+    params = params_per_rank(setup)
+    weights, grads = params * DTYPE_BYTES[tr.dtype], params * DTYPE_BYTES[tr.grad_dtype]
+    opt = terms.states_bytes - weights - grads
+    sharding = f"sharded by ZeRO-1 over {setup.hdp} HDP ranks" if tr.zero_stage >= 1 else "replicated"
+    msg = (f"{head}: model states alone take {terms.states_bytes / GB:.1f} GB per GPU (weights {weights / GB:.1f} GB, "
+           f"gradients {grads / GB:.1f} GB, optimizer {opt / GB:.1f} GB {sharding}) but only {room / GB:.1f} GB of "
+           f"the {hbm / GB:.0f} GB HBM is left after the CUDA context, loss chunk and fragmentation reserve; "
+           "recompute and offload cannot shrink model states")
+    if tr.zero_stage == 0 and setup.hdp > 1:
+        z1 = Setup(m, c, dataclasses.replace(tr, zero_stage=1))
+        msg += f"; zero_stage=1 would shard the optimizer: {model_state_bytes(z1) / GB:.1f} GB per GPU"
+        if _fits(z1):
+            return msg
+    layouts = _layouts(setup, c.world_size)
+    fit = next((s for s in layouts if _fits(s)), None)
+    if fit is not None:
+        return msg + f"; the smallest tp×pp that fits {c.world_size} GPUs is {_fit_text(fit)}"
+    least = min(layouts, key=model_state_bytes)
+    msg += (f"; no tp×pp fits {c.world_size} GPUs (the least, {_layout_text(least)}, still takes "
+            f"{model_state_bytes(least) / GB:.1f} GB per GPU)")
+    more = _fewest_gpus(setup)
+    if more is None:
+        return msg + f"; no GPU count fits on {c.gpu}: use GPUs with more memory"
+    why = (f"; pp must divide the {m.layers} layers and tp·pp the GPU count"
+           if more.cluster.world_size < c.world_size else "")
+    return msg + f"; the fewest GPUs that fit are {more.cluster.world_size} with {_fit_text(more)}{why}"
 
 
 def activation_factor(offload_ratio: float, layers_per_stage: int) -> float:

@@ -6,61 +6,55 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from profiles.typed_json import Reader, at_least, positive, within
 
 
 class SpecError(ValueError):
     """A spec value is missing, out of range or inconsistent; the message says which and how to fix it."""
 
 
-def _positive(name: str, value: float, owner: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise SpecError(f"{owner}: {name} must be a positive number, got {value!r}")
+# Cross-field rules, shared by ModelSpec and HFConfig (each names its own fields). Each field is
+# given as (name, value); `owner` prefixes the message ("" where the caller adds the file).
+def _check_multiple(owner: str, big: tuple[str, int], small: tuple[str, int], hint: str = "") -> None:
+    """Raise unless big's value is a multiple of small's."""
+    if big[1] % small[1]:
+        raise SpecError(f"{owner}{': ' if owner else ''}{big[0]} ({big[1]}) must be a multiple of "
+                        f"{small[0]} ({small[1]}){hint}")
 
 
-def _from_fields(cls, d: Any, what: str, derived: set[str]):
-    """Build a spec dataclass from a dict: unknown or missing fields are one clear SpecError
-    (derived fields that to_dict adds are accepted and ignored)."""
-    if not isinstance(d, dict):
-        raise SpecError(f"{what}: expected a JSON object")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known - derived
-    if unknown:
-        raise SpecError(f"{what}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING]
-    if missing:
-        raise SpecError(f"{what}: missing field(s) {missing}")
-    return cls(**{k: v for k, v in d.items() if k in known})
+def _check_at_most(owner: str, a: tuple[str, int], b: tuple[str, int]) -> None:
+    """Raise unless a's value <= b's."""
+    if a[1] > b[1]:
+        raise SpecError(f"{owner}{': ' if owner else ''}{a[0]} ({a[1]}) cannot exceed {b[0]} ({b[1]})")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only transformer (Llama / Mixtral / Qwen family: RMSNorm, RoPE, GQA, SwiGLU)."""
 
+    DERIVED_KEYS: ClassVar[tuple[str, ...]] = ("parameters", "active_parameters")  # to_dict adds; read ignores
+
     name: str  # preset or file name
-    layers: int  # decoder layers L
-    hidden: int  # model width h
-    heads: int  # query heads n_q
-    kv_heads: int  # key/value heads n_kv (GQA groups)
-    head_dim: int  # d_h; n_q * d_h need not equal h (it does for every preset)
-    ffn: int  # SwiGLU inner width f (per expert for MoE)
-    vocab: int  # vocabulary V
+    layers: int = field(metadata=positive())  # decoder layers L
+    hidden: int = field(metadata=positive())  # model width h
+    heads: int = field(metadata=positive())  # query heads n_q
+    kv_heads: int = field(metadata=positive())  # key/value heads n_kv (GQA groups)
+    head_dim: int = field(metadata=positive())  # d_h; n_q * d_h need not equal h (it does for every preset)
+    ffn: int = field(metadata=positive())  # SwiGLU inner width f (per expert for MoE)
+    vocab: int = field(metadata=positive())  # vocabulary V
     tied_embeddings: bool = False  # input embedding shared with the LM head
-    experts: int = 1  # MoE experts E (1 = dense)
-    top_k: int = 1  # experts per token k
+    experts: int = field(default=1, metadata=positive())  # MoE experts E (1 = dense)
+    top_k: int = field(default=1, metadata=positive())  # experts per token k
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     source: str = ""  # where the numbers come from
 
     def __post_init__(self) -> None:
         owner = f"model {self.name!r}"
-        for f in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "experts", "top_k"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise SpecError(f"{owner}: {f} must be a positive integer, got {v!r}")
-        if self.heads % self.kv_heads:
-            raise SpecError(f"{owner}: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if self.top_k > self.experts:
-            raise SpecError(f"{owner}: top_k ({self.top_k}) cannot exceed experts ({self.experts})")
+        Reader(owner, SpecError).check(self)
+        _check_multiple(owner, ("heads", self.heads), ("kv_heads", self.kv_heads))
+        _check_at_most(owner, ("top_k", self.top_k), ("experts", self.experts))
 
     # -- derived widths --------------------------------------------------------------------
     @property
@@ -115,8 +109,9 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
-        return _from_fields(cls, d, "model spec", derived={"parameters", "active_parameters"})
+    def from_dict(cls, d: Any, origin: str = "model spec") -> "ModelSpec":
+        """From a spec JSON object; `origin` (the file) heads every error message."""
+        return Reader(origin, SpecError).build(cls, d)
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelSpec":
@@ -124,60 +119,92 @@ class ModelSpec:
         from profiles.table import read_json
 
         p = Path(path)
-        cfg = read_json(p, "HuggingFace config", SpecError)
-        if not isinstance(cfg, dict):
-            raise SpecError(f"{p}: expected a JSON object")
-        need = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"]
-        missing = [k for k in need if k not in cfg]
+        cfg = HFConfig.from_dict(read_json(p, "HuggingFace config", SpecError), str(p))
+        return cfg.model_spec(name=p.parent.name if p.name == "config.json" else p.stem,
+                              source=f"HuggingFace config {p} ({cfg.architecture})")
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """The keys of a HuggingFace decoder `config.json` that a ModelSpec needs, typed. Other keys
+    (rope, dtype, ...) are ignored; null stands for an absent optional key."""
+
+    num_hidden_layers: int = field(metadata=positive())
+    hidden_size: int = field(metadata=positive())
+    num_attention_heads: int = field(metadata=positive())
+    intermediate_size: int = field(metadata=positive())
+    vocab_size: int = field(metadata=positive())
+    num_key_value_heads: int | None = field(default=None, metadata=positive())  # None: = heads (MHA)
+    head_dim: int | None = field(default=None, metadata=positive())  # None: hidden / heads
+    num_local_experts: int | None = field(default=None, metadata=at_least(0))  # Mixtral; 0 or 1: dense
+    num_experts: int | None = field(default=None, metadata=at_least(0))  # Qwen-MoE spelling
+    num_experts_per_tok: int | None = field(default=None, metadata=positive())
+    moe_intermediate_size: int | None = field(default=None, metadata=positive())  # per-expert width
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    architectures: list[str] | None = None
+    model_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            _check_multiple("", ("hidden_size", self.hidden_size), ("num_attention_heads", self.num_attention_heads),
+                            hint="; give head_dim if the heads are not hidden_size / num_attention_heads wide")
+        if self.num_key_value_heads is not None:
+            _check_multiple("", ("num_attention_heads", self.num_attention_heads),
+                            ("num_key_value_heads", self.num_key_value_heads))
+        if self.experts > 1 and self.num_experts_per_tok is not None:
+            _check_at_most("", ("num_experts_per_tok", self.num_experts_per_tok),
+                           ("num_local_experts" if self.num_local_experts else "num_experts", self.experts))
+
+    @classmethod
+    def from_dict(cls, d: Any, origin: str) -> "HFConfig":
+        need = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [k for k in need if k not in d] if isinstance(d, dict) else []
         if missing:
-            raise SpecError(f"{p}: not a decoder config, missing {missing}")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        arch = ",".join(cfg.get("architectures") or [cfg.get("model_type", "?")])
-        experts = int(cfg.get("num_local_experts", cfg.get("num_experts", 1)) or 1)
-        return cls(
-            name=p.parent.name if p.name == "config.json" else p.stem,
-            layers=int(cfg["num_hidden_layers"]),
-            hidden=hidden,
-            heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            ffn=int(cfg.get("moe_intermediate_size") if experts > 1 and cfg.get("moe_intermediate_size")
-                    else cfg["intermediate_size"]),
-            vocab=int(cfg["vocab_size"]),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            experts=experts,
-            top_k=int(cfg.get("num_experts_per_tok", 1) or 1) if experts > 1 else 1,
-            qkv_bias=bool(cfg.get("attention_bias", False)) or "Qwen2" in arch,
-            source=f"HuggingFace config {p} ({arch})",
-        )
+            raise SpecError(f"{origin}: not a decoder config, missing {missing}")
+        return Reader(origin, SpecError).build(cls, d, ignore_unknown=True)
+
+    @property
+    def experts(self) -> int:
+        n = self.num_local_experts if self.num_local_experts is not None else self.num_experts
+        return n or 1
+
+    @property
+    def architecture(self) -> str:
+        return ",".join(self.architectures or [self.model_type or "?"])
+
+    def model_spec(self, name: str, source: str) -> ModelSpec:
+        moe = self.experts > 1
+        return ModelSpec(
+            name=name, layers=self.num_hidden_layers, hidden=self.hidden_size, heads=self.num_attention_heads,
+            kv_heads=self.num_key_value_heads or self.num_attention_heads,
+            head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
+            ffn=self.moe_intermediate_size if moe and self.moe_intermediate_size else self.intermediate_size,
+            vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts,
+            top_k=(self.num_experts_per_tok or 1) if moe else 1,
+            qkv_bias=self.attention_bias or "Qwen2" in self.architecture, source=source)
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
     """Homogeneous nodes of GPUs: NVLink-class links inside a node, a NIC per GPU between nodes."""
 
+    DERIVED_KEYS: ClassVar[tuple[str, ...]] = ("world_size",)  # to_dict adds; read ignores
+
     name: str  # preset name
     gpu: str  # device name, e.g. "H100 SXM"
-    nodes: int  # node count
-    gpus_per_node: int  # GPUs (ranks) per node
-    gpu_memory_bytes: int  # HBM per GPU
-    host_memory_bytes: int  # host DRAM per node
-    intra_node_bw_bytes_per_s: float  # scale-up bandwidth per GPU per direction [spec]
-    inter_node_bw_bytes_per_s: float  # scale-out bandwidth per GPU per direction (NIC rate)
-    host_link_bw_bytes_per_s: float  # GPU<->host bandwidth per GPU (PCIe), per direction
+    nodes: int = field(metadata=positive())  # node count
+    gpus_per_node: int = field(metadata=positive())  # GPUs (ranks) per node
+    gpu_memory_bytes: int = field(metadata=positive())  # HBM per GPU
+    host_memory_bytes: int = field(metadata=positive())  # host DRAM per node
+    intra_node_bw_bytes_per_s: float = field(metadata=positive())  # scale-up bandwidth per GPU per direction [spec]
+    inter_node_bw_bytes_per_s: float = field(metadata=positive())  # scale-out bandwidth per GPU per direction (NIC)
+    host_link_bw_bytes_per_s: float = field(metadata=positive())  # GPU<->host bandwidth per GPU (PCIe), per direction
     profile: str  # default profile name in profiles/data
     source: str = ""  # where the numbers come from
 
     def __post_init__(self) -> None:
-        owner = f"cluster {self.name!r}"
-        for f in ("nodes", "gpus_per_node"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise SpecError(f"{owner}: {f} must be a positive integer, got {v!r}")
-        for f in ("gpu_memory_bytes", "host_memory_bytes", "intra_node_bw_bytes_per_s",
-                  "inter_node_bw_bytes_per_s", "host_link_bw_bytes_per_s"):
-            _positive(f, getattr(self, f), owner)
+        Reader(f"cluster {self.name!r}", SpecError).check(self)
 
     @property
     def world_size(self) -> int:
@@ -203,8 +230,9 @@ class ClusterSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClusterSpec":
-        return _from_fields(cls, d, "cluster spec", derived={"world_size"})
+    def from_dict(cls, d: Any, origin: str = "cluster spec") -> "ClusterSpec":
+        """From a spec JSON object; `origin` (the file) heads every error message."""
+        return Reader(origin, SpecError).build(cls, d)
 
 
 Recompute = Literal["none", "selective", "full"]
@@ -218,34 +246,27 @@ class TrainingSpec:
     """How the model is trained: precision, model parallelism, optimizer sharding, recompute."""
 
     dtype: DType = "bf16"  # activation and parameter dtype
-    tp: int = 1  # tensor-parallel degree (with sequence parallelism)
-    pp: int = 1  # pipeline-parallel degree
-    zero_stage: int = 1  # 0: replicated optimizer; 1: distributed optimizer (ZeRO-1) over HDP ranks
+    tp: int = field(default=1, metadata=positive())  # tensor-parallel degree (with sequence parallelism)
+    pp: int = field(default=1, metadata=positive())  # pipeline-parallel degree
+    # 0: replicated optimizer; 1: distributed optimizer (ZeRO-1) over HDP ranks
+    zero_stage: int = field(default=1, metadata=within(0, 1))
     recompute: Recompute = "none"  # activation recomputation policy
     grad_dtype: DType = "fp32"  # gradient accumulation / reduction dtype (Megatron: fp32 grads)
-    ctx_overhead_bytes: int = 3 * 2**30  # CUDA context + NCCL buffers per GPU (REFERENCE 2.1: 1-3 GB)
-    frag_fraction: float = 0.10  # HBM lost to fragmentation (REFERENCE 2.1: 5-10%)
+    # CUDA context + NCCL buffers per GPU (REFERENCE 2.1: 1-3 GB)
+    ctx_overhead_bytes: int = field(default=3 * 2**30, metadata=at_least(0))
+    # HBM lost to fragmentation (REFERENCE 2.1: 5-10%)
+    frag_fraction: float = field(default=0.10, metadata=within(0, 0.5, hi_open=True))
     fused_loss: bool = True  # fused online-softmax cross-entropy: no full fp32 logits (ByteScale §7)
-    capacity_tokens: int | None = None  # per-rank token capacity C override (else derived from memory)
+    # per-rank token capacity C override (else derived from memory)
+    capacity_tokens: int | None = field(default=None, metadata=positive())
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES or self.grad_dtype not in DTYPE_BYTES:
-            raise SpecError(f"training: dtype must be one of {sorted(DTYPE_BYTES)}, "
-                            f"got {self.dtype!r}/{self.grad_dtype!r}")
-        for f in ("tp", "pp"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise SpecError(f"training: {f} must be a positive integer, got {v!r}")
-        if self.zero_stage not in (0, 1):
-            raise SpecError(f"training: zero_stage must be 0 or 1 (distributed optimizer), got {self.zero_stage!r}")
-        if self.recompute not in ("none", "selective", "full"):
-            raise SpecError(f"training: recompute must be none, selective or full, got {self.recompute!r}")
-        if not 0 <= self.frag_fraction < 0.5:
-            raise SpecError(f"training: frag_fraction must be in [0, 0.5), got {self.frag_fraction!r}")
-        if self.ctx_overhead_bytes < 0:
-            raise SpecError("training: ctx_overhead_bytes must be >= 0")
-        if self.capacity_tokens is not None and self.capacity_tokens <= 0:
-            raise SpecError(f"training: capacity_tokens must be positive, got {self.capacity_tokens!r}")
+        Reader("training", SpecError).check(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, origin: str = "training") -> "TrainingSpec":
+        """From a JSON object (a plan's meta.training); `origin` heads every error message."""
+        return Reader(origin, SpecError).build(cls, d)
 
     @property
     def dtype_bytes(self) -> int:

@@ -89,6 +89,7 @@ class CostModel:
     _curves: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self.profile.require_tables()  # a profile measured with --ops may lack a table every step needs
         m, tr = self.setup.model, self.setup.training
         self.model: ModelSpec = m
         self.tp = tr.tp

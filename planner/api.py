@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from costmodel.flops import model_flops
 from costmodel.memory import memory_budget
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import Setup, SpecError, TrainingSpec
+from costmodel.specs import ClusterSpec, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel
 from planner.batch import GlobalBatch, global_batches
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.strategies import PlanOptions, get_strategy
 from planner.strategies.ilp import collect_solver_reports, solver_meta
-from profiles.table import load_profile
+from profiles.table import Profile, ProfileError, load_profile, profile_names
 
 BYTESCALE_TOKENS_PER_STEP = 32 * 2**20  # ByteScale §8.1: 32M tokens per step
 
@@ -38,7 +42,7 @@ class PlanRequest:
     profile: str | None = None  # None: the cluster preset's profile
     lengths: str = "byted-like"  # length source spec (planner.sources)
     steps: int = 1
-    tokens_per_step: int = BYTESCALE_TOKENS_PER_STEP
+    tokens_per_step: int | None = None  # None ("auto"): sized from the mesh, see auto_tokens_per_step
     max_context_tokens: int = 2 * 2**20
     recompute: str = "auto"  # none | selective | full | auto (least recompute that fits the max context)
     capacity_tokens: int | None = None  # override C
@@ -69,13 +73,82 @@ def resolve_setup(req: PlanRequest) -> Setup:
     raise last if last else SpecError("no training setup fits")
 
 
-def build_cost_model(req: PlanRequest) -> CostModel:
+def build_cost_model(req: PlanRequest, load: Callable[[str], Profile] = load_profile) -> CostModel:
+    """The request's cost model on its profile (the cluster preset's unless one is named); warns when
+    the profile describes another device than the cluster's. `load`: how a profile is loaded (what-if
+    searches share one loaded Profile across many layouts)."""
     setup = resolve_setup(req)
-    return CostModel(setup, load_profile(req.profile or setup.cluster.profile))
+    profile = load(req.profile or setup.cluster.profile)
+    warn_device_mismatch(profile, setup.cluster)
+    return CostModel(setup, profile)
 
 
-def make_batches(req: PlanRequest) -> list[GlobalBatch]:
-    return global_batches(req.lengths, tokens_per_step=req.tokens_per_step, max_context_tokens=req.max_context_tokens,
+def _device_kind(text: str) -> str | None:
+    """'cpu', a GPU model token ('h100', 'a100', 'mi300x', ...), or None when the text names neither.
+    A measured GPU profile's device ends in '(host cpu: ...)': only the part before it counts."""
+    t = text.lower().split("(host cpu")[0]
+    if re.search(r"\bcpu\b", t):
+        return "cpu"
+    m = re.search(r"\b[a-z]{1,3}\d{2,4}[a-z]?\b", t)
+    return m.group(0) if m else None
+
+
+def warn_device_mismatch(profile: Profile, cluster: ClusterSpec) -> None:
+    """A warning (not an error: a stand-in profile is a legitimate study) when the profile was made
+    for another device than the cluster's GPU; silent when either name is not recognised."""
+    have, want = _device_kind(profile.fingerprint.device), _device_kind(cluster.gpu)
+    if have and want and have != want:
+        warnings.warn(f"profile {profile.fingerprint.name!r} describes {profile.fingerprint.device}, not the "
+                      f"{cluster.gpu} of cluster {cluster.name!r}: its times will not predict this cluster "
+                      "(measure one there with `meshplan profile`, or pass --profile)", stacklevel=3)
+
+
+def profile_meta(profile: Profile) -> dict:
+    """meta.profile of a plan: name, source, sha256, and the file's absolute path when it was a file,
+    so `simulate` and `report` find the same profile without --profile."""
+    fp = profile.fingerprint
+    meta = {"name": fp.name, "source": fp.source, "sha256": fp.sha256}
+    return {**meta, "path": profile.path} if profile.path else meta
+
+
+def _recorded_profile(ref: object, fallback: str) -> Profile:
+    """The profile a plan's meta.profile names, which must still hash to the recorded sha256."""
+    ref = ref if isinstance(ref, dict) else {}
+    path, name, sha = ref.get("path"), str(ref.get("name") or fallback), ref.get("sha256")
+    if isinstance(path, str) and path:
+        where = path
+        if not Path(path).is_file():
+            raise ProfileError(f"the plan's profile file {path} is gone; pass --profile PATH (or a shipped name)")
+        prof = load_profile(path)
+    elif name in profile_names():
+        where, prof = name, load_profile(name)
+    else:
+        raise ProfileError(f"the plan's profile {name!r} is not shipped and the plan records no file for it; "
+                           "pass --profile PATH")
+    if isinstance(sha, str) and sha and prof.fingerprint.sha256 != sha:
+        raise ProfileError(f"profile {where} changed since the plan was made (sha256 {sha[:12]}..., now "
+                           f"{prof.fingerprint.sha256[:12]}...); pass --profile {where} to use it as it is now")
+    return prof
+
+
+def auto_tokens_per_step(cm: CostModel, max_context_tokens: int) -> int:
+    """The default step budget: one micro-batch on every HDP rank, each a packed row of min(C, max
+    context) tokens — what a static mesh sized for the max context holds at once, so the step fits the
+    cluster it is planned for (64 H100s, LLaMA-7B, 2M context: 64 × C = 4.5M tokens; 4 CPU ranks, the
+    tiny model, 4K context: 16K). Never less than one max-context sequence."""
+    return max(max_context_tokens, cm.setup.hdp * min(cm.capacity_tokens, max_context_tokens))
+
+
+def step_tokens(req: PlanRequest, cm: CostModel | None = None) -> int:
+    """The request's token budget per step: its own, or the mesh's default (auto_tokens_per_step)."""
+    if req.tokens_per_step is not None:
+        return req.tokens_per_step
+    return auto_tokens_per_step(cm or build_cost_model(req), req.max_context_tokens)
+
+
+def make_batches(req: PlanRequest, cm: CostModel | None = None) -> list[GlobalBatch]:
+    """The request's global batches; `cm` (the request's cost model) sizes the 'auto' budget."""
+    return global_batches(req.lengths, tokens_per_step=step_tokens(req, cm), max_context_tokens=req.max_context_tokens,
                           steps=req.steps, seed=req.seed)
 
 
@@ -90,7 +163,7 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
               batches: list[GlobalBatch] | None = None) -> Plan:
     """Plan every step of the request with one strategy; the plan is validated before it is returned."""
     cm = cm or build_cost_model(req)
-    batches = batches if batches is not None else make_batches(req)
+    batches = batches if batches is not None else make_batches(req, cm)
     fn = get_strategy(strategy)
     t0 = time.perf_counter()
     with collect_solver_reports() as reports:  # exact strategies report status and gap per step
@@ -100,14 +173,14 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
             steps = _one_chunking(fn, batches, cm, req.options, chunkings)
     secs = time.perf_counter() - t0
     s = cm.setup
-    fp = cm.profile.fingerprint
     meta = {
         "tool_version": _tool_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": s.model.name, "cluster": s.cluster.name, "gpus": s.cluster.world_size,
-        "profile": {"name": fp.name, "source": fp.source, "sha256": fp.sha256},
+        "profile": profile_meta(cm.profile),
         "strategy": strategy,
-        "options": {**json.loads(json.dumps(dataclasses.asdict(req.options))), "lengths": req.lengths, "tokens_per_step": req.tokens_per_step,
+        "options": {**json.loads(json.dumps(dataclasses.asdict(req.options))), "lengths": req.lengths,
+                    "tokens_per_step": step_tokens(req, cm),
                     "max_context_tokens": req.max_context_tokens, "steps": req.steps},
         "solver": solver_meta(reports, strategy, secs),
         "seed": req.seed,
@@ -152,7 +225,12 @@ def cost_model_for_plan(plan: Plan, profile: str | None = None) -> CostModel:
     except KeyError as e:
         raise PlanError(f"plan meta lacks {e}; re-create the plan with `meshplan plan`") from None
     setup = Setup(model, cluster, training)
-    cm = CostModel(setup, load_profile(profile or m.get("profile", {}).get("name") or cluster.profile))
+    if profile:  # another profile than the plan's: say so if it is another device's
+        prof = load_profile(profile)
+        warn_device_mismatch(prof, cluster)
+    else:
+        prof = _recorded_profile(m.get("profile"), cluster.profile)
+    cm = CostModel(setup, prof)
     if (setup.hdp, training.pp, training.tp) != (plan.mesh.hdp, plan.mesh.pp, plan.mesh.tp):
         raise PlanError("plan mesh does not match its own meta (edited plan?)")
     return cm
@@ -197,19 +275,54 @@ def summarize(plan: Plan, cm: CostModel, static_step_time_s: float | None = None
         planning_s=float(plan.meta["solver"]["seconds"]))
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The strategy whose plan is written, and one line saying why."""
+
+    strategy: str
+    reason: str
+
+
+def _secs(t_s: float) -> str:
+    return f"{t_s:,.0f} s" if t_s >= 100 else f"{t_s:.3g} s"
+
+
 @dataclass
 class Comparison:
     plans: dict[str, Plan]
-    summaries: list[Summary]
+    summaries: list[Summary]  # in the order compared; only strategies that planned
     failures: dict[str, str]  # strategy -> reason it could not plan
     cost_model: CostModel
     batches: list[GlobalBatch]
+
+    def chosen(self, strategy: str | None = None) -> Choice:
+        """The plan to write: `strategy` when one is forced, else the fastest that planned (least
+        mean predicted step time; a tie goes to the first compared). Raises PlanError when the
+        forced strategy, or every strategy, could not plan."""
+        if strategy is not None and strategy not in self.plans:
+            raise PlanError(f"strategy {strategy} could not plan this case: "
+                            f"{self.failures.get(strategy, 'it was not compared')}")
+        if not self.summaries:
+            raise PlanError("no strategy could plan this case: "
+                            + "; ".join(f"{n}: {why}" for n, why in self.failures.items()))
+        ranked = sorted(self.summaries, key=lambda x: x.step_time_s)  # stable: ties keep the compared order
+        best = ranked[0]
+        if strategy is not None:
+            mine = next(x for x in self.summaries if x.strategy == strategy)
+            faster = "" if mine.step_time_s <= best.step_time_s else f"; {best.strategy} {_secs(best.step_time_s)}"
+            return Choice(strategy, f"as requested ({_secs(mine.step_time_s)}{faster})")
+        if len(ranked) == 1:
+            return Choice(best.strategy, f"the only strategy that planned ({_secs(best.step_time_s)})")
+        second = ranked[1]
+        t_best, t_second = _secs(best.step_time_s), _secs(second.step_time_s)
+        vs = f", tied with {second.strategy}" if t_best == t_second else f" vs {second.strategy} {t_second}"
+        return Choice(best.strategy, f"fastest of {', '.join(x.strategy for x in self.summaries)} ({t_best}{vs})")
 
 
 def compare(req: PlanRequest, strategies: list[str], progress=None) -> Comparison:
     """Plan the same batches with several strategies on one cost model; speedups are vs static."""
     cm = build_cost_model(req)
-    batches = make_batches(req)
+    batches = make_batches(req, cm)
     plans: dict[str, Plan] = {}
     failures: dict[str, str] = {}
     for name in strategies:

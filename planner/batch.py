@@ -6,16 +6,23 @@ first cut into max-context pieces (each piece becomes its own sequence; the batc
 documents were cut). A step takes pieces while they fit its budget; the first piece that does not
 fit opens the next step, so every step holds more than budget − max context tokens and at most the
 budget, and the concatenated steps are exactly a prefix of the piece stream: every token is kept
-once. Sources with a step column (tables) give their own steps instead of a budget.
+once. A recording (file) shorter than the steps need repeats from the start, and a
+:class:`RepeatedRecordingWarning` says so in one line. Sources with a step column (tables) give their
+own steps instead of a budget.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from planner.sources import LengthSource, SourceError, open_source, split_at_context
+from planner.sources import LengthSource, RecordedSource, SourceError, open_source, split_at_context
+
+
+class RepeatedRecordingWarning(UserWarning):
+    """A recorded length file holds fewer tokens than the planned steps take, so it repeats."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,4 +136,20 @@ def _budgeted_steps(src: LengthSource, budget: int, max_context: int, n_steps: i
         batches.append(GlobalBatch(step, pieces.lengths_tokens[start:end], np.arange(end - start), max_context,
                                    split_documents, src.name))
         start, used = end, int(cumulative[end - 1])
+    if isinstance(src, RecordedSource):
+        _note_repeats(src, used, budget, n_steps)
     return batches
+
+
+def _note_repeats(src: RecordedSource, used_tokens: int, budget: int, n_steps: int) -> None:
+    """One line when the steps took more tokens than the recording holds (it was repeated)."""
+    recorded = int(src.lengths_tokens.sum())
+    if used_tokens <= recorded:
+        return
+    steps = (f"{n_steps} steps of up to {budget:,} tokens take" if n_steps > 1
+             else f"a step of up to {budget:,} tokens takes")
+    documents = f"{src.lengths_tokens.size:,} document" + ("s" if src.lengths_tokens.size > 1 else "")
+    warnings.warn(f"{src.name} holds {documents} / {recorded:,} tokens; {steps} "
+                  f"{used_tokens:,}, so the recording repeats from the start "
+                  f"({used_tokens / recorded:.1f} passes); give a longer file or a smaller --tokens-per-step to plan "
+                  "each document once", RepeatedRecordingWarning, stacklevel=4)

@@ -10,11 +10,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import networkx as nx
 
 from costmodel.memory import activation_factor, sliced_capacity_tokens
+from costmodel.specs import ClusterSpec, ModelSpec, TrainingSpec
+from profiles.typed_json import Reader, at_least, positive, show, within
 
 SCHEMA_VERSION = 1
 
@@ -27,10 +29,10 @@ class PlanError(ValueError):
 class Mesh:
     """world = tp × pp × hdp; an HDP rank is one TP group (one pipeline when pp > 1)."""
 
-    world_size: int  # total ranks (GPUs or processes)
-    tp: int  # tensor-parallel degree
-    pp: int  # pipeline stages
-    hdp: int  # HDP ranks per stage
+    world_size: int = field(metadata=positive())  # total ranks (GPUs or processes)
+    tp: int = field(metadata=positive())  # tensor-parallel degree
+    pp: int = field(metadata=positive())  # pipeline stages
+    hdp: int = field(metadata=positive())  # HDP ranks per stage
 
     def global_rank(self, stage: int, hdp_rank: int, tp_rank: int = 0) -> int:
         return stage * (self.hdp * self.tp) + hdp_rank * self.tp + tp_rank
@@ -39,16 +41,16 @@ class Mesh:
 @dataclass(frozen=True)
 class Sequence:
     id: int  # unique in the step
-    length: int  # tokens
+    length: int = field(metadata=positive())  # tokens
 
 
 @dataclass(frozen=True)
 class Piece:
     """Tokens [start, end) of sequence `seq`, placed in a unit."""
 
-    seq: int
-    start: int
-    end: int
+    seq: int  # sequence id
+    start: int = field(metadata=at_least(0))  # first token
+    end: int = field(metadata=positive())  # one past the last token
 
     @property
     def tokens(self) -> int:
@@ -61,12 +63,14 @@ class Unit:
     zigzag (2N chunks per document) over N = len(hdp_ranks) ranks with ring attention."""
 
     id: int  # unique in the step; execution order on every rank is increasing id (deadlock-free)
-    hdp_ranks: tuple[int, ...]  # members, sorted
+    hdp_ranks: tuple[int, ...] = field(metadata=at_least(0))  # members, sorted
     pieces: tuple[Piece, ...]  # the documents (or document pieces) of this unit
-    offload_ratio: float = 0.0  # share of saved activations offloaded to host (ByteScale Eq. 3)
-    slices: int = 1  # pipeline slices per micro-batch (SlimPipe); 1 = unsliced
-    predicted_time_s: float = 0.0  # cost-model forward+backward time of this unit on its ranks
-    tokens_per_rank: int = 0  # tokens each member holds (zigzag padding included)
+    # share of saved activations offloaded to host (ByteScale Eq. 3)
+    offload_ratio: float = field(default=0.0, metadata=within(0, 1))
+    slices: int = field(default=1, metadata=at_least(1))  # pipeline slices per micro-batch (SlimPipe); 1 = unsliced
+    # cost-model forward+backward time of this unit on its ranks
+    predicted_time_s: float = field(default=0.0, metadata=at_least(0))
+    tokens_per_rank: int = field(default=0, metadata=at_least(0))  # tokens each member holds (zigzag padding included)
 
     @property
     def degree(self) -> int:
@@ -79,17 +83,17 @@ class Unit:
 
 @dataclass
 class Predicted:
-    step_time_s: float  # simulated step time
-    lower_bound_s: float  # planner/bounds.py
+    step_time_s: float = field(metadata=at_least(0))  # simulated step time
+    lower_bound_s: float = field(metadata=at_least(0))  # planner/bounds.py
     per_rank_busy_s: list[float]  # compute + exposed comm per HDP rank
-    peak_memory_bytes: list[float]  # per HDP rank (per stage with PP: max over stages)
+    peak_memory_bytes: list[float] = field(metadata=at_least(0))  # per HDP rank (per stage with PP: max over stages)
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds by category
 
 
 @dataclass
 class Step:
-    step: int
-    global_tokens: int  # loss normaliser: every token of the step
+    step: int = field(metadata=at_least(0))
+    global_tokens: int = field(metadata=at_least(0))  # loss normaliser: every token of the step
     sequences: list[Sequence]
     units: list[Unit]
     order: dict[int, list[int]]  # HDP rank -> unit ids in execution order
@@ -138,34 +142,71 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Any, origin: str = "plan") -> "Plan":
+        """A plan from its JSON object: every field typed (and the meta keys tools read), each error
+        one line naming `origin` and the JSON path. Consistency checks are `validate`'s."""
         if not isinstance(d, dict):
-            raise PlanError(f"{origin}: not a plan (expected a JSON object)")
+            raise PlanError(f"{origin}: not a plan (expected a JSON object, got {show(d)})")
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise PlanError(f"{origin}: schema_version {d.get('schema_version')!r} not supported (expected "
+            raise PlanError(f"{origin}: schema_version {show(d.get('schema_version'))} not supported (expected "
                             f"{SCHEMA_VERSION})")
-        try:
-            mesh = Mesh(**d["mesh"])
-            steps = []
-            for s in d["steps"]:
-                units = [Unit(id=int(u["id"]), hdp_ranks=tuple(int(r) for r in u["hdp_ranks"]),
-                              pieces=tuple(Piece(int(p["seq"]), int(p["start"]), int(p["end"])) for p in u["pieces"]),
-                              **{k: v for k, v in u.items() if k not in ("id", "hdp_ranks", "pieces")})
-                         for u in s["units"]]
-                steps.append(Step(
-                    step=int(s["step"]), global_tokens=int(s["global_tokens"]),
-                    sequences=[Sequence(int(q["id"]), int(q["length"])) for q in s["sequences"]],
-                    units=units,
-                    order={int(r): [int(i) for i in ids] for r, ids in s["order"].items()},
-                    predicted=Predicted(**s["predicted"]), pipeline=s.get("pipeline")))
-            return cls(meta=d.get("meta", {}), mesh=mesh, steps=steps)
-        except (KeyError, TypeError, ValueError) as e:
-            raise PlanError(f"{origin}: malformed plan ({type(e).__name__}: {e})") from None
+        read = Reader(origin, PlanError)
+        plan = read.build(cls, {"meta": {}, **d})
+        read.build(PlanMeta, plan.meta, "meta")
+        for i, st in enumerate(plan.steps):
+            if st.pipeline is not None:
+                read.build(PipelineSection, st.pipeline, f"steps[{i}].pipeline")
+        return plan
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         from profiles.table import read_json
 
         return cls.from_dict(read_json(path, "plan", PlanError), origin=str(path))
+
+
+@dataclass(frozen=True)
+class ProfileRef:
+    """meta.profile: which profile a plan was made with."""
+
+    JSON_EXTRA_KEYS: ClassVar[bool] = True  # other keys are allowed (and kept in meta as written)
+
+    name: str
+    source: str = ""
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class PlanMeta:
+    """Types of the meta keys that tools read back (meta stays a free dict; other keys are allowed).
+    Checked by Plan.from_dict so an edited plan fails on load, naming the key, not later in a tool."""
+
+    JSON_EXTRA_KEYS: ClassVar[bool] = True
+
+    model: str | None = None
+    cluster: str | None = None
+    gpus: int | None = field(default=None, metadata=positive())
+    strategy: str | None = None
+    profile: ProfileRef | None = None
+    model_spec: ModelSpec | None = None
+    cluster_spec: ClusterSpec | None = None
+    training: TrainingSpec | None = None
+    solver: dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    seed: int | None = None
+    capacity_tokens: int | None = field(default=None, metadata=positive())
+    layers_per_stage: int | None = field(default=None, metadata=positive())
+    dkv_activation_ratio: float | None = field(default=None, metadata=at_least(0))
+    split_documents: int | None = field(default=None, metadata=at_least(0))
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    """Types of a step's `pipeline` section (pp > 1); check_pipeline checks its meaning."""
+
+    schedule: str = "1f1b"
+    v: int = field(default=1, metadata=at_least(1))
+    weights: dict[int, float] | None = field(default=None, metadata=positive())  # unit id -> in-flight weight
+    max_chunks: int = field(default=0, metadata=at_least(0))
 
 
 def zigzag_tokens_per_rank(lengths: list[int] | tuple[int, ...], degree: int) -> int:
@@ -190,6 +231,9 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
         raise PlanError("plan has no steps")
     for st in plan.steps:
         where = f"step {st.step}"
+        # First, so that a mesh of absurd size fails here rather than in per-rank loops below.
+        if len(st.predicted.per_rank_busy_s) != m.hdp or len(st.predicted.peak_memory_bytes) != m.hdp:
+            raise PlanError(f"{where}: predicted per-rank lists must have {m.hdp} entries (mesh.hdp)")
         seq_len = {q.id: q.length for q in st.sequences}
         if len(seq_len) != len(st.sequences):
             raise PlanError(f"{where}: duplicate sequence ids")
@@ -223,8 +267,9 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
                 pieces[p.seq].append((p.start, p.end))
             if not 0.0 <= u.offload_ratio <= 1.0:
                 raise PlanError(f"{uw}: offload_ratio {u.offload_ratio} outside [0, 1]")
-            if u.slices < 1:
-                raise PlanError(f"{uw}: slices must be >= 1")
+            if not 1 <= u.slices <= max(1, u.tokens):
+                raise PlanError(f"{uw}: slices must be in [1, {u.tokens}] (a slice holds at least one token), "
+                                f"got {u.slices}")
             need = zigzag_tokens_per_rank([p.tokens for p in u.pieces], u.degree)
             if u.tokens_per_rank and u.tokens_per_rank != need:
                 raise PlanError(f"{uw}: tokens_per_rank {u.tokens_per_rank} != {need} (zigzag over "
@@ -259,13 +304,11 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
             raise PlanError(f"{where}: order names HDP ranks {sorted(extra)} outside [0, {m.hdp})")
         check_deadlock_free(st)
         if m.pp > 1:
-            check_pipeline(st, m.pp, m.hdp)
+            check_pipeline(st, m.pp, m.hdp, lay)
         pr = st.predicted
         vals = [pr.step_time_s, pr.lower_bound_s, *pr.per_rank_busy_s, *pr.peak_memory_bytes, *pr.breakdown.values()]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
             raise PlanError(f"{where}: predicted figures must be finite numbers")
-        if len(pr.per_rank_busy_s) != m.hdp or len(pr.peak_memory_bytes) != m.hdp:
-            raise PlanError(f"{where}: predicted per-rank lists must have {m.hdp} entries")
 
 
 def check_deadlock_free(st: Step) -> None:
@@ -280,9 +323,10 @@ def check_deadlock_free(st: Step) -> None:
         raise PlanError(f"step {st.step}: orders deadlock: units {[a for a, _ in cyc]} wait on each other in a cycle")
 
 
-def check_pipeline(st: Step, pp: int, hdp: int) -> None:
+def check_pipeline(st: Step, pp: int, hdp: int, layers_per_stage: int | None = None) -> None:
     """pp > 1: the step's `pipeline` section is well formed and the op lists it expands to run to the
-    end (a shared unit's op must head every member pipeline's list at once)."""
+    end (a shared unit's op must head every member pipeline's list at once). With layers_per_stage,
+    v (model chunks per stage, each of whole layers) must divide it."""
     from planner.pipeline import SCHEDULES, ScheduleError, dependency, run_ops, section_weights, step_op_lists
 
     where = f"step {st.step} pipeline"
@@ -292,6 +336,9 @@ def check_pipeline(st: Step, pp: int, hdp: int) -> None:
     v = sec.get("v", 1)
     if not isinstance(v, int) or v < 1:
         raise PlanError(f"{where}: v must be an integer >= 1, got {v!r}")
+    if layers_per_stage and layers_per_stage % v:
+        raise PlanError(f"{where}: v = {v} must divide the {layers_per_stage} layers of a stage "
+                        "(meta.layers_per_stage)")
     mc = sec.get("max_chunks", 0)
     if not isinstance(mc, int) or mc < 0:
         raise PlanError(f"{where}: max_chunks must be an integer >= 0, got {mc!r}")

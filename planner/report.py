@@ -28,14 +28,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+import matplotlib.patches  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from costmodel.memory import model_state_bytes  # noqa: E402
 from costmodel.timing import CostModel  # noqa: E402
 from planner.api import make_plan  # noqa: E402
 from planner.plan import Plan, Step  # noqa: E402
-from planner.simulate import StepSimulation, simulate_step  # noqa: E402
+from planner.simulate import StepSimulation, simulate_step, static_memory_parts  # noqa: E402
 from planner.sources import format_tokens  # noqa: E402
 from planner.whatif import (BYTESCALE_CLAIMS, BYTESCALE_LAYOUT_NOTE, BYTESCALE_PANELS, MFU_CONVENTION,  # noqa: E402
                             ByteScaleGrid, Config, batches_of, cost_model_of, default_bytescale_table, options_for,
@@ -155,38 +155,49 @@ def plot_speedup_heatmap(df: pd.DataFrame, stem: Path, strategy: str = "hdp") ->
 
 
 # ---- plan plots -----------------------------------------------------------------------------------
-def plot_gantt(sim: StepSimulation, stem: Path, *, title: str = "", max_ranks: int = 256) -> list[Path]:
+GANTT_PASSES = {"unit": ("forward + backward", None), "fwd": ("forward", None), "bwd": ("backward", "////")}
+
+
+def gantt_figure(sim: StepSimulation, *, title: str = "", max_ranks: int = 256) -> plt.Figure:
     """Per-rank timeline of one simulated step: a row per HDP rank (per stage and rank with PP), units
-    coloured by their degree (ranks sharing them, log scale), backward ops lighter, then the
-    gradient sync in grey. Only the first `max_ranks` HDP ranks are drawn."""
+    coloured by their degree (ranks sharing them, log scale), backward ops hatched (pp > 1; with pp = 1 a
+    box is a unit's forward and backward), then the gradient sync in grey. Only the first `max_ranks`
+    HDP ranks are drawn."""
     shown = min(sim.hdp, max_ranks)
     stages = sorted({op.stage for op in sim.ops}) or [0]
     n_rows = shown * len(stages)
     max_deg = max((len(op.ranks) for op in sim.ops), default=1)
     norm = LogNorm(vmin=1, vmax=max(2, max_deg))
     cmap = plt.get_cmap("viridis")
-    verts, colors = [], []
     h = 0.8
+
+    def box(t0: float, t1: float, y: int) -> list[tuple[float, float]]:
+        return [(t0, y - h / 2), (t1, y - h / 2), (t1, y + h / 2), (t0, y + h / 2)]
+
+    boxes: dict[str, tuple[list, list]] = {}  # pass -> (boxes, colours): one collection each, its own hatch
     for op in sim.ops:
-        c = list(cmap(norm(len(op.ranks))))
-        if op.kind == "bwd":
-            c[3] = 0.55
+        verts, colors = boxes.setdefault(op.kind.split()[0], ([], []))
+        c = cmap(norm(len(op.ranks)))
         for r in op.ranks:
-            if r >= shown:
-                continue
-            y = stages.index(op.stage) * shown + r
-            verts.append([(op.start_s, y - h / 2), (op.end_s, y - h / 2), (op.end_s, y + h / 2),
-                          (op.start_s, y + h / 2)])
-            colors.append(c)
+            if r < shown:
+                verts.append(box(op.start_s, op.end_s, stages.index(op.stage) * shown + r))
+                colors.append(c)
     t_sync = sim.step_time_s - sim.grad_sync_s
-    for y in range(n_rows):
-        verts.append([(t_sync, y - h / 2), (sim.step_time_s, y - h / 2), (sim.step_time_s, y + h / 2),
-                      (t_sync, y + h / 2)])
-        colors.append((0.6, 0.6, 0.6, 1.0))
+    sync_color = (0.6, 0.6, 0.6, 1.0)
     fig, ax = plt.subplots(figsize=(11, min(12.0, 2.0 + 0.12 * n_rows)))
     # Thin white edges separate back-to-back units; past ~20K boxes they would hide the colours.
-    edges = dict(edgecolors="white", linewidths=0.3) if len(verts) < 20000 else dict(edgecolors="none")
-    ax.add_collection(PolyCollection(verts, facecolors=colors, **edges))
+    many = sum(len(v) for v, _ in boxes.values()) + n_rows >= 20000
+    edges = dict(edgecolors="none") if many else dict(edgecolors="white", linewidths=0.3)
+    handles = []
+    for kind, (verts, colors) in boxes.items():
+        label, hatch = GANTT_PASSES[kind]
+        ax.add_collection(PolyCollection(verts, facecolors=colors, hatch=hatch, **edges))
+        handles.append(matplotlib.patches.Patch(facecolor="#bbbbbb", edgecolor="white", hatch=hatch, label=label))
+    ax.add_collection(PolyCollection([box(t_sync, sim.step_time_s, y) for y in range(n_rows)],
+                                     facecolors=[sync_color], **edges))
+    handles.append(matplotlib.patches.Patch(facecolor=sync_color, label="gradient sync"))
+    ax.legend(handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles),
+              frameon=False)
     ax.set_xlim(0, sim.step_time_s * 1.01 if sim.step_time_s > 0 else 1)
     ax.set_ylim(n_rows - 0.5, -0.5)
     ax.set_xlabel("time (s)")
@@ -202,55 +213,67 @@ def plot_gantt(sim: StepSimulation, stem: Path, *, title: str = "", max_ranks: i
     cb.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     more = f" (first {shown} of {sim.hdp} HDP ranks)" if shown < sim.hdp else ""
     ax.set_title((title + "\n" if title else "") + f"step {sim.step}: {sim.step_time_s:.2f} s, gradient sync "
-                 f"{sim.grad_sync_s:.2f} s (grey){more}", fontsize=10)
-    return save_figure(fig, stem)
+                 f"{sim.grad_sync_s:.2f} s{more}", fontsize=10, pad=22)
+    return fig
 
 
-MEMORY_PARTS = ("states", "activations", "logits", "ctx", "frag")
+def plot_gantt(sim: StepSimulation, stem: Path, *, title: str = "", max_ranks: int = 256) -> list[Path]:
+    return save_figure(gantt_figure(sim, title=title, max_ranks=max_ranks), stem)
+
+
+# memory_breakdown() columns, bottom to top, with the words the figure's legend uses
+MEMORY_PARTS = {"states": "model states (weights, gradients, optimizer)", "activations": "activations (peak resident)",
+                "logits": "logits (loss-head peak)", "context": "CUDA context + NCCL buffers",
+                "fragmentation": "fragmentation reserve"}
 
 
 def memory_breakdown(step: Step, sim: StepSimulation, cm: CostModel) -> pd.DataFrame:
-    """Peak bytes per HDP rank (pp = 1) or per pipeline stage, max over its ranks (pp > 1): model states,
-    activations (peak of resident micro-batches, after offload), logits (loss-head peak), ctx (CUDA
-    context + NCCL buffers) and frag (HBM held back for fragmentation)."""
-    b = cm.budget
+    """Peak bytes per HDP rank (pp = 1) or per pipeline stage, max over its ranks (pp > 1), split into
+    MEMORY_PARTS: the rank's fixed parts (`planner.simulate.static_memory_parts`) and its activation
+    peak (after offload). Each row sums to the simulator's peak memory of that rank (pp > 1: the stage's
+    busiest rank), the figure the plan and the tables report."""
     if cm.pp == 1:
         index = pd.RangeIndex(sim.hdp, name="hdp_rank")
-        states = np.full(sim.hdp, model_state_bytes(cm.setup))
-        peak = np.asarray(sim.peak_memory_bytes) - states - b.ctx_bytes - b.logits_bytes
+        fixed = [static_memory_parts(cm)] * sim.hdp
+        act = np.asarray(sim.peak_memory_bytes) - sum(fixed[0].values())
     else:
         index = pd.RangeIndex(cm.pp, name="stage")
-        states = np.array([model_state_bytes(cm.setup, s) for s in range(cm.pp)])
-        peak = np.asarray(sim.stage_activation_peak_bytes)  # slices, chunks and dK/dV included
-    n = len(index)
-    return pd.DataFrame({"states": states, "activations": peak, "logits": np.full(n, b.logits_bytes),
-                         "ctx": np.full(n, b.ctx_bytes), "frag": np.full(n, b.frag_bytes)}, index=index)
+        fixed = [static_memory_parts(cm, s) for s in range(cm.pp)]
+        act = np.asarray(sim.stage_activation_peak_bytes)  # slices, chunks and dK/dV included
+    df = pd.DataFrame(fixed, index=index)
+    df["activations"] = act
+    return df[list(MEMORY_PARTS)]
+
+
+def memory_figure(breakdown: pd.DataFrame, *, hbm_bytes: float, title: str = "") -> plt.Figure:
+    """Stacked bars of memory_breakdown(), with the HBM capacity as a line; at most ~16 x labels."""
+    colors = {"states": "#4c72b0", "activations": "#55a868", "logits": "#c44e52", "context": "#8172b2",
+              "fragmentation": "#cccccc"}
+    n = len(breakdown)
+    fig, ax = plt.subplots(figsize=(min(14.0, 5.0 + 0.08 * n), 4.2))
+    x = np.arange(n)
+    bottom = np.zeros(n)
+    for part, label in MEMORY_PARTS.items():
+        v = breakdown[part].to_numpy(dtype=float) / GB
+        ax.bar(x, v, bottom=bottom, width=0.9 if n < 64 else 1.0, color=colors[part], label=label,
+               hatch="//" if part == "fragmentation" else None, linewidth=0)
+        bottom += v
+    ax.axhline(hbm_bytes / GB, color="black", ls="--", lw=1, label=f"HBM {hbm_bytes / GB:.3g} GB")
+    what = breakdown.index.name.replace("hdp_rank", "HDP rank")
+    busiest = "its busiest HDP rank; " if what == "stage" else ""
+    ax.set_xlabel(what)
+    ax.set_ylabel("GB")
+    # x is the rank (stage) number itself: integer ticks, thinned so labels never collide
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=min(n, 16), integer=True))
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title((title + "\n" if title else "") + f"peak memory per {what} ({busiest}bars sum to the reported peak)",
+                 fontsize=10)
+    return fig
 
 
 def plot_memory(breakdown: pd.DataFrame, stem: Path, *, hbm_bytes: float, title: str = "") -> list[Path]:
-    """Stacked bars of memory_breakdown(), with the HBM capacity as a line."""
-    colors = {"states": "#4c72b0", "activations": "#55a868", "logits": "#c44e52", "ctx": "#8172b2",
-              "frag": "#cccccc"}
-    n = len(breakdown)
-    fig, ax = plt.subplots(figsize=(min(14.0, 4.0 + 0.08 * n), 4.2))
-    x = np.arange(n)
-    bottom = np.zeros(n)
-    for part in MEMORY_PARTS:
-        v = breakdown[part].to_numpy(dtype=float) / GB
-        ax.bar(x, v, bottom=bottom, width=0.9 if n < 64 else 1.0, color=colors[part], label=part,
-               hatch="//" if part == "frag" else None, linewidth=0)
-        bottom += v
-    ax.axhline(hbm_bytes / GB, color="black", ls="--", lw=1, label=f"HBM {hbm_bytes / GB:.0f} GB")
-    what = breakdown.index.name.replace("hdp_rank", "HDP rank")
-    ax.set_xlabel(what)
-    ax.set_ylabel("GB")
-    if n <= 32:
-        ax.set_xticks(x, [str(i) for i in breakdown.index])
-    ax.set_xlim(-0.5, n - 0.5)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title((title + "\n" if title else "") + f"peak memory per {what}",
-                 fontsize=10)
-    return save_figure(fig, stem)
+    return save_figure(memory_figure(breakdown, hbm_bytes=hbm_bytes, title=title), stem)
 
 
 @dataclass

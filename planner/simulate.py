@@ -44,11 +44,12 @@ class StepSimulation:
     grad_sync_s: float
     per_rank_busy_s: list[float]  # compute + exposed comm per HDP rank (per pipeline: its busiest stage)
     per_rank_idle_s: list[float]  # waiting for co-scheduled partners, bubbles, and the end of the step
-    peak_memory_bytes: list[float]  # per HDP rank (max over its stages)
+    peak_memory_bytes: list[float]  # per HDP rank (max over its stages), fragmentation reserve included
     breakdown: dict[str, float]  # seconds, summed over ranks ÷ ranks (stage-averaged with PP)
     ops: list[OpTiming] = field(default_factory=list)
     # pp > 1: per stage, the activation peak (KV cache, dK/dV accumulators included) of its busiest rank
     stage_activation_peak_bytes: list[float] = field(default_factory=list)
+    tp: int = 1  # TP degree, to name an HDP rank's GPUs in the trace
 
     def predicted(self) -> Predicted:
         return Predicted(step_time_s=self.step_time_s, lower_bound_s=self.lower_bound_s,
@@ -57,7 +58,8 @@ class StepSimulation:
                          breakdown={k: round(v, 9) for k, v in self.breakdown.items()})
 
     def chrome_trace(self) -> dict:
-        """Chrome / Perfetto trace: one process per pipeline stage, one thread per HDP rank."""
+        """Chrome / Perfetto trace: one process per pipeline stage, one named thread per HDP rank."""
+        stages = sorted({op.stage for op in self.ops} | {0})
         ev = []
         for op in self.ops:
             for r in op.ranks:
@@ -65,18 +67,39 @@ class StepSimulation:
                            "ts": op.start_s * 1e6, "dur": (op.end_s - op.start_s) * 1e6,
                            "args": {"unit": op.unit, "ranks": len(op.ranks)}})
         t_sync = self.step_time_s - self.grad_sync_s
-        for r in range(self.hdp):
-            ev.append({"name": "grad sync", "ph": "X", "pid": 0, "tid": r, "ts": t_sync * 1e6,
-                       "dur": self.grad_sync_s * 1e6})
-        meta = [{"name": "process_name", "ph": "M", "pid": s, "args": {"name": f"stage {s}"}}
-                for s in sorted({op.stage for op in self.ops} | {0})]
-        return {"traceEvents": meta + ev, "displayTimeUnit": "ms"}
+        for s in stages:  # every stage all-reduces its own layers' gradients
+            for r in range(self.hdp):
+                ev.append({"name": "grad sync", "ph": "X", "pid": s, "tid": r, "ts": t_sync * 1e6,
+                           "dur": self.grad_sync_s * 1e6})
+        procs = {s: f"stage {s}" if len(stages) > 1 else "HDP ranks" for s in stages}
+        threads = {(s, r): f"HDP rank {r} ({_global_ranks_text(s, r, self.hdp, self.tp)})"
+                   for s in stages for r in range(self.hdp)}
+        return {"traceEvents": chrome_metadata(procs, threads) + ev, "displayTimeUnit": "ms"}
 
     def write_trace(self, path: str | Path) -> Path:
         from profiles.table import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.chrome_trace()))
         return Path(path)
+
+
+def chrome_metadata(processes: dict[int, str], threads: dict[tuple[int, int], str]) -> list[dict]:
+    """Chrome / Perfetto metadata ("M") events naming processes and threads (pid / (pid, tid) -> name),
+    sorted by their ids rather than by name; the simulated and the measured trace both use it."""
+    ev: list[dict] = []
+    for pid, name in sorted(processes.items()):
+        ev.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}})
+        ev.append({"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": pid}})
+    for (pid, tid), name in sorted(threads.items()):
+        ev.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}})
+        ev.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+    return ev
+
+
+def _global_ranks_text(stage: int, hdp_rank: int, hdp: int, tp: int) -> str:
+    """The GPUs of one HDP rank of one stage: stage·(hdp·tp) + hdp_rank·tp + tp_rank (DESIGN.md Mesh)."""
+    first = stage * hdp * tp + hdp_rank * tp
+    return f"global rank {first}" if tp == 1 else f"global ranks {first}-{first + tp - 1}, TP {tp}"
 
 
 def unit_costs(step: Step, cm: CostModel) -> dict[int, tuple[UnitCost, UnitCost]]:
@@ -152,12 +175,21 @@ def _simulate_flat(step, cm, costs, hdp, lb, sync) -> StepSimulation:
     mem = _static_memory(cm) + peak_act
     bd = {k: float(v.mean()) for k, v in parts.items()}
     bd.update(idle=float(idle.mean()), grad_sync=sync, bubble=0.0)
-    return StepSimulation(step.step, hdp, step_time, lb, sync, busy.tolist(), idle.tolist(), mem.tolist(), bd, ops)
+    return StepSimulation(step.step, hdp, step_time, lb, sync, busy.tolist(), idle.tolist(), mem.tolist(), bd, ops,
+                          tp=cm.tp)
+
+
+def static_memory_parts(cm: CostModel, stage: int | None = None) -> dict[str, float]:
+    """Bytes a rank of `stage` (None: the largest) holds whatever it runs: model states, the loss-head
+    peak, CUDA context + NCCL buffers, and the fragmentation reserve. The one definition behind the
+    simulated peak memory (so peak <= HBM means "fits", as C is derived) and the memory figure."""
+    b = cm.budget
+    return {"states": model_state_bytes(cm.setup, stage), "logits": b.logits_bytes, "context": b.ctx_bytes,
+            "fragmentation": b.frag_bytes}
 
 
 def _static_memory(cm: CostModel, stage: int | None = None) -> float:
-    b = cm.budget
-    return model_state_bytes(cm.setup, stage) + b.ctx_bytes + b.logits_bytes
+    return sum(static_memory_parts(cm, stage).values())
 
 
 def inflight_weights(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]]) -> dict[str, float]:
@@ -377,7 +409,8 @@ def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
     bd = dict(parts)
     bd.update(idle=float(idle_all.mean()), grad_sync=sync, bubble=float(idle_all.mean()))
     return StepSimulation(step.step, hdp, finish + sync, lb, sync, stage_busy.tolist(),
-                          (finish - stage_busy).tolist(), mem.tolist(), bd, ops, mem_peak.max(axis=0).tolist())
+                          (finish - stage_busy).tolist(), mem.tolist(), bd, ops, mem_peak.max(axis=0).tolist(),
+                          tp=cm.tp)
 
 
 def simulate_plan(plan: Plan, cm: CostModel) -> list[StepSimulation]:

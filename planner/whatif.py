@@ -29,14 +29,22 @@ Capacity search (`capacity_search`) — the layout rules, the same at every GPU 
   * memory feasibility is monotone in G for a fixed layout (ZeRO-1 states shrink as the HDP ranks
     grow, so C grows, and more ranks hold longer sequences); tests/test_whatif.py checks it;
   * a layout meets the target only when it plans and its simulated peak memory fits the HBM;
-  * a layout whose step-time lower bound (planner/bounds.py) already misses the target is not
-    planned (sound pruning); the answer is the first count, in increasing order, with a layout
-    that meets the target, so no smaller count on these rules meets it, and a harder target never
-    gets a smaller answer.
+  * a layout whose step-time lower bound (planner/bounds.py) already misses the target is not planned
+    (sound pruning; the cheap work term is tried first, the full bound in the worker before planning);
+  * the others are planned cheapest first (fewer pipeline stages), best bound first among equals;
+  * the answer is the first count, in increasing order, with a layout that meets the target: every layout
+    of every smaller count was decided, so no smaller count on these rules meets it, and a harder target
+    never gets a smaller answer. Larger counts are not planned. At the answer's count the search stops at
+    the first layout that meets the target (the rest: status 'skipped'), or, with best_layout, plans every
+    layout whose bound could beat the best found (the rest: 'bounded'), so the layout is the count's best.
+  * planned layouts are journaled like sweep points (same Journal, same keys), so a rerun plans nothing
+    twice; the rows and the answer do not depend on the journal or the number of workers (workers may
+    plan a layout ahead that then goes unused: it is journaled for later runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -44,8 +52,11 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +72,12 @@ from costmodel.timing import CostModel
 from planner.api import (BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan,
                          summarize)
 from planner.batch import GlobalBatch
-from planner.bounds import lower_bound_s
+from planner.bounds import lower_bound_s, total_compute_s
 from planner.plan import PlanError
 from planner.sources import SourceError, format_tokens, open_source
 from planner.strategies import STRATEGIES, PlanOptions
 from planner.strategies.static import static_cp_degree
+from profiles.table import Profile, load_profile
 
 # Errors that make one point infeasible (its row says why); anything else is a bug and propagates.
 POINT_ERRORS: tuple[type[Exception], ...] = (SpecError, PlanError, SourceError)
@@ -208,9 +220,16 @@ def code_fingerprint(strategy: str | None = None) -> str:
     return h.hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=8)
+def _profile(name: str) -> Profile:
+    """A profile loaded once per process: loading parses and hashes the file (0.2 s) and a Profile caches its
+    interpolation tables, so the cost models of many layouts built on one object cost 10x less."""
+    return load_profile(name)
+
+
 @functools.lru_cache(maxsize=64)
 def _cost_model(req: PlanRequest) -> CostModel:
-    return build_cost_model(req)
+    return build_cost_model(req, load=_profile)
 
 
 @functools.lru_cache(maxsize=16)
@@ -419,13 +438,39 @@ def write_table(df: pd.DataFrame, out: Path) -> tuple[Path, Path]:
 
 
 def read_table(path: Path) -> pd.DataFrame:
+    """A sweep table (.parquet, else CSV) checked before use: OSError naming the file and what is wrong when it
+    is missing, empty, not of its format, lacks sweep columns or holds values of the wrong kind."""
     path = Path(path)
-    if not path.exists():
-        raise OSError(f"{path}: no such sweep table")
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    missing = set(SWEEP_COLUMNS) - set(df.columns)
+    if not path.is_file():
+        raise OSError(f"{path}: {'a folder, not' if path.is_dir() else 'no such'} sweep table")
+    kind = "Parquet" if path.suffix == ".parquet" else "CSV"
+    if path.stat().st_size == 0:
+        raise OSError(f"{path}: empty file, not a sweep table (write one with `meshplan whatif --out {path.name}`)")
+    try:
+        df = pd.read_parquet(path) if kind == "Parquet" else pd.read_csv(path)
+    except ImportError as e:
+        raise OSError(f"{path}: cannot read Parquet here ({_first_line(e)}); use the CSV beside it") from None
+    except (ValueError, OSError) as e:  # pandas and pyarrow parse errors derive from ValueError
+        raise OSError(f"{path}: not a readable {kind} file ({_first_line(e)})") from None
+    missing = [c for c in SWEEP_COLUMNS if c not in df.columns]
     if missing:
-        raise OSError(f"{path}: not a meshplan sweep table (missing {', '.join(sorted(missing))})")
+        raise OSError(f"{path}: not a meshplan sweep table (missing {len(missing)} of its columns: "
+                      f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})")
+    if df.empty:
+        raise OSError(f"{path}: the sweep table has no rows")
+    for col in _INT_COLUMNS:
+        v = pd.to_numeric(df[col], errors="coerce")
+        bad = v.isna() | (v != v.round())
+        if bad.any():
+            raise OSError(f"{path}: column {col!r} must hold whole numbers, row {int(bad.argmax())} has "
+                          f"{df[col].iloc[int(bad.argmax())]!r}")
+    for col in ("feasible", "offload"):
+        bad = ~df[col].map(lambda x: isinstance(x, (bool, np.bool_)) or str(x) in ("True", "False"))
+        if bad.any():
+            raise OSError(f"{path}: column {col!r} must hold True or False, row {int(bad.argmax())} has "
+                          f"{df[col].iloc[int(bad.argmax())]!r}")
+    for col in ("feasible", "offload"):
+        df[col] = df[col].map(lambda x: x if isinstance(x, (bool, np.bool_)) else str(x) == "True")
     return _typed(df)
 
 
@@ -475,18 +520,11 @@ def run_sweep(points: list[Point], out: Path | None = None, *, workers: int = 1,
                 for row in _config_rows(*args):
                     record(row)
         else:
-            # spawn, not fork: the parent may run threads (a progress bar) that fork would copy mid-lock.
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+            with worker_pool(min(workers, len(tasks))) as pool:
                 futures = [pool.submit(_config_rows_list, args) for args in tasks]
-                try:
-                    for f in as_completed(futures):
-                        for row in f.result():
-                            record(row)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+                for f in as_completed(futures):
+                    for row in f.result():
+                        record(row)
     finally:
         df = rows_to_frame([rows[p.key] for p in points if p.key in rows])
         paths = write_table(df, out) if out is not None else ()
@@ -515,6 +553,62 @@ def _pending_tasks(points: list[Point], done: dict[str, dict]) -> list[tuple]:
     return tasks
 
 
+# ---- worker processes ------------------------------------------------------------------------------
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A process pool that never outlives its use: on leaving (normally, on an error or on Ctrl-C) work not
+    started is cancelled and the workers are terminated at once; `shutdown(wait=True)` would first wait for
+    the points being planned, minutes at large GPU counts. Workers ignore SIGINT (this process handles it)
+    and exit by themselves if this process dies without ending them (SIGKILL), so none is left orphaned."""
+    # spawn, not fork: the parent may run threads (a progress bar) that fork would copy mid-lock.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    try:
+        with _sigint_ignored():  # workers start now (one per submit) and inherit it: no traceback on Ctrl-C
+            for _ in range(workers):
+                pool.submit(int)
+        yield pool
+    finally:
+        stop_pool(pool)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and only it receives Ctrl-C)
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started, terminate the workers (those planning too) and reap them."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+    for w in workers:
+        w.join(timeout=2)
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def _worker_init(parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # already so when started from the main thread
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True, name="parent-watch").start()
+
+
 @contextmanager
 def progress_bar(total: int, description: str = "planning", enabled: bool = True):
     """A rich progress bar on stderr; yields the `on_point` callback for run_sweep."""
@@ -540,6 +634,30 @@ Metric = Literal["tokens_per_s", "step_time_s", "mfu"]
 
 
 @dataclass(frozen=True)
+class LayoutBound:
+    """What no plan of a layout can beat: its mean step time is at least step_time_s, so its tokens/s and
+    MFU are at most these."""
+
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+
+
+def layout_bound(cm: CostModel, batches: list[GlobalBatch], full: bool = True) -> LayoutBound:
+    """Bound of a layout on the sampled batches. full=False keeps only the work term of
+    planner.bounds.lower_bound_s (compute spread over every rank, plus the gradient sync): weaker but 10-100x
+    cheaper, it skips the search over the longest sequence's degree."""
+    if full:
+        lb = float(np.mean([lower_bound_s(b.lengths_tokens, cm, cm.setup.hdp) for b in batches]))
+    else:
+        lb = float(np.mean([total_compute_s(b.lengths_tokens, cm) / (cm.setup.hdp * cm.pp) for b in batches]))
+        lb += cm.grad_sync_s(cm.setup.hdp)
+    tokens = float(np.mean([b.total_tokens for b in batches]))
+    flops = float(np.mean([model_flops(b.lengths_tokens, cm.model, True) for b in batches]))
+    return LayoutBound(lb, tokens / lb, flops / (lb * cm.setup.cluster.world_size * cm.peak_flops()))
+
+
+@dataclass(frozen=True)
 class Target:
     """What the capacity search must reach: tokens/s ≥ v, step time ≤ v, or MFU (halved) ≥ v."""
 
@@ -547,28 +665,32 @@ class Target:
     value: float
 
     def __post_init__(self) -> None:
-        if self.metric not in ("tokens_per_s", "step_time_s", "mfu") or not self.value > 0:
-            raise PlanError(f"capacity target must be tokens_per_s, step_time_s or mfu with a positive value, "
+        if self.metric not in ("tokens_per_s", "step_time_s", "mfu") or not (0 < self.value < math.inf):
+            raise PlanError(f"capacity target must be tokens_per_s, step_time_s or mfu with a positive finite value, "
                             f"got {self.metric}={self.value!r}")
+        if self.metric == "mfu" and self.value > 1:
+            raise PlanError(f"MFU target {self.value:g} is above 100%; give a fraction (0.4) or a percentage (40)")
+
+    def key(self, value: float) -> float:
+        """Order of the metric's values: smaller is better."""
+        return value if self.metric == "step_time_s" else -value
+
+    def reached_by(self, value: float) -> bool:
+        return self.key(value) <= self.key(self.value)
 
     def met(self, row: dict) -> bool:
         v = row.get(self.metric)
         if not row.get("feasible") or not row.get("fits_hbm") or v is None or not math.isfinite(v):
             return False
-        return v <= self.value if self.metric == "step_time_s" else v >= self.value
+        return self.reached_by(v)
 
     def sort_key(self, row: dict) -> float:
         """Smaller is better."""
-        v = row[self.metric]
-        return v if self.metric == "step_time_s" else -v
+        return self.key(row[self.metric])
 
-    def bound_misses(self, lb_step_time_s: float, tokens: float, flops: float, gpus: int, peak_flops: float) -> bool:
-        """True when even the lower-bound step time misses the target (no plan can reach it)."""
-        if self.metric == "step_time_s":
-            return lb_step_time_s > self.value
-        if self.metric == "tokens_per_s":
-            return tokens / lb_step_time_s < self.value
-        return flops / (lb_step_time_s * gpus * peak_flops) < self.value
+    def reachable(self, bound: LayoutBound) -> bool:
+        """False when even the layout's bound misses the target: no plan of it can reach it."""
+        return self.reached_by(getattr(bound, self.metric))
 
     def describe(self) -> str:
         if self.metric == "tokens_per_s":
@@ -576,6 +698,10 @@ class Target:
         if self.metric == "step_time_s":
             return f"step time <= {self.value:g} s"
         return f"MFU >= {self.value:.1%}"
+
+    def format(self, value: float) -> str:
+        return (f"{value:,.0f} tokens/s" if self.metric == "tokens_per_s" else f"{value:.3g} s/step"
+                if self.metric == "step_time_s" else f"MFU {value:.1%}")
 
 
 @dataclass(frozen=True)
@@ -586,6 +712,17 @@ class LayoutRules:
     pps: tuple[int, ...] = (1, 2, 4, 8)
     min_gpus: int | None = None  # None: one node
     max_gpus: int = 16384
+
+    def __post_init__(self) -> None:
+        for name, values in (("tp", self.tps), ("pp", self.pps)):
+            if not values or any(int(v) != v or v < 1 for v in values):
+                raise PlanError(f"capacity search: {name} degrees must be positive integers, got {list(values)}")
+        if self.min_gpus is not None and self.min_gpus < 1:
+            raise PlanError(f"capacity search: min GPUs must be at least 1, got {self.min_gpus}")
+        if self.max_gpus < 1:
+            raise PlanError(f"capacity search: max GPUs must be at least 1, got {self.max_gpus}")
+        if self.min_gpus is not None and self.min_gpus > self.max_gpus:
+            raise PlanError(f"capacity search: min GPUs {self.min_gpus} is larger than max GPUs {self.max_gpus}")
 
     def gpu_counts(self, cluster: str) -> list[int]:
         per_node = load_cluster(cluster).gpus_per_node
@@ -599,6 +736,10 @@ class LayoutRules:
             if g >= lo:
                 counts.append(g)
             g *= 2
+        counts = [g for g in counts if g <= self.max_gpus]
+        if not counts:
+            raise PlanError(f"capacity search: no GPU count between {lo} and {self.max_gpus} (counts are powers of "
+                            f"two up to a node, then {per_node}-GPU nodes x 2^k)")
         return counts
 
     def layouts(self, model: str, cluster: str, gpus: int) -> list[tuple[int, int]]:
@@ -613,82 +754,280 @@ class LayoutRules:
         return sorted(out, key=lambda x: (x[0] * x[1], x[1]))
 
 
+@dataclass(frozen=True)
+class CapacityProgress:
+    """Where a capacity search stands, for progress displays."""
+
+    gpus: int  # the GPU count being searched
+    count_index: int  # its position among the rules' counts, from 1
+    counts: int  # GPU counts the rules allow (the search stops at the first that meets the target)
+    count_done: int  # layouts decided at this count
+    count_total: int  # layouts at this count
+    done: int  # layouts decided over all counts
+    total: int  # layouts over all counts
+    activity: str  # what runs now, e.g. "planning tp1 pp1"
+
+
 @dataclass
 class CapacityResult:
     target: Target
-    answer: dict | None  # the smallest GPU count's best layout meeting the target (a sweep row + status)
-    runners_up: list[dict]  # other layouts meeting it, by GPU count then the target metric
-    table: pd.DataFrame  # every (gpus, tp, pp) tried: status meets | misses | over-hbm | infeasible | pruned
+    answer: dict | None  # the smallest GPU count's best planned layout meeting the target (a sweep row + status)
+    runners_up: list[dict]  # other planned layouts meeting it (never from counts beyond the answer's)
+    table: pd.DataFrame  # every (gpus, tp, pp) decided, by count then layout; status in CAPACITY_STATUSES
     rules: LayoutRules
+    planned: int = 0  # layouts planned by this run
+    reused: int = 0  # layouts whose row came from the journal
+
+    def not_planned(self) -> pd.DataFrame:
+        """Layouts at the answer's count left unplanned once it met the target (status 'skipped')."""
+        return self.table[self.table["status"] == "skipped"] if len(self.table) else self.table
+
+
+CAPACITY_STATUSES = {
+    "meets": "planned; fits the HBM and meets the target",
+    "misses": "planned; fits the HBM but misses the target",
+    "over-hbm": "planned; the simulated peak memory exceeds the HBM",
+    "infeasible": "cannot be planned (the reason says why)",
+    "pruned": "not planned: its lower bound already misses the target",
+    "bounded": "not planned: its bound cannot beat the answer found at the same count",
+    "skipped": "not planned: the count already meets the target (--best-layout plans it)",
+}
+
+
+def default_capacity_table() -> Path:
+    """Where `meshplan whatif capacity` journals its layouts unless --table is given (outside the repo)."""
+    return Path(tempfile.gettempdir()) / "meshplan-capacity" / "capacity.csv"
 
 
 def capacity_search(model: str, context_tokens: int, target: Target, *, cluster: str = "dgx-h100",
                     lengths: str = "byted-like", strategy: str = "hdp", rules: LayoutRules = LayoutRules(),
                     tokens_per_step: int = BYTESCALE_TOKENS_PER_STEP, steps: int = 2, seed: int = 0,
-                    recompute: str = "auto", offload: bool = True, runners_up: int = 5, extra_counts: int = 1,
-                    exhaustive: bool = False, workers: int = 1,
-                    on_row: Callable[[dict], None] | None = None) -> CapacityResult:
-    """Smallest GPU count (and its best tp, pp) whose `strategy` plan meets `target`, scanning the
-    rules' GPU counts in increasing order. `extra_counts` further counts are evaluated after the first
-    hit for runners-up. exhaustive=True plans every count and layout without pruning or stopping.
-    workers > 1 plans the layouts of one count in parallel processes (same rows, same answer)."""
+                    recompute: str = "auto", offload: bool = True, runners_up: int = 5, best_layout: bool = False,
+                    exhaustive: bool = False, workers: int = 1, journal: Path | None = None,
+                    on_progress: Callable[[CapacityProgress], None] | None = None) -> CapacityResult:
+    """Smallest GPU count (and a tp, pp) whose `strategy` plan meets `target`, scanning the rules' counts in
+    increasing order and stopping at the first count that meets it: every smaller count was decided, so it is
+    minimal. Layouts whose bound misses the target are not planned; the others are planned cheapest first
+    (fewer pipeline stages: PP plans cost far more), best bound first among equals. At the answer's count the
+    search stops at the first layout that meets the target (the others are 'skipped'), or with best_layout
+    plans every layout whose bound could beat the best so far (the others are 'bounded'). exhaustive=True
+    plans every count and layout. workers > 1 plans layouts in worker processes (same rows, same answer).
+    journal: JSON-lines file of planned layouts (Journal, shared with sweeps); a rerun reuses its rows."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
     open_source(lengths)
-    rows: list[dict] = []
-    first_hit: int | None = None
-    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            if workers > 1 else None)
-    try:
-        for gpus in rules.gpu_counts(cluster):
-            if first_hit is not None and not exhaustive and gpus > first_hit * 2 ** extra_counts:
+    counts = rules.gpu_counts(cluster)
+    layouts = {g: rules.layouts(model, cluster, g) for g in counts}
+    if not any(layouts.values()):
+        raise PlanError(f"capacity search: no tp in {list(rules.tps)} and pp in {list(rules.pps)} is valid for "
+                        f"{model} on {cluster} (tp must divide the heads and the node, pp the layers)")
+    search = _CapacitySearch(target, strategy, Journal(journal) if journal else None, exhaustive, best_layout,
+                             on_progress, sum(len(v) for v in layouts.values()), len(counts))
+    # Workers start now: they import while this process bounds the small counts (lazily: 30% slower on 2 cores).
+    with worker_pool(workers) if workers > 1 else contextlib.nullcontext(None) as pool:
+        for i, gpus in enumerate(counts, 1):
+            cfgs = [Config(model, cluster, gpus, tp, pp, context_tokens, lengths, tokens_per_step, steps, seed,
+                           recompute, offload) for tp, pp in layouts[gpus]]
+            if search.decide_count(gpus, i, cfgs, pool, workers) and not exhaustive:
                 break
-            args = [(Config(model, cluster, gpus, tp, pp, context_tokens, lengths, tokens_per_step, steps, seed,
-                            recompute, offload), strategy, target, not exhaustive)
-                    for tp, pp in rules.layouts(model, cluster, gpus)]
-            results = pool.map(_capacity_row_star, args) if pool else map(_capacity_row_star, args)
-            for row in results:
-                rows.append(row)
-                if on_row:
-                    on_row(row)
-                if row["status"] == "meets" and first_hit is None:
-                    first_hit = gpus
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    rows = search.rows
     meeting = sorted((r for r in rows if r["status"] == "meets"),
                      key=lambda r: (r["gpus"], target.sort_key(r), r["tp"] * r["pp"], r["pp"]))
-    table = pd.DataFrame(rows)
-    return CapacityResult(target, meeting[0] if meeting else None, meeting[1:1 + runners_up], table, rules)
+    return CapacityResult(target, meeting[0] if meeting else None, meeting[1:1 + runners_up], pd.DataFrame(rows),
+                          rules, search.planned, search.reused)
 
 
-def _capacity_row_star(args: tuple) -> dict:  # process-pool entry point (picklable)
-    return _capacity_row(*args)
+class _CapacitySearch:
+    """State of one capacity search: the rows decided so far, the journal, counters for progress and the report."""
 
+    def __init__(self, target: Target, strategy: str, journal: Journal | None, exhaustive: bool, best_layout: bool,
+                 on_progress: Callable[[CapacityProgress], None] | None, total: int, counts: int) -> None:
+        self.target, self.strategy, self.journal = target, strategy, journal
+        self.exhaustive, self.best_layout, self.on_progress = exhaustive, best_layout, on_progress
+        self.known = journal.load(current_only=True) if journal else {}  # planned rows by point key
+        self.rows: list[dict] = []
+        self.planned = self.reused = self.done = 0
+        self.total, self.counts = total, counts
 
-def _capacity_row(cfg: Config, strategy: str, target: Target, prune: bool) -> dict:
-    point = Point(cfg, strategy)
-    if prune:
+    def decide_count(self, gpus: int, index: int, cfgs: list[Config], pool: ProcessPoolExecutor | None,
+                     workers: int) -> bool:
+        """Decide every layout of one GPU count; True when one meets the target. Rows go to self.rows in the
+        rules' order; which layouts get planned depends only on the inputs (not on workers or the journal)."""
+        decided: dict[Config, dict] = {}
+
+        def show(activity: str) -> None:
+            if self.on_progress:
+                self.on_progress(CapacityProgress(gpus, index, self.counts, len(decided), len(cfgs), self.done,
+                                                  self.total, activity))
+
+        def decide(cfg: Config, row: dict) -> dict:
+            decided[cfg] = row = self._with_status(row)
+            self.done += 1
+            show(f"tp{cfg.tp} pp{cfg.pp}: {row['status']}")
+            return row
+
+        candidates: list[tuple[Config, LayoutBound | None]] = []
+        for cfg in cfgs:
+            show(f"bounding tp{cfg.tp} pp{cfg.pp}")
+            row, bound = self._without_planning(cfg)
+            if row is not None:
+                decide(cfg, row)
+            else:
+                candidates.append((cfg, bound))
+        # Cheapest first (PP plans cost 10-100x more), best bound first among equals: an early hit is cheap.
+        candidates.sort(key=lambda c: (c[0].pp, self._bound_key(c[1]), c[0].tp))
+        tasks = [(cfg, self.strategy, self.target, not self.exhaustive) for cfg, _ in candidates
+                 if Point(cfg, self.strategy).key not in self.known]
+        runner = _LayoutRunner(pool, workers, self._record)
+        runner.start(tasks)
+        best: dict | None = None
+        for cfg, bound in candidates:
+            key = Point(cfg, self.strategy).key
+            reason = None if best is None or self.exhaustive else self._why_not_planned(gpus, bound, best)
+            if reason is not None:
+                runner.drop(key)
+                decide(cfg, self._unplanned(cfg, bound, *reason))
+                continue
+            if key in self.known:
+                self.reused += 1
+                row = dict(self.known[key])
+            else:
+                show(f"planning tp{cfg.tp} pp{cfg.pp}" + (f" (+{runner.busy() - 1} ahead)" if runner.busy() > 1
+                                                          else ""))
+                row = runner.result(key)
+            row = decide(cfg, row)
+            if row["status"] == "meets" and (best is None or self.target.sort_key(row) < self.target.sort_key(best)):
+                best = row
+        runner.stop()
+        self.rows.extend(decided[cfg] for cfg in cfgs)
+        return best is not None
+
+    def _without_planning(self, cfg: Config) -> tuple[dict | None, LayoutBound | None]:
+        """The row of a layout decided without planning (no cost model: infeasible; the work bound misses:
+        pruned), else its work bound (None when exhaustive). Computed even for journaled layouts: the
+        order of planning, and so the answer, must not depend on what the journal holds."""
+        point = Point(cfg, self.strategy)
         try:
             cm = cost_model_of(cfg)
-            bs = batches_of(cfg)
+            batches = batches_of(cfg)
         except POINT_ERRORS:
-            row = evaluate_point(point)  # the same failure, recorded the sweep's way
-            row["status"] = "infeasible"
-            return row
-        lb = float(np.mean([lower_bound_s(b.lengths_tokens, cm, cm.setup.hdp) for b in bs]))
-        tokens = float(np.mean([b.total_tokens for b in bs]))
-        flops = float(np.mean([model_flops(b.lengths_tokens, cm.model, True) for b in bs]))
-        if target.bound_misses(lb, tokens, flops, cfg.gpus, cm.peak_flops()):
-            row = _base_row(point)
-            row.update(hdp=cm.setup.hdp, recompute=cm.setup.training.recompute, capacity_tokens=cm.capacity_tokens,
-                       lower_bound_s=lb, feasible=None, status="pruned",
-                       reason=f"lower bound {lb:.3g} s/step cannot reach {target.describe()}")
-            return row
-    row = evaluate_point(point)
-    row["status"] = ("infeasible" if not row["feasible"] else "over-hbm" if not row["fits_hbm"]
-                     else "meets" if target.met(row) else "misses")
+            if point.key in self.known:
+                self.reused += 1
+                return dict(self.known[point.key]), None
+            return self._record(evaluate_point(point)), None  # the failure, recorded the sweep's way
+        if self.exhaustive:
+            return None, None
+        bound = layout_bound(cm, batches, full=False)
+        if not self.target.reachable(bound):
+            return _pruned_row(point, cm, bound, self.target, "compute spread over every rank"), None
+        return None, bound
+
+    def _bound_key(self, bound: LayoutBound | None) -> float:
+        return self.target.key(getattr(bound, self.target.metric)) if bound is not None else 0.0
+
+    def _why_not_planned(self, gpus: int, bound: LayoutBound | None, best: dict) -> tuple[str, str] | None:
+        """(status, reason) of a layout left unplanned once `best` met the target at its count, else None."""
+        if not self.best_layout:
+            return "skipped", f"not planned: {gpus} GPUs already meet {self.target.describe()}"
+        if bound is not None and self._bound_key(bound) >= self.target.sort_key(best):
+            return "bounded", (f"bound {self.target.format(getattr(bound, self.target.metric))} cannot beat "
+                               f"tp{best['tp']} pp{best['pp']}")
+        return None
+
+    def _record(self, row: dict) -> dict:
+        """Journal a planned row as soon as it exists (pruned rows are target-dependent and not journaled)."""
+        if "status" not in row:
+            self.planned += 1
+            if self.journal:
+                self.journal.append(row)
+            self.known[row["key"]] = row
+        return row
+
+    def _with_status(self, row: dict) -> dict:
+        if "status" not in row:
+            row = dict(row, status="infeasible" if not row["feasible"] else "over-hbm" if not row["fits_hbm"]
+                       else "meets" if self.target.met(row) else "misses")
+        return row
+
+    def _unplanned(self, cfg: Config, bound: LayoutBound | None, status: str, reason: str) -> dict:
+        row = _base_row(Point(cfg, self.strategy))
+        row.update(feasible=None, status=status, reason=reason, lower_bound_s=bound.step_time_s if bound else None)
+        return row
+
+
+def _pruned_row(point: Point, cm: CostModel, bound: LayoutBound, target: Target, term: str) -> dict:
+    row = _base_row(point)
+    row.update(hdp=cm.setup.hdp, recompute=cm.setup.training.recompute, capacity_tokens=cm.capacity_tokens,
+               lower_bound_s=bound.step_time_s, feasible=None, status="pruned",
+               reason=f"lower bound {bound.step_time_s:.3g} s/step ({term}) cannot reach {target.describe()}")
     return row
+
+
+def _decide_layout(cfg: Config, strategy: str, target: Target, prune: bool) -> dict:
+    """Plan one layout unless its full lower bound misses the target (then a 'pruned' row). Runs in workers."""
+    point = Point(cfg, strategy)
+    if prune:
+        cm = cost_model_of(cfg)  # the caller built it already: it does not fail
+        bound = layout_bound(cm, batches_of(cfg))
+        if not target.reachable(bound):
+            return _pruned_row(point, cm, bound, target, "the longest sequence at its best degree")
+    return evaluate_point(point)
+
+
+class _LayoutRunner:
+    """Runs `_decide_layout` on tasks in their given order: here when a result is asked for, or in a pool
+    keeping up to `ahead` tasks running, so the next ones are planned while the awaited one finishes. Each row
+    goes to `on_done` (the journal) as soon as it exists, whatever order they finish in."""
+
+    def __init__(self, pool: ProcessPoolExecutor | None, ahead: int, on_done: Callable[[dict], dict]) -> None:
+        self.pool, self.ahead, self.on_done = pool, max(1, ahead), on_done
+        self.queued: dict[str, tuple] = {}  # point key -> task, in order, not submitted yet
+        self.running: dict[str, Future] = {}
+        self.rows: dict[str, dict] = {}
+
+    def start(self, tasks: list[tuple]) -> None:
+        self.queued = {Point(t[0], t[1]).key: t for t in tasks}
+        self._top_up()
+
+    def busy(self) -> int:
+        return len(self.running)
+
+    def drop(self, key: str) -> None:
+        """The task is no longer needed: never start it (if it runs, its row is still journaled)."""
+        self.queued.pop(key, None)
+        f = self.running.get(key)
+        if f is not None and f.cancel():
+            del self.running[key]
+
+    def result(self, key: str) -> dict:
+        if self.pool is None:
+            return self.on_done(_decide_layout(*self.queued.pop(key)))
+        while key not in self.rows:
+            if key not in self.running:
+                self.running[key] = self.pool.submit(_decide_layout, *self.queued.pop(key))
+            wait(list(self.running.values()), return_when=FIRST_COMPLETED)
+            self._collect()
+            self._top_up()
+        return self.rows.pop(key)
+
+    def stop(self) -> None:
+        """Cancel tasks not started, keep the rows of those that finished; the pool's owner ends the rest."""
+        self.queued.clear()
+        for f in self.running.values():
+            f.cancel()
+        self._collect()
+
+    def _collect(self) -> None:
+        for k, f in list(self.running.items()):
+            if f.done():
+                del self.running[k]
+                if not f.cancelled():
+                    self.rows[k] = self.on_done(f.result())
+
+    def _top_up(self) -> None:
+        while self.pool is not None and self.queued and len(self.running) < self.ahead:
+            key = next(iter(self.queued))
+            self.running[key] = self.pool.submit(_decide_layout, *self.queued.pop(key))
 
 
 # ---- ByteScale reproduction grid ----------------------------------------------------------------------
@@ -795,7 +1134,9 @@ def per_doubling_slowdown(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["model", "lengths", "strategy", "per_doubling"])
 
 
-__all__ = ["BYTESCALE_CLAIMS", "BYTESCALE_PANELS", "BYTESCALE_TOKENS_PER_STEP", "ByteScaleGrid", "CapacityResult",
-           "Config", "Journal", "LayoutRules", "MFU_CONVENTION", "Point", "ReproPanel", "SWEEP_COLUMNS", "SweepResult",
-           "SweepSpec", "Target", "capacity_search", "code_fingerprint", "evaluate_point", "journal_path", "json_row",
-           "options_for", "per_doubling_slowdown", "progress_bar", "read_table", "run_sweep", "write_table"]
+__all__ = ["BYTESCALE_CLAIMS", "BYTESCALE_PANELS", "BYTESCALE_TOKENS_PER_STEP", "ByteScaleGrid", "CAPACITY_STATUSES",
+           "CapacityProgress", "CapacityResult", "Config", "Journal", "LayoutBound", "LayoutRules", "MFU_CONVENTION",
+           "Point", "ReproPanel", "SWEEP_COLUMNS", "SweepResult", "SweepSpec", "Target", "capacity_search",
+           "code_fingerprint", "default_capacity_table", "evaluate_point", "journal_path", "json_row", "layout_bound",
+           "options_for", "per_doubling_slowdown", "progress_bar", "read_table", "run_sweep", "stop_pool",
+           "worker_pool", "write_table"]

@@ -29,10 +29,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+
+from profiles.typed_json import Range, Reader
 
 SCHEMA_VERSION = 1
 
@@ -41,14 +43,24 @@ class ProfileError(ValueError):
     """A profile file is missing, corrupt, or lacks a table the cost model needs."""
 
 
-TABLE_COLUMNS: dict[str, list[str]] = {
-    "gemm": ["m", "n", "k", "dtype", "time_s"],
-    "attention": ["direction", "causal", "heads", "kv_heads", "head_dim", "doc_len", "docs", "dtype", "time_s"],
-    "collective": ["op", "scope", "group_size", "concurrent_groups", "bytes", "time_s"],
-    "host_copy": ["direction", "pinned", "bytes", "time_s"],
-}
-
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+_COUNT = (int, Range(lo=0, lo_open=True))  # sizes, counts, bytes: integers > 0
+_TIME = (float, Range(lo=0, lo_open=True))  # seconds: finite and > 0
+# The required columns of each table, in order, with the type (and range) of their values; tables
+# may carry more columns (layout, impl, ...), which are kept as they are.
+TABLE_SCHEMA: dict[str, dict[str, tuple[Any, Range | None]]] = {
+    "gemm": {"m": _COUNT, "n": _COUNT, "k": _COUNT, "dtype": (str, None), "time_s": _TIME},
+    "attention": {"direction": (Literal["fwd", "bwd"], None), "causal": (bool, None), "heads": _COUNT,
+                  "kv_heads": _COUNT, "head_dim": _COUNT, "doc_len": _COUNT, "docs": _COUNT, "dtype": (str, None),
+                  "time_s": _TIME},
+    "collective": {"op": (Literal[COLLECTIVE_OPS], None), "scope": (Literal["intra", "inter"], None),
+                   "group_size": _COUNT, "concurrent_groups": _COUNT, "bytes": _COUNT, "time_s": _TIME},
+    "host_copy": {"direction": (Literal["h2d", "d2h", "memcpy"], None), "pinned": (bool, None), "bytes": _COUNT,
+                  "time_s": _TIME},
+}
+TABLE_COLUMNS: dict[str, list[str]] = {name: list(cols) for name, cols in TABLE_SCHEMA.items()}
+COST_MODEL_TABLES = ("gemm", "attention", "collective", "host_copy")  # a CostModel needs rows in each
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -103,7 +115,7 @@ class Fingerprint:
 
     name: str  # profile name, e.g. "h100-sxm.analytic"
     device: str  # device the numbers describe, e.g. "NVIDIA H100 80GB HBM3" or "cpu: <model>"
-    source: str  # "measured" or "analytic"
+    source: Literal["measured", "analytic"]  # how the numbers were obtained
     created: str  # ISO date (analytic: date of the sources' snapshot)
     versions: dict[str, str] = field(default_factory=dict)  # software versions (torch, cuda, nccl, ...)
     notes: str = ""  # free text: what was measured how, caveats
@@ -118,6 +130,9 @@ class Profile:
     tables: dict[str, pd.DataFrame]
     constants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"value", "unit", "source"}
     fits: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. per-layer T(s) per model
+    # The file load_profile read it from (absolute; None: shipped or built in memory). Not content:
+    # plans record it so `simulate` finds the same profile again.
+    path: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.fingerprint.source not in ("measured", "analytic"):
@@ -167,20 +182,20 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: Any, origin: str = "profile") -> "Profile":
+        """A profile from its JSON object: every field typed and every table cell checked against
+        TABLE_SCHEMA, each error one line naming `origin`, the table and the column."""
         if not isinstance(d, dict) or "fingerprint" not in d or "tables" not in d:
             raise ProfileError(f"{origin}: not a meshplan profile (needs 'fingerprint' and 'tables')")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ProfileError(f"{origin}: schema_version {d.get('schema_version')!r} not supported "
                                f"(expected {SCHEMA_VERSION}); re-create it with `meshplan profile`")
-        try:
-            fp = Fingerprint(**d["fingerprint"])
-            tables = {}
-            for name, t in d["tables"].items():
-                tables[name] = pd.DataFrame(t["rows"], columns=t["columns"])
-                if not t["rows"]:
-                    tables[name] = pd.DataFrame(columns=t["columns"])
-        except (TypeError, KeyError) as e:
-            raise ProfileError(f"{origin}: malformed profile ({e})") from None
+        read = Reader(origin, ProfileError)
+        doc = read.build(_ProfileJSON, d)
+        unknown = sorted(set(doc.tables) - set(TABLE_SCHEMA))
+        if unknown:
+            raise ProfileError(f"{origin}: tables: unknown table(s) {unknown}; known: {list(TABLE_SCHEMA)}")
+        tables = {name: _table_frame(read, name, t) for name, t in doc.tables.items()}
+        fp = doc.fingerprint
         prof = cls(fingerprint=fp, tables=tables, constants=d.get("constants", {}), fits=d.get("fits", {}))
         sha = prof.compute_sha256()
         if fp.sha256 and fp.sha256 != sha:
@@ -192,6 +207,15 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
         return cls.from_dict(read_json(path, "profile", ProfileError), origin=str(path))
+
+    def require_tables(self, names: tuple[str, ...] = COST_MODEL_TABLES) -> None:
+        """Raise unless each named table has rows (a profile measured with `--ops` may lack some)."""
+        empty = [n for n in names if self.tables[n].empty]
+        if empty:
+            where = f" ({self.path})" if self.path else ""
+            raise ProfileError(f"profile {self.fingerprint.name!r}{where} has no rows in table(s) {', '.join(empty)}; "
+                               f"the cost model needs rows in each of {', '.join(names)}: measure them with "
+                               f"`meshplan profile --ops {','.join(empty)}` or use a shipped profile")
 
     # ---- lookups ----------------------------------------------------------------------------
     def gemm_time_s(self, m: np.ndarray | float, n: int, k: int, dtype: str = "bf16") -> np.ndarray:
@@ -307,6 +331,55 @@ class Profile:
             raise ProfileError(f"profile {self.fingerprint.name!r} lacks constant {name!r}") from None
 
 
+@dataclass(frozen=True)
+class _TableJSON:
+    """One table as a profile file stores it."""
+
+    columns: list[str]
+    rows: list[list[Any]]  # one list per row, a value per column
+
+
+@dataclass(frozen=True)
+class _ConstantJSON:
+    """One named constant: a number with its unit and where it comes from."""
+
+    value: float
+    unit: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class _ProfileJSON:
+    """The typed shape of a profile file (Profile.content_dict plus the sha256)."""
+
+    schema_version: int
+    fingerprint: Fingerprint
+    tables: dict[str, _TableJSON]
+    constants: dict[str, _ConstantJSON] = field(default_factory=dict)
+    fits: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> coefficient -> value
+
+
+def _table_frame(read: Reader, name: str, t: _TableJSON) -> pd.DataFrame:
+    """A table's DataFrame, every row the width of the columns and every required column's values
+    of the type TABLE_SCHEMA declares."""
+    where = f"tables.{name}"
+    cols = t.columns
+    dup = sorted({c for c in cols if cols.count(c) > 1})
+    if dup:
+        raise ProfileError(f"{read.origin}: {where}.columns: duplicate column(s) {dup}")
+    missing = [c for c in TABLE_SCHEMA[name] if c not in cols]
+    if missing:
+        raise ProfileError(f"{read.origin}: {where}: lacks column(s) {missing}")
+    checks = [(c, cols.index(c), read.checker(tp, rng)) for c, (tp, rng) in TABLE_SCHEMA[name].items()]
+    for i, row in enumerate(t.rows):
+        if len(row) != len(cols):
+            raise ProfileError(f"{read.origin}: {where}.rows[{i}]: expected {len(cols)} values (one per column "
+                               f"{cols}), got {len(row)}")
+        for c, j, check in checks:
+            check(row[j], where, "rows", i, c)
+    return pd.DataFrame(t.rows, columns=cols) if t.rows else pd.DataFrame(columns=cols)
+
+
 def _py(v: Any) -> Any:
     """numpy scalars -> Python scalars for JSON."""
     if isinstance(v, np.generic):
@@ -358,6 +431,8 @@ def load_profile(name_or_path: str) -> Profile:
             return Profile.load(p)
     p = Path(name_or_path)
     if p.exists() or p.suffix == ".json":
-        return Profile.load(p)
+        prof = Profile.load(p)
+        prof.path = str(p.resolve())
+        return prof
     raise ProfileError(f"unknown profile {name_or_path!r}; shipped: {', '.join(profile_names()) or 'none'} "
                        "(or a path to a profile JSON)")

@@ -4,12 +4,15 @@ column keep their own steps."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.batch import GlobalBatch, global_batches
+from planner.batch import GlobalBatch, RepeatedRecordingWarning, global_batches
 from planner.sources import SourceError, lengths_source, open_source, split_at_context
 
 K, M = 1024, 1024 * 1024
@@ -43,7 +46,9 @@ def test_synthetic_steps_conserve_tokens_and_are_deterministic():
 def test_split_documents_hand_computed():
     # Pieces at max context 4: [4 4 2] [3] [4 4 2], then the recording repeats (a new epoch).
     src = lengths_source([10, 3, 10], name="three")
-    batches = global_batches(src, tokens_per_step=8, max_context_tokens=4, steps=4, seed=0)
+    with pytest.warns(RepeatedRecordingWarning, match=r"three holds 3 documents / 23 tokens; 4 steps of up to 8 "
+                                                      r"tokens take 27, so the recording repeats .*\(1\.2 passes\)"):
+        batches = global_batches(src, tokens_per_step=8, max_context_tokens=4, steps=4, seed=0)
     assert [b.lengths_tokens.tolist() for b in batches] == [[4, 4], [2, 3], [4, 4], [2, 4]]
     assert [b.split_documents for b in batches] == [1, 1, 1, 2]
     assert [b.total_tokens for b in batches] == [8, 5, 8, 6]
@@ -55,12 +60,18 @@ def test_split_documents_hand_computed():
 def test_recorded_steps_conserve_every_token(lengths, budget, context_fraction, steps, seed):
     max_context = max(1, int(budget * context_fraction))
     src = lengths_source(lengths)
-    batches = global_batches(src, tokens_per_step=budget, max_context_tokens=max_context, steps=steps, seed=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = global_batches(src, tokens_per_step=budget, max_context_tokens=max_context, steps=steps, seed=seed)
     assert len(batches) == steps
+    repeated = sum(b.total_tokens for b in batches) > sum(lengths)  # a warning exactly when the file repeats
+    assert [w.category for w in caught] == ([RepeatedRecordingWarning] if repeated else [])
     stream = np.tile(lengths, steps * budget // sum(lengths) + 2)  # recordings repeat when they run out
     check_budget_invariants(batches, stream, budget, max_context)
-    assert batches == global_batches(src, tokens_per_step=budget, max_context_tokens=max_context, steps=steps,
-                                     seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RepeatedRecordingWarning)
+        assert batches == global_batches(src, tokens_per_step=budget, max_context_tokens=max_context, steps=steps,
+                                         seed=seed)
 
 
 def test_source_with_a_step_column_keeps_its_steps(tmp_path):
@@ -103,3 +114,51 @@ def test_global_batch_is_a_checked_value():
         GlobalBatch(0, np.array([3, 5]), np.array([1, 1]), 8, 0, "x")
     with pytest.raises(SourceError, match="one sequence id per length"):
         GlobalBatch(0, np.array([3, 5]), np.array([0]), 8, 0, "x")
+
+
+def test_a_recording_long_enough_is_not_repeated_and_says_nothing():
+    src = lengths_source([10, 3, 10], name="three")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        global_batches(src, tokens_per_step=23, max_context_tokens=10, steps=1, seed=0)  # takes all 23, once
+        global_batches("byted-like", tokens_per_step=8 * M, max_context_tokens=256 * K, steps=3, seed=0)
+    with pytest.warns(RepeatedRecordingWarning, match="a step of up to 24 tokens takes 24"):
+        global_batches(src, tokens_per_step=24, max_context_tokens=1, steps=1, seed=0)  # 1-token pieces: 24 > 23
+
+
+# -- the default budget ("auto") -----------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lengths.txt"
+
+
+def test_auto_budget_is_one_micro_batch_per_rank():
+    """auto: hdp × min(C, max context) tokens; a step holds more than that minus one max context."""
+    from planner.api import PlanRequest, build_cost_model, make_batches, step_tokens
+
+    tiny = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, lengths=str(EXAMPLE), max_context_tokens=4 * K)
+    assert tiny.tokens_per_step is None and step_tokens(tiny) == 4 * 4 * K  # C (163K) > the context
+    (batch,) = make_batches(tiny)
+    assert 3 * 4 * K < batch.total_tokens <= 4 * 4 * K
+    big = PlanRequest()  # LLaMA-7B on 64 H100s at 2M context: C < the context
+    cm = build_cost_model(big)
+    assert step_tokens(big, cm) == 64 * cm.capacity_tokens and 2 * M < step_tokens(big, cm) < 32 * M
+    assert step_tokens(PlanRequest(tokens_per_step=32 * M), cm) == 32 * M  # an explicit budget is kept
+    small = PlanRequest(gpus=8, max_context_tokens=2 * M, capacity_tokens=1000, recompute="full")
+    assert step_tokens(small) == 2 * M  # never less than one max-context sequence
+
+
+def test_plan_records_the_budget_and_the_cli_says_when_a_file_repeats(tmp_path, monkeypatch, capsys):
+    from cli import app
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        app(["plan", "--model", "tiny", "--cluster", "local-cpu", "--gpus", "4", "--lengths", str(EXAMPLE),
+             "--max-context", "4K", "--steps", "5", "--compare", "hdp", "--strategy", "hdp", "--out", "p.json"],
+            prog_name="meshplan")
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert exit_.value.code in (0, None), err
+    assert "lengths.txt holds 64 documents / 54,232 tokens; 5 steps of up to 16,384 tokens take" in err, err
+    assert "so the recording repeats from the start" in err
+    import json
+
+    assert json.loads((tmp_path / "p.json").read_text())["meta"]["options"]["tokens_per_step"] == 16 * K

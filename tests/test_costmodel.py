@@ -1,5 +1,6 @@
 """Cost formulas: hand-computed FLOPs, zigzag balance, capacity, offload degree, unit times."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ from costmodel import flops
 from costmodel.memory import (activation_bytes_per_token_layer, memory_budget, min_degree, offload_lower_bound,
                               ratio_for_degree)
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import Setup, TrainingSpec
+from costmodel.specs import Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel, fit_layer_time
 from profiles.table import load_profile
 
@@ -98,3 +99,61 @@ def test_grad_sync_positive_and_grows_across_nodes():
     intra = CostModel(Setup(m, load_cluster("dgx-h100").with_gpus(8), TrainingSpec()), p).grad_sync_s()
     inter = CostModel(Setup(m, load_cluster("dgx-h100").with_gpus(64), TrainingSpec()), p).grad_sync_s()
     assert 0 < intra < inter
+
+
+# ---- the out-of-memory message: what dominates, and what would help ---------------------------------
+def _oom(setup: Setup) -> str:
+    with pytest.raises(SpecError) as e:
+        memory_budget(setup)
+    return str(e.value)
+
+
+def test_oom_message_when_model_states_dominate():
+    # llama3-405b, P = 405,853,388,800 parameters, all on one GPU (tp = pp = 1), ZeRO-1 over 64 HDP ranks:
+    # weights 2P = 811.7 GB, fp32 gradients 4P = 1623.4 GB, optimizer 12P/64 = 76.1 GB, 2511.2 GB in all.
+    # Left of 80 GB: 80 − 3 GiB context − 8 GB fragmentation − 8192·128256·8 B loss chunk = 60.4 GB.
+    m, c = load_model("llama3-405b"), load_cluster("dgx-h100").with_gpus(64)
+    msg = _oom(Setup(m, c, TrainingSpec(recompute="full")))
+    for part in ("2511.2 GB per GPU", "weights 811.7 GB", "gradients 1623.4 GB",
+                 "optimizer 76.1 GB sharded by ZeRO-1 over 64", "only 60.4 GB of the 80 GB",
+                 "recompute and offload cannot shrink model states"):
+        assert part in msg
+    assert "use recompute" not in msg and "\n" not in msg
+    # 64 GPUs allow pp 1 or 2 only (pp divides both 126 layers and 64): at tp = 8, pp = 2 every GPU still holds
+    # P/16 (+ the 128256 × 16384 embedding / 8) × (6 + 12/4) B = 228.3 GB.
+    assert "no tp×pp fits 64 GPUs (the least, tp=8, pp=2, still takes 228.3 GB per GPU)" in msg
+    # The fewest GPUs: 144 with tp = 8, pp = 18, hdp = 1 (7 layers + embedding per GPU, 18 B each: 54.9 GB).
+    assert "the fewest GPUs that fit are 144 with tp=8, pp=18 (54.9 GB of states per GPU" in msg
+    assert memory_budget(Setup(m, load_cluster("dgx-h100").with_gpus(144), TrainingSpec(tp=8, pp=18,
+                                                                                         recompute="full")))
+    for gpus, pp in ((72, 9), (112, 14), (120, 3)):  # the closest smaller layouts do not fit
+        _oom(Setup(m, load_cluster("dgx-h100").with_gpus(gpus), TrainingSpec(tp=8, pp=pp, recompute="full")))
+
+
+def test_oom_message_names_a_layout_that_fits_the_gpus():
+    # llama3-70b on 64 GPUs: tp = 8 divides the 70.6e9 parameters to 8.8e9 per GPU (embeddings included),
+    # × (6 + 12/8) B = 66.1 GB, which fits the 67.7 GB left at tp = 8 (its loss chunk is 8× smaller).
+    msg = _oom(Setup(load_model("llama3-70b"), load_cluster("dgx-h100").with_gpus(64), TrainingSpec(recompute="full")))
+    assert "the smallest tp×pp that fits 64 GPUs is tp=8, pp=1 (66.1 GB of states per GPU, C = " in msg
+
+
+def test_oom_message_suggests_zero1_when_the_optimizer_is_replicated():
+    # llama-7b (6.74e9 parameters) on 8 GPUs without ZeRO: 18 B/param = 121.3 GB; ZeRO-1 over 8: 6 + 12/8 = 7.5
+    # B/param = 50.5 GB, which fits.
+    m, c = load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(8)
+    p = m.parameters
+    msg = _oom(Setup(m, c, TrainingSpec(zero_stage=0)))
+    assert f"{p * 18 / 1e9:.1f} GB per GPU" in msg and "replicated" in msg
+    assert msg.endswith(f"zero_stage=1 would shard the optimizer: {p * 7.5 / 1e9:.1f} GB per GPU")
+
+
+def test_oom_message_when_activations_dominate():
+    # The states fit, but less than one token's activations remain: recompute (or tp/pp) is the advice.
+    m = load_model("tiny")
+    tr = TrainingSpec(ctx_overhead_bytes=0, frag_fraction=0.0, fused_loss=False)
+    states = m.parameters * 18.0  # one GPU: nothing to shard over
+    per_token = activation_bytes_per_token_layer(m, 1, "none") * m.layers + m.vocab * 8.0  # + unfused logits
+    c = dataclasses.replace(load_cluster("local-cpu").with_gpus(1), gpu_memory_bytes=int(states + per_token / 2))
+    msg = _oom(Setup(m, c, tr))
+    assert "less than one token's activations" in msg and "use --recompute full" in msg
+    assert f"({per_token / 1e6:.1f} MB over 2 layers)" in msg

@@ -178,10 +178,14 @@ def test_fingerprint_records_device_and_measured_peak(tmp_path):
     assert fp.device.startswith("cpu: ") and cpu_model_name() in fp.device
     assert fp.versions["torch"] == torch.__version__ and fp.versions["cuda"] == "none"
     assert fp.created[:4].isdigit() and fp.sha256 == p.compute_sha256()
+    # The peak is the best rate of the main dtype: fp32 on most CPUs, bf16 where bf16 is fast (AMX,
+    # AVX512-BF16); either way the dtype the cost model and the attention table use.
+    main = runner.main_dtype(p)
+    assert main in ("fp32", "bf16") and f"main dtype {main}" in fp.notes
     peak = p.constants["peak_bf16_flops"]
-    g = p.tables["gemm"]
+    g = p.tables["gemm"][p.tables["gemm"]["dtype"] == main]
     assert peak["value"] == pytest.approx((2 * g.m * g.n * g.k / g.time_s).max())
-    assert peak["source"].startswith("measured") and "fp32" in peak["source"]
+    assert peak["source"].startswith("measured") and f" {main} GEMM" in peak["source"]
     assert not (tmp_path / "m.measured.json.partial").exists()
     assert res.seconds["gemm"] > 0 and res.resumed == []
 
@@ -190,11 +194,11 @@ def test_resume_skips_finished_tables(tmp_path, monkeypatch):
     real = runner.measure_table
     calls = []
 
-    def crash_on_host_copy(name, cfg, tick):
+    def crash_on_host_copy(name, cfg, tick, **kw):
         calls.append(name)
         if name == "host_copy":
             raise KeyboardInterrupt  # the user pressed Ctrl-C after the GEMM table finished
-        return real(name, cfg, tick)
+        return real(name, cfg, tick, **kw)
 
     monkeypatch.setattr(runner, "measure_table", crash_on_host_copy)
     req = _small_request(tmp_path)
@@ -205,7 +209,8 @@ def test_resume_skips_finished_tables(tmp_path, monkeypatch):
     assert set(json.loads(partial.read_text())["tables"]) == {"gemm"}
 
     calls.clear()
-    monkeypatch.setattr(runner, "measure_table", lambda name, cfg, tick: calls.append(name) or real(name, cfg, tick))
+    monkeypatch.setattr(runner, "measure_table",
+                        lambda name, cfg, tick, **kw: calls.append(name) or real(name, cfg, tick, **kw))
     res = runner.run_profile(req, show_progress=False)
     assert calls == ["host_copy"] and res.resumed == ["gemm"]
     assert len(res.profile.tables["gemm"]) > 0 and not partial.exists()
@@ -214,9 +219,10 @@ def test_resume_skips_finished_tables(tmp_path, monkeypatch):
 
 def test_partial_from_another_plan_is_not_reused(tmp_path, monkeypatch):
     req = _small_request(tmp_path, ops=("host_copy",))
-    runner._write_partial(runner.partial_path(req.out), {"plan": "something else"},
-                          {"host_copy": {"columns": ["direction", "pinned", "bytes", "time_s"],
-                                         "rows": [["memcpy", False, 4096, 123.0]], "seconds": 1}})
+    plan = plan_config("cpu", quick=True, nproc=2).key()
+    runner._write_partial(runner.partial_path(req.out), {"request": "something else"}, runner.PartialState(
+        plan=plan, dtype_note="", tables={"host_copy": {"columns": ["direction", "pinned", "bytes", "time_s"],
+                                                        "rows": [["memcpy", False, 4096, 123.0]], "seconds": 1}}))
     res = runner.run_profile(req, show_progress=False)
     assert res.resumed == [] and res.profile.tables["host_copy"]["time_s"].max() < 1.0
 
@@ -278,3 +284,136 @@ def test_cli_profile_needs_out_or_compare():
     res = subprocess.run([sys.executable, "-m", "cli", "profile", "--out", "x.json", "--ops", "flops"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--ops" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- a CPU with fast bf16, Ctrl-C and resume, --json: on synthetic timings (seconds, any CPU) ---------
+
+class FakeBench:
+    """Synthetic timings in place of the micro-benchmarks: GEMM and attention at a fixed rate per dtype
+    (bf16 `bf16_speedup` x fp32, so the dtype probe sees a fast-bf16 CPU when it is > 0.25), copies and
+    collectives at a fixed bandwidth. `interrupt_at_attention` raises KeyboardInterrupt (Ctrl-C) before
+    the attention point of that index, between two points as a real Ctrl-C would land."""
+
+    def __init__(self, monkeypatch, bf16_speedup: float, interrupt_at_attention: int | None = None):
+        from profiles.measure import attention as attn_mod, gemm as gemm_mod, host_copy as copy_mod
+        from profiles.table import attention_flops
+        self.rate = {"fp32": 5e10, "bf16": 5e10 * bf16_speedup}
+        self.attention_calls = 0
+        self.interrupt_at = interrupt_at_attention
+
+        def time_gemm(p, timing, device):
+            return 2.0 * p.m * p.n * p.k / self.rate[p.dtype] + 1e-6
+
+        def time_attention(p, cfg):
+            if self.interrupt_at is not None and self.attention_calls == self.interrupt_at:
+                raise KeyboardInterrupt
+            self.attention_calls += 1
+            fl = float(attention_flops(p.doc_len, p.heads, p.head_dim, p.causal, p.direction)) * p.docs
+            return fl / (0.5 * self.rate[p.dtype] * min(1.0, p.doc_len / 1024)) + 1e-6, "fake"
+
+        def run_collectives(cfg, ops=None, on_progress=None, check=False):
+            rows = [(c.op, "intra", c.group_size, c.concurrent_groups, c.nbytes, 2e-5 + c.nbytes / 5e9)
+                    for c in collective_cases(cfg, cfg.nproc)]
+            return pd.DataFrame(rows, columns=["op", "scope", "group_size", "concurrent_groups", "bytes", "time_s"])
+
+        monkeypatch.setattr(gemm_mod, "time_gemm", time_gemm)
+        monkeypatch.setattr(attn_mod, "time_attention", time_attention)
+        monkeypatch.setattr(copy_mod, "time_copy", lambda p, cfg: 1e-6 + p.nbytes / 1e10)
+        monkeypatch.setattr(runner, "run_collectives", run_collectives)
+
+
+def test_fast_bf16_cpu_measures_attention_in_the_main_dtype(tmp_path, monkeypatch):
+    """On a CPU whose bf16 GEMMs are fast the main dtype is bf16: attention (fwd and bwd) is planned
+    and measured in bf16, the dtype the cost model then looks up, so the profile plans and gets fits."""
+    FakeBench(monkeypatch, bf16_speedup=4.0)
+    dtypes, note = runner.choose_dtypes("cpu")
+    assert dtypes[0] == "bf16" and "fp32" in dtypes
+    req = runner.ProfileRequest(out=tmp_path / "my.json", quick=True, nproc=4, device="cpu")
+    cfg = runner.build_config(req, "cpu", dtypes)
+    assert cfg.main_dtype == "bf16"
+    pts = attention_points(cfg)
+    assert {p.dtype for p in pts} == {"bf16"} and {p.direction for p in pts} == {"fwd", "bwd"}
+    # whatever order dtypes are given in, the main one comes first
+    assert plan_config("cpu", quick=True, nproc=4, dtypes=("fp32", "bf16")).main_dtype == "bf16"
+
+    from costmodel.presets import load_model
+    from costmodel.specs import TrainingSpec
+    from costmodel.timing import fit_layer_time
+
+    def add_fits(p):
+        p.fits["tiny"] = fit_layer_time(load_model("tiny"), TrainingSpec(dtype=runner.main_dtype(p)), p)
+
+    res = runner.run_profile(req, post=add_fits, show_progress=False)
+    p = Profile.load(req.out)
+    assert runner.main_dtype(p) == "bf16" and set(p.tables["attention"]["dtype"]) == {"bf16"}
+    assert set(p.tables["gemm"]["dtype"]) == {"bf16", "fp32"} and "bf16" in p.constants["peak_bf16_flops"]["source"]
+    assert p.fits["tiny"]["alpha1_s_per_token2"] >= 0 and res.profile.fits == p.fits
+    from planner.api import PlanRequest, build_cost_model
+    cm = build_cost_model(PlanRequest(model="tiny", cluster="local-cpu", gpus=4, profile=str(req.out),
+                                      max_context_tokens=4096))
+    assert cm.dtype == "bf16" and float(cm.attn_bwd_s(2048)) > float(cm.attn_fwd_s(2048)) > 0
+
+
+def test_slow_bf16_cpu_profiles_fp32_only(monkeypatch):
+    FakeBench(monkeypatch, bf16_speedup=0.01)  # emulated bf16 (AVX2): ~100x below fp32
+    dtypes, note = runner.choose_dtypes("cpu")
+    assert dtypes == ("fp32",) and "not profiled" in note
+
+
+def test_interrupted_profile_resumes_into_a_usable_profile(tmp_path, monkeypatch):
+    """Ctrl-C mid-table: one line saying how to resume, exit 130, nothing at --out, every measured point
+    kept; the same command then measures only the rest and writes a complete profile with its fits."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    out = tmp_path / "my.json"
+    args = ["profile", "--quick", "--out", str(out), "--nproc", "2", "--device", "cpu"]
+    bench = FakeBench(monkeypatch, bf16_speedup=0.01, interrupt_at_attention=5)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 130, res.output
+    lines = [ln for ln in res.output.splitlines() if "rerun the same command to resume" in ln]
+    assert len(lines) == 1 and "my.json.partial" in lines[0] and "Traceback" not in res.output
+    assert not out.exists()
+    part = json.loads(runner.partial_path(out).read_text())
+    assert set(part["tables"]) == {"gemm"} and part["in_progress"]["table"] == "attention"
+    first_rows = part["in_progress"]["rows"]
+    assert len(first_rows) == 5
+
+    bench.interrupt_at, bench.attention_calls = None, 0
+    res = CliRunner().invoke(app, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    n_attn = len(attention_points(runner.MeasureConfig.from_key(part["plan"])))
+    assert bench.attention_calls == n_attn - 5  # the 5 saved points are not measured again
+    assert summary["tables"]["gemm"]["resumed"] and summary["fits"] == ["tiny"]
+    p = Profile.load(out)
+    assert len(p.tables["attention"]) == n_attn and not runner.partial_path(out).exists()
+    assert p.tables["attention"].iloc[:5].values.tolist() == first_rows
+    assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
+    assert all(len(p.tables[t]) for t in ("gemm", "attention", "collective", "host_copy"))
+
+
+def test_interrupt_before_any_table_leaves_the_plan_to_resume(tmp_path, monkeypatch):
+    FakeBench(monkeypatch, bf16_speedup=0.01, interrupt_at_attention=0)
+    req = runner.ProfileRequest(out=tmp_path / "m.json", quick=True, ops=("attention",), device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_profile(req, show_progress=False)
+    assert not req.out.exists() and runner.partial_path(req.out).exists()
+    assert "rerun the same command to resume" in runner.resume_hint(req.out)
+
+
+def test_cli_profile_estimate_and_compare_json():
+    from typer.testing import CliRunner
+
+    from cli import app
+    res = CliRunner().invoke(app, ["profile", "--quick", "--estimate", "local-cpu.measured", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["device"] == "cpu" and d["tables"]["attention"]["points"] > 0
+    assert d["total_s"] == pytest.approx(sum(t["seconds"] for t in d["tables"].values()))
+    res = CliRunner().invoke(app, ["profile", "--compare", "local-cpu.measured", "h100-sxm.analytic", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["a"]["name"] == "local-cpu.measured" and d["b"]["source"] == "analytic"
+    gemm = next(t for t in d["tables"] if t["table"] == "gemm")
+    assert gemm["summary"] and gemm["summary"][0]["geomean"] > 1  # a CPU core is slower than an H100

@@ -436,8 +436,111 @@ def test_failing_rank_is_named_and_leaves_no_output(tmp_path):
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert "replay failed: rank 2" in last and "unit 2" in last and "injected failure" in last, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "see above" not in res.stderr
     assert "check" not in json_lines(res.stdout) and "step" not in json_lines(res.stdout)
     assert not (tmp_path / "trace.json").exists() and not (tmp_path / "trace.chrome.json").exists()
+
+
+def two_rank_plan() -> Plan:
+    """2 ranks: a unit shared by both, then a packed bin on rank 1 (rank 0 goes on to the all-reduce)."""
+    return make_plan(2, [make_step(0, 2, {0: 40, 1: 30}, [(0, [0, 1], [(0, 0, 40)], 0.0), (1, [1], [(1, 0, 30)], 0.0)],
+                                   {0: [0], 1: [0, 1]})])
+
+
+@pytest.mark.torchrun
+def test_killed_rank_is_named_with_its_step_and_unit(tmp_path):
+    """A rank that dies without a word (SIGKILL, as the out-of-memory killer does): one line names it,
+    the signal, the step and the unit it was in; no traceback, no 'see above', exit code 1."""
+    two_rank_plan().save(tmp_path / "plan.json")
+    res = meshplan("replay", "plan.json", "--nproc", "2", "--inject-failure", "1:1:kill", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: replay failed: rank 1 was killed by SIGKILL in step 0 (plan step 0) unit 1 "
+                                "(HDP ranks [1])"), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "see above" not in res.stderr and "ChildFailedError" not in res.stderr
+    assert len([x for x in lines if x.startswith("error:")]) == 1  # rank 0, stopped by its peer, says nothing
+
+
+def _fake_torchrun(tmp_path: Path, stderr_text: str, code: int) -> list[str]:
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text(f"import sys\nsys.stderr.write({stderr_text!r})\nsys.exit({code})\n")
+    return [sys.executable, str(script)]
+
+
+def launcher_report(others: list[tuple[int, int]], root: tuple[int, int]) -> str:
+    """torchrun's stderr after a worker failed (torch 2.x format): log lines, its traceback, and the
+    summary of (global rank, exit code) failures, the first observed last."""
+    def entry(i: int, rank: int, code: int) -> str:
+        return (f"[{i}]:\n  time      : 2026-12-02_17:22:36\n  host      : localhost\n"
+                f"  rank      : {rank} (local_rank: {rank % 4})\n  exitcode  : {code} (pid: {25690 + rank})\n")
+    return ("step 0 (plan step 0): loss 5.5\n"
+            "W1202 17:22:36.604000 25580 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] "
+            "Sending process 25692 closing signal SIGTERM\n"
+            "E1202 17:22:36.827000 25580 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] "
+            f"failed (exitcode: {root[1]}) local_rank: {root[0] % 4} (pid: 25694) of binary: python\n"
+            "Traceback (most recent call last):\n  File \"run.py\", line 1028, in main\n"
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n" + "=" * 60 + "\nFailures:\n"
+            + "".join(entry(i + 1, r, c) for i, (r, c) in enumerate(others)) + "-" * 60
+            + "\nRoot Cause (first observed failure):\n" + entry(0, *root) + "=" * 60 + "\n")
+
+
+LAUNCHER_REPORT = launcher_report([(0, -15)], (7, -9))
+
+
+def test_launcher_report_is_parsed_not_printed(tmp_path, capfd):
+    """torchrun's traceback and summary are swallowed; its root cause (global rank, signal) and the
+    position the rank kept in the status folder make the line (no torchrun is started)."""
+    from cli import _replay_failure, _run_torchrun
+
+    launch = _run_torchrun(_fake_torchrun(tmp_path, LAUNCHER_REPORT, 1), dict(os.environ))
+    err = capfd.readouterr().err
+    assert err == "step 0 (plan step 0): loss 5.5\n"  # the ranks' progress passes, the launcher's report does not
+    assert (launch.returncode, launch.failures, launch.dead(), launch.root) == (1, ((0, -15), (7, -9)), (7, -9), None)
+    (tmp_path / "rank7").write_text("step 3 (plan step 1) unit 12 (HDP ranks [6, 7])")
+    assert _replay_failure(launch, tmp_path).startswith(
+        "rank 7 was killed by SIGKILL in step 3 (plan step 1) unit 12 (HDP ranks [6, 7])")
+    assert _replay_failure(launch, tmp_path / "elsewhere").startswith("rank 7 was killed by SIGKILL (")  # not local
+    # torchrun may observe a survivor first (stopped by its peer's death, exit code 1): the killed rank is blamed
+    launch = _run_torchrun(_fake_torchrun(tmp_path, launcher_report([(7, -9)], (6, 1)), 1), dict(os.environ))
+    assert launch.failures == ((7, -9), (6, 1)) and launch.dead() == (7, -9)
+    assert _replay_failure(launch, tmp_path).startswith("rank 7 was killed by SIGKILL in step 3")
+
+
+def test_rank_errors_win_and_stopped_peers_are_quiet(tmp_path, capfd):
+    from cli import _replay_failure, _run_torchrun
+
+    text = ("error: rank 1 (HDP rank 1) stopped (a peer rank failed first) in step 0 unit 2: RuntimeError: reset\n"
+            "error: rank 2 (HDP rank 2) failed in step 0 (plan step 0) unit 2 (HDP ranks [1, 2]): RuntimeError: x\n"
+            + LAUNCHER_REPORT)
+    launch = _run_torchrun(_fake_torchrun(tmp_path, text, 1), dict(os.environ))
+    assert capfd.readouterr().err.splitlines() == [text.splitlines()[1]]
+    assert _replay_failure(launch, tmp_path).startswith("rank 2 (HDP rank 2) failed in step 0 (plan step 0) unit 2")
+    only_stopped = _run_torchrun(_fake_torchrun(tmp_path, text.splitlines()[0] + "\n", 1), dict(os.environ))
+    assert _replay_failure(only_stopped, tmp_path).startswith("rank 1 (HDP rank 1) stopped")
+
+
+def test_position_file_holds_the_latest_place(tmp_path):
+    from planner.runtime.executor import Position
+
+    pos = Position(tmp_path, 5)
+    assert (tmp_path / "rank5").read_text() == "start-up"
+    pos.set("step 0 (plan step 0) unit 12 (HDP ranks [0, 1, 2, 3])")
+    pos.set("step 0 (plan step 0) gradient all-reduce")  # shorter: no tail of the previous text left
+    assert (tmp_path / "rank5").read_text() == pos.text == "step 0 (plan step 0) gradient all-reduce"
+
+
+def test_injected_failure_parses_and_fires_only_on_its_rank_and_unit():
+    from planner.runtime import InjectedFailure
+
+    f = InjectedFailure.parse("2:5")
+    assert f == InjectedFailure(2, 5) and InjectedFailure.parse("0:1:kill") == InjectedFailure(0, 1, kill=True)
+    f.fire(2, 4)
+    f.fire(1, 5)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        f.fire(2, 5)
+    for bad in ("2", "a:1", "1:2:boom", "1:2:kill:x"):
+        with pytest.raises(ValueError, match="RANK:UNIT"):
+            InjectedFailure.parse(bad)
 
 
 @pytest.mark.torchrun
@@ -525,7 +628,8 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     pp["mesh"] = {"world_size": 12, "tp": 1, "pp": 4, "hdp": 3}  # tiny has 2 layers
     (tmp_path / "pp.json").write_text(json.dumps(pp))
     sliced = pipelined_plan()
-    sliced.steps[0].units[3] = replace(sliced.steps[0].units[3], slices=13)  # its document has 12 tokens
+    # unit 2 holds 141 tokens (validate passes 100 slices) but its longest document only 80
+    sliced.steps[0].units[2] = replace(sliced.steps[0].units[2], slices=100)
     sliced.save(tmp_path / "slices.json")
     mixed_v = pipelined_plan()
     mixed_v.steps[1].pipeline = {"schedule": "interleaved", "v": 2}
@@ -538,7 +642,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["good.json", "--nproc", "4"], "the plan is for world_size 3"),
             (["tp.json", "--nproc", "12"], "kv_heads = 2 does not split over tp = 4"),
             (["pp.json", "--nproc", "12"], "has 2 layers, fewer than the plan's 4 pipeline chunks"),
-            (["slices.json", "--nproc", "4"], "unit 3 has 13 slices but its longest document only 12 tokens"),
+            (["slices.json", "--nproc", "4"], "unit 2 has 100 slices but its longest document only 80 tokens"),
             (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),
             (["moe.json", "--nproc", "3"], "MoE replay is not implemented"),
             (["good.json", "--nproc", "3", "--model", "nope"], "unknown model 'nope'")]

@@ -219,6 +219,13 @@ def test_wikipedia_matches_its_attribution():
     assert not s.flags.writeable
 
 
+def test_tour_example_file_is_the_start_of_the_wikipedia_sample():
+    """examples/lengths.txt (README's tour): its comment header is skipped and its 64 lengths are the
+    sample's first, as its attribution says."""
+    example = open_source(str(Path(__file__).resolve().parents[1] / "examples" / "lengths.txt")).sample()
+    assert np.array_equal(example, open_source("wikipedia").sample(64))
+
+
 # -- synthetic families --------------------------------------------------------------------------
 
 def share(s: np.ndarray, lo: int, hi: float, weight: str) -> float:

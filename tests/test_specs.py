@@ -36,7 +36,7 @@ def test_hand_counted_tiny_parameters():
 def test_bad_model_values_rejected():
     with pytest.raises(SpecError, match="kv_heads"):
         ModelSpec(name="x", layers=2, hidden=64, heads=4, kv_heads=3, head_dim=16, ffn=128, vocab=10)
-    with pytest.raises(SpecError, match="layers must be a positive integer"):
+    with pytest.raises(SpecError, match="layers: expected an integer > 0, got 0"):
         ModelSpec(name="x", layers=0, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=10)
     with pytest.raises(SpecError, match="unknown field"):
         ModelSpec.from_dict({"name": "x", "layerz": 3})
@@ -76,3 +76,23 @@ def test_spec_json_round_trip():
     for n in model_names():
         m = load_model(n)
         assert ModelSpec.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_training_spec_fields_typed():
+    with pytest.raises(SpecError, match="training: tp: expected an integer > 0, got 2.0"):
+        TrainingSpec(tp=2.0)
+    with pytest.raises(SpecError, match=r"frag_fraction: expected a finite number in \[0, 0.5\)"):
+        TrainingSpec(frag_fraction=0.5)
+    with pytest.raises(SpecError, match="plan.json: meta.training: pp: expected an integer > 0, got true"):
+        TrainingSpec.from_dict({"pp": True}, "plan.json: meta.training")
+    with pytest.raises(SpecError, match=r"unknown field\(s\) \['zero'\]"):
+        TrainingSpec.from_dict({"zero": 1})
+    assert TrainingSpec.from_dict(TrainingSpec(tp=2).to_dict()) == TrainingSpec(tp=2)
+
+
+def test_hf_config_nulls_mean_absent(tmp_path):
+    cfg = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": None,
+           "head_dim": None, "intermediate_size": 128, "vocab_size": 256, "num_local_experts": None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(tmp_path / "config.json"))
+    assert (m.kv_heads, m.head_dim, m.experts) == (4, 16, 1)

@@ -6,6 +6,8 @@ Small cases (1M tokens per step, 8-64 GPUs) keep each test to seconds."""
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -218,6 +220,218 @@ def test_layout_rules_are_the_same_at_every_count():
         prev = lay
 
 
+def first_meeting_count(table: pd.DataFrame) -> int:
+    return int(table[table["status"] == "meets"]["gpus"].min())
+
+
+def test_capacity_stops_at_the_first_count_that_meets(exhaustive, monkeypatch):
+    """The smallest count that meets the target ends the search: no larger count is planned (or even bounded)."""
+    import planner.whatif as wf
+
+    t = exhaustive.table
+    g0 = first_meeting_count(t)
+    assert g0 < t["gpus"].max()  # the case has larger counts the search must not touch
+    target = Target("tokens_per_s", float(t[(t["gpus"] == g0) & (t["status"] == "meets")]["tokens_per_s"].min()))
+    planned, progress = [], []
+    evaluate = wf.evaluate_point
+    monkeypatch.setattr(wf, "evaluate_point", lambda p, *a: planned.append(p.config) or evaluate(p, *a))
+    res = capacity_search("llama-13b", 512 * K, target, rules=RULES, on_progress=progress.append, **CASE)
+    every = sum(len(RULES.layouts("llama-13b", "dgx-h100", g)) for g in RULES.gpu_counts("dgx-h100"))
+    assert all(p.total == every and 0 <= p.count_done <= p.count_total > 0 for p in progress)  # totals known
+    assert [p.done for p in progress] == sorted(p.done for p in progress) and progress[-1].done == len(res.table)
+    assert res.answer["gpus"] == g0 and planned and max(c.gpus for c in planned) == g0
+    assert res.table["gpus"].max() == g0 and res.planned == len(planned)
+    at = res.table[res.table["gpus"] == g0]
+    assert (at["status"] == "meets").sum() == 1  # the first layout meeting it ends the count...
+    assert set(at["status"]) <= {"meets", "misses", "over-hbm", "infeasible", "pruned", "skipped"}
+    assert len(res.not_planned()) == (at["status"] == "skipped").sum()  # ...the others are reported unplanned
+    for g, rows in res.table[res.table["gpus"] < g0].groupby("gpus"):  # every smaller count was decided
+        assert len(rows) == len(RULES.layouts("llama-13b", "dgx-h100", g)) and "meets" not in set(rows["status"])
+
+
+def test_capacity_best_layout_matches_the_exhaustive_search(exhaustive):
+    t = exhaustive.table
+    g0 = first_meeting_count(t)
+    target = Target("tokens_per_s", float(t[(t["gpus"] == g0) & (t["status"] == "meets")]["tokens_per_s"].min()))
+    res = capacity_search("llama-13b", 512 * K, target, rules=RULES, best_layout=True, **CASE)
+    best = t[(t["gpus"] == g0) & (t["status"] == "meets")]["tokens_per_s"].max()
+    assert res.answer["gpus"] == g0 and res.answer["tokens_per_s"] == pytest.approx(best, rel=1e-12)
+    assert not len(res.not_planned()) and set(res.table["gpus"]) == set(t[t["gpus"] <= g0]["gpus"])
+
+
+def test_capacity_journal_resumes_without_planning(tmp_path, exhaustive):
+    t = exhaustive.table
+    target = Target("tokens_per_s", float(t[t["status"] == "meets"]["tokens_per_s"].median()))
+    journal = tmp_path / "cap.journal.jsonl"
+    first = capacity_search("llama-13b", 512 * K, target, rules=RULES, journal=journal, **CASE)
+    assert first.planned > 0 and first.reused == 0
+    assert len(Journal(journal).load()) == first.planned  # every planned layout, once
+    again = capacity_search("llama-13b", 512 * K, target, rules=RULES, journal=journal, workers=2, **CASE)
+    assert again.planned == 0 and again.reused == first.planned  # nothing new planned
+    assert again.answer["key"] == first.answer["key"]
+    cols = ["gpus", "tp", "pp", "status", "tokens_per_s"]
+    pd.testing.assert_frame_equal(again.table[cols], first.table[cols])
+
+
+def test_capacity_ctrl_c_in_the_cli_keeps_the_journal_and_exits_130(tmp_path, monkeypatch):
+    """A KeyboardInterrupt while planning: exit 130, one line saying how to resume, finished layouts journaled;
+    the same command then resumes from them."""
+    from typer.testing import CliRunner
+
+    import planner.whatif as wf
+    from cli import app
+
+    args = ["whatif", "capacity", "--model", "llama-7b", "--context", "128K", "--target-tokens-per-s", "1G",
+            "--tokens-per-step", "1M", "--steps", "1", "--max-gpus", "16", "--tp", "1,2", "--pp", "1",
+            "--workers", "1", "--table", str(tmp_path / "cap.csv")]
+    evaluate, calls = wf.evaluate_point, []
+
+    def interrupted_on_the_second(point, *a):
+        calls.append(point)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(point, *a)
+
+    monkeypatch.setattr(wf, "evaluate_point", interrupted_on_the_second)
+    monkeypatch.setattr(wf, "layout_bound", lambda *a, **k: wf.LayoutBound(1e-9, math.inf, math.inf))  # plan all
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 130, r.output
+    assert "interrupted" in r.output and "cap.journal.jsonl" in r.output and "Traceback" not in r.output
+    assert len(Journal(tmp_path / "cap.journal.jsonl").load()) == 1
+    monkeypatch.setattr(wf, "evaluate_point", evaluate)
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 1, r.output  # 1G tokens/s is out of reach: no answer
+    d = json.loads(r.stdout)
+    assert d["reused"] == 1 and d["planned"] == d["tried"] - 1
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live (not zombie) descendants of a process, from /proc."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_capacity_sigint_stops_planning_workers_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while two workers plan 2,048-GPU layouts (minutes each): exit 130
+    with one line, and no worker left behind. Limits are generous: the point is seconds, not minutes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-c", "from cli import app; app()", "whatif", "capacity", "--model", "llama-7b",
+           "--context", "1M", "--target-tokens-per-s", "2M", "--min-gpus", "2048", "--max-gpus", "2048",
+           "--best-layout", "--workers", "2", "--table", str(tmp_path / "cap.csv")]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_descendants(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        time.sleep(4)  # bounds done, layouts being planned
+        workers = _descendants(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.monotonic() - sent < 30
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted:")
+        deadline = time.monotonic() + 10  # the resource tracker may take a moment after its parent
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)], "processes left behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_capacity_target_takes_suffixes(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    base = ["whatif", "capacity", "--model", "llama-7b", "--context", "128K", "--tokens-per-step", "1M", "--steps",
+            "1", "--max-gpus", "16", "--tp", "1", "--pp", "1", "--json", "--table", str(tmp_path / "cap.csv")]
+    for text, value in (("2K", 2048), ("1.5K", 1536), ("2e3", 2000), ("2000", 2000)):
+        r = CliRunner().invoke(app, [*base, "--target-tokens-per-s", text])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["target"]["value"] == value
+    r = CliRunner().invoke(app, [*base, "--target-tokens-per-s", "2X"])
+    assert r.exit_code == 2 and "--target-tokens-per-s" in r.output and "K = 1024" in r.output
+
+
+@pytest.mark.parametrize("args", [
+    ["capacity", "--min-gpus", "128", "--max-gpus", "64"],
+    ["capacity", "--min-gpus", "0"],
+    ["capacity", "--max-gpus", "-8"],
+    ["capacity", "--min-gpus", "9", "--max-gpus", "12"],
+    ["capacity", "--tp", "0"],
+    ["capacity", "--pp", ","],
+    ["capacity", "--tp", "3"],
+    ["capacity", "--context", "0"],
+    ["capacity", "--tokens-per-step", "-1M"],
+    ["capacity", "--target-tokens-per-s", "0"],
+    ["capacity", "--target-tokens-per-s", "inf"],
+    ["capacity", "--target-step-time", "-1"],
+    ["capacity", "--target-mfu", "150"],
+    ["--gpus", "0"],
+    ["--gpus", ""],
+    ["--tp", "2,0"],
+    ["--context", "1M,-1"],
+    ["--tokens-per-step", "0"],
+])
+def test_whatif_bad_numbers_are_one_line_errors(tmp_path, args):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    if args[0] == "capacity":
+        target = [] if any(a.startswith("--target") for a in args) else ["--target-tokens-per-s", "1M"]
+        argv = ["whatif", "capacity", "--model", "llama-7b", "--context", "128K", *target, *args[1:]]
+        if "--context" in args[1:]:
+            argv = ["whatif", "capacity", "--model", "llama-7b", *target, *args[1:]]
+    else:
+        argv = ["whatif", *args]
+    r = CliRunner().invoke(app, [*argv, "--table" if args[0] == "capacity" else "--out", str(tmp_path / "t.csv")])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.output.strip().startswith("error:")
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "t.journal.jsonl").exists()
+
+
+def test_layout_rules_reject_min_above_max():
+    from planner.plan import PlanError
+
+    with pytest.raises(PlanError, match="min GPUs 128 is larger than max GPUs 64"):
+        LayoutRules(min_gpus=128, max_gpus=64)
+    with pytest.raises(PlanError, match="MFU"):
+        Target("mfu", 1.5)
+
+
 # ---- plots and reports ---------------------------------------------------------------------------
 def nonempty(path) -> bool:
     return path.exists() and path.stat().st_size > 1000
@@ -247,8 +461,8 @@ def test_plan_gantt_and_memory(tmp_path, pp):
     assert all(nonempty(p) for p in figs.gantt + figs.memory)
     mem = memory_breakdown(plan.steps[0], simulate_step(plan.steps[0], cm), cm)
     assert len(mem) == (cm.setup.hdp if pp == 1 else pp)
-    # Everything but the fragmentation allowance adds up to the simulator's peak.
-    total = mem[["states", "activations", "logits", "ctx"]].sum(axis=1)
+    # The parts, fragmentation reserve included, add up to the simulator's peak.
+    total = mem.sum(axis=1)
     peak = figs.simulation.peak_memory_bytes
     if pp == 1:
         assert list(total) == pytest.approx(peak, rel=1e-9)
@@ -270,7 +484,8 @@ def test_cli_sweep_capacity_and_report(tmp_path):
     d = json.loads(r.stdout)
     assert d["computed"] == 4 and len(d["rows"]) == 4 and out.exists() and out.with_suffix(".parquet").exists()
     r = run(app, ["whatif", "capacity", "--model", "llama-7b", "--context", "128K", "--target-tokens-per-s", "1000",
-                  "--tokens-per-step", "1M", "--steps", "1", "--max-gpus", "16", "--tp", "1", "--pp", "1", "--json"])
+                  "--tokens-per-step", "1M", "--steps", "1", "--max-gpus", "16", "--tp", "1", "--pp", "1", "--json",
+                  "--table", str(tmp_path / "cap.csv")])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["answer"]["gpus"] == 8
     r = run(app, ["whatif", "capacity", "--model", "llama-7b", "--context", "128K"])
@@ -284,6 +499,49 @@ def test_cli_sweep_capacity_and_report(tmp_path):
     r = run(app, ["report", str(out), "--out", str(tmp_path / "rep"), "--no-example"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "report.html").exists()
+
+
+def _bad_tables(tmp_path, table: pd.DataFrame) -> dict:
+    bad = table.astype(object)
+    bad.loc[bad.index[0], "gpus"] = "many"
+    files = {"empty.csv": b"", "text.parquet": b"key,model\n1,2\n", "other.csv": b"a,b\n1,2\n",
+             "binary.csv": bytes(range(256)) * 4, "header-only.csv": table.head(0).to_csv(index=False).encode(),
+             "bad-gpus.csv": bad.to_csv(index=False).encode()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+def test_report_rejects_files_that_are_not_sweep_tables(tmp_path, reference):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    why = {"empty.csv": "empty file", "text.parquet": "not a readable Parquet file", "other.csv": "missing",
+           "binary.csv": "", "header-only.csv": "no rows", "bad-gpus.csv": "'gpus'"}
+    for name, path in _bad_tables(tmp_path, reference.table).items():
+        with pytest.raises(OSError, match=str(path)) as e:
+            read_table(path)
+        assert why[name] in str(e.value) and "\n" not in str(e.value)
+        r = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "rep")])
+        assert r.exit_code == 2 and r.output.startswith("error:") and name in r.output, r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "rep").exists()  # nothing half-written
+
+
+def test_report_json_lists_what_it_wrote(tmp_path, reference):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from planner.whatif import write_table
+
+    csv, _ = write_table(reference.table, tmp_path / "s.csv")
+    r = CliRunner().invoke(app, ["report", str(csv), "--out", str(tmp_path / "rep"), "--no-example", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    written = [Path(p) for p in d["written"]]
+    assert d["kind"] == "sweep" and written[:2] == [tmp_path / "rep" / "report.md", tmp_path / "rep" / "report.html"]
+    assert all(p.exists() for p in written) and any(p.suffix == ".png" for p in written)
 
 
 # ---- ByteScale reproduction -------------------------------------------------------------------------

@@ -30,14 +30,15 @@ def cluster_names() -> list[str]:
 def _read_json(path: Path) -> dict:
     data = read_json(path, "spec", SpecError)
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a JSON object")
+        raise SpecError(f"{path}: expected a JSON object, not {type(data).__name__}")
     return data
 
 
 def load_model(name_or_path: str) -> ModelSpec:
     """A model preset by name, or a spec / HuggingFace config file by path."""
     if name_or_path in model_names():
-        return ModelSpec.from_dict(json.loads(_ROOT.joinpath("models", f"{name_or_path}.json").read_text()))
+        return ModelSpec.from_dict(json.loads(_ROOT.joinpath("models", f"{name_or_path}.json").read_text()),
+                                   origin=f"model preset {name_or_path}")
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
         if p.is_dir():
@@ -45,7 +46,7 @@ def load_model(name_or_path: str) -> ModelSpec:
         data = _read_json(p)
         if "num_hidden_layers" in data:
             return ModelSpec.from_hf_config(p)
-        return ModelSpec.from_dict(data)
+        return ModelSpec.from_dict(data, origin=str(p))
     raise SpecError(f"unknown model {name_or_path!r}; presets: {', '.join(model_names())} "
                     "(or a path to a config.json)")
 
@@ -53,9 +54,10 @@ def load_model(name_or_path: str) -> ModelSpec:
 def load_cluster(name_or_path: str) -> ClusterSpec:
     """A cluster preset by name, or a cluster spec file by path."""
     if name_or_path in cluster_names():
-        return ClusterSpec.from_dict(json.loads(_ROOT.joinpath("clusters", f"{name_or_path}.json").read_text()))
+        return ClusterSpec.from_dict(json.loads(_ROOT.joinpath("clusters", f"{name_or_path}.json").read_text()),
+                                     origin=f"cluster preset {name_or_path}")
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
-        return ClusterSpec.from_dict(_read_json(p))
+        return ClusterSpec.from_dict(_read_json(p), origin=str(p))
     raise SpecError(f"unknown cluster {name_or_path!r}; presets: {', '.join(cluster_names())} "
                     "(or a path to a cluster JSON file)")

@@ -7,6 +7,9 @@ torch so the CLI can refuse a plan before any process starts."""
 
 from __future__ import annotations
 
+import os
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from costmodel.presets import load_model
@@ -17,6 +20,33 @@ from planner.plan import Plan, PlanError, validate
 CP_IMPLS = ("ring", "allgather")  # context-parallel attention: overlapped ring, or all-gather first-correct form
 BLOCK_KERNELS = ("auto", "math", "fused-cpu")  # ring block kernel (auto: fused on CPU, math elsewhere)
 OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class InjectedFailure:
+    """Testing (`--inject-failure RANK:UNIT[:kill]`): global rank `rank` fails in the forward of unit
+    `unit`, raising an error, or with `kill` by SIGKILL on itself (a crash that leaves no message)."""
+
+    rank: int
+    unit: int
+    kill: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> InjectedFailure:
+        parts = text.split(":")
+        try:
+            if len(parts) not in (2, 3) or parts[2:] not in ([], ["kill"]):
+                raise ValueError
+            return cls(int(parts[0]), int(parts[1]), kill=len(parts) == 3)
+        except ValueError:
+            raise ValueError(f"expected RANK:UNIT or RANK:UNIT:kill, got {text!r}") from None
+
+    def fire(self, rank: int, unit: int) -> None:
+        if (rank, unit) != (self.rank, self.unit):
+            return
+        if self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("injected failure (--inject-failure)")
 
 
 def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -10,15 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from planner.runtime import BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS
+from planner.runtime import BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, InjectedFailure
 
 
-def _rank_unit(text: str) -> tuple[int, int]:
+def _injected(text: str) -> InjectedFailure:
     try:
-        r, u = text.split(":")
-        return int(r), int(u)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected RANK:UNIT, got {text!r}") from None
+        return InjectedFailure.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,8 +38,11 @@ def parser() -> argparse.ArgumentParser:
                    help="flat .npy token stream (default: tokens generated per sequence id)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
-    p.add_argument("--inject-failure", type=_rank_unit, default=None, metavar="RANK:UNIT",
-                   help="testing: make RANK fail in the forward of UNIT")
+    p.add_argument("--inject-failure", type=_injected, default=None, metavar="RANK:UNIT[:kill]",
+                   help="testing: make RANK fail in the forward of UNIT (kill: by SIGKILL, without a word)")
+    p.add_argument("--status-dir", type=Path, default=None,
+                   help="each rank keeps the step and unit it is in here (rankN), so that the launcher can name "
+                        "them when a rank dies without a word")
     return p
 
 

@@ -21,7 +21,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from costmodel.specs import SpecError
 from planner.plan import Plan, PlanError, Step, Unit
-from planner.runtime import preflight
+from planner.runtime import InjectedFailure, preflight
 from planner.runtime.cp import CPImpl, Peers, shard_layout, unit_attention, unit_documents
 from planner.runtime.model import IGNORE_INDEX, Decoder, ModelConfig, TokenSource, build_model, virtual_stage_layers
 from planner.runtime.offload import Offloader, parameter_pointers
@@ -58,7 +58,8 @@ class ReplayOptions:
     tokens_path: Path | None = None  # flat .npy token stream; None = generated tokens
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     timeout_s: float = 300.0  # process-group timeout: a lost peer ends the job after this at most
-    inject_failure: tuple[int, int] | None = None  # (global rank, unit id) raising in forward; for tests
+    inject_failure: InjectedFailure | None = None  # tests: a rank failing (or killed) in a unit's forward
+    status_dir: Path | None = None  # each rank keeps its position in rankN here (read by `meshplan replay`)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,31 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
+class Position:
+    """Where this rank is in the run ("step 0 (plan step 0) unit 3 (HDP ranks [0, 1])"). Named in the
+    rank's own error, and kept in STATUS_DIR/rankN so that `meshplan replay` can name it when the
+    process dies without a word (SIGKILL, the out-of-memory killer): the page cache outlives it."""
+
+    def __init__(self, status_dir: Path | None, rank: int) -> None:
+        self._fd = (os.open(status_dir / f"rank{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    if status_dir is not None else None)
+        self.text = ""
+        self.set("start-up")
+
+    def set(self, text: str) -> None:
+        self.text = text
+        if self._fd is not None:
+            data = text.encode()
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    """HDP ranks of a unit for a message; long lists elided (a unit may span a thousand ranks)."""
+    shown = list(ranks) if len(ranks) <= 8 else f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}] ({len(ranks)} ranks)"
+    return f"HDP ranks {shown}"
+
+
 @dataclass
 class Context:
     """Per-rank state of a replay."""
@@ -131,6 +157,7 @@ class Context:
     tp_rank: int = 0  # index in the TP group
     full: Decoder | None = None  # --check with pp or tp > 1: the whole model, filled from the shards' owners
     check_owned: frozenset[str] = frozenset()  # names of the parameters this rank fills `full` with
+    position: Position = field(default_factory=lambda: Position(None, 0))  # where this rank is, for failures
 
 
 def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, torch.Tensor]) -> float:
@@ -148,8 +175,8 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, to
         torch.cuda.reset_peak_memory_stats(ctx.device)
     t0 = time.perf_counter()
     with off.active():
-        if ctx.opts.inject_failure == (ctx.rank, unit.id):
-            raise RuntimeError("injected failure (--inject-failure)")
+        if ctx.opts.inject_failure is not None:
+            ctx.opts.inject_failure.fire(ctx.rank, unit.id)
         loss = token_loss(ctx.model(inp, pos, attn), lab, step.global_tokens)
     _sync(ctx.device)
     t1 = time.perf_counter()
@@ -344,9 +371,14 @@ def _peer_lost(e: Exception) -> bool:
         m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
 
 
-def _failure(ctx: Context, e: Exception, where: str) -> ReplayFailure:
+def _failure_at(who: str, where: str, e: Exception) -> ReplayFailure:
     verb = "stopped (a peer rank failed first)" if _peer_lost(e) else "failed"
-    return ReplayFailure(f"rank {ctx.rank} (HDP rank {ctx.hdp_rank}) {verb} in {where}: {type(e).__name__}: {e}")
+    return ReplayFailure(f"{who} {verb} in {where}: {type(e).__name__}: {e}")
+
+
+def _failure(ctx: Context, e: Exception) -> ReplayFailure:
+    """The rank's error, naming where it was (ctx.position)."""
+    return _failure_at(f"rank {ctx.rank} (HDP rank {ctx.hdp_rank})", ctx.position.text, e)
 
 
 @dataclass
@@ -356,10 +388,9 @@ class CheckResult:
     units: int = 0
 
 
-def _unit_failure(ctx: Context, e: Exception, it: int, step: Step, unit: Unit) -> ReplayFailure:
+def _enter_unit(ctx: Context, it: int, step: Step, unit: Unit) -> None:
     stage = f" on stage {ctx.stage}" if ctx.prep.plan.mesh.pp > 1 else ""
-    return _failure(ctx, e, f"step {it} (plan step {step.step}) unit {unit.id}{stage} "
-                            f"(HDP ranks {list(unit.hdp_ranks)})")
+    ctx.position.set(f"step {it} (plan step {step.step}) unit {unit.id}{stage} ({_ranks(unit.hdp_ranks)})")
 
 
 def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]) -> float:
@@ -367,10 +398,11 @@ def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]
     units = {u.id: u for u in step.units}
     loss = 0.0
     for uid in step.order.get(ctx.hdp_rank, []):
+        _enter_unit(ctx, it, step, units[uid])
         try:
             loss += run_unit(ctx, it, step, units[uid], tokens)
         except Exception as e:  # name the rank and unit; the launcher ends the other ranks
-            raise _unit_failure(ctx, e, it, step, units[uid]) from e
+            raise _failure(ctx, e) from e
     return loss
 
 
@@ -382,14 +414,16 @@ def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Ten
     runner = StageRunner(ctx, step, tokens, unit_inputs, token_loss)
     units = {u.id: u for u in step.units}
     for op in rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage):
+        _enter_unit(ctx, it, step, units[op.mb])
         try:
             (runner.forward if op.kind == "F" else runner.backward)(op)
         except Exception as e:
-            raise _unit_failure(ctx, e, it, step, units[op.mb]) from e
+            raise _failure(ctx, e) from e
+    ctx.position.set(f"step {it} (plan step {step.step}) stage-boundary sends")
     try:
         runner.finish()
     except Exception as e:
-        raise _failure(ctx, e, f"step {it}: stage-boundary sends") from e
+        raise _failure(ctx, e) from e
     for run in runner.runs.values():
         u = run.unit
         ctx.trace.units.append(UnitRecord(
@@ -406,6 +440,7 @@ def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Ten
 def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
     plan = ctx.prep.plan
     step = plan.steps[it % len(plan.steps)]
+    ctx.position.set(f"step {it} (plan step {step.step}) before its first unit")
     units = {u.id: u for u in step.units}
     mine = step.order.get(ctx.hdp_rank, [])
     wanted = {p.seq for uid in mine for p in units[uid].pieces}
@@ -427,15 +462,17 @@ def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
     loss = run_pipelined(ctx, it, step, tokens) if pipelined else run_units(ctx, it, step, tokens)
     loss = loss if ctx.tp_rank == 0 else 0.0  # a TP group computes its loss once per member: count it once
     t1 = time.perf_counter()
+    ctx.position.set(f"step {it} (plan step {step.step}) gradient all-reduce")
     try:
         step_loss = sync_gradients(ctx, loss)
         if check is not None and ctx.full is not None:
             collect_full(ctx, "grad")
         _sync(ctx.device)
     except Exception as e:
-        raise _failure(ctx, e, f"step {it} gradient all-reduce") from e
+        raise _failure(ctx, e) from e
     t2, c2 = time.perf_counter(), time.process_time()
     if reference is not None:
+        ctx.position.set(f"step {it} (plan step {step.step}) --check reference")
         all_tokens = ctx.tokens.tokens(it, step.sequences, offset)
         ref_loss = reference_step(reference, step, all_tokens, ctx.device)
         check.max_rel_grad_err = max(check.max_rel_grad_err, max_rel_grad_err(whole, reference))
@@ -443,6 +480,7 @@ def replay_step(ctx: Context, it: int, check: CheckResult | None) -> StepRecord:
         check.units += len(step.units)
         del reference
     t3, c3 = time.perf_counter(), time.process_time()
+    ctx.position.set(f"step {it} (plan step {step.step}) optimizer step")
     ctx.optimizer.step()
     _sync(ctx.device)
     t4, c4 = time.perf_counter(), time.process_time()
@@ -482,7 +520,8 @@ def _trace_meta(ctx: Context, world: int) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.device, tokens: TokenSource) -> Context:
+def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.device, tokens: TokenSource,
+             position: Position) -> Context:
     """This rank's coordinates, model shard and groups (needs the process group)."""
     from planner.runtime.tp import TPGroup, shard_model
 
@@ -513,7 +552,7 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
                    optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
                    trace=RankTrace(rank, time.time() - time.perf_counter()), stage=stage, layer_ranges=ranges,
                    owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank, full=reference_model,
-                   check_owned=check_owned)
+                   check_owned=check_owned, position=position)
 
 
 def run(opts: ReplayOptions) -> int:
@@ -522,6 +561,7 @@ def run(opts: ReplayOptions) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    position = Position(opts.status_dir, rank)
     try:
         prep = prepare(opts, world)
         tokens = TokenSource(prep.config.vocab, opts.seed, str(opts.tokens_path) if opts.tokens_path else None)
@@ -533,10 +573,11 @@ def run(opts: ReplayOptions) -> int:
     if rank == 0 and opts.trace_path is not None:
         remove_stale(opts.trace_path)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
-                            **({"device_id": device} if device.type == "cuda" else {}))
     try:
-        ctx = _context(opts, prep, rank, device, tokens)
+        position.set("start-up (process group, model)")
+        dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        ctx = _context(opts, prep, rank, device, tokens, position)
         # Every rank must replay the same plan (each node reads its own copy); a mismatch would
         # hang in P2P, so compare digests first (REFERENCE 11, decision 23).
         digest = hashlib.sha256(prep.plan.to_json().encode()).hexdigest()
@@ -546,10 +587,11 @@ def run(opts: ReplayOptions) -> int:
             odd = [r for r, d in enumerate(digests) if d != digests[0]]
             raise ReplayFailure(f"rank {rank}: the plan differs across ranks (ranks {odd} read a different plan "
                                 f"than rank 0); give every node the same {opts.plan_path}")
+        position.set("the P2P warm-up before step 0")
         try:
             ctx.trace.prewarm_s = prewarm(ctx)
         except Exception as e:
-            raise _failure(ctx, e, "the P2P warm-up before step 0") from e
+            raise _failure(ctx, e) from e
         check = CheckResult() if opts.check else None
         for it in range(prep.iterations):
             try:
@@ -557,18 +599,20 @@ def run(opts: ReplayOptions) -> int:
             except ReplayFailure:
                 raise
             except Exception as e:  # outside any unit: token reading, the check, the optimizer
-                raise _failure(ctx, e, f"step {it}") from e
+                raise _failure(ctx, e) from e
             ctx.trace.steps.append(rec)
             if rank == 0:  # progress only; the results are printed once every rank finished
                 print(f"step {it} (plan step {rec.plan_step}): loss {rec.step_loss:.6f}, rank 0 {rec.wall_s:.3f} s",
                       file=sys.stderr, flush=True)
+        position.set("gathering the traces after the last step")
         traces: list[RankTrace | None] = [None] * world if rank == 0 else None
         dist.gather_object(ctx.trace, traces, dst=0)
         if rank == 0:
             _finish(ctx, traces, check, world)
+        position.set("the final barrier")
         dist.barrier()  # nobody leaves before rank 0 has written everything
     except Exception as e:
-        msg = str(e) if isinstance(e, ReplayFailure) else f"rank {rank} failed: {type(e).__name__}: {e}"
+        msg = str(e if isinstance(e, ReplayFailure) else _failure_at(f"rank {rank}", position.text, e))
         print(f"error: {msg}", file=sys.stderr, flush=True)
         os._exit(1)  # peers may be blocked in P2P with us: no teardown, the launcher ends them
     # Every rank passed the final barrier, so all work is done and rank 0's files are written. Skip the

@@ -103,12 +103,18 @@ def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: 
 
 
 def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
-    """Chrome trace events: one process per rank, forward/backward/sync/optimizer slices."""
+    """Chrome trace events: one named process per rank (its HDP rank and stage), a thread of
+    forward/backward/sync/optimizer slices and one of whole steps."""
+    from planner.simulate import chrome_metadata  # the one naming helper (numpy behind it: rank 0, at the end)
+
     ev: list[dict[str, Any]] = []
     us = 1e6
-    ranks = sorted({r["rank"] for s in doc["steps"] for r in s["ranks"]})
-    for r in ranks:
-        ev.append({"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"rank {r}"}})
+    hdp_rank = {r["rank"]: r["hdp_rank"] for s in doc["steps"] for r in s["ranks"]}
+    stage = {u["rank"]: u.get("stage", 0) for s in doc["steps"] for u in s["units"]}
+    pipelined = any(stage.values())
+    procs = {r: f"rank {r} (HDP rank {h}" + (f", stage {stage[r]})" if pipelined and r in stage else ")")
+             for r, h in hdp_rank.items()}
+    threads = {k: name for r in hdp_rank for k, name in (((r, 0), "units, grad sync, optimizer"), ((r, 1), "steps"))}
     for s in doc["steps"]:
         for u in s["units"]:
             args = {k: u[k] for k in ("unit", "degree", "tokens", "comm_wait_s", "sent_bytes", "offloaded_bytes",
@@ -133,7 +139,7 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
                        "ts": (t + r["grad_sync_s"]) * us, "dur": r["optimizer_s"] * us})
             ev.append({"ph": "X", "pid": r["rank"], "tid": 1, "name": f"step {s['step']}", "cat": "step",
                        "ts": r["start_s"] * us, "dur": r["wall_s"] * us})
-    return {"traceEvents": ev, "displayTimeUnit": "ms", "otherData": doc["meta"]}
+    return {"traceEvents": chrome_metadata(procs, threads) + ev, "displayTimeUnit": "ms", "otherData": doc["meta"]}
 
 
 def chrome_path(path: Path) -> Path:

@@ -27,6 +27,9 @@ GiB = 2**30
 
 TABLES = ("gemm", "attention", "collective", "host_copy")  # measurement order
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+# Which profiled dtype is the main one (attention is measured in it alone): the first of these that
+# the GEMM table holds, the same order the cost model and `runner.main_dtype` read a profile in.
+DTYPE_PREFERENCE = ("bf16", "fp16", "fp32")
 
 
 class MeasureError(ProfileError):
@@ -98,7 +101,7 @@ class MeasureConfig:
 
     device: str  # "cpu" | "cuda"
     quick: bool
-    dtypes: tuple[str, ...]  # GEMM / attention dtypes; the first is the profile's main dtype
+    dtypes: tuple[str, ...]  # GEMM dtypes, main first (DTYPE_PREFERENCE order); attention: the main one
     timing: TimingConfig
     gemm_tokens: tuple[int, ...]  # m grid for the model shapes
     gemm_flop_cap: float  # skip GEMMs above this many FLOPs (time budget)
@@ -123,11 +126,22 @@ class MeasureConfig:
         return self.dtypes[0]
 
     def key(self) -> dict[str, Any]:
-        """What a resumed run must share with the partial file it resumes."""
+        """The plan as JSON data: the partial file keeps it so a resumed run measures the same points."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["timing"] = vars(self.timing)
         d["coll_timing"] = vars(self.coll_timing)
         return _jsonable(d)
+
+    @classmethod
+    def from_key(cls, d: dict[str, Any]) -> "MeasureConfig":
+        """The inverse of `key` (JSON lists back to tuples)."""
+        try:
+            fields = {k: _tupled(d[k]) for k in cls.__dataclass_fields__}
+            fields["timing"] = TimingConfig(**d["timing"])
+            fields["coll_timing"] = TimingConfig(**d["coll_timing"])
+            return cls(**fields)
+        except (KeyError, TypeError) as e:
+            raise MeasureError(f"measurement plan lacks or garbles {e}") from None
 
 
 def _jsonable(x: Any) -> Any:
@@ -136,6 +150,10 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
 def _pow2(lo: int, hi: int, step: int = 2) -> tuple[int, ...]:
@@ -156,6 +174,12 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
     gpu = device == "cuda"
     if dtypes is None:
         dtypes = ("bf16", "fp16", "fp32") if gpu else ("fp32",)
+    unknown = [d for d in dtypes if d not in DTYPE_PREFERENCE]
+    if unknown or not dtypes:
+        raise MeasureError(f"dtypes must be some of {', '.join(DTYPE_PREFERENCE)}, got {list(dtypes)}")
+    # Main dtype first whatever order was asked: a CPU with fast bf16 must time attention in bf16,
+    # the dtype its GEMM table makes the cost model look up.
+    dtypes = tuple(sorted(set(dtypes), key=DTYPE_PREFERENCE.index))
     if gpu:
         timing = (TimingConfig(warmup=3, repeats=20, min_repeats=5, budget_s=0.2) if quick else
                   TimingConfig(warmup=5, repeats=50, min_repeats=10, budget_s=0.5))
@@ -237,7 +261,7 @@ def gemm_points(cfg: MeasureConfig) -> list[GemmPoint]:
 def attention_points(cfg: MeasureConfig) -> list[AttentionPoint]:
     hq, hkv = cfg.attn_heads
     pts = []
-    for dt in cfg.dtypes[:1]:  # the main dtype only: the cost model reads bf16 for bf16 and fp16 runs
+    for dt in cfg.dtypes[:1]:  # the main dtype only: the one the cost model looks up (bf16 for bf16/fp16 runs)
         for hd in cfg.attn_head_dims:
             for s in cfg.attn_lengths:
                 docs = max(1, cfg.attn_pack_tokens // s)

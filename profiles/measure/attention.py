@@ -94,12 +94,12 @@ def time_attention(p: AttentionPoint, cfg: MeasureConfig) -> tuple[float, str]:
 
 
 def measure_attention(cfg: MeasureConfig, points: list[AttentionPoint],
-                      on_point: Callable[[], None] | None = None) -> pd.DataFrame:
+                      on_point: Callable[[tuple], None] | None = None) -> pd.DataFrame:
     rows = []
     for p in points:
         t, impl = time_attention(p, cfg)
         rows.append((p.direction, p.causal, p.heads, p.kv_heads, p.head_dim, p.doc_len, p.docs, p.dtype, t,
                      p.layout, impl))
-        if on_point:
-            on_point()
+        if on_point:  # the runner checkpoints each row
+            on_point(rows[-1])
     return pd.DataFrame(rows, columns=COLUMNS)

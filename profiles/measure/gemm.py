@@ -22,12 +22,12 @@ def time_gemm(p: GemmPoint, timing: TimingConfig, device: str) -> float:
 
 
 def measure_gemm(cfg: MeasureConfig, points: list[GemmPoint],
-                 on_point: Callable[[], None] | None = None) -> pd.DataFrame:
+                 on_point: Callable[[tuple], None] | None = None) -> pd.DataFrame:
     rows = []
     for p in points:
         rows.append((p.m, p.n, p.k, p.dtype, time_gemm(p, cfg.timing, cfg.device)))
-        if on_point:
-            on_point()
+        if on_point:  # the runner checkpoints each row
+            on_point(rows[-1])
     return pd.DataFrame(rows, columns=TABLE_COLUMNS["gemm"])
 
 

@@ -31,10 +31,10 @@ def time_copy(p: HostCopyPoint, cfg: MeasureConfig) -> float:
 
 
 def measure_host_copy(cfg: MeasureConfig, points: list[HostCopyPoint],
-                      on_point: Callable[[], None] | None = None) -> pd.DataFrame:
+                      on_point: Callable[[tuple], None] | None = None) -> pd.DataFrame:
     rows = []
     for p in points:
         rows.append((p.direction, p.pinned, p.nbytes, time_copy(p, cfg)))
-        if on_point:
-            on_point()
+        if on_point:  # the runner checkpoints each row
+            on_point(rows[-1])
     return pd.DataFrame(rows, columns=TABLE_COLUMNS["host_copy"])

@@ -1,9 +1,11 @@
 """Orchestration of `meshplan profile`: plan the points, run each table's micro-benchmark under a
 rich progress bar, and write one fingerprinted Profile.
 
-Resumable: each finished table goes into `<out>.partial` (written atomically) together with the
-plan it was measured under; a rerun with the same plan on the same device skips those tables. The
-final profile is written atomically and the partial file removed.
+Resumable: `<out>.partial` (written atomically) holds the plan being measured, each finished table,
+and the rows of the table in progress (saved every few seconds and on Ctrl-C; the collective table,
+one torchrun job, only when finished). A rerun of the same command (same plan, same device) skips
+what it holds. Only a complete profile is ever written to <out> (atomically); the partial file is
+then removed.
 
 torch is imported only when measuring, so `compare_profiles` and the planning helpers work without
 it (the CLI's `--compare` runs on a laptop)."""
@@ -24,11 +26,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from profiles.measure import (TABLES, MeasureConfig, MeasureError, attention_points, available_memory_bytes,
-                              collective_cases, gemm_points, host_copy_points, plan_config)
+from profiles.measure import (DTYPE_PREFERENCE, TABLES, MeasureConfig, MeasureError, attention_points,
+                              available_memory_bytes, collective_cases, gemm_points, host_copy_points, plan_config)
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
 
 BF16_SANE_FRACTION = 0.25  # profile bf16 on CPU only if it reaches this fraction of the fp32 rate
+CHECKPOINT_EVERY_S = 5.0  # the rows of the table being measured reach the partial file at least this often
 
 
 @dataclass(frozen=True)
@@ -73,21 +76,87 @@ def profile_name(out: Path) -> str:
 
 # ---- partial file ---------------------------------------------------------------------------
 
-def _read_partial(path: Path, key: dict) -> dict:
-    """Finished tables of an earlier run with the same plan, else {} (a different plan: start over)."""
-    if not path.exists():
-        return {}
+@dataclass
+class PartialState:
+    """What an interrupted run left: finished tables and the rows of the table it was measuring."""
+
+    plan: dict  # MeasureConfig.key(): a resumed run measures the points the first run chose
+    dtype_note: str  # how the dtypes were chosen (the probe is not rerun on resume)
+    tables: dict = field(default_factory=dict)  # table -> _df_to_json(...)
+    table: str = ""  # the table in progress ("" when none)
+    rows: list = field(default_factory=list)  # its measured rows, in point order
+
+    def rows_of(self, name: str) -> list:
+        return list(self.rows) if name == self.table else []
+
+
+def _load_partial(path: Path) -> dict | None:
     try:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return {}  # torn by a crash mid-write is impossible (atomic), but never trust it blindly
-    if not isinstance(d, dict) or d.get("key") != key:
-        return {}
-    return d.get("tables", {})
+        return None  # torn by a crash mid-write is impossible (atomic), but never trust it blindly
+    return d if isinstance(d, dict) else None
 
 
-def _write_partial(path: Path, key: dict, tables: dict) -> None:
-    atomic_write_text(path, json.dumps({"key": key, "tables": tables}, sort_keys=True) + "\n")
+def _read_partial(path: Path, key: dict) -> PartialState | None:
+    """What an earlier run of the same command on the same device left; None when there is no such
+    file, or it was made by another command or device (then everything is measured afresh)."""
+    d = _load_partial(path) if path.exists() else None
+    if d is None or d.get("key") != key or not isinstance(d.get("plan"), dict):
+        return None
+    try:
+        MeasureConfig.from_key(d["plan"])
+    except MeasureError:
+        return None
+    prog = d.get("in_progress") or {}
+    return PartialState(plan=d["plan"], dtype_note=str(d.get("dtype_note", "")), tables=dict(d.get("tables") or {}),
+                        table=str(prog.get("table", "")), rows=list(prog.get("rows") or []))
+
+
+def _write_partial(path: Path, key: dict, state: PartialState) -> None:
+    d = {"key": key, "plan": state.plan, "dtype_note": state.dtype_note, "tables": state.tables}
+    if state.table:
+        d["in_progress"] = {"table": state.table, "rows": state.rows}
+    atomic_write_text(path, json.dumps(d, sort_keys=True) + "\n")
+
+
+def resume_hint(out: Path) -> str:
+    """One line for a run stopped by Ctrl-C: what its partial file holds and how to go on."""
+    ppath = partial_path(out)
+    d = _load_partial(ppath) if ppath.exists() else None
+    if d is None:
+        return f"interrupted before anything was measured; {out} not written"
+    saved = [t for t in TABLES if t in (d.get("tables") or {})]
+    prog = d.get("in_progress") or {}
+    if prog.get("rows"):
+        saved.append(f"{len(prog['rows'])} {prog.get('table')} point(s)")
+    return (f"interrupted; {out} not written; {ppath} holds {', '.join(saved) or 'the plan only'}: "
+            "rerun the same command to resume")
+
+
+class _Checkpoint:
+    """Keeps the partial file up to date with the table being measured: every CHECKPOINT_EVERY_S,
+    and at once on `flush` (Ctrl-C), so an interrupt loses at most the point in progress."""
+
+    def __init__(self, path: Path, key: dict, state: PartialState, table: str) -> None:
+        self.path, self.key, self.state = path, key, state
+        state.rows = state.rows_of(table)
+        state.table = table
+        self.last_s = time.monotonic()
+
+    def add(self, row: tuple) -> None:
+        self.state.rows.append([_py(v) for v in row])
+        if time.monotonic() - self.last_s >= CHECKPOINT_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        _write_partial(self.path, self.key, self.state)
+        self.last_s = time.monotonic()
+
+    def finish(self, df: pd.DataFrame, seconds: float) -> None:
+        self.state.tables[self.state.table] = _df_to_json(df, seconds)
+        self.state.table, self.state.rows = "", []
+        self.flush()  # a crash after this line loses no finished table
 
 
 def _df_to_json(df: pd.DataFrame, seconds: float) -> dict:
@@ -114,15 +183,17 @@ def detect_device() -> str:
 
 
 def choose_dtypes(device: str) -> tuple[tuple[str, ...], str]:
-    """(dtypes to profile, a note). GPUs: bf16, fp16, fp32. CPUs: fp32, plus bf16 when a probe GEMM
-    shows it runs at a sane speed (CPUs without native bf16 emulate it ~100x slower)."""
+    """(dtypes to profile, main dtype first, and a note). GPUs: bf16, fp16, fp32. CPUs: fp32 alone, or
+    bf16 then fp32 when a probe GEMM shows bf16 runs at a sane speed (CPUs without native bf16 emulate
+    it ~100x slower). The main dtype is the one attention is measured in, so it must be the one the
+    cost model looks up (`main_dtype`: bf16 whenever the GEMM table holds it)."""
     if device == "cuda":
         return ("bf16", "fp16", "fp32"), "GEMM dtypes bf16, fp16, fp32 (fp32 without TF32)"
     from profiles.measure.gemm import dtype_rate_flops
     fp32, bf16 = dtype_rate_flops("fp32", device), dtype_rate_flops("bf16", device)
     note = f"CPU probe 512^3 GEMM: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s"
     if bf16 >= BF16_SANE_FRACTION * fp32:
-        return ("fp32", "bf16"), note + "; both profiled"
+        return ("bf16", "fp32"), note + "; both profiled, bf16 the main dtype (attention, peak)"
     return ("fp32",), note + f"; bf16 below {BF16_SANE_FRACTION:.0%} of fp32, not profiled"
 
 
@@ -169,11 +240,15 @@ def run_collectives(cfg: MeasureConfig, ops: tuple[str, ...] | None = None,
         with open(Path(tmp) / "stderr.txt", "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
             assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(PROGRESS_TAG) and on_progress:
-                    done, total = line.split()[1:3]
-                    on_progress(int(done), int(total))
-            rc = proc.wait()
+            try:
+                for line in proc.stdout:
+                    if line.startswith(PROGRESS_TAG) and on_progress:
+                        done, total = line.split()[1:3]
+                        on_progress(int(done), int(total))
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C reached this process alone (kill -INT): leave no workers behind
+                _stop(proc)
+                raise
             err.seek(0)
             log = err.read()
         if rc != 0 or not out.exists():
@@ -181,6 +256,16 @@ def run_collectives(cfg: MeasureConfig, ops: tuple[str, ...] | None = None,
                                f"`{' '.join(cmd[1:])}` to see its log")
         d = json.loads(out.read_text())
     return pd.DataFrame(d["rows"], columns=d["columns"])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate torchrun (it stops its workers on SIGTERM), then kill it if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _last_error(log: str) -> str:
@@ -191,8 +276,12 @@ def _last_error(log: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def measure_table(name: str, cfg: MeasureConfig, tick: Callable[[int, int], None]) -> pd.DataFrame:
-    """Run one table's benchmark; tick(done, total) after each point."""
+def measure_table(name: str, cfg: MeasureConfig, tick: Callable[[int, int], None],
+                  rows_done: list | None = None, on_row: Callable[[tuple], None] | None = None) -> pd.DataFrame:
+    """Run one table's benchmark; tick(done, total) after each point. The points whose rows an
+    interrupted run measured (rows_done, in point order) are not measured again; on_row gets each new
+    row. The collective table runs as one torchrun job and always starts afresh."""
+    rows_done = rows_done or []
     if name == "collective":
         return run_collectives(cfg, on_progress=tick)
     if name == "gemm":
@@ -204,13 +293,19 @@ def measure_table(name: str, cfg: MeasureConfig, tick: Callable[[int, int], None
     else:
         from profiles.measure.host_copy import measure_host_copy as fn
         pts = host_copy_points(cfg)
-    done = [0]
+    done = [len(rows_done)]
 
-    def on_point() -> None:
+    def on_point(row: tuple) -> None:
         done[0] += 1
+        if on_row:
+            on_row(row)
         tick(done[0], len(pts))
 
-    return fn(cfg, pts, on_point)
+    new = fn(cfg, pts[len(rows_done):], on_point)
+    if not rows_done:
+        return new
+    return pd.DataFrame([list(r) for r in rows_done] + [list(r) for r in new.itertuples(index=False)],
+                        columns=new.columns)
 
 
 def peak_constant(gemm: pd.DataFrame, dtype: str, device: str) -> dict:
@@ -246,41 +341,57 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, console
     if device == "cpu":
         torch.set_num_threads(1)  # = plan_config's cpu_threads; set before the dtype probe
     from profiles.measure import device_fingerprint
+    from rich.console import Console
+    console = console or Console(stderr=True)
     desc, versions = device_fingerprint(device)
-    dtypes, dtype_note = choose_dtypes(device)
-    cfg = build_config(req, device, dtypes)
+    key = {"device": desc, "versions": {k: versions.get(k, "") for k in ("torch", "cuda", "nccl", "gpus")},
+           "request": {"quick": req.quick, "ops": list(req.ops), "max_bytes": req.max_bytes, "nproc": req.nproc,
+                       "model_shapes": [list(s) for s in req.model_shapes]}}
+    ppath = partial_path(req.out)
+    state = _read_partial(ppath, key)
+    if state is None:
+        if ppath.exists():
+            console.print(f"note: {ppath} was left by another command or device; measuring afresh", markup=False)
+        dtypes, dtype_note = choose_dtypes(device)
+        state = PartialState(plan=build_config(req, device, dtypes).key(), dtype_note=dtype_note)
+    else:
+        console.print(f"resuming from {ppath}", markup=False)
+    cfg = MeasureConfig.from_key(state.plan)
+    dtype_note = state.dtype_note
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
         versions["torch_threads"] = str(cfg.cpu_threads)
     if "collective" in req.ops and cfg.nproc < 2:
         raise MeasureError("the collective table needs --nproc >= 2 (or leave it out of --ops)")
-    key = {"device": desc, "versions": {k: versions[k] for k in ("torch", "cuda", "nccl")}, "plan": cfg.key(),
-           "ops": list(req.ops)}
-    ppath = partial_path(req.out)
-    done = _read_partial(ppath, key)
+    _write_partial(ppath, key, state)  # from here on an interrupted run always leaves one
+    done = state.tables
     load0 = os.getloadavg()
     counts = plan_counts(cfg)
     seconds: dict[str, float] = {}
     resumed = [t for t in TABLES if t in req.ops and t in done]
 
-    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
     progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                         disable=not show_progress, transient=False)
     with progress:
         tasks = {t: progress.add_task(t + (" (resumed)" if t in done else ""), total=counts[t] or 1,
-                                      completed=counts[t] if t in done else 0)
+                                      completed=counts[t] if t in done else len(state.rows_of(t)))
                  for t in TABLES if t in req.ops}
         for name in TABLES:
             if name not in req.ops or name in done:
                 continue
             t0 = time.perf_counter()
-            df = measure_table(name, cfg, lambda d, n, _t=tasks[name]: progress.update(_t, completed=d, total=n))
+            ckpt = _Checkpoint(ppath, key, state, name)
+            try:
+                df = measure_table(name, cfg, lambda d, n, _t=tasks[name]: progress.update(_t, completed=d, total=n),
+                                   rows_done=list(state.rows), on_row=ckpt.add)
+            except KeyboardInterrupt:
+                ckpt.flush()  # keep every point measured so far
+                raise
             seconds[name] = time.perf_counter() - t0
-            done[name] = _df_to_json(df, seconds[name])
-            _write_partial(ppath, key, done)  # a crash after this line loses no finished table
+            ckpt.finish(df, seconds[name])
 
     tables = {name: _json_to_df(done[name]) for name in TABLES if name in done and name in req.ops}
     for name in resumed:
@@ -317,7 +428,7 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, console
 def main_dtype(profile: Profile) -> str:
     """The dtype a training spec should use on this profile: bf16 where measured, else fp32."""
     dts = set(profile.tables["gemm"]["dtype"])
-    for dt in ("bf16", "fp16", "fp32"):
+    for dt in DTYPE_PREFERENCE:
         if dt in dts:
             return dt
     raise ProfileError(f"profile {profile.fingerprint.name!r} has no GEMM table")

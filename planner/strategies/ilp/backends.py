@@ -79,12 +79,13 @@ def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solu
 
 
 def _solve_cbc(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
+    import cbcbox
     import pulp
 
     deadline = time.perf_counter() + limit_s  # pulp's modelling and files count against the limit too
     prob = pulp.LpProblem("meshplan_step", pulp.LpMinimize)
-    v = [pulp.LpVariable(f"v{j}", lowBound=lm.lb[j], upBound=None if math.isinf(lm.ub[j]) else lm.ub[j],
-                         cat=pulp.LpInteger if lm.integer[j] else pulp.LpContinuous) for j in range(lm.n)]
+    v = [prob.add_variable(f"v{j}", lowBound=lm.lb[j], upBound=None if math.isinf(lm.ub[j]) else lm.ub[j],
+                           cat=pulp.LpInteger if lm.integer[j] else pulp.LpContinuous) for j in range(lm.n)]
     prob += v[lm.objective]
     for idx, val, lo, hi, *_ in lm.rows:
         e = pulp.LpAffineExpression([(v[j], float(a)) for j, a in zip(idx, val)])
@@ -101,8 +102,9 @@ def _solve_cbc(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Soluti
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "cbc.log"
         left = deadline - time.perf_counter() - PULP_IO_SHARE * limit_s  # writing the MPS, reading the solution
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=round(max(0.05, left), 2), gapRel=REL_GAP,
-                                   warmStart=x0 is not None, logPath=str(log), threads=1)
+        # CBC from the cbcbox wheel (pulp[cbc]): pulp's own bundled binary (PULP_CBC_CMD) is deprecated.
+        solver = pulp.COIN_CMD(path=cbcbox.cbc_bin_path(), msg=False, timeLimit=round(max(0.05, left), 2),
+                               gapRel=REL_GAP, warmStart=x0 is not None, logPath=str(log), threads=1)
         try:
             prob.solve(solver)
         except pulp.PulpSolverError:  # the CBC binary exited abnormally (it can crash mid-search)

@@ -1,0 +1,202 @@
+"""How the CLI prints: nothing a user reads or types is cut (tables, help), user text is never
+taken for markup, output paths are checked before planning, the fastest plan is written unless a
+strategy is forced, and anything unexpected is one line, never a traceback."""
+
+import json
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+import cli
+from cli import app
+from costmodel.presets import cluster_names, model_names
+from planner.api import Comparison, Summary
+from planner.plan import Plan, PlanError
+from profiles.table import profile_names
+
+TINY = ["--model", "tiny", "--cluster", "local-cpu", "--gpus", "4", "--tokens-per-step", "16K", "--max-context", "4K"]
+
+
+def run(*args: str, **env: str):
+    return CliRunner(env=env or None).invoke(app, list(args))
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---- tables and help are never cut ---------------------------------------------------------------
+
+def test_presets_in_a_pipe_shows_every_name_whole():
+    r = run("presets")
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.stdout
+    lines = r.stdout.splitlines()
+    for name in model_names() + cluster_names() + profile_names():
+        assert any(name in line for line in lines), name  # what `meshplan presets | grep NAME` finds
+    assert any("llama3-405b" in line and "405.85" in line for line in lines)
+
+
+def test_presets_in_an_80_column_terminal_keeps_names_whole(monkeypatch):
+    terminal = Console(width=80, force_terminal=True, color_system=None, record=True)
+    monkeypatch.setattr(cli, "out", terminal)
+    assert run("presets").exit_code == 0
+    text = terminal.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for name in model_names() + cluster_names() + profile_names():
+        assert name in text, name
+
+
+def test_presets_json_lists_every_preset():
+    r = run("presets", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert [m["name"] for m in d["models"]] == model_names()
+    assert [c["name"] for c in d["clusters"]] == cluster_names()
+    assert [p["name"] for p in d["profiles"]] == profile_names()
+    assert d["models"][0]["parameters"] > 0 and d["clusters"][0]["profile"] and d["profiles"][0]["sha256"]
+
+
+@pytest.mark.parametrize("width", [120, 80, 50])
+def test_tables_fold_rather_than_ellipsise_in_a_narrow_terminal(width):
+    cells = ("hdp-naive *", "1166.23", "3.92", "12,345,678", "26.5%", "2.92x", "1134.45", "1000.03", "141.0", "12.34")
+    t = cli.Table(title="predicted per step (mean over steps)")
+    for header in ("strategy", "step time (s)", "/ lower bound", "tokens/s", "MFU", "speedup vs static",
+                   "busiest rank (s)", "idlest rank (s)", "peak mem (GB)", "plan time (s)"):
+        t.add_column(header, justify="right")
+    t.add_row(*cells)
+    console = Console(width=width, force_terminal=True, color_system=None, record=True)
+    console.print(t)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+    if width >= 80:  # headers wrap and borders go before any value is folded
+        assert all(c in text for c in cells), text
+
+
+def test_implicit_columns_fold_too():
+    t = cli.Table(show_header=False)
+    t.add_row("key", "x" * 200)
+    console = Console(width=60, force_terminal=True, color_system=None, record=True)
+    console.print(t)
+    text = console.export_text()
+    assert "…" not in text and text.count("x") == 200
+
+
+def test_help_shows_full_option_names_at_80_columns_and_takes_h():
+    for args in (["plan", "--help"], ["plan", "-h"]):
+        r = run(*args, COLUMNS="80")
+        assert r.exit_code == 0, r.output
+        assert "--redistribute-max-chunks" in r.stdout and "--tokens-per-step" in r.stdout
+        assert "…" not in r.stdout and max(len(line) for line in r.stdout.splitlines()) <= 80
+    for args in (["-h"], ["presets", "-h"], ["presets", "show", "-h"], ["whatif", "capacity", "-h"],
+                 ["lengths", "describe", "-h"], ["simulate", "-h"]):
+        r = run(*args, COLUMNS="80")
+        assert r.exit_code == 0 and r.stdout.startswith("Usage: "), (args, r.output)
+    root = one_line(run("--help", COLUMNS="80").stdout)
+    assert "--install-completion" in root and "--show-completion" in root
+    assert "Sequence-length sources: files, the Wikipedia sample, synthetic families." in root  # not cut with ...
+
+
+# ---- user text is never markup -------------------------------------------------------------------
+
+def test_error_messages_are_not_markup(monkeypatch):
+    monkeypatch.setattr(cli, "find_spec", lambda name: None)  # replay without torch: the install hint
+    r = run("replay", "p.json", "--nproc", "1")
+    assert r.exit_code == 2 and "pip install 'meshplan[runtime]'" in r.stderr, r.output
+    r = run("simulate", "no[bold]such.json")
+    assert r.exit_code == 2 and "no[bold]such.json" in r.stderr and "Traceback" not in r.output, r.output
+
+
+# ---- plan: the fastest plan, output paths checked first, nothing half-written ------------------------
+
+def test_plan_writes_the_fastest_and_says_so(tmp_path):
+    out = tmp_path / "plan[bold].json"
+    r = run("plan", *TINY, "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    fastest = min(d["summary"], key=lambda x: x["step_time_s"])["strategy"]  # ties: the first compared
+    assert d["strategy"] == fastest and d["reason"].startswith("fastest of static, dcp, hdp-naive, hdp")
+    assert Plan.load(out).meta["strategy"] == fastest
+    r = run("plan", *TINY, "--out", str(out), "--strategy", "hdp-naive")
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.stdout and "hdp-naive *" in r.stdout
+    assert f"wrote {out}: hdp-naive, as requested" in one_line(r.stdout)  # the file name is not markup
+    assert Plan.load(out).meta["strategy"] == "hdp-naive"
+
+
+def _summary(strategy: str, step_time_s: float) -> Summary:
+    return Summary(strategy=strategy, step_time_s=step_time_s, lower_bound_s=1.0, tokens_per_s=1.0, mfu=0.1,
+                   mfu_unhalved=0.2, speedup_vs_static=None, busiest_rank_s=1.0, idlest_rank_s=0.5,
+                   peak_memory_bytes=1.0, planning_s=0.1)
+
+
+def test_comparison_chooses_the_fastest_unless_forced():
+    times = {"static": 1500.0, "dcp": 1166.0, "hdp-naive": 1400.0, "hdp": 1253.0}
+    res = Comparison(plans={n: None for n in times}, summaries=[_summary(n, t) for n, t in times.items()],
+                     failures={"ilp": "solver missing"}, cost_model=None, batches=[])
+    c = res.chosen()
+    assert c.strategy == "dcp" and c.reason == "fastest of static, dcp, hdp-naive, hdp (1,166 s vs hdp 1,253 s)"
+    c = res.chosen("hdp")
+    assert c.strategy == "hdp" and c.reason == "as requested (1,253 s; dcp 1,166 s)"
+    with pytest.raises(PlanError, match="strategy ilp could not plan this case: solver missing"):
+        res.chosen("ilp")
+    with pytest.raises(PlanError, match="no strategy could plan this case: ilp: solver missing"):
+        Comparison(plans={}, summaries=[], failures={"ilp": "solver missing"}, cost_model=None, batches=[]).chosen()
+
+
+@pytest.mark.parametrize("cmd", ["plan", "simulate"])
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, cmd):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "plan.json"
+    head = ["plan", *TINY, "--out", str(out)] if cmd == "plan" else ["simulate", str(tmp_path / "missing.json")]
+    r = run(*head, "--trace", str(tmp_path / "afile" / "t.json"))
+    assert r.exit_code == 2 and "--trace" in r.stderr and "is a file, not a folder" in r.stderr, r.output
+    r = run(*head, "--trace", str(tmp_path))
+    assert r.exit_code == 2 and "is a folder" in r.stderr, r.output
+    assert not out.exists()
+
+
+def test_a_failed_trace_write_leaves_no_plan(tmp_path, monkeypatch):
+    from planner.simulate import StepSimulation
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(StepSimulation, "write_trace", disk_full)
+    out = tmp_path / "plan.json"
+    r = run("plan", *TINY, "--out", str(out), "--trace", str(tmp_path / "t.json"))
+    assert r.exit_code == 2 and "No space left on device" in r.stderr, r.output
+    assert not out.exists()
+
+
+# ---- anything unexpected: one line ---------------------------------------------------------------
+
+def _boom():
+    raise ZeroDivisionError("boom")
+
+
+def test_internal_errors_are_one_line(monkeypatch):
+    monkeypatch.setattr(cli, "model_names", _boom)
+    r = run("presets")
+    assert r.exit_code == 3, r.output
+    assert r.stderr == ("error: internal error: ZeroDivisionError: boom (rerun with MESHPLAN_DEBUG=1 for the "
+                        "traceback)\n")
+    r = run("presets", MESHPLAN_DEBUG="1")
+    assert r.exit_code == 3 and "Traceback" in r.stderr and "ZeroDivisionError: boom" in r.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "model_names", interrupted)
+    r = run("presets")
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted", r.output
+
+
+def test_user_errors_through_app_call_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        app(["simulate", str(tmp_path / "none.json")], prog_name="meshplan")
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
