@@ -194,6 +194,12 @@ def _version_callback(value: bool) -> None:
 def main(version_: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """meshplan: measure, model and plan long-context training steps."""
+    import warnings
+
+    # A library warning (profile of another device, a repeated lengths file) is one plain line,
+    # not Python's `file:line: UserWarning` format, in every command that does not collect them.
+    warnings.showwarning = lambda message, *_a, **_k: err.print(f"[yellow]warning:[/] {escape(str(message))}",
+                                                                highlight=False, soft_wrap=True)
 
 
 @presets_app.callback()
