@@ -272,7 +272,7 @@ def presets_show(name: str = typer.Argument(..., help="Model, cluster or profile
 # -- lengths: length sources and their distributions ---------------------------------------------
 from pathlib import Path  # noqa: E402  (each command section keeps its imports with it)
 
-from planner.sources import (DEFAULT_SAMPLES, SourceError, describe_lengths, format_tokens,  # noqa: E402
+from planner.workload import (DEFAULT_SAMPLES, SourceError, describe_lengths, format_tokens,  # noqa: E402
                              open_source, parse_tokens, plot_description, split_at_context)
 
 USER_ERRORS += (SourceError,)
@@ -827,10 +827,10 @@ def profile_cmd(
               f"fits: {', '.join(p.fits) or 'none'}; sha256 {p.fingerprint.sha256}", highlight=False, markup=False)
 
 
-# -- whatif / report: capacity studies, plots and reports (planner/whatif.py, planner/report.py) ------
+# -- whatif / report: capacity studies, plots and reports (planner/studies, planner/report) ------
 from contextlib import contextmanager  # noqa: E402
 
-from planner.whatif import (LayoutRules as _LayoutRules, SweepSpec as _SweepSpec, Target as _Target,  # noqa: E402
+from planner.studies import (LayoutRules as _LayoutRules, SweepSpec as _SweepSpec, Target as _Target,  # noqa: E402
                             capacity_search as _capacity_search, default_capacity_table as _default_capacity_table,
                             journal_path as _journal_path, json_row as _json_row, progress_bar as _progress_bar,
                             read_table as _read_table, run_sweep as _run_sweep)
@@ -1092,7 +1092,7 @@ def whatif_reproduce(
     """Regenerate docs/REPRODUCTION.md's ByteScale section: LLaMA-7B/13B/30B/70B and Mistral 8x7B/8x22B at
     256K-2M on github-like and byted-like, predicted speedups next to the paper's."""
     from planner.report import reproduce_bytescale
-    from planner.whatif import BYTESCALE_TOKENS_PER_STEP, ByteScaleGrid
+    from planner.studies import BYTESCALE_TOKENS_PER_STEP, ByteScaleGrid
 
     tps = parse_tokens(tokens_per_step)
     grid = ByteScaleGrid(gpu_scale=gpu_scale, tokens_per_step=tps, steps=steps)
@@ -1104,7 +1104,7 @@ def whatif_reproduce(
         with _progress_bar(n, "ByteScale grid") as on_point:
             rep = reproduce_bytescale(doc, grid, table=table, workers=workers, on_point=on_point, command=cmd)
     except KeyboardInterrupt:
-        from planner.whatif import default_bytescale_table
+        from planner.studies import default_bytescale_table
 
         _interrupted(table or default_bytescale_table())
     out.print(f"{rep.computed} points planned in {rep.elapsed_s:.0f} s; layouts "
@@ -1126,7 +1126,7 @@ def report_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {source, kind, written: [paths]}."),
 ) -> None:
     """Figures of a plan (Gantt, memory) or a self-contained report of a sweep table."""
-    from planner import report as rp
+    from planner.report import figures as rp
 
     def wrote(kind: str, paths: list[Path]) -> None:
         if as_json:

@@ -15,9 +15,9 @@ from functools import cache
 from costmodel.flops import model_flops
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, build_cost_model
-from planner.pipeline import closed_form_bubble, group_size, simulate_uniform
+from planner.schedule import closed_form_bubble, group_size, simulate_uniform
 from planner.plan import Piece, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
-from planner.simulate import StepSimulation, _static_memory, simulate_step
+from planner.simulate.simulator import StepSimulation, _static_memory, simulate_step
 
 K = 1024
 GIB = 2**30

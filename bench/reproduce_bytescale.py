@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from planner.report import reproduce_bytescale  # noqa: E402
-from planner.sources import parse_tokens  # noqa: E402
-from planner.whatif import ByteScaleGrid, progress_bar  # noqa: E402
+from planner.workload import parse_tokens  # noqa: E402
+from planner.studies import ByteScaleGrid, progress_bar  # noqa: E402
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.report import machine_description  # noqa: E402
-from planner.sources import parse_tokens  # noqa: E402
-from planner.whatif import SweepSpec, progress_bar, run_sweep  # noqa: E402
+from planner.workload import parse_tokens  # noqa: E402
+from planner.studies import SweepSpec, progress_bar, run_sweep  # noqa: E402
 
 # Functions whose cumulative time explains a sweep (the rest is bookkeeping).
 HOTSPOTS = ("plan_step", "plan_balance", "plan_naive", "finalize", "unit_cost", "simulate_step", "validate",

@@ -1,6 +1,6 @@
 """SlimPipe's mirror-pairing exchange between two pipeline stages (REFERENCE §6 "P2P cost"): bytes
 per layer and the part of the transfer time that compute does not hide. Pure functions; the
-simulator decides who pairs with whom (planner.pipeline.mirror_pairs) and how many chunks move."""
+simulator decides who pairs with whom (planner.schedule.mirror_pairs) and how many chunks move."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from costmodel.memory import memory_budget
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ClusterSpec, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel
-from planner.batch import GlobalBatch, global_batches
+from planner.workload import GlobalBatch, global_batches
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.strategies import PlanOptions, get_strategy
 from planner.strategies.ilp import collect_solver_reports, solver_meta
@@ -40,7 +40,7 @@ class PlanRequest:
     tp: int = 1
     pp: int = 1
     profile: str | None = None  # None: the cluster preset's profile
-    lengths: str = "byted-like"  # length source spec (planner.sources)
+    lengths: str = "byted-like"  # length source spec (planner.workload)
     steps: int = 1
     tokens_per_step: int | None = None  # None ("auto"): sized from the mesh, see auto_tokens_per_step
     max_context_tokens: int = 2 * 2**20

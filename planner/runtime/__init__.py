@@ -1,6 +1,6 @@
 """The torch executor: replays a plan under torchrun (`python -m planner.runtime plan.json`).
 
-The only package besides profiles/measure that imports torch; it reads plans (planner/plan.py)
+The only package besides profiles/measure that imports torch; it reads plans (planner/plan)
 and never imports strategies. Entry points: `executor.run(ReplayOptions)` on each rank, and
 `meshplan replay` (cli.py), which launches torchrun after `preflight`. This file stays free of
 torch so the CLI can refuse a plan before any process starts."""

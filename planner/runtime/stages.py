@@ -1,9 +1,9 @@
 """Pipeline replay (pp > 1): a rank is one stage of one pipeline (an HDP rank) and runs the op list
-the plan's `pipeline` section expands to (`planner.pipeline.step_op_lists`, the lists the simulator
+the plan's `pipeline` section expands to (`planner.schedule.step_op_lists`, the lists the simulator
 times): forward and backward of (unit, slice, chunk), in order.
 
 - Activations and their gradients cross stage boundaries point to point with the same pipeline's
-  neighbour (`planner.pipeline.dependency` / `consumer` say who); an op's send is posted with the
+  neighbour (`planner.schedule.dependency` / `consumer` say who); an op's send is posted with the
   next op's receive as one batch, sends are drained at the end of the step, and an op blocks until
   its input is there. Activations and gradients use different tags, so a pair of ranks carrying
   both (p = 2 with chunks) never confuses them.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from planner.pipeline import PipeOp, consumer, dependency, section_weights, step_op_lists
+from planner.schedule import PipeOp, consumer, dependency, section_weights, step_op_lists
 from planner.plan import Step, Unit
 from planner.runtime.cp import (KVCache, Peers, ShardLayout, SlicedAttention, shard_layout, slice_layout,
                                 unit_attention, unit_documents)

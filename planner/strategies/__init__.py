@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from costmodel.timing import CostModel
-from planner.batch import GlobalBatch
+from planner.workload import GlobalBatch
 from planner.plan import PlanError, Step
 from planner.strategies import dcp, hdp, ilp, static
 from planner.strategies.common import PlanOptions

@@ -13,7 +13,7 @@ import numpy as np
 
 from costmodel.memory import min_degree, offload_lower_bound, sliced_capacity_tokens
 from costmodel.timing import CostModel
-from planner.batch import GlobalBatch
+from planner.workload import GlobalBatch
 from planner.plan import Piece, PlanError, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
 
 

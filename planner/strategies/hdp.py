@@ -29,7 +29,7 @@ import heapq
 import numpy as np
 
 from costmodel.timing import CostModel
-from planner.batch import GlobalBatch
+from planner.workload import GlobalBatch
 from planner.plan import PlanError, Step
 from planner.strategies.common import (Draft, PlanOptions, SeqTable, best_fit_pack, check_fits, finalize, fit_degree,
                                        long_degree, node_local_ranks, spans_nodes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from costmodel.timing import CostModel
-from planner.batch import GlobalBatch
+from planner.workload import GlobalBatch
 from planner.plan import PlanError, Step, zigzag_tokens_per_rank
 from planner.strategies.common import Draft, PlanOptions, SeqTable, best_fit_pack, ceil_div, finalize
 

@@ -70,7 +70,7 @@ import warnings
 import numpy as np
 
 from costmodel.timing import CostModel
-from planner.batch import GlobalBatch
+from planner.workload import GlobalBatch
 from planner.plan import PlanError, Step, zigzag_tokens_per_rank
 from planner.strategies.common import (Draft, PlanOptions, SeqTable, best_fit_pack, check_fits, finalize, long_degree,
                                        ratio_for_tokens)

@@ -15,7 +15,7 @@ import pytest
 from planner.api import PlanRequest, build_cost_model, make_plan
 from planner.report import memory_breakdown, plot_plan, replace_section, write_sweep_report
 from planner.simulate import simulate_step
-from planner.whatif import (SWEEP_COLUMNS, ByteScaleGrid, Config, Journal, LayoutRules, Point, SweepSpec, Target,
+from planner.studies import (SWEEP_COLUMNS, ByteScaleGrid, Config, Journal, LayoutRules, Point, SweepSpec, Target,
                             capacity_search, journal_path, per_doubling_slowdown, read_table, run_sweep)
 
 K, M = 1024, 1024 * 1024
@@ -139,7 +139,7 @@ def test_a_planner_bug_marks_its_point_not_the_sweep(tmp_path, monkeypatch):
 def test_unknown_inputs_fail_before_planning(tmp_path):
     from costmodel.specs import SpecError
     from planner.plan import PlanError
-    from planner.sources import SourceError
+    from planner.workload import SourceError
 
     with pytest.raises(SpecError):
         run_sweep(SweepSpec(models=("no-such-model",)).points(), tmp_path / "x.csv")
@@ -226,7 +226,7 @@ def first_meeting_count(table: pd.DataFrame) -> int:
 
 def test_capacity_stops_at_the_first_count_that_meets(exhaustive, monkeypatch):
     """The smallest count that meets the target ends the search: no larger count is planned (or even bounded)."""
-    import planner.whatif as wf
+    import planner.studies.whatif as wf
 
     t = exhaustive.table
     g0 = first_meeting_count(t)
@@ -278,7 +278,7 @@ def test_capacity_ctrl_c_in_the_cli_keeps_the_journal_and_exits_130(tmp_path, mo
     the same command then resumes from them."""
     from typer.testing import CliRunner
 
-    import planner.whatif as wf
+    import planner.studies.whatif as wf
     from cli import app
 
     args = ["whatif", "capacity", "--model", "llama-7b", "--context", "128K", "--target-tokens-per-s", "1G",
@@ -344,7 +344,7 @@ def test_capacity_sigint_stops_planning_workers_at_once(tmp_path):
     cmd = [sys.executable, "-c", "from cli import app; app()", "whatif", "capacity", "--model", "llama-7b",
            "--context", "1M", "--target-tokens-per-s", "2M", "--min-gpus", "2048", "--max-gpus", "2048",
            "--best-layout", "--workers", "2", "--table", str(tmp_path / "cap.csv")]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -533,7 +533,7 @@ def test_report_json_lists_what_it_wrote(tmp_path, reference):
     from typer.testing import CliRunner
 
     from cli import app
-    from planner.whatif import write_table
+    from planner.studies import write_table
 
     csv, _ = write_table(reference.table, tmp_path / "s.csv")
     r = CliRunner().invoke(app, ["report", str(csv), "--out", str(tmp_path / "rep"), "--no-example", "--json"])
@@ -568,7 +568,7 @@ def test_bytescale_grid_and_section_regeneration(tmp_path):
 def test_bytescale_reproduction_end_to_end_small(tmp_path):
     """The regenerating command on a tiny grid: layout tuning, the grid, and the section."""
     from planner.report import reproduce_bytescale
-    from planner.whatif import BYTESCALE_PANELS
+    from planner.studies import BYTESCALE_PANELS
 
     panels = tuple(p for p in BYTESCALE_PANELS if p.model == "llama-7b")
     grid = ByteScaleGrid(gpu_scale=1 / 64, tokens_per_step=M, steps=1, panels=panels,

@@ -29,7 +29,7 @@ Capacity search (`capacity_search`) — the layout rules, the same at every GPU 
   * memory feasibility is monotone in G for a fixed layout (ZeRO-1 states shrink as the HDP ranks
     grow, so C grows, and more ranks hold longer sequences); tests/test_whatif.py checks it;
   * a layout meets the target only when it plans and its simulated peak memory fits the HBM;
-  * a layout whose step-time lower bound (planner/bounds.py) already misses the target is not planned
+  * a layout whose step-time lower bound (planner/simulate/bounds.py) already misses the target is not planned
     (sound pruning; the cheap work term is tried first, the full bound in the worker before planning);
   * the others are planned cheapest first (fewer pipeline stages), best bound first among equals;
   * the answer is the first count, in increasing order, with a layout that meets the target: every layout
@@ -71,10 +71,10 @@ from costmodel.specs import SpecError, TrainingSpec
 from costmodel.timing import CostModel
 from planner.api import (BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan,
                          summarize)
-from planner.batch import GlobalBatch
-from planner.bounds import lower_bound_s, total_compute_s
+from planner.workload import GlobalBatch
+from planner.simulate import lower_bound_s, total_compute_s
 from planner.plan import PlanError
-from planner.sources import SourceError, format_tokens, open_source
+from planner.workload import SourceError, format_tokens, open_source
 from planner.strategies import STRATEGIES, PlanOptions
 from planner.strategies.static import static_cp_degree
 from profiles.table import Profile, load_profile
@@ -106,7 +106,7 @@ class Config:
     tp: int  # tensor-parallel degree
     pp: int  # pipeline stages (1F1B in the simulator)
     context_tokens: int  # max context; longer documents are split
-    lengths: str  # length source spec (planner.sources)
+    lengths: str  # length source spec (planner.workload)
     tokens_per_step: int = BYTESCALE_TOKENS_PER_STEP  # global batch token budget
     steps: int = 2  # sampled global batches planned per point
     seed: int = 0  # length source seed
@@ -184,8 +184,9 @@ def check_inputs(points: Iterable[Point]) -> None:
 
 
 # ---- evaluation (cached across points of one process) -------------------------------------------
-_OWN = {"whatif.py", "report.py"}  # presentation only: changing them does not change a figure
-_NOT_PLANNING = ("planner/runtime/", "profiles/measure/")
+# Packages that do not change a point's figures: the executor, measurement, presentation, and the
+# studies themselves (they choose points; planning and costing them happens elsewhere).
+_NOT_PLANNING = ("planner/runtime/", "planner/report/", "planner/studies/", "profiles/measure/")
 _SHARED_STRATEGY_FILES = {"common.py", "static.py"}  # every row carries static's time (its speedup reference)
 
 
@@ -197,7 +198,7 @@ def code_fingerprint(strategy: str | None = None) -> str:
     import hashlib
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     strategies_dir = root / "planner" / "strategies"
     own = None
     if strategy is not None:
@@ -210,7 +211,7 @@ def code_fingerprint(strategy: str | None = None) -> str:
     for pkg in ("costmodel", "planner", "profiles"):
         for f in sorted((root / pkg).rglob("*")):
             rel = f.relative_to(root).as_posix()
-            if (f.suffix not in (".py", ".json", ".gz") or not f.is_file() or f.name in _OWN
+            if (f.suffix not in (".py", ".json", ".gz") or not f.is_file()
                     or rel.startswith(_NOT_PLANNING) or "__pycache__" in rel):
                 continue
             top = strategies_dir / f.relative_to(strategies_dir).parts[0] if strategies_dir in f.parents else None
@@ -645,7 +646,7 @@ class LayoutBound:
 
 def layout_bound(cm: CostModel, batches: list[GlobalBatch], full: bool = True) -> LayoutBound:
     """Bound of a layout on the sampled batches. full=False keeps only the work term of
-    planner.bounds.lower_bound_s (compute spread over every rank, plus the gradient sync): weaker but 10-100x
+    planner.simulate.bounds.lower_bound_s (compute spread over every rank, plus the gradient sync): weaker but 10-100x
     cheaper, it skips the search over the longest sequence's degree."""
     if full:
         lb = float(np.mean([lower_bound_s(b.lengths_tokens, cm, cm.setup.hdp) for b in batches]))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.sources import LengthSource, RecordedSource, SourceError, open_source, split_at_context
+from planner.workload.sources import LengthSource, RecordedSource, SourceError, open_source, split_at_context
 
 
 class RepeatedRecordingWarning(UserWarning):

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.batch import GlobalBatch, RepeatedRecordingWarning, global_batches
-from planner.sources import SourceError, lengths_source, open_source, split_at_context
+from planner.workload import GlobalBatch, RepeatedRecordingWarning, global_batches
+from planner.workload import SourceError, lengths_source, open_source, split_at_context
 
 K, M = 1024, 1024 * 1024
 
@@ -128,7 +128,7 @@ def test_a_recording_long_enough_is_not_repeated_and_says_nothing():
 
 # -- the default budget ("auto") -----------------------------------------------------------------
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lengths.txt"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "lengths.txt"
 
 
 def test_auto_budget_is_one_micro_batch_per_rank():

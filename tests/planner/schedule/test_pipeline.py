@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s, stages_inter_node
 from planner.api import PlanRequest, build_cost_model
-from planner.batch import GlobalBatch
-from planner.pipeline import (PipeOp, ScheduleError, check_schedule, closed_form_bubble, dependency, group_size,
+from planner.workload import GlobalBatch
+from planner.schedule import (PipeOp, ScheduleError, check_schedule, closed_form_bubble, dependency, group_size,
                               mirror_chunks, mirror_pairs, run_ops, simulate_uniform, stage_ops)
 from planner.plan import Mesh, Piece, Plan, PlanError, Predicted, Sequence, Step, Unit, validate, zigzag_tokens_per_rank
 from planner.simulate import simulate_step

@@ -36,8 +36,8 @@ from costmodel.timing import CostModel  # noqa: E402
 from planner.api import make_plan  # noqa: E402
 from planner.plan import Plan, Step  # noqa: E402
 from planner.simulate import StepSimulation, simulate_step, static_memory_parts  # noqa: E402
-from planner.sources import format_tokens  # noqa: E402
-from planner.whatif import (BYTESCALE_CLAIMS, BYTESCALE_LAYOUT_NOTE, BYTESCALE_PANELS, MFU_CONVENTION,  # noqa: E402
+from planner.workload import format_tokens  # noqa: E402
+from planner.studies import (BYTESCALE_CLAIMS, BYTESCALE_LAYOUT_NOTE, BYTESCALE_PANELS, MFU_CONVENTION,  # noqa: E402
                             ByteScaleGrid, Config, batches_of, cost_model_of, default_bytescale_table, options_for,
                             per_doubling_slowdown, run_sweep)
 from profiles.table import atomic_write_text  # noqa: E402

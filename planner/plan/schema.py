@@ -84,7 +84,7 @@ class Unit:
 @dataclass
 class Predicted:
     step_time_s: float = field(metadata=at_least(0))  # simulated step time
-    lower_bound_s: float = field(metadata=at_least(0))  # planner/bounds.py
+    lower_bound_s: float = field(metadata=at_least(0))  # planner/simulate/bounds.py
     per_rank_busy_s: list[float]  # compute + exposed comm per HDP rank
     peak_memory_bytes: list[float] = field(metadata=at_least(0))  # per HDP rank (per stage with PP: max over stages)
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds by category
@@ -327,7 +327,7 @@ def check_pipeline(st: Step, pp: int, hdp: int, layers_per_stage: int | None = N
     """pp > 1: the step's `pipeline` section is well formed and the op lists it expands to run to the
     end (a shared unit's op must head every member pipeline's list at once). With layers_per_stage,
     v (model chunks per stage, each of whole layers) must divide it."""
-    from planner.pipeline import SCHEDULES, ScheduleError, dependency, run_ops, section_weights, step_op_lists
+    from planner.schedule import SCHEDULES, ScheduleError, dependency, run_ops, section_weights, step_op_lists
 
     where = f"step {st.step} pipeline"
     sec = st.pipeline or {}

@@ -21,7 +21,7 @@ from planner.api import PlanRequest, build_cost_model, make_plan
 from planner.plan import Plan, PlanError, validate
 from profiles.table import Profile, ProfileError, load_profile
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HF_LLAMA = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
             "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
             "rope_theta": 10000.0, "torch_dtype": "float16"}

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import cli
-from planner.sources import (FAMILIES, IDX_MAGIC, SourceError, SyntheticSource, describe_lengths, format_tokens,
+from planner.workload import (FAMILIES, IDX_MAGIC, SourceError, SyntheticSource, describe_lengths, format_tokens,
                              lengths_source, open_source, parse_tokens, split_at_context)
 
 K, M = 1024, 1024 * 1024
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # -- token sizes ---------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_megatron_idx_errors(tmp_path, kwargs, documents, message):
 
 def test_wikipedia_matches_its_attribution():
     s = open_source("wikipedia").sample()
-    # planner/data/README.md and REFERENCE §9: 1M lengths, median 347, mean 1,014, max 1,823,777,
+    # planner/workload/data/README.md and REFERENCE §9: 1M lengths, median 347, mean 1,014, max 1,823,777,
     # 89.6% ≤ 2K, 1,304 above 32K.
     assert s.size == 1_000_000 and np.median(s) == 347 and round(s.mean()) == 1014 and s.max() == 1_823_777
     assert abs((s <= 2 * K).mean() - 0.896) < 0.001 and (s > 32 * K).sum() == 1304
@@ -222,7 +222,7 @@ def test_wikipedia_matches_its_attribution():
 def test_tour_example_file_is_the_start_of_the_wikipedia_sample():
     """examples/lengths.txt (README's tour): its comment header is skipped and its 64 lengths are the
     sample's first, as its attribution says."""
-    example = open_source(str(Path(__file__).resolve().parents[1] / "examples" / "lengths.txt")).sample()
+    example = open_source(str(Path(__file__).resolve().parents[3] / "examples" / "lengths.txt")).sample()
     assert np.array_equal(example, open_source("wikipedia").sample(64))
 
 

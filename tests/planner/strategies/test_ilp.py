@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from planner.api import PlanRequest, build_cost_model, make_plan
-from planner.batch import GlobalBatch
+from planner.workload import GlobalBatch
 from planner.plan import PlanError
 from planner.strategies import STRATEGIES, PlanOptions
 from planner.strategies import ilp
@@ -318,7 +318,7 @@ def test_glop_and_highs_prove_the_same_bound():
     import sys
 
     lengths = [7000, 5000, 9000, 6000, 3000, 2500, 900, 400]
-    code = ("import json, time, sys; sys.path.insert(0, '.'); from tests.test_ilp import model_of; "
+    code = ("import json, time, sys; sys.path.insert(0, '.'); from tests.planner.strategies.test_ilp import model_of; "
             "from planner.strategies import ilp; "
             f"items, tab, hdp, C = model_of({lengths}, 6); lo = ilp.area_bound_s(items, tab, hdp, C); "
             "cb = ilp.config_bound(items, tab, hdp, C, lo, 2 * lo, time.perf_counter() + 60, '{e}'); "
@@ -329,7 +329,7 @@ def test_glop_and_highs_prove_the_same_bound():
     out = {}
     for e in ("glop", "highs"):
         res = subprocess.run([sys.executable, "-c", code.format(e=e)], capture_output=True, text=True, check=True,
-                             cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                             cwd=str(__import__("pathlib").Path(__file__).resolve().parents[3]))
         out[e] = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["glop"][2] == ["ortools"] and out["highs"][2] == ["highspy"]
     assert out["glop"][0] == pytest.approx(out["highs"][0], rel=1e-6)

@@ -5,7 +5,7 @@ Three kinds, one interface (:class:`LengthSource`):
 - recorded lengths read from a file: a text file of integers (optionally ``.gz``), a CSV / TSV,
   Parquet or JSONL table (a chosen column, optionally a step column), or a Megatron indexed
   dataset's ``.idx`` file, so users plan the very data they train on;
-- the named real sample ``wikipedia`` (1M Wikipedia lengths shipped in planner/data);
+- the named real sample ``wikipedia`` (1M Wikipedia lengths shipped in planner/workload/data);
 - seeded synthetic families (``byted-like``, ``github-like``, ``lognormal:median=600,sigma=1.2``,
   ``longalign-like``, ``prolong-like``), each a mixture of simple laws tuned to published facts
   (REFERENCE §9). Every family carries those facts as :class:`Fact` values with the tolerance we
@@ -728,7 +728,7 @@ WIKIPEDIA = "wikipedia"
 
 @lru_cache(maxsize=1)
 def _wikipedia() -> RecordedSource:
-    path = Path(str(resources.files("planner").joinpath("data", "wikipedia_lengths.txt.gz")))
+    path = Path(str(resources.files("planner.workload").joinpath("data", "wikipedia_lengths.txt.gz")))
     return RecordedSource(WIKIPEDIA, read_text_lengths(path))
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.api import PlanRequest, build_cost_model, make_plan
-from planner.batch import GlobalBatch
+from planner.workload import GlobalBatch
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.simulate import simulate_step
 from planner.strategies import HEURISTICS, STRATEGIES, PlanOptions

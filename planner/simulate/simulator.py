@@ -18,8 +18,8 @@ import numpy as np
 
 from costmodel.memory import activation_factor, model_state_bytes
 from costmodel.timing import CostModel, UnitCost
-from planner.bounds import lower_bound_s
-from planner.pipeline import slice_share
+from planner.simulate.bounds import lower_bound_s
+from planner.schedule import slice_share
 from planner.plan import Plan, PlanError, Predicted, Step
 
 
@@ -217,7 +217,7 @@ class OpCost:
         return self.attn_s * (2 * j + 1) / (n * n)
 
     def slice_s(self, j: int, n: int) -> float:
-        """Slice j's time before any redistribution (`planner.pipeline.slice_share`)."""
+        """Slice j's time before any redistribution (`planner.schedule.slice_share`)."""
         return self.time_s * slice_share(j, n, min(self.attn_s / self.time_s, 1.0) if self.time_s > 0 else 0.0)
 
 
@@ -235,7 +235,7 @@ def _redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank:
     (measured: slower than no pairing). An op of a unit shared by several pipelines is paired only
     where every member pipeline pairs it with the same partner."""
     from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s, stages_inter_node
-    from planner.pipeline import mirror_chunks, mirror_pairs
+    from planner.schedule import mirror_chunks, mirror_pairs
 
     layers = cm.layers_per_stage / v  # layers of one chunk
     attn_cache: dict = {}
@@ -299,9 +299,9 @@ def _redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank:
 
 
 def _simulate_pipelined(step, cm, costs, hdp, lb, sync) -> StepSimulation:
-    """Every HDP rank is a pipeline running `planner.pipeline` op lists; a shared unit's op is one
+    """Every HDP rank is a pipeline running `planner.schedule` op lists; a shared unit's op is one
     co-scheduled op on all member pipelines (`run_ops`), so misaligned plans surface as deadlocks."""
-    from planner.pipeline import ScheduleError, dependency, run_ops, section_weights, step_op_lists
+    from planner.schedule import ScheduleError, dependency, run_ops, section_weights, step_op_lists
 
     p = cm.pp
     units = {u.id: u for u in step.units}
