@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from rich.table import Table as _RichTable
 from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
-from costmodel.specs import SpecError
+from costmodel.specs import AUTO_RECOMPUTE, RECOMPUTE_POLICIES, SpecError, check_recompute
 from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
@@ -164,6 +165,22 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def one_of(choices: tuple[str, ...]) -> str:
+    """`a, b or c`: the choices of an option, for its help and its error."""
+    *head, last = choices
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse, in one line, a value that is not one of the library's `choices`."""
+    if value not in choices:
+        fail(f"{option} must be {one_of(choices)}, got {value!r}")
+
+
+# --recompute of `plan` and `whatif`: the cost model's policies, checked by planner.api / costmodel.specs
+RECOMPUTE_HELP = f"{' | '.join(RECOMPUTE_POLICIES)} | {AUTO_RECOMPUTE} (least that fits the context)."
+
+
 def writable(path: Optional[Path], option: str) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder, or one under a
     file or an unwritable folder (missing folders are fine: atomic_write_text creates them)."""
@@ -270,10 +287,8 @@ def presets_show(name: str = typer.Argument(..., help="Model, cluster or profile
 
 
 # -- lengths: length sources and their distributions ---------------------------------------------
-from pathlib import Path  # noqa: E402  (each command section keeps its imports with it)
-
 from planner.workload import (DEFAULT_SAMPLES, SourceError, describe_lengths, format_tokens,  # noqa: E402
-                             open_source, parse_tokens, plot_description, split_at_context)
+                             open_source, parse_tokens, split_at_context)
 
 USER_ERRORS += (SourceError,)
 
@@ -302,6 +317,8 @@ def lengths_describe(
     lengths = src.sample(samples, seed)
     d = describe_lengths(lengths, max_context_tokens)
     if plot is not None:
+        from planner.report import plot_description  # matplotlib: only when a plot is asked for
+
         plot_description(d, plot, title=src.name)
     if as_json:
         sys.stdout.write(json.dumps(d) + "\n")
@@ -331,107 +348,11 @@ def lengths_describe(
 
 
 # -- replay: run a plan for real under torchrun (planner/runtime) --------------------------------
-import os  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from importlib.util import find_spec  # noqa: E402
-from pathlib import Path  # noqa: E402,F811  (this section stands alone)
-
-from rich.markup import escape  # noqa: E402
-
 from planner.plan import PlanError  # noqa: E402
+from planner.runtime import (BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, InjectedFailure, ReplayFailure,  # noqa: E402
+                             ReplayOptions, replay as run_replay)
 
 USER_ERRORS += (PlanError,)
-
-# torchrun options that make a multi-node job: with any of them there is no --standalone.
-_RENDEZVOUS_FLAGS = ("--nnodes", "--node-rank", "--node_rank", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend",
-                     "--rdzv_backend", "--rdzv-id", "--rdzv_id", "--rdzv-conf", "--rdzv_conf", "--master-addr",
-                     "--master_addr", "--master-port", "--master_port")
-
-
-def _torchrun_nnodes(args: list[str]) -> str | None:
-    for i, a in enumerate(args):
-        if a.startswith("--nnodes="):
-            return a.split("=", 1)[1]
-        if a == "--nnodes" and i + 1 < len(args):
-            return args[i + 1]
-    return None
-
-
-# torchrun's own lines once a worker failed (its traceback and failure summary follow them).
-_LAUNCHER_FAILURE = ("failed (exitcode:", "closing signal SIG", "ChildFailedError")
-_SUMMARY_FIELD = re.compile(r"\s*(?P<key>rank|exitcode)\s*:\s*(?P<value>-?\d+)")  # "rank : 7 (local_rank: 3)"
-_PEER_STOPPED = "stopped (a peer rank failed first)"
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """What a torchrun job's stderr said."""
-
-    returncode: int
-    root: str | None  # first rank error that is a root cause (not a rank stopped by a peer's failure)
-    stopped: str | None  # first error of a rank stopped by a peer's failure (it names the unit it waited in)
-    failures: tuple[tuple[int, int], ...] = ()  # launcher's summary: (global rank, exit code), root cause last
-
-    def dead(self) -> tuple[int, int] | None:
-        """(rank, exit code) to blame: a rank killed by a signal other than the SIGTERM torchrun sends to
-        the survivors (the first observed failure may be a survivor, stopped by its peer's death), else
-        the launcher's root cause."""
-        killed = [f for f in self.failures if f[1] < 0 and -f[1] != signal.SIGTERM]
-        return killed[0] if killed else (self.failures[-1] if self.failures else None)
-
-
-def _run_torchrun(cmd: list[str], env: dict[str, str]) -> _Launch:
-    """Run torchrun, stdout straight through, stderr forwarded line by line until the job fails: after
-    a rank's error line or the launcher's first failure line, only root-cause error lines of ranks are
-    forwarded: not those of ranks stopped by a peer's failure (one per rank), nor the launcher's
-    traceback and summary (whose root cause is parsed instead)."""
-    errors: list[str] = []
-    failures: list[tuple[int, int]] = []
-    rank: int | None = None
-    failing = in_summary = False
-    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
-        for line in proc.stderr:
-            is_error = line.startswith("error: ")
-            if is_error:
-                errors.append(line[len("error: "):].strip())
-            in_summary = in_summary or (failing and line.startswith("Failures:"))
-            field = _SUMMARY_FIELD.match(line) if in_summary else None
-            if field and field["key"] == "rank":
-                rank = int(field["value"])
-            elif field and rank is not None:  # the exit code of the rank just named
-                failures.append((rank, int(field["value"])))
-                rank = None
-            failing = failing or is_error or any(m in line for m in _LAUNCHER_FAILURE)
-            if (is_error and _PEER_STOPPED not in line) or not failing:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-    return _Launch(proc.returncode, next((e for e in errors if _PEER_STOPPED not in e), None),
-                   next((e for e in errors if _PEER_STOPPED in e), None), tuple(failures))
-
-
-def _replay_failure(launch: _Launch, status_dir: Path) -> str:
-    """One line for a failed job, naming the rank and where it was (step, unit): its own error, or for a
-    rank that died without a word (a signal) the launcher's verdict and the position the rank kept in
-    status_dir (planner.runtime.executor.Position)."""
-    if launch.root:
-        return launch.root
-    dead = launch.dead()
-    if dead is not None and (dead[1] < 0 or launch.stopped is None):
-        rank, code = dead
-        status = status_dir / f"rank{rank}"
-        where = f" in {status.read_text().strip()}" if status.is_file() else ""
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-            hint = " (SIGKILL with no error is often the out-of-memory killer)" if -code == signal.SIGKILL else ""
-            return f"rank {rank} was killed by {name}{where}{hint}"
-        return f"rank {rank} exited with code {code}{where}; see its output above"
-    if launch.stopped:
-        return launch.stopped
-    return f"torchrun exit code {launch.returncode} and no rank named the cause; see the output above"
 
 
 @app.command("replay", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -446,11 +367,12 @@ def replay(ctx: typer.Context,
                                       'prints {"check": {"max_rel_grad_err", "loss_abs_err", "ranks", "units"}}.'),
            trace: Optional[Path] = typer.Option(None, "--trace", help="Measured trace JSON (PATH.chrome.json is "
                                                 "written beside it), only once the run finished."),
-           cp: str = typer.Option("ring", "--cp", help="Context-parallel attention: ring (overlapped) or allgather."),
-           ring_kernel: str = typer.Option("auto", "--ring-kernel", help="Ring block kernel: auto (fused on CPU, "
-                                           "plain torch elsewhere), math or fused-cpu."),
+           cp: str = typer.Option("ring", "--cp", help=f"Context-parallel attention: {one_of(CP_IMPLS)} (ring "
+                                  "overlaps its transfers)."),
+           ring_kernel: str = typer.Option("auto", "--ring-kernel", help=f"Ring block kernel: {one_of(BLOCK_KERNELS)} "
+                                           "(auto: fused on CPU, plain torch elsewhere)."),
            seed: int = typer.Option(0, "--seed", help="Model init and generated tokens."),
-           optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd."),
+           optimizer: str = typer.Option("adamw", "--optimizer", help=f"{one_of(OPTIMIZERS)}."),
            lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
            tokens: Optional[Path] = typer.Option(None, "--tokens", help="Flat .npy token stream (default: tokens "
                                                  "generated per sequence id)."),
@@ -463,40 +385,26 @@ def replay(ctx: typer.Context,
     P2P, one gradient all-reduce per step. Arguments it does not know go to torchrun, e.g.
     `--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id JOB` for a
     multi-node job; without them the job is standalone on this machine."""
-    if find_spec("torch") is None:
-        fail("torch is not installed; install the runtime extra: pip install 'meshplan[runtime]'")
-    extra = list(ctx.args)
-    multi_node = any(a.split("=", 1)[0] in _RENDEZVOUS_FLAGS for a in extra)
-    nnodes = _torchrun_nnodes(extra)
-    world = nproc * int(nnodes) if nnodes and nnodes.isdigit() else (None if multi_node else nproc)
-    from planner.runtime import preflight  # torch-free: refuse a bad plan before any process starts
-
-    preflight(plan, world, model, cp_impl=cp, ring_kernel=ring_kernel, optimizer=optimizer, steps=steps)
-    args = [str(plan), "--cp", cp, "--ring-kernel", ring_kernel, "--seed", str(seed), "--optimizer", optimizer,
-            "--lr", repr(lr), "--device", device, "--timeout-s", repr(timeout_s)]
-    args += ["--model", model] if model else []
-    args += ["--steps", str(steps)] if steps is not None else []
-    args += ["--check"] if check else []
-    args += ["--trace", str(trace)] if trace is not None else []
-    args += ["--tokens", str(tokens)] if tokens is not None else []
-    args += ["--inject-failure", inject_failure] if inject_failure else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", *([] if multi_node else ["--standalone"]), *extra,
-           "--nproc-per-node", str(nproc), "-m", "planner.runtime", *args]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscription
-    with tempfile.TemporaryDirectory(prefix="meshplan-replay-") as status_dir:  # where each rank is
-        launch = _run_torchrun(cmd + ["--status-dir", status_dir], env)
-        if launch.returncode:
-            message = _replay_failure(launch, Path(status_dir))
-            fail(f"replay failed: {message}", code=1 if message.startswith("rank") else 2)
+    opts = ReplayOptions(plan_path=plan, model=model, steps=steps, check=check, trace_path=trace, cp_impl=cp,
+                         ring_kernel=ring_kernel, seed=seed, optimizer=optimizer, lr=lr, tokens_path=tokens,
+                         device=device, timeout_s=timeout_s,
+                         inject_failure=InjectedFailure.parse(inject_failure) if inject_failure else None)
+    try:
+        run_replay(opts, nproc, ctx.args)  # checks the plan before any process starts
+    except ReplayFailure as e:
+        fail(f"replay failed: {e}", code=e.exit_code)
 
 
 # -- plan / simulate: the planner ------------------------------------------------------------------
 from planner.api import PlanRequest, compare as compare_strategies, cost_model_for_plan  # noqa: E402
 from planner.plan import Plan as _Plan, PlanError as _PlanError  # noqa: E402
-from planner.strategies import HEURISTICS, STRATEGIES, PlanOptions  # noqa: E402
+from planner.strategies import (HEURISTICS, PP_SCHEDULES, SOLVERS, STRATEGIES, HdpOptions, IlpOptions,  # noqa: E402
+                                PlanOptions)
 
 USER_ERRORS += (_PlanError,)
+
+
+_HDP, _ILP = HdpOptions(), IlpOptions()  # the plan command's flag defaults are the options' own
 
 
 def _gb(x: float) -> str:
@@ -510,26 +418,28 @@ def plan_cmd(
         gpus: int = typer.Option(64, help="GPUs (whole nodes, or part of one)."),
         tp: int = typer.Option(1, help="Tensor-parallel degree."),
         pp: int = typer.Option(1, help="Pipeline stages."),
-        pp_schedule: str = typer.Option("sliced-redistributed", help="PP (hdp): 1f1b, sliced (SlimPipe slices) "
-                                        "or sliced-redistributed (plus mirror pairing where it pays)."),
+        pp_schedule: str = typer.Option(_HDP.pp_schedule, help=f"PP (hdp): {one_of(PP_SCHEDULES)} (1F1B; "
+                                        "SlimPipe slices; slices plus mirror pairing where it pays)."),
         pp_v: Optional[int] = typer.Option(None, "--pp-v", min=1, help="PP (hdp): model chunks per stage "
                                            "(interleaving); default: chosen by simulation, one v per plan."),
-        redistribute_max_chunks: int = typer.Option(1000, min=0, help="PP mirror pairing: most K/V chunks "
-                                                    "(one slice's each) a stage pair moves per op."),
+        redistribute_max_chunks: int = typer.Option(_HDP.redistribute_max_chunks, min=0, help="PP mirror pairing: "
+                                                    "most K/V chunks (one slice's each) a stage pair moves per op."),
         profile: Optional[str] = typer.Option(None, help="Profile name or path (default: the cluster's)."),
         lengths: str = typer.Option("byted-like", help="Length source: file or name (see `meshplan lengths`)."),
         steps: int = typer.Option(1, min=1, help="Global batches (steps) to plan."),
         tokens_per_step: str = typer.Option("auto", help="Token budget per step (K/M suffixes). auto: one "
                                             "micro-batch per HDP rank, hdp × min(C, max context) tokens."),
         max_context: str = typer.Option("2M", help="Longest sequence; longer documents are split."),
-        recompute: str = typer.Option("auto", help="none | selective | full | auto (least that fits the context)."),
+        recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         strategy: Optional[str] = typer.Option(None, help=f"Write this strategy's plan ({', '.join(STRATEGIES)}); "
                                                "default: the fastest of those compared."),
-        compare: str = typer.Option(",".join(HEURISTICS), help="Strategies in the comparison table (add ilp to solve exactly)."),
-        solver: str = typer.Option("highs", help="ilp: cbc or highs (MILP), or cpsat (CP-SAT)."),
-        time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, help="ilp: solver seconds per step."),
+        compare: str = typer.Option(",".join(HEURISTICS), help="Strategies in the comparison table (add ilp to "
+                                    "solve exactly)."),
+        solver: str = typer.Option(_ILP.solver, help=f"ilp: solver backend, {one_of(SOLVERS)}."),
+        time_limit: float = typer.Option(_ILP.time_limit_s, "--time-limit", min=0.1,
+                                         help="ilp: solver seconds per step."),
         out_path: Path = typer.Option(Path("plan.json"), "--out", help="Where the plan is written."),
         trace: Optional[Path] = typer.Option(None, help="Also write a Chrome/Perfetto trace of the plan."),
         seed: int = typer.Option(0, help="Seed of the length source."),
@@ -548,20 +458,17 @@ def plan_cmd(
     writable(trace, "--trace")
     if trace is not None and trace.absolute() == out_path.absolute():
         fail(f"--trace {trace}: the same file as --out")
-    if recompute not in ("auto", "none", "selective", "full"):
-        fail(f"--recompute must be auto, none, selective or full, got {recompute!r}")
-    if solver not in ("cbc", "highs", "cpsat"):
-        fail(f"--solver must be cbc, highs or cpsat, got {solver!r}")
-    if pp_schedule not in ("1f1b", "sliced", "sliced-redistributed"):
-        fail(f"--pp-schedule must be 1f1b, sliced or sliced-redistributed, got {pp_schedule!r}")
+    check_choice("--solver", solver, SOLVERS)
+    check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
     req = PlanRequest(model=model, cluster=cluster, gpus=gpus, tp=tp, pp=pp, profile=profile, lengths=lengths,
                       steps=steps, tokens_per_step=None if tokens_per_step.strip().lower() == "auto"
                       else parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, seed=seed,
-                      options=PlanOptions(offload=offload, seed=seed, solver=solver, time_limit_s=time_limit,
-                                          pp_schedule=pp_schedule, pp_v=pp_v,
-                                          redistribute_max_chunks=redistribute_max_chunks))
+                      options=PlanOptions(offload=offload, seed=seed,
+                                          hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
+                                                         redistribute_max_chunks=redistribute_max_chunks),
+                                          ilp=IlpOptions(solver=solver, time_limit_s=time_limit)))
     import warnings
 
     from rich.progress import Progress
@@ -613,7 +520,8 @@ def plan_cmd(
         sv = p.meta["solver"]
         if sv["status"] != "heuristic":
             gap = "-" if sv["gap"] is None else f"{sv['gap']:.2%}"
-            out.print(f"{n}: {sv['name']} {sv['status']}, gap {gap} (within the partition model), {sv['seconds']:.1f} s")
+            out.print(f"{n}: {sv['name']} {sv['status']}, gap {gap} (within the partition model), "
+                      f"{sv['seconds']:.1f} s")
     out.print(f"MFU: causal attention halved, recompute excluded, peak {cm.peak_flops() / 1e12:.3g} TFLOP/s.")
     out.print(escape(f"* wrote {out_path}: {choice.strategy}, {choice.reason}" + (f"; trace {trace}" if trace else "")),
               highlight=False)
@@ -643,13 +551,9 @@ def simulate_cmd(
              "peak_memory_bytes": max(x.peak_memory_bytes), "breakdown": x.breakdown} for x in sims]
     comparison = None
     if measured is not None:
-        from planner.simulate import compare_measured
+        from planner.simulate import compare_measured, read_measured_trace
 
-        try:
-            doc = json.loads(measured.read_text())
-        except json.JSONDecodeError as e:
-            fail(f"{measured}: truncated or corrupt trace JSON (line {e.lineno}: {e.msg})")
-        comparison = compare_measured(plan, cm, doc)
+        comparison = compare_measured(plan, cm, read_measured_trace(measured))
     if as_json:
         extra = {} if comparison is None else {"measured": {"units": comparison.units, "steps": comparison.steps}}
         sys.stdout.write(json.dumps({"plan": str(plan_path), "profile": cm.profile.fingerprint.name,
@@ -659,11 +563,13 @@ def simulate_cmd(
         t = Table(title=escape(f"predicted ({cm.profile.fingerprint.name}) vs measured ({measured})"))
         for c in ("step", "unit", "predicted (s)", "measured (s)", "error"):
             t.add_column(c, justify="right")
+        def row(x: dict, unit: str) -> tuple[str, ...]:
+            return str(x["step"]), unit, f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}"
+
         for x in comparison.steps:
-            t.add_row(str(x["step"]), "step", f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}")
+            t.add_row(*row(x, "step"))
         for x in comparison.units:
-            unit = f"{x['unit']} (stage {x['stage']})" if plan.mesh.pp > 1 else str(x["unit"])
-            t.add_row(str(x["step"]), unit, f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}")
+            t.add_row(*row(x, f"{x['unit']} (stage {x['stage']})" if plan.mesh.pp > 1 else str(x["unit"])))
         out.print(t)
         out.print(f"median |error| per unit: {comparison.median_abs_unit_err:.1%}")
     t = Table(title=escape(f"{plan_path} ({plan.meta.get('strategy')}) on {cm.profile.fingerprint.name}"))
@@ -686,37 +592,16 @@ def simulate_cmd(
 
 
 # -- profile: measured profiles ----------------------------------------------------------------------
+from costmodel.timing import fit_models, profile_gemm_shapes  # noqa: E402
 from profiles.measure import TABLES as _PROFILE_TABLES, MeasureError  # noqa: E402
 
 USER_ERRORS += (MeasureError,)
 
 
-def _model_gemm_shapes(names: list[str]) -> tuple[tuple[str, int, int], ...]:
-    """(label, n, k) of each forward GEMM the cost model looks up for a model at tp=1."""
-    shapes = []
-    for name in names:
-        m = load_model(name)
-        shapes += [(f"{name}.qkv", m.q_width + 2 * m.kv_width, m.hidden), (f"{name}.o", m.hidden, m.q_width),
-                   (f"{name}.gate_up", 2 * m.ffn, m.hidden), (f"{name}.down", m.hidden, m.ffn),
-                   (f"{name}.lm_head", m.vocab, m.hidden)]
-    return tuple(shapes)
-
-
-def _add_fits(profile, names: list[str]) -> None:
-    """T(s) = α1·s² + β1·s + γ per model, from costmodel.timing when it is there."""
-    try:
-        from costmodel.timing import fit_layer_time
-    except ImportError:
-        err.print("note: costmodel.timing.fit_layer_time not available; profile written without fits")
-        return
-    from costmodel.specs import TrainingSpec
-    from profiles.measure.runner import main_dtype
-    training = TrainingSpec(dtype=main_dtype(profile))
-    for name in names:
-        try:
-            profile.fits[name] = fit_layer_time(load_model(name), training, profile)
-        except (ProfileError, SpecError) as e:
-            err.print(f"note: no T(s) fit for {name}: {e}", highlight=False, markup=False)
+def _notes(notes: list[str]) -> None:
+    """The library's notes (e.g. a model the profile cannot fit), one `note:` line each on stderr."""
+    for note in notes:
+        err.print(f"note: {note}", highlight=False, markup=False)
 
 
 def _profile_id(p) -> dict:
@@ -750,6 +635,32 @@ def _print_comparison(a: str, b: str, as_json: bool = False) -> None:
         out.print(t)
 
 
+@contextmanager
+def _table_progress():
+    """One rich bar per profile table on stderr, fed by the runner's progress callback; drawn from the
+    first table on, so a run that measures nothing prints nothing."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    prog = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def progress(table: str, done: int, total: int, resumed: bool) -> None:
+        if not tasks:
+            prog.start()
+        if table not in tasks:
+            tasks[table] = prog.add_task(table + (" (resumed)" if resumed else ""), total=total, completed=done)
+        else:
+            prog.update(tasks[table], completed=done, total=total)
+
+    try:
+        yield progress
+    finally:
+        if tasks:
+            prog.stop()
+
+
 @app.command("profile")
 def profile_cmd(
         out_path: Optional[Path] = typer.Option(None, "--out",
@@ -776,10 +687,10 @@ def profile_cmd(
         _print_comparison(*compare, as_json=as_json)
         return
     from profiles.measure.runner import ProfileRequest, estimate_request, plan_counts, resume_hint, run_profile
-    names = [m for m in models.split(",") if m]
+    specs = {name: load_model(name) for name in models.split(",") if name}
     req = ProfileRequest(out=out_path or Path("estimate.json"), quick=quick,
                          ops=tuple(o for o in ops.split(",") if o), max_bytes=max_bytes, nproc=nproc,
-                         model_shapes=_model_gemm_shapes(names), device=device)
+                         model_shapes=profile_gemm_shapes(specs), device=device)
     if estimate:
         cfg, est = estimate_request(req, load_profile(estimate))
         counts = plan_counts(cfg)
@@ -802,7 +713,9 @@ def profile_cmd(
     if out_path is None:
         fail("give --out FILE to measure, --compare A B to compare two profiles, or --estimate REF")
     try:
-        res = run_profile(req, post=lambda p: _add_fits(p, names), console=err)
+        with _table_progress() as progress:
+            res = run_profile(req, post=lambda p: _notes(fit_models(p, specs)), progress=progress,
+                              on_note=lambda note: _notes([note]))
     except KeyboardInterrupt:
         fail(resume_hint(out_path), code=130)
     p = res.profile
@@ -828,12 +741,11 @@ def profile_cmd(
 
 
 # -- whatif / report: capacity studies, plots and reports (planner/studies, planner/report) ------
-from contextlib import contextmanager  # noqa: E402
-
-from planner.studies import (LayoutRules as _LayoutRules, SweepSpec as _SweepSpec, Target as _Target,  # noqa: E402
+from planner.studies import (STATIC_MESHES, LayoutRules as _LayoutRules, SweepSpec as _SweepSpec,  # noqa: E402
+                            Target as _Target,
                             capacity_search as _capacity_search, default_capacity_table as _default_capacity_table,
-                            journal_path as _journal_path, json_row as _json_row, progress_bar as _progress_bar,
-                            read_table as _read_table, run_sweep as _run_sweep)
+                            journal_path as _journal_path, json_row as _json_row, read_table as _read_table,
+                            run_sweep as _run_sweep)
 
 whatif_app = typer.Typer(cls=_Group, add_completion=False, invoke_without_command=True,
                          help="What-if studies. Without a subcommand: a sweep over model x cluster x GPUs x TP/PP x "
@@ -868,6 +780,18 @@ def _rate(v: float) -> str:
     return f"{v:,.0f}" if v == v else "-"
 
 
+@contextmanager
+def _progress_bar(total: int, description: str = "planning", enabled: bool = True):
+    """A progress bar of planned points on stderr; yields the `on_point` callback of run_sweep."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not enabled) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda point, row: prog.update(task, advance=1, description=escape(point.label))
+
+
 def _interrupted(out_path: Path) -> None:
     err.print(escape(f"interrupted: finished points are kept in {_journal_path(out_path)}; run the same command "
                      "again to resume"), highlight=False, soft_wrap=True)
@@ -888,7 +812,7 @@ def whatif_sweep(
         steps: int = typer.Option(2, min=1, help="Sampled global batches planned per point."),
         tokens_per_step: str = typer.Option("32M", help="Token budget per step (ByteScale: 32M)."),
         seed: int = typer.Option(0, help="Seed of the length sources."),
-        recompute: str = typer.Option("auto", help="none | selective | full | auto (least that fits the context)."),
+        recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         static_mesh: str = typer.Option("context", help="Static CP sized for the max context (what a static job "
                                         "must do) or per batch's longest sequence ('batch')."),
@@ -902,10 +826,8 @@ def whatif_sweep(
     """Sweep what-if points; every point keeps a row (infeasible ones with their reason)."""
     if ctx.invoked_subcommand is not None:
         return
-    if recompute not in ("auto", "none", "selective", "full"):
-        fail(f"--recompute must be auto, none, selective or full, got {recompute!r}")
-    if static_mesh not in ("context", "batch"):
-        fail(f"--static-mesh must be context or batch, got {static_mesh!r}")
+    check_recompute(recompute)  # every point would fail on it: once, before the sweep
+    check_choice("--static-mesh", static_mesh, STATIC_MESHES)
     spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
                       gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"),
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
@@ -1091,17 +1013,15 @@ def whatif_reproduce(
 ) -> None:
     """Regenerate docs/REPRODUCTION.md's ByteScale section: LLaMA-7B/13B/30B/70B and Mistral 8x7B/8x22B at
     256K-2M on github-like and byted-like, predicted speedups next to the paper's."""
-    from planner.report import reproduce_bytescale
-    from planner.studies import BYTESCALE_TOKENS_PER_STEP, ByteScaleGrid
+    from planner.studies import BYTESCALE_TOKENS_PER_STEP, ByteScaleGrid, reproduce_bytescale
 
     tps = parse_tokens(tokens_per_step)
     grid = ByteScaleGrid(gpu_scale=gpu_scale, tokens_per_step=tps, steps=steps)
     cmd = "meshplan whatif reproduce" + (f" --gpu-scale {gpu_scale:g}" if gpu_scale != 1 else "") + (
         f" --tokens-per-step {tokens_per_step}" if tps != BYTESCALE_TOKENS_PER_STEP else "") + (
         f" --steps {steps}" if steps != 2 else "")
-    n = len(grid.tuning_points()) + len(grid.points({p.model: p.layouts[0] for p in grid.panels}))
     try:
-        with _progress_bar(n, "ByteScale grid") as on_point:
+        with _progress_bar(grid.total_points(), "ByteScale grid") as on_point:
             rep = reproduce_bytescale(doc, grid, table=table, workers=workers, on_point=on_point, command=cmd)
     except KeyboardInterrupt:
         from planner.studies import default_bytescale_table
@@ -1126,7 +1046,7 @@ def report_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {source, kind, written: [paths]}."),
 ) -> None:
     """Figures of a plan (Gantt, memory) or a self-contained report of a sweep table."""
-    from planner.report import figures as rp
+    from planner.report import plot_plan, write_sweep_report
 
     def wrote(kind: str, paths: list[Path]) -> None:
         if as_json:
@@ -1140,7 +1060,7 @@ def report_cmd(
         folder = out_dir or source.with_name(source.stem + "_report")
         figures = folder / "figures"
         before = {f: f.stat().st_mtime_ns for f in figures.iterdir()} if figures.is_dir() else {}
-        md = rp.write_sweep_report(df, folder, example=example)
+        md = write_sweep_report(df, folder, example=example)
         new = sorted(f for f in figures.iterdir() if before.get(f) != f.stat().st_mtime_ns) if figures.is_dir() else []
         wrote("sweep", [md, md.with_suffix(".html"), *new])
         return
@@ -1153,7 +1073,7 @@ def report_cmd(
     if not 0 <= step < len(plan.steps):
         fail(f"--step {step}: the plan has {len(plan.steps)} step(s)")
     cm = cost_model_for_plan(plan, profile)
-    figs = rp.plot_plan(plan, cm, step=step, gantt=gantt, memory=memory, max_ranks=max_ranks)
+    figs = plot_plan(plan, cm, step=step, gantt=gantt, memory=memory, max_ranks=max_ranks)
     wrote("plan", [*figs.gantt, *figs.memory])
 
 

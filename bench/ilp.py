@@ -28,7 +28,7 @@ from datetime import date
 import numpy as np
 
 from planner.api import PlanRequest, build_cost_model, make_batches
-from planner.strategies import PlanOptions, ilp
+from planner.strategies import IlpOptions, PlanOptions, ilp
 from planner.strategies.hdp import plan_balance
 
 M, K = 2**20, 2**10
@@ -70,15 +70,14 @@ def run(shape: Shape, seed: int, solver: str, limit_s: float) -> dict:
     req = shape.request(seed)
     cm = build_cost_model(req)
     batch = make_batches(req)[0]
-    opt = PlanOptions(solver=solver, time_limit_s=limit_s)
+    opt = PlanOptions(ilp=IlpOptions(solver=solver, time_limit_s=limit_s))
     t0 = time.perf_counter()
     hdp = plan_balance(batch, cm, opt)
     hdp_s = time.perf_counter() - t0
-    with ilp.collect_solver_reports() as rep:
-        t0 = time.perf_counter()
-        step = ilp.plan_step(batch, cm, opt)
-        secs = time.perf_counter() - t0
-    r = rep[0]
+    t0 = time.perf_counter()
+    out = ilp.solve_step(batch, cm, opt)
+    secs = time.perf_counter() - t0
+    step, r = out.step, out.solver
     return dict(shape=asdict(shape), seed=seed, solver=solver, seqs=len(batch), long=int(
         (batch.lengths_tokens > cm.capacity_tokens).sum()), C=cm.capacity_tokens,
         recompute=cm.setup.training.recompute, items=r.items, variables=r.variables, status=r.status,

@@ -16,8 +16,8 @@ from costmodel.flops import model_flops
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, build_cost_model
 from planner.schedule import closed_form_bubble, group_size, simulate_uniform
-from planner.plan import Piece, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
-from planner.simulate.simulator import StepSimulation, _static_memory, simulate_step
+from planner.plan import Piece, PipelineSection, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
+from planner.simulate import StepSimulation, simulate_step, static_memory_bytes
 
 K = 1024
 GIB = 2**30
@@ -81,7 +81,7 @@ def cp_step(cm: CostModel, s: int, m: int, slices: int, v: int, schedule: str) -
                   tokens_per_rank=zigzag_tokens_per_rank([s], hdp)) for i in range(m)]
     return Step(step=0, global_tokens=s * m, sequences=[Sequence(i, s) for i in range(m)], units=units,
                 order={r: list(range(m)) for r in range(hdp)}, predicted=Predicted(0.0, 0.0, [0.0] * hdp, [0.0] * hdp),
-                pipeline={"schedule": schedule, "v": v})
+                pipeline=PipelineSection(schedule, v))
 
 
 @cache
@@ -138,7 +138,7 @@ def memory_and_mfu() -> None:
                            ("SlimPipe", 32, 5), ("SlimPipe", 64, 5)):
             sim = planned(s, n, v)
             peak = sim.peak_memory_bytes[0]
-            act = peak - _static_memory(cm, None)
+            act = peak - static_memory_bytes(cm, None)
             slim = f"{tok * L * cm.a_tok / p * (1 + 2 * (p - 1) / (n * v)) / GIB:.1f}" if n > 1 else "-"
             available_flop = sim.step_time_s * cm.setup.cluster.world_size * cm.peak_flops()
             mfu = model_flops([s] * M_SEQS, cm.model) / available_flop

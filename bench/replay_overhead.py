@@ -2,7 +2,8 @@
 loop (the --check reference: one sequence at a time, full-sequence causal attention, same
 optimizer) on the same tokens and the same model.
 
-    python bench/replay_overhead.py --nproc 2 --steps 6 --tokens-per-step 4096 [--model tiny|cpu-small] [--cp ring] [--pp 2]
+    python bench/replay_overhead.py --nproc 2 --steps 6 --tokens-per-step 4096 [--model tiny|cpu-small] [--cp ring]
+        [--pp 2]
 
 Prints a table and one JSON line. Every process gets OMP_NUM_THREADS threads (default 1), the
 single-process loop too, so with N ranks on >= N cores the ideal replay step is loop / N plus
@@ -63,10 +64,11 @@ def replay(args: argparse.Namespace, plan: Path, trace: Path) -> dict:
 def single_process(args: argparse.Namespace, plan_path: Path) -> dict:
     from costmodel.presets import load_model
     from planner.plan import Plan
-    from planner.runtime.executor import ReplayOptions, reference_loop
+    from planner.runtime import ReplayOptions
+    from planner.runtime.check import reference_loop
     from planner.runtime.model import ModelConfig
 
-    times = reference_loop(Plan.load(plan_path), ModelConfig.from_spec(load_model(args.model)), args.steps,
+    times = reference_loop(Plan.load(plan_path), ModelConfig(load_model(args.model)), args.steps,
                            ReplayOptions(plan_path=plan_path, seed=args.seed), threads=args.threads)
     return {"step_s": statistics.median(w for w, _ in times[1:]), "cpu_s": statistics.median(c for _, c in times[1:])}
 
@@ -98,7 +100,8 @@ def main() -> None:
         ref = single_process(args, plan)
     ratio = rep["step_s"] / ref["step_s"]
     args.model = label
-    print(f"model {label}, {args.tokens_per_step} tokens/step, {args.strategy} plan on {args.nproc} ranks (pp {args.pp}) "
+    print(f"model {label}, {args.tokens_per_step} tokens/step, {args.strategy} plan on {args.nproc} ranks "
+          f"(pp {args.pp}) "
           f"({rep['units']} unit records/step), cp {args.cp}, {args.threads} thread(s) per process, "
           f"{os.cpu_count()} cores")
     cpu_ratio = rep["cpu_s_all_ranks"] / ref["cpu_s"]
@@ -107,9 +110,11 @@ def main() -> None:
     print(f"  replay (slowest rank) {rep['step_s'] * 1e3:9.1f} ms/step wall = {ratio:.2f}x the loop "
           f"(ideal {1 / args.nproc:.2f}x with {args.nproc} cores free)")
     print(f"  replay CPU, all ranks {rep['cpu_s_all_ranks'] * 1e3:9.1f} ms/step = {cpu_ratio:.2f}x the loop's work")
-    print(f"    units (max rank)    {rep['units_s_max'] * 1e3:9.1f} ms, grad all-reduce {rep['grad_sync_s'] * 1e3:.1f} ms,"
+    print(f"    units (max rank)    {rep['units_s_max'] * 1e3:9.1f} ms, "
+          f"grad all-reduce {rep['grad_sync_s'] * 1e3:.1f} ms,"
           f" optimizer {rep['optimizer_s'] * 1e3:.1f} ms, P2P wait per rank {rep['comm_wait_s_per_step'] * 1e3:.1f} ms")
-    print(f"  whole torchrun job    {rep['job_s']:9.1f} s for {args.steps} steps (process start and rendezvous included)")
+    print(f"  whole torchrun job    {rep['job_s']:9.1f} s for {args.steps} steps "
+          "(process start and rendezvous included)")
     print(json.dumps({"bench": "replay_overhead", **vars(args), "loop": ref, "replay": rep,
                       "replay_over_loop_wall": ratio, "replay_over_loop_cpu": cpu_ratio}))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import resource
@@ -24,9 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.report import machine_description  # noqa: E402
+from planner.studies import SweepSpec, machine_description, run_sweep  # noqa: E402
 from planner.workload import parse_tokens  # noqa: E402
-from planner.studies import SweepSpec, progress_bar, run_sweep  # noqa: E402
 
 # Functions whose cumulative time explains a sweep (the rest is bookkeeping).
 HOTSPOTS = ("plan_step", "plan_balance", "plan_naive", "finalize", "unit_cost", "simulate_step", "validate",
@@ -60,12 +60,16 @@ def main() -> None:
         prof = cProfile.Profile() if a.profile else None
         cpu0 = _cpu_s()
         t0 = time.perf_counter()
-        with progress_bar(len(points)) as on_point:
-            if prof:
-                prof.enable()
-            res = run_sweep(points, Path(d) / "sweep.csv", workers=workers, on_point=on_point)
-            if prof:
-                prof.disable()
+        done = itertools.count(1)
+
+        def on_point(point, row) -> None:  # one line per point on stderr
+            print(f"{next(done)}/{len(points)} {point.label}", file=sys.stderr)
+
+        if prof:
+            prof.enable()
+        res = run_sweep(points, Path(d) / "sweep.csv", workers=workers, on_point=on_point)
+        if prof:
+            prof.disable()
         wall = time.perf_counter() - t0
         cpu = _cpu_s() - cpu0
     df = res.table

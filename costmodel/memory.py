@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from costmodel.specs import DTYPE_BYTES, ModelSpec, Setup, SpecError, TrainingSpec
+from costmodel.specs import DTYPE_BYTES, ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 
 GB = 1e9  # messages report decimal GB, as the CLI's tables do
 
@@ -47,7 +47,7 @@ def model_state_bytes(setup: Setup, stage: int | None = None) -> float:
     return params_per_rank(setup, stage) * state_bytes_per_param(setup)
 
 
-def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: str, dtype_bytes: int = 2) -> float:
+def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2) -> float:
     """Saved activations per token per layer, TP+SP divided (REFERENCE 7.2, Llama-style block with
     FlashAttention). none: 12h + 4h_kv + 8f (bf16); selective: the SwiGLU product and down-projection
     input are recomputed (12h + 4h_kv + 4f); full: only the layer input (2h)."""
@@ -57,10 +57,8 @@ def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: str, 
         b = 12 * h + 4 * hkv + 8 * f
     elif recompute == "selective":
         b = 12 * h + 4 * hkv + 4 * f
-    elif recompute == "full":
+    else:  # full (TrainingSpec admits no other policy)
         b = 2 * h
-    else:
-        raise SpecError(f"unknown recompute policy {recompute!r}")
     return b * scale / tp
 
 
@@ -242,6 +240,13 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
     return msg + f"; the fewest GPUs that fit are {more.cluster.world_size} with {_fit_text(more)}{why}"
 
 
+# ---- tokens a rank holds under selective offload (ByteScale Eq. 3, REFERENCE 2.5) and pipeline slices ----
+def offload_allowed(recompute: str) -> bool:
+    """Full recompute keeps only layer inputs; its working set (one whole layer) cannot be offloaded,
+    so Eq. 3 does not apply: offload and full recompute are alternatives (ByteScale Fig. 21)."""
+    return recompute != "full"
+
+
 def activation_factor(offload_ratio: float, layers_per_stage: int) -> float:
     """Resident share of a rank's activations under offload ratio r (Eq. 3): two layers stay on the
     GPU, the other l − 2 keep (1 − r) of theirs: (2 + (1 − r)(l − 2)) / l."""
@@ -261,7 +266,7 @@ def sliced_capacity_tokens(capacity_tokens: float, pp: int, slices: int, dkv_rat
     return capacity_tokens * pp / ((slices + pp - 1) / slices + dkv_ratio)
 
 
-def dkv_activation_ratio(model: ModelSpec, tp: int, recompute: str, dtype_bytes: int = 2) -> float:
+def dkv_activation_ratio(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2) -> float:
     """fp32 dK and dV bytes per token per layer over the saved activation bytes per token per layer."""
     return (2 * model.kv_width * 4 / tp) / activation_bytes_per_token_layer(model, tp, recompute, dtype_bytes)
 
@@ -279,11 +284,21 @@ def offload_lower_bound(s: float, capacity_tokens: int, layers_per_stage: int) -
     return min(1.0, l * capacity_tokens / ((l - 2) * s))
 
 
-def ratio_for_degree(s: float, degree: int, capacity_tokens: int, layers_per_stage: int) -> float:
-    """Smallest r with D(s; r) <= degree (offload no more than needed): solve
-    (2 + (1 − r)(l − 2))·s ≤ degree·l·C for r, clipped to [0, 1]."""
-    l = layers_per_stage
-    if s <= degree * capacity_tokens or l <= 2:
+def offload_ratio_for_tokens(tokens_per_rank: float, capacity_tokens: float, layers_per_stage: int) -> float | None:
+    """Smallest offload ratio r with activation_factor(r, l) · tokens ≤ C (Eq. 3's budget on a rank's
+    tokens; C may be a sliced unit's capacity, see sliced_capacity_tokens): solve
+    (2 + (1 − r)(l − 2))/l · tokens ≤ C for r. None when even r = 1 is not enough."""
+    C, l = capacity_tokens, layers_per_stage
+    if tokens_per_rank <= C:
         return 0.0
-    r = 1.0 - (degree * l * capacity_tokens / s - 2.0) / (l - 2)
-    return min(1.0, max(0.0, r))
+    if l <= 2:
+        return None
+    r = 1.0 - (l * C / tokens_per_rank - 2.0) / (l - 2)
+    return None if r > 1.0 + 1e-12 else max(0.0, min(1.0, r))
+
+
+def offload_ratio_max(fwd_s: float, act_bytes: float, d2h_s: float, h2d_s: float) -> float:
+    """r_max = min(1, T_fwd · B_min / Act) per layer: the share of a layer's activations (act_bytes)
+    whose host copies (d2h_s, h2d_s for all of them) hide under its forward compute (fwd_s)."""
+    b_min = min(act_bytes / d2h_s, act_bytes / h2d_s)
+    return min(1.0, fwd_s * b_min / act_bytes)

@@ -4,7 +4,7 @@ simulator decides who pairs with whom (planner.schedule.mirror_pairs) and how ma
 
 from __future__ import annotations
 
-from costmodel.specs import ModelSpec, Setup
+from costmodel.specs import ModelSpec
 
 LSE_BYTES = 4  # the softmax log-sum-exp travels in fp32
 
@@ -32,11 +32,3 @@ def mirror_exchange_exposed_s(to_light_s: float, back_s: float, heavy_attn_s: fl
     ready_s = max(to_light_s, light_attn_s) + moved_s + back_s
     heavy = max(0.0, ready_s - (heavy_attn_s - moved_s))
     return heavy, light
-
-
-def stages_inter_node(setup: Setup, stage_a: int, stage_b: int, hdp_rank: int) -> bool:
-    """Whether HDP rank `hdp_rank`'s GPUs of two stages sit on different nodes (global rank =
-    stage·hdp·tp + hdp_rank·tp, nodes of consecutive ranks)."""
-    tp, per_node = setup.training.tp, setup.cluster.gpus_per_node
-    width = setup.hdp * tp
-    return (stage_a * width + hdp_rank * tp) // per_node != (stage_b * width + hdp_rank * tp) // per_node

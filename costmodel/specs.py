@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 from profiles.typed_json import Reader, at_least, positive, within
+
+if TYPE_CHECKING:  # costmodel.mesh imports SpecError from here
+    from costmodel.mesh import MeshLayout
 
 
 class SpecError(ValueError):
@@ -221,9 +225,6 @@ class ClusterSpec:
                             f"{self.gpus_per_node}-GPU nodes; use a multiple of {self.gpus_per_node}")
         return dataclasses.replace(self, nodes=gpus // self.gpus_per_node)
 
-    def node_of(self, rank: int) -> int:
-        return rank // self.gpus_per_node
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["world_size"] = self.world_size
@@ -236,9 +237,20 @@ class ClusterSpec:
 
 
 Recompute = Literal["none", "selective", "full"]
+RECOMPUTE_POLICIES: tuple[Recompute, ...] = get_args(Recompute)  # least recompute (most memory) first
+AUTO_RECOMPUTE = "auto"  # a request's choice: the least recompute that fits its max context (planner.api)
+RECOMPUTE_CHOICES = (AUTO_RECOMPUTE, *RECOMPUTE_POLICIES)  # what a request (--recompute) may ask for
+
 DType = Literal["bf16", "fp16", "fp32"]
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def check_recompute(choice: str) -> None:
+    """Raise SpecError unless `choice` is one of RECOMPUTE_CHOICES."""
+    if choice not in RECOMPUTE_CHOICES:
+        *head, last = RECOMPUTE_CHOICES
+        raise SpecError(f"--recompute must be {', '.join(head)} or {last}, got {choice!r}")
 
 
 @dataclass(frozen=True)
@@ -277,15 +289,15 @@ class TrainingSpec:
         if model.heads % self.tp or model.kv_heads % self.tp and self.tp % model.kv_heads:
             raise SpecError(f"tp={self.tp} must divide the {model.heads} query heads of {model.name} "
                             f"(and divide or be a multiple of its {model.kv_heads} KV heads)")
-        if self.tp > cluster.gpus_per_node:
-            raise SpecError(f"tp={self.tp} exceeds the {cluster.gpus_per_node} GPUs of a node; "
-                            "TP must stay inside one NVLink domain")
-        if cluster.gpus_per_node % self.tp:
-            raise SpecError(f"tp={self.tp} must divide the {cluster.gpus_per_node} GPUs per node")
         if model.layers % self.pp:
             raise SpecError(f"pp={self.pp} must divide the {model.layers} layers of {model.name}")
-        if cluster.world_size % (self.tp * self.pp):
-            raise SpecError(f"world size {cluster.world_size} is not divisible by tp*pp = {self.tp * self.pp}")
+        self.mesh_on(cluster)
+
+    def mesh_on(self, cluster: ClusterSpec) -> MeshLayout:
+        """This layout on the cluster's GPUs; SpecError if TP or PP does not fit them."""
+        from costmodel.mesh import MeshLayout
+
+        return MeshLayout.of_world(cluster.world_size, self.tp, self.pp, cluster.gpus_per_node)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -302,16 +314,12 @@ class Setup:
     def __post_init__(self) -> None:
         self.training.check_against(self.model, self.cluster)
 
+    @cached_property
+    def mesh(self) -> MeshLayout:
+        """Where each rank sits: tp × pp × hdp on the cluster's nodes."""
+        return self.training.mesh_on(self.cluster)
+
     @property
     def hdp(self) -> int:
         """HDP ranks per pipeline stage: world / (tp * pp)."""
-        return self.cluster.world_size // (self.training.tp * self.training.pp)
-
-    @property
-    def hdp_per_node(self) -> int:
-        """HDP ranks (TP groups) per node."""
-        return max(1, self.cluster.gpus_per_node // self.training.tp)
-
-    def hdp_node(self, hdp_rank: int) -> int:
-        """Node index of an HDP rank (global rank = stage*hdp*tp + hdp_rank*tp + tp_rank)."""
-        return (hdp_rank * self.training.tp) // self.cluster.gpus_per_node
+        return self.mesh.hdp

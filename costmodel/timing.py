@@ -7,14 +7,15 @@ numpy interpolation: planners call it for thousands of units per step."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, memory_budget,
                               params_per_rank)
-from costmodel.specs import ClusterSpec, ModelSpec, Setup, TrainingSpec
-from profiles.table import Profile
+from costmodel.specs import ClusterSpec, ModelSpec, Setup, SpecError, TrainingSpec
+from profiles.table import Profile, ProfileError
 
 _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
@@ -23,6 +24,33 @@ _BYTES_GRID = np.geomspace(1, 2**36, 160)
 def _interp(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Log-log interpolation over a precomputed grid (the grid spans every size a plan uses)."""
     return np.exp(np.interp(np.log(np.maximum(np.asarray(x, float), 1e-9)), np.log(xs), np.log(ys)))
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """One forward GEMM on one TP rank: (rows × k) @ (k × n), rows = tokens × rows_per_token."""
+
+    label: str  # qkv | o | gate_up | down | lm_head
+    n: int  # output features
+    k: int  # reduction (input) features
+    rows_per_token: int = 1  # top_k for expert GEMMs: each token visits that many experts
+
+
+def gemm_shapes(model: ModelSpec, tp: int = 1) -> tuple[GemmShape, ...]:
+    """The GEMMs the cost model looks up: a layer's four (QKV, output projection, SwiGLU up and down),
+    then the LM head; the sharded dimension of each is split over tp ranks, rounded up."""
+    shard = lambda width: int(math.ceil(width / tp))  # noqa: E731
+    return (GemmShape("qkv", shard(model.q_width + 2 * model.kv_width), model.hidden),
+            GemmShape("o", model.hidden, shard(model.q_width)),
+            GemmShape("gate_up", shard(2 * model.ffn), model.hidden, model.top_k),
+            GemmShape("down", model.hidden, shard(model.ffn), model.top_k),
+            GemmShape("lm_head", shard(model.vocab), model.hidden))
+
+
+def profile_gemm_shapes(models: Mapping[str, ModelSpec]) -> tuple[tuple[str, int, int], ...]:
+    """(NAME.label, n, k) of each model's GEMMs at tp=1: the model shapes `meshplan profile --models`
+    measures beside its generic grid, keyed by the name the model was given."""
+    return tuple((f"{name}.{g.label}", g.n, g.k) for name, m in models.items() for g in gemm_shapes(m))
 
 
 @dataclass(frozen=True)
@@ -105,18 +133,12 @@ class CostModel:
         dtypes = set(self.profile.tables["gemm"]["dtype"])
         self.dtype = dt if dt in dtypes else sorted(dtypes)[0]
         p = self.profile
-        t = float(tr.tp)
-        shapes = [  # (n, k) per GEMM of a layer, per TP rank; m = tokens (× top_k for experts)
-            (int(math.ceil((m.q_width + 2 * m.kv_width) / t)), m.hidden, 1),
-            (m.hidden, int(math.ceil(m.q_width / t)), 1),
-            (int(math.ceil(2 * m.ffn / t)), m.hidden, m.top_k),
-            (m.hidden, int(math.ceil(m.ffn / t)), m.top_k),
-        ]
+        *layer, head = gemm_shapes(m, tr.tp)
         g = np.zeros_like(_TOKEN_GRID)
-        for n, k, mult in shapes:
-            g += p.gemm_time_s(_TOKEN_GRID * mult, n, k, self.dtype)
+        for gemm in layer:
+            g += p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, self.dtype)
         self._curves["gemm_layer"] = g
-        self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, int(math.ceil(m.vocab / t)), m.hidden, self.dtype)
+        self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         for direction in ("fwd", "bwd"):
             tt = p.attention_time_s(_TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True,
                                     direction=direction, dtype=self.dtype)
@@ -252,7 +274,7 @@ class CostModel:
             return 0.0
         tr = self.setup.training
         p = params_per_rank(self.setup)
-        inter = d > self.setup.hdp_per_node
+        inter = self.setup.mesh.group_spans_domains(d)
         scope = "inter" if inter else "intra"
         gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
         group = d  # one collective per TP rank, over the d HDP ranks holding the same shard
@@ -262,9 +284,9 @@ class CostModel:
         return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope))
 
     def pp_p2p_s(self, tokens_per_rank: float) -> float:
-        """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes; stages sit on
-        different nodes whenever a stage fills at least a node."""
-        inter = self.setup.hdp * self.tp >= self.setup.cluster.gpus_per_node
+        """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node
+        when adjacent stages sit on different nodes."""
+        inter = self.setup.mesh.adjacent_stages_in_different_domains
         return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter))
 
     def peak_flops(self) -> float:
@@ -278,3 +300,18 @@ def fit_layer_time(model: ModelSpec, training: TrainingSpec, profile: Profile) -
                           inter_node_bw_bytes_per_s=1e10, host_link_bw_bytes_per_s=1e10, profile="")
     cm = CostModel(Setup(model, cluster.with_gpus(max(8, training.tp * training.pp)), training), profile)
     return cm.fit_layer_time(max_len=262144)
+
+
+def fit_models(profile: Profile, models: Mapping[str, ModelSpec]) -> list[str]:
+    """Add each model's T(s) fit, trained in the profile's main dtype, to profile.fits under the name it
+    was given (what `meshplan profile --models` does); return one note per model that could not be fitted."""
+    from profiles.measure.runner import main_dtype  # the measuring side, loaded only when a profile is fitted
+
+    training = TrainingSpec(dtype=main_dtype(profile))
+    notes = []
+    for name, model in models.items():
+        try:
+            profile.fits[name] = fit_layer_time(model, training, profile)
+        except (ProfileError, SpecError) as e:
+            notes.append(f"no T(s) fit for {name}: {e}")
+    return notes

@@ -19,12 +19,12 @@ import numpy as np
 from costmodel.flops import model_flops
 from costmodel.memory import memory_budget
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import ClusterSpec, Setup, SpecError, TrainingSpec
+from costmodel.specs import (AUTO_RECOMPUTE, RECOMPUTE_POLICIES, ClusterSpec, Setup, SpecError, TrainingSpec,
+                             check_recompute)
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch, global_batches
 from planner.plan import Mesh, Plan, PlanError, validate
-from planner.strategies import PlanOptions, get_strategy
-from planner.strategies.ilp import collect_solver_reports, solver_meta
+from planner.strategies import PlanOptions, get_strategy, run_strategy, solver_meta
 from profiles.table import Profile, ProfileError, load_profile, profile_names
 
 BYTESCALE_TOKENS_PER_STEP = 32 * 2**20  # ByteScale §8.1: 32M tokens per step
@@ -44,11 +44,14 @@ class PlanRequest:
     steps: int = 1
     tokens_per_step: int | None = None  # None ("auto"): sized from the mesh, see auto_tokens_per_step
     max_context_tokens: int = 2 * 2**20
-    recompute: str = "auto"  # none | selective | full | auto (least recompute that fits the max context)
+    recompute: str = AUTO_RECOMPUTE  # a policy, or auto: the least recompute that fits the max context
     capacity_tokens: int | None = None  # override C
     zero_stage: int = 1
     seed: int = 0
     options: PlanOptions = field(default_factory=PlanOptions)
+
+    def __post_init__(self) -> None:
+        check_recompute(self.recompute)
 
 
 def resolve_setup(req: PlanRequest) -> Setup:
@@ -56,7 +59,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
     cluster = load_cluster(req.cluster)
     if req.gpus is not None:
         cluster = cluster.with_gpus(req.gpus)
-    policies = ["none", "selective", "full"] if req.recompute == "auto" else [req.recompute]
+    policies = RECOMPUTE_POLICIES if req.recompute == AUTO_RECOMPUTE else (req.recompute,)
     last: Exception | None = None
     for pol in policies:
         tr = TrainingSpec(tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
@@ -68,7 +71,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
             last = e
             continue
         # 'auto' keeps the first policy under which a static mesh can shard the longest sequence.
-        if req.recompute != "auto" or cap * setup.hdp >= req.max_context_tokens or pol == "full":
+        if req.recompute != AUTO_RECOMPUTE or cap * setup.hdp >= req.max_context_tokens or pol == "full":
             return setup
     raise last if last else SpecError("no training setup fits")
 
@@ -166,11 +169,11 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
     batches = batches if batches is not None else make_batches(req, cm)
     fn = get_strategy(strategy)
     t0 = time.perf_counter()
-    with collect_solver_reports() as reports:  # exact strategies report status and gap per step
-        steps = [fn(b, cm, req.options) for b in batches]
-        chunkings = {int((st.pipeline or {}).get("v", 1)) for st in steps}
-        if len(chunkings) > 1:
-            steps = _one_chunking(fn, batches, cm, req.options, chunkings)
+    outcomes = [run_strategy(strategy, b, cm, req.options) for b in batches]  # exact ones: with status and gap
+    steps = [o.step for o in outcomes]
+    chunkings = {st.chunks_per_stage for st in steps}
+    if len(chunkings) > 1:
+        steps = _one_chunking(fn, batches, cm, req.options, chunkings)
     secs = time.perf_counter() - t0
     s = cm.setup
     meta = {
@@ -182,7 +185,7 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
         "options": {**json.loads(json.dumps(dataclasses.asdict(req.options))), "lengths": req.lengths,
                     "tokens_per_step": step_tokens(req, cm),
                     "max_context_tokens": req.max_context_tokens, "steps": req.steps},
-        "solver": solver_meta(reports, strategy, secs),
+        "solver": solver_meta([o.solver for o in outcomes if o.solver is not None], strategy, secs),
         "seed": req.seed,
         "training": s.training.to_dict(),
         "model_spec": dataclasses.asdict(s.model),
@@ -204,7 +207,7 @@ def _one_chunking(fn, batches: list[GlobalBatch], cm: CostModel, options: PlanOp
     every step fits HBM (the least peak memory when none does)."""
     best = None
     for v in sorted(chunkings):
-        steps = [fn(b, cm, dataclasses.replace(options, pp_v=v)) for b in batches]
+        steps = [fn(b, cm, dataclasses.replace(options, hdp=dataclasses.replace(options.hdp, pp_v=v))) for b in batches]
         peak = max(max(st.predicted.peak_memory_bytes) for st in steps)
         key = (peak > cm.budget.hbm_bytes, sum(st.predicted.step_time_s for st in steps) if peak <= cm.budget.hbm_bytes
                else peak)

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -400,21 +400,31 @@ def read_json(path: str | Path, what: str, error: type[Exception]) -> Any:
         raise error(f"{path}: truncated or corrupt {what} JSON (line {e.lineno}: {e.msg})") from None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path via a temp file in the same folder and os.replace."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temp file in path's folder, which is synced and renamed onto path: readers
+    (and a run killed mid-write) see the old file or the new one, never half of one. Missing folders are made."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path atomically (atomic_write)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 _DATA = resources.files("profiles").joinpath("data")

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 import cli
 from cli import app
 from costmodel.presets import cluster_names, model_names
-from planner.api import Comparison, Summary
+from costmodel.specs import SpecError
+from planner.api import Comparison, PlanRequest, Summary
 from planner.plan import Plan, PlanError
-from profiles.table import profile_names
+from profiles.table import Profile, load_profile, profile_names
 
 TINY = ["--model", "tiny", "--cluster", "local-cpu", "--gpus", "4", "--tokens-per-step", "16K", "--max-context", "4K"]
 
@@ -101,7 +102,9 @@ def test_help_shows_full_option_names_at_80_columns_and_takes_h():
 # ---- user text is never markup -------------------------------------------------------------------
 
 def test_error_messages_are_not_markup(monkeypatch):
-    monkeypatch.setattr(cli, "find_spec", lambda name: None)  # replay without torch: the install hint
+    from planner.runtime import launch
+
+    monkeypatch.setattr(launch, "find_spec", lambda name: None)  # replay without torch: the install hint
     r = run("replay", "p.json", "--nproc", "1")
     assert r.exit_code == 2 and "pip install 'meshplan[runtime]'" in r.stderr, r.output
     r = run("simulate", "no[bold]such.json")
@@ -168,6 +171,69 @@ def test_a_failed_trace_write_leaves_no_plan(tmp_path, monkeypatch):
     r = run("plan", *TINY, "--out", str(out), "--trace", str(tmp_path / "t.json"))
     assert r.exit_code == 2 and "No space left on device" in r.stderr, r.output
     assert not out.exists()
+
+
+# ---- choices: one list in the library, one line for a value outside it ------------------------------
+
+@pytest.mark.parametrize("cmd", ["plan", "whatif"])
+def test_recompute_policies_come_from_the_cost_model(cmd):
+    r = run(cmd, "--recompute", "bogus")
+    assert r.exit_code == 2, r.output
+    assert r.stderr == "error: --recompute must be auto, none, selective or full, got 'bogus'\n"
+    assert "none | selective | full | auto (least that fits the context)." in one_line(run(cmd, "--help").stdout)
+
+
+def test_a_plan_request_checks_its_recompute_choice():
+    with pytest.raises(SpecError, match="--recompute must be auto, none, selective or full, got 'most'"):
+        PlanRequest(recompute="most")
+
+
+def test_solver_names_come_from_the_backends():
+    r = run("plan", *TINY, "--solver", "gurobi")
+    assert r.exit_code == 2 and r.stderr == "error: --solver must be cbc, highs or cpsat, got 'gurobi'\n", r.output
+    assert "ilp: solver backend, cbc, highs or cpsat." in one_line(run("plan", "--help").stdout)
+
+
+# ---- profile: the cost model's GEMM shapes are measured, each model gets its T(s) fit ----------------
+
+def _fake_run_profile(monkeypatch, profile: Profile, seen: dict) -> None:
+    """run_profile without measuring: record the request, let `post` fit `profile`."""
+    from profiles.measure import runner
+
+    def fake(req, post=None, on_note=None, progress=None):
+        seen["shapes"] = req.model_shapes
+        post(profile)
+        return runner.RunResult(profile=profile, seconds={})
+
+    monkeypatch.setattr(runner, "run_profile", fake)
+
+
+def test_profile_measures_the_cost_models_gemm_shapes_and_fits_each_model(tmp_path, monkeypatch):
+    seen: dict = {}
+    p = load_profile("local-cpu.measured")
+    p.fits.clear()
+    _fake_run_profile(monkeypatch, p, seen)
+    r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny", "--json")
+    assert r.exit_code == 0, r.output
+    # tiny: hidden 64, 4 query heads and 2 KV heads of 16, ffn 128, vocab 256
+    assert seen["shapes"] == (("tiny.qkv", 128, 64), ("tiny.o", 64, 64), ("tiny.gate_up", 256, 64),
+                              ("tiny.down", 64, 128), ("tiny.lm_head", 256, 64))
+    assert json.loads(r.stdout)["fits"] == ["tiny"] and p.fits["tiny"]["alpha1_s_per_token2"] >= 0
+    assert r.stderr == ""
+
+
+def test_profile_notes_a_model_it_cannot_fit_and_goes_on(tmp_path, monkeypatch):
+    p = load_profile("local-cpu.measured")
+    p.fits.clear()
+    p.tables["attention"] = p.tables["attention"].iloc[:0]  # measured with --ops gemm: no attention rows
+    _fake_run_profile(monkeypatch, p, {})
+    r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny,llama-7b")
+    assert r.exit_code == 0, r.output
+    notes = one_line(r.stderr)
+    assert notes.count("note: ") == 2 and "error" not in notes, notes
+    for name in ("tiny", "llama-7b"):
+        assert f"note: no T(s) fit for {name}: profile 'local-cpu.measured' has no rows in table(s) attention" in notes
+    assert "fits: none" in r.stdout and p.fits == {}
 
 
 # ---- anything unexpected: one line ---------------------------------------------------------------

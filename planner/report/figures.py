@@ -1,24 +1,18 @@
-"""Plots and reports of what-if sweeps and plans (matplotlib Agg; every figure as PNG and SVG).
+"""Figures of what-if sweeps, plans and length sources (matplotlib Agg; plan and sweep figures as PNG and SVG).
 
 - throughput vs max context per strategy, and the speedup heat map over GPUs × context (sweeps);
 - a per-rank timeline (Gantt) of one simulated plan step, units coloured by their degree;
 - the memory breakdown per HDP rank (pp = 1) or per pipeline stage (pp > 1): model states,
   activations, logits, CUDA context / NCCL buffers and fragmentation, against the HBM;
-- a self-contained sweep report: report.md with the figures beside it, and report.html with the
-  same content and the PNGs embedded;
-- the ByteScale reproduction section of docs/REPRODUCTION.md, regenerated in place between markers.
+- the per-bucket shares of a length source (samples, tokens, attention FLOPs), as one PNG.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -33,14 +27,10 @@ import matplotlib.ticker  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from costmodel.timing import CostModel  # noqa: E402
-from planner.api import make_plan  # noqa: E402
 from planner.plan import Plan, Step  # noqa: E402
 from planner.simulate import StepSimulation, simulate_step, static_memory_parts  # noqa: E402
-from planner.workload import format_tokens  # noqa: E402
-from planner.studies import (BYTESCALE_CLAIMS, BYTESCALE_LAYOUT_NOTE, BYTESCALE_PANELS, MFU_CONVENTION,  # noqa: E402
-                            ByteScaleGrid, Config, batches_of, cost_model_of, default_bytescale_table, options_for,
-                            per_doubling_slowdown, run_sweep)
-from profiles.table import atomic_write_text  # noqa: E402
+from planner.workload import SourceError, format_tokens  # noqa: E402
+from profiles.table import atomic_write  # noqa: E402
 
 GB = 1e9
 STRATEGY_COLORS = {"static": "#7f7f7f", "dcp": "#1f77b4", "hdp-naive": "#ff7f0e", "hdp": "#2ca02c"}
@@ -48,22 +38,13 @@ STRATEGY_COLORS = {"static": "#7f7f7f", "dcp": "#1f77b4", "hdp-naive": "#ff7f0e"
 
 # ---- figure files ---------------------------------------------------------------------------------
 def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
-    """stem.png and stem.svg, each written to a temp file and renamed; the figure is closed."""
+    """stem.png and stem.svg, each written atomically; the figure is closed."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     try:
         for ext in ("png", "svg"):
             path = stem.with_name(f"{stem.name}.{ext}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{ext}", dir=path.parent)
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight"))
             paths.append(path)
     finally:
         plt.close(fig)
@@ -302,357 +283,25 @@ def _stem(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in (".png", ".svg") else path
 
 
-# ---- documents ----------------------------------------------------------------------------------------
-def md_table(df: pd.DataFrame) -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in r.tolist()) + " |")
-    return "\n".join(lines)
-
-
-class Document:
-    """Blocks rendered twice: markdown with figures as relative links, and HTML with them embedded."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.blocks: list[tuple] = []
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(("h", level, text))
-
-    def para(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def figure(self, png: Path, caption: str) -> None:
-        self.blocks.append(("img", Path(png), caption))
-
-    def table(self, df: pd.DataFrame) -> None:
-        self.blocks.append(("table", df))
-
-    def markdown(self) -> str:
-        out = []
-        for b in self.blocks:
-            if b[0] == "h":
-                out.append("#" * b[1] + " " + b[2])
-            elif b[0] == "p":
-                out.append(b[1])
-            elif b[0] == "img":
-                out.append(f"![{b[2]}]({b[1].relative_to(self.root).as_posix()})")
-            else:
-                out.append(md_table(b[1]))
-        return "\n\n".join(out) + "\n"
-
-    def html(self, title: str) -> str:
-        body = []
-        for b in self.blocks:
-            if b[0] == "h":
-                body.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
-            elif b[0] == "p":
-                body.append(f"<p>{html.escape(b[1])}</p>")
-            elif b[0] == "img":
-                data = base64.b64encode(b[1].read_bytes()).decode()
-                body.append(f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}">'
-                            f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
-            else:
-                body.append(b[1].to_html(index=False, border=0, na_rep="-"))
-        style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
-                 "font-size:12px}td,th{padding:2px 6px;border-bottom:1px solid #ddd}img{max-width:100%}")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-
-
-def _display(df: pd.DataFrame) -> pd.DataFrame:
-    """The sweep table as people read it: sizes with suffixes, rates rounded."""
-    d = pd.DataFrame({
-        "model": df["model"], "GPUs": df["gpus"].astype(int), "tp": df["tp"].astype(int), "pp": df["pp"].astype(int),
-        "context": [format_tokens(int(c)) for c in df["context_tokens"]], "lengths": df["lengths"],
-        "strategy": df["strategy"],
-        "tokens/s": [f"{v:,.0f}" if np.isfinite(v) else "-" for v in df["tokens_per_s"].astype(float)],
-        "MFU": [f"{v:.1%}" if np.isfinite(v) else "-" for v in df["mfu"].astype(float)],
-        "step (s)": [f"{v:.2f}" if np.isfinite(v) else "-" for v in df["step_time_s"].astype(float)],
-        "speedup": [f"{v:.2f}x" if np.isfinite(v) else "-" for v in df["speedup_vs_static"].astype(float)],
-        "peak GB": [f"{v / GB:.1f}" if np.isfinite(v) else "-" for v in df["peak_memory_bytes"].astype(float)],
-        "feasible": ["no" if not f else "over HBM" if h is False else "yes"
-                     for f, h in zip(df["feasible"], df["fits_hbm"].astype(object))],
-    })
-    return d
-
-
-def write_sweep_report(df: pd.DataFrame, out_dir: Path, *, title: str = "meshplan what-if sweep",
-                       example: bool = True) -> Path:
-    """report.md (+ figures/ beside it) and report.html (figures embedded) for a sweep table.
-    example: re-plan one step of the point with the best speedup and draw its Gantt and memory next
-    to static's (a few seconds more). Returns the markdown path."""
-    out_dir = Path(out_dir)
-    fig_dir = out_dir / "figures"
-    doc = Document(out_dir)
-    df = df.copy()
-    df["feasible"] = df["feasible"].astype(bool)
-    doc.heading(title, 1)
-    doc.para(f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from {len(df)} points "
-             f"({int(df['feasible'].sum())} feasible). Models: {', '.join(map(str, df['model'].unique()))}; clusters: "
-             f"{', '.join(map(str, df['cluster'].unique()))}; length sources: "
-             f"{', '.join(map(str, df['lengths'].unique()))}; tokens per step: "
-             f"{', '.join(format_tokens(int(t)) for t in df['tokens_per_step'].unique())}; steps per point: "
-             f"{', '.join(str(int(s)) for s in df['steps'].unique())}; profiles: "
-             f"{', '.join(str(p) for p in df['profile'].dropna().unique()) or '-'}.")
-    doc.para(f"Predicted by the meshplan cost model and simulator (not measured). {MFU_CONVENTION}. Speedups are "
-             "step-time ratios against a static DP x CP mesh of the same config"
-             + (" sized for the max context." if (df["static_mesh"] == "context").all() else "."))
-    doc.heading("Throughput vs context")
-    doc.figure(plot_throughput_vs_context(df, fig_dir / "throughput_vs_context")[0], "tokens/s vs max context")
-    for s in [s for s in df["strategy"].unique() if s != "static"]:
-        doc.heading(f"Speedup of {s} over static")
-        doc.figure(plot_speedup_heatmap(df, fig_dir / f"speedup_{s}", s)[0], f"{s} speedup over GPUs x context")
-    ok = df[df["feasible"]]
-    if len(ok):
-        doc.heading("Best strategy per case")
-        best = ok.loc[ok.groupby(["model", "cluster", "gpus", "tp", "pp", "context_tokens", "lengths"],
-                                 sort=False)["tokens_per_s"].idxmax()]
-        doc.table(_display(best))
-    bad = df[~df["feasible"] | (df["fits_hbm"].astype(object) == False)]  # noqa: E712  (NA is neither)
-    if len(bad):
-        doc.heading("Infeasible points and plans over HBM")
-        t = _display(bad)[["model", "GPUs", "tp", "pp", "context", "lengths", "strategy"]].copy()
-        t["reason"] = bad["reason"].fillna("").to_numpy()
-        doc.table(t)
-    if example and len(ok[ok["strategy"] != "static"]):
-        _example_plans(doc, ok, fig_dir)
-    doc.heading("All points")
-    doc.table(_display(df))
-    md = out_dir / "report.md"
-    atomic_write_text(md, doc.markdown())
-    atomic_write_text(out_dir / "report.html", doc.html(title))
-    return md
-
-
-def _example_plans(doc: Document, ok: pd.DataFrame, fig_dir: Path) -> None:
-    """Gantt and memory of the best-speedup point and of static on the same config (one step)."""
-    cand = ok[(ok["strategy"] != "static") & ok["speedup_vs_static"].notna()]
-    if not len(cand):
-        return
-    r = cand.loc[cand["speedup_vs_static"].astype(float).idxmax()]
-    cfg = Config(str(r["model"]), str(r["cluster"]), int(r["gpus"]), int(r["tp"]), int(r["pp"]),
-                 int(r["context_tokens"]), str(r["lengths"]), int(r["tokens_per_step"]), 1, int(r["seed"]),
-                 str(r["recompute"]), bool(r["offload"]), str(r["static_mesh"]))
-    doc.heading(f"Example step: {cfg.model}, {cfg.gpus} GPUs, {format_tokens(cfg.context_tokens)}, {cfg.lengths}")
-    doc.para("The point with the largest speedup, re-planned for one step; each unit is a box on the ranks that "
-             "run it, coloured by how many ranks share it.")
-    cm = cost_model_of(cfg)
-    for strategy in ("static", str(r["strategy"])):
-        plan = make_plan(cfg.request(options_for(cfg, strategy, cm)), strategy, cm, batches_of(cfg))
-        figs = plot_plan(plan, cm, gantt=fig_dir / f"gantt_{strategy}", memory=fig_dir / f"memory_{strategy}",
-                         max_ranks=128)
-        doc.figure(figs.gantt[0], f"{strategy}: per-rank timeline")
-        doc.figure(figs.memory[0], f"{strategy}: memory breakdown")
-
-
-# ---- docs/REPRODUCTION.md ------------------------------------------------------------------------------
-def replace_section(doc_path: Path, name: str, body: str) -> None:
-    """Put `body` between <!-- name:begin --> and <!-- name:end --> in doc_path (appended with its
-    markers when absent), leaving the rest of the file, which others edit, as it is."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    doc_path = Path(doc_path)
-    text = doc_path.read_text() if doc_path.exists() else "# Reproduction\n"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text.split(begin, 1)[1]:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    atomic_write_text(doc_path, text)
-
-
-def _range(values) -> str:
-    v = [x for x in values if np.isfinite(x)]
-    if not v:
-        return "n/a"
-    return f"{min(v):.2f}x" if len(v) == 1 or min(v) == max(v) else f"{min(v):.2f}-{max(v):.2f}x"
-
-
-def _claim(rows: pd.DataFrame, agg: str) -> str:
-    """Our figure for a claim from plans that fit HBM; over-HBM plans (†) shown apart when they differ."""
-    fits = rows[rows["fits_hbm"].fillna(False).astype(bool)]["speedup_vs_static"]
-    show = (lambda x: _range([x.max()])) if agg == "max" else _range
-    text = show(fits) if len(fits) else "n/a"
-    every = show(rows["speedup_vs_static"])
-    return text + (f" ({every} with over-HBM plans †)" if every != text else "")
-
-
-def _speedup_cell(r: pd.Series | None) -> str:
-    if r is None:
-        return "-"
-    if not r["feasible"] or not np.isfinite(r["speedup_vs_static"]):
-        return "infeasible"
-    return f"{r['speedup_vs_static']:.2f}x" + ("" if r["fits_hbm"] else "†")
-
-
-def bytescale_markdown(df: pd.DataFrame, tuning: pd.DataFrame, layouts: dict[str, tuple[int, int]], *,
-                       command: str, run_note: str, gpu_scale: float) -> str:
-    """The ByteScale section: headline claims next to ours, the speedup grid, throughput, per-doubling
-    slowdowns, and the layout choice behind them."""
-    P = BYTESCALE_CLAIMS
-    df = df.copy()
-    df["feasible"] = df["feasible"].astype(bool)
-    hdp = df[(df["strategy"] == "hdp") & df["feasible"]]
-    ctx_max = int(df["context_tokens"].max())
-    big = format_tokens(ctx_max)
-    pp_models = {p.model for p in BYTESCALE_PANELS if p.balance == "PP-Balance"}
-    gh = hdp[hdp["lengths"] == "github-like"]
-    gh2m = gh[gh["context_tokens"] == ctx_max]
-    slow = per_doubling_slowdown(df)
-    geo = {s: float(np.exp(np.log(g["per_doubling"]).mean())) if len(g) else float("nan")
-           for s, g in slow.groupby("strategy")}
-    tps = sorted(df["tokens_per_step"].unique())
-    lines = [
-        "## ByteScale",
-        "",
-        f"Regenerate with `{command}` ({run_note}; finished points are kept in a journal, so an interrupted run "
-        "resumes). Figures are meshplan predictions (cost model + simulator on the "
-        f"{', '.join(map(str, df['profile'].dropna().unique()))} profile), not measurements. "
-        f"Tokens per step: {', '.join(format_tokens(int(t)) for t in tps)}; "
-        f"{int(df['steps'].iloc[0])} sampled step(s) per point; "
-        + ("the paper's GPU counts." if gpu_scale == 1 else f"GPU counts scaled by {gpu_scale:g} from the paper's."),
-        "",
-        f"Setup: {BYTESCALE_LAYOUT_NOTE} The baseline is meshplan's `static` strategy (one DP x CP mesh, CP the "
-        "smallest divisor of the HDP ranks that holds the max context, rows packed to C·CP tokens, equal "
-        "micro-batch counts); `hdp-naive` is ByteScale Alg. 1 and `hdp` its balance scheduler (Alg. 2: DP-Balance "
-        "without PP, PP-Balance with PP), both as meshplan implements them. With PP, static, dcp and hdp-naive run "
-        "1F1B; hdp slices long sequences (sliced 1F1B with redistribution where it helps, SlimPipe). Length sources are meshplan's synthetic `github-like` and `byted-like` families fitted to "
-        "ByteScale §3.1 (REFERENCE §9), not the paper's data. † marks plans whose simulated peak memory exceeds "
-        "the 80 GB HBM although they validated; headline figures use the plans that fit.",
-        "",
-        "### Headline claims (ByteScale §8.2, REFERENCE §10)",
-        "",
-        "| claim | paper | meshplan |",
-        "|---|---|---|",
-        f"| max speedup of balanced HDP over static, GitHub | {P['max_github']:.2f}x | {_claim(gh, 'max')} |",
-        f"| DP-Balance models (LLaMA-7B/13B/30B), GitHub, {big} | "
-        f"{P['dp_balance_github_2m'][0]:.2f}-{P['dp_balance_github_2m'][1]:.2f}x | "
-        f"{_claim(gh2m[~gh2m['model'].isin(pp_models)], 'range')} |",
-        f"| max speedup, Byted | {P['max_byted']:.2f}x | {_claim(hdp[hdp['lengths'] == 'byted-like'], 'max')} |",
-        f"| PP-Balance models (LLaMA-70B, Mistral-8x7B/8x22B), GitHub, {big} | "
-        f"{P['pp_balance_github_2m'][0]:.2f}-{P['pp_balance_github_2m'][1]:.2f}x | "
-        f"{_claim(gh2m[gh2m['model'].isin(pp_models)], 'range')} |",
-    ]
-    for s, label in (("static", "baseline"), ("hdp-naive", "naive HDP"), ("hdp", "balanced HDP")):
-        lines.append(f"| slowdown per context doubling, {label} (geometric mean over models and datasets) | "
-                     f"{P['per_doubling'][s]:.2f}x | {geo.get(s, float('nan')):.2f}x |")
-    ctxs = sorted(df["context_tokens"].unique())
-    lines += ["", "### Speedup over static: balanced HDP (naive HDP)", "",
-              "| model | GPUs | tp/pp | lengths | " + " | ".join(format_tokens(int(c)) for c in ctxs) + " |",
-              "|---|---|---|---|" + "---|" * len(ctxs)]
-    for (m, g, tp, pp, ln), grp in df.groupby(["model", "gpus", "tp", "pp", "lengths"], sort=False):
-        def row(strategy: str, c: int) -> pd.Series | None:
-            r = grp[(grp["context_tokens"] == c) & (grp["strategy"] == strategy)]
-            return r.iloc[0] if len(r) else None
-
-        cells = [f"{_speedup_cell(row('hdp', c))} ({_speedup_cell(row('hdp-naive', c))})" for c in ctxs]
-        lines.append(f"| {m} | {int(g)} | {int(tp)}/{int(pp)} | {ln} | " + " | ".join(cells) + " |")
-    lines += ["", "### Predicted tokens/s of static and balanced HDP (HDP's MFU, causal halved)", "",
-              "| model | lengths | " + " | ".join(format_tokens(int(c)) for c in ctxs) + " |",
-              "|---|---|" + "---|" * len(ctxs)]
-    ok = df[df["feasible"]]
-    for (m, ln), grp in ok.groupby(["model", "lengths"], sort=False):
-        cells = []
-        for c in ctxs:
-            st = grp[(grp["context_tokens"] == c) & (grp["strategy"] == "static")]
-            hd = grp[(grp["context_tokens"] == c) & (grp["strategy"] == "hdp")]
-            cells.append((f"{st['tokens_per_s'].iloc[0]:,.0f}" if len(st) else "-") + " / " +
-                         (f"{hd['tokens_per_s'].iloc[0]:,.0f} ({hd['mfu'].iloc[0]:.0%})" if len(hd) else "-"))
-        lines.append(f"| {m} | {ln} | " + " | ".join(cells) + " |")
-    if len(slow):
-        lines += ["", f"### Slowdown per context doubling ({format_tokens(int(ctxs[0]))} to {big}, geometric mean)",
-                  ""]
-        piv = slow.pivot_table(index=["model", "lengths"], columns="strategy", values="per_doubling", sort=False)
-        cols = [s for s in BYTESCALE_CLAIMS["per_doubling"] if s in piv.columns]
-        lines.append("| model | lengths | " + " | ".join(cols) + " |")
-        lines.append("|---|---|" + "---|" * len(cols))
-        for (m, ln), r in piv.iterrows():
-            lines.append(f"| {m} | {ln} | " + " | ".join(f"{r[s]:.2f}x" for s in cols) + " |")
-        lines.append("| paper (§8.2) | | " + " | ".join(f"{P['per_doubling'][s]:.2f}x" for s in cols) + " |")
-    lines += ["", f"### Layout choice (static, {big}, github-like)", "",
-              "| model | paper GPUs | our GPUs | chosen tp/pp | static tokens/s per candidate tp/pp |",
-              "|---|---|---|---|---|"]
-    for p in (p for p in BYTESCALE_PANELS if p.model in layouts):
-        t = tuning[tuning["model"] == p.model]
-        cands = "; ".join(f"{int(r['tp'])}/{int(r['pp'])}: "
-                          + (f"{r['tokens_per_s']:,.0f}" if r["feasible"] else "infeasible")
-                          for _, r in t.iterrows())
-        used = df[df["model"] == p.model]["gpus"]
-        lay = layouts.get(p.model, ("-", "-"))
-        lines.append(f"| {p.model} | {p.paper_gpus:,} | {f'{int(used.iloc[0]):,}' if len(used) else '-'} | "
-                     f"{lay[0]}/{lay[1]} | {cands} |")
-    longest = {ln: _longest_sampled(df[df["lengths"] == ln]) for ln in df["lengths"].unique()}
-    lines += ["", "Longest sampled sequence at the largest context: " + ", ".join(
-        f"{ln} {format_tokens(v) if 'K' in format_tokens(v) or 'M' in format_tokens(v) else f'{v:,}'} tokens"
-        for ln, v in longest.items()) + " (where it is below the context, the larger "
-        "contexts see the same batches and only the static mesh, sized for the context, changes)."]
-    bad = df[~df["feasible"]]
-    if len(bad):
-        lines += ["", "Infeasible points: " + "; ".join(
-            f"{r['model']} {format_tokens(int(r['context_tokens']))} {r['lengths']} {r['strategy']}: {r['reason']}"
-            for _, r in bad.iterrows())]
-    lines += ["", f"MFU convention: {MFU_CONVENTION}.",
-              f"Generated {datetime.now(timezone.utc).date().isoformat()}."]
-    return "\n".join(lines)
-
-
-def _longest_sampled(rows: pd.DataFrame) -> int:
-    """Longest sequence of the sampled steps of the largest context in these sweep rows."""
-    r = rows.loc[rows["context_tokens"].idxmax()]
-    cfg = Config(str(r["model"]), str(r["cluster"]), int(r["gpus"]), int(r["tp"]), int(r["pp"]),
-                 int(r["context_tokens"]), str(r["lengths"]), int(r["tokens_per_step"]), int(r["steps"]),
-                 int(r["seed"]))
-    return max(int(b.lengths_tokens.max()) for b in batches_of(cfg))
-
-
-def machine_description() -> str:
-    """CPU model and core count of this machine, for benchmark records."""
-    import platform
-
-    model = platform.processor() or platform.machine()
+# ---- length sources -------------------------------------------------------------------------------
+def plot_description(description: dict[str, Any], path: str | Path, *, title: str) -> None:
+    """Write a PNG with three bar charts per bucket: share of samples, of tokens, of attention FLOPs."""
+    buckets = description["buckets"]
+    labels = [format_tokens(b["hi"]) for b in buckets]
+    x = np.arange(len(buckets))
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.45 * len(buckets) + 2), 8), sharex=True)
+    for ax, key, label in zip(axes, ("samples_share", "tokens_share", "attn_flops_share"),
+                              ("samples", "tokens", "attention FLOPs (∝ s²)")):
+        ax.bar(x, [100 * b[key] for b in buckets], color="tab:blue")
+        ax.set_ylabel(f"% of {label}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(x, labels, rotation=60)
+    axes[-1].set_xlabel("bucket upper bound (tokens; bucket = (hi/2, hi])")
+    fig.suptitle(f"{title}: {description['count']:,} sequences, {description['tokens']:,} tokens")
+    fig.tight_layout()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()}-core {model}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
-
-
-@dataclass
-class Reproduction:
-    table: pd.DataFrame  # the grid's sweep table
-    tuning: pd.DataFrame  # static at the largest context for every candidate layout
-    layouts: dict[str, tuple[int, int]]  # chosen (tp, pp) per model
-    paths: tuple[Path, ...]  # the sweep table (CSV, Parquet)
-    elapsed_s: float
-    computed: int  # points planned in this run (the rest came from the journal)
-
-
-def reproduce_bytescale(doc_path: Path, grid: ByteScaleGrid = ByteScaleGrid(), *, table: Path | None = None,
-                        workers: int = 1, on_point=None, command: str = "meshplan whatif reproduce") -> Reproduction:
-    """Choose each model's layout (static baseline at its fastest), plan the ByteScale grid and rewrite the
-    ByteScale section of doc_path. Both sweeps share one journal, so a rerun plans nothing twice."""
-    import time
-
-    out = table or default_bytescale_table()
-    t0 = time.perf_counter()
-    tune = run_sweep(grid.tuning_points(), out, workers=workers, on_point=on_point)
-    layouts = grid.choose_layouts(tune.table)
-    points = grid.points(layouts)
-    res = run_sweep(points, out, workers=workers, on_point=on_point)
-    elapsed = time.perf_counter() - t0
-    computed = tune.computed + res.computed
-    total = len(set(p.key for p in grid.tuning_points()) | set(p.key for p in points))
-    planning_min = (res.table["planning_s"].sum() + tune.table["planning_s"].sum()) / 60
-    note = (f"this run planned {computed} of {total} points in {elapsed / 60:.1f} min with {workers} worker(s) on a "
-            f"{machine_description()}; the strategies' planning time summed over all points is "
-            f"{planning_min:.1f} min")
-    replace_section(doc_path, "bytescale", bytescale_markdown(res.table, tune.table, layouts, command=command,
-                                                              run_note=note, gpu_scale=grid.gpu_scale))
-    return Reproduction(res.table, tune.table, layouts, res.paths, elapsed, computed)
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot write the plot: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)

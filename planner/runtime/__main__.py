@@ -10,13 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from planner.runtime import BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, InjectedFailure
+from planner.runtime.launch import BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, InjectedFailure, ReplayOptions
 
 
 def _injected(text: str) -> InjectedFailure:
     try:
         return InjectedFailure.parse(text)
-    except ValueError as e:
+    except ValueError as e:  # PlanError
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model preset or file (default: the plan's meta.model), e.g. tiny")
     p.add_argument("--steps", type=int, default=None, help="iterations (default: every plan step once; more cycle)")
     p.add_argument("--check", action="store_true", help="compare with a single-process reference on rank 0")
-    p.add_argument("--trace", dest="trace_path", type=Path, default=None, help="measured trace JSON; PATH.chrome.json is written too")
+    p.add_argument("--trace", dest="trace_path", type=Path, default=None,
+                   help="measured trace JSON; PATH.chrome.json is written too")
     p.add_argument("--cp", dest="cp_impl", choices=CP_IMPLS, default="ring", help="context-parallel attention")
     p.add_argument("--ring-kernel", choices=BLOCK_KERNELS, default="auto",
                    help="ring block kernel: auto (fused on CPU, math elsewhere), math or fused-cpu")
@@ -47,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from planner.runtime.executor import ReplayOptions, run
+    from planner.runtime.job import run  # torch: after the arguments parsed
 
     return run(ReplayOptions(**vars(parser().parse_args(argv))))
 

@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from planner.plan import Piece, Unit
+from planner.runtime.launch import CPImpl
 
-CPImpl = Literal["allgather", "ring"]
 
 # Message tags: gloo matches (peer, tag) in FIFO order, so K/V and dK/dV streams that are in
 # flight at the same time must not share one. NCCL ignores tags; there both sides issue the

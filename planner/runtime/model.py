@@ -1,9 +1,9 @@
 """A small Llama-style decoder in plain torch (RMSNorm, RoPE, GQA attention, SwiGLU).
 
 The model never decides how attention is computed: every forward takes an `Attention` callable
-that sees the local (q, k, v) of all layers. The executor passes packed-bin, context-parallel or
-reference attention; the weights and everything else are shared, which is what makes the
-distributed gradients comparable with the single-process reference."""
+that sees the local (q, k, v) of all layers. The unit step passes packed-bin or context-parallel
+attention, the `--check` reference plain per-sequence attention; the weights and everything else
+are shared, which is what makes the distributed gradients comparable with the reference's."""
 
 from __future__ import annotations
 
@@ -16,34 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from costmodel.specs import ModelSpec
-from planner.plan import PlanError, Sequence
+from planner.plan import Plan, PlanError, Sequence
 
 IGNORE_INDEX = -100  # label of padding tokens: cross_entropy skips them
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the decoder; built from a ModelSpec (preset name, file or HuggingFace config)."""
+    """The decoder to build: a dense ModelSpec's shape (preset name, file or HuggingFace config) and the
+    constants only the runtime fixes."""
 
-    name: str  # preset or file name
-    layers: int  # decoder layers L
-    hidden: int  # model width h
-    heads: int  # query heads
-    kv_heads: int  # key/value heads (GQA)
-    head_dim: int  # d_h
-    ffn: int  # SwiGLU inner width
-    vocab: int  # vocabulary V
-    tied_embeddings: bool = False  # LM head shares the input embedding
-    qkv_bias: bool = False  # Qwen2-style bias on Q, K, V
+    spec: ModelSpec  # layers, widths, heads, vocab, tied embeddings, QKV bias (dense: preflight refuses MoE)
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec) -> "ModelConfig":
-        """Dense specs only (planner.runtime.preflight refuses MoE and odd head_dim first)."""
-        return cls(name=spec.name, layers=spec.layers, hidden=spec.hidden, heads=spec.heads,
-                   kv_heads=spec.kv_heads, head_dim=spec.head_dim, ffn=spec.ffn, vocab=spec.vocab,
-                   tied_embeddings=spec.tied_embeddings, qkv_bias=spec.qkv_bias)
 
 
 class Attention(Protocol):
@@ -80,16 +65,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+        s = cfg.spec
+        self.head_dim = s.head_dim
+        self.wq = nn.Linear(s.hidden, s.q_width, bias=s.qkv_bias)
+        self.wk = nn.Linear(s.hidden, s.kv_width, bias=s.qkv_bias)
+        self.wv = nn.Linear(s.hidden, s.kv_width, bias=s.qkv_bias)
+        self.wo = nn.Linear(s.q_width, s.hidden, bias=False)
         self.tp = None  # planner.runtime.tp.TPGroup when the heads are split over a TP group
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
                 layer: int) -> torch.Tensor:
-        t, d = x.shape[0], self.cfg.head_dim
+        t, d = x.shape[0], self.head_dim
         if self.tp is not None:
             x = self.tp.enter(x)
         # head counts from the weights: this rank's heads under TP, all of them otherwise
@@ -103,9 +89,10 @@ class SelfAttention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
-        self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
-        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+        s = cfg.spec
+        self.gate = nn.Linear(s.hidden, s.ffn, bias=False)
+        self.up = nn.Linear(s.hidden, s.ffn, bias=False)
+        self.down = nn.Linear(s.ffn, s.hidden, bias=False)
         self.tp = None  # planner.runtime.tp.TPGroup when the FFN is split over a TP group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,9 +105,9 @@ class SwiGLU(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.spec.hidden, cfg.norm_eps)
         self.attn = SelfAttention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.spec.hidden, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
@@ -136,19 +123,20 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.head = None if cfg.tied_embeddings else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        s = cfg.spec
+        self.embed = nn.Embedding(s.vocab, s.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(s.layers))
+        self.norm = RMSNorm(s.hidden, cfg.norm_eps)
+        self.head = None if s.tied_embeddings else nn.Linear(s.hidden, s.vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn: Attention) -> torch.Tensor:
-        x = self.run_layers(self.embed(tokens), positions, attn, 0, self.cfg.layers)
+        x = self.run_layers(self.embed(tokens), positions, attn, 0, self.cfg.spec.layers)
         return self.logits(x)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, attn: Attention, start: int,
                    end: int) -> torch.Tensor:
         """Hidden states through layers [start, end): one pipeline stage's (or chunk's) share."""
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_tables(positions, self.cfg.spec.head_dim, self.cfg.rope_theta)
         for i in range(start, end):
             x = self.layers[i](x, cos, sin, attn, i)
         return x
@@ -181,6 +169,13 @@ def virtual_stage_layers(layers: int, pp: int, v: int) -> list[tuple[int, int]]:
     for i in range(k):
         bounds.append(bounds[-1] + base + (i < extra))
     return list(zip(bounds, bounds[1:]))
+
+
+def stage_parameters(model: Decoder, layer_ranges: tuple[tuple[int, int], ...], pp: int,
+                     stage: int) -> list[nn.Parameter]:
+    """Parameters pipeline stage `stage` owns (its chunks' layers; embedding first, head last)."""
+    v = len(layer_ranges) // pp
+    return model.stage_parameters([layer_ranges[c * pp + stage] for c in range(v)], stage == 0, stage == pp - 1)
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device) -> Decoder:
@@ -225,7 +220,8 @@ class TokenSource:
             try:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise PlanError(f"{path}: cannot read token file ({e}); expected a flat .npy array of token ids") from None
+                raise PlanError(f"{path}: cannot read token file ({e}); expected a flat .npy array of token "
+                                "ids") from None
             if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size < 2:
                 raise PlanError(f"{path}: token file must be a 1-D integer .npy array with at least 2 ids, got "
                                 f"shape {arr.shape} dtype {arr.dtype}")
@@ -251,3 +247,9 @@ class TokenSource:
                 raise PlanError(f"token file: sequence {q.id} has ids outside [0, {self.vocab}) (model vocab)")
             out[q.id] = ids
         return out
+
+
+def stream_offset(plan: Plan, iteration: int) -> int:
+    """Where replay iteration `iteration` starts in a token file's stream: the global tokens of the
+    iterations before it (TokenSource.tokens' stream_offset)."""
+    return sum(plan.steps[i % len(plan.steps)].global_tokens for i in range(iteration))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from planner.schedule import PipeOp, consumer, dependency, section_weights, step_op_lists
+from planner.schedule import PipeOp, consumer, dependency, step_op_lists
 from planner.plan import Step, Unit
 from planner.runtime.cp import (KVCache, Peers, ShardLayout, SlicedAttention, shard_layout, slice_layout,
                                 unit_attention, unit_documents)
@@ -53,26 +53,20 @@ class _UnitRun:
     ops: list[list] = field(default_factory=list)  # [kind, slice, chunk, start_s, dur_s]
 
 
-def step_chunks(step: Step) -> int:
-    return int((step.pipeline or {}).get("v", 1))
-
-
 def rank_ops(step: Step, pp: int, hdp: int, hdp_rank: int, stage: int) -> list[PipeOp]:
     """This rank's op list (PipeOp.mb = unit id)."""
-    lists = step_op_lists(pp, {r: step.order.get(r, []) for r in range(hdp)}, {u.id: u.slices for u in step.units},
-                          step_chunks(step), section_weights(step.pipeline))
-    return lists[(hdp_rank, stage)]
+    return step_op_lists(step, pp, hdp)[(hdp_rank, stage)]
 
 
 class StageRunner:
-    """Runs one step's op list on one rank. `ctx` is the executor's Context (model, device, mesh
-    coordinates, options); `unit_inputs` and `token_loss` come from the executor."""
+    """Runs one step's op list on one rank. `ctx` is the rank's Context (planner/runtime/context.py: model,
+    device, mesh coordinates, options); `unit_inputs` and `token_loss` come from planner/runtime/step.py."""
 
     def __init__(self, ctx, step: Step, tokens: dict[int, torch.Tensor], unit_inputs, token_loss) -> None:
         self.ctx, self.step, self.tokens = ctx, step, tokens
         self.unit_inputs, self.token_loss = unit_inputs, token_loss
         mesh = ctx.prep.plan.mesh
-        self.p, self.hdp, self.v = mesh.pp, mesh.hdp, step_chunks(step)
+        self.p, self.hdp, self.v = mesh.pp, mesh.hdp, step.chunks_per_stage
         self.units = {u.id: u for u in step.units}
         self.runs: dict[int, _UnitRun] = {}
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []  # posted, kept alive until the step ends
@@ -111,7 +105,7 @@ class StageRunner:
             ctx = self.ctx
             if run.unit.slices == 1:
                 run.attn[j] = unit_attention(run.unit, run.layouts[0], run.peers, ctx.opts.cp_impl,
-                                             ctx.prep.config.head_dim, ctx.device, ctx.opts.ring_kernel)
+                                             ctx.prep.spec.head_dim, ctx.device, ctx.opts.ring_kernel)
             else:
                 run.attn[j] = SlicedAttention(run.layouts, j, run.peers, run.cache, ctx.device)
         return run.attn[j]
@@ -149,7 +143,7 @@ class StageRunner:
         run, j, c = self._run(op.mb), op.slice, op.chunk
         ids, labels, pos = run.inputs[j]
         ctx = self.ctx
-        x = self._input(op, (ids.numel(), ctx.prep.config.hidden))
+        x = self._input(op, (ids.numel(), ctx.prep.spec.hidden))
         t0 = time.perf_counter()
         with run.offload.active():
             if ctx.opts.inject_failure is not None:

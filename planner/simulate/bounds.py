@@ -33,10 +33,10 @@ def best_single_unit_s(s: int, cm: CostModel, hdp: int) -> float:
     over every degree from the smallest feasible one (full offload) to the mesh: all integers up to
     2,048 candidates, else a fine geometric grid refined around its best point."""
     d_min = min(hdp, min_degree(s, cm.capacity_tokens, 1.0, cm.layers_per_stage))
-    per_node = cm.setup.hdp_per_node
+    mesh = cm.setup.mesh
 
     def t(d: int) -> float:
-        return cm.unit_cost([s], int(d), 0.0, inter_node=d > per_node).total_s
+        return cm.unit_cost([s], int(d), 0.0, inter_node=mesh.group_spans_domains(d)).total_s
 
     if hdp - d_min <= 2048:
         best = min(t(d) for d in range(d_min, hdp + 1))

@@ -1,35 +1,22 @@
-"""Strategies: functions (batch, cost model, options) -> Step sharing one cost model and simulator."""
+"""Strategies: functions (batch, cost model, options) -> Step sharing one cost model and simulator.
+
+  options.py   PlanOptions: the shared knobs and each strategy's own options (StaticOptions, ...)
+  common.py    drafting shared by the strategies: unit drafts, packing, rank sets, finalize
+  static.py dcp.py hdp.py ilp/   the strategies, each with its options dataclass
+  outcome.py   StepOutcome (a step and its solver report), SolverInfo, the plan's meta["solver"]
+  registry.py  the strategies by name; run_strategy returns a StepOutcome for any of them
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from planner.strategies.dcp import DcpOptions
+from planner.strategies.hdp import PP_SCHEDULES, HdpOptions, PpSchedule
+from planner.strategies.ilp import SOLVERS, IlpOptions, Solver
+from planner.strategies.options import PlanOptions
+from planner.strategies.outcome import SolverInfo, SolverWarning, StepOutcome, solver_meta
+from planner.strategies.registry import HEURISTICS, STRATEGIES, StrategyFn, get_strategy, run_strategy
+from planner.strategies.static import StaticOptions
 
-from costmodel.timing import CostModel
-from planner.workload import GlobalBatch
-from planner.plan import PlanError, Step
-from planner.strategies import dcp, hdp, ilp, static
-from planner.strategies.common import PlanOptions
-
-StrategyFn = Callable[[GlobalBatch, CostModel, PlanOptions], Step]
-
-STRATEGIES: dict[str, StrategyFn] = {
-    "static": static.plan_step,
-    "dcp": dcp.plan_step,
-    "hdp-naive": hdp.plan_naive,
-    "hdp": hdp.plan_balance,
-    "ilp": ilp.plan_step,  # exact: MILP (CBC, HiGHS) or CP-SAT; PlanOptions.solver, time_limit_s
-}
-
-
-# The fast heuristics: what `meshplan plan` compares by default (ilp runs when asked for).
-HEURISTICS: tuple[str, ...] = ("static", "dcp", "hdp-naive", "hdp")
-
-
-def get_strategy(name: str) -> StrategyFn:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise PlanError(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}") from None
-
-
-__all__ = ["HEURISTICS", "STRATEGIES", "PlanOptions", "get_strategy"]
+__all__ = ["HEURISTICS", "PP_SCHEDULES", "SOLVERS", "STRATEGIES", "DcpOptions", "HdpOptions", "IlpOptions",
+           "PlanOptions", "PpSchedule", "Solver", "SolverInfo", "SolverWarning", "StaticOptions", "StepOutcome",
+           "StrategyFn", "get_strategy", "run_strategy", "solver_meta"]

@@ -1,4 +1,4 @@
-"""Building blocks every strategy shares: options, unit drafts, best-fit packing, rank-set choice,
+"""Building blocks every strategy shares: unit drafts, best-fit packing, rank-set choice,
 and `finalize`, which numbers units, orders them deadlock-free, prices them with the cost model
 and simulates the step. A strategy only decides *which* units exist and roughly *when*."""
 
@@ -7,34 +7,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from costmodel.memory import min_degree, offload_lower_bound, sliced_capacity_tokens
+from costmodel.memory import (min_degree, offload_allowed, offload_lower_bound, offload_ratio_for_tokens,
+                              offload_ratio_max, sliced_capacity_tokens)
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch
-from planner.plan import Piece, PlanError, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    """Knobs shared by the strategies; defaults follow REFERENCE §11."""
-
-    offload: bool = True  # selective activation offloading (hdp strategies; Eq. 3)
-    delta: float = 0.05  # balance slack: relative lag that makes a rank a target (Alg. 2)
-    placement: Literal["hdp_any", "dcp_pow2"] = "hdp_any"  # rank sets of any size, or aligned powers of two
-    static_cp: int | None = None  # static strategy: CP degree (None = smallest that fits the max context)
-    dcp_compat: bool = False  # dcp: mirror Megatron's quirks (stop-rule reference degree set once)
-    balance_slacks: tuple[float, ...] = (1.0, 1.15, 1.35, 1.7, 2.5, 1e9)  # hdp: makespan targets tried
-    max_slices: int = 64  # hdp with PP: most uniform slices per sequence (SlimPipe: 2048K / 32K = 64)
-    pp_schedule: Literal["1f1b", "sliced", "sliced-redistributed"] = "sliced-redistributed"  # hdp with PP
-    pp_v: int | None = None  # hdp with PP: model chunks per stage (interleaving); None = per step by simulation
-    redistribute_max_chunks: int = 1000  # mirror pairing: most K/V chunks (one slice's each) a pair moves
-    seed: int = 0
-    solver: Literal["cbc", "highs", "cpsat"] = "highs"  # ilp: MILP backend (CBC, HiGHS) or CP-SAT
-    time_limit_s: float = 10.0  # ilp: wall-clock budget per step; the best incumbent so far is kept
-    ilp_buckets: int = 16  # ilp: length classes Q of FlexSP's DP bucketing of short sequences
+from planner.plan import Piece, PipelineSection, PlanError, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
 
 
 @dataclass
@@ -72,26 +52,21 @@ def check_fits(s_max: int, cm: CostModel, hdp: int, offload: bool, max_slices: i
     is a clear PlanError that says how many ranks it would need."""
     need = long_degree(s_max, cm, offload, max_slices)[0]
     if need > hdp:
-        how = "with offload" if offload and cm.setup.training.recompute != "full" else "without offload"
+        how = "with offload" if offload and offload_allowed(cm.setup.training.recompute) else "without offload"
         raise PlanError(f"a {s_max}-token sequence needs {need} HDP ranks at C = {cm.capacity_tokens} tokens/rank "
                         f"({how}), but the mesh has {hdp}; add GPUs, raise tp/pp, change --recompute, or lower "
                         "--max-context")
 
 
 def slice_capacity(cm: CostModel, slices: int) -> float:
+    """Tokens per rank a unit of `slices` pipeline slices may hold on this cost model's mesh."""
     return sliced_capacity_tokens(cm.capacity_tokens, cm.pp, slices, cm.dkv_ratio)
 
 
 def ratio_for_tokens(tokens_per_rank: int, cm: CostModel, slices: int = 1) -> float | None:
-    """Smallest offload ratio r with (2 + (1 − r)(l − 2))/l · tokens ≤ C_eff (Eq. 3's budget on the
-    padded per-rank tokens); None when even r = 1 is not enough."""
-    C, l = slice_capacity(cm, slices), cm.layers_per_stage
-    if tokens_per_rank <= C:
-        return 0.0
-    if l <= 2:
-        return None
-    r = 1.0 - (l * C / tokens_per_rank - 2.0) / (l - 2)
-    return None if r > 1.0 + 1e-12 else max(0.0, min(1.0, r))
+    """Smallest offload ratio that fits the padded per-rank tokens of a unit of `slices` slices
+    (costmodel.memory.offload_ratio_for_tokens); None when even r = 1 is not enough."""
+    return offload_ratio_for_tokens(tokens_per_rank, slice_capacity(cm, slices), cm.layers_per_stage)
 
 
 def fit_degree(s: int, d: int, cm: CostModel, r_cap: float, pow2: bool = False,
@@ -121,9 +96,7 @@ def long_degree(s: int, cm: CostModel, offload: bool, max_slices: int = 1) -> tu
     if s <= C:
         return 1, 0.0, 1
     r_cap = 0.0
-    # Full recompute keeps only layer inputs; its working set (one whole layer) cannot be offloaded,
-    # so Eq. 3 does not apply: offload and full recompute are alternatives (ByteScale Fig. 21).
-    if offload and l > 2 and cm.setup.training.recompute != "full":
+    if offload and l > 2 and offload_allowed(cm.setup.training.recompute):
         r_max = offload_r_max(s, cm)
         if r_max >= offload_lower_bound(s, C, l):
             r_cap = r_max
@@ -133,11 +106,10 @@ def long_degree(s: int, cm: CostModel, offload: bool, max_slices: int = 1) -> tu
 
 
 def offload_r_max(s: int, cm: CostModel) -> float:
-    """r_max = min(1, T_fwd(s)·B_min / Act(s)) per layer (copies hidden by the forward compute)."""
-    t_fwd = float(cm.gemm_layer_fwd_s(s) + cm.attn_fwd_s(s))
+    """costmodel.memory.offload_ratio_max of one layer's activations of an s-token sequence."""
     act = s * cm.a_tok
-    b_min = min(act / float(cm.host_copy_s(act, "d2h")), act / float(cm.host_copy_s(act, "h2d")))
-    return min(1.0, t_fwd * b_min / act)
+    return offload_ratio_max(float(cm.gemm_layer_fwd_s(s) + cm.attn_fwd_s(s)), act,
+                             float(cm.host_copy_s(act, "d2h")), float(cm.host_copy_s(act, "h2d")))
 
 
 def best_fit_pack(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
@@ -188,12 +160,8 @@ def node_local_ranks(loads: np.ndarray, d: int, per_node: int, slack_s: float) -
     return tuple(sorted(int(r) for r in best))
 
 
-def spans_nodes(ranks: tuple[int, ...], per_node: int) -> bool:
-    return ranks[0] // per_node != ranks[-1] // per_node if ranks else False
-
-
 def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
-             pipeline: dict | None = None, variants: bool = True) -> Step:
+             pipeline: PipelineSection | None = None, variants: bool = True) -> Step:
     """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
     total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
     from planner.simulate import inflight_weights, simulate_step, unit_costs
@@ -211,7 +179,7 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
     step = Step(step=batch.step, global_tokens=int(np.sum(batch.lengths_tokens)),
                 sequences=[Sequence(int(i), int(s)) for i, s in zip(batch.seq_ids, batch.lengths_tokens)],
                 units=units, order=order,
-                pipeline=(pipeline or {"schedule": "1f1b", "v": 1}) if cm.pp > 1 else None,
+                pipeline=(pipeline or PipelineSection()) if cm.pp > 1 else None,
                 predicted=Predicted(step_time_s=0.0, lower_bound_s=0.0, per_rank_busy_s=[0.0] * hdp,
                                     peak_memory_bytes=[0.0] * hdp))
     # Price every unit once: the plan records it and the simulations below reuse it.
@@ -225,7 +193,7 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
     return step
 
 
-def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[str, float], variants: bool = True):
+def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[int, float], variants: bool = True):
     """The step's pipeline section, settled by simulation: a token-weighted (memory-faithful) 1F1B
     in-flight budget, or the count-based one where pipelines sharing units disagree on the weighted
     order (a deadlock; the count-based lists always agree, shared units sitting at the same positions
@@ -234,15 +202,15 @@ def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[str, float], 
     Keeps the fastest variant whose peak memory fits HBM (else the least memory)."""
     from planner.simulate import simulate_step
 
-    base = {k: x for k, x in step.pipeline.items() if k != "weights"}
+    base = dataclasses.replace(step.pipeline, weights=None)
     plans = [base]
-    if variants and base.get("schedule") == "sliced-redistributed":  # plain first: it wins ties
-        plans.insert(0, {**{k: x for k, x in base.items() if k != "max_chunks"}, "schedule": "sliced"})
+    if variants and base.schedule == "sliced-redistributed":  # plain first: it wins ties
+        plans.insert(0, dataclasses.replace(base, schedule="sliced"))
     hbm = cm.budget.hbm_bytes
     best = None
     for sec in plans:
         sim = None
-        for cand in (dataclasses.replace(step, pipeline={**sec, "weights": weights}),
+        for cand in (dataclasses.replace(step, pipeline=dataclasses.replace(sec, weights=weights)),
                      dataclasses.replace(step, pipeline=sec)):
             try:
                 sim = simulate_step(cand, cm, costs)

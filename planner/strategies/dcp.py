@@ -11,13 +11,25 @@ number of micro-batches; no offload."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch
 from planner.plan import PlanError, Step, zigzag_tokens_per_rank
-from planner.strategies.common import Draft, PlanOptions, SeqTable, finalize, fit_degree
+from planner.strategies.common import Draft, SeqTable, finalize, fit_degree
+
+if TYPE_CHECKING:  # the container imports this module for DcpOptions
+    from planner.strategies.options import PlanOptions
+
+
+@dataclass(frozen=True)
+class DcpOptions:
+    """Knobs of Megatron's dynamic CP."""
+
+    delta: float = 0.05  # stop rule: a micro-batch closes once group loads are within this share of the largest
+    compat: bool = False  # mirror Megatron's quirks (stop-rule reference degree set once)
 
 
 @dataclass
@@ -81,7 +93,7 @@ def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
         g_load = np.zeros(G)
         g_tok = np.zeros(G, dtype=np.int64)
         used = 0
-        if ref_degree is None or not opt.dcp_compat:
+        if ref_degree is None or not opt.dcp.compat:
             ref_degree = int(needs[remaining[0]])  # compat: Megatron sets the stop-rule reference once
         placed: set[int] = set()
         # A document that fits neither option now never will in this micro-batch (free ranks and group
@@ -124,7 +136,7 @@ def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
             placed.add(i)
             if int(needs[i]) < ref_degree and used >= G:
                 n = len(groups)
-                stop = g_load[:n].max() - g_load[:n].min() <= opt.delta * g_load[:n].max()
+                stop = g_load[:n].max() - g_load[:n].min() <= opt.dcp.delta * g_load[:n].max()
         if not groups:
             raise PlanError("dcp: no document could be placed in a micro-batch")
         # fill_empty_gpus: double the smallest group until every rank is busy (cap G).

@@ -25,14 +25,34 @@ units. They differ in assignment:
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch
-from planner.plan import PlanError, Step
-from planner.strategies.common import (Draft, PlanOptions, SeqTable, best_fit_pack, check_fits, finalize, fit_degree,
-                                       long_degree, node_local_ranks, spans_nodes)
+from planner.plan import DEFAULT_MAX_CHUNKS, PipelineSection, PlanError, Step
+from planner.strategies.common import (Draft, SeqTable, best_fit_pack, check_fits, finalize, fit_degree, long_degree,
+                                       node_local_ranks)
+
+if TYPE_CHECKING:  # the container imports this module for HdpOptions
+    from planner.strategies.options import PlanOptions
+
+PpSchedule = Literal["1f1b", "sliced", "sliced-redistributed"]  # the pipeline schedules hdp plans with PP
+PP_SCHEDULES: tuple[PpSchedule, ...] = get_args(PpSchedule)
+
+
+@dataclass(frozen=True)
+class HdpOptions:
+    """Knobs of the balance scheduler (REFERENCE §11), and of both hdp strategies with PP."""
+
+    delta: float = 0.05  # balance slack: relative lag that makes a rank a target (Alg. 2)
+    balance_slacks: tuple[float, ...] = (1.0, 1.15, 1.35, 1.7, 2.5, 1e9)  # makespan targets tried
+    max_slices: int = 64  # with PP: most uniform slices per sequence (SlimPipe: 2048K / 32K = 64)
+    pp_schedule: PpSchedule = "sliced-redistributed"  # with PP: 1F1B, SlimPipe slices, plus mirror pairing
+    pp_v: int | None = None  # with PP: model chunks per stage (interleaving); None = per step by simulation
+    redistribute_max_chunks: int = DEFAULT_MAX_CHUNKS  # mirror pairing: most K/V chunks (one slice's each) a pair moves
 
 
 def _split(seqs: SeqTable, cm: CostModel, offload: bool,
@@ -60,10 +80,10 @@ def _naive_drafts(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> list[D
     t = np.zeros(hdp)  # planned finish per rank, only to order units
     drafts: list[Draft] = []
     cursor = 0
-    per_node = cm.setup.hdp_per_node
+    mesh = cm.setup.mesh
 
     def place(ranks: tuple[int, ...], pieces, r: float) -> None:
-        cost = cm.unit_cost([p.tokens for p in pieces], len(ranks), r, spans_nodes(ranks, per_node)).total_s
+        cost = cm.unit_cost([p.tokens for p in pieces], len(ranks), r, mesh.spans_domains(ranks)).total_s
         start = float(t[list(ranks)].max())
         t[list(ranks)] = start + cost
         drafts.append(Draft(ranks=ranks, pieces=pieces, offload_ratio=r, sort_key=start))
@@ -97,11 +117,11 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
     load (times `slack`) and is raised by bisection until their degrees fit in the mesh; the other
     long units keep D_min and are packed around them like bins ("one length level per time step")."""
     hdp = cm.setup.hdp
-    per_node = cm.setup.hdp_per_node
+    mesh = cm.setup.mesh
     base = {}
     for i in long_idx:
         d, r, n = deg[int(i)]
-        c = cm.unit_time_s([int(seqs.lengths[i])], d, r, d > per_node)
+        c = cm.unit_time_s([int(seqs.lengths[i])], d, r, mesh.group_spans_domains(d))
         # With PP a unit alone also fills and drains the pipeline: (p − 1) of its largest slice.
         base[int(i)] = (d, r, c * (1 + (cm.pp - 1) * _slice_peak(n, pp_schedule)), n)
     if not base:
@@ -130,7 +150,8 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
         s = int(seqs.lengths[i])
         if nd > d:
             nd, nr, nn = fit_degree(s, nd, cm, r, max_slices=n)
-            nc = cm.unit_time_s([s], nd, nr, nd > per_node) * (1 + (cm.pp - 1) * _slice_peak(nn, pp_schedule))
+            nc = (cm.unit_time_s([s], nd, nr, mesh.group_spans_domains(nd))
+                  * (1 + (cm.pp - 1) * _slice_peak(nn, pp_schedule)))
             if nc < c:
                 d, r, c, n = nd, nr, nc, nn
         out.append((c, i, d, r, n))
@@ -161,7 +182,7 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     best = None
     # The target makespan for long units is a guess (shorts must still fit around them): try a few
     # slacks and keep the plan with the smallest estimated finish; only that one is finalised.
-    for slack in opt.balance_slacks:
+    for slack in opt.hdp.balance_slacks:
         drafts, t = _dp_balance(seqs, short_idx, short_cost, _long_units(seqs, long_idx, deg, cm, short_work, slack),
                                 cm, opt)
         # Small steps: score with exact unit costs (the fit's few-% error can flip close calls).
@@ -182,12 +203,12 @@ EXACT_SCORING_MAX_UNITS = 600  # above this, candidates are compared on the fitt
 
 def _replay_finish(drafts: list[Draft], cm: CostModel, hdp: int) -> float:
     """Finish time of drafts run in planned order with exact unit costs (what the simulator will say)."""
-    per_node = cm.setup.hdp_per_node
+    mesh = cm.setup.mesh
     free = np.zeros(hdp)
     for d in sorted(drafts, key=lambda d: (d.sort_key, d.ranks[0], len(d.ranks))):
         idx = list(d.ranks)
         free[idx] = free[idx].max() + cm.unit_time_s(d.lengths, len(idx), d.offload_ratio,
-                                                     spans_nodes(tuple(sorted(idx)), per_node))
+                                                     mesh.spans_domains(sorted(idx)))
     return float(free.max())
 
 
@@ -196,12 +217,12 @@ def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
                 opt: PlanOptions) -> tuple[list[Draft], np.ndarray]:
     """DP-Balance placement; returns the drafts and the planned finish time of every rank."""
     hdp = cm.setup.hdp
-    per_node = cm.setup.hdp_per_node
+    per_domain = cm.setup.mesh.hdp_per_domain
     gamma = cm.unit_overhead_s
     t = np.zeros(hdp)
     drafts: list[Draft] = []
     for c, i, d, r, _ in longs:
-        ranks = node_local_ranks(t, d, per_node, opt.delta * float(t.max()))
+        ranks = node_local_ranks(t, d, per_domain, opt.hdp.delta * float(t.max()))
         start = float(t[list(ranks)].max())
         t[list(ranks)] = start + c
         drafts.append(Draft(ranks=ranks, pieces=[seqs.piece(i)], offload_ratio=r, sort_key=start))
@@ -235,18 +256,19 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
     memory-minimal degrees, pipelines taken in index order, bins dealt round-robin, no slicing."""
     hdp = cm.setup.hdp
     p = cm.pp
-    per_node = cm.setup.hdp_per_node
+    mesh = cm.setup.mesh
     seqs = SeqTable.of(batch)
-    sliced = opt.pp_schedule != "1f1b" and not naive
-    long_idx, short_idx, deg = _split(seqs, cm, opt.offload, opt.max_slices if sliced else 1)
+    sliced = opt.hdp.pp_schedule != "1f1b" and not naive
+    long_idx, short_idx, deg = _split(seqs, cm, opt.offload, opt.hdp.max_slices if sliced else 1)
     C = cm.capacity_tokens
     short_cost = cm.doc_time_estimate_s(seqs.lengths[short_idx])
     gamma = cm.unit_overhead_s
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / C)))
-    sched = opt.pp_schedule if sliced else "1f1b"
+    sched = opt.hdp.pp_schedule if sliced else "1f1b"
     if naive:
         longs = sorted(((cm.unit_time_s([int(seqs.lengths[i])], deg[int(i)][0], deg[int(i)][1],
-                                        deg[int(i)][0] > per_node), int(i), *deg[int(i)]) for i in long_idx),
+                                        mesh.group_spans_domains(deg[int(i)][0])), int(i), *deg[int(i)])
+                        for i in long_idx),
                        key=lambda x: -int(seqs.lengths[x[1]]))
     else:
         longs = [(c / (1 + (p - 1) * _slice_peak(n, sched)), i, d, r, n)  # back to the stage time
@@ -289,7 +311,8 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
                 if naive:
                     ranks = tuple(int(x) for x in free[:d])
                 else:
-                    local = node_local_ranks(est(free), d, per_node if len(free) == hdp else len(free) + 1, 0.0)
+                    per_domain = mesh.hdp_per_domain if len(free) == hdp else len(free) + 1
+                    local = node_local_ranks(est(free), d, per_domain, 0.0)
                     ranks = tuple(sorted(int(free[j]) for j in local))
                 chosen.append((ranks, i, r, c))
                 free = np.setdiff1d(free, ranks)
@@ -315,12 +338,11 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
     while queue:
         put_bin(int(np.argmin(count)) if naive else int(np.argmin(est(np.arange(hdp)))))
     sliced_any = any(d.slices > 1 for d in drafts)
-    section: dict = {"schedule": opt.pp_schedule if sliced_any else "1f1b", "v": 1}
-    if section["schedule"] == "sliced-redistributed":
-        section["max_chunks"] = opt.redistribute_max_chunks
+    section = PipelineSection(opt.hdp.pp_schedule if sliced_any else "1f1b",
+                              max_chunks=opt.hdp.redistribute_max_chunks)
     if naive:
         return finalize(batch, drafts, cm, hdp, pipeline=section)
-    return _fastest_chunking(batch, drafts, cm, hdp, section, opt.pp_v)
+    return _fastest_chunking(batch, drafts, cm, hdp, section, opt.hdp.pp_v)
 
 
 MAX_CHUNKS_PER_STAGE = 8  # interleaving depth tried by PP-Balance (deeper adds P2P hops for little gain)
@@ -336,7 +358,7 @@ def chunk_candidates(layers_per_stage: int, pinned: int | None = None) -> list[i
     return [1] + [d for d in range(2, min(layers_per_stage, MAX_CHUNKS_PER_STAGE) + 1) if layers_per_stage % d == 0][:3]
 
 
-def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int, section: dict,
+def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int, section: PipelineSection,
                       pinned: int | None) -> Step:
     """Simulate the step for each chunk count v (interleaving, SlimPipe's n·v slice-chunks) with the
     section as given (one simulation each) and finalise the fastest whose simulated peak memory fits
@@ -344,9 +366,9 @@ def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hd
     cost model has no per-slice overhead, so more slices would always look faster."""
     candidates = chunk_candidates(cm.layers_per_stage, pinned)
 
-    def section_for(v: int) -> dict:
-        sched = section["schedule"] if section["schedule"] != "1f1b" or v == 1 else "interleaved"
-        return {**section, "schedule": sched, "v": v}
+    def section_for(v: int) -> PipelineSection:
+        sched = section.schedule if section.schedule != "1f1b" or v == 1 else "interleaved"
+        return replace(section, schedule=sched, v=v)
 
     if len(candidates) == 1:
         return finalize(batch, drafts, cm, hdp, pipeline=section_for(candidates[0]))
@@ -362,6 +384,6 @@ def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hd
         key = (not fits, step.predicted.step_time_s if fits else float(v != 1))  # none fits: v = 1
         if best is None or key < best[0]:
             best = (key, v, step)
-    if section["schedule"] != "sliced-redistributed":  # no variants to settle: the step is final
+    if section.schedule != "sliced-redistributed":  # no variants to settle: the step is final
         return best[2]
     return finalize(batch, drafts, cm, hdp, pipeline=section_for(best[1]))

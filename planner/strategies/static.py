@@ -7,12 +7,25 @@ included; each DP group runs the same number of micro-batches (rows balanced by 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch
 from planner.plan import PlanError, Step, zigzag_tokens_per_rank
-from planner.strategies.common import Draft, PlanOptions, SeqTable, best_fit_pack, ceil_div, finalize
+from planner.strategies.common import Draft, SeqTable, best_fit_pack, ceil_div, finalize
+
+if TYPE_CHECKING:  # the container imports this module for StaticOptions
+    from planner.strategies.options import PlanOptions
+
+
+@dataclass(frozen=True)
+class StaticOptions:
+    """Knobs of the static mesh."""
+
+    cp: int | None = None  # CP degree (None = the smallest that holds the longest sequence)
 
 
 def static_cp_degree(s_max: int, capacity: int, hdp: int, requested: int | None = None) -> int:
@@ -35,7 +48,7 @@ def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     hdp = cm.setup.hdp
     seqs = SeqTable.of(batch)
     C = cm.capacity_tokens
-    cp = static_cp_degree(int(seqs.lengths.max()), C, hdp, opt.static_cp)
+    cp = static_cp_degree(int(seqs.lengths.max()), C, hdp, opt.static.cp)
     dp = hdp // cp
     # Rows hold C tokens per rank after per-document zigzag padding to a multiple of 2·CP.
     padded = 2 * cp * -(-seqs.lengths // (2 * cp))

@@ -1,14 +1,37 @@
-"""What-if studies: sweeps and their journal, capacity search, the ByteScale reproduction."""
+"""What-if studies: sweeps and their journal, capacity search, the ByteScale reproduction.
 
-from planner.studies.whatif import (
-    BYTESCALE_CLAIMS, BYTESCALE_LAYOUT_NOTE, BYTESCALE_PANELS, BYTESCALE_TOKENS_PER_STEP, ByteScaleGrid, Config,
-    Journal, LayoutRules, MFU_CONVENTION, Point, SWEEP_COLUMNS, SweepSpec, Target, batches_of, capacity_search,
-    cost_model_of, default_bytescale_table, default_capacity_table, journal_path, json_row, options_for,
-    per_doubling_slowdown, progress_bar, read_table, run_sweep, write_table)
+- ``sweep.py``       points (config x strategy), their evaluation, the resumable sweep
+- ``journal.py``     the row's columns, the journal of finished rows, the CSV / Parquet table
+- ``fingerprint.py`` the planning code behind a row, the machine behind a timing
+- ``workers.py``     worker processes that never outlive their use (Ctrl-C included)
+- ``capacity.py``    the capacity search: smallest GPU count and layout meeting a target
+- ``bytescale.py``   the ByteScale §8.2 reproduction: panels, grid, claims, its REPRODUCTION.md section
+"""
+
+from planner.api import BYTESCALE_TOKENS_PER_STEP
+from planner.studies.bytescale import (
+    BYTESCALE_CLAIMS, BYTESCALE_LAYOUT_NOTE, BYTESCALE_PANELS, BYTESCALE_STRATEGIES, ByteScaleGrid, ReproPanel,
+    Reproduction, bytescale_markdown, default_bytescale_table, per_doubling_slowdown, replace_section,
+    reproduce_bytescale)
+from planner.studies.capacity import (
+    CAPACITY_STATUSES, CapacityProgress, CapacityResult, LayoutBound, LayoutRules, Target, capacity_search,
+    default_capacity_table, layout_bound)
+from planner.studies.fingerprint import code_fingerprint, machine_description
+from planner.studies.journal import (
+    MFU_CONVENTION, SWEEP_COLUMNS, Journal, journal_path, json_row, read_table, rows_to_frame, table_paths,
+    write_table)
+from planner.studies.sweep import (
+    POINT_ERRORS, STATIC_MESHES, Config, Point, SweepResult, SweepSpec, batches_of, check_inputs, cost_model_of,
+    evaluate_point, options_for, run_sweep)
+from planner.studies.workers import stop_pool, worker_pool
 
 __all__ = [
-    'BYTESCALE_CLAIMS', 'BYTESCALE_LAYOUT_NOTE', 'BYTESCALE_PANELS', 'BYTESCALE_TOKENS_PER_STEP',
-    'ByteScaleGrid', 'Config', 'Journal', 'LayoutRules', 'MFU_CONVENTION', 'Point', 'SWEEP_COLUMNS',
-    'SweepSpec', 'Target', 'batches_of', 'capacity_search', 'cost_model_of', 'default_bytescale_table',
-    'default_capacity_table', 'journal_path', 'json_row', 'options_for', 'per_doubling_slowdown',
-    'progress_bar', 'read_table', 'run_sweep', 'write_table']
+    'BYTESCALE_CLAIMS', 'BYTESCALE_LAYOUT_NOTE', 'BYTESCALE_PANELS', 'BYTESCALE_STRATEGIES',
+    'BYTESCALE_TOKENS_PER_STEP', 'ByteScaleGrid', 'CAPACITY_STATUSES', 'CapacityProgress', 'CapacityResult', 'Config',
+    'Journal', 'LayoutBound', 'LayoutRules', 'MFU_CONVENTION', 'POINT_ERRORS', 'Point', 'ReproPanel', 'Reproduction',
+    'STATIC_MESHES', 'SWEEP_COLUMNS', 'SweepResult', 'SweepSpec', 'Target', 'batches_of', 'bytescale_markdown',
+    'capacity_search',
+    'check_inputs', 'code_fingerprint', 'cost_model_of', 'default_bytescale_table', 'default_capacity_table',
+    'evaluate_point', 'journal_path', 'json_row', 'layout_bound', 'machine_description', 'options_for',
+    'per_doubling_slowdown', 'read_table', 'replace_section', 'reproduce_bytescale', 'rows_to_frame', 'run_sweep',
+    'stop_pool', 'table_paths', 'worker_pool', 'write_table']

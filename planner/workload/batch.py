@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.workload.sources import LengthSource, RecordedSource, SourceError, open_source, split_at_context
+from planner.workload.errors import SourceError
+from planner.workload.sources import LengthSource, RecordedSource, open_source, split_at_context
 
 
 class RepeatedRecordingWarning(UserWarning):

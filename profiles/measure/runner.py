@@ -1,5 +1,5 @@
-"""Orchestration of `meshplan profile`: plan the points, run each table's micro-benchmark under a
-rich progress bar, and write one fingerprinted Profile.
+"""Orchestration of `meshplan profile`: plan the points, run each table's micro-benchmark
+(reporting progress to the caller), and write one fingerprinted Profile.
 
 Resumable: `<out>.partial` (written atomically) holds the plan being measured, each finished table,
 and the rows of the table in progress (saved every few seconds and on Ctrl-C; the collective table,
@@ -319,10 +319,16 @@ def peak_constant(gemm: pd.DataFrame, dtype: str, device: str) -> dict:
                       f"(m,n,k = {int(best.m)},{int(best.n)},{int(best.k)}), not a datasheet peak"}
 
 
+# progress(table, points done, points in the table, resumed): once per table before measuring, then
+# after each measured point; the caller draws it (the CLI: a rich bar per table).
+Progress = Callable[[str, int, int, bool], None]
+
+
 def run_profile(req: ProfileRequest, *, post: Callable[[Profile], None] | None = None,
-                console=None, show_progress: bool = True) -> RunResult:
+                on_note: Callable[[str], None] | None = None, progress: Progress | None = None) -> RunResult:
     """Measure the requested tables (resuming finished ones), build the Profile, let `post` add fits,
-    write it atomically to req.out and remove the partial file."""
+    write it atomically to req.out and remove the partial file. `on_note` gets one-line notes (resumed,
+    stale partial file); `progress` sees every table's count of points."""
     t_start = time.perf_counter()
     device = req.device or detect_device()
     import torch
@@ -331,18 +337,18 @@ def run_profile(req: ProfileRequest, *, post: Callable[[Profile], None] | None =
                            f"{torch.__version__}); leave --device out to profile the CPU")
     threads0 = torch.get_num_threads()
     try:
-        return _run_profile(req, device, t_start, post, console, show_progress)
+        return _run_profile(req, device, t_start, post, on_note or (lambda _: None),
+                            progress or (lambda *_: None))
     finally:
         torch.set_num_threads(threads0)
 
 
-def _run_profile(req: ProfileRequest, device: str, t_start: float, post, console, show_progress) -> RunResult:
+def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note: Callable[[str], None],
+                 progress: Progress) -> RunResult:
     import torch
     if device == "cpu":
         torch.set_num_threads(1)  # = plan_config's cpu_threads; set before the dtype probe
     from profiles.measure import device_fingerprint
-    from rich.console import Console
-    console = console or Console(stderr=True)
     desc, versions = device_fingerprint(device)
     key = {"device": desc, "versions": {k: versions.get(k, "") for k in ("torch", "cuda", "nccl", "gpus")},
            "request": {"quick": req.quick, "ops": list(req.ops), "max_bytes": req.max_bytes, "nproc": req.nproc,
@@ -351,11 +357,11 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, console
     state = _read_partial(ppath, key)
     if state is None:
         if ppath.exists():
-            console.print(f"note: {ppath} was left by another command or device; measuring afresh", markup=False)
+            on_note(f"{ppath} was left by another command or device; measuring afresh")
         dtypes, dtype_note = choose_dtypes(device)
         state = PartialState(plan=build_config(req, device, dtypes).key(), dtype_note=dtype_note)
     else:
-        console.print(f"resuming from {ppath}", markup=False)
+        on_note(f"resuming from {ppath}")
     cfg = MeasureConfig.from_key(state.plan)
     dtype_note = state.dtype_note
     if cfg.cpu_threads:
@@ -370,28 +376,22 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, console
     seconds: dict[str, float] = {}
     resumed = [t for t in TABLES if t in req.ops and t in done]
 
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-    progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not show_progress, transient=False)
-    with progress:
-        tasks = {t: progress.add_task(t + (" (resumed)" if t in done else ""), total=counts[t] or 1,
-                                      completed=counts[t] if t in done else len(state.rows_of(t)))
-                 for t in TABLES if t in req.ops}
-        for name in TABLES:
-            if name not in req.ops or name in done:
-                continue
-            t0 = time.perf_counter()
-            ckpt = _Checkpoint(ppath, key, state, name)
-            try:
-                df = measure_table(name, cfg, lambda d, n, _t=tasks[name]: progress.update(_t, completed=d, total=n),
-                                   rows_done=list(state.rows), on_row=ckpt.add)
-            except KeyboardInterrupt:
-                ckpt.flush()  # keep every point measured so far
-                raise
-            seconds[name] = time.perf_counter() - t0
-            ckpt.finish(df, seconds[name])
+    for t in TABLES:
+        if t in req.ops:
+            progress(t, counts[t] if t in done else len(state.rows_of(t)), counts[t] or 1, t in done)
+    for name in TABLES:
+        if name not in req.ops or name in done:
+            continue
+        t0 = time.perf_counter()
+        ckpt = _Checkpoint(ppath, key, state, name)
+        try:
+            df = measure_table(name, cfg, lambda d, n, _t=name: progress(_t, d, n, False),
+                               rows_done=list(state.rows), on_row=ckpt.add)
+        except KeyboardInterrupt:
+            ckpt.flush()  # keep every point measured so far
+            raise
+        seconds[name] = time.perf_counter() - t0
+        ckpt.finish(df, seconds[name])
 
     tables = {name: _json_to_df(done[name]) for name in TABLES if name in done and name in req.ops}
     for name in resumed:

@@ -171,7 +171,7 @@ def _small_request(tmp_path, ops=("gemm", "host_copy")):
 
 
 def test_fingerprint_records_device_and_measured_peak(tmp_path):
-    res = runner.run_profile(_small_request(tmp_path), show_progress=False)
+    res = runner.run_profile(_small_request(tmp_path))
     p = Profile.load(tmp_path / "m.measured.json")
     fp = p.fingerprint
     assert fp.source == "measured" and fp.name == "m.measured"
@@ -203,7 +203,7 @@ def test_resume_skips_finished_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "measure_table", crash_on_host_copy)
     req = _small_request(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_profile(req, show_progress=False)
+        runner.run_profile(req)
     partial = runner.partial_path(req.out)
     assert partial.exists() and not req.out.exists()
     assert set(json.loads(partial.read_text())["tables"]) == {"gemm"}
@@ -211,7 +211,7 @@ def test_resume_skips_finished_tables(tmp_path, monkeypatch):
     calls.clear()
     monkeypatch.setattr(runner, "measure_table",
                         lambda name, cfg, tick, **kw: calls.append(name) or real(name, cfg, tick, **kw))
-    res = runner.run_profile(req, show_progress=False)
+    res = runner.run_profile(req)
     assert calls == ["host_copy"] and res.resumed == ["gemm"]
     assert len(res.profile.tables["gemm"]) > 0 and not partial.exists()
     assert Profile.load(req.out).content_dict() == res.profile.content_dict()
@@ -223,7 +223,7 @@ def test_partial_from_another_plan_is_not_reused(tmp_path, monkeypatch):
     runner._write_partial(runner.partial_path(req.out), {"request": "something else"}, runner.PartialState(
         plan=plan, dtype_note="", tables={"host_copy": {"columns": ["direction", "pinned", "bytes", "time_s"],
                                                         "rows": [["memcpy", False, 4096, 123.0]], "seconds": 1}}))
-    res = runner.run_profile(req, show_progress=False)
+    res = runner.run_profile(req)
     assert res.resumed == [] and res.profile.tables["host_copy"]["time_s"].max() < 1.0
 
 
@@ -343,7 +343,7 @@ def test_fast_bf16_cpu_measures_attention_in_the_main_dtype(tmp_path, monkeypatc
     def add_fits(p):
         p.fits["tiny"] = fit_layer_time(load_model("tiny"), TrainingSpec(dtype=runner.main_dtype(p)), p)
 
-    res = runner.run_profile(req, post=add_fits, show_progress=False)
+    res = runner.run_profile(req, post=add_fits)
     p = Profile.load(req.out)
     assert runner.main_dtype(p) == "bf16" and set(p.tables["attention"]["dtype"]) == {"bf16"}
     assert set(p.tables["gemm"]["dtype"]) == {"bf16", "fp32"} and "bf16" in p.constants["peak_bf16_flops"]["source"]
@@ -397,7 +397,7 @@ def test_interrupt_before_any_table_leaves_the_plan_to_resume(tmp_path, monkeypa
     FakeBench(monkeypatch, bf16_speedup=0.01, interrupt_at_attention=0)
     req = runner.ProfileRequest(out=tmp_path / "m.json", quick=True, ops=("attention",), device="cpu")
     with pytest.raises(KeyboardInterrupt):
-        runner.run_profile(req, show_progress=False)
+        runner.run_profile(req)
     assert not req.out.exists() and runner.partial_path(req.out).exists()
     assert "rerun the same command to resume" in runner.resume_hint(req.out)
 

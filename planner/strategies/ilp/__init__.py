@@ -26,7 +26,7 @@ simulator reports, up to bucketing (members of a bucket differ from its mean), b
 fit may need more bins than ⌈tokens/C⌉) and odd-sized groups that land inside a node (cheaper).
 
 Size reduction (REFERENCE 4.2): one exact item per distinct long length, and per the longest short
-lengths up to EXACT_ITEMS; the other short sequences in `ilp_buckets` classes cut by FlexSP's
+lengths up to EXACT_ITEMS; the other short sequences in `IlpOptions.buckets` classes cut by FlexSP's
 padding DP (on one-rank time); minimum-degree pruning; a short sequence is sharded only where it
 wastes at most SHARD_WASTE_MAX rank-time, or over the whole mesh (keeps every instance feasible);
 copies of a size capped by the sequences that may use them; placements pruned that no solution
@@ -52,13 +52,12 @@ member, the two configuration bounds, or the solver's own; each is a bound on th
 A static partition cannot re-group ranks in the middle of a step (hdp can: a long unit on 16 ranks,
 then bins on each), so on some batches hdp beats this "optimum"; the plan's meta reports both.
 
-Where the parts live (this package):
-  reports.py         SolverWarning, SolverInfo and the meta["solver"] side channel
+Where the parts live (this package; its SolverInfo report, per step, is in planner/strategies/outcome.py):
   model.py           items and DP buckets, cost tables (Pricer), area bound, pruning, the linear model
   partitions.py      Partition, greedy warm starts, local search, completion of partial partitions
   configurations.py  the configuration LP bound, pool partitions, the integer configuration model
   backends.py        CBC, HiGHS, CP-SAT; solve (and solve_job, the entry of a separate solver process)
-  __init__.py        plan_step: from a solution to units, and the strategy itself
+  __init__.py        IlpOptions, solve_step / plan_step: from a solution to units, and the strategy itself
 """
 
 from __future__ import annotations
@@ -66,22 +65,38 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch
 from planner.plan import PlanError, Step, zigzag_tokens_per_rank
-from planner.strategies.common import (Draft, PlanOptions, SeqTable, best_fit_pack, check_fits, finalize, long_degree,
+from planner.strategies.common import (Draft, SeqTable, best_fit_pack, check_fits, finalize, long_degree,
                                        ratio_for_tokens)
 from planner.strategies.hdp import plan_balance
-from planner.strategies.ilp.backends import BACKENDS, REL_GAP, SOLVERS, Solution, solve, solve_job
+from planner.strategies.ilp.backends import BACKENDS, REL_GAP, SOLVERS, Solution, Solver, solve, solve_job
 from planner.strategies.ilp.configurations import (BISECT_TOL, ConfigBound, ConfigLP, config_bound, enumerate_configs,
                                                    integer_model, integer_search, knapsack, lp_engine, pool_partition)
 from planner.strategies.ilp.model import (Items, Pricer, StepModel, Table, area_bound_s, build_model, make_items,
                                           make_table, node_local_sizes, padding_buckets, prune)
 from planner.strategies.ilp.partitions import Partition, fill_partition, makespan_s, partition_to_vector, warm_start
-from planner.strategies.ilp.reports import SolverInfo, SolverWarning, collect_solver_reports, report_solver, solver_meta
+from planner.strategies.outcome import SolverInfo, SolverWarning, StepOutcome
+
+if TYPE_CHECKING:  # the container imports this package for IlpOptions
+    from planner.strategies.options import PlanOptions
+
+
+@dataclass(frozen=True)
+class IlpOptions:
+    """Knobs of the exact strategy."""
+
+    solver: Solver = "highs"  # MILP backend (CBC, HiGHS) or CP-SAT; the names are backends.SOLVERS
+    time_limit_s: float = 10.0  # wall-clock budget per step; the best incumbent so far is kept
+    buckets: int = 16  # length classes Q of FlexSP's DP bucketing of short sequences
+    placement: Literal["hdp_any", "dcp_pow2"] = "hdp_any"  # rank groups of any size, or aligned powers of two
+
 
 # ---- from a solution to units -----------------------------------------------------------------------
 
@@ -155,7 +170,7 @@ def partition_drafts(p: Partition, items: Items, seqs: SeqTable, cm: CostModel, 
     """Units of a partition: on single ranks best-fit bins of ≤ C tokens, on larger groups one sharded
     unit per sequence, longest first, one after another."""
     members = assign_members(p, items, seqs, cm.capacity_tokens, price)
-    ranks = layout(p.sizes, cm.setup.hdp, cm.setup.hdp_per_node)
+    ranks = layout(p.sizes, cm.setup.hdp, cm.setup.mesh.hdp_per_domain)
     drafts: list[Draft] = []
     for d, rs, mem in zip(p.sizes, ranks, members):
         mem = np.array(sorted(mem, key=lambda m: -seqs.lengths[m]), dtype=np.int64)
@@ -184,12 +199,19 @@ def model_bound_s(items: Items, tab: Table, hdp: int, C: int) -> float:
 
 
 def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
-    """The `ilp` strategy: solve the step's partition model, fall back to `hdp` without an incumbent."""
+    """The `ilp` strategy as a plain strategy function (solve_step also returns the solver's report)."""
+    return solve_step(batch, cm, opt).step
+
+
+def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutcome:
+    """The `ilp` strategy: solve the step's partition model, fall back to `hdp` without an incumbent;
+    the outcome carries what the solver did (status, gap, bound) for the plan's meta["solver"]."""
     t0 = time.perf_counter()
+    solver = opt.ilp.solver
     if cm.pp > 1:
         raise PlanError("ilp models pp = 1 only; use --strategy hdp for pipelined meshes")
-    if opt.solver not in BACKENDS:
-        raise PlanError(f"unknown solver {opt.solver!r}; one of {', '.join(SOLVERS)}")
+    if solver not in BACKENDS:
+        raise PlanError(f"unknown solver {solver!r}; one of {', '.join(SOLVERS)}")
     hdp, C = cm.setup.hdp, cm.capacity_tokens
     seqs = SeqTable.of(batch)
     check_fits(int(seqs.lengths.max()), cm, hdp, opt.offload)
@@ -198,7 +220,7 @@ def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     sync = cm.grad_sync_s(hdp)
     hdp_s = heuristic.predicted.step_time_s
     price = Pricer(cm)
-    items = make_items(seqs, cm, max(1, opt.ilp_buckets), price)
+    items = make_items(seqs, cm, max(1, opt.ilp.buckets), price)
     tab = make_table(items, seqs, cm, opt, price)
     floor = model_bound_s(items, tab, hdp, C)
     hint = np.ones(len(items.count), dtype=np.int64)
@@ -214,8 +236,8 @@ def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     if warm is not None:
         incumbent = makespan_s(warm, items, tab, C)
         tab = prune(items, tab, hdp, C, incumbent)
-        budget = max(0.0, opt.time_limit_s - (time.perf_counter() - t0) - finalize_s)
-        engine = lp_engine(opt.solver)
+        budget = max(0.0, opt.ilp.time_limit_s - (time.perf_counter() - t0) - finalize_s)
+        engine = lp_engine(solver)
         if incumbent - floor > REL_GAP * incumbent:
             cb = config_bound(items, tab, hdp, C, floor, incumbent, time.perf_counter() + BOUND_SHARE * budget,
                               engine)
@@ -248,37 +270,35 @@ def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     if x0 is not None and incumbent - floor <= REL_GAP * incumbent:
         sol = Solution("optimal", x0, incumbent, floor)  # the bound already proves the warm start optimal
     else:
-        limit = max(0.05, opt.time_limit_s - (time.perf_counter() - t0) - finalize_s)
-        sol = solve(opt.solver, sm.lm, x0, limit)
+        limit = max(0.05, opt.ilp.time_limit_s - (time.perf_counter() - t0) - finalize_s)
+        sol = solve(solver, sm.lm, x0, limit)
         if sol.bound is not None and sol.bound > floor:
             bound_from = "solver"
     if sol.status == "infeasible":
-        raise PlanError(f"ilp ({opt.solver}): no partition of the {hdp} HDP ranks holds this step's "
+        raise PlanError(f"ilp ({solver}): no partition of the {hdp} HDP ranks holds this step's "
                         f"{len(seqs.ids)} sequences at C = {C} tokens/rank")
     note = ""
     if sol.x is None and x0 is not None:  # the solver failed, but the warm start is an incumbent
-        note = f"{opt.solver} returned no solution ({sol.note or 'none in ' + f'{limit:.1f} s'}); kept the warm start"
+        note = f"{solver} returned no solution ({sol.note or 'none in ' + f'{limit:.1f} s'}); kept the warm start"
         warnings.warn(f"ilp step {batch.step}: {note}", SolverWarning, stacklevel=2)
         sol = Solution("feasible", x0, incumbent, floor)
     if sol.x is None:
-        note = f"{opt.solver} found no solution in {limit:.1f} s; using the hdp plan"
+        note = f"{solver} found no solution in {limit:.1f} s; using the hdp plan"
         warnings.warn(f"ilp step {batch.step}: {note}", SolverWarning, stacklevel=2)
-        report_solver(SolverInfo(opt.solver, "fallback", time.perf_counter() - t0, None, None, None, hdp_s, hdp_s,
-                                 note=note, **size))
-        return heuristic
+        return StepOutcome(heuristic, SolverInfo(solver, "fallback", time.perf_counter() - t0, None, None, None, hdp_s,
+                                                 hdp_s, note=note, **size))
     part = read_partition(sol.x, sm, len(items.count))
     step = finalize(batch, partition_drafts(part, items, seqs, cm, price), cm, hdp)
     obj = makespan_s(part, items, tab, C)  # the solution's own makespan (CP-SAT's objective is in ticks)
     bound = min(obj, max(floor, sol.bound if sol.bound is not None else 0.0))
-    report_solver(SolverInfo(opt.solver, sol.status, time.perf_counter() - t0, (obj - bound) / obj if obj > 0 else 0.0,
-                             obj + sync, bound + sync, step.predicted.step_time_s, hdp_s, **size, note=note,
-                             bound_from=bound_from))
-    return step
+    return StepOutcome(step, SolverInfo(solver, sol.status, time.perf_counter() - t0,
+                                        (obj - bound) / obj if obj > 0 else 0.0, obj + sync, bound + sync,
+                                        step.predicted.step_time_s, hdp_s, **size, note=note, bound_from=bound_from))
 
 
 # plan_step, and what tests, bench/ilp.py and planner.api use from the package
-__all__ = ["BACKENDS", "BISECT_TOL", "ConfigBound", "ConfigLP", "Pricer", "SOLVERS", "SeqTable", "Solution",
-           "SolverInfo", "SolverWarning", "area_bound_s", "build_model", "collect_solver_reports", "config_bound",
-           "enumerate_configs", "fill_partition", "integer_model", "integer_search", "knapsack", "long_degree",
-           "make_items", "make_table", "makespan_s", "padding_buckets", "plan_step", "pool_partition", "read_partition",
-           "solve", "solve_job", "solver_meta", "warm_start"]
+__all__ = ["BACKENDS", "BISECT_TOL", "ConfigBound", "ConfigLP", "IlpOptions", "Pricer", "SOLVERS", "SeqTable",
+           "Solution", "Solver", "area_bound_s", "build_model", "config_bound", "enumerate_configs", "fill_partition",
+           "integer_model", "integer_search", "knapsack", "long_degree", "make_items", "make_table", "makespan_s",
+           "padding_buckets", "plan_step", "pool_partition", "read_partition", "solve", "solve_job", "solve_step",
+           "warm_start"]

@@ -8,14 +8,17 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from planner.strategies.ilp.model import LinearModel
 
-SOLVERS = ("cbc", "highs", "cpsat")
+Solver = Literal["cbc", "highs", "cpsat"]  # MILP by CBC or HiGHS, or CP-SAT: the one list of backend names
+SOLVERS: tuple[Solver, ...] = get_args(Solver)
 CHILD_GRACE_S = 30.0  # a solver process that outlives its limit by this much is killed (no solution)
 REL_GAP = 1e-4  # every backend stops once proven within 0.01% of the optimum
 CPSAT_TICKS = 10**6  # CP-SAT needs integer times: the makespan bound is cut into this many ticks
@@ -189,7 +192,9 @@ def _tick_hint(lm: LinearModel, rows: list, x0: np.ndarray) -> np.ndarray:
     return h
 
 
-BACKENDS = {"cbc": _solve_cbc, "highs": _solve_highs, "cpsat": _solve_cpsat}
+Backend = Callable[[LinearModel, np.ndarray | None, float], Solution]  # (model, warm start, limit_s)
+BACKENDS: dict[Solver, Backend] = {"cbc": _solve_cbc, "highs": _solve_highs, "cpsat": _solve_cpsat}
+assert tuple(BACKENDS) == SOLVERS  # one backend per solver name
 
 
 def solve(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:

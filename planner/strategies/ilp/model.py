@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from costmodel.timing import CostModel
 from planner.plan import PlanError, zigzag_tokens_per_rank
-from planner.strategies.common import PlanOptions, SeqTable, long_degree, ratio_for_tokens
+from planner.strategies.common import SeqTable, long_degree, ratio_for_tokens
+
+if TYPE_CHECKING:  # the container imports the ilp package for IlpOptions
+    from planner.strategies.options import PlanOptions
 
 SHARD_WASTE_MAX = 0.10  # a short sequence is sharded only if that costs ≤ 10% more rank-time than one rank
 LONG_ITEMS_MAX = 48  # long sequences (s > C) stay exact items up to this many lengths; beyond, bucketed too
@@ -153,7 +157,7 @@ class Pricer:
         self.curve: tuple[np.ndarray, np.ndarray] | None = None
         # γ: a one-token bin's time less the token's margin — what a bin costs for existing.
         self.gamma_s = cm.unit_time_s([1], 1) - bin_marginal_s(1, cm)
-        self.local = node_local_sizes(cm.setup.hdp, cm.setup.hdp_per_node)
+        self.local = node_local_sizes(cm.setup.hdp, cm.setup.mesh.hdp_per_domain)
 
     def bin_s(self, lengths: np.ndarray) -> np.ndarray:
         s = np.asarray(lengths, dtype=np.int64)
@@ -173,7 +177,7 @@ class Pricer:
 
 def make_table(items: Items, seqs: SeqTable, cm: CostModel, opt: PlanOptions, price: Pricer) -> Table:
     hdp = cm.setup.hdp
-    pow2 = opt.placement == "dcp_pow2"
+    pow2 = opt.ilp.placement == "dcp_pow2"
     sizes = np.array([d for d in range(1, hdp + 1) if not pow2 or d & (d - 1) == 0])
     top = int(sizes[-1])
     gamma = price.gamma_s

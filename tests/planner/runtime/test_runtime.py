@@ -16,12 +16,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from planner.plan import Mesh, Piece, Plan, Predicted, Sequence, Step, Unit, validate, zigzag_tokens_per_rank  # noqa: E402
+from planner.plan import (Mesh, Piece, PipelineSection, Plan, Predicted, Sequence, Step, Unit, validate,  # noqa: E402
+                          zigzag_tokens_per_rank)
 from planner.runtime.cp import (FusedCPUBlocks, MathBlocks, PackedAttention, attention_mask, merge_block,  # noqa: E402
                                 shard_layout, unit_documents)
-from planner.runtime.executor import ReferenceAttention, token_loss, unit_inputs  # noqa: E402
+from planner.runtime.check import ReferenceAttention  # noqa: E402
 from planner.runtime.model import ModelConfig, TokenSource, build_model  # noqa: E402
 from planner.runtime.offload import Offloader, parameter_pointers  # noqa: E402
+from planner.runtime.step import token_loss, unit_inputs  # noqa: E402
 from costmodel.presets import load_model  # noqa: E402
 
 GRAD_TOL = 1e-4  # fp32: max relative gradient error vs the single-process reference
@@ -100,9 +102,9 @@ def pipelined_plan(schedule: str = "sliced", v: int = 1, tp: int = 1) -> Plan:
     st0 = make_step(0, 2, seqs, units, {0: [0, 1], 1: [0, 2, 3]})
     slices = {0: 3, 1: 2, 2: 2, 3: 1} if schedule == "sliced" else {}
     st0 = replace(st0, units=[replace(u, slices=slices.get(u.id, 1)) for u in st0.units],
-                  pipeline={"schedule": schedule, "v": v})
+                  pipeline=PipelineSection(schedule, v))
     st1 = replace(make_step(1, 2, {7: 90, 8: 40}, [(0, [0, 1], [(7, 0, 90)], 0.0), (1, [1], [(8, 0, 40)], 0.25)],
-                            {0: [0], 1: [0, 1]}), pipeline={"schedule": "1f1b" if v == 1 else schedule, "v": v})
+                            {0: [0], 1: [0, 1]}), pipeline=PipelineSection("1f1b" if v == 1 else schedule, v))
     plan = Plan(meta={"model": "tiny", "strategy": "hand-built"}, mesh=Mesh(4 * tp, tp, 2, 2), steps=[st0, st1])
     validate(plan)
     return plan
@@ -179,7 +181,8 @@ def test_mask_is_causal_per_document_and_padding_sees_only_itself():
     lays = [shard_layout(docs, 2, j) for j in range(2)]
     mask = torch.cat([attention_mask(lays[0], lay) for lay in lays], dim=1)
     q = lays[0]
-    keys = [(int(s), int(p), bool(v), int(k)) for lay in lays for s, p, v, k in zip(lay.seq, lay.pos, lay.valid, lay.key)]
+    keys = [(int(s), int(p), bool(v), int(k))
+            for lay in lays for s, p, v, k in zip(lay.seq, lay.pos, lay.valid, lay.key)]
     for i in range(q.tokens):
         for j, (s, p, v, k) in enumerate(keys):
             if bool(q.valid[i]):
@@ -257,7 +260,7 @@ def _loss_and_grads(model, step: Step, unit: Unit, tokens, offload_ratio: float)
 def test_offload_gives_bitwise_identical_gradients_and_hits_the_ratio():
     step = mixed_plan_3().steps[0]
     unit = step.units[0]
-    model = build_model(ModelConfig.from_spec(load_model("tiny")), seed=1, device=torch.device("cpu"))
+    model = build_model(ModelConfig(load_model("tiny")), seed=1, device=torch.device("cpu"))
     tokens = TokenSource(256, seed=0).tokens(0, step.sequences)
     base_loss, base, stats0 = _loss_and_grads(model, step, unit, tokens, 0.0)
     assert stats0.offloaded_bytes == 0 and stats0.saved_bytes > 0
@@ -276,7 +279,7 @@ def test_packed_bin_equals_per_sequence_reference():
     as each sequence run alone."""
     step = mixed_plan_3().steps[0]
     unit = step.units[0]  # sequences 0 and 1, whole
-    model = build_model(ModelConfig.from_spec(load_model("tiny")), seed=3, device=torch.device("cpu"))
+    model = build_model(ModelConfig(load_model("tiny")), seed=3, device=torch.device("cpu"))
     tokens = TokenSource(256, seed=5).tokens(0, step.sequences)
     lay = shard_layout(unit_documents(unit.pieces), 1, 0)
     inp, _, pos = unit_inputs(tokens, lay)
@@ -294,7 +297,7 @@ def test_sliced_attention_with_kv_cache_equals_whole_unit():
 
     step = pairs_plan_4().steps[0]
     unit = replace(step.units[0], hdp_ranks=(0,))  # sequences 0 (150) and 1 (33) packed on one rank
-    model = build_model(ModelConfig.from_spec(load_model("tiny")), seed=3, device=torch.device("cpu"))
+    model = build_model(ModelConfig(load_model("tiny")), seed=3, device=torch.device("cpu"))
     tokens = TokenSource(256, seed=5).tokens(0, step.sequences)
     docs = unit_documents(unit.pieces)
     lay = shard_layout(docs, 1, 0)
@@ -312,7 +315,7 @@ def test_sliced_attention_with_kv_cache_equals_whole_unit():
                                  step.global_tokens))
     assert sum(lay[0].tokens for lay in layouts) == lay.tokens
     for j in reversed(range(n)):
-        roots, grads = cache.backward_roots(j, range(model.cfg.layers))
+        roots, grads = cache.backward_roots(j, range(model.cfg.spec.layers))
         assert bool(roots) == (j < n - 1)  # every slice but the last has dK/dV from later slices
         torch.autograd.backward([losses[j], *roots], [None, *grads])
     assert not cache.outs and not cache.leaves
@@ -322,14 +325,13 @@ def test_sliced_attention_with_kv_cache_equals_whole_unit():
 
 
 def test_stage_layers_and_parameters_partition_the_model():
-    from planner.runtime.executor import stage_parameters
-    from planner.runtime.model import virtual_stage_layers
+    from planner.runtime.model import stage_parameters, virtual_stage_layers
 
     assert virtual_stage_layers(10, 2, 2) == [(0, 3), (3, 6), (6, 8), (8, 10)]
     with pytest.raises(Exception, match="fewer than pp × v"):
         virtual_stage_layers(3, 2, 2)
     for tied in (False, True):
-        cfg = replace(ModelConfig.from_spec(load_model("tiny")), layers=4, tied_embeddings=tied)
+        cfg = ModelConfig(replace(load_model("tiny"), layers=4, tied_embeddings=tied))
         model = build_model(cfg, seed=0, device=torch.device("cpu"))
         ranges = tuple(virtual_stage_layers(4, 2, 2))
         owners = [{id(p) for p in stage_parameters(model, ranges, 2, s)} for s in range(2)]
@@ -461,88 +463,6 @@ def test_killed_rank_is_named_with_its_step_and_unit(tmp_path):
     assert len([x for x in lines if x.startswith("error:")]) == 1  # rank 0, stopped by its peer, says nothing
 
 
-def _fake_torchrun(tmp_path: Path, stderr_text: str, code: int) -> list[str]:
-    script = tmp_path / "fake_torchrun.py"
-    script.write_text(f"import sys\nsys.stderr.write({stderr_text!r})\nsys.exit({code})\n")
-    return [sys.executable, str(script)]
-
-
-def launcher_report(others: list[tuple[int, int]], root: tuple[int, int]) -> str:
-    """torchrun's stderr after a worker failed (torch 2.x format): log lines, its traceback, and the
-    summary of (global rank, exit code) failures, the first observed last."""
-    def entry(i: int, rank: int, code: int) -> str:
-        return (f"[{i}]:\n  time      : 2026-12-02_17:22:36\n  host      : localhost\n"
-                f"  rank      : {rank} (local_rank: {rank % 4})\n  exitcode  : {code} (pid: {25690 + rank})\n")
-    return ("step 0 (plan step 0): loss 5.5\n"
-            "W1202 17:22:36.604000 25580 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] "
-            "Sending process 25692 closing signal SIGTERM\n"
-            "E1202 17:22:36.827000 25580 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] "
-            f"failed (exitcode: {root[1]}) local_rank: {root[0] % 4} (pid: 25694) of binary: python\n"
-            "Traceback (most recent call last):\n  File \"run.py\", line 1028, in main\n"
-            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n" + "=" * 60 + "\nFailures:\n"
-            + "".join(entry(i + 1, r, c) for i, (r, c) in enumerate(others)) + "-" * 60
-            + "\nRoot Cause (first observed failure):\n" + entry(0, *root) + "=" * 60 + "\n")
-
-
-LAUNCHER_REPORT = launcher_report([(0, -15)], (7, -9))
-
-
-def test_launcher_report_is_parsed_not_printed(tmp_path, capfd):
-    """torchrun's traceback and summary are swallowed; its root cause (global rank, signal) and the
-    position the rank kept in the status folder make the line (no torchrun is started)."""
-    from cli import _replay_failure, _run_torchrun
-
-    launch = _run_torchrun(_fake_torchrun(tmp_path, LAUNCHER_REPORT, 1), dict(os.environ))
-    err = capfd.readouterr().err
-    assert err == "step 0 (plan step 0): loss 5.5\n"  # the ranks' progress passes, the launcher's report does not
-    assert (launch.returncode, launch.failures, launch.dead(), launch.root) == (1, ((0, -15), (7, -9)), (7, -9), None)
-    (tmp_path / "rank7").write_text("step 3 (plan step 1) unit 12 (HDP ranks [6, 7])")
-    assert _replay_failure(launch, tmp_path).startswith(
-        "rank 7 was killed by SIGKILL in step 3 (plan step 1) unit 12 (HDP ranks [6, 7])")
-    assert _replay_failure(launch, tmp_path / "elsewhere").startswith("rank 7 was killed by SIGKILL (")  # not local
-    # torchrun may observe a survivor first (stopped by its peer's death, exit code 1): the killed rank is blamed
-    launch = _run_torchrun(_fake_torchrun(tmp_path, launcher_report([(7, -9)], (6, 1)), 1), dict(os.environ))
-    assert launch.failures == ((7, -9), (6, 1)) and launch.dead() == (7, -9)
-    assert _replay_failure(launch, tmp_path).startswith("rank 7 was killed by SIGKILL in step 3")
-
-
-def test_rank_errors_win_and_stopped_peers_are_quiet(tmp_path, capfd):
-    from cli import _replay_failure, _run_torchrun
-
-    text = ("error: rank 1 (HDP rank 1) stopped (a peer rank failed first) in step 0 unit 2: RuntimeError: reset\n"
-            "error: rank 2 (HDP rank 2) failed in step 0 (plan step 0) unit 2 (HDP ranks [1, 2]): RuntimeError: x\n"
-            + LAUNCHER_REPORT)
-    launch = _run_torchrun(_fake_torchrun(tmp_path, text, 1), dict(os.environ))
-    assert capfd.readouterr().err.splitlines() == [text.splitlines()[1]]
-    assert _replay_failure(launch, tmp_path).startswith("rank 2 (HDP rank 2) failed in step 0 (plan step 0) unit 2")
-    only_stopped = _run_torchrun(_fake_torchrun(tmp_path, text.splitlines()[0] + "\n", 1), dict(os.environ))
-    assert _replay_failure(only_stopped, tmp_path).startswith("rank 1 (HDP rank 1) stopped")
-
-
-def test_position_file_holds_the_latest_place(tmp_path):
-    from planner.runtime.executor import Position
-
-    pos = Position(tmp_path, 5)
-    assert (tmp_path / "rank5").read_text() == "start-up"
-    pos.set("step 0 (plan step 0) unit 12 (HDP ranks [0, 1, 2, 3])")
-    pos.set("step 0 (plan step 0) gradient all-reduce")  # shorter: no tail of the previous text left
-    assert (tmp_path / "rank5").read_text() == pos.text == "step 0 (plan step 0) gradient all-reduce"
-
-
-def test_injected_failure_parses_and_fires_only_on_its_rank_and_unit():
-    from planner.runtime import InjectedFailure
-
-    f = InjectedFailure.parse("2:5")
-    assert f == InjectedFailure(2, 5) and InjectedFailure.parse("0:1:kill") == InjectedFailure(0, 1, kill=True)
-    f.fire(2, 4)
-    f.fire(1, 5)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        f.fire(2, 5)
-    for bad in ("2", "a:1", "1:2:boom", "1:2:kill:x"):
-        with pytest.raises(ValueError, match="RANK:UNIT"):
-            InjectedFailure.parse(bad)
-
-
 @pytest.mark.torchrun
 def test_runtime_refuses_world_size_mismatch(tmp_path):
     mixed_plan_3().save(tmp_path / "plan.json")
@@ -632,7 +552,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     sliced.steps[0].units[2] = replace(sliced.steps[0].units[2], slices=100)
     sliced.save(tmp_path / "slices.json")
     mixed_v = pipelined_plan()
-    mixed_v.steps[1].pipeline = {"schedule": "interleaved", "v": 2}
+    mixed_v.steps[1].pipeline = PipelineSection("interleaved", 2)
     mixed_v.save(tmp_path / "mixed_v.json")
     moe = json.loads(text)
     moe["meta"]["model"] = "mistral-8x7b"

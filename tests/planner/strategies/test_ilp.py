@@ -13,7 +13,7 @@ import pytest
 from planner.api import PlanRequest, build_cost_model, make_plan
 from planner.workload import GlobalBatch
 from planner.plan import PlanError
-from planner.strategies import STRATEGIES, PlanOptions
+from planner.strategies import STRATEGIES, IlpOptions, PlanOptions, SolverWarning
 from planner.strategies import ilp
 
 CAP = 4096  # small capacity: sequences of a few thousand tokens already need several ranks
@@ -33,10 +33,9 @@ def batch_of(lengths) -> GlobalBatch:
 
 def solve(lengths, gpus=4, **options):
     cm = cost_model(gpus)
-    with ilp.collect_solver_reports() as reports:
-        step = ilp.plan_step(batch_of(lengths), cm, PlanOptions(offload=False, **options))
-    assert len(reports) == 1
-    return step, reports[0], cm
+    out = ilp.solve_step(batch_of(lengths), cm, PlanOptions(offload=False, ilp=IlpOptions(**options)))
+    assert out.solver is not None
+    return out.step, out.solver, cm
 
 
 def brute_force_makespan_s(lengths, cm) -> float:
@@ -86,7 +85,7 @@ def test_equal_short_sequences_get_one_rank_each():
 
 def test_ilp_plan_validates_and_simulates_to_its_objective():
     req = PlanRequest(gpus=16, lengths="byted-like", tokens_per_step=2**20, max_context_tokens=256 * 1024,
-                      options=PlanOptions(time_limit_s=5))
+                      options=PlanOptions(ilp=IlpOptions(time_limit_s=5)))
     plan = make_plan(req, "ilp")  # make_plan validates
     meta = plan.meta["solver"]
     assert meta["name"] == "highs" and meta["status"] in ("optimal", "feasible") and meta["seconds"] > 0
@@ -141,7 +140,7 @@ def test_no_incumbent_falls_back_to_hdp_with_a_warning(monkeypatch):
     monkeypatch.setitem(ilp.BACKENDS, "highs", lambda lm, x0, limit: ilp.Solution("none", None, None, None))
     monkeypatch.setattr(ilp, "warm_start", lambda *a: None)  # no partition of our own either
     lengths = [6000, 3000, 2000, 800]
-    with pytest.warns(ilp.SolverWarning, match="found no solution"):
+    with pytest.warns(SolverWarning, match="found no solution"):
         step, info, cm = solve(lengths)
     heuristic = STRATEGIES["hdp"](batch_of(lengths), cm, PlanOptions(offload=False))
     assert info.status == "fallback" and info.gap is None
@@ -158,7 +157,7 @@ def test_a_failed_backend_keeps_the_warm_start(monkeypatch):
     monkeypatch.setattr(ilp, "pool_partition", lambda cl, items, tab, hdp, C, lo, hi, deadline: (None, lo))
     monkeypatch.setattr(ilp, "integer_search", lambda cl, items, tab, hdp, C, lo, hi, deadline: (lo, None))
     lengths = [6000, 6000, 6000]
-    with pytest.warns(ilp.SolverWarning, match=r"returned no solution \(it crashed\); kept the warm start"):
+    with pytest.warns(SolverWarning, match=r"returned no solution \(it crashed\); kept the warm start"):
         step, info, cm = solve(lengths)
     assert info.status == "feasible" and "kept the warm start" in info.note
     assert 0 < info.gap < 0.2 and info.bound_s < info.objective_s
@@ -167,9 +166,9 @@ def test_a_failed_backend_keeps_the_warm_start(monkeypatch):
 
 def test_meta_solver_of_a_plan():
     req = PlanRequest(gpus=8, lengths="byted-like", tokens_per_step=2**19, max_context_tokens=128 * 1024,
-                      options=PlanOptions(solver="cbc", time_limit_s=5))
+                      options=PlanOptions(ilp=IlpOptions(solver="cbc", time_limit_s=5)))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ilp.SolverWarning)
+        warnings.simplefilter("error", SolverWarning)
         meta = make_plan(req, "ilp").meta["solver"]
     assert {"name", "status", "seconds", "gap"} <= set(meta) and meta["name"] == "cbc"
     assert meta["status"] in ("optimal", "feasible") and 0 <= meta["gap"] <= 1

@@ -1,19 +1,17 @@
-"""Solver reports: a side channel from the exact strategy to a plan's meta["solver"]."""
+"""What planning one step returns: the Step and, from an exact strategy, its solver's report; and the
+plan's meta["solver"], built from those reports."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator
+
+from planner.plan import Step
 
 
 class SolverWarning(UserWarning):
     """The exact solver gave no plan: the warm start (or, without one, the heuristic's plan) was used."""
 
-
-# ---- solver reports: a side channel from strategies to meta["solver"] ------------------------------
 
 @dataclass(frozen=True)
 class SolverInfo:
@@ -42,24 +40,12 @@ class SolverInfo:
         return {k: (round(v, 9) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-_REPORTS: contextvars.ContextVar[list[SolverInfo] | None] = contextvars.ContextVar("solver_reports", default=None)
+@dataclass(frozen=True)
+class StepOutcome:
+    """One planned step, with the solver's report where an exact strategy planned it."""
 
-
-@contextlib.contextmanager
-def collect_solver_reports() -> Iterator[list[SolverInfo]]:
-    """Collect the SolverInfo of every strategy call made inside the block (see solver_meta)."""
-    reports: list[SolverInfo] = []
-    token = _REPORTS.set(reports)
-    try:
-        yield reports
-    finally:
-        _REPORTS.reset(token)
-
-
-def report_solver(info: SolverInfo) -> None:
-    reports = _REPORTS.get()
-    if reports is not None:
-        reports.append(info)
+    step: Step
+    solver: SolverInfo | None = None  # None: a heuristic planned the step
 
 
 def solver_meta(reports: list[SolverInfo], strategy: str, seconds: float) -> dict:

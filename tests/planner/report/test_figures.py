@@ -1,5 +1,6 @@
 """Plan figures and traces a person reads: the Gantt tells forward from backward, the memory figure's
-parts are named in words and sum to the reported peak, and Chrome traces name every rank."""
+parts are named in words and sum to the reported peak, both are written as PNG and SVG, and Chrome traces
+name every rank."""
 
 import matplotlib
 import pytest
@@ -7,12 +8,12 @@ import pytest
 matplotlib.use("Agg")
 
 from planner.api import PlanRequest, build_cost_model, make_plan  # noqa: E402
-from planner.report import MEMORY_PARTS, gantt_figure, memory_breakdown, memory_figure  # noqa: E402
+from planner.report import MEMORY_PARTS, gantt_figure, memory_breakdown, memory_figure, plot_plan  # noqa: E402
 from planner.runtime.trace import RankTrace, StepRecord, UnitRecord, build_trace  # noqa: E402
 from planner.runtime.trace import chrome_trace as measured_chrome_trace  # noqa: E402
 from planner.simulate import OpTiming, StepSimulation, simulate_step  # noqa: E402
 
-K = 1024
+K, M = 1024, 1024 * 1024
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["pp1", "pp2"])
@@ -129,3 +130,27 @@ def test_measured_trace_names_each_rank():
     threads = _names(trace, "thread_name")
     used = {(e["pid"], e["tid"]) for e in trace["traceEvents"] if e["ph"] == "X"}
     assert used <= set(threads) and threads[(1, 1)] == "steps"
+
+
+def nonempty(path) -> bool:
+    return path.exists() and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_plan_gantt_and_memory(tmp_path, pp):
+    req = PlanRequest(model="llama-7b", gpus=16, pp=pp, tokens_per_step=M, max_context_tokens=128 * K, steps=1)
+    cm = build_cost_model(req)
+    plan = make_plan(req, "hdp", cm)
+    figs = plot_plan(plan, cm, gantt=tmp_path / "g.png", memory=tmp_path / "m")
+    assert [p.name for p in figs.gantt + figs.memory] == ["g.png", "g.svg", "m.png", "m.svg"]
+    assert all(nonempty(p) for p in figs.gantt + figs.memory)
+    mem = memory_breakdown(plan.steps[0], simulate_step(plan.steps[0], cm), cm)
+    assert len(mem) == (cm.setup.hdp if pp == 1 else pp)
+    # The parts, fragmentation reserve included, add up to the simulator's peak.
+    total = mem.sum(axis=1)
+    peak = figs.simulation.peak_memory_bytes
+    if pp == 1:
+        assert list(total) == pytest.approx(peak, rel=1e-9)
+    else:
+        assert total.max() == pytest.approx(max(peak), rel=1e-9)
+

@@ -1,5 +1,5 @@
-"""Pipeline schedules as explicit per-stage op lists, and the event simulation that runs them
-(REFERENCE §6: 1F1B, interleaved 1F1B, sliced 1F1B à la Seq1F1B / SlimPipe).
+"""Pipeline schedules as explicit per-stage op lists (REFERENCE §6: 1F1B, interleaved 1F1B, sliced
+1F1B à la Seq1F1B / SlimPipe), what each op waits for, and SlimPipe's mirror pairing of ops.
 
 An op is (kind F/B, micro-batch, slice, chunk). Every stage runs its list in order; an op also
 waits for its data dependency on the neighbouring stage (plus the point-to-point transfer).
@@ -14,22 +14,21 @@ Rules that make the lists valid (checked by `check_schedule`):
   before the first backward: 2(p − r − 1) + (v − 1)·p + 1 chunks (n = 1) or n·v + 2(p − r − 1)
   slice-chunks (SlimPipe); chunk c of stage p−1 feeds chunk c+1 of stage 0.
 
-`mirror_pairs` is SlimPipe's workload redistribution: which ops of a pipeline pair up to share
-attention (the simulator prices the moves and their transfers).
-
-`run_ops` is the one discrete-event engine: the plan simulator feeds it the op lists of every
-pipeline (shared units occupy the same op on all member pipelines) and per-op durations."""
+`step_op_lists` expands a plan step's pipeline section into these lists (what the simulator times
+and the runtime executes). `mirror_pairs` is SlimPipe's workload redistribution: which ops of a
+pipeline pair up to share attention (the simulator prices the moves and their transfers). The lists
+run on `planner.schedule.engine.run_ops`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
-SCHEDULES = ("1f1b", "interleaved", "sliced", "sliced-redistributed")
+from planner.schedule.engine import ScheduleError, run_ops
 
+if TYPE_CHECKING:  # the plan reads this package's schedules; only the type goes the other way
+    from planner.plan import Step
 
-class ScheduleError(ValueError):
-    """A schedule is invalid or deadlocks."""
+SCHEDULES = ("1f1b", "interleaved", "sliced", "sliced-redistributed")  # a pipeline section's `schedule`
 
 
 class PipeOp(NamedTuple):
@@ -184,6 +183,33 @@ def stage_ops(p: int, stage: int, slices: list[int], v: int = 1, budget: float |
     return ops
 
 
+def step_op_lists(step: Step, p: int, hdp: int) -> dict[tuple[int, int], list[PipeOp]]:
+    """The op list of every (pipeline, stage) of a plan step, `PipeOp.mb` holding the unit id: what
+    the simulator times, validate checks and the runtime executes. From the step's pipeline section:
+    v chunks per stage, and `weights` (unit id → in-flight weight) that make the 1F1B budget
+    token-weighted, one budget over all units of the step so every pipeline applies the same rule
+    (None, or no section: count-based)."""
+    order = {r: step.order.get(r, []) for r in range(hdp)}
+    slices = {u.id: u.slices for u in step.units}
+    v = step.chunks_per_stage
+    weights = None if step.pipeline is None else step.pipeline.weights
+    all_ids = sorted(slices)
+    w_all = [1.0 if weights is None else weights[i] for i in all_ids]
+    s_all = [slices[i] for i in all_ids]
+    out = {}
+    done: dict[tuple[int, ...], int] = {}  # pipelines running the same units (a wide CP unit) share lists
+    for r, ids in order.items():
+        if (twin := done.setdefault(tuple(ids), r)) != r:
+            out.update({(r, s): list(out[(twin, s)]) for s in range(p)})
+            continue
+        w = None if weights is None else [weights[i] for i in ids]
+        for s in range(p):
+            budget = inflight_budget(p, s, s_all, w_all, v)
+            out[(r, s)] = [PipeOp(op.kind, ids[op.mb], op.slice, op.chunk)
+                           for op in stage_ops(p, s, [slices[i] for i in ids], v, budget, w)]
+    return out
+
+
 def dependency(op: PipeOp, stage: int, p: int, v: int, last_slice: int) -> tuple[int, PipeOp] | None:
     """(stage, op) this op needs first, besides the previous op on its own stage."""
     if op.kind == "F":
@@ -230,123 +256,8 @@ def check_schedule(p: int, slices: list[int], v: int = 1) -> None:
                     if j and pos[PipeOp("B", mb, j, c)] > pos[PipeOp("B", mb, j - 1, c)]:
                         raise ScheduleError(f"stage {s}: backward slices of mb {mb} not reversed")
     lists = {(0, s): [((s, op), op) for op in stage_ops(p, s, slices, v)] for s in range(p)}
-    run_ops(lists, lambda key: _dep_key(key, p, v, slices), lambda key: 1.0, lambda key: 0.0)
-
-
-def _dep_key(key, p, v, slices):
-    s, op = key
-    d = dependency(op, s, p, v, slices[op.mb] - 1)
-    return None if d is None else d
-
-
-@dataclass(frozen=True)
-class OpRun:
-    key: Hashable
-    resources: tuple[Hashable, ...]
-    start_s: float
-    end_s: float
-
-
-def run_ops(lists: dict[Hashable, list[tuple[Hashable, PipeOp]]], dep: Callable[[Hashable], Hashable | None],
-            duration: Callable[[Hashable], float], transfer: Callable[[Hashable], float],
-            pairs: Iterable[tuple[Hashable, Hashable]] = (), solo: Callable[[Hashable], float] | None = None,
-            broken: list | None = None) -> list[OpRun]:
-    """Discrete-event engine. `lists[resource]` is that resource's ordered (op key, op); an op key
-    that appears on several resources is one co-scheduled op (a shared unit) and starts when it
-    heads every one of those lists, its dependency `dep(key)` has finished (+ `transfer(key)`),
-    and all of them are free. Raises ScheduleError on deadlock.
-
-    `pairs` (heavy key, light key) is a rendezvous (SlimPipe's mirror pairing exchanges tensors mid-op):
-    the two start together once both are ready as above, take `duration`, and the heavy op ends no
-    earlier than the light one (it merges the light op's partial result). A pair that cannot meet
-    (each waits on the other through the schedule) is broken and its ops run alone for `solo(key)`
-    seconds (default `duration`); its heavy key is appended to `broken` when given."""
-    members: dict[Hashable, list[Hashable]] = {}
-    for res, lst in lists.items():
-        for key, _ in lst:
-            members.setdefault(key, []).append(res)
-    partner: dict[Hashable, Hashable] = {}
-    heavy: set = set()
-    for hi, lo in pairs:
-        if hi in members and lo in members and hi not in partner and lo not in partner and hi != lo:
-            partner[hi], partner[lo] = lo, hi
-            heavy.add(hi)
-    alone: set = set()
-    pos = {r: 0 for r in lists}
-    free = {r: 0.0 for r in lists}
-    done: dict[Hashable, float] = {}
-    runs: list[OpRun] = []
-    ready_heads = list(lists)
-    remaining = len(members)
-
-    def ready_at(key) -> float | None:
-        """When `key` could start (None: not at the head of all its lists or its dependency is pending)."""
-        mem = members[key]
-        if any(pos[m] >= len(lists[m]) or lists[m][pos[m]][0] != key for m in mem):
-            return None
-        d = dep(key)
-        if d is not None and d not in done:
-            return None
-        return max([done[d] + transfer(key) if d is not None else 0.0] + [free[m] for m in mem])
-
-    def launch(key, start: float, end: float) -> None:
-        mem = members[key]
-        for m in mem:
-            free[m] = end
-            pos[m] += 1
-        done[key] = end
-        runs.append(OpRun(key, tuple(mem), start, end))
-
-    while remaining:
-        progressed = False
-        waiting: list[tuple[float, Hashable]] = []
-        for res in ready_heads:
-            i = pos[res]
-            if i >= len(lists[res]):
-                continue
-            key = lists[res][i][0]
-            if key in done:
-                continue
-            t = ready_at(key)
-            if t is None:
-                continue
-            q = partner.get(key)
-            if q is None:
-                launch(key, t, t + (solo(key) if solo is not None and key in alone else duration(key)))
-                remaining -= 1
-                progressed = True
-                continue
-            tq = ready_at(q)
-            if tq is None:
-                waiting.append((t, key))
-                continue
-            start = max(t, tq)
-            end_k, end_q = start + duration(key), start + duration(q)
-            if key in heavy:
-                end_k = max(end_k, end_q)
-            else:
-                end_q = max(end_q, end_k)
-            launch(key, start, end_k)
-            launch(q, start, end_q)
-            remaining -= 2
-            progressed = True
-        if not progressed:
-            if waiting:  # a pair that cannot meet: break the one whose ready op waits longest
-                _, key = min(waiting, key=lambda x: x[0])
-                q = partner.pop(key)
-                del partner[q]
-                alone.update((key, q))
-                if broken is not None:
-                    broken.append(key if key in heavy else q)
-                continue
-            stuck = [lists[r][pos[r]][0] for r in lists if pos[r] < len(lists[r])][:3]
-            raise ScheduleError(f"pipeline schedule deadlocks (waiting ops: {stuck})")
-    return runs
-
-
-def closed_form_bubble(p: int, m: int, n: int = 1, v: int = 1) -> float:
-    """(p−1)/(m·n·v + p−1): 1F1B (n = v = 1), interleaved (v), balanced slicing (n) [REFERENCE §6]."""
-    return (p - 1) / (m * n * v + p - 1)
+    run_ops(lists, lambda key: dependency(key[1], key[0], p, v, slices[key[1].mb] - 1), lambda key: 1.0,
+            lambda key: 0.0)
 
 
 def slice_share(j: int, n: int, attn_share: float) -> float:
@@ -393,74 +304,3 @@ def mirror_chunks(heavy_attn_s: float, light_attn_s: float, block_s: float, max_
     if block_s <= 0 or heavy_attn_s <= light_attn_s or max_chunks <= 0:
         return 0
     return int(min(max_chunks, (heavy_attn_s - light_attn_s) / (2 * block_s) + 1e-9))
-
-
-def simulate_uniform(p: int, m: int, n: int = 1, v: int = 1, fwd_s: float = 1.0, bwd_s: float = 2.0,
-                     attn_share: float = 0.0, redistribute: bool = False,
-                     max_chunks: int = 10**9, rendezvous: bool = False) -> tuple[float, float]:
-    """One pipeline of m identical single-sequence micro-batches: (step time, bubble fraction of stage
-    0). Per-op times are the micro-batch's stage time ÷ v, times its slice's share (`slice_share`:
-    uniform token slices of a sequence whose stage time is `attn_share` causal attention). redistribute: mirror pairing
-    moves whole K/V chunks between paired ops at no transfer cost (the plan simulator prices them).
-    rendezvous: paired ops start together (`run_ops` pairs), as SlimPipe's per-layer exchange forces;
-    without it each op just takes its adjusted duration whenever its stage reaches it."""
-    lists = {(0, s): [((s, op), op) for op in stage_ops(p, s, [n] * m, v)] for s in range(p)}
-    extra: dict[OpKey, float] = {}
-    moved_pairs: list[tuple[OpKey, OpKey]] = []
-
-    def base(op: PipeOp) -> float:
-        return (fwd_s if op.kind == "F" else bwd_s) / v
-
-    if redistribute and n > 1 and attn_share > 0:
-        def attn(_s: int, op: PipeOp) -> float:
-            return base(op) * attn_share * (2 * op.slice + 1) / (n * n)
-
-        stage_lists = [[op for _, op in lists[(0, s)]] for s in range(p)]
-        for hi, lo in mirror_pairs(stage_lists, attn):
-            k = mirror_chunks(attn(*hi), attn(*lo), base(hi[1]) * attn_share * 2 / (n * n), max_chunks)
-            moved = k * base(hi[1]) * attn_share * 2 / (n * n)
-            extra[hi] = extra.get(hi, 0.0) - moved
-            extra[lo] = extra.get(lo, 0.0) + moved
-            if k:
-                moved_pairs.append((hi, lo))
-
-    def solo(key: OpKey) -> float:
-        return base(key[1]) * slice_share(key[1].slice, n, attn_share)
-
-    def dur(key: OpKey) -> float:
-        return solo(key) + extra.get(key, 0.0)
-
-    runs = run_ops(lists, lambda key: _dep_key(key, p, v, [n] * m), dur, lambda key: 0.0,
-                   pairs=moved_pairs if rendezvous else (), solo=solo)
-    total = max(r.end_s for r in runs)
-    busy0 = sum(r.end_s - r.start_s for r in runs if (0, 0) in r.resources)
-    return total, 1.0 - busy0 / total
-
-
-def step_op_lists(p: int, order: dict[int, list[int]], slices: dict[int, int], v: int = 1,
-                  weights: dict[int, float] | None = None) -> dict[tuple[int, int], list[PipeOp]]:
-    """The op list of every (pipeline, stage) of a plan step, `PipeOp.mb` holding the unit id: what
-    the simulator times and the runtime executes, from the step's `pipeline` section. `weights`
-    (unit id → in-flight weight, the section's "weights") make the 1F1B budget token-weighted; one
-    budget over all units of the step, so every pipeline applies the same rule. None: count-based."""
-    all_ids = sorted(slices)
-    w_all = [1.0 if weights is None else weights[i] for i in all_ids]
-    s_all = [slices[i] for i in all_ids]
-    out = {}
-    done: dict[tuple[int, ...], int] = {}  # pipelines running the same units (a wide CP unit) share lists
-    for r, ids in order.items():
-        if (twin := done.setdefault(tuple(ids), r)) != r:
-            out.update({(r, s): list(out[(twin, s)]) for s in range(p)})
-            continue
-        w = None if weights is None else [weights[i] for i in ids]
-        for s in range(p):
-            budget = inflight_budget(p, s, s_all, w_all, v)
-            out[(r, s)] = [PipeOp(op.kind, ids[op.mb], op.slice, op.chunk)
-                           for op in stage_ops(p, s, [slices[i] for i in ids], v, budget, w)]
-    return out
-
-
-def section_weights(section: dict | None) -> dict[int, float] | None:
-    """Unit id → in-flight weight from a step's `pipeline` section (JSON keys are strings)."""
-    w = (section or {}).get("weights")
-    return None if w is None else {int(k): float(x) for k, x in w.items()}

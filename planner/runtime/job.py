@@ -1,0 +1,204 @@
+"""A rank's job under torchrun (`python -m planner.runtime`): checks, process group, this rank's
+model shard and groups, the step loop, and on rank 0 the results once every rank finished (step
+lines, the --check line, the measured trace)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from costmodel.specs import SpecError
+from planner.plan import PlanError
+from planner.runtime.check import Check, check_owners
+from planner.runtime.context import Context, failure_at, make_optimizer, rank_failure
+from planner.runtime.cp import Peers
+from planner.runtime.launch import Position, Prepared, ReplayFailure, ReplayOptions, prepare
+from planner.runtime.model import ModelConfig, TokenSource, build_model, stage_parameters, virtual_stage_layers
+from planner.runtime.offload import parameter_pointers
+from planner.runtime.step import device_sync, replay_step
+from planner.runtime.tp import TPGroup, shard_model
+from planner.runtime.trace import RankTrace, build_trace, remove_stale, write_trace
+
+
+def _device(opts: ReplayOptions, local_rank: int) -> torch.device:
+    if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise PlanError("--device cuda asked for but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.device, tokens: TokenSource,
+             position: Position) -> Context:
+    """This rank's coordinates, model shard and groups (needs the process group)."""
+    mesh = prep.plan.mesh
+    stage, hdp_rank, tp_rank = mesh.coordinates(rank)
+    full = build_model(ModelConfig(prep.spec), opts.seed, device)
+    # Static groups, created by every rank in the same order: per (stage, tp rank) the HDP ranks that
+    # all-reduce gradients, per (stage, HDP rank) the TP group. Units never get one (P2P on the world).
+    split = mesh.pp > 1 or mesh.tp > 1
+    dp_groups = {(s, t): dist.new_group([mesh.global_rank(s, r, t) for r in range(mesh.hdp)])
+                 for s in range(mesh.pp) for t in range(mesh.tp)} if split else {}
+    tp_groups = {(s, r): dist.new_group([mesh.global_rank(s, r, t) for t in range(mesh.tp)])
+                 for s in range(mesh.pp) for r in range(mesh.hdp)} if mesh.tp > 1 else {}
+    model = shard_model(full, TPGroup(tp_groups[(stage, hdp_rank)], mesh.tp, tp_rank)) if mesh.tp > 1 else full
+    reference_model = None
+    if opts.check and split:  # rank 0's reference needs the whole model: every rank keeps a full copy to fill
+        reference_model = full if model is not full else copy.deepcopy(full)
+    ranges = tuple(virtual_stage_layers(prep.spec.layers, mesh.pp, prep.chunks))
+    owned = tuple(stage_parameters(model, ranges, mesh.pp, stage))
+    check_owned = (check_owners(model, ranges, mesh, stage, hdp_rank, tp_rank) if reference_model is not None
+                   else frozenset())
+    mine = {id(p) for p in owned}
+    for p in model.parameters():  # a stage holds only its own weights
+        if id(p) not in mine:
+            p.data = p.data.new_empty(0)
+    return Context(opts=opts, prep=prep, rank=rank, hdp_rank=hdp_rank, device=device, model=model,
+                   optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
+                   trace=RankTrace(rank, time.time() - time.perf_counter()), stage=stage, layer_ranges=ranges,
+                   owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank, full=reference_model,
+                   check_owned=check_owned, position=position)
+
+
+def prewarm(ctx: Context) -> float:
+    """Exchange one element with every rank set the plan shares a unit over, following the plan's
+    orders (deadlock-free for the same reason the units are), so transports set up their pair
+    connections (NCCL: on first use) before step 0 is timed. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    done: set[tuple[int, ...]] = set()
+    for step in ctx.prep.plan.steps:
+        units = {u.id: u for u in step.units}
+        for uid in step.order.get(ctx.hdp_rank, []):
+            u = units[uid]
+            if u.degree > 1 and u.hdp_ranks not in done:  # every member skips the same repeats
+                done.add(u.hdp_ranks)
+                mesh = ctx.prep.plan.mesh
+                Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in u.hdp_ranks),
+                      u.hdp_ranks.index(ctx.hdp_rank)).all_gather(
+                    torch.zeros(1, device=ctx.device))
+    device_sync(ctx.device)
+    return time.perf_counter() - t0
+
+
+def run(opts: ReplayOptions) -> int:
+    """The body of `python -m planner.runtime` on every rank: returns a non-zero exit code on refusal;
+    a finished run ends the process right after its final barrier (exit code 0)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    position = Position(opts.status_dir, rank)
+    try:
+        prep = prepare(opts, world)
+        tokens = TokenSource(prep.spec.vocab, opts.seed, str(opts.tokens_path) if opts.tokens_path else None)
+        device = _device(opts, local_rank)
+    except (PlanError, SpecError) as e:
+        if rank == 0:  # every rank reaches the same verdict; say it once
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if rank == 0 and opts.trace_path is not None:
+        remove_stale(opts.trace_path)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        position.set("start-up (process group, model)")
+        dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        ctx = _context(opts, prep, rank, device, tokens, position)
+        # Every rank must replay the same plan (each node reads its own copy); a mismatch would
+        # hang in P2P, so compare digests first (REFERENCE 11, decision 23).
+        digest = hashlib.sha256(prep.plan.to_json().encode()).hexdigest()
+        digests: list[str | None] = [None] * world
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            odd = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise ReplayFailure(f"rank {rank}: the plan differs across ranks (ranks {odd} read a different plan "
+                                f"than rank 0); give every node the same {opts.plan_path}")
+        position.set("the P2P warm-up before step 0")
+        try:
+            ctx.trace.prewarm_s = prewarm(ctx)
+        except Exception as e:
+            raise rank_failure(ctx, e) from e
+        check = Check() if opts.check else None
+        for it in range(prep.iterations):
+            try:
+                rec = replay_step(ctx, it, check)
+            except ReplayFailure:
+                raise
+            except Exception as e:  # outside any unit: token reading, the check, the optimizer
+                raise rank_failure(ctx, e) from e
+            ctx.trace.steps.append(rec)
+            if rank == 0:  # progress only; the results are printed once every rank finished
+                print(f"step {it} (plan step {rec.plan_step}): loss {rec.step_loss:.6f}, rank 0 {rec.wall_s:.3f} s",
+                      file=sys.stderr, flush=True)
+        position.set("gathering the traces after the last step")
+        traces: list[RankTrace | None] = [None] * world if rank == 0 else None
+        dist.gather_object(ctx.trace, traces, dst=0)
+        if rank == 0:
+            _finish(ctx, traces, check, world)
+        position.set("the final barrier")
+        dist.barrier()  # nobody leaves before rank 0 has written everything
+    except Exception as e:
+        msg = str(e if isinstance(e, ReplayFailure) else failure_at(f"rank {rank}", position.text, e))
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        os._exit(1)  # peers may be blocked in P2P with us: no teardown, the launcher ends them
+    # Every rank passed the final barrier, so all work is done and rank 0's files are written. Skip the
+    # process-group teardown: gloo's destructors can abort ("terminate called without an active
+    # exception") while finished P2P work objects are collected, turning a good run into a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def _trace_meta(ctx: Context, world: int) -> dict:
+    """Inputs' fingerprints, as every output file records them (DESIGN.md conventions)."""
+    dev = ctx.device
+    return {"plan": str(ctx.opts.plan_path),
+            "plan_sha256": hashlib.sha256(Path(ctx.opts.plan_path).read_bytes()).hexdigest(),
+            "plan_model": ctx.prep.plan.meta.get("model"), "model": ctx.prep.spec.name, "world_size": world,
+            "cp_impl": ctx.opts.cp_impl, "ring_kernel": ctx.opts.ring_kernel, "seed": ctx.opts.seed,
+            "optimizer": ctx.opts.optimizer, "lr": ctx.opts.lr,
+            "tokens": str(ctx.opts.tokens_path) if ctx.opts.tokens_path else "generated",
+            "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else (platform.processor() or platform.machine()), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "backend": dist.get_backend(), "steps": ctx.prep.iterations,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _finish(ctx: Context, traces: list[RankTrace], check: Check | None, world: int) -> None:
+    """Rank 0, after every rank finished: step lines, the check line, the trace files."""
+    origin = min(t.clock_offset_s + min((s.start_s for s in t.steps), default=0.0) for t in traces)
+    for t in traces:  # per-rank perf_counter -> shared wall clock, zero at the first step start
+        shift = t.clock_offset_s - origin
+        for u in t.units:
+            u.start_s += shift
+            for o in u.ops:
+                o[3] += shift
+        for s in t.steps:
+            s.start_s += shift
+    plan = ctx.prep.plan
+    doc = build_trace(_trace_meta(ctx, world), traces, {s.step: s.predicted.step_time_s for s in plan.steps})
+    for s in doc["steps"]:
+        _emit({"step": {"step": s["step"], "plan_step": s["plan_step"], "loss": s["loss"],
+                        "wall_s": s["step_time_s"], "predicted_s": s["predicted_step_time_s"]}})
+    if ctx.opts.trace_path is not None:
+        j, c = write_trace(ctx.opts.trace_path, doc)
+        print(f"trace: {j} and {c}", file=sys.stderr, flush=True)
+    if check is not None:
+        r = check.result
+        _emit({"check": {"max_rel_grad_err": r.max_rel_grad_err, "loss_abs_err": r.loss_abs_err,
+                         "ranks": world, "units": r.units}})

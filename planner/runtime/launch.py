@@ -1,0 +1,315 @@
+"""Launching a replay: its options, the checks made before any rank works, and the torchrun launcher
+behind `meshplan replay` (the command it builds, the job it starts, the failed rank it names).
+
+Free of torch, so that the CLI can refuse a plan before any process starts; what each rank runs
+once started is planner/runtime/job.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Literal, get_args
+
+from costmodel.presets import load_model
+from costmodel.specs import ModelSpec
+from planner.plan import Plan, PlanError, validate
+
+CPImpl = Literal["ring", "allgather"]  # context-parallel attention: overlapped ring, or all-gather first-correct form
+CP_IMPLS: tuple[str, ...] = get_args(CPImpl)
+BLOCK_KERNELS = ("auto", "math", "fused-cpu")  # ring block kernel (auto: fused on CPU, math elsewhere)
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class ReplayFailure(RuntimeError):
+    """A replay that failed once running; the message names the rank, step and unit where one is known.
+    exit_code: 1 when a rank is named, 2 when the job failed without naming one (as a refusal does)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class InjectedFailure:
+    """Testing (`--inject-failure RANK:UNIT[:kill]`): global rank `rank` fails in the forward of unit
+    `unit`, raising an error, or with `kill` by SIGKILL on itself (a crash that leaves no message)."""
+
+    rank: int
+    unit: int
+    kill: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> InjectedFailure:
+        parts = text.split(":")
+        try:
+            if len(parts) not in (2, 3) or parts[2:] not in ([], ["kill"]):
+                raise ValueError
+            return cls(int(parts[0]), int(parts[1]), kill=len(parts) == 3)
+        except ValueError:
+            raise PlanError(f"expected RANK:UNIT or RANK:UNIT:kill, got {text!r}") from None
+
+    def __str__(self) -> str:
+        """The RANK:UNIT[:kill] text `parse` reads."""
+        return f"{self.rank}:{self.unit}" + (":kill" if self.kill else "")
+
+    def fire(self, rank: int, unit: int) -> None:
+        if (rank, unit) != (self.rank, self.unit):
+            return
+        if self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("injected failure (--inject-failure)")
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    plan_path: Path  # plan JSON
+    model: str | None = None  # model preset / file; None = the plan's meta["model"]
+    steps: int | None = None  # iterations to run; None = every plan step once (more cycle the plan)
+    check: bool = False  # compare with a single-process reference on rank 0
+    trace_path: Path | None = None  # measured trace JSON (a .chrome.json is written beside it)
+    cp_impl: CPImpl = "ring"  # context-parallel attention: "ring" (overlapped) or "allgather"
+    ring_kernel: str = "auto"  # ring block kernel: "auto" (fused on CPU), "math" or "fused-cpu"
+    seed: int = 0  # model init and generated tokens
+    optimizer: str = "adamw"  # "adamw" or "sgd"
+    lr: float = 1e-3  # learning rate
+    tokens_path: Path | None = None  # flat .npy token stream; None = generated tokens
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    timeout_s: float = 300.0  # process-group timeout: a lost peer ends the job after this at most
+    inject_failure: InjectedFailure | None = None  # tests: a rank failing (or killed) in a unit's forward
+    status_dir: Path | None = None  # each rank keeps its position in rankN here (read by `meshplan replay`)
+
+    def rank_args(self) -> list[str]:
+        """The `python -m planner.runtime` arguments (planner/runtime/__main__.py) that give these options."""
+        args = [str(self.plan_path), "--cp", self.cp_impl, "--ring-kernel", self.ring_kernel, "--seed", str(self.seed),
+                "--optimizer", self.optimizer, "--lr", repr(self.lr), "--device", self.device,
+                "--timeout-s", repr(self.timeout_s)]
+        args += ["--model", self.model] if self.model else []
+        args += ["--steps", str(self.steps)] if self.steps is not None else []
+        args += ["--check"] if self.check else []
+        args += ["--trace", str(self.trace_path)] if self.trace_path is not None else []
+        args += ["--tokens", str(self.tokens_path)] if self.tokens_path is not None else []
+        args += ["--inject-failure", str(self.inject_failure)] if self.inject_failure else []
+        args += ["--status-dir", str(self.status_dir)] if self.status_dir is not None else []
+        return args
+
+
+# -- checks before any rank works --------------------------------------------------------------
+
+def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PlanError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def preflight(plan_path: str | Path, world_size: int | None, model: str | None = None, *, cp_impl: str = "ring",
+              ring_kernel: str = "auto", optimizer: str = "adamw", steps: int | None = None) -> tuple[Plan, ModelSpec]:
+    """Load and validate the plan against the job's world size (None: not known yet) and the
+    model the replay will build, and check the options; raise PlanError or SpecError with a
+    message a user can act on."""
+    _choice("context-parallel implementation", cp_impl, CP_IMPLS)
+    _choice("ring kernel", ring_kernel, BLOCK_KERNELS)
+    _choice("optimizer", optimizer, OPTIMIZERS)
+    if steps is not None and steps < 1:
+        raise PlanError(f"--steps must be >= 1, got {steps}")
+    plan = Plan.load(plan_path)
+    validate(plan)
+    m = plan.mesh
+    if world_size is not None and m.world_size != world_size:
+        raise PlanError(f"{plan_path}: the plan is for world_size {m.world_size} (tp {m.tp} × pp {m.pp} × hdp "
+                        f"{m.hdp}) but this job has {world_size} processes; launch {m.world_size} "
+                        f"(meshplan replay --nproc {m.world_size})")
+    if m.pp > 1:
+        _check_pipelined(plan, str(plan_path))
+    name = model or plan.meta.get("model")
+    if not name:
+        raise PlanError(f"{plan_path}: the plan names no model (meta.model); pass --model NAME")
+    spec = load_model(str(name))
+    if spec.is_moe:
+        raise PlanError(f"model {spec.name!r}: MoE replay is not implemented (dense Llama-style models only); "
+                        "pass --model tiny or a dense preset")
+    if spec.head_dim % 2:
+        raise PlanError(f"model {spec.name!r}: RoPE needs an even head_dim, got {spec.head_dim}")
+    for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn)):
+        if n % m.tp:
+            raise PlanError(f"model {spec.name!r}: {what} = {n} does not split over tp = {m.tp} (whole heads and "
+                            "equal FFN slices per TP rank); pass a model whose heads, kv_heads and ffn divide by tp")
+    chunks = m.pp * plan.steps[0].chunks_per_stage
+    if spec.layers < chunks:
+        raise PlanError(f"model {spec.name!r} has {spec.layers} layers, fewer than the plan's {chunks} pipeline "
+                        "chunks (pp × v); pass a deeper --model")
+    return plan, spec
+
+
+def _check_pipelined(plan: Plan, where: str) -> None:
+    """What the pipeline replay needs beyond validate(): one layer placement for the whole run, and
+    no empty slice (a slice is the j-th part of every document of its unit)."""
+    vs = {s.chunks_per_stage for s in plan.steps}
+    if len(vs) > 1:
+        raise PlanError(f"{where}: steps use different chunk counts v {sorted(vs)}; a run places its layers once, "
+                        "so every step must use the same v")
+    for st in plan.steps:
+        for u in st.units:
+            per_doc: dict[int, int] = {}
+            for p in u.pieces:
+                per_doc[p.seq] = per_doc.get(p.seq, 0) + p.tokens
+            longest = max(per_doc.values())
+            if u.slices > longest:
+                raise PlanError(f"{where}: step {st.step} unit {u.id} has {u.slices} slices but its longest "
+                                f"document only {longest} tokens; a slice must hold at least one token")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every rank checks before the process group exists."""
+
+    plan: Plan
+    spec: ModelSpec  # the model the replay builds (dense; preflight checked it against the mesh)
+    iterations: int  # replayed steps
+    chunks: int = 1  # model chunks per pipeline stage (v), the same in every step
+
+
+def prepare(opts: ReplayOptions, world_size: int) -> Prepared:
+    """Every check that needs no process group (preflight)."""
+    plan, spec = preflight(opts.plan_path, world_size, opts.model, cp_impl=opts.cp_impl,
+                           ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps)
+    return Prepared(plan, spec, len(plan.steps) if opts.steps is None else opts.steps,
+                    plan.steps[0].chunks_per_stage)
+
+
+class Position:
+    """Where a rank is in the run ("step 0 (plan step 0) unit 3 (HDP ranks [0, 1])"). Named in the
+    rank's own error, and kept in STATUS_DIR/rankN so that the launcher can name it when the process
+    dies without a word (SIGKILL, the out-of-memory killer): the page cache outlives it."""
+
+    def __init__(self, status_dir: Path | None, rank: int) -> None:
+        self._fd = (os.open(status_dir / f"rank{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    if status_dir is not None else None)
+        self.text = ""
+        self.set("start-up")
+
+    def set(self, text: str) -> None:
+        self.text = text
+        if self._fd is not None:
+            data = text.encode()
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
+
+
+# -- the torchrun launcher ---------------------------------------------------------------------
+
+# torchrun options that make a multi-node job: with any of them there is no --standalone.
+_RENDEZVOUS_FLAGS = ("--nnodes", "--node-rank", "--node_rank", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend",
+                     "--rdzv_backend", "--rdzv-id", "--rdzv_id", "--rdzv-conf", "--rdzv_conf", "--master-addr",
+                     "--master_addr", "--master-port", "--master_port")
+# torchrun's own lines once a worker failed (its traceback and failure summary follow them).
+_LAUNCHER_FAILURE = ("failed (exitcode:", "closing signal SIG", "ChildFailedError")
+_SUMMARY_FIELD = re.compile(r"\s*(?P<key>rank|exitcode)\s*:\s*(?P<value>-?\d+)")  # "rank : 7 (local_rank: 3)"
+PEER_STOPPED = "stopped (a peer rank failed first)"  # in the error of a rank stopped by another's failure
+
+
+def _torchrun_nnodes(args: Sequence[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a.startswith("--nnodes="):
+            return a.split("=", 1)[1]
+        if a == "--nnodes" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a torchrun job's stderr said."""
+
+    returncode: int
+    root: str | None  # first rank error that is a root cause (not a rank stopped by a peer's failure)
+    stopped: str | None  # first error of a rank stopped by a peer's failure (it names the unit it waited in)
+    failures: tuple[tuple[int, int], ...] = ()  # launcher's summary: (global rank, exit code), root cause last
+
+    def dead(self) -> tuple[int, int] | None:
+        """(rank, exit code) to blame: a rank killed by a signal other than the SIGTERM torchrun sends to
+        the survivors (the first observed failure may be a survivor, stopped by its peer's death), else
+        the launcher's root cause."""
+        killed = [f for f in self.failures if f[1] < 0 and -f[1] != signal.SIGTERM]
+        return killed[0] if killed else (self.failures[-1] if self.failures else None)
+
+
+def run_torchrun(cmd: list[str], env: dict[str, str]) -> Launch:
+    """Run torchrun, stdout straight through, stderr forwarded line by line until the job fails: after
+    a rank's error line or the launcher's first failure line, only root-cause error lines of ranks are
+    forwarded: not those of ranks stopped by a peer's failure (one per rank), nor the launcher's
+    traceback and summary (whose root cause is parsed instead)."""
+    errors: list[str] = []
+    failures: list[tuple[int, int]] = []
+    rank: int | None = None
+    failing = in_summary = False
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
+        for line in proc.stderr:
+            is_error = line.startswith("error: ")
+            if is_error:
+                errors.append(line[len("error: "):].strip())
+            in_summary = in_summary or (failing and line.startswith("Failures:"))
+            field = _SUMMARY_FIELD.match(line) if in_summary else None
+            if field and field["key"] == "rank":
+                rank = int(field["value"])
+            elif field and rank is not None:  # the exit code of the rank just named
+                failures.append((rank, int(field["value"])))
+                rank = None
+            failing = failing or is_error or any(m in line for m in _LAUNCHER_FAILURE)
+            if (is_error and PEER_STOPPED not in line) or not failing:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    return Launch(proc.returncode, next((e for e in errors if PEER_STOPPED not in e), None),
+                  next((e for e in errors if PEER_STOPPED in e), None), tuple(failures))
+
+
+def replay_failure(launch: Launch, status_dir: Path) -> str:
+    """One line for a failed job, naming the rank and where it was (step, unit): its own error, or for a
+    rank that died without a word (a signal) the launcher's verdict and the Position the rank kept in
+    status_dir."""
+    if launch.root:
+        return launch.root
+    dead = launch.dead()
+    if dead is not None and (dead[1] < 0 or launch.stopped is None):
+        rank, code = dead
+        status = status_dir / f"rank{rank}"
+        where = f" in {status.read_text().strip()}" if status.is_file() else ""
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            hint = " (SIGKILL with no error is often the out-of-memory killer)" if -code == signal.SIGKILL else ""
+            return f"rank {rank} was killed by {name}{where}{hint}"
+        return f"rank {rank} exited with code {code}{where}; see its output above"
+    if launch.stopped:
+        return launch.stopped
+    return f"torchrun exit code {launch.returncode} and no rank named the cause; see the output above"
+
+
+def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -> None:
+    """`meshplan replay`: check the plan and options here, then run `python -m planner.runtime` on `nproc`
+    processes per node under torchrun, standalone on this machine unless `torchrun_args` (passed to
+    torchrun) make a multi-node job. The ranks' stdout passes straight through. Raises PlanError or
+    SpecError before any process starts, ReplayFailure (one line, naming the failed rank) after."""
+    if find_spec("torch") is None:
+        raise PlanError("torch is not installed; install the runtime extra: pip install 'meshplan[runtime]'")
+    extra = list(torchrun_args)
+    multi_node = any(a.split("=", 1)[0] in _RENDEZVOUS_FLAGS for a in extra)
+    nnodes = _torchrun_nnodes(extra)
+    world = nproc * int(nnodes) if nnodes and nnodes.isdigit() else (None if multi_node else nproc)
+    preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl, ring_kernel=opts.ring_kernel,
+              optimizer=opts.optimizer, steps=opts.steps)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscription
+    with tempfile.TemporaryDirectory(prefix="meshplan-replay-") as status_dir:  # where each rank is
+        ranks = replace(opts, status_dir=Path(status_dir))
+        cmd = [sys.executable, "-m", "torch.distributed.run", *([] if multi_node else ["--standalone"]), *extra,
+               "--nproc-per-node", str(nproc), "-m", "planner.runtime", *ranks.rank_args()]
+        launch = run_torchrun(cmd, env)
+        if launch.returncode:
+            message = replay_failure(launch, Path(status_dir))
+            raise ReplayFailure(message, exit_code=1 if message.startswith("rank") else 2)

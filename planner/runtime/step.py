@@ -1,0 +1,228 @@
+"""One replayed step on one rank: every HDP rank runs its units in the plan's order, then one
+gradient all-reduce and an optimizer step (DESIGN.md "Core concepts").
+
+Per unit, a member builds its zigzag shard of the unit's documents, runs forward with the unit's
+attention (packed, or context-parallel over P2P with the other members) under the unit's
+offload hooks, and adds token-level cross-entropy divided by the step's global token count, so
+the all-reduced gradient is the full batch's whatever the assignment (REFERENCE 1, Eq. 1-2).
+With pp > 1 a rank is one stage of one pipeline and runs the plan's op lists
+(planner/runtime/stages.py); with tp > 1 an HDP rank is a TP group (planner/runtime/tp.py) whose
+members talk to the same TP rank of other HDP ranks."""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from planner.plan import Step, Unit
+from planner.runtime.context import Context, rank_failure
+from planner.runtime.cp import Peers, shard_layout, unit_attention, unit_documents
+from planner.runtime.model import IGNORE_INDEX, stream_offset
+from planner.runtime.offload import Offloader
+from planner.runtime.stages import StageRunner, rank_ops
+from planner.runtime.trace import StepRecord, UnitRecord
+
+if TYPE_CHECKING:  # check.py builds on this module (token_loss, flat_all_reduce)
+    from planner.runtime.check import Check
+
+
+def unit_inputs(tokens: dict[int, torch.Tensor], layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, labels, RoPE positions) of a member's local tokens; padding gets id 0 and an
+    ignored label."""
+    inp = torch.zeros(layout.tokens, dtype=torch.long)
+    lab = torch.full((layout.tokens,), IGNORE_INDEX, dtype=torch.long)
+    for sid in layout.seq.unique().tolist():
+        sel = (layout.seq == sid) & layout.valid
+        pos = layout.pos[sel]
+        inp[sel] = tokens[sid][pos]
+        lab[sel] = tokens[sid][pos + 1]
+    return inp, lab, layout.pos
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
+    """Summed token cross-entropy over the global token count (ByteScale Eq. 1-2)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / global_tokens
+
+
+def device_sync(device: torch.device) -> None:
+    """Wait for the device's kernels, so that a phase's host time includes them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    """HDP ranks of a unit for a message; long lists elided (a unit may span a thousand ranks)."""
+    shown = list(ranks) if len(ranks) <= 8 else f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}] ({len(ranks)} ranks)"
+    return f"HDP ranks {shown}"
+
+
+def _enter_unit(ctx: Context, it: int, step: Step, unit: Unit) -> None:
+    stage = f" on stage {ctx.stage}" if ctx.prep.plan.mesh.pp > 1 else ""
+    ctx.position.set(f"step {it} (plan step {step.step}) unit {unit.id}{stage} ({_ranks(unit.hdp_ranks)})")
+
+
+# -- the units ----------------------------------------------------------------------------------
+
+def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, torch.Tensor]) -> float:
+    """Forward and backward of one unit on this rank; returns its loss share."""
+    mesh = ctx.prep.plan.mesh
+    index = unit.hdp_ranks.index(ctx.hdp_rank)
+    docs = unit_documents(unit.pieces)
+    layouts = [shard_layout(docs, unit.degree, j) for j in range(unit.degree)]
+    inp, lab, pos = (t.to(ctx.device) for t in unit_inputs(tokens, layouts[index]))
+    peers = Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in unit.hdp_ranks), index)
+    attn = unit_attention(unit, layouts, peers, ctx.opts.cp_impl, ctx.prep.spec.head_dim, ctx.device,
+                          ctx.opts.ring_kernel)
+    off = Offloader(unit.offload_ratio, ctx.params)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    t0 = time.perf_counter()
+    with off.active():
+        if ctx.opts.inject_failure is not None:
+            ctx.opts.inject_failure.fire(ctx.rank, unit.id)
+        loss = token_loss(ctx.model(inp, pos, attn), lab, step.global_tokens)
+    device_sync(ctx.device)
+    t1 = time.perf_counter()
+    loss.backward()
+    device_sync(ctx.device)
+    t2 = time.perf_counter()
+    ctx.trace.units.append(UnitRecord(
+        step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, unit=unit.id, degree=unit.degree,
+        tokens=layouts[index].tokens, start_s=t0, fwd_s=t1 - t0, bwd_s=t2 - t1, comm_wait_s=peers.stats.wait_s,
+        sent_bytes=peers.stats.sent_bytes, saved_bytes=off.stats.saved_bytes,
+        offloaded_bytes=off.stats.offloaded_bytes, offload_ratio=unit.offload_ratio,
+        peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=unit.predicted_time_s))
+    return float(loss.detach())
+
+
+def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]) -> float:
+    """pp = 1: this rank's units in plan order; returns its loss share."""
+    units = {u.id: u for u in step.units}
+    loss = 0.0
+    for uid in step.order.get(ctx.hdp_rank, []):
+        _enter_unit(ctx, it, step, units[uid])
+        try:
+            loss += run_unit(ctx, it, step, units[uid], tokens)
+        except Exception as e:  # name the rank and unit; the launcher ends the other ranks
+            raise rank_failure(ctx, e) from e
+    return loss
+
+
+def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]) -> float:
+    """pp > 1: this rank's op list (planner/runtime/stages.py); returns its loss share (last stage)."""
+    mesh = ctx.prep.plan.mesh
+    runner = StageRunner(ctx, step, tokens, unit_inputs, token_loss)
+    units = {u.id: u for u in step.units}
+    for op in rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage):
+        _enter_unit(ctx, it, step, units[op.mb])
+        try:
+            (runner.forward if op.kind == "F" else runner.backward)(op)
+        except Exception as e:
+            raise rank_failure(ctx, e) from e
+    ctx.position.set(f"step {it} (plan step {step.step}) stage-boundary sends")
+    try:
+        runner.finish()
+    except Exception as e:
+        raise rank_failure(ctx, e) from e
+    for run in runner.runs.values():
+        u = run.unit
+        ctx.trace.units.append(UnitRecord(
+            step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, unit=u.id, degree=u.degree,
+            tokens=sum(lay[run.index].tokens for lay in run.layouts), start_s=run.start_s, fwd_s=run.fwd_s,
+            bwd_s=run.bwd_s, comm_wait_s=run.peers.stats.wait_s + run.recv_wait_s,
+            sent_bytes=run.peers.stats.sent_bytes, saved_bytes=run.offload.stats.saved_bytes,
+            offloaded_bytes=run.offload.stats.offloaded_bytes, offload_ratio=u.offload_ratio,
+            peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=u.predicted_time_s, stage=ctx.stage,
+            slices=u.slices, ops=run.ops))
+    return runner.loss
+
+
+# -- gradient sync ------------------------------------------------------------------------------
+
+def flat_all_reduce(tensors: list[torch.Tensor], extra: list[float], group=None) -> list[float]:
+    """Sum `tensors` in place and the `extra` scalars over `group` in one collective (one flat buffer)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [tensors[0].new_tensor(extra)])
+    dist.all_reduce(flat, group=group)
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
+    return flat[off:].tolist()
+
+
+def sync_gradients(ctx: Context, loss: float) -> float:
+    """One all-reduce of the stage's gradients over its HDP ranks of the same TP rank (pp = tp = 1: the
+    world, the loss share riding along); with pp > 1 a tied embedding's two halves (first and last
+    stage of a pipeline) are then summed point to point; the loss (last stage, TP rank 0) is
+    all-reduced over the world. Returns the step loss."""
+    total = flat_all_reduce([p.grad for p in ctx.owned], [loss], ctx.stage_group)[0]
+    if ctx.stage_group is None:
+        return total
+    mesh, model = ctx.prep.plan.mesh, ctx.model
+    if mesh.pp > 1 and model.head is None and ctx.stage in (0, mesh.pp - 1):
+        g = model.embed.weight.grad
+        peer = mesh.global_rank(mesh.pp - 1 - ctx.stage, ctx.hdp_rank, ctx.tp_rank)
+        other = torch.empty_like(g)
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, g.clone(), peer, tag=7),
+                                         dist.P2POp(dist.irecv, other, peer, tag=7)]):
+            w.wait()
+        g.add_(other)
+    out = torch.tensor([loss], dtype=torch.float64)
+    dist.all_reduce(out)
+    return float(out[0])
+
+
+# -- the step -----------------------------------------------------------------------------------
+
+def replay_step(ctx: Context, it: int, check: Check | None) -> StepRecord:
+    """Replay iteration `it` (plan step it mod steps): units, gradient sync, optimizer step; `check`
+    (--check) compares with the reference between the sync and the optimizer, outside the timed phases."""
+    plan = ctx.prep.plan
+    step = plan.steps[it % len(plan.steps)]
+    ctx.position.set(f"step {it} (plan step {step.step}) before its first unit")
+    units = {u.id: u for u in step.units}
+    mine = step.order.get(ctx.hdp_rank, [])
+    wanted = {p.seq for uid in mine for p in units[uid].pieces}
+    tokens = ctx.tokens.tokens(it, step.sequences, stream_offset(plan, it), wanted)
+    pipelined = plan.mesh.pp > 1
+    if check is not None:
+        check.before_units(ctx)
+    for p in ctx.owned:  # zeros, not None: ranks without units still join the all-reduce
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = run_pipelined(ctx, it, step, tokens) if pipelined else run_units(ctx, it, step, tokens)
+    loss = loss if ctx.tp_rank == 0 else 0.0  # a TP group computes its loss once per member: count it once
+    t1 = time.perf_counter()
+    ctx.position.set(f"step {it} (plan step {step.step}) gradient all-reduce")
+    try:
+        step_loss = sync_gradients(ctx, loss)
+        if check is not None:
+            check.after_sync(ctx)
+        device_sync(ctx.device)
+    except Exception as e:
+        raise rank_failure(ctx, e) from e
+    t2, c2 = time.perf_counter(), time.process_time()
+    if check is not None:
+        check.compare(ctx, it, step, step_loss)
+    t3, c3 = time.perf_counter(), time.process_time()
+    ctx.position.set(f"step {it} (plan step {step.step}) optimizer step")
+    ctx.optimizer.step()
+    device_sync(ctx.device)
+    t4, c4 = time.perf_counter(), time.process_time()
+    return StepRecord(step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, start_s=t0,
+                      units_s=t1 - t0, grad_sync_s=t2 - t1, optimizer_s=t4 - t3, wall_s=(t4 - t0) - (t3 - t2),
+                      cpu_s=(c4 - c0) - (c3 - c2), loss=loss, step_loss=step_loss)

@@ -1,0 +1,66 @@
+"""Predicted (this simulator) vs measured (a `meshplan replay --trace` file), unit by unit and step
+by step: how far the cost model is from the hardware."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from costmodel.timing import CostModel
+from planner.plan import Plan, PlanError
+from planner.simulate.step import simulate_step, unit_costs
+
+
+@dataclass(frozen=True)
+class MeasuredComparison:
+    """Predicted (this simulator) vs measured (a `meshplan replay --trace` file)."""
+
+    units: list[dict]  # per (replay step, unit): predicted_s, measured_s (mean over its ranks), rel_err
+    steps: list[dict]  # per replay step: predicted_s, measured_s, rel_err
+
+    @property
+    def median_abs_unit_err(self) -> float:
+        return float(np.median([abs(u["rel_err"]) for u in self.units])) if self.units else float("nan")
+
+
+def read_measured_trace(path: Path) -> dict:
+    """The JSON of a `meshplan replay --trace` file; a file cut short says so in one line."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: truncated or corrupt trace JSON (line {e.lineno}: {e.msg})") from None
+
+
+def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparison:
+    """Match a measured trace (schema meshplan.measured/1) to the plan's simulation, unit by unit and
+    step by step. Relative error = predicted / measured − 1."""
+    if not isinstance(trace, dict) or not str(trace.get("schema", "")).startswith("meshplan.measured/"):
+        raise PlanError("not a measured trace (expected the JSON written by `meshplan replay --trace`)")
+    if not trace.get("complete"):
+        raise PlanError("measured trace is incomplete (the replay did not finish)")
+    sims = {s.step: simulate_step(s, cm) for s in plan.steps}
+    steps_by_id = {s.step: s for s in plan.steps}
+    units_out, steps_out = [], []
+    for st in trace.get("steps", []):
+        ps = st["plan_step"]
+        if ps not in steps_by_id:
+            raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
+        costs = unit_costs(steps_by_id[ps], cm)
+        # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss)
+        per_unit: dict[tuple[int, int], list[float]] = {}
+        for u in st["units"]:
+            key = (int(u["unit"]), int(u.get("stage", 0)))
+            per_unit.setdefault(key, []).append(float(u["fwd_s"]) + float(u["bwd_s"]))
+        for (uid, stage), vals in sorted(per_unit.items()):
+            pred = costs[uid][1 if stage == cm.pp - 1 else 0].total_s
+            meas = float(np.mean(vals))
+            units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,
+                              "measured_s": meas, "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
+        pred_step = sims[ps].step_time_s
+        meas_step = float(st["step_time_s"])
+        steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,
+                          "rel_err": pred_step / meas_step - 1 if meas_step > 0 else float("inf")})
+    return MeasuredComparison(units_out, steps_out)

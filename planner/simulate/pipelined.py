@@ -1,0 +1,223 @@
+"""pp > 1: every HDP rank is a pipeline whose stages run the op lists of the step's pipeline section
+(`planner.schedule.step_op_lists`); a unit's forward on stage s waits for stage s−1 plus the
+activation transfer, its backward for stage s+1; a shared unit's op starts when every member
+pipeline's stage is free (`planner.schedule.run_ops`). With "sliced-redistributed", SlimPipe's
+mirror pairing moves attention between paired ops and prices its exchange."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s
+from costmodel.timing import CostModel, UnitCost
+from planner.plan import PipelineSection, PlanError, Step
+from planner.schedule import (
+    ScheduleError, dependency, mirror_chunks, mirror_pairs, run_ops, slice_share, step_op_lists)
+from planner.simulate.memory import activation_bytes, static_memory_bytes
+from planner.simulate.timeline import OpTiming, StepSimulation
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Seconds of one pipeline op over all its slices: a unit's pass through one chunk of one stage."""
+
+    time_s: float  # the last stage's last chunk carries the LM head and loss
+    attn_s: float  # its causal attention compute, what mirror pairing moves
+
+    def slice_attn_s(self, j: int, n: int) -> float:
+        """Attention of slice j of n uniform token slices: (2j + 1)/n² of the whole (REFERENCE §6). Every
+        document is sliced (the runtime's slice j is the j-th part of each), so packed units follow it too."""
+        return self.attn_s * (2 * j + 1) / (n * n)
+
+    def slice_s(self, j: int, n: int) -> float:
+        """Slice j's time before any redistribution (`planner.schedule.slice_share`)."""
+        return self.time_s * slice_share(j, n, min(self.attn_s / self.time_s, 1.0) if self.time_s > 0 else 0.0)
+
+
+def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: dict[int, int], cm: CostModel,
+                   v: int, max_chunks: int) -> tuple[dict, dict, list]:
+    """Mirror pairing (REFERENCE §6) on every pipeline: per op key, the seconds added (the borrowed
+    attention plus the exposed exchange) or removed (the attention handed over), the exposed exchange
+    seconds, and the (heavy, light) pairs, which `run_ops` runs as rendezvous (the partners exchange
+    tensors mid-op, so they start together). A pair moves k whole K/V chunks (`mirror_chunks`, at most
+    max_chunks) only when that shortens the pair's longer op; the Q/O (forward) and dO/dQ/dK/dV
+    (backward) transfers ride on the PP link between the two stages (`costmodel.slicing`). Nothing
+    pairs with v = 1: SlimPipe pairs the forward and backward of one iteration, aligned by its warm-up
+    of n·v + 2(p − r − 1) slices, which our v > 1 lists use; the v = 1 lists keep Seq1F1B's smaller
+    warm-up, under which paired ops sit iterations apart and the rendezvous stalls the pipeline
+    (measured: slower than no pairing). An op of a unit shared by several pipelines is paired only
+    where every member pipeline pairs it with the same partner."""
+    layers = cm.layers_per_stage / v  # layers of one chunk
+    attn_cache: dict = {}
+
+    def slice_attn(s: int, op) -> float | None:
+        key = (s, op)
+        if key not in attn_cache:
+            n = units[op.mb].slices
+            attn_cache[key] = op_cost(s, op).slice_attn_s(op.slice, n) if n > 1 else None
+        return attn_cache[key]
+
+    @functools.cache
+    def p2p_s(nbytes: float, inter: bool) -> float:
+        return float(cm.p2p_s(nbytes, inter))
+
+    @functools.cache
+    def pair(hi_key, lo_key, inter: bool) -> tuple[float, float, float, float] | None:
+        """(heavy change, light change, heavy exposed, light exposed) seconds, or None: no move."""
+        (sh, hi), (sl, lo) = hi_key, lo_key
+        a_h, a_l = slice_attn(sh, hi), slice_attn(sl, lo)
+        n = units[hi.mb].slices
+        block = op_cost(sh, hi).attn_s * 2 / (n * n)  # one cached slice's K/V against this slice
+        k = mirror_chunks(a_h, a_l, block, max_chunks)
+        if k == 0:
+            return None
+        moved = k * block
+        to_light_b, back_b = mirror_exchange_bytes(tokens_per_rank[hi.mb] / n, k, cm.model, cm.tp,
+                                                   cm.bytes_per_elem, hi.kind)
+        exp_h, exp_l = (layers * x for x in mirror_exchange_exposed_s(
+            p2p_s(to_light_b, inter), p2p_s(back_b, inter), a_h / layers, a_l / layers, moved / layers))
+        t_h, t_l = op_cost(sh, hi).slice_s(hi.slice, n), op_cost(sl, lo).slice_s(lo.slice, units[lo.mb].slices)
+        if max(t_h - moved + exp_h, t_l + moved + exp_l) >= t_h:
+            return None  # the transfers would cost more than the balance gains
+        return exp_h - moved, exp_l + moved, exp_h, exp_l
+
+    applied: dict[tuple, tuple] = {}  # (heavy, light) -> its changes (as the first pipeline priced it)
+    seen: dict[tuple, int] = {}  # (heavy, light) -> pipelines that pair it
+    pairs_of: dict[tuple, list] = {}  # pipelines with the same op lists pair the same way
+    for r in range(hdp):
+        sig = tuple(op_lists[(r, 0)])
+        if sig not in pairs_of:
+            pairs_of[sig] = mirror_pairs([op_lists[(r, s)] for s in range(p)], slice_attn) if v > 1 else []
+        for hi_key, lo_key in pairs_of[sig]:
+            res = pair(hi_key, lo_key, cm.setup.mesh.stages_in_different_domains(hi_key[0], lo_key[0], r))
+            if res is not None:
+                applied.setdefault((hi_key, lo_key), res)
+                seen[(hi_key, lo_key)] = seen.get((hi_key, lo_key), 0) + 1
+    delta: dict = {}
+    exposed: dict = {}
+    kept: list = []
+    used: set = set()
+    for (hi_key, lo_key), (d_h, d_l, e_h, e_l) in applied.items():
+        ranks = units[hi_key[1].mb].hdp_ranks
+        if (units[lo_key[1].mb].hdp_ranks != ranks or seen[(hi_key, lo_key)] != len(ranks)
+                or hi_key in used or lo_key in used):
+            continue  # member pipelines disagree on this pairing: the ops run unpaired
+        used.update((hi_key, lo_key))
+        delta[hi_key], delta[lo_key], exposed[hi_key], exposed[lo_key] = d_h, d_l, e_h, e_l
+        kept.append((hi_key, lo_key))
+    return delta, exposed, kept
+
+
+def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]], hdp: int, lb: float,
+                       sync: float) -> StepSimulation:
+    """Every HDP rank is a pipeline running `planner.schedule` op lists; a shared unit's op is one
+    co-scheduled op on all member pipelines (`run_ops`), so misaligned plans surface as deadlocks."""
+    p = cm.pp
+    units = {u.id: u for u in step.units}
+    sec = step.pipeline or PipelineSection()
+    v = sec.v
+    op_lists = step_op_lists(step, p, hdp)
+    lists = {key: [((key[1], op), None) for op in ops] for key, ops in op_lists.items()}
+
+    def cost_of(s: int, uid: int) -> UnitCost:
+        return costs[uid][1] if s == p - 1 else costs[uid][0]
+
+    op_costs: dict = {}
+
+    def op_cost(s: int, op) -> OpCost:
+        """A chunk is 1/v of the stage's layers; the LM head runs once, on the last stage's last chunk."""
+        k = (s, op.mb, op.kind, op.chunk)
+        if k not in op_costs:
+            mid, last = costs[op.mb]
+            f = op.kind == "F"
+            t = (mid.fwd_s if f else mid.bwd_s) / v
+            if s == p - 1 and op.chunk == v - 1:
+                t += (last.fwd_s - mid.fwd_s) if f else (last.bwd_s - mid.bwd_s)
+            op_costs[k] = OpCost(t, (mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) / v)
+        return op_costs[k]
+
+    def base_duration(key) -> float:
+        s, op = key
+        return op_cost(s, op).slice_s(op.slice, units[op.mb].slices)
+
+    delta, exchange_exposed, pairs = {}, {}, []
+    if sec.schedule == "sliced-redistributed":
+        delta, exchange_exposed, pairs = redistribution(op_lists, p, hdp, units, op_cost,
+                                                        {uid: c[0].tokens_per_rank for uid, c in costs.items()}, cm,
+                                                        v, sec.max_chunks)
+
+    def duration(key) -> float:
+        return base_duration(key) + delta.get(key, 0.0)
+
+    p2p = {uid: cm.pp_p2p_s(costs[uid][0].tokens_per_rank / units[uid].slices) for uid in units}
+
+    def dep(key):
+        s, op = key
+        return dependency(op, s, p, v, units[op.mb].slices - 1)
+
+    def transfer(key) -> float:
+        s, op = key
+        d = dependency(op, s, p, v, units[op.mb].slices - 1)
+        return 0.0 if d is None or d[0] == s else p2p[op.mb]
+
+    try:
+        runs = run_ops(lists, dep, duration, transfer, pairs=pairs, solo=base_duration)
+    except ScheduleError as e:
+        raise PlanError(f"step {step.step}: {e} (shared units must sit at the same micro-batch position "
+                        "in every member pipeline)") from None
+    busy = np.zeros((hdp, p))
+    parts = {"compute": 0.0, "ring_exposed": 0.0, "tp_comm": 0.0, "offload_exposed": 0.0, "pp_exchange": 0.0}
+    events: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    ops: list[OpTiming] = []
+    for run in runs:
+        s, op = run.key
+        u = units[op.mb]
+        c = cost_of(s, op.mb)
+        mid = costs[op.mb][0]
+        dur = run.end_s - run.start_s
+        f = op.kind == "F"
+        # Parts of this op: 1/v of the stage's (head-less) parts, the head on the last stage's last chunk;
+        # mirror pairing only moves attention between stages, its exposed exchange is a part of its own.
+        weight = len(run.resources) / (hdp * p)
+        share = base_duration(run.key) / (op_cost(s, op).time_s or 1.0) * weight
+        head = (c.head_fwd_s if f else c.head_bwd_s) if op.chunk == v - 1 else 0.0
+        parts["compute"] += share * ((mid.fwd_compute_s if f else mid.bwd_compute_s) / v + head)
+        parts["ring_exposed"] += share * (mid.ring_exposed_fwd_s if f else mid.ring_exposed_bwd_s) / v
+        parts["tp_comm"] += share * (mid.tp_comm_fwd_s if f else mid.tp_comm_bwd_s) / v
+        parts["offload_exposed"] += share * (mid.offload_exposed_fwd_s if f else mid.offload_exposed_bwd_s) / v
+        parts["pp_exchange"] += exchange_exposed.get(run.key, 0.0) * weight
+        act = activation_bytes(c.tokens_per_rank, u.offload_ratio, cm) / (u.slices * v)
+        # fp32 dK/dV accumulators of the whole sequence, from a sliced unit's first backward to its last.
+        dkv = (c.tokens_per_rank * 2 * cm.model.kv_width / cm.tp * 4 * cm.layers_per_stage / v
+               if u.slices > 1 else 0.0)
+        for (r, st) in run.resources:
+            busy[r, st] += dur
+            ev = events.setdefault((r, st), [])
+            if f:
+                ev.append((run.end_s, act))
+            else:
+                ev.append((run.end_s, -act))
+                if op.slice == u.slices - 1:
+                    ev.append((run.start_s, dkv))
+                if op.slice == 0:
+                    ev.append((run.end_s, -dkv))
+        ops.append(OpTiming(op.mb, u.hdp_ranks, s, f"{'fwd' if f else 'bwd'}" +
+                            (f" s{op.slice}" if u.slices > 1 else "") + (f" c{op.chunk}" if v > 1 else ""),
+                            run.start_s, run.end_s))
+    mem_peak = np.zeros((hdp, p))
+    for (r, st), ev in events.items():
+        ev.sort(key=lambda x: (x[0], x[1]))  # releases before allocations at the same instant
+        mem_peak[r, st] = max(0.0, float(np.max(np.cumsum([x[1] for x in ev]))))
+    finish = max((run.end_s for run in runs), default=0.0)
+    static = np.array([static_memory_bytes(cm, s) for s in range(p)])
+    mem = (mem_peak + static[None, :]).max(axis=1)
+    stage_busy = busy.max(axis=1)
+    idle_all = finish - busy
+    bd = dict(parts)
+    bd.update(idle=float(idle_all.mean()), grad_sync=sync, bubble=float(idle_all.mean()))
+    return StepSimulation(step.step, hdp, finish + sync, lb, sync, stage_busy.tolist(),
+                          (finish - stage_busy).tolist(), mem.tolist(), bd, ops, mem_peak.max(axis=0).tolist(),
+                          tp=cm.tp)

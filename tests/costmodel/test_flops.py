@@ -1,0 +1,29 @@
+"""FLOP formulas: a layer counted by hand, zigzag shards balanced."""
+
+import math
+
+import numpy as np
+import pytest
+
+from costmodel import flops
+from costmodel.presets import load_model
+
+
+def test_small_layer_flops_by_hand():
+    m = load_model("tiny")  # h=64, q=64, kv=32, f=128
+    s = 10
+    qkv = 2 * s * 64 * (64 + 64)
+    out = 2 * s * 64 * 64
+    mlp = 6 * s * 64 * 128
+    attn = 4 * (s * (s + 1) / 2) * 64  # causal pairs incl. diagonal
+    assert flops.layer_flops_fwd([s], m)[0] == pytest.approx(qkv + out + mlp + attn)
+    assert flops.attention_flops_fwd([s], m, causal_halved=False)[0] == 4 * s * s * 64
+
+
+@pytest.mark.parametrize("s,d", [(4096, 4), (1000, 3), (2**21, 256), (96, 8)])
+def test_zigzag_shards_equal_and_sum_to_whole(s, d):
+    shares = flops.zigzag_shard_pairs(s, d)
+    assert len(shares) == d
+    assert np.allclose(shares, shares[0])
+    padded = 2 * d * math.ceil(s / (2 * d))
+    assert shares.sum() == pytest.approx(flops.causal_pairs(padded))

@@ -1,0 +1,45 @@
+"""Unit times: monotone in length, ring overlap, hidden offload, the fitted layer time, gradient sync."""
+
+import pytest
+
+from costmodel.presets import load_cluster, load_model
+from costmodel.specs import Setup, TrainingSpec
+from costmodel.timing import CostModel, fit_layer_time
+from profiles.table import load_profile
+
+
+@pytest.fixture(scope="module")
+def cm():
+    return CostModel(Setup(load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(64), TrainingSpec()),
+                     load_profile("h100-sxm.analytic"))
+
+
+def test_unit_costs_monotone_and_ring_overlap(cm):
+    t = [cm.unit_time_s([s]) for s in (512, 1024, 4096, 8192)]
+    assert all(a < b for a, b in zip(t, t[1:]))
+    # Packed short docs cost less than one doc of the same total (attention is per document).
+    assert cm.unit_time_s([1024] * 8) < cm.unit_time_s([8192])
+    # A long document at ~C tokens per rank hides its ring transfers; short documents sharded 8 ways do not.
+    assert cm.unit_cost([8 * 8192], 8).ring_exposed_s < 0.05 * cm.unit_cost([8 * 8192], 8).total_s
+    short = cm.unit_cost([1024] * 64, 8)
+    assert short.ring_exposed_s > 0
+    assert short.total_s > cm.unit_cost([1024] * 8, 1).total_s
+
+
+def test_offload_hidden_for_long_sequences(cm):
+    u = cm.unit_cost([2**18], 8, offload_ratio=1.0, inter_node=True)
+    assert u.offload_exposed_s == pytest.approx(0.0, abs=1e-9)  # 256K: r = 1 is free (ByteScale Fig. 21)
+
+
+def test_fit_layer_time_close(cm):
+    f = fit_layer_time(load_model("llama-7b"), TrainingSpec(), load_profile("h100-sxm.analytic"))
+    assert f["alpha1_s_per_token2"] > 0 and f["beta1_s_per_token"] > 0
+    assert f["max_rel_err"] < 0.1
+
+
+def test_grad_sync_positive_and_grows_across_nodes():
+    m = load_model("llama-7b")
+    p = load_profile("h100-sxm.analytic")
+    intra = CostModel(Setup(m, load_cluster("dgx-h100").with_gpus(8), TrainingSpec()), p).grad_sync_s()
+    inter = CostModel(Setup(m, load_cluster("dgx-h100").with_gpus(64), TrainingSpec()), p).grad_sync_s()
+    assert 0 < intra < inter

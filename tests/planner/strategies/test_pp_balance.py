@@ -1,0 +1,66 @@
+"""PP-Balance (hdp with pp > 1): which sequences are sliced, and the interleaving depth v it keeps."""
+
+import numpy as np
+import pytest
+
+from planner.api import PlanRequest, build_cost_model
+from planner.plan import Mesh, Plan, PlanError, validate
+from planner.simulate import simulate_step
+from planner.strategies import STRATEGIES, HdpOptions, PlanOptions
+from planner.strategies.hdp import chunk_candidates
+from planner.workload import GlobalBatch
+
+
+def _pp_cost_model():
+    return build_cost_model(PlanRequest(model="llama-7b", cluster="dgx-h100", gpus=64, tp=1, pp=4,
+                                        capacity_tokens=8192, recompute="none"))
+
+
+def _batch(lengths) -> GlobalBatch:
+    a = np.asarray(lengths, dtype=np.int64)
+    return GlobalBatch(step=0, lengths_tokens=a, seq_ids=np.arange(len(a), dtype=np.int64),
+                       max_context_tokens=int(a.max()), split_documents=0, source="t")
+
+
+def test_sliced_plans_slice_long_sequences_only_and_fit_memory():
+    cm = _pp_cost_model()
+    a = np.array([200_000, 60_000] + [1500] * 200, dtype=np.int64)
+    b = GlobalBatch(step=0, lengths_tokens=a, seq_ids=np.arange(len(a), dtype=np.int64),
+                    max_context_tokens=int(a.max()), split_documents=0, source="t")
+    step = STRATEGIES["hdp"](b, cm, PlanOptions())
+    long_units = [u for u in step.units if u.tokens > cm.capacity_tokens]
+    assert any(u.slices > 1 for u in long_units)
+    assert step.pipeline.schedule in ("sliced-redistributed", "sliced")
+    one = STRATEGIES["hdp"](b, cm, PlanOptions(hdp=HdpOptions(pp_schedule="1f1b")))
+    assert all(u.slices == 1 for u in one.units)
+    # slicing lets a long sequence use fewer ranks than unsliced 1F1B needs
+    deg = {u.pieces[0].seq: u.degree for u in step.units if u.degree > 1}
+    deg1 = {u.pieces[0].seq: u.degree for u in one.units if u.degree > 1}
+    assert deg.get(0, 1) <= deg1.get(0, 1)
+    sim = simulate_step(step, cm)
+    assert max(sim.peak_memory_bytes) <= cm.setup.cluster.gpu_memory_bytes
+
+
+def test_chunk_candidates_divide_the_stage():
+    assert chunk_candidates(5) == [1, 5] and chunk_candidates(8) == [1, 2, 4, 8]
+    assert chunk_candidates(20) == [1, 2, 4, 5] and chunk_candidates(1) == [1]
+    assert chunk_candidates(8, pinned=2) == [2]
+    with pytest.raises(PlanError, match="must divide"):
+        chunk_candidates(8, pinned=3)
+
+
+@pytest.mark.parametrize("lengths", [[60_000, 30_000, 20_000, 9000] + [3000] * 50,
+                                     [200_000, 60_000] + [1500] * 200])
+def test_pp_balance_keeps_the_fastest_chunking_that_fits(lengths):
+    cm = _pp_cost_model()
+    b = _batch(lengths)
+    auto = STRATEGIES["hdp"](b, cm, PlanOptions())
+    pinned = {v: STRATEGIES["hdp"](b, cm, PlanOptions(hdp=HdpOptions(pp_v=v)))
+              for v in chunk_candidates(cm.layers_per_stage)}
+    fits = {v: s for v, s in pinned.items() if max(s.predicted.peak_memory_bytes) <= cm.budget.hbm_bytes}
+    best = min(fits.values(), key=lambda s: s.predicted.step_time_s) if fits else pinned[1]
+    assert auto.pipeline.v == best.pipeline.v
+    assert auto.predicted.step_time_s == pytest.approx(best.predicted.step_time_s)
+    validate(Plan(meta={"capacity_tokens": cm.capacity_tokens, "layers_per_stage": cm.layers_per_stage},
+                  mesh=Mesh(cm.setup.cluster.world_size, cm.tp, cm.pp, cm.setup.hdp), steps=[auto]))
+    assert simulate_step(auto, cm).step_time_s == pytest.approx(auto.predicted.step_time_s)

@@ -1,0 +1,80 @@
+"""planner.api and profiles: a plan finds its profile again; a profile of another device is a warning."""
+
+import pytest
+
+from profiles.table import ProfileError, load_profile
+
+
+def _tiny_plan(profile: str):
+    from planner.api import PlanRequest, make_plan
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, profile=profile, max_context_tokens=4096,
+                      tokens_per_step=16384)
+    return make_plan(req, "static")
+
+
+def test_plan_records_profile_file_and_simulate_finds_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from planner.api import cost_model_for_plan
+    prof_path = tmp_path / "mine.json"
+    load_profile("local-cpu.measured").save(prof_path)
+    monkeypatch.chdir(tmp_path)  # a relative --profile, as a user types it
+    plan = _tiny_plan("mine.json")
+    ref = plan.meta["profile"]
+    assert ref["path"] == str(prof_path.resolve()) and ref["sha256"] == load_profile(str(prof_path)).fingerprint.sha256
+    plan.save(tmp_path / "plan.json")
+    monkeypatch.chdir("/")  # simulate from elsewhere, without --profile
+    assert cost_model_for_plan(plan).profile.fingerprint.sha256 == ref["sha256"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["simulate", str(tmp_path / "plan.json"), "--json"])
+    assert res.exit_code == 0, res.output
+    # the file edited since: a one-line error naming --profile
+    p = load_profile(str(prof_path))
+    p.constants["peak_bf16_flops"] = {**p.constants["peak_bf16_flops"], "value": 1.0}
+    p.save(prof_path)
+    with pytest.raises(ProfileError, match="changed since the plan was made.*--profile"):
+        cost_model_for_plan(plan)
+    assert cost_model_for_plan(plan, str(prof_path)).profile.constant("peak_bf16_flops") == 1.0
+    # the file gone
+    prof_path.unlink()
+    res = runner.invoke(app, ["simulate", str(tmp_path / "plan.json")])
+    assert res.exit_code == 2 and "is gone" in res.output and "--profile" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_plan_with_a_shipped_profile_records_no_path():
+    from planner.api import cost_model_for_plan
+    plan = _tiny_plan("local-cpu.measured")
+    assert "path" not in plan.meta["profile"] and plan.meta["profile"]["name"] == "local-cpu.measured"
+    assert cost_model_for_plan(plan).profile.fingerprint.name == "local-cpu.measured"
+
+
+@pytest.mark.parametrize("cluster,profile,warns", [
+    ("dgx-h100", "local-cpu.measured", True),  # the CPU profile for H100s
+    ("dgx-h100", "a100-sxm-80gb.analytic", True),  # another GPU's
+    ("dgx-h100", "h100-sxm.analytic", False),
+    ("local-cpu", "local-cpu.measured", False),
+    ("local-cpu", "h100-sxm.analytic", True),
+])
+def test_profile_of_another_device_warns(cluster, profile, warns):
+    import warnings
+
+    from planner.api import PlanRequest, build_cost_model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = build_cost_model(PlanRequest(model="tiny", cluster=cluster, gpus=4, profile=profile,
+                                          max_context_tokens=4096))
+    msgs = [str(w.message) for w in caught if "describes" in str(w.message)]
+    assert cm.profile.fingerprint.name == profile  # a warning, never an error
+    assert len(msgs) == (1 if warns else 0), msgs
+    if warns:
+        assert profile in msgs[0] and cm.setup.cluster.gpu in msgs[0]
+
+
+def test_device_kind_names():
+    from planner.api import _device_kind
+    assert _device_kind("NVIDIA H100 80GB HBM3 (host cpu: Intel(R) Xeon(R) Platinum 8480+, 224 cores)") == "h100"
+    assert _device_kind("NVIDIA A100-SXM4-80GB") == "a100" and _device_kind("AMD Instinct MI300X") == "mi300x"
+    assert _device_kind("cpu: AMD EPYC 9654 (2 cores)") == "cpu" and _device_kind("CPU (gloo)") == "cpu"
+    assert _device_kind("my accelerator") is None
