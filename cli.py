@@ -349,8 +349,8 @@ def lengths_describe(
 
 # -- replay: run a plan for real under torchrun (planner/runtime) --------------------------------
 from planner.plan import PlanError  # noqa: E402
-from planner.runtime import (BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, InjectedFailure, ReplayFailure,  # noqa: E402
-                             ReplayOptions, replay as run_replay)
+from planner.runtime import (BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, PRECISIONS, InjectedFailure,  # noqa: E402
+                             ReplayFailure, ReplayOptions, replay as run_replay)
 
 USER_ERRORS += (PlanError,)
 
@@ -374,8 +374,14 @@ def replay(ctx: typer.Context,
            seed: int = typer.Option(0, "--seed", help="Model init and generated tokens."),
            optimizer: str = typer.Option("adamw", "--optimizer", help=f"{one_of(OPTIMIZERS)}."),
            lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
-           tokens: Optional[Path] = typer.Option(None, "--tokens", help="Flat .npy token stream (default: tokens "
-                                                 "generated per sequence id)."),
+           tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token ids: a flat .npy array or a Megatron "
+                                                 ".bin/.idx pair; labels stay inside each document (default: "
+                                                 "tokens generated per sequence id)."),
+           dtype: str = typer.Option("fp32", "--dtype", help=f"{one_of(PRECISIONS)}: bf16 autocasts the forward, "
+                                     "with fp32 master weights and gradients (--check: a bf16 reference)."),
+           recompute: Optional[str] = typer.Option(None, "--recompute", help="Activation recompute: none, "
+                                                   "selective (attention core) or full (each layer); default: "
+                                                   "the plan's meta.training.recompute."),
            device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
            timeout_s: float = typer.Option(300.0, "--timeout-s", help="Process-group timeout in seconds."),
            inject_failure: Optional[str] = typer.Option(None, "--inject-failure", hidden=True,
@@ -387,7 +393,7 @@ def replay(ctx: typer.Context,
     multi-node job; without them the job is standalone on this machine."""
     opts = ReplayOptions(plan_path=plan, model=model, steps=steps, check=check, trace_path=trace, cp_impl=cp,
                          ring_kernel=ring_kernel, seed=seed, optimizer=optimizer, lr=lr, tokens_path=tokens,
-                         device=device, timeout_s=timeout_s,
+                         device=device, timeout_s=timeout_s, dtype=dtype, recompute=recompute,
                          inject_failure=InjectedFailure.parse(inject_failure) if inject_failure else None)
     try:
         run_replay(opts, nproc, ctx.args)  # checks the plan before any process starts
@@ -735,8 +741,8 @@ def profile_cmd(
         if len(df):
             t.add_row(name, str(len(df)), "resumed" if name in res.resumed else f"{res.seconds.get(name, 0):.1f}")
     out.print(t)
-    out.print(f"total {res.total_s:.1f} s; peak (measured) "
-              f"{(peak_flops if peak_flops is not None else float('nan')) / 1e9:.1f} GFLOP/s; "
+    peak = "none (no GEMM table)" if peak_flops is None else f"{peak_flops / 1e9:.1f} GFLOP/s"
+    out.print(f"total {res.total_s:.1f} s; peak (measured) {peak}; "
               f"fits: {', '.join(p.fits) or 'none'}; sha256 {p.fingerprint.sha256}", highlight=False, markup=False)
 
 
@@ -1030,6 +1036,36 @@ def whatif_reproduce(
     out.print(f"{rep.computed} points planned in {rep.elapsed_s:.0f} s; layouts "
               + ", ".join(f"{m} tp{tp}/pp{pp}" for m, (tp, pp) in rep.layouts.items())
               + f"; wrote the ByteScale section of {doc} and {', '.join(str(p) for p in rep.paths)}")
+
+
+# -- validate: the cost model against published measurements -------------------------------------------
+@app.command("validate")
+def validate_cmd(
+        profile: Optional[str] = typer.Option(None, help="Profile name or path (default: the calibration "
+                                                         "cluster's, a100-sxm-80gb.analytic)."),
+        notes: bool = typer.Option(False, help="Print each case's modelling assumptions."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {name, source, profile, mape, "
+                                                           "rows}."),
+) -> None:
+    """Reproduce published training measurements (Korthikanti et al. 2022, A100) with the cost model:
+    published, predicted and error per case, and the MAPE."""
+    from planner.studies import validate_cost_model
+
+    rep = validate_cost_model(profile)
+    if as_json:
+        sys.stdout.write(json.dumps(rep.to_dict()) + "\n")
+        return
+    out.print(escape(rep.source), highlight=False, soft_wrap=True)
+    t = Table(title=escape(f"{rep.name} on {rep.profile}"))
+    for c in ("case", "published", "predicted", "error"):
+        t.add_column(c, justify="left" if c == "case" else "right")
+    for r in rep.rows:
+        t.add_row(escape(r.case), f"{r.published:.2f} {r.unit}", f"{r.predicted:.2f} {r.unit}", f"{r.error:+.1%}")
+    out.print(t)
+    out.print(f"MAPE {rep.mape:.1%} over {len(rep.rows)} cases (error = predicted / published - 1)")
+    if notes:
+        for r in rep.rows:
+            out.print(escape(f"{r.case}: {r.note}"), highlight=False, soft_wrap=True)
 
 
 @app.command("report")

@@ -14,11 +14,12 @@ ArrayLike = np.ndarray | float | int
 
 
 def linear_flops_per_token(model: ModelSpec) -> float:
-    """Forward GEMM FLOPs of one layer per token: QKV, output projection, SwiGLU (top_k experts), router."""
+    """Forward GEMM FLOPs of one layer per token: QKV, output projection, MLP (top_k experts: SwiGLU 6hf,
+    GeLU 4hf), router. Bias adds, norms and activations are not GEMMs and not counted (Megatron's convention)."""
     h = model.hidden
     qkv = 2 * h * (model.q_width + 2 * model.kv_width)
     out = 2 * model.q_width * h
-    mlp = 6 * h * model.ffn * model.top_k
+    mlp = 2 * model.mlp_matrices * h * model.ffn * model.top_k
     router = 2 * h * model.experts if model.is_moe else 0
     return float(qkv + out + mlp + router)
 
@@ -61,7 +62,8 @@ def lm_head_flops_fwd(tokens: ArrayLike, model: ModelSpec) -> np.ndarray:
 
 def model_flops(lengths: ArrayLike, model: ModelSpec, causal_halved: bool = True) -> float:
     """Training FLOPs (forward + backward = 3× forward, recompute excluded) of a set of documents:
-    the numerator of MFU."""
+    the numerator of MFU. For a GPT block with causal_halved=False this is Megatron's (Narayanan et al.
+    2021) 72·B·s·L·h²·(1 + s/(6h) + V/(12·h·L)) for B documents of s tokens."""
     s = np.asarray(lengths, dtype=float)
     fwd = model.layers * layer_flops_fwd(s, model, causal_halved).sum() + lm_head_flops_fwd(s.sum(), model)
     return float(3.0 * fwd)

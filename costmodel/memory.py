@@ -17,14 +17,13 @@ def params_per_rank(setup: Setup, stage: int | None = None) -> float:
     and the LM head on the last (both on the only stage when pp = 1). stage=None: the largest."""
     m, t, p = setup.model, setup.training.tp, setup.training.pp
     layers = m.layers // p * m.layer_params()
-    emb = m.vocab * m.hidden
-    head = 0 if m.tied_embeddings else m.vocab * m.hidden
+    emb, head = m.input_embedding_params(), m.head_params()  # head: final norm (+ LM head unless tied)
     if p == 1:
-        extra = emb + head + m.hidden
+        extra = emb + head
     elif stage is None:
-        extra = max(emb, head + m.hidden)
+        extra = max(emb, head)
     else:
-        extra = (emb if stage == 0 else 0) + (head + m.hidden if stage == p - 1 else 0)
+        extra = (emb if stage == 0 else 0) + (head if stage == p - 1 else 0)
     return (layers + extra) / t
 
 
@@ -47,19 +46,47 @@ def model_state_bytes(setup: Setup, stage: int | None = None) -> float:
     return params_per_rank(setup, stage) * state_bytes_per_param(setup)
 
 
-def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2) -> float:
-    """Saved activations per token per layer, TP+SP divided (REFERENCE 7.2, Llama-style block with
-    FlashAttention). none: 12h + 4h_kv + 8f (bf16); selective: the SwiGLU product and down-projection
-    input are recomputed (12h + 4h_kv + 4f); full: only the layer input (2h)."""
+def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: int) -> tuple[float, float]:
+    """(bytes TP replicates, bytes TP shards) saved per token per layer without attention scores
+    (FlashAttention keeps none). Replicated: the two norm inputs (4h), the QKV and MLP inputs (4h),
+    dropout masks (2h, 1 byte each); sharded: Q and the attention output (4q), K and V (4h_kv), and
+    the MLP's: SwiGLU 8f (gate, up, product, down input; selective recomputes 4f of it),
+    GeLU 4f (its input and output). GPT (q = h_kv = h, f = 4h): 34h, Korthikanti 2022 Table 2."""
     h, hkv, f = model.hidden, model.kv_width, model.ffn * model.top_k
     scale = dtype_bytes / 2.0
-    if recompute == "none":
-        b = 12 * h + 4 * hkv + 8 * f
-    elif recompute == "selective":
-        b = 12 * h + 4 * hkv + 4 * f
-    else:  # full (TrainingSpec admits no other policy)
-        b = 2 * h
-    return b * scale / tp
+    if recompute == "full":  # only the layer input
+        return 0.0, 2 * h * scale
+    masks = 2 * h if model.dropout else 0
+    if model.mlp == "gelu":  # no selective term: Megatron's selective recompute saves only attention scores
+        return 8 * h * scale + masks, (4 * model.q_width + 4 * hkv + 4 * f) * scale
+    mlp = 8 * f if recompute == "none" else 4 * f
+    return masks, (12 * h + 4 * hkv + mlp) * scale
+
+
+def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2) -> float:
+    """Saved activations per token per layer, TP+SP divided (REFERENCE 7.2, FlashAttention: no s² term).
+    Llama block: none 12h + 4h_kv + 8f (bf16); selective recomputes the SwiGLU product and the down-
+    projection input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full."""
+    replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
+    return (replicated + sharded) / tp
+
+
+def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, tp: int, recompute: Recompute,
+                           sequence_parallel: bool = True, flash_attention: bool = True,
+                           dtype_bytes: int = 2) -> float:
+    """Saved activations of one layer for a micro-batch of `micro_batch` sequences of `seq_tokens` (Korthikanti
+    et al. 2022, Table 2). Without sequence parallelism TP replicates the norm, input and mask terms; materialised
+    attention (no FlashAttention, recompute none) also keeps per head the softmax output (2 B per score), and with
+    dropout its mask and output (1 + 2 B): GPT with TP + SP: s·b·h/t · (34 + 5·a·s/h)."""
+    replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
+    if recompute == "full" and not sequence_parallel:
+        replicated, sharded = sharded, 0.0  # the layer input is whole on every TP rank
+    per_token = (replicated + sharded) / tp if sequence_parallel else replicated + sharded / tp
+    scores = 0.0
+    if recompute == "none" and not flash_attention:
+        per_score = (2 * dtype_bytes / 2.0) * (2 if model.dropout else 1) + (1 if model.dropout else 0)
+        scores = per_score * model.heads * seq_tokens / tp  # a·s scores per token, heads split over TP
+    return (per_token + scores) * seq_tokens * micro_batch
 
 
 def full_layer_activation_bytes_per_token(setup: Setup) -> float:

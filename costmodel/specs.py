@@ -34,9 +34,16 @@ def _check_at_most(owner: str, a: tuple[str, int], b: tuple[str, int]) -> None:
         raise SpecError(f"{owner}{': ' if owner else ''}{a[0]} ({a[1]}) cannot exceed {b[0]} ({b[1]})")
 
 
+NormKind = Literal["rmsnorm", "layernorm"]
+MlpKind = Literal["swiglu", "gelu"]
+PositionKind = Literal["rope", "learned"]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only transformer (Llama / Mixtral / Qwen family: RMSNorm, RoPE, GQA, SwiGLU)."""
+    """A decoder-only transformer: the Llama / Mixtral / Qwen block (RMSNorm, RoPE, GQA, SwiGLU) by default,
+    or the GPT block of Megatron's published runs (LayerNorm, learned positions, GeLU MLP, biases, dropout)
+    through the block fields below, whose defaults are the Llama block."""
 
     DERIVED_KEYS: ClassVar[tuple[str, ...]] = ("parameters", "active_parameters")  # to_dict adds; read ignores
 
@@ -52,6 +59,13 @@ class ModelSpec:
     experts: int = field(default=1, metadata=positive())  # MoE experts E (1 = dense)
     top_k: int = field(default=1, metadata=positive())  # experts per token k
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
+    # -- block kind (defaults: the Llama block) --
+    norm: NormKind = "rmsnorm"  # rmsnorm (a weight of h) or layernorm (weight and bias, 2h)
+    mlp: MlpKind = "swiglu"  # swiglu (gate, up, down) or gelu (up, down: GPT, ffn = 4h)
+    linear_bias: bool = False  # a bias on every linear of the layer (QKV, output, MLP): GPT-2/3, Megatron GPT
+    position: PositionKind = "rope"  # rope (no parameters) or learned (a max_positions x h table)
+    max_positions: int = field(default=0, metadata=at_least(0))  # rows of the learned position table
+    dropout: bool = False  # dropout after attention and MLP (saves a 1-byte mask each, Korthikanti 2022)
     source: str = ""  # where the numbers come from
 
     def __post_init__(self) -> None:
@@ -59,6 +73,9 @@ class ModelSpec:
         Reader(owner, SpecError).check(self)
         _check_multiple(owner, ("heads", self.heads), ("kv_heads", self.kv_heads))
         _check_at_most(owner, ("top_k", self.top_k), ("experts", self.experts))
+        if (self.position == "learned") != (self.max_positions > 0):
+            raise SpecError(f"{owner}: max_positions ({self.max_positions}) must be > 0 exactly when position is "
+                            f"learned (position is {self.position!r})")
 
     # -- derived widths --------------------------------------------------------------------
     @property
@@ -76,35 +93,55 @@ class ModelSpec:
         return self.experts > 1
 
     # -- parameter counts ------------------------------------------------------------------
+    @property
+    def mlp_matrices(self) -> int:
+        """h x f weight matrices of one MLP: gate, up, down (SwiGLU) or up, down (GeLU)."""
+        return 3 if self.mlp == "swiglu" else 2
+
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one norm: a weight (RMSNorm) or a weight and a bias (LayerNorm)."""
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
+
     def attention_params(self) -> int:
-        """Q, K, V, O projections (+ QKV bias) of one layer."""
+        """Q, K, V, O projections (+ QKV bias, + output bias with linear_bias) of one layer."""
         qkv = self.hidden * (self.q_width + 2 * self.kv_width)
-        bias = (self.q_width + 2 * self.kv_width) if self.qkv_bias else 0
-        return qkv + bias + self.q_width * self.hidden
+        bias = (self.q_width + 2 * self.kv_width) if self.qkv_bias or self.linear_bias else 0
+        out_bias = self.hidden if self.linear_bias else 0
+        return qkv + bias + self.q_width * self.hidden + out_bias
 
     def expert_params(self) -> int:
-        """One SwiGLU MLP (gate, up, down)."""
-        return 3 * self.hidden * self.ffn
+        """One MLP: its matrices (+ the up and down biases with linear_bias)."""
+        bias = (self.ffn * (self.mlp_matrices - 1) + self.hidden) if self.linear_bias else 0
+        return self.mlp_matrices * self.hidden * self.ffn + bias
 
     def layer_params(self, active: bool = False) -> int:
         """One decoder layer: attention, MLP (all experts, or top_k when active), router, 2 norms."""
         n_mlp = self.top_k if active else self.experts
         router = self.hidden * self.experts if self.is_moe else 0
-        return self.attention_params() + n_mlp * self.expert_params() + router + 2 * self.hidden
+        return self.attention_params() + n_mlp * self.expert_params() + router + 2 * self.norm_params
+
+    def input_embedding_params(self) -> int:
+        """Token embedding (+ the learned position table): what the first pipeline stage holds."""
+        return (self.vocab + self.max_positions) * self.hidden
+
+    def head_params(self) -> int:
+        """Final norm plus LM head (no head matrix when tied): what the last pipeline stage holds."""
+        return self.norm_params + (0 if self.tied_embeddings else self.vocab * self.hidden)
 
     def embedding_params(self) -> int:
-        """Input embedding plus LM head (once when tied)."""
-        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        """Input embedding (with positions) plus LM head (once when tied)."""
+        return self.input_embedding_params() + self.head_params() - self.norm_params
 
     @property
     def parameters(self) -> int:
         """Total parameters."""
-        return self.layers * self.layer_params() + self.embedding_params() + self.hidden
+        return self.layers * self.layer_params() + self.input_embedding_params() + self.head_params()
 
     @property
     def active_parameters(self) -> int:
         """Parameters touched per token (top_k experts)."""
-        return self.layers * self.layer_params(active=True) + self.embedding_params() + self.hidden
+        return self.layers * self.layer_params(active=True) + self.input_embedding_params() + self.head_params()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

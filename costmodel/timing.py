@@ -19,30 +19,35 @@ from profiles.table import Profile, ProfileError
 
 _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
+_LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
+_TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd"})  # the others are over bytes
 
 
-def _interp(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Log-log interpolation over a precomputed grid (the grid spans every size a plan uses)."""
-    return np.exp(np.interp(np.log(np.maximum(np.asarray(x, float), 1e-9)), np.log(xs), np.log(ys)))
+def _interp(x: np.ndarray | float, log_xs: np.ndarray, log_ys: np.ndarray) -> np.ndarray:
+    """Log-log interpolation over a precomputed grid (the grid spans every size a plan uses), given the
+    logs of grid and curve: planners look up thousands of units, so the logs are taken once."""
+    return np.exp(np.interp(np.log(np.maximum(np.asarray(x, float), 1e-9)), log_xs, log_ys))
 
 
 @dataclass(frozen=True)
 class GemmShape:
     """One forward GEMM on one TP rank: (rows × k) @ (k × n), rows = tokens × rows_per_token."""
 
-    label: str  # qkv | o | gate_up | down | lm_head
+    label: str  # qkv | o | gate_up (up for GeLU) | down | lm_head
     n: int  # output features
     k: int  # reduction (input) features
     rows_per_token: int = 1  # top_k for expert GEMMs: each token visits that many experts
 
 
 def gemm_shapes(model: ModelSpec, tp: int = 1) -> tuple[GemmShape, ...]:
-    """The GEMMs the cost model looks up: a layer's four (QKV, output projection, SwiGLU up and down),
-    then the LM head; the sharded dimension of each is split over tp ranks, rounded up."""
+    """The GEMMs the cost model looks up: a layer's four (QKV, output projection, MLP up — SwiGLU's gate and
+    up fused, GeLU's up alone — and down), then the LM head; the sharded dimension of each is split over tp
+    ranks, rounded up."""
     shard = lambda width: int(math.ceil(width / tp))  # noqa: E731
+    up = ("gate_up", 2 * model.ffn) if model.mlp == "swiglu" else ("up", model.ffn)
     return (GemmShape("qkv", shard(model.q_width + 2 * model.kv_width), model.hidden),
             GemmShape("o", model.hidden, shard(model.q_width)),
-            GemmShape("gate_up", shard(2 * model.ffn), model.hidden, model.top_k),
+            GemmShape(up[0], shard(up[1]), model.hidden, model.top_k),
             GemmShape("down", model.hidden, shard(model.ffn), model.top_k),
             GemmShape("lm_head", shard(model.vocab), model.hidden))
 
@@ -150,25 +155,31 @@ class CostModel:
         if tr.tp > 1:
             for op in ("all_gather", "reduce_scatter"):
                 self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra")
+        # (log grid, log curve) per lookup table, taken once here: `_lookup` serves every query from them
+        self._log_curves = {k: (_LOG_TOKEN_GRID if k in _TOKEN_CURVES else _LOG_BYTES_GRID, np.log(v))
+                            for k, v in self._curves.items()}
         self._curves["fit"] = self.fit_layer_time()
 
     # ---- primitive lookups (vectorised) ---------------------------------------------------------
+    def _lookup(self, curve: str, x: np.ndarray | float) -> np.ndarray:
+        return _interp(x, *self._log_curves[curve])
+
     def gemm_layer_fwd_s(self, tokens: np.ndarray | float) -> np.ndarray:
         """Forward GEMMs of one layer for `tokens` tokens on one TP rank."""
-        return _interp(tokens, _TOKEN_GRID, self._curves["gemm_layer"])
+        return self._lookup("gemm_layer", tokens)
 
     def attn_fwd_s(self, doc_len: np.ndarray | float) -> np.ndarray:
         """Forward attention core of one layer, whole documents on one TP rank."""
-        return _interp(doc_len, _TOKEN_GRID, self._curves["attn_fwd"])
+        return self._lookup("attn_fwd", doc_len)
 
     def attn_bwd_s(self, doc_len: np.ndarray | float) -> np.ndarray:
-        return _interp(doc_len, _TOKEN_GRID, self._curves["attn_bwd"])
+        return self._lookup("attn_bwd", doc_len)
 
     def p2p_s(self, nbytes: np.ndarray | float, inter_node: bool) -> np.ndarray:
-        return _interp(nbytes, _BYTES_GRID, self._curves["p2p_inter" if inter_node else "p2p_intra"])
+        return self._lookup("p2p_inter" if inter_node else "p2p_intra", nbytes)
 
     def host_copy_s(self, nbytes: np.ndarray | float, direction: str) -> np.ndarray:
-        return _interp(nbytes, _BYTES_GRID, self._curves[direction])
+        return self._lookup(direction, nbytes)
 
     # ---- units ----------------------------------------------------------------------------------
     def unit_cost(self, doc_lengths: np.ndarray | list[int], degree: int = 1, offload_ratio: float = 0.0,
@@ -210,8 +221,8 @@ class CostModel:
         tp_comm = 0.0
         if self.tp > 1:
             act = tokens * self.model.hidden * self.bytes_per_elem  # the gathered tensor of the TP group
-            ag = float(_interp(act, _BYTES_GRID, self._curves["tp_all_gather"]))
-            rs = float(_interp(act, _BYTES_GRID, self._curves["tp_reduce_scatter"]))
+            ag = float(self._lookup("tp_all_gather", act))
+            rs = float(self._lookup("tp_reduce_scatter", act))
             tp_comm = l * (2 * ag + 2 * rs)  # 2 AG + 2 RS per layer, the same again in backward
         off_f = off_b = 0.0
         if offload_ratio > 0 and l > 2:
@@ -220,7 +231,7 @@ class CostModel:
             off_b = (l - 2) * max(0.0, float(self.host_copy_s(nbytes, "h2d")) - bwd_layer)
         if with_head is None:
             with_head = self.pp == 1
-        head_f = float(_interp(tokens, _TOKEN_GRID, self._curves["gemm_head"])) if with_head else 0.0
+        head_f = float(self._lookup("gemm_head", tokens)) if with_head else 0.0
         return UnitCost(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
                         ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_comm,
                         tp_comm_bwd_s=tp_comm, offload_exposed_fwd_s=off_f, offload_exposed_bwd_s=off_b,
@@ -307,7 +318,10 @@ def fit_models(profile: Profile, models: Mapping[str, ModelSpec]) -> list[str]:
     was given (what `meshplan profile --models` does); return one note per model that could not be fitted."""
     from profiles.measure.runner import main_dtype  # the measuring side, loaded only when a profile is fitted
 
-    training = TrainingSpec(dtype=main_dtype(profile))
+    try:
+        training = TrainingSpec(dtype=main_dtype(profile))
+    except ProfileError as e:  # e.g. `--ops host_copy`: nothing to fit with, the tables are still written
+        return [f"no T(s) fit for {name}: {e}" for name in models]
     notes = []
     for name, model in models.items():
         try:

@@ -236,6 +236,18 @@ def test_profile_notes_a_model_it_cannot_fit_and_goes_on(tmp_path, monkeypatch):
     assert "fits: none" in r.stdout and p.fits == {}
 
 
+def test_profile_without_a_gemm_table_is_written_with_notes(tmp_path, monkeypatch):
+    p = load_profile("local-cpu.measured")
+    p.fits.clear()
+    p.tables["gemm"] = p.tables["gemm"].iloc[:0]  # measured with --ops host_copy: no dtype to fit in
+    p.constants.pop("peak_bf16_flops", None)
+    _fake_run_profile(monkeypatch, p, {})
+    r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny")
+    assert r.exit_code == 0, r.output
+    assert "note: no T(s) fit for tiny: profile 'local-cpu.measured' has no GEMM table" in one_line(r.stderr)
+    assert "peak (measured) none (no GEMM table); fits: none" in one_line(r.stdout)
+
+
 # ---- anything unexpected: one line ---------------------------------------------------------------
 
 def _boom():
@@ -266,3 +278,19 @@ def test_user_errors_through_app_call_exit_2(capsys, tmp_path):
         app(["simulate", str(tmp_path / "none.json")], prog_name="meshplan")
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
+
+
+def test_validate_prints_each_case_and_the_mape():
+    r = run("validate")
+    assert r.exit_code == 0, r.output
+    assert "22B layer, SP + selective: backward" in r.output and "1T, SP + selective" in r.output
+    assert "MAPE" in r.output and "a100-sxm-80gb.analytic" in r.output
+    j = run("validate", "--json", "--profile", "h100-sxm.analytic")
+    d = json.loads(j.output)
+    assert d["profile"] == "h100-sxm.analytic" and len(d["rows"]) == 12
+    assert d["mape"] == pytest.approx(sum(abs(x["error"]) for x in d["rows"]) / 12)
+
+
+def test_validate_unknown_profile_is_one_line():
+    r = run("validate", "--profile", "no-such-profile")
+    assert r.exit_code == 2 and "unknown profile 'no-such-profile'" in one_line(r.output)

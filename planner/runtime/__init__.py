@@ -10,13 +10,13 @@ never imports strategies. Where each part lives:
 - ``context.py``  a rank's state (Context), its optimizer, how it names its failure
 - ``step.py``     one step: the units (packed or context-parallel), gradient sync, optimizer
 - ``check.py``    `--check`: the single-process reference and the comparison with it
-- ``model.py``    the decoder (ModelConfig from a ModelSpec), generated or file tokens
+- ``model.py``    the decoder (ModelConfig: a ModelSpec, precision, recompute), generated or file tokens
 - ``cp.py`` ``stages.py`` ``tp.py`` ``offload.py``   context parallelism, pipeline stages, tensor
                   parallelism, activation offload
 - ``trace.py``    the measured trace rank 0 writes"""
 
-from planner.runtime.launch import (BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, InjectedFailure, ReplayFailure,
-                                    ReplayOptions, preflight, replay)
+from planner.runtime.launch import (BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, PRECISIONS, InjectedFailure,
+                                    ReplayFailure, ReplayOptions, preflight, replay)
 
-__all__ = ["BLOCK_KERNELS", "CP_IMPLS", "OPTIMIZERS", "InjectedFailure", "ReplayFailure", "ReplayOptions",
-           "preflight", "replay"]
+__all__ = ["BLOCK_KERNELS", "CP_IMPLS", "OPTIMIZERS", "PRECISIONS", "InjectedFailure", "ReplayFailure",
+           "ReplayOptions", "preflight", "replay"]

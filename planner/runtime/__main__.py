@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from planner.runtime.launch import BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, InjectedFailure, ReplayOptions
+from costmodel.specs import RECOMPUTE_POLICIES
+from planner.runtime.launch import BLOCK_KERNELS, CP_IMPLS, OPTIMIZERS, PRECISIONS, InjectedFailure, ReplayOptions
 
 
 def _injected(text: str) -> InjectedFailure:
@@ -36,7 +37,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tokens", dest="tokens_path", type=Path, default=None,
-                   help="flat .npy token stream (default: tokens generated per sequence id)")
+                   help="token ids: a flat .npy array or a Megatron .bin/.idx pair (either path); labels stay inside "
+                        "each document (default: tokens generated per sequence id)")
+    p.add_argument("--dtype", choices=PRECISIONS, default="fp32",
+                   help="bf16: autocast forward with fp32 master weights and gradients; --check then compares "
+                        "with a bf16 reference")
+    p.add_argument("--recompute", choices=RECOMPUTE_POLICIES, default=None,
+                   help="activation recompute: none, selective (attention core), full (each layer); default: the "
+                        "plan's meta.training.recompute")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
     p.add_argument("--inject-failure", type=_injected, default=None, metavar="RANK:UNIT[:kill]",

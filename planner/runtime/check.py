@@ -1,5 +1,9 @@
 """`--check`: rank 0 replays each step's global batch in one process with plain per-sequence
 attention, from the same weights, and compares losses and gradients with the distributed replay's.
+The reference is a deep copy of the replayed model, so it runs in the same precision and recompute
+policy (its ModelConfig): in fp32 the two agree to summation order (~1e-6 relative); in bf16 each
+rounds activations at different points (per-unit vs per-sequence, ring blocks merged in fp32, TP sums
+in bf16), so gradients agree to about 1% (a few bf16 ulps, 2^-8 each): tests allow 3e-2.
 
 With pp or tp > 1 no rank holds the whole model, so every rank keeps a full copy that the shards'
 owners fill (weights before the step, gradients after the sync). `reference_loop` is the same
@@ -18,7 +22,8 @@ from torch import nn
 from planner.plan import Mesh, Plan, Step
 from planner.runtime.context import Context, make_optimizer
 from planner.runtime.launch import ReplayOptions
-from planner.runtime.model import Decoder, ModelConfig, TokenSource, build_model, stage_parameters, stream_offset
+from planner.runtime.model import (Decoder, ModelConfig, SequenceTokens, TokenSource, build_model, stage_parameters,
+                                   stream_offset)
 from planner.runtime.step import flat_all_reduce, token_loss
 from planner.runtime.tp import place_shard, shard_dim
 
@@ -117,18 +122,20 @@ class ReferenceAttention:
         return o[0].transpose(0, 1)
 
 
-def reference_step(model: Decoder, step: Step, tokens: dict[int, torch.Tensor], device: torch.device) -> float:
+def reference_step(model: Decoder, step: Step, tokens: dict[int, SequenceTokens], device: torch.device) -> float:
     """Single-process forward and backward of the whole global batch, one sequence at a time with
-    plain causal attention; gradients accumulate in model. Returns the loss."""
+    plain causal attention, in the model's precision (its ModelConfig); gradients accumulate in model.
+    Returns the loss."""
     segment = {q.id: torch.empty(q.length, dtype=torch.long) for q in step.sequences}
     for u in step.units:
         for p in u.pieces:
             segment[p.seq][p.start:p.end] = u.id
     total = 0.0
     for q in step.sequences:
-        ids = tokens[q.id].to(device)
-        logits = model(ids[:-1], torch.arange(q.length, device=device), ReferenceAttention(segment[q.id].to(device)))
-        loss = token_loss(logits, ids[1:], step.global_tokens)
+        t = tokens[q.id]
+        logits = model(t.ids.to(device), torch.arange(q.length, device=device),
+                       ReferenceAttention(segment[q.id].to(device)))
+        loss = token_loss(logits, t.labels.to(device), step.global_tokens)
         loss.backward()
         total += float(loss.detach())
     return total

@@ -271,7 +271,8 @@ def _safe(x: torch.Tensor) -> torch.Tensor:
 
 class MathBlocks:
     """Plain torch: scores are materialised per block (used on GPU, and the reference for the
-    fused kernel). Elementwise work is in place: on CPU it, not the matmuls, is the cost."""
+    fused kernel). Elementwise work is in place: on CPU it, not the matmuls, is the cost. bf16
+    inputs are computed in fp32, as a flash kernel accumulates its softmax."""
 
     name = "math"
 
@@ -289,12 +290,14 @@ class MathBlocks:
         return p, m
 
     def forward(self, q, k, v, member, scale):
+        q, k, v = q.float(), k.float(), v.float()
         p, m = self._probs(q, k, member, scale)
         denom = p.sum(-1)
         out = (p @ v.unsqueeze(1)) / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
         return out.flatten(0, 1), (m + denom.log()).flatten(0, 1)
 
     def backward(self, dout, q, k, v, out, lse, member, scale):
+        dout, q, k, v, out = dout.float(), q.float(), k.float(), v.float(), out.float()
         hkv = k.shape[0]
         p, _ = self._probs(q, k, member, scale, lse)
         dog = _row_groups(dout, hkv)
@@ -384,7 +387,7 @@ class FusedCPUBlocks:
         if sh.kind == "cols":
             return self._fwd(q, k[:, sh.a:sh.b], v[:, sh.a:sh.b], scale)
         if sh.kind == "rows":
-            out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"))
+            out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
             out[:, sh.a:sh.b], lse[:, sh.a:sh.b] = self._fwd(q[:, sh.a:sh.b], k, v, scale)
             return out, lse
         out, lse = self._fwd(q, k, v, scale, bias=self.bias[member].to(q.dtype))
@@ -409,28 +412,35 @@ class FusedCPUBlocks:
 
 
 def merge_block(out: torch.Tensor, lse: torch.Tensor, blk: torch.Tensor, blk_lse: torch.Tensor):
-    """Online softmax: fold one block's normalised output and log-sum-exp into the running ones."""
+    """Online softmax: fold one block's normalised output and log-sum-exp into the running ones, in the
+    running ones' dtype (fp32 in the ring, whatever the blocks' precision)."""
+    blk, blk_lse = blk.to(out.dtype), blk_lse.to(lse.dtype)
     new = torch.logaddexp(lse, blk_lse)
     ns = _safe(new)  # rows no block has reached yet stay 0 / -inf
     return out * torch.exp(lse - ns)[..., None] + blk * torch.exp(blk_lse - ns)[..., None], new
 
 
 class _RingAttentionFn(torch.autograd.Function):
-    """Heads-first q [Hq, T, D], k and v [Hkv, T, D] in; output [Hq, T, D]."""
+    """Heads-first q [Hq, T, D], k and v [Hkv, T, D] in; output [Hq, T, D]. Blocks run in the inputs'
+    precision (K/V travel in it); the softmax merge, dQ and the dK/dV accumulators that travel the ring
+    are fp32, so that a bf16 ring rounds once per output, not once per block. Autocast is off inside:
+    every dtype here is explicit."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: "RingAttention") -> torch.Tensor:
         peers, n, kern = ring.peers, ring.peers.degree, ring.kernel
-        out = torch.zeros_like(q)
-        lse = q.new_full(q.shape[:-1], float("-inf"))
+        out = torch.zeros_like(q, dtype=torch.float32)
+        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
         kv = torch.stack((k, v)).contiguous()
-        for s in range(n):
-            nxt = peers.ring(kv, _TAG_KV) if s < n - 1 else None  # next block flies while we compute
-            member = (peers.index - s) % n
-            if member in ring.members:
-                out, lse = merge_block(out, lse, *kern.forward(q, kv[0], kv[1], member, ring.scale))
-            if nxt is not None:
-                kv = nxt.wait()[0]
+        with torch.autocast(q.device.type, enabled=False):
+            for s in range(n):
+                nxt = peers.ring(kv, _TAG_KV) if s < n - 1 else None  # next block flies while we compute
+                member = (peers.index - s) % n
+                if member in ring.members:
+                    out, lse = merge_block(out, lse, *kern.forward(q, kv[0], kv[1], member, ring.scale))
+                if nxt is not None:
+                    kv = nxt.wait()[0]
+        out = out.to(q.dtype)
         ctx.ring = ring
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -440,25 +450,26 @@ class _RingAttentionFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ring = ctx.ring
         peers, n, kern = ring.peers, ring.peers.degree, ring.kernel
-        dout = dout.contiguous()
-        dq = torch.zeros_like(q)
+        dout = dout.to(q.dtype).contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
         kv = torch.stack((k, v)).contiguous()
         acc: Pending | None = None  # dK/dV accumulator of the block we hold, coming from the previous member
-        for s in range(n):
-            nxt = peers.ring(kv, _TAG_KV) if s < n - 1 else None
-            member = (peers.index - s) % n
-            dkv = torch.zeros_like(kv)
-            if member in ring.members:
-                bq, bk, bv = kern.backward(dout, q, kv[0], kv[1], out, lse, member, ring.scale)
-                dq += bq
-                dkv[0], dkv[1] = bk, bv
-            if acc is not None:
-                dkv = acc.wait()[0] + dkv
-            acc = peers.ring(dkv, _TAG_DKV)  # after the last step this brings our own blocks' total home
-            if nxt is not None:
-                kv = nxt.wait()[0]
+        with torch.autocast(q.device.type, enabled=False):
+            for s in range(n):
+                nxt = peers.ring(kv, _TAG_KV) if s < n - 1 else None
+                member = (peers.index - s) % n
+                dkv = torch.zeros_like(kv, dtype=torch.float32)
+                if member in ring.members:
+                    bq, bk, bv = kern.backward(dout, q, kv[0], kv[1], out, lse, member, ring.scale)
+                    dq += bq
+                    dkv[0], dkv[1] = bk, bv
+                if acc is not None:
+                    dkv = acc.wait()[0] + dkv
+                acc = peers.ring(dkv, _TAG_DKV)  # after the last step this brings our own blocks' total home
+                if nxt is not None:
+                    kv = nxt.wait()[0]
         total = acc.wait()[0]
-        return dq, total[0], total[1], None
+        return dq.to(q.dtype), total[0].to(k.dtype), total[1].to(v.dtype), None
 
 
 class RingAttention:

@@ -44,7 +44,7 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
     """This rank's coordinates, model shard and groups (needs the process group)."""
     mesh = prep.plan.mesh
     stage, hdp_rank, tp_rank = mesh.coordinates(rank)
-    full = build_model(ModelConfig(prep.spec), opts.seed, device)
+    full = build_model(ModelConfig(prep.spec, precision=opts.dtype, recompute=prep.recompute), opts.seed, device)
     # Static groups, created by every rank in the same order: per (stage, tp rank) the HDP ranks that
     # all-reduce gradients, per (stage, HDP rank) the TP group. Units never get one (P2P on the world).
     split = mesh.pp > 1 or mesh.tp > 1
@@ -171,7 +171,8 @@ def _trace_meta(ctx: Context, world: int) -> dict:
             "plan_sha256": hashlib.sha256(Path(ctx.opts.plan_path).read_bytes()).hexdigest(),
             "plan_model": ctx.prep.plan.meta.get("model"), "model": ctx.prep.spec.name, "world_size": world,
             "cp_impl": ctx.opts.cp_impl, "ring_kernel": ctx.opts.ring_kernel, "seed": ctx.opts.seed,
-            "optimizer": ctx.opts.optimizer, "lr": ctx.opts.lr,
+            "optimizer": ctx.opts.optimizer, "lr": ctx.opts.lr, "dtype": ctx.opts.dtype,
+            "recompute": ctx.prep.recompute,
             "tokens": str(ctx.opts.tokens_path) if ctx.opts.tokens_path else "generated",
             "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else (platform.processor() or platform.machine()), "cpu_threads": torch.get_num_threads(),

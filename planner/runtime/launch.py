@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from costmodel.presets import load_model
-from costmodel.specs import ModelSpec
+from costmodel.specs import RECOMPUTE_POLICIES, ModelSpec
 from planner.plan import Plan, PlanError, validate
 
 CPImpl = Literal["ring", "allgather"]  # context-parallel attention: overlapped ring, or all-gather first-correct form
 CP_IMPLS: tuple[str, ...] = get_args(CPImpl)
 BLOCK_KERNELS = ("auto", "math", "fused-cpu")  # ring block kernel (auto: fused on CPU, math elsewhere)
 OPTIMIZERS = ("adamw", "sgd")
+Precision = Literal["fp32", "bf16"]  # fp32: plain; bf16: autocast compute, fp32 master weights and gradients
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 class ReplayFailure(RuntimeError):
@@ -80,7 +82,9 @@ class ReplayOptions:
     seed: int = 0  # model init and generated tokens
     optimizer: str = "adamw"  # "adamw" or "sgd"
     lr: float = 1e-3  # learning rate
-    tokens_path: Path | None = None  # flat .npy token stream; None = generated tokens
+    tokens_path: Path | None = None  # flat .npy or Megatron .bin/.idx token stream; None = generated tokens
+    dtype: Precision = "fp32"  # bf16: autocast forward, fp32 master weights and gradients (the cost model's)
+    recompute: str | None = None  # none | selective | full; None = the plan's meta.training.recompute
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     timeout_s: float = 300.0  # process-group timeout: a lost peer ends the job after this at most
     inject_failure: InjectedFailure | None = None  # tests: a rank failing (or killed) in a unit's forward
@@ -90,7 +94,8 @@ class ReplayOptions:
         """The `python -m planner.runtime` arguments (planner/runtime/__main__.py) that give these options."""
         args = [str(self.plan_path), "--cp", self.cp_impl, "--ring-kernel", self.ring_kernel, "--seed", str(self.seed),
                 "--optimizer", self.optimizer, "--lr", repr(self.lr), "--device", self.device,
-                "--timeout-s", repr(self.timeout_s)]
+                "--timeout-s", repr(self.timeout_s), "--dtype", self.dtype]
+        args += ["--recompute", self.recompute] if self.recompute is not None else []
         args += ["--model", self.model] if self.model else []
         args += ["--steps", str(self.steps)] if self.steps is not None else []
         args += ["--check"] if self.check else []
@@ -109,13 +114,15 @@ def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def preflight(plan_path: str | Path, world_size: int | None, model: str | None = None, *, cp_impl: str = "ring",
-              ring_kernel: str = "auto", optimizer: str = "adamw", steps: int | None = None) -> tuple[Plan, ModelSpec]:
+              ring_kernel: str = "auto", optimizer: str = "adamw", steps: int | None = None, dtype: str = "fp32",
+              recompute: str | None = None) -> tuple[Plan, ModelSpec]:
     """Load and validate the plan against the job's world size (None: not known yet) and the
     model the replay will build, and check the options; raise PlanError or SpecError with a
     message a user can act on."""
     _choice("context-parallel implementation", cp_impl, CP_IMPLS)
     _choice("ring kernel", ring_kernel, BLOCK_KERNELS)
     _choice("optimizer", optimizer, OPTIMIZERS)
+    _choice("--dtype", dtype, PRECISIONS)
     if steps is not None and steps < 1:
         raise PlanError(f"--steps must be >= 1, got {steps}")
     plan = Plan.load(plan_path)
@@ -127,6 +134,10 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
                         f"(meshplan replay --nproc {m.world_size})")
     if m.pp > 1:
         _check_pipelined(plan, str(plan_path))
+    policy = replay_recompute(plan, recompute, str(plan_path))
+    if policy != "none" and any(u.slices > 1 for st in plan.steps for u in st.units):
+        raise PlanError(f"{plan_path}: recompute {policy!r} with sliced units (slices > 1) is not implemented: their "
+                        "attention fills a KV cache once per slice; pass --recompute none")
     name = model or plan.meta.get("model")
     if not name:
         raise PlanError(f"{plan_path}: the plan names no model (meta.model); pass --model NAME")
@@ -134,6 +145,11 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
     if spec.is_moe:
         raise PlanError(f"model {spec.name!r}: MoE replay is not implemented (dense Llama-style models only); "
                         "pass --model tiny or a dense preset")
+    block = (spec.norm, spec.mlp, spec.position, spec.linear_bias, spec.dropout)
+    if block != ("rmsnorm", "swiglu", "rope", False, False):  # the one block runtime/model.py builds
+        raise PlanError(f"model {spec.name!r}: replay builds Llama-style blocks (RMSNorm, SwiGLU, RoPE, no linear "
+                        f"biases or dropout), not {spec.norm}/{spec.mlp}/{spec.position} blocks; pass --model tiny or "
+                        "a Llama-style preset")
     if spec.head_dim % 2:
         raise PlanError(f"model {spec.name!r}: RoPE needs an even head_dim, got {spec.head_dim}")
     for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn)):
@@ -165,6 +181,16 @@ def _check_pipelined(plan: Plan, where: str) -> None:
                                 f"document only {longest} tokens; a slice must hold at least one token")
 
 
+def replay_recompute(plan: Plan, override: str | None, where: str) -> str:
+    """The recompute policy the replay applies: `override` (--recompute), else the plan's
+    meta.training.recompute, else none (hand-built plans carry no training section)."""
+    policy = override if override is not None else (plan.meta.get("training") or {}).get("recompute", "none")
+    if policy not in RECOMPUTE_POLICIES:
+        source = "--recompute" if override is not None else f"{where}: meta.training.recompute"
+        raise PlanError(f"{source} is {policy!r}; the replay applies one of {', '.join(RECOMPUTE_POLICIES)}")
+    return policy
+
+
 @dataclass(frozen=True)
 class Prepared:
     """What every rank checks before the process group exists."""
@@ -173,14 +199,16 @@ class Prepared:
     spec: ModelSpec  # the model the replay builds (dense; preflight checked it against the mesh)
     iterations: int  # replayed steps
     chunks: int = 1  # model chunks per pipeline stage (v), the same in every step
+    recompute: str = "none"  # the recompute policy applied (replay_recompute)
 
 
 def prepare(opts: ReplayOptions, world_size: int) -> Prepared:
     """Every check that needs no process group (preflight)."""
     plan, spec = preflight(opts.plan_path, world_size, opts.model, cp_impl=opts.cp_impl,
-                           ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps)
+                           ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps,
+                           dtype=opts.dtype, recompute=opts.recompute)
     return Prepared(plan, spec, len(plan.steps) if opts.steps is None else opts.steps,
-                    plan.steps[0].chunks_per_stage)
+                    plan.steps[0].chunks_per_stage, replay_recompute(plan, opts.recompute, str(opts.plan_path)))
 
 
 class Position:
@@ -302,7 +330,7 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
     nnodes = _torchrun_nnodes(extra)
     world = nproc * int(nnodes) if nnodes and nnodes.isdigit() else (None if multi_node else nproc)
     preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl, ring_kernel=opts.ring_kernel,
-              optimizer=opts.optimizer, steps=opts.steps)
+              optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype, recompute=opts.recompute)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscription
     with tempfile.TemporaryDirectory(prefix="meshplan-replay-") as status_dir:  # where each rank is

@@ -1,4 +1,6 @@
-"""A small Llama-style decoder in plain torch (RMSNorm, RoPE, GQA attention, SwiGLU).
+"""A small Llama-style decoder in plain torch (RMSNorm, RoPE, GQA attention, SwiGLU), in fp32 or bf16
+autocast, with the plan's activation recompute; and the token ids it trains on (generated, or read
+from a flat .npy or a Megatron .bin/.idx stream).
 
 The model never decides how attention is computed: every forward takes an `Attention` callable
 that sees the local (q, k, v) of all layers. The unit step passes packed-bin or context-parallel
@@ -7,18 +9,25 @@ are shared, which is what makes the distributed gradients comparable with the re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from costmodel.specs import ModelSpec
 from planner.plan import Plan, PlanError, Sequence
+from planner.runtime.launch import Precision
+from planner.workload import SourceError
+from planner.workload.readers import read_megatron_index
 
-IGNORE_INDEX = -100  # label of padding tokens: cross_entropy skips them
+IGNORE_INDEX = -100  # label of padding tokens and of each document's last position: cross_entropy skips them
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,14 @@ class ModelConfig:
     spec: ModelSpec  # layers, widths, heads, vocab, tied embeddings, QKV bias (dense: preflight refuses MoE)
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    precision: Precision = "fp32"  # bf16: matmuls and attention under autocast, parameters and gradients fp32
+    recompute: str = "none"  # costmodel.specs.RECOMPUTE_POLICIES: none, selective (attention core), full (layer)
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The forward's precision context (backward runs outside it, as autocast wants)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class Attention(Protocol):
@@ -72,6 +89,7 @@ class SelfAttention(nn.Module):
         self.wv = nn.Linear(s.hidden, s.kv_width, bias=s.qkv_bias)
         self.wo = nn.Linear(s.q_width, s.hidden, bias=False)
         self.tp = None  # planner.runtime.tp.TPGroup when the heads are split over a TP group
+        self.recompute_core = cfg.recompute == "selective"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
                 layer: int) -> torch.Tensor:
@@ -82,7 +100,11 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.wq(x).view(t, -1, d), cos, sin)
         k = apply_rope(self.wk(x).view(t, -1, d), cos, sin)
         v = self.wv(x).view(t, -1, d)
-        out = self.wo(attn(q, k, v, layer).reshape(t, -1))
+        if self.recompute_core:  # selective: the attention core's activations are recomputed in backward
+            core = checkpoint(attn, q, k, v, layer, use_reentrant=False)
+        else:
+            core = attn(q, k, v, layer)
+        out = self.wo(core.reshape(t, -1))
         return out if self.tp is None else self.tp.exit(out)
 
 
@@ -109,9 +131,16 @@ class DecoderLayer(nn.Module):
         self.attn = SelfAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.spec.hidden, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
+        self.recompute_all = cfg.recompute == "full"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
                 layer: int) -> torch.Tensor:
+        if self.recompute_all:  # full: only the layer's input is kept; its forward reruns in backward
+            return checkpoint(self._forward, x, cos, sin, attn, layer, use_reentrant=False)
+        return self._forward(x, cos, sin, attn, layer)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention,
+                 layer: int) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, attn, layer)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -137,13 +166,15 @@ class Decoder(nn.Module):
                    end: int) -> torch.Tensor:
         """Hidden states through layers [start, end): one pipeline stage's (or chunk's) share."""
         cos, sin = rope_tables(positions, self.cfg.spec.head_dim, self.cfg.rope_theta)
-        for i in range(start, end):
-            x = self.layers[i](x, cos, sin, attn, i)
+        with self.cfg.autocast(x.device):
+            for i in range(start, end):
+                x = self.layers[i](x, cos, sin, attn, i)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (the last pipeline stage's tail)."""
-        return F.linear(self.norm(x), self.embed.weight if self.head is None else self.head.weight)
+        with self.cfg.autocast(x.device):
+            return F.linear(self.norm(x), self.embed.weight if self.head is None else self.head.weight)
 
     def stage_parameters(self, layer_ranges: list[tuple[int, int]], first: bool, last: bool) -> list[nn.Parameter]:
         """The parameters a pipeline stage owns: its layers, the embedding on the first virtual stage,
@@ -202,50 +233,111 @@ def sequence_seed(seed: int, iteration: int, seq_id: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-class TokenSource:
-    """Token ids of every sequence of a replayed step: `length + 1` ids per sequence, so each of
-    its `length` positions has a next-token label and the loss counts exactly global_tokens.
+@dataclass(frozen=True)
+class SequenceTokens:
+    """One plan sequence's model inputs and next-token labels."""
 
-    Generated (default): uniform ids from a generator seeded by (seed, iteration, sequence id), so
-    any rank can make any sequence without talking to the others. From a file: a flat .npy array
-    of ids read as a stream; each step takes its sequences in plan order from where the previous
-    step stopped (wrapping at the end of the file)."""
+    ids: torch.Tensor  # int64 [length] input ids
+    labels: torch.Tensor  # int64 [length] next-token ids, IGNORE_INDEX where the next token is another document's
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """Token ids read as one stream of documents: a flat .npy array (each plan sequence is a document), or
+    a Megatron indexed dataset (.bin ids, .idx sequence lengths, byte pointers and document index)."""
+
+    ids: np.ndarray  # [tokens] token ids (memory-mapped)
+    doc_starts: np.ndarray  # int64 [documents], sorted: stream offsets where a document begins (0 first)
+
+    @classmethod
+    def open(cls, path: Path) -> TokenStream:
+        if path.suffix in (".bin", ".idx"):
+            return cls._megatron(path.with_suffix(""))
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise PlanError(f"{path}: cannot read token file ({e}); expected a flat .npy array of token ids "
+                            "or a Megatron .bin/.idx pair") from None
+        if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size < 2:
+            raise PlanError(f"{path}: token file must be a 1-D integer .npy array with at least 2 ids, got "
+                            f"shape {arr.shape} dtype {arr.dtype}")
+        return cls(arr, np.zeros(1, dtype=np.int64))
+
+    @classmethod
+    def _megatron(cls, prefix: Path) -> TokenStream:
+        """Documents in dataset order; the .bin must hold the sequences back to back (as Megatron writes it)."""
+        idx, bin_path = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+        try:
+            index = read_megatron_index(idx)
+        except SourceError as e:
+            raise PlanError(str(e)) from None
+        if index.dtype.kind not in "iu":
+            raise PlanError(f"{idx}: token dtype {index.dtype} is not an integer type")
+        offsets = np.concatenate(([0], np.cumsum(index.sequence_lengths, dtype=np.int64)))
+        total = int(offsets[-1])
+        if total < 2 or not np.array_equal(index.sequence_pointers,
+                                           index.sequence_pointers[0] + offsets[:-1] * index.dtype.itemsize):
+            raise PlanError(f"{idx}: expected at least 2 tokens stored back to back in {bin_path.name} (the "
+                            "sequence pointers must follow the lengths)")
+        start = int(index.sequence_pointers[0])
+        need = start + total * index.dtype.itemsize
+        size = bin_path.stat().st_size if bin_path.is_file() else -1
+        if size < need:
+            raise PlanError(f"{bin_path}: missing or truncated: the index needs {need:,} bytes, the file has "
+                            f"{max(size, 0):,}")
+        ids = np.memmap(bin_path, dtype=index.dtype, mode="r", offset=start, shape=(total,))
+        docs = np.unique(offsets[index.document_index[:-1]])
+        return cls(ids, docs if docs.size and docs[0] == 0 else np.concatenate(([0], docs)))
+
+    def read(self, start: int, n: int, vocab: int, seq_id: int) -> SequenceTokens:
+        """The n tokens from stream offset `start` (the stream is a ring: after its last token comes its
+        first, of another document); the last label and every label that would cross into the next
+        document are IGNORE_INDEX."""
+        size = self.ids.size
+        where = (start + np.arange(n + 1)) % size
+        ids = torch.from_numpy(self.ids[where[:-1]].astype(np.int64))
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            raise PlanError(f"token file: sequence {seq_id} has ids outside [0, {vocab}) (model vocab)")
+        labels = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+        labels[:-1] = ids[1:]
+        crosses = np.flatnonzero(np.isin(where[1:-1], self.doc_starts))  # the next token begins a document
+        labels[torch.from_numpy(crosses)] = IGNORE_INDEX
+        return SequenceTokens(ids, labels)
+
+
+class TokenSource:
+    """The tokens of every sequence of a replayed step.
+
+    Generated (default): `length + 1` uniform ids per sequence from a generator seeded by (seed,
+    iteration, sequence id), so any rank can make any sequence without talking to the others; the
+    sequence is the first `length` of them and every position has a label (the extra id is only a label).
+
+    From a file (`TokenStream`: a flat .npy array or a Megatron .bin/.idx pair): each step takes its
+    sequences in plan order from where the previous step stopped, wrapping at the end. Labels stay inside
+    each document: a sequence's last position, and a position whose next token starts a dataset document,
+    are IGNORE_INDEX, so such a step labels fewer than global_tokens positions. The loss is still divided
+    by global_tokens (the step contract) in the replay and in the --check reference alike, which read the
+    same labels, so the two agree; the gradient is that of the labelled tokens, uniformly scaled."""
 
     def __init__(self, vocab: int, seed: int, path: str | None = None) -> None:
         self.vocab, self.seed = vocab, seed
-        self.stream = None
-        if path is not None:
-            import numpy as np
-
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise PlanError(f"{path}: cannot read token file ({e}); expected a flat .npy array of token "
-                                "ids") from None
-            if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size < 2:
-                raise PlanError(f"{path}: token file must be a 1-D integer .npy array with at least 2 ids, got "
-                                f"shape {arr.shape} dtype {arr.dtype}")
-            self.stream = arr
+        self.stream = TokenStream.open(Path(path)) if path is not None else None
 
     def tokens(self, iteration: int, sequences: list[Sequence], stream_offset: int = 0,
-               wanted: set[int] | None = None) -> dict[int, torch.Tensor]:
-        """Ids [length + 1] of each wanted sequence (all when None). stream_offset: where this step's
-        share of the file stream starts (the sum of earlier steps' global_tokens)."""
+               wanted: set[int] | None = None) -> dict[int, SequenceTokens]:
+        """Ids and labels of each wanted sequence (all when None). stream_offset: where this step's share of
+        the file stream starts (the sum of earlier steps' global_tokens)."""
         out, offset = {}, stream_offset
         for q in sequences:
             start, offset = offset, offset + q.length
             if wanted is not None and q.id not in wanted:
                 continue
-            n = q.length + 1
-            if self.stream is None:
-                g = torch.Generator().manual_seed(sequence_seed(self.seed, iteration, q.id))
-                out[q.id] = torch.randint(0, self.vocab, (n,), generator=g)
+            if self.stream is not None:
+                out[q.id] = self.stream.read(start, q.length, self.vocab, q.id)
                 continue
-            idx = (start + torch.arange(n)) % self.stream.size  # the file is read as a ring
-            ids = torch.from_numpy(self.stream[idx.numpy()].astype("int64"))
-            if int(ids.max()) >= self.vocab or int(ids.min()) < 0:
-                raise PlanError(f"token file: sequence {q.id} has ids outside [0, {self.vocab}) (model vocab)")
-            out[q.id] = ids
+            g = torch.Generator().manual_seed(sequence_seed(self.seed, iteration, q.id))
+            ids = torch.randint(0, self.vocab, (q.length + 1,), generator=g)
+            out[q.id] = SequenceTokens(ids[:-1], ids[1:])
         return out
 
 

@@ -28,6 +28,7 @@ from planner.schedule import PipeOp, consumer, dependency, step_op_lists
 from planner.plan import Step, Unit
 from planner.runtime.cp import (KVCache, Peers, ShardLayout, SlicedAttention, shard_layout, slice_layout,
                                 unit_attention, unit_documents)
+from planner.runtime.model import SequenceTokens
 from planner.runtime.offload import Offloader
 
 _TAG_ACT, _TAG_GRAD = 5, 6  # beside cp.py's 1-4: stage-boundary activations and their gradients
@@ -62,7 +63,7 @@ class StageRunner:
     """Runs one step's op list on one rank. `ctx` is the rank's Context (planner/runtime/context.py: model,
     device, mesh coordinates, options); `unit_inputs` and `token_loss` come from planner/runtime/step.py."""
 
-    def __init__(self, ctx, step: Step, tokens: dict[int, torch.Tensor], unit_inputs, token_loss) -> None:
+    def __init__(self, ctx, step: Step, tokens: dict[int, SequenceTokens], unit_inputs, token_loss) -> None:
         self.ctx, self.step, self.tokens = ctx, step, tokens
         self.unit_inputs, self.token_loss = unit_inputs, token_loss
         mesh = ctx.prep.plan.mesh

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from planner.plan import Step, Unit
 from planner.runtime.context import Context, rank_failure
 from planner.runtime.cp import Peers, shard_layout, unit_attention, unit_documents
-from planner.runtime.model import IGNORE_INDEX, stream_offset
+from planner.runtime.model import IGNORE_INDEX, SequenceTokens, stream_offset
 from planner.runtime.offload import Offloader
 from planner.runtime.stages import StageRunner, rank_ops
 from planner.runtime.trace import StepRecord, UnitRecord
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # check.py builds on this module (token_loss, flat_all_reduce
     from planner.runtime.check import Check
 
 
-def unit_inputs(tokens: dict[int, torch.Tensor], layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unit_inputs(tokens: dict[int, SequenceTokens], layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input ids, labels, RoPE positions) of a member's local tokens; padding gets id 0 and an
     ignored label."""
     inp = torch.zeros(layout.tokens, dtype=torch.long)
@@ -39,8 +39,8 @@ def unit_inputs(tokens: dict[int, torch.Tensor], layout) -> tuple[torch.Tensor, 
     for sid in layout.seq.unique().tolist():
         sel = (layout.seq == sid) & layout.valid
         pos = layout.pos[sel]
-        inp[sel] = tokens[sid][pos]
-        lab[sel] = tokens[sid][pos + 1]
+        inp[sel] = tokens[sid].ids[pos]
+        lab[sel] = tokens[sid].labels[pos]
     return inp, lab, layout.pos
 
 
@@ -74,7 +74,7 @@ def _enter_unit(ctx: Context, it: int, step: Step, unit: Unit) -> None:
 
 # -- the units ----------------------------------------------------------------------------------
 
-def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, torch.Tensor]) -> float:
+def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, SequenceTokens]) -> float:
     """Forward and backward of one unit on this rank; returns its loss share."""
     mesh = ctx.prep.plan.mesh
     index = unit.hdp_ranks.index(ctx.hdp_rank)
@@ -106,7 +106,7 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, to
     return float(loss.detach())
 
 
-def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]) -> float:
+def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceTokens]) -> float:
     """pp = 1: this rank's units in plan order; returns its loss share."""
     units = {u.id: u for u in step.units}
     loss = 0.0
@@ -119,7 +119,7 @@ def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]
     return loss
 
 
-def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, torch.Tensor]) -> float:
+def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceTokens]) -> float:
     """pp > 1: this rank's op list (planner/runtime/stages.py); returns its loss share (last stage)."""
     mesh = ctx.prep.plan.mesh
     runner = StageRunner(ctx, step, tokens, unit_inputs, token_loss)

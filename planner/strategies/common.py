@@ -134,26 +134,40 @@ def best_fit_pack(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list
     return bins
 
 
+def least_loaded(loads: np.ndarray, d: int) -> np.ndarray:
+    """The d least-loaded ranks, ties to the lowest index (the set `argsort(loads, kind="stable")[:d]`
+    picks), unsorted; O(n) by partition instead of a full sort (planners ask this per unit)."""
+    if d >= len(loads):
+        return np.arange(len(loads))
+    v = np.partition(loads, d - 1)[d - 1]  # the d-th smallest load: all below it, then ties by index
+    below = np.flatnonzero(loads < v)
+    return np.concatenate([below, np.flatnonzero(loads == v)[: d - len(below)]])
+
+
 def node_local_ranks(loads: np.ndarray, d: int, per_node: int, slack_s: float) -> tuple[int, ...]:
     """The d least-loaded ranks, moved inside one node (or onto whole contiguous nodes) when that
     delays the unit's start by at most `slack_s` (REFERENCE decision 3: prefer one node)."""
     n = len(loads)
-    order = np.argsort(loads, kind="stable")
-    best = order[:d]
-    best_start = float(loads[best].max())
+    best = None
     if d <= per_node and n > per_node:
         nodes = n // per_node
         blk = loads[: nodes * per_node].reshape(nodes, per_node)
-        part = np.sort(blk, axis=1)[:, d - 1]  # start time if the unit stays in node k
+        part = np.partition(blk, d - 1, axis=1)[:, d - 1]  # start time if the unit stays in node k
         k = int(np.argmin(part))
-        if part[k] <= best_start + slack_s:
+        # The global start is at least the least load: within the slack of that, the node wins unseen.
+        if part[k] > float(loads.min()) + slack_s:
+            best = least_loaded(loads, d)
+        if best is None or part[k] <= float(loads[best].max()) + slack_s:
             local = k * per_node + np.argsort(blk[k], kind="stable")[:d]
             return tuple(sorted(int(r) for r in local))
-    elif d > per_node and d % per_node == 0 and n > d:
+    if best is None:
+        best = least_loaded(loads, d)
+    if d > per_node and d % per_node == 0 and n > d:
+        best_start = float(loads[best].max())
         nodes_needed = d // per_node
         nodes = n // per_node
         node_max = loads[: nodes * per_node].reshape(nodes, per_node).max(axis=1)
-        win = np.array([node_max[i:i + nodes_needed].max() for i in range(nodes - nodes_needed + 1)])
+        win = np.lib.stride_tricks.sliding_window_view(node_max, nodes_needed).max(axis=1)  # start per window
         k = int(np.argmin(win))
         if win[k] <= best_start + slack_s:
             return tuple(range(k * per_node, (k + nodes_needed) * per_node))

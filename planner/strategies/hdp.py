@@ -25,6 +25,7 @@ units. They differ in assignment:
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -107,16 +108,12 @@ def _slice_peak(n: int, schedule: str) -> float:
     return 1.0 / n if schedule == "sliced-redistributed" else (2 * n - 1) / (n * n)
 
 
-def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, float, int]], cm: CostModel,
-                short_work_s: float, slack: float = 1.0,
-                pp_schedule: str = "1f1b") -> list[tuple[float, int, int, float, int]]:
-    """(time, seq index, D, r, n slices) per long sequence, largest D·time first.
+LongBase = dict[int, tuple[int, float, float, int]]  # seq index -> (D_min, r, time at D_min, n slices)
 
-    Units that would outlast the step's target T get more ranks: D_k(T) = the smallest D ≥ D_min with
-    time ≤ T (time ∝ 1/D). They must run side by side to finish by T, so T starts at the average rank
-    load (times `slack`) and is raised by bisection until their degrees fit in the mesh; the other
-    long units keep D_min and are packed around them like bins ("one length level per time step")."""
-    hdp = cm.setup.hdp
+
+def _long_base(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, float, int]], cm: CostModel,
+               pp_schedule: str = "1f1b") -> LongBase:
+    """Each long sequence's unit at its memory-minimal degree, priced once for every slack tried."""
     mesh = cm.setup.mesh
     base = {}
     for i in long_idx:
@@ -124,8 +121,25 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
         c = cm.unit_time_s([int(seqs.lengths[i])], d, r, mesh.group_spans_domains(d))
         # With PP a unit alone also fills and drains the pipeline: (p − 1) of its largest slice.
         base[int(i)] = (d, r, c * (1 + (cm.pp - 1) * _slice_peak(n, pp_schedule)), n)
+    return base
+
+
+def _long_units(seqs: SeqTable, base: LongBase, cm: CostModel, short_work_s: float, slack: float = 1.0,
+                pp_schedule: str = "1f1b",
+                raised: dict[tuple[int, int], tuple[int, float, float, int]] | None = None,
+                ) -> list[tuple[float, int, int, float, int]]:
+    """(time, seq index, D, r, n slices) per long sequence, largest D·time first.
+
+    Units that would outlast the step's target T get more ranks: D_k(T) = the smallest D ≥ D_min with
+    time ≤ T (time ∝ 1/D). They must run side by side to finish by T, so T starts at the average rank
+    load (times `slack`) and is raised by bisection until their degrees fit in the mesh; the other
+    long units keep D_min and are packed around them like bins ("one length level per time step").
+    `raised` memoises the units priced at a raised degree, keyed (seq index, D), across slacks."""
+    hdp = cm.setup.hdp
+    mesh = cm.setup.mesh
     if not base:
         return []
+    raised = {} if raised is None else raised
     avg = slack * (short_work_s + sum(d * c for d, _, c, _ in base.values())) / hdp
 
     def degrees(T: float) -> dict[int, int]:
@@ -147,11 +161,13 @@ def _long_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, 
     out = []
     for i, nd in degrees(T).items():
         d, r, c, n = base[i]
-        s = int(seqs.lengths[i])
         if nd > d:
-            nd, nr, nn = fit_degree(s, nd, cm, r, max_slices=n)
-            nc = (cm.unit_time_s([s], nd, nr, mesh.group_spans_domains(nd))
-                  * (1 + (cm.pp - 1) * _slice_peak(nn, pp_schedule)))
+            if (i, nd) not in raised:
+                s = int(seqs.lengths[i])
+                fd, fr, fn = fit_degree(s, nd, cm, r, max_slices=n)
+                raised[i, nd] = (fd, fr, cm.unit_time_s([s], fd, fr, mesh.group_spans_domains(fd))
+                                 * (1 + (cm.pp - 1) * _slice_peak(fn, pp_schedule)), fn)
+            nd, nr, nc, nn = raised[i, nd]
             if nc < c:
                 d, r, c, n = nd, nr, nc, nn
         out.append((c, i, d, r, n))
@@ -180,25 +196,49 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / cm.capacity_tokens)))
     short_work = float(short_cost.sum()) + n_bins * gamma
     best = None
+    base = _long_base(seqs, long_idx, deg, cm)
+    raised: dict = {}
+    # Every candidate has at least one unit per long sequence and one bin per C short tokens: when that
+    # exceeds the exact-scoring limit, all are scored on the estimate, which a bound can prune.
+    estimated = len(base) + n_bins > EXACT_SCORING_MAX_UNITS
     # The target makespan for long units is a guess (shorts must still fit around them): try a few
-    # slacks and keep the plan with the smallest estimated finish; only that one is finalised.
-    for slack in opt.hdp.balance_slacks:
-        drafts, t = _dp_balance(seqs, short_idx, short_cost, _long_units(seqs, long_idx, deg, cm, short_work, slack),
-                                cm, opt)
+    # slacks and keep the plan with the smallest estimated finish (the first slack on ties); only that
+    # one is finalised. Estimated candidates run in order of a lower bound on their finish and stop
+    # once it shows they cannot win: in practice the bound is tight, so most never run.
+    cands = [_long_units(seqs, base, cm, short_work, slack, raised=raised) for slack in opt.hdp.balance_slacks]
+    bounds = [_finish_bound(longs, short_cost, hdp) if estimated else 0.0 for longs in cands]
+    for k in sorted(range(len(cands)), key=lambda k: (bounds[k], k)):
+        cutoff = math.inf
+        if best is not None and estimated:
+            # a later slack must beat the best strictly; an earlier one wins a tie, so matching it is enough
+            cutoff = best[1] if k > best[2] else math.nextafter(best[1], math.inf)
+        if bounds[k] >= cutoff:
+            continue
+        placed = _dp_balance(seqs, short_idx, short_cost, cands[k], cm, opt, cutoff)
+        if placed is None:  # provably no better than the best so far
+            continue
+        drafts, t = placed
         # Small steps: score with exact unit costs (the fit's few-% error can flip close calls).
         score = _replay_finish(drafts, cm, hdp) if len(drafts) <= EXACT_SCORING_MAX_UNITS else float(t.max())
-        if best is None or score < best[1]:
-            best = (drafts, score)
+        if best is None or (score, k) < (best[1], best[2]):
+            best = (drafts, score, k)
     if len(best[0]) <= EXACT_SCORING_MAX_UNITS:
         # Alg. 1's placement is one more candidate: where candidates are scored exactly, the balance
         # scheduler is then never slower than naive HDP (a few units side by side can beat the gang LPT).
         naive = _naive_drafts(batch, cm, opt)
         if _replay_finish(naive, cm, hdp) < best[1]:
-            best = (naive, 0.0)
+            best = (naive, 0.0, -1)
     return finalize(batch, best[0], cm, hdp)
 
 
 EXACT_SCORING_MAX_UNITS = 600  # above this, candidates are compared on the fitted estimate (speed)
+
+
+def _finish_bound(longs: list[tuple[float, int, int, float, int]], short_cost: np.ndarray, hdp: int) -> float:
+    """A lower bound on DP-Balance's estimated finish: no unit ends before its own time, and the
+    busiest rank carries at least the mean load (less a margin for rounding in the sums)."""
+    longest = max((c for c, *_ in longs), default=0.0)
+    return max(longest, (sum(c * d for c, _, d, _, _ in longs) + float(short_cost.sum())) / hdp * (1 - 1e-9))
 
 
 def _replay_finish(drafts: list[Draft], cm: CostModel, hdp: int) -> float:
@@ -214,18 +254,26 @@ def _replay_finish(drafts: list[Draft], cm: CostModel, hdp: int) -> float:
 
 def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
                 longs: list[tuple[float, int, int, float, int]], cm: CostModel,
-                opt: PlanOptions) -> tuple[list[Draft], np.ndarray]:
-    """DP-Balance placement; returns the drafts and the planned finish time of every rank."""
+                opt: PlanOptions, cutoff_s: float = math.inf) -> tuple[list[Draft], np.ndarray] | None:
+    """DP-Balance placement; returns the drafts and the planned finish time of every rank, or None
+    when, once the long units are placed, the finish provably cannot be below `cutoff_s`."""
     hdp = cm.setup.hdp
     per_domain = cm.setup.mesh.hdp_per_domain
     gamma = cm.unit_overhead_s
     t = np.zeros(hdp)
     drafts: list[Draft] = []
+    t_max = 0.0  # loads only grow: the running maximum saves a pass over all ranks per unit
     for c, i, d, r, _ in longs:
-        ranks = node_local_ranks(t, d, per_domain, opt.hdp.delta * float(t.max()))
-        start = float(t[list(ranks)].max())
-        t[list(ranks)] = start + c
+        ranks = node_local_ranks(t, d, per_domain, opt.hdp.delta * t_max)
+        idx = list(ranks)
+        start = float(t[idx].max())
+        t[idx] = start + c
+        t_max = max(t_max, start + c)
         drafts.append(Draft(ranks=ranks, pieces=[seqs.piece(i)], offload_ratio=r, sort_key=start))
+    # Shorts only add load: the finish is at least the current maximum and the final mean (a margin
+    # absorbs rounding in the sum), so a candidate that cannot reach the cutoff stops here.
+    if max(t_max, (float(t.sum()) + float(short_cost.sum())) / hdp * (1 - 1e-9)) >= cutoff_s:
+        return None
     # Short sequences, longest first, to the most-lagging rank's open bin (LPT over ranks).
     C = cm.capacity_tokens
     heap = [(float(t[r]), r) for r in range(hdp)]
@@ -272,8 +320,8 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
                        key=lambda x: -int(seqs.lengths[x[1]]))
     else:
         longs = [(c / (1 + (p - 1) * _slice_peak(n, sched)), i, d, r, n)  # back to the stage time
-                 for c, i, d, r, n in _long_units(seqs, long_idx, deg, cm, float(short_cost.sum()) + n_bins * gamma,
-                                                  pp_schedule=sched)]
+                 for c, i, d, r, n in _long_units(seqs, _long_base(seqs, long_idx, deg, cm, sched), cm,
+                                                  float(short_cost.sum()) + n_bins * gamma, pp_schedule=sched)]
     total = np.zeros(hdp)  # Σ t_μ per pipeline (per stage)
     worst = np.zeros(hdp)  # max t_μ per pipeline
     count = np.zeros(hdp, dtype=int)  # micro-batch slots used per pipeline

@@ -6,6 +6,7 @@
 - ``workers.py``     worker processes that never outlive their use (Ctrl-C included)
 - ``capacity.py``    the capacity search: smallest GPU count and layout meeting a target
 - ``bytescale.py``   the ByteScale §8.2 reproduction: panels, grid, claims, its REPRODUCTION.md section
+- ``validation.py``  the cost model against published measurements (data/: the calibration sets)
 """
 
 from planner.api import BYTESCALE_TOKENS_PER_STEP
@@ -23,15 +24,19 @@ from planner.studies.journal import (
 from planner.studies.sweep import (
     POINT_ERRORS, STATIC_MESHES, Config, Point, SweepResult, SweepSpec, batches_of, check_inputs, cost_model_of,
     evaluate_point, options_for, run_sweep)
+from planner.studies.validation import (
+    CALIBRATION_SETS, CalibrationSet, IterationCase, LayerCase, ValidationReport, ValidationRow, load_calibration_set,
+    validate_cost_model)
 from planner.studies.workers import stop_pool, worker_pool
 
 __all__ = [
     'BYTESCALE_CLAIMS', 'BYTESCALE_LAYOUT_NOTE', 'BYTESCALE_PANELS', 'BYTESCALE_STRATEGIES',
-    'BYTESCALE_TOKENS_PER_STEP', 'ByteScaleGrid', 'CAPACITY_STATUSES', 'CapacityProgress', 'CapacityResult', 'Config',
-    'Journal', 'LayoutBound', 'LayoutRules', 'MFU_CONVENTION', 'POINT_ERRORS', 'Point', 'ReproPanel', 'Reproduction',
-    'STATIC_MESHES', 'SWEEP_COLUMNS', 'SweepResult', 'SweepSpec', 'Target', 'batches_of', 'bytescale_markdown',
-    'capacity_search',
-    'check_inputs', 'code_fingerprint', 'cost_model_of', 'default_bytescale_table', 'default_capacity_table',
-    'evaluate_point', 'journal_path', 'json_row', 'layout_bound', 'machine_description', 'options_for',
-    'per_doubling_slowdown', 'read_table', 'replace_section', 'reproduce_bytescale', 'rows_to_frame', 'run_sweep',
-    'stop_pool', 'table_paths', 'worker_pool', 'write_table']
+    'BYTESCALE_TOKENS_PER_STEP', 'ByteScaleGrid', 'CALIBRATION_SETS', 'CAPACITY_STATUSES', 'CalibrationSet',
+    'CapacityProgress', 'CapacityResult', 'Config', 'IterationCase', 'Journal', 'LayerCase', 'LayoutBound',
+    'LayoutRules', 'MFU_CONVENTION', 'POINT_ERRORS', 'Point', 'ReproPanel', 'Reproduction', 'STATIC_MESHES',
+    'SWEEP_COLUMNS', 'SweepResult', 'SweepSpec', 'Target', 'ValidationReport', 'ValidationRow', 'batches_of',
+    'bytescale_markdown', 'capacity_search', 'check_inputs', 'code_fingerprint', 'cost_model_of',
+    'default_bytescale_table', 'default_capacity_table', 'evaluate_point', 'journal_path', 'json_row', 'layout_bound',
+    'load_calibration_set', 'machine_description', 'options_for', 'per_doubling_slowdown', 'read_table',
+    'replace_section', 'reproduce_bytescale', 'rows_to_frame', 'run_sweep', 'stop_pool', 'table_paths',
+    'validate_cost_model', 'worker_pool', 'write_table']

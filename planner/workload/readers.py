@@ -221,9 +221,19 @@ IDX_DTYPE_CODES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6:
                    8: "uint16"}
 
 
-def read_megatron_idx(path: Path) -> np.ndarray:
-    """Document lengths (tokens) from a Megatron ``.idx`` header: each document's length is the sum of
-    its sequences' lengths between consecutive document indices."""
+@dataclass(frozen=True)
+class MegatronIndex:
+    """The arrays of a Megatron ``.idx`` file (the one reader of the format: lengths for planning, token
+    pointers for the replay's token source)."""
+
+    dtype: np.dtype  # token dtype of the matching .bin
+    sequence_lengths: np.ndarray  # int32 [sequences]: tokens of each sequence
+    sequence_pointers: np.ndarray  # int64 [sequences]: byte offset of each sequence in the .bin
+    document_index: np.ndarray  # int64 [documents + 1]: document i = sequences [d[i], d[i+1])
+
+
+def read_megatron_index(path: Path) -> MegatronIndex:
+    """The header and arrays of a Megatron ``.idx`` file, checked (magic, version, dtype, sizes, order)."""
     try:
         size_bytes = path.stat().st_size
         with open(path, "rb") as f:
@@ -246,6 +256,7 @@ def read_megatron_idx(path: Path) -> np.ndarray:
     if doc_count < 2:
         raise SourceError(f"{path}: no lengths found (the index holds no documents)")
     seq_lengths = np.fromfile(path, dtype="<i4", count=seq_count, offset=IDX_HEADER_BYTES)
+    pointers = np.fromfile(path, dtype="<i8", count=seq_count, offset=IDX_HEADER_BYTES + 4 * seq_count)
     doc_index = np.fromfile(path, dtype="<i8", count=doc_count, offset=IDX_HEADER_BYTES + 12 * seq_count)
     neg = np.flatnonzero(seq_lengths < 0)
     if neg.size:
@@ -255,8 +266,15 @@ def read_megatron_idx(path: Path) -> np.ndarray:
         i = 0 if doc_index[0] < 0 else int(broken[0])
         raise SourceError(f"{path}: document index {i} ({int(doc_index[i])}) is out of order or past the "
                           f"{seq_count:,} sequences")
-    cumulative = np.concatenate(([0], np.cumsum(seq_lengths, dtype=np.int64)))
-    lengths = cumulative[doc_index[1:]] - cumulative[doc_index[:-1]]
+    return MegatronIndex(np.dtype(IDX_DTYPE_CODES[dtype_code]), seq_lengths, pointers, doc_index)
+
+
+def read_megatron_idx(path: Path) -> np.ndarray:
+    """Document lengths (tokens) from a Megatron ``.idx`` header: each document's length is the sum of
+    its sequences' lengths between consecutive document indices."""
+    index = read_megatron_index(path)
+    cumulative = np.concatenate(([0], np.cumsum(index.sequence_lengths, dtype=np.int64)))
+    lengths = cumulative[index.document_index[1:]] - cumulative[index.document_index[:-1]]
     return checked_lengths(lengths, lambda i: f"{path}: document {i}", str(path))
 
 

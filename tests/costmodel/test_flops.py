@@ -1,5 +1,6 @@
 """FLOP formulas: a layer counted by hand, zigzag shards balanced."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -27,3 +28,19 @@ def test_zigzag_shards_equal_and_sum_to_whole(s, d):
     assert np.allclose(shares, shares[0])
     padded = 2 * d * math.ceil(s / (2 * d))
     assert shares.sum() == pytest.approx(flops.causal_pairs(padded))
+
+
+@pytest.mark.parametrize("name", ["gpt-22b", "gpt-175b", "gpt-530b", "gpt-1t"])
+def test_gpt_model_flops_match_megatron_formula(name):
+    # Narayanan et al. 2021 (Megatron-LM's MFU): 72·B·s·L·h²·(1 + s/(6h) + V/(12·h·L)), attention unhalved
+    m, batch, s = load_model(name), 8, 2048
+    L, h, V = m.layers, m.hidden, m.vocab
+    megatron = 72 * batch * s * L * h * h * (1 + s / (6 * h) + V / (12 * h * L))
+    assert flops.model_flops([s] * batch, m, causal_halved=False) == pytest.approx(megatron, rel=1e-12)
+
+
+def test_gelu_mlp_has_two_gemms():
+    gpt = load_model("gpt-22b")
+    swiglu = dataclasses.replace(gpt, mlp="swiglu")
+    h, f = gpt.hidden, gpt.ffn
+    assert flops.linear_flops_per_token(swiglu) - flops.linear_flops_per_token(gpt) == 2 * h * f

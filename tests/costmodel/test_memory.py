@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from costmodel.memory import (activation_bytes_per_token_layer, memory_budget, min_degree, offload_lower_bound,
-                              offload_ratio_for_tokens)
+from costmodel.memory import (activation_bytes_per_token_layer, layer_activation_bytes, memory_budget, min_degree,
+                              offload_lower_bound, offload_ratio_for_tokens)
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, SpecError, TrainingSpec
 
@@ -96,3 +96,29 @@ def test_oom_message_when_activations_dominate():
     msg = _oom(Setup(m, c, tr))
     assert "less than one token's activations" in msg and "use --recompute full" in msg
     assert f"({per_token / 1e6:.1f} MB over 2 layers)" in msg
+
+
+def test_gpt_activation_bytes_match_korthikanti_table_2():
+    # Korthikanti et al. 2022 Table 2, per layer, 2-byte activations, 1-byte dropout masks
+    m = load_model("gpt-22b")
+    s, b, h, a, t = 2048, 4, m.hidden, m.heads, 8
+    sbh = s * b * h
+    kw = dict(flash_attention=False)
+    assert layer_activation_bytes(m, s, b, 1, "none", **kw) == pytest.approx(sbh * (34 + 5 * a * s / h))
+    assert layer_activation_bytes(m, s, b, t, "none", sequence_parallel=False, **kw) == pytest.approx(
+        sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert layer_activation_bytes(m, s, b, t, "none", **kw) == pytest.approx(sbh / t * (34 + 5 * a * s / h))
+    assert layer_activation_bytes(m, s, b, t, "selective", **kw) == pytest.approx(sbh / t * 34)
+    assert layer_activation_bytes(m, s, b, t, "full", sequence_parallel=False, **kw) == pytest.approx(2 * sbh)
+    # FlashAttention keeps no scores: the planner's per-token figure is the SP formula without 5as²b
+    assert activation_bytes_per_token_layer(m, t, "none") == pytest.approx(34 * h / t)
+    assert activation_bytes_per_token_layer(m, t, "full") == pytest.approx(2 * h / t)
+
+
+def test_llama_activation_bytes_unchanged_by_block_fields():
+    m = load_model("llama-70b")
+    h, hkv, f = m.hidden, m.kv_width, m.ffn
+    assert activation_bytes_per_token_layer(m, 8, "none") == (12 * h + 4 * hkv + 8 * f) / 8
+    assert activation_bytes_per_token_layer(m, 8, "selective") == (12 * h + 4 * hkv + 4 * f) / 8
+    assert layer_activation_bytes(m, 4096, 2, 8, "none") == pytest.approx(
+        activation_bytes_per_token_layer(m, 8, "none") * 4096 * 2)

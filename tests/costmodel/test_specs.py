@@ -96,3 +96,32 @@ def test_hf_config_nulls_mean_absent(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m = load_model(str(tmp_path / "config.json"))
     assert (m.kv_heads, m.head_dim, m.experts) == (4, 16, 1)
+
+
+@pytest.mark.parametrize("name,published", [("gpt-22b", 22e9), ("gpt-175b", 174.6e9), ("gpt-530b", 530e9),
+                                            ("gpt-1t", 1008e9)])
+def test_gpt_parameter_counts_match_published_sizes(name, published):
+    # Korthikanti 2022 / Narayanan 2021 name the sizes; 175B with V = 51,200 and learned positions is 174.6B
+    m = load_model(name)
+    assert (m.mlp, m.norm, m.position, m.tied_embeddings) == ("gelu", "layernorm", "learned", True)
+    assert m.parameters == pytest.approx(published, rel=0.005)
+
+
+def test_hand_counted_gpt_block_parameters():
+    # GPT block: QKV 3h² + 3h, O h² + h, MLP 2hf + f + h, 2 LayerNorms 4h; tied V·h, positions P·h, final LN 2h
+    h, f, v, pos, layers = 64, 256, 100, 32, 3
+    m = ModelSpec(name="g", layers=layers, hidden=h, heads=4, kv_heads=4, head_dim=16, ffn=f, vocab=v,
+                  tied_embeddings=True, norm="layernorm", mlp="gelu", linear_bias=True, position="learned",
+                  max_positions=pos)
+    layer = 3 * h * h + 3 * h + h * h + h + 2 * h * f + f + h + 4 * h
+    assert m.layer_params() == layer
+    assert m.parameters == layers * layer + v * h + pos * h + 2 * h
+
+
+def test_learned_positions_need_a_table():
+    with pytest.raises(SpecError, match="max_positions"):
+        ModelSpec(name="x", layers=2, hidden=64, heads=4, kv_heads=4, head_dim=16, ffn=128, vocab=10,
+                  position="learned")
+    with pytest.raises(SpecError, match="mlp"):
+        ModelSpec.from_dict({"name": "x", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16,
+                             "ffn": 128, "vocab": 10, "mlp": "relu"})

@@ -4,7 +4,7 @@ import pytest
 
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, TrainingSpec
-from costmodel.timing import CostModel, fit_layer_time
+from costmodel.timing import CostModel, fit_layer_time, gemm_shapes
 from profiles.table import load_profile
 
 
@@ -43,3 +43,12 @@ def test_grad_sync_positive_and_grows_across_nodes():
     intra = CostModel(Setup(m, load_cluster("dgx-h100").with_gpus(8), TrainingSpec()), p).grad_sync_s()
     inter = CostModel(Setup(m, load_cluster("dgx-h100").with_gpus(64), TrainingSpec()), p).grad_sync_s()
     assert 0 < intra < inter
+
+
+def test_gemm_shapes_follow_the_mlp_kind():
+    gpt, llama = load_model("gpt-22b"), load_model("llama-7b")
+    up = {g.label: g for g in gemm_shapes(gpt, tp=8)}
+    assert "gate_up" not in up and (up["up"].n, up["up"].k) == (gpt.ffn // 8, gpt.hidden)
+    assert (up["down"].n, up["down"].k) == (gpt.hidden, gpt.ffn // 8)
+    gate_up = {g.label: g for g in gemm_shapes(llama, tp=2)}["gate_up"]
+    assert (gate_up.n, gate_up.k) == (llama.ffn, llama.hidden)  # 2f / 2

@@ -21,13 +21,18 @@ from planner.plan import (Mesh, Piece, PipelineSection, Plan, Predicted, Sequenc
 from planner.runtime.cp import (FusedCPUBlocks, MathBlocks, PackedAttention, attention_mask, merge_block,  # noqa: E402
                                 shard_layout, unit_documents)
 from planner.runtime.check import ReferenceAttention  # noqa: E402
-from planner.runtime.model import ModelConfig, TokenSource, build_model  # noqa: E402
+from planner.runtime.model import ModelConfig, SequenceTokens, TokenSource, build_model  # noqa: E402
 from planner.runtime.offload import Offloader, parameter_pointers  # noqa: E402
 from planner.runtime.step import token_loss, unit_inputs  # noqa: E402
 from costmodel.presets import load_model  # noqa: E402
 
 GRAD_TOL = 1e-4  # fp32: max relative gradient error vs the single-process reference
 LOSS_TOL = 1e-5
+# bf16 vs a bf16 reference: both round activations to bf16 (8-bit mantissa, 2^-8 ≈ 0.4% per rounding) but
+# at different points (ring blocks merged in fp32, per-unit vs per-sequence losses), so gradients agree to a
+# few bf16 ulps after a dozen roundings, not to fp32's summation-order noise
+BF16_GRAD_TOL = 3e-2
+BF16_LOSS_TOL = 1e-2
 TIMEOUT_S = 180
 
 
@@ -241,7 +246,7 @@ def test_ring_block_kernels_merge_to_full_attention(kernel, lengths):
 def test_split_piece_positions_are_true_sequence_positions():
     docs = unit_documents((Piece(3, 40, 44), Piece(3, 10, 12)))  # two pieces of one sequence: one document
     assert len(docs) == 1 and docs[0].positions.tolist() == [10, 11, 40, 41, 42, 43]
-    toks = {3: torch.arange(100, 150)}
+    toks = {3: SequenceTokens(torch.arange(100, 150), torch.arange(101, 151))}
     inp, lab, pos = unit_inputs(toks, shard_layout(docs, 1, 0))
     assert inp.tolist() == [110, 111, 140, 141, 142, 143] and lab.tolist() == [111, 112, 141, 142, 143, 144]
 
@@ -285,7 +290,7 @@ def test_packed_bin_equals_per_sequence_reference():
     inp, _, pos = unit_inputs(tokens, lay)
     with torch.no_grad():
         packed = model(inp, pos, PackedAttention(lay))
-        alone = [model(tokens[s][:-1], torch.arange(n), ReferenceAttention(torch.zeros(n, dtype=torch.long)))
+        alone = [model(tokens[s].ids, torch.arange(n), ReferenceAttention(torch.zeros(n, dtype=torch.long)))
                  for s, n in ((0, 37), (1, 50))]
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
@@ -347,12 +352,16 @@ def test_tokens_are_deterministic_per_sequence_and_read_from_a_file(tmp_path):
     seqs = [Sequence(4, 10), Sequence(9, 6)]
     a = TokenSource(256, seed=2).tokens(3, seqs)
     b = TokenSource(256, seed=2).tokens(3, seqs[::-1], wanted={9})
-    assert torch.equal(a[9], b[9]) and a[4].shape == (11,)
-    assert not torch.equal(a[9], TokenSource(256, seed=2).tokens(4, seqs)[9])  # a new step, new tokens
+    assert torch.equal(a[9].ids, b[9].ids) and a[4].ids.shape == a[4].labels.shape == (10,)
+    assert torch.equal(a[4].ids[1:], a[4].labels[:-1])  # generated: one extra id, the last label
+    assert not torch.equal(a[9].ids, TokenSource(256, seed=2).tokens(4, seqs)[9].ids)  # a new step, new tokens
     np.save(tmp_path / "t.npy", np.arange(20, dtype=np.uint16))
     f = TokenSource(256, seed=0, path=str(tmp_path / "t.npy")).tokens(0, seqs, stream_offset=15)
-    assert f[4].tolist() == [15, 16, 17, 18, 19, 0, 1, 2, 3, 4, 5]  # the file is read as a ring
-    assert f[9].tolist() == [5, 6, 7, 8, 9, 10, 11]  # starts where sequence 4's `length` tokens end
+    assert f[4].ids.tolist() == [15, 16, 17, 18, 19, 0, 1, 2, 3, 4]  # the file is read as a ring
+    assert f[9].ids.tolist() == [5, 6, 7, 8, 9, 10]  # starts where sequence 4's `length` tokens end
+    # labels stay inside the document: not across the wrap (a new document), not into the next sequence
+    assert f[4].labels.tolist() == [16, 17, 18, 19, -100, 1, 2, 3, 4, -100]
+    assert f[9].labels.tolist() == [6, 7, 8, 9, 10, -100]
 
 
 # -- torchrun --------------------------------------------------------------------------------------
@@ -394,6 +403,33 @@ def test_offload_on_and_off_give_identical_results(mixed_ring, tmp_path):
     # optimizer step taken on those gradients.
     assert a["check"] == b["check"]
     assert [s["loss"] for s in a["step"]] == [s["loss"] for s in b["step"]]
+
+
+@pytest.mark.torchrun
+def test_bf16_ring_matches_a_bf16_reference(tmp_path):
+    mixed_plan_3().save(tmp_path / "plan.json")
+    res = torchrun(3, tmp_path / "plan.json", "--check", "--dtype", "bf16", "--cp", "ring",
+                   "--trace", str(tmp_path / "trace.json"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = json_lines(res.stdout)["check"][0]
+    assert c["max_rel_grad_err"] < BF16_GRAD_TOL and c["loss_abs_err"] < BF16_LOSS_TOL, c
+    meta = json.loads((tmp_path / "trace.json").read_text())["meta"]
+    assert meta["dtype"] == "bf16" and meta["recompute"] == "none"
+
+
+@pytest.mark.torchrun
+def test_the_plans_recompute_policy_leaves_gradients_unchanged(mixed_ring, tmp_path):
+    _, base = mixed_ring
+    plan = mixed_plan_3()
+    plan.meta["training"] = {"recompute": "full"}  # what `meshplan plan` writes (TrainingSpec.to_dict)
+    plan.save(tmp_path / "plan.json")
+    res = torchrun(3, tmp_path / "plan.json", "--check", "--steps", "2", "--cp", "ring",
+                   "--trace", str(tmp_path / "trace.json"), cwd=tmp_path)
+    lines = assert_matches_reference(res, ranks=3, units=2 * 5)
+    assert json.loads((tmp_path / "trace.json").read_text())["meta"]["recompute"] == "full"
+    # step 1 ran after an optimizer step on step 0's gradients: equal losses mean equal gradients
+    for a, b in zip(lines["step"], json_lines(base.stdout)["step"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.torchrun
@@ -548,6 +584,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     pp["mesh"] = {"world_size": 12, "tp": 1, "pp": 4, "hdp": 3}  # tiny has 2 layers
     (tmp_path / "pp.json").write_text(json.dumps(pp))
     sliced = pipelined_plan()
+    sliced.save(tmp_path / "sliced.json")
     # unit 2 holds 141 tokens (validate passes 100 slices) but its longest document only 80
     sliced.steps[0].units[2] = replace(sliced.steps[0].units[2], slices=100)
     sliced.save(tmp_path / "slices.json")
@@ -557,6 +594,9 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     moe = json.loads(text)
     moe["meta"]["model"] = "mistral-8x7b"
     (tmp_path / "moe.json").write_text(json.dumps(moe))
+    gpt = json.loads(text)
+    gpt["meta"]["model"] = "gpt-22b"
+    (tmp_path / "gpt.json").write_text(json.dumps(gpt))
     return [(["truncated.json", "--nproc", "3"], "truncated or corrupt plan JSON"),
             (["gap.json", "--nproc", "3"], "sequence 0 covers 30 of 37 tokens"),
             (["good.json", "--nproc", "4"], "the plan is for world_size 3"),
@@ -565,6 +605,10 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["slices.json", "--nproc", "4"], "unit 2 has 100 slices but its longest document only 80 tokens"),
             (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),
             (["moe.json", "--nproc", "3"], "MoE replay is not implemented"),
+            (["gpt.json", "--nproc", "3"], "replay builds Llama-style blocks"),
+            (["sliced.json", "--nproc", "4", "--recompute", "full"], "with sliced units (slices > 1) is not"),
+            (["good.json", "--nproc", "3", "--recompute", "auto"], "--recompute is 'auto'; the replay applies one of"),
+            (["good.json", "--nproc", "3", "--dtype", "fp16"], "unknown --dtype 'fp16'"),
             (["good.json", "--nproc", "3", "--model", "nope"], "unknown model 'nope'")]
 
 

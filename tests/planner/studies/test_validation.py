@@ -1,0 +1,86 @@
+"""Validation against published measurements: the cases come from the packaged file, every error is
+computed from the cost model at run time, and the pipeline timing follows the schedule."""
+
+import dataclasses
+
+import pytest
+
+from costmodel.timing import UnitCost
+from planner.schedule import closed_form_bubble
+from planner.studies.validation import (ValidationRow, iteration_row, layer_rows, load_calibration_set,
+                                        pipeline_time_s, validate_cost_model)
+from profiles.table import load_profile
+
+
+@pytest.fixture(scope="module")
+def a100():
+    return load_profile("a100-sxm-80gb.analytic")
+
+
+def test_packaged_set_has_the_published_rows():
+    cal = load_calibration_set()
+    assert cal.cluster == "dgx-a100" and cal.seq_tokens == 2048
+    assert [c.backward_ms for c in cal.layer_cases] == [11.8, 13.1, 19.5]
+    assert [c.iteration_s for c in cal.iteration_cases] == [1.42, 1.10, 18.13, 13.75, 37.83, 71.49]
+
+
+def test_report_rows_and_mape(a100):
+    r = validate_cost_model(a100)
+    assert len(r.rows) == 2 * 3 + 6 and r.profile == "a100-sxm-80gb.analytic"
+    for row in r.rows:
+        assert row.predicted > 0 and row.note
+        assert row.error == pytest.approx(row.predicted / row.published - 1)
+    assert r.mape == pytest.approx(sum(abs(x.error) for x in r.rows) / len(r.rows))
+    assert r.to_dict()["rows"][0]["error"] == r.rows[0].error
+
+
+def test_error_moves_with_the_profile(a100):
+    # a faster GPU predicts shorter times for the same published figures: the error is computed, not stored
+    a, h = validate_cost_model(a100), validate_cost_model("h100-sxm.analytic")
+    for ra, rh in zip(a.rows, h.rows):
+        assert ra.published == rh.published and rh.predicted < ra.predicted and rh.error < ra.error
+
+
+def test_error_moves_with_the_published_figure(a100):
+    cal = load_calibration_set()
+    case = cal.layer_cases[0]
+    fwd, _ = layer_rows(cal, case, a100)
+    fwd2, _ = layer_rows(cal, dataclasses.replace(case, forward_ms=2 * case.forward_ms), a100)
+    assert fwd2.predicted == fwd.predicted
+    assert 1 + fwd2.error == pytest.approx((1 + fwd.error) / 2)
+
+
+def test_full_recompute_backward_includes_the_forward(a100):
+    cal = load_calibration_set()
+    none, full = (layer_rows(cal, c, a100) for c in (cal.layer_cases[0], cal.layer_cases[2]))
+    assert full[0].predicted == pytest.approx(none[0].predicted)
+    assert full[1].predicted > none[1].predicted
+
+
+def test_row_error_sign():
+    assert ValidationRow("x", "s", 2.0, 3.0, "n").error == pytest.approx(0.5)
+    assert ValidationRow("x", "s", 2.0, 1.0, "n").error == pytest.approx(-0.5)
+
+
+def _unit(fwd_s: float, bwd_s: float) -> UnitCost:
+    return UnitCost(fwd_compute_s=fwd_s, bwd_compute_s=bwd_s, ring_comm_s=0, ring_exposed_fwd_s=0,
+                    ring_exposed_bwd_s=0, tp_comm_fwd_s=0, tp_comm_bwd_s=0, offload_exposed_fwd_s=0,
+                    offload_exposed_bwd_s=0, head_fwd_s=0, head_bwd_s=0, tokens_per_rank=1)
+
+
+@pytest.mark.parametrize("p,m,v", [(1, 4, 1), (4, 8, 1), (4, 8, 2), (8, 64, 3)])
+def test_pipeline_time_matches_the_closed_form_bubble(p, m, v):
+    # uniform stages, no transfer: T = m·(f + b) / (1 − bubble) (REFERENCE §6)
+    t = pipeline_time_s(p, m, v, _unit(1.0, 2.0), 0.0)
+    assert t == pytest.approx(m * 3.0 / (1 - closed_form_bubble(p, m, v=v)))
+
+
+def test_pipeline_transfers_add_time():
+    assert pipeline_time_s(4, 8, 1, _unit(1.0, 2.0), 0.1) > pipeline_time_s(4, 8, 1, _unit(1.0, 2.0), 0.0)
+
+
+def test_iteration_row_rejects_data_parallel_layouts(a100):
+    cal = load_calibration_set()
+    case = dataclasses.replace(cal.iteration_cases[0], gpus=16)
+    with pytest.raises(ValueError, match="DP = 1"):
+        iteration_row(cal, case, a100)
