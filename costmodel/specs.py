@@ -274,6 +274,7 @@ class ClusterSpec:
 
 
 Recompute = Literal["none", "selective", "full"]
+AttentionKernel = Literal["flash", "unfused"]  # fused (FlashAttention) or materialised scores (QKᵀ, softmax, PV)
 RECOMPUTE_POLICIES: tuple[Recompute, ...] = get_args(Recompute)  # least recompute (most memory) first
 AUTO_RECOMPUTE = "auto"  # a request's choice: the least recompute that fits its max context (planner.api)
 RECOMPUTE_CHOICES = (AUTO_RECOMPUTE, *RECOMPUTE_POLICIES)  # what a request (--recompute) may ask for
@@ -295,7 +296,7 @@ class TrainingSpec:
     """How the model is trained: precision, model parallelism, optimizer sharding, recompute."""
 
     dtype: DType = "bf16"  # activation and parameter dtype
-    tp: int = field(default=1, metadata=positive())  # tensor-parallel degree (with sequence parallelism)
+    tp: int = field(default=1, metadata=positive())  # tensor-parallel degree
     pp: int = field(default=1, metadata=positive())  # pipeline-parallel degree
     # 0: replicated optimizer; 1: distributed optimizer (ZeRO-1) over HDP ranks
     zero_stage: int = field(default=1, metadata=within(0, 1))
@@ -306,6 +307,13 @@ class TrainingSpec:
     # HBM lost to fragmentation (REFERENCE 2.1: 5-10%)
     frag_fraction: float = field(default=0.10, metadata=within(0, 0.5, hi_open=True))
     fused_loss: bool = True  # fused online-softmax cross-entropy: no full fp32 logits (ByteScale §7)
+    # Megatron sequence parallelism with TP: norms, dropout and residuals run on s/t tokens per rank; without
+    # it they run replicated on all s tokens (the TP collectives move the same bytes either way)
+    sequence_parallel: bool = True
+    attention_kernel: AttentionKernel = "flash"
+    # Megatron-core DDP's overlap_grad_reduce (default off there too): bucketed gradient reduce-scatter under
+    # the backward, only the last bucket exposed
+    overlap_grad_reduce: bool = False
     # per-rank token capacity C override (else derived from memory)
     capacity_tokens: int | None = field(default=None, metadata=positive())
 

@@ -12,15 +12,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, embedding_kernels, head_kernels, layer_kernels,
+                                   recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, memory_budget,
                               params_per_rank)
 from costmodel.specs import ClusterSpec, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
 
+DDP_BUCKET_PARAMS = 40_000_000  # Megatron-core DDP's default bucket (bucket_size: max(40M, 1M x DP) params)
 _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
 _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
-_TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd"})  # the others are over bytes
+_TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "mem_layer_fwd", "mem_layer_bwd",
+                           "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
+                           "mem_embed_bwd"})  # the others are over bytes
 
 
 def _interp(x: np.ndarray | float, log_xs: np.ndarray, log_ys: np.ndarray) -> np.ndarray:
@@ -71,11 +76,15 @@ class UnitCost:
     tp_comm_bwd_s: float
     offload_exposed_fwd_s: float  # device-to-host copies not hidden under the layer's forward
     offload_exposed_bwd_s: float  # host-to-device copies not hidden under the layer's backward
-    head_fwd_s: float  # LM head + loss (last stage only)
+    head_fwd_s: float  # final norm, LM head, loss and their TP collectives (last stage only); embedding (first)
     head_bwd_s: float
     tokens_per_rank: int  # tokens each member holds
     attn_fwd_compute_s: float = 0.0  # the attention-core part of fwd_compute_s (slices split it unevenly)
     attn_bwd_compute_s: float = 0.0  # the attention-core part of bwd_compute_s
+    mem_fwd_s: float = 0.0  # the memory-bound kernels' part of fwd_compute_s (norms, activation, residuals)
+    mem_bwd_s: float = 0.0  # ... of bwd_compute_s (recomputed forward kernels included)
+    overhead_fwd_s: float = 0.0  # the fixed per-layer and per-attention-call costs in fwd_compute_s
+    overhead_bwd_s: float = 0.0
 
     @property
     def fwd_s(self) -> float:
@@ -134,6 +143,13 @@ class CostModel:
         self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes)
         self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes)
         self.heads_per_rank = max(1, m.heads // tr.tp)
+        self.unfused_attention = tr.attention_kernel == "unfused"
+        # Fixed costs a profile may carry (absent: 0; `meshplan calibrate` fits them): the host's time to issue
+        # one layer's forward (the backward issues twice as many kernels), and one attention call's set-up, paid
+        # per document (and per ring step) where the executor calls attention document by document.
+        consts = self.profile.constants
+        self.layer_overhead_s = float(consts.get("layer_overhead_s", {}).get("value", 0.0))
+        self.attn_call_overhead_s = float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
         dt = "bf16" if tr.dtype in ("bf16", "fp16") else "fp32"
         dtypes = set(self.profile.tables["gemm"]["dtype"])
         self.dtype = dt if dt in dtypes else sorted(dtypes)[0]
@@ -145,9 +161,21 @@ class CostModel:
         self._curves["gemm_layer"] = g
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         for direction in ("fwd", "bwd"):
-            tt = p.attention_time_s(_TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True,
-                                    direction=direction, dtype=self.dtype)
+            if tr.attention_kernel == "unfused":
+                tt = self._unfused_attention_s(_TOKEN_GRID, direction)
+            else:
+                tt = p.attention_time_s(_TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True,
+                                        direction=direction, dtype=self.dtype)
             self._curves[f"attn_{direction}"] = np.maximum(tt, 1e-12)
+        sp, b = tr.sequence_parallel, tr.dtype_bytes
+        kernels = {"mem_layer_fwd": layer_kernels(m, tr.tp, sp, b, "fwd"),
+                   "mem_layer_bwd": layer_kernels(m, tr.tp, sp, b, "bwd"),
+                   "mem_recompute": recompute_kernels(m, tr.tp, sp, b, tr.recompute),
+                   "mem_head_fwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "fwd"),
+                   "mem_head_bwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "bwd"),
+                   "mem_embed_fwd": embedding_kernels(m, b, "fwd"), "mem_embed_bwd": embedding_kernels(m, b, "bwd")}
+        for name, ks in kernels.items():
+            self._curves[name] = np.maximum(self._kernels_s(ks, _TOKEN_GRID), 1e-15)
         for scope in ("intra", "inter"):
             self._curves[f"p2p_{scope}"] = p.collective_time_s("send_recv", _BYTES_GRID, 2, scope)
         self._curves["d2h"] = p.host_copy_time_s(_BYTES_GRID, "d2h", True)
@@ -159,6 +187,24 @@ class CostModel:
         self._log_curves = {k: (_LOG_TOKEN_GRID if k in _TOKEN_CURVES else _LOG_BYTES_GRID, np.log(v))
                             for k, v in self._curves.items()}
         self._curves["fit"] = self.fit_layer_time()
+
+    def _kernels_s(self, kernels: tuple[MemKernel, ...], items: np.ndarray) -> np.ndarray:
+        """Memory-bound kernels run on `items` tokens (or scores) each: one memory-table lookup per kernel."""
+        return sum((self.profile.memory_time_s(items * k.bytes_per_item) for k in kernels), np.zeros_like(items))
+
+    def _unfused_attention_s(self, doc_len: np.ndarray, direction: str) -> np.ndarray:
+        """Materialised attention of one document per length on one TP rank (no FlashAttention): the batched
+        GEMMs QKᵀ and PV over the rank's heads (the full s × s square: the causal mask is applied, not skipped)
+        and the softmax (+ dropout) kernels over its scores; backward: two GEMMs per forward one."""
+        m, heads = self.model, self.heads_per_rank
+        p = self.profile
+        coarse = np.unique(np.concatenate([doc_len[::8], doc_len[-1:]]))  # GEMM time is smooth in s: sample it
+        gemm = np.array([float(p.gemm_time_s(heads * s, int(s), m.head_dim, self.dtype)
+                               + p.gemm_time_s(heads * s, m.head_dim, int(s), self.dtype)) for s in coarse])
+        gemm = _interp(doc_len, np.log(coarse), np.log(gemm))
+        scores = heads * doc_len * doc_len
+        mem = self._kernels_s(score_kernels(m, self.setup.training.dtype_bytes, direction), scores)
+        return (gemm if direction == "fwd" else 2.0 * gemm) + mem
 
     # ---- primitive lookups (vectorised) ---------------------------------------------------------
     def _lookup(self, curve: str, x: np.ndarray | float) -> np.ndarray:
@@ -186,12 +232,12 @@ class CostModel:
                   inter_node: bool = False, with_head: bool | None = None) -> UnitCost:
         """Per-rank cost of a unit: documents `doc_lengths` packed on one rank (degree 1) or each sharded
         zigzag over `degree` ranks with ring attention (REFERENCE 7.6: per ring step the max of compute and
-        transfer; the first step has nothing to wait for). with_head defaults to pp == 1."""
+        transfer; the first step has nothing to wait for). with_head defaults to pp == 1; the embedding is
+        priced with the head when pp == 1 (its first stage is the last)."""
         s = np.asarray(doc_lengths, dtype=float)
         d = int(degree)
         l = self.layers_per_stage
         if d == 1:
-            per_rank = s
             tokens = float(s.sum())
             attn_f = float(self.attn_fwd_s(s).sum())
             attn_b = float(self.attn_bwd_s(s).sum())
@@ -203,11 +249,20 @@ class CostModel:
             attn_f = float((self.attn_fwd_s(per_rank) * d).sum())
             attn_b = float((self.attn_bwd_s(per_rank) * d).sum())
         gemm_f = float(self.gemm_layer_fwd_s(tokens))
-        fwd_layer = gemm_f + attn_f
-        bwd_layer = 2.0 * gemm_f + attn_b  # dgrad + wgrad: two GEMMs of the forward's size
+        mem_f = float(self._lookup("mem_layer_fwd", tokens))
+        mem_b = float(self._lookup("mem_layer_bwd", tokens))
         rec = self.setup.training.recompute
-        if rec == "full":
-            bwd_layer += fwd_layer
+        calls = len(s) * d  # attention calls per layer and direction: one per document and ring step
+        over_f = self.layer_overhead_s + calls * self.attn_call_overhead_s
+        over_b = 2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
+        fwd_layer = gemm_f + attn_f + mem_f + over_f
+        bwd_layer = 2.0 * gemm_f + attn_b + mem_b + over_b  # dgrad + wgrad: two GEMMs of the forward's size
+        # Recompute replays in the backward what the forward did not keep: full, the whole forward (its TP
+        # collectives below); selective, the attention core when it is materialised (GPT blocks) and, for SwiGLU
+        # models, the activation product (costmodel.memory keeps neither).
+        mem_rec = float(self._lookup("mem_recompute", tokens)) if rec != "none" else 0.0
+        attn_rec = attn_f if rec == "full" or (rec == "selective" and self.unfused_attention) else 0.0
+        bwd_layer += (gemm_f if rec == "full" else 0.0) + attn_rec + mem_rec
         ring_comm = ring_exp_f = ring_exp_b = 0.0
         if d > 1:
             kv_bytes = tokens * 2 * self.model.kv_width / self.tp * self.bytes_per_elem
@@ -218,12 +273,10 @@ class CostModel:
             ring_comm = l * (d - 1) * (passes_f * comm_f + comm_b)
             ring_exp_f = l * (d - 1) * max(0.0, comm_f - step_f)
             ring_exp_b = l * (d - 1) * ((passes_f - 1) * max(0.0, comm_f - step_f) + max(0.0, comm_b - step_b))
-        tp_comm = 0.0
-        if self.tp > 1:
-            act = tokens * self.model.hidden * self.bytes_per_elem  # the gathered tensor of the TP group
-            ag = float(self._lookup("tp_all_gather", act))
-            rs = float(self._lookup("tp_reduce_scatter", act))
-            tp_comm = l * (2 * ag + 2 * rs)  # 2 AG + 2 RS per layer, the same again in backward
+        tp_f = tp_b = 0.0
+        if self.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer each way (an all-reduce moves the same bytes)
+            tp_f = l * 2 * self._tp_pair_s(tokens)
+            tp_b = tp_f * (2 if rec == "full" else 1)  # full recompute replays the forward's collectives
         off_f = off_b = 0.0
         if offload_ratio > 0 and l > 2:
             nbytes = offload_ratio * tokens * self.a_tok
@@ -231,13 +284,28 @@ class CostModel:
             off_b = (l - 2) * max(0.0, float(self.host_copy_s(nbytes, "h2d")) - bwd_layer)
         if with_head is None:
             with_head = self.pp == 1
-        head_f = float(self._lookup("gemm_head", tokens)) if with_head else 0.0
+        head_f = head_b = 0.0
+        if with_head:
+            gemm_h = float(self._lookup("gemm_head", tokens))
+            # one all-gather of the head's input forward, its reduce-scatter backward (no SP: an all-reduce)
+            comm_h = self._tp_pair_s(tokens) / 2 if self.tp > 1 else 0.0
+            head_f = gemm_h + float(self._lookup("mem_head_fwd", tokens)) + comm_h
+            head_b = 2.0 * gemm_h + float(self._lookup("mem_head_bwd", tokens)) + comm_h
+            if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
+                head_f += float(self._lookup("mem_embed_fwd", tokens)) + comm_h
+                head_b += float(self._lookup("mem_embed_bwd", tokens))
         return UnitCost(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
-                        ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_comm,
-                        tp_comm_bwd_s=tp_comm, offload_exposed_fwd_s=off_f, offload_exposed_bwd_s=off_b,
-                        head_fwd_s=head_f, head_bwd_s=2.0 * head_f, tokens_per_rank=int(tokens),
-                        attn_fwd_compute_s=l * attn_f,
-                        attn_bwd_compute_s=l * (attn_b + (attn_f if rec == "full" else 0.0)))
+                        ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_f,
+                        tp_comm_bwd_s=tp_b, offload_exposed_fwd_s=off_f, offload_exposed_bwd_s=off_b,
+                        head_fwd_s=head_f, head_bwd_s=head_b, tokens_per_rank=int(tokens),
+                        attn_fwd_compute_s=l * attn_f, attn_bwd_compute_s=l * (attn_b + attn_rec),
+                        mem_fwd_s=l * mem_f, mem_bwd_s=l * (mem_b + mem_rec), overhead_fwd_s=l * over_f,
+                        overhead_bwd_s=l * over_b)
+
+    def _tp_pair_s(self, tokens: float) -> float:
+        """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h)."""
+        act = tokens * self.model.hidden * self.bytes_per_elem
+        return float(self._lookup("tp_all_gather", act)) + float(self._lookup("tp_reduce_scatter", act))
 
     def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
         return self.unit_cost(doc_lengths, degree, offload_ratio, inter_node).total_s
@@ -249,7 +317,8 @@ class CostModel:
         hi = max_len or max(2 * self.capacity_tokens, 65536)
         s = np.unique(np.round(np.geomspace(64, hi, 48)))
         gemm = self.gemm_layer_fwd_s(s)
-        t = 3.0 * gemm + self.attn_fwd_s(s) + self.attn_bwd_s(s)
+        mem = self._lookup("mem_layer_fwd", s) + self._lookup("mem_layer_bwd", s)
+        t = 3.0 * gemm + self.attn_fwd_s(s) + self.attn_bwd_s(s) + mem
         a = np.stack([s * s, s, np.ones_like(s)], axis=1) / t[:, None]
         coef, *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
         if (coef < 0).any():  # refit without the negative terms
@@ -293,6 +362,28 @@ class CostModel:
             return float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope)
                          + self.profile.collective_time_s("all_gather", p * pb, group, scope))
         return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope))
+
+    def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:
+        """The gradient sync left after the backward. Without overlap_grad_reduce all of it; with it (Megatron-core
+        DDP) buckets of DDP_BUCKET_PARAMS are reduced while the last backward still runs, `backward_window_s`,
+        and the last bucket always after it."""
+        sync = self.grad_sync_s(hdp_ranks)
+        if not self.setup.training.overlap_grad_reduce:
+            return sync
+        last_bucket = sync * min(1.0, DDP_BUCKET_PARAMS / params_per_rank(self.setup))
+        return max(last_bucket, sync - backward_window_s)
+
+    def optimizer_step_s(self, hdp_ranks: int | None = None) -> float:
+        """Adam over the parameters this rank updates (its ZeRO-1 shard of the stage's, or all of them): one
+        memory-bound pass of ADAM_BYTES_PER_PARAM bytes per parameter (costmodel.elementwise)."""
+        d = hdp_ranks or self.setup.hdp
+        p = params_per_rank(self.setup) / (d if self.setup.training.zero_stage >= 1 else 1)
+        return float(self.profile.memory_time_s(p * ADAM_BYTES_PER_PARAM))
+
+    def step_end_s(self, hdp_ranks: int | None = None) -> float:
+        """What follows a stage's last backward each step: the gradient synchronisation (exposed: Megatron's
+        default keeps it after the backward) and the optimizer step."""
+        return self.grad_sync_s(hdp_ranks) + self.optimizer_step_s(hdp_ranks)
 
     def pp_p2p_s(self, tokens_per_rank: float) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node

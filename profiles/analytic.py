@@ -42,6 +42,10 @@ class GpuNumbers:
     nic: Const  # per-GPU scale-out line rate
     h2d: Const  # pinned host->device
     d2h: Const  # pinned device->host
+    hbm: Const  # achievable device-memory bandwidth of a streaming elementwise kernel
+    sms: Const  # streaming multiprocessors: the tiles of one wave (GEMM wave quantisation)
+    gemm_tile_m: Const  # output tile of the library's large bf16 GEMM kernel, rows (the m side) ...
+    gemm_tile_n: Const  # ... and columns; the transposed tile is taken too where it quantises better
 
 
 # Shared, GPU-independent numbers -------------------------------------------------------------
@@ -69,6 +73,29 @@ FLOOR_INTER_256 = Const(65e-6, "s", "multi-node all-reduce floor at 256 ranks [m
 FLOOR_INTER_P2P = Const(15e-6, "s", "inter-node send/recv floor (IB verbs latency + NCCL) [assumption]")
 HOST_COPY_FLOOR = Const(10e-6, "s", "cudaMemcpyAsync latency floor [assumption]")
 PAGEABLE_FACTOR = Const(0.5, "x", "pageable copies run at about half the pinned rate [assumption]")
+KERNEL_FLOOR = Const(5e-6, "s", "launch + tail of a small elementwise kernel, eager PyTorch on a busy stream "
+                     "[assumption]; the memory table's smallest time")
+HBM_EFF = Const(0.88, "x", "achieved / spec HBM bandwidth of a streaming kernel: 1.80 of 2.04 TB/s on A100 80GB "
+                "SXM, the best kernels near 90% [meas: NVIDIA developer forum thread 339083]")
+
+
+# GEMM tile/wave quantisation: the GPU runs whole output tiles in whole waves of one tile per SM, so a GEMM costs the
+# padded problem's time (Profile.gemm_time_s); the generic curve is the best-shape (MAMF) rate. No small-k derate:
+# no published sweep found that isolates k, and the curve's small-FLOPs derate already covers small problems.
+_TILE_HOPPER = ("bf16 output tile 128x256: NVIDIA gemm_tile_hint (128, 256), the 'representative cuBLAS tile' whose "
+                "wave/tile shape search matched exhaustive H200/B200 grids [stas00 ml-engineering mamf-finder.py]; "
+                "cuBLAS sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64 in H100 traces [code search]")
+_TILE_AMPERE = ("bf16 output tile 256x128: 256x128 and 128x256 the most efficient cuBLAS tiles, A100 quantisation "
+                "measured with 256x128 tiles [NVIDIA Matrix Multiplication Background guide 2.3, 3.1]")
+TILE_HOPPER_M = Const(128, "elements", _TILE_HOPPER)
+TILE_HOPPER_N = Const(256, "elements", _TILE_HOPPER)
+TILE_AMPERE_M = Const(256, "elements", _TILE_AMPERE)
+TILE_AMPERE_N = Const(128, "elements", _TILE_AMPERE)
+
+
+def _hbm(spec_bytes_per_s: float, gpu: str) -> Const:
+    return Const(spec_bytes_per_s * HBM_EFF.value, "B/s",
+                 f"{gpu} HBM {spec_bytes_per_s / 1e12:.2f} TB/s [spec] x {HBM_EFF.value} achieved [derived]")
 
 
 def _c(v: float, unit: str, src: str) -> Const:
@@ -90,6 +117,9 @@ H100 = GpuNumbers(
     nic=_c(50e9, "B/s", "400 Gb/s NDR per GPU [spec]"),
     h2d=_c(35.2e9, "B/s", "H2D pinned, SM-copy path [meas: nvbandwidth #24]"),
     d2h=_c(52.8e9, "B/s", "D2H pinned, SM-copy path [meas: nvbandwidth #24]"),
+    hbm=_hbm(3.35e12, "H100 SXM"),
+    sms=_c(132, "SMs", "H100 SXM5 132 SMs [spec: NVIDIA H100 whitepaper; 132 in stas00 mamf-finder H100 tests]"),
+    gemm_tile_m=TILE_HOPPER_M, gemm_tile_n=TILE_HOPPER_N,
 )
 
 A100 = GpuNumbers(
@@ -107,6 +137,9 @@ A100 = GpuNumbers(
     nic=_c(25e9, "B/s", "200 Gb/s HDR per GPU on DGX A100 [spec]"),
     h2d=_c(25.1e9, "B/s", "H2D pinned on A100 [meas: nvbandwidth #42]"),
     d2h=_c(25.1e9, "B/s", "D2H taken equal to H2D (PCIe Gen4) [assumption]"),
+    hbm=_hbm(2.039e12, "A100 SXM 80GB"),
+    sms=_c(108, "SMs", "A100 108 SMs [spec; NVIDIA Matrix Multiplication Background guide 3.2]"),
+    gemm_tile_m=TILE_AMPERE_M, gemm_tile_n=TILE_AMPERE_N,
 )
 
 H200 = GpuNumbers(
@@ -115,6 +148,9 @@ H200 = GpuNumbers(
     gemm_large=H100.gemm_large, attn_plateau=H100.attn_plateau,
     ar_plateau_intra=_c(465.9e9, "B/s", "8xH200 all-reduce busbw at 1 GiB, NVLS [meas: stas00]"),
     p2p_intra=H100.p2p_intra, a2a_intra=H100.a2a_intra, nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h,
+    hbm=_hbm(4.8e12, "H200 SXM"),
+    sms=_c(132, "SMs", "H200 SXM 132 SMs, the H100 SXM5 configuration [spec]"),
+    gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
 )
 
 H800 = GpuNumbers(
@@ -124,7 +160,9 @@ H800 = GpuNumbers(
     ar_plateau_intra=_c(190e9, "B/s", "~200 GB/s NVLink per direction -> ~190 busbw [assumption, unmeasured]"),
     p2p_intra=_c(168e9, "B/s", "200 GB/s x H100's P2P efficiency 378/450 [derived]"),
     a2a_intra=_c(0.75 * 168e9, "B/s", "H100 a2a/p2p ratio (285/378) [derived]"),
-    nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h,
+    nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h, hbm=H100.hbm,
+    sms=_c(132, "SMs", "H800 SXM5 132 SMs, the H100 SXM5 configuration with reduced NVLink [spec]"),
+    gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
 )
 
 GPUS: dict[str, GpuNumbers] = {g.name: g for g in (H100, A100, H200, H800)}
@@ -153,6 +191,8 @@ def build(g: GpuNumbers) -> Profile:
         "nic_eff": NIC_EFF, "p2p_nic_eff": P2P_NIC_EFF, "floor_intra": FLOOR_INTRA, "floor_p2p": FLOOR_P2P,
         "floor_inter_256": FLOOR_INTER_256, "floor_inter_p2p": FLOOR_INTER_P2P, "host_copy_floor": HOST_COPY_FLOOR,
         "pageable_factor": PAGEABLE_FACTOR, "ar_shape": AR_SHAPE, "inter_shape": INTER_SHAPE,
+        "hbm": g.hbm, "hbm_eff": HBM_EFF, "kernel_floor": KERNEL_FLOOR,
+        "gemm_sms": g.sms, "gemm_tile_m": g.gemm_tile_m, "gemm_tile_n": g.gemm_tile_n,
     }
     consts.update({f"attn_plateau_{k}": v for k, v in g.attn_plateau.items()})
     consts.update({f"attn_s_half_{k}": v for k, v in S_HALF.items()})
@@ -218,12 +258,15 @@ def build(g: GpuNumbers) -> Profile:
             rows += [(direction, pinned, int(s), HOST_COPY_FLOOR.value + s / eff) for s in sizes]
     host_copy = pd.DataFrame(rows, columns=["direction", "pinned", "bytes", "time_s"])
 
+    # Memory-bound kernels: launch floor + bytes at the achievable HBM bandwidth (alpha-beta).
+    memory = pd.DataFrame([(int(s), KERNEL_FLOOR.value + s / g.hbm.value) for s in sizes], columns=["bytes", "time_s"])
+
     fp = Fingerprint(name=f"{g.name}.analytic", device=g.device, source="analytic", created=ANALYTIC_DATE,
                      versions={"meshplan.profiles.analytic": "1"},
                      notes="Built from datasheet peaks and published measurements (REFERENCE.md §8); "
                            "every constant lists its source. Calibrate against a measured profile.")
     return Profile(fingerprint=fp, tables={"gemm": gemm, "attention": attention, "collective": collective,
-                                           "host_copy": host_copy},
+                                           "host_copy": host_copy, "memory": memory},
                    constants={k: {"value": v.value, "unit": v.unit, "source": v.source} for k, v in consts.items()})
 
 

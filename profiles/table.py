@@ -1,6 +1,6 @@
 """Profile: measured or analytic lookup tables of what the hardware does, with a fingerprint.
 
-Four tables (pandas DataFrames, one row per measurement):
+Five tables (pandas DataFrames, one row per measurement):
 
 - ``gemm``:       m, n, k, dtype, time_s                     (C[m,n] = A[m,k] @ B[k,n])
 - ``attention``:  direction ("fwd"/"bwd"), causal, heads, kv_heads, head_dim, doc_len,
@@ -10,9 +10,11 @@ Four tables (pandas DataFrames, one row per measurement):
                   (bytes is nccl-tests' S: all-gather output, reduce-scatter input,
                   all-to-all per-rank send buffer, all-reduce buffer, send/recv message)
 - ``host_copy``:  direction ("h2d"/"d2h"/"memcpy"), pinned, bytes, time_s
+- ``memory``:     bytes, time_s                              (a memory-bound elementwise kernel: bytes read
+                  + written in device memory; the smallest size's time is the kernel-launch floor)
 
 Interpolation is piecewise-linear in log-log space. Extrapolation, by table:
-- time-vs-size curves (GEMM, host copies): below the grid the smallest point's time is a
+- time-vs-size curves (GEMM, host copies, memory): below the grid the smallest point's time is a
   floor (launch latency); above it time grows in proportion to size (last throughput held).
 - rate-vs-size curves (attention FLOP/s vs document length, collective busbw vs bytes): the
   rate is held flat beyond either end (busbw below the grid is then optimistic only for
@@ -58,9 +60,13 @@ TABLE_SCHEMA: dict[str, dict[str, tuple[Any, Range | None]]] = {
                    "group_size": _COUNT, "concurrent_groups": _COUNT, "bytes": _COUNT, "time_s": _TIME},
     "host_copy": {"direction": (Literal["h2d", "d2h", "memcpy"], None), "pinned": (bool, None), "bytes": _COUNT,
                   "time_s": _TIME},
+    "memory": {"bytes": _COUNT, "time_s": _TIME},
 }
+# Tables added after schema 1 are written only when they hold rows, so a file saved before they existed keeps
+# its sha256 (it loads with the table empty and is told to measure it).
+ADDED_TABLES = ("memory",)
 TABLE_COLUMNS: dict[str, list[str]] = {name: list(cols) for name, cols in TABLE_SCHEMA.items()}
-COST_MODEL_TABLES = ("gemm", "attention", "collective", "host_copy")  # a CostModel needs rows in each
+COST_MODEL_TABLES = ("gemm", "attention", "collective", "host_copy", "memory")  # a CostModel needs rows in each
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -156,6 +162,8 @@ class Profile:
         tables = {}
         for name, cols in TABLE_COLUMNS.items():
             df = self.tables[name]
+            if name in ADDED_TABLES and df.empty:
+                continue
             extra = [c for c in df.columns if c not in cols]
             allc = cols + extra
             tables[name] = {"columns": allc,
@@ -220,20 +228,39 @@ class Profile:
     # ---- lookups ----------------------------------------------------------------------------
     def gemm_time_s(self, m: np.ndarray | float, n: int, k: int, dtype: str = "bf16") -> np.ndarray:
         """Time of an (m×k)·(k×n) GEMM. Uses the measured series of this exact (n, k) when it has two
-        or more m points, else the generic time-vs-FLOPs curve of the dtype."""
+        or more m points, else the generic time-vs-FLOPs curve of the dtype.
+
+        A profile carrying `gemm_sms`, `gemm_tile_m` and `gemm_tile_n` (the analytic ones: their curve is the
+        best-shape rate, and their (n, k) series are samples of that same curve) always takes the curve at the
+        padded problem's FLOPs: whole output tiles (tile quantisation) run in whole waves of one tile per SM
+        (wave quantisation), with the tile or its transpose, whichever pads less. Measured tables already hold
+        their shape losses, so they are looked up as they are. A profile that also carries `hbm` (achievable
+        device-memory bandwidth) bounds the time below by the roofline's memory side: reading A and B and writing C
+        once (what makes QKᵀ of materialised attention, k = head_dim, memory-bound)."""
         m_arr = np.asarray(m, dtype=float)
         df = self.tables["gemm"]
         df = df[df["dtype"] == dtype]
         if df.empty:
             raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} GEMM table; "
                                f"dtypes present: {sorted(set(self.tables['gemm']['dtype']))}")
+        quantise = all(c in self.constants for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
         exact = df[(df["n"] == n) & (df["k"] == k)]
-        if exact["m"].nunique() >= 2:
+        if not quantise and exact["m"].nunique() >= 2:
             xs, ys = _series(exact, "m", "time_s")
             return loglog_interp(m_arr, xs, ys, below="clamp", above="proportional")
         xs, ys = self._gemm_generic(dtype)
-        flops = 2.0 * m_arr * n * k
-        return loglog_interp(flops, xs, ys, below="clamp", above="proportional")
+        if not quantise:
+            return loglog_interp(2.0 * m_arr * n * k, xs, ys, below="clamp", above="proportional")
+        sms, tm, tn = (self.constant(c) for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
+        flops = np.full_like(m_arr, np.inf)
+        for a, b in ((tm, tn), (tn, tm)):  # a along m, b along n
+            tiles = np.ceil(m_arr / a) * math.ceil(n / b)
+            flops = np.minimum(flops, np.ceil(tiles / sms) * sms * a * b * 2.0 * k)
+        t = loglog_interp(flops, xs, ys, below="clamp", above="proportional")
+        if "hbm" in self.constants:
+            elem = 4.0 if dtype == "fp32" else 2.0
+            t = np.maximum(t, (m_arr * k + k * n + m_arr * n) * elem / self.constant("hbm"))
+        return t
 
     def _gemm_generic(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         key = ("gemm_generic", dtype)
@@ -322,6 +349,21 @@ class Profile:
         if sub.empty:
             raise ProfileError(f"profile {self.fingerprint.name!r} has no host-copy table")
         xs, ys = _series(sub, "bytes", "time_s")
+        return loglog_interp(np.asarray(nbytes, dtype=float), xs, ys, below="clamp", above="proportional")
+
+    def memory_time_s(self, nbytes: np.ndarray | float) -> np.ndarray:
+        """A memory-bound kernel moving `nbytes` (read + written): the measured time-vs-bytes curve, the
+        smallest size's time as the launch floor, the largest size's bandwidth held beyond it."""
+        key = ("memory",)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            df = self.tables["memory"]
+            if df.empty:
+                raise ProfileError(f"profile {self.fingerprint.name!r} has no memory table; measure it with "
+                                   "`meshplan profile --ops memory`")
+            xs, ys = _series(df, "bytes", "time_s")
+            cache[key] = (xs, np.maximum.accumulate(ys))  # moving more bytes never takes less time
+        xs, ys = cache[key]
         return loglog_interp(np.asarray(nbytes, dtype=float), xs, ys, below="clamp", above="proportional")
 
     def constant(self, name: str) -> float:

@@ -281,14 +281,23 @@ def test_user_errors_through_app_call_exit_2(capsys, tmp_path):
 
 
 def test_validate_prints_each_case_and_the_mape():
-    r = run("validate")
+    r = run("validate", "--set", "korthikanti2022")
     assert r.exit_code == 0, r.output
     assert "22B layer, SP + selective: backward" in r.output and "1T, SP + selective" in r.output
-    assert "MAPE" in r.output and "a100-sxm-80gb.analytic" in r.output
-    j = run("validate", "--json", "--profile", "h100-sxm.analytic")
-    d = json.loads(j.output)
-    assert d["profile"] == "h100-sxm.analytic" and len(d["rows"]) == 12
+    assert "MAPE" in r.output and "a100-sxm-80gb.analytic" in r.output and "design set" in r.output
+    j = run("validate", "--json", "--profile", "h100-sxm.analytic", "--set", "korthikanti2022")
+    d = json.loads(j.output)["sets"][0]
+    assert d["profile"] == "h100-sxm.analytic" and len(d["rows"]) == 12 and not d["held_out"]
     assert d["mape"] == pytest.approx(sum(abs(x["error"]) for x in d["rows"]) / 12)
+
+
+def test_validate_every_set_by_default_with_the_held_out_ones_marked():
+    d = json.loads(run("validate", "--json").output)
+    assert [s["name"] for s in d["sets"]] == ["korthikanti2022", "narayanan2021", "llama3_2024"]
+    assert [s["held_out"] for s in d["sets"]] == [False, True, True]
+    assert d["sets"][2]["profile"] == "h100-sxm.analytic"  # each set on its cluster's profile
+    r = run("validate", "--set", "no-such-set")
+    assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)
 
 
 def test_validate_unknown_profile_is_one_line():

@@ -142,7 +142,7 @@ GANTT_PASSES = {"unit": ("forward + backward", None), "fwd": ("forward", None), 
 def gantt_figure(sim: StepSimulation, *, title: str = "", max_ranks: int = 256) -> plt.Figure:
     """Per-rank timeline of one simulated step: a row per HDP rank (per stage and rank with PP), units
     coloured by their degree (ranks sharing them, log scale), backward ops hatched (pp > 1; with pp = 1 a
-    box is a unit's forward and backward), then the gradient sync in grey. Only the first `max_ranks`
+    box is a unit's forward and backward), then the gradient sync and optimizer step in grey. Only the first `max_ranks`
     HDP ranks are drawn."""
     shown = min(sim.hdp, max_ranks)
     stages = sorted({op.stage for op in sim.ops}) or [0]
@@ -163,7 +163,7 @@ def gantt_figure(sim: StepSimulation, *, title: str = "", max_ranks: int = 256) 
             if r < shown:
                 verts.append(box(op.start_s, op.end_s, stages.index(op.stage) * shown + r))
                 colors.append(c)
-    t_sync = sim.step_time_s - sim.grad_sync_s
+    t_sync = sim.step_time_s - sim.step_end_s
     sync_color = (0.6, 0.6, 0.6, 1.0)
     fig, ax = plt.subplots(figsize=(11, min(12.0, 2.0 + 0.12 * n_rows)))
     # Thin white edges separate back-to-back units; past ~20K boxes they would hide the colours.
@@ -176,7 +176,7 @@ def gantt_figure(sim: StepSimulation, *, title: str = "", max_ranks: int = 256) 
         handles.append(matplotlib.patches.Patch(facecolor="#bbbbbb", edgecolor="white", hatch=hatch, label=label))
     ax.add_collection(PolyCollection([box(t_sync, sim.step_time_s, y) for y in range(n_rows)],
                                      facecolors=[sync_color], **edges))
-    handles.append(matplotlib.patches.Patch(facecolor=sync_color, label="gradient sync"))
+    handles.append(matplotlib.patches.Patch(facecolor=sync_color, label="gradient sync + optimizer"))
     ax.legend(handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles),
               frameon=False)
     ax.set_xlim(0, sim.step_time_s * 1.01 if sim.step_time_s > 0 else 1)
@@ -193,8 +193,8 @@ def gantt_figure(sim: StepSimulation, *, title: str = "", max_ranks: int = 256) 
     cb.set_ticks(ticks, labels=[str(t) for t in ticks])
     cb.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     more = f" (first {shown} of {sim.hdp} HDP ranks)" if shown < sim.hdp else ""
-    ax.set_title((title + "\n" if title else "") + f"step {sim.step}: {sim.step_time_s:.2f} s, gradient sync "
-                 f"{sim.grad_sync_s:.2f} s{more}", fontsize=10, pad=22)
+    ax.set_title((title + "\n" if title else "") + f"step {sim.step}: {sim.step_time_s:.2f} s, gradient sync + "
+                 f"optimizer {sim.step_end_s:.2f} s{more}", fontsize=10, pad=22)
     return fig
 
 

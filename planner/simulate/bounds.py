@@ -50,7 +50,7 @@ def best_single_unit_s(s: int, cm: CostModel, hdp: int) -> float:
 
 
 def lower_bound_s(lengths: np.ndarray, cm: CostModel, hdp: int) -> float:
-    sync = cm.grad_sync_s(hdp)
+    sync = cm.step_end_s(hdp)
     lengths = np.asarray(lengths)
     work = total_compute_s(lengths, cm) / (hdp * cm.pp) + sync
     longest = best_single_unit_s(int(lengths.max()), cm, hdp) + sync if len(lengths) else 0.0

@@ -1,5 +1,5 @@
 """pp = 1: every HDP rank runs its units in plan order; a shared unit starts when all of its ranks
-are free (co-scheduling, REFERENCE 2.4); then one gradient sync."""
+are free (co-scheduling, REFERENCE 2.4); then one gradient sync and the optimizer step."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def _topological_units(step: Step) -> list[int]:
         raise PlanError(f"step {step.step}: unit orders contain a cycle (deadlock)") from None
 
 
-def simulate_flat(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]], hdp: int, lb: float,
-                  sync: float) -> StepSimulation:
+def simulate_flat(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]], hdp: int,
+                  lb: float) -> StepSimulation:
     """Each unit starts when all of its ranks are free, in an order every rank's order agrees with."""
     units = {u.id: u for u in step.units}
     free = np.zeros(hdp)
@@ -33,6 +33,7 @@ def simulate_flat(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, Un
     parts = {"compute": np.zeros(hdp), "ring_exposed": np.zeros(hdp), "tp_comm": np.zeros(hdp),
              "offload_exposed": np.zeros(hdp)}
     peak_act = np.zeros(hdp)
+    last_bwd = np.zeros(hdp)  # each rank's last backward: the window an overlapped gradient reduce hides under
     ops = []
     for uid in _topological_units(step):
         u = units[uid]
@@ -42,6 +43,7 @@ def simulate_flat(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, Un
         end = start + c.total_s
         free[r] = end
         busy[r] += c.total_s
+        last_bwd[r] = c.bwd_s
         parts["compute"][r] += c.compute_s
         parts["ring_exposed"][r] += c.ring_exposed_s
         parts["tp_comm"][r] += c.tp_comm_s
@@ -49,10 +51,14 @@ def simulate_flat(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, Un
         peak_act[r] = np.maximum(peak_act[r], activation_bytes(c.tokens_per_rank, u.offload_ratio, cm))
         ops.append(OpTiming(uid, u.hdp_ranks, 0, "unit", start, end))
     finish = float(free.max()) if len(step.units) else 0.0
-    step_time = finish + sync
+    total_sync = cm.grad_sync_s(hdp)
+    sync = cm.exposed_grad_sync_s(hdp, float(last_bwd[int(np.argmax(free))]) if len(step.units) else 0.0)
+    optimizer_s = cm.optimizer_step_s(hdp)
+    step_time = finish + sync + optimizer_s
     idle = finish - busy
     mem = static_memory_bytes(cm) + peak_act
     bd = {k: float(v.mean()) for k, v in parts.items()}
-    bd.update(idle=float(idle.mean()), grad_sync=sync, bubble=0.0)
-    return StepSimulation(step.step, hdp, step_time, lb, sync, busy.tolist(), idle.tolist(), mem.tolist(), bd, ops,
-                          tp=cm.tp)
+    bd.update(idle=float(idle.mean()), grad_sync=sync, grad_sync_hidden=total_sync - sync,
+              optimizer=optimizer_s, bubble=0.0)
+    return StepSimulation(step.step, hdp, step_time, lb, sync + optimizer_s, busy.tolist(), idle.tolist(), mem.tolist(),
+                          bd, ops, tp=cm.tp)

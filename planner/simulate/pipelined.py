@@ -111,8 +111,8 @@ def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: 
     return delta, exposed, kept
 
 
-def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]], hdp: int, lb: float,
-                       sync: float) -> StepSimulation:
+def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]], hdp: int,
+                       lb: float) -> StepSimulation:
     """Every HDP rank is a pipeline running `planner.schedule` op lists; a shared unit's op is one
     co-scheduled op on all member pipelines (`run_ops`), so misaligned plans surface as deadlocks."""
     p = cm.pp
@@ -212,12 +212,18 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCos
         ev.sort(key=lambda x: (x[0], x[1]))  # releases before allocations at the same instant
         mem_peak[r, st] = max(0.0, float(np.max(np.cumsum([x[1] for x in ev]))))
     finish = max((run.end_s for run in runs), default=0.0)
+    # An overlapped gradient reduce hides under the backward that ends the step (the last stage to finish).
+    window = max(((run.end_s, run.end_s - run.start_s) for run in runs if run.key[1].kind == "B"), default=(0, 0))[1]
+    total_sync = cm.grad_sync_s(hdp)
+    sync = cm.exposed_grad_sync_s(hdp, window)
+    optimizer_s = cm.optimizer_step_s(hdp)
     static = np.array([static_memory_bytes(cm, s) for s in range(p)])
     mem = (mem_peak + static[None, :]).max(axis=1)
     stage_busy = busy.max(axis=1)
     idle_all = finish - busy
     bd = dict(parts)
-    bd.update(idle=float(idle_all.mean()), grad_sync=sync, bubble=float(idle_all.mean()))
-    return StepSimulation(step.step, hdp, finish + sync, lb, sync, stage_busy.tolist(),
+    bd.update(idle=float(idle_all.mean()), grad_sync=sync, grad_sync_hidden=total_sync - sync,
+              optimizer=optimizer_s, bubble=float(idle_all.mean()))
+    return StepSimulation(step.step, hdp, finish + sync + optimizer_s, lb, sync + optimizer_s, stage_busy.tolist(),
                           (finish - stage_busy).tolist(), mem.tolist(), bd, ops, mem_peak.max(axis=0).tolist(),
                           tp=cm.tp)

@@ -34,10 +34,9 @@ def simulate_step(step: Step, cm: CostModel,
         raise PlanError(f"step {step.step}: plan uses HDP ranks beyond the mesh's {hdp}")
     costs = costs if costs is not None else unit_costs(step, cm)
     lb = lower_bound_s(np.array([q.length for q in step.sequences]), cm, hdp)
-    sync = cm.grad_sync_s(hdp)
     if cm.pp == 1:
-        return simulate_flat(step, cm, costs, hdp, lb, sync)
-    return simulate_pipelined(step, cm, costs, hdp, lb, sync)
+        return simulate_flat(step, cm, costs, hdp, lb)
+    return simulate_pipelined(step, cm, costs, hdp, lb)
 
 
 def simulate_plan(plan: Plan, cm: CostModel) -> list[StepSimulation]:

@@ -29,7 +29,7 @@ class StepSimulation:
     hdp: int
     step_time_s: float
     lower_bound_s: float
-    grad_sync_s: float
+    step_end_s: float  # gradient sync + optimizer step after the last backward
     per_rank_busy_s: list[float]  # compute + exposed comm per HDP rank (per pipeline: its busiest stage)
     per_rank_idle_s: list[float]  # waiting for co-scheduled partners, bubbles, and the end of the step
     peak_memory_bytes: list[float]  # per HDP rank (max over its stages), fragmentation reserve included
@@ -54,11 +54,11 @@ class StepSimulation:
                 ev.append({"name": f"u{op.unit} {op.kind}", "ph": "X", "pid": op.stage, "tid": r,
                            "ts": op.start_s * 1e6, "dur": (op.end_s - op.start_s) * 1e6,
                            "args": {"unit": op.unit, "ranks": len(op.ranks)}})
-        t_sync = self.step_time_s - self.grad_sync_s
-        for s in stages:  # every stage all-reduces its own layers' gradients
+        t_sync = self.step_time_s - self.step_end_s
+        for s in stages:  # every stage syncs and updates its own layers' parameters
             for r in range(self.hdp):
-                ev.append({"name": "grad sync", "ph": "X", "pid": s, "tid": r, "ts": t_sync * 1e6,
-                           "dur": self.grad_sync_s * 1e6})
+                ev.append({"name": "grad sync + optimizer", "ph": "X", "pid": s, "tid": r, "ts": t_sync * 1e6,
+                           "dur": self.step_end_s * 1e6})
         procs = {s: f"stage {s}" if len(stages) > 1 else "HDP ranks" for s in stages}
         mesh = MeshLayout(tp=self.tp, pp=max(stages) + 1, hdp=self.hdp, gpus_per_domain=self.tp)  # ranks only
         threads = {(s, r): f"HDP rank {r} ({_global_ranks_text(mesh, s, r)})"

@@ -69,7 +69,7 @@ def layout_bound(cm: CostModel, batches: list[GlobalBatch], full: bool = True) -
         lb = float(np.mean([lower_bound_s(b.lengths_tokens, cm, cm.setup.hdp) for b in batches]))
     else:
         lb = float(np.mean([total_compute_s(b.lengths_tokens, cm) / (cm.setup.hdp * cm.pp) for b in batches]))
-        lb += cm.grad_sync_s(cm.setup.hdp)
+        lb += cm.step_end_s(cm.setup.hdp)
     tokens = float(np.mean([b.total_tokens for b in batches]))
     flops = float(np.mean([model_flops(b.lengths_tokens, cm.model, True) for b in batches]))
     return LayoutBound(lb, tokens / lb, flops / (lb * cm.setup.cluster.world_size * cm.peak_flops()))

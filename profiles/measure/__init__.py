@@ -3,10 +3,13 @@
 This module is torch-free at import time: it holds the measurement plan (which points each table
 measures, `MeasureConfig`), the one timing helper every benchmark uses (`time_op`, which imports
 torch when called) and the device fingerprint. The benchmarks themselves live in gemm.py,
-attention.py, collectives.py (a torchrun worker) and host_copy.py; runner.py orchestrates them.
+attention.py, collectives.py (a torchrun worker), host_copy.py and memory.py; runner.py orchestrates
+them.
 
 Timing: warm-up calls, then repeated calls, median reported. On GPU each call is bracketed by
 CUDA events after an L2 flush (a memset of twice the L2 size); on CPU by time.perf_counter.
+The memory table instead reports the minimum over passes interleaved across its sizes: a bandwidth
+is a hardware limit, and a minimum over calls spread in time stays clear of other processes' load.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ KiB = 2**10
 MiB = 2**20
 GiB = 2**30
 
-TABLES = ("gemm", "attention", "collective", "host_copy")  # measurement order
+TABLES = ("gemm", "attention", "collective", "host_copy", "memory")  # measurement order
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 # Which profiled dtype is the main one (attention is measured in it alone): the first of these that
 # the GEMM table holds, the same order the cost model and `runner.main_dtype` read a profile in.
@@ -95,6 +98,12 @@ class HostCopyPoint:
 
 
 @dataclass(frozen=True)
+class MemoryPoint:
+    nbytes: int  # requested bytes read + written by one elementwise kernel; rounded to whole elements
+    dtype: str
+
+
+@dataclass(frozen=True)
 class MeasureConfig:
     """Everything that decides what a profile run measures; pure data, so it can be planned (and
     its run time estimated) without torch. Build it with `plan_config`."""
@@ -119,6 +128,9 @@ class MeasureConfig:
     coll_group_sizes: tuple[int, ...]
     coll_timing: TimingConfig
     copy_sizes: tuple[int, ...]
+    mem_sizes: tuple[int, ...]  # bytes read + written per elementwise kernel, x2 grid
+    mem_rounds: int  # passes over all sizes; each size's time is the minimum over every pass
+    mem_timing: TimingConfig  # calls of one size within one pass
     cpu_threads: int = 0  # torch threads for CPU compute (0: leave as is; GPU runs)
 
     @property
@@ -130,6 +142,7 @@ class MeasureConfig:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["timing"] = vars(self.timing)
         d["coll_timing"] = vars(self.coll_timing)
+        d["mem_timing"] = vars(self.mem_timing)
         return _jsonable(d)
 
     @classmethod
@@ -139,6 +152,7 @@ class MeasureConfig:
             fields = {k: _tupled(d[k]) for k in cls.__dataclass_fields__}
             fields["timing"] = TimingConfig(**d["timing"])
             fields["coll_timing"] = TimingConfig(**d["coll_timing"])
+            fields["mem_timing"] = TimingConfig(**d["mem_timing"])
             return cls(**fields)
         except (KeyError, TypeError) as e:
             raise MeasureError(f"measurement plan lacks or garbles {e}") from None
@@ -199,6 +213,17 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
     # Collective sizes: x2 on a full GPU run (protocol switches are sharp there), x4 otherwise.
     coll_sizes = _pow2(KiB, cap, 2 if gpu and not quick else 4)
     copy_sizes = _pow2(4 * KiB, cap, 4)
+    # Memory-bound kernels: from 4 KiB (the launch floor) to well past the last-level cache (CPU L3,
+    # GPU L2) by default; cheap per point, so a x2 grid even when quick.
+    mem_cap = min(max_bytes or (256 * MiB if quick else GiB), mem_cap_bytes or 2**62)
+    mem_sizes = _pow2(4 * KiB, mem_cap) or (mem_cap,)
+    mem_rounds = 5 if quick else 10
+    if gpu:
+        mem_timing = (TimingConfig(warmup=1, repeats=10, min_repeats=3, budget_s=0.01) if quick else
+                      TimingConfig(warmup=2, repeats=20, min_repeats=5, budget_s=0.02))
+    else:
+        mem_timing = (TimingConfig(warmup=1, repeats=10, min_repeats=2, budget_s=0.02) if quick else
+                      TimingConfig(warmup=1, repeats=20, min_repeats=3, budget_s=0.05))
     if nproc >= 2:
         group_sizes = (tuple(range(2, nproc + 1)) if not quick or nproc <= 4 else
                        tuple(sorted({g for g in _pow2(2, nproc)} | {nproc})))
@@ -215,7 +240,7 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
             attn_lengths=_pow2(256, 32768) if quick else _pow2(128, 131072),
             attn_pack_tokens=16384, attn_docmask_lengths=(), attn_single=True,
             nproc=nproc, coll_sizes=coll_sizes, coll_group_sizes=group_sizes, coll_timing=coll_timing,
-            copy_sizes=copy_sizes)
+            copy_sizes=copy_sizes, mem_sizes=mem_sizes, mem_rounds=mem_rounds, mem_timing=mem_timing)
     return MeasureConfig(
         device=device, quick=quick, dtypes=tuple(dtypes), timing=timing,
         gemm_tokens=_pow2(128, 4096) if quick else _pow2(64, 16384),
@@ -229,7 +254,7 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
         attn_docmask_lengths=(128, 512) if quick else (64, 256, 1024),
         attn_single=False,  # the CPU varlen path already runs one call per document
         nproc=nproc, coll_sizes=coll_sizes, coll_group_sizes=group_sizes, coll_timing=coll_timing,
-        copy_sizes=copy_sizes,
+        copy_sizes=copy_sizes, mem_sizes=mem_sizes, mem_rounds=mem_rounds, mem_timing=mem_timing,
         # One thread, as each torchrun rank of the CPU runtime has (OMP_NUM_THREADS=1): the tables
         # then give per-rank compute, and a descheduled OpenMP thread cannot stall a parallel region.
         cpu_threads=1)
@@ -304,6 +329,11 @@ def host_copy_points(cfg: MeasureConfig) -> list[HostCopyPoint]:
         return [HostCopyPoint("memcpy", False, s) for s in cfg.copy_sizes]
     return [HostCopyPoint(d, pinned, s) for d in ("h2d", "d2h") for pinned in (True, False)
             for s in cfg.copy_sizes]
+
+
+def memory_points(cfg: MeasureConfig) -> list[MemoryPoint]:
+    """One elementwise kernel per size, in the main dtype (the one the cost model prices the step in)."""
+    return [MemoryPoint(s, cfg.main_dtype) for s in cfg.mem_sizes]
 
 
 # ---- timing ----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 
 Resumable: `<out>.partial` (written atomically) holds the plan being measured, each finished table,
 and the rows of the table in progress (saved every few seconds and on Ctrl-C; the collective table,
-one torchrun job, only when finished). A rerun of the same command (same plan, same device) skips
+one torchrun job, and the memory table, whose rows are minima over passes across all its sizes, only
+when finished). A rerun of the same command (same plan, same device) skips
 what it holds. Only a complete profile is ever written to <out> (atomically); the partial file is
 then removed.
 
@@ -12,6 +13,8 @@ it (the CLI's `--compare` runs on a laptop)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from profiles.measure import (DTYPE_PREFERENCE, TABLES, MeasureConfig, MeasureError, attention_points,
-                              available_memory_bytes, collective_cases, gemm_points, host_copy_points, plan_config)
+                              available_memory_bytes, collective_cases, gemm_points, host_copy_points, memory_points,
+                              plan_config)
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
 
 BF16_SANE_FRACTION = 0.25  # profile bf16 on CPU only if it reaches this fraction of the fp32 rate
@@ -41,7 +45,7 @@ class ProfileRequest:
     out: Path  # output profile JSON
     quick: bool = False  # small grids, few repeats
     ops: tuple[str, ...] = TABLES  # tables to measure
-    max_bytes: int | None = None  # cap on collective and host-copy sizes
+    max_bytes: int | None = None  # cap on collective, host-copy and memory-kernel sizes
     nproc: int | None = None  # collective ranks (default: GPUs, or 4 on CPU like the local-cpu preset)
     model_shapes: tuple[tuple[str, int, int], ...] = ()  # (label, n, k) GEMM shapes of --models
     device: str | None = None  # "cpu" / "cuda"; default: cuda when available
@@ -153,8 +157,8 @@ class _Checkpoint:
         _write_partial(self.path, self.key, self.state)
         self.last_s = time.monotonic()
 
-    def finish(self, df: pd.DataFrame, seconds: float) -> None:
-        self.state.tables[self.state.table] = _df_to_json(df, seconds)
+    def finish(self, df: pd.DataFrame, seconds: float, load_start: float) -> None:
+        self.state.tables[self.state.table] = {**_df_to_json(df, seconds), "load_start": load_start}
         self.state.table, self.state.rows = "", []
         self.flush()  # a crash after this line loses no finished table
 
@@ -212,7 +216,8 @@ def build_config(req: ProfileRequest, device: str, dtypes: tuple[str, ...]) -> M
 
 def plan_counts(cfg: MeasureConfig) -> dict[str, int]:
     return {"gemm": len(gemm_points(cfg)), "attention": len(attention_points(cfg)),
-            "collective": len(collective_cases(cfg, cfg.nproc)), "host_copy": len(host_copy_points(cfg))}
+            "collective": len(collective_cases(cfg, cfg.nproc)), "host_copy": len(host_copy_points(cfg)),
+            "memory": len(memory_points(cfg))}
 
 
 # ---- measuring --------------------------------------------------------------------------------
@@ -284,6 +289,8 @@ def measure_table(name: str, cfg: MeasureConfig, tick: Callable[[int, int], None
     rows_done = rows_done or []
     if name == "collective":
         return run_collectives(cfg, on_progress=tick)
+    if name == "memory":
+        return _measure_memory(cfg, tick, rows_done, on_row)
     if name == "gemm":
         from profiles.measure.gemm import measure_gemm as fn
         pts = gemm_points(cfg)
@@ -302,10 +309,56 @@ def measure_table(name: str, cfg: MeasureConfig, tick: Callable[[int, int], None
         tick(done[0], len(pts))
 
     new = fn(cfg, pts[len(rows_done):], on_point)
+    return _with_done(rows_done, new)
+
+
+def _with_done(rows_done: list, new: pd.DataFrame) -> pd.DataFrame:
     if not rows_done:
         return new
     return pd.DataFrame([list(r) for r in rows_done] + [list(r) for r in new.itertuples(index=False)],
                         columns=new.columns)
+
+
+def _measure_memory(cfg: MeasureConfig, tick: Callable[[int, int], None], rows_done: list,
+                    on_row: Callable[[tuple], None] | None) -> pd.DataFrame:
+    """The memory table: its rows come only at the end (minima over passes across all sizes), so
+    progress counts points by the fraction of calls made."""
+    from profiles.measure.memory import measure_memory
+    pts = memory_points(cfg)
+    todo = pts[len(rows_done):]
+    new = measure_memory(cfg, todo, on_point=on_row,
+                         on_progress=lambda f: tick(len(rows_done) + int(f * len(todo)), len(pts)))
+    return _with_done(rows_done, new)
+
+
+def memory_note(cfg: MeasureConfig, load_start: float | None) -> str:
+    """How the memory table was measured, for the fingerprint notes."""
+    t = cfg.mem_timing
+    sizes = cfg.mem_sizes
+    return (f"Memory: y = x + 1 out of place (torch.add) in {cfg.main_dtype}, bytes = read + written, "
+            f"{sizes[0]}..{sizes[-1]} bytes (x2 grid); time = minimum over {cfg.mem_rounds} passes interleaved "
+            f"across sizes ({t.warmup} warm-up + {t.min_repeats}..{t.repeats} timed calls per size per pass"
+            + (", L2 flushed below twice its size" if cfg.device == "cuda" else "") + "), median in median_s"
+            + (f"; load average at its start {load_start:.2f}." if load_start is not None else "."))
+
+
+def merge_tables(base: Profile, measured: Profile, names: tuple[str, ...], note: str) -> Profile:
+    """`base` with tables `names` taken from `measured` (e.g. `meshplan profile --ops memory` run later on
+    the same device): every other table, constant, fit and fingerprint field kept, the notes extended with
+    `note`. Save the result with Profile.save, which recomputes the sha256."""
+    bad = [n for n in names if n not in TABLES]
+    if bad or not names:
+        raise MeasureError(f"merge_tables: unknown table(s) {bad or '(none given)'}; choose from {','.join(TABLES)}")
+    empty = [n for n in names if measured.tables[n].empty]
+    if empty:
+        raise MeasureError(f"merge_tables: {measured.fingerprint.name!r} has no rows in {', '.join(empty)}")
+    if base.fingerprint.device != measured.fingerprint.device:
+        raise MeasureError(f"merge_tables: devices differ ({base.fingerprint.device!r} vs "
+                           f"{measured.fingerprint.device!r}); measure all tables on one device")
+    tables = {**{k: v.copy() for k, v in base.tables.items()}, **{n: measured.tables[n].copy() for n in names}}
+    fp = dataclasses.replace(base.fingerprint, notes=f"{base.fingerprint.notes} {note}".strip(), sha256="")
+    return Profile(fingerprint=fp, tables=tables, constants=copy.deepcopy(base.constants),
+                   fits=copy.deepcopy(base.fits))
 
 
 def peak_constant(gemm: pd.DataFrame, dtype: str, device: str) -> dict:
@@ -382,7 +435,7 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
     for name in TABLES:
         if name not in req.ops or name in done:
             continue
-        t0 = time.perf_counter()
+        t0, load_start = time.perf_counter(), os.getloadavg()[0]
         ckpt = _Checkpoint(ppath, key, state, name)
         try:
             df = measure_table(name, cfg, lambda d, n, _t=name: progress(_t, d, n, False),
@@ -391,7 +444,7 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
             ckpt.flush()  # keep every point measured so far
             raise
         seconds[name] = time.perf_counter() - t0
-        ckpt.finish(df, seconds[name])
+        ckpt.finish(df, seconds[name], load_start)
 
     tables = {name: _json_to_df(done[name]) for name in TABLES if name in done and name in req.ops}
     for name in resumed:
@@ -412,6 +465,7 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
              "native ops when the group is the world, P2P rings on subsets (impl column); time = max over ranks. "
              + ("Host copy: memcpy (torch copy_ between host buffers), no device on this machine. "
                 if device == "cpu" else "Host copy: pinned and pageable H2D/D2H. ")
+             + (memory_note(cfg, done["memory"].get("load_start")) + " " if "memory" in tables else "")
              + f"Seconds per table: {measured_s}. Load average at start {load0[0]:.2f}, at end "
              f"{os.getloadavg()[0]:.2f} (other processes share the machine when it is above its core count).")
     fp = Fingerprint(name=profile_name(req.out), device=desc, source="measured",
@@ -504,6 +558,14 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
         direction = p.direction if (ref.tables["host_copy"]["direction"] == p.direction).any() else "memcpy"
         t += calls(float(ref.host_copy_time_s(p.nbytes, direction, p.pinned)), cfg.timing)
     est["host_copy"] = t
+    mem = ref.tables["memory"]
+    t = 0.0
+    for p in memory_points(cfg):
+        # A reference saved before the memory table existed: a copy moves half the bytes (read + write).
+        one = float(ref.memory_time_s(p.nbytes) if len(mem) else
+                    ref.host_copy_time_s(p.nbytes / 2, str(ref.tables["host_copy"]["direction"].iloc[0]), False))
+        t += cfg.mem_rounds * calls(one, cfg.mem_timing)
+    est["memory"] = t
     return est
 
 
@@ -518,6 +580,7 @@ _CMP = {
     "collective": (["op", "scope", "group_size", "concurrent_groups", "bytes"], ["scope"], "bytes",
                    ["op", "group_size", "concurrent_groups"]),
     "host_copy": (["direction", "pinned", "bytes"], ["pinned", "direction"], "bytes", ["direction", "pinned"]),
+    "memory": (["bytes"], [], "bytes", []),
 }
 
 

@@ -1,5 +1,6 @@
 """profiles/measure: each micro-benchmark on CPU in seconds, the collective worker under torchrun
-(gloo), resume, corrupt files, the fingerprint, comparison, and the shipped measured profile."""
+(gloo), resume, corrupt files, the fingerprint, comparison, merging a table into a profile, and the
+shipped measured profile."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from profiles.measure import (MeasureError, TimingConfig, attention_points, collective_cases,  # noqa: E402
-                              cpu_model_name, gemm_points, host_copy_points, plan_config, time_op)
+from profiles.measure import (MeasureConfig, MeasureError, TimingConfig, attention_points,  # noqa: E402
+                              collective_cases, cpu_model_name, gemm_points, host_copy_points, memory_points,
+                              plan_config, time_op)
 from profiles.measure import runner  # noqa: E402
 from profiles.measure.attention import measure_attention  # noqa: E402
 from profiles.measure.gemm import measure_gemm  # noqa: E402
 from profiles.measure.host_copy import measure_host_copy  # noqa: E402
+from profiles.measure.memory import measure_memory  # noqa: E402
 from profiles.table import Profile, ProfileError, load_profile  # noqa: E402
 
 FAST = TimingConfig(warmup=1, repeats=5, min_repeats=3, budget_s=0.2)
@@ -100,6 +103,72 @@ def test_host_copy_memcpy_grows_with_size():
     assert positive_finite(df) and set(df["direction"]) == {"memcpy"}
     s = df.set_index("bytes")["time_s"]
     assert s[16 * 2**20] > s[4096]
+
+
+def test_memory_points_plan():
+    quick = plan_config("cpu", quick=True, nproc=4)
+    assert quick.mem_sizes[0] == 4096 and quick.mem_sizes[-1] == 256 * 2**20  # past a CPU's L3
+    assert all(b == 2 * a for a, b in zip(quick.mem_sizes, quick.mem_sizes[1:]))
+    pts = memory_points(quick)
+    assert [p.nbytes for p in pts] == list(quick.mem_sizes) and {p.dtype for p in pts} == {"fp32"}
+    full = plan_config("cuda", quick=False, nproc=8)
+    assert full.mem_sizes[-1] == 2**30 and full.mem_rounds > quick.mem_rounds
+    assert {p.dtype for p in memory_points(full)} == {"bf16"}
+    # --max-bytes and the memory available cap the grid; the plan survives the partial file's JSON
+    assert plan_config("cpu", quick=True, nproc=4, max_bytes=2**20).mem_sizes[-1] == 2**20
+    assert plan_config("cpu", quick=False, nproc=4, mem_cap_bytes=3 * 2**20).mem_sizes[-1] == 2**21
+    assert MeasureConfig.from_key(json.loads(json.dumps(full.key()))) == full
+
+
+def test_memory_kernel_minimum_over_passes_grows_with_bytes():
+    cfg = tiny_cfg(mem_sizes=(4096, 2**20, 16 * 2**20), mem_rounds=3, mem_timing=FAST)
+    rows, fractions = [], []
+    df = measure_memory(cfg, memory_points(cfg), on_point=rows.append, on_progress=fractions.append)
+    assert positive_finite(df) and list(df["bytes"]) == [4096, 2**20, 16 * 2**20]  # fp32: whole elements
+    assert (df["time_s"] <= df["median_s"]).all()  # the minimum over every pass, the median beside it
+    assert [tuple(r) for r in df.itertuples(index=False)] == rows
+    assert len(fractions) == 3 * 3 and fractions[-1] == 1.0
+    s = df.set_index("bytes")["time_s"]
+    assert s[16 * 2**20] > 4 * s[2**20] and s[2**20] > s[4096]
+    prof = _profile({"memory": df[["bytes", "time_s"]]})
+    assert prof.memory_time_s(2**30) > prof.memory_time_s(2**20) > 0
+
+
+def test_memory_table_through_the_runner(tmp_path):
+    req = _small_request(tmp_path, ops=("memory",))
+    seen = []
+    res = runner.run_profile(req, progress=lambda t, d, n, r: seen.append((t, d, n)))
+    p = Profile.load(req.out)
+    n = len(plan_config("cpu", quick=True, nproc=2, max_bytes=2**20).mem_sizes)
+    assert len(p.tables["memory"]) == n and positive_finite(p.tables["memory"])
+    assert p.tables["memory"]["bytes"].max() == 2**20  # --max-bytes
+    assert seen[-1] == ("memory", n, n) and res.seconds["memory"] > 0
+    assert "Memory: y = x + 1" in p.fingerprint.notes and "load average at its start" in p.fingerprint.notes
+    assert all(p.tables[t].empty for t in ("gemm", "attention", "collective", "host_copy"))
+
+
+def test_merge_tables_adds_memory_and_keeps_the_rest(tmp_path):
+    base = load_profile("local-cpu.measured")
+    mem = pd.DataFrame({"bytes": [4096, 2**20], "time_s": [3e-6, 5e-5]})
+    measured = Profile(dataclasses.replace(base.fingerprint, notes="new run", sha256=""), {"memory": mem})
+    merged = runner.merge_tables(base, measured, ("memory",), "Memory added on 2026-12-03.")
+    assert merged.tables["memory"].equals(mem) and merged.fingerprint.notes.endswith(" Memory added on 2026-12-03.")
+    for name in ("gemm", "attention", "collective", "host_copy"):
+        assert merged.tables[name].equals(base.tables[name]), name
+    assert merged.constants == base.constants and merged.fits == base.fits
+    fp, fp0 = merged.fingerprint, base.fingerprint
+    assert (fp.name, fp.device, fp.created, fp.versions) == (fp0.name, fp0.device, fp0.created, fp0.versions)
+    merged.save(tmp_path / "m.json")
+    loaded = Profile.load(tmp_path / "m.json")  # the sha256 was recomputed: it loads
+    assert loaded.fingerprint.sha256 == merged.fingerprint.sha256 != base.fingerprint.sha256
+    assert loaded.memory_time_s(2**20) == pytest.approx(5e-5)
+    other = Profile(dataclasses.replace(measured.fingerprint, device="cpu: elsewhere"), {"memory": mem})
+    with pytest.raises(MeasureError, match="devices differ"):
+        runner.merge_tables(base, other, ("memory",), "x")
+    with pytest.raises(MeasureError, match="no rows in gemm"):
+        runner.merge_tables(base, measured, ("gemm",), "x")
+    with pytest.raises(MeasureError, match="unknown table"):
+        runner.merge_tables(base, measured, ("flops",), "x")
 
 
 def test_plan_collective_cases_groups_and_concurrency():
@@ -250,8 +319,11 @@ def test_shipped_cpu_profile_is_complete():
     p = load_profile("local-cpu.measured")
     fp = p.fingerprint
     assert fp.source == "measured" and fp.device.startswith("cpu: ") and fp.notes.startswith("meshplan profile")
-    for name in ("gemm", "attention", "collective", "host_copy"):
+    for name in ("gemm", "attention", "collective", "host_copy", "memory"):
         assert positive_finite(p.tables[name]), name
+    p.require_tables()  # every table a CostModel needs
+    assert "Memory table measured on 2026-12-03" in fp.notes
+    assert p.memory_time_s(2**28) > 100 * p.memory_time_s(4096) > 0
     assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
     assert p.constant("peak_bf16_flops") > 0
     assert set(p.tables["collective"]["op"]) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all",
@@ -265,7 +337,8 @@ def test_shipped_cpu_profile_is_complete():
 def test_compare_measured_with_analytic():
     cmp = {c.table: c for c in runner.compare_profiles(load_profile("local-cpu.measured"),
                                                        load_profile("h100-sxm.analytic"))}
-    assert set(cmp) == {"gemm", "attention", "collective", "host_copy"}
+    assert set(cmp) == {"gemm", "attention", "collective", "host_copy", "memory"}
+    assert len(cmp["memory"].rows) > 0 and cmp["memory"].summary["at_largest"].iloc[0] > 10  # DRAM vs HBM
     g = cmp["gemm"]
     assert "dtype" in g.note and len(g.rows) > 0 and (g.rows["ratio"] > 1).all()  # a CPU core vs an H100
     assert len(cmp["collective"].rows) > 0 and (cmp["collective"].summary["n"] > 0).all()
@@ -295,7 +368,7 @@ class FakeBench:
     the attention point of that index, between two points as a real Ctrl-C would land."""
 
     def __init__(self, monkeypatch, bf16_speedup: float, interrupt_at_attention: int | None = None):
-        from profiles.measure import attention as attn_mod, gemm as gemm_mod, host_copy as copy_mod
+        from profiles.measure import attention as attn_mod, gemm as gemm_mod, host_copy as copy_mod, memory as mem_mod
         from profiles.table import attention_flops
         self.rate = {"fp32": 5e10, "bf16": 5e10 * bf16_speedup}
         self.attention_calls = 0
@@ -319,6 +392,17 @@ class FakeBench:
         monkeypatch.setattr(gemm_mod, "time_gemm", time_gemm)
         monkeypatch.setattr(attn_mod, "time_attention", time_attention)
         monkeypatch.setattr(copy_mod, "time_copy", lambda p, cfg: 1e-6 + p.nbytes / 1e10)
+
+        def measure_memory(cfg, points, on_point=None, on_progress=None):
+            rows = [(p.nbytes, 4e-6 + p.nbytes / 2e10, 5e-6 + p.nbytes / 2e10) for p in points]
+            for row in rows:
+                if on_point:
+                    on_point(row)
+            if on_progress:
+                on_progress(1.0)
+            return pd.DataFrame(rows, columns=mem_mod.COLUMNS)
+
+        monkeypatch.setattr(mem_mod, "measure_memory", measure_memory)
         monkeypatch.setattr(runner, "run_collectives", run_collectives)
 
 
@@ -390,7 +474,7 @@ def test_interrupted_profile_resumes_into_a_usable_profile(tmp_path, monkeypatch
     assert len(p.tables["attention"]) == n_attn and not runner.partial_path(out).exists()
     assert p.tables["attention"].iloc[:5].values.tolist() == first_rows
     assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
-    assert all(len(p.tables[t]) for t in ("gemm", "attention", "collective", "host_copy"))
+    assert all(len(p.tables[t]) for t in ("gemm", "attention", "collective", "host_copy", "memory"))
 
 
 def test_interrupt_before_any_table_leaves_the_plan_to_resume(tmp_path, monkeypatch):
@@ -410,6 +494,7 @@ def test_cli_profile_estimate_and_compare_json():
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["device"] == "cpu" and d["tables"]["attention"]["points"] > 0
+    assert d["tables"]["memory"]["points"] > 0 and d["tables"]["memory"]["seconds"] > 0
     assert d["total_s"] == pytest.approx(sum(t["seconds"] for t in d["tables"].values()))
     res = CliRunner().invoke(app, ["profile", "--compare", "local-cpu.measured", "h100-sxm.analytic", "--json"])
     assert res.exit_code == 0, res.output

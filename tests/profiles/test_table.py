@@ -54,7 +54,7 @@ def test_negative_times_rejected():
 def test_lookups_grow_with_size():
     p = load_profile("h100-sxm.analytic")
     g = p.gemm_time_s(np.array([256, 1024, 4096, 16384]), 4096, 4096)
-    assert np.all(np.diff(g) > 0)
+    assert np.all(np.diff(g) >= 0) and np.all(np.diff(g[1:]) > 0)  # 256 and 1024 rows: one wave of tiles each
     a = p.attention_time_s(np.array([512, 4096, 65536]), heads=32, head_dim=128)
     assert np.all(np.diff(a) > 0)
     c = p.collective_time_s("all_reduce", np.array([2**10, 2**20, 2**30]), 8)

@@ -217,7 +217,7 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
     check_fits(int(seqs.lengths.max()), cm, hdp, opt.offload)
     heuristic = plan_balance(batch, cm, opt)
     finalize_s = time.perf_counter() - t0  # about what mapping, finalize and simulation take afterwards
-    sync = cm.grad_sync_s(hdp)
+    sync = cm.step_end_s(hdp)
     hdp_s = heuristic.predicted.step_time_s
     price = Pricer(cm)
     items = make_items(seqs, cm, max(1, opt.ilp.buckets), price)

@@ -39,7 +39,7 @@ def test_gantt_legend_tells_forward_from_backward(planned):
         assert "////" in hatches and None in hatches  # backward hatched, forward plain
     else:
         assert "forward + backward" in texts  # pp = 1: a box is a whole unit
-    assert "gradient sync" in texts
+    assert "gradient sync + optimizer" in texts
     matplotlib.pyplot.close(fig)
 
 

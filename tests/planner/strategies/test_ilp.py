@@ -66,7 +66,7 @@ def brute_force_makespan_s(lengths, cm) -> float:
 @pytest.mark.parametrize("lengths", [[6000, 6000], [6000, 6000, 6000], [7000, 5000, 9000], [12000, 5000]])
 def test_tiny_instances_reach_the_brute_force_optimum(lengths, solver):
     step, info, cm = solve(lengths, solver=solver)
-    sync = cm.grad_sync_s(cm.setup.hdp)
+    sync = cm.step_end_s(cm.setup.hdp)
     assert info.status == "optimal" and info.gap <= 1e-4
     assert info.objective_s - sync == pytest.approx(brute_force_makespan_s(lengths, cm), rel=1e-9)
     # sharded units are priced exactly as the simulator prices them (one node: no boundary to cross)
@@ -76,11 +76,12 @@ def test_tiny_instances_reach_the_brute_force_optimum(lengths, solver):
 def test_equal_short_sequences_get_one_rank_each():
     step, info, cm = solve([2000] * 4)
     assert sorted(u.hdp_ranks for u in step.units) == [(0,), (1,), (2,), (3,)]
-    exact = cm.unit_time_s([2000], 1) + cm.grad_sync_s(cm.setup.hdp)
+    exact = cm.unit_time_s([2000], 1) + cm.step_end_s(cm.setup.hdp)
     assert step.predicted.step_time_s == pytest.approx(exact, rel=1e-9)
     # the model prices a packed document by its margin in a full bin plus a bin's fixed cost: a
-    # lone short document in its own bin is off by the GEMM's nonlinearity, well under 1%
-    assert info.objective_s == pytest.approx(exact, rel=0.01)
+    # lone short document in its own bin is off by the GEMM's nonlinearity (wave quantisation makes its
+    # time a staircase in tokens), a few percent
+    assert info.objective_s == pytest.approx(exact, rel=0.05)
 
 
 def test_ilp_plan_validates_and_simulates_to_its_objective():
@@ -267,7 +268,8 @@ def test_configuration_bound_is_valid_and_closes_the_area_gap(lengths):
     area = ilp.area_bound_s(items, tab, hdp, C)
     for engine in ("highs",):
         cb = ilp.config_bound(items, tab, hdp, C, area, opt, time.perf_counter() + 60, engine)
-        assert cb.bound_s <= opt and cb.bound_s >= opt * (1 - 2 * ilp.BISECT_TOL)
+        # within the bisection tolerance plus the bin pricing's linearisation (GEMM waves: under 1%)
+        assert cb.bound_s <= opt and cb.bound_s >= opt * (1 - 2 * ilp.BISECT_TOL - 0.01)
         cl = ilp.ConfigLP(items, tab, hdp, C, engine)
         assert not cl.refutes(opt * (1 + 1e-9), time.perf_counter() + 60)
         assert not ilp.integer_model(cl, opt * (1 + 1e-9), 60)[0]

@@ -1,0 +1,99 @@
+"""Memory-bound kernels of a training step (REFERENCE 7.1 leaves them out; Korthikanti et al. 2022 §4 and
+Megatron-LM's fused kernels define them): bytes each kernel reads and writes, priced by the cost model as a
+profile's memory-table lookup per kernel (launch floor + bytes at achievable HBM bandwidth).
+
+A layer's GEMMs and attention core are priced elsewhere; here are the kernels between them, as Megatron-LM
+fuses them: the two norms, the activation (bias fused: bias-GeLU; SwiGLU reads gate and up), RoPE on Q and K,
+and the two bias-dropout-add residuals. Norms, dropout and residuals act on the hidden state, which sequence
+parallelism splits over TP ranks and plain TP replicates; the activation and RoPE act on TP-sharded widths.
+Backward kernels read the forward's inputs and the incoming gradient and write the outgoing gradient.
+Unfused attention (no FlashAttention) adds per attention score the scaled-masked softmax and the attention
+dropout. Counting conventions: bytes = elements × dtype bytes, a dropout mask is 1 byte per element."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costmodel.specs import ModelSpec, Recompute
+
+# Adam over fp32 master weights (ZeRO-1 shard or whole): read grad (4), master, m, v (12), write master, m, v
+# (12) and the bf16/fp16 model copy (2), then zero the grad buffer (4): Megatron's fused multi-tensor Adam.
+ADAM_BYTES_PER_PARAM = 4 + 12 + 12 + 2 + 4
+
+
+@dataclass(frozen=True)
+class MemKernel:
+    """One memory-bound kernel: bytes read + written per unit of work on one rank."""
+
+    label: str
+    bytes_per_item: float  # per token of the micro-batch (layer, head kernels) or per attention score
+
+
+def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int,
+                  direction: str) -> tuple[MemKernel, ...]:
+    """A layer's memory-bound kernels in one direction ("fwd" or "bwd"), bytes per token of the micro-batch on
+    one TP rank."""
+    b = float(dtype_bytes)
+    hidden = model.hidden / (tp if sequence_parallel else 1)  # norms, dropout, residuals
+    ffn = model.ffn * model.top_k / tp
+    qk = (model.q_width + model.kv_width) / tp
+    mask = 1.0 if model.dropout else 0.0
+    fwd = direction == "fwd"
+    norm = MemKernel("norm", hidden * (2 * b if fwd else 3 * b))  # y = norm(x) | dx from x, dy
+    # bias-dropout-add: out = residual + dropout(x + bias) | the backward passes dy on and masks it
+    residual = MemKernel("residual", hidden * ((3 * b + mask) if fwd else (2 * b + mask)))
+    if model.mlp == "swiglu":  # silu(gate) * up | d(gate), d(up) from gate, up, dy
+        act = MemKernel("swiglu", ffn * (3 * b if fwd else 5 * b))
+    else:  # gelu(x + bias) | dx from x, dy
+        act = MemKernel("gelu", ffn * (2 * b if fwd else 3 * b))
+    out = [norm, norm, residual, residual, act]
+    if model.position == "rope":
+        out.append(MemKernel("rope", qk * 2 * b))  # rotate Q and K (the backward rotates back)
+    return tuple(out)
+
+
+def recompute_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int,
+                      recompute: Recompute) -> tuple[MemKernel, ...]:
+    """The forward kernels a backward replays: all of them under full recompute; under selective, SwiGLU's
+    product (costmodel.memory does not keep it); GeLU blocks' selective replays the attention core only."""
+    if recompute == "full":
+        return layer_kernels(model, tp, sequence_parallel, dtype_bytes, "fwd")
+    if recompute == "selective" and model.mlp == "swiglu":
+        return tuple(k for k in layer_kernels(model, tp, sequence_parallel, dtype_bytes, "fwd") if k.label == "swiglu")
+    return ()
+
+
+def score_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tuple[MemKernel, ...]:
+    """Unfused attention's kernels per score (one query-key pair of one head): Megatron's fused scale-mask-
+    softmax, then the attention dropout where the model has it."""
+    b = float(dtype_bytes)
+    fwd = direction == "fwd"
+    out = [MemKernel("softmax", 2 * b if fwd else 3 * b)]  # p = softmax(s) | ds from p, dp
+    if model.dropout:
+        out.append(MemKernel("attn_dropout", 2 * b + 1))  # reads and writes with its mask both ways
+    return tuple(out)
+
+
+def head_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int, fused_loss: bool,
+                 direction: str) -> tuple[MemKernel, ...]:
+    """Last stage: the final norm and the vocab-parallel softmax cross-entropy over V/t logits per token (fp32
+    softmax kept for the backward; a fused online-softmax loss reads the logits once and recomputes)."""
+    b = float(dtype_bytes)
+    hidden = model.hidden / (tp if sequence_parallel else 1)
+    vocab = model.vocab / tp
+    fwd = direction == "fwd"
+    norm = MemKernel("final_norm", hidden * (2 * b if fwd else 3 * b))
+    if fused_loss:
+        ce = MemKernel("cross_entropy", vocab * (b if fwd else 2 * b))
+    else:
+        ce = MemKernel("cross_entropy", vocab * ((b + 4) if fwd else (4 + b)))
+    return norm, ce
+
+
+def embedding_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tuple[MemKernel, ...]:
+    """First stage: the embedding lookup (gather of h values per token) and, backward, its scatter-add into the
+    fp32 gradient of the table; a learned position embedding adds one more of each."""
+    b = float(dtype_bytes)
+    per = model.hidden * (2 * b if direction == "fwd" else b + 2 * 4)
+    n = 2 if model.position == "learned" else 1
+    return tuple(MemKernel("embedding", per) for _ in range(n))

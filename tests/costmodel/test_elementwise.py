@@ -1,0 +1,132 @@
+"""Memory-bound kernels and the terms they add to a unit: bytes per kernel, sequence parallelism, materialised
+attention, recompute semantics, the optimizer step and an overlapped gradient reduce."""
+
+import dataclasses
+
+import pytest
+
+from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, embedding_kernels, head_kernels, layer_kernels,
+                                   recompute_kernels, score_kernels)
+from costmodel.memory import params_per_rank
+from costmodel.presets import load_cluster, load_model
+from costmodel.specs import Setup, TrainingSpec
+from costmodel.timing import CostModel
+from profiles.table import load_profile
+
+
+@pytest.fixture(scope="module")
+def a100():
+    return load_profile("a100-sxm-80gb.analytic")
+
+
+def _cm(profile, model="gpt-22b", gpus=8, **training) -> CostModel:
+    tr = TrainingSpec(**{"tp": 8, **training})
+    return CostModel(Setup(load_model(model), load_cluster("dgx-a100").with_gpus(gpus), tr), profile)
+
+
+def _total(kernels) -> float:
+    return sum(k.bytes_per_item for k in kernels)
+
+
+def test_gpt_layer_bytes_by_hand():
+    gpt = load_model("gpt-22b")
+    h, f = gpt.hidden, gpt.ffn
+    # forward, bf16, no TP: 2 norms (2·2h), 2 bias-dropout-adds (3·2h + 1 mask byte per element), bias-GeLU (2·2f)
+    assert _total(layer_kernels(gpt, 1, True, 2, "fwd")) == pytest.approx(2 * 4 * h + 2 * 7 * h + 4 * f)
+    # backward: norms 3·2h, residual 2·2h + mask, GeLU 3·2f
+    assert _total(layer_kernels(gpt, 1, True, 2, "bwd")) == pytest.approx(2 * 6 * h + 2 * 5 * h + 6 * f)
+
+
+def test_sequence_parallelism_splits_only_the_hidden_state_kernels():
+    gpt = load_model("gpt-22b")
+    sp, plain = (_total(layer_kernels(gpt, 8, s, 2, "fwd")) for s in (True, False))
+    act = 4 * gpt.ffn / 8  # bias-GeLU acts on the TP-sharded MLP width either way
+    assert (plain - act) == pytest.approx(8 * (sp - act))
+
+
+def test_llama_has_rope_and_swiglu_and_no_masks():
+    llama = load_model("llama-7b")
+    labels = [k.label for k in layer_kernels(llama, 1, True, 2, "fwd")]
+    assert "rope" in labels and "swiglu" in labels and "gelu" not in labels
+    res = next(k for k in layer_kernels(llama, 1, True, 2, "fwd") if k.label == "residual")
+    assert res.bytes_per_item == pytest.approx(3 * 2 * llama.hidden)  # no dropout mask
+    assert [k.label for k in recompute_kernels(llama, 1, True, 2, "selective")] == ["swiglu"]
+    assert recompute_kernels(load_model("gpt-22b"), 1, True, 2, "selective") == ()
+    assert len(recompute_kernels(llama, 1, True, 2, "full")) == len(layer_kernels(llama, 1, True, 2, "fwd"))
+
+
+def test_score_head_and_embedding_kernels():
+    gpt, llama = load_model("gpt-22b"), load_model("llama-7b")
+    assert _total(score_kernels(gpt, 2, "fwd")) == 4 + 5  # softmax, dropout with its mask
+    assert _total(score_kernels(llama, 2, "fwd")) == 4
+    fused, fp32 = (_total(head_kernels(llama, 1, True, 2, fl, "fwd")) for fl in (True, False))
+    assert fp32 - fused == pytest.approx(4 * llama.vocab)  # the fp32 softmax written for the backward
+    assert len(embedding_kernels(gpt, 2, "fwd")) == 2 and len(embedding_kernels(llama, 2, "fwd")) == 1
+
+
+def test_memory_bound_terms_reach_the_unit(a100):
+    cm = _cm(a100)
+    u = cm.unit_cost([2048] * 4, with_head=False)
+    assert 0 < u.mem_fwd_s < u.fwd_compute_s and 0 < u.mem_bwd_s < u.bwd_compute_s
+    # without SP the replicated kernels run on all tokens of every TP rank
+    plain = _cm(a100, sequence_parallel=False).unit_cost([2048] * 4, with_head=False)
+    assert plain.mem_fwd_s > 2 * u.mem_fwd_s and plain.tp_comm_s == pytest.approx(u.tp_comm_s)
+
+
+def test_materialised_attention_costs_more_and_grows_with_the_square(a100):
+    flash, unfused = _cm(a100), _cm(a100, attention_kernel="unfused")
+    for s in (2048, 8192):
+        assert unfused.attn_fwd_s(s) > flash.attn_fwd_s(s)
+    ratio = float(unfused.attn_fwd_s(8192) / unfused.attn_fwd_s(2048))
+    assert 10 < ratio < 20  # s² work and bytes: 16x, softened by efficiency at the shorter length
+
+
+def test_recompute_semantics(a100):
+    none = _cm(a100, recompute="none").unit_cost([2048] * 4, with_head=False)
+    full = _cm(a100, recompute="full").unit_cost([2048] * 4, with_head=False)
+    # full replays the whole forward in the backward, TP collectives included
+    assert full.fwd_s == pytest.approx(none.fwd_s)
+    assert full.tp_comm_bwd_s == pytest.approx(2 * none.tp_comm_bwd_s)
+    assert full.bwd_s == pytest.approx(none.bwd_s + none.fwd_s, rel=1e-6)
+    # selective replays the materialised attention core; with FlashAttention a GeLU block replays nothing
+    sel_unfused = _cm(a100, recompute="selective", attention_kernel="unfused").unit_cost([2048] * 4, with_head=False)
+    none_unfused = _cm(a100, attention_kernel="unfused").unit_cost([2048] * 4, with_head=False)
+    assert sel_unfused.bwd_s - none_unfused.bwd_s == pytest.approx(none_unfused.attn_fwd_compute_s)
+    sel = _cm(a100, recompute="selective").unit_cost([2048] * 4, with_head=False)
+    assert sel.bwd_s == pytest.approx(none.bwd_s)
+
+
+def test_head_and_embedding_only_where_they_run(a100):
+    pp1 = _cm(a100).unit_cost([2048] * 4)
+    pp2 = _cm(a100, gpus=16, pp=2)
+    last, mid = pp2.unit_cost([2048] * 4, with_head=True), pp2.unit_cost([2048] * 4, with_head=False)
+    assert mid.head_fwd_s == 0 and last.head_fwd_s > 0
+    assert pp1.head_fwd_s > last.head_fwd_s  # pp = 1 prices the embedding with the head
+
+
+def test_optimizer_step_is_one_pass_over_the_shard(a100):
+    cm = _cm(a100, gpus=64)  # 8 HDP ranks
+    p = params_per_rank(cm.setup)
+    assert cm.optimizer_step_s() == pytest.approx(float(a100.memory_time_s(p / 8 * ADAM_BYTES_PER_PARAM)))
+    replicated = _cm(a100, gpus=64, zero_stage=0)
+    assert replicated.optimizer_step_s() > 5 * cm.optimizer_step_s()
+    assert cm.step_end_s() == pytest.approx(cm.grad_sync_s() + cm.optimizer_step_s())
+
+
+def test_overlapped_gradient_reduce_hides_under_the_backward(a100):
+    cm = _cm(a100, gpus=64)
+    sync = cm.grad_sync_s()
+    assert cm.exposed_grad_sync_s(None, 10.0) == sync  # Megatron-core's default: no overlap
+    over = _cm(a100, gpus=64, overlap_grad_reduce=True)
+    assert over.exposed_grad_sync_s(None, 0.0) == pytest.approx(sync)
+    hidden = over.exposed_grad_sync_s(None, 10.0)
+    assert 0 < hidden < 0.2 * sync  # the last bucket stays exposed
+    assert over.exposed_grad_sync_s(None, sync / 2) == pytest.approx(sync / 2)
+
+
+def test_new_training_fields_round_trip():
+    tr = TrainingSpec(sequence_parallel=False, attention_kernel="unfused", overlap_grad_reduce=True)
+    assert TrainingSpec.from_dict(tr.to_dict()) == tr
+    assert dataclasses.replace(tr, attention_kernel="flash").attention_kernel == "flash"
+    with pytest.raises(ValueError, match="attention_kernel"):
+        TrainingSpec.from_dict({**tr.to_dict(), "attention_kernel": "xformers"})

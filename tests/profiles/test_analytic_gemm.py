@@ -1,0 +1,59 @@
+"""Analytic GEMM shape losses: whole tiles in whole waves over the SMs on the generic curve; measured tables as
+they are."""
+
+import numpy as np
+import pandas as pd
+
+from profiles import analytic
+from profiles.table import Fingerprint, Profile, load_profile, loglog_interp
+
+
+def flops_curve(p: Profile, flops) -> np.ndarray:
+    xs, ys = p._gemm_generic("bf16")
+    return loglog_interp(np.asarray(flops, float), xs, ys, below="clamp", above="proportional")
+
+
+def test_analytic_profiles_carry_sms_and_tile_with_sources():
+    for g, sms in ((analytic.H100, 132), (analytic.A100, 108), (analytic.H200, 132), (analytic.H800, 132)):
+        c = analytic.build(g).constants
+        assert c["gemm_sms"]["value"] == sms
+        assert {c["gemm_tile_m"]["value"], c["gemm_tile_n"]["value"]} == {128, 256}
+        assert all(c[k]["source"] for k in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
+
+
+def test_full_waves_cost_the_curve_and_one_more_tile_costs_a_wave():
+    p = load_profile("h100-sxm.analytic")
+    m, n, k = 128 * 33, 256 * 4, 4096  # 132 tiles of 128x256: exactly one wave
+    assert p.gemm_time_s(m, n, k) == flops_curve(p, 2.0 * m * n * k)
+    # one more row: 136 tiles either way round, a second wave that does the work of a full one
+    assert p.gemm_time_s(m + 1, n, k) == flops_curve(p, 2 * 132 * 128 * 256 * 2.0 * k)
+    # the transposed tile where it pads less: 44 x 3 = 132 tiles of 256x128, against 88 x 2 of 128x256
+    assert p.gemm_time_s(256 * 44, 128 * 3, k) == flops_curve(p, 2.0 * 256 * 44 * 128 * 3 * k)
+
+
+def test_quantised_time_never_beats_the_curve_and_is_vectorised():
+    p = load_profile("a100-sxm-80gb.analytic")
+    m = np.unique(np.round(np.geomspace(1, 2**25, 200)))
+    for n, k in ((4096, 4096), (1536, 4096), (11008, 4096), (32000, 8192)):
+        t = p.gemm_time_s(m, n, k)
+        assert t.shape == m.shape
+        assert np.all(t >= flops_curve(p, 2.0 * m * n * k) * (1 - 1e-12))
+        assert np.all(np.diff(t) >= 0)  # more rows never take less time
+
+
+def test_exact_analytic_series_takes_the_quantised_curve_too():
+    p = load_profile("h100-sxm.analytic")  # its table holds an (n, k) = (4096, 4096) series
+    m = 4096 + 128  # 33 x 16 = 528 tiles: 4 waves of 132, exactly full
+    assert p.gemm_time_s(m, 4096, 4096) == flops_curve(p, 2.0 * m * 4096 * 4096)
+    assert p.gemm_time_s(4096 + 129, 4096, 4096) > p.gemm_time_s(m, 4096, 4096) * 1.2
+
+
+def test_measured_profile_is_looked_up_as_it_is():
+    fp = Fingerprint(name="meas", device="d", source="measured", created="2026-01-01")
+    rows = [(m, n, k, "bf16", 2.0 * m * n * k / 5e14 + 5e-6) for m in (256, 1024, 4096) for n, k in ((4096, 4096),
+                                                                                                  (512, 512))]
+    p = Profile(fp, {"gemm": pd.DataFrame(rows, columns=["m", "n", "k", "dtype", "time_s"])})
+    m = np.array([300.0, 1500.0, 4000.0])
+    exact = p.gemm_time_s(m, 4096, 4096)
+    assert np.allclose(exact, loglog_interp(m, [256, 1024, 4096], [r[-1] for r in rows[0::2]]))
+    assert np.array_equal(p.gemm_time_s(m, 1000, 1000), flops_curve(p, 2.0 * m * 1000 * 1000))
