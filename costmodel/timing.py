@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -122,6 +122,65 @@ class UnitCost:
         return self.fwd_s + self.bwd_s
 
 
+@dataclass(frozen=True)
+class UnitCosts:
+    """`UnitCost` of many units at once, one array per field (index u: unit u); `CostModel.price_units`."""
+
+    fwd_compute_s: np.ndarray
+    bwd_compute_s: np.ndarray
+    ring_comm_s: np.ndarray
+    ring_exposed_fwd_s: np.ndarray
+    ring_exposed_bwd_s: np.ndarray
+    tp_comm_fwd_s: np.ndarray
+    tp_comm_bwd_s: np.ndarray
+    offload_exposed_fwd_s: np.ndarray
+    offload_exposed_bwd_s: np.ndarray
+    head_fwd_s: np.ndarray
+    head_bwd_s: np.ndarray
+    tokens_per_rank: np.ndarray  # int64
+    attn_fwd_compute_s: np.ndarray
+    attn_bwd_compute_s: np.ndarray
+    mem_fwd_s: np.ndarray
+    mem_bwd_s: np.ndarray
+    overhead_fwd_s: np.ndarray
+    overhead_bwd_s: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens_per_rank)
+
+    @property
+    def total_s(self) -> np.ndarray:
+        """UnitCost.total_s per unit (the same sums in the same order)."""
+        fwd = self.fwd_compute_s + self.ring_exposed_fwd_s + self.tp_comm_fwd_s + self.offload_exposed_fwd_s
+        bwd = self.bwd_compute_s + self.ring_exposed_bwd_s + self.tp_comm_bwd_s + self.offload_exposed_bwd_s
+        return (fwd + self.head_fwd_s) + (bwd + self.head_bwd_s)
+
+    def unit(self, u: int) -> UnitCost:
+        return UnitCost(**{f.name: getattr(self, f.name)[u].item() for f in fields(self)})
+
+    def units(self) -> list[UnitCost]:
+        """Every unit's UnitCost, in order (one pass per field: callers hold thousands)."""
+        return [UnitCost(*row) for row in zip(*(getattr(self, f.name).tolist() for f in fields(self)))]
+
+
+def _segment_sums(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-segment sums of each row of `values` (segment u: columns starts[u] to starts[u] + counts[u]),
+    bit-identical to `values[:, a:b].sum(axis=-1)` of each segment: numpy sums contiguous rows pairwise,
+    which np.add.reduceat does not reproduce, so segments of equal length are summed as one 2-D block."""
+    out = np.zeros((values.shape[0], len(starts)))
+    order = np.argsort(counts, kind="stable")
+    sorted_counts = counts[order]
+    edges = np.flatnonzero(np.diff(sorted_counts)) + 1
+    for group in np.split(order, edges):
+        k = int(counts[group[0]]) if len(group) else 0
+        if k == 1:
+            out[:, group] = values[:, starts[group]]
+        elif k > 1:
+            block = np.ascontiguousarray(values[:, starts[group][:, None] + np.arange(k)])  # rows contiguous
+            out[:, group] = block.sum(axis=-1)
+    return out
+
+
 @dataclass
 class CostModel:
     """Cost of units, syncs and transfers for one (model, cluster, training) on one profile."""
@@ -230,29 +289,40 @@ class CostModel:
     # ---- units ----------------------------------------------------------------------------------
     def unit_cost(self, doc_lengths: np.ndarray | list[int], degree: int = 1, offload_ratio: float = 0.0,
                   inter_node: bool = False, with_head: bool | None = None) -> UnitCost:
-        """Per-rank cost of a unit: documents `doc_lengths` packed on one rank (degree 1) or each sharded
-        zigzag over `degree` ranks with ring attention (REFERENCE 7.6: per ring step the max of compute and
-        transfer; the first step has nothing to wait for). with_head defaults to pp == 1; the embedding is
-        priced with the head when pp == 1 (its first stage is the last)."""
+        """Per-rank cost of one unit: `price_units` for a batch of one (see there)."""
+        s = np.asarray(doc_lengths, dtype=float).ravel()
+        return self.price_units(s, np.zeros(1, np.int64), int(degree), offload_ratio, inter_node, with_head).unit(0)
+
+    def price_units(self, doc_lengths: np.ndarray, unit_offsets: np.ndarray, degree: np.ndarray | int = 1,
+                    offload_ratio: np.ndarray | float = 0.0, inter_node: np.ndarray | bool = False,
+                    with_head: np.ndarray | bool | None = None) -> UnitCosts:
+        """Per-rank cost of many units at once: unit u holds documents doc_lengths[unit_offsets[u]:
+        unit_offsets[u + 1]] (a flat array, offsets increasing from 0), packed on one rank (degree 1) or each
+        sharded zigzag over `degree` ranks with ring attention (REFERENCE 7.6: per ring step the max of compute
+        and transfer; the first step has nothing to wait for). Degree, offload ratio, inter-node and with_head
+        are per unit or one for all; with_head defaults to pp == 1; the embedding is priced with the head when
+        pp == 1 (its first stage is the last). Planners price thousands of units per step: one call does it."""
         s = np.asarray(doc_lengths, dtype=float)
-        d = int(degree)
+        starts = np.asarray(unit_offsets, dtype=np.int64)
+        n = len(starts)
+        counts = np.diff(starts, append=len(s))
+        d = np.broadcast_to(np.asarray(degree, dtype=np.int64), (n,))
+        r_off = np.broadcast_to(np.asarray(offload_ratio, dtype=float), (n,))
+        inter = np.broadcast_to(np.asarray(inter_node, dtype=bool), (n,))
+        head = np.broadcast_to(np.asarray(self.pp == 1 if with_head is None else with_head, dtype=bool), (n,))
         l = self.layers_per_stage
-        if d == 1:
-            tokens = float(s.sum())
-            attn_f = float(self.attn_fwd_s(s).sum())
-            attn_b = float(self.attn_bwd_s(s).sum())
-        else:
-            per_rank = 2.0 * np.ceil(s / (2 * d))  # zigzag chunk pair per document
-            tokens = float(per_rank.sum())
-            # A rank computes 1/d of each document's causal area; the kernel works on chunk-sized blocks,
-            # so its rate is the one at the per-rank length: time = d × time(per-rank length).
-            attn_f = float((self.attn_fwd_s(per_rank) * d).sum())
-            attn_b = float((self.attn_bwd_s(per_rank) * d).sum())
-        gemm_f = float(self.gemm_layer_fwd_s(tokens))
-        mem_f = float(self._lookup("mem_layer_fwd", tokens))
-        mem_b = float(self._lookup("mem_layer_bwd", tokens))
+        # Per document: its tokens on each rank (zigzag chunk pair when sharded) and its attention core. A rank
+        # computes 1/d of each document's causal area; the kernel works on chunk-sized blocks, so its rate is
+        # the one at the per-rank length: time = d × time(per-rank length).
+        d_doc = np.repeat(d, counts)
+        per_rank = np.where(d_doc > 1, 2.0 * np.ceil(s / (2 * d_doc)), s)
+        tokens, attn_f, attn_b = _segment_sums(
+            np.stack([per_rank, self.attn_fwd_s(per_rank) * d_doc, self.attn_bwd_s(per_rank) * d_doc]), starts, counts)
+        gemm_f = self.gemm_layer_fwd_s(tokens)
+        mem_f = self._lookup("mem_layer_fwd", tokens)
+        mem_b = self._lookup("mem_layer_bwd", tokens)
         rec = self.setup.training.recompute
-        calls = len(s) * d  # attention calls per layer and direction: one per document and ring step
+        calls = counts * d  # attention calls per layer and direction: one per document and ring step
         over_f = self.layer_overhead_s + calls * self.attn_call_overhead_s
         over_b = 2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
         fwd_layer = gemm_f + attn_f + mem_f + over_f
@@ -260,52 +330,50 @@ class CostModel:
         # Recompute replays in the backward what the forward did not keep: full, the whole forward (its TP
         # collectives below); selective, the attention core when it is materialised (GPT blocks) and, for SwiGLU
         # models, the activation product (costmodel.memory keeps neither).
-        mem_rec = float(self._lookup("mem_recompute", tokens)) if rec != "none" else 0.0
+        mem_rec = self._lookup("mem_recompute", tokens) if rec != "none" else 0.0
         attn_rec = attn_f if rec == "full" or (rec == "selective" and self.unfused_attention) else 0.0
-        bwd_layer += (gemm_f if rec == "full" else 0.0) + attn_rec + mem_rec
-        ring_comm = ring_exp_f = ring_exp_b = 0.0
-        if d > 1:
-            kv_bytes = tokens * 2 * self.model.kv_width / self.tp * self.bytes_per_elem
-            step_f, step_b = attn_f / d, attn_b / d
-            comm_f = float(self.p2p_s(kv_bytes, inter_node))
-            comm_b = float(self.p2p_s(2 * kv_bytes, inter_node))  # K/V in, dK/dV back
-            passes_f = 2 if rec == "full" else 1  # full recompute replays the forward ring
-            ring_comm = l * (d - 1) * (passes_f * comm_f + comm_b)
-            ring_exp_f = l * (d - 1) * max(0.0, comm_f - step_f)
-            ring_exp_b = l * (d - 1) * ((passes_f - 1) * max(0.0, comm_f - step_f) + max(0.0, comm_b - step_b))
-        tp_f = tp_b = 0.0
+        bwd_layer = bwd_layer + ((gemm_f if rec == "full" else 0.0) + attn_rec + mem_rec)
+        kv_bytes = tokens * 2 * self.model.kv_width / self.tp * self.bytes_per_elem
+        step_f, step_b = attn_f / d, attn_b / d
+        comm_f = np.where(inter, self.p2p_s(kv_bytes, True), self.p2p_s(kv_bytes, False))
+        comm_b = np.where(inter, self.p2p_s(2 * kv_bytes, True), self.p2p_s(2 * kv_bytes, False))  # dK/dV back
+        passes_f = 2 if rec == "full" else 1  # full recompute replays the forward ring
+        ring_steps = l * (d - 1)  # 0 for packed units: no ring
+        ring_comm = ring_steps * (passes_f * comm_f + comm_b)
+        ring_exp_f = ring_steps * np.maximum(0.0, comm_f - step_f)
+        ring_exp_b = ring_steps * ((passes_f - 1) * np.maximum(0.0, comm_f - step_f) + np.maximum(0.0, comm_b - step_b))
+        tp_f = tp_b = comm_h = np.zeros(n)
         if self.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer each way (an all-reduce moves the same bytes)
             tp_f = l * 2 * self._tp_pair_s(tokens)
             tp_b = tp_f * (2 if rec == "full" else 1)  # full recompute replays the forward's collectives
-        off_f = off_b = 0.0
-        if offload_ratio > 0 and l > 2:
-            nbytes = offload_ratio * tokens * self.a_tok
-            off_f = (l - 2) * max(0.0, float(self.host_copy_s(nbytes, "d2h")) - fwd_layer)
-            off_b = (l - 2) * max(0.0, float(self.host_copy_s(nbytes, "h2d")) - bwd_layer)
-        if with_head is None:
-            with_head = self.pp == 1
-        head_f = head_b = 0.0
-        if with_head:
-            gemm_h = float(self._lookup("gemm_head", tokens))
-            # one all-gather of the head's input forward, its reduce-scatter backward (no SP: an all-reduce)
-            comm_h = self._tp_pair_s(tokens) / 2 if self.tp > 1 else 0.0
-            head_f = gemm_h + float(self._lookup("mem_head_fwd", tokens)) + comm_h
-            head_b = 2.0 * gemm_h + float(self._lookup("mem_head_bwd", tokens)) + comm_h
-            if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
-                head_f += float(self._lookup("mem_embed_fwd", tokens)) + comm_h
-                head_b += float(self._lookup("mem_embed_bwd", tokens))
-        return UnitCost(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
-                        ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_f,
-                        tp_comm_bwd_s=tp_b, offload_exposed_fwd_s=off_f, offload_exposed_bwd_s=off_b,
-                        head_fwd_s=head_f, head_bwd_s=head_b, tokens_per_rank=int(tokens),
-                        attn_fwd_compute_s=l * attn_f, attn_bwd_compute_s=l * (attn_b + attn_rec),
-                        mem_fwd_s=l * mem_f, mem_bwd_s=l * (mem_b + mem_rec), overhead_fwd_s=l * over_f,
-                        overhead_bwd_s=l * over_b)
+            # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
+            comm_h = self._tp_pair_s(tokens) / 2
+        off_f = off_b = np.zeros(n)
+        if l > 2:
+            nbytes = r_off * tokens * self.a_tok
+            off = r_off > 0
+            off_f = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "d2h") - fwd_layer), 0.0)
+            off_b = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "h2d") - bwd_layer), 0.0)
+        gemm_h = self._lookup("gemm_head", tokens)
+        head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h
+        head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h
+        if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
+            head_f = head_f + (self._lookup("mem_embed_fwd", tokens) + comm_h)
+            head_b = head_b + self._lookup("mem_embed_bwd", tokens)
+        zero = np.zeros(n)
+        return UnitCosts(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
+                         ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_f,
+                         tp_comm_bwd_s=tp_b, offload_exposed_fwd_s=off_f, offload_exposed_bwd_s=off_b,
+                         head_fwd_s=np.where(head, head_f, zero), head_bwd_s=np.where(head, head_b, zero),
+                         tokens_per_rank=tokens.astype(np.int64),
+                         attn_fwd_compute_s=l * attn_f, attn_bwd_compute_s=l * (attn_b + attn_rec),
+                         mem_fwd_s=l * mem_f, mem_bwd_s=l * (mem_b + mem_rec), overhead_fwd_s=l * over_f,
+                         overhead_bwd_s=l * over_b)
 
-    def _tp_pair_s(self, tokens: float) -> float:
+    def _tp_pair_s(self, tokens: np.ndarray) -> np.ndarray:
         """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h)."""
         act = tokens * self.model.hidden * self.bytes_per_elem
-        return float(self._lookup("tp_all_gather", act)) + float(self._lookup("tp_reduce_scatter", act))
+        return self._lookup("tp_all_gather", act) + self._lookup("tp_reduce_scatter", act)
 
     def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
         return self.unit_cost(doc_lengths, degree, offload_ratio, inter_node).total_s

@@ -35,17 +35,19 @@ def best_single_unit_s(s: int, cm: CostModel, hdp: int) -> float:
     d_min = min(hdp, min_degree(s, cm.capacity_tokens, 1.0, cm.layers_per_stage))
     mesh = cm.setup.mesh
 
-    def t(d: int) -> float:
-        return cm.unit_cost([s], int(d), 0.0, inter_node=mesh.group_spans_domains(d)).total_s
+    def t(degrees) -> list[float]:  # one unit of the sequence per degree, priced in one batch
+        ds = [int(d) for d in degrees]
+        return cm.price_units(np.full(len(ds), float(s)), np.arange(len(ds)), np.array(ds), 0.0,
+                              np.array([mesh.group_spans_domains(d) for d in ds], dtype=bool)).total_s.tolist()
 
     if hdp - d_min <= 2048:
-        best = min(t(d) for d in range(d_min, hdp + 1))
+        best = min(t(range(d_min, hdp + 1)))
     else:
         grid = np.unique(np.round(np.geomspace(d_min, hdp, 400)).astype(int))
-        times = [t(d) for d in grid]
+        times = t(grid)
         k = int(np.argmin(times))
         lo, hi = int(grid[max(0, k - 1)]), int(grid[min(len(grid) - 1, k + 1)])
-        best = min(min(times), *(t(d) for d in range(lo, hi + 1)))
+        best = min(min(times), *t(range(lo, hi + 1)))
     return best * cm.pp if cm.pp > 1 else best
 
 

@@ -15,15 +15,19 @@ from planner.simulate.timeline import StepSimulation
 
 
 def unit_costs(step: Step, cm: CostModel) -> dict[int, tuple[UnitCost, UnitCost]]:
-    """(middle-stage cost, last-stage cost) per unit; equal when pp = 1."""
-    out = {}
-    for u in step.units:
-        lengths = [p.tokens for p in u.pieces]
-        inter = cm.setup.mesh.spans_domains(u.hdp_ranks)
-        last = cm.unit_cost(lengths, u.degree, u.offload_ratio, inter, with_head=True)
-        mid = cm.unit_cost(lengths, u.degree, u.offload_ratio, inter, with_head=False) if cm.pp > 1 else last
-        out[u.id] = (mid, last)
-    return out
+    """(middle-stage cost, last-stage cost) per unit; equal when pp = 1. All units priced in one batch."""
+    units = step.units
+    if not units:
+        return {}
+    counts = np.fromiter((len(u.pieces) for u in units), np.int64, len(units))
+    lengths = np.fromiter((p.tokens for u in units for p in u.pieces), float, int(counts.sum()))
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    degree = np.fromiter((u.degree for u in units), np.int64, len(units))
+    ratio = np.fromiter((u.offload_ratio for u in units), float, len(units))
+    inter = np.fromiter((cm.setup.mesh.spans_domains(u.hdp_ranks) for u in units), bool, len(units))
+    last = cm.price_units(lengths, offsets, degree, ratio, inter, with_head=True).units()
+    mid = cm.price_units(lengths, offsets, degree, ratio, inter, with_head=False).units() if cm.pp > 1 else last
+    return {u.id: (m, t) for u, m, t in zip(units, mid, last)}
 
 
 def simulate_step(step: Step, cm: CostModel,

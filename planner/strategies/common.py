@@ -5,6 +5,7 @@ and simulates the step. A strategy only decides *which* units exist and roughly 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -87,17 +88,19 @@ def fit_degree(s: int, d: int, cm: CostModel, r_cap: float, pow2: bool = False,
         d = d * 2 if pow2 else d + 1
 
 
-def long_degree(s: int, cm: CostModel, offload: bool, max_slices: int = 1) -> tuple[int, float, int]:
+def long_degree(s: int, cm: CostModel, offload: bool, max_slices: int = 1,
+                r_max: float | None = None) -> tuple[int, float, int]:
     """ByteScale's (D, r) for a sequence, plus SlimPipe's slice count n with PP: the smallest D
     reachable with an offload ratio whose copies hide under compute (r ≤ r_max, and only if r_max
     clears Eq. 3's lower bound) and n ≤ max_slices; then the smallest r and n that reach it
-    (REFERENCE 2.5, 6, decisions 9 and 20). Short sequences (s ≤ C) get (1, 0, 1)."""
+    (REFERENCE 2.5, 6, decisions 9 and 20). Short sequences (s ≤ C) get (1, 0, 1). `r_max`: offload_r_max(s)
+    when the caller priced it in a batch."""
     C, l = cm.capacity_tokens, cm.layers_per_stage
     if s <= C:
         return 1, 0.0, 1
     r_cap = 0.0
     if offload and l > 2 and offload_allowed(cm.setup.training.recompute):
-        r_max = offload_r_max(s, cm)
+        r_max = offload_r_max(s, cm) if r_max is None else r_max
         if r_max >= offload_lower_bound(s, C, l):
             r_cap = r_max
     n_max = max_slices if cm.pp > 1 else 1
@@ -107,9 +110,16 @@ def long_degree(s: int, cm: CostModel, offload: bool, max_slices: int = 1) -> tu
 
 def offload_r_max(s: int, cm: CostModel) -> float:
     """costmodel.memory.offload_ratio_max of one layer's activations of an s-token sequence."""
+    return offload_r_maxes(np.array([s]), cm)[0]
+
+
+def offload_r_maxes(lengths: np.ndarray, cm: CostModel) -> list[float]:
+    """offload_r_max of many sequences, each lookup done for all of them at once."""
+    s = np.asarray(lengths, dtype=np.int64)
     act = s * cm.a_tok
-    return offload_ratio_max(float(cm.gemm_layer_fwd_s(s) + cm.attn_fwd_s(s)), act,
-                             float(cm.host_copy_s(act, "d2h")), float(cm.host_copy_s(act, "h2d")))
+    fwd = (cm.gemm_layer_fwd_s(s) + cm.attn_fwd_s(s)).tolist()
+    d2h, h2d = cm.host_copy_s(act, "d2h").tolist(), cm.host_copy_s(act, "h2d").tolist()
+    return [offload_ratio_max(f, a, x, y) for f, a, x, y in zip(fwd, act.tolist(), d2h, h2d)]
 
 
 def best_fit_pack(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
@@ -147,31 +157,108 @@ def least_loaded(loads: np.ndarray, d: int) -> np.ndarray:
 def node_local_ranks(loads: np.ndarray, d: int, per_node: int, slack_s: float) -> tuple[int, ...]:
     """The d least-loaded ranks, moved inside one node (or onto whole contiguous nodes) when that
     delays the unit's start by at most `slack_s` (REFERENCE decision 3: prefer one node)."""
-    n = len(loads)
-    best = None
-    if d <= per_node and n > per_node:
-        nodes = n // per_node
-        blk = loads[: nodes * per_node].reshape(nodes, per_node)
-        part = np.partition(blk, d - 1, axis=1)[:, d - 1]  # start time if the unit stays in node k
-        k = int(np.argmin(part))
-        # The global start is at least the least load: within the slack of that, the node wins unseen.
-        if part[k] > float(loads.min()) + slack_s:
-            best = least_loaded(loads, d)
-        if best is None or part[k] <= float(loads[best].max()) + slack_s:
-            local = k * per_node + np.argsort(blk[k], kind="stable")[:d]
-            return tuple(sorted(int(r) for r in local))
-    if best is None:
-        best = least_loaded(loads, d)
-    if d > per_node and d % per_node == 0 and n > d:
-        best_start = float(loads[best].max())
-        nodes_needed = d // per_node
-        nodes = n // per_node
-        node_max = loads[: nodes * per_node].reshape(nodes, per_node).max(axis=1)
-        win = np.lib.stride_tricks.sliding_window_view(node_max, nodes_needed).max(axis=1)  # start per window
-        k = int(np.argmin(win))
-        if win[k] <= best_start + slack_s:
-            return tuple(range(k * per_node, (k + nodes_needed) * per_node))
-    return tuple(sorted(int(r) for r in best))
+    return DomainLoads(np.asarray(loads, dtype=float), per_node).choose(d, slack_s)
+
+
+class DomainLoads:
+    """Per-rank loads kept for `node_local_ranks`'s choice unit after unit (DP-Balance asks it per long
+    unit): a heap of (load, rank) over all ranks answers "the d least-loaded, ties to the lowest index"
+    in O(d log n), and per node (NVLink domain) its loads sorted plus, for each j, a heap over nodes of
+    their j-th smallest load answers "the node where d ranks start earliest" in O(log nodes). Heaps are
+    lazy: `assign` pushes fresh entries and stale ones (an older version) are dropped when they surface.
+    Nodes are whole blocks of `per_node` ranks from rank 0; a remainder belongs to none. `loads` (a
+    float array) is updated in place."""
+
+    def __init__(self, loads: np.ndarray, per_node: int) -> None:
+        n = len(loads)
+        self.loads = loads
+        self.per_node = per_node
+        self.nodes = n // per_node if n > per_node else 0  # the one-node choice needs more than one node
+        self._load: list[float] = loads.tolist()
+        self._ver = [0] * n  # an entry (load, rank, version) is current while its version is the rank's
+        self._heap = sorted(zip(self._load, range(n), self._ver))  # a sorted list is a heap
+        self._node_ver = [0] * self.nodes
+        self._node_sorted: list[list[tuple[float, int]]] = []  # per node: (load, rank), ascending
+        self._node_heaps: list[list[tuple[float, int, int]]] = [[] for _ in range(per_node if self.nodes else 0)]
+        for k in range(self.nodes):
+            self._node_sorted.append(sorted(zip(self._load[k * per_node:(k + 1) * per_node],
+                                                range(k * per_node, (k + 1) * per_node))))
+        for j, heap in enumerate(self._node_heaps):
+            heap.extend((ns[j][0], k, 0) for k, ns in enumerate(self._node_sorted))
+            heapq.heapify(heap)
+
+    def assign(self, ranks: list[int], load: float) -> None:
+        """Set the load of `ranks` (a unit placed on them runs until `load`)."""
+        self.loads[ranks] = load
+        per, loads, ver = self.per_node, self._load, self._ver
+        touched = set()
+        for r in ranks:
+            loads[r] = load
+            ver[r] += 1
+            heapq.heappush(self._heap, (load, r, ver[r]))
+            if r // per < self.nodes:
+                touched.add(r // per)
+        for k in touched:
+            self._node_ver[k] += 1
+            ns = sorted(zip(loads[k * per:(k + 1) * per], range(k * per, (k + 1) * per)))
+            self._node_sorted[k] = ns
+            for j, heap in enumerate(self._node_heaps):
+                heapq.heappush(heap, (ns[j][0], k, self._node_ver[k]))
+
+    def start(self, ranks: list[int]) -> float:
+        """When a unit on `ranks` can start: their largest load."""
+        return max(self._load[r] for r in ranks)
+
+    def _top(self) -> tuple[float, int, int]:
+        heap, ver = self._heap, self._ver
+        while heap[0][2] != ver[heap[0][1]]:
+            heapq.heappop(heap)
+        return heap[0]
+
+    def least(self, d: int) -> list[int]:
+        """The d least-loaded ranks, ties to the lowest index (`least_loaded`), in (load, rank) order."""
+        if 4 * d > len(self._load):  # most of the heap: one partition is cheaper
+            return least_loaded(self.loads, d).tolist()
+        heap, ver, out = self._heap, self._ver, []
+        while len(out) < d:
+            e = heapq.heappop(heap)
+            if e[2] == ver[e[1]]:
+                out.append(e)
+        for e in out:
+            heapq.heappush(heap, e)
+        return [r for _, r, _ in out]
+
+    def _best_node(self, d: int) -> tuple[float, int]:
+        """(the d-th smallest load in node k, k), least first, ties to the lowest k."""
+        heap, ver = self._node_heaps[d - 1], self._node_ver
+        while heap[0][2] != ver[heap[0][1]]:
+            heapq.heappop(heap)
+        return heap[0][0], heap[0][1]
+
+    def choose(self, d: int, slack_s: float) -> tuple[int, ...]:
+        """The d least-loaded ranks, moved inside one node (or onto whole contiguous nodes) when that
+        delays the unit's start by at most `slack_s` (REFERENCE decision 3: prefer one node); sorted."""
+        per_node, n = self.per_node, len(self._load)
+        best = None
+        if d <= per_node and self.nodes:
+            start, k = self._best_node(d)  # start time if the unit stays in node k
+            # The global start is at least the least load: within the slack of that, the node wins unseen.
+            if start > self._top()[0] + slack_s:
+                best = self.least(d)
+            if best is None or start <= max(self._load[r] for r in best) + slack_s:
+                return tuple(sorted(r for _, r in self._node_sorted[k][:d]))
+        if best is None:
+            best = self.least(d)
+        if d > per_node and d % per_node == 0 and n > d:
+            best_start = max(self._load[r] for r in best)
+            nodes_needed = d // per_node
+            nodes = n // per_node
+            node_max = self.loads[: nodes * per_node].reshape(nodes, per_node).max(axis=1)
+            win = np.lib.stride_tricks.sliding_window_view(node_max, nodes_needed).max(axis=1)  # start per window
+            k = int(np.argmin(win))
+            if win[k] <= best_start + slack_s:
+                return tuple(range(k * per_node, (k + nodes_needed) * per_node))
+        return tuple(sorted(best))
 
 
 def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
