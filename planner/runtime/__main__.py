@@ -49,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
     p.add_argument("--inject-failure", type=_injected, default=None, metavar="RANK:UNIT[:kill]",
                    help="testing: make RANK fail in the forward of UNIT (kill: by SIGKILL, without a word)")
+    p.add_argument("--hf-config", type=Path, default=None,
+                   help="a HuggingFace config.json (Llama, Qwen2, Mistral) to build instead of --model "
+                        "(needs transformers)")
+    p.add_argument("--hf-weights", type=Path, default=None,
+                   help="its safetensors checkpoint (file or directory); each rank loads only its stage's tensors")
     p.add_argument("--status-dir", type=Path, default=None,
                    help="each rank keeps the step and unit it is in here (rankN), so that the launcher can name "
                         "them when a rank dies without a word")

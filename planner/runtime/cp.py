@@ -1,16 +1,25 @@
-"""Attention for one unit: packed bins (per-document causal) and context parallelism over P2P.
+"""Attention for one unit: packed bins (per-document causal) and context parallelism over P2P, in memory
+linear in the tokens per rank.
 
 A unit sharded over N HDP ranks splits each of its documents zigzag (REFERENCE 2.3): padded to a
 multiple of 2N, cut into 2N chunks, member i keeps chunks i and 2N-1-i. Members talk with
 isend/irecv on the world group only (no process group per unit, ByteScale's dynamic
-communication). Two implementations, same numbers up to float summation order:
+communication). Three context-parallel forms, same numbers up to float summation order:
 
 - `GatherAttention` ("allgather"): all-gather K/V by P2P in forward, reduce-scatter dK/dV in
-  backward (a custom autograd.Function around the transfers; attention itself is autograd).
-- `RingAttention` ("ring"): N steps, each computing one K/V block with online softmax while the
-  next block is in flight; backward passes K/V and the dK/dV accumulators round the ring. A block
-  runs on torch's fused CPU flash kernel (`FusedCPUBlocks`) or in plain torch (`MathBlocks`, the
-  GPU path). Blocks are dense under a mask: about twice the FLOPs of a causal-aware kernel.
+  backward (a custom autograd.Function around the transfers).
+- `RingAttention` ("ring"): N steps, each computing one member's K/V with online softmax while the
+  next member's is in flight; backward passes K/V and the dK/dV accumulators round the ring.
+- `SlicedAttention`: a sliced unit's slice against the K/V cache of earlier slices (SlimPipe).
+
+All three run on a `BlockKernel`: queries and keys in blocks of `block_tokens` rows, each block
+pair's mask built when it runs from the two shard layouts (document ids and positions: causal within
+a document, nothing across documents), pairs no query of which sees a key skipped, partial results
+merged by log-sum-exp; backward recomputes each pair's scores from the saved q, k, v, output and
+log-sum-exp (FlashAttention's scheme). Nothing T² is built or saved: the largest transient is one
+block pair's scores. A pair runs on torch's fused CPU flash kernel (`FusedCPUBlocks`) or in plain
+torch (`MathBlocks`, the GPU path). A packed bin (degree 1) is one flash_attn varlen call on CUDA
+when flash_attn is installed, else one SDPA call per document (flash kernels on CPU and CUDA).
 
 Padding tokens attend only to themselves (never seen by real tokens, labels ignored), so no
 softmax row is empty."""
@@ -18,9 +27,9 @@ softmax row is empty."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -117,12 +126,22 @@ def shard_layout(docs: list[Document], degree: int, index: int) -> ShardLayout:
     return ShardLayout(degree, index, cat(doc_i), cat(seq_i), cat(pos_i), cat(valid_i), cat(key_i), tuple(slices))
 
 
+def block_mask(q: ShardLayout, k: ShardLayout, rows: slice = slice(None), cols: slice = slice(None),
+               self_keys: bool = True) -> torch.Tensor:
+    """[rows, cols] bool, True where a query may attend a key: same document, key not later, both real
+    tokens; padding queries see only themselves (`self_keys`: the key ids can coincide, i.e. q and k
+    are the same layout; key ids are unit-wide, so elsewhere the test is False anyway)."""
+    qd, qp, qv = q.doc[rows, None], q.pos[rows, None], q.valid[rows, None]
+    kd, kp, kv = k.doc[None, cols], k.pos[None, cols], k.valid[None, cols]
+    m = (qd == kd) & (kp <= qp) & qv & kv
+    if self_keys:
+        m |= q.key[rows, None] == k.key[None, cols]
+    return m
+
+
 def attention_mask(q: ShardLayout, k: ShardLayout) -> torch.Tensor:
-    """[Tq, Tk] bool, True where a query may attend a key: same document, key not later, both real
-    tokens; padding queries see only themselves."""
-    real = ((q.doc[:, None] == k.doc[None, :]) & (k.pos[None, :] <= q.pos[:, None])
-            & q.valid[:, None] & k.valid[None, :])
-    return real | (q.key[:, None] == k.key[None, :])
+    """The whole [Tq, Tk] mask: a reference for tests; the kernels build one block pair's at a time."""
+    return block_mask(q, k)
 
 
 # -- point-to-point among a unit's members ------------------------------------------------------
@@ -203,61 +222,63 @@ class Peers:
         return acc
 
 
-# -- attention implementations -----------------------------------------------------------------
+# -- blockwise attention --------------------------------------------------------------------------
 
-def _bhtd(x: torch.Tensor) -> torch.Tensor:
-    """[T, H, D] -> [1, H, T, D] for scaled_dot_product_attention."""
-    return x.transpose(0, 1).unsqueeze(0)
-
-
-class PackedAttention:
-    """Degree-1 unit: per-document causal attention over contiguous local documents (the varlen
-    kernel's semantics; cost sum of s_j^2, not (sum s_j)^2)."""
-
-    def __init__(self, layout: ShardLayout) -> None:
-        self.slices = layout.doc_slices
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        outs = [F.scaled_dot_product_attention(_bhtd(q[a:b]), _bhtd(k[a:b]), _bhtd(v[a:b]), is_causal=True,
-                                               enable_gqa=True)[0].transpose(0, 1) for a, b in self.slices]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+SCORE_BLOCK_BYTES = 16 << 20  # fp32 scores of one block pair over all query heads: the transient working set
+MIN_BLOCK_TOKENS, MAX_BLOCK_TOKENS = 64, 2048
+BLOCK_ENV = "MESHPLAN_BLOCK_TOKENS"  # overrides block_tokens in every rank (tests: many blocks on small units)
 
 
-class _GatherKV(torch.autograd.Function):
-    """All-gather of stacked K/V [T, 2, Hkv, D] -> [N, T, 2, Hkv, D]; backward reduce-scatters."""
-
-    @staticmethod
-    def forward(ctx, kv: torch.Tensor, peers: Peers) -> torch.Tensor:
-        ctx.peers = peers
-        return peers.all_gather(kv.contiguous())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.peers.reduce_scatter(grad), None
+def block_tokens(q_heads: int, score_bytes: int = SCORE_BLOCK_BYTES) -> int:
+    """Rows (= columns) of a block pair: the largest power of two whose fp32 scores over all query heads
+    fit score_bytes (1024 for 4 heads, 256 for 32), within [MIN_BLOCK_TOKENS, MAX_BLOCK_TOKENS]."""
+    b = 1 << int(math.log2(math.sqrt(score_bytes / (4 * q_heads))))
+    return max(MIN_BLOCK_TOKENS, min(MAX_BLOCK_TOKENS, b))
 
 
-class GatherAttention:
-    """Context-parallel attention, first-correct form: gather every member's K/V, attend with the
-    zigzag document mask, send dK/dV back to their owners in backward."""
+@dataclass(frozen=True)
+class Span:
+    """Block [a, b) of a layout, summarised for the skip test. A layout's real tokens are sorted by
+    (document, position) (documents in order, zigzag chunks in order), so `first` and `last` are the
+    least and greatest (document, position) of the block's real tokens: None when all are padding."""
 
-    def __init__(self, layouts: list[ShardLayout], peers: Peers, device: torch.device) -> None:
-        me = layouts[peers.index]
-        self.peers = peers
-        self.mask = torch.cat([attention_mask(me, other) for other in layouts], dim=1).to(device)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        full = _GatherKV.apply(torch.stack((k, v), dim=1), self.peers)
-        n, t = full.shape[0], full.shape[1]
-        kf = full[:, :, 0].reshape(n * t, *k.shape[1:])
-        vf = full[:, :, 1].reshape(n * t, *v.shape[1:])
-        return F.scaled_dot_product_attention(_bhtd(q), _bhtd(kf), _bhtd(vf), attn_mask=self.mask,
-                                              enable_gqa=True)[0].transpose(0, 1)
+    a: int
+    b: int
+    first: tuple[int, int] | None
+    last: tuple[int, int] | None
+    padding: bool  # holds padding tokens (they need their own key)
 
 
-# One ring block: attention of our queries to one member's keys, returning the block-normalised
-# output and its log-sum-exp (-inf on rows the block does not reach), and the matching backward
-# given the *final* output and log-sum-exp. Tensors are heads-first: q [Hq, T, D], k and v
-# [Hkv, S, D]; `blocked` [T, S] is True where attention is not allowed.
+def layout_spans(lay: ShardLayout, block: int) -> list[Span]:
+    order = lay.doc[lay.valid] * (1 << 40) + lay.pos[lay.valid]
+    if bool((order[1:] <= order[:-1]).any()):  # the skip test relies on it: refuse rather than skip wrongly
+        raise ValueError("a shard layout's real tokens are not sorted by (document, position)")
+    spans = []
+    for a in range(0, lay.tokens, block):
+        b = min(a + block, lay.tokens)
+        ok = lay.valid[a:b]
+        idx = ok.nonzero().flatten()
+        if idx.numel() == 0:
+            spans.append(Span(a, b, None, None, True))
+            continue
+        i, j = a + int(idx[0]), a + int(idx[-1])
+        spans.append(Span(a, b, (int(lay.doc[i]), int(lay.pos[i])), (int(lay.doc[j]), int(lay.pos[j])),
+                          not bool(ok.all())))
+    return spans
+
+
+def may_attend(q: Span, k: Span) -> bool:
+    """False only when no real query of q can see a real key of k: every key is later, in (document,
+    position) order, than every query, or every key is in an earlier document."""
+    if q.first is None or k.first is None:
+        return False
+    return k.first <= q.last and k.last[0] >= q.first[0]
+
+
+def _on(lay: ShardLayout, device: torch.device) -> ShardLayout:
+    return replace(lay, doc=lay.doc.to(device), pos=lay.pos.to(device), valid=lay.valid.to(device),
+                   key=lay.key.to(device))
+
 
 def _row_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[Hq, T, ...] -> [Hkv, G, T, ...]: the query heads sharing each K/V head (GQA)."""
@@ -269,37 +290,110 @@ def _safe(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x), torch.zeros_like(x), x)
 
 
-class MathBlocks:
-    """Plain torch: scores are materialised per block (used on GPU, and the reference for the
-    fused kernel). Elementwise work is in place: on CPU it, not the matmuls, is the cost. bf16
-    inputs are computed in fp32, as a flash kernel accumulates its softmax."""
+def merge_block(out: torch.Tensor, lse: torch.Tensor, blk: torch.Tensor, blk_lse: torch.Tensor):
+    """Online softmax: fold one block's normalised output and log-sum-exp into the running ones, in the
+    running ones' dtype (fp32 here, whatever the blocks' precision)."""
+    blk, blk_lse = blk.to(out.dtype), blk_lse.to(lse.dtype)
+    new = torch.logaddexp(lse, blk_lse)
+    ns = _safe(new)  # rows no block has reached yet stay 0 / -inf
+    return out * torch.exp(lse - ns)[..., None] + blk * torch.exp(blk_lse - ns)[..., None], new
+
+
+class BlockKernel:
+    """Attention of one layout's queries to the keys of other layouts ("sources", named by any hashable
+    key: a member index, a (slice, member) pair), block pair by block pair. forward(q, k, v, source)
+    returns that source's normalised output and log-sum-exp (-inf on rows it does not reach), to be
+    merged with merge_block; backward(..., out, lse, source) its dQ, dK, dV given the *final* output
+    and log-sum-exp. Tensors are heads-first: q [Hq, T, D], k and v [Hkv, S, D]; results are fp32.
+    `pairs[source]`: per query block, the key blocks it may see (computed once, O(blocks²) ints)."""
+
+    name = "?"
+
+    def __init__(self, q_layout: ShardLayout, k_layouts: dict, own, block: int, device: torch.device) -> None:
+        self.block, self.own = block, own
+        qs = layout_spans(q_layout, block)
+        self.pairs: dict = {}
+        for key, lay in k_layouts.items():
+            ks = layout_spans(lay, block)
+            by_q = []
+            for i, q in enumerate(qs):
+                hit = [k for j, k in enumerate(ks) if may_attend(q, k) or (key == own and i == j and q.padding)]
+                if hit:
+                    by_q.append((q, hit))
+            if by_q:
+                self.pairs[key] = by_q
+        self.members = frozenset(self.pairs)  # sources some query of ours sees
+        self.q_layout = _on(q_layout, device)
+        self.k_layouts = {key: _on(lay, device) for key, lay in k_layouts.items() if key in self.pairs}
+
+    def _allowed(self, source, q: Span, k: Span) -> torch.Tensor:
+        return block_mask(self.q_layout, self.k_layouts[source], slice(q.a, q.b), slice(k.a, k.b),
+                          self_keys=source == self.own)
+
+    def forward(self, q, k, v, source, scale):
+        out = q.new_zeros(q.shape, dtype=torch.float32)
+        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+        for qs, kss in self.pairs.get(source, ()):
+            r = slice(qs.a, qs.b)
+            o, m, qb = out[:, r], lse[:, r], q[:, r]
+            for ks in kss:
+                c = slice(ks.a, ks.b)
+                diag = source == self.own and qs.a == ks.a
+                o, m = merge_block(o, m, *self._fwd(qb, k[:, c], v[:, c], self._allowed(source, qs, ks), scale, diag))
+            out[:, r], lse[:, r] = o, m
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, source, scale):
+        dq = q.new_zeros(q.shape, dtype=torch.float32)
+        dk, dv = k.new_zeros(k.shape, dtype=torch.float32), v.new_zeros(v.shape, dtype=torch.float32)
+        for qs, kss in self.pairs.get(source, ()):
+            r = slice(qs.a, qs.b)
+            for ks in kss:
+                c = slice(ks.a, ks.b)
+                diag = source == self.own and qs.a == ks.a
+                bq, bk, bv = self._bwd(dout[:, r], q[:, r], k[:, c], v[:, c], out[:, r], lse[:, r],
+                                       self._allowed(source, qs, ks), scale, diag)
+                dq[:, r] += bq
+                dk[:, c] += bk
+                dv[:, c] += bv
+        return dq, dk, dv
+
+    def _fwd(self, q, k, v, allowed, scale, diag):  # -> (out, lse) of one block pair
+        raise NotImplementedError
+
+    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):  # -> (dq, dk, dv) of one block pair
+        raise NotImplementedError
+
+
+class MathBlocks(BlockKernel):
+    """Plain torch: one block pair's scores in memory at a time (the GPU path, and the reference for the
+    fused kernel). Elementwise work is in place: on CPU it, not the matmuls, is the cost. bf16 inputs
+    are computed in fp32, as a flash kernel accumulates its softmax."""
 
     name = "math"
 
-    def __init__(self, blocked: dict[int, torch.Tensor]) -> None:
-        self.blocked = blocked
-
-    def _probs(self, q, k, member, scale, lse=None):
+    @staticmethod
+    def _probs(q, k, allowed, scale, lse=None):
         hkv = k.shape[0]
         p = (_row_groups(q, hkv) @ k.unsqueeze(1).transpose(-1, -2)).mul_(scale)
-        p.masked_fill_(self.blocked[member], float("-inf"))
+        p.masked_fill_(~allowed, float("-inf"))
         if lse is not None:  # backward: the final lse is finite on every row
             return p.sub_(_row_groups(lse, hkv)[..., None]).exp_(), None
         m = _safe(p.amax(-1))
         p.sub_(m[..., None]).exp_()
         return p, m
 
-    def forward(self, q, k, v, member, scale):
+    def _fwd(self, q, k, v, allowed, scale, diag):
         q, k, v = q.float(), k.float(), v.float()
-        p, m = self._probs(q, k, member, scale)
+        p, m = self._probs(q, k, allowed, scale)
         denom = p.sum(-1)
         out = (p @ v.unsqueeze(1)) / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
         return out.flatten(0, 1), (m + denom.log()).flatten(0, 1)
 
-    def backward(self, dout, q, k, v, out, lse, member, scale):
+    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):
         dout, q, k, v, out = dout.float(), q.float(), k.float(), v.float(), out.float()
         hkv = k.shape[0]
-        p, _ = self._probs(q, k, member, scale, lse)
+        p, _ = self._probs(q, k, allowed, scale, lse)
         dog = _row_groups(dout, hkv)
         dv = (p.transpose(-1, -2) @ dog).sum(1)
         ds = (dog @ v.unsqueeze(1).transpose(-1, -2)).sub_(_row_groups((dout * out).sum(-1), hkv)[..., None]).mul_(p)
@@ -308,116 +402,187 @@ class MathBlocks:
         return dq, dk, dv
 
 
-@dataclass(frozen=True)
-class BlockShape:
-    """How one block's mask reduces to a single unmasked kernel call. Zigzag makes most blocks of
-    a one-document unit such a call (the standard zigzag ring decomposition): our own block is
-    causal; an earlier member's block is every query against its first chunk ("cols"); a later
-    member's is our second chunk's queries against all its keys ("rows")."""
-
-    kind: Literal["causal", "rows", "cols", "masked"]
-    a: int = 0  # rows / cols: the range [a, b) that takes part
-    b: int = 0
-
-
-def block_shape(allowed: torch.Tensor, real_rows: torch.Tensor, own: bool) -> BlockShape:
-    """Classify a block's mask, exactly on the rows that matter: padding queries' outputs feed
-    nothing (no real token sees a padding key, their labels are ignored), so they may attend
-    anything; padding keys stay hidden from real queries, or the block stays "masked"."""
-    t, s = allowed.shape
-    real = allowed[real_rows]
-    if own and t == s and torch.equal(real, torch.ones(t, s, dtype=torch.bool).tril()[real_rows]):
-        return BlockShape("causal")
-    for kind, any_axis in (("rows", 1), ("cols", 0)):
-        hit = (real.any(1) if kind == "rows" else real.any(0)).nonzero().flatten()
-        if hit.numel() == 0:
-            continue
-        a, b = int(hit[0]), int(hit[-1]) + 1
-        want = torch.zeros(t, s, dtype=torch.bool)
-        if kind == "rows":
-            rows = torch.arange(t)[real_rows]  # hit indexes real rows: map back to block rows
-            a, b = int(rows[a]), int(rows[b - 1]) + 1
-            want[a:b] = True
-        else:
-            want[:, a:b] = True
-        if torch.equal(real, want[real_rows]):
-            return BlockShape(kind, a, b)
-    return BlockShape("masked")
-
-
-class FusedCPUBlocks:
-    """torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu, the op
-    behind scaled_dot_product_attention, which also returns the log-sum-exp): no score matrix in
-    memory. Blocks of a zigzag shape run unmasked on the part that takes part (`BlockShape`);
-    others take the mask as an additive bias. The kernel wants as many K/V heads as query heads,
+class FusedCPUBlocks(BlockKernel):
+    """torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu, the op behind
+    scaled_dot_product_attention, which also returns the log-sum-exp) per block pair: a pair the mask
+    fully allows runs unmasked, our own diagonal pair causal when its mask is the triangle, others with
+    the mask as an additive bias of one pair's size. The kernel wants as many K/V heads as query heads,
     and reports lse 0 on rows with no key: both fixed here."""
 
     name = "fused-cpu"
-
-    def __init__(self, blocked: dict[int, torch.Tensor], real_rows: torch.Tensor, own: int) -> None:
-        self.shapes = {j: block_shape(~b, real_rows, j == own) for j, b in blocked.items()}
-        self.bias = {j: torch.zeros(b.shape, dtype=torch.float32).masked_fill_(b, float("-inf"))
-                     for j, b in blocked.items() if self.shapes[j].kind == "masked"}
-        self.empty_rows = {j: b.all(-1) for j, b in blocked.items()}
 
     @staticmethod
     def available(device: torch.device) -> bool:
         return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
     @staticmethod
-    def _fwd(q, k, v, scale, causal=False, bias=None):
+    def _how(allowed: torch.Tensor, diag: bool, dtype: torch.dtype) -> tuple[bool, torch.Tensor | None]:
+        """(causal, additive bias or None) that reproduce `allowed` in the kernel."""
+        if bool(allowed.all()):
+            return False, None
+        t, s = allowed.shape
+        if diag and t == s and torch.equal(allowed, torch.ones(t, s, dtype=torch.bool, device=allowed.device).tril()):
+            return True, None
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return False, bias.masked_fill_(~allowed, float("-inf"))
+
+    def _fwd(self, q, k, v, allowed, scale, diag):
+        causal, bias = self._how(allowed, diag, q.dtype)
         g = q.shape[0] // k.shape[0]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], 0.0, causal,
+            q.contiguous()[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], 0.0, causal,
             attn_mask=bias, scale=scale)
-        return out[0], lse[0]
+        out, lse = out[0], lse[0]
+        if bias is not None:
+            empty = ~allowed.any(1)
+            out, lse = out.masked_fill(empty[None, :, None], 0.0), lse.masked_fill(empty[None], float("-inf"))
+        return out, lse
 
-    @staticmethod
-    def _bwd(dout, q, k, v, out, lse, scale, causal=False, bias=None):
+    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):
+        causal, bias = self._how(allowed, diag, q.dtype)
         hkv, g = k.shape[0], q.shape[0] // k.shape[0]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout[None], q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], out[None],
-            lse[None], 0.0, causal, attn_mask=bias, scale=scale)
+            dout.contiguous()[None], q.contiguous()[None], k.repeat_interleave(g, 0)[None],
+            v.repeat_interleave(g, 0)[None], out.contiguous()[None], lse.contiguous()[None], 0.0, causal,
+            attn_mask=bias, scale=scale)
         return dq[0], _row_groups(dk[0], hkv).sum(1), _row_groups(dv[0], hkv).sum(1)
 
-    def forward(self, q, k, v, member, scale):
-        sh = self.shapes[member]
-        if sh.kind == "causal":
-            return self._fwd(q, k, v, scale, causal=True)
-        if sh.kind == "cols":
-            return self._fwd(q, k[:, sh.a:sh.b], v[:, sh.a:sh.b], scale)
-        if sh.kind == "rows":
-            out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
-            out[:, sh.a:sh.b], lse[:, sh.a:sh.b] = self._fwd(q[:, sh.a:sh.b], k, v, scale)
-            return out, lse
-        out, lse = self._fwd(q, k, v, scale, bias=self.bias[member].to(q.dtype))
-        return out, lse.masked_fill(self.empty_rows[member], float("-inf"))
 
-    def backward(self, dout, q, k, v, out, lse, member, scale):
-        sh = self.shapes[member]
-        if sh.kind == "causal":
-            return self._bwd(dout, q, k, v, out, lse, scale, causal=True)
-        if sh.kind == "cols":
-            dq, dks, dvs = self._bwd(dout, q, k[:, sh.a:sh.b], v[:, sh.a:sh.b], out, lse, scale)
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            dk[:, sh.a:sh.b], dv[:, sh.a:sh.b] = dks, dvs
-            return dq, dk, dv
-        if sh.kind == "rows":
-            r = slice(sh.a, sh.b)
-            dqs, dk, dv = self._bwd(dout[:, r], q[:, r], k, v, out[:, r], lse[:, r], scale)
-            dq = torch.zeros_like(q)
-            dq[:, r] = dqs
-            return dq, dk, dv
-        return self._bwd(dout, q, k, v, out, lse, scale, bias=self.bias[member].to(q.dtype))
+def make_kernel(kind: str, q_layout: ShardLayout, k_layouts: dict, own, block: int,
+                device: torch.device) -> BlockKernel:
+    """kind: "auto" (fused on CPU, math elsewhere), "math" or "fused-cpu"."""
+    if kind == "auto":
+        kind = "fused-cpu" if FusedCPUBlocks.available(device) else "math"
+    cls = FusedCPUBlocks if kind == "fused-cpu" else MathBlocks
+    return cls(q_layout, k_layouts, own, block, device)
 
 
-def merge_block(out: torch.Tensor, lse: torch.Tensor, blk: torch.Tensor, blk_lse: torch.Tensor):
-    """Online softmax: fold one block's normalised output and log-sum-exp into the running ones, in the
-    running ones' dtype (fp32 in the ring, whatever the blocks' precision)."""
-    blk, blk_lse = blk.to(out.dtype), blk_lse.to(lse.dtype)
-    new = torch.logaddexp(lse, blk_lse)
-    ns = _safe(new)  # rows no block has reached yet stay 0 / -inf
-    return out * torch.exp(lse - ns)[..., None] + blk * torch.exp(blk_lse - ns)[..., None], new
+class _LazyKernel:
+    """A BlockKernel built on the first call, when the query head count (this rank's, under TP) fixes
+    the block size."""
+
+    def __init__(self, kind: str, q_layout: ShardLayout, k_layouts: dict, own, block: int | None,
+                 device: torch.device) -> None:
+        self.args = (kind, q_layout, k_layouts, own)
+        self.block, self.device, self.kernel = block, device, None
+
+    def get(self, q_heads: int) -> BlockKernel:
+        if self.kernel is None:
+            kind, q_layout, k_layouts, own = self.args
+            block = self.block or int(os.environ.get(BLOCK_ENV, 0)) or block_tokens(q_heads)
+            self.kernel = make_kernel(kind, q_layout, k_layouts, own, block, self.device)
+        return self.kernel
+
+
+def _heads_first_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k, v [T, Hkv, D] -> [2, Hkv, T, D]: one contiguous tensor to send and to slice per head."""
+    return torch.stack((k.transpose(0, 1), v.transpose(0, 1))).contiguous()
+
+
+# -- the attention callables --------------------------------------------------------------------
+
+try:  # FlashAttention's varlen kernel: what GPU training runs for packed documents
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # not installed (always so on CPU): SDPA per document
+    flash_attn_varlen_func = None
+
+
+class PackedAttention:
+    """Degree-1 unit: per-document causal attention over contiguous local documents (the varlen
+    kernel's semantics; cost sum of s_j^2, not (sum s_j)^2). CUDA in bf16/fp16 with flash_attn: one
+    varlen call over the bin; otherwise one SDPA call per document, which runs flash kernels (CPU:
+    torch's flash kernel; CUDA: flash or memory-efficient), so no score matrix is ever in memory."""
+
+    def __init__(self, layout: ShardLayout) -> None:
+        self.slices = layout.doc_slices
+        self._cu: torch.Tensor | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            if self._cu is None:  # not run on this project's CPU-only test machine
+                bounds = [0] + [b for _, b in self.slices]
+                self._cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+                self._max = max(b - a for a, b in self.slices)
+            return flash_attn_varlen_func(q, k.to(q.dtype), v.to(q.dtype), self._cu, self._cu, self._max, self._max,
+                                          causal=True)
+        outs = [F.scaled_dot_product_attention(_bhtd(q[a:b]), _bhtd(k[a:b]), _bhtd(v[a:b]), is_causal=True,
+                                               enable_gqa=True)[0].transpose(0, 1) for a, b in self.slices]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _bhtd(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] -> [1, H, T, D] for scaled_dot_product_attention."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+class _GatherKV(torch.autograd.Function):
+    """All-gather of stacked heads-first K/V [2, Hkv, T, D] -> [N, 2, Hkv, T, D]; backward
+    reduce-scatters."""
+
+    @staticmethod
+    def forward(ctx, kv: torch.Tensor, peers: Peers) -> torch.Tensor:
+        ctx.peers = peers
+        return peers.all_gather(kv.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.peers.reduce_scatter(grad), None
+
+
+class _SourcesAttentionFn(torch.autograd.Function):
+    """Heads-first q [Hq, T, D] against K/V sources kvs[i] [2, Hkv, S_i, D] that the kernel knows as
+    keys[i]; output [Hq, T, D]. Saves q, the sources, the output and its log-sum-exp, nothing T²:
+    backward recomputes each block pair's scores. Sources are merged in fp32; autocast is off inside
+    (every dtype here is explicit)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kern: BlockKernel, keys: tuple, scale: float, *kvs: torch.Tensor):
+        out = q.new_zeros(q.shape, dtype=torch.float32)
+        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            for key, kv in zip(keys, kvs):
+                if key in kern.members:
+                    out, lse = merge_block(out, lse, *kern.forward(q, kv[0], kv[1], key, scale))
+        out = out.to(q.dtype)
+        ctx.kern, ctx.keys, ctx.scale = kern, keys, scale
+        ctx.save_for_backward(q, out, lse, *kvs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, out, lse, *kvs = ctx.saved_tensors
+        kern, scale = ctx.kern, ctx.scale
+        dout = dout.to(q.dtype).contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        grads = []
+        with torch.autocast(q.device.type, enabled=False):
+            for key, kv in zip(ctx.keys, kvs):
+                if key not in kern.members:
+                    grads.append(None)
+                    continue
+                bq, bk, bv = kern.backward(dout, q, kv[0], kv[1], out, lse, key, scale)
+                dq += bq
+                grads.append(torch.stack((bk, bv)).to(kv.dtype))
+        return dq.to(q.dtype), None, None, None, *grads
+
+
+class GatherAttention:
+    """Context-parallel attention, all-gather form: gather every member's K/V, attend blockwise under
+    the zigzag document mask, send dK/dV back to their owners in backward. The gathered K/V (N times
+    the local K/V, per layer) is what backward keeps besides the local q and output."""
+
+    def __init__(self, layouts: list[ShardLayout], peers: Peers, device: torch.device, kernel: str = "auto",
+                 block: int | None = None) -> None:
+        self.peers = peers
+        self.keys = tuple(range(len(layouts)))
+        self.kernel = _LazyKernel(kernel, layouts[peers.index], dict(enumerate(layouts)), peers.index, block, device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        full = _GatherKV.apply(_heads_first_kv(k, v), self.peers)
+        kern = self.kernel.get(q.shape[1])
+        out = _SourcesAttentionFn.apply(q.transpose(0, 1).contiguous(), kern, self.keys, q.shape[-1] ** -0.5,
+                                        *full.unbind(0))
+        return out.transpose(0, 1)
 
 
 class _RingAttentionFn(torch.autograd.Function):
@@ -428,7 +593,8 @@ class _RingAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: "RingAttention") -> torch.Tensor:
-        peers, n, kern = ring.peers, ring.peers.degree, ring.kernel
+        kern = ring.kernel.get(q.shape[0])
+        peers, n = ring.peers, ring.peers.degree
         out = torch.zeros_like(q, dtype=torch.float32)
         lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
         kv = torch.stack((k, v)).contiguous()
@@ -436,20 +602,20 @@ class _RingAttentionFn(torch.autograd.Function):
             for s in range(n):
                 nxt = peers.ring(kv, _TAG_KV) if s < n - 1 else None  # next block flies while we compute
                 member = (peers.index - s) % n
-                if member in ring.members:
+                if member in kern.members:
                     out, lse = merge_block(out, lse, *kern.forward(q, kv[0], kv[1], member, ring.scale))
                 if nxt is not None:
                     kv = nxt.wait()[0]
         out = out.to(q.dtype)
-        ctx.ring = ring
+        ctx.ring, ctx.kern = ring, kern
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        ring = ctx.ring
-        peers, n, kern = ring.peers, ring.peers.degree, ring.kernel
+        ring, kern = ctx.ring, ctx.kern
+        peers, n = ring.peers, ring.peers.degree
         dout = dout.to(q.dtype).contiguous()
         dq = torch.zeros_like(q, dtype=torch.float32)
         kv = torch.stack((k, v)).contiguous()
@@ -459,7 +625,7 @@ class _RingAttentionFn(torch.autograd.Function):
                 nxt = peers.ring(kv, _TAG_KV) if s < n - 1 else None
                 member = (peers.index - s) % n
                 dkv = torch.zeros_like(kv, dtype=torch.float32)
-                if member in ring.members:
+                if member in kern.members:
                     bq, bk, bv = kern.backward(dout, q, kv[0], kv[1], out, lse, member, ring.scale)
                     dq += bq
                     dkv[0], dkv[1] = bk, bv
@@ -474,25 +640,14 @@ class _RingAttentionFn(torch.autograd.Function):
 
 class RingAttention:
     """Context-parallel attention that overlaps the K/V transfer of block s+1 with the compute of
-    block s (forward and backward); blocks the zigzag mask leaves empty are skipped. The N block
-    masks are built once per unit (N·T² bools: less than one block's float scores while N < 4·Hq)
-    and reused by every layer, forward and backward."""
+    block s (forward and backward); members whose keys no query of ours sees are skipped. Nothing
+    is precomputed per unit but the block pairs to run (ints): masks are built per block pair."""
 
     def __init__(self, layouts: list[ShardLayout], peers: Peers, head_dim: int, device: torch.device,
-                 kernel: str = "auto") -> None:
-        me = layouts[peers.index]
+                 kernel: str = "auto", block: int | None = None) -> None:
         self.peers = peers
         self.scale = 1.0 / math.sqrt(head_dim)
-        blocked = {}
-        for j, other in enumerate(layouts):
-            m = attention_mask(me, other)
-            if bool(m.any()):
-                blocked[j] = (~m).to(device)
-        self.members = frozenset(blocked)  # members whose keys our queries reach
-        if kernel == "auto":
-            kernel = "fused-cpu" if FusedCPUBlocks.available(device) else "math"
-        self.kernel = (FusedCPUBlocks(blocked, me.valid, peers.index) if kernel == "fused-cpu"
-                       else MathBlocks(blocked))
+        self.kernel = _LazyKernel(kernel, layouts[peers.index], dict(enumerate(layouts)), peers.index, block, device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         heads_first = (x.transpose(0, 1).contiguous() for x in (q, k, v))
@@ -500,9 +655,10 @@ class RingAttention:
 
 
 class KVCache:
-    """The K/V of a sliced unit's slices as every member sees them (gathered over the unit's members),
-    per (slice, layer): later slices attend them as leaves, whose gradients accumulate the dK/dV that
-    the slice's own backward then feeds into its graph (SlimPipe's KV cache and dK/dV accumulators)."""
+    """The K/V of a sliced unit's slices as every member sees them (gathered over the unit's members,
+    [N, 2, Hkv, T, D]), per (slice, layer): later slices attend them as leaves, whose gradients
+    accumulate the dK/dV that the slice's own backward then feeds into its graph (SlimPipe's KV cache
+    and dK/dV accumulators)."""
 
     def __init__(self) -> None:
         self.outs: dict[tuple[int, int], torch.Tensor] = {}  # in the graph of the slice that made them
@@ -527,30 +683,34 @@ class KVCache:
 
 class SlicedAttention:
     """Attention of slice j of a sliced unit: its queries against the cached K/V of slices < j and the
-    K/V of slice j, all-gathered over the unit's members (degree 1: nothing to move), under the
-    per-document causal mask. `layouts[i][m]` is member m's layout of slice i."""
+    K/V of slice j, all-gathered over the unit's members (degree 1: nothing to move), blockwise under
+    the per-document causal mask. `layouts[i][m]` is member m's layout of slice i."""
 
     def __init__(self, layouts: list[list[ShardLayout]], j: int, peers: Peers, cache: KVCache,
-                 device: torch.device) -> None:
-        me = layouts[j][peers.index]
+                 device: torch.device, kernel: str = "auto", block: int | None = None) -> None:
+        n = peers.degree
         self.j, self.peers, self.cache = j, peers, cache
-        self.mask = torch.cat([attention_mask(me, other) for i in range(j + 1) for other in layouts[i]],
-                              dim=1).to(device)
+        self.keys = tuple((i, m) for i in range(j + 1) for m in range(n))
+        self.kernel = _LazyKernel(kernel, layouts[j][peers.index], {(i, m): layouts[i][m] for i, m in self.keys},
+                                  (j, peers.index), block, device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        kv = torch.stack((k, v), dim=1)
-        full = (_GatherKV.apply(kv, self.peers) if self.peers.degree > 1 else kv[None]).flatten(0, 1)
+        kv = _heads_first_kv(k, v)
+        full = _GatherKV.apply(kv, self.peers) if self.peers.degree > 1 else kv[None]
         self.cache.put(self.j, layer, full)
-        kv_all = torch.cat([self.cache.leaves[(i, layer)] for i in range(self.j)] + [full])
-        return F.scaled_dot_product_attention(_bhtd(q), _bhtd(kv_all[:, 0]), _bhtd(kv_all[:, 1]),
-                                              attn_mask=self.mask, enable_gqa=True)[0].transpose(0, 1)
+        sources = [s for i in range(self.j) for s in self.cache.leaves[(i, layer)].unbind(0)] + list(full.unbind(0))
+        kern = self.kernel.get(q.shape[1])
+        out = _SourcesAttentionFn.apply(q.transpose(0, 1).contiguous(), kern, self.keys, q.shape[-1] ** -0.5,
+                                        *sources)
+        return out.transpose(0, 1)
 
 
 def unit_attention(unit: Unit, layouts: list[ShardLayout], peers: Peers, impl: CPImpl, head_dim: int,
-                   device: torch.device, kernel: str = "auto"):
-    """The attention callable a member runs for `unit` (layouts: one per member)."""
+                   device: torch.device, kernel: str = "auto", block: int | None = None):
+    """The attention callable a member runs for `unit` (layouts: one per member); `block`: rows of a
+    block pair (default: block_tokens of the query heads)."""
     if unit.degree == 1:
         return PackedAttention(layouts[0])
     if impl == "ring":
-        return RingAttention(layouts, peers, head_dim, device, kernel)
-    return GatherAttention(layouts, peers, device)
+        return RingAttention(layouts, peers, head_dim, device, kernel, block)
+    return GatherAttention(layouts, peers, device, kernel, block)

@@ -12,6 +12,7 @@ import platform
 import sys
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,7 +45,16 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
     """This rank's coordinates, model shard and groups (needs the process group)."""
     mesh = prep.plan.mesh
     stage, hdp_rank, tp_rank = mesh.coordinates(rank)
-    full = build_model(ModelConfig(prep.spec, precision=opts.dtype, recompute=prep.recompute), opts.seed, device)
+    ranges = tuple(virtual_stage_layers(prep.spec.layers, mesh.pp, prep.chunks))
+    config = ModelConfig(prep.spec, precision=opts.dtype, recompute=prep.recompute)
+    hf = None
+    if opts.hf_config is not None:  # only this stage's parameters materialised (preflight refused tp > 1)
+        from planner.runtime.hf import build_hf_model  # transformers: only when asked for
+
+        hf = partial(build_hf_model, opts.hf_config, config, opts.seed, device, opts.hf_weights)
+        full = hf((ranges, mesh.pp, stage))
+    else:
+        full = build_model(config, opts.seed, device)
     # Static groups, created by every rank in the same order: per (stage, tp rank) the HDP ranks that
     # all-reduce gradients, per (stage, HDP rank) the TP group. Units never get one (P2P on the world).
     split = mesh.pp > 1 or mesh.tp > 1
@@ -55,8 +65,7 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
     model = shard_model(full, TPGroup(tp_groups[(stage, hdp_rank)], mesh.tp, tp_rank)) if mesh.tp > 1 else full
     reference_model = None
     if opts.check and split:  # rank 0's reference needs the whole model: every rank keeps a full copy to fill
-        reference_model = full if model is not full else copy.deepcopy(full)
-    ranges = tuple(virtual_stage_layers(prep.spec.layers, mesh.pp, prep.chunks))
+        reference_model = hf() if hf is not None else full if model is not full else copy.deepcopy(full)
     owned = tuple(stage_parameters(model, ranges, mesh.pp, stage))
     check_owned = (check_owners(model, ranges, mesh, stage, hdp_rank, tp_rank) if reference_model is not None
                    else frozenset())

@@ -21,6 +21,7 @@ from typing import Literal, get_args
 from costmodel.presets import load_model
 from costmodel.specs import RECOMPUTE_POLICIES, ModelSpec
 from planner.plan import Plan, PlanError, validate
+from planner.runtime.hf_spec import hf_model_spec
 
 CPImpl = Literal["ring", "allgather"]  # context-parallel attention: overlapped ring, or all-gather first-correct form
 CP_IMPLS: tuple[str, ...] = get_args(CPImpl)
@@ -89,6 +90,8 @@ class ReplayOptions:
     timeout_s: float = 300.0  # process-group timeout: a lost peer ends the job after this at most
     inject_failure: InjectedFailure | None = None  # tests: a rank failing (or killed) in a unit's forward
     status_dir: Path | None = None  # each rank keeps its position in rankN here (read by `meshplan replay`)
+    hf_config: Path | None = None  # a HuggingFace config.json (Llama, Qwen2, Mistral) to build instead of --model
+    hf_weights: Path | None = None  # its safetensors checkpoint (file or directory); None = seeded init
 
     def rank_args(self) -> list[str]:
         """The `python -m planner.runtime` arguments (planner/runtime/__main__.py) that give these options."""
@@ -103,6 +106,8 @@ class ReplayOptions:
         args += ["--tokens", str(self.tokens_path)] if self.tokens_path is not None else []
         args += ["--inject-failure", str(self.inject_failure)] if self.inject_failure else []
         args += ["--status-dir", str(self.status_dir)] if self.status_dir is not None else []
+        args += ["--hf-config", str(self.hf_config)] if self.hf_config is not None else []
+        args += ["--hf-weights", str(self.hf_weights)] if self.hf_weights is not None else []
         return args
 
 
@@ -115,7 +120,8 @@ def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def preflight(plan_path: str | Path, world_size: int | None, model: str | None = None, *, cp_impl: str = "ring",
               ring_kernel: str = "auto", optimizer: str = "adamw", steps: int | None = None, dtype: str = "fp32",
-              recompute: str | None = None) -> tuple[Plan, ModelSpec]:
+              recompute: str | None = None, hf_config: Path | None = None,
+              hf_weights: Path | None = None) -> tuple[Plan, ModelSpec]:
     """Load and validate the plan against the job's world size (None: not known yet) and the
     model the replay will build, and check the options; raise PlanError or SpecError with a
     message a user can act on."""
@@ -138,6 +144,10 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
     if policy != "none" and any(u.slices > 1 for st in plan.steps for u in st.units):
         raise PlanError(f"{plan_path}: recompute {policy!r} with sliced units (slices > 1) is not implemented: their "
                         "attention fills a KV cache once per slice; pass --recompute none")
+    if hf_config is not None or hf_weights is not None:
+        if hf_config is None:
+            raise PlanError(f"--hf-weights {hf_weights} needs --hf-config (the checkpoint's config.json)")
+        return plan, hf_model_spec(hf_config, hf_weights, plan, model)
     name = model or plan.meta.get("model")
     if not name:
         raise PlanError(f"{plan_path}: the plan names no model (meta.model); pass --model NAME")
@@ -206,7 +216,8 @@ def prepare(opts: ReplayOptions, world_size: int) -> Prepared:
     """Every check that needs no process group (preflight)."""
     plan, spec = preflight(opts.plan_path, world_size, opts.model, cp_impl=opts.cp_impl,
                            ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps,
-                           dtype=opts.dtype, recompute=opts.recompute)
+                           dtype=opts.dtype, recompute=opts.recompute, hf_config=opts.hf_config,
+                           hf_weights=opts.hf_weights)
     return Prepared(plan, spec, len(plan.steps) if opts.steps is None else opts.steps,
                     plan.steps[0].chunks_per_stage, replay_recompute(plan, opts.recompute, str(opts.plan_path)))
 
@@ -325,12 +336,16 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
     SpecError before any process starts, ReplayFailure (one line, naming the failed rank) after."""
     if find_spec("torch") is None:
         raise PlanError("torch is not installed; install the runtime extra: pip install 'meshplan[runtime]'")
+    if opts.hf_config is not None and (find_spec("transformers") is None or find_spec("safetensors") is None):
+        raise PlanError("--hf-config needs transformers and safetensors; install the hf extra: "
+                        "pip install 'meshplan[hf]'")
     extra = list(torchrun_args)
     multi_node = any(a.split("=", 1)[0] in _RENDEZVOUS_FLAGS for a in extra)
     nnodes = _torchrun_nnodes(extra)
     world = nproc * int(nnodes) if nnodes and nnodes.isdigit() else (None if multi_node else nproc)
     preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl, ring_kernel=opts.ring_kernel,
-              optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype, recompute=opts.recompute)
+              optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype, recompute=opts.recompute,
+              hf_config=opts.hf_config, hf_weights=opts.hf_weights)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscription
     with tempfile.TemporaryDirectory(prefix="meshplan-replay-") as status_dir:  # where each rank is

@@ -18,8 +18,7 @@ torch = pytest.importorskip("torch")
 
 from planner.plan import (Mesh, Piece, PipelineSection, Plan, Predicted, Sequence, Step, Unit, validate,  # noqa: E402
                           zigzag_tokens_per_rank)
-from planner.runtime.cp import (FusedCPUBlocks, MathBlocks, PackedAttention, attention_mask, merge_block,  # noqa: E402
-                                shard_layout, unit_documents)
+from planner.runtime.cp import PackedAttention, attention_mask, shard_layout, unit_documents  # noqa: E402
 from planner.runtime.check import ReferenceAttention  # noqa: E402
 from planner.runtime.model import ModelConfig, SequenceTokens, TokenSource, build_model  # noqa: E402
 from planner.runtime.offload import Offloader, parameter_pointers  # noqa: E402
@@ -197,52 +196,6 @@ def test_mask_is_causal_per_document_and_padding_sees_only_itself():
             assert bool(mask[i, j]) == want, (i, j)
 
 
-@pytest.mark.parametrize("kernel", ["math", "fused-cpu"])
-@pytest.mark.parametrize("lengths", [[23, 8], [23], [24], [5]])
-def test_ring_block_kernels_merge_to_full_attention(kernel, lengths):
-    """Every member of 3 (padding when a length is not a multiple of 6; [5] pads into several
-    chunks): per-block outputs merged by log-sum-exp, and per-block gradients from the final
-    output, equal plain masked attention and its autograd gradients on every real row. Padding rows
-    get a zero output gradient, as in the model (nothing reads them)."""
-    docs = unit_documents(tuple(Piece(i, 0, n) for i, n in enumerate(lengths)))
-    lays = [shard_layout(docs, 3, j) for j in range(3)]
-    g = torch.Generator().manual_seed(0)
-    t, hq, hkv, d = lays[0].tokens, 4, 2, 8
-    shapes = set()
-    for me in range(3):
-        q = torch.randn(hq, t, d, generator=g).requires_grad_()
-        ks = [torch.randn(hkv, t, d, generator=g).requires_grad_() for _ in lays]
-        vs = [torch.randn(hkv, t, d, generator=g).requires_grad_() for _ in lays]
-        allowed = torch.cat([attention_mask(lays[me], lay) for lay in lays], dim=1)
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q[None], torch.cat(ks, 1).repeat_interleave(2, 0)[None], torch.cat(vs, 1).repeat_interleave(2, 0)[None],
-            attn_mask=allowed)[0]
-        real = lays[me].valid
-        dout = torch.randn(ref.shape, generator=g) * real[None, :, None]
-        ref.backward(dout)
-        blocked = {j: ~attention_mask(lays[me], lay) for j, lay in enumerate(lays)}
-        blocked = {j: b for j, b in blocked.items() if not bool(b.all())}
-        kern = MathBlocks(blocked) if kernel == "math" else FusedCPUBlocks(blocked, real, me)
-        shapes |= {sh.kind for sh in getattr(kern, "shapes", {}).values()}
-        scale = d ** -0.5
-        with torch.no_grad():
-            out, lse = torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"))
-            for j in blocked:
-                out, lse = merge_block(out, lse, *kern.forward(q, ks[j], vs[j], j, scale))
-            assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-            torch.testing.assert_close(out[:, real], ref[:, real], rtol=1e-5, atol=1e-5)
-            dq = torch.zeros_like(q)
-            for j in range(3):
-                bq, bk, bv = (kern.backward(dout, q, ks[j], vs[j], out, lse, j, scale) if j in blocked
-                              else (0, torch.zeros_like(ks[j]), torch.zeros_like(vs[j])))
-                dq += bq
-                torch.testing.assert_close(bk, ks[j].grad, rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(bv, vs[j].grad, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(dq[:, real], q.grad[:, real], rtol=1e-4, atol=1e-5)
-    if kernel == "fused-cpu" and len(lengths) == 1 and lengths[0] > 6:  # one document: zigzag shapes
-        assert shapes == {"causal", "rows", "cols"}, shapes
-
-
 def test_split_piece_positions_are_true_sequence_positions():
     docs = unit_documents((Piece(3, 40, 44), Piece(3, 10, 12)))  # two pieces of one sequence: one document
     assert len(docs) == 1 and docs[0].positions.tolist() == [10, 11, 40, 41, 42, 43]
@@ -295,7 +248,8 @@ def test_packed_bin_equals_per_sequence_reference():
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
 
-def test_sliced_attention_with_kv_cache_equals_whole_unit():
+@pytest.mark.parametrize("n,kernel,block", [(4, "auto", None), (3, "math", 16)])  # default; many small block pairs
+def test_sliced_attention_with_kv_cache_equals_whole_unit(n, kernel, block):
     """A unit run as n slices (forward in order against the KV cache, backward in reverse feeding the
     accumulated dK/dV) gives the loss and gradients of the unit run whole."""
     from planner.runtime.cp import KVCache, Peers, SlicedAttention, slice_layout
@@ -311,13 +265,13 @@ def test_sliced_attention_with_kv_cache_equals_whole_unit():
     whole.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    n, cache, peers = 4, KVCache(), Peers((0,), 0)
+    cache, peers = KVCache(), Peers((0,), 0)
     layouts = [[slice_layout(docs, n, j, 1, 0)] for j in range(n)]
     losses = []
     for j in range(n):
         i, lb, ps = unit_inputs(tokens, layouts[j][0])
-        losses.append(token_loss(model(i, ps, SlicedAttention(layouts, j, peers, cache, torch.device("cpu"))), lb,
-                                 step.global_tokens))
+        attn = SlicedAttention(layouts, j, peers, cache, torch.device("cpu"), kernel=kernel, block=block)
+        losses.append(token_loss(model(i, ps, attn), lb, step.global_tokens))
     assert sum(lay[0].tokens for lay in layouts) == lay.tokens
     for j in reversed(range(n)):
         roots, grads = cache.backward_roots(j, range(model.cfg.spec.layers))

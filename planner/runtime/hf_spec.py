@@ -1,0 +1,76 @@
+"""The checks a HuggingFace model replay (`--hf-config`, `--hf-weights`) needs before any rank works, free
+of torch and transformers like planner/runtime/launch.py: which architectures the replay builds, and
+what it cannot replay faithfully. The model itself is planner/runtime/hf.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from costmodel.specs import ModelSpec, SpecError
+from planner.plan import Plan, PlanError
+
+HF_MODEL_TYPES = ("llama", "qwen2", "mistral")  # dense decoders whose attention core the replay routes
+
+
+def hf_config_path(path: str | Path) -> Path:
+    """config.json itself, or the one inside a model directory."""
+    p = Path(path)
+    return p / "config.json" if p.is_dir() else p
+
+
+def read_hf_config(path: str | Path) -> dict:
+    p = hf_config_path(path)
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"--hf-config {p}: cannot read a HuggingFace config.json ({e})") from None
+    if not isinstance(d, dict):
+        raise PlanError(f"--hf-config {p}: expected a JSON object (a HuggingFace config.json)")
+    return d
+
+
+def sliding_window(d: dict) -> int | None:
+    """The window the HF model would apply (transformers' defaults: Mistral 4096 when the key is absent,
+    Qwen2 only with use_sliding_window), None for full causal attention."""
+    kind = d.get("model_type")
+    if kind == "mistral":
+        return d.get("sliding_window", 4096)
+    if kind == "qwen2" and d.get("use_sliding_window"):
+        return d.get("sliding_window", 4096)
+    return None
+
+
+def hf_model_spec(config: str | Path, weights: str | Path | None, plan: Plan, model: str | None) -> ModelSpec:
+    """The ModelSpec of a HF config the replay can build for `plan`; PlanError otherwise."""
+    p = hf_config_path(config)
+    if model is not None:
+        raise PlanError(f"--model {model} and --hf-config {p} both name the model; pass one of them")
+    d = read_hf_config(p)
+    kind = d.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise PlanError(f"--hf-config {p}: model_type {kind!r} is not replayed; supported: {', '.join(HF_MODEL_TYPES)}")
+    try:
+        spec = ModelSpec.from_hf_config(p)
+    except SpecError as e:
+        raise PlanError(str(e)) from None
+    m = plan.mesh
+    if m.tp > 1:
+        raise PlanError(f"--hf-config {p}: HuggingFace models replay with pp and context parallelism but not tp > 1 "
+                        f"(the plan has tp = {m.tp}); plan with tp 1 or replay the built-in model (--model)")
+    if float(d.get("attention_dropout") or 0.0) != 0.0:
+        raise PlanError(f"--hf-config {p}: attention_dropout {d['attention_dropout']} is not replayed (the CP "
+                        "attention has no dropout); set it to 0")
+    window = sliding_window(d)
+    longest = max(q.length for st in plan.steps for q in st.sequences)
+    if window is not None and window < longest:
+        raise PlanError(f"--hf-config {p}: sliding_window {window} is shorter than the plan's longest sequence "
+                        f"({longest} tokens) and the replay's attention is full causal; plan shorter sequences")
+    chunks = m.pp * plan.steps[0].chunks_per_stage
+    if spec.layers < chunks:
+        raise PlanError(f"--hf-config {p} has {spec.layers} layers, fewer than the plan's {chunks} pipeline chunks "
+                        "(pp × v)")
+    if weights is not None and not Path(weights).exists():
+        raise PlanError(f"--hf-weights {weights}: no such file or directory (a .safetensors file, or a directory "
+                        "with model.safetensors or model.safetensors.index.json)")
+    return spec
