@@ -382,6 +382,12 @@ def replay(ctx: typer.Context,
            recompute: Optional[str] = typer.Option(None, "--recompute", help="Activation recompute: none, "
                                                    "selective (attention core) or full (each layer); default: "
                                                    "the plan's meta.training.recompute."),
+           hf_config: Optional[Path] = typer.Option(None, "--hf-config", help="A HuggingFace config.json (Llama, "
+                                                    "Qwen2, Mistral) to build with transformers instead of --model "
+                                                    "(pp and CP; not tp > 1); needs the hf extra."),
+           hf_weights: Optional[Path] = typer.Option(None, "--hf-weights", help="Its safetensors checkpoint (file or "
+                                                     "directory); each rank reads only its stage's tensors (default: "
+                                                     "seeded init)."),
            device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
            timeout_s: float = typer.Option(300.0, "--timeout-s", help="Process-group timeout in seconds."),
            inject_failure: Optional[str] = typer.Option(None, "--inject-failure", hidden=True,
@@ -393,7 +399,8 @@ def replay(ctx: typer.Context,
     multi-node job; without them the job is standalone on this machine."""
     opts = ReplayOptions(plan_path=plan, model=model, steps=steps, check=check, trace_path=trace, cp_impl=cp,
                          ring_kernel=ring_kernel, seed=seed, optimizer=optimizer, lr=lr, tokens_path=tokens,
-                         device=device, timeout_s=timeout_s, dtype=dtype, recompute=recompute,
+                         device=device, timeout_s=timeout_s, dtype=dtype, recompute=recompute, hf_config=hf_config,
+                         hf_weights=hf_weights,
                          inject_failure=InjectedFailure.parse(inject_failure) if inject_failure else None)
     try:
         run_replay(opts, nproc, ctx.args)  # checks the plan before any process starts
@@ -1083,6 +1090,60 @@ def validate_cmd(
         if held:
             summary += f"; held out: {sum(abs(r.error) for r in held) / len(held):.1%} over {len(held)} cases"
         out.print(summary)
+
+
+# -- calibrate: fit a profile to measured replay traces --------------------------------------------------
+@app.command("calibrate")
+def calibrate_cmd(
+        pairs: List[str] = typer.Argument(..., metavar="PLAN:TRACE",
+                                          help="A plan.json and a `meshplan replay --trace` file of it, joined by "
+                                               "':'; repeat (a plan may have several traces; 2 plans at least)."),
+        profile: str = typer.Option(..., help="Base profile (name or path) whose physical parameters are fitted."),
+        out_path: Path = typer.Option(..., "--out", help="Profile JSON to write (the fitted profile)."),
+        holdout: Optional[List[Path]] = typer.Option(None, help="A plan to leave out of the fit and judge it on "
+                                                                "(repeatable; default: leave each plan out in turn)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {base, profile, params, "
+                                                           "holdout, held_out, fitted, held_out_all, ...}."),
+) -> None:
+    """Fit a profile's physical parameters (GEMM, attention, memory and collective table times; per-layer and
+    per-attention-call overheads) to measured replay traces and write the fitted profile; report the error
+    before and after on plans the fit did not see."""
+    from planner.studies import calibrate
+
+    writable(out_path, "--out")
+    parsed = []
+    for p in pairs:
+        plan, sep, trace = p.partition(":")
+        if not (sep and plan and trace):
+            fail(f"{p}: expected PLAN:TRACE (a plan.json and the `meshplan replay --trace` file of it)")
+        parsed.append((Path(plan), Path(trace)))
+    res = calibrate(parsed, profile, holdout or ())
+    res.profile.save(out_path)
+    if as_json:
+        sys.stdout.write(json.dumps({**res.to_dict(), "out": str(out_path)}) + "\n")
+        return
+    t = Table(title=escape(f"physical parameters: {res.base} -> {res.profile.fingerprint.name} "
+                           f"({res.rows} measured times, RMS error after {res.rms_rel_err:.1%})"))
+    for c in ("parameter", "meaning", "base", "fitted", "± 1 s.e.", "status"):
+        t.add_column(c, justify="left" if c in ("parameter", "meaning", "status") else "right")
+    for p in res.params:
+        t.add_row(p.name, escape(p.meaning), f"{p.base:.4g}", f"{p.fitted:.4g}",
+                  "" if p.std_err is None else f"{p.std_err:.2g}", p.status)
+    out.print(t)
+    for p in res.params:
+        if p.note:
+            out.print(escape(f"{p.name} {p.status}: {p.note}"), highlight=False, soft_wrap=True)
+    t = Table(title=f"|predicted / measured - 1|, before -> after ({res.holdout})")
+    for c in ("plan", "role", "traces", "units", "unit median", "unit max", "step median", "step max"):
+        t.add_column(c, justify="left" if c in ("plan", "role") else "right")
+    arrow = lambda a, b: f"{a:.1%} -> {b:.1%}"  # noqa: E731
+    for e in res.held_out + (res.held_out_all,) + res.fitted + (res.fitted_all,):
+        t.add_row(escape(e.plan), e.role, str(e.traces), str(e.units), arrow(e.unit_median_before, e.unit_median_after),
+                  arrow(e.unit_max_before, e.unit_max_after), arrow(e.step_median_before, e.step_median_after),
+                  arrow(e.step_max_before, e.step_max_after))
+    out.print(t)
+    out.print(escape(f"* wrote {out_path}: {res.profile.fingerprint.name} (sha256 {res.profile.fingerprint.sha256})"),
+              highlight=False)
 
 
 @app.command("report")

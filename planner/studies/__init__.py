@@ -7,6 +7,7 @@
 - ``capacity.py``    the capacity search: smallest GPU count and layout meeting a target
 - ``bytescale.py``   the ByteScale §8.2 reproduction: panels, grid, claims, its REPRODUCTION.md section
 - ``validation.py``  the cost model against published measurements (data/: the calibration sets)
+- ``calibrate.py``   a profile's physical parameters fitted to measured replay traces, judged on held-out plans
 """
 
 from planner.api import BYTESCALE_TOKENS_PER_STEP
@@ -14,6 +15,7 @@ from planner.studies.bytescale import (
     BYTESCALE_CLAIMS, BYTESCALE_LAYOUT_NOTE, BYTESCALE_PANELS, BYTESCALE_STRATEGIES, ByteScaleGrid, ReproPanel,
     Reproduction, bytescale_markdown, default_bytescale_table, per_doubling_slowdown, replace_section,
     reproduce_bytescale)
+from planner.studies.calibrate import Calibration, ParamFit, Physical, PlanErrors, calibrate, calibrated_profile
 from planner.studies.capacity import (
     CAPACITY_STATUSES, CapacityProgress, CapacityResult, LayoutBound, LayoutRules, Target, capacity_search,
     default_capacity_table, layout_bound)
@@ -31,7 +33,8 @@ from planner.studies.workers import stop_pool, worker_pool
 
 __all__ = [
     'BYTESCALE_CLAIMS', 'BYTESCALE_LAYOUT_NOTE', 'BYTESCALE_PANELS', 'BYTESCALE_STRATEGIES',
-    'BYTESCALE_TOKENS_PER_STEP', 'ByteScaleGrid', 'CALIBRATION_SETS', 'CAPACITY_STATUSES', 'CalibrationSet',
+    'BYTESCALE_TOKENS_PER_STEP', 'ByteScaleGrid', 'CALIBRATION_SETS', 'Calibration', 'ParamFit', 'Physical',
+    'PlanErrors', 'calibrate', 'calibrated_profile', 'CAPACITY_STATUSES', 'CalibrationSet',
     'CapacityProgress', 'CapacityResult', 'Config', 'IterationCase', 'Journal', 'LayerCase', 'LayoutBound',
     'LayoutRules', 'MFU_CONVENTION', 'POINT_ERRORS', 'Point', 'ReproPanel', 'Reproduction', 'STATIC_MESHES',
     'SWEEP_COLUMNS', 'SweepResult', 'SweepSpec', 'Target', 'ValidationReport', 'ValidationRow', 'batches_of',

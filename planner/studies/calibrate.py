@@ -1,0 +1,542 @@
+"""Calibration: fit a profile's physical parameters to measured replay traces (`meshplan calibrate`).
+
+The parameters are physical, shared by every case: one time multiplier per table the cost model reads
+(GEMM: 1/efficiency; attention: 1/efficiency; memory: 1/bandwidth, its launch floor included; collective and
+P2P: 1/bandwidth) and the two fixed costs the cost model adds (`layer_overhead_s` per layer and direction,
+`attn_call_overhead_s` per attention call). Host copies are not fitted (replay measures no offload wait apart).
+
+How a measured time depends on them is taken from the cost model itself, not re-derived here: each (plan,
+unit, stage, direction) is priced on the profile at the current parameters and on one profile per parameter
+nudged, which gives a Jacobian; bounded least squares on relative error (rows divided by the measured time)
+then moves the parameters, and the step is repeated where the model is not linear in them (exposed ring
+transfers and offload copies are a max of compute and transfer). Each fitted profile is written the way the
+Jacobian priced it (`calibrated_profile`), so the fit and the written profile agree by construction.
+
+Error before and after is reported on plans the fit did not see (leave-one-plan-out, or named plans held
+out), unit by unit and step by step (`planner.simulate.measured.compare_measured`), and on the fitted ones."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from costmodel.timing import CostModel
+from planner.plan import Plan, PlanError, validate
+from planner.simulate.measured import compare_measured
+from planner.simulate.step import unit_costs
+from profiles.table import Profile, load_profile, read_json
+
+SCALED_TABLES = ("gemm", "attention", "memory", "collective")  # tables whose time_s the fit multiplies
+OVERHEADS = ("layer_overhead_s", "attn_call_overhead_s")  # the cost model's additive constants (absent: 0)
+PARAMS = SCALED_TABLES + OVERHEADS
+PARAM_MEANING = {
+    "gemm": "GEMM table time (1 / efficiency)",
+    "attention": "attention table time (1 / efficiency)",
+    "memory": "memory table time (1 / bandwidth, launch floor included)",
+    "collective": "collective and P2P table time (1 / bandwidth)",
+    "layer_overhead_s": "fixed cost per layer forward (backward 2x), s",
+    "attn_call_overhead_s": "fixed cost per attention call (document x ring step), s",
+}
+MIN_SCALE = 1e-3  # a table 1000x faster than its base is a failed fit, not hardware: the lower bound
+_NUDGE_SCALE = 1e-3  # relative nudge of a multiplier for the Jacobian
+_NUDGE_OVERHEAD_S = 1e-4  # absolute nudge of an overhead
+_NOT_IDENTIFIABLE = "not identifiable from these traces"
+_UNDETERMINED = "kept at base"
+
+
+@dataclass(frozen=True)
+class Physical:
+    """Parameter values: table-time multipliers relative to the base profile, overheads in seconds."""
+
+    gemm: float = 1.0
+    attention: float = 1.0
+    memory: float = 1.0
+    collective: float = 1.0
+    layer_overhead_s: float = 0.0
+    attn_call_overhead_s: float = 0.0
+
+    @classmethod
+    def of_profile(cls, profile: Profile) -> "Physical":
+        """The base point: multipliers 1, the overheads the profile carries (absent: 0, as the cost model reads)."""
+        return cls(**{k: float(profile.constants.get(k, {}).get("value", 0.0)) for k in OVERHEADS})
+
+    def vector(self) -> np.ndarray:
+        return np.array([getattr(self, k) for k in PARAMS], float)
+
+    @classmethod
+    def from_vector(cls, x: np.ndarray) -> "Physical":
+        return cls(**{k: float(v) for k, v in zip(PARAMS, x)})
+
+
+def calibrated_profile(base: Profile, p: Physical, *, name: str | None = None, notes: str | None = None,
+                       overhead_source: str = "meshplan calibrate") -> Profile:
+    """`base` with each scaled table's time_s multiplied by its parameter (host_copy kept), the achievable
+    memory bandwidth `hbm` (GEMMs' memory-side bound, analytic profiles) divided by the memory multiplier, and
+    the two overhead constants set. Fits (T(s) per model) are left out: they describe the base tables."""
+    tables = {}
+    for t, df in base.tables.items():
+        df = df.copy()
+        if t in SCALED_TABLES and len(df):
+            df["time_s"] = df["time_s"].astype(float) * getattr(p, t)
+        tables[t] = df
+    constants = copy.deepcopy(base.constants)
+    if "hbm" in constants:
+        constants["hbm"]["value"] = float(constants["hbm"]["value"]) / p.memory
+    for k in OVERHEADS:
+        constants[k] = {"value": float(getattr(p, k)), "unit": "s", "source": overhead_source}
+    fp = dataclasses.replace(base.fingerprint, sha256="", name=name or base.fingerprint.name,
+                             notes=base.fingerprint.notes if notes is None else notes)
+    return Profile(fingerprint=fp, tables=tables, constants=constants)
+
+
+# ---- inputs: (plan, trace) pairs -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One measured time the fit explains: a unit's forward or backward on one pipeline stage, the median over
+    the trace's replay iterations of the mean over the unit's ranks (ranks of a unit run in lockstep)."""
+
+    plan_step: int
+    unit: int
+    stage: int
+    direction: Literal["fwd", "bwd"]
+    measured_s: float
+
+
+@dataclass(frozen=True)
+class TracePair:
+    """A measured trace and the plan it replayed."""
+
+    plan_path: Path
+    trace_path: Path
+    plan: Plan
+    trace: dict
+    rows: tuple[Row, ...]
+
+
+def read_trace(path: Path) -> dict:
+    """A `meshplan replay --trace` JSON; missing, corrupt, not a trace or cut short: one line."""
+    doc = read_json(path, "measured trace", PlanError)
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("meshplan.measured/"):
+        raise PlanError(f"{path}: not a measured trace (expected the JSON written by `meshplan replay --trace`)")
+    if not doc.get("complete"):
+        raise PlanError(f"{path}: measured trace is incomplete (the replay did not finish); replay it again")
+    if not doc.get("steps"):
+        raise PlanError(f"{path}: measured trace has no steps")
+    return doc
+
+
+def trace_rows(plan: Plan, trace: dict, origin: str) -> tuple[Row, ...]:
+    """The trace's rows, after checking that every (plan step, unit, degree, stage) it names is the plan's."""
+    steps = {s.step: s for s in plan.steps}
+    per: dict[tuple[int, int, int], dict[int, list[tuple[float, float]]]] = {}
+    for st in trace["steps"]:
+        ps = st.get("plan_step")
+        if ps not in steps:
+            raise PlanError(f"{origin}: trace replays plan step {ps}, which the plan does not have; pair each trace "
+                            "with the plan it replayed")
+        units = {u.id: u for u in steps[ps].units}
+        for u in st.get("units", []):
+            uid, stage = int(u["unit"]), int(u.get("stage", 0))
+            if uid not in units or int(u.get("degree", units[uid].degree)) != units[uid].degree \
+                    or not 0 <= stage < plan.mesh.pp:
+                raise PlanError(f"{origin}: trace unit {uid} (stage {stage}) of plan step {ps} is not in the plan; "
+                                "pair each trace with the plan it replayed")
+            per.setdefault((ps, uid, stage), {}).setdefault(int(st["step"]), []).append(
+                (float(u["fwd_s"]), float(u["bwd_s"])))
+    rows = []
+    for (ps, uid, stage), by_iter in sorted(per.items()):
+        means = np.array([np.mean(v, axis=0) for v in by_iter.values()])  # per iteration: mean over ranks
+        fwd, bwd = np.median(means, axis=0)
+        rows += [Row(ps, uid, stage, d, float(t)) for d, t in (("fwd", fwd), ("bwd", bwd)) if t > 0]
+    if not rows:
+        raise PlanError(f"{origin}: trace has no unit with a positive time")
+    return tuple(rows)
+
+
+def load_pair(plan_path: Path, trace_path: Path) -> TracePair:
+    """A (plan, trace) pair, checked: missing files, a trace of another plan or cut short, one line each."""
+    plan_path, trace_path = Path(plan_path), Path(trace_path)
+    plan = Plan.load(plan_path)
+    validate(plan)
+    trace = read_trace(trace_path)
+    sha = (trace.get("meta") or {}).get("plan_sha256")
+    if sha and sha != hashlib.sha256(plan_path.read_bytes()).hexdigest():
+        raise PlanError(f"{trace_path}: trace replayed another plan than {plan_path} (its recorded plan sha256 "
+                        f"differs); pair each trace with the plan it replayed")
+    return TracePair(plan_path, trace_path, plan, trace, trace_rows(plan, trace, str(trace_path)))
+
+
+# ---- pricing -----------------------------------------------------------------------------------------
+class _PlanGroup:
+    """One plan and its traces, priced on profiles at any parameter point (cached per point)."""
+
+    def __init__(self, name: str, pairs: list[TracePair], profile_ref: str, base: Profile):
+        from planner.api import cost_model_for_plan  # the cost model the plan was made with, on profile_ref
+
+        self.name, self.pairs, self.base = name, pairs, base
+        self.plan = pairs[0].plan
+        self.setup = cost_model_for_plan(self.plan, profile_ref).setup
+        self.rows = [r for p in pairs for r in p.rows]
+        self.measured = np.array([r.measured_s for r in self.rows])
+        self._cms: dict[tuple[float, ...], CostModel] = {}
+        self._pred: dict[tuple[float, ...], np.ndarray] = {}
+
+    def cost_model(self, p: Physical) -> CostModel:
+        key = tuple(p.vector())
+        if key not in self._cms:
+            if len(self._cms) > 16:  # Jacobian nudges are used once: keep memory flat
+                self._cms.clear()
+            self._cms[key] = CostModel(self.setup, calibrated_profile(self.base, p))
+        return self._cms[key]
+
+    def predict(self, p: Physical) -> np.ndarray:
+        """Predicted time of every row at `p`."""
+        key = tuple(p.vector())
+        if key not in self._pred:
+            cm = self.cost_model(p)
+            steps = {s.step: s for s in self.plan.steps}
+            costs = {ps: unit_costs(steps[ps], cm) for ps in {r.plan_step for r in self.rows}}
+            last = cm.pp - 1
+            out = []
+            for r in self.rows:
+                c = costs[r.plan_step][r.unit][1 if r.stage == last else 0]
+                out.append(c.fwd_s if r.direction == "fwd" else c.bwd_s)
+            self._pred[key] = np.array(out)
+        return self._pred[key]
+
+    def jacobian(self, p: Physical) -> np.ndarray:
+        """d(predicted row time) / d(parameter), by one nudged profile per parameter."""
+        x0, t0 = p.vector(), self.predict(p)
+        cols = []
+        for j, k in enumerate(PARAMS):
+            step = x0[j] * _NUDGE_SCALE if k in SCALED_TABLES else _NUDGE_OVERHEAD_S
+            x = x0.copy()
+            x[j] += step
+            cols.append((self.predict(Physical.from_vector(x)) - t0) / step)
+        return np.stack(cols, axis=1)
+
+    def errors(self, p: Physical) -> tuple[np.ndarray, np.ndarray]:
+        """Relative errors (predicted / measured − 1) per unit and per step over the plan's traces."""
+        cm = self.cost_model(p)
+        units, steps = [], []
+        for pair in self.pairs:
+            c = compare_measured(self.plan, cm, pair.trace)
+            units += [u["rel_err"] for u in c.units]
+            steps += [s["rel_err"] for s in c.steps]
+        return np.array(units, float), np.array(steps, float)
+
+
+# ---- the fit -------------------------------------------------------------------------------------------
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
+    """min ||a x − b|| subject to x ≥ 0 (Lawson–Hanson active set)."""
+    n = a.shape[1]
+    x, free = np.zeros(n), np.zeros(n, bool)
+    tol = 1e-12 * max(1.0, float(np.abs(a).max(initial=0.0)))
+    for _ in range(max_iter):
+        w = a.T @ (b - a @ x)
+        if free.all() or w[~free].max(initial=-np.inf) <= tol:
+            break
+        free[np.argmax(np.where(free, -np.inf, w))] = True
+        while True:
+            z = np.zeros(n)
+            z[free] = np.linalg.lstsq(a[:, free], b, rcond=None)[0]
+            if (z[free] > 0).all():
+                x = z
+                break
+            neg = free & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            free &= x > tol
+    return x
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Parameters fitted on some plans."""
+
+    point: Physical
+    fitted: tuple[str, ...]  # parameters the fit moved (the others stay at the start point)
+    std_err: dict[str, float]  # one standard error per fitted parameter off its bound (a linearised estimate)
+    at_bound: tuple[str, ...]  # overheads fitted at 0
+    not_identifiable: tuple[str, ...]  # no row depends on them, or only together with the others
+    undetermined: dict[str, str]  # kept at the start: why (the traces pin them down too loosely, or a table
+    # would have to run MIN_SCALE times its base time)
+    plans: tuple[str, ...]
+    rows: int
+    iterations: int
+    rms_rel_err: float  # root mean square of the rows' relative error after the fit
+
+
+MAX_REL_STD_ERR = 0.5  # a parameter known to worse than ±50% (one standard error) is kept at its start value
+_LB = np.array([MIN_SCALE if k in SCALED_TABLES else 0.0 for k in PARAMS])
+
+
+def _identifiable(a: np.ndarray, candidates: list[int]) -> list[int]:
+    """Candidate columns, in PARAMS order, that add a direction the earlier ones do not span (a parameter whose
+    rows all read 0, e.g. collective without TP or exposed ring, or one that only moves with others)."""
+    keep: list[int] = []
+    scale = np.linalg.norm(a, axis=0)
+    for j in candidates:
+        if scale[j] <= 1e-9 * np.sqrt(len(a)):
+            continue
+        trial = a[:, keep + [j]] / scale[keep + [j]]
+        s = np.linalg.svd(trial, compute_uv=False)
+        if s[-1] > 1e-6 * s[0]:
+            keep.append(j)
+    return keep
+
+
+def _gauss_newton(groups: Sequence[_PlanGroup], start: Physical, candidates: list[int], m: np.ndarray,
+                  max_iter: int) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+    """Bounded least squares on relative error over the candidate parameters (the others held at `start`),
+    relinearised until the cost model at the new point agrees with the linear model (one step where no time
+    is a max of two). Returns the point, the last relative Jacobian, the fitted columns, the iterations."""
+    x = start.vector()
+    a, cols, it = np.zeros((len(m), len(PARAMS))), [], 0
+    for it in range(1, max_iter + 1):
+        p = Physical.from_vector(x)
+        t0 = np.concatenate([g.predict(p) for g in groups])
+        jac = np.concatenate([g.jacobian(p) for g in groups])
+        a = jac / m[:, None]
+        b = (m - t0 + jac @ x) / m  # relative: measured ≈ t0 + J (x' − x)  ⇔  J x' / m ≈ (m − t0 + J x) / m
+        cols = _identifiable(a, candidates)
+        fixed = [j for j in range(len(PARAMS)) if j not in cols]
+        rhs = b - a[:, fixed] @ x[fixed] - a[:, cols] @ _LB[cols]
+        new = x.copy()
+        new[cols] = _LB[cols] + nnls(a[:, cols], rhs)
+        lin = a @ new * m  # what the linear model predicts at the new point
+        x = new
+        exact = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups])
+        if np.max(np.abs(exact - lin) / m) < 1e-6:
+            break
+    return x, a, cols, it
+
+
+def fit(groups: Sequence[_PlanGroup], start: Physical, max_iter: int = 6) -> Fit:
+    """Fit the parameters the traces determine: multipliers ≥ MIN_SCALE, overheads ≥ 0. A multiplier driven to
+    its bound, or a parameter whose standard error exceeds MAX_REL_STD_ERR of its value, is put back to its
+    start value (worst first) and the rest refitted: only what the measurements pin down moves."""
+    m = np.concatenate([g.measured for g in groups])
+    candidates = list(range(len(PARAMS)))
+    undetermined: dict[str, str] = {}
+    while True:
+        x, a, cols, it = _gauss_newton(groups, start, candidates, m, max_iter)
+        resid = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups]) / m - 1
+        bound = [j for j in cols if x[j] <= _LB[j] * (1 + 1e-9)]
+        off = [j for j in cols if j not in bound]
+        std: dict[str, float] = {}
+        if off and len(m) > len(off):
+            s2 = float(resid @ resid) / (len(m) - len(off))
+            cov = s2 * np.linalg.pinv(a[:, off].T @ a[:, off])
+            std = {PARAMS[j]: float(np.sqrt(max(cov[i, i], 0.0))) for i, j in enumerate(off)}
+        worst: tuple[float, int, str] | None = None
+        for j in cols:
+            k = PARAMS[j]
+            if j in bound and k in SCALED_TABLES:
+                why, score = f"fit ran to the bound {MIN_SCALE:g}x: the traces cannot tell it from the others", np.inf
+            elif k in std and std[k] > MAX_REL_STD_ERR * x[j]:
+                why, score = f"fitted {x[j]:.3g} ± {std[k]:.2g}: too loose to keep", std[k] / x[j]
+            else:
+                continue
+            if worst is None or score > worst[0]:
+                worst = (score, j, why)
+        if worst is None:
+            break
+        candidates.remove(worst[1])
+        undetermined[PARAMS[worst[1]]] = worst[2]
+    ident = [j for j in candidates if j in cols]
+    not_ident = tuple(PARAMS[j] for j in candidates if j not in cols)
+    return Fit(Physical.from_vector(x), tuple(PARAMS[j] for j in ident), std,
+               tuple(PARAMS[j] for j in bound), not_ident, undetermined, tuple(g.name for g in groups), len(m), it,
+               float(np.sqrt(np.mean(resid ** 2))))
+
+
+# ---- the study ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamFit:
+    """One parameter: base and fitted value."""
+
+    name: str
+    meaning: str
+    base: float
+    fitted: float
+    std_err: float | None  # None: not fitted, or an overhead fitted at 0
+    status: str  # "fitted" | "not identifiable from these traces" | "kept at base"
+    note: str = ""  # kept at base: why
+
+
+@dataclass(frozen=True)
+class PlanErrors:
+    """Relative error (predicted / measured − 1) of one plan's traces, before and after the fit."""
+
+    plan: str
+    role: Literal["held-out", "fitted"]
+    traces: int
+    units: int  # (replay step, unit, stage) compared
+    fitted_on: tuple[str, ...]  # the plans of the fit that predicted "after"
+    unit_median_before: float  # median |error| per unit
+    unit_max_before: float
+    unit_median_after: float
+    unit_max_after: float
+    step_median_before: float  # median |error| per replay step
+    step_max_before: float
+    step_median_after: float
+    step_max_after: float
+
+
+def _plan_errors(plan: str, role, traces: int, fitted_on, before, after) -> PlanErrors:
+    (ub, sb), (ua, sa) = before, after
+    stat = lambda e: (float(np.median(np.abs(e))), float(np.max(np.abs(e)))) if len(e) else (np.nan, np.nan)  # noqa
+    return PlanErrors(plan, role, traces, len(ub), tuple(fitted_on), *stat(ub), *stat(ua), *stat(sb), *stat(sa))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What `meshplan calibrate` fitted and how well it predicts plans it did not see."""
+
+    base: str  # the base profile's name
+    profile: Profile  # the fitted profile (on every plan but the named held-out ones)
+    params: tuple[ParamFit, ...]
+    holdout: Literal["leave-one-plan-out", "named"]
+    held_out: tuple[PlanErrors, ...]
+    fitted: tuple[PlanErrors, ...]  # the written profile on the plans it was fitted on
+    held_out_all: PlanErrors  # every held-out plan together
+    fitted_all: PlanErrors
+    rows: int  # measured times the written profile was fitted on
+    rms_rel_err: float  # their RMS relative error after the fit
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "profile"}
+        d = {k: ([dataclasses.asdict(x) for x in v] if isinstance(v, tuple) else
+                 dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
+        d["profile"] = {"name": self.profile.fingerprint.name, "source": self.profile.fingerprint.source}
+        return d
+
+
+def _pool(errors: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.concatenate([e[0] for e in errors]) if errors else np.array([]),
+            np.concatenate([e[1] for e in errors]) if errors else np.array([]))
+
+
+def _fits_for(profile: Profile, names: Sequence[str]) -> list[str]:
+    """Recompute the T(s) fits of the base's models that are presets; one note per model dropped."""
+    from costmodel.presets import load_model, model_names
+    from costmodel.timing import fit_models
+
+    presets = {n: load_model(n) for n in names if n in model_names()}
+    return fit_models(profile, presets) + [f"T(s) fit of {n} dropped (not a preset model)"
+                                           for n in names if n not in presets]
+
+
+def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequence[Path] = (),
+              progress: Callable[[str], None] | None = None) -> Calibration:
+    """Fit `profile`'s physical parameters on (plan, trace) pairs. With `holdout` plans named, the profile is
+    fitted on the others and judged on them; else every plan is judged by a fit on the other plans (leave one
+    plan out) and the profile is fitted on all. Needs at least two plans."""
+    say = progress or (lambda _m: None)
+    loaded = [load_pair(p, t) for p, t in pairs]
+    by_plan: dict[Path, list[TracePair]] = {}
+    for lp in loaded:
+        by_plan.setdefault(lp.plan_path.resolve(), []).append(lp)
+    if len(by_plan) < 2:
+        raise PlanError(f"calibration needs traces of at least 2 plans (got {len(by_plan)}): errors are reported on "
+                        "plans the fit did not see")
+    held = {Path(h).resolve() for h in holdout}
+    unknown = sorted(str(h) for h in holdout if Path(h).resolve() not in by_plan)
+    if unknown:
+        raise PlanError(f"--holdout {unknown[0]}: not one of the pairs' plans")
+    if held and len(held) == len(by_plan):
+        raise PlanError("--holdout names every plan: leave at least one to fit on")
+    base = load_profile(profile)
+    start = Physical.of_profile(base)
+    groups = {k: _PlanGroup(str(v[0].plan_path), v, profile, base) for k, v in by_plan.items()}
+    train = [g for k, g in groups.items() if k not in held]
+    say(f"fitting on {len(train)} plan(s), {sum(len(g.rows) for g in train)} measured times")
+    final = fit(train, start)
+    errs = {k: g.errors(start) for k, g in groups.items()}  # before: the base profile
+    held_rows, held_pool_b, held_pool_a = [], [], []
+    if held:
+        for k in sorted(held, key=lambda k: groups[k].name):
+            after = groups[k].errors(final.point)
+            held_rows.append(_plan_errors(groups[k].name, "held-out", len(groups[k].pairs), final.plans, errs[k],
+                                          after))
+            held_pool_b.append(errs[k])
+            held_pool_a.append(after)
+    else:
+        for k, g in groups.items():
+            say(f"leave-one-plan-out: predicting {g.name} from the other plans")
+            fold = fit([o for j, o in groups.items() if j != k], start)
+            after = g.errors(fold.point)
+            held_rows.append(_plan_errors(g.name, "held-out", len(g.pairs), fold.plans, errs[k], after))
+            held_pool_b.append(errs[k])
+            held_pool_a.append(after)
+    fit_rows, fit_pool_b, fit_pool_a = [], [], []
+    for k, g in groups.items():
+        if k in held:
+            continue
+        after = g.errors(final.point)
+        fit_rows.append(_plan_errors(g.name, "fitted", len(g.pairs), final.plans, errs[k], after))
+        fit_pool_b.append(errs[k])
+        fit_pool_a.append(after)
+    n_traces = lambda rows: sum(r.traces for r in rows)  # noqa: E731
+    held_all = _plan_errors("all held-out", "held-out", n_traces(held_rows), (), _pool(held_pool_b),
+                            _pool(held_pool_a))
+    fitted_all = _plan_errors("all fitted", "fitted", n_traces(fit_rows), final.plans, _pool(fit_pool_b),
+                              _pool(fit_pool_a))
+    params = []
+    for k in PARAMS:
+        b, f = getattr(start, k), getattr(final.point, k)
+        status = "fitted" if k in final.fitted else _NOT_IDENTIFIABLE if k in final.not_identifiable else \
+            _UNDETERMINED
+        params.append(ParamFit(k, PARAM_MEANING[k], b, f, final.std_err.get(k), status,
+                               final.undetermined.get(k, "")))
+    prof = _written_profile(base, final, [p for g in train for p in g.pairs], held_all, params)
+    return Calibration(base.fingerprint.name, prof, tuple(params), "named" if held else "leave-one-plan-out",
+                       tuple(held_rows), tuple(fit_rows), held_all, fitted_all, final.rows, final.rms_rel_err)
+
+
+def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all: PlanErrors,
+                     params: list[ParamFit]) -> Profile:
+    """The fitted profile with a fingerprint that says what it was fitted on."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    fp = base.fingerprint
+    name = fp.name if fp.name.endswith(".calibrated") else f"{fp.name}.calibrated"
+    plans = sorted({str(p.plan_path) for p in pairs})
+    def described(p: TracePair) -> str:  # the trace with where and when it was measured, when it says
+        meta = p.trace.get("meta") or {}
+        said = [str(meta[k]) for k in ("device_name", "created") if meta.get(k)]
+        return f"{p.trace_path}" + (f" ({', '.join(said)})" if said else "")
+
+    traces = ", ".join(described(p) for p in pairs)
+    fitted = "; ".join(f"{x.name} {x.fitted:.4g}" + (f" ± {x.std_err:.2g}" if x.std_err is not None else "")
+                       + ("" if x.status == "fitted" else f" ({x.status}{': ' + x.note if x.note else ''})")
+                       for x in params)
+    source = f"meshplan calibrate {now[:10]} on plans {', '.join(plans)}"
+    notes = (f"Calibrated {now} by `meshplan calibrate` from {fp.name} (sha256 {fp.sha256}) on {len(pairs)} "
+             f"trace(s) of {len(plans)} plan(s) ({', '.join(plans)}): {traces}. {final.rows} measured unit times "
+             "(forward and backward, median over replay iterations), relative least squares, RMS relative error "
+             f"after {final.rms_rel_err:.1%}. Table-time multipliers (host_copy kept) and overheads: {fitted}. "
+             f"Held-out median |error| per unit {held_all.unit_median_before:.1%} before, "
+             f"{held_all.unit_median_after:.1%} after. "
+             + ("Constants of the analytic generator other than hbm describe the base tables. "
+                if fp.source == "analytic" else "") + f"Base notes: {fp.notes}")
+    prof = calibrated_profile(base, final.point, name=name, notes=notes, overhead_source=source)
+    prof.fingerprint = dataclasses.replace(prof.fingerprint, created=now)
+    fit_notes = _fits_for(prof, sorted(base.fits))
+    if fit_notes:
+        prof.fingerprint = dataclasses.replace(prof.fingerprint,
+                                               notes=prof.fingerprint.notes + " " + "; ".join(fit_notes))
+    prof.fingerprint = dataclasses.replace(prof.fingerprint, sha256=prof.compute_sha256())
+    return prof
+
+
+__all__ = ["Calibration", "Fit", "OVERHEADS", "PARAMS", "ParamFit", "Physical", "PlanErrors", "Row",
+           "SCALED_TABLES", "TracePair", "calibrate", "calibrated_profile", "fit", "load_pair", "nnls",
+           "read_trace", "trace_rows"]

@@ -1,0 +1,227 @@
+"""Calibration: traces made from a profile with known physical parameters (the base profile's tables scaled,
+overheads added) are fitted starting from the base profile; the fit recovers the parameters and the error
+on held-out plans falls. Errors in the inputs are one line and write nothing."""
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from costmodel.timing import CostModel
+from planner.api import PlanRequest, cost_model_for_plan, make_plan
+from planner.simulate.step import simulate_step, unit_costs
+from planner.studies import Physical, calibrate, calibrated_profile
+from planner.studies.calibrate import PARAMS, load_pair, nnls
+from planner.plan import PlanError
+from profiles.table import load_profile
+
+BASE = "local-cpu.measured"
+TRUE = Physical(gemm=1.3, attention=0.8, memory=2.0, collective=1.5, layer_overhead_s=2e-3,
+                attn_call_overhead_s=1e-4)
+# Plans whose parts vary independently: packed documents (attention calls per unit vary), ring units (P2P),
+# TP (collectives), two pipeline stages, another length distribution.
+CASES = {"static": dict(gpus=2, strategy="static"), "ring": dict(gpus=2, strategy="hdp"),
+         "tp": dict(gpus=2, tp=2, strategy="static"), "pp": dict(gpus=4, pp=2, strategy="hdp"),
+         "github": dict(gpus=4, strategy="hdp", lengths="github-like")}
+
+
+def synthetic_trace(plan, plan_path, profile, noise: float = 0.0, seed: int = 0) -> dict:
+    """The trace a replay would write if the hardware ran exactly as `profile` prices it (measured schema;
+    one record per unit and stage: the fit takes the mean over ranks), times optionally jittered."""
+    cm = CostModel(cost_model_for_plan(plan, BASE).setup, profile)
+    rng = np.random.default_rng(seed)
+    jitter = lambda: float(np.exp(rng.normal(0.0, noise))) if noise else 1.0  # noqa: E731
+    steps = []
+    for i, st in enumerate(plan.steps):
+        costs = unit_costs(st, cm)
+        units = []
+        for u in st.units:
+            for stage in range(cm.pp):
+                c = costs[u.id][1 if stage == cm.pp - 1 else 0]
+                units.append({"unit": u.id, "stage": stage, "degree": u.degree, "rank": 0,
+                              "fwd_s": c.fwd_s * jitter(), "bwd_s": c.bwd_s * jitter()})
+        steps.append({"step": i, "plan_step": st.step, "units": units, "ranks": [],
+                      "step_time_s": simulate_step(st, cm).step_time_s})
+    meta = {"plan_sha256": hashlib.sha256(plan_path.read_bytes()).hexdigest(), "device_name": "synthetic"}
+    return {"schema": "meshplan.measured/1", "complete": True, "meta": meta, "steps": steps}
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calibrate")
+    out = {}
+    for i, (name, case) in enumerate(CASES.items()):
+        case = dict(case)
+        strategy = case.pop("strategy")
+        req = PlanRequest(model="tiny", cluster="local-cpu", tokens_per_step=8192, max_context_tokens=4096, steps=2,
+                          seed=i, **case)
+        path = d / f"{name}.json"
+        plan = make_plan(req, strategy)
+        plan.save(path)
+        out[name] = (plan, path)
+    return d, out
+
+
+def write_traces(plans, profile, noise: float = 0.0, tag: str = "") -> list:
+    d, ps = plans
+    pairs = []
+    for i, (name, (plan, path)) in enumerate(ps.items()):
+        trace = d / f"{name}{tag}.trace.json"
+        trace.write_text(json.dumps(synthetic_trace(plan, path, profile, noise, seed=i)))
+        pairs.append((path, trace))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def exact(plans):
+    return write_traces(plans, calibrated_profile(load_profile(BASE), TRUE))
+
+
+@pytest.fixture(scope="module")
+def fitted(exact):
+    return calibrate(exact, BASE)
+
+
+def test_fit_recovers_the_parameters_that_made_the_traces(fitted):
+    res = fitted
+    for p in res.params:
+        assert p.status == "fitted", p
+        assert p.fitted == pytest.approx(getattr(TRUE, p.name), rel=1e-6), p.name
+    assert res.holdout == "leave-one-plan-out" and len(res.held_out) == len(CASES)
+    # each plan predicted by a fit on the others: no worse than before, and better overall
+    assert res.held_out_all.unit_median_before > 0.05
+    assert res.held_out_all.unit_median_after < 0.01 * res.held_out_all.unit_median_before
+    assert res.held_out_all.step_median_after < res.held_out_all.step_median_before
+    assert res.fitted_all.unit_max_after < 1e-6 and res.rms_rel_err < 1e-6
+    for e in res.held_out:
+        assert e.plan not in e.fitted_on and len(e.fitted_on) == len(CASES) - 1
+
+
+def test_written_profile_records_what_it_was_fitted_on(exact, fitted, tmp_path):
+    path = fitted.profile.save(tmp_path / "fitted.json")
+    prof = load_profile(str(path))  # the sha256 checks out
+    fp = prof.fingerprint
+    assert fp.name == f"{BASE}.calibrated" and fp.source == "measured"
+    assert fp.device == load_profile(BASE).fingerprint.device
+    assert load_profile(BASE).fingerprint.sha256 in fp.notes
+    for plan, trace in exact:
+        assert str(plan) in fp.notes and str(trace) in fp.notes
+    for k in ("layer_overhead_s", "attn_call_overhead_s"):
+        assert prof.constants[k]["value"] == pytest.approx(getattr(TRUE, k), rel=1e-6)
+        assert "meshplan calibrate" in prof.constants[k]["source"]
+    assert "tiny" in prof.fits  # the base's T(s) fits, refitted on the new tables
+    base = load_profile(BASE)
+    assert np.allclose(prof.tables["gemm"]["time_s"], base.tables["gemm"]["time_s"] * TRUE.gemm, rtol=1e-6)
+    assert np.array_equal(prof.tables["host_copy"]["time_s"], base.tables["host_copy"]["time_s"])
+
+
+def test_noisy_traces_recover_the_dominant_parameters(plans):
+    true = calibrated_profile(load_profile(BASE), TRUE)
+    res = calibrate(write_traces(plans, true, noise=0.02, tag=".noisy"), BASE)
+    fitted = {p.name: p for p in res.params}
+    for k in ("gemm", "attention", "layer_overhead_s"):
+        assert fitted[k].fitted == pytest.approx(getattr(TRUE, k), rel=0.05), k
+        assert abs(fitted[k].fitted - getattr(TRUE, k)) < 3 * fitted[k].std_err  # the error it reports holds
+    for p in res.params:  # the rest: within its reported error, or kept at the base with the reason
+        if p.status == "fitted":
+            assert p.std_err is None or abs(p.fitted - getattr(TRUE, p.name)) < 3 * p.std_err, p
+        else:
+            assert p.status == "kept at base" and p.note and p.fitted == p.base, p
+    assert res.held_out_all.unit_median_after < 0.5 * res.held_out_all.unit_median_before
+    assert 0.005 < res.rms_rel_err < 0.05  # the 2% jitter is left, nothing more
+
+
+def test_named_holdout_is_left_out_of_the_written_fit(plans, exact):
+    held = exact[-1][0]
+    res = calibrate(exact, BASE, holdout=[held])
+    assert res.holdout == "named"
+    assert [e.plan for e in res.held_out] == [str(held)]
+    assert str(held) not in [e.plan for e in res.fitted]
+    assert str(held) not in res.profile.constants["layer_overhead_s"]["source"]
+    assert res.held_out[0].unit_median_after < 1e-6 < res.held_out[0].unit_median_before
+
+
+def test_a_part_no_trace_exercises_stays_at_the_base(exact):
+    # packed documents on one rank and pipeline stages: no TP collective, no exposed ring transfer
+    res = calibrate([exact[0], exact[3]], BASE)
+    coll = next(p for p in res.params if p.name == "collective")
+    assert coll.status == "not identifiable from these traces" and coll.fitted == 1.0 and coll.std_err is None
+    assert next(p for p in res.params if p.name == "gemm").fitted == pytest.approx(TRUE.gemm, rel=1e-6)
+
+
+def test_calibrated_profile_at_the_base_point_prices_as_the_base():
+    base = load_profile("h100-sxm.analytic")
+    same = calibrated_profile(base, Physical.of_profile(base))
+    for t in base.tables:
+        assert np.array_equal(same.tables[t]["time_s"].astype(float), base.tables[t]["time_s"].astype(float))
+    fast = calibrated_profile(base, dataclasses.replace(Physical(), memory=0.5))
+    assert fast.constant("hbm") == pytest.approx(2 * base.constant("hbm"))  # GEMMs' memory side moves with it
+    assert Physical.from_vector(TRUE.vector()) == TRUE and len(PARAMS) == len(TRUE.vector())
+
+
+def test_nnls_meets_its_optimality_conditions():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = rng.normal(size=(30, 5)), rng.normal(size=30)
+        x = nnls(a, b)
+        w = a.T @ (b - a @ x)  # KKT: x >= 0, gradient <= 0 where x = 0, = 0 where x > 0
+        assert (x >= 0).all() and (w[x == 0] <= 1e-9).all() and np.allclose(w[x > 0], 0, atol=1e-9)
+    a = rng.normal(size=(10, 3))
+    assert np.allclose(nnls(a, a @ np.array([1.0, 2.0, 3.0])), [1, 2, 3])
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+def cli(*args):
+    return CliRunner().invoke(app, ["calibrate", *map(str, args)])
+
+
+def test_cli_writes_the_profile_and_prints_json(exact, tmp_path):
+    out = tmp_path / "cal.json"
+    r = cli(*(f"{p}:{t}" for p, t in exact[:3]), "--profile", BASE, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["out"] == str(out) and doc["profile"]["name"] == f"{BASE}.calibrated"
+    assert {p["name"] for p in doc["params"]} == set(PARAMS) and len(doc["held_out"]) == 3
+    assert load_profile(str(out)).fingerprint.name == f"{BASE}.calibrated"
+    r = cli(*(f"{p}:{t}" for p, t in exact[:2]), "--profile", BASE, "--out", tmp_path / "cal2.json")
+    assert r.exit_code == 0 and "held-out" in r.stdout and "wrote" in r.stdout, r.output
+
+
+def _fails(r, *words):
+    assert r.exit_code == 2, r.output
+    msg = " ".join(r.output.split())
+    assert "Traceback" not in r.output and all(w in msg for w in words), msg
+
+
+def test_cli_errors_are_one_line_and_write_nothing(exact, plans, tmp_path):
+    out = tmp_path / "never.json"
+    (p0, t0), (p1, t1) = exact[0], exact[1]
+    args = ("--profile", BASE, "--out", out)
+    _fails(cli(f"{p0}:{t0}", args[0], args[1], args[2], args[3]), "at least 2 plans")
+    _fails(cli(f"{p0}:{t0}", f"{p0}:{t0}", *args), "at least 2 plans")  # two traces, one plan
+    _fails(cli(f"{p0}:{t0}", f"{p1}", *args), "expected PLAN:TRACE")
+    _fails(cli(f"{p0}:{t0}", f"{p1}:{tmp_path / 'missing.json'}", *args), "missing.json", "cannot read")
+    _fails(cli(f"{p0}:{t0}", f"{p1}:{t0}", *args), "another plan")  # the trace of p0 paired with p1
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({**json.loads(t1.read_text()), "complete": False}))
+    _fails(cli(f"{p0}:{t0}", f"{p1}:{cut}", *args), "incomplete")
+    cut.write_text(t1.read_text()[:100])
+    _fails(cli(f"{p0}:{t0}", f"{p1}:{cut}", *args), "truncated or corrupt")
+    _fails(cli(f"{p0}:{t0}", f"{p1}:{t1}", *args, "--holdout", tmp_path / "other.json"), "not one of")
+    _fails(cli(f"{p0}:{t0}", f"{p1}:{t1}", *args, "--holdout", p0, "--holdout", p1), "every plan")
+    assert not out.exists()
+
+
+def test_a_trace_naming_units_the_plan_lacks_is_refused(exact, tmp_path):
+    (p0, t0) = exact[0]
+    doc = json.loads(t0.read_text())
+    doc["meta"].pop("plan_sha256")
+    doc["steps"][0]["units"][0]["unit"] = 999
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match="not in the plan"):
+        load_pair(p0, bad)
