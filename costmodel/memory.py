@@ -28,11 +28,13 @@ def params_per_rank(setup: Setup, stage: int | None = None) -> float:
 
 
 def state_bytes_per_param_parts(training: TrainingSpec) -> tuple[float, float]:
-    """(bytes per parameter every HDP rank keeps, bytes per parameter sharded over the HDP ranks):
-    bf16 params + fp32 grads kept, fp32 master/m/v (12 B) sharded under ZeRO-1, else kept."""
-    kept = float(DTYPE_BYTES[training.dtype] + DTYPE_BYTES[training.grad_dtype])
+    """(bytes per parameter every HDP rank keeps, bytes per parameter sharded over the HDP ranks): bf16
+    params kept; fp32 master/m/v (12 B) sharded from ZeRO-1 on, fp32 grads from ZeRO-2 on, else kept."""
+    params, grads = float(DTYPE_BYTES[training.dtype]), float(DTYPE_BYTES[training.grad_dtype])
     opt = 12.0  # fp32 master weights, Adam m and v
-    return (kept, opt) if training.zero_stage >= 1 else (kept + opt, 0.0)
+    if training.zero_stage >= 2:
+        return params, grads + opt
+    return (params + grads, opt) if training.zero_stage == 1 else (params + grads + opt, 0.0)
 
 
 def state_bytes_per_param(setup: Setup) -> float:
@@ -63,12 +65,18 @@ def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: 
     return masks, (12 * h + 4 * hkv + mlp) * scale
 
 
-def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2) -> float:
-    """Saved activations per token per layer, TP+SP divided (REFERENCE 7.2, FlashAttention: no s² term).
-    Llama block: none 12h + 4h_kv + 8f (bf16); selective recomputes the SwiGLU product and the down-
+def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
+                                     sequence_parallel: bool = True) -> float:
+    """Saved activations per token per layer (REFERENCE 7.2, FlashAttention: no s² term), divided over TP with
+    sequence parallelism; without it TP replicates the norm, input and mask terms (and full recompute's layer
+    input). Llama block: none 12h + 4h_kv + 8f (bf16); selective recomputes the SwiGLU product and the down-
     projection input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full."""
     replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
-    return (replicated + sharded) / tp
+    if sequence_parallel:
+        return (replicated + sharded) / tp
+    if recompute == "full":  # the layer input is whole on every TP rank
+        return replicated + sharded
+    return replicated + sharded / tp
 
 
 def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, tp: int, recompute: Recompute,
@@ -78,10 +86,7 @@ def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, 
     et al. 2022, Table 2). Without sequence parallelism TP replicates the norm, input and mask terms; materialised
     attention (no FlashAttention, recompute none) also keeps per head the softmax output (2 B per score), and with
     dropout its mask and output (1 + 2 B): GPT with TP + SP: s·b·h/t · (34 + 5·a·s/h)."""
-    replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
-    if recompute == "full" and not sequence_parallel:
-        replicated, sharded = sharded, 0.0  # the layer input is whole on every TP rank
-    per_token = (replicated + sharded) / tp if sequence_parallel else replicated + sharded / tp
+    per_token = activation_bytes_per_token_layer(model, tp, recompute, dtype_bytes, sequence_parallel)
     scores = 0.0
     if recompute == "none" and not flash_attention:
         per_score = (2 * dtype_bytes / 2.0) * (2 if model.dropout else 1) + (1 if model.dropout else 0)
@@ -90,7 +95,8 @@ def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, 
 
 
 def full_layer_activation_bytes_per_token(setup: Setup) -> float:
-    return activation_bytes_per_token_layer(setup.model, setup.training.tp, "none", setup.training.dtype_bytes)
+    tr = setup.training
+    return activation_bytes_per_token_layer(setup.model, tr.tp, "none", tr.dtype_bytes, tr.sequence_parallel)
 
 
 def logits_bytes(tokens: float, setup: Setup) -> float:
@@ -141,7 +147,7 @@ def _terms(setup: Setup) -> _Terms:
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
     free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.fused_loss else 0.0)
-    act = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes) * m.layers
+    act = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel) * m.layers
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
     return _Terms(states, frag, free, act, work, 0.0 if tr.fused_loss else (m.vocab / tr.tp) * 8.0)
 
@@ -240,9 +246,10 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
                 f"({terms.per_token_bytes / 1e6:.1f} MB over {m.layers} layers); "
                 + ("raise tp or pp" if tr.recompute == "full" else "use --recompute full, or raise tp or pp"))
     params = params_per_rank(setup)
-    weights, grads = params * DTYPE_BYTES[tr.dtype], params * DTYPE_BYTES[tr.grad_dtype]
+    weights = params * DTYPE_BYTES[tr.dtype]
+    grads = params * DTYPE_BYTES[tr.grad_dtype] / (setup.hdp if tr.zero_stage >= 2 else 1)
     opt = terms.states_bytes - weights - grads
-    sharding = f"sharded by ZeRO-1 over {setup.hdp} HDP ranks" if tr.zero_stage >= 1 else "replicated"
+    sharding = f"sharded by ZeRO-{tr.zero_stage} over {setup.hdp} HDP ranks" if tr.zero_stage >= 1 else "replicated"
     msg = (f"{head}: model states alone take {terms.states_bytes / GB:.1f} GB per GPU (weights {weights / GB:.1f} GB, "
            f"gradients {grads / GB:.1f} GB, optimizer {opt / GB:.1f} GB {sharding}) but only {room / GB:.1f} GB of "
            f"the {hbm / GB:.0f} GB HBM is left after the CUDA context, loss chunk and fragmentation reserve; "
@@ -293,9 +300,11 @@ def sliced_capacity_tokens(capacity_tokens: float, pp: int, slices: int, dkv_rat
     return capacity_tokens * pp / ((slices + pp - 1) / slices + dkv_ratio)
 
 
-def dkv_activation_ratio(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2) -> float:
+def dkv_activation_ratio(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
+                         sequence_parallel: bool = True) -> float:
     """fp32 dK and dV bytes per token per layer over the saved activation bytes per token per layer."""
-    return (2 * model.kv_width * 4 / tp) / activation_bytes_per_token_layer(model, tp, recompute, dtype_bytes)
+    return (2 * model.kv_width * 4 / tp) / activation_bytes_per_token_layer(model, tp, recompute, dtype_bytes,
+                                                                            sequence_parallel)
 
 
 def min_degree(s: float, capacity_tokens: int, offload_ratio: float, layers_per_stage: int) -> int:

@@ -275,6 +275,9 @@ class ClusterSpec:
 
 Recompute = Literal["none", "selective", "full"]
 AttentionKernel = Literal["flash", "unfused"]  # fused (FlashAttention) or materialised scores (QKᵀ, softmax, PV)
+# Context parallelism: a ring passing K/V blocks under the attention (overlapped), or K/V all-gathered before
+# attention and dK/dV reduce-scattered after it (Llama 3's form: exposed, simpler to mask)
+ContextParallel = Literal["ring", "allgather"]
 RECOMPUTE_POLICIES: tuple[Recompute, ...] = get_args(Recompute)  # least recompute (most memory) first
 AUTO_RECOMPUTE = "auto"  # a request's choice: the least recompute that fits its max context (planner.api)
 RECOMPUTE_CHOICES = (AUTO_RECOMPUTE, *RECOMPUTE_POLICIES)  # what a request (--recompute) may ask for
@@ -298,8 +301,9 @@ class TrainingSpec:
     dtype: DType = "bf16"  # activation and parameter dtype
     tp: int = field(default=1, metadata=positive())  # tensor-parallel degree
     pp: int = field(default=1, metadata=positive())  # pipeline-parallel degree
-    # 0: replicated optimizer; 1: distributed optimizer (ZeRO-1) over HDP ranks
-    zero_stage: int = field(default=1, metadata=within(0, 1))
+    # 0: replicated optimizer; 1: distributed optimizer (ZeRO-1) over HDP ranks; 2: gradients sharded too
+    # (ZeRO-2, FSDP's SHARD_GRAD_OP): the same reduce-scatter + all-gather per step, less memory
+    zero_stage: int = field(default=1, metadata=within(0, 2))
     recompute: Recompute = "none"  # activation recomputation policy
     grad_dtype: DType = "fp32"  # gradient accumulation / reduction dtype (Megatron: fp32 grads)
     # CUDA context + NCCL buffers per GPU (REFERENCE 2.1: 1-3 GB)
@@ -311,6 +315,7 @@ class TrainingSpec:
     # it they run replicated on all s tokens (the TP collectives move the same bytes either way)
     sequence_parallel: bool = True
     attention_kernel: AttentionKernel = "flash"
+    cp: ContextParallel = "ring"
     # Megatron-core DDP's overlap_grad_reduce (default off there too): bucketed gradient reduce-scatter under
     # the backward, only the last bucket exposed
     overlap_grad_reduce: bool = False

@@ -199,8 +199,8 @@ class CostModel:
         self.bytes_per_elem = tr.dtype_bytes
         self.budget: MemoryBudget = memory_budget(self.setup)
         self.capacity_tokens = self.budget.capacity_tokens
-        self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes)
-        self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes)
+        self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel)
+        self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel)
         self.heads_per_rank = max(1, m.heads // tr.tp)
         self.unfused_attention = tr.attention_kernel == "unfused"
         # Fixed costs a profile may carry (absent: 0; `meshplan calibrate` fits them): the host's time to issue
@@ -334,14 +334,18 @@ class CostModel:
         attn_rec = attn_f if rec == "full" or (rec == "selective" and self.unfused_attention) else 0.0
         bwd_layer = bwd_layer + ((gemm_f if rec == "full" else 0.0) + attn_rec + mem_rec)
         kv_bytes = tokens * 2 * self.model.kv_width / self.tp * self.bytes_per_elem
-        step_f, step_b = attn_f / d, attn_b / d
-        comm_f = np.where(inter, self.p2p_s(kv_bytes, True), self.p2p_s(kv_bytes, False))
-        comm_b = np.where(inter, self.p2p_s(2 * kv_bytes, True), self.p2p_s(2 * kv_bytes, False))  # dK/dV back
-        passes_f = 2 if rec == "full" else 1  # full recompute replays the forward ring
-        ring_steps = l * (d - 1)  # 0 for packed units: no ring
-        ring_comm = ring_steps * (passes_f * comm_f + comm_b)
-        ring_exp_f = ring_steps * np.maximum(0.0, comm_f - step_f)
-        ring_exp_b = ring_steps * ((passes_f - 1) * np.maximum(0.0, comm_f - step_f) + np.maximum(0.0, comm_b - step_b))
+        passes_f = 2 if rec == "full" else 1  # full recompute replays the forward's K/V exchange
+        if self.setup.training.cp == "allgather":
+            ring_comm, ring_exp_f, ring_exp_b = self._allgather_cp_s(kv_bytes, d, inter, l, passes_f)
+        else:
+            step_f, step_b = attn_f / d, attn_b / d
+            comm_f = np.where(inter, self.p2p_s(kv_bytes, True), self.p2p_s(kv_bytes, False))
+            comm_b = np.where(inter, self.p2p_s(2 * kv_bytes, True), self.p2p_s(2 * kv_bytes, False))  # dK/dV back
+            ring_steps = l * (d - 1)  # 0 for packed units: no ring
+            ring_comm = ring_steps * (passes_f * comm_f + comm_b)
+            ring_exp_f = ring_steps * np.maximum(0.0, comm_f - step_f)
+            ring_exp_b = ring_steps * ((passes_f - 1) * np.maximum(0.0, comm_f - step_f)
+                                       + np.maximum(0.0, comm_b - step_b))
         tp_f = tp_b = comm_h = np.zeros(n)
         if self.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer each way (an all-reduce moves the same bytes)
             tp_f = l * 2 * self._tp_pair_s(tokens)
@@ -369,6 +373,23 @@ class CostModel:
                          attn_fwd_compute_s=l * attn_f, attn_bwd_compute_s=l * (attn_b + attn_rec),
                          mem_fwd_s=l * mem_f, mem_bwd_s=l * (mem_b + mem_rec), overhead_fwd_s=l * over_f,
                          overhead_bwd_s=l * over_b)
+
+    def _allgather_cp_s(self, kv_bytes: np.ndarray, d: np.ndarray, inter: np.ndarray, layers: int,
+                        passes_f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All-gather context parallelism per unit: each layer all-gathers the d members' K/V before attention
+        (nccl-tests S = the gathered bytes) and reduce-scatters dK/dV (fp32: twice the bytes) after its
+        backward, neither hidden. Returns (all transfer time, exposed forward, exposed backward)."""
+        ag, rs = np.zeros(len(d)), np.zeros(len(d))
+        for g in np.unique(d[d > 1]):
+            for crosses in (False, True):
+                sel = (d == g) & (inter == crosses)
+                if sel.any():
+                    scope = "inter" if crosses else "intra"
+                    ag[sel] = self.profile.collective_time_s("all_gather", kv_bytes[sel] * g, int(g), scope)
+                    rs[sel] = self.profile.collective_time_s("reduce_scatter", 2 * kv_bytes[sel] * g, int(g), scope)
+        exp_f = layers * ag
+        exp_b = layers * ((passes_f - 1) * ag + rs)
+        return exp_f + exp_b, exp_f, exp_b
 
     def _tp_pair_s(self, tokens: np.ndarray) -> np.ndarray:
         """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h)."""

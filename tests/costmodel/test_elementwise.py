@@ -130,3 +130,16 @@ def test_new_training_fields_round_trip():
     assert dataclasses.replace(tr, attention_kernel="flash").attention_kernel == "flash"
     with pytest.raises(ValueError, match="attention_kernel"):
         TrainingSpec.from_dict({**tr.to_dict(), "attention_kernel": "xformers"})
+
+
+def test_allgather_context_parallelism_exposes_its_collectives(a100):
+    ring = _cm(a100, gpus=64)
+    gather = _cm(a100, gpus=64, cp="allgather")
+    r, g = ring.unit_cost([65536], 8, inter_node=True), gather.unit_cost([65536], 8, inter_node=True)
+    assert g.fwd_compute_s == pytest.approx(r.fwd_compute_s) and g.bwd_compute_s == pytest.approx(r.bwd_compute_s)
+    assert g.ring_comm_s > 0 and g.ring_exposed_s == pytest.approx(g.ring_comm_s)  # nothing overlaps the all-gather
+    assert r.ring_exposed_s < r.ring_comm_s  # the ring hides part of its transfers under attention
+    gathered = 65536 / 8 * 2 * ring.model.kv_width / 8 * 2 * 8  # K/V of the 8 members, bf16, per TP rank
+    per_layer = float(a100.collective_time_s("all_gather", gathered, 8, "inter"))
+    assert g.ring_exposed_fwd_s == pytest.approx(ring.layers_per_stage * per_layer)
+    assert ring.unit_cost([4096], 1).total_s == pytest.approx(gather.unit_cost([4096], 1).total_s)  # no CP

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from costmodel.memory import (activation_bytes_per_token_layer, layer_activation_bytes, memory_budget, min_degree,
-                              offload_lower_bound, offload_ratio_for_tokens)
+                              model_state_bytes, offload_lower_bound, offload_ratio_for_tokens, params_per_rank,
+                              state_bytes_per_param)
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, SpecError, TrainingSpec
 
@@ -122,3 +123,24 @@ def test_llama_activation_bytes_unchanged_by_block_fields():
     assert activation_bytes_per_token_layer(m, 8, "selective") == (12 * h + 4 * hkv + 4 * f) / 8
     assert layer_activation_bytes(m, 4096, 2, 8, "none") == pytest.approx(
         activation_bytes_per_token_layer(m, 8, "none") * 4096 * 2)
+
+
+def test_capacity_follows_sequence_parallelism():
+    # without SP the norm, input and mask terms are whole on every TP rank: more bytes per token, fewer tokens
+    m, c = load_model("gpt-22b"), load_cluster("dgx-a100").with_gpus(8)
+    sp, plain = (Setup(m, c, TrainingSpec(tp=8, sequence_parallel=s)) for s in (True, False))
+    assert activation_bytes_per_token_layer(m, 8, "none", 2, False) == pytest.approx(
+        layer_activation_bytes(m, 1, 1, 8, "none", sequence_parallel=False))
+    assert memory_budget(plain).capacity_tokens < 0.5 * memory_budget(sp).capacity_tokens
+
+
+def test_zero2_shards_the_gradients_too():
+    m, c = load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(64)
+    z1, z2 = (Setup(m, c, TrainingSpec(zero_stage=z)) for z in (1, 2))
+    params = params_per_rank(z1)
+    assert state_bytes_per_param(z1) == pytest.approx(2 + 4 + 12 / 64)
+    assert state_bytes_per_param(z2) == pytest.approx(2 + 16 / 64)
+    assert memory_budget(z2).capacity_tokens > memory_budget(z1).capacity_tokens
+    assert model_state_bytes(z2) == pytest.approx(params * (2 + 16 / 64))
+    with pytest.raises(SpecError, match="zero_stage"):
+        TrainingSpec(zero_stage=3)
