@@ -10,7 +10,7 @@ from torch import nn
 
 from planner.runtime.launch import PEER_STOPPED, Position, Prepared, ReplayFailure, ReplayOptions
 from planner.runtime.model import Decoder, TokenSource
-from planner.runtime.trace import RankTrace
+from planner.runtime.trace import TraceLog
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Context:
     optimizer: torch.optim.Optimizer
     tokens: TokenSource
     params: frozenset[int]  # parameter data pointers (never offloaded)
-    trace: RankTrace
+    trace: TraceLog  # this rank's records (appended to its trace part as they come)
     stage: int = 0  # pipeline stage of this rank
     layer_ranges: tuple[tuple[int, int], ...] = ()  # [start, end) per virtual stage (chunk·pp + stage)
     owned: tuple[nn.Parameter, ...] = ()  # parameters of this stage (all of them when pp = 1)

@@ -19,16 +19,15 @@ import torch
 import torch.distributed as dist
 
 from costmodel.specs import SpecError
-from planner.plan import PlanError
+from planner.plan import PlanError, Step
 from planner.runtime.check import Check, check_owners
 from planner.runtime.context import Context, failure_at, make_optimizer, rank_failure
-from planner.runtime.cp import Peers
 from planner.runtime.launch import Position, Prepared, ReplayFailure, ReplayOptions, prepare
 from planner.runtime.model import ModelConfig, TokenSource, build_model, stage_parameters, virtual_stage_layers
 from planner.runtime.offload import parameter_pointers
 from planner.runtime.step import device_sync, replay_step
 from planner.runtime.tp import TPGroup, shard_model
-from planner.runtime.trace import RankTrace, build_trace, remove_stale, write_trace
+from planner.runtime.trace import RankTrace, TraceLog, align_clocks, build_trace, remove_stale, write_trace
 
 
 def _device(opts: ReplayOptions, local_rank: int) -> torch.device:
@@ -75,29 +74,36 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
             p.data = p.data.new_empty(0)
     return Context(opts=opts, prep=prep, rank=rank, hdp_rank=hdp_rank, device=device, model=model,
                    optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
-                   trace=RankTrace(rank, time.time() - time.perf_counter()), stage=stage, layer_ranges=ranges,
-                   owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank, full=reference_model,
-                   check_owned=check_owned, position=position)
+                   trace=TraceLog(opts.trace_path, rank, time.time() - time.perf_counter()), stage=stage,
+                   layer_ranges=ranges, owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank,
+                   full=reference_model, check_owned=check_owned, position=position)
 
 
-def prewarm(ctx: Context) -> float:
-    """Exchange one element with every rank set the plan shares a unit over, following the plan's
-    orders (deadlock-free for the same reason the units are), so transports set up their pair
-    connections (NCCL: on first use) before step 0 is timed. Returns the seconds it took."""
-    t0 = time.perf_counter()
-    done: set[tuple[int, ...]] = set()
-    for step in ctx.prep.plan.steps:
-        units = {u.id: u for u in step.units}
-        for uid in step.order.get(ctx.hdp_rank, []):
-            u = units[uid]
-            if u.degree > 1 and u.hdp_ranks not in done:  # every member skips the same repeats
-                done.add(u.hdp_ranks)
-                mesh = ctx.prep.plan.mesh
-                Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in u.hdp_ranks),
-                      u.hdp_ranks.index(ctx.hdp_rank)).all_gather(
-                    torch.zeros(1, device=ctx.device))
+def warm_up(ctx: Context, step: Step, warmed: set[int]) -> int:
+    """Before a step: exchange one element with each peer this rank first meets in it (the other
+    members of its units, as global ranks), so that transports set up those pair connections (NCCL:
+    on first use) outside the timed step; only the pairs of the steps run, never all pairs of all
+    steps up front. Every rank follows its plan order and skips the peers it already warmed; a pair
+    is new to both ends at the same unit (the first they share, the plan orders shared units alike
+    on all members), so both post their exchange there and it is deadlock-free as the units are.
+    Returns the number of new peers."""
+    mesh = ctx.prep.plan.mesh
+    units = {u.id: u for u in step.units}
+    new = 0
+    for uid in step.order.get(ctx.hdp_rank, []):
+        fresh = [g for r in units[uid].hdp_ranks if r != ctx.hdp_rank
+                 and (g := mesh.global_rank(ctx.stage, r, ctx.tp_rank)) not in warmed]
+        if not fresh:
+            continue
+        warmed.update(fresh)
+        one = torch.zeros(1, device=ctx.device)
+        ops = [dist.P2POp(dist.isend, one, g) for g in fresh]
+        ops += [dist.P2POp(dist.irecv, torch.empty_like(one), g) for g in fresh]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        new += len(fresh)
     device_sync(ctx.device)
-    return time.perf_counter() - t0
+    return new
 
 
 def run(opts: ReplayOptions) -> int:
@@ -118,6 +124,7 @@ def run(opts: ReplayOptions) -> int:
     if rank == 0 and opts.trace_path is not None:
         remove_stale(opts.trace_path)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    ctx: Context | None = None
     try:
         position.set("start-up (process group, model)")
         dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
@@ -132,33 +139,42 @@ def run(opts: ReplayOptions) -> int:
             odd = [r for r, d in enumerate(digests) if d != digests[0]]
             raise ReplayFailure(f"rank {rank}: the plan differs across ranks (ranks {odd} read a different plan "
                                 f"than rank 0); give every node the same {opts.plan_path}")
-        position.set("the P2P warm-up before step 0")
-        try:
-            ctx.trace.prewarm_s = prewarm(ctx)
-        except Exception as e:
-            raise rank_failure(ctx, e) from e
         check = Check() if opts.check else None
+        warmed: set[int] = set()  # global ranks this rank has a P2P connection with
         for it in range(prep.iterations):
+            step = prep.plan.steps[it % len(prep.plan.steps)]
+            if it < len(prep.plan.steps):  # a cycled plan meets no new pair
+                position.set(f"the P2P warm-up of step {it} (plan step {step.step})")
+                try:
+                    t0 = time.perf_counter()
+                    pairs = warm_up(ctx, step, warmed)
+                    ctx.trace.warmup(time.perf_counter() - t0, pairs)
+                except Exception as e:
+                    raise rank_failure(ctx, e) from e
             try:
                 rec = replay_step(ctx, it, check)
             except ReplayFailure:
                 raise
             except Exception as e:  # outside any unit: token reading, the check, the optimizer
                 raise rank_failure(ctx, e) from e
-            ctx.trace.steps.append(rec)
+            ctx.trace.step(rec)
             if rank == 0:  # progress only; the results are printed once every rank finished
                 print(f"step {it} (plan step {rec.plan_step}): loss {rec.step_loss:.6f}, rank 0 {rec.wall_s:.3f} s",
                       file=sys.stderr, flush=True)
         position.set("gathering the traces after the last step")
         traces: list[RankTrace | None] = [None] * world if rank == 0 else None
-        dist.gather_object(ctx.trace, traces, dst=0)
+        # each rank reads its own part back (no shared file system needed): rank 0 merges them
+        dist.gather_object(ctx.trace.finish(), traces, dst=0)
         if rank == 0:
             _finish(ctx, traces, check, world)
         position.set("the final barrier")
         dist.barrier()  # nobody leaves before rank 0 has written everything
+        ctx.trace.remove()  # the complete trace holds every record now
     except Exception as e:
         msg = str(e if isinstance(e, ReplayFailure) else failure_at(f"rank {rank}", position.text, e))
         print(f"error: {msg}", file=sys.stderr, flush=True)
+        if ctx is not None:
+            ctx.trace.failed(msg)
         os._exit(1)  # peers may be blocked in P2P with us: no teardown, the launcher ends them
     # Every rank passed the final barrier, so all work is done and rank 0's files are written. Skip the
     # process-group teardown: gloo's destructors can abort ("terminate called without an active
@@ -191,15 +207,7 @@ def _trace_meta(ctx: Context, world: int) -> dict:
 
 def _finish(ctx: Context, traces: list[RankTrace], check: Check | None, world: int) -> None:
     """Rank 0, after every rank finished: step lines, the check line, the trace files."""
-    origin = min(t.clock_offset_s + min((s.start_s for s in t.steps), default=0.0) for t in traces)
-    for t in traces:  # per-rank perf_counter -> shared wall clock, zero at the first step start
-        shift = t.clock_offset_s - origin
-        for u in t.units:
-            u.start_s += shift
-            for o in u.ops:
-                o[3] += shift
-        for s in t.steps:
-            s.start_s += shift
+    align_clocks(traces)
     plan = ctx.prep.plan
     doc = build_trace(_trace_meta(ctx, world), traces, {s.step: s.predicted.step_time_s for s in plan.steps})
     for s in doc["steps"]:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from costmodel.presets import load_model
-from costmodel.specs import RECOMPUTE_POLICIES, ModelSpec
+from costmodel.specs import RECOMPUTE_POLICIES, ContextParallel, ModelSpec
 from planner.plan import Plan, PlanError, validate
 from planner.runtime.hf_spec import hf_model_spec
+from planner.runtime.trace import part_paths
 
-CPImpl = Literal["ring", "allgather"]  # context-parallel attention: overlapped ring, or all-gather first-correct form
+CPImpl = ContextParallel  # context-parallel attention: overlapped ring, or all-gather first (as the cost model)
 CP_IMPLS: tuple[str, ...] = get_args(CPImpl)
 BLOCK_KERNELS = ("auto", "math", "fused-cpu")  # ring block kernel (auto: fused on CPU, math elsewhere)
 OPTIMIZERS = ("adamw", "sgd")
@@ -355,4 +356,8 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
         launch = run_torchrun(cmd, env)
         if launch.returncode:
             message = replay_failure(launch, Path(status_dir))
-            raise ReplayFailure(message, exit_code=1 if message.startswith("rank") else 2)
+            code = 1 if message.startswith("rank") else 2
+            parts = part_paths(opts.trace_path) if opts.trace_path is not None else []
+            if parts:  # what the ranks recorded before the failure (planner/runtime/trace.py)
+                message += f" (partial traces: {parts[0].with_name(opts.trace_path.stem + '.rank*.jsonl')})"
+            raise ReplayFailure(message, exit_code=code)

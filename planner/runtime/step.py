@@ -97,7 +97,7 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, Se
     loss.backward()
     device_sync(ctx.device)
     t2 = time.perf_counter()
-    ctx.trace.units.append(UnitRecord(
+    ctx.trace.unit(UnitRecord(
         step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, unit=unit.id, degree=unit.degree,
         tokens=layouts[index].tokens, start_s=t0, fwd_s=t1 - t0, bwd_s=t2 - t1, comm_wait_s=peers.stats.wait_s,
         sent_bytes=peers.stats.sent_bytes, saved_bytes=off.stats.saved_bytes,
@@ -137,7 +137,7 @@ def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceT
         raise rank_failure(ctx, e) from e
     for run in runner.runs.values():
         u = run.unit
-        ctx.trace.units.append(UnitRecord(
+        ctx.trace.unit(UnitRecord(
             step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, unit=u.id, degree=u.degree,
             tokens=sum(lay[run.index].tokens for lay in run.layouts), start_s=run.start_s, fwd_s=run.fwd_s,
             bwd_s=run.bwd_s, comm_wait_s=run.peers.stats.wait_s + run.recv_wait_s,

@@ -1,7 +1,13 @@
 """Measured trace of a replay: per rank and unit forward/backward wall times, communication
-waits and memory; per rank and step the gradient sync and optimizer. Written by rank 0, only
-after every rank finished, atomically: as JSON (`meshplan simulate --measured` reads it) and as a
-Chrome trace (chrome://tracing, Perfetto) beside it.
+waits and memory; per rank and step the gradient sync and optimizer.
+
+Crash-safe: with --trace, each rank appends its records to its own part, TRACE.rankR.jsonl (one JSON
+line per unit and per step, line-buffered, so a killed process loses at most the line it was writing),
+and keeps none in memory. Once every rank finished, each reads its part back, rank 0 merges them into
+the trace JSON (`complete: true`; `meshplan simulate --measured` reads it) and a Chrome trace
+(chrome://tracing, Perfetto) beside it, both written atomically, and the ranks remove their parts. A
+run that dies leaves its parts and no trace JSON; `merge_partial_traces` builds an incomplete one
+(`complete: false`) from them for inspection.
 
 Times are host wall clock. On GPU the executor synchronises the device at phase boundaries, so a
 phase's time includes its kernels; P2P waits on NCCL only make the stream wait and read ~0."""
@@ -9,6 +15,7 @@ phase's time includes its kernels; P2P waits on NCCL only make the stream wait a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,32 +81,167 @@ class RankTrace:
 
     rank: int
     clock_offset_s: float  # this rank's wall clock at its perf_counter() zero, for aligning ranks
-    prewarm_s: float = 0.0  # P2P warm-up before step 0 (not part of any step)
+    prewarm_s: float = 0.0  # P2P warm-up of the pairs each step meets first (before the step, not part of it)
+    prewarm_pairs: int = 0  # peers this rank set up a P2P connection with (each once)
     units: list[UnitRecord] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
 
 
-def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: dict[int, float]) -> dict[str, Any]:
+def align_clocks(ranks: list[RankTrace]) -> None:
+    """Per-rank perf_counter times -> one wall clock, zero at the earliest step start."""
+    starts = [t.clock_offset_s + min(s.start_s for s in t.steps) for t in ranks if t.steps]
+    origin = min(starts, default=min((t.clock_offset_s for t in ranks), default=0.0))
+    for t in ranks:
+        shift = t.clock_offset_s - origin
+        for u in t.units:
+            u.start_s += shift
+            for o in u.ops:
+                o[3] += shift
+        for s in t.steps:
+            s.start_s += shift
+
+
+def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: dict[int, float],
+                complete: bool = True) -> dict[str, Any]:
     """The measured-trace JSON document: per step, per-rank records and the step time (slowest
-    rank, as a collective-bound step is)."""
+    rank, as a collective-bound step is). Incomplete (from a dead run's parts): a step may lack
+    ranks, and one no rank finished has no step time or loss."""
     steps: dict[int, dict[str, Any]] = {}
     for rt in ranks:
         for s in rt.steps:
             e = steps.setdefault(s.step, {"step": s.step, "plan_step": s.plan_step, "ranks": [], "units": []})
             e["ranks"].append(asdict(s))
         for u in rt.units:
-            steps[u.step]["units"].append({**asdict(u), "end_s": u.end_s})
+            e = steps.setdefault(u.step, {"step": u.step, "plan_step": u.plan_step, "ranks": [], "units": []})
+            e["units"].append({**asdict(u), "end_s": u.end_s})
     out = []
     for k in sorted(steps):
         e = steps[k]
         e["ranks"].sort(key=lambda r: r["rank"])
         e["units"].sort(key=lambda u: (u["rank"], u["start_s"]))
-        e["step_time_s"] = max(r["wall_s"] for r in e["ranks"])
-        e["loss"] = sum(r["loss"] for r in e["ranks"])
+        e["step_time_s"] = max((r["wall_s"] for r in e["ranks"]), default=None)
+        e["loss"] = sum(r["loss"] for r in e["ranks"]) if e["ranks"] else None
         e["predicted_step_time_s"] = predicted_step_s.get(e["plan_step"])
         out.append(e)
-    meta = {**meta, "prewarm_s": max(rt.prewarm_s for rt in ranks)}
-    return {"schema": TRACE_SCHEMA, "complete": True, "meta": meta, "steps": out}
+    meta = {**meta, "prewarm_s": max((rt.prewarm_s for rt in ranks), default=0.0),
+            "prewarm_pairs": sum(rt.prewarm_pairs for rt in ranks) // 2}  # both ends count a pair
+    return {"schema": TRACE_SCHEMA, "complete": complete, "meta": meta, "steps": out}
+
+
+# -- per-rank parts -------------------------------------------------------------------------------
+
+_PART = re.compile(r"\.rank(\d+)\.jsonl$")
+
+
+def part_path(path: Path, rank: int) -> Path:
+    """trace.json -> trace.rank3.jsonl: rank 3's records, appended as the run goes."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}.jsonl")
+
+
+def part_paths(path: Path) -> list[Path]:
+    """The parts beside `path`, by rank."""
+    path = Path(path)
+    found = [(int(m[1]), p) for p in path.parent.glob(f"{path.stem}.rank*.jsonl")
+             if (m := _PART.search(p.name)) and p.name == part_path(path, int(m[1])).name]
+    return [p for _, p in sorted(found)]
+
+
+class TraceLog:
+    """One rank's records as it makes them: appended to its part (one JSON line each, line-buffered)
+    when the run writes a trace, else kept in memory (rank 0 still prints the step lines)."""
+
+    def __init__(self, path: Path | None, rank: int, clock_offset_s: float) -> None:
+        self.rank = rank
+        self.path = part_path(path, rank) if path is not None else None
+        self._mem = RankTrace(rank, clock_offset_s)
+        self._file = open(self.path, "w", buffering=1) if self.path is not None else None
+        self._line({"kind": "rank", "rank": rank, "clock_offset_s": clock_offset_s})
+
+    def _line(self, obj: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(obj, allow_nan=False) + "\n")
+
+    def unit(self, rec: UnitRecord) -> None:
+        if self._file is None:
+            self._mem.units.append(rec)
+        self._line({"kind": "unit", **asdict(rec)})
+
+    def step(self, rec: StepRecord) -> None:
+        if self._file is None:
+            self._mem.steps.append(rec)
+        self._line({"kind": "step", **asdict(rec)})
+
+    def warmup(self, seconds: float, pairs: int) -> None:
+        self._mem.prewarm_s += seconds
+        self._mem.prewarm_pairs += pairs
+        if pairs:
+            self._line({"kind": "warmup", "s": seconds, "pairs": pairs})
+
+    def failed(self, message: str) -> None:
+        """The rank's error, last line of its part (best effort: the process ends right after)."""
+        try:
+            self._line({"kind": "failed", "error": message})
+        except (OSError, ValueError):
+            pass
+
+    def finish(self) -> RankTrace:
+        """Every record of this rank (its part read back: it holds none in memory)."""
+        if self._file is None:
+            return self._mem
+        self._line({"kind": "end"})
+        self._file.close()
+        return read_part(self.path)[0]
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def read_part(path: Path) -> tuple[RankTrace, str | None]:
+    """A part's records and how it ended: "end" (the rank finished), its error ("failed: ..."), or
+    None (cut short: the rank was killed; a half-written last line is skipped)."""
+    rt: RankTrace | None = None
+    ended = None
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a killed process was writing
+        kind = rec.pop("kind", None)
+        if kind == "rank":
+            rt = RankTrace(rec["rank"], rec["clock_offset_s"])
+        elif rt is None:
+            raise ValueError(f"{path}: not a trace part (no rank line first)")
+        elif kind == "unit":
+            rt.units.append(UnitRecord(**rec))
+        elif kind == "step":
+            rt.steps.append(StepRecord(**rec))
+        elif kind == "warmup":
+            rt.prewarm_s += rec["s"]
+            rt.prewarm_pairs += rec["pairs"]
+        elif kind == "end":
+            ended = "end"
+        elif kind == "failed":
+            ended = f"failed: {rec['error']}"
+    if rt is None:
+        raise ValueError(f"{path}: empty trace part (its rank died before writing a record)")
+    return rt, ended
+
+
+def merge_partial_traces(path: Path) -> dict[str, Any]:
+    """An incomplete trace (`complete: false`) from the parts a dead run left beside `path`, for
+    inspection: meta names each part and how it ended (see read_part)."""
+    parts = part_paths(path)
+    if not parts:
+        raise FileNotFoundError(f"{path}: no trace parts ({part_path(path, 0).name}, ...) beside it")
+    ranks, ends = [], {}
+    for p in parts:
+        rt, ended = read_part(p)
+        ranks.append(rt)
+        ends[p.name] = ended
+    align_clocks(ranks)
+    return build_trace({"parts": ends}, ranks, {}, complete=False)
 
 
 def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +301,7 @@ def write_trace(path: Path, doc: dict[str, Any]) -> tuple[Path, Path]:
 
 
 def remove_stale(path: Path) -> None:
-    """A trace left by an earlier run must not pass for this run's if this one fails."""
-    for p in (Path(path), chrome_path(Path(path))):
+    """A trace or parts left by an earlier run must not pass for this run's if this one fails (each
+    rank truncates its own part; this removes those of ranks this run may not have)."""
+    for p in (Path(path), chrome_path(Path(path)), *part_paths(path)):
         p.unlink(missing_ok=True)

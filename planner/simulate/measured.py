@@ -27,7 +27,19 @@ class MeasuredComparison:
 
 
 def read_measured_trace(path: Path) -> dict:
-    """The JSON of a `meshplan replay --trace` file; a file cut short says so in one line."""
+    """The JSON of a `meshplan replay --trace` file; a missing one (a run that died leaves only its
+    per-rank parts) or a file cut short says so in one line."""
+    from planner.runtime.trace import part_path, part_paths  # torch-free
+
+    path = Path(path)
+    if not path.is_file():
+        parts = part_paths(path)
+        if parts:
+            raise PlanError(f"{path}: no complete trace: the replay did not finish; it left {len(parts)} per-rank "
+                            f"partial traces ({parts[0].name}, ...), which "
+                            "planner.runtime.trace.merge_partial_traces reads for inspection")
+        raise PlanError(f"{path}: no such trace (nor partial traces {part_path(path, 0).name}, ...); write one with "
+                        "`meshplan replay --trace`")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -40,7 +52,9 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
     if not isinstance(trace, dict) or not str(trace.get("schema", "")).startswith("meshplan.measured/"):
         raise PlanError("not a measured trace (expected the JSON written by `meshplan replay --trace`)")
     if not trace.get("complete"):
-        raise PlanError("measured trace is incomplete (the replay did not finish)")
+        parts = ", ".join((trace.get("meta") or {}).get("parts") or ())
+        raise PlanError("measured trace is incomplete (the replay did not finish" +
+                        (f"; merged from its partial traces {parts})" if parts else ")"))
     sims = {s.step: simulate_step(s, cm) for s in plan.steps}
     steps_by_id = {s.step: s for s in plan.steps}
     units_out, steps_out = [], []
