@@ -37,6 +37,7 @@ import numpy as np
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch
 from planner.plan import DEFAULT_MAX_CHUNKS, PipelineSection, PlanError, Piece, Step
+from planner.strategies import dcp, static
 from planner.strategies.common import (DomainLoads, Draft, SeqTable, best_fit_pack, check_fits, finalize, fit_degree,
                                        long_degree, node_local_ranks, offload_r_maxes)
 
@@ -226,23 +227,45 @@ def _cyclic_gc_paused(plan: Callable[..., Step]) -> Callable[..., Step]:
 
 @_cyclic_gc_paused
 def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
-    """Alg. 2: the balance scheduler (DP-Balance without PP, PP-Balance with PP)."""
-    if cm.pp > 1:
-        return _plan_pp_balance(batch, cm, opt)
+    """Alg. 2: the balance scheduler (DP-Balance without PP, PP-Balance with PP), never slower than a
+    baseline on small steps (see _never_slower)."""
+    step = _plan_pp_short_caps(batch, cm, opt) if cm.pp > 1 else _plan_dp_balance(batch, cm, opt)
+    return _never_slower(batch, cm, opt, step)
+
+
+NEVER_SLOWER_MAX_SEQUENCES = 256  # baselines as candidates up to here (dcp's loop grows ~ sequences × micro-batches)
+
+
+def _never_slower(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, step: Step) -> Step:
+    """Small steps (at most NEVER_SLOWER_MAX_SEQUENCES sequences and EXACT_SCORING_MAX_UNITS units,
+    where the three plans cost tens of milliseconds): the baselines' plans, priced by the same
+    simulator, are candidates too; the fastest that fits HBM (or needs no more memory than hdp's) is
+    kept, hdp's on ties. On a few units heuristic balance can lose a few % to a baseline's regular
+    layout. Larger steps keep hdp's own plan: the baselines would cost 5x hdp's planning at 32 GPUs
+    with 32M tokens (3,587 sequences), where the layout candidates (_layout_candidates) win anyway."""
+    if len(batch.lengths_tokens) > NEVER_SLOWER_MAX_SEQUENCES or len(step.units) > EXACT_SCORING_MAX_UNITS:
+        return step
+    mem_cap = max(cm.budget.hbm_bytes, max(step.predicted.peak_memory_bytes))
+    # Without PP, DP-Balance already scored Alg. 1's placement exactly (replay + gradient sync = simulator)
+    for plan in (static.plan_step, dcp.plan_step) + ((plan_naive,) if cm.pp > 1 else ()):
+        try:
+            other = plan(batch, cm, opt)
+        except PlanError:  # the baseline cannot plan this batch (e.g. no aligned group holds a sequence)
+            continue
+        if (other.predicted.step_time_s < step.predicted.step_time_s
+                and max(other.predicted.peak_memory_bytes) <= mem_cap):
+            step = other
+    return step
+
+
+def _plan_dp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
+    """DP-Balance (pp = 1)."""
     hdp = cm.setup.hdp
     seqs = SeqTable.of(batch)
     long_idx, short_idx, deg = _split(seqs, cm, opt.offload)
     short_cost = cm.doc_time_estimate_s(seqs.lengths[short_idx])
     gamma = cm.unit_overhead_s
-    # A sequence that fits one rank but alone outlasts the average rank load (large C, e.g. with full
-    # recompute) would be the step's critical path: hand it to the long path, which shards it.
-    avg = (float(short_cost.sum()) + sum(deg[int(i)][0] * cm.doc_time_estimate_s(seqs.lengths[i], deg[int(i)][0])
-                                         for i in long_idx)) / hdp
-    heavy = short_cost > avg
-    if heavy.any():
-        deg.update({int(i): (1, 0.0, 1) for i in short_idx[heavy]})
-        long_idx = np.concatenate([long_idx, short_idx[heavy]])
-        short_idx, short_cost = short_idx[~heavy], short_cost[~heavy]
+    long_idx, short_idx, short_cost = _shard_heavy(seqs, long_idx, short_idx, short_cost, deg, cm)
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / cm.capacity_tokens)))
     short_work = float(short_cost.sum()) + n_bins * gamma
     best = None
@@ -256,6 +279,7 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     # one is finalised. Estimated candidates run in order of a lower bound on their finish and stop
     # once it shows they cannot win: in practice the bound is tight, so most never run.
     cands = [_long_units(seqs, base, cm, short_work, slack, raised=raised) for slack in opt.hdp.balance_slacks]
+    cands += _layout_candidates(seqs, cands[0], cm)
     bounds = [_finish_bound(longs, short_cost, hdp) if estimated else 0.0 for longs in cands]
     for k in sorted(range(len(cands)), key=lambda k: (bounds[k], k)):
         cutoff = math.inf
@@ -281,7 +305,65 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     return finalize(batch, best[0], cm, hdp)
 
 
+def _shard_heavy(seqs: SeqTable, long_idx: np.ndarray, short_idx: np.ndarray, short_cost: np.ndarray,
+                 deg: dict[int, tuple[int, float, int]], cm: CostModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(long, short, short cost) with every sequence that fits one rank (or pipeline) but alone outlasts
+    the average load moved to the long path, which shards it (its deg entry set to (1, 0, 1)): it would
+    be the step's critical path (large C, e.g. with full recompute, or fewer documents than pipelines)."""
+    avg = (float(short_cost.sum()) + sum(deg[int(i)][0] * cm.doc_time_estimate_s(seqs.lengths[i], deg[int(i)][0])
+                                         for i in long_idx)) / cm.setup.hdp
+    heavy = short_cost > avg
+    if not heavy.any():
+        return long_idx, short_idx, short_cost
+    deg.update({int(i): (1, 0.0, 1) for i in short_idx[heavy]})
+    return np.concatenate([long_idx, short_idx[heavy]]), short_idx[~heavy], short_cost[~heavy]
+
+
 EXACT_SCORING_MAX_UNITS = 600  # above this, candidates are compared on the fitted estimate (speed)
+
+
+def _regrouped(seqs: SeqTable, longs: list[tuple[float, int, int, float, int]], cm: CostModel,
+               degree: Callable[[int], int]) -> list[tuple[float, int, int, float, int]] | None:
+    """`longs` with each unit's degree D raised to degree(D) (at most the mesh) and priced there, or
+    None when no degree changes: Alg. 2's layouts that leave fewer holes between gangs (see the callers)."""
+    hdp = cm.setup.hdp
+    moved = [k for k, (_, _, d, _, _) in enumerate(longs) if d < min(hdp, degree(d))]
+    if not moved:
+        return None
+    lengths = [int(seqs.lengths[longs[k][1]]) for k in moved]
+    fits = [fit_degree(s, min(hdp, degree(longs[k][2])), cm, longs[k][3], max_slices=longs[k][4])
+            for s, k in zip(lengths, moved)]
+    times = _unit_times_s(cm, [[s] for s in lengths], [fd for fd, _, _ in fits], [fr for _, fr, _ in fits],
+                          [cm.setup.mesh.group_spans_domains(fd) for fd, _, _ in fits])
+    out = list(longs)
+    for k, (fd, fr, fn), c in zip(moved, fits, times):
+        out[k] = (c, longs[k][1], fd, fr, fn)
+    out.sort(key=lambda x: (-x[0] * x[2], -x[0]))  # the order _long_units gives
+    return out
+
+
+def _layout_candidates(seqs: SeqTable, longs: list[tuple[float, int, int, float, int]],
+                       cm: CostModel) -> list[list[tuple[float, int, int, float, int]]]:
+    """Two more sets of long units for DP-Balance. A gang starts when the busiest of its ranks is free,
+    so the others idle until then; odd degrees on a power-of-two mesh leave such holes everywhere
+    (32 GPUs, 32M tokens: hdp 1,260 s against dcp's 1,173 s). (a) Units wider than half the mesh,
+    which never run side by side, take the whole mesh (three 2M-token units on 30 of 32 ranks);
+    (b) every degree rounded up to a power of two as well (dcp's aligned groups tile the mesh);
+    (c) those degrees doubled: many equal gangs run in waves, and a last partial wave of long gangs
+    outlasts the shorts beside it (prolong-like, 256 GPUs: 85 64K-token units on 4 ranks, 2.6 s each;
+    on 8 ranks they take 1.3 s, the granularity dcp had)."""
+    hdp = cm.setup.hdp
+    out = []
+    wide = _regrouped(seqs, longs, cm, lambda d: hdp if 2 * d > hdp else d)
+    if wide is not None:
+        out.append(wide)
+    pow2 = _regrouped(seqs, wide or longs, cm, lambda d: 1 << (d - 1).bit_length())
+    if pow2 is not None:
+        out.append(pow2)
+    doubled = _regrouped(seqs, pow2 or wide or longs, cm, lambda d: 2 * d)
+    if doubled is not None:
+        out.append(doubled)
+    return out
 
 
 def _finish_bound(longs: list[tuple[float, int, int, float, int]], short_cost: np.ndarray, hdp: int) -> float:
@@ -350,10 +432,37 @@ def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
     return drafts, np.array(loads)
 
 
-def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive: bool = False) -> Step:
+def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
+    """PP-Balance with short documents in C-token bins and, when those give fewer bins than pipelines ×
+    stages, also in smaller bins (every pipeline m ∈ {1, p, 2p} micro-batches' worth): C-token bins
+    then leave pipelines idle (8 documents of 4K tokens made one bin on one of two pipelines) and the
+    1F1B fill and drain, (p − 1)·max t, unhidden. The fastest simulated plan that fits HBM is kept."""
+    step = _plan_pp_balance(batch, cm, opt)
+    C = cm.capacity_tokens
+    lengths = np.asarray(batch.lengths_tokens, dtype=np.int64)
+    short = lengths[lengths <= C]
+    hdp, p = cm.setup.hdp, cm.pp
+    if not short.size or math.ceil(int(short.sum()) / C) >= hdp * p:
+        return step
+    mem_cap = max(cm.budget.hbm_bytes, max(step.predicted.peak_memory_bytes))
+    caps = {max(int(short.max()), math.ceil(int(short.sum()) / (hdp * m))) for m in (1, p, 2 * p)}
+    for cap in sorted(c for c in caps if c < C):
+        try:
+            other = _plan_pp_balance(batch, cm, opt, short_cap=cap)
+        except PlanError:  # co-scheduled lists deadlock at every interleaving: keep the plans that simulate
+            continue
+        if (other.predicted.step_time_s < step.predicted.step_time_s
+                and max(other.predicted.peak_memory_bytes) <= mem_cap):
+            step = other
+    return step
+
+
+def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive: bool = False,
+                     short_cap: int | None = None) -> Step:
     """PP-Balance: pipelines as ranks, 1F1B estimate Σt + (p−1)·max t, sharded units slot-aligned.
     naive=True is Alg. 1 under PP: the same slot alignment (without it 1F1B lists deadlock), but
-    memory-minimal degrees, pipelines taken in index order, bins dealt round-robin, no slicing."""
+    memory-minimal degrees, pipelines taken in index order, bins dealt round-robin, no slicing.
+    short_cap: tokens per bin of short documents (C when None)."""
     hdp = cm.setup.hdp
     p = cm.pp
     mesh = cm.setup.mesh
@@ -363,6 +472,8 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
     C = cm.capacity_tokens
     short_cost = cm.doc_time_estimate_s(seqs.lengths[short_idx])
     gamma = cm.unit_overhead_s
+    if not naive:
+        long_idx, short_idx, short_cost = _shard_heavy(seqs, long_idx, short_idx, short_cost, deg, cm)
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / C)))
     sched = opt.hdp.pp_schedule if sliced else "1f1b"
     if naive:
@@ -390,7 +501,7 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
         count[idx] = count[idx].max() + 1
 
     order = short_idx[np.argsort(-seqs.lengths[short_idx], kind="stable")]
-    bins = best_fit_pack(seqs.lengths, order, C)
+    bins = best_fit_pack(seqs.lengths, order, short_cap or C)
     cost_of = dict(zip(short_idx.tolist(), short_cost.tolist()))
     bin_cost = [gamma + sum(cost_of[i] for i in b) for b in bins]
     queue = [int(k) for k in np.argsort(-np.array(bin_cost), kind="stable")]
