@@ -188,6 +188,7 @@ class CostModel:
     setup: Setup
     profile: Profile
     _curves: dict = field(default_factory=dict, repr=False)
+    _grad_sync: dict[int, float] = field(default_factory=dict, init=False, repr=False)  # per HDP group size: ~10 ms each
 
     def __post_init__(self) -> None:
         self.profile.require_tables()  # a profile measured with --ops may lack a table every step needs
@@ -219,9 +220,10 @@ class CostModel:
             g += p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, self.dtype)
         self._curves["gemm_layer"] = g
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
+        unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
         for direction in ("fwd", "bwd"):
-            if tr.attention_kernel == "unfused":
-                tt = self._unfused_attention_s(_TOKEN_GRID, direction)
+            if unfused is not None:
+                tt = unfused[direction]
             else:
                 tt = p.attention_time_s(_TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True,
                                         direction=direction, dtype=self.dtype)
@@ -251,10 +253,10 @@ class CostModel:
         """Memory-bound kernels run on `items` tokens (or scores) each: one memory-table lookup per kernel."""
         return sum((self.profile.memory_time_s(items * k.bytes_per_item) for k in kernels), np.zeros_like(items))
 
-    def _unfused_attention_s(self, doc_len: np.ndarray, direction: str) -> np.ndarray:
-        """Materialised attention of one document per length on one TP rank (no FlashAttention): the batched
-        GEMMs QKᵀ and PV over the rank's heads (the full s × s square: the causal mask is applied, not skipped)
-        and the softmax (+ dropout) kernels over its scores; backward: two GEMMs per forward one."""
+    def _unfused_attention_s(self, doc_len: np.ndarray) -> dict[str, np.ndarray]:
+        """Materialised attention of one document per length on one TP rank (no FlashAttention), per direction:
+        the batched GEMMs QKᵀ and PV over the rank's heads (the full s × s square: the causal mask is applied,
+        not skipped) and the softmax (+ dropout) kernels over its scores; backward: two GEMMs per forward one."""
         m, heads = self.model, self.heads_per_rank
         p = self.profile
         coarse = np.unique(np.concatenate([doc_len[::8], doc_len[-1:]]))  # GEMM time is smooth in s: sample it
@@ -262,8 +264,9 @@ class CostModel:
                                + p.gemm_time_s(heads * s, m.head_dim, int(s), self.dtype)) for s in coarse])
         gemm = _interp(doc_len, np.log(coarse), np.log(gemm))
         scores = heads * doc_len * doc_len
-        mem = self._kernels_s(score_kernels(m, self.setup.training.dtype_bytes, direction), scores)
-        return (gemm if direction == "fwd" else 2.0 * gemm) + mem
+        b = self.setup.training.dtype_bytes
+        return {d: (gemm if d == "fwd" else 2.0 * gemm) + self._kernels_s(score_kernels(m, b, d), scores)
+                for d in ("fwd", "bwd")}
 
     # ---- primitive lookups (vectorised) ---------------------------------------------------------
     def _lookup(self, curve: str, x: np.ndarray | float) -> np.ndarray:
@@ -441,6 +444,11 @@ class CostModel:
         d = hdp_ranks or self.setup.hdp
         if d <= 1:
             return 0.0
+        if d not in self._grad_sync:  # simulations ask once or more per step; the lookup filters tables
+            self._grad_sync[d] = self._grad_sync_uncached_s(d)
+        return self._grad_sync[d]
+
+    def _grad_sync_uncached_s(self, d: int) -> float:
         tr = self.setup.training
         p = params_per_rank(self.setup)
         inter = self.setup.mesh.group_spans_domains(d)

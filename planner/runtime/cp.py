@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -299,7 +300,7 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, blk: torch.Tensor, blk_lse
     return out * torch.exp(lse - ns)[..., None] + blk * torch.exp(blk_lse - ns)[..., None], new
 
 
-class BlockKernel:
+class BlockKernel(ABC):
     """Attention of one layout's queries to the keys of other layouts ("sources", named by any hashable
     key: a member index, a (slice, member) pair), block pair by block pair. forward(q, k, v, source)
     returns that source's normalised output and log-sum-exp (-inf on rows it does not reach), to be
@@ -358,11 +359,13 @@ class BlockKernel:
                 dv[:, c] += bv
         return dq, dk, dv
 
-    def _fwd(self, q, k, v, allowed, scale, diag):  # -> (out, lse) of one block pair
-        raise NotImplementedError
+    @abstractmethod
+    def _fwd(self, q, k, v, allowed, scale, diag):
+        """(out, lse) of one block pair."""
 
-    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):  # -> (dq, dk, dv) of one block pair
-        raise NotImplementedError
+    @abstractmethod
+    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):
+        """(dq, dk, dv) of one block pair."""
 
 
 class MathBlocks(BlockKernel):

@@ -4,11 +4,11 @@ what it cannot replay faithfully. The model itself is planner/runtime/hf.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from costmodel.specs import ModelSpec, SpecError
 from planner.plan import Plan, PlanError
+from profiles.table import read_json
 
 HF_MODEL_TYPES = ("llama", "qwen2", "mistral")  # dense decoders whose attention core the replay routes
 
@@ -21,10 +21,7 @@ def hf_config_path(path: str | Path) -> Path:
 
 def read_hf_config(path: str | Path) -> dict:
     p = hf_config_path(path)
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise PlanError(f"--hf-config {p}: cannot read a HuggingFace config.json ({e})") from None
+    d = read_json(p, "HuggingFace config.json (--hf-config)", PlanError)
     if not isinstance(d, dict):
         raise PlanError(f"--hf-config {p}: expected a JSON object (a HuggingFace config.json)")
     return d

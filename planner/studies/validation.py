@@ -162,10 +162,10 @@ def _training(cal: CalibrationSet, case: LayerCase | IterationCase, pp: int = 1)
     return TrainingSpec.from_dict(fields, origin=f"calibration case {case.label}")
 
 
-def _note(cal: CalibrationSet, case: LayerCase | IterationCase) -> str:
-    tp = ("TP + SP" if case.sequence_parallel else "TP without SP: norms, dropout, residuals replicated") \
-        if case.tp > 1 else "no TP"
-    tr = _training(cal, case)
+def _note(tr: TrainingSpec) -> str:
+    """What the prediction assumed of the run, from the training spec it was priced with."""
+    tp = ("TP + SP" if tr.sequence_parallel else "TP without SP: norms, dropout, residuals replicated") \
+        if tr.tp > 1 else "no TP"
     attn = "materialised attention (QKᵀ, softmax, PV)" if tr.attention_kernel == "unfused" else "FlashAttention"
     attn += f", {'fused' if tr.fused_loss else 'fp32'} cross-entropy, {tr.dtype}"
     attn += ", distributed optimizer" if tr.zero_stage else ", replicated optimizer"
@@ -176,7 +176,7 @@ def layer_rows(cal: CalibrationSet, case: LayerCase, profile: Profile) -> list[V
     """Forward and backward of one layer: a pp = 1 stage's unit cost (head excluded) over its layers."""
     cm = _cost_model(cal, cal.model(case.model), case.tp, _training(cal, case), profile)
     unit = cm.unit_cost([cal.seq_tokens] * case.micro_batch, with_head=False)
-    note = "; ".join(x for x in (_note(cal, case), case.note) if x)
+    note = "; ".join(x for x in (_note(cm.setup.training), case.note) if x)
     per_layer_ms = 1e3 / cm.layers_per_stage
     return [ValidationRow(f"{case.label}: forward", "ms", case.forward_ms, unit.fwd_s * per_layer_ms, note),
             ValidationRow(f"{case.label}: backward", "ms", case.backward_ms, unit.bwd_s * per_layer_ms, note)]
@@ -262,7 +262,7 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
     schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
     end_s = cm.step_end_s(hdp)
-    note = "; ".join(x for x in (f"{m} micro-batches, {schedule} on the event engine", _note(cal, case),
+    note = "; ".join(x for x in (f"{m} micro-batches, {schedule} on the event engine", _note(cm.setup.training),
                                  f"DP {dp} x CP {case.cp}: gradient sync {cm.grad_sync_s(hdp):.3g} s + optimizer "
                                  f"{cm.optimizer_step_s(hdp):.3g} s; tied-embedding all-reduce not priced",
                                  f"{model.layers} layers priced as {priced.layers} x {layer_ratio:.4f}"
