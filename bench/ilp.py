@@ -6,6 +6,7 @@ Prints markdown tables (figures go to docs/BENCHMARKS.md, "Exact solvers", with 
                                              # bench/planner.py would shadow the planner package)
     python -m bench.ilp --only gap           # gap | backends
     python -m bench.ilp --time-limit 3 --seeds 1   # a quicker look
+    python -m bench.ilp --only heldout --time-limit 20   # issue 21: 256 GPUs, 1M context, hundreds of long sequences
 
 Every instance: LLaMA-7B on DGX-H100 (analytic profile), pp = tp = 1, recompute chosen by `auto`, one step.
 Step times are the simulator's (ilp and hdp alike); the gap is within the partition model: objective vs the
@@ -63,6 +64,9 @@ SHAPES = [
     Shape("byted-like", 64, 4 * M, 256 * K), Shape("prolong-like", 64, 2 * M, 256 * K),
 ]
 BACKEND_SHAPES = [SHAPES[i] for i in (0, 4, 5, 8, 10, 13)]  # two per cluster size: big C and small C
+# Issue 21's held-out kind, reduced to run here: 256 GPUs, a 1M context, 16M tokens (C = 6.8K: 265 and 395
+# sharded sequences, 104 and 390 distinct long lengths, beyond the 48 that used to be bucketed).
+HELDOUT_SHAPES = [Shape("prolong-like", 256, 16 * M, 1024 * K), Shape("github-like", 256, 16 * M, 1024 * K)]
 
 
 def run(shape: Shape, seed: int, solver: str, limit_s: float) -> dict:
@@ -111,7 +115,7 @@ def gap_section(limit_s: float, seeds: int) -> None:
     secs = np.array([r["seconds"] for r in rows])
     hdp_gap = np.array([r["hdp_s"] / r["ilp_s"] - 1 for r in rows])
     model_err = np.array([r["ilp_s"] / r["objective_s"] - 1 for r in rows])
-    ok = (gaps <= 0.02) & (secs <= limit_s + 0.5)
+    ok = (gaps <= 0.02) & (secs <= limit_s)
     print(f"\nsolved within {limit_s:g} s at ≤ 2% gap: {ok.sum()}/{len(rows)}; proven optimal: "
           f"{sum(r['status'] == 'optimal' for r in rows)}; gap median {100 * np.median(gaps):.2f}%, max "
           f"{100 * gaps.max():.2f}%; time median {np.median(secs):.1f} s, max {secs.max():.1f} s")
@@ -128,7 +132,10 @@ def gap_section(limit_s: float, seeds: int) -> None:
           f"{100 * hdp_gap.max():+.1f}%, min {100 * hdp_gap.min():+.1f}% (negative: hdp faster, it may re-group "
           f"ranks mid-step); hdp faster on {(hdp_gap < 0).sum()}/{len(rows)}")
     print(f"simulated ilp step vs its model objective: median {100 * np.median(model_err):+.2f}%, range "
-          f"{100 * model_err.min():+.2f}% to {100 * model_err.max():+.2f}% (buckets, bins)")
+          f"{100 * model_err.min():+.2f}% to {100 * model_err.max():+.2f}% (buckets, bins; hdp's plan where written)")
+    kept_hdp = sum("wrote hdp's plan" in r["note"] for r in rows)
+    print(f"over the time limit: {(secs > limit_s).sum()}/{len(rows)} (max {secs.max():.2f} s); hdp's plan written "
+          f"on {kept_hdp}/{len(rows)}")
 
 
 def backend_section(limit_s: float) -> None:
@@ -153,6 +160,20 @@ def backend_section(limit_s: float) -> None:
         print(f"\n- {n}")
 
 
+def heldout_section(limit_s: float) -> None:
+    """The plan written against the model and hdp (issue 21): model objective, simulated step time of the
+    plan written, hdp's, and the wall time of the whole call against the limit."""
+    print(f"\n### Held-out, HiGHS, {limit_s:g} s limit: the plan written\n")
+    print("| instance | seqs (long) | items | status | time (s) | model (s) | written, simulated (s) | hdp (s) | "
+          "gap | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in HELDOUT_SHAPES:
+        r = run(shape, 0, "highs", limit_s)
+        print(f"| {label(r)} | {r['seqs']} ({r['long']}) | {r['items']} | {r['status']} | {r['seconds']:.1f} | "
+              f"{r['objective_s']:.3f} | {r['ilp_s']:.3f} | {r['hdp_s']:.3f} | {100 * r['gap']:.2f}% | "
+              f"{r['note'] or '-'} |", flush=True)
+
+
 def worker(solver: str, limit_s: float) -> None:
     for shape in BACKEND_SHAPES:
         print(json.dumps(run(shape, 0, solver, limit_s)), flush=True)
@@ -160,7 +181,7 @@ def worker(solver: str, limit_s: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["gap", "backends"])
+    ap.add_argument("--only", choices=["gap", "backends", "heldout"])
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--worker", choices=ilp.SOLVERS, help=argparse.SUPPRESS)
@@ -175,6 +196,8 @@ def main() -> None:
         gap_section(a.time_limit, a.seeds)
     if a.only in (None, "backends"):
         backend_section(a.time_limit)
+    if a.only in (None, "heldout"):
+        heldout_section(a.time_limit)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ class SolverInfo:
     name: str  # backend: cbc | highs | cpsat
     status: str  # optimal | feasible (time limit, incumbent kept) | fallback (heuristic plan used)
     seconds: float  # wall time of the whole strategy call (model, warm start, solve, finalize)
-    gap: float | None  # (objective − bound) / objective of the makespan (before the gradient sync)
-    objective_s: float | None  # model step time: makespan + gradient sync
+    gap: float | None  # (written plan's simulated makespan − bound) / that makespan, ≥ 0 (before the gradient sync)
+    objective_s: float | None  # model step time of the partition written: makespan + gradient sync
     bound_s: float | None  # best proven lower bound on objective_s within the model
     simulated_s: float | None  # step time of the emitted plan, from the simulator
     hdp_s: float | None  # step time of the `hdp` plan (the warm start's seed) on the same batch
@@ -31,6 +31,8 @@ class SolverInfo:
     note: str = ""  # why a fallback happened, or why the warm start was kept
     bound_from: str = ""  # what proved bound_s: area (or slowest member), configuration LP, integer
     #                       configurations, or solver
+    written: str = "solver"  # whose plan the step holds: solver (its partition), warm start, or hdp
+    backend_error: str = ""  # the backend's failure (exception, crash), when it failed; the warm start was kept
 
     def to_meta(self) -> dict:
         """Per-step record for the plan's meta (no wall times: plans stay byte-identical when optimal)."""

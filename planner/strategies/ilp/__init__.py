@@ -62,6 +62,7 @@ Where the parts live (this package; its SolverInfo report, per step, is in plann
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -76,7 +77,8 @@ from planner.plan import PlanError, Step, zigzag_tokens_per_rank
 from planner.strategies.common import (Draft, SeqTable, best_fit_pack, check_fits, finalize, long_degree,
                                        ratio_for_tokens)
 from planner.strategies.hdp import plan_balance
-from planner.strategies.ilp.backends import BACKENDS, REL_GAP, SOLVERS, Solution, Solver, solve, solve_job
+from planner.strategies.ilp.backends import (BACKENDS, PRESOLVE_S_PER_NONZERO, REL_GAP, SOLVERS, Solution, Solver,
+                                             solve, solve_job)
 from planner.strategies.ilp.configurations import (BISECT_TOL, ConfigBound, ConfigLP, config_bound, enumerate_configs,
                                                    integer_model, integer_search, knapsack, lp_engine, pool_partition)
 from planner.strategies.ilp.model import (Items, Pricer, StepModel, Table, area_bound_s, build_model, make_items,
@@ -186,11 +188,22 @@ def partition_drafts(p: Partition, items: Items, seqs: SeqTable, cm: CostModel, 
 
 # ---- the strategy -----------------------------------------------------------------------------------
 
-# The three phases before the MILP take at most these shares of the budget each (they stop sooner
-# once their bisection closes), so the MILP keeps at least half of it.
+# One deadline, time_limit_s after the call starts, covers everything: hdp's plan, the model, the warm
+# start, the phases, the MILP and writing the plan. Writing is reserved first (WRITE_RESERVE × what
+# simulating the warm start took: the solver's plan is simulated once more); the three phases before
+# the MILP take at most these shares of what is left each (they stop sooner once their bisection
+# closes), so the MILP keeps at least half of it.
+WARM_SHARE = 0.35  # of what is left after hdp and the model's items: the greedy warm starts (the incumbent that
+#                   matters most where the MILP is too big to help)
 BOUND_SHARE = 0.25  # the configuration-LP bound
 POOL_SHARE = 0.1  # partitions assembled from its configurations
 INT_SHARE = 0.15  # the integer configuration bound (and its partitions)
+WRITE_RESERVE = 1.5  # × the warm start's simulation, kept for mapping and simulating the solver's plan
+END_SLACK = 0.02  # of the limit, also reserved: backends return a little after their own limit (HiGHS ~0.05 s)
+MIN_SOLVE_S = 0.05  # below this the MILP is not started: the incumbent stands
+MILP_S_PER_VAR = 1e-5 + 5 * PRESOLVE_S_PER_NONZERO  # building the MILP (~9 µs per assignment variable) and
+#                        HiGHS's presolve (about 5 nonzeros per variable)
+log = logging.getLogger(__name__)
 
 
 def model_bound_s(items: Items, tab: Table, hdp: int, C: int) -> float:
@@ -203,10 +216,46 @@ def plan_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     return solve_step(batch, cm, opt).step
 
 
+@dataclass
+class _Clock:
+    """The step's single deadline, and where the time went (logged at DEBUG: bench/ilp.py prints it)."""
+
+    t0: float
+    deadline: float
+    last: float
+    spent: dict[str, float]
+
+    @classmethod
+    def start(cls, limit_s: float) -> "_Clock":
+        now = time.perf_counter()
+        return cls(now, now + limit_s, now, {})
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spent[name] = self.spent.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def left(self, reserve_s: float = 0.0) -> float:
+        return self.deadline - reserve_s - time.perf_counter()
+
+
+def assignment_vars(tab: Table) -> int:
+    """The MILP's assignment variables x_ig (its bulk): allowed (item, size) pairs × copies of the size."""
+    return int((np.isfinite(tab.time_s).sum(axis=0) * tab.copies).sum())
+
+
+def _key(p: Partition) -> tuple:
+    return tuple(sorted((d, c.tobytes()) for d, c in zip(p.sizes, p.counts)))
+
+
 def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutcome:
     """The `ilp` strategy: solve the step's partition model, fall back to `hdp` without an incumbent;
-    the outcome carries what the solver did (status, gap, bound) for the plan's meta["solver"]."""
-    t0 = time.perf_counter()
+    the outcome carries what the solver did (status, gap, bound) for the plan's meta["solver"].
+
+    The plan written is the fastest, by the simulator, of the solver's partition, the warm start and
+    hdp's plan (the model prices bucket members by their mean, so it can rank partitions wrongly);
+    objective, simulated time and gap reported are those of the plan written."""
+    clock = _Clock.start(opt.ilp.time_limit_s)
     solver = opt.ilp.solver
     if cm.pp > 1:
         raise PlanError("ilp models pp = 1 only; use --strategy hdp for pipelined meshes")
@@ -216,7 +265,7 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
     seqs = SeqTable.of(batch)
     check_fits(int(seqs.lengths.max()), cm, hdp, opt.offload)
     heuristic = plan_balance(batch, cm, opt)
-    finalize_s = time.perf_counter() - t0  # about what mapping, finalize and simulation take afterwards
+    clock.lap("hdp")
     sync = cm.step_end_s(hdp)
     hdp_s = heuristic.predicted.step_time_s
     price = Pricer(cm)
@@ -231,16 +280,33 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
             for p in u.pieces:
                 i = item_of[row_of[p.seq]]
                 hint[i] = max(hint[i], u.degree)
-    warm = warm_start(items, tab, hdp, C, hint, hdp_s - sync)
-    bound_from, incumbent = "area", math.inf
+    clock.lap("items")
+    warm = warm_start(items, tab, hdp, C, hint, hdp_s - sync, time.perf_counter() + WARM_SHARE * clock.left())
+    clock.lap("warm start")
+    written: dict[tuple, tuple[float, Step]] = {}  # by partition: model makespan (s), simulated plan
+
+    def write(p: Partition) -> Step:
+        if _key(p) not in written:
+            step_ = finalize(batch, partition_drafts(p, items, seqs, cm, price), cm, hdp)
+            written[_key(p)] = makespan_s(p, items, tab, C), step_
+        return written[_key(p)][1]
+
+    bound_from, incumbent, reserve, milp = "area", math.inf, 0.0, True
     if warm is not None:
+        write(warm)  # the fallback plan if the solver fails, and the measure of what writing costs
+        clock.lap("write")
+        reserve = WRITE_RESERVE * clock.spent["write"] + END_SLACK * opt.ilp.time_limit_s
         incumbent = makespan_s(warm, items, tab, C)
         tab = prune(items, tab, hdp, C, incumbent)
-        budget = max(0.0, opt.ilp.time_limit_s - (time.perf_counter() - t0) - finalize_s)
+        budget = max(0.0, clock.left(reserve))
+        # A MILP that cannot get through its build and HiGHS's presolve in half the budget is not built:
+        # the phases before it then share the whole budget.
+        milp = budget > 2 * MILP_S_PER_VAR * assignment_vars(tab)
+        scale = 1.0 if milp else 1.0 / (BOUND_SHARE + POOL_SHARE + INT_SHARE)
         engine = lp_engine(solver)
         if incumbent - floor > REL_GAP * incumbent:
-            cb = config_bound(items, tab, hdp, C, floor, incumbent, time.perf_counter() + BOUND_SHARE * budget,
-                              engine)
+            cb = config_bound(items, tab, hdp, C, floor, incumbent,
+                              min(time.perf_counter() + scale * BOUND_SHARE * budget, clock.deadline - reserve), engine)
             if cb.bound_s > floor:
                 floor, bound_from = cb.bound_s, "configuration LP"
             cl = ConfigLP(items, tab, hdp, C, engine)
@@ -248,6 +314,8 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
                 cl.remember(k, a)
             for d, c in zip(warm.sizes, warm.counts):  # the warm start's groups are configurations too
                 cl.remember(int(np.searchsorted(tab.sizes, d)), np.asarray(c, np.int64))
+            clock.lap("configuration LP")
+
             def pool(tab_: Table, lo: float, hi: float, deadline: float):
                 return pool_partition(cl, items, tab_, hdp, C, lo, hi, deadline)
 
@@ -258,42 +326,80 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
             # Each phase may raise the proven bound and return a better partition (the next one prunes on it).
             for name, share, phase in (("configuration LP", POOL_SHARE, pool),
                                        ("integer configurations", INT_SHARE, integer)):
-                better, raised = phase(tab, floor, incumbent, time.perf_counter() + share * budget)
+                end = min(time.perf_counter() + scale * share * budget, clock.deadline - reserve)
+                better, raised = phase(tab, floor, incumbent, end)
                 if raised > floor:
                     floor, bound_from = raised, name
                 if better is not None:
                     warm, incumbent = better, makespan_s(better, items, tab, C)
                     tab = prune(items, tab, hdp, C, incumbent)
-    sm = build_model(items, tab, hdp, C, floor)
-    x0 = partition_to_vector(warm, sm, items, tab, C) if warm is not None else None
-    size = dict(items=len(items.count), groups=len(sm.group_size), variables=sm.lm.n)
-    if x0 is not None and incumbent - floor <= REL_GAP * incumbent:
-        sol = Solution("optimal", x0, incumbent, floor)  # the bound already proves the warm start optimal
+                clock.lap(name + " partitions")
+    notes: list[str] = []
+    n_x = assignment_vars(tab)
+    size = dict(items=len(items.count), groups=int(tab.copies.sum()), variables=n_x)
+    backend_error, solved = "", False  # solved: the partition is the MILP's or proven optimal (else the warm start)
+    if warm is not None and incumbent - floor <= REL_GAP * incumbent:
+        part, status, sol_bound = warm, "optimal", None  # the bound already proves the incumbent optimal
+        solved = True
+    elif warm is not None and clock.left(reserve) < MILP_S_PER_VAR * n_x + MIN_SOLVE_S:
+        part, status, sol_bound = warm, "feasible", None
+        notes.append(f"no time left for the MILP ({n_x} assignment variables) in {opt.ilp.time_limit_s:g} s: "
+                     "the best partition of the warm start and configuration phases stands")
     else:
-        limit = max(0.05, opt.ilp.time_limit_s - (time.perf_counter() - t0) - finalize_s)
-        sol = solve(solver, sm.lm, x0, limit)
+        sm = build_model(items, tab, hdp, C, floor)
+        x0 = partition_to_vector(warm, sm, items, tab, C) if warm is not None else None
+        size = dict(items=len(items.count), groups=len(sm.group_size), variables=sm.lm.n)
+        clock.lap("model")
+        limit = clock.left(reserve)
+        sol = solve(solver, sm.lm, x0, max(MIN_SOLVE_S, limit))
         if sol.bound is not None and sol.bound > floor:
             bound_from = "solver"
-    if sol.status == "infeasible":
-        raise PlanError(f"ilp ({solver}): no partition of the {hdp} HDP ranks holds this step's "
-                        f"{len(seqs.ids)} sequences at C = {C} tokens/rank")
-    note = ""
-    if sol.x is None and x0 is not None:  # the solver failed, but the warm start is an incumbent
-        note = f"{solver} returned no solution ({sol.note or 'none in ' + f'{limit:.1f} s'}); kept the warm start"
-        warnings.warn(f"ilp step {batch.step}: {note}", SolverWarning, stacklevel=2)
-        sol = Solution("feasible", x0, incumbent, floor)
-    if sol.x is None:
-        note = f"{solver} found no solution in {limit:.1f} s; using the hdp plan"
-        warnings.warn(f"ilp step {batch.step}: {note}", SolverWarning, stacklevel=2)
-        return StepOutcome(heuristic, SolverInfo(solver, "fallback", time.perf_counter() - t0, None, None, None, hdp_s,
-                                                 hdp_s, note=note, **size))
-    part = read_partition(sol.x, sm, len(items.count))
-    step = finalize(batch, partition_drafts(part, items, seqs, cm, price), cm, hdp)
+        clock.lap("solver")
+        if sol.status == "infeasible":
+            raise PlanError(f"ilp ({solver}): no partition of the {hdp} HDP ranks holds this step's "
+                            f"{len(seqs.ids)} sequences at C = {C} tokens/rank")
+        notes += [sol.note] if sol.note and sol.x is not None else []
+        if sol.status == "error":
+            backend_error = sol.note
+        if sol.x is None:
+            why = (f"{solver} failed ({sol.note})" if sol.status == "error"
+                   else f"{solver} found no solution in {limit:.1f} s" + (f" ({sol.note})" if sol.note else ""))
+            if warm is None:
+                note = why + "; using the hdp plan"
+                warnings.warn(f"ilp step {batch.step}: {note}", SolverWarning, stacklevel=2)
+                return StepOutcome(heuristic, SolverInfo(solver, "fallback", time.perf_counter() - clock.t0, None,
+                                                         None, None, hdp_s, hdp_s, note=note, **size, written="hdp",
+                                                         backend_error=backend_error))
+            notes.append(why + "; kept the warm start")  # the warm start is an incumbent of the model
+            warnings.warn(f"ilp step {batch.step}: {notes[-1]}", SolverWarning, stacklevel=2)
+            part, status, sol_bound = warm, "feasible", None
+        else:
+            part, status, sol_bound = read_partition(sol.x, sm, len(items.count)), sol.status, sol.bound
+            solved = True
     obj = makespan_s(part, items, tab, C)  # the solution's own makespan (CP-SAT's objective is in ticks)
-    bound = min(obj, max(floor, sol.bound if sol.bound is not None else 0.0))
-    return StepOutcome(step, SolverInfo(solver, sol.status, time.perf_counter() - t0,
-                                        (obj - bound) / obj if obj > 0 else 0.0, obj + sync, bound + sync,
-                                        step.predicted.step_time_s, hdp_s, **size, note=note, bound_from=bound_from))
+    bound = min(obj, max(floor, sol_bound if sol_bound is not None else 0.0))
+    # The plan written: the fastest simulated of the solver's partition, the warm start, hdp's plan.
+    write(part)
+    cands = sorted(((st.predicted.step_time_s, k != _key(part), span_, st) for k, (span_, st) in written.items()),
+                   key=lambda c: c[:2])
+    sim_s, not_solver, obj_written, step = cands[0]  # ties: the solver's partition
+    if not_solver:
+        notes.append(f"wrote the warm start ({sim_s:.4g} s simulated, model {obj_written + sync:.4g} s): the "
+                     f"solver's partition simulates {written[_key(part)][1].predicted.step_time_s:.4g} s against "
+                     f"its model objective {obj + sync:.4g} s")
+    written_by = "solver" if solved and not not_solver else "warm start"
+    if hdp_s < sim_s:
+        notes.append(f"wrote hdp's plan: it simulates {hdp_s:.4g} s, the partition's plan {sim_s:.4g} s")
+        sim_s, step, written_by = hdp_s, heuristic, "hdp"
+    clock.lap("write")
+    log.debug("ilp step %d: %s", batch.step, ", ".join(f"{k} {v:.2f} s" for k, v in clock.spent.items()))
+    # The written plan's gap: its simulated makespan against the model's proven bound (hdp's plan may
+    # re-group ranks mid-step and pass that bound: 0 then).
+    span = sim_s - sync
+    gap = max(0.0, (span - bound) / span) if span > 0 else 0.0
+    return StepOutcome(step, SolverInfo(solver, status, time.perf_counter() - clock.t0, gap, obj_written + sync,
+                                        bound + sync, sim_s, hdp_s, **size, note="; ".join(notes),
+                                        bound_from=bound_from, written=written_by, backend_error=backend_error))
 
 
 # plan_step, and what tests, bench/ilp.py and planner.api use from the package

@@ -1,14 +1,21 @@
-"""The MILP / CP-SAT backends (CBC, HiGHS, CP-SAT), each in its own process where they clash."""
+"""The MILP / CP-SAT backends (CBC, HiGHS, CP-SAT), each in its own process where they clash.
+
+Solver libraries write to the process's stdout from C (HiGHS prints its banner when the first Highs object
+is built), which would corrupt `meshplan plan --json`: every solver call runs with file descriptor 1 sent
+to /dev/null, or with MESHPLAN_SOLVER_LOG=1 to stderr together with the backend's own log."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import math
 import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -23,25 +30,77 @@ CHILD_GRACE_S = 30.0  # a solver process that outlives its limit by this much is
 REL_GAP = 1e-4  # every backend stops once proven within 0.01% of the optimum
 CPSAT_TICKS = 10**6  # CP-SAT needs integer times: the makespan bound is cut into this many ticks
 PULP_IO_SHARE = 0.05  # of CBC's limit, kept for pulp writing the MPS and mst files and reading the solution
+PRESOLVE_S_PER_NONZERO = 3e-5  # HiGHS's presolve does not watch the clock: 1.9 s for 190K nonzeros, 7.1 s for
+#                               256K under load, on this project's shared 2-core machine (measured, issue 21)
+LOG_ENV = "MESHPLAN_SOLVER_LOG"  # set to 1: the MILP backends log their search to stderr (default: silent)
+
+
+def solver_log() -> bool:
+    """Whether the user asked for the backends' logs (MESHPLAN_SOLVER_LOG=1)."""
+    return os.environ.get(LOG_ENV, "") not in ("", "0")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:  # no C library to open by name (e.g. Windows): Python's own flush has to do
+        return None
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(AttributeError, TypeError):
+        if _libc() is not None:
+            _libc().fflush(None)  # C-level buffers: written before fd 1 moves back
+
+
+@contextlib.contextmanager
+def solver_stdout() -> Iterator[None]:
+    """Send what native solver code prints to stdout (fd 1) to /dev/null, or to stderr when solver_log();
+    never to stdout, which carries the CLI's JSON."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 at all: nothing to protect
+        yield
+        return
+    target = os.dup(2) if solver_log() else os.open(os.devnull, os.O_WRONLY)
+    os.dup2(target, 1)
+    try:
+        yield
+    finally:
+        _flush_c_stdio()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(target)
+
+
+def new_highs(log: bool = False):
+    """A highspy.Highs with its banner and log silenced (log: the search log, to stderr; see solver_stdout)."""
+    import highspy
+
+    with solver_stdout():
+        h = highspy.Highs()
+    h.setOptionValue("output_flag", bool(log))
+    return h
 
 
 # ---- backends ---------------------------------------------------------------------------------------
 
 @dataclass
 class Solution:
-    status: str  # optimal | feasible | infeasible | none
+    status: str  # optimal | feasible | infeasible | none (no solution by the limit) | error (the backend failed)
     x: np.ndarray | None
     objective: float | None  # makespan (s)
     bound: float | None
-    note: str = ""  # why there is no solution, where known
+    note: str = ""  # why there is no solution, where known (for error: what failed, one line)
 
 
 def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
     import highspy
 
     deadline = time.perf_counter() + limit_s  # building the model counts against the limit too
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = new_highs(log=solver_log())
     h.setOptionValue("mip_rel_gap", REL_GAP)
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("presolve_rule_off", 2**15)  # probing thousands of assignment binaries eats the budget
@@ -63,12 +122,21 @@ def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solu
     a.value_ = np.concatenate([r[1] for r in lm.rows])
     lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in lm.integer]
     h.passModel(lp)
+    if PRESOLVE_S_PER_NONZERO * len(a.value_) > limit_s:  # it would outlast the limit: the simplex watches the clock
+        h.setOptionValue("presolve", "off")
     if x0 is not None:
         sol = highspy.HighsSolution()
         sol.col_value = list(map(float, x0))
         sol.value_valid = True
         h.setSolution(sol)
     h.setOptionValue("time_limit", max(0.05, deadline - time.perf_counter()))
+
+    def stop_at_deadline(e) -> None:  # HiGHS checks its time limit only between nodes and heuristics
+        if time.perf_counter() > deadline:
+            e.interrupt()
+
+    h.cbMipInterrupt.subscribe(stop_at_deadline)
+    h.cbSimplexInterrupt.subscribe(stop_at_deadline)
     h.run()
     st = h.getModelStatus()
     info = h.getInfo()
@@ -106,23 +174,36 @@ def _solve_cbc(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Soluti
         log = Path(tmp) / "cbc.log"
         left = deadline - time.perf_counter() - PULP_IO_SHARE * limit_s  # writing the MPS, reading the solution
         # CBC from the cbcbox wheel (pulp[cbc]): pulp's own bundled binary (PULP_CBC_CMD) is deprecated.
-        solver = pulp.COIN_CMD(path=cbcbox.cbc_bin_path(), msg=False, timeLimit=round(max(0.05, left), 2),
-                               gapRel=REL_GAP, warmStart=x0 is not None, logPath=str(log), threads=1)
+        verbose = solver_log()  # pulp: a log file replaces the console log
+        solver = pulp.COIN_CMD(path=cbcbox.cbc_bin_path(), msg=verbose, timeLimit=round(max(0.05, left), 2),
+                               gapRel=REL_GAP, warmStart=x0 is not None, logPath=None if verbose else str(log),
+                               threads=1)
         try:
             prob.solve(solver)
-        except pulp.PulpSolverError:  # the CBC binary exited abnormally (it can crash mid-search)
-            return Solution("none", None, None, None, note="CBC exited abnormally")
+        except pulp.PulpSolverError as e:  # the CBC binary exited abnormally (it can crash mid-search)
+            return Solution("error", None, None, None, note=_one_line(f"CBC exited abnormally: {e}", log))
         text = log.read_text() if log.exists() else ""
-    if prob.status == pulp.LpStatusInfeasible:
-        return Solution("infeasible", None, None, None)
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return Solution("none", None, None, None)
+        if prob.status == pulp.LpStatusInfeasible:
+            return Solution("infeasible", None, None, None)
+        if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            if text and prob.status == pulp.LpStatusNotSolved and "time limit" not in text.lower():
+                return Solution("error", None, None, None, note=_one_line("CBC stopped without a status", log))
+            return Solution("none", None, None, None)
     x = np.array([var.value() or 0.0 for var in v])
     obj = float(x[lm.objective])
     m = re.search(r"Lower bound:\s*([-0-9.eE+]+)", text)
     optimal = "Optimal solution found" in text or prob.sol_status == pulp.LpSolutionOptimal and not m
     bound = float(m.group(1)) if m else (obj if optimal else None)
     return Solution("optimal" if optimal else "feasible", x, obj, bound)
+
+
+def _one_line(what: str, log: Path | None = None) -> str:
+    """what, and the last line of the backend's log when there is one, as one line."""
+    tail = ""
+    if log is not None and log.exists():
+        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        tail = f" (log: {lines[-1]})" if lines else ""
+    return " ".join((what + tail).split())
 
 
 def _solve_cpsat(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
@@ -162,6 +243,7 @@ def _solve_cpsat(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solu
     s.parameters.relative_gap_limit = REL_GAP
     s.parameters.random_seed = 0
     s.parameters.cp_model_probing_level = 0  # presolve probing of the assignment Booleans eats the budget
+    s.parameters.log_search_progress = solver_log()  # to stdout, which solver_stdout sends to stderr
     st = s.Solve(m)
     if st == cp_model.INFEASIBLE:
         return Solution("infeasible", None, None, None)
@@ -197,13 +279,23 @@ BACKENDS: dict[Solver, Backend] = {"cbc": _solve_cbc, "highs": _solve_highs, "cp
 assert tuple(BACKENDS) == SOLVERS  # one backend per solver name
 
 
+def run_backend(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
+    """One backend in this process, its stdout kept off ours; whatever it raises becomes an "error"
+    Solution that says what failed (the caller keeps its warm start and reports it)."""
+    try:
+        with solver_stdout():
+            return BACKENDS[backend](lm, x0, limit_s)
+    except Exception as e:  # a crashed backend must not lose the step: the warm start is still a plan
+        return Solution("error", None, None, None, note=_one_line(f"{type(e).__name__}: {e}"))
+
+
 def solve(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
     """Run a backend. OR-Tools bundles its own HiGHS library, so highspy and CP-SAT cannot both load
     into one process (whichever comes second fails to link): then the backend runs in a fresh Python
     process, whose start-up counts against the time limit."""
     clash = {"cpsat": "highspy", "highs": "ortools"}.get(backend)
     if clash is None or not any(m.split(".")[0] == clash for m in list(sys.modules)):
-        return BACKENDS[backend](lm, x0, limit_s)
+        return run_backend(backend, lm, x0, limit_s)
     import pickle
     import subprocess
 
@@ -213,10 +305,19 @@ def solve(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float) 
         entry = "import sys; from planner.strategies.ilp.backends import solve_job; solve_job(*sys.argv[1:])"
         cmd = [sys.executable, "-c", entry, str(job), str(result)]
         try:
-            subprocess.run(cmd, capture_output=True, timeout=limit_s + CHILD_GRACE_S, check=True)
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None if solver_log() else subprocess.PIPE,
+                           timeout=limit_s + CHILD_GRACE_S, check=True)
             return pickle.loads(result.read_bytes())
-        except (subprocess.SubprocessError, OSError, EOFError, pickle.UnpicklingError):
-            return Solution("none", None, None, None)
+        except subprocess.CalledProcessError as e:
+            err = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+            return Solution("error", None, None, None, note=_one_line(
+                f"the {backend} process exited with status {e.returncode}" + (f": {err[-1]}" if err else "")))
+        except subprocess.TimeoutExpired:
+            return Solution("error", None, None, None,
+                            note=f"the {backend} process outlived its {limit_s:.1f} s limit by {CHILD_GRACE_S:g} s")
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            return Solution("error", None, None, None,
+                            note=_one_line(f"the {backend} process gave no solution: {type(e).__name__}: {e}"))
 
 
 def solve_job(job: str, result: str) -> None:
@@ -224,4 +325,4 @@ def solve_job(job: str, result: str) -> None:
     import pickle
 
     backend, lm, x0, deadline = pickle.loads(Path(job).read_bytes())
-    Path(result).write_bytes(pickle.dumps(BACKENDS[backend](lm, x0, max(0.05, deadline - time.time()))))
+    Path(result).write_bytes(pickle.dumps(run_backend(backend, lm, x0, max(0.05, deadline - time.time()))))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.strategies.ilp.backends import PRESOLVE_S_PER_NONZERO, new_highs
 from planner.strategies.ilp.model import Items, Table
 from planner.strategies.ilp.partitions import Partition, fill_partition, group_time_s, improve, makespan_s
 
@@ -87,8 +88,7 @@ class MasterLP:
         if engine == "highs":
             import highspy
 
-            self.h = highspy.Highs()
-            self.h.setOptionValue("output_flag", False)
+            self.h = new_highs()
             self.h.setOptionValue("random_seed", 0)
             inf = highspy.kHighsInf
             self.h.addRows(self.m, np.asarray(row_lo, float), np.full(self.m, inf), 0, np.zeros(0, np.int32),
@@ -233,6 +233,8 @@ class ConfigLP:
             for k in np.argsort(-last, kind="stable"):
                 if len(found) >= PRICE_BATCH and not full:
                     break  # partial pricing: enough columns for this round
+                if time.perf_counter() > deadline:
+                    return False, []  # a full round prices hundreds of sizes on big meshes: stop mid-round
                 v = y - mu[k] * d[k] * np.where(exact[:, k], w[:, k], 0.0)
                 J = np.flatnonzero(exact[:, k] & (v > 0))
                 if not len(J):
@@ -316,11 +318,12 @@ def _small_mip(engine: str, cost: np.ndarray, entries: list, row_lo: np.ndarray,
     SCIP through OR-Tools (same library rule as MasterLP). (The best solution by the limit or None,
     the proven lower bound on the objective: inf when proven infeasible, −inf when unknown.)"""
     m = len(row_lo)
+    if PRESOLVE_S_PER_NONZERO * sum(len(idx) for idx, _ in entries) > limit_s:
+        return None, -math.inf  # it would outlast its limit before its first node: not run, nothing proven
     if engine == "highs":
         import highspy
 
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        h = new_highs()
         h.setOptionValue("time_limit", max(0.01, float(limit_s)))
         h.setOptionValue("random_seed", 0)
         inf = highspy.kHighsInf

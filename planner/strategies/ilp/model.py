@@ -17,7 +17,9 @@ if TYPE_CHECKING:  # the container imports the ilp package for IlpOptions
     from planner.strategies.options import PlanOptions
 
 SHARD_WASTE_MAX = 0.10  # a short sequence is sharded only if that costs ≤ 10% more rank-time than one rank
-LONG_ITEMS_MAX = 48  # long sequences (s > C) stay exact items up to this many lengths; beyond, bucketed too
+LONG_ITEMS_MAX = 1024  # long sequences (s > C) are exact items up to this many lengths (they are few; a
+#                        bucket's mean misprices its longest member on a narrow group by 15% and more); beyond,
+#                        this many buckets, and the plan written is the fastest simulated (see solve_step)
 EXACT_ITEMS = 32  # with fewer long lengths, the longest short lengths fill up this many exact items
 SAMPLE_MAX = 16  # a bucket's mean sharded time comes from at most this many members, spread over its range
 BIN_GRID = 96  # lengths priced exactly for bins; more distinct lengths read a curve through this many
@@ -82,7 +84,7 @@ class Items:
 
 def make_items(seqs: SeqTable, cm: CostModel, q: int, price: "Pricer") -> Items:
     """Long sequences (s > C) are exact items, one per distinct length (all of them up to LONG_ITEMS_MAX
-    lengths, else q buckets), and so are the longest short ones up to EXACT_ITEMS lengths in all: a few
+    lengths, else LONG_ITEMS_MAX buckets), and so are the longest short ones up to EXACT_ITEMS lengths in all: a few
     big members in a bucket would make its mean a poor guide. The other short ones form q buckets cut
     by the padding DP on their one-rank time (FlexSP pads tokens; time is what the makespan adds up)."""
     C = cm.capacity_tokens
@@ -99,7 +101,7 @@ def make_items(seqs: SeqTable, cm: CostModel, q: int, price: "Pricer") -> Items:
         groups += [np.flatnonzero(L == v) for v in exact[::-1]]  # equal lengths share one exact item
         short_idx = short_idx[~np.isin(L[short_idx], exact)]
     else:
-        groups += [long_idx[b] for b in padding_buckets(L[long_idx], q)]
+        groups += [long_idx[b] for b in padding_buckets(L[long_idx], LONG_ITEMS_MAX)]
     if len(short_idx):
         groups += [short_idx[b] for b in padding_buckets(price.bin_s(L[short_idx]), q)]
     members = [g[np.argsort(-L[g], kind="stable")] for g in groups]
@@ -174,6 +176,18 @@ class Pricer:
             self.sharded[(s, d)] = sharded_time_s(s, d, self.cm, d not in self.local)
         return self.sharded[(s, d)]
 
+    def prime(self, lengths: np.ndarray, sizes: np.ndarray) -> None:
+        """Price every (length, size) pair not cached yet in one vectorised cost-model call (hundreds of
+        exact long items on hundreds of sizes: ~10⁵ units), as shard_s would, one unit per pair."""
+        todo = [(int(s), int(d)) for s in np.unique(lengths) for d in sizes if (int(s), int(d)) not in self.sharded]
+        if not todo:
+            return
+        s_, d_ = np.array(todo, dtype=np.int64).T
+        r = [ratio_for_tokens(zigzag_tokens_per_rank([s], d), self.cm) or 0.0 for s, d in todo]
+        inter = np.array([d not in self.local for _, d in todo])
+        t = self.cm.price_units(s_, np.arange(len(todo)), d_, np.array(r), inter).total_s
+        self.sharded.update(zip(todo, t.tolist()))
+
 
 def make_table(items: Items, seqs: SeqTable, cm: CostModel, opt: PlanOptions, price: Pricer) -> Table:
     hdp = cm.setup.hdp
@@ -183,10 +197,19 @@ def make_table(items: Items, seqs: SeqTable, cm: CostModel, opt: PlanOptions, pr
     gamma = price.gamma_s
     C = cm.capacity_tokens
     t = np.full((len(items.count), len(sizes)), np.inf)
+    d_mins = [long_degree(int(s), cm, opt.offload)[0] for s in items.max_len]
+    for i in np.flatnonzero(np.array(d_mins) > 1):  # sharded only: every size from d_min up is priced
+        price.prime(seqs.lengths[items.members[i]], sizes[sizes >= d_mins[i]])
     for i, mem in enumerate(items.members):
         lens = seqs.lengths[mem]
-        d_min = long_degree(int(items.max_len[i]), cm, opt.offload)[0]
+        d_min = d_mins[i]
         sample = lens[np.unique(np.linspace(0, len(lens) - 1, min(len(lens), SAMPLE_MAX)).round().astype(int))]
+
+        def mean_shard_s(d: int) -> float:
+            if sample[0] == sample[-1]:  # an exact item (the common case: hundreds of them on hundreds of sizes)
+                return price.shard_s(int(sample[0]), d)
+            return float(np.mean([price.shard_s(int(s), d) for s in sample]))
+
         if d_min == 1:
             t[i, 0] = float(np.mean(price.bin_s(lens)))
             one_rank = t[i, 0] + gamma * items.mean_tokens[i] / C
@@ -194,13 +217,13 @@ def make_table(items: Items, seqs: SeqTable, cm: CostModel, opt: PlanOptions, pr
             d = int(d)
             if d < max(2, d_min):
                 continue
-            t[i, k] = float(np.mean([price.shard_s(int(s), d) for s in sample]))
+            t[i, k] = mean_shard_s(d)
             if d_min == 1 and d != top and d * t[i, k] > (1 + SHARD_WASTE_MAX) * one_rank:
                 t[i, k] = np.inf
                 # wider groups waste more still; only the whole mesh stays open (feasibility)
                 k_top = len(sizes) - 1
                 if k_top > k:
-                    t[i, k_top] = float(np.mean([price.shard_s(int(s), top) for s in sample]))
+                    t[i, k_top] = mean_shard_s(top)
                 break
     bad = np.flatnonzero(~np.isfinite(t).any(axis=1))
     if len(bad):
@@ -303,21 +326,22 @@ def build_model(items: Items, tab: Table, hdp: int, C: int, floor_s: float = 0.0
     bins = np.array([lm.col(0, inf, True) if d == 1 else -1 for d in size_of], dtype=np.int64)
     x: dict[tuple[int, int], int] = {}
     per_group: list[list[tuple[int, float]]] = [[] for _ in range(G)]
+    per_item: list[list[tuple[int, float]]] = [[] for _ in range(len(items.count))]  # (column, member time)
+    kofs_ = np.array(kofs, dtype=np.int64)
     for i in range(len(items.count)):
         b = int(items.count[i])
-        for g in range(G):
-            ti = t[i, kofs[g]]
-            if np.isfinite(ti):
-                c = lm.col(0, b, True)
-                x[(i, g)] = c
-                per_group[g].append((i, c))
-                lm.row([c, u[g]], [1.0, -b], -inf, 0.0)  # only formed groups run work
+        for g in map(int, np.flatnonzero(np.isfinite(t[i, kofs_]))):
+            c = lm.col(0, b, True)
+            x[(i, g)] = c
+            per_group[g].append((i, c))
+            per_item[i].append((c, float(t[i, kofs[g]])))
+            lm.row([c, u[g]], [1.0, -b], -inf, 0.0)  # only formed groups run work
     for i in range(len(items.count)):  # every member of every item runs once
-        cols = [c for (ii, _), c in x.items() if ii == i]
+        cols = [c for c, _ in per_item[i]]
         lm.row(cols, np.ones(len(cols)), float(items.count[i]), float(items.count[i]))
     lm.row(u, np.array(size_of, dtype=float), -inf, float(hdp))  # ranks
     for i in np.flatnonzero(items.count == 1):  # a lone sequence ends by T wherever it runs (lifts the LP bound)
-        cols = [(c, t[i, kofs[g]]) for (ii, g), c in x.items() if ii == i]
+        cols = per_item[i]
         lm.row([T] + [c for c, _ in cols], [1.0] + [-v for _, v in cols], 0.0, inf, time_row=True)
     for g in range(G):
         idx = [c for _, c in per_group[g]]

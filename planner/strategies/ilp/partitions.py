@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,12 +99,14 @@ def greedy_partition(items: Items, tab: Table, hdp: int, C: int, target_s: float
         load.append(0.0)
     g_size = np.array(sizes)
     cur = np.array(load)
+    ki = np.searchsorted(tab.sizes, g_size)
     rest = sorted(((float(t[i, 0]), i) for i in range(n_items) if short[i] for _ in range(int(items.count[i]))),
                   reverse=True)
-    for ti, i in rest:
-        ki = np.searchsorted(tab.sizes, g_size)
-        ti_g = t[i, ki] + np.where(g_size == 1, tab.gamma_s * items.mean_tokens[i] / C, 0.0)  # bins amortised
-        if not _place_least_loaded(counts, cur, i, ti_g):
+    ti_g = {}  # per item: its time on each group, bins amortised (thousands of members, few items)
+    for _, i in rest:
+        if i not in ti_g:
+            ti_g[i] = t[i, ki] + np.where(g_size == 1, tab.gamma_s * items.mean_tokens[i] / C, 0.0)
+        if not _place_least_loaded(counts, cur, i, ti_g[i]):
             return None
     return _nonempty(sizes, counts)
 
@@ -257,16 +260,24 @@ def best_swap(g: int, c: np.ndarray, t: np.ndarray, busy: np.ndarray, tok: np.nd
     return (float(worst[a, h, j]), int(mine[a]), int(h)), int(j)
 
 
-def warm_start(items: Items, tab: Table, hdp: int, C: int, hint: np.ndarray, hdp_makespan_s: float) -> Partition | None:
+def warm_start(items: Items, tab: Table, hdp: int, C: int, hint: np.ndarray, hdp_makespan_s: float,
+               deadline: float = math.inf) -> Partition | None:
     """The best greedy partition after local search: hdp's degrees (and none) at hdp's makespan, first
     fit over a ladder of targets above the area bound (the greedy is not monotone in its target), and
-    homogeneous group sizes; the WARM_POLISH best are polished (the search reorders them)."""
+    homogeneous group sizes; the WARM_POLISH best are polished (the search reorders them). Past the
+    deadline no further greedy partition is tried once one is found (thousands of members: ~0.2 s each)."""
     area = area_bound_s(items, tab, hdp, C)
     tries = [(hdp_makespan_s, hint, None), (hdp_makespan_s, None, None)]
     tries += [(area * f, None, area * f * cut) for f in WARM_TARGETS for cut in (1.0, 0.5)]
     for d in WARM_SIZES:  # FlexSP's homogeneous starts: every sharded member on groups of one size
         tries += [(area * f, np.full(len(items.count), d), area * f / 2) for f in (1.01, 1.03)]
-    found = [p for p in (greedy_partition(items, tab, hdp, C, target, h, cut) for target, h, cut in tries) if p]
+    found = []
+    for target, h, cut in tries:
+        if found and time.perf_counter() > deadline:
+            break
+        p = greedy_partition(items, tab, hdp, C, target, h, cut)
+        if p is not None:
+            found.append(p)
     found.sort(key=lambda p: makespan_s(p, items, tab, C))
     polished = [improve(p, items, tab, C) for p in found[:WARM_POLISH]]
     return min(polished, key=lambda p: makespan_s(p, items, tab, C), default=None)
