@@ -24,7 +24,8 @@ def _injected(text: str) -> InjectedFailure:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m planner.runtime", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("plan_path", metavar="plan", type=Path, help="plan JSON (any tp × pp × hdp mesh of a dense model)")
+    p.add_argument("plan_path", metavar="plan", type=Path,
+                   help="plan JSON, or a plan stream (*.jsonl: each rank reads only the steps it runs)")
     p.add_argument("--model", default=None, help="model preset or file (default: the plan's meta.model), e.g. tiny")
     p.add_argument("--steps", type=int, default=None, help="iterations (default: every plan step once; more cycle)")
     p.add_argument("--check", action="store_true", help="compare with a single-process reference on rank 0")
@@ -54,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
                         "(needs transformers)")
     p.add_argument("--hf-weights", type=Path, default=None,
                    help="its safetensors checkpoint (file or directory); each rank loads only its stage's tensors")
+    p.add_argument("--plan-ahead", action="store_true",
+                   help="rank 0 plans step t+1 with the plan's request (meta) while step t runs and sends each rank "
+                        "only its part; --steps iterations (default: the plan's step count)")
+    p.add_argument("--lengths", default=None,
+                   help="--plan-ahead: the length source to plan from (default: the plan's meta.options.lengths)")
     p.add_argument("--status-dir", type=Path, default=None,
                    help="each rank keeps the step and unit it is in here (rankN), so that the launcher can name "
                         "them when a rank dies without a word")

@@ -21,6 +21,7 @@ from torch import nn
 
 from planner.plan import Mesh, Plan, Step
 from planner.runtime.context import Context, make_optimizer
+from planner.runtime.feed import StepWork
 from planner.runtime.launch import ReplayOptions
 from planner.runtime.model import (Decoder, ModelConfig, SequenceTokens, TokenSource, build_model, stage_parameters,
                                    stream_offset)
@@ -56,12 +57,14 @@ class Check:
         if ctx.full is not None:
             collect_full(ctx, "grad")
 
-    def compare(self, ctx: Context, it: int, step: Step, step_loss: float) -> None:
+    def compare(self, ctx: Context, work: StepWork, step_loss: float) -> None:
+        """Rank 0 (which holds the whole step, whatever the feed): the reference step and the differences."""
         reference, self._reference = self._reference, None
         if reference is None:
             return
-        ctx.position.set(f"step {it} (plan step {step.step}) --check reference")
-        all_tokens = ctx.tokens.tokens(it, step.sequences, stream_offset(ctx.prep.plan, it))
+        step = work.step
+        ctx.position.set(f"step {work.it} (plan step {step.step}) --check reference")
+        all_tokens = ctx.tokens.tokens(work.it, step.sequences, work.stream_offset)
         ref_loss = reference_step(reference, step, all_tokens, ctx.device)
         r = self.result
         r.max_rel_grad_err = max(r.max_rel_grad_err, max_rel_grad_err(_whole(ctx), reference))

@@ -5,7 +5,6 @@ lines, the --check line, the measured trace)."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -13,15 +12,16 @@ import sys
 import time
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from costmodel.specs import SpecError
 from planner.plan import PlanError, Step
+from planner.runtime.ahead import step_planner
 from planner.runtime.check import Check, check_owners
 from planner.runtime.context import Context, failure_at, make_optimizer, rank_failure
+from planner.runtime.feed import StepFeed, open_feed
 from planner.runtime.launch import Position, Prepared, ReplayFailure, ReplayOptions, prepare
 from planner.runtime.model import ModelConfig, TokenSource, build_model, stage_parameters, virtual_stage_layers
 from planner.runtime.offload import parameter_pointers
@@ -117,6 +117,8 @@ def run(opts: ReplayOptions) -> int:
         prep = prepare(opts, world)
         tokens = TokenSource(prep.spec.vocab, opts.seed, str(opts.tokens_path) if opts.tokens_path else None)
         device = _device(opts, local_rank)
+        planner = (step_planner(prep.plan, opts.lengths, prep.iterations, str(opts.plan_path))
+                   if opts.plan_ahead and rank == 0 else None)  # the cost model and batches, before any step
     except (PlanError, SpecError) as e:
         if rank == 0:  # every rank reaches the same verdict; say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -130,11 +132,12 @@ def run(opts: ReplayOptions) -> int:
         dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
         ctx = _context(opts, prep, rank, device, tokens, position)
+        feed = open_feed(opts, prep, planner, rank, ctx.trace)  # plan-ahead: rank 0 starts planning
         # Every rank must replay the same plan (each node reads its own copy); a mismatch would
-        # hang in P2P, so compare digests first (REFERENCE 11, decision 23).
-        digest = hashlib.sha256(prep.plan.to_json().encode()).hexdigest()
+        # hang in P2P, so compare digests first (REFERENCE 11, decision 23). A stream's digest names
+        # every step through its index; plan-ahead's, the request rank 0 plans with.
         digests: list[str | None] = [None] * world
-        dist.all_gather_object(digests, digest)
+        dist.all_gather_object(digests, feed.digest)
         if len(set(digests)) > 1:
             odd = [r for r, d in enumerate(digests) if d != digests[0]]
             raise ReplayFailure(f"rank {rank}: the plan differs across ranks (ranks {odd} read a different plan "
@@ -142,17 +145,18 @@ def run(opts: ReplayOptions) -> int:
         check = Check() if opts.check else None
         warmed: set[int] = set()  # global ranks this rank has a P2P connection with
         for it in range(prep.iterations):
-            step = prep.plan.steps[it % len(prep.plan.steps)]
-            if it < len(prep.plan.steps):  # a cycled plan meets no new pair
-                position.set(f"the P2P warm-up of step {it} (plan step {step.step})")
-                try:
-                    t0 = time.perf_counter()
-                    pairs = warm_up(ctx, step, warmed)
-                    ctx.trace.warmup(time.perf_counter() - t0, pairs)
-                except Exception as e:
-                    raise rank_failure(ctx, e) from e
+            position.set(f"step {it}: {'its plan from rank 0 (plan-ahead)' if opts.plan_ahead else 'reading its plan'}")
             try:
-                rec = replay_step(ctx, it, check)
+                work = feed.next(it)
+                step = work.step
+                position.set(f"the P2P warm-up of step {it} (plan step {step.step})")
+                t0 = time.perf_counter()
+                pairs = warm_up(ctx, step, warmed)  # only peers this rank has not met yet
+                ctx.trace.warmup(time.perf_counter() - t0, pairs)
+            except Exception as e:
+                raise rank_failure(ctx, e) from e
+            try:
+                rec = replay_step(ctx, work, check)
             except ReplayFailure:
                 raise
             except Exception as e:  # outside any unit: token reading, the check, the optimizer
@@ -166,7 +170,7 @@ def run(opts: ReplayOptions) -> int:
         # each rank reads its own part back (no shared file system needed): rank 0 merges them
         dist.gather_object(ctx.trace.finish(), traces, dst=0)
         if rank == 0:
-            _finish(ctx, traces, check, world)
+            _finish(ctx, feed, traces, check, world)
         position.set("the final barrier")
         dist.barrier()  # nobody leaves before rank 0 has written everything
         ctx.trace.remove()  # the complete trace holds every record now
@@ -189,11 +193,11 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def _trace_meta(ctx: Context, world: int) -> dict:
+def _trace_meta(ctx: Context, feed: StepFeed, world: int) -> dict:
     """Inputs' fingerprints, as every output file records them (DESIGN.md conventions)."""
     dev = ctx.device
-    return {"plan": str(ctx.opts.plan_path),
-            "plan_sha256": hashlib.sha256(Path(ctx.opts.plan_path).read_bytes()).hexdigest(),
+    return {"plan": str(ctx.opts.plan_path), "plan_sha256": feed.fingerprint(ctx.opts.plan_path),
+            "lengths": ctx.opts.lengths,  # plan-ahead's length source (None: the plan's)
             "plan_model": ctx.prep.plan.meta.get("model"), "model": ctx.prep.spec.name, "world_size": world,
             "cp_impl": ctx.opts.cp_impl, "ring_kernel": ctx.opts.ring_kernel, "seed": ctx.opts.seed,
             "optimizer": ctx.opts.optimizer, "lr": ctx.opts.lr, "dtype": ctx.opts.dtype,
@@ -205,14 +209,15 @@ def _trace_meta(ctx: Context, world: int) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _finish(ctx: Context, traces: list[RankTrace], check: Check | None, world: int) -> None:
-    """Rank 0, after every rank finished: step lines, the check line, the trace files."""
+def _finish(ctx: Context, feed: StepFeed, traces: list[RankTrace], check: Check | None, world: int) -> None:
+    """Rank 0, after every rank finished: step lines, the check line, the plan-ahead line, the trace files."""
     align_clocks(traces)
-    plan = ctx.prep.plan
-    doc = build_trace(_trace_meta(ctx, world), traces, {s.step: s.predicted.step_time_s for s in plan.steps})
+    doc = build_trace(_trace_meta(ctx, feed, world), traces, feed.predicted)
     for s in doc["steps"]:
         _emit({"step": {"step": s["step"], "plan_step": s["plan_step"], "loss": s["loss"],
                         "wall_s": s["step_time_s"], "predicted_s": s["predicted_step_time_s"]}})
+    if "plan_ahead" in doc["meta"]:
+        _emit({"plan_ahead": doc["meta"]["plan_ahead"]})
     if ctx.opts.trace_path is not None:
         j, c = write_trace(ctx.opts.trace_path, doc)
         print(f"trace: {j} and {c}", file=sys.stderr, flush=True)

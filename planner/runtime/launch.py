@@ -20,7 +20,8 @@ from typing import Literal, get_args
 
 from costmodel.presets import load_model
 from costmodel.specs import RECOMPUTE_POLICIES, ContextParallel, ModelSpec
-from planner.plan import Plan, PlanError, validate
+from planner.plan import Plan, PlanError, Step, validate
+from planner.plan.stream import PlanStream, is_stream
 from planner.runtime.hf_spec import hf_model_spec
 from planner.runtime.trace import part_paths
 
@@ -74,7 +75,7 @@ class InjectedFailure:
 
 @dataclass(frozen=True)
 class ReplayOptions:
-    plan_path: Path  # plan JSON
+    plan_path: Path  # plan JSON, or a plan stream (*.jsonl: each rank reads only the steps it runs)
     model: str | None = None  # model preset / file; None = the plan's meta["model"]
     steps: int | None = None  # iterations to run; None = every plan step once (more cycle the plan)
     check: bool = False  # compare with a single-process reference on rank 0
@@ -93,6 +94,8 @@ class ReplayOptions:
     status_dir: Path | None = None  # each rank keeps its position in rankN here (read by `meshplan replay`)
     hf_config: Path | None = None  # a HuggingFace config.json (Llama, Qwen2, Mistral) to build instead of --model
     hf_weights: Path | None = None  # its safetensors checkpoint (file or directory); None = seeded init
+    plan_ahead: bool = False  # rank 0 plans step t+1 (the plan's request) while step t runs; sends each rank its part
+    lengths: str | None = None  # plan-ahead: the length source (None: the plan's meta.options.lengths)
 
     def rank_args(self) -> list[str]:
         """The `python -m planner.runtime` arguments (planner/runtime/__main__.py) that give these options."""
@@ -109,6 +112,8 @@ class ReplayOptions:
         args += ["--status-dir", str(self.status_dir)] if self.status_dir is not None else []
         args += ["--hf-config", str(self.hf_config)] if self.hf_config is not None else []
         args += ["--hf-weights", str(self.hf_weights)] if self.hf_weights is not None else []
+        args += ["--plan-ahead"] if self.plan_ahead else []
+        args += ["--lengths", self.lengths] if self.lengths is not None else []
         return args
 
 
@@ -119,32 +124,39 @@ def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
         raise PlanError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
 
 
+def load_for_replay(plan_path: str | Path) -> Plan:
+    """The plan a replay starts from: a whole plan JSON, validated; or a plan stream's header with its
+    first step only, validated (each rank reads and checks the steps it runs as it runs them)."""
+    if is_stream(plan_path):
+        stream = PlanStream(plan_path)
+        return stream.with_steps([stream.validated_step(0)])
+    plan = Plan.load(plan_path)
+    validate(plan)
+    return plan
+
+
 def preflight(plan_path: str | Path, world_size: int | None, model: str | None = None, *, cp_impl: str = "ring",
               ring_kernel: str = "auto", optimizer: str = "adamw", steps: int | None = None, dtype: str = "fp32",
               recompute: str | None = None, hf_config: Path | None = None,
               hf_weights: Path | None = None) -> tuple[Plan, ModelSpec]:
-    """Load and validate the plan against the job's world size (None: not known yet) and the
-    model the replay will build, and check the options; raise PlanError or SpecError with a
-    message a user can act on."""
+    """Load and validate the plan (a stream: its header and first step, `load_for_replay`) against the
+    job's world size (None: not known yet) and the model the replay will build, and check the options;
+    raise PlanError or SpecError with a message a user can act on."""
     _choice("context-parallel implementation", cp_impl, CP_IMPLS)
     _choice("ring kernel", ring_kernel, BLOCK_KERNELS)
     _choice("optimizer", optimizer, OPTIMIZERS)
     _choice("--dtype", dtype, PRECISIONS)
     if steps is not None and steps < 1:
         raise PlanError(f"--steps must be >= 1, got {steps}")
-    plan = Plan.load(plan_path)
-    validate(plan)
+    plan = load_for_replay(plan_path)
     m = plan.mesh
     if world_size is not None and m.world_size != world_size:
         raise PlanError(f"{plan_path}: the plan is for world_size {m.world_size} (tp {m.tp} × pp {m.pp} × hdp "
                         f"{m.hdp}) but this job has {world_size} processes; launch {m.world_size} "
                         f"(meshplan replay --nproc {m.world_size})")
-    if m.pp > 1:
-        _check_pipelined(plan, str(plan_path))
     policy = replay_recompute(plan, recompute, str(plan_path))
-    if policy != "none" and any(u.slices > 1 for st in plan.steps for u in st.units):
-        raise PlanError(f"{plan_path}: recompute {policy!r} with sliced units (slices > 1) is not implemented: their "
-                        "attention fills a KV cache once per slice; pass --recompute none")
+    for st in plan.steps:
+        check_step(st, plan.steps[0].chunks_per_stage, policy, str(plan_path))
     if hf_config is not None or hf_weights is not None:
         if hf_config is None:
             raise PlanError(f"--hf-weights {hf_weights} needs --hf-config (the checkpoint's config.json)")
@@ -174,22 +186,28 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
     return plan, spec
 
 
-def _check_pipelined(plan: Plan, where: str) -> None:
-    """What the pipeline replay needs beyond validate(): one layer placement for the whole run, and
-    no empty slice (a slice is the j-th part of every document of its unit)."""
-    vs = {s.chunks_per_stage for s in plan.steps}
-    if len(vs) > 1:
-        raise PlanError(f"{where}: steps use different chunk counts v {sorted(vs)}; a run places its layers once, "
-                        "so every step must use the same v")
-    for st in plan.steps:
-        for u in st.units:
-            per_doc: dict[int, int] = {}
-            for p in u.pieces:
-                per_doc[p.seq] = per_doc.get(p.seq, 0) + p.tokens
-            longest = max(per_doc.values())
-            if u.slices > longest:
-                raise PlanError(f"{where}: step {st.step} unit {u.id} has {u.slices} slices but its longest "
-                                f"document only {longest} tokens; a slice must hold at least one token")
+def check_step(st: Step, chunks: int, recompute: str, where: str) -> None:
+    """What the replay needs of a step beyond validate(): the run's one layer placement (`chunks`, the
+    v of its first step), no empty slice (a slice is the j-th part of every document of its unit), and
+    no recompute with slices. Run on every step before it is replayed (streamed and planned-ahead steps
+    included)."""
+    if st.chunks_per_stage != chunks:
+        raise PlanError(f"{where}: steps use different chunk counts v {sorted({chunks, st.chunks_per_stage})}; a run "
+                        "places its layers once, so every step must use the same v (plan-ahead: pin it with "
+                        "`meshplan plan --pp-v`)")
+    for u in st.units:
+        if u.slices == 1:
+            continue
+        if recompute != "none":
+            raise PlanError(f"{where}: recompute {recompute!r} with sliced units (slices > 1) is not implemented: "
+                            "their attention fills a KV cache once per slice; pass --recompute none")
+        per_doc: dict[int, int] = {}
+        for p in u.pieces:
+            per_doc[p.seq] = per_doc.get(p.seq, 0) + p.tokens
+        longest = max(per_doc.values())
+        if u.slices > longest:
+            raise PlanError(f"{where}: step {st.step} unit {u.id} has {u.slices} slices but its longest "
+                            f"document only {longest} tokens; a slice must hold at least one token")
 
 
 def replay_recompute(plan: Plan, override: str | None, where: str) -> str:
@@ -206,7 +224,7 @@ def replay_recompute(plan: Plan, override: str | None, where: str) -> str:
 class Prepared:
     """What every rank checks before the process group exists."""
 
-    plan: Plan
+    plan: Plan  # the whole plan JSON; a plan stream's header with its first step only
     spec: ModelSpec  # the model the replay builds (dense; preflight checked it against the mesh)
     iterations: int  # replayed steps
     chunks: int = 1  # model chunks per pipeline stage (v), the same in every step
@@ -219,8 +237,15 @@ def prepare(opts: ReplayOptions, world_size: int) -> Prepared:
                            ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps,
                            dtype=opts.dtype, recompute=opts.recompute, hf_config=opts.hf_config,
                            hf_weights=opts.hf_weights)
-    return Prepared(plan, spec, len(plan.steps) if opts.steps is None else opts.steps,
-                    plan.steps[0].chunks_per_stage, replay_recompute(plan, opts.recompute, str(opts.plan_path)))
+    return Prepared(plan, spec, replay_iterations(opts, plan), plan.steps[0].chunks_per_stage,
+                    replay_recompute(plan, opts.recompute, str(opts.plan_path)))
+
+
+def replay_iterations(opts: ReplayOptions, plan: Plan) -> int:
+    """--steps, else every step of the plan once (a stream's step count is in its index)."""
+    if opts.steps is not None:
+        return opts.steps
+    return PlanStream(opts.plan_path).steps if is_stream(opts.plan_path) else len(plan.steps)
 
 
 class Position:
@@ -344,9 +369,15 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
     multi_node = any(a.split("=", 1)[0] in _RENDEZVOUS_FLAGS for a in extra)
     nnodes = _torchrun_nnodes(extra)
     world = nproc * int(nnodes) if nnodes and nnodes.isdigit() else (None if multi_node else nproc)
-    preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl, ring_kernel=opts.ring_kernel,
-              optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype, recompute=opts.recompute,
-              hf_config=opts.hf_config, hf_weights=opts.hf_weights)
+    plan, _ = preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl, ring_kernel=opts.ring_kernel,
+                        optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype, recompute=opts.recompute,
+                        hf_config=opts.hf_config, hf_weights=opts.hf_weights)
+    if opts.lengths is not None and not opts.plan_ahead:
+        raise PlanError(f"--lengths {opts.lengths} plans steps ahead: it needs --plan-ahead")
+    if opts.plan_ahead:  # the request must plan here, before any process starts (rank 0 plans it again)
+        from planner.runtime.ahead import step_planner
+
+        step_planner(plan, opts.lengths, replay_iterations(opts, plan), str(opts.plan_path))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscription
     with tempfile.TemporaryDirectory(prefix="meshplan-replay-") as status_dir:  # where each rank is

@@ -324,12 +324,16 @@ class TokenSource:
         self.stream = TokenStream.open(Path(path)) if path is not None else None
 
     def tokens(self, iteration: int, sequences: list[Sequence], stream_offset: int = 0,
-               wanted: set[int] | None = None) -> dict[int, SequenceTokens]:
+               wanted: set[int] | None = None, starts: dict[int, int] | None = None) -> dict[int, SequenceTokens]:
         """Ids and labels of each wanted sequence (all when None). stream_offset: where this step's share of
-        the file stream starts (the sum of earlier steps' global_tokens)."""
+        the file stream starts (the sum of earlier steps' global_tokens); a sequence starts after those listed
+        before it, or at stream_offset + starts[id] when `starts` is given (a rank's part of a step lists only
+        its sequences)."""
         out, offset = {}, stream_offset
         for q in sequences:
             start, offset = offset, offset + q.length
+            if starts is not None:
+                start = stream_offset + starts[q.id]
             if wanted is not None and q.id not in wanted:
                 continue
             if self.stream is not None:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from planner.plan import Step, Unit
 from planner.runtime.context import Context, rank_failure
 from planner.runtime.cp import Peers, shard_layout, unit_attention, unit_documents
-from planner.runtime.model import IGNORE_INDEX, SequenceTokens, stream_offset
+from planner.runtime.feed import StepWork
+from planner.runtime.model import IGNORE_INDEX, SequenceTokens
 from planner.runtime.offload import Offloader
 from planner.runtime.stages import StageRunner, rank_ops
 from planner.runtime.trace import StepRecord, UnitRecord
@@ -119,12 +120,14 @@ def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceToken
     return loss
 
 
-def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceTokens]) -> float:
-    """pp > 1: this rank's op list (planner/runtime/stages.py); returns its loss share (last stage)."""
+def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceTokens],
+                  ops: list | None = None) -> float:
+    """pp > 1: this rank's op list (planner/runtime/stages.py; `ops` when the rank holds only its part of
+    the step, expanded from the whole step); returns its loss share (last stage)."""
     mesh = ctx.prep.plan.mesh
     runner = StageRunner(ctx, step, tokens, unit_inputs, token_loss)
     units = {u.id: u for u in step.units}
-    for op in rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage):
+    for op in ops if ops is not None else rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage):
         _enter_unit(ctx, it, step, units[op.mb])
         try:
             (runner.forward if op.kind == "F" else runner.backward)(op)
@@ -185,17 +188,17 @@ def sync_gradients(ctx: Context, loss: float) -> float:
 
 # -- the step -----------------------------------------------------------------------------------
 
-def replay_step(ctx: Context, it: int, check: Check | None) -> StepRecord:
-    """Replay iteration `it` (plan step it mod steps): units, gradient sync, optimizer step; `check`
-    (--check) compares with the reference between the sync and the optimizer, outside the timed phases."""
-    plan = ctx.prep.plan
-    step = plan.steps[it % len(plan.steps)]
+def replay_step(ctx: Context, work: StepWork, check: Check | None) -> StepRecord:
+    """Replay one iteration (planner/runtime/feed.py: its plan step, whole or this rank's part): units,
+    gradient sync, optimizer step; `check` (--check) compares with the reference between the sync and
+    the optimizer, outside the timed phases."""
+    it, step = work.it, work.step
     ctx.position.set(f"step {it} (plan step {step.step}) before its first unit")
     units = {u.id: u for u in step.units}
     mine = step.order.get(ctx.hdp_rank, [])
     wanted = {p.seq for uid in mine for p in units[uid].pieces}
-    tokens = ctx.tokens.tokens(it, step.sequences, stream_offset(plan, it), wanted)
-    pipelined = plan.mesh.pp > 1
+    tokens = ctx.tokens.tokens(it, step.sequences, work.stream_offset, wanted, work.starts)
+    pipelined = ctx.prep.plan.mesh.pp > 1
     if check is not None:
         check.before_units(ctx)
     for p in ctx.owned:  # zeros, not None: ranks without units still join the all-reduce
@@ -204,7 +207,7 @@ def replay_step(ctx: Context, it: int, check: Check | None) -> StepRecord:
         else:
             p.grad.zero_()
     t0, c0 = time.perf_counter(), time.process_time()
-    loss = run_pipelined(ctx, it, step, tokens) if pipelined else run_units(ctx, it, step, tokens)
+    loss = run_pipelined(ctx, it, step, tokens, work.ops) if pipelined else run_units(ctx, it, step, tokens)
     loss = loss if ctx.tp_rank == 0 else 0.0  # a TP group computes its loss once per member: count it once
     t1 = time.perf_counter()
     ctx.position.set(f"step {it} (plan step {step.step}) gradient all-reduce")
@@ -217,7 +220,7 @@ def replay_step(ctx: Context, it: int, check: Check | None) -> StepRecord:
         raise rank_failure(ctx, e) from e
     t2, c2 = time.perf_counter(), time.process_time()
     if check is not None:
-        check.compare(ctx, it, step, step_loss)
+        check.compare(ctx, work, step_loss)
     t3, c3 = time.perf_counter(), time.process_time()
     ctx.position.set(f"step {it} (plan step {step.step}) optimizer step")
     ctx.optimizer.step()

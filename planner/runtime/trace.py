@@ -76,6 +76,23 @@ class StepRecord:
 
 
 @dataclass
+class PlanningRecord:
+    """Plan-ahead (rank 0): the planning of one replay iteration, in a background thread while the
+    iteration before it ran, and what of it the run waited for."""
+
+    step: int  # the replay iteration planned
+    start_s: float  # wall-clock start, seconds since the run's origin
+    plan_s: float  # planning (the planner API), the replay's checks and cutting every rank's part
+    wait_s: float  # how long iteration `step` waited for its plan: the planning not hidden behind the step before
+    send_s: float  # validating and sending each rank its part of the step (exposed too)
+    sent_bytes: int  # pickled parts sent to the other ranks
+
+    @property
+    def hidden_s(self) -> float:
+        return max(0.0, self.plan_s - self.wait_s)
+
+
+@dataclass
 class RankTrace:
     """Everything one rank measured; gathered to rank 0 at the end of the run."""
 
@@ -85,11 +102,13 @@ class RankTrace:
     prewarm_pairs: int = 0  # peers this rank set up a P2P connection with (each once)
     units: list[UnitRecord] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
+    planning: list[PlanningRecord] = field(default_factory=list)  # plan-ahead, rank 0
 
 
 def align_clocks(ranks: list[RankTrace]) -> None:
-    """Per-rank perf_counter times -> one wall clock, zero at the earliest step start."""
-    starts = [t.clock_offset_s + min(s.start_s for s in t.steps) for t in ranks if t.steps]
+    """Per-rank perf_counter times -> one wall clock, zero at the earliest step start (or plan-ahead's first
+    planning, before it)."""
+    starts = [t.clock_offset_s + min(s.start_s for s in [*t.steps, *t.planning]) for t in ranks if t.steps]
     origin = min(starts, default=min((t.clock_offset_s for t in ranks), default=0.0))
     for t in ranks:
         shift = t.clock_offset_s - origin
@@ -99,6 +118,8 @@ def align_clocks(ranks: list[RankTrace]) -> None:
                 o[3] += shift
         for s in t.steps:
             s.start_s += shift
+        for p in t.planning:
+            p.start_s += shift
 
 
 def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: dict[int, float],
@@ -114,6 +135,7 @@ def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: 
         for u in rt.units:
             e = steps.setdefault(u.step, {"step": u.step, "plan_step": u.plan_step, "ranks": [], "units": []})
             e["units"].append({**asdict(u), "end_s": u.end_s})
+    planning = {p.step: p for rt in ranks for p in rt.planning}
     out = []
     for k in sorted(steps):
         e = steps[k]
@@ -122,10 +144,27 @@ def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: 
         e["step_time_s"] = max((r["wall_s"] for r in e["ranks"]), default=None)
         e["loss"] = sum(r["loss"] for r in e["ranks"]) if e["ranks"] else None
         e["predicted_step_time_s"] = predicted_step_s.get(e["plan_step"])
+        if k in planning:
+            e["planning"] = asdict(planning[k])
         out.append(e)
     meta = {**meta, "prewarm_s": max((rt.prewarm_s for rt in ranks), default=0.0),
             "prewarm_pairs": sum(rt.prewarm_pairs for rt in ranks) // 2}  # both ends count a pair
+    if planning:
+        meta["plan_ahead"] = plan_ahead_summary(list(planning.values()))
     return {"schema": TRACE_SCHEMA, "complete": complete, "meta": meta, "steps": out}
+
+
+def plan_ahead_summary(records: list[PlanningRecord]) -> dict[str, Any]:
+    """How much planning the steps hid: over the iterations planned while another ran (all but the
+    first, whose planning nothing can hide), planning seconds, the seconds the run waited for them,
+    and the hidden share; plus the first iteration's planning and the per-step send."""
+    ahead = [p for p in records if p.step > min(r.step for r in records)]
+    plan_s, wait_s = sum(p.plan_s for p in ahead), sum(p.wait_s for p in ahead)
+    return {"steps_planned_ahead": len(ahead), "plan_s": plan_s, "exposed_s": wait_s,
+            "hidden_fraction": (1.0 - wait_s / plan_s) if plan_s > 0 else None,
+            "first_plan_s": min(records, key=lambda r: r.step).plan_s,
+            "send_s": sum(p.send_s for p in records) / len(records),
+            "sent_bytes": sum(p.sent_bytes for p in records) // len(records)}
 
 
 # -- per-rank parts -------------------------------------------------------------------------------
@@ -172,6 +211,11 @@ class TraceLog:
             self._mem.steps.append(rec)
         self._line({"kind": "step", **asdict(rec)})
 
+    def planning(self, rec: PlanningRecord) -> None:
+        if self._file is None:
+            self._mem.planning.append(rec)
+        self._line({"kind": "planning", **asdict(rec)})
+
     def warmup(self, seconds: float, pairs: int) -> None:
         self._mem.prewarm_s += seconds
         self._mem.prewarm_pairs += pairs
@@ -217,6 +261,8 @@ def read_part(path: Path) -> tuple[RankTrace, str | None]:
             rt.units.append(UnitRecord(**rec))
         elif kind == "step":
             rt.steps.append(StepRecord(**rec))
+        elif kind == "planning":
+            rt.planning.append(PlanningRecord(**rec))
         elif kind == "warmup":
             rt.prewarm_s += rec["s"]
             rt.prewarm_pairs += rec["pairs"]
@@ -257,6 +303,8 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
     procs = {r: f"rank {r} (HDP rank {h}" + (f", stage {stage[r]})" if pipelined and r in stage else ")")
              for r, h in hdp_rank.items()}
     threads = {k: name for r in hdp_rank for k, name in (((r, 0), "units, grad sync, optimizer"), ((r, 1), "steps"))}
+    if any("planning" in s for s in doc["steps"]):
+        threads[(0, 2)] = "plan-ahead (background thread)"
     for s in doc["steps"]:
         for u in s["units"]:
             args = {k: u[k] for k in ("unit", "degree", "tokens", "comm_wait_s", "sent_bytes", "offloaded_bytes",
@@ -273,6 +321,11 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
                        "ts": u["start_s"] * us, "dur": u["fwd_s"] * us, "args": args})
             ev.append({"ph": "X", "pid": u["rank"], "tid": 0, "name": f"unit {u['unit']} bwd", "cat": "backward",
                        "ts": (u["start_s"] + u["fwd_s"]) * us, "dur": u["bwd_s"] * us, "args": args})
+        if "planning" in s:  # the step's plan, made while the step before ran (rank 0's background thread)
+            p = s["planning"]
+            ev.append({"ph": "X", "pid": 0, "tid": 2, "name": f"plan step {s['step']}", "cat": "planning",
+                       "ts": p["start_s"] * us, "dur": p["plan_s"] * us,
+                       "args": {k: p[k] for k in ("wait_s", "send_s", "sent_bytes")}})
         for r in s["ranks"]:
             t = r["start_s"] + r["units_s"]
             ev.append({"ph": "X", "pid": r["rank"], "tid": 0, "name": "grad sync", "cat": "comm",

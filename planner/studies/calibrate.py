@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from costmodel.timing import CostModel
 from planner.plan import Plan, PlanError, validate
+from planner.plan.stream import load_plan, plan_fingerprint
 from planner.simulate.measured import compare_measured
 from planner.simulate.step import unit_costs
 from profiles.table import Profile, load_profile, read_json
@@ -163,11 +163,11 @@ def trace_rows(plan: Plan, trace: dict, origin: str) -> tuple[Row, ...]:
 def load_pair(plan_path: Path, trace_path: Path) -> TracePair:
     """A (plan, trace) pair, checked: missing files, a trace of another plan or cut short, one line each."""
     plan_path, trace_path = Path(plan_path), Path(trace_path)
-    plan = Plan.load(plan_path)
+    plan = load_plan(plan_path)
     validate(plan)
     trace = read_trace(trace_path)
     sha = (trace.get("meta") or {}).get("plan_sha256")
-    if sha and sha != hashlib.sha256(plan_path.read_bytes()).hexdigest():
+    if sha and sha != plan_fingerprint(plan_path):
         raise PlanError(f"{trace_path}: trace replayed another plan than {plan_path} (its recorded plan sha256 "
                         f"differs); pair each trace with the plan it replayed")
     return TracePair(plan_path, trace_path, plan, trace, trace_rows(plan, trace, str(trace_path)))
