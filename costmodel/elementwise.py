@@ -12,6 +12,7 @@ dropout. Counting conventions: bytes = elements × dtype bytes, a dropout mask i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from costmodel.specs import ModelSpec, Recompute
@@ -19,6 +20,10 @@ from costmodel.specs import ModelSpec, Recompute
 # Adam over fp32 master weights (ZeRO-1 shard or whole): read grad (4), master, m, v (12), write master, m, v
 # (12) and the bf16/fp16 model copy (2), then zero the grad buffer (4): Megatron's fused multi-tensor Adam.
 ADAM_BYTES_PER_PARAM = 4 + 12 + 12 + 2 + 4
+# fp8 training (Transformer Engine): each fp8 GEMM operand is cast from bf16, its amax taken on the way, into fp8 and
+# its transpose (Hopper's fp8 GEMMs take only the TN layout, so the other pass needs the transposed copy): read 2 B,
+# write 1 + 1 B per element [assumption: one unfused cast-transpose per operand; TE fuses some into the norm]
+FP8_CAST_BYTES = 2 + 1 + 1
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,11 @@ def embedding_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tup
     per = model.hidden * (2 * b if direction == "fwd" else b + 2 * 4)
     n = 2 if model.position == "learned" else 1
     return tuple(MemKernel("embedding", per) for _ in range(n))
+
+
+def fp8_cast_kernels(gemm_widths: Mapping[str, tuple[float, float]], direction: str) -> tuple[MemKernel, ...]:
+    """fp8 training's casts of one layer, bytes per token: `gemm_widths` maps each fp8 GEMM to its (input, output)
+    elements per token on one rank. Forward: each GEMM's input is cast; backward: each GEMM's output gradient (the
+    dgrad and wgrad GEMMs then reuse the forward's cast input and weight)."""
+    side = 0 if direction == "fwd" else 1
+    return tuple(MemKernel(f"fp8_cast_{label}", w[side] * FP8_CAST_BYTES) for label, w in gemm_widths.items())

@@ -1,7 +1,8 @@
 """Where each rank sits: the tp × pp × hdp layout of a job on NVLink domains (DESIGN.md, "Mesh").
 
 The one home of global rank ↔ (stage, HDP rank, TP rank) and of every "does this cross a domain?"
-answer. A domain is the set of GPUs joined by NVLink-class links: a node on today's clusters."""
+answer. A domain is the set of GPUs joined by NVLink-class links: a node on HGX/DGX clusters, a rack of
+72 GPUs on a GB200 NVL72 (ClusterSpec.gpus_per_domain)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class MeshLayout:
     tp: int = field(metadata=positive())  # tensor-parallel degree: GPUs per HDP rank
     pp: int = field(metadata=positive())  # pipeline stages
     hdp: int = field(metadata=positive())  # HDP ranks (TP groups) per stage
-    gpus_per_domain: int = field(metadata=positive())  # GPUs per NVLink domain (a node)
+    gpus_per_domain: int = field(metadata=positive())  # GPUs per NVLink domain (a node, or an NVL72 rack)
 
     def __post_init__(self) -> None:
         Reader("mesh", SpecError).check(self)

@@ -243,20 +243,31 @@ class ClusterSpec:
     host_link_bw_bytes_per_s: float = field(metadata=positive())  # GPU<->host bandwidth per GPU (PCIe), per direction
     profile: str  # default profile name in profiles/data
     source: str = ""  # where the numbers come from
+    # GPUs joined by NVLink-class links (the mesh's domain), a multiple of gpus_per_node: 72 on a GB200 NVL72 rack
+    # of 4-GPU trays. None: one node (every HGX/DGX preset); left out of to_dict then, so their plans stay as they were
+    gpus_per_domain: int | None = field(default=None, metadata=positive())
 
     def __post_init__(self) -> None:
         Reader(f"cluster {self.name!r}", SpecError).check(self)
+        if self.gpus_per_domain is not None and self.gpus_per_domain % self.gpus_per_node:
+            raise SpecError(f"cluster {self.name!r}: gpus_per_domain ({self.gpus_per_domain}) must be a multiple of "
+                            f"gpus_per_node ({self.gpus_per_node}): an NVLink domain holds whole nodes")
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def domain_gpus(self) -> int:
+        """GPUs per NVLink domain: gpus_per_domain, or one node."""
+        return self.gpus_per_node if self.gpus_per_domain is None else self.gpus_per_domain
+
     def with_gpus(self, gpus: int) -> "ClusterSpec":
         """The same cluster resized to `gpus` GPUs (whole nodes, or one partial node)."""
         if not isinstance(gpus, int) or gpus <= 0:
             raise SpecError(f"cluster {self.name!r}: GPU count must be a positive integer, got {gpus!r}")
-        if gpus <= self.gpus_per_node:
-            return dataclasses.replace(self, nodes=1, gpus_per_node=gpus)
+        if gpus <= self.gpus_per_node:  # a part of one node: one domain
+            return dataclasses.replace(self, nodes=1, gpus_per_node=gpus, gpus_per_domain=None)
         if gpus % self.gpus_per_node:
             raise SpecError(f"cluster {self.name!r}: {gpus} GPUs is not a whole number of "
                             f"{self.gpus_per_node}-GPU nodes; use a multiple of {self.gpus_per_node}")
@@ -264,6 +275,8 @@ class ClusterSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.gpus_per_domain is None:
+            del d["gpus_per_domain"]
         d["world_size"] = self.world_size
         return d
 
@@ -282,9 +295,13 @@ RECOMPUTE_POLICIES: tuple[Recompute, ...] = get_args(Recompute)  # least recompu
 AUTO_RECOMPUTE = "auto"  # a request's choice: the least recompute that fits its max context (planner.api)
 RECOMPUTE_CHOICES = (AUTO_RECOMPUTE, *RECOMPUTE_POLICIES)  # what a request (--recompute) may ask for
 
-DType = Literal["bf16", "fp16", "fp32"]
+DType = Literal["bf16", "fp16", "fp32"]  # a storage dtype (gradients)
+# The training precision: a storage dtype, or fp8 (Transformer Engine's recipe, docs/COSTMODEL.md "fp8"): the
+# linear layers' GEMMs in fp8, attention, activations, communication and the model weights in bf16
+TrainDType = Literal["bf16", "fp16", "fp32", "fp8"]
+TRAIN_DTYPES: tuple[str, ...] = get_args(TrainDType)  # what a request (--dtype) may ask for
 
-DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 2}  # bytes stored per element (fp8: bf16)
 
 
 def check_recompute(choice: str) -> None:
@@ -298,7 +315,7 @@ def check_recompute(choice: str) -> None:
 class TrainingSpec:
     """How the model is trained: precision, model parallelism, optimizer sharding, recompute."""
 
-    dtype: DType = "bf16"  # activation and parameter dtype
+    dtype: TrainDType = "bf16"  # activation and parameter dtype (fp8: fp8 GEMMs, bf16 storage)
     tp: int = field(default=1, metadata=positive())  # tensor-parallel degree
     pp: int = field(default=1, metadata=positive())  # pipeline-parallel degree
     # 0: replicated optimizer; 1: distributed optimizer (ZeRO-1) over HDP ranks; 2: gradients sharded too
@@ -347,7 +364,7 @@ class TrainingSpec:
         """This layout on the cluster's GPUs; SpecError if TP or PP does not fit them."""
         from costmodel.mesh import MeshLayout
 
-        return MeshLayout.of_world(cluster.world_size, self.tp, self.pp, cluster.gpus_per_node)
+        return MeshLayout.of_world(cluster.world_size, self.tp, self.pp, cluster.domain_gpus)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, embedding_kernels, head_kernels, layer_kernels,
-                                   recompute_kernels, score_kernels)
+from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, embedding_kernels, fp8_cast_kernels, head_kernels,
+                                   layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, memory_budget,
                               params_per_rank)
 from costmodel.specs import ClusterSpec, ModelSpec, Setup, SpecError, TrainingSpec
@@ -188,7 +188,7 @@ class CostModel:
     setup: Setup
     profile: Profile
     _curves: dict = field(default_factory=dict, repr=False)
-    _grad_sync: dict[int, float] = field(default_factory=dict, init=False, repr=False)  # per HDP group size: ~10 ms each
+    _grad_sync: dict[int, float] = field(default_factory=dict, init=False, repr=False)  # memo per HDP group size
 
     def __post_init__(self) -> None:
         self.profile.require_tables()  # a profile measured with --ops may lack a table every step needs
@@ -210,14 +210,22 @@ class CostModel:
         consts = self.profile.constants
         self.layer_overhead_s = float(consts.get("layer_overhead_s", {}).get("value", 0.0))
         self.attn_call_overhead_s = float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
-        dt = "bf16" if tr.dtype in ("bf16", "fp16") else "fp32"
+        dt = "bf16" if tr.dtype in ("bf16", "fp16", "fp8") else "fp32"
         dtypes = set(self.profile.tables["gemm"]["dtype"])
-        self.dtype = dt if dt in dtypes else sorted(dtypes)[0]
+        self.dtype = dt if dt in dtypes else sorted(dtypes - {"fp8"} or dtypes)[0]  # attention, LM head, unfused QKᵀ
+        # fp8 training: the decoder layers' linear GEMMs in fp8; attention, embedding and LM head stay bf16
+        # (docs/COSTMODEL.md "fp8")
+        fp8 = tr.dtype == "fp8"
+        if fp8 and "fp8" not in dtypes:
+            raise ProfileError(f"--dtype fp8: profile {self.profile.fingerprint.name!r} has no fp8 GEMM table (GPUs "
+                               "before Hopper, e.g. A100, have no fp8 tensor cores); use --dtype bf16, an fp8 GPU's "
+                               "profile (h100-sxm.analytic, b200.analytic, ...) or `meshplan profile` on one")
+        self.gemm_dtype = "fp8" if fp8 else self.dtype
         p = self.profile
         *layer, head = gemm_shapes(m, tr.tp)
         g = np.zeros_like(_TOKEN_GRID)
         for gemm in layer:
-            g += p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, self.dtype)
+            g += p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, self.gemm_dtype)
         self._curves["gemm_layer"] = g
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
@@ -229,9 +237,12 @@ class CostModel:
                                         direction=direction, dtype=self.dtype)
             self._curves[f"attn_{direction}"] = np.maximum(tt, 1e-12)
         sp, b = tr.sequence_parallel, tr.dtype_bytes
-        kernels = {"mem_layer_fwd": layer_kernels(m, tr.tp, sp, b, "fwd"),
-                   "mem_layer_bwd": layer_kernels(m, tr.tp, sp, b, "bwd"),
-                   "mem_recompute": recompute_kernels(m, tr.tp, sp, b, tr.recompute),
+        widths = {g.label: (g.k * g.rows_per_token, g.n * g.rows_per_token) for g in layer}
+        cast = {d: fp8_cast_kernels(widths, d) if fp8 else () for d in ("fwd", "bwd")}
+        kernels = {"mem_layer_fwd": layer_kernels(m, tr.tp, sp, b, "fwd") + cast["fwd"],
+                   "mem_layer_bwd": layer_kernels(m, tr.tp, sp, b, "bwd") + cast["bwd"],
+                   "mem_recompute": (recompute_kernels(m, tr.tp, sp, b, tr.recompute)
+                                     + (cast["fwd"] if tr.recompute == "full" else ())),
                    "mem_head_fwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "fwd"),
                    "mem_head_bwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "bwd"),
                    "mem_embed_fwd": embedding_kernels(m, b, "fwd"), "mem_embed_bwd": embedding_kernels(m, b, "bwd")}
@@ -351,10 +362,10 @@ class CostModel:
                                        + np.maximum(0.0, comm_b - step_b))
         tp_f = tp_b = comm_h = np.zeros(n)
         if self.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer each way (an all-reduce moves the same bytes)
-            tp_f = l * 2 * self._tp_pair_s(tokens)
+            tp_f = l * 2 * self.tp_pair_s(tokens)
             tp_b = tp_f * (2 if rec == "full" else 1)  # full recompute replays the forward's collectives
             # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
-            comm_h = self._tp_pair_s(tokens) / 2
+            comm_h = self.tp_pair_s(tokens) / 2
         off_f = off_b = np.zeros(n)
         if l > 2:
             nbytes = r_off * tokens * self.a_tok
@@ -394,7 +405,13 @@ class CostModel:
         exp_b = layers * ((passes_f - 1) * ag + rs)
         return exp_f + exp_b, exp_f, exp_b
 
-    def _tp_pair_s(self, tokens: np.ndarray) -> np.ndarray:
+    def memory_layer_s(self, tokens: np.ndarray | float, recompute: bool) -> np.ndarray:
+        """Memory-bound kernels of one layer on `tokens` tokens per rank, forward + backward (+ what a recompute
+        policy replays), as price_units charges them."""
+        t = self._lookup("mem_layer_fwd", tokens) + self._lookup("mem_layer_bwd", tokens)
+        return t + self._lookup("mem_recompute", tokens) if recompute else t
+
+    def tp_pair_s(self, tokens: np.ndarray) -> np.ndarray:
         """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h)."""
         act = tokens * self.model.hidden * self.bytes_per_elem
         return self._lookup("tp_all_gather", act) + self._lookup("tp_reduce_scatter", act)

@@ -46,6 +46,11 @@ class GpuNumbers:
     sms: Const  # streaming multiprocessors: the tiles of one wave (GEMM wave quantisation)
     gemm_tile_m: Const  # output tile of the library's large bf16 GEMM kernel, rows (the m side) ...
     gemm_tile_n: Const  # ... and columns; the transposed tile is taken too where it quantises better
+    # Dense fp8 (E4M3) GEMMs: the datasheet peak and the achieved large-GEMM rate. None: no fp8 tensor cores (A100),
+    # no fp8 GEMM rows (and no constants: files built before fp8 keep their sha256)
+    peak_fp8: Const | None = None
+    gemm_large_fp8: Const | None = None
+    domain_gpus: Const | None = None  # GPUs per NVLink domain; None: the 8-GPU HGX baseboard (no constant written)
 
 
 # Shared, GPU-independent numbers -------------------------------------------------------------
@@ -57,6 +62,7 @@ S_HALF = {  # document length at which attention reaches half its plateau effici
 HEAD_DIM_64_FACTOR = Const(0.85, "x", "FlashAttention head-dim 64 runs below 128 [assumption]")
 GEMM_HALF_FLOPS_AT_989T = Const(2e10, "FLOP", "GEMM reaches half of its large-size efficiency near 2e10 FLOP "
                                 "(about 20 us at H100 rate) [assumption]; scaled with the peak")
+HGX_DOMAIN_GPUS = 8  # GPUs of an HGX/DGX baseboard: the NVLink domain of every profile without domain_gpus
 GEMM_FLOOR = Const(5e-6, "s", "kernel launch + tail floor for a GEMM [assumption]")
 # 8xH200 all-reduce busbw (NCCL 2.30): 32 KiB 3.2, 1 MiB 74.6, 16 MiB 255.9, 256 MiB 441.9, 1 GiB 465.9 GB/s
 AR_SHAPE = Const(0, "-", "shape of 8xH200 all-reduce busbw vs size [meas: stas00, REFERENCE 8.3], "
@@ -120,6 +126,9 @@ H100 = GpuNumbers(
     hbm=_hbm(3.35e12, "H100 SXM"),
     sms=_c(132, "SMs", "H100 SXM5 132 SMs [spec: NVIDIA H100 whitepaper; 132 in stas00 mamf-finder H100 tests]"),
     gemm_tile_m=TILE_HOPPER_M, gemm_tile_n=TILE_HOPPER_N,
+    peak_fp8=_c(1979e12, "FLOP/s", "H100 SXM datasheet dense FP8 (3,958 with sparsity) [spec, REFERENCE 8.1]"),
+    gemm_large_fp8=_c(1453.4e12, "FLOP/s", "MAMF large FP8 GEMM on H200 [meas: stas00 ml-engineering, REFERENCE 8.1]; "
+                      "H100 SXM has the same die, clocks and FP8 peak [derived]"),
 )
 
 A100 = GpuNumbers(
@@ -151,6 +160,8 @@ H200 = GpuNumbers(
     hbm=_hbm(4.8e12, "H200 SXM"),
     sms=_c(132, "SMs", "H200 SXM 132 SMs, the H100 SXM5 configuration [spec]"),
     gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
+    peak_fp8=_c(1979e12, "FLOP/s", "H200 SXM datasheet dense FP8 [spec, REFERENCE 8.1]"),
+    gemm_large_fp8=_c(1453.4e12, "FLOP/s", "MAMF large FP8 GEMM [meas: stas00 ml-engineering, REFERENCE 8.1]"),
 )
 
 H800 = GpuNumbers(
@@ -163,15 +174,82 @@ H800 = GpuNumbers(
     nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h, hbm=H100.hbm,
     sms=_c(132, "SMs", "H800 SXM5 132 SMs, the H100 SXM5 configuration with reduced NVLink [spec]"),
     gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
+    peak_fp8=H100.peak_fp8, gemm_large_fp8=H100.gemm_large_fp8,
 )
 
-GPUS: dict[str, GpuNumbers] = {g.name: g for g in (H100, A100, H200, H800)}
+# Blackwell. Published: B200 dense peaks, its bf16 MAMF, its 8-GPU all-reduce (REFERENCE 8.1); GB200 NVL72 rack totals
+# (NVIDIA GB200 NVL72 datasheet: 360 PFLOPS FP16/BF16 and 720 PFLOPS FP8 with sparsity, 576 TB/s HBM, 130 TB/s NVLink,
+# over 72 GPUs). Not published: fp8 MAMF and FlashAttention (FA4) efficiency on Blackwell, NVL72 collectives.
+_B200_MAMF_FRACTION = 1745 / 2250  # bf16 MAMF / dense peak, B200 [meas: stas00]
+NVLINK5 = 900e9  # NVLink5 per GPU per direction (1.8 TB/s bidirectional) [spec: B200 and GB200 NVL72 datasheets]
+_NVLINK4_P2P_EFF = 378 / 450  # H100 P2P achieved / NVLink4 spec (REFERENCE 8.1)
+
+
+def _blackwell_attention(gpu: str) -> dict[str, Const]:
+    """H100's FA3 plateaus as fractions of the bf16 peak: no FA4 efficiency is published (REFERENCE 8.2)."""
+    return {k: _c(v.value, "x", f"{gpu}: H100 FA3 fraction of peak ({v.source}) [assumption: FA4 efficiency "
+                  "unpublished]") for k, v in H100.attn_plateau.items()}
+
+
+_TILE_BLACKWELL = "Hopper's 128x256 output tile [assumption: no published Blackwell cuBLAS tile]"
+B200 = GpuNumbers(
+    name="b200", device="NVIDIA B200 SXM 180GB (analytic)",
+    peak_bf16=_c(2250e12, "FLOP/s", "B200 (1000 W) dense BF16 [spec, REFERENCE 8.1]"),
+    gemm_large=_c(1745e12, "FLOP/s", "MAMF large BF16 GEMM [meas: stas00 ml-engineering, REFERENCE 8.1]"),
+    attn_plateau=_blackwell_attention("B200"),
+    ar_plateau_intra=_c(845.7e9, "B/s", "8xB200 all-reduce busbw at 16 GiB [meas: stas00, AWS P6-B200, REFERENCE 8.1]"),
+    p2p_intra=_c(NVLINK5 * _NVLINK4_P2P_EFF, "B/s", "NVLink5 900 GB/s per direction [spec] x H100's P2P efficiency "
+                 "378/450 [derived]"),
+    a2a_intra=_c(NVLINK5 * _NVLINK4_P2P_EFF * 285 / 378, "B/s", "H100 a2a/p2p ratio (285/378) [derived]"),
+    nic=_c(50e9, "B/s", "DGX B200: 8x 400 Gb/s ConnectX-7, one per GPU [spec]"),
+    h2d=_c(H100.h2d.value, "B/s", "H100's H2D: the same PCIe Gen5 host path on HGX [assumption]"),
+    d2h=_c(H100.d2h.value, "B/s", "H100's D2H: the same PCIe Gen5 host path on HGX [assumption]"),
+    hbm=_hbm(8.0e12, "B200"),
+    sms=_c(148, "SMs", "B200 148 SMs (SM 10.0) [code search: device queries in B200 benchmark repositories]"),
+    gemm_tile_m=_c(128, "elements", _TILE_BLACKWELL), gemm_tile_n=_c(256, "elements", _TILE_BLACKWELL),
+    peak_fp8=_c(4500e12, "FLOP/s", "B200 dense FP8 [spec, REFERENCE 8.1]"),
+    gemm_large_fp8=_c(4500e12 * _B200_MAMF_FRACTION, "FLOP/s", "B200 FP8 peak x its BF16 MAMF fraction 1745/2250 "
+                      "[assumption: no published FP8 MAMF on Blackwell]"),
+)
+
+_GB200_RACK = "NVIDIA GB200 NVL72 datasheet"
+GB200 = GpuNumbers(
+    name="gb200", device="NVIDIA GB200 NVL72 (analytic)",
+    peak_bf16=_c(360e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 360 PFLOPS FP16/BF16 with sparsity per 72 GPUs -> 2.5 "
+                 "dense per GPU [spec, derived]"),
+    gemm_large=_c(360e15 / 2 / 72 * _B200_MAMF_FRACTION, "FLOP/s", "BF16 peak x B200's MAMF fraction 1745/2250 "
+                  "[assumption: unmeasured on GB200]"),
+    attn_plateau=_blackwell_attention("GB200"),
+    ar_plateau_intra=_c(B200.ar_plateau_intra.value, "B/s", "8xB200 all-reduce busbw [meas: stas00], the same NVLink5 "
+                        "per GPU, held for every group inside the 72-GPU domain [assumption: NVL72 unmeasured]"),
+    p2p_intra=B200.p2p_intra, a2a_intra=B200.a2a_intra,
+    nic=_c(50e9, "B/s", "one 400 Gb/s ConnectX-7 per GPU between racks [assumption]"),
+    h2d=_c(0.8 * 900e9 / 4, "B/s", "NVLink-C2C 900 GB/s bidirectional per Grace and its 2 GPUs [spec] -> 225 GB/s "
+           "per GPU per direction [derived] x 0.8 achieved [assumption]"),
+    d2h=_c(0.8 * 900e9 / 4, "B/s", "as h2d: NVLink-C2C 225 GB/s per GPU per direction [derived] x 0.8 [assumption]"),
+    hbm=_hbm(576e12 / 72, "GB200 (576 TB/s per 72 GPUs)"),
+    sms=_c(148, "SMs", "B200's 148 SMs [assumption: the same Blackwell GPU]"),
+    gemm_tile_m=B200.gemm_tile_m, gemm_tile_n=B200.gemm_tile_n,
+    peak_fp8=_c(720e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 720 PFLOPS FP8 with sparsity per 72 GPUs -> 5.0 dense "
+                "per GPU [spec, derived]"),
+    gemm_large_fp8=_c(720e15 / 2 / 72 * _B200_MAMF_FRACTION, "FLOP/s", "FP8 peak x B200's BF16 MAMF fraction "
+                      "1745/2250 [assumption: no published FP8 MAMF on Blackwell]"),
+    domain_gpus=_c(72, "GPUs", f"{_GB200_RACK}: 72 GPUs on one NVLink Switch System, 130 TB/s [spec]"),
+)
+
+GPUS: dict[str, GpuNumbers] = {g.name: g for g in (H100, A100, H200, H800, B200, GB200)}
 
 SIZES_BYTES = [KiB * 4**i for i in range(13)]  # 1 KiB .. 16 GiB
 ATTN_LENGTHS = [128 * 2**i for i in range(15)]  # 128 .. 2M tokens
 GEMM_EDGES = [128 * 2**i for i in range(9)]  # 128 .. 32K
-INTRA_GROUPS = [2, 4, 8]
-INTER_GROUPS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
+def group_sizes(domain_gpus: int) -> tuple[list[int], list[int]]:
+    """Collective group sizes of the tables: inside one domain (powers of two, then the whole domain), and
+    across 2 .. 2048 whole domains (8-GPU domains: 2 .. 8 and 16 .. 16384 GPUs)."""
+    intra = sorted({2**i for i in range(1, domain_gpus.bit_length()) if 2**i < domain_gpus} | {domain_gpus})
+    return intra, [domain_gpus * 2**i for i in range(1, 12)]
+
 
 
 def _shape(points: list[tuple[float, float]], sizes: np.ndarray, norm: float) -> np.ndarray:
@@ -196,15 +274,23 @@ def build(g: GpuNumbers) -> Profile:
     }
     consts.update({f"attn_plateau_{k}": v for k, v in g.attn_plateau.items()})
     consts.update({f"attn_s_half_{k}": v for k, v in S_HALF.items()})
+    gemm_rates = [("bf16", g.gemm_large, g.peak_bf16)]
+    if g.peak_fp8 is not None and g.gemm_large_fp8 is not None:
+        consts.update({"peak_fp8_flops": g.peak_fp8, "gemm_large_fp8_flops": g.gemm_large_fp8})
+        gemm_rates.append(("fp8", g.gemm_large_fp8, g.peak_fp8))
+    if g.domain_gpus is not None:
+        consts["nvlink_domain_gpus"] = g.domain_gpus
 
-    # GEMM: generic cube-ish grid; time = max(floor, flops / (achieved * x/(x + x_half))).
-    half = GEMM_HALF_FLOPS_AT_989T.value * g.peak_bf16.value / 989e12
+    # GEMM, per dtype: generic cube-ish grid; time = max(floor, flops / (achieved * x/(x + x_half))), x_half scaled
+    # with the dtype's peak (the same ~20 us to half efficiency).
     rows = []
-    for m in GEMM_EDGES:
-        for n, k in ((m, m), (4096, 4096), (8192, 8192)):
-            fl = 2.0 * m * n * k
-            rate = g.gemm_large.value * fl / (fl + half)
-            rows.append((m, n, k, "bf16", max(GEMM_FLOOR.value, fl / rate)))
+    for dtype, large, peak in gemm_rates:
+        half = GEMM_HALF_FLOPS_AT_989T.value * peak.value / 989e12
+        for m in GEMM_EDGES:
+            for n, k in ((m, m), (4096, 4096), (8192, 8192)):
+                fl = 2.0 * m * n * k
+                rate = large.value * fl / (fl + half)
+                rows.append((m, n, k, dtype, max(GEMM_FLOOR.value, fl / rate)))
     gemm = pd.DataFrame(rows, columns=["m", "n", "k", "dtype", "time_s"])
 
     # Attention: rate = peak * plateau * s/(s + s_half); calls hold >= 16K tokens like the FA3 runs.
@@ -227,22 +313,23 @@ def build(g: GpuNumbers) -> Profile:
     ar_shape = _shape(_AR_SHAPE_POINTS, sizes, 465.9)
     inter_shape = _shape(_INTER_SHAPE_POINTS, sizes, 1.0)
     nic_eff = g.nic.value * NIC_EFF.value
-    gpn = 8
+    gpn = HGX_DOMAIN_GPUS if g.domain_gpus is None else int(g.domain_gpus.value)  # "intra": inside one domain
+    intra_groups, inter_groups = group_sizes(gpn)
     for op in ("all_reduce", "all_gather", "reduce_scatter"):
-        for n in INTRA_GROUPS:
+        for n in intra_groups:
             bw = g.ar_plateau_intra.value * ar_shape
             t = np.maximum(FLOOR_INTRA.value, sizes * bus_factor(op, n) / bw)
             rows += [(op, "intra", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
-        for n in INTER_GROUPS:
+        for n in inter_groups:
             k = n // gpn  # nodes; hierarchical: each GPU moves 1/gpn of the node's inter-node share
             plateau = min(g.ar_plateau_intra.value, bus_factor(op, n) * gpn * nic_eff / bus_factor(op, k))
             floor = FLOOR_INTRA.value + (FLOOR_INTER_256.value - FLOOR_INTRA.value) * np.log2(n / gpn) / 5
             t = np.maximum(floor, sizes * bus_factor(op, n) / (plateau * inter_shape))
             rows += [(op, "inter", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
-    for n in INTRA_GROUPS:  # alpha-beta for all-to-all and P2P
+    for n in intra_groups:  # alpha-beta for all-to-all and P2P
         t = FLOOR_P2P.value + sizes * bus_factor("all_to_all", n) / g.a2a_intra.value
         rows += [("all_to_all", "intra", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
-    for n in INTER_GROUPS:  # inter-node all-to-all runs at about one NIC's rate (REFERENCE 8.3)
+    for n in inter_groups:  # inter-node all-to-all runs at about one NIC's rate (REFERENCE 8.3)
         t = FLOOR_INTER_P2P.value + sizes * bus_factor("all_to_all", n) / (g.nic.value * P2P_NIC_EFF.value)
         rows += [("all_to_all", "inter", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
     t = FLOOR_P2P.value + sizes / g.p2p_intra.value

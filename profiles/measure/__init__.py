@@ -32,7 +32,10 @@ TABLES = ("gemm", "attention", "collective", "host_copy", "memory")  # measureme
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 # Which profiled dtype is the main one (attention is measured in it alone): the first of these that
 # the GEMM table holds, the same order the cost model and `runner.main_dtype` read a profile in.
-DTYPE_PREFERENCE = ("bf16", "fp16", "fp32")
+# GEMM dtypes, main first. fp8 (E4M3, torch._scaled_mm) is only ever measured beside a main dtype: attention and
+# every non-GEMM table stay in the main one
+DTYPE_PREFERENCE = ("bf16", "fp16", "fp32", "fp8")
+FP8_ALIGN = 16  # torch._scaled_mm (cuBLASLt fp8) needs every GEMM dimension a multiple of 16
 
 
 class MeasureError(ProfileError):
@@ -194,6 +197,8 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
     # Main dtype first whatever order was asked: a CPU with fast bf16 must time attention in bf16,
     # the dtype its GEMM table makes the cost model look up.
     dtypes = tuple(sorted(set(dtypes), key=DTYPE_PREFERENCE.index))
+    if dtypes[0] == "fp8":
+        raise MeasureError("fp8 GEMMs are measured beside a main dtype (bf16, fp16 or fp32), not alone")
     if gpu:
         timing = (TimingConfig(warmup=3, repeats=20, min_repeats=5, budget_s=0.2) if quick else
                   TimingConfig(warmup=5, repeats=50, min_repeats=10, budget_s=0.5))
@@ -269,6 +274,8 @@ def gemm_points(cfg: MeasureConfig) -> list[GemmPoint]:
         p = GemmPoint(m, n, k, dt)
         # fp32 on a GPU runs without tensor cores (~1/15 of bf16): cap its FLOPs to match in time.
         cap = cfg.gemm_flop_cap / (16 if cfg.device == "cuda" and dt == "fp32" else 1)
+        if dt == "fp8" and (m % FP8_ALIGN or n % FP8_ALIGN or k % FP8_ALIGN):
+            return
         if (force or p.flops <= cap) and (m, n, k, dt) not in seen:
             seen[(m, n, k, dt)] = p
 
@@ -449,6 +456,6 @@ def device_fingerprint(device: str) -> tuple[str, dict[str, str]]:
 def torch_dtype(name: str) -> Any:
     import torch
     try:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}[name]
     except KeyError:
-        raise MeasureError(f"unknown dtype {name!r}; one of bf16, fp16, fp32") from None
+        raise MeasureError(f"unknown dtype {name!r}; one of {', '.join(DTYPE_PREFERENCE)}") from None

@@ -13,12 +13,31 @@ from profiles.table import TABLE_COLUMNS
 
 
 def time_gemm(p: GemmPoint, timing: TimingConfig, device: str) -> float:
-    """Median seconds of one (m×k)·(k×n) product."""
+    """Median seconds of one (m×k)·(k×n) product (fp8: E4M3 operands with per-tensor scales, bf16 output)."""
+    if p.dtype == "fp8":
+        return median(time_op(_scaled_mm_fn(p, device), timing, device=device))
     dt = torch_dtype(p.dtype)
     a = torch.randn(p.m, p.k, dtype=dt, device=device)
     b = torch.randn(p.k, p.n, dtype=dt, device=device)
     c = torch.empty(p.m, p.n, dtype=dt, device=device)
     return median(time_op(lambda _: torch.mm(a, b, out=c), timing, device=device))
+
+
+def _scaled_mm_fn(p: GemmPoint, device: str) -> Callable[[object], torch.Tensor]:
+    """torch._scaled_mm as Transformer Engine calls cuBLASLt: A row-major, B column-major (B's transpose stored)."""
+    fp8 = torch_dtype("fp8")
+    a = torch.randn(p.m, p.k, device=device).to(fp8)
+    b = torch.randn(p.n, p.k, device=device).to(fp8).t()
+    one = torch.ones((), dtype=torch.float32, device=device)
+    return lambda _: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
+def fp8_supported(device: str) -> bool:
+    """Whether this torch runs fp8 GEMMs on the device: torch._scaled_mm and, on CUDA, compute capability 8.9+
+    (Ada, Hopper, Blackwell)."""
+    if not (hasattr(torch, "_scaled_mm") and hasattr(torch, "float8_e4m3fn")):
+        return False
+    return device != "cuda" or torch.cuda.get_device_capability() >= (8, 9)
 
 
 def measure_gemm(cfg: MeasureConfig, points: list[GemmPoint],

@@ -191,11 +191,15 @@ def choose_dtypes(device: str) -> tuple[tuple[str, ...], str]:
     bf16 then fp32 when a probe GEMM shows bf16 runs at a sane speed (CPUs without native bf16 emulate
     it ~100x slower). The main dtype is the one attention is measured in, so it must be the one the
     cost model looks up (`main_dtype`: bf16 whenever the GEMM table holds it)."""
+    from profiles.measure.gemm import dtype_rate_flops, fp8_supported
     if device == "cuda":
-        return ("bf16", "fp16", "fp32"), "GEMM dtypes bf16, fp16, fp32 (fp32 without TF32)"
-    from profiles.measure.gemm import dtype_rate_flops
+        if fp8_supported(device):
+            return ("bf16", "fp16", "fp32", "fp8"), "GEMM dtypes bf16, fp16, fp32 (fp32 without TF32), fp8 (E4M3)"
+        return ("bf16", "fp16", "fp32"), ("GEMM dtypes bf16, fp16, fp32 (fp32 without TF32); no fp8 (needs "
+                                          "torch._scaled_mm and compute capability 8.9+)")
     fp32, bf16 = dtype_rate_flops("fp32", device), dtype_rate_flops("bf16", device)
-    note = f"CPU probe 512^3 GEMM: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s"
+    note = (f"CPU probe 512^3 GEMM: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s; fp8 GEMMs are "
+            "measured on GPUs only")
     if bf16 >= BF16_SANE_FRACTION * fp32:
         return ("bf16", "fp32"), note + "; both profiled, bf16 the main dtype (attention, peak)"
     return ("fp32",), note + f"; bf16 below {BF16_SANE_FRACTION:.0%} of fp32, not profiled"
@@ -498,7 +502,8 @@ EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0},  # imports, dtype probe
                "cuda": {"startup": 20.0,  # CUDA context, cuBLAS/flash init, autotune warm-ups
                         "torchrun": 40.0}}  # NCCL init ~4.5 s per group + ~0.2 s per P2P pair (REFERENCE 8.4)
 # A reference profile may hold only bf16 GEMMs: time of other dtypes relative to bf16.
-DTYPE_VS_BF16 = {"bf16": 1.0, "fp16": 1.0, "fp32": 989 / 67}  # H100 SXM dense bf16 989 vs fp32 67 TFLOP/s [spec]
+# H100 SXM dense bf16 989 vs fp32 67 and fp8 1,979 TFLOP/s [spec]
+DTYPE_VS_BF16 = {"bf16": 1.0, "fp16": 1.0, "fp32": 989 / 67, "fp8": 989 / 1979}
 
 
 def estimate_request(req: ProfileRequest, ref: Profile) -> tuple[MeasureConfig, dict[str, float]]:
