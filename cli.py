@@ -25,7 +25,7 @@ from rich.table import Table as _RichTable
 from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
-from costmodel.specs import AUTO_RECOMPUTE, RECOMPUTE_POLICIES, SpecError, check_recompute
+from costmodel.specs import AUTO_RECOMPUTE, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError, check_recompute
 from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
@@ -357,7 +357,9 @@ USER_ERRORS += (PlanError,)
 
 @app.command("replay", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def replay(ctx: typer.Context,
-           plan: Path = typer.Argument(..., help="Plan JSON (any tp × pp × hdp mesh of a dense model)."),
+           plan: Path = typer.Argument(..., help="Plan JSON (any tp × pp × hdp mesh of a dense model), or a plan "
+                                       "stream (.jsonl, `meshplan plan --out x.jsonl`): each rank reads only the "
+                                       "steps it runs."),
            nproc: int = typer.Option(..., "--nproc", help="Processes per node: one per GPU, or CPU workers (gloo)."),
            model: Optional[str] = typer.Option(None, "--model", help="Model preset or file to build instead of "
                                                "the plan's meta.model, e.g. tiny."),
@@ -388,6 +390,11 @@ def replay(ctx: typer.Context,
            hf_weights: Optional[Path] = typer.Option(None, "--hf-weights", help="Its safetensors checkpoint (file or "
                                                      "directory); each rank reads only its stage's tensors (default: "
                                                      "seeded init)."),
+           plan_ahead: bool = typer.Option(False, "--plan-ahead", help="Rank 0 plans step t+1 with the plan's own "
+                                           "request (its meta: strategy, options, specs, profile) while step t "
+                                           "runs, and sends each rank only its units; --steps iterations."),
+           lengths: Optional[str] = typer.Option(None, "--lengths", help="--plan-ahead: the length source to plan "
+                                                 "from (default: the plan's)."),
            device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
            timeout_s: float = typer.Option(300.0, "--timeout-s", help="Process-group timeout in seconds."),
            inject_failure: Optional[str] = typer.Option(None, "--inject-failure", hidden=True,
@@ -400,7 +407,7 @@ def replay(ctx: typer.Context,
     opts = ReplayOptions(plan_path=plan, model=model, steps=steps, check=check, trace_path=trace, cp_impl=cp,
                          ring_kernel=ring_kernel, seed=seed, optimizer=optimizer, lr=lr, tokens_path=tokens,
                          device=device, timeout_s=timeout_s, dtype=dtype, recompute=recompute, hf_config=hf_config,
-                         hf_weights=hf_weights,
+                         hf_weights=hf_weights, plan_ahead=plan_ahead, lengths=lengths,
                          inject_failure=InjectedFailure.parse(inject_failure) if inject_failure else None)
     try:
         run_replay(opts, nproc, ctx.args)  # checks the plan before any process starts
@@ -410,7 +417,8 @@ def replay(ctx: typer.Context,
 
 # -- plan / simulate: the planner ------------------------------------------------------------------
 from planner.api import PlanRequest, compare as compare_strategies, cost_model_for_plan  # noqa: E402
-from planner.plan import Plan as _Plan, PlanError as _PlanError  # noqa: E402
+from planner.plan import PlanError as _PlanError  # noqa: E402
+from planner.plan.stream import load_plan, save_plan  # noqa: E402
 from planner.strategies import (HEURISTICS, PP_SCHEDULES, SOLVERS, STRATEGIES, HdpOptions, IlpOptions,  # noqa: E402
                                 PlanOptions)
 
@@ -445,6 +453,8 @@ def plan_cmd(
         max_context: str = typer.Option("2M", help="Longest sequence; longer documents are split."),
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
+        dtype: str = typer.Option("bf16", help=f"Training precision, {one_of(TRAIN_DTYPES)}; fp8: the layers' GEMMs "
+                                  "in fp8 (Transformer Engine), attention and storage bf16."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         strategy: Optional[str] = typer.Option(None, help=f"Write this strategy's plan ({', '.join(STRATEGIES)}); "
                                                "default: the fastest of those compared."),
@@ -452,8 +462,11 @@ def plan_cmd(
                                     "solve exactly)."),
         solver: str = typer.Option(_ILP.solver, help=f"ilp: solver backend, {one_of(SOLVERS)}."),
         time_limit: float = typer.Option(_ILP.time_limit_s, "--time-limit", min=0.1,
-                                         help="ilp: solver seconds per step."),
-        out_path: Path = typer.Option(Path("plan.json"), "--out", help="Where the plan is written."),
+                                         help="ilp: seconds per step, the whole strategy call (the solver's log: "
+                                         "MESHPLAN_SOLVER_LOG=1, on stderr)."),
+        out_path: Path = typer.Option(Path("plan.json"), "--out", help="Where the plan is written: one JSON "
+                                      "object, or with a .jsonl suffix a plan stream (one line per step, an "
+                                      "index: a replay rank reads only its step)."),
         trace: Optional[Path] = typer.Option(None, help="Also write a Chrome/Perfetto trace of the plan."),
         seed: int = typer.Option(0, help="Seed of the length source."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -473,11 +486,12 @@ def plan_cmd(
         fail(f"--trace {trace}: the same file as --out")
     check_choice("--solver", solver, SOLVERS)
     check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
+    check_choice("--dtype", dtype, TRAIN_DTYPES)
     req = PlanRequest(model=model, cluster=cluster, gpus=gpus, tp=tp, pp=pp, profile=profile, lengths=lengths,
                       steps=steps, tokens_per_step=None if tokens_per_step.strip().lower() == "auto"
                       else parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
-                      capacity_tokens=parse_tokens(capacity) if capacity else None, seed=seed,
+                      capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),
@@ -498,7 +512,7 @@ def plan_cmd(
         from planner.simulate import simulate_step
 
         simulate_step(plan.steps[0], res.cost_model).write_trace(trace)
-    plan.save(out_path)
+    save_plan(plan, out_path)
     if as_json:
         sys.stdout.write(json.dumps({"plan": str(out_path), "strategy": choice.strategy, "reason": choice.reason,
                                      "trace": None if trace is None else str(trace),
@@ -524,7 +538,8 @@ def plan_cmd(
         t.add_row(x.strategy + (" *" if x.strategy == choice.strategy else ""), f"{x.step_time_s:.2f}",
                   f"{x.step_time_s / x.lower_bound_s:.2f}", f"{x.tokens_per_s:,.0f}", f"{x.mfu:.1%}",
                   "-" if x.speedup_vs_static is None else f"{x.speedup_vs_static:.2f}x",
-                  f"{x.busiest_rank_s:.2f}", f"{x.idlest_rank_s:.2f}", _gb(x.peak_memory_bytes), f"{x.planning_s:.2f}")
+                  f"{x.busiest_rank_s:.2f}", f"{x.idlest_rank_s:.2f}",
+                  _gb(x.peak_memory_bytes) + ("" if x.fits_hbm else " †"), f"{x.planning_s:.2f}")
     for n, why in res.failures.items():
         t.add_row(n, "infeasible", "", "", "", "", "", "", "", "", style="dim")
         err.print(f"[yellow]{n}:[/] {escape(why)}", soft_wrap=True)
@@ -536,6 +551,9 @@ def plan_cmd(
             out.print(f"{n}: {sv['name']} {sv['status']}, gap {gap} (within the partition model), "
                       f"{sv['seconds']:.1f} s")
     out.print(f"MFU: causal attention halved, recompute excluded, peak {cm.peak_flops() / 1e12:.3g} TFLOP/s.")
+    if not all(x.fits_hbm for x in res.summaries):
+        out.print(f"†: simulated peak over the {cm.budget.hbm_bytes / 1e9:.4g} GB HBM (fragmentation reserve "
+                  "included); such a plan is never written.")
     out.print(escape(f"* wrote {out_path}: {choice.strategy}, {choice.reason}" + (f"; trace {trace}" if trace else "")),
               highlight=False)
 
@@ -553,7 +571,7 @@ def simulate_cmd(
     from planner.simulate import simulate_plan
 
     writable(trace, "--trace")
-    plan = _Plan.load(plan_path)
+    plan = load_plan(plan_path)
     validate(plan)
     cm = cost_model_for_plan(plan, profile)
     sims = simulate_plan(plan, cm)
@@ -1182,13 +1200,68 @@ def report_cmd(
         fail("give --gantt FILE and/or --memory FILE for a plan (or pass a sweep .csv/.parquet)")
     from planner.plan import validate
 
-    plan = _Plan.load(source)
+    plan = load_plan(source)
     validate(plan)
     if not 0 <= step < len(plan.steps):
         fail(f"--step {step}: the plan has {len(plan.steps)} step(s)")
     cm = cost_model_for_plan(plan, profile)
     figs = plot_plan(plan, cm, step=step, gantt=gantt, memory=memory, max_ranks=max_ranks)
     wrote("plan", [*figs.gantt, *figs.memory])
+
+
+# -- machine-check: one command that validates a machine end to end (planner/studies/machine_check) -----------
+@app.command("machine-check")
+def machine_check_cmd(
+        out_dir: Path = typer.Option(..., "--out", help="Folder for everything: profile, plans, traces, logs, "
+                                                        "summary.md, machine_check.json."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+        budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Wall-time budget in seconds, split into "
+                                                 "per-phase budgets (default: 480 on GPU, 180 on CPU)."),
+        steps: int = typer.Option(4, "--steps", min=2, help="Timed replay iterations per plan (the first is left "
+                                                            "out as warm-up)."),
+        seed: int = typer.Option(0, "--seed", help="Lengths, model init and tokens."),
+        cases: Optional[List[str]] = typer.Option(None, "--case", help="Replay only this plan (repeatable), e.g. "
+                                                  "cpu1, cpu2-gloo, gpu1-packed, gpu1-long; default: all of the "
+                                                  "device's."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {ok, environment, checks, "
+                                                           "accuracy, ...}."),
+) -> None:
+    """Validate this machine end to end within a time budget: environment (driver, torch, CUDA, NCCL,
+    flash-attn), a quick profile, small plans replayed with --check (bf16 on GPU, fp32 on CPU), and predicted
+    vs measured per unit and per step (MAPE) on the device's reference profile and the fresh one. Writes
+    everything under --out; exit code 1 when a check failed or was skipped for lack of time."""
+    from planner.studies.machine_check import MachineCheckRequest, environment_line, machine_check
+
+    if device is not None:
+        check_choice("--device", device, ("cpu", "cuda"))
+    req = MachineCheckRequest(out_dir=out_dir, device=device, budget_s=budget_s, steps=steps, seed=seed,
+                              cases=tuple(cases) if cases else None)
+    res = machine_check(req, progress=None if as_json else lambda m: err.print(escape(m), highlight=False))
+    if as_json:
+        sys.stdout.write(json.dumps(res.to_dict(), default=str) + "\n")
+        raise typer.Exit(0 if res.ok else 1)
+    out.print(escape(environment_line(res.environment)), highlight=False, soft_wrap=True)
+    t = Table(title=f"checks ({res.elapsed_s:.0f} s of a {res.budget_s:.0f} s budget)")
+    for c in ("phase", "check", "status", "seconds", "detail"):
+        t.add_column(c, justify="right" if c == "seconds" else "left")
+    for c in res.checks:
+        style = {"failed": "red", "skipped": "yellow"}.get(c.status)
+        t.add_row(c.phase, escape(c.name), f"[{style}]{c.status}[/]" if style else c.status, f"{c.seconds:.1f}",
+                  escape(c.detail))
+    out.print(t)
+    if res.accuracy:
+        t = Table(title="predicted vs measured (error = predicted / measured - 1; MAPE = mean |error|)")
+        for c in ("plan", "profile", "units", "unit MAPE", "step MAPE", "steps predicted / measured (ms)"):
+            t.add_column(c, justify="left" if c in ("plan", "profile") else "right")
+        for a in res.accuracy:
+            t.add_row(escape(a.case), escape(f"{a.profile} ({a.role})"), str(len(a.units)), f"{a.unit_mape:.1%}",
+                      f"{a.step_mape:.1%}", ", ".join(f"{s['predicted_s'] * 1e3:.1f} / {s['measured_s'] * 1e3:.1f}"
+                                                      for s in a.steps))
+        out.print(t)
+    out.print(escape(f"{'PASSED' if res.ok else 'FAILED'}; wrote {out_dir / 'summary.md'} and "
+                     f"{out_dir / 'machine_check.json'}"), highlight=False)
+    if not res.ok:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

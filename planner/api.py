@@ -47,6 +47,7 @@ class PlanRequest:
     recompute: str = AUTO_RECOMPUTE  # a policy, or auto: the least recompute that fits the max context
     capacity_tokens: int | None = None  # override C
     zero_stage: int = 1
+    dtype: str = "bf16"  # training precision, TrainingSpec.dtype: bf16, fp16, fp32, or fp8 (fp8 GEMMs, bf16 storage)
     seed: int = 0
     options: PlanOptions = field(default_factory=PlanOptions)
 
@@ -62,7 +63,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
     policies = RECOMPUTE_POLICIES if req.recompute == AUTO_RECOMPUTE else (req.recompute,)
     last: Exception | None = None
     for pol in policies:
-        tr = TrainingSpec(tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
+        tr = TrainingSpec(dtype=req.dtype, tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
                           capacity_tokens=req.capacity_tokens)
         try:
             setup = Setup(model, cluster, tr)
@@ -189,7 +190,7 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
         "seed": req.seed,
         "training": s.training.to_dict(),
         "model_spec": dataclasses.asdict(s.model),
-        "cluster_spec": dataclasses.asdict(s.cluster),
+        "cluster_spec": {k: v for k, v in s.cluster.to_dict().items() if k != "world_size"},  # from_dict's keys
         "capacity_tokens": cm.capacity_tokens,
         "layers_per_stage": cm.layers_per_stage,
         "dkv_activation_ratio": cm.dkv_ratio,
@@ -254,6 +255,7 @@ class Summary:
     idlest_rank_s: float
     peak_memory_bytes: float
     planning_s: float
+    fits_hbm: bool  # every step's simulated peak (fragmentation reserve included) within the GPU's HBM
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -269,13 +271,14 @@ def summarize(plan: Plan, cm: CostModel, static_step_time_s: float | None = None
     f_half = float(np.mean([model_flops([q.length for q in s.sequences], cm.model, True) for s in st]))
     f_full = float(np.mean([model_flops([q.length for q in s.sequences], cm.model, False) for s in st]))
     busy = np.array([s.predicted.per_rank_busy_s for s in st]).mean(axis=0)
+    peak_bytes = float(max(max(s.predicted.peak_memory_bytes) for s in st))
     return Summary(
         strategy=plan.meta["strategy"], step_time_s=step_time, lower_bound_s=lb, tokens_per_s=tokens / step_time,
         mfu=f_half / (step_time * world * peak), mfu_unhalved=f_full / (step_time * world * peak),
         speedup_vs_static=(static_step_time_s / step_time) if static_step_time_s else None,
         busiest_rank_s=float(busy.max()), idlest_rank_s=float(busy.min()),
-        peak_memory_bytes=float(max(max(s.predicted.peak_memory_bytes) for s in st)),
-        planning_s=float(plan.meta["solver"]["seconds"]))
+        peak_memory_bytes=peak_bytes, planning_s=float(plan.meta["solver"]["seconds"]),
+        fits_hbm=peak_bytes <= cm.budget.hbm_bytes)
 
 
 @dataclass(frozen=True)
@@ -299,27 +302,38 @@ class Comparison:
     batches: list[GlobalBatch]
 
     def chosen(self, strategy: str | None = None) -> Choice:
-        """The plan to write: `strategy` when one is forced, else the fastest that planned (least
-        mean predicted step time; a tie goes to the first compared). Raises PlanError when the
-        forced strategy, or every strategy, could not plan."""
+        """The plan to write: `strategy` when one is forced, else the fastest that planned and fits HBM
+        (least mean predicted step time; a tie goes to the first compared). Raises PlanError when the
+        forced strategy, or every strategy, could not plan or does not fit: a written plan always fits."""
         if strategy is not None and strategy not in self.plans:
             raise PlanError(f"strategy {strategy} could not plan this case: "
                             f"{self.failures.get(strategy, 'it was not compared')}")
         if not self.summaries:
             raise PlanError("no strategy could plan this case: "
                             + "; ".join(f"{n}: {why}" for n, why in self.failures.items()))
-        ranked = sorted(self.summaries, key=lambda x: x.step_time_s)  # stable: ties keep the compared order
+        over = [x for x in self.summaries if not x.fits_hbm and (strategy is None or x.strategy == strategy)]
+        if strategy is not None and over or len(over) == len(self.summaries):
+            peaks = ", ".join(f"{x.strategy} {x.peak_memory_bytes / 1e9:.2f} GB" for x in over)
+            hbm = self.cost_model.budget.hbm_bytes
+            raise PlanError(f"no plan written: {peaks} over the {hbm / 1e9:.4g} GB HBM (simulated peak, fragmentation "
+                            "reserve included); try --recompute full, more GPUs, a larger tp or pp, a smaller "
+                            "--capacity, or " + ("another --strategy" if strategy else "a shorter --max-context"))
+        fitting = [x for x in self.summaries if x.fits_hbm]
+        ranked = sorted(fitting, key=lambda x: x.step_time_s)  # stable: ties keep the compared order
         best = ranked[0]
         if strategy is not None:
             mine = next(x for x in self.summaries if x.strategy == strategy)
             faster = "" if mine.step_time_s <= best.step_time_s else f"; {best.strategy} {_secs(best.step_time_s)}"
             return Choice(strategy, f"as requested ({_secs(mine.step_time_s)}{faster})")
+        note = f"; over HBM: {', '.join(x.strategy for x in over)}" if over else ""
         if len(ranked) == 1:
-            return Choice(best.strategy, f"the only strategy that planned ({_secs(best.step_time_s)})")
+            what = "planned" if len(self.summaries) == 1 else "fits HBM"
+            return Choice(best.strategy, f"the only strategy that {what} ({_secs(best.step_time_s)}){note}")
         second = ranked[1]
         t_best, t_second = _secs(best.step_time_s), _secs(second.step_time_s)
         vs = f", tied with {second.strategy}" if t_best == t_second else f" vs {second.strategy} {t_second}"
-        return Choice(best.strategy, f"fastest of {', '.join(x.strategy for x in self.summaries)} ({t_best}{vs})")
+        among = ", ".join(x.strategy for x in fitting)
+        return Choice(best.strategy, f"fastest of {among} ({t_best}{vs}){note}")
 
 
 def compare(req: PlanRequest, strategies: list[str], progress=None) -> Comparison:

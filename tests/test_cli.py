@@ -131,7 +131,7 @@ def test_plan_writes_the_fastest_and_says_so(tmp_path):
 def _summary(strategy: str, step_time_s: float) -> Summary:
     return Summary(strategy=strategy, step_time_s=step_time_s, lower_bound_s=1.0, tokens_per_s=1.0, mfu=0.1,
                    mfu_unhalved=0.2, speedup_vs_static=None, busiest_rank_s=1.0, idlest_rank_s=0.5,
-                   peak_memory_bytes=1.0, planning_s=0.1)
+                   peak_memory_bytes=1.0, planning_s=0.1, fits_hbm=True)
 
 
 def test_comparison_chooses_the_fastest_unless_forced():

@@ -3,10 +3,12 @@
 LB = max( total compute / (ranks) + gradient sync,
           longest single sequence at its best degree + gradient sync ).
 
-Total compute charges every token's GEMMs at the rate of a full C-token micro-batch (the most
-efficient unit a rank runs) and every document's attention at its own length on one rank (the
-best attention rate it can get): no schedule can do less work. The second term is the critical
-path of one sequence: the fastest it can run over any number of ranks up to the mesh."""
+Total compute charges every token's GEMMs, memory-bound kernels and TP collectives (never overlapped in
+the cost model) at the rate of the largest unit a rank can hold (the most efficient it runs) and every
+document's attention at its own length on one rank (the best attention rate it can get): no schedule
+can do less work. Per-unit overheads, the LM head, the pipeline fill and drain and the ring are left
+out, so a plan's step time over this bound includes them. The second term is the critical path of one
+sequence: the fastest it can run over any number of ranks up to the mesh."""
 
 from __future__ import annotations
 
@@ -17,14 +19,19 @@ from costmodel.timing import CostModel
 
 
 def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
-    """Forward + backward compute of all documents over all layers and stages, one rank's worth each."""
+    """Forward + backward work of all documents over all layers and stages, one rank's worth each: GEMMs,
+    attention, memory-bound kernels and TP collectives, as CostModel.price_units charges them."""
     s = np.asarray(lengths, dtype=float)
     # The most tokens a rank can hold in one unit: C, or l/2·C with full offload (Eq. 3).
     c = float(cm.capacity_tokens) * max(1.0, cm.layers_per_stage / 2)
-    per_token_gemm = float(cm.gemm_layer_fwd_s(c)) / c
-    rec = 2.0 if cm.setup.training.recompute == "full" else 0.0
+    policy = cm.setup.training.recompute
+    rec = 2.0 if policy == "full" else 0.0
+    per_token = (3.0 + rec / 2) * float(cm.gemm_layer_fwd_s(c))
+    per_token += float(cm.memory_layer_s(c, recompute=policy != "none"))
+    if cm.tp > 1:  # 2 all-gather + reduce-scatter pairs per layer each way; full recompute replays the forward's
+        per_token += (4.0 + rec) * float(cm.tp_pair_s(c))
     attn = cm.attn_fwd_s(s) * (1 + rec / 2) + cm.attn_bwd_s(s)
-    layer = (3.0 + rec / 2) * per_token_gemm * s.sum() + float(attn.sum())
+    layer = per_token / c * s.sum() + float(attn.sum())
     return cm.model.layers * layer
 
 

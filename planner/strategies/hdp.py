@@ -18,8 +18,12 @@ units. They differ in assignment:
   * PP-Balance (pp > 1): ranks are pipelines; t_i is the 1F1B estimate Σt + (p−1)·max t; sharded
     units are placed in rounds so that they occupy the same micro-batch slot in every member
     pipeline (otherwise co-scheduled 1F1B lists can deadlock); the cheapest pipeline gets the next
-    bin, so cheaper pipelines run more micro-batches. The step's chunk count v (interleaving; with
-    slices SlimPipe's n·v schedule) is the fastest simulated one that fits HBM.
+    bin, so cheaper pipelines run more micro-batches. A long unit's degree is either the one above
+    (the critical-path rule) or capped against the fill and drain: (p − 1) × its largest slice is
+    idle time on every stage, so the degree is raised until the slice is at most a cap chosen per
+    step (issue 21: 400K-token units on 2 of 32 pipelines left 47 s of an 83 s step idle); the
+    faster simulated set is kept. The step's chunk count v (interleaving; with slices SlimPipe's n·v
+    schedule) is the fastest simulated one that fits HBM.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class HdpOptions:
     pp_schedule: PpSchedule = "sliced-redistributed"  # with PP: 1F1B, SlimPipe slices, plus mirror pairing
     pp_v: int | None = None  # with PP: model chunks per stage (interleaving); None = per step by simulation
     redistribute_max_chunks: int = DEFAULT_MAX_CHUNKS  # mirror pairing: most K/V chunks (one slice's each) a pair moves
+    balanced_bins: bool = True  # with PP: also try short-document bins of equal time, not only equal tokens
 
 
 def _split(seqs: SeqTable, cm: CostModel, offload: bool,
@@ -434,35 +439,178 @@ def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
 
 def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
     """PP-Balance with short documents in C-token bins and, when those give fewer bins than pipelines ×
-    stages, also in smaller bins (every pipeline m ∈ {1, p, 2p} micro-batches' worth): C-token bins
-    then leave pipelines idle (8 documents of 4K tokens made one bin on one of two pipelines) and the
-    1F1B fill and drain, (p − 1)·max t, unhidden. The fastest simulated plan that fits HBM is kept."""
-    step = _plan_pp_balance(batch, cm, opt)
+    stages, also in smaller bins (every pipeline m ∈ {1, p, 2p} micro-batches' worth; with capped degrees
+    also 4p, documents larger than a bin then sharded as long units): C-token bins then leave pipelines
+    idle (8 documents of 4K tokens made one bin on one of two pipelines) and the 1F1B fill and drain,
+    (p − 1)·max t, unhidden. The fastest simulated plan that fits HBM is kept (the least peak when none fits)."""
     C = cm.capacity_tokens
     lengths = np.asarray(batch.lengths_tokens, dtype=np.int64)
     short = lengths[lengths <= C]
     hdp, p = cm.setup.hdp, cm.pp
-    if not short.size or math.ceil(int(short.sum()) / C) >= hdp * p:
-        return step
-    mem_cap = max(cm.budget.hbm_bytes, max(step.predicted.peak_memory_bytes))
-    caps = {max(int(short.max()), math.ceil(int(short.sum()) / (hdp * m))) for m in (1, p, 2 * p)}
-    for cap in sorted(c for c in caps if c < C):
+    # (bin tokens, capped): long units at Alg. 2's balance degrees, or capped against the fill and drain
+    cands = [(None, False)] + ([(None, True)] if (lengths > C).any() else [])
+    if short.size and math.ceil(int(short.sum()) / C) < 4 * hdp * p:  # under 4p micro-batches per pipeline
+        # Capped, documents longer than the bin go to the long path and get their degree there too (16
+        # pipelines of 8 stages, C = 290K: one 263K-token document alone on a pipeline set a 5 s slice).
+        caps = {(max(int(short.max()), math.ceil(int(short.sum()) / (hdp * m))), False) for m in (1, p, 2 * p)}
+        caps |= {(math.ceil(int(short.sum()) / (hdp * m)), True) for m in (1, p, 2 * p, 4 * p)}
+        cands += sorted(c for c in caps if c[0] < C)
+    # Candidates of large steps are compared at one chunk count (a simulation takes seconds there) and the
+    # winner gets the search over v; small steps search v for every candidate.
+    pinned = (opt.hdp.pp_v is not None or len(cands) == 1
+              or len(batch.lengths_tokens) <= NEVER_SLOWER_MAX_SEQUENCES)
+    screen = opt if pinned else replace(opt, hdp=replace(opt.hdp, pp_v=1))
+    screened = []
+
+    def screen_one(cap: int | None, capped: bool, balanced: bool) -> None:
         try:
-            other = _plan_pp_balance(batch, cm, opt, short_cap=cap)
+            step = _plan_pp_balance(batch, cm, screen, short_cap=cap, capped=capped, balanced=balanced)
         except PlanError:  # co-scheduled lists deadlock at every interleaving: keep the plans that simulate
-            continue
-        if (other.predicted.step_time_s < step.predicted.step_time_s
-                and max(other.predicted.peak_memory_bytes) <= mem_cap):
-            step = other
-    return step
+            if (cap, capped, balanced) == (None, False, False):
+                raise
+            return
+        screened.append((_pp_key(step, cm), len(screened), step, cap, capped, balanced))
+        screened.sort(key=lambda x: x[:2])  # ties: the earlier candidate
+
+    for cap, capped in cands:
+        screen_one(cap, capped, False)
+    if opt.hdp.balanced_bins:  # the two best bin sizes again with bins of equal time
+        for *_, cap, capped, _ in screened[:2]:
+            screen_one(cap, capped, True)
+    if pinned:
+        return screened[0][2]
+    # The two best best-fit candidates at one chunk count, and an equal-time one among the two best overall, each
+    # get the v search (their order can change with v; the best-fit pair keeps the plan balanced_bins=False gives).
+    finals = [x for x in screened if not x[-1]][:2] + [x for x in screened[:2] if x[-1]][:1]
+    plans = [_plan_pp_balance(batch, cm, opt, short_cap=cap, capped=capped, balanced=balanced)
+             for *_, cap, capped, balanced in sorted(finals, key=lambda x: x[:2])]
+    return min(plans, key=lambda st: _pp_key(st, cm))
+
+
+def _pp_key(step: Step, cm: CostModel) -> tuple[bool, float]:
+    """Order of PP-Balance candidates: the plans that fit HBM first, then by step time (by peak when none fits)."""
+    peak = max(step.predicted.peak_memory_bytes)
+    fits = peak <= cm.budget.hbm_bytes
+    return not fits, step.predicted.step_time_s if fits else peak
+
+
+PP_DEGREE_STEPS = 8  # with PP, degrees tried per long unit: D_min, then doublings up to the mesh
+
+
+def _pp_capped_units(seqs: SeqTable, long_idx: np.ndarray, deg: dict[int, tuple[int, float, int]], cm: CostModel,
+                     short_work_s: float, short_peak_s: float, sched: str) -> list[tuple[float, int, int, float, int]]:
+    """(stage time, seq index, D, r, n) per long sequence, degrees chosen against the pipeline fill and drain.
+
+    Under 1F1B a step takes about the mean stage load plus (p − 1) × the largest slice a pipeline runs,
+    so a long unit on few pipelines (a 400K-token sequence on 2 of 32 pipelines: 25 s stages, 47 s of
+    bubbles) costs every pipeline it shares a schedule with; a higher D shrinks the slice ~1/D at about
+    the same rank-time area (less offload too). For a cap P on slice time each unit takes the smallest
+    tried degree whose largest slice is ≤ P (the mesh when none is); P is the candidate with the least
+    estimate max(mean load, longest unit) + (p − 1) · max(P, the largest short bin)."""
+    hdp, p = cm.setup.hdp, cm.pp
+    mesh = cm.setup.mesh
+    keys = [int(i) for i in long_idx]
+    if not keys:
+        return []
+    tries: list[tuple[int, int, float, int]] = []  # (row, D, r, n) per unit and degree tried
+    for row, i in enumerate(keys):
+        d, r, n = deg[i]
+        seen = set()
+        for k in range(PP_DEGREE_STEPS):
+            want = min(hdp, d << k) if k else d
+            # unsliced where memory allows: a sliced unit also holds fp32 dK/dV beside the other
+            # micro-batches in flight, and pads its round's bins to its slice count
+            fd, fr, fn = fit_degree(int(seqs.lengths[i]), want, cm, r, max_slices=1)
+            if fd > hdp:
+                fd, fr, fn = fit_degree(int(seqs.lengths[i]), want, cm, r, max_slices=n)
+            if fd > hdp:
+                break
+            if fd in seen:
+                continue
+            seen.add(fd)
+            tries.append((row, fd, fr, fn))
+            if fd == hdp:
+                break
+    times = np.array(_unit_times_s(cm, [[int(seqs.lengths[keys[t[0]]])] for t in tries], [t[1] for t in tries],
+                                   [t[2] for t in tries], [mesh.group_spans_domains(t[1]) for t in tries]))
+    rows = np.array([t[0] for t in tries])
+    degrees = np.array([t[1] for t in tries], dtype=float)
+    peaks = times * np.array([_slice_peak(t[3], sched) for t in tries])
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # tries are grouped by row, degrees ascending
+    widest = np.r_[starts[1:], len(tries)] - 1
+    best: tuple[float, np.ndarray] | None = None
+    for cap in np.unique(peaks):
+        # per unit: the first (smallest) degree whose slice fits the cap, else its last (widest) one
+        first = np.minimum.reduceat(np.where(peaks <= cap, np.arange(len(tries)), len(tries)), starts)
+        pick = np.where(first < len(tries), first, widest)
+        mean = (short_work_s + float((degrees[pick] * times[pick]).sum())) / hdp
+        est = max(mean, float(times[pick].max())) + (p - 1) * max(float(peaks[pick].max()), short_peak_s)
+        if best is None or est < best[0]:
+            best = (est, pick)
+    out = [(float(times[j]), keys[rows[j]], int(degrees[j]), tries[j][2], tries[j][3]) for j in best[1]]
+    out.sort(key=lambda x: (-x[0] * x[2], -x[0]))  # largest rank-time area first, as _long_units
+    return out
+
+
+BALANCED_PACK_SCAN = 32  # least-loaded bins a document tries before the best fit among all bins with room
+
+
+def cost_balanced_pack(lengths: np.ndarray, costs: np.ndarray, order: np.ndarray, capacity: int,
+                       n_bins: int) -> list[list[int]]:
+    """Bins of about equal time under the token cap: n_bins bins (more only when a document fits none), each
+    document (index into lengths and costs, taken in `order`, longest first) to the bin of least cost with
+    room among the BALANCED_PACK_SCAN least loaded, else to the fullest bin it fits (near-full bins would
+    make a least-cost search scan them all). Best-fit bins hold equal tokens, and their times differ with
+    Σl² (attention); under 1F1B uneven micro-batches leave their difference idle on every stage. DistCA's
+    observation: micro-batches balance only when both Σl (memory, linear layers) and Σl² (attention) match;
+    the token cap holds the first, the least-cost choice the second."""
+    import bisect
+
+    load = [0.0] * n_bins
+    room = [capacity] * n_bins
+    bins: list[list[int]] = [[] for _ in range(n_bins)]
+    heap = [(0.0, b) for b in range(n_bins)]  # (load, bin), lazily refreshed
+    rooms = [(capacity, b) for b in range(n_bins)]  # (room, bin), sorted
+    for i in order:
+        s, c = int(lengths[i]), float(costs[i])
+        seen, b = [], None
+        while heap and len(seen) < BALANCED_PACK_SCAN:
+            x = heapq.heappop(heap)
+            if x[0] != load[x[1]]:  # stale entry
+                continue
+            seen.append(x)
+            if room[x[1]] >= s:
+                b = x[1]
+                break
+        for x in seen:
+            if x[1] != b:
+                heapq.heappush(heap, x)
+        if b is None:
+            k = bisect.bisect_left(rooms, (s, -1))
+            if k < len(rooms):
+                b = rooms[k][1]
+            else:  # no bin has room: open one
+                b = len(bins)
+                bins.append([])
+                load.append(0.0)
+                room.append(capacity)
+                rooms.insert(bisect.bisect_left(rooms, (capacity, b)), (capacity, b))
+        rooms.pop(bisect.bisect_left(rooms, (room[b], b)))
+        bins[b].append(int(i))
+        room[b] -= s
+        load[b] += c
+        bisect.insort(rooms, (room[b], b))
+        heapq.heappush(heap, (load[b], b))
+    return [b for b in bins if b]
 
 
 def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive: bool = False,
-                     short_cap: int | None = None) -> Step:
+                     short_cap: int | None = None, capped: bool = False, balanced: bool = False) -> Step:
     """PP-Balance: pipelines as ranks, 1F1B estimate Σt + (p−1)·max t, sharded units slot-aligned.
     naive=True is Alg. 1 under PP: the same slot alignment (without it 1F1B lists deadlock), but
     memory-minimal degrees, pipelines taken in index order, bins dealt round-robin, no slicing.
-    short_cap: tokens per bin of short documents (C when None)."""
+    short_cap: tokens per bin of short documents (C when None); capped: long units' degrees capped against the
+    fill and drain (_pp_capped_units); balanced: bins of equal time instead of best-fit (cost_balanced_pack)."""
     hdp = cm.setup.hdp
     p = cm.pp
     mesh = cm.setup.mesh
@@ -474,9 +622,24 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
     gamma = cm.unit_overhead_s
     if not naive:
         long_idx, short_idx, short_cost = _shard_heavy(seqs, long_idx, short_idx, short_cost, deg, cm)
+    if capped and short_cap is not None:  # documents longer than a bin: sharded or alone, as the cap decides
+        big = seqs.lengths[short_idx] > short_cap
+        deg.update({int(i): (1, 0.0, 1) for i in short_idx[big]})
+        long_idx, short_idx, short_cost = np.concatenate([long_idx, short_idx[big]]), short_idx[~big], short_cost[~big]
     n_bins = max(1, int(np.ceil(seqs.lengths[short_idx].sum() / C)))
     sched = opt.hdp.pp_schedule if sliced else "1f1b"
-    if naive:
+    order = short_idx[np.argsort(-seqs.lengths[short_idx], kind="stable")]
+    bins = best_fit_pack(seqs.lengths, order, short_cap or C)
+    if balanced:
+        costs = np.zeros(len(seqs.lengths))
+        costs[short_idx] = short_cost
+        bins = cost_balanced_pack(seqs.lengths, costs, order, short_cap or C, len(bins))
+    cost_of = dict(zip(short_idx.tolist(), short_cost.tolist()))
+    bin_cost = [gamma + sum(cost_of[i] for i in b) for b in bins]
+    if capped:
+        longs = _pp_capped_units(seqs, long_idx, deg, cm, float(short_cost.sum()) + n_bins * gamma,
+                                 max(bin_cost, default=0.0), sched)
+    elif naive:
         keys = [int(i) for i in long_idx]
         times = _unit_times_s(cm, [[int(seqs.lengths[i])] for i in keys], [deg[i][0] for i in keys],
                               [deg[i][1] for i in keys], [mesh.group_spans_domains(deg[i][0]) for i in keys])
@@ -500,10 +663,6 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
         worst[idx] = np.maximum(worst[idx], c * _slice_peak(n, sched))
         count[idx] = count[idx].max() + 1
 
-    order = short_idx[np.argsort(-seqs.lengths[short_idx], kind="stable")]
-    bins = best_fit_pack(seqs.lengths, order, short_cap or C)
-    cost_of = dict(zip(short_idx.tolist(), short_cost.tolist()))
-    bin_cost = [gamma + sum(cost_of[i] for i in b) for b in bins]
     queue = [int(k) for k in np.argsort(-np.array(bin_cost), kind="stable")]
 
     def put_bin(r: int, n: int = 1) -> None:
@@ -595,6 +754,8 @@ def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hd
         key = (not fits, step.predicted.step_time_s if fits else float(v != 1))  # none fits: v = 1
         if best is None or key < best[0]:
             best = (key, v, step)
+        if not fits and v != 1:  # deeper interleaving only holds more in flight (warm_lead grows with v)
+            break
     if section.schedule != "sliced-redistributed":  # no variants to settle: the step is final
         return best[2]
     return finalize(batch, drafts, cm, hdp, pipeline=section_for(best[1]))

@@ -78,3 +78,43 @@ def test_device_kind_names():
     assert _device_kind("NVIDIA A100-SXM4-80GB") == "a100" and _device_kind("AMD Instinct MI300X") == "mi300x"
     assert _device_kind("cpu: AMD EPYC 9654 (2 cores)") == "cpu" and _device_kind("CPU (gloo)") == "cpu"
     assert _device_kind("my accelerator") is None
+
+
+def _small_comparison(**kw):
+    from planner.api import PlanRequest, compare
+
+    kw = {"model": "tiny", "cluster": "local-cpu", "gpus": 4, "lengths": "examples/lengths.txt",
+          "max_context_tokens": 4096, **kw}
+    return compare(PlanRequest(**kw), ["static", "hdp"])
+
+
+def test_a_plan_over_hbm_is_never_chosen():
+    """Issue 21: a plan whose simulated peak exceeds HBM is not written: the fastest plan that fits is
+    chosen, a forced one that does not fit is refused, and so is a case where none fits."""
+    import dataclasses
+
+    from planner.plan import PlanError
+
+    res = _small_comparison()
+    assert all(x.fits_hbm for x in res.summaries)
+    fastest = res.chosen().strategy
+    res.summaries = [dataclasses.replace(x, fits_hbm=x.strategy != fastest) for x in res.summaries]
+    other = next(x.strategy for x in res.summaries if x.strategy != fastest)
+    assert res.chosen().strategy == other
+    assert "over HBM: " + fastest in res.chosen().reason
+    with pytest.raises(PlanError, match=f"{fastest} .* GB over the .* GB HBM"):
+        res.chosen(fastest)
+    res.summaries = [dataclasses.replace(x, fits_hbm=False) for x in res.summaries]
+    with pytest.raises(PlanError, match="no plan written"):
+        res.chosen()
+
+
+def test_capacity_beyond_memory_writes_no_plan():
+    """C forced far above what the memory model allows: every strategy's simulated peak is over HBM."""
+    from planner.plan import PlanError
+
+    res = _small_comparison(model="llama-7b", cluster="dgx-h100", gpus=8, lengths="byted-like", capacity_tokens=1 << 20,
+                            tokens_per_step=1 << 21, max_context_tokens=1 << 18)
+    assert not any(x.fits_hbm for x in res.summaries)
+    with pytest.raises(PlanError, match="no plan written: static .* GB, hdp .* GB over the"):
+        res.chosen()

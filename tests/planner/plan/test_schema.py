@@ -1,6 +1,7 @@
 """The plan's JSON: a planned plan round-trips, the typed pipeline section reads and writes back
 byte-identical, and a bad file fails with one line naming the JSON path."""
 
+import dataclasses
 import json
 
 import pytest
@@ -23,9 +24,14 @@ def test_plan_json_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def pp_plan() -> Plan:
-    """A sliced, redistributed PP plan (every key of the pipeline section present)."""
+    """A sliced, redistributed PP plan (every key of the pipeline section present): hdp's plan with its
+    weighted in-flight budget, the schedule named sliced-redistributed (only a label to this test)."""
     req = PlanRequest(model="llama-7b", gpus=32, pp=4, max_context_tokens=1024 * 1024)
-    return make_plan(req, "hdp")
+    plan = make_plan(req, "hdp")
+    step = plan.steps[0]
+    assert step.pipeline.weights
+    step.pipeline = dataclasses.replace(step.pipeline, schedule="sliced-redistributed")
+    return plan
 
 
 def test_pipeline_section_reads_typed_and_writes_back_byte_identical(pp_plan):

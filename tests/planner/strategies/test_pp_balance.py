@@ -64,3 +64,33 @@ def test_pp_balance_keeps_the_fastest_chunking_that_fits(lengths):
     validate(Plan(meta={"capacity_tokens": cm.capacity_tokens, "layers_per_stage": cm.layers_per_stage},
                   mesh=Mesh(cm.setup.cluster.world_size, cm.tp, cm.pp, cm.setup.hdp), steps=[auto]))
     assert simulate_step(auto, cm).step_time_s == pytest.approx(auto.predicted.step_time_s)
+
+
+def test_cost_balanced_bins_hold_every_document_once_under_the_cap_with_a_smaller_spread():
+    """Bins of equal time (Σl and Σl² balanced, issue 20 item 2): a permutation of the documents, no bin over the
+    token cap, about as many bins as best fit needs (a document that fits none opens one), and a smaller spread
+    of bin times than best fit's."""
+    from planner.strategies.common import best_fit_pack
+    from planner.strategies.hdp import cost_balanced_pack
+
+    rng = np.random.default_rng(7)
+    lengths = np.minimum(3000, rng.lognormal(6.5, 1.0, 3000).astype(np.int64) + 1)  # several per 8K bin
+    costs = 1e-6 * lengths + 1e-9 * lengths.astype(float) ** 2  # a·l + b·l², attention-heavy at 8K
+    order = np.argsort(-lengths, kind="stable")
+    fit = best_fit_pack(lengths, order, 8192)
+    bal = cost_balanced_pack(lengths, costs, order, 8192, len(fit))
+    assert sorted(i for b in bal for i in b) == list(range(len(lengths)))
+    assert max(int(lengths[b].sum()) for b in bal) <= 8192
+    assert len(fit) <= len(bal) <= 1.01 * len(fit)
+    spread = [np.std([costs[b].sum() for b in bins]) for bins in (fit, bal)]
+    assert spread[1] < 0.5 * spread[0], spread
+
+
+def test_pp_balance_with_equal_time_bins_is_never_slower_than_without():
+    """balanced_bins adds candidates; the kept plan is the fastest that fits."""
+    cm = _pp_cost_model()
+    rng = np.random.default_rng(3)
+    b = _batch(np.minimum(8192, rng.lognormal(7.5, 1.2, 400).astype(np.int64) + 1))
+    off = STRATEGIES["hdp"](b, cm, PlanOptions(hdp=HdpOptions(balanced_bins=False))).predicted.step_time_s
+    on = STRATEGIES["hdp"](b, cm, PlanOptions()).predicted.step_time_s
+    assert on <= off * (1 + 1e-9)
