@@ -369,8 +369,8 @@ def replay(ctx: typer.Context,
                                       'prints {"check": {"max_rel_grad_err", "loss_abs_err", "ranks", "units"}}.'),
            trace: Optional[Path] = typer.Option(None, "--trace", help="Measured trace JSON (PATH.chrome.json is "
                                                 "written beside it), only once the run finished."),
-           cp: str = typer.Option("ring", "--cp", help=f"Context-parallel attention: {one_of(CP_IMPLS)} (ring "
-                                  "overlaps its transfers)."),
+           cp: Optional[str] = typer.Option(None, "--cp", help=f"Context-parallel attention: {one_of(CP_IMPLS)} "
+                                            "(ring overlaps its transfers); default: the plan's meta.training.cp."),
            ring_kernel: str = typer.Option("auto", "--ring-kernel", help=f"Ring block kernel: {one_of(BLOCK_KERNELS)} "
                                            "(auto: fused on CPU, plain torch elsewhere)."),
            seed: int = typer.Option(0, "--seed", help="Model init and generated tokens."),

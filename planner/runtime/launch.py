@@ -80,7 +80,7 @@ class ReplayOptions:
     steps: int | None = None  # iterations to run; None = every plan step once (more cycle the plan)
     check: bool = False  # compare with a single-process reference on rank 0
     trace_path: Path | None = None  # measured trace JSON (a .chrome.json is written beside it)
-    cp_impl: CPImpl = "ring"  # context-parallel attention: "ring" (overlapped) or "allgather"
+    cp_impl: CPImpl | None = None  # context-parallel attention, ring or allgather; None: the plan's (replay_cp)
     ring_kernel: str = "auto"  # ring block kernel: "auto" (fused on CPU), "math" or "fused-cpu"
     seed: int = 0  # model init and generated tokens
     optimizer: str = "adamw"  # "adamw" or "sgd"
@@ -210,6 +210,14 @@ def check_step(st: Step, chunks: int, recompute: str, where: str) -> None:
                             f"document only {longest} tokens; a slice must hold at least one token")
 
 
+def replay_cp(plan: Plan, override: str | None) -> str:
+    """The context-parallel attention the replay runs: `override` (--cp), else what the plan was priced with
+    (meta.training.cp), else ring (hand-built plans carry no training section)."""
+    cp = override if override is not None else (plan.meta.get("training") or {}).get("cp", "ring")
+    _choice("context-parallel implementation", cp, CP_IMPLS)
+    return cp
+
+
 def replay_recompute(plan: Plan, override: str | None, where: str) -> str:
     """The recompute policy the replay applies: `override` (--recompute), else the plan's
     meta.training.recompute, else none (hand-built plans carry no training section)."""
@@ -233,7 +241,7 @@ class Prepared:
 
 def prepare(opts: ReplayOptions, world_size: int) -> Prepared:
     """Every check that needs no process group (preflight)."""
-    plan, spec = preflight(opts.plan_path, world_size, opts.model, cp_impl=opts.cp_impl,
+    plan, spec = preflight(opts.plan_path, world_size, opts.model, cp_impl=opts.cp_impl or "ring",
                            ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps,
                            dtype=opts.dtype, recompute=opts.recompute, hf_config=opts.hf_config,
                            hf_weights=opts.hf_weights)
@@ -369,9 +377,10 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
     multi_node = any(a.split("=", 1)[0] in _RENDEZVOUS_FLAGS for a in extra)
     nnodes = _torchrun_nnodes(extra)
     world = nproc * int(nnodes) if nnodes and nnodes.isdigit() else (None if multi_node else nproc)
-    plan, _ = preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl, ring_kernel=opts.ring_kernel,
-                        optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype, recompute=opts.recompute,
-                        hf_config=opts.hf_config, hf_weights=opts.hf_weights)
+    plan, _ = preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl or "ring",
+                        ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype,
+                        recompute=opts.recompute, hf_config=opts.hf_config, hf_weights=opts.hf_weights)
+    opts = replace(opts, cp_impl=replay_cp(plan, opts.cp_impl))  # the ranks get it explicitly
     if opts.lengths is not None and not opts.plan_ahead:
         raise PlanError(f"--lengths {opts.lengths} plans steps ahead: it needs --plan-ahead")
     if opts.plan_ahead:  # the request must plan here, before any process starts (rank 0 plans it again)

@@ -86,3 +86,18 @@ def test_injected_failure_parses_and_fires_only_on_its_rank_and_unit():
     for bad in ("2", "a:1", "1:2:boom", "1:2:kill:x"):
         with pytest.raises(ValueError, match="RANK:UNIT"):
             InjectedFailure.parse(bad)
+
+
+def test_the_replay_runs_the_context_parallelism_the_plan_was_priced_with():
+    """--cp defaults to the plan's meta.training.cp (ring for hand-built plans); --cp overrides it."""
+    from planner.plan import Mesh, Plan, PlanError
+    from planner.runtime.launch import replay_cp
+
+    def plan(meta):
+        return Plan(meta=meta, mesh=Mesh(world_size=1, tp=1, pp=1, hdp=1), steps=[])
+
+    assert replay_cp(plan({"training": {"cp": "allgather"}}), None) == "allgather"
+    assert replay_cp(plan({"training": {"cp": "allgather"}}), "ring") == "ring"
+    assert replay_cp(plan({}), None) == "ring"
+    with pytest.raises(PlanError, match="context-parallel implementation"):
+        replay_cp(plan({"training": {"cp": "ulysses"}}), None)
