@@ -3,6 +3,10 @@ are free (co-scheduling, REFERENCE 2.4); then one gradient sync and the optimize
 
 from __future__ import annotations
 
+from itertools import chain, islice, repeat
+from operator import lt
+from typing import TYPE_CHECKING
+
 import networkx as nx
 import numpy as np
 
@@ -11,10 +15,13 @@ from planner.plan import PlanError, Step
 from planner.simulate.memory import activation_bytes, static_memory_bytes
 from planner.simulate.timeline import OpTiming, StepSimulation
 
+if TYPE_CHECKING:
+    from planner.simulate.step import StepCosts
+
 
 def _topological_units(step: Step) -> list[int]:
     """Units in an order consistent with every rank's order (Kahn); a cycle is a deadlock."""
-    if all(a < b for ids in step.order.values() for a, b in zip(ids, ids[1:])):
+    if all(all(map(lt, ids, islice(ids, 1, None))) for ids in step.order.values()):
         # Every rank runs increasing ids (what finalize writes): the lexicographical order is the sorted one.
         return sorted(u.id for u in step.units)
     g = nx.DiGraph()
@@ -27,35 +34,66 @@ def _topological_units(step: Step) -> list[int]:
         raise PlanError(f"step {step.step}: unit orders contain a cycle (deadlock)") from None
 
 
-def simulate_flat(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]], hdp: int,
-                  lb: float) -> StepSimulation:
-    """Each unit starts when all of its ranks are free, in an order every rank's order agrees with."""
+def _run_units(ranks: list[tuple[int, ...]], total_s: list[float], hdp: int) -> tuple[list[float], list[float]]:
+    """(start of each unit, when each rank is free at the end): units in run order, each starting when
+    its busiest rank is free. The only sequential part of the simulation; scalar Python on lists (most
+    units are one-rank bins)."""
+    free = [0.0] * hdp
+    starts = []
+    for rs, t in zip(ranks, total_s):
+        if len(rs) == 1:
+            r = rs[0]
+            start = free[r]
+            free[r] = start + t
+        else:
+            start = max(map(free.__getitem__, rs))
+            end = start + t
+            for r in rs:
+                free[r] = end
+        starts.append(start)
+    return starts, free
+
+
+def simulate_flat(step: Step, cm: CostModel, costs: StepCosts, hdp: int, lb: float) -> StepSimulation:
+    """Each unit starts when all of its ranks are free, in an order every rank's order agrees with.
+    Per-rank sums run over (unit, rank) pairs in run order with np.bincount, which adds in input order:
+    the same sums, bit for bit, as accumulating unit after unit."""
     units = {u.id: u for u in step.units}
-    free = np.zeros(hdp)
-    busy = np.zeros(hdp)
-    parts = {"compute": np.zeros(hdp), "ring_exposed": np.zeros(hdp), "tp_comm": np.zeros(hdp),
-             "offload_exposed": np.zeros(hdp)}
+    run = [units[uid] for uid in _topological_units(step)]
+    row = {uid: k for k, uid in enumerate(costs.ids)}
+    rows = np.fromiter((row[u.id] for u in run), np.int64, len(run))
+    c = costs.last
+    ranks = [u.hdp_ranks for u in run]
+    degree = np.fromiter(map(len, ranks), np.int64, len(run))
+    member = np.fromiter(chain.from_iterable(ranks), np.int64, int(degree.sum()))  # (unit, rank) pairs, run order
+
+    def per_rank_sum(per_unit: np.ndarray) -> np.ndarray:
+        return np.bincount(member, weights=np.repeat(per_unit[rows], degree), minlength=hdp)
+
+    total = c.total_s
+    starts, free_list = _run_units(ranks, total[rows].tolist(), hdp)
+    free = np.array(free_list)
+    busy = per_rank_sum(total)
+    # UnitCost's parts are plain sums of its fields: evaluated on the batch's arrays, the same formulas.
+    parts = {"compute": per_rank_sum(UnitCost.compute_s.fget(c)),
+             "ring_exposed": per_rank_sum(UnitCost.ring_exposed_s.fget(c)),
+             "tp_comm": per_rank_sum(UnitCost.tp_comm_s.fget(c)),
+             "offload_exposed": per_rank_sum(UnitCost.offload_exposed_s.fget(c))}
+    # activation_bytes and activation_factor are arithmetic only: per unit on arrays, the same figures
+    act = activation_bytes(c.tokens_per_rank[rows], np.fromiter((u.offload_ratio for u in run), float, len(run)), cm)
     peak_act = np.zeros(hdp)
-    last_bwd = np.zeros(hdp)  # each rank's last backward: the window an overlapped gradient reduce hides under
-    ops = []
-    for uid in _topological_units(step):
-        u = units[uid]
-        c = costs[uid][1]
-        r = np.array(u.hdp_ranks)
-        start = float(free[r].max())
-        end = start + c.total_s
-        free[r] = end
-        busy[r] += c.total_s
-        last_bwd[r] = c.bwd_s
-        parts["compute"][r] += c.compute_s
-        parts["ring_exposed"][r] += c.ring_exposed_s
-        parts["tp_comm"][r] += c.tp_comm_s
-        parts["offload_exposed"][r] += c.offload_exposed_s
-        peak_act[r] = np.maximum(peak_act[r], activation_bytes(c.tokens_per_rank, u.offload_ratio, cm))
-        ops.append(OpTiming(uid, u.hdp_ranks, 0, "unit", start, end))
-    finish = float(free.max()) if len(step.units) else 0.0
+    np.maximum.at(peak_act, member, np.repeat(act, degree))
+    ends = (np.array(starts) + total[rows]).tolist()
+    ops = list(map(OpTiming, (u.id for u in run), ranks, repeat(0), repeat("unit"), starts, ends))
+    finish = float(free.max()) if run else 0.0
     total_sync = cm.grad_sync_s(hdp)
-    sync = cm.exposed_grad_sync_s(hdp, float(last_bwd[int(np.argmax(free))]) if len(step.units) else 0.0)
+    last_bwd = 0.0  # the window an overlapped gradient reduce hides under: the last backward of the last rank
+    if run:
+        on_last = np.flatnonzero(member == int(np.argmax(free)))  # its (unit, rank) pairs
+        if len(on_last):
+            unit_k = np.repeat(np.arange(len(run)), degree)[on_last[-1]]
+            last_bwd = float(UnitCost.bwd_s.fget(c)[rows[unit_k]])
+    sync = cm.exposed_grad_sync_s(hdp, last_bwd)
     optimizer_s = cm.optimizer_step_s(hdp)
     step_time = finish + sync + optimizer_s
     idle = finish - busy

@@ -16,6 +16,8 @@ from costmodel.memory import (min_degree, offload_allowed, offload_lower_bound, 
 from costmodel.timing import CostModel
 from planner.workload import GlobalBatch
 from planner.plan import Piece, PipelineSection, PlanError, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
+from planner.simulate import inflight_weights, simulate_step
+from planner.simulate.step import price_units_of
 
 
 @dataclass
@@ -165,7 +167,9 @@ class DomainLoads:
     unit): a heap of (load, rank) over all ranks answers "the d least-loaded, ties to the lowest index"
     in O(d log n), and per node (NVLink domain) its loads sorted plus, for each j, a heap over nodes of
     their j-th smallest load answers "the node where d ranks start earliest" in O(log nodes). Heaps are
-    lazy: `assign` pushes fresh entries and stale ones (an older version) are dropped when they surface.
+    lazy: `assign` pushes fresh entries and stale ones are dropped when they surface: a rank's entry is stale
+    once its version is older, a node's entry (value, node) in heap j once the node's j-th smallest load is
+    another value (so `assign` pushes only the positions whose value changed, about 5 of 8).
     Nodes are whole blocks of `per_node` ranks from rank 0; a remainder belongs to none. `loads` (a
     float array) is updated in place."""
 
@@ -177,33 +181,33 @@ class DomainLoads:
         self._load: list[float] = loads.tolist()
         self._ver = [0] * n  # an entry (load, rank, version) is current while its version is the rank's
         self._heap = sorted(zip(self._load, range(n), self._ver))  # a sorted list is a heap
-        self._node_ver = [0] * self.nodes
         self._node_sorted: list[list[tuple[float, int]]] = []  # per node: (load, rank), ascending
-        self._node_heaps: list[list[tuple[float, int, int]]] = [[] for _ in range(per_node if self.nodes else 0)]
+        self._node_heaps: list[list[tuple[float, int]]] = [[] for _ in range(per_node if self.nodes else 0)]
         for k in range(self.nodes):
             self._node_sorted.append(sorted(zip(self._load[k * per_node:(k + 1) * per_node],
                                                 range(k * per_node, (k + 1) * per_node))))
         for j, heap in enumerate(self._node_heaps):
-            heap.extend((ns[j][0], k, 0) for k, ns in enumerate(self._node_sorted))
+            heap.extend((ns[j][0], k) for k, ns in enumerate(self._node_sorted))
             heapq.heapify(heap)
 
     def assign(self, ranks: list[int], load: float) -> None:
         """Set the load of `ranks` (a unit placed on them runs until `load`)."""
         self.loads[ranks] = load
-        per, loads, ver = self.per_node, self._load, self._ver
+        per, loads, ver, heap, push = self.per_node, self._load, self._ver, self._heap, heapq.heappush
         touched = set()
         for r in ranks:
             loads[r] = load
             ver[r] += 1
-            heapq.heappush(self._heap, (load, r, ver[r]))
+            push(heap, (load, r, ver[r]))
             if r // per < self.nodes:
                 touched.add(r // per)
         for k in touched:
-            self._node_ver[k] += 1
+            old = self._node_sorted[k]
             ns = sorted(zip(loads[k * per:(k + 1) * per], range(k * per, (k + 1) * per)))
             self._node_sorted[k] = ns
-            for j, heap in enumerate(self._node_heaps):
-                heapq.heappush(heap, (ns[j][0], k, self._node_ver[k]))
+            for j, node_heap in enumerate(self._node_heaps):
+                if ns[j][0] != old[j][0]:
+                    push(node_heap, (ns[j][0], k))
 
     def start(self, ranks: list[int]) -> float:
         """When a unit on `ranks` can start: their largest load."""
@@ -230,10 +234,10 @@ class DomainLoads:
 
     def _best_node(self, d: int) -> tuple[float, int]:
         """(the d-th smallest load in node k, k), least first, ties to the lowest k."""
-        heap, ver = self._node_heaps[d - 1], self._node_ver
-        while heap[0][2] != ver[heap[0][1]]:
+        heap, ns = self._node_heaps[d - 1], self._node_sorted
+        while heap[0][0] != ns[heap[0][1]][d - 1][0]:
             heapq.heappop(heap)
-        return heap[0][0], heap[0][1]
+        return heap[0]
 
     def choose(self, d: int, slack_s: float) -> tuple[int, ...]:
         """The d least-loaded ranks, moved inside one node (or onto whole contiguous nodes) when that
@@ -265,27 +269,27 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
              pipeline: PipelineSection | None = None, variants: bool = True) -> Step:
     """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
     total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
-    from planner.simulate import inflight_weights, simulate_step, unit_costs
-
     drafts = sorted(drafts, key=lambda d: (d.sort_key, d.ranks[0], len(d.ranks)))
-    units: list[Unit] = []
+    ids = list(range(len(drafts)))
+    ranks = [tuple(sorted(d.ranks)) for d in drafts]
+    pieces = [tuple(d.pieces) for d in drafts]
+    ratios = [math.ceil(d.offload_ratio * 1e6) / 1e6 for d in drafts]
+    # Price every unit once, before the units exist: the plan records each unit's time and per-rank tokens
+    # (price_units' zigzag count), and the simulations below reuse the prices.
+    costs = price_units_of(ids, ranks, pieces, ratios, cm)
+    units = list(map(Unit, ids, ranks, pieces, ratios, (d.slices for d in drafts),  # Unit's fields, in order
+                     costs.last.total_s.tolist(), costs.last.tokens_per_rank.tolist()))
     order: dict[int, list[int]] = {r: [] for r in range(hdp)}
-    for uid, d in enumerate(drafts):
-        ranks = tuple(sorted(d.ranks))
-        units.append(Unit(id=uid, hdp_ranks=ranks, pieces=tuple(d.pieces),
-                          offload_ratio=math.ceil(d.offload_ratio * 1e6) / 1e6, slices=d.slices,
-                          tokens_per_rank=zigzag_tokens_per_rank(d.lengths, len(ranks))))
-        for r in ranks:
+    for uid, rs in zip(ids, ranks):
+        for r in rs:
             order[r].append(uid)
     step = Step(step=batch.step, global_tokens=int(np.sum(batch.lengths_tokens)),
-                sequences=[Sequence(int(i), int(s)) for i, s in zip(batch.seq_ids, batch.lengths_tokens)],
+                sequences=list(map(Sequence, np.asarray(batch.seq_ids, dtype=np.int64).tolist(),
+                                   np.asarray(batch.lengths_tokens, dtype=np.int64).tolist())),
                 units=units, order=order,
                 pipeline=(pipeline or PipelineSection()) if cm.pp > 1 else None,
                 predicted=Predicted(step_time_s=0.0, lower_bound_s=0.0, per_rank_busy_s=[0.0] * hdp,
                                     peak_memory_bytes=[0.0] * hdp))
-    # Price every unit once: the plan records it and the simulations below reuse it.
-    costs = unit_costs(step, cm)
-    step.units = [dataclasses.replace(u, predicted_time_s=costs[u.id][1].total_s) for u in units]
     if step.pipeline is None:
         sim = simulate_step(step, cm, costs)
     else:
@@ -301,8 +305,6 @@ def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[int, float], 
     after the same slice counts). With "sliced-redistributed" and `variants`, plain "sliced" is tried
     too: the transfers only pay off when slices are uneven enough (SlimPipe's threshold, per step).
     Keeps the fastest variant whose peak memory fits HBM (else the least memory)."""
-    from planner.simulate import simulate_step
-
     base = dataclasses.replace(step.pipeline, weights=None)
     plans = [base]
     if variants and base.schedule == "sliced-redistributed":  # plain first: it wins ties
