@@ -87,7 +87,7 @@ def build_cost_model(req: PlanRequest, load: Callable[[str], Profile] = load_pro
     return CostModel(setup, profile)
 
 
-def _device_kind(text: str) -> str | None:
+def device_kind(text: str) -> str | None:
     """'cpu', a GPU model token ('h100', 'a100', 'mi300x', ...), or None when the text names neither.
     A measured GPU profile's device ends in '(host cpu: ...)': only the part before it counts."""
     t = text.lower().split("(host cpu")[0]
@@ -100,7 +100,7 @@ def _device_kind(text: str) -> str | None:
 def warn_device_mismatch(profile: Profile, cluster: ClusterSpec) -> None:
     """A warning (not an error: a stand-in profile is a legitimate study) when the profile was made
     for another device than the cluster's GPU; silent when either name is not recognised."""
-    have, want = _device_kind(profile.fingerprint.device), _device_kind(cluster.gpu)
+    have, want = device_kind(profile.fingerprint.device), device_kind(cluster.gpu)
     if have and want and have != want:
         warnings.warn(f"profile {profile.fingerprint.name!r} describes {profile.fingerprint.device}, not the "
                       f"{cluster.gpu} of cluster {cluster.name!r}: its times will not predict this cluster "

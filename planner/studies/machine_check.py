@@ -44,7 +44,7 @@ import pandas as pd
 
 from costmodel.presets import cluster_names, load_cluster, load_model
 from costmodel.timing import fit_models
-from planner.api import PlanRequest, _device_kind, cost_model_for_plan, make_plan
+from planner.api import PlanRequest, device_kind, cost_model_for_plan, make_plan
 from planner.plan import Plan, PlanError
 from planner.simulate.measured import compare_measured
 from planner.studies.calibrate import read_trace
@@ -438,9 +438,9 @@ def completed_profile(fresh: Profile, reference: Profile, name: str) -> Profile:
 # ---- 3. plans and replays ------------------------------------------------------------------------------
 def _cluster_preset(description: str) -> str | None:
     """The cluster preset whose GPU is this device (h200 -> hgx-h200), if any."""
-    kind = _device_kind(description)
+    kind = device_kind(description)
     for name in cluster_names():
-        if kind and _device_kind(load_cluster(name).gpu) == kind:
+        if kind and device_kind(load_cluster(name).gpu) == kind:
             return name
     return None
 
@@ -639,7 +639,7 @@ def _profile_phase(res: MachineCheck, dev: _Device, phase_s: float, say: Callabl
                                    "timed out before its first table" if code is None else
                                    f"exit {code}: {_last_line(logs / 'profile.log')}"))
         return None
-    fresh, doc = build_profile(rows_file, f"{_device_kind(dev.env['description']) or dev.kind}.machine-check")
+    fresh, doc = build_profile(rows_file, f"{device_kind(dev.env['description']) or dev.kind}.machine-check")
     for t, e in doc["tables"].items():
         n = len(e["rows"])
         status: Status = "failed" if e["error"] and not n else "ok" if n else "skipped"

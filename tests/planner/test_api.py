@@ -73,11 +73,11 @@ def test_profile_of_another_device_warns(cluster, profile, warns):
 
 
 def test_device_kind_names():
-    from planner.api import _device_kind
-    assert _device_kind("NVIDIA H100 80GB HBM3 (host cpu: Intel(R) Xeon(R) Platinum 8480+, 224 cores)") == "h100"
-    assert _device_kind("NVIDIA A100-SXM4-80GB") == "a100" and _device_kind("AMD Instinct MI300X") == "mi300x"
-    assert _device_kind("cpu: AMD EPYC 9654 (2 cores)") == "cpu" and _device_kind("CPU (gloo)") == "cpu"
-    assert _device_kind("my accelerator") is None
+    from planner.api import device_kind
+    assert device_kind("NVIDIA H100 80GB HBM3 (host cpu: Intel(R) Xeon(R) Platinum 8480+, 224 cores)") == "h100"
+    assert device_kind("NVIDIA A100-SXM4-80GB") == "a100" and device_kind("AMD Instinct MI300X") == "mi300x"
+    assert device_kind("cpu: AMD EPYC 9654 (2 cores)") == "cpu" and device_kind("CPU (gloo)") == "cpu"
+    assert device_kind("my accelerator") is None
 
 
 def _small_comparison(**kw):
