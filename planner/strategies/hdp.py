@@ -438,11 +438,13 @@ def _dp_balance(seqs: SeqTable, short_idx: np.ndarray, short_cost: np.ndarray,
 
 
 def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
-    """PP-Balance with short documents in C-token bins and, when those give fewer bins than pipelines ×
-    stages, also in smaller bins (every pipeline m ∈ {1, p, 2p} micro-batches' worth; with capped degrees
-    also 4p, documents larger than a bin then sharded as long units): C-token bins then leave pipelines
-    idle (8 documents of 4K tokens made one bin on one of two pipelines) and the 1F1B fill and drain,
-    (p − 1)·max t, unhidden. The fastest simulated plan that fits HBM is kept (the least peak when none fits)."""
+    """PP-Balance over candidates: long units at Alg. 2's degrees or capped against the fill and drain;
+    short documents in C-token bins and, when those give a pipeline fewer than 4p micro-batches, also in
+    smaller bins (every pipeline m ∈ {1, p, 2p} micro-batches' worth; capped also 4p, documents larger than
+    a bin then sharded as long units): few C-token bins leave pipelines idle (8 documents of 4K tokens made
+    one bin on one of two pipelines) and the 1F1B fill and drain, (p − 1)·max t, unhidden; with balanced_bins
+    the best two again with bins of equal time. The fastest simulated plan that fits HBM is kept (the least
+    peak when none fits)."""
     C = cm.capacity_tokens
     lengths = np.asarray(batch.lengths_tokens, dtype=np.int64)
     short = lengths[lengths <= C]
@@ -456,7 +458,7 @@ def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> 
         caps |= {(math.ceil(int(short.sum()) / (hdp * m)), True) for m in (1, p, 2 * p, 4 * p)}
         cands += sorted(c for c in caps if c[0] < C)
     # Candidates of large steps are compared at one chunk count (a simulation takes seconds there) and the
-    # winner gets the search over v; small steps search v for every candidate.
+    # best get the search over v; small steps search v for every candidate.
     pinned = (opt.hdp.pp_v is not None or len(cands) == 1
               or len(batch.lengths_tokens) <= NEVER_SLOWER_MAX_SEQUENCES)
     screen = opt if pinned else replace(opt, hdp=replace(opt.hdp, pp_v=1))
