@@ -471,7 +471,9 @@ def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> 
             if (cap, capped, balanced) == (None, False, False):
                 raise
             return
-        screened.append((_pp_key(step, cm), len(screened), step, cap, capped, balanced))
+        # pinned: the plan as it will be written; else by time alone (whether a plan fits HBM changes with v)
+        key = _pp_key(step, cm) if pinned else (False, step.predicted.step_time_s)
+        screened.append((key, len(screened), step, cap, capped, balanced))
         screened.sort(key=lambda x: x[:2])  # ties: the earlier candidate
 
     for cap, capped in cands:
@@ -481,11 +483,13 @@ def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> 
             screen_one(cap, capped, True)
     if pinned:
         return screened[0][2]
-    # The two best best-fit candidates at one chunk count, and an equal-time one among the two best overall, each
-    # get the v search (their order can change with v; the best-fit pair keeps the plan balanced_bins=False gives).
-    finals = [x for x in screened if not x[-1]][:2] + [x for x in screened[:2] if x[-1]][:1]
+    # The v search for: Alg. 2's plan (the first candidate: the plan before the others existed), the two fastest
+    # best-fit candidates at one chunk count and an equal-time one among the two fastest overall (their order, and
+    # whether they fit HBM, can change with v; the best-fit ones keep the plan balanced_bins=False gives).
+    first = [x for x in screened if x[3:] == (None, False, False)]
+    finals = {x[1]: x for x in first + [x for x in screened if not x[-1]][:2] + [x for x in screened[:2] if x[-1]][:1]}
     plans = [_plan_pp_balance(batch, cm, opt, short_cap=cap, capped=capped, balanced=balanced)
-             for *_, cap, capped, balanced in sorted(finals, key=lambda x: x[:2])]
+             for *_, cap, capped, balanced in sorted(finals.values(), key=lambda x: x[:2])]
     return min(plans, key=lambda st: _pp_key(st, cm))
 
 
@@ -756,8 +760,6 @@ def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hd
         key = (not fits, step.predicted.step_time_s if fits else float(v != 1))  # none fits: v = 1
         if best is None or key < best[0]:
             best = (key, v, step)
-        if not fits and v != 1:  # deeper interleaving only holds more in flight (warm_lead grows with v)
-            break
     if section.schedule != "sliced-redistributed":  # no variants to settle: the step is final
         return best[2]
     return finalize(batch, drafts, cm, hdp, pipeline=section_for(best[1]))

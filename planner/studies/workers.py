@@ -32,14 +32,19 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
 
 @contextmanager
 def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while workers start (they inherit it), and blocked meanwhile: a Ctrl-C in this window
+    stays pending (Linux queues a blocked signal even when ignored) and reaches this process once its handler
+    is back, instead of being lost while the workers plan for minutes."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set handlers (and only it receives Ctrl-C)
         return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -58,6 +63,7 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
 
 def _worker_init(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # already so when started from the main thread
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # inherited blocked; a pending one is dropped
 
     def exit_when_orphaned() -> None:
         while os.getppid() == parent_pid:
