@@ -94,3 +94,19 @@ def test_pp_balance_with_equal_time_bins_is_never_slower_than_without():
     off = STRATEGIES["hdp"](b, cm, PlanOptions(hdp=HdpOptions(balanced_bins=False))).predicted.step_time_s
     on = STRATEGIES["hdp"](b, cm, PlanOptions()).predicted.step_time_s
     assert on <= off * (1 + 1e-9)
+
+
+def test_large_pp_steps_keep_alg2s_plan_at_its_best_chunk_count():
+    """Large steps screen candidates at v = 1: Alg. 2's plan must still get its v search (a plan over HBM at v = 1
+    may fit at deeper v: a screen by fit first once wrote a 44% slower plan on 8,192 GPUs)."""
+    from planner.strategies import hdp as H
+
+    cm = _pp_cost_model()
+    rng = np.random.default_rng(5)
+    b = _batch(np.minimum(32768, rng.lognormal(8.0, 1.3, 400).astype(np.int64) + 1))  # > 256 sequences: screened
+    auto = STRATEGIES["hdp"](b, cm, PlanOptions()).predicted
+    alg2 = [H._plan_pp_balance(b, cm, PlanOptions(hdp=HdpOptions(pp_v=v))).predicted
+            for v in chunk_candidates(cm.layers_per_stage)]
+    fitting = [p.step_time_s for p in alg2 if max(p.peak_memory_bytes) <= cm.budget.hbm_bytes]
+    assert fitting and max(auto.peak_memory_bytes) <= cm.budget.hbm_bytes
+    assert auto.step_time_s <= min(fitting) * (1 + 1e-9)
