@@ -209,8 +209,14 @@ def test_capacity_sigint_stops_planning_workers_at_once(tmp_path):
            "--context", "1M", "--target-tokens-per-s", "2M", "--min-gpus", "2048", "--max-gpus", "2048",
            "--best-layout", "--workers", "2", "--table", str(tmp_path / "cap.csv")]
     root = Path(__file__).resolve().parents[3]
-    proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # A shell runs background jobs with SIGINT ignored, and an ignored signal stays ignored across exec: give the
+    # CLI Python's own handler whatever this process inherited.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         deadline = time.monotonic() + 120
         while len(_descendants(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
