@@ -25,6 +25,7 @@ from costmodel.timing import CostModel
 from planner.workload import GlobalBatch, global_batches
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.strategies import PlanOptions, get_strategy, run_strategy, solver_meta
+from planner.strategies.common import fits_first
 from profiles.table import Profile, ProfileError, load_profile, profile_names
 
 BYTESCALE_TOKENS_PER_STEP = 32 * 2**20  # ByteScale §8.1: 32M tokens per step
@@ -209,9 +210,8 @@ def _one_chunking(fn, batches: list[GlobalBatch], cm: CostModel, options: PlanOp
     best = None
     for v in sorted(chunkings):
         steps = [fn(b, cm, dataclasses.replace(options, hdp=dataclasses.replace(options.hdp, pp_v=v))) for b in batches]
-        peak = max(max(st.predicted.peak_memory_bytes) for st in steps)
-        key = (peak > cm.budget.hbm_bytes, sum(st.predicted.step_time_s for st in steps) if peak <= cm.budget.hbm_bytes
-               else peak)
+        key = fits_first(sum(st.predicted.step_time_s for st in steps),
+                         max(max(st.predicted.peak_memory_bytes) for st in steps), cm.budget.hbm_bytes)
         if best is None or key < best[0]:
             best = (key, steps)
     return best[1]

@@ -321,11 +321,16 @@ def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[int, float], 
             except PlanError:
                 if cand.pipeline is sec:
                     raise
-        peak = max(sim.peak_memory_bytes)
-        key = (peak > hbm, sim.step_time_s if peak <= hbm else peak)
+        key = fits_first(sim.step_time_s, max(sim.peak_memory_bytes), hbm)
         if best is None or key < best[0]:
             best = (key, cand, sim)
     return best[1], best[2]
+
+
+def fits_first(time_s: float, peak_bytes: float, hbm_bytes: float) -> tuple[bool, float]:
+    """Sort key of candidate plans: those that fit HBM first, by time; the others by their peak (least first)."""
+    fits = peak_bytes <= hbm_bytes
+    return not fits, time_s if fits else peak_bytes
 
 
 def ceil_div(a: int, b: int) -> int:

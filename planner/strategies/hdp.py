@@ -43,7 +43,7 @@ from planner.workload import GlobalBatch
 from planner.plan import DEFAULT_MAX_CHUNKS, PipelineSection, PlanError, Piece, Step
 from planner.strategies import dcp, static
 from planner.strategies.common import (DomainLoads, Draft, SeqTable, best_fit_pack, check_fits, finalize, fit_degree,
-                                       long_degree, node_local_ranks, offload_r_maxes)
+                                       fits_first, long_degree, node_local_ranks, offload_r_maxes)
 
 if TYPE_CHECKING:  # the container imports this module for HdpOptions
     from planner.strategies.options import PlanOptions
@@ -494,10 +494,8 @@ def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> 
 
 
 def _pp_key(step: Step, cm: CostModel) -> tuple[bool, float]:
-    """Order of PP-Balance candidates: the plans that fit HBM first, then by step time (by peak when none fits)."""
-    peak = max(step.predicted.peak_memory_bytes)
-    fits = peak <= cm.budget.hbm_bytes
-    return not fits, step.predicted.step_time_s if fits else peak
+    """Order of PP-Balance candidates (fits_first)."""
+    return fits_first(step.predicted.step_time_s, max(step.predicted.peak_memory_bytes), cm.budget.hbm_bytes)
 
 
 PP_DEGREE_STEPS = 8  # with PP, degrees tried per long unit: D_min, then doublings up to the mesh
