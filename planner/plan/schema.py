@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from costmodel.mesh import MeshLayout
-from costmodel.specs import ClusterSpec, ModelSpec, TrainingSpec
+from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, TrainingSpec
 from profiles.typed_json import Reader, at_least, positive, show, within
 
 SCHEMA_VERSION = 1
@@ -80,10 +80,21 @@ class Unit:
     # cost-model forward+backward time of this unit on its ranks
     predicted_time_s: float = field(default=0.0, metadata=at_least(0))
     tokens_per_rank: int = field(default=0, metadata=at_least(0))  # tokens each member holds (zigzag padding included)
+    # Head-split (Ulysses) degree inside the unit: 1 = context parallel over all members; = degree: pure Ulysses
+    # (all-to-all of Q/K/V and the output); in between: 2D (USP / LoongTrain head-first), Ulysses over consecutive
+    # groups of this many members, context parallel across the groups. Written only when not 1.
+    ulysses: int = field(default=1, metadata=positive())
+    # this unit's context-parallel kind ("ring" | "allgather"); None: the plan's meta.training.cp. Written only when set.
+    cp: ContextParallel | None = None
 
     @property
     def degree(self) -> int:
         return len(self.hdp_ranks)
+
+    @property
+    def ring_degree(self) -> int:
+        """Members the context-parallel part spans (degree / ulysses): 1 for a pure Ulysses unit."""
+        return len(self.hdp_ranks) // self.ulysses
 
     @property
     def tokens(self) -> int:
@@ -151,6 +162,10 @@ class Plan:
             d = asdict(u)
             d["hdp_ranks"] = list(u.hdp_ranks)
             d["pieces"] = [asdict(p) for p in u.pieces]
+            if u.ulysses == 1:  # the defaults are left out: plans without per-unit CP kinds keep their bytes
+                del d["ulysses"]
+            if u.cp is None:
+                del d["cp"]
             return d
 
         return {

@@ -91,6 +91,8 @@ def check_unit(u: Unit, where: str, m: Mesh, seq_len: dict[int, int], cap: int |
     if not 1 <= u.slices <= max(1, u.tokens):
         raise PlanError(f"{uw}: slices must be in [1, {u.tokens}] (a slice holds at least one token), "
                         f"got {u.slices}")
+    if u.degree % u.ulysses:
+        raise PlanError(f"{uw}: ulysses degree {u.ulysses} must divide the unit's {u.degree} ranks")
     need = zigzag_tokens_per_rank([p.tokens for p in u.pieces], u.degree)
     if u.tokens_per_rank and u.tokens_per_rank != need:
         raise PlanError(f"{uw}: tokens_per_rank {u.tokens_per_rank} != {need} (zigzag over "
