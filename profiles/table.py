@@ -314,22 +314,13 @@ class Profile:
         b = np.asarray(nbytes, dtype=float)
         if group_size <= 1:
             return np.zeros_like(b)
-        df = self.tables["collective"]
-        df = df[(df["op"] == op) & (df["concurrent_groups"] == 1)]
-        if df.empty:
-            raise ProfileError(f"profile {self.fingerprint.name!r} has no {op} collective table")
-        if not (df["scope"] == scope).any():
-            scope = "intra" if scope == "inter" else "inter"  # single-node profiles have no 'inter'
-        df = df[df["scope"] == scope]
-        sizes = sorted(set(int(g) for g in df["group_size"]))
+        curves = self._busbw_curves(op, scope)
+        sizes = sorted(curves)
         lo = max([g for g in sizes if g <= group_size], default=sizes[0])
         hi = min([g for g in sizes if g >= group_size], default=sizes[-1])
 
         def busbw(g: int) -> np.ndarray:
-            sub = df[df["group_size"] == g]
-            bw = sub["bytes"].to_numpy(float) * bus_factor(op, g) / sub["time_s"].to_numpy(float)
-            xs, ys = _series(sub.assign(busbw=bw), "bytes", "busbw")
-            return loglog_interp(b, xs, ys)
+            return loglog_interp(b, *curves[g])
 
         if lo == hi:
             bw = busbw(lo)
@@ -337,6 +328,28 @@ class Profile:
             w = (math.log(group_size) - math.log(lo)) / (math.log(hi) - math.log(lo))
             bw = np.exp((1 - w) * np.log(busbw(lo)) + w * np.log(busbw(hi)))
         return b * bus_factor(op, group_size) / bw
+
+    def _busbw_curves(self, op: str, scope: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Group size -> (bytes, busbw) of one collective in one scope (the other scope when the profile has
+        only one), built once per profile: planners price thousands of units, each a table lookup."""
+        cache = self.__dict__.setdefault("_cache", {})
+        key = ("collective", op, scope)
+        if key not in cache:
+            df = self.tables["collective"]
+            df = df[(df["op"] == op) & (df["concurrent_groups"] == 1)]
+            if df.empty:
+                raise ProfileError(f"profile {self.fingerprint.name!r} has no {op} collective table")
+            if not (df["scope"] == scope).any():
+                df = df[df["scope"] == ("intra" if scope == "inter" else "inter")]  # single-node: no 'inter'
+            else:
+                df = df[df["scope"] == scope]
+            curves = {}
+            for g in sorted(set(int(x) for x in df["group_size"])):
+                sub = df[df["group_size"] == g]
+                bw = sub["bytes"].to_numpy(float) * bus_factor(op, g) / sub["time_s"].to_numpy(float)
+                curves[g] = _series(sub.assign(busbw=bw), "bytes", "busbw")
+            cache[key] = curves
+        return cache[key]
 
     def host_copy_time_s(self, nbytes: np.ndarray | float, direction: str = "d2h", pinned: bool = True) -> np.ndarray:
         """Host<->device copy time (on CPU profiles: memcpy, marked direction 'memcpy')."""
