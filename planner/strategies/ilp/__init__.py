@@ -19,11 +19,13 @@ by our cost model) and puts every sequence on one group:
 
 x_ig exists only where d_g ≥ D_min(i) (the memory minimum after offload, REFERENCE 2.5). t_i(d) is
 the cost model's unit time of a member sharded over d ranks (ring exposure and offload included),
-and for d = 1 its marginal time inside a C-token bin, γ being the bin's fixed cost. Groups are laid
+and for d = 1 its attention plus its tokens' share of a full C-token bin, γ being the bin's fixed cost
+(model.BinPrice: exact for full bins). Groups are laid
 out contiguously; sizes of a divisor chain of the node (1, 2, 4, 8 on 8-GPU nodes) never cross a
 node boundary, other sizes are priced as if they did. So T + gradient sync is the step time the
 simulator reports, up to bucketing (members of a bucket differ from its mean), bin packing (best
-fit may need more bins than ⌈tokens/C⌉) and odd-sized groups that land inside a node (cheaper).
+fit may need more bins than ⌈tokens/C⌉; the last bin of a rank is partial) and odd-sized groups that land
+inside a node (cheaper).
 
 Size reduction (REFERENCE 4.2): one exact item per distinct long length, and per the longest short
 lengths up to EXACT_ITEMS; the other short sequences in `IlpOptions.buckets` classes cut by FlexSP's
@@ -48,6 +50,11 @@ MILP, within shares of the time limit:
 The MILP then starts from the best partition with T ≥ the best proven bound as a cut. A plan's gap
 is (objective − bound) / objective with the largest proven bound: the area bound or the slowest
 member, the two configuration bounds, or the solver's own; each is a bound on the same model.
+
+Time. One deadline covers the call; by default each phase stops at its share of the time left, so the
+plan depends on how busy the machine is. IlpOptions.deterministic replaces those shares by work limits
+(column-generation rounds, branch-and-bound nodes, CP-SAT's deterministic time; backends.Effort) sized for
+DET_SHARE of the limit on an idle core; the deadline then only guards, and the note names a phase it stopped.
 
 A static partition cannot re-group ranks in the middle of a step (hdp can: a long unit on 16 ranks,
 then bins on each), so on some batches hdp beats this "optimum"; the plan's meta reports both.
@@ -77,8 +84,8 @@ from planner.plan import PlanError, Step, zigzag_tokens_per_rank
 from planner.strategies.common import (Draft, SeqTable, best_fit_pack, check_fits, finalize, long_degree,
                                        ratio_for_tokens)
 from planner.strategies.hdp import plan_balance
-from planner.strategies.ilp.backends import (BACKENDS, PRESOLVE_S_PER_NONZERO, REL_GAP, SOLVERS, Solution, Solver,
-                                             solve, solve_job)
+from planner.strategies.ilp.backends import (BACKENDS, PRESOLVE_S_PER_NONZERO, REL_GAP, SOLVERS, Effort, Solution,
+                                             Solver, solve, solve_job)
 from planner.strategies.ilp.configurations import (BISECT_TOL, ConfigBound, ConfigLP, config_bound, enumerate_configs,
                                                    integer_model, integer_search, knapsack, lp_engine, pool_partition)
 from planner.strategies.ilp.model import (Items, Pricer, StepModel, Table, area_bound_s, build_model, make_items,
@@ -98,6 +105,10 @@ class IlpOptions:
     time_limit_s: float = 10.0  # wall-clock budget per step; the best incumbent so far is kept
     buckets: int = 16  # length classes Q of FlexSP's DP bucketing of short sequences
     placement: Literal["hdp_any", "dcp_pow2"] = "hdp_any"  # rank groups of any size, or aligned powers of two
+    # Work limits instead of time shares (column-generation rounds, branch-and-bound nodes, CP-SAT's deterministic
+    # time), sized for DET_SHARE of the limit on an idle core: the same plan whether the machine is idle or
+    # loaded, while the time limit, still the outer guard, does not bind first (the note says when it did).
+    deterministic: bool = False
 
 
 # ---- from a solution to units -----------------------------------------------------------------------
@@ -201,6 +212,13 @@ INT_SHARE = 0.15  # the integer configuration bound (and its partitions)
 WRITE_RESERVE = 1.5  # × the warm start's simulation, kept for mapping and simulating the solver's plan
 END_SLACK = 0.02  # of the limit, also reserved: backends return a little after their own limit (HiGHS ~0.05 s)
 MIN_SOLVE_S = 0.05  # below this the MILP is not started: the incumbent stands
+DET_SHARE = 0.4  # deterministic: the work limits are sized to take this share of the limit on an idle core
+ROUND_CELLS_PER_S = 1.5e5  # column-generation rounds × items × group sizes (a round prices every size by a knapsack
+#                            over the items) per second of an idle core, about (64 sizes × 86 items: 43 ms a round)
+ROOT_S_PER_VAR = 1e-3  # deterministic: HiGHS's root node (cuts, sub-MIP heuristics), which no node limit bounds, per
+#                        assignment variable on an idle core, about (1,400 variables: 3.7 s at load 5, issue 18); the
+#                        MILP runs only where its share of the work covers it
+SMALL_MIPS = 4  # deterministic: the integer phase's share is split over about this many MIPs (its bisection)
 MILP_S_PER_VAR = 1e-5 + 5 * PRESOLVE_S_PER_NONZERO  # building the MILP (~9 µs per assignment variable) and
 #                        HiGHS's presolve (about 5 nonzeros per variable)
 log = logging.getLogger(__name__)
@@ -281,7 +299,17 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
                 i = item_of[row_of[p.seq]]
                 hint[i] = max(hint[i], u.degree)
     clock.lap("items")
-    warm = warm_start(items, tab, hdp, C, hint, hdp_s - sync, time.perf_counter() + WARM_SHARE * clock.left())
+    det = opt.ilp.deterministic  # work limits bound each phase; its deadline (the call's) only guards
+    clocked: list[str] = []  # deterministic: phases the clock stopped before their work limits
+
+    def guard(name: str) -> None:
+        if det and clock.left(reserve) <= 0:
+            clocked.append(name)
+
+    reserve = 0.0
+    warm = warm_start(items, tab, hdp, C, hint, hdp_s - sync,
+                      clock.deadline if det else time.perf_counter() + WARM_SHARE * clock.left())
+    guard("warm start")
     clock.lap("warm start")
     written: dict[tuple, tuple[float, Step]] = {}  # by partition: model makespan (s), simulated plan
 
@@ -291,25 +319,38 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
             written[_key(p)] = makespan_s(p, items, tab, C), step_
         return written[_key(p)][1]
 
-    bound_from, incumbent, reserve, milp = "area", math.inf, 0.0, True
+    bound_from, incumbent, milp = "area", math.inf, True
+    nominal = DET_SHARE * opt.ilp.time_limit_s  # deterministic: the idle-core seconds the work limits are sized for
+    milp_share = 1.0 - (BOUND_SHARE + POOL_SHARE + INT_SHARE)
     if warm is not None:
         write(warm)  # the fallback plan if the solver fails, and the measure of what writing costs
         clock.lap("write")
         reserve = WRITE_RESERVE * clock.spent["write"] + END_SLACK * opt.ilp.time_limit_s
         incumbent = makespan_s(warm, items, tab, C)
         tab = prune(items, tab, hdp, C, incumbent)
-        budget = max(0.0, clock.left(reserve))
+        budget = nominal if det else max(0.0, clock.left(reserve))
         # A MILP that cannot get through its build and HiGHS's presolve in half the budget is not built:
         # the phases before it then share the whole budget.
         milp = budget > 2 * MILP_S_PER_VAR * assignment_vars(tab)
         scale = 1.0 if milp else 1.0 / (BOUND_SHARE + POOL_SHARE + INT_SHARE)
         engine = lp_engine(solver)
+
+        def phase_end(share: float) -> float:
+            end = clock.deadline - reserve
+            return end if det else min(time.perf_counter() + scale * share * budget, end)
+
+        def rounds(share: float) -> float:
+            return ROUND_CELLS_PER_S * scale * share * budget / tab.time_s.size if det else math.inf
+
         if incumbent - floor > REL_GAP * incumbent:
-            cb = config_bound(items, tab, hdp, C, floor, incumbent,
-                              min(time.perf_counter() + scale * BOUND_SHARE * budget, clock.deadline - reserve), engine)
+            cb = config_bound(items, tab, hdp, C, floor, incumbent, phase_end(BOUND_SHARE), engine,
+                              rounds(BOUND_SHARE))
+            guard("configuration LP")
             if cb.bound_s > floor:
                 floor, bound_from = cb.bound_s, "configuration LP"
             cl = ConfigLP(items, tab, hdp, C, engine)
+            cl.rounds_left = rounds(POOL_SHARE)
+            cl.effort = Effort(scale * INT_SHARE * budget / SMALL_MIPS) if det else None
             for k, a in cb.columns:
                 cl.remember(k, a)
             for d, c in zip(warm.sizes, warm.counts):  # the warm start's groups are configurations too
@@ -326,8 +367,8 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
             # Each phase may raise the proven bound and return a better partition (the next one prunes on it).
             for name, share, phase in (("configuration LP", POOL_SHARE, pool),
                                        ("integer configurations", INT_SHARE, integer)):
-                end = min(time.perf_counter() + scale * share * budget, clock.deadline - reserve)
-                better, raised = phase(tab, floor, incumbent, end)
+                better, raised = phase(tab, floor, incumbent, phase_end(share))
+                guard(name + " partitions")
                 if raised > floor:
                     floor, bound_from = raised, name
                 if better is not None:
@@ -341,17 +382,23 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
     if warm is not None and incumbent - floor <= REL_GAP * incumbent:
         part, status, sol_bound = warm, "optimal", None  # the bound already proves the incumbent optimal
         solved = True
-    elif warm is not None and clock.left(reserve) < MILP_S_PER_VAR * n_x + MIN_SOLVE_S:
+    elif warm is not None and (nominal * milp_share if det else clock.left(reserve)) < (
+            (MILP_S_PER_VAR + (ROOT_S_PER_VAR if det else 0.0)) * n_x + MIN_SOLVE_S):
         part, status, sol_bound = warm, "feasible", None
-        notes.append(f"no time left for the MILP ({n_x} assignment variables) in {opt.ilp.time_limit_s:g} s: "
-                     "the best partition of the warm start and configuration phases stands")
+        why = (f"the MILP ({n_x} assignment variables) does not fit its share of the work limits "
+               f"({nominal * milp_share:.2g} s of an idle core)" if det else
+               f"no time left for the MILP ({n_x} assignment variables) in {opt.ilp.time_limit_s:g} s")
+        notes.append(why + ": the best partition of the warm start and configuration phases stands")
     else:
         sm = build_model(items, tab, hdp, C, floor)
         x0 = partition_to_vector(warm, sm, items, tab, C) if warm is not None else None
         size = dict(items=len(items.count), groups=len(sm.group_size), variables=sm.lm.n)
         clock.lap("model")
         limit = clock.left(reserve)
-        sol = solve(solver, sm.lm, x0, max(MIN_SOLVE_S, limit))
+        clock.spent["solver limit"] = limit
+        sol = solve(solver, sm.lm, x0, max(MIN_SOLVE_S, limit), Effort(nominal * milp_share) if det else None)
+        if det and sol.clock:
+            clocked.append("the MILP")
         if sol.bound is not None and sol.bound > floor:
             bound_from = "solver"
         clock.lap("solver")
@@ -392,7 +439,11 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
         notes.append(f"wrote hdp's plan: it simulates {hdp_s:.4g} s, the partition's plan {sim_s:.4g} s")
         sim_s, step, written_by = hdp_s, heuristic, "hdp"
     clock.lap("write")
-    log.debug("ilp step %d: %s", batch.step, ", ".join(f"{k} {v:.2f} s" for k, v in clock.spent.items()))
+    if clocked:
+        notes.append(f"the clock stopped {', '.join(clocked)} before the work limits: this plan may differ on a less "
+                     "loaded machine")
+    log.debug("ilp step %d: %s; reserve %.2f s, ended %+.2f s from the deadline", batch.step,
+              ", ".join(f"{k} {v:.2f} s" for k, v in clock.spent.items()), reserve, -clock.left())
     # The written plan's gap: its simulated makespan against the model's proven bound (hdp's plan may
     # re-group ranks mid-step and pass that bound: 0 then).
     span = sim_s - sync

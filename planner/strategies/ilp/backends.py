@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
+import logging
 import math
 import os
 import re
@@ -32,6 +34,7 @@ CPSAT_TICKS = 10**6  # CP-SAT needs integer times: the makespan bound is cut int
 PULP_IO_SHARE = 0.05  # of CBC's limit, kept for pulp writing the MPS and mst files and reading the solution
 PRESOLVE_S_PER_NONZERO = 3e-5  # HiGHS's presolve does not watch the clock: 1.9 s for 190K nonzeros, 7.1 s for
 #                               256K under load, on this project's shared 2-core machine (measured, issue 21)
+log = logging.getLogger(__name__)
 LOG_ENV = "MESHPLAN_SOLVER_LOG"  # set to 1: the MILP backends log their search to stderr (default: silent)
 
 
@@ -85,6 +88,32 @@ def new_highs(log: bool = False):
     return h
 
 
+# ---- deterministic work limits -----------------------------------------------------------------------
+
+NODE_NNZ_PER_S = 2e5  # branch-and-bound nodes × model nonzeros one core gets through per second, at the low end (HiGHS
+#                       at load 2: the MILP 6.8e5, a configuration cover MIP 1e5, issue 18)
+
+
+@dataclass(frozen=True)
+class Effort:
+    """Deterministic work limits (IlpOptions.deterministic): a search stops at these counts, never at a measured
+    time, so one instance gives one plan whether the machine is idle or loaded; time limits stay, as the outer
+    guard only. Sized from seconds of an idle core (nominal_s), converted once by fixed rates."""
+
+    nominal_s: float  # the seconds of an idle core this work is sized for (size checks use it, not the time left)
+
+    def nodes(self, nonzeros: int) -> int:
+        """Branch-and-bound nodes (HiGHS, CBC, SCIP) for a model of this many nonzeros."""
+        return max(1, int(NODE_NNZ_PER_S * self.nominal_s / max(1, nonzeros)))
+
+    def limit_highs(self, h, nonzeros: int) -> None:
+        """A node limit, and no sub-MIP heuristics (RINS, RENS): they make the root, which no node limit
+        bounds, take seconds (a third of a 6 s solve, issue 18)."""
+        h.setOptionValue("mip_max_nodes", self.nodes(nonzeros))
+        h.setOptionValue("mip_heuristic_run_rins", False)
+        h.setOptionValue("mip_heuristic_run_rens", False)
+
+
 # ---- backends ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -94,9 +123,10 @@ class Solution:
     objective: float | None  # makespan (s)
     bound: float | None
     note: str = ""  # why there is no solution, where known (for error: what failed, one line)
+    clock: bool = False  # it ran to its time limit (a deterministic work limit did not stop it first)
 
 
-def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
+def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float, effort: Effort | None = None) -> Solution:
     import highspy
 
     deadline = time.perf_counter() + limit_s  # building the model counts against the limit too
@@ -122,8 +152,11 @@ def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solu
     a.value_ = np.concatenate([r[1] for r in lm.rows])
     lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in lm.integer]
     h.passModel(lp)
-    if PRESOLVE_S_PER_NONZERO * len(a.value_) > limit_s:  # it would outlast the limit: the simplex watches the clock
+    # it would outlast the limit (the simplex watches the clock); deterministic: the nominal time, not the time left
+    if PRESOLVE_S_PER_NONZERO * len(a.value_) > (limit_s if effort is None else effort.nominal_s):
         h.setOptionValue("presolve", "off")
+    if effort is not None:
+        effort.limit_highs(h, len(a.value_))
     if x0 is not None:
         sol = highspy.HighsSolution()
         sol.col_value = list(map(float, x0))
@@ -140,6 +173,8 @@ def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solu
     h.run()
     st = h.getModelStatus()
     info = h.getInfo()
+    log.debug("highs: %s, returned %+.2f s from its deadline (%.0f nodes)", st, time.perf_counter() - deadline,
+              info.mip_node_count)
     if st == highspy.HighsModelStatus.kInfeasible:
         return Solution("infeasible", None, None, None)
     if info.primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
@@ -149,7 +184,7 @@ def _solve_highs(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solu
                     float(info.objective_function_value), float(info.mip_dual_bound))
 
 
-def _solve_cbc(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
+def _solve_cbc(lm: LinearModel, x0: np.ndarray | None, limit_s: float, effort: Effort | None = None) -> Solution:
     import cbcbox
     import pulp
 
@@ -177,7 +212,8 @@ def _solve_cbc(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Soluti
         verbose = solver_log()  # pulp: a log file replaces the console log
         solver = pulp.COIN_CMD(path=cbcbox.cbc_bin_path(), msg=verbose, timeLimit=round(max(0.05, left), 2),
                                gapRel=REL_GAP, warmStart=x0 is not None, logPath=None if verbose else str(log),
-                               threads=1)
+                               threads=1, maxNodes=None if effort is None else effort.nodes(
+                                   sum(len(r[0]) for r in lm.rows)))
         try:
             prob.solve(solver)
         except pulp.PulpSolverError as e:  # the CBC binary exited abnormally (it can crash mid-search)
@@ -206,7 +242,7 @@ def _one_line(what: str, log: Path | None = None) -> str:
     return " ".join((what + tail).split())
 
 
-def _solve_cpsat(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
+def _solve_cpsat(lm: LinearModel, x0: np.ndarray | None, limit_s: float, effort: Effort | None = None) -> Solution:
     from ortools.sat.python import cp_model
 
     deadline = time.perf_counter() + limit_s  # building the model counts against the limit too
@@ -244,6 +280,9 @@ def _solve_cpsat(lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solu
     s.parameters.random_seed = 0
     s.parameters.cp_model_probing_level = 0  # presolve probing of the assignment Booleans eats the budget
     s.parameters.log_search_progress = solver_log()  # to stdout, which solver_stdout sends to stderr
+    if effort is not None:  # its own work measure; interleaved workers make the parallel search deterministic
+        s.parameters.max_deterministic_time = effort.nominal_s
+        s.parameters.interleave_search = True
     st = s.Solve(m)
     if st == cp_model.INFEASIBLE:
         return Solution("infeasible", None, None, None)
@@ -274,34 +313,53 @@ def _tick_hint(lm: LinearModel, rows: list, x0: np.ndarray) -> np.ndarray:
     return h
 
 
-Backend = Callable[[LinearModel, np.ndarray | None, float], Solution]  # (model, warm start, limit_s)
+Backend = Callable[..., Solution]  # (model, warm start, limit_s, effort: Effort | None = None)
 BACKENDS: dict[Solver, Backend] = {"cbc": _solve_cbc, "highs": _solve_highs, "cpsat": _solve_cpsat}
 assert tuple(BACKENDS) == SOLVERS  # one backend per solver name
 
 
-def run_backend(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
+def run_backend(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float,
+                effort: Effort | None = None) -> Solution:
     """One backend in this process, its stdout kept off ours; whatever it raises becomes an "error"
     Solution that says what failed (the caller keeps its warm start and reports it)."""
     try:
         with solver_stdout():
-            return BACKENDS[backend](lm, x0, limit_s)
+            return BACKENDS[backend](lm, x0, limit_s, effort)
     except Exception as e:  # a crashed backend must not lose the step: the warm start is still a plan
         return Solution("error", None, None, None, note=_one_line(f"{type(e).__name__}: {e}"))
 
 
-def solve(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float) -> Solution:
-    """Run a backend. OR-Tools bundles its own HiGHS library, so highspy and CP-SAT cannot both load
-    into one process (whichever comes second fails to link): then the backend runs in a fresh Python
-    process, whose start-up counts against the time limit."""
+CLOCK_EPS_S = 0.05  # a backend that returns this close to its limit is taken as stopped by it
+LATE_MAX_SHARE = 0.1  # of a limit, at most, kept back for a backend's lateness seen before in this process
+_late_s: dict[str, float] = {}  # per backend: the most it returned after its limit in this process
+
+
+def solve(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float,
+          effort: Effort | None = None) -> Solution:
+    """Run a backend within limit_s. A backend returns a little after its own limit (HiGHS checks it between
+    nodes and heuristics; under load up to ~1 s, issue 21), so the most it was late before in this process
+    is kept back from its limit (at most LATE_MAX_SHARE of it): the steps of a plan after the first hold it."""
+    t0 = time.perf_counter()
+    keep = min(_late_s.get(backend, 0.0), LATE_MAX_SHARE * limit_s)
+    sol = _solve(backend, lm, x0, limit_s - keep, effort)
+    late = time.perf_counter() - t0 - (limit_s - keep)
+    _late_s[backend] = max(_late_s.get(backend, 0.0), late)
+    return dataclasses.replace(sol, clock=late > -CLOCK_EPS_S)
+
+
+def _solve(backend: str, lm: LinearModel, x0: np.ndarray | None, limit_s: float, effort: Effort | None) -> Solution:
+    """OR-Tools bundles its own HiGHS library, so highspy and CP-SAT cannot both load into one process
+    (whichever comes second fails to link): then the backend runs in a fresh Python process, whose
+    start-up counts against the time limit."""
     clash = {"cpsat": "highspy", "highs": "ortools"}.get(backend)
     if clash is None or not any(m.split(".")[0] == clash for m in list(sys.modules)):
-        return run_backend(backend, lm, x0, limit_s)
+        return run_backend(backend, lm, x0, limit_s, effort)
     import pickle
     import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         job, result = Path(tmp) / "job.pkl", Path(tmp) / "solution.pkl"
-        job.write_bytes(pickle.dumps((backend, lm, x0, time.time() + limit_s)))
+        job.write_bytes(pickle.dumps((backend, lm, x0, time.time() + limit_s, effort)))
         entry = "import sys; from planner.strategies.ilp.backends import solve_job; solve_job(*sys.argv[1:])"
         cmd = [sys.executable, "-c", entry, str(job), str(result)]
         try:
@@ -324,5 +382,5 @@ def solve_job(job: str, result: str) -> None:
     """Entry point of the separate solver process (see solve)."""
     import pickle
 
-    backend, lm, x0, deadline = pickle.loads(Path(job).read_bytes())
-    Path(result).write_bytes(pickle.dumps(run_backend(backend, lm, x0, max(0.05, deadline - time.time()))))
+    backend, lm, x0, deadline, effort = pickle.loads(Path(job).read_bytes())
+    Path(result).write_bytes(pickle.dumps(run_backend(backend, lm, x0, max(0.05, deadline - time.time()), effort)))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.strategies.ilp.backends import PRESOLVE_S_PER_NONZERO, new_highs
+from planner.strategies.ilp.backends import PRESOLVE_S_PER_NONZERO, Effort, new_highs
 from planner.strategies.ilp.model import Items, Table
 from planner.strategies.ilp.partitions import Partition, fill_partition, group_time_s, improve, makespan_s
 
@@ -163,6 +163,10 @@ class ConfigLP:
         self.b = items.count.astype(float)
         self.d = tab.sizes.astype(float)
         self.pool: dict[tuple[int, bytes], tuple[int, np.ndarray]] = {}
+        # deterministic work limits (IlpOptions.deterministic): column-generation rounds left, and the effort of
+        # the small MIPs (cover, integer model); deadlines then only guard
+        self.rounds_left: float = math.inf
+        self.effort: Effort | None = None
 
     def load(self, k: int, a: np.ndarray) -> float:
         nz = a > 0
@@ -217,7 +221,8 @@ class ConfigLP:
             column(k, a)
         last = np.full(K, np.inf)  # each size's ratio when last priced: the likeliest sizes go first
         rounds = 0
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and self.rounds_left > 0:
+            self.rounds_left -= 1
             res = lp.solve()
             if res is None:
                 return False, []
@@ -258,10 +263,11 @@ class ConfigLP:
 
 
 def config_bound(items: Items, tab: Table, hdp: int, C: int, lo: float, hi: float, deadline: float,
-                 engine: str) -> ConfigBound:
-    """Bisection on T in [lo, hi): the largest T the configuration LP refutes by the deadline (lo when
-    none). Every partition of the model then has makespan > that T."""
+                 engine: str, rounds: float = math.inf) -> ConfigBound:
+    """Bisection on T in [lo, hi): the largest T the configuration LP refutes by the deadline, or within
+    `rounds` column-generation rounds (lo when none). Every partition of the model then has makespan > that T."""
     cl = ConfigLP(items, tab, hdp, C, engine)
+    cl.rounds_left = rounds
     out = ConfigBound(bound_s=lo, columns=[])
     while hi - lo > BISECT_TOL * hi and time.perf_counter() < deadline:
         mid = (lo + hi) / 2
@@ -269,10 +275,10 @@ def config_bound(items: Items, tab: Table, hdp: int, C: int, lo: float, hi: floa
         if cl.refutes(mid, deadline):
             lo = mid
             out.refuted += 1
-        elif time.perf_counter() < deadline:
+        elif time.perf_counter() < deadline and cl.rounds_left > 0:
             hi = mid
         else:
-            break  # ran out of time: mid is neither refuted nor known to stand
+            break  # ran out of time or rounds: mid is neither refuted nor known to stand
     out.bound_s = lo
     out.columns = list(cl.pool.values())
     return out
@@ -306,19 +312,21 @@ def cover_mip(cl: ConfigLP, T: float, limit_s: float) -> list[tuple[int, np.ndar
     row_hi = np.concatenate([np.full(n + K, np.inf), [float(cl.hdp)]])
     n_int = len(cols)
     x, _ = _small_mip(cl.engine, np.array(var_cost), entries, row_lo, row_hi, n_int,
-                      [float(cl.hdp // int(d[k])) for k, _ in cols], limit_s)
+                      [float(cl.hdp // int(d[k])) for k, _ in cols], limit_s, cl.effort)
     if x is None:
         return None
     return [(k, a, int(round(x[j]))) for j, (k, a) in enumerate(cols) if round(x[j]) >= 1]
 
 
 def _small_mip(engine: str, cost: np.ndarray, entries: list, row_lo: np.ndarray, row_hi: np.ndarray, n_int: int,
-               int_ub: list[float], limit_s: float) -> tuple[np.ndarray | None, float]:
+               int_ub: list[float], limit_s: float, effort: Effort | None = None) -> tuple[np.ndarray | None, float]:
     """min cost·x, row_lo ≤ A x ≤ row_hi, x ≥ 0, the first n_int columns integer ≤ int_ub: HiGHS, or
     SCIP through OR-Tools (same library rule as MasterLP). (The best solution by the limit or None,
-    the proven lower bound on the objective: inf when proven infeasible, −inf when unknown.)"""
+    the proven lower bound on the objective: inf when proven infeasible, −inf when unknown.) With an
+    effort, a node limit stops it and limit_s only guards."""
     m = len(row_lo)
-    if PRESOLVE_S_PER_NONZERO * sum(len(idx) for idx, _ in entries) > limit_s:
+    nnz = sum(len(idx) for idx, _ in entries)
+    if PRESOLVE_S_PER_NONZERO * nnz > (limit_s if effort is None else effort.nominal_s):
         return None, -math.inf  # it would outlast its limit before its first node: not run, nothing proven
     if engine == "highs":
         import highspy
@@ -326,6 +334,8 @@ def _small_mip(engine: str, cost: np.ndarray, entries: list, row_lo: np.ndarray,
         h = new_highs()
         h.setOptionValue("time_limit", max(0.01, float(limit_s)))
         h.setOptionValue("random_seed", 0)
+        if effort is not None:
+            effort.limit_highs(h, nnz)
         inf = highspy.kHighsInf
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = len(entries), m
@@ -348,7 +358,8 @@ def _small_mip(engine: str, cost: np.ndarray, entries: list, row_lo: np.ndarray,
         if st == highspy.HighsModelStatus.kInfeasible:
             return None, math.inf
         bound = float(h.getInfo().mip_dual_bound) if st in (highspy.HighsModelStatus.kOptimal,
-                                                             highspy.HighsModelStatus.kTimeLimit) else -math.inf
+                                                             highspy.HighsModelStatus.kTimeLimit,
+                                                             highspy.HighsModelStatus.kSolutionLimit) else -math.inf
         if h.getInfo().primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
             return None, bound
         return np.array(h.getSolution().col_value), bound
@@ -356,6 +367,8 @@ def _small_mip(engine: str, cost: np.ndarray, entries: list, row_lo: np.ndarray,
 
     s = pywraplp.Solver.CreateSolver("SCIP")
     s.SetTimeLimit(max(10, int(limit_s * 1000)))
+    if effort is not None:
+        s.SetSolverSpecificParametersAsString(f"limits/nodes = {effort.nodes(nnz)}\n")
     rows = [s.Constraint(-s.infinity() if np.isinf(lo) else float(lo), s.infinity() if np.isinf(hi) else float(hi))
             for lo, hi in zip(row_lo, row_hi)]
     xs = []
@@ -376,6 +389,12 @@ def _small_mip(engine: str, cost: np.ndarray, entries: list, row_lo: np.ndarray,
     return np.array([v.solution_value() for v in xs]), bound
 
 
+def _mip_share(cl: ConfigLP) -> float:
+    """Of the time left, what one small MIP may take: half (others follow it); with work limits all of it,
+    since the time is then only a guard and must not bind first."""
+    return 0.5 if cl.effort is None else 1.0
+
+
 def pool_partition(cl: ConfigLP, items: Items, tab: Table, hdp: int, C: int, lo: float, hi: float,
                    deadline: float) -> tuple[Partition | None, float]:
     """Partitions from the configuration LP (price and round): at makespans bisected between the bound
@@ -384,7 +403,7 @@ def pool_partition(cl: ConfigLP, items: Items, tab: Table, hdp: int, C: int, lo:
     fill_partition completes it and the local search polishes it. Returns the best partition that
     beats `hi` (or None) and the bound, raised where a makespan was refuted on the way."""
     best, best_s, proven = None, hi, lo
-    while time.perf_counter() < deadline - 0.02 and best_s - lo > BISECT_TOL * best_s:
+    while time.perf_counter() < deadline - 0.02 and cl.rounds_left > 0 and best_s - lo > BISECT_TOL * best_s:
         T = (lo + best_s) / 2
         refuted, cfg = cl.run(T, deadline, to_optimum=True)
         if refuted:
@@ -394,7 +413,7 @@ def pool_partition(cl: ConfigLP, items: Items, tab: Table, hdp: int, C: int, lo:
             break  # out of time
         found = []
         for p in (_round_cover(cfg, items, tab, hdp, C),
-                  _mip_cover(cl, T, items, tab, hdp, C, (deadline - time.perf_counter()) / 2)):
+                  _mip_cover(cl, T, items, tab, hdp, C, _mip_share(cl) * (deadline - time.perf_counter()))):
             if p is not None:
                 p = improve(p, items, tab, C)
                 found.append((makespan_s(p, items, tab, C), p))
@@ -519,7 +538,7 @@ def integer_model(cl: ConfigLP, T: float, limit_s: float) -> tuple[bool, tuple |
     row_lo = np.concatenate([b, np.zeros(K)])
     row_hi = np.full(n + K, np.inf)
     x, bound = _small_mip(cl.engine, np.array(cost), entries, row_lo, row_hi, n_int,
-                          [float(cl.hdp // int(d[k])) for k, _ in configs], limit_s)
+                          [float(cl.hdp // int(d[k])) for k, _ in configs], limit_s, cl.effort)
     if bound > cl.hdp + 1e-6:
         return True, None
     if x is None or float(np.array(cost) @ x) > cl.hdp + 1e-6:
@@ -576,7 +595,7 @@ def integer_search(cl: ConfigLP, items: Items, tab: Table, hdp: int, C: int, lo:
         if left < 0.05:
             break
         mid = (lo + top) / 2
-        refuted, copies = integer_model(cl, mid, left / 2)  # copies: (configurations, fluid members)
+        refuted, copies = integer_model(cl, mid, _mip_share(cl) * left)  # copies: (configurations, fluid members)
         if refuted:
             lo = mid
             continue

@@ -22,7 +22,6 @@ LONG_ITEMS_MAX = 1024  # long sequences (s > C) are exact items up to this many 
 #                        this many buckets, and the plan written is the fastest simulated (see solve_step)
 EXACT_ITEMS = 32  # with fewer long lengths, the longest short lengths fill up this many exact items
 SAMPLE_MAX = 16  # a bucket's mean sharded time comes from at most this many members, spread over its range
-BIN_GRID = 96  # lengths priced exactly for bins; more distinct lengths read a curve through this many
 
 
 # ---- items: sequences and DP buckets ---------------------------------------------------------------
@@ -122,14 +121,37 @@ class Table:
     copies: np.ndarray  # candidate groups per size
 
 
-def bin_marginal_s(s: int, cm: CostModel) -> float:
-    """A document's time inside a C-token bin: the bin's cost with it minus without it (a one-document
-    filler of C − s tokens: attention is per document, so only the GEMM margin and its own attention
-    count)."""
-    C = cm.capacity_tokens
-    if s >= C:
-        return cm.unit_time_s([s], 1)
-    return cm.unit_time_s([s, C - s], 1) - cm.unit_time_s([C - s], 1)
+@dataclass(frozen=True)
+class BinPrice:
+    """How the model prices a C-token bin on one rank. The cost model is additive in a packed unit:
+    time = F(n) + Σ_j A(s_j), F the parts priced by the unit's n tokens (GEMMs, memory-bound kernels,
+    head, TP collectives, per-layer overheads), A those priced per document (attention core and its
+    call set-up). The MILP is linear, so F is replaced by its chord between 1 and C tokens: a member
+    costs A(s) + k·s and each bin γ, k = (F(C) − F(1)) / (C − 1), γ = F(1) − k. Exact for a full bin and
+    a one-token one; a partial bin is off by F(n) − (γ + k·n). (The margin of a document in a full bin,
+    used before, prices F by its slope near C: bins of many short documents came out up to 17% low.)"""
+
+    slope_s_per_token: float  # k
+    gamma_s: float  # γ: what a bin costs for existing
+    doc_call_s: float  # the attention-call set-up one more document adds to a bin (per step, fwd + bwd)
+
+    @classmethod
+    def of(cls, cm: CostModel) -> "BinPrice":
+        C = cm.capacity_tokens
+        # one-document units of 1 and C tokens, and a 2-token unit as one and as two documents: the
+        # overhead they differ by is the per-document call set-up
+        u = cm.price_units(np.array([1.0, float(C), 2.0, 1.0, 1.0]), np.array([0, 1, 2, 3]))
+        over = u.overhead_fwd_s + u.overhead_bwd_s
+        call = float(over[3] - over[2])
+        f1, fc = (float(x) for x in (u.total_s - u.attn_fwd_compute_s - u.attn_bwd_compute_s - call)[:2])
+        k = (fc - f1) / max(1, C - 1)
+        return cls(slope_s_per_token=k, gamma_s=f1 - k, doc_call_s=call)
+
+    def member_s(self, lengths: np.ndarray, cm: CostModel) -> np.ndarray:
+        """A(s) + k·s per length (one vectorised cost-model call)."""
+        s = np.asarray(lengths, dtype=float)
+        u = cm.price_units(s, np.arange(len(s)))
+        return u.attn_fwd_compute_s + u.attn_bwd_compute_s + self.doc_call_s + self.slope_s_per_token * s
 
 
 def node_local_sizes(hdp: int, per_node: int) -> set[int]:
@@ -150,26 +172,23 @@ def sharded_time_s(s: int, d: int, cm: CostModel, inter_node: bool) -> float:
 
 
 class Pricer:
-    """Member times with caches: exact per length while few distinct lengths are asked for, then a
-    log-log curve over BIN_GRID lengths for bins (smooth in s; ≈0.1% from exact)."""
+    """Member times with caches: bins by BinPrice, priced once per distinct length; sharded units once
+    per (length, size)."""
 
     def __init__(self, cm: CostModel) -> None:
         self.cm = cm
         self.sharded: dict[tuple[int, int], float] = {}
-        self.curve: tuple[np.ndarray, np.ndarray] | None = None
-        # γ: a one-token bin's time less the token's margin — what a bin costs for existing.
-        self.gamma_s = cm.unit_time_s([1], 1) - bin_marginal_s(1, cm)
+        self.binned: dict[int, float] = {}
+        self.bin = BinPrice.of(cm)
+        self.gamma_s = self.bin.gamma_s
         self.local = node_local_sizes(cm.setup.hdp, cm.setup.mesh.hdp_per_domain)
 
     def bin_s(self, lengths: np.ndarray) -> np.ndarray:
         s = np.asarray(lengths, dtype=np.int64)
-        u, inv = np.unique(s, return_inverse=True)
-        if len(u) <= BIN_GRID:
-            return np.array([bin_marginal_s(int(x), self.cm) for x in u])[inv]
-        if self.curve is None:
-            grid = np.unique(np.round(np.geomspace(1, self.cm.capacity_tokens, BIN_GRID)).astype(np.int64))
-            self.curve = np.log(grid), np.log([bin_marginal_s(int(x), self.cm) for x in grid])
-        return np.exp(np.interp(np.log(s), *self.curve))
+        todo = [int(x) for x in np.unique(s) if int(x) not in self.binned]
+        if todo:
+            self.binned.update(zip(todo, self.bin.member_s(np.array(todo), self.cm).tolist()))
+        return np.array([self.binned[int(x)] for x in s.tolist()], dtype=float)
 
     def shard_s(self, s: int, d: int) -> float:
         if (s, d) not in self.sharded:

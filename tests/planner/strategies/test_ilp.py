@@ -81,10 +81,34 @@ def test_equal_short_sequences_get_one_rank_each():
     assert sorted(u.hdp_ranks for u in step.units) == [(0,), (1,), (2,), (3,)]
     exact = cm.unit_time_s([2000], 1) + cm.step_end_s(cm.setup.hdp)
     assert step.predicted.step_time_s == pytest.approx(exact, rel=1e-9)
-    # the model prices a packed document by its margin in a full bin plus a bin's fixed cost: a
-    # lone short document in its own bin is off by the GEMM's nonlinearity (wave quantisation makes its
-    # time a staircase in tokens), a few percent
+    # a bin's token-priced part F is linearised by its chord from 1 to C tokens: a half-full bin is off by
+    # F(2000) − chord(2000), which the GEMM curve keeps within a few percent
     assert info.objective_s == pytest.approx(exact, rel=0.05)
+
+
+def _token_part_s(cm, n: int) -> float:
+    """F(n): a one-document n-token unit less its attention (no call overheads in this profile)."""
+    u = cm.unit_cost([n], 1)
+    return u.total_s - u.attn_fwd_compute_s - u.attn_bwd_compute_s
+
+
+def test_full_bins_are_priced_as_the_simulator_prices_them():
+    """Issue 21: bins of many short documents were priced up to 17% low (each document's margin in a full
+    bin prices the GEMMs by their slope near C). Now a member costs A(s) + k·s and a bin γ, with the chord
+    k = (F(C) − F(1)) / (C − 1), γ = F(1) − k: a full bin of any documents costs exactly its unit time."""
+    cm = cost_model(4)
+    C = cm.capacity_tokens
+    assert cm.attn_call_overhead_s == 0.0 and cm.layer_overhead_s == 0.0  # so F is total − attention
+    price = ilp.Pricer(cm)
+    k = (_token_part_s(cm, C) - _token_part_s(cm, 1)) / (C - 1)
+    assert price.bin.slope_s_per_token == pytest.approx(k, rel=1e-12)
+    assert price.gamma_s == pytest.approx(_token_part_s(cm, 1) - k, rel=1e-12)
+    for docs in ([C], [C // 2, C - C // 2], [1000, 1000, 96, 2000], [64] * 64):
+        assert sum(docs) == C
+        model = float(price.bin_s(np.array(docs)).sum()) + price.gamma_s
+        assert model == pytest.approx(cm.unit_time_s(docs, 1), rel=1e-12)
+    one = float(price.bin_s(np.array([1]))[0]) + price.gamma_s
+    assert one == pytest.approx(cm.unit_time_s([1], 1), rel=1e-12)  # the chord's other end
 
 
 def test_ilp_plan_validates_and_simulates_to_its_objective():
@@ -141,7 +165,8 @@ def test_unknown_solver_and_pipelines_are_refused():
 
 
 def test_no_incumbent_falls_back_to_hdp_with_a_warning(monkeypatch):
-    monkeypatch.setitem(ilp.BACKENDS, "highs", lambda lm, x0, limit: ilp.Solution("none", None, None, None))
+    monkeypatch.setitem(ilp.BACKENDS, "highs",
+                        lambda lm, x0, limit, effort=None: ilp.Solution("none", None, None, None))
     monkeypatch.setattr(ilp, "warm_start", lambda *a: None)  # no partition of our own either
     lengths = [6000, 3000, 2000, 800]
     with pytest.warns(SolverWarning, match="found no solution"):
@@ -155,8 +180,8 @@ def test_a_failed_backend_keeps_the_warm_start(monkeypatch):
     """A backend that returns nothing (CBC's binary can crash mid-search) leaves the warm start, which
     is a solution of the model: it is kept, with a warning, and its gap is against the proven bound."""
     monkeypatch.setitem(ilp.BACKENDS, "highs",
-                        lambda lm, x0, limit: ilp.Solution("none", None, None, None, note="it crashed"))
-    monkeypatch.setattr(ilp, "config_bound", lambda items, tab, hdp, C, lo, hi, deadline, engine:
+                        lambda lm, x0, limit, effort=None: ilp.Solution("none", None, None, None, note="it crashed"))
+    monkeypatch.setattr(ilp, "config_bound", lambda items, tab, hdp, C, lo, hi, deadline, engine, rounds=None:
                         ilp.ConfigBound(bound_s=lo, columns=[]))  # leave a gap for the backend to close
     monkeypatch.setattr(ilp, "pool_partition", lambda cl, items, tab, hdp, C, lo, hi, deadline: (None, lo))
     monkeypatch.setattr(ilp, "integer_search", lambda cl, items, tab, hdp, C, lo, hi, deadline: (lo, None))
@@ -339,3 +364,37 @@ def test_glop_and_highs_prove_the_same_bound():
     assert out["glop"][2] == ["ortools"] and out["highs"][2] == ["highspy"]
     assert out["glop"][0] == pytest.approx(out["highs"][0], rel=1e-6)
     assert out["glop"][1] == pytest.approx(out["highs"][1], rel=1e-6)
+
+
+def test_effort_sizes_node_limits_by_the_model():
+    """Deterministic work limits: nodes = NODE_NNZ_PER_S × nominal seconds / nonzeros, at least one."""
+    from planner.strategies.ilp.backends import NODE_NNZ_PER_S, Effort
+
+    assert Effort(2.0).nodes(3000) == int(NODE_NNZ_PER_S * 2.0 / 3000)
+    assert Effort(1e-9).nodes(10**6) == 1
+
+
+def _units(step) -> list:
+    return sorted((u.hdp_ranks, tuple((p.seq, p.start, p.end) for p in u.pieces)) for u in step.units)
+
+
+def test_deterministic_limits_give_one_plan_idle_or_loaded(monkeypatch):
+    """Issue 18: with work limits the plan does not depend on how fast the machine runs. A "loaded" run
+    sees every Python clock read run 3× fast (phases that share a time budget then stop sooner); the work
+    limits are made small so that they, not the generous time limit, end every phase."""
+    import planner.strategies.ilp.backends as backends
+
+    rng = np.random.default_rng(5)
+    lengths = np.concatenate([rng.integers(3000, 30000, 24), rng.integers(100, 3000, 60)])
+    monkeypatch.setattr(ilp, "ROUND_CELLS_PER_S", 500.0)
+    monkeypatch.setattr(backends, "NODE_NNZ_PER_S", 2e4)
+    opts = dict(gpus=16, time_limit_s=60, deterministic=True)
+    idle, idle_info, _ = solve(lengths, **opts)
+    real = time.perf_counter
+    t0 = real()
+    monkeypatch.setattr(time, "perf_counter", lambda: t0 + 3 * (real() - t0))
+    loaded, loaded_info, _ = solve(lengths, **opts)
+    monkeypatch.setattr(time, "perf_counter", real)
+    assert "the clock stopped" not in idle_info.note + loaded_info.note  # the work limits ended every phase
+    assert idle_info.status == loaded_info.status != "optimal"  # a work limit stopped the search
+    assert _units(idle) == _units(loaded) and idle_info.objective_s == loaded_info.objective_s

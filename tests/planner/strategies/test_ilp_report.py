@@ -48,14 +48,14 @@ def test_native_solver_output_goes_to_devnull_or_to_stderr_when_asked(capfd, mon
 
 def _leave_a_gap(monkeypatch):
     """No configuration phase closes the gap, so the backend runs (as in test_ilp)."""
-    monkeypatch.setattr(ilp, "config_bound", lambda items, tab, hdp, C, lo, hi, deadline, engine:
+    monkeypatch.setattr(ilp, "config_bound", lambda items, tab, hdp, C, lo, hi, deadline, engine, rounds=None:
                         ilp.ConfigBound(bound_s=lo, columns=[]))
     monkeypatch.setattr(ilp, "pool_partition", lambda cl, items, tab, hdp, C, lo, hi, deadline: (None, lo))
     monkeypatch.setattr(ilp, "integer_search", lambda cl, items, tab, hdp, C, lo, hi, deadline: (lo, None))
 
 
 def test_a_crashed_backend_is_reported_and_the_warm_start_written(monkeypatch):
-    def crash(lm, x0, limit_s):
+    def crash(lm, x0, limit_s, effort=None):
         raise RuntimeError("the solver died on signal 11")
 
     monkeypatch.setitem(ilp.BACKENDS, "highs", crash)
@@ -128,3 +128,22 @@ def test_no_milp_when_it_cannot_fit_the_time_left(monkeypatch):
     _leave_a_gap(monkeypatch)
     step, info, _ = solve([7000, 5000, 9000, 1000, 800], time_limit_s=2)
     assert info.status == "feasible" and step.units and "no time left for the MILP" in info.note
+
+
+def test_a_late_backend_has_its_lateness_kept_back(monkeypatch):
+    """Issue 21: HiGHS can return after its own limit; the most a backend was late in this process is kept
+    back from its next limits (at most 10% of each), so later steps hold the time limit. A fake clock."""
+    now = [0.0]
+    got = []
+
+    def late_backend(backend, lm, x0, limit_s, effort):
+        got.append(limit_s)
+        now[0] += limit_s + 0.4  # returns 0.4 s after its limit
+        return ilp.Solution("none", None, None, None)
+
+    monkeypatch.setattr(backends.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(backends, "_solve", late_backend)
+    monkeypatch.setattr(backends, "_late_s", {})
+    for limit in (10.0, 10.0, 2.0):
+        backends.solve("highs", backends.LinearModel(), None, limit)
+    assert got == pytest.approx([10.0, 9.6, 1.8])  # 0.4 s kept back; capped at 10% of a 2 s limit
