@@ -370,7 +370,8 @@ def replay(ctx: typer.Context,
            trace: Optional[Path] = typer.Option(None, "--trace", help="Measured trace JSON (PATH.chrome.json is "
                                                 "written beside it), only once the run finished."),
            cp: Optional[str] = typer.Option(None, "--cp", help=f"Context-parallel attention: {one_of(CP_IMPLS)} "
-                                            "(ring overlaps its transfers); default: the plan's meta.training.cp."),
+                                            "(ring overlaps its transfers); default: the plan's meta.training.cp. A "
+                                            "unit's own cp (meshplan plan --cp-kinds) wins."),
            ring_kernel: str = typer.Option("auto", "--ring-kernel", help=f"Ring block kernel: {one_of(BLOCK_KERNELS)} "
                                            "(auto: fused on CPU, plain torch elsewhere)."),
            seed: int = typer.Option(0, "--seed", help="Model init and generated tokens."),
@@ -421,6 +422,7 @@ from planner.plan import PlanError as _PlanError  # noqa: E402
 from planner.plan.stream import load_plan, save_plan  # noqa: E402
 from planner.strategies import (HEURISTICS, PP_SCHEDULES, SOLVERS, STRATEGIES, HdpOptions, IlpOptions,  # noqa: E402
                                 PlanOptions)
+from planner.strategies.cp_kinds import AUTO as CP_KINDS_AUTO, CP_KINDS, parse_cp_kinds  # noqa: E402
 
 USER_ERRORS += (_PlanError,)
 
@@ -438,6 +440,13 @@ def plan_cmd(
         cluster: str = typer.Option("dgx-h100", help="Cluster preset or JSON path."),
         gpus: int = typer.Option(64, help="GPUs (whole nodes, or part of one)."),
         tp: int = typer.Option(1, help="Tensor-parallel degree."),
+        ep: int = typer.Option(1, "--ep", min=1, help="MoE expert-parallel degree, folded into the TP group "
+                               "(divides --tp and the experts): all-to-all dispatch instead of the MLP's TP pair."),
+        moe_capacity_factor: float = typer.Option(1.0, "--moe-capacity-factor", min=1.0,
+                                                  help="MoE routing imbalance: the busiest expert's tokens over the "
+                                                  "mean (1: balanced)."),
+        moe_grouped_gemm: bool = typer.Option(False, help="MoE: a rank's local experts in one grouped GEMM (default: "
+                                              "one GEMM per expert, Megatron's SequentialMLP)."),
         pp: int = typer.Option(1, help="Pipeline stages."),
         pp_schedule: str = typer.Option(_HDP.pp_schedule, help=f"PP (hdp): {one_of(PP_SCHEDULES)} (1F1B; "
                                         "SlimPipe slices; slices plus mirror pairing where it pays)."),
@@ -455,7 +464,13 @@ def plan_cmd(
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
         dtype: str = typer.Option("bf16", help=f"Training precision, {one_of(TRAIN_DTYPES)}; fp8: the layers' GEMMs "
                                   "in fp8 (Transformer Engine), attention and storage bf16."),
+        zero: int = typer.Option(1, "--zero", min=0, max=3, help="ZeRO stage over the HDP ranks of a stage: 0 "
+                                 "replicated, 1 optimizer sharded, 2 + gradients, 3 + parameters (FSDP2: per-layer "
+                                 "all-gathers and reduce-scatters, the step run in rounds; pp 1)."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
+        cp_kinds: str = typer.Option("", "--cp-kinds", help="Context-parallel kinds each sharded unit may take, "
+                                     f"chosen per unit by predicted time and memory: {CP_KINDS_AUTO}, or a comma "
+                                     f"list of {','.join(CP_KINDS)} (default: the plan-wide ring only)."),
         strategy: Optional[str] = typer.Option(None, help=f"Write this strategy's plan ({', '.join(STRATEGIES)}); "
                                                "default: the fastest of those compared."),
         compare: str = typer.Option(",".join(HEURISTICS), help="Strategies in the comparison table (add ilp to "
@@ -464,6 +479,9 @@ def plan_cmd(
         time_limit: float = typer.Option(_ILP.time_limit_s, "--time-limit", min=0.1,
                                          help="ilp: seconds per step, the whole strategy call (the solver's log: "
                                          "MESHPLAN_SOLVER_LOG=1, on stderr)."),
+        deterministic: bool = typer.Option(_ILP.deterministic, "--deterministic",
+                                           help="ilp: stop each phase at work limits sized for part of --time-limit "
+                                           "on an idle core, not at times: the same plan on a busy machine."),
         out_path: Path = typer.Option(Path("plan.json"), "--out", help="Where the plan is written: one JSON "
                                       "object, or with a .jsonl suffix a plan stream (one line per step, an "
                                       "index: a replay rank reads only its step)."),
@@ -487,15 +505,21 @@ def plan_cmd(
     check_choice("--solver", solver, SOLVERS)
     check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
     check_choice("--dtype", dtype, TRAIN_DTYPES)
+    try:
+        kinds = parse_cp_kinds(cp_kinds) if cp_kinds.strip() else ()
+    except _PlanError as e:
+        fail(str(e))
     req = PlanRequest(model=model, cluster=cluster, gpus=gpus, tp=tp, pp=pp, profile=profile, lengths=lengths,
                       steps=steps, tokens_per_step=None if tokens_per_step.strip().lower() == "auto"
                       else parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
-                      capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, seed=seed,
-                      options=PlanOptions(offload=offload, seed=seed,
+                      capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, zero_stage=zero,
+                      ep=ep, moe_capacity_factor=moe_capacity_factor, moe_grouped_gemm=moe_grouped_gemm, seed=seed,
+                      options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),
-                                          ilp=IlpOptions(solver=solver, time_limit_s=time_limit)))
+                                          ilp=IlpOptions(solver=solver, time_limit_s=time_limit,
+                                                         deterministic=deterministic)))
     import warnings
 
     from rich.progress import Progress
@@ -522,8 +546,9 @@ def plan_cmd(
     cm = res.cost_model
     su = cm.setup
     out.print(f"[bold]{escape(su.model.name)}[/] on {su.cluster.world_size} x {escape(su.cluster.gpu)} "
-              f"({escape(su.cluster.name)}), tp={su.training.tp} pp={su.training.pp} hdp={su.hdp}, "
-              f"recompute={su.training.recompute}, C={cm.capacity_tokens} tokens/rank, "
+              f"({escape(su.cluster.name)}), tp={su.training.tp} pp={su.training.pp} hdp={su.hdp}"
+              + (f" ep={su.training.ep} cf={su.training.moe_capacity_factor:g}" if su.model.is_moe else "") + ", "
+              f"recompute={su.training.recompute}, zero={su.training.zero_stage}, C={cm.capacity_tokens} tokens/rank, "
               f"profile {escape(cm.profile.fingerprint.name)}")
     b = res.batches
     out.print(f"{len(b)} step(s) of {escape(lengths)}: {sum(len(x.lengths_tokens) for x in b)} sequences, "
@@ -839,11 +864,14 @@ def whatif_sweep(
         lengths: str = typer.Option("byted-like", help="Length sources, comma-separated (see `meshplan lengths`)."),
         strategies: str = typer.Option("static,hdp", help=f"Strategies, comma-separated: {', '.join(STRATEGIES)}."),
         tp: str = typer.Option("1", help="TP degrees, comma-separated."),
+        ep: int = typer.Option(1, "--ep", min=1, help="MoE expert parallelism, folded into the TP group: each "
+                               "point takes min(ep, tp)."),
         pp: str = typer.Option("1", help="PP degrees, comma-separated (1F1B)."),
         steps: int = typer.Option(2, min=1, help="Sampled global batches planned per point."),
         tokens_per_step: str = typer.Option("32M", help="Token budget per step (ByteScale: 32M)."),
         seed: int = typer.Option(0, help="Seed of the length sources."),
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
+        zero: str = typer.Option("1", "--zero", help="ZeRO stages, comma-separated (0-3; 3: FSDP2, pp 1)."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         static_mesh: str = typer.Option("context", help="Static CP sized for the max context (what a static job "
                                         "must do) or per batch's longest sequence ('batch')."),
@@ -859,12 +887,15 @@ def whatif_sweep(
         return
     check_recompute(recompute)  # every point would fail on it: once, before the sweep
     check_choice("--static-mesh", static_mesh, STATIC_MESHES)
+    zeros = _csv_list(zero, "--zero")
+    for z in zeros:
+        check_choice("--zero", z, ("0", "1", "2", "3"))
     spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
-                      gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"),
+                      gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), ep=ep,
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
                       strategies=tuple(_csv_list(strategies, "--strategies")), steps=steps,
                       tokens_per_step=_count(tokens_per_step, "--tokens-per-step"), seed=seed, recompute=recompute,
-                      offload=offload, static_mesh=static_mesh)
+                      offload=offload, static_mesh=static_mesh, zero_stages=tuple(map(int, zeros)))
     points = spec.points()
     try:
         with _progress_bar(len(points), enabled=not as_json) as on_point:
@@ -887,11 +918,12 @@ def whatif_sweep(
               "speedup", "peak GB"):
         t.add_column(c, justify="left" if c in ("model", "lengths", "strategy") else "right")
     for r in df.head(200).itertuples(index=False):
+        strategy = r.strategy + (f" (zero {r.zero_stage})" if r.zero_stage != 1 else "")
         if not r.feasible:
             t.add_row(r.model, str(r.gpus), f"{r.tp}/{r.pp}", format_tokens(int(r.context_tokens)), r.lengths,
-                      r.strategy, "infeasible", "", "", "", "", style="dim")
+                      strategy, "infeasible", "", "", "", "", style="dim")
             continue
-        t.add_row(r.model, str(r.gpus), f"{r.tp}/{r.pp}", format_tokens(int(r.context_tokens)), r.lengths, r.strategy,
+        t.add_row(r.model, str(r.gpus), f"{r.tp}/{r.pp}", format_tokens(int(r.context_tokens)), r.lengths, strategy,
                   _rate(r.tokens_per_s), f"{r.mfu:.1%}", f"{r.step_time_s:.2f}",
                   "-" if r.speedup_vs_static != r.speedup_vs_static else f"{r.speedup_vs_static:.2f}x",
                   _gb(r.peak_memory_bytes))
@@ -918,6 +950,8 @@ def whatif_capacity(
         lengths: str = typer.Option("byted-like", help="Length source."),
         strategy: str = typer.Option("hdp", help=f"Strategy: {', '.join(STRATEGIES)}."),
         tp: str = typer.Option("1,2,4,8", help="TP degrees the search may use."),
+        ep: int = typer.Option(1, "--ep", min=1, help="MoE expert parallelism, folded into the TP group: each "
+                               "layout takes min(ep, tp)."),
         pp: str = typer.Option("1,2,4,8", help="PP degrees the search may use (1F1B)."),
         min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
         max_gpus: int = typer.Option(16384, help="Largest GPU count."),
@@ -951,7 +985,8 @@ def whatif_capacity(
     if metric == "mfu" and value > 1:
         value /= 100.0
     target = _Target(metric, value)
-    rules = _LayoutRules(tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), min_gpus=min_gpus, max_gpus=max_gpus)
+    rules = _LayoutRules(tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), min_gpus=min_gpus, max_gpus=max_gpus,
+                         ep=ep)
     context_tokens = _count(context, "--context")
     table_path = table or _default_capacity_table()
     journal = _journal_path(table_path)

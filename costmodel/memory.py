@@ -7,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from costmodel import zero
+from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
 from costmodel.specs import DTYPE_BYTES, ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 
 GB = 1e9  # messages report decimal GB, as the CLI's tables do
@@ -29,9 +31,12 @@ def params_per_rank(setup: Setup, stage: int | None = None) -> float:
 
 def state_bytes_per_param_parts(training: TrainingSpec) -> tuple[float, float]:
     """(bytes per parameter every HDP rank keeps, bytes per parameter sharded over the HDP ranks): bf16
-    params kept; fp32 master/m/v (12 B) sharded from ZeRO-1 on, fp32 grads from ZeRO-2 on, else kept."""
+    params kept; fp32 master/m/v (12 B) sharded from ZeRO-1 on, fp32 grads from ZeRO-2 on, params from ZeRO-3
+    on (REFERENCE 7.3: 18/d), else kept."""
     params, grads = float(DTYPE_BYTES[training.dtype]), float(DTYPE_BYTES[training.grad_dtype])
     opt = 12.0  # fp32 master weights, Adam m and v
+    if training.zero_stage == 3:
+        return 0.0, params + grads + opt
     if training.zero_stage >= 2:
         return params, grads + opt
     return (params + grads, opt) if training.zero_stage == 1 else (params + grads + opt, 0.0)
@@ -45,7 +50,8 @@ def state_bytes_per_param(setup: Setup) -> float:
 
 
 def model_state_bytes(setup: Setup, stage: int | None = None) -> float:
-    return params_per_rank(setup, stage) * state_bytes_per_param(setup)
+    """Model states of one GPU; ZeRO-3 adds the layers and root it holds gathered (costmodel.zero.inflight_bytes)."""
+    return params_per_rank(setup, stage) * state_bytes_per_param(setup) + zero.inflight_bytes(setup)
 
 
 def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: int) -> tuple[float, float]:
@@ -66,17 +72,20 @@ def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: 
 
 
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
-                                     sequence_parallel: bool = True) -> float:
+                                     sequence_parallel: bool = True, experts: ExpertLayout | None = None) -> float:
     """Saved activations per token per layer (REFERENCE 7.2, FlashAttention: no s² term), divided over TP with
     sequence parallelism; without it TP replicates the norm, input and mask terms (and full recompute's layer
     input). Llama block: none 12h + 4h_kv + 8f (bf16); selective recomputes the SwiGLU product and the down-
-    projection input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full."""
+    projection input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full.
+    MoE adds its dispatched rows and routing imbalance (costmodel.moe; `experts` default: ep = 1, balanced)."""
     replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
+    moe = moe_activation_bytes_per_token(model, experts or ExpertLayout(tp=tp, sequence_parallel=sequence_parallel),
+                                         recompute, dtype_bytes)
     if sequence_parallel:
-        return (replicated + sharded) / tp
+        return (replicated + sharded) / tp + moe
     if recompute == "full":  # the layer input is whole on every TP rank
         return replicated + sharded
-    return replicated + sharded / tp
+    return replicated + sharded / tp + moe
 
 
 def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, tp: int, recompute: Recompute,
@@ -96,7 +105,8 @@ def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, 
 
 def full_layer_activation_bytes_per_token(setup: Setup) -> float:
     tr = setup.training
-    return activation_bytes_per_token_layer(setup.model, tr.tp, "none", tr.dtype_bytes, tr.sequence_parallel)
+    return activation_bytes_per_token_layer(setup.model, tr.tp, "none", tr.dtype_bytes, tr.sequence_parallel,
+                                            ExpertLayout.of(tr))
 
 
 def logits_bytes(tokens: float, setup: Setup) -> float:
@@ -147,7 +157,8 @@ def _terms(setup: Setup) -> _Terms:
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
     free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.fused_loss else 0.0)
-    act = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel) * m.layers
+    act = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
+                                           ExpertLayout.of(tr)) * m.layers
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
     return _Terms(states, frag, free, act, work, 0.0 if tr.fused_loss else (m.vocab / tr.tp) * 8.0)
 
@@ -246,9 +257,9 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
                 f"({terms.per_token_bytes / 1e6:.1f} MB over {m.layers} layers); "
                 + ("raise tp or pp" if tr.recompute == "full" else "use --recompute full, or raise tp or pp"))
     params = params_per_rank(setup)
-    weights = params * DTYPE_BYTES[tr.dtype]
+    weights = params * DTYPE_BYTES[tr.dtype] / (setup.hdp if tr.zero_stage == 3 else 1)
     grads = params * DTYPE_BYTES[tr.grad_dtype] / (setup.hdp if tr.zero_stage >= 2 else 1)
-    opt = terms.states_bytes - weights - grads
+    opt = terms.states_bytes - weights - grads - zero.inflight_bytes(setup)
     sharding = f"sharded by ZeRO-{tr.zero_stage} over {setup.hdp} HDP ranks" if tr.zero_stage >= 1 else "replicated"
     msg = (f"{head}: model states alone take {terms.states_bytes / GB:.1f} GB per GPU (weights {weights / GB:.1f} GB, "
            f"gradients {grads / GB:.1f} GB, optimizer {opt / GB:.1f} GB {sharding}) but only {room / GB:.1f} GB of "
@@ -259,6 +270,11 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
         msg += f"; zero_stage=1 would shard the optimizer: {model_state_bytes(z1) / GB:.1f} GB per GPU"
         if _fits(z1):
             return msg
+    if tr.zero_stage in (1, 2) and tr.pp == 1 and setup.hdp > 1:
+        z3 = Setup(m, c, dataclasses.replace(tr, zero_stage=3))
+        if _fits(z3):
+            msg += (f"; zero_stage=3 (--zero 3, FSDP) would shard the weights and gradients too: "
+                    f"{model_state_bytes(z3) / GB:.1f} GB per GPU")
     layouts = _layouts(setup, c.world_size)
     fit = next((s for s in layouts if _fits(s)), None)
     if fit is not None:
@@ -300,11 +316,19 @@ def sliced_capacity_tokens(capacity_tokens: float, pp: int, slices: int, dkv_rat
     return capacity_tokens * pp / ((slices + pp - 1) / slices + dkv_ratio)
 
 
+def allgather_cp_working_bytes(model: ModelSpec, tp: int, dtype_bytes: int, seq_tokens, ulysses=1):
+    """Transient bytes of one layer of all-gather context parallelism on a rank (REFERENCE 7.5): the whole
+    sequence's K and V on the rank's heads (KV width / (t·u) with a head split of u), and in the backward their
+    fp32 gradients before the reduce-scatter: seq_tokens · 2·h_kv/(t·u) · (b + 4). Ring CP holds one chunk's
+    K/V and Ulysses one layer's all-to-all buffers instead (left to the reserve). Arrays broadcast."""
+    return seq_tokens * 2 * model.kv_width / (tp * ulysses) * (dtype_bytes + 4)
+
+
 def dkv_activation_ratio(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
-                         sequence_parallel: bool = True) -> float:
+                         sequence_parallel: bool = True, experts: ExpertLayout | None = None) -> float:
     """fp32 dK and dV bytes per token per layer over the saved activation bytes per token per layer."""
     return (2 * model.kv_width * 4 / tp) / activation_bytes_per_token_layer(model, tp, recompute, dtype_bytes,
-                                                                            sequence_parallel)
+                                                                            sequence_parallel, experts)
 
 
 def min_degree(s: float, capacity_tokens: int, offload_ratio: float, layers_per_stage: int) -> int:

@@ -319,8 +319,10 @@ class TrainingSpec:
     tp: int = field(default=1, metadata=positive())  # tensor-parallel degree
     pp: int = field(default=1, metadata=positive())  # pipeline-parallel degree
     # 0: replicated optimizer; 1: distributed optimizer (ZeRO-1) over HDP ranks; 2: gradients sharded too
-    # (ZeRO-2, FSDP's SHARD_GRAD_OP): the same reduce-scatter + all-gather per step, less memory
-    zero_stage: int = field(default=1, metadata=within(0, 2))
+    # (ZeRO-2, FSDP's SHARD_GRAD_OP): the same reduce-scatter + all-gather per step, less memory; 3: parameters
+    # sharded too (ZeRO-3, FSDP2's fully_shard): per-layer all-gathers and gradient reduce-scatters every round
+    # (costmodel.zero, planner.simulate.rounds), pp = 1 only
+    zero_stage: int = field(default=1, metadata=within(0, 3))
     recompute: Recompute = "none"  # activation recomputation policy
     grad_dtype: DType = "fp32"  # gradient accumulation / reduction dtype (Megatron: fp32 grads)
     # CUDA context + NCCL buffers per GPU (REFERENCE 2.1: 1-3 GB)
@@ -338,9 +340,28 @@ class TrainingSpec:
     overlap_grad_reduce: bool = False
     # per-rank token capacity C override (else derived from memory)
     capacity_tokens: int | None = field(default=None, metadata=positive())
+    # MoE expert parallelism folded into the TP group (costmodel.moe): ep ranks of a TP group hold E/ep experts
+    # each, every expert's columns split over etp = tp/ep; ep = 1: all experts on every TP rank, split over tp
+    ep: int = field(default=1, metadata=positive())
+    # token-routing imbalance: the busiest expert's tokens over the mean (1 = perfectly balanced); scales the
+    # busiest rank's expert GEMMs, dispatched activations and all-to-all bytes
+    moe_capacity_factor: float = field(default=1.0, metadata=at_least(1.0))
+    moe_grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM (else one GEMM per expert)
+
+    MOE_KEYS: ClassVar[tuple[str, ...]] = ("ep", "moe_capacity_factor", "moe_grouped_gemm")  # to_dict: only if set
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
+        if self.ep > self.tp:
+            raise SpecError(f"ep={self.ep} exceeds tp={self.tp}: expert parallelism is folded into the TP group, the "
+                            "only ranks that run in lockstep under HDP (expert groups beyond it would span HDP ranks "
+                            "that run different units); use --ep at most --tp, or raise --tp")
+        if self.tp % self.ep:
+            raise SpecError(f"ep={self.ep} must divide tp={self.tp} (the TP group splits into ep expert groups of "
+                            f"tp/ep ranks); use a divisor of {self.tp}")
+        if self.zero_stage == 3 and self.pp > 1:
+            raise SpecError(f"zero_stage 3 with pp={self.pp} is not modelled (per-layer gathers across pipeline "
+                            "stages); use pp=1 with --zero 3, or --zero 1/2 with pipelining")
 
     @classmethod
     def from_dict(cls, d: Any, origin: str = "training") -> "TrainingSpec":
@@ -358,6 +379,14 @@ class TrainingSpec:
                             f"(and divide or be a multiple of its {model.kv_heads} KV heads)")
         if model.layers % self.pp:
             raise SpecError(f"pp={self.pp} must divide the {model.layers} layers of {model.name}")
+        if not model.is_moe and (self.ep > 1 or self.moe_capacity_factor != 1.0 or self.moe_grouped_gemm):
+            raise SpecError(f"{model.name} is dense (one MLP): --ep, --moe-capacity-factor and --moe-grouped-gemm "
+                            "apply to MoE models only; leave them at their defaults")
+        if model.experts % self.ep:
+            raise SpecError(f"ep={self.ep} must divide the {model.experts} experts of {model.name}")
+        if self.ep > 1 and self.tp > 1 and not self.sequence_parallel:
+            raise SpecError(f"ep={self.ep} needs sequence parallelism: the all-to-all dispatches each TP rank's s/tp "
+                            "tokens (Megatron requires it with MoE and TP); enable sequence_parallel")
         self.mesh_on(cluster)
 
     def mesh_on(self, cluster: ClusterSpec) -> MeshLayout:
@@ -367,7 +396,11 @@ class TrainingSpec:
         return MeshLayout.of_world(cluster.world_size, self.tp, self.pp, cluster.domain_gpus)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k in self.MOE_KEYS:  # left out at their defaults, so dense plans stay as they were
+            if d[k] == getattr(TrainingSpec, k):
+                del d[k]
+        return d
 
 
 @dataclass(frozen=True)

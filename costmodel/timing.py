@@ -7,8 +7,9 @@ numpy interpolation: planners call it for thousands of units per step."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import get_args
 
 import numpy as np
 
@@ -16,16 +17,18 @@ from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, embedding_ke
                                    layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, memory_budget,
                               params_per_rank)
-from costmodel.specs import ClusterSpec, ModelSpec, Setup, SpecError, TrainingSpec
+from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
+from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
 
+CONTEXT_PARALLEL_KINDS: tuple[str, ...] = get_args(ContextParallel)  # a unit's `cp` values
 DDP_BUCKET_PARAMS = 40_000_000  # Megatron-core DDP's default bucket (bucket_size: max(40M, 1M x DP) params)
 _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
 _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
-                           "mem_embed_bwd"})  # the others are over bytes
+                           "mem_embed_bwd", "moe_comm"})  # the others are over bytes
 
 
 def _interp(x: np.ndarray | float, log_xs: np.ndarray, log_ys: np.ndarray) -> np.ndarray:
@@ -36,25 +39,35 @@ def _interp(x: np.ndarray | float, log_xs: np.ndarray, log_ys: np.ndarray) -> np
 
 @dataclass(frozen=True)
 class GemmShape:
-    """One forward GEMM on one TP rank: (rows × k) @ (k × n), rows = tokens × rows_per_token."""
+    """One forward GEMM on one TP rank, run `launches` times: (rows × k) @ (k × n), rows = tokens × rows_per_token,
+    tokens counted over the TP group."""
 
-    label: str  # qkv | o | gate_up (up for GeLU) | down | lm_head
+    label: str  # qkv | o | gate_up (up for GeLU) | down | router (MoE) | lm_head
     n: int  # output features
     k: int  # reduction (input) features
-    rows_per_token: int = 1  # top_k for expert GEMMs: each token visits that many experts
+    rows_per_token: float = 1.0  # MoE experts: k·cf/E rows per expert (costmodel.moe); router: 1/tp with SP
+    launches: int = 1  # MoE experts: one GEMM per local expert (E/ep), or 1 grouped
+
+    @property
+    def rows_per_token_all(self) -> float:
+        """Rows of all launches per token."""
+        return self.rows_per_token * self.launches
 
 
-def gemm_shapes(model: ModelSpec, tp: int = 1) -> tuple[GemmShape, ...]:
+def gemm_shapes(model: ModelSpec, tp: int = 1, experts: ExpertLayout | None = None) -> tuple[GemmShape, ...]:
     """The GEMMs the cost model looks up: a layer's four (QKV, output projection, MLP up — SwiGLU's gate and
-    up fused, GeLU's up alone — and down), then the LM head; the sharded dimension of each is split over tp
-    ranks, rounded up."""
-    shard = lambda width: int(math.ceil(width / tp))  # noqa: E731
+    up fused, GeLU's up alone — and down), MoE's router, then the LM head; the sharded dimension of each is split
+    over tp ranks, rounded up, an expert's over etp (`experts`, default ep = 1: costmodel.moe.mlp_gemm_plan)."""
+    shard = lambda width, by=tp: int(math.ceil(width / by))  # noqa: E731
     up = ("gate_up", 2 * model.ffn) if model.mlp == "swiglu" else ("up", model.ffn)
+    lay = experts or ExpertLayout(tp=tp)
+    split, rows, launches = mlp_gemm_plan(model, lay)
+    router = (GemmShape("router", model.experts, model.hidden, router_rows_per_token(lay)),) if model.is_moe else ()
     return (GemmShape("qkv", shard(model.q_width + 2 * model.kv_width), model.hidden),
             GemmShape("o", model.hidden, shard(model.q_width)),
-            GemmShape(up[0], shard(up[1]), model.hidden, model.top_k),
-            GemmShape("down", model.hidden, shard(model.ffn), model.top_k),
-            GemmShape("lm_head", shard(model.vocab), model.hidden))
+            GemmShape(up[0], shard(up[1], split), model.hidden, rows, launches),
+            GemmShape("down", model.hidden, shard(model.ffn, split), rows, launches),
+            *router, GemmShape("lm_head", shard(model.vocab), model.hidden))
 
 
 def profile_gemm_shapes(models: Mapping[str, ModelSpec]) -> tuple[tuple[str, int, int], ...]:
@@ -69,10 +82,10 @@ class UnitCost:
 
     fwd_compute_s: float  # GEMMs + attention core, forward, the stage's layers
     bwd_compute_s: float  # backward (+ recompute forward when recomputing)
-    ring_comm_s: float  # ring-CP transfer time, forward + backward (hidden or not)
-    ring_exposed_fwd_s: float  # ring-CP transfers not hidden under attention compute, forward
+    ring_comm_s: float  # context-parallel transfer time (ring or all-gather, Ulysses all-to-alls), fwd + bwd
+    ring_exposed_fwd_s: float  # CP transfers not hidden under attention compute (all-to-alls: all), forward
     ring_exposed_bwd_s: float  # ... backward (K/V plus dK/dV; and the recompute forward's ring)
-    tp_comm_fwd_s: float  # TP/SP all-gathers and reduce-scatters (not overlapped), forward
+    tp_comm_fwd_s: float  # TP/SP all-gathers and reduce-scatters, MoE all-to-alls (not overlapped), forward
     tp_comm_bwd_s: float
     offload_exposed_fwd_s: float  # device-to-host copies not hidden under the layer's forward
     offload_exposed_bwd_s: float  # host-to-device copies not hidden under the layer's backward
@@ -163,6 +176,16 @@ class UnitCosts:
         return [UnitCost(*row) for row in zip(*(getattr(self, f.name).tolist() for f in fields(self)))]
 
 
+def _group_shapes(size: np.ndarray, inter: np.ndarray):
+    """(units mask, group size, scope) per distinct (size > 1, crosses NVLink domains) pair of per-unit collective
+    groups: a collective is looked up once per group shape, not per unit."""
+    for g in np.unique(size[size > 1]):
+        for crosses in (False, True):
+            sel = (size == g) & (inter == crosses)
+            if sel.any():
+                yield sel, int(g), "inter" if crosses else "intra"
+
+
 def _segment_sums(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per-segment sums of each row of `values` (segment u: columns starts[u] to starts[u] + counts[u]),
     bit-identical to `values[:, a:b].sum(axis=-1)` of each segment: numpy sums contiguous rows pairwise,
@@ -200,8 +223,11 @@ class CostModel:
         self.bytes_per_elem = tr.dtype_bytes
         self.budget: MemoryBudget = memory_budget(self.setup)
         self.capacity_tokens = self.budget.capacity_tokens
-        self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel)
-        self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel)
+        self.experts = ExpertLayout.of(tr)  # how MoE layers run on the TP group (costmodel.moe)
+        self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
+                                                      self.experts)
+        self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
+                                              self.experts)
         self.heads_per_rank = max(1, m.heads // tr.tp)
         self.unfused_attention = tr.attention_kernel == "unfused"
         # Fixed costs a profile may carry (absent: 0; `meshplan calibrate` fits them): the host's time to issue
@@ -222,10 +248,11 @@ class CostModel:
                                "profile (h100-sxm.analytic, b200.analytic, ...) or `meshplan profile` on one")
         self.gemm_dtype = "fp8" if fp8 else self.dtype
         p = self.profile
-        *layer, head = gemm_shapes(m, tr.tp)
+        *layer, head = gemm_shapes(m, tr.tp, self.experts)
         g = np.zeros_like(_TOKEN_GRID)
-        for gemm in layer:
-            g += p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, self.gemm_dtype)
+        for gemm in layer:  # the MoE router stays in bf16 under fp8 (Transformer Engine wraps the linears only)
+            dt = self.dtype if gemm.label == "router" else self.gemm_dtype
+            g += gemm.launches * p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, dt)
         self._curves["gemm_layer"] = g
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
@@ -237,12 +264,14 @@ class CostModel:
                                         direction=direction, dtype=self.dtype)
             self._curves[f"attn_{direction}"] = np.maximum(tt, 1e-12)
         sp, b = tr.sequence_parallel, tr.dtype_bytes
-        widths = {g.label: (g.k * g.rows_per_token, g.n * g.rows_per_token) for g in layer}
+        widths = {g.label: (g.k * g.rows_per_token_all, g.n * g.rows_per_token_all) for g in layer
+                  if g.label != "router"}
         cast = {d: fp8_cast_kernels(widths, d) if fp8 else () for d in ("fwd", "bwd")}
-        kernels = {"mem_layer_fwd": layer_kernels(m, tr.tp, sp, b, "fwd") + cast["fwd"],
-                   "mem_layer_bwd": layer_kernels(m, tr.tp, sp, b, "bwd") + cast["bwd"],
+        moe = {d: moe_kernels(m, self.experts, b, d) for d in ("fwd", "bwd")}  # () for dense models
+        kernels = {"mem_layer_fwd": layer_kernels(m, tr.tp, sp, b, "fwd") + cast["fwd"] + moe["fwd"],
+                   "mem_layer_bwd": layer_kernels(m, tr.tp, sp, b, "bwd") + cast["bwd"] + moe["bwd"],
                    "mem_recompute": (recompute_kernels(m, tr.tp, sp, b, tr.recompute)
-                                     + (cast["fwd"] if tr.recompute == "full" else ())),
+                                     + (cast["fwd"] + moe["fwd"] if tr.recompute == "full" else ())),
                    "mem_head_fwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "fwd"),
                    "mem_head_bwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "bwd"),
                    "mem_embed_fwd": embedding_kernels(m, b, "fwd"), "mem_embed_bwd": embedding_kernels(m, b, "bwd")}
@@ -255,6 +284,8 @@ class CostModel:
         if tr.tp > 1:
             for op in ("all_gather", "reduce_scatter"):
                 self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra")
+        if self.experts.all_to_all:  # MoE dispatch and combine over EP (+ ETP gather), per token of the TP group
+            self._curves["moe_comm"] = np.maximum(moe_comm_fwd_s(p, _TOKEN_GRID, m, self.experts, b), 1e-15)
         # (log grid, log curve) per lookup table, taken once here: `_lookup` serves every query from them
         self._log_curves = {k: (_LOG_TOKEN_GRID if k in _TOKEN_CURVES else _LOG_BYTES_GRID, np.log(v))
                             for k, v in self._curves.items()}
@@ -302,41 +333,93 @@ class CostModel:
 
     # ---- units ----------------------------------------------------------------------------------
     def unit_cost(self, doc_lengths: np.ndarray | list[int], degree: int = 1, offload_ratio: float = 0.0,
-                  inter_node: bool = False, with_head: bool | None = None) -> UnitCost:
+                  inter_node: bool = False, with_head: bool | None = None, ulysses: int = 1,
+                  cp: ContextParallel | None = None, ulysses_inter: bool | None = None) -> UnitCost:
         """Per-rank cost of one unit: `price_units` for a batch of one (see there)."""
         s = np.asarray(doc_lengths, dtype=float).ravel()
-        return self.price_units(s, np.zeros(1, np.int64), int(degree), offload_ratio, inter_node, with_head).unit(0)
+        return self.price_units(s, np.zeros(1, np.int64), int(degree), offload_ratio, inter_node, with_head,
+                                int(ulysses), cp, ulysses_inter).unit(0)
+
+    @property
+    def max_ulysses(self) -> int:
+        """Largest head-split (Ulysses) degree: the KV heads per TP rank (they divide the query heads per rank);
+        1 when TP replicates KV heads (tp > kv_heads). Every Ulysses degree must divide it."""
+        return max(1, self.model.kv_heads // self.tp)
+
+    def check_ulysses(self, ulysses: np.ndarray | int, degree: np.ndarray | int) -> None:
+        """SpecError (one line) unless each head-split degree divides its unit's degree and the KV (hence the
+        query) heads per TP rank: Ulysses splits whole heads, and replicating KV heads is not modelled."""
+        u = np.asarray(ulysses, dtype=np.int64)
+        d = np.broadcast_to(np.asarray(degree, dtype=np.int64), u.shape)
+        bad = (u < 1) | (d % np.maximum(u, 1) != 0) | (self.max_ulysses % np.maximum(u, 1) != 0)
+        if bad.any():
+            k = np.flatnonzero(bad.ravel())[0]
+            uk, dk = int(u.ravel()[k]), int(d.ravel()[k])
+            raise SpecError(f"ulysses degree {uk} must divide the unit's {dk} ranks and the {self.max_ulysses} KV "
+                            f"heads per TP rank of {self.model.name} (kv_heads {self.model.kv_heads}, tp {self.tp})")
+
+    def _allgather_units(self, cp: Sequence[ContextParallel | None] | ContextParallel | None, n: int) -> np.ndarray:
+        """Per unit: whether its context-parallel part all-gathers K/V (else a ring); None: the training's kind."""
+        default = self.setup.training.cp
+        if cp is None or isinstance(cp, str):  # one kind for all (the planners' hot path: no per-unit list)
+            if cp not in (None, *CONTEXT_PARALLEL_KINDS):
+                raise SpecError(f"context-parallel kind must be one of {', '.join(CONTEXT_PARALLEL_KINDS)}, "
+                                f"got {cp!r}")
+            return np.full(n, (cp or default) == "allgather")
+        kinds = list(cp)
+        wrong = next((k for k in kinds if k not in (None, *CONTEXT_PARALLEL_KINDS)), None)
+        if wrong is not None or len(kinds) != n:
+            raise SpecError(f"context-parallel kind must be one of {', '.join(CONTEXT_PARALLEL_KINDS)} per unit, "
+                            f"got {wrong!r}" if wrong is not None else f"{len(kinds)} CP kinds for {n} units")
+        return np.fromiter(((k or default) == "allgather" for k in kinds), bool, n)
 
     def price_units(self, doc_lengths: np.ndarray, unit_offsets: np.ndarray, degree: np.ndarray | int = 1,
                     offload_ratio: np.ndarray | float = 0.0, inter_node: np.ndarray | bool = False,
-                    with_head: np.ndarray | bool | None = None) -> UnitCosts:
+                    with_head: np.ndarray | bool | None = None, ulysses: np.ndarray | int = 1,
+                    cp: Sequence[ContextParallel | None] | ContextParallel | None = None,
+                    ulysses_inter: np.ndarray | bool | None = None) -> UnitCosts:
         """Per-rank cost of many units at once: unit u holds documents doc_lengths[unit_offsets[u]:
         unit_offsets[u + 1]] (a flat array, offsets increasing from 0), packed on one rank (degree 1) or each
         sharded zigzag over `degree` ranks with ring attention (REFERENCE 7.6: per ring step the max of compute
         and transfer; the first step has nothing to wait for). Degree, offload ratio, inter-node and with_head
         are per unit or one for all; with_head defaults to pp == 1; the embedding is priced with the head when
-        pp == 1 (its first stage is the last). Planners price thousands of units per step: one call does it."""
+        pp == 1 (its first stage is the last). Planners price thousands of units per step: one call does it.
+        Head-split context parallelism (docs/COSTMODEL.md "Ulysses and 2D"): `ulysses` u per unit splits the
+        heads over consecutive groups of u members (all-to-alls of Q, K, V and O, priced over NVLink or across
+        domains by `ulysses_inter`, default inter_node) and runs the unit's CP kind (`cp`, per unit or one; None:
+        the training's) across the d/u groups on d/u-th of the heads; u = 1 everywhere is plain ring/all-gather."""
         s = np.asarray(doc_lengths, dtype=float)
         starts = np.asarray(unit_offsets, dtype=np.int64)
         n = len(starts)
         counts = np.diff(starts, append=len(s))
         d = np.broadcast_to(np.asarray(degree, dtype=np.int64), (n,))
+        u = np.broadcast_to(np.asarray(ulysses, dtype=np.int64), (n,))
+        if (u != 1).any():
+            self.check_ulysses(u, d)
+        ring_d = d // u  # members the context-parallel part spans (groups of u)
+        ag = self._allgather_units(cp, n)
         r_off = np.broadcast_to(np.asarray(offload_ratio, dtype=float), (n,))
         inter = np.broadcast_to(np.asarray(inter_node, dtype=bool), (n,))
+        u_inter = inter if ulysses_inter is None else np.broadcast_to(np.asarray(ulysses_inter, dtype=bool), (n,))
         head = np.broadcast_to(np.asarray(self.pp == 1 if with_head is None else with_head, dtype=bool), (n,))
         l = self.layers_per_stage
         # Per document: its tokens on each rank (zigzag chunk pair when sharded) and its attention core. A rank
         # computes 1/d of each document's causal area; the kernel works on chunk-sized blocks, so its rate is
-        # the one at the per-rank length: time = d × time(per-rank length).
+        # the one at the per-rank length: time = d × time(per-rank length). With a head split of u, a rank holds
+        # its group's u chunks on 1/u of the heads (attention time is proportional to heads) and the ring runs
+        # over the d/u groups: time = (d/u) × time(u × per-rank length) / u (u = 1: the same numbers).
         d_doc = np.repeat(d, counts)
+        u_doc, ring_doc = np.repeat(u, counts), np.repeat(ring_d, counts)
         per_rank = np.where(d_doc > 1, 2.0 * np.ceil(s / (2 * d_doc)), s)
+        attn_len = per_rank * u_doc
         tokens, attn_f, attn_b = _segment_sums(
-            np.stack([per_rank, self.attn_fwd_s(per_rank) * d_doc, self.attn_bwd_s(per_rank) * d_doc]), starts, counts)
+            np.stack([per_rank, self.attn_fwd_s(attn_len) * ring_doc / u_doc,
+                      self.attn_bwd_s(attn_len) * ring_doc / u_doc]), starts, counts)
         gemm_f = self.gemm_layer_fwd_s(tokens)
         mem_f = self._lookup("mem_layer_fwd", tokens)
         mem_b = self._lookup("mem_layer_bwd", tokens)
         rec = self.setup.training.recompute
-        calls = counts * d  # attention calls per layer and direction: one per document and ring step
+        calls = counts * ring_d  # attention calls per layer and direction: one per document and ring step
         over_f = self.layer_overhead_s + calls * self.attn_call_overhead_s
         over_b = 2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
         fwd_layer = gemm_f + attn_f + mem_f + over_f
@@ -347,22 +430,31 @@ class CostModel:
         mem_rec = self._lookup("mem_recompute", tokens) if rec != "none" else 0.0
         attn_rec = attn_f if rec == "full" or (rec == "selective" and self.unfused_attention) else 0.0
         bwd_layer = bwd_layer + ((gemm_f if rec == "full" else 0.0) + attn_rec + mem_rec)
+        # K/V bytes a rank passes per ring step: its group's u chunks on 1/u of the KV heads, i.e. its own tokens'
         kv_bytes = tokens * 2 * self.model.kv_width / self.tp * self.bytes_per_elem
         passes_f = 2 if rec == "full" else 1  # full recompute replays the forward's K/V exchange
-        if self.setup.training.cp == "allgather":
-            ring_comm, ring_exp_f, ring_exp_b = self._allgather_cp_s(kv_bytes, d, inter, l, passes_f)
+        if ag.all():
+            ring_comm, ring_exp_f, ring_exp_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
         else:
-            step_f, step_b = attn_f / d, attn_b / d
+            step_f, step_b = attn_f / ring_d, attn_b / ring_d
             comm_f = np.where(inter, self.p2p_s(kv_bytes, True), self.p2p_s(kv_bytes, False))
             comm_b = np.where(inter, self.p2p_s(2 * kv_bytes, True), self.p2p_s(2 * kv_bytes, False))  # dK/dV back
-            ring_steps = l * (d - 1)  # 0 for packed units: no ring
+            ring_steps = l * (ring_d - 1)  # 0 for packed units and pure Ulysses: no ring
             ring_comm = ring_steps * (passes_f * comm_f + comm_b)
             ring_exp_f = ring_steps * np.maximum(0.0, comm_f - step_f)
             ring_exp_b = ring_steps * ((passes_f - 1) * np.maximum(0.0, comm_f - step_f)
                                        + np.maximum(0.0, comm_b - step_b))
+            if ag.any():  # units of both kinds in one batch
+                ag_comm, ag_f, ag_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
+                ring_comm, ring_exp_f, ring_exp_b = (np.where(ag, ag_comm, ring_comm), np.where(ag, ag_f, ring_exp_f),
+                                                     np.where(ag, ag_b, ring_exp_b))
+        if (u > 1).any():  # the all-to-alls are not overlapped (REFERENCE 18): exposed in full
+            a2a_comm, a2a_f, a2a_b = self._ulysses_a2a_s(tokens, u, u_inter, l, passes_f)
+            ring_comm, ring_exp_f, ring_exp_b = ring_comm + a2a_comm, ring_exp_f + a2a_f, ring_exp_b + a2a_b
         tp_f = tp_b = comm_h = np.zeros(n)
-        if self.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer each way (an all-reduce moves the same bytes)
-            tp_f = l * 2 * self.tp_pair_s(tokens)
+        if self.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer each way (an all-reduce moves the same bytes;
+            # MoE with ep > 1: the MLP's pair becomes the all-to-alls)
+            tp_f = l * self.layer_tp_comm_fwd_s(tokens)
             tp_b = tp_f * (2 if rec == "full" else 1)  # full recompute replays the forward's collectives
             # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
             comm_h = self.tp_pair_s(tokens) / 2
@@ -394,15 +486,30 @@ class CostModel:
         (nccl-tests S = the gathered bytes) and reduce-scatters dK/dV (fp32: twice the bytes) after its
         backward, neither hidden. Returns (all transfer time, exposed forward, exposed backward)."""
         ag, rs = np.zeros(len(d)), np.zeros(len(d))
-        for g in np.unique(d[d > 1]):
-            for crosses in (False, True):
-                sel = (d == g) & (inter == crosses)
-                if sel.any():
-                    scope = "inter" if crosses else "intra"
-                    ag[sel] = self.profile.collective_time_s("all_gather", kv_bytes[sel] * g, int(g), scope)
-                    rs[sel] = self.profile.collective_time_s("reduce_scatter", 2 * kv_bytes[sel] * g, int(g), scope)
+        for sel, g, scope in _group_shapes(d, inter):
+            ag[sel] = self.profile.collective_time_s("all_gather", kv_bytes[sel] * g, g, scope)
+            rs[sel] = self.profile.collective_time_s("reduce_scatter", 2 * kv_bytes[sel] * g, g, scope)
         exp_f = layers * ag
         exp_b = layers * ((passes_f - 1) * ag + rs)
+        return exp_f + exp_b, exp_f, exp_b
+
+    def _ulysses_a2a_s(self, tokens: np.ndarray, u: np.ndarray, inter: np.ndarray, layers: int,
+                       passes_f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ulysses all-to-alls per unit over its groups of u members (REFERENCE 7.5; nccl-tests S = the per-rank
+        send buffer, tokens × width/t × b, of which (u−1)/u leaves the rank). Forward: Q, K, V (K and V at the KV
+        width: GQA) before attention, O after it. Backward as Transformer Engine's AttnFuncWithCPAndQKVOA2A: O is
+        saved in token layout (no activation beyond ring CP's) and re-exchanged with dO, then dQ, dK, dV.
+        Returns (all transfer time, exposed forward, exposed backward); units with u = 1 get 0."""
+        q_bytes = tokens * self.model.q_width / self.tp * self.bytes_per_elem
+        kv_bytes = tokens * self.model.kv_width / self.tp * self.bytes_per_elem
+        fwd, bwd = np.zeros(len(u)), np.zeros(len(u))
+        for sel, g, scope in _group_shapes(u, inter):
+            t_q = self.profile.collective_time_s("all_to_all", q_bytes[sel], g, scope)
+            t_kv = self.profile.collective_time_s("all_to_all", kv_bytes[sel], g, scope)
+            fwd[sel] = 2 * t_q + 2 * t_kv  # Q, O; K, V
+            bwd[sel] = 3 * t_q + 2 * t_kv  # O, dO, dQ; dK, dV
+        exp_f = layers * fwd
+        exp_b = layers * ((passes_f - 1) * fwd + bwd)  # full recompute replays the forward's all-to-alls
         return exp_f + exp_b, exp_f, exp_b
 
     def memory_layer_s(self, tokens: np.ndarray | float, recompute: bool) -> np.ndarray:
@@ -410,6 +517,12 @@ class CostModel:
         policy replays), as price_units charges them."""
         t = self._lookup("mem_layer_fwd", tokens) + self._lookup("mem_layer_bwd", tokens)
         return t + self._lookup("mem_recompute", tokens) if recompute else t
+
+    def layer_tp_comm_fwd_s(self, tokens: np.ndarray | float) -> np.ndarray:
+        """One layer's forward TP-group collectives for `tokens` tokens: the attention's all-gather + reduce-scatter
+        pair, then the MLP's pair or, for MoE with ep > 1, the all-to-all dispatch and combine (costmodel.moe)."""
+        attn = self.tp_pair_s(tokens)
+        return attn + (self._lookup("moe_comm", tokens) if self.experts.all_to_all else attn)
 
     def tp_pair_s(self, tokens: np.ndarray) -> np.ndarray:
         """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h)."""
@@ -472,6 +585,8 @@ class CostModel:
         scope = "inter" if inter else "intra"
         gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
         group = d  # one collective per TP rank, over the d HDP ranks holding the same shard
+        if tr.zero_stage == 3:  # every round reduce-scattered its gradients already (costmodel.zero)
+            return 0.0
         if tr.zero_stage >= 1:
             return float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope)
                          + self.profile.collective_time_s("all_gather", p * pb, group, scope))

@@ -24,6 +24,8 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
     cap = capacity_tokens if capacity_tokens is not None else plan.meta.get("capacity_tokens")
     lay = layers_per_stage if layers_per_stage is not None else plan.meta.get("layers_per_stage")
     dkv = plan.meta.get("dkv_activation_ratio", 0.0)
+    training = plan.meta.get("training")
+    zero3 = isinstance(training, dict) and training.get("zero_stage") == 3
     if not plan.steps:
         raise PlanError("plan has no steps")
     for st in plan.steps:
@@ -40,6 +42,8 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
         check_coverage(st, seq_len)
         check_orders(st, m.hdp)
         check_deadlock_free(st)
+        if zero3:
+            unit_rounds(st)
         if m.pp > 1:
             check_pipeline(st, m.pp, m.hdp, lay)
         pr = st.predicted
@@ -183,3 +187,18 @@ def check_pipeline(st: Step, pp: int, hdp: int, layers_per_stage: int | None = N
                 lambda key: dependency(key[1], key[0], pp, v, last[key[1].mb]), lambda key: 1.0, lambda key: 0.0)
     except ScheduleError as e:
         raise PlanError(f"{where}: {e}") from None
+
+
+def unit_rounds(st: Step) -> dict[int, int]:
+    """ZeRO-3 plans run in rounds (every HDP rank joins each round's per-layer collectives): round r of a rank is
+    the r-th unit of its order, so a unit shared by several ranks must stand at the same position in each
+    member's order. Returns unit id -> round; PlanError naming the first misaligned unit."""
+    first: dict[int, tuple[int, int]] = {}  # unit id -> (position, the first rank seen)
+    for r, ids in sorted(st.order.items()):
+        for k, uid in enumerate(ids):
+            k0, r0 = first.setdefault(uid, (k, r))
+            if k0 != k:
+                raise PlanError(f"step {st.step}: zero_stage 3 runs in rounds, but unit {uid} is number {k0} in "
+                                f"HDP rank {r0}'s order and number {k} in rank {r}'s; a shared unit must stand at "
+                                "the same position in every member's order")
+    return {uid: k for uid, (k, _) in first.items()}

@@ -22,7 +22,11 @@ torch (`MathBlocks`, the GPU path). A packed bin (degree 1) is one flash_attn va
 when flash_attn is installed, else one SDPA call per document (flash kernels on CPU and CUDA).
 
 Padding tokens attend only to themselves (never seen by real tokens, labels ignored), so no
-softmax row is empty."""
+softmax row is empty.
+
+A unit with `ulysses` > 1 first splits heads by all-to-all inside groups of consecutive members, then
+runs ring or all-gather across the groups on their merged layouts (planner/runtime/ulysses.py). The
+kind is the unit's own (`Unit.cp`) when the plan records one, else the replay's."""
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from planner.runtime.launch import CPImpl
 # flight at the same time must not share one. NCCL ignores tags; there both sides issue the
 # streams in the same order, which is what NCCL's FIFO matching needs.
 _TAG_KV, _TAG_DKV, _TAG_GATHER, _TAG_SCATTER = 1, 2, 3, 4
+_TAG_A2A = 8  # Ulysses all-to-all (5-6: stages.py's activations, 7: step.py's tied embedding)
 
 
 # -- layout -------------------------------------------------------------------------------------
@@ -208,6 +213,16 @@ class Peers:
         out[self.index] = t
         others = [j for j in range(self.degree) if j != self.index]
         self.post([(j, t) for j in others], [(j, out[j]) for j in others], _TAG_GATHER).wait()
+        return out
+
+    def all_to_all(self, parts: torch.Tensor) -> torch.Tensor:
+        """parts [N, ...]: part j goes to member j; returns [N, ...] whose slot j came from member j (its
+        part self.index). The exchange is its own inverse (slot j of member i is slot i of member j)."""
+        parts = parts.contiguous()
+        out = torch.empty_like(parts)
+        out[self.index] = parts[self.index]
+        others = [j for j in range(self.degree) if j != self.index]
+        self.post([(j, parts[j]) for j in others], [(j, out[j]) for j in others], _TAG_A2A).wait()
         return out
 
     def reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
@@ -711,9 +726,14 @@ class SlicedAttention:
 def unit_attention(unit: Unit, layouts: list[ShardLayout], peers: Peers, impl: CPImpl, head_dim: int,
                    device: torch.device, kernel: str = "auto", block: int | None = None):
     """The attention callable a member runs for `unit` (layouts: one per member); `block`: rows of a
-    block pair (default: block_tokens of the query heads)."""
+    block pair (default: block_tokens of the query heads). The unit's own kind (Unit.cp) wins over the
+    replay's `impl`; ulysses > 1 runs Ulysses or 2D attention (planner/runtime/ulysses.py)."""
     if unit.degree == 1:
         return PackedAttention(layouts[0])
-    if impl == "ring":
+    kind = unit.cp or impl
+    if unit.ulysses > 1:
+        from planner.runtime.ulysses import UlyssesAttention  # it builds on this module: imported when used
+        return UlyssesAttention(unit, layouts, peers, kind, head_dim, device, kernel, block)
+    if kind == "ring":
         return RingAttention(layouts, peers, head_dim, device, kernel, block)
     return GatherAttention(layouts, peers, device, kernel, block)

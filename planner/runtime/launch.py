@@ -20,7 +20,7 @@ from typing import Literal, get_args
 
 from costmodel.presets import load_model
 from costmodel.specs import RECOMPUTE_POLICIES, ContextParallel, ModelSpec
-from planner.plan import Plan, PlanError, Step, validate
+from planner.plan import Plan, PlanError, Step, Unit, validate
 from planner.plan.stream import PlanStream, is_stream
 from planner.runtime.hf_spec import hf_model_spec
 from planner.runtime.trace import part_paths
@@ -150,6 +150,10 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
         raise PlanError(f"--steps must be >= 1, got {steps}")
     plan = load_for_replay(plan_path)
     m = plan.mesh
+    if (plan.meta.get("training") or {}).get("zero_stage") == 3:
+        raise PlanError(f"{plan_path}: a ZeRO-3 plan (meta.training.zero_stage 3): the replay keeps whole parameters "
+                        "on every rank and runs no per-layer FSDP gathers, so it would not replay what the plan "
+                        "priced; plan with --zero 1 or 2 to replay")
     if world_size is not None and m.world_size != world_size:
         raise PlanError(f"{plan_path}: the plan is for world_size {m.world_size} (tp {m.tp} × pp {m.pp} × hdp "
                         f"{m.hdp}) but this job has {world_size} processes; launch {m.world_size} "
@@ -179,11 +183,21 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
         if n % m.tp:
             raise PlanError(f"model {spec.name!r}: {what} = {n} does not split over tp = {m.tp} (whole heads and "
                             "equal FFN slices per TP rank); pass a model whose heads, kv_heads and ffn divide by tp")
+    for st in plan.steps:  # later steps of a stream are checked by the ranks (UlyssesAttention)
+        for u in st.units:
+            check_heads(u, spec.kv_heads // m.tp)
     chunks = m.pp * plan.steps[0].chunks_per_stage
     if spec.layers < chunks:
         raise PlanError(f"model {spec.name!r} has {spec.layers} layers, fewer than the plan's {chunks} pipeline "
                         "chunks (pp × v); pass a deeper --model")
     return plan, spec
+
+
+def check_heads(unit: Unit, kv_heads: int) -> None:
+    """Refuse a Ulysses degree that does not divide the K/V heads a rank holds (its TP share)."""
+    if kv_heads % unit.ulysses:
+        raise PlanError(f"unit {unit.id}: ulysses degree {unit.ulysses} does not divide the {kv_heads} KV heads per "
+                        "TP rank; plan it with a ulysses degree dividing kv_heads / tp")
 
 
 def check_step(st: Step, chunks: int, recompute: str, where: str) -> None:
@@ -198,6 +212,9 @@ def check_step(st: Step, chunks: int, recompute: str, where: str) -> None:
     for u in st.units:
         if u.slices == 1:
             continue
+        if u.ulysses > 1:  # slices attend earlier slices' K/V cache, gathered over all members
+            raise PlanError(f"{where}: step {st.step} unit {u.id}: ulysses {u.ulysses} with {u.slices} slices is not "
+                            "implemented in the replay; plan sliced units with ulysses 1")
         if recompute != "none":
             raise PlanError(f"{where}: recompute {recompute!r} with sliced units (slices > 1) is not implemented: "
                             "their attention fills a KV cache once per slice; pass --recompute none")

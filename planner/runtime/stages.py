@@ -107,7 +107,7 @@ class StageRunner:
             if run.unit.slices == 1:
                 run.attn[j] = unit_attention(run.unit, run.layouts[0], run.peers, ctx.opts.cp_impl,
                                              ctx.prep.spec.head_dim, ctx.device, ctx.opts.ring_kernel)
-            else:
+            else:  # launch.check_step refused sliced Ulysses units
                 run.attn[j] = SlicedAttention(run.layouts, j, run.peers, run.cache, ctx.device)
         return run.attn[j]
 

@@ -103,7 +103,8 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, Se
         tokens=layouts[index].tokens, start_s=t0, fwd_s=t1 - t0, bwd_s=t2 - t1, comm_wait_s=peers.stats.wait_s,
         sent_bytes=peers.stats.sent_bytes, saved_bytes=off.stats.saved_bytes,
         offloaded_bytes=off.stats.offloaded_bytes, offload_ratio=unit.offload_ratio,
-        peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=unit.predicted_time_s))
+        peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=unit.predicted_time_s, ulysses=unit.ulysses,
+        cp=unit.cp or ctx.opts.cp_impl))
     return float(loss.detach())
 
 
@@ -147,7 +148,7 @@ def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceT
             sent_bytes=run.peers.stats.sent_bytes, saved_bytes=run.offload.stats.saved_bytes,
             offloaded_bytes=run.offload.stats.offloaded_bytes, offload_ratio=u.offload_ratio,
             peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=u.predicted_time_s, stage=ctx.stage,
-            slices=u.slices, ops=run.ops))
+            slices=u.slices, ulysses=u.ulysses, cp=u.cp or ctx.opts.cp_impl, ops=run.ops))
     return runner.loss
 
 

@@ -46,6 +46,8 @@ class UnitRecord:
     predicted_time_s: float  # the plan's forward+backward prediction for the unit
     stage: int = 0  # pipeline stage (pp > 1)
     slices: int = 1  # the unit's pipeline slices
+    ulysses: int = 1  # the unit's head-split (Ulysses) degree
+    cp: str = "ring"  # the context-parallel kind it ran (the unit's own, else the replay's --cp)
     # pp > 1: the unit's ops on this rank, [kind "F"/"B", slice, chunk, start_s, dur_s] (its forward
     # and backward are not contiguous there: other micro-batches run between them)
     ops: list[list] = field(default_factory=list)
@@ -308,7 +310,7 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
     for s in doc["steps"]:
         for u in s["units"]:
             args = {k: u[k] for k in ("unit", "degree", "tokens", "comm_wait_s", "sent_bytes", "offloaded_bytes",
-                                      "predicted_time_s")}
+                                      "predicted_time_s", "ulysses", "cp") if k in u}  # older traces lack the last two
             if u.get("ops"):  # pipelined: one slice per op
                 for kind, j, c, t, dur in u["ops"]:
                     name = f"unit {u['unit']} {'fwd' if kind == 'F' else 'bwd'}" + \

@@ -28,24 +28,42 @@ def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
     rec = 2.0 if policy == "full" else 0.0
     per_token = (3.0 + rec / 2) * float(cm.gemm_layer_fwd_s(c))
     per_token += float(cm.memory_layer_s(c, recompute=policy != "none"))
-    if cm.tp > 1:  # 2 all-gather + reduce-scatter pairs per layer each way; full recompute replays the forward's
-        per_token += (4.0 + rec) * float(cm.tp_pair_s(c))
+    if cm.tp > 1:  # a layer's forward collectives, again backward; full recompute replays the forward's
+        per_token += (2.0 + rec / 2) * float(cm.layer_tp_comm_fwd_s(c))
     attn = cm.attn_fwd_s(s) * (1 + rec / 2) + cm.attn_bwd_s(s)
     layer = per_token / c * s.sum() + float(attn.sum())
     return cm.model.layers * layer
 
 
-def best_single_unit_s(s: int, cm: CostModel, hdp: int) -> float:
+def best_single_unit_s(s: int, cm: CostModel, hdp: int, cp_kinds: bool = False) -> float:
     """The fastest one sequence can run: its unit time without offload exposure (so a bound) minimised
     over every degree from the smallest feasible one (full offload) to the mesh: all integers up to
-    2,048 candidates, else a fine geometric grid refined around its best point."""
+    2,048 candidates, else a fine geometric grid refined around its best point. `cp_kinds`: also over every
+    context-parallel kind a unit may take (ring, all-gather, Ulysses and 2D with power-of-two head splits
+    dividing the KV heads per TP rank, their all-to-alls priced inside a domain where the group fits one)."""
     d_min = min(hdp, min_degree(s, cm.capacity_tokens, 1.0, cm.layers_per_stage))
     mesh = cm.setup.mesh
 
-    def t(degrees) -> list[float]:  # one unit of the sequence per degree, priced in one batch
-        ds = [int(d) for d in degrees]
-        return cm.price_units(np.full(len(ds), float(s)), np.arange(len(ds)), np.array(ds), 0.0,
-                              np.array([mesh.group_spans_domains(d) for d in ds], dtype=bool)).total_s.tolist()
+    def variants(d: int) -> list[tuple[int, int, str | None]]:  # (degree, ulysses, cp)
+        out = [(d, 1, None)]
+        if cp_kinds and d > 1:
+            out += [(d, 1, "ring"), (d, 1, "allgather")]
+            u = 2
+            while u <= d:
+                if d % u == 0 and cm.max_ulysses % u == 0:
+                    out += [(d, u, "ring"), (d, u, "allgather")] if u < d else [(d, u, None)]
+                u *= 2
+        return out
+
+    def t(degrees) -> list[float]:  # one unit of the sequence per degree and kind, priced in one batch
+        per = [variants(int(d)) for d in degrees]
+        vs = [v for vv in per for v in vv]
+        ds = np.array([v[0] for v in vs])
+        kw = dict(ulysses=np.array([v[1] for v in vs]), cp=[v[2] for v in vs],
+                  ulysses_inter=np.array([mesh.group_spans_domains(v[1]) for v in vs], dtype=bool)) if cp_kinds else {}
+        times = cm.price_units(np.full(len(vs), float(s)), np.arange(len(vs)), ds, 0.0,
+                               np.array([mesh.group_spans_domains(int(d)) for d in ds], dtype=bool), **kw).total_s
+        return np.minimum.reduceat(times, np.cumsum([0] + [len(vv) for vv in per])[:-1]).tolist()
 
     if hdp - d_min <= 2048:
         best = min(t(range(d_min, hdp + 1)))
@@ -58,9 +76,10 @@ def best_single_unit_s(s: int, cm: CostModel, hdp: int) -> float:
     return best * cm.pp if cm.pp > 1 else best
 
 
-def lower_bound_s(lengths: np.ndarray, cm: CostModel, hdp: int) -> float:
+def lower_bound_s(lengths: np.ndarray, cm: CostModel, hdp: int, cp_kinds: bool = False) -> float:
+    """`cp_kinds`: the step may run units in other context-parallel kinds than the plan-wide one."""
     sync = cm.step_end_s(hdp)
     lengths = np.asarray(lengths)
     work = total_compute_s(lengths, cm) / (hdp * cm.pp) + sync
-    longest = best_single_unit_s(int(lengths.max()), cm, hdp) + sync if len(lengths) else 0.0
+    longest = best_single_unit_s(int(lengths.max()), cm, hdp, cp_kinds) + sync if len(lengths) else 0.0
     return max(work, longest)

@@ -5,14 +5,17 @@ re-simulated on another profile."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import repeat
 
 import numpy as np
 
+from costmodel.specs import ContextParallel, SpecError
 from costmodel.timing import CostModel, UnitCost, UnitCosts
 from planner.plan import Piece, Plan, PlanError, Step
 from planner.simulate.bounds import lower_bound_s
 from planner.simulate.flat import simulate_flat
 from planner.simulate.pipelined import simulate_pipelined
+from planner.simulate.rounds import simulate_rounds
 from planner.simulate.timeline import StepSimulation
 
 
@@ -45,10 +48,19 @@ class StepCosts(Mapping[int, tuple[UnitCost, UnitCost]]):
         return len(self.ids)
 
 
+def ulysses_groups_span_domains(ranks: Sequence[int], ulysses: int, cm: CostModel) -> bool:
+    """Whether any Ulysses group of a unit (consecutive runs of `ulysses` of its sorted ranks) crosses a domain:
+    its all-to-alls are then priced on the inter-domain table."""
+    spans = cm.setup.mesh.spans_domains
+    return ulysses > 1 and any(spans(ranks[k:k + ulysses]) for k in range(0, len(ranks), ulysses))
+
+
 def price_units_of(ids: list[int], ranks: Sequence[Sequence[int]], pieces: Sequence[Sequence[Piece]],
-                   offload_ratio: Sequence[float], cm: CostModel) -> StepCosts:
-    """Price units given as parallel lists (id, sorted HDP ranks, pieces, offload ratio) in one batch:
-    `unit_costs` of a step, and finalize's pricing before it builds the step's Unit objects."""
+                   offload_ratio: Sequence[float], cm: CostModel, ulysses: Sequence[int] | None = None,
+                   cp: Sequence[ContextParallel | None] | None = None) -> StepCosts:
+    """Price units given as parallel lists (id, sorted HDP ranks, pieces, offload ratio; head-split degree and
+    CP kind, default 1 and the plan's) in one batch: `unit_costs` of a step, and finalize's pricing before it
+    builds the step's Unit objects: the one place a unit's fields become its price."""
     n = len(ids)
     counts = np.fromiter(map(len, pieces), np.int64, n)
     lengths = np.fromiter((p.end - p.start for ps in pieces for p in ps), float, int(counts.sum()))  # Piece.tokens
@@ -56,8 +68,21 @@ def price_units_of(ids: list[int], ranks: Sequence[Sequence[int]], pieces: Seque
     degree = np.fromiter(map(len, ranks), np.int64, n)
     ratio = np.fromiter(offload_ratio, float, n)
     inter = np.fromiter(map(cm.setup.mesh.spans_domains, ranks), bool, n)
-    last = cm.price_units(lengths, offsets, degree, ratio, inter, with_head=True)
-    mid = cm.price_units(lengths, offsets, degree, ratio, inter, with_head=False) if cm.pp > 1 else last
+    u = np.ones(n, np.int64) if ulysses is None else np.fromiter(ulysses, np.int64, n)
+    u_inter = None
+    if (u != 1).any():
+        for uid, d, g in zip(ids, degree.tolist(), u.tolist()):
+            if g != 1:
+                try:
+                    cm.check_ulysses(g, d)
+                except SpecError as e:
+                    raise PlanError(f"unit {uid}: {e}") from None
+        u_inter = np.fromiter(map(ulysses_groups_span_domains, ranks, u.tolist(), repeat(cm)), bool, n)
+    if cp is not None and all(k is None for k in cp):
+        cp = None  # every unit the plan's kind: one answer for all
+    kw = dict(ulysses=u, cp=cp, ulysses_inter=u_inter)
+    last = cm.price_units(lengths, offsets, degree, ratio, inter, with_head=True, **kw)
+    mid = cm.price_units(lengths, offsets, degree, ratio, inter, with_head=False, **kw) if cm.pp > 1 else last
     return StepCosts(list(ids), mid, last)
 
 
@@ -65,7 +90,7 @@ def unit_costs(step: Step, cm: CostModel) -> StepCosts:
     """(middle-stage cost, last-stage cost) per unit; equal when pp = 1. All units priced in one batch."""
     units = step.units
     return price_units_of([u.id for u in units], [u.hdp_ranks for u in units], [u.pieces for u in units],
-                          [u.offload_ratio for u in units], cm)
+                          [u.offload_ratio for u in units], cm, [u.ulysses for u in units], [u.cp for u in units])
 
 
 def simulate_step(step: Step, cm: CostModel, costs: StepCosts | None = None) -> StepSimulation:
@@ -74,7 +99,11 @@ def simulate_step(step: Step, cm: CostModel, costs: StepCosts | None = None) -> 
     if any(r >= hdp for u in step.units for r in u.hdp_ranks):
         raise PlanError(f"step {step.step}: plan uses HDP ranks beyond the mesh's {hdp}")
     costs = costs if costs is not None else unit_costs(step, cm)
-    lb = lower_bound_s(np.array([q.length for q in step.sequences]), cm, hdp)
+    # a step with units of other CP kinds is bounded over every kind (one without them: over the plan-wide one)
+    kinds = any(u.ulysses > 1 or u.cp is not None for u in step.units)
+    lb = lower_bound_s(np.array([q.length for q in step.sequences]), cm, hdp, kinds)
+    if cm.setup.training.zero_stage == 3:  # pp = 1 (TrainingSpec refuses pp > 1): rounds
+        return simulate_rounds(step, cm, costs, hdp, lb)
     if cm.pp == 1:
         return simulate_flat(step, cm, costs, hdp, lb)
     return simulate_pipelined(step, cm, costs, hdp, lb)

@@ -18,6 +18,8 @@ from planner.workload import GlobalBatch
 from planner.plan import Piece, PipelineSection, PlanError, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
 from planner.simulate import inflight_weights, simulate_step
 from planner.simulate.step import price_units_of
+from planner.strategies.cp_kinds import choose_cp_kinds
+from planner.strategies.rounds import round_layouts
 
 
 @dataclass
@@ -266,9 +268,17 @@ class DomainLoads:
 
 
 def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
-             pipeline: PipelineSection | None = None, variants: bool = True) -> Step:
+             pipeline: PipelineSection | None = None, variants: bool = True, rounds_formed: bool = False,
+             cp_kinds: tuple[str, ...] = (), repack: bool = False) -> Step:
     """Number drafts by planned start (ties: lowest rank), order every rank by increasing id — a
-    total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate."""
+    total order, hence deadlock-free (REFERENCE decision 10) — price each unit and simulate. ZeRO-3: the
+    drafts are first laid out in rounds (planner.strategies.rounds; `repack`: the strategy's one-rank bins
+    may be re-packed and its one-document units re-degreed), each layout simulated, the fastest kept."""
+    if cm.setup.training.zero_stage == 3 and not rounds_formed:
+        steps = [finalize(batch, layout, cm, hdp, pipeline, variants, rounds_formed=True, cp_kinds=cp_kinds)
+                 for layout in round_layouts(drafts, cm, hdp, repack)]
+        return min(steps, key=lambda st: fits_first(st.predicted.step_time_s, max(st.predicted.peak_memory_bytes),
+                                                    cm.budget.hbm_bytes))
     drafts = sorted(drafts, key=lambda d: (d.sort_key, d.ranks[0], len(d.ranks)))
     ids = list(range(len(drafts)))
     ranks = [tuple(sorted(d.ranks)) for d in drafts]
@@ -276,9 +286,11 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
     ratios = [math.ceil(d.offload_ratio * 1e6) / 1e6 for d in drafts]
     # Price every unit once, before the units exist: the plan records each unit's time and per-rank tokens
     # (price_units' zigzag count), and the simulations below reuse the prices.
-    costs = price_units_of(ids, ranks, pieces, ratios, cm)
+    # cp_kinds (PlanOptions.cp_kinds): each sharded unit's context-parallel kind, chosen by its price
+    kinds = choose_cp_kinds(ranks, pieces, ratios, cm, cp_kinds) if cp_kinds else ()
+    costs = price_units_of(ids, ranks, pieces, ratios, cm, *kinds)
     units = list(map(Unit, ids, ranks, pieces, ratios, (d.slices for d in drafts),  # Unit's fields, in order
-                     costs.last.total_s.tolist(), costs.last.tokens_per_rank.tolist()))
+                     costs.last.total_s.tolist(), costs.last.tokens_per_rank.tolist(), *kinds))
     order: dict[int, list[int]] = {r: [] for r in range(hdp)}
     for uid, rs in zip(ids, ranks):
         for r in rs:
@@ -296,6 +308,18 @@ def finalize(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int,
         step, sim = _best_schedule(step, cm, costs, inflight_weights(step, cm, costs), variants)
     step.predicted = sim.predicted()
     return step
+
+
+def with_cp_kinds(batch: GlobalBatch, step: Step, cm: CostModel, cp_kinds: tuple[str, ...]) -> Step:
+    """A planned step through finalize again, each unit's context-parallel kind chosen from `cp_kinds`
+    (PlanOptions.cp_kinds; planner.strategies.registry applies it to every strategy): the same units, ranks,
+    slices and order (ids kept as sort keys), then priced and simulated afresh."""
+    # finalize rounds ratios up to 1e-6; less than that below a recorded ratio rounds back to the same value
+    drafts = [Draft(u.hdp_ranks, list(u.pieces), u.offload_ratio - 1e-9 if u.offload_ratio else 0.0, float(u.id),
+                    u.slices) for u in step.units]
+    pipeline = dataclasses.replace(step.pipeline, weights=None) if step.pipeline is not None else None
+    return finalize(batch, drafts, cm, len(step.order), pipeline, variants=False, rounds_formed=True,
+                    cp_kinds=cp_kinds)
 
 
 def _best_schedule(step: Step, cm: CostModel, costs, weights: dict[int, float], variants: bool = True):

@@ -243,12 +243,15 @@ NEVER_SLOWER_MAX_SEQUENCES = 256  # baselines as candidates up to here (dcp's lo
 
 def _never_slower(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, step: Step) -> Step:
     """Small steps (at most NEVER_SLOWER_MAX_SEQUENCES sequences and EXACT_SCORING_MAX_UNITS units,
-    where the three plans cost tens of milliseconds): the baselines' plans, priced by the same
+    where the three plans cost tens of milliseconds) and ZeRO-3 steps: the baselines' plans, priced by the same
     simulator, are candidates too; the fastest that fits HBM (or needs no more memory than hdp's) is
     kept, hdp's on ties. On a few units heuristic balance can lose a few % to a baseline's regular
     layout. Larger steps keep hdp's own plan: the baselines would cost 5x hdp's planning at 32 GPUs
     with 32M tokens (3,587 sequences), where the layout candidates (_layout_candidates) win anyway."""
-    if len(batch.lengths_tokens) > NEVER_SLOWER_MAX_SEQUENCES or len(step.units) > EXACT_SCORING_MAX_UNITS:
+    # ZeRO-3 steps run in rounds that hdp's balance only approximates; dcp's lockstep micro-batches fit them
+    # by construction, so there the baselines are always candidates (its plan time is not the scale target)
+    small = len(batch.lengths_tokens) <= NEVER_SLOWER_MAX_SEQUENCES and len(step.units) <= EXACT_SCORING_MAX_UNITS
+    if not small and cm.setup.training.zero_stage != 3:
         return step
     mem_cap = max(cm.budget.hbm_bytes, max(step.predicted.peak_memory_bytes))
     # Without PP, DP-Balance already scored Alg. 1's placement exactly (replay + gradient sync = simulator)
@@ -307,7 +310,7 @@ def _plan_dp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Ste
         naive = _naive_drafts(batch, cm, opt)
         if _replay_finish(naive, cm, hdp) < best[1]:
             best = (naive, 0.0, -1)
-    return finalize(batch, best[0], cm, hdp)
+    return finalize(batch, best[0], cm, hdp, repack=True)  # ZeRO-3: bins and degrees may be re-shaped to rounds
 
 
 def _shard_heavy(seqs: SeqTable, long_idx: np.ndarray, short_idx: np.ndarray, short_cost: np.ndarray,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planner.strategies.cp_kinds import CpKind
 from planner.strategies.dcp import DcpOptions
 from planner.strategies.hdp import HdpOptions
 from planner.strategies.ilp import IlpOptions
@@ -17,6 +18,9 @@ class PlanOptions:
 
     offload: bool = True  # selective activation offloading (hdp strategies and ilp; Eq. 3)
     seed: int = 0  # seed of the length source (recorded with the options in the plan's meta)
+    # context-parallel kinds each sharded unit may take (planner.strategies.cp_kinds); () or only the plan-wide
+    # kind (TrainingSpec.cp): every unit keeps it
+    cp_kinds: tuple[CpKind, ...] = ()
     static: StaticOptions = field(default_factory=StaticOptions)
     dcp: DcpOptions = field(default_factory=DcpOptions)
     hdp: HdpOptions = field(default_factory=HdpOptions)  # also the warm start of ilp

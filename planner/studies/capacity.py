@@ -130,6 +130,7 @@ class LayoutRules:
     pps: tuple[int, ...] = (1, 2, 4, 8)
     min_gpus: int | None = None  # None: one node
     max_gpus: int = 16384
+    ep: int = 1  # MoE: the most expert parallelism; each layout takes min(ep, tp)
 
     def __post_init__(self) -> None:
         for name, values in (("tp", self.tps), ("pp", self.pps)):
@@ -165,7 +166,7 @@ class LayoutRules:
         out = []
         for tp, pp in itertools.product(sorted(self.tps), sorted(self.pps)):
             try:
-                TrainingSpec(tp=tp, pp=pp).check_against(m, c)
+                TrainingSpec(tp=tp, pp=pp, ep=min(self.ep, tp)).check_against(m, c)
             except SpecError:
                 continue
             out.append((tp, pp))
@@ -245,7 +246,7 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
     with worker_pool(workers) if workers > 1 else contextlib.nullcontext(None) as pool:
         for i, gpus in enumerate(counts, 1):
             cfgs = [Config(model, cluster, gpus, tp, pp, context_tokens, lengths, tokens_per_step, steps, seed,
-                           recompute, offload) for tp, pp in layouts[gpus]]
+                           recompute, offload, ep=min(rules.ep, tp)) for tp, pp in layouts[gpus]]
             if search.decide_count(gpus, i, cfgs, pool, workers) and not exhaustive:
                 break
     rows = search.rows

@@ -15,7 +15,7 @@ from planner.strategies import STRATEGIES
 # studies themselves (they choose points; planning and costing them happens elsewhere).
 _NOT_PLANNING = ("planner/runtime/", "planner/report/", "planner/studies/", "profiles/measure/")
 # common.py and options.py shape every strategy; every row carries static's time (its speedup reference)
-_SHARED_STRATEGY_FILES = {"common.py", "options.py", "static.py"}
+_SHARED_STRATEGY_FILES = {"common.py", "options.py", "static.py", "cp_kinds.py", "registry.py", "rounds.py"}
 
 
 @functools.lru_cache(maxsize=None)

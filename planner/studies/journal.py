@@ -28,8 +28,8 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "key", "model", "cluster", "gpus", "tp", "pp", "hdp", "context_tokens", "lengths", "tokens_per_step",
     "strategy", "steps", "seed", "offload", "static_mesh", "tokens_per_s", "mfu", "mfu_unhalved", "step_time_s",
     "lower_bound_s", "speedup_vs_static", "static_step_time_s", "peak_memory_bytes", "fits_hbm", "busiest_rank_s",
-    "idlest_rank_s", "recompute", "capacity_tokens", "profile", "profile_sha256", "code_sha256", "planning_s",
-    "feasible", "reason")
+    "idlest_rank_s", "recompute", "zero_stage", "capacity_tokens", "profile", "profile_sha256", "code_sha256",
+    "planning_s", "feasible", "reason")
 MFU_CONVENTION = ("`mfu` divides model FLOPs (causal attention halved: the pairs actually computed, per document; "
                   "recompute excluded) by the profile's dense bf16 peak; `mfu_unhalved` counts causal attention in "
                   "full (PaLM / Megatron)")
@@ -113,6 +113,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     for col in _INT_COLUMNS:
         df[col] = df[col].astype("int64")
+    df["zero_stage"] = pd.to_numeric(df["zero_stage"]).fillna(1).astype("int64")  # rows from before --zero: ZeRO-1
     for col in ("hdp", "capacity_tokens"):  # unknown when the cost model could not be built
         df[col] = pd.array(pd.to_numeric(df[col], errors="coerce"), dtype="Int64")
     for col in _TEXT_COLUMNS:

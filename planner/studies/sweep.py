@@ -63,18 +63,23 @@ class Config:
     recompute: str = "auto"  # none | selective | full | auto (planner.api.resolve_setup)
     offload: bool = True  # selective activation offload (hdp strategies)
     static_mesh: StaticMesh = "context"  # static CP sized for the max context, or per batch
+    ep: int = 1  # MoE expert parallelism inside the TP group (TrainingSpec.ep)
+    zero_stage: int = 1  # ZeRO stage over the HDP ranks of a stage (TrainingSpec.zero_stage)
 
     @property
     def key(self) -> str:
-        """Deterministic, human-readable identity of the config (journal key prefix)."""
+        """Deterministic, human-readable identity of the config (journal key prefix; ep only when set, so
+        journals written before it resume)."""
         return (f"{self.model}|{self.cluster}|g{self.gpus}|tp{self.tp}|pp{self.pp}|ctx{self.context_tokens}|"
                 f"{self.lengths}|tps{self.tokens_per_step}|steps{self.steps}|seed{self.seed}|rc-{self.recompute}|"
-                f"off{int(self.offload)}|static-{self.static_mesh}")
+                f"off{int(self.offload)}|static-{self.static_mesh}" + (f"|ep{self.ep}" if self.ep != 1 else "")
+                + (f"|zero{self.zero_stage}" if self.zero_stage != 1 else ""))  # likewise: ZeRO-1 unmarked
 
     def request(self, options: PlanOptions | None = None) -> PlanRequest:
-        return PlanRequest(model=self.model, cluster=self.cluster, gpus=self.gpus, tp=self.tp, pp=self.pp,
+        return PlanRequest(model=self.model, cluster=self.cluster, gpus=self.gpus, tp=self.tp, pp=self.pp, ep=self.ep,
                            lengths=self.lengths, steps=self.steps, tokens_per_step=self.tokens_per_step,
                            max_context_tokens=self.context_tokens, recompute=self.recompute, seed=self.seed,
+                           zero_stage=self.zero_stage,
                            options=options or PlanOptions(offload=self.offload, seed=self.seed))
 
 
@@ -112,12 +117,15 @@ class SweepSpec:
     recompute: str = "auto"
     offload: bool = True
     static_mesh: StaticMesh = "context"
+    ep: int = 1  # MoE: the most expert parallelism; each config takes min(ep, tp)
+    zero_stages: tuple[int, ...] = (1,)  # ZeRO stages, innermost of the configs
 
     def configs(self) -> list[Config]:
         return [Config(m, c, g, t, p, ctx, ln, self.tokens_per_step, self.steps, self.seed, self.recompute,
-                       self.offload, self.static_mesh)
-                for m, c, g, t, p, ctx, ln in itertools.product(self.models, self.clusters, self.gpus, self.tps,
-                                                                self.pps, self.contexts_tokens, self.lengths)]
+                       self.offload, self.static_mesh, ep=min(self.ep, t), zero_stage=z)
+                for m, c, g, t, p, ctx, ln, z in itertools.product(self.models, self.clusters, self.gpus, self.tps,
+                                                                   self.pps, self.contexts_tokens, self.lengths,
+                                                                   self.zero_stages)]
 
     def points(self) -> list[Point]:
         return [Point(c, s) for c in self.configs() for s in self.strategies]
@@ -186,7 +194,8 @@ def base_row(point: Point) -> dict:
     row.update(key=point.key, model=c.model, cluster=c.cluster, gpus=c.gpus, tp=c.tp, pp=c.pp,
                context_tokens=c.context_tokens, lengths=c.lengths, tokens_per_step=c.tokens_per_step,
                strategy=point.strategy, steps=c.steps, seed=c.seed, offload=c.offload, static_mesh=c.static_mesh,
-               recompute=c.recompute, code_sha256=code_fingerprint(point.strategy), feasible=False)
+               recompute=c.recompute, zero_stage=c.zero_stage, code_sha256=code_fingerprint(point.strategy),
+               feasible=False)
     return row
 
 

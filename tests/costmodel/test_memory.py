@@ -143,4 +143,4 @@ def test_zero2_shards_the_gradients_too():
     assert memory_budget(z2).capacity_tokens > memory_budget(z1).capacity_tokens
     assert model_state_bytes(z2) == pytest.approx(params * (2 + 16 / 64))
     with pytest.raises(SpecError, match="zero_stage"):
-        TrainingSpec(zero_stage=3)
+        TrainingSpec(zero_stage=4)

@@ -1,0 +1,147 @@
+"""MoE layers with expert parallelism folded into the TP group (docs/COSTMODEL.md "MoE and expert parallelism").
+
+Under HDP only a TP group runs in lockstep, so expert parallelism lives inside it: Megatron-core's "MoE parallel
+folding" (Liu et al. 2025, arXiv 2504.14960) with attention TP and expert EP × ETP on the same tp ranks, ep | tp,
+etp = tp / ep. After attention each TP rank holds s/tp tokens (sequence parallelism); the router scores them; the
+tokens go to the ranks owning their top_k experts and come back, as Megatron-core's token dispatchers do
+(megatron/core/transformer/moe/token_dispatcher.py):
+
+- ep = 1, `MoEAllGatherTokenDispatcher`: all-gather the hidden states over the TP group, run the local experts on
+  the tokens routed to them, reduce-scatter back: the dense MLP's all-gather + reduce-scatter pair, same bytes.
+- ep > 1, `MoEAlltoAllTokenDispatcher`: permute → all-to-all over EP → all-gather over ETP (etp > 1) → experts →
+  reduce-scatter over ETP → all-to-all over EP → unpermute; this replaces the MLP's TP pair.
+
+Each rank runs E/ep local experts on m = s·k·cf/E rows each (s: the TP group's tokens, k = top_k, cf: the
+busiest expert's load over the mean), every expert's columns split over etp; one GEMM per expert (Megatron's
+SequentialMLP) or one grouped GEMM of the local experts' rows (`moe_grouped_gemm`). Pure functions of the specs
+and a profile; costmodel.timing and costmodel.memory call them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from costmodel.elementwise import MemKernel, layer_kernels
+from costmodel.specs import ModelSpec, Recompute, TrainingSpec
+from profiles.table import Profile
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one TP group runs an MoE layer: ep expert groups of etp = tp/ep ranks (TrainingSpec checks ep | tp)."""
+
+    tp: int = 1  # the TP group: attention TP = EP × ETP
+    ep: int = 1  # expert-parallel degree: ranks holding different experts
+    capacity_factor: float = 1.0  # busiest expert's tokens over the mean (1: balanced routing)
+    grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM
+    sequence_parallel: bool = True  # the MoE input is s/tp tokens per rank
+
+    @classmethod
+    def of(cls, training: TrainingSpec) -> "ExpertLayout":
+        return cls(tp=training.tp, ep=training.ep, capacity_factor=training.moe_capacity_factor,
+                   grouped_gemm=training.moe_grouped_gemm, sequence_parallel=training.sequence_parallel)
+
+    @property
+    def etp(self) -> int:
+        """Expert tensor-parallel degree: ranks splitting one expert's columns."""
+        return self.tp // self.ep
+
+    @property
+    def all_to_all(self) -> bool:
+        """Whether tokens travel by all-to-all (ep > 1); else the all-gather dispatcher, the dense TP pair."""
+        return self.ep > 1
+
+
+def expert_rows_per_token(model: ModelSpec, layout: ExpertLayout) -> float:
+    """Rows one expert's GEMMs get per token of the TP group on the busiest rank: m / s = k·cf/E."""
+    return model.top_k * layout.capacity_factor / model.experts
+
+
+def mlp_gemm_plan(model: ModelSpec, layout: ExpertLayout) -> tuple[int, float, int]:
+    """(column split, rows per token of the TP group per launch, launches) of a layer's MLP GEMMs on one rank.
+    Dense: split over tp, one row per token, one launch. MoE: split over etp; E/ep launches of k·cf/E rows per
+    token each, or one grouped launch of their E/ep·k·cf/E = k·cf/ep rows."""
+    if not model.is_moe:
+        return layout.tp, 1.0, 1
+    local = model.experts // layout.ep
+    rows = expert_rows_per_token(model, layout)
+    return (layout.etp, rows * local, 1) if layout.grouped_gemm else (layout.etp, rows, local)
+
+
+def router_rows_per_token(layout: ExpertLayout) -> float:
+    """Router GEMM rows per token of the TP group: each rank scores its own s/tp tokens with the (replicated)
+    h × E router under sequence parallelism, all s tokens without it."""
+    return 1.0 / layout.tp if layout.sequence_parallel else 1.0
+
+
+def dispatch_bytes(tokens: np.ndarray | float, model: ModelSpec, layout: ExpertLayout,
+                   dtype_bytes: int) -> np.ndarray:
+    """nccl-tests S of the dispatch (and combine) all-to-all on the busiest rank: its s/tp tokens' k copies of
+    h values each, × cf (the busiest rank's share under imbalance)."""
+    t = np.asarray(tokens, dtype=float)
+    return t / layout.tp * model.top_k * layout.capacity_factor * model.hidden * dtype_bytes
+
+
+def expert_gather_bytes(tokens: np.ndarray | float, model: ModelSpec, layout: ExpertLayout,
+                        dtype_bytes: int) -> np.ndarray:
+    """nccl-tests S of the ETP all-gather after the dispatch (the reduce-scatter before the combine moves the
+    same): the rows of the rank's E/ep experts, s·k·cf/ep, of h values each."""
+    t = np.asarray(tokens, dtype=float)
+    return t * model.top_k * layout.capacity_factor / layout.ep * model.hidden * dtype_bytes
+
+
+def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpec, layout: ExpertLayout,
+                   dtype_bytes: int) -> np.ndarray:
+    """Forward communication of one MoE layer with ep > 1, not overlapped: dispatch and combine all-to-alls over
+    EP (+ the ETP all-gather and reduce-scatter when etp > 1). The backward moves the same bytes the other way.
+    The EP group lies inside a TP group, which MeshLayout keeps inside one NVLink domain: scope intra."""
+    a2a = profile.collective_time_s("all_to_all", dispatch_bytes(tokens, model, layout, dtype_bytes), layout.ep,
+                                    "intra")
+    t = 2.0 * a2a
+    if layout.etp > 1:
+        g = expert_gather_bytes(tokens, model, layout, dtype_bytes)
+        t = t + (profile.collective_time_s("all_gather", g, layout.etp, "intra")
+                 + profile.collective_time_s("reduce_scatter", g, layout.etp, "intra"))
+    return t
+
+
+def moe_kernels(model: ModelSpec, layout: ExpertLayout, dtype_bytes: int, direction: str) -> tuple[MemKernel, ...]:
+    """An MoE layer's memory-bound kernels beyond elementwise.layer_kernels, bytes per token of the TP group on
+    one rank, either direction (the backward moves the same bytes back): the permutation into expert order
+    (read the rank's source tokens, write their k·cf rows) and the weighted unpermutation (the reverse), plus the
+    activation's extra cf − 1 share on the busiest rank (layer_kernels prices k·f/tp per token)."""
+    if not model.is_moe:
+        return ()
+    b, h, k, cf = float(dtype_bytes), model.hidden, model.top_k, layout.capacity_factor
+    src = 1.0 / layout.tp if layout.all_to_all else 1.0  # all-to-all: own s/tp tokens; all-gather: all s
+    rows = k * cf * src  # their top-k copies (ep = 1 under the all-gather dispatcher: every expert is local)
+    perm = MemKernel("moe_permute", (src + rows) * h * b)
+    out = [perm, MemKernel("moe_unpermute", perm.bytes_per_item)]
+    if layout.all_to_all and model.experts // layout.ep > 1:  # received chunks sorted by local expert and back
+        sort = 2.0 * k * cf / layout.ep * h * b
+        out += [MemKernel("moe_sort_chunks", sort), MemKernel("moe_unsort_chunks", sort)]
+    if cf > 1.0:
+        act = next(x for x in layer_kernels(model, layout.tp, layout.sequence_parallel, dtype_bytes, direction)
+                   if x.label in ("swiglu", "gelu"))
+        out.append(MemKernel(f"{act.label}_imbalance", (cf - 1.0) * act.bytes_per_item))
+    return tuple(out)
+
+
+def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recompute: Recompute,
+                                   dtype_bytes: int = 2) -> float:
+    """Saved activations of one MoE layer per token of the TP group on the busiest rank, beyond what
+    costmodel.memory counts for a dense layer of k MLPs (its 2h/tp MLP input is the router's input here): the
+    dispatched rows the experts keep for their weight gradients, 2h·k·cf/ep; the expert outputs the routing
+    weights multiply, kept for the weights' gradient (all-to-all: back on the rank's own k·s/tp rows; all-gather:
+    its k·cf·s/ep rows); and the MLP's inner terms (SwiGLU 8f, 4f under selective; GeLU 4f) × (cf − 1)/tp.
+    Full recompute keeps only the layer input: nothing more."""
+    if not model.is_moe or recompute == "full":
+        return 0.0
+    scale = dtype_bytes / 2.0
+    h, f, k, cf = model.hidden, model.ffn, model.top_k, layout.capacity_factor
+    dispatched = 2 * h * k * cf / layout.ep
+    combined = 2 * h * k / layout.tp if layout.all_to_all else dispatched
+    inner = (8 * f if recompute == "none" else 4 * f) if model.mlp == "swiglu" else 4 * f
+    return (dispatched + combined + inner * k * (cf - 1.0) / layout.tp) * scale
+

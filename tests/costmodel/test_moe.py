@@ -1,0 +1,193 @@
+"""MoE with expert parallelism folded into the TP group (costmodel.moe): hand-computed all-to-all bytes, expert GEMM
+rows and activation bytes; ep validation; a Mixtral 8x22B plan with ep 8 produced, validated and simulated."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cli import app
+from costmodel.flops import linear_flops_per_token
+from costmodel.memory import model_state_bytes, params_per_rank
+from costmodel.moe import ExpertLayout, dispatch_bytes, expert_gather_bytes, moe_comm_fwd_s, moe_kernels
+from costmodel.presets import load_cluster, load_model
+from costmodel.specs import ModelSpec, Setup, SpecError, TrainingSpec
+from costmodel.timing import _TOKEN_GRID, CostModel, gemm_shapes
+from profiles.table import load_profile
+
+H, F, E, K = 6144, 16384, 8, 2  # Mixtral 8x22B: hidden, expert ffn, experts, top_k
+S = float(_TOKEN_GRID[150])  # a token count on the cost model's grid: its curves are exact there
+_PROFILE = load_profile("h100-sxm.analytic")
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return load_model("mistral-8x22b")
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return _PROFILE
+
+
+def cost_model(model, profile, **training) -> CostModel:
+    tr = TrainingSpec(**{"tp": 8, "pp": 4, **training})
+    return CostModel(Setup(model, load_cluster("dgx-h100").with_gpus(128), tr), profile)
+
+
+def test_all_to_all_and_gather_bytes_hand_computed(mixtral):
+    lay = ExpertLayout(tp=8, ep=4, capacity_factor=1.25)
+    # each TP rank sends its 8192/8 tokens' 2 copies, x1.25 on the busiest rank, of 6144 bf16 values
+    assert float(dispatch_bytes(8192, mixtral, lay, 2)) == 1024 * 2 * 1.25 * 6144 * 2 == 31_457_280
+    # after the ETP all-gather a rank holds its 2 experts' rows: 8192·2·1.25/4 rows of 6144 values
+    assert float(expert_gather_bytes(8192, mixtral, lay, 2)) == 5120 * 6144 * 2
+
+
+def test_expert_gemm_rows_and_shapes_hand_computed(mixtral):
+    shapes = {g.label: g for g in gemm_shapes(mixtral, 8, ExpertLayout(tp=8, ep=4, capacity_factor=1.25))}
+    up, down, router = shapes["gate_up"], shapes["down"], shapes["router"]
+    # m = s·k·cf/E = 8192·2·1.25/8 = 2560 rows per expert, E/ep = 2 local experts, columns over etp = 2
+    assert 8192 * up.rows_per_token == 2560 and up.launches == 2
+    assert (up.n, up.k) == (2 * F // 2, H) and (down.n, down.k, down.launches) == (H, F // 2, 2)
+    assert (router.n, router.k, router.rows_per_token) == (E, H, 1 / 8)  # s/tp tokens per rank (SP)
+    grouped = {g.label: g for g in gemm_shapes(mixtral, 8, ExpertLayout(tp=8, ep=4, grouped_gemm=True))}["down"]
+    assert (8192 * grouped.rows_per_token, grouped.launches) == (8192 * 2 * 2 / 8, 1)  # 2 experts' rows at once
+    dense = {g.label: g for g in gemm_shapes(load_model("llama-7b"), 8)}
+    assert "router" not in dense and dense["gate_up"].rows_per_token == 1 and dense["gate_up"].launches == 1
+
+
+def test_layer_gemms_priced_at_per_expert_rows(mixtral, profile):
+    cm = cost_model(mixtral, profile, ep=8)
+    g = lambda m, n, k: float(profile.gemm_time_s(m, n, k, "bf16"))  # noqa: E731
+    q, kv = mixtral.q_width, mixtral.kv_width
+    # ep = 8 = tp: one whole expert per rank on s·2/8 rows; the router on the rank's s/8 tokens
+    want = (g(S, (q + 2 * kv) // 8, H) + g(S, H, q // 8) + g(S * K / E, 2 * F, H) + g(S * K / E, H, F)
+            + g(S / 8, E, H))
+    assert float(cm.gemm_layer_fwd_s(S)) == pytest.approx(want, rel=1e-9)
+    ep1 = cost_model(mixtral, profile)  # 8 experts per rank, launched one by one, columns over tp = 8
+    want1 = want - g(S * K / E, 2 * F, H) - g(S * K / E, H, F) + 8 * (g(S * K / E, 2 * F // 8, H)
+                                                                     + g(S * K / E, H, F // 8))
+    assert float(ep1.gemm_layer_fwd_s(S)) == pytest.approx(want1, rel=1e-9)
+
+
+def test_all_to_all_replaces_the_mlp_tp_pair(mixtral, profile):
+    ep8, ep1 = cost_model(mixtral, profile, ep=8), cost_model(mixtral, profile)
+    a2a = float(profile.collective_time_s("all_to_all", S / 8 * K * H * 2, 8, "intra"))
+    pair = float(ep8.tp_pair_s(S))
+    assert float(ep8.layer_tp_comm_fwd_s(S)) == pytest.approx(pair + 2 * a2a, rel=1e-9)
+    assert float(ep1.layer_tp_comm_fwd_s(S)) == pytest.approx(2 * pair, rel=1e-9)  # all-gather dispatcher
+    lay = ExpertLayout(tp=8, ep=2)  # etp = 4: the all-to-all over 2 ranks, then all-gather / reduce-scatter over 4
+    g = S * K / 2 * H * 2
+    want = (2 * profile.collective_time_s("all_to_all", S / 8 * K * H * 2, 2, "intra")
+            + profile.collective_time_s("all_gather", g, 4, "intra")
+            + profile.collective_time_s("reduce_scatter", g, 4, "intra"))
+    assert float(moe_comm_fwd_s(profile, S, mixtral, lay, 2)) == pytest.approx(float(want), rel=1e-12)
+    u8, u1 = ep8.unit_cost([int(S)]), ep1.unit_cost([int(S)])
+    assert u8.tp_comm_fwd_s == pytest.approx(ep8.layers_per_stage * (pair + 2 * a2a), rel=1e-9)
+    assert u8.tp_comm_s < u1.tp_comm_s  # s/2 rows of the all-to-alls vs 2s of the pair
+
+
+def test_capacity_factor_scales_the_busiest_rank(mixtral, profile):
+    lay, skew = ExpertLayout(tp=8, ep=8), ExpertLayout(tp=8, ep=8, capacity_factor=1.5)
+    assert float(dispatch_bytes(S, mixtral, skew, 2)) == 1.5 * float(dispatch_bytes(S, mixtral, lay, 2))
+    extra = {k.label: k.bytes_per_item for k in moe_kernels(mixtral, skew, 2, "fwd")}
+    assert extra["swiglu_imbalance"] == pytest.approx(0.5 * F * K / 8 * 3 * 2)  # (cf − 1)·k·f/tp·3 B
+    balanced, skewed = cost_model(mixtral, profile, ep=8), cost_model(mixtral, profile, ep=8, moe_capacity_factor=1.5)
+    assert skewed.unit_cost([int(S)]).total_s > balanced.unit_cost([int(S)]).total_s
+    with pytest.raises(SpecError, match="moe_capacity_factor"):
+        TrainingSpec(tp=8, ep=8, moe_capacity_factor=0.8)
+
+
+def test_ep_validation_errors(mixtral):
+    cluster = load_cluster("dgx-h100").with_gpus(64)
+    with pytest.raises(SpecError, match="exceeds tp=4.*lockstep under HDP.*--ep at most --tp"):
+        TrainingSpec(tp=4, ep=8)
+    with pytest.raises(SpecError, match="ep=4 must divide tp=6"):
+        TrainingSpec(tp=6, ep=4)
+    six = ModelSpec(name="six", layers=2, hidden=64, heads=4, kv_heads=4, head_dim=16, ffn=32, vocab=128,
+                    experts=6, top_k=2)
+    with pytest.raises(SpecError, match="ep=4 must divide the 6 experts"):
+        Setup(six, cluster, TrainingSpec(tp=4, ep=4))
+    with pytest.raises(SpecError, match="dense"):
+        Setup(load_model("llama-7b"), cluster, TrainingSpec(tp=8, ep=2))
+    with pytest.raises(SpecError, match="sequence parallelism"):
+        Setup(mixtral, cluster, TrainingSpec(tp=8, ep=8, sequence_parallel=False))
+
+
+def test_cli_refuses_ep_beyond_tp_in_one_line():
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["plan", "--model", "mistral-8x7b", "--gpus", "64", "--tp", "4", "--ep", "8"])
+    assert r.exit_code == 2 and "exceeds tp=4" in r.stderr and "Traceback" not in r.output, r.output
+
+
+def test_expert_states_sharded_by_ep_etp_and_activations_by_ep(mixtral, profile):
+    cluster = load_cluster("dgx-h100").with_gpus(128)
+    setups = {ep: Setup(mixtral, cluster, TrainingSpec(tp=8, pp=4, ep=ep)) for ep in (1, 2, 8)}
+    # E/ep experts of 3hf/etp each = 8·3hf/8 whatever the split: the dense MLP's 1/tp
+    experts_per_rank = mixtral.layers // 4 * E * 3 * H * F / 8
+    rest = (mixtral.layers // 4 * (mixtral.layer_params() - E * mixtral.expert_params())
+            + max(mixtral.input_embedding_params(), mixtral.head_params())) / 8
+    for s in setups.values():
+        assert params_per_rank(s) == pytest.approx(experts_per_rank + rest, rel=1e-12)
+    assert model_state_bytes(setups[1]) == model_state_bytes(setups[8])
+    # one TP group of 8 holding the experts vs none: the states drop by 7/8 of the experts
+    one = Setup(mixtral, cluster, TrainingSpec(tp=1, pp=4))
+    assert params_per_rank(one) - params_per_rank(setups[8]) == pytest.approx(
+        (experts_per_rank + rest) * 7, rel=1e-12)
+    # saved activations per token per layer: dispatched rows 2hk/ep and routing-weighted outputs (all-gather
+    # dispatcher: the same rows; all-to-all: the rank's own 2hk/tp); recompute none
+    a = {ep: cost_model(mixtral, profile, ep=ep, recompute="none").a_tok for ep in (1, 8)}
+    assert a[1] - a[8] == pytest.approx((4 * H * K) - (2 * H * K / 8 + 2 * H * K / 8))
+
+
+def test_mixtral_8x22b_ep8_plan_validated_and_simulated():
+    from planner.api import PlanRequest, cost_model_for_plan, make_plan
+    from planner.plan import Plan, validate
+    from planner.simulate import simulate_step
+
+    req = PlanRequest(model="mistral-8x22b", gpus=128, tp=8, ep=8, pp=4, max_context_tokens=128 * 1024)
+    plan = make_plan(req, "hdp")
+    validate(plan)
+    assert plan.meta["training"]["ep"] == 8 and plan.mesh.tp == 8
+    again = Plan.from_dict(plan.to_dict())
+    cm = cost_model_for_plan(again)
+    assert cm.experts.ep == 8 and cm.experts.etp == 1
+    sim = simulate_step(again.steps[0], cm)
+    assert np.isfinite(sim.step_time_s) and sim.step_time_s > 0
+    dense_meta = dataclasses.replace(req, model="llama-7b", ep=1, pp=1, max_context_tokens=8192)
+    assert "ep" not in make_plan(dense_meta, "static").meta["training"]  # dense plans unchanged
+
+
+def test_fine_grained_preset_and_flops():
+    q = load_model("qwen3-30b-a3b")
+    assert (q.experts, q.top_k, q.ffn) == (128, 8, 768)
+    assert q.parameters == pytest.approx(30.5e9, rel=0.01) and q.active_parameters == pytest.approx(3.3e9, rel=0.02)
+    h = q.hidden
+    assert linear_flops_per_token(q) == (2 * h * (q.q_width + 2 * q.kv_width) + 2 * q.q_width * h
+                                         + 2 * 3 * h * 768 * 8 + 2 * h * 128)
+    small = {g.label: g for g in gemm_shapes(q, 8, ExpertLayout(tp=8, ep=8))}["gate_up"]
+    assert (small.launches, 4096 * small.rows_per_token) == (16, 4096 * 8 / 128)  # 16 experts of 256 rows
+
+
+def test_whatif_configs_take_min_ep_tp():
+    from planner.studies.capacity import LayoutRules
+    from planner.studies.sweep import SweepSpec
+
+    cfgs = SweepSpec(models=("mistral-8x22b",), gpus=(64,), tps=(2, 8), ep=4, contexts_tokens=(8192,)).configs()
+    assert [(c.tp, c.ep) for c in cfgs] == [(2, 2), (8, 4)]
+    assert cfgs[1].key.endswith("|ep4") and cfgs[1].request().ep == 4
+    assert "|ep" not in SweepSpec(gpus=(64,), contexts_tokens=(8192,)).configs()[0].key  # old journals resume
+    assert (8, 4) in LayoutRules(tps=(8,), pps=(4,), ep=8).layouts("mistral-8x22b", "dgx-h100", 128)
+
+
+@settings(max_examples=8, deadline=None)
+@given(ep=st.sampled_from([1, 2, 4, 8]), cf=st.floats(1.0, 2.0), tokens=st.integers(256, 65536))
+def test_unit_costs_finite_and_growing_with_imbalance(ep, cf, tokens):
+    m, p = load_model("qwen3-30b-a3b"), _PROFILE
+    base = cost_model(m, p, ep=ep, pp=1).unit_cost([tokens])
+    skew = cost_model(m, p, ep=ep, pp=1, moe_capacity_factor=cf).unit_cost([tokens])
+    assert np.isfinite(skew.total_s) and skew.total_s > 0
+    assert skew.fwd_compute_s >= base.fwd_compute_s * (1 - 1e-12) and skew.tp_comm_s >= base.tp_comm_s * (1 - 1e-12)
