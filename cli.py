@@ -970,7 +970,7 @@ def whatif_capacity(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Smallest GPU count and a parallel layout (tp, pp) that meet a target. GPU counts are one node x 2^k in
-    increasing order; at each, every tp x pp allowed by the model and the node (same rules at every count).
+    increasing order; at each, every tp x pp allowed by the model and the NVLink domain (same rules at every count).
     Layouts whose step-time lower bound misses the target are not planned; the others are planned cheapest
     first (fewer PP stages). The search stops at the first count where a layout meets the target: every
     smaller count was decided, so that count is minimal. A layout meets the target only when it plans and

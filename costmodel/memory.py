@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from costmodel import zero
 from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
@@ -50,8 +51,69 @@ def state_bytes_per_param(setup: Setup) -> float:
 
 
 def model_state_bytes(setup: Setup, stage: int | None = None) -> float:
-    """Model states of one GPU; ZeRO-3 adds the layers and root it holds gathered (costmodel.zero.inflight_bytes)."""
-    return params_per_rank(setup, stage) * state_bytes_per_param(setup) + zero.inflight_bytes(setup)
+    """Model states of one GPU; ZeRO-3 adds the layers and root it holds gathered (costmodel.zero.inflight_bytes),
+    fp8 training its cached fp8 weights and scaling state (fp8_state_bytes)."""
+    return (params_per_rank(setup, stage) * state_bytes_per_param(setup) + zero.inflight_bytes(setup)
+            + fp8_state_bytes(setup))
+
+
+# ---- fp8 training's extra state (Transformer Engine; docs/COSTMODEL.md "fp8") ------------------------------
+Fp8Recipe = Literal["delayed", "mxfp8"]
+# GPUs with MXFP8 tensor cores (SM 10.x), where TE's default recipe is MXFP8BlockScaling; elsewhere DelayedScaling
+MXFP8_GPUS = ("B200", "GB200", "B300", "GB300")
+MXFP8_BLOCK = 32  # elements sharing one 1-byte E8M0 scale
+FP8_AMAX_HISTORY_LEN = 1024  # DelayedScaling's default amax_history_len
+# scaled fp8 tensors per GEMM: forward input, weight, output; backward output gradient, input gradient
+FP8_FWD_TENSORS_PER_GEMM, FP8_BWD_TENSORS_PER_GEMM = 3, 2
+
+
+def fp8_recipe(setup: Setup) -> Fp8Recipe:
+    """Transformer Engine's default recipe on the cluster's GPU (get_default_fp8_recipe): MXFP8 block scaling on
+    Blackwell, per-tensor delayed scaling on Hopper."""
+    return "mxfp8" if setup.cluster.gpu.split()[0].upper() in MXFP8_GPUS else "delayed"
+
+
+def fp8_gemm_params_per_layer(model: ModelSpec, tp: int) -> float:
+    """Weights of one layer's fp8 GEMMs on one TP rank: QKV, output projection and every expert's MLP matrices
+    (E/ep experts split over tp/ep is E/tp of them); router, norms and biases stay bf16."""
+    attn = model.hidden * (2 * model.q_width + 2 * model.kv_width)
+    return (attn + model.experts * model.mlp_matrices * model.hidden * model.ffn) / tp
+
+
+def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> int:
+    """fp8 GEMMs (TE modules' GEMMs, each with its own scales) of one layer on one rank: QKV and output projection,
+    the MLP's up (gate and up fused) and down of each local expert (dense: one)."""
+    return 2 + 2 * (model.experts // ep)
+
+
+def fp8_weight_bytes_per_param(recipe: Fp8Recipe) -> float:
+    """Bytes of the cached fp8 copies of one weight: the forward (rowwise) copy and the backward (columnwise) one
+    the dgrad GEMM reads: on Hopper a physical transpose, 1 B each; MXFP8's columnwise copy is quantized apart
+    (32×1 blocks), each copy 1 B plus a 1-byte scale per 32 elements."""
+    return 2.0 if recipe == "delayed" else 2.0 * (1.0 + 1.0 / MXFP8_BLOCK)
+
+
+def fp8_scaled_tensors(setup: Setup) -> tuple[int, int]:
+    """(forward, backward) per-tensor scaled fp8 tensors of a stage's layers on one rank under delayed scaling,
+    whose amaxes are reduced each step (costmodel.timing); (0, 0) otherwise (MXFP8 scales are per block)."""
+    tr = setup.training
+    if tr.dtype != "fp8" or fp8_recipe(setup) != "delayed":
+        return 0, 0
+    gemms = fp8_gemms_per_layer(setup.model, tr.ep) * (setup.model.layers // tr.pp)
+    return FP8_FWD_TENSORS_PER_GEMM * gemms, FP8_BWD_TENSORS_PER_GEMM * gemms
+
+
+def fp8_state_bytes(setup: Setup) -> float:
+    """fp8 training's extra bytes on one GPU (0 otherwise): the fp8 copies of the GEMM weights it holds, cast once
+    per step and cached across micro-batches (TE's is_first_microbatch weight cache, as Megatron-LM runs it):
+    the stage's layers, or under ZeRO-3 the INFLIGHT_LAYERS gathered ones (cast after each gather [assumption]);
+    and with delayed scaling each scaled tensor's fp32 amax history, scale and inverse scale."""
+    tr = setup.training
+    if tr.dtype != "fp8":
+        return 0.0
+    layers = zero.INFLIGHT_LAYERS if tr.zero_stage == 3 else setup.model.layers // tr.pp
+    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp) * fp8_weight_bytes_per_param(fp8_recipe(setup))
+    return cache + sum(fp8_scaled_tensors(setup)) * 4.0 * (FP8_AMAX_HISTORY_LEN + 2)
 
 
 def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: int) -> tuple[float, float]:
@@ -188,10 +250,11 @@ def _divisors(n: int) -> list[int]:
 
 
 def _layouts(setup: Setup, gpus: int) -> list[Setup]:
-    """Every valid tp × pp of the model on `gpus` GPUs of this cluster, by tp·pp then pp."""
+    """Every valid tp × pp of the model on `gpus` GPUs of this cluster, by tp·pp then pp (TP up to the NVLink
+    domain: a GB200 NVL72 rack allows tp = 8 on its 4-GPU trays)."""
     out = []
     cluster = setup.cluster.with_gpus(gpus)
-    for tp in _divisors(setup.cluster.gpus_per_node):
+    for tp in _divisors(setup.cluster.domain_gpus):
         for pp in _divisors(setup.model.layers):
             try:
                 out.append(Setup(setup.model, cluster, dataclasses.replace(setup.training, tp=tp, pp=pp)))
@@ -206,7 +269,7 @@ def _fewest_gpus(setup: Setup) -> Setup | None:
     kept, sharded = state_bytes_per_param_parts(setup.training)
     per_node = setup.cluster.gpus_per_node
     best: Setup | None = None
-    for tp in _divisors(per_node):
+    for tp in _divisors(setup.cluster.domain_gpus):
         for pp in _divisors(setup.model.layers):
             step = math.lcm(per_node, tp * pp)  # cluster sizes this layout can use
             try:
@@ -215,7 +278,8 @@ def _fewest_gpus(setup: Setup) -> Setup | None:
             except SpecError:
                 continue
             t, params = _terms(probe), params_per_rank(probe)
-            slack = t.free_bytes + t.states_bytes - t.per_token_bytes - kept * params  # for the optimizer shard
+            slack = (t.free_bytes + t.states_bytes - t.per_token_bytes - kept * params
+                     - fp8_state_bytes(probe))  # for the optimizer shard
             if slack <= 0:
                 continue  # weights and gradients alone do not fit this layout
             hdp = max(1, math.ceil(sharded * params / slack))
@@ -259,10 +323,13 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
     params = params_per_rank(setup)
     weights = params * DTYPE_BYTES[tr.dtype] / (setup.hdp if tr.zero_stage == 3 else 1)
     grads = params * DTYPE_BYTES[tr.grad_dtype] / (setup.hdp if tr.zero_stage >= 2 else 1)
-    opt = terms.states_bytes - weights - grads - zero.inflight_bytes(setup)
+    fp8 = fp8_state_bytes(setup)
+    opt = terms.states_bytes - weights - grads - zero.inflight_bytes(setup) - fp8
     sharding = f"sharded by ZeRO-{tr.zero_stage} over {setup.hdp} HDP ranks" if tr.zero_stage >= 1 else "replicated"
+    fp8_text = f", fp8 weight copies {fp8 / GB:.1f} GB" if fp8 else ""
     msg = (f"{head}: model states alone take {terms.states_bytes / GB:.1f} GB per GPU (weights {weights / GB:.1f} GB, "
-           f"gradients {grads / GB:.1f} GB, optimizer {opt / GB:.1f} GB {sharding}) but only {room / GB:.1f} GB of "
+           f"gradients {grads / GB:.1f} GB, optimizer {opt / GB:.1f} GB {sharding}{fp8_text}) but only "
+           f"{room / GB:.1f} GB of "
            f"the {hbm / GB:.0f} GB HBM is left after the CUDA context, loss chunk and fragmentation reserve; "
            "recompute and offload cannot shrink model states")
     if tr.zero_stage == 0 and setup.hdp > 1:

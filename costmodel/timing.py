@@ -15,8 +15,8 @@ import numpy as np
 
 from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, embedding_kernels, fp8_cast_kernels, head_kernels,
                                    layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, memory_budget,
-                              params_per_rank)
+from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, fp8_scaled_tensors,
+                              memory_budget, params_per_rank)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
 from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
@@ -570,12 +570,11 @@ class CostModel:
     # ---- step-level communication ---------------------------------------------------------------
     def grad_sync_s(self, hdp_ranks: int | None = None) -> float:
         """Gradient synchronisation over the HDP ranks of a stage (REFERENCE 7.5): all-reduce of fp32
-        grads, or with the distributed optimizer a reduce-scatter of grads plus an all-gather of params."""
+        grads, or with the distributed optimizer a reduce-scatter of grads plus an all-gather of params; plus
+        fp8 delayed scaling's amax all-reduce (fp8_amax_sync_s, 0 otherwise)."""
         d = hdp_ranks or self.setup.hdp
-        if d <= 1:
-            return 0.0
         if d not in self._grad_sync:  # simulations ask once or more per step; the lookup filters tables
-            self._grad_sync[d] = self._grad_sync_uncached_s(d)
+            self._grad_sync[d] = (self._grad_sync_uncached_s(d) if d > 1 else 0.0) + self.fp8_amax_sync_s(d)
         return self._grad_sync[d]
 
     def _grad_sync_uncached_s(self, d: int) -> float:
@@ -595,12 +594,26 @@ class CostModel:
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:
         """The gradient sync left after the backward. Without overlap_grad_reduce all of it; with it (Megatron-core
         DDP) buckets of DDP_BUCKET_PARAMS are reduced while the last backward still runs, `backward_window_s`,
-        and the last bucket always after it."""
+        and the last bucket always after it; fp8's amax all-reduce runs after the backward, never hidden."""
         sync = self.grad_sync_s(hdp_ranks)
         if not self.setup.training.overlap_grad_reduce:
             return sync
-        last_bucket = sync * min(1.0, DDP_BUCKET_PARAMS / params_per_rank(self.setup))
-        return max(last_bucket, sync - backward_window_s)
+        amax = self.fp8_amax_sync_s(hdp_ranks)
+        grads = sync - amax
+        last_bucket = grads * min(1.0, DDP_BUCKET_PARAMS / params_per_rank(self.setup))
+        return max(last_bucket, grads - backward_window_s) + amax
+
+    def fp8_amax_sync_s(self, hdp_ranks: int | None = None) -> float:
+        """fp8 delayed scaling's amax reduction (0 otherwise): Transformer Engine all-reduces (max) the current
+        amaxes of every scaled tensor, one buffer for the forward's and one for the backward's, over the
+        stage's hdp·tp ranks; once per step here, after the last backward (a per-micro-batch reduction would
+        hold HDP ranks that run different unit counts in lockstep) [assumption]. 4 B per tensor."""
+        fwd, bwd = fp8_scaled_tensors(self.setup)
+        d = hdp_ranks or self.setup.hdp
+        if not fwd or d * self.tp <= 1:
+            return 0.0
+        group, scope = d * self.tp, "inter" if self.setup.mesh.group_spans_domains(d) else "intra"
+        return float(sum(self.profile.collective_time_s("all_reduce", 4.0 * n, group, scope) for n in (fwd, bwd)))
 
     def optimizer_step_s(self, hdp_ranks: int | None = None) -> float:
         """Adam over the parameters this rank updates (its ZeRO-1 shard of the stage's, or all of them): one
@@ -610,8 +623,8 @@ class CostModel:
         return float(self.profile.memory_time_s(p * ADAM_BYTES_PER_PARAM))
 
     def step_end_s(self, hdp_ranks: int | None = None) -> float:
-        """What follows a stage's last backward each step: the gradient synchronisation (exposed: Megatron's
-        default keeps it after the backward) and the optimizer step."""
+        """What follows a stage's last backward each step: the gradient synchronisation with fp8's amax reduction
+        (exposed: Megatron's default keeps it after the backward) and the optimizer step."""
         return self.grad_sync_s(hdp_ranks) + self.optimizer_step_s(hdp_ranks)
 
     def pp_p2p_s(self, tokens_per_rank: float) -> float:

@@ -207,8 +207,8 @@ def check_step(st: Step, chunks: int, recompute: str, where: str) -> None:
     included)."""
     if st.chunks_per_stage != chunks:
         raise PlanError(f"{where}: steps use different chunk counts v {sorted({chunks, st.chunks_per_stage})}; a run "
-                        "places its layers once, so every step must use the same v (plan-ahead: pin it with "
-                        "`meshplan plan --pp-v`)")
+                        "places its layers once, so every step must use the same v (re-plan with `meshplan plan`, "
+                        "which writes one v per plan, or pin it with --pp-v)")
     for u in st.units:
         if u.slices == 1:
             continue

@@ -260,6 +260,8 @@ def _never_slower(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, step: Ste
             other = plan(batch, cm, opt)
         except PlanError:  # the baseline cannot plan this batch (e.g. no aligned group holds a sequence)
             continue
+        if opt.hdp.pp_v is not None and other.chunks_per_stage != opt.hdp.pp_v:
+            continue  # the baselines never interleave: a pinned v (--pp-v, one v per run) rules them out
         if (other.predicted.step_time_s < step.predicted.step_time_s
                 and max(other.predicted.peak_memory_bytes) <= mem_cap):
             step = other

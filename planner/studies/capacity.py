@@ -2,8 +2,9 @@
 
 The layout rules, the same at every GPU count:
   * GPU counts: one node × 2^k, from `min_gpus` (default one node) to `max_gpus`, in increasing order;
-  * layouts: tp in {1, 2, 4, 8} dividing the node and valid for the model's heads, pp in
-    {1, 2, 4, 8} dividing the layers, tp·pp dividing the GPU count. Powers of two, so a layout
+  * layouts: tp in {1, 2, 4, 8} dividing the NVLink domain (a node; a 72-GPU GB200 NVL72 rack, whose
+    4-GPU trays allow tp 8: costmodel.mesh keeps TP groups inside a domain) and valid for the model's heads,
+    pp in {1, 2, 4, 8} dividing the layers, tp·pp dividing the GPU count. Powers of two, so a layout
     allowed at G is allowed at every larger count;
   * memory feasibility is monotone in G for a fixed layout (ZeRO-1 states shrink as the HDP ranks
     grow, so C grows, and more ranks hold longer sequences); tests/planner/studies/test_capacity.py checks it;
@@ -239,7 +240,7 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
     layouts = {g: rules.layouts(model, cluster, g) for g in counts}
     if not any(layouts.values()):
         raise PlanError(f"capacity search: no tp in {list(rules.tps)} and pp in {list(rules.pps)} is valid for "
-                        f"{model} on {cluster} (tp must divide the heads and the node, pp the layers)")
+                        f"{model} on {cluster} (tp must divide the heads and the NVLink domain, pp the layers)")
     search = _CapacitySearch(target, strategy, Journal(journal) if journal else None, exhaustive, best_layout,
                              on_progress, sum(len(v) for v in layouts.values()), len(counts))
     # Workers start now: they import while this process bounds the small counts (lazily: 30% slower on 2 cores).

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from costmodel.elementwise import FP8_CAST_BYTES, fp8_cast_kernels
+from costmodel.memory import fp8_state_bytes
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ClusterSpec, Setup, SpecError, TrainingSpec
 from costmodel.timing import _TOKEN_GRID, CostModel, gemm_shapes
@@ -91,7 +92,10 @@ def test_fp8_cost_model_prices_layer_gemms_in_fp8_and_the_rest_in_bf16():
     casts = fp8_cast_kernels({g.label: (g.k * g.rows_per_token, g.n * g.rows_per_token) for g in layer}, "fwd")
     extra = sum(float(p.memory_time_s(x * k.bytes_per_item)) for k in casts)
     assert float(fp8._lookup("mem_layer_fwd", x) - bf16._lookup("mem_layer_fwd", x)) == pytest.approx(extra, rel=1e-6)
-    assert fp8.budget == bf16.budget  # bf16 weights, activations and communication (memory model unchanged)
+    # bf16 weights, activations and communication; the states gain the cached fp8 weights and scaling state
+    assert fp8.budget.activation_bytes_per_token == bf16.budget.activation_bytes_per_token
+    assert fp8.budget.states_bytes == pytest.approx(bf16.budget.states_bytes + fp8_state_bytes(fp8.setup), rel=1e-12)
+    assert fp8.budget.capacity_tokens < bf16.budget.capacity_tokens
     assert fp8.peak_flops() == bf16.peak_flops() == 989e12  # MFU stays against the bf16 peak
 
 

@@ -12,13 +12,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from planner.api import PlanRequest, make_plan  # noqa: E402
+import planner.api  # noqa: E402
+from planner.api import PlanRequest, cost_model_for_plan, make_batches, make_plan  # noqa: E402
+from planner.plan import PlanError  # noqa: E402
 from planner.plan.stream import write_stream  # noqa: E402
+from planner.runtime.ahead import step_planner  # noqa: E402
+from planner.strategies import HdpOptions  # noqa: E402
 from planner.runtime.feed import rank_parts  # noqa: E402
 from planner.runtime.model import TokenSource, TokenStream  # noqa: E402
 
-from tests.planner.runtime.test_runtime import (assert_matches_reference, json_lines, meshplan,  # noqa: E402
-                                                 two_rank_plan)
+from tests.planner.runtime.test_runtime import (DEEP_TIED, assert_matches_reference, json_lines,  # noqa: E402
+                                                 meshplan, two_rank_plan)
 
 REQ = PlanRequest(model="tiny", cluster="local-cpu", gpus=2, profile="h100-sxm.analytic",
                   lengths="lognormal:median=60,sigma=1.0,max=300", tokens_per_step=600, max_context_tokens=300,
@@ -110,3 +114,83 @@ def test_a_step_edited_after_writing_fails_the_run_in_one_line_when_reached(plan
     assert last.startswith("error: replay failed: rank") and "step 1: reading its plan" in last, res.stderr[-3000:]
     assert "step 1: its line does not match the index" in last and "Traceback" not in res.stderr
     assert [s["step"] for s in json_lines(res.stdout).get("step", [])] == []  # nothing reported as done
+
+
+# -- pp > 1 and tp > 1 --------------------------------------------------------------------------------
+
+# pp = 2 over 2 pipelines of a 4-layer model (v = 1 or 2): steps 0 and 1 of this request choose v = 2 on their own,
+# step 2 alone v = 1, so plan-ahead must hold the first step's v for the run's one layer placement.
+PP_REQ = PlanRequest(model="deep.json", cluster="local-cpu", gpus=4, pp=2, profile="h100-sxm.analytic",
+                     lengths="lognormal:median=100,sigma=1.0,max=400", tokens_per_step=800, max_context_tokens=400,
+                     capacity_tokens=200, seed=1, steps=1)
+
+
+@pytest.fixture(scope="module")
+def pp_planned(tmp_path_factory):
+    """PP_REQ's one-step plan (no --pp-v), its request with the model's path, and step 2 planned alone."""
+    d = tmp_path_factory.mktemp("ahead_pp")
+    (d / "deep.json").write_text(json.dumps(DEEP_TIED))
+    req = replace(PP_REQ, model=str(d / "deep.json"))
+    with pytest.warns(UserWarning, match="profile"):
+        plan = make_plan(req, "hdp")
+        cm = cost_model_for_plan(plan)
+        alone = make_plan(req, "hdp", cm, [make_batches(replace(req, steps=3), cm)[2]]).steps[0]
+    assert plan.meta["options"]["hdp"]["pp_v"] is None and plan.steps[0].chunks_per_stage == 2
+    assert alone.chunks_per_stage == 1  # what step 2 would get unpinned: a layer placement the run does not have
+    plan.save(d / "p.json")
+    return d, plan, req
+
+
+def test_plan_ahead_plans_every_step_at_the_first_steps_v(pp_planned, monkeypatch):
+    """Each step planned ahead is that step of `meshplan plan --steps N --pp-v v` (v: the first step's);
+    a step the planner cannot plan at v stops the run in one line naming the iteration and v."""
+    _, plan, req = pp_planned
+    with pytest.warns(UserWarning, match="profile"):
+        plan_step = step_planner(plan, None, 3, "p.json")
+        pinned = make_plan(replace(req, steps=3, options=replace(req.options, hdp=HdpOptions(pp_v=2))), "hdp").steps
+        got = [plan_step(t) for t in range(3)]
+        whole = make_plan(replace(req, steps=3), "hdp").steps  # `meshplan plan --steps 3`: one v for the run
+    assert [st.chunks_per_stage for st in got] == [2, 2, 2] == [st.chunks_per_stage for st in whole]
+    assert got == pinned
+
+    def refuse(r: PlanRequest, *_):
+        assert r.options.hdp.pp_v == 2
+        raise PlanError("pp_v = 2: the pipelines' op lists deadlock")
+
+    monkeypatch.setattr(planner.api, "make_plan", refuse)
+    with pytest.raises(PlanError, match=r"^--plan-ahead iteration 2: no plan at the run's 2 model chunks per stage "
+                                        r"\(the first step's v; .*\): pp_v = 2: the pipelines' op lists deadlock$"):
+        step_planner(plan, None, 3, "p.json")(2)
+
+
+@pytest.mark.torchrun
+def test_pipelined_plan_ahead_without_a_pinned_v_matches_the_reference(pp_planned):
+    """pp = 2 × 2 pipelines (4 ranks), a plan written without --pp-v: iterations 1 and 2 planned ahead (the
+    second one past the plan, where the step alone would choose another v) replay with the reference's
+    gradients."""
+    d, plan, req = pp_planned
+    res = meshplan("replay", "p.json", "--nproc", "4", "--check", "--plan-ahead", "--steps", "3",
+                   "--model", "deep.json", cwd=d)
+    steps = step_planner(plan, None, 3, "p.json")  # the plan's recorded profile: no warning
+    ahead = [steps(t) for t in range(3)]
+    lines = assert_matches_reference(res, ranks=4, units=sum(len(st.units) for st in ahead))
+    assert [s["predicted_s"] for s in lines["step"]] == [st.predicted.step_time_s for st in ahead]
+    assert json_lines(res.stdout)["plan_ahead"][0]["steps_planned_ahead"] == 2
+
+
+@pytest.mark.torchrun
+def test_tensor_parallel_plan_ahead_matches_the_reference(tmp_path):
+    """tp = 2 × 2 HDP ranks (4 processes): the TP ranks of an HDP rank receive the same part (units, token
+    offsets) from rank 0, including a context-parallel unit over both HDP ranks and a step past the plan."""
+    req = replace(REQ, gpus=4, tp=2, steps=2)
+    with pytest.warns(UserWarning, match="profile"):
+        plan = make_plan(req, "hdp")
+        extra = make_plan(replace(req, steps=3), "hdp").steps[2]
+    assert plan.mesh.tp == 2 and any(u.degree == 2 for s in plan.steps for u in s.units)
+    plan.save(tmp_path / "p.json")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 256, 3000).astype(np.int32))
+    res = meshplan("replay", "p.json", "--nproc", "4", "--check", "--plan-ahead", "--steps", "3",
+                   "--tokens", "tokens.npy", cwd=tmp_path)
+    ahead = [*plan.steps, extra]
+    lines = assert_matches_reference(res, ranks=4, units=sum(len(st.units) for st in ahead))
+    assert [s["predicted_s"] for s in lines["step"]] == [st.predicted.step_time_s for st in ahead]

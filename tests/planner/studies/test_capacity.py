@@ -302,3 +302,17 @@ def test_layout_rules_reject_min_above_max():
         Target("mfu", 1.5)
 
 
+
+
+def test_capacity_on_gb200_tries_tp_across_trays():
+    """GB200 NVL72: 4-GPU trays, 72-GPU NVLink domains. tp = 8 spans two trays inside a rack (MeshLayout: TP divides
+    the domain), so at 8 GPUs llama3-70b runs tp 8 (C = 21,344 tokens holds a 16K sequence on one HDP rank); within a
+    tray (tp <= 4) the only 8-GPU fit, tp 4 pp 2 (C = 8,113), would need 2 HDP ranks of the 1 it has."""
+    rules = LayoutRules(pps=(1, 2), max_gpus=16)
+    assert (8, 1) in rules.layouts("llama3-70b", "gb200-nvl72", 8)
+    assert all(72 % tp == 0 for g in (8, 16) for tp, _ in rules.layouts("llama3-70b", "gb200-nvl72", g))
+    r = capacity_search("llama3-70b", 16 * K, Target("mfu", 0.01), cluster="gb200-nvl72", rules=rules,
+                        lengths="byted-like", tokens_per_step=128 * K, steps=1)
+    assert (r.answer["gpus"], r.answer["tp"], r.answer["pp"]) == (8, 8, 1)
+    t = r.table
+    assert set(t[(t["gpus"] == 8) & (t["tp"] <= 4)]["status"]) <= {"infeasible", "skipped"}
