@@ -239,11 +239,15 @@ def plan_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> Step:
 
 
 NEVER_SLOWER_MAX_SEQUENCES = 256  # baselines as candidates up to here (dcp's loop grows ~ sequences × micro-batches)
+# ... and above it when hdp's own plan is this far over its lower bound (hdp's plans sit at 1.00-1.24x in the
+# benchmarks; the one loss found at scale, 512 GPUs pp 4 2M, was at 1.64x)
+FAR_FROM_BOUND = 1.3
 
 
 def _never_slower(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, step: Step) -> Step:
     """Small steps (at most NEVER_SLOWER_MAX_SEQUENCES sequences and EXACT_SCORING_MAX_UNITS units,
-    where the three plans cost tens of milliseconds) and ZeRO-3 steps: the baselines' plans, priced by the same
+    where the three plans cost tens of milliseconds), steps where hdp's plan is over FAR_FROM_BOUND × its
+    lower bound, and ZeRO-3 steps: the baselines' plans, priced by the same
     simulator, are candidates too; the fastest that fits HBM (or needs no more memory than hdp's) is
     kept, hdp's on ties. On a few units heuristic balance can lose a few % to a baseline's regular
     layout. Larger steps keep hdp's own plan: the baselines would cost 5x hdp's planning at 32 GPUs
@@ -251,7 +255,8 @@ def _never_slower(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, step: Ste
     # ZeRO-3 steps run in rounds that hdp's balance only approximates; dcp's lockstep micro-batches fit them
     # by construction, so there the baselines are always candidates (its plan time is not the scale target)
     small = len(batch.lengths_tokens) <= NEVER_SLOWER_MAX_SEQUENCES and len(step.units) <= EXACT_SCORING_MAX_UNITS
-    if not small and cm.setup.training.zero_stage != 3:
+    far = step.predicted.step_time_s > FAR_FROM_BOUND * step.predicted.lower_bound_s
+    if not (small or far or cm.setup.training.zero_stage == 3):
         return step
     mem_cap = max(cm.budget.hbm_bytes, max(step.predicted.peak_memory_bytes))
     # Without PP, DP-Balance already scored Alg. 1's placement exactly (replay + gradient sync = simulator)

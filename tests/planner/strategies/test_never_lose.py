@@ -124,3 +124,25 @@ def test_hdp_never_slower_than_a_baseline_at_scale(family, ranks, tp, pp, contex
                            seed=seed)[0]
     t = step_times(batch, cm)
     assert t["hdp"] <= min(t[b] for b in BASELINES) * (1 + 1e-9), t
+
+
+def test_large_steps_far_from_their_bound_take_the_baselines_as_candidates(monkeypatch):
+    """Above NEVER_SLOWER_MAX_SEQUENCES the baselines are planned only when hdp's own plan is over FAR_FROM_BOUND ×
+    its lower bound (the loss found at 512 GPUs, pp 4, 2M: hdp 36.2 s at 1.64x, dcp 34.7 s; ~100 s to plan, so not
+    run here): within it, they are never planned; past it (the factor lowered to 1), the fastest is kept."""
+    from planner.strategies import dcp, hdp
+
+    req = PlanRequest(gpus=64, tokens_per_step=8 * M, max_context_tokens=256 * K, lengths="github-like",
+                      recompute="auto")
+    cm = build_cost_model(req)
+    batch = make_batches(req, cm)[0]
+    assert len(batch.lengths_tokens) > hdp.NEVER_SLOWER_MAX_SEQUENCES
+    planned = []
+    real = dcp.plan_step
+    monkeypatch.setattr(dcp, "plan_step", lambda *a: planned.append(1) or real(*a))
+    own = STRATEGIES["hdp"](batch, cm, req.options)
+    assert own.predicted.step_time_s <= hdp.FAR_FROM_BOUND * own.predicted.lower_bound_s and not planned
+    monkeypatch.setattr(hdp, "FAR_FROM_BOUND", 1.0)
+    best = STRATEGIES["hdp"](batch, cm, req.options)
+    assert planned and best.predicted.step_time_s <= min(own.predicted.step_time_s,
+                                                         real(batch, cm, req.options).predicted.step_time_s)
