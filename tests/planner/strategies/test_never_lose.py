@@ -112,7 +112,8 @@ def test_hdp_under_pp_beats_the_baselines_on_a_long_context_mix():
     assert max(step.predicted.peak_memory_bytes) <= cm.budget.hbm_bytes
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same 8 cases every run (large meshes: a CI run must not draw a 10x slower case by chance)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(family=st.sampled_from(sorted(FAMILIES)), ranks=st.sampled_from([128, 256, 512, 1024]),
        tp=st.sampled_from([1, 2, 8]), pp=st.sampled_from([1, 2]), context=st.sampled_from([32 * K, 128 * K, 512 * K]),
        steps_of_context=st.integers(2, 12), seed=st.integers(0, 2**16))
