@@ -245,13 +245,13 @@ FAR_FROM_BOUND = 1.3
 
 
 def _never_slower(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, step: Step) -> Step:
-    """Small steps (at most NEVER_SLOWER_MAX_SEQUENCES sequences and EXACT_SCORING_MAX_UNITS units,
-    where the three plans cost tens of milliseconds), steps where hdp's plan is over FAR_FROM_BOUND × its
-    lower bound, and ZeRO-3 steps: the baselines' plans, priced by the same
-    simulator, are candidates too; the fastest that fits HBM (or needs no more memory than hdp's) is
-    kept, hdp's on ties. On a few units heuristic balance can lose a few % to a baseline's regular
-    layout. Larger steps keep hdp's own plan: the baselines would cost 5x hdp's planning at 32 GPUs
-    with 32M tokens (3,587 sequences), where the layout candidates (_layout_candidates) win anyway."""
+    """Small steps (at most NEVER_SLOWER_MAX_SEQUENCES sequences and EXACT_SCORING_MAX_UNITS units, where the
+    three plans cost tens of milliseconds), steps where hdp's plan is over FAR_FROM_BOUND x its lower bound, and
+    ZeRO-3 steps: the baselines' plans, priced by the same simulator, are candidates too; the fastest that fits
+    HBM (or needs no more memory than hdp's) is kept, hdp's on ties. On a few units heuristic balance can lose a
+    few % to a baseline's regular layout. Larger steps near their bound keep hdp's own plan: the baselines would
+    cost 5x hdp's planning at 32 GPUs with 32M tokens (3,587 sequences), where the layout candidates
+    (_layout_candidates) win anyway."""
     # ZeRO-3 steps run in rounds that hdp's balance only approximates; dcp's lockstep micro-batches fit them
     # by construction, so there the baselines are always candidates (its plan time is not the scale target)
     small = len(batch.lengths_tokens) <= NEVER_SLOWER_MAX_SEQUENCES and len(step.units) <= EXACT_SCORING_MAX_UNITS
