@@ -25,7 +25,7 @@ from rich.table import Table as _RichTable
 from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
-from costmodel.specs import AUTO_RECOMPUTE, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError, check_recompute
+from costmodel.specs import AUTO_RECOMPUTE, KERNELS, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError, check_recompute
 from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
@@ -467,6 +467,9 @@ def plan_cmd(
         zero: int = typer.Option(1, "--zero", min=0, max=3, help="ZeRO stage over the HDP ranks of a stage: 0 "
                                  "replicated, 1 optimizer sharded, 2 + gradients, 3 + parameters (FSDP2: per-layer "
                                  "all-gathers and reduce-scatters, the step run in rounds; pp 1)."),
+        kernels: str = typer.Option("fused", help="Elementwise kernels the training runs: fused (Megatron-LM, "
+                                    "Transformer Engine) or eager (one kernel per PyTorch op, unfused loss: "
+                                    "`meshplan replay`, HF transformers without torch.compile)."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         cp_kinds: str = typer.Option("", "--cp-kinds", help="Context-parallel kinds each sharded unit may take, "
                                      f"chosen per unit by predicted time and memory: {CP_KINDS_AUTO}, or a comma "
@@ -505,6 +508,7 @@ def plan_cmd(
     check_choice("--solver", solver, SOLVERS)
     check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
     check_choice("--dtype", dtype, TRAIN_DTYPES)
+    check_choice("--kernels", kernels, KERNELS)
     try:
         kinds = parse_cp_kinds(cp_kinds) if cp_kinds.strip() else ()
     except _PlanError as e:
@@ -514,7 +518,8 @@ def plan_cmd(
                       else parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, zero_stage=zero,
-                      ep=ep, moe_capacity_factor=moe_capacity_factor, moe_grouped_gemm=moe_grouped_gemm, seed=seed,
+                      kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
+                      moe_grouped_gemm=moe_grouped_gemm, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),
@@ -727,7 +732,8 @@ def profile_cmd(
                                                 help="Largest collective / host-copy / memory-kernel size in bytes."),
         nproc: Optional[int] = typer.Option(None, "--nproc",
                                             help="Ranks for collectives (default: GPUs, or 4 on CPU)."),
-        models: str = typer.Option("tiny", "--models", help="Models whose GEMM shapes and T(s) fits go in."),
+        models: str = typer.Option("tiny", "--models", help="Models whose GEMM shapes, attention head dims and "
+                                   "T(s) fits go in."),
         compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B",
                                                           help="Print A/B ratios table by table, no measuring."),
         estimate: Optional[str] = typer.Option(None, "--estimate", metavar="REF",
@@ -746,7 +752,8 @@ def profile_cmd(
     specs = {name: load_model(name) for name in models.split(",") if name}
     req = ProfileRequest(out=out_path or Path("estimate.json"), quick=quick,
                          ops=tuple(o for o in ops.split(",") if o), max_bytes=max_bytes, nproc=nproc,
-                         model_shapes=profile_gemm_shapes(specs), device=device)
+                         model_shapes=profile_gemm_shapes(specs), device=device,
+                         model_head_dims=tuple(sorted({m.head_dim for m in specs.values()})))
     if estimate:
         cfg, est = estimate_request(req, load_profile(estimate))
         counts = plan_counts(cfg)

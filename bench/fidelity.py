@@ -8,9 +8,9 @@
 published: one table per calibration set (case, published, predicted, error) and its MAPE, from
 `validate_cost_model` (error computed at run time, nothing fitted).
 
-cpu: six small plans of the `tiny` model on the `local-cpu` cluster, each exercising another part of the
-planner and the runtime (static, dcp, hdp with 2-rank units, pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on
-3 ranks with a unit spanning all 3 unevenly), replayed with `meshplan replay --trace` (fp32, one process per
+cpu: six small plans of the `tiny` model on the `local-cpu` cluster (planned in fp32 with eager kernels, as the
+replay runs them), each exercising another part of the planner and the runtime (static, dcp, hdp with 2-rank
+units, pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on 3 ranks with a unit spanning all 3 unevenly), replayed with `meshplan replay --trace` (fp32, one process per
 rank, --steps iterations). Per plan: step time predicted vs measured (median over iterations) and the median and
 max |error| over units (each unit's measured time the median over iterations), first on the shipped profile,
 then leave-one-plan-out: each plan predicted by `meshplan calibrate`'s fit on the other five
@@ -110,7 +110,7 @@ def make_plans(work: Path, seed: int) -> dict[str, Path]:
     for c in CASES:
         req = PlanRequest(model="tiny", cluster="local-cpu", gpus=c.gpus, tp=c.tp, pp=c.pp, profile=PROFILE,
                           lengths=LENGTHS, tokens_per_step=c.tokens_per_step, max_context_tokens=MAX_CONTEXT_TOKENS,
-                          capacity_tokens=c.capacity_tokens, seed=seed)
+                          capacity_tokens=c.capacity_tokens, seed=seed, dtype="fp32", kernels="eager")
         path = work / f"plan_{c.name}.json"
         make_plan(req, c.strategy).save(path)
         paths[c.name] = path

@@ -57,13 +57,65 @@ def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_byte
     return tuple(out)
 
 
+# Eager PyTorch (planner/runtime's decoder, HF transformers without torch.compile): one kernel per tensor op, each
+# reading its operands from memory and writing a fresh output. Elements read + written per token of each kernel,
+# x = the norm's width, q = the rotated width (Q or K), f = the activation width. Forward from the runtime's code
+# (RMSNorm: pow, mean, +eps, rsqrt, x·r, ·w; LayerNorm: mean, x−μ, pow, mean, +eps, rsqrt, ·r, ·w, +b;
+# rotate-half RoPE: four products with cos/sin, a sub, an add, the cat), backward from autograd's formula of each op (a
+# product of two tensors: two products; a broadcast operand's gradient: a product and a sum over tokens; a tensor
+# used twice: one accumulation). Tiny per-token scalars (the norm's statistics) count 2 elements.
+_EAGER_FWD: dict[str, tuple[tuple[float, float], ...]] = {  # label -> ((x-coefficient, constant), ...) per kernel
+    "rmsnorm": ((2, 0), (1, 1), (0, 2), (0, 2), (2, 1), (2, 0)),
+    "layernorm": ((1, 1), (2, 1), (2, 0), (1, 1), (0, 2), (0, 2), (2, 1), (2, 0), (2, 0)),
+    "rope": ((1, 0), (1, 0), (1, 0), (1, 0), (1.5, 0), (1.5, 0), (2, 0)),
+    "swiglu": ((2, 0), (3, 0)),  # silu(gate), · up
+    "gelu": ((2, 0), (2, 0)),  # + bias (linear_bias), gelu
+    "residual": ((3, 0),),
+}
+_EAGER_BWD: dict[str, tuple[tuple[float, float], ...]] = {
+    "rmsnorm": ((2, 0), (3, 0), (1, 0), (3, 0), (1, 1), (0, 2), (0, 2), (1, 1), (3, 0), (2, 0), (3, 0)),
+    "layernorm": ((2, 0), (3, 0), (1, 0), (1, 0), (3, 0), (1, 1), (0, 2), (0, 2), (1, 1), (3, 0), (2, 0), (3, 0),
+                  (1, 1), (1, 1), (3, 0), (3, 0)),
+    "rope": ((1, 0), (1, 0), (1, 0), (1, 0), (1, 0), (1.5, 0), (1.5, 0), (2, 0)),
+    "swiglu": ((3, 0), (3, 0), (3, 0)),  # d(up) = dy·silu, d(silu) = dy·up, silu_backward
+    "gelu": ((3, 0), (1, 0)),  # gelu_backward; the bias gradient's sum over tokens
+    "residual": ((3, 0),),  # the branch point's gradient accumulation
+}
+
+
+def _eager(label: str, width: float, dtype_bytes: float, direction: str) -> tuple[MemKernel, ...]:
+    table = _EAGER_FWD if direction == "fwd" else _EAGER_BWD
+    return tuple(MemKernel(f"{label}_{i}", (a * width + c) * dtype_bytes) for i, (a, c) in enumerate(table[label]))
+
+
+def eager_layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int,
+                        direction: str) -> tuple[MemKernel, ...]:
+    """A layer's kernels as eager PyTorch runs them (see _EAGER_FWD): the two norms, RoPE on Q and K (each over
+    its own width), attention's output back to token layout (one copy), the activation and the two residual
+    adds; bytes per token on one TP rank."""
+    b = float(dtype_bytes)
+    hidden = model.hidden / (tp if sequence_parallel else 1)
+    ffn = model.ffn * model.top_k / tp
+    out = [*_eager(model.norm, hidden, b, direction), *_eager(model.norm, hidden, b, direction)]
+    if model.position == "rope":
+        out += [*_eager("rope", model.q_width / tp, b, direction), *_eager("rope", model.kv_width / tp, b, direction)]
+    out.append(MemKernel("attn_out_layout", 2 * model.q_width / tp * b))
+    out += [*_eager(model.mlp, ffn, b, direction), *_eager("residual", hidden, b, direction),
+            *_eager("residual", hidden, b, direction)]
+    if model.dropout:  # dropout after attention and after the MLP: apply the mask (fwd), mask the gradient (bwd)
+        out += [MemKernel("dropout", hidden * (2 * b + 1)), MemKernel("dropout", hidden * (2 * b + 1))]
+    return tuple(out)
+
+
 def recompute_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int,
-                      recompute: Recompute) -> tuple[MemKernel, ...]:
+                      recompute: Recompute, eager: bool = False) -> tuple[MemKernel, ...]:
     """The forward kernels a backward replays: all of them under full recompute; under selective, SwiGLU's
-    product (costmodel.memory does not keep it); GeLU blocks' selective replays the attention core only."""
+    product (costmodel.memory does not keep it); GeLU blocks' selective replays the attention core only. Eager
+    (planner/runtime): selective checkpoints the attention core alone, which has no kernels here."""
     if recompute == "full":
-        return layer_kernels(model, tp, sequence_parallel, dtype_bytes, "fwd")
-    if recompute == "selective" and model.mlp == "swiglu":
+        kernels = eager_layer_kernels if eager else layer_kernels
+        return kernels(model, tp, sequence_parallel, dtype_bytes, "fwd")
+    if recompute == "selective" and model.mlp == "swiglu" and not eager:
         return tuple(k for k in layer_kernels(model, tp, sequence_parallel, dtype_bytes, "fwd") if k.label == "swiglu")
     return ()
 

@@ -288,6 +288,10 @@ class ClusterSpec:
 
 Recompute = Literal["none", "selective", "full"]
 AttentionKernel = Literal["flash", "unfused"]  # fused (FlashAttention) or materialised scores (QKᵀ, softmax, PV)
+# The memory-bound kernels between GEMMs: fused as Megatron-LM / Transformer Engine run them, or eager PyTorch (one
+# kernel per tensor op, unfused loss: planner/runtime, HF transformers without torch.compile), costmodel.elementwise
+Kernels = Literal["fused", "eager"]
+KERNELS: tuple[str, ...] = get_args(Kernels)
 # Context parallelism: a ring passing K/V blocks under the attention (overlapped), or K/V all-gathered before
 # attention and dK/dV reduce-scattered after it (Llama 3's form: exposed, simpler to mask)
 ContextParallel = Literal["ring", "allgather"]
@@ -334,6 +338,7 @@ class TrainingSpec:
     # it they run replicated on all s tokens (the TP collectives move the same bytes either way)
     sequence_parallel: bool = True
     attention_kernel: AttentionKernel = "flash"
+    kernels: Kernels = "fused"  # elementwise kernels fused (Megatron) or eager PyTorch ops (meshplan's replay)
     cp: ContextParallel = "ring"
     # Megatron-core DDP's overlap_grad_reduce (default off there too): bucketed gradient reduce-scatter under
     # the backward, only the last bucket exposed
@@ -348,7 +353,8 @@ class TrainingSpec:
     moe_capacity_factor: float = field(default=1.0, metadata=at_least(1.0))
     moe_grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM (else one GEMM per expert)
 
-    MOE_KEYS: ClassVar[tuple[str, ...]] = ("ep", "moe_capacity_factor", "moe_grouped_gemm")  # to_dict: only if set
+    # to_dict writes these only when set, so plans that do not use them stay as they were
+    OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "moe_capacity_factor", "moe_grouped_gemm", "kernels")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -397,7 +403,7 @@ class TrainingSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in self.MOE_KEYS:  # left out at their defaults, so dense plans stay as they were
+        for k in self.OPTIONAL_KEYS:
             if d[k] == getattr(TrainingSpec, k):
                 del d[k]
         return d

@@ -13,8 +13,8 @@ from typing import get_args
 
 import numpy as np
 
-from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, embedding_kernels, fp8_cast_kernels, head_kernels,
-                                   layer_kernels, recompute_kernels, score_kernels)
+from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, eager_layer_kernels, embedding_kernels,
+                                   fp8_cast_kernels, head_kernels, layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, fp8_scaled_tensors,
                               memory_budget, params_per_rank)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
@@ -29,6 +29,7 @@ _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
                            "mem_embed_bwd", "moe_comm"})  # the others are over bytes
+_COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
 
 
 def _interp(x: np.ndarray | float, log_xs: np.ndarray, log_ys: np.ndarray) -> np.ndarray:
@@ -211,6 +212,9 @@ class CostModel:
     setup: Setup
     profile: Profile
     _curves: dict = field(default_factory=dict, repr=False)
+    # Slowdown of every compute time from ranks sharing a node's compute: None derives it from the profile
+    # (compute_share_of); GPU profiles have no cores (a GPU per rank): 1.
+    compute_share: float | None = None
     _grad_sync: dict[int, float] = field(default_factory=dict, init=False, repr=False)  # memo per HDP group size
 
     def __post_init__(self) -> None:
@@ -234,8 +238,11 @@ class CostModel:
         # one layer's forward (the backward issues twice as many kernels), and one attention call's set-up, paid
         # per document (and per ring step) where the executor calls attention document by document.
         consts = self.profile.constants
-        self.layer_overhead_s = float(consts.get("layer_overhead_s", {}).get("value", 0.0))
-        self.attn_call_overhead_s = float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
+        if self.compute_share is None:
+            self.compute_share = compute_share_of(self.profile, self.setup.cluster.gpus_per_node)
+        share = self.compute_share
+        self.layer_overhead_s = share * float(consts.get("layer_overhead_s", {}).get("value", 0.0))
+        self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
         dt = "bf16" if tr.dtype in ("bf16", "fp16", "fp8") else "fp32"
         dtypes = set(self.profile.tables["gemm"]["dtype"])
         self.dtype = dt if dt in dtypes else sorted(dtypes - {"fp8"} or dtypes)[0]  # attention, LM head, unfused QKᵀ
@@ -268,12 +275,15 @@ class CostModel:
                   if g.label != "router"}
         cast = {d: fp8_cast_kernels(widths, d) if fp8 else () for d in ("fwd", "bwd")}
         moe = {d: moe_kernels(m, self.experts, b, d) for d in ("fwd", "bwd")}  # () for dense models
-        kernels = {"mem_layer_fwd": layer_kernels(m, tr.tp, sp, b, "fwd") + cast["fwd"] + moe["fwd"],
-                   "mem_layer_bwd": layer_kernels(m, tr.tp, sp, b, "bwd") + cast["bwd"] + moe["bwd"],
-                   "mem_recompute": (recompute_kernels(m, tr.tp, sp, b, tr.recompute)
+        eager = tr.kernels == "eager"
+        layer_ks = eager_layer_kernels if eager else layer_kernels
+        fused_loss = tr.fused_loss and not eager  # eager: cross-entropy over materialised fp32 logits
+        kernels = {"mem_layer_fwd": layer_ks(m, tr.tp, sp, b, "fwd") + cast["fwd"] + moe["fwd"],
+                   "mem_layer_bwd": layer_ks(m, tr.tp, sp, b, "bwd") + cast["bwd"] + moe["bwd"],
+                   "mem_recompute": (recompute_kernels(m, tr.tp, sp, b, tr.recompute, eager)
                                      + (cast["fwd"] + moe["fwd"] if tr.recompute == "full" else ())),
-                   "mem_head_fwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "fwd"),
-                   "mem_head_bwd": head_kernels(m, tr.tp, sp, b, tr.fused_loss, "bwd"),
+                   "mem_head_fwd": head_kernels(m, tr.tp, sp, b, fused_loss, "fwd"),
+                   "mem_head_bwd": head_kernels(m, tr.tp, sp, b, fused_loss, "bwd"),
                    "mem_embed_fwd": embedding_kernels(m, b, "fwd"), "mem_embed_bwd": embedding_kernels(m, b, "bwd")}
         for name, ks in kernels.items():
             self._curves[name] = np.maximum(self._kernels_s(ks, _TOKEN_GRID), 1e-15)
@@ -286,6 +296,9 @@ class CostModel:
                 self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra")
         if self.experts.all_to_all:  # MoE dispatch and combine over EP (+ ETP gather), per token of the TP group
             self._curves["moe_comm"] = np.maximum(moe_comm_fwd_s(p, _TOKEN_GRID, m, self.experts, b), 1e-15)
+        for k in _COMPUTE_CURVES:  # ranks sharing cores: each rank's compute runs at 1 / share of its own speed
+            if k in self._curves:
+                self._curves[k] = self._curves[k] * share
         # (log grid, log curve) per lookup table, taken once here: `_lookup` serves every query from them
         self._log_curves = {k: (_LOG_TOKEN_GRID if k in _TOKEN_CURVES else _LOG_BYTES_GRID, np.log(v))
                             for k, v in self._curves.items()}
@@ -620,7 +633,7 @@ class CostModel:
         memory-bound pass of ADAM_BYTES_PER_PARAM bytes per parameter (costmodel.elementwise)."""
         d = hdp_ranks or self.setup.hdp
         p = params_per_rank(self.setup) / (d if self.setup.training.zero_stage >= 1 else 1)
-        return float(self.profile.memory_time_s(p * ADAM_BYTES_PER_PARAM))
+        return float(self.profile.memory_time_s(p * ADAM_BYTES_PER_PARAM)) * self.compute_share
 
     def step_end_s(self, hdp_ranks: int | None = None) -> float:
         """What follows a stage's last backward each step: the gradient synchronisation with fp8's amax reduction
@@ -637,12 +650,31 @@ class CostModel:
         return self.profile.constant("peak_bf16_flops")
 
 
+def compute_share_of(profile: Profile, ranks_per_node: int) -> float:
+    """How much slower each rank computes than the profile's one-thread tables with `ranks_per_node` ranks on a
+    node of the profile's `cores_per_node` cores (CPU profiles; 1 without it): from the measured slowdowns with
+    every core busy (b, one rank each: shared cache and memory bandwidth) and with two ranks per core (s,
+    time-sliced; 2 would be a fair share at no cost): 1 → b linearly up to one rank per core, then k/c · s/2.
+    Without measured slowdowns: max(1, k/c)."""
+    consts = profile.constants
+    cores = consts.get("cores_per_node", {}).get("value")
+    if not cores:
+        return 1.0
+    c, k = float(cores), float(ranks_per_node)
+    busy = float(consts.get("cores_busy_slowdown", {}).get("value", 1.0))
+    shared = float(consts.get("cores_shared_slowdown", {}).get("value", 2.0))
+    if k <= c:
+        return 1.0 + (busy - 1.0) * (k - 1.0) / (c - 1.0) if c > 1 else 1.0
+    return k / c * shared / 2.0
+
+
 def fit_layer_time(model: ModelSpec, training: TrainingSpec, profile: Profile) -> dict[str, float]:
     """T(s) fit for a model on a profile, independent of any cluster size (one rank, ample memory)."""
     cluster = ClusterSpec(name="fit", gpu=profile.fingerprint.device, nodes=1, gpus_per_node=max(8, training.tp),
                           gpu_memory_bytes=10**15, host_memory_bytes=10**15, intra_node_bw_bytes_per_s=1e11,
                           inter_node_bw_bytes_per_s=1e10, host_link_bw_bytes_per_s=1e10, profile="")
-    cm = CostModel(Setup(model, cluster.with_gpus(max(8, training.tp * training.pp)), training), profile)
+    cm = CostModel(Setup(model, cluster.with_gpus(max(8, training.tp * training.pp)), training), profile,
+                   compute_share=1.0)
     return cm.fit_layer_time(max_len=262144)
 
 

@@ -49,6 +49,7 @@ class PlanRequest:
     capacity_tokens: int | None = None  # override C
     zero_stage: int = 1
     dtype: str = "bf16"  # training precision, TrainingSpec.dtype: bf16, fp16, fp32, or fp8 (fp8 GEMMs, bf16 storage)
+    kernels: str = "fused"  # elementwise kernels, TrainingSpec.kernels: fused (Megatron) or eager (meshplan replay)
     ep: int = 1  # MoE expert parallelism inside the TP group, TrainingSpec.ep
     moe_capacity_factor: float = 1.0  # MoE routing imbalance, TrainingSpec.moe_capacity_factor
     moe_grouped_gemm: bool = False  # MoE: a rank's local experts in one grouped GEMM, TrainingSpec.moe_grouped_gemm
@@ -68,6 +69,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
     last: Exception | None = None
     for pol in policies:
         tr = TrainingSpec(dtype=req.dtype, tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
+                          kernels=req.kernels,
                           capacity_tokens=req.capacity_tokens, ep=req.ep, moe_capacity_factor=req.moe_capacity_factor,
                           moe_grouped_gemm=req.moe_grouped_gemm)
         try:

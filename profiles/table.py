@@ -297,14 +297,24 @@ class Profile:
         sub = df[df["causal"] == causal]
         if sub.empty:  # fall back to the other masking, FLOPs convention keeps rates comparable
             sub = df
-        dims = sorted(set(sub["head_dim"]))
-        hd = min(dims, key=lambda d: (abs(math.log(d / head_dim)), d))
-        sub = sub[sub["head_dim"] == hd]
         # Per-row rate: docs × per-doc FLOPs (of the row's own masking and heads) / time.
         per = np.array([float(attention_flops(r.doc_len, r.heads, r.head_dim, bool(r.causal), direction))
                         for r in sub.itertuples()]) * sub["docs"].to_numpy(float)
-        rates = sub.assign(rate=per / sub["time_s"].to_numpy(float))
-        cache[key] = _series(rates, "doc_len", "rate")
+        sub = sub.assign(rate=per / sub["time_s"].to_numpy(float))
+        dims = sorted(set(sub["head_dim"]))
+        lo = max([d for d in dims if d <= head_dim], default=dims[0])
+        hi = min([d for d in dims if d >= head_dim], default=dims[-1])
+        if lo == hi:  # measured at this head dim, or outside the measured ones: the nearest (no extrapolation)
+            cache[key] = _series(sub[sub["head_dim"] == lo], "doc_len", "rate")
+            return cache[key]
+        # Between two measured head dims: the rate interpolated log-log in the head dim at each length (a
+        # kernel's rate per FLOP rises with the head dim: more work per loaded row of Q, K and V).
+        xl, yl = _series(sub[sub["head_dim"] == lo], "doc_len", "rate")
+        xh, yh = _series(sub[sub["head_dim"] == hi], "doc_len", "rate")
+        xs = np.union1d(xl, xh)
+        w = math.log(head_dim / lo) / math.log(hi / lo)
+        ys = np.exp((1 - w) * np.log(loglog_interp(xs, xl, yl)) + w * np.log(loglog_interp(xs, xh, yh)))
+        cache[key] = (xs, ys)
         return cache[key]
 
     def collective_time_s(self, op: str, nbytes: np.ndarray | float, group_size: int,

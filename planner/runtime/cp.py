@@ -266,20 +266,24 @@ class Span:
 
 
 def layout_spans(lay: ShardLayout, block: int) -> list[Span]:
+    """The layout's tokens in spans of at most `block`, cut where a run of consecutive positions of one document
+    ends (a zigzag chunk, a document) and where padding starts: a pair of such spans is fully visible, causal on
+    its diagonal, or hidden, so a fused kernel runs it without a mask (padding spans excepted)."""
     order = lay.doc[lay.valid] * (1 << 40) + lay.pos[lay.valid]
     if bool((order[1:] <= order[:-1]).any()):  # the skip test relies on it: refuse rather than skip wrongly
         raise ValueError("a shard layout's real tokens are not sorted by (document, position)")
+    v = lay.valid
+    cut = ((lay.doc[1:] != lay.doc[:-1]) | (v[1:] != v[:-1]) | (v[1:] & v[:-1] & (lay.pos[1:] != lay.pos[:-1] + 1)))
+    starts = [0, *(cut.nonzero().flatten() + 1).tolist(), lay.tokens]
     spans = []
-    for a in range(0, lay.tokens, block):
-        b = min(a + block, lay.tokens)
-        ok = lay.valid[a:b]
-        idx = ok.nonzero().flatten()
-        if idx.numel() == 0:
-            spans.append(Span(a, b, None, None, True))
-            continue
-        i, j = a + int(idx[0]), a + int(idx[-1])
-        spans.append(Span(a, b, (int(lay.doc[i]), int(lay.pos[i])), (int(lay.doc[j]), int(lay.pos[j])),
-                          not bool(ok.all())))
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        for a in range(lo, hi, block):
+            b = min(a + block, hi)
+            if not bool(v[a]):  # runs are all real or all padding
+                spans.append(Span(a, b, None, None, True))
+                continue
+            spans.append(Span(a, b, (int(lay.doc[a]), int(lay.pos[a])), (int(lay.doc[b - 1]), int(lay.pos[b - 1])),
+                              False))
     return spans
 
 
@@ -341,10 +345,30 @@ class BlockKernel(ABC):
         self.members = frozenset(self.pairs)  # sources some query of ours sees
         self.q_layout = _on(q_layout, device)
         self.k_layouts = {key: _on(lay, device) for key, lay in k_layouts.items() if key in self.pairs}
+        self._modes: dict = {}  # (source, q span start, k span start) -> "all" | "causal"
 
     def _allowed(self, source, q: Span, k: Span) -> torch.Tensor:
         return block_mask(self.q_layout, self.k_layouts[source], slice(q.a, q.b), slice(k.a, k.b),
                           self_keys=source == self.own)
+
+    def _visible(self, source, q: Span, k: Span):
+        """What one block pair's mask is, classified once per unit (O(blocks) pairs, a few bytes each): "all"
+        (every query sees every key), "causal" (our own diagonal pair, the lower triangle), or the bool mask
+        itself, built at each call (padding spans only, when layout_spans cut the blocks)."""
+        key = (source, q.a, k.a)
+        mode = self._modes.get(key)
+        if mode is not None:
+            return mode
+        allowed = self._allowed(source, q, k)
+        t, s = allowed.shape
+        if bool(allowed.all()):
+            mode = "all"
+        elif source == self.own and q.a == k.a and t == s and torch.equal(allowed, torch.ones_like(allowed).tril()):
+            mode = "causal"
+        else:
+            return allowed
+        self._modes[key] = mode
+        return mode
 
     def forward(self, q, k, v, source, scale):
         out = q.new_zeros(q.shape, dtype=torch.float32)
@@ -354,8 +378,7 @@ class BlockKernel(ABC):
             o, m, qb = out[:, r], lse[:, r], q[:, r]
             for ks in kss:
                 c = slice(ks.a, ks.b)
-                diag = source == self.own and qs.a == ks.a
-                o, m = merge_block(o, m, *self._fwd(qb, k[:, c], v[:, c], self._allowed(source, qs, ks), scale, diag))
+                o, m = merge_block(o, m, *self._fwd(qb, k[:, c], v[:, c], (source, qs, ks), scale))
             out[:, r], lse[:, r] = o, m
         return out, lse
 
@@ -366,20 +389,19 @@ class BlockKernel(ABC):
             r = slice(qs.a, qs.b)
             for ks in kss:
                 c = slice(ks.a, ks.b)
-                diag = source == self.own and qs.a == ks.a
-                bq, bk, bv = self._bwd(dout[:, r], q[:, r], k[:, c], v[:, c], out[:, r], lse[:, r],
-                                       self._allowed(source, qs, ks), scale, diag)
+                bq, bk, bv = self._bwd(dout[:, r], q[:, r], k[:, c], v[:, c], out[:, r], lse[:, r], (source, qs, ks),
+                                       scale)
                 dq[:, r] += bq
                 dk[:, c] += bk
                 dv[:, c] += bv
         return dq, dk, dv
 
     @abstractmethod
-    def _fwd(self, q, k, v, allowed, scale, diag):
-        """(out, lse) of one block pair."""
+    def _fwd(self, q, k, v, pair, scale):
+        """(out, lse) of one block pair; pair = (source, q span, k span) for its mask."""
 
     @abstractmethod
-    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):
+    def _bwd(self, dout, q, k, v, out, lse, pair, scale):
         """(dq, dk, dv) of one block pair."""
 
 
@@ -401,17 +423,17 @@ class MathBlocks(BlockKernel):
         p.sub_(m[..., None]).exp_()
         return p, m
 
-    def _fwd(self, q, k, v, allowed, scale, diag):
+    def _fwd(self, q, k, v, pair, scale):
         q, k, v = q.float(), k.float(), v.float()
-        p, m = self._probs(q, k, allowed, scale)
+        p, m = self._probs(q, k, self._allowed(*pair), scale)
         denom = p.sum(-1)
         out = (p @ v.unsqueeze(1)) / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
         return out.flatten(0, 1), (m + denom.log()).flatten(0, 1)
 
-    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):
+    def _bwd(self, dout, q, k, v, out, lse, pair, scale):
         dout, q, k, v, out = dout.float(), q.float(), k.float(), v.float(), out.float()
         hkv = k.shape[0]
-        p, _ = self._probs(q, k, allowed, scale, lse)
+        p, _ = self._probs(q, k, self._allowed(*pair), scale, lse)
         dog = _row_groups(dout, hkv)
         dv = (p.transpose(-1, -2) @ dog).sum(1)
         ds = (dog @ v.unsqueeze(1).transpose(-1, -2)).sub_(_row_groups((dout * out).sum(-1), hkv)[..., None]).mul_(p)
@@ -433,36 +455,34 @@ class FusedCPUBlocks(BlockKernel):
     def available(device: torch.device) -> bool:
         return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
-    @staticmethod
-    def _how(allowed: torch.Tensor, diag: bool, dtype: torch.dtype) -> tuple[bool, torch.Tensor | None]:
-        """(causal, additive bias or None) that reproduce `allowed` in the kernel."""
-        if bool(allowed.all()):
-            return False, None
-        t, s = allowed.shape
-        if diag and t == s and torch.equal(allowed, torch.ones(t, s, dtype=torch.bool, device=allowed.device).tril()):
-            return True, None
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return False, bias.masked_fill_(~allowed, float("-inf"))
+    def _how(self, pair, dtype: torch.dtype) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+        """(causal, additive bias or None, rows with no key or None) that reproduce the pair's mask."""
+        mode = self._visible(*pair)
+        if isinstance(mode, str):
+            return mode == "causal", None, None
+        bias = torch.zeros(mode.shape, dtype=dtype, device=mode.device).masked_fill_(~mode, float("-inf"))
+        return False, bias, ~mode.any(1)
 
-    def _fwd(self, q, k, v, allowed, scale, diag):
-        causal, bias = self._how(allowed, diag, q.dtype)
+    @staticmethod
+    def _expand(k: torch.Tensor, g: int) -> torch.Tensor:
+        return k[None] if g == 1 else k.repeat_interleave(g, 0)[None]
+
+    def _fwd(self, q, k, v, pair, scale):
+        causal, bias, empty = self._how(pair, q.dtype)
         g = q.shape[0] // k.shape[0]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.contiguous()[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], 0.0, causal,
-            attn_mask=bias, scale=scale)
+            q.contiguous()[None], self._expand(k, g), self._expand(v, g), 0.0, causal, attn_mask=bias, scale=scale)
         out, lse = out[0], lse[0]
-        if bias is not None:
-            empty = ~allowed.any(1)
+        if empty is not None:
             out, lse = out.masked_fill(empty[None, :, None], 0.0), lse.masked_fill(empty[None], float("-inf"))
         return out, lse
 
-    def _bwd(self, dout, q, k, v, out, lse, allowed, scale, diag):
-        causal, bias = self._how(allowed, diag, q.dtype)
+    def _bwd(self, dout, q, k, v, out, lse, pair, scale):
+        causal, bias, _ = self._how(pair, q.dtype)
         hkv, g = k.shape[0], q.shape[0] // k.shape[0]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous()[None], q.contiguous()[None], k.repeat_interleave(g, 0)[None],
-            v.repeat_interleave(g, 0)[None], out.contiguous()[None], lse.contiguous()[None], 0.0, causal,
-            attn_mask=bias, scale=scale)
+            dout.contiguous()[None], q.contiguous()[None], self._expand(k, g), self._expand(v, g),
+            out.contiguous()[None], lse.contiguous()[None], 0.0, causal, attn_mask=bias, scale=scale)
         return dq[0], _row_groups(dk[0], hkv).sum(1), _row_groups(dv[0], hkv).sum(1)
 
 

@@ -7,7 +7,9 @@ attention.py, collectives.py (a torchrun worker), host_copy.py and memory.py; ru
 them.
 
 Timing: warm-up calls, then repeated calls, median reported. On GPU each call is bracketed by
-CUDA events after an L2 flush (a memset of twice the L2 size); on CPU by time.perf_counter.
+CUDA events after an L2 flush (a memset of twice the L2 size); on CPU by time.perf_counter, the GEMM
+and memory benchmarks cycling through copies of their operands that span twice the L3, so each call
+reads them from memory as a training step does.
 The memory table instead reports the minimum over passes interleaved across its sizes: a bandwidth
 is a hardware limit, and a minimum over calls spread in time stays clear of other processes' load.
 """
@@ -183,9 +185,11 @@ def _pow2(lo: int, hi: int, step: int = 2) -> tuple[int, ...]:
 
 def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None = None,
                 model_shapes: tuple[tuple[str, int, int], ...] = (), dtypes: tuple[str, ...] | None = None,
-                mem_cap_bytes: int | None = None) -> MeasureConfig:
+                mem_cap_bytes: int | None = None, model_head_dims: tuple[int, ...] = ()) -> MeasureConfig:
     """The grids for one device kind and mode. CPU grids are sized so the quick profile runs in a few
-    minutes on 2 cores; GPU grids follow the issue (1 KiB..1 GiB, 16K-token attention calls)."""
+    minutes on 2 cores; GPU grids follow the issue (1 KiB..1 GiB, 16K-token attention calls). Attention is
+    measured at head dims 64 and 128 and at each of `model_head_dims` (--models): a kernel's rate per FLOP
+    depends on the head dim (on one CPU core SDPA at d = 16 runs 1.5-1.9x below its d = 64 rate)."""
     if device not in ("cpu", "cuda"):
         raise MeasureError(f"device must be 'cpu' or 'cuda', got {device!r}")
     gpu = device == "cuda"
@@ -229,6 +233,7 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
     else:
         mem_timing = (TimingConfig(warmup=1, repeats=10, min_repeats=2, budget_s=0.02) if quick else
                       TimingConfig(warmup=1, repeats=20, min_repeats=3, budget_s=0.05))
+    head_dims = tuple(sorted({64, 128} | {int(d) for d in model_head_dims}))
     if nproc >= 2:
         group_sizes = (tuple(range(2, nproc + 1)) if not quick or nproc <= 4 else
                        tuple(sorted({g for g in _pow2(2, nproc)} | {nproc})))
@@ -241,7 +246,7 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
             gemm_flop_cap=2e13 if quick else 1.2e14,
             gemm_generic_edges=_pow2(256, 16384) if quick else _pow2(128, 32768),
             gemm_generic_nk=4096, model_shapes=model_shapes,
-            attn_heads=(32, 8), attn_head_dims=(64, 128),
+            attn_heads=(32, 8), attn_head_dims=head_dims,
             attn_lengths=_pow2(256, 32768) if quick else _pow2(128, 131072),
             attn_pack_tokens=16384, attn_docmask_lengths=(), attn_single=True,
             nproc=nproc, coll_sizes=coll_sizes, coll_group_sizes=group_sizes, coll_timing=coll_timing,
@@ -253,7 +258,7 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
         gemm_generic_edges=_pow2(128, 1024) if quick else _pow2(64, 2048),
         gemm_generic_nk=1024, model_shapes=model_shapes,
         # Fewer heads than a 7B layer: the rate per head is what the lookup uses (FLOPs scale with heads).
-        attn_heads=(8, 2), attn_head_dims=(64, 128),
+        attn_heads=(8, 2), attn_head_dims=head_dims,
         attn_lengths=_pow2(128, 2048) if quick else _pow2(64, 4096),
         attn_pack_tokens=2048 if quick else 4096,
         attn_docmask_lengths=(128, 512) if quick else (64, 256, 1024),
@@ -348,26 +353,60 @@ def memory_points(cfg: MeasureConfig) -> list[MemoryPoint]:
 _L2_FLUSH: dict[str, Any] = {}
 
 
-def _l2_flush_buffer(torch: Any) -> Any:
-    """A buffer twice the L2 size: writing it evicts the previous call's operands."""
-    if "buf" not in _L2_FLUSH:
+def last_level_cache_bytes(device: str) -> int:
+    """The cache a timed call's operands could stay in between calls: the GPU's L2, or the CPU's last level
+    (sysfs; 32 MiB when unknown, an EPYC CCX's L3)."""
+    if device == "cuda":
+        import torch
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        size = max(2 * int(getattr(props, "L2_cache_size", 50 * MiB)), 8 * MiB)
-        _L2_FLUSH["buf"] = torch.empty(size, dtype=torch.uint8, device="cuda")
-    return _L2_FLUSH["buf"]
+        return int(getattr(props, "L2_cache_size", 50 * MiB))
+    best = (0, 32 * MiB)
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(root):
+            with open(f"{root}/{d}/level") as f:
+                level = int(f.read())
+            with open(f"{root}/{d}/size") as f:
+                text = f.read().strip().upper()
+            mult = {"K": KiB, "M": MiB, "G": GiB}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * mult
+            best = max(best, (level, size))
+    except (OSError, ValueError):
+        pass
+    return best[1]
+
+
+def _l2_flush_buffer() -> Any:
+    """A GPU buffer twice the L2: writing it evicts the previous call's operands."""
+    if "cuda" not in _L2_FLUSH:
+        import torch
+        _L2_FLUSH["cuda"] = torch.empty(max(2 * last_level_cache_bytes("cuda"), 8 * MiB), dtype=torch.uint8,
+                                        device="cuda")
+    return _L2_FLUSH["cuda"]
+
+
+def cold_copies(operand_bytes: int, device: str, cap: int = 64) -> int:
+    """How many copies of a call's operands a CPU benchmark cycles through so that each call reads them from
+    memory, as a training step does (a layer's inputs were written long before): enough to span twice the
+    last-level cache. A flush between calls would also evict the framework's own code and data and add tens of
+    microseconds to every call; GPUs flush their L2 in time_op instead (1 here)."""
+    if device == "cuda":
+        return 1
+    return max(1, min(cap, -(-2 * last_level_cache_bytes(device) // max(1, operand_bytes))))
 
 
 def time_op(fn: Callable[[Any], object], timing: TimingConfig, *, device: str = "cpu",
             setup: Callable[[], Any] | None = None, flush_l2: bool = True) -> list[float]:
     """Seconds of each timed call of fn(setup()). setup runs before every call, outside the timed
-    window (a barrier, a fresh forward graph); on GPU so does the L2 flush. The first warm-up call's
-    time sets the repeat count within the budget, unless the budget is infinite: collectives need
-    the same count on every rank."""
+    window (a barrier, a fresh forward graph); on GPU so does the L2 flush unless flush_l2 is False (CPU
+    benchmarks cycle through copies of their operands instead, `cold_copies`). The first warm-up call's time
+    sets the repeat count within the budget, unless the budget is infinite: collectives need the same count on
+    every rank."""
     setup = setup or (lambda: None)
     gpu = device == "cuda"
     if gpu:
         import torch
-        flush = _l2_flush_buffer(torch) if flush_l2 else None
+        flush = _l2_flush_buffer() if flush_l2 else None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def once() -> float:

@@ -48,6 +48,7 @@ class ProfileRequest:
     max_bytes: int | None = None  # cap on collective, host-copy and memory-kernel sizes
     nproc: int | None = None  # collective ranks (default: GPUs, or 4 on CPU like the local-cpu preset)
     model_shapes: tuple[tuple[str, int, int], ...] = ()  # (label, n, k) GEMM shapes of --models
+    model_head_dims: tuple[int, ...] = ()  # attention head dims of --models (64 and 128 are always measured)
     device: str | None = None  # "cpu" / "cuda"; default: cuda when available
 
     def __post_init__(self) -> None:
@@ -215,7 +216,8 @@ def build_config(req: ProfileRequest, device: str, dtypes: tuple[str, ...]) -> M
         avail = available_memory_bytes()
         mem_cap = avail // (4 * max(nproc, 1)) if avail else None
     return plan_config(device, quick=req.quick, nproc=nproc, max_bytes=req.max_bytes,
-                       model_shapes=req.model_shapes, dtypes=dtypes, mem_cap_bytes=mem_cap)
+                       model_shapes=req.model_shapes, dtypes=dtypes, mem_cap_bytes=mem_cap,
+                       model_head_dims=req.model_head_dims)
 
 
 def plan_counts(cfg: MeasureConfig) -> dict[str, int]:
@@ -342,7 +344,8 @@ def memory_note(cfg: MeasureConfig, load_start: float | None) -> str:
     return (f"Memory: y = x + 1 out of place (torch.add) in {cfg.main_dtype}, bytes = read + written, "
             f"{sizes[0]}..{sizes[-1]} bytes (x2 grid); time = minimum over {cfg.mem_rounds} passes interleaved "
             f"across sizes ({t.warmup} warm-up + {t.min_repeats}..{t.repeats} timed calls per size per pass"
-            + (", L2 flushed below twice its size" if cfg.device == "cuda" else "") + "), median in median_s"
+            + (", L2 flushed below twice its size" if cfg.device == "cuda" else
+               ", operands cycled through buffers spanning twice the L3") + "), median in median_s"
             + (f"; load average at its start {load_start:.2f}." if load_start is not None else "."))
 
 
@@ -457,12 +460,23 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
     if "gemm" in tables and len(tables["gemm"]):
         constants["peak_bf16_flops"] = peak_constant(tables["gemm"], cfg.main_dtype, device)
         constants["gemm_large_flops"] = dict(constants["peak_bf16_flops"])
+    if device == "cpu" and {"gemm", "attention"} & set(req.ops):  # ranks share the cores: CostModel.compute_share
+        cores = len(os.sched_getaffinity(0))
+        constants["cores_per_node"] = {"value": cores, "unit": "cores",
+                                       "source": "measured: CPU cores this process may run on (sched_getaffinity)"}
+        from profiles.measure.concurrency import measure_concurrency
+        for name, value in measure_concurrency(cores).items():
+            k = cores if name == "cores_busy_slowdown" else 2 * cores
+            constants[name] = {"value": value, "unit": "x", "source": f"measured: median wall time of {k} one-thread "
+                               "processes running one compute probe at once over one alone (profiles.measure."
+                               "concurrency)"}
     measured_s = {n: round(float(done[n].get("seconds", 0.0)), 1) for n in tables}
     notes = (f"meshplan profile ({'quick' if cfg.quick else 'full'}), main dtype {cfg.main_dtype}. {dtype_note}. "
              f"Timing: warm-up {cfg.timing.warmup}, up to {cfg.timing.repeats} repeats (min {cfg.timing.min_repeats}, "
              f"{cfg.timing.budget_s:g} s per point), median; "
              + ("CUDA events after an L2 flush. " if device == "cuda" else
-                f"time.perf_counter, {cfg.cpu_threads} torch thread(s): per-rank compute as under torchrun. ")
+                f"time.perf_counter, {cfg.cpu_threads} torch thread(s): per-rank compute as under torchrun; GEMM "
+                "operands cycled through copies spanning twice the L3 (read from memory, as in a step). ")
              + f"Attention: heads {cfg.attn_heads[0]}/{cfg.attn_heads[1]} (q/kv), causal, "
              f"{cfg.attn_pack_tokens} tokens per varlen call; extra columns layout/impl say how each row ran. "
              f"Collectives: {cfg.nproc} ranks ({'nccl' if device == 'cuda' else 'gloo'}), world group only, "
@@ -513,7 +527,7 @@ def estimate_request(req: ProfileRequest, ref: Profile) -> tuple[MeasureConfig, 
     if device not in ("cpu", "cuda"):
         raise MeasureError(f"--device must be cpu or cuda, got {device!r}")
     cfg = plan_config(device, quick=req.quick, nproc=req.nproc or (8 if device == "cuda" else 4),
-                      max_bytes=req.max_bytes, model_shapes=req.model_shapes)
+                      max_bytes=req.max_bytes, model_shapes=req.model_shapes, model_head_dims=req.model_head_dims)
     est = estimate_seconds(cfg, ref)
     return cfg, {k: (v if k == "fixed" or k in req.ops else 0.0) for k, v in est.items()}
 

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, embedding_kernels, head_kernels, layer_kernels,
-                                   recompute_kernels, score_kernels)
+from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, eager_layer_kernels, embedding_kernels, head_kernels,
+                                   layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import params_per_rank
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, TrainingSpec
@@ -143,3 +143,40 @@ def test_allgather_context_parallelism_exposes_its_collectives(a100):
     per_layer = float(a100.collective_time_s("all_gather", gathered, 8, "inter"))
     assert g.ring_exposed_fwd_s == pytest.approx(ring.layers_per_stage * per_layer)
     assert ring.unit_cost([4096], 1).total_s == pytest.approx(gather.unit_cost([4096], 1).total_s)  # no CP
+
+
+def test_eager_kernels_are_the_runtime_ops_by_hand():
+    tiny = load_model("tiny")
+    h, q, kv, f = tiny.hidden, tiny.q_width, tiny.kv_width, tiny.ffn
+    fwd = eager_layer_kernels(tiny, 1, True, 4, "fwd")
+    # two RMSNorms (pow 2h, mean h+1, +eps 2, rsqrt 2, x·r 2h+1, ·w 2h), rotate-half RoPE on Q and K (four products
+    # of the width, a sub and an add of 1.5x, the cat 2x: 9x each), attention's output copy (2q), SwiGLU (silu 2f,
+    # product 3f), two residual adds (3h)
+    per_norm = 2 * h + (h + 1) + 2 + 2 + (2 * h + 1) + 2 * h
+    expect = 2 * per_norm + 9 * q + 9 * kv + 2 * q + 5 * f + 2 * 3 * h
+    assert _total(fwd) == pytest.approx(4 * expect)
+    assert len(fwd) == 2 * 6 + 2 * 7 + 1 + 2 + 2
+    fused = layer_kernels(tiny, 1, True, 4, "fwd")
+    assert len(fwd) > 5 * len(fused) and _total(fwd) > 2 * _total(fused)
+    bwd = eager_layer_kernels(tiny, 1, True, 4, "bwd")
+    assert _total(bwd) > _total(fwd)  # every op's backward reads more than its forward
+    # GPT blocks: LayerNorm and GeLU kernels, dropout masks, no RoPE
+    gpt = load_model("gpt-22b")
+    labels = {k.label.rsplit("_", 1)[0] for k in eager_layer_kernels(gpt, 1, True, 2, "fwd")}
+    assert {"layernorm", "gelu", "residual", "dropout"} <= labels and "rope" not in labels
+
+
+def test_eager_recompute_replays_what_the_runtime_checkpoints():
+    tiny = load_model("tiny")
+    # selective checkpoints the attention core only (no elementwise kernel); full replays the eager forward
+    assert recompute_kernels(tiny, 1, True, 4, "selective", eager=True) == ()
+    assert recompute_kernels(tiny, 1, True, 4, "full", eager=True) == eager_layer_kernels(tiny, 1, True, 4, "fwd")
+
+
+def test_eager_training_prices_more_memory_time_and_an_unfused_loss(a100):
+    fused, eager = _cm(a100, model="llama-7b", tp=1), _cm(a100, model="llama-7b", tp=1, kernels="eager")
+    u, v = fused.unit_cost([4096]), eager.unit_cost([4096])
+    assert v.mem_fwd_s > 2 * u.mem_fwd_s and v.mem_bwd_s > 2 * u.mem_bwd_s  # more kernels, more bytes
+    assert v.attn_fwd_compute_s == pytest.approx(u.attn_fwd_compute_s)  # GEMMs and attention are the same
+    assert v.head_fwd_s > u.head_fwd_s  # the fp32 logits' softmax is written out
+    assert "kernels" not in TrainingSpec().to_dict() and TrainingSpec(kernels="eager").to_dict()["kernels"] == "eager"

@@ -1,10 +1,12 @@
 """Unit times: monotone in length, ring overlap, hidden offload, the fitted layer time, gradient sync."""
 
+import dataclasses
+
 import pytest
 
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, TrainingSpec
-from costmodel.timing import CostModel, fit_layer_time, gemm_shapes
+from costmodel.timing import CostModel, compute_share_of, fit_layer_time, gemm_shapes
 from profiles.table import load_profile
 
 
@@ -54,3 +56,32 @@ def test_gemm_shapes_follow_the_mlp_kind():
     assert (up["down"].n, up["down"].k) == (gpt.hidden, gpt.ffn // 8)
     gate_up = {g.label: g for g in gemm_shapes(llama, tp=2)}["gate_up"]
     assert (gate_up.n, gate_up.k) == (llama.ffn, llama.hidden)  # 2f / 2
+
+
+def test_ranks_beyond_the_cores_share_them():
+    """A CPU profile records the cores its ranks share (one thread each) and the measured slowdowns with every core
+    busy and with two ranks per core: every compute term takes the share of the node's rank count; transfers
+    (measured with the ranks sharing the cores) and GPU profiles are unchanged."""
+    cpu = load_profile("local-cpu.measured")
+    cores = int(cpu.constant("cores_per_node"))
+    busy, shared = cpu.constant("cores_busy_slowdown"), cpu.constant("cores_shared_slowdown")
+    assert busy >= 1.0 and shared >= 2.0
+    tiny, tr = load_model("tiny"), TrainingSpec(dtype="fp32")
+
+    def cost(profile, ranks: int, cluster: str = "local-cpu") -> CostModel:
+        return CostModel(Setup(tiny, load_cluster(cluster).with_gpus(ranks), tr), profile)
+
+    one, full, crowded = cost(cpu, 1), cost(cpu, cores), cost(cpu, 2 * cores)
+    assert one.compute_share == 1.0 and full.compute_share == pytest.approx(busy)
+    assert crowded.compute_share == pytest.approx(shared)
+    assert compute_share_of(cpu, 4 * cores) == pytest.approx(2 * shared)  # k/c · s/2
+    a, b = one.unit_cost([1024, 300], degree=1), crowded.unit_cost([1024, 300], degree=1)
+    assert b.fwd_compute_s == pytest.approx(shared * a.fwd_compute_s)
+    assert b.head_bwd_s == pytest.approx(shared * a.head_bwd_s)
+    assert crowded.optimizer_step_s(1) == pytest.approx(shared * one.optimizer_step_s(1))
+    assert crowded.p2p_s(2**20, False) == pytest.approx(one.p2p_s(2**20, False))
+    gpu = load_profile("h100-sxm.analytic")
+    assert cost(gpu, 8, "dgx-h100").compute_share == 1.0  # a GPU per rank
+    # a profile with cores but no measured slowdowns: the fair share
+    bare = dataclasses.replace(cpu, constants={k: v for k, v in cpu.constants.items() if "slowdown" not in k})
+    assert compute_share_of(bare, 2 * cores) == pytest.approx(2.0) and compute_share_of(bare, cores) == 1.0

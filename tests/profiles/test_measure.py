@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -18,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from profiles.measure import (MeasureConfig, MeasureError, TimingConfig, attention_points,  # noqa: E402
-                              collective_cases, cpu_model_name, gemm_points, host_copy_points, memory_points,
-                              plan_config, time_op)
+                              cold_copies, collective_cases, cpu_model_name, gemm_points, host_copy_points,
+                              last_level_cache_bytes, memory_points, plan_config, time_op)
 from profiles.measure import runner  # noqa: E402
 from profiles.measure.attention import measure_attention  # noqa: E402
 from profiles.measure.gemm import measure_gemm  # noqa: E402
@@ -39,6 +40,16 @@ def tiny_cfg(**kw):
 def positive_finite(df: pd.DataFrame) -> bool:
     t = df["time_s"].to_numpy(float)
     return len(t) > 0 and bool(np.isfinite(t).all() and (t > 0).all())
+
+
+@pytest.fixture(autouse=True)
+def quick_concurrency(monkeypatch, request):
+    """run_profile measures the concurrency slowdowns (tens of seconds of spawned processes); the runner tests take
+    fixed ones, test_concurrency_slowdowns_measured runs the real probe."""
+    if request.node.name != "test_concurrency_slowdowns_measured":
+        from profiles.measure import concurrency
+        monkeypatch.setattr(concurrency, "measure_concurrency",
+                            lambda cores: {"cores_busy_slowdown": 1.1, "cores_shared_slowdown": 2.2})
 
 
 @pytest.fixture(autouse=True)
@@ -242,6 +253,8 @@ def _small_request(tmp_path, ops=("gemm", "host_copy")):
 def test_fingerprint_records_device_and_measured_peak(tmp_path):
     res = runner.run_profile(_small_request(tmp_path))
     p = Profile.load(tmp_path / "m.measured.json")
+    assert p.constant("cores_per_node") == len(os.sched_getaffinity(0))  # ranks beyond it share cores
+    assert p.constant("cores_shared_slowdown") == 2.2  # the fixture's (quick_concurrency)
     fp = p.fingerprint
     assert fp.source == "measured" and fp.name == "m.measured"
     assert fp.device.startswith("cpu: ") and cpu_model_name() in fp.device
@@ -322,8 +335,9 @@ def test_shipped_cpu_profile_is_complete():
     for name in ("gemm", "attention", "collective", "host_copy", "memory"):
         assert positive_finite(p.tables[name]), name
     p.require_tables()  # every table a CostModel needs
-    assert "Memory table measured on 2026-12-03" in fp.notes
     assert p.memory_time_s(2**28) > 100 * p.memory_time_s(4096) > 0
+    assert set(p.tables["attention"]["head_dim"]) >= {16, 64, 128}  # tiny's head dim measured, not scaled
+    assert p.constant("cores_per_node") >= 1 and p.constant("cores_shared_slowdown") >= 2.0
     assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
     assert p.constant("peak_bf16_flops") > 0
     assert set(p.tables["collective"]["op"]) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all",
@@ -502,3 +516,33 @@ def test_cli_profile_estimate_and_compare_json():
     assert d["a"]["name"] == "local-cpu.measured" and d["b"]["source"] == "analytic"
     gemm = next(t for t in d["tables"] if t["table"] == "gemm")
     assert gemm["summary"] and gemm["summary"][0]["geomean"] > 1  # a CPU core is slower than an H100
+
+
+def test_attention_measured_at_the_models_head_dims():
+    cfg = plan_config("cpu", quick=True, nproc=2, model_head_dims=(16, 128))
+    assert cfg.attn_head_dims == (16, 64, 128)
+    dims = {p.head_dim for p in attention_points(cfg)}
+    assert dims == {16, 64, 128}
+    assert plan_config("cuda", quick=True, nproc=8, model_head_dims=(96,)).attn_head_dims == (64, 96, 128)
+
+
+def test_cpu_benchmarks_read_operands_from_memory():
+    llc = last_level_cache_bytes("cpu")
+    assert llc >= 2**20
+    # small operands: enough copies to span twice the cache (capped); large ones stream past it: one
+    assert cold_copies(2**20, "cpu") == min(64, -(-2 * llc // 2**20))
+    assert cold_copies(4 * llc, "cpu") == 1 and cold_copies(2**10, "cuda") == 1
+
+
+def test_concurrency_slowdowns_measured():
+    """Probe processes pinned to one core: two of them share it, so the last ends about twice as late as one alone
+    (min over two tries each, so other load on the machine hits both alike); the measured constants are finite
+    and no less than no contention."""
+    from profiles.measure.concurrency import _wall_s, measure_concurrency
+    cpu = sorted(os.sched_getaffinity(0))[:1]
+    alone = min(_wall_s(cpu, 1, 4) for _ in range(2))
+    two = min(_wall_s(cpu, 2, 4) for _ in range(2))
+    assert two > 1.4 * alone
+    out = measure_concurrency(1, repeats=2, rounds=1)
+    assert set(out) == {"cores_busy_slowdown", "cores_shared_slowdown"}
+    assert all(math.isfinite(v) for v in out.values()) and out["cores_shared_slowdown"] >= 2.0

@@ -1,13 +1,15 @@
 """Profile tables: interpolation, JSON round trip, corruption, lookups, required tables."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from profiles import analytic
-from profiles.table import Fingerprint, Profile, ProfileError, load_profile, loglog_interp, profile_names
+from profiles.table import (Fingerprint, Profile, ProfileError, attention_flops, load_profile, loglog_interp,
+                            profile_names)
 
 
 def test_interp_exact_on_grid_and_monotone_between():
@@ -71,3 +73,17 @@ def test_require_tables_names_the_empty_ones():
     p.require_tables(("gemm",))
     with pytest.raises(ProfileError, match="'part' has no rows in table.s. attention, collective, host_copy"):
         p.require_tables()
+
+
+def test_attention_rate_between_measured_head_dims_is_interpolated():
+    p = load_profile("h100-sxm.analytic")  # rows at head dims 64 and 128
+    assert sorted(set(p.tables["attention"]["head_dim"])) == [64, 128]
+
+    def rate(d: int) -> float:
+        return float(attention_flops(8192, 32, d, True, "fwd") / p.attention_time_s(8192, heads=32, head_dim=d))
+
+    r64, r96, r128 = rate(64), rate(96), rate(128)
+    assert r64 < r96 < r128  # not the nearest dim's rate: a 96-dim head sits between
+    w = math.log(96 / 64) / math.log(128 / 64)
+    assert r96 == pytest.approx(math.exp((1 - w) * math.log(r64) + w * math.log(r128)))
+    assert rate(32) == pytest.approx(r64) and rate(256) == pytest.approx(r128)  # no extrapolation outside

@@ -81,9 +81,25 @@ def test_block_pairs_skip_what_the_mask_hides():
     far = shard_layout(unit_documents((Piece(99, 0, 64),)), 1, 0)  # another unit's document: index 0 again
     kern = make_kernel("math", lay, {0: lay, 1: far}, 0, 64, CPU)
     assert 1 in kern.members  # same document index: the mask decides, the skip test only bounds the work
-    spans = layout_spans(lay, 100)
-    assert [(s.a, s.b) for s in spans][-1] == (2000, 2048) and spans[0].first == (0, 0)
+    spans = layout_spans(lay, 100)  # cut at each document as well as every 100 tokens
+    assert len(spans) == 32 and (spans[-1].a, spans[-1].b) == (1984, 2048) and spans[0].first == (0, 0)
     assert block_tokens(4) == 1024 and block_tokens(32) == 256 and block_tokens(1) == 2048
+
+
+def test_zigzag_spans_need_no_mask_but_for_padding():
+    """Spans cut at zigzag chunks: every block pair of real tokens is fully visible or causal on our own
+    diagonal, so the fused kernel runs it without a mask; only pairs touching padding build one."""
+    docs = unit_documents((Piece(0, 0, 2899), Piece(1, 0, 40)))
+    lays = [shard_layout(docs, 2, j) for j in range(2)]
+    for me in range(2):
+        kern = make_kernel("fused-cpu", lays[me], dict(enumerate(lays)), me, 256, CPU)
+        modes = [kern._visible(src, qs, ks) for src, by_q in kern.pairs.items() for qs, kss in by_q for ks in kss
+                 if not (qs.padding or ks.padding)]
+        assert modes and all(m in ("all", "causal") for m in modes)
+        assert modes.count("causal") >= 2  # each zigzag chunk's own diagonal
+        for sp in layout_spans(lays[me], 4096):  # a span is one run of consecutive positions of one document
+            pos, doc = lays[me].pos[sp.a:sp.b], lays[me].doc[sp.a:sp.b]
+            assert sp.padding or (bool((pos.diff() == 1).all()) and len(set(doc.tolist())) == 1)
 
 
 def test_sources_function_gradients_through_autograd():
