@@ -9,14 +9,14 @@ published: one table per calibration set (case, published, predicted, error) and
 `validate_cost_model` (error computed at run time, nothing fitted).
 
 cpu: six small plans of the `tiny` model on the `local-cpu` cluster (planned in fp32 with eager kernels, as the
-replay runs them), each exercising another part of the planner and the runtime (static, dcp, hdp with 2-rank
-units, pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on 3 ranks with a unit spanning all 3 unevenly),
-replayed with `meshplan replay --trace` (fp32, one process per rank, --steps iterations). Per plan: step time
-predicted vs measured (median over iterations) and the median and max |error| over units (each unit's measured time the median over iterations), first on the shipped profile,
-then leave-one-plan-out: each plan predicted by `meshplan calibrate`'s fit on the other five
-(planner.studies.calibrate with that plan held out). The measured step is broken down from the trace (slowest
-rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next to the prediction's terms, so a
-miss can be traced to its cause. Load average at start and end: the machine may be shared.
+replay runs them), each exercising another part of the planner and the runtime (static, dcp, hdp with 2-rank units,
+pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on 3 ranks with a unit spanning all 3 unevenly), replayed with
+`meshplan replay --trace` (fp32, one process per rank, --steps iterations). Per plan: step time predicted vs
+measured (median over iterations) and the median and max |error| over units (each unit's measured time the median
+over iterations), first on the shipped profile, then leave-one-plan-out: each plan predicted by `meshplan
+calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step is broken
+down from the trace (slowest rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next to the
+prediction's terms, so a miss can be traced to its cause. Load average at start and end: the machine may be shared.
 
 Prints markdown; figures, never pass/fail (a replay or a set that fails is reported and the rest goes on)."""
 
