@@ -409,6 +409,9 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
     if "gemm" in tables:
         constants["peak_bf16_flops"] = peak_constant(tables["gemm"], cfg.main_dtype, doc["device"])
         constants["gemm_large_flops"] = dict(constants["peak_bf16_flops"])
+    if doc["device"] == "cpu":  # ranks beyond the cores share them at a fair share (no slowdown probe: its budget)
+        constants["cores_per_node"] = {"value": len(os.sched_getaffinity(0)), "unit": "cores",
+                                       "source": "measured: CPU cores this process may run on (sched_getaffinity)"}
     said = "; ".join(f"{t} {len(e['rows'])}/{e['points']} points in {e['seconds']:.1f} s (budget {e['budget_s']:.0f} s"
                      + (", cut" if e["cut"] else "") + (f", error {e['error']}" if e["error"] else "") + ")"
                      for t, e in doc["tables"].items())
