@@ -512,7 +512,8 @@ def main_dtype(profile: Profile) -> str:
 EST_CALL_OVERHEAD_S = {"cpu": 20e-6, "cuda": 60e-6}  # Python + timer per call; GPU: L2-flush memset + event sync
 EST_BARRIER_S = {"cpu": 5e-4, "cuda": 5e-5}  # the untimed barrier before each collective repeat
 EST_FILL_BYTES_PER_S = {"cpu": 1e9, "cuda": 1e12}  # allocating + filling a case's ~3 S bytes of buffers per rank
-EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0},  # imports, dtype probe; torchrun + gloo rendezvous
+EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0,  # imports, dtype probe; torchrun + gloo rendezvous
+                       "concurrency": 45.0},  # the cores' slowdown probe: 3 rounds of 1, c and 2c processes (2 cores)
                "cuda": {"startup": 20.0,  # CUDA context, cuBLAS/flash init, autotune warm-ups
                         "torchrun": 40.0}}  # NCCL init ~4.5 s per group + ~0.2 s per P2P pair (REFERENCE 8.4)
 # A reference profile may hold only bf16 GEMMs: time of other dtypes relative to bf16.
@@ -549,7 +550,7 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
         base = main_dtype(ref)
         return base, DTYPE_VS_BF16.get(dt, 1.0) / DTYPE_VS_BF16.get(base, 1.0)
 
-    est = {"fixed": EST_FIXED_S[dev]["startup"]}
+    est = {"fixed": EST_FIXED_S[dev]["startup"] + EST_FIXED_S[dev].get("concurrency", 0.0)}
     t = 0.0
     for p in gemm_points(cfg):
         dt, f = ref_dtype(p.dtype)
