@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib.util import find_spec
@@ -239,6 +240,13 @@ def replay_cp(plan: Plan, override: str | None) -> str:
     return cp
 
 
+def priced_as_run(plan: Plan) -> bool:
+    """Whether the plan's times were priced with the kernels this executor runs: eager PyTorch ops
+    (meta.training.kernels "eager"; written plans default to Megatron's fused ones, hand-built ones carry none)."""
+    training = plan.meta.get("training")
+    return not training or training.get("kernels", "fused") == "eager"
+
+
 def replay_recompute(plan: Plan, override: str | None, where: str) -> str:
     """The recompute policy the replay applies: `override` (--recompute), else the plan's
     meta.training.recompute, else none (hand-built plans carry no training section)."""
@@ -402,6 +410,9 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
                         ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype,
                         recompute=opts.recompute, hf_config=opts.hf_config, hf_weights=opts.hf_weights)
     opts = replace(opts, cp_impl=replay_cp(plan, opts.cp_impl))  # the ranks get it explicitly
+    if not priced_as_run(plan):  # its predicted_s would mislead
+        warnings.warn(f"{opts.plan_path}: priced with fused (Megatron) elementwise kernels, but this executor runs "
+                      "eager PyTorch ops: plan with --kernels eager to compare its predicted times with this run")
     if opts.lengths is not None and not opts.plan_ahead:
         raise PlanError(f"--lengths {opts.lengths} plans steps ahead: it needs --plan-ahead")
     if opts.plan_ahead:  # the request must plan here, before any process starts (rank 0 plans it again)

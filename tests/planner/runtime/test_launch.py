@@ -101,3 +101,16 @@ def test_the_replay_runs_the_context_parallelism_the_plan_was_priced_with():
     assert replay_cp(plan({}), None) == "ring"
     with pytest.raises(PlanError, match="context-parallel implementation"):
         replay_cp(plan({"training": {"cp": "ulysses"}}), None)
+
+
+def test_a_plan_priced_with_fused_kernels_is_told_apart():
+    """The replay warns when the plan's predicted times assume Megatron's fused kernels (it runs eager ops)."""
+    from planner.plan import Mesh, Plan
+    from planner.runtime.launch import priced_as_run
+
+    def plan(meta):
+        return Plan(meta=meta, mesh=Mesh(world_size=1, tp=1, pp=1, hdp=1), steps=[])
+
+    assert not priced_as_run(plan({"training": {"dtype": "bf16"}}))  # `meshplan plan` without --kernels
+    assert priced_as_run(plan({"training": {"kernels": "eager"}}))
+    assert priced_as_run(plan({}))  # hand-built: nothing priced
