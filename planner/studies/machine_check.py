@@ -399,7 +399,7 @@ def _py(v):
 def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
     """The fresh profile from the profile child's rows (only tables with rows), with the measured peak and the
     notes of what was cut; and the child's document (tables' budgets, cuts, errors)."""
-    from profiles.measure import MeasureConfig
+    from profiles.measure import MeasureConfig, cores_constant
     from profiles.measure.runner import memory_note, peak_constant
 
     doc = json.loads(rows_file.read_text())
@@ -410,8 +410,7 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
         constants["peak_bf16_flops"] = peak_constant(tables["gemm"], cfg.main_dtype, doc["device"])
         constants["gemm_large_flops"] = dict(constants["peak_bf16_flops"])
     if doc["device"] == "cpu":  # ranks beyond the cores share them at a fair share (no slowdown probe: its budget)
-        constants["cores_per_node"] = {"value": len(os.sched_getaffinity(0)), "unit": "cores",
-                                       "source": "measured: CPU cores this process may run on (sched_getaffinity)"}
+        constants["cores_per_node"] = cores_constant()
     said = "; ".join(f"{t} {len(e['rows'])}/{e['points']} points in {e['seconds']:.1f} s (budget {e['budget_s']:.0f} s"
                      + (", cut" if e["cut"] else "") + (f", error {e['error']}" if e["error"] else "") + ")"
                      for t, e in doc["tables"].items())

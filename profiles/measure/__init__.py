@@ -385,6 +385,13 @@ def _l2_flush_buffer() -> Any:
     return _L2_FLUSH["cuda"]
 
 
+def cores_constant() -> dict[str, Any]:
+    """The profile constant `cores_per_node`: the CPU cores this process may run on, which the ranks of a node
+    share (costmodel.timing.compute_share_of)."""
+    return {"value": len(os.sched_getaffinity(0)), "unit": "cores",
+            "source": "measured: CPU cores this process may run on (sched_getaffinity)"}
+
+
 def cold_copies(operand_bytes: int, device: str, cap: int = 64) -> int:
     """How many copies of a call's operands a CPU benchmark cycles through so that each call reads them from
     memory, as a training step does (a layer's inputs were written long before): enough to span twice the

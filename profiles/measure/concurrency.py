@@ -18,12 +18,13 @@ import time
 PROBE_REPEATS = 10  # probe iterations per process (~0.05 s each on one EPYC core)
 ROUNDS = 3
 MAX_PROBE_CORES = 4  # cores the probe runs on at most (2x as many processes)
+SOURCE = (f"measured: profiles.measure.concurrency, one-thread probe processes pinned to c = min(cores, "
+          f"{MAX_PROBE_CORES}) cores, c (busy) or 2c (shared) started together; wall time to the last one over one "
+          f"alone, each the minimum over {ROUNDS} interleaved rounds")
 
 
 def _probe(cpus: list[int], repeats: int, ready: "mp.Queue", start: "mp.synchronize.Event",
            out: "mp.Queue") -> None:  # runs in a child process
-    import os
-
     import torch
     import torch.nn.functional as F
 

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from profiles.measure import (DTYPE_PREFERENCE, TABLES, MeasureConfig, MeasureError, attention_points,
-                              available_memory_bytes, collective_cases, gemm_points, host_copy_points, memory_points,
-                              plan_config)
+                              available_memory_bytes, collective_cases, cores_constant, gemm_points, host_copy_points,
+                              memory_points, plan_config)
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
 
 BF16_SANE_FRACTION = 0.25  # profile bf16 on CPU only if it reaches this fraction of the fp32 rate
@@ -461,15 +461,10 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
         constants["peak_bf16_flops"] = peak_constant(tables["gemm"], cfg.main_dtype, device)
         constants["gemm_large_flops"] = dict(constants["peak_bf16_flops"])
     if device == "cpu" and {"gemm", "attention"} & set(req.ops):  # ranks share the cores: CostModel.compute_share
-        cores = len(os.sched_getaffinity(0))
-        constants["cores_per_node"] = {"value": cores, "unit": "cores",
-                                       "source": "measured: CPU cores this process may run on (sched_getaffinity)"}
-        from profiles.measure.concurrency import measure_concurrency
-        for name, value in measure_concurrency(cores).items():
-            k = cores if name == "cores_busy_slowdown" else 2 * cores
-            constants[name] = {"value": value, "unit": "x", "source": f"measured: median wall time of {k} one-thread "
-                               "processes running one compute probe at once over one alone (profiles.measure."
-                               "concurrency)"}
+        from profiles.measure.concurrency import SOURCE, measure_concurrency
+        constants["cores_per_node"] = cores_constant()
+        for name, value in measure_concurrency(constants["cores_per_node"]["value"]).items():
+            constants[name] = {"value": value, "unit": "x", "source": SOURCE}
     measured_s = {n: round(float(done[n].get("seconds", 0.0)), 1) for n in tables}
     notes = (f"meshplan profile ({'quick' if cfg.quick else 'full'}), main dtype {cfg.main_dtype}. {dtype_note}. "
              f"Timing: warm-up {cfg.timing.warmup}, up to {cfg.timing.repeats} repeats (min {cfg.timing.min_repeats}, "
