@@ -497,11 +497,12 @@ class CostModel:
                         passes_f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All-gather context parallelism per unit: each layer all-gathers the d members' K/V before attention
         (nccl-tests S = the gathered bytes) and reduce-scatters dK/dV (fp32: twice the bytes) after its
-        backward, neither hidden. Returns (all transfer time, exposed forward, exposed backward)."""
+        backward, neither hidden; one group per TP rank, tp of them at once (across domains they share the NICs).
+        Returns (all transfer time, exposed forward, exposed backward)."""
         ag, rs = np.zeros(len(d)), np.zeros(len(d))
         for sel, g, scope in _group_shapes(d, inter):
-            ag[sel] = self.profile.collective_time_s("all_gather", kv_bytes[sel] * g, g, scope)
-            rs[sel] = self.profile.collective_time_s("reduce_scatter", 2 * kv_bytes[sel] * g, g, scope)
+            ag[sel] = self.profile.collective_time_s("all_gather", kv_bytes[sel] * g, g, scope, self.tp)
+            rs[sel] = self.profile.collective_time_s("reduce_scatter", 2 * kv_bytes[sel] * g, g, scope, self.tp)
         exp_f = layers * ag
         exp_b = layers * ((passes_f - 1) * ag + rs)
         return exp_f + exp_b, exp_f, exp_b
@@ -517,8 +518,8 @@ class CostModel:
         kv_bytes = tokens * self.model.kv_width / self.tp * self.bytes_per_elem
         fwd, bwd = np.zeros(len(u)), np.zeros(len(u))
         for sel, g, scope in _group_shapes(u, inter):
-            t_q = self.profile.collective_time_s("all_to_all", q_bytes[sel], g, scope)
-            t_kv = self.profile.collective_time_s("all_to_all", kv_bytes[sel], g, scope)
+            t_q = self.profile.collective_time_s("all_to_all", q_bytes[sel], g, scope, self.tp)
+            t_kv = self.profile.collective_time_s("all_to_all", kv_bytes[sel], g, scope, self.tp)
             fwd[sel] = 2 * t_q + 2 * t_kv  # Q, O; K, V
             bwd[sel] = 3 * t_q + 2 * t_kv  # O, dO, dQ; dK, dV
         exp_f = layers * fwd
@@ -596,13 +597,13 @@ class CostModel:
         inter = self.setup.mesh.group_spans_domains(d)
         scope = "inter" if inter else "intra"
         gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
-        group = d  # one collective per TP rank, over the d HDP ranks holding the same shard
+        group = d  # one collective per TP rank, over the d HDP ranks holding the same shard: tp groups at once
         if tr.zero_stage == 3:  # every round reduce-scattered its gradients already (costmodel.zero)
             return 0.0
         if tr.zero_stage >= 1:
-            return float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope)
-                         + self.profile.collective_time_s("all_gather", p * pb, group, scope))
-        return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope))
+            return float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope, self.tp)
+                         + self.profile.collective_time_s("all_gather", p * pb, group, scope, self.tp))
+        return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope, self.tp))
 
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:
         """The gradient sync left after the backward. Without overlap_grad_reduce all of it; with it (Megatron-core

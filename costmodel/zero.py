@@ -60,7 +60,7 @@ def round_collectives(setup: Setup, profile: Profile) -> RoundCollectives:
     pb, gb = DTYPE_BYTES[tr.dtype], DTYPE_BYTES[tr.grad_dtype]
 
     def t(op: str, params: float, b: int) -> float:
-        return float(profile.collective_time_s(op, params * b, d, scope))
+        return float(profile.collective_time_s(op, params * b, d, scope, tr.tp))  # one group per TP rank
 
     layer, root = layer_params_per_rank(setup), root_params_per_rank(setup)
     return RoundCollectives(t("all_gather", layer, pb), t("reduce_scatter", layer, gb),

@@ -252,6 +252,11 @@ def group_sizes(domain_gpus: int) -> tuple[list[int], list[int]]:
 
 
 
+def concurrent_groups(domain_gpus: int) -> list[int]:
+    """Interleaved groups per domain the inter-domain tables are given for: every TP degree a domain allows."""
+    return [c for c in range(1, domain_gpus + 1) if domain_gpus % c == 0]
+
+
 def _shape(points: list[tuple[float, float]], sizes: np.ndarray, norm: float) -> np.ndarray:
     """Fraction of plateau busbw vs size; below the first point busbw falls in proportion to size."""
     xs = np.array([p[0] for p in points], float)
@@ -311,7 +316,6 @@ def build(g: GpuNumbers) -> Profile:
     sizes = np.array(SIZES_BYTES, float)
     rows = []
     ar_shape = _shape(_AR_SHAPE_POINTS, sizes, 465.9)
-    inter_shape = _shape(_INTER_SHAPE_POINTS, sizes, 1.0)
     nic_eff = g.nic.value * NIC_EFF.value
     gpn = HGX_DOMAIN_GPUS if g.domain_gpus is None else int(g.domain_gpus.value)  # "intra": inside one domain
     intra_groups, inter_groups = group_sizes(gpn)
@@ -320,12 +324,18 @@ def build(g: GpuNumbers) -> Profile:
             bw = g.ar_plateau_intra.value * ar_shape
             t = np.maximum(FLOOR_INTRA.value, sizes * bus_factor(op, n) / bw)
             rows += [(op, "intra", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
-        for n in inter_groups:
-            k = n // gpn  # nodes; hierarchical: each GPU moves 1/gpn of the node's inter-node share
-            plateau = min(g.ar_plateau_intra.value, bus_factor(op, n) * gpn * nic_eff / bus_factor(op, k))
-            floor = FLOOR_INTRA.value + (FLOOR_INTER_256.value - FLOOR_INTRA.value) * np.log2(n / gpn) / 5
-            t = np.maximum(floor, sizes * bus_factor(op, n) / (plateau * inter_shape))
-            rows += [(op, "inter", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
+        # Across k domains, hierarchical: a domain moves ~F(k)·S through the NICs of its m members of the group;
+        # c = gpn/m interleaved groups (one per TP rank) run at once, each on its own members' NICs. The size
+        # shape (measured on whole nodes) is taken at the bytes per NIC: S/m reaches the plateau at S·gpn/m.
+        for c in concurrent_groups(gpn):
+            m = gpn // c
+            inter_shape = _shape(_INTER_SHAPE_POINTS, sizes * gpn / m, 1.0)
+            for k in (n // gpn for n in inter_groups):
+                n = k * m
+                plateau = min(g.ar_plateau_intra.value, bus_factor(op, n) * m * nic_eff / bus_factor(op, k))
+                floor = FLOOR_INTRA.value + (FLOOR_INTER_256.value - FLOOR_INTRA.value) * np.log2(k) / 5
+                t = np.maximum(floor, sizes * bus_factor(op, n) / (plateau * inter_shape))
+                rows += [(op, "inter", n, c, int(s), float(x)) for s, x in zip(sizes, t)]
     for n in intra_groups:  # alpha-beta for all-to-all and P2P
         t = FLOOR_P2P.value + sizes * bus_factor("all_to_all", n) / g.a2a_intra.value
         rows += [("all_to_all", "intra", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]

@@ -8,7 +8,9 @@ Five tables (pandas DataFrames, one row per measurement):
                   [+ optional layout: when present, lookups use only "varlen" rows]
 - ``collective``: op, scope ("intra"/"inter"), group_size, concurrent_groups, bytes, time_s
                   (bytes is nccl-tests' S: all-gather output, reduce-scatter input,
-                  all-to-all per-rank send buffer, all-reduce buffer, send/recv message)
+                  all-to-all per-rank send buffer, all-reduce buffer, send/recv message;
+                  concurrent_groups c: c groups run the op at once, interleaved (group j holds ranks
+                  j, j + c, ...), as the DP groups of a TP-c mesh do: across domains they share the NICs)
 - ``host_copy``:  direction ("h2d"/"d2h"/"memcpy"), pinned, bytes, time_s
 - ``memory``:     bytes, time_s                              (a memory-bound elementwise kernel: bytes read
                   + written in device memory; the smallest size's time is the kernel-launch floor)
@@ -318,13 +320,15 @@ class Profile:
         return cache[key]
 
     def collective_time_s(self, op: str, nbytes: np.ndarray | float, group_size: int,
-                          scope: str = "intra") -> np.ndarray:
-        """Time of one collective of S = nbytes on `group_size` ranks: t = S·F(n) / busbw(S), with busbw
-        interpolated log-log in S and in the group size (nccl-tests conventions, REFERENCE 7.6)."""
+                          scope: str = "intra", concurrent_groups: int = 1) -> np.ndarray:
+        """Time of one collective of S = nbytes on `group_size` ranks while `concurrent_groups` interleaved groups
+        run it at once (one per TP rank: a DP group of a TP mesh): t = S·F(n) / busbw(S), with busbw
+        interpolated log-log in S and in the group size (nccl-tests conventions, REFERENCE 7.6). A profile
+        without rows for that many groups prices the group as if alone."""
         b = np.asarray(nbytes, dtype=float)
         if group_size <= 1:
             return np.zeros_like(b)
-        curves = self._busbw_curves(op, scope)
+        curves = self._busbw_curves(op, scope, concurrent_groups)
         sizes = sorted(curves)
         lo = max([g for g in sizes if g <= group_size], default=sizes[0])
         hi = min([g for g in sizes if g >= group_size], default=sizes[-1])
@@ -339,20 +343,24 @@ class Profile:
             bw = np.exp((1 - w) * np.log(busbw(lo)) + w * np.log(busbw(hi)))
         return b * bus_factor(op, group_size) / bw
 
-    def _busbw_curves(self, op: str, scope: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def _busbw_curves(self, op: str, scope: str,
+                      concurrent_groups: int = 1) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Group size -> (bytes, busbw) of one collective in one scope (the other scope when the profile has
-        only one), built once per profile: planners price thousands of units, each a table lookup."""
+        only one) with `concurrent_groups` groups at once (one group's rows when it has none for that many),
+        built once per profile: planners price thousands of units, each a table lookup."""
         cache = self.__dict__.setdefault("_cache", {})
-        key = ("collective", op, scope)
+        key = ("collective", op, scope, concurrent_groups)
         if key not in cache:
             df = self.tables["collective"]
-            df = df[(df["op"] == op) & (df["concurrent_groups"] == 1)]
+            df = df[df["op"] == op]
             if df.empty:
                 raise ProfileError(f"profile {self.fingerprint.name!r} has no {op} collective table")
             if not (df["scope"] == scope).any():
                 df = df[df["scope"] == ("intra" if scope == "inter" else "inter")]  # single-node: no 'inter'
             else:
                 df = df[df["scope"] == scope]
+            conc = df[df["concurrent_groups"] == concurrent_groups]
+            df = conc if not conc.empty else df[df["concurrent_groups"] == 1]
             curves = {}
             for g in sorted(set(int(x) for x in df["group_size"])):
                 sub = df[df["group_size"] == g]

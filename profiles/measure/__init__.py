@@ -91,7 +91,7 @@ class AttentionPoint:
 class CollectiveCase:
     op: str  # one of OPS
     group_size: int  # ranks per group
-    concurrent_groups: int  # groups running the op at the same time (disjoint consecutive ranks)
+    concurrent_groups: int  # groups running the op at the same time (interleaved: j, j + c, ...)
     nbytes: int  # requested S (nccl-tests convention); the worker rounds to whole elements per rank
 
 

@@ -7,7 +7,9 @@ HDP changes its communication groups every step, so everything runs on the WORLD
 process groups (creating communicators mid-run costs seconds, REFERENCE 8.4). A group that is the
 whole world uses the backend's native collective (impl "native"); a subset of ranks, and several
 disjoint subsets at once (the contention case), use ring algorithms built from batched
-isend/irecv on the world group (impl "p2p_ring"; all-to-all: "p2p_pairwise"). send/recv is
+isend/irecv on the world group (impl "p2p_ring"; all-to-all: "p2p_pairwise"). Concurrent groups are
+interleaved (group j holds ranks j, j + c, ...) as the DP groups of a TP mesh are: across nodes they
+share each node's NICs, which is what the cost model looks them up for. send/recv is
 always a P2P ring: each member sends S bytes to the next member and receives S from the previous.
 
 Per repeat: a barrier (untimed), then the op; each rank times its own call and the repeat's time
@@ -95,7 +97,8 @@ def _elems(case: CollectiveCase) -> int:
 def build_op(case: CollectiveCase, rank: int, world: int, device: torch.device):
     """(impl, fn or None when this rank idles, members of this rank's group or None, S in bytes)."""
     g, n = case.group_size, _elems(case)
-    groups = [list(range(j * g, (j + 1) * g)) for j in range(case.concurrent_groups)]
+    c = case.concurrent_groups
+    groups = [list(range(j, g * c, c)) for j in range(c)]  # interleaved: the DP groups of a TP-c mesh
     mine = next((grp for grp in groups if rank in grp), None)
     native = g == world and case.op != "send_recv"
     impl = "native" if native else ("p2p_pairwise" if case.op == "all_to_all" else "p2p_ring")
@@ -137,8 +140,7 @@ def run_case(case: CollectiveCase, cfg: MeasureConfig, rank: int, world: int, lo
     if rank != 0:
         return None
     t = median(times.cpu().tolist())
-    first_group = list(range(case.group_size))
-    scope = "intra" if len({r // local_world for r in first_group}) == 1 else "inter"
+    scope = "intra" if len({r // local_world for r in members}) == 1 else "inter"  # rank 0's group: group 0
     algbw = nbytes / t
     return (case.op, scope, case.group_size, case.concurrent_groups, nbytes, t, impl, algbw,
             algbw * bus_factor(case.op, case.group_size))

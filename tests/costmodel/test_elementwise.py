@@ -140,7 +140,7 @@ def test_allgather_context_parallelism_exposes_its_collectives(a100):
     assert g.ring_comm_s > 0 and g.ring_exposed_s == pytest.approx(g.ring_comm_s)  # nothing overlaps the all-gather
     assert r.ring_exposed_s < r.ring_comm_s  # the ring hides part of its transfers under attention
     gathered = 65536 / 8 * 2 * ring.model.kv_width / 8 * 2 * 8  # K/V of the 8 members, bf16, per TP rank
-    per_layer = float(a100.collective_time_s("all_gather", gathered, 8, "inter"))
+    per_layer = float(a100.collective_time_s("all_gather", gathered, 8, "inter", 8))  # the 8 TP ranks' groups at once
     assert g.ring_exposed_fwd_s == pytest.approx(ring.layers_per_stage * per_layer)
     assert ring.unit_cost([4096], 1).total_s == pytest.approx(gather.unit_cost([4096], 1).total_s)  # no CP
 

@@ -46,3 +46,27 @@ def test_analytic_comparison_tolerates_rounding_but_not_drift():
     e["fingerprint"]["device"] += "x"
     with pytest.raises(AssertionError):
         assert_close(d, e)
+
+
+def test_interleaved_groups_across_nodes_share_the_nics_by_hand():
+    """A DP group of a TP-8 mesh holds one GPU per node: its collective runs on that GPU's NIC alone (busbw =
+    NIC line rate x efficiency), while a group of whole nodes spreads over all eight NICs."""
+    p, h = load_profile("h100-sxm.analytic"), analytic.H100
+    s = 16 * 2**30  # at 16 GiB per NIC the size shape is 1
+    nic = h.nic.value * analytic.NIC_EFF.value
+    f = analytic.bus_factor("all_reduce", 16)
+    assert float(p.collective_time_s("all_reduce", s, 16, "inter", 8)) == pytest.approx(s * f / nic)
+    # the same 16 GPUs as two whole nodes: F(16)·8 NICs / F(2) per node, capped by NVLink
+    whole = min(h.ar_plateau_intra.value, f * 8 * nic / analytic.bus_factor("all_reduce", 2))
+    assert float(p.collective_time_s("all_reduce", s, 16, "inter")) == pytest.approx(s * f / whole)
+    # tp 2: four members per node, four NICs per group
+    four = f * 4 * nic / analytic.bus_factor("all_reduce", 4)
+    assert float(p.collective_time_s("all_reduce", s, 16, "inter", 2)) == pytest.approx(s * f / four)
+    # GB200: a group per TP rank of 8 holds 9 GPUs of each 72-GPU rack
+    gb = load_profile("gb200.analytic")
+    assert 8 in analytic.concurrent_groups(72) and 5 not in analytic.concurrent_groups(72)
+    t = float(gb.collective_time_s("reduce_scatter", s, 18, "inter", 8))
+    fr = analytic.bus_factor("reduce_scatter", 18)
+    plateau = min(analytic.GB200.ar_plateau_intra.value,
+                  fr * 9 * analytic.GB200.nic.value * analytic.NIC_EFF.value / analytic.bus_factor("reduce_scatter", 2))
+    assert t == pytest.approx(s * fr / plateau)

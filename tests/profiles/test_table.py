@@ -87,3 +87,14 @@ def test_attention_rate_between_measured_head_dims_is_interpolated():
     w = math.log(96 / 64) / math.log(128 / 64)
     assert r96 == pytest.approx(math.exp((1 - w) * math.log(r64) + w * math.log(r128)))
     assert rate(32) == pytest.approx(r64) and rate(256) == pytest.approx(r128)  # no extrapolation outside
+
+
+def test_concurrent_groups_use_their_rows_else_a_group_alone():
+    fp = Fingerprint(name="conc", device="d", source="measured", created="2026-01-01")
+    rows = [("all_reduce", "intra", 2, c, s, s / bw) for c, bw in ((1, 4e9), (2, 1e9)) for s in (2**20, 2**24)]
+    cols = ["op", "scope", "group_size", "concurrent_groups", "bytes", "time_s"]
+    p = Profile(fp, {"collective": pd.DataFrame(rows, columns=cols)})
+    assert float(p.collective_time_s("all_reduce", 2**22, 2)) == pytest.approx(2**22 / 4e9)
+    assert float(p.collective_time_s("all_reduce", 2**22, 2, "intra", 2)) == pytest.approx(2**22 / 1e9)
+    # no rows for 4 groups at once: priced as one group alone (and 'inter' falls back to the intra rows)
+    assert float(p.collective_time_s("all_reduce", 2**22, 2, "inter", 4)) == pytest.approx(2**22 / 4e9)
