@@ -303,3 +303,13 @@ def test_validate_every_set_by_default_with_the_held_out_ones_marked():
 def test_validate_unknown_profile_is_one_line():
     r = run("validate", "--profile", "no-such-profile")
     assert r.exit_code == 2 and "unknown profile 'no-such-profile'" in one_line(r.output)
+
+
+def test_replay_refuses_the_cuda_flash_kernel_on_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the kernel may run")
+    out = tmp_path / "p.json"
+    assert run("plan", *TINY, "--out", str(out)).exit_code == 0
+    r = run("replay", str(out), "--nproc", "4", "--ring-kernel", "flash-cuda")
+    assert r.exit_code == 2 and "flash-cuda runs on CUDA devices" in one_line(r.stderr), r.output

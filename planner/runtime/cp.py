@@ -17,8 +17,9 @@ pair's mask built when it runs from the two shard layouts (document ids and posi
 a document, nothing across documents), pairs no query of which sees a key skipped, partial results
 merged by log-sum-exp; backward recomputes each pair's scores from the saved q, k, v, output and
 log-sum-exp (FlashAttention's scheme). Nothing T² is built or saved: the largest transient is one
-block pair's scores. A pair runs on torch's fused CPU flash kernel (`FusedCPUBlocks`) or in plain
-torch (`MathBlocks`, the GPU path). A packed bin (degree 1) is one flash_attn varlen call on CUDA
+block pair's scores. A pair runs on torch's fused CPU flash kernel (`FusedCPUBlocks`), in plain
+torch (`MathBlocks`, the GPU default) or, opt-in, on torch's CUDA flash kernel
+(`FlashCUDABlocks`). A packed bin (degree 1) is one flash_attn varlen call on CUDA
 when flash_attn is installed, else one SDPA call per document (flash kernels on CPU and CUDA).
 
 Padding tokens attend only to themselves (never seen by real tokens, labels ignored), so no
@@ -486,13 +487,66 @@ class FusedCPUBlocks(BlockKernel):
         return dq[0], _row_groups(dk[0], hkv).sum(1), _row_groups(dv[0], hkv).sum(1)
 
 
+class FlashCUDABlocks(MathBlocks):
+    """torch's CUDA FlashAttention-2 kernel per block pair (aten::_scaled_dot_product_flash_attention and its
+    backward, the ops behind scaled_dot_product_attention, which return and take the log-sum-exp): a pair the mask
+    fully allows runs unmasked, our own diagonal pair causal; pairs with a mask of their own (padding spans), fp32
+    inputs and head dims the kernel does not take run on the math kernel. The backward is given the final output
+    (in the inputs' dtype) and log-sum-exp, as ring FlashAttention does. Opt-in: not yet run on a GPU here."""
+
+    name = "flash-cuda"
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        return device.type == "cuda" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+
+    @staticmethod
+    def flash_ops():
+        """(forward, backward): torch's CUDA flash ops, looked up per call (tests stand them in)."""
+        aten = torch.ops.aten
+        return aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward
+
+    def _mode(self, pair, q: torch.Tensor) -> str | None:
+        """"all" or "causal" when the flash kernel can run the pair, else None (the math kernel does)."""
+        d = q.shape[-1]
+        if q.dtype not in (torch.float16, torch.bfloat16) or d % 8 or d > 256:
+            return None
+        mode = self._visible(*pair)
+        return mode if isinstance(mode, str) else None
+
+    def _fwd(self, q, k, v, pair, scale):
+        mode = self._mode(pair, q)
+        if mode is None:
+            return super()._fwd(q, k, v, pair, scale)
+        g = q.shape[0] // k.shape[0]
+        res = self.flash_ops()[0](
+            q.contiguous()[None], FusedCPUBlocks._expand(k, g), FusedCPUBlocks._expand(v, g), 0.0,
+            mode == "causal", False, scale=scale)
+        return res[0][0], res[1][0]
+
+    def _bwd(self, dout, q, k, v, out, lse, pair, scale):
+        mode = self._mode(pair, q)
+        if mode is None:
+            return super()._bwd(dout, q, k, v, out, lse, pair, scale)
+        hkv, g = k.shape[0], q.shape[0] // k.shape[0]
+        none = torch.empty(0, dtype=torch.int64, device=q.device)  # no varlen offsets, no dropout RNG state
+        dq, dk, dv = self.flash_ops()[1](
+            dout.to(q.dtype).contiguous()[None], q.contiguous()[None], FusedCPUBlocks._expand(k, g),
+            FusedCPUBlocks._expand(v, g), out.to(q.dtype).contiguous()[None], lse.float().contiguous()[None],
+            none, none, q.shape[1], k.shape[1], 0.0, mode == "causal", none, none, scale=scale)
+        return dq[0].float(), _row_groups(dk[0].float(), hkv).sum(1), _row_groups(dv[0].float(), hkv).sum(1)
+
+
+KERNELS: dict[str, type[BlockKernel]] = {"math": MathBlocks, "fused-cpu": FusedCPUBlocks,
+                                         "flash-cuda": FlashCUDABlocks}
+
+
 def make_kernel(kind: str, q_layout: ShardLayout, k_layouts: dict, own, block: int,
                 device: torch.device) -> BlockKernel:
-    """kind: "auto" (fused on CPU, math elsewhere), "math" or "fused-cpu"."""
+    """kind: "auto" (fused on CPU, math elsewhere), "math", "fused-cpu" or "flash-cuda"."""
     if kind == "auto":
         kind = "fused-cpu" if FusedCPUBlocks.available(device) else "math"
-    cls = FusedCPUBlocks if kind == "fused-cpu" else MathBlocks
-    return cls(q_layout, k_layouts, own, block, device)
+    return KERNELS[kind](q_layout, k_layouts, own, block, device)
 
 
 class _LazyKernel:

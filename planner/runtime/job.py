@@ -36,6 +36,9 @@ def _device(opts: ReplayOptions, local_rank: int) -> torch.device:
             raise PlanError("--device cuda asked for but no CUDA device is available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    if opts.ring_kernel == "flash-cuda":
+        raise PlanError("--ring-kernel flash-cuda runs on CUDA devices and this replay runs on CPU; use auto, math "
+                        "or fused-cpu")
     return torch.device("cpu")
 
 

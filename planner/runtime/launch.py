@@ -28,7 +28,7 @@ from planner.runtime.trace import part_paths
 
 CPImpl = ContextParallel  # context-parallel attention: overlapped ring, or all-gather first (as the cost model)
 CP_IMPLS: tuple[str, ...] = get_args(CPImpl)
-BLOCK_KERNELS = ("auto", "math", "fused-cpu")  # ring block kernel (auto: fused on CPU, math elsewhere)
+BLOCK_KERNELS = ("auto", "math", "fused-cpu", "flash-cuda")  # ring block kernel (auto: fused on CPU, math elsewhere)
 OPTIMIZERS = ("adamw", "sgd")
 # glibc malloc on CPU ranks: no mmap'd blocks and no trimming, so a step's freed activations are reused instead of
 # returned to the OS and faulted in again page by page (on one core the layers' non-attention work of a 4K-token
@@ -86,7 +86,7 @@ class ReplayOptions:
     check: bool = False  # compare with a single-process reference on rank 0
     trace_path: Path | None = None  # measured trace JSON (a .chrome.json is written beside it)
     cp_impl: CPImpl | None = None  # context-parallel attention, ring or allgather; None: the plan's (replay_cp)
-    ring_kernel: str = "auto"  # ring block kernel: "auto" (fused on CPU), "math" or "fused-cpu"
+    ring_kernel: str = "auto"  # ring block kernel: "auto" (fused on CPU), "math", "fused-cpu" or "flash-cuda"
     seed: int = 0  # model init and generated tokens
     optimizer: str = "adamw"  # "adamw" or "sgd"
     lr: float = 1e-3  # learning rate
@@ -409,6 +409,12 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
     plan, _ = preflight(opts.plan_path, world, opts.model, cp_impl=opts.cp_impl or "ring",
                         ring_kernel=opts.ring_kernel, optimizer=opts.optimizer, steps=opts.steps, dtype=opts.dtype,
                         recompute=opts.recompute, hf_config=opts.hf_config, hf_weights=opts.hf_weights)
+    if opts.ring_kernel == "flash-cuda":
+        import torch
+
+        if opts.device == "cpu" or not torch.cuda.is_available():
+            raise PlanError("--ring-kernel flash-cuda runs on CUDA devices and this replay would run on CPU; "
+                            "use auto, math or fused-cpu")
     opts = replace(opts, cp_impl=replay_cp(plan, opts.cp_impl))  # the ranks get it explicitly
     if not priced_as_run(plan):  # its predicted_s would mislead
         warnings.warn(f"{opts.plan_path}: priced with fused (Megatron) elementwise kernels, but this executor runs "

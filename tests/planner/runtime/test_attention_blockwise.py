@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 
 from planner.plan import (Mesh, Piece, Plan, Predicted, Sequence, Step, Unit, validate,  # noqa: E402
                           zigzag_tokens_per_rank)
-from planner.runtime.cp import (BlockKernel, _SourcesAttentionFn, attention_mask, block_tokens,  # noqa: E402
-                                layout_spans, make_kernel, merge_block, shard_layout, unit_documents)
+from planner.runtime.cp import (BlockKernel, FlashCUDABlocks, _SourcesAttentionFn, attention_mask,  # noqa: E402
+                                block_tokens, layout_spans, make_kernel, merge_block, shard_layout, unit_documents)
 
 CPU = torch.device("cpu")
 
@@ -217,3 +217,75 @@ def test_64k_token_unit_over_four_ranks_has_linear_memory(tmp_path):
     assert all(p < bound for p in peaks.values()), (peaks, bound)
     losses = [json.loads(x)["step"]["loss"] for x in res.stdout.splitlines() if x.startswith('{"step"')]
     assert losses and all(torch.isfinite(torch.tensor(x)) for x in losses)
+
+
+def _bind(op, args, kwargs) -> dict:
+    """The call's arguments by name, from the op's real schema (a wrong order or a missing argument fails)."""
+    schema = op.default._schema
+    bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    bound.update(zip((a.name for a in schema.arguments), args))
+    bound.update(kwargs)
+    assert set(bound) == {a.name for a in schema.arguments}, schema
+    return bound
+
+
+@pytest.fixture
+def cuda_flash_on_cpu(monkeypatch):
+    """torch's CUDA flash ops, stood in for by the CPU flash kernel, called through their own CUDA schemas:
+    what FlashCUDABlocks passes is checked by name and shape, what it gets back has the CUDA ops' layout."""
+    aten, calls = torch.ops.aten, {"fwd": 0, "bwd": 0}
+    fwd_op, bwd_op = aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward
+
+    def fwd(*args, **kwargs):
+        a = _bind(fwd_op, args, kwargs)
+        assert a["query"].dtype == torch.bfloat16 and a["query"].dim() == 4 and not a["return_debug_mask"]
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            a["query"], a["key"], a["value"], a["dropout_p"], a["is_causal"], scale=a["scale"])
+        calls["fwd"] += 1
+        none = torch.empty(0)
+        return out, lse, none, none, a["query"].shape[2], a["key"].shape[2], none, none, none
+
+    def bwd(*args, **kwargs):
+        a = _bind(bwd_op, args, kwargs)
+        assert a["max_q"] == a["query"].shape[2] and a["max_k"] == a["key"].shape[2]
+        assert a["out"].dtype == a["query"].dtype and a["logsumexp"].dtype == torch.float32
+        calls["bwd"] += 1
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            a["grad_out"], a["query"], a["key"], a["value"], a["out"], a["logsumexp"], a["dropout_p"],
+            a["is_causal"], scale=a["scale"])
+
+    monkeypatch.setattr(FlashCUDABlocks, "flash_ops", staticmethod(lambda: (fwd, bwd)))
+    return calls
+
+
+@pytest.mark.parametrize("lengths,degree,block", [([203, 37, 9], 4, 16), ([23], 3, 1024), ([64, 64], 2, 16)])
+def test_cuda_flash_block_kernel_matches_math_in_bf16(cuda_flash_on_cpu, lengths, degree, block):
+    """The opt-in CUDA flash block kernel (not run on a GPU here): full and causal pairs through the flash ops'
+    CUDA schemas, padding pairs on the math kernel; outputs, log-sum-exps and gradients equal the math kernel's
+    on the same bf16 inputs."""
+    docs = unit_documents(tuple(Piece(i, 0, n) for i, n in enumerate(lengths)))
+    lays = [shard_layout(docs, degree, j) for j in range(degree)]
+    g = torch.Generator().manual_seed(1)
+    t, hq, hkv, d, scale = lays[0].tokens, 4, 2, 16, 16 ** -0.5
+    for me in range(degree):
+        q = torch.randn(hq, t, d, generator=g).bfloat16()
+        ks = [torch.randn(hkv, t, d, generator=g).bfloat16() for _ in lays]
+        vs = [torch.randn(hkv, t, d, generator=g).bfloat16() for _ in lays]
+        dout = (torch.randn(hq, t, d, generator=g) * lays[me].valid[None, :, None]).bfloat16()
+        results = {}
+        for kind in ("math", "flash-cuda"):
+            kern = make_kernel(kind, lays[me], dict(enumerate(lays)), me, block, CPU)
+            out, lse = torch.zeros(q.shape), torch.full(q.shape[:-1], float("-inf"))
+            for j in kern.members:
+                out, lse = merge_block(out, lse, *kern.forward(q, ks[j], vs[j], j, scale))
+            out = out.bfloat16()
+            grads = [kern.backward(dout, q, ks[j], vs[j], out, lse, j, scale) for j in sorted(kern.members)]
+            results[kind] = (out.float(), lse, grads)
+        (o1, l1, g1), (o2, l2, g2) = results["math"], results["flash-cuda"]
+        real = lays[me].valid
+        torch.testing.assert_close(o2[:, real], o1[:, real], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(l2[:, real], l1[:, real], rtol=1e-3, atol=1e-3)
+        for a, b in zip(g2, g1):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=3e-2, atol=3e-2)
+    assert cuda_flash_on_cpu["fwd"] > 0 and cuda_flash_on_cpu["bwd"] > 0
