@@ -122,6 +122,7 @@ class ReplayCase:
     capacity_tokens: int
     tp: int = 1
     plan_steps: int = 2  # global batches planned; the timing replay cycles them
+    ring_kernel: str = "auto"  # `meshplan replay --ring-kernel`
 
     @property
     def separate_timing(self) -> bool:
@@ -472,8 +473,9 @@ def write_gpu_specs(out_dir: Path, env: dict) -> tuple[Path, Path, str | None]:
 
 def replay_cases(device: str, gpus: int, model: str, cluster: str) -> list[ReplayCase]:
     """CPU: one rank (packed bins) and two ranks over gloo (a 2-rank context-parallel unit). GPU: two single-rank
-    plans (packed short documents, long documents) in bf16; with >= 2 GPUs an HDP plan over up to 8 GPUs and a
-    tp = 2 plan over NCCL, with one GPU the two-rank gloo plan on the CPU."""
+    plans (packed short documents, long documents) in bf16; with >= 2 GPUs an HDP plan over up to 8 GPUs (on the
+    default and on the CUDA flash block kernel) and a tp = 2 plan over NCCL, with one GPU the two-rank gloo plan on
+    the CPU."""
     cpu2 = ReplayCase("cpu2-gloo", "2 ranks over gloo, a 2-rank context-parallel unit", "cpu", "fp32", "tiny",
                       "local-cpu", 2, "hdp", CPU_LENGTHS, 4096, 2048, 1024)
     if device == "cpu":
@@ -486,9 +488,11 @@ def replay_cases(device: str, gpus: int, model: str, cluster: str) -> list[Repla
                         "lognormal:median=8000,sigma=1.0,max=32768", 65536, 32768, 32768)]
     if gpus >= 2:
         n = min(gpus, 8)
-        cases += [ReplayCase(f"gpu{n}-hdp", f"{n} GPUs over NCCL, context-parallel units", "cuda", "bf16", model,
-                             cluster, n, "hdp", "lognormal:median=2000,sigma=1.4,max=32768", n * 16384,
-                             min(32768, n * 8192), 8192),
+        hdp = ReplayCase(f"gpu{n}-hdp", f"{n} GPUs over NCCL, context-parallel units", "cuda", "bf16", model,
+                         cluster, n, "hdp", "lognormal:median=2000,sigma=1.4,max=32768", n * 16384,
+                         min(32768, n * 8192), 8192)
+        cases += [hdp, dataclasses.replace(hdp, name=f"{hdp.name}-flash", ring_kernel="flash-cuda",
+                                           exercises=hdp.exercises + " on the CUDA flash block kernel"),
                   ReplayCase("gpu2-tp", "tp = 2 over NCCL", "cuda", "bf16", model, cluster, 2, "static",
                              "lognormal:median=600,sigma=1.2,max=16384", 32768, 16384, 16384, tp=2)]
     else:
@@ -523,7 +527,7 @@ class ReplayRun:
 def replay_command(run: ReplayRun, timeout_s: float) -> list[str]:
     c = run.case
     cmd = [sys.executable, "-m", "cli", "replay", str(run.plan_path), "--nproc", str(c.ranks), "--model", c.model,
-           "--dtype", c.dtype, "--device", c.device, "--steps", str(run.iterations),
+           "--dtype", c.dtype, "--device", c.device, "--steps", str(run.iterations), "--ring-kernel", c.ring_kernel,
            "--timeout-s", f"{max(30.0, min(300.0, timeout_s)):.0f}"]
     cmd += ["--check"] if "check" in run.kind else []
     cmd += ["--trace", str(run.trace_path)] if run.trace_path is not None else []

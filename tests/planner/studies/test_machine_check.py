@@ -146,7 +146,7 @@ def test_gpu_cases_make_plans_the_executor_accepts(tmp_path, gpus):
     cases = replay_cases("cuda", gpus, str(model), str(cluster))
     names = [c.name for c in cases]
     assert names[:2] == ["gpu1-packed", "gpu1-long"]
-    assert ("cpu2-gloo" in names) == (gpus == 1) and ("gpu8-hdp" in names) == (gpus == 8)
+    assert ("cpu2-gloo" in names) == (gpus == 1) and ("gpu8-hdp" in names) == ("gpu8-hdp-flash" in names) == (gpus == 8)
     for c in cases:
         profile = "h200-sxm.analytic" if c.device == "cuda" else "local-cpu.measured"
         plan = make_case_plan(c, profile, tmp_path / f"{c.name}.json", seed=0)
@@ -154,6 +154,7 @@ def test_gpu_cases_make_plans_the_executor_accepts(tmp_path, gpus):
         preflight(tmp_path / f"{c.name}.json", c.ranks, c.model, dtype=c.dtype)
         cmd = replay_command(ReplayRun(c, "check", tmp_path / f"{c.name}.json", None, 2), 100.0)
         assert cmd[cmd.index("--device") + 1] == c.device and cmd[cmd.index("--dtype") + 1] == c.dtype
+        assert cmd[cmd.index("--ring-kernel") + 1] == ("flash-cuda" if c.name.endswith("-flash") else "auto")
         if c.device == "cuda":
             assert c.dtype == "bf16" and len({u.id for s in plan.steps for u in s.units}) >= 1
     if gpus == 8:
