@@ -13,9 +13,9 @@ replay runs them), each exercising another part of the planner and the runtime (
 pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on 3 ranks with a unit spanning all 3 unevenly), replayed with
 `meshplan replay --trace` (fp32, one process per rank, --steps iterations). Per plan: step time predicted vs
 measured (median over iterations) and the median and max |error| over units (each unit's measured time the median
-over iterations), first on the shipped profile, then leave-one-plan-out: each plan predicted by `meshplan
-calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step is broken
-down from the trace (slowest rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next to the
+over iterations), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted
+by `meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured
+step is broken down from the trace (slowest rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next to the
 prediction's terms, so a miss can be traced to its cause. Load average at start and end: the machine may be shared.
 
 Prints markdown; figures, never pass/fail (a replay or a set that fails is reported and the rest goes on)."""
@@ -103,12 +103,12 @@ def published() -> None:
 
 
 # ---- cpu -------------------------------------------------------------------------------------------------
-def make_plans(work: Path, seed: int) -> dict[str, Path]:
+def make_plans(work: Path, seed: int, profile: str = PROFILE) -> dict[str, Path]:
     from planner.api import PlanRequest, make_plan
 
     paths = {}
     for c in CASES:
-        req = PlanRequest(model="tiny", cluster="local-cpu", gpus=c.gpus, tp=c.tp, pp=c.pp, profile=PROFILE,
+        req = PlanRequest(model="tiny", cluster="local-cpu", gpus=c.gpus, tp=c.tp, pp=c.pp, profile=profile,
                           lengths=LENGTHS, tokens_per_step=c.tokens_per_step, max_context_tokens=MAX_CONTEXT_TOKENS,
                           capacity_tokens=c.capacity_tokens, seed=seed, dtype="fp32", kernels="eager")
         path = work / f"plan_{c.name}.json"
@@ -214,7 +214,8 @@ def cpu(args: argparse.Namespace) -> None:
               + ("" if Path(args.wait_for).exists() else " (not there: ran anyway)") + "\n")
     load_start = os.getloadavg()
     t_start = time.monotonic()
-    plans = {c.name: work / f"plan_{c.name}.json" for c in CASES} if args.reuse else make_plans(work, args.seed)
+    plans = ({c.name: work / f"plan_{c.name}.json" for c in CASES} if args.reuse
+             else make_plans(work, args.seed, args.profile))
     traces: dict[str, Path] = {}
     for c in CASES:
         trace = work / f"trace_{c.name}.json"
@@ -233,25 +234,25 @@ def cpu(args: argparse.Namespace) -> None:
 
     docs = {n: json.loads(t.read_text()) for n, t in traces.items()}
     loaded = {n: Plan.load(plans[n]) for n in traces}
-    base = {n: figures(loaded[n], cost_model_for_plan(loaded[n], PROFILE), docs[n]) for n in traces}
+    base = {n: figures(loaded[n], cost_model_for_plan(loaded[n], args.profile), docs[n]) for n in traces}
     lopo: dict[str, PlanFigures] = {}
     fitted: dict[str, str] = {}
     held: dict[str, object] = {}
     pairs = [(plans[n], traces[n]) for n in traces]
     for n in traces if len(traces) >= 3 else ():  # a fit on the others needs at least two other plans
         try:
-            cal = calibrate(pairs, PROFILE, holdout=[plans[n]])
+            cal = calibrate(pairs, args.profile, holdout=[plans[n]])
         except Exception as e:
             print(f"calibrate without {n}: failed: {type(e).__name__}: {e}", file=sys.stderr)
             continue
-        cm = CostModel(cost_model_for_plan(loaded[n], PROFILE).setup, cal.profile)
+        cm = CostModel(cost_model_for_plan(loaded[n], args.profile).setup, cal.profile)
         lopo[n] = figures(loaded[n], cm, docs[n])
         held[n] = cal.held_out[0]
         fitted[n] = ", ".join(f"{p.name} {p.fitted:.3g}" if p.status == "fitted" else f"{p.name} -"
                               for p in cal.params)
 
     print(f"Date {date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; profile {PROFILE}; model tiny, cluster local-cpu, lengths {LENGTHS}, "
+          f"{platform.python_version()}; profile {args.profile}; model tiny, cluster local-cpu, lengths {LENGTHS}, "
           f"max context {MAX_CONTEXT_TOKENS}, seed {args.seed}; {args.steps} replay iterations, fp32, one process "
           f"per rank (1 thread each). Load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load_start)}"
           f", at end {', '.join(f'{x:.2f}' for x in load_end)}; replays {replay_s:.0f} s"
@@ -287,14 +288,14 @@ def cpu(args: argparse.Namespace) -> None:
                          f"{'yes' if lopo[n].unit_max <= .15 else 'no'}" if n in lopo else "")
                       for n in traces) + ".\n")
 
-    print("Measured step (trace, medians over iterations; slowest rank) against the shipped profile's terms (ms):\n")
+    print("Measured step (trace, medians over iterations; slowest rank) against the profile's terms (ms):\n")
     print("| plan | measured step | units | P2P wait | grad sync | optimizer | CPU / wall | predicted step | "
           "busiest rank | ring exposed | grad sync | optimizer | bubble |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     breakdowns = {}
     for n in traces:
         mb = measured_breakdown(docs[n])
-        pb = predicted_breakdown(loaded[n], cost_model_for_plan(loaded[n], PROFILE))
+        pb = predicted_breakdown(loaded[n], cost_model_for_plan(loaded[n], args.profile))
         breakdowns[n] = {"measured": mb, "predicted": pb}
         print(f"| {n} | {_ms(mb['step_s'])} | {_ms(mb['units_s'])} | {_ms(mb['comm_wait_s'])} | "
               f"{_ms(mb['grad_sync_s'])} | {_ms(mb['optimizer_s'])} | {mb['cpu_share']:.2f} | "
@@ -304,7 +305,7 @@ def cpu(args: argparse.Namespace) -> None:
         print("\nLeave-one-plan-out fits (table-time multipliers and overheads in s; '-': kept at base):\n")
         for n, f in fitted.items():
             print(f"- without {n}: {f}")
-    out = {"date": date.today().isoformat(), "load_start": load_start, "load_end": load_end, "profile": PROFILE,
+    out = {"date": date.today().isoformat(), "load_start": load_start, "load_end": load_end, "profile": args.profile,
            "steps": args.steps, "seed": args.seed, "workdir": str(work),
            "plans": {n: {"shipped": {**vars(base[n]), "step_error": base[n].step_error},
                          "lopo": ({**vars(lopo[n]), "step_error": lopo[n].step_error} if n in lopo else None),
@@ -320,6 +321,8 @@ def main() -> None:
     p.add_argument("--workdir", help="where plans, traces and logs go (default: a new temp folder)")
     p.add_argument("--steps", type=int, default=5, help="replay iterations per plan")
     p.add_argument("--seed", type=int, default=0, help="seed of the length source")
+    p.add_argument("--profile", default=PROFILE, help="profile to plan and price with, a name or a JSON path "
+                   "(e.g. one measured just before with `meshplan profile --quick --models tiny --out P`)")
     p.add_argument("--reuse", action="store_true", help="re-price the plans and traces in --workdir, no replay")
     p.add_argument("--wait-for", help="before replaying, wait for this file to exist (another heavy job ends)")
     p.add_argument("--wait-max-s", type=float, default=1200.0, help="longest wait for --wait-for, then run anyway")
