@@ -426,7 +426,9 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
 
         step_planner(plan, opts.lengths, replay_iterations(opts, plan), str(opts.plan_path))
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscription
+    # one thread per rank, as torchrun's own default and as the CPU profile times its tables (so a CPU replay runs
+    # what the plan priced: a rank stands for one device); OMP_NUM_THREADS in the environment wins
+    env.setdefault("OMP_NUM_THREADS", "1")
     if opts.device != "cuda":  # CPU ranks: freed memory kept for reuse, as CUDA's caching allocator does on GPU
         env = {**CPU_MALLOC_ENV, **env}
     with tempfile.TemporaryDirectory(prefix="meshplan-replay-") as status_dir:  # where each rank is

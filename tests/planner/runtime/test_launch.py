@@ -114,3 +114,29 @@ def test_a_plan_priced_with_fused_kernels_is_told_apart():
     assert not priced_as_run(plan({"training": {"dtype": "bf16"}}))  # `meshplan plan` without --kernels
     assert priced_as_run(plan({"training": {"kernels": "eager"}}))
     assert priced_as_run(plan({}))  # hand-built: nothing priced
+
+
+@pytest.mark.parametrize("given", [None, "3"])
+def test_ranks_get_one_thread_unless_the_environment_says(tmp_path, monkeypatch, given):
+    """A CPU rank computes on one thread, as the CPU profile times its tables (a replay runs what was priced);
+    OMP_NUM_THREADS in the caller's environment wins. No torchrun is started."""
+    from planner.api import PlanRequest, make_plan
+    from planner.runtime import launch
+
+    path = tmp_path / "p.json"
+    make_plan(PlanRequest(model="tiny", cluster="local-cpu", gpus=1, lengths="lognormal:median=300,sigma=1.0,max=1024",
+                          tokens_per_step=2048, max_context_tokens=1024, dtype="fp32", kernels="eager"),
+              "static").save(path)
+    seen = {}
+
+    def fake(cmd, env):
+        seen.update(env)
+        return launch.Launch(0, None, None)
+
+    monkeypatch.setattr(launch, "run_torchrun", fake)
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    launch.replay(launch.ReplayOptions(plan_path=path, device="cpu"), nproc=1)
+    assert seen["OMP_NUM_THREADS"] == (given or "1")
