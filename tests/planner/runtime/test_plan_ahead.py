@@ -194,3 +194,26 @@ def test_tensor_parallel_plan_ahead_matches_the_reference(tmp_path):
     ahead = [*plan.steps, extra]
     lines = assert_matches_reference(res, ranks=4, units=sum(len(st.units) for st in ahead))
     assert [s["predicted_s"] for s in lines["step"]] == [st.predicted.step_time_s for st in ahead]
+
+
+@pytest.mark.torchrun
+def test_plan_ahead_with_tp_and_pp_together_matches_the_reference(tmp_path):
+    """tp = 2 × pp = 2 × 2 HDP ranks (8 processes): sliced units and a context-parallel unit, a step past the plan
+    planned ahead; the TP ranks of each stage receive their HDP rank's part."""
+    (tmp_path / "deep.json").write_text(json.dumps(DEEP_TIED))
+    req = PlanRequest(model=str(tmp_path / "deep.json"), cluster="local-cpu", gpus=8, tp=2, pp=2,
+                      profile="h100-sxm.analytic", lengths="lognormal:median=150,sigma=1.0,max=400",
+                      tokens_per_step=800, max_context_tokens=400, capacity_tokens=200, seed=2, steps=2)
+    with pytest.warns(UserWarning, match="profile"):
+        plan = make_plan(req, "hdp")
+    units = [u for s in plan.steps for u in s.units]
+    assert plan.mesh.tp == 2 and plan.mesh.pp == 2 and max(u.degree for u in units) == 2
+    plan.save(tmp_path / "p.json")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 256, 3000).astype(np.int32))
+    res = meshplan("replay", "p.json", "--nproc", "8", "--check", "--plan-ahead", "--steps", "3",
+                   "--model", "deep.json", "--tokens", "tokens.npy", cwd=tmp_path)
+    steps = step_planner(plan, None, 3, "p.json")
+    ahead = [steps(t) for t in range(3)]
+    lines = assert_matches_reference(res, ranks=8, units=sum(len(st.units) for st in ahead))
+    assert [s["predicted_s"] for s in lines["step"]] == [st.predicted.step_time_s for st in ahead]
+    assert json_lines(res.stdout)["plan_ahead"][0]["steps_planned_ahead"] == 2
