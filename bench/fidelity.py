@@ -4,6 +4,7 @@
     python -m bench.fidelity --only published         # `meshplan validate` for every packaged set (seconds)
     python -m bench.fidelity --only cpu --workdir W   # 6 plans replayed under torchrun (gloo), a few minutes
     python -m bench.fidelity --only cpu --workdir W --reuse   # re-price traces already in W, no replay
+    python -m bench.fidelity --only cpu --workdir W --profile P --rounds 3   # a fresh profile P, 3 rounds
 
 published: one table per calibration set (case, published, predicted, error) and its MAPE, from
 `validate_cost_model` (error computed at run time, nothing fitted).
@@ -11,12 +12,14 @@ published: one table per calibration set (case, published, predicted, error) and
 cpu: six small plans of the `tiny` model on the `local-cpu` cluster (planned in fp32 with eager kernels, as the
 replay runs them), each exercising another part of the planner and the runtime (static, dcp, hdp with 2-rank units,
 pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on 3 ranks with a unit spanning all 3 unevenly), replayed with
-`meshplan replay --trace` (fp32, one process per rank, --steps iterations). Per plan: step time predicted vs
-measured (median over iterations) and the median and max |error| over units (each unit's measured time the median
-over iterations), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted
-by `meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured
-step is broken down from the trace (slowest rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next to the
-prediction's terms, so a miss can be traced to its cause. Load average at start and end: the machine may be shared.
+`meshplan replay --trace` (fp32, one process per rank, --steps iterations; --rounds N replays every plan N times in
+interleaved rounds and keeps each plan's round of median step). Per plan: step time predicted vs measured (median
+over iterations) and the median and max |error| over units (each unit's measured time the median over
+iterations), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted by
+`meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step
+is broken down from the trace (slowest rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next
+to the prediction's terms, so a miss can be traced to its cause. Load average at start and end: the machine may be
+shared.
 
 Prints markdown; figures, never pass/fail (a replay or a set that fails is reported and the rest goes on)."""
 
@@ -194,6 +197,15 @@ def predicted_breakdown(plan, cm) -> dict[str, float]:
             "bubble_s": b.get("bubble", 0.0)}
 
 
+def median_round(traces: list[Path]) -> Path:
+    """The trace whose measured step (median over its iterations) is the median of the rounds' (the lower one of an
+    even count)."""
+    def step_s(t: Path) -> float:
+        return statistics.median(st["step_time_s"] for st in json.loads(t.read_text())["steps"])
+    ranked = sorted(traces, key=step_s)
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def cpu(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -216,19 +228,24 @@ def cpu(args: argparse.Namespace) -> None:
     t_start = time.monotonic()
     plans = ({c.name: work / f"plan_{c.name}.json" for c in CASES} if args.reuse
              else make_plans(work, args.seed, args.profile))
-    traces: dict[str, Path] = {}
-    for c in CASES:
-        trace = work / f"trace_{c.name}.json"
-        if not args.reuse:
+    # Rounds: every plan once per round, rounds one after another, so a slow spell of the host hits one round of
+    # each plan rather than all of one plan; each plan keeps its round of median step time.
+    rounds: dict[str, list[Path]] = {c.name: [] for c in CASES}
+    for r in range(0 if args.reuse else args.rounds):
+        for c in CASES:
+            trace = work / (f"trace_{c.name}.json" if r == 0 else f"trace_{c.name}.round{r}.json")
             plan = Plan.load(plans[c.name])
             t0 = time.perf_counter()
             why = replay(plans[c.name], plan.mesh.world_size, trace, args.steps, work / f"replay_{c.name}.log")
-            print(f"replay {c.name}: " + (f"FAILED: {why}" if why else f"{time.perf_counter() - t0:.0f} s"),
-                  file=sys.stderr)
-            if why:
-                continue
-        if trace.exists():
-            traces[c.name] = trace
+            print(f"replay {c.name} (round {r + 1}/{args.rounds}): "
+                  + (f"FAILED: {why}" if why else f"{time.perf_counter() - t0:.0f} s"), file=sys.stderr)
+            if not why and trace.exists():
+                rounds[c.name].append(trace)
+    if args.reuse:  # every round a previous run left
+        rounds = {c.name: [t for t in [work / f"trace_{c.name}.json", *sorted(work.glob(f"trace_{c.name}.round*.json"))]
+                           if t.exists() and not t.name.endswith(".chrome.json")] for c in CASES}
+    traces = {n: median_round(ts) for n, ts in rounds.items() if ts}
+    n_rounds = max((len(ts) for ts in rounds.values()), default=0)
     load_end = os.getloadavg()
     replay_s = time.monotonic() - t_start
 
@@ -255,7 +272,8 @@ def cpu(args: argparse.Namespace) -> None:
           f"{platform.python_version()}; profile {args.profile}; model tiny, cluster local-cpu, lengths {LENGTHS}, "
           f"max context {MAX_CONTEXT_TOKENS}, seed {args.seed}; {args.steps} replay iterations, fp32, one process "
           f"per rank (1 thread each). Load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load_start)}"
-          f", at end {', '.join(f'{x:.2f}' for x in load_end)}; replays {replay_s:.0f} s"
+          f", at end {', '.join(f'{x:.2f}' for x in load_end)}; replays {replay_s:.0f} s, {n_rounds} round(s), "
+          "each plan at its round of median step"
           + (" (reused traces)" if args.reuse else "") + f". Outputs in {work}.\n")
     print("| plan | mesh | units (max degree) | step predicted / measured (ms) | step error | unit median / max "
           "abs error | LOPO step predicted (ms) | LOPO step error | LOPO unit median / max |")
@@ -320,6 +338,8 @@ def main() -> None:
     p.add_argument("--only", choices=("published", "cpu"), help="one section (default: both)")
     p.add_argument("--workdir", help="where plans, traces and logs go (default: a new temp folder)")
     p.add_argument("--steps", type=int, default=5, help="replay iterations per plan")
+    p.add_argument("--rounds", type=int, default=1, help="replays of every plan, in interleaved rounds; each plan "
+                   "keeps its round of median step time")
     p.add_argument("--seed", type=int, default=0, help="seed of the length source")
     p.add_argument("--profile", default=PROFILE, help="profile to plan and price with, a name or a JSON path "
                    "(e.g. one measured just before with `meshplan profile --quick --models tiny --out P`)")
