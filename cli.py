@@ -373,8 +373,9 @@ def replay(ctx: typer.Context,
                                             "(ring overlaps its transfers); default: the plan's meta.training.cp. A "
                                             "unit's own cp (meshplan plan --cp-kinds) wins."),
            ring_kernel: str = typer.Option("auto", "--ring-kernel", help=f"Ring block kernel: {one_of(BLOCK_KERNELS)} "
-                                           "(auto: fused on CPU, plain torch elsewhere; flash-cuda: torch's CUDA flash kernel per "
-                                           "block pair, opt-in, not yet run on a GPU by this project)."),
+                                           "(auto: fused on CPU, plain torch elsewhere; flash-cuda: torch's CUDA "
+                                           "flash kernel per block pair, opt-in, not yet run on a GPU by this "
+                                           "project)."),
            seed: int = typer.Option(0, "--seed", help="Model init and generated tokens."),
            optimizer: str = typer.Option("adamw", "--optimizer", help=f"{one_of(OPTIMIZERS)}."),
            lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),

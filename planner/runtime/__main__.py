@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
                    help="measured trace JSON; PATH.chrome.json is written too")
     p.add_argument("--cp", dest="cp_impl", choices=CP_IMPLS, default="ring", help="context-parallel attention")
     p.add_argument("--ring-kernel", choices=BLOCK_KERNELS, default="auto",
-                   help="ring block kernel: auto (fused on CPU, math elsewhere), math, fused-cpu or flash-cuda (CUDA, opt-in)")
+                   help="ring block kernel: auto (fused on CPU, math elsewhere), math, fused-cpu or flash-cuda "
+                   "(CUDA, opt-in)")
     p.add_argument("--seed", type=int, default=0, help="model init and generated tokens")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -306,6 +306,11 @@ def _row_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.reshape(kv_heads, x.shape[0] // kv_heads, *x.shape[1:])
 
 
+def _expand_kv(k: torch.Tensor, g: int) -> torch.Tensor:
+    """[Hkv, S, D] -> [1, Hq, S, D]: each K/V head repeated for its g query heads, as the fused flash ops want."""
+    return k[None] if g == 1 else k.repeat_interleave(g, 0)[None]
+
+
 def _safe(x: torch.Tensor) -> torch.Tensor:
     """-inf -> 0, so that exp(-inf - x) is 0 and never nan."""
     return torch.where(torch.isinf(x), torch.zeros_like(x), x)
@@ -464,15 +469,11 @@ class FusedCPUBlocks(BlockKernel):
         bias = torch.zeros(mode.shape, dtype=dtype, device=mode.device).masked_fill_(~mode, float("-inf"))
         return False, bias, ~mode.any(1)
 
-    @staticmethod
-    def _expand(k: torch.Tensor, g: int) -> torch.Tensor:
-        return k[None] if g == 1 else k.repeat_interleave(g, 0)[None]
-
     def _fwd(self, q, k, v, pair, scale):
         causal, bias, empty = self._how(pair, q.dtype)
         g = q.shape[0] // k.shape[0]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.contiguous()[None], self._expand(k, g), self._expand(v, g), 0.0, causal, attn_mask=bias, scale=scale)
+            q.contiguous()[None], _expand_kv(k, g), _expand_kv(v, g), 0.0, causal, attn_mask=bias, scale=scale)
         out, lse = out[0], lse[0]
         if empty is not None:
             out, lse = out.masked_fill(empty[None, :, None], 0.0), lse.masked_fill(empty[None], float("-inf"))
@@ -482,7 +483,7 @@ class FusedCPUBlocks(BlockKernel):
         causal, bias, _ = self._how(pair, q.dtype)
         hkv, g = k.shape[0], q.shape[0] // k.shape[0]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous()[None], q.contiguous()[None], self._expand(k, g), self._expand(v, g),
+            dout.contiguous()[None], q.contiguous()[None], _expand_kv(k, g), _expand_kv(v, g),
             out.contiguous()[None], lse.contiguous()[None], 0.0, causal, attn_mask=bias, scale=scale)
         return dq[0], _row_groups(dk[0], hkv).sum(1), _row_groups(dv[0], hkv).sum(1)
 
@@ -520,7 +521,7 @@ class FlashCUDABlocks(MathBlocks):
             return super()._fwd(q, k, v, pair, scale)
         g = q.shape[0] // k.shape[0]
         res = self.flash_ops()[0](
-            q.contiguous()[None], FusedCPUBlocks._expand(k, g), FusedCPUBlocks._expand(v, g), 0.0,
+            q.contiguous()[None], _expand_kv(k, g), _expand_kv(v, g), 0.0,
             mode == "causal", False, scale=scale)
         return res[0][0], res[1][0]
 
@@ -531,8 +532,8 @@ class FlashCUDABlocks(MathBlocks):
         hkv, g = k.shape[0], q.shape[0] // k.shape[0]
         none = torch.empty(0, dtype=torch.int64, device=q.device)  # no varlen offsets, no dropout RNG state
         dq, dk, dv = self.flash_ops()[1](
-            dout.to(q.dtype).contiguous()[None], q.contiguous()[None], FusedCPUBlocks._expand(k, g),
-            FusedCPUBlocks._expand(v, g), out.to(q.dtype).contiguous()[None], lse.float().contiguous()[None],
+            dout.to(q.dtype).contiguous()[None], q.contiguous()[None], _expand_kv(k, g),
+            _expand_kv(v, g), out.to(q.dtype).contiguous()[None], lse.float().contiguous()[None],
             none, none, q.shape[1], k.shape[1], 0.0, mode == "causal", none, none, scale=scale)
         return dq[0].float(), _row_groups(dk[0].float(), hkv).sum(1), _row_groups(dv[0].float(), hkv).sum(1)
 

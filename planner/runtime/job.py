@@ -22,7 +22,7 @@ from planner.runtime.ahead import step_planner
 from planner.runtime.check import Check, check_owners
 from planner.runtime.context import Context, failure_at, make_optimizer, rank_failure
 from planner.runtime.feed import StepFeed, open_feed
-from planner.runtime.launch import Position, Prepared, ReplayFailure, ReplayOptions, prepare
+from planner.runtime.launch import FLASH_CUDA_ON_CPU, Position, Prepared, ReplayFailure, ReplayOptions, prepare
 from planner.runtime.model import ModelConfig, TokenSource, build_model, stage_parameters, virtual_stage_layers
 from planner.runtime.offload import parameter_pointers
 from planner.runtime.step import device_sync, replay_step
@@ -37,8 +37,7 @@ def _device(opts: ReplayOptions, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if opts.ring_kernel == "flash-cuda":
-        raise PlanError("--ring-kernel flash-cuda runs on CUDA devices and this replay runs on CPU; use auto, math "
-                        "or fused-cpu")
+        raise PlanError(FLASH_CUDA_ON_CPU)  # launched by torchrun directly: meshplan replay refuses it before
     return torch.device("cpu")
 
 

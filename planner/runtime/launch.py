@@ -30,6 +30,8 @@ CPImpl = ContextParallel  # context-parallel attention: overlapped ring, or all-
 CP_IMPLS: tuple[str, ...] = get_args(CPImpl)
 BLOCK_KERNELS = ("auto", "math", "fused-cpu", "flash-cuda")  # ring block kernel (auto: fused on CPU, math elsewhere)
 OPTIMIZERS = ("adamw", "sgd")
+FLASH_CUDA_ON_CPU = ("--ring-kernel flash-cuda runs on CUDA devices and this replay runs on CPU; use auto, math or "
+                     "fused-cpu")
 # glibc malloc on CPU ranks: no mmap'd blocks and no trimming, so a step's freed activations are reused instead of
 # returned to the OS and faulted in again page by page (on one core the layers' non-attention work of a 4K-token
 # unit ran 1.3x faster); a value already in the environment wins
@@ -413,8 +415,7 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
         import torch
 
         if opts.device == "cpu" or not torch.cuda.is_available():
-            raise PlanError("--ring-kernel flash-cuda runs on CUDA devices and this replay would run on CPU; "
-                            "use auto, math or fused-cpu")
+            raise PlanError(FLASH_CUDA_ON_CPU)
     opts = replace(opts, cp_impl=replay_cp(plan, opts.cp_impl))  # the ranks get it explicitly
     if not priced_as_run(plan):  # its predicted_s would mislead
         warnings.warn(f"{opts.plan_path}: priced with fused (Megatron) elementwise kernels, but this executor runs "
