@@ -618,14 +618,17 @@ def simulate_cmd(
 
         comparison = compare_measured(plan, cm, read_measured_trace(measured))
     if as_json:
-        extra = {} if comparison is None else {"measured": {"units": comparison.units, "steps": comparison.steps}}
+        extra = {} if comparison is None else {"measured": {"units": comparison.units, "steps": comparison.steps,
+                                                            "host_slowdown": comparison.host_slowdown}}
         sys.stdout.write(json.dumps({"plan": str(plan_path), "profile": cm.profile.fingerprint.name,
                                      "steps": rows, **extra}) + "\n")
         return
     if comparison is not None:
+        slow = comparison.host_slowdown
         t = Table(title=escape(f"predicted ({cm.profile.fingerprint.name}) vs measured ({measured})"))
         for c in ("step", "unit", "predicted (s)", "measured (s)", "error"):
             t.add_column(c, justify="right")
+
         def row(x: dict, unit: str) -> tuple[str, ...]:
             return str(x["step"]), unit, f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}"
 
@@ -635,6 +638,9 @@ def simulate_cmd(
             t.add_row(*row(x, f"{x['unit']} (stage {x['stage']})" if plan.mesh.pp > 1 else str(x["unit"])))
         out.print(t)
         out.print(f"median |error| per unit: {comparison.median_abs_unit_err:.1%}")
+        if slow:
+            out.print(f"host probe: {slow:.2f}x its time while the profile was measured (1: the host computed as fast; "
+                      "other load on the machine moves it)")
     t = Table(title=escape(f"{plan_path} ({plan.meta.get('strategy')}) on {cm.profile.fingerprint.name}"))
     for c in ["step", "step time (s)", "/ LB", "busiest (s)", "idlest (s)", "peak mem (GB)"]:
         t.add_column(c, justify="right")

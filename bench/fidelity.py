@@ -18,8 +18,9 @@ over iterations) and the median and max |error| over units (each unit's measured
 iterations), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted by
 `meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step
 is broken down from the trace (slowest rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next
-to the prediction's terms, so a miss can be traced to its cause. Load average at start and end: the machine may be
-shared.
+to the prediction's terms, so a miss can be traced to its cause. Load average at start and end, and per plan the
+host probe's time around its replay over the profile's (1: the host computed as fast as when profiled): the machine
+may be shared.
 
 Prints markdown; figures, never pass/fail (a replay or a set that fails is reported and the rest goes on)."""
 
@@ -144,6 +145,7 @@ class PlanFigures:
     step_predicted_s: float
     step_measured_s: float  # median over replay iterations
     unit_errors: list[float] = field(default_factory=list)  # per (unit, stage): predicted / median measured − 1
+    host_slowdown: float | None = None  # the replay's host probe over the profile's (compare_measured)
 
     @property
     def step_error(self) -> float:
@@ -167,7 +169,8 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
     for u in c.units:
         units.setdefault((u["unit"], u["stage"]), []).append(u)
     errs = [v[0]["predicted_s"] / statistics.median(x["measured_s"] for x in v) - 1 for v in units.values()]
-    return PlanFigures(c.steps[0]["predicted_s"], statistics.median(s["measured_s"] for s in c.steps), errs)
+    return PlanFigures(c.steps[0]["predicted_s"], statistics.median(s["measured_s"] for s in c.steps), errs,
+                       c.host_slowdown)
 
 
 def measured_breakdown(trace: dict) -> dict[str, float]:
@@ -276,11 +279,11 @@ def cpu(args: argparse.Namespace) -> None:
           "each plan at its round of median step"
           + (" (reused traces)" if args.reuse else "") + f". Outputs in {work}.\n")
     print("| plan | mesh | units (max degree) | step predicted / measured (ms) | step error | unit median / max "
-          "abs error | LOPO step predicted (ms) | LOPO step error | LOPO unit median / max |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "abs error | host probe x | LOPO step predicted (ms) | LOPO step error | LOPO unit median / max |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in CASES:
         if c.name not in traces:
-            print(f"| {c.name} | replay failed | | | | | | | |")
+            print(f"| {c.name} | replay failed | | | | | | | | |")
             continue
         p, b, a = loaded[c.name], base[c.name], lopo.get(c.name)
         m = p.mesh
@@ -288,6 +291,7 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"| {c.name} | {m.world_size} ranks: tp {m.tp}, pp {m.pp}, hdp {m.hdp} | {len(st.units)} "
               f"({max(u.degree for u in st.units)}) | {_ms(b.step_predicted_s)} / {_ms(b.step_measured_s)} | "
               f"{_pct(b.step_error)} | {_abs_pct(b.unit_median)} / {_abs_pct(b.unit_max)} | "
+              + (f"{b.host_slowdown:.2f} | " if b.host_slowdown else "- | ")
               + (f"{_ms(a.step_predicted_s)} | {_pct(a.step_error)} | {_abs_pct(a.unit_median)} / "
                  f"{_abs_pct(a.unit_max)} |" if a else "- | - | - |"))
     def pool(fs, attr: str) -> float:

@@ -28,6 +28,7 @@ from planner.runtime.offload import parameter_pointers
 from planner.runtime.step import device_sync, replay_step
 from planner.runtime.tp import TPGroup, shard_model
 from planner.runtime.trace import RankTrace, TraceLog, align_clocks, build_trace, remove_stale, write_trace
+from profiles.measure.probe import PROBE_SOURCE, host_probe_s
 
 
 def _device(opts: ReplayOptions, local_rank: int) -> torch.device:
@@ -108,6 +109,18 @@ def warm_up(ctx: Context, step: Step, warmed: set[int]) -> int:
     return new
 
 
+def host_probe(ctx: Context) -> float | None:
+    """CPU: rank 0 times the host probe (profiles/measure/probe.py) while the other ranks wait at a barrier, alone on
+    its thread as a profile measures it: how fast the host computes now, next to the steps. None elsewhere (GPU)."""
+    if ctx.device.type != "cpu":
+        return None
+    ctx.position.set("the host probe")
+    dist.barrier()
+    s = host_probe_s() if ctx.rank == 0 else None
+    dist.barrier()
+    return s
+
+
 def run(opts: ReplayOptions) -> int:
     """The body of `python -m planner.runtime` on every rank: returns a non-zero exit code on refusal;
     a finished run ends the process right after its final barrier (exit code 0)."""
@@ -134,6 +147,7 @@ def run(opts: ReplayOptions) -> int:
         dist.init_process_group(backend, timeout=timedelta(seconds=opts.timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
         ctx = _context(opts, prep, rank, device, tokens, position)
+        probes_s = [host_probe(ctx)]  # before plan-ahead's planning thread starts on rank 0
         feed = open_feed(opts, prep, planner, rank, ctx.trace)  # plan-ahead: rank 0 starts planning
         # Every rank must replay the same plan (each node reads its own copy); a mismatch would
         # hang in P2P, so compare digests first (REFERENCE 11, decision 23). A stream's digest names
@@ -167,12 +181,13 @@ def run(opts: ReplayOptions) -> int:
             if rank == 0:  # progress only; the results are printed once every rank finished
                 print(f"step {it} (plan step {rec.plan_step}): loss {rec.step_loss:.6f}, rank 0 {rec.wall_s:.3f} s",
                       file=sys.stderr, flush=True)
+        probes_s.append(host_probe(ctx))
         position.set("gathering the traces after the last step")
         traces: list[RankTrace | None] = [None] * world if rank == 0 else None
         # each rank reads its own part back (no shared file system needed): rank 0 merges them
         dist.gather_object(ctx.trace.finish(), traces, dst=0)
         if rank == 0:
-            _finish(ctx, feed, traces, check, world)
+            _finish(ctx, feed, traces, check, world, probes_s)
         position.set("the final barrier")
         dist.barrier()  # nobody leaves before rank 0 has written everything
         ctx.trace.remove()  # the complete trace holds every record now
@@ -211,10 +226,14 @@ def _trace_meta(ctx: Context, feed: StepFeed, world: int) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _finish(ctx: Context, feed: StepFeed, traces: list[RankTrace], check: Check | None, world: int) -> None:
+def _finish(ctx: Context, feed: StepFeed, traces: list[RankTrace], check: Check | None, world: int,
+            probes_s: list[float | None]) -> None:
     """Rank 0, after every rank finished: step lines, the check line, the plan-ahead line, the trace files."""
     align_clocks(traces)
-    doc = build_trace(_trace_meta(ctx, feed, world), traces, feed.predicted)
+    meta = _trace_meta(ctx, feed, world)
+    if None not in probes_s:
+        meta["host_probe"] = {"before_s": probes_s[0], "after_s": probes_s[-1], "source": PROBE_SOURCE}
+    doc = build_trace(meta, traces, feed.predicted)
     for s in doc["steps"]:
         _emit({"step": {"step": s["step"], "plan_step": s["plan_step"], "loss": s["loss"],
                         "wall_s": s["step_time_s"], "predicted_s": s["predicted_step_time_s"]}})

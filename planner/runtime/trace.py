@@ -9,6 +9,10 @@ the trace JSON (`complete: true`; `meshplan simulate --measured` reads it) and a
 run that dies leaves its parts and no trace JSON; `merge_partial_traces` builds an incomplete one
 (`complete: false`) from them for inspection.
 
+On CPU, meta `host_probe` holds the host probe's time (profiles/measure/probe.py, rank 0 alone, the others at a
+barrier) before and after the steps: how fast the host computed around the replay, which `meshplan simulate
+--measured` sets beside the profile's.
+
 Times are host wall clock. On GPU the executor synchronises the device at phase boundaries, so a
 phase's time includes its kernels; P2P waits on NCCL only make the stream wait and read ~0."""
 

@@ -20,10 +20,27 @@ class MeasuredComparison:
 
     units: list[dict]  # per (replay step, unit): predicted_s, measured_s (mean over its ranks), rel_err
     steps: list[dict]  # per replay step: predicted_s, measured_s, rel_err
+    # CPU: the host probe's time around the replay over its time while the profile was measured (> 1: the host
+    # computed slower, e.g. under other tenants' load); None when the profile or the trace lacks it. A diagnostic
+    # beside the errors, never applied to them
+    host_slowdown: float | None = None
 
     @property
     def median_abs_unit_err(self) -> float:
         return float(np.median([abs(u["rel_err"]) for u in self.units])) if self.units else float("nan")
+
+
+def host_slowdown(cm: CostModel, trace: dict) -> float | None:
+    """How much slower the host computed around the replay than while its profile was measured: the replay's host
+    probe (mean of before and after its steps) over the profile's (profiles/measure/probe.py), one process alone
+    both times. It tells a slower or faster host apart from a cost-model error (other tenants' load on a shared
+    CPU moves it by tens of percent within the hour); it does not say how ranks sharing the cores slow each other
+    (the profile's concurrency slowdowns)."""
+    probe = (trace.get("meta") or {}).get("host_probe")
+    ref = cm.profile.constants.get("host_probe_s")
+    if not probe or not ref or float(ref["value"]) <= 0:
+        return None
+    return (float(probe["before_s"]) + float(probe["after_s"])) / 2 / float(ref["value"])
 
 
 def read_measured_trace(path: Path) -> dict:
@@ -58,6 +75,9 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
     sims = {s.step: simulate_step(s, cm) for s in plan.steps}
     steps_by_id = {s.step: s for s in plan.steps}
     units_out, steps_out = [], []
+
+    def errors(pred: float, meas: float) -> dict:
+        return {"rel_err": pred / meas - 1 if meas > 0 else float("inf")}
     for st in trace.get("steps", []):
         ps = st["plan_step"]
         if ps not in steps_by_id:
@@ -72,9 +92,9 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
             pred = costs[uid][1 if stage == cm.pp - 1 else 0].total_s
             meas = float(np.mean(vals))
             units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,
-                              "measured_s": meas, "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
+                              "measured_s": meas, **errors(pred, meas)})
         pred_step = sims[ps].step_time_s
         meas_step = float(st["step_time_s"])
         steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,
-                          "rel_err": pred_step / meas_step - 1 if meas_step > 0 else float("inf")})
-    return MeasuredComparison(units_out, steps_out)
+                          **errors(pred_step, meas_step)})
+    return MeasuredComparison(units_out, steps_out, host_slowdown(cm, trace))

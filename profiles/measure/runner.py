@@ -32,6 +32,7 @@ import pandas as pd
 from profiles.measure import (DTYPE_PREFERENCE, TABLES, MeasureConfig, MeasureError, attention_points,
                               available_memory_bytes, collective_cases, cores_constant, gemm_points, host_copy_points,
                               memory_points, plan_config)
+from profiles.measure.probe import PROBE_SOURCE, host_probe_s
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
 
 BF16_SANE_FRACTION = 0.25  # profile bf16 on CPU only if it reaches this fraction of the fp32 rate
@@ -432,6 +433,9 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
     _write_partial(ppath, key, state)  # from here on an interrupted run always leaves one
     done = state.tables
     load0 = os.getloadavg()
+    # CPU: how fast the host computes while the tables are measured, before and after them (a replay records the
+    # same probe: `meshplan simulate --measured` compares the two; profiles/measure/probe.py)
+    probes_s = [host_probe_s()] if device == "cpu" else []
     counts = plan_counts(cfg)
     seconds: dict[str, float] = {}
     resumed = [t for t in TABLES if t in req.ops and t in done]
@@ -465,6 +469,11 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
         constants["cores_per_node"] = cores_constant()
         for name, value in measure_concurrency(constants["cores_per_node"]["value"]).items():
             constants[name] = {"value": value, "unit": "x", "source": SOURCE}
+    if probes_s:
+        probes_s.append(host_probe_s())
+        constants["host_probe_s"] = {"value": sum(probes_s) / len(probes_s), "unit": "s", "source": (
+            f"{PROBE_SOURCE}; the mean of before the tables ({probes_s[0] * 1e3:.1f} ms) and after them "
+            f"({probes_s[-1] * 1e3:.1f} ms)")}
     measured_s = {n: round(float(done[n].get("seconds", 0.0)), 1) for n in tables}
     notes = (f"meshplan profile ({'quick' if cfg.quick else 'full'}), main dtype {cfg.main_dtype}. {dtype_note}. "
              f"Timing: warm-up {cfg.timing.warmup}, up to {cfg.timing.repeats} repeats (min {cfg.timing.min_repeats}, "
@@ -508,7 +517,7 @@ EST_CALL_OVERHEAD_S = {"cpu": 20e-6, "cuda": 60e-6}  # Python + timer per call; 
 EST_BARRIER_S = {"cpu": 5e-4, "cuda": 5e-5}  # the untimed barrier before each collective repeat
 EST_FILL_BYTES_PER_S = {"cpu": 1e9, "cuda": 1e12}  # allocating + filling a case's ~3 S bytes of buffers per rank
 EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0,  # imports, dtype probe; torchrun + gloo rendezvous
-                       "concurrency": 45.0},  # the cores' slowdown probe: 3 rounds of 1, c and 2c processes (2 cores)
+                       "concurrency": 15.0},  # the cores' slowdown: 2c probe processes, 9 rounds of 1, c, 2c
                "cuda": {"startup": 20.0,  # CUDA context, cuBLAS/flash init, autotune warm-ups
                         "torchrun": 40.0}}  # NCCL init ~4.5 s per group + ~0.2 s per P2P pair (REFERENCE 8.4)
 # A reference profile may hold only bf16 GEMMs: time of other dtypes relative to bf16.

@@ -255,6 +255,8 @@ def test_fingerprint_records_device_and_measured_peak(tmp_path):
     p = Profile.load(tmp_path / "m.measured.json")
     assert p.constant("cores_per_node") == len(os.sched_getaffinity(0))  # ranks beyond it share cores
     assert p.constant("cores_shared_slowdown") == 2.2  # the fixture's (quick_concurrency)
+    # the host probe before and after the tables (a replay's is compared with it): one call takes milliseconds
+    assert 1e-4 < p.constant("host_probe_s") < 1 and "before the tables" in p.constants["host_probe_s"]["source"]
     fp = p.fingerprint
     assert fp.source == "measured" and fp.name == "m.measured"
     assert fp.device.startswith("cpu: ") and cpu_model_name() in fp.device
@@ -538,10 +540,11 @@ def test_concurrency_slowdowns_measured():
     """Probe processes pinned to one core: two of them share it, so the last ends about twice as late as one alone
     (min over two tries each, so other load on the machine hits both alike); the measured constants are finite
     and no less than no contention."""
-    from profiles.measure.concurrency import _wall_s, measure_concurrency
+    from profiles.measure.concurrency import ProbePool, measure_concurrency
     cpu = sorted(os.sched_getaffinity(0))[:1]
-    alone = min(_wall_s(cpu, 1, 4) for _ in range(2))
-    two = min(_wall_s(cpu, 2, 4) for _ in range(2))
+    with ProbePool(cpu, 2) as pool:
+        alone = min(pool.wall_s(1, 4) for _ in range(2))
+        two = min(pool.wall_s(2, 4) for _ in range(2))
     assert two > 1.4 * alone
     out = measure_concurrency(1, repeats=2, rounds=1)
     assert set(out) == {"cores_busy_slowdown", "cores_shared_slowdown"}

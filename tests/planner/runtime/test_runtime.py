@@ -327,6 +327,8 @@ def test_mixed_plan_ring_matches_reference_and_writes_trace(mixed_ring):
     assert [s["step"] for s in lines["step"]] == [0, 1]  # --steps 2 cycles the one-step plan
     doc = json.loads((d / "trace.json").read_text())
     assert doc["complete"] and doc["meta"]["cp_impl"] == "ring" and len(doc["steps"]) == 2
+    probe = doc["meta"]["host_probe"]  # rank 0 alone, before and after the steps: milliseconds per call
+    assert all(1e-4 < probe[k] < 1 for k in ("before_s", "after_s"))
     units = doc["steps"][0]["units"]
     assert len(units) == 3 + 2 + 3  # one record per (rank, unit)
     by = {(u["rank"], u["unit"]): u for u in units}

@@ -18,9 +18,9 @@ from planner.simulate.measured import compare_measured, read_measured_trace
 
 # the fields of a complete trace, as the replay wrote them before the parts existed
 TOP = {"complete", "meta", "schema", "steps"}
-META = {"backend", "cp_impl", "cpu_threads", "created", "device", "device_name", "dtype", "lr", "model", "optimizer",
-        "plan", "plan_model", "plan_sha256", "prewarm_s", "recompute", "ring_kernel", "seed", "steps", "tokens",
-        "torch", "world_size"}
+META = {"backend", "cp_impl", "cpu_threads", "created", "device", "device_name", "dtype", "host_probe", "lr", "model",
+        "optimizer", "plan", "plan_model", "plan_sha256", "prewarm_s", "recompute", "ring_kernel", "seed", "steps",
+        "tokens", "torch", "world_size"}
 STEP = {"loss", "plan_step", "predicted_step_time_s", "ranks", "step", "step_time_s", "units"}
 RANK = {"cpu_s", "grad_sync_s", "hdp_rank", "loss", "optimizer_s", "plan_step", "rank", "start_s", "step",
         "step_loss", "units_s", "wall_s"}

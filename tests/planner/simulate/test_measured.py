@@ -1,0 +1,56 @@
+"""Predicted vs measured, with the host's speed beside it: a replay's host probe over its profile's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from costmodel.timing import CostModel
+from planner.api import PlanRequest, cost_model_for_plan, make_plan
+from planner.simulate import simulate_step, unit_costs
+from planner.simulate.measured import compare_measured, host_slowdown
+
+PROFILE_PROBE_S = 0.020
+
+
+@pytest.fixture(scope="module")
+def plan_and_cm():
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=2, lengths="lognormal:median=200,sigma=1.0,max=800",
+                      tokens_per_step=2048, max_context_tokens=1024, seed=1)
+    plan = make_plan(req, "hdp")
+    cm = cost_model_for_plan(plan)
+    prof = copy.deepcopy(cm.profile)
+    prof.constants["host_probe_s"] = {"value": PROFILE_PROBE_S, "unit": "s", "source": "test"}
+    return plan, CostModel(cm.setup, prof)
+
+
+def _trace(plan, cm, slower: float, probe: dict | None) -> dict:
+    """A trace whose every unit and step took `slower` times its prediction."""
+    step = plan.steps[0]
+    costs = unit_costs(step, cm)
+    units = [{"unit": u.id, "stage": 0, "fwd_s": costs[u.id][0].total_s * slower, "bwd_s": 0.0} for u in step.units]
+    doc = {"schema": "meshplan.measured/1", "complete": True, "meta": {},
+           "steps": [{"step": 0, "plan_step": step.step, "units": units,
+                      "step_time_s": simulate_step(step, cm).step_time_s * slower}]}
+    if probe:
+        doc["meta"]["host_probe"] = probe
+    return doc
+
+
+def test_host_slowdown_is_the_replays_probe_over_the_profiles(plan_and_cm):
+    plan, cm = plan_and_cm
+    probe = {"before_s": 1.4 * PROFILE_PROBE_S, "after_s": 1.6 * PROFILE_PROBE_S, "source": "test"}
+    c = compare_measured(plan, cm, _trace(plan, cm, 1.5, probe))
+    assert c.host_slowdown == pytest.approx(1.5)  # the mean of before and after
+    # a diagnostic beside the errors, never applied to them
+    assert all(x["rel_err"] == pytest.approx(1 / 1.5 - 1) for x in [*c.steps, *c.units])
+
+
+def test_no_host_slowdown_without_both_probes(plan_and_cm):
+    plan, cm = plan_and_cm
+    assert compare_measured(plan, cm, _trace(plan, cm, 1.5, None)).host_slowdown is None  # e.g. a GPU replay
+    stripped = copy.deepcopy(cm.profile)
+    del stripped.constants["host_probe_s"]  # a profile measured before the probe existed
+    probe = {"before_s": 0.03, "after_s": 0.03, "source": "test"}
+    assert host_slowdown(CostModel(cm.setup, stripped), _trace(plan, cm, 1.5, probe)) is None
