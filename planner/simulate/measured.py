@@ -75,9 +75,6 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
     sims = {s.step: simulate_step(s, cm) for s in plan.steps}
     steps_by_id = {s.step: s for s in plan.steps}
     units_out, steps_out = [], []
-
-    def errors(pred: float, meas: float) -> dict:
-        return {"rel_err": pred / meas - 1 if meas > 0 else float("inf")}
     for st in trace.get("steps", []):
         ps = st["plan_step"]
         if ps not in steps_by_id:
@@ -92,9 +89,9 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
             pred = costs[uid][1 if stage == cm.pp - 1 else 0].total_s
             meas = float(np.mean(vals))
             units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,
-                              "measured_s": meas, **errors(pred, meas)})
+                              "measured_s": meas, "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
         pred_step = sims[ps].step_time_s
         meas_step = float(st["step_time_s"])
         steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,
-                          **errors(pred_step, meas_step)})
+                          "rel_err": pred_step / meas_step - 1 if meas_step > 0 else float("inf")})
     return MeasuredComparison(units_out, steps_out, host_slowdown(cm, trace))

@@ -10,9 +10,9 @@ alone would give 2). The cost model turns them into the compute share of a rank 
 
 Robustness on a shared host: other tenants' load moves a probe's time by tens of percent from one second to the
 next, so a ratio of two minima taken at different times (alone in one round, busy in another) is as noisy as the
-host. The probe processes are started once and kept (the c = 2 × cores of them pinned to the same cores, idle
-ones blocked); each round times alone, busy and shared back to back, within a second, gives that round's two
-ratios, and the slowdowns are the medians over rounds of those paired ratios."""
+host. The 2c probe processes (c cores) are started once and kept, pinned to those cores, idle ones blocked; each
+round times alone, busy and shared back to back, within a second, which gives that round's two ratios, and the
+slowdowns are the medians over rounds of those paired ratios."""
 
 from __future__ import annotations
 
