@@ -1280,7 +1280,7 @@ def machine_check_cmd(
     flash-attn), a quick profile, small plans replayed with --check (bf16 on GPU, fp32 on CPU), and predicted
     vs measured per unit and per step (MAPE) on the device's reference profile and the fresh one. Writes
     everything under --out; exit code 1 when a check failed or was skipped for lack of time."""
-    from planner.studies.machine_check import MachineCheckRequest, environment_line, machine_check
+    from planner.studies.machine_check import MachineCheckRequest, environment_line, host_ratio, machine_check
 
     if device is not None:
         check_choice("--device", device, ("cpu", "cuda"))
@@ -1301,12 +1301,13 @@ def machine_check_cmd(
     out.print(t)
     if res.accuracy:
         t = Table(title="predicted vs measured (error = predicted / measured - 1; MAPE = mean |error|)")
-        for c in ("plan", "profile", "units", "unit MAPE", "step MAPE", "steps predicted / measured (ms)"):
+        for c in ("plan", "profile", "units", "unit MAPE", "step MAPE", "steps predicted / measured (ms)",
+                  "host probe x"):
             t.add_column(c, justify="left" if c in ("plan", "profile") else "right")
         for a in res.accuracy:
             t.add_row(escape(a.case), escape(f"{a.profile} ({a.role})"), str(len(a.units)), f"{a.unit_mape:.1%}",
                       f"{a.step_mape:.1%}", ", ".join(f"{s['predicted_s'] * 1e3:.1f} / {s['measured_s'] * 1e3:.1f}"
-                                                      for s in a.steps))
+                                                      for s in a.steps), host_ratio(a.host_slowdown))
         out.print(t)
     out.print(escape(f"{'PASSED' if res.ok else 'FAILED'}; wrote {out_dir / 'summary.md'} and "
                      f"{out_dir / 'machine_check.json'}"), highlight=False)

@@ -143,6 +143,7 @@ class Accuracy:
     units: tuple[dict, ...]  # {plan_step, unit, stage, predicted_s, measured_s, rel_err}
     steps: tuple[dict, ...]  # {plan_step, predicted_s, measured_s, rel_err}
     iterations: int  # timed iterations used (the first is left out)
+    host_slowdown: float | None = None  # CPU: the replay's host probe over the profile's (compare_measured)
 
 
 @dataclass
@@ -361,6 +362,9 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
     columns = {"attention": ATTENTION_COLUMNS, "memory": MEMORY_COLUMNS}
     doc = {"device": device, "description": desc, "versions": versions, "dtype_note": dtype_note,
            "config": cfg.key(), "model": spec.name, "tables": {}}
+    if device == "cpu":  # the host probe before and after the tables, as `meshplan profile` records it
+        from profiles.measure.probe import host_probe_s
+        doc["host_probe_s"] = [host_probe_s()]
     for i, name in enumerate(todo):
         left = end - time.monotonic()
         share = left * TABLE_SHARES[name] / sum(TABLE_SHARES[t] for t in todo[i:])
@@ -389,6 +393,8 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
         entry.update(columns=list(cols), rows=[[_py(v) for v in r] for r in rows], seconds=time.perf_counter() - t0)
         doc["tables"][name] = entry
         atomic_write_text(out, json.dumps(doc) + "\n")
+    if "host_probe_s" in doc:
+        doc["host_probe_s"].append(host_probe_s())
     atomic_write_text(out, json.dumps(doc) + "\n")
     return 0
 
@@ -401,6 +407,7 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
     """The fresh profile from the profile child's rows (only tables with rows), with the measured peak and the
     notes of what was cut; and the child's document (tables' budgets, cuts, errors)."""
     from profiles.measure import MeasureConfig, cores_constant
+    from profiles.measure.probe import PROBE_SOURCE
     from profiles.measure.runner import memory_note, peak_constant
 
     doc = json.loads(rows_file.read_text())
@@ -412,6 +419,11 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
         constants["gemm_large_flops"] = dict(constants["peak_bf16_flops"])
     if doc["device"] == "cpu":  # ranks beyond the cores share them at a fair share (no slowdown probe: its budget)
         constants["cores_per_node"] = cores_constant()
+    probes = doc.get("host_probe_s") or []
+    if len(probes) == 2:  # a child cut short before its last table has only the first
+        constants["host_probe_s"] = {"value": sum(probes) / 2, "unit": "s", "source": (
+            f"{PROBE_SOURCE}; the mean of before the tables ({probes[0] * 1e3:.1f} ms) and after them "
+            f"({probes[1] * 1e3:.1f} ms)")}
     said = "; ".join(f"{t} {len(e['rows'])}/{e['points']} points in {e['seconds']:.1f} s (budget {e['budget_s']:.0f} s"
                      + (", cut" if e["cut"] else "") + (f", error {e['error']}" if e["error"] else "") + ")"
                      for t, e in doc["tables"].items())
@@ -590,7 +602,12 @@ def accuracy(case: str, role: Literal["reference", "fresh"], plan: Plan, profile
     steps = tuple({"plan_step": ps, "predicted_s": v[0][0], "measured_s": statistics.median(m for _, m in v),
                    "rel_err": v[0][0] / statistics.median(m for _, m in v) - 1} for ps, v in sorted(by_step.items()))
     mape = lambda rows: float(np.mean([abs(r["rel_err"]) for r in rows])) if rows else float("nan")  # noqa: E731
-    return Accuracy(case, role, cm.profile.fingerprint.name, mape(units), mape(steps), units, steps, len(timed))
+    return Accuracy(case, role, cm.profile.fingerprint.name, mape(units), mape(steps), units, steps, len(timed),
+                    c.host_slowdown)
+
+
+def host_ratio(slowdown: float | None) -> str:
+    return "-" if slowdown is None else f"{slowdown:.2f}"
 
 
 # ---- the whole check -----------------------------------------------------------------------------------
@@ -818,14 +835,15 @@ def summary_markdown(res: MachineCheck, plans: dict[str, tuple[Plan, Path]]) -> 
               for c in res.checks]
     lines += ["", "## Predicted vs measured", "",
               "Error = predicted / measured - 1; MAPE = mean |error|. Units: median over the timed iterations (the "
-              "first is left out as warm-up); steps: median step time per plan step.", "",
-              "| plan | profile | role | units | unit MAPE | step MAPE | step predicted (ms) | step measured (ms) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "first is left out as warm-up); steps: median step time per plan step. Host probe: its time around the "
+              "replay over its time while the profile was measured (CPU; 1: the host computed as fast).", "",
+              "| plan | profile | role | units | unit MAPE | step MAPE | step predicted (ms) | step measured (ms) | "
+              "host probe x |", "|---|---|---|---|---|---|---|---|---|"]
     for a in res.accuracy:
         pred = "/".join(f"{s['predicted_s'] * 1e3:.1f}" for s in a.steps)
         meas = "/".join(f"{s['measured_s'] * 1e3:.1f}" for s in a.steps)
         lines.append(f"| {a.case} | {a.profile} | {a.role} | {len(a.units)} | {a.unit_mape:.1%} | {a.step_mape:.1%} "
-                     f"| {pred} | {meas} |")
+                     f"| {pred} | {meas} | {host_ratio(a.host_slowdown)} |")
     for a in res.accuracy:
         lines += ["", f"### {a.case} on {a.profile} ({a.role})", "",
                   "| plan step | unit | stage | predicted (ms) | measured (ms) | error |", "|---|---|---|---|---|---|"]

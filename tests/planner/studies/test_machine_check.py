@@ -44,9 +44,13 @@ def test_cpu_mode_end_to_end(tmp_path):
     for a in roles.values():
         assert a["units"] and a["steps"] and a["iterations"] == 1
         assert 0 <= a["unit_mape"] < float("inf") and all(u["measured_s"] > 0 for u in a["units"])
+    # the fresh profile and the replay both timed the host probe: their ratio is reported (the shipped reference
+    # profile predates the probe)
+    assert 0.1 < roles["fresh"]["host_slowdown"] < 10 and roles["reference"]["host_slowdown"] is None
 
     fresh = load_profile(str(out / "profile.json"))
     assert fresh.fingerprint.source == "measured" and len(fresh.tables["gemm"]) and fresh.tables["collective"].empty
+    assert "before the tables" in fresh.constants["host_probe_s"]["source"]
     predict = load_profile(str(out / "profile.predict.json"))  # completed with the reference's collectives
     assert len(predict.tables["collective"]) and "local-cpu.measured" in predict.fingerprint.notes
     plan = Plan.load(out / "plans" / "cpu2-gloo.json")
