@@ -407,7 +407,7 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
     """The fresh profile from the profile child's rows (only tables with rows), with the measured peak and the
     notes of what was cut; and the child's document (tables' budgets, cuts, errors)."""
     from profiles.measure import MeasureConfig, cores_constant
-    from profiles.measure.probe import PROBE_SOURCE
+    from profiles.measure.probe import probe_constant
     from profiles.measure.runner import memory_note, peak_constant
 
     doc = json.loads(rows_file.read_text())
@@ -421,9 +421,7 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
         constants["cores_per_node"] = cores_constant()
     probes = doc.get("host_probe_s") or []
     if len(probes) == 2:  # a child cut short before its last table has only the first
-        constants["host_probe_s"] = {"value": sum(probes) / 2, "unit": "s", "source": (
-            f"{PROBE_SOURCE}; the mean of before the tables ({probes[0] * 1e3:.1f} ms) and after them "
-            f"({probes[1] * 1e3:.1f} ms)")}
+        constants["host_probe_s"] = probe_constant(*probes)
     said = "; ".join(f"{t} {len(e['rows'])}/{e['points']} points in {e['seconds']:.1f} s (budget {e['budget_s']:.0f} s"
                      + (", cut" if e["cut"] else "") + (f", error {e['error']}" if e["error"] else "") + ")"
                      for t, e in doc["tables"].items())

@@ -32,7 +32,7 @@ import pandas as pd
 from profiles.measure import (DTYPE_PREFERENCE, TABLES, MeasureConfig, MeasureError, attention_points,
                               available_memory_bytes, collective_cases, cores_constant, gemm_points, host_copy_points,
                               memory_points, plan_config)
-from profiles.measure.probe import PROBE_SOURCE, host_probe_s
+from profiles.measure.probe import host_probe_s, probe_constant
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
 
 BF16_SANE_FRACTION = 0.25  # profile bf16 on CPU only if it reaches this fraction of the fp32 rate
@@ -435,7 +435,7 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
     load0 = os.getloadavg()
     # CPU: how fast the host computes while the tables are measured, before and after them (a replay records the
     # same probe: `meshplan simulate --measured` compares the two; profiles/measure/probe.py)
-    probes_s = [host_probe_s()] if device == "cpu" else []
+    probe_before_s = host_probe_s() if device == "cpu" else None
     counts = plan_counts(cfg)
     seconds: dict[str, float] = {}
     resumed = [t for t in TABLES if t in req.ops and t in done]
@@ -469,11 +469,8 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
         constants["cores_per_node"] = cores_constant()
         for name, value in measure_concurrency(constants["cores_per_node"]["value"]).items():
             constants[name] = {"value": value, "unit": "x", "source": SOURCE}
-    if probes_s:
-        probes_s.append(host_probe_s())
-        constants["host_probe_s"] = {"value": sum(probes_s) / len(probes_s), "unit": "s", "source": (
-            f"{PROBE_SOURCE}; the mean of before the tables ({probes_s[0] * 1e3:.1f} ms) and after them "
-            f"({probes_s[-1] * 1e3:.1f} ms)")}
+    if probe_before_s is not None:
+        constants["host_probe_s"] = probe_constant(probe_before_s, host_probe_s())
     measured_s = {n: round(float(done[n].get("seconds", 0.0)), 1) for n in tables}
     notes = (f"meshplan profile ({'quick' if cfg.quick else 'full'}), main dtype {cfg.main_dtype}. {dtype_note}. "
              f"Timing: warm-up {cfg.timing.warmup}, up to {cfg.timing.repeats} repeats (min {cfg.timing.min_repeats}, "
