@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-PROBE_REPEATS = 4  # calls per round (~0.05 s each on one EPYC core)
-PROBE_ROUNDS = 3
+HOST_PROBE_CALLS = 4  # calls per round (~15 ms each on one EPYC core)
+HOST_PROBE_ROUNDS = 3
 PROBE_SOURCE = (f"measured: profiles.measure.probe, one thread alone: a 2048x256x256 fp32 GEMM, causal SDPA (4 heads, "
                 f"1,024 tokens, head dim 32) and a 2M-element add per call, operands cycled through copies spanning "
-                f"twice the L3; seconds per call, the minimum over {PROBE_ROUNDS} rounds of {PROBE_REPEATS} calls")
+                f"twice the L3; seconds per call, the minimum over {HOST_PROBE_ROUNDS} rounds of {HOST_PROBE_CALLS} "
+                "calls")
 
 
 def probe_work() -> Callable[[], None]:
@@ -42,7 +43,7 @@ def probe_work() -> Callable[[], None]:
     return once
 
 
-def host_probe_s(repeats: int = PROBE_REPEATS, rounds: int = PROBE_ROUNDS) -> float:
+def host_probe_s(repeats: int = HOST_PROBE_CALLS, rounds: int = HOST_PROBE_ROUNDS) -> float:
     """Seconds per probe call in this process on its current torch threads (one, as a profile and a replay rank
     run): the minimum over rounds, since other processes' load only ever adds time."""
     once = probe_work()
