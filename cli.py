@@ -618,8 +618,10 @@ def simulate_cmd(
 
         comparison = compare_measured(plan, cm, read_measured_trace(measured))
     if as_json:
-        extra = {} if comparison is None else {"measured": {"units": comparison.units, "steps": comparison.steps,
-                                                            "host_slowdown": comparison.host_slowdown}}
+        load = comparison and comparison.other_load
+        extra = {} if comparison is None else {"measured": {
+            "units": comparison.units, "steps": comparison.steps, "host_slowdown": comparison.host_slowdown,
+            "other_load": dataclasses.asdict(load) if load else None}}
         sys.stdout.write(json.dumps({"plan": str(plan_path), "profile": cm.profile.fingerprint.name,
                                      "steps": rows, **extra}) + "\n")
         return
@@ -641,6 +643,10 @@ def simulate_cmd(
         if slow:
             out.print(f"host probe: {slow:.2f}x its time while the profile was measured (1: the host computed as fast; "
                       "other load on the machine moves it)")
+        if (load := comparison.other_load) is not None:
+            during = "" if load.profile_cores is None else f", {load.profile_cores:.2f} while the profile was measured"
+            out.print(f"other processes: {load.replay_cores:.2f} cores busy during the steps (median; hypervisor "
+                      f"steal {load.steal_cores:.2f}){during}")
     t = Table(title=escape(f"{plan_path} ({plan.meta.get('strategy')}) on {cm.profile.fingerprint.name}"))
     for c in ["step", "step time (s)", "/ LB", "busiest (s)", "idlest (s)", "peak mem (GB)"]:
         t.add_column(c, justify="right")

@@ -146,6 +146,7 @@ class PlanFigures:
     step_measured_s: float  # median over replay iterations
     unit_errors: list[float] = field(default_factory=list)  # per (unit, stage): predicted / median measured − 1
     host_slowdown: float | None = None  # the replay's host probe over the profile's (compare_measured)
+    other_cores: float | None = None  # other processes' cores during the replay's steps (median; compare_measured)
 
     @property
     def step_error(self) -> float:
@@ -170,7 +171,7 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
         units.setdefault((u["unit"], u["stage"]), []).append(u)
     errs = [v[0]["predicted_s"] / statistics.median(x["measured_s"] for x in v) - 1 for v in units.values()]
     return PlanFigures(c.steps[0]["predicted_s"], statistics.median(s["measured_s"] for s in c.steps), errs,
-                       c.host_slowdown)
+                       c.host_slowdown, c.other_load.replay_cores if c.other_load else None)
 
 
 def measured_breakdown(trace: dict) -> dict[str, float]:
@@ -271,19 +272,23 @@ def cpu(args: argparse.Namespace) -> None:
         fitted[n] = ", ".join(f"{p.name} {p.fitted:.3g}" if p.status == "fitted" else f"{p.name} -"
                               for p in cal.params)
 
+    cm0 = cost_model_for_plan(next(iter(loaded.values())), args.profile) if loaded else None
+    other = cm0.profile.constants.get("host_other_cores") if cm0 else None
     print(f"Date {date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; profile {args.profile}; model tiny, cluster local-cpu, lengths {LENGTHS}, "
           f"max context {MAX_CONTEXT_TOKENS}, seed {args.seed}; {args.steps} replay iterations, fp32, one process "
           f"per rank (1 thread each). Load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load_start)}"
           f", at end {', '.join(f'{x:.2f}' for x in load_end)}; replays {replay_s:.0f} s, {n_rounds} round(s), "
           "each plan at its round of median step"
+          + (f"; other processes kept {other['value']:.2f} cores busy while the profile was measured" if other else "")
           + (" (reused traces)" if args.reuse else "") + f". Outputs in {work}.\n")
     print("| plan | mesh | units (max degree) | step predicted / measured (ms) | step error | unit median / max "
-          "abs error | host probe x | LOPO step predicted (ms) | LOPO step error | LOPO unit median / max |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "abs error | host probe x | other load (cores) | LOPO step predicted (ms) | LOPO step error | "
+          "LOPO unit median / max |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in CASES:
         if c.name not in traces:
-            print(f"| {c.name} | replay failed | | | | | | | | |")
+            print(f"| {c.name} | replay failed | | | | | | | | | |")
             continue
         p, b, a = loaded[c.name], base[c.name], lopo.get(c.name)
         m = p.mesh
@@ -292,6 +297,7 @@ def cpu(args: argparse.Namespace) -> None:
               f"({max(u.degree for u in st.units)}) | {_ms(b.step_predicted_s)} / {_ms(b.step_measured_s)} | "
               f"{_pct(b.step_error)} | {_abs_pct(b.unit_median)} / {_abs_pct(b.unit_max)} | "
               + (f"{b.host_slowdown:.2f} | " if b.host_slowdown else "- | ")
+              + (f"{b.other_cores:.2f} | " if b.other_cores is not None else "- | ")
               + (f"{_ms(a.step_predicted_s)} | {_pct(a.step_error)} | {_abs_pct(a.unit_median)} / "
                  f"{_abs_pct(a.unit_max)} |" if a else "- | - | - |"))
     def pool(fs, attr: str) -> float:

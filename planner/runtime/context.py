@@ -35,6 +35,7 @@ class Context:
     full: Decoder | None = None  # --check with pp or tp > 1: the whole model, filled from the shards' owners
     check_owned: frozenset[str] = frozenset()  # names of the parameters this rank fills `full` with
     position: Position = field(default_factory=lambda: Position(None, 0))  # where this rank is, for failures
+    node_load: bool = False  # rank 0 of a one-node CPU run: read the node's CPU time around each step (other load)
 
 
 def make_optimizer(params: list[nn.Parameter], opts: ReplayOptions) -> torch.optim.Optimizer:

@@ -79,7 +79,15 @@ def _context(opts: ReplayOptions, prep: Prepared, rank: int, device: torch.devic
                    optimizer=make_optimizer(list(owned), opts), tokens=tokens, params=parameter_pointers(model),
                    trace=TraceLog(opts.trace_path, rank, time.time() - time.perf_counter()), stage=stage,
                    layer_ranges=ranges, owned=owned, stage_group=dp_groups.get((stage, tp_rank)), tp_rank=tp_rank,
-                   full=reference_model, check_owned=check_owned, position=position)
+                   full=reference_model, check_owned=check_owned, position=position,
+                   node_load=rank == 0 and device.type == "cpu" and _one_node())
+
+
+def _one_node() -> bool:
+    """Every rank runs on this machine (torchrun's local world is the world): the node's CPU time less the ranks'
+    is then other processes' load."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return os.environ.get("LOCAL_WORLD_SIZE", world) == world
 
 
 def warm_up(ctx: Context, step: Step, warmed: set[int]) -> int:

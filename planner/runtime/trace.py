@@ -11,7 +11,9 @@ run that dies leaves its parts and no trace JSON; `merge_partial_traces` builds 
 
 On CPU, meta `host_probe` holds the host probe's time (profiles/measure/probe.py, rank 0 alone, the others at a
 barrier) before and after the steps: how fast the host computed around the replay, which `meshplan simulate
---measured` sets beside the profile's.
+--measured` sets beside the profile's. A one-node CPU replay also records, per step, the cores other processes kept
+busy (`other_cores`: the node's CPU time from /proc/stat less every rank's, profiles/measure/hostload.py) and the
+hypervisor's steal (`steal_cores`): load the probe, alone on one core, cannot see.
 
 Times are host wall clock. On GPU the executor synchronises the device at phase boundaries, so a
 phase's time includes its kernels; P2P waits on NCCL only make the stream wait and read ~0."""
@@ -23,6 +25,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from profiles.measure.hostload import other_cores
 
 TRACE_SCHEMA = "meshplan.measured/1"
 
@@ -79,6 +83,10 @@ class StepRecord:
     cpu_s: float  # process CPU time of the step (all threads): work done, whatever else shares the cores
     loss: float  # this rank's share of the step loss (sums to the step loss)
     step_loss: float  # the step loss (all-reduced with the gradients)
+    # rank 0 of a one-node CPU replay: every process's CPU time on the node during its step, and the hypervisor's
+    # steal (profiles/measure/hostload.py); None elsewhere
+    node_cpu_s: float | None = None
+    node_steal_s: float | None = None
 
 
 @dataclass
@@ -128,6 +136,17 @@ def align_clocks(ranks: list[RankTrace]) -> None:
             p.start_s += shift
 
 
+def _step_load(ranks: list[dict[str, Any]]) -> dict[str, float]:
+    """Other processes' cores during a step (rank 0's window; the node's CPU time less every rank's) and the
+    hypervisor's steal, when rank 0 read the node's counters (a one-node CPU replay) and every rank reported."""
+    first = ranks[0] if ranks else {}
+    if first.get("rank") != 0 or first.get("node_cpu_s") is None:
+        return {}
+    wall = first["wall_s"]
+    return {"other_cores": other_cores(first["node_cpu_s"], sum(r["cpu_s"] for r in ranks), wall),
+            "steal_cores": first["node_steal_s"] / wall if wall > 0 else 0.0}
+
+
 def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: dict[int, float],
                 complete: bool = True) -> dict[str, Any]:
     """The measured-trace JSON document: per step, per-rank records and the step time (slowest
@@ -150,6 +169,7 @@ def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: 
         e["step_time_s"] = max((r["wall_s"] for r in e["ranks"]), default=None)
         e["loss"] = sum(r["loss"] for r in e["ranks"]) if e["ranks"] else None
         e["predicted_step_time_s"] = predicted_step_s.get(e["plan_step"])
+        e.update(_step_load(e["ranks"]))
         if k in planning:
             e["planning"] = asdict(planning[k])
         out.append(e)

@@ -15,6 +15,17 @@ from planner.simulate.step import simulate_step, unit_costs
 
 
 @dataclass(frozen=True)
+class OtherLoad:
+    """Cores other processes kept busy on the machine (profiles/measure/hostload.py): during the replay's steps and
+    while its profile was measured. Ranks that fill the cores slow down by about (cores + other) / cores, which the
+    host probe (one core) cannot see and the cost model does not predict."""
+
+    replay_cores: float  # median over the replay's steps
+    steal_cores: float  # the hypervisor's steal during them (median)
+    profile_cores: float | None  # over the profile's run; None when the profile did not record it
+
+
+@dataclass(frozen=True)
 class MeasuredComparison:
     """Predicted (this simulator) vs measured (a `meshplan replay --trace` file)."""
 
@@ -24,6 +35,7 @@ class MeasuredComparison:
     # computed slower, e.g. under other tenants' load); None when the profile or the trace lacks it. A diagnostic
     # beside the errors, never applied to them
     host_slowdown: float | None = None
+    other_load: OtherLoad | None = None  # one-node CPU replays: other processes' load (a diagnostic, like the above)
 
     @property
     def median_abs_unit_err(self) -> float:
@@ -41,6 +53,18 @@ def host_slowdown(cm: CostModel, trace: dict) -> float | None:
     if not probe or not ref or float(ref["value"]) <= 0:
         return None
     return (float(probe["before_s"]) + float(probe["after_s"])) / 2 / float(ref["value"])
+
+
+def other_load(cm: CostModel, trace: dict) -> OtherLoad | None:
+    """Other processes' load during the replay (per-step `other_cores` of a one-node CPU trace) and during the
+    profile (constant `host_other_cores`); None when the trace has no step that recorded it."""
+    steps = [s for s in trace.get("steps", []) if s.get("other_cores") is not None]
+    if not steps:
+        return None
+    ref = cm.profile.constants.get("host_other_cores")
+    return OtherLoad(float(np.median([s["other_cores"] for s in steps])),
+                     float(np.median([s.get("steal_cores", 0.0) for s in steps])),
+                     float(ref["value"]) if ref else None)
 
 
 def read_measured_trace(path: Path) -> dict:
@@ -94,4 +118,4 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         meas_step = float(st["step_time_s"])
         steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,
                           "rel_err": pred_step / meas_step - 1 if meas_step > 0 else float("inf")})
-    return MeasuredComparison(units_out, steps_out, host_slowdown(cm, trace))
+    return MeasuredComparison(units_out, steps_out, host_slowdown(cm, trace), other_load(cm, trace))

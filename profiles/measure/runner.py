@@ -32,6 +32,7 @@ import pandas as pd
 from profiles.measure import (DTYPE_PREFERENCE, TABLES, MeasureConfig, MeasureError, attention_points,
                               available_memory_bytes, collective_cases, cores_constant, gemm_points, host_copy_points,
                               memory_points, plan_config)
+from profiles.measure.hostload import load_constant, node_cpu_s, other_cores, own_cpu_s
 from profiles.measure.probe import host_probe_s, probe_constant
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
 
@@ -436,6 +437,8 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
     # CPU: how fast the host computes while the tables are measured, before and after them (a replay records the
     # same probe: `meshplan simulate --measured` compares the two; profiles/measure/probe.py)
     probe_before_s = host_probe_s() if device == "cpu" else None
+    # CPU: other processes' load over the run (the tables are timed under it; hostload.py)
+    node0, own0, wall0 = (node_cpu_s(), own_cpu_s(), time.perf_counter()) if device == "cpu" else (None, 0.0, 0.0)
     counts = plan_counts(cfg)
     seconds: dict[str, float] = {}
     resumed = [t for t in TABLES if t in req.ops and t in done]
@@ -471,6 +474,10 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
             constants[name] = {"value": value, "unit": "x", "source": SOURCE}
     if probe_before_s is not None:
         constants["host_probe_s"] = probe_constant(probe_before_s, host_probe_s())
+    if node0 is not None and (node1 := node_cpu_s()) is not None:
+        wall = time.perf_counter() - wall0
+        constants["host_other_cores"] = load_constant(other_cores(node1[0] - node0[0], own_cpu_s() - own0, wall),
+                                                      (node1[1] - node0[1]) / wall, wall)
     measured_s = {n: round(float(done[n].get("seconds", 0.0)), 1) for n in tables}
     notes = (f"meshplan profile ({'quick' if cfg.quick else 'full'}), main dtype {cfg.main_dtype}. {dtype_note}. "
              f"Timing: warm-up {cfg.timing.warmup}, up to {cfg.timing.repeats} repeats (min {cfg.timing.min_repeats}, "

@@ -257,6 +257,8 @@ def test_fingerprint_records_device_and_measured_peak(tmp_path):
     assert p.constant("cores_shared_slowdown") == 2.2  # the fixture's (quick_concurrency)
     # the host probe before and after the tables (a replay's is compared with it): one call takes milliseconds
     assert 1e-4 < p.constant("host_probe_s") < 1 and "before the tables" in p.constants["host_probe_s"]["source"]
+    # other processes' load over the run (Linux): cores, never negative
+    assert p.constant("host_other_cores") >= 0 and p.constants["host_other_cores"]["unit"] == "cores"
     fp = p.fingerprint
     assert fp.source == "measured" and fp.name == "m.measured"
     assert fp.device.startswith("cpu: ") and cpu_model_name() in fp.device

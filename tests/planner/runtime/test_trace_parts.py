@@ -22,8 +22,9 @@ META = {"backend", "cp_impl", "cpu_threads", "created", "device", "device_name",
         "optimizer", "plan", "plan_model", "plan_sha256", "prewarm_s", "recompute", "ring_kernel", "seed", "steps",
         "tokens", "torch", "world_size"}
 STEP = {"loss", "plan_step", "predicted_step_time_s", "ranks", "step", "step_time_s", "units"}
+LOAD = {"other_cores", "steal_cores"}  # a one-node CPU replay's (Linux): other processes' load during the step
 RANK = {"cpu_s", "grad_sync_s", "hdp_rank", "loss", "optimizer_s", "plan_step", "rank", "start_s", "step",
-        "step_loss", "units_s", "wall_s"}
+        "step_loss", "units_s", "wall_s", "node_cpu_s", "node_steal_s"}
 UNIT = {"bwd_s", "comm_wait_s", "degree", "end_s", "fwd_s", "hdp_rank", "offload_ratio", "offloaded_bytes", "ops",
         "peak_memory_bytes", "plan_step", "predicted_time_s", "rank", "saved_bytes", "sent_bytes", "slices", "stage",
         "start_s", "step", "tokens", "unit", "ulysses", "cp"}
@@ -117,8 +118,12 @@ def test_finished_replay_merges_its_parts_and_warms_only_the_pairs_of_the_steps_
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((tmp_path / "trace.json").read_text())
     assert set(doc) == TOP and doc["complete"] is True and META <= set(doc["meta"])
-    assert [set(s) for s in doc["steps"]] == [STEP]
-    assert all(set(r) == RANK for r in doc["steps"][0]["ranks"]) and len(doc["steps"][0]["ranks"]) == 3
+    assert [set(s) for s in doc["steps"]] == [STEP | LOAD]
+    ranks = doc["steps"][0]["ranks"]
+    assert all(set(r) == RANK for r in ranks) and len(ranks) == 3
+    # rank 0 read the node's CPU time around its step (every process's, ours too); only rank 0 holds it
+    assert ranks[0]["node_cpu_s"] > 0 and ranks[1]["node_cpu_s"] is None
+    assert doc["steps"][0]["other_cores"] >= 0 and doc["steps"][0]["steal_cores"] >= 0
     assert all(set(u) == UNIT for u in doc["steps"][0]["units"]) and len(doc["steps"][0]["units"]) == 3
     assert doc["meta"]["prewarm_pairs"] == 1  # step 0's pair (0, 1); not step 1's (1, 2)
     assert (tmp_path / "trace.chrome.json").is_file() and part_paths(tmp_path / "trace.json") == []

@@ -1,4 +1,4 @@
-"""Predicted vs measured, with the host's speed beside it: a replay's host probe over its profile's."""
+"""Predicted vs measured, with the host beside it: the host probe and other processes' load, replay against profile."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, cost_model_for_plan, make_plan
 from planner.simulate import simulate_step, unit_costs
-from planner.simulate.measured import compare_measured, host_slowdown
+from planner.simulate.measured import OtherLoad, compare_measured, host_slowdown
 
 PROFILE_PROBE_S = 0.020
 
@@ -54,3 +54,15 @@ def test_no_host_slowdown_without_both_probes(plan_and_cm):
     del stripped.constants["host_probe_s"]  # a profile measured before the probe existed
     probe = {"before_s": 0.03, "after_s": 0.03, "source": "test"}
     assert host_slowdown(CostModel(cm.setup, stripped), _trace(plan, cm, 1.5, probe)) is None
+
+
+def test_other_load_is_the_median_over_the_replays_steps_beside_the_profiles(plan_and_cm):
+    plan, cm = plan_and_cm
+    doc = _trace(plan, cm, 1.0, None)
+    assert compare_measured(plan, cm, doc).other_load is None  # a GPU or multi-node replay records none
+    doc["steps"] = [{**doc["steps"][0], "step": i, "other_cores": x, "steal_cores": 0.01} for i, x in
+                    enumerate([0.1, 0.9, 0.2])]
+    assert compare_measured(plan, cm, doc).other_load == OtherLoad(0.2, 0.01, None)
+    prof = copy.deepcopy(cm.profile)
+    prof.constants["host_other_cores"] = {"value": 0.05, "unit": "cores", "source": "test"}
+    assert compare_measured(plan, CostModel(cm.setup, prof), doc).other_load == OtherLoad(0.2, 0.01, 0.05)
