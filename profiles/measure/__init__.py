@@ -6,7 +6,8 @@ torch when called) and the device fingerprint. The benchmarks themselves live in
 attention.py, collectives.py (a torchrun worker), host_copy.py and memory.py; runner.py orchestrates
 them.
 
-Timing: warm-up calls, then repeated calls, median reported. On GPU each call is bracketed by
+Timing: warm-up calls, then repeated calls, median reported; on CPU the GEMM, attention and host-copy points are
+timed in interleaved passes and keep the fastest pass's median (`in_passes`). On GPU each call is bracketed by
 CUDA events after an L2 flush (a memset of twice the L2 size); on CPU by time.perf_counter, the GEMM
 and memory benchmarks cycling through copies of their operands that span twice the L3, so each call
 reads them from memory as a training step does.
@@ -22,10 +23,11 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from profiles.table import ProfileError
 
+P = TypeVar("P")  # a table's point type
 KiB = 2**10
 MiB = 2**20
 GiB = 2**30
@@ -37,6 +39,10 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 # GEMM dtypes, main first. fp8 (E4M3, torch._scaled_mm) is only ever measured beside a main dtype: attention and
 # every non-GEMM table stay in the main one
 DTYPE_PREFERENCE = ("bf16", "fp16", "fp32", "fp8")
+# CPU: passes over the GEMM, attention and host-copy points (MeasureConfig.passes). On a shared 2-core VM the
+# host's speed moves by tens of percent between seconds: two single-pass quick profiles an hour apart differed
+# by up to 30% point by point (docs/BENCHMARKS.md)
+CPU_PASSES = 3
 FP8_ALIGN = 16  # torch._scaled_mm (cuBLASLt fp8) needs every GEMM dimension a multiple of 16
 
 
@@ -137,6 +143,9 @@ class MeasureConfig:
     mem_rounds: int  # passes over all sizes; each size's time is the minimum over every pass
     mem_timing: TimingConfig  # calls of one size within one pass
     cpu_threads: int = 0  # torch threads for CPU compute (0: leave as is; GPU runs)
+    # GEMM, attention and host-copy tables: passes over all the table's points (`in_passes`); a point's time is the
+    # minimum over passes of each pass's median, so a slow spell of a shared host spoils one pass of a point, not it
+    passes: int = 1
 
     @property
     def main_dtype(self) -> str:
@@ -209,10 +218,10 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
         coll_timing = (TimingConfig(warmup=3, repeats=20, min_repeats=5, budget_s=math.inf) if quick else
                        TimingConfig(warmup=5, repeats=40, min_repeats=5, budget_s=math.inf))
     else:
-        # Many repeats for short calls: on a shared CPU a descheduled call costs a whole time slice,
-        # and the median of many calls stays clear of those.
-        timing = (TimingConfig(warmup=1, repeats=15, min_repeats=3, budget_s=0.3) if quick else
-                  TimingConfig(warmup=2, repeats=25, min_repeats=5, budget_s=1.5))
+        # Per pass (CPU_PASSES of them, interleaved): a descheduled call costs a whole time slice, which the
+        # pass's median stays clear of; a slow spell of the host lasting seconds, which the minimum over passes does.
+        timing = (TimingConfig(warmup=1, repeats=5, min_repeats=2, budget_s=0.1) if quick else
+                  TimingConfig(warmup=1, repeats=10, min_repeats=3, budget_s=0.5))
         coll_timing = (TimingConfig(warmup=1, repeats=15, min_repeats=3, budget_s=math.inf) if quick else
                        TimingConfig(warmup=2, repeats=25, min_repeats=3, budget_s=math.inf))
     default_bytes = (256 * MiB if quick else GiB) if gpu else (16 * MiB if quick else GiB)
@@ -267,7 +276,7 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
         copy_sizes=copy_sizes, mem_sizes=mem_sizes, mem_rounds=mem_rounds, mem_timing=mem_timing,
         # One thread, as each torchrun rank of the CPU runtime has (OMP_NUM_THREADS=1): the tables
         # then give per-rank compute, and a descheduled OpenMP thread cannot stall a parallel region.
-        cpu_threads=1)
+        cpu_threads=1, passes=CPU_PASSES)
 
 
 def gemm_points(cfg: MeasureConfig) -> list[GemmPoint]:
@@ -439,6 +448,33 @@ def time_op(fn: Callable[[Any], object], timing: TimingConfig, *, device: str = 
 
 def median(samples: list[float]) -> float:
     return float(statistics.median(samples))
+
+
+def in_passes(points: list[P], passes: int, time_point: Callable[[P], tuple[float, Any]],
+              on_done: Callable[[int, float, Any], None] | None = None,
+              on_progress: Callable[[float], None] | None = None) -> list[tuple[float, Any]]:
+    """(seconds, detail) per point: `time_point` gives one pass's (median, detail); passes go over every point,
+    alternately ascending and descending, and a point keeps its fastest pass: other work on the host only ever adds
+    time, and a slow spell lasting seconds hits some passes of a point, rarely all (three quick CPU profiles in a
+    row differed point by point by 2.4% median, 7.9% at the 90th percentile, against 9.8% and 33% in one pass; the
+    middle pass gave 2.6% and 20%). on_done(i, seconds, detail) gets a point once it is final: as soon as it is
+    timed with one pass, after the last pass with several."""
+    seen: list[list[tuple[float, Any]]] = [[] for _ in points]
+    order = list(range(len(points)))
+    done = 0
+    for r in range(passes):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            seen[i].append(time_point(points[i]))
+            done += 1
+            if passes == 1 and on_done:
+                on_done(i, *seen[i][0])
+            if on_progress:
+                on_progress(done / (passes * len(points)))
+    kept = [min(s, key=lambda x: x[0]) for s in seen]
+    if passes > 1 and on_done:
+        for i, (t, detail) in enumerate(kept):
+            on_done(i, t, detail)
+    return kept
 
 
 # ---- fingerprint -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from profiles.measure import AttentionPoint, MeasureConfig, median, time_op, torch_dtype
+from profiles.measure import AttentionPoint, MeasureConfig, in_passes, median, time_op, torch_dtype
 from profiles.table import TABLE_COLUMNS
 
 COLUMNS = TABLE_COLUMNS["attention"] + ["layout", "impl"]
@@ -93,13 +93,13 @@ def time_attention(p: AttentionPoint, cfg: MeasureConfig) -> tuple[float, str]:
     return median(samples), impl
 
 
-def measure_attention(cfg: MeasureConfig, points: list[AttentionPoint],
-                      on_point: Callable[[tuple], None] | None = None) -> pd.DataFrame:
-    rows = []
-    for p in points:
-        t, impl = time_attention(p, cfg)
-        rows.append((p.direction, p.causal, p.heads, p.kv_heads, p.head_dim, p.doc_len, p.docs, p.dtype, t,
-                     p.layout, impl))
-        if on_point:  # the runner checkpoints each row
-            on_point(rows[-1])
-    return pd.DataFrame(rows, columns=COLUMNS)
+def measure_attention(cfg: MeasureConfig, points: list[AttentionPoint], on_point: Callable[[tuple], None] | None = None,
+                      on_progress: Callable[[float], None] | None = None) -> pd.DataFrame:
+    """One row per point, in point order, timed in `cfg.passes` interleaved passes (profiles.measure.in_passes);
+    on_point gets each row once it is final (the runner checkpoints it)."""
+    def row(p: AttentionPoint, t: float, impl: str) -> tuple:
+        return p.direction, p.causal, p.heads, p.kv_heads, p.head_dim, p.doc_len, p.docs, p.dtype, t, p.layout, impl
+
+    best = in_passes(points, cfg.passes, lambda p: time_attention(p, cfg),
+                     (lambda i, t, impl: on_point(row(points[i], t, impl))) if on_point else None, on_progress)
+    return pd.DataFrame([row(p, t, impl) for p, (t, impl) in zip(points, best)], columns=COLUMNS)

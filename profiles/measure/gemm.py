@@ -9,7 +9,8 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from profiles.measure import GemmPoint, MeasureConfig, TimingConfig, cold_copies, median, time_op, torch_dtype
+from profiles.measure import (GemmPoint, MeasureConfig, TimingConfig, cold_copies, in_passes, median, time_op,
+                              torch_dtype)
 from profiles.table import TABLE_COLUMNS
 
 
@@ -47,14 +48,16 @@ def fp8_supported(device: str) -> bool:
     return device != "cuda" or torch.cuda.get_device_capability() >= (8, 9)
 
 
-def measure_gemm(cfg: MeasureConfig, points: list[GemmPoint],
-                 on_point: Callable[[tuple], None] | None = None) -> pd.DataFrame:
-    rows = []
-    for p in points:
-        rows.append((p.m, p.n, p.k, p.dtype, time_gemm(p, cfg.timing, cfg.device)))
-        if on_point:  # the runner checkpoints each row
-            on_point(rows[-1])
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS["gemm"])
+def measure_gemm(cfg: MeasureConfig, points: list[GemmPoint], on_point: Callable[[tuple], None] | None = None,
+                 on_progress: Callable[[float], None] | None = None) -> pd.DataFrame:
+    """One row per point, in point order, timed in `cfg.passes` interleaved passes (profiles.measure.in_passes);
+    on_point gets each row once it is final (the runner checkpoints it)."""
+    def row(p: GemmPoint, t: float) -> tuple:
+        return p.m, p.n, p.k, p.dtype, t
+
+    best = in_passes(points, cfg.passes, lambda p: (time_gemm(p, cfg.timing, cfg.device), None),
+                     (lambda i, t, _: on_point(row(points[i], t))) if on_point else None, on_progress)
+    return pd.DataFrame([row(p, t) for p, (t, _) in zip(points, best)], columns=TABLE_COLUMNS["gemm"])
 
 
 def dtype_rate_flops(dtype: str, device: str, edge: int = 512) -> float:

@@ -9,7 +9,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from profiles.measure import HostCopyPoint, MeasureConfig, median, time_op
+from profiles.measure import HostCopyPoint, MeasureConfig, in_passes, median, time_op
 from profiles.table import TABLE_COLUMNS
 
 
@@ -30,11 +30,13 @@ def time_copy(p: HostCopyPoint, cfg: MeasureConfig) -> float:
     return median(time_op(fn, cfg.timing, device=cfg.device, flush_l2=False))
 
 
-def measure_host_copy(cfg: MeasureConfig, points: list[HostCopyPoint],
-                      on_point: Callable[[tuple], None] | None = None) -> pd.DataFrame:
-    rows = []
-    for p in points:
-        rows.append((p.direction, p.pinned, p.nbytes, time_copy(p, cfg)))
-        if on_point:  # the runner checkpoints each row
-            on_point(rows[-1])
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS["host_copy"])
+def measure_host_copy(cfg: MeasureConfig, points: list[HostCopyPoint], on_point: Callable[[tuple], None] | None = None,
+                      on_progress: Callable[[float], None] | None = None) -> pd.DataFrame:
+    """One row per point, in point order, timed in `cfg.passes` interleaved passes (profiles.measure.in_passes);
+    on_point gets each row once it is final (the runner checkpoints it)."""
+    def row(p: HostCopyPoint, t: float) -> tuple:
+        return p.direction, p.pinned, p.nbytes, t
+
+    best = in_passes(points, cfg.passes, lambda p: (time_copy(p, cfg), None),
+                     (lambda i, t, _: on_point(row(points[i], t))) if on_point else None, on_progress)
+    return pd.DataFrame([row(p, t) for p, (t, _) in zip(points, best)], columns=TABLE_COLUMNS["host_copy"])

@@ -308,15 +308,9 @@ def measure_table(name: str, cfg: MeasureConfig, tick: Callable[[int, int], None
     else:
         from profiles.measure.host_copy import measure_host_copy as fn
         pts = host_copy_points(cfg)
-    done = [len(rows_done)]
-
-    def on_point(row: tuple) -> None:
-        done[0] += 1
-        if on_row:
-            on_row(row)
-        tick(done[0], len(pts))
-
-    new = fn(cfg, pts[len(rows_done):], on_point)
+    todo = pts[len(rows_done):]
+    # rows come once final (after the last pass): progress counts points by the fraction of timings made
+    new = fn(cfg, todo, on_row, lambda f: tick(len(rows_done) + int(f * len(todo)), len(pts)))
     return _with_done(rows_done, new)
 
 
@@ -481,7 +475,9 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
     measured_s = {n: round(float(done[n].get("seconds", 0.0)), 1) for n in tables}
     notes = (f"meshplan profile ({'quick' if cfg.quick else 'full'}), main dtype {cfg.main_dtype}. {dtype_note}. "
              f"Timing: warm-up {cfg.timing.warmup}, up to {cfg.timing.repeats} repeats (min {cfg.timing.min_repeats}, "
-             f"{cfg.timing.budget_s:g} s per point), median; "
+             f"{cfg.timing.budget_s:g} s per point), median"
+             + (f"; GEMM, attention and host copy in {cfg.passes} interleaved passes, the fastest pass's median"
+                if cfg.passes > 1 else "") + "; "
              + ("CUDA events after an L2 flush. " if device == "cuda" else
                 f"time.perf_counter, {cfg.cpu_threads} torch thread(s): per-rank compute as under torchrun; GEMM "
                 "operands cycled through copies spanning twice the L3 (read from memory, as in a step). ")
@@ -562,7 +558,7 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
     t = 0.0
     for p in gemm_points(cfg):
         dt, f = ref_dtype(p.dtype)
-        t += calls(float(ref.gemm_time_s(p.m, p.n, p.k, dt)) * f, cfg.timing)
+        t += cfg.passes * calls(float(ref.gemm_time_s(p.m, p.n, p.k, dt)) * f, cfg.timing)
     est["gemm"] = t
     t = 0.0
     for p in attention_points(cfg):
@@ -570,7 +566,8 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
         one = float(ref.attention_time_s(p.doc_len, heads=p.heads, head_dim=p.head_dim, causal=p.causal,
                                          direction=p.direction, dtype=dt)) * f
         work = p.docs * (p.docs if p.layout == "docmask" else 1)  # a document mask does T^2 work
-        t += calls(one * work, cfg.timing) + (calls(one, cfg.timing) if p.direction == "bwd" else 0.0)  # + fwd in setup
+        t += cfg.passes * (calls(one * work, cfg.timing)
+                           + (calls(one, cfg.timing) if p.direction == "bwd" else 0.0))  # + fwd in setup
     est["attention"] = t
     t = 0.0
     if cfg.nproc >= 2:
@@ -584,7 +581,7 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
     t = 0.0
     for p in host_copy_points(cfg):
         direction = p.direction if (ref.tables["host_copy"]["direction"] == p.direction).any() else "memcpy"
-        t += calls(float(ref.host_copy_time_s(p.nbytes, direction, p.pinned)), cfg.timing)
+        t += cfg.passes * calls(float(ref.host_copy_time_s(p.nbytes, direction, p.pinned)), cfg.timing)
     est["host_copy"] = t
     mem = ref.tables["memory"]
     t = 0.0

@@ -18,8 +18,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from profiles.measure import (MeasureConfig, MeasureError, TimingConfig, attention_points,  # noqa: E402
-                              cold_copies, collective_cases, cpu_model_name, gemm_points, host_copy_points,
+from profiles.measure import (CPU_PASSES, MeasureConfig, MeasureError, TimingConfig, attention_points,  # noqa: E402
+                              cold_copies, collective_cases, cpu_model_name, gemm_points, host_copy_points, in_passes,
                               last_level_cache_bytes, memory_points, plan_config, time_op)
 from profiles.measure import runner  # noqa: E402
 from profiles.measure.attention import measure_attention  # noqa: E402
@@ -106,6 +106,28 @@ def test_attention_fwd_bwd_positive_grows_and_derates():
     for d in ("fwd", "bwd"):
         kw = dict(heads=2, head_dim=64, direction=d, dtype="fp32")
         assert prof.attention_time_s([64, 512], **kw) == pytest.approx(only.attention_time_s([64, 512], **kw))
+
+
+def test_passes_interleave_and_keep_each_points_fastest():
+    times = {("a", 0): 3.0, ("b", 0): 1.0, ("a", 1): 2.0, ("b", 1): 5.0, ("a", 2): 4.0, ("b", 2): 0.5}
+    calls: list[str] = []
+    done: list[tuple] = []
+    progress: list[float] = []
+
+    def time_point(p: str) -> tuple[float, str]:
+        t = times[(p, sum(c == p for c in calls))]
+        calls.append(p)
+        return t, f"{p}@{t}"
+
+    best = in_passes(["a", "b"], 3, time_point, lambda i, t, d: done.append((i, t, d)), progress.append)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # alternately ascending and descending
+    assert best == [(2.0, "a@2.0"), (0.5, "b@0.5")]  # each point's fastest pass, with its detail
+    assert done == [(0, 2.0, "a@2.0"), (1, 0.5, "b@0.5")] and progress[-1] == 1.0  # final rows, after every pass
+    done.clear()
+    in_passes(["a"], 1, lambda p: (1.0, None), lambda i, t, d: done.append(len(done)))
+    assert done == [0]  # one pass: each row as soon as it is timed
+    assert plan_config("cpu", quick=True, nproc=2).passes == CPU_PASSES > 1
+    assert plan_config("cuda", quick=True, nproc=2).passes == 1
 
 
 def test_host_copy_memcpy_grows_with_size():
@@ -468,6 +490,9 @@ def test_interrupted_profile_resumes_into_a_usable_profile(tmp_path, monkeypatch
     from typer.testing import CliRunner
 
     from cli import app
+    import profiles.measure
+
+    monkeypatch.setattr(profiles.measure, "CPU_PASSES", 1)  # one pass: rows as they come (GPU's; several: at the end)
     out = tmp_path / "my.json"
     args = ["profile", "--quick", "--out", str(out), "--nproc", "2", "--device", "cpu"]
     bench = FakeBench(monkeypatch, bf16_speedup=0.01, interrupt_at_attention=5)
