@@ -425,9 +425,15 @@ class CostModel:
         u_doc, ring_doc = np.repeat(u, counts), np.repeat(ring_d, counts)
         per_rank = np.where(d_doc > 1, 2.0 * np.ceil(s / (2 * d_doc)), s)
         attn_len = per_rank * u_doc
+        # A ring runs the kernel on zigzag chunk pairs, half a rank's tokens on each side (the executor's block
+        # pairs, Transformer Engine's per-step halves): the rank's causal area is 4 chunk-length causal squares'
+        # worth, at the rate of the chunk's length; 4·t(len/2) = t(len) where the rate is flat, more where short
+        # blocks derate. All-gather CP attends each chunk over the gathered keys: the per-rank length's rate.
+        halves = np.repeat(~ag, counts) & (ring_doc > 1)
+        kernel_len, squares = np.where(halves, attn_len / 2, attn_len), np.where(halves, 4.0, 1.0)
         tokens, attn_f, attn_b = _segment_sums(
-            np.stack([per_rank, self.attn_fwd_s(attn_len) * ring_doc / u_doc,
-                      self.attn_bwd_s(attn_len) * ring_doc / u_doc]), starts, counts)
+            np.stack([per_rank, self.attn_fwd_s(kernel_len) * squares * ring_doc / u_doc,
+                      self.attn_bwd_s(kernel_len) * squares * ring_doc / u_doc]), starts, counts)
         gemm_f = self.gemm_layer_fwd_s(tokens)
         mem_f = self._lookup("mem_layer_fwd", tokens)
         mem_b = self._lookup("mem_layer_bwd", tokens)

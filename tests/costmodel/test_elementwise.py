@@ -136,7 +136,10 @@ def test_allgather_context_parallelism_exposes_its_collectives(a100):
     ring = _cm(a100, gpus=64)
     gather = _cm(a100, gpus=64, cp="allgather")
     r, g = ring.unit_cost([65536], 8, inter_node=True), gather.unit_cost([65536], 8, inter_node=True)
-    assert g.fwd_compute_s == pytest.approx(r.fwd_compute_s) and g.bwd_compute_s == pytest.approx(r.bwd_compute_s)
+    # the same attention work; a ring runs it on chunk pairs (4K tokens a side here), a bit below the rate of the
+    # all-gather's 8K-token query blocks over the gathered keys
+    for ring_s, gather_s in ((r.fwd_compute_s, g.fwd_compute_s), (r.bwd_compute_s, g.bwd_compute_s)):
+        assert gather_s < ring_s < 1.05 * gather_s
     assert g.ring_comm_s > 0 and g.ring_exposed_s == pytest.approx(g.ring_comm_s)  # nothing overlaps the all-gather
     assert r.ring_exposed_s < r.ring_comm_s  # the ring hides part of its transfers under attention
     gathered = 65536 / 8 * 2 * ring.model.kv_width / 8 * 2 * 8  # K/V of the 8 members, bf16, per TP rank

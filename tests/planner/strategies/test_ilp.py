@@ -288,17 +288,22 @@ def test_enumerated_configurations_are_all_multisets_that_fit():
         assert got == want
 
 
-@pytest.mark.parametrize("lengths", [[6000, 6000, 6000], [7000, 5000, 9000], [12000, 5000]])
-def test_configuration_bound_is_valid_and_closes_the_area_gap(lengths):
+# [7000, 5000, 9000]: 9000 tokens need 3 of the 4 ranks, so the optimum runs all three on the whole mesh; the LP
+# mixes groups of 2 fractionally (7000 and 5000 together on 2 ranks take 2.1% less): an integrality gap of the
+# instance, not an error of the bound, which stays below the optimum
+@pytest.mark.parametrize("lengths, gap", [([6000, 6000, 6000], 0.0), ([7000, 5000, 9000], 0.025),
+                                          ([12000, 5000], 0.0)])
+def test_configuration_bound_is_valid_and_closes_the_area_gap(lengths, gap):
     """On hand-checkable instances the configuration LP proves the brute-force optimum (to its
-    bisection tolerance) where the area bound is far below it, and never refutes the optimum itself."""
+    bisection tolerance, and the instance's integrality gap) where the area bound is far below it, and never
+    refutes the optimum itself."""
     items, tab, hdp, C = model_of(lengths)
     opt = brute_force_makespan_s(lengths, cost_model(4))
     area = ilp.area_bound_s(items, tab, hdp, C)
     for engine in ("highs",):
         cb = ilp.config_bound(items, tab, hdp, C, area, opt, time.perf_counter() + 60, engine)
         # within the bisection tolerance plus the bin pricing's linearisation (GEMM waves: under 1%)
-        assert cb.bound_s <= opt and cb.bound_s >= opt * (1 - 2 * ilp.BISECT_TOL - 0.01)
+        assert cb.bound_s <= opt and cb.bound_s >= opt * (1 - 2 * ilp.BISECT_TOL - 0.01 - gap)
         cl = ilp.ConfigLP(items, tab, hdp, C, engine)
         assert not cl.refutes(opt * (1 + 1e-9), time.perf_counter() + 60)
         assert not ilp.integer_model(cl, opt * (1 + 1e-9), 60)[0]
