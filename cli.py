@@ -668,6 +668,9 @@ def simulate_cmd(
 
 # -- profile: measured profiles ----------------------------------------------------------------------
 from costmodel.timing import fit_models, profile_gemm_shapes  # noqa: E402
+
+# TP degrees whose sharded GEMM shapes a profile measures (those dividing a model's KV heads)
+PROFILE_TP_QUICK, PROFILE_TP_FULL = (1, 2), (1, 2, 4, 8)
 from profiles.measure import TABLES as _PROFILE_TABLES, MeasureError  # noqa: E402
 
 USER_ERRORS += (MeasureError,)
@@ -766,7 +769,8 @@ def profile_cmd(
     specs = {name: load_model(name) for name in models.split(",") if name}
     req = ProfileRequest(out=out_path or Path("estimate.json"), quick=quick,
                          ops=tuple(o for o in ops.split(",") if o), max_bytes=max_bytes, nproc=nproc,
-                         model_shapes=profile_gemm_shapes(specs), device=device,
+                         model_shapes=profile_gemm_shapes(specs, PROFILE_TP_QUICK if quick else PROFILE_TP_FULL),
+                         device=device,
                          model_head_dims=tuple(sorted({m.head_dim for m in specs.values()})))
     if estimate:
         cfg, est = estimate_request(req, load_profile(estimate))

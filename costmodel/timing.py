@@ -71,10 +71,20 @@ def gemm_shapes(model: ModelSpec, tp: int = 1, experts: ExpertLayout | None = No
             *router, GemmShape("lm_head", shard(model.vocab), model.hidden))
 
 
-def profile_gemm_shapes(models: Mapping[str, ModelSpec]) -> tuple[tuple[str, int, int], ...]:
-    """(NAME.label, n, k) of each model's GEMMs at tp=1: the model shapes `meshplan profile --models`
-    measures beside its generic grid, keyed by the name the model was given."""
-    return tuple((f"{name}.{g.label}", g.n, g.k) for name, m in models.items() for g in gemm_shapes(m))
+def profile_gemm_shapes(models: Mapping[str, ModelSpec], tps: Sequence[int] = (1,)) -> tuple[tuple[str, int, int], ...]:
+    """(NAME.label, n, k) of each model's GEMMs at each TP degree of `tps` that divides its KV heads (label suffix
+    .tpT beyond 1; each (n, k) once): the model shapes `meshplan profile --models` measures beside its generic
+    grid, keyed by the name the model was given. A shape missing from the table is looked up on the generic
+    time-vs-FLOPs curve (cubes and square-ish shapes), which overstates the rate of a TP shard's skinnier GEMMs."""
+    out = [(f"{name}.{g.label}", g.n, g.k) for name, m in models.items() for g in gemm_shapes(m)]
+    seen = {(n, k) for _, n, k in out}
+    for name, m in models.items():
+        for t in (t for t in tps if t > 1 and m.kv_heads % t == 0):
+            for g in gemm_shapes(m, t):
+                if (g.n, g.k) not in seen:
+                    seen.add((g.n, g.k))
+                    out.append((f"{name}.{g.label}.tp{t}", g.n, g.k))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -215,9 +215,10 @@ def test_profile_measures_the_cost_models_gemm_shapes_and_fits_each_model(tmp_pa
     _fake_run_profile(monkeypatch, p, seen)
     r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny", "--json")
     assert r.exit_code == 0, r.output
-    # tiny: hidden 64, 4 query heads and 2 KV heads of 16, ffn 128, vocab 256
+    # tiny: hidden 64, 4 query heads and 2 KV heads of 16, ffn 128, vocab 256; TP 2 (divides the KV heads; 4 and 8
+    # do not) adds the one shape tp 1 lacks, its output projection's (k = 32)
     assert seen["shapes"] == (("tiny.qkv", 128, 64), ("tiny.o", 64, 64), ("tiny.gate_up", 256, 64),
-                              ("tiny.down", 64, 128), ("tiny.lm_head", 256, 64))
+                              ("tiny.down", 64, 128), ("tiny.lm_head", 256, 64), ("tiny.o.tp2", 64, 32))
     assert json.loads(r.stdout)["fits"] == ["tiny"] and p.fits["tiny"]["alpha1_s_per_token2"] >= 0
     assert r.stderr == ""
 
