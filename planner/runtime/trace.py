@@ -136,11 +136,12 @@ def align_clocks(ranks: list[RankTrace]) -> None:
             p.start_s += shift
 
 
-def _step_load(ranks: list[dict[str, Any]]) -> dict[str, float]:
+def _step_load(ranks: list[dict[str, Any]], complete: bool) -> dict[str, float]:
     """Other processes' cores during a step (rank 0's window; the node's CPU time less every rank's) and the
-    hypervisor's steal, when rank 0 read the node's counters (a one-node CPU replay) and every rank reported."""
+    hypervisor's steal, when rank 0 read the node's counters (a one-node CPU replay) and every rank reported (a
+    dead run's step may lack some: their CPU time would count as other load)."""
     first = ranks[0] if ranks else {}
-    if first.get("rank") != 0 or first.get("node_cpu_s") is None:
+    if not complete or first.get("rank") != 0 or first.get("node_cpu_s") is None:
         return {}
     wall = first["wall_s"]
     return {"other_cores": other_cores(first["node_cpu_s"], sum(r["cpu_s"] for r in ranks), wall),
@@ -169,7 +170,7 @@ def build_trace(meta: dict[str, Any], ranks: list[RankTrace], predicted_step_s: 
         e["step_time_s"] = max((r["wall_s"] for r in e["ranks"]), default=None)
         e["loss"] = sum(r["loss"] for r in e["ranks"]) if e["ranks"] else None
         e["predicted_step_time_s"] = predicted_step_s.get(e["plan_step"])
-        e.update(_step_load(e["ranks"]))
+        e.update(_step_load(e["ranks"], complete))
         if k in planning:
             e["planning"] = asdict(planning[k])
         out.append(e)

@@ -40,8 +40,8 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 # every non-GEMM table stay in the main one
 DTYPE_PREFERENCE = ("bf16", "fp16", "fp32", "fp8")
 # CPU: passes over the GEMM, attention and host-copy points (MeasureConfig.passes). On a shared 2-core VM the
-# host's speed moves by tens of percent between seconds: two single-pass quick profiles an hour apart differed
-# by up to 30% point by point (docs/BENCHMARKS.md)
+# host's speed moves by tens of percent between seconds: three single-pass quick profiles in a row differed point
+# by point by 10% at the median and 33% at the 90th percentile (docs/BENCHMARKS.md, "Interleaved passes")
 CPU_PASSES = 3
 FP8_ALIGN = 16  # torch._scaled_mm (cuBLASLt fp8) needs every GEMM dimension a multiple of 16
 

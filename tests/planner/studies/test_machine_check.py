@@ -44,9 +44,9 @@ def test_cpu_mode_end_to_end(tmp_path):
     for a in roles.values():
         assert a["units"] and a["steps"] and a["iterations"] == 1
         assert 0 <= a["unit_mape"] < float("inf") and all(u["measured_s"] > 0 for u in a["units"])
-    # the fresh profile and the replay both timed the host probe: their ratio is reported (the shipped reference
-    # profile predates the probe)
-    assert 0.1 < roles["fresh"]["host_slowdown"] < 10 and roles["reference"]["host_slowdown"] is None
+    # the replay and both profiles (fresh, and the shipped reference since 2026-12-04) timed the host probe: the
+    # ratios are reported (a profile without the probe gives None: tests/planner/simulate/test_measured.py)
+    assert all(0.1 < a["host_slowdown"] < 10 for a in roles.values())
 
     fresh = load_profile(str(out / "profile.json"))
     assert fresh.fingerprint.source == "measured" and len(fresh.tables["gemm"]) and fresh.tables["collective"].empty
