@@ -668,10 +668,10 @@ def simulate_cmd(
 
 # -- profile: measured profiles ----------------------------------------------------------------------
 from costmodel.timing import fit_models, profile_gemm_shapes  # noqa: E402
+from profiles.measure import TABLES as _PROFILE_TABLES, MeasureError  # noqa: E402
 
 # TP degrees whose sharded GEMM shapes a profile measures (those dividing a model's KV heads)
 PROFILE_TP_QUICK, PROFILE_TP_FULL = (1, 2), (1, 2, 4, 8)
-from profiles.measure import TABLES as _PROFILE_TABLES, MeasureError  # noqa: E402
 
 USER_ERRORS += (MeasureError,)
 
@@ -749,8 +749,9 @@ def profile_cmd(
                                                 help="Largest collective / host-copy / memory-kernel size in bytes."),
         nproc: Optional[int] = typer.Option(None, "--nproc",
                                             help="Ranks for collectives (default: GPUs, or 4 on CPU)."),
-        models: str = typer.Option("tiny", "--models", help="Models whose GEMM shapes, attention head dims and "
-                                   "T(s) fits go in."),
+        models: str = typer.Option("tiny", "--models", help="Models whose GEMM shapes (also TP-sharded: quick 2, "
+                                   "full 2, 4, 8 where they divide the KV heads), attention head dims and T(s) fits "
+                                   "go in."),
         compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B",
                                                           help="Print A/B ratios table by table, no measuring."),
         estimate: Optional[str] = typer.Option(None, "--estimate", metavar="REF",
