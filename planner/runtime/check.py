@@ -138,7 +138,7 @@ def reference_step(model: Decoder, step: Step, tokens: dict[int, SequenceTokens]
         t = tokens[q.id]
         logits = model(t.ids.to(device), torch.arange(q.length, device=device),
                        ReferenceAttention(segment[q.id].to(device)))
-        loss = token_loss(logits, t.labels.to(device), step.global_tokens)
+        loss = token_loss(model, logits, t.labels.to(device), step.global_tokens)
         loss.backward()
         total += float(loss.detach())
     return total

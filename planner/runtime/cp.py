@@ -598,9 +598,17 @@ class PackedAttention:
                 self._max = max(b - a for a, b in self.slices)
             return flash_attn_varlen_func(q, k.to(q.dtype), v.to(q.dtype), self._cu, self._cu, self._max, self._max,
                                           causal=True)
-        outs = [F.scaled_dot_product_attention(_bhtd(q[a:b]), _bhtd(k[a:b]), _bhtd(v[a:b]), is_causal=True,
-                                               enable_gqa=True)[0].transpose(0, 1) for a, b in self.slices]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if len(self.slices) == 1:
+            return _packed_call(q, k, v)
+        # split, not indexing: its backward is one cat, where each slice's would write a zero-filled full-size gradient
+        sizes = [b - a for a, b in self.slices]
+        return torch.cat([_packed_call(*qkv) for qkv in zip(q.split(sizes), k.split(sizes), v.split(sizes))])
+
+
+def _packed_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One document's causal attention, [T, H, D] in and out."""
+    return F.scaled_dot_product_attention(_bhtd(q), _bhtd(k), _bhtd(v), is_causal=True,
+                                          enable_gqa=True)[0].transpose(0, 1)
 
 
 def _bhtd(x: torch.Tensor) -> torch.Tensor:

@@ -186,10 +186,11 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
                         "a Llama-style preset")
     if spec.head_dim % 2:
         raise PlanError(f"model {spec.name!r}: RoPE needs an even head_dim, got {spec.head_dim}")
-    for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn)):
+    for what, n in (("heads", spec.heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn), ("vocab", spec.vocab)):
         if n % m.tp:
-            raise PlanError(f"model {spec.name!r}: {what} = {n} does not split over tp = {m.tp} (whole heads and "
-                            "equal FFN slices per TP rank); pass a model whose heads, kv_heads and ffn divide by tp")
+            raise PlanError(f"model {spec.name!r}: {what} = {n} does not split over tp = {m.tp} (whole heads, equal "
+                            "FFN and vocabulary slices per TP rank); pass a model whose heads, kv_heads, ffn and "
+                            "vocab divide by tp (Megatron pads the vocabulary to a multiple of 128 x tp)")
     for st in plan.steps:  # later steps of a stream are checked by the ranks (UlyssesAttention)
         for u in st.units:
             check_heads(u, spec.kv_heads // m.tp)

@@ -80,13 +80,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SelfAttention(nn.Module):
+    """Q, K and V come from one fused projection, laid out as Megatron's linear_qkv: per KV head (query
+    group) its `rep` query heads, then its K and V head. A split of the rows into contiguous TP shards then
+    gives each rank whole groups, and the cost model's one QKV GEMM is the one the replay runs."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         s = cfg.spec
         self.head_dim = s.head_dim
-        self.wq = nn.Linear(s.hidden, s.q_width, bias=s.qkv_bias)
-        self.wk = nn.Linear(s.hidden, s.kv_width, bias=s.qkv_bias)
-        self.wv = nn.Linear(s.hidden, s.kv_width, bias=s.qkv_bias)
+        self.rep = s.heads // s.kv_heads  # query heads per KV head
+        self.wqkv = nn.Linear(s.hidden, s.q_width + 2 * s.kv_width, bias=s.qkv_bias)
         self.wo = nn.Linear(s.q_width, s.hidden, bias=False)
         self.tp = None  # planner.runtime.tp.TPGroup when the heads are split over a TP group
         self.recompute_core = cfg.recompute == "selective"
@@ -96,10 +99,10 @@ class SelfAttention(nn.Module):
         t, d = x.shape[0], self.head_dim
         if self.tp is not None:
             x = self.tp.enter(x)
-        # head counts from the weights: this rank's heads under TP, all of them otherwise
-        q = apply_rope(self.wq(x).view(t, -1, d), cos, sin)
-        k = apply_rope(self.wk(x).view(t, -1, d), cos, sin)
-        v = self.wv(x).view(t, -1, d)
+        # groups from the weights: this rank's under TP, all of them otherwise; split's backward is one cat
+        q, k, v = torch.split(self.wqkv(x).view(t, -1, (self.rep + 2) * d), [self.rep * d, d, d], dim=-1)
+        q, k = apply_rope(q.reshape(t, -1, d), cos, sin), apply_rope(k, cos, sin)
+        v = v.contiguous()  # attention saves it for backward: dense, as RoPE's outputs are
         if self.recompute_core:  # selective: the attention core's activations are recomputed in backward
             core = checkpoint(attn, q, k, v, layer, use_reentrant=False)
         else:
@@ -109,19 +112,22 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """Gate and up from one fused projection (Megatron's linear_fc1), their rows interleaved (gate_i, up_i),
+    so that any contiguous TP shard of the rows holds matching gate and up columns."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         s = cfg.spec
-        self.gate = nn.Linear(s.hidden, s.ffn, bias=False)
-        self.up = nn.Linear(s.hidden, s.ffn, bias=False)
+        self.gate_up = nn.Linear(s.hidden, 2 * s.ffn, bias=False)
         self.down = nn.Linear(s.ffn, s.hidden, bias=False)
         self.tp = None  # planner.runtime.tp.TPGroup when the FFN is split over a TP group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp is None:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        x = self.tp.enter(x)
-        return self.tp.exit(self.down(F.silu(self.gate(x)) * self.up(x)))
+        if self.tp is not None:
+            x = self.tp.enter(x)
+        gate, up = self.gate_up(x).view(x.shape[0], -1, 2).unbind(-1)  # unbind's backward is one stack
+        out = self.down(F.silu(gate) * up)
+        return out if self.tp is None else self.tp.exit(out)
 
 
 class DecoderLayer(nn.Module):
@@ -149,6 +155,8 @@ class Decoder(nn.Module):
     """tokens [T] + positions [T] -> logits [T, V]; one flat token dimension (no batch axis), as
     varlen kernels see a packed bin."""
 
+    tp = None  # planner.runtime.tp.TPGroup when the vocabulary is split over a TP group (embedding, head, loss)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -159,8 +167,12 @@ class Decoder(nn.Module):
         self.head = None if s.tied_embeddings else nn.Linear(s.hidden, s.vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn: Attention) -> torch.Tensor:
-        x = self.run_layers(self.embed(tokens), positions, attn, 0, self.cfg.spec.layers)
+        x = self.run_layers(self.embed_tokens(tokens), positions, attn, 0, self.cfg.spec.layers)
         return self.logits(x)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> hidden states (the first pipeline stage's head)."""
+        return self.embed(tokens) if self.tp is None else self.tp.embed(self.embed.weight, tokens)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, attn: Attention, start: int,
                    end: int) -> torch.Tensor:
@@ -172,9 +184,16 @@ class Decoder(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head (the last pipeline stage's tail)."""
+        """Final norm and LM head (the last pipeline stage's tail); under TP this rank's vocabulary slice."""
         with self.cfg.autocast(x.device):
-            return F.linear(self.norm(x), self.embed.weight if self.head is None else self.head.weight)
+            h = self.norm(x) if self.tp is None else self.tp.enter(self.norm(x))
+            return F.linear(h, self.embed.weight if self.head is None else self.head.weight)
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per token of `logits(...)`'s output (0 where the label is ignored), in fp32."""
+        if self.tp is not None:
+            return self.tp.token_losses(logits, labels)
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
     def stage_parameters(self, layer_ranges: list[tuple[int, int]], first: bool, last: bool) -> list[nn.Parameter]:
         """The parameters a pipeline stage owns: its layers, the embedding on the first virtual stage,

@@ -42,8 +42,9 @@ class OffloadStats:
 class _Offloaded:
     """A saved tensor living in host memory."""
 
-    host: torch.Tensor
+    host: torch.Tensor  # dense copy
     device: torch.device
+    stride: tuple[int, ...]  # the saved tensor's strides, restored on the way back
     ready: "torch.cuda.Event | None" = None  # D2H copy done (GPU only)
 
 
@@ -67,7 +68,8 @@ class Offloader:
         self.stats.offloaded_bytes += n
         self.stats.tensors_offloaded += 1
         if t.device.type != "cuda":
-            return _Offloaded(host=t.detach().clone(memory_format=torch.preserve_format), device=t.device)
+            return _Offloaded(host=t.detach().clone(memory_format=torch.contiguous_format), device=t.device,
+                              stride=t.stride())
         if self._d2h is None:
             self._d2h, self._h2d = torch.cuda.Stream(t.device), torch.cuda.Stream(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -77,16 +79,20 @@ class Offloader:
             t.record_stream(self._d2h)  # keep t's memory from reuse until the copy has read it
             ready = torch.cuda.Event()
             ready.record(self._d2h)
-        return _Offloaded(host=host, device=t.device, ready=ready)
+        return _Offloaded(host=host, device=t.device, stride=t.stride(), ready=ready)
 
     def unpack(self, packed):
+        """The saved tensor back with its own strides: a view saved by autograd (SwiGLU's gate and up) stays a
+        view's layout, so kernels take the same path and the gradients are bitwise those without offload."""
         if not isinstance(packed, _Offloaded):
             return packed
+        host = packed.host
         if packed.ready is None:
-            return packed.host.clone()
+            return torch.empty_strided(host.shape, packed.stride, dtype=host.dtype).copy_(host)
         with torch.cuda.stream(self._h2d):
             self._h2d.wait_event(packed.ready)
-            dev = packed.host.to(packed.device, non_blocking=True)
+            dev = torch.empty_strided(host.shape, packed.stride, dtype=host.dtype, device=packed.device)
+            dev.copy_(host, non_blocking=True)
         cur = torch.cuda.current_stream(packed.device)
         cur.wait_stream(self._h2d)
         dev.record_stream(cur)

@@ -150,13 +150,13 @@ class StageRunner:
             if ctx.opts.inject_failure is not None:
                 ctx.opts.inject_failure.fire(ctx.rank, op.mb)
             if x is None:
-                h = ctx.model.embed(ids)
+                h = ctx.model.embed_tokens(ids)
             else:
                 h = x.requires_grad_()
             a, b = self._layers(c)
             y = ctx.model.run_layers(h, pos, self._attention(run, j), a, b)
             if self._last(c):
-                y = self.token_loss(ctx.model.logits(y), labels, self.step.global_tokens)
+                y = self.token_loss(ctx.model, ctx.model.logits(y), labels, self.step.global_tokens)
                 self.loss += float(y.detach())
         run.live[(j, c)] = (x, y)
         if not self._last(c):

@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from planner.plan import Step, Unit
 from planner.runtime.context import Context, rank_failure
 from planner.runtime.cp import Peers, shard_layout, unit_attention, unit_documents
 from planner.runtime.feed import StepWork
-from planner.runtime.model import IGNORE_INDEX, SequenceTokens
+from planner.runtime.model import IGNORE_INDEX, Decoder, SequenceTokens
 from planner.runtime.offload import Offloader
 from planner.runtime.stages import StageRunner, rank_ops
 from planner.runtime.trace import StepRecord, UnitRecord
@@ -46,9 +45,9 @@ def unit_inputs(tokens: dict[int, SequenceTokens], layout) -> tuple[torch.Tensor
     return inp, lab, layout.pos
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
-    """Summed token cross-entropy over the global token count (ByteScale Eq. 1-2)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / global_tokens
+def token_loss(model: Decoder, logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
+    """Summed token cross-entropy over the global token count (ByteScale Eq. 1-2); vocab-parallel under TP."""
+    return model.token_losses(logits, labels).sum() / global_tokens
 
 
 def device_sync(device: torch.device) -> None:
@@ -93,7 +92,7 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, Se
     with off.active():
         if ctx.opts.inject_failure is not None:
             ctx.opts.inject_failure.fire(ctx.rank, unit.id)
-        loss = token_loss(ctx.model(inp, pos, attn), lab, step.global_tokens)
+        loss = token_loss(ctx.model, ctx.model(inp, pos, attn), lab, step.global_tokens)
     device_sync(ctx.device)
     t1 = time.perf_counter()
     loss.backward()

@@ -1,7 +1,11 @@
 """Tensor parallelism for the replay (Megatron-style, without sequence parallelism): inside a TP group
-Q/K/V, gate and up are column-parallel (each rank holds whole heads and a slice of the FFN), O and down
-are row-parallel and all-reduce their partial outputs; embedding, norms and the LM head stay
-replicated, so their gradients agree across the group with no extra collective.
+the fused QKV and gate/up projections are column-parallel (each rank holds whole query groups and a slice
+of the FFN: planner/runtime/model.py lays their rows out so), O and down are row-parallel and all-reduce
+their partial outputs. The embedding, the LM head and the loss are vocab-parallel, as Megatron's: each rank
+holds a contiguous V/t rows of the table (and of the head; tied, the same rows), looks up the ids in its
+range and all-reduces the result, computes its V/t logits, and the cross-entropy meets over the group in two
+small all-reduces (the row max; the target logit with the sum of exponentials). The norms stay replicated,
+so their gradients agree across the group with no extra collective.
 
 `enter` is Megatron's f (identity forward, all-reduce of the input gradient backward) and `exit` its
 g (all-reduce forward, identity backward). Shards are contiguous, so with GQA rank t's query heads
@@ -14,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 # Sharded weights by parameter-name suffix: the dimension split over the TP group (biases follow
 # their weight's output dimension; row-parallel layers have none).
-SHARD_DIM = {"attn.wq.weight": 0, "attn.wk.weight": 0, "attn.wv.weight": 0, "attn.wq.bias": 0, "attn.wk.bias": 0,
-             "attn.wv.bias": 0, "attn.wo.weight": 1, "mlp.gate.weight": 0, "mlp.up.weight": 0, "mlp.down.weight": 1}
+SHARD_DIM = {"attn.wqkv.weight": 0, "attn.wqkv.bias": 0, "attn.wo.weight": 1, "mlp.gate_up.weight": 0,
+             "mlp.down.weight": 1, "embed.weight": 0, "head.weight": 0}
 
 
 def shard_dim(name: str) -> int | None:
@@ -52,6 +57,37 @@ class _Exit(torch.autograd.Function):
         return grad, None
 
 
+class _VocabParallelLoss(torch.autograd.Function):
+    """Per-token cross-entropy of logits split over the vocabulary (Megatron's vocab_parallel_cross_entropy),
+    0 where the label is ignored; fp32 whatever the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, start: int, group) -> torch.Tensor:
+        z = logits.float()
+        top = z.max(-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        z = z - top[:, None]
+        mine = (labels >= start) & (labels < start + z.shape[1])  # ignored labels (negative) are no rank's
+        idx = torch.where(mine, labels - start, 0)
+        exp = z.exp()
+        sums = torch.stack((torch.where(mine, z.gather(1, idx[:, None])[:, 0], 0.0), exp.sum(-1)))
+        dist.all_reduce(sums, group=group)  # the target's logit (one rank holds it) and the partition function
+        valid = labels >= 0
+        exp.div_(sums[1][:, None])
+        ctx.save_for_backward(exp, idx, mine, valid)
+        ctx.dtype = logits.dtype
+        return torch.where(valid, sums[1].log() - sums[0], 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        probs, idx, mine, valid = ctx.saved_tensors
+        g = torch.where(valid, grad, 0.0)
+        out = probs.mul_(g[:, None])  # softmax - one-hot(target), scaled by the token's incoming gradient
+        rows = mine.nonzero()[:, 0]
+        out[rows, idx[rows]] -= g[rows]
+        return out.to(ctx.dtype), None, None, None
+
+
 @dataclass(frozen=True)
 class TPGroup:
     """This rank's TP group; the model's attention and MLP blocks call enter/exit around their
@@ -67,18 +103,33 @@ class TPGroup:
     def exit(self, x: torch.Tensor) -> torch.Tensor:
         return _Exit.apply(x, self.group)
 
+    def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: this rank's rows of the table (ids outside them give 0), summed over the group."""
+        start = self.rank * table.shape[0]
+        mine = (ids >= start) & (ids < start + table.shape[0])
+        rows = F.embedding(torch.where(mine, ids - start, 0), table)
+        return self.exit(rows * mine[:, None].to(rows.dtype))
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per token of this rank's vocabulary slice of the logits (0 for ignored labels)."""
+        return _VocabParallelLoss.apply(logits, labels, self.rank * logits.shape[-1], self.group)
+
 
 def shard_model(full: nn.Module, tp: TPGroup) -> nn.Module:
     """A copy of `full` (a Decoder) holding TP rank `tp.rank`'s shards, wired to the group."""
     local = copy.deepcopy(full)
     for name, module in local.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             for pname in ("weight", "bias"):
-                p = getattr(module, pname)
+                p = getattr(module, pname, None)
                 d = shard_dim(f"{name}.{pname}")
                 if p is not None and d is not None:
                     setattr(module, pname, nn.Parameter(p.data.chunk(tp.size, d)[tp.rank].clone()))
-            module.out_features, module.in_features = module.weight.shape
+            if isinstance(module, nn.Linear):
+                module.out_features, module.in_features = module.weight.shape
+            else:
+                module.num_embeddings = module.weight.shape[0]
+    local.tp = tp
     for layer in local.layers:
         layer.attn.tp = layer.mlp.tp = tp
     return local

@@ -108,12 +108,12 @@ def test_packed_bin_equals_stock_transformers_per_document(kind, tmp_path):
     tokens = TokenSource(256, seed=5).tokens(0, step.sequences)
     lay = shard_layout(unit_documents(unit.pieces), 1, 0)
     inp, lab, pos = unit_inputs(tokens, lay)
-    loss = token_loss(model(inp, pos, PackedAttention(lay)), lab, 100)
+    loss = token_loss(model, model(inp, pos, PackedAttention(lay)), lab, 100)
     loss.backward()
     ref = 0.0
     for s in (0, 1):
         out = lm(input_ids=tokens[s].ids[None])
-        part = token_loss(out.logits[0], tokens[s].labels, 100)
+        part = token_loss(model, out.logits[0], tokens[s].labels, 100)
         part.backward()
         ref += float(part.detach())
     assert abs(float(loss.detach()) - ref) < LOSS_TOL

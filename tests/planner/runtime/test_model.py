@@ -80,7 +80,7 @@ def _unit_grads(cfg: ModelConfig):
     lay = shard_layout(unit_documents((Piece(0, 0, 37), Piece(1, 0, 50))), 1, 0)
     inp, lab, pos = unit_inputs(tokens, lay)
     attn = CountingAttention(lay)
-    loss = token_loss(model(inp, pos, attn), lab, 87)
+    loss = token_loss(model, model(inp, pos, attn), lab, 87)
     loss.backward()
     return model, float(loss.detach()), [p.grad.clone() for p in model.parameters()], attn
 

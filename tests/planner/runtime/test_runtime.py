@@ -210,7 +210,7 @@ def _loss_and_grads(model, step: Step, unit: Unit, tokens, offload_ratio: float)
     inp, lab, pos = unit_inputs(tokens, lay)
     off = Offloader(offload_ratio, parameter_pointers(model))
     with off.active():
-        loss = token_loss(model(inp, pos, PackedAttention(lay)), lab, step.global_tokens)
+        loss = token_loss(model, model(inp, pos, PackedAttention(lay)), lab, step.global_tokens)
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in model.parameters()], off.stats
 
@@ -261,7 +261,7 @@ def test_sliced_attention_with_kv_cache_equals_whole_unit(n, kernel, block):
     docs = unit_documents(unit.pieces)
     lay = shard_layout(docs, 1, 0)
     inp, lab, pos = unit_inputs(tokens, lay)
-    whole = token_loss(model(inp, pos, PackedAttention(lay)), lab, step.global_tokens)
+    whole = token_loss(model, model(inp, pos, PackedAttention(lay)), lab, step.global_tokens)
     whole.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -271,7 +271,7 @@ def test_sliced_attention_with_kv_cache_equals_whole_unit(n, kernel, block):
     for j in range(n):
         i, lb, ps = unit_inputs(tokens, layouts[j][0])
         attn = SlicedAttention(layouts, j, peers, cache, torch.device("cpu"), kernel=kernel, block=block)
-        losses.append(token_loss(model(i, ps, attn), lb, step.global_tokens))
+        losses.append(token_loss(model, model(i, ps, attn), lb, step.global_tokens))
     assert sum(lay[0].tokens for lay in layouts) == lay.tokens
     for j in reversed(range(n)):
         roots, grads = cache.backward_roots(j, range(model.cfg.spec.layers))
@@ -299,7 +299,8 @@ def test_stage_layers_and_parameters_partition_the_model():
         shared = owners[0] & owners[1]
         assert shared == ({id(model.embed.weight)} if tied else set())
         # stage 0 holds layers 0 and 2 (chunks 0 and 1), stage 1 layers 1 and 3
-        assert id(model.layers[2].mlp.up.weight) in owners[0] and id(model.layers[1].mlp.up.weight) in owners[1]
+        up = [layer.mlp.gate_up.weight for layer in model.layers]
+        assert id(up[2]) in owners[0] and id(up[1]) in owners[1]
 
 
 def test_tokens_are_deterministic_per_sequence_and_read_from_a_file(tmp_path):
