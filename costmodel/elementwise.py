@@ -92,14 +92,21 @@ def eager_layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtyp
                         direction: str) -> tuple[MemKernel, ...]:
     """A layer's kernels as eager PyTorch runs them (see _EAGER_FWD): the two norms, RoPE on Q and K (each over
     its own width), attention's output back to token layout (one copy), the activation and the two residual
-    adds; bytes per token on one TP rank."""
+    adds; and the fused projections' outputs taken apart (planner/runtime/model.py, Megatron's layout): forward,
+    Q and V copied out of the group-major QKV rows (K stays a view: RoPE writes a new one); backward, one cat of
+    dQ, dK, dV into the QKV gradient and, for SwiGLU, one stack of d(gate), d(up). Bytes per token on one TP rank."""
     b = float(dtype_bytes)
     hidden = model.hidden / (tp if sequence_parallel else 1)
     ffn = model.ffn * model.top_k / tp
+    fwd = direction == "fwd"
     out = [*_eager(model.norm, hidden, b, direction), *_eager(model.norm, hidden, b, direction)]
+    qkv = (model.q_width + 2 * model.kv_width) / tp
+    out.append(MemKernel("qkv_split", 2 * ((model.q_width + model.kv_width) / tp if fwd else qkv) * b))
     if model.position == "rope":
         out += [*_eager("rope", model.q_width / tp, b, direction), *_eager("rope", model.kv_width / tp, b, direction)]
     out.append(MemKernel("attn_out_layout", 2 * model.q_width / tp * b))
+    if model.mlp == "swiglu" and not fwd:
+        out.append(MemKernel("gate_up_grad_stack", 2 * 2 * ffn * b))
     out += [*_eager(model.mlp, ffn, b, direction), *_eager("residual", hidden, b, direction),
             *_eager("residual", hidden, b, direction)]
     if model.dropout:  # dropout after attention and after the MLP: apply the mask (fwd), mask the gradient (bwd)

@@ -26,7 +26,8 @@ DDP_BUCKET_PARAMS = 40_000_000  # Megatron-core DDP's default bucket (bucket_siz
 _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
 _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
-_TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "mem_layer_fwd", "mem_layer_bwd",
+_TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "attn_doc_fwd", "attn_doc_bwd",
+                           "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
                            "mem_embed_bwd", "moe_comm"})  # the others are over bytes
 _COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
@@ -273,13 +274,14 @@ class CostModel:
         self._curves["gemm_layer"] = g
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
-        for direction in ("fwd", "bwd"):
-            if unfused is not None:
-                tt = unfused[direction]
-            else:
-                tt = p.attention_time_s(_TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True,
-                                        direction=direction, dtype=self.dtype)
-            self._curves[f"attn_{direction}"] = np.maximum(tt, 1e-12)
+        for direction in ("fwd", "bwd"):  # attn_doc_*: whole documents of a packed bin, each its own call / tiles
+            for name, whole in (("attn", False), ("attn_doc", True)):
+                if unfused is not None:
+                    tt = unfused[direction]
+                else:
+                    tt = p.attention_time_s(_TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True,
+                                            direction=direction, dtype=self.dtype, per_document=whole)
+                self._curves[f"{name}_{direction}"] = np.maximum(tt, 1e-12)
         sp, b = tr.sequence_parallel, tr.dtype_bytes
         widths = {g.label: (g.k * g.rows_per_token_all, g.n * g.rows_per_token_all) for g in layer
                   if g.label != "router"}
@@ -302,7 +304,7 @@ class CostModel:
         self._curves["d2h"] = p.host_copy_time_s(_BYTES_GRID, "d2h", True)
         self._curves["h2d"] = p.host_copy_time_s(_BYTES_GRID, "h2d", True)
         if tr.tp > 1:
-            for op in ("all_gather", "reduce_scatter"):
+            for op in ("all_gather", "reduce_scatter", "all_reduce"):
                 self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra")
         if self.experts.all_to_all:  # MoE dispatch and combine over EP (+ ETP gather), per token of the TP group
             self._curves["moe_comm"] = np.maximum(moe_comm_fwd_s(p, _TOKEN_GRID, m, self.experts, b), 1e-15)
@@ -341,12 +343,14 @@ class CostModel:
         """Forward GEMMs of one layer for `tokens` tokens on one TP rank."""
         return self._lookup("gemm_layer", tokens)
 
-    def attn_fwd_s(self, doc_len: np.ndarray | float) -> np.ndarray:
-        """Forward attention core of one layer, whole documents on one TP rank."""
-        return self._lookup("attn_fwd", doc_len)
+    def attn_fwd_s(self, doc_len: np.ndarray | float, whole: bool = False) -> np.ndarray:
+        """Forward attention core of one layer on one TP rank, per document length; whole: documents of a packed
+        bin, each a kernel call or tile row of its own, so that a short one costs the table's smallest length's
+        time (profiles.table); else blocks of a sharded document at the table's rate, a lower bound for both."""
+        return self._lookup("attn_doc_fwd" if whole else "attn_fwd", doc_len)
 
-    def attn_bwd_s(self, doc_len: np.ndarray | float) -> np.ndarray:
-        return self._lookup("attn_bwd", doc_len)
+    def attn_bwd_s(self, doc_len: np.ndarray | float, whole: bool = False) -> np.ndarray:
+        return self._lookup("attn_doc_bwd" if whole else "attn_bwd", doc_len)
 
     def p2p_s(self, nbytes: np.ndarray | float, inter_node: bool) -> np.ndarray:
         return self._lookup("p2p_inter" if inter_node else "p2p_intra", nbytes)
@@ -440,10 +444,13 @@ class CostModel:
         # worth, at the rate of the chunk's length; 4·t(len/2) = t(len) where the rate is flat, more where short
         # blocks derate. All-gather CP attends each chunk over the gathered keys: the per-rank length's rate.
         halves = np.repeat(~ag, counts) & (ring_doc > 1)
+        # A document a rank holds whole (degree 1) is a call of its own: below the table's grid, its floor.
         kernel_len, squares = np.where(halves, attn_len / 2, attn_len), np.where(halves, 4.0, 1.0)
+        whole = d_doc == 1
+        t_f = np.where(whole, self.attn_fwd_s(kernel_len, True), self.attn_fwd_s(kernel_len))
+        t_b = np.where(whole, self.attn_bwd_s(kernel_len, True), self.attn_bwd_s(kernel_len))
         tokens, attn_f, attn_b = _segment_sums(
-            np.stack([per_rank, self.attn_fwd_s(kernel_len) * squares * ring_doc / u_doc,
-                      self.attn_bwd_s(kernel_len) * squares * ring_doc / u_doc]), starts, counts)
+            np.stack([per_rank, t_f * squares * ring_doc / u_doc, t_b * squares * ring_doc / u_doc]), starts, counts)
         gemm_f = self.gemm_layer_fwd_s(tokens)
         mem_f = self._lookup("mem_layer_fwd", tokens)
         mem_b = self._lookup("mem_layer_bwd", tokens)
@@ -487,6 +494,9 @@ class CostModel:
             tp_b = tp_f * (2 if rec == "full" else 1)  # full recompute replays the forward's collectives
             # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
             comm_h = self.tp_pair_s(tokens) / 2
+            # the vocab-parallel loss, forward: all-reduces of each token's logit max, then of its target logit and
+            # sum of exponentials (fp32; the replay fuses the last two, Megatron-LM runs them as two more)
+            comm_loss = self._lookup("tp_all_reduce", tokens * 4) + self._lookup("tp_all_reduce", tokens * 8)
         off_f = off_b = np.zeros(n)
         if l > 2:
             nbytes = r_off * tokens * self.a_tok
@@ -494,7 +504,7 @@ class CostModel:
             off_f = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "d2h") - fwd_layer), 0.0)
             off_b = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "h2d") - bwd_layer), 0.0)
         gemm_h = self._lookup("gemm_head", tokens)
-        head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h
+        head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h + (comm_loss if self.tp > 1 else 0.0)
         head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h
         if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
             head_f = head_f + (self._lookup("mem_embed_fwd", tokens) + comm_h)

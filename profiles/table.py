@@ -19,8 +19,12 @@ Interpolation is piecewise-linear in log-log space. Extrapolation, by table:
 - time-vs-size curves (GEMM, host copies, memory): below the grid the smallest point's time is a
   floor (launch latency); above it time grows in proportion to size (last throughput held).
 - rate-vs-size curves (attention FLOP/s vs document length, collective busbw vs bytes): the
-  rate is held flat beyond either end (busbw below the grid is then optimistic only for
-  messages under the smallest measured size, which is 1 KiB on every shipped profile).
+  rate is held flat above the grid, and below it for collectives (busbw below the grid is then
+  optimistic only for messages under the smallest measured size, which is 1 KiB on every shipped
+  profile). Asked for whole documents (`per_document`), a document shorter than the attention grid
+  costs the grid's smallest length's time, as the smallest GEMM's time is a floor: a call's fixed
+  cost (CPU: one SDPA call per document) or a GPU kernel's smallest tile (FlashAttention computes a
+  128-row block whatever fraction of it a short document fills).
 """
 
 from __future__ import annotations
@@ -277,13 +281,16 @@ class Profile:
         return cache[key]
 
     def attention_time_s(self, doc_len: np.ndarray | float, *, heads: int, head_dim: int, causal: bool = True,
-                         direction: str = "fwd", dtype: str = "bf16") -> np.ndarray:
+                         direction: str = "fwd", dtype: str = "bf16", per_document: bool = False) -> np.ndarray:
         """Attention-core time of documents of the given lengths (each a separate causal document,
-        as in a varlen call), from the achieved FLOP/s at that document length."""
+        as in a varlen call), from the achieved FLOP/s at that document length. per_document: each is a
+        kernel call or tile row of its own, and one shorter than the grid costs its smallest length's time
+        (module docstring); otherwise (blocks of a context-parallel chunk) the rate is held."""
         rate_x, rate_y = self._attention_rate(direction, causal, head_dim, dtype)
         s = np.asarray(doc_len, dtype=float)
-        rate = loglog_interp(s, rate_x, rate_y)
-        return attention_flops(s, heads, head_dim, causal, direction) / rate
+        floored = np.where(s > 0, np.maximum(s, rate_x[0]), 0.0) if per_document else s
+        rate = loglog_interp(floored, rate_x, rate_y)
+        return attention_flops(floored, heads, head_dim, causal, direction) / rate
 
     def _attention_rate(self, direction: str, causal: bool, head_dim: int, dtype: str):
         key = ("attn", direction, causal, head_dim, dtype)

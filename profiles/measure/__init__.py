@@ -268,7 +268,8 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
         gemm_generic_nk=1024, model_shapes=model_shapes,
         # Fewer heads than a 7B layer: the rate per head is what the lookup uses (FLOPs scale with heads).
         attn_heads=(8, 2), attn_head_dims=head_dims,
-        attn_lengths=_pow2(128, 2048) if quick else _pow2(64, 4096),
+        # Down to 16 tokens: one call per document has a fixed cost that short documents' FLOPs do not show.
+        attn_lengths=_pow2(16, 2048) if quick else _pow2(16, 4096),
         attn_pack_tokens=2048 if quick else 4096,
         attn_docmask_lengths=(128, 512) if quick else (64, 256, 1024),
         attn_single=False,  # the CPU varlen path already runs one call per document

@@ -153,16 +153,19 @@ def test_eager_kernels_are_the_runtime_ops_by_hand():
     h, q, kv, f = tiny.hidden, tiny.q_width, tiny.kv_width, tiny.ffn
     fwd = eager_layer_kernels(tiny, 1, True, 4, "fwd")
     # two RMSNorms (pow 2h, mean h+1, +eps 2, rsqrt 2, x·r 2h+1, ·w 2h), rotate-half RoPE on Q and K (four products
-    # of the width, a sub and an add of 1.5x, the cat 2x: 9x each), attention's output copy (2q), SwiGLU (silu 2f,
-    # product 3f), two residual adds (3h)
+    # of the width, a sub and an add of 1.5x, the cat 2x: 9x each), Q and V copied out of the fused QKV (2q + 2kv),
+    # attention's output copy (2q), SwiGLU (silu 2f, product 3f), two residual adds (3h)
     per_norm = 2 * h + (h + 1) + 2 + 2 + (2 * h + 1) + 2 * h
-    expect = 2 * per_norm + 9 * q + 9 * kv + 2 * q + 5 * f + 2 * 3 * h
+    expect = 2 * per_norm + 9 * q + 9 * kv + 2 * (q + kv) + 2 * q + 5 * f + 2 * 3 * h
     assert _total(fwd) == pytest.approx(4 * expect)
-    assert len(fwd) == 2 * 6 + 2 * 7 + 1 + 2 + 2
+    assert len(fwd) == 2 * 6 + 2 * 7 + 1 + 1 + 2 + 2
     fused = layer_kernels(tiny, 1, True, 4, "fwd")
     assert len(fwd) > 5 * len(fused) and _total(fwd) > 2 * _total(fused)
     bwd = eager_layer_kernels(tiny, 1, True, 4, "bwd")
     assert _total(bwd) > _total(fwd)  # every op's backward reads more than its forward
+    # the backward puts dQ, dK, dV back into the QKV gradient (one cat) and d(gate), d(up) into gate/up's (a stack)
+    parts = {k.label: k.bytes_per_item for k in bwd}
+    assert parts["qkv_split"] == 4 * 2 * (q + 2 * kv) and parts["gate_up_grad_stack"] == 4 * 2 * 2 * f
     # GPT blocks: LayerNorm and GeLU kernels, dropout masks, no RoPE
     gpt = load_model("gpt-22b")
     labels = {k.label.rsplit("_", 1)[0] for k in eager_layer_kernels(gpt, 1, True, 2, "fwd")}

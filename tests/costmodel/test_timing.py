@@ -28,6 +28,17 @@ def test_unit_costs_monotone_and_ring_overlap(cm):
     assert short.total_s > cm.unit_cost([1024] * 8, 1).total_s
 
 
+def test_a_packed_bins_short_documents_pay_the_attention_floor(cm):
+    # one rank: each document a call (tile row) of its own, below the 128-token grid at the 128-token time
+    per_doc = float(cm.attn_fwd_s(100, whole=True))  # lookups interpolate a token grid: 3% near the kink
+    assert float(cm.attn_fwd_s(16, whole=True)) == pytest.approx(per_doc, rel=0.03)
+    one, many = cm.unit_cost([16]), cm.unit_cost([16] * 64)
+    assert many.attn_fwd_compute_s == pytest.approx(64 * one.attn_fwd_compute_s)
+    assert one.attn_fwd_compute_s == pytest.approx(cm.layers_per_stage * per_doc, rel=0.03)
+    # sharded over 2 ranks the same document runs as blocks at the table's rate
+    assert cm.unit_cost([16] * 64, 2).attn_fwd_compute_s < 0.1 * many.attn_fwd_compute_s
+
+
 def test_offload_hidden_for_long_sequences(cm):
     u = cm.unit_cost([2**18], 8, offload_ratio=1.0, inter_node=True)
     assert u.offload_exposed_s == pytest.approx(0.0, abs=1e-9)  # 256K: r = 1 is free (ByteScale Fig. 21)

@@ -67,6 +67,18 @@ def test_lookups_grow_with_size():
     assert set(profile_names()) >= {"h100-sxm.analytic", "a100-sxm-80gb.analytic"}
 
 
+def test_a_whole_short_document_costs_the_attention_grids_smallest_length():
+    p = load_profile("h100-sxm.analytic")  # its attention grid starts at 128 tokens
+    kw = dict(heads=32, head_dim=128)
+    floor = float(p.attention_time_s(128, **kw))
+    whole = p.attention_time_s(np.array([8, 64, 128, 256]), per_document=True, **kw)
+    assert whole[:3] == pytest.approx([floor] * 3) and whole[3] > floor
+    assert p.attention_time_s(256, per_document=True, **kw) == pytest.approx(p.attention_time_s(256, **kw))
+    # a sharded document's blocks keep the rate: 64 tokens are a quarter of 128's causal FLOPs
+    assert float(p.attention_time_s(64, **kw)) == pytest.approx(floor / 4, rel=0.05)
+    assert float(p.attention_time_s(0, per_document=True, **kw)) == 0.0
+
+
 def test_require_tables_names_the_empty_ones():
     fp = Fingerprint(name="part", device="d", source="measured", created="2026-01-01")
     p = Profile(fp, {"gemm": pd.DataFrame([(1, 1, 1, "fp32", 1e-6)], columns=["m", "n", "k", "dtype", "time_s"])})
