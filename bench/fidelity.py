@@ -15,7 +15,7 @@ pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on 3 ranks with a unit spannin
 `meshplan replay --trace` (fp32, one process per rank, --steps iterations; --rounds N replays every plan N times in
 interleaved rounds and keeps each plan's round of median step). Per plan: step time predicted vs measured (median
 over iterations) and the median and max |error| over units (each unit's measured time the median over
-iterations), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted by
+iterations, from its last member's start to its last member's end: planner.simulate.measured), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted by
 `meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step
 is broken down from the trace (slowest rank's units, P2P wait, gradient sync, optimizer, CPU time / wall time) next
 to the prediction's terms, so a miss can be traced to its cause. Load average at start and end, and per plan the

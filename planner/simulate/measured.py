@@ -104,14 +104,19 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         if ps not in steps_by_id:
             raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
         costs = unit_costs(steps_by_id[ps], cm)
-        # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss)
-        per_unit: dict[tuple[int, int], list[float]] = {}
+        # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss), its ops
+        # interleaved with other micro-batches': the mean of the members' sums. pp = 1: the members run the unit in
+        # lockstep, from the last one's start (an earlier member waits for it: the schedule's idle time, which the
+        # simulation prices apart) to the last one's end.
+        per_unit: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
         for u in st["units"]:
             key = (int(u["unit"]), int(u.get("stage", 0)))
-            per_unit.setdefault(key, []).append(float(u["fwd_s"]) + float(u["bwd_s"]))
-        for (uid, stage), vals in sorted(per_unit.items()):
+            start, busy = float(u.get("start_s", 0.0)), float(u["fwd_s"]) + float(u["bwd_s"])
+            per_unit.setdefault(key, []).append((start, busy, start + busy))
+        for (uid, stage), members in sorted(per_unit.items()):
             pred = costs[uid][1 if stage == cm.pp - 1 else 0].total_s
-            meas = float(np.mean(vals))
+            start, busy, end = np.array(members).T
+            meas = float(end.max() - start.max()) if cm.pp == 1 else float(busy.mean())
             units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,
                               "measured_s": meas, "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
         pred_step = sims[ps].step_time_s

@@ -67,3 +67,15 @@ def test_other_load_is_the_median_over_the_replays_steps_beside_the_profiles(pla
     prof = copy.deepcopy(cm.profile)
     prof.constants["host_other_cores"] = {"value": 0.05, "unit": "cores", "source": "test"}
     assert compare_measured(plan, CostModel(cm.setup, prof), doc).other_load == OtherLoad(0.2, 0.01, 0.05)
+
+
+def test_a_units_time_runs_from_its_last_members_start(plan_and_cm):
+    plan, cm = plan_and_cm
+    doc = _trace(plan, cm, 1.0, None)
+    one = doc["steps"][0]["units"][0]
+    pred = one["fwd_s"]
+    # two members of one unit: the first entered 30 ms early and waited for the second inside the unit
+    doc["steps"][0]["units"] = [{**one, "start_s": 1.0, "fwd_s": pred + 0.030},
+                                {**one, "start_s": 1.030, "fwd_s": pred}]
+    got = compare_measured(plan, cm, doc).units[0]
+    assert got["measured_s"] == pytest.approx(pred) and got["rel_err"] == pytest.approx(0.0, abs=1e-9)
