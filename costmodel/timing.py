@@ -495,7 +495,7 @@ class CostModel:
             # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
             comm_h = self.tp_pair_s(tokens) / 2
             # the vocab-parallel loss, forward: all-reduces of each token's logit max, then of its target logit and
-            # sum of exponentials (fp32; the replay fuses the last two, Megatron-LM runs them as two more)
+            # sum of exponentials (fp32; the replay's two, where Megatron-LM all-reduces the last two apart)
             comm_loss = self._lookup("tp_all_reduce", tokens * 4) + self._lookup("tp_all_reduce", tokens * 8)
         off_f = off_b = np.zeros(n)
         if l > 2:

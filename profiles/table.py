@@ -19,9 +19,8 @@ Interpolation is piecewise-linear in log-log space. Extrapolation, by table:
 - time-vs-size curves (GEMM, host copies, memory): below the grid the smallest point's time is a
   floor (launch latency); above it time grows in proportion to size (last throughput held).
 - rate-vs-size curves (attention FLOP/s vs document length, collective busbw vs bytes): the
-  rate is held flat above the grid, and below it for collectives (busbw below the grid is then
-  optimistic only for messages under the smallest measured size, which is 1 KiB on every shipped
-  profile). Asked for whole documents (`per_document`), a document shorter than the attention grid
+  rate is held flat beyond either end (busbw below the grid is then optimistic only for messages
+  under the smallest measured size, which is 1 KiB on every shipped profile). Asked for whole documents (`per_document`), a document shorter than the attention grid
   costs the grid's smallest length's time, as the smallest GEMM's time is a floor: a call's fixed
   cost (CPU: one SDPA call per document) or a GPU kernel's smallest tile (FlashAttention computes a
   128-row block whatever fraction of it a short document fills).
