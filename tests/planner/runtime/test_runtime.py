@@ -537,6 +537,10 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     tp = json.loads(text)
     tp["mesh"] = {"world_size": 12, "tp": 4, "pp": 1, "hdp": 3}  # tiny has 2 KV heads
     (tmp_path / "tp.json").write_text(json.dumps(tp))
+    (tmp_path / "odd_vocab.json").write_text(json.dumps({**DEEP_TIED, "name": "odd-vocab", "vocab": 255}))
+    tp2 = json.loads(text)
+    tp2["mesh"] = {"world_size": 6, "tp": 2, "pp": 1, "hdp": 3}
+    (tmp_path / "tp2.json").write_text(json.dumps(tp2))
     pp = json.loads(text)
     pp["mesh"] = {"world_size": 12, "tp": 1, "pp": 4, "hdp": 3}  # tiny has 2 layers
     (tmp_path / "pp.json").write_text(json.dumps(pp))
@@ -558,6 +562,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["gap.json", "--nproc", "3"], "sequence 0 covers 30 of 37 tokens"),
             (["good.json", "--nproc", "4"], "the plan is for world_size 3"),
             (["tp.json", "--nproc", "12"], "kv_heads = 2 does not split over tp = 4"),
+            (["tp2.json", "--nproc", "6", "--model", "odd_vocab.json"], "vocab = 255 does not split over tp = 2"),
             (["pp.json", "--nproc", "12"], "has 2 layers, fewer than the plan's 4 pipeline chunks"),
             (["slices.json", "--nproc", "4"], "unit 2 has 100 slices but its longest document only 80 tokens"),
             (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),
