@@ -1278,8 +1278,8 @@ def machine_check_cmd(
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
         budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Wall-time budget in seconds, split into "
                                                  "per-phase budgets (default: 480 on GPU, 180 on CPU)."),
-        steps: int = typer.Option(4, "--steps", min=2, help="Timed replay iterations per plan (the first is left "
-                                                            "out as warm-up)."),
+        steps: int = typer.Option(6, "--steps", min=2, help="Replay iterations per plan (each plan step's first "
+                                                            "replay is left out as warm-up)."),
         seed: int = typer.Option(0, "--seed", help="Lengths, model init and tokens."),
         cases: Optional[List[str]] = typer.Option(None, "--case", help="Replay only this plan (repeatable), e.g. "
                                                   "cpu1, cpu2-gloo, gpu1-packed, gpu1-long; default: all of the "

@@ -175,7 +175,7 @@ def logits_bytes(tokens: float, setup: Setup) -> float:
     """Loss-head peak for `tokens` tokens on a rank: fp32 logits and their gradient over V/t, or a
     fused online-softmax cross-entropy that processes 8K-token chunks (REFERENCE 7.4, ByteScale §7)."""
     v = setup.model.vocab / setup.training.tp
-    chunk = min(tokens, 8192.0) if setup.training.fused_loss else tokens
+    chunk = min(tokens, 8192.0) if setup.training.loss_fused else tokens
     return chunk * v * 8.0
 
 
@@ -218,11 +218,11 @@ def _terms(setup: Setup) -> _Terms:
     hbm = float(setup.cluster.gpu_memory_bytes)
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
-    free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.fused_loss else 0.0)
+    free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.loss_fused else 0.0)
     act = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
                                            ExpertLayout.of(tr)) * m.layers
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
-    return _Terms(states, frag, free, act, work, 0.0 if tr.fused_loss else (m.vocab / tr.tp) * 8.0)
+    return _Terms(states, frag, free, act, work, 0.0 if tr.loss_fused else (m.vocab / tr.tp) * 8.0)
 
 
 def memory_budget(setup: Setup) -> MemoryBudget:
@@ -236,7 +236,7 @@ def memory_budget(setup: Setup) -> MemoryBudget:
         raise SpecError(does_not_fit_message(setup, t))
     c = int(cap)
     return MemoryBudget(float(setup.cluster.gpu_memory_bytes), t.states_bytes, float(tr.ctx_overhead_bytes),
-                        t.frag_bytes, logits_bytes(min(c, 8192), setup), t.activation_bytes_per_token,
+                        t.frag_bytes, logits_bytes(c, setup), t.activation_bytes_per_token,
                         t.working_bytes_per_token, c)
 
 

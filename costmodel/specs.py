@@ -378,6 +378,13 @@ class TrainingSpec:
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    @property
+    def loss_fused(self) -> bool:
+        """Whether the loss runs fused over logit chunks: eager kernels (meshplan's replay) materialise every
+        logit of a unit, whatever fused_loss says (an H200 replay: 114 GB peak for 32K tokens of a 128K vocabulary,
+        where an 8K chunk priced 82 GB)."""
+        return self.fused_loss and self.kernels != "eager"
+
     def check_against(self, model: ModelSpec, cluster: ClusterSpec) -> None:
         """Raise SpecError if the parallel layout does not fit the model or cluster."""
         if model.heads % self.tp or model.kv_heads % self.tp and self.tp % model.kv_heads:

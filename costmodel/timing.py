@@ -13,8 +13,9 @@ from typing import get_args
 
 import numpy as np
 
-from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, MemKernel, eager_layer_kernels, embedding_kernels,
-                                   fp8_cast_kernels, head_kernels, layer_kernels, recompute_kernels, score_kernels)
+from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, MemKernel, eager_head_kernels,
+                                   eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
+                                   layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, fp8_scaled_tensors,
                               memory_budget, params_per_rank)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
@@ -289,14 +290,17 @@ class CostModel:
         moe = {d: moe_kernels(m, self.experts, b, d) for d in ("fwd", "bwd")}  # () for dense models
         eager = tr.kernels == "eager"
         layer_ks = eager_layer_kernels if eager else layer_kernels
-        fused_loss = tr.fused_loss and not eager  # eager: cross-entropy over materialised fp32 logits
         kernels = {"mem_layer_fwd": layer_ks(m, tr.tp, sp, b, "fwd") + cast["fwd"] + moe["fwd"],
                    "mem_layer_bwd": layer_ks(m, tr.tp, sp, b, "bwd") + cast["bwd"] + moe["bwd"],
                    "mem_recompute": (recompute_kernels(m, tr.tp, sp, b, tr.recompute, eager)
                                      + (cast["fwd"] + moe["fwd"] if tr.recompute == "full" else ())),
-                   "mem_head_fwd": head_kernels(m, tr.tp, sp, b, fused_loss, "fwd"),
-                   "mem_head_bwd": head_kernels(m, tr.tp, sp, b, fused_loss, "bwd"),
-                   "mem_embed_fwd": embedding_kernels(m, b, "fwd"), "mem_embed_bwd": embedding_kernels(m, b, "bwd")}
+                   "mem_head_fwd": (eager_head_kernels(m, tr.tp, sp, b, "fwd") if eager else
+                                    head_kernels(m, tr.tp, sp, b, tr.fused_loss, "fwd")),
+                   "mem_head_bwd": (eager_head_kernels(m, tr.tp, sp, b, "bwd") if eager else
+                                    head_kernels(m, tr.tp, sp, b, tr.fused_loss, "bwd")),
+                   # eager: the fp32 table gathered into the fp32 stream (EAGER_STREAM_BYTES)
+                   "mem_embed_fwd": embedding_kernels(m, int(EAGER_STREAM_BYTES) if eager else b, "fwd"),
+                   "mem_embed_bwd": embedding_kernels(m, int(EAGER_STREAM_BYTES) if eager else b, "bwd")}
         for name, ks in kernels.items():
             self._curves[name] = np.maximum(self._kernels_s(ks, _TOKEN_GRID), 1e-15)
         for scope in ("intra", "inter"):

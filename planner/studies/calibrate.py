@@ -29,7 +29,7 @@ import numpy as np
 from costmodel.timing import CostModel
 from planner.plan import Plan, PlanError, validate
 from planner.plan.stream import load_plan, plan_fingerprint
-from planner.simulate.measured import compare_measured
+from planner.simulate.measured import compare_measured, warm_steps
 from planner.simulate.step import unit_costs
 from profiles.table import Profile, load_profile, read_json
 
@@ -136,7 +136,7 @@ def trace_rows(plan: Plan, trace: dict, origin: str) -> tuple[Row, ...]:
     """The trace's rows, after checking that every (plan step, unit, degree, stage) it names is the plan's."""
     steps = {s.step: s for s in plan.steps}
     per: dict[tuple[int, int, int], dict[int, list[tuple[float, float]]]] = {}
-    for st in trace["steps"]:
+    for st in warm_steps(trace):  # a plan step's cold first replay left out when it was replayed again
         ps = st.get("plan_step")
         if ps not in steps:
             raise PlanError(f"{origin}: trace replays plan step {ps}, which the plan does not have; pair each trace "
@@ -223,13 +223,15 @@ class _PlanGroup:
         return np.stack(cols, axis=1)
 
     def errors(self, p: Physical) -> tuple[np.ndarray, np.ndarray]:
-        """Relative errors (predicted / measured − 1) per unit and per step over the plan's traces."""
+        """Relative errors (predicted / measured − 1) per unit and per step over the plan's traces, cold replays
+        left out as the fit leaves them out (`warm_steps`)."""
         cm = self.cost_model(p)
         units, steps = [], []
         for pair in self.pairs:
             c = compare_measured(self.plan, cm, pair.trace)
-            units += [u["rel_err"] for u in c.units]
-            steps += [s["rel_err"] for s in c.steps]
+            warm = {s["step"] for s in warm_steps(pair.trace)}
+            units += [u["rel_err"] for u in c.units if u["step"] in warm]
+            steps += [s["rel_err"] for s in c.steps if s["step"] in warm]
         return np.array(units, float), np.array(steps, float)
 
 

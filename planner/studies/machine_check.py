@@ -46,7 +46,7 @@ from costmodel.presets import cluster_names, load_cluster, load_model
 from costmodel.timing import fit_models
 from planner.api import PlanRequest, device_kind, cost_model_for_plan, make_plan
 from planner.plan import Plan, PlanError
-from planner.simulate.measured import compare_measured
+from planner.simulate.measured import compare_measured, warm_steps
 from planner.studies.calibrate import read_trace
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, load_profile
 
@@ -78,7 +78,7 @@ class MachineCheckRequest:
     out_dir: Path  # everything is written here
     device: str | None = None  # "cpu" | "cuda"; None: cuda when torch sees one
     budget_s: float | None = None  # total wall time; None: DEFAULT_BUDGET_S of the device
-    steps: int = 4  # timed replay iterations per plan (the first is left out as warm-up)
+    steps: int = 6  # replay iterations per plan (each plan step's first replay is left out as warm-up)
     seed: int = 0  # lengths, model init, tokens
     cases: tuple[str, ...] | None = None  # replay only these cases (replay_cases names); None: all of the device's
 
@@ -142,7 +142,7 @@ class Accuracy:
     step_mape: float
     units: tuple[dict, ...]  # {plan_step, unit, stage, predicted_s, measured_s, rel_err}
     steps: tuple[dict, ...]  # {plan_step, predicted_s, measured_s, rel_err}
-    iterations: int  # timed iterations used (the first is left out)
+    iterations: int  # timed iterations used (each plan step's cold first replay left out)
     host_slowdown: float | None = None  # CPU: the replay's host probe over the profile's (compare_measured)
 
 
@@ -575,16 +575,15 @@ def judge_replay(run: ReplayRun, code: int | None, out: str, log: Path, seconds:
 
 # ---- 4. predicted vs measured --------------------------------------------------------------------------
 def accuracy(case: str, role: Literal["reference", "fresh"], plan: Plan, profile: str, trace: dict) -> Accuracy:
-    """Predicted (the plan on `profile`) vs measured (the trace), the first iteration left out as warm-up: per
+    """Predicted (the plan on `profile`) vs measured (the trace), cold iterations left out (`warm_steps`): per
     (plan step, unit, stage) the median measured time over the iterations that replayed it, per plan step the
     median step time."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = cost_model_for_plan(plan, profile)
     c = compare_measured(plan, cm, trace)
-    first = min(s["step"] for s in c.steps)
-    timed = [s for s in c.steps if s["step"] != first] or c.steps
-    kept = {s["step"] for s in timed}
+    kept = {s["step"] for s in warm_steps(trace)}
+    timed = [s for s in c.steps if s["step"] in kept]
     by_unit: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
     plan_step = {s["step"]: s["plan_step"] for s in c.steps}
     for u in c.units:
@@ -651,12 +650,8 @@ def _profile_phase(res: MachineCheck, dev: _Device, phase_s: float, say: Callabl
                                 *(["--reference", dev.reference] if dev.reference else [])),
                         phase_s, logs / "profile.log", env=_child_env(1 if dev.kind == "cpu" else None))
     multi_gpu = dev.kind == "cuda" and dev.env.get("gpus", 1) >= 2
-    if dev.kind == "cuda":
-        res.checks.append(CheckRow("profile", "fp8 gemm", "n/a", 0.0, "not measured: profiles/measure has no fp8 "
-                                   f"dtype (compute capability {dev.env.get('compute_capability') or 'unknown'}; "
-                                   "fp8 tensor cores from 8.9)"))
-        if not multi_gpu:
-            res.checks.append(CheckRow("profile", "collective", "n/a", 0.0, "needs >= 2 GPUs"))
+    if dev.kind == "cuda" and not multi_gpu:
+        res.checks.append(CheckRow("profile", "collective", "n/a", 0.0, "needs >= 2 GPUs"))
     if not rows_file.exists():
         res.checks.append(CheckRow("profile", "tables", "failed", time.monotonic() - t0,
                                    "timed out before its first table" if code is None else
@@ -671,6 +666,13 @@ def _profile_phase(res: MachineCheck, dev: _Device, phase_s: float, say: Callabl
                                    f"{n}/{e['points']} points (budget {e['budget_s']:.0f} s{est})"
                                    + (": cut at its budget" if e["cut"] else "")
                                    + (f": {e['error']}" if e["error"] else "")))
+    if dev.kind == "cuda":  # fp8 GEMMs are rows of the GEMM table, measured where the GPU has fp8 tensor cores
+        gemm = fresh.tables["gemm"]
+        n8 = int((gemm["dtype"] == "fp8").sum()) if not gemm.empty else 0
+        res.checks.append(CheckRow("profile", "fp8 gemm", "ok" if n8 else "n/a", 0.0,
+                                   f"{n8} fp8 (E4M3) points in the GEMM table" if n8 else
+                                   f"none measured: {doc['dtype_note']} (compute capability "
+                                   f"{dev.env.get('compute_capability') or 'unknown'})"))
     for t in TABLE_ORDER:
         if t not in doc["tables"] and (t != "collective" or multi_gpu):
             res.checks.append(CheckRow("profile", t, "skipped" if code is None else "failed", 0.0,
@@ -834,8 +836,9 @@ def summary_markdown(res: MachineCheck, plans: dict[str, tuple[Plan, Path]]) -> 
               for c in res.checks]
     lines += ["", "## Predicted vs measured", "",
               "Error = predicted / measured - 1; MAPE = mean |error|. Units: median over the timed iterations (the "
-              "first is left out as warm-up); steps: median step time per plan step. Host probe: its time around the "
-              "replay over its time while the profile was measured (CPU; 1: the host computed as fast).", "",
+              "first replay of each plan step is left out as warm-up: a GPU's first pass over new shapes is seconds "
+              "slower); steps: median step time per plan step. Host probe: its time around the replay over its time "
+              "while the profile was measured (CPU; 1: the host computed as fast).", "",
               "| plan | profile | role | units | unit MAPE | step MAPE | step predicted (ms) | step measured (ms) | "
               "host probe x |", "|---|---|---|---|---|---|---|---|---|"]
     for a in res.accuracy:

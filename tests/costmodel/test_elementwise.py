@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, eager_layer_kernels, embedding_kernels, head_kernels,
-                                   layer_kernels, recompute_kernels, score_kernels)
+from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, eager_head_kernels, eager_layer_kernels, embedding_kernels,
+                                   head_kernels, layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import params_per_rank
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, TrainingSpec
@@ -186,3 +186,23 @@ def test_eager_training_prices_more_memory_time_and_an_unfused_loss(a100):
     assert v.attn_fwd_compute_s == pytest.approx(u.attn_fwd_compute_s)  # GEMMs and attention are the same
     assert v.head_fwd_s > u.head_fwd_s  # the fp32 logits' softmax is written out
     assert "kernels" not in TrainingSpec().to_dict() and TrainingSpec(kernels="eager").to_dict()["kernels"] == "eager"
+
+
+def test_eager_bf16_keeps_the_runtimes_fp32_stream():
+    # planner/runtime autocasts over fp32 parameters: norms and residual adds on the fp32 stream, each norm's output
+    # cast for its GEMM, the branches (projections, RoPE, activation) in bf16
+    llama = load_model("llama3-8b")
+    h = llama.hidden
+    bf16, fp32 = (eager_layer_kernels(llama, 1, False, b, "fwd") for b in (2, 4))
+    parts = {k.label: k.bytes_per_item for k in bf16}
+    assert parts["autocast_cast"] == h * (4 + 2) and parts["residual"] == h * (4 + 2 + 4)
+    norm = lambda ks: [k.bytes_per_item for k in ks if k.label.startswith("rmsnorm")]  # noqa: E731
+    assert norm(bf16) == norm(fp32)  # the norms run in fp32 either way
+    assert parts["swiglu_1"] == 3 * llama.ffn * 2  # the activation stays bf16
+    assert "autocast_cast" not in {k.label for k in fp32}
+    bwd = {k.label: k.bytes_per_item for k in eager_layer_kernels(llama, 1, False, 2, "bwd")}
+    assert bwd["residual"] == h * (3 * 4 + 4 + 2)  # the stream's accumulation, the branch's gradient cast down
+    # the loss over fp32 logits: cast up and log-softmax forward; zero fill, log-softmax backward, cast down
+    ce = {d: [k for k in eager_head_kernels(llama, 1, False, 2, d) if k.label == "cross_entropy"][0].bytes_per_item
+          for d in ("fwd", "bwd")}
+    assert ce == {"fwd": llama.vocab * (2 + 4 + 8), "bwd": llama.vocab * (4 + 12 + 4 + 2)}

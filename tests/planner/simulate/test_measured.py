@@ -9,7 +9,7 @@ import pytest
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, cost_model_for_plan, make_plan
 from planner.simulate import simulate_step, unit_costs
-from planner.simulate.measured import OtherLoad, compare_measured, host_slowdown
+from planner.simulate.measured import OtherLoad, compare_measured, host_slowdown, warm_steps
 
 PROFILE_PROBE_S = 0.020
 
@@ -79,3 +79,18 @@ def test_a_units_time_runs_from_its_last_members_start(plan_and_cm):
                                 {**one, "start_s": 1.030, "fwd_s": pred}]
     got = compare_measured(plan, cm, doc).units[0]
     assert got["measured_s"] == pytest.approx(pred) and got["rel_err"] == pytest.approx(0.0, abs=1e-9)
+
+
+def _steps(plan_steps: list[int]) -> dict:
+    return {"steps": [{"step": i, "plan_step": ps} for i, ps in enumerate(plan_steps)]}
+
+
+@pytest.mark.parametrize("plan_steps, kept", [
+    ([0, 1, 0, 1, 0, 1], [2, 3, 4, 5]),  # each plan step's first replay is cold (new shapes)
+    ([0, 1, 2, 0], [1, 2, 3]),  # plan steps replayed once keep their only replay
+    ([0, 1], [0, 1]),
+    ([0, 0, 0], [1, 2]),
+    ([0], [0]),
+])
+def test_warm_steps_leave_out_each_plan_steps_cold_first_replay(plan_steps, kept):
+    assert [s["step"] for s in warm_steps(_steps(plan_steps))] == kept

@@ -29,7 +29,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     out = tmp_path / "check"
     # the two-rank case alone keeps this test short: its --check replay, its timing replay (two torchrun jobs)
     res = runner.invoke(app, ["machine-check", "--out", str(out), "--device", "cpu", "--case", "cpu2-gloo",
-                              "--steps", "2", "--budget-s", "600", "--json"])
+                              "--steps", "4", "--budget-s", "600", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout.strip().splitlines()[-1])
     assert doc["ok"] and doc["device"] == "cpu" and doc["environment"]["versions"]["torch"]
@@ -42,7 +42,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     roles = {a["role"]: a for a in doc["accuracy"] if a["case"] == "cpu2-gloo"}
     assert set(roles) == {"reference", "fresh"}
     for a in roles.values():
-        assert a["units"] and a["steps"] and a["iterations"] == 1
+        assert a["units"] and a["steps"] and a["iterations"] == 2  # 4 replays of 2 plan steps, each's first cold
         assert 0 <= a["unit_mape"] < float("inf") and all(u["measured_s"] > 0 for u in a["units"])
     # the replay and both profiles (fresh, and the shipped reference since 2026-12-04) timed the host probe: the
     # ratios are reported (a profile without the probe gives None: tests/planner/simulate/test_measured.py)
