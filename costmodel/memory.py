@@ -150,6 +150,52 @@ def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recom
     return replicated + sharded / tp + moe
 
 
+# The eager replay's loss (planner/runtime: cross-entropy over fp32 logits) at its peak, the start of its backward,
+# per logit: log-softmax's saved fp32 output, the fp32 gradient coming in and the one going out. Megatron's
+# unfused loss keeps fp32 logits and their gradient (8 B).
+EAGER_LOGIT_BYTES = 12.0
+LOGIT_BYTES = 8.0
+
+
+def eager_activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
+                                           sequence_parallel: bool = True) -> float:
+    """Saved activations per token per layer of meshplan's replay (planner/runtime/model.py under autocast over
+    fp32 parameters: the stream in EAGER_STREAM_BYTES r), storage by storage: each norm keeps its fp32 input, x·r
+    and its output as the next GEMM's input, (2r + b)·h; attention keeps the fused QKV output (K's RoPE reads views
+    of it), Q's reshaped copy, rotated Q and K, contiguous V, the core's output and its token-layout copy,
+    b·(5q + 4kv), and the fp32 log-sum-exp (4 B a head); SwiGLU keeps gate/up's output, silu and their product,
+    4f·b (GeLU 2f·b). Selective recompute (the core checkpointed) drops the core's output and log-sum-exp; full
+    keeps the layer input r·h. H200, 4 Llama-3-8B layers: peak memory grows 2.48 MB a token, this and the loss's
+    EAGER_LOGIT_BYTES give 2.56 (docs/BENCHMARKS.md "GPU: one H200")."""
+    from costmodel.elementwise import EAGER_STREAM_BYTES as r
+
+    b = float(dtype_bytes)
+    h = model.hidden / (tp if sequence_parallel else 1)
+    if recompute == "full":
+        return r * h
+    q, kv, heads = model.q_width / tp, model.kv_width / tp, model.heads / tp
+    f = model.ffn * model.top_k / tp
+    core = 0.0 if recompute == "selective" else q * b + 4 * heads
+    mlp = (4 if model.mlp == "swiglu" else 2) * f * b
+    return 2 * (2 * r + b) * h + b * (4 * q + 4 * kv) + core + mlp
+
+
+def layer_activation_per_token(setup: Setup, recompute: Recompute | None = None) -> float:
+    """Saved activations per token per layer on one rank for a setup: the replay's eager layer with eager
+    kernels (dense models: the replay runs no MoE), else Megatron's (activation_bytes_per_token_layer)."""
+    tr, m = setup.training, setup.model
+    recompute = tr.recompute if recompute is None else recompute
+    if tr.kernels == "eager" and not m.is_moe:
+        return eager_activation_bytes_per_token_layer(m, tr.tp, recompute, tr.dtype_bytes, tr.sequence_parallel)
+    return activation_bytes_per_token_layer(m, tr.tp, recompute, tr.dtype_bytes, tr.sequence_parallel,
+                                            ExpertLayout.of(tr))
+
+
+def logit_bytes(setup: Setup) -> float:
+    """Bytes an unfused loss holds per logit at its peak (EAGER_LOGIT_BYTES with eager kernels, else 8)."""
+    return EAGER_LOGIT_BYTES if setup.training.kernels == "eager" else LOGIT_BYTES
+
+
 def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, tp: int, recompute: Recompute,
                            sequence_parallel: bool = True, flash_attention: bool = True,
                            dtype_bytes: int = 2) -> float:
@@ -166,9 +212,7 @@ def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, 
 
 
 def full_layer_activation_bytes_per_token(setup: Setup) -> float:
-    tr = setup.training
-    return activation_bytes_per_token_layer(setup.model, tr.tp, "none", tr.dtype_bytes, tr.sequence_parallel,
-                                            ExpertLayout.of(tr))
+    return layer_activation_per_token(setup, "none")
 
 
 def logits_bytes(tokens: float, setup: Setup) -> float:
@@ -176,7 +220,7 @@ def logits_bytes(tokens: float, setup: Setup) -> float:
     fused online-softmax cross-entropy that processes 8K-token chunks (REFERENCE 7.4, ByteScale §7)."""
     v = setup.model.vocab / setup.training.tp
     chunk = min(tokens, 8192.0) if setup.training.loss_fused else tokens
-    return chunk * v * 8.0
+    return chunk * v * logit_bytes(setup)
 
 
 @dataclass(frozen=True)
@@ -219,10 +263,9 @@ def _terms(setup: Setup) -> _Terms:
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
     free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.loss_fused else 0.0)
-    act = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
-                                           ExpertLayout.of(tr)) * m.layers
+    act = layer_activation_per_token(setup) * m.layers
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
-    return _Terms(states, frag, free, act, work, 0.0 if tr.loss_fused else (m.vocab / tr.tp) * 8.0)
+    return _Terms(states, frag, free, act, work, 0.0 if tr.loss_fused else (m.vocab / tr.tp) * logit_bytes(setup))
 
 
 def memory_budget(setup: Setup) -> MemoryBudget:

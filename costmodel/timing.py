@@ -16,7 +16,7 @@ import numpy as np
 from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
                                    layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import (MemoryBudget, activation_bytes_per_token_layer, dkv_activation_ratio, fp8_scaled_tensors,
+from costmodel.memory import (MemoryBudget, dkv_activation_ratio, fp8_scaled_tensors, layer_activation_per_token,
                               memory_budget, params_per_rank)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
 from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
@@ -240,8 +240,7 @@ class CostModel:
         self.budget: MemoryBudget = memory_budget(self.setup)
         self.capacity_tokens = self.budget.capacity_tokens
         self.experts = ExpertLayout.of(tr)  # how MoE layers run on the TP group (costmodel.moe)
-        self.a_tok = activation_bytes_per_token_layer(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
-                                                      self.experts)
+        self.a_tok = layer_activation_per_token(self.setup)  # the replay's eager layer with eager kernels
         self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
                                               self.experts)
         self.heads_per_rank = max(1, m.heads // tr.tp)

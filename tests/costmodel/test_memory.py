@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from costmodel.memory import (activation_bytes_per_token_layer, layer_activation_bytes, memory_budget, min_degree,
-                              model_state_bytes, offload_lower_bound, offload_ratio_for_tokens, params_per_rank,
-                              state_bytes_per_param)
+from costmodel.memory import (activation_bytes_per_token_layer, layer_activation_bytes, layer_activation_per_token,
+                              memory_budget, min_degree, model_state_bytes, offload_lower_bound,
+                              offload_ratio_for_tokens, params_per_rank, state_bytes_per_param)
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, SpecError, TrainingSpec
 
@@ -144,3 +144,21 @@ def test_zero2_shards_the_gradients_too():
     assert model_state_bytes(z2) == pytest.approx(params * (2 + 16 / 64))
     with pytest.raises(SpecError, match="zero_stage"):
         TrainingSpec(zero_stage=4)
+
+
+def test_eager_kernels_price_the_replays_own_saved_tensors():
+    # meshplan's replay (autocast over fp32 parameters), storage by storage: per norm its fp32 input, x·r and the
+    # next GEMM's bf16 input (2·4 + 2)h; attention b(5q + 4kv) + 4 B per head; SwiGLU 4f·b
+    m = load_model("llama3-8b")
+    h, q, kv, f = m.hidden, m.q_width, m.kv_width, m.ffn
+    c = load_cluster("hgx-h200").with_gpus(1)
+    eager = Setup(m, c, TrainingSpec(kernels="eager", capacity_tokens=32768))
+    per_layer = 2 * 10 * h + 2 * (5 * q + 4 * kv) + 4 * m.heads + 4 * f * 2
+    assert layer_activation_per_token(eager) == pytest.approx(per_layer)
+    assert layer_activation_per_token(eager, "selective") == pytest.approx(per_layer - 2 * q - 4 * m.heads)
+    assert layer_activation_per_token(eager, "full") == pytest.approx(4 * h)  # the fp32 layer input
+    fused = Setup(m, c, TrainingSpec(capacity_tokens=32768))
+    assert layer_activation_per_token(fused) == activation_bytes_per_token_layer(m, 1, "none")
+    # the eager loss holds every logit of a unit (12 B each), the fused one an 8K-token chunk of 8 B
+    assert memory_budget(eager).logits_bytes == pytest.approx(32768 * m.vocab * 12.0)
+    assert memory_budget(fused).logits_bytes == pytest.approx(8192 * m.vocab * 8.0)
