@@ -166,7 +166,7 @@ def eager_activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute:
     b·(5q + 4kv), and the fp32 log-sum-exp (4 B a head); SwiGLU keeps gate/up's output, silu and their product,
     4f·b (GeLU 2f·b). Selective recompute (the core checkpointed) drops the core's output and log-sum-exp; full
     keeps the layer input r·h. H200, 4 Llama-3-8B layers: peak memory grows 2.48 MB a token, this and the loss's
-    EAGER_LOGIT_BYTES give 2.56 (docs/BENCHMARKS.md "GPU: one H200")."""
+    EAGER_LOGIT_BYTES give 2.52 (docs/BENCHMARKS.md "GPU: one H200")."""
     from costmodel.elementwise import EAGER_STREAM_BYTES as r
 
     b = float(dtype_bytes)

@@ -382,7 +382,7 @@ class TrainingSpec:
     def loss_fused(self) -> bool:
         """Whether the loss runs fused over logit chunks: eager kernels (meshplan's replay) materialise every
         logit of a unit, whatever fused_loss says (an H200 replay: 114 GB peak for 32K tokens of a 128K vocabulary,
-        where an 8K chunk priced 82 GB)."""
+        where Megatron's layer and an 8K chunk priced 65 GB)."""
         return self.fused_loss and self.kernels != "eager"
 
     def check_against(self, model: ModelSpec, cluster: ClusterSpec) -> None:
