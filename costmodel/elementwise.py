@@ -200,3 +200,11 @@ def fp8_cast_kernels(gemm_widths: Mapping[str, tuple[float, float]], direction: 
     dgrad and wgrad GEMMs then reuse the forward's cast input and weight)."""
     side = 0 if direction == "fwd" else 1
     return tuple(MemKernel(f"fp8_cast_{label}", w[side] * FP8_CAST_BYTES) for label, w in gemm_widths.items())
+
+
+def swiglu_saved_bytes_per_f(recompute: Recompute) -> float:
+    """Bytes a SwiGLU MLP saves per token and unit of its width f (bf16). Megatron-core's fused SwiGLU
+    (`bias_swiglu_impl`, on by default: `--no-bias-swiglu-fusion` turns it off) saves only its input, gate and
+    up (4f), and the down projection its input (2f): 6f. Selective recomputes the down projection's input from
+    gate and up: 4f. (An unfused SiLU would also keep SiLU(gate), 2f more: the eager layer counts its own.)"""
+    return 6.0 if recompute == "none" else 4.0

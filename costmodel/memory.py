@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from costmodel import zero
+from costmodel.elementwise import swiglu_saved_bytes_per_f
 from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
 from costmodel.specs import DTYPE_BYTES, ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 
@@ -120,8 +121,8 @@ def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: 
     """(bytes TP replicates, bytes TP shards) saved per token per layer without attention scores
     (FlashAttention keeps none). Replicated: the two norm inputs (4h), the QKV and MLP inputs (4h),
     dropout masks (2h, 1 byte each); sharded: Q and the attention output (4q), K and V (4h_kv), and
-    the MLP's: SwiGLU 8f (gate, up, product, down input; selective recomputes 4f of it),
-    GeLU 4f (its input and output). GPT (q = h_kv = h, f = 4h): 34h, Korthikanti 2022 Table 2."""
+    the MLP's: SwiGLU 6f (`swiglu_saved_bytes_per_f`; 4f under selective), GeLU 4f (its input and output).
+    GPT (q = h_kv = h, f = 4h): 34h, Korthikanti 2022 Table 2."""
     h, hkv, f = model.hidden, model.kv_width, model.ffn * model.top_k
     scale = dtype_bytes / 2.0
     if recompute == "full":  # only the layer input
@@ -129,16 +130,15 @@ def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: 
     masks = 2 * h if model.dropout else 0
     if model.mlp == "gelu":  # no selective term: Megatron's selective recompute saves only attention scores
         return 8 * h * scale + masks, (4 * model.q_width + 4 * hkv + 4 * f) * scale
-    mlp = 8 * f if recompute == "none" else 4 * f
-    return masks, (12 * h + 4 * hkv + mlp) * scale
+    return masks, (12 * h + 4 * hkv + swiglu_saved_bytes_per_f(recompute) * f) * scale
 
 
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
                                      sequence_parallel: bool = True, experts: ExpertLayout | None = None) -> float:
     """Saved activations per token per layer (REFERENCE 7.2, FlashAttention: no s² term), divided over TP with
     sequence parallelism; without it TP replicates the norm, input and mask terms (and full recompute's layer
-    input). Llama block: none 12h + 4h_kv + 8f (bf16); selective recomputes the SwiGLU product and the down-
-    projection input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full.
+    input). Llama block: none 12h + 4h_kv + 6f (bf16, Megatron-core's fused SwiGLU); selective recomputes the
+    down projection's input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full.
     MoE adds its dispatched rows and routing imbalance (costmodel.moe; `experts` default: ep = 1, balanced)."""
     replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
     moe = moe_activation_bytes_per_token(model, experts or ExpertLayout(tp=tp, sequence_parallel=sequence_parallel),

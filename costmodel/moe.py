@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from costmodel.elementwise import MemKernel, layer_kernels
+from costmodel.elementwise import MemKernel, layer_kernels, swiglu_saved_bytes_per_f
 from costmodel.specs import ModelSpec, Recompute, TrainingSpec
 from profiles.table import Profile
 
@@ -134,7 +134,7 @@ def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recom
     costmodel.memory counts for a dense layer of k MLPs (its 2h/tp MLP input is the router's input here): the
     dispatched rows the experts keep for their weight gradients, 2h·k·cf/ep; the expert outputs the routing
     weights multiply, kept for the weights' gradient (all-to-all: back on the rank's own k·s/tp rows; all-gather:
-    its k·cf·s/ep rows); and the MLP's inner terms (SwiGLU 8f, 4f under selective; GeLU 4f) × (cf − 1)/tp.
+    its k·cf·s/ep rows); and the MLP's inner terms (SwiGLU 6f, 4f under selective; GeLU 4f) × (cf − 1)/tp.
     Full recompute keeps only the layer input: nothing more."""
     if not model.is_moe or recompute == "full":
         return 0.0
@@ -142,6 +142,6 @@ def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recom
     h, f, k, cf = model.hidden, model.ffn, model.top_k, layout.capacity_factor
     dispatched = 2 * h * k * cf / layout.ep
     combined = 2 * h * k / layout.tp if layout.all_to_all else dispatched
-    inner = (8 * f if recompute == "none" else 4 * f) if model.mlp == "swiglu" else 4 * f
+    inner = swiglu_saved_bytes_per_f(recompute) * f if model.mlp == "swiglu" else 4 * f
     return (dispatched + combined + inner * k * (cf - 1.0) / layout.tp) * scale
 

@@ -109,5 +109,5 @@ def test_fit_hints_try_tp_across_the_nvlink_domain():
     setup = Setup(m, c, TrainingSpec(recompute="full"))
     with pytest.raises(SpecError) as e:
         memory_budget(setup)
-    assert "the smallest tp×pp that fits 8 GPUs is tp=8, pp=1 (158.7 GB of states per GPU, C = 21,344" in str(e.value)
+    assert "the smallest tp×pp that fits 8 GPUs is tp=8, pp=1 (158.7 GB of states per GPU, C = 22,116" in str(e.value)
     assert memory_budget(dataclasses.replace(setup, training=TrainingSpec(tp=8, recompute="full")))
