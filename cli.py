@@ -1134,11 +1134,12 @@ def validate_cmd(
                                                          "cluster's, e.g. a100-sxm-80gb.analytic)."),
         notes: bool = typer.Option(False, help="Print each case's modelling assumptions."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {sets: [{name, source, profile, "
-                                                           "held_out, mape, rows}]}."),
+                                                           "held_out, mape, rows, memory}]}."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
-    and the MAPE per set. The first set (Korthikanti et al. 2022) informed the model's design; the others
-    (Narayanan et al. 2021 on A100, Llama 3 on H100) are held out."""
+    and the MAPE per set; and each run's predicted peak memory per GPU against the HBM it trained in. The first
+    set (Korthikanti et al. 2022) informed the model's design; the others (Narayanan et al. 2021 on A100, Llama 3
+    on H100) are held out."""
     from planner.studies import CALIBRATION_SETS, validate_cost_model
 
     names = sets or list(CALIBRATION_SETS)
@@ -1159,9 +1160,15 @@ def validate_cmd(
             t.add_row(escape(r.case), f"{r.published:.2f} {r.unit}", f"{r.predicted:.2f} {r.unit}", f"{r.error:+.1%}")
         out.print(t)
         out.print(f"MAPE {rep.mape:.1%} over {len(rep.rows)} cases (error = predicted / published - 1)")
+        if rep.memory:
+            out.print(_memory_table(rep))
         if notes:
             for r in rep.rows:
                 out.print(escape(f"{r.case}: {r.note}"), highlight=False, soft_wrap=True)
+    mem = [m for rep in reps for m in rep.memory]
+    if mem:
+        out.print(f"memory: {sum(m.fits for m in mem)} of {len(mem)} published runs fit in their GPUs' HBM as the "
+                  "cost model counts it (each ran)")
     if len(reps) > 1:
         rows = [r for rep in reps for r in rep.rows]
         held = [r for rep in reps if rep.held_out for r in rep.rows]
@@ -1169,6 +1176,19 @@ def validate_cmd(
         if held:
             summary += f"; held out: {sum(abs(r.error) for r in held) / len(held):.1%} over {len(held)} cases"
         out.print(summary)
+
+
+def _memory_table(rep) -> Table:
+    """Peak memory per GPU of each published run (its busiest stage) against its HBM: its largest parts, and what
+    it allocates (the context and fragmentation reserves left out)."""
+    t = Table(title=escape(f"{rep.name}: peak memory per GPU (every run trained in it)"))
+    for c in ("case", "peak", "HBM", "stage", "held layers", "states", "activations", "allocated", "fits"):
+        t.add_column(c, justify="left" if c == "case" else "right")
+    for m in rep.memory:
+        t.add_row(escape(m.case), f"{m.peak_bytes / 1e9:.1f} GB", f"{m.hbm_bytes / 1e9:.0f} GB", str(m.stage),
+                  str(m.held_layers), f"{m.parts['states'] / 1e9:.1f}", f"{m.parts['activations'] / 1e9:.1f}",
+                  f"{m.allocated_bytes / 1e9:.1f}", "yes" if m.fits else "[red]no[/red]")
+    return t
 
 
 # -- calibrate: fit a profile to measured replay traces --------------------------------------------------

@@ -16,11 +16,12 @@ from costmodel.specs import DTYPE_BYTES, ModelSpec, Recompute, Setup, SpecError,
 GB = 1e9  # messages report decimal GB, as the CLI's tables do
 
 
-def params_per_rank(setup: Setup, stage: int | None = None) -> float:
+def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None = None) -> float:
     """Parameters held by one GPU: the stage's layers ÷ TP, plus the embedding on the first stage
-    and the LM head on the last (both on the only stage when pp = 1). stage=None: the largest."""
+    and the LM head on the last (both on the only stage when pp = 1). stage=None: the largest. `layers`: the
+    stage's layer count where stages differ (default L/p)."""
     m, t, p = setup.model, setup.training.tp, setup.training.pp
-    layers = m.layers // p * m.layer_params()
+    layers = (m.layers // p if layers is None else layers) * m.layer_params()
     emb, head = m.input_embedding_params(), m.head_params()  # head: final norm (+ LM head unless tied)
     if p == 1:
         extra = emb + head
@@ -51,10 +52,10 @@ def state_bytes_per_param(setup: Setup) -> float:
     return kept + sharded / setup.hdp
 
 
-def model_state_bytes(setup: Setup, stage: int | None = None) -> float:
-    """Model states of one GPU; ZeRO-3 adds the layers and root it holds gathered (costmodel.zero.inflight_bytes),
-    fp8 training its cached fp8 weights and scaling state (fp8_state_bytes)."""
-    return (params_per_rank(setup, stage) * state_bytes_per_param(setup) + zero.inflight_bytes(setup)
+def model_state_bytes(setup: Setup, stage: int | None = None, layers: int | None = None) -> float:
+    """Model states of one GPU (`layers`: as in params_per_rank); ZeRO-3 adds the layers and root it holds
+    gathered (costmodel.zero.inflight_bytes), fp8 training its cached fp8 weights and scaling state."""
+    return (params_per_rank(setup, stage, layers) * state_bytes_per_param(setup) + zero.inflight_bytes(setup)
             + fp8_state_bytes(setup))
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from costmodel.memory import allgather_cp_working_bytes, logits_bytes, model_state_bytes
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel, UnitCost
@@ -122,6 +123,7 @@ class ValidationReport:
     source: str  # its paper and tables
     profile: str  # the profile's name
     rows: tuple[ValidationRow, ...]
+    memory: tuple[MemoryRow, ...] = ()  # the iteration cases' peak memory per GPU
 
     @property
     def held_out(self) -> bool:
@@ -137,7 +139,10 @@ class ValidationReport:
         return {"name": self.name, "source": self.source, "profile": self.profile, "held_out": self.held_out,
                 "mape": self.mape,
                 "rows": [{"case": r.case, "unit": r.unit, "published": r.published, "predicted": r.predicted,
-                          "error": r.error, "note": r.note} for r in self.rows]}
+                          "error": r.error, "note": r.note} for r in self.rows],
+                "memory": [{"case": r.case, "peak_bytes": r.peak_bytes, "allocated_bytes": r.allocated_bytes,
+                            "hbm_bytes": r.hbm_bytes, "fits": r.fits,
+                            "stage": r.stage, "held_layers": r.held_layers, "parts": r.parts} for r in self.memory]}
 
 
 @cache
@@ -237,15 +242,24 @@ def pipeline_time_s(p: int, m: int, v: int, unit: UnitCost, p2p_s: float) -> flo
     return max(r.end_s for r in run_ops(lists, dep, duration, transfer))
 
 
-def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) -> ValidationRow:
-    """The iteration time of a row: its micro-batches through its pipeline schedule, then the gradient sync
-    over the DP × CP ranks and the optimizer step."""
+@dataclass(frozen=True)
+class _Run:
+    """An iteration case as priced: its model (layers rounded up to whole chunks), cost model and batch."""
+
+    model: ModelSpec  # as published
+    cm: CostModel  # of the priced model: ⌈L / (p·v)⌉ layers in every chunk
+    layer_ratio: float  # published layers / priced layers
+    dp: int
+    micro_batches: int  # per pipeline and step, m
+    seq_tokens: int
+
+
+def _run(cal: CalibrationSet, case: IterationCase, profile: Profile) -> _Run:
     model = cal.model(case.model)
     # Stages of unequal layers (Llama 3: 126 layers in 16 x 8 chunks) are priced as equal chunks of the rounded-up
     # layer count, the time scaled back by the layer ratio.
     slots = case.pp * case.chunks
     priced = dataclasses.replace(model, layers=-(-model.layers // slots) * slots)
-    layer_ratio = model.layers / priced.layers
     cm = _cost_model(cal, priced, case.gpus, _training(cal, case, case.pp), profile)
     hdp = cm.setup.hdp  # DP × CP ranks per stage
     if hdp % case.cp:
@@ -255,20 +269,94 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     if case.global_batch % (case.micro_batch * dp):
         raise SpecError(f"calibration case {case.label!r}: global batch {case.global_batch} is not a multiple of "
                         f"micro-batch {case.micro_batch} x DP {dp}")
-    m = case.global_batch // (case.micro_batch * dp)
-    seq = case.seq_tokens or cal.seq_tokens
+    return _Run(model, cm, model.layers / priced.layers, dp, case.global_batch // (case.micro_batch * dp),
+                case.seq_tokens or cal.seq_tokens)
+
+
+def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) -> ValidationRow:
+    """The iteration time of a row: its micro-batches through its pipeline schedule, then the gradient sync
+    over the DP × CP ranks and the optimizer step."""
+    run = _run(cal, case, profile)
+    cm, m, hdp = run.cm, run.micro_batches, run.cm.setup.hdp
     inter = cm.setup.mesh.spans_domains(list(range(case.cp)))
-    unit = cm.unit_cost([seq] * case.micro_batch, degree=case.cp, inter_node=inter, with_head=True)
+    unit = cm.unit_cost([run.seq_tokens] * case.micro_batch, degree=case.cp, inter_node=inter, with_head=True)
     p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
     schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
     end_s = cm.step_end_s(hdp)
+    priced = cm.model.layers
     note = "; ".join(x for x in (f"{m} micro-batches, {schedule} on the event engine", _note(cm.setup.training),
-                                 f"DP {dp} x CP {case.cp}: gradient sync {cm.grad_sync_s(hdp):.3g} s + optimizer "
+                                 f"DP {run.dp} x CP {case.cp}: gradient sync {cm.grad_sync_s(hdp):.3g} s + optimizer "
                                  f"{cm.optimizer_step_s(hdp):.3g} s; tied-embedding all-reduce not priced",
-                                 f"{model.layers} layers priced as {priced.layers} x {layer_ratio:.4f}"
-                                 if layer_ratio != 1 else "", case.note) if x)
-    predicted = (pipeline_time_s(case.pp, m, case.chunks, unit, p2p) + end_s) * layer_ratio
+                                 f"{run.model.layers} layers priced as {priced} x {run.layer_ratio:.4f}"
+                                 if run.layer_ratio != 1 else "", case.note) if x)
+    predicted = (pipeline_time_s(case.pp, m, case.chunks, unit, p2p) + end_s) * run.layer_ratio
     return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note)
+
+
+# ---- memory: does the published run fit in the GPU's memory as the cost model counts it? ---------------------
+@dataclass(frozen=True)
+class MemoryRow:
+    """The predicted peak memory of one GPU of a published run (its busiest pipeline stage), next to the HBM it
+    ran in: every packaged run trained, so a row over its HBM is the memory model's error."""
+
+    case: str
+    peak_bytes: float
+    hbm_bytes: float
+    stage: int  # the busiest stage
+    held_layers: int  # layer activations of one micro-batch that stage holds at its peak (Σ over chunks in flight)
+    parts: dict[str, float]  # bytes: states, activations, recompute, logits, all-gather CP, context, fragmentation
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.hbm_bytes
+
+    @property
+    def allocated_bytes(self) -> float:
+        """What the run allocates, the CUDA context and the fragmentation reserve left out (the planner's margins)."""
+        return self.peak_bytes - self.parts["context"] - self.parts["fragmentation"]
+
+
+def chunk_layers(layers: int, p: int, v: int) -> list[list[int]]:
+    """Layers in each chunk of each stage: ⌈L/(p·v)⌉ each, the layers short of that taken one at a time from
+    the pipeline's first chunk (stage 0, chunk 0), its last (stage p − 1, chunk v − 1), then the second, the
+    second to last... Llama 3 (126 layers on 16 x 8 chunks) removes one layer from the first and the last stage,
+    whose first and last chunks hold the embedding and the output alone."""
+    per = -(-layers // (p * v))
+    out = [[per] * v for _ in range(p)]
+    for i in range(per * p * v - layers):
+        # chunk k of the pipeline is stage k % p's chunk k // p (Megatron's virtual stages)
+        k = i // 2 if i % 2 == 0 else p * v - 1 - i // 2
+        out[k % p][k // p] -= 1
+    return out
+
+
+def iteration_memory(cal: CalibrationSet, case: IterationCase, profile: Profile) -> MemoryRow:
+    """Peak memory per GPU of a row as priced: each stage's model states (its layers, embedding or head), the
+    activations of the chunk forwards its schedule holds at once (the event engine's op order, stage_ops), full
+    recompute's one-layer working set, the loss head on the last stage, all-gather CP's gathered K/V, and the
+    context and fragmentation reserves (costmodel.memory); the busiest stage's sum."""
+    run = _run(cal, case, profile)
+    cm, setup, p, v = run.cm, run.cm.setup, case.pp, case.chunks
+    tr = setup.training
+    layers = chunk_layers(run.model.layers, p, v)
+    tokens = run.seq_tokens * case.micro_batch / case.cp
+    gathered = (allgather_cp_working_bytes(run.model, case.tp, tr.dtype_bytes, run.seq_tokens * case.micro_batch)
+                if case.cp > 1 and tr.cp == "allgather" else 0.0)
+    best: MemoryRow | None = None
+    for s in range(p):
+        held = peak = 0
+        for op in stage_ops(p, s, [1] * run.micro_batches, v):
+            held += layers[s][op.chunk] if op.kind == "F" else -layers[s][op.chunk]
+            peak = max(peak, held)
+        parts = {"states": model_state_bytes(setup, s, sum(layers[s])), "activations": peak * tokens * cm.a_tok,
+                 "recompute": tokens * cm.budget.recompute_working_bytes_per_token,
+                 "logits": logits_bytes(tokens, setup) if s == p - 1 else 0.0, "all-gather CP": gathered,
+                 "context": float(tr.ctx_overhead_bytes), "fragmentation": cm.budget.frag_bytes}
+        row = MemoryRow(case.label, sum(parts.values()), float(setup.cluster.gpu_memory_bytes), s, peak, parts)
+        if best is None or row.peak_bytes > best.peak_bytes:
+            best = row
+    assert best is not None
+    return best
 
 
 def validate_cost_model(profile: str | Profile | None = None, name: str = "korthikanti2022") -> ValidationReport:
@@ -279,4 +367,5 @@ def validate_cost_model(profile: str | Profile | None = None, name: str = "korth
         profile = load_profile(profile or load_cluster(cal.cluster).profile)
     rows = [r for case in cal.layer_cases for r in layer_rows(cal, case, profile)]
     rows += [iteration_row(cal, case, profile) for case in cal.iteration_cases]
-    return ValidationReport(name, cal.source, profile.fingerprint.name, tuple(rows))
+    memory = tuple(iteration_memory(cal, case, profile) for case in cal.iteration_cases)
+    return ValidationReport(name, cal.source, profile.fingerprint.name, tuple(rows), memory)

@@ -8,9 +8,9 @@ import pytest
 from costmodel.timing import UnitCost
 from planner.schedule import closed_form_bubble
 from costmodel.flops import model_flops
-from planner.studies.validation import (CALIBRATION_SETS, ValidationRow, iteration_flops, iteration_row, layer_rows,
-                                        load_calibration_set, pipeline_time_s, published_iteration_s,
-                                        validate_cost_model)
+from planner.studies.validation import (CALIBRATION_SETS, ValidationRow, chunk_layers, iteration_flops,
+                                        iteration_memory, iteration_row, layer_rows, load_calibration_set,
+                                        pipeline_time_s, published_iteration_s, validate_cost_model)
 from profiles.table import load_profile
 
 
@@ -116,3 +116,46 @@ def test_published_rate_becomes_an_iteration_time():
     assert published_iteration_s(cal, faster) == pytest.approx(t / 2)
     with pytest.raises(ValueError, match="exactly one"):
         published_iteration_s(cal, dataclasses.replace(case, iteration_s=1.0))
+
+
+# ---- memory: every packaged run trained, so its predicted peak is checked against the HBM it ran in -------------
+def test_chunk_layers_take_the_missing_layers_from_the_pipeline_ends():
+    # Llama 3: 126 layers on 16 stages x 8 chunks, the first chunk holding only the embedding, the last the output
+    layers = chunk_layers(126, 16, 8)
+    assert layers[0] == [0] + [1] * 7 and layers[15] == [1] * 7 + [0]
+    assert all(c == [1] * 8 for c in layers[1:15]) and sum(map(sum, layers)) == 126
+    assert chunk_layers(105, 35, 3) == [[1] * 3] * 35  # 530B: whole chunks
+    assert chunk_layers(30, 2, 4) == [[3, 4, 4, 4], [4, 4, 4, 3]]
+
+
+def test_memory_row_adds_up_the_stage_it_names(a100):
+    # 22B, full recompute, pp 1: states + one micro-batch's layer inputs + one layer's working set + its logits
+    cal = load_calibration_set()
+    case = cal.iteration_cases[0]
+    row = iteration_memory(cal, case, a100)
+    run_cm = validate_cost_model(a100)  # the same row in the report
+    assert run_cm.memory[0] == row and row.stage == 0 and row.held_layers == 48
+    tokens = case.micro_batch * cal.seq_tokens
+    gpt = cal.model(case.model)
+    assert row.parts["activations"] == pytest.approx(48 * tokens * 2 * gpt.hidden)  # full recompute: 2h a layer
+    assert row.peak_bytes == pytest.approx(sum(row.parts.values()))
+    assert row.fits == (row.peak_bytes <= row.hbm_bytes) and row.hbm_bytes == 80e9
+
+
+def test_interleaved_stage_holds_megatrons_warmup():
+    # Llama 3 on 8,192 GPUs: 32 micro-batches, p = 16, v = 8. Stage 1 (8 one-layer chunks) holds Megatron's warm-up,
+    # 2(p - 2) + (v - 1)p + 1 = 141 chunk forwards, before its first backward.
+    cal = load_calibration_set("llama3_2024")
+    row = iteration_memory(cal, cal.iteration_cases[0], load_profile("h100-sxm.analytic"))
+    assert row.stage == 1 and row.held_layers == 141
+
+
+@pytest.mark.parametrize("name", ["korthikanti2022", "narayanan2021"])
+def test_megatron_runs_on_a100_fit_their_80_gb(name):
+    # every row trained on 80 GB A100s (Megatron-LM, its own schedules): the memory model must not say otherwise,
+    # nor leave most of the GPU unexplained
+    r = validate_cost_model(name=name)
+    assert len(r.memory) == len(load_calibration_set(name).iteration_cases)
+    for m in r.memory:
+        assert m.fits, f"{m.case}: {m.peak_bytes / 1e9:.1f} GB predicted on an 80 GB GPU"
+        assert m.peak_bytes > 0.7 * m.hbm_bytes, m.case
