@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -564,15 +565,14 @@ def test_cpu_benchmarks_read_operands_from_memory():
 
 
 def test_concurrency_slowdowns_measured():
-    """Probe processes pinned to one core: two of them share it, so the last ends about twice as late as one alone
-    (min over two tries each, so other load on the machine hits both alike); the measured constants are finite
-    and no less than no contention."""
+    """Probe processes pinned to one core: two of them share it, so the last ends about twice as late as one alone;
+    with k other busy processes on that core (k + 2)/(k + 1) as late, so the median of interleaved rounds' ratios is
+    held to 1.15 (k up to 5: a loaded CI host). The measured constants are finite and no less than no contention."""
     from profiles.measure.concurrency import ProbePool, measure_concurrency
     cpu = sorted(os.sched_getaffinity(0))[:1]
     with ProbePool(cpu, 2) as pool:
-        alone = min(pool.wall_s(1, 4) for _ in range(2))
-        two = min(pool.wall_s(2, 4) for _ in range(2))
-    assert two > 1.4 * alone
+        ratios = [pool.wall_s(2, 4) / pool.wall_s(1, 4) for _ in range(5)]
+    assert statistics.median(ratios) > 1.15, ratios
     out = measure_concurrency(1, repeats=2, rounds=1)
     assert set(out) == {"cores_busy_slowdown", "cores_shared_slowdown"}
     assert all(math.isfinite(v) for v in out.values()) and out["cores_shared_slowdown"] >= 2.0

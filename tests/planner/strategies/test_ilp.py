@@ -392,7 +392,7 @@ def test_deterministic_limits_give_one_plan_idle_or_loaded(monkeypatch):
     rng = np.random.default_rng(5)
     lengths = np.concatenate([rng.integers(3000, 30000, 24), rng.integers(100, 3000, 60)])
     monkeypatch.setattr(ilp, "ROUND_CELLS_PER_S", 500.0)
-    monkeypatch.setattr(backends, "NODE_NNZ_PER_S", 2e4)
+    monkeypatch.setattr(backends, "NODE_NNZ_PER_S", 5e3)
     opts = dict(gpus=16, time_limit_s=60, deterministic=True)
     idle, idle_info, _ = solve(lengths, **opts)
     real = time.perf_counter
