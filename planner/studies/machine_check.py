@@ -60,6 +60,7 @@ CHILD_START_S = {"cpu": 5.0, "cuda": 20.0}  # a child's start (imports, CUDA con
 MIN_RUN_S = {"cpu": 10.0, "cuda": 20.0}  # a replay is not started with less time than this left
 KILL_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
 # --check tolerances (tests/planner/runtime): fp32 agrees to summation order, bf16 to a few ulps (check.py)
+CPU_DTYPE = "fp32"  # the CPU cases' replays (torch's CPU default; bf16 is emulated, ~100x slower, on most CPUs)
 GRAD_TOL = {"fp32": 1e-4, "bf16": 3e-2}
 LOSS_TOL = {"fp32": 1e-5, "bf16": 1e-2}
 # On GPU the tiny model would time only kernel launches: a small Llama-style model whose GEMMs the profile
@@ -351,6 +352,9 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
     spec = load_model(model)
     desc, versions = device_fingerprint(device)
     dtypes, dtype_note = choose_dtypes(device)
+    if device == "cpu" and dtypes != (CPU_DTYPE,):  # a CPU with fast bf16 would make bf16 the main dtype, the only
+        dtypes = (CPU_DTYPE,)  # one attention is measured in, while every CPU case replays (and is priced) in fp32
+        dtype_note += f"; only {CPU_DTYPE} here: the CPU replays run in it"
     req = ProfileRequest(out=out, quick=True, device=device, model_shapes=profile_gemm_shapes({spec.name: spec}),
                          nproc=None if device == "cuda" else 1)
     cfg = check_config(build_config(req, device, dtypes), spec.head_dim)
@@ -487,10 +491,10 @@ def replay_cases(device: str, gpus: int, model: str, cluster: str) -> list[Repla
     plans (packed short documents, long documents) in bf16; with >= 2 GPUs an HDP plan over up to 8 GPUs (on the
     default and on the CUDA flash block kernel) and a tp = 2 plan over NCCL, with one GPU the two-rank gloo plan on
     the CPU."""
-    cpu2 = ReplayCase("cpu2-gloo", "2 ranks over gloo, a 2-rank context-parallel unit", "cpu", "fp32", "tiny",
+    cpu2 = ReplayCase("cpu2-gloo", "2 ranks over gloo, a 2-rank context-parallel unit", "cpu", CPU_DTYPE, "tiny",
                       "local-cpu", 2, "hdp", CPU_LENGTHS, 4096, 2048, 1024)
     if device == "cpu":
-        return [ReplayCase("cpu1", "one rank, packed bins", "cpu", "fp32", "tiny", "local-cpu", 1, "static",
+        return [ReplayCase("cpu1", "one rank, packed bins", "cpu", CPU_DTYPE, "tiny", "local-cpu", 1, "static",
                            CPU_LENGTHS, 2048, 2048, 1024), cpu2]
     cases = [ReplayCase("gpu1-packed", "one GPU, packed short documents (flash-attn varlen when installed)", "cuda",
                         "bf16", model, cluster, 1, "static", "lognormal:median=600,sigma=1.2,max=16384", 65536,
