@@ -121,7 +121,7 @@ class MeasureConfig:
 
     device: str  # "cpu" | "cuda"
     quick: bool
-    dtypes: tuple[str, ...]  # GEMM dtypes, main first (DTYPE_PREFERENCE order); attention: the main one
+    dtypes: tuple[str, ...]  # GEMM dtypes, main first (DTYPE_PREFERENCE order); attention: `attention_dtypes`
     timing: TimingConfig
     gemm_tokens: tuple[int, ...]  # m grid for the model shapes
     gemm_flop_cap: float  # skip GEMMs above this many FLOPs (time budget)
@@ -150,6 +150,13 @@ class MeasureConfig:
     @property
     def main_dtype(self) -> str:
         return self.dtypes[0]
+
+    @property
+    def attention_dtypes(self) -> tuple[str, ...]:
+        """The main dtype, the one the cost model looks up (bf16 for bf16/fp16 runs); on a CPU whose bf16 is fast
+        fp32 too: a CPU replay runs in fp32 unless told otherwise (`meshplan replay --dtype`), and its plans look
+        up fp32 attention. A GPU's fp32 attention is not a training path (no flash kernel): never measured."""
+        return self.dtypes if self.device == "cpu" else self.dtypes[:1]
 
     def key(self) -> dict[str, Any]:
         """The plan as JSON data: the partial file keeps it so a resumed run measures the same points."""
@@ -308,7 +315,7 @@ def gemm_points(cfg: MeasureConfig) -> list[GemmPoint]:
 def attention_points(cfg: MeasureConfig) -> list[AttentionPoint]:
     hq, hkv = cfg.attn_heads
     pts = []
-    for dt in cfg.dtypes[:1]:  # the main dtype only: the one the cost model looks up (bf16 for bf16/fp16 runs)
+    for dt in cfg.attention_dtypes:
         for hd in cfg.attn_head_dims:
             for s in cfg.attn_lengths:
                 docs = max(1, cfg.attn_pack_tokens // s)

@@ -204,7 +204,7 @@ def choose_dtypes(device: str) -> tuple[tuple[str, ...], str]:
     note = (f"CPU probe 512^3 GEMM: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s; fp8 GEMMs are "
             "measured on GPUs only")
     if bf16 >= BF16_SANE_FRACTION * fp32:
-        return ("bf16", "fp32"), note + "; both profiled, bf16 the main dtype (attention, peak)"
+        return ("bf16", "fp32"), note + "; both profiled (attention too), bf16 the main dtype (peak)"
     return ("fp32",), note + f"; bf16 below {BF16_SANE_FRACTION:.0%} of fp32, not profiled"
 
 

@@ -447,9 +447,10 @@ class FakeBench:
         monkeypatch.setattr(runner, "run_collectives", run_collectives)
 
 
-def test_fast_bf16_cpu_measures_attention_in_the_main_dtype(tmp_path, monkeypatch):
-    """On a CPU whose bf16 GEMMs are fast the main dtype is bf16: attention (fwd and bwd) is planned
-    and measured in bf16, the dtype the cost model then looks up, so the profile plans and gets fits."""
+def test_fast_bf16_cpu_measures_attention_in_bf16_and_fp32(tmp_path, monkeypatch):
+    """On a CPU whose bf16 GEMMs are fast the main dtype is bf16: attention (fwd and bwd) is planned and measured
+    in bf16, the dtype the cost model looks up for bf16 plans, and in fp32, the CPU replay's default, so the profile
+    prices plans of either (an fp32 plan failed: 'no fp32 attention fwd table')."""
     FakeBench(monkeypatch, bf16_speedup=4.0)
     dtypes, note = runner.choose_dtypes("cpu")
     assert dtypes[0] == "bf16" and "fp32" in dtypes
@@ -457,7 +458,8 @@ def test_fast_bf16_cpu_measures_attention_in_the_main_dtype(tmp_path, monkeypatc
     cfg = runner.build_config(req, "cpu", dtypes)
     assert cfg.main_dtype == "bf16"
     pts = attention_points(cfg)
-    assert {p.dtype for p in pts} == {"bf16"} and {p.direction for p in pts} == {"fwd", "bwd"}
+    assert {p.dtype for p in pts} == {"bf16", "fp32"} and {p.direction for p in pts} == {"fwd", "bwd"}
+    assert plan_config("cuda", quick=True, nproc=8).attention_dtypes == ("bf16",)  # GPUs: the main dtype alone
     # whatever order dtypes are given in, the main one comes first
     assert plan_config("cpu", quick=True, nproc=4, dtypes=("fp32", "bf16")).main_dtype == "bf16"
 
@@ -470,13 +472,16 @@ def test_fast_bf16_cpu_measures_attention_in_the_main_dtype(tmp_path, monkeypatc
 
     res = runner.run_profile(req, post=add_fits)
     p = Profile.load(req.out)
-    assert runner.main_dtype(p) == "bf16" and set(p.tables["attention"]["dtype"]) == {"bf16"}
+    assert runner.main_dtype(p) == "bf16" and set(p.tables["attention"]["dtype"]) == {"bf16", "fp32"}
     assert set(p.tables["gemm"]["dtype"]) == {"bf16", "fp32"} and "bf16" in p.constants["peak_bf16_flops"]["source"]
     assert p.fits["tiny"]["alpha1_s_per_token2"] >= 0 and res.profile.fits == p.fits
     from planner.api import PlanRequest, build_cost_model
     cm = build_cost_model(PlanRequest(model="tiny", cluster="local-cpu", gpus=4, profile=str(req.out),
                                       max_context_tokens=4096))
     assert cm.dtype == "bf16" and float(cm.attn_bwd_s(2048)) > float(cm.attn_fwd_s(2048)) > 0
+    fp32 = build_cost_model(PlanRequest(model="tiny", cluster="local-cpu", gpus=4, profile=str(req.out),
+                                        max_context_tokens=4096, dtype="fp32"))
+    assert fp32.dtype == "fp32" and float(fp32.attn_fwd_s(2048)) > 0
 
 
 def test_slow_bf16_cpu_profiles_fp32_only(monkeypatch):
