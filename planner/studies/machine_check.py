@@ -352,8 +352,8 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
     spec = load_model(model)
     desc, versions = device_fingerprint(device)
     dtypes, dtype_note = choose_dtypes(device)
-    if device == "cpu" and dtypes != (CPU_DTYPE,):  # a CPU with fast bf16 would make bf16 the main dtype, the only
-        dtypes = (CPU_DTYPE,)  # one attention is measured in, while every CPU case replays (and is priced) in fp32
+    if device == "cpu" and dtypes != (CPU_DTYPE,):  # a CPU with fast bf16: every CPU case replays (and is priced)
+        dtypes = (CPU_DTYPE,)  # in fp32, so bf16 tables would only spend the check's budget (and be its main dtype)
         dtype_note += f"; only {CPU_DTYPE} here: the CPU replays run in it"
     req = ProfileRequest(out=out, quick=True, device=device, model_shapes=profile_gemm_shapes({spec.name: spec}),
                          nproc=None if device == "cuda" else 1)
