@@ -12,7 +12,7 @@ import numpy as np
 
 from costmodel.timing import CostModel, UnitCost
 from planner.plan import PlanError, Step
-from planner.simulate.memory import activation_bytes, static_memory_bytes
+from planner.simulate.memory import activation_bytes, recompute_working_bytes, static_memory_bytes
 from planner.simulate.timeline import OpTiming, StepSimulation
 
 if TYPE_CHECKING:
@@ -80,7 +80,9 @@ def simulate_flat(step: Step, cm: CostModel, costs: StepCosts, hdp: int, lb: flo
              "tp_comm": per_rank_sum(UnitCost.tp_comm_s.fget(c)),
              "offload_exposed": per_rank_sum(UnitCost.offload_exposed_s.fget(c))}
     # activation_bytes and activation_factor are arithmetic only: per unit on arrays, the same figures
-    act = activation_bytes(c.tokens_per_rank[rows], np.fromiter((u.offload_ratio for u in run), float, len(run)), cm)
+    tokens = c.tokens_per_rank[rows]  # a unit's peak: what it keeps, and full recompute's layer during its backward
+    act = (activation_bytes(tokens, np.fromiter((u.offload_ratio for u in run), float, len(run)), cm)
+           + recompute_working_bytes(tokens, cm))
     peak_act = np.zeros(hdp)
     np.maximum.at(peak_act, member, np.repeat(act, degree))
     ends = (np.array(starts) + total[rows]).tolist()

@@ -13,6 +13,12 @@ def activation_bytes(u_tokens: int, offload: float, cm: CostModel) -> float:
     return u_tokens * cm.layers_per_stage * cm.a_tok * activation_factor(offload, cm.layers_per_stage)
 
 
+def recompute_working_bytes(u_tokens, cm: CostModel):
+    """Full recompute: the one layer whose activations a rank rebuilds at a time while a unit of `u_tokens` tokens
+    per rank runs its backward (0 without it); C's formula counts it too (costmodel.memory). Arrays broadcast."""
+    return u_tokens * cm.budget.recompute_working_bytes_per_token
+
+
 def static_memory_parts(cm: CostModel, stage: int | None = None) -> dict[str, float]:
     """Bytes a rank of `stage` (None: the largest) holds whatever it runs: model states, the loss-head
     peak, CUDA context + NCCL buffers, and the fragmentation reserve. The one definition behind the

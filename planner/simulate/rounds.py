@@ -16,7 +16,7 @@ from costmodel.timing import CostModel, UnitCost
 from costmodel.zero import round_collectives, round_time_s
 from planner.plan import Step
 from planner.plan.validate import unit_rounds
-from planner.simulate.memory import activation_bytes, static_memory_bytes
+from planner.simulate.memory import activation_bytes, recompute_working_bytes, static_memory_bytes
 from planner.simulate.timeline import OpTiming, StepSimulation
 
 if TYPE_CHECKING:
@@ -65,8 +65,9 @@ def simulate_rounds(step: Step, cm: CostModel, costs: StepCosts, hdp: int, lb: f
              "ring_exposed": per_rank_sum(UnitCost.ring_exposed_s.fget(c)),
              "tp_comm": per_rank_sum(UnitCost.tp_comm_s.fget(c)),
              "offload_exposed": per_rank_sum(UnitCost.offload_exposed_s.fget(c))}
-    act = activation_bytes(c.tokens_per_rank[rows], np.fromiter((u.offload_ratio for u in units), float, len(units)),
-                           cm)
+    tokens = c.tokens_per_rank[rows]  # a unit's peak: what it keeps, and full recompute's layer during its backward
+    act = (activation_bytes(tokens, np.fromiter((u.offload_ratio for u in units), float, len(units)), cm)
+           + recompute_working_bytes(tokens, cm))
     peak_act = np.zeros(hdp)
     np.maximum.at(peak_act, member, np.repeat(act, degree))
     starts = round_start[rounds]

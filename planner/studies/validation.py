@@ -31,6 +31,7 @@ from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel, UnitCost
 from planner.schedule import PipeOp, dependency, run_ops, stage_ops
+from planner.simulate.memory import recompute_working_bytes
 from profiles.table import Profile, load_profile
 from profiles.typed_json import Reader, positive
 
@@ -349,7 +350,7 @@ def iteration_memory(cal: CalibrationSet, case: IterationCase, profile: Profile)
             held += layers[s][op.chunk] if op.kind == "F" else -layers[s][op.chunk]
             peak = max(peak, held)
         parts = {"states": model_state_bytes(setup, s, sum(layers[s])), "activations": peak * tokens * cm.a_tok,
-                 "recompute": tokens * cm.budget.recompute_working_bytes_per_token,
+                 "recompute": recompute_working_bytes(tokens, cm),
                  "logits": logits_bytes(tokens, setup) if s == p - 1 else 0.0, "all-gather CP": gathered,
                  "context": float(tr.ctx_overhead_bytes), "fragmentation": cm.budget.frag_bytes}
         row = MemoryRow(case.label, sum(parts.values()), float(setup.cluster.gpu_memory_bytes), s, peak, parts)

@@ -10,6 +10,7 @@ from costmodel.timing import CostModel
 from planner.api import PlanRequest, build_cost_model, make_batches
 from planner.plan import Piece, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
 from planner.simulate import activation_bytes, simulate_step, static_memory_bytes, unit_costs
+from planner.simulate.memory import recompute_working_bytes
 from planner.simulate.flat import _topological_units
 from planner.strategies import STRATEGIES
 
@@ -31,7 +32,8 @@ def _reference(step: Step, cm: CostModel) -> dict:
         last_bwd[r] = c.bwd_s
         for k in parts:
             parts[k][r] += getattr(c, f"{k}_s")
-        peak_act[r] = np.maximum(peak_act[r], activation_bytes(c.tokens_per_rank, u.offload_ratio, cm))
+        peak_act[r] = np.maximum(peak_act[r], activation_bytes(c.tokens_per_rank, u.offload_ratio, cm)
+                                 + recompute_working_bytes(c.tokens_per_rank, cm))
         ops.append((uid, u.hdp_ranks, start, start + c.total_s))
     finish = float(free.max()) if step.units else 0.0
     sync = cm.exposed_grad_sync_s(hdp, float(last_bwd[int(np.argmax(free))]))
@@ -103,3 +105,20 @@ def test_step_costs_mapping_matches_unit_cost():
         mid, last = costs[u.id]
         assert mid == last == cm.unit_cost([p.tokens for p in u.pieces], u.degree, u.offload_ratio,
                                            cm.setup.mesh.spans_domains(u.hdp_ranks))
+
+
+def test_full_recompute_peak_holds_the_layer_rebuilt_in_the_backward():
+    """With full recompute a rank keeps each layer's input and, during a backward, one layer's whole activations:
+    the simulated peak counts both (as C's formula does), so a unit of C tokens peaks at the HBM less its reserves."""
+    req = PlanRequest(model="llama-7b", cluster="dgx-h100", gpus=64, lengths="byted-like", recompute="full",
+                      tokens_per_step=2 * 2**20)
+    cm = build_cost_model(req)
+    assert cm.setup.training.recompute == "full" and cm.budget.recompute_working_bytes_per_token > 0
+    step = STRATEGIES["hdp"](make_batches(req)[0], cm, req.options)
+    _assert_same(step, cm)
+    sim = simulate_step(step, cm)
+    top = max(step.units, key=lambda u: u.tokens_per_rank)
+    kept = activation_bytes(top.tokens_per_rank, top.offload_ratio, cm)
+    rebuilt = recompute_working_bytes(top.tokens_per_rank, cm)
+    assert rebuilt > 0.05 * kept  # one whole layer next to every layer's input: not a rounding term
+    assert max(sim.peak_memory_bytes) == pytest.approx(static_memory_bytes(cm) + kept + rebuilt)
