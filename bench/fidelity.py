@@ -1,7 +1,7 @@
 """Cost-model fidelity (issue 15): the published calibration sets and CPU replays, predicted vs measured.
 
     python -m bench.fidelity                          # both sections
-    python -m bench.fidelity --only published         # `meshplan validate` for every packaged set (seconds)
+    python -m bench.fidelity --only published         # `meshplan validate` for every packaged set, time and memory
     python -m bench.fidelity --only cpu --workdir W   # 6 plans replayed under torchrun (gloo), a few minutes
     python -m bench.fidelity --only cpu --workdir W --reuse   # re-price traces already in W, no replay
     python -m bench.fidelity --only cpu --workdir W --profile P --rounds 3   # a fresh profile P, 3 rounds
@@ -104,6 +104,13 @@ def published() -> None:
             print(f"| {r.case} | {r.published:.2f} {r.unit} | {r.predicted:.2f} {r.unit} | {_pct(r.error)} |")
         print(f"\nMAPE {rep.mape:.1%} over {len(rep.rows)} cases, "
               f"{sum(r.error < 0 for r in rep.rows)} optimistic\n")
+        if rep.memory:  # every run trained: a peak over its HBM is the memory model's error
+            print("| case | peak per GPU (GB) | allocated (GB) | HBM (GB) | busiest stage | fits |\n"
+                  "|---|---|---|---|---|---|")
+            for m in rep.memory:
+                print(f"| {m.case} | {m.peak_bytes / 1e9:.1f} | {m.allocated_bytes / 1e9:.1f} | "
+                      f"{m.hbm_bytes / 1e9:.0f} | {m.stage} | {'yes' if m.fits else 'no'} |")
+            print(f"\n{sum(m.fits for m in rep.memory)} of {len(rep.memory)} runs fit\n")
 
 
 # ---- cpu -------------------------------------------------------------------------------------------------
