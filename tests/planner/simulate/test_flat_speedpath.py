@@ -109,7 +109,7 @@ def test_step_costs_mapping_matches_unit_cost():
 
 def test_full_recompute_peak_holds_the_layer_rebuilt_in_the_backward():
     """With full recompute a rank keeps each layer's input and, during a backward, one layer's whole activations:
-    the simulated peak counts both (as C's formula does), so a unit of C tokens peaks at the HBM less its reserves."""
+    the simulated peak counts both, as C's formula does."""
     req = PlanRequest(model="llama-7b", cluster="dgx-h100", gpus=64, lengths="byted-like", recompute="full",
                       tokens_per_step=2 * 2**20)
     cm = build_cost_model(req)
