@@ -26,9 +26,8 @@ import torch.distributed as dist
 
 from planner.schedule import PipeOp, consumer, dependency, step_op_lists
 from planner.plan import Step, Unit
-from planner.runtime.cp import (KVCache, Peers, ShardLayout, SlicedAttention, shard_layout, slice_layout,
-                                unit_attention, unit_documents)
-from planner.runtime.model import SequenceTokens
+from planner.runtime.cp import KVCache, Peers, ShardLayout, SlicedAttention, unit_attention
+from planner.runtime.inputs import Inputs, UnitInputs
 from planner.runtime.offload import Offloader
 
 _TAG_ACT, _TAG_GRAD = 5, 6  # beside cp.py's 1-4: stage-boundary activations and their gradients
@@ -41,7 +40,7 @@ class _UnitRun:
     unit: Unit
     index: int  # this rank's member index
     layouts: list[list[ShardLayout]]  # [slice][member]
-    inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per slice: (ids, labels, positions)
+    inputs: list[Inputs]  # per slice: (ids, labels, positions)
     peers: Peers
     offload: Offloader
     cache: KVCache = field(default_factory=KVCache)
@@ -61,11 +60,12 @@ def rank_ops(step: Step, pp: int, hdp: int, hdp_rank: int, stage: int) -> list[P
 
 class StageRunner:
     """Runs one step's op list on one rank. `ctx` is the rank's Context (planner/runtime/context.py: model,
-    device, mesh coordinates, options); `unit_inputs` and `token_loss` come from planner/runtime/step.py."""
+    device, mesh coordinates, options); `ready` holds its units' inputs (planner/runtime/inputs.py) and
+    `token_loss` comes from planner/runtime/step.py."""
 
-    def __init__(self, ctx, step: Step, tokens: dict[int, SequenceTokens], unit_inputs, token_loss) -> None:
-        self.ctx, self.step, self.tokens = ctx, step, tokens
-        self.unit_inputs, self.token_loss = unit_inputs, token_loss
+    def __init__(self, ctx, step: Step, ready: dict[int, UnitInputs], token_loss) -> None:
+        self.ctx, self.step, self.ready = ctx, step, ready
+        self.token_loss = token_loss
         mesh = ctx.prep.plan.mesh
         self.p, self.hdp, self.v = mesh.pp, mesh.hdp, step.chunks_per_stage
         self.units = {u.id: u for u in step.units}
@@ -87,18 +87,11 @@ class StageRunner:
     # -- per unit -----------------------------------------------------------------------------
     def _run(self, uid: int) -> _UnitRun:
         if uid not in self.runs:
-            u = self.units[uid]
-            ctx, n = self.ctx, u.slices
-            index = u.hdp_ranks.index(ctx.hdp_rank)
-            docs = unit_documents(u.pieces)
-            if n == 1:
-                layouts = [[shard_layout(docs, u.degree, m) for m in range(u.degree)]]
-            else:
-                layouts = [[slice_layout(docs, n, j, u.degree, m) for m in range(u.degree)] for j in range(n)]
-            inputs = [tuple(t.to(ctx.device) for t in self.unit_inputs(self.tokens, lay[index])) for lay in layouts]
+            u, ctx, ready = self.units[uid], self.ctx, self.ready[uid]
             mesh = ctx.prep.plan.mesh
-            peers = Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in u.hdp_ranks), index)
-            self.runs[uid] = _UnitRun(u, index, layouts, inputs, peers, Offloader(u.offload_ratio, ctx.params))
+            peers = Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in u.hdp_ranks), ready.index)
+            self.runs[uid] = _UnitRun(u, ready.index, ready.layouts, ready.inputs, peers,
+                                      Offloader(u.offload_ratio, ctx.params))
         return self.runs[uid]
 
     def _attention(self, run: _UnitRun, j: int):

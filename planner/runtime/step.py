@@ -1,10 +1,11 @@
 """One replayed step on one rank: every HDP rank runs its units in the plan's order, then one
 gradient all-reduce and an optimizer step (DESIGN.md "Core concepts").
 
-Per unit, a member builds its zigzag shard of the unit's documents, runs forward with the unit's
-attention (packed, or context-parallel over P2P with the other members) under the unit's
-offload hooks, and adds token-level cross-entropy divided by the step's global token count, so
-the all-reduced gradient is the full batch's whatever the assignment (REFERENCE 1, Eq. 1-2).
+Before the step's clock starts a member builds its units' zigzag shards and inputs
+(planner/runtime/inputs.py, as a data loader would); per unit it runs forward with the unit's attention
+(packed, or context-parallel over P2P with the other members) under the unit's offload hooks, and adds
+token-level cross-entropy divided by the step's global token count, so the all-reduced gradient is the
+full batch's whatever the assignment (REFERENCE 1, Eq. 1-2).
 With pp > 1 a rank is one stage of one pipeline and runs the plan's op lists
 (planner/runtime/stages.py); with tp > 1 an HDP rank is a TP group (planner/runtime/tp.py) whose
 members talk to the same TP rank of other HDP ranks."""
@@ -20,9 +21,10 @@ import torch.distributed as dist
 
 from planner.plan import Step, Unit
 from planner.runtime.context import Context, rank_failure
-from planner.runtime.cp import Peers, shard_layout, unit_attention, unit_documents
+from planner.runtime.cp import Peers, unit_attention
 from planner.runtime.feed import StepWork
-from planner.runtime.model import IGNORE_INDEX, Decoder, SequenceTokens
+from planner.runtime.inputs import UnitInputs, prepare_units
+from planner.runtime.model import Decoder
 from planner.runtime.offload import Offloader
 from planner.runtime.stages import StageRunner, rank_ops
 from planner.runtime.trace import StepRecord, UnitRecord
@@ -30,19 +32,6 @@ from profiles.measure.hostload import node_cpu_s
 
 if TYPE_CHECKING:  # check.py builds on this module (token_loss, flat_all_reduce)
     from planner.runtime.check import Check
-
-
-def unit_inputs(tokens: dict[int, SequenceTokens], layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, labels, RoPE positions) of a member's local tokens; padding gets id 0 and an
-    ignored label."""
-    inp = torch.zeros(layout.tokens, dtype=torch.long)
-    lab = torch.full((layout.tokens,), IGNORE_INDEX, dtype=torch.long)
-    for sid in layout.seq.unique().tolist():
-        sel = (layout.seq == sid) & layout.valid
-        pos = layout.pos[sel]
-        inp[sel] = tokens[sid].ids[pos]
-        lab[sel] = tokens[sid].labels[pos]
-    return inp, lab, layout.pos
 
 
 def token_loss(model: Decoder, logits: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
@@ -75,13 +64,11 @@ def _enter_unit(ctx: Context, it: int, step: Step, unit: Unit) -> None:
 
 # -- the units ----------------------------------------------------------------------------------
 
-def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, SequenceTokens]) -> float:
-    """Forward and backward of one unit on this rank; returns its loss share."""
+def run_unit(ctx: Context, it: int, step: Step, unit: Unit, ready: UnitInputs) -> float:
+    """Forward and backward of one unit on this rank (its inputs `ready`); returns its loss share."""
     mesh = ctx.prep.plan.mesh
-    index = unit.hdp_ranks.index(ctx.hdp_rank)
-    docs = unit_documents(unit.pieces)
-    layouts = [shard_layout(docs, unit.degree, j) for j in range(unit.degree)]
-    inp, lab, pos = (t.to(ctx.device) for t in unit_inputs(tokens, layouts[index]))
+    index, layouts = ready.index, ready.layouts[0]
+    inp, lab, pos = ready.inputs[0]
     peers = Peers(tuple(mesh.global_rank(ctx.stage, r, ctx.tp_rank) for r in unit.hdp_ranks), index)
     attn = unit_attention(unit, layouts, peers, ctx.opts.cp_impl, ctx.prep.spec.head_dim, ctx.device,
                           ctx.opts.ring_kernel)
@@ -108,27 +95,25 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, tokens: dict[int, Se
     return float(loss.detach())
 
 
-def run_units(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceTokens]) -> float:
+def run_units(ctx: Context, it: int, step: Step, ready: dict[int, UnitInputs]) -> float:
     """pp = 1: this rank's units in plan order; returns its loss share."""
     units = {u.id: u for u in step.units}
     loss = 0.0
     for uid in step.order.get(ctx.hdp_rank, []):
         _enter_unit(ctx, it, step, units[uid])
         try:
-            loss += run_unit(ctx, it, step, units[uid], tokens)
+            loss += run_unit(ctx, it, step, units[uid], ready[uid])
         except Exception as e:  # name the rank and unit; the launcher ends the other ranks
             raise rank_failure(ctx, e) from e
     return loss
 
 
-def run_pipelined(ctx: Context, it: int, step: Step, tokens: dict[int, SequenceTokens],
-                  ops: list | None = None) -> float:
-    """pp > 1: this rank's op list (planner/runtime/stages.py; `ops` when the rank holds only its part of
-    the step, expanded from the whole step); returns its loss share (last stage)."""
-    mesh = ctx.prep.plan.mesh
-    runner = StageRunner(ctx, step, tokens, unit_inputs, token_loss)
+def run_pipelined(ctx: Context, it: int, step: Step, ops: list, ready: dict[int, UnitInputs]) -> float:
+    """pp > 1: this rank's op list (planner/runtime/stages.py), its units' inputs `ready`; returns its loss
+    share (last stage)."""
+    runner = StageRunner(ctx, step, ready, token_loss)
     units = {u.id: u for u in step.units}
-    for op in ops if ops is not None else rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage):
+    for op in ops:
         _enter_unit(ctx, it, step, units[op.mb])
         try:
             (runner.forward if op.kind == "F" else runner.backward)(op)
@@ -199,7 +184,12 @@ def replay_step(ctx: Context, work: StepWork, check: Check | None) -> StepRecord
     mine = step.order.get(ctx.hdp_rank, [])
     wanted = {p.seq for uid in mine for p in units[uid].pieces}
     tokens = ctx.tokens.tokens(it, step.sequences, work.stream_offset, wanted, work.starts)
-    pipelined = ctx.prep.plan.mesh.pp > 1
+    mesh = ctx.prep.plan.mesh
+    pipelined = mesh.pp > 1
+    ops = None
+    if pipelined:  # `work.ops` when the rank holds only its part of the step, expanded from the whole step
+        ops = work.ops if work.ops is not None else rank_ops(step, mesh.pp, mesh.hdp, ctx.hdp_rank, ctx.stage)
+    ready = prepare_units(step, [op.mb for op in ops] if pipelined else mine, ctx.hdp_rank, tokens, ctx.device)
     if check is not None:
         check.before_units(ctx)
     for p in ctx.owned:  # zeros, not None: ranks without units still join the all-reduce
@@ -209,7 +199,7 @@ def replay_step(ctx: Context, work: StepWork, check: Check | None) -> StepRecord
             p.grad.zero_()
     node = [node_cpu_s()] if ctx.node_load else []  # the node's CPU time at t0, t2, t3, t4 (the check left out)
     t0, c0 = time.perf_counter(), time.process_time()
-    loss = run_pipelined(ctx, it, step, tokens, work.ops) if pipelined else run_units(ctx, it, step, tokens)
+    loss = run_pipelined(ctx, it, step, ops, ready) if pipelined else run_units(ctx, it, step, ready)
     loss = loss if ctx.tp_rank == 0 else 0.0  # a TP group computes its loss once per member: count it once
     t1 = time.perf_counter()
     ctx.position.set(f"step {it} (plan step {step.step}) gradient all-reduce")

@@ -26,7 +26,8 @@ from planner.runtime.hf import build_hf_model, hf_config, hf_name  # noqa: E402
 from planner.runtime.launch import preflight  # noqa: E402
 from planner.runtime.model import ModelConfig, TokenSource, virtual_stage_layers  # noqa: E402
 from planner.runtime.hf_spec import hf_model_spec  # noqa: E402
-from planner.runtime.step import token_loss, unit_inputs  # noqa: E402
+from planner.runtime.inputs import unit_inputs  # noqa: E402
+from planner.runtime.step import token_loss  # noqa: E402
 
 GRAD_TOL, LOSS_TOL = 1e-4, 1e-5  # fp32, as the built-in model's replay tests
 CPU = torch.device("cpu")

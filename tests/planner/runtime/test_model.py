@@ -16,7 +16,8 @@ from costmodel.presets import load_model  # noqa: E402
 from planner.plan import Piece, PlanError, Sequence  # noqa: E402
 from planner.runtime.cp import PackedAttention, shard_layout, unit_documents  # noqa: E402
 from planner.runtime.model import IGNORE_INDEX, ModelConfig, TokenSource, build_model  # noqa: E402
-from planner.runtime.step import token_loss, unit_inputs  # noqa: E402
+from planner.runtime.inputs import unit_inputs  # noqa: E402
+from planner.runtime.step import token_loss  # noqa: E402
 from planner.workload.readers import read_megatron_idx  # noqa: E402
 
 

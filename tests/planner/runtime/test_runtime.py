@@ -22,7 +22,8 @@ from planner.runtime.cp import PackedAttention, attention_mask, shard_layout, un
 from planner.runtime.check import ReferenceAttention  # noqa: E402
 from planner.runtime.model import ModelConfig, SequenceTokens, TokenSource, build_model  # noqa: E402
 from planner.runtime.offload import Offloader, parameter_pointers  # noqa: E402
-from planner.runtime.step import token_loss, unit_inputs  # noqa: E402
+from planner.runtime.inputs import unit_inputs  # noqa: E402
+from planner.runtime.step import token_loss  # noqa: E402
 from costmodel.presets import load_model  # noqa: E402
 
 GRAD_TOL = 1e-4  # fp32: max relative gradient error vs the single-process reference
