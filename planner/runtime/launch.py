@@ -175,7 +175,9 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
     name = model or plan.meta.get("model")
     if not name:
         raise PlanError(f"{plan_path}: the plan names no model (meta.model); pass --model NAME")
-    spec = load_model(str(name))
+    # the plan's own copy of the model it priced: a plan made from a config file replays on a machine without it
+    spec = (ModelSpec.from_dict(plan.meta["model_spec"]) if model is None and plan.meta.get("model_spec")
+            else load_model(str(name)))
     if spec.is_moe:
         raise PlanError(f"model {spec.name!r}: MoE replay is not implemented (dense Llama-style models only); "
                         "pass --model tiny or a dense preset")

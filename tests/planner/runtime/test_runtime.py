@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -25,6 +26,8 @@ from planner.runtime.offload import Offloader, parameter_pointers  # noqa: E402
 from planner.runtime.inputs import unit_inputs  # noqa: E402
 from planner.runtime.step import token_loss  # noqa: E402
 from costmodel.presets import load_model  # noqa: E402
+from costmodel.specs import ModelSpec  # noqa: E402
+from planner.runtime.launch import preflight  # noqa: E402
 
 GRAD_TOL = 1e-4  # fp32: max relative gradient error vs the single-process reference
 LOSS_TOL = 1e-5
@@ -458,6 +461,17 @@ def test_killed_rank_is_named_with_its_step_and_unit(tmp_path):
 
 
 @pytest.mark.torchrun
+def test_replay_builds_the_model_the_plan_priced(tmp_path):
+    """A plan made from a model file names the file (meta.model) and embeds the spec it priced (meta.model_spec): the
+    replay builds that spec on a machine without the file; --model still wins."""
+    spec = dataclasses.asdict(load_model("tiny")) | {"name": "tiny-3l", "layers": 3}
+    plan = mixed_plan_3()
+    plan.meta.update(model="configs/tiny-3l.json", model_spec=spec)
+    plan.save(tmp_path / "plan.json")
+    assert preflight(tmp_path / "plan.json", 3)[1] == ModelSpec.from_dict(spec)
+    assert preflight(tmp_path / "plan.json", 3, "tiny")[1] == load_model("tiny")
+
+
 def test_runtime_refuses_world_size_mismatch(tmp_path):
     mixed_plan_3().save(tmp_path / "plan.json")
     res = torchrun(2, tmp_path / "plan.json", "--check", cwd=tmp_path)
