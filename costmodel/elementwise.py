@@ -1,6 +1,7 @@
 """Memory-bound kernels of a training step (REFERENCE 7.1 leaves them out; Korthikanti et al. 2022 §4 and
 Megatron-LM's fused kernels define them): bytes each kernel reads and writes, priced by the cost model as a
-profile's memory-table lookup per kernel (launch floor + bytes at achievable HBM bandwidth).
+profile's memory-table lookup per kernel (launch floor + bytes at achievable HBM bandwidth; a kernel of a slower
+access kind, e.g. a strided copy, at its kind's measured share of that bandwidth).
 
 A layer's GEMMs and attention core are priced elsewhere; here are the kernels between them, as Megatron-LM
 fuses them: the two norms, the activation (bias fused: bias-GeLU; SwiGLU reads gate and up), RoPE on Q and K,
@@ -26,12 +27,17 @@ ADAM_BYTES_PER_PARAM = 4 + 12 + 12 + 2 + 4
 FP8_CAST_BYTES = 2 + 1 + 1
 
 
+KINDS = ("stream", "broadcast", "mixed", "strided", "softmax")  # profiles/measure/memory.py measures each
+
+
 @dataclass(frozen=True)
 class MemKernel:
-    """One memory-bound kernel: bytes read + written per unit of work on one rank."""
+    """One memory-bound kernel: bytes read + written per unit of work on one rank, and its access kind (a profile's
+    constant memory_kind_<kind> says how far that kind's bandwidth is from the memory table's streaming kernel)."""
 
     label: str
     bytes_per_item: float  # per token of the micro-batch (layer, head kernels) or per attention score
+    kind: str = "stream"  # one of KINDS
 
 
 def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int,
@@ -64,28 +70,34 @@ def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_byte
 # rotate-half RoPE: four products with cos/sin, a sub, an add, the cat), backward from autograd's formula of each op (a
 # product of two tensors: two products; a broadcast operand's gradient: a product and a sum over tokens; a tensor
 # used twice: one accumulation). Tiny per-token scalars (the norm's statistics) count 2 elements.
-_EAGER_FWD: dict[str, tuple[tuple[float, float], ...]] = {  # label -> ((x-coefficient, constant), ...) per kernel
-    "rmsnorm": ((2, 0), (1, 1), (0, 2), (0, 2), (2, 1), (2, 0)),
-    "layernorm": ((1, 1), (2, 1), (2, 0), (1, 1), (0, 2), (0, 2), (2, 1), (2, 0), (2, 0)),
-    "rope": ((1, 0), (1, 0), (1, 0), (1, 0), (1.5, 0), (1.5, 0), (2, 0)),
-    "swiglu": ((2, 0), (3, 0)),  # silu(gate), · up
-    "gelu": ((2, 0), (2, 0)),  # + bias (linear_bias), gelu
-    "residual": ((3, 0),),
+_B = "broadcast"  # a product with an operand broadcast along tokens or hidden: a norm's statistic or weight, cos/sin
+_EAGER_FWD: dict[str, tuple[tuple[float, float, str], ...]] = {  # label -> ((x-coefficient, constant, kind), ...)
+    "rmsnorm": ((2, 0, ""), (1, 1, ""), (0, 2, ""), (0, 2, ""), (2, 1, _B), (2, 0, _B)),
+    "layernorm": ((1, 1, ""), (2, 1, _B), (2, 0, ""), (1, 1, ""), (0, 2, ""), (0, 2, ""), (2, 1, _B), (2, 0, _B),
+                  (2, 0, _B)),
+    "rope": ((1, 0, _B), (1, 0, _B), (1, 0, _B), (1, 0, _B), (1.5, 0, ""), (1.5, 0, ""), (2, 0, "")),
+    "swiglu": ((2, 0, ""), (3, 0, "")),  # silu(gate), · up
+    "gelu": ((2, 0, ""), (2, 0, "")),  # + bias (linear_bias), gelu
+    "residual": ((3, 0, ""),),
 }
-_EAGER_BWD: dict[str, tuple[tuple[float, float], ...]] = {
-    "rmsnorm": ((2, 0), (3, 0), (1, 0), (3, 0), (1, 1), (0, 2), (0, 2), (1, 1), (3, 0), (2, 0), (3, 0)),
-    "layernorm": ((2, 0), (3, 0), (1, 0), (1, 0), (3, 0), (1, 1), (0, 2), (0, 2), (1, 1), (3, 0), (2, 0), (3, 0),
-                  (1, 1), (1, 1), (3, 0), (3, 0)),
-    "rope": ((1, 0), (1, 0), (1, 0), (1, 0), (1, 0), (1.5, 0), (1.5, 0), (2, 0)),
-    "swiglu": ((3, 0), (3, 0), (3, 0)),  # d(up) = dy·silu, d(silu) = dy·up, silu_backward
-    "gelu": ((3, 0), (1, 0)),  # gelu_backward; the bias gradient's sum over tokens
-    "residual": ((3, 0),),  # the branch point's gradient accumulation
+# Backward kinds: each broadcast product's gradient with respect to the full tensor is again a product with the
+# broadcast operand (dy·w, dy·r, dy·cos, the mean's expand); the broadcast operand's own gradient sums over tokens.
+_EAGER_BWD: dict[str, tuple[tuple[float, float, str], ...]] = {
+    "rmsnorm": ((2, 0, _B), (3, 0, ""), (1, 0, ""), (3, 0, _B), (1, 1, ""), (0, 2, ""), (0, 2, ""), (1, 1, _B),
+                (3, 0, ""), (2, 0, ""), (3, 0, "")),
+    "layernorm": ((2, 0, _B), (3, 0, ""), (1, 0, ""), (1, 0, ""), (3, 0, _B), (1, 1, ""), (0, 2, ""), (0, 2, ""),
+                  (1, 1, _B), (3, 0, ""), (2, 0, ""), (3, 0, ""), (1, 1, _B), (1, 1, ""), (3, 0, ""), (3, 0, "")),
+    "rope": ((1, 0, ""), (1, 0, _B), (1, 0, _B), (1, 0, _B), (1, 0, _B), (1.5, 0, ""), (1.5, 0, ""), (2, 0, "")),
+    "swiglu": ((3, 0, ""), (3, 0, ""), (3, 0, "")),  # d(up) = dy·silu, d(silu) = dy·up, silu_backward
+    "gelu": ((3, 0, ""), (1, 0, "")),  # gelu_backward; the bias gradient's sum over tokens
+    "residual": ((3, 0, ""),),  # the branch point's gradient accumulation
 }
 
 
 def _eager(label: str, width: float, dtype_bytes: float, direction: str) -> tuple[MemKernel, ...]:
     table = _EAGER_FWD if direction == "fwd" else _EAGER_BWD
-    return tuple(MemKernel(f"{label}_{i}", (a * width + c) * dtype_bytes) for i, (a, c) in enumerate(table[label]))
+    return tuple(MemKernel(f"{label}_{i}", (a * width + c) * dtype_bytes, kind or "stream")
+                 for i, (a, c, kind) in enumerate(table[label]))
 
 
 # planner/runtime keeps fp32 parameters and autocasts a bf16 step (torch.autocast): the embedding's fp32 output starts
@@ -113,16 +125,17 @@ def eager_layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtyp
     if b < r:  # autocast: norm output -> GEMM input (backward: its gradient back to fp32), twice
         out += [MemKernel("autocast_cast", hidden * (r + b)), MemKernel("autocast_cast", hidden * (r + b))]
     qkv = (model.q_width + 2 * model.kv_width) / tp
-    out.append(MemKernel("qkv_split", 2 * ((model.q_width + model.kv_width) / tp if fwd else qkv) * b))
+    out.append(MemKernel("qkv_split", 2 * ((model.q_width + model.kv_width) / tp if fwd else qkv) * b, "strided"))
     if model.position == "rope":
         out += [*_eager("rope", model.q_width / tp, b, direction), *_eager("rope", model.kv_width / tp, b, direction)]
-    out.append(MemKernel("attn_out_layout", 2 * model.q_width / tp * b))
+    out.append(MemKernel("attn_out_layout", 2 * model.q_width / tp * b, "strided"))
     if model.mlp == "swiglu" and not fwd:
         out.append(MemKernel("gate_up_grad_stack", 2 * 2 * ffn * b))
     out += _eager(model.mlp, ffn, b, direction)
     # residual: stream + branch -> stream | the branch point's accumulation, and the branch's gradient cast down
-    residual = (MemKernel("residual", hidden * (2 * r + b)) if fwd else
-                MemKernel("residual", hidden * (3 * r + (r + b if b < r else 0))))
+    mixed = "mixed" if b < r else "stream"  # an fp32 stream plus a bf16 branch
+    residual = (MemKernel("residual", hidden * (2 * r + b), mixed) if fwd else
+                MemKernel("residual", hidden * (3 * r + (r + b if b < r else 0)), mixed))
     out += [residual, residual]
     if model.dropout:  # dropout after attention and after the MLP: apply the mask (fwd), mask the gradient (bwd)
         out += [MemKernel("dropout", hidden * (2 * b + 1)), MemKernel("dropout", hidden * (2 * b + 1))]
@@ -141,7 +154,7 @@ def eager_head_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype
     fwd = direction == "fwd"
     norm = _eager(model.norm, hidden, r, direction)
     cast = (MemKernel("autocast_cast", hidden * (r + b)),) if b < r else ()
-    ce = MemKernel("cross_entropy", vocab * ((b + 12) if fwd else (20 + b)))
+    ce = MemKernel("cross_entropy", vocab * ((b + 12) if fwd else (20 + b)), "softmax")
     return (*norm, *cast, ce)
 
 

@@ -320,8 +320,11 @@ class CostModel:
         self._curves["fit"] = self.fit_layer_time()
 
     def _kernels_s(self, kernels: tuple[MemKernel, ...], items: np.ndarray) -> np.ndarray:
-        """Memory-bound kernels run on `items` tokens (or scores) each: one memory-table lookup per kernel."""
-        return sum((self.profile.memory_time_s(items * k.bytes_per_item) for k in kernels), np.zeros_like(items))
+        """Memory-bound kernels run on `items` tokens (or scores) each: one memory-table lookup per kernel, its bytes
+        over its kind's share of the table's bandwidth (a broadcast or strided kernel moves its bytes slower)."""
+        p = self.profile
+        return sum((p.memory_time_s(items * k.bytes_per_item / p.memory_kind_ratio(k.kind)) for k in kernels),
+                   np.zeros_like(items))
 
     def _unfused_attention_s(self, doc_len: np.ndarray) -> dict[str, np.ndarray]:
         """Materialised attention of one document per length on one TP rank (no FlashAttention), per direction:

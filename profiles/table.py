@@ -403,6 +403,16 @@ class Profile:
         xs, ys = cache[key]
         return loglog_interp(np.asarray(nbytes, dtype=float), xs, ys, below="clamp", above="proportional")
 
+    def memory_kind_ratio(self, kind: str) -> float:
+        """Bandwidth of an elementwise kernel of `kind` (costmodel.elementwise.KINDS) over the memory table kernel's:
+        the profile's constant memory_kind_<kind> when measured (profiles/measure/memory.py), else 1 (streaming)."""
+        c = self.constants.get(f"memory_kind_{kind}")
+        ratio = float(c["value"]) if c else 1.0
+        if not ratio > 0:
+            raise ProfileError(f"profile {self.fingerprint.name!r}: constant memory_kind_{kind} must be > 0, "
+                               f"got {ratio}")
+        return ratio
+
     def constant(self, name: str) -> float:
         try:
             return float(self.constants[name]["value"])

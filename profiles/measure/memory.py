@@ -24,7 +24,8 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from profiles.measure import MeasureConfig, MeasureError, MemoryPoint, last_level_cache_bytes, time_op, torch_dtype
+from profiles.measure import (MeasureConfig, MeasureError, MemoryPoint, TimingConfig, last_level_cache_bytes, time_op,
+                              torch_dtype)
 from profiles.table import TABLE_COLUMNS
 
 COLUMNS = TABLE_COLUMNS["memory"] + ["median_s"]
@@ -71,3 +72,85 @@ def measure_memory(cfg: MeasureConfig, points: list[MemoryPoint], on_point: Call
         if on_point:  # the runner checkpoints each row
             on_point(row)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# -- kernel kinds ---------------------------------------------------------------------------------------------------
+# Eager PyTorch's elementwise kernels do not all stream at the table kernel's bandwidth: a product with an operand
+# broadcast along tokens or hidden (a norm's statistic or weight, RoPE's cos/sin) or of two dtypes (the fp32 stream
+# plus a bf16 branch), the fp32 log-softmax over the vocabulary, and strided copies (Q out of fused QKV rows,
+# [heads, tokens] -> [tokens, heads]) run slower; measured once per profile, at one size past the cache, as each
+# kind's bandwidth over the table kernel's on the same operands (profile constants memory_kind_<kind>; the cost model
+# divides a kernel's bytes by its kind's ratio, costmodel/elementwise.py).
+KIND_TIMING = TimingConfig(warmup=2, repeats=10, min_repeats=3, budget_s=1.0)
+KIND_WIDTH, KIND_VOCAB = 4096, 128256
+
+
+def kind_kernels(tokens: int, width: int, vocab: int, device: str) -> dict[str, tuple[str, Callable, int]]:
+    """Each kind's kernel on fresh [tokens, width] operands: name -> (what, call, bytes read + written). The
+    names after `table_add` are those bench/elementwise_kinds.py prints; KIND_OF_KERNEL maps them to the kinds."""
+    bf, f32 = torch.bfloat16, torch.float32
+    x32 = torch.randn(tokens, width, device=device, dtype=f32)
+    x16 = x32.to(bf)
+    w32 = torch.randn(width, device=device, dtype=f32)
+    g16, u16 = torch.randn_like(x16), torch.randn_like(x16)
+    heads = max(1, width // 128)
+    qkv = torch.randn(tokens, 3 * width, device=device, dtype=bf)
+    att = torch.randn(heads, tokens, 128, device=device, dtype=bf)
+    rows = max(1, tokens * width // vocab)  # as many logits as one operand's elements
+    logits = torch.randn(rows, vocab, device=device, dtype=bf)
+    n = tokens * width
+    return {
+        "table_add": ("y = x + 1, bf16 (the memory table's kernel)", lambda _: torch.add(x16, 1.0), 4 * n),
+        "add_fp32": ("y = x + 1, fp32 (the eager residual stream)", lambda _: torch.add(x32, 1.0), 8 * n),
+        "cast": ("fp32 -> bf16 (autocast at a GEMM)", lambda _: x32.to(bf), 6 * n),
+        "silu_mul": ("silu(g) · u, bf16 (two kernels)", lambda _: torch.nn.functional.silu(g16) * u16, 10 * n),
+        "cat3": ("cat of three [T, h] bf16", lambda _: torch.cat([g16, u16, x16], dim=1), 12 * n),
+        "row_mean_sq": ("x.pow(2).mean(-1), fp32 (RMSNorm statistic, two kernels)",
+                        lambda _: x32.pow(2).mean(-1, keepdim=True), 12 * n + 4 * tokens),
+        "residual": ("fp32 stream + bf16 branch -> fp32", lambda _: x32 + g16, 10 * n),
+        "bcast_mul": ("fp32 x · w[h] (norm weight)", lambda _: x32 * w32, 8 * n + 4 * width),
+        "log_softmax": (f"log_softmax over {vocab} logits, bf16 in, fp32 out",
+                        lambda _: torch.log_softmax(logits.float(), -1), rows * vocab * (2 + 4 + 4 + 4)),
+        "qkv_slice_copy": ("Q out of fused QKV rows, bf16 (strided read)", lambda _: qkv[:, :width].contiguous(),
+                           4 * n),
+        "head_transpose": ("[H, T, D] -> [T, H, D] contiguous, bf16", lambda _: att.transpose(0, 1).contiguous(),
+                           4 * heads * tokens * 128),
+    }
+
+
+KIND_OF_KERNEL = {"residual": "mixed", "bcast_mul": "broadcast", "log_softmax": "softmax",
+                  "qkv_slice_copy": "strided", "head_transpose": "strided"}  # the rest stream as the table kernel
+
+
+def kind_tokens(device: str, max_bytes: int | None = None) -> int:
+    """Tokens of the kind operands: a [tokens, KIND_WIDTH] fp32 operand spans at least twice the cache, unless
+    `max_bytes` (meshplan profile --max-bytes) caps it."""
+    need = 2 * last_level_cache_bytes(device) // (4 * KIND_WIDTH)
+    tokens = max(4096, 1 << max(0, need - 1).bit_length())
+    return tokens if max_bytes is None else max(16, min(tokens, max_bytes // (4 * KIND_WIDTH)))
+
+
+def measure_kinds(device: str, tokens: int | None = None, width: int = KIND_WIDTH, vocab: int = KIND_VOCAB,
+                  timing: TimingConfig = KIND_TIMING) -> dict[str, tuple[str, int, float]]:
+    """name -> (what, bytes, median seconds) of every kind_kernels entry, in its order."""
+    kernels = kind_kernels(tokens or kind_tokens(device), width, vocab, device)
+    return {name: (what, nbytes, float(statistics.median(time_op(call, timing, device=device))))
+            for name, (what, call, nbytes) in kernels.items()}
+
+
+def kind_constants(measured: dict[str, tuple[str, int, float]], device: str, main_dtype: str) -> dict[str, dict]:
+    """Profile constants memory_kind_<kind>: each kind's bandwidth over the table kernel's (y = x + 1 in the profile's
+    main dtype, as the memory table measures it); strided: the mean of its two copies."""
+    ref = "add_fp32" if main_dtype == "fp32" else "table_add"
+    table_bw = measured[ref][1] / measured[ref][2]
+    ratios: dict[str, list[float]] = {}
+    for name, kind in KIND_OF_KERNEL.items():
+        ratios.setdefault(kind, []).append(measured[name][1] / measured[name][2] / table_bw)
+    where = "CUDA events after an L2 flush" if device == "cuda" else "wall time"
+    out = {}
+    for k, v in ratios.items():
+        names = ", ".join(n for n, kk in KIND_OF_KERNEL.items() if kk == k)
+        out[f"memory_kind_{k}"] = {"value": round(float(statistics.mean(v)), 4), "unit": "x table bandwidth",
+                                   "source": f"meshplan profile: {names} against {ref} (y = x + 1) on "
+                                             f"{measured['table_add'][1] // 4:,}-element operands, median, {where}"}
+    return out

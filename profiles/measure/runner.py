@@ -360,8 +360,10 @@ def merge_tables(base: Profile, measured: Profile, names: tuple[str, ...], note:
                            f"{measured.fingerprint.device!r}); measure all tables on one device")
     tables = {**{k: v.copy() for k, v in base.tables.items()}, **{n: measured.tables[n].copy() for n in names}}
     fp = dataclasses.replace(base.fingerprint, notes=f"{base.fingerprint.notes} {note}".strip(), sha256="")
-    return Profile(fingerprint=fp, tables=tables, constants=copy.deepcopy(base.constants),
-                   fits=copy.deepcopy(base.fits))
+    constants = copy.deepcopy(base.constants)
+    if "memory" in names:  # the kinds' ratios belong to the memory table they were measured against
+        constants.update({k: copy.deepcopy(v) for k, v in measured.constants.items() if k.startswith("memory_kind_")})
+    return Profile(fingerprint=fp, tables=tables, constants=constants, fits=copy.deepcopy(base.fits))
 
 
 def peak_constant(gemm: pd.DataFrame, dtype: str, device: str) -> dict:
@@ -466,6 +468,10 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
         constants["cores_per_node"] = cores_constant()
         for name, value in measure_concurrency(constants["cores_per_node"]["value"]).items():
             constants[name] = {"value": value, "unit": "x", "source": SOURCE}
+    if "memory" in tables and len(tables["memory"]):  # how far each elementwise kind is from the table's kernel
+        from profiles.measure.memory import kind_constants, kind_tokens, measure_kinds
+        constants.update(kind_constants(measure_kinds(device, kind_tokens(device, req.max_bytes)), device,
+                                        cfg.main_dtype))
     if probe_before_s is not None:
         constants["host_probe_s"] = probe_constant(probe_before_s, host_probe_s())
     if node0 is not None and (node1 := node_cpu_s()) is not None:

@@ -206,3 +206,27 @@ def test_eager_bf16_keeps_the_runtimes_fp32_stream():
     ce = {d: [k for k in eager_head_kernels(llama, 1, False, 2, d) if k.label == "cross_entropy"][0].bytes_per_item
           for d in ("fwd", "bwd")}
     assert ce == {"fwd": llama.vocab * (2 + 4 + 8), "bwd": llama.vocab * (4 + 12 + 4 + 2)}
+
+
+def test_kernels_of_slow_kinds_take_their_kinds_share_of_the_bandwidth(a100):
+    """A profile's memory_kind_<kind> constants slow the eager kernels of that kind (bytes over the kind's share of the
+    table's bandwidth) and leave streaming kernels and fused training alone."""
+    llama = load_model("llama3-8b")
+    kinds = {k.label: k.kind for k in eager_layer_kernels(llama, 1, True, 2, "fwd")}
+    assert kinds["qkv_split"] == kinds["attn_out_layout"] == "strided" and kinds["residual"] == "mixed"
+    assert kinds["rmsnorm_4"] == kinds["rope_0"] == "broadcast" and kinds["swiglu_0"] == "stream"
+    assert {k.kind for k in eager_head_kernels(llama, 1, True, 2, "fwd") if k.label == "cross_entropy"} == {"softmax"}
+    assert {k.kind for k in eager_layer_kernels(llama, 1, True, 4, "fwd") if k.label == "residual"} == {"stream"}
+    assert {k.kind for d in ("fwd", "bwd") for k in layer_kernels(llama, 1, True, 2, d)} == {"stream"}  # fused
+    slow = dataclasses.replace(a100, constants={**a100.constants, "memory_kind_strided": {"value": 0.5},
+                                                "memory_kind_softmax": {"value": 0.25}})
+    assert slow.memory_kind_ratio("strided") == 0.5 and slow.memory_kind_ratio("stream") == 1.0
+    base, eager_slow = (_cm(p, model="llama3-8b", tp=1, kernels="eager").unit_cost([8192]) for p in (a100, slow))
+    t = lambda nbytes: float(a100.memory_time_s(nbytes))  # noqa: E731
+    # each strided kernel is priced as a streaming one of twice its bytes
+    strided = sum(t(2 * 8192 * k.bytes_per_item) - t(8192 * k.bytes_per_item) for k in eager_layer_kernels(
+        llama, 1, True, 2, "fwd") if k.kind == "strided") * llama.layers
+    assert eager_slow.mem_fwd_s - base.mem_fwd_s == pytest.approx(strided, rel=0.03)
+    assert eager_slow.head_fwd_s > base.head_fwd_s
+    fused = [_cm(p, model="llama3-8b", tp=1).unit_cost([8192]) for p in (a100, slow)]
+    assert fused[0].mem_fwd_s == fused[1].mem_fwd_s and fused[0].head_fwd_s == fused[1].head_fwd_s

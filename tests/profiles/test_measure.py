@@ -179,17 +179,24 @@ def test_memory_table_through_the_runner(tmp_path):
     assert seen[-1] == ("memory", n, n) and res.seconds["memory"] > 0
     assert "Memory: y = x + 1" in p.fingerprint.notes and "load average at its start" in p.fingerprint.notes
     assert all(p.tables[t].empty for t in ("gemm", "attention", "collective", "host_copy"))
+    # each slow elementwise kind measured against the table's kernel (profiles/measure/memory.py)
+    kinds = {k: v["value"] for k, v in p.constants.items() if k.startswith("memory_kind_")}
+    assert set(kinds) == {f"memory_kind_{k}" for k in ("mixed", "broadcast", "softmax", "strided")}
+    assert all(0 < v < 10 for v in kinds.values()) and p.memory_kind_ratio("strided") == kinds["memory_kind_strided"]
 
 
 def test_merge_tables_adds_memory_and_keeps_the_rest(tmp_path):
     base = load_profile("local-cpu.measured")
     mem = pd.DataFrame({"bytes": [4096, 2**20], "time_s": [3e-6, 5e-5]})
-    measured = Profile(dataclasses.replace(base.fingerprint, notes="new run", sha256=""), {"memory": mem})
+    kind = {"memory_kind_strided": {"value": 0.4, "unit": "x table bandwidth", "source": "new run"}}
+    measured = Profile(dataclasses.replace(base.fingerprint, notes="new run", sha256=""), {"memory": mem},
+                       constants={**kind, "host_probe_s": {"value": 1.0}})
     merged = runner.merge_tables(base, measured, ("memory",), "Memory added on 2026-12-03.")
     assert merged.tables["memory"].equals(mem) and merged.fingerprint.notes.endswith(" Memory added on 2026-12-03.")
     for name in ("gemm", "attention", "collective", "host_copy"):
         assert merged.tables[name].equals(base.tables[name]), name
-    assert merged.constants == base.constants and merged.fits == base.fits
+    # the memory table's kinds come with it; every other constant is the base's
+    assert merged.constants == {**base.constants, **kind} and merged.fits == base.fits
     fp, fp0 = merged.fingerprint, base.fingerprint
     assert (fp.name, fp.device, fp.created, fp.versions) == (fp0.name, fp0.device, fp0.created, fp0.versions)
     merged.save(tmp_path / "m.json")
