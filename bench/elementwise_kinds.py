@@ -22,7 +22,7 @@ sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
-from profiles.measure.memory import KIND_OF_KERNEL, KIND_TIMING, kind_constants, measure_kinds  # noqa: E402
+from profiles.measure.memory import KIND_OF_KERNEL, KIND_TIMING, KIND_VOCAB, kind_constants, measure_kinds  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--vocab", type=int, default=KIND_VOCAB)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)

@@ -203,9 +203,11 @@ def test_eager_bf16_keeps_the_runtimes_fp32_stream():
     bwd = {k.label: k.bytes_per_item for k in eager_layer_kernels(llama, 1, False, 2, "bwd")}
     assert bwd["residual"] == h * (3 * 4 + 4 + 2)  # the stream's accumulation, the branch's gradient cast down
     # the loss over fp32 logits: cast up and log-softmax forward; zero fill, log-softmax backward, cast down
-    ce = {d: [k for k in eager_head_kernels(llama, 1, False, 2, d) if k.label == "cross_entropy"][0].bytes_per_item
-          for d in ("fwd", "bwd")}
-    assert ce == {"fwd": llama.vocab * (2 + 4 + 8), "bwd": llama.vocab * (4 + 12 + 4 + 2)}
+    ce = {(d, b): {k.label: k.bytes_per_item / llama.vocab for k in eager_head_kernels(llama, 1, False, b, d)
+                   if not k.label.startswith(("rmsnorm", "autocast"))} for d in ("fwd", "bwd") for b in (2, 4)}
+    assert ce["fwd", 2] == {"logits_cast": 2 + 4, "log_softmax": 8}
+    assert ce["bwd", 2] == {"logits_grad_fill": 4, "log_softmax": 12, "logits_cast": 4 + 2}
+    assert "logits_cast" not in ce["fwd", 4] and "logits_cast" not in ce["bwd", 4]  # fp32 logits: no cast
 
 
 def test_kernels_of_slow_kinds_take_their_kinds_share_of_the_bandwidth(a100):
@@ -215,7 +217,8 @@ def test_kernels_of_slow_kinds_take_their_kinds_share_of_the_bandwidth(a100):
     kinds = {k.label: k.kind for k in eager_layer_kernels(llama, 1, True, 2, "fwd")}
     assert kinds["qkv_split"] == kinds["attn_out_layout"] == "strided" and kinds["residual"] == "mixed"
     assert kinds["rmsnorm_4"] == kinds["rope_0"] == "broadcast" and kinds["swiglu_0"] == "stream"
-    assert {k.kind for k in eager_head_kernels(llama, 1, True, 2, "fwd") if k.label == "cross_entropy"} == {"softmax"}
+    head = {k.label: k.kind for k in eager_head_kernels(llama, 1, True, 2, "fwd")}
+    assert head["log_softmax"] == "softmax" and head["logits_cast"] == "stream"
     assert {k.kind for k in eager_layer_kernels(llama, 1, True, 4, "fwd") if k.label == "residual"} == {"stream"}
     assert {k.kind for d in ("fwd", "bwd") for k in layer_kernels(llama, 1, True, 2, d)} == {"stream"}  # fused
     slow = dataclasses.replace(a100, constants={**a100.constants, "memory_kind_strided": {"value": 0.5},
