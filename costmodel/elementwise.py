@@ -39,6 +39,10 @@ class MemKernel:
     bytes_per_item: float  # per token of the micro-batch (layer, head kernels) or per attention score
     kind: str = "stream"  # one of KINDS
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"memory kernel {self.label!r}: kind {self.kind!r} is not one of {KINDS}")
+
 
 def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int,
                   direction: str) -> tuple[MemKernel, ...]:
