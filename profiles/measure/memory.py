@@ -83,8 +83,8 @@ def measure_memory(cfg: MeasureConfig, points: list[MemoryPoint], on_point: Call
 # divides a kernel's bytes by its kind's ratio, costmodel/elementwise.py).
 KIND_TIMING = TimingConfig(warmup=2, repeats=10, min_repeats=3, budget_s=1.0)
 KIND_WIDTH = 4096
-# log-softmax over a real vocabulary (Llama 3's): rows this long are read more than once (H200: 0.48 of the table's
-# bandwidth at 128,256, 0.64 at 32,768), and on a GPU at least 8 rows per SM (one thread block a row) keep it busy
+# log-softmax over a real vocabulary (Llama 3's): longer rows run slower (H200: 0.48-0.53 of the table's bandwidth
+# at 128,256, 0.64 at 32,768), and on a GPU at least 8 rows per SM (one thread block a row) keep it busy
 KIND_VOCAB = 128256
 
 
