@@ -4,8 +4,9 @@ GPU machines come rarely and for minutes, so one prepared command does everythin
 under one folder:
 
 1. environment: device, driver, torch / CUDA / NCCL versions, whether flash-attn imports (a child process);
-2. a quick profile (profiles/measure: GEMM in every dtype the device runs well, attention fwd/bwd varlen, memory,
-   host copies, collectives with >= 2 GPUs) with a time budget per table, written to profile.json;
+2. a quick profile (profiles/measure: GEMM in every dtype the device runs well, attention fwd/bwd varlen, memory
+   and on GPU its elementwise kinds, host copies, collectives with >= 2 GPUs) with a time budget per table, written
+   to profile.json;
 3. small real plans (the plan API) replayed with `meshplan replay --check` (bf16 on GPU, fp32 on CPU): one rank,
    and several ranks (NCCL on >= 2 GPUs; on one GPU the multi-rank path runs over gloo on the CPU, since the
    executor maps local rank i to cuda:i); multi-rank plans get a second replay without --check for timing,
@@ -56,6 +57,7 @@ ENV_BUDGET_S = 60.0  # the environment child (import torch, CUDA context, flash-
 PHASES = (("profile", 4.0), ("replay", 5.0))  # weights: each phase gets its share of the time left
 TABLE_SHARES = {"gemm": 0.3, "attention": 0.3, "memory": 0.1, "host_copy": 0.1, "collective": 0.2}
 TABLE_ORDER = ("gemm", "attention", "memory", "host_copy", "collective")  # what the cost model needs most first
+KINDS_MIN_S = 5.0  # GPU: the elementwise kinds (a few s) follow the memory table when this much of its share is left
 CHILD_START_S = {"cpu": 5.0, "cuda": 20.0}  # a child's start (imports, CUDA context) before its budget counts
 MIN_RUN_S = {"cpu": 10.0, "cuda": 20.0}  # a replay is not started with less time than this left
 KILL_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
@@ -397,11 +399,24 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
             cols, rows = [], []
         entry.update(columns=list(cols), rows=[[_py(v) for v in r] for r in rows], seconds=time.perf_counter() - t0)
         doc["tables"][name] = entry
+        if name == "memory" and rows and device == "cuda" and stop - time.monotonic() > KINDS_MIN_S:
+            _memory_kinds(device, cfg.main_dtype, doc)
         atomic_write_text(out, json.dumps(doc) + "\n")
     if "host_probe_s" in doc:
         doc["host_probe_s"].append(host_probe_s())
     atomic_write_text(out, json.dumps(doc) + "\n")
     return 0
+
+
+def _memory_kinds(device: str, main_dtype: str, doc: dict) -> None:
+    """The elementwise kinds' ratios to the memory table's kernel (profiles/measure/memory.py), as `meshplan profile`
+    measures them with its memory table, into doc["memory_kinds"] (an error into doc["memory_kinds_error"])."""
+    from profiles.measure.memory import kind_constants, kind_tokens, measure_kinds
+
+    try:
+        doc["memory_kinds"] = kind_constants(measure_kinds(device, kind_tokens(device)), device, main_dtype)
+    except Exception as e:  # noqa: BLE001 -- the kinds refine the memory table; their failure must not lose it
+        doc["memory_kinds_error"] = f"{type(e).__name__}: {e}"[:500]
 
 
 def _py(v):
@@ -424,6 +439,7 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
         constants["gemm_large_flops"] = dict(constants["peak_bf16_flops"])
     if doc["device"] == "cpu":  # ranks beyond the cores share them at a fair share (no slowdown probe: its budget)
         constants["cores_per_node"] = cores_constant()
+    constants.update(doc.get("memory_kinds") or {})  # GPU: measured after the memory table when its budget allowed
     probes = doc.get("host_probe_s") or []
     if len(probes) == 2:  # a child cut short before its last table has only the first
         constants["host_probe_s"] = probe_constant(*probes)
@@ -432,7 +448,9 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
                      for t, e in doc["tables"].items())
     notes = (f"meshplan machine-check quick profile, main dtype {cfg.main_dtype}. {doc['dtype_note']}. Per table: "
              f"{said}. " + (memory_note(cfg, None) if "memory" in tables else "")
-             + ("" if "collective" in tables else " No collective table (one device)."))
+             + ("" if "collective" in tables else " No collective table (one device).")
+             + (" Elementwise kinds (memory_kind_*) measured after the memory table." if doc.get("memory_kinds")
+                else ""))
     fp = Fingerprint(name=name, device=doc["description"], source="measured",
                      created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=doc["versions"],
                      notes=notes)

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from planner.plan import Plan, validate
-from planner.studies.machine_check import (MARGIN, Budget, ReplayCase, ReplayRun, completed_profile, judge_replay,
-                                           run_child)
+from planner.studies.machine_check import (MARGIN, Budget, ReplayCase, ReplayRun, build_profile, completed_profile,
+                                           judge_replay, run_child)
+from profiles.measure import plan_config
 from profiles.table import Fingerprint, Profile, load_profile
 
 runner = CliRunner()
@@ -122,6 +123,22 @@ def test_completed_profile_takes_only_missing_tables():
     assert len(full.tables["collective"]) == len(ref.tables["collective"])
     assert full.constants == fresh.constants and "collective" in full.fingerprint.notes
     full.require_tables()
+
+
+def test_fresh_profile_takes_the_elementwise_kinds_measured_with_its_memory_table(tmp_path):
+    """GPU: the profile child measures the kinds after the memory table (doc["memory_kinds"]); the fresh profile holds
+    them as constants and the cost model prices eager kernels with them."""
+    memory = {"points": 2, "budget_s": 7.0, "estimated_s": None, "cut": False, "error": None,
+              "columns": ["bytes", "time_s"], "rows": [[4096, 3e-6], [2**20, 5e-5]], "seconds": 0.1}
+    kinds = {"memory_kind_strided": {"value": 0.41, "unit": "x table bandwidth", "source": "test"}}
+    doc = {"device": "cuda", "description": "NVIDIA H200", "versions": {}, "dtype_note": "bf16", "model": "m",
+           "config": plan_config("cpu", quick=True, nproc=1).key(), "tables": {"memory": memory}}
+    for with_kinds in (False, True):
+        (tmp_path / "rows.json").write_text(json.dumps({**doc, **({"memory_kinds": kinds} if with_kinds else {})}))
+        prof, _ = build_profile(tmp_path / "rows.json", "h200.machine-check")
+        assert prof.memory_kind_ratio("strided") == (0.41 if with_kinds else 1.0)
+        assert prof.memory_kind_ratio("broadcast") == 1.0
+        assert ("Elementwise kinds" in prof.fingerprint.notes) == with_kinds
 
 
 @pytest.mark.parametrize("args,says", [(["--device", "gpu"], "--device must be cpu or cuda"),
