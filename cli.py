@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import traceback
@@ -688,14 +689,16 @@ def _profile_id(p) -> dict:
 
 
 def _print_comparison(a: str, b: str, as_json: bool = False) -> None:
-    from profiles.measure.runner import compare_profiles
+    from profiles.measure.runner import compare_constants, compare_profiles
     pa, pb = load_profile(a), load_profile(b)
-    cmps = compare_profiles(pa, pb)
+    cmps, consts = compare_profiles(pa, pb), compare_constants(pa, pb)
     if as_json:
         tables = [{"table": c.table, "quantity": f"A/B of {c.quantity}", "note": c.note,
                    "summary": [] if c.summary.empty else
                    json.loads(c.summary.to_json(orient="records", double_precision=15))} for c in cmps]
-        sys.stdout.write(json.dumps({"a": _profile_id(pa), "b": _profile_id(pb), "tables": tables}) + "\n")
+        sys.stdout.write(json.dumps({"a": _profile_id(pa), "b": _profile_id(pb), "tables": tables,
+                                     "constants": json.loads(consts.to_json(orient="records", double_precision=15))})
+                         + "\n")
         return
     out.print(f"A = {pa.fingerprint.name} ({pa.fingerprint.source}, {pa.fingerprint.device})\n"
               f"B = {pb.fingerprint.name} ({pb.fingerprint.source}, {pb.fingerprint.device})", highlight=False,
@@ -710,6 +713,13 @@ def _print_comparison(a: str, b: str, as_json: bool = False) -> None:
             t.add_column(col, justify="left" if c.summary[col].dtype == object else "right")
         for row in c.summary.itertuples(index=False):
             t.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+        out.print(t)
+    if len(consts):  # "-": the profile lacks it (a kind it lacks is priced as streaming, ratio 1)
+        t = Table(title="constants: A, B, A/B")
+        for col in consts.columns:
+            t.add_column(col, justify="left" if col in ("constant", "unit") else "right")
+        for row in consts.itertuples(index=False):
+            t.add_row(*[("-" if math.isnan(v) else f"{v:.4g}") if isinstance(v, float) else str(v) for v in row])
         out.print(t)
 
 
@@ -753,7 +763,8 @@ def profile_cmd(
                                    "full 2, 4, 8 where they divide the KV heads), attention head dims and T(s) fits "
                                    "go in."),
         compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B",
-                                                          help="Print A/B ratios table by table, no measuring."),
+                                                          help="Print A/B ratios table by table and the constants "
+                                                               "side by side, no measuring."),
         estimate: Optional[str] = typer.Option(None, "--estimate", metavar="REF",
                                                help="Print how long this run would take, from profile REF's "
                                                     "times (e.g. h100-sxm.analytic with --device cuda); no measuring."),

@@ -641,6 +641,18 @@ def _comparable(table: str, df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def compare_constants(a: Profile, b: Profile) -> pd.DataFrame:
+    """The profiles' numeric constants side by side (peak rates, core-share slowdowns, elementwise kinds, fitted
+    overheads): constant, unit, a, b and A/B; NaN where one profile lacks it."""
+    rows = []
+    for name in sorted(set(a.constants) | set(b.constants)):
+        va, vb = (p.constants.get(name, {}).get("value") for p in (a, b))
+        va, vb = (float(v) if isinstance(v, (int, float)) else np.nan for v in (va, vb))
+        unit = (a.constants.get(name) or b.constants.get(name)).get("unit", "")
+        rows.append({"constant": name, "unit": unit, "a": va, "b": vb, "ratio": va / vb if vb else np.nan})
+    return pd.DataFrame(rows, columns=["constant", "unit", "a", "b", "ratio"])
+
+
 def compare_profiles(a: Profile, b: Profile) -> list[TableComparison]:
     """Ratios A/B table by table, aligned on common keys (medians where a key repeats)."""
     out = []

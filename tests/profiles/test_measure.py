@@ -397,6 +397,20 @@ def test_compare_measured_with_analytic():
     res = subprocess.run([sys.executable, "-m", "cli", "profile", "--compare", "local-cpu.measured",
                           "h100-sxm.analytic"], capture_output=True, text=True)
     assert res.returncode == 0 and "gemm" in res.stdout and "collective" in res.stdout
+    assert "constants: A, B, A/B" in res.stdout and "peak_bf16_flops" in res.stdout
+
+
+def test_compare_constants_side_by_side():
+    cpu, h200 = load_profile("local-cpu.measured"), load_profile("h200-sxm.measured")
+    c = runner.compare_constants(h200, cpu).set_index("constant")
+    assert set(c.index) == set(h200.constants) | set(cpu.constants)
+    peak = c.loc["peak_bf16_flops"]
+    assert peak["ratio"] == pytest.approx(peak["a"] / peak["b"]) and peak["ratio"] > 100  # an H200 vs two CPU cores
+    kind = c.loc["memory_kind_strided"]  # the CPU profile lacks it: no ratio
+    assert kind["a"] == h200.constants["memory_kind_strided"]["value"] and np.isnan(kind["b"])
+    assert np.isnan(kind["ratio"])
+    same = runner.compare_constants(cpu, cpu)
+    assert (same["a"] == same["b"]).all() and (same.loc[same["b"] != 0, "ratio"] == 1.0).all()
 
 
 def test_cli_profile_needs_out_or_compare():
@@ -558,6 +572,8 @@ def test_cli_profile_estimate_and_compare_json():
     assert d["a"]["name"] == "local-cpu.measured" and d["b"]["source"] == "analytic"
     gemm = next(t for t in d["tables"] if t["table"] == "gemm")
     assert gemm["summary"] and gemm["summary"][0]["geomean"] > 1  # a CPU core is slower than an H100
+    peak = next(c for c in d["constants"] if c["constant"] == "peak_bf16_flops")
+    assert 0 < peak["ratio"] < 1 and peak["unit"] == "FLOP/s"
 
 
 def test_attention_measured_at_the_models_head_dims():
