@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r.kind:<15} {r.bytes / 1e6:>8.1f} {r.time_s * 1e3:>9.3f} {r.gb_per_s:>8.0f} {r.vs_table:>8.2f} "
               f" {r.what}")
-    consts = kind_constants({r.kind: (r.what, r.bytes, r.time_s) for r in rows}, a.device, "bf16")
+    main = "bf16" if a.device == "cuda" else "fp32"  # the reference `meshplan profile` takes on a GPU / most CPUs
+    consts = kind_constants({r.kind: (r.what, r.bytes, r.time_s) for r in rows}, a.device, main)
     print("profile constants (x table bandwidth): " + ", ".join(f"{k} {v['value']:.2f}" for k, v in consts.items())
           + f"  (kinds: {KIND_OF_KERNEL})")
     if a.json:

@@ -411,10 +411,10 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
 def _memory_kinds(device: str, main_dtype: str, doc: dict) -> None:
     """The elementwise kinds' ratios to the memory table's kernel (profiles/measure/memory.py), as `meshplan profile`
     measures them with its memory table, into doc["memory_kinds"] (an error into doc["memory_kinds_error"])."""
-    from profiles.measure.memory import kind_constants, kind_tokens, measure_kinds
+    from profiles.measure.memory import memory_kind_constants
 
     try:
-        doc["memory_kinds"] = kind_constants(measure_kinds(device, kind_tokens(device)), device, main_dtype)
+        doc["memory_kinds"] = memory_kind_constants(device, main_dtype)
     except Exception as e:  # noqa: BLE001 -- the kinds refine the memory table; their failure must not lose it
         doc["memory_kinds_error"] = f"{type(e).__name__}: {e}"[:500]
 

@@ -158,3 +158,8 @@ def kind_constants(measured: dict[str, tuple[str, int, float]], device: str, mai
                                    "source": f"meshplan profile: {names} against {ref} (y = x + 1) on "
                                              f"{measured['table_add'][1] // 4:,}-element operands, median, {where}"}
     return out
+
+
+def memory_kind_constants(device: str, main_dtype: str, max_bytes: int | None = None) -> dict[str, dict]:
+    """Measure the kinds and return them as profile constants (`meshplan profile`, `meshplan machine-check`)."""
+    return kind_constants(measure_kinds(device, kind_tokens(device, max_bytes)), device, main_dtype)

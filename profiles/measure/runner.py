@@ -469,9 +469,8 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
         for name, value in measure_concurrency(constants["cores_per_node"]["value"]).items():
             constants[name] = {"value": value, "unit": "x", "source": SOURCE}
     if "memory" in tables and len(tables["memory"]):  # how far each elementwise kind is from the table's kernel
-        from profiles.measure.memory import kind_constants, kind_tokens, measure_kinds
-        constants.update(kind_constants(measure_kinds(device, kind_tokens(device, req.max_bytes)), device,
-                                        cfg.main_dtype))
+        from profiles.measure.memory import memory_kind_constants
+        constants.update(memory_kind_constants(device, cfg.main_dtype, req.max_bytes))
     if probe_before_s is not None:
         constants["host_probe_s"] = probe_constant(probe_before_s, host_probe_s())
     if node0 is not None and (node1 := node_cpu_s()) is not None:

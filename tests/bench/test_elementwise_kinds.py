@@ -8,6 +8,8 @@ import pytest
 pytest.importorskip("torch")
 
 from bench.elementwise_kinds import main  # noqa: E402
+from costmodel.elementwise import KINDS  # noqa: E402
+from profiles.measure.memory import KIND_OF_KERNEL  # noqa: E402
 
 
 def test_every_kind_is_timed_against_the_table_kernel(tmp_path, capsys):
@@ -22,3 +24,7 @@ def test_every_kind_is_timed_against_the_table_kernel(tmp_path, capsys):
         assert k["gb_per_s"] == pytest.approx(k["bytes"] / k["time_s"] / 1e9)
         assert k["vs_table"] == pytest.approx(k["gb_per_s"] / kinds["table_add"]["gb_per_s"])
     assert "log_softmax" in capsys.readouterr().out
+
+
+def test_the_kinds_measured_are_the_kinds_the_cost_model_prices():
+    assert set(KIND_OF_KERNEL.values()) | {"stream"} == set(KINDS)
