@@ -34,7 +34,7 @@ class GpuNumbers:
     name: str  # profile name stem
     device: str
     peak_bf16: Const  # dense BF16 peak
-    gemm_large: Const  # achieved large-GEMM FLOP/s (MAMF)
+    gemm_large: Const  # achieved large-GEMM FLOP/s under training load (sustained where measured, else MAMF)
     attn_plateau: dict[str, Const]  # "fwd_noncausal", "fwd_causal", "bwd": fraction of peak at long lengths
     ar_plateau_intra: Const  # 8-GPU intra-node all-reduce busbw plateau
     p2p_intra: Const  # NVLink P2P bandwidth per direction
@@ -51,6 +51,9 @@ class GpuNumbers:
     peak_fp8: Const | None = None
     gemm_large_fp8: Const | None = None
     domain_gpus: Const | None = None  # GPUs per NVLink domain; None: the 8-GPU HGX baseboard (no constant written)
+    # Elementwise kinds' bandwidth over the memory table's stream (constants memory_kind_<kind>); None: not measured
+    # on this architecture, every kernel priced as a stream (no constants written)
+    memory_kinds: dict[str, Const] | None = None
 
 
 # Shared, GPU-independent numbers -------------------------------------------------------------
@@ -108,10 +111,41 @@ def _c(v: float, unit: str, src: str) -> Const:
     return Const(v, unit, src)
 
 
+# Hopper GEMMs sustained: the MAMF (stas00's best shape over a sweep, 794.5 bf16 / 1,453 fp8 TFLOP/s) is a short
+# burst; GEMMs that run for milliseconds, as a training step's do, run slower. Measured on an H200
+# (h200-sxm.measured): its best bf16 shape reaches 783 TFLOP/s (the MAMF), but one shape at m = 16K and m = 32K
+# runs 751 and 680 (0.7 and 1.6 ms), and the median of its bf16 GEMMs of >= 1 ms is 673 (fp8: 1,226), 0.85 of the
+# MAMF in both dtypes. Fitted on the H200 replays' real training steps, `meshplan calibrate` finds the MAMF curve's
+# GEMMs x 1.15 ± 0.014 too fast (bench/data/h200-2026-12-04*). H100 SXM and H800 SXM: the same die, clocks and
+# 700 W limit as the H200 SXM. (Korthikanti et al.'s A100 layer times fit the A100's MAMF: it stays.)
+HOPPER_SUSTAINED_MIN_S = 1e-3
+
+
+def sustained_gemm_flops(measured: Profile, dtype: str, min_s: float = HOPPER_SUSTAINED_MIN_S) -> float:
+    """Median achieved FLOP/s of a measured profile's GEMMs of `dtype` that run at least `min_s`."""
+    g = measured.tables["gemm"]
+    g = g[(g["dtype"] == dtype) & (g["time_s"] >= min_s)]
+    if g.empty:
+        raise ValueError(f"profile {measured.fingerprint.name!r} has no {dtype} GEMM of >= {min_s} s")
+    return float(np.median(2.0 * g["m"] * g["n"] * g["k"] / g["time_s"]))
+
+
+HOPPER_GEMM_SUSTAINED = _c(673.3e12, "FLOP/s", "median rate of the bf16 GEMMs of >= 1 ms in h200-sxm.measured "
+                           "[meas: meshplan on an H200, 2026-12-04]; MAMF 794.5 [stas00] is the best shape's burst; "
+                           "H100/H800 SXM: the H200's die, clocks and 700 W limit [spec]")
+HOPPER_GEMM_SUSTAINED_FP8 = _c(1226.3e12, "FLOP/s", "median rate of the fp8 GEMMs of >= 1 ms in h200-sxm.measured "
+                               "[meas: meshplan on an H200, 2026-12-04]; MAMF 1,453.4 [stas00] is the best shape's "
+                               "burst; H100/H800 SXM: the H200's die, clocks and 700 W limit [spec]")
+# Elementwise kinds on Hopper, measured on an H200 by `meshplan profile --ops memory` (h200-sxm.measured;
+# docs/COSTMODEL.md "Elementwise kinds"): ratios of one kernel's bandwidth to another's on the same SMs and HBM.
+_KINDS_SRC = "x the memory table's stream, measured on an H200 [meas: meshplan profile --ops memory, 2026-12-04]"
+HOPPER_MEMORY_KINDS = {k: _c(v, "x table bandwidth", f"{k}: {v} {_KINDS_SRC}")
+                       for k, v in (("broadcast", 0.7125), ("mixed", 0.716), ("softmax", 0.5276), ("strided", 0.4135))}
+
 H100 = GpuNumbers(
     name="h100-sxm", device="NVIDIA H100 SXM 80GB (analytic)",
     peak_bf16=_c(989e12, "FLOP/s", "H100 SXM datasheet dense BF16 [spec]"),
-    gemm_large=_c(794.5e12, "FLOP/s", "MAMF large BF16 GEMM [meas: stas00 ml-engineering]"),
+    gemm_large=HOPPER_GEMM_SUSTAINED,
     attn_plateau={
         "fwd_noncausal": _c(648 / 989, "x", "FA3 fwd non-causal 648 TFLOP/s at 16K, hd128 [FA3 paper Fig. 5]"),
         "fwd_causal": _c(616 / 989, "x", "FA3 fwd causal 616 TFLOP/s at 16K, hd128 [FA3 paper Fig. 5]"),
@@ -127,8 +161,7 @@ H100 = GpuNumbers(
     sms=_c(132, "SMs", "H100 SXM5 132 SMs [spec: NVIDIA H100 whitepaper; 132 in stas00 mamf-finder H100 tests]"),
     gemm_tile_m=TILE_HOPPER_M, gemm_tile_n=TILE_HOPPER_N,
     peak_fp8=_c(1979e12, "FLOP/s", "H100 SXM datasheet dense FP8 (3,958 with sparsity) [spec, REFERENCE 8.1]"),
-    gemm_large_fp8=_c(1453.4e12, "FLOP/s", "MAMF large FP8 GEMM on H200 [meas: stas00 ml-engineering, REFERENCE 8.1]; "
-                      "H100 SXM has the same die, clocks and FP8 peak [derived]"),
+    gemm_large_fp8=HOPPER_GEMM_SUSTAINED_FP8, memory_kinds=HOPPER_MEMORY_KINDS,
 )
 
 A100 = GpuNumbers(
@@ -161,7 +194,7 @@ H200 = GpuNumbers(
     sms=_c(132, "SMs", "H200 SXM 132 SMs, the H100 SXM5 configuration [spec]"),
     gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
     peak_fp8=_c(1979e12, "FLOP/s", "H200 SXM datasheet dense FP8 [spec, REFERENCE 8.1]"),
-    gemm_large_fp8=_c(1453.4e12, "FLOP/s", "MAMF large FP8 GEMM [meas: stas00 ml-engineering, REFERENCE 8.1]"),
+    gemm_large_fp8=HOPPER_GEMM_SUSTAINED_FP8, memory_kinds=HOPPER_MEMORY_KINDS,
 )
 
 H800 = GpuNumbers(
@@ -174,7 +207,7 @@ H800 = GpuNumbers(
     nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h, hbm=H100.hbm,
     sms=_c(132, "SMs", "H800 SXM5 132 SMs, the H100 SXM5 configuration with reduced NVLink [spec]"),
     gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
-    peak_fp8=H100.peak_fp8, gemm_large_fp8=H100.gemm_large_fp8,
+    peak_fp8=H100.peak_fp8, gemm_large_fp8=H100.gemm_large_fp8, memory_kinds=H100.memory_kinds,
 )
 
 # Blackwell. Published: B200 dense peaks, its bf16 MAMF, its 8-GPU all-reduce (REFERENCE 8.1); GB200 NVL72 rack totals
@@ -285,6 +318,7 @@ def build(g: GpuNumbers) -> Profile:
         gemm_rates.append(("fp8", g.gemm_large_fp8, g.peak_fp8))
     if g.domain_gpus is not None:
         consts["nvlink_domain_gpus"] = g.domain_gpus
+    consts.update({f"memory_kind_{k}": v for k, v in (g.memory_kinds or {}).items()})
 
     # GEMM, per dtype: generic cube-ish grid; time = max(floor, flops / (achieved * x/(x + x_half))), x_half scaled
     # with the dtype's peak (the same ~20 us to half efficiency).

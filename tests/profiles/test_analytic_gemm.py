@@ -2,6 +2,7 @@
 they are."""
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from profiles import analytic
@@ -57,3 +58,39 @@ def test_measured_profile_is_looked_up_as_it_is():
     exact = p.gemm_time_s(m, 4096, 4096)
     assert np.allclose(exact, loglog_interp(m, [256, 1024, 4096], [r[-1] for r in rows[0::2]]))
     assert np.array_equal(p.gemm_time_s(m, 1000, 1000), flops_curve(p, 2.0 * m * 1000 * 1000))
+
+
+def test_hopper_sustained_gemm_rates_are_the_measured_h200_medians():
+    """The Hopper profiles' large-GEMM rates are the H200's measured GEMMs of >= 1 ms (their median), not the
+    MAMF burst; A100 keeps its MAMF (Korthikanti et al.'s A100 layer times fit it)."""
+    measured = load_profile("h200-sxm.measured")
+    for dtype, const in (("bf16", analytic.HOPPER_GEMM_SUSTAINED), ("fp8", analytic.HOPPER_GEMM_SUSTAINED_FP8)):
+        assert const.value == pytest.approx(analytic.sustained_gemm_flops(measured, dtype), rel=1e-3)
+    for g in (analytic.H100, analytic.H200, analytic.H800):
+        assert g.gemm_large is analytic.HOPPER_GEMM_SUSTAINED
+        assert g.gemm_large_fp8 is analytic.HOPPER_GEMM_SUSTAINED_FP8
+    # the measured table's best shape is the MAMF: the sustained rate is lower by duration, not a slower board
+    g = measured.tables["gemm"]
+    best = (2.0 * g.m * g.n * g.k / g.time_s)[g.dtype == "bf16"].max()
+    assert best > 1.1 * analytic.HOPPER_GEMM_SUSTAINED.value
+    assert analytic.A100.gemm_large.value == 271.2e12
+    with pytest.raises(ValueError, match="no bf16 GEMM of >= 10"):
+        analytic.sustained_gemm_flops(measured, "bf16", min_s=10.0)
+
+
+def test_hopper_memory_kinds_are_the_measured_h200_ones():
+    """The Hopper analytic profiles carry the kinds measured on the H200 (same constants, values, every kind the
+    cost model prices but the stream); the others price every kernel as a stream."""
+    from costmodel.elementwise import KINDS
+    measured = load_profile("h200-sxm.measured")
+    for name in ("h100-sxm", "h200-sxm", "h800-sxm"):
+        p = load_profile(f"{name}.analytic")
+        kinds = {k for k in p.constants if k.startswith("memory_kind_")}
+        assert kinds == {f"memory_kind_{k}" for k in KINDS if k != "stream"}
+        for k in kinds:
+            assert p.constants[k]["value"] == measured.constants[k]["value"]
+            assert "H200" in p.constants[k]["source"]
+    for name in ("a100-sxm-80gb", "b200", "gb200"):
+        p = load_profile(f"{name}.analytic")
+        assert not any(k.startswith("memory_kind_") for k in p.constants)
+        assert p.memory_kind_ratio("strided") == 1.0
