@@ -420,7 +420,7 @@ def replay(ctx: typer.Context,
 
 
 # -- plan / simulate: the planner ------------------------------------------------------------------
-from planner.api import PlanRequest, compare as compare_strategies, cost_model_for_plan  # noqa: E402
+from planner.api import PlanRequest, compare as compare_strategies, cost_model_for_plan, device_kind  # noqa: E402
 from planner.plan import PlanError as _PlanError  # noqa: E402
 from planner.plan.stream import load_plan, save_plan  # noqa: E402
 from planner.strategies import (HEURISTICS, PP_SCHEDULES, SOLVERS, STRATEGIES, HdpOptions, IlpOptions,  # noqa: E402
@@ -683,6 +683,16 @@ def _notes(notes: list[str]) -> None:
         err.print(f"note: {note}", highlight=False, markup=False)
 
 
+def _profile_post(p, specs: dict) -> None:
+    """After the tables: each model's T(s) fit, and on CPU the executor's cost per attention call
+    (planner/runtime/call_overhead.py), measured at the first model's heads: on a CPU the host's work is the step's."""
+    _notes(fit_models(p, specs))
+    if specs and len(p.tables["attention"]) and device_kind(p.fingerprint.device) == "cpu":
+        from planner.runtime.call_overhead import attention_call_overhead
+        m = next(iter(specs.values()))
+        p.constants["attn_call_overhead_s"] = attention_call_overhead(m.heads, m.kv_heads, m.head_dim)
+
+
 def _profile_id(p) -> dict:
     fp = p.fingerprint
     return {"name": fp.name, "source": fp.source, "device": fp.device, "sha256": fp.sha256}
@@ -761,7 +771,7 @@ def profile_cmd(
                                             help="Ranks for collectives (default: GPUs, or 4 on CPU)."),
         models: str = typer.Option("tiny", "--models", help="Models whose GEMM shapes (also TP-sharded: quick 2, "
                                    "full 2, 4, 8 where they divide the KV heads), attention head dims and T(s) fits "
-                                   "go in."),
+                                   "go in; on CPU the first one's heads time the executor's cost per attention call."),
         compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B",
                                                           help="Print A/B ratios table by table and the constants "
                                                                "side by side, no measuring."),
@@ -807,7 +817,7 @@ def profile_cmd(
         fail("give --out FILE to measure, --compare A B to compare two profiles, or --estimate REF")
     try:
         with _table_progress() as progress:
-            res = run_profile(req, post=lambda p: _notes(fit_models(p, specs)), progress=progress,
+            res = run_profile(req, post=lambda p: _profile_post(p, specs), progress=progress,
                               on_note=lambda note: _notes([note]))
     except KeyboardInterrupt:
         fail(resume_hint(out_path), code=130)

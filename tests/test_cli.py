@@ -221,6 +221,18 @@ def test_profile_measures_the_cost_models_gemm_shapes_and_fits_each_model(tmp_pa
                               ("tiny.down", 64, 128), ("tiny.lm_head", 256, 64), ("tiny.o.tp2", 64, 32))
     assert json.loads(r.stdout)["fits"] == ["tiny"] and p.fits["tiny"]["alpha1_s_per_token2"] >= 0
     assert r.stderr == ""
+    # on CPU the executor's cost per attention call is measured too, at tiny's heads
+    c = p.constants["attn_call_overhead_s"]
+    assert c["unit"] == "s" and 0 < c["value"] < 1e-3 and "4/2 heads, head dim 16" in c["source"]
+
+
+def test_profile_of_a_gpu_leaves_the_attention_call_cost_to_calibrate(tmp_path, monkeypatch):
+    p = load_profile("h200-sxm.measured")
+    p.fits.clear()
+    _fake_run_profile(monkeypatch, p, {})
+    r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["fits"] == ["tiny"] and "attn_call_overhead_s" not in p.constants
 
 
 def test_profile_notes_a_model_it_cannot_fit_and_goes_on(tmp_path, monkeypatch):
@@ -234,7 +246,7 @@ def test_profile_notes_a_model_it_cannot_fit_and_goes_on(tmp_path, monkeypatch):
     assert notes.count("note: ") == 2 and "error" not in notes, notes
     for name in ("tiny", "llama-7b"):
         assert f"note: no T(s) fit for {name}: profile 'local-cpu.measured' has no rows in table(s) attention" in notes
-    assert "fits: none" in r.stdout and p.fits == {}
+    assert "fits: none" in r.stdout and p.fits == {} and "attn_call_overhead_s" not in p.constants
 
 
 def test_profile_without_a_gemm_table_is_written_with_notes(tmp_path, monkeypatch):

@@ -401,6 +401,9 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
         doc["tables"][name] = entry
         if name == "memory" and rows and device == "cuda" and stop - time.monotonic() > KINDS_MIN_S:
             _memory_kinds(device, cfg.main_dtype, doc)
+        if name == "attention" and rows and device == "cpu":  # as `meshplan profile` does on CPU (under a second)
+            from planner.runtime.call_overhead import attention_call_overhead
+            doc["attn_call_overhead"] = attention_call_overhead(spec.heads, spec.kv_heads, spec.head_dim)
         atomic_write_text(out, json.dumps(doc) + "\n")
     if "host_probe_s" in doc:
         doc["host_probe_s"].append(host_probe_s())
@@ -440,6 +443,8 @@ def build_profile(rows_file: Path, name: str) -> tuple[Profile, dict]:
     if doc["device"] == "cpu":  # ranks beyond the cores share them at a fair share (no slowdown probe: its budget)
         constants["cores_per_node"] = cores_constant()
     constants.update(doc.get("memory_kinds") or {})  # GPU: measured after the memory table when its budget allowed
+    if doc.get("attn_call_overhead"):  # CPU: measured after the attention table
+        constants["attn_call_overhead_s"] = doc["attn_call_overhead"]
     probes = doc.get("host_probe_s") or []
     if len(probes) == 2:  # a child cut short before its last table has only the first
         constants["host_probe_s"] = probe_constant(*probes)

@@ -52,6 +52,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     fresh = load_profile(str(out / "profile.json"))
     assert fresh.fingerprint.source == "measured" and len(fresh.tables["gemm"]) and fresh.tables["collective"].empty
     assert "before the tables" in fresh.constants["host_probe_s"]["source"]
+    assert 0 < fresh.constants["attn_call_overhead_s"]["value"] < 1e-3  # the executor's per-call cost, as on CPU
     predict = load_profile(str(out / "profile.predict.json"))  # completed with the reference's collectives
     assert len(predict.tables["collective"]) and "local-cpu.measured" in predict.fingerprint.notes
     plan = Plan.load(out / "plans" / "cpu2-gloo.json")

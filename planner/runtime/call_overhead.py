@@ -1,0 +1,70 @@
+"""The executor's fixed cost per attention call, measured: what `PackedAttention` (planner/runtime/cp.py) spends on
+a packed bin's documents beyond the SDPA calls the attention table times (the split into documents, the layout
+views, the cat of the outputs, and their backward), per document and direction. The cost model charges it per
+attention call (profile constant `attn_call_overhead_s`, costmodel/timing.py). `meshplan profile` measures it on
+CPU, where the host's work is the step's time; on a GPU the host issues the same ops ahead of the kernels, so they
+cost time only where a unit is host-bound, and `meshplan calibrate` fits the constant there."""
+
+from __future__ import annotations
+
+import time
+import types
+
+DOC_TOKENS = 16  # the CPU attention table's shortest document: above its grid's floor, the glue is what is left
+DOCS = 32  # documents of one timed bin: enough calls that a bin outlasts the timer's resolution many times
+ROUNDS = 40  # interleaved rounds (runtime path, then the table's); each path's fastest round is kept
+WARMUP = 3
+
+
+def _bin_times_s(fn, leaves, grads) -> tuple[float, float]:
+    """Forward and backward seconds of one bin through `fn`."""
+    import torch
+
+    t0 = time.perf_counter()
+    outs = fn()
+    t1 = time.perf_counter()
+    torch.autograd.backward(outs, grads)
+    t2 = time.perf_counter()
+    for x in leaves:
+        x.grad = None
+    return t1 - t0, t2 - t1
+
+
+def attention_call_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = ROUNDS) -> dict:
+    """Profile constant `attn_call_overhead_s` on this CPU (fp32, the thread count in force): (PackedAttention's
+    bin − the table's per-document SDPA loop) / documents, each path's fastest of interleaved rounds (as the tables
+    keep a minimum: a busy moment does not set it), the mean of forward and backward (the cost model charges the
+    same per call in each), never below 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from planner.runtime.cp import PackedAttention
+
+    n, s, d = DOCS, DOC_TOKENS, head_dim
+    attn = PackedAttention(types.SimpleNamespace(doc_slices=tuple((i * s, (i + 1) * s) for i in range(n))))
+    packed = [torch.randn(n * s, h, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    packed_grad = [torch.ones(n * s, heads, d)]
+    # the attention table's CPU varlen rows: one SDPA call per document on its own [1, H, s, D] leaves
+    per_doc = [[torch.randn(1, h, s, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)] for _ in range(n)]
+    table_leaves = [x for doc in per_doc for x in doc]
+    table_grads = [torch.ones(1, heads, s, d)] * n
+
+    def runtime():
+        return [attn(*packed, 0)]
+
+    def table():
+        return [F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+                for q, k, v in per_doc]
+
+    best = {"rf": float("inf"), "rb": float("inf"), "tf": float("inf"), "tb": float("inf")}
+    for r in range(WARMUP + rounds):
+        times = dict(zip(("rf", "rb"), _bin_times_s(runtime, packed, packed_grad)))
+        times.update(zip(("tf", "tb"), _bin_times_s(table, table_leaves, table_grads)))
+        if r >= WARMUP:
+            best = {k: min(v, times[k]) for k, v in best.items()}
+    value = max(0.0, ((best["rf"] - best["tf"]) + (best["rb"] - best["tb"])) / (2 * n))
+    return {"value": value, "unit": "s",
+            "source": f"measured: planner.runtime PackedAttention over {n} documents of {s} tokens ({heads}/{kv_heads} "
+                      f"heads, head dim {d}) less the attention table's per-document SDPA calls, per call, mean of "
+                      f"forward and backward, each path's fastest of {rounds} interleaved rounds, "
+                      f"{torch.get_num_threads()} torch thread(s)"}
