@@ -1,5 +1,6 @@
 """Analytic profiles: the Profile tables built from datasheet peaks and published measurements
-(REFERENCE.md §8), for GPUs we cannot measure here. Every constant carries its source; the
+(REFERENCE.md §8), for GPUs we cannot measure here; the Hopper ones also take two measurements of our own H200
+(the sustained GEMM rate and the elementwise kinds, from h200-sxm.measured). Every constant carries its source; the
 generated files in profiles/data/*.analytic.json are written by `python -m profiles.analytic`
 and checked against this module by the tests (never edited by hand)."""
 
