@@ -690,7 +690,10 @@ def _profile_post(p, specs: dict) -> None:
     if specs and len(p.tables["attention"]) and device_kind(p.fingerprint.device) == "cpu":
         from planner.runtime.call_overhead import attention_call_overhead
         m = next(iter(specs.values()))
-        p.constants["attn_call_overhead_s"] = attention_call_overhead(m.heads, m.kv_heads, m.head_dim)
+        try:
+            p.constants["attn_call_overhead_s"] = attention_call_overhead(m.heads, m.kv_heads, m.head_dim)
+        except Exception as e:  # noqa: BLE001 -- a refinement: its failure must not lose the measured tables
+            _notes([f"no attention call cost measured ({type(e).__name__}: {e}); the profile is written without it"])
 
 
 def _profile_id(p) -> dict:

@@ -226,6 +226,22 @@ def test_profile_measures_the_cost_models_gemm_shapes_and_fits_each_model(tmp_pa
     assert c["unit"] == "s" and 0 < c["value"] < 1e-3 and "4/2 heads, head dim 16" in c["source"]
 
 
+def test_profile_whose_attention_call_cost_fails_is_written_with_a_note(tmp_path, monkeypatch):
+    from planner.runtime import call_overhead
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no SDPA here")
+
+    monkeypatch.setattr(call_overhead, "attention_call_overhead", broken)
+    p = load_profile("local-cpu.measured")
+    p.fits.clear()
+    _fake_run_profile(monkeypatch, p, {})
+    r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny")
+    assert r.exit_code == 0, r.output
+    assert "note: no attention call cost measured (RuntimeError: no SDPA here)" in one_line(r.stderr)
+    assert "attn_call_overhead_s" not in p.constants and p.fits["tiny"]
+
+
 def test_profile_of_a_gpu_leaves_the_attention_call_cost_to_calibrate(tmp_path, monkeypatch):
     p = load_profile("h200-sxm.measured")
     p.fits.clear()

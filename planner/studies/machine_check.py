@@ -402,8 +402,7 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
         if name == "memory" and rows and device == "cuda" and stop - time.monotonic() > KINDS_MIN_S:
             _memory_kinds(device, cfg.main_dtype, doc)
         if name == "attention" and rows and device == "cpu":  # as `meshplan profile` does on CPU (under a second)
-            from planner.runtime.call_overhead import attention_call_overhead
-            doc["attn_call_overhead"] = attention_call_overhead(spec.heads, spec.kv_heads, spec.head_dim)
+            _attention_call_overhead(spec, doc)
         atomic_write_text(out, json.dumps(doc) + "\n")
     if "host_probe_s" in doc:
         doc["host_probe_s"].append(host_probe_s())
@@ -420,6 +419,17 @@ def _memory_kinds(device: str, main_dtype: str, doc: dict) -> None:
         doc["memory_kinds"] = memory_kind_constants(device, main_dtype)
     except Exception as e:  # noqa: BLE001 -- the kinds refine the memory table; their failure must not lose it
         doc["memory_kinds_error"] = f"{type(e).__name__}: {e}"[:500]
+
+
+def _attention_call_overhead(spec, doc: dict) -> None:
+    """The executor's cost per attention call (planner/runtime/call_overhead.py) into doc["attn_call_overhead"] (an
+    error into doc["attn_call_overhead_error"])."""
+    from planner.runtime.call_overhead import attention_call_overhead
+
+    try:
+        doc["attn_call_overhead"] = attention_call_overhead(spec.heads, spec.kv_heads, spec.head_dim)
+    except Exception as e:  # noqa: BLE001 -- a refinement: its failure must not lose the attention table
+        doc["attn_call_overhead_error"] = f"{type(e).__name__}: {e}"[:500]
 
 
 def _py(v):
