@@ -400,9 +400,12 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
         entry.update(columns=list(cols), rows=[[_py(v) for v in r] for r in rows], seconds=time.perf_counter() - t0)
         doc["tables"][name] = entry
         if name == "memory" and rows and device == "cuda" and stop - time.monotonic() > KINDS_MIN_S:
-            _memory_kinds(device, cfg.main_dtype, doc)
+            from profiles.measure.memory import memory_kind_constants  # the kinds' ratios to the memory table's kernel
+            _refine(doc, "memory_kinds", lambda: memory_kind_constants(device, cfg.main_dtype))
         if name == "attention" and rows and device == "cpu":  # as `meshplan profile` does on CPU (under a second)
-            _attention_call_overhead(spec, doc)
+            from planner.runtime.call_overhead import attention_call_overhead
+            _refine(doc, "attn_call_overhead",
+                    lambda: attention_call_overhead(spec.heads, spec.kv_heads, spec.head_dim))
         atomic_write_text(out, json.dumps(doc) + "\n")
     if "host_probe_s" in doc:
         doc["host_probe_s"].append(host_probe_s())
@@ -410,26 +413,13 @@ def _profile_worker(device: str, out: Path, budget_s: float, model: str, referen
     return 0
 
 
-def _memory_kinds(device: str, main_dtype: str, doc: dict) -> None:
-    """The elementwise kinds' ratios to the memory table's kernel (profiles/measure/memory.py), as `meshplan profile`
-    measures them with its memory table, into doc["memory_kinds"] (an error into doc["memory_kinds_error"])."""
-    from profiles.measure.memory import memory_kind_constants
-
+def _refine(doc: dict, key: str, measure) -> None:
+    """A measurement that refines a table (`meshplan profile` takes it too) into doc[key]; its error into
+    doc[key + "_error"], since its failure must not lose the table it refines."""
     try:
-        doc["memory_kinds"] = memory_kind_constants(device, main_dtype)
-    except Exception as e:  # noqa: BLE001 -- the kinds refine the memory table; their failure must not lose it
-        doc["memory_kinds_error"] = f"{type(e).__name__}: {e}"[:500]
-
-
-def _attention_call_overhead(spec, doc: dict) -> None:
-    """The executor's cost per attention call (planner/runtime/call_overhead.py) into doc["attn_call_overhead"] (an
-    error into doc["attn_call_overhead_error"])."""
-    from planner.runtime.call_overhead import attention_call_overhead
-
-    try:
-        doc["attn_call_overhead"] = attention_call_overhead(spec.heads, spec.kv_heads, spec.head_dim)
-    except Exception as e:  # noqa: BLE001 -- a refinement: its failure must not lose the attention table
-        doc["attn_call_overhead_error"] = f"{type(e).__name__}: {e}"[:500]
+        doc[key] = measure()
+    except Exception as e:  # noqa: BLE001 -- any failure of the refinement (a kernel, an import) is recorded
+        doc[f"{key}_error"] = f"{type(e).__name__}: {e}"[:500]
 
 
 def _py(v):
