@@ -306,9 +306,10 @@ class CostModel:
             self._curves[f"p2p_{scope}"] = p.collective_time_s("send_recv", _BYTES_GRID, 2, scope)
         self._curves["d2h"] = p.host_copy_time_s(_BYTES_GRID, "d2h", True)
         self._curves["h2d"] = p.host_copy_time_s(_BYTES_GRID, "h2d", True)
-        if tr.tp > 1:
+        if tr.tp > 1:  # every TP group of a node runs the same collectives at once (the node's ranks / tp of them)
+            tp_groups = max(1, self.setup.cluster.gpus_per_node // tr.tp)
             for op in ("all_gather", "reduce_scatter", "all_reduce"):
-                self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra")
+                self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra", tp_groups)
         if self.experts.all_to_all:  # MoE dispatch and combine over EP (+ ETP gather), per token of the TP group
             self._curves["moe_comm"] = np.maximum(moe_comm_fwd_s(p, _TOKEN_GRID, m, self.experts, b), 1e-15)
         for k in _COMPUTE_CURVES:  # ranks sharing cores: each rank's compute runs at 1 / share of its own speed

@@ -96,3 +96,26 @@ def test_ranks_beyond_the_cores_share_them():
     # a profile with cores but no measured slowdowns: the fair share
     bare = dataclasses.replace(cpu, constants={k: v for k, v in cpu.constants.items() if "slowdown" not in k})
     assert compute_share_of(bare, 2 * cores) == pytest.approx(2.0) and compute_share_of(bare, cores) == 1.0
+
+
+def test_tp_collectives_take_the_rows_of_every_tp_group_of_the_node_at_once():
+    """The node's TP groups run the same collectives at the same time (one per DP replica): a TP pair is priced
+    from the profile's rows for that many concurrent groups where it has them (a measured CPU profile: 4 ranks
+    on 2 cores, two all-reduces at once are several times one alone), else as one group alone (analytic)."""
+    cpu, tiny = load_profile("local-cpu.measured"), load_model("tiny")
+    tr = TrainingSpec(dtype="fp32", tp=2)
+    act = 2048 * tiny.hidden * 4
+
+    def pair(profile, cluster: str, ranks: int) -> float:
+        cm = CostModel(Setup(tiny, load_cluster(cluster).with_gpus(ranks), tr), profile)
+        return float(cm.tp_pair_s(2048))
+
+    def table(profile, groups: int) -> float:
+        return sum(float(profile.collective_time_s(op, act, 2, "intra", groups))
+                   for op in ("all_gather", "reduce_scatter"))
+
+    assert pair(cpu, "local-cpu", 2) == pytest.approx(table(cpu, 1), rel=1e-3)
+    assert pair(cpu, "local-cpu", 4) == pytest.approx(table(cpu, 2), rel=1e-3)
+    assert table(cpu, 2) > 1.5 * table(cpu, 1)
+    h100 = load_profile("h100-sxm.analytic")  # no intra rows for concurrent groups: a group alone
+    assert pair(h100, "dgx-h100", 8) == pytest.approx(table(h100, 1), rel=1e-3)
