@@ -6,8 +6,8 @@ P2P: 1/bandwidth) and the two fixed costs the cost model adds (`layer_overhead_s
 `attn_call_overhead_s` per attention call). Host copies are not fitted (replay measures no offload wait apart).
 
 How a measured time depends on them is taken from the cost model itself, not re-derived here: each (plan,
-unit, stage, direction) is priced on the profile at the current parameters and on one profile per parameter
-nudged, which gives a Jacobian; bounded least squares on relative error (rows divided by the measured time)
+unit, stage), forward and backward together, is priced on the profile at the current parameters and on one
+profile per parameter nudged, which gives a Jacobian; bounded least squares on relative error (rows divided by the measured time)
 then moves the parameters, and the step is repeated where the model is not linear in them (exposed ring
 transfers and offload copies are a max of compute and transfer). Each fitted profile is written the way the
 Jacobian priced it (`calibrated_profile`), so the fit and the written profile agree by construction.
@@ -99,13 +99,15 @@ def calibrated_profile(base: Profile, p: Physical, *, name: str | None = None, n
 # ---- inputs: (plan, trace) pairs -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
-    """One measured time the fit explains: a unit's forward or backward on one pipeline stage, the median over
-    the trace's replay iterations of the mean over the unit's ranks (ranks of a unit run in lockstep)."""
+    """One measured time the fit explains: a unit's forward plus backward on one pipeline stage, the median over
+    the trace's replay iterations of the mean over the unit's ranks (ranks of a unit run in lockstep). Not the two
+    directions apart: a member that waits for a peer (a ring step, a TP collective, a pipeline hand-off) books the
+    wait in whichever direction it falls, and ranks sharing cores move time between them, while every parameter
+    scales both directions alike; the sum is what the parameters explain (docs/COSTMODEL.md, Calibration)."""
 
     plan_step: int
     unit: int
     stage: int
-    direction: Literal["fwd", "bwd"]
     measured_s: float
 
 
@@ -149,12 +151,11 @@ def trace_rows(plan: Plan, trace: dict, origin: str) -> tuple[Row, ...]:
                 raise PlanError(f"{origin}: trace unit {uid} (stage {stage}) of plan step {ps} is not in the plan; "
                                 "pair each trace with the plan it replayed")
             per.setdefault((ps, uid, stage), {}).setdefault(int(st["step"]), []).append(
-                (float(u["fwd_s"]), float(u["bwd_s"])))
+                float(u["fwd_s"]) + float(u["bwd_s"]))
     rows = []
     for (ps, uid, stage), by_iter in sorted(per.items()):
-        means = np.array([np.mean(v, axis=0) for v in by_iter.values()])  # per iteration: mean over ranks
-        fwd, bwd = np.median(means, axis=0)
-        rows += [Row(ps, uid, stage, d, float(t)) for d, t in (("fwd", fwd), ("bwd", bwd)) if t > 0]
+        t = float(np.median([np.mean(v) for v in by_iter.values()]))  # per iteration: mean over ranks
+        rows += [Row(ps, uid, stage, t)] if t > 0 else []
     if not rows:
         raise PlanError(f"{origin}: trace has no unit with a positive time")
     return tuple(rows)
@@ -207,7 +208,7 @@ class _PlanGroup:
             out = []
             for r in self.rows:
                 c = costs[r.plan_step][r.unit][1 if r.stage == last else 0]
-                out.append(c.fwd_s if r.direction == "fwd" else c.bwd_s)
+                out.append(c.fwd_s + c.bwd_s)
             self._pred[key] = np.array(out)
         return self._pred[key]
 
