@@ -233,6 +233,30 @@ def test_a_trace_naming_units_the_plan_lacks_is_refused(exact, tmp_path):
         load_pair(p0, bad)
 
 
+def test_a_row_is_a_units_forward_plus_backward_whichever_direction_a_wait_falls_in(exact, tmp_path):
+    """Two members of a unit that book the same wait, one in its forward and one in its backward, give one row:
+    the mean over ranks of forward + backward (the median over iterations)."""
+    (p0, t0) = exact[0]
+    doc = json.loads(t0.read_text())
+    doc["meta"].pop("plan_sha256")
+    for st in doc["steps"]:
+        units = []
+        for u in st["units"]:
+            wait = 0.5 * u["fwd_s"]
+            units += [dict(u, rank=0, fwd_s=u["fwd_s"] + wait), dict(u, rank=1, bwd_s=u["bwd_s"] + wait)]
+        st["units"] = units
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(doc))
+    base, waited = load_pair(p0, t0).rows, load_pair(p0, moved).rows
+    assert [(r.plan_step, r.unit, r.stage) for r in waited] == [(r.plan_step, r.unit, r.stage) for r in base]
+    units = {(st["plan_step"], u["unit"], u["stage"]): u for st in json.loads(t0.read_text())["steps"]
+             for u in st["units"]}
+    for r0, r1 in zip(base, waited):
+        u = units[(r0.plan_step, r0.unit, r0.stage)]
+        assert r0.measured_s == pytest.approx(u["fwd_s"] + u["bwd_s"])  # one replay iteration per plan step
+        assert r1.measured_s == pytest.approx(r0.measured_s + 0.5 * u["fwd_s"])
+
+
 # -- real traces: one H200 (bench/data) -----------------------------------------------------------------------------
 
 H200 = Path(__file__).resolve().parents[3] / "bench" / "data"
