@@ -101,21 +101,22 @@ def test_ranks_beyond_the_cores_share_them():
 def test_tp_collectives_take_the_rows_of_every_tp_group_of_the_node_at_once():
     """The node's TP groups run the same collectives at the same time (one per DP replica): a TP pair is priced
     from the profile's rows for that many concurrent groups where it has them (a measured CPU profile: 4 ranks
-    on 2 cores, two all-reduces at once are several times one alone), else as one group alone (analytic)."""
-    cpu, tiny = load_profile("local-cpu.measured"), load_model("tiny")
+    on 2 cores, tp 2: two groups), else as one group alone (analytic: none within a node)."""
+    measured, tiny = load_profile("local-cpu.measured"), load_model("tiny")
+    coll = measured.tables["collective"].copy()
+    coll.loc[coll["concurrent_groups"] == 2, "time_s"] *= 3.0  # two groups at once: 3x their measured time
+    slow = dataclasses.replace(measured, tables={**measured.tables, "collective": coll})
     tr = TrainingSpec(dtype="fp32", tp=2)
-    act = 2048 * tiny.hidden * 4
 
     def pair(profile, cluster: str, ranks: int) -> float:
-        cm = CostModel(Setup(tiny, load_cluster(cluster).with_gpus(ranks), tr), profile)
-        return float(cm.tp_pair_s(2048))
+        return float(CostModel(Setup(tiny, load_cluster(cluster).with_gpus(ranks), tr), profile).tp_pair_s(2048))
 
-    def table(profile, groups: int) -> float:
-        return sum(float(profile.collective_time_s(op, act, 2, "intra", groups))
-                   for op in ("all_gather", "reduce_scatter"))
-
-    assert pair(cpu, "local-cpu", 2) == pytest.approx(table(cpu, 1), rel=1e-3)
-    assert pair(cpu, "local-cpu", 4) == pytest.approx(table(cpu, 2), rel=1e-3)
-    assert table(cpu, 2) > 1.5 * table(cpu, 1)
-    h100 = load_profile("h100-sxm.analytic")  # no intra rows for concurrent groups: a group alone
-    assert pair(h100, "dgx-h100", 8) == pytest.approx(table(h100, 1), rel=1e-3)
+    assert pair(slow, "local-cpu", 2) == pytest.approx(pair(measured, "local-cpu", 2))  # one group: its rows
+    assert pair(slow, "local-cpu", 4) == pytest.approx(3.0 * pair(measured, "local-cpu", 4))
+    act = 2048 * tiny.hidden * 4
+    alone = sum(float(measured.collective_time_s(op, act, 2)) for op in ("all_gather", "reduce_scatter"))
+    assert pair(measured, "local-cpu", 2) == pytest.approx(alone, rel=1e-3)
+    h100 = load_profile("h100-sxm.analytic")
+    alone = sum(float(h100.collective_time_s(op, 2048 * tiny.hidden * 2, 2)) for op in ("all_gather", "reduce_scatter"))
+    assert float(CostModel(Setup(tiny, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=2)), h100)
+                 .tp_pair_s(2048)) == pytest.approx(alone, rel=1e-3)
