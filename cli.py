@@ -1191,8 +1191,9 @@ def validate_cmd(
                 out.print(escape(f"{r.case}: {r.note}"), highlight=False, soft_wrap=True)
     mem = [m for rep in reps for m in rep.memory]
     if mem:
-        out.print(f"memory: {sum(m.fits for m in mem)} of {len(mem)} published runs fit in their GPUs' HBM as the "
-                  "cost model counts it (each ran)")
+        out.print(f"memory: {sum(m.fits for m in mem)} of {len(mem)} published runs fit their GPUs as the cost model "
+                  f"counts their allocations and context (each ran); {sum(m.fits_with_reserve for m in mem)} with "
+                  "the planner's fragmentation reserve too")
     if len(reps) > 1:
         rows = [r for rep in reps for r in rep.rows]
         held = [r for rep in reps if rep.held_out for r in rep.rows]
@@ -1203,15 +1204,20 @@ def validate_cmd(
 
 
 def _memory_table(rep) -> Table:
-    """Peak memory per GPU of each published run (its busiest stage) against its HBM: its largest parts, and what
-    it allocates (the context and fragmentation reserves left out)."""
-    t = Table(title=escape(f"{rep.name}: peak memory per GPU (every run trained in it)"))
-    for c in ("case", "peak", "HBM", "stage", "held layers", "states", "activations", "allocated", "fits"):
+    """Memory per GPU of each published run (its busiest stage) against the GPU's: its largest parts, what it
+    allocates, with the CUDA context, the headroom that left for fragmentation, and whether the planner's
+    fragmentation reserve would fit too."""
+    t = Table(title=escape(f"{rep.name}: memory per GPU, GB (every run trained in it)"))
+    for c in ("case", "stage", "held layers", "states", "activations", "allocated", "+ context", "GPU", "headroom",
+              "fits", "+ reserve"):
         t.add_column(c, justify="left" if c == "case" else "right")
     for m in rep.memory:
-        t.add_row(escape(m.case), f"{m.peak_bytes / 1e9:.1f} GB", f"{m.hbm_bytes / 1e9:.0f} GB", str(m.stage),
-                  str(m.held_layers), f"{m.parts['states'] / 1e9:.1f}", f"{m.parts['activations'] / 1e9:.1f}",
-                  f"{m.allocated_bytes / 1e9:.1f}", "yes" if m.fits else "[red]no[/red]")
+        t.add_row(escape(m.case), str(m.stage), str(m.held_layers), f"{m.parts['states'] / 1e9:.1f}",
+                  f"{m.parts['activations'] / 1e9:.1f}", f"{m.allocated_bytes / 1e9:.1f}",
+                  f"{m.needed_bytes / 1e9:.1f}", f"{m.hbm_bytes / 1e9:.1f}",
+                  f"{m.headroom_bytes / 1e9:.1f} ({m.headroom_bytes / m.hbm_bytes:.0%})",
+                  "yes" if m.fits else "[red]no[/red]",
+                  f"{m.parts['fragmentation'] / 1e9:.1f}: " + ("yes" if m.fits_with_reserve else "no"))
     return t
 
 

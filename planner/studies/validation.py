@@ -142,7 +142,8 @@ class ValidationReport:
                 "rows": [{"case": r.case, "unit": r.unit, "published": r.published, "predicted": r.predicted,
                           "error": r.error, "note": r.note} for r in self.rows],
                 "memory": [{"case": r.case, "peak_bytes": r.peak_bytes, "allocated_bytes": r.allocated_bytes,
-                            "hbm_bytes": r.hbm_bytes, "fits": r.fits,
+                            "hbm_bytes": r.hbm_bytes, "headroom_bytes": r.headroom_bytes, "fits": r.fits,
+                            "fits_with_reserve": r.fits_with_reserve,
                             "stage": r.stage, "held_layers": r.held_layers, "parts": r.parts} for r in self.memory]}
 
 
@@ -297,8 +298,8 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
 # ---- memory: does the published run fit in the GPU's memory as the cost model counts it? ---------------------
 @dataclass(frozen=True)
 class MemoryRow:
-    """The predicted peak memory of one GPU of a published run (its busiest pipeline stage), next to the HBM it
-    ran in: every packaged run trained, so a row over its HBM is the memory model's error."""
+    """The predicted peak memory of one GPU of a published run (its busiest pipeline stage), next to the memory it
+    ran in: every packaged run trained, so allocations and context over it are the memory model's error."""
 
     case: str
     peak_bytes: float
@@ -308,13 +309,31 @@ class MemoryRow:
     parts: dict[str, float]  # bytes: states, activations, recompute, logits, all-gather CP, context, fragmentation
 
     @property
-    def fits(self) -> bool:
-        return self.peak_bytes <= self.hbm_bytes
-
-    @property
     def allocated_bytes(self) -> float:
         """What the run allocates, the CUDA context and the fragmentation reserve left out (the planner's margins)."""
         return self.peak_bytes - self.parts["context"] - self.parts["fragmentation"]
+
+    @property
+    def needed_bytes(self) -> float:
+        """What the run must have of the GPU's memory: its allocations and the CUDA context (NCCL buffers included)."""
+        return self.allocated_bytes + self.parts["context"]
+
+    @property
+    def headroom_bytes(self) -> float:
+        """What the run left its allocator for fragmentation (negative: the predicted allocations do not fit)."""
+        return self.hbm_bytes - self.needed_bytes
+
+    @property
+    def fits(self) -> bool:
+        """The predicted allocations and context fit the GPU. The planner's fragmentation reserve is its safety
+        margin, not memory a run must have: a run tuned to its GPU keeps fragmentation under it, and
+        `headroom_bytes` says how much each one had."""
+        return self.headroom_bytes >= 0
+
+    @property
+    def fits_with_reserve(self) -> bool:
+        """The predicted peak with the planner's fragmentation reserve too fits the GPU."""
+        return self.peak_bytes <= self.hbm_bytes
 
 
 def chunk_layers(layers: int, p: int, v: int) -> list[list[int]]:

@@ -62,13 +62,14 @@ def test_fp8_shrinks_capacity_and_names_the_copies_when_states_do_not_fit():
     # C falls by the extra bytes over the per-token activations
     per_token = bf16.activation_bytes_per_token + bf16.recompute_working_bytes_per_token
     assert bf16.capacity_tokens - fp8.capacity_tokens == pytest.approx(5_673_325_568 / per_token, abs=1)
-    # llama3-70b at tp = 8, pp = 1 on 512 H100s fits in bf16 but not with 17.1 GB of fp8 copies: the message says so
-    m, c = load_model("llama3-70b"), load_cluster("dgx-h100").with_gpus(512)
+    # llama3-70b at tp = 8, pp = 1 on 256 H100s fits in bf16 (56.2 GB of states of the 72.2 GB left) but not with
+    # 17.1 GB of fp8 copies: the message says so
+    m, c = load_model("llama3-70b"), load_cluster("dgx-h100").with_gpus(256)
     assert memory_budget(Setup(m, c, TrainingSpec(tp=8, recompute="full")))
     with pytest.raises(SpecError) as e:
         memory_budget(Setup(m, c, TrainingSpec(tp=8, recompute="full", dtype="fp8")))
     msg = str(e.value)
-    assert "fp8 weight copies 17.1 GB" in msg and "the smallest tp×pp that fits 512 GPUs is tp=8, pp=2" in msg
+    assert "fp8 weight copies 17.1 GB" in msg and "the smallest tp×pp that fits 256 GPUs is tp=8, pp=2" in msg
 
 
 def _cm(setup: Setup) -> CostModel:
@@ -104,10 +105,10 @@ def test_fp8_amax_all_reduce_at_the_step_end():
 def test_fit_hints_try_tp_across_the_nvlink_domain():
     """GB200 NVL72: 4-GPU trays in a 72-GPU NVLink domain, so tp = 8 is a valid layout on 8 GPUs (MeshLayout keeps
     a TP group inside a domain: 8 divides 72). The hint names it (P/8 = 8.82e9 parameters × (6 + 12) B = 158.7 GB,
-    hdp = 1) where divisors of a tray alone gave tp = 4, pp = 2 (the same states, C = 8,113 tokens)."""
+    hdp = 1) where divisors of a tray alone gave tp = 4, pp = 2 (the same states)."""
     m, c = load_model("llama3-70b"), load_cluster("gb200-nvl72").with_gpus(8)
     setup = Setup(m, c, TrainingSpec(recompute="full"))
     with pytest.raises(SpecError) as e:
         memory_budget(setup)
-    assert "the smallest tp×pp that fits 8 GPUs is tp=8, pp=1 (158.7 GB of states per GPU, C = 22,116" in str(e.value)
+    assert "the smallest tp×pp that fits 8 GPUs is tp=8, pp=1 (158.7 GB of states per GPU, C = 76,104" in str(e.value)
     assert memory_budget(dataclasses.replace(setup, training=TrainingSpec(tp=8, recompute="full")))

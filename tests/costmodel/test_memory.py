@@ -15,10 +15,11 @@ from costmodel.specs import Setup, SpecError, TrainingSpec
 def test_capacity_llama7b_h100():
     # REFERENCE 2.1 derives C ≈ 7.4K for LLaMA-7B, 80 GB, ZeRO-1 over 512 ranks, 3 GB context, 10%
     # fragmentation, with an unfused SwiGLU (8f); ByteScale runs C = 8K. Megatron-core's fused SwiGLU saves 6f:
-    # 12h + 4h_kv + 6f = 29.1·h a token and layer, C ≈ 8.1K. Our budget also reserves the fused-loss chunk.
+    # 12h + 4h_kv + 6f = 29.1·h a token and layer, 3.817 MB over 32 layers. An H100 80GB gives CUDA 85.02 GB,
+    # so (85.02 − 35.74 states − 3.22 context − 8.50 fragmentation − 2.10 fused-loss chunk) GB / 3.817 MB ≈ 9.29K.
     setup = Setup(load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(512), TrainingSpec())
     b = memory_budget(setup)
-    assert 6_000 <= b.capacity_tokens <= 8_500
+    assert 9_200 <= b.capacity_tokens <= 9_400
     assert b.states_bytes / 1e9 == pytest.approx(5.933 * 6.0234, rel=0.01)
     assert activation_bytes_per_token_layer(setup.model, 1, "none") == 12 * 4096 + 4 * 1024 + 6 * 11008
 
@@ -52,28 +53,30 @@ def _oom(setup: Setup) -> str:
 def test_oom_message_when_model_states_dominate():
     # llama3-405b, P = 405,853,388,800 parameters, all on one GPU (tp = pp = 1), ZeRO-1 over 64 HDP ranks:
     # weights 2P = 811.7 GB, fp32 gradients 4P = 1623.4 GB, optimizer 12P/64 = 76.1 GB, 2511.2 GB in all.
-    # Left of 80 GB: 80 − 3 GiB context − 8 GB fragmentation − 8192·128256·8 B loss chunk = 60.4 GB.
+    # Left of an H100's 85.02 GB: 85.02 − 3 GiB context − 8.50 GB fragmentation − 8192·128256·8 B loss chunk
+    # = 64.9 GB.
     m, c = load_model("llama3-405b"), load_cluster("dgx-h100").with_gpus(64)
     msg = _oom(Setup(m, c, TrainingSpec(recompute="full")))
     for part in ("2511.2 GB per GPU", "weights 811.7 GB", "gradients 1623.4 GB",
-                 "optimizer 76.1 GB sharded by ZeRO-1 over 64", "only 60.4 GB of the 80 GB",
+                 "optimizer 76.1 GB sharded by ZeRO-1 over 64", "only 64.9 GB of the 85 GB",
                  "recompute and offload cannot shrink model states"):
         assert part in msg
     assert "use recompute" not in msg and "\n" not in msg
     # 64 GPUs allow pp 1 or 2 only (pp divides both 126 layers and 64): at tp = 8, pp = 2 every GPU still holds
     # P/16 (+ the 128256 × 16384 embedding / 8) × (6 + 12/4) B = 228.3 GB.
     assert "no tp×pp fits 64 GPUs (the least, tp=8, pp=2, still takes 228.3 GB per GPU)" in msg
-    # The fewest GPUs: 144 with tp = 8, pp = 18, hdp = 1 (7 layers + embedding per GPU, 18 B each: 54.9 GB).
-    assert "the fewest GPUs that fit are 144 with tp=8, pp=18 (54.9 GB of states per GPU" in msg
-    assert memory_budget(Setup(m, load_cluster("dgx-h100").with_gpus(144), TrainingSpec(tp=8, pp=18,
+    # The fewest GPUs: 112 with tp = 8, pp = 14, hdp = 1 (9 layers + embedding per GPU, 18 B each: 69.3 GB of the
+    # 72.2 GB left at tp = 8, whose loss chunk is 8x smaller).
+    assert "the fewest GPUs that fit are 112 with tp=8, pp=14 (69.3 GB of states per GPU" in msg
+    assert memory_budget(Setup(m, load_cluster("dgx-h100").with_gpus(112), TrainingSpec(tp=8, pp=14,
                                                                                          recompute="full")))
-    for gpus, pp in ((72, 9), (112, 14), (120, 3)):  # the closest smaller layouts do not fit
+    for gpus, pp in ((72, 9), (96, 6), (120, 3)):  # the closest layouts with fewer layers per GPU do not fit
         _oom(Setup(m, load_cluster("dgx-h100").with_gpus(gpus), TrainingSpec(tp=8, pp=pp, recompute="full")))
 
 
 def test_oom_message_names_a_layout_that_fits_the_gpus():
     # llama3-70b on 64 GPUs: tp = 8 divides the 70.6e9 parameters to 8.8e9 per GPU (embeddings included),
-    # × (6 + 12/8) B = 66.1 GB, which fits the 67.7 GB left at tp = 8 (its loss chunk is 8× smaller).
+    # × (6 + 12/8) B = 66.1 GB, which fits the 72.2 GB left at tp = 8 (its loss chunk is 8× smaller).
     msg = _oom(Setup(load_model("llama3-70b"), load_cluster("dgx-h100").with_gpus(64), TrainingSpec(recompute="full")))
     assert "the smallest tp×pp that fits 64 GPUs is tp=8, pp=1 (66.1 GB of states per GPU, C = " in msg
 

@@ -139,7 +139,13 @@ def test_memory_row_adds_up_the_stage_it_names(a100):
     gpt = cal.model(case.model)
     assert row.parts["activations"] == pytest.approx(48 * tokens * 2 * gpt.hidden)  # full recompute: 2h a layer
     assert row.peak_bytes == pytest.approx(sum(row.parts.values()))
-    assert row.fits == (row.peak_bytes <= row.hbm_bytes) and row.hbm_bytes == 80e9
+    # an A100 80GB gives CUDA 84,987,740,160 B; a run fits when its allocations and the context do, and the planner's
+    # 10% fragmentation reserve is reported beside it
+    assert row.hbm_bytes == 84_987_740_160
+    assert row.needed_bytes == pytest.approx(row.peak_bytes - row.parts["fragmentation"])
+    assert row.parts["fragmentation"] == pytest.approx(0.1 * row.hbm_bytes)
+    assert row.fits == (row.needed_bytes <= row.hbm_bytes) and row.headroom_bytes == row.hbm_bytes - row.needed_bytes
+    assert row.fits_with_reserve == (row.peak_bytes <= row.hbm_bytes)
 
 
 def test_interleaved_stage_holds_megatrons_warmup():
@@ -152,10 +158,10 @@ def test_interleaved_stage_holds_megatrons_warmup():
 
 @pytest.mark.parametrize("name", ["korthikanti2022", "narayanan2021"])
 def test_megatron_runs_on_a100_fit_their_80_gb(name):
-    # every row trained on 80 GB A100s (Megatron-LM, its own schedules): the memory model must not say otherwise,
-    # nor leave most of the GPU unexplained
+    # every row trained on 80 GB A100s (Megatron-LM, its own schedules): the memory model must not say otherwise, even
+    # with the planner's fragmentation reserve, nor leave most of the GPU unexplained
     r = validate_cost_model(name=name)
     assert len(r.memory) == len(load_calibration_set(name).iteration_cases)
     for m in r.memory:
-        assert m.fits, f"{m.case}: {m.peak_bytes / 1e9:.1f} GB predicted on an 80 GB GPU"
-        assert m.peak_bytes > 0.7 * m.hbm_bytes, m.case
+        assert m.fits_with_reserve, f"{m.case}: {m.peak_bytes / 1e9:.1f} GB predicted on an 80 GB GPU"
+        assert m.needed_bytes > 0.55 * m.hbm_bytes, m.case
