@@ -245,10 +245,10 @@ def presets_list(ctx: typer.Context,
                   f"{m.active_parameters / 1e9:.2f}")
     out.print(t)
     t = Table(title="clusters")
-    for c in ("name", "gpu", "nodes x gpus", "HBM (GB)", "intra GB/s", "inter GB/s", "profile"):
+    for c in ("name", "gpu", "nodes x gpus", "GB per GPU (CUDA)", "intra GB/s", "inter GB/s", "profile"):
         t.add_column(c)
     for c in clusters:
-        t.add_row(escape(c.name), escape(c.gpu), f"{c.nodes} x {c.gpus_per_node}", f"{c.gpu_memory_bytes / 1e9:.0f}",
+        t.add_row(escape(c.name), escape(c.gpu), f"{c.nodes} x {c.gpus_per_node}", f"{c.gpu_memory_bytes / 1e9:.1f}",
                   f"{c.intra_node_bw_bytes_per_s / 1e9:.0f}", f"{c.inter_node_bw_bytes_per_s / 1e9:.0f}",
                   escape(c.profile))
     out.print(t)
@@ -1161,9 +1161,9 @@ def validate_cmd(
                                                            "held_out, mape, rows, memory}]}."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
-    and the MAPE per set; and each run's predicted peak memory per GPU against the HBM it trained in. The first
-    set (Korthikanti et al. 2022) informed the model's design; the others (Narayanan et al. 2021 on A100, Llama 3
-    on H100) are held out."""
+    and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
+    trained in. The first set (Korthikanti et al. 2022) informed the model's design; the others (Narayanan et al.
+    2021 on A100, Llama 3 on H100) are held out."""
     from planner.studies import CALIBRATION_SETS, validate_cost_model
 
     names = sets or list(CALIBRATION_SETS)

@@ -314,12 +314,15 @@ def test_validate_prints_each_case_and_the_mape():
     assert r.exit_code == 0, r.output
     assert "22B layer, SP + selective: backward" in r.output and "1T, SP + selective" in r.output
     assert "MAPE" in r.output and "a100-sxm-80gb.analytic" in r.output and "design set" in r.output
-    assert "peak memory per GPU" in r.output and "6 of 6 published runs fit" in r.output
+    assert "memory per GPU" in r.output and "6 of 6 published runs fit" in r.output
+    assert "6 with the planner's" in r.output
     j = run("validate", "--json", "--profile", "h100-sxm.analytic", "--set", "korthikanti2022")
     d = json.loads(j.output)["sets"][0]
     assert d["profile"] == "h100-sxm.analytic" and len(d["rows"]) == 12 and not d["held_out"]
     assert len(d["memory"]) == 6 and all(m["peak_bytes"] == pytest.approx(sum(m["parts"].values()))
                                          for m in d["memory"])
+    assert all(m["headroom_bytes"] == pytest.approx(m["hbm_bytes"] - m["allocated_bytes"] - m["parts"]["context"])
+               and m["fits"] == (m["headroom_bytes"] >= 0) for m in d["memory"])
     assert d["mape"] == pytest.approx(sum(abs(x["error"]) for x in d["rows"]) / 12)
 
 

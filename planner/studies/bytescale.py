@@ -47,10 +47,11 @@ BYTESCALE_PANELS: tuple[ReproPanel, ...] = (
     ReproPanel("mistral-8x7b", 8192, "PP-Balance", _TP_PP),
     ReproPanel("mistral-8x22b", 12288, "PP-Balance", _TP_PP),
 )
-BYTESCALE_LAYOUT_NOTE = ("ByteScale hides its GPU type and TP/PP degrees. We use H100 80 GB nodes (dgx-h100) and, per "
-                         "model, the layout where the static baseline is fastest at the largest context on "
-                         "github-like (a tuned baseline, as MegaScale's would be), among TP 1/2/4/8 for the HDP+TP "
-                         "models and TP 4/8 x PP 2/4/8 for the HDP+TP+PP ones; all strategies use that layout.")
+BYTESCALE_LAYOUT_NOTE = ("ByteScale hides its GPU type and TP/PP degrees. We use H100 80GB nodes (dgx-h100: "
+                         "85.0 GB per GPU, what CUDA reports) and, per model, the layout where the static baseline "
+                         "is fastest at the largest context on github-like (a tuned baseline, as MegaScale's would "
+                         "be), among TP 1/2/4/8 for the HDP+TP models and TP 4/8 x PP 2/4/8 for the HDP+TP+PP ones; "
+                         "all strategies use that layout.")
 BYTESCALE_STRATEGIES = ("static", "hdp-naive", "hdp")
 
 
@@ -204,7 +205,7 @@ def bytescale_markdown(df: pd.DataFrame, tuning: pd.DataFrame, layouts: dict[str
         "1F1B; hdp slices long sequences (sliced 1F1B with redistribution where it helps, SlimPipe). "
         "Length sources are meshplan's synthetic `github-like` and `byted-like` families fitted to "
         "ByteScale §3.1 (REFERENCE §9), not the paper's data. † marks plans whose simulated peak memory exceeds "
-        "the 80 GB HBM although they validated; headline figures use the plans that fit.",
+        "the GPU's memory although they validated; headline figures use the plans that fit.",
         "",
         "### Headline claims (ByteScale §8.2, REFERENCE §10)",
         "",
