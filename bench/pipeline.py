@@ -18,6 +18,7 @@ from planner.api import PlanRequest, build_cost_model
 from planner.schedule import closed_form_bubble, group_size, simulate_uniform
 from planner.plan import Piece, PipelineSection, Predicted, Sequence, Step, Unit, zigzag_tokens_per_rank
 from planner.simulate import StepSimulation, simulate_step, static_memory_bytes
+from planner.simulate.memory import recompute_working_bytes
 
 K = 1024
 GIB = 2**30
@@ -106,7 +107,8 @@ def planned(s: int, n: int, v: int) -> StepSimulation:
 
 def memory_formula_bytes(cm: CostModel, s: int, n: int, v: int) -> float:
     """Stage-0 resident activations by closed form: in-flight units × their bytes, plus fp32 dK/dV of the
-    whole sequence (all v chunks' when a micro-batch spans several slice groups, else one chunk's)."""
+    whole sequence (all v chunks' when a micro-batch spans several slice groups, else one chunk's), plus under
+    full recompute the one layer of a slice that a backward rebuilds."""
     p, m, L = cm.pp, M_SEQS, cm.model.layers
     tok = zigzag_tokens_per_rank([s], cm.setup.hdp)
     if n == 1 and v == 1:
@@ -122,7 +124,7 @@ def memory_formula_bytes(cm: CostModel, s: int, n: int, v: int) -> float:
     if n > 1:
         dkv = tok * 2 * cm.model.kv_width / cm.tp * 4 * cm.layers_per_stage
         dkv /= v if n == group_size(n, p) else 1
-    return act + dkv
+    return act + dkv + recompute_working_bytes(tok / n, cm)
 
 
 def memory_and_mfu() -> None:
@@ -149,7 +151,8 @@ def memory_and_mfu() -> None:
     print("\nclosed form: stage 0 holds min(p, m) micro-batches (1F1B), min(2(p-1) + (v-1)p + 1, m·v) chunks\n"
           "(interleaved), min(n + p - 1, m·n) slices (sliced, Seq1F1B) or min(n·v + 2(p-1), m·n·v) slice-chunks\n"
           "(SlimPipe), each of s/n tokens per CP rank × L/(p·v) layers × a bytes, plus fp32 dK/dV of the sequence\n"
-          "for the stage's layers (one chunk's when a micro-batch is a single slice group). The SlimPipe column\n"
+          "for the stage's layers (one chunk's when a micro-batch is a single slice group), plus under full\n"
+          "recompute (these runs) the one layer of s/n tokens a backward rebuilds. The SlimPipe column\n"
           "is REFERENCE §6's form without dK/dV. Sliced rows keep mirror pairing (its transfers priced) where it\n"
           "is faster, as the planner does.\n"
           "MFU: causal attention halved, recompute excluded, 989 TFLOP/s peak.")
