@@ -310,7 +310,7 @@ class MemoryRow:
 
     @property
     def allocated_bytes(self) -> float:
-        """What the run allocates, the CUDA context and the fragmentation reserve left out (the planner's margins)."""
+        """What the run allocates: the peak less the CUDA context and the planner's fragmentation reserve."""
         return self.peak_bytes - self.parts["context"] - self.parts["fragmentation"]
 
     @property
