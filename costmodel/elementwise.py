@@ -25,6 +25,9 @@ ADAM_BYTES_PER_PARAM = 4 + 12 + 12 + 2 + 4
 # its transpose (Hopper's fp8 GEMMs take only the TN layout, so the other pass needs the transposed copy): read 2 B,
 # write 1 + 1 B per element [assumption: one unfused cast-transpose per operand; TE fuses some into the norm]
 FP8_CAST_BYTES = 2 + 1 + 1
+# Current scaling (Float8CurrentScaling, "tensorwise") first reads the bf16 operand for its amax, then casts: one
+# more 2 B read per element (TE docs, "FP8 Current Scaling": "requires reading the tensor twice")
+FP8_AMAX_PASS_BYTES = 2
 
 
 KINDS = ("stream", "broadcast", "mixed", "strided", "softmax")  # profiles/measure/memory.py measures each
@@ -217,12 +220,14 @@ def embedding_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tup
     return tuple(MemKernel("embedding", per) for _ in range(n))
 
 
-def fp8_cast_kernels(gemm_widths: Mapping[str, tuple[float, float]], direction: str) -> tuple[MemKernel, ...]:
+def fp8_cast_kernels(gemm_widths: Mapping[str, tuple[float, float]], direction: str,
+                     current_scaling: bool = False) -> tuple[MemKernel, ...]:
     """fp8 training's casts of one layer, bytes per token: `gemm_widths` maps each fp8 GEMM to its (input, output)
     elements per token on one rank. Forward: each GEMM's input is cast; backward: each GEMM's output gradient (the
-    dgrad and wgrad GEMMs then reuse the forward's cast input and weight)."""
+    dgrad and wgrad GEMMs then reuse the forward's cast input and weight). Current scaling adds its amax pass."""
     side = 0 if direction == "fwd" else 1
-    return tuple(MemKernel(f"fp8_cast_{label}", w[side] * FP8_CAST_BYTES) for label, w in gemm_widths.items())
+    per = FP8_CAST_BYTES + (FP8_AMAX_PASS_BYTES if current_scaling else 0)
+    return tuple(MemKernel(f"fp8_cast_{label}", w[side] * per) for label, w in gemm_widths.items())
 
 
 def swiglu_saved_bytes_per_f(recompute: Recompute) -> float:

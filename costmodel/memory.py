@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 from costmodel import zero
 from costmodel.elementwise import swiglu_saved_bytes_per_f
 from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
-from costmodel.specs import DTYPE_BYTES, ModelSpec, Recompute, Setup, SpecError, TrainingSpec
+from costmodel.specs import DTYPE_BYTES, Fp8Recipe, ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 
 GB = 1e9  # messages report decimal GB, as the CLI's tables do
 
@@ -60,7 +59,6 @@ def model_state_bytes(setup: Setup, stage: int | None = None, layers: int | None
 
 
 # ---- fp8 training's extra state (Transformer Engine; docs/COSTMODEL.md "fp8") ------------------------------
-Fp8Recipe = Literal["delayed", "mxfp8"]
 # GPUs with MXFP8 tensor cores (SM 10.x), where TE's default recipe is MXFP8BlockScaling; elsewhere DelayedScaling
 MXFP8_GPUS = ("B200", "GB200", "B300", "GB300")
 MXFP8_BLOCK = 32  # elements sharing one 1-byte E8M0 scale
@@ -70,9 +68,14 @@ FP8_FWD_TENSORS_PER_GEMM, FP8_BWD_TENSORS_PER_GEMM = 3, 2
 
 
 def fp8_recipe(setup: Setup) -> Fp8Recipe:
-    """Transformer Engine's default recipe on the cluster's GPU (get_default_fp8_recipe): MXFP8 block scaling on
-    Blackwell, per-tensor delayed scaling on Hopper."""
-    return "mxfp8" if setup.cluster.gpu.split()[0].upper() in MXFP8_GPUS else "delayed"
+    """The training's fp8 recipe, by default Transformer Engine's on the cluster's GPU (get_default_fp8_recipe):
+    MXFP8 block scaling on Blackwell, per-tensor delayed scaling on Hopper."""
+    mx = setup.cluster.gpu.split()[0].upper() in MXFP8_GPUS
+    chosen = setup.training.fp8_recipe
+    if chosen == "mxfp8" and not mx:
+        raise SpecError(f"fp8_recipe mxfp8 needs Blackwell's MXFP8 tensor cores ({', '.join(MXFP8_GPUS)}); "
+                        f"{setup.cluster.gpu} has per-tensor fp8 only: use delayed or tensorwise")
+    return chosen or ("mxfp8" if mx else "delayed")
 
 
 def fp8_gemm_params_per_layer(model: ModelSpec, tp: int) -> float:
@@ -90,14 +93,15 @@ def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> int:
 
 def fp8_weight_bytes_per_param(recipe: Fp8Recipe) -> float:
     """Bytes of the cached fp8 copies of one weight: the forward (rowwise) copy and the backward (columnwise) one
-    the dgrad GEMM reads: on Hopper a physical transpose, 1 B each; MXFP8's columnwise copy is quantized apart
-    (32×1 blocks), each copy 1 B plus a 1-byte scale per 32 elements."""
-    return 2.0 if recipe == "delayed" else 2.0 * (1.0 + 1.0 / MXFP8_BLOCK)
+    the dgrad GEMM reads: per-tensor recipes (delayed, tensorwise) a physical transpose, 1 B each; MXFP8's
+    columnwise copy is quantized apart (32×1 blocks), each copy 1 B plus a 1-byte scale per 32 elements."""
+    return 2.0 * (1.0 + 1.0 / MXFP8_BLOCK) if recipe == "mxfp8" else 2.0
 
 
 def fp8_scaled_tensors(setup: Setup) -> tuple[int, int]:
     """(forward, backward) per-tensor scaled fp8 tensors of a stage's layers on one rank under delayed scaling,
-    whose amaxes are reduced each step (costmodel.timing); (0, 0) otherwise (MXFP8 scales are per block)."""
+    whose amaxes are reduced each step (costmodel.timing); (0, 0) otherwise (MXFP8 scales are per block, current
+    scaling takes each tensor's amax as it casts it and keeps no history)."""
     tr = setup.training
     if tr.dtype != "fp8" or fp8_recipe(setup) != "delayed":
         return 0, 0

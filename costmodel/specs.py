@@ -306,6 +306,9 @@ TrainDType = Literal["bf16", "fp16", "fp32", "fp8"]
 TRAIN_DTYPES: tuple[str, ...] = get_args(TrainDType)  # what a request (--dtype) may ask for
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 2}  # bytes stored per element (fp8: bf16)
+# fp8 scaling recipes as Megatron-LM's --fp8-recipe names them (Transformer Engine's DelayedScaling,
+# Float8CurrentScaling, MXFP8BlockScaling); docs/COSTMODEL.md "fp8 training"
+Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
 
 
 def check_recompute(choice: str) -> None:
@@ -343,6 +346,14 @@ class TrainingSpec:
     # Megatron-core DDP's overlap_grad_reduce (default off there too): bucketed gradient reduce-scatter under
     # the backward, only the last bucket exposed
     overlap_grad_reduce: bool = False
+    # Megatron-core DDP's overlap_param_gather (default off there too): the distributed optimizer's parameter
+    # all-gather runs under the next step's forward, only its first bucket exposed
+    overlap_param_gather: bool = False
+    # Megatron-core's tp_comm_overlap (Transformer Engine userbuffers, default off there too): each TP all-gather
+    # and reduce-scatter runs chunk by chunk under the GEMM it feeds or drains (docs/COSTMODEL.md "TP overlap")
+    tp_comm_overlap: bool = False
+    # fp8 scaling recipe; None: Transformer Engine's default for the GPU (costmodel.memory.fp8_recipe)
+    fp8_recipe: Fp8Recipe | None = None
     # per-rank token capacity C override (else derived from memory)
     capacity_tokens: int | None = field(default=None, metadata=positive())
     # MoE expert parallelism folded into the TP group (costmodel.moe): ep ranks of a TP group hold E/ep experts
@@ -354,7 +365,8 @@ class TrainingSpec:
     moe_grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM (else one GEMM per expert)
 
     # to_dict writes these only when set, so plans that do not use them stay as they were
-    OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "moe_capacity_factor", "moe_grouped_gemm", "kernels")
+    OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
+                                                "overlap_param_gather", "tp_comm_overlap", "fp8_recipe")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -365,6 +377,13 @@ class TrainingSpec:
         if self.tp % self.ep:
             raise SpecError(f"ep={self.ep} must divide tp={self.tp} (the TP group splits into ep expert groups of "
                             f"tp/ep ranks); use a divisor of {self.tp}")
+        if self.fp8_recipe is not None and self.dtype != "fp8":
+            raise SpecError(f"fp8_recipe {self.fp8_recipe!r} applies to dtype fp8 only (this run is {self.dtype}); "
+                            "drop it or train in fp8")
+        if self.tp_comm_overlap and self.tp > 1 and not self.sequence_parallel:
+            raise SpecError("tp_comm_overlap needs sequence parallelism (Transformer Engine overlaps the SP "
+                            "all-gathers and reduce-scatters; Megatron-core turns it off without SP); enable "
+                            "sequence_parallel or drop tp_comm_overlap")
         if self.zero_stage == 3 and self.pp > 1:
             raise SpecError(f"zero_stage 3 with pp={self.pp} is not modelled (per-layer gathers across pipeline "
                             "stages); use pp=1 with --zero 3, or --zero 1/2 with pipelining")

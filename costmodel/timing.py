@@ -16,8 +16,8 @@ import numpy as np
 from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
                                    layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import (MemoryBudget, dkv_activation_ratio, fp8_scaled_tensors, layer_activation_per_token,
-                              memory_budget, params_per_rank)
+from costmodel.memory import (MemoryBudget, dkv_activation_ratio, fp8_recipe, fp8_scaled_tensors,
+                              layer_activation_per_token, memory_budget, params_per_rank)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
 from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
@@ -27,10 +27,13 @@ DDP_BUCKET_PARAMS = 40_000_000  # Megatron-core DDP's default bucket (bucket_siz
 _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
 _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
+# the layer GEMMs tp_comm_overlap runs TP collectives under, each with its own curve (gemm_<label>)
+_OVERLAP_GEMMS = ("qkv", "o", "gate_up", "up", "down")
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "attn_doc_fwd", "attn_doc_bwd",
                            "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
-                           "mem_embed_bwd", "moe_comm"})  # the others are over bytes
+                           "mem_embed_bwd", "moe_comm"}
+                          | {f"gemm_{g}" for g in _OVERLAP_GEMMS})  # the others are over bytes
 _COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
 
 
@@ -270,7 +273,10 @@ class CostModel:
         g = np.zeros_like(_TOKEN_GRID)
         for gemm in layer:  # the MoE router stays in bf16 under fp8 (Transformer Engine wraps the linears only)
             dt = self.dtype if gemm.label == "router" else self.gemm_dtype
-            g += gemm.launches * p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, dt)
+            one = gemm.launches * p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, dt)
+            g += one
+            if gemm.label in _OVERLAP_GEMMS:
+                self._curves[f"gemm_{gemm.label}"] = np.maximum(one, 1e-15)
         self._curves["gemm_layer"] = g
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
@@ -285,7 +291,14 @@ class CostModel:
         sp, b = tr.sequence_parallel, tr.dtype_bytes
         widths = {g.label: (g.k * g.rows_per_token_all, g.n * g.rows_per_token_all) for g in layer
                   if g.label != "router"}
-        cast = {d: fp8_cast_kernels(widths, d) if fp8 else () for d in ("fwd", "bwd")}
+        self.fp8_recipe = fp8_recipe(self.setup) if fp8 else None
+        current = self.fp8_recipe == "tensorwise"
+        cast = {d: fp8_cast_kernels(widths, d, current) if fp8 else () for d in ("fwd", "bwd")}
+        # Current scaling casts a GEMM input once, with its amax all-reduced over TP, before the SP all-gather, so
+        # the gather moves 1 B per element (TE linear.py: with_amax_reduction over the TP group for a column-
+        # parallel input and a row-parallel output gradient); other recipes gather bf16 [assumption]
+        self.tp_gather_bytes = 1 if current else tr.dtype_bytes
+        self.tp_amaxes = current and tr.tp > 1 and tr.sequence_parallel
         moe = {d: moe_kernels(m, self.experts, b, d) for d in ("fwd", "bwd")}  # () for dense models
         eager = tr.kernels == "eager"
         layer_ks = eager_layer_kernels if eager else layer_kernels
@@ -495,10 +508,9 @@ class CostModel:
             a2a_comm, a2a_f, a2a_b = self._ulysses_a2a_s(tokens, u, u_inter, l, passes_f)
             ring_comm, ring_exp_f, ring_exp_b = ring_comm + a2a_comm, ring_exp_f + a2a_f, ring_exp_b + a2a_b
         tp_f = tp_b = comm_h = np.zeros(n)
-        if self.tp > 1:  # 2 all-gathers + 2 reduce-scatters per layer each way (an all-reduce moves the same bytes;
-            # MoE with ep > 1: the MLP's pair becomes the all-to-alls)
-            tp_f = l * self.layer_tp_comm_fwd_s(tokens)
-            tp_b = tp_f * (2 if rec == "full" else 1)  # full recompute replays the forward's collectives
+        if self.tp > 1:
+            tp_f, tp_b = self.layer_tp_comm_s(tokens)
+            tp_f, tp_b = l * tp_f, l * tp_b
             # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
             comm_h = self.tp_pair_s(tokens) / 2
             # the vocab-parallel loss, forward: all-reduces of each token's logit max, then of its target logit and
@@ -565,16 +577,59 @@ class CostModel:
         t = self._lookup("mem_layer_fwd", tokens) + self._lookup("mem_layer_bwd", tokens)
         return t + self._lookup("mem_recompute", tokens) if recompute else t
 
-    def layer_tp_comm_fwd_s(self, tokens: np.ndarray | float) -> np.ndarray:
-        """One layer's forward TP-group collectives for `tokens` tokens: the attention's all-gather + reduce-scatter
-        pair, then the MLP's pair or, for MoE with ep > 1, the all-to-all dispatch and combine (costmodel.moe)."""
-        attn = self.tp_pair_s(tokens)
-        return attn + (self._lookup("moe_comm", tokens) if self.experts.all_to_all else attn)
+    def layer_tp_comm_s(self, tokens: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """One layer's exposed TP-group communication for `tokens` tokens, (forward, backward) as price_units
+        charges them: without tp_comm_overlap every collective (2 all-gathers + 2 reduce-scatters each way, an
+        all-reduce moving the same bytes; MoE with ep > 1: the MLP's pair becomes the all-to-alls), with it what
+        the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward."""
+        tokens = np.asarray(tokens, dtype=float)
+        mlp = self._lookup("moe_comm", tokens) if self.experts.all_to_all else self.tp_pair_s(tokens, layer=True)
+        if self.setup.training.tp_comm_overlap:
+            fwd, bwd = self._overlapped_tp_comm_s(tokens)
+            if self.model.is_moe:  # expert GEMMs run no userbuffer overlap: the MLP's communication stays exposed
+                fwd, bwd = fwd + mlp, bwd + mlp
+        else:
+            fwd = bwd = self.tp_pair_s(tokens, layer=True) + mlp
+        if self.tp_amaxes:  # current scaling: a 4-byte amax all-reduce per gathered fp8 tensor, 2 each way
+            amax = 2.0 * self._lookup("tp_all_reduce", 4.0)
+            fwd, bwd = fwd + amax, bwd + amax
+        rec = self.setup.training.recompute == "full"
+        return fwd, bwd + (fwd if rec else 0.0)
 
-    def tp_pair_s(self, tokens: np.ndarray) -> np.ndarray:
-        """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h)."""
-        act = tokens * self.model.hidden * self.bytes_per_elem
-        return self._lookup("tp_all_gather", act) + self._lookup("tp_reduce_scatter", act)
+    def _overlapped_tp_comm_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exposed TP communication of one layer under Transformer Engine's userbuffer overlap as Megatron-core
+        configures it for Hopper (docs/COSTMODEL.md "TP overlap"). Ring exchange splits a GEMM into t row chunks
+        and passes one chunk per step while the next computes, so a collective of time C beside a GEMM of split
+        time G_t = t·G(m/t) shows max(0, C − G_t·(t−1)/t), plus the split's own loss G_t − G(m). Forward: the
+        input all-gather under QKV (and MLP up), the reduce-scatter under the output projection (and MLP down).
+        Backward: the output gradient's all-gather under the projection's (down's) dgrad, ring-exchanged; the
+        input re-gathered for QKV's (up's) wgrad beside its dgrad, and dX reduce-scattered beside its wgrad, each
+        in bulk: max(0, C − G). Dense models both pairs; MoE the attention's only."""
+        t = self.tp
+        act = tokens * self.model.hidden
+        ag = self._lookup("tp_all_gather", act * self.tp_gather_bytes)
+        rs = self._lookup("tp_reduce_scatter", act * self.bytes_per_elem)
+        pairs = [("qkv", "o")]
+        if not self.model.is_moe:
+            pairs.append(("gate_up" if self.model.mlp == "swiglu" else "up", "down"))
+        fwd = bwd = np.zeros_like(tokens)
+        for first, second in pairs:
+            g1, g2 = self._lookup(f"gemm_{first}", tokens), self._lookup(f"gemm_{second}", tokens)
+            s1, s2 = t * self._lookup(f"gemm_{first}", tokens / t), t * self._lookup(f"gemm_{second}", tokens / t)
+            ring1 = np.maximum(0.0, ag - s1 * (t - 1) / t) + (s1 - g1)
+            ring2 = np.maximum(0.0, rs - s2 * (t - 1) / t) + (s2 - g2)
+            ring2_dgrad = np.maximum(0.0, ag - s2 * (t - 1) / t) + (s2 - g2)
+            fwd = fwd + ring1 + ring2
+            bwd = bwd + ring2_dgrad + np.maximum(0.0, ag - g1) + np.maximum(0.0, rs - g1)
+        return fwd, bwd
+
+    def tp_pair_s(self, tokens: np.ndarray, layer: bool = False) -> np.ndarray:
+        """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h); a layer's
+        all-gather (`layer`) moves fp8 under current scaling (tp_gather_bytes), the head's bf16."""
+        act = tokens * self.model.hidden
+        gather = self.tp_gather_bytes if layer else self.bytes_per_elem
+        return (self._lookup("tp_all_gather", act * gather)
+                + self._lookup("tp_reduce_scatter", act * self.bytes_per_elem))
 
     def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
         return self.unit_cost(doc_lengths, degree, offload_ratio, inter_node).total_s
@@ -625,30 +680,50 @@ class CostModel:
         return self._grad_sync[d]
 
     def _grad_sync_uncached_s(self, d: int) -> float:
+        return sum(self._grad_sync_parts_s(d))
+
+    def _grad_sync_parts_s(self, d: int) -> tuple[float, float]:
+        """(gradient reduction, parameter all-gather) over d HDP ranks: an all-reduce alone, or the distributed
+        optimizer's reduce-scatter and all-gather; ZeRO-3's rounds did both already."""
         tr = self.setup.training
+        if d <= 1 or tr.zero_stage == 3:  # every round reduce-scattered its gradients already (costmodel.zero)
+            return 0.0, 0.0
         p = params_per_rank(self.setup)
-        inter = self.setup.mesh.group_spans_domains(d)
-        scope = "inter" if inter else "intra"
+        scope = "inter" if self.setup.mesh.group_spans_domains(d) else "intra"
         gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
         group = d  # one collective per TP rank, over the d HDP ranks holding the same shard: tp groups at once
-        if tr.zero_stage == 3:  # every round reduce-scattered its gradients already (costmodel.zero)
-            return 0.0
         if tr.zero_stage >= 1:
-            return float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope, self.tp)
-                         + self.profile.collective_time_s("all_gather", p * pb, group, scope, self.tp))
-        return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope, self.tp))
+            return (float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope, self.tp)),
+                    float(self.profile.collective_time_s("all_gather", p * pb, group, scope, self.tp)))
+        return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope, self.tp)), 0.0
 
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:
-        """The gradient sync left after the backward. Without overlap_grad_reduce all of it; with it (Megatron-core
-        DDP) buckets of DDP_BUCKET_PARAMS are reduced while the last backward still runs, `backward_window_s`,
-        and the last bucket always after it; fp8's amax all-reduce runs after the backward, never hidden."""
-        sync = self.grad_sync_s(hdp_ranks)
-        if not self.setup.training.overlap_grad_reduce:
-            return sync
-        amax = self.fp8_amax_sync_s(hdp_ranks)
-        grads = sync - amax
-        last_bucket = grads * min(1.0, DDP_BUCKET_PARAMS / params_per_rank(self.setup))
-        return max(last_bucket, grads - backward_window_s) + amax
+        """The gradient sync left after the backward, the last backward taking `backward_window_s`: one model chunk
+        (exposed_chunked_grad_sync_s)."""
+        return self.exposed_chunked_grad_sync_s(hdp_ranks, [(-backward_window_s, 0.0)])
+
+    def exposed_chunked_grad_sync_s(self, hdp_ranks: int | None, last_backwards_s: Sequence[tuple[float, float]]
+                                    ) -> float:
+        """The gradient sync left after the step's last backward, given (start, end) of each model chunk's last
+        backward relative to that end (≤ 0; interleaved pipelines finish their chunks apart). Without
+        overlap_grad_reduce all of it. With it (Megatron-core DDP) a chunk's buckets of DDP_BUCKET_PARAMS are
+        reduced, one bucket after another across chunks, as its last backward produces them, the last bucket after
+        it ends. With overlap_param_gather the distributed optimizer's all-gather runs under the next step's
+        forward, its first bucket exposed. fp8's amax all-reduce runs after the backward, never hidden."""
+        d = hdp_ranks or self.setup.hdp
+        tr = self.setup.training
+        amax = self.fp8_amax_sync_s(d)
+        reduce_s, gather_s = self._grad_sync_parts_s(d)
+        bucket = min(1.0, DDP_BUCKET_PARAMS / params_per_rank(self.setup))
+        if tr.overlap_param_gather:
+            gather_s *= bucket
+        if not tr.overlap_grad_reduce:
+            return reduce_s + gather_s + amax
+        share = reduce_s / len(last_backwards_s)  # a chunk's gradients: the stage's over its chunks
+        done = -np.inf
+        for start, end in sorted(last_backwards_s, key=lambda w: w[1]):
+            done = max(max(start, done) + share, end + min(share, reduce_s * bucket))
+        return max(0.0, done) + gather_s + amax
 
     def fp8_amax_sync_s(self, hdp_ranks: int | None = None) -> float:
         """fp8 delayed scaling's amax reduction (0 otherwise): Transformer Engine all-reduces (max) the current

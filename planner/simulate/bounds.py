@@ -28,8 +28,8 @@ def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
     rec = 2.0 if policy == "full" else 0.0
     per_token = (3.0 + rec / 2) * float(cm.gemm_layer_fwd_s(c))
     per_token += float(cm.memory_layer_s(c, recompute=policy != "none"))
-    if cm.tp > 1:  # a layer's forward collectives, again backward; full recompute replays the forward's
-        per_token += (2.0 + rec / 2) * float(cm.layer_tp_comm_fwd_s(c))
+    if cm.tp > 1:  # a layer's exposed collectives, forward and backward (full recompute replays the forward's)
+        per_token += float(sum(cm.layer_tp_comm_s(c)))
     attn = cm.attn_fwd_s(s) * (1 + rec / 2) + cm.attn_bwd_s(s)
     layer = per_token / c * s.sum() + float(attn.sum())
     return cm.model.layers * layer

@@ -119,9 +119,11 @@ def test_overlapped_gradient_reduce_hides_under_the_backward(a100):
     assert cm.exposed_grad_sync_s(None, 10.0) == sync  # Megatron-core's default: no overlap
     over = _cm(a100, gpus=64, overlap_grad_reduce=True)
     assert over.exposed_grad_sync_s(None, 0.0) == pytest.approx(sync)
+    r, g = over._grad_sync_parts_s(over.setup.hdp)  # ZeRO-1: reduce-scatter, then the parameter all-gather
+    assert r + g == pytest.approx(sync)
     hidden = over.exposed_grad_sync_s(None, 10.0)
-    assert 0 < hidden < 0.2 * sync  # the last bucket stays exposed
-    assert over.exposed_grad_sync_s(None, sync / 2) == pytest.approx(sync / 2)
+    assert g < hidden < g + 0.2 * r  # the reduce-scatter's last bucket stays exposed; the all-gather follows the step
+    assert over.exposed_grad_sync_s(None, r / 2) == pytest.approx(r / 2 + g)
 
 
 def test_new_training_fields_round_trip():

@@ -112,3 +112,37 @@ def test_fit_hints_try_tp_across_the_nvlink_domain():
         memory_budget(setup)
     assert "the smallest tp×pp that fits 8 GPUs is tp=8, pp=1 (158.7 GB of states per GPU, C = 76,104" in str(e.value)
     assert memory_budget(dataclasses.replace(setup, training=TrainingSpec(tp=8, recompute="full")))
+
+
+def test_current_scaling_keeps_no_history_and_reads_each_operand_twice():
+    # Megatron's --fp8-recipe tensorwise (TE Float8CurrentScaling): the amax of the tensor being cast, no history
+    s = _setup(fp8_recipe="tensorwise")
+    assert fp8_recipe(s) == "tensorwise" and fp8_scaled_tensors(s) == (0, 0)
+    assert fp8_state_bytes(s) == pytest.approx(fp8_state_bytes(_setup()) - SCALING_BYTES)
+    profile = load_profile("h100-sxm.analytic")
+    cur, delayed = CostModel(s, profile), CostModel(_setup(), profile)
+    assert cur.fp8_amax_sync_s() == 0 and delayed.fp8_amax_sync_s() > 0
+    from costmodel.elementwise import FP8_AMAX_PASS_BYTES, FP8_CAST_BYTES, fp8_cast_kernels
+
+    widths = {"qkv": (4096.0, 3072.0)}
+    assert (fp8_cast_kernels(widths, "fwd", True)[0].bytes_per_item
+            == 4096.0 * (FP8_CAST_BYTES + FP8_AMAX_PASS_BYTES))
+    assert float(cur._lookup("mem_layer_fwd", 4096)) > float(delayed._lookup("mem_layer_fwd", 4096))
+    # with SP the layer's all-gathers move the fp8 cast (1 B), each after a 4-byte amax all-reduce over TP
+    act = 4096 * 4096
+    pair = float(cur._lookup("tp_all_gather", act * 1.0) + cur._lookup("tp_reduce_scatter", act * 2.0))
+    amax = 2 * float(cur._lookup("tp_all_reduce", 4.0))
+    fwd, bwd = cur.layer_tp_comm_s(4096.0)
+    assert float(fwd) == pytest.approx(2 * pair + amax, rel=1e-9) and float(bwd) == pytest.approx(float(fwd))
+    assert float(delayed.layer_tp_comm_s(4096.0)[0]) == pytest.approx(2 * float(delayed.tp_pair_s(4096.0)))
+
+
+def test_fp8_recipe_is_checked():
+    with pytest.raises(SpecError, match="dtype fp8 only"):
+        TrainingSpec(dtype="bf16", fp8_recipe="tensorwise")
+    with pytest.raises(SpecError, match="MXFP8 tensor cores"):
+        fp8_recipe(_setup(fp8_recipe="mxfp8"))
+    assert fp8_recipe(_setup(fp8_recipe="delayed", cluster="dgx-b200", gpus=16)) == "delayed"
+    tr = TrainingSpec(dtype="fp8", fp8_recipe="tensorwise", tp_comm_overlap=True, overlap_param_gather=True)
+    assert TrainingSpec.from_dict(tr.to_dict()) == tr
+    assert "fp8_recipe" not in TrainingSpec().to_dict()  # plans that do not set them stay as they were
