@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from profiles.table import Fingerprint, Profile, attention_flops, bus_factor
+from profiles.table import Fingerprint, Profile, attention_flops, bus_factor, quantised_gemm_flops
 
 GB = 1e9
 KiB = 2**10
@@ -52,6 +52,9 @@ class GpuNumbers:
     peak_fp8: Const | None = None
     gemm_large_fp8: Const | None = None
     domain_gpus: Const | None = None  # GPUs per NVLink domain; None: the 8-GPU HGX baseboard (no constant written)
+    # GEMM work at half the large-size rate, at a 989 TFLOP/s peak (scaled with the dtype's peak); None: the
+    # shared assumption GEMM_HALF_FLOPS_AT_989T
+    gemm_half: Const | None = None
     # Elementwise kinds' bandwidth over the memory table's stream (constants memory_kind_<kind>); None: not measured
     # on this architecture, every kernel priced as a stream (no constants written)
     memory_kinds: dict[str, Const] | None = None
@@ -131,12 +134,42 @@ def sustained_gemm_flops(measured: Profile, dtype: str, min_s: float = HOPPER_SU
     return float(np.median(2.0 * g["m"] * g["n"] * g["k"] / g["time_s"]))
 
 
+def fit_gemm_half_flops(measured: Profile, g: "GpuNumbers") -> float:
+    """The half-efficiency work (at a 989 TFLOP/s peak) that makes g's analytic GEMM curve, quantised as the
+    tables look it up (table.quantised_gemm_flops), best match a measured profile's bf16 and fp8 GEMMs: the least
+    mean |log(predicted / measured)| over a log grid of 41 points from 1e8 to 1e11 FLOP."""
+    rates = {"bf16": (g.gemm_large.value, g.peak_bf16.value)}
+    if g.gemm_large_fp8 is not None and g.peak_fp8 is not None:
+        rates["fp8"] = (g.gemm_large_fp8.value, g.peak_fp8.value)
+    rows = measured.tables["gemm"]
+    rows = rows[rows["dtype"].isin(list(rates))]
+    m, n, k = (rows[c].to_numpy(dtype=float) for c in ("m", "n", "k"))
+    padded = np.array([quantised_gemm_flops(mi, int(ni), int(ki), g.sms.value, g.gemm_tile_m.value,
+                                            g.gemm_tile_n.value) for mi, ni, ki in zip(m, n, k)])
+    large = rows["dtype"].map(lambda d: rates[d][0]).to_numpy()
+    peak = rows["dtype"].map(lambda d: rates[d][1]).to_numpy()
+    memory_s = (m * k + k * n + m * n) * 2.0 / g.hbm.value
+    grid = np.geomspace(1e8, 1e11, 41)
+    loss = [np.mean(np.abs(np.log(np.maximum.reduce([np.full_like(m, GEMM_FLOOR.value), memory_s,
+                                                     (padded + x * peak / 989e12) / large])
+                                  / rows["time_s"].to_numpy()))) for x in grid]
+    return float(grid[int(np.argmin(loss))])
+
+
 HOPPER_GEMM_SUSTAINED = _c(673.3e12, "FLOP/s", "median rate of the bf16 GEMMs of >= 1 ms in h200-sxm.measured "
                            "[meas: meshplan on an H200, 2026-12-04]; MAMF 794.5 [stas00] is the best shape's burst; "
                            "H100/H800 SXM: the H200's die, clocks and 700 W limit [spec]")
 HOPPER_GEMM_SUSTAINED_FP8 = _c(1226.3e12, "FLOP/s", "median rate of the fp8 GEMMs of >= 1 ms in h200-sxm.measured "
                                "[meas: meshplan on an H200, 2026-12-04]; MAMF 1,453.4 [stas00] is the best shape's "
                                "burst; H100/H800 SXM: the H200's die, clocks and 700 W limit [spec]")
+# Hopper GEMMs' half-efficiency work, fitted (fit_gemm_half_flops) to the H200's 170 measured bf16 and fp8 GEMMs
+# (256-32K rows) with the tables' tile, wave and split-K quantisation: 6.3e9 FLOP, about 9 us of work at the bf16
+# rate, where the shared assumption's 2e10 (and no split-K) had the shapes under one wave 1.2-5.3x too slow.
+HOPPER_GEMM_HALF = _c(6.31e9, "FLOP", "GEMM work at half the large-size rate (at 989 TFLOP/s; scaled with the "
+                      "dtype's peak): fitted to the bf16 and fp8 GEMMs of h200-sxm.measured [meas: meshplan on an "
+                      "H200, 2026-12-04]: mean |error| 10.0% over its 170 shapes (2e10 without split-K: 50.6%); "
+                      "fitted on the bf16 shapes alone, the fp8 ones within 10.6%; H100/H800 SXM: the H200's die "
+                      "and clocks [spec]")
 # Elementwise kinds on Hopper, measured on an H200 by `meshplan profile --ops memory` (h200-sxm.measured;
 # docs/COSTMODEL.md "Elementwise kinds"): ratios of one kernel's bandwidth to another's on the same SMs and HBM.
 _KINDS_SRC = "x the memory table's stream, measured on an H200 [meas: meshplan profile --ops memory, 2026-12-04]"
@@ -162,7 +195,7 @@ H100 = GpuNumbers(
     sms=_c(132, "SMs", "H100 SXM5 132 SMs [spec: NVIDIA H100 whitepaper; 132 in stas00 mamf-finder H100 tests]"),
     gemm_tile_m=TILE_HOPPER_M, gemm_tile_n=TILE_HOPPER_N,
     peak_fp8=_c(1979e12, "FLOP/s", "H100 SXM datasheet dense FP8 (3,958 with sparsity) [spec, REFERENCE 8.1]"),
-    gemm_large_fp8=HOPPER_GEMM_SUSTAINED_FP8, memory_kinds=HOPPER_MEMORY_KINDS,
+    gemm_large_fp8=HOPPER_GEMM_SUSTAINED_FP8, memory_kinds=HOPPER_MEMORY_KINDS, gemm_half=HOPPER_GEMM_HALF,
 )
 
 A100 = GpuNumbers(
@@ -195,7 +228,7 @@ H200 = GpuNumbers(
     sms=_c(132, "SMs", "H200 SXM 132 SMs, the H100 SXM5 configuration [spec]"),
     gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
     peak_fp8=_c(1979e12, "FLOP/s", "H200 SXM datasheet dense FP8 [spec, REFERENCE 8.1]"),
-    gemm_large_fp8=HOPPER_GEMM_SUSTAINED_FP8, memory_kinds=HOPPER_MEMORY_KINDS,
+    gemm_large_fp8=HOPPER_GEMM_SUSTAINED_FP8, memory_kinds=HOPPER_MEMORY_KINDS, gemm_half=HOPPER_GEMM_HALF,
 )
 
 H800 = GpuNumbers(
@@ -209,6 +242,7 @@ H800 = GpuNumbers(
     sms=_c(132, "SMs", "H800 SXM5 132 SMs, the H100 SXM5 configuration with reduced NVLink [spec]"),
     gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
     peak_fp8=H100.peak_fp8, gemm_large_fp8=H100.gemm_large_fp8, memory_kinds=H100.memory_kinds,
+    gemm_half=H100.gemm_half,
 )
 
 # Blackwell. Published: B200 dense peaks, its bf16 MAMF, its 8-GPU all-reduce (REFERENCE 8.1); GB200 NVL72 rack totals
@@ -304,7 +338,7 @@ def build(g: GpuNumbers) -> Profile:
     consts: dict[str, Const] = {
         "peak_bf16_flops": g.peak_bf16, "gemm_large_flops": g.gemm_large, "ar_plateau_intra": g.ar_plateau_intra,
         "p2p_intra": g.p2p_intra, "a2a_intra": g.a2a_intra, "nic": g.nic, "h2d": g.h2d, "d2h": g.d2h,
-        "gemm_half_flops": GEMM_HALF_FLOPS_AT_989T, "gemm_floor": GEMM_FLOOR, "head_dim_64_factor": HEAD_DIM_64_FACTOR,
+        "gemm_half_flops": g.gemm_half or GEMM_HALF_FLOPS_AT_989T, "gemm_floor": GEMM_FLOOR, "head_dim_64_factor": HEAD_DIM_64_FACTOR,
         "nic_eff": NIC_EFF, "p2p_nic_eff": P2P_NIC_EFF, "floor_intra": FLOOR_INTRA, "floor_p2p": FLOOR_P2P,
         "floor_inter_256": FLOOR_INTER_256, "floor_inter_p2p": FLOOR_INTER_P2P, "host_copy_floor": HOST_COPY_FLOOR,
         "pageable_factor": PAGEABLE_FACTOR, "ar_shape": AR_SHAPE, "inter_shape": INTER_SHAPE,
@@ -322,10 +356,10 @@ def build(g: GpuNumbers) -> Profile:
     consts.update({f"memory_kind_{k}": v for k, v in (g.memory_kinds or {}).items()})
 
     # GEMM, per dtype: generic cube-ish grid; time = max(floor, flops / (achieved * x/(x + x_half))), x_half scaled
-    # with the dtype's peak (the same ~20 us to half efficiency).
+    # with the dtype's peak (the same time to half efficiency).
     rows = []
     for dtype, large, peak in gemm_rates:
-        half = GEMM_HALF_FLOPS_AT_989T.value * peak.value / 989e12
+        half = consts["gemm_half_flops"].value * peak.value / 989e12
         for m in GEMM_EDGES:
             for n, k in ((m, m), (4096, 4096), (8192, 8192)):
                 fl = 2.0 * m * n * k

@@ -114,6 +114,26 @@ def loglog_interp(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray, *, belo
     return out
 
 
+# Below one wave of output tiles the GEMM library splits k across more blocks (cuBLAS split-K, CUTLASS's stream-K
+# on Hopper) to fill the SMs; a slice keeps at least this much of k [assumption]. Fitted with it on the H200's
+# measured GEMMs, the analytic tables' small shapes fall from 1.3-4.2x too slow to within 16% (docs/COSTMODEL.md)
+SPLIT_K_MIN_K = 256
+
+
+def quantised_gemm_flops(m: np.ndarray | float, n: int, k: int, sms: float, tile_m: float, tile_n: float
+                         ) -> np.ndarray:
+    """FLOPs an (m×k)·(k×n) GEMM costs on `sms` SMs: whole output tiles (tile quantisation) run in whole waves of
+    one tile per SM (wave quantisation), with the tile or its transpose, whichever pads less; under one wave, k
+    is split into up to SMs/tiles slices of at least SPLIT_K_MIN_K, whose waves are counted the same way."""
+    m_arr = np.asarray(m, dtype=float)
+    flops = np.full_like(m_arr, np.inf)
+    for a, b in ((tile_m, tile_n), (tile_n, tile_m)):  # a along m, b along n
+        tiles = np.ceil(m_arr / a) * math.ceil(n / b)
+        splits = np.where(tiles < sms, np.maximum(1.0, np.minimum(sms // tiles, k // SPLIT_K_MIN_K)), 1.0)
+        flops = np.minimum(flops, np.ceil(tiles * splits / sms) * sms * a * b * 2.0 * k / splits)
+    return flops
+
+
 def _series(df: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique x with the median y per x (repeated measurements collapse)."""
     g = df.groupby(x, sort=True)[y].median()
@@ -237,8 +257,7 @@ class Profile:
 
         A profile carrying `gemm_sms`, `gemm_tile_m` and `gemm_tile_n` (the analytic ones: their curve is the
         best-shape rate, and their (n, k) series are samples of that same curve) always takes the curve at the
-        padded problem's FLOPs: whole output tiles (tile quantisation) run in whole waves of one tile per SM
-        (wave quantisation), with the tile or its transpose, whichever pads less. Measured tables already hold
+        padded problem's FLOPs (quantised_gemm_flops). Measured tables already hold
         their shape losses, so they are looked up as they are. A profile that also carries `hbm` (achievable
         device-memory bandwidth) bounds the time below by the roofline's memory side: reading A and B and writing C
         once (what makes QKᵀ of materialised attention, k = head_dim, memory-bound)."""
@@ -257,11 +276,7 @@ class Profile:
         if not quantise:
             return loglog_interp(2.0 * m_arr * n * k, xs, ys, below="clamp", above="proportional")
         sms, tm, tn = (self.constant(c) for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
-        flops = np.full_like(m_arr, np.inf)
-        for a, b in ((tm, tn), (tn, tm)):  # a along m, b along n
-            tiles = np.ceil(m_arr / a) * math.ceil(n / b)
-            flops = np.minimum(flops, np.ceil(tiles / sms) * sms * a * b * 2.0 * k)
-        t = loglog_interp(flops, xs, ys, below="clamp", above="proportional")
+        t = loglog_interp(quantised_gemm_flops(m_arr, n, k, sms, tm, tn), xs, ys, below="clamp", above="proportional")
         if "hbm" in self.constants:
             elem = 4.0 if dtype == "fp32" else 2.0
             t = np.maximum(t, (m_arr * k + k * n + m_arr * n) * elem / self.constant("hbm"))

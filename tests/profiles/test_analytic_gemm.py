@@ -6,7 +6,7 @@ import pytest
 import pandas as pd
 
 from profiles import analytic
-from profiles.table import Fingerprint, Profile, load_profile, loglog_interp
+from profiles.table import Fingerprint, Profile, load_profile, loglog_interp, quantised_gemm_flops
 
 
 def flops_curve(p: Profile, flops) -> np.ndarray:
@@ -94,3 +94,33 @@ def test_hopper_memory_kinds_are_the_measured_h200_ones():
         p = load_profile(f"{name}.analytic")
         assert not any(k.startswith("memory_kind_") for k in p.constants)
         assert p.memory_kind_ratio("strided") == 1.0
+
+
+def test_hopper_half_efficiency_work_is_the_fit_to_the_measured_h200():
+    """The Hopper profiles' half-efficiency GEMM work is what fit_gemm_half_flops finds on the H200's measured GEMMs
+    (a 41-point log grid); the other GPUs keep the shared assumption."""
+    measured = load_profile("h200-sxm.measured")
+    assert analytic.HOPPER_GEMM_HALF.value == pytest.approx(analytic.fit_gemm_half_flops(measured, analytic.H200),
+                                                            rel=1e-3)
+    for g in (analytic.H100, analytic.H200, analytic.H800):
+        assert analytic.build(g).constants["gemm_half_flops"]["value"] == analytic.HOPPER_GEMM_HALF.value
+    assert analytic.build(analytic.A100).constants["gemm_half_flops"]["value"] == 2e10
+    # the fitted table prices the measured GEMMs within 12% (mean |log error|)
+    h200 = load_profile("h200-sxm.analytic")
+    g = measured.tables["gemm"]
+    g = g[g["dtype"].isin(["bf16", "fp8"])]
+    err = np.mean(np.abs(np.log([float(h200.gemm_time_s(r.m, r.n, r.k, r.dtype)) / r.time_s
+                                 for r in g.itertuples()])))
+    assert err < 0.12  # 50.6% mean |error| with 2e10 and no split-K
+
+
+def test_split_k_fills_the_sms_under_one_wave():
+    """512 x 2304 x 16384 on 132 SMs, 128x256 tiles: 4·9 = 36 tiles (the transpose 2·18, as many) fill a wave only
+    with k split: min(132 // 36, 16384 // 256) = 3 slices, 108 blocks in one wave of 132: padded FLOPs = 132 blocks
+    of 128·256·2·16384/3. A shape of one wave or more is not split: 4096 rows -> 288 tiles, 3 waves = 396."""
+    f = quantised_gemm_flops(512, 2304, 16384, 132, 128, 256)
+    assert float(f) == pytest.approx(132 * 128 * 256 * 2.0 * 16384 / 3)
+    big = quantised_gemm_flops(4096, 2304, 16384, 132, 128, 256)
+    assert float(big) == pytest.approx(396 * 128 * 256 * 2.0 * 16384)
+    shallow = quantised_gemm_flops(512, 2304, 512, 132, 128, 256)  # k holds only 2 slices of 256
+    assert float(shallow) == pytest.approx(132 * 128 * 256 * 2.0 * 512 / 2)

@@ -39,15 +39,16 @@ def test_fp8_rows_only_on_fp8_gpus():
 
 def test_fp8_gemm_time_hand_computed():
     """H100 fp8, m = n = k = 65536 (above the grid: the top point's rate held). Top point 32768³:
-    t = (F + x_half) / R_fp8 (Hopper's sustained fp8 rate, 1,226.3 TFLOP/s), x_half = 2e10 × 1979/989; the query
-    pads to whole 128×256 tiles in whole waves of 132 SMs: 512·256 = 131072 tiles -> 993 waves = 131076 tiles."""
+    t = (F + x_half) / R_fp8 (Hopper's sustained fp8 rate, 1,226.3 TFLOP/s), x_half = 6.31e9 × 1979/989 (Hopper's
+    measured half-efficiency work); the query pads to whole 128×256 tiles in whole waves of 132 SMs: 512·256 =
+    131072 tiles -> 993 waves = 131076 tiles."""
     p = load_profile("h100-sxm.analytic")
     f_top = 2.0 * 32768**3
-    t_top = (f_top + 2e10 * 1979 / 989) / 1226.3e12
+    t_top = (f_top + 6.31e9 * 1979 / 989) / 1226.3e12
     f_padded = 131076 * 128 * 256 * 2.0 * 65536
     assert float(p.gemm_time_s(65536, 65536, 65536, "fp8")) == pytest.approx(t_top * f_padded / f_top, rel=1e-9)
-    # the same GEMM in bf16: the sustained bf16 rate and x_half = 2e10 (989 peak)
-    t_bf16 = (f_top + 2e10) / 673.3e12 * f_padded / f_top
+    # the same GEMM in bf16: the sustained bf16 rate and x_half = 6.31e9 (989 peak)
+    t_bf16 = (f_top + 6.31e9) / 673.3e12 * f_padded / f_top
     assert float(p.gemm_time_s(65536, 65536, 65536, "bf16")) == pytest.approx(t_bf16, rel=1e-9)
 
 
