@@ -26,7 +26,8 @@ from rich.table import Table as _RichTable
 from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
-from costmodel.specs import AUTO_RECOMPUTE, KERNELS, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError, check_recompute
+from costmodel.specs import (AUTO_RECOMPUTE, FP8_RECIPES, KERNELS, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError,
+                             check_recompute)
 from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
@@ -467,6 +468,18 @@ def plan_cmd(
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
         dtype: str = typer.Option("bf16", help=f"Training precision, {one_of(TRAIN_DTYPES)}; fp8: the layers' GEMMs "
                                   "in fp8 (Transformer Engine), attention and storage bf16."),
+        fp8_recipe: Optional[str] = typer.Option(None, "--fp8-recipe", help=f"--dtype fp8's scaling, "
+                                                 f"{one_of(FP8_RECIPES)} (Megatron's --fp8-recipe; default: "
+                                                 "Transformer Engine's for the GPU, mxfp8 on Blackwell, else "
+                                                 "delayed)."),
+        tp_comm_overlap: bool = typer.Option(False, "--tp-comm-overlap", help="Megatron-core's TP communication "
+                                             "overlap (Transformer Engine userbuffers; needs SP): each TP "
+                                             "collective runs under its GEMM."),
+        overlap_grad_reduce: bool = typer.Option(False, "--overlap-grad-reduce", help="Megatron-core DDP: the "
+                                                 "gradient reduction runs in buckets under the last backward."),
+        overlap_param_gather: bool = typer.Option(False, "--overlap-param-gather", help="Megatron-core DDP: the "
+                                                  "distributed optimizer's all-gather runs under the next "
+                                                  "forward."),
         zero: int = typer.Option(1, "--zero", min=0, max=3, help="ZeRO stage over the HDP ranks of a stage: 0 "
                                  "replicated, 1 optimizer sharded, 2 + gradients, 3 + parameters (FSDP2: per-layer "
                                  "all-gathers and reduce-scatters, the step run in rounds; pp 1)."),
@@ -512,6 +525,8 @@ def plan_cmd(
     check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
     check_choice("--dtype", dtype, TRAIN_DTYPES)
     check_choice("--kernels", kernels, KERNELS)
+    if fp8_recipe is not None:
+        check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
     try:
         kinds = parse_cp_kinds(cp_kinds) if cp_kinds.strip() else ()
     except _PlanError as e:
@@ -522,7 +537,8 @@ def plan_cmd(
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, zero_stage=zero,
                       kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
-                      moe_grouped_gemm=moe_grouped_gemm, seed=seed,
+                      moe_grouped_gemm=moe_grouped_gemm, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
+                      overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),

@@ -309,6 +309,7 @@ DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 2}  # byt
 # fp8 scaling recipes as Megatron-LM's --fp8-recipe names them (Transformer Engine's DelayedScaling,
 # Float8CurrentScaling, MXFP8BlockScaling); docs/COSTMODEL.md "fp8 training"
 Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
+FP8_RECIPES: tuple[str, ...] = get_args(Fp8Recipe)  # what a request (--fp8-recipe) may ask for
 
 
 def check_recompute(choice: str) -> None:

@@ -297,8 +297,8 @@ class CostModel:
         # Current scaling casts a GEMM input once, with its amax all-reduced over TP, before the SP all-gather, so
         # the gather moves 1 B per element (TE linear.py: with_amax_reduction over the TP group for a column-
         # parallel input and a row-parallel output gradient); other recipes gather bf16 [assumption]
-        self.tp_gather_bytes = 1 if current else tr.dtype_bytes
-        self.tp_amaxes = current and tr.tp > 1 and tr.sequence_parallel
+        self.tp_amaxes = current and tr.tp > 1 and tr.sequence_parallel  # without SP: all-reduces of bf16 outputs
+        self.tp_gather_bytes = 1 if self.tp_amaxes else tr.dtype_bytes
         moe = {d: moe_kernels(m, self.experts, b, d) for d in ("fwd", "bwd")}  # () for dense models
         eager = tr.kernels == "eager"
         layer_ks = eager_layer_kernels if eager else layer_kernels

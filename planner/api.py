@@ -53,6 +53,10 @@ class PlanRequest:
     ep: int = 1  # MoE expert parallelism inside the TP group, TrainingSpec.ep
     moe_capacity_factor: float = 1.0  # MoE routing imbalance, TrainingSpec.moe_capacity_factor
     moe_grouped_gemm: bool = False  # MoE: a rank's local experts in one grouped GEMM, TrainingSpec.moe_grouped_gemm
+    fp8_recipe: str | None = None  # --dtype fp8's scaling recipe, TrainingSpec.fp8_recipe (None: TE's for the GPU)
+    tp_comm_overlap: bool = False  # TrainingSpec.tp_comm_overlap (Megatron-core's userbuffer TP overlap)
+    overlap_grad_reduce: bool = False  # TrainingSpec.overlap_grad_reduce (Megatron-core DDP)
+    overlap_param_gather: bool = False  # TrainingSpec.overlap_param_gather (Megatron-core DDP)
     seed: int = 0
     options: PlanOptions = field(default_factory=PlanOptions)
 
@@ -71,7 +75,9 @@ def resolve_setup(req: PlanRequest) -> Setup:
         tr = TrainingSpec(dtype=req.dtype, tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
                           kernels=req.kernels,
                           capacity_tokens=req.capacity_tokens, ep=req.ep, moe_capacity_factor=req.moe_capacity_factor,
-                          moe_grouped_gemm=req.moe_grouped_gemm)
+                          moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
+                          tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
+                          overlap_param_gather=req.overlap_param_gather)
         try:
             setup = Setup(model, cluster, tr)
             cap = memory_budget(setup).capacity_tokens
@@ -212,14 +218,22 @@ def make_plan(req: PlanRequest, strategy: str, cm: CostModel | None = None,
 def _one_chunking(fn, batches: list[GlobalBatch], cm: CostModel, options: PlanOptions, chunkings: set[int]) -> list:
     """Steps chose different interleaving depths v, but a run places its layers once: re-plan every
     step with each v some step chose and keep the v with the least total step time among those whose
-    every step fits HBM (the least peak memory when none does)."""
-    best = None
+    every step fits HBM (the least peak memory when none does). A v under which some step cannot be planned
+    (pipelines sharing a unit deadlock at that interleaving) is skipped; none left: the last error."""
+    best, error = None, None
     for v in sorted(chunkings):
-        steps = [fn(b, cm, dataclasses.replace(options, hdp=dataclasses.replace(options.hdp, pp_v=v))) for b in batches]
+        try:
+            steps = [fn(b, cm, dataclasses.replace(options, hdp=dataclasses.replace(options.hdp, pp_v=v)))
+                     for b in batches]
+        except PlanError as e:
+            error = e
+            continue
         key = fits_first(sum(st.predicted.step_time_s for st in steps),
                          max(max(st.predicted.peak_memory_bytes) for st in steps), cm.budget.hbm_bytes)
         if best is None or key < best[0]:
             best = (key, steps)
+    if best is None:
+        raise error
     return best[1]
 
 

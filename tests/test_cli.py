@@ -349,3 +349,19 @@ def test_replay_refuses_the_cuda_flash_kernel_on_cpu(tmp_path):
     assert run("plan", *TINY, "--out", str(out)).exit_code == 0
     r = run("replay", str(out), "--nproc", "4", "--ring-kernel", "flash-cuda")
     assert r.exit_code == 2 and "flash-cuda runs on CUDA devices" in one_line(r.stderr), r.output
+
+
+def test_plan_takes_megatron_overlap_and_fp8_recipe_flags(tmp_path):
+    out = tmp_path / "o.json"
+    r = run("plan", "--model", "llama3-70b", "--gpus", "64", "--tp", "4", "--pp", "8", "--dtype", "fp8",
+            "--fp8-recipe", "tensorwise", "--tp-comm-overlap", "--overlap-grad-reduce", "--overlap-param-gather",
+            "--max-context", "8K", "--compare", "hdp", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    tr = json.loads(out.read_text())["meta"]["training"]
+    assert (tr["fp8_recipe"], tr["tp_comm_overlap"], tr["overlap_grad_reduce"], tr["overlap_param_gather"]) == (
+        "tensorwise", True, True, True)
+    bad = run("plan", "--fp8-recipe", "e4m3", "--out", str(tmp_path / "x.json"))
+    assert bad.exit_code == 2 and "--fp8-recipe must be delayed, tensorwise or mxfp8" in one_line(bad.output)
+    bf16 = run("plan", "--fp8-recipe", "tensorwise", "--out", str(tmp_path / "y.json"))
+    assert bf16.exit_code == 2 and "applies to dtype fp8 only" in one_line(bf16.output)
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()

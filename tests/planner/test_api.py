@@ -118,3 +118,32 @@ def test_capacity_beyond_memory_writes_no_plan():
     assert not any(x.fits_hbm for x in res.summaries)
     with pytest.raises(PlanError, match="no plan written: static .* GB, hdp .* GB over the"):
         res.chosen()
+
+
+def test_one_chunking_skips_an_interleaving_some_step_cannot_run():
+    """A run places its layers once, so every step is re-planned at each v some step chose; a v at which a step's
+    pipelines deadlock (a PlanError) is skipped, not fatal (ByteScale's LLaMA-70B byted-like 512K point failed so:
+    step 1 chose v = 5, at which step 0's shared units deadlock). No v left: the last error."""
+    import dataclasses
+
+    from planner.api import PlanRequest, _one_chunking, build_cost_model, make_batches
+    from planner.plan import PlanError
+    from planner.strategies import get_strategy
+
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2, max_context_tokens=4096, tokens_per_step=16384,
+                      steps=2)
+    cm = build_cost_model(req)
+    batches = make_batches(req, cm)
+    real = get_strategy("hdp")
+    tried = []
+
+    def flaky(batch, cm_, options):
+        tried.append((batch.step, options.hdp.pp_v))
+        if options.hdp.pp_v == 2 and batch.step == 0:
+            raise PlanError("step 0: pipeline schedule deadlocks")
+        return real(batch, cm_, options)
+
+    steps = _one_chunking(flaky, batches, cm, req.options, {1, 2})
+    assert [st.chunks_per_stage for st in steps] == [1, 1] and (0, 2) in tried
+    with pytest.raises(PlanError, match="deadlocks"):
+        _one_chunking(flaky, batches[:1], cm, dataclasses.replace(req.options), {2})
