@@ -48,8 +48,8 @@ def test_fit_layer_time_close(cm):
     f = fit_layer_time(load_model("llama-7b"), TrainingSpec(), load_profile("h100-sxm.analytic"))
     assert f["alpha1_s_per_token2"] > 0 and f["beta1_s_per_token"] > 0
     # GEMM wave quantisation makes the measured-like curve a staircase under ~2K tokens that a quadratic
-    # cannot follow exactly; the fit stays within 15% everywhere and within 5% past 2K tokens
-    assert f["max_rel_err"] < 0.15
+    # cannot follow exactly (split-K below one wave, 2026-12-05, made its small steps steeper: 17.5% at worst)
+    assert f["max_rel_err"] < 0.2 and f["r2"] > 0.99
 
 
 def test_grad_sync_positive_and_grows_across_nodes():

@@ -389,7 +389,8 @@ def test_deterministic_limits_give_one_plan_idle_or_loaded(monkeypatch):
     limits are made small so that they, not the generous time limit, end every phase."""
     import planner.strategies.ilp.backends as backends
 
-    rng = np.random.default_rng(5)
+    # a batch the limits below stop short of optimal (seed 5's was solved to optimal once small GEMMs got cheaper)
+    rng = np.random.default_rng(8)
     lengths = np.concatenate([rng.integers(3000, 30000, 24), rng.integers(100, 3000, 60)])
     monkeypatch.setattr(ilp, "ROUND_CELLS_PER_S", 500.0)
     monkeypatch.setattr(backends, "NODE_NNZ_PER_S", 5e3)
