@@ -480,6 +480,9 @@ def plan_cmd(
         overlap_param_gather: bool = typer.Option(False, "--overlap-param-gather", help="Megatron-core DDP: the "
                                                   "distributed optimizer's all-gather runs under the next "
                                                   "forward."),
+        fp8_param_gather: bool = typer.Option(False, "--fp8-param-gather", help="Megatron-LM's fp8 weights (--dtype "
+                                              "fp8, --zero 1 or 2): no bf16 copy of the fp8 GEMMs' weights, "
+                                              "gathered in fp8."),
         zero: int = typer.Option(1, "--zero", min=0, max=3, help="ZeRO stage over the HDP ranks of a stage: 0 "
                                  "replicated, 1 optimizer sharded, 2 + gradients, 3 + parameters (FSDP2: per-layer "
                                  "all-gathers and reduce-scatters, the step run in rounds; pp 1)."),
@@ -538,7 +541,8 @@ def plan_cmd(
                       capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, zero_stage=zero,
                       kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
                       moe_grouped_gemm=moe_grouped_gemm, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
-                      overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather, seed=seed,
+                      overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
+                      fp8_param_gather=fp8_param_gather, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),
@@ -1169,7 +1173,8 @@ def whatif_reproduce(
 def validate_cmd(
         sets: Optional[List[str]] = typer.Option(None, "--set", help="Calibration set (repeatable; default: every "
                                                                       "packaged one: korthikanti2022, narayanan2021, "
-                                                                      "llama3_2024, megatron_bridge2025)."),
+                                                                      "llama3_2024, megatron_bridge2025, "
+                                                                      "nemo2024)."),
         profile: Optional[str] = typer.Option(None, help="Profile name or path for every set (default: each set's "
                                                          "cluster's, e.g. a100-sxm-80gb.analytic)."),
         notes: bool = typer.Option(False, help="Print each case's modelling assumptions."),

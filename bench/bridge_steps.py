@@ -1,5 +1,5 @@
-"""The Megatron-Bridge H100 set priced step by step: what each mechanism its recipes run (fp8 current scaling,
-overlapped gradient reduce and parameter gather, TP comm overlap) moves in `meshplan validate --set
+"""The Megatron-Bridge H100 set priced step by step: what each mechanism its recipes run (fp8 current scaling, fp8
+weights, overlapped gradient reduce and parameter gather, TP comm overlap) moves in `meshplan validate --set
 megatron_bridge2025`. Prints one markdown row per step; docs/BENCHMARKS.md "Megatron-Bridge on H100".
 
     python -m bench.bridge_steps
@@ -14,11 +14,12 @@ import numpy as np
 from planner.studies.validation import iteration_memory, iteration_row, load_calibration_set
 from profiles.table import load_profile
 
-MECHANISMS = ("fp8_recipe", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap")
+MECHANISMS = ("fp8_recipe", "fp8_param_gather", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap")
 STEPS = (("delayed scaling, nothing overlapped", ()),
          ("+ tensorwise (current scaling)", ("fp8_recipe",)),
+         ("+ fp8 weights (fp8_param_gather)", ("fp8_recipe", "fp8_param_gather")),
          ("+ overlapped gradient reduce and parameter gather",
-          ("fp8_recipe", "overlap_grad_reduce", "overlap_param_gather")),
+          ("fp8_recipe", "fp8_param_gather", "overlap_grad_reduce", "overlap_param_gather")),
          ("+ TP overlap: the recipes as they ran", MECHANISMS))
 
 

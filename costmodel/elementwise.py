@@ -62,8 +62,10 @@ def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_byte
     residual = MemKernel("residual", hidden * ((3 * b + mask) if fwd else (2 * b + mask)))
     if model.mlp == "swiglu":  # silu(gate) * up | d(gate), d(up) from gate, up, dy
         act = MemKernel("swiglu", ffn * (3 * b if fwd else 5 * b))
-    else:  # gelu(x + bias) | dx from x, dy
+    elif model.mlp == "gelu":  # gelu(x + bias) | dx from x, dy
         act = MemKernel("gelu", ffn * (2 * b if fwd else 3 * b))
+    else:  # Megatron-core's squared ReLU is unfused: relu, then pow | pow's and relu's backward, one kernel each
+        act = MemKernel("relu2", ffn * (4 * b if fwd else 6 * b))
     out = [norm, norm, residual, residual, act]
     if model.position == "rope":
         out.append(MemKernel("rope", qk * 2 * b))  # rotate Q and K (the backward rotates back)
@@ -85,6 +87,7 @@ _EAGER_FWD: dict[str, tuple[tuple[float, float, str], ...]] = {  # label -> ((x-
     "rope": ((1, 0, _B), (1, 0, _B), (1, 0, _B), (1, 0, _B), (1.5, 0, ""), (1.5, 0, ""), (2, 0, "")),
     "swiglu": ((2, 0, ""), (3, 0, "")),  # silu(gate), · up
     "gelu": ((2, 0, ""), (2, 0, "")),  # + bias (linear_bias), gelu
+    "relu2": ((2, 0, ""), (2, 0, "")),  # relu, pow 2
     "residual": ((3, 0, ""),),
 }
 # Backward kinds: each broadcast product's gradient with respect to the full tensor is again a product with the
@@ -97,6 +100,7 @@ _EAGER_BWD: dict[str, tuple[tuple[float, float, str], ...]] = {
     "rope": ((1, 0, ""), (1, 0, _B), (1, 0, _B), (1, 0, _B), (1, 0, _B), (1.5, 0, ""), (1.5, 0, ""), (2, 0, "")),
     "swiglu": ((3, 0, ""), (3, 0, ""), (3, 0, "")),  # d(up) = dy·silu, d(silu) = dy·up, silu_backward
     "gelu": ((3, 0, ""), (1, 0, "")),  # gelu_backward; the bias gradient's sum over tokens
+    "relu2": ((3, 0, ""), (3, 0, "")),  # pow_backward, threshold_backward
     "residual": ((3, 0, ""),),  # the branch point's gradient accumulation
 }
 
@@ -197,8 +201,11 @@ def score_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tuple[M
 
 def head_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int, fused_loss: bool,
                  direction: str) -> tuple[MemKernel, ...]:
-    """Last stage: the final norm and the vocab-parallel softmax cross-entropy over V/t logits per token (fp32
-    softmax kept for the backward; a fused online-softmax loss reads the logits once and recomputes)."""
+    """Last stage: the final norm and the vocab-parallel softmax cross-entropy over V/t logits per token. A fused
+    online-softmax loss reads the logits once and recomputes. Megatron's (megatron/core/tensor_parallel/
+    cross_entropy.py) works in fp32, per logit: forward the cast (b + 4), the max (4), the in-place shift (4 + 4),
+    exp (4 + 4), its sum (4) and the in-place division that leaves the softmax kept for the backward (4 + 4);
+    backward the in-place scaling by the loss gradient (4 + 4) and the cast back (4 + b)."""
     b = float(dtype_bytes)
     hidden = model.hidden / (tp if sequence_parallel else 1)
     vocab = model.vocab / tp
@@ -207,7 +214,7 @@ def head_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes
     if fused_loss:
         ce = MemKernel("cross_entropy", vocab * (b if fwd else 2 * b))
     else:
-        ce = MemKernel("cross_entropy", vocab * ((b + 4) if fwd else (4 + b)))
+        ce = MemKernel("cross_entropy", vocab * ((b + 36) if fwd else (12 + b)))
     return norm, ce
 
 

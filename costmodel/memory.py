@@ -113,39 +113,64 @@ def fp8_state_bytes(setup: Setup) -> float:
     """fp8 training's extra bytes on one GPU (0 otherwise): the fp8 copies of the GEMM weights it holds, cast once
     per step and cached across micro-batches (TE's is_first_microbatch weight cache, as Megatron-LM runs it):
     the stage's layers, or under ZeRO-3 the INFLIGHT_LAYERS gathered ones (cast after each gather [assumption]);
-    and with delayed scaling each scaled tensor's fp32 amax history, scale and inverse scale."""
+    and with delayed scaling each scaled tensor's fp32 amax history, scale and inverse scale. With
+    fp8_param_gather those fp8 copies are the weights themselves: less the bf16 weights that are then not kept
+    (model_state_bytes counts every weight in the training dtype)."""
     tr = setup.training
     if tr.dtype != "fp8":
         return 0.0
     layers = zero.INFLIGHT_LAYERS if tr.zero_stage == 3 else setup.model.layers // tr.pp
-    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp) * fp8_weight_bytes_per_param(fp8_recipe(setup))
+    per_param = fp8_weight_bytes_per_param(fp8_recipe(setup)) - (DTYPE_BYTES[tr.dtype] if tr.fp8_param_gather else 0)
+    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp) * per_param
     return cache + sum(fp8_scaled_tensors(setup)) * 4.0 * (FP8_AMAX_HISTORY_LEN + 2)
+
+
+def _fp8_saved_bytes_per_token(model: ModelSpec, recompute: Recompute) -> tuple[float, float]:
+    """(the norms' outputs, the rest): bytes per token per layer that fp8 training saves less than bf16.
+    Transformer Engine keeps an fp8 GEMM's input for its wgrad as the fp8 cast (1 B, TE's inputmat_t / the norm's
+    fp8 ln_out) instead of the bf16 tensor: the QKV and MLP inputs (the norms' outputs, h each), and the down
+    projection's input (f); the output projection's fp8 input (q) is kept beside the bf16 attention output the
+    attention core saves. MoE: the router needs the MLP input in bf16, its dispatched rows are counted in bf16
+    (costmodel.moe) [conservative]. Full recompute keeps only the layer input; selective does not keep the down
+    projection's input of a gated MLP."""
+    if recompute == "full":
+        return 0.0, 0.0
+    norms = model.hidden * (1 if model.is_moe else 2)
+    down = 0.0 if recompute == "selective" and model.gated else model.ffn * model.top_k
+    return norms, down - model.q_width
 
 
 def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: int) -> tuple[float, float]:
     """(bytes TP replicates, bytes TP shards) saved per token per layer without attention scores
     (FlashAttention keeps none). Replicated: the two norm inputs (4h), the QKV and MLP inputs (4h),
     dropout masks (2h, 1 byte each); sharded: Q and the attention output (4q), K and V (4h_kv), and
-    the MLP's: SwiGLU 6f (`swiglu_saved_bytes_per_f`; 4f under selective), GeLU 4f (its input and output).
+    the MLP's: SwiGLU 6f (`swiglu_saved_bytes_per_f`; 4f under selective), ungated 4f (the activation's input and
+    output).
     GPT (q = h_kv = h, f = 4h): 34h, Korthikanti 2022 Table 2."""
     h, hkv, f = model.hidden, model.kv_width, model.ffn * model.top_k
     scale = dtype_bytes / 2.0
     if recompute == "full":  # only the layer input
         return 0.0, 2 * h * scale
     masks = 2 * h if model.dropout else 0
-    if model.mlp == "gelu":  # no selective term: Megatron's selective recompute saves only attention scores
+    if not model.gated:  # no selective term: Megatron's selective recompute saves only attention scores
         return 8 * h * scale + masks, (4 * model.q_width + 4 * hkv + 4 * f) * scale
     return masks, (12 * h + 4 * hkv + swiglu_saved_bytes_per_f(recompute) * f) * scale
 
 
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
-                                     sequence_parallel: bool = True, experts: ExpertLayout | None = None) -> float:
+                                     sequence_parallel: bool = True, experts: ExpertLayout | None = None,
+                                     fp8: bool = False) -> float:
     """Saved activations per token per layer (REFERENCE 7.2, FlashAttention: no s² term), divided over TP with
     sequence parallelism; without it TP replicates the norm, input and mask terms (and full recompute's layer
     input). Llama block: none 12h + 4h_kv + 6f (bf16, Megatron-core's fused SwiGLU); selective recomputes the
     down projection's input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full.
-    MoE adds its dispatched rows and routing imbalance (costmodel.moe; `experts` default: ep = 1, balanced)."""
+    MoE adds its dispatched rows and routing imbalance (costmodel.moe; `experts` default: ep = 1, balanced).
+    fp8: the GEMM inputs saved in fp8 (_fp8_saved_bytes_per_token)."""
     replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
+    if fp8:  # the norms' outputs are where _saved_bytes_per_token counts them: replicated only in the GPT block
+        norms, rest = _fp8_saved_bytes_per_token(model, recompute)
+        replicated, sharded = (replicated, sharded - norms - rest) if model.gated else \
+            (replicated - norms, sharded - rest)
     moe = moe_activation_bytes_per_token(model, experts or ExpertLayout(tp=tp, sequence_parallel=sequence_parallel),
                                          recompute, dtype_bytes)
     if sequence_parallel:
@@ -181,7 +206,7 @@ def eager_activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute:
     q, kv, heads = model.q_width / tp, model.kv_width / tp, model.heads / tp
     f = model.ffn * model.top_k / tp
     core = 0.0 if recompute == "selective" else q * b + 4 * heads
-    mlp = (4 if model.mlp == "swiglu" else 2) * f * b
+    mlp = (4 if model.gated else 2) * f * b
     return 2 * (2 * r + b) * h + b * (4 * q + 4 * kv) + core + mlp
 
 
@@ -193,7 +218,7 @@ def layer_activation_per_token(setup: Setup, recompute: Recompute | None = None)
     if tr.kernels == "eager" and not m.is_moe:
         return eager_activation_bytes_per_token_layer(m, tr.tp, recompute, tr.dtype_bytes, tr.sequence_parallel)
     return activation_bytes_per_token_layer(m, tr.tp, recompute, tr.dtype_bytes, tr.sequence_parallel,
-                                            ExpertLayout.of(tr))
+                                            ExpertLayout.of(tr), fp8=tr.dtype == "fp8")
 
 
 def logit_bytes(setup: Setup) -> float:
@@ -374,7 +399,8 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
     fp8 = fp8_state_bytes(setup)
     opt = terms.states_bytes - weights - grads - zero.inflight_bytes(setup) - fp8
     sharding = f"sharded by ZeRO-{tr.zero_stage} over {setup.hdp} HDP ranks" if tr.zero_stage >= 1 else "replicated"
-    fp8_text = f", fp8 weight copies {fp8 / GB:.1f} GB" if fp8 else ""
+    fp8_text = ((f", GEMM weights in fp8 with their transposes {fp8 / GB:+.1f} GB against bf16" if tr.fp8_param_gather
+                 else f", fp8 weight copies {fp8 / GB:.1f} GB") if fp8 else "")
     msg = (f"{head}: model states alone take {terms.states_bytes / GB:.1f} GB per GPU (weights {weights / GB:.1f} GB, "
            f"gradients {grads / GB:.1f} GB, optimizer {opt / GB:.1f} GB {sharding}{fp8_text}) but only "
            f"{room / GB:.1f} GB of "

@@ -123,7 +123,7 @@ def moe_kernels(model: ModelSpec, layout: ExpertLayout, dtype_bytes: int, direct
         out += [MemKernel("moe_sort_chunks", sort), MemKernel("moe_unsort_chunks", sort)]
     if cf > 1.0:
         act = next(x for x in layer_kernels(model, layout.tp, layout.sequence_parallel, dtype_bytes, direction)
-                   if x.label in ("swiglu", "gelu"))
+                   if x.label == model.mlp)
         out.append(MemKernel(f"{act.label}_imbalance", (cf - 1.0) * act.bytes_per_item))
     return tuple(out)
 
@@ -134,7 +134,7 @@ def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recom
     costmodel.memory counts for a dense layer of k MLPs (its 2h/tp MLP input is the router's input here): the
     dispatched rows the experts keep for their weight gradients, 2h·k·cf/ep; the expert outputs the routing
     weights multiply, kept for the weights' gradient (all-to-all: back on the rank's own k·s/tp rows; all-gather:
-    its k·cf·s/ep rows); and the MLP's inner terms (SwiGLU 6f, 4f under selective; GeLU 4f) × (cf − 1)/tp.
+    its k·cf·s/ep rows); and the MLP's inner terms (SwiGLU 6f, 4f under selective; ungated 4f) × (cf − 1)/tp.
     Full recompute keeps only the layer input: nothing more."""
     if not model.is_moe or recompute == "full":
         return 0.0
@@ -142,6 +142,6 @@ def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recom
     h, f, k, cf = model.hidden, model.ffn, model.top_k, layout.capacity_factor
     dispatched = 2 * h * k * cf / layout.ep
     combined = 2 * h * k / layout.tp if layout.all_to_all else dispatched
-    inner = swiglu_saved_bytes_per_f(recompute) * f if model.mlp == "swiglu" else 4 * f
+    inner = swiglu_saved_bytes_per_f(recompute) * f if model.gated else 4 * f
     return (dispatched + combined + inner * k * (cf - 1.0) / layout.tp) * scale
 

@@ -35,7 +35,7 @@ def _check_at_most(owner: str, a: tuple[str, int], b: tuple[str, int]) -> None:
 
 
 NormKind = Literal["rmsnorm", "layernorm"]
-MlpKind = Literal["swiglu", "gelu"]
+MlpKind = Literal["swiglu", "gelu", "relu2"]  # relu2: squared ReLU (Primer, Nemotron-4), ungated
 PositionKind = Literal["rope", "learned"]
 
 
@@ -61,7 +61,7 @@ class ModelSpec:
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     # -- block kind (defaults: the Llama block) --
     norm: NormKind = "rmsnorm"  # rmsnorm (a weight of h) or layernorm (weight and bias, 2h)
-    mlp: MlpKind = "swiglu"  # swiglu (gate, up, down) or gelu (up, down: GPT, ffn = 4h)
+    mlp: MlpKind = "swiglu"  # swiglu (gate, up, down), or ungated (up, down): gelu (GPT, ffn = 4h) or relu2
     linear_bias: bool = False  # a bias on every linear of the layer (QKV, output, MLP): GPT-2/3, Megatron GPT
     position: PositionKind = "rope"  # rope (no parameters) or learned (a max_positions x h table)
     max_positions: int = field(default=0, metadata=at_least(0))  # rows of the learned position table
@@ -94,9 +94,14 @@ class ModelSpec:
 
     # -- parameter counts ------------------------------------------------------------------
     @property
+    def gated(self) -> bool:
+        """The MLP multiplies two projections (SwiGLU) rather than activating one (GeLU, squared ReLU)."""
+        return self.mlp == "swiglu"
+
+    @property
     def mlp_matrices(self) -> int:
-        """h x f weight matrices of one MLP: gate, up, down (SwiGLU) or up, down (GeLU)."""
-        return 3 if self.mlp == "swiglu" else 2
+        """h x f weight matrices of one MLP: gate, up, down (SwiGLU) or up, down (ungated)."""
+        return 3 if self.gated else 2
 
     @property
     def norm_params(self) -> int:
@@ -355,6 +360,9 @@ class TrainingSpec:
     tp_comm_overlap: bool = False
     # fp8 scaling recipe; None: Transformer Engine's default for the GPU (costmodel.memory.fp8_recipe)
     fp8_recipe: Fp8Recipe | None = None
+    # Megatron-LM's --fp8-param-gather (NeMo's fp8_params; Megatron-Bridge's recipes turn it on): the fp8 GEMMs'
+    # weights live in fp8 with their transposed copy, no bf16 copy, and the distributed optimizer gathers them in fp8
+    fp8_param_gather: bool = False
     # per-rank token capacity C override (else derived from memory)
     capacity_tokens: int | None = field(default=None, metadata=positive())
     # MoE expert parallelism folded into the TP group (costmodel.moe): ep ranks of a TP group hold E/ep experts
@@ -367,7 +375,8 @@ class TrainingSpec:
 
     # to_dict writes these only when set, so plans that do not use them stay as they were
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
-                                                "overlap_param_gather", "tp_comm_overlap", "fp8_recipe")
+                                                "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
+                                                "fp8_param_gather")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -381,6 +390,10 @@ class TrainingSpec:
         if self.fp8_recipe is not None and self.dtype != "fp8":
             raise SpecError(f"fp8_recipe {self.fp8_recipe!r} applies to dtype fp8 only (this run is {self.dtype}); "
                             "drop it or train in fp8")
+        if self.fp8_param_gather and (self.dtype != "fp8" or self.zero_stage not in (1, 2)):
+            raise SpecError("fp8_param_gather needs dtype fp8 and the distributed optimizer (zero_stage 1 or 2), which "
+                            f"gathers the fp8 weights (this run: dtype {self.dtype}, zero_stage {self.zero_stage}); "
+                            "drop it or train in fp8 with --zero 1")
         if self.tp_comm_overlap and self.tp > 1 and not self.sequence_parallel:
             raise SpecError("tp_comm_overlap needs sequence parallelism (Transformer Engine overlaps the SP "
                             "all-gathers and reduce-scatters; Megatron-core turns it off without SP); enable "

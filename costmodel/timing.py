@@ -16,8 +16,8 @@ import numpy as np
 from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
                                    layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import (MemoryBudget, dkv_activation_ratio, fp8_recipe, fp8_scaled_tensors,
-                              layer_activation_per_token, memory_budget, params_per_rank)
+from costmodel.memory import (MemoryBudget, dkv_activation_ratio, fp8_gemm_params_per_layer, fp8_recipe,
+                              fp8_scaled_tensors, layer_activation_per_token, memory_budget, params_per_rank)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
 from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
@@ -693,8 +693,11 @@ class CostModel:
         gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
         group = d  # one collective per TP rank, over the d HDP ranks holding the same shard: tp groups at once
         if tr.zero_stage >= 1:
+            gathered = p * pb
+            if tr.fp8_param_gather:  # the fp8 GEMMs' weights travel in fp8, 1 B each
+                gathered -= self.layers_per_stage * fp8_gemm_params_per_layer(self.model, self.tp) * (pb - 1)
             return (float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope, self.tp)),
-                    float(self.profile.collective_time_s("all_gather", p * pb, group, scope, self.tp)))
+                    float(self.profile.collective_time_s("all_gather", gathered, group, scope, self.tp)))
         return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope, self.tp)), 0.0
 
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:

@@ -329,8 +329,8 @@ def test_validate_prints_each_case_and_the_mape():
 def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     d = json.loads(run("validate", "--json").output)
     assert [s["name"] for s in d["sets"]] == ["korthikanti2022", "narayanan2021", "llama3_2024",
-                                              "megatron_bridge2025"]
-    assert [s["held_out"] for s in d["sets"]] == [False, True, True, True]
+                                              "megatron_bridge2025", "nemo2024"]
+    assert [s["held_out"] for s in d["sets"]] == [False, True, True, True, True]
     assert d["sets"][2]["profile"] == "h100-sxm.analytic"  # each set on its cluster's profile
     r = run("validate", "--set", "no-such-set")
     assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)
@@ -355,13 +355,16 @@ def test_plan_takes_megatron_overlap_and_fp8_recipe_flags(tmp_path):
     out = tmp_path / "o.json"
     r = run("plan", "--model", "llama3-70b", "--gpus", "64", "--tp", "4", "--pp", "8", "--dtype", "fp8",
             "--fp8-recipe", "tensorwise", "--tp-comm-overlap", "--overlap-grad-reduce", "--overlap-param-gather",
-            "--max-context", "8K", "--compare", "hdp", "--out", str(out))
+            "--fp8-param-gather", "--max-context", "8K", "--compare", "hdp", "--out", str(out))
     assert r.exit_code == 0, r.output
     tr = json.loads(out.read_text())["meta"]["training"]
-    assert (tr["fp8_recipe"], tr["tp_comm_overlap"], tr["overlap_grad_reduce"], tr["overlap_param_gather"]) == (
-        "tensorwise", True, True, True)
+    assert (tr["fp8_recipe"], tr["tp_comm_overlap"], tr["overlap_grad_reduce"], tr["overlap_param_gather"],
+            tr["fp8_param_gather"]) == ("tensorwise", True, True, True, True)
+    no_zero = run("plan", "--dtype", "fp8", "--fp8-param-gather", "--zero", "0", "--out", str(tmp_path / "z.json"))
+    assert no_zero.exit_code == 2 and "fp8_param_gather needs dtype fp8 and the distributed optimizer" in one_line(
+        no_zero.output)
     bad = run("plan", "--fp8-recipe", "e4m3", "--out", str(tmp_path / "x.json"))
     assert bad.exit_code == 2 and "--fp8-recipe must be delayed, tensorwise or mxfp8" in one_line(bad.output)
     bf16 = run("plan", "--fp8-recipe", "tensorwise", "--out", str(tmp_path / "y.json"))
     assert bf16.exit_code == 2 and "applies to dtype fp8 only" in one_line(bf16.output)
-    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+    assert not any((tmp_path / f).exists() for f in ("x.json", "y.json", "z.json"))

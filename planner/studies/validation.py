@@ -39,7 +39,7 @@ from profiles.typed_json import Reader, positive
 
 # Packaged in planner/studies/data/<name>.json (+ .md source note). Only the first informed the cost model's
 # design; the others are held out: nothing is ever tuned to them.
-CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025")
+CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025", "nemo2024")
 FlopsConvention = Literal["megatron2021", "palm"]
 
 
@@ -77,6 +77,7 @@ class IterationCase:
     tokens_per_s_per_gpu: float | None = field(default=None, metadata=positive())  # or the throughput it gives
     cp: int = field(default=1, metadata=positive())  # context-parallel degree (ring attention)
     seq_tokens: int | None = field(default=None, metadata=positive())  # when it differs from the set's
+    training: dict[str, Any] = field(default_factory=dict)  # TrainingSpec fields of this run over the set's
     note: str = ""
 
 
@@ -166,8 +167,13 @@ def _cost_model(cal: CalibrationSet, model: ModelSpec, gpus: int, training: Trai
 
 
 def _training(cal: CalibrationSet, case: LayerCase | IterationCase, pp: int = 1) -> TrainingSpec:
-    """What the case ran: TP (with or without SP), PP, its recompute, and the set's shared training fields."""
-    fields = {**cal.training, "tp": case.tp, "pp": pp, "recompute": case.recompute,
+    """What the case ran: TP (with or without SP), PP, its recompute, the set's shared training fields and an
+    iteration case's own (a recipe that differs from the set's, e.g. one run without TP overlap)."""
+    own = case.training if isinstance(case, IterationCase) else {}
+    if clash := sorted(set(own) & {"tp", "pp", "recompute", "sequence_parallel"}):
+        raise SpecError(f"calibration case {case.label!r}: give {', '.join(clash)} as the case's own field, not "
+                        "in its training")
+    fields = {**cal.training, **own, "tp": case.tp, "pp": pp, "recompute": case.recompute,
               "sequence_parallel": case.sequence_parallel}
     return TrainingSpec.from_dict(fields, origin=f"calibration case {case.label}")
 
@@ -179,6 +185,7 @@ def _note(tr: TrainingSpec) -> str:
     attn = "materialised attention (QKᵀ, softmax, PV)" if tr.attention_kernel == "unfused" else "FlashAttention"
     attn += f", {'fused' if tr.fused_loss else 'fp32'} cross-entropy, {tr.dtype}"
     attn += f" ({tr.fp8_recipe} scaling)" if tr.fp8_recipe else ""
+    attn += ", fp8 weights gathered" if tr.fp8_param_gather else ""
     attn += ", distributed optimizer" if tr.zero_stage else ", replicated optimizer"
     overlaps = [name for name, on in (("TP collectives", tr.tp_comm_overlap and tr.tp > 1),
                                       ("gradient reduce", tr.overlap_grad_reduce),
@@ -288,7 +295,10 @@ def _run(cal: CalibrationSet, case: IterationCase, profile: Profile) -> _Run:
     # layer count, the time scaled back by the layer ratio.
     slots = case.pp * case.chunks
     priced = dataclasses.replace(model, layers=-(-model.layers // slots) * slots)
-    cm = _cost_model(cal, priced, case.gpus, _training(cal, case, case.pp), profile)
+    # the run's own micro-batch, whether or not the memory model lets it fit: iteration_memory judges that
+    seq = case.seq_tokens or cal.seq_tokens
+    training = dataclasses.replace(_training(cal, case, case.pp), capacity_tokens=-(-seq * case.micro_batch // case.cp))
+    cm = _cost_model(cal, priced, case.gpus, training, profile)
     hdp = cm.setup.hdp  # DP × CP ranks per stage
     if hdp % case.cp:
         raise SpecError(f"calibration case {case.label!r}: {case.gpus} GPUs at tp={case.tp}, pp={case.pp} leave "
@@ -297,8 +307,7 @@ def _run(cal: CalibrationSet, case: IterationCase, profile: Profile) -> _Run:
     if case.global_batch % (case.micro_batch * dp):
         raise SpecError(f"calibration case {case.label!r}: global batch {case.global_batch} is not a multiple of "
                         f"micro-batch {case.micro_batch} x DP {dp}")
-    return _Run(model, cm, model.layers / priced.layers, dp, case.global_batch // (case.micro_batch * dp),
-                case.seq_tokens or cal.seq_tokens)
+    return _Run(model, cm, model.layers / priced.layers, dp, case.global_batch // (case.micro_batch * dp), seq)
 
 
 def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) -> ValidationRow:

@@ -7,7 +7,7 @@ import pytest
 
 from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, eager_head_kernels, eager_layer_kernels, embedding_kernels,
                                    head_kernels, layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import params_per_rank
+from costmodel.memory import activation_bytes_per_token_layer, params_per_rank
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, TrainingSpec
 from costmodel.timing import CostModel
@@ -55,12 +55,31 @@ def test_llama_has_rope_and_swiglu_and_no_masks():
     assert len(recompute_kernels(llama, 1, True, 2, "full")) == len(layer_kernels(llama, 1, True, 2, "fwd"))
 
 
+def test_squared_relu_is_an_ungated_mlp_with_megatrons_two_kernels():
+    # Nemotron-4's MLP: up, squared ReLU, down. GeLU's shapes and saved activations (4f); Megatron-core runs
+    # relu then pow, two kernels each way: 4b·f forward, 6b·f backward (GeLU fused: 2b·f, 3b·f)
+    gelu = load_model("gpt-22b")
+    relu2 = dataclasses.replace(gelu, mlp="relu2", linear_bias=False)
+    assert not relu2.gated and relu2.mlp_matrices == 2
+    assert relu2.layer_params() == dataclasses.replace(gelu, linear_bias=False).layer_params()
+    f = gelu.ffn
+    for direction, per in (("fwd", 4), ("bwd", 6)):
+        k = next(k for k in layer_kernels(relu2, 1, True, 2, direction) if k.label == "relu2")
+        assert k.bytes_per_item == per * 2 * f
+    assert activation_bytes_per_token_layer(relu2, 1, "none") == activation_bytes_per_token_layer(gelu, 1, "none")
+    assert recompute_kernels(relu2, 1, True, 2, "selective") == ()
+    assert [k.label for k in eager_layer_kernels(relu2, 1, True, 2, "fwd")].count("relu2_1") == 1
+
+
 def test_score_head_and_embedding_kernels():
     gpt, llama = load_model("gpt-22b"), load_model("llama-7b")
     assert _total(score_kernels(gpt, 2, "fwd")) == 4 + 5  # softmax, dropout with its mask
     assert _total(score_kernels(llama, 2, "fwd")) == 4
     fused, fp32 = (_total(head_kernels(llama, 1, True, 2, fl, "fwd")) for fl in (True, False))
-    assert fp32 - fused == pytest.approx(4 * llama.vocab)  # the fp32 softmax written for the backward
+    # Megatron's fp32 loss: cast, max, shift, exp, sum, division to the kept softmax (b + 36 B per logit)
+    assert fp32 - fused == pytest.approx(36 * llama.vocab)
+    fused, fp32 = (_total(head_kernels(llama, 1, True, 2, fl, "bwd")) for fl in (True, False))
+    assert fp32 - fused == pytest.approx(10 * llama.vocab)  # scaled in place (8), cast back (4 + 2) against 2b
     assert len(embedding_kernels(gpt, 2, "fwd")) == 2 and len(embedding_kernels(llama, 2, "fwd")) == 1
 
 

@@ -56,12 +56,21 @@ def test_fp8_state_bytes_moe_counts_every_local_expert():
     assert fp8_state_bytes(s) == 32 * 725_614_592 * 2 + 1600 * 4 * 1026 == 46_445_900_288
 
 
-def test_fp8_shrinks_capacity_and_names_the_copies_when_states_do_not_fit():
+def test_fp8_activations_keep_gemm_inputs_in_fp8():
+    # TE saves the wgrad inputs as their 1-byte fp8 casts: the two norm outputs (2h less), the down projection's
+    # input (f less), and the output projection's fp8 input beside attention's bf16 output (q more), ÷ tp with SP:
+    # llama-7b at tp 2: (2·4096 + 11008 − 4096) / 2 = 7,552 B per token and layer
     bf16, fp8 = memory_budget(_setup("bf16")), memory_budget(_setup())
-    assert fp8.activation_bytes_per_token == bf16.activation_bytes_per_token  # activations stay bf16
-    # C falls by the extra bytes over the per-token activations
-    per_token = bf16.activation_bytes_per_token + bf16.recompute_working_bytes_per_token
-    assert bf16.capacity_tokens - fp8.capacity_tokens == pytest.approx(5_673_325_568 / per_token, abs=1)
+    assert bf16.activation_bytes_per_token - fp8.activation_bytes_per_token == 32 * 7552
+    # selective keeps no down-projection input to save in fp8; full keeps the layer input only
+    sel = [memory_budget(_setup(d, recompute="selective")).activation_bytes_per_token for d in ("bf16", "fp8")]
+    assert sel[0] - sel[1] == 32 * (2 * 4096 - 4096) / 2
+    full = [memory_budget(_setup(d, recompute="full")).activation_bytes_per_token for d in ("bf16", "fp8")]
+    assert full[0] == full[1]
+    # C: what the states leave (the fp8 copies less) over the fp8 per-token activations
+    per_token = fp8.activation_bytes_per_token + fp8.recompute_working_bytes_per_token
+    free = bf16.capacity_tokens * (bf16.activation_bytes_per_token + bf16.recompute_working_bytes_per_token)
+    assert fp8.capacity_tokens == pytest.approx((free - 5_673_325_568) / per_token, abs=2)
     # llama3-70b at tp = 8, pp = 1 on 256 H100s fits in bf16 (56.2 GB of states of the 72.2 GB left) but not with
     # 17.1 GB of fp8 copies: the message says so
     m, c = load_model("llama3-70b"), load_cluster("dgx-h100").with_gpus(256)
@@ -146,3 +155,16 @@ def test_fp8_recipe_is_checked():
     tr = TrainingSpec(dtype="fp8", fp8_recipe="tensorwise", tp_comm_overlap=True, overlap_param_gather=True)
     assert TrainingSpec.from_dict(tr.to_dict()) == tr
     assert "fp8_recipe" not in TrainingSpec().to_dict()  # plans that do not set them stay as they were
+
+
+def test_fp8_param_gather_keeps_no_bf16_copy_and_gathers_in_fp8():
+    # Megatron-LM's --fp8-param-gather: the fp8 weights (with their transposes) are the parameters; the bf16 copy of
+    # the GEMM weights goes (2 B each) and the distributed optimizer's all-gather moves them at 1 B
+    base, gathered = _setup(gpus=64), _setup(gpus=64, fp8_param_gather=True)
+    assert model_state_bytes(base) - model_state_bytes(gathered) == pytest.approx(32 * LAYER_PARAMS_TP2 * 2)
+    assert fp8_state_bytes(gathered) == SCALING_BYTES
+    (rs0, ag0), (rs1, ag1) = _cm(base)._grad_sync_parts_s(32), _cm(gathered)._grad_sync_parts_s(32)
+    assert rs1 == rs0 and ag1 < 0.75 * ag0
+    for bad in ({"dtype": "bf16"}, {"zero_stage": 0}, {"zero_stage": 3}):
+        with pytest.raises(SpecError, match="fp8_param_gather needs dtype fp8 and the distributed optimizer"):
+            TrainingSpec(**{"dtype": "fp8", **bad, "fp8_param_gather": True})
