@@ -231,6 +231,7 @@ class CostModel:
     # (compute_share_of); GPU profiles have no cores (a GPU per rank): 1.
     compute_share: float | None = None
     _grad_sync: dict[int, float] = field(default_factory=dict, init=False, repr=False)  # memo per HDP group size
+    _grad_sync_parts: dict[int, tuple[float, float]] = field(default_factory=dict, init=False, repr=False)  # same
 
     def __post_init__(self) -> None:
         self.profile.require_tables()  # a profile measured with --ops may lack a table every step needs
@@ -685,6 +686,11 @@ class CostModel:
     def _grad_sync_parts_s(self, d: int) -> tuple[float, float]:
         """(gradient reduction, parameter all-gather) over d HDP ranks: an all-reduce alone, or the distributed
         optimizer's reduce-scatter and all-gather; ZeRO-3's rounds did both already."""
+        if d not in self._grad_sync_parts:  # every simulated step asks (exposed_chunked_grad_sync_s)
+            self._grad_sync_parts[d] = self._grad_sync_parts_uncached_s(d)
+        return self._grad_sync_parts[d]
+
+    def _grad_sync_parts_uncached_s(self, d: int) -> tuple[float, float]:
         tr = self.setup.training
         if d <= 1 or tr.zero_stage == 3:  # every round reduce-scattered its gradients already (costmodel.zero)
             return 0.0, 0.0

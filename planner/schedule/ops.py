@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
-from planner.schedule.engine import ScheduleError, run_ops
+from planner.schedule.engine import OpRun, ScheduleError, run_ops
 
 if TYPE_CHECKING:  # the plan reads this package's schedules; only the type goes the other way
     from planner.plan import Step
@@ -304,3 +304,19 @@ def mirror_chunks(heavy_attn_s: float, light_attn_s: float, block_s: float, max_
     if block_s <= 0 or heavy_attn_s <= light_attn_s or max_chunks <= 0:
         return 0
     return int(min(max_chunks, (heavy_attn_s - light_attn_s) / (2 * block_s) + 1e-9))
+
+
+def chunk_last_backwards(runs: Iterable[OpRun]) -> list[tuple[float, float]]:
+    """(start, end) of each model chunk's last backward on the stage whose backward ends last, relative to that end
+    (≤ 0), from runs keyed (stage, PipeOp): what an overlapped gradient reduction can hide under, chunk by chunk
+    (CostModel.exposed_chunked_grad_sync_s). No backward: one empty window."""
+    backward = [r for r in runs if r.key[1].kind == "B"]
+    if not backward:
+        return [(0.0, 0.0)]
+    last = max(backward, key=lambda r: r.end_s)
+    chunks: dict[int, tuple[float, float]] = {}
+    for r in backward:
+        stage, op = r.key
+        if stage == last.key[0] and r.end_s - last.end_s >= chunks.get(op.chunk, (0.0, -float("inf")))[1]:
+            chunks[op.chunk] = (r.start_s - last.end_s, r.end_s - last.end_s)
+    return list(chunks.values())

@@ -15,7 +15,7 @@ from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s
 from costmodel.timing import CostModel, UnitCost
 from planner.plan import PipelineSection, PlanError, Step
 from planner.schedule import (
-    ScheduleError, dependency, mirror_chunks, mirror_pairs, run_ops, slice_share, step_op_lists)
+    ScheduleError, chunk_last_backwards, dependency, mirror_chunks, mirror_pairs, run_ops, slice_share, step_op_lists)
 from planner.simulate.memory import activation_bytes, recompute_working_bytes, static_memory_bytes
 from planner.simulate.timeline import OpTiming, StepSimulation
 
@@ -215,10 +215,9 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCos
         ev.sort(key=lambda x: (x[0], x[1]))  # releases before allocations at the same instant
         mem_peak[r, st] = max(0.0, float(np.max(np.cumsum([x[1] for x in ev]))))
     finish = max((run.end_s for run in runs), default=0.0)
-    # An overlapped gradient reduce hides under the backward that ends the step (the last stage to finish).
-    window = max(((run.end_s, run.end_s - run.start_s) for run in runs if run.key[1].kind == "B"), default=(0, 0))[1]
+    # An overlapped gradient reduce hides under each model chunk's last backward on the stage that ends the step.
     total_sync = cm.grad_sync_s(hdp)
-    sync = cm.exposed_grad_sync_s(hdp, window)
+    sync = cm.exposed_chunked_grad_sync_s(hdp, chunk_last_backwards(runs))
     optimizer_s = cm.optimizer_step_s(hdp)
     static = np.array([static_memory_bytes(cm, s) for s in range(p)])
     mem = (mem_peak + static[None, :]).max(axis=1)

@@ -32,7 +32,7 @@ from costmodel.memory import allgather_cp_working_bytes, logits_bytes, model_sta
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel, UnitCost
-from planner.schedule import PipeOp, dependency, run_ops, stage_ops
+from planner.schedule import PipeOp, chunk_last_backwards, dependency, run_ops, stage_ops
 from planner.simulate.memory import recompute_working_bytes
 from profiles.table import Profile, load_profile
 from profiles.typed_json import Reader, positive
@@ -267,14 +267,7 @@ def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float) -> tuple
         return p2p_s if d is not None and d[0] != key[0] else 0.0
 
     runs = run_ops(lists, dep, duration, transfer)
-    end = max(r.end_s for r in runs)
-    last = max(runs, key=lambda r: r.end_s).key[0]
-    chunks: dict[int, tuple[float, float]] = {}
-    for r in runs:
-        stage, op = r.key
-        if stage == last and op.kind == "B" and r.end_s - end >= chunks.get(op.chunk, (0.0, -np.inf))[1]:
-            chunks[op.chunk] = (r.start_s - end, r.end_s - end)
-    return end, list(chunks.values())
+    return max(r.end_s for r in runs), chunk_last_backwards(runs)
 
 
 @dataclass(frozen=True)

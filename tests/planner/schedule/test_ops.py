@@ -5,7 +5,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.schedule import check_schedule, dependency, group_size, mirror_chunks, mirror_pairs, run_ops, stage_ops
+from planner.schedule import (check_schedule, chunk_last_backwards, dependency, group_size, mirror_chunks, mirror_pairs,
+                              run_ops, stage_ops)
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,3 +70,19 @@ def test_mirror_pairs_balance_a_contiguous_run():
     assert mirror_pairs(lists, lambda s, op: None) == []
     assert mirror_chunks(7.0, 1.0, 1.0, 100) == 3 and mirror_chunks(7.0, 1.0, 1.0, 2) == 2
     assert mirror_chunks(1.0, 7.0, 1.0, 100) == 0
+
+
+def test_chunk_last_backwards_are_the_windows_each_chunks_gradients_reduce_under():
+    # interleaved, p = 2, v = 2, 4 micro-batches of 1 s forward / 2 s backward per stage (0.5 / 1 s per chunk): the
+    # step ends on stage 0 with chunk 0's last backward; chunk 1's last backward there ran 3 ops earlier
+    p, v = 2, 2
+    lists = {s: [((s, op), op) for op in stage_ops(p, s, [1] * 4, v)] for s in range(p)}
+    runs = run_ops(lists, lambda k: dependency(k[1], k[0], p, v, 0), lambda k: 0.5 if k[1].kind == "F" else 1.0,
+                   lambda k: 0.0)
+    windows = sorted(chunk_last_backwards(runs), key=lambda w: w[1])
+    assert len(windows) == v and windows[-1] == (-1.0, 0.0)
+    assert windows[0][1] - windows[0][0] == 1.0 and windows[0][1] <= -1.0  # ended before the last one started
+    one = [((0, op), op) for op in stage_ops(1, 0, [1] * 3, 1)]
+    flat = run_ops({0: one}, lambda k: None, lambda k: 1.0 if k[1].kind == "F" else 2.0, lambda k: 0.0)
+    assert chunk_last_backwards(flat) == [(-2.0, 0.0)]  # 1F1B: the last backward alone
+    assert chunk_last_backwards([]) == [(0.0, 0.0)]

@@ -81,3 +81,24 @@ def test_redistribution_never_increases_simulated_time(lengths, seed):
     plain_section = dataclasses.replace(step.pipeline, schedule="sliced")
     plain = simulate_step(dataclasses.replace(step, pipeline=plain_section), cm).step_time_s
     assert chosen <= plain * (1 + 1e-9)
+
+
+def test_interleaved_chunks_reduce_their_gradients_as_their_last_backward_ends():
+    # overlap_grad_reduce, v = 2: the chunk whose last backward ends first starts its reduce-scatter then, not
+    # after the step's last backward (Megatron-core DDP's buckets per model chunk; the validation prices it the same)
+    cm = build_cost_model(PlanRequest(model="llama-7b", cluster="dgx-h100", gpus=64, tp=1, pp=4, capacity_tokens=8192,
+                                      recompute="none", overlap_grad_reduce=True))
+    sim = simulate_step(_cp_step(cm, 8192, 8, 1, "interleaved", 2), cm)
+    hdp = cm.setup.hdp
+    end = max(o.end_s for o in sim.ops)
+    last = max((o for o in sim.ops if o.kind.startswith("bwd")), key=lambda o: o.end_s)
+    windows = {}
+    for o in sim.ops:
+        if o.stage == last.stage and o.kind.startswith("bwd"):
+            c = o.kind.split(" c")[1]
+            if o.end_s - end >= windows.get(c, (0.0, -np.inf))[1]:
+                windows[c] = (o.start_s - end, o.end_s - end)
+    assert len(windows) == 2
+    assert sim.breakdown["grad_sync"] == pytest.approx(cm.exposed_chunked_grad_sync_s(hdp, list(windows.values())))
+    one_window = cm.exposed_grad_sync_s(hdp, last.end_s - last.start_s)
+    assert sim.breakdown["grad_sync"] < one_window < cm.grad_sync_s(hdp)
