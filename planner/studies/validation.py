@@ -39,7 +39,8 @@ from profiles.typed_json import Reader, positive
 
 # Packaged in planner/studies/data/<name>.json (+ .md source note). Only the first informed the cost model's
 # design; the others are held out: nothing is ever tuned to them.
-CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025", "nemo2024")
+CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025", "nemo2024",
+                    "nemo_longseq2024")
 FlopsConvention = Literal["megatron2021", "palm"]
 
 

@@ -7,7 +7,8 @@ import pytest
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
 from costmodel.specs import ModelSpec, Setup, SpecError, TrainingSpec
 
-REQUIRED_MODELS = ["llama-7b", "llama-13b", "llama-30b", "llama-70b", "mistral-8x7b", "mistral-8x22b", "llama3-8b",
+REQUIRED_MODELS = ["llama-7b", "llama-13b", "llama-30b", "llama-70b", "llama2-7b", "llama2-13b", "mistral-8x7b",
+                   "mistral-8x22b", "llama3-8b",
                    "llama3-70b", "llama3-405b", "qwen2.5-7b", "qwen2.5-72b", "tiny"]
 
 
@@ -17,7 +18,7 @@ def test_all_presets_present():
 
 
 @pytest.mark.parametrize("name,total,active", [
-    ("llama3-8b", 8.03e9, 8.03e9), ("llama3-70b", 70.6e9, 70.6e9), ("mistral-8x22b", 141e9, 39e9),
+    ("llama2-7b", 6.74e9, 6.74e9), ("llama2-13b", 13.02e9, 13.02e9), ("llama3-8b", 8.03e9, 8.03e9), ("llama3-70b", 70.6e9, 70.6e9), ("mistral-8x22b", 141e9, 39e9),
     ("llama3-405b", 405.9e9, 405.9e9), ("mistral-8x7b", 46.7e9, 12.9e9)])
 def test_parameter_counts(name, total, active):
     m = load_model(name)

@@ -206,3 +206,15 @@ def test_a_case_runs_its_own_recipe_over_the_sets():
     assert iteration_row(cal, dataclasses.replace(case, training={}), h100).predicted > 0
     with pytest.raises(ValueError, match="give tp as the case's own field"):
         iteration_row(cal, dataclasses.replace(case, training={"tp": 2}), h100)
+
+
+def test_nemos_flop_count_is_palms_full_square():
+    # NeMo's Llama count per token, L·h²·(12 + 12g/a + 18f/h + 12s/h + 6V/(L·h)) (nemo/utils/flops_formulas.py),
+    # is PaLM's 6N + 12·L·H·Q·T but for the norm weights; with it NeMo 24.07's LLAMA2-7B row, 16,847 tokens/s per
+    # GPU, is its published 776 TFLOP/s (a causal half would give 722): nemo_longseq2024 turns its TFLOP/s back so
+    m = load_calibration_set("nemo_longseq2024").model("llama2-7b")
+    L, h, g, a, f, V = m.layers, m.hidden, m.kv_heads, m.heads, m.ffn, m.vocab
+    for s in (4096, 1 << 20):
+        nemo = L * h * h * (12 + 12 * g / a + 18 * f / h + 12 * s / h + 6 * V / (L * h))
+        assert iteration_flops(m, "palm", 1, s, "none") / s == pytest.approx(nemo, rel=1e-4)
+    assert 16847 * iteration_flops(m, "palm", 1, 4096, "none") / 4096 / 1e12 == pytest.approx(776, abs=0.5)
