@@ -466,10 +466,11 @@ def allgather_cp_working_bytes(model: ModelSpec, tp: int, dtype_bytes: int, seq_
 
 
 def dkv_activation_ratio(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
-                         sequence_parallel: bool = True, experts: ExpertLayout | None = None) -> float:
+                         sequence_parallel: bool = True, experts: ExpertLayout | None = None,
+                         fp8: bool = False) -> float:
     """fp32 dK and dV bytes per token per layer over the saved activation bytes per token per layer."""
     return (2 * model.kv_width * 4 / tp) / activation_bytes_per_token_layer(model, tp, recompute, dtype_bytes,
-                                                                            sequence_parallel, experts)
+                                                                            sequence_parallel, experts, fp8)
 
 
 def min_degree(s: float, capacity_tokens: int, offload_ratio: float, layers_per_stage: int) -> int:

@@ -246,7 +246,7 @@ class CostModel:
         self.experts = ExpertLayout.of(tr)  # how MoE layers run on the TP group (costmodel.moe)
         self.a_tok = layer_activation_per_token(self.setup)  # the replay's eager layer with eager kernels
         self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
-                                              self.experts)
+                                              self.experts, tr.dtype == "fp8")
         self.heads_per_rank = max(1, m.heads // tr.tp)
         self.unfused_attention = tr.attention_kernel == "unfused"
         # Fixed costs a profile may carry (absent: 0; `meshplan calibrate` fits them): the host's time to issue
