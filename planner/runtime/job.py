@@ -129,6 +129,26 @@ def host_probe(ctx: Context) -> float | None:
     return s
 
 
+_REFUSAL_KEY = "meshplan/refusal-said"
+
+
+def _refusal_said(rank: int, world: int, timeout_s: float) -> None:
+    """Rank 0 marks its refusal as printed in torchrun's agent store; the other ranks wait for that mark before
+    they exit, since torchrun stops every rank once one exits non-zero, and a rank 0 slower to its verdict (a
+    loaded host) would otherwise be stopped before it said why. Launched without the agent store: no wait."""
+    if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=min(timeout_s, 60.0)))
+        if rank == 0:
+            store.set(_REFUSAL_KEY, "1")
+        else:
+            store.wait([_REFUSAL_KEY])
+    except (RuntimeError, KeyError, ValueError):  # rank 0 stopped or gave another verdict: exit all the same
+        pass
+
+
 def run(opts: ReplayOptions) -> int:
     """The body of `python -m planner.runtime` on every rank: returns a non-zero exit code on refusal;
     a finished run ends the process right after its final barrier (exit code 0)."""
@@ -145,6 +165,7 @@ def run(opts: ReplayOptions) -> int:
     except (PlanError, SpecError) as e:
         if rank == 0:  # every rank reaches the same verdict; say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
+        _refusal_said(rank, world, opts.timeout_s)
         return 2
     if rank == 0 and opts.trace_path is not None:
         remove_stale(opts.trace_path)
