@@ -26,8 +26,8 @@ from rich.table import Table as _RichTable
 from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
-from costmodel.specs import (AUTO_RECOMPUTE, FP8_RECIPES, KERNELS, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError,
-                             check_recompute)
+from costmodel.specs import (ATTENTION_KERNELS, AUTO_RECOMPUTE, FP8_RECIPES, KERNELS, RECOMPUTE_POLICIES,
+                             TRAIN_DTYPES, SpecError, check_recompute)
 from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
@@ -483,6 +483,10 @@ def plan_cmd(
         fp8_param_gather: bool = typer.Option(False, "--fp8-param-gather", help="Megatron-LM's fp8 weights (--dtype "
                                               "fp8, --zero 1 or 2): no bf16 copy of the fp8 GEMMs' weights, "
                                               "gathered in fp8."),
+        attention_kernel: str = typer.Option("flash", "--attention-kernel", help=f"Attention kernel the training "
+                                             f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
+                                             "fa2, fa3 and cudnn-2024 their published H100 rates over it (analytic "
+                                             "Hopper profiles); unfused materialises the scores."),
         zero: int = typer.Option(1, "--zero", min=0, max=3, help="ZeRO stage over the HDP ranks of a stage: 0 "
                                  "replicated, 1 optimizer sharded, 2 + gradients, 3 + parameters (FSDP2: per-layer "
                                  "all-gathers and reduce-scatters, the step run in rounds; pp 1)."),
@@ -528,6 +532,7 @@ def plan_cmd(
     check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
     check_choice("--dtype", dtype, TRAIN_DTYPES)
     check_choice("--kernels", kernels, KERNELS)
+    check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
     try:
@@ -542,7 +547,7 @@ def plan_cmd(
                       kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
                       moe_grouped_gemm=moe_grouped_gemm, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
                       overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
-                      fp8_param_gather=fp8_param_gather, seed=seed,
+                      fp8_param_gather=fp8_param_gather, attention_kernel=attention_kernel, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),
@@ -1177,9 +1182,12 @@ def validate_cmd(
                                                                       "nemo2024, nemo_longseq2024)."),
         profile: Optional[str] = typer.Option(None, help="Profile name or path for every set (default: each set's "
                                                          "cluster's, e.g. a100-sxm-80gb.analytic)."),
+        attention_kernel: Optional[str] = typer.Option(None, "--attention-kernel", help="Price every run with this "
+                                                       f"attention kernel, {one_of(ATTENTION_KERNELS)} (default: each "
+                                                       "run's own, as its set records it)."),
         notes: bool = typer.Option(False, help="Print each case's modelling assumptions."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {sets: [{name, source, profile, "
-                                                           "held_out, mape, rows, memory}]}."),
+                                                           "held_out, attention_kernel, mape, rows, memory}]}."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
@@ -1191,14 +1199,17 @@ def validate_cmd(
     bad = [n for n in names if n not in CALIBRATION_SETS]
     if bad:
         fail(f"--set: unknown calibration set {bad[0]!r}; packaged: {', '.join(CALIBRATION_SETS)}")
-    reps = [validate_cost_model(profile, name) for name in names]
+    if attention_kernel is not None:
+        check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
+    reps = [validate_cost_model(profile, name, attention_kernel) for name in names]
     if as_json:
         sys.stdout.write(json.dumps({"sets": [r.to_dict() for r in reps]}) + "\n")
         return
     for rep in reps:
         out.print(escape(rep.source), highlight=False, soft_wrap=True)
         role = "held out" if rep.held_out else "design set"
-        t = Table(title=escape(f"{rep.name} on {rep.profile} ({role})"))
+        kernel = f", {rep.attention_kernel} attention" if rep.attention_kernel else ""
+        t = Table(title=escape(f"{rep.name} on {rep.profile}{kernel} ({role})"))
         for c in ("case", "published", "predicted", "error"):
             t.add_column(c, justify="left" if c == "case" else "right")
         for r in rep.rows:

@@ -292,7 +292,11 @@ class ClusterSpec:
 
 
 Recompute = Literal["none", "selective", "full"]
-AttentionKernel = Literal["flash", "unfused"]  # fused (FlashAttention) or materialised scores (QKᵀ, softmax, PV)
+# flash: the profile's fused attention as its table holds it; a named generation (fa2, fa3, cudnn-2024): that kernel
+# at its published rate over the table's (Profile.attention_kernel_time_x; analytic profiles); unfused: materialised
+# scores (QKᵀ, softmax, PV)
+AttentionKernel = Literal["flash", "fa2", "fa3", "cudnn-2024", "unfused"]
+ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 # The memory-bound kernels between GEMMs: fused as Megatron-LM / Transformer Engine run them, or eager PyTorch (one
 # kernel per tensor op, unfused loss: planner/runtime, HF transformers without torch.compile), costmodel.elementwise
 Kernels = Literal["fused", "eager"]

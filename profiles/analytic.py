@@ -58,6 +58,10 @@ class GpuNumbers:
     # Elementwise kinds' bandwidth over the memory table's stream (constants memory_kind_<kind>); None: not measured
     # on this architecture, every kernel priced as a stream (no constants written)
     memory_kinds: dict[str, Const] | None = None
+    # Attention kernels with published rates on this GPU (TrainingSpec.attention_kernel), each's plateaus as
+    # attn_plateau's; attn_plateau is the one named `attn_kernel`. None: only the profile's own kernel is known
+    attn_kernels: dict[str, dict[str, Const]] | None = None
+    attn_kernel: str | None = None
 
 
 # Shared, GPU-independent numbers -------------------------------------------------------------
@@ -113,6 +117,20 @@ def _hbm(spec_bytes_per_s: float, gpu: str) -> Const:
 
 def _c(v: float, unit: str, src: str) -> Const:
     return Const(v, unit, src)
+
+
+# Attention kernels on Hopper as FlashAttention-3's paper measured them on one H100 SXM5 (arXiv 2407.08608, Figs. 5-6:
+# head dim 128, 16K tokens; TFLOP/s forward non-causal, forward causal, backward). Which one a training run used is a
+# fact of its software stack (TrainingSpec.attention_kernel), not of the GPU.
+_FA3_PAPER = "[FA3 paper, arXiv 2407.08608, Figs. 5-6]"
+_HOPPER_ATTENTION_TFLOPS = {"fa3": ("FlashAttention-3", 648, 616, 561),
+                            "cudnn-2024": ("cuDNN as of July 2024", 595, 539, 516),
+                            "fa2": ("FlashAttention-2", 370, 335, 322)}
+HOPPER_ATTENTION = {
+    k: {key: _c(tf / 989, "x", f"{name} {what} {tf} TFLOP/s at 16K, hd128, H100 SXM5 {_FA3_PAPER}")
+        for key, what, tf in (("fwd_noncausal", "fwd non-causal", fwd_nc), ("fwd_causal", "fwd causal", fwd_c),
+                              ("bwd", "bwd", bwd))}
+    for k, (name, fwd_nc, fwd_c, bwd) in _HOPPER_ATTENTION_TFLOPS.items()}
 
 
 # Hopper GEMMs sustained: the MAMF (stas00's best shape over a sweep, 794.5 bf16 / 1,453 fp8 TFLOP/s) is a short
@@ -180,11 +198,7 @@ H100 = GpuNumbers(
     name="h100-sxm", device="NVIDIA H100 SXM 80GB (analytic)",
     peak_bf16=_c(989e12, "FLOP/s", "H100 SXM datasheet dense BF16 [spec]"),
     gemm_large=HOPPER_GEMM_SUSTAINED,
-    attn_plateau={
-        "fwd_noncausal": _c(648 / 989, "x", "FA3 fwd non-causal 648 TFLOP/s at 16K, hd128 [FA3 paper Fig. 5]"),
-        "fwd_causal": _c(616 / 989, "x", "FA3 fwd causal 616 TFLOP/s at 16K, hd128 [FA3 paper Fig. 5]"),
-        "bwd": _c(561 / 989, "x", "FA3 bwd 561 TFLOP/s at 16K, hd128 [FA3 paper Fig. 6]"),
-    },
+    attn_plateau=HOPPER_ATTENTION["fa3"], attn_kernels=HOPPER_ATTENTION, attn_kernel="fa3",
     ar_plateau_intra=_c(465.9e9, "B/s", "8xH200 all-reduce busbw at 1 GiB; H100 has the same NVLink4 [meas: stas00]"),
     p2p_intra=_c(378e9, "B/s", "NVLink4 P2P 376-380 of 450 GB/s per direction [REFERENCE 8.1]"),
     a2a_intra=_c(285e9, "B/s", "intra-node all-to-all plateau 270-300 GB/s busbw [assumption, REFERENCE 8.3]"),
@@ -206,7 +220,7 @@ A100 = GpuNumbers(
         "fwd_noncausal": _c(0.70, "x", "FA2 on A100: 50-73% of peak forward [FA2 paper]; upper part of the range"),
         "fwd_causal": _c(0.70 * 335 / 370, "x", "0.70 x FA2 causal/non-causal ratio on H100 (335/370) [derived]"),
         "bwd": _c(0.70 * 322 / 370, "x", "0.70 x FA2 bwd/fwd ratio on H100 (322/370) [derived]"),
-    },
+    }, attn_kernel="fa2",
     ar_plateau_intra=_c(234.9e9, "B/s", "8xA100 all-reduce busbw at 16 GiB [meas: ml-engineering]"),
     p2p_intra=_c(274e9, "B/s", "NVLink3 P2P 274 of 300 GB/s per direction [REFERENCE 8.1]"),
     a2a_intra=_c(0.62 * 274e9, "B/s", "H100 a2a/p2p ratio (285/378) applied to A100 P2P [derived]"),
@@ -221,7 +235,8 @@ A100 = GpuNumbers(
 H200 = GpuNumbers(
     name="h200-sxm", device="NVIDIA H200 SXM 141GB (analytic)",
     peak_bf16=_c(989e12, "FLOP/s", "H200 datasheet dense BF16 [spec]"),
-    gemm_large=H100.gemm_large, attn_plateau=H100.attn_plateau,
+    gemm_large=H100.gemm_large, attn_plateau=H100.attn_plateau, attn_kernels=H100.attn_kernels,
+    attn_kernel=H100.attn_kernel,
     ar_plateau_intra=_c(465.9e9, "B/s", "8xH200 all-reduce busbw at 1 GiB, NVLS [meas: stas00]"),
     p2p_intra=H100.p2p_intra, a2a_intra=H100.a2a_intra, nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h,
     hbm=_hbm(4.8e12, "H200 SXM"),
@@ -234,7 +249,8 @@ H200 = GpuNumbers(
 H800 = GpuNumbers(
     name="h800-sxm", device="NVIDIA H800 SXM 80GB (analytic)",
     peak_bf16=_c(989e12, "FLOP/s", "same die as H100 [spec]"),
-    gemm_large=H100.gemm_large, attn_plateau=H100.attn_plateau,
+    gemm_large=H100.gemm_large, attn_plateau=H100.attn_plateau, attn_kernels=H100.attn_kernels,
+    attn_kernel=H100.attn_kernel,
     ar_plateau_intra=_c(190e9, "B/s", "~200 GB/s NVLink per direction -> ~190 busbw [assumption, unmeasured]"),
     p2p_intra=_c(168e9, "B/s", "200 GB/s x H100's P2P efficiency 378/450 [derived]"),
     a2a_intra=_c(0.75 * 168e9, "B/s", "H100 a2a/p2p ratio (285/378) [derived]"),
@@ -346,6 +362,13 @@ def build(g: GpuNumbers) -> Profile:
         "gemm_sms": g.sms, "gemm_tile_m": g.gemm_tile_m, "gemm_tile_n": g.gemm_tile_n,
     }
     consts.update({f"attn_plateau_{k}": v for k, v in g.attn_plateau.items()})
+    if g.attn_kernel is not None:  # a kernel's attention time over the table's (Profile.attention_kernel_time_x)
+        for kernel, plateau in (g.attn_kernels or {g.attn_kernel: g.attn_plateau}).items():
+            for direction, key in (("fwd", "fwd_causal"), ("bwd", "bwd")):
+                own, other = g.attn_plateau[key], plateau[key]
+                consts[f"attn_kernel_time_x_{kernel}_{direction}"] = _c(
+                    own.value / other.value, "x", f"{g.attn_kernel} (the table's) over {kernel}, causal {direction}: "
+                    f"{own.source}; {other.source}" if kernel != g.attn_kernel else f"{kernel}: the table's own")
     consts.update({f"attn_s_half_{k}": v for k, v in S_HALF.items()})
     gemm_rates = [("bf16", g.gemm_large, g.peak_bf16)]
     if g.peak_fp8 is not None and g.gemm_large_fp8 is not None:

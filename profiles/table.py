@@ -428,6 +428,24 @@ class Profile:
                                f"got {ratio}")
         return ratio
 
+    def attention_kernel_time_x(self, kernel: str) -> dict[str, float]:
+        """{"fwd", "bwd"}: causal attention's time with `kernel` (TrainingSpec.attention_kernel: fa2, fa3,
+        cudnn-2024) over this profile's table, from the constants attn_kernel_time_x_<kernel>_<direction> that an
+        analytic profile gives for the kernels with published rates on its GPU. A measured profile holds the kernel
+        it measured and gives none: only the table's own ("flash")."""
+        got = {d: self.constants.get(f"attn_kernel_time_x_{kernel}_{d}") for d in ("fwd", "bwd")}
+        if all(got.values()):
+            return {d: float(c["value"]) for d, c in got.items()}
+        known = sorted({k[len("attn_kernel_time_x_"):].rsplit("_", 1)[0] for k in self.constants
+                        if k.startswith("attn_kernel_time_x_")})
+        name = self.fingerprint.name
+        if not known:
+            raise ProfileError(f"profile {name!r} prices only the attention kernel it holds (a measured profile: the "
+                               f"one it measured), not {kernel!r}: use attention kernel flash (--attention-kernel "
+                               f"flash), or measure a profile where {kernel} runs")
+        raise ProfileError(f"profile {name!r} has no published rate for attention kernel {kernel!r} on its GPU; it "
+                           f"knows {', '.join(known)} (or flash: its own table)")
+
     def constant(self, name: str) -> float:
         try:
             return float(self.constants[name]["value"])

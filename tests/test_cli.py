@@ -336,6 +336,30 @@ def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)
 
 
+def test_validate_prices_every_run_with_the_attention_kernel_asked_for():
+    d = json.loads(run("validate", "--json", "--set", "nemo_longseq2024", "--attention-kernel", "fa2").output)
+    own = json.loads(run("validate", "--json", "--set", "nemo_longseq2024").output)
+    assert d["sets"][0]["attention_kernel"] == "fa2" and own["sets"][0]["attention_kernel"] is None
+    # FA2 is slower than the H100 table's FA3: every run predicted slower, the 1M-token one (attention-bound) most
+    slower = [a["predicted"] / b["predicted"] for a, b in zip(d["sets"][0]["rows"], own["sets"][0]["rows"])]
+    assert all(x > 1 for x in slower) and slower[-1] == max(slower)
+    r = run("validate", "--set", "korthikanti2022", "--attention-kernel", "fa3")  # A100: FA3 needs Hopper
+    assert r.exit_code == 2 and "no published rate for attention kernel 'fa3'" in one_line(r.output)
+    r = run("validate", "--attention-kernel", "fa9")
+    assert r.exit_code == 2 and "--attention-kernel must be" in one_line(r.output)
+
+
+def test_plan_records_its_attention_kernel_and_refuses_one_a_measured_profile_lacks(tmp_path):
+    out = tmp_path / "p.json"
+    r = run("plan", "--gpus", "8", "--compare", "static", "--attention-kernel", "fa2", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["meta"]["training"]["attention_kernel"] == "fa2"
+    r = run("plan", "--gpus", "8", "--compare", "static", "--profile", "h200-sxm.measured", "--attention-kernel",
+            "fa2", "--out", str(tmp_path / "q.json"))
+    assert r.exit_code == 2 and "prices only the attention kernel it holds" in one_line(r.output)
+    assert not (tmp_path / "q.json").exists()
+
+
 def test_validate_unknown_profile_is_one_line():
     r = run("validate", "--profile", "no-such-profile")
     assert r.exit_code == 2 and "unknown profile 'no-such-profile'" in one_line(r.output)

@@ -130,6 +130,7 @@ class ValidationReport:
     profile: str  # the profile's name
     rows: tuple[ValidationRow, ...]
     memory: tuple[MemoryRow, ...] = ()  # the iteration cases' peak memory per GPU
+    attention_kernel: str | None = None  # every run priced with this attention kernel (None: each its own)
 
     @property
     def held_out(self) -> bool:
@@ -143,7 +144,7 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "profile": self.profile, "held_out": self.held_out,
-                "mape": self.mape,
+                "attention_kernel": self.attention_kernel, "mape": self.mape,
                 "rows": [{"case": r.case, "unit": r.unit, "published": r.published, "predicted": r.predicted,
                           "error": r.error, "note": r.note} for r in self.rows],
                 "memory": [{"case": r.case, "peak_bytes": r.peak_bytes, "allocated_bytes": r.allocated_bytes,
@@ -183,7 +184,9 @@ def _note(tr: TrainingSpec) -> str:
     """What the prediction assumed of the run, from the training spec it was priced with."""
     tp = ("TP + SP" if tr.sequence_parallel else "TP without SP: norms, dropout, residuals replicated") \
         if tr.tp > 1 else "no TP"
-    attn = "materialised attention (QKᵀ, softmax, PV)" if tr.attention_kernel == "unfused" else "FlashAttention"
+    attn = {"unfused": "materialised attention (QKᵀ, softmax, PV)", "flash": "the profile's FlashAttention",
+            "fa2": "FlashAttention-2's rate", "fa3": "FlashAttention-3's rate",
+            "cudnn-2024": "cuDNN attention's rate of July 2024"}[tr.attention_kernel]
     attn += f", {'fused' if tr.fused_loss else 'fp32'} cross-entropy, {tr.dtype}"
     attn += f" ({tr.fp8_recipe} scaling)" if tr.fp8_recipe else ""
     attn += ", fp8 weights gathered" if tr.fp8_param_gather else ""
@@ -410,13 +413,22 @@ def iteration_memory(cal: CalibrationSet, case: IterationCase, profile: Profile)
     return best
 
 
-def validate_cost_model(profile: str | Profile | None = None, name: str = "korthikanti2022") -> ValidationReport:
+def with_attention_kernel(cal: CalibrationSet, kernel: str) -> CalibrationSet:
+    """`cal` with every run priced with attention `kernel` (TrainingSpec.attention_kernel) over what it ran."""
+    return dataclasses.replace(cal, training={**cal.training, "attention_kernel": kernel}, iteration_cases=[
+        dataclasses.replace(c, training={**c.training, "attention_kernel": kernel}) for c in cal.iteration_cases])
+
+
+def validate_cost_model(profile: str | Profile | None = None, name: str = "korthikanti2022",
+                        attention_kernel: str | None = None) -> ValidationReport:
     """Every case of the calibration set `name` on `profile` (a Profile, a name or path; default: the
-    set's cluster's profile)."""
+    set's cluster's profile); `attention_kernel`: price every run with that kernel instead of its own."""
     cal = load_calibration_set(name)
+    if attention_kernel is not None:
+        cal = with_attention_kernel(cal, attention_kernel)
     if not isinstance(profile, Profile):
         profile = load_profile(profile or load_cluster(cal.cluster).profile)
     rows = [r for case in cal.layer_cases for r in layer_rows(cal, case, profile)]
     rows += [iteration_row(cal, case, profile) for case in cal.iteration_cases]
     memory = tuple(iteration_memory(cal, case, profile) for case in cal.iteration_cases)
-    return ValidationReport(name, cal.source, profile.fingerprint.name, tuple(rows), memory)
+    return ValidationReport(name, cal.source, profile.fingerprint.name, tuple(rows), memory, attention_kernel)

@@ -120,3 +120,19 @@ def test_tp_collectives_take_the_rows_of_every_tp_group_of_the_node_at_once():
     alone = sum(float(h100.collective_time_s(op, 2048 * tiny.hidden * 2, 2)) for op in ("all_gather", "reduce_scatter"))
     assert float(CostModel(Setup(tiny, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=2)), h100)
                  .tp_pair_s(2048)) == pytest.approx(alone, rel=1e-3)
+
+
+def test_another_attention_kernel_scales_the_attention_core_only():
+    """TrainingSpec.attention_kernel fa2 on the FA3 table: the attention core at FA2's published rate, GEMMs and
+    collectives as they were."""
+    def unit(kernel):
+        setup = Setup(load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(64),
+                      TrainingSpec(attention_kernel=kernel))
+        return CostModel(setup, load_profile("h100-sxm.analytic")).unit_cost([32768], 2)
+
+    fa3, fa2, flash = unit("fa3"), unit("fa2"), unit("flash")
+    assert fa3 == flash  # the table's own kernel
+    assert fa2.attn_fwd_compute_s == pytest.approx(fa3.attn_fwd_compute_s * 616 / 335)
+    assert fa2.attn_bwd_compute_s == pytest.approx(fa3.attn_bwd_compute_s * 561 / 322)
+    assert fa2.fwd_compute_s - fa2.attn_fwd_compute_s == pytest.approx(fa3.fwd_compute_s - fa3.attn_fwd_compute_s)
+    assert fa2.tp_comm_fwd_s == fa3.tp_comm_fwd_s

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from profiles import analytic
-from profiles.table import load_profile
+from profiles.table import ProfileError, load_profile
 
 
 def assert_close(a, b, rel=1e-9, where="profile"):
@@ -70,3 +70,18 @@ def test_interleaved_groups_across_nodes_share_the_nics_by_hand():
     plateau = min(analytic.GB200.ar_plateau_intra.value,
                   fr * 9 * analytic.GB200.nic.value * analytic.NIC_EFF.value / analytic.bus_factor("reduce_scatter", 2))
     assert t == pytest.approx(s * fr / plateau)
+
+
+def test_hopper_profiles_price_each_published_attention_kernel_over_their_own():
+    """FlashAttention-3's paper (Figs. 5-6, H100, hd128, 16K): causal forward 616 / 539 / 335 and backward
+    561 / 516 / 322 TFLOP/s for FA3 / cuDNN (July 2024) / FA2; the H100 table is FA3's."""
+    p = load_profile("h100-sxm.analytic")
+    assert p.attention_kernel_time_x("fa3") == {"fwd": 1.0, "bwd": 1.0}
+    assert p.attention_kernel_time_x("fa2") == pytest.approx({"fwd": 616 / 335, "bwd": 561 / 322})
+    assert p.attention_kernel_time_x("cudnn-2024") == pytest.approx({"fwd": 616 / 539, "bwd": 561 / 516})
+    # A100's table is FlashAttention-2's; FA3 needs Hopper, and a measured profile holds what it measured
+    assert load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa2") == {"fwd": 1.0, "bwd": 1.0}
+    with pytest.raises(ProfileError, match="no published rate for attention kernel 'fa3'.*it knows fa2"):
+        load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa3")
+    with pytest.raises(ProfileError, match="prices only the attention kernel it holds.*--attention-kernel flash"):
+        load_profile("h200-sxm.measured").attention_kernel_time_x("fa2")
