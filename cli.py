@@ -1179,7 +1179,8 @@ def validate_cmd(
         sets: Optional[List[str]] = typer.Option(None, "--set", help="Calibration set (repeatable; default: every "
                                                                       "packaged one: korthikanti2022, narayanan2021, "
                                                                       "llama3_2024, megatron_bridge2025, "
-                                                                      "nemo2024, nemo_longseq2024)."),
+                                                                      "nemo2024, nemo_longseq2024, "
+                                                                      "torchtitan_a100_2024)."),
         profile: Optional[str] = typer.Option(None, help="Profile name or path for every set (default: each set's "
                                                          "cluster's, e.g. a100-sxm-80gb.analytic)."),
         attention_kernel: Optional[str] = typer.Option(None, "--attention-kernel", help="Price every run with this "

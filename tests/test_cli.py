@@ -329,8 +329,9 @@ def test_validate_prints_each_case_and_the_mape():
 def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     d = json.loads(run("validate", "--json").output)
     assert [s["name"] for s in d["sets"]] == ["korthikanti2022", "narayanan2021", "llama3_2024",
-                                              "megatron_bridge2025", "nemo2024", "nemo_longseq2024"]
-    assert [s["held_out"] for s in d["sets"]] == [False, True, True, True, True, True]
+                                              "megatron_bridge2025", "nemo2024", "nemo_longseq2024",
+                                              "torchtitan_a100_2024"]
+    assert [s["held_out"] for s in d["sets"]] == [False, True, True, True, True, True, True]
     assert d["sets"][2]["profile"] == "h100-sxm.analytic"  # each set on its cluster's profile
     r = run("validate", "--set", "no-such-set")
     assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)

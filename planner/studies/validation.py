@@ -11,7 +11,9 @@ Modelling of the published runs, the same for every case:
     cp > 1; a pipeline runs the row's m = global batch / (micro-batch · DP) micro-batches through its 1F1B or
     interleaved schedule on the event engine (planner.schedule), the LM head on the last stage, activations
     sent between stages; then the gradient synchronisation over DP × CP ranks (what each model chunk's last
-    backward does not hide, where the run overlaps it) and the optimizer step;
+    backward does not hide, where the run overlaps it) and the optimizer step; under FSDP (zero_stage 3, pp = 1)
+    each micro-batch is a round of per-layer all-gathers and reduce-scatters (costmodel.zero.round_time_s) and
+    no gradient sync follows;
   * a figure published as TFLOP/s per GPU is turned into an iteration time with the paper's own FLOP count
     (`flops_convention`), one published as tokens/s per GPU with the batch's tokens, so the error is the same
     quantity for every row.
@@ -32,6 +34,7 @@ from costmodel.memory import allgather_cp_working_bytes, logits_bytes, model_sta
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel, UnitCost
+from costmodel.zero import round_collectives, round_time_s
 from planner.schedule import PipeOp, chunk_last_backwards, dependency, run_ops, stage_ops
 from planner.simulate.memory import recompute_working_bytes
 from profiles.table import Profile, load_profile
@@ -40,7 +43,7 @@ from profiles.typed_json import Reader, positive
 # Packaged in planner/studies/data/<name>.json (+ .md source note). Only the first informed the cost model's
 # design; the others are held out: nothing is ever tuned to them.
 CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025", "nemo2024",
-                    "nemo_longseq2024")
+                    "nemo_longseq2024", "torchtitan_a100_2024")
 FlopsConvention = Literal["megatron2021", "palm"]
 
 
@@ -190,7 +193,8 @@ def _note(tr: TrainingSpec) -> str:
     attn += f", {'fused' if tr.fused_loss else 'fp32'} cross-entropy, {tr.dtype}"
     attn += f" ({tr.fp8_recipe} scaling)" if tr.fp8_recipe else ""
     attn += ", fp8 weights gathered" if tr.fp8_param_gather else ""
-    attn += ", distributed optimizer" if tr.zero_stage else ", replicated optimizer"
+    attn += (", replicated optimizer", ", distributed optimizer", ", distributed optimizer and gradients (ZeRO-2)",
+             ", parameters, gradients and optimizer sharded (FSDP, ZeRO-3)")[tr.zero_stage]
     overlaps = [name for name, on in (("TP collectives", tr.tp_comm_overlap and tr.tp > 1),
                                       ("gradient reduce", tr.overlap_grad_reduce),
                                       ("parameter gather", tr.overlap_param_gather)) if on]
@@ -316,13 +320,25 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     unit = cm.unit_cost([run.seq_tokens] * case.micro_batch, degree=case.cp, inter_node=inter, with_head=True)
     p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
     schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
-    pipeline_s, last_backwards = pipeline_runs(case.pp, m, case.chunks, unit, p2p)
-    sync_s, optimizer_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards), cm.optimizer_step_s(hdp)
+    optimizer_s = cm.optimizer_step_s(hdp)
+    if cm.setup.training.zero_stage == 3:  # FSDP (pp = 1, TrainingSpec): each micro-batch a round of per-layer
+        layers = cm.layers_per_stage  # gathers and reduce-scatters (costmodel.zero)
+        round_s = round_time_s((unit.fwd_s - unit.head_fwd_s) / layers, (unit.bwd_s - unit.head_bwd_s) / layers,
+                               unit.head_fwd_s + unit.head_bwd_s, layers, round_collectives(cm.setup, cm.profile))
+        pipeline_s, sync_s = m * round_s, 0.0
+        sync_text = (f"FSDP over DP {run.dp} x CP {case.cp}: {m} round(s) of {round_s:.3g} s, the per-layer "
+                     f"all-gathers and reduce-scatters in them ({round_s - unit.total_s:.3g} s exposed a round)")
+    else:
+        pipeline_s, last_backwards = pipeline_runs(case.pp, m, case.chunks, unit, p2p)
+        sync_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards)
+        sync_text = (f"DP {run.dp} x CP {case.cp}: gradient sync {cm.grad_sync_s(hdp):.3g} s ({sync_s:.3g} s "
+                     "exposed)")
     priced = cm.model.layers
-    note = "; ".join(x for x in (f"{m} micro-batches, {schedule} on the event engine", _note(cm.setup.training),
-                                 f"DP {run.dp} x CP {case.cp}: gradient sync {cm.grad_sync_s(hdp):.3g} s "
-                                 f"({sync_s:.3g} s exposed) + optimizer {optimizer_s:.3g} s; tied-embedding "
-                                 "all-reduce not priced",
+    runs = f"{m} micro-batches, " + ("one FSDP round each" if cm.setup.training.zero_stage == 3
+                                     else f"{schedule} on the event engine")
+    note = "; ".join(x for x in (runs, _note(cm.setup.training),
+                                 f"{sync_text} + optimizer {optimizer_s:.3g} s; tied-embedding all-reduce not "
+                                 "priced",
                                  f"{run.model.layers} layers priced as {priced} x {run.layer_ratio:.4f}"
                                  if run.layer_ratio != 1 else "", case.note) if x)
     predicted = (pipeline_s + sync_s + optimizer_s) * run.layer_ratio

@@ -8,6 +8,7 @@ import pytest
 from costmodel.timing import UnitCost
 from planner.schedule import closed_form_bubble
 from costmodel.flops import model_flops
+from planner.studies import validation
 from planner.studies.validation import (CALIBRATION_SETS, ValidationRow, chunk_layers, iteration_flops,
                                         iteration_memory, iteration_row, layer_rows, load_calibration_set,
                                         pipeline_time_s, published_iteration_s, validate_cost_model)
@@ -218,3 +219,25 @@ def test_nemos_flop_count_is_palms_full_square():
         nemo = L * h * h * (12 + 12 * g / a + 18 * f / h + 12 * s / h + 6 * V / (L * h))
         assert iteration_flops(m, "palm", 1, s, "none") / s == pytest.approx(nemo, rel=1e-4)
     assert 16847 * iteration_flops(m, "palm", 1, 4096, "none") / 4096 / 1e12 == pytest.approx(776, abs=0.5)
+
+
+def test_an_fsdp_row_runs_as_rounds_of_per_layer_gathers():
+    """torchtitan's FSDP2 rows (zero_stage 3): each micro-batch a round (costmodel.zero.round_time_s) of the
+    unit's per-layer times with the per-layer all-gathers and reduce-scatters over all 64 ranks, no gradient sync
+    after the backward; and no pipeline under FSDP."""
+    from costmodel.zero import round_collectives, round_time_s
+
+    cal = load_calibration_set("torchtitan_a100_2024")
+    case = next(c for c in cal.iteration_cases if c.model == "llama3-70b")
+    a100 = load_profile("a100-sxm-80gb.analytic")
+    row = iteration_row(cal, case, a100)
+    cm = validation._run(cal, case, a100).cm
+    unit = cm.unit_cost([8192], with_head=True)
+    layers = cm.layers_per_stage
+    rounds = round_time_s((unit.fwd_s - unit.head_fwd_s) / layers, (unit.bwd_s - unit.head_bwd_s) / layers,
+                          unit.head_fwd_s + unit.head_bwd_s, layers, round_collectives(cm.setup, a100))
+    assert rounds > unit.total_s  # the first gathers and the last reduce-scatter are exposed
+    assert row.predicted == pytest.approx(rounds + cm.optimizer_step_s())
+    assert "FSDP over DP 64" in row.note
+    with pytest.raises(ValueError, match="zero_stage 3 with pp=2 is not modelled"):
+        iteration_row(cal, dataclasses.replace(case, pp=2, gpus=64), a100)
