@@ -318,24 +318,24 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     cm, m, hdp = run.cm, run.micro_batches, run.cm.setup.hdp
     inter = cm.setup.mesh.spans_domains(list(range(case.cp)))
     unit = cm.unit_cost([run.seq_tokens] * case.micro_batch, degree=case.cp, inter_node=inter, with_head=True)
-    p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
-    schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
     optimizer_s = cm.optimizer_step_s(hdp)
     if cm.setup.training.zero_stage == 3:  # FSDP (pp = 1, TrainingSpec): each micro-batch a round of per-layer
         layers = cm.layers_per_stage  # gathers and reduce-scatters (costmodel.zero)
         round_s = round_time_s((unit.fwd_s - unit.head_fwd_s) / layers, (unit.bwd_s - unit.head_bwd_s) / layers,
                                unit.head_fwd_s + unit.head_bwd_s, layers, round_collectives(cm.setup, cm.profile))
         pipeline_s, sync_s = m * round_s, 0.0
+        runs = f"{m} micro-batches, one FSDP round each"
         sync_text = (f"FSDP over DP {run.dp} x CP {case.cp}: {m} round(s) of {round_s:.3g} s, the per-layer "
                      f"all-gathers and reduce-scatters in them ({round_s - unit.total_s:.3g} s exposed a round)")
     else:
+        p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
         pipeline_s, last_backwards = pipeline_runs(case.pp, m, case.chunks, unit, p2p)
         sync_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards)
+        schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
+        runs = f"{m} micro-batches, {schedule} on the event engine"
         sync_text = (f"DP {run.dp} x CP {case.cp}: gradient sync {cm.grad_sync_s(hdp):.3g} s ({sync_s:.3g} s "
                      "exposed)")
     priced = cm.model.layers
-    runs = f"{m} micro-batches, " + ("one FSDP round each" if cm.setup.training.zero_stage == 3
-                                     else f"{schedule} on the event engine")
     note = "; ".join(x for x in (runs, _note(cm.setup.training),
                                  f"{sync_text} + optimizer {optimizer_s:.3g} s; tied-embedding all-reduce not "
                                  "priced",
