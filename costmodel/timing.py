@@ -281,9 +281,9 @@ class CostModel:
         self._curves["gemm_layer"] = g
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
-        # another fused kernel than the table's: its published rate over the table's (one ratio at every length)
-        kernel_x = (p.attention_kernel_time_x(tr.attention_kernel) if tr.attention_kernel not in ("flash", "unfused")
-                    else {"fwd": 1.0, "bwd": 1.0})
+        # another fused kernel than the table's: its published rate over the table's, per document length
+        kernel_x = (p.attention_kernel_time_x(tr.attention_kernel, _TOKEN_GRID)
+                    if tr.attention_kernel not in ("flash", "unfused") else {"fwd": 1.0, "bwd": 1.0})
         for direction in ("fwd", "bwd"):  # attn_doc_*: whole documents of a packed bin, each its own call / tiles
             for name, whole in (("attn", False), ("attn_doc", True)):
                 if unfused is not None:

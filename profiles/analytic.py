@@ -120,17 +120,27 @@ def _c(v: float, unit: str, src: str) -> Const:
 
 
 # Attention kernels on Hopper as FlashAttention-3's paper measured them on one H100 SXM5 (arXiv 2407.08608, Figs. 5-6:
-# head dim 128, 16K tokens; TFLOP/s forward non-causal, forward causal, backward). Which one a training run used is a
-# fact of its software stack (TrainingSpec.attention_kernel), not of the GPU.
+# head dim 128, batch x length = 16K tokens; TFLOP/s forward non-causal, forward causal, backward at each length of
+# ATTN_PAPER_LENGTHS). Which one a training run used is a fact of its software stack (TrainingSpec.attention_kernel),
+# not of the GPU; the kernels part most on short documents (causal forward at 512: cuDNN 1.08x FA3's rate, FA2 0.65x).
 _FA3_PAPER = "[FA3 paper, arXiv 2407.08608, Figs. 5-6]"
-_HOPPER_ATTENTION_TFLOPS = {"fa3": ("FlashAttention-3", 648, 616, 561),
-                            "cudnn-2024": ("cuDNN as of July 2024", 595, 539, 516),
-                            "fa2": ("FlashAttention-2", 370, 335, 322)}
+ATTN_PAPER_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+_HOPPER_ATTENTION_TFLOPS = {
+    "fa3": ("FlashAttention-3", {"fwd_noncausal": (467, 565, 625, 638, 646, 648),
+                                 "fwd_causal": (292, 423, 521, 579, 602, 616),
+                                 "bwd": (316, 424, 501, 542, 559, 561)}),
+    "cudnn-2024": ("cuDNN as of July 2024", {"fwd_noncausal": (497, 574, 617, 609, 600, 595),
+                                              "fwd_causal": (315, 410, 484, 518, 529, 539),
+                                              "bwd": (305, 408, 465, 499, 518, 516)}),
+    "fa2": ("FlashAttention-2", {"fwd_noncausal": (309, 350, 362, 368, 370, 370),
+                                 "fwd_causal": (191, 260, 298, 319, 333, 335),
+                                 "bwd": (214, 260, 291, 310, 318, 322)})}
+_ATTN_WHAT = {"fwd_noncausal": "fwd non-causal", "fwd_causal": "fwd causal", "bwd": "bwd"}
+# plateaus: each kernel's rate at the paper's longest length, as a fraction of the dense BF16 peak
 HOPPER_ATTENTION = {
-    k: {key: _c(tf / 989, "x", f"{name} {what} {tf} TFLOP/s at 16K, hd128, H100 SXM5 {_FA3_PAPER}")
-        for key, what, tf in (("fwd_noncausal", "fwd non-causal", fwd_nc), ("fwd_causal", "fwd causal", fwd_c),
-                              ("bwd", "bwd", bwd))}
-    for k, (name, fwd_nc, fwd_c, bwd) in _HOPPER_ATTENTION_TFLOPS.items()}
+    k: {key: _c(tf[-1] / 989, "x", f"{name} {_ATTN_WHAT[key]} {tf[-1]} TFLOP/s at 16K, hd128, H100 SXM5 {_FA3_PAPER}")
+        for key, tf in series.items()}
+    for k, (name, series) in _HOPPER_ATTENTION_TFLOPS.items()}
 
 
 # Hopper GEMMs sustained: the MAMF (stas00's best shape over a sweep, 794.5 bf16 / 1,453 fp8 TFLOP/s) is a short
@@ -349,6 +359,30 @@ def _shape(points: list[tuple[float, float]], sizes: np.ndarray, norm: float) ->
     return np.where(sizes < xs[0], ys[0] * sizes / xs[0], out)
 
 
+def _kernel_time_x(g: GpuNumbers) -> dict[str, Const]:
+    """Each published kernel's causal attention time over the table kernel's: `attn_kernel_time_x_<kernel>_<dir>` at
+    long lengths (the plateaus') and, where the paper gives the kernels' rates per length (Hopper),
+    `..._<dir>_at_<tokens>` at each of ATTN_PAPER_LENGTHS (Profile.attention_kernel_time_x interpolates them)."""
+    out: dict[str, Const] = {}
+    series = _HOPPER_ATTENTION_TFLOPS if g.attn_kernels is HOPPER_ATTENTION else {}  # measured on an H100 only
+    for kernel, plateau in (g.attn_kernels or {g.attn_kernel: g.attn_plateau}).items():
+        for direction, key in (("fwd", "fwd_causal"), ("bwd", "bwd")):
+            if kernel == g.attn_kernel:
+                out[f"attn_kernel_time_x_{kernel}_{direction}"] = _c(1.0, "x", f"{kernel}: the table's own")
+                continue
+            own, other = g.attn_plateau[key], plateau[key]
+            out[f"attn_kernel_time_x_{kernel}_{direction}"] = _c(
+                own.value / other.value, "x", f"{g.attn_kernel} (the table's) over {kernel}, causal {direction}: "
+                f"{own.source}; {other.source}")
+            if kernel in series and g.attn_kernel in series:
+                name, own_name = series[kernel][0], series[g.attn_kernel][0]
+                for s, mine, theirs in zip(ATTN_PAPER_LENGTHS, series[g.attn_kernel][1][key], series[kernel][1][key]):
+                    out[f"attn_kernel_time_x_{kernel}_{direction}_at_{s}"] = _c(
+                        mine / theirs, "x", f"{own_name} {mine} over {name} {theirs} TFLOP/s, {_ATTN_WHAT[key]} at "
+                        f"{s} tokens, hd128, H100 SXM5 {_FA3_PAPER}")
+    return out
+
+
 def build(g: GpuNumbers) -> Profile:
     """The four tables for one GPU from its published numbers."""
     consts: dict[str, Const] = {
@@ -363,12 +397,7 @@ def build(g: GpuNumbers) -> Profile:
     }
     consts.update({f"attn_plateau_{k}": v for k, v in g.attn_plateau.items()})
     if g.attn_kernel is not None:  # a kernel's attention time over the table's (Profile.attention_kernel_time_x)
-        for kernel, plateau in (g.attn_kernels or {g.attn_kernel: g.attn_plateau}).items():
-            for direction, key in (("fwd", "fwd_causal"), ("bwd", "bwd")):
-                own, other = g.attn_plateau[key], plateau[key]
-                consts[f"attn_kernel_time_x_{kernel}_{direction}"] = _c(
-                    own.value / other.value, "x", f"{g.attn_kernel} (the table's) over {kernel}, causal {direction}: "
-                    f"{own.source}; {other.source}" if kernel != g.attn_kernel else f"{kernel}: the table's own")
+        consts.update(_kernel_time_x(g))
     consts.update({f"attn_s_half_{k}": v for k, v in S_HALF.items()})
     gemm_rates = [("bf16", g.gemm_large, g.peak_bf16)]
     if g.peak_fp8 is not None and g.gemm_large_fp8 is not None:

@@ -428,15 +428,24 @@ class Profile:
                                f"got {ratio}")
         return ratio
 
-    def attention_kernel_time_x(self, kernel: str) -> dict[str, float]:
+    def attention_kernel_time_x(self, kernel: str, doc_len: np.ndarray | float) -> dict[str, np.ndarray]:
         """{"fwd", "bwd"}: causal attention's time with `kernel` (TrainingSpec.attention_kernel: fa2, fa3,
-        cudnn-2024) over this profile's table, from the constants attn_kernel_time_x_<kernel>_<direction> that an
-        analytic profile gives for the kernels with published rates on its GPU. A measured profile holds the kernel
-        it measured and gives none: only the table's own ("flash")."""
+        cudnn-2024) over this profile's table at each document length `doc_len`, from the constants that an analytic
+        profile gives for the kernels with published rates on its GPU: attn_kernel_time_x_<kernel>_<direction>_at_<n>
+        at n tokens, interpolated in log n and held beyond the ends, else attn_kernel_time_x_<kernel>_<direction> at
+        every length. A measured profile holds the kernel it measured and gives none: only the table's own ("flash")."""
         got = {d: self.constants.get(f"attn_kernel_time_x_{kernel}_{d}") for d in ("fwd", "bwd")}
         if all(got.values()):
-            return {d: float(c["value"]) for d, c in got.items()}
-        known = sorted({k[len("attn_kernel_time_x_"):].rsplit("_", 1)[0] for k in self.constants
+            x = np.log(np.maximum(np.asarray(doc_len, float), 1.0))
+            out = {}
+            for d, c in got.items():
+                prefix = f"attn_kernel_time_x_{kernel}_{d}_at_"
+                points = sorted((int(k[len(prefix):]), float(v["value"])) for k, v in self.constants.items()
+                                if k.startswith(prefix))
+                out[d] = (np.interp(x, np.log([n for n, _ in points]), [v for _, v in points]) if points
+                          else np.full_like(x, float(c["value"])))
+            return out
+        known = sorted({k[len("attn_kernel_time_x_"):].split("_at_")[0].rsplit("_", 1)[0] for k in self.constants
                         if k.startswith("attn_kernel_time_x_")})
         name = self.fingerprint.name
         if not known:

@@ -1,7 +1,9 @@
 """Analytic profiles: the shipped files match their generator (within libm rounding, not drift)."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from profiles import analytic
@@ -73,15 +75,22 @@ def test_interleaved_groups_across_nodes_share_the_nics_by_hand():
 
 
 def test_hopper_profiles_price_each_published_attention_kernel_over_their_own():
-    """FlashAttention-3's paper (Figs. 5-6, H100, hd128, 16K): causal forward 616 / 539 / 335 and backward
-    561 / 516 / 322 TFLOP/s for FA3 / cuDNN (July 2024) / FA2; the H100 table is FA3's."""
+    """FlashAttention-3's paper (Figs. 5-6, H100, hd128): causal forward 616 / 539 / 335 and backward 561 / 516 / 322
+    TFLOP/s for FA3 / cuDNN (July 2024) / FA2 at 16K, causal forward 292 / 315 / 191 at 512 and 423 / 410 / 260 at
+    1K; the H100 table is FA3's. Between the paper's lengths the ratio is interpolated in log length, held beyond."""
     p = load_profile("h100-sxm.analytic")
-    assert p.attention_kernel_time_x("fa3") == {"fwd": 1.0, "bwd": 1.0}
-    assert p.attention_kernel_time_x("fa2") == pytest.approx({"fwd": 616 / 335, "bwd": 561 / 322})
-    assert p.attention_kernel_time_x("cudnn-2024") == pytest.approx({"fwd": 616 / 539, "bwd": 561 / 516})
+    lengths = np.array([16384.0, 2**20])
+    fa3 = p.attention_kernel_time_x("fa3", lengths)
+    assert {d: list(v) for d, v in fa3.items()} == {"fwd": [1.0, 1.0], "bwd": [1.0, 1.0]}
+    for kernel, fwd, bwd in (("fa2", 335, 322), ("cudnn-2024", 539, 516)):
+        x = p.attention_kernel_time_x(kernel, lengths)
+        assert x["fwd"] == pytest.approx([616 / fwd] * 2) and x["bwd"] == pytest.approx([561 / bwd] * 2)
+    short = p.attention_kernel_time_x("cudnn-2024", np.array([128.0, 512.0, math.sqrt(512 * 1024), 1024.0]))
+    assert short["fwd"] == pytest.approx([292 / 315, 292 / 315, (292 / 315 + 423 / 410) / 2, 423 / 410])
+    assert p.attention_kernel_time_x("fa2", 512.0)["fwd"] == pytest.approx(292 / 191)  # vs 1.84 at 16K
     # A100's table is FlashAttention-2's; FA3 needs Hopper, and a measured profile holds what it measured
-    assert load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa2") == {"fwd": 1.0, "bwd": 1.0}
+    assert load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa2", 512.0)["bwd"] == 1.0
     with pytest.raises(ProfileError, match="no published rate for attention kernel 'fa3'.*it knows fa2"):
-        load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa3")
+        load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa3", 512.0)
     with pytest.raises(ProfileError, match="prices only the attention kernel it holds.*--attention-kernel flash"):
-        load_profile("h200-sxm.measured").attention_kernel_time_x("fa2")
+        load_profile("h200-sxm.measured").attention_kernel_time_x("fa2", 512.0)
