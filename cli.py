@@ -876,7 +876,7 @@ from planner.studies import (STATIC_MESHES, LayoutRules as _LayoutRules, SweepSp
                             Target as _Target,
                             capacity_search as _capacity_search, default_capacity_table as _default_capacity_table,
                             journal_path as _journal_path, json_row as _json_row, read_table as _read_table,
-                            run_sweep as _run_sweep)
+                            run_sweep as _run_sweep, variant_label)
 
 whatif_app = typer.Typer(cls=_Group, add_completion=False, invoke_without_command=True,
                          help="What-if studies. Without a subcommand: a sweep over model x cluster x GPUs x TP/PP x "
@@ -947,6 +947,10 @@ def whatif_sweep(
         seed: int = typer.Option(0, help="Seed of the length sources."),
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
         zero: str = typer.Option("1", "--zero", help="ZeRO stages, comma-separated (0-3; 3: FSDP2, pp 1)."),
+        attention_kernel: str = typer.Option("flash", "--attention-kernel", help="Attention kernels, comma-separated "
+                                             f"({one_of(ATTENTION_KERNELS)}): flash is the profile's own table; fa2, "
+                                             "fa3, cudnn-2024 a published kernel's rate over it (analytic Hopper "
+                                             "profiles), e.g. flash,fa2 to see what FlashAttention-2 costs."),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         static_mesh: str = typer.Option("context", help="Static CP sized for the max context (what a static job "
                                         "must do) or per batch's longest sequence ('batch')."),
@@ -965,12 +969,16 @@ def whatif_sweep(
     zeros = _csv_list(zero, "--zero")
     for z in zeros:
         check_choice("--zero", z, ("0", "1", "2", "3"))
+    kernels = _csv_list(attention_kernel, "--attention-kernel")
+    for k in kernels:
+        check_choice("--attention-kernel", k, ATTENTION_KERNELS)
     spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
                       gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), ep=ep,
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
                       strategies=tuple(_csv_list(strategies, "--strategies")), steps=steps,
                       tokens_per_step=_count(tokens_per_step, "--tokens-per-step"), seed=seed, recompute=recompute,
-                      offload=offload, static_mesh=static_mesh, zero_stages=tuple(map(int, zeros)))
+                      offload=offload, static_mesh=static_mesh, zero_stages=tuple(map(int, zeros)),
+                      attention_kernels=tuple(kernels))
     points = spec.points()
     try:
         with _progress_bar(len(points), enabled=not as_json) as on_point:
@@ -993,7 +1001,8 @@ def whatif_sweep(
               "speedup", "peak GB"):
         t.add_column(c, justify="left" if c in ("model", "lengths", "strategy") else "right")
     for r in df.head(200).itertuples(index=False):
-        strategy = r.strategy + (f" (zero {r.zero_stage})" if r.zero_stage != 1 else "")
+        variant = variant_label(r.zero_stage, r.attention_kernel)
+        strategy = r.strategy + (f" ({variant})" if variant else "")
         if not r.feasible:
             t.add_row(r.model, str(r.gpus), f"{r.tp}/{r.pp}", format_tokens(int(r.context_tokens)), r.lengths,
                       strategy, "infeasible", "", "", "", "", style="dim")
@@ -1028,6 +1037,9 @@ def whatif_capacity(
         ep: int = typer.Option(1, "--ep", min=1, help="MoE expert parallelism, folded into the TP group: each "
                                "layout takes min(ep, tp)."),
         pp: str = typer.Option("1,2,4,8", help="PP degrees the search may use (1F1B)."),
+        attention_kernel: str = typer.Option("flash", "--attention-kernel", help="Attention kernel the training "
+                                             f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
+                                             "fa2, fa3, cudnn-2024 a published kernel's rate over it."),
         min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
         max_gpus: int = typer.Option(16384, help="Largest GPU count."),
         steps: int = typer.Option(2, min=1, help="Sampled global batches per candidate."),
@@ -1055,6 +1067,7 @@ def whatif_capacity(
     if len(given) != 1:
         fail("give exactly one of --target-tokens-per-s, --target-step-time, --target-mfu")
     metric, value = given[0]
+    check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     if metric == "tokens_per_s":
         value = float(_count(value, "--target-tokens-per-s"))
     if metric == "mfu" and value > 1:
@@ -1070,8 +1083,9 @@ def whatif_capacity(
             res = _capacity_search(model, context_tokens, target, cluster=cluster, lengths=lengths,
                                    strategy=strategy, rules=rules, tokens_per_step=_count(tokens_per_step,
                                                                                           "--tokens-per-step"),
-                                   steps=steps, seed=seed, runners_up=runners_up, workers=workers,
-                                   best_layout=best_layout, journal=journal, on_progress=on_progress)
+                                   steps=steps, seed=seed, attention_kernel=attention_kernel,
+                                   runners_up=runners_up, workers=workers, best_layout=best_layout,
+                                   journal=journal, on_progress=on_progress)
     except KeyboardInterrupt:
         _interrupted(table_path)
     if table is not None:
@@ -1084,7 +1098,8 @@ def whatif_capacity(
     statuses = res.table["status"].value_counts().to_dict() if len(res.table) else {}
     if as_json:
         sys.stdout.write(json.dumps({"target": {"metric": target.metric, "value": target.value},
-                                     "strategy": strategy, "answer": pick(res.answer) if res.answer else None,
+                                     "strategy": strategy, "attention_kernel": attention_kernel,
+                                     "answer": pick(res.answer) if res.answer else None,
                                      "minimal": res.answer is not None, "best_layout": best_layout,
                                      "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table),
                                      "statuses": statuses, "planned": res.planned, "reused": res.reused,
@@ -1092,7 +1107,8 @@ def whatif_capacity(
         if res.answer is None:
             raise typer.Exit(1)
         return
-    head = f"{model}, {format_tokens(context_tokens)} context, {lengths}, {strategy}: {target.describe()}"
+    kernel = f", {attention_kernel} attention" if attention_kernel != "flash" else ""
+    head = f"{model}, {format_tokens(context_tokens)} context, {lengths}, {strategy}{kernel}: {target.describe()}"
     done = (f"{len(res.table)} layouts decided: {', '.join(f'{n} {k}' for k, n in statuses.items())}; "
             f"{res.planned} planned, {res.reused} from the journal {journal}")
     if res.answer is None:

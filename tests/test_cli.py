@@ -351,6 +351,27 @@ def test_validate_prices_every_run_with_the_attention_kernel_asked_for():
     assert r.exit_code == 2 and "--attention-kernel must be" in one_line(r.output)
 
 
+def test_whatif_sweeps_and_searches_with_the_attention_kernels_asked_for(tmp_path):
+    out, small = tmp_path / "s.csv", ["--model", "llama-7b", "--gpus", "8", "--context", "32K", "--steps", "1",
+                                      "--tokens-per-step", "1M"]
+    r = run("whatif", *small, "--strategies", "hdp", "--attention-kernel", "flash,fa2", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert [x["attention_kernel"] for x in rows] == ["flash", "fa2"] and rows[1]["step_time_s"] > rows[0]["step_time_s"]
+    r = run("report", str(out), "--out", str(tmp_path / "rep"), "--no-example")
+    assert r.exit_code == 0 and "hdp (fa2 attention)" in (tmp_path / "rep" / "report.md").read_text()
+    r = run("whatif", "capacity", *small[:2], "--context", "32K", "--steps", "1", "--tokens-per-step", "1M",
+            "--target-tokens-per-s", "1000", "--max-gpus", "8", "--tp", "1", "--pp", "1", "--attention-kernel", "fa2",
+            "--table", str(tmp_path / "cap.csv"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["attention_kernel"] == "fa2" and "attn-fa2" in (tmp_path / "cap.csv").read_text()
+    r = run("whatif", *small, "--cluster", "dgx-a100", "--attention-kernel", "fa3", "--out", str(tmp_path / "a.csv"))
+    assert r.exit_code == 2 and "no published rate for attention kernel 'fa3'" in one_line(r.output)
+    r = run("whatif", "--attention-kernel", "flash,fa9", "--out", str(tmp_path / "b.csv"))
+    assert r.exit_code == 2 and "--attention-kernel must be" in one_line(r.output)
+    assert not (tmp_path / "a.journal.jsonl").exists() and not (tmp_path / "b.csv").exists()
+
+
 def test_plan_records_its_attention_kernel_and_refuses_one_a_measured_profile_lacks(tmp_path):
     out = tmp_path / "p.json"
     r = run("plan", "--gpus", "8", "--compare", "static", "--attention-kernel", "fa2", "--out", str(out))

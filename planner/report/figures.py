@@ -29,6 +29,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 from costmodel.timing import CostModel  # noqa: E402
 from planner.plan import Plan, Step  # noqa: E402
 from planner.simulate import StepSimulation, simulate_step, static_memory_parts  # noqa: E402
+from planner.studies.journal import variant_label  # noqa: E402
 from planner.workload import SourceError, format_tokens  # noqa: E402
 from profiles.table import atomic_write  # noqa: E402
 
@@ -56,7 +57,9 @@ def _feasible(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _layout(r) -> str:
-    return f"{r['cluster']} {int(r['gpus'])} GPUs tp{int(r['tp'])} pp{int(r['pp'])}"
+    variant = variant_label(r["zero_stage"], r["attention_kernel"])
+    layout = f"{r['cluster']} {int(r['gpus'])} GPUs tp{int(r['tp'])} pp{int(r['pp'])}"
+    return f"{layout}, {variant}" if variant else layout
 
 
 def _facets(n: int, width_in: float = 5.0, height_in: float = 3.6) -> tuple[plt.Figure, list[plt.Axes]]:
@@ -103,7 +106,7 @@ def plot_speedup_heatmap(df: pd.DataFrame, stem: Path, strategy: str = "hdp") ->
     pp, lengths); n/a cells are infeasible or missing points, † marks plans over the HBM."""
     sub = df[df["strategy"] == strategy].copy()
     sub["over"] = sub["fits_hbm"].astype(object).map(lambda v: v is False or v is np.False_)
-    keys = ["model", "cluster", "tp", "pp", "lengths"]
+    keys = ["model", "cluster", "tp", "pp", "lengths", "zero_stage", "attention_kernel"]
     groups = list(sub.groupby(keys, sort=False)) or [(("no point",) * len(keys), sub)]
     fig, axes = _facets(len(groups), 4.8, 3.8)
     for ax, (key, g) in zip(axes, groups):
@@ -123,8 +126,9 @@ def plot_speedup_heatmap(df: pd.DataFrame, stem: Path, strategy: str = "hdp") ->
         ax.set_yticks(range(len(grid.index)), [str(int(i)) for i in grid.index])
         ax.set_xlabel("max context (tokens)")
         ax.set_ylabel("GPUs")
-        model, cluster, tp, pp, lengths = key
-        ax.set_title(f"{model} tp{tp} pp{pp}, {lengths}", fontsize=9)
+        model, cluster, tp, pp, lengths, zero, kernel = key
+        variant = variant_label(zero, kernel) if model != "no point" else ""
+        ax.set_title(f"{model} tp{tp} pp{pp}, {lengths}" + (f", {variant}" if variant else ""), fontsize=9)
         bar = fig.colorbar(im, ax=ax, label=f"{strategy} speedup vs static")
         bar.set_ticks([t for t in 2.0 ** np.arange(-6, 7) if 1 / vmax <= t <= vmax])
         bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))

@@ -22,7 +22,7 @@ from planner.studies.capacity import (
 from planner.studies.fingerprint import code_fingerprint, machine_description
 from planner.studies.journal import (
     MFU_CONVENTION, SWEEP_COLUMNS, Journal, journal_path, json_row, read_table, rows_to_frame, table_paths,
-    write_table)
+    variant_label, write_table)
 from planner.studies.sweep import (
     POINT_ERRORS, STATIC_MESHES, Config, Point, SweepResult, SweepSpec, batches_of, check_inputs, cost_model_of,
     evaluate_point, options_for, run_sweep)
@@ -42,4 +42,4 @@ __all__ = [
     'default_bytescale_table', 'default_capacity_table', 'evaluate_point', 'journal_path', 'json_row', 'layout_bound',
     'load_calibration_set', 'machine_description', 'options_for', 'per_doubling_slowdown', 'read_table',
     'replace_section', 'reproduce_bytescale', 'rows_to_frame', 'run_sweep', 'stop_pool', 'table_paths',
-    'validate_cost_model', 'worker_pool', 'write_table']
+    'validate_cost_model', 'variant_label', 'worker_pool', 'write_table']

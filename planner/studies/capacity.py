@@ -45,7 +45,8 @@ from planner.plan import PlanError
 from planner.simulate import lower_bound_s, total_compute_s
 from planner.strategies import STRATEGIES
 from planner.studies.journal import Journal
-from planner.studies.sweep import POINT_ERRORS, Config, Point, base_row, batches_of, cost_model_of, evaluate_point
+from planner.studies.sweep import (POINT_ERRORS, Config, Point, base_row, batches_of, check_inputs, cost_model_of,
+                                   evaluate_point)
 from planner.studies.workers import worker_pool
 from planner.workload import GlobalBatch, open_source
 
@@ -222,7 +223,8 @@ def default_capacity_table() -> Path:
 def capacity_search(model: str, context_tokens: int, target: Target, *, cluster: str = "dgx-h100",
                     lengths: str = "byted-like", strategy: str = "hdp", rules: LayoutRules = LayoutRules(),
                     tokens_per_step: int = BYTESCALE_TOKENS_PER_STEP, steps: int = 2, seed: int = 0,
-                    recompute: str = "auto", offload: bool = True, runners_up: int = 5, best_layout: bool = False,
+                    recompute: str = "auto", offload: bool = True, attention_kernel: str = "flash",
+                    runners_up: int = 5, best_layout: bool = False,
                     exhaustive: bool = False, workers: int = 1, journal: Path | None = None,
                     on_progress: Callable[[CapacityProgress], None] | None = None) -> CapacityResult:
     """Smallest GPU count (and a tp, pp) whose `strategy` plan meets `target`, scanning the rules' counts in
@@ -237,6 +239,8 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
         raise PlanError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
     open_source(lengths)
     counts = rules.gpu_counts(cluster)
+    check_inputs([Point(Config(model, cluster, counts[0], 1, 1, context_tokens, lengths,
+                               attention_kernel=attention_kernel), strategy)])
     layouts = {g: rules.layouts(model, cluster, g) for g in counts}
     if not any(layouts.values()):
         raise PlanError(f"capacity search: no tp in {list(rules.tps)} and pp in {list(rules.pps)} is valid for "
@@ -247,7 +251,8 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
     with worker_pool(workers) if workers > 1 else contextlib.nullcontext(None) as pool:
         for i, gpus in enumerate(counts, 1):
             cfgs = [Config(model, cluster, gpus, tp, pp, context_tokens, lengths, tokens_per_step, steps, seed,
-                           recompute, offload, ep=min(rules.ep, tp)) for tp, pp in layouts[gpus]]
+                           recompute, offload, ep=min(rules.ep, tp), attention_kernel=attention_kernel)
+                    for tp, pp in layouts[gpus]]
             if search.decide_count(gpus, i, cfgs, pool, workers) and not exhaustive:
                 break
     rows = search.rows
@@ -265,6 +270,7 @@ class _CapacitySearch:
         self.target, self.strategy, self.journal = target, strategy, journal
         self.exhaustive, self.best_layout, self.on_progress = exhaustive, best_layout, on_progress
         self.known = journal.load(current_only=True) if journal else {}  # planned rows by point key
+        self.journaled = frozenset(self.known)  # keys planned before this run (rows planned now join `known`)
         self.rows: list[dict] = []
         self.planned = self.reused = self.done = 0
         self.total, self.counts = total, counts
@@ -297,7 +303,7 @@ class _CapacitySearch:
         # Cheapest first (PP plans cost 10-100x more), best bound first among equals: an early hit is cheap.
         candidates.sort(key=lambda c: (c[0].pp, self._bound_key(c[1]), c[0].tp))
         tasks = [(cfg, self.strategy, self.target, not self.exhaustive) for cfg, _ in candidates
-                 if Point(cfg, self.strategy).key not in self.known]
+                 if Point(cfg, self.strategy).key not in self.journaled]
         runner = _LayoutRunner(pool, workers, self._record)
         runner.start(tasks)
         best: dict | None = None
@@ -308,7 +314,7 @@ class _CapacitySearch:
                 runner.drop(key)
                 decide(cfg, self._unplanned(cfg, bound, *reason))
                 continue
-            if key in self.known:
+            if key in self.journaled:  # not a row a worker planned ahead in this run: that one is the runner's
                 self.reused += 1
                 row = dict(self.known[key])
             else:
@@ -331,7 +337,7 @@ class _CapacitySearch:
             cm = cost_model_of(cfg)
             batches = batches_of(cfg)
         except POINT_ERRORS:
-            if point.key in self.known:
+            if point.key in self.journaled:
                 self.reused += 1
                 return dict(self.known[point.key]), None
             return self._record(evaluate_point(point)), None  # the failure, recorded the sweep's way
@@ -420,6 +426,8 @@ class _LayoutRunner:
             del self.running[key]
 
     def result(self, key: str) -> dict:
+        if key in self.rows:  # finished ahead
+            return self.rows.pop(key)
         if self.pool is None:
             return self.on_done(_decide_layout(*self.queued.pop(key)))
         while key not in self.rows:

@@ -28,11 +28,20 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "key", "model", "cluster", "gpus", "tp", "pp", "hdp", "context_tokens", "lengths", "tokens_per_step",
     "strategy", "steps", "seed", "offload", "static_mesh", "tokens_per_s", "mfu", "mfu_unhalved", "step_time_s",
     "lower_bound_s", "speedup_vs_static", "static_step_time_s", "peak_memory_bytes", "fits_hbm", "busiest_rank_s",
-    "idlest_rank_s", "recompute", "zero_stage", "capacity_tokens", "profile", "profile_sha256", "code_sha256",
-    "planning_s", "feasible", "reason")
+    "idlest_rank_s", "recompute", "zero_stage", "attention_kernel", "capacity_tokens", "profile", "profile_sha256",
+    "code_sha256", "planning_s", "feasible", "reason")
 MFU_CONVENTION = ("`mfu` divides model FLOPs (causal attention halved: the pairs actually computed, per document; "
                   "recompute excluded) by the profile's dense bf16 peak; `mfu_unhalved` counts causal attention in "
                   "full (PaLM / Megatron)")
+
+
+def variant_label(zero_stage: int, attention_kernel: str | None) -> str:
+    """What sets a sweep row apart beyond its layout and strategy, as people read it ("" for the defaults: ZeRO-1,
+    the profile's own attention), e.g. "zero 3, fa2 attention"."""
+    parts = [f"zero {int(zero_stage)}"] if int(zero_stage) != 1 else []
+    if attention_kernel not in (None, "flash"):
+        parts.append(f"{attention_kernel} attention")
+    return ", ".join(parts)
 
 
 def first_line(e: Exception) -> str:
@@ -102,8 +111,10 @@ def json_row(row: dict) -> dict:
 _FLOAT_COLUMNS = ("tokens_per_s", "mfu", "mfu_unhalved", "step_time_s", "lower_bound_s", "speedup_vs_static",
                   "static_step_time_s", "peak_memory_bytes", "busiest_rank_s", "idlest_rank_s", "planning_s")
 _INT_COLUMNS = ("gpus", "tp", "pp", "context_tokens", "tokens_per_step", "steps", "seed")
-_TEXT_COLUMNS = ("key", "model", "cluster", "lengths", "strategy", "static_mesh", "recompute", "profile",
-                 "profile_sha256", "code_sha256", "reason")
+_TEXT_COLUMNS = ("key", "model", "cluster", "lengths", "strategy", "static_mesh", "recompute", "attention_kernel",
+                 "profile", "profile_sha256", "code_sha256", "reason")
+# Columns added after tables were first written, with the value every older row had
+_LATER_COLUMNS = {"attention_kernel": "flash"}
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -118,6 +129,8 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = pd.array(pd.to_numeric(df[col], errors="coerce"), dtype="Int64")
     for col in _TEXT_COLUMNS:
         df[col] = df[col].astype(object).where(df[col].notna(), None)
+    for col, before in _LATER_COLUMNS.items():
+        df[col] = df[col].where(df[col].notna(), before)
     df["feasible"] = df["feasible"].astype(bool)
     df["offload"] = df["offload"].astype(bool)
     df["fits_hbm"] = pd.array(df["fits_hbm"].astype(object).where(df["fits_hbm"].notna(), None), dtype="boolean")
@@ -158,7 +171,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise OSError(f"{path}: cannot read Parquet here ({first_line(e)}); use the CSV beside it") from None
     except (ValueError, OSError) as e:  # pandas and pyarrow parse errors derive from ValueError
         raise OSError(f"{path}: not a readable {kind} file ({first_line(e)})") from None
-    missing = [c for c in SWEEP_COLUMNS if c not in df.columns]
+    missing = [c for c in SWEEP_COLUMNS if c not in df.columns and c not in _LATER_COLUMNS]
     if missing:
         raise OSError(f"{path}: not a meshplan sweep table (missing {len(missing)} of its columns: "
                       f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})")

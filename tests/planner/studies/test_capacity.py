@@ -136,6 +136,28 @@ def test_capacity_journal_resumes_without_planning(tmp_path, exhaustive):
     pd.testing.assert_frame_equal(again.table[cols], first.table[cols])
 
 
+def test_layouts_planned_ahead_count_as_planned_not_reused(tmp_path, exhaustive, monkeypatch):
+    """A layout a worker planned ahead of the one awaited is this run's work, not the journal's: here every task
+    finishes before it is asked for (the order a 2-worker pool can produce), and the counts stay those of a
+    serial run."""
+    from planner.studies import capacity
+
+    start = capacity._LayoutRunner.start
+
+    def all_ahead(self, tasks):
+        start(self, tasks)
+        for key in list(self.queued):
+            self.rows[key] = self.on_done(capacity._decide_layout(*self.queued.pop(key)))
+
+    t = exhaustive.table
+    target = Target("tokens_per_s", float(t[t["status"] == "meets"]["tokens_per_s"].median()))
+    serial = capacity_search("llama-13b", 512 * K, target, rules=RULES, **CASE)
+    monkeypatch.setattr(capacity._LayoutRunner, "start", all_ahead)
+    ahead = capacity_search("llama-13b", 512 * K, target, rules=RULES, journal=tmp_path / "c.journal.jsonl", **CASE)
+    assert ahead.reused == 0 and ahead.planned >= serial.planned > 0
+    assert ahead.answer["key"] == serial.answer["key"]
+
+
 def test_capacity_ctrl_c_in_the_cli_keeps_the_journal_and_exits_130(tmp_path, monkeypatch):
     """A KeyboardInterrupt while planning: exit 130, one line saying how to resume, finished layouts journaled;
     the same command then resumes from them."""

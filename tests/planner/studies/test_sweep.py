@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from planner.studies import SWEEP_COLUMNS, Config, Journal, Point, SweepSpec, journal_path, read_table, run_sweep
+from profiles.table import ProfileError
 
 K, M = 1024, 1024 * 1024
 SPEC = SweepSpec(models=("llama-7b",), gpus=(8, 16), contexts_tokens=(32 * K, 128 * K), lengths=("byted-like",),
@@ -127,6 +128,26 @@ def test_a_planner_bug_marks_its_point_not_the_sweep(tmp_path, monkeypatch):
     bad = df[df["strategy"] == "hdp-naive"].iloc[0]
     assert not bad["feasible"] and bad["reason"] == "planner error (IndexError): index 4 is out of bounds"
     assert df[df["strategy"] != "hdp-naive"]["feasible"].all()
+
+
+def test_attention_kernels_are_configs_of_their_own(tmp_path):
+    """A sweep over attention kernels: each kernel its own config (key, row, static reference); FlashAttention-2's
+    published rates over the H100 table's FlashAttention-3 make every plan slower; a table written before the
+    column reads as the profile's own kernel; a kernel the cluster's profile has no rate for fails before planning."""
+    spec = SweepSpec(models=("llama-7b",), gpus=(8,), contexts_tokens=(128 * K,), strategies=("static", "hdp"),
+                     steps=1, tokens_per_step=M, attention_kernels=("flash", "fa2"))
+    df = run_sweep(spec.points(), tmp_path / "k.csv").table
+    assert list(df["attention_kernel"]) == ["flash", "flash", "fa2", "fa2"] and df["key"].is_unique
+    assert "attn" not in df["key"][0] and df["key"][3].endswith("|attn-fa2|hdp")  # flash keys as before
+    flash, fa2 = df[df["attention_kernel"] == "flash"], df[df["attention_kernel"] == "fa2"]
+    assert (fa2["step_time_s"].to_numpy() > flash["step_time_s"].to_numpy()).all()
+    assert fa2["speedup_vs_static"].iloc[1] == pytest.approx(fa2["step_time_s"].iloc[0] / fa2["step_time_s"].iloc[1])
+    old = tmp_path / "old.csv"
+    df.drop(columns=["attention_kernel"]).to_csv(old, index=False)
+    assert list(read_table(old)["attention_kernel"]) == ["flash"] * 4
+    with pytest.raises(ProfileError, match="no published rate for attention kernel 'fa3'"):
+        run_sweep(SweepSpec(clusters=("dgx-a100",), attention_kernels=("fa3",)).points(), tmp_path / "a.csv")
+    assert not (tmp_path / "a.journal.jsonl").exists()
 
 
 def test_unknown_inputs_fail_before_planning(tmp_path):
