@@ -1203,8 +1203,12 @@ def validate_cmd(
                                                        f"attention kernel, {one_of(ATTENTION_KERNELS)} (default: each "
                                                        "run's own, as its set records it)."),
         notes: bool = typer.Option(False, help="Print each case's modelling assumptions."),
+        breakdown: bool = typer.Option(False, "--breakdown", help="Also print where each predicted time goes: GEMMs, "
+                                       "attention, elementwise kernels, head, exposed communication, pipeline "
+                                       "bubble, gradient sync, optimizer (% of the prediction)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {sets: [{name, source, profile, "
-                                                           "held_out, attention_kernel, mape, rows, memory}]}."),
+                                                           "held_out, attention_kernel, mape, rows (each with its "
+                                                           "parts), memory}]}."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
@@ -1233,6 +1237,8 @@ def validate_cmd(
             t.add_row(escape(r.case), f"{r.published:.2f} {r.unit}", f"{r.predicted:.2f} {r.unit}", f"{r.error:+.1%}")
         out.print(t)
         out.print(f"MAPE {rep.mape:.1%} over {len(rep.rows)} cases (error = predicted / published - 1)")
+        if breakdown:
+            out.print(_breakdown_table(rep))
         if rep.memory:
             out.print(_memory_table(rep))
         if notes:
@@ -1250,6 +1256,20 @@ def validate_cmd(
         if held:
             summary += f"; held out: {sum(abs(r.error) for r in held) / len(held):.1%} over {len(held)} cases"
         out.print(summary)
+
+
+def _breakdown_table(rep) -> Table:
+    """Each row's prediction by part, as shares of it (only the parts some row of the set has)."""
+    from planner.studies.validation import BREAKDOWN_PARTS
+
+    shown = [k for k in BREAKDOWN_PARTS if any(abs(r.parts.get(k, 0.0)) > 5e-4 * r.predicted for r in rep.rows)]
+    t = Table(title=escape(f"{rep.name}: where the predicted time goes, % of it"))
+    for c in ("case", "error", *(BREAKDOWN_PARTS[k] for k in shown)):
+        t.add_column(c, justify="left" if c == "case" else "right")
+    for r in rep.rows:
+        shares = (100 * r.parts.get(k, 0.0) / r.predicted for k in shown)
+        t.add_row(escape(r.case), f"{r.error:+.1%}", *(f"{x:.1f}" if abs(x) >= 0.05 else "0.0" for x in shares))
+    return t
 
 
 def _memory_table(rep) -> Table:

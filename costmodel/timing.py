@@ -130,6 +130,20 @@ class UnitCost:
     def compute_s(self) -> float:
         return self.fwd_compute_s + self.bwd_compute_s + self.head_fwd_s + self.head_bwd_s
 
+    def parts_s(self, direction: str | None = None) -> dict[str, float]:
+        """The unit's time in one direction ("fwd", "bwd"; None: both) by kind, summing to fwd_s / bwd_s /
+        total_s: the layers' GEMMs (compute less the parts below), attention core, memory-bound kernels and fixed
+        per-layer costs; the head and embedding; exposed TP, CP and offload time."""
+        ds = ("fwd", "bwd") if direction is None else (direction,)
+
+        def of(name: str) -> float:
+            return sum(getattr(self, name.format(d)) for d in ds)
+
+        attn, mem, fixed = of("attn_{}_compute_s"), of("mem_{}_s"), of("overhead_{}_s")
+        return {"gemm": of("{}_compute_s") - attn - mem - fixed, "attention": attn, "elementwise": mem,
+                "fixed": fixed, "head": of("head_{}_s"), "tp_comm": of("tp_comm_{}_s"),
+                "cp_exposed": of("ring_exposed_{}_s"), "offload_exposed": of("offload_exposed_{}_s")}
+
     @property
     def ring_exposed_s(self) -> float:
         return self.ring_exposed_fwd_s + self.ring_exposed_bwd_s

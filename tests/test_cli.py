@@ -351,6 +351,17 @@ def test_validate_prices_every_run_with_the_attention_kernel_asked_for():
     assert r.exit_code == 2 and "--attention-kernel must be" in one_line(r.output)
 
 
+def test_validate_breakdown_shows_where_each_prediction_goes():
+    r = run("validate", "--set", "nemo_longseq2024", "--breakdown")
+    assert r.exit_code == 0, r.output
+    table = r.output.split("where the predicted time goes")[1].split("memory per GPU")[0]
+    row = next(line for line in table.splitlines() if "1024K" in line)  # attention-bound: attention is most of it
+    shares = [float(x) for x in row.split("│")[3:-1]]
+    assert shares[1] == max(shares) > 90 and sum(shares) == pytest.approx(100, abs=0.5)
+    d = json.loads(run("validate", "--set", "nemo_longseq2024", "--json").output)
+    assert d["sets"][0]["rows"][-1]["parts"]["attention"] > 0.9 * d["sets"][0]["rows"][-1]["predicted"]
+
+
 def test_whatif_sweeps_and_searches_with_the_attention_kernels_asked_for(tmp_path):
     out, small = tmp_path / "s.csv", ["--model", "llama-7b", "--gpus", "8", "--context", "32K", "--steps", "1",
                                       "--tokens-per-step", "1M"]

@@ -108,6 +108,12 @@ class CalibrationSet:
         return load_model(name)
 
 
+# What ValidationRow.parts holds, as the breakdown table heads them
+BREAKDOWN_PARTS = {"gemm": "GEMM", "attention": "attention", "elementwise": "elementwise", "fixed": "fixed",
+                   "head": "head", "tp_comm": "TP comm", "cp_exposed": "CP exposed", "offload_exposed": "offload",
+                   "schedule": "bubble/FSDP", "grad_sync": "grad sync", "optimizer": "optimizer"}
+
+
 @dataclass(frozen=True)
 class ValidationRow:
     """A published figure next to the cost model's prediction of it."""
@@ -117,6 +123,9 @@ class ValidationRow:
     published: float
     predicted: float
     note: str  # the modelling assumptions behind `predicted`
+    # `predicted` by kind, in its unit, summing to it (UnitCost.parts_s; iterations add their schedule's idle and
+    # exposed time, the gradient sync and the optimizer: BREAKDOWN_PARTS)
+    parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def error(self) -> float:
@@ -149,7 +158,7 @@ class ValidationReport:
         return {"name": self.name, "source": self.source, "profile": self.profile, "held_out": self.held_out,
                 "attention_kernel": self.attention_kernel, "mape": self.mape,
                 "rows": [{"case": r.case, "unit": r.unit, "published": r.published, "predicted": r.predicted,
-                          "error": r.error, "note": r.note} for r in self.rows],
+                          "error": r.error, "note": r.note, "parts": r.parts} for r in self.rows],
                 "memory": [{"case": r.case, "peak_bytes": r.peak_bytes, "allocated_bytes": r.allocated_bytes,
                             "hbm_bytes": r.hbm_bytes, "headroom_bytes": r.headroom_bytes, "fits": r.fits,
                             "fits_with_reserve": r.fits_with_reserve,
@@ -207,8 +216,9 @@ def layer_rows(cal: CalibrationSet, case: LayerCase, profile: Profile) -> list[V
     unit = cm.unit_cost([cal.seq_tokens] * case.micro_batch, with_head=False)
     note = "; ".join(x for x in (_note(cm.setup.training), case.note) if x)
     per_layer_ms = 1e3 / cm.layers_per_stage
-    return [ValidationRow(f"{case.label}: forward", "ms", case.forward_ms, unit.fwd_s * per_layer_ms, note),
-            ValidationRow(f"{case.label}: backward", "ms", case.backward_ms, unit.bwd_s * per_layer_ms, note)]
+    return [ValidationRow(f"{case.label}: {name}", "ms", published, (unit.fwd_s if d == "fwd" else unit.bwd_s)
+                          * per_layer_ms, note, {k: v * per_layer_ms for k, v in unit.parts_s(d).items()})
+            for name, d, published in (("forward", "fwd", case.forward_ms), ("backward", "bwd", case.backward_ms))]
 
 
 def iteration_flops(model: ModelSpec, convention: FlopsConvention, sequences: int, seq_tokens: int,
@@ -342,7 +352,10 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
                                  f"{run.model.layers} layers priced as {priced} x {run.layer_ratio:.4f}"
                                  if run.layer_ratio != 1 else "", case.note) if x)
     predicted = (pipeline_s + sync_s + optimizer_s) * run.layer_ratio
-    return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note)
+    parts = {k: m * v for k, v in unit.parts_s().items()}
+    parts.update(schedule=pipeline_s - m * unit.total_s, grad_sync=sync_s, optimizer=optimizer_s)
+    return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note,
+                         {k: v * run.layer_ratio for k, v in parts.items()})
 
 
 # ---- memory: does the published run fit in the GPU's memory as the cost model counts it? ---------------------

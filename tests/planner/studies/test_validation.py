@@ -95,6 +95,10 @@ def test_every_packaged_set_prices(name):
     r = validate_cost_model(name=name)
     assert r.rows and all(x.predicted > 0 and x.published > 0 for x in r.rows)
     assert r.mape == pytest.approx(sum(abs(x.error) for x in r.rows) / len(r.rows))
+    for x in r.rows:  # the breakdown is the prediction, part by part: nothing left over, nothing negative
+        assert set(x.parts) <= set(validation.BREAKDOWN_PARTS) and x.parts["gemm"] > 0
+        assert sum(x.parts.values()) == pytest.approx(x.predicted, rel=1e-9)
+        assert min(x.parts.values()) > -1e-9 * x.predicted
 
 
 def test_megatron_flops_convention_is_the_model_flops_with_recompute():
