@@ -70,7 +70,6 @@ S_HALF = {  # document length at which attention reaches half its plateau effici
     "fwd_causal": Const(550, "tokens", "REFERENCE 8.2 analytic fallback fit to FA3 Figs. 5-6 [assumption]"),
     "bwd": Const(400, "tokens", "REFERENCE 8.2 analytic fallback fit to FA3 Figs. 5-6 [assumption]"),
 }
-HEAD_DIM_64_FACTOR = Const(0.85, "x", "FlashAttention head-dim 64 runs below 128 [assumption]")
 GEMM_HALF_FLOPS_AT_989T = Const(2e10, "FLOP", "GEMM reaches half of its large-size efficiency near 2e10 FLOP "
                                 "(about 20 us at H100 rate) [assumption]; scaled with the peak")
 HGX_DOMAIN_GPUS = 8  # GPUs of an HGX/DGX baseboard: the NVLink domain of every profile without domain_gpus
@@ -136,6 +135,28 @@ _HOPPER_ATTENTION_TFLOPS = {
                                  "fwd_causal": (191, 260, 298, 319, 333, 335),
                                  "bwd": (214, 260, 291, 310, 318, 322)})}
 _ATTN_WHAT = {"fwd_noncausal": "fwd non-causal", "fwd_causal": "fwd causal", "bwd": "bwd"}
+# Head dim 64 against 128 at 16K, per kernel: the same figures' hd64 panels (forward non-causal FA3 497, FA2 324;
+# backward FA3 474, FA2 291 TFLOP/s). No causal hd64 panel was found: causal forward takes the non-causal ratio.
+_HD64_TFLOPS = {"fa3": (497, 474), "fa2": (324, 291)}  # (fwd non-causal, bwd) at hd64; hd128 in the series above
+
+
+def _hd64_x(g: GpuNumbers) -> dict[str, Const]:
+    """The table kernel's head-dim-64 rate over its head-dim-128 rate, per key (fwd_noncausal, fwd_causal, bwd).
+    Blackwell (no kernel of its own published) takes FA3's; A100's FA2 takes FA2's as measured on an H100."""
+    k = g.attn_kernel if g.attn_kernel in _HD64_TFLOPS else "fa3"
+    name, series = _HOPPER_ATTENTION_TFLOPS[k]
+    fwd, bwd = _HD64_TFLOPS[k]
+    note = ("" if g.attn_kernels is HOPPER_ATTENTION else
+            f" [assumption: its attention on {g.name} scales with head dim as {name}'s on an H100]")
+    fwd_x = _c(fwd / series["fwd_noncausal"][-1], "x", f"{name} hd64 over hd128, fwd non-causal at 16K: {fwd} / "
+               f"{series['fwd_noncausal'][-1]} TFLOP/s, H100 SXM5 {_FA3_PAPER}{note}")
+    return {"fwd_noncausal": fwd_x,
+            "fwd_causal": _c(fwd_x.value, "x", f"{fwd_x.source}; causal as non-causal [assumption: no causal hd64 "
+                             "panel]"),
+            "bwd": _c(bwd / series["bwd"][-1], "x", f"{name} hd64 over hd128, bwd at 16K: {bwd} / {series['bwd'][-1]} "
+                      f"TFLOP/s, H100 SXM5 {_FA3_PAPER}{note}")}
+
+
 # plateaus: each kernel's rate at the paper's longest length, as a fraction of the dense BF16 peak
 HOPPER_ATTENTION = {
     k: {key: _c(tf[-1] / 989, "x", f"{name} {_ATTN_WHAT[key]} {tf[-1]} TFLOP/s at 16K, hd128, H100 SXM5 {_FA3_PAPER}")
@@ -388,7 +409,7 @@ def build(g: GpuNumbers) -> Profile:
     consts: dict[str, Const] = {
         "peak_bf16_flops": g.peak_bf16, "gemm_large_flops": g.gemm_large, "ar_plateau_intra": g.ar_plateau_intra,
         "p2p_intra": g.p2p_intra, "a2a_intra": g.a2a_intra, "nic": g.nic, "h2d": g.h2d, "d2h": g.d2h,
-        "gemm_half_flops": g.gemm_half or GEMM_HALF_FLOPS_AT_989T, "gemm_floor": GEMM_FLOOR, "head_dim_64_factor": HEAD_DIM_64_FACTOR,
+        "gemm_half_flops": g.gemm_half or GEMM_HALF_FLOPS_AT_989T, "gemm_floor": GEMM_FLOOR,
         "nic_eff": NIC_EFF, "p2p_nic_eff": P2P_NIC_EFF, "floor_intra": FLOOR_INTRA, "floor_p2p": FLOOR_P2P,
         "floor_inter_256": FLOOR_INTER_256, "floor_inter_p2p": FLOOR_INTER_P2P, "host_copy_floor": HOST_COPY_FLOOR,
         "pageable_factor": PAGEABLE_FACTOR, "ar_shape": AR_SHAPE, "inter_shape": INTER_SHAPE,
@@ -399,6 +420,8 @@ def build(g: GpuNumbers) -> Profile:
     if g.attn_kernel is not None:  # a kernel's attention time over the table's (Profile.attention_kernel_time_x)
         consts.update(_kernel_time_x(g))
     consts.update({f"attn_s_half_{k}": v for k, v in S_HALF.items()})
+    hd64 = _hd64_x(g)
+    consts.update({f"attn_hd64_x_{k}": v for k, v in hd64.items()})
     gemm_rates = [("bf16", g.gemm_large, g.peak_bf16)]
     if g.peak_fp8 is not None and g.gemm_large_fp8 is not None:
         consts.update({"peak_fp8_flops": g.peak_fp8, "gemm_large_fp8_flops": g.gemm_large_fp8})
@@ -424,7 +447,7 @@ def build(g: GpuNumbers) -> Profile:
     for hd in (64, 128):
         for key, direction, causal in (("fwd_noncausal", "fwd", False), ("fwd_causal", "fwd", True),
                                        ("bwd", "bwd", True), ("bwd", "bwd", False)):
-            plateau = g.attn_plateau[key].value * (HEAD_DIM_64_FACTOR.value if hd == 64 else 1.0)
+            plateau = g.attn_plateau[key].value * (hd64[key].value if hd == 64 else 1.0)
             for s in ATTN_LENGTHS:
                 docs = max(1, 16384 // s)
                 rate = g.peak_bf16.value * plateau * s / (s + S_HALF[key].value)

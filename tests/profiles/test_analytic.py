@@ -74,6 +74,20 @@ def test_interleaved_groups_across_nodes_share_the_nics_by_hand():
     assert t == pytest.approx(s * fr / plateau)
 
 
+@pytest.mark.parametrize("name, fwd, bwd", [("h100-sxm.analytic", 497 / 648, 474 / 561),
+                                            ("a100-sxm-80gb.analytic", 324 / 370, 291 / 322)])
+def test_head_dim_64_runs_at_the_table_kernels_published_share_of_128(name, fwd, bwd):
+    """FA3 paper Figs. 5-6 (H100, 16K): FA3 hd64 497 / 474 TFLOP/s forward non-causal / backward against hd128's
+    648 / 561; FA2 324 / 291 against 370 / 322 (A100's FA2 table borrows FA2's H100 ratio)."""
+    from profiles.table import attention_flops
+
+    p = load_profile(name)
+    for direction, causal, x in (("fwd", False, fwd), ("fwd", True, fwd), ("bwd", True, bwd)):
+        rate = {hd: float(attention_flops(16384, 32, hd, causal, direction)) / float(p.attention_time_s(
+            16384, heads=32, head_dim=hd, causal=causal, direction=direction)) for hd in (64, 128)}
+        assert rate[64] / rate[128] == pytest.approx(x)
+
+
 def test_hopper_profiles_price_each_published_attention_kernel_over_their_own():
     """FlashAttention-3's paper (Figs. 5-6, H100, hd128): causal forward 616 / 539 / 335 and backward 561 / 516 / 322
     TFLOP/s for FA3 / cuDNN (July 2024) / FA2 at 16K, causal forward 292 / 315 / 191 at 512 and 423 / 410 / 260 at
