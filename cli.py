@@ -1196,7 +1196,9 @@ def validate_cmd(
                                                                       "packaged one: korthikanti2022, narayanan2021, "
                                                                       "llama3_2024, megatron_bridge2025, "
                                                                       "nemo2024, nemo_longseq2024, "
-                                                                      "torchtitan_a100_2024)."),
+                                                                      "torchtitan_a100_2024, "
+                                                                      "megatron_bridge_b200_2025, "
+                                                                      "megatron_bridge_gb200_2025)."),
         profile: Optional[str] = typer.Option(None, help="Profile name or path for every set (default: each set's "
                                                          "cluster's, e.g. a100-sxm-80gb.analytic)."),
         attention_kernel: Optional[str] = typer.Option(None, "--attention-kernel", help="Price every run with this "
@@ -1212,8 +1214,8 @@ def validate_cmd(
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
-    trained in. The first set (Korthikanti et al. 2022) informed the model's design; the others (Narayanan et al.
-    2021 on A100, Llama 3 on H100) are held out."""
+    trained in. Design sets informed the model (Korthikanti et al. 2022; the Megatron-Bridge Blackwell rows, its
+    Blackwell GEMM rates); the others are held out."""
     from planner.studies import CALIBRATION_SETS, validate_cost_model
 
     names = sets or list(CALIBRATION_SETS)

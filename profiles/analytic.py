@@ -294,24 +294,63 @@ H800 = GpuNumbers(
 
 # Blackwell. Published: B200 dense peaks, its bf16 MAMF, its 8-GPU all-reduce (REFERENCE 8.1); GB200 NVL72 rack totals
 # (NVIDIA GB200 NVL72 datasheet: 360 PFLOPS FP16/BF16 and 720 PFLOPS FP8 with sparsity, 576 TB/s HBM, 130 TB/s NVLink,
-# over 72 GPUs). Not published: fp8 MAMF and FlashAttention (FA4) efficiency on Blackwell, NVL72 collectives.
+# over 72 GPUs); cuDNN's attention on both (cudnn-frontend's SDPA training benchmark). Not published: fp8 MAMF on
+# Blackwell, NVL72 collectives.
 _B200_MAMF_FRACTION = 1745 / 2250  # bf16 MAMF / dense peak, B200 [meas: stas00]
+# Nobody has published Blackwell's sustained GEMM rates or its fp8 MAMF: both come from Hopper's measured ratios. A
+# training step's GEMMs run at 0.85 of the MAMF (the H200's measured medians of >= 1 ms GEMMs, both dtypes), and
+# Hopper's fp8 MAMF is a smaller fraction of its fp8 peak than the bf16 MAMF of its bf16 peak (1,453.4 / 1,979 over
+# 794.5 / 989 = 0.91) [assumption: Blackwell as Hopper]. Before 2026-12-05 the MAMF fraction stood for both: the
+# Megatron-Bridge B200 / GB200 rows came out 19-28% fast.
+HOPPER_MAMF_BF16, HOPPER_MAMF_FP8 = 794.5e12, 1453.4e12  # H100 SXM [meas: stas00 ml-engineering]
+_FP8_MAMF_FRACTION_X = (HOPPER_MAMF_FP8 / 1979e12) / (HOPPER_MAMF_BF16 / 989e12)
+
+
+def _blackwell_gemm(gpu: str, peak_bf16: float, peak_fp8: float, mamf: str) -> tuple[Const, Const]:
+    """(bf16, fp8) sustained large-GEMM rates: the B200's bf16 MAMF fraction of the peak, fp8's scaled as Hopper's,
+    both at Hopper's sustained / MAMF ratios."""
+    bf16_x = HOPPER_GEMM_SUSTAINED.value / HOPPER_MAMF_BF16
+    fp8_x = HOPPER_GEMM_SUSTAINED_FP8.value / HOPPER_MAMF_FP8
+    why = "[assumption: Blackwell's sustained / MAMF and fp8 / bf16 MAMF fractions as measured on Hopper]"
+    return (_c(peak_bf16 * _B200_MAMF_FRACTION * bf16_x, "FLOP/s", f"{gpu} BF16 peak x {mamf} x the H200's sustained "
+               f"/ MAMF {bf16_x:.3f} (673.3 / 794.5) {why}"),
+            _c(peak_fp8 * _B200_MAMF_FRACTION * _FP8_MAMF_FRACTION_X * fp8_x, "FLOP/s", f"{gpu} FP8 peak x {mamf} x "
+               f"Hopper's fp8 / bf16 MAMF fraction {_FP8_MAMF_FRACTION_X:.3f} x the H200's sustained / MAMF "
+               f"{fp8_x:.3f} (1,226.3 / 1,453.4) {why}"))
+
+
+_B200_GEMM = _blackwell_gemm("B200", 2250e12, 4500e12, "its BF16 MAMF fraction 1745/2250 [meas: stas00]")
+_GB200_GEMM = _blackwell_gemm("GB200", 360e15 / 2 / 72, 720e15 / 2 / 72, "the B200's BF16 MAMF fraction 1745/2250 "
+                              "[meas: stas00; assumption: unmeasured on GB200]")
 NVLINK5 = 900e9  # NVLink5 per GPU per direction (1.8 TB/s bidirectional) [spec: B200 and GB200 NVL72 datasheets]
 _NVLINK4_P2P_EFF = 378 / 450  # H100 P2P achieved / NVLink4 spec (REFERENCE 8.1)
 
 
-def _blackwell_attention(gpu: str) -> dict[str, Const]:
-    """H100's FA3 plateaus as fractions of the bf16 peak: no FA4 efficiency is published (REFERENCE 8.2)."""
-    return {k: _c(v.value, "x", f"{gpu}: H100 FA3 fraction of peak ({v.source}) [assumption: FA4 efficiency "
-                  "unpublished]") for k, v in H100.attn_plateau.items()}
+_CUDNN_FE_SDPA = ("[NVIDIA/cudnn-frontend benchmark/sdpa_benchmark_training/artifacts/"
+                  "sdpa_bf16_benchmark_results_NVIDIA_{gpu}.csv: batch 1, 128 query / 8 KV heads, hd128, causal, "
+                  "TFLOP/s with causal halved; {stack}]")
+
+
+def _blackwell_attention(gpu: str, peak_flops: float, fwd_causal_tflops: float, bwd_tflops: float,
+                         stack: str) -> dict[str, Const]:
+    """cuDNN's attention (what Transformer Engine runs on Blackwell) at 32K as cudnn-frontend's training benchmark
+    measured it, as fractions of the bf16 peak; non-causal forward at FA3's H100 non-causal / causal ratio (the
+    benchmark times causal only)."""
+    src = _CUDNN_FE_SDPA.format(gpu=gpu, stack=stack)
+    fwd = fwd_causal_tflops * 1e12 / peak_flops
+    return {"fwd_causal": _c(fwd, "x", f"{gpu} cuDNN causal forward {fwd_causal_tflops:g} TFLOP/s at 32K {src}"),
+            "fwd_noncausal": _c(fwd * 648 / 616, "x", f"{gpu} cuDNN causal forward {fwd_causal_tflops:g} TFLOP/s at "
+                                f"32K x FA3's H100 non-causal / causal 648 / 616 {src} [assumption]"),
+            "bwd": _c(bwd_tflops * 1e12 / peak_flops, "x", f"{gpu} cuDNN backward {bwd_tflops:g} TFLOP/s at 32K {src}")}
 
 
 _TILE_BLACKWELL = "Hopper's 128x256 output tile [assumption: no published Blackwell cuBLAS tile]"
 B200 = GpuNumbers(
     name="b200", device="NVIDIA B200 SXM 180GB (analytic)",
     peak_bf16=_c(2250e12, "FLOP/s", "B200 (1000 W) dense BF16 [spec, REFERENCE 8.1]"),
-    gemm_large=_c(1745e12, "FLOP/s", "MAMF large BF16 GEMM [meas: stas00 ml-engineering, REFERENCE 8.1]"),
-    attn_plateau=_blackwell_attention("B200"),
+    gemm_large=_B200_GEMM[0],
+    attn_plateau=_blackwell_attention("B200", 2250e12, 1419, 1109, "PyTorch's cuDNN SDPA, cuDNN 9.13, torch "
+                                      "2.9 of the NGC 25.09 container"),
     ar_plateau_intra=_c(845.7e9, "B/s", "8xB200 all-reduce busbw at 16 GiB [meas: stas00, AWS P6-B200, REFERENCE 8.1]"),
     p2p_intra=_c(NVLINK5 * _NVLINK4_P2P_EFF, "B/s", "NVLink5 900 GB/s per direction [spec] x H100's P2P efficiency "
                  "378/450 [derived]"),
@@ -323,8 +362,7 @@ B200 = GpuNumbers(
     sms=_c(148, "SMs", "B200 148 SMs (SM 10.0) [code search: device queries in B200 benchmark repositories]"),
     gemm_tile_m=_c(128, "elements", _TILE_BLACKWELL), gemm_tile_n=_c(256, "elements", _TILE_BLACKWELL),
     peak_fp8=_c(4500e12, "FLOP/s", "B200 dense FP8 [spec, REFERENCE 8.1]"),
-    gemm_large_fp8=_c(4500e12 * _B200_MAMF_FRACTION, "FLOP/s", "B200 FP8 peak x its BF16 MAMF fraction 1745/2250 "
-                      "[assumption: no published FP8 MAMF on Blackwell]"),
+    gemm_large_fp8=_B200_GEMM[1],
 )
 
 _GB200_RACK = "NVIDIA GB200 NVL72 datasheet"
@@ -332,9 +370,9 @@ GB200 = GpuNumbers(
     name="gb200", device="NVIDIA GB200 NVL72 (analytic)",
     peak_bf16=_c(360e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 360 PFLOPS FP16/BF16 with sparsity per 72 GPUs -> 2.5 "
                  "dense per GPU [spec, derived]"),
-    gemm_large=_c(360e15 / 2 / 72 * _B200_MAMF_FRACTION, "FLOP/s", "BF16 peak x B200's MAMF fraction 1745/2250 "
-                  "[assumption: unmeasured on GB200]"),
-    attn_plateau=_blackwell_attention("GB200"),
+    gemm_large=_GB200_GEMM[0],
+    attn_plateau=_blackwell_attention("GB200", 360e15 / 2 / 72, 1681, 1348, "cudnn-frontend 1.16, cuDNN 9.17, "
+                                      "torch of the NGC 25.11 container"),
     ar_plateau_intra=_c(B200.ar_plateau_intra.value, "B/s", "8xB200 all-reduce busbw [meas: stas00], the same NVLink5 "
                         "per GPU, held for every group inside the 72-GPU domain [assumption: NVL72 unmeasured]"),
     p2p_intra=B200.p2p_intra, a2a_intra=B200.a2a_intra,
@@ -347,8 +385,7 @@ GB200 = GpuNumbers(
     gemm_tile_m=B200.gemm_tile_m, gemm_tile_n=B200.gemm_tile_n,
     peak_fp8=_c(720e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 720 PFLOPS FP8 with sparsity per 72 GPUs -> 5.0 dense "
                 "per GPU [spec, derived]"),
-    gemm_large_fp8=_c(720e15 / 2 / 72 * _B200_MAMF_FRACTION, "FLOP/s", "FP8 peak x B200's BF16 MAMF fraction "
-                      "1745/2250 [assumption: no published FP8 MAMF on Blackwell]"),
+    gemm_large_fp8=_GB200_GEMM[1],
     domain_gpus=_c(72, "GPUs", f"{_GB200_RACK}: 72 GPUs on one NVLink Switch System, 130 TB/s [spec]"),
 )
 

@@ -78,6 +78,18 @@ def test_hopper_sustained_gemm_rates_are_the_measured_h200_medians():
         analytic.sustained_gemm_flops(measured, "bf16", min_s=10.0)
 
 
+def test_blackwell_gemm_rates_carry_hoppers_measured_ratios():
+    """No sustained or fp8 GEMM rate of Blackwell is published: the B200's bf16 MAMF fraction (1,745 / 2,250), fp8's
+    scaled by Hopper's fp8 / bf16 MAMF fractions (1,453.4 / 1,979 over 794.5 / 989), both at the H200's measured
+    sustained / MAMF (673.3 / 794.5 bf16, 1,226.3 / 1,453.4 fp8)."""
+    bf16_x, fp8_x = 673.3 / 794.5, 1226.3 / 1453.4
+    fp8_fraction = (1453.4 / 1979) / (794.5 / 989)
+    for g, bf16_peak, fp8_peak in ((analytic.B200, 2250e12, 4500e12), (analytic.GB200, 2500e12, 5000e12)):
+        assert g.gemm_large.value == pytest.approx(bf16_peak * 1745 / 2250 * bf16_x, rel=1e-3)
+        assert g.gemm_large_fp8.value == pytest.approx(fp8_peak * 1745 / 2250 * fp8_fraction * fp8_x, rel=1e-3)
+        assert "[assumption" in g.gemm_large.source and "[assumption" in g.gemm_large_fp8.source
+
+
 def test_hopper_memory_kinds_are_the_measured_h200_ones():
     """The Hopper analytic profiles carry the kinds measured on the H200 (same constants, values, every kind the
     cost model prices but the stream); the others price every kernel as a stream."""
