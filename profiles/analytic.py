@@ -62,6 +62,8 @@ class GpuNumbers:
     # attn_plateau's; attn_plateau is the one named `attn_kernel`. None: only the profile's own kernel is known
     attn_kernels: dict[str, dict[str, Const]] | None = None
     attn_kernel: str | None = None
+    # Document length at half the plateau, per key, where this GPU's kernel was measured per length; None: S_HALF
+    attn_s_half: dict[str, Const] | None = None
 
 
 # Shared, GPU-independent numbers -------------------------------------------------------------
@@ -329,19 +331,47 @@ _NVLINK4_P2P_EFF = 378 / 450  # H100 P2P achieved / NVLink4 spec (REFERENCE 8.1)
 _CUDNN_FE_SDPA = ("[NVIDIA/cudnn-frontend benchmark/sdpa_benchmark_training/artifacts/"
                   "sdpa_bf16_benchmark_results_NVIDIA_{gpu}.csv: batch 1, 128 query / 8 KV heads, hd128, causal, "
                   "TFLOP/s with causal halved; {stack}]")
+_CUDNN_FE_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)  # the benchmark's lengths from 4K (shorter: batch 1
+# calls too small for the tables' >= 16K-token calls)
 
 
-def _blackwell_attention(gpu: str, peak_flops: float, fwd_causal_tflops: float, bwd_tflops: float,
-                         stack: str) -> dict[str, Const]:
-    """cuDNN's attention (what Transformer Engine runs on Blackwell) at 32K as cudnn-frontend's training benchmark
-    measured it, as fractions of the bf16 peak; non-causal forward at FA3's H100 non-causal / causal ratio (the
-    benchmark times causal only)."""
+def fit_saturation(lengths: tuple[int, ...], tflops: tuple[float, ...]) -> tuple[float, float]:
+    """(plateau TFLOP/s, s_half tokens) of rate(s) = plateau·s/(s + s_half) with the least squared log error over the
+    points: s_half on a log grid, the plateau in closed form for each."""
+    s, r = np.asarray(lengths, float), np.log(np.asarray(tflops, float))
+    best = min((float(np.sum((r - np.mean(r - np.log(s / (s + h))) - np.log(s / (s + h))) ** 2)), h)
+               for h in np.geomspace(50, 50000, 2001))
+    h = best[1]
+    return float(np.exp(np.mean(r - np.log(s / (s + h))))), float(h)
+
+
+def _blackwell_attention(gpu: str, peak_flops: float, fwd_causal: tuple[float, ...], bwd: tuple[float, ...],
+                         stack: str) -> tuple[dict[str, Const], dict[str, Const]]:
+    """(plateaus as fractions of the bf16 peak, s_half) of cuDNN's attention (what Transformer Engine runs on
+    Blackwell) fitted to cudnn-frontend's training benchmark from 4K to 128K (`fit_saturation`); the benchmark times
+    causal attention only: non-causal forward at FA3's H100 plateau ratio 648 / 616 and S_HALF ratio 200 / 550."""
     src = _CUDNN_FE_SDPA.format(gpu=gpu, stack=stack)
-    fwd = fwd_causal_tflops * 1e12 / peak_flops
-    return {"fwd_causal": _c(fwd, "x", f"{gpu} cuDNN causal forward {fwd_causal_tflops:g} TFLOP/s at 32K {src}"),
-            "fwd_noncausal": _c(fwd * 648 / 616, "x", f"{gpu} cuDNN causal forward {fwd_causal_tflops:g} TFLOP/s at "
-                                f"32K x FA3's H100 non-causal / causal 648 / 616 {src} [assumption]"),
-            "bwd": _c(bwd_tflops * 1e12 / peak_flops, "x", f"{gpu} cuDNN backward {bwd_tflops:g} TFLOP/s at 32K {src}")}
+    plateau, s_half = {}, {}
+    for key, what, rates in (("fwd_causal", "causal forward", fwd_causal), ("bwd", "backward", bwd)):
+        p, h = fit_saturation(_CUDNN_FE_LENGTHS, rates)
+        worst = max(abs(p * s / (s + h) / r - 1) for s, r in zip(_CUDNN_FE_LENGTHS, rates))
+        fit = (f"{gpu} cuDNN {what} {', '.join(f'{r:g}' for r in rates)} TFLOP/s at 4K-128K fitted to "
+               f"plateau·s/(s + s_half), within {worst:.0%} {src}")
+        plateau[key] = _c(p * 1e12 / peak_flops, "x", f"plateau {p:.0f} TFLOP/s: {fit}")
+        s_half[key] = _c(h, "tokens", f"s_half {h:.0f}: {fit}")
+    plateau["fwd_noncausal"] = _c(plateau["fwd_causal"].value * 648 / 616, "x", f"{gpu}: the causal forward plateau x "
+                                  f"FA3's H100 non-causal / causal 648 / 616 [assumption]")
+    s_half["fwd_noncausal"] = _c(s_half["fwd_causal"].value * 200 / 550, "tokens", f"{gpu}: the causal forward s_half "
+                                 "x S_HALF's non-causal / causal 200 / 550 [assumption]")
+    return plateau, s_half
+
+
+_B200_ATTN = _blackwell_attention("B200", 2250e12, (855.7, 1171.3, 1332.4, 1419.0, 1382.3, 1355.4),
+                                  (701.3, 942.5, 1074.8, 1108.7, 1073.1, 1047.8),
+                                  "PyTorch's cuDNN SDPA, cuDNN 9.13, torch 2.9 of the NGC 25.09 container")
+_GB200_ATTN = _blackwell_attention("GB200", 360e15 / 2 / 72, (1386, 1584, 1668, 1681, 1573, 1467),
+                                   (1054, 1211, 1304, 1348, 1229, 1188),
+                                   "cudnn-frontend 1.16, cuDNN 9.17, torch of the NGC 25.11 container")
 
 
 _TILE_BLACKWELL = "Hopper's 128x256 output tile [assumption: no published Blackwell cuBLAS tile]"
@@ -349,8 +379,7 @@ B200 = GpuNumbers(
     name="b200", device="NVIDIA B200 SXM 180GB (analytic)",
     peak_bf16=_c(2250e12, "FLOP/s", "B200 (1000 W) dense BF16 [spec, REFERENCE 8.1]"),
     gemm_large=_B200_GEMM[0],
-    attn_plateau=_blackwell_attention("B200", 2250e12, 1419, 1109, "PyTorch's cuDNN SDPA, cuDNN 9.13, torch "
-                                      "2.9 of the NGC 25.09 container"),
+    attn_plateau=_B200_ATTN[0], attn_s_half=_B200_ATTN[1],
     ar_plateau_intra=_c(845.7e9, "B/s", "8xB200 all-reduce busbw at 16 GiB [meas: stas00, AWS P6-B200, REFERENCE 8.1]"),
     p2p_intra=_c(NVLINK5 * _NVLINK4_P2P_EFF, "B/s", "NVLink5 900 GB/s per direction [spec] x H100's P2P efficiency "
                  "378/450 [derived]"),
@@ -371,8 +400,7 @@ GB200 = GpuNumbers(
     peak_bf16=_c(360e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 360 PFLOPS FP16/BF16 with sparsity per 72 GPUs -> 2.5 "
                  "dense per GPU [spec, derived]"),
     gemm_large=_GB200_GEMM[0],
-    attn_plateau=_blackwell_attention("GB200", 360e15 / 2 / 72, 1681, 1348, "cudnn-frontend 1.16, cuDNN 9.17, "
-                                      "torch of the NGC 25.11 container"),
+    attn_plateau=_GB200_ATTN[0], attn_s_half=_GB200_ATTN[1],
     ar_plateau_intra=_c(B200.ar_plateau_intra.value, "B/s", "8xB200 all-reduce busbw [meas: stas00], the same NVLink5 "
                         "per GPU, held for every group inside the 72-GPU domain [assumption: NVL72 unmeasured]"),
     p2p_intra=B200.p2p_intra, a2a_intra=B200.a2a_intra,
@@ -456,7 +484,8 @@ def build(g: GpuNumbers) -> Profile:
     consts.update({f"attn_plateau_{k}": v for k, v in g.attn_plateau.items()})
     if g.attn_kernel is not None:  # a kernel's attention time over the table's (Profile.attention_kernel_time_x)
         consts.update(_kernel_time_x(g))
-    consts.update({f"attn_s_half_{k}": v for k, v in S_HALF.items()})
+    s_half = g.attn_s_half or S_HALF
+    consts.update({f"attn_s_half_{k}": v for k, v in s_half.items()})
     hd64 = _hd64_x(g)
     consts.update({f"attn_hd64_x_{k}": v for k, v in hd64.items()})
     gemm_rates = [("bf16", g.gemm_large, g.peak_bf16)]
@@ -487,7 +516,7 @@ def build(g: GpuNumbers) -> Profile:
             plateau = g.attn_plateau[key].value * (hd64[key].value if hd == 64 else 1.0)
             for s in ATTN_LENGTHS:
                 docs = max(1, 16384 // s)
-                rate = g.peak_bf16.value * plateau * s / (s + S_HALF[key].value)
+                rate = g.peak_bf16.value * plateau * s / (s + s_half[key].value)
                 fl = float(attention_flops(s, 32, hd, causal, direction)) * docs
                 rows.append((direction, causal, 32, 8, hd, s, docs, "bf16", fl / rate))
     attention = pd.DataFrame(rows, columns=["direction", "causal", "heads", "kv_heads", "head_dim", "doc_len",

@@ -108,3 +108,18 @@ def test_hopper_profiles_price_each_published_attention_kernel_over_their_own():
         load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa3", 512.0)
     with pytest.raises(ProfileError, match="prices only the attention kernel it holds.*--attention-kernel flash"):
         load_profile("h200-sxm.measured").attention_kernel_time_x("fa2", 512.0)
+
+
+def test_saturation_fit_recovers_its_parameters_and_blackwell_attention_is_cudnns_measured_curve():
+    """fit_saturation on points of a known curve gives its plateau and s_half back; the Blackwell tables hold the
+    fit of cudnn-frontend's B200 benchmark (causal forward 855.7 at 4K ... 1,419 at 32K TFLOP/s)."""
+    lengths = (4096, 8192, 16384, 32768, 65536, 131072)
+    plateau, s_half = analytic.fit_saturation(lengths, tuple(1500 * s / (s + 2000) for s in lengths))
+    assert plateau == pytest.approx(1500, rel=1e-3) and s_half == pytest.approx(2000, rel=0.01)
+    b200 = load_profile("b200.analytic")
+    for key in ("fwd_causal", "bwd"):
+        assert b200.constant(f"attn_s_half_{key}") > 4 * analytic.S_HALF[key].value  # ramps far slower than FA3
+    p = b200.constant("attn_plateau_fwd_causal") * 2250
+    h = b200.constant("attn_s_half_fwd_causal")
+    for s, measured in zip(lengths, (855.7, 1171.3, 1332.4, 1419.0, 1382.3, 1355.4)):
+        assert p * s / (s + h) == pytest.approx(measured, rel=0.08)
