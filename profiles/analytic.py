@@ -339,10 +339,12 @@ def fit_saturation(lengths: tuple[int, ...], tflops: tuple[float, ...]) -> tuple
     """(plateau TFLOP/s, s_half tokens) of rate(s) = plateau·s/(s + s_half) with the least squared log error over the
     points: s_half on a log grid, the plateau in closed form for each."""
     s, r = np.asarray(lengths, float), np.log(np.asarray(tflops, float))
-    best = min((float(np.sum((r - np.mean(r - np.log(s / (s + h))) - np.log(s / (s + h))) ** 2)), h)
-               for h in np.geomspace(50, 50000, 2001))
-    h = best[1]
-    return float(np.exp(np.mean(r - np.log(s / (s + h))))), float(h)
+
+    def log_plateau(h: float) -> float:  # the best log plateau for this s_half
+        return float(np.mean(r - np.log(s / (s + h))))
+
+    h = min(np.geomspace(50, 50000, 2001), key=lambda h: np.sum((r - log_plateau(h) - np.log(s / (s + h))) ** 2))
+    return float(np.exp(log_plateau(h))), float(h)
 
 
 def _blackwell_attention(gpu: str, peak_flops: float, fwd_causal: tuple[float, ...], bwd: tuple[float, ...],

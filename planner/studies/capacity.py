@@ -43,12 +43,11 @@ from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP
 from planner.plan import PlanError
 from planner.simulate import lower_bound_s, total_compute_s
-from planner.strategies import STRATEGIES
 from planner.studies.journal import Journal
 from planner.studies.sweep import (POINT_ERRORS, Config, Point, base_row, batches_of, check_inputs, cost_model_of,
                                    evaluate_point)
 from planner.studies.workers import worker_pool
-from planner.workload import GlobalBatch, open_source
+from planner.workload import GlobalBatch
 
 Metric = Literal["tokens_per_s", "step_time_s", "mfu"]
 
@@ -235,10 +234,8 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
     plans every layout whose bound could beat the best so far (the others are 'bounded'). exhaustive=True
     plans every count and layout. workers > 1 plans layouts in worker processes (same rows, same answer).
     journal: JSON-lines file of planned layouts (Journal, shared with sweeps); a rerun reuses its rows."""
-    if strategy not in STRATEGIES:
-        raise PlanError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-    open_source(lengths)
     counts = rules.gpu_counts(cluster)
+    # unknown strategy, model, length source or a kernel the profile has no rate for: once, before any planning
     check_inputs([Point(Config(model, cluster, counts[0], 1, 1, context_tokens, lengths,
                                attention_kernel=attention_kernel), strategy)])
     layouts = {g: rules.layouts(model, cluster, g) for g in counts}
