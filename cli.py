@@ -872,7 +872,8 @@ def profile_cmd(
 
 
 # -- whatif / report: capacity studies, plots and reports (planner/studies, planner/report) ------
-from planner.studies import (STATIC_MESHES, LayoutRules as _LayoutRules, SweepSpec as _SweepSpec,  # noqa: E402
+from planner.studies import (CALIBRATION_SETS, STATIC_MESHES, LayoutRules as _LayoutRules,  # noqa: E402
+                            SweepSpec as _SweepSpec,
                             Target as _Target,
                             capacity_search as _capacity_search, default_capacity_table as _default_capacity_table,
                             journal_path as _journal_path, json_row as _json_row, read_table as _read_table,
@@ -1193,12 +1194,7 @@ def whatif_reproduce(
 @app.command("validate")
 def validate_cmd(
         sets: Optional[List[str]] = typer.Option(None, "--set", help="Calibration set (repeatable; default: every "
-                                                                      "packaged one: korthikanti2022, narayanan2021, "
-                                                                      "llama3_2024, megatron_bridge2025, "
-                                                                      "nemo2024, nemo_longseq2024, "
-                                                                      "torchtitan_a100_2024, "
-                                                                      "megatron_bridge_b200_2025, "
-                                                                      "megatron_bridge_gb200_2025)."),
+                                                 f"packaged one: {', '.join(CALIBRATION_SETS)})."),
         profile: Optional[str] = typer.Option(None, help="Profile name or path for every set (default: each set's "
                                                          "cluster's, e.g. a100-sxm-80gb.analytic)."),
         attention_kernel: Optional[str] = typer.Option(None, "--attention-kernel", help="Price every run with this "
@@ -1216,7 +1212,7 @@ def validate_cmd(
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
     trained in. Design sets informed the model (Korthikanti et al. 2022; the Megatron-Bridge Blackwell rows, its
     Blackwell GEMM rates); the others are held out."""
-    from planner.studies import CALIBRATION_SETS, validate_cost_model
+    from planner.studies import validate_cost_model
 
     names = sets or list(CALIBRATION_SETS)
     bad = [n for n in names if n not in CALIBRATION_SETS]

@@ -190,10 +190,14 @@ def recompute_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_
 
 def score_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tuple[MemKernel, ...]:
     """Unfused attention's kernels per score (one query-key pair of one head): Megatron's fused scale-mask-
-    softmax, then the attention dropout where the model has it."""
+    softmax, then the attention dropout where the model has it. ALiBi (Megatron-DeepSpeed's BLOOM) computes the
+    scores as baddbmm(bias, Q, Kᵀ, beta, alpha) over the [heads, 1, s] bias: PyTorch copies the broadcast bias into
+    the output first and the GEMM reads it back (beta ≠ 0), one write and one read per score in the forward."""
     b = float(dtype_bytes)
     fwd = direction == "fwd"
     out = [MemKernel("softmax", 2 * b if fwd else 3 * b)]  # p = softmax(s) | ds from p, dp
+    if model.position == "alibi" and fwd:
+        out.append(MemKernel("alibi_bias", 2 * b, "broadcast"))
     if model.dropout:
         out.append(MemKernel("attn_dropout", 2 * b + 1))  # reads and writes with its mask both ways
     return tuple(out)

@@ -36,7 +36,7 @@ def _check_at_most(owner: str, a: tuple[str, int], b: tuple[str, int]) -> None:
 
 NormKind = Literal["rmsnorm", "layernorm"]
 MlpKind = Literal["swiglu", "gelu", "relu2"]  # relu2: squared ReLU (Primer, Nemotron-4), ungated
-PositionKind = Literal["rope", "learned"]
+PositionKind = Literal["rope", "learned", "alibi"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ class ModelSpec:
     norm: NormKind = "rmsnorm"  # rmsnorm (a weight of h) or layernorm (weight and bias, 2h)
     mlp: MlpKind = "swiglu"  # swiglu (gate, up, down), or ungated (up, down): gelu (GPT, ffn = 4h) or relu2
     linear_bias: bool = False  # a bias on every linear of the layer (QKV, output, MLP): GPT-2/3, Megatron GPT
-    position: PositionKind = "rope"  # rope (no parameters) or learned (a max_positions x h table)
+    # rope (no parameters), learned (a max_positions x h table) or alibi (BLOOM: a fixed per-head linear bias added
+    # to the attention scores, no parameters)
+    position: PositionKind = "rope"
     max_positions: int = field(default=0, metadata=at_least(0))  # rows of the learned position table
     dropout: bool = False  # dropout after attention and MLP (saves a 1-byte mask each, Korthikanti 2022)
     source: str = ""  # where the numbers come from

@@ -6,7 +6,7 @@ and checked against this module by the tests (never edited by hand)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +265,14 @@ A100 = GpuNumbers(
     gemm_tile_m=TILE_AMPERE_M, gemm_tile_n=TILE_AMPERE_N,
 )
 
+# Jean Zay's A100 partition (BLOOM's cluster, validation set bloom2022): the A100's node, with 4 Omni-Path links of
+# 100 Gb/s per 8 GPUs between nodes instead of the DGX A100's 8 x 200 Gb/s HDR
+A100_OPA = replace(
+    A100, name="a100-sxm-80gb-opa", device="NVIDIA A100 SXM 80GB, 4 x 100 Gb/s Omni-Path per 8 GPUs (analytic)",
+    nic=_c(4 * 100e9 / 8 / 8, "B/s", "4 x 100 Gb/s Omni-Path links per node of 8 A100s, 6.25 GB/s a GPU [spec: "
+           "bigscience-workshop/bigscience train/tr11-176B-ml/README.md, Jean Zay gpu_p5]; the achieved share "
+           "NIC_EFF is the shared assumption (measured on EFA, not Omni-Path)"))
+
 H200 = GpuNumbers(
     name="h200-sxm", device="NVIDIA H200 SXM 141GB (analytic)",
     peak_bf16=_c(989e12, "FLOP/s", "H200 datasheet dense BF16 [spec]"),
@@ -419,7 +427,7 @@ GB200 = GpuNumbers(
     domain_gpus=_c(72, "GPUs", f"{_GB200_RACK}: 72 GPUs on one NVLink Switch System, 130 TB/s [spec]"),
 )
 
-GPUS: dict[str, GpuNumbers] = {g.name: g for g in (H100, A100, H200, H800, B200, GB200)}
+GPUS: dict[str, GpuNumbers] = {g.name: g for g in (H100, A100, A100_OPA, H200, H800, B200, GB200)}
 
 SIZES_BYTES = [KiB * 4**i for i in range(13)]  # 1 KiB .. 16 GiB
 ATTN_LENGTHS = [128 * 2**i for i in range(15)]  # 128 .. 2M tokens

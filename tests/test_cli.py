@@ -331,11 +331,12 @@ def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     assert [s["name"] for s in d["sets"]] == ["korthikanti2022", "narayanan2021", "llama3_2024",
                                               "megatron_bridge2025", "nemo2024", "nemo_longseq2024",
                                               "torchtitan_a100_2024", "megatron_bridge_b200_2025",
-                                              "megatron_bridge_gb200_2025"]
+                                              "megatron_bridge_gb200_2025", "bloom2022"]
     # Korthikanti's errors shaped the terms, the Blackwell rows the Blackwell GEMM rates: not held out
-    assert [s["held_out"] for s in d["sets"]] == [False, True, True, True, True, True, True, False, False]
+    assert [s["held_out"] for s in d["sets"]] == [False, True, True, True, True, True, True, False, False, True]
     assert d["sets"][2]["profile"] == "h100-sxm.analytic"  # each set on its cluster's profile
-    assert d["sets"][-1]["profile"] == "gb200.analytic"
+    assert d["sets"][-2]["profile"] == "gb200.analytic"
+    assert d["sets"][-1]["profile"] == "a100-sxm-80gb-opa.analytic"  # BLOOM's Omni-Path cluster
     r = run("validate", "--set", "no-such-set")
     assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)
 

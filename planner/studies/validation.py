@@ -46,7 +46,7 @@ from profiles.typed_json import Reader, positive
 # are held out: nothing is ever tuned to them.
 CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025", "nemo2024",
                     "nemo_longseq2024", "torchtitan_a100_2024", "megatron_bridge_b200_2025",
-                    "megatron_bridge_gb200_2025")
+                    "megatron_bridge_gb200_2025", "bloom2022")
 DESIGN_SETS = frozenset({"korthikanti2022", "megatron_bridge_b200_2025", "megatron_bridge_gb200_2025"})
 FlopsConvention = Literal["megatron2021", "palm"]
 
@@ -261,25 +261,32 @@ def published_iteration_s(cal: CalibrationSet, case: IterationCase) -> float:
     return flops / (case.tflops_per_gpu * 1e12 * case.gpus)
 
 
-def pipeline_time_s(p: int, m: int, v: int, unit: UnitCost, p2p_s: float) -> float:
+def pipeline_time_s(p: int, m: int, v: int, unit: UnitCost, p2p_s: float,
+                    layers: list[list[int]] | None = None) -> float:
     """One iteration of m identical micro-batches on p stages of v chunks each (v = 1: 1F1B, else
-    interleaved), run on the event engine: each op takes the stage's time ÷ v, the LM head is added to
-    the last chunk of the last stage, and every hand-over between stages waits `p2p_s`."""
-    return pipeline_runs(p, m, v, unit, p2p_s)[0]
+    interleaved), run on the event engine: each op takes the stage's time ÷ v (with `layers`, each stage's chunks'
+    layer counts as chunk_layers gives them: its layers' share of a stage of the largest count in every chunk, which
+    `unit` prices), the LM head is added to the last chunk of the last stage, and every hand-over between stages waits
+    `p2p_s`."""
+    return pipeline_runs(p, m, v, unit, p2p_s, layers)[0]
 
 
-def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float) -> tuple[float, list[tuple[float, float]]]:
+def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: list[list[int]] | None = None
+                  ) -> tuple[float, list[tuple[float, float]]]:
     """pipeline_time_s, and (start, end) of each model chunk's last backward on the stage that ends the iteration,
     relative to that end (what an overlapped gradient reduction can hide under)."""
-    body_f, body_b = (unit.fwd_s - unit.head_fwd_s) / v, (unit.bwd_s - unit.head_bwd_s) / v
+    counts = layers or [[1] * v for _ in range(p)]
+    per = v * max(max(chunks) for chunks in counts)  # the layers `unit` prices
+    body_f, body_b = (unit.fwd_s - unit.head_fwd_s) / per, (unit.bwd_s - unit.head_bwd_s) / per
     lists = {s: [((s, op), op) for op in stage_ops(p, s, [1] * m, v)] for s in range(p)}
 
     def duration(key: tuple[int, PipeOp]) -> float:
         stage, op = key
+        n = counts[stage][op.chunk]
         head = stage == p - 1 and op.chunk == v - 1
         if op.kind == "F":
-            return body_f + (unit.head_fwd_s if head else 0.0)
-        return body_b + (unit.head_bwd_s if head else 0.0)
+            return body_f * n + (unit.head_fwd_s if head else 0.0)
+        return body_b * n + (unit.head_bwd_s if head else 0.0)
 
     def dep(key: tuple[int, PipeOp]) -> tuple[int, PipeOp] | None:
         return dependency(key[1], key[0], p, v, 0)
@@ -333,17 +340,18 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     inter = cm.setup.mesh.spans_domains(list(range(case.cp)))
     unit = cm.unit_cost([run.seq_tokens] * case.micro_batch, degree=case.cp, inter_node=inter, with_head=True)
     optimizer_s = cm.optimizer_step_s(hdp)
+    layers = chunk_layers(run.model.layers, case.pp, case.chunks)
     if cm.setup.training.zero_stage == 3:  # FSDP (pp = 1, TrainingSpec): each micro-batch a round of per-layer
-        layers = cm.layers_per_stage  # gathers and reduce-scatters (costmodel.zero)
-        round_s = round_time_s((unit.fwd_s - unit.head_fwd_s) / layers, (unit.bwd_s - unit.head_bwd_s) / layers,
-                               unit.head_fwd_s + unit.head_bwd_s, layers, round_collectives(cm.setup, cm.profile))
+        n = cm.layers_per_stage  # gathers and reduce-scatters (costmodel.zero)
+        round_s = round_time_s((unit.fwd_s - unit.head_fwd_s) / n, (unit.bwd_s - unit.head_bwd_s) / n,
+                               unit.head_fwd_s + unit.head_bwd_s, n, round_collectives(cm.setup, cm.profile))
         pipeline_s, sync_s = m * round_s, 0.0
         runs = f"{m} micro-batches, one FSDP round each"
         sync_text = (f"FSDP over DP {run.dp} x CP {case.cp}: {m} round(s) of {round_s:.3g} s, the per-layer "
                      f"all-gathers and reduce-scatters in them ({round_s - unit.total_s:.3g} s exposed a round)")
     else:
         p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
-        pipeline_s, last_backwards = pipeline_runs(case.pp, m, case.chunks, unit, p2p)
+        pipeline_s, last_backwards = pipeline_runs(case.pp, m, case.chunks, unit, p2p, layers)
         sync_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards)
         schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
         runs = f"{m} micro-batches, {schedule} on the event engine"
@@ -353,13 +361,20 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     note = "; ".join(x for x in (runs, _note(cm.setup.training),
                                  f"{sync_text} + optimizer {optimizer_s:.3g} s; tied-embedding all-reduce not "
                                  "priced",
-                                 f"{run.model.layers} layers priced as {priced} x {run.layer_ratio:.4f}"
+                                 f"{run.model.layers} layers in chunks of up to {priced // (case.pp * case.chunks)} "
+                                 f"(chunk_layers); gradient sync and optimizer of {priced} x {run.layer_ratio:.4f}"
                                  if run.layer_ratio != 1 else "", case.note) if x)
-    predicted = (pipeline_s + sync_s + optimizer_s) * run.layer_ratio
-    parts = {k: m * v for k, v in unit.parts_s().items()}
-    parts.update(schedule=pipeline_s - m * unit.total_s, grad_sync=sync_s, optimizer=optimizer_s)
-    return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note,
-                         {k: v * run.layer_ratio for k, v in parts.items()})
+    # The schedule ran each chunk's own layers: the breakdown is the busiest stage's work (its layers' share of the
+    # priced stage, the head if it is the last) and what the schedule adds; the step end is the priced stage's, scaled.
+    ratio, head_s = run.layer_ratio, unit.head_fwd_s + unit.head_bwd_s
+    work = [sum(n) / cm.layers_per_stage * (unit.total_s - head_s) + (head_s if s == case.pp - 1 else 0.0)
+            for s, n in enumerate(layers)]
+    busiest = int(np.argmax(work))
+    share = sum(layers[busiest]) / cm.layers_per_stage
+    predicted = pipeline_s + (sync_s + optimizer_s) * ratio
+    parts = {k: m * v * (float(busiest == case.pp - 1) if k == "head" else share) for k, v in unit.parts_s().items()}
+    parts.update(schedule=pipeline_s - m * work[busiest], grad_sync=sync_s * ratio, optimizer=optimizer_s * ratio)
+    return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note, parts)
 
 
 # ---- memory: does the published run fit in the GPU's memory as the cost model counts it? ---------------------

@@ -83,6 +83,18 @@ def test_score_head_and_embedding_kernels():
     assert len(embedding_kernels(gpt, 2, "fwd")) == 2 and len(embedding_kernels(llama, 2, "fwd")) == 1
 
 
+def test_alibi_scores_copy_the_bias_in_and_read_it_back():
+    # baddbmm over the broadcast ALiBi bias: the forward writes the bias into the scores and the GEMM reads it
+    # (2b per score); the backward has nothing of it, and the model has no position table or RoPE kernel
+    gpt = load_model("gpt-22b")
+    bloom = dataclasses.replace(gpt, position="alibi", max_positions=0)
+    assert _total(score_kernels(bloom, 2, "fwd")) - _total(score_kernels(gpt, 2, "fwd")) == 4
+    assert _total(score_kernels(bloom, 2, "bwd")) == _total(score_kernels(gpt, 2, "bwd"))
+    assert len(embedding_kernels(bloom, 2, "fwd")) == 1
+    assert bloom.input_embedding_params() < gpt.input_embedding_params()
+    assert "rope" not in [k.label for k in layer_kernels(bloom, 1, True, 2, "fwd")]
+
+
 def test_memory_bound_terms_reach_the_unit(a100):
     cm = _cm(a100)
     u = cm.unit_cost([2048] * 4, with_head=False)

@@ -28,11 +28,22 @@ def assert_close(a, b, rel=1e-9, where="profile"):
         assert a == b, where
 
 
-@pytest.mark.parametrize("name", ["h100-sxm", "a100-sxm-80gb", "h200-sxm", "h800-sxm"])
+@pytest.mark.parametrize("name", ["h100-sxm", "a100-sxm-80gb", "a100-sxm-80gb-opa", "h200-sxm", "h800-sxm"])
 def test_shipped_analytic_matches_generator(name):
     shipped = load_profile(f"{name}.analytic")
     assert_close(shipped.content_dict(), analytic.build(analytic.GPUS[name]).content_dict())
     assert all(c["source"] for c in shipped.constants.values())
+
+
+def test_omni_path_a100_differs_from_the_dgx_a100_only_between_nodes():
+    # Jean Zay (BLOOM): 4 x 100 Gb/s per 8 GPUs, a quarter of the DGX A100's 8 x 200 Gb/s per GPU
+    dgx, opa = load_profile("a100-sxm-80gb.analytic"), load_profile("a100-sxm-80gb-opa.analytic")
+    for name in ("gemm", "attention", "memory", "host_copy"):
+        assert dgx.tables[name].equals(opa.tables[name]), name
+    big = 16 * 2**30
+    assert opa.collective_time_s("all_reduce", big, 8, "intra") == dgx.collective_time_s("all_reduce", big, 8, "intra")
+    inter = [p.collective_time_s("all_reduce", big, 64, "inter") for p in (opa, dgx)]
+    assert inter[0] / inter[1] == pytest.approx(4.0, rel=0.05)
 
 
 def test_analytic_comparison_tolerates_rounding_but_not_drift():

@@ -83,6 +83,18 @@ def test_pipeline_transfers_add_time():
     assert pipeline_time_s(4, 8, 1, _unit(1.0, 2.0), 0.1) > pipeline_time_s(4, 8, 1, _unit(1.0, 2.0), 0.0)
 
 
+def test_pipeline_runs_each_chunk_with_its_own_layers():
+    # the unit prices a stage of 6 layers and the head; BLOOM's split gives the last stage 5 and the head: it is no
+    # longer the bottleneck, so the step is set by the middle stages' 6 layers (m·(f + b) plus the bubble)
+    unit = dataclasses.replace(_unit(6.0, 12.0), head_fwd_s=1.0, head_bwd_s=2.0)
+    even = pipeline_time_s(4, 32, 1, unit, 0.0, [[6]] * 4)
+    assert even == pipeline_time_s(4, 32, 1, unit, 0.0)  # equal chunks: as without layer counts
+    split = pipeline_time_s(4, 32, 1, unit, 0.0, [[5], [6], [6], [5]])
+    assert split < even
+    assert split == pytest.approx(32 * 18.0 / (1 - closed_form_bubble(4, 32)), rel=0.02)
+    assert chunk_layers(70, 12, 1) == [[5]] + [[6]] * 10 + [[5]]  # BLOOM: embedding and head each a layer slot
+
+
 def test_iteration_row_rejects_batches_that_do_not_split(a100):
     cal = load_calibration_set()
     case = dataclasses.replace(cal.iteration_cases[0], gpus=16)  # DP 2: 4 sequences are not 2 micro-batches of 4
