@@ -872,8 +872,8 @@ def profile_cmd(
 
 
 # -- whatif / report: capacity studies, plots and reports (planner/studies, planner/report) ------
-from planner.studies import (CALIBRATION_SETS, STATIC_MESHES, LayoutRules as _LayoutRules,  # noqa: E402
-                            SweepSpec as _SweepSpec,
+from planner.studies import (CALIBRATION_SETS, FACETS, STATIC_MESHES, LayoutRules as _LayoutRules,  # noqa: E402
+                            SweepSpec as _SweepSpec, facet_errors,
                             Target as _Target,
                             capacity_search as _capacity_search, default_capacity_table as _default_capacity_table,
                             journal_path as _journal_path, json_row as _json_row, read_table as _read_table,
@@ -1221,8 +1221,11 @@ def validate_cmd(
     if attention_kernel is not None:
         check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     reps = [validate_cost_model(profile, name, attention_kernel) for name in names]
+    held = [r for rep in reps if rep.held_out for r in rep.rows]
     if as_json:
-        sys.stdout.write(json.dumps({"sets": [r.to_dict() for r in reps]}) + "\n")
+        by = {f: [{"value": v, "rows": n, "mape": mape, "mean_error": bias}
+                  for v, n, mape, bias in facet_errors(held, f)] for f in FACETS}
+        sys.stdout.write(json.dumps({"sets": [r.to_dict() for r in reps], "held_out_by": by}) + "\n")
         return
     for rep in reps:
         out.print(escape(rep.source), highlight=False, soft_wrap=True)
@@ -1249,11 +1252,23 @@ def validate_cmd(
                   "the planner's fragmentation reserve too")
     if len(reps) > 1:
         rows = [r for rep in reps for r in rep.rows]
-        held = [r for rep in reps if rep.held_out for r in rep.rows]
+        if any(len(facet_errors(held, f)) > 1 for f in FACETS):
+            out.print(_facet_table(held))
         summary = f"all sets: MAPE {sum(abs(r.error) for r in rows) / len(rows):.1%} over {len(rows)} cases"
         if held:
             summary += f"; held out: {sum(abs(r.error) for r in held) / len(held):.1%} over {len(held)} cases"
         out.print(summary)
+
+
+def _facet_table(rows) -> Table:
+    """The held-out rows' error by GPU, sequence length and layout: MAPE and the mean signed error (the bias)."""
+    t = Table(title="held-out rows by kind of run (mean error > 0: the model is slower than measured)")
+    for c in ("by", "kind", "rows", "MAPE", "mean error"):
+        t.add_column(c, justify="left" if c in ("by", "kind") else "right")
+    for f, title in FACETS.items():
+        for i, (v, n, mape, bias) in enumerate(facet_errors(rows, f)):
+            t.add_row(title if i == 0 else "", escape(v), str(n), f"{mape:.1%}", f"{bias:+.1%}")
+    return t
 
 
 def _breakdown_table(rep) -> Table:

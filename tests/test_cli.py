@@ -326,6 +326,12 @@ def test_validate_prints_each_case_and_the_mape():
     assert d["mape"] == pytest.approx(sum(abs(x["error"]) for x in d["rows"]) / 12)
 
 
+def test_validate_sums_held_out_errors_by_kind_of_run():
+    out = run("validate", "--set", "torchtitan_a100_2024", "--set", "bloom2022").output
+    assert "held-out rows by kind of run" in out and "FSDP" in out and "1F1B PP" in out
+    assert "held-out rows" not in run("validate", "--set", "bloom2022").output  # one kind of run: no table
+
+
 def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     d = json.loads(run("validate", "--json").output)
     assert [s["name"] for s in d["sets"]] == ["korthikanti2022", "narayanan2021", "llama3_2024",
@@ -337,6 +343,10 @@ def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     assert d["sets"][2]["profile"] == "h100-sxm.analytic"  # each set on its cluster's profile
     assert d["sets"][-2]["profile"] == "gb200.analytic"
     assert d["sets"][-1]["profile"] == "a100-sxm-80gb-opa.analytic"  # BLOOM's Omni-Path cluster
+    # the held-out rows' error by GPU, sequence length and layout: every held-out row counted once per facet
+    held = sum(len(s["rows"]) for s in d["sets"] if s["held_out"])
+    assert {f: sum(g["rows"] for g in d["held_out_by"][f]) for f in ("gpu", "sequence", "layout")} == \
+        {"gpu": held, "sequence": held, "layout": held}
     r = run("validate", "--set", "no-such-set")
     assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)
 

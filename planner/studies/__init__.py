@@ -27,19 +27,19 @@ from planner.studies.sweep import (
     POINT_ERRORS, STATIC_MESHES, Config, Point, SweepResult, SweepSpec, batches_of, check_inputs, cost_model_of,
     evaluate_point, options_for, run_sweep)
 from planner.studies.validation import (
-    CALIBRATION_SETS, CalibrationSet, IterationCase, LayerCase, ValidationReport, ValidationRow, load_calibration_set,
-    validate_cost_model)
+    CALIBRATION_SETS, FACETS, CalibrationSet, IterationCase, LayerCase, ValidationReport, ValidationRow, facet_errors,
+    load_calibration_set, validate_cost_model)
 from planner.studies.workers import stop_pool, worker_pool
 
 __all__ = [
     'BYTESCALE_CLAIMS', 'BYTESCALE_LAYOUT_NOTE', 'BYTESCALE_PANELS', 'BYTESCALE_STRATEGIES',
     'BYTESCALE_TOKENS_PER_STEP', 'ByteScaleGrid', 'CALIBRATION_SETS', 'Calibration', 'ParamFit', 'Physical',
-    'PlanErrors', 'calibrate', 'calibrated_profile', 'CAPACITY_STATUSES', 'CalibrationSet',
-    'CapacityProgress', 'CapacityResult', 'Config', 'IterationCase', 'Journal', 'LayerCase', 'LayoutBound',
-    'LayoutRules', 'MFU_CONVENTION', 'POINT_ERRORS', 'Point', 'ReproPanel', 'Reproduction', 'STATIC_MESHES',
-    'SWEEP_COLUMNS', 'SweepResult', 'SweepSpec', 'Target', 'ValidationReport', 'ValidationRow', 'batches_of',
-    'bytescale_markdown', 'capacity_search', 'check_inputs', 'code_fingerprint', 'cost_model_of',
-    'default_bytescale_table', 'default_capacity_table', 'evaluate_point', 'journal_path', 'json_row', 'layout_bound',
+    'PlanErrors', 'calibrate', 'calibrated_profile', 'CAPACITY_STATUSES', 'CalibrationSet', 'CapacityProgress',
+    'CapacityResult', 'Config', 'FACETS', 'IterationCase', 'Journal', 'LayerCase', 'LayoutBound', 'LayoutRules',
+    'MFU_CONVENTION', 'POINT_ERRORS', 'Point', 'ReproPanel', 'Reproduction', 'STATIC_MESHES', 'SWEEP_COLUMNS',
+    'SweepResult', 'SweepSpec', 'Target', 'ValidationReport', 'ValidationRow', 'batches_of', 'bytescale_markdown',
+    'capacity_search', 'check_inputs', 'code_fingerprint', 'cost_model_of', 'default_bytescale_table',
+    'default_capacity_table', 'evaluate_point', 'facet_errors', 'journal_path', 'json_row', 'layout_bound',
     'load_calibration_set', 'machine_description', 'options_for', 'per_doubling_slowdown', 'read_table',
     'replace_section', 'reproduce_bytescale', 'rows_to_frame', 'run_sweep', 'stop_pool', 'table_paths',
     'validate_cost_model', 'variant_label', 'worker_pool', 'write_table']

@@ -118,6 +118,39 @@ BREAKDOWN_PARTS = {"gemm": "GEMM", "attention": "attention", "elementwise": "ele
                    "schedule": "bubble/FSDP", "grad_sync": "grad sync", "optimizer": "optimizer"}
 
 
+# The kinds of run whose errors are summed apart (REFERENCE 13: a model right on one shape can be wrong on another):
+# the GPU, the sequence length, the layout.
+FACETS = {"gpu": "GPU", "sequence": "sequence", "layout": "layout"}
+SEQUENCE_BUCKETS = ("1K", "2K", "4K", "8K", "16K-64K", "128K+")
+
+
+def row_facets(gpu: str, seq_tokens: int, pp: int = 1, chunks: int = 1, cp: int = 1, zero_stage: int = 1,
+               layer: bool = False) -> dict[str, str]:
+    """A row's facet values: its cluster's GPU; its sequence length, bucketed (2K, 4K, 8K, 16K-64K, 128K+); its
+    layout (one layer alone, FSDP, an interleaved or 1F1B pipeline, or neither; "+ CP" with context parallelism)."""
+    k = seq_tokens // 1024
+    seq = f"{k}K" if k <= 8 else SEQUENCE_BUCKETS[-2 if k <= 64 else -1]
+    if layer:
+        layout = "one layer"
+    elif zero_stage == 3:
+        layout = "FSDP"
+    else:
+        layout = "interleaved PP" if pp > 1 and chunks > 1 else ("1F1B PP" if pp > 1 else "no PP")
+    return {"gpu": gpu, "sequence": seq, "layout": layout + (" + CP" if cp > 1 else "")}
+
+
+def facet_errors(rows: list["ValidationRow"], facet: str) -> list[tuple[str, int, float, float]]:
+    """(value, rows, MAPE, mean signed error) of `rows` per value of `facet`: sequence lengths shortest first, the
+    other facets' values the most rows first."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r.facets.get(facet, "?"), []).append(r.error)
+    out = [(v, len(e), float(np.mean(np.abs(e))), float(np.mean(e))) for v, e in groups.items()]
+    if facet == "sequence":
+        return sorted(out, key=lambda x: SEQUENCE_BUCKETS.index(x[0]) if x[0] in SEQUENCE_BUCKETS else 99)
+    return sorted(out, key=lambda x: (-x[1], x[0]))
+
+
 @dataclass(frozen=True)
 class ValidationRow:
     """A published figure next to the cost model's prediction of it."""
@@ -130,6 +163,7 @@ class ValidationRow:
     # `predicted` by kind, in its unit, summing to it (UnitCost.parts_s; iterations add their schedule's idle and
     # exposed time, the gradient sync and the optimizer: BREAKDOWN_PARTS)
     parts: dict[str, float] = field(default_factory=dict)
+    facets: dict[str, str] = field(default_factory=dict)  # what kind of run it is, by FACETS (row_facets)
 
     @property
     def error(self) -> float:
@@ -162,7 +196,7 @@ class ValidationReport:
         return {"name": self.name, "source": self.source, "profile": self.profile, "held_out": self.held_out,
                 "attention_kernel": self.attention_kernel, "mape": self.mape,
                 "rows": [{"case": r.case, "unit": r.unit, "published": r.published, "predicted": r.predicted,
-                          "error": r.error, "note": r.note, "parts": r.parts} for r in self.rows],
+                          "error": r.error, "note": r.note, "parts": r.parts, "facets": r.facets} for r in self.rows],
                 "memory": [{"case": r.case, "peak_bytes": r.peak_bytes, "allocated_bytes": r.allocated_bytes,
                             "hbm_bytes": r.hbm_bytes, "headroom_bytes": r.headroom_bytes, "fits": r.fits,
                             "fits_with_reserve": r.fits_with_reserve,
@@ -220,8 +254,9 @@ def layer_rows(cal: CalibrationSet, case: LayerCase, profile: Profile) -> list[V
     unit = cm.unit_cost([cal.seq_tokens] * case.micro_batch, with_head=False)
     note = "; ".join(x for x in (_note(cm.setup.training), case.note) if x)
     per_layer_ms = 1e3 / cm.layers_per_stage
+    facets = row_facets(cm.setup.cluster.gpu, cal.seq_tokens, layer=True)
     return [ValidationRow(f"{case.label}: {name}", "ms", published, (unit.fwd_s if d == "fwd" else unit.bwd_s)
-                          * per_layer_ms, note, {k: v * per_layer_ms for k, v in unit.parts_s(d).items()})
+                          * per_layer_ms, note, {k: v * per_layer_ms for k, v in unit.parts_s(d).items()}, facets)
             for name, d, published in (("forward", "fwd", case.forward_ms), ("backward", "bwd", case.backward_ms))]
 
 
@@ -374,7 +409,9 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     predicted = pipeline_s + (sync_s + optimizer_s) * ratio
     parts = {k: m * v * (float(busiest == case.pp - 1) if k == "head" else share) for k, v in unit.parts_s().items()}
     parts.update(schedule=pipeline_s - m * work[busiest], grad_sync=sync_s * ratio, optimizer=optimizer_s * ratio)
-    return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note, parts)
+    facets = row_facets(cm.setup.cluster.gpu, run.seq_tokens, case.pp, case.chunks, case.cp,
+                        cm.setup.training.zero_stage)
+    return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note, parts, facets)
 
 
 # ---- memory: does the published run fit in the GPU's memory as the cost model counts it? ---------------------

@@ -113,6 +113,25 @@ def test_every_packaged_set_prices(name):
         assert min(x.parts.values()) > -1e-9 * x.predicted
 
 
+def test_rows_carry_their_kind_of_run():
+    bloom = validate_cost_model(name="bloom2022").rows[0].facets
+    assert bloom == {"gpu": "A100 SXM 80GB", "sequence": "2K", "layout": "1F1B PP"}
+    llama = validate_cost_model(name="llama3_2024").rows[-1].facets  # 128K on TP8 PP16 (8 chunks) CP16
+    assert llama == {"gpu": "H100 SXM", "sequence": "128K+", "layout": "interleaved PP + CP"}
+    assert validate_cost_model(name="torchtitan_a100_2024").rows[0].facets["layout"] == "FSDP"
+    assert validate_cost_model().rows[0].facets["layout"] == "one layer"  # Korthikanti's per-layer times
+    assert validation.row_facets("B200", 16384, cp=2)["sequence"] == "16K-64K"
+
+
+def test_facet_errors_group_mape_and_bias_by_hand():
+    def row(err: float, gpu: str, seq: str) -> ValidationRow:
+        return ValidationRow("x", "s", 1.0, 1.0 + err, "", {}, {"gpu": gpu, "sequence": seq})
+    rows = [row(-0.2, "A100", "8K"), row(0.1, "A100", "2K"), row(-0.1, "H100", "2K")]
+    assert validation.facet_errors(rows, "gpu") == [("A100", 2, pytest.approx(0.15), pytest.approx(-0.05)),
+                                                     ("H100", 1, pytest.approx(0.1), pytest.approx(-0.1))]
+    assert [v for v, *_ in validation.facet_errors(rows, "sequence")] == ["2K", "8K"]  # shortest first
+
+
 def test_megatron_flops_convention_is_the_model_flops_with_recompute():
     # Narayanan et al. 2021 eq. 3 (96·B·s·l·h²(1 + s/6h + V/16lh)) = 3 passes of model FLOPs + a recompute forward
     cal = load_calibration_set("narayanan2021")
