@@ -1201,12 +1201,14 @@ def validate_cmd(
                                                        f"attention kernel, {one_of(ATTENTION_KERNELS)} (default: each "
                                                        "run's own, as its set records it)."),
         notes: bool = typer.Option(False, help="Print each case's modelling assumptions."),
-        breakdown: bool = typer.Option(False, "--breakdown", help="Also print where each predicted time goes: GEMMs, "
-                                       "attention, elementwise kernels, head, exposed communication, pipeline "
-                                       "bubble, gradient sync, optimizer (% of the prediction)."),
+        breakdown: bool = typer.Option(False, "--breakdown", help="Also print where each predicted time goes (% of "
+                                       "the prediction): the busiest pipeline stage's GEMMs, attention, elementwise "
+                                       "kernels, head (on the last stage only) and exposed communication, what the "
+                                       "schedule adds (bubble, transfers), gradient sync, optimizer."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {sets: [{name, source, profile, "
                                                            "held_out, attention_kernel, mape, rows (each with its "
-                                                           "parts), memory}]}."),
+                                                           "parts and facets), memory}], held_out_by: {gpu, "
+                                                           "sequence, layout: [{value, rows, mape, mean_error}]}}."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
@@ -1276,7 +1278,7 @@ def _breakdown_table(rep) -> Table:
     from planner.studies.validation import BREAKDOWN_PARTS
 
     shown = [k for k in BREAKDOWN_PARTS if any(abs(r.parts.get(k, 0.0)) > 5e-4 * r.predicted for r in rep.rows)]
-    t = Table(title=escape(f"{rep.name}: where the predicted time goes, % of it"))
+    t = Table(title=escape(f"{rep.name}: where the predicted time goes, % of it (the busiest stage's work)"))
     for c in ("case", "error", *(BREAKDOWN_PARTS[k] for k in shown)):
         t.add_column(c, justify="left" if c == "case" else "right")
     for r in rep.rows:

@@ -9,11 +9,11 @@ Modelling of the published runs, the same for every case:
     attention kernel of the set (materialised softmax before FlashAttention), the recompute policy;
   * one micro-batch of b sequences of s tokens is one unit of b documents, sharded over the CP ranks when
     cp > 1; a pipeline runs the row's m = global batch / (micro-batch · DP) micro-batches through its 1F1B or
-    interleaved schedule on the event engine (planner.schedule), the LM head on the last stage, activations
-    sent between stages; then the gradient synchronisation over DP × CP ranks (what each model chunk's last
-    backward does not hide, where the run overlaps it) and the optimizer step; under FSDP (zero_stage 3, pp = 1)
-    each micro-batch is a round of per-layer all-gathers and reduce-scatters (costmodel.zero.round_time_s) and
-    no gradient sync follows;
+    interleaved schedule on the event engine (planner.schedule), each chunk with its own layers (chunk_layers),
+    the LM head on the last stage, activations sent between stages; then the gradient synchronisation over DP × CP
+    ranks (what each model chunk's last backward does not hide, where the run overlaps it) and the optimizer step;
+    under FSDP (zero_stage 3, pp = 1) each micro-batch is a round of per-layer all-gathers and reduce-scatters
+    (costmodel.zero.round_time_s) and no gradient sync follows;
   * a figure published as TFLOP/s per GPU is turned into an iteration time with the paper's own FLOP count
     (`flops_convention`), one published as tokens/s per GPU with the batch's tokens, so the error is the same
     quantity for every row.
@@ -121,15 +121,15 @@ BREAKDOWN_PARTS = {"gemm": "GEMM", "attention": "attention", "elementwise": "ele
 # The kinds of run whose errors are summed apart (REFERENCE 13: a model right on one shape can be wrong on another):
 # the GPU, the sequence length, the layout.
 FACETS = {"gpu": "GPU", "sequence": "sequence", "layout": "layout"}
-SEQUENCE_BUCKETS = ("1K", "2K", "4K", "8K", "16K-64K", "128K+")
+SEQUENCE_BUCKETS = (("≤1K", 1024), ("1-2K", 2048), ("2-4K", 4096), ("4-8K", 8192), ("8-64K", 65536), (">64K", None))
 
 
 def row_facets(gpu: str, seq_tokens: int, pp: int = 1, chunks: int = 1, cp: int = 1, zero_stage: int = 1,
                layer: bool = False) -> dict[str, str]:
-    """A row's facet values: its cluster's GPU; its sequence length, bucketed (2K, 4K, 8K, 16K-64K, 128K+); its
-    layout (one layer alone, FSDP, an interleaved or 1F1B pipeline, or neither; "+ CP" with context parallelism)."""
-    k = seq_tokens // 1024
-    seq = f"{k}K" if k <= 8 else SEQUENCE_BUCKETS[-2 if k <= 64 else -1]
+    """A row's facet values: its cluster's GPU; its sequence length's bucket (SEQUENCE_BUCKETS: tokens up to each
+    bound); its layout (one layer alone, FSDP, an interleaved or 1F1B pipeline, or neither; "+ CP" with context
+    parallelism)."""
+    seq = next(name for name, bound in SEQUENCE_BUCKETS if bound is None or seq_tokens <= bound)
     if layer:
         layout = "one layer"
     elif zero_stage == 3:
@@ -147,7 +147,8 @@ def facet_errors(rows: list["ValidationRow"], facet: str) -> list[tuple[str, int
         groups.setdefault(r.facets.get(facet, "?"), []).append(r.error)
     out = [(v, len(e), float(np.mean(np.abs(e))), float(np.mean(e))) for v, e in groups.items()]
     if facet == "sequence":
-        return sorted(out, key=lambda x: SEQUENCE_BUCKETS.index(x[0]) if x[0] in SEQUENCE_BUCKETS else 99)
+        order = [name for name, _ in SEQUENCE_BUCKETS]
+        return sorted(out, key=lambda x: order.index(x[0]) if x[0] in order else len(order))
     return sorted(out, key=lambda x: (-x[1], x[0]))
 
 
@@ -299,10 +300,10 @@ def published_iteration_s(cal: CalibrationSet, case: IterationCase) -> float:
 def pipeline_time_s(p: int, m: int, v: int, unit: UnitCost, p2p_s: float,
                     layers: list[list[int]] | None = None) -> float:
     """One iteration of m identical micro-batches on p stages of v chunks each (v = 1: 1F1B, else
-    interleaved), run on the event engine: each op takes the stage's time ÷ v (with `layers`, each stage's chunks'
-    layer counts as chunk_layers gives them: its layers' share of a stage of the largest count in every chunk, which
-    `unit` prices), the LM head is added to the last chunk of the last stage, and every hand-over between stages waits
-    `p2p_s`."""
+    interleaved), run on the event engine: each op takes the stage's time ÷ v, or with `layers` (each stage's chunks'
+    layer counts, chunk_layers) a chunk of n layers n / (v · the largest n) of it (`unit` prices a stage of the largest
+    count in every chunk); the LM head is added to the last chunk of the last stage, and every hand-over between
+    stages waits `p2p_s`."""
     return pipeline_runs(p, m, v, unit, p2p_s, layers)[0]
 
 
@@ -311,6 +312,8 @@ def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: 
     """pipeline_time_s, and (start, end) of each model chunk's last backward on the stage that ends the iteration,
     relative to that end (what an overlapped gradient reduction can hide under)."""
     counts = layers or [[1] * v for _ in range(p)]
+    if len(counts) != p or any(len(chunks) != v for chunks in counts):
+        raise ValueError(f"layers: {len(counts)} stages of {[len(c) for c in counts]} chunks, not {p} of {v}")
     per = v * max(max(chunks) for chunks in counts)  # the layers `unit` prices
     body_f, body_b = (unit.fwd_s - unit.head_fwd_s) / per, (unit.bwd_s - unit.head_bwd_s) / per
     lists = {s: [((s, op), op) for op in stage_ops(p, s, [1] * m, v)] for s in range(p)}
@@ -348,8 +351,9 @@ class _Run:
 
 def _run(cal: CalibrationSet, case: IterationCase, profile: Profile) -> _Run:
     model = cal.model(case.model)
-    # Stages of unequal layers (Llama 3: 126 layers in 16 x 8 chunks) are priced as equal chunks of the rounded-up
-    # layer count, the time scaled back by the layer ratio.
+    # Stages of unequal layers (Llama 3: 126 layers in 16 x 8 chunks): the unit prices a stage of the rounded-up
+    # layer count per chunk, each chunk then runs its own layers (chunk_layers), and the step end (gradient sync,
+    # optimizer) is that stage's, scaled by the layer ratio.
     slots = case.pp * case.chunks
     priced = dataclasses.replace(model, layers=-(-model.layers // slots) * slots)
     # the run's own micro-batch, whether or not the memory model lets it fit: iteration_memory judges that
@@ -397,10 +401,12 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
                                  f"{sync_text} + optimizer {optimizer_s:.3g} s; tied-embedding all-reduce not "
                                  "priced",
                                  f"{run.model.layers} layers in chunks of up to {priced // (case.pp * case.chunks)} "
-                                 f"(chunk_layers); gradient sync and optimizer of {priced} x {run.layer_ratio:.4f}"
+                                 f"(chunk_layers); gradient sync and optimizer priced for {priced} layers, scaled by "
+                                 f"{run.model.layers}/{priced}"
                                  if run.layer_ratio != 1 else "", case.note) if x)
     # The schedule ran each chunk's own layers: the breakdown is the busiest stage's work (its layers' share of the
-    # priced stage, the head if it is the last) and what the schedule adds; the step end is the priced stage's, scaled.
+    # priced stage, the head if it is the last; stages within a fraction of a percent can swap with the batch) and what
+    # the schedule adds; the gradient sync and optimizer are the priced stage's, scaled by the layer ratio.
     ratio, head_s = run.layer_ratio, unit.head_fwd_s + unit.head_bwd_s
     work = [sum(n) / cm.layers_per_stage * (unit.total_s - head_s) + (head_s if s == case.pp - 1 else 0.0)
             for s, n in enumerate(layers)]

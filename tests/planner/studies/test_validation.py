@@ -88,11 +88,13 @@ def test_pipeline_runs_each_chunk_with_its_own_layers():
     # longer the bottleneck, so the step is set by the middle stages' 6 layers (m·(f + b) plus the bubble)
     unit = dataclasses.replace(_unit(6.0, 12.0), head_fwd_s=1.0, head_bwd_s=2.0)
     even = pipeline_time_s(4, 32, 1, unit, 0.0, [[6]] * 4)
-    assert even == pipeline_time_s(4, 32, 1, unit, 0.0)  # equal chunks: as without layer counts
+    assert even == pytest.approx(pipeline_time_s(4, 32, 1, unit, 0.0))  # equal chunks: as without layer counts
     split = pipeline_time_s(4, 32, 1, unit, 0.0, [[5], [6], [6], [5]])
     assert split < even
     assert split == pytest.approx(32 * 18.0 / (1 - closed_form_bubble(4, 32)), rel=0.02)
     assert chunk_layers(70, 12, 1) == [[5]] + [[6]] * 10 + [[5]]  # BLOOM: embedding and head each a layer slot
+    with pytest.raises(ValueError, match="3 stages"):
+        pipeline_time_s(4, 32, 1, unit, 0.0, [[6]] * 3)
 
 
 def test_iteration_row_rejects_batches_that_do_not_split(a100):
@@ -115,21 +117,23 @@ def test_every_packaged_set_prices(name):
 
 def test_rows_carry_their_kind_of_run():
     bloom = validate_cost_model(name="bloom2022").rows[0].facets
-    assert bloom == {"gpu": "A100 SXM 80GB", "sequence": "2K", "layout": "1F1B PP"}
+    assert bloom == {"gpu": "A100 SXM 80GB", "sequence": "1-2K", "layout": "1F1B PP"}
     llama = validate_cost_model(name="llama3_2024").rows[-1].facets  # 128K on TP8 PP16 (8 chunks) CP16
-    assert llama == {"gpu": "H100 SXM", "sequence": "128K+", "layout": "interleaved PP + CP"}
+    assert llama == {"gpu": "H100 SXM", "sequence": ">64K", "layout": "interleaved PP + CP"}
     assert validate_cost_model(name="torchtitan_a100_2024").rows[0].facets["layout"] == "FSDP"
     assert validate_cost_model().rows[0].facets["layout"] == "one layer"  # Korthikanti's per-layer times
-    assert validation.row_facets("B200", 16384, cp=2)["sequence"] == "16K-64K"
+    # buckets by range: a length up to each bound, whether or not a power of two
+    assert [validation.row_facets("B200", s)["sequence"] for s in (512, 3072, 4096, 12288, 65536, 98304)] == \
+        ["≤1K", "2-4K", "2-4K", "8-64K", "8-64K", ">64K"]
 
 
 def test_facet_errors_group_mape_and_bias_by_hand():
     def row(err: float, gpu: str, seq: str) -> ValidationRow:
         return ValidationRow("x", "s", 1.0, 1.0 + err, "", {}, {"gpu": gpu, "sequence": seq})
-    rows = [row(-0.2, "A100", "8K"), row(0.1, "A100", "2K"), row(-0.1, "H100", "2K")]
+    rows = [row(-0.2, "A100", "4-8K"), row(0.1, "A100", "1-2K"), row(-0.1, "H100", "1-2K")]
     assert validation.facet_errors(rows, "gpu") == [("A100", 2, pytest.approx(0.15), pytest.approx(-0.05)),
                                                      ("H100", 1, pytest.approx(0.1), pytest.approx(-0.1))]
-    assert [v for v, *_ in validation.facet_errors(rows, "sequence")] == ["2K", "8K"]  # shortest first
+    assert [v for v, *_ in validation.facet_errors(rows, "sequence")] == ["1-2K", "4-8K"]  # shortest first
 
 
 def test_megatron_flops_convention_is_the_model_flops_with_recompute():
