@@ -329,7 +329,7 @@ def test_validate_prints_each_case_and_the_mape():
 def test_validate_sums_held_out_errors_by_kind_of_run():
     out = run("validate", "--set", "torchtitan_a100_2024", "--set", "bloom2022").output
     assert "held-out rows by kind of run" in out and "FSDP" in out and "1F1B PP" in out
-    assert "held-out rows" not in run("validate", "--set", "bloom2022").output  # one kind of run: no table
+    assert "held-out rows" not in run("validate", "--set", "bloom2022").output  # one set: no table
 
 
 def test_validate_every_set_by_default_with_the_held_out_ones_marked():
