@@ -1208,7 +1208,7 @@ def validate_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {sets: [{name, source, profile, "
                                                            "held_out, attention_kernel, mape, rows (each with its "
                                                            "parts and facets), memory}], held_out_by: {gpu, "
-                                                           "sequence, layout: [{value, rows, mape, mean_error}]}}."),
+                                                           "sequence, layout, model: [{value, rows, mape, mean_error}]}}."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
@@ -1264,8 +1264,8 @@ def validate_cmd(
 
 
 def _facet_table(by_facet: dict[str, list[tuple[str, int, float, float]]]) -> Table:
-    """The held-out rows' error by GPU, sequence length and layout (facet_errors per facet): MAPE and the mean signed
-    error (the bias)."""
+    """The held-out rows' error by GPU, sequence length, layout and model kind (facet_errors per facet): MAPE and
+    the mean signed error (the bias)."""
     t = Table(title="held-out rows by kind of run (mean error > 0: the model is slower than measured)")
     for c in ("by", "kind", "rows", "MAPE", "mean error"):
         t.add_column(c, justify="left" if c in ("by", "kind") else "right")

@@ -20,7 +20,7 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
     and the LM head on the last (both on the only stage when pp = 1). stage=None: the largest. `layers`: the
     stage's layer count where stages differ (default L/p)."""
     m, t, p = setup.model, setup.training.tp, setup.training.pp
-    layers = (m.layers // p if layers is None else layers) * m.layer_params()
+    n = m.layers // p if layers is None else layers
     emb, head = m.input_embedding_params(), m.head_params()  # head: final norm (+ LM head unless tied)
     if p == 1:
         extra = emb + head
@@ -28,7 +28,27 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
         extra = max(emb, head)
     else:
         extra = (emb if stage == 0 else 0) + (head if stage == p - 1 else 0)
-    return (layers + extra) / t
+    if setup.training.expert_groups == 1:  # experts split over ep·etp = tp ranks, as the rest
+        return (n * m.layer_params() + extra) / t
+    return (n * (m.layer_params() - m.experts * m.expert_params()) + extra) / t + expert_params_per_rank(setup, n)
+
+
+def expert_params_per_rank(setup: Setup, layers: int | None = None) -> float:
+    """Expert MLP parameters of one GPU: its stage's `layers` (default L/p) E experts over the ep·etp ranks of an
+    expert group (0 for a dense model)."""
+    m, tr = setup.model, setup.training
+    if not m.is_moe:
+        return 0.0
+    n = m.layers // tr.pp if layers is None else layers
+    return n * m.experts * m.expert_params() / (tr.ep * tr.expert_tp)
+
+
+def sharded_state_params(setup: Setup, stage: int | None = None, layers: int | None = None) -> float:
+    """Parameters of which one GPU keeps a 1/hdp share of the sharded states (ZeRO), times hdp: its dense ones,
+    sharded over the stage's hdp ranks, and G times its expert ones, sharded over the hdp/G ranks that hold the
+    same experts (G = TrainingSpec.expert_groups; G = 1: params_per_rank)."""
+    extra = (setup.training.expert_groups - 1) * expert_params_per_rank(setup, layers)
+    return params_per_rank(setup, stage, layers) + extra
 
 
 def state_bytes_per_param_parts(training: TrainingSpec) -> tuple[float, float]:
@@ -46,7 +66,8 @@ def state_bytes_per_param_parts(training: TrainingSpec) -> tuple[float, float]:
 
 def state_bytes_per_param(setup: Setup) -> float:
     """Megatron mixed precision (REFERENCE 7.3): bf16 params + fp32 grads + fp32 master/m/v.
-    Replicated: 2 + 4 + 12 = 18 B; distributed optimizer over d HDP ranks: 6 + 12/d."""
+    Replicated: 2 + 4 + 12 = 18 B; distributed optimizer over d HDP ranks: 6 + 12/d (an expert group over G TP
+    groups shards its experts' over d/G: model_state_bytes)."""
     kept, sharded = state_bytes_per_param_parts(setup.training)
     return kept + sharded / setup.hdp
 
@@ -54,8 +75,13 @@ def state_bytes_per_param(setup: Setup) -> float:
 def model_state_bytes(setup: Setup, stage: int | None = None, layers: int | None = None) -> float:
     """Model states of one GPU (`layers`: as in params_per_rank); ZeRO-3 adds the layers and root it holds
     gathered (costmodel.zero.inflight_bytes), fp8 training its cached fp8 weights and scaling state."""
-    return (params_per_rank(setup, stage, layers) * state_bytes_per_param(setup) + zero.inflight_bytes(setup)
-            + fp8_state_bytes(setup))
+    if setup.training.expert_groups == 1:
+        states = params_per_rank(setup, stage, layers) * state_bytes_per_param(setup)
+    else:
+        kept, sharded = state_bytes_per_param_parts(setup.training)
+        states = (params_per_rank(setup, stage, layers) * kept
+                  + sharded_state_params(setup, stage, layers) * sharded / setup.hdp)
+    return states + zero.inflight_bytes(setup) + fp8_state_bytes(setup)
 
 
 # ---- fp8 training's extra state (Transformer Engine; docs/COSTMODEL.md "fp8") ------------------------------
@@ -78,11 +104,12 @@ def fp8_recipe(setup: Setup) -> Fp8Recipe:
     return chosen or ("mxfp8" if mx else "delayed")
 
 
-def fp8_gemm_params_per_layer(model: ModelSpec, tp: int) -> float:
+def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> float:
     """Weights of one layer's fp8 GEMMs on one TP rank: QKV, output projection and every expert's MLP matrices
-    (E/ep experts split over tp/ep is E/tp of them); router, norms and biases stay bf16."""
+    (E/ep experts split over etp: E/(ep·etp), `expert_ranks` = ep·etp, default tp); router, norms and biases stay
+    bf16."""
     attn = model.hidden * (2 * model.q_width + 2 * model.kv_width)
-    return (attn + model.experts * model.mlp_matrices * model.hidden * model.ffn) / tp
+    return attn / tp + model.experts * model.mlp_matrices * model.hidden * model.ffn / (expert_ranks or tp)
 
 
 def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> int:
@@ -121,7 +148,7 @@ def fp8_state_bytes(setup: Setup) -> float:
         return 0.0
     layers = zero.INFLIGHT_LAYERS if tr.zero_stage == 3 else setup.model.layers // tr.pp
     per_param = fp8_weight_bytes_per_param(fp8_recipe(setup)) - (DTYPE_BYTES[tr.dtype] if tr.fp8_param_gather else 0)
-    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp) * per_param
+    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp, tr.ep * tr.expert_tp) * per_param
     return cache + sum(fp8_scaled_tensors(setup)) * 4.0 * (FP8_AMAX_HISTORY_LEN + 2)
 
 

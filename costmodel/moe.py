@@ -1,8 +1,10 @@
-"""MoE layers with expert parallelism folded into the TP group (docs/COSTMODEL.md "MoE and expert parallelism").
+"""MoE layers and expert parallelism (docs/COSTMODEL.md "MoE and expert parallelism").
 
 Under HDP only a TP group runs in lockstep, so expert parallelism lives inside it: Megatron-core's "MoE parallel
 folding" (Liu et al. 2025, arXiv 2504.14960) with attention TP and expert EP × ETP on the same tp ranks, ep | tp,
-etp = tp / ep. After attention each TP rank holds s/tp tokens (sequence parallelism); the router scores them; the
+etp = tp / ep. A static layout whose DP ranks run in lockstep (a published run) may give etp and an expert group
+of ep·etp ranks over G = ep·etp/tp TP groups, as Megatron-core draws EP from DP: each expert then gets the
+tokens of G TP groups. After attention each TP rank holds s/tp tokens (sequence parallelism); the router scores them; the
 tokens go to the ranks owning their top_k experts and come back, as Megatron-core's token dispatchers do
 (megatron/core/transformer/moe/token_dispatcher.py):
 
@@ -11,7 +13,7 @@ tokens go to the ranks owning their top_k experts and come back, as Megatron-cor
 - ep > 1, `MoEAlltoAllTokenDispatcher`: permute → all-to-all over EP → all-gather over ETP (etp > 1) → experts →
   reduce-scatter over ETP → all-to-all over EP → unpermute; this replaces the MLP's TP pair.
 
-Each rank runs E/ep local experts on m = s·k·cf/E rows each (s: the TP group's tokens, k = top_k, cf: the
+Each rank runs E/ep local experts on m = G·s·k·cf/E rows each (s: the TP group's tokens, k = top_k, cf: the
 busiest expert's load over the mean), every expert's columns split over etp; one GEMM per expert (Megatron's
 SequentialMLP) or one grouped GEMM of the local experts' rows (`moe_grouped_gemm`). Pure functions of the specs
 and a profile; costmodel.timing and costmodel.memory call them."""
@@ -31,21 +33,29 @@ from profiles.table import Profile
 class ExpertLayout:
     """How one TP group runs an MoE layer: ep expert groups of etp = tp/ep ranks (TrainingSpec checks ep | tp)."""
 
-    tp: int = 1  # the TP group: attention TP = EP × ETP
+    tp: int = 1  # the TP group: attention TP
     ep: int = 1  # expert-parallel degree: ranks holding different experts
     capacity_factor: float = 1.0  # busiest expert's tokens over the mean (1: balanced routing)
     grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM
     sequence_parallel: bool = True  # the MoE input is s/tp tokens per rank
+    etp: int = 0  # expert tensor-parallel degree, ranks splitting one expert's columns; 0: tp/ep (folded)
+    inter_node: bool = False  # the EP all-to-all crosses nodes (an expert group beyond one NVLink domain)
+
+    def __post_init__(self) -> None:
+        if not self.etp:
+            object.__setattr__(self, "etp", self.tp // self.ep)
 
     @classmethod
-    def of(cls, training: TrainingSpec) -> "ExpertLayout":
+    def of(cls, training: TrainingSpec, inter_node: bool = False) -> "ExpertLayout":
         return cls(tp=training.tp, ep=training.ep, capacity_factor=training.moe_capacity_factor,
-                   grouped_gemm=training.moe_grouped_gemm, sequence_parallel=training.sequence_parallel)
+                   grouped_gemm=training.moe_grouped_gemm, sequence_parallel=training.sequence_parallel,
+                   etp=training.expert_tp, inter_node=inter_node)
 
     @property
-    def etp(self) -> int:
-        """Expert tensor-parallel degree: ranks splitting one expert's columns."""
-        return self.tp // self.ep
+    def groups(self) -> int:
+        """TP groups whose tokens meet in one expert group of ep·etp ranks, G (1: EP folded into the TP group).
+        With G > 1 every expert gets the tokens of G TP groups (in lockstep, equal batches)."""
+        return self.ep * self.etp // self.tp
 
     @property
     def all_to_all(self) -> bool:
@@ -54,8 +64,8 @@ class ExpertLayout:
 
 
 def expert_rows_per_token(model: ModelSpec, layout: ExpertLayout) -> float:
-    """Rows one expert's GEMMs get per token of the TP group on the busiest rank: m / s = k·cf/E."""
-    return model.top_k * layout.capacity_factor / model.experts
+    """Rows one expert's GEMMs get per token of the TP group on the busiest rank: m / s = G·k·cf/E."""
+    return layout.groups * model.top_k * layout.capacity_factor / model.experts
 
 
 def mlp_gemm_plan(model: ModelSpec, layout: ExpertLayout) -> tuple[int, float, int]:
@@ -86,18 +96,20 @@ def dispatch_bytes(tokens: np.ndarray | float, model: ModelSpec, layout: ExpertL
 def expert_gather_bytes(tokens: np.ndarray | float, model: ModelSpec, layout: ExpertLayout,
                         dtype_bytes: int) -> np.ndarray:
     """nccl-tests S of the ETP all-gather after the dispatch (the reduce-scatter before the combine moves the
-    same): the rows of the rank's E/ep experts, s·k·cf/ep, of h values each."""
+    same): the rows of the rank's E/ep experts, G·s·k·cf/ep, of h values each."""
     t = np.asarray(tokens, dtype=float)
-    return t * model.top_k * layout.capacity_factor / layout.ep * model.hidden * dtype_bytes
+    return t * layout.groups * model.top_k * layout.capacity_factor / layout.ep * model.hidden * dtype_bytes
 
 
 def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpec, layout: ExpertLayout,
                    dtype_bytes: int) -> np.ndarray:
     """Forward communication of one MoE layer with ep > 1, not overlapped: dispatch and combine all-to-alls over
     EP (+ the ETP all-gather and reduce-scatter when etp > 1). The backward moves the same bytes the other way.
-    The EP group lies inside a TP group, which MeshLayout keeps inside one NVLink domain: scope intra."""
+    A folded EP group lies inside a TP group, which MeshLayout keeps inside one NVLink domain; a wider one's
+    all-to-all is inter-node when its ep·etp ranks span domains (`inter_node`, etp innermost as Megatron-core
+    orders them, so the ETP collectives stay inside a domain)."""
     a2a = profile.collective_time_s("all_to_all", dispatch_bytes(tokens, model, layout, dtype_bytes), layout.ep,
-                                    "intra")
+                                    "inter" if layout.inter_node else "intra")
     t = 2.0 * a2a
     if layout.etp > 1:
         g = expert_gather_bytes(tokens, model, layout, dtype_bytes)
@@ -119,7 +131,7 @@ def moe_kernels(model: ModelSpec, layout: ExpertLayout, dtype_bytes: int, direct
     perm = MemKernel("moe_permute", (src + rows) * h * b)
     out = [perm, MemKernel("moe_unpermute", perm.bytes_per_item)]
     if layout.all_to_all and model.experts // layout.ep > 1:  # received chunks sorted by local expert and back
-        sort = 2.0 * k * cf / layout.ep * h * b
+        sort = 2.0 * layout.groups * k * cf / layout.ep * h * b
         out += [MemKernel("moe_sort_chunks", sort), MemKernel("moe_unsort_chunks", sort)]
     if cf > 1.0:
         act = next(x for x in layer_kernels(model, layout.tp, layout.sequence_parallel, dtype_bytes, direction)
@@ -132,7 +144,7 @@ def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recom
                                    dtype_bytes: int = 2) -> float:
     """Saved activations of one MoE layer per token of the TP group on the busiest rank, beyond what
     costmodel.memory counts for a dense layer of k MLPs (its 2h/tp MLP input is the router's input here): the
-    dispatched rows the experts keep for their weight gradients, 2h·k·cf/ep; the expert outputs the routing
+    dispatched rows the experts keep for their weight gradients, 2h·G·k·cf/ep; the expert outputs the routing
     weights multiply, kept for the weights' gradient (all-to-all: back on the rank's own k·s/tp rows; all-gather:
     its k·cf·s/ep rows); and the MLP's inner terms (SwiGLU 6f, 4f under selective; ungated 4f) × (cf − 1)/tp.
     Full recompute keeps only the layer input: nothing more."""
@@ -140,7 +152,7 @@ def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recom
         return 0.0
     scale = dtype_bytes / 2.0
     h, f, k, cf = model.hidden, model.ffn, model.top_k, layout.capacity_factor
-    dispatched = 2 * h * k * cf / layout.ep
+    dispatched = 2 * h * layout.groups * k * cf / layout.ep
     combined = 2 * h * k / layout.tp if layout.all_to_all else dispatched
     inner = swiglu_saved_bytes_per_f(recompute) * f if model.gated else 4 * f
     return (dispatched + combined + inner * k * (cf - 1.0) / layout.tp) * scale

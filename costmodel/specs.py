@@ -371,28 +371,39 @@ class TrainingSpec:
     fp8_param_gather: bool = False
     # per-rank token capacity C override (else derived from memory)
     capacity_tokens: int | None = field(default=None, metadata=positive())
-    # MoE expert parallelism folded into the TP group (costmodel.moe): ep ranks of a TP group hold E/ep experts
-    # each, every expert's columns split over etp = tp/ep; ep = 1: all experts on every TP rank, split over tp
+    # MoE expert parallelism (costmodel.moe): ep ranks hold E/ep experts each, every expert's columns split over
+    # etp ranks. Folded into the TP group by default (etp None: etp = tp/ep, ep | tp), the only ranks that run in
+    # lockstep under HDP; ep = 1: all experts on every TP rank, split over tp
     ep: int = field(default=1, metadata=positive())
+    # Megatron-core's expert_tensor_parallel_size; given, the expert group of ep·etp ranks may span
+    # expert_groups = ep·etp/tp TP groups of a stage (Megatron's EP drawn from DP): a layout whose DP ranks run
+    # every micro-batch in lockstep (published runs, `meshplan validate`), which HDP plans refuse
+    etp: int | None = field(default=None, metadata=positive())
     # token-routing imbalance: the busiest expert's tokens over the mean (1 = perfectly balanced); scales the
     # busiest rank's expert GEMMs, dispatched activations and all-to-all bytes
     moe_capacity_factor: float = field(default=1.0, metadata=at_least(1.0))
     moe_grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM (else one GEMM per expert)
 
     # to_dict writes these only when set, so plans that do not use them stay as they were
-    OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
+    OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "etp", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
                                                 "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
                                                 "fp8_param_gather")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
-        if self.ep > self.tp:
+        if self.etp is None and self.ep > self.tp:
             raise SpecError(f"ep={self.ep} exceeds tp={self.tp}: expert parallelism is folded into the TP group, the "
                             "only ranks that run in lockstep under HDP (expert groups beyond it would span HDP ranks "
                             "that run different units); use --ep at most --tp, or raise --tp")
-        if self.tp % self.ep:
+        if self.etp is None and self.tp % self.ep:
             raise SpecError(f"ep={self.ep} must divide tp={self.tp} (the TP group splits into ep expert groups of "
                             f"tp/ep ranks); use a divisor of {self.tp}")
+        if self.etp is not None and self.ep == 1 and self.etp > self.tp:
+            raise SpecError(f"etp={self.etp} over tp={self.tp} with ep=1: an expert group wider than the TP group "
+                            "dispatches by all-to-all, ep > 1; raise ep or set etp at most tp")
+        if self.etp is not None and (self.ep * self.etp) % self.tp:
+            raise SpecError(f"ep={self.ep} x etp={self.etp} must be a multiple of tp={self.tp}: an expert group of "
+                            "ep·etp ranks holds whole TP groups (Megatron-core's MoE parallel folding)")
         if self.fp8_recipe is not None and self.dtype != "fp8":
             raise SpecError(f"fp8_recipe {self.fp8_recipe!r} applies to dtype fp8 only (this run is {self.dtype}); "
                             "drop it or train in fp8")
@@ -404,6 +415,9 @@ class TrainingSpec:
             raise SpecError("tp_comm_overlap needs sequence parallelism (Transformer Engine overlaps the SP "
                             "all-gathers and reduce-scatters; Megatron-core turns it off without SP); enable "
                             "sequence_parallel or drop tp_comm_overlap")
+        if self.zero_stage == 3 and self.expert_groups > 1:
+            raise SpecError(f"zero_stage 3 with an expert group over {self.expert_groups} TP groups (ep={self.ep}, "
+                            f"etp={self.etp}) is not modelled; use --zero 1 or 2, or fold EP into TP (drop etp)")
         if self.zero_stage == 3 and self.pp > 1:
             raise SpecError(f"zero_stage 3 with pp={self.pp} is not modelled (per-layer gathers across pipeline "
                             "stages); use pp=1 with --zero 3, or --zero 1/2 with pipelining")
@@ -416,6 +430,16 @@ class TrainingSpec:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def expert_tp(self) -> int:
+        """Ranks splitting one expert's columns: etp as given, else tp/ep (EP folded into the TP group)."""
+        return self.etp if self.etp is not None else self.tp // self.ep
+
+    @property
+    def expert_groups(self) -> int:
+        """TP groups of a stage one expert group of ep·etp ranks spans (1: folded into the TP group)."""
+        return self.ep * self.expert_tp // self.tp
 
     @property
     def loss_fused(self) -> bool:
@@ -436,10 +460,16 @@ class TrainingSpec:
                             "apply to MoE models only; leave them at their defaults")
         if model.experts % self.ep:
             raise SpecError(f"ep={self.ep} must divide the {model.experts} experts of {model.name}")
+        if not model.is_moe and self.etp is not None:
+            raise SpecError(f"{model.name} is dense (one MLP): etp applies to MoE models only; drop it")
         if self.ep > 1 and self.tp > 1 and not self.sequence_parallel:
             raise SpecError(f"ep={self.ep} needs sequence parallelism: the all-to-all dispatches each TP rank's s/tp "
                             "tokens (Megatron requires it with MoE and TP); enable sequence_parallel")
-        self.mesh_on(cluster)
+        mesh = self.mesh_on(cluster)
+        if mesh.hdp % self.expert_groups:
+            raise SpecError(f"an expert group of ep={self.ep} x etp={self.expert_tp} ranks spans "
+                            f"{self.expert_groups} TP groups, which must divide the {mesh.hdp} DP x CP ranks of a "
+                            f"stage ({cluster.world_size} GPUs at tp={self.tp}, pp={self.pp}); change ep, etp or the GPUs")
 
     def mesh_on(self, cluster: ClusterSpec) -> MeshLayout:
         """This layout on the cluster's GPUs; SpecError if TP or PP does not fit them."""

@@ -16,8 +16,9 @@ import numpy as np
 from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
                                    layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import (MemoryBudget, dkv_activation_ratio, fp8_gemm_params_per_layer, fp8_recipe,
-                              fp8_scaled_tensors, layer_activation_per_token, memory_budget, params_per_rank)
+from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_per_layer,
+                              fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
+                              params_per_rank, sharded_state_params)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
 from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
@@ -257,7 +258,8 @@ class CostModel:
         self.bytes_per_elem = tr.dtype_bytes
         self.budget: MemoryBudget = memory_budget(self.setup)
         self.capacity_tokens = self.budget.capacity_tokens
-        self.experts = ExpertLayout.of(tr)  # how MoE layers run on the TP group (costmodel.moe)
+        # how MoE layers run (costmodel.moe): on the TP group, or an expert group of G TP groups in lockstep
+        self.experts = ExpertLayout.of(tr, inter_node=self.setup.mesh.group_spans_domains(tr.expert_groups))
         self.a_tok = layer_activation_per_token(self.setup)  # the replay's eager layer with eager kernels
         self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
                                               self.experts, tr.dtype == "fp8")
@@ -527,9 +529,10 @@ class CostModel:
             a2a_comm, a2a_f, a2a_b = self._ulysses_a2a_s(tokens, u, u_inter, l, passes_f)
             ring_comm, ring_exp_f, ring_exp_b = ring_comm + a2a_comm, ring_exp_f + a2a_f, ring_exp_b + a2a_b
         tp_f = tp_b = comm_h = np.zeros(n)
-        if self.tp > 1:
+        if self.tp > 1 or self.experts.all_to_all:  # tp = 1: an expert group over TP groups, its all-to-alls
             tp_f, tp_b = self.layer_tp_comm_s(tokens)
             tp_f, tp_b = l * tp_f, l * tp_b
+        if self.tp > 1:
             # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
             comm_h = self.tp_pair_s(tokens) / 2
             # the vocab-parallel loss, forward: all-reduces of each token's logit max, then of its target logit and
@@ -603,7 +606,9 @@ class CostModel:
         the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward."""
         tokens = np.asarray(tokens, dtype=float)
         mlp = self._lookup("moe_comm", tokens) if self.experts.all_to_all else self.tp_pair_s(tokens, layer=True)
-        if self.setup.training.tp_comm_overlap:
+        if self.tp == 1:  # no TP collectives: an expert group's all-to-alls alone
+            fwd = bwd = mlp
+        elif self.setup.training.tp_comm_overlap:
             fwd, bwd = self._overlapped_tp_comm_s(tokens)
             if self.model.is_moe:  # expert GEMMs run no userbuffer overlap: the MLP's communication stays exposed
                 fwd, bwd = fwd + mlp, bwd + mlp
@@ -712,17 +717,45 @@ class CostModel:
         tr = self.setup.training
         if d <= 1 or tr.zero_stage == 3:  # every round reduce-scattered its gradients already (costmodel.zero)
             return 0.0, 0.0
-        p = params_per_rank(self.setup)
-        scope = "inter" if self.setup.mesh.group_spans_domains(d) else "intra"
+        g = tr.expert_groups
+        fp8_dense, fp8_experts = self._fp8_gathered_params()
+        if g == 1:  # one collective over every parameter of the rank
+            return self._sync_parts_s(params_per_rank(self.setup), fp8_dense + fp8_experts, d)
+        # an expert group over g TP groups: the dense parameters sync over the d HDP ranks, the experts over the
+        # d/g ranks g apart that hold the same experts (Megatron-core's expert data-parallel group), one after
+        # the other; tp·g such groups at once
+        experts = expert_params_per_rank(self.setup)
+        dense = self._sync_parts_s(params_per_rank(self.setup) - experts, fp8_dense, d)
+        expert = self._sync_parts_s(experts, fp8_experts, d // g, stride=g)
+        return dense[0] + expert[0], dense[1] + expert[1]
+
+    def _sync_parts_s(self, params: float, fp8_params: float, group: int, stride: int = 1) -> tuple[float, float]:
+        """(gradient reduction, parameter all-gather) of `params` parameters per rank over `group` HDP ranks
+        `stride` apart, one collective per TP rank (and per expert group) at once; `fp8_params` of them gathered
+        in fp8. An all-reduce alone without the distributed optimizer."""
+        if group <= 1:
+            return 0.0, 0.0
+        tr = self.setup.training
+        scope = "inter" if self.setup.mesh.spans_domains([0, (group - 1) * stride]) else "intra"
         gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
-        group = d  # one collective per TP rank, over the d HDP ranks holding the same shard: tp groups at once
+        at_once = self.tp * stride
         if tr.zero_stage >= 1:
-            gathered = p * pb
-            if tr.fp8_param_gather:  # the fp8 GEMMs' weights travel in fp8, 1 B each
-                gathered -= self.layers_per_stage * fp8_gemm_params_per_layer(self.model, self.tp) * (pb - 1)
-            return (float(self.profile.collective_time_s("reduce_scatter", p * gb, group, scope, self.tp)),
-                    float(self.profile.collective_time_s("all_gather", gathered, group, scope, self.tp)))
-        return float(self.profile.collective_time_s("all_reduce", p * gb, group, scope, self.tp)), 0.0
+            gathered = params * pb - fp8_params * (pb - 1)  # the fp8 GEMMs' weights travel in fp8, 1 B each
+            return (float(self.profile.collective_time_s("reduce_scatter", params * gb, group, scope, at_once)),
+                    float(self.profile.collective_time_s("all_gather", gathered, group, scope, at_once)))
+        return float(self.profile.collective_time_s("all_reduce", params * gb, group, scope, at_once)), 0.0
+
+    def _fp8_gathered_params(self) -> tuple[float, float]:
+        """(dense, expert) parameters of the rank gathered in fp8: the fp8 GEMMs' weights under fp8_param_gather,
+        (0, 0) otherwise."""
+        tr, m = self.setup.training, self.model
+        if not tr.fp8_param_gather:
+            return 0.0, 0.0
+        expert_ranks = tr.ep * tr.expert_tp
+        total = self.layers_per_stage * fp8_gemm_params_per_layer(m, self.tp, expert_ranks)
+        experts = (self.layers_per_stage * m.experts * m.mlp_matrices * m.hidden * m.ffn / expert_ranks
+                   if m.is_moe else 0.0)
+        return total - experts, experts
 
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:
         """The gradient sync left after the backward, the last backward taking `backward_window_s`: one model chunk
@@ -768,7 +801,8 @@ class CostModel:
         """Adam over the parameters this rank updates (its ZeRO-1 shard of the stage's, or all of them): one
         memory-bound pass of ADAM_BYTES_PER_PARAM bytes per parameter (costmodel.elementwise)."""
         d = hdp_ranks or self.setup.hdp
-        p = params_per_rank(self.setup) / (d if self.setup.training.zero_stage >= 1 else 1)
+        p = (sharded_state_params(self.setup) / d if self.setup.training.zero_stage >= 1
+             else params_per_rank(self.setup))
         return float(self.profile.memory_time_s(p * ADAM_BYTES_PER_PARAM)) * self.compute_share
 
     def step_end_s(self, hdp_ranks: int | None = None) -> float:

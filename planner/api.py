@@ -251,6 +251,9 @@ def cost_model_for_plan(plan: Plan, profile: str | None = None) -> CostModel:
         training = TrainingSpec(**m["training"])
     except KeyError as e:
         raise PlanError(f"plan meta lacks {e}; re-create the plan with `meshplan plan`") from None
+    if training.expert_groups > 1:  # HDP ranks run different units: no lockstep for an expert group across them
+        raise PlanError(f"plan meta: ep={training.ep} x etp={training.etp} spans {training.expert_groups} HDP ranks; "
+                        "a plan's experts must stay in the TP group (drop etp, ep dividing tp)")
     setup = Setup(model, cluster, training)
     if profile:  # another profile than the plan's: say so if it is another device's
         prof = load_profile(profile)

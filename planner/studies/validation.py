@@ -46,7 +46,7 @@ from profiles.typed_json import Reader, positive
 # are held out: nothing is ever tuned to them.
 CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025", "nemo2024",
                     "nemo_longseq2024", "torchtitan_a100_2024", "megatron_bridge_b200_2025",
-                    "megatron_bridge_gb200_2025", "bloom2022", "flashattention2_2023")
+                    "megatron_bridge_gb200_2025", "bloom2022", "flashattention2_2023", "megatron_bridge_moe2025")
 DESIGN_SETS = frozenset({"korthikanti2022", "megatron_bridge_b200_2025", "megatron_bridge_gb200_2025"})
 FlopsConvention = Literal["megatron2021", "palm"]
 
@@ -119,16 +119,16 @@ BREAKDOWN_PARTS = {"gemm": "GEMM", "attention": "attention", "elementwise": "ele
 
 
 # The kinds of run whose errors are summed apart (REFERENCE 13: a model right on one shape can be wrong on another):
-# the GPU, the sequence length, the layout.
-FACETS = {"gpu": "GPU", "sequence": "sequence", "layout": "layout"}
+# the GPU, the sequence length, the layout, dense or MoE.
+FACETS = {"gpu": "GPU", "sequence": "sequence", "layout": "layout", "model": "model"}
 SEQUENCE_BUCKETS = (("≤1K", 1024), ("1-2K", 2048), ("2-4K", 4096), ("4-8K", 8192), ("8-64K", 65536), (">64K", None))
 
 
 def row_facets(gpu: str, seq_tokens: int, pp: int = 1, chunks: int = 1, cp: int = 1, zero_stage: int = 1,
-               layer: bool = False) -> dict[str, str]:
+               layer: bool = False, moe: bool = False) -> dict[str, str]:
     """A row's facet values: its cluster's GPU; its sequence length's bucket (SEQUENCE_BUCKETS: tokens up to each
     bound); its layout (one layer alone, FSDP, an interleaved or 1F1B pipeline, or neither; "+ CP" with context
-    parallelism)."""
+    parallelism); its model, dense or MoE."""
     seq = next(name for name, bound in SEQUENCE_BUCKETS if bound is None or seq_tokens <= bound)
     if layer:
         layout = "one layer"
@@ -136,7 +136,8 @@ def row_facets(gpu: str, seq_tokens: int, pp: int = 1, chunks: int = 1, cp: int 
         layout = "FSDP"
     else:
         layout = "interleaved PP" if pp > 1 and chunks > 1 else ("1F1B PP" if pp > 1 else "no PP")
-    return {"gpu": gpu, "sequence": seq, "layout": layout + (" + CP" if cp > 1 else "")}
+    return {"gpu": gpu, "sequence": seq, "layout": layout + (" + CP" if cp > 1 else ""),
+            "model": "MoE" if moe else "dense"}
 
 
 def facet_errors(rows: list["ValidationRow"], facet: str) -> list[tuple[str, int, float, float]]:
@@ -255,7 +256,7 @@ def layer_rows(cal: CalibrationSet, case: LayerCase, profile: Profile) -> list[V
     unit = cm.unit_cost([cal.seq_tokens] * case.micro_batch, with_head=False)
     note = "; ".join(x for x in (_note(cm.setup.training), case.note) if x)
     per_layer_ms = 1e3 / cm.layers_per_stage
-    facets = row_facets(cm.setup.cluster.gpu, cal.seq_tokens, layer=True)
+    facets = row_facets(cm.setup.cluster.gpu, cal.seq_tokens, layer=True, moe=cm.model.is_moe)
     return [ValidationRow(f"{case.label}: {name}", "ms", published, (unit.fwd_s if d == "fwd" else unit.bwd_s)
                           * per_layer_ms, note, {k: v * per_layer_ms for k, v in unit.parts_s(d).items()}, facets)
             for name, d, published in (("forward", "fwd", case.forward_ms), ("backward", "bwd", case.backward_ms))]
@@ -416,7 +417,7 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     parts = {k: m * v * (float(busiest == case.pp - 1) if k == "head" else share) for k, v in unit.parts_s().items()}
     parts.update(schedule=pipeline_s - m * work[busiest], grad_sync=sync_s * ratio, optimizer=optimizer_s * ratio)
     facets = row_facets(cm.setup.cluster.gpu, run.seq_tokens, case.pp, case.chunks, case.cp,
-                        cm.setup.training.zero_stage)
+                        cm.setup.training.zero_stage, moe=cm.model.is_moe)
     return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note, parts, facets)
 
 

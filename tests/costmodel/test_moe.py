@@ -191,3 +191,81 @@ def test_unit_costs_finite_and_growing_with_imbalance(ep, cf, tokens):
     skew = cost_model(m, p, ep=ep, pp=1, moe_capacity_factor=cf).unit_cost([tokens])
     assert np.isfinite(skew.total_s) and skew.total_s > 0
     assert skew.fwd_compute_s >= base.fwd_compute_s * (1 - 1e-12) and skew.tp_comm_s >= base.tp_comm_s * (1 - 1e-12)
+
+
+# ---- expert groups beyond the TP group (etp given: Megatron-core's EP drawn from DP, lockstep layouts only) ----
+def test_expert_group_over_tp_groups_hand_computed(mixtral, profile):
+    # tp 2, ep 8, etp 1: an expert group of 8 ranks holds G = 4 TP groups; each rank one whole expert, which gets
+    # the tokens of the 4 TP groups: G·s·k/E rows
+    cm = cost_model(mixtral, profile, tp=2, ep=8, etp=1)
+    lay = cm.experts
+    assert (lay.etp, lay.groups, lay.inter_node) == (1, 4, False)  # 8 ranks in one node of 8
+    up = {g.label: g for g in gemm_shapes(mixtral, 2, lay)}["gate_up"]
+    assert (S * up.rows_per_token, up.launches, up.n) == (S * 4 * K / E, 1, 2 * F)
+    assert float(dispatch_bytes(S, mixtral, lay, 2)) == S / 2 * K * H * 2  # its own s/tp tokens' k copies
+    a2a = float(profile.collective_time_s("all_to_all", S / 2 * K * H * 2, 8, "intra"))
+    assert float(moe_comm_fwd_s(profile, S, mixtral, lay, 2)) == pytest.approx(2 * a2a, rel=1e-12)
+    assert float(cm.layer_tp_comm_s(S)[0]) == pytest.approx(float(cm.tp_pair_s(S)) + 2 * a2a, rel=1e-9)
+    # the same layout over 16 ranks (etp 2): G = 8 TP groups, two nodes: the all-to-all is inter-node
+    wide = cost_model(mixtral, profile, tp=2, ep=8, etp=2).experts
+    assert (wide.groups, wide.inter_node) == (8, True)
+    # tp 1: no TP collectives, the all-to-alls alone are the unit's communication
+    tp1 = cost_model(mixtral, profile, tp=1, ep=8, etp=1)
+    u = tp1.unit_cost([int(S)])
+    want = tp1.layers_per_stage * 2 * float(profile.collective_time_s("all_to_all", S * K * H * 2, 8, "intra"))
+    assert u.tp_comm_fwd_s == pytest.approx(want, rel=1e-9)
+
+
+def test_folded_etp_given_prices_as_folded(mixtral, profile):
+    folded, given = cost_model(mixtral, profile, ep=4), cost_model(mixtral, profile, ep=4, etp=2)
+    assert given.experts.groups == 1 and given.unit_cost([int(S)]).total_s == folded.unit_cost([int(S)]).total_s
+    assert given.step_end_s() == folded.step_end_s()
+
+
+def test_expert_group_states_and_sync_hand_computed(mixtral, profile):
+    from costmodel.memory import expert_params_per_rank, state_bytes_per_param_parts
+
+    cm = cost_model(mixtral, profile, tp=2, ep=8, etp=1)  # 128 GPUs, pp 4: 16 HDP ranks a stage, G = 4
+    s = cm.setup
+    n = mixtral.layers // 4
+    experts = n * E * mixtral.expert_params() / 8  # E/ep experts, whole (etp 1)
+    dense = (n * (mixtral.layer_params() - E * mixtral.expert_params())
+             + max(mixtral.input_embedding_params(), mixtral.head_params())) / 2
+    assert expert_params_per_rank(s) == pytest.approx(experts) and params_per_rank(s) == pytest.approx(dense + experts)
+    kept, sharded = state_bytes_per_param_parts(s.training)
+    # the dense states shard over the 16 HDP ranks, the experts' over the 16/4 ranks that hold the same experts
+    want = (dense + experts) * kept + (dense / 16 + experts / 4) * sharded
+    assert model_state_bytes(s) == pytest.approx(want, rel=1e-12)
+    # gradient sync: the dense parameters over 16 ranks, then the experts over 4 ranks 4 apart (tp·G groups at once)
+    t = lambda op, p, g, c: float(profile.collective_time_s(op, p, g, "inter", c))  # noqa: E731
+    want_s = (t("reduce_scatter", dense * 4, 16, 2) + t("all_gather", dense * 2, 16, 2)
+              + t("reduce_scatter", experts * 4, 4, 8) + t("all_gather", experts * 2, 4, 8))
+    assert cm.grad_sync_s() == pytest.approx(want_s, rel=1e-12)
+    # the optimizer updates 1/16 of the dense and 1/4 of its experts
+    from costmodel.elementwise import ADAM_BYTES_PER_PARAM
+    assert cm.optimizer_step_s() == pytest.approx(
+        float(profile.memory_time_s((dense / 16 + experts / 4) * ADAM_BYTES_PER_PARAM)), rel=1e-12)
+
+
+def test_expert_group_validation_errors(mixtral):
+    with pytest.raises(SpecError, match="ep=3 x etp=1 must be a multiple of tp=2"):
+        TrainingSpec(tp=2, ep=3, etp=1)
+    with pytest.raises(SpecError, match="etp=4 over tp=2 with ep=1"):
+        TrainingSpec(tp=2, ep=1, etp=4)
+    with pytest.raises(SpecError, match="zero_stage 3 with an expert group"):
+        TrainingSpec(tp=1, ep=8, etp=1, zero_stage=3)
+    with pytest.raises(SpecError, match="spans 8 TP groups, which must divide the 4 DP x CP ranks"):
+        Setup(mixtral, load_cluster("dgx-h100").with_gpus(64), TrainingSpec(tp=8, pp=2, ep=8, etp=8))
+    with pytest.raises(SpecError, match="etp applies to MoE models only"):
+        Setup(load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(64), TrainingSpec(tp=8, etp=8))
+
+
+def test_plan_with_expert_group_beyond_tp_refused():
+    from planner.api import PlanRequest, cost_model_for_plan, make_plan
+    from planner.plan import Plan, PlanError
+
+    plan = make_plan(PlanRequest(model="mistral-8x7b", gpus=64, tp=8, ep=8, max_context_tokens=8192), "static")
+    d = plan.to_dict()
+    d["meta"]["training"].update(ep=8, etp=4)
+    with pytest.raises(PlanError, match="spans 4 HDP ranks"):
+        cost_model_for_plan(Plan.from_dict(d))

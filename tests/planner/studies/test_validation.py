@@ -117,9 +117,10 @@ def test_every_packaged_set_prices(name):
 
 def test_rows_carry_their_kind_of_run():
     bloom = validate_cost_model(name="bloom2022").rows[0].facets
-    assert bloom == {"gpu": "A100 SXM 80GB", "sequence": "1-2K", "layout": "1F1B PP"}
+    assert bloom == {"gpu": "A100 SXM 80GB", "sequence": "1-2K", "layout": "1F1B PP", "model": "dense"}
     llama = validate_cost_model(name="llama3_2024").rows[-1].facets  # 128K on TP8 PP16 (8 chunks) CP16
-    assert llama == {"gpu": "H100 SXM", "sequence": ">64K", "layout": "interleaved PP + CP"}
+    assert llama == {"gpu": "H100 SXM", "sequence": ">64K", "layout": "interleaved PP + CP", "model": "dense"}
+    assert {r.facets["model"] for r in validate_cost_model(name="megatron_bridge_moe2025").rows} == {"MoE"}
     assert validate_cost_model(name="torchtitan_a100_2024").rows[0].facets["layout"] == "FSDP"
     assert validate_cost_model().rows[0].facets["layout"] == "one layer"  # Korthikanti's per-layer times
     # buckets by range: a length up to each bound, whether or not a power of two
