@@ -762,14 +762,16 @@ class CostModel:
         (exposed_chunked_grad_sync_s)."""
         return self.exposed_chunked_grad_sync_s(hdp_ranks, [(-backward_window_s, 0.0)])
 
-    def exposed_chunked_grad_sync_s(self, hdp_ranks: int | None, last_backwards_s: Sequence[tuple[float, float]]
-                                    ) -> float:
+    def exposed_chunked_grad_sync_s(self, hdp_ranks: int | None, last_backwards_s: Sequence[tuple[float, float]],
+                                    shares: Sequence[float] | None = None) -> float:
         """The gradient sync left after the step's last backward, given (start, end) of each model chunk's last
-        backward relative to that end (≤ 0; interleaved pipelines finish their chunks apart). Without
-        overlap_grad_reduce all of it. With it (Megatron-core DDP) a chunk's buckets of DDP_BUCKET_PARAMS are
-        reduced, one bucket after another across chunks, as its last backward produces them, the last bucket after
-        it ends. With overlap_param_gather the distributed optimizer's all-gather runs under the next step's
-        forward, its first bucket exposed. fp8's amax all-reduce runs after the backward, never hidden."""
+        backward relative to that end (≤ 0; interleaved pipelines finish their chunks apart) and each chunk's share
+        of the stage's gradients (`shares`, default equal; chunks of unequal layers: planner.schedule.ops.
+        chunk_gradient_shares). Without overlap_grad_reduce all of it. With it (Megatron-core DDP) a chunk's buckets
+        of DDP_BUCKET_PARAMS are reduced, one bucket after another across chunks, as its last backward produces
+        them, the last bucket after it ends. With overlap_param_gather the distributed optimizer's all-gather runs
+        under the next step's forward, its first bucket exposed. fp8's amax all-reduce runs after the backward,
+        never hidden."""
         d = hdp_ranks or self.setup.hdp
         tr = self.setup.training
         amax = self.fp8_amax_sync_s(d)
@@ -779,9 +781,13 @@ class CostModel:
             gather_s *= bucket
         if not tr.overlap_grad_reduce:
             return reduce_s + gather_s + amax
-        share = reduce_s / len(last_backwards_s)  # a chunk's gradients: the stage's over its chunks
+        if shares is None:  # a chunk's gradients: the stage's over its chunks
+            shares = [1.0 / len(last_backwards_s)] * len(last_backwards_s)
+        if len(shares) != len(last_backwards_s):
+            raise ValueError(f"{len(shares)} gradient shares for {len(last_backwards_s)} chunk windows")
         done = -np.inf
-        for start, end in sorted(last_backwards_s, key=lambda w: w[1]):
+        for (start, end), x in sorted(zip(last_backwards_s, shares), key=lambda w: w[0][1]):
+            share = reduce_s * x
             done = max(max(start, done) + share, end + min(share, reduce_s * bucket))
         return max(0.0, done) + gather_s + amax
 

@@ -21,7 +21,7 @@ run on `planner.schedule.engine.run_ops`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Sequence
 
 from planner.schedule.engine import OpRun, ScheduleError, run_ops
 
@@ -306,17 +306,34 @@ def mirror_chunks(heavy_attn_s: float, light_attn_s: float, block_s: float, max_
     return int(min(max_chunks, (heavy_attn_s - light_attn_s) / (2 * block_s) + 1e-9))
 
 
-def chunk_last_backwards(runs: Iterable[OpRun]) -> list[tuple[float, float]]:
-    """(start, end) of each model chunk's last backward on the stage whose backward ends last, relative to that end
-    (≤ 0), from runs keyed (stage, PipeOp): what an overlapped gradient reduction can hide under, chunk by chunk
-    (CostModel.exposed_chunked_grad_sync_s). No backward: one empty window."""
+def _last_backward_chunks(runs: Iterable[OpRun]) -> tuple[int, dict[int, tuple[float, float]]] | None:
+    """The stage whose backward ends last, and (start, end) of each of its chunks' last backward relative to that
+    end; None without a backward."""
     backward = [r for r in runs if r.key[1].kind == "B"]
     if not backward:
-        return [(0.0, 0.0)]
+        return None
     last = max(backward, key=lambda r: r.end_s)
     chunks: dict[int, tuple[float, float]] = {}
     for r in backward:
         stage, op = r.key
         if stage == last.key[0] and r.end_s - last.end_s >= chunks.get(op.chunk, (0.0, -float("inf")))[1]:
             chunks[op.chunk] = (r.start_s - last.end_s, r.end_s - last.end_s)
-    return list(chunks.values())
+    return last.key[0], dict(sorted(chunks.items()))
+
+
+def chunk_last_backwards(runs: Iterable[OpRun]) -> list[tuple[float, float]]:
+    """(start, end) of each model chunk's last backward on the stage whose backward ends last, relative to that end
+    (≤ 0), from runs keyed (stage, PipeOp), in chunk order: what an overlapped gradient reduction can hide under,
+    chunk by chunk (CostModel.exposed_chunked_grad_sync_s). No backward: one empty window."""
+    last = _last_backward_chunks(runs)
+    return list(last[1].values()) if last else [(0.0, 0.0)]
+
+
+def chunk_gradient_shares(runs: Iterable[OpRun], layers: Sequence[Sequence[int]]) -> list[float]:
+    """Each window of chunk_last_backwards' share of its stage's gradients: the chunk's layers over the stage's
+    (`layers`: each stage's chunks' layer counts; equal shares where the stage holds none)."""
+    last = _last_backward_chunks(runs)
+    if not last:
+        return [1.0]
+    counts = [layers[last[0]][c] for c in last[1]]
+    return [n / sum(counts) for n in counts] if sum(counts) else [1.0 / len(counts)] * len(counts)

@@ -35,7 +35,7 @@ from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel, UnitCost
 from costmodel.zero import round_collectives, round_time_s
-from planner.schedule import PipeOp, chunk_last_backwards, dependency, run_ops, stage_ops
+from planner.schedule import PipeOp, chunk_gradient_shares, chunk_last_backwards, dependency, run_ops, stage_ops
 from planner.simulate.memory import recompute_working_bytes
 from profiles.table import Profile, load_profile
 from profiles.typed_json import Reader, positive
@@ -309,9 +309,10 @@ def pipeline_time_s(p: int, m: int, v: int, unit: UnitCost, p2p_s: float,
 
 
 def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: list[list[int]] | None = None
-                  ) -> tuple[float, list[tuple[float, float]]]:
-    """pipeline_time_s, and (start, end) of each model chunk's last backward on the stage that ends the iteration,
-    relative to that end (what an overlapped gradient reduction can hide under)."""
+                  ) -> tuple[float, list[tuple[float, float]], list[float]]:
+    """pipeline_time_s; (start, end) of each model chunk's last backward on the stage that ends the iteration,
+    relative to that end (what an overlapped gradient reduction can hide under); and each of those chunks' share
+    of its stage's gradients (its layers over the stage's)."""
     counts = layers or [[1] * v for _ in range(p)]
     if len(counts) != p or any(len(chunks) != v for chunks in counts):
         raise ValueError(f"layers: {len(counts)} stages of {[len(c) for c in counts]} chunks, not {p} of {v}")
@@ -335,7 +336,7 @@ def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: 
         return p2p_s if d is not None and d[0] != key[0] else 0.0
 
     runs = run_ops(lists, dep, duration, transfer)
-    return max(r.end_s for r in runs), chunk_last_backwards(runs)
+    return max(r.end_s for r in runs), chunk_last_backwards(runs), chunk_gradient_shares(runs, counts)
 
 
 @dataclass(frozen=True)
@@ -391,8 +392,8 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
                      f"all-gathers and reduce-scatters in them ({round_s - unit.total_s:.3g} s exposed a round)")
     else:
         p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
-        pipeline_s, last_backwards = pipeline_runs(case.pp, m, case.chunks, unit, p2p, layers)
-        sync_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards)
+        pipeline_s, last_backwards, shares = pipeline_runs(case.pp, m, case.chunks, unit, p2p, layers)
+        sync_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards, shares)
         schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
         runs = f"{m} micro-batches, {schedule} on the event engine"
         sync_text = (f"DP {run.dp} x CP {case.cp}: gradient sync {cm.grad_sync_s(hdp):.3g} s ({sync_s:.3g} s "

@@ -64,6 +64,12 @@ def test_chunked_grad_sync_hides_under_each_chunks_last_backward():
     # four chunks, three finishing long before the end: their shares are done; the last chunk's share shows
     early = [(-10.0 + i, -9.5 + i) for i in range(3)] + [(-1e-3, 0.0)]
     assert cm.exposed_chunked_grad_sync_s(None, early) == pytest.approx(max(min(r / 4, lb), r / 4 - 1e-3) + g)
+    # shares by layers: the last chunk holding 1 of 10 layers' gradients leaves r / 10 to show, not r / 4
+    shares = [0.3, 0.3, 0.3, 0.1]
+    assert cm.exposed_chunked_grad_sync_s(None, early, shares) == pytest.approx(
+        max(min(r / 10, lb), r / 10 - 1e-3) + g)
+    with pytest.raises(ValueError, match="2 gradient shares for 4 chunk windows"):
+        cm.exposed_chunked_grad_sync_s(None, early, [0.5, 0.5])
     # chunks finishing together: the queue of all their buckets shows
     together = [(-1e-3, 0.0)] * 4
     assert cm.exposed_chunked_grad_sync_s(None, together) == pytest.approx(max(lb, r - 1e-3) + g, rel=1e-9)
