@@ -1208,7 +1208,8 @@ def validate_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {sets: [{name, source, profile, "
                                                            "held_out, attention_kernel, mape, rows (each with its "
                                                            "parts and facets), memory}], held_out_by: {gpu, "
-                                                           "sequence, layout, model: [{value, rows, mape, mean_error}]}}."),
+                                                           "sequence, layout, model: [{value, rows, mape, "
+                                                           "mean_error}]}}."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it

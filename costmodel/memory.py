@@ -20,7 +20,7 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
     and the LM head on the last (both on the only stage when pp = 1). stage=None: the largest. `layers`: the
     stage's layer count where stages differ (default L/p)."""
     m, t, p = setup.model, setup.training.tp, setup.training.pp
-    n = m.layers // p if layers is None else layers
+    n = _stage_layers(setup, layers)
     emb, head = m.input_embedding_params(), m.head_params()  # head: final norm (+ LM head unless tied)
     if p == 1:
         extra = emb + head
@@ -36,11 +36,15 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
 def expert_params_per_rank(setup: Setup, layers: int | None = None) -> float:
     """Expert MLP parameters of one GPU: its stage's `layers` (default L/p) E experts over the ep·etp ranks of an
     expert group (0 for a dense model)."""
-    m, tr = setup.model, setup.training
+    m = setup.model
     if not m.is_moe:
         return 0.0
-    n = m.layers // tr.pp if layers is None else layers
-    return n * m.experts * m.expert_params() / (tr.ep * tr.expert_tp)
+    return _stage_layers(setup, layers) * m.experts * m.expert_params() / setup.training.expert_ranks
+
+
+def _stage_layers(setup: Setup, layers: int | None) -> int:
+    """A stage's layer count: `layers` where stages differ, else L/p."""
+    return setup.model.layers // setup.training.pp if layers is None else layers
 
 
 def sharded_state_params(setup: Setup, stage: int | None = None, layers: int | None = None) -> float:
@@ -104,12 +108,17 @@ def fp8_recipe(setup: Setup) -> Fp8Recipe:
     return chosen or ("mxfp8" if mx else "delayed")
 
 
-def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> float:
-    """Weights of one layer's fp8 GEMMs on one TP rank: QKV, output projection and every expert's MLP matrices
-    (E/ep experts split over etp: E/(ep·etp), `expert_ranks` = ep·etp, default tp); router, norms and biases stay
-    bf16."""
+def fp8_gemm_params_parts(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> tuple[float, float]:
+    """(attention's, the MLP's) weights of one layer's fp8 GEMMs on one rank: QKV and output projection over tp;
+    every expert's MLP matrices, E/ep experts split over etp: E/(ep·etp) of them (`expert_ranks` = ep·etp, default
+    tp; a dense MLP over tp). Router, norms and biases stay bf16."""
     attn = model.hidden * (2 * model.q_width + 2 * model.kv_width)
-    return attn / tp + model.experts * model.mlp_matrices * model.hidden * model.ffn / (expert_ranks or tp)
+    return attn / tp, model.experts * model.mlp_matrices * model.hidden * model.ffn / (expert_ranks or tp)
+
+
+def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> float:
+    """Weights of one layer's fp8 GEMMs on one rank (fp8_gemm_params_parts, summed)."""
+    return sum(fp8_gemm_params_parts(model, tp, expert_ranks))
 
 
 def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> int:
@@ -148,7 +157,7 @@ def fp8_state_bytes(setup: Setup) -> float:
         return 0.0
     layers = zero.INFLIGHT_LAYERS if tr.zero_stage == 3 else setup.model.layers // tr.pp
     per_param = fp8_weight_bytes_per_param(fp8_recipe(setup)) - (DTYPE_BYTES[tr.dtype] if tr.fp8_param_gather else 0)
-    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp, tr.ep * tr.expert_tp) * per_param
+    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp, tr.expert_ranks) * per_param
     return cache + sum(fp8_scaled_tensors(setup)) * 4.0 * (FP8_AMAX_HISTORY_LEN + 2)
 
 
@@ -422,7 +431,8 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
                 + ("raise tp or pp" if tr.recompute == "full" else "use --recompute full, or raise tp or pp"))
     params = params_per_rank(setup)
     weights = params * DTYPE_BYTES[tr.dtype] / (setup.hdp if tr.zero_stage == 3 else 1)
-    grads = params * DTYPE_BYTES[tr.grad_dtype] / (setup.hdp if tr.zero_stage >= 2 else 1)
+    # ZeRO-2 shards gradients as the optimizer states: experts over the hdp/G ranks holding them
+    grads = (sharded_state_params(setup) / setup.hdp if tr.zero_stage >= 2 else params) * DTYPE_BYTES[tr.grad_dtype]
     fp8 = fp8_state_bytes(setup)
     opt = terms.states_bytes - weights - grads - zero.inflight_bytes(setup) - fp8
     sharding = f"sharded by ZeRO-{tr.zero_stage} over {setup.hdp} HDP ranks" if tr.zero_stage >= 1 else "replicated"
@@ -438,7 +448,7 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
         msg += f"; zero_stage=1 would shard the optimizer: {model_state_bytes(z1) / GB:.1f} GB per GPU"
         if _fits(z1):
             return msg
-    if tr.zero_stage in (1, 2) and tr.pp == 1 and setup.hdp > 1:
+    if tr.zero_stage in (1, 2) and tr.pp == 1 and setup.hdp > 1 and tr.expert_groups == 1:  # ZeRO-3: G = 1 only
         z3 = Setup(m, c, dataclasses.replace(tr, zero_stage=3))
         if _fits(z3):
             msg += (f"; zero_stage=3 (--zero 3, FSDP) would shard the weights and gradients too: "

@@ -2,10 +2,10 @@
 
 Under HDP only a TP group runs in lockstep, so expert parallelism lives inside it: Megatron-core's "MoE parallel
 folding" (Liu et al. 2025, arXiv 2504.14960) with attention TP and expert EP × ETP on the same tp ranks, ep | tp,
-etp = tp / ep. A static layout whose DP ranks run in lockstep (a published run) may give etp and an expert group
-of ep·etp ranks over G = ep·etp/tp TP groups, as Megatron-core draws EP from DP: each expert then gets the
-tokens of G TP groups. After attention each TP rank holds s/tp tokens (sequence parallelism); the router scores them; the
-tokens go to the ranks owning their top_k experts and come back, as Megatron-core's token dispatchers do
+etp = tp / ep by default. A static layout whose DP ranks run in lockstep (a published run) may give etp and an
+expert group of ep·etp ranks over G = ep·etp/tp TP groups, as Megatron-core draws EP from DP: each expert then gets
+the tokens of G TP groups. After attention each TP rank holds s/tp tokens (sequence parallelism); the router scores
+them; the tokens go to the ranks owning their top_k experts and come back, as Megatron-core's token dispatchers do
 (megatron/core/transformer/moe/token_dispatcher.py):
 
 - ep = 1, `MoEAllGatherTokenDispatcher`: all-gather the hidden states over the TP group, run the local experts on
@@ -31,7 +31,8 @@ from profiles.table import Profile
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """How one TP group runs an MoE layer: ep expert groups of etp = tp/ep ranks (TrainingSpec checks ep | tp)."""
+    """How an MoE layer runs: ep ranks of etp each hold E/ep experts, folded into the TP group (etp = tp/ep, ep | tp)
+    or, etp given, over G = ep·etp/tp TP groups (TrainingSpec checks both)."""
 
     tp: int = 1  # the TP group: attention TP
     ep: int = 1  # expert-parallel degree: ranks holding different experts
@@ -43,6 +44,8 @@ class ExpertLayout:
 
     def __post_init__(self) -> None:
         if not self.etp:
+            if self.tp % self.ep:
+                raise ValueError(f"ep={self.ep} folded into tp={self.tp} needs ep | tp; give etp for a wider group")
             object.__setattr__(self, "etp", self.tp // self.ep)
 
     @classmethod
@@ -107,8 +110,10 @@ def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpe
     EP (+ the ETP all-gather and reduce-scatter when etp > 1). The backward moves the same bytes the other way.
     A folded EP group lies inside a TP group, which MeshLayout keeps inside one NVLink domain; a wider one's
     all-to-all is inter-node when its ep·etp ranks span domains (`inter_node`, etp innermost as Megatron-core
-    orders them, so the ETP collectives stay inside a domain)."""
-    a2a = profile.collective_time_s("all_to_all", dispatch_bytes(tokens, model, layout, dtype_bytes), layout.ep,
+    orders them, so the ETP collectives stay inside a domain, etp dividing it). Inter-node it is looked up at
+    ep·etp ranks, the domains its ep members span (the tables' inter-node rows are whole domains)."""
+    group = layout.ep * layout.etp if layout.inter_node else layout.ep
+    a2a = profile.collective_time_s("all_to_all", dispatch_bytes(tokens, model, layout, dtype_bytes), group,
                                     "inter" if layout.inter_node else "intra")
     t = 2.0 * a2a
     if layout.etp > 1:

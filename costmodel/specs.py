@@ -437,9 +437,14 @@ class TrainingSpec:
         return self.etp if self.etp is not None else self.tp // self.ep
 
     @property
+    def expert_ranks(self) -> int:
+        """Ranks of one expert group, ep·etp: they hold all E experts between them."""
+        return self.ep * self.expert_tp
+
+    @property
     def expert_groups(self) -> int:
         """TP groups of a stage one expert group of ep·etp ranks spans (1: folded into the TP group)."""
-        return self.ep * self.expert_tp // self.tp
+        return self.expert_ranks // self.tp
 
     @property
     def loss_fused(self) -> bool:
@@ -466,10 +471,14 @@ class TrainingSpec:
             raise SpecError(f"ep={self.ep} needs sequence parallelism: the all-to-all dispatches each TP rank's s/tp "
                             "tokens (Megatron requires it with MoE and TP); enable sequence_parallel")
         mesh = self.mesh_on(cluster)
+        if cluster.domain_gpus % self.expert_tp:
+            raise SpecError(f"etp={self.expert_tp} must divide the {cluster.domain_gpus} GPUs of an NVLink domain (the "
+                            "expert tensor-parallel collectives stay inside one); use a divisor of it")
         if mesh.hdp % self.expert_groups:
             raise SpecError(f"an expert group of ep={self.ep} x etp={self.expert_tp} ranks spans "
                             f"{self.expert_groups} TP groups, which must divide the {mesh.hdp} DP x CP ranks of a "
-                            f"stage ({cluster.world_size} GPUs at tp={self.tp}, pp={self.pp}); change ep, etp or the GPUs")
+                            f"stage ({cluster.world_size} GPUs at tp={self.tp}, pp={self.pp}); change ep, etp or the "
+                            "GPUs")
 
     def mesh_on(self, cluster: ClusterSpec) -> MeshLayout:
         """This layout on the cluster's GPUs; SpecError if TP or PP does not fit them."""

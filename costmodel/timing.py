@@ -16,7 +16,7 @@ import numpy as np
 from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
                                    layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_per_layer,
+from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_parts,
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
                               params_per_rank, sharded_state_params)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
@@ -723,7 +723,9 @@ class CostModel:
             return self._sync_parts_s(params_per_rank(self.setup), fp8_dense + fp8_experts, d)
         # an expert group over g TP groups: the dense parameters sync over the d HDP ranks, the experts over the
         # d/g ranks g apart that hold the same experts (Megatron-core's expert data-parallel group), one after
-        # the other; tp·g such groups at once
+        # the other
+        if d % g:
+            raise ValueError(f"{d} HDP ranks do not hold whole expert groups of {g} TP groups")
         experts = expert_params_per_rank(self.setup)
         dense = self._sync_parts_s(params_per_rank(self.setup) - experts, fp8_dense, d)
         expert = self._sync_parts_s(experts, fp8_experts, d // g, stride=g)
@@ -731,14 +733,15 @@ class CostModel:
 
     def _sync_parts_s(self, params: float, fp8_params: float, group: int, stride: int = 1) -> tuple[float, float]:
         """(gradient reduction, parameter all-gather) of `params` parameters per rank over `group` HDP ranks
-        `stride` apart, one collective per TP rank (and per expert group) at once; `fp8_params` of them gathered
+        `stride` apart, one collective per TP rank and stride offset at once (a domain holds at most its GPUs' worth
+        of them: as many as it has GPUs when the group keeps one member per domain); `fp8_params` of them gathered
         in fp8. An all-reduce alone without the distributed optimizer."""
         if group <= 1:
             return 0.0, 0.0
-        tr = self.setup.training
-        scope = "inter" if self.setup.mesh.spans_domains([0, (group - 1) * stride]) else "intra"
+        tr, mesh = self.setup.training, self.setup.mesh
+        scope = "inter" if mesh.spans_domains([0, (group - 1) * stride]) else "intra"
         gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
-        at_once = self.tp * stride
+        at_once = min(self.tp * stride, mesh.gpus_per_domain)
         if tr.zero_stage >= 1:
             gathered = params * pb - fp8_params * (pb - 1)  # the fp8 GEMMs' weights travel in fp8, 1 B each
             return (float(self.profile.collective_time_s("reduce_scatter", params * gb, group, scope, at_once)),
@@ -751,11 +754,9 @@ class CostModel:
         tr, m = self.setup.training, self.model
         if not tr.fp8_param_gather:
             return 0.0, 0.0
-        expert_ranks = tr.ep * tr.expert_tp
-        total = self.layers_per_stage * fp8_gemm_params_per_layer(m, self.tp, expert_ranks)
-        experts = (self.layers_per_stage * m.experts * m.mlp_matrices * m.hidden * m.ffn / expert_ranks
-                   if m.is_moe else 0.0)
-        return total - experts, experts
+        attn, mlp = fp8_gemm_params_parts(m, self.tp, tr.expert_ranks)
+        n = self.layers_per_stage
+        return (n * attn, n * mlp) if m.is_moe else (n * (attn + mlp), 0.0)  # dense: the MLP syncs with the rest
 
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:
         """The gradient sync left after the backward, the last backward taking `backward_window_s`: one model chunk

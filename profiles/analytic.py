@@ -563,7 +563,8 @@ def build(g: GpuNumbers) -> Profile:
         # while NVLink moves the rest, so busbw = one NIC's rate x k/(k - 1) over k domains: 2x on 2, ~1x on many
         # [NCCL's S. Jeaugey, nccl-tests #130 and #267: alltoall cannot aggregate several NICs]
         k = n // gpn
-        t = FLOOR_INTER_P2P.value + sizes * bus_factor("all_to_all", n) / (g.nic.value * P2P_NIC_EFF.value * k / (k - 1))
+        busbw = g.nic.value * P2P_NIC_EFF.value * k / (k - 1)
+        t = FLOOR_INTER_P2P.value + sizes * bus_factor("all_to_all", n) / busbw
         rows += [("all_to_all", "inter", n, 1, int(s), float(x)) for s, x in zip(sizes, t)]
     t = FLOOR_P2P.value + sizes / g.p2p_intra.value
     rows += [("send_recv", "intra", 2, 1, int(s), float(x)) for s, x in zip(sizes, t)]

@@ -329,11 +329,12 @@ def chunk_last_backwards(runs: Iterable[OpRun]) -> list[tuple[float, float]]:
     return list(last[1].values()) if last else [(0.0, 0.0)]
 
 
-def chunk_gradient_shares(runs: Iterable[OpRun], layers: Sequence[Sequence[int]]) -> list[float]:
-    """Each window of chunk_last_backwards' share of its stage's gradients: the chunk's layers over the stage's
-    (`layers`: each stage's chunks' layer counts; equal shares where the stage holds none)."""
+def chunk_gradient_shares(runs: Iterable[OpRun], params: Sequence[Sequence[float]]) -> list[float]:
+    """Each window of chunk_last_backwards' share of its stage's gradients: the chunk's parameters over the stage's
+    (`params`: each stage's chunks' parameter counts, the embedding and the head on their chunks; equal shares
+    where the stage holds none)."""
     last = _last_backward_chunks(runs)
     if not last:
         return [1.0]
-    counts = [layers[last[0]][c] for c in last[1]]
+    counts = [params[last[0]][c] for c in last[1]]
     return [n / sum(counts) for n in counts] if sum(counts) else [1.0 / len(counts)] * len(counts)

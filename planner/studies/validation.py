@@ -308,11 +308,12 @@ def pipeline_time_s(p: int, m: int, v: int, unit: UnitCost, p2p_s: float,
     return pipeline_runs(p, m, v, unit, p2p_s, layers)[0]
 
 
-def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: list[list[int]] | None = None
-                  ) -> tuple[float, list[tuple[float, float]], list[float]]:
+def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: list[list[int]] | None = None,
+                  model: ModelSpec | None = None) -> tuple[float, list[tuple[float, float]], list[float]]:
     """pipeline_time_s; (start, end) of each model chunk's last backward on the stage that ends the iteration,
     relative to that end (what an overlapped gradient reduction can hide under); and each of those chunks' share
-    of its stage's gradients (its layers over the stage's)."""
+    of its stage's gradients: its parameters over the stage's (`model`'s layers, the embedding on the first chunk,
+    the head on the last; without `model`, its layers over the stage's)."""
     counts = layers or [[1] * v for _ in range(p)]
     if len(counts) != p or any(len(chunks) != v for chunks in counts):
         raise ValueError(f"layers: {len(counts)} stages of {[len(c) for c in counts]} chunks, not {p} of {v}")
@@ -336,7 +337,11 @@ def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: 
         return p2p_s if d is not None and d[0] != key[0] else 0.0
 
     runs = run_ops(lists, dep, duration, transfer)
-    return max(r.end_s for r in runs), chunk_last_backwards(runs), chunk_gradient_shares(runs, counts)
+    params = counts if model is None else [
+        [n * model.layer_params() + (model.input_embedding_params() if (s, c) == (0, 0) else 0)
+         + (model.head_params() if (s, c) == (p - 1, v - 1) else 0) for c, n in enumerate(chunks)]
+        for s, chunks in enumerate(counts)]
+    return max(r.end_s for r in runs), chunk_last_backwards(runs), chunk_gradient_shares(runs, params)
 
 
 @dataclass(frozen=True)
@@ -392,7 +397,7 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
                      f"all-gathers and reduce-scatters in them ({round_s - unit.total_s:.3g} s exposed a round)")
     else:
         p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
-        pipeline_s, last_backwards, shares = pipeline_runs(case.pp, m, case.chunks, unit, p2p, layers)
+        pipeline_s, last_backwards, shares = pipeline_runs(case.pp, m, case.chunks, unit, p2p, layers, run.model)
         sync_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards, shares)
         schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
         runs = f"{m} micro-batches, {schedule} on the event engine"

@@ -220,6 +220,38 @@ def test_folded_etp_given_prices_as_folded(mixtral, profile):
     folded, given = cost_model(mixtral, profile, ep=4), cost_model(mixtral, profile, ep=4, etp=2)
     assert given.experts.groups == 1 and given.unit_cost([int(S)]).total_s == folded.unit_cost([int(S)]).total_s
     assert given.step_end_s() == folded.step_end_s()
+    assert model_state_bytes(given.setup) == model_state_bytes(folded.setup)
+
+
+def test_wide_expert_group_sync_and_all_to_all_across_nodes(profile):
+    q = load_model("qwen3-30b-a3b")
+    # tp 2, ep 16, etp 1: expert groups of 16 ranks (G = 8 TP groups, two nodes); 128 GPUs, pp 1: 64 HDP ranks, the
+    # experts sync over 8 ranks 16 GPUs apart, one per node: 8 such groups per node at once, not tp·G = 16
+    cm = CostModel(Setup(q, load_cluster("dgx-h100").with_gpus(128), TrainingSpec(tp=2, ep=16, etp=1)), profile)
+    from costmodel.memory import expert_params_per_rank
+    experts = expert_params_per_rank(cm.setup)
+    t = lambda op, p, g, c: float(profile.collective_time_s(op, p, g, "inter", c))  # noqa: E731
+    dense = params_per_rank(cm.setup) - experts
+    want = (t("reduce_scatter", dense * 4, 64, 2) + t("all_gather", dense * 2, 64, 2)
+            + t("reduce_scatter", experts * 4, 8, 8) + t("all_gather", experts * 2, 8, 8))
+    assert cm.grad_sync_s() == pytest.approx(want, rel=1e-12)
+    # tp 4, ep 8, etp 4: the 8 EP members sit 4 apart over 32 ranks, four nodes: looked up at 32 ranks, not 8
+    lay = ExpertLayout(tp=4, ep=8, etp=4, inter_node=True)
+    a2a = float(profile.collective_time_s("all_to_all", S / 4 * 8 * 2048 * 2, 32, "inter"))
+    g = S * 8 * 8 / 8 * 2048 * 2  # G·s·k/ep rows of h: the rank's experts' rows after the ETP gather
+    want = 2 * a2a + float(profile.collective_time_s("all_gather", g, 4, "intra")
+                           + profile.collective_time_s("reduce_scatter", g, 4, "intra"))
+    assert float(moe_comm_fwd_s(profile, S, q, lay, 2)) == pytest.approx(want, rel=1e-12)
+
+
+def test_inter_node_all_to_all_busbw_is_one_nic_times_k_over_k_minus_1(profile):
+    # 16 and 32 ranks of 8-GPU nodes (k = 2, 4), a buffer far above the latency floor: busbw = S·(n-1)/n / (t - floor)
+    from profiles.analytic import FLOOR_INTER_P2P, H100, P2P_NIC_EFF
+    nic = H100.nic.value * P2P_NIC_EFF.value
+    nbytes = 2.0**30
+    for n, k in ((16, 2), (32, 4)):
+        t = float(profile.collective_time_s("all_to_all", nbytes, n, "inter"))
+        assert nbytes * (n - 1) / n / (t - FLOOR_INTER_P2P.value) == pytest.approx(nic * k / (k - 1), rel=1e-6)
 
 
 def test_expert_group_states_and_sync_hand_computed(mixtral, profile):
@@ -258,6 +290,14 @@ def test_expert_group_validation_errors(mixtral):
         Setup(mixtral, load_cluster("dgx-h100").with_gpus(64), TrainingSpec(tp=8, pp=2, ep=8, etp=8))
     with pytest.raises(SpecError, match="etp applies to MoE models only"):
         Setup(load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(64), TrainingSpec(tp=8, etp=8))
+    with pytest.raises(SpecError, match="etp=16 must divide the 8 GPUs of an NVLink domain"):
+        Setup(load_model("qwen3-30b-a3b"), load_cluster("dgx-h100").with_gpus(64), TrainingSpec(tp=8, ep=8, etp=16))
+    with pytest.raises(ValueError, match="needs ep | tp; give etp"):
+        ExpertLayout(tp=2, ep=8)
+    # a run that does not fit says so, whatever its expert group (no ZeRO-3 suggestion it cannot take)
+    with pytest.raises(SpecError, match="mistral-8x22b does not fit on H100 SXM") as e:
+        CostModel(Setup(mixtral, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=1, ep=8, etp=1)), _PROFILE)
+    assert "zero_stage=3" not in str(e.value)
 
 
 def test_plan_with_expert_group_beyond_tp_refused():

@@ -86,8 +86,8 @@ def test_chunk_last_backwards_are_the_windows_each_chunks_gradients_reduce_under
     flat = run_ops({0: one}, lambda k: None, lambda k: 1.0 if k[1].kind == "F" else 2.0, lambda k: 0.0)
     assert chunk_last_backwards(flat) == [(-2.0, 0.0)]  # 1F1B: the last backward alone
     assert chunk_last_backwards([]) == [(0.0, 0.0)]
-    # in chunk order, with each chunk's share of its stage's gradients: stage 0 ends the step, chunk 0 holds 1 of its
-    # 4 layers (the embedding's chunk) and chunk 1 holds 3
+    # in chunk order, with each chunk's share of its stage's gradients: stage 0 ends the step, its chunk 0 holds a
+    # quarter of the stage's parameters and chunk 1 three quarters (stage 1's counts do not matter)
     assert chunk_last_backwards(runs)[0] == (-1.0, 0.0)  # chunk 0 ends the step
     assert chunk_gradient_shares(runs, [[1, 3], [2, 2]]) == [0.25, 0.75]
     assert chunk_gradient_shares(runs, [[0, 0], [2, 2]]) == [0.5, 0.5] and chunk_gradient_shares([], [[1]]) == [1.0]

@@ -281,3 +281,20 @@ def test_an_fsdp_row_runs_as_rounds_of_per_layer_gathers():
     assert "FSDP over DP 64" in row.note
     with pytest.raises(ValueError, match="zero_stage 3 with pp=2 is not modelled"):
         iteration_row(cal, dataclasses.replace(case, pp=2, gpus=64), a100)
+
+
+def test_chunk_gradient_shares_weigh_each_chunks_parameters():
+    # 2 stages of 2 chunks, 1 + 2 and 2 + 1 layers: stage 0 ends the step, its first chunk holds a layer and the
+    # embedding, its second two layers; by layers alone the shares would be 1/3 and 2/3
+    from planner.studies.validation import _run, pipeline_runs
+    from profiles.table import load_profile
+
+    cal = load_calibration_set("llama3_2024")
+    m = cal.model("llama3-405b")
+    unit = _run(cal, cal.iteration_cases[0], load_profile("h100-sxm.analytic")).cm.unit_cost([8192], with_head=True)
+    layers = [[1, 2], [2, 1]]
+    _, windows, shares = pipeline_runs(2, 4, 2, unit, 0.0, layers, m)
+    first, second = m.layer_params() + m.input_embedding_params(), 2 * m.layer_params()
+    assert windows[0][1] == 0.0  # chunk 0 of stage 0 ends the step
+    assert shares == pytest.approx([first / (first + second), second / (first + second)])
+    assert pipeline_runs(2, 4, 2, unit, 0.0, layers)[2] == pytest.approx([1 / 3, 2 / 3])
