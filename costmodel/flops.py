@@ -30,11 +30,26 @@ def causal_pairs(s: ArrayLike) -> np.ndarray:
     return s * (s + 1) / 2
 
 
+def window_pairs(s: ArrayLike, window: int) -> np.ndarray:
+    """(query, key) pairs under a causal mask with a sliding window of `window` keys (itself included):
+    Σ min(i + 1, w) = s(s+1)/2 up to w, then w(w+1)/2 + (s − w)·w."""
+    s = np.asarray(s, dtype=float)
+    w = float(window)
+    return np.where(s <= w, causal_pairs(s), w * (w + 1) / 2 + (s - w) * w)
+
+
 def attention_flops_fwd(lengths: ArrayLike, model: ModelSpec, causal: bool = True,
                         causal_halved: bool = True) -> np.ndarray:
-    """Forward attention-core FLOPs of one layer, per document: 4·pairs·n_q·d_h (QKᵀ and PV)."""
+    """Forward attention-core FLOPs of one layer (the mean over the layers, windowed and not), per document:
+    4·pairs·n_q·d_h (QKᵀ and PV). Unhalved, a layer counts the full square s², a windowed one 2·pairs − s, what
+    the square would be under its window."""
     s = np.asarray(lengths, dtype=float)
-    pairs = causal_pairs(s) if (causal and causal_halved) else s * s
+    halved = causal and causal_halved
+    pairs = causal_pairs(s) if halved else s * s
+    if model.sliding_window:
+        win = window_pairs(s, model.sliding_window)
+        win = win if halved else 2 * win - s
+        pairs = (1 - model.windowed_fraction) * pairs + model.windowed_fraction * win
     return 4.0 * pairs * model.q_width
 
 

@@ -68,6 +68,10 @@ class ModelSpec:
     position: PositionKind = "rope"
     max_positions: int = field(default=0, metadata=at_least(0))  # rows of the learned position table
     dropout: bool = False  # dropout after attention and MLP (saves a 1-byte mask each, Korthikanti 2022)
+    # sliding-window attention (Mistral 7B v0.1, Gemma 2 and 3, GPT-OSS): in a windowed layer each query attends
+    # its `sliding_window` nearest keys, itself included; 0: full causal attention in every layer
+    sliding_window: int = field(default=0, metadata=at_least(0))
+    full_attention_layers: int = field(default=0, metadata=at_least(0))  # layers that keep full attention
     source: str = ""  # where the numbers come from
 
     def __post_init__(self) -> None:
@@ -78,6 +82,10 @@ class ModelSpec:
         if (self.position == "learned") != (self.max_positions > 0):
             raise SpecError(f"{owner}: max_positions ({self.max_positions}) must be > 0 exactly when position is "
                             f"learned (position is {self.position!r})")
+        if self.full_attention_layers and not self.sliding_window:
+            raise SpecError(f"{owner}: full_attention_layers ({self.full_attention_layers}) needs a sliding_window "
+                            "(the other layers' window); set sliding_window or drop full_attention_layers")
+        _check_at_most(owner, ("full_attention_layers", self.full_attention_layers), ("layers", self.layers))
 
     # -- derived widths --------------------------------------------------------------------
     @property
@@ -93,6 +101,11 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.experts > 1
+
+    @property
+    def windowed_fraction(self) -> float:
+        """Share of the layers with sliding-window attention (0 without a window)."""
+        return (self.layers - self.full_attention_layers) / self.layers if self.sliding_window else 0.0
 
     # -- parameter counts ------------------------------------------------------------------
     @property
@@ -192,6 +205,13 @@ class HFConfig:
     attention_bias: bool = False
     architectures: list[str] | None = None
     model_type: str | None = None
+    # sliding-window attention: the window; Qwen2's use_sliding_window false turns it off; which layers keep full
+    # attention: layer_types ("full_attention" / "sliding_attention"), else every sliding_window_pattern-th
+    # (Gemma 3), else every second for Gemma 2, else none (Mistral)
+    sliding_window: int | None = field(default=None, metadata=positive())
+    use_sliding_window: bool | None = None
+    sliding_window_pattern: int | None = field(default=None, metadata=positive())
+    layer_types: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -210,6 +230,8 @@ class HFConfig:
         missing = [k for k in need if k not in d] if isinstance(d, dict) else []
         if missing:
             raise SpecError(f"{origin}: not a decoder config, missing {missing}")
+        if d.get("model_type") == "mistral" and "sliding_window" not in d:  # transformers' MistralConfig default
+            d = {**d, "sliding_window": 4096}
         return Reader(origin, SpecError).build(cls, d, ignore_unknown=True)
 
     @property
@@ -221,6 +243,18 @@ class HFConfig:
     def architecture(self) -> str:
         return ",".join(self.architectures or [self.model_type or "?"])
 
+    def attention_window(self) -> tuple[int, int]:
+        """(sliding_window, full_attention_layers) of the ModelSpec; (0, 0): full attention everywhere. Qwen's
+        configs carry a window that only use_sliding_window turns on (transformers' default off)."""
+        qwen = (self.model_type or "").startswith("qwen")
+        if not self.sliding_window or self.use_sliding_window is False or (qwen and not self.use_sliding_window):
+            return 0, 0
+        if self.layer_types is not None:
+            return self.sliding_window, sum(t == "full_attention" for t in self.layer_types)
+        if self.sliding_window_pattern:
+            return self.sliding_window, self.num_hidden_layers // self.sliding_window_pattern
+        return self.sliding_window, self.num_hidden_layers // 2 if self.model_type == "gemma2" else 0
+
     def model_spec(self, name: str, source: str) -> ModelSpec:
         moe = self.experts > 1
         return ModelSpec(
@@ -230,7 +264,8 @@ class HFConfig:
             ffn=self.moe_intermediate_size if moe and self.moe_intermediate_size else self.intermediate_size,
             vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts,
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
-            qkv_bias=self.attention_bias or "Qwen2" in self.architecture, source=source)
+            qkv_bias=self.attention_bias or "Qwen2" in self.architecture,
+            sliding_window=self.attention_window()[0], full_attention_layers=self.attention_window()[1], source=source)
 
 
 @dataclass(frozen=True)

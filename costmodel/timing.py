@@ -393,6 +393,27 @@ class CostModel:
     def attn_bwd_s(self, doc_len: np.ndarray | float, whole: bool = False) -> np.ndarray:
         return self._lookup("attn_doc_bwd" if whole else "attn_bwd", doc_len)
 
+    def attn_window_x(self, doc_len: np.ndarray | float, direction: str) -> np.ndarray:
+        """What a sliding window makes of a document's attention time, over the stage's layers (1 without one):
+        (1 − φ) + φ·t_w(s)/t(s), φ the windowed layers' share. A windowed layer computes the band of w keys
+        behind each query: w(w+1)/2 + (s − w)·w pairs, as the causal square of w and (s − w)/w more such squares'
+        worth at twice the pairs; the kernel runs it in w-long blocks, so at the rate of length w:
+        t_w(s) = t(w)·(1 + 2(s − w)/w) for s > w, t(s) up to w [assumption: FlashAttention's window kernels skip
+        the blocks outside the band, as its causal mask does]. The layers are mixed in every stage at φ."""
+        s = np.asarray(doc_len, dtype=float)
+        w, phi = float(self.model.sliding_window), self.model.windowed_fraction
+        if not phi:
+            return np.ones_like(s)
+        t = self.attn_fwd_s if direction == "fwd" else self.attn_bwd_s
+        band = np.where(s > w, t(w) * (1.0 + 2.0 * (s - w) / w) / t(np.maximum(s, 1.0)), 1.0)
+        return (1.0 - phi) + phi * np.minimum(band, 1.0)
+
+    def doc_attn_s(self, doc_len: np.ndarray | float, direction: str) -> np.ndarray:
+        """One layer's attention core of whole documents on one rank (forward or backward), at the table's rate,
+        a sliding window's share included (attn_window_x): what the fast estimates and bounds use."""
+        t = self.attn_fwd_s(doc_len) if direction == "fwd" else self.attn_bwd_s(doc_len)
+        return t * self.attn_window_x(doc_len, direction)
+
     def p2p_s(self, nbytes: np.ndarray | float, inter_node: bool) -> np.ndarray:
         return self._lookup("p2p_inter" if inter_node else "p2p_intra", nbytes)
 
@@ -490,6 +511,8 @@ class CostModel:
         whole = d_doc == 1
         t_f = np.where(whole, self.attn_fwd_s(kernel_len, True), self.attn_fwd_s(kernel_len))
         t_b = np.where(whole, self.attn_bwd_s(kernel_len, True), self.attn_bwd_s(kernel_len))
+        if self.model.sliding_window:  # each document's band of keys, whichever rank computes which part of it
+            t_f, t_b = t_f * self.attn_window_x(s, "fwd"), t_b * self.attn_window_x(s, "bwd")
         tokens, attn_f, attn_b = _segment_sums(
             np.stack([per_rank, t_f * squares * ring_doc / u_doc, t_b * squares * ring_doc / u_doc]), starts, counts)
         gemm_f = self.gemm_layer_fwd_s(tokens)
@@ -666,7 +689,7 @@ class CostModel:
         s = np.unique(np.round(np.geomspace(64, hi, 48)))
         gemm = self.gemm_layer_fwd_s(s)
         mem = self._lookup("mem_layer_fwd", s) + self._lookup("mem_layer_bwd", s)
-        t = 3.0 * gemm + self.attn_fwd_s(s) + self.attn_bwd_s(s) + mem
+        t = 3.0 * gemm + self.doc_attn_s(s, "fwd") + self.doc_attn_s(s, "bwd") + mem
         a = np.stack([s * s, s, np.ones_like(s)], axis=1) / t[:, None]
         coef, *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
         if (coef < 0).any():  # refit without the negative terms

@@ -27,17 +27,6 @@ def read_hf_config(path: str | Path) -> dict:
     return d
 
 
-def sliding_window(d: dict) -> int | None:
-    """The window the HF model would apply (transformers' defaults: Mistral 4096 when the key is absent,
-    Qwen2 only with use_sliding_window), None for full causal attention."""
-    kind = d.get("model_type")
-    if kind == "mistral":
-        return d.get("sliding_window", 4096)
-    if kind == "qwen2" and d.get("use_sliding_window"):
-        return d.get("sliding_window", 4096)
-    return None
-
-
 def hf_model_spec(config: str | Path, weights: str | Path | None, plan: Plan, model: str | None) -> ModelSpec:
     """The ModelSpec of a HF config the replay can build for `plan`; PlanError otherwise."""
     p = hf_config_path(config)
@@ -58,9 +47,9 @@ def hf_model_spec(config: str | Path, weights: str | Path | None, plan: Plan, mo
     if float(d.get("attention_dropout") or 0.0) != 0.0:
         raise PlanError(f"--hf-config {p}: attention_dropout {d['attention_dropout']} is not replayed (the CP "
                         "attention has no dropout); set it to 0")
-    window = sliding_window(d)
+    window = spec.sliding_window  # the window the HF model would apply (costmodel.specs.HFConfig.attention_window)
     longest = max(q.length for st in plan.steps for q in st.sequences)
-    if window is not None and window < longest:
+    if window and window < longest:
         raise PlanError(f"--hf-config {p}: sliding_window {window} is shorter than the plan's longest sequence "
                         f"({longest} tokens) and the replay's attention is full causal; plan shorter sequences")
     chunks = m.pp * plan.steps[0].chunks_per_stage

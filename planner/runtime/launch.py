@@ -181,6 +181,9 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
     if spec.is_moe:
         raise PlanError(f"model {spec.name!r}: MoE replay is not implemented (dense Llama-style models only); "
                         "pass --model tiny or a dense preset")
+    if spec.sliding_window:
+        raise PlanError(f"model {spec.name!r}: replay runs full causal attention, not a sliding window of "
+                        f"{spec.sliding_window} tokens; pass --model tiny or a full-attention preset")
     block = (spec.norm, spec.mlp, spec.position, spec.linear_bias, spec.dropout)
     if block != ("rmsnorm", "swiglu", "rope", False, False):  # the one block runtime/model.py builds
         raise PlanError(f"model {spec.name!r}: replay builds Llama-style blocks (RMSNorm, SwiGLU, RoPE, no linear "

@@ -30,7 +30,7 @@ def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
     per_token += float(cm.memory_layer_s(c, recompute=policy != "none"))
     if cm.tp > 1:  # a layer's exposed collectives, forward and backward (full recompute replays the forward's)
         per_token += float(sum(cm.layer_tp_comm_s(c)))
-    attn = cm.attn_fwd_s(s) * (1 + rec / 2) + cm.attn_bwd_s(s)
+    attn = cm.doc_attn_s(s, "fwd") * (1 + rec / 2) + cm.doc_attn_s(s, "bwd")
     layer = per_token / c * s.sum() + float(attn.sum())
     return cm.model.layers * layer
 

@@ -121,7 +121,7 @@ def offload_r_maxes(lengths: np.ndarray, cm: CostModel) -> list[float]:
     """offload_r_max of many sequences, each lookup done for all of them at once."""
     s = np.asarray(lengths, dtype=np.int64)
     act = s * cm.a_tok
-    fwd = (cm.gemm_layer_fwd_s(s) + cm.attn_fwd_s(s)).tolist()
+    fwd = (cm.gemm_layer_fwd_s(s) + cm.doc_attn_s(s, "fwd")).tolist()
     d2h, h2d = cm.host_copy_s(act, "d2h").tolist(), cm.host_copy_s(act, "h2d").tolist()
     return [offload_ratio_max(f, a, x, y) for f, a, x, y in zip(fwd, act.tolist(), d2h, h2d)]
 

@@ -44,3 +44,14 @@ def test_gelu_mlp_has_two_gemms():
     swiglu = dataclasses.replace(gpt, mlp="swiglu")
     h, f = gpt.hidden, gpt.ffn
     assert flops.linear_flops_per_token(swiglu) - flops.linear_flops_per_token(gpt) == 2 * h * f
+
+
+def test_sliding_window_pairs_and_flops_by_hand():
+    # a window of 4 keys: rows 0..3 attend 1..4 keys, every later row 4: s = 10 gives 10 + 6 * 4 = 34 pairs
+    assert flops.window_pairs(10, 4) == 34 and flops.window_pairs(3, 4) == 6  # up to w: the causal triangle
+    m = dataclasses.replace(load_model("tiny"), sliding_window=4, full_attention_layers=1)  # 2 layers, 1 windowed
+    q = m.q_width
+    assert flops.attention_flops_fwd(10, m) == pytest.approx(4 * q * (0.5 * 55 + 0.5 * 34))
+    # unhalved (PaLM): the full square, a windowed layer what the square would be under its window, 2·34 − 10
+    assert flops.attention_flops_fwd(10, m, causal_halved=False) == pytest.approx(4 * q * (0.5 * 100 + 0.5 * 58))
+    assert flops.attention_flops_fwd(4, m) == flops.attention_flops_fwd(4, load_model("tiny"))

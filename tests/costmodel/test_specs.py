@@ -126,3 +126,29 @@ def test_learned_positions_need_a_table():
     with pytest.raises(SpecError, match="mlp"):
         ModelSpec.from_dict({"name": "x", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16,
                              "ffn": 128, "vocab": 10, "mlp": "relu"})
+
+
+def test_hf_config_sliding_window(tmp_path):
+    base = {"num_hidden_layers": 12, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
+            "vocab_size": 256}
+
+    def spec(**extra):
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        m = load_model(str(tmp_path / "config.json"))
+        return m.sliding_window, m.full_attention_layers
+
+    assert spec(model_type="mistral", sliding_window=4096) == (4096, 0)  # every layer windowed
+    assert spec(model_type="mistral") == (4096, 0)  # transformers' MistralConfig default
+    assert spec(model_type="mistral", sliding_window=None) == (0, 0)  # Mistral v0.2 on: full attention
+    assert spec(model_type="qwen2", sliding_window=32768) == (0, 0)  # only use_sliding_window turns it on
+    assert spec(model_type="qwen2", sliding_window=32768, use_sliding_window=True) == (32768, 0)
+    assert spec(model_type="gemma3_text", sliding_window=1024, sliding_window_pattern=6) == (1024, 2)
+    assert spec(model_type="gemma2", sliding_window=4096) == (4096, 6)  # alternating
+    layer_types = ["sliding_attention", "full_attention"] * 6  # GPT-OSS
+    assert spec(model_type="gpt_oss", sliding_window=128, layer_types=layer_types) == (128, 6)
+    with pytest.raises(SpecError, match="full_attention_layers \\(2\\) needs a sliding_window"):
+        ModelSpec(**{**load_model("tiny").__dict__, "full_attention_layers": 2})
+    with pytest.raises(SpecError, match="full_attention_layers \\(3\\) cannot exceed layers \\(2\\)"):
+        ModelSpec(**{**load_model("tiny").__dict__, "sliding_window": 8, "full_attention_layers": 3})
+    assert ModelSpec(**{**load_model("tiny").__dict__, "sliding_window": 8, "full_attention_layers": 1}
+                     ).windowed_fraction == 0.5

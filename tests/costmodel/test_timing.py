@@ -141,3 +141,26 @@ def test_another_attention_kernel_scales_the_attention_core_only():
                                                                    rel=5e-3)
     assert fa2.fwd_compute_s - fa2.attn_fwd_compute_s == pytest.approx(fa3.fwd_compute_s - fa3.attn_fwd_compute_s)
     assert fa2.tp_comm_fwd_s == fa3.tp_comm_fwd_s
+
+
+def test_sliding_window_prices_the_band_of_keys(cm):
+    # Mistral 7B v0.1's shape: every layer a 4K window; a 32K document's attention is the 4K causal square and 7
+    # more 4K squares' worth at twice the pairs, at the 4K rate: t(4K)·(1 + 2·28K/4K)
+    win = dataclasses.replace(cm.model, name="windowed", sliding_window=4096)
+    wm = CostModel(Setup(win, cm.setup.cluster, cm.setup.training), cm.profile)
+    x = float(wm.attn_window_x(32768.0, "fwd"))
+    assert x == pytest.approx(float(cm.attn_fwd_s(4096.0)) * 15 / float(cm.attn_fwd_s(32768.0)), rel=1e-12)
+    assert float(wm.attn_window_x(4096.0, "bwd")) == 1.0 and x < 1.0
+    one, many = cm.unit_cost([32768]), wm.unit_cost([32768])
+    assert many.attn_fwd_compute_s == pytest.approx(one.attn_fwd_compute_s * x, rel=1e-9)
+    assert many.fwd_compute_s - many.attn_fwd_compute_s == pytest.approx(one.fwd_compute_s - one.attn_fwd_compute_s)
+    # sharded over CP the ranks share the same band: attention x the same factor, the ring's transfers unchanged
+    cp1, cp8 = cm.unit_cost([8 * 32768], 8), wm.unit_cost([8 * 32768], 8)
+    assert cp8.attn_fwd_compute_s == pytest.approx(cp1.attn_fwd_compute_s * float(wm.attn_window_x(8 * 32768.0,
+                                                                                                   "fwd")), rel=1e-9)
+    assert cp8.ring_comm_s == pytest.approx(cp1.ring_comm_s)
+    # one layer of two full (Gemma 2's alternation): half the layers at the factor
+    half = dataclasses.replace(win, layers=32, full_attention_layers=16)
+    hm = CostModel(Setup(half, cm.setup.cluster, cm.setup.training), cm.profile)
+    assert float(hm.attn_window_x(32768.0, "fwd")) == pytest.approx(0.5 + 0.5 * x, rel=1e-12)
+    assert wm.fit_layer_time()["alpha1_s_per_token2"] < cm.fit_layer_time()["alpha1_s_per_token2"]

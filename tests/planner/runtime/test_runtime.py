@@ -553,6 +553,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     tp["mesh"] = {"world_size": 12, "tp": 4, "pp": 1, "hdp": 3}  # tiny has 2 KV heads
     (tmp_path / "tp.json").write_text(json.dumps(tp))
     (tmp_path / "odd_vocab.json").write_text(json.dumps({**DEEP_TIED, "name": "odd-vocab", "vocab": 255}))
+    (tmp_path / "windowed.json").write_text(json.dumps({**DEEP_TIED, "name": "windowed", "sliding_window": 16}))
     tp2 = json.loads(text)
     tp2["mesh"] = {"world_size": 6, "tp": 2, "pp": 1, "hdp": 3}
     (tmp_path / "tp2.json").write_text(json.dumps(tp2))
@@ -583,6 +584,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),
             (["moe.json", "--nproc", "3"], "MoE replay is not implemented"),
             (["gpt.json", "--nproc", "3"], "replay builds Llama-style blocks"),
+            (["good.json", "--nproc", "3", "--model", "windowed.json"], "not a sliding window of 16 tokens"),
             (["sliced.json", "--nproc", "4", "--recompute", "full"], "with sliced units (slices > 1) is not"),
             (["good.json", "--nproc", "3", "--recompute", "auto"], "--recompute is 'auto'; the replay applies one of"),
             (["good.json", "--nproc", "3", "--dtype", "fp16"], "unknown --dtype 'fp16'"),
