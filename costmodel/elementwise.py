@@ -53,7 +53,7 @@ def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_byte
     one TP rank."""
     b = float(dtype_bytes)
     hidden = model.hidden / (tp if sequence_parallel else 1)  # norms, dropout, residuals
-    ffn = model.ffn * model.top_k / tp
+    ffn = model.mlp_width_per_token / tp  # top-k experts and the shared one
     qk = (model.q_width + model.kv_width) / tp
     mask = 1.0 if model.dropout else 0.0
     fwd = direction == "fwd"
@@ -130,7 +130,7 @@ def eager_layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtyp
     Bytes per token on one TP rank."""
     b, r = float(dtype_bytes), EAGER_STREAM_BYTES
     hidden = model.hidden / (tp if sequence_parallel else 1)
-    ffn = model.ffn * model.top_k / tp
+    ffn = model.mlp_width_per_token / tp  # top-k experts and the shared one
     fwd = direction == "fwd"
     out = [*_eager(model.norm, hidden, r, direction), *_eager(model.norm, hidden, r, direction)]
     if b < r:  # autocast: norm output -> GEMM input (backward: its gradient back to fp32), twice

@@ -19,7 +19,7 @@ def linear_flops_per_token(model: ModelSpec) -> float:
     h = model.hidden
     qkv = 2 * h * (model.q_width + 2 * model.kv_width)
     out = 2 * model.q_width * h
-    mlp = 2 * model.mlp_matrices * h * model.ffn * model.top_k
+    mlp = 2 * model.mlp_matrices * h * model.mlp_width_per_token  # top-k experts and the shared one
     router = 2 * h * model.experts if model.is_moe else 0
     return float(qkv + out + mlp + router)
 

@@ -109,11 +109,13 @@ def fp8_recipe(setup: Setup) -> Fp8Recipe:
 
 
 def fp8_gemm_params_parts(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> tuple[float, float]:
-    """(attention's, the MLP's) weights of one layer's fp8 GEMMs on one rank: QKV and output projection over tp;
-    every expert's MLP matrices, E/ep experts split over etp: E/(ep·etp) of them (`expert_ranks` = ep·etp, default
-    tp; a dense MLP over tp). Router, norms and biases stay bf16."""
+    """(attention's and a shared expert's, the MLP's) weights of one layer's fp8 GEMMs on one rank: QKV, output
+    projection and a shared expert's MLP over tp; every expert's MLP matrices, E/ep experts split over etp:
+    E/(ep·etp) of them (`expert_ranks` = ep·etp, default tp; a dense MLP over tp). Router, norms and biases stay
+    bf16."""
     attn = model.hidden * (2 * model.q_width + 2 * model.kv_width)
-    return attn / tp, model.experts * model.mlp_matrices * model.hidden * model.ffn / (expert_ranks or tp)
+    shared = model.mlp_matrices * model.hidden * model.shared_expert_ffn  # over tp, as the attention's
+    return (attn + shared) / tp, model.experts * model.mlp_matrices * model.hidden * model.ffn / (expert_ranks or tp)
 
 
 def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> float:
@@ -124,7 +126,7 @@ def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | Non
 def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> int:
     """fp8 GEMMs (TE modules' GEMMs, each with its own scales) of one layer on one rank: QKV and output projection,
     the MLP's up (gate and up fused) and down of each local expert (dense: one)."""
-    return 2 + 2 * (model.experts // ep)
+    return 2 + 2 * (model.experts // ep) + (2 if model.shared_expert_ffn else 0)
 
 
 def fp8_weight_bytes_per_param(recipe: Fp8Recipe) -> float:
@@ -172,7 +174,7 @@ def _fp8_saved_bytes_per_token(model: ModelSpec, recompute: Recompute) -> tuple[
     if recompute == "full":
         return 0.0, 0.0
     norms = model.hidden * (1 if model.is_moe else 2)
-    down = 0.0 if recompute == "selective" and model.gated else model.ffn * model.top_k
+    down = 0.0 if recompute == "selective" and model.gated else model.mlp_width_per_token
     return norms, down - model.q_width
 
 
@@ -183,7 +185,7 @@ def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: 
     the MLP's: SwiGLU 6f (`swiglu_saved_bytes_per_f`; 4f under selective), ungated 4f (the activation's input and
     output).
     GPT (q = h_kv = h, f = 4h): 34h, Korthikanti 2022 Table 2."""
-    h, hkv, f = model.hidden, model.kv_width, model.ffn * model.top_k
+    h, hkv, f = model.hidden, model.kv_width, model.mlp_width_per_token
     scale = dtype_bytes / 2.0
     if recompute == "full":  # only the layer input
         return 0.0, 2 * h * scale
@@ -240,7 +242,7 @@ def eager_activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute:
     if recompute == "full":
         return r * h
     q, kv, heads = model.q_width / tp, model.kv_width / tp, model.heads / tp
-    f = model.ffn * model.top_k / tp
+    f = model.mlp_width_per_token / tp
     core = 0.0 if recompute == "selective" else q * b + 4 * heads
     mlp = (4 if model.gated else 2) * f * b
     return 2 * (2 * r + b) * h + b * (4 * q + 4 * kv) + core + mlp

@@ -58,6 +58,9 @@ class ModelSpec:
     tied_embeddings: bool = False  # input embedding shared with the LM head
     experts: int = field(default=1, metadata=positive())  # MoE experts E (1 = dense)
     top_k: int = field(default=1, metadata=positive())  # experts per token k
+    # a shared expert beside the routed ones (Qwen1.5/2-MoE, DeepSeek-MoE, Llama 4): a dense MLP of this width every
+    # token runs, parallel like the attention (Megatron-core's SharedExpertMLP); 0: none
+    shared_expert_ffn: int = field(default=0, metadata=at_least(0))
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     # -- block kind (defaults: the Llama block) --
     norm: NormKind = "rmsnorm"  # rmsnorm (a weight of h) or layernorm (weight and bias, 2h)
@@ -79,6 +82,9 @@ class ModelSpec:
         Reader(owner, SpecError).check(self)
         _check_multiple(owner, ("heads", self.heads), ("kv_heads", self.kv_heads))
         _check_at_most(owner, ("top_k", self.top_k), ("experts", self.experts))
+        if self.shared_expert_ffn and not self.is_moe:
+            raise SpecError(f"{owner}: shared_expert_ffn ({self.shared_expert_ffn}) needs routed experts (experts > "
+                            "1); a dense model's MLP is ffn")
         if (self.position == "learned") != (self.max_positions > 0):
             raise SpecError(f"{owner}: max_positions ({self.max_positions}) must be > 0 exactly when position is "
                             f"learned (position is {self.position!r})")
@@ -101,6 +107,11 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.experts > 1
+
+    @property
+    def mlp_width_per_token(self) -> int:
+        """MLP width one token's work spans: its top-k experts' (the dense MLP's) and the shared expert's."""
+        return self.ffn * self.top_k + self.shared_expert_ffn
 
     @property
     def windowed_fraction(self) -> float:
@@ -130,16 +141,20 @@ class ModelSpec:
         out_bias = self.hidden if self.linear_bias else 0
         return qkv + bias + self.q_width * self.hidden + out_bias
 
-    def expert_params(self) -> int:
-        """One MLP: its matrices (+ the up and down biases with linear_bias)."""
-        bias = (self.ffn * (self.mlp_matrices - 1) + self.hidden) if self.linear_bias else 0
-        return self.mlp_matrices * self.hidden * self.ffn + bias
+    def expert_params(self, ffn: int | None = None) -> int:
+        """One MLP of width `ffn` (default: an expert's, the dense MLP's): its matrices (+ the up and down biases
+        with linear_bias)."""
+        f = self.ffn if ffn is None else ffn
+        bias = (f * (self.mlp_matrices - 1) + self.hidden) if self.linear_bias and f else 0
+        return self.mlp_matrices * self.hidden * f + bias
 
     def layer_params(self, active: bool = False) -> int:
-        """One decoder layer: attention, MLP (all experts, or top_k when active), router, 2 norms."""
+        """One decoder layer: attention, MLP (all experts, or top_k when active; the shared expert), router, 2
+        norms."""
         n_mlp = self.top_k if active else self.experts
         router = self.hidden * self.experts if self.is_moe else 0
-        return self.attention_params() + n_mlp * self.expert_params() + router + 2 * self.norm_params
+        shared = self.expert_params(self.shared_expert_ffn)
+        return self.attention_params() + n_mlp * self.expert_params() + shared + router + 2 * self.norm_params
 
     def input_embedding_params(self) -> int:
         """Token embedding (+ the learned position table): what the first pipeline stage holds."""
@@ -201,6 +216,7 @@ class HFConfig:
     num_experts: int | None = field(default=None, metadata=at_least(0))  # Qwen-MoE spelling
     num_experts_per_tok: int | None = field(default=None, metadata=positive())
     moe_intermediate_size: int | None = field(default=None, metadata=positive())  # per-expert width
+    shared_expert_intermediate_size: int | None = field(default=None, metadata=at_least(0))  # Qwen2-MoE
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     architectures: list[str] | None = None
@@ -264,6 +280,7 @@ class HFConfig:
             ffn=self.moe_intermediate_size if moe and self.moe_intermediate_size else self.intermediate_size,
             vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts,
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
+            shared_expert_ffn=(self.shared_expert_intermediate_size or 0) if moe else 0,
             qkv_bias=self.attention_bias or "Qwen2" in self.architecture,
             sliding_window=self.attention_window()[0], full_attention_layers=self.attention_window()[1], source=source)
 

@@ -63,18 +63,22 @@ class GemmShape:
 
 def gemm_shapes(model: ModelSpec, tp: int = 1, experts: ExpertLayout | None = None) -> tuple[GemmShape, ...]:
     """The GEMMs the cost model looks up: a layer's four (QKV, output projection, MLP up — SwiGLU's gate and
-    up fused, GeLU's up alone — and down), MoE's router, then the LM head; the sharded dimension of each is split
-    over tp ranks, rounded up, an expert's over etp (`experts`, default ep = 1: costmodel.moe.mlp_gemm_plan)."""
+    up fused, GeLU's up alone — and down), a shared expert's up and down, MoE's router, then the LM head; the sharded
+    dimension of each is split over tp ranks, rounded up, an expert's over etp (`experts`, default ep = 1:
+    costmodel.moe.mlp_gemm_plan)."""
     shard = lambda width, by=tp: int(math.ceil(width / by))  # noqa: E731
     up = ("gate_up", 2 * model.ffn) if model.mlp == "swiglu" else ("up", model.ffn)
     lay = experts or ExpertLayout(tp=tp)
     split, rows, launches = mlp_gemm_plan(model, lay)
     router = (GemmShape("router", model.experts, model.hidden, router_rows_per_token(lay)),) if model.is_moe else ()
+    f_sh = model.shared_expert_ffn  # the shared expert: a dense MLP over tp, every token
+    shared = (GemmShape(f"shared_{up[0]}", shard((2 if model.gated else 1) * f_sh), model.hidden),
+              GemmShape("shared_down", model.hidden, shard(f_sh))) if f_sh else ()
     return (GemmShape("qkv", shard(model.q_width + 2 * model.kv_width), model.hidden),
             GemmShape("o", model.hidden, shard(model.q_width)),
             GemmShape(up[0], shard(up[1], split), model.hidden, rows, launches),
             GemmShape("down", model.hidden, shard(model.ffn, split), rows, launches),
-            *router, GemmShape("lm_head", shard(model.vocab), model.hidden))
+            *shared, *router, GemmShape("lm_head", shard(model.vocab), model.hidden))
 
 
 def profile_gemm_shapes(models: Mapping[str, ModelSpec], tps: Sequence[int] = (1,)) -> tuple[tuple[str, int, int], ...]:
@@ -629,6 +633,8 @@ class CostModel:
         the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward."""
         tokens = np.asarray(tokens, dtype=float)
         mlp = self._lookup("moe_comm", tokens) if self.experts.all_to_all else self.tp_pair_s(tokens, layer=True)
+        if self.tp > 1 and self.model.shared_expert_ffn:  # the shared expert gathers its input, scatters its output
+            mlp = mlp + self.tp_pair_s(tokens, layer=True)
         if self.tp == 1:  # no TP collectives: an expert group's all-to-alls alone
             fwd = bwd = mlp
         elif self.setup.training.tp_comm_overlap:

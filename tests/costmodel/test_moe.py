@@ -309,3 +309,36 @@ def test_plan_with_expert_group_beyond_tp_refused():
     d["meta"]["training"].update(ep=8, etp=4)
     with pytest.raises(PlanError, match="spans 4 HDP ranks"):
         cost_model_for_plan(Plan.from_dict(d))
+
+
+def test_shared_expert_from_a_qwen_moe_config(tmp_path, profile):
+    import json
+
+    # Qwen1.5-MoE-A2.7B's config.json: 60 experts of 1,408, top-4, a shared expert of 5,632; published 14.3B / 2.7B
+    cfg = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_hidden_layers": 24,
+           "hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 5632,
+           "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts": 60,
+           "num_experts_per_tok": 4, "vocab_size": 151936, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(tmp_path / "config.json"))
+    assert (m.experts, m.top_k, m.ffn, m.shared_expert_ffn) == (60, 4, 1408, 5632)
+    assert m.parameters == pytest.approx(14.3e9, rel=0.01) and m.active_parameters == pytest.approx(2.7e9, rel=0.01)
+    assert linear_flops_per_token(m) - linear_flops_per_token(dataclasses.replace(m, shared_expert_ffn=0)) == \
+        2 * 3 * 2048 * 5632
+    # its GEMMs: the shared expert's up (gate and up fused) and down over tp, one row per token
+    shapes = {g.label: g for g in gemm_shapes(m, 4, ExpertLayout(tp=4, ep=4))}
+    assert (shapes["shared_gate_up"].n, shapes["shared_gate_up"].k, shapes["shared_gate_up"].rows_per_token) == \
+        (2 * 5632 // 4, 2048, 1.0)
+    assert (shapes["shared_down"].n, shapes["shared_down"].k) == (2048, 5632 // 4)
+    # a TP group prices the shared expert's gather and scatter beside the experts' all-to-alls; its states are
+    # dense ones (over tp), its activation's elementwise work k·f + f_shared per token
+    cm = CostModel(Setup(m, load_cluster("dgx-h100").with_gpus(64), TrainingSpec(tp=4, ep=4)), profile)
+    none = CostModel(Setup(dataclasses.replace(m, shared_expert_ffn=0), load_cluster("dgx-h100").with_gpus(64),
+                           TrainingSpec(tp=4, ep=4)), profile)
+    assert float(cm.layer_tp_comm_s(S)[0]) == pytest.approx(float(none.layer_tp_comm_s(S)[0])
+                                                             + float(cm.tp_pair_s(S, layer=True)), rel=1e-12)
+    assert params_per_rank(cm.setup) - params_per_rank(none.setup) == pytest.approx(
+        m.layers * 3 * 2048 * 5632 / 4 + 0.0, rel=1e-12)
+    assert cm.unit_cost([int(S)]).total_s > none.unit_cost([int(S)]).total_s
+    with pytest.raises(SpecError, match="shared_expert_ffn \\(64\\) needs routed experts"):
+        dataclasses.replace(load_model("tiny"), shared_expert_ffn=64)
