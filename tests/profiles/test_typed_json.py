@@ -324,6 +324,8 @@ def test_plan_rejects_or_keeps_any_single_bad_value(data):
     for s in d["steps"] if isinstance(d.get("steps"), list) else []:
         if isinstance(s, dict) and "pipeline" in s and s["pipeline"] is None:
             del s["pipeline"]  # null and absent both mean "no pipeline section"; the writer omits it
+        elif isinstance(s, dict) and isinstance(s.get("pipeline"), dict) and s["pipeline"].get("weights", 0) is None:
+            del s["pipeline"]["weights"]  # likewise "no weights": count-based in-flight budget
     assert plan.to_dict() == d  # accepted only as written: nothing coerced
 
 
