@@ -125,7 +125,7 @@ def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | Non
 
 def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> int:
     """fp8 GEMMs (TE modules' GEMMs, each with its own scales) of one layer on one rank: QKV and output projection,
-    the MLP's up (gate and up fused) and down of each local expert (dense: one)."""
+    the MLP's up (gate and up fused) and down of each local expert (dense: one), and a shared expert's two."""
     return 2 + 2 * (model.experts // ep) + (2 if model.shared_expert_ffn else 0)
 
 
@@ -169,11 +169,12 @@ def _fp8_saved_bytes_per_token(model: ModelSpec, recompute: Recompute) -> tuple[
     fp8 ln_out) instead of the bf16 tensor: the QKV and MLP inputs (the norms' outputs, h each), and the down
     projection's input (f); the output projection's fp8 input (q) is kept beside the bf16 attention output the
     attention core saves. MoE: the router needs the MLP input in bf16, its dispatched rows are counted in bf16
-    (costmodel.moe) [conservative]. Full recompute keeps only the layer input; selective does not keep the down
-    projection's input of a gated MLP."""
+    (costmodel.moe) [conservative]; a shared expert's first GEMM keeps its own fp8 copy of that input (h more).
+    Full recompute keeps only the layer input; selective does not keep the down projection's input of a gated
+    MLP."""
     if recompute == "full":
         return 0.0, 0.0
-    norms = model.hidden * (1 if model.is_moe else 2)
+    norms = model.hidden * (1 if model.is_moe else 2) - (model.hidden if model.shared_expert_ffn else 0)
     down = 0.0 if recompute == "selective" and model.gated else model.mlp_width_per_token
     return norms, down - model.q_width
 

@@ -138,10 +138,11 @@ def moe_kernels(model: ModelSpec, layout: ExpertLayout, dtype_bytes: int, direct
     if layout.all_to_all and model.experts // layout.ep > 1:  # received chunks sorted by local expert and back
         sort = 2.0 * layout.groups * k * cf / layout.ep * h * b
         out += [MemKernel("moe_sort_chunks", sort), MemKernel("moe_unsort_chunks", sort)]
-    if cf > 1.0:
+    if cf > 1.0:  # the routed experts' share of the activation (a shared expert's is never imbalanced)
         act = next(x for x in layer_kernels(model, layout.tp, layout.sequence_parallel, dtype_bytes, direction)
                    if x.label == model.mlp)
-        out.append(MemKernel(f"{act.label}_imbalance", (cf - 1.0) * act.bytes_per_item))
+        routed = model.ffn * model.top_k / model.mlp_width_per_token
+        out.append(MemKernel(f"{act.label}_imbalance", (cf - 1.0) * routed * act.bytes_per_item))
     return tuple(out)
 
 

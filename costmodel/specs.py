@@ -58,8 +58,8 @@ class ModelSpec:
     tied_embeddings: bool = False  # input embedding shared with the LM head
     experts: int = field(default=1, metadata=positive())  # MoE experts E (1 = dense)
     top_k: int = field(default=1, metadata=positive())  # experts per token k
-    # a shared expert beside the routed ones (Qwen1.5/2-MoE, DeepSeek-MoE, Llama 4): a dense MLP of this width every
-    # token runs, parallel like the attention (Megatron-core's SharedExpertMLP); 0: none
+    # a shared expert beside the routed ones (Qwen1.5/2-MoE): a dense MLP of this width every token runs, parallel
+    # like the attention (Megatron-core's SharedExpertMLP); 0: none
     shared_expert_ffn: int = field(default=0, metadata=at_least(0))
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     # -- block kind (defaults: the Llama block) --
@@ -228,6 +228,7 @@ class HFConfig:
     use_sliding_window: bool | None = None
     sliding_window_pattern: int | None = field(default=None, metadata=positive())
     layer_types: list[str] | None = None
+    max_window_layers: int | None = field(default=None, metadata=at_least(0))  # Qwen: layers below it are full
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -246,8 +247,9 @@ class HFConfig:
         missing = [k for k in need if k not in d] if isinstance(d, dict) else []
         if missing:
             raise SpecError(f"{origin}: not a decoder config, missing {missing}")
-        if d.get("model_type") == "mistral" and "sliding_window" not in d:  # transformers' MistralConfig default
-            d = {**d, "sliding_window": 4096}
+        kind = d.get("model_type") or ""
+        if "sliding_window" not in d and (kind == "mistral" or kind.startswith("qwen") and d.get("use_sliding_window")):
+            d = {**d, "sliding_window": 4096}  # transformers' MistralConfig and Qwen2Config default
         return Reader(origin, SpecError).build(cls, d, ignore_unknown=True)
 
     @property
@@ -261,18 +263,25 @@ class HFConfig:
 
     def attention_window(self) -> tuple[int, int]:
         """(sliding_window, full_attention_layers) of the ModelSpec; (0, 0): full attention everywhere. Qwen's
-        configs carry a window that only use_sliding_window turns on (transformers' default off)."""
+        configs carry a window that only use_sliding_window turns on (transformers' default off), and then only for
+        the layers from max_window_layers on (default 28)."""
         qwen = (self.model_type or "").startswith("qwen")
         if not self.sliding_window or self.use_sliding_window is False or (qwen and not self.use_sliding_window):
             return 0, 0
+        layers = self.num_hidden_layers
         if self.layer_types is not None:
-            return self.sliding_window, sum(t == "full_attention" for t in self.layer_types)
-        if self.sliding_window_pattern:
-            return self.sliding_window, self.num_hidden_layers // self.sliding_window_pattern
-        return self.sliding_window, self.num_hidden_layers // 2 if self.model_type == "gemma2" else 0
+            full = sum(t == "full_attention" for t in self.layer_types)
+        elif qwen:
+            full = min(layers, 28 if self.max_window_layers is None else self.max_window_layers)
+        elif self.sliding_window_pattern:
+            full = layers // self.sliding_window_pattern
+        else:
+            full = layers // 2 if self.model_type == "gemma2" else 0
+        return (0, 0) if full >= layers else (self.sliding_window, full)
 
     def model_spec(self, name: str, source: str) -> ModelSpec:
         moe = self.experts > 1
+        window, full_layers = self.attention_window()
         return ModelSpec(
             name=name, layers=self.num_hidden_layers, hidden=self.hidden_size, heads=self.num_attention_heads,
             kv_heads=self.num_key_value_heads or self.num_attention_heads,
@@ -282,7 +291,7 @@ class HFConfig:
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
             shared_expert_ffn=(self.shared_expert_intermediate_size or 0) if moe else 0,
             qkv_bias=self.attention_bias or "Qwen2" in self.architecture,
-            sliding_window=self.attention_window()[0], full_attention_layers=self.attention_window()[1], source=source)
+            sliding_window=window, full_attention_layers=full_layers, source=source)
 
 
 @dataclass(frozen=True)

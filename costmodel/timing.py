@@ -7,7 +7,7 @@ numpy interpolation: planners call it for thousands of units per step."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import get_args
 
@@ -406,17 +406,19 @@ class CostModel:
         the blocks outside the band, as its causal mask does]. The layers are mixed in every stage at φ."""
         s = np.asarray(doc_len, dtype=float)
         w, phi = float(self.model.sliding_window), self.model.windowed_fraction
-        if not phi:
+        if not phi or self.unfused_attention:  # materialised scores: the whole square is computed, then masked
             return np.ones_like(s)
-        t = self.attn_fwd_s if direction == "fwd" else self.attn_bwd_s
+        t = self._attn_table(direction)
         band = np.where(s > w, t(w) * (1.0 + 2.0 * (s - w) / w) / t(np.maximum(s, 1.0)), 1.0)
-        return (1.0 - phi) + phi * np.minimum(band, 1.0)
+        return (1.0 - phi) + phi * np.minimum(band, 1.0)  # never above the full square's time
 
     def doc_attn_s(self, doc_len: np.ndarray | float, direction: str) -> np.ndarray:
         """One layer's attention core of whole documents on one rank (forward or backward), at the table's rate,
         a sliding window's share included (attn_window_x): what the fast estimates and bounds use."""
-        t = self.attn_fwd_s(doc_len) if direction == "fwd" else self.attn_bwd_s(doc_len)
-        return t * self.attn_window_x(doc_len, direction)
+        return self._attn_table(direction)(doc_len) * self.attn_window_x(doc_len, direction)
+
+    def _attn_table(self, direction: str) -> Callable[[np.ndarray | float], np.ndarray]:
+        return self.attn_fwd_s if direction == "fwd" else self.attn_bwd_s
 
     def p2p_s(self, nbytes: np.ndarray | float, inter_node: bool) -> np.ndarray:
         return self._lookup("p2p_inter" if inter_node else "p2p_intra", nbytes)

@@ -27,6 +27,16 @@ def read_hf_config(path: str | Path) -> dict:
     return d
 
 
+def check_attention_window(spec: ModelSpec, plan: Plan, where: str) -> None:
+    """PlanError if `spec` windows attention shorter than the plan's longest sequence: the replay's attention is full
+    causal, which is the same where the window covers every sequence (costmodel.specs.HFConfig.attention_window
+    gives a HF model's window)."""
+    longest = max(q.length for st in plan.steps for q in st.sequences)
+    if spec.windowed_fraction and spec.sliding_window < longest:
+        raise PlanError(f"{where}: sliding_window {spec.sliding_window} is shorter than the plan's longest sequence "
+                        f"({longest} tokens) and the replay's attention is full causal; plan shorter sequences")
+
+
 def hf_model_spec(config: str | Path, weights: str | Path | None, plan: Plan, model: str | None) -> ModelSpec:
     """The ModelSpec of a HF config the replay can build for `plan`; PlanError otherwise."""
     p = hf_config_path(config)
@@ -47,11 +57,7 @@ def hf_model_spec(config: str | Path, weights: str | Path | None, plan: Plan, mo
     if float(d.get("attention_dropout") or 0.0) != 0.0:
         raise PlanError(f"--hf-config {p}: attention_dropout {d['attention_dropout']} is not replayed (the CP "
                         "attention has no dropout); set it to 0")
-    window = spec.sliding_window  # the window the HF model would apply (costmodel.specs.HFConfig.attention_window)
-    longest = max(q.length for st in plan.steps for q in st.sequences)
-    if window and window < longest:
-        raise PlanError(f"--hf-config {p}: sliding_window {window} is shorter than the plan's longest sequence "
-                        f"({longest} tokens) and the replay's attention is full causal; plan shorter sequences")
+    check_attention_window(spec, plan, f"--hf-config {p}")
     chunks = m.pp * plan.steps[0].chunks_per_stage
     if spec.layers < chunks:
         raise PlanError(f"--hf-config {p} has {spec.layers} layers, fewer than the plan's {chunks} pipeline chunks "

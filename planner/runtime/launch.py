@@ -23,7 +23,7 @@ from costmodel.presets import load_model
 from costmodel.specs import RECOMPUTE_POLICIES, ContextParallel, ModelSpec
 from planner.plan import Plan, PlanError, Step, Unit, validate
 from planner.plan.stream import PlanStream, is_stream
-from planner.runtime.hf_spec import hf_model_spec
+from planner.runtime.hf_spec import check_attention_window, hf_model_spec
 from planner.runtime.trace import part_paths
 
 CPImpl = ContextParallel  # context-parallel attention: overlapped ring, or all-gather first (as the cost model)
@@ -181,9 +181,7 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
     if spec.is_moe:
         raise PlanError(f"model {spec.name!r}: MoE replay is not implemented (dense Llama-style models only); "
                         "pass --model tiny or a dense preset")
-    if spec.sliding_window:
-        raise PlanError(f"model {spec.name!r}: replay runs full causal attention, not a sliding window of "
-                        f"{spec.sliding_window} tokens; pass --model tiny or a full-attention preset")
+    check_attention_window(spec, plan, f"model {spec.name!r}")
     block = (spec.norm, spec.mlp, spec.position, spec.linear_bias, spec.dropout)
     if block != ("rmsnorm", "swiglu", "rope", False, False):  # the one block runtime/model.py builds
         raise PlanError(f"model {spec.name!r}: replay builds Llama-style blocks (RMSNorm, SwiGLU, RoPE, no linear "

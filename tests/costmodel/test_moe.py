@@ -338,7 +338,12 @@ def test_shared_expert_from_a_qwen_moe_config(tmp_path, profile):
     assert float(cm.layer_tp_comm_s(S)[0]) == pytest.approx(float(none.layer_tp_comm_s(S)[0])
                                                              + float(cm.tp_pair_s(S, layer=True)), rel=1e-12)
     assert params_per_rank(cm.setup) - params_per_rank(none.setup) == pytest.approx(
-        m.layers * 3 * 2048 * 5632 / 4 + 0.0, rel=1e-12)
+        m.layers * 3 * 2048 * 5632 / 4, rel=1e-12)
     assert cm.unit_cost([int(S)]).total_s > none.unit_cost([int(S)]).total_s
+    # routing imbalance scales the routed experts' activation only: the same extra bytes with or without the shared
+    skew = {x.label: x.bytes_per_item for x in moe_kernels(m, ExpertLayout(tp=4, ep=4, capacity_factor=1.5), 2, "fwd")}
+    bare = {x.label: x.bytes_per_item for x in moe_kernels(dataclasses.replace(m, shared_expert_ffn=0),
+                                                           ExpertLayout(tp=4, ep=4, capacity_factor=1.5), 2, "fwd")}
+    assert skew["swiglu_imbalance"] == pytest.approx(bare["swiglu_imbalance"]) == pytest.approx(0.5 * 4 * 1408 / 4 * 6)
     with pytest.raises(SpecError, match="shared_expert_ffn \\(64\\) needs routed experts"):
         dataclasses.replace(load_model("tiny"), shared_expert_ffn=64)

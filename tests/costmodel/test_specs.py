@@ -141,9 +141,13 @@ def test_hf_config_sliding_window(tmp_path):
     assert spec(model_type="mistral") == (4096, 0)  # transformers' MistralConfig default
     assert spec(model_type="mistral", sliding_window=None) == (0, 0)  # Mistral v0.2 on: full attention
     assert spec(model_type="qwen2", sliding_window=32768) == (0, 0)  # only use_sliding_window turns it on
-    assert spec(model_type="qwen2", sliding_window=32768, use_sliding_window=True) == (32768, 0)
+    # on, it windows the layers from max_window_layers (default 28) on: none of these 12, then 8 of them
+    assert spec(model_type="qwen2", sliding_window=32768, use_sliding_window=True) == (0, 0)
+    assert spec(model_type="qwen2", sliding_window=32768, use_sliding_window=True, max_window_layers=4) == (32768, 4)
+    assert spec(model_type="qwen2", use_sliding_window=True, max_window_layers=4) == (4096, 4)  # its default window
     assert spec(model_type="gemma3_text", sliding_window=1024, sliding_window_pattern=6) == (1024, 2)
     assert spec(model_type="gemma2", sliding_window=4096) == (4096, 6)  # alternating
+    assert spec(model_type="gemma2", sliding_window=4096, layer_types=["full_attention"] * 12) == (0, 0)
     layer_types = ["sliding_attention", "full_attention"] * 6  # GPT-OSS
     assert spec(model_type="gpt_oss", sliding_window=128, layer_types=layer_types) == (128, 6)
     with pytest.raises(SpecError, match="full_attention_layers \\(2\\) needs a sliding_window"):

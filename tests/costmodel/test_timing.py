@@ -164,3 +164,8 @@ def test_sliding_window_prices_the_band_of_keys(cm):
     hm = CostModel(Setup(half, cm.setup.cluster, cm.setup.training), cm.profile)
     assert float(hm.attn_window_x(32768.0, "fwd")) == pytest.approx(0.5 + 0.5 * x, rel=1e-12)
     assert wm.fit_layer_time()["alpha1_s_per_token2"] < cm.fit_layer_time()["alpha1_s_per_token2"]
+    # materialised attention computes the whole square and masks it: a window saves nothing there
+    unfused = dataclasses.replace(cm.setup.training, attention_kernel="unfused", tp=8)
+    full_u = CostModel(Setup(cm.model, cm.setup.cluster, unfused), cm.profile).unit_cost([8192])
+    win_u = CostModel(Setup(win, cm.setup.cluster, unfused), cm.profile).unit_cost([8192])
+    assert win_u.attn_fwd_compute_s == full_u.attn_fwd_compute_s

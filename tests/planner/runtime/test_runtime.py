@@ -584,7 +584,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),
             (["moe.json", "--nproc", "3"], "MoE replay is not implemented"),
             (["gpt.json", "--nproc", "3"], "replay builds Llama-style blocks"),
-            (["good.json", "--nproc", "3", "--model", "windowed.json"], "not a sliding window of 16 tokens"),
+            (["good.json", "--nproc", "3", "--model", "windowed.json"], "sliding_window 16 is shorter than the plan's"),
             (["sliced.json", "--nproc", "4", "--recompute", "full"], "with sliced units (slices > 1) is not"),
             (["good.json", "--nproc", "3", "--recompute", "auto"], "--recompute is 'auto'; the replay applies one of"),
             (["good.json", "--nproc", "3", "--dtype", "fp16"], "unknown --dtype 'fp16'"),
