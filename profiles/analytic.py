@@ -234,7 +234,9 @@ H100 = GpuNumbers(
     attn_plateau=HOPPER_ATTENTION["fa3"], attn_kernels=HOPPER_ATTENTION, attn_kernel="fa3",
     ar_plateau_intra=_c(465.9e9, "B/s", "8xH200 all-reduce busbw at 1 GiB; H100 has the same NVLink4 [meas: stas00]"),
     p2p_intra=_c(378e9, "B/s", "NVLink4 P2P 376-380 of 450 GB/s per direction [REFERENCE 8.1]"),
-    a2a_intra=_c(285e9, "B/s", "intra-node all-to-all plateau 270-300 GB/s busbw [assumption, REFERENCE 8.3]"),
+    a2a_intra=_c(370e9, "B/s", "NVLink4's effective rate for collectives other than all-reduce, ~370 GB/s busbw of 450 "
+                 "line rate after protocol overhead [NVIDIA's S. Jeaugey, nccl-tests #212]; 285 [assumption] before "
+                 "2026-12-05"),
     nic=_c(50e9, "B/s", "400 Gb/s NDR per GPU [spec]"),
     h2d=_c(35.2e9, "B/s", "H2D pinned, SM-copy path [meas: nvbandwidth #24]"),
     d2h=_c(52.8e9, "B/s", "D2H pinned, SM-copy path [meas: nvbandwidth #24]"),
@@ -256,7 +258,7 @@ A100 = GpuNumbers(
     }, attn_kernel="fa2",
     ar_plateau_intra=_c(234.9e9, "B/s", "8xA100 all-reduce busbw at 16 GiB [meas: ml-engineering]"),
     p2p_intra=_c(274e9, "B/s", "NVLink3 P2P 274 of 300 GB/s per direction [REFERENCE 8.1]"),
-    a2a_intra=_c(0.62 * 274e9, "B/s", "H100 a2a/p2p ratio (285/378) applied to A100 P2P [derived]"),
+    a2a_intra=_c(274e9 * 370 / 378, "B/s", "H100 a2a/p2p ratio (370/378) applied to A100 P2P [derived]"),
     nic=_c(25e9, "B/s", "200 Gb/s HDR per GPU on DGX A100 [spec]"),
     h2d=_c(25.1e9, "B/s", "H2D pinned on A100 [meas: nvbandwidth #42]"),
     d2h=_c(25.1e9, "B/s", "D2H taken equal to H2D (PCIe Gen4) [assumption]"),
@@ -294,7 +296,7 @@ H800 = GpuNumbers(
     attn_kernel=H100.attn_kernel,
     ar_plateau_intra=_c(190e9, "B/s", "~200 GB/s NVLink per direction -> ~190 busbw [assumption, unmeasured]"),
     p2p_intra=_c(168e9, "B/s", "200 GB/s x H100's P2P efficiency 378/450 [derived]"),
-    a2a_intra=_c(0.75 * 168e9, "B/s", "H100 a2a/p2p ratio (285/378) [derived]"),
+    a2a_intra=_c(168e9 * 370 / 378, "B/s", "H100 a2a/p2p ratio (370/378) [derived]"),
     nic=H100.nic, h2d=H100.h2d, d2h=H100.d2h, hbm=H100.hbm,
     sms=_c(132, "SMs", "H800 SXM5 132 SMs, the H100 SXM5 configuration with reduced NVLink [spec]"),
     gemm_tile_m=H100.gemm_tile_m, gemm_tile_n=H100.gemm_tile_n,
@@ -393,7 +395,7 @@ B200 = GpuNumbers(
     ar_plateau_intra=_c(845.7e9, "B/s", "8xB200 all-reduce busbw at 16 GiB [meas: stas00, AWS P6-B200, REFERENCE 8.1]"),
     p2p_intra=_c(NVLINK5 * _NVLINK4_P2P_EFF, "B/s", "NVLink5 900 GB/s per direction [spec] x H100's P2P efficiency "
                  "378/450 [derived]"),
-    a2a_intra=_c(NVLINK5 * _NVLINK4_P2P_EFF * 285 / 378, "B/s", "H100 a2a/p2p ratio (285/378) [derived]"),
+    a2a_intra=_c(NVLINK5 * _NVLINK4_P2P_EFF * 370 / 378, "B/s", "H100 a2a/p2p ratio (370/378) [derived]"),
     nic=_c(50e9, "B/s", "DGX B200: 8x 400 Gb/s ConnectX-7, one per GPU [spec]"),
     h2d=_c(H100.h2d.value, "B/s", "H100's H2D: the same PCIe Gen5 host path on HGX [assumption]"),
     d2h=_c(H100.d2h.value, "B/s", "H100's D2H: the same PCIe Gen5 host path on HGX [assumption]"),
