@@ -54,7 +54,7 @@ def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_byte
     b = float(dtype_bytes)
     hidden = model.hidden / (tp if sequence_parallel else 1)  # norms, dropout, residuals
     ffn = model.mlp_width_per_token / tp  # top-k experts and the shared one
-    qk = (model.q_width + model.kv_width) / tp
+    qk = (model.q_width + model.k_width) / tp
     mask = 1.0 if model.dropout else 0.0
     fwd = direction == "fwd"
     norm = MemKernel("norm", hidden * (2 * b if fwd else 3 * b))  # y = norm(x) | dx from x, dy
@@ -67,8 +67,11 @@ def layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_byte
     else:  # Megatron-core's squared ReLU is unfused: relu, then pow | pow's and relu's backward, one kernel each
         act = MemKernel("relu2", ffn * (4 * b if fwd else 6 * b))
     out = [norm, norm, residual, residual, act]
-    if model.position == "rope":
-        out.append(MemKernel("rope", qk * 2 * b))  # rotate Q and K (the backward rotates back)
+    if model.position == "rope":  # rotate Q and K (the backward rotates back); MLA: its fused kernel writes them
+        out.append(MemKernel("rope", qk * 2 * b))  # whole from the RoPE and the other parts
+    if model.is_mla:  # the latents' RMSNorms, on each rank's own tokens before their all-gather (TE's LayerNormLinear)
+        latents = (model.q_lora_rank + model.kv_lora_rank) / (tp if sequence_parallel else 1)
+        out.append(MemKernel("latent_norm", latents * (2 * b if fwd else 3 * b)))
     return tuple(out)
 
 

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from costmodel.specs import ModelSpec
+from costmodel.specs import ModelSpec, mean_over_layers
 
 ArrayLike = np.ndarray | float | int
 
 
+@mean_over_layers
 def linear_flops_per_token(model: ModelSpec) -> float:
-    """Forward GEMM FLOPs of one layer per token: QKV, output projection, MLP (top_k experts: SwiGLU 6hf,
-    GeLU 4hf), router. Bias adds, norms and activations are not GEMMs and not counted (Megatron's convention)."""
+    """Forward GEMM FLOPs of one layer per token: QKV (MLA: its down and up projections), output projection, MLP
+    (top_k experts: SwiGLU 6hf, GeLU 4hf), router; the mean over the layers where some are dense. Bias adds, norms
+    and activations are not GEMMs and not counted (Megatron's convention)."""
     h = model.hidden
-    qkv = 2 * h * (model.q_width + 2 * model.kv_width)
-    out = 2 * model.q_width * h
+    attention = 2 * model.attention_gemm_params()  # QKV and O (MLA: its down and up projections)
     mlp = 2 * model.mlp_matrices * h * model.mlp_width_per_token  # top-k experts and the shared one
     router = 2 * h * model.experts if model.is_moe else 0
-    return float(qkv + out + mlp + router)
+    return float(attention + mlp + router)
 
 
 def causal_pairs(s: ArrayLike) -> np.ndarray:
@@ -41,8 +42,8 @@ def window_pairs(s: ArrayLike, window: int) -> np.ndarray:
 def attention_flops_fwd(lengths: ArrayLike, model: ModelSpec, causal: bool = True,
                         causal_halved: bool = True) -> np.ndarray:
     """Forward attention-core FLOPs of one layer (the mean over the layers, windowed and not), per document:
-    4·pairs·n_q·d_h (QKᵀ and PV). Unhalved, a layer counts the full square s², a windowed one 2·pairs − s, what
-    the square would be under its window."""
+    2·pairs·n_q·(d_h + d_v) (QKᵀ and PV: 4·pairs·n_q·d_h but under MLA). Unhalved, a layer counts the full
+    square s², a windowed one 2·pairs − s, what the square would be under its window."""
     s = np.asarray(lengths, dtype=float)
     halved = causal and causal_halved
     pairs = causal_pairs(s) if halved else s * s
@@ -50,7 +51,7 @@ def attention_flops_fwd(lengths: ArrayLike, model: ModelSpec, causal: bool = Tru
         win = window_pairs(s, model.sliding_window)
         win = win if halved else 2 * win - s
         pairs = (1 - model.windowed_fraction) * pairs + model.windowed_fraction * win
-    return 4.0 * pairs * model.q_width
+    return 2.0 * pairs * (model.q_width + model.attn_out_width)
 
 
 def zigzag_shard_pairs(s: int, degree: int) -> np.ndarray:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from costmodel import zero
 from costmodel.elementwise import swiglu_saved_bytes_per_f
 from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
-from costmodel.specs import DTYPE_BYTES, Fp8Recipe, ModelSpec, Recompute, Setup, SpecError, TrainingSpec
+from costmodel.specs import (DTYPE_BYTES, Fp8Recipe, ModelSpec, Recompute, Setup, SpecError, TrainingSpec,
+                             mean_over_layers)
 
 GB = 1e9  # messages report decimal GB, as the CLI's tables do
 
@@ -30,16 +31,13 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
         extra = (emb if stage == 0 else 0) + (head if stage == p - 1 else 0)
     if setup.training.expert_groups == 1:  # experts split over ep·etp = tp ranks, as the rest
         return (n * m.layer_params() + extra) / t
-    return (n * (m.layer_params() - m.experts * m.expert_params()) + extra) / t + expert_params_per_rank(setup, n)
+    return (n * (m.layer_params() - m.routed_expert_params()) + extra) / t + expert_params_per_rank(setup, n)
 
 
 def expert_params_per_rank(setup: Setup, layers: int | None = None) -> float:
     """Expert MLP parameters of one GPU: its stage's `layers` (default L/p) E experts over the ep·etp ranks of an
-    expert group (0 for a dense model)."""
-    m = setup.model
-    if not m.is_moe:
-        return 0.0
-    return _stage_layers(setup, layers) * m.experts * m.expert_params() / setup.training.expert_ranks
+    expert group (0 for a dense model; the mean layer's where some layers are dense)."""
+    return _stage_layers(setup, layers) * setup.model.routed_expert_params() / setup.training.expert_ranks
 
 
 def _stage_layers(setup: Setup, layers: int | None) -> int:
@@ -108,14 +106,18 @@ def fp8_recipe(setup: Setup) -> Fp8Recipe:
     return chosen or ("mxfp8" if mx else "delayed")
 
 
+@mean_over_layers
 def fp8_gemm_params_parts(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> tuple[float, float]:
-    """(attention's and a shared expert's, the MLP's) weights of one layer's fp8 GEMMs on one rank: QKV, output
-    projection and a shared expert's MLP over tp; every expert's MLP matrices, E/ep experts split over etp:
-    E/(ep·etp) of them (`expert_ranks` = ep·etp, default tp; a dense MLP over tp). Router, norms and biases stay
-    bf16."""
-    attn = model.hidden * (2 * model.q_width + 2 * model.kv_width)
+    """(over tp, routed experts') weights of one layer's fp8 GEMMs on one rank (the mean layer's where some layers
+    are dense): QKV, output projection, a shared expert's and a dense MLP's matrices over tp; the routed experts'
+    matrices, E/ep experts split over etp: E/(ep·etp) of them (`expert_ranks` = ep·etp, default tp). Router,
+    norms and biases stay bf16."""
+    attn = model.attention_gemm_params()
+    mlp = model.mlp_matrices * model.hidden * model.ffn
     shared = model.mlp_matrices * model.hidden * model.shared_expert_ffn  # over tp, as the attention's
-    return (attn + shared) / tp, model.experts * model.mlp_matrices * model.hidden * model.ffn / (expert_ranks or tp)
+    if not model.is_moe:
+        return (attn + mlp) / tp, 0.0
+    return (attn + shared) / tp, model.experts * mlp / (expert_ranks or tp)
 
 
 def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | None = None) -> float:
@@ -123,9 +125,11 @@ def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | Non
     return sum(fp8_gemm_params_parts(model, tp, expert_ranks))
 
 
-def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> int:
+@mean_over_layers
+def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> float:
     """fp8 GEMMs (TE modules' GEMMs, each with its own scales) of one layer on one rank: QKV and output projection,
-    the MLP's up (gate and up fused) and down of each local expert (dense: one), and a shared expert's two."""
+    the MLP's up (gate and up fused) and down of each local expert (dense: one), and a shared expert's two; the
+    mean layer's where some layers are dense."""
     return 2 + 2 * (model.experts // ep) + (2 if model.shared_expert_ffn else 0)
 
 
@@ -143,7 +147,7 @@ def fp8_scaled_tensors(setup: Setup) -> tuple[int, int]:
     tr = setup.training
     if tr.dtype != "fp8" or fp8_recipe(setup) != "delayed":
         return 0, 0
-    gemms = fp8_gemms_per_layer(setup.model, tr.ep) * (setup.model.layers // tr.pp)
+    gemms = round(fp8_gemms_per_layer(setup.model, tr.ep) * (setup.model.layers // tr.pp))
     return FP8_FWD_TENSORS_PER_GEMM * gemms, FP8_BWD_TENSORS_PER_GEMM * gemms
 
 
@@ -176,35 +180,40 @@ def _fp8_saved_bytes_per_token(model: ModelSpec, recompute: Recompute) -> tuple[
         return 0.0, 0.0
     norms = model.hidden * (1 if model.is_moe else 2) - (model.hidden if model.shared_expert_ffn else 0)
     down = 0.0 if recompute == "selective" and model.gated else model.mlp_width_per_token
-    return norms, down - model.q_width
+    return norms, down - model.attn_out_width
 
 
 def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: int) -> tuple[float, float]:
     """(bytes TP replicates, bytes TP shards) saved per token per layer without attention scores
     (FlashAttention keeps none). Replicated: the two norm inputs (4h), the QKV and MLP inputs (4h),
-    dropout masks (2h, 1 byte each); sharded: Q and the attention output (4q), K and V (4h_kv), and
-    the MLP's: SwiGLU 6f (`swiglu_saved_bytes_per_f`; 4f under selective), ungated 4f (the activation's input and
-    output).
-    GPT (q = h_kv = h, f = 4h): 34h, Korthikanti 2022 Table 2."""
-    h, hkv, f = model.hidden, model.kv_width, model.mlp_width_per_token
+    dropout masks (2h, 1 byte each), MLA's latents (each its norm's input and output, 4·(q_lora + kv_lora): TE's
+    LayerNormLinear keeps its rank's own tokens and gathers them again for the weight gradient); sharded: Q and
+    the attention output (4q; MLA 2q + 2n·d_v), K and V (4h_kv), and the MLP's: SwiGLU 6f
+    (`swiglu_saved_bytes_per_f`; 4f under selective), ungated 4f (the activation's input and output).
+    GPT (q = h_kv = h, f = 4h): 34h, Korthikanti 2022 Table 2; Llama (q = h) 12h + 4h_kv + 6f."""
+    h, f = model.hidden, model.mlp_width_per_token
     scale = dtype_bytes / 2.0
     if recompute == "full":  # only the layer input
         return 0.0, 2 * h * scale
     masks = 2 * h if model.dropout else 0
+    attention = 2 * (model.q_width + 2 * model.kv_width + model.attn_out_width)  # Q, K, V, the core's output
+    latents = 4 * (model.q_lora_rank + model.kv_lora_rank)
     if not model.gated:  # no selective term: Megatron's selective recompute saves only attention scores
-        return 8 * h * scale + masks, (4 * model.q_width + 4 * hkv + 4 * f) * scale
-    return masks, (12 * h + 4 * hkv + swiglu_saved_bytes_per_f(recompute) * f) * scale
+        return (8 * h + latents) * scale + masks, (attention + 4 * f) * scale
+    return masks, (8 * h + latents + attention + swiglu_saved_bytes_per_f(recompute) * f) * scale
 
 
+@mean_over_layers
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
                                      sequence_parallel: bool = True, experts: ExpertLayout | None = None,
                                      fp8: bool = False) -> float:
     """Saved activations per token per layer (REFERENCE 7.2, FlashAttention: no s² term), divided over TP with
     sequence parallelism; without it TP replicates the norm, input and mask terms (and full recompute's layer
-    input). Llama block: none 12h + 4h_kv + 6f (bf16, Megatron-core's fused SwiGLU); selective recomputes the
-    down projection's input (12h + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full.
+    input). Llama block: none 8h + 4q + 4h_kv + 6f (bf16, Megatron-core's fused SwiGLU); selective recomputes the
+    down projection's input (8h + 4q + 4h_kv + 4f); full keeps only the layer input (2h). GPT block: 34h, 2h full.
     MoE adds its dispatched rows and routing imbalance (costmodel.moe; `experts` default: ep = 1, balanced).
-    fp8: the GEMM inputs saved in fp8 (_fp8_saved_bytes_per_token)."""
+    fp8: the GEMM inputs saved in fp8 (_fp8_saved_bytes_per_token). The mean layer's where some layers are
+    dense."""
     replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
     if fp8:  # the norms' outputs are where _saved_bytes_per_token counts them: replicated only in the GPT block
         norms, rest = _fp8_saved_bytes_per_token(model, recompute)

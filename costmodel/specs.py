@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -61,6 +63,11 @@ class ModelSpec:
     # a shared expert beside the routed ones (Qwen1.5/2-MoE): a dense MLP of this width every token runs, parallel
     # like the attention (Megatron-core's SharedExpertMLP); 0: none
     shared_expert_ffn: int = field(default=0, metadata=at_least(0))
+    # MoE models whose MLP is dense in some layers (DeepSeek's first_k_dense_replace, Qwen-MoE's mlp_only_layers
+    # and decoder_sparse_step): how many layers run a dense MLP of width dense_ffn instead of the experts. Where
+    # they sit is not modelled: every pipeline stage holds the mean layer (layer_kinds)
+    dense_layers: int = field(default=0, metadata=at_least(0))
+    dense_ffn: int = field(default=0, metadata=at_least(0))  # the dense layers' MLP inner width; 0: none
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     # -- block kind (defaults: the Llama block) --
     norm: NormKind = "rmsnorm"  # rmsnorm (a weight of h) or layernorm (weight and bias, 2h)
@@ -75,6 +82,14 @@ class ModelSpec:
     # its `sliding_window` nearest keys, itself included; 0: full causal attention in every layer
     sliding_window: int = field(default=0, metadata=at_least(0))
     full_attention_layers: int = field(default=0, metadata=at_least(0))  # layers that keep full attention
+    # multi-head latent attention (DeepSeek-V2 and V3, Kimi K2; Megatron-core's MLASelfAttention): each head's K
+    # and V are projected up from one latent of kv_lora_rank per token (kv_heads = heads), Q from a latent of
+    # q_lora_rank (0: straight from h); head_dim is a Q/K head's width, rope_head_dim of it the decoupled RoPE part
+    # (one key part for all heads), v_head_dim a V head's width. kv_lora_rank 0: GQA (the others 0 too)
+    kv_lora_rank: int = field(default=0, metadata=at_least(0))
+    q_lora_rank: int = field(default=0, metadata=at_least(0))
+    rope_head_dim: int = field(default=0, metadata=at_least(0))
+    v_head_dim: int = field(default=0, metadata=at_least(0))
     source: str = ""  # where the numbers come from
 
     def __post_init__(self) -> None:
@@ -92,26 +107,118 @@ class ModelSpec:
             raise SpecError(f"{owner}: full_attention_layers ({self.full_attention_layers}) needs a sliding_window "
                             "(the other layers' window); set sliding_window or drop full_attention_layers")
         _check_at_most(owner, ("full_attention_layers", self.full_attention_layers), ("layers", self.layers))
+        self._check_latent_attention(owner)
+        if (self.dense_layers > 0) != (self.dense_ffn > 0):
+            raise SpecError(f"{owner}: dense_layers ({self.dense_layers}) and dense_ffn ({self.dense_ffn}) go "
+                            "together: the count of layers with a dense MLP and that MLP's width")
+        if self.dense_layers and not self.is_moe:
+            raise SpecError(f"{owner}: dense_layers ({self.dense_layers}) needs routed experts (experts > 1); a "
+                            "dense model's MLP is ffn in every layer")
+        if self.dense_layers >= self.layers:
+            raise SpecError(f"{owner}: dense_layers ({self.dense_layers}) must be fewer than layers "
+                            f"({self.layers}); a model with no MoE layer is dense (experts 1, ffn {self.dense_ffn})")
+
+    def _check_latent_attention(self, owner: str) -> None:
+        if not self.is_mla:
+            extra = [f"{k} ({getattr(self, k)})" for k in ("q_lora_rank", "rope_head_dim", "v_head_dim")
+                     if getattr(self, k)]
+            if extra:
+                raise SpecError(f"{owner}: {', '.join(extra)} describe multi-head latent attention, which needs "
+                                "kv_lora_rank > 0")
+            return
+        if self.kv_heads != self.heads:
+            raise SpecError(f"{owner}: multi-head latent attention projects K and V for every head: kv_heads "
+                            f"({self.kv_heads}) must equal heads ({self.heads})")
+        if not 0 < self.rope_head_dim < self.head_dim or not self.v_head_dim:
+            raise SpecError(f"{owner}: multi-head latent attention needs 0 < rope_head_dim ({self.rope_head_dim}) < "
+                            f"head_dim ({self.head_dim}) and v_head_dim ({self.v_head_dim}) > 0")
+        if self.qkv_bias or self.linear_bias or self.position != "rope":
+            raise SpecError(f"{owner}: multi-head latent attention is modelled without biases and with RoPE "
+                            "(DeepSeek's); drop qkv_bias / linear_bias or kv_lora_rank")
 
     # -- derived widths --------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (kv_lora_rank > 0)."""
+        return self.kv_lora_rank > 0
+
     @property
     def q_width(self) -> int:
         """n_q * d_h: width of the query projection output."""
         return self.heads * self.head_dim
 
     @property
-    def kv_width(self) -> int:
-        """h_kv = n_kv * d_h: width of K (and of V)."""
+    def value_head_dim(self) -> int:
+        """A V head's width: v_head_dim under MLA, else head_dim."""
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def k_width(self) -> int:
+        """n_kv * d_h: width of K (MLA: every head's, n_kv = n_q)."""
         return self.kv_heads * self.head_dim
+
+    @property
+    def v_width(self) -> int:
+        """Width of V: n_kv * d_v."""
+        return self.kv_heads * self.value_head_dim
+
+    @property
+    def kv_width(self) -> float:
+        """h_kv: width of K (and of V); the mean of the two where they differ (MLA), so that 2·h_kv is what K and V
+        hold together."""
+        return self.k_width if self.k_width == self.v_width else (self.k_width + self.v_width) / 2
+
+    @property
+    def attn_out_width(self) -> int:
+        """Width of the attention core's output, the output projection's input: n_q * d_v (= q_width without MLA)."""
+        return self.heads * self.value_head_dim
+
+    @property
+    def attn_head_dim(self) -> float:
+        """The head width the attention core's FLOPs go by: the mean of Q/K's and V's (QKᵀ at d_h, PV at d_v)."""
+        return (self.head_dim + self.value_head_dim) / 2
+
+    @property
+    def attn_gather_width(self) -> int:
+        """Per token, what tensor parallelism with sequence parallelism all-gathers before the attention's column-
+        parallel projections: the layer input h; MLA gathers its latents, q_lora_rank (h without one) and
+        kv_lora_rank plus the RoPE key part, its down projections running on each rank's own tokens [Megatron-core
+        MLASelfAttention]."""
+        if not self.is_mla:
+            return self.hidden
+        return (self.q_lora_rank or self.hidden) + self.kv_lora_rank + self.rope_head_dim
 
     @property
     def is_moe(self) -> bool:
         return self.experts > 1
 
     @property
-    def mlp_width_per_token(self) -> int:
-        """MLP width one token's work spans: its top-k experts' (the dense MLP's) and the shared expert's."""
+    def moe_fraction(self) -> float:
+        """Share of the layers with routed experts (0 for a dense model)."""
+        return (self.layers - self.dense_layers) / self.layers if self.is_moe else 0.0
+
+    def layer_kinds(self) -> tuple[tuple[float, "ModelSpec"], ...]:
+        """The model's layers by kind, (share of the layers, a model of that layer alone): ((1, self),) when every
+        layer is alike; else (MoE share, the MoE layer) and (dense share, the dense layer), each a ModelSpec without
+        dense layers. A per-layer cost of the model is the shares' mean of the kinds' (mean_over_layers)."""
+        if not self.dense_layers:
+            return ((1.0, self),)
+        moe = dataclasses.replace(self, dense_layers=0, dense_ffn=0)
+        dense = dataclasses.replace(moe, experts=1, top_k=1, ffn=self.dense_ffn, shared_expert_ffn=0)
+        return (self.moe_fraction, moe), (1.0 - self.moe_fraction, dense)
+
+    @property
+    def mlp_width_per_token(self) -> float:
+        """MLP width one token's work spans in a layer: its top-k experts' (the dense MLP's) and the shared
+        expert's; the mean over the layers where some are dense."""
+        if self.dense_layers:
+            return mean_over_layers(lambda m: m.mlp_width_per_token)(self)
         return self.ffn * self.top_k + self.shared_expert_ffn
+
+    def routed_expert_params(self) -> float:
+        """Parameters of one layer's routed experts, the mean over the layers (0 for a dense model): what expert
+        parallelism shards."""
+        return self.moe_fraction * self.experts * self.expert_params()
 
     @property
     def windowed_fraction(self) -> float:
@@ -134,12 +241,23 @@ class ModelSpec:
         """Parameters of one norm: a weight (RMSNorm) or a weight and a bias (LayerNorm)."""
         return self.hidden * (2 if self.norm == "layernorm" else 1)
 
+    def attention_gemm_params(self) -> int:
+        """Weights of one layer's attention projections: Q, K, V and O; MLA's down projections to the latents
+        (Q's, and K/V's with the RoPE key part), up projections to the heads' Q and K/V, and O."""
+        h, out = self.hidden, self.attn_out_width * self.hidden
+        if not self.is_mla:
+            return h * (self.q_width + 2 * self.k_width) + out
+        q = (h + self.q_width) * self.q_lora_rank if self.q_lora_rank else h * self.q_width
+        kv_up = self.kv_lora_rank * self.heads * (self.head_dim - self.rope_head_dim + self.value_head_dim)
+        return q + h * (self.kv_lora_rank + self.rope_head_dim) + kv_up + out
+
     def attention_params(self) -> int:
-        """Q, K, V, O projections (+ QKV bias, + output bias with linear_bias) of one layer."""
-        qkv = self.hidden * (self.q_width + 2 * self.kv_width)
+        """The attention's projections (+ QKV bias, + output bias with linear_bias; MLA: its latents' RMSNorms) of
+        one layer."""
         bias = (self.q_width + 2 * self.kv_width) if self.qkv_bias or self.linear_bias else 0
         out_bias = self.hidden if self.linear_bias else 0
-        return qkv + bias + self.q_width * self.hidden + out_bias
+        latent_norms = self.q_lora_rank + self.kv_lora_rank
+        return self.attention_gemm_params() + bias + out_bias + latent_norms
 
     def expert_params(self, ffn: int | None = None) -> int:
         """One MLP of width `ffn` (default: an expert's, the dense MLP's): its matrices (+ the up and down biases
@@ -148,9 +266,11 @@ class ModelSpec:
         bias = (f * (self.mlp_matrices - 1) + self.hidden) if self.linear_bias and f else 0
         return self.mlp_matrices * self.hidden * f + bias
 
-    def layer_params(self, active: bool = False) -> int:
+    def layer_params(self, active: bool = False) -> float:
         """One decoder layer: attention, MLP (all experts, or top_k when active; the shared expert), router, 2
-        norms."""
+        norms; the mean over the layers where some are dense."""
+        if self.dense_layers:
+            return mean_over_layers(lambda m: m.layer_params(active))(self)
         n_mlp = self.top_k if active else self.experts
         router = self.hidden * self.experts if self.is_moe else 0
         shared = self.expert_params(self.shared_expert_ffn)
@@ -171,12 +291,12 @@ class ModelSpec:
     @property
     def parameters(self) -> int:
         """Total parameters."""
-        return self.layers * self.layer_params() + self.input_embedding_params() + self.head_params()
+        return round(self.layers * self.layer_params()) + self.input_embedding_params() + self.head_params()
 
     @property
     def active_parameters(self) -> int:
         """Parameters touched per token (top_k experts)."""
-        return self.layers * self.layer_params(active=True) + self.input_embedding_params() + self.head_params()
+        return round(self.layers * self.layer_params(active=True)) + self.input_embedding_params() + self.head_params()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -191,13 +311,30 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelSpec":
-        """Read a HuggingFace `config.json` (Llama, Mistral, Mixtral, Qwen2 architectures)."""
+        """Read a HuggingFace `config.json` (Llama, Mistral, Mixtral, Qwen2/3 and their MoE, GPT-OSS, Gemma,
+        DeepSeek-V2/V3 with latent attention, GLM-4.5 architectures)."""
         from profiles.table import read_json
 
         p = Path(path)
         cfg = HFConfig.from_dict(read_json(p, "HuggingFace config", SpecError), str(p))
         return cfg.model_spec(name=p.parent.name if p.name == "config.json" else p.stem,
                               source=f"HuggingFace config {p} ({cfg.architecture})")
+
+
+def mean_over_layers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A per-layer cost function of (model, ...) for models whose layers differ (ModelSpec.layer_kinds): the mean
+    of its value (a number, an array or a tuple of them) over the kinds, by their shares; a uniform model's own.
+    Exact for what is linear in the layers (FLOPs, parameters, bytes, times summed over the layers)."""
+    @functools.wraps(fn)
+    def mean(model: ModelSpec, *args: Any, **kwargs: Any) -> Any:
+        kinds = model.layer_kinds()
+        if len(kinds) == 1:
+            return fn(model, *args, **kwargs)
+        values = [(w, fn(kind, *args, **kwargs)) for w, kind in kinds]
+        if isinstance(values[0][1], tuple):
+            return tuple(sum(w * v[i] for w, v in values) for i in range(len(values[0][1])))
+        return sum(w * v for w, v in values)
+    return mean
 
 
 @dataclass(frozen=True)
@@ -214,9 +351,24 @@ class HFConfig:
     head_dim: int | None = field(default=None, metadata=positive())  # None: hidden / heads
     num_local_experts: int | None = field(default=None, metadata=at_least(0))  # Mixtral; 0 or 1: dense
     num_experts: int | None = field(default=None, metadata=at_least(0))  # Qwen-MoE spelling
+    n_routed_experts: int | None = field(default=None, metadata=at_least(0))  # DeepSeek / GLM-4.5 spelling
     num_experts_per_tok: int | None = field(default=None, metadata=positive())
     moe_intermediate_size: int | None = field(default=None, metadata=positive())  # per-expert width
     shared_expert_intermediate_size: int | None = field(default=None, metadata=at_least(0))  # Qwen2-MoE
+    n_shared_experts: int | None = field(default=None, metadata=at_least(0))  # DeepSeek: of moe_intermediate_size
+    # which layers have experts, the others a dense MLP of intermediate_size: DeepSeek's and GLM-4.5's from
+    # first_k_dense_replace on, every moe_layer_freq-th; Qwen-MoE's every decoder_sparse_step-th (counting from 1)
+    # outside mlp_only_layers
+    first_k_dense_replace: int | None = field(default=None, metadata=at_least(0))
+    moe_layer_freq: int | None = field(default=None, metadata=positive())
+    decoder_sparse_step: int | None = field(default=None, metadata=positive())
+    mlp_only_layers: list[int] | None = None
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi K2): a Q/K head is qk_nope_head_dim + qk_rope_head_dim wide
+    kv_lora_rank: int | None = field(default=None, metadata=at_least(0))
+    q_lora_rank: int | None = field(default=None, metadata=at_least(0))  # None: Q straight from h (V2-Lite)
+    qk_nope_head_dim: int | None = field(default=None, metadata=at_least(0))
+    qk_rope_head_dim: int | None = field(default=None, metadata=at_least(0))
+    v_head_dim: int | None = field(default=None, metadata=at_least(0))
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     architectures: list[str] | None = None
@@ -231,15 +383,20 @@ class HFConfig:
     max_window_layers: int | None = field(default=None, metadata=at_least(0))  # Qwen: layers below it are full
 
     def __post_init__(self) -> None:
-        if self.head_dim is None:
+        mla = {"qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
+               "v_head_dim": self.v_head_dim}
+        if self.kv_lora_rank and not all(mla.values()):
+            raise SpecError(f"multi-head latent attention (kv_lora_rank {self.kv_lora_rank}) needs "
+                            f"{[k for k, v in mla.items() if not v]}")
+        if self.head_dim is None and not self.kv_lora_rank:
             _check_multiple("", ("hidden_size", self.hidden_size), ("num_attention_heads", self.num_attention_heads),
                             hint="; give head_dim if the heads are not hidden_size / num_attention_heads wide")
         if self.num_key_value_heads is not None:
             _check_multiple("", ("num_attention_heads", self.num_attention_heads),
                             ("num_key_value_heads", self.num_key_value_heads))
         if self.experts > 1 and self.num_experts_per_tok is not None:
-            _check_at_most("", ("num_experts_per_tok", self.num_experts_per_tok),
-                           ("num_local_experts" if self.num_local_experts else "num_experts", self.experts))
+            spelling = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if getattr(self, k))
+            _check_at_most("", ("num_experts_per_tok", self.num_experts_per_tok), (spelling, self.experts))
 
     @classmethod
     def from_dict(cls, d: Any, origin: str) -> "HFConfig":
@@ -254,8 +411,17 @@ class HFConfig:
 
     @property
     def experts(self) -> int:
-        n = self.num_local_experts if self.num_local_experts is not None else self.num_experts
+        n = next((x for x in (self.num_local_experts, self.num_experts, self.n_routed_experts) if x is not None), 0)
         return n or 1
+
+    def moe_layers(self) -> int:
+        """Layers with routed experts (0 for a dense model), by the family's rule (the fields' comments)."""
+        if self.experts <= 1:
+            return 0
+        first, freq = self.first_k_dense_replace or 0, self.moe_layer_freq or 1
+        step, dense = self.decoder_sparse_step or 1, set(self.mlp_only_layers or ())
+        return sum(i >= first and i % freq == 0 and (i + 1) % step == 0 and i not in dense
+                   for i in range(self.num_hidden_layers))
 
     @property
     def architecture(self) -> str:
@@ -279,17 +445,36 @@ class HFConfig:
             full = layers // 2 if self.model_type == "gemma2" else 0
         return (0, 0) if full >= layers else (self.sliding_window, full)
 
+    def shared_expert_width(self) -> int:
+        """A shared expert's width: Qwen2-MoE's, or DeepSeek's n_shared_experts of moe_intermediate_size (one MLP)."""
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return (self.n_shared_experts or 0) * (self.moe_intermediate_size or self.intermediate_size)
+
+    def latent_attention(self) -> dict[str, int]:
+        """The ModelSpec's MLA fields ({} without kv_lora_rank): a Q/K head of qk_nope + qk_rope, every head its K and
+        V (kv_heads = heads)."""
+        if not self.kv_lora_rank or not self.qk_nope_head_dim or not self.qk_rope_head_dim or not self.v_head_dim:
+            return {}  # __post_init__ refused a partial set
+        return dict(kv_lora_rank=self.kv_lora_rank, q_lora_rank=self.q_lora_rank or 0,
+                    kv_heads=self.num_attention_heads, head_dim=self.qk_nope_head_dim + self.qk_rope_head_dim,
+                    rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim)
+
     def model_spec(self, name: str, source: str) -> ModelSpec:
-        moe = self.experts > 1
+        moe_layers = self.moe_layers()
+        moe = moe_layers > 0
+        dense_layers = self.num_hidden_layers - moe_layers if moe else 0
         window, full_layers = self.attention_window()
+        heads = dict(kv_heads=self.num_key_value_heads or self.num_attention_heads,
+                     head_dim=self.head_dim or self.hidden_size // self.num_attention_heads)
         return ModelSpec(
             name=name, layers=self.num_hidden_layers, hidden=self.hidden_size, heads=self.num_attention_heads,
-            kv_heads=self.num_key_value_heads or self.num_attention_heads,
-            head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
+            **{**heads, **self.latent_attention()},
             ffn=self.moe_intermediate_size if moe and self.moe_intermediate_size else self.intermediate_size,
-            vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts,
+            vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts if moe else 1,
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
-            shared_expert_ffn=(self.shared_expert_intermediate_size or 0) if moe else 0,
+            shared_expert_ffn=self.shared_expert_width() if moe else 0,
+            dense_layers=dense_layers, dense_ffn=self.intermediate_size if dense_layers else 0,
             qkv_bias=self.attention_bias or "Qwen2" in self.architecture,
             sliding_window=window, full_attention_layers=full_layers, source=source)
 

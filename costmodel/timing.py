@@ -6,6 +6,7 @@ numpy interpolation: planners call it for thousands of units per step."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -29,7 +30,8 @@ _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
 _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
 # the layer GEMMs tp_comm_overlap runs TP collectives under, each with its own curve (gemm_<label>)
-_OVERLAP_GEMMS = ("qkv", "o", "gate_up", "up", "down")
+_MLP_GEMMS = ("gate_up", "up", "down")
+_OVERLAP_GEMMS = ("qkv", "o", *_MLP_GEMMS)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "attn_doc_fwd", "attn_doc_bwd",
                            "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
@@ -49,7 +51,8 @@ class GemmShape:
     """One forward GEMM on one TP rank, run `launches` times: (rows × k) @ (k × n), rows = tokens × rows_per_token,
     tokens counted over the TP group."""
 
-    label: str  # qkv | o | gate_up (up for GeLU) | down | router (MoE) | lm_head
+    # qkv (MLA: q_down and q_up, or q; kv_down, kv_up) | o | gate_up (up for GeLU) | down | router (MoE) | lm_head
+    label: str
     n: int  # output features
     k: int  # reduction (input) features
     rows_per_token: float = 1.0  # MoE experts: k·cf/E rows per expert (costmodel.moe); router: 1/tp with SP
@@ -74,11 +77,37 @@ def gemm_shapes(model: ModelSpec, tp: int = 1, experts: ExpertLayout | None = No
     f_sh = model.shared_expert_ffn  # the shared expert: a dense MLP over tp, every token
     shared = (GemmShape(f"shared_{up[0]}", shard((2 if model.gated else 1) * f_sh), model.hidden),
               GemmShape("shared_down", model.hidden, shard(f_sh))) if f_sh else ()
-    return (GemmShape("qkv", shard(model.q_width + 2 * model.kv_width), model.hidden),
-            GemmShape("o", model.hidden, shard(model.q_width)),
+    return (*_attention_gemm_shapes(model, tp, router_rows_per_token(lay)),
+            GemmShape("o", model.hidden, shard(model.attn_out_width)),
             GemmShape(up[0], shard(up[1], split), model.hidden, rows, launches),
             GemmShape("down", model.hidden, shard(model.ffn, split), rows, launches),
             *shared, *router, GemmShape("lm_head", shard(model.vocab), model.hidden))
+
+
+def _attention_gemm_shapes(model: ModelSpec, tp: int, own_rows: float) -> tuple[GemmShape, ...]:
+    """The attention's projections before the core: QKV fused; MLA's down projections to its latents (replicated
+    weights, on the rank's `own_rows` of each token: its own tokens under SP) and up projections from them (over
+    tp), or Q straight from h without a Q latent."""
+    shard = lambda width: int(math.ceil(width / tp))  # noqa: E731
+    h = model.hidden
+    if not model.is_mla:
+        return (GemmShape("qkv", shard(model.q_width + 2 * model.k_width), h),)
+    q_lora = model.q_lora_rank
+    q = ((GemmShape("q_down", q_lora, h, own_rows), GemmShape("q_up", shard(model.q_width), q_lora)) if q_lora
+         else (GemmShape("q", shard(model.q_width), h),))
+    kv_up = model.heads * (model.head_dim - model.rope_head_dim + model.value_head_dim)
+    return (*q, GemmShape("kv_down", model.kv_lora_rank + model.rope_head_dim, h, own_rows),
+            GemmShape("kv_up", shard(kv_up), model.kv_lora_rank))
+
+
+def _every_kind_gemm_shapes(model: ModelSpec, tp: int = 1) -> tuple[GemmShape, ...]:
+    """gemm_shapes of the model, and where some layers are dense (ModelSpec.layer_kinds) their MLP's, dense_*."""
+    kinds = model.layer_kinds()
+    if len(kinds) == 1:
+        return gemm_shapes(model, tp)
+    (_, moe), (_, dense) = kinds
+    return gemm_shapes(moe, tp) + tuple(dataclasses.replace(g, label=f"dense_{g.label}")
+                                        for g in gemm_shapes(dense, tp) if g.label in _MLP_GEMMS)
 
 
 def profile_gemm_shapes(models: Mapping[str, ModelSpec], tps: Sequence[int] = (1,)) -> tuple[tuple[str, int, int], ...]:
@@ -86,11 +115,11 @@ def profile_gemm_shapes(models: Mapping[str, ModelSpec], tps: Sequence[int] = (1
     .tpT beyond 1; each (n, k) once): the model shapes `meshplan profile --models` measures beside its generic
     grid, keyed by the name the model was given. A shape missing from the table is looked up on the generic
     time-vs-FLOPs curve (cubes and square-ish shapes), which overstates the rate of a TP shard's skinnier GEMMs."""
-    out = [(f"{name}.{g.label}", g.n, g.k) for name, m in models.items() for g in gemm_shapes(m)]
+    out = [(f"{name}.{g.label}", g.n, g.k) for name, m in models.items() for g in _every_kind_gemm_shapes(m)]
     seen = {(n, k) for _, n, k in out}
     for name, m in models.items():
         for t in (t for t in tps if t > 1 and m.kv_heads % t == 0):
-            for g in gemm_shapes(m, t):
+            for g in _every_kind_gemm_shapes(m, t):
                 if (g.n, g.k) not in seen:
                     seen.add((g.n, g.k))
                     out.append((f"{name}.{g.label}.tp{t}", g.n, g.k))
@@ -290,15 +319,7 @@ class CostModel:
                                "profile (h100-sxm.analytic, b200.analytic, ...) or `meshplan profile` on one")
         self.gemm_dtype = "fp8" if fp8 else self.dtype
         p = self.profile
-        *layer, head = gemm_shapes(m, tr.tp, self.experts)
-        g = np.zeros_like(_TOKEN_GRID)
-        for gemm in layer:  # the MoE router stays in bf16 under fp8 (Transformer Engine wraps the linears only)
-            dt = self.dtype if gemm.label == "router" else self.gemm_dtype
-            one = gemm.launches * p.gemm_time_s(_TOKEN_GRID * gemm.rows_per_token, gemm.n, gemm.k, dt)
-            g += one
-            if gemm.label in _OVERLAP_GEMMS:
-                self._curves[f"gemm_{gemm.label}"] = np.maximum(one, 1e-15)
-        self._curves["gemm_layer"] = g
+        head = gemm_shapes(m, tr.tp, self.experts)[-1]
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
         # another fused kernel than the table's: its published rate over the table's, per document length
@@ -310,28 +331,28 @@ class CostModel:
                     tt = unfused[direction]
                 else:
                     tt = kernel_x[direction] * p.attention_time_s(
-                        _TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.head_dim, causal=True, direction=direction,
-                        dtype=self.dtype, per_document=whole)
+                        _TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.attn_head_dim, causal=True,
+                        direction=direction, dtype=self.dtype, per_document=whole)
                 self._curves[f"{name}_{direction}"] = np.maximum(tt, 1e-12)
         sp, b = tr.sequence_parallel, tr.dtype_bytes
-        widths = {g.label: (g.k * g.rows_per_token_all, g.n * g.rows_per_token_all) for g in layer
-                  if g.label != "router"}
         self.fp8_recipe = fp8_recipe(self.setup) if fp8 else None
-        current = self.fp8_recipe == "tensorwise"
-        cast = {d: fp8_cast_kernels(widths, d, current) if fp8 else () for d in ("fwd", "bwd")}
         # Current scaling casts a GEMM input once, with its amax all-reduced over TP, before the SP all-gather, so
         # the gather moves 1 B per element (TE linear.py: with_amax_reduction over the TP group for a column-
         # parallel input and a row-parallel output gradient); other recipes gather bf16 [assumption]
-        self.tp_amaxes = current and tr.tp > 1 and tr.sequence_parallel  # without SP: all-reduces of bf16 outputs
+        self.tp_amaxes = self.fp8_recipe == "tensorwise" and tr.tp > 1 and tr.sequence_parallel  # else bf16 outputs
         self.tp_gather_bytes = 1 if self.tp_amaxes else tr.dtype_bytes
-        moe = {d: moe_kernels(m, self.experts, b, d) for d in ("fwd", "bwd")}  # () for dense models
+        for w, kind in m.layer_kinds():  # a layer's curves: the mean over its kinds where some layers are dense
+            gemms = self._layer_gemms(kind)
+            for key, curve in self._layer_curves(kind, gemms).items():
+                self._curves[key] = self._curves.get(key, 0.0) + w * curve
+            # what TP overlap splits (_overlapped_tp_comm_s): the attention's GEMMs (MLA: its up projections take the
+            # gathered input), and a dense MLP's (expert GEMMs run no userbuffer overlap)
+            self._curves.update({f"gemm_{g.label}": np.maximum(t, 1e-15) for g, t in gemms
+                                 if g.label in _OVERLAP_GEMMS and not (kind.is_moe and g.label in _MLP_GEMMS)})
+            if kind.is_mla:
+                self._curves["gemm_qkv"] = sum(t for g, t in gemms if g.label in ("q", "q_up", "kv_up"))
         eager = tr.kernels == "eager"
-        layer_ks = eager_layer_kernels if eager else layer_kernels
-        kernels = {"mem_layer_fwd": layer_ks(m, tr.tp, sp, b, "fwd") + cast["fwd"] + moe["fwd"],
-                   "mem_layer_bwd": layer_ks(m, tr.tp, sp, b, "bwd") + cast["bwd"] + moe["bwd"],
-                   "mem_recompute": (recompute_kernels(m, tr.tp, sp, b, tr.recompute, eager)
-                                     + (cast["fwd"] + moe["fwd"] if tr.recompute == "full" else ())),
-                   "mem_head_fwd": (eager_head_kernels(m, tr.tp, sp, b, "fwd") if eager else
+        kernels = {"mem_head_fwd": (eager_head_kernels(m, tr.tp, sp, b, "fwd") if eager else
                                     head_kernels(m, tr.tp, sp, b, tr.fused_loss, "fwd")),
                    "mem_head_bwd": (eager_head_kernels(m, tr.tp, sp, b, "bwd") if eager else
                                     head_kernels(m, tr.tp, sp, b, tr.fused_loss, "bwd")),
@@ -358,6 +379,34 @@ class CostModel:
                             for k, v in self._curves.items()}
         self._curves["fit"] = self.fit_layer_time()
 
+    def _layer_gemms(self, kind: ModelSpec) -> list[tuple[GemmShape, np.ndarray]]:
+        """Each forward GEMM of one layer of `kind` with its time over the token grid (all its launches); the MoE
+        router stays in bf16 under fp8 (Transformer Engine wraps the linears only)."""
+        *layer, _ = gemm_shapes(kind, self.tp, self.experts)
+        return [(g, g.launches * self.profile.gemm_time_s(_TOKEN_GRID * g.rows_per_token, g.n, g.k,
+                                                          self.dtype if g.label == "router" else self.gemm_dtype))
+                for g in layer]
+
+    def _layer_curves(self, kind: ModelSpec, gemms: list[tuple[GemmShape, np.ndarray]]) -> dict[str, np.ndarray]:
+        """One layer of `kind` over the token grid: its GEMMs (`gemms`, _layer_gemms) and memory-bound kernels,
+        forward, backward and what recompute replays (with fp8 the casts of the GEMM inputs, with MoE the
+        permutations)."""
+        tr, b, sp = self.setup.training, self.setup.training.dtype_bytes, self.setup.training.sequence_parallel
+        widths = {g.label: (g.k * g.rows_per_token_all, g.n * g.rows_per_token_all) for g, _ in gemms
+                  if g.label != "router"}
+        current = self.fp8_recipe == "tensorwise"
+        cast = {d: fp8_cast_kernels(widths, d, current) if self.fp8_recipe else () for d in ("fwd", "bwd")}
+        moe = {d: moe_kernels(kind, self.experts, b, d) for d in ("fwd", "bwd")}  # () for dense layers
+        eager = tr.kernels == "eager"
+        layer_ks = eager_layer_kernels if eager else layer_kernels
+        kernels = {"mem_layer_fwd": layer_ks(kind, tr.tp, sp, b, "fwd") + cast["fwd"] + moe["fwd"],
+                   "mem_layer_bwd": layer_ks(kind, tr.tp, sp, b, "bwd") + cast["bwd"] + moe["bwd"],
+                   "mem_recompute": (recompute_kernels(kind, tr.tp, sp, b, tr.recompute, eager)
+                                     + (cast["fwd"] + moe["fwd"] if tr.recompute == "full" else ()))}
+        curves = {name: np.maximum(self._kernels_s(ks, _TOKEN_GRID), 1e-15) for name, ks in kernels.items()}
+        curves["gemm_layer"] = sum((t for _, t in gemms), np.zeros_like(_TOKEN_GRID))
+        return curves
+
     def _kernels_s(self, kernels: tuple[MemKernel, ...], items: np.ndarray) -> np.ndarray:
         """Memory-bound kernels run on `items` tokens (or scores) each: one memory-table lookup per kernel, its bytes
         over its kind's share of the table's bandwidth (a broadcast or strided kernel moves its bytes slower)."""
@@ -373,7 +422,7 @@ class CostModel:
         p = self.profile
         coarse = np.unique(np.concatenate([doc_len[::8], doc_len[-1:]]))  # GEMM time is smooth in s: sample it
         gemm = np.array([float(p.gemm_time_s(heads * s, int(s), m.head_dim, self.dtype)
-                               + p.gemm_time_s(heads * s, m.head_dim, int(s), self.dtype)) for s in coarse])
+                               + p.gemm_time_s(heads * s, m.value_head_dim, int(s), self.dtype)) for s in coarse])
         gemm = _interp(doc_len, np.log(coarse), np.log(gemm))
         scores = heads * doc_len * doc_len
         b = self.setup.training.dtype_bytes
@@ -634,17 +683,20 @@ class CostModel:
         all-reduce moving the same bytes; MoE with ep > 1: the MLP's pair becomes the all-to-alls), with it what
         the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward."""
         tokens = np.asarray(tokens, dtype=float)
-        mlp = self._lookup("moe_comm", tokens) if self.experts.all_to_all else self.tp_pair_s(tokens, layer=True)
-        if self.tp > 1 and self.model.shared_expert_ffn:  # the shared expert gathers its input, scatters its output
-            mlp = mlp + self.tp_pair_s(tokens, layer=True)
+        mu = self.model.moe_fraction  # the MoE layers' share (0 dense, 1 when every layer has experts)
+        pair = self.tp_pair_s(tokens, layer=True) if self.tp > 1 else np.zeros_like(tokens)
+        experts = np.zeros_like(tokens)  # the MoE layers' MLP: all-to-alls (all-gather dispatcher: the pair), and a
+        if mu:  # shared expert's pair
+            moe = self._lookup("moe_comm", tokens) if self.experts.all_to_all else pair
+            experts = mu * (moe + (pair if self.model.shared_expert_ffn else 0.0))
         if self.tp == 1:  # no TP collectives: an expert group's all-to-alls alone
-            fwd = bwd = mlp
-        elif self.setup.training.tp_comm_overlap:
+            fwd = bwd = experts
+        elif self.setup.training.tp_comm_overlap:  # expert GEMMs run no userbuffer overlap: their comm stays exposed
             fwd, bwd = self._overlapped_tp_comm_s(tokens)
-            if self.model.is_moe:  # expert GEMMs run no userbuffer overlap: the MLP's communication stays exposed
-                fwd, bwd = fwd + mlp, bwd + mlp
-        else:
-            fwd = bwd = self.tp_pair_s(tokens, layer=True) + mlp
+            fwd, bwd = fwd + experts, bwd + experts
+        else:  # the attention's pair (MLA: its latents gathered), a dense MLP's in the dense layers' share
+            attention = self.tp_pair_s(tokens, layer=True, gather_width=self._attn_gather_width)
+            fwd = bwd = attention + (1.0 - mu) * pair + experts
         if self.tp_amaxes:  # current scaling: a 4-byte amax all-reduce per gathered fp8 tensor, 2 each way
             amax = 2.0 * self._lookup("tp_all_reduce", 4.0)
             fwd, bwd = fwd + amax, bwd + amax
@@ -659,31 +711,43 @@ class CostModel:
         input all-gather under QKV (and MLP up), the reduce-scatter under the output projection (and MLP down).
         Backward: the output gradient's all-gather under the projection's (down's) dgrad, ring-exchanged; the
         input re-gathered for QKV's (up's) wgrad beside its dgrad, and dX reduce-scattered beside its wgrad, each
-        in bulk: max(0, C − G). Dense models both pairs; MoE the attention's only."""
+        in bulk: max(0, C − G). Dense layers both pairs; MoE layers the attention's only (the MLP pair weighs the
+        dense layers' share). MLA gathers its latents for the up projections (ModelSpec.attn_gather_width)."""
         t = self.tp
         act = tokens * self.model.hidden
         ag = self._lookup("tp_all_gather", act * self.tp_gather_bytes)
         rs = self._lookup("tp_reduce_scatter", act * self.bytes_per_elem)
-        pairs = [("qkv", "o")]
-        if not self.model.is_moe:
-            pairs.append(("gate_up" if self.model.mlp == "swiglu" else "up", "down"))
+        ag_attn = self._lookup("tp_all_gather", tokens * self._attn_gather_width * self.tp_gather_bytes)
+        pairs = [("qkv", "o", 1.0, ag_attn)]
+        if self.model.moe_fraction < 1.0:
+            up = "gate_up" if self.model.mlp == "swiglu" else "up"
+            pairs.append((up, "down", 1.0 - self.model.moe_fraction, ag))
         fwd = bwd = np.zeros_like(tokens)
-        for first, second in pairs:
+        for first, second, w, ag_in in pairs:  # ag_in: the first GEMM's input gathered, ag: the second's dY
             g1, g2 = self._lookup(f"gemm_{first}", tokens), self._lookup(f"gemm_{second}", tokens)
             s1, s2 = t * self._lookup(f"gemm_{first}", tokens / t), t * self._lookup(f"gemm_{second}", tokens / t)
-            ring1 = np.maximum(0.0, ag - s1 * (t - 1) / t) + (s1 - g1)
+            ring1 = np.maximum(0.0, ag_in - s1 * (t - 1) / t) + (s1 - g1)
             ring2 = np.maximum(0.0, rs - s2 * (t - 1) / t) + (s2 - g2)
             ring2_dgrad = np.maximum(0.0, ag - s2 * (t - 1) / t) + (s2 - g2)
-            fwd = fwd + ring1 + ring2
-            bwd = bwd + ring2_dgrad + np.maximum(0.0, ag - g1) + np.maximum(0.0, rs - g1)
+            fwd = fwd + w * (ring1 + ring2)
+            bwd = bwd + w * (ring2_dgrad + np.maximum(0.0, ag_in - g1) + np.maximum(0.0, rs - g1))
         return fwd, bwd
 
-    def tp_pair_s(self, tokens: np.ndarray, layer: bool = False) -> np.ndarray:
-        """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h); a layer's
-        all-gather (`layer`) moves fp8 under current scaling (tp_gather_bytes), the head's bf16."""
+    @property
+    def _attn_gather_width(self) -> int:
+        """Per token, what the attention's input all-gather moves: MLA's latents under sequence parallelism (its
+        down projections on each rank's own tokens), else the hidden state."""
+        sp = self.setup.training.sequence_parallel
+        return self.model.attn_gather_width if sp else self.model.hidden
+
+    def tp_pair_s(self, tokens: np.ndarray, layer: bool = False, gather_width: float | None = None) -> np.ndarray:
+        """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h; the gather
+        `gather_width` wide if given); a layer's all-gather (`layer`) moves fp8 under current scaling
+        (tp_gather_bytes), the head's bf16."""
         act = tokens * self.model.hidden
         gather = self.tp_gather_bytes if layer else self.bytes_per_elem
-        return (self._lookup("tp_all_gather", act * gather)
+        gathered = act if gather_width is None else tokens * gather_width
+        return (self._lookup("tp_all_gather", gathered * gather)
                 + self._lookup("tp_reduce_scatter", act * self.bytes_per_elem))
 
     def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
@@ -785,9 +849,8 @@ class CostModel:
         tr, m = self.setup.training, self.model
         if not tr.fp8_param_gather:
             return 0.0, 0.0
-        attn, mlp = fp8_gemm_params_parts(m, self.tp, tr.expert_ranks)
-        n = self.layers_per_stage
-        return (n * attn, n * mlp) if m.is_moe else (n * (attn + mlp), 0.0)  # dense: the MLP syncs with the rest
+        dense, experts = fp8_gemm_params_parts(m, self.tp, tr.expert_ranks)
+        return self.layers_per_stage * dense, self.layers_per_stage * experts
 
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:
         """The gradient sync left after the backward, the last backward taking `backward_window_s`: one model chunk

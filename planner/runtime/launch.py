@@ -178,9 +178,9 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
     # the plan's own copy of the model it priced: a plan made from a config file replays on a machine without it
     spec = (ModelSpec.from_dict(plan.meta["model_spec"]) if model is None and plan.meta.get("model_spec")
             else load_model(str(name)))
-    if spec.is_moe:
-        raise PlanError(f"model {spec.name!r}: MoE replay is not implemented (dense Llama-style models only); "
-                        "pass --model tiny or a dense preset")
+    if spec.is_moe or spec.is_mla:
+        raise PlanError(f"model {spec.name!r}: {'MoE' if spec.is_moe else 'latent-attention (MLA)'} replay is not "
+                        "implemented (dense Llama-style models only); pass --model tiny or a dense preset")
     check_attention_window(spec, plan, f"model {spec.name!r}")
     block = (spec.norm, spec.mlp, spec.position, spec.linear_bias, spec.dropout)
     if block != ("rmsnorm", "swiglu", "rope", False, False):  # the one block runtime/model.py builds

@@ -276,7 +276,7 @@ def iteration_flops(model: ModelSpec, convention: FlopsConvention, sequences: in
         return layer + 6.0 * b * s * h * v
     if convention == "palm":
         n = l * model.layer_params(active=True) + v * h
-        return b * s * (6.0 * n + 12.0 * l * model.q_width * s)
+        return b * s * (6.0 * n + 6.0 * l * (model.q_width + model.attn_out_width) * s)  # QKᵀ and PV
     raise SpecError(f"unknown flops convention {convention!r}")
 
 

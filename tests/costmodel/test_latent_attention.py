@@ -1,0 +1,118 @@
+"""Multi-head latent attention (ModelSpec.kv_lora_rank): DeepSeek-V3's and V2-Lite's published parameter counts, the
+projections as Megatron-core's MLASelfAttention runs them (down projections on a rank's own tokens, up projections
+over TP), their FLOPs, the latents' all-gather, the saved activations and K/V bytes, and the spec's errors."""
+
+import dataclasses
+import json
+
+import pytest
+
+from costmodel.elementwise import layer_kernels
+from costmodel.flops import attention_flops_fwd, linear_flops_per_token
+from costmodel.memory import activation_bytes_per_token_layer
+from costmodel.moe import ExpertLayout
+from costmodel.presets import load_cluster, load_model
+from costmodel.specs import ModelSpec, Setup, SpecError, TrainingSpec
+from costmodel.timing import _TOKEN_GRID, CostModel, gemm_shapes
+from profiles.table import load_profile
+
+_PROFILE = load_profile("h100-sxm.analytic")
+S = float(_TOKEN_GRID[150])  # a token count on the cost model's grid: its curves are exact there
+
+# DeepSeek-V3's config.json (deepseek-ai/DeepSeek-V3); published: 671B parameters, 37B activated (arXiv 2412.19437)
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "num_hidden_layers": 61,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "moe_layer_freq": 1, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 129280,
+    "tie_word_embeddings": False, "num_nextn_predict_layers": 1}
+# H, latents and heads of DeepSeek-V3's attention
+H, QL, KVL, ROPE, N, DQK, DV = 7168, 1536, 512, 64, 128, 192, 128
+
+
+def _hf(tmp_path, cfg: dict) -> ModelSpec:
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return load_model(str(tmp_path / "config.json"))
+
+
+def _dense_mla(**kw) -> ModelSpec:
+    """One dense layer of DeepSeek-V3's attention and dense MLP."""
+    v3 = load_model("deepseek-v3")
+    return dataclasses.replace(v3, layers=4, experts=1, top_k=1, ffn=18432, shared_expert_ffn=0, dense_layers=0,
+                               dense_ffn=0, **kw)
+
+
+def test_deepseek_v3_counts_its_published_parameters(tmp_path):
+    m = _hf(tmp_path, DEEPSEEK_V3)
+    preset = load_model("deepseek-v3")
+    assert dataclasses.replace(m, name=preset.name, source=preset.source) == preset
+    assert m.parameters == pytest.approx(671e9, rel=0.002) and m.active_parameters == pytest.approx(37e9, rel=0.02)
+    # Q: h -> 1536 -> 128 x 192; K/V: h -> 512 + 64, 512 -> 128 x (128 + 128); O: 128 x 128 -> h; the latents' norms
+    assert m.attention_gemm_params() == (H * QL + QL * N * DQK + H * (KVL + ROPE) + KVL * N * (DQK - ROPE + DV)
+                                         + N * DV * H)
+    assert m.attention_params() == m.attention_gemm_params() + QL + KVL == 187_107_328
+    # DeepSeek-V2-Lite: no Q latent (Q straight from h); published 15.7B parameters
+    lite = _hf(tmp_path, {**DEEPSEEK_V3, "num_hidden_layers": 27, "hidden_size": 2048, "intermediate_size": 10944,
+                          "moe_intermediate_size": 1408, "num_attention_heads": 16, "num_key_value_heads": 16,
+                          "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6,
+                          "first_k_dense_replace": 1, "q_lora_rank": None, "vocab_size": 102400})
+    assert (lite.q_lora_rank, lite.kv_lora_rank, lite.head_dim) == (0, 512, 192)
+    assert lite.parameters == pytest.approx(15.7e9, rel=0.005)
+    assert lite.attention_gemm_params() == 2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048
+
+
+def test_projections_flops_and_widths():
+    m = load_model("deepseek-v3")
+    for sp, own in ((True, 1 / 8), (False, 1.0)):  # the down projections run on a rank's own tokens under SP
+        g = {x.label: x for x in gemm_shapes(m, 8, ExpertLayout(tp=8, ep=8, sequence_parallel=sp))}
+        assert (g["q_down"].n, g["q_down"].k, g["q_down"].rows_per_token) == (QL, H, own)
+        assert (g["kv_down"].n, g["kv_down"].k, g["kv_down"].rows_per_token) == (KVL + ROPE, H, own)
+        assert (g["q_up"].n, g["q_up"].k, g["q_up"].rows_per_token) == (N * DQK // 8, QL, 1.0)
+        assert (g["kv_up"].n, g["kv_up"].k) == (N * (DQK - ROPE + DV) // 8, KVL)
+        assert (g["o"].n, g["o"].k) == (H, N * DV // 8) and "qkv" not in g
+    dense = _dense_mla()
+    assert linear_flops_per_token(dense) == 2 * dense.attention_gemm_params() + 2 * 3 * H * 18432
+    # QKᵀ at the Q/K head width, PV at V's: 2·pairs·n·(d_qk + d_v)
+    assert float(attention_flops_fwd(4096, dense)) == pytest.approx(4096 * 4097 / 2 * 2 * N * (DQK + DV))
+    assert (dense.k_width, dense.v_width, dense.kv_width * 2, dense.attn_out_width) == (N * DQK, N * DV, N * 320,
+                                                                                         N * DV)
+    assert dense.attn_head_dim == 160 and dense.attn_gather_width == QL + KVL + ROPE
+
+
+def test_latents_gathered_saved_and_normalised():
+    dense = _dense_mla()
+    cm = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8)), _PROFILE)
+    # with SP the attention all-gathers the latents and the RoPE key part, 2112 values a token, not h
+    fwd, _ = cm.layer_tp_comm_s(S)
+    assert float(fwd) == pytest.approx(float(cm.tp_pair_s(S, layer=True, gather_width=QL + KVL + ROPE)
+                                             + cm.tp_pair_s(S, layer=True)), rel=1e-12)
+    no_sp = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8, sequence_parallel=False)),
+                      _PROFILE)
+    assert float(no_sp.layer_tp_comm_s(S)[0]) == pytest.approx(2 * float(no_sp.tp_pair_s(S, layer=True)), rel=1e-12)
+    # saved per token (bf16, no recompute, one rank): the norms' and GEMMs' inputs 8h, each latent's norm input and
+    # output, Q, K, V and the core's output, SwiGLU's 6f
+    assert activation_bytes_per_token_layer(dense, 1, "none") == \
+        8 * H + 4 * (QL + KVL) + 2 * (N * DQK + N * DQK + N * DV + N * DV) + 6 * 18432
+    # the latents' RMSNorms run on a rank's own tokens, before the gather
+    norms = {k.label: k.bytes_per_item for k in layer_kernels(dense, 8, True, 2, "fwd")}
+    assert norms["latent_norm"] == (QL + KVL) / 8 * 4 and norms["rope"] == (N * DQK * 2) / 8 * 4
+    # a ring passes each layer's K and V at their own widths
+    ring = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(16), TrainingSpec(tp=8)), _PROFILE)
+    cost = ring.unit_cost([65536], degree=2)
+    kv_bytes = 32768 * (N * DQK + N * DV) / 8 * 2
+    assert cost.ring_comm_s == pytest.approx(4 * float(ring.p2p_s(kv_bytes, False) + ring.p2p_s(2 * kv_bytes, False)),
+                                             rel=1e-9)  # 4 layers' K/V forward, dK/dV back
+
+
+def test_latent_attention_spec_errors(tmp_path):
+    with pytest.raises(SpecError, match="kv_heads \\(8\\) must equal heads \\(128\\)"):
+        _dense_mla(kv_heads=8)
+    with pytest.raises(SpecError, match="0 < rope_head_dim \\(192\\) < head_dim \\(192\\)"):
+        _dense_mla(rope_head_dim=192)
+    with pytest.raises(SpecError, match="q_lora_rank \\(1536\\), rope_head_dim \\(64\\), v_head_dim \\(128\\) "):
+        _dense_mla(kv_lora_rank=0)
+    with pytest.raises(SpecError, match="modelled without biases"):
+        _dense_mla(qkv_bias=True)
+    with pytest.raises(SpecError, match="needs \\['qk_nope_head_dim'\\]"):
+        _hf(tmp_path, {k: v for k, v in DEEPSEEK_V3.items() if k != "qk_nope_head_dim"})
