@@ -821,7 +821,7 @@ def profile_cmd(
                          ops=tuple(o for o in ops.split(",") if o), max_bytes=max_bytes, nproc=nproc,
                          model_shapes=profile_gemm_shapes(specs, PROFILE_TP_QUICK if quick else PROFILE_TP_FULL),
                          device=device,
-                         model_head_dims=tuple(sorted({m.head_dim for m in specs.values()})))
+                         model_head_dims=tuple(sorted({round(m.attn_head_dim) for m in specs.values()})))
     if estimate:
         cfg, est = estimate_request(req, load_profile(estimate))
         counts = plan_counts(cfg)

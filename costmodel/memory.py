@@ -41,8 +41,8 @@ def expert_params_per_rank(setup: Setup, layers: int | None = None) -> float:
 
 
 def _stage_layers(setup: Setup, layers: int | None) -> int:
-    """A stage's layer count: `layers` where stages differ, else L/p."""
-    return setup.model.layers // setup.training.pp if layers is None else layers
+    """A stage's layer count: `layers` where stages differ, else the busiest stage's ⌈L/p⌉."""
+    return setup.layers_per_stage if layers is None else layers
 
 
 def sharded_state_params(setup: Setup, stage: int | None = None, layers: int | None = None) -> float:
@@ -127,10 +127,11 @@ def fp8_gemm_params_per_layer(model: ModelSpec, tp: int, expert_ranks: int | Non
 
 @mean_over_layers
 def fp8_gemms_per_layer(model: ModelSpec, ep: int) -> float:
-    """fp8 GEMMs (TE modules' GEMMs, each with its own scales) of one layer on one rank: QKV and output projection,
-    the MLP's up (gate and up fused) and down of each local expert (dense: one), and a shared expert's two; the
-    mean layer's where some layers are dense."""
-    return 2 + 2 * (model.experts // ep) + (2 if model.shared_expert_ffn else 0)
+    """fp8 GEMMs (TE modules' GEMMs, each with its own scales) of one layer on one rank: the attention's
+    projections (QKV and O; MLA's five), the MLP's up (gate and up fused) and down of each local expert (dense:
+    one), and a shared expert's two; the mean layer's where some layers are dense."""
+    mlp = 2 * (model.experts // ep) if model.is_moe else 2
+    return model.attention_gemms + mlp + (2 if model.shared_expert_ffn else 0)
 
 
 def fp8_weight_bytes_per_param(recipe: Fp8Recipe) -> float:
@@ -147,7 +148,7 @@ def fp8_scaled_tensors(setup: Setup) -> tuple[int, int]:
     tr = setup.training
     if tr.dtype != "fp8" or fp8_recipe(setup) != "delayed":
         return 0, 0
-    gemms = round(fp8_gemms_per_layer(setup.model, tr.ep) * (setup.model.layers // tr.pp))
+    gemms = round(fp8_gemms_per_layer(setup.model, tr.ep) * setup.layers_per_stage)
     return FP8_FWD_TENSORS_PER_GEMM * gemms, FP8_BWD_TENSORS_PER_GEMM * gemms
 
 
@@ -161,7 +162,7 @@ def fp8_state_bytes(setup: Setup) -> float:
     tr = setup.training
     if tr.dtype != "fp8":
         return 0.0
-    layers = zero.INFLIGHT_LAYERS if tr.zero_stage == 3 else setup.model.layers // tr.pp
+    layers = zero.INFLIGHT_LAYERS if tr.zero_stage == 3 else setup.layers_per_stage
     per_param = fp8_weight_bytes_per_param(fp8_recipe(setup)) - (DTYPE_BYTES[tr.dtype] if tr.fp8_param_gather else 0)
     cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp, tr.expert_ranks) * per_param
     return cache + sum(fp8_scaled_tensors(setup)) * 4.0 * (FP8_AMAX_HISTORY_LEN + 2)
@@ -198,9 +199,8 @@ def _saved_bytes_per_token(model: ModelSpec, recompute: Recompute, dtype_bytes: 
     masks = 2 * h if model.dropout else 0
     attention = 2 * (model.q_width + 2 * model.kv_width + model.attn_out_width)  # Q, K, V, the core's output
     latents = 4 * (model.q_lora_rank + model.kv_lora_rank)
-    if not model.gated:  # no selective term: Megatron's selective recompute saves only attention scores
-        return (8 * h + latents) * scale + masks, (attention + 4 * f) * scale
-    return masks, (8 * h + latents + attention + swiglu_saved_bytes_per_f(recompute) * f) * scale
+    mlp = 4 * f if not model.gated else swiglu_saved_bytes_per_f(recompute) * f  # GeLU's input and output
+    return (8 * h + latents) * scale + masks, (attention + mlp) * scale
 
 
 @mean_over_layers
@@ -215,10 +215,9 @@ def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recom
     fp8: the GEMM inputs saved in fp8 (_fp8_saved_bytes_per_token). The mean layer's where some layers are
     dense."""
     replicated, sharded = _saved_bytes_per_token(model, recompute, dtype_bytes)
-    if fp8:  # the norms' outputs are where _saved_bytes_per_token counts them: replicated only in the GPT block
+    if fp8:  # the norms' outputs are replicated terms (the GEMMs' inputs), the rest sharded
         norms, rest = _fp8_saved_bytes_per_token(model, recompute)
-        replicated, sharded = (replicated, sharded - norms - rest) if model.gated else \
-            (replicated - norms, sharded - rest)
+        replicated, sharded = replicated - norms, sharded - rest
     moe = moe_activation_bytes_per_token(model, experts or ExpertLayout(tp=tp, sequence_parallel=sequence_parallel),
                                          recompute, dtype_bytes)
     if sequence_parallel:
@@ -290,7 +289,13 @@ def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, 
 
 
 def full_layer_activation_bytes_per_token(setup: Setup) -> float:
-    return layer_activation_per_token(setup, "none")
+    """One whole layer's activations per token (no recompute), full recompute's working set in the backward: the
+    largest layer kind's where the layers differ (a peak, not the mean)."""
+    tr, kinds = setup.training, setup.model.layer_kinds()
+    if len(kinds) == 1:
+        return layer_activation_per_token(setup, "none")
+    return max(activation_bytes_per_token_layer(kind, tr.tp, "none", tr.dtype_bytes, tr.sequence_parallel,
+                                                ExpertLayout.of(tr), fp8=tr.dtype == "fp8") for _, kind in kinds)
 
 
 def logits_bytes(tokens: float, setup: Setup) -> float:
@@ -370,13 +375,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _pipeline_depths(layers: int) -> list[int]:
+    """Pipeline depths a layout search tries: the divisors of the layers (equal stages) and the powers of two up
+    to them (uneven stages, priced at the busiest: Setup.layers_per_stage)."""
+    twos = {1 << k for k in range(layers.bit_length()) if 1 << k <= layers}
+    return sorted(set(_divisors(layers)) | twos)
+
+
 def _layouts(setup: Setup, gpus: int) -> list[Setup]:
     """Every valid tp × pp of the model on `gpus` GPUs of this cluster, by tp·pp then pp (TP up to the NVLink
     domain: a GB200 NVL72 rack allows tp = 8 on its 4-GPU trays)."""
     out = []
     cluster = setup.cluster.with_gpus(gpus)
     for tp in _divisors(setup.cluster.domain_gpus):
-        for pp in _divisors(setup.model.layers):
+        for pp in _pipeline_depths(setup.model.layers):
             try:
                 out.append(Setup(setup.model, cluster, dataclasses.replace(setup.training, tp=tp, pp=pp)))
             except SpecError:
@@ -391,7 +403,7 @@ def _fewest_gpus(setup: Setup) -> Setup | None:
     per_node = setup.cluster.gpus_per_node
     best: Setup | None = None
     for tp in _divisors(setup.cluster.domain_gpus):
-        for pp in _divisors(setup.model.layers):
+        for pp in _pipeline_depths(setup.model.layers):
             step = math.lcm(per_node, tp * pp)  # cluster sizes this layout can use
             try:
                 probe = Setup(setup.model, setup.cluster.with_gpus(step),
@@ -475,7 +487,7 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
     more = _fewest_gpus(setup)
     if more is None:
         return msg + f"; no GPU count fits on {c.gpu}: use GPUs with more memory"
-    why = (f"; pp must divide the {m.layers} layers and tp·pp the GPU count"
+    why = (f"; tp·pp must divide the GPU count (pp up to the {m.layers} layers: their divisors or a power of two)"
            if more.cluster.world_size < c.world_size else "")
     return msg + f"; the fewest GPUs that fit are {more.cluster.world_size} with {_fit_text(more)}{why}"
 

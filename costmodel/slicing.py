@@ -15,12 +15,13 @@ def mirror_exchange_bytes(slice_tokens: float, chunks: int, model: ModelSpec, tp
     op hands `chunks` K/V chunks (one slice of `slice_tokens` tokens each) to its partner.
     Forward: Q and the chunks' K/V out; the partial O and its log-sum-exp back (merged by online
     softmax). Backward: dO, Q, O, lse and the chunks' K/V out; dQ′ and the borrowed chunks' dK/dV back."""
-    q_bytes = slice_tokens * model.q_width * dtype_bytes / tp  # Q, O, dO and dQ′ each
+    q_bytes = slice_tokens * model.q_width * dtype_bytes / tp  # Q and dQ′ each
+    o_bytes = slice_tokens * model.attn_out_width * dtype_bytes / tp  # O and dO each (MLA: V's head width)
     lse_bytes = slice_tokens * model.heads / tp * LSE_BYTES
     kv_bytes = chunks * slice_tokens * 2 * model.kv_width * dtype_bytes / tp
     if kind == "F":
-        return q_bytes + kv_bytes, q_bytes + lse_bytes
-    return 3 * q_bytes + lse_bytes + kv_bytes, q_bytes + kv_bytes
+        return q_bytes + kv_bytes, o_bytes + lse_bytes
+    return q_bytes + 2 * o_bytes + lse_bytes + kv_bytes, q_bytes + kv_bytes
 
 
 def mirror_exchange_exposed_s(to_light_s: float, back_s: float, heavy_attn_s: float, light_attn_s: float,

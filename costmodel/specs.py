@@ -180,10 +180,10 @@ class ModelSpec:
 
     @property
     def attn_gather_width(self) -> int:
-        """Per token, what tensor parallelism with sequence parallelism all-gathers before the attention's column-
-        parallel projections: the layer input h; MLA gathers its latents, q_lora_rank (h without one) and
-        kv_lora_rank plus the RoPE key part, its down projections running on each rank's own tokens [Megatron-core
-        MLASelfAttention]."""
+        """Per token, the input side of the attention's TP collectives: what sequence parallelism all-gathers before
+        the column-parallel projections (without SP: the width of their input gradient's all-reduce). The layer
+        input h; MLA's latents, q_lora_rank (h without one) and kv_lora_rank plus the RoPE key part, its down
+        projections running before the collective [Megatron-core MLASelfAttention]."""
         if not self.is_mla:
             return self.hidden
         return (self.q_lora_rank or self.hidden) + self.kv_lora_rank + self.rope_head_dim
@@ -240,6 +240,11 @@ class ModelSpec:
     def norm_params(self) -> int:
         """Parameters of one norm: a weight (RMSNorm) or a weight and a bias (LayerNorm)."""
         return self.hidden * (2 if self.norm == "layernorm" else 1)
+
+    @property
+    def attention_gemms(self) -> int:
+        """GEMMs of one layer's attention projections: QKV and O; MLA's q_down and q_up (or q), kv_down, kv_up, O."""
+        return ((3 if self.q_lora_rank else 2) + 2) if self.is_mla else 2
 
     def attention_gemm_params(self) -> int:
         """Weights of one layer's attention projections: Q, K, V and O; MLA's down projections to the latents
@@ -388,6 +393,8 @@ class HFConfig:
         if self.kv_lora_rank and not all(mla.values()):
             raise SpecError(f"multi-head latent attention (kv_lora_rank {self.kv_lora_rank}) needs "
                             f"{[k for k, v in mla.items() if not v]}")
+        if self.kv_lora_rank and self.attention_bias:
+            raise SpecError("attention_bias with multi-head latent attention (kv_lora_rank) is not modelled")
         if self.head_dim is None and not self.kv_lora_rank:
             _check_multiple("", ("hidden_size", self.hidden_size), ("num_attention_heads", self.num_attention_heads),
                             hint="; give head_dim if the heads are not hidden_size / num_attention_heads wide")
@@ -704,8 +711,12 @@ class TrainingSpec:
         if model.heads % self.tp or model.kv_heads % self.tp and self.tp % model.kv_heads:
             raise SpecError(f"tp={self.tp} must divide the {model.heads} query heads of {model.name} "
                             f"(and divide or be a multiple of its {model.kv_heads} KV heads)")
-        if model.layers % self.pp:
-            raise SpecError(f"pp={self.pp} must divide the {model.layers} layers of {model.name}")
+        if self.pp > model.layers:
+            raise SpecError(f"pp={self.pp} exceeds the {model.layers} layers of {model.name}: every pipeline stage "
+                            "needs a layer")
+        if self.kernels == "eager" and model.is_mla:
+            raise SpecError(f"kernels eager prices meshplan's replay, which runs no multi-head latent attention "
+                            f"({model.name}); use the default fused kernels")
         if not model.is_moe and (self.ep > 1 or self.moe_capacity_factor != 1.0 or self.moe_grouped_gemm):
             raise SpecError(f"{model.name} is dense (one MLP): --ep, --moe-capacity-factor and --moe-grouped-gemm "
                             "apply to MoE models only; leave them at their defaults")
@@ -760,3 +771,11 @@ class Setup:
     def hdp(self) -> int:
         """HDP ranks per pipeline stage: world / (tp * pp)."""
         return self.mesh.hdp
+
+    @property
+    def layers_per_stage(self) -> int:
+        """Layers of the busiest pipeline stage, ⌈L/pp⌉: what every stage is priced at. Where pp does not divide L
+        the stages split the layers as evenly as they go (Megatron's uneven first and last stages, the replay's
+        virtual_stage_layers); the busiest sets a pipeline's pace, the others wait on it, so the step is priced
+        right and the lighter stages' memory and gradients over (docs/COSTMODEL.md, "Pipeline stages")."""
+        return -(-self.model.layers // self.training.pp)

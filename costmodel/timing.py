@@ -287,7 +287,7 @@ class CostModel:
         self.model: ModelSpec = m
         self.tp = tr.tp
         self.pp = tr.pp
-        self.layers_per_stage = m.layers // tr.pp
+        self.layers_per_stage = self.setup.layers_per_stage  # the busiest stage's
         self.bytes_per_elem = tr.dtype_bytes
         self.budget: MemoryBudget = memory_budget(self.setup)
         self.capacity_tokens = self.budget.capacity_tokens
@@ -660,13 +660,15 @@ class CostModel:
         saved in token layout (no activation beyond ring CP's) and re-exchanged with dO, then dQ, dK, dV.
         Returns (all transfer time, exposed forward, exposed backward); units with u = 1 get 0."""
         q_bytes = tokens * self.model.q_width / self.tp * self.bytes_per_elem
+        o_bytes = tokens * self.model.attn_out_width / self.tp * self.bytes_per_elem  # MLA: V's head width
         kv_bytes = tokens * self.model.kv_width / self.tp * self.bytes_per_elem
         fwd, bwd = np.zeros(len(u)), np.zeros(len(u))
         for sel, g, scope in _group_shapes(u, inter):
             t_q = self.profile.collective_time_s("all_to_all", q_bytes[sel], g, scope, self.tp)
+            t_o = self.profile.collective_time_s("all_to_all", o_bytes[sel], g, scope, self.tp)
             t_kv = self.profile.collective_time_s("all_to_all", kv_bytes[sel], g, scope, self.tp)
-            fwd[sel] = 2 * t_q + 2 * t_kv  # Q, O; K, V
-            bwd[sel] = 3 * t_q + 2 * t_kv  # O, dO, dQ; dK, dV
+            fwd[sel] = t_q + t_o + 2 * t_kv  # Q, O; K, V
+            bwd[sel] = 2 * t_o + t_q + 2 * t_kv  # O, dO, dQ; dK, dV
         exp_f = layers * fwd
         exp_b = layers * ((passes_f - 1) * fwd + bwd)  # full recompute replays the forward's all-to-alls
         return exp_f + exp_b, exp_f, exp_b
@@ -694,9 +696,9 @@ class CostModel:
         elif self.setup.training.tp_comm_overlap:  # expert GEMMs run no userbuffer overlap: their comm stays exposed
             fwd, bwd = self._overlapped_tp_comm_s(tokens)
             fwd, bwd = fwd + experts, bwd + experts
-        else:  # the attention's pair (MLA: its latents gathered), a dense MLP's in the dense layers' share
-            attention = self.tp_pair_s(tokens, layer=True, gather_width=self._attn_gather_width)
-            fwd = bwd = attention + (1.0 - mu) * pair + experts
+        else:  # the attention's pair (MLA: at its latents' width on their side), a dense MLP's in the dense layers'
+            attn_f, attn_b = self._attention_pair_s(tokens)  # share
+            fwd, bwd = attn_f + (1.0 - mu) * pair + experts, attn_b + (1.0 - mu) * pair + experts
         if self.tp_amaxes:  # current scaling: a 4-byte amax all-reduce per gathered fp8 tensor, 2 each way
             amax = 2.0 * self._lookup("tp_all_reduce", 4.0)
             fwd, bwd = fwd + amax, bwd + amax
@@ -717,38 +719,44 @@ class CostModel:
         act = tokens * self.model.hidden
         ag = self._lookup("tp_all_gather", act * self.tp_gather_bytes)
         rs = self._lookup("tp_reduce_scatter", act * self.bytes_per_elem)
-        ag_attn = self._lookup("tp_all_gather", tokens * self._attn_gather_width * self.tp_gather_bytes)
-        pairs = [("qkv", "o", 1.0, ag_attn)]
+        width = self.model.attn_gather_width
+        ag_attn = self._lookup("tp_all_gather", tokens * width * self.tp_gather_bytes)
+        rs_attn = self._lookup("tp_reduce_scatter", tokens * width * self.bytes_per_elem)
+        pairs = [("qkv", "o", 1.0, ag_attn, rs_attn)]
         if self.model.moe_fraction < 1.0:
             up = "gate_up" if self.model.mlp == "swiglu" else "up"
-            pairs.append((up, "down", 1.0 - self.model.moe_fraction, ag))
+            pairs.append((up, "down", 1.0 - self.model.moe_fraction, ag, rs))
         fwd = bwd = np.zeros_like(tokens)
-        for first, second, w, ag_in in pairs:  # ag_in: the first GEMM's input gathered, ag: the second's dY
+        # ag_in, rs_in: the first GEMM's input gathered and its input gradient scattered; ag: the second's dY gathered
+        for first, second, w, ag_in, rs_in in pairs:
             g1, g2 = self._lookup(f"gemm_{first}", tokens), self._lookup(f"gemm_{second}", tokens)
             s1, s2 = t * self._lookup(f"gemm_{first}", tokens / t), t * self._lookup(f"gemm_{second}", tokens / t)
             ring1 = np.maximum(0.0, ag_in - s1 * (t - 1) / t) + (s1 - g1)
             ring2 = np.maximum(0.0, rs - s2 * (t - 1) / t) + (s2 - g2)
             ring2_dgrad = np.maximum(0.0, ag - s2 * (t - 1) / t) + (s2 - g2)
             fwd = fwd + w * (ring1 + ring2)
-            bwd = bwd + w * (ring2_dgrad + np.maximum(0.0, ag_in - g1) + np.maximum(0.0, rs - g1))
+            bwd = bwd + w * (ring2_dgrad + np.maximum(0.0, ag_in - g1) + np.maximum(0.0, rs_in - g1))
         return fwd, bwd
 
-    @property
-    def _attn_gather_width(self) -> int:
-        """Per token, what the attention's input all-gather moves: MLA's latents under sequence parallelism (its
-        down projections on each rank's own tokens), else the hidden state."""
-        sp = self.setup.training.sequence_parallel
-        return self.model.attn_gather_width if sp else self.model.hidden
+    def _attention_pair_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The attention's TP collectives, (forward, backward), not overlapped. With SP: the input all-gathered
+        before the projections and the output reduce-scattered after O; backward the output gradient gathered and
+        the input gradient scattered. Without SP: an all-reduce of the output forward, of the input gradient
+        backward (each priced as a gather plus a scatter of its bytes). The input side is MLA's latents, else h."""
+        h, lat = float(self.model.hidden), float(self.model.attn_gather_width)
+        if self.setup.training.sequence_parallel:
+            return (self.tp_pair_s(tokens, True, gather_width=lat),
+                    self.tp_pair_s(tokens, True, gather_width=h, scatter_width=lat))
+        return (self.tp_pair_s(tokens, True), self.tp_pair_s(tokens, True, gather_width=lat, scatter_width=lat))
 
-    def tp_pair_s(self, tokens: np.ndarray, layer: bool = False, gather_width: float | None = None) -> np.ndarray:
-        """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h; the gather
-        `gather_width` wide if given); a layer's all-gather (`layer`) moves fp8 under current scaling
-        (tp_gather_bytes), the head's bf16."""
-        act = tokens * self.model.hidden
+    def tp_pair_s(self, tokens: np.ndarray, layer: bool = False, gather_width: float | None = None,
+                  scatter_width: float | None = None) -> np.ndarray:
+        """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h, or the widths
+        given); a layer's all-gather (`layer`) moves fp8 under current scaling (tp_gather_bytes), the head's bf16."""
+        h = self.model.hidden
         gather = self.tp_gather_bytes if layer else self.bytes_per_elem
-        gathered = act if gather_width is None else tokens * gather_width
-        return (self._lookup("tp_all_gather", gathered * gather)
-                + self._lookup("tp_reduce_scatter", act * self.bytes_per_elem))
+        return (self._lookup("tp_all_gather", tokens * (gather_width or h) * gather)
+                + self._lookup("tp_reduce_scatter", tokens * (scatter_width or h) * self.bytes_per_elem))
 
     def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
         return self.unit_cost(doc_lengths, degree, offload_ratio, inter_node).total_s
@@ -781,7 +789,7 @@ class CostModel:
         f = self._curves["fit"]
         s = np.asarray(lengths, float)
         d = np.asarray(degree, float)
-        return self.model.layers / self.pp * (f["alpha1_s_per_token2"] * s * s + f["beta1_s_per_token"] * s) / d
+        return self.layers_per_stage * (f["alpha1_s_per_token2"] * s * s + f["beta1_s_per_token"] * s) / d
 
     @property
     def unit_overhead_s(self) -> float:

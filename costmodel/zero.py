@@ -35,7 +35,9 @@ def inflight_bytes(setup: Setup) -> float:
     tr = setup.training
     if tr.zero_stage < 3:
         return 0.0
-    layer, root = layer_params_per_rank(setup), root_params_per_rank(setup)
+    # the largest layer kind's where the layers differ: a peak, not the mean
+    layer = max(kind.layer_params() for _, kind in setup.model.layer_kinds()) / tr.tp
+    root = root_params_per_rank(setup)
     return ((INFLIGHT_LAYERS * layer + root) * DTYPE_BYTES[tr.dtype]
             + (layer + root) * DTYPE_BYTES[tr.grad_dtype])
 

@@ -8,7 +8,8 @@ the cost model) at the rate of the largest unit a rank can hold (the most effici
 document's attention at its own length on one rank (the best attention rate it can get): no schedule
 can do less work. Per-unit overheads, the LM head, the pipeline fill and drain and the ring are left
 out, so a plan's step time over this bound includes them. The second term is the critical path of one
-sequence: the fastest it can run over any number of ranks up to the mesh."""
+sequence: the fastest it can run over any number of ranks up to the mesh, through every pipeline stage one
+after the other when it is not sliced (SlimPipe's slices overlap the stages: then one stage's time)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,14 @@ def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
     return cm.model.layers * layer
 
 
-def best_single_unit_s(s: int, cm: CostModel, hdp: int, cp_kinds: bool = False) -> float:
+def best_single_unit_s(s: int, cm: CostModel, hdp: int, cp_kinds: bool = False, sliced: bool = False) -> float:
     """The fastest one sequence can run: its unit time without offload exposure (so a bound) minimised
     over every degree from the smallest feasible one (full offload) to the mesh: all integers up to
     2,048 candidates, else a fine geometric grid refined around its best point. `cp_kinds`: also over every
     context-parallel kind a unit may take (ring, all-gather, Ulysses and 2D with power-of-two head splits
-    dividing the KV heads per TP rank, their all-to-alls priced inside a domain where the group fits one)."""
+    dividing the KV heads per TP rank, their all-to-alls priced inside a domain where the group fits one). With
+    pp > 1 the unit passes every stage in turn (pp times its stage time), unless it may be `sliced`: its slices
+    then run on the stages at once, and finely cut the critical path nears one stage's time (a bound)."""
     d_min = min(hdp, min_degree(s, cm.capacity_tokens, 1.0, cm.layers_per_stage))
     mesh = cm.setup.mesh
 
@@ -73,13 +76,14 @@ def best_single_unit_s(s: int, cm: CostModel, hdp: int, cp_kinds: bool = False) 
         k = int(np.argmin(times))
         lo, hi = int(grid[max(0, k - 1)]), int(grid[min(len(grid) - 1, k + 1)])
         best = min(min(times), *t(range(lo, hi + 1)))
-    return best * cm.pp if cm.pp > 1 else best
+    return best * cm.pp if cm.pp > 1 and not sliced else best
 
 
-def lower_bound_s(lengths: np.ndarray, cm: CostModel, hdp: int, cp_kinds: bool = False) -> float:
-    """`cp_kinds`: the step may run units in other context-parallel kinds than the plan-wide one."""
+def lower_bound_s(lengths: np.ndarray, cm: CostModel, hdp: int, cp_kinds: bool = False, sliced: bool = True) -> float:
+    """`cp_kinds`: the step may run units in other context-parallel kinds than the plan-wide one; `sliced`: its
+    units may be cut into pipeline slices (False for a step none of whose units is)."""
     sync = cm.step_end_s(hdp)
     lengths = np.asarray(lengths)
     work = total_compute_s(lengths, cm) / (hdp * cm.pp) + sync
-    longest = best_single_unit_s(int(lengths.max()), cm, hdp, cp_kinds) + sync if len(lengths) else 0.0
+    longest = best_single_unit_s(int(lengths.max()), cm, hdp, cp_kinds, sliced) + sync if len(lengths) else 0.0
     return max(work, longest)

@@ -732,14 +732,18 @@ def _plan_pp_balance(batch: GlobalBatch, cm: CostModel, opt: PlanOptions, naive:
 MAX_CHUNKS_PER_STAGE = 8  # interleaving depth tried by PP-Balance (deeper adds P2P hops for little gain)
 
 
-def chunk_candidates(layers_per_stage: int, pinned: int | None = None) -> list[int]:
+def chunk_candidates(layers_per_stage: int, pinned: int | None = None, max_v: int | None = None) -> list[int]:
     """Model chunks per stage to try: v = 1 and the three smallest divisors of the stage's layers up
-    to MAX_CHUNKS_PER_STAGE (a chunk holds whole layers); only `pinned` when given."""
+    to MAX_CHUNKS_PER_STAGE (a chunk holds whole layers) and to `max_v` (⌊L/pp⌋ where stages are uneven: every
+    chunk of the pipeline needs a layer); only `pinned` when given."""
+    top = min(layers_per_stage, MAX_CHUNKS_PER_STAGE, max_v or layers_per_stage)
     if pinned is not None:
-        if pinned < 1 or layers_per_stage % pinned:
-            raise PlanError(f"pp_v = {pinned} must divide the {layers_per_stage} layers of a pipeline stage")
+        if pinned < 1 or layers_per_stage % pinned or pinned > (max_v or layers_per_stage):
+            raise PlanError(f"pp_v = {pinned} must divide the {layers_per_stage} layers of a pipeline stage"
+                            + (f" and be at most {max_v}, so that each of the pp x v chunks gets a layer"
+                               if max_v and max_v < layers_per_stage else ""))
         return [pinned]
-    return [1] + [d for d in range(2, min(layers_per_stage, MAX_CHUNKS_PER_STAGE) + 1) if layers_per_stage % d == 0][:3]
+    return [1] + [d for d in range(2, top + 1) if layers_per_stage % d == 0][:3]
 
 
 def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hdp: int, section: PipelineSection,
@@ -748,7 +752,7 @@ def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hd
     section as given (one simulation each) and finalise the fastest whose simulated peak memory fits
     HBM (v = 1 when none does) with its schedule variants. Slice counts stay those memory chose: the
     cost model has no per-slice overhead, so more slices would always look faster."""
-    candidates = chunk_candidates(cm.layers_per_stage, pinned)
+    candidates = chunk_candidates(cm.layers_per_stage, pinned, cm.model.layers // cm.pp)
 
     def section_for(v: int) -> PipelineSection:
         sched = section.schedule if section.schedule != "1f1b" or v == 1 else "interleaved"

@@ -241,7 +241,7 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
     layouts = {g: rules.layouts(model, cluster, g) for g in counts}
     if not any(layouts.values()):
         raise PlanError(f"capacity search: no tp in {list(rules.tps)} and pp in {list(rules.pps)} is valid for "
-                        f"{model} on {cluster} (tp must divide the heads and the NVLink domain, pp the layers)")
+                        f"{model} on {cluster} (tp must divide the heads and the NVLink domain; pp at most the layers)")
     search = _CapacitySearch(target, strategy, Journal(journal) if journal else None, exhaustive, best_layout,
                              on_progress, sum(len(v) for v in layouts.values()), len(counts))
     # Workers start now: they import while this process bounds the small counts (lazily: 30% slower on 2 cores).

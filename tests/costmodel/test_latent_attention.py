@@ -5,11 +5,13 @@ over TP), their FLOPs, the latents' all-gather, the saved activations and K/V by
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from costmodel.elementwise import layer_kernels
 from costmodel.flops import attention_flops_fwd, linear_flops_per_token
-from costmodel.memory import activation_bytes_per_token_layer
+from costmodel.memory import (activation_bytes_per_token_layer, fp8_gemms_per_layer,
+                              full_layer_activation_bytes_per_token)
 from costmodel.moe import ExpertLayout
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import ModelSpec, Setup, SpecError, TrainingSpec
@@ -83,17 +85,34 @@ def test_projections_flops_and_widths():
 def test_latents_gathered_saved_and_normalised():
     dense = _dense_mla()
     cm = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8)), _PROFILE)
-    # with SP the attention all-gathers the latents and the RoPE key part, 2112 values a token, not h
-    fwd, _ = cm.layer_tp_comm_s(S)
-    assert float(fwd) == pytest.approx(float(cm.tp_pair_s(S, layer=True, gather_width=QL + KVL + ROPE)
-                                             + cm.tp_pair_s(S, layer=True)), rel=1e-12)
+    # with SP the attention all-gathers the latents and the RoPE key part, 2112 values a token, not h, and scatters
+    # their gradient back; the dense MLP's pair is h wide both ways
+    lat, pair = QL + KVL + ROPE, float(cm.tp_pair_s(S, layer=True))
+    fwd, bwd = cm.layer_tp_comm_s(S)
+    assert float(fwd) == pytest.approx(float(cm.tp_pair_s(S, layer=True, gather_width=lat)) + pair, rel=1e-12)
+    assert float(bwd) == pytest.approx(float(cm.tp_pair_s(S, layer=True, scatter_width=lat)) + pair, rel=1e-12)
     no_sp = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8, sequence_parallel=False)),
                       _PROFILE)
-    assert float(no_sp.layer_tp_comm_s(S)[0]) == pytest.approx(2 * float(no_sp.tp_pair_s(S, layer=True)), rel=1e-12)
+    fwd, bwd = no_sp.layer_tp_comm_s(S)  # all-reduces: of O's output h forward, of the latents' gradient backward
+    assert float(fwd) == pytest.approx(2 * float(no_sp.tp_pair_s(S, layer=True)), rel=1e-12)
+    assert float(bwd) == pytest.approx(float(no_sp.tp_pair_s(S, True, gather_width=lat, scatter_width=lat)
+                                             + no_sp.tp_pair_s(S, layer=True)), rel=1e-12)
+    # TP overlap splits the up projections against the latents' gather and their gradient's scatter
+    over = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8, tp_comm_overlap=True)),
+                     _PROFILE)
+    looked: list[tuple[str, float]] = []
+    lookup = over._lookup
+    over._lookup = lambda curve, x: looked.append((curve, float(np.max(x)))) or lookup(curve, x)
+    over.layer_tp_comm_s(S)
+    for op in ("tp_all_gather", "tp_reduce_scatter"):
+        assert (op, S * lat * 2) in looked and (op, S * H * 2) in looked, op
     # saved per token (bf16, no recompute, one rank): the norms' and GEMMs' inputs 8h, each latent's norm input and
     # output, Q, K, V and the core's output, SwiGLU's 6f
-    assert activation_bytes_per_token_layer(dense, 1, "none") == \
-        8 * H + 4 * (QL + KVL) + 2 * (N * DQK + N * DQK + N * DV + N * DV) + 6 * 18432
+    sharded = 2 * (N * DQK + N * DQK + N * DV + N * DV) + 6 * 18432
+    assert activation_bytes_per_token_layer(dense, 1, "none") == 8 * H + 4 * (QL + KVL) + sharded
+    # without SP the inputs and latents are whole on every TP rank
+    assert activation_bytes_per_token_layer(dense, 8, "none", sequence_parallel=False) == \
+        8 * H + 4 * (QL + KVL) + sharded / 8
     # the latents' RMSNorms run on a rank's own tokens, before the gather
     norms = {k.label: k.bytes_per_item for k in layer_kernels(dense, 8, True, 2, "fwd")}
     assert norms["latent_norm"] == (QL + KVL) / 8 * 4 and norms["rope"] == (N * DQK * 2) / 8 * 4
@@ -103,6 +122,19 @@ def test_latents_gathered_saved_and_normalised():
     kv_bytes = 32768 * (N * DQK + N * DV) / 8 * 2
     assert cost.ring_comm_s == pytest.approx(4 * float(ring.p2p_s(kv_bytes, False) + ring.p2p_s(2 * kv_bytes, False)),
                                              rel=1e-9)  # 4 layers' K/V forward, dK/dV back
+
+
+def test_layer_kinds_counted_and_peaked():
+    """fp8 GEMMs of DeepSeek-V3's layers (MLA's five projections; a dense layer's MLP two, an MoE layer's 2 per
+    local expert and the shared expert's two), and full recompute's working set at the larger layer's."""
+    m = load_model("deepseek-v3")
+    moe, dense = (kind for _, kind in m.layer_kinds())
+    assert fp8_gemms_per_layer(dense, 8) == 5 + 2 and fp8_gemms_per_layer(moe, 8) == 5 + 2 * 32 + 2
+    assert fp8_gemms_per_layer(m, 8) == pytest.approx(58 / 61 * 71 + 3 / 61 * 7)
+    setup = Setup(m, load_cluster("dgx-h100").with_gpus(1024), TrainingSpec(tp=8, ep=8, pp=16))
+    layer = [activation_bytes_per_token_layer(k, 8, "none", experts=ExpertLayout(tp=8, ep=8)) for k in (moe, dense)]
+    assert full_layer_activation_bytes_per_token(setup) == pytest.approx(max(layer))
+    assert max(layer) > activation_bytes_per_token_layer(m, 8, "none", experts=ExpertLayout(tp=8, ep=8))
 
 
 def test_latent_attention_spec_errors(tmp_path):
@@ -116,3 +148,7 @@ def test_latent_attention_spec_errors(tmp_path):
         _dense_mla(qkv_bias=True)
     with pytest.raises(SpecError, match="needs \\['qk_nope_head_dim'\\]"):
         _hf(tmp_path, {k: v for k, v in DEEPSEEK_V3.items() if k != "qk_nope_head_dim"})
+    with pytest.raises(SpecError, match="attention_bias with multi-head latent attention"):
+        _hf(tmp_path, {**DEEPSEEK_V3, "attention_bias": True})
+    with pytest.raises(SpecError, match="kernels eager prices meshplan's replay"):
+        Setup(_dense_mla(), load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8, kernels="eager"))

@@ -62,9 +62,10 @@ def test_oom_message_when_model_states_dominate():
                  "recompute and offload cannot shrink model states"):
         assert part in msg
     assert "use recompute" not in msg and "\n" not in msg
-    # 64 GPUs allow pp 1 or 2 only (pp divides both 126 layers and 64): at tp = 8, pp = 2 every GPU still holds
-    # P/16 (+ the 128256 × 16384 embedding / 8) × (6 + 12/4) B = 228.3 GB.
-    assert "no tp×pp fits 64 GPUs (the least, tp=8, pp=2, still takes 228.3 GB per GPU)" in msg
+    # 64 GPUs allow tp·pp up to 64; pp 8 leaves uneven stages of at most ⌈126/8⌉ = 16 layers (priced at the
+    # busiest): at tp = 8, pp = 8 (one HDP rank) every GPU still holds (16 layers of 3.188B + the 128256 × 16384
+    # embedding) / 8 = 6.64B parameters × (6 + 12) B = 119.5 GB.
+    assert "no tp×pp fits 64 GPUs (the least, tp=8, pp=8, still takes 119.5 GB per GPU)" in msg
     # The fewest GPUs: 112 with tp = 8, pp = 14, hdp = 1 (9 layers + embedding per GPU, 18 B each: 69.3 GB of the
     # 72.2 GB left at tp = 8, whose loss chunk is 8x smaller).
     assert "the fewest GPUs that fit are 112 with tp=8, pp=14 (69.3 GB of states per GPU" in msg

@@ -46,8 +46,8 @@ def test_bad_model_values_rejected():
 def test_bad_training_and_layout_rejected():
     with pytest.raises(SpecError, match="recompute"):
         TrainingSpec(recompute="sometimes")
-    with pytest.raises(SpecError, match="pp=3 must divide"):
-        Setup(load_model("llama-7b"), load_cluster("dgx-h100"), TrainingSpec(pp=3))
+    with pytest.raises(SpecError, match="pp=33 exceeds the 32 layers of llama-7b"):
+        Setup(load_model("llama-7b"), load_cluster("dgx-h100"), TrainingSpec(pp=33))
     with pytest.raises(SpecError, match="NVLink"):
         Setup(load_model("llama3-405b"), load_cluster("dgx-h100"), TrainingSpec(tp=16))
     with pytest.raises(SpecError, match="whole number"):

@@ -538,6 +538,24 @@ def test_planned_pipeline_replays_and_traces_per_stage(tmp_path):
     assert {(u["unit"], u["stage"]) for u in got} == {(u.id, s) for u in plan.steps[0].units for s in (0, 1)}
 
 
+@pytest.mark.torchrun
+def test_uneven_pipeline_stages_replay_matches_reference(tmp_path):
+    """pp = 2 over a 3-layer model: the stages split 2 + 1 (virtual_stage_layers), the plan is priced at the busier
+    stage's 2 layers (Setup.layers_per_stage) with no more chunks than layers; the gradients are one process's."""
+    from planner.api import PlanRequest, make_plan as plan_with
+
+    (tmp_path / "tiny3.json").write_text(json.dumps({**load_model("tiny").to_dict(), "name": "tiny3", "layers": 3}))
+    req = PlanRequest(model=str(tmp_path / "tiny3.json"), cluster="local-cpu", gpus=4, pp=2,
+                      lengths="lognormal:median=60,sigma=1.0,max=300", tokens_per_step=1200, max_context_tokens=300,
+                      capacity_tokens=200, seed=3)
+    plan = plan_with(req, "hdp")
+    assert plan.meta["layers_per_stage"] == 2
+    assert all((st.pipeline or PipelineSection()).v == 1 for st in plan.steps)  # 2 x 2 chunks would need 4 layers
+    plan.save(tmp_path / "plan.json")
+    res = torchrun(4, tmp_path / "plan.json", "--check", "--model", "tiny3.json", cwd=tmp_path)
+    assert_matches_reference(res, ranks=4, units=len(plan.steps[0].units))
+
+
 # -- refused before anything starts (no torchrun launched) ----------------------------------------
 
 def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
