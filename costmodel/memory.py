@@ -346,7 +346,7 @@ def _terms(setup: Setup) -> _Terms:
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
     free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.loss_fused else 0.0)
-    act = layer_activation_per_token(setup) * m.layers
+    act = layer_activation_per_token(setup) * setup.layers_per_stage * tr.pp  # stage 0: p micro-batches in flight
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
     return _Terms(states, frag, free, act, work, 0.0 if tr.loss_fused else (m.vocab / tr.tp) * logit_bytes(setup))
 
@@ -354,7 +354,8 @@ def _terms(setup: Setup) -> _Terms:
 def memory_budget(setup: Setup) -> MemoryBudget:
     """Per-rank token capacity C (REFERENCE 2.1):
     C = (M_hbm − M_states − M_logits − M_ctx − M_frag) / (k_inflight · l · a_tok).
-    With PP under 1F1B, stage 0 keeps p micro-batches of L/p layers, so k·l = L."""
+    With PP under 1F1B, stage 0 keeps p micro-batches of its l = ⌈L/p⌉ layers (the busiest stage's), so k·l = p·l,
+    L where p divides it."""
     tr = setup.training
     t = _terms(setup)
     cap = float(tr.capacity_tokens) if tr.capacity_tokens is not None else t.capacity_tokens

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from costmodel.memory import model_state_bytes, params_per_rank
+from costmodel.memory import memory_budget, model_state_bytes, params_per_rank
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel
@@ -24,6 +24,8 @@ def test_uneven_stages_priced_as_the_busiest():
     assert uneven.layers_per_stage == even.layers_per_stage == 8
     assert params_per_rank(uneven) == params_per_rank(even)  # a stage of 8 layers and the embedding or the head
     assert model_state_bytes(uneven) == model_state_bytes(even)
+    # stage 0 keeps 16 micro-batches of its 8 layers in flight under 1F1B: 128 layers' activations, not 126
+    assert memory_budget(uneven).capacity_tokens == memory_budget(even).capacity_tokens
     a, b = (CostModel(s, _PROFILE).unit_cost([8192, 4096]) for s in (uneven, even))
     assert a.total_s == pytest.approx(b.total_s, rel=1e-12)
     assert Setup(m, load_cluster("dgx-h100").with_gpus(576), TrainingSpec(tp=8, pp=9)).layers_per_stage == 14
