@@ -483,6 +483,9 @@ def plan_cmd(
         fp8_param_gather: bool = typer.Option(False, "--fp8-param-gather", help="Megatron-LM's fp8 weights (--dtype "
                                               "fp8, --zero 1 or 2): no bf16 copy of the fp8 GEMMs' weights, "
                                               "gathered in fp8."),
+        mtp_layers: int = typer.Option(0, "--mtp-layers", min=0, help="Megatron-core's --mtp-num-layers: "
+                                       "multi-token-prediction depths (DeepSeek-V3 trains 1) on the last pipeline "
+                                       "stage, each one more layer and LM head."),
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help=f"Attention kernel the training "
                                              f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
                                              "fa2, fa3 and cudnn-2024 their published H100 rates over it (analytic "
@@ -547,7 +550,8 @@ def plan_cmd(
                       kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
                       moe_grouped_gemm=moe_grouped_gemm, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
                       overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
-                      fp8_param_gather=fp8_param_gather, attention_kernel=attention_kernel, seed=seed,
+                      fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers, attention_kernel=attention_kernel,
+                      seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),

@@ -18,25 +18,34 @@ GB = 1e9  # messages report decimal GB, as the CLI's tables do
 
 def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None = None) -> float:
     """Parameters held by one GPU: the stage's layers ÷ TP, plus the embedding on the first stage
-    and the LM head on the last (both on the only stage when pp = 1). stage=None: the largest. `layers`: the
-    stage's layer count where stages differ (default L/p)."""
-    m, t, p = setup.model, setup.training.tp, setup.training.pp
-    n = _stage_layers(setup, layers)
-    emb, head = m.input_embedding_params(), m.head_params()  # head: final norm (+ LM head unless tied)
-    if p == 1:
-        extra = emb + head
-    elif stage is None:
-        extra = max(emb, head)
-    else:
-        extra = (emb if stage == 0 else 0) + (head if stage == p - 1 else 0)
+    and the LM head on the last (both on the only stage when pp = 1), and on the last the multi-token-prediction
+    depths (each a layer and mtp_extra_params). stage=None: the largest. `layers`: the stage's layer count where
+    stages differ (default the busiest's)."""
+    m, t = setup.model, setup.training.tp
+    n, extra = stage_parts(setup, stage, layers)
     if setup.training.expert_groups == 1:  # experts split over ep·etp = tp ranks, as the rest
         return (n * m.layer_params() + extra) / t
     return (n * (m.layer_params() - m.routed_expert_params()) + extra) / t + expert_params_per_rank(setup, n)
 
 
+def stage_parts(setup: Setup, stage: int | None, layers: int | None) -> tuple[int, float]:
+    """(decoder layers, other parameters) of a stage: its layers (and the MTP depths' on the last), the embedding
+    on the first, the head (and the MTP depths' projections and norms) on the last; stage None: the larger of
+    the first and the last."""
+    m, p, mtp = setup.model, setup.training.pp, setup.training.mtp_layers
+    n = _stage_layers(setup, layers)
+    if stage is None and p > 1:
+        first, last = stage_parts(setup, 0, layers), stage_parts(setup, p - 1, layers)
+        size = lambda parts: parts[0] * m.layer_params() + parts[1]  # noqa: E731
+        return max(first, last, key=size)
+    first, last = p == 1 or stage == 0, p == 1 or stage == p - 1
+    extra = (m.input_embedding_params() if first else 0) + (m.head_params() + mtp * m.mtp_extra_params() if last else 0)
+    return n + (mtp if last else 0), float(extra)
+
+
 def expert_params_per_rank(setup: Setup, layers: int | None = None) -> float:
-    """Expert MLP parameters of one GPU: its stage's `layers` (default L/p) E experts over the ep·etp ranks of an
-    expert group (0 for a dense model; the mean layer's where some layers are dense)."""
+    """Expert MLP parameters of one GPU: its stage's `layers` (default the busiest's) E experts over the ep·etp
+    ranks of an expert group (0 for a dense model; the mean layer's where some layers are dense)."""
     return _stage_layers(setup, layers) * setup.model.routed_expert_params() / setup.training.expert_ranks
 
 
@@ -49,7 +58,8 @@ def sharded_state_params(setup: Setup, stage: int | None = None, layers: int | N
     """Parameters of which one GPU keeps a 1/hdp share of the sharded states (ZeRO), times hdp: its dense ones,
     sharded over the stage's hdp ranks, and G times its expert ones, sharded over the hdp/G ranks that hold the
     same experts (G = TrainingSpec.expert_groups; G = 1: params_per_rank)."""
-    extra = (setup.training.expert_groups - 1) * expert_params_per_rank(setup, layers)
+    n, _ = stage_parts(setup, stage, layers)
+    extra = (setup.training.expert_groups - 1) * expert_params_per_rank(setup, n)
     return params_per_rank(setup, stage, layers) + extra
 
 
@@ -300,10 +310,11 @@ def full_layer_activation_bytes_per_token(setup: Setup) -> float:
 
 def logits_bytes(tokens: float, setup: Setup) -> float:
     """Loss-head peak for `tokens` tokens on a rank: fp32 logits and their gradient over V/t, or a
-    fused online-softmax cross-entropy that processes 8K-token chunks (REFERENCE 7.4, ByteScale §7)."""
+    fused online-softmax cross-entropy that processes 8K-token chunks (REFERENCE 7.4, ByteScale §7); each
+    multi-token-prediction depth's head as much again [assumption: every head's logits held at once]."""
     v = setup.model.vocab / setup.training.tp
     chunk = min(tokens, 8192.0) if setup.training.loss_fused else tokens
-    return chunk * v * logit_bytes(setup)
+    return chunk * v * logit_bytes(setup) * (1 + setup.training.mtp_layers)
 
 
 @dataclass(frozen=True)
@@ -341,14 +352,17 @@ class _Terms:
 
 
 def _terms(setup: Setup) -> _Terms:
-    tr, m = setup.training, setup.model
+    tr = setup.training
     hbm = float(setup.cluster.gpu_memory_bytes)
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
     free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.loss_fused else 0.0)
-    act = layer_activation_per_token(setup) * setup.layers_per_stage * tr.pp  # stage 0: p micro-batches in flight
+    # stage 0 keeps p micro-batches in flight, the last one its layers and the MTP depths' of one
+    layers = max(setup.layers_per_stage * tr.pp, setup.layers_per_stage + tr.mtp_layers)
+    act = layer_activation_per_token(setup) * layers
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
-    return _Terms(states, frag, free, act, work, 0.0 if tr.loss_fused else (m.vocab / tr.tp) * logit_bytes(setup))
+    head = 0.0 if tr.loss_fused else logits_bytes(1.0, setup)  # per token: every logit of an unfused loss
+    return _Terms(states, frag, free, act, work, head)
 
 
 def memory_budget(setup: Setup) -> MemoryBudget:

@@ -281,6 +281,12 @@ class ModelSpec:
         shared = self.expert_params(self.shared_expert_ffn)
         return self.attention_params() + n_mlp * self.expert_params() + shared + router + 2 * self.norm_params
 
+    def mtp_extra_params(self) -> int:
+        """One multi-token-prediction depth beside its decoder layer (Megatron-core's MultiTokenPredictionLayer):
+        the norms of the hidden state and of the embedding, the 2h → h projection of the two, and its final norm
+        (the embedding and the LM head are the model's own)."""
+        return 2 * self.hidden * self.hidden + 3 * self.norm_params
+
     def input_embedding_params(self) -> int:
         """Token embedding (+ the learned position table): what the first pipeline stage holds."""
         return (self.vocab + self.max_positions) * self.hidden
@@ -636,11 +642,14 @@ class TrainingSpec:
     # busiest rank's expert GEMMs, dispatched activations and all-to-all bytes
     moe_capacity_factor: float = field(default=1.0, metadata=at_least(1.0))
     moe_grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM (else one GEMM per expert)
+    # multi-token prediction (DeepSeek-V3; Megatron-core's --mtp-num-layers): depths on the last pipeline stage, each
+    # a projection of the hidden state and the next token's embedding, one decoder layer and the shared LM head
+    mtp_layers: int = field(default=0, metadata=at_least(0))
 
     # to_dict writes these only when set, so plans that do not use them stay as they were
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "etp", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
                                                 "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
-                                                "fp8_param_gather")
+                                                "fp8_param_gather", "mtp_layers")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -714,8 +723,9 @@ class TrainingSpec:
         if self.pp > model.layers:
             raise SpecError(f"pp={self.pp} exceeds the {model.layers} layers of {model.name}: every pipeline stage "
                             "needs a layer")
-        if self.kernels == "eager" and model.is_mla:
-            raise SpecError(f"kernels eager prices meshplan's replay, which runs no multi-head latent attention "
+        if self.kernels == "eager" and (model.is_mla or self.mtp_layers):
+            raise SpecError(f"kernels eager prices meshplan's replay, which runs no "
+                            f"{'multi-head latent attention' if model.is_mla else 'multi-token prediction'} "
                             f"({model.name}); use the default fused kernels")
         if not model.is_moe and (self.ep > 1 or self.moe_capacity_factor != 1.0 or self.moe_grouped_gemm):
             raise SpecError(f"{model.name} is dense (one MLP): --ep, --moe-capacity-factor and --moe-grouped-gemm "

@@ -19,7 +19,7 @@ from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, Mem
                                    layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_parts,
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
-                              params_per_rank, sharded_state_params)
+                              params_per_rank, sharded_state_params, stage_parts)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
 from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
@@ -35,7 +35,7 @@ _OVERLAP_GEMMS = ("qkv", "o", *_MLP_GEMMS)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "attn_doc_fwd", "attn_doc_bwd",
                            "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
-                           "mem_embed_bwd", "moe_comm"}
+                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj"}
                           | {f"gemm_{g}" for g in _OVERLAP_GEMMS})  # the others are over bytes
 _COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
 
@@ -139,7 +139,7 @@ class UnitCost:
     tp_comm_bwd_s: float
     offload_exposed_fwd_s: float  # device-to-host copies not hidden under the layer's forward
     offload_exposed_bwd_s: float  # host-to-device copies not hidden under the layer's backward
-    head_fwd_s: float  # final norm, LM head, loss and their TP collectives (last stage only); embedding (first)
+    head_fwd_s: float  # final norm, LM head, loss, their TP collectives and MTP depths (last stage); embedding (first)
     head_bwd_s: float
     tokens_per_rank: int  # tokens each member holds
     attn_fwd_compute_s: float = 0.0  # the attention-core part of fwd_compute_s (slices split it unevenly)
@@ -321,6 +321,9 @@ class CostModel:
         p = self.profile
         head = gemm_shapes(m, tr.tp, self.experts)[-1]
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
+        if tr.mtp_layers:  # an MTP depth's projection of the hidden state and the embedding, 2h -> h over tp
+            self._curves["gemm_mtp_proj"] = p.gemm_time_s(_TOKEN_GRID, math.ceil(m.hidden / tr.tp), 2 * m.hidden,
+                                                          self.gemm_dtype)
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
         # another fused kernel than the table's: its published rate over the table's, per document length
         kernel_x = (p.attention_kernel_time_x(tr.attention_kernel, _TOKEN_GRID)
@@ -625,9 +628,14 @@ class CostModel:
         gemm_h = self._lookup("gemm_head", tokens)
         head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h + (comm_loss if self.tp > 1 else 0.0)
         head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h
+        embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)
+        mtp = self.setup.training.mtp_layers
+        if mtp:  # multi-token prediction on the last stage, per depth: the next tokens' embedding, the projection,
+            proj = self._lookup("gemm_mtp_proj", tokens)  # one more layer (as the stage's) and the head again
+            head_f, head_b = (head_f + mtp * (embed_f + proj + fwd_layer + (tp_f + ring_exp_f) / l + head_f),
+                              head_b + mtp * (embed_b + 2.0 * proj + bwd_layer + (tp_b + ring_exp_b) / l + head_b))
         if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
-            head_f = head_f + (self._lookup("mem_embed_fwd", tokens) + comm_h)
-            head_b = head_b + self._lookup("mem_embed_bwd", tokens)
+            head_f, head_b = head_f + embed_f, head_b + embed_b
         zero = np.zeros(n)
         return UnitCosts(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
                          ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_f,
@@ -829,7 +837,7 @@ class CostModel:
         # the other
         if d % g:
             raise ValueError(f"{d} HDP ranks do not hold whole expert groups of {g} TP groups")
-        experts = expert_params_per_rank(self.setup)
+        experts = expert_params_per_rank(self.setup, stage_parts(self.setup, None, None)[0])  # with MTP's
         dense = self._sync_parts_s(params_per_rank(self.setup) - experts, fp8_dense, d)
         expert = self._sync_parts_s(experts, fp8_experts, d // g, stride=g)
         return dense[0] + expert[0], dense[1] + expert[1]

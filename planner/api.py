@@ -58,6 +58,7 @@ class PlanRequest:
     overlap_grad_reduce: bool = False  # TrainingSpec.overlap_grad_reduce (Megatron-core DDP)
     overlap_param_gather: bool = False  # TrainingSpec.overlap_param_gather (Megatron-core DDP)
     fp8_param_gather: bool = False  # TrainingSpec.fp8_param_gather (Megatron-LM --fp8-param-gather)
+    mtp_layers: int = 0  # TrainingSpec.mtp_layers (Megatron-core --mtp-num-layers)
     attention_kernel: str = "flash"  # TrainingSpec.attention_kernel: the profile's table, or a named generation
     seed: int = 0
     options: PlanOptions = field(default_factory=PlanOptions)
@@ -80,7 +81,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
                           moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
                           tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
                           overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
-                          attention_kernel=req.attention_kernel)
+                          attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers)
         try:
             setup = Setup(model, cluster, tr)
             cap = memory_budget(setup).capacity_tokens

@@ -161,6 +161,9 @@ def preflight(plan_path: str | Path, world_size: int | None, model: str | None =
         raise PlanError(f"{plan_path}: a ZeRO-3 plan (meta.training.zero_stage 3): the replay keeps whole parameters "
                         "on every rank and runs no per-layer FSDP gathers, so it would not replay what the plan "
                         "priced; plan with --zero 1 or 2 to replay")
+    if (plan.meta.get("training") or {}).get("mtp_layers"):
+        raise PlanError(f"{plan_path}: a plan with multi-token prediction (meta.training.mtp_layers): the replay "
+                        "runs no MTP depths, so it would not replay what the plan priced; plan without --mtp-layers")
     if world_size is not None and m.world_size != world_size:
         raise PlanError(f"{plan_path}: the plan is for world_size {m.world_size} (tp {m.tp} × pp {m.pp} × hdp "
                         f"{m.hdp}) but this job has {world_size} processes; launch {m.world_size} "

@@ -152,3 +152,29 @@ def test_latent_attention_spec_errors(tmp_path):
         _hf(tmp_path, {**DEEPSEEK_V3, "attention_bias": True})
     with pytest.raises(SpecError, match="kernels eager prices meshplan's replay"):
         Setup(_dense_mla(), load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8, kernels="eager"))
+
+
+def test_multi_token_prediction_on_the_last_stage():
+    """DeepSeek-V3's MTP depth (Megatron-core --mtp-num-layers 1): the last stage runs the next tokens' embedding,
+    the 2h -> h projection, one more layer and the LM head again, and holds that layer, the projection and three
+    norms; the first stage is unchanged; the loss head's logits are held twice."""
+    from costmodel.memory import logits_bytes, params_per_rank
+
+    m = load_model("deepseek-v3")
+    cluster = load_cluster("hgx-h200").with_gpus(1024)
+    base = TrainingSpec(tp=8, ep=8, pp=16)
+    plain, mtp = (CostModel(Setup(m, cluster, dataclasses.replace(base, mtp_layers=k)), _PROFILE) for k in (0, 1))
+    u = plain.unit_cost([4096], with_head=True)
+    got = mtp.unit_cost([4096], with_head=True)
+    l = plain.layers_per_stage
+    layer_f = (u.fwd_compute_s + u.tp_comm_fwd_s + u.ring_exposed_fwd_s) / l
+    extra_f = float(mtp._lookup("mem_embed_fwd", 4096) + mtp.tp_pair_s(4096) / 2 + mtp._lookup("gemm_mtp_proj", 4096))
+    assert got.head_fwd_s == pytest.approx(2 * u.head_fwd_s + layer_f + extra_f, rel=1e-9)
+    assert (got.fwd_compute_s, got.bwd_compute_s) == (u.fwd_compute_s, u.bwd_compute_s)  # the layers' are the same
+    assert params_per_rank(mtp.setup, 0) == params_per_rank(plain.setup, 0)
+    assert params_per_rank(mtp.setup, 15) - params_per_rank(plain.setup, 15) == pytest.approx(
+        (m.layer_params() + 2 * H * H + 3 * H) / 8)
+    assert params_per_rank(mtp.setup) == params_per_rank(mtp.setup, 15)  # the last stage is now the larger
+    assert logits_bytes(4096, mtp.setup) == 2 * logits_bytes(4096, plain.setup)
+    with pytest.raises(SpecError, match="runs no multi-token prediction"):
+        Setup(load_model("llama3-8b"), cluster, TrainingSpec(tp=8, mtp_layers=1, kernels="eager"))

@@ -592,6 +592,9 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     gpt = json.loads(text)
     gpt["meta"]["model"] = "gpt-22b"
     (tmp_path / "gpt.json").write_text(json.dumps(gpt))
+    mtp = json.loads(text)
+    mtp["meta"]["training"] = {**(mtp["meta"].get("training") or {}), "mtp_layers": 1}
+    (tmp_path / "mtp.json").write_text(json.dumps(mtp))
     return [(["truncated.json", "--nproc", "3"], "truncated or corrupt plan JSON"),
             (["gap.json", "--nproc", "3"], "sequence 0 covers 30 of 37 tokens"),
             (["good.json", "--nproc", "4"], "the plan is for world_size 3"),
@@ -601,6 +604,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["slices.json", "--nproc", "4"], "unit 2 has 100 slices but its longest document only 80 tokens"),
             (["mixed_v.json", "--nproc", "4"], "steps use different chunk counts v [1, 2]"),
             (["moe.json", "--nproc", "3"], "MoE replay is not implemented"),
+            (["mtp.json", "--nproc", "3"], "the replay runs no MTP depths"),
             (["gpt.json", "--nproc", "3"], "replay builds Llama-style blocks"),
             (["good.json", "--nproc", "3", "--model", "windowed.json"], "sliding_window 16 is shorter than the plan's"),
             (["sliced.json", "--nproc", "4", "--recompute", "full"], "with sliced units (slices > 1) is not"),
