@@ -30,16 +30,16 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
 
 def stage_parts(setup: Setup, stage: int | None, layers: int | None) -> tuple[int, float]:
     """(decoder layers, other parameters) of a stage: its layers (and the MTP depths' on the last), the embedding
-    on the first, the head (and the MTP depths' projections and norms) on the last; stage None: the larger of
-    the first and the last."""
+    on the first, the head (and the MTP depths' projections and norms, and with pp > 1 a copy of the embedding,
+    Megatron-core's for the next tokens' lookup) on the last; stage None: whichever of the first and the last
+    holds more parameters per GPU."""
     m, p, mtp = setup.model, setup.training.pp, setup.training.mtp_layers
     n = _stage_layers(setup, layers)
     if stage is None and p > 1:
-        first, last = stage_parts(setup, 0, layers), stage_parts(setup, p - 1, layers)
-        size = lambda parts: parts[0] * m.layer_params() + parts[1]  # noqa: E731
-        return max(first, last, key=size)
+        stage = max((0, p - 1), key=lambda s: params_per_rank(setup, s, layers))
     first, last = p == 1 or stage == 0, p == 1 or stage == p - 1
-    extra = (m.input_embedding_params() if first else 0) + (m.head_params() + mtp * m.mtp_extra_params() if last else 0)
+    extra = m.input_embedding_params() if first or (last and mtp) else 0
+    extra += m.head_params() + mtp * m.mtp_extra_params() if last else 0
     return n + (mtp if last else 0), float(extra)
 
 
@@ -466,7 +466,7 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
     if terms.free_bytes > 0:  # the states fit: one token's activations do not
         return (f"{head}: model states take {terms.states_bytes / GB:.1f} GB per GPU, leaving "
                 f"{terms.free_bytes / 1e6:.1f} MB, less than one token's activations "
-                f"({terms.per_token_bytes / 1e6:.1f} MB over {m.layers} layers); "
+                f"({terms.per_token_bytes / 1e6:.1f} MB over the layers a GPU holds at once); "
                 + ("raise tp or pp" if tr.recompute == "full" else "use --recompute full, or raise tp or pp"))
     params = params_per_rank(setup)
     weights = params * DTYPE_BYTES[tr.dtype] / (setup.hdp if tr.zero_stage == 3 else 1)

@@ -680,6 +680,9 @@ class TrainingSpec:
         if self.zero_stage == 3 and self.expert_groups > 1:
             raise SpecError(f"zero_stage 3 with an expert group over {self.expert_groups} TP groups (ep={self.ep}, "
                             f"etp={self.etp}) is not modelled; use --zero 1 or 2, or fold EP into TP (drop etp)")
+        if self.zero_stage == 3 and self.mtp_layers:
+            raise SpecError(f"zero_stage 3 with mtp_layers={self.mtp_layers} is not modelled (the rounds gather the "
+                            "decoder layers only); use --zero 1 or 2 with --mtp-layers")
         if self.zero_stage == 3 and self.pp > 1:
             raise SpecError(f"zero_stage 3 with pp={self.pp} is not modelled (per-layer gathers across pipeline "
                             "stages); use pp=1 with --zero 3, or --zero 1/2 with pipelining")

@@ -45,7 +45,7 @@ def validate(plan: Plan, *, capacity_tokens: int | None = None, layers_per_stage
         if zero3:
             unit_rounds(st)
         if m.pp > 1:
-            check_pipeline(st, m.pp, m.hdp, lay)
+            check_pipeline(st, m.pp, m.hdp, lay, (plan.meta.get("model_spec") or {}).get("layers"))
         pr = st.predicted
         vals = [pr.step_time_s, pr.lower_bound_s, *pr.per_rank_busy_s, *pr.peak_memory_bytes, *pr.breakdown.values()]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
@@ -159,10 +159,11 @@ def check_deadlock_free(st: Step) -> None:
         raise PlanError(f"step {st.step}: orders deadlock: units {[a for a, _ in cyc]} wait on each other in a cycle")
 
 
-def check_pipeline(st: Step, pp: int, hdp: int, layers_per_stage: int | None = None) -> None:
+def check_pipeline(st: Step, pp: int, hdp: int, layers_per_stage: int | None = None, layers: int | None = None) -> None:
     """pp > 1: the step's pipeline section (absent: PipelineSection's defaults) is well formed and the op
     lists it expands to run to the end (a shared unit's op must head every member pipeline's list at
-    once). With layers_per_stage, v (model chunks per stage, each of whole layers) must divide it."""
+    once). With layers_per_stage, v (model chunks per stage, each of whole layers) must divide it; with the
+    model's layers, each of the pp × v chunks must get one."""
     where = f"step {st.step} pipeline"
     sec = st.pipeline or PipelineSection()
     if sec.schedule not in SCHEDULES:
@@ -173,6 +174,9 @@ def check_pipeline(st: Step, pp: int, hdp: int, layers_per_stage: int | None = N
     if layers_per_stage and layers_per_stage % v:
         raise PlanError(f"{where}: v = {v} must divide the {layers_per_stage} layers of a stage "
                         "(meta.layers_per_stage)")
+    if isinstance(layers, int) and pp * v > layers:
+        raise PlanError(f"{where}: pp × v = {pp} × {v} chunks for {layers} layers (meta.model_spec): each chunk "
+                        "needs a layer")
     if sec.max_chunks < 0:
         raise PlanError(f"{where}: max_chunks must be an integer >= 0, got {sec.max_chunks!r}")
     slices = {u.id: u.slices for u in st.units}

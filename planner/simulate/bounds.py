@@ -81,7 +81,7 @@ def best_single_unit_s(s: int, cm: CostModel, hdp: int, cp_kinds: bool = False, 
 
 def lower_bound_s(lengths: np.ndarray, cm: CostModel, hdp: int, cp_kinds: bool = False, sliced: bool = True) -> float:
     """`cp_kinds`: the step may run units in other context-parallel kinds than the plan-wide one; `sliced`: its
-    units may be cut into pipeline slices (False for a step none of whose units is)."""
+    longest sequence may be cut into pipeline slices (False for a step whose unit of it is not)."""
     sync = cm.step_end_s(hdp)
     lengths = np.asarray(lengths)
     work = total_compute_s(lengths, cm) / (hdp * cm.pp) + sync

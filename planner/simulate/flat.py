@@ -12,7 +12,8 @@ import numpy as np
 
 from costmodel.timing import CostModel, UnitCost
 from planner.plan import PlanError, Step
-from planner.simulate.memory import activation_bytes, recompute_working_bytes, static_memory_bytes
+from planner.simulate.memory import (activation_bytes, mtp_activation_bytes, recompute_working_bytes,
+                                     static_memory_bytes)
 from planner.simulate.timeline import OpTiming, StepSimulation
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def simulate_flat(step: Step, cm: CostModel, costs: StepCosts, hdp: int, lb: flo
     # activation_bytes and activation_factor are arithmetic only: per unit on arrays, the same figures
     tokens = c.tokens_per_rank[rows]  # a unit's peak: what it keeps, and full recompute's layer during its backward
     act = (activation_bytes(tokens, np.fromiter((u.offload_ratio for u in run), float, len(run)), cm)
-           + recompute_working_bytes(tokens, cm))
+           + mtp_activation_bytes(tokens, cm) + recompute_working_bytes(tokens, cm))
     peak_act = np.zeros(hdp)
     np.maximum.at(peak_act, member, np.repeat(act, degree))
     ends = (np.array(starts) + total[rows]).tolist()

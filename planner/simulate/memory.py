@@ -13,6 +13,12 @@ def activation_bytes(u_tokens: int, offload: float, cm: CostModel) -> float:
     return u_tokens * cm.layers_per_stage * cm.a_tok * activation_factor(offload, cm.layers_per_stage)
 
 
+def mtp_activation_bytes(u_tokens, cm: CostModel):
+    """The multi-token-prediction depths' layers on the last stage (no offload): their activations for a unit of
+    `u_tokens` tokens per rank (0 without MTP). Arrays broadcast."""
+    return u_tokens * cm.setup.training.mtp_layers * cm.a_tok
+
+
 def recompute_working_bytes(u_tokens, cm: CostModel):
     """Full recompute: the one layer whose activations a rank rebuilds at a time while a unit of `u_tokens` tokens
     per rank runs its backward (0 without it); C's formula counts it too (costmodel.memory). Arrays broadcast."""

@@ -16,7 +16,8 @@ from costmodel.timing import CostModel, UnitCost
 from planner.plan import PipelineSection, PlanError, Step
 from planner.schedule import (
     ScheduleError, chunk_last_backwards, dependency, mirror_chunks, mirror_pairs, run_ops, slice_share, step_op_lists)
-from planner.simulate.memory import activation_bytes, recompute_working_bytes, static_memory_bytes
+from planner.simulate.memory import (activation_bytes, mtp_activation_bytes, recompute_working_bytes,
+                                     static_memory_bytes)
 from planner.simulate.timeline import OpTiming, StepSimulation
 
 
@@ -190,6 +191,8 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCos
         parts["offload_exposed"] += share * (mid.offload_exposed_fwd_s if f else mid.offload_exposed_bwd_s) / v
         parts["pp_exchange"] += exchange_exposed.get(run.key, 0.0) * weight
         act = activation_bytes(c.tokens_per_rank, u.offload_ratio, cm) / (u.slices * v)
+        if s == p - 1 and op.chunk == v - 1:  # the last chunk runs the MTP depths' layers too
+            act += mtp_activation_bytes(c.tokens_per_rank, cm) / u.slices
         work = recompute_working_bytes(c.tokens_per_rank / u.slices, cm)
         # fp32 dK/dV accumulators of the whole sequence, from a sliced unit's first backward to its last.
         dkv = (c.tokens_per_rank * 2 * cm.model.kv_width / cm.tp * 4 * cm.layers_per_stage / v

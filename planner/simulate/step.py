@@ -101,8 +101,9 @@ def simulate_step(step: Step, cm: CostModel, costs: StepCosts | None = None) -> 
     costs = costs if costs is not None else unit_costs(step, cm)
     # a step with units of other CP kinds is bounded over every kind (one without them: over the plan-wide one)
     kinds = any(u.ulysses > 1 or u.cp is not None for u in step.units)
-    lb = lower_bound_s(np.array([q.length for q in step.sequences]), cm, hdp, kinds,
-                       sliced=any(u.slices > 1 for u in step.units))
+    longest = max(step.sequences, key=lambda q: q.length).id if step.sequences else None
+    lb = lower_bound_s(np.array([q.length for q in step.sequences]), cm, hdp, kinds,  # is the longest one sliced?
+                       sliced=any(u.slices > 1 and any(p.seq == longest for p in u.pieces) for u in step.units))
     if cm.setup.training.zero_stage == 3:  # pp = 1 (TrainingSpec refuses pp > 1): rounds
         return simulate_rounds(step, cm, costs, hdp, lb)
     if cm.pp == 1:

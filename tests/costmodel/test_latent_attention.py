@@ -172,9 +172,33 @@ def test_multi_token_prediction_on_the_last_stage():
     assert got.head_fwd_s == pytest.approx(2 * u.head_fwd_s + layer_f + extra_f, rel=1e-9)
     assert (got.fwd_compute_s, got.bwd_compute_s) == (u.fwd_compute_s, u.bwd_compute_s)  # the layers' are the same
     assert params_per_rank(mtp.setup, 0) == params_per_rank(plain.setup, 0)
+    # the last stage: the depth's layer, projection and norms, and a copy of the embedding for the next tokens
     assert params_per_rank(mtp.setup, 15) - params_per_rank(plain.setup, 15) == pytest.approx(
-        (m.layer_params() + 2 * H * H + 3 * H) / 8)
+        (m.layer_params() + 2 * H * H + 3 * H + m.input_embedding_params()) / 8)
     assert params_per_rank(mtp.setup) == params_per_rank(mtp.setup, 15)  # the last stage is now the larger
     assert logits_bytes(4096, mtp.setup) == 2 * logits_bytes(4096, plain.setup)
     with pytest.raises(SpecError, match="runs no multi-token prediction"):
         Setup(load_model("llama3-8b"), cluster, TrainingSpec(tp=8, mtp_layers=1, kernels="eager"))
+    with pytest.raises(SpecError, match="zero_stage 3 with mtp_layers=1 is not modelled"):
+        TrainingSpec(tp=8, mtp_layers=1, zero_stage=3)
+
+
+def test_multi_token_prediction_in_the_simulated_peak():
+    """One step re-simulated with an MTP depth: every rank's peak grows by its static parts' growth and its largest
+    unit's tokens through one more layer (pp = 1: every rank holds the depth)."""
+    from planner.api import PlanRequest, cost_model_for_plan, make_plan
+    from planner.simulate import simulate_step
+    from planner.simulate.memory import static_memory_bytes
+
+    plan = make_plan(PlanRequest(model="llama3-8b", gpus=8, max_context_tokens=16384, capacity_tokens=16384, steps=1),
+                     "hdp")
+    plain = cost_model_for_plan(plan)
+    mtp = CostModel(dataclasses.replace(plain.setup, training=dataclasses.replace(plain.setup.training,
+                                                                                    mtp_layers=1)), _PROFILE)
+    step = plan.steps[0]
+    a, b = (np.array(simulate_step(step, cm).peak_memory_bytes) - static_memory_bytes(cm) for cm in (plain, mtp))
+    biggest = np.zeros(8)
+    for u in step.units:
+        for r in u.hdp_ranks:
+            biggest[r] = max(biggest[r], u.tokens_per_rank)
+    assert b - a == pytest.approx(biggest * mtp.a_tok, rel=1e-9)

@@ -148,6 +148,13 @@ def test_pipeline_v_divides_the_layers_of_a_stage():
             "v = 3 must divide the 4 layers")
 
 
+def test_pipeline_chunks_each_get_a_layer():
+    # 3 layers on 2 stages price 2 a stage (the busiest): v = 2 divides that, but 2 x 2 chunks need 4 layers
+    plan = plan_of(pp=2, layers_per_stage=2, model_spec={"layers": 3})
+    rejects(with_step(plan, pipeline=PipelineSection("interleaved", 2)), "pp × v = 2 × 2 chunks for 3 layers")
+    validate(with_step(plan, pipeline=PipelineSection("interleaved", 1)))
+
+
 def test_pipeline_max_chunks_is_not_negative():
     rejects(with_step(plan_of(pp=2), pipeline=PipelineSection("sliced-redistributed", max_chunks=-1)),
             "max_chunks must be an integer >= 0")
