@@ -351,15 +351,20 @@ class _Terms:
         return self.free_bytes / self.per_token_bytes
 
 
+def layers_held(setup: Setup) -> int:
+    """Layers' activations a GPU holds at once at most, per in-flight token: stage 0 keeps p micro-batches of its
+    layers in flight (1F1B), the last stage one of its layers and the MTP depths'."""
+    tr = setup.training
+    return max(setup.layers_per_stage * tr.pp, setup.layers_per_stage + tr.mtp_layers)
+
+
 def _terms(setup: Setup) -> _Terms:
     tr = setup.training
     hbm = float(setup.cluster.gpu_memory_bytes)
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
     free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.loss_fused else 0.0)
-    # stage 0 keeps p micro-batches in flight, the last one its layers and the MTP depths' of one
-    layers = max(setup.layers_per_stage * tr.pp, setup.layers_per_stage + tr.mtp_layers)
-    act = layer_activation_per_token(setup) * layers
+    act = layer_activation_per_token(setup) * layers_held(setup)
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
     head = 0.0 if tr.loss_fused else logits_bytes(1.0, setup)  # per token: every logit of an unfused loss
     return _Terms(states, frag, free, act, work, head)
@@ -466,7 +471,7 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
     if terms.free_bytes > 0:  # the states fit: one token's activations do not
         return (f"{head}: model states take {terms.states_bytes / GB:.1f} GB per GPU, leaving "
                 f"{terms.free_bytes / 1e6:.1f} MB, less than one token's activations "
-                f"({terms.per_token_bytes / 1e6:.1f} MB over the layers a GPU holds at once); "
+                f"({terms.per_token_bytes / 1e6:.1f} MB over {layers_held(setup)} layers); "
                 + ("raise tp or pp" if tr.recompute == "full" else "use --recompute full, or raise tp or pp"))
     params = params_per_rank(setup)
     weights = params * DTYPE_BYTES[tr.dtype] / (setup.hdp if tr.zero_stage == 3 else 1)
