@@ -21,7 +21,7 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
     and the LM head on the last (both on the only stage when pp = 1), and on the last the multi-token-prediction
     depths (each a layer and mtp_extra_params). stage=None: the largest. `layers`: the stage's layer count where
     stages differ (default the busiest's)."""
-    m, t = setup.model, setup.training.tp
+    m, t = setup.stage_model, setup.training.tp  # the layers as the busiest stage holds them
     n, extra = stage_parts(setup, stage, layers)
     if setup.training.expert_groups == 1:  # experts split over ep·etp = tp ranks, as the rest
         return (n * m.layer_params() + extra) / t
@@ -46,7 +46,7 @@ def stage_parts(setup: Setup, stage: int | None, layers: int | None) -> tuple[in
 def expert_params_per_rank(setup: Setup, layers: int | None = None) -> float:
     """Expert MLP parameters of one GPU: its stage's `layers` (default the busiest's) E experts over the ep·etp
     ranks of an expert group (0 for a dense model; the mean layer's where some layers are dense)."""
-    return _stage_layers(setup, layers) * setup.model.routed_expert_params() / setup.training.expert_ranks
+    return _stage_layers(setup, layers) * setup.stage_model.routed_expert_params() / setup.training.expert_ranks
 
 
 def _stage_layers(setup: Setup, layers: int | None) -> int:
@@ -158,7 +158,7 @@ def fp8_scaled_tensors(setup: Setup) -> tuple[int, int]:
     tr = setup.training
     if tr.dtype != "fp8" or fp8_recipe(setup) != "delayed":
         return 0, 0
-    gemms = round(fp8_gemms_per_layer(setup.model, tr.ep) * setup.layers_per_stage)
+    gemms = round(fp8_gemms_per_layer(setup.stage_model, tr.ep) * setup.layers_per_stage)
     return FP8_FWD_TENSORS_PER_GEMM * gemms, FP8_BWD_TENSORS_PER_GEMM * gemms
 
 
@@ -174,7 +174,7 @@ def fp8_state_bytes(setup: Setup) -> float:
         return 0.0
     layers = zero.INFLIGHT_LAYERS if tr.zero_stage == 3 else setup.layers_per_stage
     per_param = fp8_weight_bytes_per_param(fp8_recipe(setup)) - (DTYPE_BYTES[tr.dtype] if tr.fp8_param_gather else 0)
-    cache = layers * fp8_gemm_params_per_layer(setup.model, tr.tp, tr.expert_ranks) * per_param
+    cache = layers * fp8_gemm_params_per_layer(setup.stage_model, tr.tp, tr.expert_ranks) * per_param
     return cache + sum(fp8_scaled_tensors(setup)) * 4.0 * (FP8_AMAX_HISTORY_LEN + 2)
 
 
@@ -270,7 +270,7 @@ def eager_activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute:
 def layer_activation_per_token(setup: Setup, recompute: Recompute | None = None) -> float:
     """Saved activations per token per layer on one rank for a setup: the replay's eager layer with eager
     kernels (dense models: the replay runs no MoE), else Megatron's (activation_bytes_per_token_layer)."""
-    tr, m = setup.training, setup.model
+    tr, m = setup.training, setup.stage_model
     recompute = tr.recompute if recompute is None else recompute
     if tr.kernels == "eager" and not m.is_moe:
         return eager_activation_bytes_per_token_layer(m, tr.tp, recompute, tr.dtype_bytes, tr.sequence_parallel)

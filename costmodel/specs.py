@@ -64,10 +64,12 @@ class ModelSpec:
     # like the attention (Megatron-core's SharedExpertMLP); 0: none
     shared_expert_ffn: int = field(default=0, metadata=at_least(0))
     # MoE models whose MLP is dense in some layers (DeepSeek's first_k_dense_replace, Qwen-MoE's mlp_only_layers
-    # and decoder_sparse_step): how many layers run a dense MLP of width dense_ffn instead of the experts. Where
-    # they sit is not modelled: every pipeline stage holds the mean layer (layer_kinds)
+    # and decoder_sparse_step): how many layers run a dense MLP of width dense_ffn instead of the experts, and
+    # whether they are the first ones (DeepSeek, GLM: with pp > 1 they sit in the first pipeline stage, the others
+    # all MoE; else spread, every stage the mean layer: Setup.stage_model)
     dense_layers: int = field(default=0, metadata=at_least(0))
     dense_ffn: int = field(default=0, metadata=at_least(0))  # the dense layers' MLP inner width; 0: none
+    dense_layers_first: bool = True
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     # -- block kind (defaults: the Llama block) --
     norm: NormKind = "rmsnorm"  # rmsnorm (a weight of h) or layernorm (weight and bias, 2h)
@@ -427,14 +429,15 @@ class HFConfig:
         n = next((x for x in (self.num_local_experts, self.num_experts, self.n_routed_experts) if x is not None), 0)
         return n or 1
 
-    def moe_layers(self) -> int:
-        """Layers with routed experts (0 for a dense model), by the family's rule (the fields' comments)."""
+    def dense_layer_indices(self) -> list[int]:
+        """Layers with a dense MLP where others have routed experts, by the family's rule (the fields' comments);
+        every layer for a dense model."""
         if self.experts <= 1:
-            return 0
+            return list(range(self.num_hidden_layers))
         first, freq = self.first_k_dense_replace or 0, self.moe_layer_freq or 1
         step, dense = self.decoder_sparse_step or 1, set(self.mlp_only_layers or ())
-        return sum(i >= first and i % freq == 0 and (i + 1) % step == 0 and i not in dense
-                   for i in range(self.num_hidden_layers))
+        return [i for i in range(self.num_hidden_layers)
+                if not (i >= first and i % freq == 0 and (i + 1) % step == 0 and i not in dense)]
 
     @property
     def architecture(self) -> str:
@@ -474,9 +477,9 @@ class HFConfig:
                     rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim)
 
     def model_spec(self, name: str, source: str) -> ModelSpec:
-        moe_layers = self.moe_layers()
-        moe = moe_layers > 0
-        dense_layers = self.num_hidden_layers - moe_layers if moe else 0
+        dense = self.dense_layer_indices()
+        moe = len(dense) < self.num_hidden_layers
+        dense_layers = len(dense) if moe else 0
         window, full_layers = self.attention_window()
         heads = dict(kv_heads=self.num_key_value_heads or self.num_attention_heads,
                      head_dim=self.head_dim or self.hidden_size // self.num_attention_heads)
@@ -488,6 +491,7 @@ class HFConfig:
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
             shared_expert_ffn=self.shared_expert_width() if moe else 0,
             dense_layers=dense_layers, dense_ffn=self.intermediate_size if dense_layers else 0,
+            dense_layers_first=dense == list(range(len(dense))),
             qkv_bias=self.attention_bias or "Qwen2" in self.architecture,
             sliding_window=window, full_attention_layers=full_layers, source=source)
 
@@ -784,6 +788,18 @@ class Setup:
     def hdp(self) -> int:
         """HDP ranks per pipeline stage: world / (tp * pp)."""
         return self.mesh.hdp
+
+    @cached_property
+    def stage_model(self) -> ModelSpec:
+        """The model as the busiest pipeline stage holds its layers, what the per-layer costs and states are priced
+        at: the model itself but where its dense layers come first (DeepSeek, GLM) and pp > 1 leaves the last
+        stage without them; then every layer its MoE layer (the last stage, which also runs the head, sets the
+        pipeline's pace and holds the most expert weights), the first stage's lighter dense layers not priced."""
+        m, p = self.model, self.training.pp
+        spread = not m.dense_layers or not m.dense_layers_first
+        if p == 1 or spread or m.dense_layers > (p - 1) * self.layers_per_stage:
+            return m
+        return dataclasses.replace(m, dense_layers=0, dense_ffn=0)
 
     @property
     def layers_per_stage(self) -> int:

@@ -294,8 +294,10 @@ class CostModel:
         # how MoE layers run (costmodel.moe): on the TP group, or an expert group of G TP groups in lockstep
         self.experts = ExpertLayout.of(tr, inter_node=self.setup.mesh.group_spans_domains(tr.expert_groups))
         self.a_tok = layer_activation_per_token(self.setup)  # the replay's eager layer with eager kernels
-        self.dkv_ratio = dkv_activation_ratio(m, tr.tp, tr.recompute, tr.dtype_bytes, tr.sequence_parallel,
-                                              self.experts, tr.dtype == "fp8")
+        # the layers as the busiest stage holds them (Setup.stage_model): what every per-layer term is priced at
+        self.stage_model: ModelSpec = self.setup.stage_model
+        self.dkv_ratio = dkv_activation_ratio(self.stage_model, tr.tp, tr.recompute, tr.dtype_bytes,
+                                              tr.sequence_parallel, self.experts, tr.dtype == "fp8")
         self.heads_per_rank = max(1, m.heads // tr.tp)
         self.unfused_attention = tr.attention_kernel == "unfused"
         # Fixed costs a profile may carry (absent: 0; `meshplan calibrate` fits them): the host's time to issue
@@ -344,7 +346,7 @@ class CostModel:
         # parallel input and a row-parallel output gradient); other recipes gather bf16 [assumption]
         self.tp_amaxes = self.fp8_recipe == "tensorwise" and tr.tp > 1 and tr.sequence_parallel  # else bf16 outputs
         self.tp_gather_bytes = 1 if self.tp_amaxes else tr.dtype_bytes
-        for w, kind in m.layer_kinds():  # a layer's curves: the mean over its kinds where some layers are dense
+        for w, kind in self.stage_model.layer_kinds():  # a layer's curves: its kinds' mean where some are dense
             gemms = self._layer_gemms(kind)
             for key, curve in self._layer_curves(kind, gemms).items():
                 self._curves[key] = self._curves.get(key, 0.0) + w * curve
@@ -693,7 +695,7 @@ class CostModel:
         all-reduce moving the same bytes; MoE with ep > 1: the MLP's pair becomes the all-to-alls), with it what
         the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward."""
         tokens = np.asarray(tokens, dtype=float)
-        mu = self.model.moe_fraction  # the MoE layers' share (0 dense, 1 when every layer has experts)
+        mu = self.stage_model.moe_fraction  # the MoE layers' share (0 dense, 1 when every layer has experts)
         pair = self.tp_pair_s(tokens, layer=True) if self.tp > 1 else np.zeros_like(tokens)
         experts = np.zeros_like(tokens)  # the MoE layers' MLP: all-to-alls (all-gather dispatcher: the pair), and a
         if mu:  # shared expert's pair
@@ -731,9 +733,9 @@ class CostModel:
         ag_attn = self._lookup("tp_all_gather", tokens * width * self.tp_gather_bytes)
         rs_attn = self._lookup("tp_reduce_scatter", tokens * width * self.bytes_per_elem)
         pairs = [("qkv", "o", 1.0, ag_attn, rs_attn)]
-        if self.model.moe_fraction < 1.0:
+        if self.stage_model.moe_fraction < 1.0:
             up = "gate_up" if self.model.mlp == "swiglu" else "up"
-            pairs.append((up, "down", 1.0 - self.model.moe_fraction, ag, rs))
+            pairs.append((up, "down", 1.0 - self.stage_model.moe_fraction, ag, rs))
         fwd = bwd = np.zeros_like(tokens)
         # ag_in, rs_in: the first GEMM's input gathered and its input gradient scattered; ag: the second's dY gathered
         for first, second, w, ag_in, rs_in in pairs:
@@ -862,10 +864,10 @@ class CostModel:
     def _fp8_gathered_params(self) -> tuple[float, float]:
         """(dense, expert) parameters of the rank gathered in fp8: the fp8 GEMMs' weights under fp8_param_gather,
         (0, 0) otherwise."""
-        tr, m = self.setup.training, self.model
+        tr = self.setup.training
         if not tr.fp8_param_gather:
             return 0.0, 0.0
-        dense, experts = fp8_gemm_params_parts(m, self.tp, tr.expert_ranks)
+        dense, experts = fp8_gemm_params_parts(self.stage_model, self.tp, tr.expert_ranks)
         return self.layers_per_stage * dense, self.layers_per_stage * experts
 
     def exposed_grad_sync_s(self, hdp_ranks: int | None, backward_window_s: float) -> float:

@@ -83,7 +83,9 @@ def test_every_layer_price_is_the_shares_mean(tmp_path):
     """A model of L layers, D of them dense: each per-layer term (GEMMs, attention, elementwise kernels, TP and
     expert communication, activations, parameters, FLOPs) is (L−D)/L of the all-MoE model's and D/L of the
     all-dense one's; the head is the same."""
-    m = dataclasses.replace(load_model("glm-4.5"), layers=8, dense_layers=2, experts=16, top_k=4)
+    # spread dense layers (Qwen-MoE's decoder_sparse_step): every pipeline stage holds the mean layer
+    m = dataclasses.replace(load_model("glm-4.5"), layers=8, dense_layers=2, experts=16, top_k=4,
+                            dense_layers_first=False)
     moe, dense = _kinds(m)
     mu = 6 / 8
     cluster = load_cluster("dgx-h100").with_gpus(64)
@@ -118,6 +120,23 @@ def test_every_layer_price_is_the_shares_mean(tmp_path):
     shapes = {label: (n, k) for label, n, k in profile_gemm_shapes({"g": m})}
     assert shapes["g.dense_gate_up"] == (2 * 12288, 5120) and shapes["g.gate_up"] == (2 * 1536, 5120)
     assert np.isfinite(CostModel(Setup(m, cluster, TrainingSpec(tp=8, ep=8, pp=2)), _PROFILE).grad_sync_s())
+
+
+def test_dense_first_layers_price_the_busiest_stage():
+    """DeepSeek-V3's 3 dense layers come first: with pp > 1 the first stage holds them and every other stage, the
+    last included (which sets the pace and holds the most expert weights), is all MoE: each stage is priced as
+    that. pp = 1 holds them all: the mean. The MFU's FLOPs stay the model's own."""
+    m = load_model("deepseek-v3")
+    moe, _ = _kinds(m)
+    cluster = load_cluster("dgx-h100").with_gpus(1024)
+    training = TrainingSpec(tp=8, ep=8, pp=16)
+    staged, all_moe = (CostModel(Setup(x, cluster, training), _PROFILE) for x in (m, moe))
+    assert staged.setup.stage_model == moe and staged.model == m
+    assert staged.unit_cost([8192]).total_s == pytest.approx(all_moe.unit_cost([8192]).total_s, rel=1e-12)
+    assert params_per_rank(staged.setup) == pytest.approx(params_per_rank(all_moe.setup), rel=1e-12)
+    assert Setup(m, load_cluster("hgx-h200").with_gpus(1024), TrainingSpec(tp=8, ep=8, zero_stage=3)).stage_model == m
+    spread = dataclasses.replace(m, dense_layers_first=False)
+    assert Setup(spread, cluster, training).stage_model == spread
 
 
 def test_dense_layer_spec_errors():

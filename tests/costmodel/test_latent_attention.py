@@ -172,9 +172,11 @@ def test_multi_token_prediction_on_the_last_stage():
     assert got.head_fwd_s == pytest.approx(2 * u.head_fwd_s + layer_f + extra_f, rel=1e-9)
     assert (got.fwd_compute_s, got.bwd_compute_s) == (u.fwd_compute_s, u.bwd_compute_s)  # the layers' are the same
     assert params_per_rank(mtp.setup, 0) == params_per_rank(plain.setup, 0)
-    # the last stage: the depth's layer, projection and norms, and a copy of the embedding for the next tokens
+    # the last stage: the depth's layer (an MoE one, as every layer of the stage), projection and norms, and a copy
+    # of the embedding for the next tokens
+    moe_layer = m.layer_kinds()[0][1].layer_params()
     assert params_per_rank(mtp.setup, 15) - params_per_rank(plain.setup, 15) == pytest.approx(
-        (m.layer_params() + 2 * H * H + 3 * H + m.input_embedding_params()) / 8)
+        (moe_layer + 2 * H * H + 3 * H + m.input_embedding_params()) / 8)
     assert params_per_rank(mtp.setup) == params_per_rank(mtp.setup, 15)  # the last stage is now the larger
     assert logits_bytes(4096, mtp.setup) == 2 * logits_bytes(4096, plain.setup)
     with pytest.raises(SpecError, match="runs no multi-token prediction"):
