@@ -415,11 +415,17 @@ class HFConfig:
 
     @classmethod
     def from_dict(cls, d: Any, origin: str) -> "HFConfig":
+        if isinstance(d, dict) and "num_hidden_layers" not in d and isinstance(d.get("text_config"), dict):
+            d = {"architectures": d.get("architectures"), **d["text_config"]}  # a multimodal model's language model
         need = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [k for k in need if k not in d] if isinstance(d, dict) else []
         if missing:
             raise SpecError(f"{origin}: not a decoder config, missing {missing}")
         kind = d.get("model_type") or ""
+        if kind.startswith("llama4"):
+            raise SpecError(f"{origin}: Llama 4 ({kind}) is not modelled: its chunked attention, NoPE layers and "
+                            "interleaved MoE layers with a shared expert would be misread; describe it as a "
+                            "ModelSpec JSON")
         if "sliding_window" not in d and (kind == "mistral" or kind.startswith("qwen") and d.get("use_sliding_window")):
             d = {**d, "sliding_window": 4096}  # transformers' MistralConfig and Qwen2Config default
         return Reader(origin, SpecError).build(cls, d, ignore_unknown=True)

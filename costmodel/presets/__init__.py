@@ -44,7 +44,7 @@ def load_model(name_or_path: str) -> ModelSpec:
         if p.is_dir():
             p = p / "config.json"
         data = _read_json(p)
-        if "num_hidden_layers" in data:
+        if "num_hidden_layers" in data or "text_config" in data:  # HF: a decoder, or a multimodal model's
             return ModelSpec.from_hf_config(p)
         return ModelSpec.from_dict(data, origin=str(p))
     raise SpecError(f"unknown model {name_or_path!r}; presets: {', '.join(model_names())} "

@@ -204,3 +204,21 @@ def test_multi_token_prediction_in_the_simulated_peak():
         for r in u.hdp_ranks:
             biggest[r] = max(biggest[r], u.tokens_per_rank)
     assert b - a == pytest.approx(biggest * mtp.a_tok, rel=1e-9)
+
+
+def test_kimi_k2_from_a_multimodal_wrapper_and_llama4_refused(tmp_path):
+    """Kimi K2's language model (DeepSeek-V3's architecture: 64 heads, 384 experts, one dense layer) read from a
+    Kimi-K2.5-style config that nests it in text_config; published 1T parameters, 32B activated. Llama 4's
+    chunked attention and interleaved MoE layers are refused rather than misread."""
+    text = {**DEEPSEEK_V3, "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64,
+            "n_routed_experts": 384, "first_k_dense_replace": 1, "vocab_size": 163840}
+    m = _hf(tmp_path, {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+                       "text_config": text, "vision_config": {"hidden_size": 1152}})
+    preset = load_model("kimi-k2")
+    assert dataclasses.replace(m, name=preset.name, source=preset.source) == preset
+    assert m.parameters == pytest.approx(1.0e12, rel=0.03) and m.active_parameters == pytest.approx(32e9, rel=0.03)
+    with pytest.raises(SpecError, match="Llama 4 \\(llama4_text\\) is not modelled"):
+        _hf(tmp_path, {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+                       "text_config": {"model_type": "llama4_text", "num_hidden_layers": 48, "hidden_size": 5120,
+                                       "num_attention_heads": 40, "intermediate_size": 8192, "vocab_size": 202048,
+                                       "num_local_experts": 16, "interleave_moe_layer_step": 1}})
