@@ -630,8 +630,9 @@ class CostModel:
         gemm_h = self._lookup("gemm_head", tokens)
         head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h + (comm_loss if self.tp > 1 else 0.0)
         head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h
-        embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)
         mtp = self.setup.training.mtp_layers
+        if mtp or self.pp == 1:
+            embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)
         if mtp:  # multi-token prediction on the last stage, per depth: the next tokens' embedding, the projection,
             proj = self._lookup("gemm_mtp_proj", tokens)  # one more layer (as the stage's) and the head again
             head_f, head_b = (head_f + mtp * (embed_f + proj + fwd_layer + (tp_f + ring_exp_f) / l + head_f),
@@ -707,7 +708,7 @@ class CostModel:
             fwd, bwd = self._overlapped_tp_comm_s(tokens)
             fwd, bwd = fwd + experts, bwd + experts
         else:  # the attention's pair (MLA: at its latents' width on their side), a dense MLP's in the dense layers'
-            attn_f, attn_b = self._attention_pair_s(tokens)  # share
+            attn_f, attn_b = self._attention_pair_s(tokens, pair)  # share
             fwd, bwd = attn_f + (1.0 - mu) * pair + experts, attn_b + (1.0 - mu) * pair + experts
         if self.tp_amaxes:  # current scaling: a 4-byte amax all-reduce per gathered fp8 tensor, 2 each way
             amax = 2.0 * self._lookup("tp_all_reduce", 4.0)
@@ -729,9 +730,11 @@ class CostModel:
         act = tokens * self.model.hidden
         ag = self._lookup("tp_all_gather", act * self.tp_gather_bytes)
         rs = self._lookup("tp_reduce_scatter", act * self.bytes_per_elem)
-        width = self.model.attn_gather_width
-        ag_attn = self._lookup("tp_all_gather", tokens * width * self.tp_gather_bytes)
-        rs_attn = self._lookup("tp_reduce_scatter", tokens * width * self.bytes_per_elem)
+        ag_attn, rs_attn = ag, rs
+        if self.model.is_mla:  # the up projections' input: the latents
+            width = self.model.attn_gather_width
+            ag_attn = self._lookup("tp_all_gather", tokens * width * self.tp_gather_bytes)
+            rs_attn = self._lookup("tp_reduce_scatter", tokens * width * self.bytes_per_elem)
         pairs = [("qkv", "o", 1.0, ag_attn, rs_attn)]
         if self.stage_model.moe_fraction < 1.0:
             up = "gate_up" if self.model.mlp == "swiglu" else "up"
@@ -748,11 +751,14 @@ class CostModel:
             bwd = bwd + w * (ring2_dgrad + np.maximum(0.0, ag_in - g1) + np.maximum(0.0, rs_in - g1))
         return fwd, bwd
 
-    def _attention_pair_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _attention_pair_s(self, tokens: np.ndarray, pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The attention's TP collectives, (forward, backward), not overlapped. With SP: the input all-gathered
         before the projections and the output reduce-scattered after O; backward the output gradient gathered and
         the input gradient scattered. Without SP: an all-reduce of the output forward, of the input gradient
-        backward (each priced as a gather plus a scatter of its bytes). The input side is MLA's latents, else h."""
+        backward (each priced as a gather plus a scatter of its bytes). The input side is MLA's latents, else h,
+        where both directions are the layer's `pair` (tp_pair_s)."""
+        if not self.model.is_mla:
+            return pair, pair
         h, lat = float(self.model.hidden), float(self.model.attn_gather_width)
         if self.setup.training.sequence_parallel:
             return (self.tp_pair_s(tokens, True, gather_width=lat),
