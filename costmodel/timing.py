@@ -635,8 +635,10 @@ class CostModel:
             embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)
         if mtp:  # multi-token prediction on the last stage, per depth: the next tokens' embedding, the projection,
             proj = self._lookup("gemm_mtp_proj", tokens)  # one more layer (as the stage's) and the head again
-            head_f, head_b = (head_f + mtp * (embed_f + proj + fwd_layer + (tp_f + ring_exp_f) / l + head_f),
-                              head_b + mtp * (embed_b + 2.0 * proj + bwd_layer + (tp_b + ring_exp_b) / l + head_b))
+            proj_f, proj_b = self._mtp_proj_tp_s(tokens) if self.tp > 1 else (0.0, 0.0)
+            head_f, head_b = (head_f + mtp * (embed_f + proj + proj_f + fwd_layer + (tp_f + ring_exp_f) / l + head_f),
+                              head_b + mtp * (embed_b + 2.0 * proj + proj_b + bwd_layer + (tp_b + ring_exp_b) / l
+                                          + head_b))
         if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
             head_f, head_b = head_f + embed_f, head_b + embed_b
         zero = np.zeros(n)
@@ -765,6 +767,20 @@ class CostModel:
                     self.tp_pair_s(tokens, True, gather_width=h, scatter_width=lat))
         return (self.tp_pair_s(tokens, True), self.tp_pair_s(tokens, True, gather_width=lat, scatter_width=lat))
 
+    def _mtp_proj_tp_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The TP collectives of an MTP depth's 2h -> h projection, (forward, backward), as Megatron-core's
+        MultiTokenPredictionLayer runs it: a column-parallel linear whose h/t outputs are gathered whole on every
+        rank. With SP its 2h input is all-gathered over the sequence forward and its gradient reduce-scattered
+        backward, and the gathered output is split back to the rank's tokens, whose backward all-gathers h; without
+        SP the output's gather is the forward's only collective, the input gradient's all-reduce (2h) the
+        backward's."""
+        h = float(self.model.hidden)
+        ag_h = self._lookup("tp_all_gather", tokens * h * self.bytes_per_elem)
+        if self.setup.training.sequence_parallel:
+            return (self._lookup("tp_all_gather", tokens * 2 * h * self.bytes_per_elem) + ag_h,
+                    self._lookup("tp_reduce_scatter", tokens * 2 * h * self.bytes_per_elem) + ag_h)
+        return ag_h, self.tp_pair_s(tokens, gather_width=2 * h, scatter_width=2 * h)
+
     def tp_pair_s(self, tokens: np.ndarray, layer: bool = False, gather_width: float | None = None,
                   scatter_width: float | None = None) -> np.ndarray:
         """One all-gather plus one reduce-scatter of the TP group's gathered activation (tokens × h, or the widths
@@ -816,10 +832,12 @@ class CostModel:
     def grad_sync_s(self, hdp_ranks: int | None = None) -> float:
         """Gradient synchronisation over the HDP ranks of a stage (REFERENCE 7.5): all-reduce of fp32
         grads, or with the distributed optimizer a reduce-scatter of grads plus an all-gather of params; plus
-        fp8 delayed scaling's amax all-reduce (fp8_amax_sync_s, 0 otherwise)."""
+        fp8 delayed scaling's amax all-reduce (fp8_amax_sync_s, 0 otherwise); the shared embedding's all-reduce
+        between the first and the last stage (embedding_sync_s, 0 otherwise)."""
         d = hdp_ranks or self.setup.hdp
         if d not in self._grad_sync:  # simulations ask once or more per step; the lookup filters tables
-            self._grad_sync[d] = (self._grad_sync_uncached_s(d) if d > 1 else 0.0) + self.fp8_amax_sync_s(d)
+            self._grad_sync[d] = ((self._grad_sync_uncached_s(d) if d > 1 else 0.0) + self.fp8_amax_sync_s(d)
+                                  + self.embedding_sync_s())
         return self._grad_sync[d]
 
     def _grad_sync_uncached_s(self, d: int) -> float:
@@ -889,11 +907,11 @@ class CostModel:
         chunk_gradient_shares). Without overlap_grad_reduce all of it. With it (Megatron-core DDP) a chunk's buckets
         of DDP_BUCKET_PARAMS are reduced, one bucket after another across chunks, as its last backward produces
         them, the last bucket after it ends. With overlap_param_gather the distributed optimizer's all-gather runs
-        under the next step's forward, its first bucket exposed. fp8's amax all-reduce runs after the backward,
-        never hidden."""
+        under the next step's forward, its first bucket exposed. fp8's amax all-reduce and the shared embedding's
+        all-reduce run after the backward, never hidden."""
         d = hdp_ranks or self.setup.hdp
         tr = self.setup.training
-        amax = self.fp8_amax_sync_s(d)
+        amax = self.fp8_amax_sync_s(d) + self.embedding_sync_s()
         reduce_s, gather_s = self._grad_sync_parts_s(d)
         bucket = min(1.0, DDP_BUCKET_PARAMS / params_per_rank(self.setup))
         if tr.overlap_param_gather:
@@ -921,6 +939,19 @@ class CostModel:
             return 0.0
         group, scope = d * self.tp, "inter" if self.setup.mesh.group_spans_domains(d) else "intra"
         return float(sum(self.profile.collective_time_s("all_reduce", 4.0 * n, group, scope) for n in (fwd, bwd)))
+
+    def embedding_sync_s(self) -> float:
+        """The shared word embedding's gradient all-reduce between the first and the last pipeline stage, where the
+        last holds a copy (a tied LM head, or multi-token prediction's embedding): Megatron-core's
+        _allreduce_word_embedding_grads in finalize_model_grads, after the data-parallel sync, exposed. 0 with pp = 1
+        (one copy) or no copy. Each (HDP, TP) rank pair of the two stages reduces its vocab/t rows of the gradient
+        (grad_dtype) at once, each GPU on its own link; an all-reduce of two ranks moves S bytes each way (ring
+        factor 2(n − 1)/n = 1): one P2P transfer of S, across domains where the two stages sit apart."""
+        m, tr, mesh = self.model, self.setup.training, self.setup.mesh
+        if self.pp <= 1 or not (m.tied_embeddings or tr.mtp_layers):
+            return 0.0
+        nbytes = m.vocab / self.tp * m.hidden * (4 if tr.grad_dtype == "fp32" else 2)
+        return float(self.p2p_s(nbytes, mesh.stages_in_different_domains(0, self.pp - 1, 0)))
 
     def optimizer_step_s(self, hdp_ranks: int | None = None) -> float:
         """Adam over the parameters this rank updates (its ZeRO-1 shard of the stage's, or all of them): one

@@ -378,6 +378,12 @@ def _run(cal: CalibrationSet, case: IterationCase, profile: Profile) -> _Run:
     return _Run(model, cm, model.layers / priced.layers, dp, case.global_batch // (case.micro_batch * dp), seq)
 
 
+def _embedding_text(cm: CostModel) -> str:
+    """The note's words on the shared embedding's all-reduce between the first and the last stage, if any."""
+    emb = cm.embedding_sync_s()
+    return f" (the shared embedding's all-reduce, {emb:.3g} s, in the sync)" if emb else ""
+
+
 def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) -> ValidationRow:
     """The iteration time of a row: its micro-batches through its pipeline schedule, then the gradient sync
     over the DP × CP ranks and the optimizer step."""
@@ -405,8 +411,7 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
                      "exposed)")
     priced = cm.model.layers
     note = "; ".join(x for x in (runs, _note(cm.setup.training),
-                                 f"{sync_text} + optimizer {optimizer_s:.3g} s; tied-embedding all-reduce not "
-                                 "priced",
+                                 f"{sync_text} + optimizer {optimizer_s:.3g} s" + _embedding_text(cm),
                                  f"{run.model.layers} layers in chunks of up to {priced // (case.pp * case.chunks)} "
                                  f"(chunk_layers); gradient sync and optimizer priced for {priced} layers, scaled by "
                                  f"{run.model.layers}/{priced}"

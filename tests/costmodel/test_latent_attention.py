@@ -168,7 +168,10 @@ def test_multi_token_prediction_on_the_last_stage():
     got = mtp.unit_cost([4096], with_head=True)
     l = plain.layers_per_stage
     layer_f = (u.fwd_compute_s + u.tp_comm_fwd_s + u.ring_exposed_fwd_s) / l
-    extra_f = float(mtp._lookup("mem_embed_fwd", 4096) + mtp.tp_pair_s(4096) / 2 + mtp._lookup("gemm_mtp_proj", 4096))
+    # the projection under SP: its 2h input and its h/t outputs all-gathered (bf16)
+    proj_tp = sum(float(mtp._lookup("tp_all_gather", 4096 * w * H * 2)) for w in (2, 1))
+    extra_f = float(mtp._lookup("mem_embed_fwd", 4096) + mtp.tp_pair_s(4096) / 2 + mtp._lookup("gemm_mtp_proj", 4096)
+                    + proj_tp)
     assert got.head_fwd_s == pytest.approx(2 * u.head_fwd_s + layer_f + extra_f, rel=1e-9)
     assert (got.fwd_compute_s, got.bwd_compute_s) == (u.fwd_compute_s, u.bwd_compute_s)  # the layers' are the same
     assert params_per_rank(mtp.setup, 0) == params_per_rank(plain.setup, 0)

@@ -95,3 +95,33 @@ def test_bound_counts_only_the_exposed_tp_communication():
 
     lengths = np.array([8192] * 8)
     assert total_compute_s(lengths, _cm(tp_comm_overlap=True)) < total_compute_s(lengths, _cm())
+
+
+def test_shared_embedding_all_reduce_after_the_backward():
+    """A copy of the word embedding on the last stage (a tied head, or MTP's) has its gradient all-reduced with the
+    first stage's after the backward, exposed: vocab/t rows of h, 4 B each (fp32 gradients), one P2P transfer each
+    way across the two stages' nodes; none with one stage or no copy."""
+    tied = dataclasses.replace(load_model("llama3-70b"), tied_embeddings=True)
+    cm = CostModel(Setup(tied, load_cluster("dgx-h100").with_gpus(64), TrainingSpec(tp=4, pp=8)), H100)
+    nbytes = tied.vocab / 4 * tied.hidden * 4
+    assert cm.setup.mesh.stages_in_different_domains(0, 7, 0)
+    emb = float(cm.p2p_s(nbytes, True))
+    assert cm.embedding_sync_s() == pytest.approx(emb) and emb > 0.01  # 1 GiB over one 400 Gb/s NIC
+    assert _cm().embedding_sync_s() == 0.0  # untied
+    # exposed after every backward, hidden or not, and part of the step's end
+    without = CostModel(cm.setup, H100)
+    without.embedding_sync_s = lambda: 0.0
+    for overlap in (False, True):
+        a, b = (CostModel(dataclasses.replace(c.setup, training=dataclasses.replace(
+            c.setup.training, overlap_grad_reduce=overlap)), H100) for c in (cm, without))
+        b.embedding_sync_s = lambda: 0.0
+        windows = [(-1.0, 0.0)]
+        assert a.exposed_chunked_grad_sync_s(None, windows) == pytest.approx(
+            b.exposed_chunked_grad_sync_s(None, windows) + emb, rel=1e-9)
+    assert cm.step_end_s() == pytest.approx(without.step_end_s() + emb, rel=1e-9)
+    bf16 = CostModel(Setup(tied, cm.setup.cluster, TrainingSpec(tp=4, pp=8, grad_dtype="bf16")), H100)
+    assert bf16.embedding_sync_s() == pytest.approx(float(cm.p2p_s(nbytes / 2, True)))
+    one_stage = CostModel(Setup(tied, cm.setup.cluster, TrainingSpec(tp=8, pp=1, zero_stage=3)), H100)
+    assert one_stage.embedding_sync_s() == 0.0
+    mtp = _cm(mtp_layers=1)  # untied, but MTP's embedding copy sits on the last stage
+    assert mtp.embedding_sync_s() == pytest.approx(float(mtp.p2p_s(mtp.model.vocab / 4 * mtp.model.hidden * 4, True)))
