@@ -62,7 +62,8 @@ def test_measured_profile_is_looked_up_as_it_is():
 
 def test_hopper_sustained_gemm_rates_are_the_measured_h200_medians():
     """The Hopper profiles' large-GEMM rates are the H200's measured GEMMs of >= 1 ms (their median), not the
-    MAMF burst; A100 keeps its MAMF (Korthikanti et al.'s A100 layer times fit it)."""
+    MAMF burst; A100's is its MAMF at the fraction fitted to its design set (tests/planner/studies/
+    test_design_fit.py)."""
     measured = load_profile("h200-sxm.measured")
     for dtype, const in (("bf16", analytic.HOPPER_GEMM_SUSTAINED), ("fp8", analytic.HOPPER_GEMM_SUSTAINED_FP8)):
         assert const.value == pytest.approx(analytic.sustained_gemm_flops(measured, dtype), rel=1e-3)
@@ -73,7 +74,9 @@ def test_hopper_sustained_gemm_rates_are_the_measured_h200_medians():
     g = measured.tables["gemm"]
     best = (2.0 * g.m * g.n * g.k / g.time_s)[g.dtype == "bf16"].max()
     assert best > 1.1 * analytic.HOPPER_GEMM_SUSTAINED.value
-    assert analytic.A100.gemm_large.value == 271.2e12
+    assert analytic.A100_MAMF.gemm_large.value == 271.2e12
+    assert analytic.A100.gemm_large.value == pytest.approx(271.2e12 * analytic.A100_GEMM_X.value)
+    assert analytic.A100.gemm_large_fp8 is None and "korthikanti2022" in analytic.A100.gemm_large.source
     with pytest.raises(ValueError, match="no bf16 GEMM of >= 10"):
         analytic.sustained_gemm_flops(measured, "bf16", min_s=10.0)
 
@@ -84,10 +87,14 @@ def test_blackwell_gemm_rates_carry_hoppers_measured_ratios():
     sustained / MAMF (673.3 / 794.5 bf16, 1,226.3 / 1,453.4 fp8)."""
     bf16_x, fp8_x = 673.3 / 794.5, 1226.3 / 1453.4
     fp8_fraction = (1453.4 / 1979) / (794.5 / 989)
-    for g, bf16_peak, fp8_peak in ((analytic.B200, 2250e12, 4500e12), (analytic.GB200, 2500e12, 5000e12)):
+    for g, bf16_peak, fp8_peak in ((analytic.B200, 2250e12, 4500e12), (analytic.GB200_STATED, 2500e12, 5000e12)):
         assert g.gemm_large.value == pytest.approx(bf16_peak * 1745 / 2250 * bf16_x, rel=1e-3)
         assert g.gemm_large_fp8.value == pytest.approx(fp8_peak * 1745 / 2250 * fp8_fraction * fp8_x, rel=1e-3)
         assert "[assumption" in g.gemm_large.source and "[assumption" in g.gemm_large_fp8.source
+    # GB200's runs: those rates at the fraction fitted to its design set, bf16 and fp8 alike
+    x = analytic.GB200_GEMM_X.value
+    assert analytic.GB200.gemm_large.value == pytest.approx(analytic.GB200_STATED.gemm_large.value * x)
+    assert analytic.GB200.gemm_large_fp8.value == pytest.approx(analytic.GB200_STATED.gemm_large_fp8.value * x)
 
 
 def test_hopper_memory_kinds_are_the_measured_h200_ones():
