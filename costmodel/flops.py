@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from costmodel.specs import ModelSpec, mean_over_layers
+from costmodel.specs import ModelSpec, Setup, mean_over_layers
 
 ArrayLike = np.ndarray | float | int
 
@@ -83,3 +83,21 @@ def model_flops(lengths: ArrayLike, model: ModelSpec, causal_halved: bool = True
     s = np.asarray(lengths, dtype=float)
     fwd = model.layers * layer_flops_fwd(s, model, causal_halved).sum() + lm_head_flops_fwd(s.sum(), model)
     return float(3.0 * fwd)
+
+
+def mtp_flops(lengths: ArrayLike, layer: ModelSpec, depths: int, causal_halved: bool = True) -> float:
+    """Training FLOPs (3× forward) of `depths` multi-token-prediction depths over a set of documents, which
+    Megatron-LM counts in its MFU numerator: per depth one more decoder layer (`layer`: the model as the last stage
+    holds its layers, Setup.stage_model), the 2h → h projection and the LM head again."""
+    if not depths:
+        return 0.0
+    s = np.asarray(lengths, dtype=float)
+    per_depth = (layer_flops_fwd(s, layer, causal_halved).sum() + 2.0 * 2 * layer.hidden * layer.hidden * s.sum()
+                 + lm_head_flops_fwd(s.sum(), layer))
+    return float(3.0 * depths * per_depth)
+
+
+def training_flops(lengths: ArrayLike, setup: Setup, causal_halved: bool = True) -> float:
+    """The MFU numerator of a set of documents under a setup: the model's training FLOPs and its MTP depths'."""
+    return model_flops(lengths, setup.model, causal_halved) + mtp_flops(lengths, setup.stage_model,
+                                                                       setup.training.mtp_layers, causal_halved)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from costmodel.flops import model_flops
+from costmodel.flops import training_flops
 from costmodel.memory import memory_budget
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import (AUTO_RECOMPUTE, RECOMPUTE_POLICIES, ClusterSpec, Setup, SpecError, TrainingSpec,
@@ -295,8 +295,8 @@ def summarize(plan: Plan, cm: CostModel, static_step_time_s: float | None = None
     tokens = float(np.mean([s.global_tokens for s in st]))
     world = cm.setup.cluster.world_size
     peak = cm.peak_flops()
-    f_half = float(np.mean([model_flops([q.length for q in s.sequences], cm.model, True) for s in st]))
-    f_full = float(np.mean([model_flops([q.length for q in s.sequences], cm.model, False) for s in st]))
+    f_half, f_full = (float(np.mean([training_flops([q.length for q in s.sequences], cm.setup, halved) for s in st]))
+                      for halved in (True, False))
     busy = np.array([s.predicted.per_rank_busy_s for s in st]).mean(axis=0)
     peak_bytes = float(max(max(s.predicted.peak_memory_bytes) for s in st))
     return Summary(

@@ -36,7 +36,7 @@ from typing import Callable, Literal
 import numpy as np
 import pandas as pd
 
-from costmodel.flops import model_flops
+from costmodel.flops import training_flops
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import SpecError, TrainingSpec
 from costmodel.timing import CostModel
@@ -72,7 +72,7 @@ def layout_bound(cm: CostModel, batches: list[GlobalBatch], full: bool = True) -
         lb = float(np.mean([total_compute_s(b.lengths_tokens, cm) / (cm.setup.hdp * cm.pp) for b in batches]))
         lb += cm.step_end_s(cm.setup.hdp)
     tokens = float(np.mean([b.total_tokens for b in batches]))
-    flops = float(np.mean([model_flops(b.lengths_tokens, cm.model, True) for b in batches]))
+    flops = float(np.mean([training_flops(b.lengths_tokens, cm.setup, True) for b in batches]))
     return LayoutBound(lb, tokens / lb, flops / (lb * cm.setup.cluster.world_size * cm.peak_flops()))
 
 

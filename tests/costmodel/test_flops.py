@@ -55,3 +55,21 @@ def test_sliding_window_pairs_and_flops_by_hand():
     # unhalved (PaLM): the full square, a windowed layer what the square would be under its window, 2·34 − 10
     assert flops.attention_flops_fwd(10, m, causal_halved=False) == pytest.approx(4 * q * (0.5 * 100 + 0.5 * 58))
     assert flops.attention_flops_fwd(4, m) == flops.attention_flops_fwd(4, load_model("tiny"))
+
+
+def test_mtp_depths_in_the_training_flops():
+    """An MTP depth adds, 3× forward, one more decoder layer as the last stage holds them (DeepSeek-V3 on 16 stages:
+    an MoE layer, not the mean with its 3 dense ones), the 2h -> h projection and the LM head again."""
+    from costmodel.presets import load_cluster
+    from costmodel.specs import Setup, TrainingSpec
+
+    m = load_model("deepseek-v3")
+    cluster = load_cluster("dgx-h100").with_gpus(1024)
+    plain, mtp = (Setup(m, cluster, TrainingSpec(tp=8, ep=8, pp=16, mtp_layers=k)) for k in (0, 1))
+    s = [4096, 1000]
+    moe = m.layer_kinds()[0][1]
+    assert moe.is_moe and mtp.stage_model.dense_layers == 0
+    depth = (flops.layer_flops_fwd(s, moe).sum() + 4 * m.hidden**2 * sum(s) + flops.lm_head_flops_fwd(sum(s), m))
+    assert flops.training_flops(s, plain) == flops.model_flops(s, m)
+    assert flops.training_flops(s, mtp) == pytest.approx(flops.model_flops(s, m) + 3 * depth, rel=1e-12)
+    assert flops.mtp_flops(s, moe, 2) == pytest.approx(6 * depth, rel=1e-12)
