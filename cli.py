@@ -1217,8 +1217,9 @@ def validate_cmd(
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
-    trained in. Design sets informed the model (Korthikanti et al. 2022; the Megatron-Bridge Blackwell rows, its
-    Blackwell GEMM rates); the others are held out."""
+    trained in. Design sets informed the model: Korthikanti et al. 2022 (the A100's sustained GEMM rate is fitted to
+    it) and the Megatron-Bridge Blackwell rows (Blackwell's GEMM rates; GB200's fitted to its rows); the others
+    are held out."""
     from planner.studies import validate_cost_model
 
     names = sets or list(CALIBRATION_SETS)
