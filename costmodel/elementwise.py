@@ -18,9 +18,21 @@ from dataclasses import dataclass
 
 from costmodel.specs import ModelSpec, Recompute
 
-# Adam over fp32 master weights (ZeRO-1 shard or whole): read grad (4), master, m, v (12), write master, m, v
-# (12) and the bf16/fp16 model copy (2), then zero the grad buffer (4): Megatron's fused multi-tensor Adam.
-ADAM_BYTES_PER_PARAM = 4 + 12 + 12 + 2 + 4
+# The optimizer step, bytes per parameter the rank updates (its ZeRO shard, or all of them), by who runs it.
+# Megatron-core's (DistributedOptimizer / Float16Optimizer.step, Adam over fp32 master weights): the gradients' L2
+# norm for clipping (4 read; clip_grad 1.0 by default; the scaling only when the norm exceeds it, not priced), fused
+# Adam (grad, master, m, v: 16 read; master, m, v: 12 written), the master copied into the model's parameter (4
+# read, 2 written); bf16 gradients are cast to fp32 first (MEGATRON_BF16_GRAD_CAST_BYTES). With zero_stage < 3 it
+# then zeroes its whole gradient buffer, every parameter of the rank at the gradients' width (zero_grad_buffer).
+MEGATRON_OPTIMIZER_BYTES = 4 + 16 + 12 + 4 + 2
+MEGATRON_BF16_GRAD_CAST_BYTES = 2 + 4
+# torch FSDP2 (zero_stage 3 with eager kernels: torchtitan): the fp32 sharded parameters are the master weights;
+# clip_grad_norm_ reads the gradients for the norm and scales them unconditionally (4 + 8), fused AdamW (16 + 12),
+# the gradients then set to None.
+FSDP2_OPTIMIZER_BYTES = 4 + 8 + 16 + 12
+# meshplan's replay (eager kernels, zero_stage < 3; planner/runtime/context.py): fused AdamW over the whole fp32
+# parameters (16 + 12), no clipping, the gradients set to None.
+REPLAY_OPTIMIZER_BYTES = 16 + 12
 # fp8 training (Transformer Engine): each fp8 GEMM operand is cast from bf16, its amax taken on the way, into fp8 and
 # its transpose (Hopper's fp8 GEMMs take only the TN layout, so the other pass needs the transposed copy): read 2 B,
 # write 1 + 1 B per element [assumption: one unfused cast-transpose per operand; TE fuses some into the norm]

@@ -14,7 +14,8 @@ from typing import get_args
 
 import numpy as np
 
-from costmodel.elementwise import (ADAM_BYTES_PER_PARAM, EAGER_STREAM_BYTES, MemKernel, eager_head_kernels,
+from costmodel.elementwise import (EAGER_STREAM_BYTES, FSDP2_OPTIMIZER_BYTES, MEGATRON_BF16_GRAD_CAST_BYTES,
+                                   MEGATRON_OPTIMIZER_BYTES, REPLAY_OPTIMIZER_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
                                    layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_parts,
@@ -954,12 +955,22 @@ class CostModel:
         return float(self.p2p_s(nbytes, mesh.stages_in_different_domains(0, self.pp - 1, 0)))
 
     def optimizer_step_s(self, hdp_ranks: int | None = None) -> float:
-        """Adam over the parameters this rank updates (its ZeRO-1 shard of the stage's, or all of them): one
-        memory-bound pass of ADAM_BYTES_PER_PARAM bytes per parameter (costmodel.elementwise)."""
+        """The optimizer step on the parameters this rank updates (its ZeRO shard of the stage's, or all of them),
+        memory-bound passes priced by their bytes (costmodel.elementwise): Megatron-core's clipped Adam with its
+        master-to-model copy, then its whole gradient buffer zeroed (zero_stage < 3); with eager kernels torch's:
+        FSDP2's clipped AdamW under ZeRO-3, else the replay's fused AdamW over all its parameters."""
         d = hdp_ranks or self.setup.hdp
-        p = (sharded_state_params(self.setup) / d if self.setup.training.zero_stage >= 1
-             else params_per_rank(self.setup))
-        return float(self.profile.memory_time_s(p * ADAM_BYTES_PER_PARAM)) * self.compute_share
+        tr = self.setup.training
+        p = sharded_state_params(self.setup) / d if tr.zero_stage >= 1 else params_per_rank(self.setup)
+        if tr.kernels == "eager":  # the replay updates every parameter it holds (it shards no optimizer state)
+            passes = [p * FSDP2_OPTIMIZER_BYTES if tr.zero_stage == 3
+                      else params_per_rank(self.setup) * REPLAY_OPTIMIZER_BYTES]
+        else:
+            grad_bytes = 4 if tr.grad_dtype == "fp32" else 2
+            passes = [p * (MEGATRON_OPTIMIZER_BYTES + (MEGATRON_BF16_GRAD_CAST_BYTES if grad_bytes == 2 else 0))]
+            if tr.zero_stage < 3:
+                passes.append(params_per_rank(self.setup) * grad_bytes)
+        return float(sum(self.profile.memory_time_s(b) for b in passes)) * self.compute_share
 
     def step_end_s(self, hdp_ranks: int | None = None) -> float:
         """What follows a stage's last backward each step: the gradient synchronisation with fp8's amax reduction
