@@ -20,18 +20,20 @@ from costmodel.specs import ModelSpec, Recompute
 
 # The optimizer step, bytes per parameter the rank updates (its ZeRO shard, or all of them), by who runs it.
 # Megatron-core's (DistributedOptimizer / Float16Optimizer.step, Adam over fp32 master weights): the gradients' L2
-# norm for clipping (4 read; clip_grad 1.0 by default; the scaling only when the norm exceeds it, not priced), fused
-# Adam (grad, master, m, v: 16 read; master, m, v: 12 written), the master copied into the model's parameter (4
-# read, 2 written); bf16 gradients are cast to fp32 first (MEGATRON_BF16_GRAD_CAST_BYTES). With zero_stage < 3 it
-# then zeroes its whole gradient buffer, every parameter of the rank at the gradients' width (zero_grad_buffer).
-MEGATRON_OPTIMIZER_BYTES = 4 + 16 + 12 + 4 + 2
+# norm for clipping (4 read; clip_grad 1.0 by default) and their scaling by the clamped coefficient (8 read and
+# written: with Transformer Engine's multi_tensor_scale_tensor every step; older Apex-only versions only when the norm
+# exceeds clip_grad), fused Adam (grad, master, m, v: 16 read; master, m, v: 12 written), the master copied into the
+# model's parameter (4 read, 2 written); bf16 gradients are cast to fp32 first (MEGATRON_BF16_GRAD_CAST_BYTES). With
+# zero_stage < 3 it also zeroes its whole gradient buffer each step, every parameter of the rank at the gradients'
+# width (zero_grad_buffer).
+MEGATRON_OPTIMIZER_BYTES = 4 + 8 + 16 + 12 + 4 + 2
 MEGATRON_BF16_GRAD_CAST_BYTES = 2 + 4
 # torch FSDP2 (zero_stage 3 with eager kernels: torchtitan): the fp32 sharded parameters are the master weights;
 # clip_grad_norm_ reads the gradients for the norm and scales them unconditionally (4 + 8), fused AdamW (16 + 12),
 # the gradients then set to None.
 FSDP2_OPTIMIZER_BYTES = 4 + 8 + 16 + 12
 # meshplan's replay (eager kernels, zero_stage < 3; planner/runtime/context.py): fused AdamW over the whole fp32
-# parameters (16 + 12), no clipping, the gradients set to None.
+# parameters (16 + 12), no clipping; it zeroes its gradients before the step's clock starts.
 REPLAY_OPTIMIZER_BYTES = 16 + 12
 # fp8 training (Transformer Engine): each fp8 GEMM operand is cast from bf16, its amax taken on the way, into fp8 and
 # its transpose (Hopper's fp8 GEMMs take only the TN layout, so the other pass needs the transposed copy): read 2 B,

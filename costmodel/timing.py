@@ -637,6 +637,8 @@ class CostModel:
         if mtp:  # multi-token prediction on the last stage, per depth: the next tokens' embedding, the projection,
             proj = self._lookup("gemm_mtp_proj", tokens)  # one more layer (as the stage's) and the head again
             proj_f, proj_b = self._mtp_proj_tp_s(tokens) if self.tp > 1 else (0.0, 0.0)
+            if self.setup.training.recompute == "full":  # Megatron checkpoints the depth: its projection replays
+                proj_b = proj_b + proj + proj_f
             head_f, head_b = (head_f + mtp * (embed_f + proj + proj_f + fwd_layer + (tp_f + ring_exp_f) / l + head_f),
                               head_b + mtp * (embed_b + 2.0 * proj + proj_b + bwd_layer + (tp_b + ring_exp_b) / l
                                           + head_b))
@@ -771,14 +773,15 @@ class CostModel:
     def _mtp_proj_tp_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The TP collectives of an MTP depth's 2h -> h projection, (forward, backward), as Megatron-core's
         MultiTokenPredictionLayer runs it: a column-parallel linear whose h/t outputs are gathered whole on every
-        rank. With SP its 2h input is all-gathered over the sequence forward and its gradient reduce-scattered
-        backward, and the gathered output is split back to the rank's tokens, whose backward all-gathers h; without
-        SP the output's gather is the forward's only collective, the input gradient's all-reduce (2h) the
-        backward's."""
+        rank. With SP its 2h input is all-gathered over the sequence forward (fp8 under current scaling, as a
+        layer's) and its gradient reduce-scattered backward, and the gathered output is split back to the rank's
+        tokens, whose backward all-gathers h; without SP the output's gather is the forward's only collective, the
+        input gradient's all-reduce (2h) the backward's. As a layer's collectives without tp_comm_overlap: the
+        weight gradient's re-gather of the input beside the data gradient is not priced, and none is overlapped."""
         h = float(self.model.hidden)
         ag_h = self._lookup("tp_all_gather", tokens * h * self.bytes_per_elem)
         if self.setup.training.sequence_parallel:
-            return (self._lookup("tp_all_gather", tokens * 2 * h * self.bytes_per_elem) + ag_h,
+            return (self._lookup("tp_all_gather", tokens * 2 * h * self.tp_gather_bytes) + ag_h,
                     self._lookup("tp_reduce_scatter", tokens * 2 * h * self.bytes_per_elem) + ag_h)
         return ag_h, self.tp_pair_s(tokens, gather_width=2 * h, scatter_width=2 * h)
 

@@ -35,7 +35,7 @@ class GpuNumbers:
     name: str  # profile name stem
     device: str
     peak_bf16: Const  # dense BF16 peak
-    gemm_large: Const  # achieved large-GEMM FLOP/s under training load (sustained where measured, else MAMF)
+    gemm_large: Const  # achieved large-GEMM FLOP/s under training load (sustained: measured, or fitted, or derived)
     attn_plateau: dict[str, Const]  # "fwd_noncausal", "fwd_causal", "bwd": fraction of peak at long lengths
     ar_plateau_intra: Const  # 8-GPU intra-node all-reduce busbw plateau
     p2p_intra: Const  # NVLink P2P bandwidth per direction
@@ -257,8 +257,8 @@ H100 = GpuNumbers(
 )
 
 # A100: the MAMF as stated, then the sustained fraction fitted to Korthikanti et al.'s A100 runs (the design set):
-# 0.949, a milder loss than Hopper's measured 0.847 at 700 W (MAMF itself: mean |log error| 4.0% over the set's 12
-# rows; Hopper's 0.847: 7.9%; the fit 1.4%).
+# 0.95, a milder loss than Hopper's measured 0.847 at 700 W (MAMF itself: mean |log error| 3.8% over the set's 12
+# rows; Hopper's 0.847: 8.0%; the fit 1.3%).
 A100_MAMF = GpuNumbers(
     name="a100-sxm-80gb", device="NVIDIA A100 SXM 80GB (analytic)",
     peak_bf16=_c(312e12, "FLOP/s", "A100 datasheet dense BF16 [spec]"),
@@ -278,8 +278,8 @@ A100_MAMF = GpuNumbers(
     sms=_c(108, "SMs", "A100 108 SMs [spec; NVIDIA Matrix Multiplication Background guide 3.2]"),
     gemm_tile_m=TILE_AMPERE_M, gemm_tile_n=TILE_AMPERE_N,
 )
-A100_GEMM_X = _c(0.949, "x", "sustained / MAMF fitted to the design set korthikanti2022 (its 12 A100 rows, mean "
-                 "|log error| 4.0% -> 1.4%) [fit: planner.studies.design_fit, python -m bench.design_fit]")
+A100_GEMM_X = _c(0.95, "x", "sustained / MAMF fitted to the design set korthikanti2022 (its 12 A100 rows, mean "
+                 "|log error| 3.8% -> 1.3%) [fit: planner.studies.design_fit, python -m bench.design_fit]")
 A100 = with_gemm_rate_x(A100_MAMF, A100_GEMM_X)
 
 # Jean Zay's A100 partition (BLOOM's cluster, validation set bloom2022): the A100's node, with 4 Omni-Path links of
@@ -424,7 +424,7 @@ B200 = GpuNumbers(
 _GB200_RACK = "NVIDIA GB200 NVL72 datasheet"
 # GB200: the rates as derived from the rack's peaks, then the sustained fraction fitted to the Megatron-Bridge GB200
 # runs (the design set): 0.872, which puts its GEMMs at the B200's rate (0.872 x 2.5 = 2.18 of the B200's 2.25
-# PFLOP/s peak, the B200 set's own fit 0.997): the rack's higher per-GPU peak does not show in the runs.
+# PFLOP/s peak, the B200 set's own fit 0.998): the rack's higher per-GPU peak does not show in the runs.
 GB200_STATED = GpuNumbers(
     name="gb200", device="NVIDIA GB200 NVL72 (analytic)",
     peak_bf16=_c(360e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 360 PFLOPS FP16/BF16 with sparsity per 72 GPUs -> 2.5 "

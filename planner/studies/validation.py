@@ -424,9 +424,11 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
             for s, n in enumerate(layers)]
     busiest = int(np.argmax(work))
     share = sum(layers[busiest]) / cm.layers_per_stage
-    predicted = pipeline_s + (sync_s + optimizer_s) * ratio
+    emb = cm.embedding_sync_s()  # one embedding, whatever the layer count
+    predicted = pipeline_s + (sync_s - emb + optimizer_s) * ratio + emb
     parts = {k: m * v * (float(busiest == case.pp - 1) if k == "head" else share) for k, v in unit.parts_s().items()}
-    parts.update(schedule=pipeline_s - m * work[busiest], grad_sync=sync_s * ratio, optimizer=optimizer_s * ratio)
+    parts.update(schedule=pipeline_s - m * work[busiest], grad_sync=(sync_s - emb) * ratio + emb,
+                 optimizer=optimizer_s * ratio)
     facets = row_facets(cm.setup.cluster.gpu, run.seq_tokens, case.pp, case.chunks, case.cp,
                         cm.setup.training.zero_stage, moe=cm.model.is_moe)
     return ValidationRow(case.label, "s", published_iteration_s(cal, case), predicted, note, parts, facets)

@@ -188,6 +188,33 @@ def test_multi_token_prediction_on_the_last_stage():
         TrainingSpec(tp=8, mtp_layers=1, zero_stage=3)
 
 
+
+def test_mtp_projection_collectives():
+    """eh_proj's TP collectives (Megatron-core): with SP its 2h input all-gathered forward and reduce-scattered
+    backward, and h all-gathered each way (the output gathered whole forward, its split's gradient backward); without
+    SP the output's gather forward and the input gradient's all-reduce (2h) backward; under full recompute the
+    backward replays the projection and its forward collectives."""
+    dense = load_model("llama3-70b")  # without SP: a dense model (MoE with TP needs SP)
+    cluster = load_cluster("hgx-h200").with_gpus(1024)
+    n, h = np.array([4096.0]), dense.hidden
+    for sp in (True, False):
+        c = CostModel(Setup(dense, cluster, TrainingSpec(tp=8, pp=4, mtp_layers=1, sequence_parallel=sp)), _PROFILE)
+        ag = [float(c._lookup("tp_all_gather", 4096.0 * w * h * 2)) for w in (0, 1, 2)]
+        rs2 = float(c._lookup("tp_reduce_scatter", 4096.0 * 2 * h * 2))
+        f, b = (float(np.asarray(x).ravel()[0]) for x in c._mtp_proj_tp_s(n))
+        want = (ag[2] + ag[1], rs2 + ag[1]) if sp else (ag[1], ag[2] + rs2)
+        assert (f, b) == pytest.approx(want, rel=1e-12)
+    m = load_model("deepseek-v3")
+    full = CostModel(Setup(m, cluster, TrainingSpec(tp=8, ep=8, pp=16, mtp_layers=1, recompute="full")), _PROFILE)
+    plain = CostModel(Setup(m, cluster, TrainingSpec(tp=8, ep=8, pp=16, recompute="full")), _PROFILE)
+    got, base = full.unit_cost([4096], with_head=True), plain.unit_cost([4096], with_head=True)
+    l = plain.layers_per_stage
+    layer_b = (base.bwd_compute_s + base.tp_comm_bwd_s + base.ring_exposed_bwd_s) / l
+    proj = float(full._lookup("gemm_mtp_proj", 4096))
+    pf, pb = (float(np.asarray(x).ravel()[0]) for x in full._mtp_proj_tp_s(n))
+    embed_b = float(full._lookup("mem_embed_bwd", 4096))
+    assert got.head_bwd_s == pytest.approx(2 * base.head_bwd_s + embed_b + 3 * proj + pb + pf + layer_b, rel=1e-9)
+
 def test_multi_token_prediction_in_the_simulated_peak():
     """One step re-simulated with an MTP depth: every rank's peak grows by its static parts' growth and its largest
     unit's tokens through one more layer (pp = 1: every rank holds the depth)."""

@@ -123,5 +123,10 @@ def test_shared_embedding_all_reduce_after_the_backward():
     assert bf16.embedding_sync_s() == pytest.approx(float(cm.p2p_s(nbytes / 2, True)))
     one_stage = CostModel(Setup(tied, cm.setup.cluster, TrainingSpec(tp=8, pp=1, zero_stage=3)), H100)
     assert one_stage.embedding_sync_s() == 0.0
+    # both stages in one domain (a 2-GPU stage, 4 stages on one node): the transfer over NVLink
+    small = dataclasses.replace(load_model("llama3-8b"), tied_embeddings=True)
+    near = CostModel(Setup(small, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=2, pp=4)), H100)
+    assert not near.setup.mesh.stages_in_different_domains(0, 3, 0)
+    assert near.embedding_sync_s() == pytest.approx(float(near.p2p_s(small.vocab / 2 * small.hidden * 4, False)))
     mtp = _cm(mtp_layers=1)  # untied, but MTP's embedding copy sits on the last stage
     assert mtp.embedding_sync_s() == pytest.approx(float(mtp.p2p_s(mtp.model.vocab / 4 * mtp.model.hidden * 4, True)))
