@@ -39,16 +39,32 @@ def window_pairs(s: ArrayLike, window: int) -> np.ndarray:
     return np.where(s <= w, causal_pairs(s), w * (w + 1) / 2 + (s - w) * w)
 
 
+def chunk_pairs(s: ArrayLike, chunk: int) -> np.ndarray:
+    """(query, key) pairs under chunked causal attention (Llama 4): ⌊s/c⌋ whole chunks' causal squares and the
+    remainder's, c(c+1)/2 each and r(r+1)/2."""
+    s = np.asarray(s, dtype=float)
+    c = float(chunk)
+    return np.floor(s / c) * causal_pairs(c) + causal_pairs(np.mod(s, c))
+
+
+def local_pairs(s: ArrayLike, model: ModelSpec) -> np.ndarray:
+    """(query, key) pairs of one of the model's local layers: its sliding window's band or its chunks' squares."""
+    if model.sliding_window:
+        return window_pairs(s, model.sliding_window)
+    return chunk_pairs(s, model.attention_chunk)
+
+
 def attention_flops_fwd(lengths: ArrayLike, model: ModelSpec, causal: bool = True,
                         causal_halved: bool = True) -> np.ndarray:
-    """Forward attention-core FLOPs of one layer (the mean over the layers, windowed and not), per document:
+    """Forward attention-core FLOPs of one layer (the mean over the layers, local and not), per document:
     2·pairs·n_q·(d_h + d_v) (QKᵀ and PV: 4·pairs·n_q·d_h but under MLA). Unhalved, a layer counts the full
-    square s², a windowed one 2·pairs − s, what the square would be under its window."""
+    square s², a local one 2·pairs − s, what the square would be under its window (the sum of its chunks'
+    squares)."""
     s = np.asarray(lengths, dtype=float)
     halved = causal and causal_halved
     pairs = causal_pairs(s) if halved else s * s
-    if model.sliding_window:
-        win = window_pairs(s, model.sliding_window)
+    if model.local_attention:
+        win = local_pairs(s, model)
         win = win if halved else 2 * win - s
         pairs = (1 - model.windowed_fraction) * pairs + model.windowed_fraction * win
     return 2.0 * pairs * (model.q_width + model.attn_out_width)

@@ -83,6 +83,9 @@ class ModelSpec:
     # sliding-window attention (Mistral 7B v0.1, Gemma 2 and 3, GPT-OSS): in a windowed layer each query attends
     # its `sliding_window` nearest keys, itself included; 0: full causal attention in every layer
     sliding_window: int = field(default=0, metadata=at_least(0))
+    # chunked attention (Llama 4): in a chunked layer the sequence is cut into chunks of `attention_chunk` tokens and
+    # each query attends causally within its own chunk; 0: none. A model has a window or chunks, not both
+    attention_chunk: int = field(default=0, metadata=at_least(0))
     full_attention_layers: int = field(default=0, metadata=at_least(0))  # layers that keep full attention
     # multi-head latent attention (DeepSeek-V2 and V3, Kimi K2; Megatron-core's MLASelfAttention): each head's K
     # and V are projected up from one latent of kv_lora_rank per token (kv_heads = heads), Q from a latent of
@@ -105,9 +108,12 @@ class ModelSpec:
         if (self.position == "learned") != (self.max_positions > 0):
             raise SpecError(f"{owner}: max_positions ({self.max_positions}) must be > 0 exactly when position is "
                             f"learned (position is {self.position!r})")
-        if self.full_attention_layers and not self.sliding_window:
+        if self.sliding_window and self.attention_chunk:
+            raise SpecError(f"{owner}: sliding_window ({self.sliding_window}) and attention_chunk "
+                            f"({self.attention_chunk}) both limit the local layers' keys; give one of them")
+        if self.full_attention_layers and not self.local_attention:
             raise SpecError(f"{owner}: full_attention_layers ({self.full_attention_layers}) needs a sliding_window "
-                            "(the other layers' window); set sliding_window or drop full_attention_layers")
+                            "or attention_chunk (the other layers' limit); set one or drop full_attention_layers")
         _check_at_most(owner, ("full_attention_layers", self.full_attention_layers), ("layers", self.layers))
         self._check_latent_attention(owner)
         if (self.dense_layers > 0) != (self.dense_ffn > 0):
@@ -223,9 +229,14 @@ class ModelSpec:
         return self.moe_fraction * self.experts * self.expert_params()
 
     @property
+    def local_attention(self) -> int:
+        """The local layers' limit on keys: the sliding window or the attention chunk (0: full attention)."""
+        return self.sliding_window or self.attention_chunk
+
+    @property
     def windowed_fraction(self) -> float:
-        """Share of the layers with sliding-window attention (0 without a window)."""
-        return (self.layers - self.full_attention_layers) / self.layers if self.sliding_window else 0.0
+        """Share of the layers with local attention, windowed or chunked (0 without either)."""
+        return (self.layers - self.full_attention_layers) / self.layers if self.local_attention else 0.0
 
     # -- parameter counts ------------------------------------------------------------------
     @property
@@ -376,6 +387,16 @@ class HFConfig:
     moe_layer_freq: int | None = field(default=None, metadata=positive())
     decoder_sparse_step: int | None = field(default=None, metadata=positive())
     mlp_only_layers: list[int] | None = None
+    # Llama 4: experts in every interleave_moe_layer_step-th layer (or the moe_layers listed), a shared expert of
+    # intermediate_size beside them, the other layers a dense MLP of intermediate_size_mlp
+    interleave_moe_layer_step: int | None = field(default=None, metadata=positive())
+    moe_layers: list[int] | None = None
+    intermediate_size_mlp: int | None = field(default=None, metadata=positive())
+    # Llama 4's chunked attention: chunks of attention_chunk_size in the RoPE layers; the NoPE ones (no_rope_layers
+    # 0, by default every no_rope_layer_interval-th; or layer_types "full_attention") attend over the whole sequence
+    attention_chunk_size: int | None = field(default=None, metadata=positive())
+    no_rope_layers: list[int] | None = None
+    no_rope_layer_interval: int | None = field(default=None, metadata=positive())
     # multi-head latent attention (DeepSeek-V2/V3, Kimi K2): a Q/K head is qk_nope_head_dim + qk_rope_head_dim wide
     kv_lora_rank: int | None = field(default=None, metadata=at_least(0))
     q_lora_rank: int | None = field(default=None, metadata=at_least(0))  # None: Q straight from h (V2-Lite)
@@ -422,10 +443,6 @@ class HFConfig:
         if missing:
             raise SpecError(f"{origin}: not a decoder config, missing {missing}")
         kind = d.get("model_type") or ""
-        if kind.startswith("llama4"):
-            raise SpecError(f"{origin}: Llama 4 ({kind}) is not modelled: its chunked attention, NoPE layers and "
-                            "interleaved MoE layers with a shared expert would be misread; describe it as a "
-                            "ModelSpec JSON")
         if "sliding_window" not in d and (kind == "mistral" or kind.startswith("qwen") and d.get("use_sliding_window")):
             d = {**d, "sliding_window": 4096}  # transformers' MistralConfig and Qwen2Config default
         return Reader(origin, SpecError).build(cls, d, ignore_unknown=True)
@@ -435,11 +452,19 @@ class HFConfig:
         n = next((x for x in (self.num_local_experts, self.num_experts, self.n_routed_experts) if x is not None), 0)
         return n or 1
 
+    @property
+    def is_llama4(self) -> bool:
+        return (self.model_type or "").startswith("llama4")
+
     def dense_layer_indices(self) -> list[int]:
         """Layers with a dense MLP where others have routed experts, by the family's rule (the fields' comments);
         every layer for a dense model."""
         if self.experts <= 1:
             return list(range(self.num_hidden_layers))
+        if self.moe_layers is not None or self.interleave_moe_layer_step:  # Llama 4
+            k = self.interleave_moe_layer_step or 1
+            moe = set(self.moe_layers if self.moe_layers is not None else range(k - 1, self.num_hidden_layers, k))
+            return [i for i in range(self.num_hidden_layers) if i not in moe]
         first, freq = self.first_k_dense_replace or 0, self.moe_layer_freq or 1
         step, dense = self.decoder_sparse_step or 1, set(self.mlp_only_layers or ())
         return [i for i in range(self.num_hidden_layers)
@@ -467,8 +492,25 @@ class HFConfig:
             full = layers // 2 if self.model_type == "gemma2" else 0
         return (0, 0) if full >= layers else (self.sliding_window, full)
 
+    def attention_chunking(self) -> tuple[int, int]:
+        """(attention_chunk, full_attention_layers) of the ModelSpec; (0, 0): no chunked attention. Llama 4's NoPE
+        layers attend over the whole sequence, its RoPE layers within chunks (transformers' Llama4TextConfig)."""
+        if not self.attention_chunk_size:
+            return 0, 0
+        layers = self.num_hidden_layers
+        if self.layer_types is not None:
+            full = sum(t == "full_attention" for t in self.layer_types)
+        elif self.no_rope_layers is not None:
+            full = sum(not x for x in self.no_rope_layers)
+        else:
+            full = layers // (self.no_rope_layer_interval or 4)
+        return (0, 0) if full >= layers else (self.attention_chunk_size, full)
+
     def shared_expert_width(self) -> int:
-        """A shared expert's width: Qwen2-MoE's, or DeepSeek's n_shared_experts of moe_intermediate_size (one MLP)."""
+        """A shared expert's width: Qwen2-MoE's, DeepSeek's n_shared_experts of moe_intermediate_size (one MLP), or
+        Llama 4's one of intermediate_size."""
+        if self.is_llama4:
+            return self.intermediate_size
         if self.shared_expert_intermediate_size is not None:
             return self.shared_expert_intermediate_size
         return (self.n_shared_experts or 0) * (self.moe_intermediate_size or self.intermediate_size)
@@ -487,6 +529,7 @@ class HFConfig:
         moe = len(dense) < self.num_hidden_layers
         dense_layers = len(dense) if moe else 0
         window, full_layers = self.attention_window()
+        chunk, chunk_full = self.attention_chunking()
         heads = dict(kv_heads=self.num_key_value_heads or self.num_attention_heads,
                      head_dim=self.head_dim or self.hidden_size // self.num_attention_heads)
         return ModelSpec(
@@ -496,10 +539,12 @@ class HFConfig:
             vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts if moe else 1,
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
             shared_expert_ffn=self.shared_expert_width() if moe else 0,
-            dense_layers=dense_layers, dense_ffn=self.intermediate_size if dense_layers else 0,
+            dense_layers=dense_layers,
+            dense_ffn=(self.intermediate_size_mlp or self.intermediate_size) if dense_layers else 0,
             dense_layers_first=dense == list(range(len(dense))),
             qkv_bias=self.attention_bias or "Qwen2" in self.architecture,
-            sliding_window=window, full_attention_layers=full_layers, source=source)
+            sliding_window=window, attention_chunk=chunk, full_attention_layers=full_layers or chunk_full,
+            source=source)
 
 
 @dataclass(frozen=True)

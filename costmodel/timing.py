@@ -453,19 +453,28 @@ class CostModel:
         return self._lookup("attn_doc_bwd" if whole else "attn_bwd", doc_len)
 
     def attn_window_x(self, doc_len: np.ndarray | float, direction: str) -> np.ndarray:
-        """What a sliding window makes of a document's attention time, over the stage's layers (1 without one):
-        (1 − φ) + φ·t_w(s)/t(s), φ the windowed layers' share. A windowed layer computes the band of w keys
+        """What local attention makes of a document's attention time, over the stage's layers (1 without it):
+        (1 − φ) + φ·t_w(s)/t(s), φ the local layers' share. A windowed layer computes the band of w keys
         behind each query: w(w+1)/2 + (s − w)·w pairs, as the causal square of w and (s − w)/w more such squares'
         worth at twice the pairs; the kernel runs it in w-long blocks, so at the rate of length w:
         t_w(s) = t(w)·(1 + 2(s − w)/w) for s > w, t(s) up to w [assumption: FlashAttention's window kernels skip
-        the blocks outside the band, as its causal mask does]. The layers are mixed in every stage at φ."""
+        the blocks outside the band, as its causal mask does]. A chunked layer (Llama 4) runs ⌊s/c⌋ causal squares
+        of c and the remainder's, each a document of its own: t_c(s) = ⌊s/c⌋·t(c) + t(s mod c). The layers are
+        mixed in every stage at φ."""
         s = np.asarray(doc_len, dtype=float)
-        w, phi = float(self.model.sliding_window), self.model.windowed_fraction
+        m, phi = self.model, self.model.windowed_fraction
         if not phi or self.unfused_attention:  # materialised scores: the whole square is computed, then masked
             return np.ones_like(s)
         t = self._attn_table(direction)
-        band = np.where(s > w, t(w) * (1.0 + 2.0 * (s - w) / w) / t(np.maximum(s, 1.0)), 1.0)
-        return (1.0 - phi) + phi * np.minimum(band, 1.0)  # never above the full square's time
+        whole = t(np.maximum(s, 1.0))
+        if m.sliding_window:
+            w = float(m.sliding_window)
+            local = np.where(s > w, t(w) * (1.0 + 2.0 * (s - w) / w), whole)
+        else:
+            c = float(m.attention_chunk)
+            rest = np.mod(s, c)
+            local = np.where(s > c, np.floor(s / c) * t(c) + np.where(rest > 0, t(np.maximum(rest, 1.0)), 0.0), whole)
+        return (1.0 - phi) + phi * np.minimum(local / whole, 1.0)  # never above the full square's time
 
     def doc_attn_s(self, doc_len: np.ndarray | float, direction: str) -> np.ndarray:
         """One layer's attention core of whole documents on one rank (forward or backward), at the table's rate,
@@ -572,7 +581,7 @@ class CostModel:
         whole = d_doc == 1
         t_f = np.where(whole, self.attn_fwd_s(kernel_len, True), self.attn_fwd_s(kernel_len))
         t_b = np.where(whole, self.attn_bwd_s(kernel_len, True), self.attn_bwd_s(kernel_len))
-        if self.model.sliding_window:  # each document's band of keys, whichever rank computes which part of it
+        if self.model.windowed_fraction:  # each document's local keys, whichever rank computes which part of it
             t_f, t_b = t_f * self.attn_window_x(s, "fwd"), t_b * self.attn_window_x(s, "bwd")
         tokens, attn_f, attn_b = _segment_sums(
             np.stack([per_rank, t_f * squares * ring_doc / u_doc, t_b * squares * ring_doc / u_doc]), starts, counts)

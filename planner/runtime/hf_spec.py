@@ -28,12 +28,13 @@ def read_hf_config(path: str | Path) -> dict:
 
 
 def check_attention_window(spec: ModelSpec, plan: Plan, where: str) -> None:
-    """PlanError if `spec` windows attention shorter than the plan's longest sequence: the replay's attention is full
-    causal, which is the same where the window covers every sequence (costmodel.specs.HFConfig.attention_window
-    gives a HF model's window)."""
+    """PlanError if `spec` windows or chunks attention shorter than the plan's longest sequence: the replay's
+    attention is full causal, which is the same where the window (chunk) covers every sequence
+    (costmodel.specs.HFConfig.attention_window gives a HF model's)."""
     longest = max(q.length for st in plan.steps for q in st.sequences)
-    if spec.windowed_fraction and spec.sliding_window < longest:
-        raise PlanError(f"{where}: sliding_window {spec.sliding_window} is shorter than the plan's longest sequence "
+    if spec.windowed_fraction and spec.local_attention < longest:
+        kind = "sliding_window" if spec.sliding_window else "attention_chunk"
+        raise PlanError(f"{where}: {kind} {spec.local_attention} is shorter than the plan's longest sequence "
                         f"({longest} tokens) and the replay's attention is full causal; plan shorter sequences")
 
 

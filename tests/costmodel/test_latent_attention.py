@@ -236,10 +236,9 @@ def test_multi_token_prediction_in_the_simulated_peak():
     assert b - a == pytest.approx(biggest * mtp.a_tok, rel=1e-9)
 
 
-def test_kimi_k2_from_a_multimodal_wrapper_and_llama4_refused(tmp_path):
+def test_kimi_k2_from_a_multimodal_wrapper(tmp_path):
     """Kimi K2's language model (DeepSeek-V3's architecture: 64 heads, 384 experts, one dense layer) read from a
-    Kimi-K2.5-style config that nests it in text_config; published 1T parameters, 32B activated. Llama 4's
-    chunked attention and interleaved MoE layers are refused rather than misread."""
+    Kimi-K2.5-style config that nests it in text_config; published 1T parameters, 32B activated."""
     text = {**DEEPSEEK_V3, "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64,
             "n_routed_experts": 384, "first_k_dense_replace": 1, "vocab_size": 163840}
     m = _hf(tmp_path, {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
@@ -247,8 +246,34 @@ def test_kimi_k2_from_a_multimodal_wrapper_and_llama4_refused(tmp_path):
     preset = load_model("kimi-k2")
     assert dataclasses.replace(m, name=preset.name, source=preset.source) == preset
     assert m.parameters == pytest.approx(1.0e12, rel=0.03) and m.active_parameters == pytest.approx(32e9, rel=0.03)
-    with pytest.raises(SpecError, match="Llama 4 \\(llama4_text\\) is not modelled"):
-        _hf(tmp_path, {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
-                       "text_config": {"model_type": "llama4_text", "num_hidden_layers": 48, "hidden_size": 5120,
-                                       "num_attention_heads": 40, "intermediate_size": 8192, "vocab_size": 202048,
-                                       "num_local_experts": 16, "interleave_moe_layer_step": 1}})
+
+
+LLAMA4_MAVERICK = {"model_type": "llama4_text", "num_hidden_layers": 48, "hidden_size": 5120, "num_attention_heads": 40,
+                   "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+                   "vocab_size": 202048, "num_local_experts": 128, "num_experts_per_tok": 1,
+                   "interleave_moe_layer_step": 2, "attention_chunk_size": 8192, "tie_word_embeddings": False}
+
+
+def test_llama4_from_its_configs(tmp_path):
+    """Llama 4 (transformers' Llama4TextConfig inside Llama4ForConditionalGeneration's text_config): experts in every
+    interleave_moe_layer_step-th layer beside a shared expert of intermediate_size, the other layers a dense MLP of
+    intermediate_size_mlp; chunked attention in the RoPE layers, whole-sequence in the NoPE ones (every 4th by
+    default). Maverick: published 400B parameters, 17B active; Scout 109B with its vision encoder, 17B active."""
+    wrap = lambda text: {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",  # noqa: E731
+                         "text_config": text, "vision_config": {"model_type": "llama4_vision_model"}}
+    for name, text, total in (("llama4-maverick", LLAMA4_MAVERICK, 400e9),
+                              ("llama4-scout", {**LLAMA4_MAVERICK, "num_local_experts": 16,
+                                                "interleave_moe_layer_step": 1}, 109e9)):
+        m = _hf(tmp_path, wrap(text))
+        preset = load_model(name)
+        assert dataclasses.replace(m, name=preset.name, source=preset.source) == preset
+        assert m.parameters == pytest.approx(total, rel=0.02) and m.active_parameters == pytest.approx(17e9, rel=0.02)
+        assert (m.attention_chunk, m.full_attention_layers, m.windowed_fraction) == (8192, 12, 0.75)
+    maverick = load_model("llama4-maverick")
+    assert (maverick.dense_layers, maverick.dense_ffn, maverick.dense_layers_first) == (24, 16384, False)
+    # the NoPE layers as listed (no_rope_layers 0), or as layer_types name them; an explicit moe_layers list
+    listed = _hf(tmp_path, {**LLAMA4_MAVERICK, "no_rope_layers": [0] * 6 + [1] * 42, "moe_layers": [0, 1, 2]})
+    assert (listed.full_attention_layers, listed.dense_layers) == (6, 45)
+    typed = _hf(tmp_path, {**LLAMA4_MAVERICK, "layer_types": ["full_attention"] * 2 + ["chunked_attention"] * 46})
+    assert typed.full_attention_layers == 2
+    assert _hf(tmp_path, {**LLAMA4_MAVERICK, "attention_chunk_size": None}).attention_chunk == 0

@@ -572,6 +572,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     (tmp_path / "tp.json").write_text(json.dumps(tp))
     (tmp_path / "odd_vocab.json").write_text(json.dumps({**DEEP_TIED, "name": "odd-vocab", "vocab": 255}))
     (tmp_path / "windowed.json").write_text(json.dumps({**DEEP_TIED, "name": "windowed", "sliding_window": 16}))
+    (tmp_path / "chunked.json").write_text(json.dumps({**DEEP_TIED, "name": "chunked", "attention_chunk": 16}))
     tp2 = json.loads(text)
     tp2["mesh"] = {"world_size": 6, "tp": 2, "pp": 1, "hdp": 3}
     (tmp_path / "tp2.json").write_text(json.dumps(tp2))
@@ -607,6 +608,7 @@ def _corrupt_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["mtp.json", "--nproc", "3"], "the replay runs no MTP depths"),
             (["gpt.json", "--nproc", "3"], "replay builds Llama-style blocks"),
             (["good.json", "--nproc", "3", "--model", "windowed.json"], "sliding_window 16 is shorter than the plan's"),
+            (["good.json", "--nproc", "3", "--model", "chunked.json"], "attention_chunk 16 is shorter than the plan's"),
             (["sliced.json", "--nproc", "4", "--recompute", "full"], "with sliced units (slices > 1) is not"),
             (["good.json", "--nproc", "3", "--recompute", "auto"], "--recompute is 'auto'; the replay applies one of"),
             (["good.json", "--nproc", "3", "--dtype", "fp16"], "unknown --dtype 'fp16'"),
