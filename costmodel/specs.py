@@ -445,6 +445,8 @@ class HFConfig:
         kind = d.get("model_type") or ""
         if "sliding_window" not in d and (kind == "mistral" or kind.startswith("qwen") and d.get("use_sliding_window")):
             d = {**d, "sliding_window": 4096}  # transformers' MistralConfig and Qwen2Config default
+        if kind.startswith("llama4") and "attention_chunk_size" not in d:
+            d = {**d, "attention_chunk_size": 8192}  # transformers' Llama4TextConfig default (null: no chunks)
         return Reader(origin, SpecError).build(cls, d, ignore_unknown=True)
 
     @property
@@ -461,7 +463,7 @@ class HFConfig:
         every layer for a dense model."""
         if self.experts <= 1:
             return list(range(self.num_hidden_layers))
-        if self.moe_layers is not None or self.interleave_moe_layer_step:  # Llama 4
+        if self.is_llama4:  # every interleave_moe_layer_step-th layer, or those moe_layers lists
             k = self.interleave_moe_layer_step or 1
             moe = set(self.moe_layers if self.moe_layers is not None else range(k - 1, self.num_hidden_layers, k))
             return [i for i in range(self.num_hidden_layers) if i not in moe]
@@ -492,6 +494,11 @@ class HFConfig:
             full = layers // 2 if self.model_type == "gemma2" else 0
         return (0, 0) if full >= layers else (self.sliding_window, full)
 
+    def dense_width(self, expert: bool) -> int:
+        """An expert's width (`expert`), else a dense MLP's: intermediate_size, but Llama 4's dense layers run
+        intermediate_size_mlp."""
+        return self.intermediate_size if expert else (self.intermediate_size_mlp or self.intermediate_size)
+
     def attention_chunking(self) -> tuple[int, int]:
         """(attention_chunk, full_attention_layers) of the ModelSpec; (0, 0): no chunked attention. Llama 4's NoPE
         layers attend over the whole sequence, its RoPE layers within chunks (transformers' Llama4TextConfig)."""
@@ -500,8 +507,8 @@ class HFConfig:
         layers = self.num_hidden_layers
         if self.layer_types is not None:
             full = sum(t == "full_attention" for t in self.layer_types)
-        elif self.no_rope_layers is not None:
-            full = sum(not x for x in self.no_rope_layers)
+        elif self.no_rope_layers:  # 1: the layer uses RoPE (chunked); empty: the default, as transformers reads it
+            full = sum(not x for x in self.no_rope_layers[:layers])
         else:
             full = layers // (self.no_rope_layer_interval or 4)
         return (0, 0) if full >= layers else (self.attention_chunk_size, full)
@@ -535,12 +542,12 @@ class HFConfig:
         return ModelSpec(
             name=name, layers=self.num_hidden_layers, hidden=self.hidden_size, heads=self.num_attention_heads,
             **{**heads, **self.latent_attention()},
-            ffn=self.moe_intermediate_size if moe and self.moe_intermediate_size else self.intermediate_size,
+            ffn=self.moe_intermediate_size if moe and self.moe_intermediate_size else self.dense_width(moe),
             vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts if moe else 1,
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
             shared_expert_ffn=self.shared_expert_width() if moe else 0,
             dense_layers=dense_layers,
-            dense_ffn=(self.intermediate_size_mlp or self.intermediate_size) if dense_layers else 0,
+            dense_ffn=self.dense_width(False) if dense_layers else 0,
             dense_layers_first=dense == list(range(len(dense))),
             qkv_bias=self.attention_bias or "Qwen2" in self.architecture,
             sliding_window=window, attention_chunk=chunk, full_attention_layers=full_layers or chunk_full,

@@ -57,7 +57,6 @@ def test_sliding_window_pairs_and_flops_by_hand():
     assert flops.attention_flops_fwd(4, m) == flops.attention_flops_fwd(4, load_model("tiny"))
 
 
-
 def test_chunked_attention_pairs_and_flops_by_hand():
     # chunks of 4: s = 10 is two causal squares of 4 (10 pairs each) and one of 2 (3 pairs)
     assert flops.chunk_pairs(10, 4) == 23 and flops.chunk_pairs(8, 4) == 20 and flops.chunk_pairs(3, 4) == 6
@@ -66,6 +65,7 @@ def test_chunked_attention_pairs_and_flops_by_hand():
     assert flops.attention_flops_fwd(10, m) == pytest.approx(4 * q * (0.5 * 55 + 0.5 * 23))
     # unhalved: a chunked layer counts its chunks' squares, 16 + 16 + 4 = 2·23 − 10
     assert flops.attention_flops_fwd(10, m, causal_halved=False) == pytest.approx(4 * q * (0.5 * 100 + 0.5 * 36))
+
 
 def test_mtp_depths_in_the_training_flops():
     """An MTP depth adds, 3× forward, one more decoder layer as the last stage holds them (DeepSeek-V3 on 16 stages:

@@ -277,3 +277,9 @@ def test_llama4_from_its_configs(tmp_path):
     typed = _hf(tmp_path, {**LLAMA4_MAVERICK, "layer_types": ["full_attention"] * 2 + ["chunked_attention"] * 46})
     assert typed.full_attention_layers == 2
     assert _hf(tmp_path, {**LLAMA4_MAVERICK, "attention_chunk_size": None}).attention_chunk == 0
+    # transformers' defaults: an empty no_rope_layers is every 4th layer NoPE; a missing chunk size is 8192
+    default = {k: v for k, v in LLAMA4_MAVERICK.items() if k != "attention_chunk_size"}
+    assert _hf(tmp_path, {**default, "no_rope_layers": []}) == _hf(tmp_path, LLAMA4_MAVERICK)
+    # a Llama 4 without MoE layers: every layer the dense MLP of intermediate_size_mlp
+    dense = _hf(tmp_path, {**LLAMA4_MAVERICK, "moe_layers": []})
+    assert (dense.experts, dense.ffn, dense.shared_expert_ffn) == (1, 16384, 0)

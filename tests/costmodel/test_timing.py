@@ -143,7 +143,6 @@ def test_another_attention_kernel_scales_the_attention_core_only():
     assert fa2.tp_comm_fwd_s == fa3.tp_comm_fwd_s
 
 
-
 def test_chunked_attention_prices_each_chunk_as_a_document(cm):
     """Llama 4's chunked layers: a 20K document in chunks of 8K is two 8K causal squares and a 3,616-token one, each
     at its own length's rate; one layer of four attends over the whole sequence (φ = 3/4); up to a chunk, nothing
@@ -153,7 +152,7 @@ def test_chunked_attention_prices_each_chunk_as_a_document(cm):
     t = lambda s: float(cm.attn_bwd_s(float(s)))  # noqa: E731
     want = 0.25 + 0.75 * (2 * t(8192) + t(20000 - 2 * 8192)) / t(20000)
     assert float(ch.attn_window_x(20000.0, "bwd")) == pytest.approx(want, rel=1e-12)
-    assert float(ch.attn_window_x(8192.0, "fwd")) == 1.0
+    assert float(ch.attn_window_x(8192.0, "fwd")) == 1.0 and float(ch.attn_window_x(5000.0, "bwd")) == 1.0
     whole = float(ch.attn_window_x(2 * 8192.0, "fwd"))  # no remainder: two squares of 8K
     assert whole == pytest.approx(0.25 + 0.75 * 2 * float(cm.attn_fwd_s(8192.0)) / float(cm.attn_fwd_s(16384.0)))
     cp1, cp8 = cm.unit_cost([8 * 32768], 8), ch.unit_cost([8 * 32768], 8)
@@ -161,6 +160,7 @@ def test_chunked_attention_prices_each_chunk_as_a_document(cm):
                                                                                                    "fwd")), rel=1e-9)
     with pytest.raises(SpecError, match="sliding_window \\(4096\\) and attention_chunk \\(8192\\) both"):
         dataclasses.replace(chunked, sliding_window=4096)
+
 
 def test_sliding_window_prices_the_band_of_keys(cm):
     # Mistral 7B v0.1's shape: every layer a 4K window; a 32K document's attention is the 4K causal square and 7
