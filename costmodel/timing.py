@@ -22,7 +22,7 @@ from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
                               params_per_rank, sharded_state_params, stage_parts)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
-from costmodel.specs import ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
+from costmodel.specs import DTYPE_BYTES, ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
 
 CONTEXT_PARALLEL_KINDS: tuple[str, ...] = get_args(ContextParallel)  # a unit's `cp` values
@@ -890,7 +890,7 @@ class CostModel:
             return 0.0, 0.0
         tr, mesh = self.setup.training, self.setup.mesh
         scope = "inter" if mesh.spans_domains([0, (group - 1) * stride]) else "intra"
-        gb, pb = 4 if tr.grad_dtype == "fp32" else 2, tr.dtype_bytes
+        gb, pb = DTYPE_BYTES[tr.grad_dtype], tr.dtype_bytes
         at_once = min(self.tp * stride, mesh.gpus_per_domain)
         if tr.zero_stage >= 1:
             gathered = params * pb - fp8_params * (pb - 1)  # the fp8 GEMMs' weights travel in fp8, 1 B each
@@ -924,13 +924,13 @@ class CostModel:
         all-reduce run after the backward, never hidden."""
         d = hdp_ranks or self.setup.hdp
         tr = self.setup.training
-        amax = self.fp8_amax_sync_s(d) + self.embedding_sync_s()
+        after = self.fp8_amax_sync_s(d) + self.embedding_sync_s()  # never hidden
         reduce_s, gather_s = self._grad_sync_parts_s(d)
         bucket = min(1.0, DDP_BUCKET_PARAMS / params_per_rank(self.setup))
         if tr.overlap_param_gather:
             gather_s *= bucket
         if not tr.overlap_grad_reduce:
-            return reduce_s + gather_s + amax
+            return reduce_s + gather_s + after
         if shares is None:  # a chunk's gradients: the stage's over its chunks
             shares = [1.0 / len(last_backwards_s)] * len(last_backwards_s)
         if len(shares) != len(last_backwards_s):
@@ -939,7 +939,7 @@ class CostModel:
         for (start, end), x in sorted(zip(last_backwards_s, shares), key=lambda w: w[0][1]):
             share = reduce_s * x
             done = max(max(start, done) + share, end + min(share, reduce_s * bucket))
-        return max(0.0, done) + gather_s + amax
+        return max(0.0, done) + gather_s + after
 
     def fp8_amax_sync_s(self, hdp_ranks: int | None = None) -> float:
         """fp8 delayed scaling's amax reduction (0 otherwise): Transformer Engine all-reduces (max) the current
@@ -963,7 +963,7 @@ class CostModel:
         m, tr, mesh = self.model, self.setup.training, self.setup.mesh
         if self.pp <= 1 or not (m.tied_embeddings or tr.mtp_layers):
             return 0.0
-        nbytes = m.vocab / self.tp * m.hidden * (4 if tr.grad_dtype == "fp32" else 2)
+        nbytes = m.vocab / self.tp * m.hidden * DTYPE_BYTES[tr.grad_dtype]
         return float(self.p2p_s(nbytes, mesh.stages_in_different_domains(0, self.pp - 1, 0)))
 
     def optimizer_step_s(self, hdp_ranks: int | None = None) -> float:
@@ -978,7 +978,7 @@ class CostModel:
             passes = [p * FSDP2_OPTIMIZER_BYTES if tr.zero_stage == 3
                       else params_per_rank(self.setup) * REPLAY_OPTIMIZER_BYTES]
         else:
-            grad_bytes = 4 if tr.grad_dtype == "fp32" else 2
+            grad_bytes = DTYPE_BYTES[tr.grad_dtype]
             passes = [p * (MEGATRON_OPTIMIZER_BYTES + (MEGATRON_BF16_GRAD_CAST_BYTES if grad_bytes == 2 else 0))]
             if tr.zero_stage < 3:
                 passes.append(params_per_rank(self.setup) * grad_bytes)
