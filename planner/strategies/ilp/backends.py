@@ -214,6 +214,7 @@ def _solve_cbc(lm: LinearModel, x0: np.ndarray | None, limit_s: float, effort: E
                                gapRel=REL_GAP, warmStart=x0 is not None, logPath=None if verbose else str(log),
                                threads=1, maxNodes=None if effort is None else effort.nodes(
                                    sum(len(r[0]) for r in lm.rows)))
+        solver.tmpDir = tmp  # pulp's MPS and solution files: gone with tmp even when CBC exits abnormally
         try:
             prob.solve(solver)
         except pulp.PulpSolverError as e:  # the CBC binary exited abnormally (it can crash mid-search)

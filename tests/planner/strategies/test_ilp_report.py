@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +81,15 @@ def test_cbc_exiting_abnormally_is_an_error_with_its_reason(tmp_path, monkeypatc
     fake.write_text("#!/bin/sh\nkill -SEGV $$\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(cbcbox, "cbc_bin_path", lambda: str(fake))
+    scratch = tmp_path / "tmp"  # where pulp and tempfile write: nothing may be left there
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     items, tab, hdp, C = _model([6000, 6000, 6000])
     sol = ilp.solve("cbc", ilp.build_model(items, tab, hdp, C).lm, None, 5)
     assert sol.status == "error" and sol.x is None and sol.note.startswith("CBC exited abnormally")
     assert "\n" not in sol.note
+    assert list(scratch.iterdir()) == []  # pulp's MPS file went with the solver's temporary directory
 
 
 def _model(lengths, gpus=4):
