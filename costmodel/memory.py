@@ -183,8 +183,8 @@ def _fp8_saved_bytes_per_token(model: ModelSpec, recompute: Recompute) -> tuple[
     Transformer Engine keeps an fp8 GEMM's input for its wgrad as the fp8 cast (1 B, TE's inputmat_t / the norm's
     fp8 ln_out) instead of the bf16 tensor: the QKV and MLP inputs (the norms' outputs, h each), and the down
     projection's input (f); the output projection's fp8 input (q) is kept beside the bf16 attention output the
-    attention core saves. MoE: the router needs the MLP input in bf16, its dispatched rows are counted in bf16
-    (costmodel.moe) [conservative]; a shared expert's first GEMM keeps its own fp8 copy of that input (h more).
+    attention core saves. MoE: the router needs the MLP input in bf16; its dispatched rows are fp8 casts too
+    (costmodel.moe); a shared expert's first GEMM keeps its own fp8 copy of that input (h more).
     Full recompute keeps only the layer input; selective does not keep the down projection's input of a gated
     MLP."""
     if recompute == "full":
@@ -229,7 +229,7 @@ def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recom
         norms, rest = _fp8_saved_bytes_per_token(model, recompute)
         replicated, sharded = replicated - norms, sharded - rest
     moe = moe_activation_bytes_per_token(model, experts or ExpertLayout(tp=tp, sequence_parallel=sequence_parallel),
-                                         recompute, dtype_bytes)
+                                         recompute, dtype_bytes, fp8)
     if sequence_parallel:
         return (replicated + sharded) / tp + moe
     if recompute == "full":  # the layer input is whole on every TP rank

@@ -147,19 +147,21 @@ def moe_kernels(model: ModelSpec, layout: ExpertLayout, dtype_bytes: int, direct
 
 
 def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recompute: Recompute,
-                                   dtype_bytes: int = 2) -> float:
+                                   dtype_bytes: int = 2, fp8: bool = False) -> float:
     """Saved activations of one MoE layer per token of the TP group on the busiest rank, beyond what
     costmodel.memory counts for a dense layer of k MLPs (its 2h/tp MLP input is the router's input here): the
-    dispatched rows the experts keep for their weight gradients, 2h·G·k·cf/ep; the expert outputs the routing
-    weights multiply, kept for the weights' gradient (all-to-all: back on the rank's own k·s/tp rows; all-gather:
-    its k·cf·s/ep rows); and the MLP's inner terms (SwiGLU 6f, 4f under selective; ungated 4f) × (cf − 1)/tp.
-    Full recompute keeps only the layer input: nothing more."""
+    dispatched rows the experts keep for their weight gradients, 2h·G·k·cf/ep (fp8: h·G·k·cf/ep, Transformer
+    Engine's GroupedLinear keeps the columnwise fp8 cast of its input, not the bf16 rows); the expert outputs the
+    routing weights multiply, kept for the weights' gradient (all-to-all: back on the rank's own k·s/tp rows;
+    all-gather: its k·cf·s/ep rows, bf16); and the MLP's inner terms (SwiGLU 6f, 4f under selective; ungated 4f)
+    × (cf − 1)/tp. Full recompute keeps only the layer input: nothing more."""
     if not model.is_moe or recompute == "full":
         return 0.0
     scale = dtype_bytes / 2.0
     h, f, k, cf = model.hidden, model.ffn, model.top_k, layout.capacity_factor
-    dispatched = 2 * h * layout.groups * k * cf / layout.ep
-    combined = 2 * h * k / layout.tp if layout.all_to_all else dispatched
+    rows = h * layout.groups * k * cf / layout.ep
+    dispatched = (1.0 / scale if fp8 else 2.0) * rows  # fp8: 1 B whatever the storage dtype
+    combined = 2 * h * k / layout.tp if layout.all_to_all else 2.0 * rows
     inner = swiglu_saved_bytes_per_f(recompute) * f if model.gated else 4 * f
     return (dispatched + combined + inner * k * (cf - 1.0) / layout.tp) * scale
 

@@ -143,6 +143,19 @@ def test_expert_states_sharded_by_ep_etp_and_activations_by_ep(mixtral, profile)
     assert a[1] - a[8] == pytest.approx((4 * H * K) - (2 * H * K / 8 + 2 * H * K / 8))
 
 
+def test_fp8_keeps_the_dispatched_rows_as_fp8_casts(mixtral):
+    # Transformer Engine's GroupedLinear saves the columnwise fp8 cast of its input for the weight gradient: the
+    # dispatched rows cost h·G·k/ep bytes per token in fp8 where bf16 keeps 2h·G·k/ep; the combined outputs and
+    # the imbalance terms stay bf16
+    from costmodel.moe import moe_activation_bytes_per_token
+
+    for lay in (ExpertLayout(tp=8, ep=8), ExpertLayout(tp=1, ep=8, etp=1, capacity_factor=1.25)):
+        bf16 = moe_activation_bytes_per_token(mixtral, lay, "none", 2)
+        fp8 = moe_activation_bytes_per_token(mixtral, lay, "none", 2, fp8=True)
+        assert bf16 - fp8 == pytest.approx(H * lay.groups * K * lay.capacity_factor / lay.ep)
+    assert moe_activation_bytes_per_token(mixtral, ExpertLayout(tp=8, ep=8), "full", 2, fp8=True) == 0.0
+
+
 def test_mixtral_8x22b_ep8_plan_validated_and_simulated():
     from planner.api import PlanRequest, cost_model_for_plan, make_plan
     from planner.plan import Plan, validate
