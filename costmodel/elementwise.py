@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from costmodel.specs import ModelSpec, Recompute
+from costmodel.specs import LossKernel, ModelSpec, Recompute
 
 # The optimizer step, bytes per parameter the rank updates (its ZeRO shard, or all of them), by who runs it.
 # Megatron-core's (DistributedOptimizer / Float16Optimizer.step, Adam over fp32 master weights): the gradients' L2
@@ -220,23 +220,23 @@ def score_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tuple[M
     return tuple(out)
 
 
-def head_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int, fused_loss: bool,
+def head_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtype_bytes: int, loss: LossKernel,
                  direction: str) -> tuple[MemKernel, ...]:
-    """Last stage: the final norm and the vocab-parallel softmax cross-entropy over V/t logits per token. A fused
-    online-softmax loss reads the logits once and recomputes. Megatron's (megatron/core/tensor_parallel/
-    cross_entropy.py) works in fp32, per logit: forward the cast (b + 4), the max (4), the in-place shift (4 + 4),
-    exp (4 + 4), its sum (4) and the in-place division that leaves the softmax kept for the backward (4 + 4);
-    backward the in-place scaling by the loss gradient (4 + 4) and the cast back (4 + b)."""
+    """Last stage: the final norm and the vocab-parallel softmax cross-entropy over V/t logits per token. An
+    online-softmax loss reads the logits once and recomputes (b forward, 2b backward). An in-place one (Transformer
+    Engine's parallel_cross_entropy, transformer_engine/pytorch/triton/cross_entropy.py) reads each row for its
+    online max and sum, then again to write the gradient into it (3b), and backward scales it in place by the loss
+    gradient (2b). Megatron's fp32 one (megatron/core/tensor_parallel/cross_entropy.py), per logit: forward the cast
+    (b + 4), the max (4), the in-place shift (4 + 4), exp (4 + 4), its sum (4) and the in-place division that leaves
+    the softmax kept for the backward (4 + 4); backward the in-place scaling by the loss gradient (4 + 4) and the
+    cast back (4 + b)."""
     b = float(dtype_bytes)
     hidden = model.hidden / (tp if sequence_parallel else 1)
     vocab = model.vocab / tp
     fwd = direction == "fwd"
     norm = MemKernel("final_norm", hidden * (2 * b if fwd else 3 * b))
-    if fused_loss:
-        ce = MemKernel("cross_entropy", vocab * (b if fwd else 2 * b))
-    else:
-        ce = MemKernel("cross_entropy", vocab * ((b + 36) if fwd else (12 + b)))
-    return norm, ce
+    per_logit = {"online": (b, 2 * b), "in_place": (3 * b, 2 * b), "fp32": (b + 36, 12 + b)}[loss]
+    return norm, MemKernel("cross_entropy", vocab * per_logit[0 if fwd else 1])
 
 
 def embedding_kernels(model: ModelSpec, dtype_bytes: int, direction: str) -> tuple[MemKernel, ...]:

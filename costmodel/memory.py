@@ -239,9 +239,10 @@ def activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recom
 
 # The eager replay's loss (planner/runtime: cross-entropy over fp32 logits) at its peak, the start of its backward,
 # per logit: log-softmax's saved fp32 output, the fp32 gradient coming in and the one going out. Megatron's
-# unfused loss keeps fp32 logits and their gradient (8 B).
+# fp32 loss keeps fp32 logits and their gradient (8 B), and so does an online loss over its chunk.
 EAGER_LOGIT_BYTES = 12.0
 LOGIT_BYTES = 8.0
+LOSS_CHUNK_TOKENS = 8192.0  # an online loss's chunk (ByteScale §7)
 
 
 def eager_activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute: Recompute, dtype_bytes: int = 2,
@@ -279,8 +280,13 @@ def layer_activation_per_token(setup: Setup, recompute: Recompute | None = None)
 
 
 def logit_bytes(setup: Setup) -> float:
-    """Bytes an unfused loss holds per logit at its peak (EAGER_LOGIT_BYTES with eager kernels, else 8)."""
-    return EAGER_LOGIT_BYTES if setup.training.kernels == "eager" else LOGIT_BYTES
+    """Bytes the loss holds per logit at its peak: EAGER_LOGIT_BYTES with eager kernels; the logits' own dtype for
+    an in-place loss (Transformer Engine's parallel_cross_entropy saves its bf16 input and writes the gradient into
+    it, its fp32 row statistics aside); else 8 (fp32 logits and their gradient)."""
+    tr = setup.training
+    if tr.kernels == "eager":
+        return EAGER_LOGIT_BYTES
+    return float(DTYPE_BYTES[tr.dtype]) if tr.loss == "in_place" else LOGIT_BYTES
 
 
 def layer_activation_bytes(model: ModelSpec, seq_tokens: int, micro_batch: int, tp: int, recompute: Recompute,
@@ -309,11 +315,11 @@ def full_layer_activation_bytes_per_token(setup: Setup) -> float:
 
 
 def logits_bytes(tokens: float, setup: Setup) -> float:
-    """Loss-head peak for `tokens` tokens on a rank: fp32 logits and their gradient over V/t, or a
-    fused online-softmax cross-entropy that processes 8K-token chunks (REFERENCE 7.4, ByteScale §7); each
-    multi-token-prediction depth's head as much again [assumption: every head's logits held at once]."""
+    """Loss-head peak for `tokens` tokens on a rank, `logit_bytes` per logit over V/t: every token's logits (fp32
+    and in-place losses), or one 8K-token chunk's (an online-softmax cross-entropy, REFERENCE 7.4, ByteScale §7);
+    each multi-token-prediction depth's head as much again [assumption: every head's logits held at once]."""
     v = setup.model.vocab / setup.training.tp
-    chunk = min(tokens, 8192.0) if setup.training.loss_fused else tokens
+    chunk = min(tokens, LOSS_CHUNK_TOKENS) if setup.training.loss_chunked else tokens
     return chunk * v * logit_bytes(setup) * (1 + setup.training.mtp_layers)
 
 
@@ -363,10 +369,11 @@ def _terms(setup: Setup) -> _Terms:
     hbm = float(setup.cluster.gpu_memory_bytes)
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
-    free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(8192.0, setup) if tr.loss_fused else 0.0)
+    free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(LOSS_CHUNK_TOKENS, setup)
+                                                          if tr.loss_chunked else 0.0)
     act = layer_activation_per_token(setup) * layers_held(setup)
     work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
-    head = 0.0 if tr.loss_fused else logits_bytes(1.0, setup)  # per token: every logit of an unfused loss
+    head = 0.0 if tr.loss_chunked else logits_bytes(1.0, setup)  # per token: every logit held at once
     return _Terms(states, frag, free, act, work, head)
 
 

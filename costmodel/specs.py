@@ -624,6 +624,13 @@ ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 # kernel per tensor op, unfused loss: planner/runtime, HF transformers without torch.compile), costmodel.elementwise
 Kernels = Literal["fused", "eager"]
 KERNELS: tuple[str, ...] = get_args(Kernels)
+# The cross-entropy over the vocabulary-parallel logits (docs/COSTMODEL.md "Memory-bound kernels", "Logits"):
+# online, an online-softmax loss over 8K-token chunks that never holds the whole logits (ByteScale §7); in_place,
+# a fused loss that keeps the logits in their dtype and writes their gradient into them (Transformer Engine's
+# parallel_cross_entropy, Megatron's cross_entropy_fusion_impl "te"; apex's xentropy with inplace_backward);
+# fp32, Megatron's vocab_parallel_cross_entropy, which keeps fp32 logits and their softmax
+LossKernel = Literal["online", "in_place", "fp32"]
+LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
 # Context parallelism: a ring passing K/V blocks under the attention (overlapped), or K/V all-gathered before
 # attention and dK/dV reduce-scattered after it (Llama 3's form: exposed, simpler to mask)
 ContextParallel = Literal["ring", "allgather"]
@@ -669,7 +676,7 @@ class TrainingSpec:
     ctx_overhead_bytes: int = field(default=3 * 2**30, metadata=at_least(0))
     # HBM lost to fragmentation (REFERENCE 2.1: 5-10%)
     frag_fraction: float = field(default=0.10, metadata=within(0, 0.5, hi_open=True))
-    fused_loss: bool = True  # fused online-softmax cross-entropy: no full fp32 logits (ByteScale §7)
+    loss: LossKernel = "online"  # how the cross-entropy holds the logits (LossKernel)
     # Megatron sequence parallelism with TP: norms, dropout and residuals run on s/t tokens per rank; without
     # it they run replicated on all s tokens (the TP collectives move the same bytes either way)
     sequence_parallel: bool = True
@@ -711,7 +718,7 @@ class TrainingSpec:
     # to_dict writes these only when set, so plans that do not use them stay as they were
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "etp", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
                                                 "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
-                                                "fp8_param_gather", "mtp_layers")
+                                                "fp8_param_gather", "mtp_layers", "loss")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -752,7 +759,16 @@ class TrainingSpec:
     @classmethod
     def from_dict(cls, d: Any, origin: str = "training") -> "TrainingSpec":
         """From a JSON object (a plan's meta.training); `origin` heads every error message."""
-        return Reader(origin, SpecError).build(cls, d)
+        return Reader(origin, SpecError).build(cls, cls.upgraded(d))
+
+    @staticmethod
+    def upgraded(d: Any) -> Any:
+        """A training object written by an older meshplan in today's keys: `fused_loss` (true: online, false: fp32)
+        is `loss` since 2026-12-05. Anything else as it is."""
+        if isinstance(d, dict) and "fused_loss" in d and "loss" not in d and d["fused_loss"] in (True, False):
+            return {**{k: v for k, v in d.items() if k != "fused_loss"},
+                    "loss": "online" if d["fused_loss"] else "fp32"}
+        return d
 
     @property
     def dtype_bytes(self) -> int:
@@ -774,11 +790,11 @@ class TrainingSpec:
         return self.expert_ranks // self.tp
 
     @property
-    def loss_fused(self) -> bool:
-        """Whether the loss runs fused over logit chunks: eager kernels (meshplan's replay) materialise every
-        logit of a unit, whatever fused_loss says (an H200 replay: 114 GB peak for 32K tokens of a 128K vocabulary,
-        where Megatron's layer and an 8K chunk priced 65 GB)."""
-        return self.fused_loss and self.kernels != "eager"
+    def loss_chunked(self) -> bool:
+        """Whether the loss holds the logits of one chunk at a time (online): eager kernels (meshplan's replay)
+        materialise every logit of a unit, whatever `loss` says (an H200 replay: 114 GB peak for 32K tokens of a
+        128K vocabulary, where Megatron's layer and an 8K chunk priced 65 GB)."""
+        return self.loss == "online" and self.kernels != "eager"
 
     def check_against(self, model: ModelSpec, cluster: ClusterSpec) -> None:
         """Raise SpecError if the parallel layout does not fit the model or cluster."""

@@ -359,9 +359,9 @@ class CostModel:
                 self._curves["gemm_qkv"] = sum(t for g, t in gemms if g.label in ("q", "q_up", "kv_up"))
         eager = tr.kernels == "eager"
         kernels = {"mem_head_fwd": (eager_head_kernels(m, tr.tp, sp, b, "fwd") if eager else
-                                    head_kernels(m, tr.tp, sp, b, tr.fused_loss, "fwd")),
+                                    head_kernels(m, tr.tp, sp, b, tr.loss, "fwd")),
                    "mem_head_bwd": (eager_head_kernels(m, tr.tp, sp, b, "bwd") if eager else
-                                    head_kernels(m, tr.tp, sp, b, tr.fused_loss, "bwd")),
+                                    head_kernels(m, tr.tp, sp, b, tr.loss, "bwd")),
                    # eager: the fp32 table gathered into the fp32 stream (EAGER_STREAM_BYTES)
                    "mem_embed_fwd": embedding_kernels(m, int(EAGER_STREAM_BYTES) if eager else b, "fwd"),
                    "mem_embed_bwd": embedding_kernels(m, int(EAGER_STREAM_BYTES) if eager else b, "bwd")}

@@ -60,6 +60,7 @@ class PlanRequest:
     fp8_param_gather: bool = False  # TrainingSpec.fp8_param_gather (Megatron-LM --fp8-param-gather)
     mtp_layers: int = 0  # TrainingSpec.mtp_layers (Megatron-core --mtp-num-layers)
     attention_kernel: str = "flash"  # TrainingSpec.attention_kernel: the profile's table, or a named generation
+    loss: str = "online"  # TrainingSpec.loss: how the cross-entropy holds the logits
     seed: int = 0
     options: PlanOptions = field(default_factory=PlanOptions)
 
@@ -81,7 +82,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
                           moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
                           tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
                           overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
-                          attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers)
+                          attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss)
         try:
             setup = Setup(model, cluster, tr)
             cap = memory_budget(setup).capacity_tokens
@@ -249,7 +250,7 @@ def cost_model_for_plan(plan: Plan, profile: str | None = None) -> CostModel:
     try:
         model = ModelSpec.from_dict(m["model_spec"])
         cluster = ClusterSpec.from_dict(m["cluster_spec"])
-        training = TrainingSpec(**m["training"])
+        training = TrainingSpec.from_dict(m["training"], origin="plan meta.training")
     except KeyError as e:
         raise PlanError(f"plan meta lacks {e}; re-create the plan with `meshplan plan`") from None
     if training.expert_groups > 1:  # HDP ranks run different units: no lockstep for an expert group across them

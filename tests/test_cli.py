@@ -194,6 +194,16 @@ def test_solver_names_come_from_the_backends():
     assert "ilp: solver backend, cbc, highs or cpsat." in one_line(run("plan", "--help").stdout)
 
 
+def test_plan_takes_the_loss_kernel_into_its_training(tmp_path):
+    out = tmp_path / "p.json"
+    r = run("plan", *TINY, "--loss", "in_place", "--out", str(out), "--strategy", "static", "--compare", "static")
+    assert r.exit_code == 0, r.output
+    assert Plan.load(out).meta["training"]["loss"] == "in_place"
+    r = run("plan", *TINY, "--loss", "chunked", "--out", str(tmp_path / "q.json"))
+    assert r.exit_code == 2 and r.stderr == "error: --loss must be online, in_place or fp32, got 'chunked'\n"
+    assert not (tmp_path / "q.json").exists()
+
+
 # ---- profile: the cost model's GEMM shapes are measured, each model gets its T(s) fit ----------------
 
 def _fake_run_profile(monkeypatch, profile: Profile, seen: dict) -> None:

@@ -203,6 +203,8 @@ class Plan:
                             f"{SCHEMA_VERSION})")
         read = Reader(origin, PlanError)
         plan = read.build(cls, {"meta": {}, **d})
+        if "training" in plan.meta:  # an older plan's keys read as today's
+            plan.meta["training"] = TrainingSpec.upgraded(plan.meta["training"])
         read.build(PlanMeta, plan.meta, "meta")
         return plan
 

@@ -98,7 +98,7 @@ class CalibrationSet:
     cluster: str  # the cluster preset that describes that hardware
     seq_tokens: int = field(metadata=positive())  # sequence length s of the cases
     # TrainingSpec fields every run of the set shared (e.g. attention_kernel "unfused" before FlashAttention,
-    # zero_stage 0 before Megatron's distributed optimizer, fused_loss false, dtype); per case: tp, pp, recompute, SP
+    # zero_stage 0 before Megatron's distributed optimizer, loss fp32, dtype); per case: tp, pp, recompute, SP
     training: dict[str, Any] = field(default_factory=dict)
     flops_convention: FlopsConvention | None = None  # how the paper turns time into TFLOP/s, if it gives rates
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # ModelSpec JSON of models not in presets
@@ -232,6 +232,9 @@ def _training(cal: CalibrationSet, case: LayerCase | IterationCase, pp: int = 1)
     return TrainingSpec.from_dict(fields, origin=f"calibration case {case.label}")
 
 
+_LOSS_NOTES = {"online": "fused online-softmax", "in_place": "in-place fused", "fp32": "fp32"}
+
+
 def _note(tr: TrainingSpec) -> str:
     """What the prediction assumed of the run, from the training spec it was priced with."""
     tp = ("TP + SP" if tr.sequence_parallel else "TP without SP: norms, dropout, residuals replicated") \
@@ -239,7 +242,7 @@ def _note(tr: TrainingSpec) -> str:
     attn = {"unfused": "materialised attention (QKᵀ, softmax, PV)", "flash": "the profile's FlashAttention",
             "fa2": "FlashAttention-2's rate", "fa3": "FlashAttention-3's rate",
             "cudnn-2024": "cuDNN attention's rate of July 2024"}[tr.attention_kernel]
-    attn += f", {'fused' if tr.fused_loss else 'fp32'} cross-entropy, {tr.dtype}"
+    attn += f", {_LOSS_NOTES[tr.loss]} cross-entropy, {tr.dtype}"
     attn += f" ({tr.fp8_recipe} scaling)" if tr.fp8_recipe else ""
     attn += ", fp8 weights gathered" if tr.fp8_param_gather else ""
     attn += (", replicated optimizer", ", distributed optimizer", ", distributed optimizer and gradients (ZeRO-2)",

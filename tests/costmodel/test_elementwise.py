@@ -75,11 +75,16 @@ def test_score_head_and_embedding_kernels():
     gpt, llama = load_model("gpt-22b"), load_model("llama-7b")
     assert _total(score_kernels(gpt, 2, "fwd")) == 4 + 5  # softmax, dropout with its mask
     assert _total(score_kernels(llama, 2, "fwd")) == 4
-    fused, fp32 = (_total(head_kernels(llama, 1, True, 2, fl, "fwd")) for fl in (True, False))
-    # Megatron's fp32 loss: cast, max, shift, exp, sum, division to the kept softmax (b + 36 B per logit)
+    fused, in_place, fp32 = (_total(head_kernels(llama, 1, True, 2, loss, "fwd"))
+                             for loss in ("online", "in_place", "fp32"))
+    # Megatron's fp32 loss: cast, max, shift, exp, sum, division to the kept softmax (b + 36 B per logit); an
+    # in-place loss reads each row twice and writes its gradient (3b)
     assert fp32 - fused == pytest.approx(36 * llama.vocab)
-    fused, fp32 = (_total(head_kernels(llama, 1, True, 2, fl, "bwd")) for fl in (True, False))
+    assert in_place - fused == pytest.approx(2 * 2 * llama.vocab)
+    fused, in_place, fp32 = (_total(head_kernels(llama, 1, True, 2, loss, "bwd"))
+                             for loss in ("online", "in_place", "fp32"))
     assert fp32 - fused == pytest.approx(10 * llama.vocab)  # scaled in place (8), cast back (4 + 2) against 2b
+    assert in_place == fused  # the gradient scaled in place (2b)
     assert len(embedding_kernels(gpt, 2, "fwd")) == 2 and len(embedding_kernels(llama, 2, "fwd")) == 1
 
 

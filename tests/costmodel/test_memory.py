@@ -95,7 +95,7 @@ def test_oom_message_suggests_zero1_when_the_optimizer_is_replicated():
 def test_oom_message_when_activations_dominate():
     # The states fit, but less than one token's activations remain: recompute (or tp/pp) is the advice.
     m = load_model("tiny")
-    tr = TrainingSpec(ctx_overhead_bytes=0, frag_fraction=0.0, fused_loss=False)
+    tr = TrainingSpec(ctx_overhead_bytes=0, frag_fraction=0.0, loss="fp32")
     states = m.parameters * 18.0  # one GPU: nothing to shard over
     per_token = activation_bytes_per_token_layer(m, 1, "none") * m.layers + m.vocab * 8.0  # + unfused logits
     c = dataclasses.replace(load_cluster("local-cpu").with_gpus(1), gpu_memory_bytes=int(states + per_token / 2))
@@ -164,6 +164,11 @@ def test_eager_kernels_price_the_replays_own_saved_tensors():
     assert layer_activation_per_token(eager, "full") == pytest.approx(4 * h)  # the fp32 layer input
     fused = Setup(m, c, TrainingSpec(capacity_tokens=32768))
     assert layer_activation_per_token(fused) == activation_bytes_per_token_layer(m, 1, "none")
-    # the eager loss holds every logit of a unit (12 B each), the fused one an 8K-token chunk of 8 B
+    # the eager loss holds every logit of a unit (12 B each), the online one an 8K-token chunk of 8 B, an in-place
+    # one (Transformer Engine's) every logit in bf16, its gradient written over them
     assert memory_budget(eager).logits_bytes == pytest.approx(32768 * m.vocab * 12.0)
     assert memory_budget(fused).logits_bytes == pytest.approx(8192 * m.vocab * 8.0)
+    in_place = Setup(m, c, TrainingSpec(capacity_tokens=32768, loss="in_place"))
+    assert memory_budget(in_place).logits_bytes == pytest.approx(32768 * m.vocab * 2.0)
+    planned = memory_budget(Setup(m, load_cluster("hgx-h200").with_gpus(8), TrainingSpec(loss="in_place")))
+    assert planned.logits_bytes == pytest.approx(planned.capacity_tokens * m.vocab * 2.0)  # C's logits, no chunk

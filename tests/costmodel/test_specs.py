@@ -89,6 +89,12 @@ def test_training_spec_fields_typed():
     with pytest.raises(SpecError, match=r"unknown field\(s\) \['zero'\]"):
         TrainingSpec.from_dict({"zero": 1})
     assert TrainingSpec.from_dict(TrainingSpec(tp=2).to_dict()) == TrainingSpec(tp=2)
+    # plans written before `loss` said fused_loss; both kinds read back, and the default is not written
+    assert TrainingSpec.from_dict({"fused_loss": False}).loss == "fp32"
+    assert TrainingSpec.from_dict({"fused_loss": True}) == TrainingSpec()
+    assert "loss" not in TrainingSpec().to_dict() and TrainingSpec(loss="in_place").to_dict()["loss"] == "in_place"
+    with pytest.raises(SpecError, match="loss"):
+        TrainingSpec.from_dict({"loss": "chunked"})
 
 
 def test_hf_config_nulls_mean_absent(tmp_path):
