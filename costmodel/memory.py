@@ -184,7 +184,9 @@ def _fp8_saved_bytes_per_token(model: ModelSpec, recompute: Recompute) -> tuple[
     fp8 ln_out) instead of the bf16 tensor: the QKV and MLP inputs (the norms' outputs, h each), and the down
     projection's input (f); the output projection's fp8 input (q) is kept beside the bf16 attention output the
     attention core saves. MoE: the router needs the MLP input in bf16; its dispatched rows are fp8 casts too
-    (costmodel.moe); a shared expert's first GEMM keeps its own fp8 copy of that input (h more).
+    (costmodel.moe); a shared expert's first GEMM keeps its own fp8 copy of that input (h more: delayed scaling;
+    with TE >= 2.6 under current scaling Megatron saves its original input instead, shared with the router's)
+    [conservative].
     Full recompute keeps only the layer input; selective does not keep the down projection's input of a gated
     MLP."""
     if recompute == "full":
@@ -343,10 +345,10 @@ class _Terms:
 
     states_bytes: float
     frag_bytes: float
-    free_bytes: float  # HBM − states − ctx − frag − fused-loss chunk: what activations may use
+    free_bytes: float  # HBM − states − ctx − frag − online-loss chunk: what activations may use
     activation_bytes_per_token: float  # all resident layers, one token
     working_bytes_per_token: float  # full recompute: one layer's activations during backward
-    head_bytes_per_token: float  # unfused loss: fp32 logits and their gradient over V/t
+    head_bytes_per_token: float  # a loss holding every logit: logit_bytes over V/t (0 for an online one)
 
     @property
     def per_token_bytes(self) -> float:

@@ -627,7 +627,8 @@ KERNELS: tuple[str, ...] = get_args(Kernels)
 # The cross-entropy over the vocabulary-parallel logits (docs/COSTMODEL.md "Memory-bound kernels", "Logits"):
 # online, an online-softmax loss over 8K-token chunks that never holds the whole logits (ByteScale §7); in_place,
 # a fused loss that keeps the logits in their dtype and writes their gradient into them (Transformer Engine's
-# parallel_cross_entropy, Megatron's cross_entropy_fusion_impl "te"; apex's xentropy with inplace_backward);
+# parallel_cross_entropy, Megatron's cross_entropy_fusion_impl "te", priced as it runs; apex's xentropy with
+# inplace_backward holds the same memory, its forward reading b less);
 # fp32, Megatron's vocab_parallel_cross_entropy, which keeps fp32 logits and their softmax
 LossKernel = Literal["online", "in_place", "fp32"]
 LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
@@ -765,7 +766,7 @@ class TrainingSpec:
     def upgraded(d: Any) -> Any:
         """A training object written by an older meshplan in today's keys: `fused_loss` (true: online, false: fp32)
         is `loss` since 2026-12-05. Anything else as it is."""
-        if isinstance(d, dict) and "fused_loss" in d and "loss" not in d and d["fused_loss"] in (True, False):
+        if isinstance(d, dict) and "fused_loss" in d and "loss" not in d and isinstance(d["fused_loss"], bool):
             return {**{k: v for k, v in d.items() if k != "fused_loss"},
                     "loss": "online" if d["fused_loss"] else "fp32"}
         return d

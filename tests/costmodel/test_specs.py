@@ -95,6 +95,8 @@ def test_training_spec_fields_typed():
     assert "loss" not in TrainingSpec().to_dict() and TrainingSpec(loss="in_place").to_dict()["loss"] == "in_place"
     with pytest.raises(SpecError, match="loss"):
         TrainingSpec.from_dict({"loss": "chunked"})
+    with pytest.raises(SpecError, match="fused_loss"):  # not a bool: not read as an old plan's key
+        TrainingSpec.from_dict({"fused_loss": 1})
 
 
 def test_hf_config_nulls_mean_absent(tmp_path):
