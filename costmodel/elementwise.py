@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from costmodel.specs import LossKernel, ModelSpec, Recompute
+from costmodel.specs import GradAccumulation, LossKernel, ModelSpec, Recompute
 
 # The optimizer step, bytes per parameter the rank updates (its ZeRO shard, or all of them), by who runs it.
 # Megatron-core's (DistributedOptimizer / Float16Optimizer.step, Adam over fp32 master weights): the gradients' L2
@@ -35,6 +35,16 @@ FSDP2_OPTIMIZER_BYTES = 4 + 8 + 16 + 12
 # meshplan's replay (eager kernels, zero_stage < 3; planner/runtime/context.py): fused AdamW over the whole fp32
 # parameters (16 + 12), no clipping; it zeroes its gradients before the step's clock starts.
 REPLAY_OPTIMIZER_BYTES = 16 + 12
+
+
+def grad_accumulation_bytes(kind: GradAccumulation, grad_bytes: float, acc_bytes: float) -> float:
+    """Bytes per parameter one micro-batch moves to accumulate its weight gradients outside the GEMM: nothing when
+    the GEMM accumulates (fused); an add reads the GEMM's gradient (grad_bytes, the training dtype's) and reads and
+    writes the accumulator (acc_bytes each: the gradients' dtype); a cast first writes the gradient at the
+    accumulator's width and the add reads it back (2 acc_bytes more): bf16 into fp32, 10 B and 18 B."""
+    return {"fused": 0.0, "add": grad_bytes + 2 * acc_bytes, "cast_add": grad_bytes + 4 * acc_bytes}[kind]
+
+
 # fp8 training (Transformer Engine): each fp8 GEMM operand is cast from bf16, its amax taken on the way, into fp8 and
 # its transpose (Hopper's fp8 GEMMs take only the TN layout, so the other pass needs the transposed copy): read 2 B,
 # write 1 + 1 B per element [assumption: one unfused cast-transpose per operand; TE fuses some into the norm]

@@ -632,6 +632,13 @@ KERNELS: tuple[str, ...] = get_args(Kernels)
 # fp32, Megatron's vocab_parallel_cross_entropy, which keeps fp32 logits and their softmax
 LossKernel = Literal["online", "in_place", "fp32"]
 LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
+# How each micro-batch's weight gradients reach the step's accumulator (docs/COSTMODEL.md "Gradient accumulation"):
+# fused, the weight-gradient GEMM accumulates into it (Megatron's gradient_accumulation_fusion); add, a separate
+# in-place add of the GEMM's output (Megatron's DDP hook without the fusion, `main_grad.add_(grad)`); cast_add, the
+# gradient cast to the accumulator's dtype first, then added (DeepSpeed's BF16_Optimizer; torch autograd under
+# autocast over fp32 parameters)
+GradAccumulation = Literal["fused", "add", "cast_add"]
+GRAD_ACCUMULATIONS: tuple[str, ...] = get_args(GradAccumulation)
 # Context parallelism: a ring passing K/V blocks under the attention (overlapped), or K/V all-gathered before
 # attention and dK/dV reduce-scattered after it (Llama 3's form: exposed, simpler to mask)
 ContextParallel = Literal["ring", "allgather"]
@@ -678,6 +685,9 @@ class TrainingSpec:
     # HBM lost to fragmentation (REFERENCE 2.1: 5-10%)
     frag_fraction: float = field(default=0.10, metadata=within(0, 0.5, hi_open=True))
     loss: LossKernel = "online"  # how the cross-entropy holds the logits (LossKernel)
+    # how micro-batches' weight gradients accumulate (GradAccumulation); None: the framework's own, Megatron-core's
+    # fused with fused kernels, the replay's autograd with eager ones (`grad_accumulation_kind`)
+    grad_accumulation: GradAccumulation | None = None
     # Megatron sequence parallelism with TP: norms, dropout and residuals run on s/t tokens per rank; without
     # it they run replicated on all s tokens (the TP collectives move the same bytes either way)
     sequence_parallel: bool = True
@@ -719,7 +729,7 @@ class TrainingSpec:
     # to_dict writes these only when set, so plans that do not use them stay as they were
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "etp", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
                                                 "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
-                                                "fp8_param_gather", "mtp_layers", "loss")
+                                                "fp8_param_gather", "mtp_layers", "loss", "grad_accumulation")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -753,6 +763,10 @@ class TrainingSpec:
         if self.zero_stage == 3 and self.mtp_layers:
             raise SpecError(f"zero_stage 3 with mtp_layers={self.mtp_layers} is not modelled (the rounds gather the "
                             "decoder layers only); use --zero 1 or 2 with --mtp-layers")
+        if self.grad_accumulation not in (None, "fused") and self.zero_stage >= 2:
+            raise SpecError(f"grad_accumulation {self.grad_accumulation!r} with zero_stage {self.zero_stage} is not "
+                            "modelled (sharded gradients are reduce-scattered, not accumulated whole); use --zero 0 or "
+                            "1, or leave grad_accumulation unset")
         if self.zero_stage == 3 and self.pp > 1:
             raise SpecError(f"zero_stage 3 with pp={self.pp} is not modelled (per-layer gathers across pipeline "
                             "stages); use pp=1 with --zero 3, or --zero 1/2 with pipelining")
@@ -789,6 +803,17 @@ class TrainingSpec:
     def expert_groups(self) -> int:
         """TP groups of a stage one expert group of ep·etp ranks spans (1: folded into the TP group)."""
         return self.expert_ranks // self.tp
+
+    @property
+    def grad_accumulation_kind(self) -> GradAccumulation:
+        """grad_accumulation, or the framework's own where unset: the replay (eager kernels) accumulates by autograd,
+        a cast and an add under autocast (bf16, fp16), an add in fp32; Megatron-core fuses it into the GEMM. ZeRO-2
+        and 3 shard the gradients: nothing whole is accumulated."""
+        if self.grad_accumulation is not None:
+            return self.grad_accumulation
+        if self.kernels != "eager" or self.zero_stage >= 2:
+            return "fused"
+        return "add" if self.dtype == "fp32" else "cast_add"
 
     @property
     def loss_chunked(self) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 from costmodel.elementwise import (EAGER_STREAM_BYTES, FSDP2_OPTIMIZER_BYTES, MEGATRON_BF16_GRAD_CAST_BYTES,
                                    MEGATRON_OPTIMIZER_BYTES, REPLAY_OPTIMIZER_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
-                                   layer_kernels, recompute_kernels, score_kernels)
+                                   grad_accumulation_bytes, layer_kernels, recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_parts,
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
                               params_per_rank, sharded_state_params, stage_parts)
@@ -310,6 +310,16 @@ class CostModel:
         share = self.compute_share
         self.layer_overhead_s = share * float(consts.get("layer_overhead_s", {}).get("value", 0.0))
         self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
+        # Each micro-batch's weight gradients added to the step's accumulator outside the GEMM (grad_accumulation):
+        # a memory-bound pass over the parameters a rank holds, per layer, and over the last stage's head (and the
+        # embedding where pp = 1: the last stage's parts); the first stage's embedding with pp > 1 is not priced
+        acc = grad_accumulation_bytes(tr.grad_accumulation_kind, DTYPE_BYTES[tr.dtype], DTYPE_BYTES[tr.grad_dtype])
+        self.grad_accum_layer_s = self.grad_accum_head_s = 0.0
+        if acc:
+            layers, extra = stage_parts(self.setup, tr.pp - 1, None)
+            per_layer = (params_per_rank(self.setup, tr.pp - 1) - extra / tr.tp) / layers
+            self.grad_accum_layer_s = share * float(self.profile.memory_time_s(per_layer * acc))
+            self.grad_accum_head_s = share * float(self.profile.memory_time_s(extra / tr.tp * acc)) if extra else 0.0
         dt = "bf16" if tr.dtype in ("bf16", "fp16", "fp8") else "fp32"
         dtypes = set(self.profile.tables["gemm"]["dtype"])
         self.dtype = dt if dt in dtypes else sorted(dtypes - {"fp8"} or dtypes)[0]  # attention, LM head, unfused QKᵀ
@@ -591,7 +601,8 @@ class CostModel:
         rec = self.setup.training.recompute
         calls = counts * ring_d  # attention calls per layer and direction: one per document and ring step
         over_f = self.layer_overhead_s + calls * self.attn_call_overhead_s
-        over_b = 2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
+        over_b = (2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
+                  + self.grad_accum_layer_s)
         fwd_layer = gemm_f + attn_f + mem_f + over_f
         bwd_layer = 2.0 * gemm_f + attn_b + mem_b + over_b  # dgrad + wgrad: two GEMMs of the forward's size
         # Recompute replays in the backward what the forward did not keep: full, the whole forward (its TP
@@ -639,7 +650,7 @@ class CostModel:
             off_b = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "h2d") - bwd_layer), 0.0)
         gemm_h = self._lookup("gemm_head", tokens)
         head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h + (comm_loss if self.tp > 1 else 0.0)
-        head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h
+        head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h + self.grad_accum_head_s
         mtp = self.setup.training.mtp_layers
         if mtp or self.pp == 1:
             embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)

@@ -1,15 +1,16 @@
 """Memory-bound kernels and the terms they add to a unit: bytes per kernel, sequence parallelism, materialised
-attention, recompute semantics, the optimizer step and an overlapped gradient reduce."""
+attention, recompute semantics, the optimizer step, gradient accumulation and an overlapped gradient reduce."""
 
 import dataclasses
 
 import pytest
 
 from costmodel.elementwise import (eager_head_kernels, eager_layer_kernels, embedding_kernels,
-                                   head_kernels, layer_kernels, recompute_kernels, score_kernels)
-from costmodel.memory import activation_bytes_per_token_layer, params_per_rank
+                                   grad_accumulation_bytes, head_kernels, layer_kernels, recompute_kernels,
+                                   score_kernels)
+from costmodel.memory import activation_bytes_per_token_layer, params_per_rank, stage_parts
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import Setup, TrainingSpec
+from costmodel.specs import Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel
 from profiles.table import load_profile
 
@@ -159,6 +160,31 @@ def test_optimizer_step_by_who_runs_it(a100):
     q = params_per_rank(replay.setup)
     assert fsdp.optimizer_step_s() == pytest.approx(mem(q / 8 * 40))
     assert replay.optimizer_step_s() == pytest.approx(mem(q * 28))  # every parameter: the replay shards no state
+
+
+def test_gradient_accumulation_outside_the_gemm(a100):
+    """An add reads the GEMM's gradient and reads and writes the accumulator (bf16 into fp32: 10 B a parameter), a cast
+    first writes and reads it back at the accumulator's width (18 B); fused, the GEMM accumulates (Megatron-core). Each
+    unit's backward pays it over the rank's layers and, where the head is, over the head's parameters."""
+    assert [grad_accumulation_bytes(k, 2, 4) for k in ("fused", "add", "cast_add")] == [0, 10, 18]
+    assert grad_accumulation_bytes("add", 2, 2) == 6  # fp16 into fp16 (Megatron-LM of 2021)
+    assert TrainingSpec().grad_accumulation_kind == "fused"
+    assert TrainingSpec(kernels="eager").grad_accumulation_kind == "cast_add"  # the replay under autocast
+    assert TrainingSpec(kernels="eager", dtype="fp32").grad_accumulation_kind == "add"
+    assert TrainingSpec(kernels="eager", zero_stage=3).grad_accumulation_kind == "fused"  # nothing whole to add
+    with pytest.raises(SpecError, match="grad_accumulation 'add' with zero_stage 2"):
+        TrainingSpec(grad_accumulation="add", zero_stage=2)
+    fused, added = _cm(a100, gpus=16), _cm(a100, gpus=16, grad_accumulation="cast_add")
+    mem = lambda b: float(a100.memory_time_s(b))  # noqa: E731
+    layers, extra = stage_parts(added.setup, 0, None)
+    per_layer = (params_per_rank(added.setup) - extra / 8) / layers
+    a, b = fused.unit_cost([2048] * 4), added.unit_cost([2048] * 4)
+    assert b.fwd_s == pytest.approx(a.fwd_s)
+    assert b.bwd_compute_s - a.bwd_compute_s == pytest.approx(layers * mem(per_layer * 18))
+    assert b.head_bwd_s - a.head_bwd_s == pytest.approx(mem(extra / 8 * 18))  # pp = 1: embedding and head
+    assert b.parts_s("bwd")["fixed"] - a.parts_s("bwd")["fixed"] == pytest.approx(layers * mem(per_layer * 18))
+    assert TrainingSpec.from_dict(TrainingSpec(grad_accumulation="add").to_dict()).grad_accumulation == "add"
+    assert "grad_accumulation" not in TrainingSpec().to_dict()
 
 
 def test_overlapped_gradient_reduce_hides_under_the_backward(a100):
