@@ -26,8 +26,8 @@ from rich.table import Table as _RichTable
 from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
-from costmodel.specs import (ATTENTION_KERNELS, AUTO_RECOMPUTE, FP8_RECIPES, KERNELS, LOSS_KERNELS,
-                             RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError, check_recompute)
+from costmodel.specs import (ATTENTION_KERNELS, AUTO_RECOMPUTE, FP8_RECIPES, GRAD_ACCUMULATIONS, KERNELS,
+                             LOSS_KERNELS, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError, check_recompute)
 from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
@@ -495,6 +495,12 @@ def plan_cmd(
                                  "logits in their dtype, the gradient written over them (Transformer Engine's, "
                                  "Megatron's cross_entropy_fusion_impl te); fp32 every token's fp32 logits and "
                                  "softmax (Megatron's vocab_parallel_cross_entropy)."),
+        grad_accumulation: Optional[str] = typer.Option(
+            None, "--grad-accumulation", help=f"How micro-batches' weight gradients accumulate, "
+            f"{one_of(GRAD_ACCUMULATIONS)}: fused in the GEMM (Megatron-core's gradient_accumulation_fusion); add, a "
+            "separate add per micro-batch (Megatron without the fusion); cast_add, a cast then the add (DeepSpeed's "
+            "BF16 optimizer, torch autograd under autocast). Default: fused, or the replay's own with --kernels "
+            "eager."),
         zero: int = typer.Option(1, "--zero", min=0, max=3, help="ZeRO stage over the HDP ranks of a stage: 0 "
                                  "replicated, 1 optimizer sharded, 2 + gradients, 3 + parameters (FSDP2: per-layer "
                                  "all-gathers and reduce-scatters, the step run in rounds; pp 1)."),
@@ -542,6 +548,8 @@ def plan_cmd(
     check_choice("--kernels", kernels, KERNELS)
     check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     check_choice("--loss", loss, LOSS_KERNELS)
+    if grad_accumulation is not None:
+        check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
     try:
@@ -557,7 +565,7 @@ def plan_cmd(
                       moe_grouped_gemm=moe_grouped_gemm, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
                       overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
                       fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers, attention_kernel=attention_kernel,
-                      loss=loss, seed=seed,
+                      loss=loss, grad_accumulation=grad_accumulation, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),

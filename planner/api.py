@@ -61,6 +61,7 @@ class PlanRequest:
     mtp_layers: int = 0  # TrainingSpec.mtp_layers (Megatron-core --mtp-num-layers)
     attention_kernel: str = "flash"  # TrainingSpec.attention_kernel: the profile's table, or a named generation
     loss: str = "online"  # TrainingSpec.loss: how the cross-entropy holds the logits
+    grad_accumulation: str | None = None  # TrainingSpec.grad_accumulation (None: the framework's own)
     seed: int = 0
     options: PlanOptions = field(default_factory=PlanOptions)
 
@@ -82,7 +83,8 @@ def resolve_setup(req: PlanRequest) -> Setup:
                           moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
                           tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
                           overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
-                          attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss)
+                          attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss,
+                          grad_accumulation=req.grad_accumulation)
         try:
             setup = Setup(model, cluster, tr)
             cap = memory_budget(setup).capacity_tokens

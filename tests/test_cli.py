@@ -194,14 +194,19 @@ def test_solver_names_come_from_the_backends():
     assert "ilp: solver backend, cbc, highs or cpsat." in one_line(run("plan", "--help").stdout)
 
 
-def test_plan_takes_the_loss_kernel_into_its_training(tmp_path):
+def test_plan_takes_the_loss_kernel_and_gradient_accumulation_into_its_training(tmp_path):
     out = tmp_path / "p.json"
     r = run("plan", *TINY, "--loss", "in_place", "--out", str(out), "--strategy", "static", "--compare", "static")
     assert r.exit_code == 0, r.output
     assert Plan.load(out).meta["training"]["loss"] == "in_place"
     r = run("plan", *TINY, "--loss", "chunked", "--out", str(tmp_path / "q.json"))
     assert r.exit_code == 2 and r.stderr == "error: --loss must be online, in_place or fp32, got 'chunked'\n"
-    assert not (tmp_path / "q.json").exists()
+    r = run("plan", *TINY, "--grad-accumulation", "cast_add", "--out", str(out), "--strategy", "static",
+            "--compare", "static")
+    assert r.exit_code == 0 and Plan.load(out).meta["training"]["grad_accumulation"] == "cast_add", r.output
+    r = run("plan", *TINY, "--grad-accumulation", "add", "--zero", "2", "--out", str(tmp_path / "q.json"))
+    assert r.exit_code == 2 and "grad_accumulation 'add' with zero_stage 2 is not modelled" in r.stderr
+    assert "\n" not in r.stderr.strip() and not (tmp_path / "q.json").exists()
 
 
 # ---- profile: the cost model's GEMM shapes are measured, each model gets its T(s) fit ----------------
