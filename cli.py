@@ -948,6 +948,12 @@ def _interrupted(out_path: Path) -> None:
     raise typer.Exit(130)
 
 
+LOSS_HELP = (f"Cross-entropy every point's training runs, {one_of(LOSS_KERNELS)} (see `meshplan plan --help`); "
+             "in_place is Megatron with Transformer Engine's loss.")
+GRAD_ACCUMULATION_HELP = (f"How every point's micro-batches accumulate weight gradients, {one_of(GRAD_ACCUMULATIONS)}"
+                          " (see `meshplan plan --help`); fused is Megatron-core's.")
+
+
 @whatif_app.callback()
 def whatif_sweep(
         ctx: typer.Context,
@@ -970,6 +976,8 @@ def whatif_sweep(
                                              f"({one_of(ATTENTION_KERNELS)}): flash is the profile's own table; fa2, "
                                              "fa3, cudnn-2024 a published kernel's rate over it (analytic Hopper "
                                              "profiles), e.g. flash,fa2 to see what FlashAttention-2 costs."),
+        loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
+        grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         static_mesh: str = typer.Option("context", help="Static CP sized for the max context (what a static job "
                                         "must do) or per batch's longest sequence ('batch')."),
@@ -991,13 +999,15 @@ def whatif_sweep(
     kernels = _csv_list(attention_kernel, "--attention-kernel")
     for k in kernels:
         check_choice("--attention-kernel", k, ATTENTION_KERNELS)
+    check_choice("--loss", loss, LOSS_KERNELS)
+    check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
     spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
                       gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), ep=ep,
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
                       strategies=tuple(_csv_list(strategies, "--strategies")), steps=steps,
                       tokens_per_step=_count(tokens_per_step, "--tokens-per-step"), seed=seed, recompute=recompute,
                       offload=offload, static_mesh=static_mesh, zero_stages=tuple(map(int, zeros)),
-                      attention_kernels=tuple(kernels))
+                      attention_kernels=tuple(kernels), loss=loss, grad_accumulation=grad_accumulation)
     points = spec.points()
     try:
         with _progress_bar(len(points), enabled=not as_json) as on_point:
@@ -1059,6 +1069,8 @@ def whatif_capacity(
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help="Attention kernel the training "
                                              f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
                                              "fa2, fa3, cudnn-2024 a published kernel's rate over it."),
+        loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
+        grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
         min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
         max_gpus: int = typer.Option(16384, help="Largest GPU count."),
         steps: int = typer.Option(2, min=1, help="Sampled global batches per candidate."),
@@ -1087,6 +1099,8 @@ def whatif_capacity(
         fail("give exactly one of --target-tokens-per-s, --target-step-time, --target-mfu")
     metric, value = given[0]
     check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
+    check_choice("--loss", loss, LOSS_KERNELS)
+    check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
     if metric == "tokens_per_s":
         value = float(_count(value, "--target-tokens-per-s"))
     if metric == "mfu" and value > 1:
@@ -1102,8 +1116,9 @@ def whatif_capacity(
             res = _capacity_search(model, context_tokens, target, cluster=cluster, lengths=lengths,
                                    strategy=strategy, rules=rules, tokens_per_step=_count(tokens_per_step,
                                                                                           "--tokens-per-step"),
-                                   steps=steps, seed=seed, attention_kernel=attention_kernel,
-                                   runners_up=runners_up, workers=workers, best_layout=best_layout,
+                                   steps=steps, seed=seed, attention_kernel=attention_kernel, loss=loss,
+                                   grad_accumulation=grad_accumulation, runners_up=runners_up, workers=workers,
+                                   best_layout=best_layout,
                                    journal=journal, on_progress=on_progress)
     except KeyboardInterrupt:
         _interrupted(table_path)
@@ -1117,7 +1132,8 @@ def whatif_capacity(
     statuses = res.table["status"].value_counts().to_dict() if len(res.table) else {}
     if as_json:
         sys.stdout.write(json.dumps({"target": {"metric": target.metric, "value": target.value},
-                                     "strategy": strategy, "attention_kernel": attention_kernel,
+                                     "strategy": strategy, "attention_kernel": attention_kernel, "loss": loss,
+                                     "grad_accumulation": grad_accumulation,
                                      "answer": pick(res.answer) if res.answer else None,
                                      "minimal": res.answer is not None, "best_layout": best_layout,
                                      "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table),
@@ -1126,7 +1142,9 @@ def whatif_capacity(
         if res.answer is None:
             raise typer.Exit(1)
         return
-    kernel = f", {attention_kernel} attention" if attention_kernel != "flash" else ""
+    kernel = (f", {attention_kernel} attention" if attention_kernel != "flash" else "") + (
+        f", {loss} loss" if loss != "online" else "") + (
+        f", {grad_accumulation} gradient accumulation" if grad_accumulation != "fused" else "")
     head = f"{model}, {format_tokens(context_tokens)} context, {lengths}, {strategy}{kernel}: {target.describe()}"
     done = (f"{len(res.table)} layouts decided: {', '.join(f'{n} {k}' for k, n in statuses.items())}; "
             f"{res.planned} planned, {res.reused} from the journal {journal}")

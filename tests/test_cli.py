@@ -207,6 +207,11 @@ def test_plan_takes_the_loss_kernel_and_gradient_accumulation_into_its_training(
     r = run("plan", *TINY, "--grad-accumulation", "add", "--zero", "2", "--out", str(tmp_path / "q.json"))
     assert r.exit_code == 2 and "grad_accumulation 'add' with zero_stage 2 is not modelled" in r.stderr
     assert "\n" not in r.stderr.strip() and not (tmp_path / "q.json").exists()
+    for cmd in (("whatif", "--out", str(tmp_path / "w.csv")),
+                ("whatif", "capacity", "--model", "tiny", "--context", "4K", "--target-step-time", "1")):
+        r = run(*cmd, "--loss", "in_place", "--grad-accumulation", "sum")
+        assert r.exit_code == 2 and r.stderr == "error: --grad-accumulation must be fused, add or cast_add, got 'sum'\n"
+    assert not (tmp_path / "w.csv").exists()
 
 
 # ---- profile: the cost model's GEMM shapes are measured, each model gets its T(s) fit ----------------

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 import pandas as pd
 
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import ATTENTION_KERNELS, SpecError
+from costmodel.specs import ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, SpecError
 from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan, summarize
 from planner.plan import PlanError
@@ -66,6 +66,8 @@ class Config:
     ep: int = 1  # MoE expert parallelism inside the TP group (TrainingSpec.ep)
     zero_stage: int = 1  # ZeRO stage over the HDP ranks of a stage (TrainingSpec.zero_stage)
     attention_kernel: str = "flash"  # TrainingSpec.attention_kernel: the profile's table or a published kernel
+    loss: str = "online"  # TrainingSpec.loss
+    grad_accumulation: str = "fused"  # TrainingSpec.grad_accumulation (sweeps price fused kernels: Megatron-core's)
 
     @property
     def key(self) -> str:
@@ -75,13 +77,16 @@ class Config:
                 f"{self.lengths}|tps{self.tokens_per_step}|steps{self.steps}|seed{self.seed}|rc-{self.recompute}|"
                 f"off{int(self.offload)}|static-{self.static_mesh}" + (f"|ep{self.ep}" if self.ep != 1 else "")
                 + (f"|zero{self.zero_stage}" if self.zero_stage != 1 else "")  # likewise: ZeRO-1 unmarked
-                + (f"|attn-{self.attention_kernel}" if self.attention_kernel != "flash" else ""))
+                + (f"|attn-{self.attention_kernel}" if self.attention_kernel != "flash" else "")
+                + (f"|loss-{self.loss}" if self.loss != "online" else "")
+                + (f"|acc-{self.grad_accumulation}" if self.grad_accumulation != "fused" else ""))
 
     def request(self, options: PlanOptions | None = None) -> PlanRequest:
         return PlanRequest(model=self.model, cluster=self.cluster, gpus=self.gpus, tp=self.tp, pp=self.pp, ep=self.ep,
                            lengths=self.lengths, steps=self.steps, tokens_per_step=self.tokens_per_step,
                            max_context_tokens=self.context_tokens, recompute=self.recompute, seed=self.seed,
-                           zero_stage=self.zero_stage, attention_kernel=self.attention_kernel,
+                           zero_stage=self.zero_stage, attention_kernel=self.attention_kernel, loss=self.loss,
+                           grad_accumulation=self.grad_accumulation,
                            options=options or PlanOptions(offload=self.offload, seed=self.seed))
 
 
@@ -122,10 +127,13 @@ class SweepSpec:
     ep: int = 1  # MoE: the most expert parallelism; each config takes min(ep, tp)
     zero_stages: tuple[int, ...] = (1,)  # ZeRO stages
     attention_kernels: tuple[str, ...] = ("flash",)  # attention kernels, innermost of the configs
+    loss: str = "online"  # every config's (Config.loss)
+    grad_accumulation: str = "fused"  # every config's (Config.grad_accumulation)
 
     def configs(self) -> list[Config]:
         return [Config(m, c, g, t, p, ctx, ln, self.tokens_per_step, self.steps, self.seed, self.recompute,
-                       self.offload, self.static_mesh, ep=min(self.ep, t), zero_stage=z, attention_kernel=k)
+                       self.offload, self.static_mesh, ep=min(self.ep, t), zero_stage=z, attention_kernel=k,
+                       loss=self.loss, grad_accumulation=self.grad_accumulation)
                 for m, c, g, t, p, ctx, ln, z, k in itertools.product(
                     self.models, self.clusters, self.gpus, self.tps, self.pps, self.contexts_tokens, self.lengths,
                     self.zero_stages, self.attention_kernels)]
@@ -148,6 +156,10 @@ def check_inputs(points: Iterable[Point]) -> None:
         open_source(s)
     for m in sorted({p.config.static_mesh for p in pts} - set(STATIC_MESHES)):
         raise PlanError(f"static mesh must be {' or '.join(STATIC_MESHES)}, got {m!r}")
+    for x in sorted({p.config.loss for p in pts} - set(LOSS_KERNELS)):
+        raise PlanError(f"loss must be one of {', '.join(LOSS_KERNELS)}, got {x!r}")
+    for x in sorted({p.config.grad_accumulation for p in pts} - set(GRAD_ACCUMULATIONS)):
+        raise PlanError(f"gradient accumulation must be one of {', '.join(GRAD_ACCUMULATIONS)}, got {x!r}")
     for c, k in sorted({(p.config.cluster, p.config.attention_kernel) for p in pts}):
         if k not in ATTENTION_KERNELS:
             raise PlanError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {k!r}")
@@ -202,7 +214,8 @@ def base_row(point: Point) -> dict:
     row.update(key=point.key, model=c.model, cluster=c.cluster, gpus=c.gpus, tp=c.tp, pp=c.pp,
                context_tokens=c.context_tokens, lengths=c.lengths, tokens_per_step=c.tokens_per_step,
                strategy=point.strategy, steps=c.steps, seed=c.seed, offload=c.offload, static_mesh=c.static_mesh,
-               recompute=c.recompute, zero_stage=c.zero_stage, attention_kernel=c.attention_kernel,
+               recompute=c.recompute, zero_stage=c.zero_stage, attention_kernel=c.attention_kernel, loss=c.loss,
+               grad_accumulation=c.grad_accumulation,
                code_sha256=code_fingerprint(point.strategy), feasible=False)
     return row
 

@@ -4,6 +4,7 @@ Small cases (1M tokens per step, 8-16 GPUs) keep each test to seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -148,6 +149,29 @@ def test_attention_kernels_are_configs_of_their_own(tmp_path):
     with pytest.raises(ProfileError, match="no published rate for attention kernel 'fa3'"):
         run_sweep(SweepSpec(clusters=("dgx-a100",), attention_kernels=("fa3",)).points(), tmp_path / "a.csv")
     assert not (tmp_path / "a.journal.jsonl").exists()
+
+
+def test_loss_and_gradient_accumulation_are_every_configs(tmp_path):
+    """A sweep's loss and gradient accumulation go into every config's key, row and cost model; Megatron without the
+    fused accumulation (an add a micro-batch) is slower, the defaults keep their keys; older tables read the defaults;
+    a value the cost model has no kernel for fails before planning."""
+    spec = SweepSpec(models=("llama-7b",), gpus=(8,), contexts_tokens=(64 * K,), strategies=("static",), steps=1,
+                     tokens_per_step=M)
+    base = run_sweep(spec.points(), tmp_path / "a.csv").table
+    other = dataclasses.replace(spec, loss="in_place", grad_accumulation="add")
+    df = run_sweep(other.points(), tmp_path / "b.csv").table
+    assert "loss" not in base["key"][0] and df["key"][0].endswith("|loss-in_place|acc-add|static")
+    assert (df["loss"][0], df["grad_accumulation"][0]) == ("in_place", "add")
+    assert other.configs()[0].request().loss == "in_place" and other.configs()[0].request().grad_accumulation == "add"
+    assert df["step_time_s"][0] > base["step_time_s"][0]
+    old = tmp_path / "old.csv"
+    base.drop(columns=["loss", "grad_accumulation"]).to_csv(old, index=False)
+    assert (read_table(old)["loss"][0], read_table(old)["grad_accumulation"][0]) == ("online", "fused")
+    from planner.plan import PlanError
+
+    with pytest.raises(PlanError, match="loss must be one of online, in_place, fp32, got 'chunked'"):
+        run_sweep(dataclasses.replace(spec, loss="chunked").points(), tmp_path / "c.csv")
+    assert not (tmp_path / "c.journal.jsonl").exists()
 
 
 def test_unknown_inputs_fail_before_planning(tmp_path):
