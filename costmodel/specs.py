@@ -763,7 +763,8 @@ class TrainingSpec:
         if self.zero_stage == 3 and self.mtp_layers:
             raise SpecError(f"zero_stage 3 with mtp_layers={self.mtp_layers} is not modelled (the rounds gather the "
                             "decoder layers only); use --zero 1 or 2 with --mtp-layers")
-        if self.grad_accumulation not in (None, "fused") and self.zero_stage >= 2:
+        if self.grad_accumulation not in (None, "fused") and (self.zero_stage == 3 or self.zero_stage == 2
+                                                              and self.kernels != "eager"):
             raise SpecError(f"grad_accumulation {self.grad_accumulation!r} with zero_stage {self.zero_stage} is not "
                             "modelled (sharded gradients are reduce-scattered, not accumulated whole); use --zero 0 or "
                             "1, or leave grad_accumulation unset")
@@ -806,12 +807,13 @@ class TrainingSpec:
 
     @property
     def grad_accumulation_kind(self) -> GradAccumulation:
-        """grad_accumulation, or the framework's own where unset: the replay (eager kernels) accumulates by autograd,
-        a cast and an add under autocast (bf16, fp16), an add in fp32; Megatron-core fuses it into the GEMM. ZeRO-2
-        and 3 shard the gradients: nothing whole is accumulated."""
+        """grad_accumulation, or the framework's own where unset: the replay (eager kernels) adds every unit's
+        gradients into its zeroed whole ones by autograd, a cast and an add under autocast (bf16, fp16), an add in fp32
+        (ZeRO-2 too: it shards no gradient; ZeRO-3's rounds reduce-scatter them instead); Megatron-core fuses it into
+        the GEMM."""
         if self.grad_accumulation is not None:
             return self.grad_accumulation
-        if self.kernels != "eager" or self.zero_stage >= 2:
+        if self.kernels != "eager" or self.zero_stage == 3:
             return "fused"
         return "add" if self.dtype == "fp32" else "cast_add"
 

@@ -650,7 +650,7 @@ class CostModel:
             off_b = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "h2d") - bwd_layer), 0.0)
         gemm_h = self._lookup("gemm_head", tokens)
         head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h + (comm_loss if self.tp > 1 else 0.0)
-        head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h + self.grad_accum_head_s
+        head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h
         mtp = self.setup.training.mtp_layers
         if mtp or self.pp == 1:
             embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)
@@ -664,6 +664,7 @@ class CostModel:
                                           + head_b))
         if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
             head_f, head_b = head_f + embed_f, head_b + embed_b
+        head_b = head_b + self.grad_accum_head_s  # once: the head's (and MTP's) parameters, whatever the depths
         zero = np.zeros(n)
         return UnitCosts(fwd_compute_s=l * fwd_layer, bwd_compute_s=l * bwd_layer, ring_comm_s=ring_comm,
                          ring_exposed_fwd_s=ring_exp_f, ring_exposed_bwd_s=ring_exp_b, tp_comm_fwd_s=tp_f,

@@ -160,6 +160,10 @@ def check_inputs(points: Iterable[Point]) -> None:
         raise PlanError(f"loss must be one of {', '.join(LOSS_KERNELS)}, got {x!r}")
     for x in sorted({p.config.grad_accumulation for p in pts} - set(GRAD_ACCUMULATIONS)):
         raise PlanError(f"gradient accumulation must be one of {', '.join(GRAD_ACCUMULATIONS)}, got {x!r}")
+    for a, z in sorted({(p.config.grad_accumulation, p.config.zero_stage) for p in pts}):
+        if a != "fused" and z >= 2:  # TrainingSpec's own refusal, once for the sweep (its kernels are fused)
+            raise PlanError(f"gradient accumulation {a!r} with ZeRO-{z} is not modelled (sharded gradients are "
+                            "reduce-scattered, not accumulated whole); sweep --zero 0,1 with it, or leave it fused")
     for c, k in sorted({(p.config.cluster, p.config.attention_kernel) for p in pts}):
         if k not in ATTENTION_KERNELS:
             raise PlanError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {k!r}")

@@ -171,7 +171,9 @@ def test_gradient_accumulation_outside_the_gemm(a100):
     assert TrainingSpec().grad_accumulation_kind == "fused"
     assert TrainingSpec(kernels="eager").grad_accumulation_kind == "cast_add"  # the replay under autocast
     assert TrainingSpec(kernels="eager", dtype="fp32").grad_accumulation_kind == "add"
-    assert TrainingSpec(kernels="eager", zero_stage=3).grad_accumulation_kind == "fused"  # nothing whole to add
+    assert TrainingSpec(kernels="eager", zero_stage=3).grad_accumulation_kind == "fused"  # rounds reduce-scatter
+    assert TrainingSpec(kernels="eager", zero_stage=2).grad_accumulation_kind == "cast_add"  # the replay shards none
+    assert TrainingSpec(kernels="eager", zero_stage=2, grad_accumulation="add").grad_accumulation == "add"
     with pytest.raises(SpecError, match="grad_accumulation 'add' with zero_stage 2"):
         TrainingSpec(grad_accumulation="add", zero_stage=2)
     fused, added = _cm(a100, gpus=16), _cm(a100, gpus=16, grad_accumulation="cast_add")
@@ -183,6 +185,12 @@ def test_gradient_accumulation_outside_the_gemm(a100):
     assert b.bwd_compute_s - a.bwd_compute_s == pytest.approx(layers * mem(per_layer * 18))
     assert b.head_bwd_s - a.head_bwd_s == pytest.approx(mem(extra / 8 * 18))  # pp = 1: embedding and head
     assert b.parts_s("bwd")["fixed"] - a.parts_s("bwd")["fixed"] == pytest.approx(layers * mem(per_layer * 18))
+    # multi-token prediction: each depth's layer adds a layer's pass; the head's parameters (and the depths' extras)
+    # once, however many heads run
+    fused_mtp, add_mtp = (_cm(a100, model="llama3-8b", gpus=16, pp=2, mtp_layers=1, grad_accumulation=k)
+                          for k in ("fused", "add"))
+    plain, acc = (cm.unit_cost([2048] * 4, with_head=True) for cm in (fused_mtp, add_mtp))
+    assert acc.head_bwd_s - plain.head_bwd_s == pytest.approx(add_mtp.grad_accum_layer_s + add_mtp.grad_accum_head_s)
     assert TrainingSpec.from_dict(TrainingSpec(grad_accumulation="add").to_dict()).grad_accumulation == "add"
     assert "grad_accumulation" not in TrainingSpec().to_dict()
 

@@ -171,6 +171,8 @@ def test_loss_and_gradient_accumulation_are_every_configs(tmp_path):
 
     with pytest.raises(PlanError, match="loss must be one of online, in_place, fp32, got 'chunked'"):
         run_sweep(dataclasses.replace(spec, loss="chunked").points(), tmp_path / "c.csv")
+    with pytest.raises(PlanError, match="gradient accumulation 'add' with ZeRO-2 is not modelled"):
+        run_sweep(dataclasses.replace(other, zero_stages=(1, 2)).points(), tmp_path / "c.csv")
     assert not (tmp_path / "c.journal.jsonl").exists()
 
 
