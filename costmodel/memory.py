@@ -31,8 +31,9 @@ def params_per_rank(setup: Setup, stage: int | None = None, layers: int | None =
 def stage_parts(setup: Setup, stage: int | None, layers: int | None) -> tuple[int, float]:
     """(decoder layers, other parameters) of a stage: its layers (and the MTP depths' on the last), the embedding
     on the first, the head (and the MTP depths' projections and norms, and with pp > 1 a copy of the embedding,
-    Megatron-core's for the next tokens' lookup) on the last; stage None: whichever of the first and the last
-    holds more parameters per GPU."""
+    Megatron-core's for the next tokens' lookup) on the last; with pp > 1 a tied head is the last stage's own copy
+    of the word embedding (Megatron's output_layer weight, kept equal by the embedding all-reduce; DeepSpeed's
+    TiedLayerSpec); stage None: whichever of the first and the last holds more parameters per GPU."""
     m, p, mtp = setup.model, setup.training.pp, setup.training.mtp_layers
     n = _stage_layers(setup, layers)
     if stage is None and p > 1:
@@ -40,6 +41,8 @@ def stage_parts(setup: Setup, stage: int | None, layers: int | None) -> tuple[in
     first, last = p == 1 or stage == 0, p == 1 or stage == p - 1
     extra = m.input_embedding_params() if first or (last and mtp) else 0
     extra += m.head_params() + mtp * m.mtp_extra_params() if last else 0
+    if last and not first and m.tied_embeddings and not mtp:  # MTP's copy above serves the tied head as well
+        extra += m.vocab * m.hidden
     return n + (mtp if last else 0), float(extra)
 
 

@@ -172,3 +172,17 @@ def test_eager_kernels_price_the_replays_own_saved_tensors():
     assert memory_budget(in_place).logits_bytes == pytest.approx(32768 * m.vocab * 2.0)
     planned = memory_budget(Setup(m, load_cluster("hgx-h200").with_gpus(8), TrainingSpec(loss="in_place")))
     assert planned.logits_bytes == pytest.approx(planned.capacity_tokens * m.vocab * 2.0)  # C's logits, no chunk
+
+
+def test_a_tied_head_is_the_last_stages_own_copy_of_the_embedding():
+    # pp > 1: Megatron's last stage keeps its own output_layer weight (the word embedding's copy, kept equal by the
+    # embedding all-reduce), with its gradients and optimizer states; pp = 1 holds the one matrix once
+    gpt = load_model("gpt-22b")
+    cluster = load_cluster("dgx-a100").with_gpus(64)
+    two = Setup(gpt, cluster, TrainingSpec(tp=8, pp=2))
+    layers = gpt.layers // 2 * gpt.layer_params() / 8
+    assert params_per_rank(two, 0) == pytest.approx(layers + gpt.input_embedding_params() / 8)
+    assert params_per_rank(two, 1) == pytest.approx(layers + (gpt.norm_params + gpt.vocab * gpt.hidden) / 8)
+    one = Setup(gpt, cluster, TrainingSpec(tp=8))
+    assert params_per_rank(one) == pytest.approx((gpt.layers * gpt.layer_params() + gpt.embedding_params()
+                                                  + gpt.norm_params) / 8)
