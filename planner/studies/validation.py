@@ -247,6 +247,9 @@ def _note(tr: TrainingSpec) -> str:
     attn += ", fp8 weights gathered" if tr.fp8_param_gather else ""
     attn += (", replicated optimizer", ", distributed optimizer", ", distributed optimizer and gradients (ZeRO-2)",
              ", parameters, gradients and optimizer sharded (FSDP, ZeRO-3)")[tr.zero_stage]
+    attn += {"fused": "", "add": f", {tr.grad_dtype} gradients added after each micro-batch's backward",
+             "cast_add": f", gradients cast to {tr.grad_dtype} and added after each micro-batch's backward"}[
+        tr.grad_accumulation_kind]
     overlaps = [name for name, on in (("TP collectives", tr.tp_comm_overlap and tr.tp > 1),
                                       ("gradient reduce", tr.overlap_grad_reduce),
                                       ("parameter gather", tr.overlap_param_gather)) if on]

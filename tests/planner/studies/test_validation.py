@@ -116,8 +116,12 @@ def test_every_packaged_set_prices(name):
 
 
 def test_rows_carry_their_kind_of_run():
-    bloom = validate_cost_model(name="bloom2022").rows[0].facets
-    assert bloom == {"gpu": "A100 SXM 80GB", "sequence": "1-2K", "layout": "1F1B PP", "model": "dense"}
+    bloom = validate_cost_model(name="bloom2022").rows[0]
+    assert bloom.facets == {"gpu": "A100 SXM 80GB", "sequence": "1-2K", "layout": "1F1B PP", "model": "dense"}
+    # the notes say how each run accumulates its gradients where it is not Megatron-core's fused GEMM
+    assert "gradients cast to fp32 and added after each micro-batch's backward" in bloom.note
+    nar = validate_cost_model(name="narayanan2021").rows
+    assert "fp16 gradients added" in nar[-1].note and "added after" not in nar[0].note
     llama = validate_cost_model(name="llama3_2024").rows[-1].facets  # 128K on TP8 PP16 (8 chunks) CP16
     assert llama == {"gpu": "H100 SXM", "sequence": ">64K", "layout": "interleaved PP + CP", "model": "dense"}
     assert {r.facets["model"] for r in validate_cost_model(name="megatron_bridge_moe2025").rows} == {"MoE"}
