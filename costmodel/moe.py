@@ -152,10 +152,9 @@ def moe_activation_bytes_per_token(model: ModelSpec, layout: ExpertLayout, recom
     costmodel.memory counts for a dense layer of k MLPs (its 2h/tp MLP input is the router's input here): the
     dispatched rows the experts keep for their weight gradients, 2h·G·k·cf/ep (fp8: h·G·k·cf/ep, Transformer
     Engine's GroupedLinear keeps the columnwise fp8 cast of its input, not the bf16 rows: TE >= 2.3; before, both
-    casts, 2 B); the expert outputs the
-    routing weights multiply, kept for the weights' gradient (all-to-all: back on the rank's own k·s/tp rows;
-    all-gather: its k·cf·s/ep rows, bf16); and the MLP's inner terms (SwiGLU 6f, 4f under selective; ungated 4f)
-    × (cf − 1)/tp. Full recompute keeps only the layer input: nothing more."""
+    casts, 2 B); the expert outputs the routing weights multiply, kept for the weights' gradient (all-to-all: back
+    on the rank's own k·s/tp rows; all-gather: its k·cf·s/ep rows, bf16); and the MLP's inner terms (SwiGLU 6f, 4f
+    under selective; ungated 4f) × (cf − 1)/tp. Full recompute keeps only the layer input: nothing more."""
     if not model.is_moe or recompute == "full":
         return 0.0
     scale = dtype_bytes / 2.0
