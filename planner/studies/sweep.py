@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 import pandas as pd
 
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, SpecError
+from costmodel.specs import ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, SpecError, TrainingSpec
 from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan, summarize
 from planner.plan import PlanError
@@ -161,9 +161,12 @@ def check_inputs(points: Iterable[Point]) -> None:
     for x in sorted({p.config.grad_accumulation for p in pts} - set(GRAD_ACCUMULATIONS)):
         raise PlanError(f"gradient accumulation must be one of {', '.join(GRAD_ACCUMULATIONS)}, got {x!r}")
     for a, z in sorted({(p.config.grad_accumulation, p.config.zero_stage) for p in pts}):
-        if a != "fused" and z >= 2:  # TrainingSpec's own refusal, once for the sweep (its kernels are fused)
+        try:  # TrainingSpec's own rule, once for the sweep rather than a failed row per point
+            TrainingSpec(zero_stage=z, grad_accumulation=a)
+        except SpecError:
             raise PlanError(f"gradient accumulation {a!r} with ZeRO-{z} is not modelled (sharded gradients are "
-                            "reduce-scattered, not accumulated whole); sweep --zero 0,1 with it, or leave it fused")
+                            "reduce-scattered, not accumulated whole); sweep --zero 0,1 with it, or leave it fused"
+                            ) from None
     for c, k in sorted({(p.config.cluster, p.config.attention_kernel) for p in pts}):
         if k not in ATTENTION_KERNELS:
             raise PlanError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {k!r}")

@@ -22,6 +22,20 @@ def test_plan_json_round_trip(tmp_path):
         Plan.load(tmp_path / "t.json")
 
 
+def test_a_plan_written_before_the_loss_field_reads_as_it_was(tmp_path):
+    # plans of 2026-12-04 and before say fused_loss (true: the online loss, false: Megatron's fp32 one)
+    from planner.api import cost_model_for_plan
+
+    d = make_plan(PlanRequest(gpus=16, tokens_per_step=2 * 2**20, max_context_tokens=256 * 1024), "static").to_dict()
+    assert "loss" not in d["meta"]["training"]  # the default is not written
+    for old, loss in ((True, "online"), (False, "fp32")):
+        d["meta"]["training"]["fused_loss"] = old
+        (tmp_path / "old.json").write_text(json.dumps(d))
+        q = Plan.load(tmp_path / "old.json")
+        assert q.meta["training"]["loss"] == loss and "fused_loss" not in q.meta["training"]
+        assert cost_model_for_plan(q).setup.training.loss == loss
+
+
 @pytest.fixture(scope="module")
 def pp_plan() -> Plan:
     """A sliced, redistributed PP plan (every key of the pipeline section present): hdp's plan with its
