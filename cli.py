@@ -27,7 +27,8 @@ from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
 from costmodel.specs import (ATTENTION_KERNELS, AUTO_RECOMPUTE, FP8_RECIPES, GRAD_ACCUMULATIONS, KERNELS,
-                             LOSS_KERNELS, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError, check_recompute)
+                             LOSS_KERNELS, RECOMPUTE_MODULES, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError,
+                             check_recompute)
 from profiles.table import ProfileError, load_profile, profile_names
 
 # Every library error type a user can cause; each command section adds its package's type.
@@ -465,6 +466,11 @@ def plan_cmd(
                                             "micro-batch per HDP rank, hdp × min(C, max context) tokens."),
         max_context: str = typer.Option("2M", help="Longest sequence; longer documents are split."),
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
+        recompute_modules: Optional[str] = typer.Option(
+            None, "--recompute-modules", help=f"With --recompute selective (or auto, where it picks selective): "
+            f"Megatron-core's --recompute-modules, a comma list of {', '.join(RECOMPUTE_MODULES)} (Megatron's default "
+            "core_attn), priced as megatron-core 0.14-0.16 runs them; default: meshplan's selective (the attention "
+            "core where materialised, SwiGLU's product)."),
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
         dtype: str = typer.Option("bf16", help=f"Training precision, {one_of(TRAIN_DTYPES)}; fp8: the layers' GEMMs "
                                   "in fp8 (Transformer Engine), attention and storage bf16."),
@@ -550,6 +556,11 @@ def plan_cmd(
     check_choice("--loss", loss, LOSS_KERNELS)
     if grad_accumulation is not None:
         check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
+    modules = None
+    if recompute_modules is not None:
+        modules = tuple(_csv_list(recompute_modules, "--recompute-modules"))
+        for mod in modules:
+            check_choice("--recompute-modules", mod, RECOMPUTE_MODULES)
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
     try:
@@ -560,6 +571,7 @@ def plan_cmd(
                       steps=steps, tokens_per_step=None if tokens_per_step.strip().lower() == "auto"
                       else parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
+                      recompute_modules=modules,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, zero_stage=zero,
                       kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
                       moe_grouped_gemm=moe_grouped_gemm, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
@@ -599,7 +611,9 @@ def plan_cmd(
     out.print(f"[bold]{escape(su.model.name)}[/] on {su.cluster.world_size} x {escape(su.cluster.gpu)} "
               f"({escape(su.cluster.name)}), tp={su.training.tp} pp={su.training.pp} hdp={su.hdp}"
               + (f" ep={su.training.ep} cf={su.training.moe_capacity_factor:g}" if su.model.is_moe else "") + ", "
-              f"recompute={su.training.recompute}, zero={su.training.zero_stage}, C={cm.capacity_tokens} tokens/rank, "
+              f"recompute={su.training.recompute}"
+              + (f" ({','.join(su.training.recompute_modules)})" if su.training.recompute_modules else "")
+              + f", zero={su.training.zero_stage}, C={cm.capacity_tokens} tokens/rank, "
               f"profile {escape(cm.profile.fingerprint.name)}")
     b = res.batches
     out.print(f"{len(b)} step(s) of {escape(lengths)}: {sum(len(x.lengths_tokens) for x in b)} sequences, "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from costmodel import zero
 from costmodel.elementwise import swiglu_saved_bytes_per_f
 from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
+from costmodel.recompute import freed_bytes_per_token
 from costmodel.specs import (DTYPE_BYTES, Fp8Recipe, ModelSpec, Recompute, Setup, SpecError, TrainingSpec,
                              mean_over_layers)
 
@@ -100,8 +101,6 @@ def model_state_bytes(setup: Setup, stage: int | None = None, layers: int | None
 
 
 # ---- fp8 training's extra state (Transformer Engine; docs/COSTMODEL.md "fp8") ------------------------------
-# GPUs with MXFP8 tensor cores (SM 10.x), where TE's default recipe is MXFP8BlockScaling; elsewhere DelayedScaling
-MXFP8_GPUS = ("B200", "GB200", "B300", "GB300")
 MXFP8_BLOCK = 32  # elements sharing one 1-byte E8M0 scale
 FP8_AMAX_HISTORY_LEN = 1024  # DelayedScaling's default amax_history_len
 # scaled fp8 tensors per GEMM: forward input, weight, output; backward output gradient, input gradient
@@ -109,14 +108,8 @@ FP8_FWD_TENSORS_PER_GEMM, FP8_BWD_TENSORS_PER_GEMM = 3, 2
 
 
 def fp8_recipe(setup: Setup) -> Fp8Recipe:
-    """The training's fp8 recipe, by default Transformer Engine's on the cluster's GPU (get_default_fp8_recipe):
-    MXFP8 block scaling on Blackwell, per-tensor delayed scaling on Hopper."""
-    mx = setup.cluster.gpu.split()[0].upper() in MXFP8_GPUS
-    chosen = setup.training.fp8_recipe
-    if chosen == "mxfp8" and not mx:
-        raise SpecError(f"fp8_recipe mxfp8 needs Blackwell's MXFP8 tensor cores ({', '.join(MXFP8_GPUS)}); "
-                        f"{setup.cluster.gpu} has per-tensor fp8 only: use delayed or tensorwise")
-    return chosen or ("mxfp8" if mx else "delayed")
+    """The training's fp8 recipe on the cluster's GPU (TrainingSpec.fp8_recipe_on)."""
+    return setup.training.fp8_recipe_on(setup.cluster.gpu)
 
 
 @mean_over_layers
@@ -275,13 +268,18 @@ def eager_activation_bytes_per_token_layer(model: ModelSpec, tp: int, recompute:
 
 def layer_activation_per_token(setup: Setup, recompute: Recompute | None = None) -> float:
     """Saved activations per token per layer on one rank for a setup: the replay's eager layer with eager
-    kernels (dense models: the replay runs no MoE), else Megatron's (activation_bytes_per_token_layer)."""
+    kernels (dense models: the replay runs no MoE), else Megatron's (activation_bytes_per_token_layer), under
+    selective with recompute_modules recompute none's less what the modules free (costmodel.recompute)."""
     tr, m = setup.training, setup.stage_model
     recompute = tr.recompute if recompute is None else recompute
     if tr.kernels == "eager" and not m.is_moe:
         return eager_activation_bytes_per_token_layer(m, tr.tp, recompute, tr.dtype_bytes, tr.sequence_parallel)
-    return activation_bytes_per_token_layer(m, tr.tp, recompute, tr.dtype_bytes, tr.sequence_parallel,
-                                            ExpertLayout.of(tr), fp8=tr.dtype == "fp8")
+    args = (tr.dtype_bytes, tr.sequence_parallel, ExpertLayout.of(tr))
+    fp8 = tr.dtype == "fp8"
+    if recompute == "selective" and tr.recompute_modules:  # Megatron-core's modules: what they free of none's
+        return (activation_bytes_per_token_layer(m, tr.tp, "none", *args, fp8=fp8)
+                - freed_bytes_per_token(m, tr.tp, tr.recompute_modules, *args, fp8=fp8))
+    return activation_bytes_per_token_layer(m, tr.tp, recompute, *args, fp8=fp8)
 
 
 def logit_bytes(setup: Setup) -> float:

@@ -615,6 +615,10 @@ class ClusterSpec:
 
 
 Recompute = Literal["none", "selective", "full"]
+# Megatron-core's selective recompute by module (TransformerConfig.recompute_modules, --recompute-modules; megatron-core
+# 0.14-0.16; costmodel.recompute prices each): what a `selective` run replays instead of meshplan's own selective
+RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe_act", "moe", "shared_experts", "mla_up_proj"]
+RECOMPUTE_MODULES: tuple[str, ...] = get_args(RecomputeModule)
 # flash: the profile's fused attention as its table holds it; a named generation (fa2, fa3, cudnn-2024): that kernel
 # at its published rate over the table's (Profile.attention_kernel_time_x; analytic profiles); unfused: materialised
 # scores (QKᵀ, softmax, PV)
@@ -657,6 +661,8 @@ DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 2}  # byt
 # Float8CurrentScaling, MXFP8BlockScaling); docs/COSTMODEL.md "fp8 training"
 Fp8Recipe = Literal["delayed", "tensorwise", "mxfp8"]
 FP8_RECIPES: tuple[str, ...] = get_args(Fp8Recipe)  # what a request (--fp8-recipe) may ask for
+# GPUs with MXFP8 tensor cores (SM 10.x), where TE's default recipe is MXFP8BlockScaling; elsewhere DelayedScaling
+MXFP8_GPUS = ("B200", "GB200", "B300", "GB300")
 
 
 def check_recompute(choice: str) -> None:
@@ -679,6 +685,9 @@ class TrainingSpec:
     # (costmodel.zero, planner.simulate.rounds), pp = 1 only
     zero_stage: int = field(default=1, metadata=within(0, 3))
     recompute: Recompute = "none"  # activation recomputation policy
+    # with recompute selective: Megatron-core's modules (its default is core_attn alone) instead of meshplan's
+    # selective (the attention core where materialised, SwiGLU's product); fused kernels only
+    recompute_modules: tuple[RecomputeModule, ...] | None = None
     grad_dtype: DType = "fp32"  # gradient accumulation / reduction dtype (Megatron: fp32 grads)
     # CUDA context + NCCL buffers per GPU (REFERENCE 2.1: 1-3 GB)
     ctx_overhead_bytes: int = field(default=3 * 2**30, metadata=at_least(0))
@@ -729,7 +738,8 @@ class TrainingSpec:
     # to_dict writes these only when set, so plans that do not use them stay as they were
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "etp", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
                                                 "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
-                                                "fp8_param_gather", "mtp_layers", "loss", "grad_accumulation")
+                                                "fp8_param_gather", "mtp_layers", "loss", "grad_accumulation",
+                                                "recompute_modules")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -771,6 +781,24 @@ class TrainingSpec:
         if self.zero_stage == 3 and self.pp > 1:
             raise SpecError(f"zero_stage 3 with pp={self.pp} is not modelled (per-layer gathers across pipeline "
                             "stages); use pp=1 with --zero 3, or --zero 1/2 with pipelining")
+        if self.recompute_modules is not None:
+            self._check_recompute_modules()
+
+    def _check_recompute_modules(self) -> None:
+        """What Megatron-core's TransformerConfig refuses of recompute_modules, and what meshplan does not price."""
+        mods = self.recompute_modules or ()
+        if self.recompute != "selective":
+            raise SpecError(f"recompute_modules {','.join(mods) or '(none)'} apply to recompute selective (Megatron's "
+                            f"--recompute-granularity selective), not {self.recompute!r}; use --recompute selective")
+        if not mods:
+            raise SpecError("recompute_modules is empty; name at least one of " + ", ".join(RECOMPUTE_MODULES)
+                            + " (Megatron's default is core_attn), or drop it for meshplan's selective")
+        if self.kernels == "eager":
+            raise SpecError("recompute_modules describe Megatron-core's recompute; the replay (kernels eager) runs "
+                            "its own selective: drop recompute_modules or use the fused kernels")
+        if "moe_act" in mods and not self.moe_grouped_gemm:
+            raise SpecError("recompute module moe_act needs moe_grouped_gemm (Megatron-core recomputes the grouped "
+                            "experts' activation only); add --moe-grouped-gemm or drop moe_act")
 
     @classmethod
     def from_dict(cls, d: Any, origin: str = "training") -> "TrainingSpec":
@@ -817,6 +845,15 @@ class TrainingSpec:
             return "fused"
         return "add" if self.dtype == "fp32" else "cast_add"
 
+    def fp8_recipe_on(self, gpu: str) -> Fp8Recipe:
+        """The fp8 recipe on a GPU (a cluster's `gpu`), by default Transformer Engine's (get_default_fp8_recipe):
+        MXFP8 block scaling on Blackwell, per-tensor delayed scaling on Hopper."""
+        mx = gpu.split()[0].upper() in MXFP8_GPUS
+        if self.fp8_recipe == "mxfp8" and not mx:
+            raise SpecError(f"fp8_recipe mxfp8 needs Blackwell's MXFP8 tensor cores ({', '.join(MXFP8_GPUS)}); "
+                            f"{gpu} has per-tensor fp8 only: use delayed or tensorwise")
+        return self.fp8_recipe or ("mxfp8" if mx else "delayed")
+
     @property
     def loss_chunked(self) -> bool:
         """Whether the loss holds the logits of one chunk at a time (online): eager kernels (meshplan's replay)
@@ -846,6 +883,14 @@ class TrainingSpec:
         if self.ep > 1 and self.tp > 1 and not self.sequence_parallel:
             raise SpecError(f"ep={self.ep} needs sequence parallelism: the all-to-all dispatches each TP rank's s/tp "
                             "tokens (Megatron requires it with MoE and TP); enable sequence_parallel")
+        mods = set(self.recompute_modules or ())
+        if "mla_up_proj" in mods and not model.is_mla:
+            raise SpecError(f"recompute module mla_up_proj needs multi-head latent attention; {model.name} has none: "
+                            "drop it")
+        if self.dtype == "fp8" and {"moe_act", "layernorm"} & mods and self.fp8_recipe_on(cluster.gpu) == "delayed":
+            raise SpecError("recompute modules moe_act and layernorm under fp8 need current or block scaling "
+                            f"(Megatron-core refuses them with delayed scaling, Transformer Engine's default on "
+                            f"{cluster.gpu}); use --fp8-recipe tensorwise, or drop them")
         mesh = self.mesh_on(cluster)
         if cluster.domain_gpus % self.expert_tp:
             raise SpecError(f"etp={self.expert_tp} must divide the {cluster.domain_gpus} GPUs of an NVLink domain (the "

@@ -22,6 +22,7 @@ from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
                               params_per_rank, sharded_state_params, stage_parts)
 from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
+from costmodel.recompute import Replay, replay
 from costmodel.specs import DTYPE_BYTES, ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
 
@@ -36,7 +37,7 @@ _OVERLAP_GEMMS = ("qkv", "o", *_MLP_GEMMS)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "attn_doc_fwd", "attn_doc_bwd",
                            "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
-                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj"}
+                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj", "gemm_recompute"}
                           | {f"gemm_{g}" for g in _OVERLAP_GEMMS})  # the others are over bytes
 _COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
 
@@ -299,6 +300,12 @@ class CostModel:
         self.stage_model: ModelSpec = self.setup.stage_model
         self.dkv_ratio = dkv_activation_ratio(self.stage_model, tr.tp, tr.recompute, tr.dtype_bytes,
                                               tr.sequence_parallel, self.experts, tr.dtype == "fp8")
+        # Megatron-core's recompute modules (costmodel.recompute): what each layer kind's backward replays
+        self.replays: tuple[tuple[float, Replay], ...] = ()
+        if tr.recompute == "selective" and tr.recompute_modules:
+            self.dkv_ratio = 2 * self.stage_model.kv_width * 4 / tr.tp / self.a_tok  # a_tok: with what they free
+            self.replays = tuple((w, replay(kind, tr.recompute_modules, tr.tp, tr.sequence_parallel, tr.dtype_bytes,
+                                            self.experts)) for w, kind in self.stage_model.layer_kinds())
         self.heads_per_rank = max(1, m.heads // tr.tp)
         self.unfused_attention = tr.attention_kernel == "unfused"
         # Fixed costs a profile may carry (absent: 0; `meshplan calibrate` fits them): the host's time to issue
@@ -419,8 +426,15 @@ class CostModel:
                    "mem_layer_bwd": layer_ks(kind, tr.tp, sp, b, "bwd") + cast["bwd"] + moe["bwd"],
                    "mem_recompute": (recompute_kernels(kind, tr.tp, sp, b, tr.recompute, eager)
                                      + (cast["fwd"] + moe["fwd"] if tr.recompute == "full" else ()))}
+        rp = replay(kind, tr.recompute_modules, tr.tp, sp, b, self.experts) if self.replays else None
+        if rp is not None:  # the modules' kernels and the fp8 casts of the GEMMs they replay
+            kernels["mem_recompute"] = rp.kernels + tuple(c for c in cast["fwd"]
+                                                          if c.label.removeprefix("fp8_cast_") in rp.gemms)
         curves = {name: np.maximum(self._kernels_s(ks, _TOKEN_GRID), 1e-15) for name, ks in kernels.items()}
         curves["gemm_layer"] = sum((t for _, t in gemms), np.zeros_like(_TOKEN_GRID))
+        if rp is not None:
+            curves["gemm_recompute"] = np.maximum(sum((t for g, t in gemms if g.label in rp.gemms),
+                                                      np.zeros_like(_TOKEN_GRID)), 1e-15)
         return curves
 
     def _kernels_s(self, kernels: tuple[MemKernel, ...], items: np.ndarray) -> np.ndarray:
@@ -608,12 +622,18 @@ class CostModel:
         # Recompute replays in the backward what the forward did not keep: full, the whole forward (its TP
         # collectives below); selective, the attention core when it is materialised (GPT blocks) and, for SwiGLU
         # models, the activation product (costmodel.memory keeps neither).
+        # With Megatron-core's recompute modules, what each layer kind's modules replay (costmodel.recompute).
         mem_rec = self._lookup("mem_recompute", tokens) if rec != "none" else 0.0
-        attn_rec = attn_f if rec == "full" or (rec == "selective" and self.unfused_attention) else 0.0
-        bwd_layer = bwd_layer + ((gemm_f if rec == "full" else 0.0) + attn_rec + mem_rec)
+        core = (any(r.attention for _, r in self.replays) if self.replays
+                else rec == "selective" and self.unfused_attention)
+        attn_rec = attn_f if rec == "full" or core else 0.0
+        gemm_rec = gemm_f if rec == "full" else (self._lookup("gemm_recompute", tokens) if self.replays else 0.0)
+        bwd_layer = bwd_layer + (gemm_rec + attn_rec + mem_rec)
         # K/V bytes a rank passes per ring step: its group's u chunks on 1/u of the KV heads, i.e. its own tokens'
         kv_bytes = tokens * 2 * self.model.kv_width / self.tp * self.bytes_per_elem
-        passes_f = 2 if rec == "full" else 1  # full recompute replays the forward's K/V exchange
+        # full recompute and a recomputed core (Megatron-core's core_attn: TE's CP attention) replay the forward's
+        # K/V exchange
+        passes_f = 2 if rec == "full" or (core and self.replays) else 1
         if ag.all():
             ring_comm, ring_exp_f, ring_exp_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
         else:
@@ -720,7 +740,8 @@ class CostModel:
         """One layer's exposed TP-group communication for `tokens` tokens, (forward, backward) as price_units
         charges them: without tp_comm_overlap every collective (2 all-gathers + 2 reduce-scatters each way, an
         all-reduce moving the same bytes; MoE with ep > 1: the MLP's pair becomes the all-to-alls), with it what
-        the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward."""
+        the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward, recompute
+        modules what they rerun (a dense MLP's pair, an MoE layer's all-to-alls, MLA's latent gather)."""
         tokens = np.asarray(tokens, dtype=float)
         mu = self.stage_model.moe_fraction  # the MoE layers' share (0 dense, 1 when every layer has experts)
         pair = self.tp_pair_s(tokens, layer=True) if self.tp > 1 else np.zeros_like(tokens)
@@ -728,10 +749,11 @@ class CostModel:
         if mu:  # shared expert's pair
             moe = self._lookup("moe_comm", tokens) if self.experts.all_to_all else pair
             experts = mu * (moe + (pair if self.model.shared_expert_ffn else 0.0))
+        mlp_f = pair  # a dense MLP's forward pair as exposed
         if self.tp == 1:  # no TP collectives: an expert group's all-to-alls alone
             fwd = bwd = experts
         elif self.setup.training.tp_comm_overlap:  # expert GEMMs run no userbuffer overlap: their comm stays exposed
-            fwd, bwd = self._overlapped_tp_comm_s(tokens)
+            fwd, bwd, mlp_f = self._overlapped_tp_comm_s(tokens)
             fwd, bwd = fwd + experts, bwd + experts
         else:  # the attention's pair (MLA: at its latents' width on their side), a dense MLP's in the dense layers'
             attn_f, attn_b = self._attention_pair_s(tokens, pair)  # share
@@ -739,10 +761,23 @@ class CostModel:
         if self.tp_amaxes:  # current scaling: a 4-byte amax all-reduce per gathered fp8 tensor, 2 each way
             amax = 2.0 * self._lookup("tp_all_reduce", 4.0)
             fwd, bwd = fwd + amax, bwd + amax
-        rec = self.setup.training.recompute == "full"
-        return fwd, bwd + (fwd if rec else 0.0)
+        if self.setup.training.recompute == "full":
+            return fwd, bwd + fwd
+        for w, r in self.replays:  # what recompute modules replay of the forward's collectives, per layer kind
+            moe = self._lookup("moe_comm", tokens) if self.experts.all_to_all else pair
+            shared = pair if self.model.shared_expert_ffn else 0.0
+            if r.mlp_pair:
+                bwd = bwd + w * mlp_f
+            if r.experts_comm:
+                bwd = bwd + w * (moe + shared)
+            if r.shared_pair:
+                bwd = bwd + w * pair
+            if r.latent_gather and self.tp > 1:
+                width = self.model.attn_gather_width
+                bwd = bwd + w * self._lookup("tp_all_gather", tokens * width * self.tp_gather_bytes)
+        return fwd, bwd
 
-    def _overlapped_tp_comm_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _overlapped_tp_comm_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Exposed TP communication of one layer under Transformer Engine's userbuffer overlap as Megatron-core
         configures it for Hopper (docs/COSTMODEL.md "TP overlap"). Ring exchange splits a GEMM into t row chunks
         and passes one chunk per step while the next computes, so a collective of time C beside a GEMM of split
@@ -751,7 +786,8 @@ class CostModel:
         Backward: the output gradient's all-gather under the projection's (down's) dgrad, ring-exchanged; the
         input re-gathered for QKV's (up's) wgrad beside its dgrad, and dX reduce-scattered beside its wgrad, each
         in bulk: max(0, C − G). Dense layers both pairs; MoE layers the attention's only (the MLP pair weighs the
-        dense layers' share). MLA gathers its latents for the up projections (ModelSpec.attn_gather_width)."""
+        dense layers' share). MLA gathers its latents for the up projections (ModelSpec.attn_gather_width).
+        Returns (forward, backward, a dense MLP pair's forward unweighted: what recompute module mlp replays)."""
         t = self.tp
         act = tokens * self.model.hidden
         ag = self._lookup("tp_all_gather", act * self.tp_gather_bytes)
@@ -765,7 +801,7 @@ class CostModel:
         if self.stage_model.moe_fraction < 1.0:
             up = "gate_up" if self.model.mlp == "swiglu" else "up"
             pairs.append((up, "down", 1.0 - self.stage_model.moe_fraction, ag, rs))
-        fwd = bwd = np.zeros_like(tokens)
+        fwd = bwd = mlp_f = np.zeros_like(tokens)
         # ag_in, rs_in: the first GEMM's input gathered and its input gradient scattered; ag: the second's dY gathered
         for first, second, w, ag_in, rs_in in pairs:
             g1, g2 = self._lookup(f"gemm_{first}", tokens), self._lookup(f"gemm_{second}", tokens)
@@ -775,7 +811,9 @@ class CostModel:
             ring2_dgrad = np.maximum(0.0, ag - s2 * (t - 1) / t) + (s2 - g2)
             fwd = fwd + w * (ring1 + ring2)
             bwd = bwd + w * (ring2_dgrad + np.maximum(0.0, ag_in - g1) + np.maximum(0.0, rs_in - g1))
-        return fwd, bwd
+            if first != "qkv":
+                mlp_f = ring1 + ring2
+        return fwd, bwd, mlp_f
 
     def _attention_pair_s(self, tokens: np.ndarray, pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The attention's TP collectives, (forward, backward), not overlapped. With SP: the input all-gathered

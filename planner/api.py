@@ -46,6 +46,8 @@ class PlanRequest:
     tokens_per_step: int | None = None  # None ("auto"): sized from the mesh, see auto_tokens_per_step
     max_context_tokens: int = 2 * 2**20
     recompute: str = AUTO_RECOMPUTE  # a policy, or auto: the least recompute that fits the max context
+    # Megatron-core's recompute modules for the selective policy (TrainingSpec.recompute_modules; None: meshplan's)
+    recompute_modules: tuple[str, ...] | None = None
     capacity_tokens: int | None = None  # override C
     zero_stage: int = 1
     dtype: str = "bf16"  # training precision, TrainingSpec.dtype: bf16, fp16, fp32, or fp8 (fp8 GEMMs, bf16 storage)
@@ -67,6 +69,9 @@ class PlanRequest:
 
     def __post_init__(self) -> None:
         check_recompute(self.recompute)
+        if self.recompute_modules is not None and self.recompute not in ("selective", AUTO_RECOMPUTE):
+            raise SpecError(f"--recompute-modules apply to the selective policy, not --recompute {self.recompute}; "
+                            "use --recompute selective (or auto)")
 
 
 def resolve_setup(req: PlanRequest) -> Setup:
@@ -78,7 +83,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
     last: Exception | None = None
     for pol in policies:
         tr = TrainingSpec(dtype=req.dtype, tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
-                          kernels=req.kernels,
+                          kernels=req.kernels, recompute_modules=req.recompute_modules if pol == "selective" else None,
                           capacity_tokens=req.capacity_tokens, ep=req.ep, moe_capacity_factor=req.moe_capacity_factor,
                           moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
                           tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,

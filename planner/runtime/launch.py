@@ -259,7 +259,12 @@ def priced_as_run(plan: Plan) -> bool:
 def replay_recompute(plan: Plan, override: str | None, where: str) -> str:
     """The recompute policy the replay applies: `override` (--recompute), else the plan's
     meta.training.recompute, else none (hand-built plans carry no training section)."""
-    policy = override if override is not None else (plan.meta.get("training") or {}).get("recompute", "none")
+    training = plan.meta.get("training") or {}
+    policy = override if override is not None else training.get("recompute", "none")
+    if override is None and training.get("recompute_modules"):
+        mods = ", ".join(map(str, training["recompute_modules"]))
+        raise PlanError(f"{where}: meta.training.recompute_modules ({mods}) are Megatron-core's; the replay runs its "
+                        "own none, selective or full: pass --recompute")
     if policy not in RECOMPUTE_POLICIES:
         source = "--recompute" if override is not None else f"{where}: meta.training.recompute"
         raise PlanError(f"{source} is {policy!r}; the replay applies one of {', '.join(RECOMPUTE_POLICIES)}")

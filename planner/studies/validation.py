@@ -250,6 +250,8 @@ def _note(tr: TrainingSpec) -> str:
     attn += {"fused": "", "add": f", {tr.grad_dtype} gradients added after each micro-batch's backward",
              "cast_add": f", gradients cast to {tr.grad_dtype} and added after each micro-batch's backward"}[
         tr.grad_accumulation_kind]
+    if tr.recompute_modules:
+        attn += f", selective recompute of Megatron-core's modules {', '.join(tr.recompute_modules)}"
     overlaps = [name for name, on in (("TP collectives", tr.tp_comm_overlap and tr.tp > 1),
                                       ("gradient reduce", tr.overlap_grad_reduce),
                                       ("parameter gather", tr.overlap_param_gather)) if on]

@@ -1,0 +1,154 @@
+"""Megatron-core's recompute modules (costmodel.recompute, TrainingSpec.recompute_modules): the bytes each module
+frees, hand-computed against recompute none; what each replays, recomputed from the profile's own lookups; what
+Megatron-core refuses; plans that record them, and the replay that refuses to run them as its own."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from costmodel.memory import layer_activation_per_token
+from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
+from costmodel.presets import load_cluster, load_model
+from costmodel.recompute import effective_modules
+from costmodel.specs import Setup, SpecError, TrainingSpec
+from costmodel.timing import _TOKEN_GRID, CostModel, gemm_shapes
+from planner.plan import Plan, PlanError
+from planner.runtime.launch import replay_recompute
+from profiles.table import load_profile
+
+_PROFILE = load_profile("h100-sxm.analytic")
+S = float(_TOKEN_GRID[150])  # a token count on the cost model's grid: its curves are exact there
+
+
+def setup(model: str, gpus: int = 64, **training) -> Setup:
+    return Setup(load_model(model), load_cluster("dgx-h100").with_gpus(gpus), TrainingSpec(**training))
+
+
+def saved(s: Setup, modules=None) -> float:
+    """Saved bytes per token per layer: selective with `modules`, or recompute none."""
+    tr = dataclasses.replace(s.training, recompute="selective" if modules else "none", recompute_modules=modules)
+    return layer_activation_per_token(dataclasses.replace(s, training=tr))
+
+
+def test_dense_mlp_frees_all_but_its_input():
+    s = setup("llama3-8b", tp=2, recompute="selective", recompute_modules=("mlp",))
+    m = s.model
+    h, f = m.hidden, m.ffn
+    # the fused norm's output (2h, split over tp by SP), gate and up (4f) and the activation's output (2f), over tp 2
+    assert saved(s, ("mlp",)) == pytest.approx(saved(s) - (2 * h + 6 * f) / 2)
+    fp8 = dataclasses.replace(s, training=dataclasses.replace(s.training, dtype="fp8"))
+    assert saved(fp8, ("mlp",)) == pytest.approx(saved(fp8) - (h + 5 * f) / 2)  # fp8 casts of the GEMMs' inputs
+
+
+def test_dense_layers_norms_are_fused_and_moe_modules_do_nothing():
+    s = setup("llama3-8b", tp=2)
+    for mods in (("layernorm",), ("moe",), ("shared_experts",), ("core_attn",)):
+        assert saved(s, mods) == saved(s)  # flash attention: core_attn frees nothing either
+    assert effective_modules(s.model, ("layernorm", "moe", "mlp")) == {"mlp"}
+
+
+def test_moe_modules_free_hand_computed():
+    s = setup("qwen3-30b-a3b", tp=4, ep=4, moe_grouped_gemm=True)
+    m, t = s.model, 4
+    h, f, k = m.hidden, m.ffn, m.top_k
+    assert saved(s, ("layernorm",)) == pytest.approx(saved(s) - 2 * h / t)  # the pre-MLP norm's output
+    assert saved(s, ("moe_act",)) == pytest.approx(saved(s) - 2 * k * f / t)  # the routed activation's output
+    lay = ExpertLayout.of(s.training)
+    inside = 6 * k * f / t + moe_activation_bytes_per_token(m, lay, "none")
+    assert saved(s, ("moe",)) == pytest.approx(saved(s) - inside)
+    assert saved(s, ("moe", "moe_act")) == saved(s, ("moe",))  # moe_act is inside the checkpointed layer
+    assert saved(s, ("mlp",)) == saved(s)  # Megatron's mlp leaves MoE layers alone
+
+
+def test_latent_attention_modules_free_hand_computed():
+    s = setup("deepseek-v3", gpus=1024, tp=8, ep=8, pp=16, moe_grouped_gemm=True)
+    m, t = s.model, 8
+    qkv = 2 * (m.q_width + 2 * m.kv_width) / t + 2 * (m.q_lora_rank + m.kv_lora_rank) / t
+    assert saved(s, ("mla_up_proj",)) == pytest.approx(saved(s) - qkv)
+    # the input norm (MLA: its own module) and the MoE layers' pre-MLP norm, every layer of the busiest stage MoE
+    assert saved(s, ("layernorm",)) == pytest.approx(saved(s) - 2 * 2 * m.hidden / t)
+
+
+def _cm(s: Setup, modules) -> CostModel:
+    tr = dataclasses.replace(s.training, recompute="selective" if modules else "none", recompute_modules=modules)
+    return CostModel(dataclasses.replace(s, training=tr), _PROFILE)
+
+
+def test_core_attn_replays_the_attention_forward():
+    s = setup("llama3-8b", tp=2)
+    base, rec = _cm(s, None).unit_cost([int(S)]), _cm(s, ("core_attn",)).unit_cost([int(S)])
+    assert rec.attn_bwd_compute_s - base.attn_bwd_compute_s == pytest.approx(base.attn_fwd_compute_s)
+    assert rec.bwd_compute_s - base.bwd_compute_s == pytest.approx(base.attn_fwd_compute_s)
+
+
+def test_mlp_replays_its_gemms_kernels_and_tp_pair():
+    s = setup("llama3-8b", tp=2)
+    none, mlp = _cm(s, None), _cm(s, ("mlp",))
+    gemms = sum(_PROFILE.gemm_time_s(S, g.n, g.k) for g in gemm_shapes(s.model, 2) if g.label in ("gate_up", "down"))
+    assert float(mlp._lookup("gemm_recompute", S)) == pytest.approx(float(gemms), rel=1e-6)
+    l = none.layers_per_stage
+    base, rec = none.unit_cost([int(S)]), mlp.unit_cost([int(S)])
+    kernels = float(mlp._lookup("mem_recompute", S))
+    assert kernels > 0  # the fused norm and the activation
+    assert rec.bwd_compute_s - base.bwd_compute_s == pytest.approx(l * (float(gemms) + kernels), rel=1e-6)
+    assert rec.tp_comm_bwd_s - base.tp_comm_bwd_s == pytest.approx(l * float(none.tp_pair_s(S, layer=True)), rel=1e-6)
+
+
+def test_moe_replays_the_dispatch_and_combine():
+    s = setup("qwen3-30b-a3b", tp=4, ep=4, moe_grouped_gemm=True)
+    none, moe = _cm(s, None), _cm(s, ("moe",))
+    base, rec = none.unit_cost([int(S)]), moe.unit_cost([int(S)])
+    a2a = float(none._lookup("moe_comm", S))
+    assert a2a > 0
+    assert rec.tp_comm_bwd_s - base.tp_comm_bwd_s == pytest.approx(none.layers_per_stage * a2a, rel=1e-6)
+    assert rec.fwd_s == pytest.approx(base.fwd_s)  # the forward is what it was
+
+
+@pytest.mark.parametrize("training, needle", [
+    (dict(recompute="none", recompute_modules=("mlp",)), "apply to recompute selective"),
+    (dict(recompute="selective", recompute_modules=()), "is empty"),
+    (dict(recompute="selective", recompute_modules=("mlp",), kernels="eager"), "the replay"),
+])
+def test_training_spec_refusals(training, needle):
+    with pytest.raises(SpecError, match=needle):
+        TrainingSpec(**training)
+
+
+def test_setup_refusals_as_megatron_core():
+    with pytest.raises(SpecError, match="needs moe_grouped_gemm"):
+        setup("qwen3-30b-a3b", tp=4, ep=4, recompute="selective", recompute_modules=("moe_act",))
+    with pytest.raises(SpecError, match="multi-head latent attention"):
+        setup("llama3-8b", recompute="selective", recompute_modules=("mla_up_proj",))
+    fp8 = dict(tp=4, ep=4, moe_grouped_gemm=True, dtype="fp8", recompute="selective", recompute_modules=("layernorm",))
+    with pytest.raises(SpecError, match="delayed scaling"):  # Transformer Engine's default on an H100
+        setup("qwen3-30b-a3b", **fp8)
+    setup("qwen3-30b-a3b", **fp8, fp8_recipe="tensorwise")
+
+
+def test_round_trip_and_old_plans():
+    tr = TrainingSpec(recompute="selective", recompute_modules=("moe_act", "layernorm"), moe_grouped_gemm=True)
+    d = json.loads(json.dumps(tr.to_dict()))
+    assert d["recompute_modules"] == ["moe_act", "layernorm"]
+    assert TrainingSpec.from_dict(d) == tr
+    assert "recompute_modules" not in TrainingSpec(recompute="selective").to_dict()  # old plans stay as they were
+
+
+def test_plan_records_modules_and_the_replay_refuses_them(tmp_path):
+    out = tmp_path / "plan.json"
+    runner = CliRunner()
+    r = runner.invoke(app, ["plan", "--model", "tiny", "--cluster", "local-cpu", "--gpus", "4", "--tokens-per-step",
+                            "16K", "--max-context", "4K", "--recompute", "selective", "--recompute-modules",
+                            "core_attn,mlp", "--out", str(out), "--compare", "static"])
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    assert plan.meta["training"]["recompute_modules"] == ["core_attn", "mlp"]
+    with pytest.raises(PlanError, match="pass --recompute"):
+        replay_recompute(plan, None, str(out))
+    assert replay_recompute(plan, "selective", str(out)) == "selective"
+    bad = runner.invoke(app, ["plan", "--recompute", "full", "--recompute-modules", "mlp", "--out", str(out)])
+    assert bad.exit_code != 0 and "selective" in bad.output
+    assert np.isfinite(plan.meta["dkv_activation_ratio"])
