@@ -182,6 +182,22 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 # --recompute of `plan` and `whatif`: the cost model's policies, checked by planner.api / costmodel.specs
 RECOMPUTE_HELP = f"{' | '.join(RECOMPUTE_POLICIES)} | {AUTO_RECOMPUTE} (least that fits the context)."
+RECOMPUTE_MODULES_HELP = (f"Megatron-core's --recompute-modules for the selective policy (--recompute selective, or "
+                          f"auto where it picks selective), a comma list of {', '.join(RECOMPUTE_MODULES)} (Megatron's "
+                          "default: core_attn), priced as megatron-core 0.14-0.16 runs them; default: meshplan's "
+                          "selective (the attention core where materialised, SwiGLU's product).")
+
+
+def recompute_modules_arg(text: Optional[str]) -> tuple[str, ...] | None:
+    """--recompute-modules as a tuple of Megatron-core's module names (None: not given); one-line refusals."""
+    if text is None:
+        return None
+    mods = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not mods:
+        fail("--recompute-modules: give at least one module")
+    for mod in mods:
+        check_choice("--recompute-modules", mod, RECOMPUTE_MODULES)
+    return mods
 
 
 def writable(path: Optional[Path], option: str) -> None:
@@ -466,11 +482,7 @@ def plan_cmd(
                                             "micro-batch per HDP rank, hdp × min(C, max context) tokens."),
         max_context: str = typer.Option("2M", help="Longest sequence; longer documents are split."),
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
-        recompute_modules: Optional[str] = typer.Option(
-            None, "--recompute-modules", help=f"With --recompute selective (or auto, where it picks selective): "
-            f"Megatron-core's --recompute-modules, a comma list of {', '.join(RECOMPUTE_MODULES)} (Megatron's default "
-            "core_attn), priced as megatron-core 0.14-0.16 runs them; default: meshplan's selective (the attention "
-            "core where materialised, SwiGLU's product)."),
+        recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help=RECOMPUTE_MODULES_HELP),
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
         dtype: str = typer.Option("bf16", help=f"Training precision, {one_of(TRAIN_DTYPES)}; fp8: the layers' GEMMs "
                                   "in fp8 (Transformer Engine), attention and storage bf16."),
@@ -556,11 +568,7 @@ def plan_cmd(
     check_choice("--loss", loss, LOSS_KERNELS)
     if grad_accumulation is not None:
         check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
-    modules = None
-    if recompute_modules is not None:
-        modules = tuple(_csv_list(recompute_modules, "--recompute-modules"))
-        for mod in modules:
-            check_choice("--recompute-modules", mod, RECOMPUTE_MODULES)
+    modules = recompute_modules_arg(recompute_modules)
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
     try:
@@ -985,6 +993,7 @@ def whatif_sweep(
         tokens_per_step: str = typer.Option("32M", help="Token budget per step (ByteScale: 32M)."),
         seed: int = typer.Option(0, help="Seed of the length sources."),
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
+        recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help=RECOMPUTE_MODULES_HELP),
         zero: str = typer.Option("1", "--zero", help="ZeRO stages, comma-separated (0-3; 3: FSDP2, pp 1)."),
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help="Attention kernels, comma-separated "
                                              f"({one_of(ATTENTION_KERNELS)}): flash is the profile's own table; fa2, "
@@ -1006,6 +1015,7 @@ def whatif_sweep(
     if ctx.invoked_subcommand is not None:
         return
     check_recompute(recompute)  # every point would fail on it: once, before the sweep
+    modules = ",".join(recompute_modules_arg(recompute_modules) or ())
     check_choice("--static-mesh", static_mesh, STATIC_MESHES)
     zeros = _csv_list(zero, "--zero")
     for z in zeros:
@@ -1021,7 +1031,8 @@ def whatif_sweep(
                       strategies=tuple(_csv_list(strategies, "--strategies")), steps=steps,
                       tokens_per_step=_count(tokens_per_step, "--tokens-per-step"), seed=seed, recompute=recompute,
                       offload=offload, static_mesh=static_mesh, zero_stages=tuple(map(int, zeros)),
-                      attention_kernels=tuple(kernels), loss=loss, grad_accumulation=grad_accumulation)
+                      attention_kernels=tuple(kernels), loss=loss, grad_accumulation=grad_accumulation,
+                      recompute_modules=modules)
     points = spec.points()
     try:
         with _progress_bar(len(points), enabled=not as_json) as on_point:
@@ -1085,6 +1096,7 @@ def whatif_capacity(
                                              "fa2, fa3, cudnn-2024 a published kernel's rate over it."),
         loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
         grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
+        recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help=RECOMPUTE_MODULES_HELP),
         min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
         max_gpus: int = typer.Option(16384, help="Largest GPU count."),
         steps: int = typer.Option(2, min=1, help="Sampled global batches per candidate."),
@@ -1115,6 +1127,7 @@ def whatif_capacity(
     check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     check_choice("--loss", loss, LOSS_KERNELS)
     check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
+    modules = ",".join(recompute_modules_arg(recompute_modules) or ())
     if metric == "tokens_per_s":
         value = float(_count(value, "--target-tokens-per-s"))
     if metric == "mfu" and value > 1:
@@ -1131,7 +1144,8 @@ def whatif_capacity(
                                    strategy=strategy, rules=rules, tokens_per_step=_count(tokens_per_step,
                                                                                           "--tokens-per-step"),
                                    steps=steps, seed=seed, attention_kernel=attention_kernel, loss=loss,
-                                   grad_accumulation=grad_accumulation, runners_up=runners_up, workers=workers,
+                                   grad_accumulation=grad_accumulation, recompute_modules=modules,
+                                   runners_up=runners_up, workers=workers,
                                    best_layout=best_layout,
                                    journal=journal, on_progress=on_progress)
     except KeyboardInterrupt:
@@ -1140,14 +1154,15 @@ def whatif_capacity(
         from profiles.table import atomic_write_text
 
         atomic_write_text(table, res.table.to_csv(index=False))
-    keep = ("gpus", "tp", "pp", "hdp", "recompute", "capacity_tokens", "tokens_per_s", "mfu", "mfu_unhalved",
+    keep = ("gpus", "tp", "pp", "hdp", "recompute", "recompute_modules", "capacity_tokens", "tokens_per_s", "mfu",
+            "mfu_unhalved",
             "step_time_s", "lower_bound_s", "peak_memory_bytes", "status", "reason")
     pick = lambda r: _json_row({k: r.get(k) for k in keep})  # noqa: E731
     statuses = res.table["status"].value_counts().to_dict() if len(res.table) else {}
     if as_json:
         sys.stdout.write(json.dumps({"target": {"metric": target.metric, "value": target.value},
                                      "strategy": strategy, "attention_kernel": attention_kernel, "loss": loss,
-                                     "grad_accumulation": grad_accumulation,
+                                     "grad_accumulation": grad_accumulation, "recompute_modules": modules,
                                      "answer": pick(res.answer) if res.answer else None,
                                      "minimal": res.answer is not None, "best_layout": best_layout,
                                      "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table),
@@ -1158,7 +1173,8 @@ def whatif_capacity(
         return
     kernel = (f", {attention_kernel} attention" if attention_kernel != "flash" else "") + (
         f", {loss} loss" if loss != "online" else "") + (
-        f", {grad_accumulation} gradient accumulation" if grad_accumulation != "fused" else "")
+        f", {grad_accumulation} gradient accumulation" if grad_accumulation != "fused" else "") + (
+        f", recompute modules {modules}" if modules else "")
     head = f"{model}, {format_tokens(context_tokens)} context, {lengths}, {strategy}{kernel}: {target.describe()}"
     done = (f"{len(res.table)} layouts decided: {', '.join(f'{n} {k}' for k, n in statuses.items())}; "
             f"{res.planned} planned, {res.reused} from the journal {journal}")

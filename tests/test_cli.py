@@ -419,6 +419,31 @@ def test_whatif_sweeps_and_searches_with_the_attention_kernels_asked_for(tmp_pat
     assert not (tmp_path / "a.journal.jsonl").exists() and not (tmp_path / "b.csv").exists()
 
 
+def test_whatif_sweeps_and_searches_with_megatron_recompute_modules(tmp_path):
+    out, small = tmp_path / "s.csv", ["--model", "llama-7b", "--gpus", "8", "--context", "32K", "--steps", "1",
+                                      "--tokens-per-step", "1M"]
+    r = run("whatif", *small, "--strategies", "hdp", "--recompute", "selective", "--out", str(out), "--json")
+    base = json.loads(r.stdout)["rows"][0]
+    r = run("whatif", *small, "--strategies", "hdp", "--recompute", "selective", "--recompute-modules", "mlp",
+            "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)["rows"][-1]
+    # the mlp module frees a dense MLP's activations (more tokens a rank) and replays its forward (slower per token)
+    assert row["recompute_modules"] == "mlp" and row["key"].endswith("|rcm-mlp|hdp")
+    assert row["capacity_tokens"] > base["capacity_tokens"] and base["recompute_modules"] == ""
+    r = run("whatif", "capacity", *small[:2], "--context", "32K", "--steps", "1", "--tokens-per-step", "1M",
+            "--target-tokens-per-s", "1000", "--max-gpus", "8", "--tp", "1", "--pp", "1", "--recompute-modules",
+            "core_attn", "--table", str(tmp_path / "cap.csv"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["recompute_modules"] == "core_attn"
+    assert "rcm-core_attn" in (tmp_path / "cap.csv").read_text()
+    r = run("whatif", *small, "--recompute", "full", "--recompute-modules", "mlp", "--out", str(tmp_path / "b.csv"))
+    assert r.exit_code == 2 and "apply to the selective policy" in one_line(r.output)
+    r = run("whatif", *small, "--recompute-modules", "mlp,attn", "--out", str(tmp_path / "b.csv"))
+    assert r.exit_code == 2 and "--recompute-modules must be" in one_line(r.output)
+    assert not (tmp_path / "b.csv").exists()
+
+
 def test_plan_records_its_attention_kernel_and_refuses_one_a_measured_profile_lacks(tmp_path):
     out = tmp_path / "p.json"
     r = run("plan", "--gpus", "8", "--compare", "static", "--attention-kernel", "fa2", "--out", str(out))

@@ -223,7 +223,7 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
                     lengths: str = "byted-like", strategy: str = "hdp", rules: LayoutRules = LayoutRules(),
                     tokens_per_step: int = BYTESCALE_TOKENS_PER_STEP, steps: int = 2, seed: int = 0,
                     recompute: str = "auto", offload: bool = True, attention_kernel: str = "flash",
-                    loss: str = "online", grad_accumulation: str = "fused",
+                    loss: str = "online", grad_accumulation: str = "fused", recompute_modules: str = "",
                     runners_up: int = 5, best_layout: bool = False,
                     exhaustive: bool = False, workers: int = 1, journal: Path | None = None,
                     on_progress: Callable[[CapacityProgress], None] | None = None) -> CapacityResult:
@@ -238,7 +238,8 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
     counts = rules.gpu_counts(cluster)
     # unknown strategy, model, length source or a kernel the profile has no rate for: once, before any planning
     check_inputs([Point(Config(model, cluster, counts[0], 1, 1, context_tokens, lengths,
-                               attention_kernel=attention_kernel, loss=loss, grad_accumulation=grad_accumulation),
+                               recompute=recompute, attention_kernel=attention_kernel, loss=loss,
+                               grad_accumulation=grad_accumulation, recompute_modules=recompute_modules),
                         strategy)])
     layouts = {g: rules.layouts(model, cluster, g) for g in counts}
     if not any(layouts.values()):
@@ -251,7 +252,7 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
         for i, gpus in enumerate(counts, 1):
             cfgs = [Config(model, cluster, gpus, tp, pp, context_tokens, lengths, tokens_per_step, steps, seed,
                            recompute, offload, ep=min(rules.ep, tp), attention_kernel=attention_kernel, loss=loss,
-                           grad_accumulation=grad_accumulation)
+                           grad_accumulation=grad_accumulation, recompute_modules=recompute_modules)
                     for tp, pp in layouts[gpus]]
             if search.decide_count(gpus, i, cfgs, pool, workers) and not exhaustive:
                 break

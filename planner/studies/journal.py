@@ -28,7 +28,8 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "key", "model", "cluster", "gpus", "tp", "pp", "hdp", "context_tokens", "lengths", "tokens_per_step",
     "strategy", "steps", "seed", "offload", "static_mesh", "tokens_per_s", "mfu", "mfu_unhalved", "step_time_s",
     "lower_bound_s", "speedup_vs_static", "static_step_time_s", "peak_memory_bytes", "fits_hbm", "busiest_rank_s",
-    "idlest_rank_s", "recompute", "zero_stage", "attention_kernel", "loss", "grad_accumulation", "capacity_tokens",
+    "idlest_rank_s", "recompute", "recompute_modules", "zero_stage", "attention_kernel", "loss", "grad_accumulation",
+    "capacity_tokens",
     "profile", "profile_sha256", "code_sha256", "planning_s", "feasible", "reason")
 MFU_CONVENTION = ("`mfu` divides model FLOPs (causal attention halved: the pairs actually computed, per document; "
                   "recompute excluded) by the profile's dense bf16 peak; `mfu_unhalved` counts causal attention in "
@@ -111,10 +112,10 @@ def json_row(row: dict) -> dict:
 _FLOAT_COLUMNS = ("tokens_per_s", "mfu", "mfu_unhalved", "step_time_s", "lower_bound_s", "speedup_vs_static",
                   "static_step_time_s", "peak_memory_bytes", "busiest_rank_s", "idlest_rank_s", "planning_s")
 _INT_COLUMNS = ("gpus", "tp", "pp", "context_tokens", "tokens_per_step", "steps", "seed")
-_TEXT_COLUMNS = ("key", "model", "cluster", "lengths", "strategy", "static_mesh", "recompute", "attention_kernel",
-                 "loss", "grad_accumulation", "profile", "profile_sha256", "code_sha256", "reason")
+_TEXT_COLUMNS = ("key", "model", "cluster", "lengths", "strategy", "static_mesh", "recompute", "recompute_modules",
+                 "attention_kernel", "loss", "grad_accumulation", "profile", "profile_sha256", "code_sha256", "reason")
 # Columns added after tables were first written, with the value every older row had
-_LATER_COLUMNS = {"attention_kernel": "flash", "loss": "online", "grad_accumulation": "fused"}
+_LATER_COLUMNS = {"attention_kernel": "flash", "loss": "online", "grad_accumulation": "fused", "recompute_modules": ""}
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 import pandas as pd
 
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, SpecError, TrainingSpec
+from costmodel.specs import (ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, RECOMPUTE_MODULES, SpecError,
+                             TrainingSpec)
 from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan, summarize
 from planner.plan import PlanError
@@ -68,6 +69,7 @@ class Config:
     attention_kernel: str = "flash"  # TrainingSpec.attention_kernel: the profile's table or a published kernel
     loss: str = "online"  # TrainingSpec.loss
     grad_accumulation: str = "fused"  # TrainingSpec.grad_accumulation (sweeps price fused kernels: Megatron-core's)
+    recompute_modules: str = ""  # Megatron-core's, a comma list, where recompute is (or auto picks) selective
 
     @property
     def key(self) -> str:
@@ -79,7 +81,8 @@ class Config:
                 + (f"|zero{self.zero_stage}" if self.zero_stage != 1 else "")  # likewise: ZeRO-1 unmarked
                 + (f"|attn-{self.attention_kernel}" if self.attention_kernel != "flash" else "")
                 + (f"|loss-{self.loss}" if self.loss != "online" else "")
-                + (f"|acc-{self.grad_accumulation}" if self.grad_accumulation != "fused" else ""))
+                + (f"|acc-{self.grad_accumulation}" if self.grad_accumulation != "fused" else "")
+                + (f"|rcm-{self.recompute_modules}" if self.recompute_modules else ""))
 
     def request(self, options: PlanOptions | None = None) -> PlanRequest:
         return PlanRequest(model=self.model, cluster=self.cluster, gpus=self.gpus, tp=self.tp, pp=self.pp, ep=self.ep,
@@ -87,7 +90,8 @@ class Config:
                            max_context_tokens=self.context_tokens, recompute=self.recompute, seed=self.seed,
                            zero_stage=self.zero_stage, attention_kernel=self.attention_kernel, loss=self.loss,
                            grad_accumulation=self.grad_accumulation,
-                           options=options or PlanOptions(offload=self.offload, seed=self.seed))
+                           recompute_modules=tuple(self.recompute_modules.split(",")) if self.recompute_modules
+                           else None, options=options or PlanOptions(offload=self.offload, seed=self.seed))
 
 
 @dataclass(frozen=True)
@@ -129,11 +133,13 @@ class SweepSpec:
     attention_kernels: tuple[str, ...] = ("flash",)  # attention kernels, innermost of the configs
     loss: str = "online"  # every config's (Config.loss)
     grad_accumulation: str = "fused"  # every config's (Config.grad_accumulation)
+    recompute_modules: str = ""  # every config's (Config.recompute_modules)
 
     def configs(self) -> list[Config]:
         return [Config(m, c, g, t, p, ctx, ln, self.tokens_per_step, self.steps, self.seed, self.recompute,
                        self.offload, self.static_mesh, ep=min(self.ep, t), zero_stage=z, attention_kernel=k,
-                       loss=self.loss, grad_accumulation=self.grad_accumulation)
+                       loss=self.loss, grad_accumulation=self.grad_accumulation,
+                       recompute_modules=self.recompute_modules)
                 for m, c, g, t, p, ctx, ln, z, k in itertools.product(
                     self.models, self.clusters, self.gpus, self.tps, self.pps, self.contexts_tokens, self.lengths,
                     self.zero_stages, self.attention_kernels)]
@@ -167,6 +173,13 @@ def check_inputs(points: Iterable[Point]) -> None:
             raise PlanError(f"gradient accumulation {a!r} with ZeRO-{z} is not modelled (sharded gradients are "
                             "reduce-scattered, not accumulated whole); sweep --zero 0,1 with it, or leave it fused"
                             ) from None
+    modules = {(p.config.recompute_modules, p.config.recompute) for p in pts if p.config.recompute_modules}
+    for mods, rc in sorted(modules):
+        if bad := [x for x in mods.split(",") if x not in RECOMPUTE_MODULES]:
+            raise PlanError(f"recompute module {bad[0]!r} is not one of {', '.join(RECOMPUTE_MODULES)}")
+        if rc not in ("selective", "auto"):
+            raise PlanError(f"recompute modules apply to the selective policy, not recompute {rc!r}; sweep with "
+                            "--recompute selective (or auto)")
     for c, k in sorted({(p.config.cluster, p.config.attention_kernel) for p in pts}):
         if k not in ATTENTION_KERNELS:
             raise PlanError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {k!r}")
@@ -222,7 +235,7 @@ def base_row(point: Point) -> dict:
                context_tokens=c.context_tokens, lengths=c.lengths, tokens_per_step=c.tokens_per_step,
                strategy=point.strategy, steps=c.steps, seed=c.seed, offload=c.offload, static_mesh=c.static_mesh,
                recompute=c.recompute, zero_stage=c.zero_stage, attention_kernel=c.attention_kernel, loss=c.loss,
-               grad_accumulation=c.grad_accumulation,
+               grad_accumulation=c.grad_accumulation, recompute_modules=c.recompute_modules,
                code_sha256=code_fingerprint(point.strategy), feasible=False)
     return row
 
@@ -235,6 +248,7 @@ def evaluate_point(point: Point, static_step_time_s: float | None = None) -> dic
     try:
         cm = cost_model_of(c)
         row.update(hdp=cm.setup.hdp, recompute=cm.setup.training.recompute, capacity_tokens=cm.capacity_tokens,
+                   recompute_modules=",".join(cm.setup.training.recompute_modules or ()),
                    profile=cm.profile.fingerprint.name, profile_sha256=cm.profile.fingerprint.sha256)
         req = c.request(options_for(c, point.strategy, cm))
         plan = make_plan(req, point.strategy, cm, batches_of(c))
