@@ -192,12 +192,12 @@ def recompute_modules_arg(text: Optional[str]) -> tuple[str, ...] | None:
     """--recompute-modules as a tuple of Megatron-core's module names (None: not given); one-line refusals."""
     if text is None:
         return None
-    mods = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not mods:
+    given = [x.strip() for x in text.split(",") if x.strip()]
+    if not given:
         fail("--recompute-modules: give at least one module")
-    for mod in mods:
+    for mod in given:
         check_choice("--recompute-modules", mod, RECOMPUTE_MODULES)
-    return mods
+    return tuple(m for m in RECOMPUTE_MODULES if m in given)  # one order, each once: a sweep's keys stay stable
 
 
 def writable(path: Optional[Path], option: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from costmodel import zero
 from costmodel.elementwise import swiglu_saved_bytes_per_f
 from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
-from costmodel.recompute import freed_bytes_per_token
+from costmodel.recompute import freed_bytes_per_token, working_bytes_per_token
 from costmodel.specs import (DTYPE_BYTES, Fp8Recipe, ModelSpec, Recompute, Setup, SpecError, TrainingSpec,
                              mean_over_layers)
 
@@ -317,6 +317,18 @@ def full_layer_activation_bytes_per_token(setup: Setup) -> float:
                                                 ExpertLayout.of(tr), fp8=tr.dtype == "fp8") for _, kind in kinds)
 
 
+def recompute_working_bytes_per_token(setup: Setup) -> float:
+    """What a backward rebuilds of one layer at a time, per token on one rank: full recompute's whole layer;
+    Megatron-core's recompute modules what they freed (costmodel.recompute); else nothing."""
+    tr = setup.training
+    if tr.recompute == "full":
+        return full_layer_activation_bytes_per_token(setup)
+    if tr.recompute == "selective" and tr.recompute_modules:
+        return working_bytes_per_token(setup.stage_model, tr.tp, tr.recompute_modules, tr.dtype_bytes,
+                                       tr.sequence_parallel, ExpertLayout.of(tr), fp8=tr.dtype == "fp8")
+    return 0.0
+
+
 def logits_bytes(tokens: float, setup: Setup) -> float:
     """Loss-head peak for `tokens` tokens on a rank, `logit_bytes` per logit over V/t: every token's logits (fp32
     and in-place losses), or one 8K-token chunk's (an online-softmax cross-entropy, REFERENCE 7.4, ByteScale §7);
@@ -336,7 +348,7 @@ class MemoryBudget:
     frag_bytes: float
     logits_bytes: float
     activation_bytes_per_token: float  # all resident layers (× in-flight micro-batches), one token
-    recompute_working_bytes_per_token: float  # full recompute: one layer's activations during backward
+    recompute_working_bytes_per_token: float  # what a backward rebuilds of one layer (recompute_working_bytes_...)
     capacity_tokens: int  # C
 
 
@@ -375,7 +387,7 @@ def _terms(setup: Setup) -> _Terms:
     free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(LOSS_CHUNK_TOKENS, setup)
                                                           if tr.loss_chunked else 0.0)
     act = layer_activation_per_token(setup) * layers_held(setup)
-    work = full_layer_activation_bytes_per_token(setup) if tr.recompute == "full" else 0.0
+    work = recompute_working_bytes_per_token(setup)
     head = 0.0 if tr.loss_chunked else logits_bytes(1.0, setup)  # per token: every logit held at once
     return _Terms(states, frag, free, act, work, head)
 

@@ -47,34 +47,47 @@ def freed_bytes_per_token(model: ModelSpec, tp: int, modules: Iterable[str], dty
                           fp8: bool = False) -> float:
     """Saved bytes per token per layer on one rank that the modules free, against costmodel.memory's count for
     recompute none (the mean layer's where some layers are dense). A GEMM input kept for the weight gradient is 2 B
-    (bf16) or its fp8 cast, 1 B; replicated terms (a norm's output) are split over tp under sequence parallelism."""
+    (bf16) or its fp8 cast, 1 B; replicated terms (a norm's output) are split over tp under sequence parallelism.
+    What the backward rebuilds of them one layer at a time is `working_bytes_per_token`."""
     mods = effective_modules(model, modules)
     scale = dtype_bytes / 2.0
     rep = tp if sequence_parallel else 1
     h = model.hidden
     gemm_in = 1.0 if fp8 else 2.0 * scale
-    shared_fp8 = h if fp8 and model.shared_expert_ffn else 0.0  # a shared expert's own fp8 copy of its input
     lay = experts or ExpertLayout(tp=tp, sequence_parallel=sequence_parallel)
     freed = 0.0
+    if fp8 and "core_attn" in mods:  # the core's bf16 output, kept beside the projection's fp8 cast of it
+        freed += 2.0 * scale * model.attn_out_width / tp
+    if fp8 and model.shared_expert_ffn and {"layernorm", "moe", "shared_experts"} & mods:
+        freed += h / rep  # a shared expert's own fp8 copy of its input (once, whichever module frees it)
     if "layernorm" in mods:
-        if model.is_moe:  # the pre-MLP norm's output, which the router keeps in bf16 (and a shared expert in fp8)
-            freed += (2.0 * scale * h + shared_fp8) / rep
+        if model.is_moe:  # the pre-MLP norm's output, which the router keeps in bf16
+            freed += 2.0 * scale * h / rep
         if model.is_mla:  # the input norm's output, the latents' down projections' input
             freed += gemm_in * h / rep
     if "mlp" in mods:  # all but the MLP's input: the fused norm's output, the GEMM's and the activation's outputs
         freed += gemm_in * h / rep + _mlp_inner_bytes(model.ffn, model.gated, scale, fp8) / tp
     if "moe" in mods:  # all but the layer's input (the pre-MLP norm's output)
-        freed += (_mlp_inner_bytes(model.mlp_width_per_token, model.gated, scale, fp8) / tp + shared_fp8 / rep
+        freed += (_mlp_inner_bytes(model.mlp_width_per_token, model.gated, scale, fp8) / tp
                   + moe_activation_bytes_per_token(model, lay, "none", dtype_bytes, fp8))
     if "moe_act" in mods:  # the routed experts' activation output (fp8: the bf16 tensor fc2 then saves is freed)
         routed = model.top_k * model.ffn / tp
         freed += routed * (1.0 if fp8 else 2.0 * scale) + routed * (lay.capacity_factor - 1.0) * 2.0 * scale
     if "shared_experts" in mods:
-        freed += _mlp_inner_bytes(model.shared_expert_ffn, model.gated, scale, fp8) / tp + shared_fp8 / rep
+        freed += _mlp_inner_bytes(model.shared_expert_ffn, model.gated, scale, fp8) / tp
     if "mla_up_proj" in mods:  # Q, K and V after the up projections and RoPE; the latents' norm outputs
         freed += (2.0 * scale * (model.q_width + 2.0 * model.kv_width) / tp
                   + 2.0 * scale * (model.q_lora_rank + model.kv_lora_rank) / rep)
     return freed
+
+
+def working_bytes_per_token(model: ModelSpec, tp: int, modules: Iterable[str], dtype_bytes: int = 2,
+                            sequence_parallel: bool = True, experts: ExpertLayout | None = None,
+                            fp8: bool = False) -> float:
+    """What the backward of one layer rebuilds at a time of what the modules freed, a peak beside the held layers'
+    (as full recompute's one-layer working set): the largest layer kind's freed bytes per token on one rank."""
+    return max(freed_bytes_per_token(kind, tp, modules, dtype_bytes, sequence_parallel, experts, fp8)
+               for _, kind in model.layer_kinds())
 
 
 @dataclass(frozen=True)

@@ -790,6 +790,8 @@ class TrainingSpec:
         if self.recompute != "selective":
             raise SpecError(f"recompute_modules {','.join(mods) or '(none)'} apply to recompute selective (Megatron's "
                             f"--recompute-granularity selective), not {self.recompute!r}; use --recompute selective")
+        if dup := sorted({x for x in mods if mods.count(x) > 1}):
+            raise SpecError(f"recompute_modules lists {', '.join(dup)} more than once; name each module once")
         if not mods:
             raise SpecError("recompute_modules is empty; name at least one of " + ", ".join(RECOMPUTE_MODULES)
                             + " (Megatron's default is core_attn), or drop it for meshplan's selective")
@@ -887,10 +889,13 @@ class TrainingSpec:
         if "mla_up_proj" in mods and not model.is_mla:
             raise SpecError(f"recompute module mla_up_proj needs multi-head latent attention; {model.name} has none: "
                             "drop it")
-        if self.dtype == "fp8" and {"moe_act", "layernorm"} & mods and self.fp8_recipe_on(cluster.gpu) == "delayed":
-            raise SpecError("recompute modules moe_act and layernorm under fp8 need current or block scaling "
-                            f"(Megatron-core refuses them with delayed scaling, Transformer Engine's default on "
-                            f"{cluster.gpu}); use --fp8-recipe tensorwise, or drop them")
+        fp8_mods = [x for x in ("layernorm", "moe_act") if x in mods]
+        if self.dtype == "fp8" and fp8_mods and self.fp8_recipe_on(cluster.gpu) == "delayed":
+            why = "as given" if self.fp8_recipe else f"Transformer Engine's default on {cluster.gpu}"
+            other = "tensorwise or mxfp8" if cluster.gpu.split()[0].upper() in MXFP8_GPUS else "tensorwise"
+            raise SpecError(f"recompute {' and '.join(fp8_mods)} under fp8 need current or block scaling "
+                            f"(Megatron-core refuses them with delayed scaling, {why}); use --fp8-recipe {other}, or "
+                            "drop them")
         mesh = self.mesh_on(cluster)
         if cluster.domain_gpus % self.expert_tp:
             raise SpecError(f"etp={self.expert_tp} must divide the {cluster.domain_gpus} GPUs of an NVLink domain (the "

@@ -614,18 +614,18 @@ class CostModel:
         mem_b = self._lookup("mem_layer_bwd", tokens)
         rec = self.setup.training.recompute
         calls = counts * ring_d  # attention calls per layer and direction: one per document and ring step
-        over_f = self.layer_overhead_s + calls * self.attn_call_overhead_s
-        over_b = (2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
-                  + self.grad_accum_layer_s)
-        fwd_layer = gemm_f + attn_f + mem_f + over_f
-        bwd_layer = 2.0 * gemm_f + attn_b + mem_b + over_b  # dgrad + wgrad: two GEMMs of the forward's size
         # Recompute replays in the backward what the forward did not keep: full, the whole forward (its TP
         # collectives below); selective, the attention core when it is materialised (GPT blocks) and, for SwiGLU
-        # models, the activation product (costmodel.memory keeps neither).
-        # With Megatron-core's recompute modules, what each layer kind's modules replay (costmodel.recompute).
-        mem_rec = self._lookup("mem_recompute", tokens) if rec != "none" else 0.0
+        # models, the activation product (costmodel.memory keeps neither); with Megatron-core's recompute modules,
+        # what each layer kind's modules rerun (costmodel.recompute), the core's calls with their set-up.
         core = (any(r.attention for _, r in self.replays) if self.replays
                 else rec == "selective" and self.unfused_attention)
+        over_f = self.layer_overhead_s + calls * self.attn_call_overhead_s
+        over_b = (2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
+                  + (calls * self.attn_call_overhead_s if core and self.replays else 0.0) + self.grad_accum_layer_s)
+        fwd_layer = gemm_f + attn_f + mem_f + over_f
+        bwd_layer = 2.0 * gemm_f + attn_b + mem_b + over_b  # dgrad + wgrad: two GEMMs of the forward's size
+        mem_rec = self._lookup("mem_recompute", tokens) if rec != "none" else 0.0
         attn_rec = attn_f if rec == "full" or core else 0.0
         gemm_rec = gemm_f if rec == "full" else (self._lookup("gemm_recompute", tokens) if self.replays else 0.0)
         bwd_layer = bwd_layer + (gemm_rec + attn_rec + mem_rec)

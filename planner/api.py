@@ -80,16 +80,23 @@ def resolve_setup(req: PlanRequest) -> Setup:
     if req.gpus is not None:
         cluster = cluster.with_gpus(req.gpus)
     policies = RECOMPUTE_POLICIES if req.recompute == AUTO_RECOMPUTE else (req.recompute,)
+
+    def training(pol: str) -> TrainingSpec:
+        modules = req.recompute_modules if pol == "selective" else None
+        return TrainingSpec(dtype=req.dtype, tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
+                            kernels=req.kernels, recompute_modules=modules,
+                            capacity_tokens=req.capacity_tokens, ep=req.ep, moe_capacity_factor=req.moe_capacity_factor,
+                            moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
+                            tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
+                            overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
+                            attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss,
+                            grad_accumulation=req.grad_accumulation)
+
+    if req.recompute_modules is not None:  # refused modules fail here, whichever policy auto would keep
+        Setup(model, cluster, training("selective"))
     last: Exception | None = None
     for pol in policies:
-        tr = TrainingSpec(dtype=req.dtype, tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
-                          kernels=req.kernels, recompute_modules=req.recompute_modules if pol == "selective" else None,
-                          capacity_tokens=req.capacity_tokens, ep=req.ep, moe_capacity_factor=req.moe_capacity_factor,
-                          moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
-                          tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
-                          overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
-                          attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss,
-                          grad_accumulation=req.grad_accumulation)
+        tr = training(pol)
         try:
             setup = Setup(model, cluster, tr)
             cap = memory_budget(setup).capacity_tokens

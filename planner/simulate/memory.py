@@ -20,8 +20,9 @@ def mtp_activation_bytes(u_tokens, cm: CostModel):
 
 
 def recompute_working_bytes(u_tokens, cm: CostModel):
-    """Full recompute: the one layer whose activations a rank rebuilds at a time while a unit of `u_tokens` tokens
-    per rank runs its backward (0 without it); C's formula counts it too (costmodel.memory). Arrays broadcast."""
+    """Full recompute (or Megatron-core's recompute modules): what a rank rebuilds of one layer at a time while a
+    unit of `u_tokens` tokens per rank runs its backward (0 without it); C's formula counts it too
+    (costmodel.memory.recompute_working_bytes_per_token). Arrays broadcast."""
     return u_tokens * cm.budget.recompute_working_bytes_per_token
 
 

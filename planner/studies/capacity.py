@@ -45,7 +45,7 @@ from planner.plan import PlanError
 from planner.simulate import lower_bound_s, total_compute_s
 from planner.studies.journal import Journal
 from planner.studies.sweep import (POINT_ERRORS, Config, Point, base_row, batches_of, check_inputs, cost_model_of,
-                                   evaluate_point)
+                                   evaluate_point, priced_fields)
 from planner.studies.workers import worker_pool
 from planner.workload import GlobalBatch
 
@@ -384,8 +384,7 @@ class _CapacitySearch:
 
 def _pruned_row(point: Point, cm: CostModel, bound: LayoutBound, target: Target, term: str) -> dict:
     row = base_row(point)
-    row.update(hdp=cm.setup.hdp, recompute=cm.setup.training.recompute, capacity_tokens=cm.capacity_tokens,
-               lower_bound_s=bound.step_time_s, feasible=None, status="pruned",
+    row.update(priced_fields(cm), lower_bound_s=bound.step_time_s, feasible=None, status="pruned",
                reason=f"lower bound {bound.step_time_s:.3g} s/step ({term}) cannot reach {target.describe()}")
     return row
 

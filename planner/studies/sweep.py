@@ -240,6 +240,13 @@ def base_row(point: Point) -> dict:
     return row
 
 
+def priced_fields(cm: CostModel) -> dict:
+    """A row's fields as its cost model priced them (auto's recompute resolved, modules where it kept selective)."""
+    tr = cm.setup.training
+    return {"hdp": cm.setup.hdp, "recompute": tr.recompute, "recompute_modules": ",".join(tr.recompute_modules or ()),
+            "capacity_tokens": cm.capacity_tokens}
+
+
 def evaluate_point(point: Point, static_step_time_s: float | None = None) -> dict:
     """Plan and simulate one point; a row of SWEEP_COLUMNS (infeasible: feasible=False and the reason).
     `static_step_time_s`: the config's static step time, the reference of speedup_vs_static."""
@@ -247,9 +254,8 @@ def evaluate_point(point: Point, static_step_time_s: float | None = None) -> dic
     c = point.config
     try:
         cm = cost_model_of(c)
-        row.update(hdp=cm.setup.hdp, recompute=cm.setup.training.recompute, capacity_tokens=cm.capacity_tokens,
-                   recompute_modules=",".join(cm.setup.training.recompute_modules or ()),
-                   profile=cm.profile.fingerprint.name, profile_sha256=cm.profile.fingerprint.sha256)
+        row.update(priced_fields(cm), profile=cm.profile.fingerprint.name,
+                   profile_sha256=cm.profile.fingerprint.sha256)
         req = c.request(options_for(c, point.strategy, cm))
         plan = make_plan(req, point.strategy, cm, batches_of(c))
     except POINT_ERRORS as e:

@@ -10,12 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from costmodel.memory import layer_activation_per_token
+from costmodel.memory import layer_activation_per_token, memory_budget, recompute_working_bytes_per_token
 from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
 from costmodel.presets import load_cluster, load_model
 from costmodel.recompute import effective_modules
 from costmodel.specs import Setup, SpecError, TrainingSpec
 from costmodel.timing import _TOKEN_GRID, CostModel, gemm_shapes
+from planner.api import PlanRequest, resolve_setup
 from planner.plan import Plan, PlanError
 from planner.runtime.launch import replay_recompute
 from profiles.table import load_profile
@@ -62,6 +63,42 @@ def test_moe_modules_free_hand_computed():
     assert saved(s, ("moe",)) == pytest.approx(saved(s) - inside)
     assert saved(s, ("moe", "moe_act")) == saved(s, ("moe",))  # moe_act is inside the checkpointed layer
     assert saved(s, ("mlp",)) == saved(s)  # Megatron's mlp leaves MoE layers alone
+
+
+def test_shared_expert_and_fp8_terms_hand_computed():
+    s = setup("deepseek-v3", gpus=1024, tp=8, ep=8, pp=16, moe_grouped_gemm=True)
+    m, t = s.model, 8
+    assert saved(s, ("shared_experts",)) == pytest.approx(saved(s) - 6 * m.shared_expert_ffn / t)  # gate, up; act
+    fp8 = dataclasses.replace(s, training=dataclasses.replace(s.training, dtype="fp8", fp8_recipe="tensorwise"))
+    none = saved(fp8)
+    ln, sh = none - saved(fp8, ("layernorm",)), none - saved(fp8, ("shared_experts",))
+    # the shared expert's own fp8 copy of its input (h/t) is freed once, by either module
+    assert none - saved(fp8, ("layernorm", "shared_experts")) == pytest.approx(ln + sh - m.hidden / t)
+    assert sh == pytest.approx(5 * m.shared_expert_ffn / t + m.hidden / t)  # the down input its fp8 cast
+    # under fp8 the core's bf16 output is kept beside the projection's fp8 cast: core_attn frees it
+    assert none - saved(fp8, ("core_attn",)) == pytest.approx(2 * m.attn_out_width / t)
+    assert saved(s, ("core_attn",)) == saved(s)  # bf16: the projection saves that same tensor
+
+
+def test_dense_layers_of_an_moe_model_take_the_mean():
+    s = setup("deepseek-v3", tp=8, ep=8, moe_grouped_gemm=True)  # pp 1: its 3 dense layers of 61 are priced
+    m, t = s.model, 8
+    mu = m.moe_fraction
+    # MLA's input norm in every layer, the pre-MLP norm in the MoE layers only (the dense ones fuse it into fc1)
+    assert saved(s, ("layernorm",)) == pytest.approx(saved(s) - 2 * m.hidden / t * (1 + mu))
+    dense_mlp = 2 * m.hidden / t + 6 * m.dense_ffn / t  # the fused norm's output, gate and up, the activation's
+    assert saved(s, ("mlp",)) == pytest.approx(saved(s) - (1 - mu) * dense_mlp)
+
+
+def test_the_backward_rebuilds_one_layer_of_what_was_freed():
+    s = setup("llama3-8b", tp=2, recompute="selective", recompute_modules=("mlp",))
+    freed = saved(s) - saved(s, ("mlp",))
+    assert memory_budget(s).recompute_working_bytes_per_token == pytest.approx(freed)
+    mixed = setup("deepseek-v3", tp=8, ep=8, moe_grouped_gemm=True, recompute="selective",
+                  recompute_modules=("mlp",))
+    # a peak, not the mean: the dense layers' MLP, which the MoE layers do not free
+    dense_mlp = 2 * mixed.model.hidden / 8 + 6 * mixed.model.dense_ffn / 8
+    assert recompute_working_bytes_per_token(mixed) == pytest.approx(dense_mlp)
 
 
 def test_latent_attention_modules_free_hand_computed():
@@ -118,14 +155,22 @@ def test_training_spec_refusals(training, needle):
         TrainingSpec(**training)
 
 
+def test_auto_recompute_refuses_modules_it_would_not_keep():
+    req = PlanRequest(model="llama3-8b", gpus=64, recompute="auto", recompute_modules=("mla_up_proj",))
+    with pytest.raises(SpecError, match="multi-head latent attention"):
+        resolve_setup(req)  # auto keeps none here; the refusal is not swallowed
+    with pytest.raises(SpecError, match="more than once"):
+        TrainingSpec(recompute="selective", recompute_modules=("mlp", "mlp"))
+
+
 def test_setup_refusals_as_megatron_core():
     with pytest.raises(SpecError, match="needs moe_grouped_gemm"):
         setup("qwen3-30b-a3b", tp=4, ep=4, recompute="selective", recompute_modules=("moe_act",))
     with pytest.raises(SpecError, match="multi-head latent attention"):
         setup("llama3-8b", recompute="selective", recompute_modules=("mla_up_proj",))
     fp8 = dict(tp=4, ep=4, moe_grouped_gemm=True, dtype="fp8", recompute="selective", recompute_modules=("layernorm",))
-    with pytest.raises(SpecError, match="delayed scaling"):  # Transformer Engine's default on an H100
-        setup("qwen3-30b-a3b", **fp8)
+    with pytest.raises(SpecError, match="recompute layernorm under fp8 .*default on H100.* tensorwise, or drop"):
+        setup("qwen3-30b-a3b", **fp8)  # Transformer Engine's default recipe on an H100 is delayed scaling
     setup("qwen3-30b-a3b", **fp8, fp8_recipe="tensorwise")
 
 
