@@ -197,3 +197,24 @@ def test_plan_records_modules_and_the_replay_refuses_them(tmp_path):
     bad = runner.invoke(app, ["plan", "--recompute", "full", "--recompute-modules", "mlp", "--out", str(out)])
     assert bad.exit_code != 0 and "selective" in bad.output
     assert np.isfinite(plan.meta["dkv_activation_ratio"])
+
+
+def test_core_attn_replays_the_context_parallel_exchange():
+    s = setup("llama3-8b", tp=1)
+    for cp in ("ring", "allgather"):
+        sc = dataclasses.replace(s, training=dataclasses.replace(s.training, cp=cp))
+        base, rec = _cm(sc, None).unit_cost([65536], degree=4), _cm(sc, ("core_attn",)).unit_cost([65536], degree=4)
+        assert rec.ring_exposed_fwd_s == pytest.approx(base.ring_exposed_fwd_s)
+        assert rec.ring_comm_s > base.ring_comm_s and rec.ring_exposed_bwd_s >= base.ring_exposed_bwd_s
+        mlp = _cm(sc, ("mlp",)).unit_cost([65536], degree=4)  # no core replayed: the exchange runs once
+        assert mlp.ring_comm_s == pytest.approx(base.ring_comm_s)
+
+
+def test_mlp_replays_its_exposed_pair_under_tp_overlap():
+    s = setup("llama3-8b", tp=2, tp_comm_overlap=True)
+    none, mlp = _cm(s, None), _cm(s, ("mlp",))
+    base, rec = none.unit_cost([int(S)]), mlp.unit_cost([int(S)])
+    _, _, mlp_f = none._overlapped_tp_comm_s(np.array([S]))
+    assert float(mlp_f[0]) > 0
+    assert rec.tp_comm_bwd_s - base.tp_comm_bwd_s == pytest.approx(none.layers_per_stage * float(mlp_f[0]), rel=1e-6)
+    assert rec.tp_comm_fwd_s == pytest.approx(base.tp_comm_fwd_s)
