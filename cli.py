@@ -1096,6 +1096,7 @@ def whatif_capacity(
                                              "fa2, fa3, cudnn-2024 a published kernel's rate over it."),
         loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
         grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
+        recompute: str = typer.Option(AUTO_RECOMPUTE, help=f"Every layout's recompute: {RECOMPUTE_HELP}"),
         recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help=RECOMPUTE_MODULES_HELP),
         min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
         max_gpus: int = typer.Option(16384, help="Largest GPU count."),
@@ -1127,6 +1128,7 @@ def whatif_capacity(
     check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     check_choice("--loss", loss, LOSS_KERNELS)
     check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
+    check_recompute(recompute)
     modules = ",".join(recompute_modules_arg(recompute_modules) or ())
     if metric == "tokens_per_s":
         value = float(_count(value, "--target-tokens-per-s"))
@@ -1143,8 +1145,8 @@ def whatif_capacity(
             res = _capacity_search(model, context_tokens, target, cluster=cluster, lengths=lengths,
                                    strategy=strategy, rules=rules, tokens_per_step=_count(tokens_per_step,
                                                                                           "--tokens-per-step"),
-                                   steps=steps, seed=seed, attention_kernel=attention_kernel, loss=loss,
-                                   grad_accumulation=grad_accumulation, recompute_modules=modules,
+                                   steps=steps, seed=seed, recompute=recompute, attention_kernel=attention_kernel,
+                                   loss=loss, grad_accumulation=grad_accumulation, recompute_modules=modules,
                                    runners_up=runners_up, workers=workers,
                                    best_layout=best_layout,
                                    journal=journal, on_progress=on_progress)
@@ -1162,7 +1164,8 @@ def whatif_capacity(
     if as_json:
         sys.stdout.write(json.dumps({"target": {"metric": target.metric, "value": target.value},
                                      "strategy": strategy, "attention_kernel": attention_kernel, "loss": loss,
-                                     "grad_accumulation": grad_accumulation, "recompute_modules": modules,
+                                     "grad_accumulation": grad_accumulation, "recompute": recompute,
+                                     "recompute_modules": modules,
                                      "answer": pick(res.answer) if res.answer else None,
                                      "minimal": res.answer is not None, "best_layout": best_layout,
                                      "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table),
@@ -1174,6 +1177,7 @@ def whatif_capacity(
     kernel = (f", {attention_kernel} attention" if attention_kernel != "flash" else "") + (
         f", {loss} loss" if loss != "online" else "") + (
         f", {grad_accumulation} gradient accumulation" if grad_accumulation != "fused" else "") + (
+        f", recompute {recompute}" if recompute != AUTO_RECOMPUTE else "") + (
         f", recompute modules {modules}" if modules else "")
     head = f"{model}, {format_tokens(context_tokens)} context, {lengths}, {strategy}{kernel}: {target.describe()}"
     done = (f"{len(res.table)} layouts decided: {', '.join(f'{n} {k}' for k, n in statuses.items())}; "

@@ -432,11 +432,16 @@ def test_whatif_sweeps_and_searches_with_megatron_recompute_modules(tmp_path):
     assert row["recompute_modules"] == "mlp" and row["key"].endswith("|rcm-mlp|hdp")
     assert row["capacity_tokens"] > base["capacity_tokens"] and base["recompute_modules"] == ""
     r = run("whatif", "capacity", *small[:2], "--context", "32K", "--steps", "1", "--tokens-per-step", "1M",
-            "--target-tokens-per-s", "1000", "--max-gpus", "8", "--tp", "1", "--pp", "1", "--recompute-modules",
-            "core_attn", "--table", str(tmp_path / "cap.csv"), "--json")
+            "--target-tokens-per-s", "1000", "--max-gpus", "8", "--tp", "1", "--pp", "1", "--recompute", "selective",
+            "--recompute-modules", "core_attn", "--table", str(tmp_path / "cap.csv"), "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["recompute_modules"] == "core_attn"
+    d = json.loads(r.stdout)
+    assert d["recompute"] == "selective" and d["recompute_modules"] == "core_attn"
+    assert d["answer"]["recompute"] == "selective" and d["answer"]["recompute_modules"] == "core_attn"
     assert "rcm-core_attn" in (tmp_path / "cap.csv").read_text()
+    r = run("whatif", "capacity", "--model", "tiny", "--context", "4K", "--target-step-time", "1", "--recompute",
+            "some")
+    assert r.exit_code == 2 and "--recompute must be" in one_line(r.output)
     r = run("whatif", *small, "--recompute", "full", "--recompute-modules", "mlp", "--out", str(tmp_path / "b.csv"))
     assert r.exit_code == 2 and "apply to the selective policy" in one_line(r.output)
     r = run("whatif", *small, "--recompute-modules", "mlp,attn", "--out", str(tmp_path / "b.csv"))
