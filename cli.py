@@ -192,9 +192,7 @@ def recompute_modules_arg(text: Optional[str]) -> tuple[str, ...] | None:
     """--recompute-modules as a tuple of Megatron-core's module names (None: not given); one-line refusals."""
     if text is None:
         return None
-    given = [x.strip() for x in text.split(",") if x.strip()]
-    if not given:
-        fail("--recompute-modules: give at least one module")
+    given = _csv_list(text, "--recompute-modules")
     for mod in given:
         check_choice("--recompute-modules", mod, RECOMPUTE_MODULES)
     return tuple(m for m in RECOMPUTE_MODULES if m in given)  # one order, each once: a sweep's keys stay stable

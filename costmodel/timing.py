@@ -745,10 +745,10 @@ class CostModel:
         tokens = np.asarray(tokens, dtype=float)
         mu = self.stage_model.moe_fraction  # the MoE layers' share (0 dense, 1 when every layer has experts)
         pair = self.tp_pair_s(tokens, layer=True) if self.tp > 1 else np.zeros_like(tokens)
-        experts = np.zeros_like(tokens)  # the MoE layers' MLP: all-to-alls (all-gather dispatcher: the pair), and a
-        if mu:  # shared expert's pair
-            moe = self._lookup("moe_comm", tokens) if self.experts.all_to_all else pair
-            experts = mu * (moe + (pair if self.model.shared_expert_ffn else 0.0))
+        # an MoE layer's MLP: all-to-alls (all-gather dispatcher: the pair), and a shared expert's pair
+        moe = self._lookup("moe_comm", tokens) if self.experts.all_to_all else pair
+        shared = pair if self.model.shared_expert_ffn else 0.0
+        experts = mu * (moe + shared)
         mlp_f = pair  # a dense MLP's forward pair as exposed
         if self.tp == 1:  # no TP collectives: an expert group's all-to-alls alone
             fwd = bwd = experts
@@ -764,8 +764,6 @@ class CostModel:
         if self.setup.training.recompute == "full":
             return fwd, bwd + fwd
         for w, r in self.replays:  # what recompute modules replay of the forward's collectives, per layer kind
-            moe = self._lookup("moe_comm", tokens) if self.experts.all_to_all else pair
-            shared = pair if self.model.shared_expert_ffn else 0.0
             if r.mlp_pair:
                 bwd = bwd + w * mlp_f
             if r.experts_comm:

@@ -27,8 +27,7 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 import pandas as pd
 
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import (ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, RECOMPUTE_MODULES, SpecError,
-                             TrainingSpec)
+from costmodel.specs import ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, SpecError, TrainingSpec
 from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan, summarize
 from planner.plan import PlanError
@@ -174,12 +173,9 @@ def check_inputs(points: Iterable[Point]) -> None:
                             "reduce-scattered, not accumulated whole); sweep --zero 0,1 with it, or leave it fused"
                             ) from None
     modules = {(p.config.recompute_modules, p.config.recompute) for p in pts if p.config.recompute_modules}
-    for mods, rc in sorted(modules):
-        if bad := [x for x in mods.split(",") if x not in RECOMPUTE_MODULES]:
-            raise PlanError(f"recompute module {bad[0]!r} is not one of {', '.join(RECOMPUTE_MODULES)}")
-        if rc not in ("selective", "auto"):
-            raise PlanError(f"recompute modules apply to the selective policy, not recompute {rc!r}; sweep with "
-                            "--recompute selective (or auto)")
+    for mods, rc in sorted(modules):  # the specs' own rules (names, policy), once for the sweep
+        TrainingSpec(recompute="selective", recompute_modules=tuple(mods.split(",")))
+        PlanRequest(recompute=rc, recompute_modules=tuple(mods.split(",")))
     for c, k in sorted({(p.config.cluster, p.config.attention_kernel) for p in pts}):
         if k not in ATTENTION_KERNELS:
             raise PlanError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {k!r}")
