@@ -373,6 +373,45 @@ def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)
 
 
+def test_validate_prices_your_own_set_from_a_file(tmp_path):
+    from importlib import resources
+
+    # a packaged set's JSON as a user would write it, its cluster and model given as files beside it
+    data = json.loads(resources.files("planner.studies").joinpath("data", "torchtitan_a100_2024.json").read_text())
+    presets = resources.files("costmodel.presets")
+    (tmp_path / "my-cluster.json").write_text(presets.joinpath("clusters", f"{data['cluster']}.json").read_text())
+    case = data["iteration_cases"][0]
+    (tmp_path / "my-model.json").write_text(presets.joinpath("models", f"{case['model']}.json").read_text())
+    mine = {**data, "cluster": "my-cluster.json", "iteration_cases": [{**case, "model": "my-model.json"}]}
+    (tmp_path / "runs.json").write_text(json.dumps(mine))
+    d = json.loads(run("validate", "--json", "--set", str(tmp_path / "runs.json")).output)["sets"][0]
+    packaged = json.loads(run("validate", "--json", "--set", "torchtitan_a100_2024").output)["sets"][0]
+    assert d["name"] == str(tmp_path / "runs.json") and d["held_out"] and len(d["rows"]) == 1
+    assert d["rows"][0]["predicted"] == pytest.approx(packaged["rows"][0]["predicted"])
+    assert d["rows"][0]["published"] == pytest.approx(packaged["rows"][0]["published"])
+    # bad files: one line each, exit 2
+    r = run("validate", "--set", str(tmp_path / "missing.json"))
+    assert r.exit_code == 2 and "cannot read calibration set" in one_line(r.output)
+    (tmp_path / "empty.json").write_text(json.dumps({**mine, "iteration_cases": []}))
+    r = run("validate", "--set", str(tmp_path / "empty.json"))
+    assert r.exit_code == 2 and "no layer_cases or iteration_cases" in one_line(r.output)
+    (tmp_path / "typo.json").write_text(json.dumps({**mine, "iteration_cases": [{**case, "gpus": -8}]}))
+    r = run("validate", "--set", str(tmp_path / "typo.json"))
+    assert r.exit_code == 2 and "gpus" in one_line(r.output)
+
+
+def test_validate_prices_the_own_set_example_of_the_docs(tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "COSTMODEL.md").read_text()
+    example = re.search(r"\*\*Your own measurements\*\*.*?```json\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "runs.json").write_text(example)
+    d = json.loads(run("validate", "--json", "--set", str(tmp_path / "runs.json")).output)["sets"][0]
+    packaged = json.loads(run("validate", "--json", "--set", "megatron_bridge2025").output)["sets"][0]
+    assert d["rows"][0]["predicted"] == pytest.approx(packaged["rows"][0]["predicted"])
+
+
 def test_validate_prices_every_run_with_the_attention_kernel_asked_for():
     d = json.loads(run("validate", "--json", "--set", "nemo_longseq2024", "--attention-kernel", "fa3").output)
     own = json.loads(run("validate", "--json", "--set", "nemo_longseq2024").output)

@@ -1,6 +1,6 @@
-"""Validation against published measurements: each case of a packaged calibration set (CALIBRATION_SETS)
-priced by the current cost model, with error = predicted / published − 1 computed
-here at run time and the MAPE over the cases (as Calculon's validation does). Nothing is fitted: the
+"""Validation against published measurements: each case of a packaged calibration set (CALIBRATION_SETS), or
+of a user's own set file of the same schema, priced by the current cost model, with error = predicted /
+published − 1 computed here at run time and the MAPE over the cases (as Calculon's validation does). Nothing is fitted: the
 profile and the model presets are used as they are, so the table shows the model's real error.
 
 Modelling of the published runs, the same for every case:
@@ -26,18 +26,19 @@ import json
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from costmodel.memory import allgather_cp_working_bytes, logits_bytes, model_state_bytes
-from costmodel.presets import load_cluster, load_model
+from costmodel.presets import cluster_names, load_cluster, load_model, model_names
 from costmodel.specs import ModelSpec, Recompute, Setup, SpecError, TrainingSpec
 from costmodel.timing import CostModel, UnitCost
 from costmodel.zero import round_collectives, round_time_s
 from planner.schedule import PipeOp, chunk_gradient_shares, chunk_last_backwards, dependency, run_ops, stage_ops
 from planner.simulate.memory import recompute_working_bytes
-from profiles.table import Profile, load_profile
+from profiles.table import Profile, load_profile, read_json
 from profiles.typed_json import Reader, positive
 
 # Packaged in planner/studies/data/<name>.json (+ .md source note). The design sets informed the cost model:
@@ -177,7 +178,7 @@ class ValidationRow:
 class ValidationReport:
     """Every row of a calibration set on one profile."""
 
-    name: str  # the calibration set (CALIBRATION_SETS)
+    name: str  # the calibration set (CALIBRATION_SETS), or the path of a user's set file
     source: str  # its paper and tables
     profile: str  # the profile's name
     rows: tuple[ValidationRow, ...]
@@ -207,11 +208,36 @@ class ValidationReport:
 
 @cache
 def load_calibration_set(name: str = "korthikanti2022") -> CalibrationSet:
-    """A packaged calibration set by name (CALIBRATION_SETS)."""
-    if name not in CALIBRATION_SETS:
-        raise SpecError(f"unknown calibration set {name!r}; packaged: {', '.join(CALIBRATION_SETS)}")
-    text = resources.files("planner.studies").joinpath("data", f"{name}.json").read_text()
-    return Reader(f"calibration set {name}", SpecError).build(CalibrationSet, json.loads(text))
+    """A packaged calibration set by name (CALIBRATION_SETS), or a set JSON file of the same schema by path: a
+    user's own measured runs (held out: nothing of the model was fitted to them). A path set's cluster and models
+    may be presets or files, relative paths read from the set file's folder."""
+    if name in CALIBRATION_SETS:
+        text = resources.files("planner.studies").joinpath("data", f"{name}.json").read_text()
+        return Reader(f"calibration set {name}", SpecError).build(CalibrationSet, json.loads(text))
+    path = Path(name)
+    if path.suffix != ".json" and not path.exists():
+        raise SpecError(f"unknown calibration set {name!r}; packaged: {', '.join(CALIBRATION_SETS)} (or a path to "
+                        "a set JSON file of the same schema: docs/COSTMODEL.md \"Your own measurements\")")
+    data = read_json(path, "calibration set", SpecError)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a calibration set JSON object, not {type(data).__name__}")
+    cal = Reader(f"calibration set {path}", SpecError).build(CalibrationSet, data)
+    if not cal.layer_cases and not cal.iteration_cases:
+        raise SpecError(f"{path}: the calibration set has no layer_cases or iteration_cases to price")
+    return _beside(cal, path.parent)
+
+
+def _beside(cal: CalibrationSet, folder: Path) -> CalibrationSet:
+    """`cal` with its cluster and case models that name files relative to `folder` (the set file's) read there."""
+    def local(ref: str, presets: list[str]) -> str:
+        return str(folder / ref) if ref not in presets and (folder / ref).exists() else ref
+
+    def case(c: LayerCase | IterationCase) -> LayerCase | IterationCase:
+        return c if c.model in cal.models else dataclasses.replace(c, model=local(c.model, model_names()))
+
+    return dataclasses.replace(cal, cluster=local(cal.cluster, cluster_names()),
+                               layer_cases=[case(c) for c in cal.layer_cases],
+                               iteration_cases=[case(c) for c in cal.iteration_cases])
 
 
 def _cost_model(cal: CalibrationSet, model: ModelSpec, gpus: int, training: TrainingSpec,
