@@ -27,7 +27,8 @@ from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
 from costmodel.specs import (ATTENTION_KERNELS, AUTO_RECOMPUTE, FP8_RECIPES, GRAD_ACCUMULATIONS, KERNELS,
-                             LOSS_KERNELS, RECOMPUTE_MODULES, RECOMPUTE_POLICIES, TRAIN_DTYPES, SpecError,
+                             LOSS_KERNELS, MOE_DISPATCHERS, RECOMPUTE_MODULES, RECOMPUTE_POLICIES, TRAIN_DTYPES,
+                             SpecError,
                              check_recompute)
 from profiles.table import ProfileError, load_profile, profile_names
 
@@ -466,6 +467,12 @@ def plan_cmd(
                                                   "mean (1: balanced)."),
         moe_grouped_gemm: bool = typer.Option(False, help="MoE: a rank's local experts in one grouped GEMM (default: "
                                               "one GEMM per expert, Megatron's SequentialMLP)."),
+        moe_dispatcher: str = typer.Option("alltoall", "--moe-dispatcher", help="MoE with --ep: how tokens travel, "
+                                           f"{one_of(MOE_DISPATCHERS)} (Megatron-core's: NCCL all-to-alls, or DeepEP, "
+                                           "which crosses the network once per node a token goes to)."),
+        ep_comm_overlap: bool = typer.Option(False, "--ep-comm-overlap", help="MoE with --ep: Megatron-core's "
+                                             "overlap_moe_expert_parallel_comm, each dispatch and combine under "
+                                             "another micro-batch's compute."),
         pp: int = typer.Option(1, help="Pipeline stages."),
         pp_schedule: str = typer.Option(_HDP.pp_schedule, help=f"PP (hdp): {one_of(PP_SCHEDULES)} (1F1B; "
                                         "SlimPipe slices; slices plus mirror pairing where it pays)."),
@@ -569,6 +576,7 @@ def plan_cmd(
     modules = recompute_modules_arg(recompute_modules)
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
+    check_choice("--moe-dispatcher", moe_dispatcher, MOE_DISPATCHERS)
     try:
         kinds = parse_cp_kinds(cp_kinds) if cp_kinds.strip() else ()
     except _PlanError as e:
@@ -580,7 +588,8 @@ def plan_cmd(
                       recompute_modules=modules,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, zero_stage=zero,
                       kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
-                      moe_grouped_gemm=moe_grouped_gemm, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
+                      moe_grouped_gemm=moe_grouped_gemm, moe_dispatcher=moe_dispatcher,
+                      ep_comm_overlap=ep_comm_overlap, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
                       overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
                       fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers, attention_kernel=attention_kernel,
                       loss=loss, grad_accumulation=grad_accumulation, seed=seed,
@@ -616,7 +625,9 @@ def plan_cmd(
     su = cm.setup
     out.print(f"[bold]{escape(su.model.name)}[/] on {su.cluster.world_size} x {escape(su.cluster.gpu)} "
               f"({escape(su.cluster.name)}), tp={su.training.tp} pp={su.training.pp} hdp={su.hdp}"
-              + (f" ep={su.training.ep} cf={su.training.moe_capacity_factor:g}" if su.model.is_moe else "") + ", "
+              + (f" ep={su.training.ep} cf={su.training.moe_capacity_factor:g}" if su.model.is_moe else "")
+              + (f" {su.training.moe_dispatcher}" if su.training.moe_dispatcher != "alltoall" else "")
+              + (" ep-overlap" if su.training.ep_comm_overlap else "") + ", "
               f"recompute={su.training.recompute}"
               + (f" ({','.join(su.training.recompute_modules)})" if su.training.recompute_modules else "")
               + f", zero={su.training.zero_stage}, C={cm.capacity_tokens} tokens/rank, "

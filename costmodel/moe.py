@@ -11,7 +11,9 @@ them; the tokens go to the ranks owning their top_k experts and come back, as Me
 - ep = 1, `MoEAllGatherTokenDispatcher`: all-gather the hidden states over the TP group, run the local experts on
   the tokens routed to them, reduce-scatter back: the dense MLP's all-gather + reduce-scatter pair, same bytes.
 - ep > 1, `MoEAlltoAllTokenDispatcher`: permute → all-to-all over EP → all-gather over ETP (etp > 1) → experts →
-  reduce-scatter over ETP → all-to-all over EP → unpermute; this replaces the MLP's TP pair.
+  reduce-scatter over ETP → all-to-all over EP → unpermute; this replaces the MLP's TP pair. The flex dispatcher
+  with DeepEP moves the same tokens but crosses the network once per node a token's experts are on
+  (remote_domains_per_token); costmodel.timing overlaps either with compute under ep_comm_overlap.
 
 Each rank runs E/ep local experts on m = G·s·k·cf/E rows each (s: the TP group's tokens, k = top_k, cf: the
 busiest expert's load over the mean), every expert's columns split over etp; one GEMM per expert (Megatron's
@@ -21,12 +23,18 @@ and a profile; costmodel.timing and costmodel.memory call them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import comb
 
 import numpy as np
 
 from costmodel.elementwise import MemKernel, layer_kernels, swiglu_saved_bytes_per_f
 from costmodel.specs import ModelSpec, Recompute, TrainingSpec
 from profiles.table import Profile
+
+
+# SMs an EP all-to-all holds while it runs beside compute: DeepEP's default Buffer.num_sms (deep_ep/buffer.py; the
+# flex dispatcher leaves it, moe_deepep_num_sms defaults to it); NCCL's all-to-all assumed to hold as many
+DEEPEP_SMS = 20
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class ExpertLayout:
     sequence_parallel: bool = True  # the MoE input is s/tp tokens per rank
     etp: int = 0  # expert tensor-parallel degree, ranks splitting one expert's columns; 0: tp/ep (folded)
     inter_node: bool = False  # the EP all-to-all crosses nodes (an expert group beyond one NVLink domain)
+    dispatcher: str = "alltoall"  # TrainingSpec.moe_dispatcher: "alltoall" (NCCL) or "flex" (DeepEP)
+    domains: int = 1  # NVLink domains the expert group spans (its experts spread evenly over them)
 
     def __post_init__(self) -> None:
         if not self.etp:
@@ -49,10 +59,11 @@ class ExpertLayout:
             object.__setattr__(self, "etp", self.tp // self.ep)
 
     @classmethod
-    def of(cls, training: TrainingSpec, inter_node: bool = False) -> "ExpertLayout":
+    def of(cls, training: TrainingSpec, inter_node: bool = False, domains: int = 1) -> "ExpertLayout":
         return cls(tp=training.tp, ep=training.ep, capacity_factor=training.moe_capacity_factor,
                    grouped_gemm=training.moe_grouped_gemm, sequence_parallel=training.sequence_parallel,
-                   etp=training.expert_tp, inter_node=inter_node)
+                   etp=training.expert_tp, inter_node=inter_node, dispatcher=training.moe_dispatcher,
+                   domains=domains if inter_node else 1)
 
     @property
     def groups(self) -> int:
@@ -104,6 +115,33 @@ def expert_gather_bytes(tokens: np.ndarray | float, model: ModelSpec, layout: Ex
     return t * layout.groups * model.top_k * layout.capacity_factor / layout.ep * model.hidden * dtype_bytes
 
 
+def remote_domains_per_token(model: ModelSpec, domains: int) -> float:
+    """Expected NVLink domains other than its own that a token's top_k experts lie in, its experts spread evenly
+    over `domains` domains (contiguous blocks, as EP ranks are) and chosen uniformly (Megatron's benchmarks force
+    balanced routing), within groups_per_token of expert_groups groups under node-limited routing. By symmetry
+    (D − 1)·P(a given domain is hit). Groups aligned with domains (whole groups per domain, or whole domains per
+    group) are counted exactly; a misaligned split as if ungrouped (the most domains a token can reach)."""
+    e, k, d = model.experts, model.top_k, domains
+    if d <= 1:
+        return 0.0
+    g, t = model.expert_groups, model.groups_per_token
+    local = e / d  # experts per domain
+
+    def none_of(pool: float, out: float) -> float:
+        """P(no expert of `out` among k drawn from `pool` without replacement)."""
+        return comb(round(pool - out), k) / comb(round(pool), k)
+
+    if g > 1 and g % d == 0:  # each domain g/d whole groups: c of them chosen, then k experts in the t·e/g chosen
+        per = g // d
+        miss = sum(comb(per, c) * comb(g - per, t - c) / comb(g, t) * none_of(t * e / g, c * e / g)
+                   for c in range(min(per, t) + 1))
+    elif g > 1 and d % g == 0:  # each group over d/g domains: a domain is hit only if its group is chosen
+        miss = (1 - t / g) + t / g * none_of(t * e / g, local)
+    else:
+        miss = none_of(e, local)
+    return (d - 1) * (1.0 - miss)
+
+
 def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpec, layout: ExpertLayout,
                    dtype_bytes: int) -> np.ndarray:
     """Forward communication of one MoE layer with ep > 1, not overlapped: dispatch and combine all-to-alls over
@@ -113,8 +151,15 @@ def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpe
     orders them, so the ETP collectives stay inside a domain, etp dividing it). Inter-node it is looked up at
     ep·etp ranks, the domains its ep members span (the tables' inter-node rows are whole domains)."""
     group = layout.ep * layout.etp if layout.inter_node else layout.ep
-    a2a = profile.collective_time_s("all_to_all", dispatch_bytes(tokens, model, layout, dtype_bytes), group,
-                                    "inter" if layout.inter_node else "intra")
+    if layout.dispatcher == "flex" and layout.inter_node:  # DeepEP: once per remote domain over the NIC, NVLink after
+        copies = dispatch_bytes(tokens, model, layout, dtype_bytes)
+        nic = copies / model.top_k * remote_domains_per_token(model, layout.domains)
+        local = min(group, max(2, group // layout.domains))  # the ranks of one domain the NVLink leg spans
+        a2a = np.maximum(profile.collective_time_s("send_recv", nic, 2, "inter"),
+                         profile.collective_time_s("all_to_all", copies, local, "intra"))
+    else:
+        a2a = profile.collective_time_s("all_to_all", dispatch_bytes(tokens, model, layout, dtype_bytes), group,
+                                        "inter" if layout.inter_node else "intra")
     t = 2.0 * a2a
     if layout.etp > 1:
         g = expert_gather_bytes(tokens, model, layout, dtype_bytes)

@@ -63,6 +63,10 @@ class ModelSpec:
     # a shared expert beside the routed ones (Qwen1.5/2-MoE): a dense MLP of this width every token runs, parallel
     # like the attention (Megatron-core's SharedExpertMLP); 0: none
     shared_expert_ffn: int = field(default=0, metadata=at_least(0))
+    # node-limited routing (DeepSeek-V3's n_group / topk_group): the experts fall in expert_groups equal groups and
+    # each token's top_k lie in at most groups_per_token of them; 1 and 1: no such limit
+    expert_groups: int = field(default=1, metadata=positive())
+    groups_per_token: int = field(default=1, metadata=positive())
     # MoE models whose MLP is dense in some layers (DeepSeek's first_k_dense_replace, Qwen-MoE's mlp_only_layers
     # and decoder_sparse_step): how many layers run a dense MLP of width dense_ffn instead of the experts, and
     # whether they are the first ones (DeepSeek, GLM: with pp > 1 they sit in the first pipeline stage, the others
@@ -102,6 +106,13 @@ class ModelSpec:
         Reader(owner, SpecError).check(self)
         _check_multiple(owner, ("heads", self.heads), ("kv_heads", self.kv_heads))
         _check_at_most(owner, ("top_k", self.top_k), ("experts", self.experts))
+        if self.expert_groups > 1:
+            _check_multiple(owner, ("experts", self.experts), ("expert_groups", self.expert_groups))
+            _check_at_most(owner, ("groups_per_token", self.groups_per_token), ("expert_groups", self.expert_groups))
+            _check_at_most(owner, ("top_k", self.top_k), ("groups_per_token x experts / expert_groups",
+                                                          self.groups_per_token * self.experts // self.expert_groups))
+        elif self.groups_per_token != 1:
+            raise SpecError(f"{owner}: groups_per_token ({self.groups_per_token}) needs expert_groups > 1")
         if self.shared_expert_ffn and not self.is_moe:
             raise SpecError(f"{owner}: shared_expert_ffn ({self.shared_expert_ffn}) needs routed experts (experts > "
                             "1); a dense model's MLP is ffn")
@@ -212,7 +223,8 @@ class ModelSpec:
         if not self.dense_layers:
             return ((1.0, self),)
         moe = dataclasses.replace(self, dense_layers=0, dense_ffn=0)
-        dense = dataclasses.replace(moe, experts=1, top_k=1, ffn=self.dense_ffn, shared_expert_ffn=0)
+        dense = dataclasses.replace(moe, experts=1, top_k=1, ffn=self.dense_ffn, shared_expert_ffn=0, expert_groups=1,
+                                    groups_per_token=1)
         return (self.moe_fraction, moe), (1.0 - self.moe_fraction, dense)
 
     @property
@@ -324,6 +336,8 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.expert_groups == 1:  # no node-limited routing: written only where a model has it
+            del d["expert_groups"], d["groups_per_token"]
         d["parameters"] = self.parameters
         d["active_parameters"] = self.active_parameters
         return d
@@ -380,6 +394,8 @@ class HFConfig:
     moe_intermediate_size: int | None = field(default=None, metadata=positive())  # per-expert width
     shared_expert_intermediate_size: int | None = field(default=None, metadata=at_least(0))  # Qwen2-MoE
     n_shared_experts: int | None = field(default=None, metadata=at_least(0))  # DeepSeek: of moe_intermediate_size
+    n_group: int | None = field(default=None, metadata=positive())  # DeepSeek-V3: node-limited routing's groups
+    topk_group: int | None = field(default=None, metadata=positive())  # and the groups a token's experts lie in
     # which layers have experts, the others a dense MLP of intermediate_size: DeepSeek's and GLM-4.5's from
     # first_k_dense_replace on, every moe_layer_freq-th; Qwen-MoE's every decoder_sparse_step-th (counting from 1)
     # outside mlp_only_layers
@@ -546,6 +562,8 @@ class HFConfig:
             vocab=self.vocab_size, tied_embeddings=self.tie_word_embeddings, experts=self.experts if moe else 1,
             top_k=(self.num_experts_per_tok or 1) if moe else 1,
             shared_expert_ffn=self.shared_expert_width() if moe else 0,
+            **({"expert_groups": self.n_group, "groups_per_token": self.topk_group or 1}
+               if moe and (self.n_group or 1) > 1 else {}),
             dense_layers=dense_layers,
             dense_ffn=self.dense_width(False) if dense_layers else 0,
             dense_layers_first=dense == list(range(len(dense))),
@@ -642,6 +660,10 @@ LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
 # gradient cast to the accumulator's dtype first, then added (DeepSpeed's BF16_Optimizer; torch autograd under
 # autocast over fp32 parameters)
 GradAccumulation = Literal["fused", "add", "cast_add"]
+# Megatron-core's MoE token dispatcher over EP (ep > 1): "alltoall" (NCCL all-to-alls, every token's copy sent on
+# its own) or "flex" with DeepEP (a token crosses the network once per node it goes to, then NVLink to its experts)
+MoeDispatcher = Literal["alltoall", "flex"]
+MOE_DISPATCHERS: tuple[str, ...] = get_args(MoeDispatcher)
 GRAD_ACCUMULATIONS: tuple[str, ...] = get_args(GradAccumulation)
 # Context parallelism: a ring passing K/V blocks under the attention (overlapped), or K/V all-gathered before
 # attention and dK/dV reduce-scattered after it (Llama 3's form: exposed, simpler to mask)
@@ -731,6 +753,11 @@ class TrainingSpec:
     # busiest rank's expert GEMMs, dispatched activations and all-to-all bytes
     moe_capacity_factor: float = field(default=1.0, metadata=at_least(1.0))
     moe_grouped_gemm: bool = False  # a rank's local experts in one grouped GEMM (else one GEMM per expert)
+    moe_dispatcher: MoeDispatcher = "alltoall"  # how tokens travel over EP (MoeDispatcher)
+    # Megatron-core's overlap_moe_expert_parallel_comm (with delay_wgrad_compute, as NVIDIA's recipes set them):
+    # one micro-batch's forward runs beside another's backward, each dispatch and combine under the other's compute
+    # (docs/COSTMODEL.md "EP all-to-all overlap")
+    ep_comm_overlap: bool = False
     # multi-token prediction (DeepSeek-V3; Megatron-core's --mtp-num-layers): depths on the last pipeline stage, each
     # a projection of the hidden state and the next token's embedding, one decoder layer and the shared LM head
     mtp_layers: int = field(default=0, metadata=at_least(0))
@@ -739,7 +766,7 @@ class TrainingSpec:
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "etp", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
                                                 "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
                                                 "fp8_param_gather", "mtp_layers", "loss", "grad_accumulation",
-                                                "recompute_modules")
+                                                "recompute_modules", "moe_dispatcher", "ep_comm_overlap")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -767,6 +794,11 @@ class TrainingSpec:
             raise SpecError("tp_comm_overlap needs sequence parallelism (Transformer Engine overlaps the SP "
                             "all-gathers and reduce-scatters; Megatron-core turns it off without SP); enable "
                             "sequence_parallel or drop tp_comm_overlap")
+        if self.moe_dispatcher == "flex" and self.ep == 1:
+            raise SpecError("moe_dispatcher flex (DeepEP) sends tokens over expert parallelism; it needs ep > 1 (with "
+                            "ep = 1 every expert is local); raise --ep or use the default alltoall")
+        if self.ep_comm_overlap:
+            self._check_ep_comm_overlap()
         if self.zero_stage == 3 and self.expert_groups > 1:
             raise SpecError(f"zero_stage 3 with an expert group over {self.expert_groups} TP groups (ep={self.ep}, "
                             f"etp={self.etp}) is not modelled; use --zero 1 or 2, or fold EP into TP (drop etp)")
@@ -829,6 +861,15 @@ class TrainingSpec:
     def expert_ranks(self) -> int:
         """Ranks of one expert group, ep·etp: they hold all E experts between them."""
         return self.ep * self.expert_tp
+
+    def _check_ep_comm_overlap(self) -> None:
+        """Megatron-core's refusals of overlap_moe_expert_parallel_comm (transformer_config.py, 0.14+)."""
+        why = ("ep > 1 (it overlaps the expert-parallel all-to-alls)" if self.ep == 1 else
+               "a recompute other than full (Megatron-core refuses full recompute with it)" if self.recompute == "full"
+               else "bf16 or fp16 as the base precision (fp8 GEMMs included), not fp32" if self.dtype == "fp32"
+               else f"at most one MTP depth (mtp_layers is {self.mtp_layers})" if self.mtp_layers > 1 else "")
+        if why:
+            raise SpecError(f"ep_comm_overlap needs {why}; drop --ep-comm-overlap or change the run")
 
     @property
     def expert_groups(self) -> int:

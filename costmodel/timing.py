@@ -21,7 +21,7 @@ from costmodel.elementwise import (EAGER_STREAM_BYTES, FSDP2_OPTIMIZER_BYTES, ME
 from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_parts,
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
                               params_per_rank, sharded_state_params, stage_parts)
-from costmodel.moe import ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
+from costmodel.moe import DEEPEP_SMS, ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
 from costmodel.recompute import Replay, replay
 from costmodel.specs import DTYPE_BYTES, ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
@@ -37,7 +37,7 @@ _OVERLAP_GEMMS = ("qkv", "o", *_MLP_GEMMS)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "attn_doc_fwd", "attn_doc_bwd",
                            "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
-                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj", "gemm_recompute"}
+                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj", "gemm_recompute", "gemm_experts"}
                           | {f"gemm_{g}" for g in _OVERLAP_GEMMS})  # the others are over bytes
 _COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
 
@@ -294,7 +294,9 @@ class CostModel:
         self.budget: MemoryBudget = memory_budget(self.setup)
         self.capacity_tokens = self.budget.capacity_tokens
         # how MoE layers run (costmodel.moe): on the TP group, or an expert group of G TP groups in lockstep
-        self.experts = ExpertLayout.of(tr, inter_node=self.setup.mesh.group_spans_domains(tr.expert_groups))
+        mesh = self.setup.mesh
+        self.experts = ExpertLayout.of(tr, inter_node=mesh.group_spans_domains(tr.expert_groups),
+                                       domains=-(-tr.expert_groups // max(1, mesh.hdp_per_domain)))
         self.a_tok = layer_activation_per_token(self.setup)  # the replay's eager layer with eager kernels
         # the layers as the busiest stage holds them (Setup.stage_model): what every per-layer term is priced at
         self.stage_model: ModelSpec = self.setup.stage_model
@@ -368,6 +370,9 @@ class CostModel:
             gemms = self._layer_gemms(kind)
             for key, curve in self._layer_curves(kind, gemms).items():
                 self._curves[key] = self._curves.get(key, 0.0) + w * curve
+            if kind.is_moe and tr.ep_comm_overlap:  # one MoE layer's expert GEMMs, what EP overlap pairs up
+                self._curves["gemm_experts"] = np.maximum(sum((t for g, t in gemms if g.label in _MLP_GEMMS),
+                                                              np.zeros_like(_TOKEN_GRID)), 1e-15)
             # what TP overlap splits (_overlapped_tp_comm_s): the attention's GEMMs (MLA: its up projections take the
             # gathered input), and a dense MLP's (expert GEMMs run no userbuffer overlap)
             self._curves.update({f"gemm_{g.label}": np.maximum(t, 1e-15) for g, t in gemms
@@ -655,6 +660,9 @@ class CostModel:
         tp_f = tp_b = comm_h = np.zeros(n)
         if self.tp > 1 or self.experts.all_to_all:  # tp = 1: an expert group over TP groups, its all-to-alls
             tp_f, tp_b = self.layer_tp_comm_s(tokens)
+            if self.setup.training.ep_comm_overlap and self.experts.all_to_all:
+                hidden = self._ep_overlap_hidden_s(tokens, fwd_layer, bwd_layer)
+                tp_f, tp_b = tp_f - hidden, tp_b - hidden
             tp_f, tp_b = l * tp_f, l * tp_b
         if self.tp > 1:
             # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
@@ -694,6 +702,30 @@ class CostModel:
                          attn_fwd_compute_s=l * attn_f, attn_bwd_compute_s=l * (attn_b + attn_rec),
                          mem_fwd_s=l * mem_f, mem_bwd_s=l * (mem_b + mem_rec), overhead_fwd_s=l * over_f,
                          overhead_bwd_s=l * over_b)
+
+    def _ep_overlap_hidden_s(self, tokens: np.ndarray, fwd_layer: np.ndarray, bwd_layer: np.ndarray) -> np.ndarray:
+        """What Megatron-core's EP all-to-all overlap hides of one layer's dispatch and combine, per direction (the
+        layer's share of MoE layers weighted in). Its combined 1F1B runs one micro-batch's forward of a layer beside
+        another's backward of one, on a compute and a comm stream, in four steps (fine_grained_callables, 0.14+,
+        with delay_wgrad_compute): the backward's combine under the forward's attention and router, the forward's
+        dispatch under the experts' dgrad, the backward's dispatch under their wgrad and the forward's experts, the
+        forward's combine under the backward's attention. A step of all-to-all c beside compute g takes
+        max(c, g + c·(1 − 1/κ)): while the all-to-all runs it holds DEEPEP_SMS of the GPU's SMs and the compute
+        runs at 1/κ = 1 − DEEPEP_SMS/SMs (profiles without an SM count: κ = 1). Exposed per pair: the four steps
+        less the compute; each direction is charged half, against the two all-to-alls each way unoverlapped."""
+        mu = self.stage_model.moe_fraction
+        a = self._lookup("moe_comm", tokens) / 2.0  # one all-to-all (dispatch or combine, ETP collectives with it)
+        x_f = self._lookup("gemm_experts", tokens)  # the experts' forward GEMMs; dgrad and wgrad each as much
+        a_f, a_b = fwd_layer - mu * x_f, bwd_layer - mu * 2.0 * x_f  # the rest: attention, router, shared expert
+        sms = self.profile.constants.get("gemm_sms", {}).get("value")
+        slow = 1.0 - DEEPEP_SMS / float(sms) if sms else 1.0
+
+        def step(c: np.ndarray, g: np.ndarray) -> np.ndarray:
+            return np.maximum(c, g + c * (1.0 - slow))
+
+        pair = step(a, a_f) + step(a, x_f) + step(a, x_f + x_f) + step(a, a_b)
+        exposed = pair - (a_f + a_b + 3.0 * x_f)
+        return mu * (2.0 * a - exposed / 2.0)
 
     def _allgather_cp_s(self, kv_bytes: np.ndarray, d: np.ndarray, inter: np.ndarray, layers: int,
                         passes_f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -55,6 +55,8 @@ class PlanRequest:
     ep: int = 1  # MoE expert parallelism inside the TP group, TrainingSpec.ep
     moe_capacity_factor: float = 1.0  # MoE routing imbalance, TrainingSpec.moe_capacity_factor
     moe_grouped_gemm: bool = False  # MoE: a rank's local experts in one grouped GEMM, TrainingSpec.moe_grouped_gemm
+    moe_dispatcher: str = "alltoall"  # MoE: how tokens travel over EP, TrainingSpec.moe_dispatcher
+    ep_comm_overlap: bool = False  # MoE: EP all-to-alls under the other micro-batch's compute, TrainingSpec's
     fp8_recipe: str | None = None  # --dtype fp8's scaling recipe, TrainingSpec.fp8_recipe (None: TE's for the GPU)
     tp_comm_overlap: bool = False  # TrainingSpec.tp_comm_overlap (Megatron-core's userbuffer TP overlap)
     overlap_grad_reduce: bool = False  # TrainingSpec.overlap_grad_reduce (Megatron-core DDP)
@@ -86,7 +88,8 @@ def resolve_setup(req: PlanRequest) -> Setup:
         return TrainingSpec(dtype=req.dtype, tp=req.tp, pp=req.pp, recompute=pol, zero_stage=req.zero_stage,
                             kernels=req.kernels, recompute_modules=modules,
                             capacity_tokens=req.capacity_tokens, ep=req.ep, moe_capacity_factor=req.moe_capacity_factor,
-                            moe_grouped_gemm=req.moe_grouped_gemm, fp8_recipe=req.fp8_recipe,
+                            moe_grouped_gemm=req.moe_grouped_gemm, moe_dispatcher=req.moe_dispatcher,
+                            ep_comm_overlap=req.ep_comm_overlap, fp8_recipe=req.fp8_recipe,
                             tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
                             overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
                             attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -87,6 +88,9 @@ class IterationCase:
     cp: int = field(default=1, metadata=positive())  # context-parallel degree (ring attention)
     seq_tokens: int | None = field(default=None, metadata=positive())  # when it differs from the set's
     training: dict[str, Any] = field(default_factory=dict)  # TrainingSpec fields of this run over the set's
+    # Megatron-core's pipeline_model_parallel_layout, e.g. "Et|(tt|)*30mL" (parse_pipeline_layout); None:
+    # chunk_layers' even split
+    layout: str | None = None
     note: str = ""
 
 
@@ -380,26 +384,32 @@ def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: 
 
 @dataclass(frozen=True)
 class _Run:
-    """An iteration case as priced: its model (layers rounded up to whole chunks), cost model and batch."""
+    """An iteration case as priced: its model, the cost model of its largest chunk's layers in every chunk, its
+    batch and its chunks' layers."""
 
     model: ModelSpec  # as published
-    cm: CostModel  # of the priced model: ⌈L / (p·v)⌉ layers in every chunk
+    cm: CostModel  # of the priced model: the largest chunk's layers (⌈L / (p·v)⌉ evenly split) in every chunk
     layer_ratio: float  # published layers / priced layers
     dp: int
     micro_batches: int  # per pipeline and step, m
     seq_tokens: int
+    layers: list[list[int]]  # each stage's chunks' layers (chunk_layers, or the run's layout)
 
 
 def _run(cal: CalibrationSet, case: IterationCase, profile: Profile) -> _Run:
     model = cal.model(case.model)
-    # Stages of unequal layers (Llama 3: 126 layers in 16 x 8 chunks): the unit prices a stage of the rounded-up
-    # layer count per chunk, each chunk then runs its own layers (chunk_layers), and the step end (gradient sync,
-    # optimizer) is that stage's, scaled by the layer ratio.
-    slots = case.pp * case.chunks
-    priced = dataclasses.replace(model, layers=-(-model.layers // slots) * slots)
     # the run's own micro-batch, whether or not the memory model lets it fit: iteration_memory judges that
     seq = case.seq_tokens or cal.seq_tokens
     training = dataclasses.replace(_training(cal, case, case.pp), capacity_tokens=-(-seq * case.micro_batch // case.cp))
+    # Stages of unequal layers (Llama 3: 126 layers in 16 x 8 chunks): the unit prices a stage of the largest
+    # layer count per chunk, each chunk then runs its own layers (chunk_layers, or the run's layout), and the step
+    # end (gradient sync, optimizer) is that stage's, scaled by the layer ratio.
+    if training.ep_comm_overlap and case.pp > 1 and case.chunks == 1:
+        raise SpecError(f"calibration case {case.label!r}: ep_comm_overlap with pp > 1 needs an interleaved pipeline "
+                        "(Megatron-core pairs passes under virtual stages only); give chunks > 1")
+    layers = (parse_pipeline_layout(case.layout, case.pp, case.chunks, model.layers, training.mtp_layers)
+              if case.layout else chunk_layers(model.layers, case.pp, case.chunks))
+    priced = dataclasses.replace(model, layers=max(max(c) for c in layers) * case.pp * case.chunks)
     cm = _cost_model(cal, priced, case.gpus, training, profile)
     hdp = cm.setup.hdp  # DP × CP ranks per stage
     if hdp % case.cp:
@@ -409,7 +419,8 @@ def _run(cal: CalibrationSet, case: IterationCase, profile: Profile) -> _Run:
     if case.global_batch % (case.micro_batch * dp):
         raise SpecError(f"calibration case {case.label!r}: global batch {case.global_batch} is not a multiple of "
                         f"micro-batch {case.micro_batch} x DP {dp}")
-    return _Run(model, cm, model.layers / priced.layers, dp, case.global_batch // (case.micro_batch * dp), seq)
+    return _Run(model, cm, model.layers / priced.layers, dp, case.global_batch // (case.micro_batch * dp), seq,
+                layers)
 
 
 def _embedding_text(cm: CostModel) -> str:
@@ -426,7 +437,7 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     inter = cm.setup.mesh.spans_domains(list(range(case.cp)))
     unit = cm.unit_cost([run.seq_tokens] * case.micro_batch, degree=case.cp, inter_node=inter, with_head=True)
     optimizer_s = cm.optimizer_step_s(hdp)
-    layers = chunk_layers(run.model.layers, case.pp, case.chunks)
+    layers = run.layers
     if cm.setup.training.zero_stage == 3:  # FSDP (pp = 1, TrainingSpec): each micro-batch a round of per-layer
         n = cm.layers_per_stage  # gathers and reduce-scatters (costmodel.zero)
         round_s = round_time_s((unit.fwd_s - unit.head_fwd_s) / n, (unit.bwd_s - unit.head_bwd_s) / n,
@@ -447,7 +458,8 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
     note = "; ".join(x for x in (runs, _note(cm.setup.training),
                                  f"{sync_text} + optimizer {optimizer_s:.3g} s" + _embedding_text(cm),
                                  f"{run.model.layers} layers in chunks of up to {priced // (case.pp * case.chunks)} "
-                                 f"(chunk_layers); gradient sync and optimizer priced for {priced} layers, scaled by "
+                                 f"({'layout ' + case.layout if case.layout else 'chunk_layers'}); gradient sync "
+                                 f"and optimizer priced for {priced} layers, scaled by "
                                  f"{run.model.layers}/{priced}"
                                  if run.layer_ratio != 1 else "", case.note) if x)
     # The schedule ran each chunk's own layers: the breakdown is the busiest stage's work (its layers' share of the
@@ -523,6 +535,39 @@ def chunk_layers(layers: int, p: int, v: int) -> list[list[int]]:
     return out
 
 
+_LAYOUT_SYMBOLS = {"E": "embedding", "t": "transformer layer", "m": "MTP layer", "L": "loss"}
+
+
+def parse_pipeline_layout(layout: str, p: int, v: int, layers: int, mtp_layers: int = 0) -> list[list[int]]:
+    """Layers in each chunk of each stage from Megatron-core's `pipeline_model_parallel_layout`: p·v virtual stages
+    in pipeline order (k-th: stage k % p's chunk k // p) split by "|", each of E (the embedding), t (a transformer
+    layer), m (an MTP depth), L (the loss); "(...)*n" and "t*n" repeat. The cost model prices the embedding on the
+    first chunk, the MTP depths and the loss on the last (DeepSeek-V3's recipe: "Et|(tt|)*30mL"), so E, m and L
+    are refused elsewhere; a string whose t count is not the model's, or whose stages are not p·v, is refused."""
+    text = layout.replace(" ", "")
+    while (expanded := re.sub(r"\(([^()]*)\)\*(\d+)", lambda g: g[1] * int(g[2]), text)) != text:
+        text = expanded
+    text = re.sub(r"([EtmL])\*(\d+)", lambda g: g[1] * int(g[2]), text)
+    if bad := sorted(set(text) - set(_LAYOUT_SYMBOLS) - {"|"}):
+        raise SpecError(f"pipeline layout {layout!r}: unknown symbol(s) {''.join(bad)!r}; use E, t, m, L, |, (...)*n")
+    stages = text.split("|")
+    if len(stages) != p * v:
+        raise SpecError(f"pipeline layout {layout!r}: {len(stages)} virtual stages, not pp x chunks = {p * v}")
+    if (n := text.count("t")) != layers:
+        raise SpecError(f"pipeline layout {layout!r}: {n} transformer layers (t), the model has {layers}")
+    if text.count("m") != mtp_layers:
+        raise SpecError(f"pipeline layout {layout!r}: {text.count('m')} MTP layers (m), the run has {mtp_layers}")
+    for symbol, home in (("E", 0), ("m", p * v - 1), ("L", p * v - 1)):
+        if any(symbol in stage for k, stage in enumerate(stages) if k != home):
+            where = "first" if home == 0 else "last"
+            raise SpecError(f"pipeline layout {layout!r}: the cost model prices the {_LAYOUT_SYMBOLS[symbol]} "
+                            f"({symbol}) on the pipeline's {where} virtual stage only")
+    out = [[0] * v for _ in range(p)]
+    for k, stage in enumerate(stages):
+        out[k % p][k // p] = stage.count("t")
+    return out
+
+
 def iteration_memory(cal: CalibrationSet, case: IterationCase, profile: Profile) -> MemoryRow:
     """Peak memory per GPU of a row as priced: each stage's model states (its layers, embedding or head), the
     activations of the chunk forwards its schedule holds at once (the event engine's op order, stage_ops), full
@@ -531,7 +576,7 @@ def iteration_memory(cal: CalibrationSet, case: IterationCase, profile: Profile)
     run = _run(cal, case, profile)
     cm, setup, p, v = run.cm, run.cm.setup, case.pp, case.chunks
     tr = setup.training
-    layers = chunk_layers(run.model.layers, p, v)
+    layers = run.layers
     tokens = run.seq_tokens * case.micro_batch / case.cp
     gathered = (allgather_cp_working_bytes(run.model, case.tp, tr.dtype_bytes, run.seq_tokens * case.micro_batch)
                 if case.cp > 1 and tr.cp == "allgather" else 0.0)
@@ -541,6 +586,8 @@ def iteration_memory(cal: CalibrationSet, case: IterationCase, profile: Profile)
         for op in stage_ops(p, s, [1] * run.micro_batches, v):
             held += layers[s][op.chunk] if op.kind == "F" else -layers[s][op.chunk]
             peak = max(peak, held)
+        if tr.ep_comm_overlap:  # Megatron-core's combined 1F1B warms up one chunk forward more (its pairs' spare)
+            peak += max(layers[s])
         parts = {"states": model_state_bytes(setup, s, sum(layers[s])), "activations": peak * tokens * cm.a_tok,
                  "recompute": recompute_working_bytes(tokens, cm),
                  "logits": logits_bytes(tokens, setup) if s == p - 1 else 0.0, "all-gather CP": gathered,

@@ -28,7 +28,7 @@ DEEPSEEK_V3 = {
     "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
     "first_k_dense_replace": 3, "moe_layer_freq": 1, "kv_lora_rank": 512, "q_lora_rank": 1536,
     "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 129280,
-    "tie_word_embeddings": False, "num_nextn_predict_layers": 1}
+    "tie_word_embeddings": False, "num_nextn_predict_layers": 1, "n_group": 8, "topk_group": 4}
 # H, latents and heads of DeepSeek-V3's attention
 H, QL, KVL, ROPE, N, DQK, DV = 7168, 1536, 512, 64, 128, 192, 128
 
@@ -42,7 +42,7 @@ def _dense_mla(**kw) -> ModelSpec:
     """One dense layer of DeepSeek-V3's attention and dense MLP."""
     v3 = load_model("deepseek-v3")
     return dataclasses.replace(v3, layers=4, experts=1, top_k=1, ffn=18432, shared_expert_ffn=0, dense_layers=0,
-                               dense_ffn=0, **kw)
+                               dense_ffn=0, expert_groups=1, groups_per_token=1, **kw)
 
 
 def test_deepseek_v3_counts_its_published_parameters(tmp_path):
@@ -240,7 +240,7 @@ def test_kimi_k2_from_a_multimodal_wrapper(tmp_path):
     """Kimi K2's language model (DeepSeek-V3's architecture: 64 heads, 384 experts, one dense layer) read from a
     Kimi-K2.5-style config that nests it in text_config; published 1T parameters, 32B activated."""
     text = {**DEEPSEEK_V3, "model_type": "kimi_k2", "num_attention_heads": 64, "num_key_value_heads": 64,
-            "n_routed_experts": 384, "first_k_dense_replace": 1, "vocab_size": 163840}
+            "n_routed_experts": 384, "first_k_dense_replace": 1, "vocab_size": 163840, "n_group": 1, "topk_group": 1}
     m = _hf(tmp_path, {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
                        "text_config": text, "vision_config": {"hidden_size": 1152}})
     preset = load_model("kimi-k2")

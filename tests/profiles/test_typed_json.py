@@ -321,12 +321,18 @@ def test_plan_rejects_or_keeps_any_single_bad_value(data):
     except PlanError as e:
         assert "\n" not in str(e)
         return
-    for s in d["steps"] if isinstance(d.get("steps"), list) else []:
+    written = plan.to_dict()
+    for s, w in zip(d["steps"], written["steps"]) if isinstance(d.get("steps"), list) else ():
         if isinstance(s, dict) and "pipeline" in s and s["pipeline"] is None:
             del s["pipeline"]  # null and absent both mean "no pipeline section"; the writer omits it
-        elif isinstance(s, dict) and isinstance(s.get("pipeline"), dict) and s["pipeline"].get("weights", 0) is None:
-            del s["pipeline"]["weights"]  # likewise "no weights": count-based in-flight budget
-    assert plan.to_dict() == d  # accepted only as written: nothing coerced
+        elif isinstance(s, dict) and isinstance(s.get("pipeline"), dict):
+            sec = s["pipeline"]
+            if sec.get("weights", 0) is None:
+                del sec["weights"]  # likewise "no weights": count-based in-flight budget
+            # the writer spells out the section's defaults (schedule, v; max_chunks where its schedule reads it)
+            assert all(w["pipeline"][k] == v for k, v in sec.items() if k in w["pipeline"]), (sec, w["pipeline"])
+            s["pipeline"] = {**w["pipeline"], **{k: v for k, v in sec.items() if k in w["pipeline"]}}
+    assert written == d  # accepted only as written: nothing coerced
 
 
 @functools.cache

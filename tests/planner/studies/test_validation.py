@@ -173,6 +173,35 @@ def test_chunk_layers_take_the_missing_layers_from_the_pipeline_ends():
     assert chunk_layers(30, 2, 4) == [[3, 4, 4, 4], [4, 4, 4, 3]]
 
 
+def test_pipeline_layout_strings_as_megatron_core_writes_them():
+    from planner.studies.validation import parse_pipeline_layout as parse
+    # DeepSeek-V3's H100 recipe: the embedding and a layer, 30 virtual stages of two, the MTP depth and the loss
+    layers = parse("Et|(tt|)*30mL", 8, 4, 61, 1)
+    assert layers[0] == [1, 2, 2, 2] and layers[7] == [2, 2, 2, 0] and sum(map(sum, layers)) == 61
+    assert parse("E|t*3|t*3|tL", 2, 2, 7) == [[0, 3], [3, 1]]  # stage k % p's chunk k // p
+    for bad, match in (("Et|(tt|)*29mL", "31 virtual stages"), ("Et|(tt|)*30L", "0 MTP layers"),
+                       ("Etm|(tt|)*30L", "MTP layer \\(m\\) on the pipeline's last"),
+                       ("t|(tt|)*29Ett|mL", "embedding \\(E\\) on the pipeline's first"),
+                       ("Et|(tt|)*30mx", "unknown symbol"), ("Ett|(tt|)*30mL", "62 transformer layers")):
+        with pytest.raises(ValueError, match=match):
+            parse(bad, 8, 4, 61, 1)
+
+
+def test_deepseek_v3_runs_its_layout_dispatcher_and_overlap():
+    cal = load_calibration_set("megatron_bridge_moe2025")
+    case = next(c for c in cal.iteration_cases if c.model == "deepseek-v3")
+    assert case.layout == "Et|(tt|)*30mL" and case.training["moe_dispatcher"] == "flex"
+    h100 = load_profile("h100-sxm.analytic")
+    row = iteration_row(cal, case, h100)
+    assert "layout Et|(tt|)*30mL" in row.note
+    plain = dataclasses.replace(case, training={**case.training, "ep_comm_overlap": False})
+    assert iteration_row(cal, plain, h100).predicted > row.predicted  # the overlap hides all-to-alls
+    mem, plain_mem = iteration_memory(cal, case, h100), iteration_memory(cal, plain, h100)
+    assert mem.held_layers == plain_mem.held_layers + 2  # one more chunk forward warmed up
+    with pytest.raises(ValueError, match="needs an interleaved pipeline"):
+        iteration_row(cal, dataclasses.replace(case, chunks=1, layout=None), h100)
+
+
 def test_memory_row_adds_up_the_stage_it_names(a100):
     # 22B, full recompute, pp 1: states + one micro-batch's layer inputs + one layer's working set + its logits
     cal = load_calibration_set()

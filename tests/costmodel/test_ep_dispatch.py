@@ -1,0 +1,160 @@
+"""DeepEP's flex dispatcher, node-limited routing and Megatron-core's EP all-to-all overlap (costmodel.moe,
+costmodel.timing)."""
+
+import dataclasses
+import itertools
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from costmodel.moe import DEEPEP_SMS, ExpertLayout, dispatch_bytes, moe_comm_fwd_s, remote_domains_per_token
+from costmodel.presets import load_cluster, load_model
+from costmodel.specs import HFConfig, ModelSpec, Setup, SpecError, TrainingSpec
+from costmodel.timing import _TOKEN_GRID, CostModel
+from profiles.table import load_profile
+
+S = float(_TOKEN_GRID[150])
+_PROFILE = load_profile("h100-sxm.analytic")
+
+
+def _toy(experts: int, top_k: int, groups: int = 1, per_token: int = 1) -> ModelSpec:
+    return ModelSpec(name="toy", layers=2, hidden=64, heads=2, kv_heads=2, head_dim=32, ffn=32, vocab=128,
+                     experts=experts, top_k=top_k, expert_groups=groups, groups_per_token=per_token)
+
+
+def _brute_remote(experts: int, top_k: int, groups: int, per_token: int, domains: int) -> Fraction:
+    """Exact mean of the remote domains hit: every origin domain, every choice of groups, then of experts."""
+    per_group, per_domain = experts // groups, experts // domains
+    total, count = Fraction(0), 0
+    for chosen in itertools.combinations(range(groups), per_token):
+        pool = [e for g in chosen for e in range(g * per_group, (g + 1) * per_group)]
+        for picks in itertools.combinations(pool, top_k):
+            hit = {e // per_domain for e in picks}
+            for origin in range(domains):
+                total += len(hit - {origin})
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("experts,top_k,groups,per_token,domains", [
+    (8, 2, 1, 1, 2), (8, 3, 1, 1, 4), (16, 4, 4, 2, 2), (16, 4, 4, 2, 4), (16, 3, 2, 1, 4), (12, 2, 1, 1, 3)])
+def test_remote_domains_per_token_is_the_exact_mean(experts, top_k, groups, per_token, domains):
+    model = _toy(experts, top_k, groups, per_token)
+    want = _brute_remote(experts, top_k, groups, per_token, domains)
+    assert remote_domains_per_token(model, domains) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_node_limited_routing_sends_deepseek_v3_to_fewer_nodes():
+    ds = load_model("deepseek-v3")
+    assert (ds.expert_groups, ds.groups_per_token) == (8, 4)
+    free = dataclasses.replace(ds, expert_groups=1, groups_per_token=1)
+    # 8 domains, one group each: at most 4 domains a token, 3.2 of them remote; unlimited, 4.6
+    assert remote_domains_per_token(ds, 8) == pytest.approx(3.175, abs=5e-4)
+    assert remote_domains_per_token(free, 8) == pytest.approx(4.633, abs=5e-4)
+    assert remote_domains_per_token(ds, 1) == 0.0
+
+
+def test_routing_groups_from_a_deepseek_config_and_their_checks(tmp_path):
+    cfg = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=100,
+               n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, n_group=4, topk_group=2)
+    m = HFConfig.from_dict(cfg, "cfg").model_spec("toy", "")
+    assert (m.expert_groups, m.groups_per_token) == (4, 2)
+    assert "expert_groups" in m.to_dict() and "expert_groups" not in load_model("qwen3-30b-a3b").to_dict()
+    with pytest.raises(SpecError, match="top_k .* cannot exceed groups_per_token x experts / expert_groups"):
+        _toy(16, 5, 4, 1)
+    with pytest.raises(SpecError, match="experts \\(16\\) must be a multiple of expert_groups \\(3\\)"):
+        _toy(16, 2, 3, 1)
+    with pytest.raises(SpecError, match="groups_per_token \\(2\\) needs expert_groups > 1"):
+        _toy(16, 2, 1, 2)
+
+
+def test_flex_dispatch_crosses_the_network_once_per_remote_node():
+    ds, p = load_model("deepseek-v3"), _PROFILE
+    nccl = ExpertLayout(tp=2, ep=64, etp=1, inter_node=True, domains=8)
+    flex = dataclasses.replace(nccl, dispatcher="flex")
+    copies = float(dispatch_bytes(S, ds, nccl, 2))  # the rank's S/tp tokens' k copies of h, bf16
+    nic = copies / ds.top_k * remote_domains_per_token(ds, 8)
+    want = 2 * max(float(p.collective_time_s("send_recv", nic, 2, "inter")),
+                   float(p.collective_time_s("all_to_all", copies, 8, "intra")))
+    assert float(moe_comm_fwd_s(p, S, ds, flex, 2)) == pytest.approx(want, rel=1e-12)
+    assert float(moe_comm_fwd_s(p, S, ds, flex, 2)) < 0.6 * float(moe_comm_fwd_s(p, S, ds, nccl, 2))
+    # inside one node DeepEP's NVLink kernels are priced as the NCCL all-to-all
+    intra = ExpertLayout(tp=1, ep=8, etp=1)
+    assert float(moe_comm_fwd_s(p, S, ds, dataclasses.replace(intra, dispatcher="flex"), 2)) == \
+        float(moe_comm_fwd_s(p, S, ds, intra, 2))
+
+
+def _qwen(**training) -> CostModel:
+    tr = TrainingSpec(**{"tp": 1, "pp": 2, "ep": 8, "etp": 1, "moe_grouped_gemm": True, **training})
+    return CostModel(Setup(load_model("qwen3-30b-a3b"), load_cluster("dgx-h100").with_gpus(16), tr), _PROFILE)
+
+
+def test_ep_overlap_prices_the_four_steps_of_a_paired_layer():
+    base, over = _qwen(), _qwen(ep_comm_overlap=True)
+    u0, u1 = base.unit_cost([8192]), over.unit_cost([8192])
+    assert u1.fwd_compute_s == pytest.approx(u0.fwd_compute_s) and u1.bwd_compute_s == pytest.approx(u0.bwd_compute_s)
+    l, tokens = over.layers_per_stage, 8192.0
+    a = float(over._lookup("moe_comm", tokens)) / 2
+    x = float(over._lookup("gemm_experts", tokens))
+    f, b = u0.fwd_compute_s / l, u0.bwd_compute_s / l
+    slow = 1 - DEEPEP_SMS / 132
+
+    def step(c, g):
+        return max(c, g + c * (1 - slow))
+
+    exposed = step(a, f - x) + step(a, x) + step(a, 2 * x) + step(a, b - 2 * x) - (f + b)
+    assert 0 < exposed < 4 * a
+    # each direction: the unoverlapped two all-to-alls give way to half the pair's exposed time
+    assert u1.tp_comm_fwd_s == pytest.approx(u0.tp_comm_fwd_s - l * (2 * a - exposed / 2), rel=1e-9)
+    assert u1.tp_comm_bwd_s == pytest.approx(u0.tp_comm_bwd_s - l * (2 * a - exposed / 2), rel=1e-9)
+
+
+def test_ep_overlap_where_the_all_to_alls_dwarf_compute_takes_four_of_them():
+    cm = _qwen(ep_comm_overlap=True)
+    tokens = np.array([64.0])
+    slow = cm._lookup("moe_comm", tokens) * 1e3  # an all-to-all far longer than any step's compute
+    fwd = bwd = np.array([1e-4])
+    cm._log_curves["moe_comm"] = (cm._log_curves["moe_comm"][0], cm._log_curves["moe_comm"][1] + np.log(1e3))
+    hidden = cm._ep_overlap_hidden_s(tokens, fwd, bwd)
+    a = slow / 2
+    # four all-to-alls in a row, the compute under them: what is hidden each way is half of that compute's worth
+    # (compute slowed by the SMs the transfers hold never outlasts them)
+    assert float(hidden[0]) == pytest.approx(float((2 * a - (4 * a - (fwd + bwd)) / 2)[0]), rel=1e-9)
+
+
+def test_ep_overlap_and_flex_refusals_and_cli():
+    with pytest.raises(SpecError, match="ep_comm_overlap needs ep > 1"):
+        TrainingSpec(ep_comm_overlap=True)
+    with pytest.raises(SpecError, match="other than full"):
+        TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, recompute="full")
+    with pytest.raises(SpecError, match="not fp32"):
+        TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, dtype="fp32")
+    with pytest.raises(SpecError, match="at most one MTP depth"):
+        TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, mtp_layers=2)
+    with pytest.raises(SpecError, match="flex \\(DeepEP\\) .* needs ep > 1"):
+        TrainingSpec(moe_dispatcher="flex")
+    tr = TrainingSpec(tp=2, ep=2, moe_dispatcher="flex", ep_comm_overlap=True)
+    assert tr.to_dict()["moe_dispatcher"] == "flex" and "moe_dispatcher" not in TrainingSpec().to_dict()
+    assert TrainingSpec.from_dict(tr.to_dict()) == tr
+
+
+def test_a_plan_records_and_reprices_its_dispatcher_and_overlap(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from planner.api import cost_model_for_plan
+    from planner.plan import Plan
+
+    args = ["plan", "--model", "qwen3-30b-a3b", "--gpus", "16", "--tp", "8", "--ep", "8", "--moe-grouped-gemm",
+            "--max-context", "16K", "--strategy", "hdp"]
+    r = CliRunner().invoke(app, [*args, "--moe-dispatcher", "flex", "--ep-comm-overlap", "--out",
+                                 str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert "ep=8 cf=1 flex ep-overlap" in r.output
+    plan = Plan.from_dict(json.loads((tmp_path / "p.json").read_text()))
+    cm = cost_model_for_plan(plan)
+    assert cm.experts.dispatcher == "flex" and cm.setup.training.ep_comm_overlap
+    r = CliRunner().invoke(app, [*args, "--moe-dispatcher", "deepep"])
+    assert r.exit_code == 2 and "--moe-dispatcher must be alltoall or flex" in r.stderr
