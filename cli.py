@@ -469,7 +469,8 @@ def plan_cmd(
                                               "one GEMM per expert, Megatron's SequentialMLP)."),
         moe_dispatcher: str = typer.Option("alltoall", "--moe-dispatcher", help="MoE with --ep: how tokens travel, "
                                            f"{one_of(MOE_DISPATCHERS)} (Megatron-core's: NCCL all-to-alls, or DeepEP, "
-                                           "which crosses the network once per node a token goes to)."),
+                                           "which crosses the network once per node a token goes to; a plan's EP "
+                                           "lies in its TP group, inside one node, where the two price alike)."),
         ep_comm_overlap: bool = typer.Option(False, "--ep-comm-overlap", help="MoE with --ep: Megatron-core's "
                                              "overlap_moe_expert_parallel_comm, each dispatch and combine under "
                                              "another micro-batch's compute."),

@@ -58,14 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
-    out = Console(width=120)  # the tables whole, in a pipe too
+    out = Console(width=150)  # the tables whole, in a pipe too
     data = rows()
     t = Table(title=f"{SET}: inter-node expert groups by dispatcher and EP overlap (h100-sxm.analytic; "
                     "*: the row's own recipe)")
     for c in ("case", "dispatch", "overlap", "published s", "predicted s", "error", "exposed comm"):
         t.add_column(c, justify="left" if c in ("case", "dispatch") else "right")
     for r in data:
-        t.add_row(r["case"].split(",")[0] + ("*" if r["recipe"] else ""), r["dispatcher"],
+        t.add_row(r["case"] + ("*" if r["recipe"] else ""), r["dispatcher"],
                   "on" if r["ep_comm_overlap"] else "off", f"{r['published_s']:.2f}", f"{r['predicted_s']:.2f}",
                   f"{r['error']:+.1%}", f"{r['exposed_comm_share']:.1%}")
     out.print(t)
