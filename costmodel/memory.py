@@ -374,9 +374,11 @@ class _Terms:
 
 def layers_held(setup: Setup) -> int:
     """Layers' activations a GPU holds at once at most, per in-flight token: stage 0 keeps p micro-batches of its
-    layers in flight (1F1B), the last stage one of its layers and the MTP depths'."""
+    layers in flight (1F1B), the last stage one of its layers and the MTP depths'. Under the EP overlap one
+    micro-batch more: a forward runs beside another's backward (pp = 1: two micro-batches alive)."""
     tr = setup.training
-    return max(setup.layers_per_stage * tr.pp, setup.layers_per_stage + tr.mtp_layers)
+    extra = 1 if tr.ep_comm_overlap else 0
+    return max(setup.layers_per_stage * (tr.pp + extra), setup.layers_per_stage * (1 + extra) + tr.mtp_layers)
 
 
 def _terms(setup: Setup) -> _Terms:

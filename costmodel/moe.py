@@ -154,7 +154,7 @@ def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpe
     if layout.dispatcher == "flex" and layout.inter_node:  # DeepEP: once per remote domain over the NIC, NVLink after
         copies = dispatch_bytes(tokens, model, layout, dtype_bytes)
         nic = copies / model.top_k * remote_domains_per_token(model, layout.domains)
-        local = min(group, max(2, group // layout.domains))  # the ranks of one domain the NVLink leg spans
+        local = max(2, layout.ep // layout.domains)  # the EP ranks of one domain the NVLink leg spans
         a2a = np.maximum(profile.collective_time_s("send_recv", nic, 2, "inter"),
                          profile.collective_time_s("all_to_all", copies, local, "intra"))
     else:

@@ -703,6 +703,13 @@ class CostModel:
                          mem_fwd_s=l * mem_f, mem_bwd_s=l * (mem_b + mem_rec), overhead_fwd_s=l * over_f,
                          overhead_bwd_s=l * over_b)
 
+    def ep_overlap_max_hidden_s(self, tokens: np.ndarray | float) -> np.ndarray:
+        """The most the EP overlap can hide of one layer's communication each way: its dispatch and combine
+        all-to-alls (the MoE layers' share); 0 without it. What a lower bound may leave out."""
+        if not (self.setup.training.ep_comm_overlap and self.experts.all_to_all):
+            return np.zeros_like(np.asarray(tokens, dtype=float))
+        return self.stage_model.moe_fraction * self._lookup("moe_comm", tokens)
+
     def _ep_overlap_hidden_s(self, tokens: np.ndarray, fwd_layer: np.ndarray, bwd_layer: np.ndarray) -> np.ndarray:
         """What Megatron-core's EP all-to-all overlap hides of one layer's dispatch and combine, per direction (the
         layer's share of MoE layers weighted in). Its combined 1F1B runs one micro-batch's forward of a layer beside
@@ -710,9 +717,10 @@ class CostModel:
         with delay_wgrad_compute): the backward's combine under the forward's attention and router, the forward's
         dispatch under the experts' dgrad, the backward's dispatch under their wgrad and the forward's experts, the
         forward's combine under the backward's attention. A step of all-to-all c beside compute g takes
-        max(c, g + c·(1 − 1/κ)): while the all-to-all runs it holds DEEPEP_SMS of the GPU's SMs and the compute
-        runs at 1/κ = 1 − DEEPEP_SMS/SMs (profiles without an SM count: κ = 1). Exposed per pair: the four steps
-        less the compute; each direction is charged half, against the two all-to-alls each way unoverlapped."""
+        max(c, g + c·(1 − κ)): while the all-to-all runs it holds DEEPEP_SMS of the GPU's SMs and the compute
+        runs at κ = 1 − DEEPEP_SMS/SMs of its speed (profiles without an SM count: κ = 1). Exposed per pair: the
+        four steps less the compute; each direction is charged half, against the two all-to-alls each way
+        unoverlapped."""
         mu = self.stage_model.moe_fraction
         a = self._lookup("moe_comm", tokens) / 2.0  # one all-to-all (dispatch or combine, ETP collectives with it)
         x_f = self._lookup("gemm_experts", tokens)  # the experts' forward GEMMs; dgrad and wgrad each as much

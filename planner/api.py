@@ -82,6 +82,8 @@ def resolve_setup(req: PlanRequest) -> Setup:
     if req.gpus is not None:
         cluster = cluster.with_gpus(req.gpus)
     policies = RECOMPUTE_POLICIES if req.recompute == AUTO_RECOMPUTE else (req.recompute,)
+    if req.recompute == AUTO_RECOMPUTE and req.ep_comm_overlap:  # Megatron-core refuses full recompute with it
+        policies = tuple(p for p in policies if p != "full")
 
     def training(pol: str) -> TrainingSpec:
         modules = req.recompute_modules if pol == "selective" else None
@@ -107,7 +109,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
             last = e
             continue
         # 'auto' keeps the first policy under which a static mesh can shard the longest sequence.
-        if req.recompute != AUTO_RECOMPUTE or cap * setup.hdp >= req.max_context_tokens or pol == "full":
+        if req.recompute != AUTO_RECOMPUTE or cap * setup.hdp >= req.max_context_tokens or pol == policies[-1]:
             return setup
     raise last if last else SpecError("no training setup fits")
 

@@ -373,7 +373,7 @@ def test_validate_every_set_by_default_with_the_held_out_ones_marked():
     assert r.exit_code == 2 and "unknown calibration set 'no-such-set'" in one_line(r.output)
 
 
-def test_validate_prices_your_own_set_from_a_file(tmp_path):
+def test_validate_prices_your_own_set_from_a_file(tmp_path, monkeypatch):
     from importlib import resources
 
     # a packaged set's JSON as a user would write it, its cluster and model given as files beside it
@@ -398,6 +398,20 @@ def test_validate_prices_your_own_set_from_a_file(tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({**mine, "iteration_cases": [{**case, "gpus": -8}]}))
     r = run("validate", "--set", str(tmp_path / "typo.json"))
     assert r.exit_code == 2 and "gpus" in one_line(r.output)
+    # read afresh on every call, its files beside it whatever the working directory
+    from planner.studies.validation import validate_cost_model
+    faster = {**mine, "iteration_cases": [{**mine["iteration_cases"][0], "tokens_per_s_per_gpu": 2 * case[
+        "tokens_per_s_per_gpu"]}]}
+    (tmp_path / "runs.json").write_text(json.dumps(faster))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "my-cluster.json").write_text("not json")  # a same-named file in the working directory is not read
+    monkeypatch.chdir(other)
+    rep = validate_cost_model(None, "../runs.json")
+    assert rep.rows[0].published == pytest.approx(packaged["rows"][0]["published"] / 2)
+    (tmp_path / "nomodel.json").write_text(json.dumps({**mine, "iteration_cases": [{**case, "model": "x.json"}]}))
+    r = run("validate", "--set", str(tmp_path / "nomodel.json"))
+    assert r.exit_code == 2 and str(tmp_path / "x.json") in one_line(r.output)
 
 
 def test_validate_prices_the_own_set_example_of_the_docs(tmp_path):

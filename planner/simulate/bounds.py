@@ -29,8 +29,9 @@ def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
     rec = 2.0 if policy == "full" else 0.0
     per_token = (3.0 + rec / 2) * float(cm.gemm_layer_fwd_s(c))
     per_token += float(cm.memory_layer_s(c, recompute=policy != "none"))
-    if cm.tp > 1:  # a layer's exposed collectives, forward and backward (full recompute replays the forward's)
-        per_token += float(sum(cm.layer_tp_comm_s(c)))
+    if cm.tp > 1 or cm.experts.all_to_all:  # a layer's exposed collectives, forward and backward (full recompute
+        # replays the forward's), less what the EP overlap can hide at most
+        per_token += float(sum(cm.layer_tp_comm_s(c))) - 2.0 * float(cm.ep_overlap_max_hidden_s(c))
     attn = cm.doc_attn_s(s, "fwd") * (1 + rec / 2) + cm.doc_attn_s(s, "bwd")
     layer = per_token / c * s.sum() + float(attn.sum())
     return cm.model.layers * layer

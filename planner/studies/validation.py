@@ -210,15 +210,13 @@ class ValidationReport:
                             "stage": r.stage, "held_layers": r.held_layers, "parts": r.parts} for r in self.memory]}
 
 
-@cache
 def load_calibration_set(name: str = "korthikanti2022") -> CalibrationSet:
     """A packaged calibration set by name (CALIBRATION_SETS), or a set JSON file of the same schema by path: a
-    user's own measured runs (held out: nothing of the model was fitted to them). A path set's cluster and models
-    may be presets or files, relative paths read from the set file's folder."""
+    user's own measured runs (held out: nothing of the model was fitted to them), read afresh on every call. A path
+    set's cluster and models may be presets or files, relative paths read from the set file's folder."""
     if name in CALIBRATION_SETS:
-        text = resources.files("planner.studies").joinpath("data", f"{name}.json").read_text()
-        return Reader(f"calibration set {name}", SpecError).build(CalibrationSet, json.loads(text))
-    path = Path(name)
+        return _packaged_set(name)
+    path = Path(name).resolve()
     if path.suffix != ".json" and not path.exists():
         raise SpecError(f"unknown calibration set {name!r}; packaged: {', '.join(CALIBRATION_SETS)} (or a path to "
                         "a set JSON file of the same schema: docs/COSTMODEL.md \"Your own measurements\")")
@@ -231,10 +229,17 @@ def load_calibration_set(name: str = "korthikanti2022") -> CalibrationSet:
     return _beside(cal, path.parent)
 
 
+@cache
+def _packaged_set(name: str) -> CalibrationSet:
+    text = resources.files("planner.studies").joinpath("data", f"{name}.json").read_text()
+    return Reader(f"calibration set {name}", SpecError).build(CalibrationSet, json.loads(text))
+
+
 def _beside(cal: CalibrationSet, folder: Path) -> CalibrationSet:
-    """`cal` with its cluster and case models that name files relative to `folder` (the set file's) read there."""
+    """`cal` with its cluster and case models that are not presets read as files relative to `folder` (the set
+    file's); absolute paths stay as they are."""
     def local(ref: str, presets: list[str]) -> str:
-        return str(folder / ref) if ref not in presets and (folder / ref).exists() else ref
+        return ref if ref in presets else str(folder / ref)
 
     def case(c: LayerCase | IterationCase) -> LayerCase | IterationCase:
         return c if c.model in cal.models else dataclasses.replace(c, model=local(c.model, model_names()))
@@ -544,7 +549,7 @@ def parse_pipeline_layout(layout: str, p: int, v: int, layers: int, mtp_layers: 
     layer), m (an MTP depth), L (the loss); "(...)*n" and "t*n" repeat. The cost model prices the embedding on the
     first chunk, the MTP depths and the loss on the last (DeepSeek-V3's recipe: "Et|(tt|)*30mL"), so E, m and L
     are refused elsewhere; a string whose t count is not the model's, or whose stages are not p·v, is refused."""
-    text = layout.replace(" ", "")
+    text = layout.replace(" ", "").replace(",", "")  # Megatron-core allows commas "cosmetically"
     while (expanded := re.sub(r"\(([^()]*)\)\*(\d+)", lambda g: g[1] * int(g[2]), text)) != text:
         text = expanded
     text = re.sub(r"([EtmL])\*(\d+)", lambda g: g[1] * int(g[2]), text)

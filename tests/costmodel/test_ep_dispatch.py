@@ -158,3 +158,27 @@ def test_a_plan_records_and_reprices_its_dispatcher_and_overlap(tmp_path):
     assert cm.experts.dispatcher == "flex" and cm.setup.training.ep_comm_overlap
     r = CliRunner().invoke(app, [*args, "--moe-dispatcher", "deepep"])
     assert r.exit_code == 2 and "--moe-dispatcher must be alltoall or flex" in r.stderr
+
+
+def test_auto_recompute_keeps_to_what_the_overlap_allows():
+    from planner.api import PlanRequest, resolve_setup
+
+    req = dict(model="qwen3-30b-a3b", gpus=16, tp=8, ep=8, moe_grouped_gemm=True, max_context_tokens=512 * 1024)
+    assert resolve_setup(PlanRequest(**req)).training.recompute == "full"  # what auto needs without the overlap
+    setup = resolve_setup(PlanRequest(**req, ep_comm_overlap=True))
+    assert setup.training.recompute == "selective" and setup.training.ep_comm_overlap
+
+
+def test_the_overlap_holds_one_micro_batch_more_and_bounds_stay_bounds():
+    from costmodel.memory import layers_held
+    from planner.simulate.bounds import total_compute_s
+
+    base, over = _qwen(pp=1), _qwen(pp=1, ep_comm_overlap=True)
+    assert layers_held(over.setup) == 2 * layers_held(base.setup)  # pp = 1: a forward beside another's backward
+    assert over.capacity_tokens < base.capacity_tokens
+    assert layers_held(_qwen(pp=2, ep_comm_overlap=True).setup) == 3 * _qwen(pp=2).setup.layers_per_stage
+    docs = np.full(max(1, over.capacity_tokens // 1024), 1024)
+    unit = over.unit_cost(docs)
+    assert total_compute_s(docs, over) <= unit.fwd_s + unit.bwd_s
+    assert float(over.ep_overlap_max_hidden_s(4096.0)) == pytest.approx(float(over._lookup("moe_comm", 4096.0)))
+    assert float(base.ep_overlap_max_hidden_s(4096.0)) == 0.0

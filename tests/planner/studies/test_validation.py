@@ -179,6 +179,7 @@ def test_pipeline_layout_strings_as_megatron_core_writes_them():
     layers = parse("Et|(tt|)*30mL", 8, 4, 61, 1)
     assert layers[0] == [1, 2, 2, 2] and layers[7] == [2, 2, 2, 0] and sum(map(sum, layers)) == 61
     assert parse("E|t*3|t*3|tL", 2, 2, 7) == [[0, 3], [3, 1]]  # stage k % p's chunk k // p
+    assert parse("E|(tt|)*2,(t|)*4,mL", 8, 1, 8, 1) == parse("E|tt|tt|t|t|t|t|mL", 8, 1, 8, 1)  # commas: cosmetic
     for bad, match in (("Et|(tt|)*29mL", "31 virtual stages"), ("Et|(tt|)*30L", "0 MTP layers"),
                        ("Etm|(tt|)*30L", "MTP layer \\(m\\) on the pipeline's last"),
                        ("t|(tt|)*29Ett|mL", "embedding \\(E\\) on the pipeline's first"),
