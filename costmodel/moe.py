@@ -117,29 +117,31 @@ def expert_gather_bytes(tokens: np.ndarray | float, model: ModelSpec, layout: Ex
 
 def remote_domains_per_token(model: ModelSpec, domains: int) -> float:
     """Expected NVLink domains other than its own that a token's top_k experts lie in, its experts spread evenly
-    over `domains` domains (contiguous blocks, as EP ranks are) and chosen uniformly (Megatron's benchmarks force
-    balanced routing), within groups_per_token of expert_groups groups under node-limited routing. By symmetry
-    (D − 1)·P(a given domain is hit). Groups aligned with domains (whole groups per domain, or whole domains per
-    group) are counted exactly; a misaligned split as if ungrouped (the most domains a token can reach)."""
+    over `domains` domains (contiguous blocks, as EP ranks hold them) and chosen uniformly (Megatron's benchmarks
+    force balanced routing): under node-limited routing groups_per_token t of the expert_groups g (contiguous
+    blocks of E/g experts) first, then k experts among theirs. A domain d holding n_j experts of group j is missed
+    with probability E_S[C(tE/g − Σ_{j∈S} n_j, k) / C(tE/g, k)] over the t-subsets S of groups (their sums counted
+    by a small dynamic programme); the token's own domain is any of D alike, so the mean is (1 − 1/D)·Σ_d P(d hit).
+    Exact for any split of groups over domains (g = t = 1: no limit)."""
     e, k, d = model.experts, model.top_k, domains
     if d <= 1:
         return 0.0
     g, t = model.expert_groups, model.groups_per_token
-    local = e / d  # experts per domain
-
-    def none_of(pool: float, out: float) -> float:
-        """P(no expert of `out` among k drawn from `pool` without replacement)."""
-        return comb(round(pool - out), k) / comb(round(pool), k)
-
-    if g > 1 and g % d == 0:  # each domain g/d whole groups: c of them chosen, then k experts in the t·e/g chosen
-        per = g // d
-        miss = sum(comb(per, c) * comb(g - per, t - c) / comb(g, t) * none_of(t * e / g, c * e / g)
-                   for c in range(min(per, t) + 1))
-    elif g > 1 and d % g == 0:  # each group over d/g domains: a domain is hit only if its group is chosen
-        miss = (1 - t / g) + t / g * none_of(t * e / g, local)
-    else:
-        miss = none_of(e, local)
-    return (d - 1) * (1.0 - miss)
+    pool = t * e // g  # experts a token chooses among once its groups are drawn
+    hit = 0.0
+    for dom in range(d):
+        lo, hi = dom * e // d, (dom + 1) * e // d  # the domain's experts [lo, hi)
+        # ways[size][m]: subsets of `size` groups holding m of the domain's experts
+        ways = [[0] * (hi - lo + 1) for _ in range(t + 1)]
+        ways[0][0] = 1
+        for j in range(g):
+            n = max(0, min(hi, (j + 1) * e // g) - max(lo, j * e // g))
+            for size in range(min(j + 1, t), 0, -1):
+                for m in range(hi - lo, n - 1, -1):
+                    ways[size][m] += ways[size - 1][m - n]
+        miss = sum(w * comb(pool - m, k) for m, w in enumerate(ways[t])) / (comb(g, t) * comb(pool, k))
+        hit += 1.0 - miss
+    return (1.0 - 1.0 / d) * hit
 
 
 def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpec, layout: ExpertLayout,

@@ -39,7 +39,8 @@ def _brute_remote(experts: int, top_k: int, groups: int, per_token: int, domains
 
 
 @pytest.mark.parametrize("experts,top_k,groups,per_token,domains", [
-    (8, 2, 1, 1, 2), (8, 3, 1, 1, 4), (16, 4, 4, 2, 2), (16, 4, 4, 2, 4), (16, 3, 2, 1, 4), (12, 2, 1, 1, 3)])
+    (8, 2, 1, 1, 2), (8, 3, 1, 1, 4), (16, 4, 4, 2, 2), (16, 4, 4, 2, 4), (16, 3, 2, 1, 4), (12, 2, 1, 1, 3),
+    (24, 4, 6, 2, 4), (12, 3, 3, 2, 4), (24, 2, 4, 3, 6)])  # the last three: groups straddling domains
 def test_remote_domains_per_token_is_the_exact_mean(experts, top_k, groups, per_token, domains):
     model = _toy(experts, top_k, groups, per_token)
     want = _brute_remote(experts, top_k, groups, per_token, domains)
