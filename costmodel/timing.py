@@ -661,7 +661,7 @@ class CostModel:
         if self.tp > 1 or self.experts.all_to_all:  # tp = 1: an expert group over TP groups, its all-to-alls
             tp_f, tp_b = self.layer_tp_comm_s(tokens)
             if self.setup.training.ep_comm_overlap and self.experts.all_to_all:
-                hidden = self._ep_overlap_hidden_s(tokens, fwd_layer, bwd_layer)
+                hidden = self.ep_overlap_hidden_s(tokens, fwd_layer, bwd_layer)
                 tp_f, tp_b = tp_f - hidden, tp_b - hidden
             tp_f, tp_b = l * tp_f, l * tp_b
         if self.tp > 1:
@@ -710,7 +710,8 @@ class CostModel:
             return np.zeros_like(np.asarray(tokens, dtype=float))
         return self.stage_model.moe_fraction * self._lookup("moe_comm", tokens)
 
-    def _ep_overlap_hidden_s(self, tokens: np.ndarray, fwd_layer: np.ndarray, bwd_layer: np.ndarray) -> np.ndarray:
+    def ep_overlap_hidden_s(self, tokens: np.ndarray | float, fwd_layer: np.ndarray | float,
+                            bwd_layer: np.ndarray | float) -> np.ndarray:
         """What Megatron-core's EP all-to-all overlap hides of one layer's dispatch and combine, per direction (the
         layer's share of MoE layers weighted in). Its combined 1F1B runs one micro-batch's forward of a layer beside
         another's backward of one, on a compute and a comm stream, in four steps (fine_grained_callables, 0.14+,

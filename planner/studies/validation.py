@@ -352,25 +352,36 @@ def pipeline_time_s(p: int, m: int, v: int, unit: UnitCost, p2p_s: float,
 
 
 def pipeline_runs(p: int, m: int, v: int, unit: UnitCost, p2p_s: float, layers: list[list[int]] | None = None,
-                  model: ModelSpec | None = None) -> tuple[float, list[tuple[float, float]], list[float]]:
+                  model: ModelSpec | None = None,
+                  unpaired_s: float = 0.0) -> tuple[float, list[tuple[float, float]], list[float]]:
     """pipeline_time_s; (start, end) of each model chunk's last backward on the stage that ends the iteration,
     relative to that end (what an overlapped gradient reduction can hide under); and each of those chunks' share
     of its stage's gradients: its parameters over the stage's (`model`'s layers, the embedding on the first chunk,
-    the head on the last; without `model`, its layers over the stage's)."""
+    the head on the last; without `model`, its layers over the stage's). `unpaired_s`: what a layer's pass loses
+    where the EP overlap finds it no partner, the forwards before a stage's first backward and the backwards after
+    its last forward (`unit` prices every pass paired)."""
     counts = layers or [[1] * v for _ in range(p)]
     if len(counts) != p or any(len(chunks) != v for chunks in counts):
         raise ValueError(f"layers: {len(counts)} stages of {[len(c) for c in counts]} chunks, not {p} of {v}")
     per = v * max(max(chunks) for chunks in counts)  # the layers `unit` prices
     body_f, body_b = (unit.fwd_s - unit.head_fwd_s) / per, (unit.bwd_s - unit.head_bwd_s) / per
     lists = {s: [((s, op), op) for op in stage_ops(p, s, [1] * m, v)] for s in range(p)}
+    unpaired: set[tuple[int, PipeOp]] = set()
+    if unpaired_s:
+        for ops in lists.values():
+            kinds = [op.kind for _, op in ops]
+            first_b, last_f = kinds.index("B"), len(kinds) - 1 - kinds[::-1].index("F")
+            unpaired |= {key for i, (key, op) in enumerate(ops)
+                         if (op.kind == "F" and i < first_b) or (op.kind == "B" and i > last_f)}
 
     def duration(key: tuple[int, PipeOp]) -> float:
         stage, op = key
         n = counts[stage][op.chunk]
         head = stage == p - 1 and op.chunk == v - 1
+        alone = unpaired_s * n if key in unpaired else 0.0
         if op.kind == "F":
-            return body_f * n + (unit.head_fwd_s if head else 0.0)
-        return body_b * n + (unit.head_bwd_s if head else 0.0)
+            return body_f * n + (unit.head_fwd_s if head else 0.0) + alone
+        return body_b * n + (unit.head_bwd_s if head else 0.0) + alone
 
     def dep(key: tuple[int, PipeOp]) -> tuple[int, PipeOp] | None:
         return dependency(key[1], key[0], p, v, 0)
@@ -453,7 +464,13 @@ def iteration_row(cal: CalibrationSet, case: IterationCase, profile: Profile) ->
                      f"all-gathers and reduce-scatters in them ({round_s - unit.total_s:.3g} s exposed a round)")
     else:
         p2p = cm.pp_p2p_s(unit.tokens_per_rank) if case.pp > 1 else 0.0
-        pipeline_s, last_backwards, shares = pipeline_runs(case.pp, m, case.chunks, unit, p2p, layers, run.model)
+        unpaired = 0.0
+        if cm.setup.training.ep_comm_overlap:  # what the overlap hid of a layer's pass, which a lone pass exposes
+            n = cm.layers_per_stage
+            unpaired = float(cm.ep_overlap_hidden_s(float(unit.tokens_per_rank), unit.fwd_compute_s / n,
+                                                    unit.bwd_compute_s / n))
+        pipeline_s, last_backwards, shares = pipeline_runs(case.pp, m, case.chunks, unit, p2p, layers, run.model,
+                                                           unpaired)
         sync_s = cm.exposed_chunked_grad_sync_s(hdp, last_backwards, shares)
         schedule = f"interleaved, {case.chunks} chunks" if case.chunks > 1 else "1F1B"
         runs = f"{m} micro-batches, {schedule} on the event engine"

@@ -118,7 +118,7 @@ def test_ep_overlap_where_the_all_to_alls_dwarf_compute_takes_four_of_them():
     slow = cm._lookup("moe_comm", tokens) * 1e3  # an all-to-all far longer than any step's compute
     fwd = bwd = np.array([1e-4])
     cm._log_curves["moe_comm"] = (cm._log_curves["moe_comm"][0], cm._log_curves["moe_comm"][1] + np.log(1e3))
-    hidden = cm._ep_overlap_hidden_s(tokens, fwd, bwd)
+    hidden = cm.ep_overlap_hidden_s(tokens, fwd, bwd)
     a = slow / 2
     # four all-to-alls in a row, the compute under them: what is hidden each way is half of that compute's worth
     # (compute slowed by the SMs the transfers hold never outlasts them)

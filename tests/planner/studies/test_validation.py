@@ -188,6 +188,26 @@ def test_pipeline_layout_strings_as_megatron_core_writes_them():
             parse(bad, 8, 4, 61, 1)
 
 
+def test_lone_passes_expose_what_the_ep_overlap_hid():
+    # one stage: the first forward runs alone and so does the last backward (Megatron-core's combined 1F1B)
+    unit = UnitCost(fwd_compute_s=2.0, bwd_compute_s=4.0, ring_comm_s=0, ring_exposed_fwd_s=0, ring_exposed_bwd_s=0,
+                    tp_comm_fwd_s=0, tp_comm_bwd_s=0, offload_exposed_fwd_s=0, offload_exposed_bwd_s=0, head_fwd_s=0,
+                    head_bwd_s=0, tokens_per_rank=1)
+    base = validation.pipeline_runs(1, 4, 1, unit, 0.0, [[2]])[0]
+    assert validation.pipeline_runs(1, 4, 1, unit, 0.0, [[2]], unpaired_s=0.25)[0] == pytest.approx(base + 2 * 2 * 0.25)
+    # interleaved, 4 stages: each stage's warm-up forwards and cool-down backwards, 2 layers a chunk
+    p, m, v = 4, 8, 2
+    ops = {s: validation.stage_ops(p, s, [1] * m, v) for s in range(p)}
+    lone = []
+    for s in range(p):
+        kinds = [op.kind for op in ops[s]]
+        first_b, last_f = kinds.index("B"), len(kinds) - 1 - kinds[::-1].index("F")
+        lone.append(sum(1 for i, k in enumerate(kinds) if (k == "F" and i < first_b) or (k == "B" and i > last_f)))
+    assert lone[0] == 2 * ((v - 1) * p + 2 * (p - 1)) + 2  # Megatron's interleaved warm-up, + its first F and last B
+    more = validation.pipeline_runs(p, m, v, unit, 0.0, [[2, 2]] * p, unpaired_s=1e-3)[0]
+    assert base < more and validation.pipeline_runs(p, m, v, unit, 0.0, [[2, 2]] * p)[0] < more
+
+
 def test_deepseek_v3_runs_its_layout_dispatcher_and_overlap():
     cal = load_calibration_set("megatron_bridge_moe2025")
     case = next(c for c in cal.iteration_cases if c.model == "deepseek-v3")
