@@ -454,6 +454,41 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.1f}"
 
 
+# Training flags shared by `plan` and the what-if commands (planner.studies.TrainingFlags): one definition each.
+_OPT_MOE_CAPACITY_FACTOR = typer.Option(1.0, "--moe-capacity-factor", min=1.0,
+                                        help="MoE routing imbalance: the busiest expert's tokens over the "
+                                        "mean (1: balanced).")
+_OPT_MOE_GROUPED_GEMM = typer.Option(False, help="MoE: a rank's local experts in one grouped GEMM (default: "
+                                     "one GEMM per expert, Megatron's SequentialMLP).")
+_OPT_MOE_DISPATCHER = typer.Option("alltoall", "--moe-dispatcher", help="MoE with --ep: how tokens travel, "
+                                   f"{one_of(MOE_DISPATCHERS)} (Megatron-core's: NCCL all-to-alls, or DeepEP, "
+                                   "which crosses the network once per node a token goes to; a plan's EP "
+                                   "lies in its TP group, inside one node, where the two price alike).")
+_OPT_EP_COMM_OVERLAP = typer.Option(False, "--ep-comm-overlap", help="MoE with --ep: Megatron-core's "
+                                    "overlap_moe_expert_parallel_comm, each dispatch and combine under "
+                                    "another micro-batch's compute.")
+_OPT_DTYPE = typer.Option("bf16", help=f"Training precision, {one_of(TRAIN_DTYPES)}; fp8: the layers' GEMMs "
+                          "in fp8 (Transformer Engine), attention and storage bf16.")
+_OPT_FP8_RECIPE = typer.Option(None, "--fp8-recipe", help=f"--dtype fp8's scaling, "
+                               f"{one_of(FP8_RECIPES)} (Megatron's --fp8-recipe; default: "
+                               "Transformer Engine's for the GPU, mxfp8 on Blackwell, else "
+                               "delayed).")
+_OPT_TP_COMM_OVERLAP = typer.Option(False, "--tp-comm-overlap", help="Megatron-core's TP communication "
+                                    "overlap (Transformer Engine userbuffers; needs SP): each TP "
+                                    "collective runs under its GEMM.")
+_OPT_OVERLAP_GRAD_REDUCE = typer.Option(False, "--overlap-grad-reduce", help="Megatron-core DDP: the "
+                                        "gradient reduction runs in buckets under the last backward.")
+_OPT_OVERLAP_PARAM_GATHER = typer.Option(False, "--overlap-param-gather", help="Megatron-core DDP: the "
+                                         "distributed optimizer's all-gather runs under the next "
+                                         "forward.")
+_OPT_FP8_PARAM_GATHER = typer.Option(False, "--fp8-param-gather", help="Megatron-LM's fp8 weights (--dtype "
+                                     "fp8, --zero 1 or 2): no bf16 copy of the fp8 GEMMs' weights, "
+                                     "gathered in fp8.")
+_OPT_MTP_LAYERS = typer.Option(0, "--mtp-layers", min=0, help="Megatron-core's --mtp-num-layers: "
+                               "multi-token-prediction depths (DeepSeek-V3 trains 1) on the last pipeline "
+                               "stage, each one more layer and LM head.")
+
+
 @app.command("plan")
 def plan_cmd(
         model: str = typer.Option("llama-7b", help="Model preset or config.json path."),
@@ -462,18 +497,10 @@ def plan_cmd(
         tp: int = typer.Option(1, help="Tensor-parallel degree."),
         ep: int = typer.Option(1, "--ep", min=1, help="MoE expert-parallel degree, folded into the TP group "
                                "(divides --tp and the experts): all-to-all dispatch instead of the MLP's TP pair."),
-        moe_capacity_factor: float = typer.Option(1.0, "--moe-capacity-factor", min=1.0,
-                                                  help="MoE routing imbalance: the busiest expert's tokens over the "
-                                                  "mean (1: balanced)."),
-        moe_grouped_gemm: bool = typer.Option(False, help="MoE: a rank's local experts in one grouped GEMM (default: "
-                                              "one GEMM per expert, Megatron's SequentialMLP)."),
-        moe_dispatcher: str = typer.Option("alltoall", "--moe-dispatcher", help="MoE with --ep: how tokens travel, "
-                                           f"{one_of(MOE_DISPATCHERS)} (Megatron-core's: NCCL all-to-alls, or DeepEP, "
-                                           "which crosses the network once per node a token goes to; a plan's EP "
-                                           "lies in its TP group, inside one node, where the two price alike)."),
-        ep_comm_overlap: bool = typer.Option(False, "--ep-comm-overlap", help="MoE with --ep: Megatron-core's "
-                                             "overlap_moe_expert_parallel_comm, each dispatch and combine under "
-                                             "another micro-batch's compute."),
+        moe_capacity_factor: float = _OPT_MOE_CAPACITY_FACTOR,
+        moe_grouped_gemm: bool = _OPT_MOE_GROUPED_GEMM,
+        moe_dispatcher: str = _OPT_MOE_DISPATCHER,
+        ep_comm_overlap: bool = _OPT_EP_COMM_OVERLAP,
         pp: int = typer.Option(1, help="Pipeline stages."),
         pp_schedule: str = typer.Option(_HDP.pp_schedule, help=f"PP (hdp): {one_of(PP_SCHEDULES)} (1F1B; "
                                         "SlimPipe slices; slices plus mirror pairing where it pays)."),
@@ -490,26 +517,13 @@ def plan_cmd(
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=RECOMPUTE_HELP),
         recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help=RECOMPUTE_MODULES_HELP),
         capacity: Optional[str] = typer.Option(None, help="Override the per-rank token capacity C."),
-        dtype: str = typer.Option("bf16", help=f"Training precision, {one_of(TRAIN_DTYPES)}; fp8: the layers' GEMMs "
-                                  "in fp8 (Transformer Engine), attention and storage bf16."),
-        fp8_recipe: Optional[str] = typer.Option(None, "--fp8-recipe", help=f"--dtype fp8's scaling, "
-                                                 f"{one_of(FP8_RECIPES)} (Megatron's --fp8-recipe; default: "
-                                                 "Transformer Engine's for the GPU, mxfp8 on Blackwell, else "
-                                                 "delayed)."),
-        tp_comm_overlap: bool = typer.Option(False, "--tp-comm-overlap", help="Megatron-core's TP communication "
-                                             "overlap (Transformer Engine userbuffers; needs SP): each TP "
-                                             "collective runs under its GEMM."),
-        overlap_grad_reduce: bool = typer.Option(False, "--overlap-grad-reduce", help="Megatron-core DDP: the "
-                                                 "gradient reduction runs in buckets under the last backward."),
-        overlap_param_gather: bool = typer.Option(False, "--overlap-param-gather", help="Megatron-core DDP: the "
-                                                  "distributed optimizer's all-gather runs under the next "
-                                                  "forward."),
-        fp8_param_gather: bool = typer.Option(False, "--fp8-param-gather", help="Megatron-LM's fp8 weights (--dtype "
-                                              "fp8, --zero 1 or 2): no bf16 copy of the fp8 GEMMs' weights, "
-                                              "gathered in fp8."),
-        mtp_layers: int = typer.Option(0, "--mtp-layers", min=0, help="Megatron-core's --mtp-num-layers: "
-                                       "multi-token-prediction depths (DeepSeek-V3 trains 1) on the last pipeline "
-                                       "stage, each one more layer and LM head."),
+        dtype: str = _OPT_DTYPE,
+        fp8_recipe: Optional[str] = _OPT_FP8_RECIPE,
+        tp_comm_overlap: bool = _OPT_TP_COMM_OVERLAP,
+        overlap_grad_reduce: bool = _OPT_OVERLAP_GRAD_REDUCE,
+        overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
+        fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
+        mtp_layers: int = _OPT_MTP_LAYERS,
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help=f"Attention kernel the training "
                                              f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
                                              "fa2, fa3 and cudnn-2024 their published H100 rates over it (analytic "
@@ -923,7 +937,7 @@ def profile_cmd(
 
 # -- whatif / report: capacity studies, plots and reports (planner/studies, planner/report) ------
 from planner.studies import (CALIBRATION_SETS, FACETS, STATIC_MESHES, LayoutRules as _LayoutRules,  # noqa: E402
-                            SweepSpec as _SweepSpec, facet_errors,
+                            SweepSpec as _SweepSpec, TrainingFlags, facet_errors,
                             Target as _Target,
                             capacity_search as _capacity_search, default_capacity_table as _default_capacity_table,
                             journal_path as _journal_path, json_row as _json_row, read_table as _read_table,
@@ -986,6 +1000,21 @@ GRAD_ACCUMULATION_HELP = (f"How every point's micro-batches accumulate weight gr
                           " (see `meshplan plan --help`); fused is Megatron-core's.")
 
 
+def _training_flags(dtype: str, fp8_recipe: Optional[str], moe_capacity_factor: float, moe_grouped_gemm: bool,
+                    moe_dispatcher: str, ep_comm_overlap: bool, tp_comm_overlap: bool, overlap_grad_reduce: bool,
+                    overlap_param_gather: bool, fp8_param_gather: bool, mtp_layers: int) -> TrainingFlags:
+    """The what-if commands' training flags, each choice checked as `plan` checks it."""
+    check_choice("--dtype", dtype, TRAIN_DTYPES)
+    if fp8_recipe is not None:
+        check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
+    check_choice("--moe-dispatcher", moe_dispatcher, MOE_DISPATCHERS)
+    return TrainingFlags(dtype=dtype, fp8_recipe=fp8_recipe, moe_capacity_factor=moe_capacity_factor,
+                         moe_grouped_gemm=moe_grouped_gemm, moe_dispatcher=moe_dispatcher,
+                         ep_comm_overlap=ep_comm_overlap, tp_comm_overlap=tp_comm_overlap,
+                         overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
+                         fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers)
+
+
 @whatif_app.callback()
 def whatif_sweep(
         ctx: typer.Context,
@@ -1011,6 +1040,17 @@ def whatif_sweep(
                                              "profiles), e.g. flash,fa2 to see what FlashAttention-2 costs."),
         loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
         grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
+        dtype: str = _OPT_DTYPE,
+        fp8_recipe: Optional[str] = _OPT_FP8_RECIPE,
+        moe_capacity_factor: float = _OPT_MOE_CAPACITY_FACTOR,
+        moe_grouped_gemm: bool = _OPT_MOE_GROUPED_GEMM,
+        moe_dispatcher: str = _OPT_MOE_DISPATCHER,
+        ep_comm_overlap: bool = _OPT_EP_COMM_OVERLAP,
+        tp_comm_overlap: bool = _OPT_TP_COMM_OVERLAP,
+        overlap_grad_reduce: bool = _OPT_OVERLAP_GRAD_REDUCE,
+        overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
+        fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
+        mtp_layers: int = _OPT_MTP_LAYERS,
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         static_mesh: str = typer.Option("context", help="Static CP sized for the max context (what a static job "
                                         "must do) or per batch's longest sequence ('batch')."),
@@ -1035,6 +1075,8 @@ def whatif_sweep(
         check_choice("--attention-kernel", k, ATTENTION_KERNELS)
     check_choice("--loss", loss, LOSS_KERNELS)
     check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
+    flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
+                            tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers)
     spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
                       gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), ep=ep,
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
@@ -1042,7 +1084,7 @@ def whatif_sweep(
                       tokens_per_step=_count(tokens_per_step, "--tokens-per-step"), seed=seed, recompute=recompute,
                       offload=offload, static_mesh=static_mesh, zero_stages=tuple(map(int, zeros)),
                       attention_kernels=tuple(kernels), loss=loss, grad_accumulation=grad_accumulation,
-                      recompute_modules=modules)
+                      recompute_modules=modules, flags=flags)
     points = spec.points()
     try:
         with _progress_bar(len(points), enabled=not as_json) as on_point:
@@ -1065,7 +1107,7 @@ def whatif_sweep(
               "speedup", "peak GB"):
         t.add_column(c, justify="left" if c in ("model", "lengths", "strategy") else "right")
     for r in df.head(200).itertuples(index=False):
-        variant = variant_label(r.zero_stage, r.attention_kernel)
+        variant = variant_label(r.zero_stage, r.attention_kernel, r.training)
         strategy = r.strategy + (f" ({variant})" if variant else "")
         if not r.feasible:
             t.add_row(r.model, str(r.gpus), f"{r.tp}/{r.pp}", format_tokens(int(r.context_tokens)), r.lengths,
@@ -1106,6 +1148,17 @@ def whatif_capacity(
                                              "fa2, fa3, cudnn-2024 a published kernel's rate over it."),
         loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
         grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
+        dtype: str = _OPT_DTYPE,
+        fp8_recipe: Optional[str] = _OPT_FP8_RECIPE,
+        moe_capacity_factor: float = _OPT_MOE_CAPACITY_FACTOR,
+        moe_grouped_gemm: bool = _OPT_MOE_GROUPED_GEMM,
+        moe_dispatcher: str = _OPT_MOE_DISPATCHER,
+        ep_comm_overlap: bool = _OPT_EP_COMM_OVERLAP,
+        tp_comm_overlap: bool = _OPT_TP_COMM_OVERLAP,
+        overlap_grad_reduce: bool = _OPT_OVERLAP_GRAD_REDUCE,
+        overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
+        fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
+        mtp_layers: int = _OPT_MTP_LAYERS,
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=f"Every layout's recompute: {RECOMPUTE_HELP}"),
         recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help=RECOMPUTE_MODULES_HELP),
         min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
@@ -1140,6 +1193,8 @@ def whatif_capacity(
     check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
     check_recompute(recompute)
     modules = ",".join(recompute_modules_arg(recompute_modules) or ())
+    flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
+                            tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers)
     if metric == "tokens_per_s":
         value = float(_count(value, "--target-tokens-per-s"))
     if metric == "mfu" and value > 1:
@@ -1157,7 +1212,7 @@ def whatif_capacity(
                                                                                           "--tokens-per-step"),
                                    steps=steps, seed=seed, recompute=recompute, attention_kernel=attention_kernel,
                                    loss=loss, grad_accumulation=grad_accumulation, recompute_modules=modules,
-                                   runners_up=runners_up, workers=workers,
+                                   flags=flags, runners_up=runners_up, workers=workers,
                                    best_layout=best_layout,
                                    journal=journal, on_progress=on_progress)
     except KeyboardInterrupt:
@@ -1175,7 +1230,7 @@ def whatif_capacity(
         sys.stdout.write(json.dumps({"target": {"metric": target.metric, "value": target.value},
                                      "strategy": strategy, "attention_kernel": attention_kernel, "loss": loss,
                                      "grad_accumulation": grad_accumulation, "recompute": recompute,
-                                     "recompute_modules": modules,
+                                     "recompute_modules": modules, "training": flags.changed(),
                                      "answer": pick(res.answer) if res.answer else None,
                                      "minimal": res.answer is not None, "best_layout": best_layout,
                                      "runners_up": [pick(r) for r in res.runners_up], "tried": len(res.table),
@@ -1188,7 +1243,7 @@ def whatif_capacity(
         f", {loss} loss" if loss != "online" else "") + (
         f", {grad_accumulation} gradient accumulation" if grad_accumulation != "fused" else "") + (
         f", recompute {recompute}" if recompute != AUTO_RECOMPUTE else "") + (
-        f", recompute modules {modules}" if modules else "")
+        f", recompute modules {modules}" if modules else "") + (f", {flags.label}" if flags.label else "")
     head = f"{model}, {format_tokens(context_tokens)} context, {lengths}, {strategy}{kernel}: {target.describe()}"
     done = (f"{len(res.table)} layouts decided: {', '.join(f'{n} {k}' for k, n in statuses.items())}; "
             f"{res.planned} planned, {res.reused} from the journal {journal}")

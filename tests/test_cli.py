@@ -545,3 +545,36 @@ def test_plan_takes_megatron_overlap_and_fp8_recipe_flags(tmp_path):
     bf16 = run("plan", "--fp8-recipe", "tensorwise", "--out", str(tmp_path / "y.json"))
     assert bf16.exit_code == 2 and "applies to dtype fp8 only" in one_line(bf16.output)
     assert not any((tmp_path / f).exists() for f in ("x.json", "y.json", "z.json"))
+
+
+def test_whatif_sweeps_and_searches_with_training_flags(tmp_path):
+    """The what-if commands take plan's training flags (one definition each): an MoE sweep in fp8 over DeepEP with the
+    EP overlap prices them (its row and key say so, the report's labels too), capacity reports them; a flag no layout
+    trains with fails in one line before planning."""
+    out, small = tmp_path / "s.csv", ["--model", "qwen3-30b-a3b", "--gpus", "64", "--tp", "8", "--ep", "8",
+                                      "--context", "32K", "--steps", "1", "--tokens-per-step", "1M"]
+    r = run("whatif", *small, "--strategies", "hdp", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    base = json.loads(r.stdout)["rows"][0]
+    r = run("whatif", *small, "--strategies", "hdp", "--dtype", "fp8", "--moe-grouped-gemm", "--ep-comm-overlap",
+            "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)["rows"][-1]
+    assert row["training"] == "dtype fp8, moe_grouped_gemm, ep_comm_overlap" and row["ep"] == 8
+    assert row["key"].endswith("|ep8|dtype-fp8|moe_grouped_gemm-True|ep_comm_overlap-True|hdp")
+    assert row["step_time_s"] < base["step_time_s"]
+    r = run("report", str(out), "--out", str(tmp_path / "rep"), "--no-example")
+    assert r.exit_code == 0 and "hdp (dtype fp8, moe_grouped_gemm, ep_comm_overlap)" in (
+        tmp_path / "rep" / "report.md").read_text()
+    r = run("whatif", "capacity", "--model", "llama-7b", "--context", "32K", "--steps", "1", "--tokens-per-step",
+            "1M", "--target-tokens-per-s", "1000", "--max-gpus", "8", "--tp", "1", "--pp", "1", "--dtype", "fp8",
+            "--fp8-recipe", "tensorwise", "--table", str(tmp_path / "cap.csv"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["training"] == {"dtype": "fp8", "fp8_recipe": "tensorwise"}
+    assert "dtype-fp8|fp8_recipe-tensorwise" in (tmp_path / "cap.csv").read_text()
+    r = run("whatif", *small[:2], "--gpus", "8", "--context", "32K", "--ep-comm-overlap", "--out",
+            str(tmp_path / "b.csv"))
+    assert r.exit_code == 2 and "no layout of the study trains with ep_comm_overlap" in one_line(r.output)
+    r = run("whatif", "--dtype", "fp9", "--out", str(tmp_path / "b.csv"))
+    assert r.exit_code == 2 and r.stderr == "error: --dtype must be bf16, fp16, fp32 or fp8, got 'fp9'\n"
+    assert not (tmp_path / "b.csv").exists() and not (tmp_path / "b.journal.jsonl").exists()

@@ -14,7 +14,7 @@ import pandas as pd
 from planner.api import make_plan
 from planner.report.figures import GB, plot_plan, plot_speedup_heatmap, plot_throughput_vs_context
 from planner.studies.journal import MFU_CONVENTION, variant_label
-from planner.studies.sweep import Config, batches_of, cost_model_of, options_for
+from planner.studies.sweep import Config, TrainingFlags, batches_of, cost_model_of, options_for
 from planner.workload import format_tokens
 from profiles.table import atomic_write_text
 
@@ -84,7 +84,8 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
         "model": df["model"], "GPUs": df["gpus"].astype(int), "tp": df["tp"].astype(int), "pp": df["pp"].astype(int),
         "context": [format_tokens(int(c)) for c in df["context_tokens"]], "lengths": df["lengths"],
         "strategy": [s + (f" ({v})" if v else "") for s, v in
-                     zip(df["strategy"], map(variant_label, df["zero_stage"], df["attention_kernel"]))],
+                     zip(df["strategy"], map(variant_label, df["zero_stage"], df["attention_kernel"],
+                                                 df["training"]))],
         "tokens/s": [f"{v:,.0f}" if np.isfinite(v) else "-" for v in df["tokens_per_s"].astype(float)],
         "MFU": [f"{v:.1%}" if np.isfinite(v) else "-" for v in df["mfu"].astype(float)],
         "step (s)": [f"{v:.2f}" if np.isfinite(v) else "-" for v in df["step_time_s"].astype(float)],
@@ -126,7 +127,7 @@ def write_sweep_report(df: pd.DataFrame, out_dir: Path, *, title: str = "meshpla
     if len(ok):
         doc.heading("Best strategy per case")
         best = ok.loc[ok.groupby(["model", "cluster", "gpus", "tp", "pp", "context_tokens", "lengths",
-                                  "attention_kernel"], sort=False)["tokens_per_s"].idxmax()]
+                                  "attention_kernel", "training"], sort=False)["tokens_per_s"].idxmax()]
         doc.table(_display(best))
     bad = df[~df["feasible"] | (df["fits_hbm"].astype(object) == False)]  # noqa: E712  (NA is neither)
     if len(bad):
@@ -152,8 +153,10 @@ def _example_plans(doc: Document, ok: pd.DataFrame, fig_dir: Path) -> None:
     r = cand.loc[cand["speedup_vs_static"].astype(float).idxmax()]
     cfg = Config(str(r["model"]), str(r["cluster"]), int(r["gpus"]), int(r["tp"]), int(r["pp"]),
                  int(r["context_tokens"]), str(r["lengths"]), int(r["tokens_per_step"]), 1, int(r["seed"]),
-                 str(r["recompute"]), bool(r["offload"]), str(r["static_mesh"]), zero_stage=int(r["zero_stage"]),
-                 attention_kernel=str(r["attention_kernel"]))
+                 str(r["recompute"]), bool(r["offload"]), str(r["static_mesh"]), ep=int(r["ep"]),
+                 zero_stage=int(r["zero_stage"]), attention_kernel=str(r["attention_kernel"]), loss=str(r["loss"]),
+                 grad_accumulation=str(r["grad_accumulation"]), recompute_modules=str(r["recompute_modules"] or ""),
+                 flags=TrainingFlags.parse(r["training"]))
     doc.heading(f"Example step: {cfg.model}, {cfg.gpus} GPUs, {format_tokens(cfg.context_tokens)}, {cfg.lengths}")
     doc.para("The point with the largest speedup, re-planned for one step; each unit is a box on the ranks that "
              "run it, coloured by how many ranks share it.")

@@ -57,7 +57,7 @@ def _feasible(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _layout(r) -> str:
-    variant = variant_label(r["zero_stage"], r["attention_kernel"])
+    variant = variant_label(r["zero_stage"], r["attention_kernel"], r["training"])
     layout = f"{r['cluster']} {int(r['gpus'])} GPUs tp{int(r['tp'])} pp{int(r['pp'])}"
     return f"{layout}, {variant}" if variant else layout
 
@@ -106,7 +106,7 @@ def plot_speedup_heatmap(df: pd.DataFrame, stem: Path, strategy: str = "hdp") ->
     pp, lengths); n/a cells are infeasible or missing points, † marks plans over the HBM."""
     sub = df[df["strategy"] == strategy].copy()
     sub["over"] = sub["fits_hbm"].astype(object).map(lambda v: v is False or v is np.False_)
-    keys = ["model", "cluster", "tp", "pp", "lengths", "zero_stage", "attention_kernel"]
+    keys = ["model", "cluster", "tp", "pp", "lengths", "zero_stage", "attention_kernel", "training"]
     groups = list(sub.groupby(keys, sort=False)) or [(("no point",) * len(keys), sub)]
     fig, axes = _facets(len(groups), 4.8, 3.8)
     for ax, (key, g) in zip(axes, groups):
@@ -126,8 +126,8 @@ def plot_speedup_heatmap(df: pd.DataFrame, stem: Path, strategy: str = "hdp") ->
         ax.set_yticks(range(len(grid.index)), [str(int(i)) for i in grid.index])
         ax.set_xlabel("max context (tokens)")
         ax.set_ylabel("GPUs")
-        model, cluster, tp, pp, lengths, zero, kernel = key
-        variant = variant_label(zero, kernel) if model != "no point" else ""
+        model, cluster, tp, pp, lengths, zero, kernel, training = key
+        variant = variant_label(zero, kernel, training) if model != "no point" else ""
         ax.set_title(f"{model} tp{tp} pp{pp}, {lengths}" + (f", {variant}" if variant else ""), fontsize=9)
         bar = fig.colorbar(im, ax=ax, label=f"{strategy} speedup vs static")
         bar.set_ticks([t for t in 2.0 ** np.arange(-6, 7) if 1 / vmax <= t <= vmax])

@@ -24,8 +24,8 @@ from planner.studies.journal import (
     MFU_CONVENTION, SWEEP_COLUMNS, Journal, journal_path, json_row, read_table, rows_to_frame, table_paths,
     variant_label, write_table)
 from planner.studies.sweep import (
-    POINT_ERRORS, STATIC_MESHES, Config, Point, SweepResult, SweepSpec, batches_of, check_inputs, cost_model_of,
-    evaluate_point, options_for, run_sweep)
+    POINT_ERRORS, STATIC_MESHES, Config, Point, SweepResult, SweepSpec, TrainingFlags, batches_of, check_inputs,
+    cost_model_of, evaluate_point, options_for, run_sweep)
 from planner.studies.validation import (
     CALIBRATION_SETS, FACETS, CalibrationSet, IterationCase, LayerCase, ValidationReport, ValidationRow, facet_errors,
     load_calibration_set, validate_cost_model)
@@ -37,7 +37,8 @@ __all__ = [
     'PlanErrors', 'calibrate', 'calibrated_profile', 'CAPACITY_STATUSES', 'CalibrationSet', 'CapacityProgress',
     'CapacityResult', 'Config', 'FACETS', 'IterationCase', 'Journal', 'LayerCase', 'LayoutBound', 'LayoutRules',
     'MFU_CONVENTION', 'POINT_ERRORS', 'Point', 'ReproPanel', 'Reproduction', 'STATIC_MESHES', 'SWEEP_COLUMNS',
-    'SweepResult', 'SweepSpec', 'Target', 'ValidationReport', 'ValidationRow', 'batches_of', 'bytescale_markdown',
+    'SweepResult', 'SweepSpec', 'Target', 'TrainingFlags', 'ValidationReport', 'ValidationRow', 'batches_of',
+    'bytescale_markdown',
     'capacity_search', 'check_inputs', 'code_fingerprint', 'cost_model_of', 'default_bytescale_table',
     'default_capacity_table', 'evaluate_point', 'facet_errors', 'journal_path', 'json_row', 'layout_bound',
     'load_calibration_set', 'machine_description', 'options_for', 'per_doubling_slowdown', 'read_table',

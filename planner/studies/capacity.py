@@ -44,8 +44,8 @@ from planner.api import BYTESCALE_TOKENS_PER_STEP
 from planner.plan import PlanError
 from planner.simulate import lower_bound_s, total_compute_s
 from planner.studies.journal import Journal
-from planner.studies.sweep import (POINT_ERRORS, Config, Point, base_row, batches_of, check_inputs, cost_model_of,
-                                   evaluate_point, priced_fields)
+from planner.studies.sweep import (NO_FLAGS, POINT_ERRORS, Config, Point, TrainingFlags, base_row, batches_of,
+                                   check_inputs, cost_model_of, evaluate_point, priced_fields)
 from planner.studies.workers import worker_pool
 from planner.workload import GlobalBatch
 
@@ -224,7 +224,7 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
                     tokens_per_step: int = BYTESCALE_TOKENS_PER_STEP, steps: int = 2, seed: int = 0,
                     recompute: str = "auto", offload: bool = True, attention_kernel: str = "flash",
                     loss: str = "online", grad_accumulation: str = "fused", recompute_modules: str = "",
-                    runners_up: int = 5, best_layout: bool = False,
+                    flags: TrainingFlags = NO_FLAGS, runners_up: int = 5, best_layout: bool = False,
                     exhaustive: bool = False, workers: int = 1, journal: Path | None = None,
                     on_progress: Callable[[CapacityProgress], None] | None = None) -> CapacityResult:
     """Smallest GPU count (and a tp, pp) whose `strategy` plan meets `target`, scanning the rules' counts in
@@ -237,10 +237,11 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
     journal: JSON-lines file of planned layouts (Journal, shared with sweeps); a rerun reuses its rows."""
     counts = rules.gpu_counts(cluster)
     # unknown strategy, model, length source or a kernel the profile has no rate for: once, before any planning
-    check_inputs([Point(Config(model, cluster, counts[0], 1, 1, context_tokens, lengths,
+    check_inputs([Point(Config(model, cluster, counts[0], tp, pp, context_tokens, lengths,
                                recompute=recompute, attention_kernel=attention_kernel, loss=loss,
-                               grad_accumulation=grad_accumulation, recompute_modules=recompute_modules),
-                        strategy)])
+                               grad_accumulation=grad_accumulation, recompute_modules=recompute_modules,
+                               ep=min(rules.ep, tp), flags=flags), strategy)
+                  for tp in rules.tps for pp in rules.pps])
     layouts = {g: rules.layouts(model, cluster, g) for g in counts}
     if not any(layouts.values()):
         raise PlanError(f"capacity search: no tp in {list(rules.tps)} and pp in {list(rules.pps)} is valid for "
@@ -252,7 +253,7 @@ def capacity_search(model: str, context_tokens: int, target: Target, *, cluster:
         for i, gpus in enumerate(counts, 1):
             cfgs = [Config(model, cluster, gpus, tp, pp, context_tokens, lengths, tokens_per_step, steps, seed,
                            recompute, offload, ep=min(rules.ep, tp), attention_kernel=attention_kernel, loss=loss,
-                           grad_accumulation=grad_accumulation, recompute_modules=recompute_modules)
+                           grad_accumulation=grad_accumulation, recompute_modules=recompute_modules, flags=flags)
                     for tp, pp in layouts[gpus]]
             if search.decide_count(gpus, i, cfgs, pool, workers) and not exhaustive:
                 break

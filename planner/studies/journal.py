@@ -25,23 +25,25 @@ from profiles.table import atomic_write
 
 # One row per point (planner.studies.sweep.evaluate_point), in this order in every table.
 SWEEP_COLUMNS: tuple[str, ...] = (
-    "key", "model", "cluster", "gpus", "tp", "pp", "hdp", "context_tokens", "lengths", "tokens_per_step",
+    "key", "model", "cluster", "gpus", "tp", "pp", "ep", "hdp", "context_tokens", "lengths", "tokens_per_step",
     "strategy", "steps", "seed", "offload", "static_mesh", "tokens_per_s", "mfu", "mfu_unhalved", "step_time_s",
     "lower_bound_s", "speedup_vs_static", "static_step_time_s", "peak_memory_bytes", "fits_hbm", "busiest_rank_s",
     "idlest_rank_s", "recompute", "recompute_modules", "zero_stage", "attention_kernel", "loss", "grad_accumulation",
-    "capacity_tokens",
+    "training", "capacity_tokens",
     "profile", "profile_sha256", "code_sha256", "planning_s", "feasible", "reason")
 MFU_CONVENTION = ("`mfu` divides model FLOPs (causal attention halved: the pairs actually computed, per document; "
                   "recompute excluded) by the profile's dense bf16 peak; `mfu_unhalved` counts causal attention in "
                   "full (PaLM / Megatron)")
 
 
-def variant_label(zero_stage: int, attention_kernel: str | None) -> str:
+def variant_label(zero_stage: int, attention_kernel: str | None, training: str | None = "") -> str:
     """What sets a sweep row apart beyond its layout and strategy, as people read it ("" for the defaults: ZeRO-1,
-    the profile's own attention), e.g. "zero 3, fa2 attention"."""
+    the profile's own attention, no training flags), e.g. "zero 3, fa2 attention, dtype fp8"."""
     parts = [f"zero {int(zero_stage)}"] if int(zero_stage) != 1 else []
     if attention_kernel not in (None, "flash"):
         parts.append(f"{attention_kernel} attention")
+    if training:
+        parts.append(training)
     return ", ".join(parts)
 
 
@@ -113,9 +115,11 @@ _FLOAT_COLUMNS = ("tokens_per_s", "mfu", "mfu_unhalved", "step_time_s", "lower_b
                   "static_step_time_s", "peak_memory_bytes", "busiest_rank_s", "idlest_rank_s", "planning_s")
 _INT_COLUMNS = ("gpus", "tp", "pp", "context_tokens", "tokens_per_step", "steps", "seed")
 _TEXT_COLUMNS = ("key", "model", "cluster", "lengths", "strategy", "static_mesh", "recompute", "recompute_modules",
-                 "attention_kernel", "loss", "grad_accumulation", "profile", "profile_sha256", "code_sha256", "reason")
+                 "attention_kernel", "loss", "grad_accumulation", "training", "profile", "profile_sha256",
+                 "code_sha256", "reason")
 # Columns added after tables were first written, with the value every older row had
-_LATER_COLUMNS = {"attention_kernel": "flash", "loss": "online", "grad_accumulation": "fused", "recompute_modules": ""}
+_LATER_COLUMNS = {"ep": 1, "attention_kernel": "flash", "loss": "online", "grad_accumulation": "fused",
+                  "recompute_modules": "", "training": ""}
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -132,6 +136,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = df[col].astype(object).where(df[col].notna(), None)
     for col, before in _LATER_COLUMNS.items():
         df[col] = df[col].where(df[col].notna(), before)
+    df["ep"] = pd.to_numeric(df["ep"]).astype("int64")
     df["feasible"] = df["feasible"].astype(bool)
     df["offload"] = df["offload"].astype(bool)
     df["fits_hbm"] = pd.array(df["fits_hbm"].astype(object).where(df["fits_hbm"].notna(), None), dtype="boolean")

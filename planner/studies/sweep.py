@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 import pandas as pd
 
 from costmodel.presets import load_cluster, load_model
-from costmodel.specs import ATTENTION_KERNELS, GRAD_ACCUMULATIONS, LOSS_KERNELS, SpecError, TrainingSpec
+from costmodel.specs import (ATTENTION_KERNELS, FP8_RECIPES, GRAD_ACCUMULATIONS, LOSS_KERNELS, MOE_DISPATCHERS,
+                             TRAIN_DTYPES, SpecError, TrainingSpec)
 from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan, summarize
 from planner.plan import PlanError
@@ -44,6 +45,65 @@ POINT_ERRORS: tuple[type[Exception], ...] = (SpecError, PlanError, SourceError)
 
 StaticMesh = Literal["context", "batch"]
 STATIC_MESHES: tuple[str, ...] = get_args(StaticMesh)
+
+
+@dataclass(frozen=True)
+class TrainingFlags:
+    """How every point of a study trains beyond what the study varies: PlanRequest's fields of the same names, with
+    its defaults (bf16, NCCL all-to-alls, nothing overlapped but what the simulator always overlaps)."""
+
+    dtype: str = "bf16"  # PlanRequest.dtype: bf16, fp16, fp32, or fp8 (fp8 GEMMs)
+    fp8_recipe: str | None = None  # PlanRequest.fp8_recipe (None: Transformer Engine's for the GPU)
+    moe_capacity_factor: float = 1.0  # PlanRequest.moe_capacity_factor
+    moe_grouped_gemm: bool = False  # PlanRequest.moe_grouped_gemm
+    moe_dispatcher: str = "alltoall"  # PlanRequest.moe_dispatcher
+    ep_comm_overlap: bool = False  # PlanRequest.ep_comm_overlap
+    tp_comm_overlap: bool = False  # PlanRequest.tp_comm_overlap
+    overlap_grad_reduce: bool = False  # PlanRequest.overlap_grad_reduce
+    overlap_param_gather: bool = False  # PlanRequest.overlap_param_gather
+    fp8_param_gather: bool = False  # PlanRequest.fp8_param_gather
+    mtp_layers: int = 0  # PlanRequest.mtp_layers
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (("dtype", self.dtype, TRAIN_DTYPES),
+                                     ("moe_dispatcher", self.moe_dispatcher, MOE_DISPATCHERS)):
+            if value not in choices:
+                raise PlanError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.fp8_recipe is not None and self.fp8_recipe not in FP8_RECIPES:
+            raise PlanError(f"fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
+
+    def changed(self) -> dict[str, object]:
+        """The fields that differ from the defaults, in field order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default}
+
+    @property
+    def label(self) -> str:
+        """The non-default flags as people read them, e.g. "dtype fp8, moe_dispatcher flex" ("" for none); a
+        switch turned on reads as its name."""
+        return ", ".join(k if v is True else f"{k} {v}" for k, v in self.changed().items())
+
+    @classmethod
+    def parse(cls, label: str | None) -> TrainingFlags:
+        """The flags a row's `training` column (`label`) names; PlanError for a name or value it cannot hold."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {}
+        for part in filter(None, (x.strip() for x in (label or "").split(","))):
+            name, _, text = part.partition(" ")
+            f = fields.get(name)
+            if f is None:
+                raise PlanError(f"training flags {label!r}: unknown flag {name!r}; one of {', '.join(fields)}")
+            kind = type(f.default) if f.default is not None else str
+            try:
+                if kind is bool and text:
+                    raise ValueError(text)
+                values[name] = True if kind is bool else kind(text)
+            except ValueError:
+                raise PlanError(f"training flags {label!r}: {name} cannot be {text!r}") from None
+        return cls(**values)
+
+
+NO_FLAGS = TrainingFlags()
 
 
 @dataclass(frozen=True)
@@ -69,6 +129,7 @@ class Config:
     loss: str = "online"  # TrainingSpec.loss
     grad_accumulation: str = "fused"  # TrainingSpec.grad_accumulation (sweeps price fused kernels: Megatron-core's)
     recompute_modules: str = ""  # Megatron-core's, a comma list, where recompute is (or auto picks) selective
+    flags: TrainingFlags = NO_FLAGS  # precision, MoE dispatch and overlaps
 
     @property
     def key(self) -> str:
@@ -81,7 +142,8 @@ class Config:
                 + (f"|attn-{self.attention_kernel}" if self.attention_kernel != "flash" else "")
                 + (f"|loss-{self.loss}" if self.loss != "online" else "")
                 + (f"|acc-{self.grad_accumulation}" if self.grad_accumulation != "fused" else "")
-                + (f"|rcm-{self.recompute_modules}" if self.recompute_modules else ""))
+                + (f"|rcm-{self.recompute_modules}" if self.recompute_modules else "")
+                + "".join(f"|{k}-{v}" for k, v in self.flags.changed().items()))
 
     def request(self, options: PlanOptions | None = None) -> PlanRequest:
         return PlanRequest(model=self.model, cluster=self.cluster, gpus=self.gpus, tp=self.tp, pp=self.pp, ep=self.ep,
@@ -90,7 +152,8 @@ class Config:
                            zero_stage=self.zero_stage, attention_kernel=self.attention_kernel, loss=self.loss,
                            grad_accumulation=self.grad_accumulation,
                            recompute_modules=tuple(self.recompute_modules.split(",")) if self.recompute_modules
-                           else None, options=options or PlanOptions(offload=self.offload, seed=self.seed))
+                           else None, options=options or PlanOptions(offload=self.offload, seed=self.seed),
+                           **dataclasses.asdict(self.flags))
 
 
 @dataclass(frozen=True)
@@ -133,12 +196,13 @@ class SweepSpec:
     loss: str = "online"  # every config's (Config.loss)
     grad_accumulation: str = "fused"  # every config's (Config.grad_accumulation)
     recompute_modules: str = ""  # every config's (Config.recompute_modules)
+    flags: TrainingFlags = NO_FLAGS  # every config's (Config.flags)
 
     def configs(self) -> list[Config]:
         return [Config(m, c, g, t, p, ctx, ln, self.tokens_per_step, self.steps, self.seed, self.recompute,
                        self.offload, self.static_mesh, ep=min(self.ep, t), zero_stage=z, attention_kernel=k,
                        loss=self.loss, grad_accumulation=self.grad_accumulation,
-                       recompute_modules=self.recompute_modules)
+                       recompute_modules=self.recompute_modules, flags=self.flags)
                 for m, c, g, t, p, ctx, ln, z, k in itertools.product(
                     self.models, self.clusters, self.gpus, self.tps, self.pps, self.contexts_tokens, self.lengths,
                     self.zero_stages, self.attention_kernels)]
@@ -176,11 +240,37 @@ def check_inputs(points: Iterable[Point]) -> None:
     for mods, rc in sorted(modules):  # the specs' own rules (names, policy), once for the sweep
         TrainingSpec(recompute="selective", recompute_modules=tuple(mods.split(",")))
         PlanRequest(recompute=rc, recompute_modules=tuple(mods.split(",")))
+    _check_flags({p.config for p in pts})
     for c, k in sorted({(p.config.cluster, p.config.attention_kernel) for p in pts}):
         if k not in ATTENTION_KERNELS:
             raise PlanError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {k!r}")
         if k not in ("flash", "unfused"):  # a published kernel: its cluster's profile must have its rates
             _profile(load_cluster(c).profile).attention_kernel_time_x(k, 1.0)
+
+
+def _check_flags(configs: set[Config]) -> None:
+    """Training flags no config can train with fail once, with TrainingSpec's reason (e.g. --ep-comm-overlap where
+    every layout has ep 1), as does fp8 on a cluster whose profile has no fp8 GEMMs; flags that fit some layouts
+    only leave the others' rows infeasible with the reason."""
+    for flags in {c.flags for c in configs} - {NO_FLAGS}:
+        mine = sorted((c for c in configs if c.flags == flags), key=lambda c: c.key)
+        first: SpecError | None = None
+        for c in mine:
+            try:
+                TrainingSpec(tp=c.tp, pp=c.pp, ep=c.ep, zero_stage=c.zero_stage, attention_kernel=c.attention_kernel,
+                             recompute="none" if c.recompute == "auto" else c.recompute,
+                             **dataclasses.asdict(flags))
+                break
+            except SpecError as e:
+                first = first or e
+        else:
+            raise PlanError(f"no layout of the study trains with {flags.label}: {first}")
+        if flags.dtype == "fp8":
+            for cluster in sorted({c.cluster for c in mine}):
+                gemm = _profile(load_cluster(cluster).profile).tables["gemm"]
+                if "fp8" not in set(gemm["dtype"]):
+                    raise PlanError(f"dtype fp8: cluster {cluster}'s profile has no fp8 GEMM table (GPUs before "
+                                    "Hopper have no fp8 tensor cores); sweep bf16 there")
 
 
 # ---- evaluation (cached across points of one process) -------------------------------------------
@@ -227,12 +317,12 @@ def base_row(point: Point) -> dict:
     """The row of a point before it is planned: its inputs, the code fingerprint, feasible=False."""
     c = point.config
     row = {k: None for k in SWEEP_COLUMNS}
-    row.update(key=point.key, model=c.model, cluster=c.cluster, gpus=c.gpus, tp=c.tp, pp=c.pp,
+    row.update(key=point.key, model=c.model, cluster=c.cluster, gpus=c.gpus, tp=c.tp, pp=c.pp, ep=c.ep,
                context_tokens=c.context_tokens, lengths=c.lengths, tokens_per_step=c.tokens_per_step,
                strategy=point.strategy, steps=c.steps, seed=c.seed, offload=c.offload, static_mesh=c.static_mesh,
                recompute=c.recompute, zero_stage=c.zero_stage, attention_kernel=c.attention_kernel, loss=c.loss,
                grad_accumulation=c.grad_accumulation, recompute_modules=c.recompute_modules,
-               code_sha256=code_fingerprint(point.strategy), feasible=False)
+               training=c.flags.label, code_sha256=code_fingerprint(point.strategy), feasible=False)
     return row
 
 

@@ -188,3 +188,39 @@ def test_unknown_inputs_fail_before_planning(tmp_path):
     with pytest.raises(SourceError):
         run_sweep(SweepSpec(lengths=("no-such-source",)).points(), tmp_path / "x.csv")
     assert not (tmp_path / "x.journal.jsonl").exists()
+
+
+def test_training_flags_are_every_configs(tmp_path):
+    """A sweep's training flags (precision, MoE dispatch, overlaps) go into every config's key, row, request and cost
+    model; the defaults keep their keys; the row's label parses back to the flags (the report re-plans from it); flags
+    no layout can train with, and fp8 on a GPU without fp8 tensor cores, fail before planning."""
+    from planner.plan import PlanError
+    from planner.studies import TrainingFlags
+
+    spec = SweepSpec(models=("llama-7b",), gpus=(8,), contexts_tokens=(32 * K,), strategies=("static",), steps=1,
+                     tokens_per_step=M)
+    base = run_sweep(spec.points(), tmp_path / "a.csv").table
+    flags = TrainingFlags(dtype="fp8", fp8_recipe="tensorwise", overlap_grad_reduce=True)
+    df = run_sweep(dataclasses.replace(spec, flags=flags).points(), tmp_path / "b.csv").table
+    assert base["training"][0] == "" and "dtype" not in base["key"][0]
+    assert df["key"][0].endswith("|dtype-fp8|fp8_recipe-tensorwise|overlap_grad_reduce-True|static")
+    assert df["training"][0] == "dtype fp8, fp8_recipe tensorwise, overlap_grad_reduce"
+    assert TrainingFlags.parse(df["training"][0]) == flags and TrainingFlags.parse("") == TrainingFlags()
+    req = dataclasses.replace(spec, flags=flags).configs()[0].request()
+    assert (req.dtype, req.fp8_recipe, req.overlap_grad_reduce) == ("fp8", "tensorwise", True)
+    assert df["recompute"][0] == base["recompute"][0] and df["step_time_s"][0] < base["step_time_s"][0]  # fp8 GEMMs
+    assert read_table(tmp_path / "b.csv")["training"][0] == df["training"][0]
+    old = tmp_path / "old.csv"
+    base.drop(columns=["training", "ep"]).to_csv(old, index=False)
+    assert (read_table(old)["training"][0], read_table(old)["ep"][0]) == ("", 1)
+    with pytest.raises(PlanError, match="unknown flag 'dtyp'"):
+        TrainingFlags.parse("dtyp fp8")
+    with pytest.raises(PlanError, match="mtp_layers cannot be 'two'"):
+        TrainingFlags.parse("mtp_layers two")
+    with pytest.raises(PlanError, match="moe_dispatcher must be one of alltoall, flex"):
+        TrainingFlags(moe_dispatcher="deepep")
+    with pytest.raises(PlanError, match="no layout of the study trains with ep_comm_overlap: ep_comm_overlap needs"):
+        run_sweep(dataclasses.replace(spec, flags=TrainingFlags(ep_comm_overlap=True)).points(), tmp_path / "c.csv")
+    with pytest.raises(PlanError, match="cluster dgx-a100's profile has no fp8 GEMM table"):
+        run_sweep(dataclasses.replace(spec, clusters=("dgx-a100",), flags=flags).points(), tmp_path / "c.csv")
+    assert not (tmp_path / "c.journal.jsonl").exists()
