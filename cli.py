@@ -27,7 +27,8 @@ from typer.core import TyperGroup
 
 from costmodel.presets import cluster_names, load_cluster, load_model, model_names
 from costmodel.specs import (ATTENTION_KERNELS, AUTO_RECOMPUTE, FP8_RECIPES, GRAD_ACCUMULATIONS, KERNELS,
-                             LOSS_KERNELS, MOE_DISPATCHERS, RECOMPUTE_MODULES, RECOMPUTE_POLICIES, TRAIN_DTYPES,
+                             LOSS_KERNELS, MOE_DISPATCHERS, OPTIMIZER_MOMENTS, RECOMPUTE_MODULES, RECOMPUTE_POLICIES,
+                             TRAIN_DTYPES,
                              SpecError,
                              check_recompute)
 from profiles.table import ProfileError, load_profile, profile_names
@@ -484,6 +485,11 @@ _OPT_OVERLAP_PARAM_GATHER = typer.Option(False, "--overlap-param-gather", help="
 _OPT_FP8_PARAM_GATHER = typer.Option(False, "--fp8-param-gather", help="Megatron-LM's fp8 weights (--dtype "
                                      "fp8, --zero 1 or 2): no bf16 copy of the fp8 GEMMs' weights, "
                                      "gathered in fp8.")
+_OPT_OPTIMIZER_MOMENTS = typer.Option("fp32", "--optimizer-moments", help=f"Adam's moments, "
+                                      f"{one_of(OPTIMIZER_MOMENTS)}: bf16 is Megatron-core's precision-aware optimizer "
+                                      "(--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype "
+                                      "bf16; the master weights as 16-bit remainders): 6 B of optimizer state a "
+                                      "parameter instead of 12.")
 _OPT_MTP_LAYERS = typer.Option(0, "--mtp-layers", min=0, help="Megatron-core's --mtp-num-layers: "
                                "multi-token-prediction depths (DeepSeek-V3 trains 1) on the last pipeline "
                                "stage, each one more layer and LM head.")
@@ -524,6 +530,7 @@ def plan_cmd(
         overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
         fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
         mtp_layers: int = _OPT_MTP_LAYERS,
+        optimizer_moments: str = _OPT_OPTIMIZER_MOMENTS,
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help=f"Attention kernel the training "
                                              f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
                                              "fa2, fa3 and cudnn-2024 their published H100 rates over it (analytic "
@@ -592,6 +599,7 @@ def plan_cmd(
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
     check_choice("--moe-dispatcher", moe_dispatcher, MOE_DISPATCHERS)
+    check_choice("--optimizer-moments", optimizer_moments, OPTIMIZER_MOMENTS)
     try:
         kinds = parse_cp_kinds(cp_kinds) if cp_kinds.strip() else ()
     except _PlanError as e:
@@ -606,7 +614,8 @@ def plan_cmd(
                       moe_grouped_gemm=moe_grouped_gemm, moe_dispatcher=moe_dispatcher,
                       ep_comm_overlap=ep_comm_overlap, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
                       overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
-                      fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers, attention_kernel=attention_kernel,
+                      fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers, optimizer_moments=optimizer_moments,
+                      attention_kernel=attention_kernel,
                       loss=loss, grad_accumulation=grad_accumulation, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
@@ -645,7 +654,9 @@ def plan_cmd(
               + (" ep-overlap" if su.training.ep_comm_overlap else "") + ", "
               f"recompute={su.training.recompute}"
               + (f" ({','.join(su.training.recompute_modules)})" if su.training.recompute_modules else "")
-              + f", zero={su.training.zero_stage}, C={cm.capacity_tokens} tokens/rank, "
+              + f", zero={su.training.zero_stage}"
+              + (f" ({su.training.optimizer_moments} moments)" if su.training.optimizer_moments != "fp32" else "")
+              + f", C={cm.capacity_tokens} tokens/rank, "
               f"profile {escape(cm.profile.fingerprint.name)}")
     b = res.batches
     out.print(f"{len(b)} step(s) of {escape(lengths)}: {sum(len(x.lengths_tokens) for x in b)} sequences, "
@@ -1002,17 +1013,20 @@ GRAD_ACCUMULATION_HELP = (f"How every point's micro-batches accumulate weight gr
 
 def _training_flags(dtype: str, fp8_recipe: Optional[str], moe_capacity_factor: float, moe_grouped_gemm: bool,
                     moe_dispatcher: str, ep_comm_overlap: bool, tp_comm_overlap: bool, overlap_grad_reduce: bool,
-                    overlap_param_gather: bool, fp8_param_gather: bool, mtp_layers: int) -> TrainingFlags:
+                    overlap_param_gather: bool, fp8_param_gather: bool, mtp_layers: int,
+                    optimizer_moments: str) -> TrainingFlags:
     """The what-if commands' training flags, each choice checked as `plan` checks it."""
     check_choice("--dtype", dtype, TRAIN_DTYPES)
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
     check_choice("--moe-dispatcher", moe_dispatcher, MOE_DISPATCHERS)
+    check_choice("--optimizer-moments", optimizer_moments, OPTIMIZER_MOMENTS)
     return TrainingFlags(dtype=dtype, fp8_recipe=fp8_recipe, moe_capacity_factor=moe_capacity_factor,
                          moe_grouped_gemm=moe_grouped_gemm, moe_dispatcher=moe_dispatcher,
                          ep_comm_overlap=ep_comm_overlap, tp_comm_overlap=tp_comm_overlap,
                          overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
-                         fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers)
+                         fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers,
+                         optimizer_moments=optimizer_moments)
 
 
 @whatif_app.callback()
@@ -1051,6 +1065,7 @@ def whatif_sweep(
         overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
         fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
         mtp_layers: int = _OPT_MTP_LAYERS,
+        optimizer_moments: str = _OPT_OPTIMIZER_MOMENTS,
         offload: bool = typer.Option(True, help="Selective activation offloading (hdp strategies)."),
         static_mesh: str = typer.Option("context", help="Static CP sized for the max context (what a static job "
                                         "must do) or per batch's longest sequence ('batch')."),
@@ -1076,7 +1091,8 @@ def whatif_sweep(
     check_choice("--loss", loss, LOSS_KERNELS)
     check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
     flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
-                            tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers)
+                            tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers,
+                            optimizer_moments)
     spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
                       gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), ep=ep,
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
@@ -1159,6 +1175,7 @@ def whatif_capacity(
         overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
         fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
         mtp_layers: int = _OPT_MTP_LAYERS,
+        optimizer_moments: str = _OPT_OPTIMIZER_MOMENTS,
         recompute: str = typer.Option(AUTO_RECOMPUTE, help=f"Every layout's recompute: {RECOMPUTE_HELP}"),
         recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help=RECOMPUTE_MODULES_HELP),
         min_gpus: Optional[int] = typer.Option(None, help="Smallest GPU count (default: one node)."),
@@ -1194,7 +1211,8 @@ def whatif_capacity(
     check_recompute(recompute)
     modules = ",".join(recompute_modules_arg(recompute_modules) or ())
     flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
-                            tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers)
+                            tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers,
+                            optimizer_moments)
     if metric == "tokens_per_s":
         value = float(_count(value, "--target-tokens-per-s"))
     if metric == "mfu" and value > 1:

@@ -28,6 +28,16 @@ from costmodel.specs import GradAccumulation, LossKernel, ModelSpec, Recompute
 # width (zero_grad_buffer).
 MEGATRON_OPTIMIZER_BYTES = 4 + 8 + 16 + 12 + 4 + 2
 MEGATRON_BF16_GRAD_CAST_BYTES = 2 + 4
+
+
+def precision_aware_optimizer_bytes(grad_bytes: float) -> float:
+    """Megatron-core's precision-aware optimizer step, bytes per parameter (bf16 moments; Transformer Engine's FusedAdam
+    with use_decoupled_grad on the gradient buffer itself, no cast): the clipping's norm and scaling (3 g for g-byte
+    gradients), each bf16 moment copied to fp32 before the kernel and back after it (2 read, 4 written, then 4 read, 2
+    written: 12 each way for m and v), then the Adam kernel (gradient, bf16 parameter, master remainder, fp32 m and v
+    read: g + 12; parameter, remainder, m, v written: 12), which writes the model's parameter itself (no master
+    copy). A full fp32 master (fp8 weights) moves the same bytes as parameter and remainder."""
+    return 3 * grad_bytes + 12 + (grad_bytes + 12) + 12 + 12
 # torch FSDP2 (zero_stage 3 with eager kernels: torchtitan): the fp32 sharded parameters are the master weights;
 # clip_grad_norm_ reads the gradients for the norm and scales them unconditionally (4 + 8), fused AdamW (16 + 12),
 # the gradients then set to None.

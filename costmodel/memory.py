@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from costmodel import zero
 from costmodel.elementwise import swiglu_saved_bytes_per_f
-from costmodel.moe import ExpertLayout, moe_activation_bytes_per_token
+from costmodel.moe import ExpertLayout, deepep_buffer_bytes, moe_activation_bytes_per_token
 from costmodel.recompute import freed_bytes_per_token, working_bytes_per_token
 from costmodel.specs import (DTYPE_BYTES, Fp8Recipe, ModelSpec, Recompute, Setup, SpecError, TrainingSpec,
                              mean_over_layers)
@@ -67,12 +67,23 @@ def sharded_state_params(setup: Setup, stage: int | None = None, layers: int | N
     return params_per_rank(setup, stage, layers) + extra
 
 
+def optimizer_state_bytes(training: TrainingSpec) -> float:
+    """Adam's state per parameter: fp32 master weights, m and v (12 B); with bf16 moments (Megatron-core's
+    precision-aware optimizer, Transformer Engine's FusedAdam) m and v in bf16 and the master as the 16 low bits the
+    bf16 parameter lacks (store_param_remainders, on by default): 2 + 2 + 2 B, or a whole fp32 master beside fp8
+    weights (fp8_param_gather: no bf16 parameter to complete): 2 + 2 + 4 B. FusedAdam's fp32 copies of the bf16
+    moments live only inside the step, after the activations are freed, so they set no peak."""
+    if training.optimizer_moments == "fp32":
+        return 12.0
+    return 2.0 + 2.0 + (4.0 if training.fp8_param_gather else 2.0)
+
+
 def state_bytes_per_param_parts(training: TrainingSpec) -> tuple[float, float]:
     """(bytes per parameter every HDP rank keeps, bytes per parameter sharded over the HDP ranks): bf16
-    params kept; fp32 master/m/v (12 B) sharded from ZeRO-1 on, fp32 grads from ZeRO-2 on, params from ZeRO-3
-    on (REFERENCE 7.3: 18/d), else kept."""
+    params kept; fp32 master/m/v (12 B; 6 B with the precision-aware optimizer's bf16 moments, optimizer_state_bytes)
+    sharded from ZeRO-1 on, fp32 grads from ZeRO-2 on, params from ZeRO-3 on (REFERENCE 7.3: 18/d), else kept."""
     params, grads = float(DTYPE_BYTES[training.dtype]), float(DTYPE_BYTES[training.grad_dtype])
-    opt = 12.0  # fp32 master weights, Adam m and v
+    opt = optimizer_state_bytes(training)
     if training.zero_stage == 3:
         return 0.0, params + grads + opt
     if training.zero_stage >= 2:
@@ -381,12 +392,20 @@ def layers_held(setup: Setup) -> int:
     return max(setup.layers_per_stage * (tr.pp + extra), setup.layers_per_stage * (1 + extra) + tr.mtp_layers)
 
 
+def context_bytes(setup: Setup) -> float:
+    """GPU memory outside PyTorch's caching allocator: the CUDA context and NCCL's buffers (ctx_overhead_bytes), and
+    under the flex dispatcher DeepEP's buffers (costmodel.moe.deepep_buffer_bytes)."""
+    tr = setup.training
+    deepep = deepep_buffer_bytes(setup.model.hidden, tr.ep) if tr.moe_dispatcher == "flex" else 0.0
+    return float(tr.ctx_overhead_bytes) + deepep
+
+
 def _terms(setup: Setup) -> _Terms:
     tr = setup.training
     hbm = float(setup.cluster.gpu_memory_bytes)
     states = model_state_bytes(setup)
     frag = tr.frag_fraction * hbm
-    free = hbm - states - tr.ctx_overhead_bytes - frag - (logits_bytes(LOSS_CHUNK_TOKENS, setup)
+    free = hbm - states - context_bytes(setup) - frag - (logits_bytes(LOSS_CHUNK_TOKENS, setup)
                                                           if tr.loss_chunked else 0.0)
     act = layer_activation_per_token(setup) * layers_held(setup)
     work = recompute_working_bytes_per_token(setup)
@@ -405,7 +424,7 @@ def memory_budget(setup: Setup) -> MemoryBudget:
     if cap < 1:
         raise SpecError(does_not_fit_message(setup, t))
     c = int(cap)
-    return MemoryBudget(float(setup.cluster.gpu_memory_bytes), t.states_bytes, float(tr.ctx_overhead_bytes),
+    return MemoryBudget(float(setup.cluster.gpu_memory_bytes), t.states_bytes, context_bytes(setup),
                         t.frag_bytes, logits_bytes(c, setup), t.activation_bytes_per_token,
                         t.working_bytes_per_token, c)
 
@@ -517,7 +536,7 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
         if _fits(z1):
             return msg
     if tr.zero_stage in (1, 2) and tr.pp == 1 and setup.hdp > 1 and tr.expert_groups == 1:  # ZeRO-3: G = 1 only
-        z3 = Setup(m, c, dataclasses.replace(tr, zero_stage=3))
+        z3 = Setup(m, c, dataclasses.replace(tr, zero_stage=3, optimizer_moments="fp32"))  # FSDP2's own Adam
         if _fits(z3):
             msg += (f"; zero_stage=3 (--zero 3, FSDP) would shard the weights and gradients too: "
                     f"{model_state_bytes(z3) / GB:.1f} GB per GPU")

@@ -28,13 +28,49 @@ from math import comb
 import numpy as np
 
 from costmodel.elementwise import MemKernel, layer_kernels, swiglu_saved_bytes_per_f
-from costmodel.specs import ModelSpec, Recompute, TrainingSpec
+from costmodel.specs import ModelSpec, Recompute, SpecError, TrainingSpec
 from profiles.table import Profile
 
 
 # SMs an EP all-to-all holds while it runs beside compute: DeepEP's default Buffer.num_sms (deep_ep/buffer.py; the
 # flex dispatcher leaves it, moe_deepep_num_sms defaults to it); NCCL's all-to-all assumed to hold as many
 DEEPEP_SMS = 20
+
+# DeepEP's normal-mode buffers, which the flex dispatcher allocates once (megatron/core/transformer/moe/fused_a2a.py
+# get_buffer: the larger of the dispatch and combine configs' size hints for hidden_bytes = h · 2, bf16 tokens).
+# Per EP group size: the NVLink receive ring's tokens per channel and the RDMA send chunk (the RDMA ring's 128
+# tokens rounded up to a multiple of it), from deep_ep/buffer.py's get_dispatch_config (Config(num_sms,
+# nvl_send, nvl_recv, rdma_send, rdma_recv = 128)); DeepEP refuses other group sizes.
+DEEPEP_CONFIGS: dict[int, tuple[int, int]] = {2: (256, 6), 4: (256, 6), 8: (256, 6), 16: (288, 20), 24: (288, 32),
+                                              32: (288, 32), 64: (288, 28), 128: (560, 32), 144: (720, 12),
+                                              160: (720, 12)}
+DEEPEP_NVL_PEERS = 8  # NUM_MAX_NVL_PEERS: ranks a node's NVLink buffer serves
+DEEPEP_RDMA_RECV_TOKENS = 128
+DEEPEP_WORKSPACE_BYTES = 32 * 2**20  # NUM_WORKSPACE_BYTES, allocated beside the buffers
+DEEPEP_TOPK_SLOTS = 128  # kNumMaxTopK = kNumMaxScales: every received token's slot holds room for 128 of each
+
+
+def deepep_buffer_bytes(hidden: int, ranks: int) -> float:
+    """GPU memory DeepEP's normal-mode buffers take on each rank of an EP group of `ranks` (csrc/config.hpp
+    get_nvl_buffer_size_hint / get_rdma_buffer_size_hint at 20 SMs, 10 channels): an NVLink ring per channel and
+    NVLink peer of nvl_recv token slots, each the token (2h B), its source metadata (8 B), 128 top-k indices (8 B),
+    weights and scales (4 B each); beyond one node an RDMA ring per channel and node of send and receive halves
+    (NVSHMEM's heap); and a 32 MiB workspace. Allocated by cudaMalloc and NVSHMEM, outside PyTorch's caching allocator:
+    DeepSeek-V3 (h 7168) holds 743 MiB at EP 64 and 352 MiB at EP 8, the workspace included."""
+    if ranks not in DEEPEP_CONFIGS:
+        raise SpecError(f"DeepEP has no configuration for {ranks} EP ranks (deep_ep Buffer.get_dispatch_config: "
+                        f"{', '.join(map(str, DEEPEP_CONFIGS))}); use one of those ep sizes or the alltoall dispatcher")
+    nvl_recv, rdma_send = DEEPEP_CONFIGS[ranks]
+    channels = DEEPEP_SMS // 2
+    nvl_ranks, rdma_ranks = min(ranks, DEEPEP_NVL_PEERS), max(ranks // DEEPEP_NVL_PEERS, 1)
+    slot = 2 * hidden + 8 + DEEPEP_TOPK_SLOTS * (8 + 4 + 4)
+    nvl = channels * nvl_ranks * ((2 * rdma_ranks + 3) * 4 + nvl_recv * slot)
+    rdma = 0
+    if ranks > DEEPEP_NVL_PEERS:
+        tokens = -(-DEEPEP_RDMA_RECV_TOKENS // rdma_send) * rdma_send
+        rdma = channels * rdma_ranks * ((2 * DEEPEP_NVL_PEERS + 2) * 2 * 4 + tokens * 2 * (slot + 16))
+    align = lambda b: -(-b // 128) * 128  # noqa: E731
+    return float(align(nvl) + align(rdma) + DEEPEP_WORKSPACE_BYTES)
 
 
 @dataclass(frozen=True)

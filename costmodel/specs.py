@@ -665,6 +665,12 @@ GradAccumulation = Literal["fused", "add", "cast_add"]
 MoeDispatcher = Literal["alltoall", "flex"]
 MOE_DISPATCHERS: tuple[str, ...] = get_args(MoeDispatcher)
 GRAD_ACCUMULATIONS: tuple[str, ...] = get_args(GradAccumulation)
+# Adam's moments (exp_avg, exp_avg_sq) as the optimizer keeps them: fp32 (Megatron-core's default), or bf16 under
+# Megatron-core's precision-aware optimizer (--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype
+# bf16, Transformer Engine's FusedAdam), which also keeps the fp32 master weights as 16-bit remainders beside the bf16
+# parameters (store_param_remainders, its default): 6 B a parameter for master, m and v instead of 12
+OptimizerMoments = Literal["fp32", "bf16"]
+OPTIMIZER_MOMENTS: tuple[str, ...] = get_args(OptimizerMoments)
 # Context parallelism: a ring passing K/V blocks under the attention (overlapped), or K/V all-gathered before
 # attention and dK/dV reduce-scattered after it (Llama 3's form: exposed, simpler to mask)
 ContextParallel = Literal["ring", "allgather"]
@@ -761,12 +767,14 @@ class TrainingSpec:
     # multi-token prediction (DeepSeek-V3; Megatron-core's --mtp-num-layers): depths on the last pipeline stage, each
     # a projection of the hidden state and the next token's embedding, one decoder layer and the shared LM head
     mtp_layers: int = field(default=0, metadata=at_least(0))
+    optimizer_moments: OptimizerMoments = "fp32"  # Adam's moments' dtype (OptimizerMoments): bf16 is precision-aware
 
     # to_dict writes these only when set, so plans that do not use them stay as they were
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("ep", "etp", "moe_capacity_factor", "moe_grouped_gemm", "kernels",
                                                 "overlap_param_gather", "tp_comm_overlap", "fp8_recipe",
                                                 "fp8_param_gather", "mtp_layers", "loss", "grad_accumulation",
-                                                "recompute_modules", "moe_dispatcher", "ep_comm_overlap")
+                                                "recompute_modules", "moe_dispatcher", "ep_comm_overlap",
+                                                "optimizer_moments")
 
     def __post_init__(self) -> None:
         Reader("training", SpecError).check(self)
@@ -794,6 +802,12 @@ class TrainingSpec:
             raise SpecError("tp_comm_overlap needs sequence parallelism (Transformer Engine overlaps the SP "
                             "all-gathers and reduce-scatters; Megatron-core turns it off without SP); enable "
                             "sequence_parallel or drop tp_comm_overlap")
+        if self.optimizer_moments != "fp32" and (self.dtype not in ("bf16", "fp8") or self.zero_stage == 3
+                                                 or self.kernels == "eager"):
+            raise SpecError(f"optimizer_moments {self.optimizer_moments} is Megatron-core's precision-aware optimizer: "
+                            "bf16 (or fp8) training with Megatron's optimizer, zero_stage 0-2 and fused kernels (this "
+                            f"run: dtype {self.dtype}, zero_stage {self.zero_stage}, kernels {self.kernels}); drop it "
+                            "or change the run")
         if self.moe_dispatcher == "flex" and self.ep == 1:
             raise SpecError("moe_dispatcher flex (DeepEP) sends tokens over expert parallelism; it needs ep > 1 (with "
                             "ep = 1 every expert is local); raise --ep or use the default alltoall")

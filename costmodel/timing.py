@@ -17,7 +17,8 @@ import numpy as np
 from costmodel.elementwise import (EAGER_STREAM_BYTES, FSDP2_OPTIMIZER_BYTES, MEGATRON_BF16_GRAD_CAST_BYTES,
                                    MEGATRON_OPTIMIZER_BYTES, REPLAY_OPTIMIZER_BYTES, MemKernel, eager_head_kernels,
                                    eager_layer_kernels, embedding_kernels, fp8_cast_kernels, head_kernels,
-                                   grad_accumulation_bytes, layer_kernels, recompute_kernels, score_kernels)
+                                   grad_accumulation_bytes, layer_kernels, precision_aware_optimizer_bytes,
+                                   recompute_kernels, score_kernels)
 from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_parts,
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
                               params_per_rank, sharded_state_params, stage_parts)
@@ -1068,7 +1069,8 @@ class CostModel:
                       else params_per_rank(self.setup) * REPLAY_OPTIMIZER_BYTES]
         else:
             grad_bytes = DTYPE_BYTES[tr.grad_dtype]
-            passes = [p * (MEGATRON_OPTIMIZER_BYTES + (MEGATRON_BF16_GRAD_CAST_BYTES if grad_bytes == 2 else 0))]
+            passes = [p * (precision_aware_optimizer_bytes(grad_bytes) if tr.optimizer_moments != "fp32" else
+                           MEGATRON_OPTIMIZER_BYTES + (MEGATRON_BF16_GRAD_CAST_BYTES if grad_bytes == 2 else 0))]
             if tr.zero_stage < 3:
                 passes.append(params_per_rank(self.setup) * grad_bytes)
         return float(sum(self.profile.memory_time_s(b) for b in passes)) * self.compute_share

@@ -63,6 +63,7 @@ class PlanRequest:
     overlap_param_gather: bool = False  # TrainingSpec.overlap_param_gather (Megatron-core DDP)
     fp8_param_gather: bool = False  # TrainingSpec.fp8_param_gather (Megatron-LM --fp8-param-gather)
     mtp_layers: int = 0  # TrainingSpec.mtp_layers (Megatron-core --mtp-num-layers)
+    optimizer_moments: str = "fp32"  # TrainingSpec.optimizer_moments (bf16: Megatron-core's precision-aware optimizer)
     attention_kernel: str = "flash"  # TrainingSpec.attention_kernel: the profile's table, or a named generation
     loss: str = "online"  # TrainingSpec.loss: how the cross-entropy holds the logits
     grad_accumulation: str | None = None  # TrainingSpec.grad_accumulation (None: the framework's own)
@@ -95,7 +96,7 @@ def resolve_setup(req: PlanRequest) -> Setup:
                             tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
                             overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
                             attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss,
-                            grad_accumulation=req.grad_accumulation)
+                            grad_accumulation=req.grad_accumulation, optimizer_moments=req.optimizer_moments)
 
     if req.recompute_modules is not None:  # refused modules fail here, whichever policy auto would keep
         Setup(model, cluster, training("selective"))

@@ -28,7 +28,7 @@ import pandas as pd
 
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import (ATTENTION_KERNELS, FP8_RECIPES, GRAD_ACCUMULATIONS, LOSS_KERNELS, MOE_DISPATCHERS,
-                             TRAIN_DTYPES, SpecError, TrainingSpec)
+                             OPTIMIZER_MOMENTS, TRAIN_DTYPES, SpecError, TrainingSpec)
 from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan, summarize
 from planner.plan import PlanError
@@ -63,10 +63,12 @@ class TrainingFlags:
     overlap_param_gather: bool = False  # PlanRequest.overlap_param_gather
     fp8_param_gather: bool = False  # PlanRequest.fp8_param_gather
     mtp_layers: int = 0  # PlanRequest.mtp_layers
+    optimizer_moments: str = "fp32"  # PlanRequest.optimizer_moments
 
     def __post_init__(self) -> None:
         for name, value, choices in (("dtype", self.dtype, TRAIN_DTYPES),
-                                     ("moe_dispatcher", self.moe_dispatcher, MOE_DISPATCHERS)):
+                                     ("moe_dispatcher", self.moe_dispatcher, MOE_DISPATCHERS),
+                                     ("optimizer_moments", self.optimizer_moments, OPTIMIZER_MOMENTS)):
             if value not in choices:
                 raise PlanError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.fp8_recipe is not None and self.fp8_recipe not in FP8_RECIPES:

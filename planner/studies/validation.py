@@ -282,6 +282,7 @@ def _note(tr: TrainingSpec) -> str:
     attn += ", fp8 weights gathered" if tr.fp8_param_gather else ""
     attn += (", replicated optimizer", ", distributed optimizer", ", distributed optimizer and gradients (ZeRO-2)",
              ", parameters, gradients and optimizer sharded (FSDP, ZeRO-3)")[tr.zero_stage]
+    attn += ", precision-aware optimizer (bf16 moments)" if tr.optimizer_moments == "bf16" else ""
     attn += {"fused": "", "add": f", {tr.grad_dtype} gradients added after each micro-batch's backward",
              "cast_add": f", gradients cast to {tr.grad_dtype} and added after each micro-batch's backward"}[
         tr.grad_accumulation_kind]
@@ -613,7 +614,7 @@ def iteration_memory(cal: CalibrationSet, case: IterationCase, profile: Profile)
         parts = {"states": model_state_bytes(setup, s, sum(layers[s])), "activations": peak * tokens * cm.a_tok,
                  "recompute": recompute_working_bytes(tokens, cm),
                  "logits": logits_bytes(tokens, setup) if s == p - 1 else 0.0, "all-gather CP": gathered,
-                 "context": float(tr.ctx_overhead_bytes), "fragmentation": cm.budget.frag_bytes}
+                 "context": cm.budget.ctx_bytes, "fragmentation": cm.budget.frag_bytes}
         row = MemoryRow(case.label, sum(parts.values()), float(setup.cluster.gpu_memory_bytes), s, peak, parts)
         if best is None or row.peak_bytes > best.peak_bytes:
             best = row

@@ -144,8 +144,8 @@ def test_head_and_embedding_only_where_they_run(a100):
 def test_optimizer_step_by_who_runs_it(a100):
     """Megatron-core: the gradient norm (4 B) and clip scaling (8), Adam (16 read, 12 written) and the master-to-model
     copy (4 + 2) on the shard, fp32 gradients cast first where they are bf16 (2 + 4), the whole gradient buffer
-    zeroed; torch FSDP2 (eager, ZeRO-3): the norm, the unconditional clip scaling (8) and fused AdamW on the shard;
-    the replay (eager): fused AdamW alone."""
+    zeroed; its precision-aware optimizer's own passes; torch FSDP2 (eager, ZeRO-3): the norm, the unconditional clip
+    scaling (8) and fused AdamW on the shard; the replay (eager): fused AdamW alone."""
     cm = _cm(a100, gpus=64)  # 8 HDP ranks
     p = params_per_rank(cm.setup)
     mem = lambda b: float(a100.memory_time_s(b))  # noqa: E731
@@ -155,6 +155,10 @@ def test_optimizer_step_by_who_runs_it(a100):
     replicated = _cm(a100, gpus=64, zero_stage=0)
     assert replicated.optimizer_step_s() == pytest.approx(mem(p * 46) + mem(p * 4))
     assert cm.step_end_s() == pytest.approx(cm.grad_sync_s() + cm.optimizer_step_s())
+    # precision-aware (bf16 moments, TE's FusedAdam): norm and scaling (3 g), the moments to fp32 and back (12 + 12),
+    # Adam on the gradient, parameter, remainder and fp32 moments (g + 12 read, 12 written); bf16 gradients: 56 B
+    aware = _cm(a100, gpus=64, grad_dtype="bf16", optimizer_moments="bf16")
+    assert aware.optimizer_step_s() == pytest.approx(mem(p / 8 * 56) + mem(p * 2))
     llama = lambda **tr: _cm(a100, model="llama3-8b", gpus=8, tp=1, kernels="eager", **tr)  # noqa: E731
     fsdp, replay = llama(zero_stage=3), llama(zero_stage=1)
     q = params_per_rank(replay.setup)

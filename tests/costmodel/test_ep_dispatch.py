@@ -183,3 +183,27 @@ def test_the_overlap_holds_one_micro_batch_more_and_bounds_stay_bounds():
     assert total_compute_s(docs, over) <= unit.fwd_s + unit.bwd_s
     assert float(over.ep_overlap_max_hidden_s(4096.0)) == pytest.approx(float(over._lookup("moe_comm", 4096.0)))
     assert float(base.ep_overlap_max_hidden_s(4096.0)) == 0.0
+
+
+def test_deepep_buffers_by_hand_and_in_the_memory_budget():
+    """DeepEP's normal-mode buffers at 20 SMs (10 channels), each token slot 2h + 8 + 128 · (8 + 4 + 4) B: EP 8, one
+    node, an NVLink ring of 256 tokens per channel and peer; EP 64 (8 nodes) 288 tokens and an RDMA ring of 140 (128
+    rounded up to the send chunk of 28), send and receive halves; a 32 MiB workspace beside. They count as context
+    (outside PyTorch's allocator) under the flex dispatcher only; group sizes DeepEP has no config for are refused."""
+    from costmodel.memory import context_bytes, memory_budget
+    from costmodel.moe import deepep_buffer_bytes
+
+    slot = 2 * 7168 + 8 + 128 * 16
+    nvl8 = 10 * 8 * (5 * 4 + 256 * slot)
+    assert deepep_buffer_bytes(7168, 8) == -(-nvl8 // 128) * 128 + 32 * 2**20
+    nvl64 = 10 * 8 * (19 * 4 + 288 * slot)
+    rdma64 = 10 * 8 * (18 * 2 * 4 + 140 * 2 * (slot + 16))
+    assert deepep_buffer_bytes(7168, 64) == -(-nvl64 // 128) * 128 + -(-rdma64 // 128) * 128 + 32 * 2**20
+    assert deepep_buffer_bytes(7168, 64) / 2**20 == pytest.approx(742.7, abs=0.1)
+    with pytest.raises(SpecError, match="DeepEP has no configuration for 12 EP ranks"):
+        deepep_buffer_bytes(7168, 12)
+    m, c = load_model("deepseek-v3"), load_cluster("dgx-h100").with_gpus(1024)
+    setup = lambda d: Setup(m, c, TrainingSpec(tp=8, ep=8, pp=16, moe_dispatcher=d))  # noqa: E731
+    assert context_bytes(setup("flex")) - context_bytes(setup("alltoall")) == deepep_buffer_bytes(7168, 8)
+    assert memory_budget(setup("flex")).ctx_bytes == context_bytes(setup("flex"))
+    assert memory_budget(setup("flex")).capacity_tokens < memory_budget(setup("alltoall")).capacity_tokens
