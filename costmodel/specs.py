@@ -881,7 +881,10 @@ class TrainingSpec:
         why = ("ep > 1 (it overlaps the expert-parallel all-to-alls)" if self.ep == 1 else
                "a recompute other than full (Megatron-core refuses full recompute with it)" if self.recompute == "full"
                else "bf16 or fp16 as the base precision (fp8 GEMMs included), not fp32" if self.dtype == "fp32"
-               else f"at most one MTP depth (mtp_layers is {self.mtp_layers})" if self.mtp_layers > 1 else "")
+               else f"at most one MTP depth (mtp_layers is {self.mtp_layers})" if self.mtp_layers > 1
+               else "no moe in recompute_modules (Megatron-core asserts it since March 2026, PR #3916/#3917; before, "
+                    "the overlap skipped the whole MoE layer's recompute)" if "moe" in (self.recompute_modules or ())
+               else "")
         if why:
             raise SpecError(f"ep_comm_overlap needs {why}; drop --ep-comm-overlap or change the run")
 

@@ -134,6 +134,11 @@ def test_ep_overlap_and_flex_refusals_and_cli():
         TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, dtype="fp32")
     with pytest.raises(SpecError, match="at most one MTP depth"):
         TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, mtp_layers=2)
+    with pytest.raises(SpecError, match="no moe in recompute_modules"):  # the whole MoE layer (Megatron-LM #3916)
+        TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, recompute="selective", recompute_modules=("moe",))
+    # its other modules run inside the overlap's nodes (fine_grained_callables): accepted
+    TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, recompute="selective", recompute_modules=("mlp", "moe_act"),
+                 moe_grouped_gemm=True)
     with pytest.raises(SpecError, match="flex \\(DeepEP\\) .* needs ep > 1"):
         TrainingSpec(moe_dispatcher="flex")
     tr = TrainingSpec(tp=2, ep=2, moe_dispatcher="flex", ep_comm_overlap=True)
@@ -150,15 +155,19 @@ def test_a_plan_records_and_reprices_its_dispatcher_and_overlap(tmp_path):
 
     args = ["plan", "--model", "qwen3-30b-a3b", "--gpus", "16", "--tp", "8", "--ep", "8", "--moe-grouped-gemm",
             "--max-context", "16K", "--strategy", "hdp"]
-    r = CliRunner().invoke(app, [*args, "--moe-dispatcher", "flex", "--ep-comm-overlap", "--out",
-                                 str(tmp_path / "p.json")])
+    r = CliRunner().invoke(app, [*args, "--moe-dispatcher", "flex", "--ep-comm-overlap", "--optimizer-moments",
+                                 "bf16", "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
-    assert "ep=8 cf=1 flex ep-overlap" in r.output
+    assert "ep=8 cf=1 flex ep-overlap" in r.output and "zero=1 (bf16 moments)" in r.output
     plan = Plan.from_dict(json.loads((tmp_path / "p.json").read_text()))
     cm = cost_model_for_plan(plan)
     assert cm.experts.dispatcher == "flex" and cm.setup.training.ep_comm_overlap
+    assert cm.setup.training.optimizer_moments == "bf16"  # the plan's meta keeps it; the re-priced budget has it
+    assert cm.budget.ctx_bytes > cm.setup.training.ctx_overhead_bytes  # DeepEP's buffers beside the context
     r = CliRunner().invoke(app, [*args, "--moe-dispatcher", "deepep"])
     assert r.exit_code == 2 and "--moe-dispatcher must be alltoall or flex" in r.stderr
+    r = CliRunner().invoke(app, [*args, "--optimizer-moments", "fp8"])
+    assert r.exit_code == 2 and "--optimizer-moments must be fp32 or bf16" in r.stderr
 
 
 def test_auto_recompute_keeps_to_what_the_overlap_allows():
