@@ -462,9 +462,11 @@ _OPT_MOE_CAPACITY_FACTOR = typer.Option(1.0, "--moe-capacity-factor", min=1.0,
 _OPT_MOE_GROUPED_GEMM = typer.Option(False, help="MoE: a rank's local experts in one grouped GEMM (default: "
                                      "one GEMM per expert, Megatron's SequentialMLP).")
 _OPT_MOE_DISPATCHER = typer.Option("alltoall", "--moe-dispatcher", help="MoE with --ep: how tokens travel, "
-                                   f"{one_of(MOE_DISPATCHERS)} (Megatron-core's: NCCL all-to-alls, or DeepEP, "
-                                   "which crosses the network once per node a token goes to; a plan's EP "
-                                   "lies in its TP group, inside one node, where the two price alike).")
+                                   f"{one_of(MOE_DISPATCHERS)} (Megatron-core's: NCCL all-to-alls; flex, DeepEP, "
+                                   "which crosses the network once per node a token goes to; hybridep, the flex "
+                                   "dispatcher on HybridEP: the same path on fewer SMs, with receive buffers "
+                                   "for the worst case, about ep x 2h bytes a token; a plan's EP lies in its TP "
+                                   "group, inside one node, where their transfers price alike).")
 _OPT_EP_COMM_OVERLAP = typer.Option(False, "--ep-comm-overlap", help="MoE with --ep: Megatron-core's "
                                     "overlap_moe_expert_parallel_comm, each dispatch and combine under "
                                     "another micro-batch's compute.")
@@ -489,7 +491,8 @@ _OPT_OPTIMIZER_MOMENTS = typer.Option("fp32", "--optimizer-moments", help=f"Adam
                                       f"{one_of(OPTIMIZER_MOMENTS)}: bf16 is Megatron-core's precision-aware optimizer "
                                       "(--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype "
                                       "bf16; the master weights as 16-bit remainders): 6 B of optimizer state a "
-                                      "parameter instead of 12.")
+                                      "parameter instead of 12, 8 with --fp8-param-gather; bf16 or fp8 training with "
+                                      "the distributed optimizer (ZeRO 1 or 2).")
 _OPT_MTP_LAYERS = typer.Option(0, "--mtp-layers", min=0, help="Megatron-core's --mtp-num-layers: "
                                "multi-token-prediction depths (DeepSeek-V3 trains 1) on the last pipeline "
                                "stage, each one more layer and LM head.")
@@ -1239,7 +1242,7 @@ def whatif_capacity(
         from profiles.table import atomic_write_text
 
         atomic_write_text(table, res.table.to_csv(index=False))
-    keep = ("gpus", "tp", "pp", "hdp", "recompute", "recompute_modules", "capacity_tokens", "tokens_per_s", "mfu",
+    keep = ("gpus", "tp", "pp", "ep", "hdp", "recompute", "recompute_modules", "capacity_tokens", "tokens_per_s", "mfu",
             "mfu_unhalved",
             "step_time_s", "lower_bound_s", "peak_memory_bytes", "status", "reason")
     pick = lambda r: _json_row({k: r.get(k) for k in keep})  # noqa: E731

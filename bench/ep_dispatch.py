@@ -1,8 +1,8 @@
-"""What DeepEP's flex dispatcher and Megatron-core's EP all-to-all overlap make of the published MoE runs whose
-expert groups cross nodes (costmodel.moe, docs/COSTMODEL.md "DeepEP", "EP all-to-all overlap"): each row of
-`meshplan validate --set megatron_bridge_moe2025` with an inter-node expert group priced under the four
-combinations of dispatcher (alltoall, flex) and overlap (off, on), its own marked; and the remote nodes a token's
-experts lie in, with and without node-limited routing. Figures from the cost model, never pass/fail.
+"""What DeepEP's flex dispatcher, HybridEP and Megatron-core's EP all-to-all overlap make of the published MoE runs
+whose expert groups cross nodes (costmodel.moe, docs/COSTMODEL.md "DeepEP", "EP all-to-all overlap"): each row of
+`meshplan validate --set megatron_bridge_moe2025` with an inter-node expert group priced under the six
+combinations of dispatcher (alltoall, flex, hybridep) and overlap (off, on), its own marked; and the remote nodes a
+token's experts lie in, with and without node-limited routing. Figures from the cost model, never pass/fail.
 
     python -m bench.ep_dispatch
     python -m bench.ep_dispatch --json out.json
@@ -28,7 +28,8 @@ from planner.studies.validation import iteration_row, load_calibration_set  # no
 from profiles.table import load_profile  # noqa: E402
 
 SET = "megatron_bridge_moe2025"
-VARIANTS = (("alltoall", False), ("alltoall", True), ("flex", False), ("flex", True))
+VARIANTS = (("alltoall", False), ("alltoall", True), ("flex", False), ("flex", True), ("hybridep", False),
+            ("hybridep", True))
 
 
 def rows() -> list[dict]:

@@ -38,6 +38,7 @@ def precision_aware_optimizer_bytes(grad_bytes: float) -> float:
     read: g + 12; parameter, remainder, m, v written: 12), which writes the model's parameter itself (no master
     copy). A full fp32 master (fp8 weights) moves the same bytes as parameter and remainder."""
     return 3 * grad_bytes + 12 + (grad_bytes + 12) + 12 + 12
+
 # torch FSDP2 (zero_stage 3 with eager kernels: torchtitan): the fp32 sharded parameters are the master weights;
 # clip_grad_norm_ reads the gradients for the norm and scales them unconditionally (4 + 8), fused AdamW (16 + 12),
 # the gradients then set to None.

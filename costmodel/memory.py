@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from costmodel import zero
 from costmodel.elementwise import swiglu_saved_bytes_per_f
-from costmodel.moe import ExpertLayout, deepep_buffer_bytes, moe_activation_bytes_per_token
+from costmodel.moe import (ExpertLayout, deepep_buffer_bytes, hybridep_bytes_per_token,
+                           moe_activation_bytes_per_token)
 from costmodel.recompute import freed_bytes_per_token, working_bytes_per_token
 from costmodel.specs import (DTYPE_BYTES, Fp8Recipe, ModelSpec, Recompute, Setup, SpecError, TrainingSpec,
                              mean_over_layers)
@@ -373,10 +374,12 @@ class _Terms:
     activation_bytes_per_token: float  # all resident layers, one token
     working_bytes_per_token: float  # full recompute: one layer's activations during backward
     head_bytes_per_token: float  # a loss holding every logit: logit_bytes over V/t (0 for an online one)
+    buffer_bytes_per_token: float = 0.0  # HybridEP's buffers, sized by the largest batch (dispatch_buffer_...)
 
     @property
     def per_token_bytes(self) -> float:
-        return self.activation_bytes_per_token + self.working_bytes_per_token + self.head_bytes_per_token
+        return (self.activation_bytes_per_token + self.working_bytes_per_token + self.head_bytes_per_token
+                + self.buffer_bytes_per_token)
 
     @property
     def capacity_tokens(self) -> float:
@@ -396,8 +399,21 @@ def context_bytes(setup: Setup) -> float:
     """GPU memory outside PyTorch's caching allocator: the CUDA context and NCCL's buffers (ctx_overhead_bytes), and
     under the flex dispatcher DeepEP's buffers (costmodel.moe.deepep_buffer_bytes)."""
     tr = setup.training
-    deepep = deepep_buffer_bytes(setup.model.hidden, tr.ep) if tr.moe_dispatcher == "flex" else 0.0
+    # the flex dispatcher's group is Megatron-core's tp_ep_group: the ep·etp ranks of an expert group
+    deepep = deepep_buffer_bytes(setup.model.hidden, tr.expert_ranks) if tr.moe_dispatcher == "flex" else 0.0
     return float(tr.ctx_overhead_bytes) + deepep
+
+
+def dispatch_buffer_bytes_per_token(setup: Setup) -> float:
+    """HybridEP's buffers per token of a rank's micro-batch (costmodel.moe.hybridep_bytes_per_token; each TP rank
+    dispatches its s/tp tokens under sequence parallelism): outside PyTorch's allocator like the context, but grown
+    to the largest batch, so they count per token of C. 0 under the other dispatchers (DeepEP's are fixed:
+    context_bytes)."""
+    m, tr = setup.model, setup.training
+    if tr.moe_dispatcher != "hybridep" or not m.is_moe:
+        return 0.0
+    per_rank = hybridep_bytes_per_token(m.hidden, tr.expert_ranks, m.experts / tr.ep, setup.cluster.domain_gpus)
+    return per_rank / (tr.tp if tr.sequence_parallel else 1)
 
 
 def _terms(setup: Setup) -> _Terms:
@@ -410,7 +426,7 @@ def _terms(setup: Setup) -> _Terms:
     act = layer_activation_per_token(setup) * layers_held(setup)
     work = recompute_working_bytes_per_token(setup)
     head = 0.0 if tr.loss_chunked else logits_bytes(1.0, setup)  # per token: every logit held at once
-    return _Terms(states, frag, free, act, work, head)
+    return _Terms(states, frag, free, act, work, head, dispatch_buffer_bytes_per_token(setup))
 
 
 def memory_budget(setup: Setup) -> MemoryBudget:
@@ -424,7 +440,8 @@ def memory_budget(setup: Setup) -> MemoryBudget:
     if cap < 1:
         raise SpecError(does_not_fit_message(setup, t))
     c = int(cap)
-    return MemoryBudget(float(setup.cluster.gpu_memory_bytes), t.states_bytes, context_bytes(setup),
+    return MemoryBudget(float(setup.cluster.gpu_memory_bytes), t.states_bytes,
+                        context_bytes(setup) + t.buffer_bytes_per_token * c,
                         t.frag_bytes, logits_bytes(c, setup), t.activation_bytes_per_token,
                         t.working_bytes_per_token, c)
 
@@ -536,8 +553,11 @@ def does_not_fit_message(setup: Setup, terms: _Terms) -> str:
         if _fits(z1):
             return msg
     if tr.zero_stage in (1, 2) and tr.pp == 1 and setup.hdp > 1 and tr.expert_groups == 1:  # ZeRO-3: G = 1 only
-        z3 = Setup(m, c, dataclasses.replace(tr, zero_stage=3, optimizer_moments="fp32"))  # FSDP2's own Adam
-        if _fits(z3):
+        try:  # FSDP2 runs its own Adam and gathers: the precision-aware optimizer and fp8 gathers are Megatron's
+            z3 = Setup(m, c, dataclasses.replace(tr, zero_stage=3, optimizer_moments="fp32", fp8_param_gather=False))
+        except SpecError:  # what else the run sets that ZeRO-3 is not modelled with (MTP, ...): no hint
+            z3 = None
+        if z3 is not None and _fits(z3):
             msg += (f"; zero_stage=3 (--zero 3, FSDP) would shard the weights and gradients too: "
                     f"{model_state_bytes(z3) / GB:.1f} GB per GPU")
     layouts = _layouts(setup, c.world_size)

@@ -36,11 +36,39 @@ from profiles.table import Profile
 # flex dispatcher leaves it, moe_deepep_num_sms defaults to it); NCCL's all-to-all assumed to hold as many
 DEEPEP_SMS = 20
 
+# SMs HybridEP's dispatch and combine kernels take (deep_ep/hybrid_ep_buffer.py: num_sms_dispatch_api and
+# num_sms_combine_api, 8 across nodes and 32 inside one; Megatron-core's moe_flex_dispatcher_num_sms left unset)
+HYBRIDEP_SMS_INTER, HYBRIDEP_SMS_INTRA = 8, 32
+
+
+def dispatcher_sms(dispatcher: str, inter_node: bool) -> int:
+    """SMs an EP all-to-all holds while it runs beside compute: HybridEP's by where it goes, else DeepEP's 20."""
+    if dispatcher == "hybridep":
+        return HYBRIDEP_SMS_INTER if inter_node else HYBRIDEP_SMS_INTRA
+    return DEEPEP_SMS
+
+
+def hybridep_bytes_per_token(hidden: int, ranks: int, local_experts: float, nvl_ranks: int) -> float:
+    """GPU memory of HybridEP's buffers per token a rank dispatches (its max_num_of_tokens_per_rank, T; they grow to
+    the largest batch seen), csrc/hybrid_ep/buffer (intranode.cu, internode.cu): receive buffers sized for every
+    token of the EP group landing on one rank, T·ep slots of the token (2h B, dispatch output and combine input
+    shared), its routing probabilities over the node's experts (4 B each of local_experts · nvl_ranks) and fp8
+    scales (4 B per 128 elements); across N nodes the RDMA staging too: the rank's own tokens (2h), the other nodes'
+    tokens with their probabilities and scales, and combine's two (N − 1)·2h buffers. `ranks`: the dispatcher's
+    group, Megatron-core's tp_ep_group (ep·etp). Outside PyTorch's allocator (cudaMalloc and fabric memory).
+    DeepSeek-V3 at EP 64 over 8 nodes: 1.26 MB a token, 5.2 GB at 4,096 tokens."""
+    nodes = max(ranks // nvl_ranks, 1)
+    slot = 2 * hidden + 4 * local_experts * min(ranks, nvl_ranks) + 4 * (hidden // 128)
+    rdma = 2 * hidden + (nodes - 1) * slot + 2 * (nodes - 1) * 2 * hidden if nodes > 1 else 0.0
+    return float(ranks * slot + rdma)
+
+
 # DeepEP's normal-mode buffers, which the flex dispatcher allocates once (megatron/core/transformer/moe/fused_a2a.py
 # get_buffer: the larger of the dispatch and combine configs' size hints for hidden_bytes = h · 2, bf16 tokens).
 # Per EP group size: the NVLink receive ring's tokens per channel and the RDMA send chunk (the RDMA ring's 128
 # tokens rounded up to a multiple of it), from deep_ep/buffer.py's get_dispatch_config (Config(num_sms,
-# nvl_send, nvl_recv, rdma_send, rdma_recv = 128)); DeepEP refuses other group sizes.
+# nvl_send, nvl_recv, rdma_send, rdma_recv = 128)); the combine configs' NVLink rings are the same size, their RDMA
+# chunk may round the ring up by a few tokens more (at most 3%, not counted). DeepEP refuses other group sizes.
 DEEPEP_CONFIGS: dict[int, tuple[int, int]] = {2: (256, 6), 4: (256, 6), 8: (256, 6), 16: (288, 20), 24: (288, 32),
                                               32: (288, 32), 64: (288, 28), 128: (560, 32), 144: (720, 12),
                                               160: (720, 12)}
@@ -51,7 +79,8 @@ DEEPEP_TOPK_SLOTS = 128  # kNumMaxTopK = kNumMaxScales: every received token's s
 
 
 def deepep_buffer_bytes(hidden: int, ranks: int) -> float:
-    """GPU memory DeepEP's normal-mode buffers take on each rank of an EP group of `ranks` (csrc/config.hpp
+    """GPU memory DeepEP's normal-mode buffers take on each rank of a dispatcher group of `ranks` (Megatron-core's
+    tp_ep_group, the ep·etp ranks of an expert group; csrc/config.hpp
     get_nvl_buffer_size_hint / get_rdma_buffer_size_hint at 20 SMs, 10 channels): an NVLink ring per channel and
     NVLink peer of nvl_recv token slots, each the token (2h B), its source metadata (8 B), 128 top-k indices (8 B),
     weights and scales (4 B each); beyond one node an RDMA ring per channel and node of send and receive halves
@@ -59,7 +88,8 @@ def deepep_buffer_bytes(hidden: int, ranks: int) -> float:
     DeepSeek-V3 (h 7168) holds 743 MiB at EP 64 and 352 MiB at EP 8, the workspace included."""
     if ranks not in DEEPEP_CONFIGS:
         raise SpecError(f"DeepEP has no configuration for {ranks} EP ranks (deep_ep Buffer.get_dispatch_config: "
-                        f"{', '.join(map(str, DEEPEP_CONFIGS))}); use one of those ep sizes or the alltoall dispatcher")
+                        f"{', '.join(map(str, DEEPEP_CONFIGS))}); use an expert group (ep x etp, folded: tp) of one of "
+                        "those sizes or the alltoall dispatcher")
     nvl_recv, rdma_send = DEEPEP_CONFIGS[ranks]
     channels = DEEPEP_SMS // 2
     nvl_ranks, rdma_ranks = min(ranks, DEEPEP_NVL_PEERS), max(ranks // DEEPEP_NVL_PEERS, 1)
@@ -85,7 +115,7 @@ class ExpertLayout:
     sequence_parallel: bool = True  # the MoE input is s/tp tokens per rank
     etp: int = 0  # expert tensor-parallel degree, ranks splitting one expert's columns; 0: tp/ep (folded)
     inter_node: bool = False  # the EP all-to-all crosses nodes (an expert group beyond one NVLink domain)
-    dispatcher: str = "alltoall"  # TrainingSpec.moe_dispatcher: "alltoall" (NCCL) or "flex" (DeepEP)
+    dispatcher: str = "alltoall"  # TrainingSpec.moe_dispatcher: "alltoall" (NCCL), "flex" (DeepEP) or "hybridep"
     domains: int = 1  # NVLink domains the expert group spans (its experts spread evenly over them)
 
     def __post_init__(self) -> None:
@@ -189,7 +219,7 @@ def moe_comm_fwd_s(profile: Profile, tokens: np.ndarray | float, model: ModelSpe
     orders them, so the ETP collectives stay inside a domain, etp dividing it). Inter-node it is looked up at
     ep·etp ranks, the domains its ep members span (the tables' inter-node rows are whole domains)."""
     group = layout.ep * layout.etp if layout.inter_node else layout.ep
-    if layout.dispatcher == "flex" and layout.inter_node:  # DeepEP: once per remote domain over the NIC, NVLink after
+    if layout.dispatcher != "alltoall" and layout.inter_node:  # DeepEP, HybridEP: once per remote domain, then NVLink
         copies = dispatch_bytes(tokens, model, layout, dtype_bytes)
         nic = copies / model.top_k * remote_domains_per_token(model, layout.domains)
         local = max(2, layout.ep // layout.domains)  # the EP ranks of one domain the NVLink leg spans

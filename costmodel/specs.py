@@ -661,8 +661,10 @@ LOSS_KERNELS: tuple[str, ...] = get_args(LossKernel)
 # autocast over fp32 parameters)
 GradAccumulation = Literal["fused", "add", "cast_add"]
 # Megatron-core's MoE token dispatcher over EP (ep > 1): "alltoall" (NCCL all-to-alls, every token's copy sent on
-# its own) or "flex" with DeepEP (a token crosses the network once per node it goes to, then NVLink to its experts)
-MoeDispatcher = Literal["alltoall", "flex"]
+# its own), "flex" with DeepEP (a token crosses the network once per node it goes to, then NVLink to its experts) or
+# "hybridep", the flex dispatcher with HybridEP's backend (moe_flex_dispatcher_backend hybridep: the same path over
+# TMA and IBGDA with fewer SMs, and receive buffers sized for the worst case)
+MoeDispatcher = Literal["alltoall", "flex", "hybridep"]
 MOE_DISPATCHERS: tuple[str, ...] = get_args(MoeDispatcher)
 GRAD_ACCUMULATIONS: tuple[str, ...] = get_args(GradAccumulation)
 # Adam's moments (exp_avg, exp_avg_sq) as the optimizer keeps them: fp32 (Megatron-core's default), or bf16 under
@@ -802,15 +804,15 @@ class TrainingSpec:
             raise SpecError("tp_comm_overlap needs sequence parallelism (Transformer Engine overlaps the SP "
                             "all-gathers and reduce-scatters; Megatron-core turns it off without SP); enable "
                             "sequence_parallel or drop tp_comm_overlap")
-        if self.optimizer_moments != "fp32" and (self.dtype not in ("bf16", "fp8") or self.zero_stage == 3
+        if self.optimizer_moments != "fp32" and (self.dtype not in ("bf16", "fp8") or self.zero_stage not in (1, 2)
                                                  or self.kernels == "eager"):
             raise SpecError(f"optimizer_moments {self.optimizer_moments} is Megatron-core's precision-aware optimizer: "
-                            "bf16 (or fp8) training with Megatron's optimizer, zero_stage 0-2 and fused kernels (this "
-                            f"run: dtype {self.dtype}, zero_stage {self.zero_stage}, kernels {self.kernels}); drop it "
-                            "or change the run")
-        if self.moe_dispatcher == "flex" and self.ep == 1:
-            raise SpecError("moe_dispatcher flex (DeepEP) sends tokens over expert parallelism; it needs ep > 1 (with "
-                            "ep = 1 every expert is local); raise --ep or use the default alltoall")
+                            "bf16 (or fp8) training with its distributed optimizer (zero_stage 1 or 2) and fused "
+                            f"kernels (this run: dtype {self.dtype}, zero_stage {self.zero_stage}, kernels "
+                            f"{self.kernels}); drop it or change the run")
+        if self.moe_dispatcher != "alltoall" and self.ep == 1:
+            raise SpecError(f"moe_dispatcher {self.moe_dispatcher} sends tokens over expert parallelism; it needs "
+                            "ep > 1 (with ep = 1 every expert is local); raise --ep or use the default alltoall")
         if self.ep_comm_overlap:
             self._check_ep_comm_overlap()
         if self.zero_stage == 3 and self.expert_groups > 1:

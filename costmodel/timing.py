@@ -22,7 +22,8 @@ from costmodel.elementwise import (EAGER_STREAM_BYTES, FSDP2_OPTIMIZER_BYTES, ME
 from costmodel.memory import (MemoryBudget, dkv_activation_ratio, expert_params_per_rank, fp8_gemm_params_parts,
                               fp8_recipe, fp8_scaled_tensors, layer_activation_per_token, memory_budget,
                               params_per_rank, sharded_state_params, stage_parts)
-from costmodel.moe import DEEPEP_SMS, ExpertLayout, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels, router_rows_per_token
+from costmodel.moe import (ExpertLayout, dispatcher_sms, mlp_gemm_plan, moe_comm_fwd_s, moe_kernels,
+                           router_rows_per_token)
 from costmodel.recompute import Replay, replay
 from costmodel.specs import DTYPE_BYTES, ClusterSpec, ContextParallel, ModelSpec, Setup, SpecError, TrainingSpec
 from profiles.table import Profile, ProfileError
@@ -719,8 +720,9 @@ class CostModel:
         with delay_wgrad_compute): the backward's combine under the forward's attention and router, the forward's
         dispatch under the experts' dgrad, the backward's dispatch under their wgrad and the forward's experts, the
         forward's combine under the backward's attention. A step of all-to-all c beside compute g takes
-        max(c, g + c·(1 − κ)): while the all-to-all runs it holds DEEPEP_SMS of the GPU's SMs and the compute
-        runs at κ = 1 − DEEPEP_SMS/SMs of its speed (profiles without an SM count: κ = 1). Exposed per pair: the
+        max(c, g + c·(1 − κ)): while the all-to-all runs it holds its dispatcher's SMs (moe.dispatcher_sms: DeepEP's
+        20, HybridEP's 8 across nodes) and the compute runs at κ = 1 − those/SMs of its speed (profiles without
+        an SM count: κ = 1). Exposed per pair: the
         four steps less the compute; each direction is charged half, against the two all-to-alls each way
         unoverlapped."""
         mu = self.stage_model.moe_fraction
@@ -728,7 +730,7 @@ class CostModel:
         x_f = self._lookup("gemm_experts", tokens)  # the experts' forward GEMMs; dgrad and wgrad each as much
         a_f, a_b = fwd_layer - mu * x_f, bwd_layer - mu * 2.0 * x_f  # the rest: attention, router, shared expert
         sms = self.profile.constants.get("gemm_sms", {}).get("value")
-        slow = 1.0 - DEEPEP_SMS / float(sms) if sms else 1.0
+        slow = 1.0 - dispatcher_sms(self.experts.dispatcher, self.experts.inter_node) / float(sms) if sms else 1.0
 
         def step(c: np.ndarray, g: np.ndarray) -> np.ndarray:
             return np.maximum(c, g + c * (1.0 - slow))

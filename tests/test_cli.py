@@ -566,6 +566,11 @@ def test_whatif_sweeps_and_searches_with_training_flags(tmp_path):
     r = run("report", str(out), "--out", str(tmp_path / "rep"), "--no-example")
     assert r.exit_code == 0 and "hdp (dtype fp8, moe_grouped_gemm, ep_comm_overlap)" in (
         tmp_path / "rep" / "report.md").read_text()
+    from planner.studies import read_table
+
+    old = tmp_path / "old.csv"  # a table from before the ep column: its keys name the EP degree
+    read_table(out).drop(columns=["ep", "training"]).to_csv(old, index=False)
+    assert set(read_table(old)["ep"]) == {8} and set(read_table(old)["training"]) == {""}
     r = run("whatif", "capacity", "--model", "llama-7b", "--context", "32K", "--steps", "1", "--tokens-per-step",
             "1M", "--target-tokens-per-s", "1000", "--max-gpus", "8", "--tp", "1", "--pp", "1", "--dtype", "fp8",
             "--fp8-recipe", "tensorwise", "--table", str(tmp_path / "cap.csv"), "--json")

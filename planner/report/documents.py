@@ -127,7 +127,7 @@ def write_sweep_report(df: pd.DataFrame, out_dir: Path, *, title: str = "meshpla
     if len(ok):
         doc.heading("Best strategy per case")
         best = ok.loc[ok.groupby(["model", "cluster", "gpus", "tp", "pp", "context_tokens", "lengths",
-                                  "attention_kernel", "training"], sort=False)["tokens_per_s"].idxmax()]
+                                  "zero_stage", "attention_kernel", "training"], sort=False)["tokens_per_s"].idxmax()]
         doc.table(_display(best))
     bad = df[~df["feasible"] | (df["fits_hbm"].astype(object) == False)]  # noqa: E712  (NA is neither)
     if len(bad):

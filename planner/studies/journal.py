@@ -134,9 +134,12 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = pd.array(pd.to_numeric(df[col], errors="coerce"), dtype="Int64")
     for col in _TEXT_COLUMNS:
         df[col] = df[col].astype(object).where(df[col].notna(), None)
+    # tables from before the ep column: their keys name it where it is not 1 (Config.key)
+    from_key = pd.to_numeric(df["key"].astype(str).str.extract(r"\|ep(\d+)(?=\|)", expand=False), errors="coerce")
+    df["ep"] = pd.to_numeric(df["ep"], errors="coerce").fillna(from_key)
     for col, before in _LATER_COLUMNS.items():
         df[col] = df[col].where(df[col].notna(), before)
-    df["ep"] = pd.to_numeric(df["ep"]).astype("int64")
+    df["ep"] = df["ep"].astype("int64")
     df["feasible"] = df["feasible"].astype(bool)
     df["offload"] = df["offload"].astype(bool)
     df["fits_hbm"] = pd.array(df["fits_hbm"].astype(object).where(df["fits_hbm"].notna(), None), dtype="boolean")
@@ -183,7 +186,7 @@ def read_table(path: Path) -> pd.DataFrame:
                       f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})")
     if df.empty:
         raise OSError(f"{path}: the sweep table has no rows")
-    for col in _INT_COLUMNS:
+    for col in [c for c in (*_INT_COLUMNS, "ep") if c in df.columns]:  # ep: tables from before it lack it
         v = pd.to_numeric(df[col], errors="coerce")
         bad = v.isna() | (v != v.round())
         if bad.any():

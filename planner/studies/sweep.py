@@ -28,7 +28,7 @@ import pandas as pd
 
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import (ATTENTION_KERNELS, FP8_RECIPES, GRAD_ACCUMULATIONS, LOSS_KERNELS, MOE_DISPATCHERS,
-                             OPTIMIZER_MOMENTS, TRAIN_DTYPES, SpecError, TrainingSpec)
+                             OPTIMIZER_MOMENTS, TRAIN_DTYPES, Setup, SpecError, TrainingSpec)
 from costmodel.timing import CostModel
 from planner.api import BYTESCALE_TOKENS_PER_STEP, PlanRequest, build_cost_model, make_batches, make_plan, summarize
 from planner.plan import PlanError
@@ -38,10 +38,10 @@ from planner.studies.fingerprint import code_fingerprint
 from planner.studies.journal import SWEEP_COLUMNS, Journal, first_line, journal_path, rows_to_frame, write_table
 from planner.studies.workers import worker_pool
 from planner.workload import GlobalBatch, SourceError, format_tokens, open_source
-from profiles.table import Profile, load_profile
+from profiles.table import Profile, ProfileError, load_profile
 
 # Errors that make one point infeasible (its row says why); anything else is a bug and propagates.
-POINT_ERRORS: tuple[type[Exception], ...] = (SpecError, PlanError, SourceError)
+POINT_ERRORS: tuple[type[Exception], ...] = (SpecError, PlanError, SourceError, ProfileError)
 
 StaticMesh = Literal["context", "batch"]
 STATIC_MESHES: tuple[str, ...] = get_args(StaticMesh)
@@ -66,6 +66,13 @@ class TrainingFlags:
     optimizer_moments: str = "fp32"  # PlanRequest.optimizer_moments
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # one type per field (2 and 2.0 key alike; 1 reads as a switch)
+            value = getattr(self, f.name)
+            if f.default is not None and value is not None and type(value) is not type(f.default):
+                try:
+                    object.__setattr__(self, f.name, type(f.default)(value))
+                except (TypeError, ValueError):
+                    raise PlanError(f"{f.name} cannot be {value!r}") from None
         for name, value, choices in (("dtype", self.dtype, TRAIN_DTYPES),
                                      ("moe_dispatcher", self.moe_dispatcher, MOE_DISPATCHERS),
                                      ("optimizer_moments", self.optimizer_moments, OPTIMIZER_MOMENTS)):
@@ -250,29 +257,42 @@ def check_inputs(points: Iterable[Point]) -> None:
             _profile(load_cluster(c).profile).attention_kernel_time_x(k, 1.0)
 
 
+def _probe_setup(c: Config, flags: TrainingFlags) -> Setup:
+    """The config's model, cluster and training with `flags`, as the specs check them (auto's recompute as none,
+    or as selective where it names modules: resolve_setup checks those whichever policy auto keeps)."""
+    rc = c.recompute if c.recompute != "auto" else "selective" if c.recompute_modules else "none"
+    modules = tuple(c.recompute_modules.split(",")) if c.recompute_modules and rc == "selective" else None
+    tr = TrainingSpec(tp=c.tp, pp=c.pp, ep=c.ep, zero_stage=c.zero_stage, attention_kernel=c.attention_kernel,
+                      recompute=rc, recompute_modules=modules, loss=c.loss, grad_accumulation=c.grad_accumulation,
+                      **dataclasses.asdict(flags))
+    return Setup(load_model(c.model), load_cluster(c.cluster).with_gpus(c.gpus), tr)
+
+
 def _check_flags(configs: set[Config]) -> None:
-    """Training flags no config can train with fail once, with TrainingSpec's reason (e.g. --ep-comm-overlap where
-    every layout has ep 1), as does fp8 on a cluster whose profile has no fp8 GEMMs; flags that fit some layouts
-    only leave the others' rows infeasible with the reason."""
+    """Training flags no config can train with fail once, with the specs' reason (e.g. --ep-comm-overlap where every
+    layout has ep 1, --moe-grouped-gemm on dense models), as does fp8 where no cluster's profile has fp8 GEMMs.
+    Configs that fail without the flags too (a layout the model does not take) are not the flags' doing, and flags
+    that fit some configs only leave the others' rows infeasible with the reason."""
     for flags in {c.flags for c in configs} - {NO_FLAGS}:
         mine = sorted((c for c in configs if c.flags == flags), key=lambda c: c.key)
         first: SpecError | None = None
         for c in mine:
             try:
-                TrainingSpec(tp=c.tp, pp=c.pp, ep=c.ep, zero_stage=c.zero_stage, attention_kernel=c.attention_kernel,
-                             recompute="none" if c.recompute == "auto" else c.recompute,
-                             **dataclasses.asdict(flags))
+                _probe_setup(c, NO_FLAGS)
+            except SpecError:
+                continue
+            try:
+                _probe_setup(c, flags)
                 break
             except SpecError as e:
                 first = first or e
         else:
-            raise PlanError(f"no layout of the study trains with {flags.label}: {first}")
-        if flags.dtype == "fp8":
-            for cluster in sorted({c.cluster for c in mine}):
-                gemm = _profile(load_cluster(cluster).profile).tables["gemm"]
-                if "fp8" not in set(gemm["dtype"]):
-                    raise PlanError(f"dtype fp8: cluster {cluster}'s profile has no fp8 GEMM table (GPUs before "
-                                    "Hopper have no fp8 tensor cores); sweep bf16 there")
+            if first is not None:
+                raise PlanError(f"no layout of the study trains with {flags.label}: {first}")
+        if flags.dtype == "fp8" and not any("fp8" in set(_profile(load_cluster(x).profile).tables["gemm"]["dtype"])
+                                            for x in {c.cluster for c in mine}):
+            raise PlanError("dtype fp8: no cluster of the study has fp8 GEMMs in its profile (GPUs before Hopper "
+                            "have no fp8 tensor cores); sweep bf16 there")
 
 
 # ---- evaluation (cached across points of one process) -------------------------------------------

@@ -139,7 +139,7 @@ def test_ep_overlap_and_flex_refusals_and_cli():
     # its other modules run inside the overlap's nodes (fine_grained_callables): accepted
     TrainingSpec(tp=2, ep=2, ep_comm_overlap=True, recompute="selective", recompute_modules=("mlp", "moe_act"),
                  moe_grouped_gemm=True)
-    with pytest.raises(SpecError, match="flex \\(DeepEP\\) .* needs ep > 1"):
+    with pytest.raises(SpecError, match="moe_dispatcher flex sends tokens .* needs ep > 1"):
         TrainingSpec(moe_dispatcher="flex")
     tr = TrainingSpec(tp=2, ep=2, moe_dispatcher="flex", ep_comm_overlap=True)
     assert tr.to_dict()["moe_dispatcher"] == "flex" and "moe_dispatcher" not in TrainingSpec().to_dict()
@@ -165,7 +165,7 @@ def test_a_plan_records_and_reprices_its_dispatcher_and_overlap(tmp_path):
     assert cm.setup.training.optimizer_moments == "bf16"  # the plan's meta keeps it; the re-priced budget has it
     assert cm.budget.ctx_bytes > cm.setup.training.ctx_overhead_bytes  # DeepEP's buffers beside the context
     r = CliRunner().invoke(app, [*args, "--moe-dispatcher", "deepep"])
-    assert r.exit_code == 2 and "--moe-dispatcher must be alltoall or flex" in r.stderr
+    assert r.exit_code == 2 and "--moe-dispatcher must be alltoall, flex or hybridep" in r.stderr
     r = CliRunner().invoke(app, [*args, "--optimizer-moments", "fp8"])
     assert r.exit_code == 2 and "--optimizer-moments must be fp32 or bf16" in r.stderr
 
@@ -214,5 +214,37 @@ def test_deepep_buffers_by_hand_and_in_the_memory_budget():
     m, c = load_model("deepseek-v3"), load_cluster("dgx-h100").with_gpus(1024)
     setup = lambda d: Setup(m, c, TrainingSpec(tp=8, ep=8, pp=16, moe_dispatcher=d))  # noqa: E731
     assert context_bytes(setup("flex")) - context_bytes(setup("alltoall")) == deepep_buffer_bytes(7168, 8)
+    # the dispatcher's group is Megatron-core's tp_ep_group: ep 2 folded into tp 8 still gives DeepEP 8 ranks
+    ep2 = Setup(m, c, TrainingSpec(tp=8, ep=2, pp=16, moe_dispatcher="flex"))
+    assert context_bytes(ep2) - context_bytes(setup("alltoall")) == deepep_buffer_bytes(7168, 8)
     assert memory_budget(setup("flex")).ctx_bytes == context_bytes(setup("flex"))
     assert memory_budget(setup("flex")).capacity_tokens < memory_budget(setup("alltoall")).capacity_tokens
+
+
+def test_hybridep_buffers_per_token_sms_and_path():
+    """HybridEP: receive buffers for every token of the EP group landing on one rank (2h + 4 B per expert of the
+    node + 4 B per 128 elements a slot, ep slots a token) and across nodes the RDMA staging; they count per token of
+    C (each TP rank dispatches s/tp tokens), so C shrinks and the budget's context holds them at C. Its transfers go
+    as DeepEP's; the overlap's compute keeps more of the GPU (8 SMs across nodes, against DeepEP's 20)."""
+    from costmodel.memory import context_bytes, dispatch_buffer_bytes_per_token, memory_budget
+    from costmodel.moe import dispatcher_sms, hybridep_bytes_per_token
+
+    slot = 2 * 7168 + 4 * 4 * 8 + 4 * 56  # DeepSeek-V3 at EP 64: 4 local experts, 8 ranks a node
+    want = 64 * slot + 2 * 7168 + 7 * slot + 2 * 7 * 2 * 7168
+    assert hybridep_bytes_per_token(7168, 64, 4, 8) == want and want * 4096 / 1e9 == pytest.approx(5.15, abs=0.01)
+    assert hybridep_bytes_per_token(7168, 8, 32, 8) == 8 * (2 * 7168 + 4 * 32 * 8 + 4 * 56)  # one node: no RDMA
+    assert (dispatcher_sms("hybridep", True), dispatcher_sms("hybridep", False), dispatcher_sms("flex", True)) == \
+        (8, 32, DEEPEP_SMS)
+    m, c = load_model("deepseek-v3"), load_cluster("dgx-h100").with_gpus(1024)
+    setup = lambda d: Setup(m, c, TrainingSpec(tp=8, ep=8, pp=16, moe_dispatcher=d))  # noqa: E731
+    per = dispatch_buffer_bytes_per_token(setup("hybridep"))
+    assert per == hybridep_bytes_per_token(7168, 8, 32, 8) / 8 and dispatch_buffer_bytes_per_token(setup("flex")) == 0
+    hyb, a2a = memory_budget(setup("hybridep")), memory_budget(setup("alltoall"))
+    assert hyb.capacity_tokens < a2a.capacity_tokens
+    assert hyb.ctx_bytes == pytest.approx(context_bytes(setup("alltoall")) + per * hyb.capacity_tokens)
+    lay = ExpertLayout(tp=2, ep=64, etp=1, inter_node=True, domains=8)
+    ds = load_model("deepseek-v3")
+    assert float(moe_comm_fwd_s(_PROFILE, S, ds, dataclasses.replace(lay, dispatcher="hybridep"), 2)) == \
+        float(moe_comm_fwd_s(_PROFILE, S, ds, dataclasses.replace(lay, dispatcher="flex"), 2))
+    with pytest.raises(SpecError, match="moe_dispatcher hybridep sends tokens .* needs ep > 1"):
+        TrainingSpec(moe_dispatcher="hybridep")

@@ -186,3 +186,12 @@ def test_a_tied_head_is_the_last_stages_own_copy_of_the_embedding():
     one = Setup(gpt, cluster, TrainingSpec(tp=8))
     assert params_per_rank(one) == pytest.approx((gpt.layers * gpt.layer_params() + gpt.embedding_params()
                                                   + gpt.norm_params) / 8)
+
+
+def test_oom_advice_never_hides_what_does_not_fit():
+    """The ZeRO-3 hint prices FSDP2, which runs its own Adam and gathers: Megatron-only flags (fp8 weight gathers,
+    the precision-aware optimizer) are dropped for it, so the error stays the run's own "does not fit"."""
+    m, c = load_model("llama3-405b"), load_cluster("dgx-h100").with_gpus(16)
+    for flags in (dict(fp8_param_gather=True), dict(optimizer_moments="bf16")):
+        with pytest.raises(SpecError, match="llama3-405b does not fit on H100"):
+            memory_budget(Setup(m, c, TrainingSpec(tp=8, dtype="fp8", recompute="full", **flags)))

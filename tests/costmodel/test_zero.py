@@ -102,17 +102,17 @@ def test_oom_message_suggests_zero3_when_it_fits():
 def test_precision_aware_optimizer_states_by_hand():
     """bf16 moments (Megatron-core's precision-aware optimizer): m and v 2 B each, the master as the 16-bit remainder
     of the bf16 parameter (2 B), or whole fp32 beside fp8 weights (4 B): 6 or 8 B sharded where fp32 moments take 12;
-    more tokens fit; it is refused where Megatron's optimizer does not run (ZeRO-3 is FSDP2's, eager kernels the
-    replay's) and for fp32 or fp16 training."""
+    more tokens fit; it is refused where Megatron's distributed optimizer does not run (ZeRO-0 is not it, ZeRO-3 is
+    FSDP2's, eager kernels the replay's) and for fp32 or fp16 training."""
     m, c = load_model("llama-7b"), load_cluster("dgx-h100").with_gpus(64)
     states = lambda **tr: model_state_bytes(Setup(m, c, TrainingSpec(**tr)))  # noqa: E731
     assert states(optimizer_moments="bf16") == pytest.approx(PARAMS_7B * (6 + 6 / 64), rel=1e-12)
-    assert states(optimizer_moments="bf16", zero_stage=0) == pytest.approx(PARAMS_7B * (6 + 6), rel=1e-12)
+    assert states(optimizer_moments="bf16", zero_stage=2) == pytest.approx(PARAMS_7B * (2 + 10 / 64), rel=1e-12)
     fp8 = dict(dtype="fp8", fp8_param_gather=True)
     assert states(optimizer_moments="bf16", **fp8) - states(**fp8) == pytest.approx(PARAMS_7B * (8 - 12) / 64)
     cap = lambda **tr: memory_budget(Setup(m, c, TrainingSpec(**tr))).capacity_tokens  # noqa: E731
     assert cap(optimizer_moments="bf16") > cap()
-    for bad in (dict(zero_stage=3), dict(kernels="eager"), dict(dtype="fp32"), dict(dtype="fp16")):
+    for bad in (dict(zero_stage=0), dict(zero_stage=3), dict(kernels="eager"), dict(dtype="fp32"), dict(dtype="fp16")):
         with pytest.raises(SpecError, match="optimizer_moments bf16 is Megatron-core's precision-aware optimizer"):
             TrainingSpec(optimizer_moments="bf16", **bad)
     assert "optimizer_moments" not in TrainingSpec().to_dict()

@@ -219,8 +219,18 @@ def test_training_flags_are_every_configs(tmp_path):
         TrainingFlags.parse("mtp_layers two")
     with pytest.raises(PlanError, match="moe_dispatcher must be one of alltoall, flex"):
         TrainingFlags(moe_dispatcher="deepep")
+    # one type per field: the key and label do not depend on how a number was written
+    assert TrainingFlags(moe_capacity_factor=2).changed() == {"moe_capacity_factor": 2.0}
+    assert TrainingFlags(moe_grouped_gemm=1).label == "moe_grouped_gemm"
+    with pytest.raises(PlanError, match="no layout of the study trains with moe_grouped_gemm: llama-7b is dense"):
+        run_sweep(dataclasses.replace(spec, flags=TrainingFlags(moe_grouped_gemm=True)).points(), tmp_path / "c.csv")
+    # a layout the model does not take fails without the flags too: its rows say so, the flags are not blamed
+    odd = SweepSpec(models=("mistral-8x7b",), gpus=(8,), tps=(4,), ep=3, contexts_tokens=(32 * K,),
+                    strategies=("static",), steps=1, tokens_per_step=M, flags=TrainingFlags(dtype="fp8"))
+    row = run_sweep(odd.points(), tmp_path / "d.csv").table.iloc[0]
+    assert not row["feasible"] and "ep=3 must divide tp=4" in row["reason"]
     with pytest.raises(PlanError, match="no layout of the study trains with ep_comm_overlap: ep_comm_overlap needs"):
         run_sweep(dataclasses.replace(spec, flags=TrainingFlags(ep_comm_overlap=True)).points(), tmp_path / "c.csv")
-    with pytest.raises(PlanError, match="cluster dgx-a100's profile has no fp8 GEMM table"):
+    with pytest.raises(PlanError, match="dtype fp8: no cluster of the study has fp8 GEMMs"):
         run_sweep(dataclasses.replace(spec, clusters=("dgx-a100",), flags=flags).points(), tmp_path / "c.csv")
     assert not (tmp_path / "c.journal.jsonl").exists()
