@@ -592,17 +592,15 @@ def plan_cmd(
         fail(f"--trace {trace}: the same file as --out")
     check_choice("--solver", solver, SOLVERS)
     check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
-    check_choice("--dtype", dtype, TRAIN_DTYPES)
+    flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
+                            tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers,
+                            optimizer_moments)
     check_choice("--kernels", kernels, KERNELS)
     check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     check_choice("--loss", loss, LOSS_KERNELS)
     if grad_accumulation is not None:
         check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
     modules = recompute_modules_arg(recompute_modules)
-    if fp8_recipe is not None:
-        check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
-    check_choice("--moe-dispatcher", moe_dispatcher, MOE_DISPATCHERS)
-    check_choice("--optimizer-moments", optimizer_moments, OPTIMIZER_MOMENTS)
     try:
         kinds = parse_cp_kinds(cp_kinds) if cp_kinds.strip() else ()
     except _PlanError as e:
@@ -612,13 +610,8 @@ def plan_cmd(
                       else parse_tokens(tokens_per_step),
                       max_context_tokens=parse_tokens(max_context), recompute=recompute,
                       recompute_modules=modules,
-                      capacity_tokens=parse_tokens(capacity) if capacity else None, dtype=dtype, zero_stage=zero,
-                      kernels=kernels, ep=ep, moe_capacity_factor=moe_capacity_factor,
-                      moe_grouped_gemm=moe_grouped_gemm, moe_dispatcher=moe_dispatcher,
-                      ep_comm_overlap=ep_comm_overlap, fp8_recipe=fp8_recipe, tp_comm_overlap=tp_comm_overlap,
-                      overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
-                      fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers, optimizer_moments=optimizer_moments,
-                      attention_kernel=attention_kernel,
+                      capacity_tokens=parse_tokens(capacity) if capacity else None, zero_stage=zero,
+                      kernels=kernels, ep=ep, **dataclasses.asdict(flags), attention_kernel=attention_kernel,
                       loss=loss, grad_accumulation=grad_accumulation, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
@@ -1018,7 +1011,7 @@ def _training_flags(dtype: str, fp8_recipe: Optional[str], moe_capacity_factor: 
                     moe_dispatcher: str, ep_comm_overlap: bool, tp_comm_overlap: bool, overlap_grad_reduce: bool,
                     overlap_param_gather: bool, fp8_param_gather: bool, mtp_layers: int,
                     optimizer_moments: str) -> TrainingFlags:
-    """The what-if commands' training flags, each choice checked as `plan` checks it."""
+    """The training flags `plan` and the what-if commands share, each choice checked (one line, exit 2)."""
     check_choice("--dtype", dtype, TRAIN_DTYPES)
     if fp8_recipe is not None:
         check_choice("--fp8-recipe", fp8_recipe, FP8_RECIPES)
