@@ -49,7 +49,7 @@ from profiles.typed_json import Reader, positive
 CALIBRATION_SETS = ("korthikanti2022", "narayanan2021", "llama3_2024", "megatron_bridge2025", "nemo2024",
                     "nemo_longseq2024", "torchtitan_a100_2024", "megatron_bridge_b200_2025",
                     "megatron_bridge_gb200_2025", "bloom2022", "flashattention2_2023", "megatron_bridge_moe2025",
-                    "megatron_bridge_cuda_graphs2026")
+                    "megatron_bridge_cuda_graphs2026", "llmfoundry_mpt2023")
 DESIGN_SETS = frozenset({"korthikanti2022", "megatron_bridge_b200_2025", "megatron_bridge_gb200_2025"})
 FlopsConvention = Literal["megatron2021", "palm"]
 

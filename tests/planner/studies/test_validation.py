@@ -26,6 +26,17 @@ def test_packaged_set_has_the_published_rows():
     assert [c.backward_ms for c in cal.layer_cases] == [11.8, 13.1, 19.5]
     assert [c.iteration_s for c in cal.iteration_cases] == [1.42, 1.10, 18.13, 13.75, 37.83, 71.49]
 
+def test_mpt_set_counts_the_parameters_the_benchmark_table_prints():
+    # each MPT model's spec (learned positions as long as the row's sequence) holds the table's NumParams exactly,
+    # and every row's global batch is GPUs x micro-batch x accumulation
+    cal = load_calibration_set("llmfoundry_mpt2023")
+    assert len(cal.iteration_cases) == 59 and cal.training["zero_stage"] == 3
+    for c in cal.iteration_cases:
+        m = cal.model(c.model)
+        printed = int(m.source.rsplit("; ", 1)[1].split(" ")[0].replace(",", ""))
+        assert m.parameters == printed and m.max_positions == c.seq_tokens
+        assert c.global_batch % (c.gpus * c.micro_batch) == 0
+
 
 def test_report_rows_and_mape(a100):
     r = validate_cost_model(a100)
