@@ -537,7 +537,8 @@ def plan_cmd(
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help=f"Attention kernel the training "
                                              f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
                                              "fa2, fa3 and cudnn-2024 their published H100 rates over it (analytic "
-                                             "Hopper profiles); unfused materialises the scores."),
+                                             "Hopper profiles), fa1 and fa1-triton the FA2 paper's A100 ratios over "
+                                             "FA2 (analytic A100 profiles); unfused materialises the scores."),
         loss: str = typer.Option("online", "--loss", help=f"Cross-entropy the training runs, {one_of(LOSS_KERNELS)}: "
                                  "online holds one 8K-token chunk's fp32 logits (ByteScale); in_place every token's "
                                  "logits in their dtype, the gradient written over them (Transformer Engine's, "
@@ -1046,8 +1047,9 @@ def whatif_sweep(
         zero: str = typer.Option("1", "--zero", help="ZeRO stages, comma-separated (0-3; 3: FSDP2, pp 1)."),
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help="Attention kernels, comma-separated "
                                              f"({one_of(ATTENTION_KERNELS)}): flash is the profile's own table; fa2, "
-                                             "fa3, cudnn-2024 a published kernel's rate over it (analytic Hopper "
-                                             "profiles), e.g. flash,fa2 to see what FlashAttention-2 costs."),
+                                             "fa3, cudnn-2024 (analytic Hopper profiles), fa1, fa1-triton (analytic "
+                                             "A100 profiles) a published kernel's rate over it, e.g. flash,fa2 to see "
+                                             "what FlashAttention-2 costs."),
         loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
         grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
         dtype: str = _OPT_DTYPE,
@@ -1157,7 +1159,8 @@ def whatif_capacity(
         pp: str = typer.Option("1,2,4,8", help="PP degrees the search may use (1F1B)."),
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help="Attention kernel the training "
                                              f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
-                                             "fa2, fa3, cudnn-2024 a published kernel's rate over it."),
+                                             "fa1, fa1-triton, fa2, fa3, cudnn-2024 a published kernel's rate over "
+                                             "it."),
         loss: str = typer.Option("online", "--loss", help=LOSS_HELP),
         grad_accumulation: str = typer.Option("fused", "--grad-accumulation", help=GRAD_ACCUMULATION_HELP),
         dtype: str = _OPT_DTYPE,

@@ -637,10 +637,10 @@ Recompute = Literal["none", "selective", "full"]
 # 0.14-0.16; costmodel.recompute prices each): what a `selective` run replays instead of meshplan's own selective
 RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe_act", "moe", "shared_experts", "mla_up_proj"]
 RECOMPUTE_MODULES: tuple[str, ...] = get_args(RecomputeModule)
-# flash: the profile's fused attention as its table holds it; a named generation (fa2, fa3, cudnn-2024): that kernel
-# at its published rate over the table's (Profile.attention_kernel_time_x; analytic profiles); unfused: materialised
-# scores (QKᵀ, softmax, PV)
-AttentionKernel = Literal["flash", "fa2", "fa3", "cudnn-2024", "unfused"]
+# flash: the profile's fused attention as its table holds it; a named generation (fa1, fa1-triton, fa2, fa3,
+# cudnn-2024): that kernel at its published rate over the table's (Profile.attention_kernel_time_x; analytic profiles;
+# fa1 is FlashAttention v1, fa1-triton its Triton port as MPT ran it); unfused: materialised scores (QKᵀ, softmax, PV)
+AttentionKernel = Literal["flash", "fa1", "fa1-triton", "fa2", "fa3", "cudnn-2024", "unfused"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 # The memory-bound kernels between GEMMs: fused as Megatron-LM / Transformer Engine run them, or eager PyTorch (one
 # kernel per tensor op, unfused loss: planner/runtime, HF transformers without torch.compile), costmodel.elementwise

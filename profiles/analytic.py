@@ -259,15 +259,33 @@ H100 = GpuNumbers(
 # A100: the MAMF as stated, then the sustained fraction fitted to Korthikanti et al.'s A100 runs (the design set):
 # 0.95, a milder loss than Hopper's measured 0.847 at 700 W (MAMF itself: mean |log error| 3.8% over the set's 12
 # rows; Hopper's 0.847: 8.0%; the fit 1.3%).
+A100_FA2 = {
+    "fwd_noncausal": _c(0.70, "x", "FA2 on A100: 50-73% of peak forward [FA2 paper]; upper part of the range"),
+    "fwd_causal": _c(0.70 * 335 / 370, "x", "0.70 x FA2 causal/non-causal ratio on H100 (335/370) [derived]"),
+    "bwd": _c(0.70 * 322 / 370, "x", "0.70 x FA2 bwd/fwd ratio on H100 (322/370) [derived]"),
+}
+# The kernels FA2 replaced, on the A100 by the FA2 paper's own comparison (arXiv 2307.08691 §4.1, Figs. 4, 6, 7):
+# FA2 "around 2x faster than FlashAttention" (v1, CUDA) and "around 1.3-1.5x faster than FlashAttention in Triton in
+# the forward pass and around 2x faster in the backward pass" (its Triton port, which MPT ran as attn_impl triton).
+_FA2_OVER = "[FA2 paper, arXiv 2307.08691, §4.1: A100, head dims 64 and 128, 512 to 16K tokens]"
+
+
+def _slower(plateau: dict[str, Const], x_fwd: float, x_bwd: float, what: str) -> dict[str, Const]:
+    return {key: _c(c.value / (x_bwd if key == "bwd" else x_fwd), "x",
+                    f"FA2's {c.value:.3f} / {x_bwd if key == 'bwd' else x_fwd}: {what} {_FA2_OVER}")
+            for key, c in plateau.items()}
+
+
+A100_ATTENTION = {"fa2": A100_FA2,
+                  "fa1": _slower(A100_FA2, 2.0, 2.0, "FA2 'around 2x faster than FlashAttention'"),
+                  "fa1-triton": _slower(A100_FA2, 1.4, 2.0, "FA2 '1.3-1.5x faster than FlashAttention in Triton in "
+                                        "the forward pass and around 2x faster in the backward pass' (1.4: the "
+                                        "forward range's middle)")}
 A100_MAMF = GpuNumbers(
     name="a100-sxm-80gb", device="NVIDIA A100 SXM 80GB (analytic)",
     peak_bf16=_c(312e12, "FLOP/s", "A100 datasheet dense BF16 [spec]"),
     gemm_large=_c(271.2e12, "FLOP/s", "MAMF large BF16 GEMM [meas: stas00 ml-engineering]"),
-    attn_plateau={
-        "fwd_noncausal": _c(0.70, "x", "FA2 on A100: 50-73% of peak forward [FA2 paper]; upper part of the range"),
-        "fwd_causal": _c(0.70 * 335 / 370, "x", "0.70 x FA2 causal/non-causal ratio on H100 (335/370) [derived]"),
-        "bwd": _c(0.70 * 322 / 370, "x", "0.70 x FA2 bwd/fwd ratio on H100 (322/370) [derived]"),
-    }, attn_kernel="fa2",
+    attn_plateau=A100_FA2, attn_kernels=A100_ATTENTION, attn_kernel="fa2",
     ar_plateau_intra=_c(234.9e9, "B/s", "8xA100 all-reduce busbw at 16 GiB [meas: ml-engineering]"),
     p2p_intra=_c(274e9, "B/s", "NVLink3 P2P 274 of 300 GB/s per direction [REFERENCE 8.1]"),
     a2a_intra=_c(274e9 * 370 / 378, "B/s", "H100 a2a/p2p ratio (370/378) applied to A100 P2P [derived]"),

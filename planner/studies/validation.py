@@ -276,6 +276,7 @@ def _note(tr: TrainingSpec) -> str:
     tp = ("TP + SP" if tr.sequence_parallel else "TP without SP: norms, dropout, residuals replicated") \
         if tr.tp > 1 else "no TP"
     attn = {"unfused": "materialised attention (QKᵀ, softmax, PV)", "flash": "the profile's FlashAttention",
+            "fa1": "FlashAttention(-1)'s rate", "fa1-triton": "FlashAttention in Triton's rate",
             "fa2": "FlashAttention-2's rate", "fa3": "FlashAttention-3's rate",
             "cudnn-2024": "cuDNN attention's rate of July 2024"}[tr.attention_kernel]
     attn += f", {_LOSS_NOTES[tr.loss]} cross-entropy, {tr.dtype}"

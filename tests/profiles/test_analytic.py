@@ -115,8 +115,21 @@ def test_hopper_profiles_price_each_published_attention_kernel_over_their_own():
     assert p.attention_kernel_time_x("fa2", 512.0)["fwd"] == pytest.approx(292 / 191)  # vs 1.84 at 16K
     # A100's table is FlashAttention-2's; FA3 needs Hopper, and a measured profile holds what it measured
     assert load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa2", 512.0)["bwd"] == 1.0
-    with pytest.raises(ProfileError, match="no published rate for attention kernel 'fa3'.*it knows fa2"):
+    with pytest.raises(ProfileError, match="no published rate for attention kernel 'fa3'.*knows fa1, fa1-triton, fa2"):
         load_profile("a100-sxm-80gb.analytic").attention_kernel_time_x("fa3", 512.0)
+    with pytest.raises(ProfileError, match="no published rate for attention kernel 'fa1'.*knows cudnn-2024, fa2, fa3"):
+        p.attention_kernel_time_x("fa1", 512.0)  # the FA2 paper compared FA1 with FA2 on the A100 only
+
+
+def test_a100_prices_the_kernels_flashattention_2_replaced_by_its_papers_ratios():
+    """FA2 paper §4.1 (A100): FA2 'around 2x faster than FlashAttention', '1.3-1.5x faster than FlashAttention in
+    Triton in the forward pass and around 2x faster in the backward pass', at every length; both A100 profiles."""
+    for name in ("a100-sxm-80gb.analytic", "a100-sxm-80gb-opa.analytic"):
+        p = load_profile(name)
+        lengths = np.array([512.0, 8192.0, 2**17])
+        for kernel, fwd, bwd in (("fa1", 2.0, 2.0), ("fa1-triton", 1.4, 2.0)):
+            x = p.attention_kernel_time_x(kernel, lengths)
+            assert x["fwd"] == pytest.approx([fwd] * 3) and x["bwd"] == pytest.approx([bwd] * 3)
     with pytest.raises(ProfileError, match="prices only the attention kernel it holds.*--attention-kernel flash"):
         load_profile("h200-sxm.measured").attention_kernel_time_x("fa2", 512.0)
 
