@@ -36,10 +36,12 @@ _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
 # the layer GEMMs tp_comm_overlap runs TP collectives under, each with its own curve (gemm_<label>)
 _MLP_GEMMS = ("gate_up", "up", "down")
 _OVERLAP_GEMMS = ("qkv", "o", *_MLP_GEMMS)
-_TOKEN_CURVES = frozenset({"gemm_layer", "gemm_head", "attn_fwd", "attn_bwd", "attn_doc_fwd", "attn_doc_bwd",
+_TOKEN_CURVES = frozenset({"gemm_layer", "gemm_layer_bwd", "gemm_head", "gemm_head_bwd", "attn_fwd", "attn_bwd",
+                           "attn_doc_fwd", "attn_doc_bwd",
                            "mem_layer_fwd", "mem_layer_bwd",
                            "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
-                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj", "gemm_recompute", "gemm_experts"}
+                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj", "gemm_recompute", "gemm_experts",
+                           "gemm_experts_dgrad", "gemm_experts_wgrad"}
                           | {f"gemm_{g}" for g in _OVERLAP_GEMMS})  # the others are over bytes
 _COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
 
@@ -345,6 +347,7 @@ class CostModel:
         p = self.profile
         head = gemm_shapes(m, tr.tp, self.experts)[-1]
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
+        self._curves["gemm_head_bwd"] = sum(self._gemm_grads(head, self._curves["gemm_head"], self.dtype))
         if tr.mtp_layers:  # an MTP depth's projection of the hidden state and the embedding, 2h -> h over tp
             self._curves["gemm_mtp_proj"] = p.gemm_time_s(_TOKEN_GRID, math.ceil(m.hidden / tr.tp), 2 * m.hidden,
                                                           self.gemm_dtype)
@@ -373,14 +376,15 @@ class CostModel:
             for key, curve in self._layer_curves(kind, gemms).items():
                 self._curves[key] = self._curves.get(key, 0.0) + w * curve
             if kind.is_moe and tr.ep_comm_overlap:  # one MoE layer's expert GEMMs, what EP overlap pairs up
-                self._curves["gemm_experts"] = np.maximum(sum((t for g, t in gemms if g.label in _MLP_GEMMS),
-                                                              np.zeros_like(_TOKEN_GRID)), 1e-15)
+                for i, name in enumerate(("gemm_experts", "gemm_experts_dgrad", "gemm_experts_wgrad")):
+                    self._curves[name] = np.maximum(sum((t[i] for g, *t in gemms if g.label in _MLP_GEMMS),
+                                                        np.zeros_like(_TOKEN_GRID)), 1e-15)
             # what TP overlap splits (_overlapped_tp_comm_s): the attention's GEMMs (MLA: its up projections take the
             # gathered input), and a dense MLP's (expert GEMMs run no userbuffer overlap)
-            self._curves.update({f"gemm_{g.label}": np.maximum(t, 1e-15) for g, t in gemms
+            self._curves.update({f"gemm_{g.label}": np.maximum(t, 1e-15) for g, t, *_ in gemms
                                  if g.label in _OVERLAP_GEMMS and not (kind.is_moe and g.label in _MLP_GEMMS)})
             if kind.is_mla:
-                self._curves["gemm_qkv"] = sum(t for g, t in gemms if g.label in ("q", "q_up", "kv_up"))
+                self._curves["gemm_qkv"] = sum(t for g, t, *_ in gemms if g.label in ("q", "q_up", "kv_up"))
         eager = tr.kernels == "eager"
         kernels = {"mem_head_fwd": (eager_head_kernels(m, tr.tp, sp, b, "fwd") if eager else
                                     head_kernels(m, tr.tp, sp, b, tr.loss, "fwd")),
@@ -409,20 +413,36 @@ class CostModel:
                             for k, v in self._curves.items()}
         self._curves["fit"] = self.fit_layer_time()
 
-    def _layer_gemms(self, kind: ModelSpec) -> list[tuple[GemmShape, np.ndarray]]:
-        """Each forward GEMM of one layer of `kind` with its time over the token grid (all its launches); the MoE
-        router stays in bf16 under fp8 (Transformer Engine wraps the linears only)."""
+    def _layer_gemms(self, kind: ModelSpec) -> list[tuple[GemmShape, np.ndarray, np.ndarray, np.ndarray]]:
+        """Each forward GEMM of one layer of `kind` with its forward, dgrad and wgrad times over the token grid (all
+        its launches); the MoE router stays in bf16 under fp8 (Transformer Engine wraps the linears only)."""
         *layer, _ = gemm_shapes(kind, self.tp, self.experts)
-        return [(g, g.launches * self.profile.gemm_time_s(_TOKEN_GRID * g.rows_per_token, g.n, g.k,
-                                                          self.dtype if g.label == "router" else self.gemm_dtype))
-                for g in layer]
+        out = []
+        for g in layer:
+            dtype = self.dtype if g.label == "router" else self.gemm_dtype
+            fwd = g.launches * self.profile.gemm_time_s(_TOKEN_GRID * g.rows_per_token, g.n, g.k, dtype)
+            out.append((g, fwd, *self._gemm_grads(g, fwd, dtype)))
+        return out
 
-    def _layer_curves(self, kind: ModelSpec, gemms: list[tuple[GemmShape, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _gemm_grads(self, g: GemmShape, fwd: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        """The backward of forward GEMM `g` (time `fwd` over the token grid): dgrad, (rows × n)·(n × k), contracted
+        over the output features; wgrad, (k × rows)·(rows × n), the weight's k × n tiles contracted over the rows.
+        Each at its own shape where the profile times shapes (their tiles, waves and roofline differ from the
+        forward's: a small weight's wgrad fills few tiles, a small k's forward is memory-bound), else each as much
+        as the forward (a measured table's forward shapes)."""
+        if not self.profile.times_gemm_shapes:
+            return fwd, fwd
+        rows = _TOKEN_GRID * g.rows_per_token
+        return (g.launches * self.profile.gemm_time_s(rows, g.k, g.n, dtype),
+                g.launches * self.profile.gemm_time_s(float(g.k), g.n, rows, dtype))
+
+    def _layer_curves(self, kind: ModelSpec, gemms: list[tuple[GemmShape, np.ndarray, np.ndarray, np.ndarray]]
+                      ) -> dict[str, np.ndarray]:
         """One layer of `kind` over the token grid: its GEMMs (`gemms`, _layer_gemms) and memory-bound kernels,
         forward, backward and what recompute replays (with fp8 the casts of the GEMM inputs, with MoE the
         permutations)."""
         tr, b, sp = self.setup.training, self.setup.training.dtype_bytes, self.setup.training.sequence_parallel
-        widths = {g.label: (g.k * g.rows_per_token_all, g.n * g.rows_per_token_all) for g, _ in gemms
+        widths = {g.label: (g.k * g.rows_per_token_all, g.n * g.rows_per_token_all) for g, *_ in gemms
                   if g.label != "router"}
         current = self.fp8_recipe == "tensorwise"
         cast = {d: fp8_cast_kernels(widths, d, current) if self.fp8_recipe else () for d in ("fwd", "bwd")}
@@ -438,9 +458,10 @@ class CostModel:
             kernels["mem_recompute"] = rp.kernels + tuple(c for c in cast["fwd"]
                                                           if c.label.removeprefix("fp8_cast_") in rp.gemms)
         curves = {name: np.maximum(self._kernels_s(ks, _TOKEN_GRID), 1e-15) for name, ks in kernels.items()}
-        curves["gemm_layer"] = sum((t for _, t in gemms), np.zeros_like(_TOKEN_GRID))
+        curves["gemm_layer"] = sum((t for _, t, *_ in gemms), np.zeros_like(_TOKEN_GRID))
+        curves["gemm_layer_bwd"] = sum((d + w for _, _, d, w in gemms), np.zeros_like(_TOKEN_GRID))
         if rp is not None:
-            curves["gemm_recompute"] = np.maximum(sum((t for g, t in gemms if g.label in rp.gemms),
+            curves["gemm_recompute"] = np.maximum(sum((t for g, t, *_ in gemms if g.label in rp.gemms),
                                                       np.zeros_like(_TOKEN_GRID)), 1e-15)
         return curves
 
@@ -473,6 +494,10 @@ class CostModel:
     def gemm_layer_fwd_s(self, tokens: np.ndarray | float) -> np.ndarray:
         """Forward GEMMs of one layer for `tokens` tokens on one TP rank."""
         return self._lookup("gemm_layer", tokens)
+
+    def gemm_layer_bwd_s(self, tokens: np.ndarray | float) -> np.ndarray:
+        """Backward GEMMs (dgrad and wgrad) of one layer for `tokens` tokens on one TP rank."""
+        return self._lookup("gemm_layer_bwd", tokens)
 
     def attn_fwd_s(self, doc_len: np.ndarray | float, whole: bool = False) -> np.ndarray:
         """Forward attention core of one layer on one TP rank, per document length; whole: documents of a packed
@@ -631,7 +656,7 @@ class CostModel:
         over_b = (2.0 * self.layer_overhead_s + calls * self.attn_call_overhead_s + (over_f if rec == "full" else 0.0)
                   + (calls * self.attn_call_overhead_s if core and self.replays else 0.0) + self.grad_accum_layer_s)
         fwd_layer = gemm_f + attn_f + mem_f + over_f
-        bwd_layer = 2.0 * gemm_f + attn_b + mem_b + over_b  # dgrad + wgrad: two GEMMs of the forward's size
+        bwd_layer = self.gemm_layer_bwd_s(tokens) + attn_b + mem_b + over_b  # dgrad + wgrad
         mem_rec = self._lookup("mem_recompute", tokens) if rec != "none" else 0.0
         attn_rec = attn_f if rec == "full" or core else 0.0
         gemm_rec = gemm_f if rec == "full" else (self._lookup("gemm_recompute", tokens) if self.replays else 0.0)
@@ -680,7 +705,7 @@ class CostModel:
             off_b = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "h2d") - bwd_layer), 0.0)
         gemm_h = self._lookup("gemm_head", tokens)
         head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h + (comm_loss if self.tp > 1 else 0.0)
-        head_b = 2.0 * gemm_h + self._lookup("mem_head_bwd", tokens) + comm_h
+        head_b = self._lookup("gemm_head_bwd", tokens) + self._lookup("mem_head_bwd", tokens) + comm_h
         mtp = self.setup.training.mtp_layers
         if mtp or self.pp == 1:
             embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)
@@ -727,16 +752,17 @@ class CostModel:
         unoverlapped."""
         mu = self.stage_model.moe_fraction
         a = self._lookup("moe_comm", tokens) / 2.0  # one all-to-all (dispatch or combine, ETP collectives with it)
-        x_f = self._lookup("gemm_experts", tokens)  # the experts' forward GEMMs; dgrad and wgrad each as much
-        a_f, a_b = fwd_layer - mu * x_f, bwd_layer - mu * 2.0 * x_f  # the rest: attention, router, shared expert
+        x_f = self._lookup("gemm_experts", tokens)  # the experts' forward GEMMs, their dgrad and wgrad
+        x_d, x_w = self._lookup("gemm_experts_dgrad", tokens), self._lookup("gemm_experts_wgrad", tokens)
+        a_f, a_b = fwd_layer - mu * x_f, bwd_layer - mu * (x_d + x_w)  # the rest: attention, router, shared expert
         sms = self.profile.constants.get("gemm_sms", {}).get("value")
         slow = 1.0 - dispatcher_sms(self.experts.dispatcher, self.experts.inter_node) / float(sms) if sms else 1.0
 
         def step(c: np.ndarray, g: np.ndarray) -> np.ndarray:
             return np.maximum(c, g + c * (1.0 - slow))
 
-        pair = step(a, a_f) + step(a, x_f) + step(a, x_f + x_f) + step(a, a_b)
-        exposed = pair - (a_f + a_b + 3.0 * x_f)
+        pair = step(a, a_f) + step(a, x_d) + step(a, x_w + x_f) + step(a, a_b)
+        exposed = pair - (a_f + a_b + x_f + x_d + x_w)
         return mu * (2.0 * a - exposed / 2.0)
 
     def _allgather_cp_s(self, kv_bytes: np.ndarray, d: np.ndarray, inter: np.ndarray, layers: int,
@@ -904,9 +930,9 @@ class CostModel:
         T(s) = α1·s² + β1·s + γ (ByteScale §5.2), relative error weighted, coefficients ≥ 0."""
         hi = max_len or max(2 * self.capacity_tokens, 65536)
         s = np.unique(np.round(np.geomspace(64, hi, 48)))
-        gemm = self.gemm_layer_fwd_s(s)
+        gemm = self.gemm_layer_fwd_s(s) + self.gemm_layer_bwd_s(s)
         mem = self._lookup("mem_layer_fwd", s) + self._lookup("mem_layer_bwd", s)
-        t = 3.0 * gemm + self.doc_attn_s(s, "fwd") + self.doc_attn_s(s, "bwd") + mem
+        t = gemm + self.doc_attn_s(s, "fwd") + self.doc_attn_s(s, "bwd") + mem
         a = np.stack([s * s, s, np.ones_like(s)], axis=1) / t[:, None]
         coef, *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
         if (coef < 0).any():  # refit without the negative terms

@@ -120,12 +120,13 @@ def loglog_interp(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray, *, belo
 SPLIT_K_MIN_K = 256
 
 
-def quantised_gemm_flops(m: np.ndarray | float, n: int, k: int, sms: float, tile_m: float, tile_n: float
+def quantised_gemm_flops(m: np.ndarray | float, n: int, k: np.ndarray | int, sms: float, tile_m: float, tile_n: float
                          ) -> np.ndarray:
     """FLOPs an (m×k)·(k×n) GEMM costs on `sms` SMs: whole output tiles (tile quantisation) run in whole waves of
     one tile per SM (wave quantisation), with the tile or its transpose, whichever pads less; under one wave, k
-    is split into up to SMs/tiles slices of at least SPLIT_K_MIN_K, whose waves are counted the same way."""
-    m_arr = np.asarray(m, dtype=float)
+    is split into up to SMs/tiles slices of at least SPLIT_K_MIN_K, whose waves are counted the same way. `m` or
+    `k` may be an array (a weight gradient's k is the tokens)."""
+    m_arr, k = np.broadcast_arrays(np.asarray(m, dtype=float), np.asarray(k, dtype=float))
     flops = np.full_like(m_arr, np.inf)
     for a, b in ((tile_m, tile_n), (tile_n, tile_m)):  # a along m, b along n
         tiles = np.ceil(m_arr / a) * math.ceil(n / b)
@@ -251,9 +252,16 @@ class Profile:
                                f"`meshplan profile --ops {','.join(empty)}` or use a shipped profile")
 
     # ---- lookups ----------------------------------------------------------------------------
-    def gemm_time_s(self, m: np.ndarray | float, n: int, k: int, dtype: str = "bf16") -> np.ndarray:
-        """Time of an (m×k)·(k×n) GEMM. Uses the measured series of this exact (n, k) when it has two
-        or more m points, else the generic time-vs-FLOPs curve of the dtype.
+    @property
+    def times_gemm_shapes(self) -> bool:
+        """Whether the GEMM time follows every shape (the analytic profiles: tile and wave quantisation on the SM
+        count, the roofline), so a backward's dgrad and wgrad are timed at their own shapes; a measured table times
+        the forward shapes it measured, and the backward is taken as twice them."""
+        return all(c in self.constants for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
+
+    def gemm_time_s(self, m: np.ndarray | float, n: int, k: np.ndarray | int, dtype: str = "bf16") -> np.ndarray:
+        """Time of an (m×k)·(k×n) GEMM; `m` or `k` may be an array. Uses the measured series of this exact (n, k)
+        when it has two or more m points, else the generic time-vs-FLOPs curve of the dtype.
 
         A profile carrying `gemm_sms`, `gemm_tile_m` and `gemm_tile_n` (the analytic ones: their curve is the
         best-shape rate, and their (n, k) series are samples of that same curve) always takes the curve at the
@@ -261,25 +269,27 @@ class Profile:
         their shape losses, so they are looked up as they are. A profile that also carries `hbm` (achievable
         device-memory bandwidth) bounds the time below by the roofline's memory side: reading A and B and writing C
         once (what makes QKᵀ of materialised attention, k = head_dim, memory-bound)."""
-        m_arr = np.asarray(m, dtype=float)
+        scalar_k = np.ndim(k) == 0
+        m_arr, k_arr = np.broadcast_arrays(np.asarray(m, dtype=float), np.asarray(k, dtype=float))
         df = self.tables["gemm"]
         df = df[df["dtype"] == dtype]
         if df.empty:
             raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} GEMM table; "
                                f"dtypes present: {sorted(set(self.tables['gemm']['dtype']))}")
-        quantise = all(c in self.constants for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
-        exact = df[(df["n"] == n) & (df["k"] == k)]
+        quantise = self.times_gemm_shapes
+        exact = df[(df["n"] == n) & (df["k"] == k)] if scalar_k else df.iloc[:0]
         if not quantise and exact["m"].nunique() >= 2:
             xs, ys = _series(exact, "m", "time_s")
             return loglog_interp(m_arr, xs, ys, below="clamp", above="proportional")
         xs, ys = self._gemm_generic(dtype)
         if not quantise:
-            return loglog_interp(2.0 * m_arr * n * k, xs, ys, below="clamp", above="proportional")
+            return loglog_interp(2.0 * m_arr * n * k_arr, xs, ys, below="clamp", above="proportional")
         sms, tm, tn = (self.constant(c) for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
-        t = loglog_interp(quantised_gemm_flops(m_arr, n, k, sms, tm, tn), xs, ys, below="clamp", above="proportional")
+        t = loglog_interp(quantised_gemm_flops(m_arr, n, k_arr, sms, tm, tn), xs, ys, below="clamp",
+                          above="proportional")
         if "hbm" in self.constants:
             elem = 4.0 if dtype == "fp32" else 2.0
-            t = np.maximum(t, (m_arr * k + k * n + m_arr * n) * elem / self.constant("hbm"))
+            t = np.maximum(t, (m_arr * k_arr + k_arr * n + m_arr * n) * elem / self.constant("hbm"))
         return t
 
     def _gemm_generic(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ def total_compute_s(lengths: np.ndarray, cm: CostModel) -> float:
     c = float(cm.capacity_tokens) * max(1.0, cm.layers_per_stage / 2)
     policy = cm.setup.training.recompute
     rec = 2.0 if policy == "full" else 0.0
-    per_token = (3.0 + rec / 2) * float(cm.gemm_layer_fwd_s(c))
+    per_token = (1.0 + rec / 2) * float(cm.gemm_layer_fwd_s(c)) + float(cm.gemm_layer_bwd_s(c))
     per_token += float(cm.memory_layer_s(c, recompute=policy != "none"))
     if cm.tp > 1 or cm.experts.all_to_all:  # a layer's exposed collectives, forward and backward (full recompute
         # replays the forward's), less what the EP overlap can hide at most

@@ -60,6 +60,25 @@ def test_grad_sync_positive_and_grows_across_nodes():
     assert 0 < intra < inter
 
 
+def test_backward_gemms_take_their_own_shapes_where_the_profile_times_shapes():
+    # dgrad contracts over the forward's output features, wgrad over the tokens into the weight's tiles; a measured
+    # table (its forward shapes only) takes each as the forward
+    import numpy as np
+
+    model, tp = load_model("gpt-22b"), 8
+    setup = Setup(model, load_cluster("dgx-a100").with_gpus(8), TrainingSpec(tp=tp))
+    a100 = load_profile("a100-sxm-80gb.analytic")
+    cm = CostModel(setup, a100)
+    tokens = np.array([4096.0, 32768.0])  # on the token grid's smooth part (it interpolates between its points)
+    want = sum(a100.gemm_time_s(tokens, g.k, g.n) + a100.gemm_time_s(float(g.k), g.n, tokens)
+               for g in gemm_shapes(model, tp)[:-1])
+    assert cm.gemm_layer_bwd_s(tokens) == pytest.approx(want, rel=0.02)
+    assert not np.allclose(cm.gemm_layer_bwd_s(tokens), 2 * cm.gemm_layer_fwd_s(tokens), rtol=0.01)
+    h200 = CostModel(dataclasses.replace(setup, cluster=load_cluster("hgx-h200").with_gpus(8)),
+                     load_profile("h200-sxm.measured"))
+    assert h200.gemm_layer_bwd_s(tokens) == pytest.approx(2 * h200.gemm_layer_fwd_s(tokens))
+
+
 def test_gemm_shapes_follow_the_mlp_kind():
     gpt, llama = load_model("gpt-22b"), load_model("llama-7b")
     up = {g.label: g for g in gemm_shapes(gpt, tp=8)}

@@ -143,3 +143,13 @@ def test_split_k_fills_the_sms_under_one_wave():
     assert float(big) == pytest.approx(396 * 128 * 256 * 2.0 * 16384)
     shallow = quantised_gemm_flops(512, 2304, 512, 132, 128, 256)  # k holds only 2 slices of 256
     assert float(shallow) == pytest.approx(132 * 128 * 256 * 2.0 * 512 / 2)
+
+
+def test_a_weight_gradients_contraction_may_be_the_array():
+    # wgrad: a fixed k x n weight contracted over a token count; the same GEMM as rows x n over k, element by element
+    p = load_profile("a100-sxm-80gb.analytic")
+    tokens = np.array([256.0, 3000.0, 65536.0])
+    t = p.gemm_time_s(1536.0, 4608, tokens)
+    assert t.shape == tokens.shape and np.all(np.diff(t) > 0)
+    assert t == pytest.approx([float(p.gemm_time_s(1536.0, 4608, int(x))) for x in tokens])
+    assert p.times_gemm_shapes and not load_profile("h200-sxm.measured").times_gemm_shapes
