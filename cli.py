@@ -537,8 +537,9 @@ def plan_cmd(
         attention_kernel: str = typer.Option("flash", "--attention-kernel", help=f"Attention kernel the training "
                                              f"runs, {one_of(ATTENTION_KERNELS)}: flash is the profile's own table; "
                                              "fa2, fa3 and cudnn-2024 their published H100 rates over it (analytic "
-                                             "Hopper profiles), fa1 and fa1-triton the FA2 paper's A100 ratios over "
-                                             "FA2 (analytic A100 profiles); unfused materialises the scores."),
+                                             "Hopper profiles; fa2 is the A100 profiles' own), fa1 and fa1-triton the "
+                                             "FA2 paper's A100 ratios over FA2 (analytic A100 profiles); unfused "
+                                             "materialises the scores."),
         loss: str = typer.Option("online", "--loss", help=f"Cross-entropy the training runs, {one_of(LOSS_KERNELS)}: "
                                  "online holds one 8K-token chunk's fp32 logits (ByteScale); in_place every token's "
                                  "logits in their dtype, the gradient written over them (Transformer Engine's, "

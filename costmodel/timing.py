@@ -33,16 +33,16 @@ DDP_BUCKET_PARAMS = 40_000_000  # Megatron-core DDP's default bucket (bucket_siz
 _TOKEN_GRID = np.unique(np.round(np.geomspace(1, 2**25, 200)).astype(np.int64)).astype(float)
 _BYTES_GRID = np.geomspace(1, 2**36, 160)
 _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
-# the layer GEMMs tp_comm_overlap runs TP collectives under, each with its own curve (gemm_<label>)
+# the layer GEMMs tp_comm_overlap runs TP collectives under, each with its own curves (gemm_<label>, its _dgrad and
+# _wgrad); every token curve is over tokens, the others over bytes
 _MLP_GEMMS = ("gate_up", "up", "down")
 _OVERLAP_GEMMS = ("qkv", "o", *_MLP_GEMMS)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_layer_bwd", "gemm_head", "gemm_head_bwd", "attn_fwd", "attn_bwd",
-                           "attn_doc_fwd", "attn_doc_bwd",
-                           "mem_layer_fwd", "mem_layer_bwd",
-                           "mem_recompute", "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd",
-                           "mem_embed_bwd", "moe_comm", "gemm_mtp_proj", "gemm_recompute", "gemm_experts",
+                           "attn_doc_fwd", "attn_doc_bwd", "mem_layer_fwd", "mem_layer_bwd", "mem_recompute",
+                           "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd", "mem_embed_bwd", "moe_comm",
+                           "gemm_mtp_proj", "gemm_mtp_proj_bwd", "gemm_recompute", "gemm_experts",
                            "gemm_experts_dgrad", "gemm_experts_wgrad"}
-                          | {f"gemm_{g}" for g in _OVERLAP_GEMMS})  # the others are over bytes
+                          | {f"gemm_{g}{d}" for g in _OVERLAP_GEMMS for d in ("", "_dgrad", "_wgrad")})
 _COMPUTE_CURVES = _TOKEN_CURVES - {"moe_comm"}  # what the compute share slows (transfers are measured as shared)
 
 
@@ -63,6 +63,7 @@ class GemmShape:
     k: int  # reduction (input) features
     rows_per_token: float = 1.0  # MoE experts: k·cf/E rows per expert (costmodel.moe); router: 1/tp with SP
     launches: int = 1  # MoE experts: one GEMM per local expert (E/ep), or 1 grouped
+    groups: int = 1  # weights one launch holds: a grouped GEMM's local experts, each over rows / groups of its rows
 
     @property
     def rows_per_token_all(self) -> float:
@@ -79,14 +80,15 @@ def gemm_shapes(model: ModelSpec, tp: int = 1, experts: ExpertLayout | None = No
     up = ("gate_up", 2 * model.ffn) if model.mlp == "swiglu" else ("up", model.ffn)
     lay = experts or ExpertLayout(tp=tp)
     split, rows, launches = mlp_gemm_plan(model, lay)
+    groups = model.experts // lay.ep if model.is_moe and lay.grouped_gemm else 1
     router = (GemmShape("router", model.experts, model.hidden, router_rows_per_token(lay)),) if model.is_moe else ()
     f_sh = model.shared_expert_ffn  # the shared expert: a dense MLP over tp, every token
     shared = (GemmShape(f"shared_{up[0]}", shard((2 if model.gated else 1) * f_sh), model.hidden),
               GemmShape("shared_down", model.hidden, shard(f_sh))) if f_sh else ()
     return (*_attention_gemm_shapes(model, tp, router_rows_per_token(lay)),
             GemmShape("o", model.hidden, shard(model.attn_out_width)),
-            GemmShape(up[0], shard(up[1], split), model.hidden, rows, launches),
-            GemmShape("down", model.hidden, shard(model.ffn, split), rows, launches),
+            GemmShape(up[0], shard(up[1], split), model.hidden, rows, launches, groups),
+            GemmShape("down", model.hidden, shard(model.ffn, split), rows, launches, groups),
             *shared, *router, GemmShape("lm_head", shard(model.vocab), model.hidden))
 
 
@@ -349,8 +351,10 @@ class CostModel:
         self._curves["gemm_head"] = p.gemm_time_s(_TOKEN_GRID, head.n, head.k, self.dtype)
         self._curves["gemm_head_bwd"] = sum(self._gemm_grads(head, self._curves["gemm_head"], self.dtype))
         if tr.mtp_layers:  # an MTP depth's projection of the hidden state and the embedding, 2h -> h over tp
-            self._curves["gemm_mtp_proj"] = p.gemm_time_s(_TOKEN_GRID, math.ceil(m.hidden / tr.tp), 2 * m.hidden,
-                                                          self.gemm_dtype)
+            proj = GemmShape("mtp_proj", math.ceil(m.hidden / tr.tp), 2 * m.hidden)
+            self._curves["gemm_mtp_proj"] = p.gemm_time_s(_TOKEN_GRID, proj.n, proj.k, self.gemm_dtype)
+            self._curves["gemm_mtp_proj_bwd"] = sum(self._gemm_grads(proj, self._curves["gemm_mtp_proj"],
+                                                                     self.gemm_dtype))
         unfused = self._unfused_attention_s(_TOKEN_GRID) if tr.attention_kernel == "unfused" else None
         # another fused kernel than the table's: its published rate over the table's, per document length
         kernel_x = (p.attention_kernel_time_x(tr.attention_kernel, _TOKEN_GRID)
@@ -381,10 +385,12 @@ class CostModel:
                                                         np.zeros_like(_TOKEN_GRID)), 1e-15)
             # what TP overlap splits (_overlapped_tp_comm_s): the attention's GEMMs (MLA: its up projections take the
             # gathered input), and a dense MLP's (expert GEMMs run no userbuffer overlap)
-            self._curves.update({f"gemm_{g.label}": np.maximum(t, 1e-15) for g, t, *_ in gemms
+            self._curves.update({f"gemm_{g.label}{d}": np.maximum(t, 1e-15) for g, *ts in gemms
+                                 for d, t in zip(("", "_dgrad", "_wgrad"), ts)
                                  if g.label in _OVERLAP_GEMMS and not (kind.is_moe and g.label in _MLP_GEMMS)})
             if kind.is_mla:
-                self._curves["gemm_qkv"] = sum(t for g, t, *_ in gemms if g.label in ("q", "q_up", "kv_up"))
+                for i, d in enumerate(("", "_dgrad", "_wgrad")):
+                    self._curves[f"gemm_qkv{d}"] = sum(ts[i] for g, *ts in gemms if g.label in ("q", "q_up", "kv_up"))
         eager = tr.kernels == "eager"
         kernels = {"mem_head_fwd": (eager_head_kernels(m, tr.tp, sp, b, "fwd") if eager else
                                     head_kernels(m, tr.tp, sp, b, tr.loss, "fwd")),
@@ -426,15 +432,16 @@ class CostModel:
 
     def _gemm_grads(self, g: GemmShape, fwd: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         """The backward of forward GEMM `g` (time `fwd` over the token grid): dgrad, (rows × n)·(n × k), contracted
-        over the output features; wgrad, (k × rows)·(rows × n), the weight's k × n tiles contracted over the rows.
-        Each at its own shape where the profile times shapes (their tiles, waves and roofline differ from the
-        forward's: a small weight's wgrad fills few tiles, a small k's forward is memory-bound), else each as much
-        as the forward (a measured table's forward shapes)."""
+        over the output features; wgrad, (k × rows)·(rows × n), each weight's k × n tiles contracted over its rows
+        (a grouped GEMM's experts: one weight each, over their share of the rows). Each at its own shape where the
+        profile times shapes (their tiles, waves and roofline differ from the forward's: a small weight's wgrad
+        fills few tiles, a small k's forward is memory-bound), else each as much as the forward (a measured table's
+        forward shapes)."""
         if not self.profile.times_gemm_shapes:
             return fwd, fwd
         rows = _TOKEN_GRID * g.rows_per_token
         return (g.launches * self.profile.gemm_time_s(rows, g.k, g.n, dtype),
-                g.launches * self.profile.gemm_time_s(float(g.k), g.n, rows, dtype))
+                g.launches * g.groups * self.profile.gemm_time_s(float(g.k), g.n, rows / g.groups, dtype))
 
     def _layer_curves(self, kind: ModelSpec, gemms: list[tuple[GemmShape, np.ndarray, np.ndarray, np.ndarray]]
                       ) -> dict[str, np.ndarray]:
@@ -715,8 +722,8 @@ class CostModel:
             if self.setup.training.recompute == "full":  # Megatron checkpoints the depth: its projection replays
                 proj_b = proj_b + proj + proj_f
             head_f, head_b = (head_f + mtp * (embed_f + proj + proj_f + fwd_layer + (tp_f + ring_exp_f) / l + head_f),
-                              head_b + mtp * (embed_b + 2.0 * proj + proj_b + bwd_layer + (tp_b + ring_exp_b) / l
-                                          + head_b))
+                              head_b + mtp * (embed_b + self._lookup("gemm_mtp_proj_bwd", tokens) + proj_b
+                                              + bwd_layer + (tp_b + ring_exp_b) / l + head_b))
         if self.pp == 1:  # the embedding: lookup, then its reduce-scatter (all-reduce) over TP; scatter-add back
             head_f, head_b = head_f + embed_f, head_b + embed_b
         head_b = head_b + self.grad_accum_head_s  # once: the head's (and MTP's) parameters, whatever the depths
@@ -871,14 +878,16 @@ class CostModel:
             pairs.append((up, "down", 1.0 - self.stage_model.moe_fraction, ag, rs))
         fwd = bwd = mlp_f = np.zeros_like(tokens)
         # ag_in, rs_in: the first GEMM's input gathered and its input gradient scattered; ag: the second's dY gathered
+        def ring(c: np.ndarray, gemm: str) -> np.ndarray:  # c beside `gemm` split into t row chunks
+            g, split = self._lookup(gemm, tokens), t * self._lookup(gemm, tokens / t)
+            return np.maximum(0.0, c - split * (t - 1) / t) + (split - g)
+
         for first, second, w, ag_in, rs_in in pairs:
-            g1, g2 = self._lookup(f"gemm_{first}", tokens), self._lookup(f"gemm_{second}", tokens)
-            s1, s2 = t * self._lookup(f"gemm_{first}", tokens / t), t * self._lookup(f"gemm_{second}", tokens / t)
-            ring1 = np.maximum(0.0, ag_in - s1 * (t - 1) / t) + (s1 - g1)
-            ring2 = np.maximum(0.0, rs - s2 * (t - 1) / t) + (s2 - g2)
-            ring2_dgrad = np.maximum(0.0, ag - s2 * (t - 1) / t) + (s2 - g2)
+            ring1, ring2 = ring(ag_in, f"gemm_{first}"), ring(rs, f"gemm_{second}")
+            bulk = (np.maximum(0.0, ag_in - self._lookup(f"gemm_{first}_dgrad", tokens))
+                    + np.maximum(0.0, rs_in - self._lookup(f"gemm_{first}_wgrad", tokens)))
             fwd = fwd + w * (ring1 + ring2)
-            bwd = bwd + w * (ring2_dgrad + np.maximum(0.0, ag_in - g1) + np.maximum(0.0, rs_in - g1))
+            bwd = bwd + w * (ring(ag, f"gemm_{second}_dgrad") + bulk)
             if first != "qkv":
                 mlp_f = ring1 + ring2
         return fwd, bwd, mlp_f

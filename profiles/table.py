@@ -439,11 +439,12 @@ class Profile:
         return ratio
 
     def attention_kernel_time_x(self, kernel: str, doc_len: np.ndarray | float) -> dict[str, np.ndarray]:
-        """{"fwd", "bwd"}: causal attention's time with `kernel` (TrainingSpec.attention_kernel: fa2, fa3,
-        cudnn-2024) over this profile's table at each document length `doc_len`, from the constants that an analytic
-        profile gives for the kernels with published rates on its GPU: attn_kernel_time_x_<kernel>_<direction>_at_<n>
-        at n tokens, interpolated in log n and held beyond the ends, else attn_kernel_time_x_<kernel>_<direction> at
-        every length. A measured profile holds the kernel it measured and gives none: only the table's own ("flash")."""
+        """{"fwd", "bwd"}: causal attention's time with `kernel` (TrainingSpec.attention_kernel: fa1, fa1-triton,
+        fa2, fa3, cudnn-2024) over this profile's table at each document length `doc_len`, from the constants that an
+        analytic profile gives for the kernels with published rates on its GPU:
+        attn_kernel_time_x_<kernel>_<direction>_at_<n> at n tokens, interpolated in log n and held beyond the ends,
+        else attn_kernel_time_x_<kernel>_<direction> at every length. A measured profile holds the kernel it
+        measured and gives none: only the table's own ("flash")."""
         got = {d: self.constants.get(f"attn_kernel_time_x_{kernel}_{d}") for d in ("fwd", "bwd")}
         if all(got.values()):
             x = np.log(np.maximum(np.asarray(doc_len, float), 1.0))

@@ -72,6 +72,21 @@ def test_layer_gemms_priced_at_per_expert_rows(mixtral, profile):
     assert float(ep1.gemm_layer_fwd_s(S)) == pytest.approx(want1, rel=1e-9)
 
 
+def test_backward_expert_gemms_one_weight_gradient_per_expert(mixtral, profile):
+    # dgrad at the transposed shape over all the rank's rows; wgrad one k x n weight per expert, each over its own
+    # rows, whether the experts launch one by one or grouped (2 local experts at ep = 4)
+    g = lambda m, n, k: float(profile.gemm_time_s(m, n, k, "bf16"))  # noqa: E731
+    rows = S * K / E
+    for grouped in (False, True):
+        cm = cost_model(mixtral, profile, ep=4, moe_grouped_gemm=grouped)
+        down = next(x for x in cm._layer_gemms(mixtral) if x[0].label == "down")
+        shape, _, dgrad, wgrad = down
+        i = int(np.searchsorted(_TOKEN_GRID, S))
+        n, k = shape.n, shape.k
+        want_d = g(2 * rows, k, n) if grouped else 2 * g(rows, k, n)
+        assert dgrad[i] == pytest.approx(want_d, rel=1e-9) and wgrad[i] == pytest.approx(2 * g(k, n, rows), rel=1e-9)
+
+
 def test_all_to_all_replaces_the_mlp_tp_pair(mixtral, profile):
     ep8, ep1 = cost_model(mixtral, profile, ep=8), cost_model(mixtral, profile)
     a2a = float(profile.collective_time_s("all_to_all", S / 8 * K * H * 2, 8, "intra"))

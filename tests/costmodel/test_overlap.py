@@ -24,7 +24,9 @@ def _cm(gpus: int = 64, model: str = "llama3-70b", **training) -> CostModel:
 def test_tp_overlap_hand_computed_from_its_gemms_and_collectives():
     cm = _cm(tp_comm_overlap=True)
     t, s = 4, 8192.0
-    g = {k: float(cm._lookup(f"gemm_{k}", s)) for k in ("qkv", "o", "gate_up", "down")}
+    # each GEMM's forward, dgrad and wgrad (the backward's at their own shapes on an analytic profile)
+    names = [f"{k}{d}" for k in ("qkv", "o", "gate_up", "down") for d in ("", "_dgrad", "_wgrad")]
+    g = {k: float(cm._lookup(f"gemm_{k}", s)) for k in names}
     split = {k: t * float(cm._lookup(f"gemm_{k}", s / t)) for k in g}
     act = s * cm.model.hidden * 2
     ag, rs = float(cm._lookup("tp_all_gather", act)), float(cm._lookup("tp_reduce_scatter", act))
@@ -33,8 +35,11 @@ def test_tp_overlap_hand_computed_from_its_gemms_and_collectives():
         return max(0.0, c - split[k] * (t - 1) / t) + split[k] - g[k]
 
     fwd = ring(ag, "qkv") + ring(rs, "o") + ring(ag, "gate_up") + ring(rs, "down")
-    bwd = (ring(ag, "o") + max(0.0, ag - g["qkv"]) + max(0.0, rs - g["qkv"])
-           + ring(ag, "down") + max(0.0, ag - g["gate_up"]) + max(0.0, rs - g["gate_up"]))
+    # backward: dY gathered under the second GEMM's dgrad (ring); the input re-gathered beside the first's dgrad and
+    # its dX scattered beside its wgrad (bulk)
+    bwd = (ring(ag, "o_dgrad") + max(0.0, ag - g["qkv_dgrad"]) + max(0.0, rs - g["qkv_wgrad"])
+           + ring(ag, "down_dgrad") + max(0.0, ag - g["gate_up_dgrad"]) + max(0.0, rs - g["gate_up_wgrad"]))
+    assert g["o_dgrad"] != pytest.approx(g["o"], rel=0.01)  # not the forward's time
     f, b = cm.layer_tp_comm_s(s)
     assert float(f) == pytest.approx(fwd, rel=1e-9) and float(b) == pytest.approx(bwd, rel=1e-9)
 
