@@ -877,11 +877,11 @@ class CostModel:
             up = "gate_up" if self.model.mlp == "swiglu" else "up"
             pairs.append((up, "down", 1.0 - self.stage_model.moe_fraction, ag, rs))
         fwd = bwd = mlp_f = np.zeros_like(tokens)
-        # ag_in, rs_in: the first GEMM's input gathered and its input gradient scattered; ag: the second's dY gathered
         def ring(c: np.ndarray, gemm: str) -> np.ndarray:  # c beside `gemm` split into t row chunks
             g, split = self._lookup(gemm, tokens), t * self._lookup(gemm, tokens / t)
             return np.maximum(0.0, c - split * (t - 1) / t) + (split - g)
 
+        # ag_in, rs_in: the first GEMM's input gathered and its input gradient scattered; ag: the second's dY gathered
         for first, second, w, ag_in, rs_in in pairs:
             ring1, ring2 = ring(ag_in, f"gemm_{first}"), ring(rs, f"gemm_{second}")
             bulk = (np.maximum(0.0, ag_in - self._lookup(f"gemm_{first}_dgrad", tokens))

@@ -269,19 +269,15 @@ class Profile:
         their shape losses, so they are looked up as they are. A profile that also carries `hbm` (achievable
         device-memory bandwidth) bounds the time below by the roofline's memory side: reading A and B and writing C
         once (what makes QKᵀ of materialised attention, k = head_dim, memory-bound)."""
-        scalar_k = np.ndim(k) == 0
         m_arr, k_arr = np.broadcast_arrays(np.asarray(m, dtype=float), np.asarray(k, dtype=float))
-        df = self.tables["gemm"]
-        df = df[df["dtype"] == dtype]
-        if df.empty:
-            raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} GEMM table; "
-                               f"dtypes present: {sorted(set(self.tables['gemm']['dtype']))}")
+        xs, ys = self._gemm_generic(dtype)  # (cached) raises where the table has no `dtype` rows
         quantise = self.times_gemm_shapes
-        exact = df[(df["n"] == n) & (df["k"] == k)] if scalar_k else df.iloc[:0]
-        if not quantise and exact["m"].nunique() >= 2:
-            xs, ys = _series(exact, "m", "time_s")
-            return loglog_interp(m_arr, xs, ys, below="clamp", above="proportional")
-        xs, ys = self._gemm_generic(dtype)
+        if not quantise and np.ndim(k) == 0:  # a measured table's own series of this (n, k)
+            df = self.tables["gemm"]
+            exact = df[(df["dtype"] == dtype) & (df["n"] == n) & (df["k"] == k)]
+            if exact["m"].nunique() >= 2:
+                xs, ys = _series(exact, "m", "time_s")
+                return loglog_interp(m_arr, xs, ys, below="clamp", above="proportional")
         if not quantise:
             return loglog_interp(2.0 * m_arr * n * k_arr, xs, ys, below="clamp", above="proportional")
         sms, tm, tn = (self.constant(c) for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
@@ -297,7 +293,11 @@ class Profile:
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
             df = self.tables["gemm"]
-            df = df[df["dtype"] == dtype].assign(flops=lambda t: 2.0 * t["m"] * t["n"] * t["k"])
+            df = df[df["dtype"] == dtype]
+            if df.empty:
+                raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} GEMM table; "
+                                   f"dtypes present: {sorted(set(self.tables['gemm']['dtype']))}")
+            df = df.assign(flops=lambda t: 2.0 * t["m"] * t["n"] * t["k"])
             xs, ys = _series(df, "flops", "time_s")
             # Keep the lower envelope's monotone part: time never falls as work grows.
             ys = np.maximum.accumulate(ys)
