@@ -441,7 +441,19 @@ class CostModel:
             return fwd, fwd
         rows = _TOKEN_GRID * g.rows_per_token
         return (g.launches * self.profile.gemm_time_s(rows, g.k, g.n, dtype),
-                g.launches * g.groups * self.profile.gemm_time_s(float(g.k), g.n, rows / g.groups, dtype))
+                g.launches * g.groups * self.profile.gemm_time_s(float(g.k), g.n, rows / g.groups, dtype,
+                                                                 out_bytes=self._wgrad_out_bytes))
+
+    @property
+    def _wgrad_out_bytes(self) -> float | None:
+        """Bytes a weight-gradient GEMM moves per weight element: where it accumulates into the main gradient
+        (Megatron's gradient_accumulation_fusion, wgrad_gemm_accum_fp32; Transformer Engine's grouped GEMM into
+        main_grad) it reads and writes that, 2 × the gradients' width (8 B in fp32); else None, its output written
+        once in the GEMM's dtype. ZeRO-3's rounds take each micro-batch's gradient as written."""
+        tr = self.setup.training
+        if tr.grad_accumulation_kind == "fused" and tr.zero_stage < 3:
+            return 2.0 * DTYPE_BYTES[tr.grad_dtype]
+        return None
 
     def _layer_curves(self, kind: ModelSpec, gemms: list[tuple[GemmShape, np.ndarray, np.ndarray, np.ndarray]]
                       ) -> dict[str, np.ndarray]:

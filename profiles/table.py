@@ -259,7 +259,8 @@ class Profile:
         the forward shapes it measured, and the backward is taken as twice them."""
         return all(c in self.constants for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
 
-    def gemm_time_s(self, m: np.ndarray | float, n: int, k: np.ndarray | int, dtype: str = "bf16") -> np.ndarray:
+    def gemm_time_s(self, m: np.ndarray | float, n: int, k: np.ndarray | int, dtype: str = "bf16",
+                    out_bytes: float | None = None) -> np.ndarray:
         """Time of an (m×k)·(k×n) GEMM; `m` or `k` may be an array. Uses the measured series of this exact (n, k)
         when it has two or more m points, else the generic time-vs-FLOPs curve of the dtype.
 
@@ -267,8 +268,10 @@ class Profile:
         best-shape rate, and their (n, k) series are samples of that same curve) always takes the curve at the
         padded problem's FLOPs (quantised_gemm_flops). Measured tables already hold
         their shape losses, so they are looked up as they are. A profile that also carries `hbm` (achievable
-        device-memory bandwidth) bounds the time below by the roofline's memory side: reading A and B and writing C
-        once (what makes QKᵀ of materialised attention, k = head_dim, memory-bound)."""
+        device-memory bandwidth) bounds the time below by the roofline's memory side: reading A and B (1 B an
+        element in fp8, 4 in fp32, else 2) and writing C once at `out_bytes` an element (default: 4 in fp32, else 2;
+        a weight gradient accumulated into fp32 in the GEMM reads and writes it, 8), what makes QKᵀ of materialised
+        attention (k = head_dim) and the weight gradients of experts with few rows memory-bound."""
         m_arr, k_arr = np.broadcast_arrays(np.asarray(m, dtype=float), np.asarray(k, dtype=float))
         xs, ys = self._gemm_generic(dtype)  # (cached) raises where the table has no `dtype` rows
         quantise = self.times_gemm_shapes
@@ -284,8 +287,9 @@ class Profile:
         t = loglog_interp(quantised_gemm_flops(m_arr, n, k_arr, sms, tm, tn), xs, ys, below="clamp",
                           above="proportional")
         if "hbm" in self.constants:
-            elem = 4.0 if dtype == "fp32" else 2.0
-            t = np.maximum(t, (m_arr * k_arr + k_arr * n + m_arr * n) * elem / self.constant("hbm"))
+            elem = {"fp32": 4.0, "fp8": 1.0}.get(dtype, 2.0)
+            out = out_bytes if out_bytes is not None else (4.0 if dtype == "fp32" else 2.0)
+            t = np.maximum(t, ((m_arr * k_arr + k_arr * n) * elem + m_arr * n * out) / self.constant("hbm"))
         return t
 
     def _gemm_generic(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,23 @@ def test_backward_gemms_take_their_own_shapes_where_the_profile_times_shapes():
     assert h200.gemm_layer_bwd_s(tokens) == pytest.approx(2 * h200.gemm_layer_fwd_s(tokens))
 
 
+
+def test_weight_gradients_accumulated_in_the_gemm_read_and_write_the_main_gradient():
+    # Megatron's gradient_accumulation_fusion: each wgrad reads and writes its fp32 main gradient (8 B a weight), which
+    # shows where few rows make it memory-bound; an accumulation outside the GEMM ("add") writes it once in bf16 and
+    # pays its add as a pass of its own (grad_accum_layer_s); large token counts stay compute-bound either way
+    import numpy as np
+
+    model = load_model("llama-7b")
+    a100 = load_profile("a100-sxm-80gb.analytic")
+    setup = Setup(model, load_cluster("dgx-a100").with_gpus(8), TrainingSpec())
+    cm = lambda **kw: CostModel(dataclasses.replace(setup, training=TrainingSpec(**kw)), a100)  # noqa: E731
+    fused, add, bf16 = cm(), cm(grad_accumulation="add"), cm(grad_dtype="bf16")
+    few, many = np.array([64.0]), np.array([32768.0])
+    assert fused.gemm_layer_bwd_s(few) > bf16.gemm_layer_bwd_s(few) > add.gemm_layer_bwd_s(few)
+    assert fused.gemm_layer_bwd_s(many) == pytest.approx(add.gemm_layer_bwd_s(many))
+    assert add.grad_accum_layer_s > 0 == fused.grad_accum_layer_s
+
 def test_gemm_shapes_follow_the_mlp_kind():
     gpt, llama = load_model("gpt-22b"), load_model("llama-7b")
     up = {g.label: g for g in gemm_shapes(gpt, tp=8)}

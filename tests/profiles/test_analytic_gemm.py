@@ -153,3 +153,16 @@ def test_a_weight_gradients_contraction_may_be_the_array():
     assert t.shape == tokens.shape and np.all(np.diff(t) > 0)
     assert t == pytest.approx([float(p.gemm_time_s(1536.0, 4608, int(x))) for x in tokens])
     assert p.times_gemm_shapes and not load_profile("h200-sxm.measured").times_gemm_shapes
+
+
+def test_memory_side_counts_each_operands_width_and_the_output_as_written():
+    # a weight gradient over few rows is memory-bound: A and B read at the dtype's width (fp8 1 B), C written at 2 B
+    # by default, or read and written at 4 + 4 B where the GEMM accumulates into an fp32 main gradient
+    p = load_profile("h100-sxm.analytic")
+    hbm = p.constant("hbm")
+    m, n, k = 2880.0, 5760, 16
+    assert float(p.gemm_time_s(m, n, k)) == pytest.approx(((m * k + k * n) * 2 + m * n * 2) / hbm)
+    assert float(p.gemm_time_s(m, n, k, out_bytes=8.0)) == pytest.approx(((m * k + k * n) * 2 + m * n * 8) / hbm)
+    assert float(p.gemm_time_s(m, n, k, "fp8")) == pytest.approx(((m * k + k * n) * 1 + m * n * 2) / hbm)
+    big = 65536  # compute-bound: the output's width does not show
+    assert float(p.gemm_time_s(m, n, big, out_bytes=8.0)) == float(p.gemm_time_s(m, n, big))
