@@ -26,6 +26,7 @@ from planner.workload import GlobalBatch, global_batches
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.strategies import PlanOptions, get_strategy, run_strategy, solver_meta
 from planner.strategies.common import fits_first
+from profiles.measure import cpu_device_name
 from profiles.table import Profile, ProfileError, load_profile, profile_names
 
 BYTESCALE_TOKENS_PER_STEP = 32 * 2**20  # ByteScale §8.1: 32M tokens per step
@@ -138,11 +139,26 @@ def device_kind(text: str) -> str | None:
 def warn_device_mismatch(profile: Profile, cluster: ClusterSpec) -> None:
     """A warning (not an error: a stand-in profile is a legitimate study) when the profile was made
     for another device than the cluster's GPU; silent when either name is not recognised."""
-    have, want = device_kind(profile.fingerprint.device), device_kind(cluster.gpu)
+    fp = profile.fingerprint
+    have, want = device_kind(fp.device), device_kind(cluster.gpu)
     if have and want and have != want:
-        warnings.warn(f"profile {profile.fingerprint.name!r} describes {profile.fingerprint.device}, not the "
+        warnings.warn(f"profile {fp.name!r} describes {fp.device}, not the "
                       f"{cluster.gpu} of cluster {cluster.name!r}: its times will not predict this cluster "
                       "(measure one there with `meshplan profile`, or pass --profile)", stacklevel=3)
+    else:
+        warn_cpu_host_mismatch(profile, cluster)
+
+
+def warn_cpu_host_mismatch(profile: Profile, cluster: ClusterSpec) -> None:
+    """A CPU cluster is this host (its ranks are processes here): a warning when its measured profile names
+    another CPU or core count than this host's (the shipped local-cpu profile's EPYC on a Xeon host predicted
+    steps 33-81% slow, docs/BENCHMARKS.md)."""
+    fp = profile.fingerprint
+    if (device_kind(cluster.gpu) == device_kind(fp.device) == "cpu" and fp.source == "measured"
+            and fp.device != (here := cpu_device_name())):
+        warnings.warn(f"profile {fp.name!r} was measured on {fp.device.removeprefix('cpu: ')}, this host is "
+                      f"{here.removeprefix('cpu: ')}: its times will not predict runs here (measure this host with "
+                      "`meshplan profile --quick --out FILE` and pass --profile FILE)", stacklevel=4)
 
 
 def profile_meta(profile: Profile) -> dict:
@@ -282,6 +298,7 @@ def cost_model_for_plan(plan: Plan, profile: str | None = None) -> CostModel:
         warn_device_mismatch(prof, cluster)
     else:
         prof = _recorded_profile(m.get("profile"), cluster.profile)
+        warn_cpu_host_mismatch(prof, cluster)
     cm = CostModel(setup, prof)
     if (setup.hdp, training.pp, training.tp) != (plan.mesh.hdp, plan.mesh.pp, plan.mesh.tp):
         raise PlanError("plan mesh does not match its own meta (edited plan?)")

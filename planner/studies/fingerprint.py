@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from planner.strategies import STRATEGIES
+from profiles.measure import cpu_model_name
 
 # Packages that do not change a point's figures: the executor, measurement, presentation, and the
 # studies themselves (they choose points; planning and costing them happens elsewhere).
@@ -48,13 +49,5 @@ def code_fingerprint(strategy: str | None = None) -> str:
 
 def machine_description() -> str:
     """CPU model and core count of this machine, for benchmark records."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()}-core {model}, {platform.system()} {platform.release()}, "
+    return (f"{os.cpu_count()}-core {cpu_model_name()}, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}")

@@ -499,6 +499,11 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+def cpu_device_name() -> str:
+    """This host as a CPU profile's fingerprint names its device: 'cpu: <model> (<n> cores)'."""
+    return f"cpu: {cpu_model_name()} ({os.cpu_count() or 0} cores)"
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None."""
     try:
@@ -540,7 +545,7 @@ def device_fingerprint(device: str) -> tuple[str, dict[str, str]]:
         return f"{name} (host cpu: {cpu_model_name()}, {cores} cores)", versions
     versions["cuda"] = "none"
     versions["nccl"] = "none"
-    return f"cpu: {cpu_model_name()} ({cores} cores)", versions
+    return cpu_device_name(), versions
 
 
 def torch_dtype(name: str) -> Any:

@@ -72,6 +72,34 @@ def test_profile_of_another_device_warns(cluster, profile, warns):
         assert profile in msgs[0] and cm.setup.cluster.gpu in msgs[0]
 
 
+
+def test_a_cpu_profile_of_another_host_warns(monkeypatch):
+    # a CPU cluster's ranks run on this host: a measured profile of another CPU or core count says so, in plan and
+    # when a plan is re-priced on its recorded profile; the same CPU says nothing
+    import warnings
+
+    import planner.api as api
+    from profiles.table import load_profile
+    from planner.api import PlanRequest, build_cost_model, cost_model_for_plan, make_plan
+
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=2, max_context_tokens=4096, steps=1)
+
+    def caught(fn) -> list[str]:
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always")
+            fn()
+        return [str(w.message) for w in ws if "this host is" in str(w.message)]
+
+    measured_on = load_profile("local-cpu.measured").fingerprint.device
+    monkeypatch.setattr(api, "cpu_device_name", lambda: measured_on)
+    assert caught(lambda: build_cost_model(req)) == []
+    plan = make_plan(req, "static")
+    assert caught(lambda: cost_model_for_plan(plan)) == []
+    monkeypatch.setattr(api, "cpu_device_name", lambda: "cpu: Some Other CPU (64 cores)")
+    msgs = caught(lambda: build_cost_model(req))
+    assert len(msgs) == 1 and "local-cpu.measured" in msgs[0] and "Some Other CPU (64 cores)" in msgs[0]
+    assert len(caught(lambda: cost_model_for_plan(plan))) == 1
+
 def test_device_kind_names():
     from planner.api import device_kind
     assert device_kind("NVIDIA H100 80GB HBM3 (host cpu: Intel(R) Xeon(R) Platinum 8480+, 224 cores)") == "h100"
