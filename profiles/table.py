@@ -271,7 +271,7 @@ class Profile:
         device-memory bandwidth) bounds the time below by the roofline's memory side: reading A and B (1 B an
         element in fp8, 4 in fp32, else 2) and writing C once at `out_bytes` an element (default: 4 in fp32, else 2;
         a weight gradient accumulated into fp32 in the GEMM reads and writes it, 8), what makes QKᵀ of materialised
-        attention (k = head_dim) and the weight gradients of experts with few rows memory-bound."""
+        attention (k = head_dim) and a large weight's gradient over few rows memory-bound."""
         m_arr, k_arr = np.broadcast_arrays(np.asarray(m, dtype=float), np.asarray(k, dtype=float))
         xs, ys = self._gemm_generic(dtype)  # (cached) raises where the table has no `dtype` rows
         quantise = self.times_gemm_shapes
