@@ -6,8 +6,9 @@ cores' sharing (the CPU profile's concurrency slowdowns run their probes free, e
 Up to 2c probe processes (profiles/measure/probe.py: a GEMM, causal attention and an elementwise pass, operands from
 memory) pinned to this process's c cores (at most 2), each running `--calls` probe calls; a group of them waits at a
 barrier after each call, as ring-attention steps and TP collectives hold a unit's ranks together. Per configuration:
-the wall time until the last process ends over one process alone, the median over interleaved rounds (each round
-runs every configuration back to back). Figures, never pass/fail."""
+the wall time until the last process ends over one process alone in the same round, the median over interleaved
+rounds (each round runs every configuration back to back: the host's speed moves between rounds on a shared
+machine). Figures, never pass/fail."""
 
 from __future__ import annotations
 
