@@ -13,10 +13,12 @@ share each node's NICs, which is what the cost model looks them up for. send/rec
 always a P2P ring: each member sends S bytes to the next member and receives S from the previous.
 
 Per repeat: a barrier (untimed), then the op; each rank times its own call and the repeat's time
-is the MAX over ranks (the slowest rank finishes the collective); the row holds the median over
-repeats. S follows nccl-tests (all-gather: output, reduce-scatter: input, all-to-all: per-rank send
-buffer); S is rounded down to whole fp32 elements divisible by the group size. algbw = S/t and
-busbw = algbw·F(n) are stored beside the time (REFERENCE 7.6).
+is the MAX over ranks (the slowest rank finishes the collective); the row holds the mean over
+repeats: the expected time of a call, which a step that makes many calls pays. Gloo on a shared host has a heavy
+tail (2 ranks, 4 KB: median 0.4 ms, 90th percentile 4 ms, mean 1.6 ms), which a median hides. S follows
+nccl-tests (all-gather: output, reduce-scatter: input, all-to-all: per-rank send buffer); S is rounded down to
+whole fp32 elements divisible by the group size. algbw = S/t and busbw = algbw·F(n) are stored beside the time
+(REFERENCE 7.6).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -31,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from profiles.measure import (OPS, CollectiveCase, MeasureConfig, collective_cases, collective_timing, median,
-                              plan_config, time_op)
+from profiles.measure import (OPS, CollectiveCase, MeasureConfig, collective_cases, collective_timing, plan_config,
+                              time_op)
 from profiles.table import TABLE_COLUMNS, atomic_write_text, bus_factor
 
 COLUMNS = TABLE_COLUMNS["collective"] + ["impl", "algbw_bytes_per_s", "busbw_bytes_per_s"]
@@ -122,6 +125,12 @@ def build_op(case: CollectiveCase, rank: int, world: int, device: torch.device):
     return impl, fns[case.op], mine, n * ELEM_BYTES
 
 
+def row_time_s(repeat_s: list[float]) -> float:
+    """A row's time from its repeats' times (each the slowest rank's): their mean, the expected time of a call (the
+    module docstring: a median would hide gloo's tail on a shared host)."""
+    return float(statistics.fmean(repeat_s))
+
+
 def run_case(case: CollectiveCase, cfg: MeasureConfig, rank: int, world: int, local_world: int,
              device: torch.device) -> tuple | None:
     """Time one case on all ranks; rank 0 gets the table row, the others None."""
@@ -139,7 +148,7 @@ def run_case(case: CollectiveCase, cfg: MeasureConfig, rank: int, world: int, lo
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a repeat lasts until its slowest rank is done
     if rank != 0:
         return None
-    t = median(times.cpu().tolist())
+    t = row_time_s(times.cpu().tolist())
     scope = "intra" if len({r // local_world for r in members}) == 1 else "inter"  # rank 0's group: group 0
     algbw = nbytes / t
     return (case.op, scope, case.group_size, case.concurrent_groups, nbytes, t, impl, algbw,

@@ -489,7 +489,8 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
              + f"Attention: heads {cfg.attn_heads[0]}/{cfg.attn_heads[1]} (q/kv), causal, "
              f"{cfg.attn_pack_tokens} tokens per varlen call; extra columns layout/impl say how each row ran. "
              f"Collectives: {cfg.nproc} ranks ({'nccl' if device == 'cuda' else 'gloo'}), world group only, "
-             "native ops when the group is the world, P2P rings on subsets (impl column); time = max over ranks. "
+             "native ops when the group is the world, P2P rings on subsets (impl column); time = max over ranks, "
+             "mean over repeats. "
              + ("Host copy: memcpy (torch copy_ between host buffers), no device on this machine. "
                 if device == "cpu" else "Host copy: pinned and pageable H2D/D2H. ")
              + (memory_note(cfg, done["memory"].get("load_start")) + " " if "memory" in tables else "")

@@ -2,11 +2,12 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from costmodel.presets import load_cluster, load_model
 from costmodel.specs import Setup, SpecError, TrainingSpec
-from costmodel.timing import CostModel, compute_share_of, fit_layer_time, gemm_shapes
+from costmodel.timing import CostModel, compute_share_of, fit_layer_time, gemm_shapes, lockstep_x_of
 from profiles.table import load_profile
 
 
@@ -132,6 +133,37 @@ def test_ranks_beyond_the_cores_share_them():
     # a profile with cores but no measured slowdowns: the fair share
     bare = dataclasses.replace(cpu, constants={k: v for k, v in cpu.constants.items() if "slowdown" not in k})
     assert compute_share_of(bare, 2 * cores) == pytest.approx(2.0) and compute_share_of(bare, cores) == 1.0
+
+
+def test_a_lockstep_group_larger_than_the_cores_takes_whole_turns():
+    """A unit's ranks (degree × tp) synchronise at every ring step and TP collective: on c cores a group of g > c
+    ranks runs in ⌈g/c⌉ turns between synchronisations where the compute share priced g/c, so all of the unit's
+    terms stretch by ⌈g/c⌉/(g/c) (3 ranks on 2 cores: 4/3). Groups that fit the cores, a given share (a fit's lone
+    rank) and GPU profiles are unchanged."""
+    cpu = load_profile("local-cpu.measured")
+    assert int(cpu.constant("cores_per_node")) == 2
+    assert list(lockstep_x_of(cpu, 8, np.array([1, 2, 3, 4, 5, 6, 7]))) == pytest.approx(
+        [1, 1, 4 / 3, 1, 6 / 5, 1, 8 / 7])
+    assert list(lockstep_x_of(cpu, 4, np.array([5]))) == [1.0]  # at most the node's ranks share its cores
+    assert list(lockstep_x_of(load_profile("h100-sxm.analytic"), 8, np.array([3]))) == [1.0]
+    tiny = load_model("tiny")
+
+    def cost(ranks: int, tp: int = 1, share: float | None = None) -> CostModel:
+        return CostModel(Setup(tiny, load_cluster("local-cpu").with_gpus(ranks), TrainingSpec(dtype="fp32", tp=tp)),
+                         cpu, compute_share=share)
+
+    three = cost(3)
+    free = cost(3, share=three.compute_share)  # the same share, given: no lockstep term
+    docs = [1500, 900]
+    for degree, x in ((1, 1.0), (2, 1.0), (3, 4 / 3)):
+        a, b = three.unit_cost(docs, degree=degree), free.unit_cost(docs, degree=degree)
+        assert a.total_s == pytest.approx(x * b.total_s, rel=1e-12), degree
+        assert a.fwd_compute_s == pytest.approx(x * b.fwd_compute_s, rel=1e-12)
+        assert a.ring_comm_s == pytest.approx(x * b.ring_comm_s, rel=1e-12)
+    tp = cost(4, tp=2)  # TP pairs: a unit of one HDP rank is 2 ranks, of two 4 (2 turns, as the share priced)
+    for degree in (1, 2):
+        assert tp.unit_cost(docs, degree=degree).total_s == pytest.approx(
+            cost(4, tp=2, share=tp.compute_share).unit_cost(docs, degree=degree).total_s, rel=1e-12)
 
 
 def test_tp_collectives_take_the_rows_of_every_tp_group_of_the_node_at_once():
