@@ -320,9 +320,9 @@ class CostModel:
         # one layer's forward (the backward issues twice as many kernels), and one attention call's set-up, paid
         # per document (and per ring step) where the executor calls attention document by document.
         consts = self.profile.constants
-        # CPU profiles: lockstep groups larger than a node's cores (lockstep_x_of); a share given (1: a fit's lone
-        # rank) holds for every unit
-        self.lockstep = self.compute_share is None and bool(consts.get("cores_per_node", {}).get("value"))
+        # CPU profiles: ranks share their node's cores, the share moving with how many compute (share_at, lockstep
+        # groups larger than the cores: lockstep_x_of); a share given (1: a fit's lone rank) holds for every unit
+        self.shares_cores = self.compute_share is None and bool(consts.get("cores_per_node", {}).get("value"))
         if self.compute_share is None:
             self.compute_share = compute_share_of(self.profile, self.setup.cluster.gpus_per_node)
         share = self.compute_share
@@ -751,7 +751,7 @@ class CostModel:
                           attn_fwd_compute_s=l * attn_f, attn_bwd_compute_s=l * (attn_b + attn_rec),
                           mem_fwd_s=l * mem_f, mem_bwd_s=l * (mem_b + mem_rec), overhead_fwd_s=l * over_f,
                           overhead_bwd_s=l * over_b)
-        if self.lockstep:  # a lockstep group of more ranks than its node's cores (CPU): all it does stretches alike
+        if self.shares_cores:  # a lockstep group of more ranks than its node's cores (CPU): all it does stretches alike
             x = lockstep_x_of(self.profile, self.setup.cluster.gpus_per_node, d * self.tp)
             if (x != 1.0).any():
                 costs = UnitCosts(**{f.name: getattr(costs, f.name) if f.name == "tokens_per_rank"
@@ -1137,6 +1137,12 @@ class CostModel:
         """What follows a stage's last backward each step: the gradient synchronisation with fp8's amax reduction
         (exposed: Megatron's default keeps it after the backward) and the optimizer step."""
         return self.grad_sync_s(hdp_ranks) + self.optimizer_step_s(hdp_ranks)
+
+    def share_at(self, busy_ranks: int) -> float:
+        """The compute share while `busy_ranks` of a node's ranks compute (the others wait or are done): units are
+        priced with every rank of the node busy (`compute_share`); on a CPU node a rank computes faster while others
+        idle (planner/simulate/cores.py). The fixed share where ranks do not share cores."""
+        return compute_share_of(self.profile, max(1, busy_ranks)) if self.shares_cores else self.compute_share
 
     def pp_p2p_s(self, tokens_per_rank: float) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node

@@ -1,5 +1,5 @@
 """Step simulation: a plan step on the cost model (step), flat (pp = 1) and pipelined timelines with
-mirror pairing (flat, pipelined), memory (memory), the result and its trace (timeline), lower bounds
+mirror pairing (flat, pipelined), ranks sharing a CPU node's cores in the flat timeline (cores), memory (memory), the result and its trace (timeline), lower bounds
 (bounds), predicted vs measured (measured)."""
 
 from planner.simulate.bounds import lower_bound_s, total_compute_s

@@ -12,6 +12,7 @@ import numpy as np
 
 from costmodel.timing import CostModel, UnitCost
 from planner.plan import PlanError, Step
+from planner.simulate.cores import run_shared
 from planner.simulate.memory import (activation_bytes, mtp_activation_bytes, recompute_working_bytes,
                                      static_memory_bytes)
 from planner.simulate.timeline import OpTiming, StepSimulation
@@ -72,21 +73,29 @@ def simulate_flat(step: Step, cm: CostModel, costs: StepCosts, hdp: int, lb: flo
         return np.bincount(member, weights=np.repeat(per_unit[rows], degree), minlength=hdp)
 
     total = c.total_s
-    starts, free_list = _run_units(ranks, total[rows].tolist(), hdp)
+    compute = UnitCost.compute_s.fget(c)
+    if cm.shares_cores:  # CPU: ranks that wait or are done leave their cores to the others (simulate/cores.py)
+        starts, ends, free_list = run_shared(ranks, total[rows], compute[rows], hdp, cm)
+        x = np.divide(np.array(ends) - np.array(starts), total[rows], out=np.ones(len(run)), where=total[rows] > 0)
+        stretch = np.ones(len(total))
+        stretch[rows] = x  # each unit's time over its price: its parts scale alike
+    else:
+        starts, free_list = _run_units(ranks, total[rows].tolist(), hdp)
+        ends, stretch = (np.array(starts) + total[rows]).tolist(), None
     free = np.array(free_list)
-    busy = per_rank_sum(total)
+    scaled = (lambda a: a) if stretch is None else (lambda a: a * stretch)
+    busy = per_rank_sum(scaled(total))
     # UnitCost's parts are plain sums of its fields: evaluated on the batch's arrays, the same formulas.
-    parts = {"compute": per_rank_sum(UnitCost.compute_s.fget(c)),
-             "ring_exposed": per_rank_sum(UnitCost.ring_exposed_s.fget(c)),
-             "tp_comm": per_rank_sum(UnitCost.tp_comm_s.fget(c)),
-             "offload_exposed": per_rank_sum(UnitCost.offload_exposed_s.fget(c))}
+    parts = {"compute": per_rank_sum(scaled(compute)),
+             "ring_exposed": per_rank_sum(scaled(UnitCost.ring_exposed_s.fget(c))),
+             "tp_comm": per_rank_sum(scaled(UnitCost.tp_comm_s.fget(c))),
+             "offload_exposed": per_rank_sum(scaled(UnitCost.offload_exposed_s.fget(c)))}
     # activation_bytes and activation_factor are arithmetic only: per unit on arrays, the same figures
     tokens = c.tokens_per_rank[rows]  # a unit's peak: what it keeps, and full recompute's layer during its backward
     act = (activation_bytes(tokens, np.fromiter((u.offload_ratio for u in run), float, len(run)), cm)
            + mtp_activation_bytes(tokens, cm) + recompute_working_bytes(tokens, cm))
     peak_act = np.zeros(hdp)
     np.maximum.at(peak_act, member, np.repeat(act, degree))
-    ends = (np.array(starts) + total[rows]).tolist()
     ops = list(map(OpTiming, (u.id for u in run), ranks, repeat(0), repeat("unit"), starts, ends))
     finish = float(free.max()) if run else 0.0
     total_sync = cm.grad_sync_s(hdp)
