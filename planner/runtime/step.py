@@ -75,6 +75,7 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, ready: UnitInputs) -
     off = Offloader(unit.offload_ratio, ctx.params)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    tp0 = _tp_wait_s(ctx)
     t0 = time.perf_counter()
     with off.active():
         if ctx.opts.inject_failure is not None:
@@ -91,8 +92,14 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, ready: UnitInputs) -
         sent_bytes=peers.stats.sent_bytes, saved_bytes=off.stats.saved_bytes,
         offloaded_bytes=off.stats.offloaded_bytes, offload_ratio=unit.offload_ratio,
         peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=unit.predicted_time_s, ulysses=unit.ulysses,
-        cp=unit.cp or ctx.opts.cp_impl))
+        cp=unit.cp or ctx.opts.cp_impl, tp_wait_s=_tp_wait_s(ctx) - tp0))
     return float(loss.detach())
+
+
+def _tp_wait_s(ctx: Context) -> float:
+    """This rank's time in TP all-reduces so far (0 without TP)."""
+    tp = getattr(ctx.model, "tp", None)
+    return tp.stats.wait_s if tp is not None else 0.0
 
 
 def run_units(ctx: Context, it: int, step: Step, ready: dict[int, UnitInputs]) -> float:
@@ -113,12 +120,15 @@ def run_pipelined(ctx: Context, it: int, step: Step, ops: list, ready: dict[int,
     share (last stage)."""
     runner = StageRunner(ctx, step, ready, token_loss)
     units = {u.id: u for u in step.units}
+    tp_wait: dict[int, float] = {}
     for op in ops:
         _enter_unit(ctx, it, step, units[op.mb])
+        tp0 = _tp_wait_s(ctx)
         try:
             (runner.forward if op.kind == "F" else runner.backward)(op)
         except Exception as e:
             raise rank_failure(ctx, e) from e
+        tp_wait[op.mb] = tp_wait.get(op.mb, 0.0) + _tp_wait_s(ctx) - tp0
     ctx.position.set(f"step {it} (plan step {step.step}) stage-boundary sends")
     try:
         runner.finish()
@@ -133,7 +143,8 @@ def run_pipelined(ctx: Context, it: int, step: Step, ops: list, ready: dict[int,
             sent_bytes=run.peers.stats.sent_bytes, saved_bytes=run.offload.stats.saved_bytes,
             offloaded_bytes=run.offload.stats.offloaded_bytes, offload_ratio=u.offload_ratio,
             peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=u.predicted_time_s, stage=ctx.stage,
-            slices=u.slices, ulysses=u.ulysses, cp=u.cp or ctx.opts.cp_impl, ops=run.ops))
+            slices=u.slices, ulysses=u.ulysses, cp=u.cp or ctx.opts.cp_impl, ops=run.ops,
+            tp_wait_s=tp_wait.get(u.id, 0.0)))
     return runner.loss
 
 

@@ -14,12 +14,15 @@ use exactly rank t's K/V heads (kv_heads % tp == 0)."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from planner.runtime.cp import CommStats
 
 # Sharded weights by parameter-name suffix: the dimension split over the TP group (biases follow
 # their weight's output dimension; row-parallel layers have none).
@@ -34,22 +37,22 @@ def shard_dim(name: str) -> int | None:
 
 class _Enter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, tp: "TPGroup") -> torch.Tensor:
+        ctx.tp = tp
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        ctx.tp.all_reduce(grad)
         return grad, None
 
 
 class _Exit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, tp: "TPGroup") -> torch.Tensor:
         out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
+        tp.all_reduce(out)
         return out
 
     @staticmethod
@@ -62,16 +65,16 @@ class _VocabParallelLoss(torch.autograd.Function):
     0 where the label is ignored; fp32 whatever the logits' dtype."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, start: int, group) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, start: int, tp: "TPGroup") -> torch.Tensor:
         z = logits.float()
         top = z.max(-1).values
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        tp.all_reduce(top, dist.ReduceOp.MAX)
         z = z - top[:, None]
         mine = (labels >= start) & (labels < start + z.shape[1])  # ignored labels (negative) are no rank's
         idx = torch.where(mine, labels - start, 0)
         exp = z.exp()
         sums = torch.stack((torch.where(mine, z.gather(1, idx[:, None])[:, 0], 0.0), exp.sum(-1)))
-        dist.all_reduce(sums, group=group)  # the target's logit (one rank holds it) and the partition function
+        tp.all_reduce(sums)  # the target's logit (one rank holds it) and the partition function
         valid = labels >= 0
         exp.div_(sums[1][:, None])
         ctx.save_for_backward(exp, idx, mine, valid)
@@ -96,12 +99,23 @@ class TPGroup:
     group: object  # torch process group of the tp ranks of one HDP rank (and stage)
     size: int
     rank: int  # this rank's index in the group
+    # wait_s: time in the group's all-reduces over the run (a unit's is the difference across it)
+    stats: CommStats = field(default_factory=CommStats, compare=False)
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        """In place over the group, timed into `stats`: on gloo the call returns once done, so its time is the
+        transfer and the wait for the group's slowest rank."""
+        t0 = time.perf_counter()
+        dist.all_reduce(t, op=op, group=self.group)
+        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.sent_bytes += t.numel() * t.element_size()
+        self.stats.messages += 1
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        return _Enter.apply(x, self.group)
+        return _Enter.apply(x, self)
 
     def exit(self, x: torch.Tensor) -> torch.Tensor:
-        return _Exit.apply(x, self.group)
+        return _Exit.apply(x, self)
 
     def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: this rank's rows of the table (ids outside them give 0), summed over the group."""
@@ -112,7 +126,7 @@ class TPGroup:
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy per token of this rank's vocabulary slice of the logits (0 for ignored labels)."""
-        return _VocabParallelLoss.apply(logits, labels, self.rank * logits.shape[-1], self.group)
+        return _VocabParallelLoss.apply(logits, labels, self.rank * logits.shape[-1], self)
 
 
 def shard_model(full: nn.Module, tp: TPGroup) -> nn.Module:

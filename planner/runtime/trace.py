@@ -56,6 +56,7 @@ class UnitRecord:
     slices: int = 1  # the unit's pipeline slices
     ulysses: int = 1  # the unit's head-split (Ulysses) degree
     cp: str = "ring"  # the context-parallel kind it ran (the unit's own, else the replay's --cp)
+    tp_wait_s: float = 0.0  # of fwd+bwd, time in TP all-reduces (tp > 1: transfers and the wait for the group)
     # pp > 1: the unit's ops on this rank, [kind "F"/"B", slice, chunk, start_s, dur_s] (its forward
     # and backward are not contiguous there: other micro-batches run between them)
     ops: list[list] = field(default_factory=list)
@@ -334,8 +335,9 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
         threads[(0, 2)] = "plan-ahead (background thread)"
     for s in doc["steps"]:
         for u in s["units"]:
-            args = {k: u[k] for k in ("unit", "degree", "tokens", "comm_wait_s", "sent_bytes", "offloaded_bytes",
-                                      "predicted_time_s", "ulysses", "cp") if k in u}  # older traces lack the last two
+            args = {k: u[k] for k in ("unit", "degree", "tokens", "comm_wait_s", "tp_wait_s", "sent_bytes",
+                                      "offloaded_bytes", "predicted_time_s", "ulysses", "cp")
+                    if k in u}  # older traces lack tp_wait_s, ulysses and cp
             if u.get("ops"):  # pipelined: one slice per op
                 for kind, j, c, t, dur in u["ops"]:
                     name = f"unit {u['unit']} {'fwd' if kind == 'F' else 'bwd'}" + \

@@ -501,8 +501,12 @@ def test_tensor_parallel_replay_matches_reference(tmp_path):
     plan = Plan(meta=plan.meta, mesh=Mesh(6, 2, 1, 3), steps=plan.steps)
     validate(plan)
     plan.save(tmp_path / "plan.json")
-    res = torchrun(6, tmp_path / "plan.json", "--check", "--steps", "2", "--cp", "allgather", cwd=tmp_path)
+    res = torchrun(6, tmp_path / "plan.json", "--check", "--steps", "2", "--cp", "allgather", "--trace",
+                   str(tmp_path / "trace.json"), cwd=tmp_path)
     assert_matches_reference(res, ranks=6, units=10)
+    recs = [u for st in json.loads((tmp_path / "trace.json").read_text())["steps"] for u in st["units"]]
+    # every unit's layers all-reduce over its TP pair: time in them, within the unit's own
+    assert recs and all(0 < r["tp_wait_s"] < r["fwd_s"] + r["bwd_s"] for r in recs)
 
 
 @pytest.mark.torchrun
@@ -510,8 +514,11 @@ def test_tensor_and_pipeline_parallel_replay_matches_reference(tmp_path):
     """tp = 2 × pp = 2 × 2 pipelines (8 processes): sliced shared unit, tied embedding."""
     pipelined_plan(tp=2).save(tmp_path / "plan.json")
     (tmp_path / "deep.json").write_text(json.dumps(DEEP_TIED))
-    res = torchrun(8, tmp_path / "plan.json", "--check", "--steps", "2", "--model", "deep.json", cwd=tmp_path)
+    res = torchrun(8, tmp_path / "plan.json", "--check", "--steps", "2", "--model", "deep.json", "--trace",
+                   str(tmp_path / "trace.json"), cwd=tmp_path)
     assert_matches_reference(res, ranks=8, units=6)
+    recs = json.loads((tmp_path / "trace.json").read_text())["steps"][0]["units"]
+    assert recs and all(r["tp_wait_s"] > 0 for r in recs)  # a pipelined unit's ops, each stage's TP pair
 
 
 @pytest.mark.torchrun
@@ -529,7 +536,7 @@ def test_planned_pipeline_replays_and_traces_per_stage(tmp_path):
     assert_matches_reference(res, ranks=4, units=len(plan.steps[0].units))
     doc = json.loads((tmp_path / "trace.json").read_text())
     recs = doc["steps"][0]["units"]
-    assert {r["stage"] for r in recs} == {0, 1}
+    assert {r["stage"] for r in recs} == {0, 1} and all(r["tp_wait_s"] == 0 for r in recs)  # tp = 1
     sliced = [r for r in recs if r["slices"] > 1]
     assert sliced and all(len(r["ops"]) == 2 * r["slices"] for r in sliced)
     res = meshplan("simulate", "plan.json", "--measured", "trace.json", "--json", cwd=tmp_path)
