@@ -1,6 +1,6 @@
 """Step simulation: a plan step on the cost model (step), flat (pp = 1) and pipelined timelines with
-mirror pairing (flat, pipelined), ranks sharing a CPU node's cores in the flat timeline (cores), memory (memory), the result and its trace (timeline), lower bounds
-(bounds), predicted vs measured (measured)."""
+mirror pairing (flat, pipelined), ranks sharing a CPU node's cores in the flat timeline (cores), memory
+(memory), the result and its trace (timeline), lower bounds (bounds), predicted vs measured (measured)."""
 
 from planner.simulate.bounds import lower_bound_s, total_compute_s
 from planner.simulate.measured import MeasuredComparison, compare_measured, read_measured_trace
