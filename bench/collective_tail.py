@@ -5,7 +5,9 @@
 Runs itself under torchrun (one process per rank, one torch thread each, gloo) and times `--calls` all-reduces of
 each size on the world group, after a barrier (as `meshplan profile` times them) and after a barrier and 2 ms of
 compute (as a step reaches one); a call's time is the slowest rank's. Prints per size the 10th percentile, median,
-90th percentile, mean and max in ms: a step that makes many calls pays the mean. Figures, never pass/fail."""
+90th percentile, mean and max in ms (a step that makes many calls pays the mean), and rank 0's CPU time per call
+(its process's, gloo's threads included): time a rank sharing its core takes from the other. Figures, never
+pass/fail."""
 
 from __future__ import annotations
 
@@ -35,18 +37,19 @@ def _worker(calls: int) -> None:
             torch.mm(a, b)
 
     if rank == 0:
-        print("| bytes | before the call | p10 (ms) | median | p90 | mean | max | mean / median |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print("| bytes | before the call | p10 (ms) | median | p90 | mean | max | mean / median | CPU per call (ms) |\n"
+              "|---|---|---|---|---|---|---|---|---|")
     for nbytes in SIZES:
         buf = torch.randn(nbytes // 4)
         for work_s in (0.0, 0.002):
-            times = []
+            times, cpu = [], 0.0
             for _ in range(calls):
                 dist.barrier()
                 compute(work_s)
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 dist.all_reduce(buf)
                 times.append(time.perf_counter() - t0)
+                cpu += time.process_time() - c0  # every thread of the process: gloo's own included
             t = torch.tensor(times, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a call lasts until its slowest rank is done
             x = t.numpy() * 1e3
@@ -54,7 +57,7 @@ def _worker(calls: int) -> None:
                 what = "a barrier" if work_s == 0 else f"a barrier, {work_s * 1e3:.0f} ms compute"
                 p10, med, p90 = np.percentile(x, [10, 50, 90])
                 print(f"| {nbytes:,} | {what} | {p10:.3f} | {med:.3f} | {p90:.3f} | {x.mean():.3f} | {x.max():.2f} | "
-                      f"{x.mean() / med:.2f} |")
+                      f"{x.mean() / med:.2f} | {cpu / calls * 1e3:.3f} |")
     dist.destroy_process_group()
 
 
