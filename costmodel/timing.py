@@ -1183,7 +1183,7 @@ def lockstep_x_of(profile: Profile, ranks_per_node: int, group: np.ndarray) -> n
     if not cores:
         return np.ones_like(g)
     c = float(cores)
-    return np.where(g > c, np.ceil(g / c) / np.maximum(g / c, 1.0), 1.0)
+    return np.where(g > c, np.ceil(g / c) * c / g, 1.0)
 
 
 def fit_layer_time(model: ModelSpec, training: TrainingSpec, profile: Profile) -> dict[str, float]:

@@ -98,8 +98,7 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, ready: UnitInputs) -
 
 def _tp_wait_s(ctx: Context) -> float:
     """This rank's time in TP all-reduces so far (0 without TP)."""
-    tp = getattr(ctx.model, "tp", None)
-    return tp.stats.wait_s if tp is not None else 0.0
+    return ctx.model.tp.stats.wait_s if ctx.model.tp is not None else 0.0
 
 
 def run_units(ctx: Context, it: int, step: Step, ready: dict[int, UnitInputs]) -> float:

@@ -54,7 +54,9 @@ def run_shared(ranks: list[tuple[int, ...]], total_s: np.ndarray, compute_s: np.
         rate = {}
         for u in left:
             k = max(busy[node[r]] for r in ranks[u])
-            x = shares[k] if k in shares else shares.setdefault(k, cm.share_at(k))
+            if k not in shares:
+                shares[k] = cm.share_at(k)
+            x = shares[k]
             rate[u] = 1.0 / max(float(total_s[u]) + float(compute_s[u]) * (x / planned - 1.0), 1e-15)
         dt = min(left[u] / rate[u] for u in left)
         t += dt
