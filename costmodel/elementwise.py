@@ -162,10 +162,10 @@ def eager_layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtyp
     its own width), attention's output back to token layout (one copy), the activation and the two residual
     adds; and the fused projections' outputs taken apart (planner/runtime/model.py, Megatron's layout): forward,
     Q and V copied out of the group-major QKV rows (K stays a view: RoPE writes a new one); backward, one cat of
-    dQ, dK, dV into the QKV gradient and, for SwiGLU, one stack of d(gate), d(up). Norms and residuals act on the
-    fp32 stream (EAGER_STREAM_BYTES); below fp32 each norm's output is cast for its GEMM (backward: the gradient
-    cast back) and each residual adds a bf16 branch into the stream (backward: the branch's gradient cast down).
-    Bytes per token on one TP rank."""
+    dQ, dK, dV into the QKV gradient and, for SwiGLU, one cat of d(gate), d(up) (the fused projection's output holds
+    the gate, then the up). Norms and residuals act on the fp32 stream (EAGER_STREAM_BYTES); below fp32 each norm's
+    output is cast for its GEMM (backward: the gradient cast back) and each residual adds a bf16 branch into the
+    stream (backward: the branch's gradient cast down). Bytes per token on one TP rank."""
     b, r = float(dtype_bytes), EAGER_STREAM_BYTES
     hidden = model.hidden / (tp if sequence_parallel else 1)
     ffn = model.mlp_width_per_token / tp  # top-k experts and the shared one
@@ -179,7 +179,7 @@ def eager_layer_kernels(model: ModelSpec, tp: int, sequence_parallel: bool, dtyp
         out += [*_eager("rope", model.q_width / tp, b, direction), *_eager("rope", model.kv_width / tp, b, direction)]
     out.append(MemKernel("attn_out_layout", 2 * model.q_width / tp * b, "strided"))
     if model.mlp == "swiglu" and not fwd:
-        out.append(MemKernel("gate_up_grad_stack", 2 * 2 * ffn * b))
+        out.append(MemKernel("gate_up_grad_cat", 2 * 2 * ffn * b))
     out += _eager(model.mlp, ffn, b, direction)
     # residual: stream + branch -> stream | the branch point's accumulation, and the branch's gradient cast down
     mixed = "mixed" if b < r else "stream"  # an fp32 stream plus a bf16 branch

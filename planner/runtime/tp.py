@@ -30,9 +30,28 @@ SHARD_DIM = {"attn.wqkv.weight": 0, "attn.wqkv.bias": 0, "attn.wo.weight": 1, "m
              "mlp.down.weight": 1, "embed.weight": 0, "head.weight": 0}
 
 
+# Parameters that stack two projections along their split dimension (SwiGLU's gate, then up): each TP rank takes its
+# part of each, so that its shard is again gate then up (Megatron's per-rank linear_fc1).
+STACKED_HALVES = ("mlp.gate_up.weight",)
+
+
 def shard_dim(name: str) -> int | None:
     """The split dimension of a parameter (by its name in the Decoder), None when replicated."""
     return next((d for suffix, d in SHARD_DIM.items() if name.endswith(suffix)), None)
+
+
+def _parts(x: torch.Tensor, name: str, d: int) -> torch.Tensor:
+    """x with its split dimension d shown as [halves, rows per half] (halves 1 unless `name` stacks two)."""
+    halves = 2 if name.endswith(STACKED_HALVES) else 1
+    return x.unflatten(d, (halves, x.shape[d] // halves))
+
+
+def shard_param(full: torch.Tensor, name: str, tp: int, rank: int) -> torch.Tensor:
+    """TP rank `rank`'s shard of the parameter `name` (a copy); replicated parameters whole."""
+    d = shard_dim(name)
+    if d is None or tp == 1:
+        return full.clone()
+    return _parts(full, name, d).chunk(tp, d + 1)[rank].flatten(d, d + 1).clone()
 
 
 class _Enter(torch.autograd.Function):
@@ -134,9 +153,8 @@ def shard_model(full: nn.Module, tp: TPGroup) -> nn.Module:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             for pname in ("weight", "bias"):
                 p = getattr(module, pname, None)
-                d = shard_dim(f"{name}.{pname}")
-                if p is not None and d is not None:
-                    setattr(module, pname, nn.Parameter(p.data.chunk(tp.size, d)[tp.rank].clone()))
+                if p is not None and shard_dim(f"{name}.{pname}") is not None:
+                    setattr(module, pname, nn.Parameter(shard_param(p.data, f"{name}.{pname}", tp.size, tp.rank)))
             if isinstance(module, nn.Linear):
                 module.out_features, module.in_features = module.weight.shape
             else:
@@ -154,5 +172,6 @@ def place_shard(full_shape: torch.Size, local: torch.Tensor, name: str, tp: int,
     if d is None or tp == 1:
         return local.clone()
     out = local.new_zeros(full_shape)
-    out.narrow(d, rank * local.shape[d], local.shape[d]).copy_(local)
+    mine = _parts(local, name, d)
+    _parts(out, name, d).narrow(d + 1, rank * mine.shape[d + 1], mine.shape[d + 1]).copy_(mine)
     return out

@@ -253,7 +253,7 @@ def test_eager_kernels_are_the_runtime_ops_by_hand():
     assert _total(bwd) > _total(fwd)  # every op's backward reads more than its forward
     # the backward puts dQ, dK, dV back into the QKV gradient (one cat) and d(gate), d(up) into gate/up's (a stack)
     parts = {k.label: k.bytes_per_item for k in bwd}
-    assert parts["qkv_split"] == 4 * 2 * (q + 2 * kv) and parts["gate_up_grad_stack"] == 4 * 2 * 2 * f
+    assert parts["qkv_split"] == 4 * 2 * (q + 2 * kv) and parts["gate_up_grad_cat"] == 4 * 2 * 2 * f
     # GPT blocks: LayerNorm and GeLU kernels, dropout masks, no RoPE
     gpt = load_model("gpt-22b")
     labels = {k.label.rsplit("_", 1)[0] for k in eager_layer_kernels(gpt, 1, True, 2, "fwd")}

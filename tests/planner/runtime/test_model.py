@@ -106,3 +106,15 @@ def test_bf16_autocasts_compute_and_keeps_fp32_weights_and_gradients():
     assert loss16 != loss32 and abs(loss16 - loss32) < 1e-2 * abs(loss32)
     worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g16, g32))
     assert 1e-5 < worst < 0.1  # bf16 rounding shows, and stays at bf16's scale (8-bit mantissa)
+
+
+def test_a_tp_shard_of_the_fused_gate_up_is_its_part_of_each_half_and_places_back():
+    from planner.runtime.tp import place_shard, shard_param
+
+    full = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)  # rows 0-3: gate, 4-7: up
+    name = "layers.0.mlp.gate_up.weight"
+    shards = [shard_param(full, name, 2, r) for r in range(2)]
+    assert shards[0].tolist() == full[[0, 1, 4, 5]].tolist() and shards[1].tolist() == full[[2, 3, 6, 7]].tolist()
+    assert sum(place_shard(full.shape, s, name, 2, r) for r, s in enumerate(shards)).equal(full)
+    down = torch.arange(3 * 4, dtype=torch.float32).view(3, 4)  # no halves: a plain split of its columns
+    assert shard_param(down, "layers.0.mlp.down.weight", 2, 1).equal(down[:, 2:])
