@@ -122,6 +122,10 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         if ps not in steps_by_id:
             raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
         costs = unit_costs(steps_by_id[ps], cm)
+        # pp = 1: a unit's time as the schedule ran it; on ranks that share a CPU node's cores it computes faster
+        # while others idle (planner/simulate/cores.py) than its price at a full node, which it equals elsewhere
+        simulated = ({op.unit: op.end_s - op.start_s for op in sims[ps].ops if op.kind == "unit"} if cm.pp == 1
+                     else {})
         # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss), its ops
         # interleaved with other micro-batches': the mean of the members' sums. pp = 1: the members run the unit in
         # lockstep, from the last one's start (an earlier member waits for it: the schedule's idle time, which the
@@ -132,7 +136,7 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
             start, busy = float(u.get("start_s", 0.0)), float(u["fwd_s"]) + float(u["bwd_s"])
             per_unit.setdefault(key, []).append((start, busy, start + busy))
         for (uid, stage), members in sorted(per_unit.items()):
-            pred = costs[uid][1 if stage == cm.pp - 1 else 0].total_s
+            pred = simulated.get(uid, costs[uid][1 if stage == cm.pp - 1 else 0].total_s)
             start, busy, end = np.array(members).T
             meas = float(end.max() - start.max()) if cm.pp == 1 else float(busy.mean())
             units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,
