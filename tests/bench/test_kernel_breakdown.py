@@ -1,4 +1,5 @@
-"""bench/kernel_breakdown.py: the comparison half runs anywhere, on the H200 records kept in bench/data."""
+"""bench/kernel_breakdown.py: the comparison half runs anywhere, on the H200 records kept in bench/data; the CPU
+half measures a small unit here."""
 
 import json
 from pathlib import Path
@@ -32,3 +33,20 @@ def test_recorded_units_are_priced_per_class(capsys):
     main(["--from", str(DATA), "--profile", "h200-sxm.analytic"])
     out = capsys.readouterr().out
     assert out.count("| l8b-32k-1doc |") == 2 and "GPU busy" in out
+
+
+def test_a_cpu_unit_is_measured_per_operator_class_and_priced_on_a_cpu_profile(capsys):
+    pytest.importorskip("torch")
+    from bench.kernel_breakdown import compare, cpu_op_class, measure
+
+    assert cpu_op_class("_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert cpu_op_class("addmm") == "gemm" and cpu_op_class("silu_backward") == "elementwise"
+    name, spec, docs = parse_case("t:tiny:2:packed96:30")
+    rec = measure(name, spec, docs, "cpu")
+    for phase in ("fwd", "bwd"):
+        assert all(v > 0 for v in rec["phases"][phase]["by_class_s"].values()) and rec["phases"][phase]["kernels"] > 0
+    assert rec["device"].startswith("cpu") and rec["fwd_s"] > 0 and rec["bwd_s"] > 0
+    p = priced(rec, "local-cpu.measured")  # fp32, one rank on its node: the whole core
+    assert p["wall"][0] == pytest.approx(p["attention"][0] + p["rest"][0])
+    compare([rec], ["local-cpu.measured"])
+    assert "operators / wall" in capsys.readouterr().out
