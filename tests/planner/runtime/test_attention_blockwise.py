@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 from planner.plan import (Mesh, Piece, Plan, Predicted, Sequence, Step, Unit, validate,  # noqa: E402
                           zigzag_tokens_per_rank)
 from planner.runtime.cp import (BlockKernel, FlashCUDABlocks, _SourcesAttentionFn, attention_mask,  # noqa: E402
-                                block_tokens, layout_spans, make_kernel, merge_block, shard_layout, unit_documents)
+                                block_mask, block_tokens, layout_spans, make_kernel, merge_block, shard_layout,
+                                slice_layout, span_mode, unit_documents)
 
 CPU = torch.device("cpu")
 
@@ -100,6 +101,32 @@ def test_zigzag_spans_need_no_mask_but_for_padding():
         for sp in layout_spans(lays[me], 4096):  # a span is one run of consecutive positions of one document
             pos, doc = lays[me].pos[sp.a:sp.b], lays[me].doc[sp.a:sp.b]
             assert sp.padding or (bool((pos.diff() == 1).all()) and len(set(doc.tolist())) == 1)
+
+
+@pytest.mark.parametrize("layouts,block", [
+    ([slice_layout(unit_documents((Piece(0, 0, 2899),)), 4, j, 1, 0) for j in range(4)], 256),  # SlimPipe slices
+    ([shard_layout(unit_documents((Piece(0, 0, 203), Piece(1, 0, 37))), 3, j) for j in range(3)], 16),  # zigzag
+    ([shard_layout(unit_documents(tuple(Piece(i, 0, n) for i, n in enumerate([40, 1, 17]))), 1, 0)], 8),  # packed
+    ([slice_layout(unit_documents((Piece(0, 0, 300), Piece(1, 0, 50))), 3, j, 2, m) for j in range(3)
+      for m in range(2)], 32)])  # slices of a 2-member unit
+def test_a_block_pairs_mode_from_its_spans_is_its_mask(layouts, block):
+    """span_mode settles a pair from its spans alone where it can (the mask is then not built): every pair it
+    calls "all" has a full mask, every "causal" one the lower triangle; it settles all pairs of these real layouts
+    of one document's consecutive positions but partial overlaps and padding."""
+    spans = [layout_spans(lay, block) for lay in layouts]
+    settled = 0
+    for qi, q_lay in enumerate(layouts):
+        for ki, k_lay in enumerate(layouts):
+            for q in spans[qi]:
+                for k in spans[ki]:
+                    mode = span_mode(q, k)
+                    if mode is None:
+                        continue
+                    m = block_mask(q_lay, k_lay, slice(q.a, q.b), slice(k.a, k.b), self_keys=qi == ki)
+                    want = torch.ones_like(m) if mode == "all" else torch.ones_like(m).tril()
+                    assert torch.equal(m, want), (qi, ki, q, k, mode)
+                    settled += 1
+    assert settled > 0
 
 
 def test_sources_function_gradients_through_autograd():
