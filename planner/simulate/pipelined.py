@@ -7,6 +7,7 @@ mirror pairing moves attention between paired ops and prices its exchange."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,21 @@ class OpCost:
     def slice_s(self, j: int, n: int) -> float:
         """Slice j's time before any redistribution (`planner.schedule.slice_share`)."""
         return self.time_s * slice_share(j, n, min(self.attn_s / self.time_s, 1.0) if self.time_s > 0 else 0.0)
+
+
+def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: bool) -> float:
+    """A unit's pass (forward or backward) through a stage when it runs as n slices (SlimPipe): its attention covers
+    the unit's causal area once, split (2j + 1)/n² by slice_share, and everything else (GEMMs, memory-bound kernels,
+    per-layer overheads, the head and loss, TP collectives) runs once per slice at that slice's tokens (`one_slice`:
+    the unit priced with every document's n-th; slice_layout gives slice j the j-th part of each). Per-call floors
+    and small-m GEMM rates make that more than the whole unit's: on a CPU, 4 slices of a 2,899-token unit of `tiny`
+    ran 1.23x its whole time (bench/slice_overhead.py)."""
+    if n == 1 or one_slice is None:
+        return whole.fwd_s if forward else whole.bwd_s
+    attn = whole.attn_fwd_compute_s if forward else whole.attn_bwd_compute_s
+    rest = (one_slice.fwd_s - one_slice.attn_fwd_compute_s if forward
+            else one_slice.bwd_s - one_slice.attn_bwd_compute_s)
+    return attn + n * rest
 
 
 def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: dict[int, int], cm: CostModel,
@@ -112,10 +128,14 @@ def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: 
     return delta, exposed, kept
 
 
-def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCost, UnitCost]], hdp: int,
-                       lb: float) -> StepSimulation:
+def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[UnitCost, UnitCost]], hdp: int,
+                       lb: float, slice_costs: Mapping[int, tuple[UnitCost, UnitCost]] | None = None
+                       ) -> StepSimulation:
     """Every HDP rank is a pipeline running `planner.schedule` op lists; a shared unit's op is one
-    co-scheduled op on all member pipelines (`run_ops`), so misaligned plans surface as deadlocks."""
+    co-scheduled op on all member pipelines (`run_ops`), so misaligned plans surface as deadlocks. `slice_costs`:
+    each sliced unit's (middle, last)-stage cost at one slice's tokens (sliced_pass_s; None: slices cost nothing
+    over the whole unit)."""
+    slice_costs = slice_costs or {}
     p = cm.pp
     units = {u.id: u for u in step.units}
     sec = step.pipeline or PipelineSection()
@@ -133,10 +153,12 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: dict[int, tuple[UnitCos
         k = (s, op.mb, op.kind, op.chunk)
         if k not in op_costs:
             mid, last = costs[op.mb]
-            f = op.kind == "F"
-            t = (mid.fwd_s if f else mid.bwd_s) / v
+            one_mid, one_last = slice_costs.get(op.mb, (None, None))
+            f, n = op.kind == "F", units[op.mb].slices
+            t_mid = sliced_pass_s(mid, one_mid, n, f)
+            t = t_mid / v
             if s == p - 1 and op.chunk == v - 1:
-                t += (last.fwd_s - mid.fwd_s) if f else (last.bwd_s - mid.bwd_s)
+                t += sliced_pass_s(last, one_last, n, f) - t_mid
             op_costs[k] = OpCost(t, (mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) / v)
         return op_costs[k]
 

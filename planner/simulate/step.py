@@ -93,6 +93,18 @@ def unit_costs(step: Step, cm: CostModel) -> StepCosts:
                           [u.offload_ratio for u in units], cm, [u.ulysses for u in units], [u.cp for u in units])
 
 
+def slice_costs(step: Step, cm: CostModel) -> StepCosts | None:
+    """Each sliced unit's (middle, last)-stage cost at one slice's tokens: every document's n-th, rounded up (the
+    runtime's slice j holds the j-th part of each); what a sliced pipeline op runs n times
+    (`planner.simulate.pipelined.sliced_pass_s`). None when no unit is sliced."""
+    sliced = [u for u in step.units if u.slices > 1]
+    if not sliced:
+        return None
+    pieces = [tuple(Piece(p.seq, 0, -(-p.tokens // u.slices)) for p in u.pieces) for u in sliced]
+    return price_units_of([u.id for u in sliced], [u.hdp_ranks for u in sliced], pieces,
+                          [u.offload_ratio for u in sliced], cm, [u.ulysses for u in sliced], [u.cp for u in sliced])
+
+
 def simulate_step(step: Step, cm: CostModel, costs: StepCosts | None = None) -> StepSimulation:
     """Simulate one step; `costs` (from `unit_costs`) may be passed in when the caller priced the units."""
     hdp = cm.setup.hdp
@@ -108,7 +120,7 @@ def simulate_step(step: Step, cm: CostModel, costs: StepCosts | None = None) -> 
         return simulate_rounds(step, cm, costs, hdp, lb)
     if cm.pp == 1:
         return simulate_flat(step, cm, costs, hdp, lb)
-    return simulate_pipelined(step, cm, costs, hdp, lb)
+    return simulate_pipelined(step, cm, costs, hdp, lb, slice_costs(step, cm))
 
 
 def simulate_plan(plan: Plan, cm: CostModel) -> list[StepSimulation]:

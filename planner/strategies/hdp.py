@@ -750,8 +750,9 @@ def _fastest_chunking(batch: GlobalBatch, drafts: list[Draft], cm: CostModel, hd
                       pinned: int | None) -> Step:
     """Simulate the step for each chunk count v (interleaving, SlimPipe's n·v slice-chunks) with the
     section as given (one simulation each) and finalise the fastest whose simulated peak memory fits
-    HBM (v = 1 when none does) with its schedule variants. Slice counts stay those memory chose: the
-    cost model has no per-slice overhead, so more slices would always look faster."""
+    HBM (v = 1 when none does) with its schedule variants. Slice counts stay those memory chose (the fewest that
+    fit): each slice runs its GEMMs and kernels at its own tokens (planner.simulate.pipelined.sliced_pass_s), so
+    more slices than memory needs cost time, and the search does not try them."""
     candidates = chunk_candidates(cm.layers_per_stage, pinned, cm.model.layers // cm.pp)
 
     def section_for(v: int) -> PipelineSection:

@@ -527,8 +527,9 @@ def test_planned_pipeline_replays_and_traces_per_stage(tmp_path):
     gradients; the trace carries per-stage ops and `simulate --measured` compares per stage."""
     from planner.api import PlanRequest, make_plan as plan_with
 
-    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2, lengths="lognormal:median=60,sigma=1.0,max=300",
-                      tokens_per_step=1200, max_context_tokens=300, capacity_tokens=200, seed=3)
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2,
+                      lengths="lognormal:median=100,sigma=1.0,max=300", tokens_per_step=1200, max_context_tokens=300,
+                      capacity_tokens=200, seed=3)
     plan = plan_with(req, "hdp")
     assert any(u.slices > 1 for u in plan.steps[0].units)
     plan.save(tmp_path / "plan.json")

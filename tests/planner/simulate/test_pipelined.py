@@ -102,3 +102,25 @@ def test_interleaved_chunks_reduce_their_gradients_as_their_last_backward_ends()
     assert sim.breakdown["grad_sync"] == pytest.approx(cm.exposed_chunked_grad_sync_s(hdp, list(windows.values())))
     one_window = cm.exposed_grad_sync_s(hdp, last.end_s - last.start_s)
     assert sim.breakdown["grad_sync"] < one_window < cm.grad_sync_s(hdp)
+
+
+def test_a_sliced_op_runs_the_rest_of_its_pass_once_per_slice_at_the_slices_tokens():
+    """SlimPipe's slices keep the unit's causal attention area but run every other kernel once per slice, at the
+    slice's tokens: a stage's slices of a unit add up to its attention plus n times the rest of one slice's pass,
+    which per-call floors and small-m GEMM rates make more than the whole unit's (the replay's 4 slices of a
+    2,899-token unit ran 1.23x its whole time on a CPU)."""
+    from planner.simulate.pipelined import sliced_pass_s
+    from planner.simulate.step import slice_costs, unit_costs
+
+    cm = _pp_cost_model()
+    step = _cp_step(cm, 8192, 4, 4, "sliced")
+    sim = simulate_step(step, cm)
+    whole, one = unit_costs(step, cm)[0][0], slice_costs(step, cm)[0][0]
+    assert one.tokens_per_rank == whole.tokens_per_rank // 4
+    fwd = [o.end_s - o.start_s for o in sim.ops if o.unit == 0 and o.stage == 0 and o.kind.startswith("fwd")]
+    assert len(fwd) == 4 and sum(fwd) == pytest.approx(sliced_pass_s(whole, one, 4, True))
+    rest = whole.fwd_s - whole.attn_fwd_compute_s
+    assert sum(fwd) == pytest.approx(whole.attn_fwd_compute_s + 4 * (one.fwd_s - one.attn_fwd_compute_s))
+    assert sum(fwd) > whole.attn_fwd_compute_s + rest  # the slices' floors and smaller GEMMs
+    assert sliced_pass_s(whole, one, 1, False) == whole.bwd_s and slice_costs(_cp_step(cm, 8192, 4, 1, "1f1b"),
+                                                                               cm) is None
