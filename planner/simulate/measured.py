@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from costmodel.timing import CostModel
-from planner.plan import Plan, PlanError
+from planner.plan import Plan, PlanError, Step
 from planner.simulate.step import simulate_step, unit_costs
+from planner.simulate.timeline import StepSimulation
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,18 @@ def read_measured_trace(path: Path) -> dict:
         raise PlanError(f"{path}: truncated or corrupt trace JSON (line {e.lineno}: {e.msg})") from None
 
 
+def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = None) -> dict[tuple[int, int], float]:
+    """Each (unit, stage)'s predicted forward + backward time, what a replay's trace measures. pp = 1: the unit's time
+    as the simulated schedule ran it, which on ranks sharing a CPU node's cores is shorter than its price while
+    others idle (planner/simulate/cores.py) and equals it elsewhere; pp > 1: its stage's price (the last stage's with
+    the head and loss). `sim`: the step's simulation when the caller has it."""
+    costs = unit_costs(step, cm)
+    if cm.pp == 1:
+        sim = sim or simulate_step(step, cm, costs)
+        return {(op.unit, 0): op.end_s - op.start_s for op in sim.ops if op.kind == "unit"}
+    return {(u.id, s): costs[u.id][1 if s == cm.pp - 1 else 0].total_s for u in step.units for s in range(cm.pp)}
+
+
 def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparison:
     """Match a measured trace (schema meshplan.measured/1) to the plan's simulation, unit by unit and
     step by step. Relative error = predicted / measured − 1."""
@@ -121,11 +134,7 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         ps = st["plan_step"]
         if ps not in steps_by_id:
             raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
-        costs = unit_costs(steps_by_id[ps], cm)
-        # pp = 1: a unit's time as the schedule ran it; on ranks that share a CPU node's cores it computes faster
-        # while others idle (planner/simulate/cores.py) than its price at a full node, which it equals elsewhere
-        simulated = ({op.unit: op.end_s - op.start_s for op in sims[ps].ops if op.kind == "unit"} if cm.pp == 1
-                     else {})
+        predicted = predicted_units_s(steps_by_id[ps], cm, sims[ps])
         # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss), its ops
         # interleaved with other micro-batches': the mean of the members' sums. pp = 1: the members run the unit in
         # lockstep, from the last one's start (an earlier member waits for it: the schedule's idle time, which the
@@ -136,7 +145,7 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
             start, busy = float(u.get("start_s", 0.0)), float(u["fwd_s"]) + float(u["bwd_s"])
             per_unit.setdefault(key, []).append((start, busy, start + busy))
         for (uid, stage), members in sorted(per_unit.items()):
-            pred = simulated.get(uid, costs[uid][1 if stage == cm.pp - 1 else 0].total_s)
+            pred = predicted[(uid, stage)]
             start, busy, end = np.array(members).T
             meas = float(end.max() - start.max()) if cm.pp == 1 else float(busy.mean())
             units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,

@@ -29,8 +29,7 @@ import numpy as np
 from costmodel.timing import CostModel
 from planner.plan import Plan, PlanError, validate
 from planner.plan.stream import load_plan, plan_fingerprint
-from planner.simulate.measured import compare_measured, warm_steps
-from planner.simulate.step import unit_costs
+from planner.simulate.measured import compare_measured, predicted_units_s, warm_steps
 from profiles.table import Profile, load_profile, read_json
 
 SCALED_TABLES = ("gemm", "attention", "memory", "collective")  # tables whose time_s the fit multiplies
@@ -203,13 +202,8 @@ class _PlanGroup:
         if key not in self._pred:
             cm = self.cost_model(p)
             steps = {s.step: s for s in self.plan.steps}
-            costs = {ps: unit_costs(steps[ps], cm) for ps in {r.plan_step for r in self.rows}}
-            last = cm.pp - 1
-            out = []
-            for r in self.rows:
-                c = costs[r.plan_step][r.unit][1 if r.stage == last else 0]
-                out.append(c.fwd_s + c.bwd_s)
-            self._pred[key] = np.array(out)
+            pred = {ps: predicted_units_s(steps[ps], cm) for ps in {r.plan_step for r in self.rows}}
+            self._pred[key] = np.array([pred[r.plan_step][(r.unit, r.stage)] for r in self.rows])
         return self._pred[key]
 
     def jacobian(self, p: Physical) -> np.ndarray:

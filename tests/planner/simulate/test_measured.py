@@ -9,7 +9,7 @@ import pytest
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, cost_model_for_plan, make_plan
 from planner.simulate import simulate_step, unit_costs
-from planner.simulate.measured import OtherLoad, compare_measured, host_slowdown, warm_steps
+from planner.simulate.measured import OtherLoad, compare_measured, host_slowdown, predicted_units_s, warm_steps
 
 PROFILE_PROBE_S = 0.020
 
@@ -30,8 +30,8 @@ def _trace(plan, cm, slower: float, probe: dict | None) -> dict:
     """A trace whose every unit and step took `slower` times its prediction (pp = 1: a unit's simulated time)."""
     step = plan.steps[0]
     sim = simulate_step(step, cm)
-    took = {op.unit: op.end_s - op.start_s for op in sim.ops}
-    units = [{"unit": u.id, "stage": 0, "fwd_s": took[u.id] * slower, "bwd_s": 0.0} for u in step.units]
+    took = predicted_units_s(step, cm, sim)
+    units = [{"unit": u.id, "stage": 0, "fwd_s": took[(u.id, 0)] * slower, "bwd_s": 0.0} for u in step.units]
     doc = {"schema": "meshplan.measured/1", "complete": True, "meta": {},
            "steps": [{"step": 0, "plan_step": step.step, "units": units, "step_time_s": sim.step_time_s * slower}]}
     if probe:

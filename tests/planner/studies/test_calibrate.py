@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, cost_model_for_plan, make_plan
+from planner.simulate.measured import predicted_units_s
 from planner.simulate.step import simulate_step, unit_costs
 from planner.studies import Physical, calibrate, calibrated_profile
 from planner.studies.calibrate import PARAMS, load_pair, nnls
@@ -40,13 +41,14 @@ def synthetic_trace(plan, plan_path, profile, noise: float = 0.0, seed: int = 0)
     jitter = lambda: float(np.exp(rng.normal(0.0, noise))) if noise else 1.0  # noqa: E731
     steps = []
     for i, st in enumerate(plan.steps):
-        costs = unit_costs(st, cm)
+        costs, took = unit_costs(st, cm), predicted_units_s(st, cm)  # pp = 1: as the schedule ran each unit
         units = []
         for u in st.units:
             for stage in range(cm.pp):
                 c = costs[u.id][1 if stage == cm.pp - 1 else 0]
+                x = took[(u.id, stage)] / c.total_s
                 units.append({"unit": u.id, "stage": stage, "degree": u.degree, "rank": 0,
-                              "fwd_s": c.fwd_s * jitter(), "bwd_s": c.bwd_s * jitter()})
+                              "fwd_s": c.fwd_s * x * jitter(), "bwd_s": c.bwd_s * x * jitter()})
         steps.append({"step": i, "plan_step": st.step, "units": units, "ranks": [],
                       "step_time_s": simulate_step(st, cm).step_time_s})
     meta = {"plan_sha256": hashlib.sha256(plan_path.read_bytes()).hexdigest(), "device_name": "synthetic"}
