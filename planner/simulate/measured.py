@@ -11,7 +11,8 @@ import numpy as np
 
 from costmodel.timing import CostModel
 from planner.plan import Plan, PlanError, Step
-from planner.simulate.step import simulate_step, unit_costs
+from planner.simulate.pipelined import sliced_pass_s
+from planner.simulate.step import simulate_step, slice_costs, unit_costs
 from planner.simulate.timeline import StepSimulation
 
 
@@ -110,12 +111,20 @@ def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = No
     """Each (unit, stage)'s predicted forward + backward time, what a replay's trace measures. pp = 1: the unit's time
     as the simulated schedule ran it, which on ranks sharing a CPU node's cores is shorter than its price while
     others idle (planner/simulate/cores.py) and equals it elsewhere; pp > 1: its stage's price (the last stage's with
-    the head and loss). `sim`: the step's simulation when the caller has it."""
+    the head and loss), a sliced unit's as its slices run it (sliced_pass_s). `sim`: the step's simulation when the
+    caller has it."""
     costs = unit_costs(step, cm)
     if cm.pp == 1:
         sim = sim or simulate_step(step, cm, costs)
         return {(op.unit, 0): op.end_s - op.start_s for op in sim.ops if op.kind == "unit"}
-    return {(u.id, s): costs[u.id][1 if s == cm.pp - 1 else 0].total_s for u in step.units for s in range(cm.pp)}
+    one = slice_costs(step, cm) or {}
+    out = {}
+    for u in step.units:
+        for s in range(cm.pp):
+            k = 1 if s == cm.pp - 1 else 0
+            whole, sliced = costs[u.id][k], one[u.id][k] if u.id in one else None
+            out[(u.id, s)] = sum(sliced_pass_s(whole, sliced, u.slices, f) for f in (True, False))
+    return out
 
 
 def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparison:

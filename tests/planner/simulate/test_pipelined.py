@@ -124,3 +124,21 @@ def test_a_sliced_op_runs_the_rest_of_its_pass_once_per_slice_at_the_slices_toke
     assert sum(fwd) > whole.attn_fwd_compute_s + rest  # the slices' floors and smaller GEMMs
     assert sliced_pass_s(whole, one, 1, False) == whole.bwd_s and slice_costs(_cp_step(cm, 8192, 4, 1, "1f1b"),
                                                                                cm) is None
+
+
+def test_a_sliced_units_stage_is_predicted_as_its_slices_run_it():
+    """What `meshplan simulate --measured` and the calibration fit compare a replayed stage with: its slices' time
+    (sliced_pass_s over both directions), the whole unit's price when unsliced."""
+    from planner.simulate.measured import predicted_units_s
+    from planner.simulate.pipelined import sliced_pass_s
+    from planner.simulate.step import slice_costs, unit_costs
+
+    cm = _pp_cost_model()
+    step = _cp_step(cm, 8192, 4, 4, "sliced")
+    got, costs, one = predicted_units_s(step, cm), unit_costs(step, cm), slice_costs(step, cm)
+    for s in range(cm.pp):
+        k = 1 if s == cm.pp - 1 else 0
+        want = sum(sliced_pass_s(costs[0][k], one[0][k], 4, f) for f in (True, False))
+        assert got[(0, s)] == pytest.approx(want) and want > costs[0][k].total_s
+    plain = _cp_step(cm, 8192, 4, 1, "1f1b")
+    assert predicted_units_s(plain, cm)[(0, 0)] == pytest.approx(unit_costs(plain, cm)[0][0].total_s)
