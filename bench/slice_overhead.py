@@ -1,8 +1,8 @@
 """What running a unit as SlimPipe slices costs over running it whole, in one process: the replay's own model and
 attention (planner/runtime: slice j's queries against the K/V cache of slices < j, the backward in reverse feeding the
 accumulated dK/dV), forward and backward, timed in paired rounds (whole, then each slice count, in turn); beside it
-the cost model's price of the sliced stage op over the whole one (planner/simulate/pipelined.py: a sliced op is
-priced as its unit's time, split by slice_share).
+the cost model's price of the sliced stage op over the whole one (planner/simulate/pipelined.py `sliced_pass_s`:
+attention once, everything else once per slice at the slice's tokens).
 
     python -m bench.slice_overhead                              # tiny, one 2,899-token document, 2 and 4 slices
     python -m bench.slice_overhead --docs 4096 --slices 2 4 8 --profile local-cpu.measured

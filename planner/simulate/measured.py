@@ -113,11 +113,10 @@ def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = No
     others idle (planner/simulate/cores.py) and equals it elsewhere; pp > 1: its stage's price (the last stage's with
     the head and loss), a sliced unit's as its slices run it (sliced_pass_s). `sim`: the step's simulation when the
     caller has it."""
-    costs = unit_costs(step, cm)
     if cm.pp == 1:
-        sim = sim or simulate_step(step, cm, costs)
+        sim = sim or simulate_step(step, cm)
         return {(op.unit, 0): op.end_s - op.start_s for op in sim.ops if op.kind == "unit"}
-    one = slice_costs(step, cm) or {}
+    costs, one = unit_costs(step, cm), slice_costs(step, cm) or {}
     out = {}
     for u in step.units:
         for s in range(cm.pp):
