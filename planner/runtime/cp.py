@@ -16,11 +16,11 @@ All three run on a `BlockKernel`: queries and keys in blocks of `block_tokens` r
 runs, FUSED_CPU_BLOCK_TOKENS), each block pair's mask settled from its spans (`span_mode`) or else built when it
 runs from the two shard layouts (document ids and positions: causal within a document, nothing across documents),
 pairs no query of which sees a key skipped, partial results merged by log-sum-exp; backward recomputes each pair's
-scores from the saved q, k, v, output and log-sum-exp (FlashAttention's scheme). Nothing T² is built or saved:
-the largest transient is one block pair's scores. A pair runs on torch's fused CPU flash kernel (`FusedCPUBlocks`), in plain
-torch (`MathBlocks`, the GPU default) or, opt-in, on torch's CUDA flash kernel
-(`FlashCUDABlocks`). A packed bin (degree 1) is one flash_attn varlen call on CUDA
-when flash_attn is installed, else one SDPA call per document (flash kernels on CPU and CUDA).
+scores from the saved q, k, v, output and log-sum-exp (FlashAttention's scheme). Nothing T² is built or saved: the
+largest transient is one block pair's scores. A pair runs on torch's fused CPU flash kernel (`FusedCPUBlocks`), in
+plain torch (`MathBlocks`, the GPU default) or, opt-in, on torch's CUDA flash kernel (`FlashCUDABlocks`). A packed
+bin (degree 1) is one flash_attn varlen call on CUDA when flash_attn is installed, else one SDPA call per document
+(flash kernels on CPU and CUDA).
 
 Padding tokens attend only to themselves (never seen by real tokens, labels ignored), so no
 softmax row is empty.
