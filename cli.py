@@ -1475,7 +1475,8 @@ def calibrate_cmd(
 ) -> None:
     """Fit a profile's physical parameters (GEMM, attention, memory and collective table times; per-layer and
     per-attention-call overheads) to measured replay traces and write the fitted profile; report the error
-    before and after on plans the fit did not see."""
+    before and after on plans the fit did not see. Each plan weighs the same in the fit, and a unit far off its
+    price (beyond about 10%) pulls with a bounded force (robust least squares)."""
     from planner.studies import calibrate
 
     writable(out_path, "--out")
