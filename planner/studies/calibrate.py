@@ -310,13 +310,13 @@ def plan_weights(groups: Sequence[_PlanGroup]) -> np.ndarray:
     return np.concatenate([np.full(len(g.rows), n / len(groups) / len(g.rows)) for g in groups])
 
 
-def _gauss_newton(groups: Sequence[_PlanGroup], start: Physical, candidates: list[int], m: np.ndarray,
+def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: list[int], m: np.ndarray,
                   max_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], int]:
     """Bounded least squares on relative error over the candidate parameters (the others held at `start`), each row
     weighted by its plan's share (`plan_weights`) and by `robust_weights` of its error at the current point, and
     relinearised until the point and the weights settle and the cost model at the new point agrees with the linear
     model. Returns the point, the last relative Jacobian, the rows' weights, the fitted columns, the iterations."""
-    x = start.vector()
+    x = start.copy()
     a, cols, it = np.zeros((len(m), len(PARAMS))), [], 0
     per_plan = plan_weights(groups)
     w = per_plan
@@ -334,10 +334,10 @@ def _gauss_newton(groups: Sequence[_PlanGroup], start: Physical, candidates: lis
         new = x.copy()
         new[cols] = _LB[cols] + nnls(a[:, cols] * sw, rhs * sw[:, 0])
         lin = a @ new * m  # what the linear model predicts at the new point
-        moved = np.max(np.abs(new - x) / np.maximum(np.abs(x), 1e-6), initial=0.0)
         x = new
         exact = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups])
-        if np.max(np.abs(exact - lin) / m) < 1e-6 and moved < 1e-3:
+        settled = np.max(np.abs(per_plan * robust_weights(exact / m - 1) - w) / w) < 0.05  # weights within 5%
+        if np.max(np.abs(exact - lin) / m) < 1e-6 and settled:
             break
     return x, a, w, cols, it
 
@@ -349,8 +349,10 @@ def fit(groups: Sequence[_PlanGroup], start: Physical, max_iter: int = 12) -> Fi
     m = np.concatenate([g.measured for g in groups])
     candidates = list(range(len(PARAMS)))
     undetermined: dict[str, str] = {}
-    while True:
-        x, a, w, cols, it = _gauss_newton(groups, start, candidates, m, max_iter)
+    x = x0 = start.vector()
+    while True:  # each refit starts where the last one ended, the parameters put back at their start values
+        x = np.where(np.isin(np.arange(len(PARAMS)), candidates), x, x0)
+        x, a, w, cols, it = _gauss_newton(groups, x, candidates, m, max_iter)
         resid = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups]) / m - 1
         bound = [j for j in cols if x[j] <= _LB[j] * (1 + 1e-9)]
         off = [j for j in cols if j not in bound]
