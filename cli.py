@@ -529,6 +529,12 @@ def plan_cmd(
         dtype: str = _OPT_DTYPE,
         fp8_recipe: Optional[str] = _OPT_FP8_RECIPE,
         tp_comm_overlap: bool = _OPT_TP_COMM_OVERLAP,
+        sequence_parallel: bool = typer.Option(True, "--sequence-parallel/--no-sequence-parallel", help="With --tp: "
+                                               "Megatron's sequence parallelism (norms, dropout and residuals on 1/tp "
+                                               "of the tokens; each TP all-reduce split into an all-gather and a "
+                                               "reduce-scatter). Without it they run replicated and the TP "
+                                               "collectives are all-reduces, as in Megatron-LM without "
+                                               "--sequence-parallel and `meshplan replay`."),
         overlap_grad_reduce: bool = _OPT_OVERLAP_GRAD_REDUCE,
         overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
         fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
@@ -614,7 +620,7 @@ def plan_cmd(
                       recompute_modules=modules,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, zero_stage=zero,
                       kernels=kernels, ep=ep, **dataclasses.asdict(flags), attention_kernel=attention_kernel,
-                      loss=loss, grad_accumulation=grad_accumulation, seed=seed,
+                      sequence_parallel=sequence_parallel, loss=loss, grad_accumulation=grad_accumulation, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),

@@ -121,7 +121,8 @@ def make_plans(work: Path, seed: int, profile: str = PROFILE) -> dict[str, Path]
     for c in CASES:
         req = PlanRequest(model="tiny", cluster="local-cpu", gpus=c.gpus, tp=c.tp, pp=c.pp, profile=profile,
                           lengths=LENGTHS, tokens_per_step=c.tokens_per_step, max_context_tokens=MAX_CONTEXT_TOKENS,
-                          capacity_tokens=c.capacity_tokens, seed=seed, dtype="fp32", kernels="eager")
+                          capacity_tokens=c.capacity_tokens, seed=seed, dtype="fp32", kernels="eager",
+                          sequence_parallel=False)  # priced as the replay runs: eager ops, TP without SP
         path = work / f"plan_{c.name}.json"
         make_plan(req, c.strategy).save(path)
         paths[c.name] = path

@@ -706,7 +706,7 @@ class CostModel:
         if (u > 1).any():  # the all-to-alls are not overlapped (REFERENCE 18): exposed in full
             a2a_comm, a2a_f, a2a_b = self._ulysses_a2a_s(tokens, u, u_inter, l, passes_f)
             ring_comm, ring_exp_f, ring_exp_b = ring_comm + a2a_comm, ring_exp_f + a2a_f, ring_exp_b + a2a_b
-        tp_f = tp_b = comm_h = np.zeros(n)
+        tp_f = tp_b = head_comm_f = head_comm_b = embed_comm = np.zeros(n)
         if self.tp > 1 or self.experts.all_to_all:  # tp = 1: an expert group over TP groups, its all-to-alls
             tp_f, tp_b = self.layer_tp_comm_s(tokens)
             if self.setup.training.ep_comm_overlap and self.experts.all_to_all:
@@ -714,8 +714,12 @@ class CostModel:
                 tp_f, tp_b = tp_f - hidden, tp_b - hidden
             tp_f, tp_b = l * tp_f, l * tp_b
         if self.tp > 1:
-            # the head: one all-gather of its input forward, its reduce-scatter backward (no SP: an all-reduce)
-            comm_h = self.tp_pair_s(tokens) / 2
+            h_bytes = tokens * self.model.hidden * self.bytes_per_elem
+            if self.setup.training.sequence_parallel:  # the head's input gathered forward, its gradient scattered
+                head_comm_f = self._lookup("tp_all_gather", h_bytes)  # backward; the embedding's output scattered
+                head_comm_b = embed_comm = self._lookup("tp_reduce_scatter", h_bytes)
+            else:  # Megatron's f at the head (its input gradient all-reduced backward); the embedding's output
+                head_comm_b = embed_comm = self.tp_all_reduce_s(tokens)  # all-reduced
             # the vocab-parallel loss, forward: all-reduces of each token's logit max, then of its target logit and
             # sum of exponentials (fp32; the replay's two, where Megatron-LM all-reduces the last two apart)
             comm_loss = self._lookup("tp_all_reduce", tokens * 4) + self._lookup("tp_all_reduce", tokens * 8)
@@ -726,11 +730,11 @@ class CostModel:
             off_f = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "d2h") - fwd_layer), 0.0)
             off_b = np.where(off, (l - 2) * np.maximum(0.0, self.host_copy_s(nbytes, "h2d") - bwd_layer), 0.0)
         gemm_h = self._lookup("gemm_head", tokens)
-        head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + comm_h + (comm_loss if self.tp > 1 else 0.0)
-        head_b = self._lookup("gemm_head_bwd", tokens) + self._lookup("mem_head_bwd", tokens) + comm_h
+        head_f = gemm_h + self._lookup("mem_head_fwd", tokens) + head_comm_f + (comm_loss if self.tp > 1 else 0.0)
+        head_b = self._lookup("gemm_head_bwd", tokens) + self._lookup("mem_head_bwd", tokens) + head_comm_b
         mtp = self.setup.training.mtp_layers
         if mtp or self.pp == 1:
-            embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + comm_h, self._lookup("mem_embed_bwd", tokens)
+            embed_f, embed_b = self._lookup("mem_embed_fwd", tokens) + embed_comm, self._lookup("mem_embed_bwd", tokens)
         if mtp:  # multi-token prediction on the last stage, per depth: the next tokens' embedding, the projection,
             proj = self._lookup("gemm_mtp_proj", tokens)  # one more layer (as the stage's) and the head again
             proj_f, proj_b = self._mtp_proj_tp_s(tokens) if self.tp > 1 else (0.0, 0.0)
@@ -836,13 +840,13 @@ class CostModel:
 
     def layer_tp_comm_s(self, tokens: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """One layer's exposed TP-group communication for `tokens` tokens, (forward, backward) as price_units
-        charges them: without tp_comm_overlap every collective (2 all-gathers + 2 reduce-scatters each way, an
-        all-reduce moving the same bytes; MoE with ep > 1: the MLP's pair becomes the all-to-alls), with it what
-        the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward, recompute
-        modules what they rerun (a dense MLP's pair, an MoE layer's all-to-alls, MLA's latent gather)."""
+        charges them: without tp_comm_overlap every collective (with SP 2 all-gathers + 2 reduce-scatters each way,
+        without it 2 all-reduces, tp_activation_s; MoE with ep > 1: the MLP's pair becomes the all-to-alls), with it
+        what the GEMMs do not hide (_overlapped_tp_comm_s); full recompute replays the forward's in the backward,
+        recompute modules what they rerun (a dense MLP's pair, an MoE layer's all-to-alls, MLA's latent gather)."""
         tokens = np.asarray(tokens, dtype=float)
         mu = self.stage_model.moe_fraction  # the MoE layers' share (0 dense, 1 when every layer has experts)
-        pair = self.tp_pair_s(tokens, layer=True) if self.tp > 1 else np.zeros_like(tokens)
+        pair = self.tp_activation_s(tokens) if self.tp > 1 else np.zeros_like(tokens)
         # an MoE layer's MLP: all-to-alls (all-gather dispatcher: the pair), and a shared expert's pair
         moe = self._lookup("moe_comm", tokens) if self.experts.all_to_all else pair
         shared = pair if self.model.shared_expert_ffn else 0.0
@@ -917,15 +921,15 @@ class CostModel:
         """The attention's TP collectives, (forward, backward), not overlapped. With SP: the input all-gathered
         before the projections and the output reduce-scattered after O; backward the output gradient gathered and
         the input gradient scattered. Without SP: an all-reduce of the output forward, of the input gradient
-        backward (each priced as a gather plus a scatter of its bytes). The input side is MLA's latents, else h,
-        where both directions are the layer's `pair` (tp_pair_s)."""
+        backward (tp_all_reduce_s). The input side is MLA's latents, else h, where both directions are the layer's
+        `pair` (tp_activation_s)."""
         if not self.model.is_mla:
             return pair, pair
         h, lat = float(self.model.hidden), float(self.model.attn_gather_width)
         if self.setup.training.sequence_parallel:
             return (self.tp_pair_s(tokens, True, gather_width=lat),
                     self.tp_pair_s(tokens, True, gather_width=h, scatter_width=lat))
-        return (self.tp_pair_s(tokens, True), self.tp_pair_s(tokens, True, gather_width=lat, scatter_width=lat))
+        return self.tp_all_reduce_s(tokens), self.tp_all_reduce_s(tokens, lat)
 
     def _mtp_proj_tp_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The TP collectives of an MTP depth's 2h -> h projection, (forward, backward), as Megatron-core's
@@ -940,7 +944,21 @@ class CostModel:
         if self.setup.training.sequence_parallel:
             return (self._lookup("tp_all_gather", tokens * 2 * h * self.tp_gather_bytes) + ag_h,
                     self._lookup("tp_reduce_scatter", tokens * 2 * h * self.bytes_per_elem) + ag_h)
-        return ag_h, self.tp_pair_s(tokens, gather_width=2 * h, scatter_width=2 * h)
+        return ag_h, self.tp_all_reduce_s(tokens, 2 * h)
+
+    def tp_activation_s(self, tokens: np.ndarray) -> np.ndarray:
+        """The TP collectives of one layer's activation (or its gradient) in one direction: with SP an all-gather
+        plus a reduce-scatter (tp_pair_s), without it the one all-reduce that Megatron-LM (and meshplan's replay)
+        run, priced from the all-reduce table (tp_all_reduce_s)."""
+        if self.setup.training.sequence_parallel:
+            return self.tp_pair_s(tokens, layer=True)
+        return self.tp_all_reduce_s(tokens)
+
+    def tp_all_reduce_s(self, tokens: np.ndarray, width: float | None = None) -> np.ndarray:
+        """One all-reduce of tokens × width (h by default) over the TP group, in the training dtype: TP without
+        SP. Looked up as what runs, not as a gather plus a scatter: one latency floor, and the all-reduce's own
+        algorithm and rate where the profile measured it (NVLS on Hopper, gloo on CPU)."""
+        return self._lookup("tp_all_reduce", tokens * (width or self.model.hidden) * self.bytes_per_elem)
 
     def tp_pair_s(self, tokens: np.ndarray, layer: bool = False, gather_width: float | None = None,
                   scatter_width: float | None = None) -> np.ndarray:

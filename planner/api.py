@@ -60,6 +60,7 @@ class PlanRequest:
     ep_comm_overlap: bool = False  # MoE: EP all-to-alls under the other micro-batch's compute, TrainingSpec's
     fp8_recipe: str | None = None  # --dtype fp8's scaling recipe, TrainingSpec.fp8_recipe (None: TE's for the GPU)
     tp_comm_overlap: bool = False  # TrainingSpec.tp_comm_overlap (Megatron-core's userbuffer TP overlap)
+    sequence_parallel: bool = True  # TrainingSpec.sequence_parallel (Megatron's SP with TP; the replay runs without)
     overlap_grad_reduce: bool = False  # TrainingSpec.overlap_grad_reduce (Megatron-core DDP)
     overlap_param_gather: bool = False  # TrainingSpec.overlap_param_gather (Megatron-core DDP)
     fp8_param_gather: bool = False  # TrainingSpec.fp8_param_gather (Megatron-LM --fp8-param-gather)
@@ -94,7 +95,8 @@ def resolve_setup(req: PlanRequest) -> Setup:
                             capacity_tokens=req.capacity_tokens, ep=req.ep, moe_capacity_factor=req.moe_capacity_factor,
                             moe_grouped_gemm=req.moe_grouped_gemm, moe_dispatcher=req.moe_dispatcher,
                             ep_comm_overlap=req.ep_comm_overlap, fp8_recipe=req.fp8_recipe,
-                            tp_comm_overlap=req.tp_comm_overlap, overlap_grad_reduce=req.overlap_grad_reduce,
+                            tp_comm_overlap=req.tp_comm_overlap, sequence_parallel=req.sequence_parallel,
+                            overlap_grad_reduce=req.overlap_grad_reduce,
                             overlap_param_gather=req.overlap_param_gather, fp8_param_gather=req.fp8_param_gather,
                             attention_kernel=req.attention_kernel, mtp_layers=req.mtp_layers, loss=req.loss,
                             grad_accumulation=req.grad_accumulation, optimizer_moments=req.optimizer_moments)

@@ -214,6 +214,21 @@ def test_plan_takes_the_loss_kernel_and_gradient_accumulation_into_its_training(
     assert not (tmp_path / "w.csv").exists()
 
 
+def test_plan_without_sequence_parallelism_prices_what_the_replay_runs(tmp_path):
+    """--no-sequence-parallel reaches the plan's training spec (the replay's TP; the replay warns otherwise), and
+    the norms and residuals that then run replicated make the same units dearer."""
+    times = {}
+    for flag, sp in (("--sequence-parallel", True), ("--no-sequence-parallel", False)):
+        out = tmp_path / f"{sp}.json"
+        r = run("plan", *TINY, "--tp", "2", "--kernels", "eager", flag, "--out", str(out),
+                "--strategy", "static", "--compare", "static")
+        assert r.exit_code == 0, r.output
+        plan = Plan.load(out)
+        assert plan.meta["training"]["sequence_parallel"] is sp
+        times[sp] = sum(u.predicted_time_s for u in plan.steps[0].units)
+    assert times[False] > times[True]
+
+
 # ---- profile: the cost model's GEMM shapes are measured, each model gets its T(s) fit ----------------
 
 def _fake_run_profile(monkeypatch, profile: Profile, seen: dict) -> None:

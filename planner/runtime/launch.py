@@ -249,11 +249,23 @@ def replay_cp(plan: Plan, override: str | None) -> str:
     return cp
 
 
-def priced_as_run(plan: Plan) -> bool:
-    """Whether the plan's times were priced with the kernels this executor runs: eager PyTorch ops
-    (meta.training.kernels "eager"; written plans default to Megatron's fused ones, hand-built ones carry none)."""
+def pricing_differences(plan: Plan) -> list[str]:
+    """What the plan's times were priced with that this executor does not run, each with the flag that prices what
+    runs (empty: priced as it runs; hand-built plans carry no training section and price nothing). The executor runs
+    eager PyTorch ops (written plans default to Megatron's fused kernels) and TP without sequence parallelism
+    (written plans default to Megatron's SP, which prices the norms and residuals on 1/tp of the tokens and each
+    all-reduce as a gather plus a scatter)."""
     training = plan.meta.get("training")
-    return not training or training.get("kernels", "fused") == "eager"
+    if not training:
+        return []
+    out = []
+    if training.get("kernels", "fused") != "eager":
+        out.append("priced with fused (Megatron) elementwise kernels, but this executor runs eager PyTorch ops: plan "
+                   "with --kernels eager")
+    if plan.mesh.tp > 1 and training.get("sequence_parallel", True):
+        out.append("priced with sequence parallelism, but this executor runs TP without it: plan with "
+                   "--no-sequence-parallel")
+    return out
 
 
 def replay_recompute(plan: Plan, override: str | None, where: str) -> str:
@@ -429,9 +441,8 @@ def replay(opts: ReplayOptions, nproc: int, torchrun_args: Sequence[str] = ()) -
         if opts.device == "cpu" or not torch.cuda.is_available():
             raise PlanError(FLASH_CUDA_ON_CPU)
     opts = replace(opts, cp_impl=replay_cp(plan, opts.cp_impl))  # the ranks get it explicitly
-    if not priced_as_run(plan):  # its predicted_s would mislead
-        warnings.warn(f"{opts.plan_path}: priced with fused (Megatron) elementwise kernels, but this executor runs "
-                      "eager PyTorch ops: plan with --kernels eager to compare its predicted times with this run")
+    for why in pricing_differences(plan):  # its predicted_s would mislead
+        warnings.warn(f"{opts.plan_path}: {why} to compare its predicted times with this run")
     if opts.lengths is not None and not opts.plan_ahead:
         raise PlanError(f"--lengths {opts.lengths} plans steps ahead: it needs --plan-ahead")
     if opts.plan_ahead:  # the request must plan here, before any process starts (rank 0 plans it again)

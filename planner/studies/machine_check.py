@@ -543,7 +543,7 @@ def make_case_plan(case: ReplayCase, profile: str, path: Path, seed: int) -> Pla
     req = PlanRequest(model=case.model, cluster=case.cluster, gpus=case.ranks, tp=case.tp, profile=profile,
                       lengths=case.lengths, steps=case.plan_steps, tokens_per_step=case.tokens_per_step,
                       max_context_tokens=case.max_context_tokens, capacity_tokens=case.capacity_tokens, seed=seed,
-                      dtype=case.dtype, kernels="eager")  # priced as the replay runs it: eager PyTorch ops
+                      dtype=case.dtype, kernels="eager", sequence_parallel=False)  # priced as the replay runs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a stand-in profile of another device is said in the summary instead
         plan = make_plan(req, case.strategy)

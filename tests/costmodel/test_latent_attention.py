@@ -94,9 +94,8 @@ def test_latents_gathered_saved_and_normalised():
     no_sp = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8, sequence_parallel=False)),
                       _PROFILE)
     fwd, bwd = no_sp.layer_tp_comm_s(S)  # all-reduces: of O's output h forward, of the latents' gradient backward
-    assert float(fwd) == pytest.approx(2 * float(no_sp.tp_pair_s(S, layer=True)), rel=1e-12)
-    assert float(bwd) == pytest.approx(float(no_sp.tp_pair_s(S, True, gather_width=lat, scatter_width=lat)
-                                             + no_sp.tp_pair_s(S, layer=True)), rel=1e-12)
+    assert float(fwd) == pytest.approx(2 * float(no_sp.tp_all_reduce_s(S)), rel=1e-12)
+    assert float(bwd) == pytest.approx(float(no_sp.tp_all_reduce_s(S, lat) + no_sp.tp_all_reduce_s(S)), rel=1e-12)
     # TP overlap splits the up projections against the latents' gather and their gradient's scatter
     over = CostModel(Setup(dense, load_cluster("dgx-h100").with_gpus(8), TrainingSpec(tp=8, tp_comm_overlap=True)),
                      _PROFILE)

@@ -256,3 +256,38 @@ def test_sliding_window_prices_the_band_of_keys(cm):
     full_u = CostModel(Setup(cm.model, cm.setup.cluster, unfused), cm.profile).unit_cost([8192])
     win_u = CostModel(Setup(win, cm.setup.cluster, unfused), cm.profile).unit_cost([8192])
     assert win_u.attn_fwd_compute_s == full_u.attn_fwd_compute_s
+
+
+def test_tp_without_sp_prices_the_all_reduces_that_run():
+    """Without SP, Megatron (and the replay) all-reduce a layer's attention and MLP outputs forward and their input
+    gradients backward, the embedding's output forward and the head's input gradient backward: priced from the
+    all-reduce table, not as a gather plus a scatter, which differ on a measured profile (gloo here). With SP the
+    collectives are the gathers and scatters."""
+    prof = load_profile("local-cpu.measured")
+    tokens, h = 2048.0, load_model("tiny").hidden
+
+    def priced(sp: bool) -> tuple[CostModel, list[tuple[str, float]]]:
+        tr = TrainingSpec(tp=2, dtype="fp32", kernels="eager", sequence_parallel=sp)
+        cm = CostModel(Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(2), tr), prof)
+        looked: list[tuple[str, float]] = []
+        lookup = cm._lookup
+        cm._lookup = lambda curve, x: looked.append((curve, float(np.max(x)))) or lookup(curve, x)
+        cm.unit_cost([int(tokens)])
+        return cm, looked
+
+    no_sp, looked = priced(False)
+    assert not [c for c, _ in looked if c in ("tp_all_gather", "tp_reduce_scatter")]
+    act = tokens * h * 4  # one fp32 activation of the unit
+    ar = float(no_sp._lookup("tp_all_reduce", act))
+    pair = float(no_sp.tp_pair_s(tokens, layer=True))
+    assert abs(ar / pair - 1) > 0.05  # the profile tells the two apart
+    fwd, bwd = no_sp.layer_tp_comm_s(tokens)
+    assert float(fwd) == pytest.approx(2 * ar, rel=1e-12) and float(bwd) == pytest.approx(2 * ar, rel=1e-12)
+    unit = no_sp.unit_cost([int(tokens)])  # the tiny model's 2 layers
+    assert unit.tp_comm_fwd_s == pytest.approx(4 * ar, rel=1e-12) and unit.tp_comm_bwd_s == pytest.approx(4 * ar)
+    # the embedding's and the head's all-reduces, the loss's two small ones (row max; target logit and sum)
+    assert {("tp_all_reduce", act), ("tp_all_reduce", tokens * 4), ("tp_all_reduce", tokens * 8)} <= set(looked)
+    sp, looked = priced(True)
+    assert float(sp.layer_tp_comm_s(tokens)[0]) == pytest.approx(2 * float(sp.tp_pair_s(tokens, layer=True)))
+    assert ("tp_all_reduce", act) not in looked
+    assert ("tp_all_gather", act) in looked and ("tp_reduce_scatter", act) in looked

@@ -103,17 +103,23 @@ def test_the_replay_runs_the_context_parallelism_the_plan_was_priced_with():
         replay_cp(plan({"training": {"cp": "ulysses"}}), None)
 
 
-def test_a_plan_priced_with_fused_kernels_is_told_apart():
-    """The replay warns when the plan's predicted times assume Megatron's fused kernels (it runs eager ops)."""
+def test_a_plan_priced_with_what_the_replay_does_not_run_is_told_apart():
+    """The replay warns when the plan's predicted times assume Megatron's fused kernels (it runs eager ops) or,
+    with TP, sequence parallelism (it runs TP without), each with the flag that prices what runs."""
     from planner.plan import Mesh, Plan
-    from planner.runtime.launch import priced_as_run
+    from planner.runtime.launch import pricing_differences
 
-    def plan(meta):
-        return Plan(meta=meta, mesh=Mesh(world_size=1, tp=1, pp=1, hdp=1), steps=[])
+    def plan(meta, tp=1):
+        return Plan(meta=meta, mesh=Mesh(world_size=tp, tp=tp, pp=1, hdp=1), steps=[])
 
-    assert not priced_as_run(plan({"training": {"dtype": "bf16"}}))  # `meshplan plan` without --kernels
-    assert priced_as_run(plan({"training": {"kernels": "eager"}}))
-    assert priced_as_run(plan({}))  # hand-built: nothing priced
+    assert [d.split(": ")[-1] for d in pricing_differences(plan({"training": {"dtype": "bf16"}}))] == [
+        "plan with --kernels eager"]  # `meshplan plan` without --kernels
+    assert pricing_differences(plan({"training": {"kernels": "eager"}})) == []
+    assert pricing_differences(plan({"training": {"kernels": "eager", "sequence_parallel": True}})) == []  # tp 1
+    sp = pricing_differences(plan({"training": {"kernels": "eager"}}, tp=2))  # SP is TrainingSpec's default
+    assert [d.split(": ")[-1] for d in sp] == ["plan with --no-sequence-parallel"]
+    assert pricing_differences(plan({"training": {"kernels": "eager", "sequence_parallel": False}}, tp=2)) == []
+    assert pricing_differences(plan({}, tp=2)) == []  # hand-built: nothing priced
 
 
 @pytest.mark.parametrize("given", [None, "3"])
