@@ -1,6 +1,7 @@
 """Analytic profiles: the Profile tables built from datasheet peaks and published measurements
 (REFERENCE.md §8), for GPUs we cannot measure here; the Hopper ones also take two measurements of our own H200
-(the sustained GEMM rate and the elementwise kinds, from h200-sxm.measured). Every constant carries its source; the
+(the sustained GEMM rate and the elementwise kinds, from h200-sxm.measured; the other GPUs take the kinds as an
+assumption). Every constant carries its source; the
 generated files in profiles/data/*.analytic.json are written by `python -m profiles.analytic`
 and checked against this module by the tests (never edited by hand)."""
 
@@ -55,8 +56,8 @@ class GpuNumbers:
     # GEMM work at half the large-size rate, at a 989 TFLOP/s peak (scaled with the dtype's peak); None: the
     # shared assumption GEMM_HALF_FLOPS_AT_989T
     gemm_half: Const | None = None
-    # Elementwise kinds' bandwidth over the memory table's stream (constants memory_kind_<kind>); None: not measured
-    # on this architecture, every kernel priced as a stream (no constants written)
+    # Elementwise kinds' bandwidth over the memory table's stream (constants memory_kind_<kind>); None: every kernel
+    # priced as a stream (no constants written)
     memory_kinds: dict[str, Const] | None = None
     # Attention kernels with published rates on this GPU (TrainingSpec.attention_kernel), each's plateaus as
     # attn_plateau's; attn_plateau is the one named `attn_kernel`. None: only the profile's own kernel is known
@@ -235,6 +236,11 @@ HOPPER_GEMM_HALF = _c(6.31e9, "FLOP", "GEMM work at half the large-size rate (at
 _KINDS_SRC = "x the memory table's stream, measured on an H200 [meas: meshplan profile --ops memory, 2026-12-04]"
 HOPPER_MEMORY_KINDS = {k: _c(v, "x table bandwidth", f"{k}: {v} {_KINDS_SRC}")
                        for k, v in (("broadcast", 0.7125), ("mixed", 0.716), ("softmax", 0.5276), ("strided", 0.4135))}
+# Other NVIDIA GPUs take Hopper's ratios: the kinds are how a kernel's access pattern (broadcast operands, mixed
+# dtypes, long softmax rows, strided reads) loses against a stream, which no one has measured on them; every kernel
+# priced as a stream was the other assumption, 1.68x optimistic on the H200's memory-bound time (docs/BENCHMARKS.md).
+_AS_HOPPER = "[assumption: a kernel kind's bandwidth over a stream as measured on Hopper]"
+KINDS_AS_HOPPER = {k: _c(c.value, c.unit, f"{c.source}; {_AS_HOPPER}") for k, c in HOPPER_MEMORY_KINDS.items()}
 
 H100 = GpuNumbers(
     name="h100-sxm", device="NVIDIA H100 SXM 80GB (analytic)",
@@ -294,7 +300,7 @@ A100_MAMF = GpuNumbers(
     d2h=_c(25.1e9, "B/s", "D2H taken equal to H2D (PCIe Gen4) [assumption]"),
     hbm=_hbm(2.039e12, "A100 SXM 80GB"),
     sms=_c(108, "SMs", "A100 108 SMs [spec; NVIDIA Matrix Multiplication Background guide 3.2]"),
-    gemm_tile_m=TILE_AMPERE_M, gemm_tile_n=TILE_AMPERE_N,
+    gemm_tile_m=TILE_AMPERE_M, gemm_tile_n=TILE_AMPERE_N, memory_kinds=KINDS_AS_HOPPER,
 )
 A100_GEMM_X = _c(0.954, "x", "sustained / MAMF fitted to the design set korthikanti2022 (its 12 A100 rows, mean "
                  "|log error| 4.0% -> 1.8%) [fit: planner.studies.design_fit, python -m bench.design_fit]")
@@ -436,13 +442,13 @@ B200 = GpuNumbers(
     sms=_c(148, "SMs", "B200 148 SMs (SM 10.0) [code search: device queries in B200 benchmark repositories]"),
     gemm_tile_m=_c(128, "elements", _TILE_BLACKWELL), gemm_tile_n=_c(256, "elements", _TILE_BLACKWELL),
     peak_fp8=_c(4500e12, "FLOP/s", "B200 dense FP8 [spec, REFERENCE 8.1]"),
-    gemm_large_fp8=_B200_GEMM[1],
+    gemm_large_fp8=_B200_GEMM[1], memory_kinds=KINDS_AS_HOPPER,
 )
 
 _GB200_RACK = "NVIDIA GB200 NVL72 datasheet"
 # GB200: the rates as derived from the rack's peaks, then the sustained fraction fitted to the Megatron-Bridge GB200
-# runs (the design set): 0.872, which puts its GEMMs at the B200's rate (0.872 x 2.5 = 2.18 of the B200's 2.25
-# PFLOP/s peak, the B200 set's own fit 0.998): the rack's higher per-GPU peak does not show in the runs.
+# runs (the design set): 0.864, which puts its GEMMs at the B200's rate (0.864 x 2.5 = 2.16 of the B200's 2.25
+# PFLOP/s peak, the B200 set's own fit 0.997): the rack's higher per-GPU peak does not show in the runs.
 GB200_STATED = GpuNumbers(
     name="gb200", device="NVIDIA GB200 NVL72 (analytic)",
     peak_bf16=_c(360e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 360 PFLOPS FP16/BF16 with sparsity per 72 GPUs -> 2.5 "
@@ -461,10 +467,10 @@ GB200_STATED = GpuNumbers(
     gemm_tile_m=B200.gemm_tile_m, gemm_tile_n=B200.gemm_tile_n,
     peak_fp8=_c(720e15 / 2 / 72, "FLOP/s", f"{_GB200_RACK}: 720 PFLOPS FP8 with sparsity per 72 GPUs -> 5.0 dense "
                 "per GPU [spec, derived]"),
-    gemm_large_fp8=_GB200_GEMM[1],
+    gemm_large_fp8=_GB200_GEMM[1], memory_kinds=KINDS_AS_HOPPER,
     domain_gpus=_c(72, "GPUs", f"{_GB200_RACK}: 72 GPUs on one NVLink Switch System, 130 TB/s [spec]"),
 )
-GB200_GEMM_X = _c(0.866, "x", "sustained fraction of the derived rates fitted to the design set "
+GB200_GEMM_X = _c(0.864, "x", "sustained fraction of the derived rates fitted to the design set "
                   "megatron_bridge_gb200_2025 (its 4 rows) [fit: planner.studies.design_fit, python -m "
                   "bench.design_fit]")
 GB200 = with_gemm_rate_x(GB200_STATED, GB200_GEMM_X)

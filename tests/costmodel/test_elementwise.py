@@ -309,15 +309,18 @@ def test_kernels_of_slow_kinds_take_their_kinds_share_of_the_bandwidth(a100):
     assert head["log_softmax"] == "softmax" and head["logits_cast"] == "stream"
     assert {k.kind for k in eager_layer_kernels(llama, 1, True, 4, "fwd") if k.label == "residual"} == {"stream"}
     assert {k.kind for d in ("fwd", "bwd") for k in layer_kernels(llama, 1, True, 2, d)} == {"stream"}  # fused
-    slow = dataclasses.replace(a100, constants={**a100.constants, "memory_kind_strided": {"value": 0.5},
-                                                "memory_kind_softmax": {"value": 0.25}})
+    streams = dataclasses.replace(a100, constants={k: v for k, v in a100.constants.items()
+                                                   if not k.startswith("memory_kind_")})  # every kind a stream
+    assert streams.memory_kind_ratio("strided") == 1.0
+    slow = dataclasses.replace(streams, constants={**streams.constants, "memory_kind_strided": {"value": 0.5},
+                                                   "memory_kind_softmax": {"value": 0.25}})
     assert slow.memory_kind_ratio("strided") == 0.5 and slow.memory_kind_ratio("stream") == 1.0
-    base, eager_slow = (_cm(p, model="llama3-8b", tp=1, kernels="eager").unit_cost([8192]) for p in (a100, slow))
+    base, eager_slow = (_cm(p, model="llama3-8b", tp=1, kernels="eager").unit_cost([8192]) for p in (streams, slow))
     t = lambda nbytes: float(a100.memory_time_s(nbytes))  # noqa: E731
     # each strided kernel is priced as a streaming one of twice its bytes
     strided = sum(t(2 * 8192 * k.bytes_per_item) - t(8192 * k.bytes_per_item) for k in eager_layer_kernels(
         llama, 1, True, 2, "fwd") if k.kind == "strided") * llama.layers
     assert eager_slow.mem_fwd_s - base.mem_fwd_s == pytest.approx(strided, rel=0.03)
     assert eager_slow.head_fwd_s > base.head_fwd_s
-    fused = [_cm(p, model="llama3-8b", tp=1).unit_cost([8192]) for p in (a100, slow)]
+    fused = [_cm(p, model="llama3-8b", tp=1).unit_cost([8192]) for p in (streams, slow)]
     assert fused[0].mem_fwd_s == fused[1].mem_fwd_s and fused[0].head_fwd_s == fused[1].head_fwd_s

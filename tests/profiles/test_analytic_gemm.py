@@ -99,7 +99,8 @@ def test_blackwell_gemm_rates_carry_hoppers_measured_ratios():
 
 def test_hopper_memory_kinds_are_the_measured_h200_ones():
     """The Hopper analytic profiles carry the kinds measured on the H200 (same constants, values, every kind the
-    cost model prices but the stream); the others price every kernel as a stream."""
+    cost model prices but the stream); the A100 and Blackwell ones the same ratios, their sources saying that they
+    are assumed there, not measured."""
     from costmodel.elementwise import KINDS
     measured = load_profile("h200-sxm.measured")
     for name in ("h100-sxm", "h200-sxm", "h800-sxm"):
@@ -109,10 +110,13 @@ def test_hopper_memory_kinds_are_the_measured_h200_ones():
         for k in kinds:
             assert p.constants[k]["value"] == measured.constants[k]["value"]
             assert "H200" in p.constants[k]["source"]
-    for name in ("a100-sxm-80gb", "b200", "gb200"):
+    for name in ("a100-sxm-80gb", "a100-sxm-80gb-opa", "b200", "gb200"):
         p = load_profile(f"{name}.analytic")
-        assert not any(k.startswith("memory_kind_") for k in p.constants)
-        assert p.memory_kind_ratio("strided") == 1.0
+        for k in (f"memory_kind_{k}" for k in KINDS if k != "stream"):
+            assert p.constants[k]["value"] == measured.constants[k]["value"]
+            assert "[assumption: a kernel kind's bandwidth over a stream as measured on Hopper]" in p.constants[k][
+                "source"]
+        assert p.memory_kind_ratio("strided") == measured.memory_kind_ratio("strided") < 1.0
 
 
 def test_hopper_half_efficiency_work_is_the_fit_to_the_measured_h200():
