@@ -479,6 +479,11 @@ _OPT_FP8_RECIPE = typer.Option(None, "--fp8-recipe", help=f"--dtype fp8's scalin
 _OPT_TP_COMM_OVERLAP = typer.Option(False, "--tp-comm-overlap", help="Megatron-core's TP communication "
                                     "overlap (Transformer Engine userbuffers; needs SP): each TP "
                                     "collective runs under its GEMM.")
+_OPT_SEQUENCE_PARALLEL = typer.Option(True, "--sequence-parallel/--no-sequence-parallel", help="With --tp: "
+                                      "Megatron's sequence parallelism (norms, dropout and residuals on 1/tp of the "
+                                      "tokens; each TP all-reduce split into an all-gather and a reduce-scatter). "
+                                      "Without it they run replicated and the TP collectives are all-reduces, as in "
+                                      "Megatron-LM without --sequence-parallel and in `meshplan replay`.")
 _OPT_OVERLAP_GRAD_REDUCE = typer.Option(False, "--overlap-grad-reduce", help="Megatron-core DDP: the "
                                         "gradient reduction runs in buckets under the last backward.")
 _OPT_OVERLAP_PARAM_GATHER = typer.Option(False, "--overlap-param-gather", help="Megatron-core DDP: the "
@@ -529,12 +534,7 @@ def plan_cmd(
         dtype: str = _OPT_DTYPE,
         fp8_recipe: Optional[str] = _OPT_FP8_RECIPE,
         tp_comm_overlap: bool = _OPT_TP_COMM_OVERLAP,
-        sequence_parallel: bool = typer.Option(True, "--sequence-parallel/--no-sequence-parallel", help="With --tp: "
-                                               "Megatron's sequence parallelism (norms, dropout and residuals on 1/tp "
-                                               "of the tokens; each TP all-reduce split into an all-gather and a "
-                                               "reduce-scatter). Without it they run replicated and the TP "
-                                               "collectives are all-reduces, as in Megatron-LM without "
-                                               "--sequence-parallel and `meshplan replay`."),
+        sequence_parallel: bool = _OPT_SEQUENCE_PARALLEL,
         overlap_grad_reduce: bool = _OPT_OVERLAP_GRAD_REDUCE,
         overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
         fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
@@ -602,7 +602,7 @@ def plan_cmd(
     check_choice("--pp-schedule", pp_schedule, PP_SCHEDULES)
     flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
                             tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers,
-                            optimizer_moments)
+                            optimizer_moments, sequence_parallel)
     check_choice("--kernels", kernels, KERNELS)
     check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     check_choice("--loss", loss, LOSS_KERNELS)
@@ -620,7 +620,7 @@ def plan_cmd(
                       recompute_modules=modules,
                       capacity_tokens=parse_tokens(capacity) if capacity else None, zero_stage=zero,
                       kernels=kernels, ep=ep, **dataclasses.asdict(flags), attention_kernel=attention_kernel,
-                      sequence_parallel=sequence_parallel, loss=loss, grad_accumulation=grad_accumulation, seed=seed,
+                      loss=loss, grad_accumulation=grad_accumulation, seed=seed,
                       options=PlanOptions(offload=offload, seed=seed, cp_kinds=kinds,
                                           hdp=HdpOptions(pp_schedule=pp_schedule, pp_v=pp_v,
                                                          redistribute_max_chunks=redistribute_max_chunks),
@@ -1018,7 +1018,7 @@ GRAD_ACCUMULATION_HELP = (f"How every point's micro-batches accumulate weight gr
 def _training_flags(dtype: str, fp8_recipe: Optional[str], moe_capacity_factor: float, moe_grouped_gemm: bool,
                     moe_dispatcher: str, ep_comm_overlap: bool, tp_comm_overlap: bool, overlap_grad_reduce: bool,
                     overlap_param_gather: bool, fp8_param_gather: bool, mtp_layers: int,
-                    optimizer_moments: str) -> TrainingFlags:
+                    optimizer_moments: str, sequence_parallel: bool) -> TrainingFlags:
     """The training flags `plan` and the what-if commands share, each choice checked (one line, exit 2)."""
     check_choice("--dtype", dtype, TRAIN_DTYPES)
     if fp8_recipe is not None:
@@ -1030,7 +1030,7 @@ def _training_flags(dtype: str, fp8_recipe: Optional[str], moe_capacity_factor: 
                          ep_comm_overlap=ep_comm_overlap, tp_comm_overlap=tp_comm_overlap,
                          overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
                          fp8_param_gather=fp8_param_gather, mtp_layers=mtp_layers,
-                         optimizer_moments=optimizer_moments)
+                         optimizer_moments=optimizer_moments, sequence_parallel=sequence_parallel)
 
 
 @whatif_app.callback()
@@ -1066,6 +1066,7 @@ def whatif_sweep(
         moe_dispatcher: str = _OPT_MOE_DISPATCHER,
         ep_comm_overlap: bool = _OPT_EP_COMM_OVERLAP,
         tp_comm_overlap: bool = _OPT_TP_COMM_OVERLAP,
+        sequence_parallel: bool = _OPT_SEQUENCE_PARALLEL,
         overlap_grad_reduce: bool = _OPT_OVERLAP_GRAD_REDUCE,
         overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
         fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
@@ -1097,7 +1098,7 @@ def whatif_sweep(
     check_choice("--grad-accumulation", grad_accumulation, GRAD_ACCUMULATIONS)
     flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
                             tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers,
-                            optimizer_moments)
+                            optimizer_moments, sequence_parallel)
     spec = _SweepSpec(models=tuple(_csv_list(model, "--model")), clusters=tuple(_csv_list(cluster, "--cluster")),
                       gpus=_counts(gpus, "--gpus"), tps=_counts(tp, "--tp"), pps=_counts(pp, "--pp"), ep=ep,
                       contexts_tokens=_counts(context, "--context"), lengths=tuple(_csv_list(lengths, "--lengths")),
@@ -1177,6 +1178,7 @@ def whatif_capacity(
         moe_dispatcher: str = _OPT_MOE_DISPATCHER,
         ep_comm_overlap: bool = _OPT_EP_COMM_OVERLAP,
         tp_comm_overlap: bool = _OPT_TP_COMM_OVERLAP,
+        sequence_parallel: bool = _OPT_SEQUENCE_PARALLEL,
         overlap_grad_reduce: bool = _OPT_OVERLAP_GRAD_REDUCE,
         overlap_param_gather: bool = _OPT_OVERLAP_PARAM_GATHER,
         fp8_param_gather: bool = _OPT_FP8_PARAM_GATHER,
@@ -1218,7 +1220,7 @@ def whatif_capacity(
     modules = ",".join(recompute_modules_arg(recompute_modules) or ())
     flags = _training_flags(dtype, fp8_recipe, moe_capacity_factor, moe_grouped_gemm, moe_dispatcher, ep_comm_overlap,
                             tp_comm_overlap, overlap_grad_reduce, overlap_param_gather, fp8_param_gather, mtp_layers,
-                            optimizer_moments)
+                            optimizer_moments, sequence_parallel)
     if metric == "tokens_per_s":
         value = float(_count(value, "--target-tokens-per-s"))
     if metric == "mfu" and value > 1:

@@ -59,6 +59,7 @@ class TrainingFlags:
     moe_dispatcher: str = "alltoall"  # PlanRequest.moe_dispatcher
     ep_comm_overlap: bool = False  # PlanRequest.ep_comm_overlap
     tp_comm_overlap: bool = False  # PlanRequest.tp_comm_overlap
+    sequence_parallel: bool = True  # PlanRequest.sequence_parallel (Megatron's SP with TP)
     overlap_grad_reduce: bool = False  # PlanRequest.overlap_grad_reduce
     overlap_param_gather: bool = False  # PlanRequest.overlap_param_gather
     fp8_param_gather: bool = False  # PlanRequest.fp8_param_gather
@@ -89,7 +90,7 @@ class TrainingFlags:
     @property
     def label(self) -> str:
         """The non-default flags as people read them, e.g. "dtype fp8, moe_dispatcher flex" ("" for none); a
-        switch turned on reads as its name."""
+        switch turned on reads as its name, one turned off as "name False"."""
         return ", ".join(k if v is True else f"{k} {v}" for k, v in self.changed().items())
 
     @classmethod
@@ -103,11 +104,9 @@ class TrainingFlags:
             if f is None:
                 raise PlanError(f"training flags {label!r}: unknown flag {name!r}; one of {', '.join(fields)}")
             kind = type(f.default) if f.default is not None else str
-            try:
-                if kind is bool and text:
-                    raise ValueError(text)
-                values[name] = True if kind is bool else kind(text)
-            except ValueError:
+            try:  # a switch reads as its name when on, "name False" when off
+                values[name] = {"": True, "False": False}[text] if kind is bool else kind(text)
+            except (KeyError, ValueError):
                 raise PlanError(f"training flags {label!r}: {name} cannot be {text!r}") from None
         return cls(**values)
 

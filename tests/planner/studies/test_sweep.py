@@ -222,6 +222,11 @@ def test_training_flags_are_every_configs(tmp_path):
     # one type per field: the key and label do not depend on how a number was written
     assert TrainingFlags(moe_capacity_factor=2).changed() == {"moe_capacity_factor": 2.0}
     assert TrainingFlags(moe_grouped_gemm=1).label == "moe_grouped_gemm"
+    off = TrainingFlags(sequence_parallel=False)  # a switch on by default reads as "name False" when off
+    assert off.label == "sequence_parallel False" and TrainingFlags.parse(off.label) == off
+    assert dataclasses.replace(spec, flags=off).configs()[0].request().sequence_parallel is False
+    with pytest.raises(PlanError, match="overlap_grad_reduce cannot be 'yes'"):
+        TrainingFlags.parse("overlap_grad_reduce yes")
     with pytest.raises(PlanError, match="no layout of the study trains with moe_grouped_gemm: llama-7b is dense"):
         run_sweep(dataclasses.replace(spec, flags=TrainingFlags(moe_grouped_gemm=True)).points(), tmp_path / "c.csv")
     # a layout the model does not take fails without the flags too: its rows say so, the flags are not blamed
