@@ -719,8 +719,13 @@ def simulate_cmd(
              "peak_memory_bytes": max(x.peak_memory_bytes), "breakdown": x.breakdown} for x in sims]
     comparison = None
     if measured is not None:
+        import warnings
+
+        from planner.runtime.launch import pricing_differences
         from planner.simulate import compare_measured, read_measured_trace
 
+        for why in pricing_differences(plan):  # the trace ran what the plan did not price
+            warnings.warn(f"{plan_path}: {why} to compare its predicted times with the replay's")
         comparison = compare_measured(plan, cm, read_measured_trace(measured))
     if as_json:
         load = comparison and comparison.other_load

@@ -260,10 +260,10 @@ def pricing_differences(plan: Plan) -> list[str]:
         return []
     out = []
     if training.get("kernels", "fused") != "eager":
-        out.append("priced with fused (Megatron) elementwise kernels, but this executor runs eager PyTorch ops: plan "
+        out.append("priced with fused (Megatron) elementwise kernels, but the replay runs eager PyTorch ops: plan "
                    "with --kernels eager")
     if plan.mesh.tp > 1 and training.get("sequence_parallel", True):
-        out.append("priced with sequence parallelism, but this executor runs TP without it: plan with "
+        out.append("priced with sequence parallelism, but the replay runs TP without it: plan with "
                    "--no-sequence-parallel")
     return out
 

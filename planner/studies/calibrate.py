@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 from costmodel.timing import CostModel
 from planner.plan import Plan, PlanError, validate
 from planner.plan.stream import load_plan, plan_fingerprint
+from planner.runtime.launch import pricing_differences
 from planner.simulate.measured import compare_measured, predicted_units_s, warm_steps
 from profiles.table import Profile, load_profile, read_json
 
@@ -171,6 +173,8 @@ def load_pair(plan_path: Path, trace_path: Path) -> TracePair:
     if sha and sha != plan_fingerprint(plan_path):
         raise PlanError(f"{trace_path}: trace replayed another plan than {plan_path} (its recorded plan sha256 "
                         f"differs); pair each trace with the plan it replayed")
+    for why in pricing_differences(plan):  # the fit would take the difference for the hardware's
+        warnings.warn(f"{plan_path}: {why}, or the fit takes what the plan did not price for the hardware's")
     return TracePair(plan_path, trace_path, plan, trace, trace_rows(plan, trace, str(trace_path)))
 
 

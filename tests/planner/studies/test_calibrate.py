@@ -325,3 +325,13 @@ def test_h200_calibration_predicts_plans_it_did_not_see_within_5_percent(tmp_pat
     for name in ("l70b", "q72wiki", "l8b-long"):
         fitted = _h200_accuracy(name, str(tmp_path / "fitted.json"))
         assert len(fitted.steps) == 2 and fitted.step_mape < 0.05, (name, fitted.steps)
+
+
+def test_a_pair_priced_with_what_the_replay_does_not_run_is_warned_about(plans, exact):
+    """A plan priced with fused kernels or (with TP) sequence parallelism prices what the replay does not run: the
+    fit would take the difference for the hardware's, so loading its pair says which flag prices what runs."""
+    path, trace = next((p, t) for p, t in exact if p.name == "tp.json")
+    with pytest.warns(UserWarning) as seen:
+        load_pair(path, trace)
+    said = " ".join(str(w.message) for w in seen)
+    assert "--kernels eager" in said and "--no-sequence-parallel" in said
