@@ -326,6 +326,8 @@ class CostModel:
         if self.compute_share is None:
             self.compute_share = compute_share_of(self.profile, self.setup.cluster.gpus_per_node)
         share = self.compute_share
+        # a blocking meeting of ranks on a node of more ranks than cores: the sleeper waits for a core (sync_wake_s_of)
+        self.sync_wake_s = sync_wake_s_of(self.profile, self.setup.cluster.gpus_per_node) if self.shares_cores else 0.0
         self.layer_overhead_s = share * float(consts.get("layer_overhead_s", {}).get("value", 0.0))
         self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
         # Each micro-batch's weight gradients added to the step's accumulator outside the GEMM (grad_accumulation):
@@ -410,8 +412,9 @@ class CostModel:
         self._curves["h2d"] = p.host_copy_time_s(_BYTES_GRID, "h2d", True)
         if tr.tp > 1:  # every TP group of a node runs the same collectives at once (the node's ranks / tp of them)
             tp_groups = max(1, self.setup.cluster.gpus_per_node // tr.tp)
-            for op in ("all_gather", "reduce_scatter", "all_reduce"):
-                self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra", tp_groups)
+            for op in ("all_gather", "reduce_scatter", "all_reduce"):  # each a meeting of the group's ranks
+                self._curves[f"tp_{op}"] = (p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra", tp_groups)
+                                            + self.sync_wake_s)
         if self.experts.all_to_all:  # MoE dispatch and combine over EP (+ ETP gather), per token of the TP group
             self._curves["moe_comm"] = np.maximum(moe_comm_fwd_s(p, _TOKEN_GRID, m, self.experts, b), 1e-15)
         for k in _COMPUTE_CURVES:  # ranks sharing cores: each rank's compute runs at 1 / share of its own speed
@@ -1166,7 +1169,8 @@ class CostModel:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node
         when adjacent stages sit on different nodes."""
         inter = self.setup.mesh.adjacent_stages_in_different_domains
-        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter))
+        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter)
+                     + self.sync_wake_s)  # the receiving stage sleeps until the sender's data arrives
 
     def peak_flops(self) -> float:
         return self.profile.constant("peak_bf16_flops")
@@ -1188,6 +1192,18 @@ def compute_share_of(profile: Profile, ranks_per_node: int) -> float:
     if k <= c:
         return 1.0 + (busy - 1.0) * (k - 1.0) / (c - 1.0) if c > 1 else 1.0
     return k / c * shared / 2.0
+
+
+def sync_wake_s_of(profile: Profile, ranks_per_node: int) -> float:
+    """What one blocking meeting of ranks (a TP collective, a pipeline hand-off) costs beyond its transfer on a CPU
+    node of more ranks than cores: the rank that arrived first sleeps, and once its peer arrives it waits for a core
+    (profiles.measure.wake, the profile's `cores_shared_wake_s`, measured at two ranks per core). 0 where every rank
+    has a core, and for profiles without the constant (GPU profiles, CPU ones measured before it)."""
+    consts = profile.constants
+    cores = consts.get("cores_per_node", {}).get("value")
+    if not cores or ranks_per_node <= float(cores):
+        return 0.0
+    return float(consts.get("cores_shared_wake_s", {}).get("value", 0.0))
 
 
 def lockstep_x_of(profile: Profile, ranks_per_node: int, group: np.ndarray) -> np.ndarray:

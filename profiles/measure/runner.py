@@ -468,6 +468,11 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
         constants["cores_per_node"] = cores_constant()
         for name, value in measure_concurrency(constants["cores_per_node"]["value"]).items():
             constants[name] = {"value": value, "unit": "x", "source": SOURCE}
+    if device == "cpu" and "collective" in req.ops:  # a blocking meeting on shared cores (CostModel.sync_wake_s)
+        from profiles.measure.wake import SOURCE as WAKE_SOURCE
+        from profiles.measure.wake import measure_wake_s
+        constants["cores_shared_wake_s"] = {"value": measure_wake_s(cores_constant()["value"]), "unit": "s",
+                                            "source": WAKE_SOURCE}
     if "memory" in tables and len(tables["memory"]):  # how far each elementwise kind is from the table's kernel
         from profiles.measure.memory import memory_kind_constants
         constants.update(memory_kind_constants(device, cfg.main_dtype, req.max_bytes))
@@ -523,7 +528,8 @@ EST_CALL_OVERHEAD_S = {"cpu": 20e-6, "cuda": 60e-6}  # Python + timer per call; 
 EST_BARRIER_S = {"cpu": 5e-4, "cuda": 5e-5}  # the untimed barrier before each collective repeat
 EST_FILL_BYTES_PER_S = {"cpu": 1e9, "cuda": 1e12}  # allocating + filling a case's ~3 S bytes of buffers per rank
 EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0,  # imports, dtype probe; torchrun + gloo rendezvous
-                       "concurrency": 15.0},  # the cores' slowdown: 2c probe processes, 9 rounds of 1, c, 2c
+                       "concurrency": 15.0,  # the cores' slowdown: 2c probe processes, 9 rounds of 1, c, 2c
+                       "wake": 12.0},  # a meeting's wake-up on shared cores: torchrun, 9 rounds of 3 runs of 12
                "cuda": {"startup": 20.0,  # CUDA context, cuBLAS/flash init, autotune warm-ups
                         "torchrun": 40.0}}  # NCCL init ~4.5 s per group + ~0.2 s per P2P pair (REFERENCE 8.4)
 # A reference profile may hold only bf16 GEMMs: time of other dtypes relative to bf16.
@@ -560,7 +566,8 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
         base = main_dtype(ref)
         return base, DTYPE_VS_BF16.get(dt, 1.0) / DTYPE_VS_BF16.get(base, 1.0)
 
-    est = {"fixed": EST_FIXED_S[dev]["startup"] + EST_FIXED_S[dev].get("concurrency", 0.0)}
+    est = {"fixed": EST_FIXED_S[dev]["startup"] + EST_FIXED_S[dev].get("concurrency", 0.0)
+           + EST_FIXED_S[dev].get("wake", 0.0)}
     t = 0.0
     for p in gemm_points(cfg):
         dt, f = ref_dtype(p.dtype)

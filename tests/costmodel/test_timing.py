@@ -291,3 +291,28 @@ def test_tp_without_sp_prices_the_all_reduces_that_run():
     assert float(sp.layer_tp_comm_s(tokens)[0]) == pytest.approx(2 * float(sp.tp_pair_s(tokens, layer=True)))
     assert ("tp_all_reduce", act) not in looked
     assert ("tp_all_gather", act) in looked and ("tp_reduce_scatter", act) in looked
+
+
+def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
+    """Where a CPU node's ranks outnumber its cores, each TP collective and pipeline hand-off costs the profile's
+    measured wake-up on top of its transfer (the sleeper waits for a core); with a core per rank, on GPU profiles and
+    on CPU profiles measured before the constant, nothing."""
+    from costmodel.timing import sync_wake_s_of
+
+    base = load_profile("local-cpu.measured")
+    cores = base.constants["cores_per_node"]["value"]
+    woken = dataclasses.replace(base, constants={**base.constants, "cores_shared_wake_s": {"value": 2e-3}})
+    assert sync_wake_s_of(woken, cores + 1) == 2e-3 and sync_wake_s_of(woken, cores) == 0.0
+    assert sync_wake_s_of(base, cores + 1) == 0.0 and sync_wake_s_of(load_profile("h100-sxm.analytic"), 64) == 0.0
+
+    def cm(profile, ranks: int, **tr) -> CostModel:
+        return CostModel(Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(ranks),
+                               TrainingSpec(dtype="fp32", kernels="eager", sequence_parallel=False, **tr)), profile)
+
+    over = 2 * int(cores)  # two ranks per core
+    act = 2048.0 * 64 * 4
+    assert float(cm(woken, over, tp=2)._lookup("tp_all_reduce", act)) == pytest.approx(
+        float(cm(base, over, tp=2)._lookup("tp_all_reduce", act)) + 2e-3, rel=1e-3)  # curves interpolate log-log
+    assert cm(woken, over, pp=2).pp_p2p_s(2048.0) == pytest.approx(cm(base, over, pp=2).pp_p2p_s(2048.0) + 2e-3)
+    fits = int(cores)  # a core per rank
+    assert cm(woken, fits, tp=2).unit_cost([2048]).total_s == cm(base, fits, tp=2).unit_cost([2048]).total_s

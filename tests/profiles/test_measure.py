@@ -54,6 +54,15 @@ def quick_concurrency(monkeypatch, request):
 
 
 @pytest.fixture(autouse=True)
+def quick_wake(monkeypatch, request):
+    """run_profile with the collective table measures a meeting's wake-up on shared cores (a torchrun job); the
+    runner tests take a fixed one, test_the_wake_up_is_measured_on_two_ranks_a_core runs the real worker."""
+    if request.node.name != "test_the_wake_up_is_measured_on_two_ranks_a_core":
+        from profiles.measure import wake
+        monkeypatch.setattr(wake, "measure_wake_s", lambda cores: 1.5e-3)
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     """Benchmarks run single-threaded as in run_profile; restore torch's setting after."""
     n = torch.get_num_threads()
@@ -553,6 +562,7 @@ def test_interrupted_profile_resumes_into_a_usable_profile(tmp_path, monkeypatch
     assert p.tables["attention"].iloc[:5].values.tolist() == first_rows
     assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
     assert all(len(p.tables[t]) for t in ("gemm", "attention", "collective", "host_copy", "memory"))
+    assert p.constant("cores_shared_wake_s") == 1.5e-3  # with the collective table (the fixture's, quick_wake)
 
 
 def test_interrupt_before_any_table_leaves_the_plan_to_resume(tmp_path, monkeypatch):
@@ -612,3 +622,24 @@ def test_concurrency_slowdowns_measured():
     out = measure_concurrency(1, repeats=2, rounds=1)
     assert set(out) == {"cores_busy_slowdown", "cores_shared_slowdown"}
     assert all(math.isfinite(v) for v in out.values()) and out["cores_shared_slowdown"] >= 2.0
+
+
+def test_a_meetings_wake_up_is_the_median_of_its_rounds_extra_time():
+    """Per round: the segments with their meetings, less the segments alone and the meetings alone, per meeting; the
+    median over rounds, 0 at the least."""
+    from profiles.measure.wake import wake_s
+
+    both, segments, syncs = [0.130, 0.200, 0.140], [0.100, 0.110, 0.100], [0.010, 0.010, 0.016]
+    assert wake_s(both, segments, syncs, syncs=12) == pytest.approx(0.024 / 12)  # rounds: 20, 80 and 24 ms extra
+    assert wake_s([0.1], [0.1], [0.01], syncs=12) == 0.0
+
+
+@pytest.mark.torchrun
+def test_the_wake_up_is_measured_on_two_ranks_a_core():
+    """The worker runs under torchrun on 2c ranks pinned to c cores (here 1 core, 2 ranks: quick) and gives a finite
+    wake-up of at least 0."""
+    from profiles.measure.wake import measure_wake_s
+
+    t0 = time.perf_counter()
+    w = measure_wake_s(1, rounds=3)
+    assert 0.0 <= w < 0.1 and time.perf_counter() - t0 < 120

@@ -1,0 +1,124 @@
+"""The wake-up of a blocking synchronisation when a CPU node's ranks outnumber its cores (CPU profiles).
+
+A TP all-reduce (or a pipeline hand-off) is a meeting: the rank that arrives first sleeps in gloo until its peer
+arrives. With one rank per core it wakes at once; with two ranks per core its core is running another rank, so it
+waits for the scheduler to give it one back, a delay the collective table (the collectives alone) and the compute
+share (compute alone) both miss. Measured here as it runs: 2c ranks pinned to c cores (c = min(cores, 2)), in pairs
+that are gloo subgroups as the replay's TP groups are; each round times, back to back, 12 compute segments of about
+5 ms alone, 12 four-byte all-reduces in the pair alone, and the segments each followed by the all-reduce, every time
+the slowest rank's; the wake-up is (both - segments - all-reduces) / 12, the median over 9 rounds (0 at the least).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
+
+The delay grows with the time a peer computes between meetings (the scheduler's slice; 1.5 ms at 5 ms segments and
+2.4 ms at 10 ms on a 2-core Xeon, docs/BENCHMARKS.md), so one constant at 5 ms is an approximation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEGMENT_S = 5e-3  # compute between two meetings, about a tiny layer's on one core
+SYNCS = 12  # meetings per timed run
+ROUNDS = 9
+MAX_CORES = 2  # cores the pairs run on (2x as many ranks): a large host is sampled, not filled
+SOURCE = (f"measured: profiles.measure.wake, 2c gloo ranks pinned to c = min(cores, {MAX_CORES}) cores in pairs, "
+          f"{SYNCS} compute segments of {SEGMENT_S * 1e3:g} ms each followed by a 4-byte all-reduce in the pair, "
+          f"against the segments alone and the all-reduces alone; the extra time per meeting, the median of "
+          f"{ROUNDS} rounds")
+
+
+def wake_s(both_s: list[float], segments_s: list[float], syncs_s: list[float], syncs: int = SYNCS) -> float:
+    """The wake-up per meeting from rounds of paired timings: the median over rounds of (both - segments - syncs) /
+    syncs, and no less than 0 (noise can dip below)."""
+    return max(0.0, statistics.median((b - c - a) / syncs for b, c, a in zip(both_s, segments_s, syncs_s)))
+
+
+def _worker(out: Path, rounds: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cores = sorted(os.sched_getaffinity(0))[:max(1, world // 2)]
+    os.sched_setaffinity(0, cores)
+    pairs = [dist.new_group([2 * j, 2 * j + 1]) for j in range(world // 2)]  # every rank creates every group
+    pair = pairs[rank // 2] if rank < 2 * len(pairs) else None
+    a, b, flag = torch.randn(256, 256), torch.randn(256, 256), torch.zeros(1)
+    reps = torch.zeros(1)
+    if rank == 0:  # timed alone (the others wait in the barrier, using no CPU): SEGMENT_S of one core's work
+        for _ in range(10):
+            torch.mm(a, b)
+        t0 = time.perf_counter()
+        for _ in range(100):
+            torch.mm(a, b)
+        reps += max(1, round(SEGMENT_S / ((time.perf_counter() - t0) / 100)))
+    dist.broadcast(reps, 0)
+    reps = int(reps)
+
+    def run(compute: bool, meet: bool) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(SYNCS):
+            if compute:
+                for _ in range(reps):
+                    torch.mm(a, b)
+            if meet and pair is not None:
+                dist.all_reduce(flag, group=pair)
+        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a run lasts until its slowest rank is done
+        return float(t)
+
+    both, segments, syncs = [], [], []
+    for _ in range(rounds):
+        segments.append(run(True, False))
+        syncs.append(run(False, True))
+        both.append(run(True, True))
+    if rank == 0:
+        out.write_text(json.dumps({"wake_s": wake_s(both, segments, syncs), "cores": len(cores), "ranks": world,
+                                   "both_s": both, "segments_s": segments, "syncs_s": syncs}) + "\n")
+    dist.destroy_process_group()
+
+
+def measure_wake_s(cores: int, rounds: int = ROUNDS) -> float:
+    """Launch the worker on 2·min(cores, MAX_CORES) ranks under torchrun and return its wake-up in seconds."""
+    from profiles.measure import MeasureError
+
+    c = max(1, min(int(cores), MAX_CORES))
+    with tempfile.TemporaryDirectory(prefix="meshplan-wake-") as tmp:
+        out = Path(tmp) / "wake.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(2 * c), "-m",
+               "profiles.measure.wake", "--out", str(out), "--rounds", str(rounds)]
+        root = str(Path(__file__).resolve().parents[2])  # the tree holding `profiles`, installed or not
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if res.returncode != 0 or not out.exists():
+            last = (res.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            raise MeasureError(f"wake-up worker failed (exit {res.returncode}): {last}")
+        return float(json.loads(out.read_text())["wake_s"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m torch.distributed.run ... -m profiles.measure.wake",
+                                 description="Wake-up of a blocking meeting on shared cores (run under torchrun).")
+    ap.add_argument("--out", required=True, type=Path, help="JSON file rank 0 writes")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    args = ap.parse_args(argv)
+    if "RANK" not in os.environ:
+        print("error: run this worker under torchrun (python -m torch.distributed.run ...)", file=sys.stderr)
+        return 2
+    _worker(args.out, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
