@@ -10,8 +10,9 @@ the slowest rank's; the wake-up is (both - segments - all-reduces) / 12, the med
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
 
-The delay grows with the time a peer computes between meetings (the scheduler's slice; 1.5 ms at 5 ms segments and
-2.4 ms at 10 ms on a 2-core Xeon, docs/BENCHMARKS.md), so one constant at 5 ms is an approximation."""
+The delay grows with the time a peer computes between meetings (the scheduler's slice: in a scratch probe on a 2-core
+Xeon, doubling the segments took it from 1.5 to 2.4 ms, docs/BENCHMARKS.md), so one constant at 5 ms is an
+approximation."""
 
 from __future__ import annotations
 
