@@ -23,6 +23,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from profiles.table import ProfileError
@@ -48,6 +49,17 @@ FP8_ALIGN = 16  # torch._scaled_mm (cuBLASLt fp8) needs every GEMM dimension a m
 
 class MeasureError(ProfileError):
     """A measurement could not run (bad option, worker failure, missing torch); one actionable line."""
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a torchrun worker this package starts: the tree holding `profiles` first on PYTHONPATH
+    (installed or not), one thread per rank unless the caller's environment says otherwise (what torchrun would set;
+    stated to silence its warning)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 # ---- the plan --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import pandas as pd
 
 from profiles.measure import (DTYPE_PREFERENCE, TABLES, MeasureConfig, MeasureError, attention_points,
                               available_memory_bytes, collective_cases, cores_constant, gemm_points, host_copy_points,
-                              memory_points, plan_config)
+                              memory_points, plan_config, worker_env)
 from profiles.measure.hostload import load_constant, node_cpu_s, other_cores, own_cpu_s
 from profiles.measure.probe import host_probe_s, probe_constant
 from profiles.table import Fingerprint, Profile, ProfileError, atomic_write_text, attention_flops
@@ -245,10 +245,7 @@ def run_collectives(cfg: MeasureConfig, ops: tuple[str, ...] | None = None,
             cmd += ["--ops", ",".join(ops)]
         if check:
             cmd.append("--check")
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # the tree holding `profiles`, installed or not
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set; stated to silence its warning
+        env = worker_env()
         from profiles.measure.collectives import PROGRESS_TAG
         with open(Path(tmp) / "stderr.txt", "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -471,8 +468,8 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
     if device == "cpu" and "collective" in req.ops:  # a blocking meeting on shared cores (CostModel.sync_wake_s)
         from profiles.measure.wake import SOURCE as WAKE_SOURCE
         from profiles.measure.wake import measure_wake_s
-        constants["cores_shared_wake_s"] = {"value": measure_wake_s(cores_constant()["value"]), "unit": "s",
-                                            "source": WAKE_SOURCE}
+        cores = (constants.get("cores_per_node") or cores_constant())["value"]
+        constants["cores_shared_wake_s"] = {"value": measure_wake_s(cores), "unit": "s", "source": WAKE_SOURCE}
     if "memory" in tables and len(tables["memory"]):  # how far each elementwise kind is from the table's kernel
         from profiles.measure.memory import memory_kind_constants
         constants.update(memory_kind_constants(device, cfg.main_dtype, req.max_bytes))

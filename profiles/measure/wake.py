@@ -91,17 +91,14 @@ def _worker(out: Path, rounds: int) -> None:
 
 def measure_wake_s(cores: int, rounds: int = ROUNDS) -> float:
     """Launch the worker on 2·min(cores, MAX_CORES) ranks under torchrun and return its wake-up in seconds."""
-    from profiles.measure import MeasureError
+    from profiles.measure import MeasureError, worker_env
 
     c = max(1, min(int(cores), MAX_CORES))
     with tempfile.TemporaryDirectory(prefix="meshplan-wake-") as tmp:
         out = Path(tmp) / "wake.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(2 * c), "-m",
                "profiles.measure.wake", "--out", str(out), "--rounds", str(rounds)]
-        root = str(Path(__file__).resolve().parents[2])  # the tree holding `profiles`, installed or not
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=600)
         if res.returncode != 0 or not out.exists():
             last = (res.stderr.strip().splitlines() or ["no output"])[-1][:300]
             raise MeasureError(f"wake-up worker failed (exit {res.returncode}): {last}")
