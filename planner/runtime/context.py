@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from planner.runtime.collector import GcClock, process_clock
 from planner.runtime.launch import PEER_STOPPED, Position, Prepared, ReplayFailure, ReplayOptions
 from planner.runtime.model import Decoder, TokenSource
 from planner.runtime.trace import TraceLog
@@ -36,6 +37,7 @@ class Context:
     check_owned: frozenset[str] = frozenset()  # names of the parameters this rank fills `full` with
     position: Position = field(default_factory=lambda: Position(None, 0))  # where this rank is, for failures
     node_load: bool = False  # rank 0 of a one-node CPU run: read the node's CPU time around each step (other load)
+    gc_clock: GcClock = field(default_factory=process_clock)  # the collector's time (planner/runtime/collector.py)
 
 
 def make_optimizer(params: list[nn.Parameter], opts: ReplayOptions) -> torch.optim.Optimizer:

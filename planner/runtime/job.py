@@ -178,6 +178,9 @@ def run(opts: ReplayOptions) -> int:
         ctx = _context(opts, prep, rank, device, tokens, position)
         probes_s = [host_probe(ctx)]  # before plan-ahead's planning thread starts on rank 0
         feed = open_feed(opts, prep, planner, rank, ctx.trace)  # plan-ahead: rank 0 starts planning
+        # The collector never walks set-up's objects again (planner/runtime/collector.py); before the gather below,
+        # which lines the ranks up for their first step
+        ctx.gc_clock.freeze_set_up()
         # Every rank must replay the same plan (each node reads its own copy); a mismatch would
         # hang in P2P, so compare digests first (REFERENCE 11, decision 23). A stream's digest names
         # every step through its index; plan-ahead's, the request rank 0 plans with.
@@ -252,7 +255,7 @@ def _trace_meta(ctx: Context, feed: StepFeed, world: int) -> dict:
             "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else (platform.processor() or platform.machine()), "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__, "backend": dist.get_backend(), "steps": ctx.prep.iterations,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gc_frozen_objects": ctx.gc_clock.frozen_objects}
 
 
 def _finish(ctx: Context, feed: StepFeed, traces: list[RankTrace], check: Check | None, world: int,

@@ -208,6 +208,7 @@ def replay_step(ctx: Context, work: StepWork, check: Check | None) -> StepRecord
         else:
             p.grad.zero_()
     node = [node_cpu_s()] if ctx.node_load else []  # the node's CPU time at t0, t2, t3, t4 (the check left out)
+    ctx.gc_clock.take()  # the collector's seconds from here, the check's left out as the wall's are
     t0, c0 = time.perf_counter(), time.process_time()
     loss = run_pipelined(ctx, it, step, ops, ready) if pipelined else run_units(ctx, it, step, ready)
     loss = loss if ctx.tp_rank == 0 else 0.0  # a TP group computes its loss once per member: count it once
@@ -221,18 +222,21 @@ def replay_step(ctx: Context, work: StepWork, check: Check | None) -> StepRecord
     except Exception as e:
         raise rank_failure(ctx, e) from e
     t2, c2 = time.perf_counter(), time.process_time()
+    gc_s = ctx.gc_clock.take()
     node += [node_cpu_s()] if node else []
     if check is not None:
         check.compare(ctx, work, step_loss)
     node += [node_cpu_s()] if node else []
     t3, c3 = time.perf_counter(), time.process_time()
+    ctx.gc_clock.take()
     ctx.position.set(f"step {it} (plan step {step.step}) optimizer step")
     ctx.optimizer.step()
     device_sync(ctx.device)
     t4, c4 = time.perf_counter(), time.process_time()
+    gc_s += ctx.gc_clock.take()
     node += [node_cpu_s()] if node else []
     counted = {} if not node or None in node else {
         f"node_{k}_s": (node[3][i] - node[0][i]) - (node[2][i] - node[1][i]) for i, k in enumerate(("cpu", "steal"))}
     return StepRecord(step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, start_s=t0,
                       units_s=t1 - t0, grad_sync_s=t2 - t1, optimizer_s=t4 - t3, wall_s=(t4 - t0) - (t3 - t2),
-                      cpu_s=(c4 - c0) - (c3 - c2), loss=loss, step_loss=step_loss, **counted)
+                      cpu_s=(c4 - c0) - (c3 - c2), loss=loss, step_loss=step_loss, gc_s=gc_s, **counted)

@@ -88,6 +88,7 @@ class StepRecord:
     # steal (profiles/measure/hostload.py); None elsewhere
     node_cpu_s: float | None = None
     node_steal_s: float | None = None
+    gc_s: float = 0.0  # of wall_s, Python's cyclic garbage collector (planner/runtime/collector.py)
 
 
 @dataclass

@@ -334,6 +334,9 @@ def test_mixed_plan_ring_matches_reference_and_writes_trace(mixed_ring):
     assert doc["complete"] and doc["meta"]["cp_impl"] == "ring" and len(doc["steps"]) == 2
     probe = doc["meta"]["host_probe"]  # rank 0 alone, before and after the steps: milliseconds per call
     assert all(1e-4 < probe[k] < 1 for k in ("before_s", "after_s"))
+    # set-up's objects (the model, the plan, the libraries) frozen out of the collector's walks before step 0
+    assert doc["meta"]["gc_frozen_objects"] > 10_000
+    assert all(0 <= r["gc_s"] < r["wall_s"] for s in doc["steps"] for r in s["ranks"])
     units = doc["steps"][0]["units"]
     assert len(units) == 3 + 2 + 3  # one record per (rank, unit)
     by = {(u["rank"], u["unit"]): u for u in units}

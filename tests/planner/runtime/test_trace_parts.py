@@ -18,13 +18,14 @@ from planner.simulate.measured import compare_measured, read_measured_trace
 
 # the fields of a complete trace, as the replay wrote them before the parts existed
 TOP = {"complete", "meta", "schema", "steps"}
-META = {"backend", "cp_impl", "cpu_threads", "created", "device", "device_name", "dtype", "host_probe", "lr", "model",
+META = {"backend", "cp_impl", "cpu_threads", "created", "device", "device_name", "dtype", "gc_frozen_objects",
+        "host_probe", "lr", "model",
         "optimizer", "plan", "plan_model", "plan_sha256", "prewarm_s", "recompute", "ring_kernel", "seed", "steps",
         "tokens", "torch", "world_size"}
 STEP = {"loss", "plan_step", "predicted_step_time_s", "ranks", "step", "step_time_s", "units"}
 LOAD = {"other_cores", "steal_cores"}  # a one-node CPU replay's (Linux): other processes' load during the step
 RANK = {"cpu_s", "grad_sync_s", "hdp_rank", "loss", "optimizer_s", "plan_step", "rank", "start_s", "step",
-        "step_loss", "units_s", "wall_s", "node_cpu_s", "node_steal_s"}
+        "step_loss", "units_s", "wall_s", "node_cpu_s", "node_steal_s", "gc_s"}
 UNIT = {"bwd_s", "comm_wait_s", "degree", "end_s", "fwd_s", "hdp_rank", "offload_ratio", "offloaded_bytes", "ops",
         "peak_memory_bytes", "plan_step", "predicted_time_s", "rank", "saved_bytes", "sent_bytes", "slices", "stage",
         "start_s", "step", "tokens", "unit", "ulysses", "cp", "tp_wait_s"}
