@@ -13,15 +13,19 @@ and memory benchmarks cycling through copies of their operands that span twice t
 reads them from memory as a training step does.
 The memory table instead reports the minimum over passes interleaved across its sizes: a bandwidth
 is a hardware limit, and a minimum over calls spread in time stays clear of other processes' load.
+Python's cyclic garbage collector is paused while anything is timed (`collector_paused`), as `timeit` does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -241,8 +245,11 @@ def plan_config(device: str, *, quick: bool, nproc: int, max_bytes: int | None =
         # pass's median stays clear of; a slow spell of the host lasting seconds, which the minimum over passes does.
         timing = (TimingConfig(warmup=1, repeats=5, min_repeats=2, budget_s=0.1) if quick else
                   TimingConfig(warmup=1, repeats=10, min_repeats=3, budget_s=0.5))
-        coll_timing = (TimingConfig(warmup=1, repeats=15, min_repeats=3, budget_s=math.inf) if quick else
-                       TimingConfig(warmup=2, repeats=25, min_repeats=3, budget_s=math.inf))
+        # A collective's row is the mean of its repeats (collectives.row_time_s), and gloo's times on a shared host
+        # are heavy-tailed: with 15 repeats five quick tables of 4 ranks on the 2-core Xeon differed row by row by a
+        # coefficient of variation of 0.25 at the median (0.47 at the 90th percentile), with 60 by 0.13 (0.28)
+        coll_timing = (TimingConfig(warmup=1, repeats=60, min_repeats=3, budget_s=math.inf) if quick else
+                       TimingConfig(warmup=2, repeats=100, min_repeats=3, budget_s=math.inf))
     default_bytes = (256 * MiB if quick else GiB) if gpu else (16 * MiB if quick else GiB)
     cap = min(max_bytes or default_bytes, mem_cap_bytes or 2**62)
     if cap < KiB:
@@ -431,13 +438,30 @@ def cold_copies(operand_bytes: int, device: str, cap: int = 64) -> int:
     return max(1, min(cap, -(-2 * last_level_cache_bytes(device) // max(1, operand_bytes))))
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a timed region, as `timeit` times its statements. A full collection
+    walks every object the process holds: 23-95 ms over a collective worker's 200,000 on the 2-core Xeon, landing in
+    a timed call of a millisecond; all ranks of a torchrun job reach it at nearly the same allocation count.
+    Tensors are still freed when their last reference goes; only reference cycles wait for the collection that
+    follows the region."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def time_op(fn: Callable[[Any], object], timing: TimingConfig, *, device: str = "cpu",
             setup: Callable[[], Any] | None = None, flush_l2: bool = True) -> list[float]:
     """Seconds of each timed call of fn(setup()). setup runs before every call, outside the timed
     window (a barrier, a fresh forward graph); on GPU so does the L2 flush unless flush_l2 is False (CPU
     benchmarks cycle through copies of their operands instead, `cold_copies`). The first warm-up call's time
     sets the repeat count within the budget, unless the budget is infinite: collectives need the same count on
-    every rank."""
+    every rank. The collector is paused throughout (setup's barriers included: a rank collecting after its barrier
+    would stall the others' timed collective)."""
     setup = setup or (lambda: None)
     gpu = device == "cuda"
     if gpu:
@@ -460,10 +484,11 @@ def time_op(fn: Callable[[Any], object], timing: TimingConfig, *, device: str = 
         return time.perf_counter() - t0
 
     est = 0.0
-    for i in range(timing.warmup):
-        t = once()
-        est = t if i == 0 else min(est, t)
-    return [once() for _ in range(timing.repeats_for(est))]
+    with collector_paused():
+        for i in range(timing.warmup):
+            t = once()
+            est = t if i == 0 else min(est, t)
+        return [once() for _ in range(timing.repeats_for(est))]
 
 
 def median(samples: list[float]) -> float:

@@ -34,6 +34,7 @@ def _worker(cpus: list[int], inbox: "mp.Queue", out: "mp.Queue") -> None:
     many probe calls (its seconds on `out`); a count of 0 ends it."""
     import torch
 
+    from profiles.measure import collector_paused
     from profiles.measure.probe import probe_work
 
     os.sched_setaffinity(0, cpus)
@@ -42,10 +43,12 @@ def _worker(cpus: list[int], inbox: "mp.Queue", out: "mp.Queue") -> None:
     once()  # warm-up: lazy init, allocator
     out.put(None)
     while (repeats := inbox.get()) > 0:
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            once()
-        out.put(time.perf_counter() - t0)
+        with collector_paused():
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                once()
+            t = time.perf_counter() - t0
+        out.put(t)
 
 
 class ProbePool:

@@ -46,14 +46,17 @@ def probe_work() -> Callable[[], None]:
 def host_probe_s(repeats: int = HOST_PROBE_CALLS, rounds: int = HOST_PROBE_ROUNDS) -> float:
     """Seconds per probe call in this process on its current torch threads (one, as a profile and a replay rank
     run): the minimum over rounds, since other processes' load only ever adds time."""
+    from profiles.measure import collector_paused
+
     once = probe_work()
     once()  # warm-up: lazy init, allocator
     best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            once()
-        best = min(best, (time.perf_counter() - t0) / repeats)
+    with collector_paused():
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                once()
+            best = min(best, (time.perf_counter() - t0) / repeats)
     return best
 
 

@@ -6,7 +6,9 @@ waits for the scheduler to give it one back, a delay the collective table (the c
 share (compute alone) both miss. Measured here as it runs: 2c ranks pinned to c cores (c = min(cores, 2)), in pairs
 that are gloo subgroups as the replay's TP groups are; each round times, back to back, 12 compute segments of about
 5 ms alone, 12 four-byte all-reduces in the pair alone, and the segments each followed by the all-reduce, every time
-the slowest rank's; the wake-up is (both - segments - all-reduces) / 12, the median over 9 rounds (0 at the least).
+the slowest rank's; the wake-up is (both - segments - all-reduces) / 12, the median over 36 rounds (0 at the least).
+One round's value scatters by about 1.5 ms on the 2-core Xeon: the median of 9, as first taken, moved between 0.36 and
+2.27 ms from one profile to the next (docs/BENCHMARKS.md, nineteenth session).
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 SEGMENT_S = 5e-3  # compute between two meetings, about a tiny layer's on one core
 SYNCS = 12  # meetings per timed run
-ROUNDS = 9
+ROUNDS = 36
 MAX_CORES = 2  # cores the pairs run on (2x as many ranks): a large host is sampled, not filled
 SOURCE = (f"measured: profiles.measure.wake, 2c gloo ranks pinned to c = min(cores, {MAX_CORES}) cores in pairs, "
           f"{SYNCS} compute segments of {SEGMENT_S * 1e3:g} ms each followed by a 4-byte all-reduce in the pair, "
@@ -45,6 +47,8 @@ def wake_s(both_s: list[float], segments_s: list[float], syncs_s: list[float], s
 def _worker(out: Path, rounds: int) -> None:
     import torch
     import torch.distributed as dist
+
+    from profiles.measure import collector_paused
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -79,10 +83,11 @@ def _worker(out: Path, rounds: int) -> None:
         return float(t)
 
     both, segments, syncs = [], [], []
-    for _ in range(rounds):
-        segments.append(run(True, False))
-        syncs.append(run(False, True))
-        both.append(run(True, True))
+    with collector_paused():
+        for _ in range(rounds):
+            segments.append(run(True, False))
+            syncs.append(run(False, True))
+            both.append(run(True, True))
     if rank == 0:
         out.write_text(json.dumps({"wake_s": wake_s(both, segments, syncs), "cores": len(cores), "ranks": world,
                                    "both_s": both, "segments_s": segments, "syncs_s": syncs}) + "\n")

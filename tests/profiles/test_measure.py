@@ -5,6 +5,7 @@ shipped measured profile."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -20,8 +21,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from profiles.measure import (CPU_PASSES, MeasureConfig, MeasureError, TimingConfig, attention_points,  # noqa: E402
-                              cold_copies, collective_cases, cpu_model_name, gemm_points, host_copy_points, in_passes,
-                              last_level_cache_bytes, memory_points, plan_config, time_op)
+                              cold_copies, collective_cases, collective_timing, collector_paused, cpu_model_name,
+                              gemm_points, host_copy_points, in_passes, last_level_cache_bytes, memory_points,
+                              plan_config, time_op)
 from profiles.measure import runner  # noqa: E402
 from profiles.measure.attention import measure_attention  # noqa: E402
 from profiles.measure.gemm import measure_gemm  # noqa: E402
@@ -78,6 +80,28 @@ def test_time_op_repeats_and_setup_outside_window():
     samples = time_op(lambda arg: calls.append(arg), FAST, setup=lambda: time.sleep(0.01) or "x")
     assert 3 <= len(samples) <= 5 and all(s < 0.005 for s in samples)  # the 10 ms setup is not timed
     assert calls == ["x"] * (1 + len(samples))
+
+
+def test_collector_paused_while_timed_and_restored():
+    seen = []
+    time_op(lambda _: seen.append(gc.isenabled()), FAST, setup=lambda: seen.append(gc.isenabled()))
+    assert seen and not any(seen)  # setup (a collective's barrier) and the timed calls alike
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own choice is kept
+    finally:
+        gc.enable()
+
+
+def test_cpu_collectives_take_enough_repeats_for_their_mean():
+    # gloo's heavy tail (docs/COSTMODEL.md): a row's mean needs tens of repeats; big messages keep the byte budget
+    for quick in (True, False):
+        cfg = plan_config("cpu", quick=quick, nproc=4)
+        assert collective_timing(cfg, 4096).repeats >= 60
+        assert collective_timing(cfg, 1 << 30).repeats == cfg.coll_timing.min_repeats
 
 
 def test_gemm_positive_and_grows_with_m():
