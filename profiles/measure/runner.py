@@ -525,7 +525,7 @@ EST_CALL_OVERHEAD_S = {"cpu": 20e-6, "cuda": 60e-6}  # Python + timer per call; 
 EST_BARRIER_S = {"cpu": 5e-4, "cuda": 5e-5}  # the untimed barrier before each collective repeat
 EST_FILL_BYTES_PER_S = {"cpu": 1e9, "cuda": 1e12}  # allocating + filling a case's ~3 S bytes of buffers per rank
 EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0,  # imports, dtype probe; torchrun + gloo rendezvous
-                       "concurrency": 15.0,  # the cores' slowdown: 2c probe processes, 9 rounds of 1, c, 2c
+                       "concurrency": 20.0,  # the cores' slowdown: 2c probe processes, 27 rounds of 1, c, 2c
                        "wake": 20.0},  # a meeting's wake-up on shared cores: torchrun, 36 rounds of 3 runs of 12
                "cuda": {"startup": 20.0,  # CUDA context, cuBLAS/flash init, autotune warm-ups
                         "torchrun": 40.0}}  # NCCL init ~4.5 s per group + ~0.2 s per P2P pair (REFERENCE 8.4)
