@@ -17,10 +17,10 @@ interleaved rounds and keeps each plan's round of median step). Per plan: step t
 over iterations) and the median and max |error| over units (each unit's measured time the median over
 iterations, from its last member's start to its last member's end: planner.simulate.measured), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted by
 `meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step
-is broken down from the trace (slowest rank's units, P2P wait, TP all-reduces, gradient sync, optimizer, CPU time /
-wall time) next to the prediction's terms, so a miss can be traced to its cause. Load average at start and end,
-and per plan the host probe's time around its replay over the profile's (1: the host computed as fast as when
-profiled): the machine may be shared.
+is broken down from the trace (slowest rank's units, P2P wait, TP all-reduces, gradient sync, optimizer, Python's
+garbage collector, CPU time / wall time) next to the prediction's terms, so a miss can be traced to its cause. Load
+average at start and end, and per plan the host probe's time around its replay over the profile's (1: the host
+computed as fast as when profiled): the machine may be shared.
 
 Prints markdown; figures, never pass/fail (a replay or a set that fails is reported and the rest goes on)."""
 
@@ -183,8 +183,9 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
 
 
 def measured_breakdown(trace: dict) -> dict[str, float]:
-    """Medians over iterations: slowest rank's units, its P2P wait and TP all-reduces, gradient sync and optimizer (max
-    over ranks), and CPU time over wall time summed over ranks (the share of a core each rank got)."""
+    """Medians over iterations: slowest rank's units, its P2P wait and TP all-reduces, gradient sync, optimizer and
+    Python's garbage collector (max over ranks), and CPU time over wall time summed over ranks (the share of a core
+    each rank got)."""
     rows = []
     for st in trace["steps"]:
         ranks = st["ranks"]
@@ -197,6 +198,7 @@ def measured_breakdown(trace: dict) -> dict[str, float]:
                      "comm_wait_s": max(wait.values(), default=0.0), "tp_wait_s": max(tp.values(), default=0.0),
                      "grad_sync_s": max(r["grad_sync_s"] for r in ranks),
                      "optimizer_s": max(r["optimizer_s"] for r in ranks),
+                     "gc_s": max(r.get("gc_s", 0.0) for r in ranks),  # traces before it: none
                      "cpu_share": sum(r["cpu_s"] for r in ranks) / sum(r["wall_s"] for r in ranks)})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -328,16 +330,17 @@ def cpu(args: argparse.Namespace) -> None:
                       for n in traces) + ".\n")
 
     print("Measured step (trace, medians over iterations; slowest rank) against the profile's terms (ms):\n")
-    print("| plan | measured step | units | P2P wait | TP all-reduces | grad sync | optimizer | CPU / wall | "
-          "predicted step | busiest rank | ring exposed | TP comm | grad sync | optimizer | bubble |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| plan | measured step | units | P2P wait | TP all-reduces | grad sync | optimizer | collector | "
+          "CPU / wall | predicted step | busiest rank | ring exposed | TP comm | grad sync | optimizer | bubble |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     breakdowns = {}
     for n in traces:
         mb = measured_breakdown(docs[n])
         pb = predicted_breakdown(loaded[n], cost_model_for_plan(loaded[n], args.profile))
         breakdowns[n] = {"measured": mb, "predicted": pb}
         print(f"| {n} | {_ms(mb['step_s'])} | {_ms(mb['units_s'])} | {_ms(mb['comm_wait_s'])} | "
-              f"{_ms(mb['tp_wait_s'])} | {_ms(mb['grad_sync_s'])} | {_ms(mb['optimizer_s'])} | {mb['cpu_share']:.2f} | "
+              f"{_ms(mb['tp_wait_s'])} | {_ms(mb['grad_sync_s'])} | {_ms(mb['optimizer_s'])} | {_ms(mb['gc_s'])} | "
+              f"{mb['cpu_share']:.2f} | "
               f"{_ms(base[n].step_predicted_s)} | {_ms(pb['busiest_s'])} | {_ms(pb['ring_exposed_s'])} | "
               f"{_ms(pb['tp_comm_s'])} | {_ms(pb['grad_sync_s'])} | {_ms(pb['optimizer_s'])} | {_ms(pb['bubble_s'])} |")
     if fitted:
