@@ -563,8 +563,7 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
         base = main_dtype(ref)
         return base, DTYPE_VS_BF16.get(dt, 1.0) / DTYPE_VS_BF16.get(base, 1.0)
 
-    est = {"fixed": EST_FIXED_S[dev]["startup"] + EST_FIXED_S[dev].get("concurrency", 0.0)
-           + EST_FIXED_S[dev].get("wake", 0.0)}
+    est = {"fixed": EST_FIXED_S[dev]["startup"] + EST_FIXED_S[dev].get("concurrency", 0.0)}
     t = 0.0
     for p in gemm_points(cfg):
         dt, f = ref_dtype(p.dtype)
@@ -587,7 +586,7 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
             tm = collective_timing(cfg, c.nbytes)
             t += (tm.warmup + tm.repeats) * (one + over + EST_BARRIER_S[dev]) + 3 * c.nbytes / EST_FILL_BYTES_PER_S[dev]
         t += EST_FIXED_S[dev]["torchrun"]
-    est["collective"] = t
+    est["collective"] = t + EST_FIXED_S[dev].get("wake", 0.0)  # measured with the collective table (CPU)
     t = 0.0
     for p in host_copy_points(cfg):
         direction = p.direction if (ref.tables["host_copy"]["direction"] == p.direction).any() else "memcpy"
