@@ -31,6 +31,7 @@ kind is the unit's own (`Unit.cp`) when the plan records one, else the replay's.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import time
@@ -273,26 +274,40 @@ class Span:
     padding: bool  # holds padding tokens (they need their own key)
 
 
-def layout_spans(lay: ShardLayout, block: int) -> list[Span]:
-    """The layout's tokens in spans of at most `block`, cut where a run of consecutive positions of one document
-    ends (a zigzag chunk, a document) and where padding starts: a pair of such spans is fully visible, causal on
-    its diagonal, or hidden, so a fused kernel runs it without a mask (padding spans excepted)."""
+def span_runs(lay: ShardLayout, block: int) -> list[tuple[Span, tuple[Span, ...]]]:
+    """The layout's tokens in spans of at most `block`, cut at documents and where padding starts, each with its
+    runs: the same tokens cut where a run of consecutive positions ends (a zigzag chunk). A span's real tokens are
+    one document's in position order, so our own layout's diagonal pair of spans is causal whatever chunks it
+    holds (one kernel call where a member holds two chunks), and a pair is fully visible when every key precedes
+    every query; a pair of runs is fully visible, causal or hidden, so a fused kernel runs it without a mask."""
     order = lay.doc[lay.valid] * (1 << 40) + lay.pos[lay.valid]
     if bool((order[1:] <= order[:-1]).any()):  # the skip test relies on it: refuse rather than skip wrongly
         raise ValueError("a shard layout's real tokens are not sorted by (document, position)")
     v = lay.valid
-    cut = ((lay.doc[1:] != lay.doc[:-1]) | (v[1:] != v[:-1]) | (v[1:] & v[:-1] & (lay.pos[1:] != lay.pos[:-1] + 1)))
+    cut = (lay.doc[1:] != lay.doc[:-1]) | (v[1:] != v[:-1])
+    run_cut = cut | (v[1:] & v[:-1] & (lay.pos[1:] != lay.pos[:-1] + 1))
     starts = [0, *(cut.nonzero().flatten() + 1).tolist(), lay.tokens]
-    spans = []
+    run_starts = (run_cut.nonzero().flatten() + 1).tolist()
+
+    def span(a: int, b: int) -> Span:
+        if not bool(v[a]):  # spans are all real or all padding
+            return Span(a, b, None, None, True)
+        return Span(a, b, (int(lay.doc[a]), int(lay.pos[a])), (int(lay.doc[b - 1]), int(lay.pos[b - 1])), False)
+
+    out = []
     for lo, hi in zip(starts[:-1], starts[1:]):
         for a in range(lo, hi, block):
             b = min(a + block, hi)
-            if not bool(v[a]):  # runs are all real or all padding
-                spans.append(Span(a, b, None, None, True))
-                continue
-            spans.append(Span(a, b, (int(lay.doc[a]), int(lay.pos[a])), (int(lay.doc[b - 1]), int(lay.pos[b - 1])),
-                              False))
-    return spans
+            inner = run_starts[bisect.bisect_right(run_starts, a):bisect.bisect_left(run_starts, b)]
+            edges = [a, *inner, b]
+            out.append((span(a, b), tuple(span(x, y) for x, y in zip(edges[:-1], edges[1:]))))
+    return out
+
+
+def layout_spans(lay: ShardLayout, block: int) -> list[Span]:
+    """The layout's runs (span_runs): spans of at most `block` of consecutive positions of one document, or of
+    padding."""
+    return [r for _, runs in span_runs(lay, block) for r in runs]
 
 
 def may_attend(q: Span, k: Span) -> bool:
@@ -304,16 +319,58 @@ def may_attend(q: Span, k: Span) -> bool:
 
 
 def span_mode(q: Span, k: Span) -> str | None:
-    """A block pair's mask from its spans alone, where they settle it: a real span holds consecutive positions of
-    one document (layout_spans), so keys of that document that all precede or equal the first query are all
-    visible ("all"), the very same positions are the causal triangle ("causal"); None otherwise (padding, partial
-    overlaps): the caller builds the mask. Building every pair's mask to classify it cost a 4-slice unit of 2,899
-    tokens 18 ms of its 160 on a CPU."""
+    """A block pair's mask from its spans alone, where they settle it: a real span holds one document's tokens in
+    position order (span_runs), so keys of that document that all precede or equal the first query are all
+    visible ("all"), the very same span is the causal triangle ("causal"; positions are unique in a unit, so equal
+    ends mean the same tokens); None otherwise (padding, partial overlaps): the caller builds the mask. Building
+    every pair's mask to classify it cost a 4-slice unit of 2,899 tokens 18 ms of its 160 on a CPU."""
     if q.padding or k.padding or q.first is None or k.first is None or q.first[0] != k.first[0]:
         return None
     if k.last[1] <= q.first[1]:
         return "all"
     return "causal" if (k.first, k.last) == (q.first, q.last) else None
+
+
+def _own_pairs(q_spans: list[tuple[Span, tuple[Span, ...]]]) -> list[tuple[Span, list[Span]]]:
+    """Block pairs of our queries against our own keys: whole spans, each a document's tokens in position order,
+    so every pair is causal (the diagonal), fully visible or hidden; a padding span sees itself."""
+    spans = [sp for sp, _ in q_spans]
+    by_q = []
+    for i, q in enumerate(spans):
+        hit = [k for j, k in enumerate(spans) if may_attend(q, k) or (i == j and q.padding)]
+        if hit:
+            by_q.append((q, hit))
+    return by_q
+
+
+def _source_pairs(q_spans: list[tuple[Span, tuple[Span, ...]]], k_spans: list[tuple[Span, tuple[Span, ...]]]
+                  ) -> list[tuple[Span, list[Span]]]:
+    """Block pairs of our queries against another layout's keys, as few as settle without a mask: a pair of
+    spans where all its keys precede its queries, else the spans cut into runs on one side (a zigzag member's
+    late chunk against a whole earlier span, a whole span against an earlier member's early chunk: one kernel
+    call per document and ring step, as Transformer Engine's zigzag ring runs), else on both. Entries may share
+    query rows: the caller merges them in order."""
+    by_q: list[tuple[Span, list[Span]]] = []
+
+    def add(pairs: list[tuple[Span, Span]]) -> None:
+        for q, k in pairs:
+            if by_q and by_q[-1][0] == q:
+                by_q[-1][1].append(k)
+            else:
+                by_q.append((q, [k]))
+
+    for q, q_runs in q_spans:
+        for k, k_runs in k_spans:
+            if not may_attend(q, k):
+                continue
+            if span_mode(q, k) is not None:
+                add([(q, k)])
+                continue
+            splits = ([(q, r) for r in k_runs], [(r, k) for r in q_runs], [(a, b) for a in q_runs for b in k_runs])
+            seen = [[p for p in pairs if may_attend(*p)] for pairs in splits]
+            settled = [s for s in seen[:2] if all(span_mode(*p) is not None for p in s)]
+            add(min(settled, key=len) if settled else seen[2])
+    return by_q
 
 
 def _on(lay: ShardLayout, device: torch.device) -> ShardLayout:
@@ -357,21 +414,16 @@ class BlockKernel(ABC):
 
     def __init__(self, q_layout: ShardLayout, k_layouts: dict, own, block: int, device: torch.device) -> None:
         self.block, self.own = block, own
-        qs = layout_spans(q_layout, block)
+        q_spans = span_runs(q_layout, block)
         self.pairs: dict = {}
         for key, lay in k_layouts.items():
-            ks = layout_spans(lay, block)
-            by_q = []
-            for i, q in enumerate(qs):
-                hit = [k for j, k in enumerate(ks) if may_attend(q, k) or (key == own and i == j and q.padding)]
-                if hit:
-                    by_q.append((q, hit))
+            by_q = _own_pairs(q_spans) if key == own else _source_pairs(q_spans, span_runs(lay, block))
             if by_q:
                 self.pairs[key] = by_q
         self.members = frozenset(self.pairs)  # sources some query of ours sees
         self.q_layout = _on(q_layout, device)
         self.k_layouts = {key: _on(lay, device) for key, lay in k_layouts.items() if key in self.pairs}
-        self._modes: dict = {}  # (source, q span start, k span start) -> "all" | "causal"
+        self._modes: dict = {}  # (source, q span bounds, k span bounds) -> "all" | "causal"
 
     def _allowed(self, source, q: Span, k: Span) -> torch.Tensor:
         return block_mask(self.q_layout, self.k_layouts[source], slice(q.a, q.b), slice(k.a, k.b),
@@ -381,7 +433,7 @@ class BlockKernel(ABC):
         """What one block pair's mask is, classified once per unit (O(blocks) pairs, a few bytes each): "all"
         (every query sees every key), "causal" (our own diagonal pair, the lower triangle), or the bool mask
         itself, built at each call (padding spans only, when layout_spans cut the blocks)."""
-        key = (source, q.a, k.a)
+        key = (source, q.a, q.b, k.a, k.b)  # a span and one of its runs can start alike
         mode = self._modes.get(key)
         if mode is not None:
             return mode
@@ -403,13 +455,18 @@ class BlockKernel(ABC):
     def forward(self, q, k, v, source, scale):
         out = q.new_zeros(q.shape, dtype=torch.float32)
         lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+        done: list[Span] = []  # query spans written so far: rows no earlier pair reached take the block as it is
         for qs, kss in self.pairs.get(source, ()):
             r = slice(qs.a, qs.b)
+            fresh = not any(d.a < qs.b and qs.a < d.b for d in done)
             o, m, qb = out[:, r], lse[:, r], q[:, r]
             for ks in kss:
                 c = slice(ks.a, ks.b)
-                o, m = merge_block(o, m, *self._fwd(qb, k[:, c], v[:, c], (source, qs, ks), scale))
+                blk, blk_lse = self._fwd(qb, k[:, c], v[:, c], (source, qs, ks), scale)
+                o, m = (blk.float(), blk_lse.float()) if fresh else merge_block(o, m, blk, blk_lse)
+                fresh = False
             out[:, r], lse[:, r] = o, m
+            done.append(qs)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, source, scale):

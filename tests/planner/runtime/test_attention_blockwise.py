@@ -19,7 +19,7 @@ from planner.plan import (Mesh, Piece, Plan, Predicted, Sequence, Step, Unit, va
                           zigzag_tokens_per_rank)
 from planner.runtime.cp import (BlockKernel, FlashCUDABlocks, _SourcesAttentionFn, attention_mask,  # noqa: E402
                                 block_mask, block_tokens, layout_spans, make_kernel, merge_block, shard_layout,
-                                slice_layout, span_mode, unit_documents)
+                                slice_layout, span_mode, span_runs, unit_documents)
 
 CPU = torch.device("cpu")
 
@@ -87,18 +87,27 @@ def test_block_pairs_skip_what_the_mask_hides():
     assert block_tokens(4) == 1024 and block_tokens(32) == 256 and block_tokens(1) == 2048
 
 
-def test_zigzag_spans_need_no_mask_but_for_padding():
-    """Spans cut at zigzag chunks: every block pair of real tokens is fully visible or causal on our own
-    diagonal, so the fused kernel runs it without a mask; only pairs touching padding build one."""
+@pytest.mark.parametrize("degree", [2, 3, 4])
+def test_zigzag_ring_steps_are_one_unmasked_call_per_document(degree):
+    """Whole-block kernels (the fused CPU one): every member runs one block pair per document and source (ring
+    step), fully visible or, on its own keys, causal over both its zigzag chunks (a member's local order is
+    position order), so the fused kernel runs it without a mask, as the cost model prices a ring (one call per
+    document and step); only padding builds a mask. With 256-token blocks the pairs follow zigzag runs."""
     docs = unit_documents((Piece(0, 0, 2899), Piece(1, 0, 40)))
-    lays = [shard_layout(docs, 2, j) for j in range(2)]
-    for me in range(2):
+    lays = [shard_layout(docs, degree, j) for j in range(degree)]
+    for me in range(degree):
+        kern = make_kernel("fused-cpu", lays[me], dict(enumerate(lays)), me, 1 << 20, CPU)
+        assert kern.members == set(range(degree))
+        for src, by_q in kern.pairs.items():
+            real = [(qs, ks) for qs, kss in by_q for ks in kss if not (qs.padding or ks.padding)]
+            assert len(real) == len(docs), (me, src, real)
+            modes = [kern._visible(src, qs, ks) for qs, ks in real]
+            assert modes == ["causal" if src == me else "all"] * len(docs), (me, src, modes)
         kern = make_kernel("fused-cpu", lays[me], dict(enumerate(lays)), me, 256, CPU)
         modes = [kern._visible(src, qs, ks) for src, by_q in kern.pairs.items() for qs, kss in by_q for ks in kss
                  if not (qs.padding or ks.padding)]
         assert modes and all(m in ("all", "causal") for m in modes)
-        assert modes.count("causal") >= 2  # each zigzag chunk's own diagonal
-        for sp in layout_spans(lays[me], 4096):  # a span is one run of consecutive positions of one document
+        for sp in layout_spans(lays[me], 4096):  # a run is consecutive positions of one document
             pos, doc = lays[me].pos[sp.a:sp.b], lays[me].doc[sp.a:sp.b]
             assert sp.padding or (bool((pos.diff() == 1).all()) and len(set(doc.tolist())) == 1)
 
@@ -112,8 +121,8 @@ def test_zigzag_spans_need_no_mask_but_for_padding():
 def test_a_block_pairs_mode_from_its_spans_is_its_mask(layouts, block):
     """span_mode settles a pair from its spans alone where it can (the mask is then not built): every pair it
     calls "all" has a full mask, every "causal" one the lower triangle; it settles all pairs of these real layouts
-    of one document's consecutive positions but partial overlaps and padding."""
-    spans = [layout_spans(lay, block) for lay in layouts]
+    of one document's consecutive positions but partial overlaps and padding. Spans and runs (span_runs) alike."""
+    spans = [layout_spans(lay, block) + [sp for sp, _ in span_runs(lay, block)] for lay in layouts]
     settled = 0
     for qi, q_lay in enumerate(layouts):
         for ki, k_lay in enumerate(layouts):
