@@ -38,7 +38,8 @@ _LOG_TOKEN_GRID, _LOG_BYTES_GRID = np.log(_TOKEN_GRID), np.log(_BYTES_GRID)
 _MLP_GEMMS = ("gate_up", "up", "down")
 _OVERLAP_GEMMS = ("qkv", "o", *_MLP_GEMMS)
 _TOKEN_CURVES = frozenset({"gemm_layer", "gemm_layer_bwd", "gemm_head", "gemm_head_bwd", "attn_fwd", "attn_bwd",
-                           "attn_doc_fwd", "attn_doc_bwd", "mem_layer_fwd", "mem_layer_bwd", "mem_recompute",
+                           "attn_doc_fwd", "attn_doc_bwd", "attn_full_fwd", "attn_full_bwd", "mem_layer_fwd",
+                           "mem_layer_bwd", "mem_recompute",
                            "mem_head_fwd", "mem_head_bwd", "mem_embed_fwd", "mem_embed_bwd", "moe_comm",
                            "gemm_mtp_proj", "gemm_mtp_proj_bwd", "gemm_recompute", "gemm_experts",
                            "gemm_experts_dgrad", "gemm_experts_wgrad"}
@@ -326,8 +327,9 @@ class CostModel:
         if self.compute_share is None:
             self.compute_share = compute_share_of(self.profile, self.setup.cluster.gpus_per_node)
         share = self.compute_share
-        # a blocking meeting of ranks on a node of more ranks than cores: the sleeper waits for a core (sync_wake_s_of)
+        # a blocking meeting on a node of as many ranks as cores or more: the sleeper waits for a core (sync_wake_s_of)
         self.sync_wake_s = sync_wake_s_of(self.profile, self.setup.cluster.gpus_per_node) if self.shares_cores else 0.0
+        self.transfers_on_cores = self.shares_cores and cores_all_busy(self.profile, self.setup.cluster.gpus_per_node)
         self.layer_overhead_s = share * float(consts.get("layer_overhead_s", {}).get("value", 0.0))
         self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
         # Each micro-batch's weight gradients added to the step's accumulator outside the GEMM (grad_accumulation):
@@ -364,13 +366,15 @@ class CostModel:
         # another fused kernel than the table's: its published rate over the table's, per document length
         kernel_x = (p.attention_kernel_time_x(tr.attention_kernel, _TOKEN_GRID)
                     if tr.attention_kernel not in ("flash", "unfused") else {"fwd": 1.0, "bwd": 1.0})
-        for direction in ("fwd", "bwd"):  # attn_doc_*: whole documents of a packed bin, each its own call / tiles
-            for name, whole in (("attn", False), ("attn_doc", True)):
+        # attn_doc_*: whole documents of a packed bin, each its own call / tiles; attn_full_*: a square without the
+        # causal mask (a ring step's block of another member's keys; an unfused kernel computes the square anyway)
+        for direction in ("fwd", "bwd"):
+            for name, whole, causal in (("attn", False, True), ("attn_doc", True, True), ("attn_full", False, False)):
                 if unfused is not None:
                     tt = unfused[direction]
                 else:
                     tt = kernel_x[direction] * p.attention_time_s(
-                        _TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.attn_head_dim, causal=True,
+                        _TOKEN_GRID, heads=self.heads_per_rank, head_dim=m.attn_head_dim, causal=causal,
                         direction=direction, dtype=self.dtype, per_document=whole)
                 self._curves[f"{name}_{direction}"] = np.maximum(tt, 1e-12)
         sp, b = tr.sequence_parallel, tr.dtype_bytes
@@ -533,6 +537,11 @@ class CostModel:
     def attn_bwd_s(self, doc_len: np.ndarray | float, whole: bool = False) -> np.ndarray:
         return self._lookup("attn_doc_bwd" if whole else "attn_bwd", doc_len)
 
+    def attn_full_s(self, doc_len: np.ndarray | float, direction: str) -> np.ndarray:
+        """A square of doc_len queries by doc_len keys without the causal mask (twice the causal FLOPs), at the
+        profile's non-causal rate (a profile without non-causal rows: its causal rate per FLOP)."""
+        return self._lookup(f"attn_full_{direction}", doc_len)
+
     def attn_window_x(self, doc_len: np.ndarray | float, direction: str) -> np.ndarray:
         """What local attention makes of a document's attention time, over the stage's layers (1 without it):
         (1 − φ) + φ·t_w(s)/t(s), φ the local layers' share. A windowed layer computes the band of w keys
@@ -644,28 +653,27 @@ class CostModel:
         head = np.broadcast_to(np.asarray(self.pp == 1 if with_head is None else with_head, dtype=bool), (n,))
         l = self.layers_per_stage
         # Per document: its tokens on each rank (zigzag chunk pair when sharded) and its attention core. A rank
-        # computes 1/d of each document's causal area; the kernel works on chunk-sized blocks, so its rate is
-        # the one at the per-rank length: time = d × time(per-rank length). With a head split of u, a rank holds
-        # its group's u chunks on 1/u of the heads (attention time is proportional to heads) and the ring runs
-        # over the d/u groups: time = (d/u) × time(u × per-rank length) / u (u = 1: the same numbers).
+        # computes 1/d of each document's causal area, one kernel call per document and ring step (the executor's
+        # block pairs, Transformer Engine's zigzag steps): on its own keys the causal square of its two chunks, len
+        # tokens; on another member's a full rectangle, len × len/2 (that member's earlier chunk) or len/2 × len,
+        # the area of two chunk-length squares at the non-causal rate: t(len) + (d − 1)·2·t_full(len/2). All-gather
+        # CP does the same work (the executor runs the same block pairs per member; Transformer Engine's calls of
+        # each chunk over the gathered keys are full rectangles but for two chunk-length causal squares). With a
+        # head split of u, a rank holds its group's u chunks on 1/u of the heads (attention time is proportional
+        # to heads) and the ring runs over the d/u groups: len = u × per-rank length, time / u.
         d_doc = np.repeat(d, counts)
         u_doc, ring_doc = np.repeat(u, counts), np.repeat(ring_d, counts)
         per_rank = np.where(d_doc > 1, 2.0 * np.ceil(s / (2 * d_doc)), s)
         attn_len = per_rank * u_doc
-        # A ring runs the kernel on zigzag chunk pairs, half a rank's tokens on each side (the executor's block
-        # pairs, Transformer Engine's per-step halves): the rank's causal area is 4 chunk-length causal squares'
-        # worth, at the rate of the chunk's length; 4·t(len/2) = t(len) where the rate is flat, more where short
-        # blocks derate. All-gather CP attends each chunk over the gathered keys: the per-rank length's rate.
-        halves = np.repeat(~ag, counts) & (ring_doc > 1)
         # A document a rank holds whole (degree 1) is a call of its own: below the table's grid, its floor.
-        kernel_len, squares = np.where(halves, attn_len / 2, attn_len), np.where(halves, 4.0, 1.0)
         whole = d_doc == 1
-        t_f = np.where(whole, self.attn_fwd_s(kernel_len, True), self.attn_fwd_s(kernel_len))
-        t_b = np.where(whole, self.attn_bwd_s(kernel_len, True), self.attn_bwd_s(kernel_len))
+        t_f = np.where(whole, self.attn_fwd_s(attn_len, True), self.attn_fwd_s(attn_len))
+        t_b = np.where(whole, self.attn_bwd_s(attn_len, True), self.attn_bwd_s(attn_len))
+        full_f, full_b = (2.0 * self.attn_full_s(attn_len / 2, way) for way in ("fwd", "bwd"))
+        t_f, t_b = t_f + (ring_doc - 1) * full_f, t_b + (ring_doc - 1) * full_b
         if self.model.windowed_fraction:  # each document's local keys, whichever rank computes which part of it
             t_f, t_b = t_f * self.attn_window_x(s, "fwd"), t_b * self.attn_window_x(s, "bwd")
-        tokens, attn_f, attn_b = _segment_sums(
-            np.stack([per_rank, t_f * squares * ring_doc / u_doc, t_b * squares * ring_doc / u_doc]), starts, counts)
+        tokens, attn_f, attn_b = _segment_sums(np.stack([per_rank, t_f / u_doc, t_b / u_doc]), starts, counts)
         gemm_f = self.gemm_layer_fwd_s(tokens)
         mem_f = self._lookup("mem_layer_fwd", tokens)
         mem_b = self._lookup("mem_layer_bwd", tokens)
@@ -702,6 +710,14 @@ class CostModel:
             ring_exp_f = ring_steps * np.maximum(0.0, comm_f - step_f)
             ring_exp_b = ring_steps * ((passes_f - 1) * np.maximum(0.0, comm_f - step_f)
                                        + np.maximum(0.0, comm_b - step_b))
+            if self.transfers_on_cores:  # a CPU node without a spare core (cores_all_busy): gloo's threads move the
+                # data on the cores that compute, so no transfer hides, and every ring wait is a blocking meeting
+                # (sync_wake_s_of); per layer d − 1 K/V transfers forward (and in a recompute), backward d − 1 for
+                # K/V and d for the dK/dV accumulator coming home
+                w = self.sync_wake_s
+                homes = np.where(ring_d > 1, l * ring_d, 0)
+                ring_exp_f = ring_steps * (comm_f + w)
+                ring_exp_b = ring_steps * passes_f * (comm_f + w) + homes * (comm_b + w)
             if ag.any():  # units of both kinds in one batch
                 ag_comm, ag_f, ag_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
                 ring_comm, ring_exp_f, ring_exp_b = (np.where(ag, ag_comm, ring_comm), np.where(ag, ag_f, ring_exp_f),
@@ -810,6 +826,7 @@ class CostModel:
         for sel, g, scope in _group_shapes(d, inter):
             ag[sel] = self.profile.collective_time_s("all_gather", kv_bytes[sel] * g, g, scope, self.tp)
             rs[sel] = self.profile.collective_time_s("reduce_scatter", 2 * kv_bytes[sel] * g, g, scope, self.tp)
+        ag, rs = ag + self.sync_wake_s, rs + self.sync_wake_s  # each a blocking meeting (sync_wake_s_of)
         exp_f = layers * ag
         exp_b = layers * ((passes_f - 1) * ag + rs)
         return exp_f + exp_b, exp_f, exp_b
@@ -1195,15 +1212,23 @@ def compute_share_of(profile: Profile, ranks_per_node: int) -> float:
 
 
 def sync_wake_s_of(profile: Profile, ranks_per_node: int) -> float:
-    """What one blocking meeting of ranks (a TP collective, a pipeline hand-off) costs beyond its transfer on a CPU
-    node of more ranks than cores: the rank that arrived first sleeps, and once its peer arrives it waits for a core
-    (profiles.measure.wake, the profile's `cores_shared_wake_s`, measured at two ranks per core). 0 where every rank
-    has a core, and for profiles without the constant (GPU profiles, CPU ones measured before it)."""
-    consts = profile.constants
-    cores = consts.get("cores_per_node", {}).get("value")
-    if not cores or ranks_per_node <= float(cores):
+    """What one blocking meeting of ranks (a TP collective, a pipeline hand-off, a context-parallel ring wait or
+    all-gather) costs beyond its transfer on a CPU node of as many ranks as cores or more: the rank that arrived
+    first sleeps, and once its peer arrives it waits for a core (profiles.measure.wake, the profile's
+    `cores_shared_wake_s`, measured at two ranks per core; at one rank per core a 2-core Xeon measured 0.9-1.4 ms
+    a meeting too, the gloo threads that move the data competing with the ranks, docs/BENCHMARKS.md). 0 where
+    cores are left over, and for profiles without the constant (GPU profiles, CPU ones measured before it)."""
+    if not cores_all_busy(profile, ranks_per_node):
         return 0.0
-    return float(consts.get("cores_shared_wake_s", {}).get("value", 0.0))
+    return float(profile.constants.get("cores_shared_wake_s", {}).get("value", 0.0))
+
+
+def cores_all_busy(profile: Profile, ranks_per_node: int) -> bool:
+    """A CPU node (a profile that knows its cores) running as many ranks as cores or more: no core is left over for
+    gloo's threads, which move data on the cores that compute (a transfer hides under no compute), and a rank that
+    sleeps in a meeting waits for a core to wake on."""
+    cores = profile.constants.get("cores_per_node", {}).get("value")
+    return bool(cores) and ranks_per_node >= float(cores)
 
 
 def lockstep_x_of(profile: Profile, ranks_per_node: int, group: np.ndarray) -> np.ndarray:

@@ -343,9 +343,12 @@ def attention_points(cfg: MeasureConfig) -> list[AttentionPoint]:
                     layouts.append("single")
                 if s in cfg.attn_docmask_lengths and docs > 1 and hd == max(cfg.attn_head_dims):
                     layouts.append("docmask")
-                for layout in layouts:
+                # varlen also without the mask: a context-parallel ring step's block of another member's keys
+                # is a full rectangle (costmodel.timing prices it at the non-causal rate)
+                cases = [(layout, True) for layout in layouts] + [("varlen", False)]
+                for layout, causal in cases:
                     for direction in ("fwd", "bwd"):
-                        pts.append(AttentionPoint(direction, True, hq, hkv, hd, s,
+                        pts.append(AttentionPoint(direction, causal, hq, hkv, hd, s,
                                                   1 if layout == "single" else docs, dt, layout))
     return pts
 

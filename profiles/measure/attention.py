@@ -1,5 +1,6 @@
-"""Attention table: forward and backward time of the attention core (causal, GQA) per document
-length, in three layouts (extra column `layout`, with `impl` naming the kernel path):
+"""Attention table: forward and backward time of the attention core (causal, GQA; varlen also without the
+mask, column `causal`) per document length, in three layouts (extra column `layout`, with `impl` naming the
+kernel path):
 
 - "varlen": `docs` documents of length s in one packed call, as the executor runs a packed bin.
   GPU: flash_attn_varlen_func when flash-attn is installed, else SDPA with the documents on the
@@ -36,10 +37,11 @@ def _leaf(shape: tuple[int, ...], dt: torch.dtype, device: str, grad: bool) -> t
     return torch.randn(shape, dtype=dt, device=device).requires_grad_(grad)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+          causal: bool = True) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -63,14 +65,15 @@ def build_call(p: AttentionPoint, device: str) -> tuple[str, list[torch.Tensor],
     if p.layout == "varlen" and device == "cuda" and flash_attn_varlen_func is not None:
         q, k, v = (_leaf((n * s, h, d), dt, device, grad) for h in (hq, hkv, hkv))
         cu = torch.arange(0, (n + 1) * s, s, dtype=torch.int32, device=device)
-        return "flash_attn_varlen", [q, k, v], lambda: [flash_attn_varlen_func(q, k, v, cu, cu, s, s, causal=True)]
+        return "flash_attn_varlen", [q, k, v], lambda: [flash_attn_varlen_func(q, k, v, cu, cu, s, s,
+                                                                                causal=p.causal)]
     if p.layout == "varlen" and device == "cpu" and n > 1:
         per_doc = [[_leaf((1, h, s, d), dt, device, grad) for h in (hq, hkv, hkv)] for _ in range(n)]
         leaves = [t for doc in per_doc for t in doc]
-        return "sdpa_loop", leaves, lambda: [_sdpa(q, k, v) for q, k, v in per_doc]
+        return "sdpa_loop", leaves, lambda: [_sdpa(q, k, v, causal=p.causal) for q, k, v in per_doc]
     # One SDPA call: a lone document ("single"), or equal documents on the batch axis.
     q, k, v = (_leaf((n, h, s, d), dt, device, grad) for h in (hq, hkv, hkv))
-    return ("sdpa" if n == 1 else "sdpa_batched"), [q, k, v], lambda: [_sdpa(q, k, v)]
+    return ("sdpa" if n == 1 else "sdpa_batched"), [q, k, v], lambda: [_sdpa(q, k, v, causal=p.causal)]
 
 
 def time_attention(p: AttentionPoint, cfg: MeasureConfig) -> tuple[float, str]:

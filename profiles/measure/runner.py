@@ -488,8 +488,9 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
              + ("CUDA events after an L2 flush. " if device == "cuda" else
                 f"time.perf_counter, {cfg.cpu_threads} torch thread(s): per-rank compute as under torchrun; GEMM "
                 "operands cycled through copies spanning twice the L3 (read from memory, as in a step). ")
-             + f"Attention: heads {cfg.attn_heads[0]}/{cfg.attn_heads[1]} (q/kv), causal, "
-             f"{cfg.attn_pack_tokens} tokens per varlen call; extra columns layout/impl say how each row ran. "
+             + f"Attention: heads {cfg.attn_heads[0]}/{cfg.attn_heads[1]} (q/kv), causal (varlen also "
+             f"non-causal), {cfg.attn_pack_tokens} tokens per varlen call; extra columns layout/impl say how each "
+             "row ran. "
              f"Collectives: {cfg.nproc} ranks ({'nccl' if device == 'cuda' else 'gloo'}), world group only, "
              "native ops when the group is the world, P2P rings on subsets (impl column); time = max over ranks, "
              "mean over repeats. "
@@ -610,7 +611,7 @@ def estimate_seconds(cfg: MeasureConfig, ref: Profile) -> dict[str, float]:
 _CMP = {
     "gemm": (["m", "n", "k", "dtype"], ["dtype"], "flops", ["dtype"]),
     "attention": (["direction", "causal", "head_dim", "doc_len", "dtype"], ["dtype", "causal"], "doc_len",
-                  ["direction", "head_dim"]),
+                  ["direction", "causal", "head_dim"]),
     "collective": (["op", "scope", "group_size", "concurrent_groups", "bytes"], ["scope"], "bytes",
                    ["op", "group_size", "concurrent_groups"]),
     "host_copy": (["direction", "pinned", "bytes"], ["pinned", "direction"], "bytes", ["direction", "pinned"]),

@@ -52,9 +52,9 @@ def test_pure_ulysses_volumes_and_attention(cm):
 def test_2d_ring_across_groups(cm):
     u, groups = 2, 4
     two_d = cm.unit_cost([S], D, ulysses=u, ulysses_inter=False)
-    # a rank attends its group's 2 x 8192 tokens on 32/2 heads, 4 ring steps on chunk pairs of half of them:
-    # 4 x (4 x attn(8192)) / 2 per layer
-    attn_f = groups * 4 * float(cm.attn_fwd_s(8192)) / u
+    # a rank attends its group's 2 x 8192 tokens on 32/2 heads over 4 ring steps: the causal square of its own
+    # 16,384 and 3 full rectangles of 16,384 x 8192 (two 8192-token squares without the mask each), per layer
+    attn_f = (float(cm.attn_fwd_s(16384)) + 3 * 2 * float(cm.attn_full_s(8192, "fwd"))) / u
     assert two_d.attn_fwd_compute_s == pytest.approx(32 * attn_f, rel=1e-12)
     # ring part: 3 steps per layer, each passing 16384 tokens' K/V on half the KV heads = 8192 x 2 x 1024 x 2 B
     kv_step = 8192 * 2 * 1024 * 2

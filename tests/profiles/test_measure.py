@@ -128,12 +128,15 @@ def test_attention_fwd_bwd_positive_grows_and_derates():
     pts = attention_points(cfg)
     assert {(p.layout, p.direction) for p in pts} == {("varlen", "fwd"), ("varlen", "bwd"), ("docmask", "fwd"),
                                                      ("docmask", "bwd")}
+    # varlen with and without the causal mask (a ring step's full rectangles), the document mask causal only
+    assert {(p.layout, p.causal) for p in pts} == {("varlen", True), ("varlen", False), ("docmask", True)}
     df = measure_attention(cfg, pts)
     assert positive_finite(df) and set(df["impl"]) == {"sdpa_loop", "sdpa", "sdpa_docmask"}
     v = df[df.layout == "varlen"]
     for d in ("fwd", "bwd"):
-        s = v[v.direction == d].set_index("doc_len")["time_s"]
-        assert s[512] > s[64]  # same 512 tokens per call, 8x the attention work
+        for causal in (True, False):
+            s = v[(v.direction == d) & (v.causal == causal)].set_index("doc_len")["time_s"]
+            assert s[512] > s[64]  # same 512 tokens per call, 8x the attention work
     # the cost model's lookup reads only varlen rows: docmask rows (T^2 work) must not move it
     prof = _profile({"attention": df})
     only = _profile({"attention": v.drop(columns=["layout"])})
