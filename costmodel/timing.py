@@ -848,6 +848,10 @@ class CostModel:
             t_kv = self.profile.collective_time_s("all_to_all", kv_bytes[sel], g, scope, self.tp)
             fwd[sel] = t_q + t_o + 2 * t_kv  # Q, O; K, V
             bwd[sel] = 2 * t_o + t_q + 2 * t_kv  # O, dO, dQ; dK, dV
+        # blocking meetings (sync_wake_s_of), as the executor exchanges: Q, K and V in one, O in another; backward
+        # the same two
+        meet = np.where(np.asarray(u) > 1, 2 * self.sync_wake_s, 0.0)
+        fwd, bwd = fwd + meet, bwd + meet
         exp_f = layers * fwd
         exp_b = layers * ((passes_f - 1) * fwd + bwd)  # full recompute replays the forward's all-to-alls
         return exp_f + exp_b, exp_f, exp_b
@@ -1212,12 +1216,12 @@ def compute_share_of(profile: Profile, ranks_per_node: int) -> float:
 
 
 def sync_wake_s_of(profile: Profile, ranks_per_node: int) -> float:
-    """What one blocking meeting of ranks (a TP collective, a pipeline hand-off, a context-parallel ring wait or
-    all-gather) costs beyond its transfer on a CPU node of as many ranks as cores or more: the rank that arrived
-    first sleeps, and once its peer arrives it waits for a core (profiles.measure.wake, the profile's
-    `cores_shared_wake_s`, measured at two ranks per core; at one rank per core a 2-core Xeon measured 0.9-1.4 ms
-    a meeting too, the gloo threads that move the data competing with the ranks, docs/BENCHMARKS.md). 0 where
-    cores are left over, and for profiles without the constant (GPU profiles, CPU ones measured before it)."""
+    """What one blocking meeting of ranks (a TP collective, a pipeline hand-off, a context-parallel ring wait,
+    all-gather or Ulysses all-to-all) costs beyond its transfer on a CPU node of as many ranks as cores or more: the
+    rank that arrived first sleeps, and once its peer arrives it waits for a core (profiles.measure.wake, the
+    profile's `cores_shared_wake_s`, measured at two ranks per core; at one rank per core a 2-core Xeon measured
+    0.67-1.38 ms a meeting too, the gloo threads that move the data competing with the ranks, bench.meetings). 0
+    where cores are left over, and for profiles without the constant (GPU profiles, CPU ones measured before it)."""
     if not cores_all_busy(profile, ranks_per_node):
         return 0.0
     return float(profile.constants.get("cores_shared_wake_s", {}).get("value", 0.0))

@@ -1,15 +1,15 @@
 """The wake-up of a blocking synchronisation when a CPU node's ranks outnumber its cores (CPU profiles).
 
 A TP all-reduce (or a pipeline hand-off) is a meeting: the rank that arrives first sleeps in gloo until its peer
-arrives. With two ranks per core its core is running another rank, so it waits for the scheduler to give it one
-back, a delay the collective table (the collectives alone) and the compute share (compute alone) both miss (at one
-rank per core the 2-core Xeon still measured 0.9-1.4 ms a meeting: gloo's threads that move the data want a core
-too; costmodel.timing.sync_wake_s_of prices both at this constant). Measured here as it runs: 2c ranks pinned to
-c cores (c = min(cores, 2)), in pairs that are gloo subgroups as the replay's TP groups are; each round times, back to back, 12 compute segments of about
-5 ms alone, 12 four-byte all-reduces in the pair alone, and the segments each followed by the all-reduce, every time
-the slowest rank's; the wake-up is (both - segments - all-reduces) / 12, the median over 36 rounds (0 at the least).
-One round's value scatters by about 1.5 ms on the 2-core Xeon: the median of 9, as first taken, moved between 0.36 and
-2.27 ms from one profile to the next (docs/BENCHMARKS.md, nineteenth session).
+arrives. With two ranks per core its core is running another rank, so it waits for the scheduler to give it one back, a
+delay the collective table (the collectives alone) and the compute share (compute alone) both miss (at one rank per core
+the 2-core Xeon still measured 0.67-1.38 ms a meeting, bench.meetings: gloo's threads that move the data want a core
+too; costmodel.timing.sync_wake_s_of prices both at this constant). Measured here as it runs: 2c ranks pinned to c cores
+(c = min(cores, 2)), in pairs that are gloo subgroups as the replay's TP groups are; each round times, back to back, 12
+compute segments of about 5 ms alone, 12 four-byte all-reduces in the pair alone, and the segments each followed by the
+all-reduce, every time the slowest rank's; the wake-up is (both - segments - all-reduces) / 12, the median over 36
+rounds (0 at the least). One round's value scatters by about 1.5 ms on the 2-core Xeon: the median of 9, as first taken,
+moved between 0.36 and 2.27 ms from one profile to the next (docs/BENCHMARKS.md, nineteenth session).
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
 

@@ -325,6 +325,10 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
     assert cost.ring_exposed_fwd_s == pytest.approx(2 * (comm_f + 2e-3))
     assert cost.ring_exposed_bwd_s == pytest.approx(2 * (comm_f + 2e-3) + 2 * 2 * (comm_b + 2e-3))
     assert cm(base, int(cores)).unit_cost([2048], 2).ring_exposed_s < cost.ring_exposed_s
+    # Ulysses over the pair: two all-to-alls a layer each way (Q, K and V in one, O in the other), each a meeting
+    uly_w, uly_b = (cm(p, int(cores)).unit_cost([2048], 2, ulysses=2) for p in (woken, base))
+    assert uly_w.ring_exposed_fwd_s == pytest.approx(uly_b.ring_exposed_fwd_s + 2 * 2 * 2e-3)
+    assert uly_w.ring_exposed_bwd_s == pytest.approx(uly_b.ring_exposed_bwd_s + 2 * 2 * 2e-3)
     spare = {**woken.constants, "cores_per_node": {"value": 2 * int(cores)}}  # a core left over for each rank
     roomy = dataclasses.replace(woken, constants=spare)
     roomy_base = dataclasses.replace(base, constants={**base.constants, "cores_per_node": {"value": 2 * int(cores)}})
