@@ -34,22 +34,16 @@ def _worker(out: Path, segments_ms: list[float], rounds: int, nbytes: int) -> No
     import torch
     import torch.distributed as dist
 
+    from profiles.measure.wake import product_s
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     partner = rank ^ 1 if (rank ^ 1) < world else None
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     send, recv = torch.randn(max(1, nbytes // 4)), torch.empty(max(1, nbytes // 4))
-    one = torch.zeros(1)
-    if rank == 0:  # one product's time alone (the others wait in the broadcast, using no CPU)
-        for _ in range(10):
-            a @ b
-        t0 = time.perf_counter()
-        for _ in range(100):
-            a @ b
-        one += (time.perf_counter() - t0) / 100
-    dist.broadcast(one, 0)
-    reps = {ms: max(1, round(ms * 1e-3 / float(one))) for ms in segments_ms}
+    one = product_s(a, b)
+    reps = {ms: max(1, round(ms * 1e-3 / one)) for ms in segments_ms}
 
     def exchange():
         if partner is None:

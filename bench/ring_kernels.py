@@ -12,8 +12,8 @@ model's heads (tiny: 4 query and 2 K/V heads of 16). Figures, never pass/fail.""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-import time
 from pathlib import Path
 
 # bench/ holds scripts named like packages (bench/planner.py): import the real packages, not them.
@@ -22,18 +22,15 @@ sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from planner.runtime.cp import Document, FusedCPUBlocks, shard_layout  # noqa: E402
+from profiles.measure import TimingConfig, time_op  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16  # tiny's
 
 
 def _min_s(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """The fastest of `repeats` calls after a warm-up (profiles.measure.time_op: the collector paused)."""
+    return min(time_op(lambda _: fn(), TimingConfig(warmup=1, repeats=repeats, min_repeats=repeats,
+                                                    budget_s=math.inf)))
 
 
 def executor_steps_s(n: int, degree: int, repeats: int) -> list[tuple[float, float]]:

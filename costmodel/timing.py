@@ -702,14 +702,10 @@ class CostModel:
         if ag.all():
             ring_comm, ring_exp_f, ring_exp_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
         else:
-            step_f, step_b = attn_f / ring_d, attn_b / ring_d
             comm_f = np.where(inter, self.p2p_s(kv_bytes, True), self.p2p_s(kv_bytes, False))
             comm_b = np.where(inter, self.p2p_s(2 * kv_bytes, True), self.p2p_s(2 * kv_bytes, False))  # dK/dV back
             ring_steps = l * (ring_d - 1)  # 0 for packed units and pure Ulysses: no ring
             ring_comm = ring_steps * (passes_f * comm_f + comm_b)
-            ring_exp_f = ring_steps * np.maximum(0.0, comm_f - step_f)
-            ring_exp_b = ring_steps * ((passes_f - 1) * np.maximum(0.0, comm_f - step_f)
-                                       + np.maximum(0.0, comm_b - step_b))
             if self.transfers_on_cores:  # a CPU node without a spare core (cores_all_busy): gloo's threads move the
                 # data on the cores that compute, so no transfer hides, and every ring wait is a blocking meeting
                 # (sync_wake_s_of); per layer d − 1 K/V transfers forward (and in a recompute), backward d − 1 for
@@ -718,6 +714,10 @@ class CostModel:
                 homes = np.where(ring_d > 1, l * ring_d, 0)
                 ring_exp_f = ring_steps * (comm_f + w)
                 ring_exp_b = ring_steps * passes_f * (comm_f + w) + homes * (comm_b + w)
+            else:  # each transfer under its step's attention: what the step leaves exposed
+                left_f = np.maximum(0.0, comm_f - attn_f / ring_d)
+                ring_exp_f = ring_steps * left_f
+                ring_exp_b = ring_steps * ((passes_f - 1) * left_f + np.maximum(0.0, comm_b - attn_b / ring_d))
             if ag.any():  # units of both kinds in one batch
                 ag_comm, ag_f, ag_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
                 ring_comm, ring_exp_f, ring_exp_b = (np.where(ag, ag_comm, ring_comm), np.where(ag, ag_f, ring_exp_f),

@@ -373,6 +373,16 @@ def _source_pairs(q_spans: list[tuple[Span, tuple[Span, ...]]], k_spans: list[tu
     return by_q
 
 
+def _first_touches(by_q: list[tuple[Span, list[Span]]], tokens: int) -> list[bool]:
+    """Per entry: whether no earlier entry's query span overlaps its rows (entries may share rows, _source_pairs)."""
+    touched = torch.zeros(tokens, dtype=torch.bool)
+    out = []
+    for q, _ in by_q:
+        out.append(not bool(touched[q.a:q.b].any()))
+        touched[q.a:q.b] = True
+    return out
+
+
 def _on(lay: ShardLayout, device: torch.device) -> ShardLayout:
     return replace(lay, doc=lay.doc.to(device), pos=lay.pos.to(device), valid=lay.valid.to(device),
                    key=lay.key.to(device))
@@ -420,6 +430,8 @@ class BlockKernel(ABC):
             by_q = _own_pairs(q_spans) if key == own else _source_pairs(q_spans, span_runs(lay, block))
             if by_q:
                 self.pairs[key] = by_q
+        # per source and entry: whether no earlier entry reached its rows (forward takes its first block as it is)
+        self.fresh = {key: _first_touches(by_q, q_layout.tokens) for key, by_q in self.pairs.items()}
         self.members = frozenset(self.pairs)  # sources some query of ours sees
         self.q_layout = _on(q_layout, device)
         self.k_layouts = {key: _on(lay, device) for key, lay in k_layouts.items() if key in self.pairs}
@@ -455,10 +467,8 @@ class BlockKernel(ABC):
     def forward(self, q, k, v, source, scale):
         out = q.new_zeros(q.shape, dtype=torch.float32)
         lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
-        done: list[Span] = []  # query spans written so far: rows no earlier pair reached take the block as it is
-        for qs, kss in self.pairs.get(source, ()):
+        for (qs, kss), fresh in zip(self.pairs.get(source, ()), self.fresh.get(source, ())):
             r = slice(qs.a, qs.b)
-            fresh = not any(d.a < qs.b and qs.a < d.b for d in done)
             o, m, qb = out[:, r], lse[:, r], q[:, r]
             for ks in kss:
                 c = slice(ks.a, ks.b)
@@ -466,7 +476,6 @@ class BlockKernel(ABC):
                 o, m = (blk.float(), blk_lse.float()) if fresh else merge_block(o, m, blk, blk_lse)
                 fresh = False
             out[:, r], lse[:, r] = o, m
-            done.append(qs)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, source, scale):

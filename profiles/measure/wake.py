@@ -46,6 +46,24 @@ def wake_s(both_s: list[float], segments_s: list[float], syncs_s: list[float], s
     return max(0.0, statistics.median((b - c - a) / syncs for b, c, a in zip(both_s, segments_s, syncs_s)))
 
 
+def product_s(a, b) -> float:
+    """Seconds of one `a @ b` on one core alone: timed on rank 0 while the others wait in the broadcast (using no
+    CPU), the same value on every rank (work-sized compute segments for meetings, here and in bench.meetings)."""
+    import torch
+    import torch.distributed as dist
+
+    one = torch.zeros(1, dtype=torch.float64)
+    if dist.get_rank() == 0:
+        for _ in range(10):
+            torch.mm(a, b)
+        t0 = time.perf_counter()
+        for _ in range(100):
+            torch.mm(a, b)
+        one += (time.perf_counter() - t0) / 100
+    dist.broadcast(one, 0)
+    return float(one)
+
+
 def _worker(out: Path, rounds: int) -> None:
     import torch
     import torch.distributed as dist
@@ -60,16 +78,7 @@ def _worker(out: Path, rounds: int) -> None:
     pairs = [dist.new_group([2 * j, 2 * j + 1]) for j in range(world // 2)]  # every rank creates every group
     pair = pairs[rank // 2] if rank < 2 * len(pairs) else None
     a, b, flag = torch.randn(256, 256), torch.randn(256, 256), torch.zeros(1)
-    reps = torch.zeros(1)
-    if rank == 0:  # timed alone (the others wait in the barrier, using no CPU): SEGMENT_S of one core's work
-        for _ in range(10):
-            torch.mm(a, b)
-        t0 = time.perf_counter()
-        for _ in range(100):
-            torch.mm(a, b)
-        reps += max(1, round(SEGMENT_S / ((time.perf_counter() - t0) / 100)))
-    dist.broadcast(reps, 0)
-    reps = int(reps)
+    reps = max(1, round(SEGMENT_S / product_s(a, b)))  # SEGMENT_S of one core's work
 
     def run(compute: bool, meet: bool) -> float:
         dist.barrier()
