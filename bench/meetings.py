@@ -9,7 +9,8 @@ receive from it, batch_isend_irecv), each segment followed by an exchange ("seri
 each exchange posted before the segment and waited after it ("overlapped", as the executor's ring steps run). Prints
 per segment length the medians over rounds, a repetition's ms: segment, exchange, serial − segment − exchange (the
 meeting's wake-up beyond both) and overlapped − segment (what the overlap leaves). profiles.measure.wake measures the
-profile's constant the same way with 4-byte all-reduces. Figures, never pass/fail."""
+profile's constants from the serial runs (a 64 KiB exchange, less the collective table's send/recv). Figures, never
+pass/fail."""
 
 from __future__ import annotations
 

@@ -1218,13 +1218,18 @@ def compute_share_of(profile: Profile, ranks_per_node: int) -> float:
 def sync_wake_s_of(profile: Profile, ranks_per_node: int) -> float:
     """What one blocking meeting of ranks (a TP collective, a pipeline hand-off, a context-parallel ring wait,
     all-gather or Ulysses all-to-all) costs beyond its transfer on a CPU node of as many ranks as cores or more: the
-    rank that arrived first sleeps, and once its peer arrives it waits for a core (profiles.measure.wake, the
-    profile's `cores_shared_wake_s`, measured at two ranks per core; at one rank per core a 2-core Xeon measured
-    0.67-1.38 ms a meeting too, the gloo threads that move the data competing with the ranks, bench.meetings). 0
-    where cores are left over, and for profiles without the constant (GPU profiles, CPU ones measured before it)."""
+    rank that arrived first sleeps, and once its peer's data is there it waits for a core (profiles.measure.wake):
+    the profile's `cores_busy_wake_s` at one rank a core (gloo's threads that move the data compete with the ranks),
+    `cores_shared_wake_s` at two or more (the sleeper waits for another rank's time slice), linear in the ranks
+    between (one rank a core: the two-a-core value where the profile has none). 0 where cores are left over, and for
+    profiles without the constants (GPU profiles, CPU ones measured before them)."""
     if not cores_all_busy(profile, ranks_per_node):
         return 0.0
-    return float(profile.constants.get("cores_shared_wake_s", {}).get("value", 0.0))
+    consts = profile.constants
+    shared = float(consts.get("cores_shared_wake_s", {}).get("value", 0.0))
+    busy = float(consts.get("cores_busy_wake_s", {}).get("value", shared))
+    c = float(consts["cores_per_node"]["value"])
+    return busy + (shared - busy) * min(1.0, (ranks_per_node - c) / c)
 
 
 def cores_all_busy(profile: Profile, ranks_per_node: int) -> bool:

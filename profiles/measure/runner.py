@@ -465,11 +465,12 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
         constants["cores_per_node"] = cores_constant()
         for name, value in measure_concurrency(constants["cores_per_node"]["value"]).items():
             constants[name] = {"value": value, "unit": "x", "source": SOURCE}
-    if device == "cpu" and "collective" in req.ops:  # a blocking meeting on shared cores (CostModel.sync_wake_s)
-        from profiles.measure.wake import SOURCE as WAKE_SOURCE
-        from profiles.measure.wake import measure_wake_s
+    if device == "cpu" and "collective" in tables:  # a blocking meeting on busy cores (CostModel.sync_wake_s)
+        from profiles.measure import wake
         cores = (constants.get("cores_per_node") or cores_constant())["value"]
-        constants["cores_shared_wake_s"] = {"value": measure_wake_s(cores), "unit": "s", "source": WAKE_SOURCE}
+        table = Profile(Fingerprint("collectives", desc, "measured", ""), {"collective": tables["collective"]})
+        transfer_s = float(table.collective_time_s("send_recv", wake.MESSAGE_BYTES, 2))  # what a meeting is charged
+        constants.update(wake.wake_constants(wake.measure_meetings_s(cores), transfer_s))
     if "memory" in tables and len(tables["memory"]):  # how far each elementwise kind is from the table's kernel
         from profiles.measure.memory import memory_kind_constants
         constants.update(memory_kind_constants(device, cfg.main_dtype, req.max_bytes))

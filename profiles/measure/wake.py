@@ -1,22 +1,24 @@
-"""The wake-up of a blocking synchronisation when a CPU node's ranks outnumber its cores (CPU profiles).
+"""The wake-up of a blocking meeting when a CPU node's ranks leave no core to spare (CPU profiles).
 
-A TP all-reduce (or a pipeline hand-off) is a meeting: the rank that arrives first sleeps in gloo until its peer
-arrives. With two ranks per core its core is running another rank, so it waits for the scheduler to give it one back, a
-delay the collective table (the collectives alone) and the compute share (compute alone) both miss (at one rank per core
-the 2-core Xeon still measured 0.67-1.38 ms a meeting, bench.meetings: gloo's threads that move the data want a core
-too; costmodel.timing.sync_wake_s_of prices both at this constant). Measured here as it runs: 2c ranks pinned to c cores
-(c = min(cores, 2)), in pairs that are gloo subgroups as the replay's TP groups are; each round times, back to back, 12
-compute segments of about 5 ms alone, 12 four-byte all-reduces in the pair alone, and the segments each followed by the
-all-reduce, every time the slowest rank's; the wake-up is (both - segments - all-reduces) / 12, the median over 36
-rounds (0 at the least). One round's value scatters by about 1.5 ms on the 2-core Xeon: the median of 9, as first taken,
-moved between 0.36 and 2.27 ms from one profile to the next (docs/BENCHMARKS.md, nineteenth session).
+A pipeline hand-off, a context-parallel ring wait or a TP all-reduce is a meeting: the rank that arrives first sleeps
+in gloo until its peer's data is there, and then waits for a core to run on (with two ranks a core, the other rank's
+time slice; with one rank a core, gloo's threads that move the data want a core too). The collective table (transfers
+alone) and the compute share (compute alone) both miss it. Measured here as the executor meets: ranks pinned to c
+cores (c = min(cores, 2)) in pairs, each pair exchanging one message with batched isend/irecv as the ring and the
+pipeline do; each round times, back to back, 12 compute segments of about 5 ms of one core's work alone, 12 exchanges
+alone, and the segments each followed by an exchange, every time the slowest rank's. A meeting costs (both -
+segments) / 12 beyond the compute, the median over 36 rounds; the profile keeps what it costs beyond the collective
+table's send/recv of the same message (what the cost model already charges a transfer), at two ranks a core
+(`cores_shared_wake_s`) and, where c >= 2, at one (`cores_busy_wake_s`); costmodel.timing.sync_wake_s_of prices them.
+Subtracting the exchanges alone instead, as first done, took out part of the wake-up itself (idle pairs on shared
+cores wake each other too) and priced the 2-core EPYC's meetings at 1.0-1.3 ms where its replays paid about 3
+(docs/BENCHMARKS.md, twenty-first session).
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
 
-The delay grows with the time a peer computes between meetings (the scheduler's slice: in a scratch probe on a 2-core
-Xeon, doubling the segments took it from 1.5 to 2.4 ms; this worker at segments of 2.5, 5, 10 and 20 ms of one core's
-work, 15 rounds each, 1.55, 1.28, 1.59 and 1.98 ms, docs/BENCHMARKS.md), so one constant at 5 ms is an
-approximation."""
+The delay grows with the time a peer computes between meetings (the scheduler's slice: on a 2-core Xeon this worker
+at segments of 2.5, 5, 10 and 20 ms gave 1.55, 1.28, 1.59 and 1.98 ms, docs/BENCHMARKS.md), so one value at 5 ms is an
+approximation; it hardly moves with the message (bench.meetings: 4 B to 1 MiB alike)."""
 
 from __future__ import annotations
 
@@ -33,17 +35,27 @@ from pathlib import Path
 SEGMENT_S = 5e-3  # compute between two meetings, about a tiny layer's on one core
 SYNCS = 12  # meetings per timed run
 ROUNDS = 36
-MAX_CORES = 2  # cores the pairs run on (2x as many ranks): a large host is sampled, not filled
-SOURCE = (f"measured: profiles.measure.wake, 2c gloo ranks pinned to c = min(cores, {MAX_CORES}) cores in pairs, "
-          f"{SYNCS} compute segments of {SEGMENT_S * 1e3:g} ms each followed by a 4-byte all-reduce in the pair, "
-          f"against the segments alone and the all-reduces alone; the extra time per meeting, the median of "
-          f"{ROUNDS} rounds")
+MAX_CORES = 2  # cores the pairs run on: a large host is sampled, not filled
+MESSAGE_BYTES = 64 << 10  # each way per exchange: a ring step's K/V of a few hundred tokens of a small model
+WAKE_CONSTANTS = {2: "cores_shared_wake_s", 1: "cores_busy_wake_s"}  # ranks a core -> the profile constant
+SOURCE = (f"measured: profiles.measure.wake, gloo ranks pinned to c = min(cores, {MAX_CORES}) cores in pairs, "
+          f"{SYNCS} compute segments of {SEGMENT_S * 1e3:g} ms each followed by a {MESSAGE_BYTES >> 10} KiB "
+          f"exchange in the pair (batched isend/irecv), against the segments alone; the extra time per meeting, the "
+          f"median of {ROUNDS} rounds, less the collective table's send/recv of the message")
 
 
-def wake_s(both_s: list[float], segments_s: list[float], syncs_s: list[float], syncs: int = SYNCS) -> float:
-    """The wake-up per meeting from rounds of paired timings: the median over rounds of (both - segments - syncs) /
-    syncs, and no less than 0 (noise can dip below)."""
-    return max(0.0, statistics.median((b - c - a) / syncs for b, c, a in zip(both_s, segments_s, syncs_s)))
+def meeting_s(both_s: list[float], segments_s: list[float], syncs: int = SYNCS) -> float:
+    """What one meeting costs beyond the compute, from rounds of paired timings: the median over rounds of (both -
+    segments) / syncs, and no less than 0 (noise can dip below)."""
+    return max(0.0, statistics.median((b - c) / syncs for b, c in zip(both_s, segments_s)))
+
+
+def wake_constants(meetings_s: dict[int, float], transfer_s: float) -> dict[str, dict]:
+    """Profile constants from the meetings measured per ranks a core: each meeting less the transfer the collective
+    table prices for its message (`transfer_s`), no less than 0."""
+    return {WAKE_CONSTANTS[k]: {"value": max(0.0, m - transfer_s), "unit": "s",
+                                "source": f"{SOURCE}; {k} rank(s) a core"}
+            for k, m in sorted(meetings_s.items(), reverse=True)}
 
 
 def product_s(a, b) -> float:
@@ -64,7 +76,7 @@ def product_s(a, b) -> float:
     return float(one)
 
 
-def _worker(out: Path, rounds: int) -> None:
+def _worker(out: Path, rounds: int, per_core: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -73,11 +85,11 @@ def _worker(out: Path, rounds: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cores = sorted(os.sched_getaffinity(0))[:max(1, world // 2)]
+    cores = sorted(os.sched_getaffinity(0))[:max(1, world // per_core)]
     os.sched_setaffinity(0, cores)
-    pairs = [dist.new_group([2 * j, 2 * j + 1]) for j in range(world // 2)]  # every rank creates every group
-    pair = pairs[rank // 2] if rank < 2 * len(pairs) else None
-    a, b, flag = torch.randn(256, 256), torch.randn(256, 256), torch.zeros(1)
+    partner = rank ^ 1 if (rank ^ 1) < world else None
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    send, recv = torch.randn(MESSAGE_BYTES // 4), torch.empty(MESSAGE_BYTES // 4)
     reps = max(1, round(SEGMENT_S / product_s(a, b)))  # SEGMENT_S of one core's work
 
     def run(compute: bool, meet: bool) -> float:
@@ -87,8 +99,10 @@ def _worker(out: Path, rounds: int) -> None:
             if compute:
                 for _ in range(reps):
                     torch.mm(a, b)
-            if meet and pair is not None:
-                dist.all_reduce(flag, group=pair)
+            if meet and partner is not None:
+                for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, partner),
+                                                 dist.P2POp(dist.irecv, recv, partner)]):
+                    w.wait()
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a run lasts until its slowest rank is done
         return float(t)
@@ -100,25 +114,31 @@ def _worker(out: Path, rounds: int) -> None:
             syncs.append(run(False, True))
             both.append(run(True, True))
     if rank == 0:
-        out.write_text(json.dumps({"wake_s": wake_s(both, segments, syncs), "cores": len(cores), "ranks": world,
-                                   "both_s": both, "segments_s": segments, "syncs_s": syncs}) + "\n")
+        out.write_text(json.dumps({"meeting_s": meeting_s(both, segments), "cores": len(cores), "ranks": world,
+                                   "bytes": MESSAGE_BYTES, "both_s": both, "segments_s": segments,
+                                   "exchanges_s": syncs}) + "\n")
     dist.destroy_process_group()
 
 
-def measure_wake_s(cores: int, rounds: int = ROUNDS) -> float:
-    """Launch the worker on 2·min(cores, MAX_CORES) ranks under torchrun and return its wake-up in seconds."""
+def measure_meetings_s(cores: int, rounds: int = ROUNDS) -> dict[int, float]:
+    """Ranks a core -> what a meeting costs beyond the compute, in seconds: the worker under torchrun on 2c ranks
+    and, where c = min(cores, MAX_CORES) >= 2, on c (one pair needs two ranks)."""
     from profiles.measure import MeasureError, worker_env
 
     c = max(1, min(int(cores), MAX_CORES))
-    with tempfile.TemporaryDirectory(prefix="meshplan-wake-") as tmp:
-        out = Path(tmp) / "wake.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(2 * c), "-m",
-               "profiles.measure.wake", "--out", str(out), "--rounds", str(rounds)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=600)
-        if res.returncode != 0 or not out.exists():
-            last = (res.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            raise MeasureError(f"wake-up worker failed (exit {res.returncode}): {last}")
-        return float(json.loads(out.read_text())["wake_s"])
+    out_s = {}
+    for per_core in (2, 1) if c >= 2 else (2,):
+        with tempfile.TemporaryDirectory(prefix="meshplan-wake-") as tmp:
+            out = Path(tmp) / "wake.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(per_core * c), "-m", "profiles.measure.wake", "--out", str(out), "--rounds", str(rounds),
+                   "--ranks-per-core", str(per_core)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=600)
+            if res.returncode != 0 or not out.exists():
+                last = (res.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                raise MeasureError(f"wake-up worker failed (exit {res.returncode}): {last}")
+            out_s[per_core] = float(json.loads(out.read_text())["meeting_s"])
+    return out_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Wake-up of a blocking meeting on shared cores (run under torchrun).")
     ap.add_argument("--out", required=True, type=Path, help="JSON file rank 0 writes")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--ranks-per-core", type=int, default=2, choices=(1, 2))
     args = ap.parse_args(argv)
     if "RANK" not in os.environ:
         print("error: run this worker under torchrun (python -m torch.distributed.run ...)", file=sys.stderr)
         return 2
-    _worker(args.out, args.rounds)
+    _worker(args.out, args.rounds, args.ranks_per_core)
     return 0
 
 

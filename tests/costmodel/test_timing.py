@@ -303,8 +303,12 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
     base = load_profile("local-cpu.measured")
     cores = base.constants["cores_per_node"]["value"]
     woken = dataclasses.replace(base, constants={**base.constants, "cores_shared_wake_s": {"value": 2e-3}})
-    assert sync_wake_s_of(woken, cores + 1) == sync_wake_s_of(woken, cores) == 2e-3
+    assert sync_wake_s_of(woken, 2 * cores) == sync_wake_s_of(woken, cores) == 2e-3  # no one-a-core value: the same
     assert sync_wake_s_of(woken, cores - 1) == 0.0
+    # measured at one rank a core too: that at as many ranks as cores, linear up to two a core, then two a core's
+    both = dataclasses.replace(woken, constants={**woken.constants, "cores_busy_wake_s": {"value": 1e-3}})
+    assert sync_wake_s_of(both, cores) == 1e-3 and sync_wake_s_of(both, 3 * cores) == 2e-3
+    assert sync_wake_s_of(both, 1.5 * cores) == pytest.approx(1.5e-3)
     assert sync_wake_s_of(base, cores + 1) == 0.0 and sync_wake_s_of(load_profile("h100-sxm.analytic"), 64) == 0.0
 
     def cm(profile, ranks: int, **tr) -> CostModel:

@@ -57,11 +57,12 @@ def quick_concurrency(monkeypatch, request):
 
 @pytest.fixture(autouse=True)
 def quick_wake(monkeypatch, request):
-    """run_profile with the collective table measures a meeting's wake-up on shared cores (a torchrun job); the
-    runner tests take a fixed one, test_the_wake_up_is_measured_on_two_ranks_a_core runs the real worker."""
-    if request.node.name != "test_the_wake_up_is_measured_on_two_ranks_a_core":
+    """run_profile with the collective table measures what a meeting costs on busy cores (torchrun jobs); the
+    runner tests take fixed ones (1 ms at one rank a core, 5 ms at two), test_meetings_are_measured_on_busy_cores
+    runs the real worker."""
+    if request.node.name != "test_meetings_are_measured_on_busy_cores":
         from profiles.measure import wake
-        monkeypatch.setattr(wake, "measure_wake_s", lambda cores: 1.5e-3)
+        monkeypatch.setattr(wake, "measure_meetings_s", lambda cores: {2: 5e-3, 1: 1e-3})
 
 
 @pytest.fixture(autouse=True)
@@ -589,7 +590,11 @@ def test_interrupted_profile_resumes_into_a_usable_profile(tmp_path, monkeypatch
     assert p.tables["attention"].iloc[:5].values.tolist() == first_rows
     assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
     assert all(len(p.tables[t]) for t in ("gemm", "attention", "collective", "host_copy", "memory"))
-    assert p.constant("cores_shared_wake_s") == 1.5e-3  # with the collective table (the fixture's, quick_wake)
+    # with the collective table: the fixture's meetings (quick_wake) less the table's send/recv of the message
+    from profiles.measure.wake import MESSAGE_BYTES
+    sent = float(p.collective_time_s("send_recv", MESSAGE_BYTES, 2))
+    assert p.constant("cores_shared_wake_s") == pytest.approx(max(0.0, 5e-3 - sent))
+    assert p.constant("cores_busy_wake_s") == pytest.approx(max(0.0, 1e-3 - sent))
 
 
 def test_interrupt_before_any_table_leaves_the_plan_to_resume(tmp_path, monkeypatch):
@@ -651,22 +656,26 @@ def test_concurrency_slowdowns_measured():
     assert all(math.isfinite(v) for v in out.values()) and out["cores_shared_slowdown"] >= 2.0
 
 
-def test_a_meetings_wake_up_is_the_median_of_its_rounds_extra_time():
-    """Per round: the segments with their meetings, less the segments alone and the meetings alone, per meeting; the
-    median over rounds, 0 at the least."""
-    from profiles.measure.wake import wake_s
+def test_a_meeting_costs_the_median_of_its_rounds_extra_time_less_the_tables_transfer():
+    """Per round: the segments with their meetings less the segments alone, per meeting; the median over rounds, 0 at
+    the least. The profile keeps each meeting less what the collective table charges its transfer, 0 at the least,
+    per ranks a core."""
+    from profiles.measure.wake import meeting_s, wake_constants
 
-    both, segments, syncs = [0.130, 0.200, 0.140], [0.100, 0.110, 0.100], [0.010, 0.010, 0.016]
-    assert wake_s(both, segments, syncs, syncs=12) == pytest.approx(0.024 / 12)  # rounds: 20, 80 and 24 ms extra
-    assert wake_s([0.1], [0.1], [0.01], syncs=12) == 0.0
+    both, segments = [0.130, 0.200, 0.140], [0.100, 0.110, 0.100]
+    assert meeting_s(both, segments, syncs=12) == pytest.approx(0.040 / 12)  # rounds: 30, 90 and 40 ms extra
+    assert meeting_s([0.1], [0.11], syncs=12) == 0.0
+    consts = wake_constants({2: 3e-3, 1: 0.5e-3}, 1e-3)
+    assert consts["cores_shared_wake_s"]["value"] == pytest.approx(2e-3)
+    assert consts["cores_busy_wake_s"]["value"] == 0.0 and "1 rank(s) a core" in consts["cores_busy_wake_s"]["source"]
 
 
 @pytest.mark.torchrun
-def test_the_wake_up_is_measured_on_two_ranks_a_core():
-    """The worker runs under torchrun on 2c ranks pinned to c cores (here 1 core, 2 ranks: quick) and gives a finite
-    wake-up of at least 0."""
-    from profiles.measure.wake import measure_wake_s
+def test_meetings_are_measured_on_busy_cores():
+    """The worker runs under torchrun on 2c ranks pinned to c cores (here 1 core, 2 ranks: quick; one rank a core
+    needs two cores for a pair) and gives a finite meeting cost of at least 0."""
+    from profiles.measure.wake import measure_meetings_s
 
     t0 = time.perf_counter()
-    w = measure_wake_s(1, rounds=3)
-    assert 0.0 <= w < 0.1 and time.perf_counter() - t0 < 120
+    m = measure_meetings_s(1, rounds=3)
+    assert set(m) == {2} and 0.0 <= m[2] < 0.1 and time.perf_counter() - t0 < 120
