@@ -709,11 +709,13 @@ class CostModel:
             if self.transfers_on_cores:  # a CPU node without a spare core (cores_all_busy): gloo's threads move the
                 # data on the cores that compute, so no transfer hides, and every ring wait is a blocking meeting
                 # (sync_wake_s_of); per layer d − 1 K/V transfers forward (and in a recompute), backward d − 1 for
-                # K/V and d for the dK/dV accumulator coming home
+                # K/V and d for the dK/dV accumulator coming home, on its own and in fp32 (planner/runtime/cp.py)
                 w = self.sync_wake_s
                 homes = np.where(ring_d > 1, l * ring_d, 0)
+                acc = kv_bytes * 4 / self.bytes_per_elem
+                acc_b = np.where(inter, self.p2p_s(acc, True), self.p2p_s(acc, False))
                 ring_exp_f = ring_steps * (comm_f + w)
-                ring_exp_b = ring_steps * passes_f * (comm_f + w) + homes * (comm_b + w)
+                ring_exp_b = ring_steps * passes_f * (comm_f + w) + homes * (acc_b + w)
             else:  # each transfer under its step's attention: what the step leaves exposed
                 left_f = np.maximum(0.0, comm_f - attn_f / ring_d)
                 ring_exp_f = ring_steps * left_f

@@ -321,13 +321,18 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
         float(cm(base, over, tp=2)._lookup("tp_all_reduce", act)) + 2e-3, rel=1e-3)  # curves interpolate log-log
     assert cm(woken, over, pp=2).pp_p2p_s(2048.0) == pytest.approx(cm(base, over, pp=2).pp_p2p_s(2048.0) + 2e-3)
     # a ring over 2 members of 2 layers, no core to spare: no transfer hides, and each wait is a meeting; forward 1
-    # K/V transfer a layer, backward 1 for K/V and 2 for dK/dV (1,024 tokens a member, K/V 2 x 32 wide, fp32)
+    # K/V transfer a layer, backward 1 for K/V and 2 for the dK/dV accumulator, fp32 as the executor keeps it: as many
+    # bytes as fp32 K/V, twice bf16's (1,024 tokens a member, K/V 2 x 32 wide)
     ring = cm(woken, int(cores))
     kv = 1024 * 2 * ring.model.kv_width * 4
-    comm_f, comm_b = float(ring.p2p_s(kv, False)), float(ring.p2p_s(2 * kv, False))
+    comm_f = float(ring.p2p_s(kv, False))
     cost = ring.unit_cost([2048], 2)
     assert cost.ring_exposed_fwd_s == pytest.approx(2 * (comm_f + 2e-3))
-    assert cost.ring_exposed_bwd_s == pytest.approx(2 * (comm_f + 2e-3) + 2 * 2 * (comm_b + 2e-3))
+    assert cost.ring_exposed_bwd_s == pytest.approx(2 * (comm_f + 2e-3) + 2 * 2 * (comm_f + 2e-3))
+    half = CostModel(Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(int(cores)),
+                           TrainingSpec(dtype="bf16", kernels="eager", sequence_parallel=False)), woken)
+    kv_f, acc_b = float(half.p2p_s(kv / 2, False)), float(half.p2p_s(kv, False))
+    assert half.unit_cost([2048], 2).ring_exposed_bwd_s == pytest.approx(2 * (kv_f + 2e-3) + 2 * 2 * (acc_b + 2e-3))
     assert cm(base, int(cores)).unit_cost([2048], 2).ring_exposed_s < cost.ring_exposed_s
     # Ulysses over the pair: two all-to-alls a layer each way (Q, K and V in one, O in the other), each a meeting
     uly_w, uly_b = (cm(p, int(cores)).unit_cost([2048], 2, ulysses=2) for p in (woken, base))
