@@ -6,13 +6,13 @@ time slice; with one rank a core, gloo's threads that move the data want a core 
 alone) and the compute share (compute alone) both miss it. Measured here as the executor meets: ranks pinned to c
 cores (c = min(cores, 2)) in pairs, each pair exchanging one message with batched isend/irecv as the ring and the
 pipeline do; each round times, back to back, 12 compute segments of about 5 ms of one core's work alone, 12 exchanges
-alone, and the segments each followed by an exchange, every time the slowest rank's. A meeting costs (both -
-segments) / 12 beyond the compute, the median over 36 rounds; the profile keeps what it costs beyond the collective
-table's send/recv of the same message (what the cost model already charges a transfer), at two ranks a core
-(`cores_shared_wake_s`) and, where c >= 2, at one (`cores_busy_wake_s`); costmodel.timing.sync_wake_s_of prices them.
-Subtracting the exchanges alone instead, as first done, took out part of the wake-up itself (idle pairs on shared
-cores wake each other too) and priced the 2-core EPYC's meetings at 1.0-1.3 ms where its replays paid about 3
-(docs/BENCHMARKS.md, twenty-first session).
+alone (kept in the worker's output, for the record), and the segments each followed by an exchange, every time the
+slowest rank's. A meeting costs (both - segments) / 12 beyond the compute, the median over 36 rounds; the profile
+keeps what it costs beyond the collective table's send/recv of the same message (what the cost model already charges
+a transfer), at two ranks a core (`cores_shared_wake_s`) and, where c >= 2, at one (`cores_busy_wake_s`);
+costmodel.timing.sync_wake_s_of prices them. The first worker met with 4-byte all-reduces and subtracted them timed
+alone on the same shared cores, which took out part of the wake-up itself (idle pairs wake each other too): it priced
+the 2-core EPYC's meetings at 1.0-1.3 ms where its replays paid about 3 (docs/BENCHMARKS.md, twenty-first session).
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
 
