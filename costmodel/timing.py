@@ -714,6 +714,7 @@ class CostModel:
                 homes = np.where(ring_d > 1, l * ring_d, 0)
                 acc = kv_bytes * 4 / self.bytes_per_elem
                 acc_b = np.where(inter, self.p2p_s(acc, True), self.p2p_s(acc, False))
+                ring_comm = ring_steps * passes_f * comm_f + homes * acc_b
                 ring_exp_f = ring_steps * (comm_f + w)
                 ring_exp_b = ring_steps * passes_f * (comm_f + w) + homes * (acc_b + w)
             else:  # each transfer under its step's attention: what the step leaves exposed
@@ -1228,8 +1229,9 @@ def sync_wake_s_of(profile: Profile, ranks_per_node: int) -> float:
     if not cores_all_busy(profile, ranks_per_node):
         return 0.0
     consts = profile.constants
-    shared = float(consts.get("cores_shared_wake_s", {}).get("value", 0.0))
-    busy = float(consts.get("cores_busy_wake_s", {}).get("value", shared))
+    busy = consts.get("cores_busy_wake_s", {}).get("value")
+    shared = float(consts.get("cores_shared_wake_s", {}).get("value", busy or 0.0))
+    busy = shared if busy is None else float(busy)
     c = float(consts["cores_per_node"]["value"])
     return busy + (shared - busy) * min(1.0, (ranks_per_node - c) / c)
 

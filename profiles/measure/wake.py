@@ -16,9 +16,10 @@ the 2-core EPYC's meetings at 1.0-1.3 ms where its replays paid about 3 (docs/BE
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
 
-The delay grows with the time a peer computes between meetings (the scheduler's slice: on a 2-core Xeon this worker
-at segments of 2.5, 5, 10 and 20 ms gave 1.55, 1.28, 1.59 and 1.98 ms, docs/BENCHMARKS.md), so one value at 5 ms is an
-approximation; it hardly moves with the message (bench.meetings: 4 B to 1 MiB alike)."""
+The meeting grows with the compute before it (the scheduler's slice: on the 2-core EPYC, bench.meetings with 64 KiB
+after 2, 5, 10 and 20 ms of one core's work put it at 1.98, 3.30, 3.64 and 4.14 ms with 4 ranks, docs/BENCHMARKS.md),
+so one value at 5 ms is an approximation. At two ranks a core it hardly moves with the message (4 B to 1 MiB alike);
+at one rank a core it scatters between 0.9 and 1.9 ms beyond the exchange over the same sizes."""
 
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def measure_meetings_s(cores: int, rounds: int = ROUNDS) -> dict[int, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m torch.distributed.run ... -m profiles.measure.wake",
-                                 description="Wake-up of a blocking meeting on shared cores (run under torchrun).")
+                                 description="What a blocking meeting costs on busy cores (run under torchrun).")
     ap.add_argument("--out", required=True, type=Path, help="JSON file rank 0 writes")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--ranks-per-core", type=int, default=2, choices=(1, 2))

@@ -309,6 +309,8 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
     both = dataclasses.replace(woken, constants={**woken.constants, "cores_busy_wake_s": {"value": 1e-3}})
     assert sync_wake_s_of(both, cores) == 1e-3 and sync_wake_s_of(both, 3 * cores) == 2e-3
     assert sync_wake_s_of(both, 1.5 * cores) == pytest.approx(1.5e-3)
+    busy_only = dataclasses.replace(base, constants={**base.constants, "cores_busy_wake_s": {"value": 1e-3}})
+    assert sync_wake_s_of(busy_only, cores) == sync_wake_s_of(busy_only, 2 * cores) == 1e-3
     assert sync_wake_s_of(base, cores + 1) == 0.0 and sync_wake_s_of(load_profile("h100-sxm.analytic"), 64) == 0.0
 
     def cm(profile, ranks: int, **tr) -> CostModel:
@@ -329,6 +331,7 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
     cost = ring.unit_cost([2048], 2)
     assert cost.ring_exposed_fwd_s == pytest.approx(2 * (comm_f + 2e-3))
     assert cost.ring_exposed_bwd_s == pytest.approx(2 * (comm_f + 2e-3) + 2 * 2 * (comm_f + 2e-3))
+    # bf16: the fp32 accumulator is twice the K/V's bytes (what TE's combined K/V + dK/dV message also moves)
     half = CostModel(Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(int(cores)),
                            TrainingSpec(dtype="bf16", kernels="eager", sequence_parallel=False)), woken)
     kv_f, acc_b = float(half.p2p_s(kv / 2, False)), float(half.p2p_s(kv, False))
