@@ -714,7 +714,6 @@ class CostModel:
                 homes = np.where(ring_d > 1, l * ring_d, 0)
                 acc = kv_bytes * 4 / self.bytes_per_elem
                 acc_b = np.where(inter, self.p2p_s(acc, True), self.p2p_s(acc, False))
-                ring_comm = ring_steps * passes_f * comm_f + homes * acc_b
                 ring_exp_f = ring_steps * (comm_f + w)
                 ring_exp_b = ring_steps * passes_f * (comm_f + w) + homes * (acc_b + w)
             else:  # each transfer under its step's attention: what the step leaves exposed
