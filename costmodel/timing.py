@@ -327,8 +327,8 @@ class CostModel:
         if self.compute_share is None:
             self.compute_share = compute_share_of(self.profile, self.setup.cluster.gpus_per_node)
         share = self.compute_share
-        # a blocking meeting on a node of as many ranks as cores or more: the sleeper waits for a core (sync_wake_s_of)
-        self.sync_wake_s = sync_wake_s_of(self.profile, self.setup.cluster.gpus_per_node) if self.shares_cores else 0.0
+        # a blocking meeting on a node of as many ranks as cores or more: the sleeper waits for a core (sync_wake_of)
+        self.wake = sync_wake_of(self.profile, self.setup.cluster.gpus_per_node) if self.shares_cores else Wake()
         self.transfers_on_cores = self.shares_cores and cores_all_busy(self.profile, self.setup.cluster.gpus_per_node)
         self.layer_overhead_s = share * float(consts.get("layer_overhead_s", {}).get("value", 0.0))
         self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
@@ -417,8 +417,7 @@ class CostModel:
         if tr.tp > 1:  # every TP group of a node runs the same collectives at once (the node's ranks / tp of them)
             tp_groups = max(1, self.setup.cluster.gpus_per_node // tr.tp)
             for op in ("all_gather", "reduce_scatter", "all_reduce"):  # each a meeting of the group's ranks
-                self._curves[f"tp_{op}"] = (p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra", tp_groups)
-                                            + self.sync_wake_s)
+                self._curves[f"tp_{op}"] = p.collective_time_s(op, _BYTES_GRID, tr.tp, "intra", tp_groups)
         if self.experts.all_to_all:  # MoE dispatch and combine over EP (+ ETP gather), per token of the TP group
             self._curves["moe_comm"] = np.maximum(moe_comm_fwd_s(p, _TOKEN_GRID, m, self.experts, b), 1e-15)
         for k in _COMPUTE_CURVES:  # ranks sharing cores: each rank's compute runs at 1 / share of its own speed
@@ -700,28 +699,29 @@ class CostModel:
         # K/V exchange
         passes_f = 2 if rec == "full" or (core and self.replays) else 1
         if ag.all():
-            ring_comm, ring_exp_f, ring_exp_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
+            ring_comm, ring_exp_f, ring_exp_b = self._allgather_cp_s(tokens, kv_bytes, ring_d, inter, l, passes_f)
         else:
             comm_f = np.where(inter, self.p2p_s(kv_bytes, True), self.p2p_s(kv_bytes, False))
             comm_b = np.where(inter, self.p2p_s(2 * kv_bytes, True), self.p2p_s(2 * kv_bytes, False))  # dK/dV back
             ring_steps = l * (ring_d - 1)  # 0 for packed units and pure Ulysses: no ring
             ring_comm = ring_steps * (passes_f * comm_f + comm_b)
             if self.transfers_on_cores:  # a CPU node without a spare core (cores_all_busy): gloo's threads move the
-                # data on the cores that compute, so no transfer hides, and every ring wait is a blocking meeting
-                # (sync_wake_s_of); per layer d − 1 K/V transfers forward (and in a recompute), backward d − 1 for
-                # K/V and d for the dK/dV accumulator coming home, on its own and in fp32 (planner/runtime/cp.py)
-                w = self.sync_wake_s
+                # data on the cores that compute, so no transfer hides, and every ring wait is a blocking meeting;
+                # per layer d − 1 K/V transfers forward (and in a recompute), backward d − 1 for K/V and d for the
+                # dK/dV accumulator coming home, on its own and in fp32 (planner/runtime/cp.py); each a meeting
+                # (sync_wake_of), each after its step's attention: the forward's, the backward's
+                w_f, w_b = self.wake_after_s(attn_f / ring_d), self.wake_after_s(attn_b / ring_d)
                 homes = np.where(ring_d > 1, l * ring_d, 0)
                 acc = kv_bytes * 4 / self.bytes_per_elem
                 acc_b = np.where(inter, self.p2p_s(acc, True), self.p2p_s(acc, False))
-                ring_exp_f = ring_steps * (comm_f + w)
-                ring_exp_b = ring_steps * passes_f * (comm_f + w) + homes * (acc_b + w)
+                ring_exp_f = ring_steps * (comm_f + w_f)
+                ring_exp_b = ring_steps * ((passes_f - 1) * (comm_f + w_f) + comm_f + w_b) + homes * (acc_b + w_b)
             else:  # each transfer under its step's attention: what the step leaves exposed
                 left_f = np.maximum(0.0, comm_f - attn_f / ring_d)
                 ring_exp_f = ring_steps * left_f
                 ring_exp_b = ring_steps * ((passes_f - 1) * left_f + np.maximum(0.0, comm_b - attn_b / ring_d))
             if ag.any():  # units of both kinds in one batch
-                ag_comm, ag_f, ag_b = self._allgather_cp_s(kv_bytes, ring_d, inter, l, passes_f)
+                ag_comm, ag_f, ag_b = self._allgather_cp_s(tokens, kv_bytes, ring_d, inter, l, passes_f)
                 ring_comm, ring_exp_f, ring_exp_b = (np.where(ag, ag_comm, ring_comm), np.where(ag, ag_f, ring_exp_f),
                                                      np.where(ag, ag_b, ring_exp_b))
         if (u > 1).any():  # the all-to-alls are not overlapped (REFERENCE 18): exposed in full
@@ -737,13 +737,13 @@ class CostModel:
         if self.tp > 1:
             h_bytes = tokens * self.model.hidden * self.bytes_per_elem
             if self.setup.training.sequence_parallel:  # the head's input gathered forward, its gradient scattered
-                head_comm_f = self._lookup("tp_all_gather", h_bytes)  # backward; the embedding's output scattered
-                head_comm_b = embed_comm = self._lookup("tp_reduce_scatter", h_bytes)
+                head_comm_f = self._tp("all_gather", tokens, h_bytes)  # backward; the embedding's output scattered
+                head_comm_b = embed_comm = self._tp("reduce_scatter", tokens, h_bytes)
             else:  # Megatron's f at the head (its input gradient all-reduced backward); the embedding's output
                 head_comm_b = embed_comm = self.tp_all_reduce_s(tokens)  # all-reduced
             # the vocab-parallel loss, forward: all-reduces of each token's logit max, then of its target logit and
             # sum of exponentials (fp32; the replay's two, where Megatron-LM all-reduces the last two apart)
-            comm_loss = self._lookup("tp_all_reduce", tokens * 4) + self._lookup("tp_all_reduce", tokens * 8)
+            comm_loss = self._tp("all_reduce", tokens, tokens * 4) + self._tp("all_reduce", tokens, tokens * 8)
         off_f = off_b = np.zeros(n)
         if l > 2:
             nbytes = r_off * tokens * self.a_tok
@@ -818,8 +818,8 @@ class CostModel:
         exposed = pair - (a_f + a_b + x_f + x_d + x_w)
         return mu * (2.0 * a - exposed / 2.0)
 
-    def _allgather_cp_s(self, kv_bytes: np.ndarray, d: np.ndarray, inter: np.ndarray, layers: int,
-                        passes_f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _allgather_cp_s(self, tokens: np.ndarray, kv_bytes: np.ndarray, d: np.ndarray, inter: np.ndarray,
+                        layers: int, passes_f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All-gather context parallelism per unit: each layer all-gathers the d members' K/V before attention
         (nccl-tests S = the gathered bytes) and reduce-scatters dK/dV (fp32: twice the bytes) after its
         backward, neither hidden; one group per TP rank, tp of them at once (across domains they share the NICs).
@@ -828,7 +828,8 @@ class CostModel:
         for sel, g, scope in _group_shapes(d, inter):
             ag[sel] = self.profile.collective_time_s("all_gather", kv_bytes[sel] * g, g, scope, self.tp)
             rs[sel] = self.profile.collective_time_s("reduce_scatter", 2 * kv_bytes[sel] * g, g, scope, self.tp)
-        ag, rs = ag + self.sync_wake_s, rs + self.sync_wake_s  # each a blocking meeting (sync_wake_s_of)
+        meet = self.layer_wake_s(tokens)  # each a blocking meeting (sync_wake_of)
+        ag, rs = ag + meet, rs + meet
         exp_f = layers * ag
         exp_b = layers * ((passes_f - 1) * ag + rs)
         return exp_f + exp_b, exp_f, exp_b
@@ -850,9 +851,9 @@ class CostModel:
             t_kv = self.profile.collective_time_s("all_to_all", kv_bytes[sel], g, scope, self.tp)
             fwd[sel] = t_q + t_o + 2 * t_kv  # Q, O; K, V
             bwd[sel] = 2 * t_o + t_q + 2 * t_kv  # O, dO, dQ; dK, dV
-        # blocking meetings (sync_wake_s_of), as the executor exchanges: Q, K and V in one, O in another; backward
+        # blocking meetings (sync_wake_of), as the executor exchanges: Q, K and V in one, O in another; backward
         # the same two
-        meet = np.where(np.asarray(u) > 1, 2 * self.sync_wake_s, 0.0)
+        meet = np.where(np.asarray(u) > 1, 2 * self.layer_wake_s(tokens), 0.0)
         fwd, bwd = fwd + meet, bwd + meet
         exp_f = layers * fwd
         exp_b = layers * ((passes_f - 1) * fwd + bwd)  # full recompute replays the forward's all-to-alls
@@ -887,7 +888,7 @@ class CostModel:
             attn_f, attn_b = self._attention_pair_s(tokens, pair)  # share
             fwd, bwd = attn_f + (1.0 - mu) * pair + experts, attn_b + (1.0 - mu) * pair + experts
         if self.tp_amaxes:  # current scaling: a 4-byte amax all-reduce per gathered fp8 tensor, 2 each way
-            amax = 2.0 * self._lookup("tp_all_reduce", 4.0)
+            amax = 2.0 * self._tp("all_reduce", tokens, 4.0)
             fwd, bwd = fwd + amax, bwd + amax
         if self.setup.training.recompute == "full":
             return fwd, bwd + fwd
@@ -900,7 +901,7 @@ class CostModel:
                 bwd = bwd + w * pair
             if r.latent_gather and self.tp > 1:
                 width = self.model.attn_gather_width
-                bwd = bwd + w * self._lookup("tp_all_gather", tokens * width * self.tp_gather_bytes)
+                bwd = bwd + w * self._tp("all_gather", tokens, tokens * width * self.tp_gather_bytes)
         return fwd, bwd
 
     def _overlapped_tp_comm_s(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -916,13 +917,13 @@ class CostModel:
         Returns (forward, backward, a dense MLP pair's forward unweighted: what recompute module mlp replays)."""
         t = self.tp
         act = tokens * self.model.hidden
-        ag = self._lookup("tp_all_gather", act * self.tp_gather_bytes)
-        rs = self._lookup("tp_reduce_scatter", act * self.bytes_per_elem)
+        ag = self._tp("all_gather", tokens, act * self.tp_gather_bytes)
+        rs = self._tp("reduce_scatter", tokens, act * self.bytes_per_elem)
         ag_attn, rs_attn = ag, rs
         if self.model.is_mla:  # the up projections' input: the latents
             width = self.model.attn_gather_width
-            ag_attn = self._lookup("tp_all_gather", tokens * width * self.tp_gather_bytes)
-            rs_attn = self._lookup("tp_reduce_scatter", tokens * width * self.bytes_per_elem)
+            ag_attn = self._tp("all_gather", tokens, tokens * width * self.tp_gather_bytes)
+            rs_attn = self._tp("reduce_scatter", tokens, tokens * width * self.bytes_per_elem)
         pairs = [("qkv", "o", 1.0, ag_attn, rs_attn)]
         if self.stage_model.moe_fraction < 1.0:
             up = "gate_up" if self.model.mlp == "swiglu" else "up"
@@ -966,10 +967,10 @@ class CostModel:
         input gradient's all-reduce (2h) the backward's. As a layer's collectives without tp_comm_overlap: the
         weight gradient's re-gather of the input beside the data gradient is not priced, and none is overlapped."""
         h = float(self.model.hidden)
-        ag_h = self._lookup("tp_all_gather", tokens * h * self.bytes_per_elem)
+        ag_h = self._tp("all_gather", tokens, tokens * h * self.bytes_per_elem)
         if self.setup.training.sequence_parallel:
-            return (self._lookup("tp_all_gather", tokens * 2 * h * self.tp_gather_bytes) + ag_h,
-                    self._lookup("tp_reduce_scatter", tokens * 2 * h * self.bytes_per_elem) + ag_h)
+            return (self._tp("all_gather", tokens, tokens * 2 * h * self.tp_gather_bytes) + ag_h,
+                    self._tp("reduce_scatter", tokens, tokens * 2 * h * self.bytes_per_elem) + ag_h)
         return ag_h, self.tp_all_reduce_s(tokens, 2 * h)
 
     def tp_activation_s(self, tokens: np.ndarray) -> np.ndarray:
@@ -984,7 +985,7 @@ class CostModel:
         """One all-reduce of tokens × width (h by default) over the TP group, in the training dtype: TP without
         SP. Looked up as what runs, not as a gather plus a scatter: one latency floor, and the all-reduce's own
         algorithm and rate where the profile measured it (NVLS on Hopper, gloo on CPU)."""
-        return self._lookup("tp_all_reduce", tokens * (width or self.model.hidden) * self.bytes_per_elem)
+        return self._tp("all_reduce", tokens, tokens * (width or self.model.hidden) * self.bytes_per_elem)
 
     def tp_pair_s(self, tokens: np.ndarray, layer: bool = False, gather_width: float | None = None,
                   scatter_width: float | None = None) -> np.ndarray:
@@ -992,8 +993,8 @@ class CostModel:
         given); a layer's all-gather (`layer`) moves fp8 under current scaling (tp_gather_bytes), the head's bf16."""
         h = self.model.hidden
         gather = self.tp_gather_bytes if layer else self.bytes_per_elem
-        return (self._lookup("tp_all_gather", tokens * (gather_width or h) * gather)
-                + self._lookup("tp_reduce_scatter", tokens * (scatter_width or h) * self.bytes_per_elem))
+        return (self._tp("all_gather", tokens, tokens * (gather_width or h) * gather)
+                + self._tp("reduce_scatter", tokens, tokens * (scatter_width or h) * self.bytes_per_elem))
 
     def unit_time_s(self, doc_lengths, degree: int = 1, offload_ratio: float = 0.0, inter_node: bool = False) -> float:
         return self.unit_cost(doc_lengths, degree, offload_ratio, inter_node).total_s
@@ -1188,12 +1189,37 @@ class CostModel:
         idle (planner/simulate/cores.py). The fixed share where ranks do not share cores."""
         return compute_share_of(self.profile, max(1, busy_ranks)) if self.shares_cores else self.compute_share
 
-    def pp_p2p_s(self, tokens_per_rank: float) -> float:
+    def pp_p2p_s(self, tokens_per_rank: float, compute_s: float | None = None) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node
-        when adjacent stages sit on different nodes."""
+        when adjacent stages sit on different nodes; on busy CPU cores the receiving stage sleeps until the sender's
+        data arrives, a meeting after the sender's `compute_s` (a slice's forward on its stage; None: the wake-up's
+        plateau)."""
         inter = self.setup.mesh.adjacent_stages_in_different_domains
-        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter)
-                     + self.sync_wake_s)  # the receiving stage sleeps until the sender's data arrives
+        wake = self.wake.plateau_s if compute_s is None else float(self.wake_after_s(compute_s))
+        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter) + wake)
+
+    def wake_after_s(self, compute_s: np.ndarray | float) -> np.ndarray:
+        """A blocking meeting's wake-up (sync_wake_of) after `compute_s` of priced compute: Wake takes one core's
+        work alone, the priced time over the compute share. 0 off busy CPU cores."""
+        compute_s = np.asarray(compute_s, dtype=float)
+        if not self.wake.plateau_s:
+            return np.zeros_like(compute_s)
+        return self.wake.at(compute_s / self.compute_share)
+
+    def layer_wake_s(self, tokens: np.ndarray | float) -> np.ndarray:
+        """The wake-up of a meeting inside a layer (a TP collective, an all-gather CP gather or scatter, a Ulysses
+        all-to-all) for `tokens` tokens a rank: after half the layer's forward GEMMs and memory-bound kernels, the
+        compute between two of a direction's meetings without attention (a lower bound: its share depends on the
+        documents, which the per-token lookups here do not see)."""
+        tokens = np.asarray(tokens, dtype=float)
+        if not self.wake.plateau_s:
+            return np.zeros_like(tokens)
+        return self.wake_after_s((self.gemm_layer_fwd_s(tokens) + self._lookup("mem_layer_fwd", tokens)) / 2.0)
+
+    def _tp(self, op: str, tokens: np.ndarray | float, nbytes: np.ndarray | float) -> np.ndarray:
+        """One collective of the TP group (nccl-tests S = `nbytes`) in a unit of `tokens` tokens a rank: the table's
+        transfer and, on busy CPU cores, the meeting's wake-up (layer_wake_s)."""
+        return self._lookup(f"tp_{op}", nbytes) + self.layer_wake_s(tokens)
 
     def peak_flops(self) -> float:
         return self.profile.constant("peak_bf16_flops")
@@ -1217,22 +1243,45 @@ def compute_share_of(profile: Profile, ranks_per_node: int) -> float:
     return k / c * shared / 2.0
 
 
-def sync_wake_s_of(profile: Profile, ranks_per_node: int) -> float:
+@dataclass(frozen=True)
+class Wake:
+    """What one blocking meeting costs beyond its transfer on busy CPU cores, against the compute before it (one
+    core's work alone, s): plateau_s · t / (t + half_s), as profiles.measure.wake fits it; half_s 0: plateau_s
+    whatever the compute (profiles measured before the half)."""
+    plateau_s: float = 0.0  # what a meeting after a long compute costs, s
+    half_s: float = 0.0  # the compute before a meeting at which it costs half the plateau, s
+
+    def at(self, compute_s: np.ndarray | float) -> np.ndarray:
+        """The wake-up after `compute_s` of one core's work alone."""
+        t = np.maximum(np.asarray(compute_s, dtype=float), 0.0)
+        if self.half_s <= 0.0:
+            return np.full_like(t, self.plateau_s)
+        return self.plateau_s * t / (t + self.half_s)
+
+
+def sync_wake_of(profile: Profile, ranks_per_node: int) -> Wake:
     """What one blocking meeting of ranks (a TP collective, a pipeline hand-off, a context-parallel ring wait,
     all-gather or Ulysses all-to-all) costs beyond its transfer on a CPU node of as many ranks as cores or more: the
     rank that arrived first sleeps, and once its peer's data is there it waits for a core (profiles.measure.wake):
-    the profile's `cores_busy_wake_s` at one rank a core (gloo's threads that move the data compete with the ranks),
-    `cores_shared_wake_s` at two or more (the sleeper waits for another rank's time slice), linear in the ranks
-    between (one rank a core: the two-a-core value where the profile has none). 0 where cores are left over, and for
-    profiles without the constants (GPU profiles, CPU ones measured before them)."""
+    the profile's `cores_busy_wake_s` / `cores_busy_wake_half_s` at one rank a core (gloo's threads that move the
+    data compete with the ranks), `cores_shared_wake_s` / `cores_shared_wake_half_s` at two or more (the sleeper waits
+    for another rank's time slice), each linear in the ranks between (one rank a core: the two-a-core values where the
+    profile has none, and the reverse). Nothing where cores are left over, and for profiles without the constants (GPU
+    profiles, CPU ones measured before them)."""
     if not cores_all_busy(profile, ranks_per_node):
-        return 0.0
+        return Wake()
     consts = profile.constants
-    busy = consts.get("cores_busy_wake_s", {}).get("value")
-    shared = float(consts.get("cores_shared_wake_s", {}).get("value", busy or 0.0))
-    busy = shared if busy is None else float(busy)
     c = float(consts["cores_per_node"]["value"])
-    return busy + (shared - busy) * min(1.0, (ranks_per_node - c) / c)
+    x = min(1.0, (ranks_per_node - c) / c)  # 0 at one rank a core, 1 at two or more
+
+    def between(busy_key: str, shared_key: str) -> float:
+        busy, shared = (consts.get(k, {}).get("value") for k in (busy_key, shared_key))
+        busy, shared = (busy if busy is not None else shared), (shared if shared is not None else busy)
+        busy, shared = float(busy or 0.0), float(shared or 0.0)
+        return busy + (shared - busy) * x
+
+    return Wake(between("cores_busy_wake_s", "cores_shared_wake_s"),
+                between("cores_busy_wake_half_s", "cores_shared_wake_half_s"))
 
 
 def cores_all_busy(profile: Profile, ranks_per_node: int) -> bool:

@@ -175,7 +175,12 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
     def duration(key) -> float:
         return base_duration(key) + delta.get(key, 0.0)
 
-    p2p = {uid: cm.pp_p2p_s(costs[uid][0].tokens_per_rank / units[uid].slices) for uid in units}
+    def hand_off_s(uid: int, forward: bool) -> float:
+        """A slice's activation (gradient) to the next (previous) stage, after a chunk of the stage's pass."""
+        c, n = costs[uid][0], units[uid].slices
+        return cm.pp_p2p_s(c.tokens_per_rank / n, (c.fwd_compute_s if forward else c.bwd_compute_s) / (n * v))
+
+    p2p = {(uid, f): hand_off_s(uid, f) for uid in units for f in (True, False)}
 
     def dep(key):
         s, op = key
@@ -184,7 +189,7 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
     def transfer(key) -> float:
         s, op = key
         d = dependency(op, s, p, v, units[op.mb].slices - 1)
-        return 0.0 if d is None or d[0] == s else p2p[op.mb]
+        return 0.0 if d is None or d[0] == s else p2p[op.mb, op.kind == "F"]
 
     try:
         runs = run_ops(lists, dep, duration, transfer, pairs=pairs, solo=base_duration)

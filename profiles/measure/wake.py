@@ -5,21 +5,24 @@ in gloo until its peer's data is there, and then waits for a core to run on (wit
 time slice; with one rank a core, gloo's threads that move the data want a core too). The collective table (transfers
 alone) and the compute share (compute alone) both miss it. Measured here as the executor meets: ranks pinned to c
 cores (c = min(cores, 2)) in pairs, each pair exchanging one message with batched isend/irecv as the ring and the
-pipeline do; each round times, back to back, 12 compute segments of about 5 ms of one core's work alone, 12 exchanges
-alone (kept in the worker's output, for the record), and the segments each followed by an exchange, every time the
-slowest rank's. A meeting costs (both - segments) / 12 beyond the compute, the median over 36 rounds; the profile
-keeps what it costs beyond the collective table's send/recv of the same message (what the cost model already charges
-a transfer), at two ranks a core (`cores_shared_wake_s`) and, where c >= 2, at one (`cores_busy_wake_s`);
-costmodel.timing.sync_wake_s_of prices them. The first worker met with 4-byte all-reduces and subtracted them timed
-alone on the same shared cores, which took out part of the wake-up itself (idle pairs wake each other too): it priced
-the 2-core EPYC's meetings at 1.0-1.3 ms where its replays paid about 3 (docs/BENCHMARKS.md, twenty-first session).
+pipeline do. The wait grows with the compute before the meeting and levels off (the scheduler's slice: on the 2-core
+EPYC, bench.meetings with 64 KiB after 2, 5, 10 and 20 ms of one core's work put it at 1.98, 3.30, 3.64 and 4.14 ms
+with 4 ranks, docs/BENCHMARKS.md), so it is measured after a short and a long segment (SEGMENTS_S). Each round times,
+back to back per segment length, n compute segments alone (n = SPAN_S / segment), n exchanges alone (kept in the
+worker's output, for the record), and the segments each followed by an exchange, every time the slowest rank's. A
+meeting costs (both - segments) / n beyond the compute, the median over the rounds; less the collective table's
+send/recv of the same message (what the cost model already charges a transfer), the two points give
+w(t) = plateau · t / (t + half) (fit_wake), kept per ranks a core: at two (`cores_shared_wake_s`,
+`cores_shared_wake_half_s`) and, where c >= 2, at one (`cores_busy_wake_s`, `cores_busy_wake_half_s`).
+costmodel.timing.sync_wake_of prices each meeting at the compute before it. The first worker met with 4-byte
+all-reduces and subtracted them timed alone on the same shared cores, which took out part of the wake-up itself (idle
+pairs wake each other too): it priced the 2-core EPYC's meetings at 1.0-1.3 ms where its replays paid about 3
+(docs/BENCHMARKS.md, twenty-first session); the second timed one segment length (5 ms) and priced every meeting at it.
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m profiles.measure.wake --out wake.json
 
-The meeting grows with the compute before it (the scheduler's slice: on the 2-core EPYC, bench.meetings with 64 KiB
-after 2, 5, 10 and 20 ms of one core's work put it at 1.98, 3.30, 3.64 and 4.14 ms with 4 ranks, docs/BENCHMARKS.md),
-so one value at 5 ms is an approximation. At two ranks a core it hardly moves with the message (4 B to 1 MiB alike);
-at one rank a core it scatters between 0.9 and 1.9 ms beyond the exchange over the same sizes."""
+At two ranks a core the meeting hardly moves with the message (4 B to 1 MiB alike); at one rank a core it scatters
+between 0.9 and 1.9 ms beyond the exchange over the same sizes."""
 
 from __future__ import annotations
 
@@ -33,30 +36,57 @@ import tempfile
 import time
 from pathlib import Path
 
-SEGMENT_S = 5e-3  # compute between two meetings, about a tiny layer's on one core
-SYNCS = 12  # meetings per timed run
-ROUNDS = 36
+SEGMENTS_S = (2e-3, 20e-3)  # compute before a meeting: about a tiny layer's GEMMs, and a long ring step's attention
+SPAN_S = 80e-3  # compute per timed run: n = SPAN_S / segment meetings (40 short, 4 long)
+ROUNDS = 24
 MAX_CORES = 2  # cores the pairs run on: a large host is sampled, not filled
 MESSAGE_BYTES = 64 << 10  # each way per exchange: a ring step's K/V of a few hundred tokens of a small model
-WAKE_CONSTANTS = {2: "cores_shared_wake_s", 1: "cores_busy_wake_s"}  # ranks a core -> the profile constant
+WAKE_CONSTANTS = {2: "cores_shared_wake_s", 1: "cores_busy_wake_s"}  # ranks a core -> the plateau's constant
 SOURCE = (f"measured: profiles.measure.wake, gloo ranks pinned to c = min(cores, {MAX_CORES}) cores in pairs, "
-          f"{SYNCS} compute segments of {SEGMENT_S * 1e3:g} ms each followed by a {MESSAGE_BYTES >> 10} KiB "
-          f"exchange in the pair (batched isend/irecv), against the segments alone; the extra time per meeting, the "
-          f"median of {ROUNDS} rounds, less the collective table's send/recv of the message")
+          f"compute segments of {' and '.join(f'{t * 1e3:g}' for t in SEGMENTS_S)} ms ({SPAN_S * 1e3:g} ms a run) "
+          f"each followed by a {MESSAGE_BYTES >> 10} KiB exchange in the pair (batched isend/irecv), against the "
+          f"segments alone; the extra time per meeting, the median of {ROUNDS} rounds, less the collective table's "
+          "send/recv of the message; fit_wake's plateau · t / (t + half) through the two")
 
 
-def meeting_s(both_s: list[float], segments_s: list[float], syncs: int = SYNCS) -> float:
+def syncs_of(segment_s: float) -> int:
+    """Meetings per timed run after segments of `segment_s`: SPAN_S of compute, at least 4."""
+    return max(4, round(SPAN_S / segment_s))
+
+
+def meeting_s(both_s: list[float], segments_s: list[float], syncs: int) -> float:
     """What one meeting costs beyond the compute, from rounds of paired timings: the median over rounds of (both -
     segments) / syncs, and no less than 0 (noise can dip below)."""
     return max(0.0, statistics.median((b - c) / syncs for b, c in zip(both_s, segments_s)))
 
 
-def wake_constants(meetings_s: dict[int, float], transfer_s: float) -> dict[str, dict]:
-    """Profile constants from the meetings measured per ranks a core: each meeting less the transfer the collective
-    table prices for its message (`transfer_s`), no less than 0."""
-    return {WAKE_CONSTANTS[k]: {"value": max(0.0, m - transfer_s), "unit": "s",
-                                "source": f"{SOURCE}; {k} rank(s) a core"}
-            for k, m in sorted(meetings_s.items(), reverse=True)}
+def fit_wake(short: tuple[float, float], long: tuple[float, float]) -> tuple[float, float]:
+    """(plateau_s, half_s) of w(t) = plateau · t / (t + half) through two (segment_s, wake_s) points, short < long:
+    with r = w_short / w_long, half = t_s · t_l · (1 - r) / (r · t_l - t_s), at most t_l (a short wake near 0 would
+    make the curve a line through the origin: it stays a curve that levels off), and plateau = w_long · (t_l + half)
+    / t_l. A wake no larger after the long segment than after the short one levels off at once: half 0, the plateau
+    their mean."""
+    (ts, ws), (tl, wl) = short, long
+    if wl <= ws:
+        return (ws + wl) / 2.0, 0.0
+    r = ws / wl
+    half = tl if r * tl <= ts else min(tl, ts * tl * (1.0 - r) / (r * tl - ts))
+    return wl * (tl + half) / tl, half
+
+
+def wake_constants(meetings_s: dict[int, dict[float, float]], transfer_s: float) -> dict[str, dict]:
+    """Profile constants from the meetings measured per ranks a core and segment length: each meeting less the
+    transfer the collective table prices for its message (`transfer_s`), no less than 0; fit_wake's plateau and half
+    through the shortest and the longest segment."""
+    out = {}
+    for k, by_seg in sorted(meetings_s.items(), reverse=True):
+        pts = sorted((t, max(0.0, m - transfer_s)) for t, m in by_seg.items())
+        plateau, half = fit_wake(pts[0], pts[-1])
+        seen = ", ".join(f"{w * 1e3:.2f} ms after {t * 1e3:g} ms" for t, w in pts)
+        src = f"{SOURCE}; {k} rank(s) a core: {seen}"
+        out[WAKE_CONSTANTS[k]] = {"value": plateau, "unit": "s", "source": src}
+        out[WAKE_CONSTANTS[k].replace("_wake_s", "_wake_half_s")] = {"value": half, "unit": "s", "source": src}
+    return out
 
 
 def product_s(a, b) -> float:
@@ -91,14 +121,15 @@ def _worker(out: Path, rounds: int, per_core: int) -> None:
     partner = rank ^ 1 if (rank ^ 1) < world else None
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     send, recv = torch.randn(MESSAGE_BYTES // 4), torch.empty(MESSAGE_BYTES // 4)
-    reps = max(1, round(SEGMENT_S / product_s(a, b)))  # SEGMENT_S of one core's work
+    one = product_s(a, b)
+    reps = {t: max(1, round(t / one)) for t in SEGMENTS_S}  # each segment: t of one core's work
 
-    def run(compute: bool, meet: bool) -> float:
+    def run(segment_s: float, compute: bool, meet: bool) -> float:
         dist.barrier()
         t0 = time.perf_counter()
-        for _ in range(SYNCS):
+        for _ in range(syncs_of(segment_s)):
             if compute:
-                for _ in range(reps):
+                for _ in range(reps[segment_s]):
                     torch.mm(a, b)
             if meet and partner is not None:
                 for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, partner),
@@ -108,22 +139,23 @@ def _worker(out: Path, rounds: int, per_core: int) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a run lasts until its slowest rank is done
         return float(t)
 
-    both, segments, syncs = [], [], []
+    runs = {t: {"both_s": [], "segments_s": [], "exchanges_s": []} for t in SEGMENTS_S}
     with collector_paused():
         for _ in range(rounds):
-            segments.append(run(True, False))
-            syncs.append(run(False, True))
-            both.append(run(True, True))
+            for t, r in runs.items():
+                r["segments_s"].append(run(t, True, False))
+                r["exchanges_s"].append(run(t, False, True))
+                r["both_s"].append(run(t, True, True))
     if rank == 0:
-        out.write_text(json.dumps({"meeting_s": meeting_s(both, segments), "cores": len(cores), "ranks": world,
-                                   "bytes": MESSAGE_BYTES, "both_s": both, "segments_s": segments,
-                                   "exchanges_s": syncs}) + "\n")
+        meetings = {str(t): meeting_s(r["both_s"], r["segments_s"], syncs_of(t)) for t, r in runs.items()}
+        out.write_text(json.dumps({"meetings_s": meetings, "cores": len(cores), "ranks": world,
+                                   "bytes": MESSAGE_BYTES, "runs": {str(t): r for t, r in runs.items()}}) + "\n")
     dist.destroy_process_group()
 
 
-def measure_meetings_s(cores: int, rounds: int = ROUNDS) -> dict[int, float]:
-    """Ranks a core -> what a meeting costs beyond the compute, in seconds: the worker under torchrun on 2c ranks
-    and, where c = min(cores, MAX_CORES) >= 2, on c (one pair needs two ranks)."""
+def measure_meetings_s(cores: int, rounds: int = ROUNDS) -> dict[int, dict[float, float]]:
+    """Ranks a core -> segment length (s) -> what a meeting after it costs beyond the compute, in seconds: the
+    worker under torchrun on 2c ranks and, where c = min(cores, MAX_CORES) >= 2, on c (one pair needs two ranks)."""
     from profiles.measure import MeasureError, worker_env
 
     c = max(1, min(int(cores), MAX_CORES))
@@ -138,7 +170,7 @@ def measure_meetings_s(cores: int, rounds: int = ROUNDS) -> dict[int, float]:
             if res.returncode != 0 or not out.exists():
                 last = (res.stderr.strip().splitlines() or ["no output"])[-1][:300]
                 raise MeasureError(f"wake-up worker failed (exit {res.returncode}): {last}")
-            out_s[per_core] = float(json.loads(out.read_text())["meeting_s"])
+            out_s[per_core] = {float(t): float(m) for t, m in json.loads(out.read_text())["meetings_s"].items()}
     return out_s
 
 

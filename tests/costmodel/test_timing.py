@@ -298,20 +298,23 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
     """Where a CPU node has as many ranks as cores or more, each TP collective, pipeline hand-off and ring wait costs
     the profile's measured wake-up on top of its transfer (the sleeper waits for a core); with cores left over, on
     GPU profiles and on CPU profiles measured before the constant, nothing."""
-    from costmodel.timing import sync_wake_s_of
+    from costmodel.timing import sync_wake_of
+
+    def wake_s(profile, ranks) -> float:
+        return sync_wake_of(profile, ranks).plateau_s
 
     base = load_profile("local-cpu.measured")
     cores = base.constants["cores_per_node"]["value"]
     woken = dataclasses.replace(base, constants={**base.constants, "cores_shared_wake_s": {"value": 2e-3}})
-    assert sync_wake_s_of(woken, 2 * cores) == sync_wake_s_of(woken, cores) == 2e-3  # no one-a-core value: the same
-    assert sync_wake_s_of(woken, cores - 1) == 0.0
+    assert wake_s(woken, 2 * cores) == wake_s(woken, cores) == 2e-3  # no one-a-core value: the same
+    assert wake_s(woken, cores - 1) == 0.0 and sync_wake_of(woken, 2 * cores).half_s == 0.0
     # measured at one rank a core too: that at as many ranks as cores, linear up to two a core, then two a core's
     both = dataclasses.replace(woken, constants={**woken.constants, "cores_busy_wake_s": {"value": 1e-3}})
-    assert sync_wake_s_of(both, cores) == 1e-3 and sync_wake_s_of(both, 3 * cores) == 2e-3
-    assert sync_wake_s_of(both, 1.5 * cores) == pytest.approx(1.5e-3)
+    assert wake_s(both, cores) == 1e-3 and wake_s(both, 3 * cores) == 2e-3
+    assert wake_s(both, 1.5 * cores) == pytest.approx(1.5e-3)
     busy_only = dataclasses.replace(base, constants={**base.constants, "cores_busy_wake_s": {"value": 1e-3}})
-    assert sync_wake_s_of(busy_only, cores) == sync_wake_s_of(busy_only, 2 * cores) == 1e-3
-    assert sync_wake_s_of(base, cores + 1) == 0.0 and sync_wake_s_of(load_profile("h100-sxm.analytic"), 64) == 0.0
+    assert wake_s(busy_only, cores) == wake_s(busy_only, 2 * cores) == 1e-3
+    assert wake_s(base, cores + 1) == 0.0 and wake_s(load_profile("h100-sxm.analytic"), 64) == 0.0
 
     def cm(profile, ranks: int, **tr) -> CostModel:
         return CostModel(Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(ranks),
@@ -319,8 +322,8 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
 
     over = 2 * int(cores)  # two ranks per core
     act = 2048.0 * 64 * 4
-    assert float(cm(woken, over, tp=2)._lookup("tp_all_reduce", act)) == pytest.approx(
-        float(cm(base, over, tp=2)._lookup("tp_all_reduce", act)) + 2e-3, rel=1e-3)  # curves interpolate log-log
+    assert float(cm(woken, over, tp=2)._tp("all_reduce", 2048.0, act)) == pytest.approx(
+        float(cm(base, over, tp=2)._tp("all_reduce", 2048.0, act)) + 2e-3)
     assert cm(woken, over, pp=2).pp_p2p_s(2048.0) == pytest.approx(cm(base, over, pp=2).pp_p2p_s(2048.0) + 2e-3)
     # a ring over 2 members of 2 layers, no core to spare: no transfer hides, and each wait is a meeting; forward 1
     # K/V transfer a layer, backward 1 for K/V and 2 for the dK/dV accumulator, fp32 as the executor keeps it: as many
@@ -346,3 +349,44 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
     roomy_base = dataclasses.replace(base, constants={**base.constants, "cores_per_node": {"value": 2 * int(cores)}})
     assert cm(roomy, int(cores), tp=2).unit_cost([2048]).total_s == cm(roomy_base, int(cores),
                                                                            tp=2).unit_cost([2048]).total_s
+
+
+def test_a_meeting_costs_more_after_more_compute():
+    """With a measured half, a meeting's wake-up is plateau · t / (t + half) after t of one core's work alone (the
+    priced compute over the compute share): a ring wait after its step's attention, a TP collective after half the
+    layer's forward GEMMs and kernels, a pipeline hand-off after the chunk its stage ran; the two constants are
+    interpolated per rank count as the plateau is."""
+    from costmodel.timing import Wake, sync_wake_of
+
+    assert Wake(4e-3, 2e-3).at(np.array([0.0, 2e-3, 6e-3])).tolist() == pytest.approx([0.0, 2e-3, 3e-3])
+    assert Wake(4e-3).at(np.array([0.0, 1.0])).tolist() == [4e-3, 4e-3]  # no half: the plateau throughout
+    base = load_profile("local-cpu.measured")
+    cores = int(base.constants["cores_per_node"]["value"])
+    consts = {**base.constants, "cores_shared_wake_s": {"value": 4e-3}, "cores_shared_wake_half_s": {"value": 2e-3},
+              "cores_busy_wake_s": {"value": 2e-3}, "cores_busy_wake_half_s": {"value": 1e-3}}
+    curved = dataclasses.replace(base, constants=consts)
+    for k in (cores, cores + max(1, cores // 2), 2 * cores, 3 * cores):  # linear from one rank a core to two
+        x = min(1.0, (k - cores) / cores)
+        got = sync_wake_of(curved, k)
+        assert (got.plateau_s, got.half_s) == pytest.approx((2e-3 + 2e-3 * x, 1e-3 + 1e-3 * x))
+
+    def cm(profile, ranks: int, **tr) -> CostModel:
+        return CostModel(Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(ranks),
+                               TrainingSpec(dtype="fp32", kernels="eager", sequence_parallel=False, **tr)), profile)
+
+    ring, flat = cm(curved, cores), cm(base, cores)
+    cost, cost0 = ring.unit_cost([2048], 2), flat.unit_cost([2048], 2)
+    layers = ring.layers_per_stage
+    attn_step = cost.attn_fwd_compute_s / layers / 2  # one ring step's attention, priced
+    w = 2e-3 * (attn_step / ring.compute_share) / (attn_step / ring.compute_share + 1e-3)
+    assert 0 < w < 2e-3 and cost.ring_exposed_fwd_s == pytest.approx(cost0.ring_exposed_fwd_s + layers * w)
+    tp, tp0 = cm(curved, 2 * cores, tp=2), cm(base, 2 * cores, tp=2)
+    seg = (float(tp.gemm_layer_fwd_s(1024.0)) + float(tp._lookup("mem_layer_fwd", 1024.0))) / 2 / tp.compute_share
+    act = 1024.0 * 64 * 4
+    assert float(tp._tp("all_reduce", 1024.0, act)) == pytest.approx(
+        float(tp0._tp("all_reduce", 1024.0, act)) + 4e-3 * seg / (seg + 2e-3))
+    assert float(tp.layer_wake_s(4096.0)) > float(tp.layer_wake_s(1024.0))  # more tokens: more compute before it
+    pp, pp0 = cm(curved, 2 * cores, pp=2), cm(base, 2 * cores, pp=2)
+    t = 3e-3 * pp.compute_share  # 3 ms of one core's work, priced
+    assert pp.pp_p2p_s(2048.0, t) == pytest.approx(pp0.pp_p2p_s(2048.0) + 4e-3 * 3 / 5)
+    assert pp.pp_p2p_s(2048.0) == pytest.approx(pp0.pp_p2p_s(2048.0) + 4e-3)  # no compute given: the plateau

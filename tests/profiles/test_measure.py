@@ -58,12 +58,15 @@ def quick_concurrency(monkeypatch, request):
 @pytest.fixture(autouse=True)
 def quick_wake(monkeypatch, request):
     """run_profile with the collective table measures what a meeting costs on busy cores (torchrun jobs); the
-    runner tests take fixed ones (1 ms at one rank a core where there are two cores for a pair, 5 ms at two), the
+    runner tests take fixed ones (QUICK_MEETINGS_S; one rank a core only where there are two cores for a pair), the
     test_meetings_are_measured_* tests run the real worker."""
     if not request.node.name.startswith("test_meetings_are_measured_"):
         from profiles.measure import wake
-        monkeypatch.setattr(wake, "measure_meetings_s",
-                            lambda cores: {2: 5e-3, 1: 1e-3} if min(int(cores), 2) >= 2 else {2: 5e-3})
+        monkeypatch.setattr(wake, "measure_meetings_s", lambda cores: {
+            k: v for k, v in QUICK_MEETINGS_S.items() if k == 2 or min(int(cores), 2) >= 2})
+
+
+QUICK_MEETINGS_S = {2: {2e-3: 3e-3, 20e-3: 5e-3}, 1: {2e-3: 1e-3, 20e-3: 1e-3}}  # ranks a core -> segment -> meeting
 
 
 @pytest.fixture(autouse=True)
@@ -591,12 +594,17 @@ def test_interrupted_profile_resumes_into_a_usable_profile(tmp_path, monkeypatch
     assert p.tables["attention"].iloc[:5].values.tolist() == first_rows
     assert {"alpha1_s_per_token2", "beta1_s_per_token", "gamma_s"} <= set(p.fits["tiny"])
     assert all(len(p.tables[t]) for t in ("gemm", "attention", "collective", "host_copy", "memory"))
-    # with the collective table: the fixture's meetings (quick_wake) less the table's send/recv of the message
-    from profiles.measure.wake import MESSAGE_BYTES
+    # with the collective table: the fixture's meetings (quick_wake) less the table's send/recv of the message,
+    # through fit_wake
+    from profiles.measure.wake import MESSAGE_BYTES, fit_wake
     sent = float(p.collective_time_s("send_recv", MESSAGE_BYTES, 2))
-    assert p.constant("cores_shared_wake_s") == pytest.approx(max(0.0, 5e-3 - sent))
-    if p.constant("cores_per_node") >= 2:  # one rank a core needs two cores for a pair
-        assert p.constant("cores_busy_wake_s") == pytest.approx(max(0.0, 1e-3 - sent))
+    for k, name in ((2, "cores_shared"), (1, "cores_busy")):
+        if k == 1 and p.constant("cores_per_node") < 2:  # one rank a core needs two cores for a pair
+            assert f"{name}_wake_s" not in p.constants
+            continue
+        short, long = (max(0.0, QUICK_MEETINGS_S[k][t] - sent) for t in (2e-3, 20e-3))
+        plateau, half = fit_wake((2e-3, short), (20e-3, long))
+        assert (p.constant(f"{name}_wake_s"), p.constant(f"{name}_wake_half_s")) == pytest.approx((plateau, half))
 
 
 def test_interrupt_before_any_table_leaves_the_plan_to_resume(tmp_path, monkeypatch):
@@ -661,26 +669,43 @@ def test_concurrency_slowdowns_measured():
 def test_a_meeting_costs_the_median_of_its_rounds_extra_time_less_the_tables_transfer():
     """Per round: the segments with their meetings less the segments alone, per meeting; the median over rounds, 0 at
     the least. The profile keeps each meeting less what the collective table charges its transfer, 0 at the least,
-    per ranks a core."""
-    from profiles.measure.wake import meeting_s, wake_constants
+    per ranks a core, as plateau · t / (t + half) through the short and the long segment's."""
+    from profiles.measure.wake import meeting_s, syncs_of, wake_constants
 
     both, segments = [0.130, 0.200, 0.140], [0.100, 0.110, 0.100]
     assert meeting_s(both, segments, syncs=12) == pytest.approx(0.040 / 12)  # rounds: 30, 90 and 40 ms extra
     assert meeting_s([0.1], [0.11], syncs=12) == 0.0
-    consts = wake_constants({2: 3e-3, 1: 0.5e-3}, 1e-3)
-    assert consts["cores_shared_wake_s"]["value"] == pytest.approx(2e-3)
-    assert consts["cores_busy_wake_s"]["value"] == 0.0 and "1 rank(s) a core" in consts["cores_busy_wake_s"]["source"]
+    assert (syncs_of(2e-3), syncs_of(20e-3), syncs_of(1.0)) == (40, 4, 4)
+    # two ranks a core: 1 and 2 ms beyond the transfer after 2 and 20 ms; r = 1/2, half = 2·20·(1/2) / (10 - 2) ms
+    consts = wake_constants({2: {2e-3: 2e-3, 20e-3: 3e-3}, 1: {2e-3: 0.5e-3, 20e-3: 0.5e-3}}, 1e-3)
+    assert consts["cores_shared_wake_half_s"]["value"] == pytest.approx(2.5e-3)
+    assert consts["cores_shared_wake_s"]["value"] == pytest.approx(2e-3 * 22.5 / 20)
+    assert consts["cores_busy_wake_s"]["value"] == consts["cores_busy_wake_half_s"]["value"] == 0.0
+    assert "1 rank(s) a core: 0.00 ms after 2 ms" in consts["cores_busy_wake_s"]["source"]
+
+
+def test_the_wake_up_curve_runs_through_both_measured_points():
+    """fit_wake: plateau · t / (t + half) through (t_s, w_s) and (t_l, w_l); no growth from short to long: flat at
+    their mean; a short wake near 0 caps half at t_l (a curve that levels off, not a line)."""
+    from profiles.measure.wake import fit_wake
+
+    plateau, half = fit_wake((2e-3, 2e-3), (20e-3, 4e-3))
+    for t, w in ((2e-3, 2e-3), (20e-3, 4e-3)):
+        assert plateau * t / (t + half) == pytest.approx(w)
+    assert fit_wake((2e-3, 3e-3), (20e-3, 2e-3)) == pytest.approx((2.5e-3, 0.0))
+    assert fit_wake((2e-3, 0.0), (20e-3, 4e-3)) == pytest.approx((8e-3, 20e-3))
 
 
 @pytest.mark.torchrun
 def test_meetings_are_measured_on_busy_cores():
     """The worker runs under torchrun on 2c ranks pinned to c cores (here 1 core, 2 ranks: quick; one rank a core
     needs two cores for a pair) and gives a finite meeting cost of at least 0."""
-    from profiles.measure.wake import measure_meetings_s
+    from profiles.measure.wake import SEGMENTS_S, measure_meetings_s
 
     t0 = time.perf_counter()
     m = measure_meetings_s(1, rounds=3)
-    assert set(m) == {2} and 0.0 <= m[2] < 0.1 and time.perf_counter() - t0 < 120
+    assert set(m) == {2} and set(m[2]) == set(SEGMENTS_S) and all(0.0 <= v < 0.1 for v in m[2].values())
+    assert time.perf_counter() - t0 < 120
 
 
 @pytest.mark.torchrun
@@ -688,7 +713,8 @@ def test_meetings_are_measured_on_busy_cores():
 def test_meetings_are_measured_at_one_and_two_ranks_a_core():
     """With two cores the worker runs twice, on 4 ranks and on 2 (one a core, one pair), each a finite meeting of at
     least 0."""
-    from profiles.measure.wake import measure_meetings_s
+    from profiles.measure.wake import SEGMENTS_S, measure_meetings_s
 
     m = measure_meetings_s(2, rounds=1)
-    assert set(m) == {1, 2} and all(0.0 <= v < 0.1 for v in m.values())
+    assert set(m) == {1, 2} and all(set(by) == set(SEGMENTS_S) and 0.0 <= v < 0.1 for by in m.values()
+                                    for v in by.values())
