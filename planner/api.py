@@ -26,7 +26,7 @@ from planner.workload import GlobalBatch, global_batches
 from planner.plan import Mesh, Plan, PlanError, validate
 from planner.strategies import PlanOptions, get_strategy, run_strategy, solver_meta
 from planner.strategies.common import fits_first
-from profiles.measure import cpu_device_name
+from profiles.measure import cpu_device_name, cpu_vector_isa
 from profiles.table import Profile, ProfileError, load_profile, profile_names
 
 BYTESCALE_TOKENS_PER_STEP = 32 * 2**20  # ByteScale §8.1: 32M tokens per step
@@ -154,13 +154,22 @@ def warn_device_mismatch(profile: Profile, cluster: ClusterSpec) -> None:
 def warn_cpu_host_mismatch(profile: Profile, cluster: ClusterSpec) -> None:
     """A CPU cluster is this host (its ranks are processes here): a warning when its measured profile names
     another CPU or core count than this host's (the shipped local-cpu profile's EPYC on a Xeon host predicted
-    steps 33-81% slow, docs/BENCHMARKS.md)."""
+    steps 33-81% slow, docs/BENCHMARKS.md), or was measured with other vector kernels than torch picks here (a
+    virtual CPU's name can hide its generation: the shipped AVX2 EPYC profile priced an AVX-512 'AMD EPYC' host's
+    replays 43-62% slow)."""
     fp = profile.fingerprint
-    if (device_kind(cluster.gpu) == device_kind(fp.device) == "cpu" and fp.source == "measured"
-            and fp.device != (here := cpu_device_name())):
-        warnings.warn(f"profile {fp.name!r} was measured on {fp.device.removeprefix('cpu: ')}, this host is "
-                      f"{here.removeprefix('cpu: ')}: its times will not predict runs here (measure this host with "
-                      "`meshplan profile --quick --out FILE` and pass --profile FILE)", stacklevel=4)
+    if not (device_kind(cluster.gpu) == device_kind(fp.device) == "cpu" and fp.source == "measured"):
+        return
+    here = cpu_device_name()
+    isa, isa_here = fp.versions.get("cpu_capability"), cpu_vector_isa()
+    if fp.device != here:
+        what = f"was measured on {fp.device.removeprefix('cpu: ')}, this host is {here.removeprefix('cpu: ')}"
+    elif isa and isa_here and isa != isa_here:
+        what = f"was measured with torch's {isa} CPU kernels, this host runs {isa_here} ones"
+    else:
+        return
+    warnings.warn(f"profile {fp.name!r} {what}: its times will not predict runs here (measure this host with "
+                  "`meshplan profile --quick --out FILE` and pass --profile FILE)", stacklevel=4)
 
 
 def profile_meta(profile: Profile) -> dict:

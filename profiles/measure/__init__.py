@@ -544,6 +544,28 @@ def cpu_device_name() -> str:
     return f"cpu: {cpu_model_name()} ({os.cpu_count() or 0} cores)"
 
 
+def cpu_vector_isa() -> str | None:
+    """The x86 kernels torch's CPU dispatch picks on this host, as a profile's `cpu_capability` records them
+    (torch.backends.cpu.get_cpu_capability, without importing torch): ATEN_CPU_CAPABILITY where it names one, else
+    as ATen's dispatch decides: 'AVX512' with AVX-512 VL, BW and DQ and FMA, 'AVX2' with AVX2 and FMA, else
+    'DEFAULT'; None where /proc/cpuinfo has no x86 flags (another OS or ISA). A virtual CPU's model name can hide its
+    generation ('AMD EPYC'); its vector units tell them apart."""
+    forced = os.environ.get("ATEN_CPU_CAPABILITY", "").upper()
+    if forced in ("DEFAULT", "AVX2", "AVX512"):
+        return forced
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    flags = set(line.partition(":")[2].split())
+    if not flags & {"sse2", "avx", "avx2"}:
+        return None
+    if {"avx512vl", "avx512bw", "avx512dq", "fma"} <= flags:
+        return "AVX512"
+    return "AVX2" if {"avx2", "fma"} <= flags else "DEFAULT"
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None."""
     try:

@@ -135,12 +135,17 @@ def test_ranks_beyond_the_cores_share_them():
     assert compute_share_of(bare, 2 * cores) == pytest.approx(2.0) and compute_share_of(bare, cores) == 1.0
 
 
+def without_wake(profile):
+    """The profile without its meetings' wake-up constants (a CPU profile measured before them)."""
+    return dataclasses.replace(profile, constants={k: v for k, v in profile.constants.items() if "_wake" not in k})
+
+
 def test_a_lockstep_group_larger_than_the_cores_takes_whole_turns():
     """A unit's ranks (degree × tp) synchronise at every ring step and TP collective: on c cores a group of g > c
     ranks runs in ⌈g/c⌉ turns between synchronisations where the compute share priced g/c, so all of the unit's
     terms stretch by ⌈g/c⌉/(g/c) (3 ranks on 2 cores: 4/3). Groups that fit the cores, a given share (a fit's lone
-    rank) and GPU profiles are unchanged."""
-    cpu = load_profile("local-cpu.measured")
+    rank) and GPU profiles are unchanged. (Without the meetings' wake-up: a given share prices none.)"""
+    cpu = without_wake(load_profile("local-cpu.measured"))
     assert int(cpu.constant("cores_per_node")) == 2
     assert list(lockstep_x_of(cpu, 8, np.array([1, 2, 3, 4, 5, 6, 7]))) == pytest.approx(
         [1, 1, 4 / 3, 1, 6 / 5, 1, 8 / 7])
@@ -171,7 +176,7 @@ def test_tp_collectives_take_the_rows_of_every_tp_group_of_the_node_at_once():
     """The node's TP groups run the same collectives at the same time (one per DP replica): a TP pair is priced
     from the profile's rows for that many concurrent groups where it has them (a measured CPU profile: 4 ranks
     on 2 cores, tp 2: two groups), else as one group alone (analytic: none within a node)."""
-    measured, tiny = load_profile("local-cpu.measured"), load_model("tiny")
+    measured, tiny = without_wake(load_profile("local-cpu.measured")), load_model("tiny")
     coll = measured.tables["collective"].copy()
     coll.loc[coll["concurrent_groups"] == 2, "time_s"] *= 3.0  # two groups at once: 3x their measured time
     slow = dataclasses.replace(measured, tables={**measured.tables, "collective": coll})
@@ -264,7 +269,7 @@ def test_tp_without_sp_prices_the_all_reduces_that_run():
     gradients backward, the embedding's output forward and the head's input gradient backward: priced from the
     all-reduce table, not as a gather plus a scatter, which differ on a measured profile (gloo here). With SP the
     collectives are the gathers and scatters."""
-    prof = load_profile("local-cpu.measured")
+    prof = without_wake(load_profile("local-cpu.measured"))  # the collectives alone
     tokens, h = 2048.0, load_model("tiny").hidden
 
     def priced(sp: bool) -> tuple[CostModel, list[tuple[str, float]]]:
@@ -303,7 +308,7 @@ def test_a_meeting_on_shared_cores_pays_the_profiles_wake_up():
     def wake_s(profile, ranks) -> float:
         return sync_wake_of(profile, ranks).plateau_s
 
-    base = load_profile("local-cpu.measured")
+    base = without_wake(load_profile("local-cpu.measured"))
     cores = base.constants["cores_per_node"]["value"]
     woken = dataclasses.replace(base, constants={**base.constants, "cores_shared_wake_s": {"value": 2e-3}})
     assert wake_s(woken, 2 * cores) == wake_s(woken, cores) == 2e-3  # no one-a-core value: the same
@@ -360,7 +365,7 @@ def test_a_meeting_costs_more_after_more_compute():
 
     assert Wake(4e-3, 2e-3).at(np.array([0.0, 2e-3, 6e-3])).tolist() == pytest.approx([0.0, 2e-3, 3e-3])
     assert Wake(4e-3).at(np.array([0.0, 1.0])).tolist() == [4e-3, 4e-3]  # no half: the plateau throughout
-    base = load_profile("local-cpu.measured")
+    base = without_wake(load_profile("local-cpu.measured"))
     cores = int(base.constants["cores_per_node"]["value"])
     consts = {**base.constants, "cores_shared_wake_s": {"value": 4e-3}, "cores_shared_wake_half_s": {"value": 2e-3},
               "cores_busy_wake_s": {"value": 2e-3}, "cores_busy_wake_half_s": {"value": 1e-3}}

@@ -74,8 +74,9 @@ def test_profile_of_another_device_warns(cluster, profile, warns):
 
 
 def test_a_cpu_profile_of_another_host_warns(monkeypatch):
-    # a CPU cluster's ranks run on this host: a measured profile of another CPU or core count says so, in plan and
-    # when a plan is re-priced on its recorded profile; the same CPU says nothing
+    # a CPU cluster's ranks run on this host: a measured profile of another CPU or core count, or of the same name
+    # with other vector kernels, says so, in plan and when a plan is re-priced on its recorded profile; the same CPU
+    # says nothing
     import warnings
 
     import planner.api as api
@@ -88,10 +89,12 @@ def test_a_cpu_profile_of_another_host_warns(monkeypatch):
         with warnings.catch_warnings(record=True) as ws:
             warnings.simplefilter("always")
             fn()
-        return [str(w.message) for w in ws if "this host is" in str(w.message)]
+        return [str(w.message) for w in ws if "this host" in str(w.message)]
 
-    measured_on = load_profile("local-cpu.measured").fingerprint.device
+    shipped = load_profile("local-cpu.measured").fingerprint
+    measured_on, isa = shipped.device, shipped.versions["cpu_capability"]
     monkeypatch.setattr(api, "cpu_device_name", lambda: measured_on)
+    monkeypatch.setattr(api, "cpu_vector_isa", lambda: isa)
     assert caught(lambda: build_cost_model(req)) == []
     plan = make_plan(req, "static")
     assert caught(lambda: cost_model_for_plan(plan)) == []
@@ -99,6 +102,14 @@ def test_a_cpu_profile_of_another_host_warns(monkeypatch):
     msgs = caught(lambda: build_cost_model(req))
     assert len(msgs) == 1 and "local-cpu.measured" in msgs[0] and "Some Other CPU (64 cores)" in msgs[0]
     assert len(caught(lambda: cost_model_for_plan(plan))) == 1
+    # the same name, other vector units (a virtual CPU's model name hides its generation)
+    monkeypatch.setattr(api, "cpu_device_name", lambda: measured_on)
+    other = "AVX2" if isa != "AVX2" else "AVX512"
+    monkeypatch.setattr(api, "cpu_vector_isa", lambda: other)
+    msgs = caught(lambda: build_cost_model(req))
+    assert len(msgs) == 1 and f"torch's {isa} CPU kernels, this host runs {other} ones" in msgs[0]
+    monkeypatch.setattr(api, "cpu_vector_isa", lambda: None)  # flags unknown: the name decides
+    assert caught(lambda: build_cost_model(req)) == []
 
 def test_device_kind_names():
     from planner.api import device_kind

@@ -718,3 +718,29 @@ def test_meetings_are_measured_at_one_and_two_ranks_a_core():
     m = measure_meetings_s(2, rounds=1)
     assert set(m) == {1, 2} and all(set(by) == set(SEGMENTS_S) and 0.0 <= v < 0.1 for by in m.values()
                                     for v in by.values())
+
+
+def test_the_hosts_vector_kernels_are_read_as_torch_picks_them(monkeypatch, tmp_path):
+    """cpu_vector_isa reads /proc/cpuinfo's flags as ATen's dispatch does (AVX-512 VL, BW, DQ and FMA; AVX2 and
+    FMA), honours ATEN_CPU_CAPABILITY, and says None without x86 flags; on this host it agrees with torch."""
+    import builtins
+
+    import profiles.measure as measure
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    if measure.cpu_vector_isa() is not None:
+        assert measure.cpu_vector_isa() == torch.backends.cpu.get_cpu_capability()
+    real_open = builtins.open
+
+    def with_flags(flags: str | None):
+        info = tmp_path / "cpuinfo"
+        info.write_text("processor\t: 0\n" + (f"flags\t\t: {flags}\n" if flags is not None else ""))
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f,
+                                                                             *a, **k))
+        return measure.cpu_vector_isa()
+
+    assert with_flags("fpu sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl") == "AVX512"
+    assert with_flags("fpu sse2 avx avx2 fma avx512f") == "AVX2"  # AVX-512 F alone: ATen keeps AVX2
+    assert with_flags("fpu sse2 avx") == "DEFAULT" and with_flags(None) is None
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert with_flags("fpu sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl") == "AVX2"
