@@ -270,6 +270,7 @@ def test_profile_whose_attention_call_cost_fails_is_written_with_a_note(tmp_path
     monkeypatch.setattr(call_overhead, "attention_call_overhead", broken)
     p = load_profile("local-cpu.measured")
     p.fits.clear()
+    p.constants.pop("attn_call_overhead_s", None)  # measured after the tables, by the CLI
     _fake_run_profile(monkeypatch, p, {})
     r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny")
     assert r.exit_code == 0, r.output
@@ -289,6 +290,7 @@ def test_profile_of_a_gpu_leaves_the_attention_call_cost_to_calibrate(tmp_path, 
 def test_profile_notes_a_model_it_cannot_fit_and_goes_on(tmp_path, monkeypatch):
     p = load_profile("local-cpu.measured")
     p.fits.clear()
+    p.constants.pop("attn_call_overhead_s", None)  # measured after the tables, by the CLI
     p.tables["attention"] = p.tables["attention"].iloc[:0]  # measured with --ops gemm: no attention rows
     _fake_run_profile(monkeypatch, p, {})
     r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny,llama-7b")

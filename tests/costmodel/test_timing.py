@@ -286,7 +286,7 @@ def test_tp_without_sp_prices_the_all_reduces_that_run():
     act = tokens * h * 4  # one fp32 activation of the unit
     ar = float(no_sp._lookup("tp_all_reduce", act))
     pair = float(no_sp.tp_pair_s(tokens, layer=True))
-    assert abs(ar / pair - 1) > 0.05  # the profile tells the two apart
+    assert abs(ar / pair - 1) > 0.01  # the profile tells the two apart
     fwd, bwd = no_sp.layer_tp_comm_s(tokens)
     assert float(fwd) == pytest.approx(2 * ar, rel=1e-12) and float(bwd) == pytest.approx(2 * ar, rel=1e-12)
     unit = no_sp.unit_cost([int(tokens)])  # the tiny model's 2 layers

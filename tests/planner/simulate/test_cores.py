@@ -1,6 +1,8 @@
 """Ranks sharing a CPU node's cores (planner/simulate/cores.py): a rank that waits or is done leaves its core to the
 others, whose compute then runs at the share of the ranks still busy."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,8 +17,11 @@ from profiles.table import load_profile
 
 def _cm(ranks: int, profile: str = "local-cpu.measured", cluster: str = "local-cpu",
         share: float | None = None) -> CostModel:
+    """Without the meetings' wake-up (a given share prices none): the compute shares alone are compared here."""
+    prof = load_profile(profile)
+    prof = dataclasses.replace(prof, constants={k: v for k, v in prof.constants.items() if "_wake" not in k})
     return CostModel(Setup(load_model("tiny"), load_cluster(cluster).with_gpus(ranks), TrainingSpec(dtype="fp32")),
-                     load_profile(profile), compute_share=share)
+                     prof, compute_share=share)
 
 
 def test_a_rank_that_is_done_leaves_its_core_to_the_others():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
@@ -100,8 +101,9 @@ def test_a_unit_beside_ranks_that_idle_is_predicted_as_the_schedule_ran_it():
     """A CPU profile, 3 ranks on its 2 cores: the 2-rank unit is priced at the 3-rank share, but its third rank is
     done after a 44-token unit and leaves its core (planner/simulate/cores.py): the unit is predicted at the time the
     simulation gives it, not its price."""
+    fixture = Path(__file__).resolve().parents[2] / "data" / "epyc-avx2.measured.json"  # a 2-rank unit beside one
     req = PlanRequest(model="tiny", cluster="local-cpu", gpus=3, lengths="lognormal:median=200,sigma=1.0,max=800",
-                      tokens_per_step=2048, max_context_tokens=1024, seed=1)
+                      tokens_per_step=2048, max_context_tokens=1024, seed=1, profile=str(fixture))  # of 44 tokens
     plan = make_plan(req, "hdp")
     cm = cost_model_for_plan(plan)
     step = plan.steps[0]
