@@ -1192,8 +1192,8 @@ class CostModel:
     def pp_p2p_s(self, tokens_per_rank: float, compute_s: float | None = None) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node
         when adjacent stages sit on different nodes; on busy CPU cores the receiving stage sleeps until the sender's
-        data arrives, a meeting after the sender's `compute_s` (a slice's forward on its stage; None: the wake-up's
-        plateau)."""
+        data arrives, a meeting after the sender's `compute_s` (the chunk of a slice's pass its stage ran, forward or
+        backward; None: the wake-up's plateau)."""
         inter = self.setup.mesh.adjacent_stages_in_different_domains
         wake = self.wake.plateau_s if compute_s is None else float(self.wake_after_s(compute_s))
         return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter) + wake)

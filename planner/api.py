@@ -155,8 +155,8 @@ def warn_cpu_host_mismatch(profile: Profile, cluster: ClusterSpec) -> None:
     """A CPU cluster is this host (its ranks are processes here): a warning when its measured profile names
     another CPU or core count than this host's (the shipped local-cpu profile's EPYC on a Xeon host predicted
     steps 33-81% slow, docs/BENCHMARKS.md), or was measured with other vector kernels than torch picks here (a
-    virtual CPU's name can hide its generation: the shipped AVX2 EPYC profile priced an AVX-512 'AMD EPYC' host's
-    replays 43-62% slow)."""
+    virtual CPU's name can hide its generation: the AVX2 EPYC profile shipped until 2026-12-07 priced an AVX-512
+    'AMD EPYC' host's replays 43-62% slow)."""
     fp = profile.fingerprint
     if not (device_kind(cluster.gpu) == device_kind(fp.device) == "cpu" and fp.source == "measured"):
         return
