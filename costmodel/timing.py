@@ -1218,8 +1218,9 @@ class CostModel:
 
     def _tp(self, op: str, tokens: np.ndarray | float, nbytes: np.ndarray | float) -> np.ndarray:
         """One collective of the TP group (nccl-tests S = `nbytes`) in a unit of `tokens` tokens a rank: the table's
-        transfer and, on busy CPU cores, the meeting's wake-up (layer_wake_s)."""
-        return self._lookup(f"tp_{op}", nbytes) + self.layer_wake_s(tokens)
+        transfer and, on busy CPU cores, the meeting's wake-up (layer_wake_s; GPU pricing adds nothing here)."""
+        t = self._lookup(f"tp_{op}", nbytes)
+        return t + self.layer_wake_s(tokens) if self.wake.plateau_s else t
 
     def peak_flops(self) -> float:
         return self.profile.constant("peak_bf16_flops")
