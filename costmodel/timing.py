@@ -1189,14 +1189,13 @@ class CostModel:
         idle (planner/simulate/cores.py). The fixed share where ranks do not share cores."""
         return compute_share_of(self.profile, max(1, busy_ranks)) if self.shares_cores else self.compute_share
 
-    def pp_p2p_s(self, tokens_per_rank: float, compute_s: float | None = None) -> float:
+    def pp_p2p_s(self, tokens_per_rank: float) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node
-        when adjacent stages sit on different nodes; on busy CPU cores the receiving stage sleeps until the sender's
-        data arrives, a meeting after the sender's `compute_s` (the chunk of a slice's pass its stage ran, forward or
-        backward; None: the wake-up's plateau)."""
+        when adjacent stages sit on different nodes. On busy CPU cores a receive posted after the send also waits for
+        a wake-up, which the pipeline schedule charges after the receiving rank's previous op
+        (planner/simulate/pipelined.py)."""
         inter = self.setup.mesh.adjacent_stages_in_different_domains
-        wake = self.wake.plateau_s if compute_s is None else float(self.wake_after_s(compute_s))
-        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter) + wake)
+        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter))
 
     def wake_after_s(self, compute_s: np.ndarray | float) -> np.ndarray:
         """A blocking meeting's wake-up (sync_wake_of) after `compute_s` of priced compute: Wake takes one core's

@@ -23,6 +23,28 @@ class OpRun:
     end_s: float
 
 
+def members_of(lists: dict[Hashable, list[tuple[Hashable, Any]]]) -> dict[Hashable, list[Hashable]]:
+    """Each op key's resources: the lists it appears on, in the lists' order."""
+    members: dict[Hashable, list[Hashable]] = {}
+    for res, lst in lists.items():
+        for key, _ in lst:
+            members.setdefault(key, []).append(res)
+    return members
+
+
+def partners_of(pairs: Iterable[tuple[Hashable, Hashable]], members: dict[Hashable, list[Hashable]]
+                ) -> tuple[dict[Hashable, Hashable], set]:
+    """(each paired key's partner, the heavy keys) of the rendezvous pairs whose ops exist, a key in one pair at
+    most (the first that names it)."""
+    partner: dict[Hashable, Hashable] = {}
+    heavy: set = set()
+    for hi, lo in pairs:
+        if hi in members and lo in members and hi not in partner and lo not in partner and hi != lo:
+            partner[hi], partner[lo] = lo, hi
+            heavy.add(hi)
+    return partner, heavy
+
+
 def run_ops(lists: dict[Hashable, list[tuple[Hashable, Any]]], dep: Callable[[Hashable], Hashable | None],
             duration: Callable[[Hashable], float], transfer: Callable[[Hashable], float],
             pairs: Iterable[tuple[Hashable, Hashable]] = (), solo: Callable[[Hashable], float] | None = None,
@@ -37,16 +59,8 @@ def run_ops(lists: dict[Hashable, list[tuple[Hashable, Any]]], dep: Callable[[Ha
     earlier than the light one (it merges the light op's partial result). A pair that cannot meet
     (each waits on the other through the schedule) is broken and its ops run alone for `solo(key)`
     seconds (default `duration`); its heavy key is appended to `broken` when given."""
-    members: dict[Hashable, list[Hashable]] = {}
-    for res, lst in lists.items():
-        for key, _ in lst:
-            members.setdefault(key, []).append(res)
-    partner: dict[Hashable, Hashable] = {}
-    heavy: set = set()
-    for hi, lo in pairs:
-        if hi in members and lo in members and hi not in partner and lo not in partner and hi != lo:
-            partner[hi], partner[lo] = lo, hi
-            heavy.add(hi)
+    members = members_of(lists)
+    partner, heavy = partners_of(pairs, members)
     alone: set = set()
     pos = {r: 0 for r in lists}
     free = {r: 0.0 for r in lists}

@@ -1,4 +1,4 @@
-"""Ranks that share a CPU node's cores, in the flat schedule (pp = 1): processor sharing.
+"""Ranks that share a CPU node's cores: processor sharing, in the flat schedule (pp = 1) and in pipelines.
 
 A unit is priced with every rank of its node computing (`CostModel.compute_share`), but a rank that waits for a
 shared unit's other members, or has run all of its units, leaves its core to the others: the node's busy ranks then
@@ -8,15 +8,137 @@ that load, the compute part of its time scaled by share_at(busy) / compute_share
 (a unit's members run in lockstep: at the load of its busiest node). On one 2-core host a 2-rank unit beside a rank
 that ran a 44-token unit and then idled took 97, 103 and 79 ms, in three rounds each interleaved with the same unit
 in a 2-rank plan (91, 112 and 97 ms); priced at the 3-rank share it was 113 ms against 74 at the 2-rank one
-(docs/BENCHMARKS.md, fifteenth session). GPU profiles and given shares: the plain schedule (flat._run_units)."""
+(docs/BENCHMARKS.md, fifteenth session). A pipeline's ranks wait in its bubbles the same way: on the replay's pp2
+plan (4 ranks, 2 cores) the stages' units ran 15-25% under their price (docs/BENCHMARKS.md, twenty-third session).
+GPU profiles and given shares: the plain schedules (flat._run_units, planner.schedule.run_ops)."""
 
 from __future__ import annotations
 
-from collections import deque
+import functools
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from costmodel.timing import CostModel
+from planner.schedule.engine import OpRun, ScheduleError, members_of, partners_of
+
+
+def run_ops_shared(lists: Mapping[Hashable, list[tuple[Hashable, Any]]], dep: Callable[[Hashable], Hashable | None],
+                   duration: Callable[[Hashable], float], compute: Callable[[Hashable], float],
+                   transfer: Callable[[Hashable], float], node: Mapping[Hashable, tuple[int, int]], cm: CostModel,
+                   pairs: Iterable[tuple[Hashable, Hashable]] = (),
+                   late: Callable[[Hashable], float] | None = None) -> list[OpRun]:
+    """`planner.schedule.run_ops` in time order, with processor sharing: the same lists, dependencies, transfers and
+    rendezvous pairs, but an op's compute runs at the share of its node's busy ranks. `duration(key)` is its time with
+    every rank of the node busy, `compute(key)` the part of it that scales with the share; `node[resource]` is (the
+    node its ranks sit on, how many ranks it keeps busy: tp). Between two events (an op's end, a transfer's arrival)
+    the running ops are fixed, and each advances at 1 / (duration + compute · (share_at(busy) / compute_share − 1)),
+    busy the ranks computing on its busiest member's node. A heavy op of a pair that finishes first holds its ranks
+    without computing until its light partner ends (it merges the partner's result). Pairs must be ones that meet
+    (run_ops reports the broken ones). `late(key)`: what an op's input costs after its ranks' previous op when it
+    was sent before they got there (a receive that meets a busy sender: `CostModel.wake_after_s`), against
+    `transfer(key)` after the send when they waited for it. Raises ScheduleError on deadlock."""
+    members = members_of(lists)
+    partner, heavy = partners_of(pairs, members)
+    duration, compute = functools.cache(duration), functools.cache(compute)  # asked at every event
+    planned = cm.compute_share
+    shares: dict[int, float] = {}  # memo of share_at per busy count
+    pos = {r: 0 for r in lists}
+    idle = {r: True for r in lists}
+    free = {r: 0.0 for r in lists}  # when each list's last op ended
+    done: dict[Hashable, float] = {}
+    left: dict[Hashable, float] = {}  # computing op -> fraction of it still to run
+    holding: set = set()  # heavy ops whose own work is done, waiting for their partner
+    began: dict[Hashable, float] = {}
+    runs: list[OpRun] = []
+    t, remaining = 0.0, len(members)
+    eps = 1e-12
+
+    def ready_at(key) -> float | None:
+        """When `key` could start (None: not at the head of all its idle lists, or its dependency is pending)."""
+        mem = members[key]
+        if any(not idle[m] or pos[m] >= len(lists[m]) or lists[m][pos[m]][0] != key for m in mem):
+            return None
+        d = dep(key)
+        if d is None:
+            return 0.0
+        if d not in done:
+            return None
+        return max(done[d] + transfer(key), max(free[m] for m in mem) + late(key) if late is not None else 0.0)
+
+    def finish(key) -> None:
+        nonlocal remaining
+        done[key] = t
+        for m in members[key]:
+            idle[m], free[m] = True, t
+            pos[m] += 1
+        runs.append(OpRun(key, tuple(members[key]), began[key], t))
+        remaining -= 1
+
+    while remaining:
+        arrival = float("inf")
+        launched = True
+        while launched:  # start every op that can start now; a zero-length one ends at once
+            launched = False
+            for res in lists:
+                if not idle[res] or pos[res] >= len(lists[res]):
+                    continue
+                key = lists[res][pos[res]][0]
+                keys = (key,) if key not in partner else (key, partner[key])
+                at = [ready_at(k) for k in keys]
+                if any(a is None for a in at):
+                    continue
+                if max(at) > t + eps:
+                    arrival = min(arrival, max(at))
+                    continue
+                for k in keys:
+                    began[k] = t
+                    for m in members[k]:
+                        idle[m] = False
+                    left[k] = 1.0
+                for k in keys:
+                    if duration(k) <= 0.0:
+                        del left[k]
+                        if k in heavy and partner[k] not in done:
+                            holding.add(k)
+                        else:
+                            finish(k)
+                launched = True
+        if not remaining:
+            break
+        if not left:
+            if holding or arrival == float("inf"):
+                stuck = [lists[r][pos[r]][0] for r in lists if pos[r] < len(lists[r])][:3]
+                raise ScheduleError(f"pipeline schedule deadlocks (waiting ops: {stuck})")
+            t = arrival
+            continue
+        busy: dict[int, int] = {}
+        for k in left:
+            for m in members[k]:
+                n, ranks = node[m]
+                busy[n] = busy.get(n, 0) + ranks
+        rate = {}
+        for k in left:
+            b = max(busy[node[m][0]] for m in members[k])
+            if b not in shares:
+                shares[b] = cm.share_at(b)
+            rate[k] = 1.0 / max(duration(k) + compute(k) * (shares[b] / planned - 1.0), 1e-15)
+        dt = min(min(left[k] / rate[k] for k in left), arrival - t)
+        t += dt
+        for k in list(left):
+            left[k] -= rate[k] * dt
+            if left[k] <= 1e-12:
+                del left[k]
+                q = partner.get(k)
+                if k in heavy and q not in done:
+                    holding.add(k)  # its ranks wait for the light op's part
+                    continue
+                finish(k)
+                if q in holding:
+                    holding.discard(q)
+                    finish(q)
+    return runs
 
 
 def run_shared(ranks: list[tuple[int, ...]], total_s: np.ndarray, compute_s: np.ndarray, hdp: int,
@@ -24,49 +146,17 @@ def run_shared(ranks: list[tuple[int, ...]], total_s: np.ndarray, compute_s: np.
     """(start and end of each unit, when each HDP rank is free at the end) for units in run order (`ranks`: each
     unit's HDP ranks; `total_s` its time with the node's ranks all busy, `compute_s` the part of it that is compute).
     A unit starts once it heads the queue of each of its ranks and they are all free."""
-    n = len(ranks)
-    mesh, tp, planned = cm.setup.mesh, cm.tp, cm.compute_share
-    node = [mesh.domain_of(mesh.global_rank(0, r)) for r in range(hdp)]
-    queues: list[deque[int]] = [deque() for _ in range(hdp)]
+    lists: dict[int, list[tuple[int, None]]] = {r: [] for r in range(hdp)}
     for u, rs in enumerate(ranks):
         for r in rs:
-            queues[r].append(u)
-    starts, ends = [0.0] * n, [0.0] * n
-    free = [0.0] * hdp
-    idle = [True] * hdp
-    left: dict[int, float] = {}  # running unit -> fraction of it still to run
-    shares: dict[int, float] = {}  # memo of share_at per busy count
-    t, done = 0.0, 0
-    while done < n:
-        for r in range(hdp):  # start every unit whose ranks are all free and all have it next
-            if idle[r] and queues[r]:
-                u = queues[r][0]
-                if all(idle[m] and queues[m][0] == u for m in ranks[u]):
-                    for m in ranks[u]:
-                        idle[m] = False
-                    starts[u], left[u] = t, 1.0
-        if not left:  # nothing can start: the orders disagree (simulate_flat's topological order rules this out)
-            raise ValueError("units wait on each other: no rank can start its next unit")
-        busy: dict[int, int] = {}
-        for u in left:
-            for r in ranks[u]:
-                busy[node[r]] = busy.get(node[r], 0) + tp
-        rate = {}
-        for u in left:
-            k = max(busy[node[r]] for r in ranks[u])
-            if k not in shares:
-                shares[k] = cm.share_at(k)
-            x = shares[k]
-            rate[u] = 1.0 / max(float(total_s[u]) + float(compute_s[u]) * (x / planned - 1.0), 1e-15)
-        dt = min(left[u] / rate[u] for u in left)
-        t += dt
-        for u in list(left):
-            left[u] -= rate[u] * dt
-            if left[u] <= 1e-12:
-                del left[u]
-                ends[u] = t
-                done += 1
-                for r in ranks[u]:
-                    queues[r].popleft()
-                    idle[r], free[r] = True, t
+            lists[r].append((u, None))
+    mesh = cm.setup.mesh
+    node = {r: (mesh.domain_of(mesh.global_rank(0, r)), cm.tp) for r in range(hdp)}
+    runs = run_ops_shared(lists, lambda u: None, lambda u: float(total_s[u]), lambda u: float(compute_s[u]),
+                          lambda u: 0.0, node, cm)
+    starts, ends, free = [0.0] * len(ranks), [0.0] * len(ranks), [0.0] * hdp
+    for run in runs:
+        starts[run.key], ends[run.key] = run.start_s, run.end_s
+        for r in run.resources:
+            free[r] = max(free[r], run.end_s)
     return starts, ends, free

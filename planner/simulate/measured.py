@@ -111,11 +111,16 @@ def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = No
     """Each (unit, stage)'s predicted forward + backward time, what a replay's trace measures. pp = 1: the unit's time
     as the simulated schedule ran it, which on ranks sharing a CPU node's cores is shorter than its price while
     others idle (planner/simulate/cores.py) and equals it elsewhere; pp > 1: its stage's price (the last stage's with
-    the head and loss), a sliced unit's as its slices run it (sliced_pass_s). `sim`: the step's simulation when the
-    caller has it."""
+    the head and loss), a sliced unit's as its slices run it (sliced_pass_s), and on ranks sharing CPU cores its ops'
+    times in the simulated schedule. `sim`: the step's simulation when the caller has it."""
     if cm.pp == 1:
         sim = sim or simulate_step(step, cm)
         return {(op.unit, 0): op.end_s - op.start_s for op in sim.ops if op.kind == "unit"}
+    if cm.shares_cores:  # its ops as the schedule ran them at the cores' share: the sum over slices and chunks
+        out: dict[tuple[int, int], float] = {}
+        for op in (sim or simulate_step(step, cm)).ops:
+            out[(op.unit, op.stage)] = out.get((op.unit, op.stage), 0.0) + op.end_s - op.start_s
+        return out
     costs, one = unit_costs(step, cm), slice_costs(step, cm) or {}
     out = {}
     for u in step.units:

@@ -17,6 +17,7 @@ from costmodel.timing import CostModel, UnitCost
 from planner.plan import PipelineSection, PlanError, Step
 from planner.schedule import (
     ScheduleError, chunk_last_backwards, dependency, mirror_chunks, mirror_pairs, run_ops, slice_share, step_op_lists)
+from planner.simulate.cores import run_ops_shared
 from planner.simulate.memory import (activation_bytes, mtp_activation_bytes, recompute_working_bytes,
                                      static_memory_bytes)
 from planner.simulate.timeline import OpTiming, StepSimulation
@@ -28,6 +29,7 @@ class OpCost:
 
     time_s: float  # the last stage's last chunk carries the LM head and loss
     attn_s: float  # its causal attention compute, what mirror pairing moves
+    compute_s: float = 0.0  # the part of time_s that is compute (head included): what a CPU core's share scales
 
     def slice_attn_s(self, j: int, n: int) -> float:
         """Attention of slice j of n uniform token slices: (2j + 1)/n² of the whole (REFERENCE §6). Every
@@ -39,19 +41,24 @@ class OpCost:
         return self.time_s * slice_share(j, n, min(self.attn_s / self.time_s, 1.0) if self.time_s > 0 else 0.0)
 
 
-def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: bool) -> float:
+def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: bool,
+                  compute_only: bool = False) -> float:
     """A unit's pass (forward or backward) through a stage when it runs as n slices (SlimPipe): its attention covers
     the unit's causal area once, split (2j + 1)/n² by slice_share, and everything else (GEMMs, memory-bound kernels,
     per-layer overheads, the head and loss, TP collectives) runs once per slice at that slice's tokens (`one_slice`:
     the unit priced with every document's n-th; slice_layout gives slice j the j-th part of each). Per-call floors
     and small-m GEMM rates make that more than the whole unit's: on a CPU, 4 slices of a 2,899-token unit of `tiny`
-    ran 1.23x its whole time (bench/slice_overhead.py)."""
+    ran 1.23x its whole time (bench/slice_overhead.py). `compute_only`: its compute part alone (the head included,
+    exposed communication not)."""
+    def pass_s(c: UnitCost) -> float:
+        if compute_only:
+            return c.fwd_compute_s + c.head_fwd_s if forward else c.bwd_compute_s + c.head_bwd_s
+        return c.fwd_s if forward else c.bwd_s
+
     if n == 1 or one_slice is None:
-        return whole.fwd_s if forward else whole.bwd_s
+        return pass_s(whole)
     attn = whole.attn_fwd_compute_s if forward else whole.attn_bwd_compute_s
-    rest = (one_slice.fwd_s - one_slice.attn_fwd_compute_s if forward
-            else one_slice.bwd_s - one_slice.attn_bwd_compute_s)
-    return attn + n * rest
+    return attn + n * (pass_s(one_slice) - (one_slice.attn_fwd_compute_s if forward else one_slice.attn_bwd_compute_s))
 
 
 def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: dict[int, int], cm: CostModel,
@@ -155,11 +162,12 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
             mid, last = costs[op.mb]
             one_mid, one_last = slice_costs.get(op.mb, (None, None))
             f, n = op.kind == "F", units[op.mb].slices
-            t_mid = sliced_pass_s(mid, one_mid, n, f)
-            t = t_mid / v
+            t_mid, c_mid = (sliced_pass_s(mid, one_mid, n, f, only) for only in (False, True))
+            t, c = t_mid / v, c_mid / v
             if s == p - 1 and op.chunk == v - 1:
                 t += sliced_pass_s(last, one_last, n, f) - t_mid
-            op_costs[k] = OpCost(t, (mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) / v)
+                c += sliced_pass_s(last, one_last, n, f, True) - c_mid
+            op_costs[k] = OpCost(t, (mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) / v, c)
         return op_costs[k]
 
     def base_duration(key) -> float:
@@ -175,27 +183,59 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
     def duration(key) -> float:
         return base_duration(key) + delta.get(key, 0.0)
 
-    def hand_off_s(uid: int, forward: bool) -> float:
-        """A slice's activation (gradient) to the next (previous) stage, after a chunk of the stage's pass."""
-        c, n = costs[uid][0], units[uid].slices
-        return cm.pp_p2p_s(c.tokens_per_rank / n, (c.fwd_compute_s if forward else c.bwd_compute_s) / (n * v))
-
-    p2p = {(uid, f): hand_off_s(uid, f) for uid in units for f in (True, False)}
+    def compute_of(key, paired: bool) -> float:
+        """The compute part of an op's duration: its slice's share of the pass's compute, plus (paired) the attention
+        mirror pairing moved to it (its change less its exposed exchange)."""
+        s, op = key
+        c = op_cost(s, op)
+        moved = delta.get(key, 0.0) - exchange_exposed.get(key, 0.0) if paired else 0.0
+        return base_duration(key) * (c.compute_s / c.time_s if c.time_s > 0 else 0.0) + moved
 
     def dep(key):
         s, op = key
         return dependency(op, s, p, v, units[op.mb].slices - 1)
 
+    p2p = {uid: cm.pp_p2p_s(costs[uid][0].tokens_per_rank / units[uid].slices) for uid in units}  # a slice's hand-off
+
     def transfer(key) -> float:
-        s, op = key
-        d = dependency(op, s, p, v, units[op.mb].slices - 1)
-        return 0.0 if d is None or d[0] == s else p2p[op.mb, op.kind == "F"]
+        d = dep(key)
+        return 0.0 if d is None or d[0] == key[0] else p2p[key[1].mb]
+
+    alone: set = set()  # ops of pairs that cannot meet: each runs unpaired
+    previous = {}  # an op -> the op its rank ran before it (a shared op: its first member's)
+    for lst in lists.values():
+        for (a, _), (b, _) in zip(lst, lst[1:]):
+            previous.setdefault(b, a)
+
+    def late(key) -> float:
+        """A receive posted after the data was sent meets a sender busy with its next op: on shared CPU cores it
+        costs the wake-up after the receiving rank's own previous op (`CostModel.wake_after_s`); a rank that waited
+        for the data pays the transfer alone. Measured on the replay's pp2 plan (4 ranks, 2 cores): 2.6 ms (median of
+        51) from a rank's previous op when its input was there, 0.4 ms (of 37) from the send when it waited."""
+        d = dep(key)
+        if d is None or d[0] == key[0] or key not in previous:
+            return 0.0
+        before = previous[key]
+        return float(cm.wake_after_s(compute_of(before, before not in alone)))
 
     try:
-        runs = run_ops(lists, dep, duration, transfer, pairs=pairs, solo=base_duration)
+        if cm.shares_cores:  # CPU: ranks that wait or are done leave their cores to the others (simulate/cores.py)
+            broken: list = []
+            if pairs:  # whether a pair meets is the schedule's order, not its durations: the plain run tells
+                run_ops(lists, dep, duration, transfer, pairs=pairs, solo=base_duration, broken=broken)
+            alone = {k for hi, lo in pairs if hi in broken for k in (hi, lo)}
+            mesh = cm.setup.mesh
+            runs = run_ops_shared(
+                lists, dep, lambda key: base_duration(key) if key in alone else duration(key),
+                lambda key: compute_of(key, key not in alone), transfer,
+                {(r, s): (mesh.domain_of(mesh.global_rank(s, r)), cm.tp) for r, s in lists}, cm,
+                [pr for pr in pairs if pr[0] not in broken], late)
+        else:
+            runs = run_ops(lists, dep, duration, transfer, pairs=pairs, solo=base_duration)
     except ScheduleError as e:
         raise PlanError(f"step {step.step}: {e} (shared units must sit at the same micro-batch position "
                         "in every member pipeline)") from None
+    partners = {k for pr in pairs for k in pr if pr[0] not in alone}  # a held heavy op's time is not its parts'
     busy = np.zeros((hdp, p))
     parts = {"compute": 0.0, "ring_exposed": 0.0, "tp_comm": 0.0, "offload_exposed": 0.0, "pp_exchange": 0.0}
     events: dict[tuple[int, int], list[tuple[float, float]]] = {}
@@ -211,6 +251,9 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
         # mirror pairing only moves attention between stages, its exposed exchange is a part of its own.
         weight = len(run.resources) / (hdp * p)
         share = base_duration(run.key) / (op_cost(s, op).time_s or 1.0) * weight
+        if cm.shares_cores and run.key not in partners:  # its parts scale with the op's time at the cores' share
+            priced = base_duration(run.key) if run.key in alone else duration(run.key)
+            share *= dur / priced if priced > 0 else 1.0
         head = (c.head_fwd_s if f else c.head_bwd_s) if op.chunk == v - 1 else 0.0
         parts["compute"] += share * ((mid.fwd_compute_s if f else mid.bwd_compute_s) / v + head)
         parts["ring_exposed"] += share * (mid.ring_exposed_fwd_s if f else mid.ring_exposed_bwd_s) / v

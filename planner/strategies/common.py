@@ -148,6 +148,17 @@ def best_fit_pack(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list
     return bins
 
 
+def lpt_makespan(lengths: np.ndarray, bins: int) -> int:
+    """The fullest bin's tokens when the items go longest first to the emptiest of `bins` bins (LPT): a bin size at
+    which they pack into about that many bins, where the mean (sum / bins) leaves a remainder for one more."""
+    import heapq
+
+    loads = [0] * max(1, bins)
+    for s in sorted((int(x) for x in lengths), reverse=True):
+        heapq.heapreplace(loads, loads[0] + s)
+    return max(loads)
+
+
 def least_loaded(loads: np.ndarray, d: int) -> np.ndarray:
     """The d least-loaded ranks, ties to the lowest index (the set `argsort(loads, kind="stable")[:d]`
     picks), unsorted; O(n) by partition instead of a full sort (planners ask this per unit)."""

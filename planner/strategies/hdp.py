@@ -43,7 +43,8 @@ from planner.workload import GlobalBatch
 from planner.plan import DEFAULT_MAX_CHUNKS, PipelineSection, PlanError, Piece, Step
 from planner.strategies import dcp, static
 from planner.strategies.common import (DomainLoads, Draft, SeqTable, best_fit_pack, check_fits, finalize, fit_degree,
-                                       fits_first, long_degree, node_local_ranks, offload_r_maxes)
+                                       fits_first, long_degree, lpt_makespan, node_local_ranks,
+                                       offload_r_maxes)
 
 if TYPE_CHECKING:  # the container imports this module for HdpOptions
     from planner.strategies.options import PlanOptions
@@ -464,7 +465,9 @@ def _plan_pp_short_caps(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> 
     if short.size and math.ceil(int(short.sum()) / C) < 4 * hdp * p:  # under 4p micro-batches per pipeline
         # Capped, documents longer than the bin go to the long path and get their degree there too (16
         # pipelines of 8 stages, C = 290K: one 263K-token document alone on a pipeline set a 5 s slice).
-        caps = {(max(int(short.max()), math.ceil(int(short.sum()) / (hdp * m))), False) for m in (1, p, 2 * p)}
+        # (uncapped bins at the LPT makespan: at the mean, 8 documents of a 4K step made 2 full bins and a 74-token
+        # third, a micro-batch more on one of two pipelines)
+        caps = {(lpt_makespan(short, hdp * m), False) for m in (1, p, 2 * p)}
         caps |= {(math.ceil(int(short.sum()) / (hdp * m)), True) for m in (1, p, 2 * p, 4 * p)}
         cands += sorted(c for c in caps if c[0] < C)
     # Candidates of large steps are compared at one chunk count (a simulation takes seconds there) and the

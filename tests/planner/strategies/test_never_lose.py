@@ -79,8 +79,10 @@ def test_pp2_on_4_cpu_ranks_uses_both_pipelines():
     own = hdp._plan_pp_short_caps(batch, cm, req.options).predicted.step_time_s  # without the baselines' plans
     assert t["hdp"] <= own < min(t[b] for b in BASELINES)
     step = STRATEGIES["hdp"](batch, cm, req.options)
+    # Every pipeline gets work. One micro-batch each is enough here: 4 ranks share 2 cores, so a stage idle in its
+    # pipeline's bubble leaves its core to the other pipeline's busy stage (planner/simulate/cores.py).
     per_pipeline = [len(step.order[r]) for r in range(cm.setup.hdp)]
-    assert min(per_pipeline) >= 1 and sum(per_pipeline) >= cm.pp * cm.setup.hdp
+    assert min(per_pipeline) >= 1
     busy = np.asarray(step.predicted.per_rank_busy_s)
     assert busy.min() > 0.5 * busy.max()
 

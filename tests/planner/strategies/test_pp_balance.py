@@ -86,6 +86,19 @@ def test_cost_balanced_bins_hold_every_document_once_under_the_cap_with_a_smalle
     assert spread[1] < 0.5 * spread[0], spread
 
 
+def test_a_bin_at_the_lpt_makespan_packs_into_the_bins_asked_for():
+    """The short-document bins for m micro-batches a pipeline are sized at the LPT makespan over hdp·m bins: the mean
+    (4,268 / 2) left a 74-token third bin for 2 pipelines of examples/lengths.txt, one more micro-batch on one."""
+    from planner.strategies.common import best_fit_pack, lpt_makespan
+
+    lengths = np.array([74, 99, 188, 236, 368, 945, 1028, 1330])
+    order = np.argsort(-lengths, kind="stable")
+    assert len(best_fit_pack(lengths, order, -(-int(lengths.sum()) // 2))) == 3
+    cap = lpt_makespan(lengths, 2)
+    assert cap == 2146 and len(best_fit_pack(lengths, order, cap)) == 2  # LPT: 1330+368+236+188, 1028+945+99+74
+    assert lpt_makespan(lengths, 1) == lengths.sum() and lpt_makespan(lengths, 8) == lengths.max()
+
+
 def test_pp_balance_with_equal_time_bins_is_never_slower_than_without():
     """balanced_bins adds candidates; the kept plan is the fastest that fits."""
     cm = _pp_cost_model()

@@ -145,8 +145,10 @@ def test_noisy_traces_recover_the_dominant_parameters(plans):
 def test_a_plan_no_parameter_explains_moves_the_shared_fit_little(plans):
     """One plan's units all 60% slower than the true parameters price them (a mechanism the cost model lacks, as
     a CPU pipeline's short units were): weighed like the other plans and robustly, the fit on four plans still
-    prices the other three within 5% per unit and predicts the plan held out within 3%; the slow plan keeps its
-    error. (Plain least squares, each row alike, spread it: the other three 8-20% off, the held-out plan 12% off.)
+    prices the other three within 6% per unit and predicts the plan held out within 4%; the slow plan keeps its
+    error. (Plain least squares, each row alike, spread it: the other three 8-20% off, the held-out plan 12% off.
+    Since the pipeline's units are priced as the shared-core schedule runs them, the fit gave 0.9-5.2% and 3.3%
+    held out, against 0.6-4.4% and 2.7% with the stage prices.)
     The collectives are not asserted: on this profile's busy cores the slow plan's ring transfers are priced
     exposed, so its 60% weighs on them too, and the fit keeps them at the base as too loose to tell."""
     true = calibrated_profile(load_profile(BASE), TRUE)
@@ -163,8 +165,8 @@ def test_a_plan_no_parameter_explains_moves_the_shared_fit_little(plans):
         if e.plan == str(ps["pp"][1]):
             assert e.unit_median_after > 0.3  # its 60% stays where it is, not spread over the shared parameters
         else:
-            assert e.unit_median_after < 0.05, e
-    assert res.held_out_all.unit_median_after < 0.03
+            assert e.unit_median_after < 0.06, e
+    assert res.held_out_all.unit_median_after < 0.04
 
 
 def test_named_holdout_is_left_out_of_the_written_fit(plans, exact):
