@@ -215,9 +215,10 @@ MIN_SOLVE_S = 0.05  # below this the MILP is not started: the incumbent stands
 DET_SHARE = 0.4  # deterministic: the work limits are sized to take this share of the limit on an idle core
 ROUND_CELLS_PER_S = 1.5e5  # column-generation rounds × items × group sizes (a round prices every size by a knapsack
 #                            over the items) per second of an idle core, about (64 sizes × 86 items: 43 ms a round)
-ROOT_S_PER_VAR = 1e-3  # deterministic: HiGHS's root node (cuts, sub-MIP heuristics), which no node limit bounds, per
-#                        assignment variable on an idle core, about (1,400 variables: 3.7 s at load 5, issue 18); the
-#                        MILP runs only where its share of the work covers it
+ROOT_S_PER_VAR = 1e-3  # HiGHS's root node (cuts, sub-MIP heuristics), which no node limit bounds and its time limit
+#                        interrupts late, per assignment variable on an idle core, about (1,400 variables: 3.7 s at
+#                        load 5, issue 18; 1,756: about 1.2 s idle, which overran a 1 s limit by 0.7-0.9 s); the MILP
+#                        runs only where its share of the work (deterministic) or the time left covers it
 SMALL_MIPS = 4  # deterministic: the integer phase's share is split over about this many MIPs (its bisection)
 MILP_S_PER_VAR = 1e-5 + 5 * PRESOLVE_S_PER_NONZERO  # building the MILP (~9 µs per assignment variable) and
 #                        HiGHS's presolve (about 5 nonzeros per variable)
@@ -383,7 +384,7 @@ def solve_step(batch: GlobalBatch, cm: CostModel, opt: PlanOptions) -> StepOutco
         part, status, sol_bound = warm, "optimal", None  # the bound already proves the incumbent optimal
         solved = True
     elif warm is not None and (nominal * milp_share if det else clock.left(reserve)) < (
-            (MILP_S_PER_VAR + (ROOT_S_PER_VAR if det else 0.0)) * n_x + MIN_SOLVE_S):
+            (MILP_S_PER_VAR + ROOT_S_PER_VAR) * n_x + MIN_SOLVE_S):
         part, status, sol_bound = warm, "feasible", None
         why = (f"the MILP ({n_x} assignment variables) does not fit its share of the work limits "
                f"({nominal * milp_share:.2g} s of an idle core)" if det else
