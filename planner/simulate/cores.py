@@ -9,7 +9,8 @@ that load, the compute part of its time scaled by share_at(busy) / compute_share
 that ran a 44-token unit and then idled took 97, 103 and 79 ms, in three rounds each interleaved with the same unit
 in a 2-rank plan (91, 112 and 97 ms); priced at the 3-rank share it was 113 ms against 74 at the 2-rank one
 (docs/BENCHMARKS.md, fifteenth session). A pipeline's ranks wait in its bubbles the same way: on the replay's pp2
-plan (4 ranks, 2 cores) the stages' units ran 15-25% under their price (docs/BENCHMARKS.md, twenty-third session).
+plan (4 ranks, 2 cores) the stage prices were 15-72% over the replayed units, median 35% (docs/BENCHMARKS.md,
+twenty-third session).
 GPU profiles and given shares: the plain schedules (flat._run_units, planner.schedule.run_ops)."""
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ def run_ops_shared(lists: Mapping[Hashable, list[tuple[Hashable, Any]]], dep: Ca
         runs.append(OpRun(key, tuple(members[key]), began[key], t))
         remaining -= 1
 
+    def complete(key) -> None:
+        """`key`'s work is done: it ends, unless it is a heavy op whose light partner still runs (it holds its ranks
+        until then); a light op's end also ends its holding partner."""
+        q = partner.get(key)
+        if key in heavy and q not in done:
+            holding.add(key)
+            return
+        finish(key)
+        if q in holding:
+            holding.discard(q)
+            finish(q)
+
     while remaining:
         arrival = float("inf")
         launched = True
@@ -100,10 +113,7 @@ def run_ops_shared(lists: Mapping[Hashable, list[tuple[Hashable, Any]]], dep: Ca
                 for k in keys:
                     if duration(k) <= 0.0:
                         del left[k]
-                        if k in heavy and partner[k] not in done:
-                            holding.add(k)
-                        else:
-                            finish(k)
+                        complete(k)
                 launched = True
         if not remaining:
             break
@@ -130,14 +140,7 @@ def run_ops_shared(lists: Mapping[Hashable, list[tuple[Hashable, Any]]], dep: Ca
             left[k] -= rate[k] * dt
             if left[k] <= 1e-12:
                 del left[k]
-                q = partner.get(k)
-                if k in heavy and q not in done:
-                    holding.add(k)  # its ranks wait for the light op's part
-                    continue
-                finish(k)
-                if q in holding:
-                    holding.discard(q)
-                    finish(q)
+                complete(k)
     return runs
 
 

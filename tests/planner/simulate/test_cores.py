@@ -193,3 +193,17 @@ def test_a_late_receive_waits_for_a_wake_up_after_its_ranks_previous_op():
     assert runs[f1].start_s == pytest.approx(runs[f0].end_s + 0.01)  # stage 1 waited: the transfer after the send
     assert runs[b1].end_s < runs[x0].end_s  # stage 0 was busy when the gradient came
     assert runs[b0].start_s == pytest.approx(runs[x0].end_s + 0.003)
+
+
+def test_a_zero_length_light_op_ends_its_holding_partner():
+    """A rendezvous pair whose light op takes no time: the heavy one ends with its own work (no deadlock)."""
+    from planner.schedule import PipeOp
+    from planner.simulate.cores import run_ops_shared
+
+    cm = _cm(4)
+    h, lo = ("h", PipeOp("F", 0)), ("l", PipeOp("F", 0))
+    for total in ({h: 0.0, lo: 0.0}, {h: 0.1, lo: 0.0}, {h: 0.0, lo: 0.1}):
+        runs = {r.key: r for r in run_ops_shared({"a": [(h, None)], "b": [(lo, None)]}, lambda k: None,
+                                                 total.__getitem__, total.__getitem__, lambda k: 0.0,
+                                                 {"a": (0, 1), "b": (0, 1)}, cm, pairs=[(h, lo)])}
+        assert runs[h].end_s >= runs[lo].end_s and runs[h].start_s == runs[lo].start_s == 0.0
