@@ -332,6 +332,8 @@ class CostModel:
         self.transfers_on_cores = self.shares_cores and cores_all_busy(self.profile, self.setup.cluster.gpus_per_node)
         self.layer_overhead_s = share * float(consts.get("layer_overhead_s", {}).get("value", 0.0))
         self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
+        self.attn_source_fwd_s = share * float(consts.get("attn_source_fwd_s", {}).get("value", 0.0))
+        self._source_tokens = float(consts.get("attn_source_tokens", {}).get("value", 0.0))  # its slice length
         # Each micro-batch's weight gradients added to the step's accumulator outside the GEMM (grad_accumulation):
         # a memory-bound pass over the parameters a rank holds, per layer, and over the last stage's head (and the
         # embedding where pp = 1: the last stage's parts); the first stage's embedding with pp > 1 is not priced
@@ -1188,6 +1190,21 @@ class CostModel:
         priced with every rank of the node busy (`compute_share`); on a CPU node a rank computes faster while others
         idle (planner/simulate/cores.py). The fixed share where ranks do not share cores."""
         return compute_share_of(self.profile, max(1, busy_ranks)) if self.shares_cores else self.compute_share
+
+    def slice_sources_fwd_s(self, tokens_per_slice: float, n: int) -> float:
+        """SlimPipe's n slices of a unit in one layer's forward, beyond their blocks' attention: n(n + 1)/2 K/V
+        sources (each slice's own block and its cached slices'), each the measured fixed cost (`attn_source_fwd_s`,
+        the executor's block call, online-softmax merge and Python at the constant's slice length) plus the merge's
+        bytes beyond that length's at the memory table's bandwidth. Per query token and head the executor's merge
+        moves 10·d + 23.5 fp32 elements (planner/runtime/cp.py: BlockKernel.forward's output and log-sum-exp, the
+        copy into them, merge_block's logaddexp, -inf guard, two exps and the weighted sum). The backward takes the
+        final log-sum-exp and merges nothing. 0 without the constant (GPU profiles: the host runs ahead)."""
+        if n <= 1 or not self.attn_source_fwd_s:
+            return 0.0
+        per_token = self.heads_per_rank * 4.0 * (10.0 * self.model.attn_head_dim + 23.5)
+        merge = self.compute_share * float(self.profile.memory_time_s(tokens_per_slice * per_token)
+                                           - self.profile.memory_time_s(self._source_tokens * per_token))
+        return n * (n + 1) / 2 * (self.attn_source_fwd_s + max(0.0, merge))
 
     def pp_p2p_s(self, tokens_per_rank: float) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node

@@ -256,9 +256,13 @@ def test_profile_measures_the_cost_models_gemm_shapes_and_fits_each_model(tmp_pa
                               ("tiny.down", 64, 128), ("tiny.lm_head", 256, 64), ("tiny.o.tp2", 64, 32))
     assert json.loads(r.stdout)["fits"] == ["tiny"] and p.fits["tiny"]["alpha1_s_per_token2"] >= 0
     assert r.stderr == ""
-    # on CPU the executor's cost per attention call is measured too, at tiny's heads
+    # on CPU the executor's cost per attention call and per sliced K/V source are measured too, at tiny's heads
     c = p.constants["attn_call_overhead_s"]
     assert c["unit"] == "s" and 0 < c["value"] < 1e-3 and "4/2 heads, head dim 16" in c["source"]
+    c = p.constants["attn_source_fwd_s"]
+    assert c["unit"] == "s" and 0 < c["value"] < 1e-2 and "4/2 heads, head dim 16" in c["source"]
+    assert p.constants["attn_source_tokens"]["value"] > 0
+    load_profile(p.save(tmp_path / "again.json"))  # constants the profile schema reads back
 
 
 def test_profile_whose_attention_call_cost_fails_is_written_with_a_note(tmp_path, monkeypatch):
@@ -271,11 +275,14 @@ def test_profile_whose_attention_call_cost_fails_is_written_with_a_note(tmp_path
     p = load_profile("local-cpu.measured")
     p.fits.clear()
     p.constants.pop("attn_call_overhead_s", None)  # measured after the tables, by the CLI
+    p.constants.pop("attn_source_fwd_s", None)
+    p.constants.pop("attn_source_tokens", None)
     _fake_run_profile(monkeypatch, p, {})
     r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny")
     assert r.exit_code == 0, r.output
     assert "note: no attention call cost measured (RuntimeError: no SDPA here)" in one_line(r.stderr)
     assert "attn_call_overhead_s" not in p.constants and p.fits["tiny"]
+    assert "attn_source_fwd_s" in p.constants  # the other refinement still measured
 
 
 def test_profile_of_a_gpu_leaves_the_attention_call_cost_to_calibrate(tmp_path, monkeypatch):
@@ -285,6 +292,7 @@ def test_profile_of_a_gpu_leaves_the_attention_call_cost_to_calibrate(tmp_path, 
     r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["fits"] == ["tiny"] and "attn_call_overhead_s" not in p.constants
+    assert "attn_source_fwd_s" not in p.constants
 
 
 def test_profile_notes_a_model_it_cannot_fit_and_goes_on(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """The executor's fixed cost per attention call, measured: what `PackedAttention` (planner/runtime/cp.py) spends on
 a packed bin's documents beyond the SDPA calls the attention table times (the split into documents, the layout
 views, the cat of the outputs, and their backward), per document and direction. The cost model charges it per
-attention call (profile constant `attn_call_overhead_s`, costmodel/timing.py). `meshplan profile` measures it on
+attention call (profile constant `attn_call_overhead_s`, costmodel/timing.py). Likewise per K/V source of a SlimPipe
+slice's forward (`attn_source_fwd_s`, `CostModel.slice_sources_fwd_s`). `meshplan profile` measures it on
 CPU, where the host's work is the step's time; on a GPU the host issues the same ops ahead of the kernels, so they
 cost time only where a unit is host-bound, and `meshplan calibrate` fits the constant there."""
 
@@ -68,3 +69,59 @@ def attention_call_overhead(heads: int, kv_heads: int, head_dim: int, rounds: in
                       f"heads, head dim {d}) less the attention table's per-document SDPA calls, per call, mean of "
                       f"forward and backward, each path's fastest of {rounds} interleaved rounds, "
                       f"{torch.get_num_threads()} torch thread(s)"}
+
+
+SOURCE_SLICES = 4  # slices of the timed document: 1 + 2 + 3 + 4 sources
+SOURCE_TOKENS = 128  # tokens a slice: the block calls stay short, the merges and glue are what is left
+
+
+def attention_source_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = ROUNDS) -> dict:
+    """Profile constants `attn_source_fwd_s` and `attn_source_tokens` (the slice length) on this CPU: what a SlimPipe slice's forward spends per K/V source (its own
+    block and each cached slice's: the block kernel's call, the online-softmax merge, the sources function's Python)
+    beyond the attention table's SDPA calls on the same blocks (causal on its own, full on a cached slice), with
+    autograd recording as in training; one document of SOURCE_SLICES slices, each path's fastest of interleaved
+    rounds, per source, never below 0. The backward takes the final log-sum-exp and merges nothing: forward only."""
+    import torch
+    import torch.nn.functional as F
+
+    from planner.plan import Piece
+    from planner.runtime.cp import KVCache, Peers, SlicedAttention, slice_layout, unit_documents
+
+    n, s, d = SOURCE_SLICES, SOURCE_TOKENS, head_dim
+    cpu = torch.device("cpu")
+    pieces = unit_documents((Piece(0, 0, n * s),))
+    layouts = [[slice_layout(pieces, n, j, 1, 0)] for j in range(n)]
+    qkv = [[torch.randn(s, h, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)] for _ in range(n)]
+    blocks = [[torch.randn(1, h, s, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)] for _ in range(n)]
+
+    def runtime() -> float:
+        cache, peers = KVCache(), Peers((0,), 0)
+        t0 = time.perf_counter()
+        outs = [SlicedAttention(layouts, j, peers, cache, cpu)(*qkv[j], 0) for j in range(n)]
+        t = time.perf_counter() - t0
+        del outs, cache
+        return t
+
+    def table() -> float:
+        t0 = time.perf_counter()
+        outs = [F.scaled_dot_product_attention(blocks[j][0], blocks[i][1], blocks[i][2], is_causal=i == j,
+                                               enable_gqa=heads != kv_heads) for j in range(n) for i in range(j + 1)]
+        t = time.perf_counter() - t0
+        del outs
+        return t
+
+    best_r = best_t = float("inf")
+    for r in range(WARMUP + rounds):
+        tr, tt = runtime(), table()
+        if r >= WARMUP:
+            best_r, best_t = min(best_r, tr), min(best_t, tt)
+    sources = n * (n + 1) // 2
+    value = max(0.0, (best_r - best_t) / sources)
+    return {"attn_source_fwd_s": {
+                "value": value, "unit": "s",
+                "source": f"measured: planner.runtime SlicedAttention forward over {n} slices of {s} tokens ({sources} "
+                          f"sources; {heads}/{kv_heads} heads, head dim {d}) less the attention table's SDPA calls on "
+                          f"the same blocks, per source, each path's fastest of {rounds} interleaved rounds, "
+                          f"{torch.get_num_threads()} torch thread(s)"},
+            "attn_source_tokens": {"value": float(s), "unit": "tokens",
+                                   "source": "the slice length attn_source_fwd_s was measured at"}}

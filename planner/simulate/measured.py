@@ -11,7 +11,7 @@ import numpy as np
 
 from costmodel.timing import CostModel
 from planner.plan import Plan, PlanError, Step
-from planner.simulate.pipelined import sliced_pass_s
+from planner.simulate.pipelined import slice_sources_s, sliced_pass_s
 from planner.simulate.step import simulate_step, slice_costs, unit_costs
 from planner.simulate.timeline import StepSimulation
 
@@ -127,7 +127,9 @@ def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = No
         for s in range(cm.pp):
             k = 1 if s == cm.pp - 1 else 0
             whole, sliced = costs[u.id][k], one[u.id][k] if u.id in one else None
-            out[(u.id, s)] = sum(sliced_pass_s(whole, sliced, u.slices, f) for f in (True, False))
+            src = slice_sources_s(cm, costs[u.id][0], u.slices) if sliced is not None else 0.0
+            out[(u.id, s)] = sum(sliced_pass_s(whole, sliced, u.slices, f, False, src if f else 0.0)
+                                 for f in (True, False))
     return out
 
 

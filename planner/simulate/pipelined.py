@@ -42,14 +42,15 @@ class OpCost:
 
 
 def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: bool,
-                  compute_only: bool = False) -> float:
+                  compute_only: bool = False, sources_s: float = 0.0) -> float:
     """A unit's pass (forward or backward) through a stage when it runs as n slices (SlimPipe): its attention covers
     the unit's causal area once, split (2j + 1)/n² by slice_share, and everything else (GEMMs, memory-bound kernels,
     per-layer overheads, the head and loss, TP collectives) runs once per slice at that slice's tokens (`one_slice`:
     the unit priced with every document's n-th; slice_layout gives slice j the j-th part of each). Per-call floors
     and small-m GEMM rates make that more than the whole unit's: on a CPU, 4 slices of a 2,899-token unit of `tiny`
     ran 1.23x its whole time (bench/slice_overhead.py). `compute_only`: its compute part alone (the head included,
-    exposed communication not)."""
+    exposed communication not). `sources_s`: what the forward's K/V sources cost beyond their blocks' attention
+    (`slice_sources_s`), with the attention."""
     def pass_s(c: UnitCost) -> float:
         if compute_only:
             return c.fwd_compute_s + c.head_fwd_s if forward else c.bwd_compute_s + c.head_bwd_s
@@ -57,8 +58,14 @@ def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: 
 
     if n == 1 or one_slice is None:
         return pass_s(whole)
-    attn = whole.attn_fwd_compute_s if forward else whole.attn_bwd_compute_s
+    attn = whole.attn_fwd_compute_s + sources_s if forward else whole.attn_bwd_compute_s
     return attn + n * (pass_s(one_slice) - (one_slice.attn_fwd_compute_s if forward else one_slice.attn_bwd_compute_s))
+
+
+def slice_sources_s(cm: CostModel, whole: UnitCost, n: int) -> float:
+    """A sliced unit's forward through a stage: its layers' K/V sources beyond their attention
+    (`CostModel.slice_sources_fwd_s`); 0 unsliced."""
+    return cm.layers_per_stage * cm.slice_sources_fwd_s(whole.tokens_per_rank / n, n) if n > 1 else 0.0
 
 
 def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: dict[int, int], cm: CostModel,
@@ -162,12 +169,13 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
             mid, last = costs[op.mb]
             one_mid, one_last = slice_costs.get(op.mb, (None, None))
             f, n = op.kind == "F", units[op.mb].slices
-            t_mid, c_mid = (sliced_pass_s(mid, one_mid, n, f, only) for only in (False, True))
+            src = slice_sources_s(cm, mid, n) if f else 0.0
+            t_mid, c_mid = (sliced_pass_s(mid, one_mid, n, f, only, src) for only in (False, True))
             t, c = t_mid / v, c_mid / v
             if s == p - 1 and op.chunk == v - 1:
-                t += sliced_pass_s(last, one_last, n, f) - t_mid
-                c += sliced_pass_s(last, one_last, n, f, True) - c_mid
-            op_costs[k] = OpCost(t, (mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) / v, c)
+                t += sliced_pass_s(last, one_last, n, f, False, src) - t_mid
+                c += sliced_pass_s(last, one_last, n, f, True, src) - c_mid
+            op_costs[k] = OpCost(t, ((mid.attn_fwd_compute_s + src) if f else mid.attn_bwd_compute_s) / v, c)
         return op_costs[k]
 
     def base_duration(key) -> float:
