@@ -76,11 +76,12 @@ SOURCE_TOKENS = 128  # tokens a slice: the block calls stay short, the merges an
 
 
 def attention_source_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = ROUNDS) -> dict:
-    """Profile constants `attn_source_fwd_s` and `attn_source_tokens` (the slice length) on this CPU: what a SlimPipe slice's forward spends per K/V source (its own
-    block and each cached slice's: the block kernel's call, the online-softmax merge, the sources function's Python)
-    beyond the attention table's SDPA calls on the same blocks (causal on its own, full on a cached slice), with
-    autograd recording as in training; one document of SOURCE_SLICES slices, each path's fastest of interleaved
-    rounds, per source, never below 0. The backward takes the final log-sum-exp and merges nothing: forward only."""
+    """Profile constants `attn_source_fwd_s` and `attn_source_tokens` (the slice length) on this CPU: what a
+    SlimPipe slice's forward spends per K/V source (its own block and each cached slice's: the block kernel's call,
+    the online-softmax merge, the sources function's Python) beyond the attention table's SDPA calls on the same
+    blocks (causal on its own, full on a cached slice), with autograd recording as in training; one document of
+    SOURCE_SLICES slices, each path's fastest of interleaved rounds, per source, never below 0. The backward takes
+    the final log-sum-exp and merges nothing: forward only."""
     import torch
     import torch.nn.functional as F
 

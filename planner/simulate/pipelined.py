@@ -210,8 +210,12 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
         return 0.0 if d is None or d[0] == key[0] else p2p[key[1].mb]
 
     alone: set = set()  # ops of pairs that cannot meet: each runs unpaired
-    previous = {}  # an op -> the op its rank ran before it (a shared op: its first member's)
-    for lst in lists.values():
+
+    def run_duration(key) -> float:
+        return base_duration(key) if key in alone else duration(key)
+
+    previous = {}  # shared cores: an op -> the op its rank ran before it (a shared op: its first member's)
+    for lst in lists.values() if cm.shares_cores else ():
         for (a, _), (b, _) in zip(lst, lst[1:]):
             previous.setdefault(b, a)
 
@@ -234,8 +238,7 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
             alone = {k for hi, lo in pairs if hi in broken for k in (hi, lo)}
             mesh = cm.setup.mesh
             runs = run_ops_shared(
-                lists, dep, lambda key: base_duration(key) if key in alone else duration(key),
-                lambda key: compute_of(key, key not in alone), transfer,
+                lists, dep, run_duration, lambda key: compute_of(key, key not in alone), transfer,
                 {(r, s): (mesh.domain_of(mesh.global_rank(s, r)), cm.tp) for r, s in lists}, cm,
                 [pr for pr in pairs if pr[0] not in broken], late)
         else:
@@ -260,7 +263,7 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
         weight = len(run.resources) / (hdp * p)
         share = base_duration(run.key) / (op_cost(s, op).time_s or 1.0) * weight
         if cm.shares_cores and run.key not in partners:  # its parts scale with the op's time at the cores' share
-            priced = base_duration(run.key) if run.key in alone else duration(run.key)
+            priced = run_duration(run.key)
             share *= dur / priced if priced > 0 else 1.0
         head = (c.head_fwd_s if f else c.head_bwd_s) if op.chunk == v - 1 else 0.0
         parts["compute"] += share * ((mid.fwd_compute_s if f else mid.bwd_compute_s) / v + head)
