@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import traceback
 from contextlib import contextmanager
@@ -738,11 +739,19 @@ def simulate_cmd(
     if comparison is not None:
         slow = comparison.host_slowdown
         t = Table(title=escape(f"predicted ({cm.profile.fingerprint.name}) vs measured ({measured})"))
-        for c in ("step", "unit", "predicted (s)", "measured (s)", "error"):
+        # traces with the units' CPU: the members' own-thread CPU against the priced compute (CPU, pp = 1), which
+        # waits and time slicing do not move, and their other threads' (gloo's) CPU
+        cpu = any("thread_cpu_s" in x for x in comparison.units)
+        for c in ("step", "unit", "predicted (s)", "measured (s)", "error") + (
+                ("own CPU (s)", "CPU error", "other threads' CPU (s)") if cpu else ()):
             t.add_column(c, justify="right")
 
         def row(x: dict, unit: str) -> tuple[str, ...]:
-            return str(x["step"]), unit, f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}"
+            cells = (str(x["step"]), unit, f"{x['predicted_s']:.4f}", f"{x['measured_s']:.4f}", f"{x['rel_err']:+.1%}")
+            if not cpu:
+                return cells
+            return cells + ((f"{x['thread_cpu_s']:.4f}", f"{x['cpu_err']:+.1%}" if "cpu_err" in x else "-",
+                             f"{x['helper_cpu_s']:.4f}") if "thread_cpu_s" in x else ("", "", ""))
 
         for x in comparison.steps:
             t.add_row(*row(x, "step"))
@@ -750,6 +759,9 @@ def simulate_cmd(
             t.add_row(*row(x, f"{x['unit']} (stage {x['stage']})" if plan.mesh.pp > 1 else str(x["unit"])))
         out.print(t)
         out.print(f"median |error| per unit: {comparison.median_abs_unit_err:.1%}")
+        if cpu_errs := [abs(x["cpu_err"]) for x in comparison.units if "cpu_err" in x]:
+            out.print(f"median |CPU error| per unit: {statistics.median(cpu_errs):.1%} (own-thread CPU against the "
+                      "priced compute at the cores' share)")
         if slow:
             out.print(f"host probe: {slow:.2f}x its time while the profile was measured (1: the host computed as fast; "
                       "other load on the machine moves it)")

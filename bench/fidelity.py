@@ -13,9 +13,11 @@ cpu: six small plans of the `tiny` model on the `local-cpu` cluster (planned in 
 replay runs them), each exercising another part of the planner and the runtime (static, dcp, hdp with 2-rank units,
 pp = 2 sliced with a 2-rank unit, tp = 2, and hdp on 3 ranks with a unit spanning all 3 unevenly), replayed with
 `meshplan replay --trace` (fp32, one process per rank, --steps iterations; --rounds N replays every plan N times in
-interleaved rounds and keeps each plan's round of median step). Per plan: step time predicted vs measured (median
-over iterations) and the median and max |error| over units (each unit's measured time the median over
-iterations, from its last member's start to its last member's end: planner.simulate.measured), first on the shipped profile (or --profile's), then leave-one-plan-out: each plan predicted by
+interleaved rounds and keeps each plan's round of median step). The first iteration is cold (lazy allocation) and
+left out, as the calibration leaves it out (`warm_steps`). Per plan: step time predicted vs measured (median over
+warm iterations) and the median and max |error| over units (each unit's measured time the median over them, from
+its last member's start to its last member's end: planner.simulate.measured), first on the shipped profile (or
+--profile's), then leave-one-plan-out: each plan predicted by
 `meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step
 is broken down from the trace (slowest rank's units, P2P wait, TP all-reduces, gradient sync, optimizer, Python's
 garbage collector, CPU time / wall time) next to the prediction's terms, so a miss can be traced to its cause. Load
@@ -155,6 +157,8 @@ class PlanFigures:
     unit_errors: list[float] = field(default_factory=list)  # per (unit, stage): predicted / median measured − 1
     host_slowdown: float | None = None  # the replay's host probe over the profile's (compare_measured)
     other_cores: float | None = None  # other processes' cores during the replay's steps (median; compare_measured)
+    # per (unit, stage) with a CPU prediction (pp = 1): priced compute / median own-thread CPU − 1 (compare_measured)
+    cpu_errors: list[float] = field(default_factory=list)
 
     @property
     def step_error(self) -> float:
@@ -178,29 +182,39 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
     for u in c.units:
         units.setdefault((u["unit"], u["stage"]), []).append(u)
     errs = [v[0]["predicted_s"] / statistics.median(x["measured_s"] for x in v) - 1 for v in units.values()]
+    cpu = [v[0]["predicted_cpu_s"] / statistics.median(x["thread_cpu_s"] for x in v) - 1 for v in units.values()
+           if "predicted_cpu_s" in v[0]]
     return PlanFigures(c.steps[0]["predicted_s"], statistics.median(s["measured_s"] for s in c.steps), errs,
-                       c.host_slowdown, c.other_load.replay_cores if c.other_load else None)
+                       c.host_slowdown, c.other_load.replay_cores if c.other_load else None, cpu)
 
 
 def measured_breakdown(trace: dict) -> dict[str, float]:
     """Medians over iterations: slowest rank's units, its P2P wait and TP all-reduces, gradient sync, optimizer and
-    Python's garbage collector (max over ranks), and CPU time over wall time summed over ranks (the share of a core
-    each rank got)."""
+    Python's garbage collector (max over ranks), CPU time over wall time summed over ranks (the share of a core
+    each rank got), and the most CPU a rank's own thread and its other threads (gloo's) spent in its units (None in
+    traces before the units' CPU)."""
     rows = []
     for st in trace["steps"]:
         ranks = st["ranks"]
         wait: dict[int, float] = {}
         tp: dict[int, float] = {}
+        own: dict[int, float] = {}
+        helpers: dict[int, float] = {}
         for u in st["units"]:
             wait[u["rank"]] = wait.get(u["rank"], 0.0) + u["comm_wait_s"]
             tp[u["rank"]] = tp.get(u["rank"], 0.0) + u.get("tp_wait_s", 0.0)  # traces before it: none
+            if "thread_cpu_s" in u:
+                own[u["rank"]] = own.get(u["rank"], 0.0) + u["thread_cpu_s"]
+                helpers[u["rank"]] = helpers.get(u["rank"], 0.0) + u["helper_cpu_s"]
         rows.append({"step_s": st["step_time_s"], "units_s": max(r["units_s"] for r in ranks),
                      "comm_wait_s": max(wait.values(), default=0.0), "tp_wait_s": max(tp.values(), default=0.0),
                      "grad_sync_s": max(r["grad_sync_s"] for r in ranks),
                      "optimizer_s": max(r["optimizer_s"] for r in ranks),
                      "gc_s": max(r.get("gc_s", 0.0) for r in ranks),  # traces before it: none
-                     "cpu_share": sum(r["cpu_s"] for r in ranks) / sum(r["wall_s"] for r in ranks)})
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                     "cpu_share": sum(r["cpu_s"] for r in ranks) / sum(r["wall_s"] for r in ranks),
+                     "thread_cpu_s": max(own.values(), default=None),
+                     "helper_cpu_s": max(helpers.values(), default=None)})
+    return {k: (statistics.median(r[k] for r in rows) if rows[0][k] is not None else None) for k in rows[0]}
 
 
 def predicted_breakdown(plan, cm) -> dict[str, float]:
@@ -214,11 +228,19 @@ def predicted_breakdown(plan, cm) -> dict[str, float]:
             "bubble_s": b.get("bubble", 0.0)}
 
 
+def warm_trace(trace: dict) -> dict:
+    """The trace with its cold first replay of each plan step left out (`warm_steps`), as the calibration and
+    `meshplan machine-check` compare it: the first pass over a step's shapes allocates and loads lazily."""
+    from planner.simulate.measured import warm_steps
+
+    return {**trace, "steps": warm_steps(trace)}
+
+
 def median_round(traces: list[Path]) -> Path:
-    """The trace whose measured step (median over its iterations) is the median of the rounds' (the lower one of an
-    even count)."""
+    """The trace whose measured step (median over its warm iterations) is the median of the rounds' (the lower one
+    of an even count)."""
     def step_s(t: Path) -> float:
-        return statistics.median(st["step_time_s"] for st in json.loads(t.read_text())["steps"])
+        return statistics.median(st["step_time_s"] for st in warm_trace(json.loads(t.read_text()))["steps"])
     ranked = sorted(traces, key=step_s)
     return ranked[(len(ranked) - 1) // 2]
 
@@ -266,7 +288,7 @@ def cpu(args: argparse.Namespace) -> None:
     load_end = os.getloadavg()
     replay_s = time.monotonic() - t_start
 
-    docs = {n: json.loads(t.read_text()) for n, t in traces.items()}
+    docs = {n: warm_trace(json.loads(t.read_text())) for n, t in traces.items()}
     loaded = {n: Plan.load(plans[n]) for n in traces}
     base = {n: figures(loaded[n], cost_model_for_plan(loaded[n], args.profile), docs[n]) for n in traces}
     lopo: dict[str, PlanFigures] = {}
@@ -343,6 +365,18 @@ def cpu(args: argparse.Namespace) -> None:
               f"{mb['cpu_share']:.2f} | "
               f"{_ms(base[n].step_predicted_s)} | {_ms(pb['busiest_s'])} | {_ms(pb['ring_exposed_s'])} | "
               f"{_ms(pb['tp_comm_s'])} | {_ms(pb['grad_sync_s'])} | {_ms(pb['optimizer_s'])} | {_ms(pb['bubble_s'])} |")
+    print("\nUnits' CPU: each unit's own-thread CPU (the trace's thread_cpu_s, members' mean, median over iterations) "
+          "against its priced compute at the share of as many busy ranks as cores (pp = 1; "
+          "planner.simulate.measured.predicted_cpu_s), which waits and time slicing do not move; and per step the "
+          "most CPU a rank's own thread and its other threads (gloo's) spent in its units:\n")
+    print("| plan | units' CPU error, median (signed) | median / max abs | own thread a step (ms) | "
+          "other threads a step (ms) |")
+    print("|---|---|---|---|---|")
+    for n in traces:
+        cpu, mb = base[n].cpu_errors, breakdowns[n]["measured"]
+        print(f"| {n} | " + (f"{_pct(float(np.median(cpu)))} | {_abs_pct(float(np.median(np.abs(cpu))))} / "
+                             f"{_abs_pct(float(np.max(np.abs(cpu))))} | " if cpu else "- | - | ")
+              + f"{_ms(mb['thread_cpu_s'])} | {_ms(mb['helper_cpu_s'])} |")
     if fitted:
         print("\nLeave-one-plan-out fits (table-time multipliers and overheads in s; '-': kept at base):\n")
         for n, f in fitted.items():
@@ -361,7 +395,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("published", "cpu"), help="one section (default: both)")
     p.add_argument("--workdir", help="where plans, traces and logs go (default: a new temp folder)")
-    p.add_argument("--steps", type=int, default=5, help="replay iterations per plan")
+    p.add_argument("--steps", type=int, default=5, help="replay iterations per plan (the first is left out)")
     p.add_argument("--rounds", type=int, default=1, help="replays of every plan, in interleaved rounds; each plan "
                    "keeps its round of median step time")
     p.add_argument("--seed", type=int, default=0, help="seed of the length source")

@@ -173,6 +173,35 @@ def test_a_failed_trace_write_leaves_no_plan(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_simulate_measured_sets_the_units_cpu_beside_their_priced_compute(tmp_path):
+    """A trace with the units' CPU: `simulate --measured` prints each unit's own-thread CPU, its error against the
+    priced compute and its other threads' CPU; a trace without them keeps the five columns."""
+    from planner.api import cost_model_for_plan
+    from planner.simulate import simulate_step
+    from planner.simulate.measured import predicted_cpu_s, predicted_units_s
+
+    r = run("plan", *TINY, "--out", str(tmp_path / "plan.json"))
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(tmp_path / "plan.json")
+    cm = cost_model_for_plan(plan)
+    step = plan.steps[0]
+    took, cpu = predicted_units_s(step, cm, simulate_step(step, cm)), predicted_cpu_s(step, cm)
+    units = [{"unit": u.id, "stage": 0, "fwd_s": took[(u.id, 0)], "bwd_s": 0.0, "thread_cpu_s": 2 * cpu[u.id],
+              "helper_cpu_s": 0.004} for u in step.units]
+    doc = {"schema": "meshplan.measured/1", "complete": True, "meta": {},
+           "steps": [{"step": 0, "plan_step": step.step, "units": units, "step_time_s": 1.0}]}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    r = run("simulate", str(tmp_path / "plan.json"), "--measured", str(tmp_path / "t.json"))
+    assert r.exit_code == 0, r.output
+    assert "own CPU (s)" in r.stdout and "-50.0%" in r.stdout and "0.0040" in r.stdout
+    assert "median |CPU error| per unit: 50.0%" in r.stdout
+    for u in units:
+        del u["thread_cpu_s"], u["helper_cpu_s"]
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    r = run("simulate", str(tmp_path / "plan.json"), "--measured", str(tmp_path / "t.json"))
+    assert r.exit_code == 0 and "own CPU" not in r.stdout and "CPU error" not in r.stdout, r.output
+
+
 # ---- choices: one list in the library, one line for a value outside it ------------------------------
 
 @pytest.mark.parametrize("cmd", ["plan", "whatif"])

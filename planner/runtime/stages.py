@@ -29,6 +29,7 @@ from planner.plan import Step, Unit
 from planner.runtime.cp import KVCache, Peers, ShardLayout, SlicedAttention, unit_attention
 from planner.runtime.inputs import Inputs, UnitInputs
 from planner.runtime.offload import Offloader
+from planner.runtime.trace import CpuUse
 
 _TAG_ACT, _TAG_GRAD = 5, 6  # beside cp.py's 1-4: stage-boundary activations and their gradients
 
@@ -51,6 +52,7 @@ class _UnitRun:
     recv_wait_s: float = 0.0  # blocked receiving stage-boundary tensors
     start_s: float | None = None
     ops: list[list] = field(default_factory=list)  # [kind, slice, chunk, start_s, dur_s]
+    cpu: CpuUse = field(default_factory=CpuUse)  # over its ops
 
 
 def rank_ops(step: Step, pp: int, hdp: int, hdp_rank: int, stage: int) -> list[PipeOp]:
@@ -138,7 +140,7 @@ class StageRunner:
         ids, labels, pos = run.inputs[j]
         ctx = self.ctx
         x = self._input(op, (ids.numel(), ctx.prep.spec.hidden))
-        t0 = time.perf_counter()
+        mark, t0 = CpuUse.mark(), time.perf_counter()
         with run.offload.active():
             if ctx.opts.inject_failure is not None:
                 ctx.opts.inject_failure.fire(ctx.rank, op.mb)
@@ -154,24 +156,25 @@ class StageRunner:
         run.live[(j, c)] = (x, y)
         if not self._last(c):
             self._send(op, y.detach())
-        self._timed(run, "F", op, t0)
+        self._timed(run, "F", op, t0, mark)
 
     def backward(self, op: PipeOp) -> None:
         run, j, c = self._run(op.mb), op.slice, op.chunk
         x, y = run.live.pop((j, c))
         dy = self._input(op, tuple(y.shape))
-        t0 = time.perf_counter()
+        mark, t0 = CpuUse.mark(), time.perf_counter()
         a, b = self._layers(c)
         roots, grads = run.cache.backward_roots(j, range(a, b)) if run.unit.slices > 1 else ([], [])
         torch.autograd.backward([y, *roots], [dy, *grads])
         if x is not None:
             self._send(op, x.grad)
-        self._timed(run, "B", op, t0)
+        self._timed(run, "B", op, t0, mark)
 
-    def _timed(self, run: _UnitRun, kind: str, op: PipeOp, t0: float) -> None:
+    def _timed(self, run: _UnitRun, kind: str, op: PipeOp, t0: float, mark: tuple[float, float]) -> None:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         t1 = time.perf_counter()
+        run.cpu.add_since(mark)
         if kind == "F":
             run.fwd_s += t1 - t0
         else:

@@ -27,7 +27,7 @@ from planner.runtime.inputs import UnitInputs, prepare_units
 from planner.runtime.model import Decoder
 from planner.runtime.offload import Offloader
 from planner.runtime.stages import StageRunner, rank_ops
-from planner.runtime.trace import StepRecord, UnitRecord
+from planner.runtime.trace import CpuUse, StepRecord, UnitRecord
 from profiles.measure.hostload import node_cpu_s
 
 if TYPE_CHECKING:  # check.py builds on this module (token_loss, flat_all_reduce)
@@ -76,6 +76,7 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, ready: UnitInputs) -
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     tp0 = _tp_wait_s(ctx)
+    cpu, mark = CpuUse(), CpuUse.mark()
     t0 = time.perf_counter()
     with off.active():
         if ctx.opts.inject_failure is not None:
@@ -86,13 +87,15 @@ def run_unit(ctx: Context, it: int, step: Step, unit: Unit, ready: UnitInputs) -
     loss.backward()
     device_sync(ctx.device)
     t2 = time.perf_counter()
+    cpu.add_since(mark)
     ctx.trace.unit(UnitRecord(
         step=it, plan_step=step.step, rank=ctx.rank, hdp_rank=ctx.hdp_rank, unit=unit.id, degree=unit.degree,
         tokens=layouts[index].tokens, start_s=t0, fwd_s=t1 - t0, bwd_s=t2 - t1, comm_wait_s=peers.stats.wait_s,
         sent_bytes=peers.stats.sent_bytes, saved_bytes=off.stats.saved_bytes,
         offloaded_bytes=off.stats.offloaded_bytes, offload_ratio=unit.offload_ratio,
         peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=unit.predicted_time_s, ulysses=unit.ulysses,
-        cp=unit.cp or ctx.opts.cp_impl, tp_wait_s=_tp_wait_s(ctx) - tp0))
+        cp=unit.cp or ctx.opts.cp_impl, tp_wait_s=_tp_wait_s(ctx) - tp0, thread_cpu_s=cpu.thread_s,
+        helper_cpu_s=cpu.helpers_s))
     return float(loss.detach())
 
 
@@ -143,7 +146,7 @@ def run_pipelined(ctx: Context, it: int, step: Step, ops: list, ready: dict[int,
             offloaded_bytes=run.offload.stats.offloaded_bytes, offload_ratio=u.offload_ratio,
             peak_memory_bytes=_peak_memory(ctx.device), predicted_time_s=u.predicted_time_s, stage=ctx.stage,
             slices=u.slices, ulysses=u.ulysses, cp=u.cp or ctx.opts.cp_impl, ops=run.ops,
-            tp_wait_s=tp_wait.get(u.id, 0.0)))
+            tp_wait_s=tp_wait.get(u.id, 0.0), thread_cpu_s=run.cpu.thread_s, helper_cpu_s=run.cpu.helpers_s))
     return runner.loss
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ class UnitRecord:
     ulysses: int = 1  # the unit's head-split (Ulysses) degree
     cp: str = "ring"  # the context-parallel kind it ran (the unit's own, else the replay's --cp)
     tp_wait_s: float = 0.0  # of fwd+bwd, time in TP all-reduces (tp > 1: transfers and the wait for the group)
+    # CPU time over the unit's forward and backward (CpuUse; absent from traces before it): this rank's own thread,
+    # its compute and Python whatever it waited for, and the process's other threads (gloo's transport and work
+    # threads; on GPU also autograd's device thread, which launches the backward)
+    thread_cpu_s: float = 0.0
+    helper_cpu_s: float = 0.0
     # pp > 1: the unit's ops on this rank, [kind "F"/"B", slice, chunk, start_s, dur_s] (its forward
     # and backward are not contiguous there: other micro-batches run between them)
     ops: list[list] = field(default_factory=list)
@@ -66,6 +72,27 @@ class UnitRecord:
         if self.ops:
             return max(o[3] + o[4] for o in self.ops)
         return self.start_s + self.fwd_s + self.bwd_s
+
+
+@dataclass
+class CpuUse:
+    """CPU time over timed spans: the calling thread's (a rank runs its forward on it, and on CPU autograd's
+    backward too) and the process's other threads' (process time less the thread's). Where ranks time-slice the cores,
+    wall time stretches and CPU time does not: the thread's CPU is the unit's work, and the helpers' is CPU that
+    competed with it (gloo's loop thread moving ring and pipeline transfers, measured at 2-30 ms a 2-rank ring unit
+    on a 2-core host, docs/BENCHMARKS.md)."""
+
+    thread_s: float = 0.0
+    helpers_s: float = 0.0
+
+    @staticmethod
+    def mark() -> tuple[float, float]:
+        return time.thread_time(), time.process_time()
+
+    def add_since(self, mark: tuple[float, float]) -> None:
+        thread, process = time.thread_time() - mark[0], time.process_time() - mark[1]
+        self.thread_s += thread
+        self.helpers_s += max(0.0, process - thread)
 
 
 @dataclass
@@ -337,8 +364,9 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
     for s in doc["steps"]:
         for u in s["units"]:
             args = {k: u[k] for k in ("unit", "degree", "tokens", "comm_wait_s", "tp_wait_s", "sent_bytes",
-                                      "offloaded_bytes", "predicted_time_s", "ulysses", "cp")
-                    if k in u}  # older traces lack tp_wait_s, ulysses and cp
+                                      "offloaded_bytes", "predicted_time_s", "ulysses", "cp", "thread_cpu_s",
+                                      "helper_cpu_s")
+                    if k in u}  # older traces lack tp_wait_s, ulysses, cp and the CPU times
             if u.get("ops"):  # pipelined: one slice per op
                 for kind, j, c, t, dur in u["ops"]:
                     name = f"unit {u['unit']} {'fwd' if kind == 'F' else 'bwd'}" + \

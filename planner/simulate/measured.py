@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from costmodel.timing import CostModel
+from costmodel.timing import CostModel, UnitCost
 from planner.plan import Plan, PlanError, Step
 from planner.simulate.pipelined import slice_sources_s, sliced_pass_s
 from planner.simulate.step import simulate_step, slice_costs, unit_costs
@@ -31,7 +31,9 @@ class OtherLoad:
 class MeasuredComparison:
     """Predicted (this simulator) vs measured (a `meshplan replay --trace` file)."""
 
-    units: list[dict]  # per (replay step, unit): predicted_s, measured_s (mean over its ranks), rel_err
+    # per (replay step, unit): predicted_s, measured_s (mean over its ranks), rel_err; where the trace has them the
+    # members' mean CPU (thread_cpu_s, helper_cpu_s), and on a CPU profile with pp = 1 predicted_cpu_s and cpu_err
+    units: list[dict]
     steps: list[dict]  # per replay step: predicted_s, measured_s, rel_err
     # CPU: the host probe's time around the replay over its time while the profile was measured (> 1: the host
     # computed slower, e.g. under other tenants' load); None when the profile or the trace lacks it. A diagnostic
@@ -133,6 +135,20 @@ def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = No
     return out
 
 
+def predicted_cpu_s(step: Step, cm: CostModel) -> dict[int, float] | None:
+    """pp = 1 on a CPU profile with cores: each unit's priced compute (its exposed transfers and wake-ups left out)
+    as the CPU time of a member's own thread. Units are priced with every rank of the node busy (compute_share);
+    beyond one rank a core the ranks time-slice, which stretches wall time and not CPU time, while shared cache and
+    memory bandwidth stretch both: the CPU is the compute at the share of as many busy ranks as cores. Set beside a
+    replay's thread_cpu_s, it checks the compute prices whatever the scheduling and waits did. None elsewhere."""
+    cores = cm.profile.constants.get("cores_per_node", {}).get("value")
+    if cm.pp > 1 or not cm.shares_cores or not cores:
+        return None
+    costs = unit_costs(step, cm)
+    x = cm.share_at(int(min(cores, cm.setup.cluster.gpus_per_node))) / cm.compute_share
+    return {uid: float(c) * x for uid, c in zip(costs.ids, UnitCost.compute_s.fget(costs.last))}
+
+
 def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparison:
     """Match a measured trace (schema meshplan.measured/1) to the plan's simulation, unit by unit and
     step by step. Relative error = predicted / measured − 1."""
@@ -150,21 +166,31 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         if ps not in steps_by_id:
             raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
         predicted = predicted_units_s(steps_by_id[ps], cm, sims[ps])
+        cpu_pred = predicted_cpu_s(steps_by_id[ps], cm)
         # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss), its ops
         # interleaved with other micro-batches': the mean of the members' sums. pp = 1: the members run the unit in
         # lockstep, from the last one's start (an earlier member waits for it: the schedule's idle time, which the
         # simulation prices apart) to the last one's end.
         per_unit: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+        cpu: dict[tuple[int, int], list[tuple[float, float]]] = {}
         for u in st["units"]:
             key = (int(u["unit"]), int(u.get("stage", 0)))
             start, busy = float(u.get("start_s", 0.0)), float(u["fwd_s"]) + float(u["bwd_s"])
             per_unit.setdefault(key, []).append((start, busy, start + busy))
+            if "thread_cpu_s" in u:  # traces before it: none
+                cpu.setdefault(key, []).append((float(u["thread_cpu_s"]), float(u["helper_cpu_s"])))
         for (uid, stage), members in sorted(per_unit.items()):
             pred = predicted[(uid, stage)]
             start, busy, end = np.array(members).T
             meas = float(end.max() - start.max()) if cm.pp == 1 else float(busy.mean())
-            units_out.append({"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred,
-                              "measured_s": meas, "rel_err": pred / meas - 1 if meas > 0 else float("inf")})
+            row = {"step": st["step"], "unit": uid, "stage": stage, "predicted_s": pred, "measured_s": meas,
+                   "rel_err": pred / meas - 1 if meas > 0 else float("inf")}
+            if (uid, stage) in cpu:
+                thread, helpers = np.array(cpu[(uid, stage)]).mean(axis=0)
+                row.update(thread_cpu_s=float(thread), helper_cpu_s=float(helpers))
+                if cpu_pred is not None and thread > 0:
+                    row.update(predicted_cpu_s=cpu_pred[uid], cpu_err=cpu_pred[uid] / float(thread) - 1)
+            units_out.append(row)
         pred_step = sims[ps].step_time_s
         meas_step = float(st["step_time_s"])
         steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,

@@ -345,6 +345,10 @@ def test_mixed_plan_ring_matches_reference_and_writes_trace(mixed_ring):
     assert by[(0, 0)]["offloaded_bytes"] == 0
     assert by[(1, 1)]["tokens"] == 2 * 21 + 2 * 4  # zigzag over 3 ranks: 121 -> 126, 23 -> 24
     assert all(u["fwd_s"] > 0 and u["bwd_s"] > 0 for u in units)
+    # the rank's own thread computed the unit (autograd's CPU backward included), within its wall time; gloo's
+    # threads moved the ring's K/V. 2 ms of slack: the clocks tick apart
+    assert all(0 < u["thread_cpu_s"] <= u["fwd_s"] + u["bwd_s"] + 2e-3 for u in units)
+    assert all(u["helper_cpu_s"] >= 0 for u in units)
     chrome = json.loads((d / "trace.chrome.json").read_text())
     assert sum(e.get("cat") == "forward" for e in chrome["traceEvents"]) == 2 * 8
 
@@ -543,6 +547,7 @@ def test_planned_pipeline_replays_and_traces_per_stage(tmp_path):
     assert {r["stage"] for r in recs} == {0, 1} and all(r["tp_wait_s"] == 0 for r in recs)  # tp = 1
     sliced = [r for r in recs if r["slices"] > 1]
     assert sliced and all(len(r["ops"]) == 2 * r["slices"] for r in sliced)
+    assert all(0 < r["thread_cpu_s"] <= sum(o[4] for o in r["ops"]) + 2e-3 for r in recs)  # over its ops alone
     res = meshplan("simulate", "plan.json", "--measured", "trace.json", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)["measured"]["units"]

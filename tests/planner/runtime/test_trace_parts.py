@@ -28,7 +28,7 @@ RANK = {"cpu_s", "grad_sync_s", "hdp_rank", "loss", "optimizer_s", "plan_step", 
         "step_loss", "units_s", "wall_s", "node_cpu_s", "node_steal_s", "gc_s"}
 UNIT = {"bwd_s", "comm_wait_s", "degree", "end_s", "fwd_s", "hdp_rank", "offload_ratio", "offloaded_bytes", "ops",
         "peak_memory_bytes", "plan_step", "predicted_time_s", "rank", "saved_bytes", "sent_bytes", "slices", "stage",
-        "start_s", "step", "tokens", "unit", "ulysses", "cp", "tp_wait_s"}
+        "start_s", "step", "tokens", "unit", "ulysses", "cp", "tp_wait_s", "thread_cpu_s", "helper_cpu_s"}
 
 
 def _unit(step: int, rank: int) -> UnitRecord:

@@ -10,7 +10,8 @@ import pytest
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, cost_model_for_plan, make_plan
 from planner.simulate import simulate_step, unit_costs
-from planner.simulate.measured import OtherLoad, compare_measured, host_slowdown, predicted_units_s, warm_steps
+from planner.simulate.measured import (OtherLoad, compare_measured, host_slowdown, predicted_cpu_s, predicted_units_s,
+                                       warm_steps)
 
 PROFILE_PROBE_S = 0.020
 
@@ -112,3 +113,44 @@ def test_a_unit_beside_ranks_that_idle_is_predicted_as_the_schedule_ran_it():
     assert any(took[u] < 0.95 * price[u] for u in took)  # some unit ran while a rank of its node idled
     got = compare_measured(plan, cm, _trace(plan, cm, 1.0, None)).units
     assert [g["predicted_s"] for g in got] == pytest.approx([took[g["unit"]] for g in got])
+
+
+def test_a_units_cpu_is_its_compute_at_the_share_of_as_many_busy_ranks_as_cores():
+    """4 ranks on the 2-core local-cpu node: priced at k/c · s/2 (time-sliced), their threads' CPU at b (every core
+    busy, one rank each): time slicing stretches wall time, not CPU time. Exposed transfers are no CPU of the rank."""
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, lengths="lognormal:median=300,sigma=1.0,max=1500",
+                      tokens_per_step=4096, max_context_tokens=2048, capacity_tokens=1024, seed=2)
+    plan = make_plan(req, "hdp")
+    cm = cost_model_for_plan(plan)
+    consts = cm.profile.constants
+    assert cm.shares_cores and consts["cores_per_node"]["value"] == 2
+    b, s = consts["cores_busy_slowdown"]["value"], consts["cores_shared_slowdown"]["value"]
+    step = plan.steps[0]
+    costs = unit_costs(step, cm)
+    got = predicted_cpu_s(step, cm)
+    assert any(u.degree > 1 for u in step.units)  # a ring unit: exposed transfers left out
+    for k, u in enumerate(step.units):
+        row = costs.ids.index(u.id)
+        c = (costs.last.fwd_compute_s[row] + costs.last.bwd_compute_s[row] + costs.last.head_fwd_s[row]
+             + costs.last.head_bwd_s[row])
+        assert got[u.id] == pytest.approx(c * b / (4 / 2 * s / 2))
+        assert got[u.id] < costs.last.total_s[row]
+    # a replay whose threads took 25% more CPU than that, its gloo threads 3 ms a member
+    doc = _trace(plan, cm, 1.0, None)
+    for u in doc["steps"][0]["units"]:
+        u.update(thread_cpu_s=1.25 * got[u["unit"]], helper_cpu_s=0.003)
+    rows = compare_measured(plan, cm, doc).units
+    assert all(r["cpu_err"] == pytest.approx(1 / 1.25 - 1) and r["helper_cpu_s"] == pytest.approx(0.003)
+               for r in rows)
+    assert "cpu_err" not in compare_measured(plan, cm, _trace(plan, cm, 1.0, None)).units[0]  # older traces
+
+
+def test_no_cpu_prediction_off_cpu_cores_or_with_pipelines():
+    gpu = PlanRequest(model="tiny", cluster="dgx-h100", gpus=8, lengths="lognormal:median=300,sigma=1.0,max=1500",
+                      tokens_per_step=8192, max_context_tokens=2048, seed=2)
+    plan = make_plan(gpu, "hdp")
+    assert predicted_cpu_s(plan.steps[0], cost_model_for_plan(plan)) is None
+    pp = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2, lengths="lognormal:median=100,sigma=1.0,max=300",
+                     tokens_per_step=1200, max_context_tokens=300, capacity_tokens=200, seed=3)
+    plan = make_plan(pp, "hdp")
+    assert predicted_cpu_s(plan.steps[0], cost_model_for_plan(plan)) is None
