@@ -805,17 +805,19 @@ def _notes(notes: list[str]) -> None:
 
 
 def _profile_post(p, specs: dict) -> None:
-    """After the tables: each model's T(s) fit, and on CPU the executor's cost per attention call and per K/V source
-    of a sliced forward (planner/runtime/call_overhead.py), measured at the first model's heads: on a CPU the host's
-    work is the step's."""
+    """After the tables: each model's T(s) fit, and on CPU the executor's cost per attention call, per K/V source
+    of a sliced forward and per ring step (planner/runtime/call_overhead.py), measured at the first model's heads: on
+    a CPU the host's work is the step's."""
     _notes(fit_models(p, specs))
     if specs and len(p.tables["attention"]) and device_kind(p.fingerprint.device) == "cpu":
-        from planner.runtime.call_overhead import attention_call_overhead, attention_source_overhead
+        from planner.runtime.call_overhead import (attention_call_overhead, attention_source_overhead,
+                                                   ring_step_overhead)
         m = next(iter(specs.values()))
         heads = (m.heads, m.kv_heads, m.head_dim)
         for what, measure in (
                 ("attention call", lambda: {"attn_call_overhead_s": attention_call_overhead(*heads)}),
-                ("sliced attention source", lambda: attention_source_overhead(*heads))):
+                ("sliced attention source", lambda: attention_source_overhead(*heads)),
+                ("ring step", lambda: ring_step_overhead(*heads))):
             try:
                 p.constants.update(measure())
             except Exception as e:  # noqa: BLE001 -- a refinement: its failure must not lose the measured tables

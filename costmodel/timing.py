@@ -334,6 +334,12 @@ class CostModel:
         self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
         self.attn_source_fwd_s = share * float(consts.get("attn_source_fwd_s", {}).get("value", 0.0))
         self._source_tokens = float(consts.get("attn_source_tokens", {}).get("value", 0.0))  # its slice length
+        # a ring step's host work beyond its attention (planner/runtime/call_overhead.py ring_step_overhead): a fixed
+        # part and one per token and head a member holds, forward and backward
+        self.ring_step_s = {way: share * float(consts.get(f"attn_ring_step_{way}_s", {}).get("value", 0.0))
+                            for way in ("fwd", "bwd")}
+        self.ring_step_token_s = {way: share * float(consts.get(f"attn_ring_step_token_{way}_s", {}).get("value", 0.0))
+                                  for way in ("fwd", "bwd")}
         # Each micro-batch's weight gradients added to the step's accumulator outside the GEMM (grad_accumulation):
         # a memory-bound pass over the parameters a rank holds, per layer, and over the last stage's head (and the
         # embedding where pp = 1: the last stage's parts); the first stage's embedding with pp > 1 is not priced
@@ -675,6 +681,10 @@ class CostModel:
         if self.model.windowed_fraction:  # each document's local keys, whichever rank computes which part of it
             t_f, t_b = t_f * self.attn_window_x(s, "fwd"), t_b * self.attn_window_x(s, "bwd")
         tokens, attn_f, attn_b = _segment_sums(np.stack([per_rank, t_f / u_doc, t_b / u_doc]), starts, counts)
+        ring_units = (ring_d > 1) & ~ag
+        if ring_units.any() and (self.ring_step_s["fwd"] or self.ring_step_s["bwd"]):
+            attn_f = attn_f + np.where(ring_units, ring_d * self.ring_step_glue_s(tokens, "fwd"), 0.0)
+            attn_b = attn_b + np.where(ring_units, ring_d * self.ring_step_glue_s(tokens, "bwd"), 0.0)
         gemm_f = self.gemm_layer_fwd_s(tokens)
         mem_f = self._lookup("mem_layer_fwd", tokens)
         mem_b = self._lookup("mem_layer_bwd", tokens)
@@ -1205,6 +1215,15 @@ class CostModel:
         merge = self.compute_share * float(self.profile.memory_time_s(tokens_per_slice * per_token)
                                            - self.profile.memory_time_s(self._source_tokens * per_token))
         return n * (n + 1) / 2 * (self.attn_source_fwd_s + max(0.0, merge))
+
+    def ring_step_glue_s(self, tokens_per_rank: np.ndarray | float, direction: str) -> np.ndarray:
+        """One ring step's host work in one layer beyond its attention (CPU profiles; 0 without the constants): the
+        executor's block calls, online-softmax merge, K/V stack, dQ and dK/dV accumulators and Python, as
+        `meshplan profile` measured them (profile constants attn_ring_step_{fwd,bwd}_s and
+        attn_ring_step_token_{fwd,bwd}_s): the fixed part plus the part per token and head a member holds. With a
+        head split of u a member holds u times the tokens on 1/u of the heads: the same."""
+        tokens = np.asarray(tokens_per_rank, dtype=float)
+        return self.ring_step_s[direction] + self.ring_step_token_s[direction] * tokens * self.heads_per_rank
 
     def pp_p2p_s(self, tokens_per_rank: float) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node

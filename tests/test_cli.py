@@ -285,12 +285,17 @@ def test_profile_measures_the_cost_models_gemm_shapes_and_fits_each_model(tmp_pa
                               ("tiny.down", 64, 128), ("tiny.lm_head", 256, 64), ("tiny.o.tp2", 64, 32))
     assert json.loads(r.stdout)["fits"] == ["tiny"] and p.fits["tiny"]["alpha1_s_per_token2"] >= 0
     assert r.stderr == ""
-    # on CPU the executor's cost per attention call and per sliced K/V source are measured too, at tiny's heads
+    # on CPU the executor's cost per attention call, per sliced K/V source and per ring step are measured too, at
+    # tiny's heads
     c = p.constants["attn_call_overhead_s"]
     assert c["unit"] == "s" and 0 < c["value"] < 1e-3 and "4/2 heads, head dim 16" in c["source"]
     c = p.constants["attn_source_fwd_s"]
     assert c["unit"] == "s" and 0 < c["value"] < 1e-2 and "4/2 heads, head dim 16" in c["source"]
     assert p.constants["attn_source_tokens"]["value"] > 0
+    for way in ("fwd", "bwd"):
+        fixed, per_token = p.constants[f"attn_ring_step_{way}_s"], p.constants[f"attn_ring_step_token_{way}_s"]
+        assert fixed["value"] >= 0 and per_token["value"] >= 0 and fixed["value"] + per_token["value"] > 0
+        assert "4/2 heads, head dim 16" in fixed["source"] and per_token["unit"] == "s/(token·head)"
     load_profile(p.save(tmp_path / "again.json"))  # constants the profile schema reads back
 
 
@@ -311,7 +316,7 @@ def test_profile_whose_attention_call_cost_fails_is_written_with_a_note(tmp_path
     assert r.exit_code == 0, r.output
     assert "note: no attention call cost measured (RuntimeError: no SDPA here)" in one_line(r.stderr)
     assert "attn_call_overhead_s" not in p.constants and p.fits["tiny"]
-    assert "attn_source_fwd_s" in p.constants  # the other refinement still measured
+    assert "attn_source_fwd_s" in p.constants and "attn_ring_step_fwd_s" in p.constants  # the others still measured
 
 
 def test_profile_of_a_gpu_leaves_the_attention_call_cost_to_calibrate(tmp_path, monkeypatch):
@@ -321,7 +326,7 @@ def test_profile_of_a_gpu_leaves_the_attention_call_cost_to_calibrate(tmp_path, 
     r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["fits"] == ["tiny"] and "attn_call_overhead_s" not in p.constants
-    assert "attn_source_fwd_s" not in p.constants
+    assert "attn_source_fwd_s" not in p.constants and "attn_ring_step_fwd_s" not in p.constants
 
 
 def test_profile_notes_a_model_it_cannot_fit_and_goes_on(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ cost time only where a unit is host-bound, and `meshplan calibrate` fits the con
 
 from __future__ import annotations
 
+import statistics
 import time
 import types
 
@@ -126,3 +127,94 @@ def attention_source_overhead(heads: int, kv_heads: int, head_dim: int, rounds: 
                           f"{torch.get_num_threads()} torch thread(s)"},
             "attn_source_tokens": {"value": float(s), "unit": "tokens",
                                    "source": "the slice length attn_source_fwd_s was measured at"}}
+
+
+RING_TOKENS = (256, 1024)  # a member's tokens in the two timed rings: the glue's fixed part and its growth per token
+
+
+class _Loopback:
+    """Member 0 of a 2-member ring whose peer's blocks are already here: the ring's own work runs on this thread
+    (the block calls, merges, accumulators and their allocations), the transfers are none (gloo's threads move
+    them; the cost model prices them apart)."""
+
+    degree, index = 2, 0
+
+    def __init__(self, peer_kv, peer_dkv) -> None:
+        self.got = {1: peer_kv, 2: peer_dkv}  # by tag: cp.py's _TAG_KV, _TAG_DKV
+        self.stats = types.SimpleNamespace(wait_s=0.0, sent_bytes=0, messages=0)
+
+    def ring(self, t, tag: int):
+        return types.SimpleNamespace(wait=lambda: [self.got[tag]])
+
+
+def _ring_excess_s(heads: int, kv_heads: int, head_dim: int, tokens: int, rounds: int) -> tuple[float, float]:
+    """(forward, backward) seconds a ring step of one document over 2 members, `tokens` a member, spends beyond the
+    SDPA calls the cost model prices it as (each member's causal square and its other member's two chunk squares at
+    the full rate, costmodel.timing.CostModel.unit_costs): the median over rounds of the two timed back to back, per
+    step."""
+    import torch
+    import torch.nn.functional as F
+
+    from planner.plan import Piece
+    from planner.runtime.cp import _TAG_DKV, _TAG_KV, RingAttention, shard_layout, unit_documents
+
+    assert (_TAG_KV, _TAG_DKV) == (1, 2)  # _Loopback's tags
+    d, t, half = head_dim, tokens, tokens // 2
+    docs = unit_documents((Piece(0, 0, 2 * t),))
+    peers = _Loopback(torch.randn(2, kv_heads, t, d), torch.zeros(2, kv_heads, t, d))
+    ring = RingAttention([shard_layout(docs, 2, i) for i in range(2)], peers, d, torch.device("cpu"))
+    qkv = [torch.randn(t, h, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    grad = torch.ones(t, heads, d)
+    blocks = [[torch.randn(1, h, n, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+              for n in (t, half, half)]
+    gqa = heads != kv_heads
+
+    def timed(fn) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        outs, grads = fn()
+        t1 = time.perf_counter()
+        torch.autograd.backward(outs, grads)
+        return t1 - t0, time.perf_counter() - t1
+
+    def runtime():
+        return [ring(*qkv, 0)], [grad]
+
+    def table():
+        own = F.scaled_dot_product_attention(*blocks[0], is_causal=True, enable_gqa=gqa)
+        other = [F.scaled_dot_product_attention(*b, enable_gqa=gqa) for b in blocks[1:]]
+        return [own, *other], [torch.ones_like(own), *(torch.ones_like(o) for o in other)]
+
+    diffs: list[tuple[float, float]] = []  # per round, runtime − table, back to back: a slow spell hits both
+    for r in range(WARMUP + rounds):
+        tr, tt = timed(runtime), timed(table)
+        if r >= WARMUP:
+            diffs.append((tr[0] - tt[0], tr[1] - tt[1]))
+    return tuple(max(0.0, statistics.median(d[k] for d in diffs) / 2) for k in (0, 1))
+
+
+RING_ROUNDS = 120  # the glue is a few percent of the attention it rides on: many paired rounds (5 s on a 2-core EPYC)
+
+
+def ring_step_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = RING_ROUNDS) -> dict:
+    """Profile constants of a ring step's host work beyond its attention on this CPU (fp32, the thread count in
+    force), forward and backward: what RingAttention spends per step (its kernel's block calls, the online-softmax
+    merge, the K/V stack, the dQ and dK/dV accumulators and their copies, the Python) beyond the SDPA calls the cost
+    model prices the step as, timed as member 0 of a 2-member ring at RING_TOKENS tokens a member; a fixed part per
+    step (`attn_ring_step_fwd_s`, `attn_ring_step_bwd_s`) and one per token and head a member holds
+    (`attn_ring_step_token_fwd_s`, `..._bwd_s`), the line through the two, neither below 0."""
+    import torch
+
+    (f1, b1), (f2, b2) = (_ring_excess_s(heads, kv_heads, head_dim, t, rounds) for t in RING_TOKENS)
+    t1, t2 = RING_TOKENS
+    where = (f"measured: planner.runtime RingAttention as member 0 of a 2-member ring over one document ({heads}/"
+             f"{kv_heads} heads, head dim {head_dim}; the peer's blocks in place, no transfer) less the SDPA calls "
+             f"the cost model prices its steps as, per step, at {t1} and {t2} tokens a member: the median over "
+             f"{rounds} rounds of the two timed back to back, {torch.get_num_threads()} torch thread(s)")
+    out = {}
+    for way, a, b in (("fwd", f1, f2), ("bwd", b1, b2)):
+        slope = max(0.0, (b - a) / ((t2 - t1) * heads))
+        out[f"attn_ring_step_{way}_s"] = {"value": max(0.0, a - slope * t1 * heads), "unit": "s",
+                                          "source": f"{where}; the fixed part"}
+        out[f"attn_ring_step_token_{way}_s"] = {"value": slope, "unit": "s/(token·head)",
+                                                "source": f"{where}; the growth per token and head"}
+    return out

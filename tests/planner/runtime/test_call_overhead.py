@@ -78,3 +78,46 @@ def test_cost_model_charges_each_source_of_a_sliced_forward():
 
     (f0, b0), (f1, b1) = passes(base), passes(cm)
     assert f1 - f0 == pytest.approx(added) and b1 == pytest.approx(b0)
+
+
+def test_a_ring_step_costs_more_than_the_attention_it_is_priced_as():
+    """RingAttention's host work per step beyond the SDPA calls the cost model prices: a fixed part and one per
+    token and head, forward and backward, none below 0 (a CPU whose smaller block calls run faster than the priced
+    ones may measure none) and below 10 ms a step at the longer length on any CPU."""
+    from planner.runtime.call_overhead import RING_TOKENS, ring_step_overhead
+
+    got = ring_step_overhead(4, 2, 16, rounds=8)
+    for way in ("fwd", "bwd"):
+        fixed, per = got[f"attn_ring_step_{way}_s"]["value"], got[f"attn_ring_step_token_{way}_s"]["value"]
+        assert fixed >= 0 and per >= 0
+        assert fixed + per * RING_TOKENS[1] * 4 < 1e-2
+        assert f"at {RING_TOKENS[0]} and {RING_TOKENS[1]} tokens a member" in got[f"attn_ring_step_{way}_s"]["source"]
+
+
+def test_cost_model_charges_each_ring_step_its_host_work():
+    """A ring unit over d members runs d steps a layer and direction: each costs the fixed part plus the part per
+    token and head a member holds (times the compute share), with the attention (a recompute replays it); packed and
+    all-gather units pay none, nor does a profile without the constants."""
+    p = load_profile("local-cpu.measured")
+    setup = Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(2), TrainingSpec(dtype="fp32"))
+    base = CostModel(setup, p, compute_share=1.5)
+    consts = {"attn_ring_step_fwd_s": 1e-4, "attn_ring_step_bwd_s": 2e-4, "attn_ring_step_token_fwd_s": 1e-7,
+              "attn_ring_step_token_bwd_s": 3e-7}
+    for k, v in consts.items():
+        p.constants[k] = {"value": v, "unit": "s", "source": "test"}
+    cm = CostModel(setup, p, compute_share=1.5)
+    docs, layers, heads = [2900], cm.layers_per_stage, cm.heads_per_rank
+    a, b = base.unit_cost(docs, degree=2), cm.unit_cost(docs, degree=2)
+    tokens = a.tokens_per_rank
+    assert b.attn_fwd_compute_s - a.attn_fwd_compute_s == pytest.approx(
+        layers * 2 * 1.5 * (1e-4 + 1e-7 * tokens * heads))
+    assert b.attn_bwd_compute_s - a.attn_bwd_compute_s == pytest.approx(
+        layers * 2 * 1.5 * (2e-4 + 3e-7 * tokens * heads))
+    assert b.fwd_compute_s - a.fwd_compute_s == pytest.approx(b.attn_fwd_compute_s - a.attn_fwd_compute_s)
+    assert cm.unit_cost(docs).fwd_s == base.unit_cost(docs).fwd_s  # packed: no ring
+    assert cm.unit_cost(docs, degree=2, cp="allgather").fwd_s == base.unit_cost(docs, degree=2, cp="allgather").fwd_s
+    full = Setup(setup.model, setup.cluster, TrainingSpec(dtype="fp32", recompute="full"))
+    rec_a = CostModel(full, load_profile("local-cpu.measured"), compute_share=1.5).unit_cost(docs, degree=2)
+    rec_b = CostModel(full, p, compute_share=1.5).unit_cost(docs, degree=2)
+    assert rec_b.bwd_compute_s - rec_a.bwd_compute_s == pytest.approx(
+        layers * 2 * 1.5 * (2e-4 + 3e-7 * tokens * heads + 1e-4 + 1e-7 * tokens * heads))
