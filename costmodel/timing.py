@@ -332,14 +332,12 @@ class CostModel:
         self.transfers_on_cores = self.shares_cores and cores_all_busy(self.profile, self.setup.cluster.gpus_per_node)
         self.layer_overhead_s = share * float(consts.get("layer_overhead_s", {}).get("value", 0.0))
         self.attn_call_overhead_s = share * float(consts.get("attn_call_overhead_s", {}).get("value", 0.0))
-        self.attn_source_fwd_s = share * float(consts.get("attn_source_fwd_s", {}).get("value", 0.0))
-        self._source_tokens = float(consts.get("attn_source_tokens", {}).get("value", 0.0))  # its slice length
-        # a ring step's host work beyond its attention (planner/runtime/call_overhead.py ring_step_overhead): a fixed
-        # part and one per token and head a member holds, forward and backward
-        self.ring_step_s = {way: share * float(consts.get(f"attn_ring_step_{way}_s", {}).get("value", 0.0))
-                            for way in ("fwd", "bwd")}
-        self.ring_step_token_s = {way: share * float(consts.get(f"attn_ring_step_token_{way}_s", {}).get("value", 0.0))
-                                  for way in ("fwd", "bwd")}
+        # The executor's host work beyond the attention it runs (planner/runtime/call_overhead.py), per K/V source of
+        # a sliced unit's slice ("source") and per ring step ("ring_step"), forward and backward: (a fixed part, one
+        # per token and head a member holds); profiles measured before the per-token parts have only the fixed ones
+        self.glue_s = {(kind, way): tuple(share * float(consts.get(name, {}).get("value", 0.0))
+                                          for name in (f"attn_{kind}_{way}_s", f"attn_{kind}_token_{way}_s"))
+                       for kind in ("source", "ring_step") for way in ("fwd", "bwd")}
         # Each micro-batch's weight gradients added to the step's accumulator outside the GEMM (grad_accumulation):
         # a memory-bound pass over the parameters a rank holds, per layer, and over the last stage's head (and the
         # embedding where pp = 1: the last stage's parts); the first stage's embedding with pp > 1 is not priced
@@ -682,9 +680,9 @@ class CostModel:
             t_f, t_b = t_f * self.attn_window_x(s, "fwd"), t_b * self.attn_window_x(s, "bwd")
         tokens, attn_f, attn_b = _segment_sums(np.stack([per_rank, t_f / u_doc, t_b / u_doc]), starts, counts)
         ring_units = (ring_d > 1) & ~ag
-        if ring_units.any() and (self.ring_step_s["fwd"] or self.ring_step_s["bwd"]):
-            attn_f = attn_f + np.where(ring_units, ring_d * self.ring_step_glue_s(tokens, "fwd"), 0.0)
-            attn_b = attn_b + np.where(ring_units, ring_d * self.ring_step_glue_s(tokens, "bwd"), 0.0)
+        if ring_units.any() and any(self.glue_s[("ring_step", way)] != (0.0, 0.0) for way in ("fwd", "bwd")):
+            attn_f = attn_f + np.where(ring_units, ring_d * self.attention_glue_s("ring_step", tokens, "fwd"), 0.0)
+            attn_b = attn_b + np.where(ring_units, ring_d * self.attention_glue_s("ring_step", tokens, "bwd"), 0.0)
         gemm_f = self.gemm_layer_fwd_s(tokens)
         mem_f = self._lookup("mem_layer_fwd", tokens)
         mem_b = self._lookup("mem_layer_bwd", tokens)
@@ -1201,29 +1199,25 @@ class CostModel:
         idle (planner/simulate/cores.py). The fixed share where ranks do not share cores."""
         return compute_share_of(self.profile, max(1, busy_ranks)) if self.shares_cores else self.compute_share
 
-    def slice_sources_fwd_s(self, tokens_per_slice: float, n: int) -> float:
-        """SlimPipe's n slices of a unit in one layer's forward, beyond their blocks' attention: n(n + 1)/2 K/V
-        sources (each slice's own block and its cached slices'), each the measured fixed cost (`attn_source_fwd_s`,
-        the executor's block call, online-softmax merge and Python at the constant's slice length) plus the merge's
-        bytes beyond that length's at the memory table's bandwidth. Per query token and head the executor's merge
-        moves 10·d + 23.5 fp32 elements (planner/runtime/cp.py: BlockKernel.forward's output and log-sum-exp, the
-        copy into them, merge_block's logaddexp, -inf guard, two exps and the weighted sum). The backward takes the
-        final log-sum-exp and merges nothing. 0 without the constant (GPU profiles: the host runs ahead)."""
-        if n <= 1 or not self.attn_source_fwd_s:
+    def slice_sources_s(self, tokens_per_slice: float, n: int, direction: str) -> float:
+        """SlimPipe's n slices of a unit in one layer, forward or backward, beyond their blocks' attention: n(n + 1)/2
+        K/V sources of one member (each slice's own block and its cached slices'), each the executor's host work per
+        source (`attention_glue_s`: its block kernel's call and copies, in the forward the online-softmax merge, in
+        the backward the dQ, dK and dV accumulators). 0 for one slice or without the constants (GPU profiles: the
+        host runs ahead)."""
+        if n <= 1:
             return 0.0
-        per_token = self.heads_per_rank * 4.0 * (10.0 * self.model.attn_head_dim + 23.5)
-        merge = self.compute_share * float(self.profile.memory_time_s(tokens_per_slice * per_token)
-                                           - self.profile.memory_time_s(self._source_tokens * per_token))
-        return n * (n + 1) / 2 * (self.attn_source_fwd_s + max(0.0, merge))
+        return n * (n + 1) / 2 * float(self.attention_glue_s("source", tokens_per_slice, direction))
 
-    def ring_step_glue_s(self, tokens_per_rank: np.ndarray | float, direction: str) -> np.ndarray:
-        """One ring step's host work in one layer beyond its attention (CPU profiles; 0 without the constants): the
-        executor's block calls, online-softmax merge, K/V stack, dQ and dK/dV accumulators and Python, as
-        `meshplan profile` measured them (profile constants attn_ring_step_{fwd,bwd}_s and
-        attn_ring_step_token_{fwd,bwd}_s): the fixed part plus the part per token and head a member holds. With a
-        head split of u a member holds u times the tokens on 1/u of the heads: the same."""
-        tokens = np.asarray(tokens_per_rank, dtype=float)
-        return self.ring_step_s[direction] + self.ring_step_token_s[direction] * tokens * self.heads_per_rank
+    def attention_glue_s(self, kind: str, tokens: np.ndarray | float, direction: str) -> np.ndarray:
+        """The executor's host work in one layer beyond the attention it runs (CPU profiles; 0 without the
+        constants), per K/V source of a sliced unit's slice (kind "source") or per ring step ("ring_step"), forward
+        or backward: the fixed part plus the part per token and head a member holds, as `meshplan profile` measured
+        them (constants attn_{kind}_{direction}_s and attn_{kind}_token_{direction}_s,
+        planner/runtime/call_overhead.py). With a head split of u a member holds u times the tokens on 1/u of the
+        heads: the same."""
+        fixed, per_token = self.glue_s[(kind, direction)]
+        return fixed + per_token * np.asarray(tokens, dtype=float) * self.heads_per_rank
 
     def pp_p2p_s(self, tokens_per_rank: float) -> float:
         """One activation (or gradient) transfer between adjacent stages: s·h·b/t bytes, inter-node

@@ -289,13 +289,11 @@ def test_profile_measures_the_cost_models_gemm_shapes_and_fits_each_model(tmp_pa
     # tiny's heads
     c = p.constants["attn_call_overhead_s"]
     assert c["unit"] == "s" and 0 < c["value"] < 1e-3 and "4/2 heads, head dim 16" in c["source"]
-    c = p.constants["attn_source_fwd_s"]
-    assert c["unit"] == "s" and 0 < c["value"] < 1e-2 and "4/2 heads, head dim 16" in c["source"]
-    assert p.constants["attn_source_tokens"]["value"] > 0
-    for way in ("fwd", "bwd"):
-        fixed, per_token = p.constants[f"attn_ring_step_{way}_s"], p.constants[f"attn_ring_step_token_{way}_s"]
-        assert fixed["value"] >= 0 and per_token["value"] >= 0 and fixed["value"] + per_token["value"] > 0
-        assert "4/2 heads, head dim 16" in fixed["source"] and per_token["unit"] == "s/(token·head)"
+    for kind in ("source", "ring_step"):
+        for way in ("fwd", "bwd"):
+            fixed, per_token = p.constants[f"attn_{kind}_{way}_s"], p.constants[f"attn_{kind}_token_{way}_s"]
+            assert fixed["value"] >= 0 and per_token["value"] >= 0 and fixed["value"] + per_token["value"] > 0
+            assert "4/2 heads, head dim 16" in fixed["source"] and per_token["unit"] == "s/(token·head)"
     load_profile(p.save(tmp_path / "again.json"))  # constants the profile schema reads back
 
 
@@ -309,8 +307,6 @@ def test_profile_whose_attention_call_cost_fails_is_written_with_a_note(tmp_path
     p = load_profile("local-cpu.measured")
     p.fits.clear()
     p.constants.pop("attn_call_overhead_s", None)  # measured after the tables, by the CLI
-    p.constants.pop("attn_source_fwd_s", None)
-    p.constants.pop("attn_source_tokens", None)
     _fake_run_profile(monkeypatch, p, {})
     r = run("profile", "--out", str(tmp_path / "p.json"), "--models", "tiny")
     assert r.exit_code == 0, r.output

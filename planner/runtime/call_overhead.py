@@ -1,10 +1,11 @@
 """The executor's fixed cost per attention call, measured: what `PackedAttention` (planner/runtime/cp.py) spends on
 a packed bin's documents beyond the SDPA calls the attention table times (the split into documents, the layout
 views, the cat of the outputs, and their backward), per document and direction. The cost model charges it per
-attention call (profile constant `attn_call_overhead_s`, costmodel/timing.py). Likewise per K/V source of a SlimPipe
-slice's forward (`attn_source_fwd_s`, `CostModel.slice_sources_fwd_s`). `meshplan profile` measures it on
-CPU, where the host's work is the step's time; on a GPU the host issues the same ops ahead of the kernels, so they
-cost time only where a unit is host-bound, and `meshplan calibrate` fits the constant there."""
+attention call (profile constant `attn_call_overhead_s`, costmodel/timing.py). Likewise, forward and backward, the
+host work per K/V source of a SlimPipe slice and per ring step beyond the attention they are priced as, a fixed part
+and one per token and head (`attn_source_*`, `attn_ring_step_*`; `CostModel.attention_glue_s`). `meshplan profile`
+measures them on CPU, where the host's work is the step's time; on a GPU the host issues the same ops ahead of the
+kernels, so they cost time only where a unit is host-bound, and `meshplan calibrate` fits the call's constant there."""
 
 from __future__ import annotations
 
@@ -73,60 +74,93 @@ def attention_call_overhead(heads: int, kv_heads: int, head_dim: int, rounds: in
 
 
 SOURCE_SLICES = 4  # slices of the timed document: 1 + 2 + 3 + 4 sources
-SOURCE_TOKENS = 128  # tokens a slice: the block calls stay short, the merges and glue are what is left
+SOURCE_TOKENS = (128, 512)  # a slice's tokens in the two timed units: the glue's fixed part and its growth per token
+GLUE_ROUNDS = 120  # the glue is a few percent of the attention it rides on: many paired rounds
 
 
-def attention_source_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = ROUNDS) -> dict:
-    """Profile constants `attn_source_fwd_s` and `attn_source_tokens` (the slice length) on this CPU: what a
-    SlimPipe slice's forward spends per K/V source (its own block and each cached slice's: the block kernel's call,
-    the online-softmax merge, the sources function's Python) beyond the attention table's SDPA calls on the same
-    blocks (causal on its own, full on a cached slice), with autograd recording as in training; one document of
-    SOURCE_SLICES slices, each path's fastest of interleaved rounds, per source, never below 0. The backward takes
-    the final log-sum-exp and merges nothing: forward only."""
+def _paired_excess_s(runtime, table, rounds: int) -> tuple[float, float]:
+    """(forward, backward) seconds the executor's path (`runtime`) takes beyond the SDPA calls it is priced as
+    (`table`): each a function returning (outputs, their gradients), timed back to back each round (a slow spell of a
+    shared host hits both), the median over rounds of the differences."""
+    import torch
+
+    def timed(fn) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        outs, grads = fn()
+        t1 = time.perf_counter()
+        torch.autograd.backward(outs, grads)
+        return t1 - t0, time.perf_counter() - t1
+
+    diffs: list[tuple[float, float]] = []
+    for r in range(WARMUP + rounds):
+        tr, tt = timed(runtime), timed(table)
+        if r >= WARMUP:
+            diffs.append((tr[0] - tt[0], tr[1] - tt[1]))
+    return statistics.median(d[0] for d in diffs), statistics.median(d[1] for d in diffs)
+
+
+def _glue_constants(kind: str, excess_at, lengths: tuple[int, int], heads: int, what: str) -> dict:
+    """Profile constants attn_{kind}_{fwd,bwd}_s (a fixed part) and attn_{kind}_token_{fwd,bwd}_s (one per token and
+    head): the line through the glue measured at two lengths, `excess_at(tokens)` -> (forward, backward) seconds,
+    neither part below 0."""
+    (f1, b1), (f2, b2) = (excess_at(t) for t in lengths)
+    t1, t2 = lengths
+    out = {}
+    for way, a, b in (("fwd", f1, f2), ("bwd", b1, b2)):
+        slope = max(0.0, (b - a) / ((t2 - t1) * heads))
+        out[f"attn_{kind}_{way}_s"] = {"value": max(0.0, a - slope * t1 * heads), "unit": "s",
+                                       "source": f"{what}; the fixed part"}
+        out[f"attn_{kind}_token_{way}_s"] = {"value": slope, "unit": "s/(token·head)",
+                                             "source": f"{what}; the growth per token and head"}
+    return out
+
+
+def _source_excess_s(heads: int, kv_heads: int, head_dim: int, tokens: int, rounds: int) -> tuple[float, float]:
+    """(forward, backward) seconds per K/V source that SOURCE_SLICES slices of `tokens` tokens of one document spend
+    beyond the SDPA calls on the same blocks (causal on a slice's own, full on a cached slice's)."""
     import torch
     import torch.nn.functional as F
 
     from planner.plan import Piece
     from planner.runtime.cp import KVCache, Peers, SlicedAttention, slice_layout, unit_documents
 
-    n, s, d = SOURCE_SLICES, SOURCE_TOKENS, head_dim
+    n, s, d = SOURCE_SLICES, tokens, head_dim
     cpu = torch.device("cpu")
     pieces = unit_documents((Piece(0, 0, n * s),))
     layouts = [[slice_layout(pieces, n, j, 1, 0)] for j in range(n)]
     qkv = [[torch.randn(s, h, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)] for _ in range(n)]
     blocks = [[torch.randn(1, h, s, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)] for _ in range(n)]
 
-    def runtime() -> float:
+    def runtime():
         cache, peers = KVCache(), Peers((0,), 0)
-        t0 = time.perf_counter()
         outs = [SlicedAttention(layouts, j, peers, cache, cpu)(*qkv[j], 0) for j in range(n)]
-        t = time.perf_counter() - t0
-        del outs, cache
-        return t
+        return outs, [torch.ones_like(o) for o in outs]
 
-    def table() -> float:
-        t0 = time.perf_counter()
+    def table():
         outs = [F.scaled_dot_product_attention(blocks[j][0], blocks[i][1], blocks[i][2], is_causal=i == j,
                                                enable_gqa=heads != kv_heads) for j in range(n) for i in range(j + 1)]
-        t = time.perf_counter() - t0
-        del outs
-        return t
+        return outs, [torch.ones_like(o) for o in outs]
 
-    best_r = best_t = float("inf")
-    for r in range(WARMUP + rounds):
-        tr, tt = runtime(), table()
-        if r >= WARMUP:
-            best_r, best_t = min(best_r, tr), min(best_t, tt)
     sources = n * (n + 1) // 2
-    value = max(0.0, (best_r - best_t) / sources)
-    return {"attn_source_fwd_s": {
-                "value": value, "unit": "s",
-                "source": f"measured: planner.runtime SlicedAttention forward over {n} slices of {s} tokens ({sources} "
-                          f"sources; {heads}/{kv_heads} heads, head dim {d}) less the attention table's SDPA calls on "
-                          f"the same blocks, per source, each path's fastest of {rounds} interleaved rounds, "
-                          f"{torch.get_num_threads()} torch thread(s)"},
-            "attn_source_tokens": {"value": float(s), "unit": "tokens",
-                                   "source": "the slice length attn_source_fwd_s was measured at"}}
+    return tuple(x / sources for x in _paired_excess_s(runtime, table, rounds))
+
+
+def attention_source_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = GLUE_ROUNDS) -> dict:
+    """Profile constants of a SlimPipe slice's host work per K/V source (its own block and each cached slice's) beyond
+    the attention table's SDPA calls on the same blocks, forward (the block kernel's call and copies, the
+    online-softmax merge, the sources function's Python) and backward (the block calls, the dQ, dK and dV
+    accumulators), with autograd as in training: one document of SOURCE_SLICES slices at each of SOURCE_TOKENS
+    tokens a slice; a fixed part per source (`attn_source_fwd_s`, `attn_source_bwd_s`) and one per token and head
+    (`attn_source_token_fwd_s`, `..._bwd_s`), the line through the two (`_glue_constants`)."""
+    import torch
+
+    t1, t2 = SOURCE_TOKENS
+    what = (f"measured: planner.runtime SlicedAttention over {SOURCE_SLICES} slices of one document ({heads}/"
+            f"{kv_heads} heads, head dim {head_dim}) less the attention table's SDPA calls on the same blocks, per "
+            f"source, at {t1} and {t2} tokens a slice: the median over {rounds} rounds of the two timed back to "
+            f"back, {torch.get_num_threads()} torch thread(s)")
+    return _glue_constants("source", lambda t: _source_excess_s(heads, kv_heads, head_dim, t, rounds),
+                           SOURCE_TOKENS, heads, what)
 
 
 RING_TOKENS = (256, 1024)  # a member's tokens in the two timed rings: the glue's fixed part and its growth per token
@@ -139,8 +173,8 @@ class _Loopback:
 
     degree, index = 2, 0
 
-    def __init__(self, peer_kv, peer_dkv) -> None:
-        self.got = {1: peer_kv, 2: peer_dkv}  # by tag: cp.py's _TAG_KV, _TAG_DKV
+    def __init__(self, got: dict) -> None:
+        self.got = got  # what the peer sends, by message tag
         self.stats = types.SimpleNamespace(wait_s=0.0, sent_bytes=0, messages=0)
 
     def ring(self, t, tag: int):
@@ -150,31 +184,22 @@ class _Loopback:
 def _ring_excess_s(heads: int, kv_heads: int, head_dim: int, tokens: int, rounds: int) -> tuple[float, float]:
     """(forward, backward) seconds a ring step of one document over 2 members, `tokens` a member, spends beyond the
     SDPA calls the cost model prices it as (each member's causal square and its other member's two chunk squares at
-    the full rate, costmodel.timing.CostModel.unit_costs): the median over rounds of the two timed back to back, per
-    step."""
+    the full rate, costmodel.timing.CostModel.unit_costs), per step."""
     import torch
     import torch.nn.functional as F
 
     from planner.plan import Piece
     from planner.runtime.cp import _TAG_DKV, _TAG_KV, RingAttention, shard_layout, unit_documents
 
-    assert (_TAG_KV, _TAG_DKV) == (1, 2)  # _Loopback's tags
     d, t, half = head_dim, tokens, tokens // 2
     docs = unit_documents((Piece(0, 0, 2 * t),))
-    peers = _Loopback(torch.randn(2, kv_heads, t, d), torch.zeros(2, kv_heads, t, d))
+    peers = _Loopback({_TAG_KV: torch.randn(2, kv_heads, t, d), _TAG_DKV: torch.zeros(2, kv_heads, t, d)})
     ring = RingAttention([shard_layout(docs, 2, i) for i in range(2)], peers, d, torch.device("cpu"))
     qkv = [torch.randn(t, h, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
     grad = torch.ones(t, heads, d)
     blocks = [[torch.randn(1, h, n, d, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
               for n in (t, half, half)]
     gqa = heads != kv_heads
-
-    def timed(fn) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        outs, grads = fn()
-        t1 = time.perf_counter()
-        torch.autograd.backward(outs, grads)
-        return t1 - t0, time.perf_counter() - t1
 
     def runtime():
         return [ring(*qkv, 0)], [grad]
@@ -184,37 +209,22 @@ def _ring_excess_s(heads: int, kv_heads: int, head_dim: int, tokens: int, rounds
         other = [F.scaled_dot_product_attention(*b, enable_gqa=gqa) for b in blocks[1:]]
         return [own, *other], [torch.ones_like(own), *(torch.ones_like(o) for o in other)]
 
-    diffs: list[tuple[float, float]] = []  # per round, runtime − table, back to back: a slow spell hits both
-    for r in range(WARMUP + rounds):
-        tr, tt = timed(runtime), timed(table)
-        if r >= WARMUP:
-            diffs.append((tr[0] - tt[0], tr[1] - tt[1]))
-    return tuple(max(0.0, statistics.median(d[k] for d in diffs) / 2) for k in (0, 1))
+    return tuple(x / 2 for x in _paired_excess_s(runtime, table, rounds))
 
 
-RING_ROUNDS = 120  # the glue is a few percent of the attention it rides on: many paired rounds (5 s on a 2-core EPYC)
-
-
-def ring_step_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = RING_ROUNDS) -> dict:
+def ring_step_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = GLUE_ROUNDS) -> dict:
     """Profile constants of a ring step's host work beyond its attention on this CPU (fp32, the thread count in
     force), forward and backward: what RingAttention spends per step (its kernel's block calls, the online-softmax
     merge, the K/V stack, the dQ and dK/dV accumulators and their copies, the Python) beyond the SDPA calls the cost
     model prices the step as, timed as member 0 of a 2-member ring at RING_TOKENS tokens a member; a fixed part per
     step (`attn_ring_step_fwd_s`, `attn_ring_step_bwd_s`) and one per token and head a member holds
-    (`attn_ring_step_token_fwd_s`, `..._bwd_s`), the line through the two, neither below 0."""
+    (`attn_ring_step_token_fwd_s`, `..._bwd_s`), the line through the two (`_glue_constants`)."""
     import torch
 
-    (f1, b1), (f2, b2) = (_ring_excess_s(heads, kv_heads, head_dim, t, rounds) for t in RING_TOKENS)
     t1, t2 = RING_TOKENS
-    where = (f"measured: planner.runtime RingAttention as member 0 of a 2-member ring over one document ({heads}/"
-             f"{kv_heads} heads, head dim {head_dim}; the peer's blocks in place, no transfer) less the SDPA calls "
-             f"the cost model prices its steps as, per step, at {t1} and {t2} tokens a member: the median over "
-             f"{rounds} rounds of the two timed back to back, {torch.get_num_threads()} torch thread(s)")
-    out = {}
-    for way, a, b in (("fwd", f1, f2), ("bwd", b1, b2)):
-        slope = max(0.0, (b - a) / ((t2 - t1) * heads))
-        out[f"attn_ring_step_{way}_s"] = {"value": max(0.0, a - slope * t1 * heads), "unit": "s",
-                                          "source": f"{where}; the fixed part"}
-        out[f"attn_ring_step_token_{way}_s"] = {"value": slope, "unit": "s/(token·head)",
-                                                "source": f"{where}; the growth per token and head"}
-    return out
+    what = (f"measured: planner.runtime RingAttention as member 0 of a 2-member ring over one document ({heads}/"
+            f"{kv_heads} heads, head dim {head_dim}; the peer's blocks in place, no transfer) less the SDPA calls "
+            f"the cost model prices its steps as, per step, at {t1} and {t2} tokens a member: the median over "
+            f"{rounds} rounds of the two timed back to back, {torch.get_num_threads()} torch thread(s)")
+    return _glue_constants("ring_step", lambda t: _ring_excess_s(heads, kv_heads, head_dim, t, rounds),
+                           RING_TOKENS, heads, what)

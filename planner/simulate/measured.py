@@ -129,9 +129,8 @@ def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = No
         for s in range(cm.pp):
             k = 1 if s == cm.pp - 1 else 0
             whole, sliced = costs[u.id][k], one[u.id][k] if u.id in one else None
-            src = slice_sources_s(cm, costs[u.id][0], u.slices)
-            out[(u.id, s)] = sum(sliced_pass_s(whole, sliced, u.slices, f, False, src if f else 0.0)
-                                 for f in (True, False))
+            out[(u.id, s)] = sum(sliced_pass_s(whole, sliced, u.slices, f, False,
+                                               slice_sources_s(cm, costs[u.id][0], u, f)) for f in (True, False))
     return out
 
 

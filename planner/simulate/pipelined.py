@@ -14,7 +14,7 @@ import numpy as np
 
 from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s
 from costmodel.timing import CostModel, UnitCost
-from planner.plan import PipelineSection, PlanError, Step
+from planner.plan import PipelineSection, PlanError, Step, Unit
 from planner.schedule import (
     ScheduleError, chunk_last_backwards, dependency, mirror_chunks, mirror_pairs, run_ops, slice_share, step_op_lists)
 from planner.simulate.cores import run_ops_shared
@@ -49,7 +49,7 @@ def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: 
     the unit priced with every document's n-th; slice_layout gives slice j the j-th part of each). Per-call floors
     and small-m GEMM rates make that more than the whole unit's: on a CPU, 4 slices of a 2,899-token unit of `tiny`
     ran 1.23x its whole time (bench/slice_overhead.py). `compute_only`: its compute part alone (the head included,
-    exposed communication not). `sources_s`: what the forward's K/V sources cost beyond their blocks' attention
+    exposed communication not). `sources_s`: what the pass's K/V sources cost beyond their blocks' attention
     (`slice_sources_s`), with the attention."""
     def pass_s(c: UnitCost) -> float:
         if compute_only:
@@ -58,14 +58,22 @@ def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: 
 
     if n == 1 or one_slice is None:
         return pass_s(whole)
-    attn = whole.attn_fwd_compute_s + sources_s if forward else whole.attn_bwd_compute_s
+    attn = (whole.attn_fwd_compute_s if forward else whole.attn_bwd_compute_s) + sources_s
     return attn + n * (pass_s(one_slice) - (one_slice.attn_fwd_compute_s if forward else one_slice.attn_bwd_compute_s))
 
 
-def slice_sources_s(cm: CostModel, whole: UnitCost, n: int) -> float:
-    """A sliced unit's forward through a stage: its layers' K/V sources beyond their attention
-    (`CostModel.slice_sources_fwd_s`); 0 unsliced."""
-    return cm.layers_per_stage * cm.slice_sources_fwd_s(whole.tokens_per_rank / n, n) if n > 1 else 0.0
+def slice_sources_s(cm: CostModel, whole: UnitCost, unit: Unit, forward: bool) -> float:
+    """A sliced unit's pass (forward or backward) through a stage: its layers' K/V sources' host work beyond their
+    attention (`CostModel.slice_sources_s`; each of its d members' slices is a source, as SlicedAttention gathers
+    them), less the ring steps' the whole unit's price carries (the executor runs a sliced unit's attention as
+    sources, not as a ring); 0 unsliced."""
+    n, d, way = unit.slices, unit.degree, "fwd" if forward else "bwd"
+    if n <= 1:
+        return 0.0
+    out = cm.layers_per_stage * d * cm.slice_sources_s(whole.tokens_per_rank / n, n, way)
+    if d > 1 and (unit.cp or cm.setup.training.cp) == "ring":
+        out -= cm.layers_per_stage * d * float(cm.attention_glue_s("ring_step", whole.tokens_per_rank, way))
+    return out
 
 
 def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: dict[int, int], cm: CostModel,
@@ -169,13 +177,13 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
             mid, last = costs[op.mb]
             one_mid, one_last = slice_costs.get(op.mb, (None, None))
             f, n = op.kind == "F", units[op.mb].slices
-            src = slice_sources_s(cm, mid, n) if f else 0.0
+            src = slice_sources_s(cm, mid, units[op.mb], f)
             t_mid, c_mid = (sliced_pass_s(mid, one_mid, n, f, only, src) for only in (False, True))
             t, c = t_mid / v, c_mid / v
             if s == p - 1 and op.chunk == v - 1:
                 t += sliced_pass_s(last, one_last, n, f, False, src) - t_mid
                 c += sliced_pass_s(last, one_last, n, f, True, src) - c_mid
-            op_costs[k] = OpCost(t, ((mid.attn_fwd_compute_s + src) if f else mid.attn_bwd_compute_s) / v, c)
+            op_costs[k] = OpCost(t, ((mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) + src) / v, c)
         return op_costs[k]
 
     def base_duration(key) -> float:

@@ -37,47 +37,67 @@ def test_cost_model_charges_it_per_document_each_way():
     assert b.bwd_s - a.bwd_s == pytest.approx(10 * layers * 20e-6 * with_call.compute_share, rel=1e-6)
 
 
-def test_a_sliced_forward_costs_more_per_source_than_the_tables_blocks():
-    """SlicedAttention's forward per K/V source: the table's block calls plus a merge, copies and the sources
-    function's Python: positive, below 10 ms on any CPU; the constant names its slice length."""
+def test_a_sliced_units_sources_cost_more_than_the_tables_blocks():
+    """SlicedAttention per K/V source beyond the table's SDPA calls on the same blocks, forward and backward: a fixed
+    part and one per token and head, none below 0, below 10 ms a source at the longer slice on any CPU; the
+    constants name the slice lengths."""
     from planner.runtime.call_overhead import SOURCE_SLICES, SOURCE_TOKENS, attention_source_overhead
 
-    got = attention_source_overhead(4, 2, 16, rounds=10)
-    c = got["attn_source_fwd_s"]
-    assert c["unit"] == "s" and 0 < c["value"] < 1e-2 and got["attn_source_tokens"]["value"] == SOURCE_TOKENS
-    assert f"{SOURCE_SLICES} slices of {SOURCE_TOKENS} tokens" in c["source"]
+    got = attention_source_overhead(4, 2, 16, rounds=8)
+    for way in ("fwd", "bwd"):
+        fixed, per = got[f"attn_source_{way}_s"], got[f"attn_source_token_{way}_s"]
+        assert fixed["unit"] == "s" and per["unit"] == "s/(token·head)"
+        assert fixed["value"] >= 0 and per["value"] >= 0
+        assert fixed["value"] + per["value"] * SOURCE_TOKENS[1] * 4 < 1e-2
+        assert f"{SOURCE_SLICES} slices" in fixed["source"]
+        assert f"at {SOURCE_TOKENS[0]} and {SOURCE_TOKENS[1]} tokens a slice" in fixed["source"]
 
 
-def test_cost_model_charges_each_source_of_a_sliced_forward():
-    """n slices make n(n + 1)/2 sources a layer, forward only: at the constant's slice length the constant each
-    (times the compute share), longer slices add their merges' bytes; one slice, or no constant: nothing. A sliced
-    stage op's forward carries them with its attention."""
+def test_cost_model_charges_each_source_of_a_sliced_unit():
+    """n slices make n(n + 1)/2 sources a layer and member, forward and backward: each the fixed part plus the part
+    per token and head (times the compute share); one slice, or no constants: nothing. A sliced stage op carries
+    them with its attention; a sliced CP unit's ring steps, which its whole price carries, are taken back out (the
+    executor runs its attention as sources)."""
     from planner.plan import Piece, PipelineSection, Predicted, Sequence, Step, Unit
     from planner.simulate import simulate_step
     from planner.simulate.pipelined import slice_sources_s
     from planner.simulate.step import unit_costs
 
     p = load_profile("local-cpu.measured")
-    p.constants.pop("attn_source_fwd_s", None)
-    setup = Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(2), TrainingSpec(dtype="fp32", pp=2))
+    for k in list(p.constants):
+        if k.startswith(("attn_source", "attn_ring_step")):
+            del p.constants[k]
+    setup = Setup(load_model("tiny"), load_cluster("local-cpu").with_gpus(4), TrainingSpec(dtype="fp32", pp=2))
     base = CostModel(setup, p, compute_share=1.0)
-    p.constants["attn_source_fwd_s"] = {"value": 2e-4, "unit": "s", "source": "test"}
-    p.constants["attn_source_tokens"] = {"value": 128.0, "unit": "tokens", "source": "test"}
+    consts = {"attn_source_fwd_s": 2e-4, "attn_source_token_fwd_s": 1e-7, "attn_source_bwd_s": 1e-4,
+              "attn_source_token_bwd_s": 2e-7, "attn_ring_step_fwd_s": 5e-5, "attn_ring_step_bwd_s": 6e-5}
+    for k, v in consts.items():
+        p.constants[k] = {"value": v, "unit": "s", "source": "test"}
     cm = CostModel(setup, p, compute_share=1.0)
-    assert base.slice_sources_fwd_s(128, 4) == 0.0 and cm.slice_sources_fwd_s(128, 1) == 0.0
-    assert cm.slice_sources_fwd_s(128, 4) == pytest.approx(10 * 2e-4)
-    assert cm.slice_sources_fwd_s(725, 4) > cm.slice_sources_fwd_s(128, 4)
-    step = Step(0, 2900, [Sequence(0, 2900)], [Unit(0, (0,), (Piece(0, 0, 2900),), slices=4)], {0: [0]},
-                Predicted(0.0, 0.0, [], []), pipeline=PipelineSection(schedule="sliced"))
-    added = slice_sources_s(cm, unit_costs(step, cm)[0][0], 4)
-    assert added == pytest.approx(cm.layers_per_stage * cm.slice_sources_fwd_s(725, 4))
+    heads = cm.heads_per_rank
+    assert base.slice_sources_s(725, 4, "fwd") == 0.0 and cm.slice_sources_s(725, 1, "fwd") == 0.0
+    assert cm.slice_sources_s(725, 4, "fwd") == pytest.approx(10 * (2e-4 + 1e-7 * 725 * heads))
+    assert cm.slice_sources_s(725, 4, "bwd") == pytest.approx(10 * (1e-4 + 2e-7 * 725 * heads))
+    one = Unit(0, (0,), (Piece(0, 0, 2900),), slices=4)
+    step = Step(0, 2900, [Sequence(0, 2900)], [one], {0: [0]}, Predicted(0.0, 0.0, [], []),
+                pipeline=PipelineSection(schedule="sliced"))
+    mid = unit_costs(step, cm)[0][0]
+    layers = cm.layers_per_stage
+    for f, way in ((True, "fwd"), (False, "bwd")):
+        assert slice_sources_s(cm, mid, one, f) == pytest.approx(layers * cm.slice_sources_s(725, 4, way))
 
-    def passes(model):
-        ops = simulate_step(step, model).ops
+    def passes(model, s):
+        ops = simulate_step(s, model).ops
         return [sum(o.end_s - o.start_s for o in ops if o.stage == 0 and o.kind.startswith(k)) for k in ("fwd", "bwd")]
 
-    (f0, b0), (f1, b1) = passes(base), passes(cm)
-    assert f1 - f0 == pytest.approx(added) and b1 == pytest.approx(b0)
+    (f0, b0), (f1, b1) = passes(base, step), passes(cm, step)
+    assert f1 - f0 == pytest.approx(slice_sources_s(cm, mid, one, True))
+    assert b1 - b0 == pytest.approx(slice_sources_s(cm, mid, one, False))
+    # two members (a sliced CP unit): each member's slices are sources; the ring steps its whole price has go
+    two = Unit(0, (0, 1), (Piece(0, 0, 2900),), slices=4)
+    mid2 = CostModel(setup, p, compute_share=1.0).unit_cost([2900], degree=2, with_head=False)
+    assert slice_sources_s(cm, mid2, two, True) == pytest.approx(layers * 2 * (
+        cm.slice_sources_s(mid2.tokens_per_rank / 4, 4, "fwd") - 5e-5))
 
 
 def test_a_ring_step_costs_more_than_the_attention_it_is_priced_as():
