@@ -528,7 +528,7 @@ EST_BARRIER_S = {"cpu": 5e-4, "cuda": 5e-5}  # the untimed barrier before each c
 EST_FILL_BYTES_PER_S = {"cpu": 1e9, "cuda": 1e12}  # allocating + filling a case's ~3 S bytes of buffers per rank
 EST_FIXED_S = {"cpu": {"startup": 5.0, "torchrun": 8.0,  # imports, dtype probe; torchrun + gloo rendezvous
                        "concurrency": 20.0,  # the cores' slowdown: 2c probe processes, 27 rounds of 1, c, 2c
-                       "wake": 40.0},  # a meeting on busy cores: torchrun on 2c and c ranks, 24 rounds of 2 x 3 runs
+                       "wake": 95.0},  # a meeting on busy cores: torchrun on 2c and c ranks, 72 rounds of 2 x 3 runs
                "cuda": {"startup": 20.0,  # CUDA context, cuBLAS/flash init, autotune warm-ups
                         "torchrun": 40.0}}  # NCCL init ~4.5 s per group + ~0.2 s per P2P pair (REFERENCE 8.4)
 # A reference profile may hold only bf16 GEMMs: time of other dtypes relative to bf16.

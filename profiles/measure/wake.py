@@ -38,7 +38,10 @@ from pathlib import Path
 
 SEGMENTS_S = (2e-3, 20e-3)  # compute before a meeting: about a tiny layer's GEMMs, and a long ring step's attention
 SPAN_S = 80e-3  # compute per timed run: n = SPAN_S / segment meetings (40 short, 4 long)
-ROUNDS = 24
+# rounds of the worker: with 24 the medians moved between runs by 0.65-1.64 ms (one rank a core, 2 ms segments) and
+# 3.1-5.0 ms (two a core, 20 ms), and the fitted one-a-core plateau of seven fidelity profiles by 0.7-2.2 ms; with 72,
+# by 1.31-1.43 and 3.67-3.98 ms (2-core EPYC, docs/BENCHMARKS.md twenty-fourth session), 92 s instead of 39
+ROUNDS = 72
 MAX_CORES = 2  # cores the pairs run on: a large host is sampled, not filled
 MESSAGE_BYTES = 64 << 10  # each way per exchange: a ring step's K/V of a few hundred tokens of a small model
 WAKE_CONSTANTS = {2: "cores_shared_wake_s", 1: "cores_busy_wake_s"}  # ranks a core -> the plateau's constant
