@@ -99,12 +99,16 @@ def _paired_excess_s(runtime, table, rounds: int) -> tuple[float, float]:
     return statistics.median(d[0] for d in diffs), statistics.median(d[1] for d in diffs)
 
 
-def _glue_constants(kind: str, excess_at, lengths: tuple[int, int], heads: int, what: str) -> dict:
+def _glue_constants(kind: str, excess_at, lengths: tuple[int, int], heads: int, rounds: int, what: str) -> dict:
     """Profile constants attn_{kind}_{fwd,bwd}_s (a fixed part) and attn_{kind}_token_{fwd,bwd}_s (one per token and
     head): the line through the glue measured at two lengths, `excess_at(tokens)` -> (forward, backward) seconds,
-    neither part below 0."""
+    neither part below 0; `what` (the path timed, at {t1} and {t2}) opens their source text."""
+    import torch
+
     (f1, b1), (f2, b2) = (excess_at(t) for t in lengths)
     t1, t2 = lengths
+    what = (what.format(t1=t1, t2=t2) + f": the median over {rounds} rounds of the two timed back to back, "
+            f"{torch.get_num_threads()} torch thread(s)")
     out = {}
     for way, a, b in (("fwd", f1, f2), ("bwd", b1, b2)):
         slope = max(0.0, (b - a) / ((t2 - t1) * heads))
@@ -152,15 +156,11 @@ def attention_source_overhead(heads: int, kv_heads: int, head_dim: int, rounds: 
     accumulators), with autograd as in training: one document of SOURCE_SLICES slices at each of SOURCE_TOKENS
     tokens a slice; a fixed part per source (`attn_source_fwd_s`, `attn_source_bwd_s`) and one per token and head
     (`attn_source_token_fwd_s`, `..._bwd_s`), the line through the two (`_glue_constants`)."""
-    import torch
-
-    t1, t2 = SOURCE_TOKENS
     what = (f"measured: planner.runtime SlicedAttention over {SOURCE_SLICES} slices of one document ({heads}/"
             f"{kv_heads} heads, head dim {head_dim}) less the attention table's SDPA calls on the same blocks, per "
-            f"source, at {t1} and {t2} tokens a slice: the median over {rounds} rounds of the two timed back to "
-            f"back, {torch.get_num_threads()} torch thread(s)")
+            "source, at {t1} and {t2} tokens a slice")
     return _glue_constants("source", lambda t: _source_excess_s(heads, kv_heads, head_dim, t, rounds),
-                           SOURCE_TOKENS, heads, what)
+                           SOURCE_TOKENS, heads, rounds, what)
 
 
 RING_TOKENS = (256, 1024)  # a member's tokens in the two timed rings: the glue's fixed part and its growth per token
@@ -219,12 +219,8 @@ def ring_step_overhead(heads: int, kv_heads: int, head_dim: int, rounds: int = G
     model prices the step as, timed as member 0 of a 2-member ring at RING_TOKENS tokens a member; a fixed part per
     step (`attn_ring_step_fwd_s`, `attn_ring_step_bwd_s`) and one per token and head a member holds
     (`attn_ring_step_token_fwd_s`, `..._bwd_s`), the line through the two (`_glue_constants`)."""
-    import torch
-
-    t1, t2 = RING_TOKENS
     what = (f"measured: planner.runtime RingAttention as member 0 of a 2-member ring over one document ({heads}/"
             f"{kv_heads} heads, head dim {head_dim}; the peer's blocks in place, no transfer) less the SDPA calls "
-            f"the cost model prices its steps as, per step, at {t1} and {t2} tokens a member: the median over "
-            f"{rounds} rounds of the two timed back to back, {torch.get_num_threads()} torch thread(s)")
+            "the cost model prices its steps as, per step, at {t1} and {t2} tokens a member")
     return _glue_constants("ring_step", lambda t: _ring_excess_s(heads, kv_heads, head_dim, t, rounds),
-                           RING_TOKENS, heads, what)
+                           RING_TOKENS, heads, rounds, what)

@@ -79,8 +79,8 @@ class CpuUse:
     """CPU time over timed spans: the calling thread's (a rank runs its forward on it, and on CPU autograd's
     backward too) and the process's other threads' (process time less the thread's). Where ranks time-slice the cores,
     wall time stretches and CPU time does not: the thread's CPU is the unit's work, and the helpers' is CPU that
-    competed with it (gloo's loop thread moving ring and pipeline transfers, measured at 2-30 ms a 2-rank ring unit
-    on a 2-core host, docs/BENCHMARKS.md)."""
+    competed with it (gloo's loop thread moving ring and pipeline transfers: up to 30 ms a 2-rank ring unit on a
+    2-core host, docs/BENCHMARKS.md)."""
 
     thread_s: float = 0.0
     helpers_s: float = 0.0

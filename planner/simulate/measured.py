@@ -158,6 +158,7 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         raise PlanError("measured trace is incomplete (the replay did not finish" +
                         (f"; merged from its partial traces {parts})" if parts else ")"))
     sims = {s.step: simulate_step(s, cm) for s in plan.steps}
+    cpu_preds = {s.step: predicted_cpu_s(s, cm) for s in plan.steps}  # once per plan step, as the simulations
     steps_by_id = {s.step: s for s in plan.steps}
     units_out, steps_out = [], []
     for st in trace.get("steps", []):
@@ -165,7 +166,7 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
         if ps not in steps_by_id:
             raise PlanError(f"measured trace replays plan step {ps}, which the plan does not have")
         predicted = predicted_units_s(steps_by_id[ps], cm, sims[ps])
-        cpu_pred = predicted_cpu_s(steps_by_id[ps], cm)
+        cpu_pred = cpu_preds[ps]
         # pp > 1: a rank measures its own stage's share (the last stage's includes the head and loss), its ops
         # interleaved with other micro-batches': the mean of the members' sums. pp = 1: the members run the unit in
         # lockstep, from the last one's start (an earlier member waits for it: the schedule's idle time, which the
