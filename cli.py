@@ -739,7 +739,7 @@ def simulate_cmd(
     if comparison is not None:
         slow = comparison.host_slowdown
         t = Table(title=escape(f"predicted ({cm.profile.fingerprint.name}) vs measured ({measured})"))
-        # traces with the units' CPU: the members' own-thread CPU against the priced compute (CPU, pp = 1), which
+        # traces with the units' CPU: the members' own-thread CPU against the priced compute (CPU profiles), which
         # waits and time slicing do not move, and their other threads' (gloo's) CPU
         cpu = any("thread_cpu_s" in x for x in comparison.units)
         for c in ("step", "unit", "predicted (s)", "measured (s)", "error") + (

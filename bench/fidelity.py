@@ -157,7 +157,7 @@ class PlanFigures:
     unit_errors: list[float] = field(default_factory=list)  # per (unit, stage): predicted / median measured − 1
     host_slowdown: float | None = None  # the replay's host probe over the profile's (compare_measured)
     other_cores: float | None = None  # other processes' cores during the replay's steps (median; compare_measured)
-    # per (unit, stage) with a CPU prediction (pp = 1): priced compute / median own-thread CPU − 1 (compare_measured)
+    # per (unit, stage) with a CPU prediction: priced compute / median own-thread CPU − 1 (compare_measured)
     cpu_errors: list[float] = field(default_factory=list)
 
     @property
@@ -366,7 +366,7 @@ def cpu(args: argparse.Namespace) -> None:
               f"{_ms(base[n].step_predicted_s)} | {_ms(pb['busiest_s'])} | {_ms(pb['ring_exposed_s'])} | "
               f"{_ms(pb['tp_comm_s'])} | {_ms(pb['grad_sync_s'])} | {_ms(pb['optimizer_s'])} | {_ms(pb['bubble_s'])} |")
     print("\nUnits' CPU: each unit's own-thread CPU (the trace's thread_cpu_s, members' mean, median over iterations) "
-          "against its priced compute at the share of as many busy ranks as cores (pp = 1; "
+          "against its priced compute at the share of as many busy ranks as cores ("
           "planner.simulate.measured.predicted_cpu_s), which waits and time slicing do not move; and per step the "
           "most CPU a rank's own thread and its other threads (gloo's) spent in its units:\n")
     print("| plan | units' CPU error, median (signed) | median / max abs | own thread a step (ms) | "

@@ -186,7 +186,7 @@ def test_simulate_measured_sets_the_units_cpu_beside_their_priced_compute(tmp_pa
     cm = cost_model_for_plan(plan)
     step = plan.steps[0]
     took, cpu = predicted_units_s(step, cm, simulate_step(step, cm)), predicted_cpu_s(step, cm)
-    units = [{"unit": u.id, "stage": 0, "fwd_s": took[(u.id, 0)], "bwd_s": 0.0, "thread_cpu_s": 2 * cpu[u.id],
+    units = [{"unit": u.id, "stage": 0, "fwd_s": took[(u.id, 0)], "bwd_s": 0.0, "thread_cpu_s": 2 * cpu[(u.id, 0)],
               "helper_cpu_s": 0.004} for u in step.units]
     doc = {"schema": "meshplan.measured/1", "complete": True, "meta": {},
            "steps": [{"step": 0, "plan_step": step.step, "units": units, "step_time_s": 1.0}]}

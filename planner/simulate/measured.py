@@ -32,7 +32,7 @@ class MeasuredComparison:
     """Predicted (this simulator) vs measured (a `meshplan replay --trace` file)."""
 
     # per (replay step, unit): predicted_s, measured_s (mean over its ranks), rel_err; where the trace has them the
-    # members' mean CPU (thread_cpu_s, helper_cpu_s), and on a CPU profile with pp = 1 predicted_cpu_s and cpu_err
+    # members' mean CPU (thread_cpu_s, helper_cpu_s), and on a CPU profile predicted_cpu_s and cpu_err
     units: list[dict]
     steps: list[dict]  # per replay step: predicted_s, measured_s, rel_err
     # CPU: the host probe's time around the replay over its time while the profile was measured (> 1: the host
@@ -123,29 +123,38 @@ def predicted_units_s(step: Step, cm: CostModel, sim: StepSimulation | None = No
         for op in (sim or simulate_step(step, cm)).ops:
             out[(op.unit, op.stage)] = out.get((op.unit, op.stage), 0.0) + op.end_s - op.start_s
         return out
+    return _stage_passes_s(step, cm, compute_only=False)
+
+
+def _stage_passes_s(step: Step, cm: CostModel, compute_only: bool) -> dict[tuple[int, int], float]:
+    """pp > 1: each (unit, stage)'s forward + backward price as its slices run it (sliced_pass_s; the last stage's
+    with the head and loss), or its compute part alone."""
     costs, one = unit_costs(step, cm), slice_costs(step, cm) or {}
     out = {}
     for u in step.units:
         for s in range(cm.pp):
             k = 1 if s == cm.pp - 1 else 0
             whole, sliced = costs[u.id][k], one[u.id][k] if u.id in one else None
-            out[(u.id, s)] = sum(sliced_pass_s(whole, sliced, u.slices, f, False,
+            out[(u.id, s)] = sum(sliced_pass_s(whole, sliced, u.slices, f, compute_only,
                                                slice_sources_s(cm, costs[u.id][0], u, f)) for f in (True, False))
     return out
 
 
-def predicted_cpu_s(step: Step, cm: CostModel) -> dict[int, float] | None:
-    """pp = 1 on a CPU profile with cores: each unit's priced compute (its exposed transfers and wake-ups left out)
-    as the CPU time of a member's own thread. Units are priced with every rank of the node busy (compute_share);
-    beyond one rank a core the ranks time-slice, which stretches wall time and not CPU time, while shared cache and
-    memory bandwidth stretch both: the CPU is the compute at the share of as many busy ranks as cores. Set beside a
-    replay's thread_cpu_s, it checks the compute prices whatever the scheduling and waits did. None elsewhere."""
+def predicted_cpu_s(step: Step, cm: CostModel) -> dict[tuple[int, int], float] | None:
+    """On a CPU profile with cores: each (unit, stage)'s priced compute (its exposed transfers and wake-ups left out)
+    as the CPU time of a member's own thread; pp > 1, its stage's slices and chunks as the pipeline runs them. Units
+    are priced with every rank of the node busy (compute_share); beyond one rank a core the ranks time-slice, which
+    stretches wall time and not CPU time, while shared cache and memory bandwidth stretch both: the CPU is the
+    compute at the share of as many busy ranks as cores. Set beside a replay's thread_cpu_s, it checks the compute
+    prices whatever the scheduling and waits did. None elsewhere."""
     cores = cm.profile.constants.get("cores_per_node", {}).get("value")
-    if cm.pp > 1 or not cm.shares_cores or not cores:
+    if not cm.shares_cores or not cores:
         return None
-    costs = unit_costs(step, cm)
     x = cm.share_at(int(min(cores, cm.setup.cluster.gpus_per_node))) / cm.compute_share
-    return {uid: float(c) * x for uid, c in zip(costs.ids, UnitCost.compute_s.fget(costs.last))}
+    if cm.pp > 1:
+        return {key: c * x for key, c in _stage_passes_s(step, cm, compute_only=True).items()}
+    costs = unit_costs(step, cm)
+    return {(uid, 0): float(c) * x for uid, c in zip(costs.ids, UnitCost.compute_s.fget(costs.last))}
 
 
 def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparison:
@@ -189,7 +198,8 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
                 thread, helpers = np.array(cpu[(uid, stage)]).mean(axis=0)
                 row.update(thread_cpu_s=float(thread), helper_cpu_s=float(helpers))
                 if cpu_pred is not None and thread > 0:
-                    row.update(predicted_cpu_s=cpu_pred[uid], cpu_err=cpu_pred[uid] / float(thread) - 1)
+                    row.update(predicted_cpu_s=cpu_pred[(uid, stage)],
+                               cpu_err=cpu_pred[(uid, stage)] / float(thread) - 1)
             units_out.append(row)
         pred_step = sims[ps].step_time_s
         meas_step = float(st["step_time_s"])

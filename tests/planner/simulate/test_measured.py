@@ -12,6 +12,8 @@ from planner.api import PlanRequest, cost_model_for_plan, make_plan
 from planner.simulate import simulate_step, unit_costs
 from planner.simulate.measured import (OtherLoad, compare_measured, host_slowdown, predicted_cpu_s, predicted_units_s,
                                        warm_steps)
+from planner.simulate.pipelined import slice_sources_s, sliced_pass_s
+from planner.simulate.step import slice_costs
 
 PROFILE_PROBE_S = 0.020
 
@@ -133,24 +135,51 @@ def test_a_units_cpu_is_its_compute_at_the_share_of_as_many_busy_ranks_as_cores(
         row = costs.ids.index(u.id)
         c = (costs.last.fwd_compute_s[row] + costs.last.bwd_compute_s[row] + costs.last.head_fwd_s[row]
              + costs.last.head_bwd_s[row])
-        assert got[u.id] == pytest.approx(c * b / (4 / 2 * s / 2))
-        assert got[u.id] < costs.last.total_s[row]
+        assert got[(u.id, 0)] == pytest.approx(c * b / (4 / 2 * s / 2))
+        assert got[(u.id, 0)] < costs.last.total_s[row]
     # a replay whose threads took 25% more CPU than that, its gloo threads 3 ms a member
     doc = _trace(plan, cm, 1.0, None)
     for u in doc["steps"][0]["units"]:
-        u.update(thread_cpu_s=1.25 * got[u["unit"]], helper_cpu_s=0.003)
+        u.update(thread_cpu_s=1.25 * got[(u["unit"], 0)], helper_cpu_s=0.003)
     rows = compare_measured(plan, cm, doc).units
     assert all(r["cpu_err"] == pytest.approx(1 / 1.25 - 1) and r["helper_cpu_s"] == pytest.approx(0.003)
                for r in rows)
     assert "cpu_err" not in compare_measured(plan, cm, _trace(plan, cm, 1.0, None)).units[0]  # older traces
 
 
-def test_no_cpu_prediction_off_cpu_cores_or_with_pipelines():
+def test_no_cpu_prediction_off_cpu_cores():
     gpu = PlanRequest(model="tiny", cluster="dgx-h100", gpus=8, lengths="lognormal:median=300,sigma=1.0,max=1500",
                       tokens_per_step=8192, max_context_tokens=2048, seed=2)
     plan = make_plan(gpu, "hdp")
     assert predicted_cpu_s(plan.steps[0], cost_model_for_plan(plan)) is None
-    pp = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2, lengths="lognormal:median=100,sigma=1.0,max=300",
-                     tokens_per_step=1200, max_context_tokens=300, capacity_tokens=200, seed=3)
-    plan = make_plan(pp, "hdp")
-    assert predicted_cpu_s(plan.steps[0], cost_model_for_plan(plan)) is None
+
+
+def test_a_pipelined_units_cpu_is_each_stages_compute_as_its_slices_run_it():
+    """pp = 2 on 4 ranks of the 2-core node: each (unit, stage)'s forward and backward compute (sliced_pass_s with
+    compute_only, its slices' sources with it; the last stage's with the head and loss) at b over k/c · s/2."""
+    req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2,
+                      lengths="lognormal:median=300,sigma=1.4,max=4096", tokens_per_step=8192, max_context_tokens=4096, capacity_tokens=2048, seed=0, dtype="fp32")
+    plan = make_plan(req, "hdp")
+    cm = cost_model_for_plan(plan)
+    step = plan.steps[0]
+    assert any(u.slices > 1 for u in step.units)
+    consts = cm.profile.constants
+    x = consts["cores_busy_slowdown"]["value"] / (4 / 2 * consts["cores_shared_slowdown"]["value"] / 2)
+    costs, one = unit_costs(step, cm), slice_costs(step, cm)
+    got = predicted_cpu_s(step, cm)
+    assert set(got) == {(u.id, s) for u in step.units for s in (0, 1)}
+    for u in step.units:
+        for s in (0, 1):
+            whole, sliced = costs[u.id][s], one[u.id][s] if u.id in one else None
+            want = sum(sliced_pass_s(whole, sliced, u.slices, f, True, slice_sources_s(cm, costs[u.id][0], u, f))
+                       for f in (True, False))
+            assert got[(u.id, s)] == pytest.approx(want * x)
+        assert got[(u.id, 1)] > got[(u.id, 0)]  # the head and loss
+    units = [{"unit": uid, "stage": s, "fwd_s": t, "bwd_s": 0.0, "thread_cpu_s": 0.8 * got[(uid, s)],
+              "helper_cpu_s": 0.0} for (uid, s), t in predicted_units_s(step, cm).items()]
+    doc = {"schema": "meshplan.measured/1", "complete": True, "meta": {},
+           "steps": [{"step": 0, "plan_step": step.step, "units": units, "step_time_s": 1.0}]}
+    rows = compare_measured(plan, cm, doc).units
+    assert len(rows) == len(got) and all(r["cpu_err"] == pytest.approx(1 / 0.8 - 1) for r in rows)
+
+
