@@ -158,7 +158,8 @@ def test_a_pipelined_units_cpu_is_each_stages_compute_as_its_slices_run_it():
     """pp = 2 on 4 ranks of the 2-core node: each (unit, stage)'s forward and backward compute (sliced_pass_s with
     compute_only, its slices' sources with it; the last stage's with the head and loss) at b over k/c · s/2."""
     req = PlanRequest(model="tiny", cluster="local-cpu", gpus=4, pp=2,
-                      lengths="lognormal:median=300,sigma=1.4,max=4096", tokens_per_step=8192, max_context_tokens=4096, capacity_tokens=2048, seed=0, dtype="fp32")
+                      lengths="lognormal:median=300,sigma=1.4,max=4096", tokens_per_step=8192, max_context_tokens=4096,
+                      capacity_tokens=2048, seed=0, dtype="fp32")
     plan = make_plan(req, "hdp")
     cm = cost_model_for_plan(plan)
     step = plan.steps[0]
