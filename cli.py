@@ -731,8 +731,8 @@ def simulate_cmd(
     if as_json:
         load = comparison and comparison.other_load
         extra = {} if comparison is None else {"measured": {
-            "units": comparison.units, "steps": comparison.steps, "host_slowdown": comparison.host_slowdown,
-            "other_load": dataclasses.asdict(load) if load else None}}
+            "units": comparison.units, "steps": comparison.steps, "ops": comparison.ops,
+            "host_slowdown": comparison.host_slowdown, "other_load": dataclasses.asdict(load) if load else None}}
         sys.stdout.write(json.dumps({"plan": str(plan_path), "profile": cm.profile.fingerprint.name,
                                      "steps": rows, **extra}) + "\n")
         return
@@ -762,6 +762,10 @@ def simulate_cmd(
         if cpu_errs := [abs(x["cpu_err"]) for x in comparison.units if "cpu_err" in x]:
             out.print(f"median |CPU error| per unit: {statistics.median(cpu_errs):.1%} (own-thread CPU against the "
                       "priced compute at the cores' share)")
+        if comparison.ops:
+            out.print(f"median |CPU error| per pipeline op: "
+                      f"{statistics.median(abs(x['cpu_err']) for x in comparison.ops):.1%} (its slice's share; "
+                      "`--json` lists them)")
         if slow:
             out.print(f"host probe: {slow:.2f}x its time while the profile was measured (1: the host computed as fast; "
                       "other load on the machine moves it)")

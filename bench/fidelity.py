@@ -159,6 +159,9 @@ class PlanFigures:
     other_cores: float | None = None  # other processes' cores during the replay's steps (median; compare_measured)
     # per (unit, stage) with a CPU prediction: priced compute / median own-thread CPU − 1 (compare_measured)
     cpu_errors: list[float] = field(default_factory=list)
+    # pipelines, by op "F2/4" (kind, slice / slices): the median over its sliced units' ops of each op's priced
+    # compute / median own-thread CPU − 1 (compare_measured's ops)
+    slice_cpu_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def step_error(self) -> float:
@@ -184,8 +187,18 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
     errs = [v[0]["predicted_s"] / statistics.median(x["measured_s"] for x in v) - 1 for v in units.values()]
     cpu = [v[0]["predicted_cpu_s"] / statistics.median(x["thread_cpu_s"] for x in v) - 1 for v in units.values()
            if "predicted_cpu_s" in v[0]]
+    slices = {u.id: u.slices for u in plan.steps[0].units}
+    ops: dict[tuple, list[dict]] = {}
+    for o in c.ops:
+        if slices[o["unit"]] > 1:
+            ops.setdefault((o["unit"], o["stage"], o["kind"], o["slice"], o["chunk"]), []).append(o)
+    by_slice: dict[str, list[float]] = {}
+    for (uid, _, kind, j, _), v in ops.items():
+        err = v[0]["predicted_cpu_s"] / statistics.median(x["thread_cpu_s"] for x in v) - 1
+        by_slice.setdefault(f"{kind}{j}/{slices[uid]}", []).append(err)
     return PlanFigures(c.steps[0]["predicted_s"], statistics.median(s["measured_s"] for s in c.steps), errs,
-                       c.host_slowdown, c.other_load.replay_cores if c.other_load else None, cpu)
+                       c.host_slowdown, c.other_load.replay_cores if c.other_load else None, cpu,
+                       {k: statistics.median(v) for k, v in sorted(by_slice.items())})
 
 
 def measured_breakdown(trace: dict) -> dict[str, float]:
@@ -377,6 +390,17 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"| {n} | " + (f"{_pct(float(np.median(cpu)))} | {_abs_pct(float(np.median(np.abs(cpu))))} / "
                              f"{_abs_pct(float(np.max(np.abs(cpu))))} | " if cpu else "- | - | ")
               + f"{_ms(mb['thread_cpu_s'])} | {_ms(mb['helper_cpu_s'])} |")
+    sliced = [n for n in traces if base[n].slice_cpu_errors]
+    if sliced:
+        print("\nSliced units' pipeline ops, each op's own-thread CPU (the trace's ops) against its priced compute "
+              "(planner.simulate.measured.predicted_op_cpu_s: the op's share of its pass, a slice's attention its own "
+              "causal block and a full block per cached slice at the table's rates), median over ops by kind and "
+              "slice:\n")
+        for n in sliced:
+            errs = base[n].slice_cpu_errors
+            print(f"| {n} | " + " | ".join(errs) + " |")
+            print("|---|" + "---|" * len(errs))
+            print("| CPU error | " + " | ".join(_pct(e) for e in errs.values()) + " |\n")
     if fitted:
         print("\nLeave-one-plan-out fits (table-time multipliers and overheads in s; '-': kept at base):\n")
         for n, f in fitted.items():

@@ -1209,6 +1209,17 @@ class CostModel:
             return 0.0
         return n * (n + 1) / 2 * float(self.attention_glue_s("source", tokens_per_slice, direction))
 
+    def slice_full_over_causal(self, slice_tokens: np.ndarray | list[float], direction: str) -> float:
+        """What a SlimPipe slice's full block of a cached slice's K/V takes over its own causal block, forward or
+        backward, summed over a unit's documents at their slice lengths: the attention table's non-causal rows over
+        its causal ones (planner.schedule.slice_attention_share). 2 where both run at one rate per FLOP (profiles
+        without non-causal rows), 1 for an unfused kernel (it computes the whole square either way); a measured
+        flash kernel runs a short causal block slower per FLOP (its diagonal tiles part masked): 1.14 at 725 tokens
+        on the 2-core EPYC, where the executor's per-slice CPU followed the blocks (docs/BENCHMARKS.md)."""
+        s = np.asarray(slice_tokens, dtype=float)
+        causal = float(np.sum(self.attn_fwd_s(s) if direction == "fwd" else self.attn_bwd_s(s)))
+        return float(np.sum(self.attn_full_s(s, direction))) / causal if causal > 0 else 2.0
+
     def attention_glue_s(self, kind: str, tokens: np.ndarray | float, direction: str) -> np.ndarray:
         """The executor's host work in one layer beyond the attention it runs (CPU profiles; 0 without the
         constants), per K/V source of a sliced unit's slice (kind "source") or per ring step ("ring_step"), forward

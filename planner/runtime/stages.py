@@ -51,7 +51,7 @@ class _UnitRun:
     bwd_s: float = 0.0
     recv_wait_s: float = 0.0  # blocked receiving stage-boundary tensors
     start_s: float | None = None
-    ops: list[list] = field(default_factory=list)  # [kind, slice, chunk, start_s, dur_s]
+    ops: list[list] = field(default_factory=list)  # [kind, slice, chunk, start_s, dur_s, thread_cpu_s]
     cpu: CpuUse = field(default_factory=CpuUse)  # over its ops
 
 
@@ -174,13 +174,13 @@ class StageRunner:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         t1 = time.perf_counter()
-        run.cpu.add_since(mark)
+        cpu = run.cpu.add_since(mark)
         if kind == "F":
             run.fwd_s += t1 - t0
         else:
             run.bwd_s += t1 - t0
         run.start_s = t0 if run.start_s is None else run.start_s
-        run.ops.append([kind, op.slice, op.chunk, t0, t1 - t0])
+        run.ops.append([kind, op.slice, op.chunk, t0, t1 - t0, cpu])
 
     def _flush(self) -> None:
         if self.pending:

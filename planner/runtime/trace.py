@@ -63,8 +63,8 @@ class UnitRecord:
     # threads; on GPU also autograd's device thread, which launches the backward)
     thread_cpu_s: float = 0.0
     helper_cpu_s: float = 0.0
-    # pp > 1: the unit's ops on this rank, [kind "F"/"B", slice, chunk, start_s, dur_s] (its forward
-    # and backward are not contiguous there: other micro-batches run between them)
+    # pp > 1: the unit's ops on this rank, [kind "F"/"B", slice, chunk, start_s, dur_s, thread_cpu_s] (its forward
+    # and backward are not contiguous there: other micro-batches run between them; traces before the op's CPU: 5)
     ops: list[list] = field(default_factory=list)
 
     @property
@@ -89,10 +89,12 @@ class CpuUse:
     def mark() -> tuple[float, float]:
         return time.thread_time(), time.process_time()
 
-    def add_since(self, mark: tuple[float, float]) -> None:
+    def add_since(self, mark: tuple[float, float]) -> float:
+        """Add the span since `mark`; returns its own-thread CPU."""
         thread, process = time.thread_time() - mark[0], time.process_time() - mark[1]
         self.thread_s += thread
         self.helpers_s += max(0.0, process - thread)
+        return thread
 
 
 @dataclass
@@ -368,12 +370,12 @@ def chrome_trace(doc: dict[str, Any]) -> dict[str, Any]:
                                       "helper_cpu_s")
                     if k in u}  # older traces lack tp_wait_s, ulysses, cp and the CPU times
             if u.get("ops"):  # pipelined: one slice per op
-                for kind, j, c, t, dur in u["ops"]:
+                for kind, j, c, t, dur, *cpu in u["ops"]:
                     name = f"unit {u['unit']} {'fwd' if kind == 'F' else 'bwd'}" + \
                         (f" s{j}" if u["slices"] > 1 else "") + (f" c{c}" if c else "")
                     ev.append({"ph": "X", "pid": u["rank"], "tid": 0, "name": name,
                                "cat": "forward" if kind == "F" else "backward", "ts": t * us, "dur": dur * us,
-                               "args": {**args, "stage": u["stage"]}})
+                               "args": {**args, "stage": u["stage"], **({"op_thread_cpu_s": cpu[0]} if cpu else {})}})
                 continue
             ev.append({"ph": "X", "pid": u["rank"], "tid": 0, "name": f"unit {u['unit']} fwd", "cat": "forward",
                        "ts": u["start_s"] * us, "dur": u["fwd_s"] * us, "args": args})

@@ -260,12 +260,20 @@ def check_schedule(p: int, slices: list[int], v: int = 1) -> None:
             lambda key: 0.0)
 
 
-def slice_share(j: int, n: int, attn_share: float) -> float:
+def slice_attention_share(j: int, n: int, full_over_causal: float = 2.0) -> float:
+    """Slice j's share of a micro-batch's attention over its n uniform token slices (the n shares sum to 1): its
+    own causal block and j full blocks of the cached slices' K/V, a full block taking `full_over_causal` times a
+    causal one of the same tokens. At 2 (equal rates per FLOP) slice j covers (2j + 1)/n² of the document's causal
+    area, so the last slice's attention is (2n − 1)× the first's [REFERENCE §6]; a kernel slower per FLOP on causal
+    blocks (short slices: the diagonal tiles are part masked) shifts attention to the first slices."""
+    r = full_over_causal
+    return (1.0 + j * r) / (n + n * (n - 1) / 2.0 * r)
+
+
+def slice_share(j: int, n: int, attn_share: float, full_over_causal: float = 2.0) -> float:
     """Share of a micro-batch's stage time in slice j of its n uniform token slices (the n shares sum
-    to 1). GEMMs split evenly; causal attention of slice j covers (2j + 1)/n² of the document's area
-    (its cache of j slices plus half its own block), so the last slice's attention is (2n − 1)× the
-    first's [REFERENCE §6]."""
-    return (1 - attn_share) / n + attn_share * (2 * j + 1) / (n * n)
+    to 1): GEMMs split evenly, attention as `slice_attention_share`."""
+    return (1 - attn_share) / n + attn_share * slice_attention_share(j, n, full_over_causal)
 
 
 OpKey = tuple[int, PipeOp]  # (stage, op) within one pipeline

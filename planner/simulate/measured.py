@@ -4,14 +4,15 @@ by step: how far the cost model is from the hardware."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from costmodel.timing import CostModel, UnitCost
-from planner.plan import Plan, PlanError, Step
-from planner.simulate.pipelined import slice_sources_s, sliced_pass_s
+from planner.plan import PipelineSection, Plan, PlanError, Step
+from planner.schedule import step_op_lists
+from planner.simulate.pipelined import op_pricer, slice_sources_s, sliced_pass_s
 from planner.simulate.step import simulate_step, slice_costs, unit_costs
 from planner.simulate.timeline import StepSimulation
 
@@ -40,6 +41,9 @@ class MeasuredComparison:
     # beside the errors, never applied to them
     host_slowdown: float | None = None
     other_load: OtherLoad | None = None  # one-node CPU replays: other processes' load (a diagnostic, like the above)
+    # pp > 1 on a CPU profile, traces with each op's CPU: per (replay step, unit, stage, kind, slice, chunk) the
+    # members' mean own-thread CPU (thread_cpu_s), its priced compute (predicted_cpu_s) and cpu_err
+    ops: list[dict] = field(default_factory=list)
 
     @property
     def median_abs_unit_err(self) -> float:
@@ -157,6 +161,22 @@ def predicted_cpu_s(step: Step, cm: CostModel) -> dict[tuple[int, int], float] |
     return {(uid, 0): float(c) * x for uid, c in zip(costs.ids, UnitCost.compute_s.fget(costs.last))}
 
 
+def predicted_op_cpu_s(step: Step, cm: CostModel) -> dict[tuple[int, int, str, int, int], float] | None:
+    """pp > 1 on a CPU profile with cores: each pipeline op's priced compute (planner.simulate.pipelined.op_pricer:
+    its slice's share, the attention by its blocks) as a member's own-thread CPU, at the share of as many busy ranks
+    as cores (predicted_cpu_s), by (unit, stage, kind "F"/"B", slice, chunk): what a trace's ops record. None
+    elsewhere."""
+    cores = cm.profile.constants.get("cores_per_node", {}).get("value")
+    if cm.pp == 1 or not cm.shares_cores or not cores:
+        return None
+    x = cm.share_at(int(min(cores, cm.setup.cluster.gpus_per_node))) / cm.compute_share
+    units = {u.id: u for u in step.units}
+    price = op_pricer(units, cm, unit_costs(step, cm), slice_costs(step, cm) or {},
+                      (step.pipeline or PipelineSection()).v)
+    return {(op.mb, s, op.kind, op.slice, op.chunk): price(s, op).slice_compute_s(op.slice, units[op.mb].slices) * x
+            for (_, s), ops in step_op_lists(step, cm.pp, cm.setup.hdp).items() for op in ops}
+
+
 def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparison:
     """Match a measured trace (schema meshplan.measured/1) to the plan's simulation, unit by unit and
     step by step. Relative error = predicted / measured − 1."""
@@ -168,6 +188,8 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
                         (f"; merged from its partial traces {parts})" if parts else ")"))
     sims = {s.step: simulate_step(s, cm) for s in plan.steps}
     cpu_preds = {s.step: predicted_cpu_s(s, cm) for s in plan.steps}  # once per plan step, as the simulations
+    op_preds = {s.step: predicted_op_cpu_s(s, cm) for s in plan.steps}
+    ops_out: list[dict] = []
     steps_by_id = {s.step: s for s in plan.steps}
     units_out, steps_out = [], []
     for st in trace.get("steps", []):
@@ -201,8 +223,27 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
                     row.update(predicted_cpu_s=cpu_pred[(uid, stage)],
                                cpu_err=cpu_pred[(uid, stage)] / float(thread) - 1)
             units_out.append(row)
+        if op_preds[ps] is not None:
+            ops_out += _op_rows(st, op_preds[ps])
         pred_step = sims[ps].step_time_s
         meas_step = float(st["step_time_s"])
         steps_out.append({"step": st["step"], "plan_step": ps, "predicted_s": pred_step, "measured_s": meas_step,
                           "rel_err": pred_step / meas_step - 1 if meas_step > 0 else float("inf")})
-    return MeasuredComparison(units_out, steps_out, host_slowdown(cm, trace), other_load(cm, trace))
+    return MeasuredComparison(units_out, steps_out, host_slowdown(cm, trace), other_load(cm, trace), ops_out)
+
+
+def _op_rows(step_trace: dict, predicted: dict) -> list[dict]:
+    """One replayed step's pipeline ops whose trace records their CPU: the members' mean against its price."""
+    cpu: dict[tuple, list[float]] = {}
+    for u in step_trace["units"]:
+        for kind, j, c, _, _, *mine in u.get("ops") or ():
+            if mine:
+                cpu.setdefault((int(u["unit"]), int(u.get("stage", 0)), kind, int(j), int(c)), []).append(mine[0])
+    rows = []
+    for key, got in sorted(cpu.items()):
+        thread = float(np.mean(got))
+        if key in predicted and thread > 0:
+            rows.append({"step": step_trace["step"], "unit": key[0], "stage": key[1], "kind": key[2], "slice": key[3],
+                         "chunk": key[4], "thread_cpu_s": thread, "predicted_cpu_s": predicted[key],
+                         "cpu_err": predicted[key] / thread - 1})
+    return rows

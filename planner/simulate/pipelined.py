@@ -7,7 +7,7 @@ mirror pairing moves attention between paired ops and prices its exchange."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +15,8 @@ import numpy as np
 from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s
 from costmodel.timing import CostModel, UnitCost
 from planner.plan import PipelineSection, PlanError, Step, Unit
-from planner.schedule import (
-    ScheduleError, chunk_last_backwards, dependency, mirror_chunks, mirror_pairs, run_ops, slice_share, step_op_lists)
+from planner.schedule import (PipeOp, ScheduleError, chunk_last_backwards, dependency, mirror_chunks, mirror_pairs,
+                              run_ops, slice_attention_share, step_op_lists)
 from planner.simulate.cores import run_ops_shared
 from planner.simulate.memory import (activation_bytes, mtp_activation_bytes, recompute_working_bytes,
                                      static_memory_bytes)
@@ -28,25 +28,46 @@ class OpCost:
     """Seconds of one pipeline op over all its slices: a unit's pass through one chunk of one stage."""
 
     time_s: float  # the last stage's last chunk carries the LM head and loss
-    attn_s: float  # its causal attention compute, what mirror pairing moves
+    attn_s: float  # its causal attention compute (the sources' host work with it), what mirror pairing moves
     compute_s: float = 0.0  # the part of time_s that is compute (head included): what a CPU core's share scales
+    sources_s: float = 0.0  # of attn_s, the slices' K/V sources' host work: slice j runs j + 1 of n(n + 1)/2 sources
+    full_over_causal: float = 2.0  # a cached slice's full block over a slice's own causal block (slice_attention_share)
 
     def slice_attn_s(self, j: int, n: int) -> float:
-        """Attention of slice j of n uniform token slices: (2j + 1)/n² of the whole (REFERENCE §6). Every
-        document is sliced (the runtime's slice j is the j-th part of each), so packed units follow it too."""
-        return self.attn_s * (2 * j + 1) / (n * n)
+        """Attention of slice j of n uniform token slices: its own causal block and j full blocks of cached K/V
+        (`slice_attention_share`; (2j + 1)/n² of the whole at equal rates, REFERENCE §6), and its j + 1 sources'
+        host work. Every document is sliced (the runtime's slice j is the j-th part of each), so packed units
+        follow it too."""
+        blocks = self.attn_s - self.sources_s
+        return (blocks * slice_attention_share(j, n, self.full_over_causal)
+                + self.sources_s * slice_attention_share(j, n, 1.0))
+
+    def full_block_s(self, n: int) -> float:
+        """One cached slice's K/V against a slice (what mirror pairing moves per chunk): a full block and its
+        source's host work."""
+        blocks = self.attn_s - self.sources_s
+        return (blocks * self.full_over_causal * slice_attention_share(0, n, self.full_over_causal)
+                + self.sources_s * slice_attention_share(0, n, 1.0))
 
     def slice_s(self, j: int, n: int) -> float:
-        """Slice j's time before any redistribution (`planner.schedule.slice_share`)."""
-        return self.time_s * slice_share(j, n, min(self.attn_s / self.time_s, 1.0) if self.time_s > 0 else 0.0)
+        """Slice j's time before any redistribution: the rest split evenly, the attention by slice_attn_s."""
+        if self.time_s <= 0:
+            return 0.0
+        a = min(self.attn_s / self.time_s, 1.0)
+        return self.time_s * ((1 - a) / n + a * (self.slice_attn_s(j, n) / self.attn_s if self.attn_s > 0 else 0.0))
+
+    def slice_compute_s(self, j: int, n: int) -> float:
+        """The compute part of slice j's time (what a CPU core's share scales): its share of the op's compute."""
+        return self.slice_s(j, n) * self.compute_s / self.time_s if self.time_s > 0 else 0.0
 
 
 def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: bool,
                   compute_only: bool = False, sources_s: float = 0.0) -> float:
     """A unit's pass (forward or backward) through a stage when it runs as n slices (SlimPipe): its attention covers
-    the unit's causal area once, split (2j + 1)/n² by slice_share, and everything else (GEMMs, memory-bound kernels,
-    per-layer overheads, the head and loss, TP collectives) runs once per slice at that slice's tokens (`one_slice`:
-    the unit priced with every document's n-th; slice_layout gives slice j the j-th part of each). Per-call floors
+    the unit's causal area once, split over its slices by OpCost.slice_attn_s, and everything else (GEMMs,
+    memory-bound kernels, per-layer overheads, the head and loss, TP collectives) runs once per slice at that slice's
+    tokens (`one_slice`: the unit priced with every document's n-th; slice_layout gives slice j the j-th part of
+    each). Per-call floors
     and small-m GEMM rates make that more than the whole unit's: on a CPU, 4 slices of a 2,899-token unit of `tiny`
     ran 1.23x its whole time (bench/slice_overhead.py). `compute_only`: its compute part alone (the head included,
     exposed communication not). `sources_s`: what the pass's K/V sources cost beyond their blocks' attention
@@ -109,7 +130,7 @@ def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: 
         (sh, hi), (sl, lo) = hi_key, lo_key
         a_h, a_l = slice_attn(sh, hi), slice_attn(sl, lo)
         n = units[hi.mb].slices
-        block = op_cost(sh, hi).attn_s * 2 / (n * n)  # one cached slice's K/V against this slice
+        block = op_cost(sh, hi).full_block_s(n)  # one cached slice's K/V against this slice
         k = mirror_chunks(a_h, a_l, block, max_chunks)
         if k == 0:
             return None
@@ -150,6 +171,40 @@ def redistribution(op_lists, p: int, hdp: int, units, op_cost, tokens_per_rank: 
     return delta, exposed, kept
 
 
+def op_pricer(units: Mapping[int, Unit], cm: CostModel, costs: Mapping[int, tuple[UnitCost, UnitCost]],
+              slice_costs: Mapping[int, tuple[UnitCost, UnitCost]], v: int) -> Callable[[int, PipeOp], OpCost]:
+    """(stage, op) -> its OpCost: a chunk is 1/v of the stage's layers; the LM head runs once, on the last stage's
+    last chunk; a sliced unit's pass as its slices run it (sliced_pass_s), their attention split by the blocks'
+    rates (CostModel.slice_full_over_causal). Memoised."""
+    p = cm.pp
+    op_costs: dict = {}
+
+    @functools.cache
+    def full_over_causal(uid: int, direction: str) -> float:
+        n = units[uid].slices
+        return cm.slice_full_over_causal([-(-q.tokens // n) for q in units[uid].pieces], direction)
+
+    def op_cost(s: int, op: PipeOp) -> OpCost:
+        k = (s, op.mb, op.kind, op.chunk)
+        if k not in op_costs:
+            mid, last = costs[op.mb]
+            one_mid, one_last = slice_costs.get(op.mb, (None, None))
+            f, u = op.kind == "F", units[op.mb]
+            n = u.slices
+            src = slice_sources_s(cm, mid, u, f)
+            t_mid, c_mid = (sliced_pass_s(mid, one_mid, n, f, only, src) for only in (False, True))
+            t, c = t_mid / v, c_mid / v
+            if s == p - 1 and op.chunk == v - 1:
+                t += sliced_pass_s(last, one_last, n, f, False, src) - t_mid
+                c += sliced_pass_s(last, one_last, n, f, True, src) - c_mid
+            ratio = full_over_causal(op.mb, "fwd" if f else "bwd") if n > 1 else 2.0
+            op_costs[k] = OpCost(t, ((mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) + src) / v, c, src / v,
+                                 ratio)
+        return op_costs[k]
+
+    return op_cost
+
+
 def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[UnitCost, UnitCost]], hdp: int,
                        lb: float, slice_costs: Mapping[int, tuple[UnitCost, UnitCost]] | None = None
                        ) -> StepSimulation:
@@ -168,23 +223,7 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
     def cost_of(s: int, uid: int) -> UnitCost:
         return costs[uid][1] if s == p - 1 else costs[uid][0]
 
-    op_costs: dict = {}
-
-    def op_cost(s: int, op) -> OpCost:
-        """A chunk is 1/v of the stage's layers; the LM head runs once, on the last stage's last chunk."""
-        k = (s, op.mb, op.kind, op.chunk)
-        if k not in op_costs:
-            mid, last = costs[op.mb]
-            one_mid, one_last = slice_costs.get(op.mb, (None, None))
-            f, n = op.kind == "F", units[op.mb].slices
-            src = slice_sources_s(cm, mid, units[op.mb], f)
-            t_mid, c_mid = (sliced_pass_s(mid, one_mid, n, f, only, src) for only in (False, True))
-            t, c = t_mid / v, c_mid / v
-            if s == p - 1 and op.chunk == v - 1:
-                t += sliced_pass_s(last, one_last, n, f, False, src) - t_mid
-                c += sliced_pass_s(last, one_last, n, f, True, src) - c_mid
-            op_costs[k] = OpCost(t, ((mid.attn_fwd_compute_s if f else mid.attn_bwd_compute_s) + src) / v, c)
-        return op_costs[k]
+    op_cost = op_pricer(units, cm, costs, slice_costs, v)
 
     def base_duration(key) -> float:
         s, op = key
@@ -203,9 +242,8 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
         """The compute part of an op's duration: its slice's share of the pass's compute, plus (paired) the attention
         mirror pairing moved to it (its change less its exposed exchange)."""
         s, op = key
-        c = op_cost(s, op)
         moved = delta.get(key, 0.0) - exchange_exposed.get(key, 0.0) if paired else 0.0
-        return base_duration(key) * (c.compute_s / c.time_s if c.time_s > 0 else 0.0) + moved
+        return op_cost(s, op).slice_compute_s(op.slice, units[op.mb].slices) + moved
 
     def dep(key):
         s, op = key

@@ -548,10 +548,13 @@ def test_planned_pipeline_replays_and_traces_per_stage(tmp_path):
     sliced = [r for r in recs if r["slices"] > 1]
     assert sliced and all(len(r["ops"]) == 2 * r["slices"] for r in sliced)
     assert all(0 < r["thread_cpu_s"] <= sum(o[4] for o in r["ops"]) + 2e-3 for r in recs)  # over its ops alone
+    assert all(r["thread_cpu_s"] == pytest.approx(sum(o[5] for o in r["ops"])) for r in recs)  # each op's CPU
     res = meshplan("simulate", "plan.json", "--measured", "trace.json", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)["measured"]["units"]
-    assert {(u["unit"], u["stage"]) for u in got} == {(u.id, s) for u in plan.steps[0].units for s in (0, 1)}
+    got = json.loads(res.stdout)["measured"]
+    assert {(u["unit"], u["stage"]) for u in got["units"]} == {(u.id, s) for u in plan.steps[0].units for s in (0, 1)}
+    assert {(o["unit"], o["stage"], o["kind"], o["slice"]) for o in got["ops"]} == {
+        (u.id, s, k, j) for u in plan.steps[0].units for s in (0, 1) for k in "FB" for j in range(u.slices)}
 
 
 @pytest.mark.torchrun

@@ -2,11 +2,12 @@
 groups and warm-up, and mirror pairing on one pipeline."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.schedule import (check_schedule, chunk_gradient_shares, chunk_last_backwards, dependency, group_size,
-                              mirror_chunks, mirror_pairs, run_ops, stage_ops)
+                              mirror_chunks, mirror_pairs, run_ops, slice_attention_share, slice_share, stage_ops)
 
 
 @settings(max_examples=40, deadline=None)
@@ -91,3 +92,18 @@ def test_chunk_last_backwards_are_the_windows_each_chunks_gradients_reduce_under
     assert chunk_last_backwards(runs)[0] == (-1.0, 0.0)  # chunk 0 ends the step
     assert chunk_gradient_shares(runs, [[1, 3], [2, 2]]) == [0.25, 0.75]
     assert chunk_gradient_shares(runs, [[0, 0], [2, 2]]) == [0.5, 0.5] and chunk_gradient_shares([], [[1]]) == [1.0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 7])
+@pytest.mark.parametrize("r", [0.9, 1.0, 1.14, 2.0, 3.0])
+def test_a_slices_attention_is_its_own_causal_block_and_one_full_block_per_cached_slice(n, r):
+    shares = [slice_attention_share(j, n, r) for j in range(n)]
+    assert sum(shares) == pytest.approx(1.0)
+    # each cached slice adds one full block, r times the own causal block
+    assert all(b - a == pytest.approx(r * shares[0]) for a, b in zip(shares, shares[1:]))
+    if r == 2.0:  # equal rates per FLOP: the causal area's (2j + 1)/n² [REFERENCE §6]
+        assert shares == pytest.approx([(2 * j + 1) / n**2 for j in range(n)])
+    if r == 1.0:  # a block costs the same with or without the mask (an unfused kernel; a K/V source's host work)
+        assert shares == pytest.approx([(j + 1) / (n * (n + 1) / 2) for j in range(n)])
+    assert sum(slice_share(j, n, 0.25, r) for j in range(n)) == pytest.approx(1.0)
+    assert slice_share(0, n, 0.25, r) == pytest.approx(0.75 / n + 0.25 * shares[0])

@@ -10,8 +10,8 @@ import pytest
 from costmodel.timing import CostModel
 from planner.api import PlanRequest, cost_model_for_plan, make_plan
 from planner.simulate import simulate_step, unit_costs
-from planner.simulate.measured import (OtherLoad, compare_measured, host_slowdown, predicted_cpu_s, predicted_units_s,
-                                       warm_steps)
+from planner.simulate.measured import (OtherLoad, compare_measured, host_slowdown, predicted_cpu_s, predicted_op_cpu_s,
+                                       predicted_units_s, warm_steps)
 from planner.simulate.pipelined import slice_sources_s, sliced_pass_s
 from planner.simulate.step import slice_costs
 
@@ -182,5 +182,21 @@ def test_a_pipelined_units_cpu_is_each_stages_compute_as_its_slices_run_it():
            "steps": [{"step": 0, "plan_step": step.step, "units": units, "step_time_s": 1.0}]}
     rows = compare_measured(plan, cm, doc).units
     assert len(rows) == len(got) and all(r["cpu_err"] == pytest.approx(1 / 0.8 - 1) for r in rows)
+    # each op: its slice's share of its stage's pass, the shares adding up to the pass
+    ops = predicted_op_cpu_s(step, cm)
+    assert {(k[0], k[1]) for k in ops} == set(got)
+    for key, want in got.items():
+        assert sum(c for k, c in ops.items() if k[:2] == key) == pytest.approx(want)
+    sliced = next(u for u in step.units if u.slices > 1)
+    fwd = [ops[(sliced.id, 0, "F", j, 0)] for j in range(sliced.slices)]
+    assert all(b > a for a, b in zip(fwd, fwd[1:]))  # one more cached slice's block each
+    # a trace whose ops record their CPU (the 6th field), 20% under their price
+    for u in units:
+        u["ops"] = [[k[2], k[3], k[4], 0.0, 0.01, 0.8 * c] for k, c in ops.items() if k[:2] == (u["unit"], u["stage"])]
+    got_ops = compare_measured(plan, cm, doc).ops
+    assert len(got_ops) == len(ops) and all(o["cpu_err"] == pytest.approx(1 / 0.8 - 1) for o in got_ops)
+    for u in units:
+        u["ops"] = [o[:5] for o in u["ops"]]  # traces before the op's CPU
+    assert compare_measured(plan, cm, doc).ops == []
 
 

@@ -126,6 +126,37 @@ def test_a_sliced_op_runs_the_rest_of_its_pass_once_per_slice_at_the_slices_toke
                                                                                cm) is None
 
 
+def test_a_slices_attention_is_its_own_causal_block_and_a_full_block_per_cached_slice():
+    """Slice j of n runs its own causal block and j full blocks of the cached slices' K/V, each at its kernel's rate
+    (CostModel.slice_full_over_causal: the attention table's non-causal rows over its causal ones at the slice's
+    length). The H100 profile's forward rates are FlashAttention's published causal and non-causal ones, slower
+    per FLOP causal at 2,048 tokens, so the first slices take more than the causal area's (2j + 1)/n²; its backward
+    has one rate per FLOP: (2j + 1)/n². The slices still add up to the pass (sliced_pass_s)."""
+    from planner.simulate.pipelined import sliced_pass_s
+    from planner.simulate.step import slice_costs, unit_costs
+
+    cm = _pp_cost_model()
+    n = 4
+    step = _cp_step(cm, 8192, 1, n, "sliced")
+    r_f, r_b = (cm.slice_full_over_causal([8192 // n], way) for way in ("fwd", "bwd"))
+    assert 1.0 < r_f < 1.9 and r_b == pytest.approx(2.0)
+    sim = simulate_step(step, cm)
+    whole, one = unit_costs(step, cm)[0][0], slice_costs(step, cm)[0][0]
+    for kind, r, attn in (("fwd", r_f, whole.attn_fwd_compute_s), ("bwd", r_b, whole.attn_bwd_compute_s)):
+        took = {int(o.kind.split(" s")[1]): o.end_s - o.start_s for o in sim.ops
+                if o.unit == 0 and o.stage == 0 and o.kind.startswith(kind)}
+        d = [took[j] for j in range(n)]
+        assert sum(d) == pytest.approx(sliced_pass_s(whole, one, n, kind == "fwd"))
+        step_up = [b - a for a, b in zip(d, d[1:])]  # one more full block per slice
+        assert step_up == pytest.approx([attn * r / (n + n * (n - 1) / 2 * r)] * (n - 1))
+        rest = (sum(d) - attn) / n
+        assert (d[0] - rest) == pytest.approx(attn / (n + n * (n - 1) / 2 * r))  # the own causal block
+    assert (took[n - 1] - rest) / (took[0] - rest) == pytest.approx(2 * n - 1)  # backward: (2j + 1)/n²
+    unfused = build_cost_model(PlanRequest(model="llama-7b", cluster="dgx-h100", gpus=64, pp=4, capacity_tokens=8192,
+                                           recompute="none", attention_kernel="unfused"))
+    assert unfused.slice_full_over_causal([2048], "fwd") == 1.0  # the whole square computed either way
+
+
 def test_a_sliced_units_stage_is_predicted_as_its_slices_run_it():
     """What `meshplan simulate --measured` and the calibration fit compare a replayed stage with: its slices' time
     (sliced_pass_s over both directions), the whole unit's price when unsliced."""
