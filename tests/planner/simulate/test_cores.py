@@ -16,18 +16,20 @@ from profiles.table import load_profile
 
 
 def _cm(ranks: int, profile: str = "local-cpu.measured", cluster: str = "local-cpu",
-        share: float | None = None, pp: int = 1, wake: bool = False) -> CostModel:
+        share: float | None = None, pp: int = 1, wake: bool = False, busy: float | None = None) -> CostModel:
     """Without the meetings' wake-up unless asked (a given share prices none): the compute shares alone are compared
-    here."""
+    here. `busy`: the slowdown with every core busy, one rank each, instead of the profile's."""
     prof = load_profile(profile)
     if not wake:
         prof = dataclasses.replace(prof, constants={k: v for k, v in prof.constants.items() if "_wake" not in k})
+    if busy is not None:
+        prof.constants["cores_busy_slowdown"] = {"value": busy, "unit": "x", "source": "test"}
     setup = Setup(load_model("tiny"), load_cluster(cluster).with_gpus(ranks), TrainingSpec(dtype="fp32", pp=pp))
     return CostModel(setup, prof, compute_share=share)
 
 
 def test_a_rank_that_is_done_leaves_its_core_to_the_others():
-    cm = _cm(3)  # 3 ranks on the profile's 2 cores
+    cm = _cm(3, busy=1.04)  # 3 ranks on the profile's 2 cores, both cores busy 4% slower than one (as measured)
     s3, s2, s1 = cm.share_at(3), cm.share_at(2), cm.share_at(1)
     assert s3 == cm.compute_share and s3 > s2 > s1 == 1.0
     total, compute = np.array([0.3, 0.02]), np.array([0.25, 0.02])  # unit 0 on ranks 0 and 1, unit 1 on rank 2
