@@ -144,6 +144,15 @@ def _stage_passes_s(step: Step, cm: CostModel, compute_only: bool) -> dict[tuple
     return out
 
 
+def _cpu_x(cm: CostModel) -> float | None:
+    """A rank's own-thread CPU per second of priced compute on a CPU profile with cores: the share of as many busy
+    ranks as cores over the compute share the prices carry; None elsewhere."""
+    cores = cm.profile.constants.get("cores_per_node", {}).get("value")
+    if not cm.shares_cores or not cores:
+        return None
+    return cm.share_at(int(min(cores, cm.setup.cluster.gpus_per_node))) / cm.compute_share
+
+
 def predicted_cpu_s(step: Step, cm: CostModel) -> dict[tuple[int, int], float] | None:
     """On a CPU profile with cores: each (unit, stage)'s priced compute (its exposed transfers and wake-ups left out)
     as the CPU time of a member's own thread; pp > 1, its stage's slices and chunks as the pipeline runs them. Units
@@ -151,10 +160,9 @@ def predicted_cpu_s(step: Step, cm: CostModel) -> dict[tuple[int, int], float] |
     stretches wall time and not CPU time, while shared cache and memory bandwidth stretch both: the CPU is the
     compute at the share of as many busy ranks as cores. Set beside a replay's thread_cpu_s, it checks the compute
     prices whatever the scheduling and waits did. None elsewhere."""
-    cores = cm.profile.constants.get("cores_per_node", {}).get("value")
-    if not cm.shares_cores or not cores:
+    x = _cpu_x(cm)
+    if x is None:
         return None
-    x = cm.share_at(int(min(cores, cm.setup.cluster.gpus_per_node))) / cm.compute_share
     if cm.pp > 1:
         return {key: c * x for key, c in _stage_passes_s(step, cm, compute_only=True).items()}
     costs = unit_costs(step, cm)
@@ -166,10 +174,9 @@ def predicted_op_cpu_s(step: Step, cm: CostModel) -> dict[tuple[int, int, str, i
     its slice's share, the attention by its blocks) as a member's own-thread CPU, at the share of as many busy ranks
     as cores (predicted_cpu_s), by (unit, stage, kind "F"/"B", slice, chunk): what a trace's ops record. None
     elsewhere."""
-    cores = cm.profile.constants.get("cores_per_node", {}).get("value")
-    if cm.pp == 1 or not cm.shares_cores or not cores:
+    x = _cpu_x(cm)
+    if x is None or cm.pp == 1:
         return None
-    x = cm.share_at(int(min(cores, cm.setup.cluster.gpus_per_node))) / cm.compute_share
     units = {u.id: u for u in step.units}
     price = op_pricer(units, cm, unit_costs(step, cm), slice_costs(step, cm) or {},
                       (step.pipeline or PipelineSection()).v)

@@ -67,11 +67,10 @@ def sliced_pass_s(whole: UnitCost, one_slice: UnitCost | None, n: int, forward: 
     the unit's causal area once, split over its slices by OpCost.slice_attn_s, and everything else (GEMMs,
     memory-bound kernels, per-layer overheads, the head and loss, TP collectives) runs once per slice at that slice's
     tokens (`one_slice`: the unit priced with every document's n-th; slice_layout gives slice j the j-th part of
-    each). Per-call floors
-    and small-m GEMM rates make that more than the whole unit's: on a CPU, 4 slices of a 2,899-token unit of `tiny`
-    ran 1.23x its whole time (bench/slice_overhead.py). `compute_only`: its compute part alone (the head included,
-    exposed communication not). `sources_s`: what the pass's K/V sources cost beyond their blocks' attention
-    (`slice_sources_s`), with the attention."""
+    each). Per-call floors and small-m GEMM rates make that more than the whole unit's: on a CPU, 4 slices of a
+    2,899-token unit of `tiny` ran 1.23x its whole time (bench/slice_overhead.py). `compute_only`: its compute part
+    alone (the head included, exposed communication not). `sources_s`: what the pass's K/V sources cost beyond their
+    blocks' attention (`slice_sources_s`), with the attention."""
     def pass_s(c: UnitCost) -> float:
         if compute_only:
             return c.fwd_compute_s + c.head_fwd_s if forward else c.bwd_compute_s + c.head_bwd_s
