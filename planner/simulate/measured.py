@@ -195,7 +195,8 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
                         (f"; merged from its partial traces {parts})" if parts else ")"))
     sims = {s.step: simulate_step(s, cm) for s in plan.steps}
     cpu_preds = {s.step: predicted_cpu_s(s, cm) for s in plan.steps}  # once per plan step, as the simulations
-    op_preds = {s.step: predicted_op_cpu_s(s, cm) for s in plan.steps}
+    op_cpu = any(len(o) > 5 for st in trace.get("steps", []) for u in st["units"] for o in u.get("ops") or ())
+    op_preds = {s.step: predicted_op_cpu_s(s, cm) for s in plan.steps} if op_cpu else {}  # traces with ops' CPU
     ops_out: list[dict] = []
     steps_by_id = {s.step: s for s in plan.steps}
     units_out, steps_out = [], []
@@ -230,7 +231,7 @@ def compare_measured(plan: Plan, cm: CostModel, trace: dict) -> MeasuredComparis
                     row.update(predicted_cpu_s=cpu_pred[(uid, stage)],
                                cpu_err=cpu_pred[(uid, stage)] / float(thread) - 1)
             units_out.append(row)
-        if op_preds[ps] is not None:
+        if op_preds.get(ps) is not None:
             ops_out += _op_rows(st, op_preds[ps])
         pred_step = sims[ps].step_time_s
         meas_step = float(st["step_time_s"])
