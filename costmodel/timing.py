@@ -1238,6 +1238,19 @@ class CostModel:
         inter = self.setup.mesh.adjacent_stages_in_different_domains
         return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter))
 
+    def pp_handoff_cpu_s(self, tokens_per_rank: float) -> float:
+        """The host CPU of one transfer between adjacent stages (a send and its receive, on both ranks together)
+        where gloo's threads move it on the cores that compute (`transfers_on_cores`), at the CPU time the cores
+        take with every rank busy (× compute_share): the collective table's send_recv cpu_s of a 2-rank ring (each
+        member sends and receives once a call) with as many rings at once as a stage has ranks (every pipeline and TP
+        rank hands off). 0 elsewhere, and for profiles without the column."""
+        if not self.transfers_on_cores:
+            return 0.0
+        inter = self.setup.mesh.adjacent_stages_in_different_domains
+        nbytes = tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp
+        return float(self.profile.collective_cpu_s("send_recv", nbytes, 2, "inter" if inter else "intra",
+                                                   self.setup.mesh.stage_size)) * self.compute_share
+
     def wake_after_s(self, compute_s: np.ndarray | float) -> np.ndarray:
         """A blocking meeting's wake-up (sync_wake_of) after `compute_s` of priced compute: Wake takes one core's
         work alone, the priced time over the compute share. 0 off busy CPU cores."""

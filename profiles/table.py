@@ -386,16 +386,7 @@ class Profile:
         cache = self.__dict__.setdefault("_cache", {})
         key = ("collective", op, scope, concurrent_groups)
         if key not in cache:
-            df = self.tables["collective"]
-            df = df[df["op"] == op]
-            if df.empty:
-                raise ProfileError(f"profile {self.fingerprint.name!r} has no {op} collective table")
-            if not (df["scope"] == scope).any():
-                df = df[df["scope"] == ("intra" if scope == "inter" else "inter")]  # single-node: no 'inter'
-            else:
-                df = df[df["scope"] == scope]
-            conc = df[df["concurrent_groups"] == concurrent_groups]
-            df = conc if not conc.empty else df[df["concurrent_groups"] == 1]
+            df = self._collective_rows(op, scope, concurrent_groups)
             curves = {}
             for g in sorted(set(int(x) for x in df["group_size"])):
                 sub = df[df["group_size"] == g]
@@ -403,6 +394,41 @@ class Profile:
                 curves[g] = _series(sub.assign(busbw=bw), "bytes", "busbw")
             cache[key] = curves
         return cache[key]
+
+    def _collective_rows(self, op: str, scope: str, concurrent_groups: int) -> pd.DataFrame:
+        """The collective table's rows of one op in one scope (the other scope when the profile has only one) with
+        `concurrent_groups` groups at once (one group's rows when it has none for that many)."""
+        df = self.tables["collective"]
+        df = df[df["op"] == op]
+        if df.empty:
+            raise ProfileError(f"profile {self.fingerprint.name!r} has no {op} collective table")
+        if not (df["scope"] == scope).any():
+            df = df[df["scope"] == ("intra" if scope == "inter" else "inter")]  # single-node: no 'inter'
+        else:
+            df = df[df["scope"] == scope]
+        conc = df[df["concurrent_groups"] == concurrent_groups]
+        return conc if not conc.empty else df[df["concurrent_groups"] == 1]
+
+    def collective_cpu_s(self, op: str, nbytes: np.ndarray | float, group_size: int, scope: str = "intra",
+                         concurrent_groups: int = 1) -> np.ndarray:
+        """The process CPU a member rank spends on one collective of S = nbytes (the table's cpu_s column, every
+        thread of the rank: profiles.measure.collectives), log-log in S at the largest measured group size up to
+        `group_size`, rows chosen as for the time. 0 where the profile has no such column (analytic profiles and
+        ones measured before it)."""
+        b = np.asarray(nbytes, dtype=float)
+        cache = self.__dict__.setdefault("_cache", {})
+        key = ("collective_cpu", op, scope, concurrent_groups, group_size)
+        if key not in cache:
+            df = self._collective_rows(op, scope, concurrent_groups)
+            df = df.dropna(subset=["cpu_s"]) if "cpu_s" in df.columns else df.iloc[:0]
+            sizes = sorted(set(int(g) for g in df["group_size"]))
+            g = max([x for x in sizes if x <= group_size], default=sizes[0] if sizes else 0)
+            sub = df[df["group_size"] == g]
+            cache[key] = _series(sub.assign(cpu_s=np.maximum(sub["cpu_s"].to_numpy(float), 1e-9)), "bytes",
+                                 "cpu_s") if len(sub) else None
+        if cache[key] is None:
+            return np.zeros_like(b)
+        return loglog_interp(b, *cache[key])
 
     def host_copy_time_s(self, nbytes: np.ndarray | float, direction: str = "d2h", pinned: bool = True) -> np.ndarray:
         """Host<->device copy time (on CPU profiles: memcpy, marked direction 'memcpy')."""

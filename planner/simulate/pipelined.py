@@ -15,8 +15,8 @@ import numpy as np
 from costmodel.slicing import mirror_exchange_bytes, mirror_exchange_exposed_s
 from costmodel.timing import CostModel, UnitCost
 from planner.plan import PipelineSection, PlanError, Step, Unit
-from planner.schedule import (PipeOp, ScheduleError, chunk_last_backwards, dependency, mirror_chunks, mirror_pairs,
-                              run_ops, slice_attention_share, step_op_lists)
+from planner.schedule import (PipeOp, ScheduleError, chunk_last_backwards, consumer, dependency, mirror_chunks,
+                              mirror_pairs, run_ops, slice_attention_share, step_op_lists)
 from planner.simulate.cores import run_ops_shared
 from planner.simulate.memory import (activation_bytes, mtp_activation_bytes, recompute_working_bytes,
                                      static_memory_bytes)
@@ -224,9 +224,24 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
 
     op_cost = op_pricer(units, cm, costs, slice_costs, v)
 
-    def base_duration(key) -> float:
+    # On CPU cores that compute gloo's transfers too: each hand-off's host CPU, half on the op that sends (its send
+    # is posted with the rank's next op) and half on the op that receives (CostModel.pp_handoff_cpu_s)
+    handoff = {uid: cm.pp_handoff_cpu_s(costs[uid][0].tokens_per_rank / units[uid].slices) for uid in units}
+
+    def handoff_s(key) -> float:
+        s, op = key
+        h = handoff[op.mb]
+        if not h:
+            return 0.0
+        ends = (dependency(op, s, p, v, units[op.mb].slices - 1), consumer(op, s, p, v))
+        return h / 2 * sum(e is not None and e[0] != s for e in ends)
+
+    def own_s(key) -> float:
         s, op = key
         return op_cost(s, op).slice_s(op.slice, units[op.mb].slices)
+
+    def base_duration(key) -> float:
+        return own_s(key) + handoff_s(key)
 
     delta, exchange_exposed, pairs = {}, {}, []
     if sec.schedule == "sliced-redistributed":
@@ -242,7 +257,7 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
         mirror pairing moved to it (its change less its exposed exchange)."""
         s, op = key
         moved = delta.get(key, 0.0) - exchange_exposed.get(key, 0.0) if paired else 0.0
-        return op_cost(s, op).slice_compute_s(op.slice, units[op.mb].slices) + moved
+        return op_cost(s, op).slice_compute_s(op.slice, units[op.mb].slices) + moved + handoff_s(key)
 
     def dep(key):
         s, op = key
@@ -306,16 +321,18 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
         # Parts of this op: 1/v of the stage's (head-less) parts, the head on the last stage's last chunk;
         # mirror pairing only moves attention between stages, its exposed exchange is a part of its own.
         weight = len(run.resources) / (hdp * p)
-        share = base_duration(run.key) / (op_cost(s, op).time_s or 1.0) * weight
+        share = own_s(run.key) / (op_cost(s, op).time_s or 1.0) * weight
+        hand = handoff_s(run.key)  # before the op's own work, as the executor posts its transfers
         if cm.shares_cores and run.key not in partners:  # its parts scale with the op's time at the cores' share
             priced = run_duration(run.key)
-            share *= dur / priced if priced > 0 else 1.0
+            stretch = dur / priced if priced > 0 else 1.0
+            share, hand = share * stretch, hand * stretch
         head = (c.head_fwd_s if f else c.head_bwd_s) if op.chunk == v - 1 else 0.0
         parts["compute"] += share * ((mid.fwd_compute_s if f else mid.bwd_compute_s) / v + head)
         parts["ring_exposed"] += share * (mid.ring_exposed_fwd_s if f else mid.ring_exposed_bwd_s) / v
         parts["tp_comm"] += share * (mid.tp_comm_fwd_s if f else mid.tp_comm_bwd_s) / v
         parts["offload_exposed"] += share * (mid.offload_exposed_fwd_s if f else mid.offload_exposed_bwd_s) / v
-        parts["pp_exchange"] += exchange_exposed.get(run.key, 0.0) * weight
+        parts["pp_exchange"] += (exchange_exposed.get(run.key, 0.0) + hand) * weight
         act = activation_bytes(c.tokens_per_rank, u.offload_ratio, cm) / (u.slices * v)
         if s == p - 1 and op.chunk == v - 1:  # the last chunk runs the MTP depths' layers too
             act += mtp_activation_bytes(c.tokens_per_rank, cm) / u.slices
@@ -338,7 +355,7 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
                     ev.append((run.end_s, -dkv))
         ops.append(OpTiming(op.mb, u.hdp_ranks, s, f"{'fwd' if f else 'bwd'}" +
                             (f" s{op.slice}" if u.slices > 1 else "") + (f" c{op.chunk}" if v > 1 else ""),
-                            run.start_s, run.end_s))
+                            run.start_s + hand, run.end_s))
     mem_peak = np.zeros((hdp, p))
     for (r, st), ev in events.items():
         ev.sort(key=lambda x: (x[0], x[1]))  # releases before allocations at the same instant

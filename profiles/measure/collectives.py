@@ -18,7 +18,8 @@ repeats: the expected time of a call, which a step that makes many calls pays. G
 tail (2 ranks, 4 KB: median 0.4 ms, 90th percentile 4 ms, mean 1.6 ms), which a median hides. S follows
 nccl-tests (all-gather: output, reduce-scatter: input, all-to-all: per-rank send buffer); S is rounded down to
 whole fp32 elements divisible by the group size. algbw = S/t and busbw = algbw·F(n) are stored beside the time
-(REFERENCE 7.6).
+(REFERENCE 7.6). cpu_s: the process CPU (every thread: gloo's transfer threads with the caller) a member rank spends
+per call, mean over repeats and members: on a host whose ranks share the cores, what a transfer takes from compute.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from profiles.measure import (OPS, CollectiveCase, MeasureConfig, collective_cas
                               time_op)
 from profiles.table import TABLE_COLUMNS, atomic_write_text, bus_factor
 
-COLUMNS = TABLE_COLUMNS["collective"] + ["impl", "algbw_bytes_per_s", "busbw_bytes_per_s"]
+COLUMNS = TABLE_COLUMNS["collective"] + ["impl", "algbw_bytes_per_s", "busbw_bytes_per_s", "cpu_s"]
 PROGRESS_TAG = "@@meshplan-progress"  # rank 0 prints "<tag> done total" lines the runner parses
 ELEM_BYTES = 4  # fp32 buffers: the byte count, not the dtype, sets a collective's time
 
@@ -142,17 +144,27 @@ def run_case(case: CollectiveCase, cfg: MeasureConfig, rank: int, world: int, lo
         if gpu:
             torch.cuda.synchronize()
 
-    samples = time_op(lambda _: fn() if fn else None, collective_timing(cfg, nbytes), device=device.type,
-                      setup=barrier, flush_l2=False)
+    cpu_s: list[float] = []  # each call's process CPU, warm-ups first
+
+    def call(_) -> None:
+        if fn:
+            c0 = time.process_time()
+            fn()
+            cpu_s.append(time.process_time() - c0)
+
+    samples = time_op(call, collective_timing(cfg, nbytes), device=device.type, setup=barrier, flush_l2=False)
     times = torch.tensor(samples, dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a repeat lasts until its slowest rank is done
+    timed = cpu_s[len(cpu_s) - len(samples):]
+    cpu = torch.tensor([sum(timed), len(timed)] if fn else [0.0, 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(cpu)  # summed over the members: their mean per call
     if rank != 0:
         return None
     t = row_time_s(times.cpu().tolist())
     scope = "intra" if len({r // local_world for r in members}) == 1 else "inter"  # rank 0's group: group 0
     algbw = nbytes / t
     return (case.op, scope, case.group_size, case.concurrent_groups, nbytes, t, impl, algbw,
-            algbw * bus_factor(case.op, case.group_size))
+            algbw * bus_factor(case.op, case.group_size), float(cpu[0] / cpu[1]))
 
 
 def check_algorithms(rank: int, world: int, device: torch.device) -> None:

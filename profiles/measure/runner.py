@@ -494,7 +494,7 @@ def _run_profile(req: ProfileRequest, device: str, t_start: float, post, on_note
              "row ran. "
              f"Collectives: {cfg.nproc} ranks ({'nccl' if device == 'cuda' else 'gloo'}), world group only, "
              "native ops when the group is the world, P2P rings on subsets (impl column); time = max over ranks, "
-             "mean over repeats. "
+             "mean over repeats; cpu_s = a member's process CPU per call, mean over repeats and members. "
              + ("Host copy: memcpy (torch copy_ between host buffers), no device on this machine. "
                 if device == "cpu" else "Host copy: pinned and pageable H2D/D2H. ")
              + (memory_note(cfg, done["memory"].get("load_start")) + " " if "memory" in tables else "")

@@ -110,3 +110,20 @@ def test_concurrent_groups_use_their_rows_else_a_group_alone():
     assert float(p.collective_time_s("all_reduce", 2**22, 2, "intra", 2)) == pytest.approx(2**22 / 1e9)
     # no rows for 4 groups at once: priced as one group alone (and 'inter' falls back to the intra rows)
     assert float(p.collective_time_s("all_reduce", 2**22, 2, "inter", 4)) == pytest.approx(2**22 / 4e9)
+
+
+def test_a_collectives_host_cpu_is_read_from_its_column_log_log_in_bytes():
+    fp = Fingerprint(name="cpu", device="cpu", source="measured", created="2026-01-01")
+    rows = [("send_recv", "intra", g, c, s, 1e-3, cpu) for g in (2, 4) for c, k in ((1, 1.0), (2, 3.0))
+            for s, cpu in ((1_000, 1e-4 * k * g), (1_000_000, 1e-3 * k * g))]
+    cols = ["op", "scope", "group_size", "concurrent_groups", "bytes", "time_s", "cpu_s"]
+    p = Profile(fp, {"collective": pd.DataFrame(rows, columns=cols)})
+    assert float(p.collective_cpu_s("send_recv", 1_000, 2)) == pytest.approx(2e-4)
+    assert float(p.collective_cpu_s("send_recv", 10**4.5, 2)) == pytest.approx(2 * 10**-3.5)  # log-log between
+    assert float(p.collective_cpu_s("send_recv", 1e8, 2)) == pytest.approx(2e-3)  # held beyond the rows
+    assert float(p.collective_cpu_s("send_recv", 1_000, 2, "intra", 2)) == pytest.approx(6e-4)  # two rings at once
+    assert float(p.collective_cpu_s("send_recv", 1_000, 3)) == pytest.approx(2e-4)  # the largest group up to 3
+    assert float(p.collective_cpu_s("send_recv", 1_000, 8, "inter", 4)) == pytest.approx(4e-4)  # intra, one ring
+    bare = Profile(fp, {"collective": pd.DataFrame([r[:-1] for r in rows], columns=cols[:-1])})
+    assert float(bare.collective_cpu_s("send_recv", 1_000, 2)) == 0.0  # a profile measured before the column
+    assert float(load_profile("h100-sxm.analytic").collective_cpu_s("send_recv", 1e6, 2)) == 0.0

@@ -178,6 +178,29 @@ def test_a_pipelined_step_runs_its_units_faster_than_their_price_while_ranks_wai
     assert 0 < wake < cm.wake.plateau_s and b1.start_s == pytest.approx(f2.end_s + wake)
 
 
+def test_a_pipeline_hand_offs_host_cpu_runs_on_the_cores_that_compute():
+    """Where gloo's threads move the data on the cores that compute (as many ranks as cores or more), each hand-off
+    between stages costs the collective table's send_recv CPU, half on the op that sends and half on the op that
+    receives, computed at the cores' share; a profile without the column prices none."""
+    base = _cm(4, pp=2)
+    prof = base.profile
+    coll = prof.tables["collective"].assign(cpu_s=2e-3)
+    cm = CostModel(base.setup, dataclasses.replace(prof, tables={**prof.tables, "collective": coll}))
+    assert cm.transfers_on_cores and base.pp_handoff_cpu_s(725) == 0.0
+    h = cm.pp_handoff_cpu_s(725)
+    assert h == pytest.approx(2e-3 * cm.compute_share)
+    step = _step([[2899], [703], [696], [547]], [(0,), (1,), (1,), (1,)])
+    without, sim = simulate_step(step, base), simulate_step(step, cm)
+    assert sim.step_time_s > without.step_time_s and without.breakdown["pp_exchange"] == 0.0
+    # an op's timing starts after its hand-offs' host work, as the executor times its ops
+    parts = sum(sim.breakdown[k] for k in ("compute", "ring_exposed", "tp_comm", "offload_exposed"))
+    assert parts == pytest.approx(sum(o.end_s - o.start_s for o in sim.ops) / (cm.setup.hdp * cm.pp), rel=1e-9)
+    # 4 units, each sends twice and receives twice: 8 hand-offs of h, an op's share of it run at the cores' share
+    ends = 8 * h / (cm.setup.hdp * cm.pp)
+    alone = cm.share_at(1) / cm.compute_share
+    assert alone * ends <= sim.breakdown["pp_exchange"] <= ends * (1 + 1e-9)
+
+
 def test_a_late_receive_waits_for_a_wake_up_after_its_ranks_previous_op():
     """A pipeline op whose input was sent before its rank got to it starts the wake-up after the rank's previous op
     (CostModel.wake_after_s of that op's compute) after it; one whose rank waited starts the transfer after the send."""
