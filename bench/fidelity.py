@@ -204,8 +204,9 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
 def measured_breakdown(trace: dict) -> dict[str, float]:
     """Medians over iterations: slowest rank's units, its P2P wait and TP all-reduces, gradient sync, optimizer and
     Python's garbage collector (max over ranks), CPU time over wall time summed over ranks (the share of a core
-    each rank got), and the most CPU a rank's own thread and its other threads (gloo's) spent in its units (None in
-    traces before the units' CPU)."""
+    each rank got), the most CPU a rank's own thread and its other threads (gloo's) spent in its units, and the most
+    a rank spent outside them (posting and receiving hand-offs, the sync, the optimizer, Python between ops; the
+    last three None in traces before the units' CPU)."""
     rows = []
     for st in trace["steps"]:
         ranks = st["ranks"]
@@ -226,7 +227,9 @@ def measured_breakdown(trace: dict) -> dict[str, float]:
                      "gc_s": max(r.get("gc_s", 0.0) for r in ranks),  # traces before it: none
                      "cpu_share": sum(r["cpu_s"] for r in ranks) / sum(r["wall_s"] for r in ranks),
                      "thread_cpu_s": max(own.values(), default=None),
-                     "helper_cpu_s": max(helpers.values(), default=None)})
+                     "helper_cpu_s": max(helpers.values(), default=None),
+                     "outside_cpu_s": max((r["cpu_s"] - own[r["rank"]] - helpers[r["rank"]] for r in ranks
+                                           if r["rank"] in own), default=None)})
     return {k: (statistics.median(r[k] for r in rows) if rows[0][k] is not None else None) for k in rows[0]}
 
 
@@ -238,7 +241,7 @@ def predicted_breakdown(plan, cm) -> dict[str, float]:
     return {"busiest_s": max(s.per_rank_busy_s), "ring_exposed_s": b.get("ring_exposed", 0.0),
             "tp_comm_s": b.get("tp_comm", 0.0),
             "grad_sync_s": b.get("grad_sync", 0.0), "optimizer_s": b.get("optimizer", 0.0),
-            "bubble_s": b.get("bubble", 0.0)}
+            "bubble_s": b.get("bubble", 0.0), "pp_exchange_s": b.get("pp_exchange", 0.0)}
 
 
 def warm_trace(trace: dict) -> dict:
@@ -366,8 +369,9 @@ def cpu(args: argparse.Namespace) -> None:
 
     print("Measured step (trace, medians over iterations; slowest rank) against the profile's terms (ms):\n")
     print("| plan | measured step | units | P2P wait | TP all-reduces | grad sync | optimizer | collector | "
-          "CPU / wall | predicted step | busiest rank | ring exposed | TP comm | grad sync | optimizer | bubble |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "CPU / wall | predicted step | busiest rank | ring exposed | TP comm | grad sync | optimizer | bubble | "
+          "hand-offs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     breakdowns = {}
     for n in traces:
         mb = measured_breakdown(docs[n])
@@ -377,19 +381,21 @@ def cpu(args: argparse.Namespace) -> None:
               f"{_ms(mb['tp_wait_s'])} | {_ms(mb['grad_sync_s'])} | {_ms(mb['optimizer_s'])} | {_ms(mb['gc_s'])} | "
               f"{mb['cpu_share']:.2f} | "
               f"{_ms(base[n].step_predicted_s)} | {_ms(pb['busiest_s'])} | {_ms(pb['ring_exposed_s'])} | "
-              f"{_ms(pb['tp_comm_s'])} | {_ms(pb['grad_sync_s'])} | {_ms(pb['optimizer_s'])} | {_ms(pb['bubble_s'])} |")
+              f"{_ms(pb['tp_comm_s'])} | {_ms(pb['grad_sync_s'])} | {_ms(pb['optimizer_s'])} | {_ms(pb['bubble_s'])} | "
+              f"{_ms(pb['pp_exchange_s'])} |")
     print("\nUnits' CPU: each unit's own-thread CPU (the trace's thread_cpu_s, members' mean, median over iterations) "
           "against its priced compute at the share of as many busy ranks as cores ("
           "planner.simulate.measured.predicted_cpu_s), which waits and time slicing do not move; and per step the "
-          "most CPU a rank's own thread and its other threads (gloo's) spent in its units:\n")
+          "most CPU a rank's own thread and its other threads (gloo's) spent in its units, and outside them (its "
+          "hand-offs, the sync and optimizer, Python between ops):\n")
     print("| plan | units' CPU error, median (signed) | median / max abs | own thread a step (ms) | "
-          "other threads a step (ms) |")
-    print("|---|---|---|---|---|")
+          "other threads a step (ms) | outside units a step (ms) |")
+    print("|---|---|---|---|---|---|")
     for n in traces:
         cpu, mb = base[n].cpu_errors, breakdowns[n]["measured"]
         print(f"| {n} | " + (f"{_pct(float(np.median(cpu)))} | {_abs_pct(float(np.median(np.abs(cpu))))} / "
                              f"{_abs_pct(float(np.max(np.abs(cpu))))} | " if cpu else "- | - | ")
-              + f"{_ms(mb['thread_cpu_s'])} | {_ms(mb['helper_cpu_s'])} |")
+              + f"{_ms(mb['thread_cpu_s'])} | {_ms(mb['helper_cpu_s'])} | {_ms(mb['outside_cpu_s'])} |")
     sliced = [n for n in traces if base[n].slice_cpu_errors]
     if sliced:
         print("\nSliced units' pipeline ops, each op's own-thread CPU (the trace's ops) against its priced compute "

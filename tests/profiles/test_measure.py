@@ -297,6 +297,10 @@ def test_collectives_two_gloo_ranks():
     assert np.allclose(df["algbw_bytes_per_s"], df["bytes"] / df["time_s"])
     prof = _profile({"collective": df})
     assert prof.collective_time_s("send_recv", 2**20, 2) > 0
+    # each row's host CPU: a member's process time per call (not the repeats' sum: gloo's threads wait, they do not
+    # spin, so a call's CPU stays within a few of its wall times)
+    assert (df["cpu_s"] > 0).all() and (df["cpu_s"] < 4 * df["time_s"] + 1e-3).all()
+    assert prof.collective_cpu_s("send_recv", 2**20, 2) > 0
 
 
 @pytest.mark.torchrun

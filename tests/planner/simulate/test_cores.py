@@ -17,9 +17,12 @@ from profiles.table import load_profile
 
 def _cm(ranks: int, profile: str = "local-cpu.measured", cluster: str = "local-cpu",
         share: float | None = None, pp: int = 1, wake: bool = False, busy: float | None = None) -> CostModel:
-    """Without the meetings' wake-up unless asked (a given share prices none): the compute shares alone are compared
-    here. `busy`: the slowdown with every core busy, one rank each, instead of the profile's."""
+    """Without the meetings' wake-up unless asked (a given share prices none) and without the hand-offs' host CPU:
+    the compute shares alone are compared here. `busy`: the slowdown with every core busy, one rank each, instead of
+    the profile's."""
     prof = load_profile(profile)
+    coll = prof.tables["collective"].drop(columns=["cpu_s"], errors="ignore")
+    prof = dataclasses.replace(prof, tables={**prof.tables, "collective": coll})
     if not wake:
         prof = dataclasses.replace(prof, constants={k: v for k, v in prof.constants.items() if "_wake" not in k})
     if busy is not None:
