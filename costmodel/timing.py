@@ -1236,7 +1236,11 @@ class CostModel:
         a wake-up, which the pipeline schedule charges after the receiving rank's previous op
         (planner/simulate/pipelined.py)."""
         inter = self.setup.mesh.adjacent_stages_in_different_domains
-        return float(self.p2p_s(tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp, inter))
+        return float(self.p2p_s(self._handoff_bytes(tokens_per_rank), inter))
+
+    def _handoff_bytes(self, tokens_per_rank: float) -> float:
+        """What one hand-off between adjacent stages moves: s·h·b/t bytes."""
+        return tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp
 
     def pp_handoff_cpu_s(self, tokens_per_rank: float) -> float:
         """The host CPU of one transfer between adjacent stages (a send and its receive, on both ranks together)
@@ -1246,9 +1250,8 @@ class CostModel:
         rank hands off). 0 elsewhere, and for profiles without the column."""
         if not self.transfers_on_cores:
             return 0.0
-        inter = self.setup.mesh.adjacent_stages_in_different_domains
-        nbytes = tokens_per_rank * self.model.hidden * self.bytes_per_elem / self.tp
-        return float(self.profile.collective_cpu_s("send_recv", nbytes, 2, "inter" if inter else "intra",
+        scope = "inter" if self.setup.mesh.adjacent_stages_in_different_domains else "intra"
+        return float(self.profile.collective_cpu_s("send_recv", self._handoff_bytes(tokens_per_rank), 2, scope,
                                                    self.setup.mesh.stage_size)) * self.compute_share
 
     def wake_after_s(self, compute_s: np.ndarray | float) -> np.ndarray:
