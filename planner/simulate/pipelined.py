@@ -254,7 +254,7 @@ def simulate_pipelined(step: Step, cm: CostModel, costs: Mapping[int, tuple[Unit
 
     def compute_of(key, paired: bool) -> float:
         """The compute part of an op's duration: its slice's share of the pass's compute, plus (paired) the attention
-        mirror pairing moved to it (its change less its exposed exchange)."""
+        mirror pairing moved to it (its change less its exposed exchange), plus its hand-offs' host CPU."""
         s, op = key
         moved = delta.get(key, 0.0) - exchange_exposed.get(key, 0.0) if paired else 0.0
         return op_cost(s, op).slice_compute_s(op.slice, units[op.mb].slices) + moved + handoff_s(key)
