@@ -1506,13 +1506,18 @@ def calibrate_cmd(
         out_path: Path = typer.Option(..., "--out", help="Profile JSON to write (the fitted profile)."),
         holdout: Optional[List[Path]] = typer.Option(None, help="A plan to leave out of the fit and judge it on "
                                                                 "(repeatable; default: leave each plan out in turn)."),
+        prior_width: Optional[float] = typer.Option(
+            None, "--prior-width", help="How far the tables may move from the base before the traces are seen: the "
+                                        "standard deviation of log(multiplier) (default 0.5 for a measured base, "
+                                        "1 for an analytic one; inf: no prior)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {base, profile, params, "
                                                            "holdout, held_out, fitted, held_out_all, ...}."),
 ) -> None:
     """Fit a profile's physical parameters (GEMM, attention, memory and collective table times; per-layer and
     per-attention-call overheads) to measured replay traces and write the fitted profile; report the error
-    before and after on plans the fit did not see. Each plan weighs the same in the fit, and a unit far off its
-    price (beyond about 10%) pulls with a bounded force (robust least squares)."""
+    before and after on plans the fit did not see. Each plan weighs the same in the fit, a unit far off its
+    price (beyond about 10%) pulls with a bounded force (robust least squares), and each table's multiplier
+    starts from a prior around the base (--prior-width)."""
     from planner.studies import calibrate
 
     writable(out_path, "--out")
@@ -1522,13 +1527,16 @@ def calibrate_cmd(
         if not (sep and plan and trace):
             fail(f"{p}: expected PLAN:TRACE (a plan.json and the `meshplan replay --trace` file of it)")
         parsed.append((Path(plan), Path(trace)))
-    res = calibrate(parsed, profile, holdout or ())
+    if prior_width is not None and not prior_width > 0:
+        fail(f"--prior-width {prior_width:g}: must be above 0 (inf fits without a prior)")
+    res = calibrate(parsed, profile, holdout or (), prior_width=prior_width)
     res.profile.save(out_path)
     if as_json:
         sys.stdout.write(json.dumps({**res.to_dict(), "out": str(out_path)}) + "\n")
         return
+    prior = f"prior width {res.prior_width:g}" if math.isfinite(res.prior_width) else "no prior"
     t = Table(title=escape(f"physical parameters: {res.base} -> {res.profile.fingerprint.name} "
-                           f"({res.rows} measured times, RMS error after {res.rms_rel_err:.1%})"))
+                           f"({res.rows} measured times, RMS error after {res.rms_rel_err:.1%}, {prior})"))
     for c in ("parameter", "meaning", "base", "fitted", "± 1 s.e.", "status"):
         t.add_column(c, justify="left" if c in ("parameter", "meaning", "status") else "right")
     for p in res.params:

@@ -310,6 +310,7 @@ def cpu(args: argparse.Namespace) -> None:
     lopo: dict[str, PlanFigures] = {}
     fitted: dict[str, str] = {}
     held: dict[str, object] = {}
+    prior = float("nan")  # the tables' prior width the fits used
     pairs = [(plans[n], traces[n]) for n in traces]
     for n in traces if len(traces) >= 3 else ():  # a fit on the others needs at least two other plans
         try:
@@ -319,7 +320,7 @@ def cpu(args: argparse.Namespace) -> None:
             continue
         cm = CostModel(cost_model_for_plan(loaded[n], args.profile).setup, cal.profile)
         lopo[n] = figures(loaded[n], cm, docs[n])
-        held[n] = cal.held_out[0]
+        held[n], prior = cal.held_out[0], cal.prior_width
         fitted[n] = ", ".join(f"{p.name} {p.fitted:.3g}" if p.status == "fitted" else f"{p.name} -"
                               for p in cal.params)
 
@@ -408,7 +409,8 @@ def cpu(args: argparse.Namespace) -> None:
             print("|---|" + "---|" * len(errs))
             print("| CPU error | " + " | ".join(_pct(e) for e in errs.values()) + " |\n")
     if fitted:
-        print("\nLeave-one-plan-out fits (table-time multipliers and overheads in s; '-': kept at base):\n")
+        print("\nLeave-one-plan-out fits (table-time multipliers and overheads in s; '-': kept at base; the tables' "
+              f"prior width {prior:g}, `meshplan calibrate`'s default):\n")
         for n, f in fitted.items():
             print(f"- without {n}: {f}")
     out = {"date": date.today().isoformat(), "load_start": load_start, "load_end": load_end, "profile": args.profile,

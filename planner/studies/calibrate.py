@@ -279,6 +279,21 @@ class Fit:
 MAX_REL_STD_ERR = 0.5  # a parameter known to worse than ±50% (one standard error) is kept at its start value
 ROBUST_SCALE = 0.1  # relative error up to which a row counts fully (robust_weights): replays' own spread, 5-10%
 _LB = np.array([MIN_SCALE if k in SCALED_TABLES else 0.0 for k in PARAMS])
+# How far a table's time may be from the base's before any trace is seen: the standard deviation of log(multiplier).
+# A measured table was timed on the hardware, under other load, caches and concurrency than a training step
+# (0.5: within x1.65 at one standard deviation); an analytic one holds published rates (1: within x2.7). Without
+# it, parameters the traces move only together run off along the direction they share (docs/COSTMODEL.md,
+# Calibration).
+PRIOR_WIDTH = {"measured": 0.5, "analytic": 1.0}
+
+
+def prior_widths(base: Profile, width: float | None = None) -> np.ndarray:
+    """Each parameter's prior width: `width` (default PRIOR_WIDTH by how the base was obtained) for the tables'
+    multipliers, none (inf) for the overheads, which start at the base's value and are bounded at 0 instead."""
+    w = PRIOR_WIDTH[base.fingerprint.source] if width is None else float(width)
+    if not w > 0:
+        raise PlanError(f"prior width {w:g}: must be above 0 (inf fits without a prior)")
+    return np.array([w if k in SCALED_TABLES else np.inf for k in PARAMS])
 
 
 def _identifiable(a: np.ndarray, candidates: list[int]) -> list[int]:
@@ -314,8 +329,30 @@ def plan_weights(groups: Sequence[_PlanGroup]) -> np.ndarray:
     return np.concatenate([np.full(len(g.rows), n / len(groups) / len(g.rows)) for g in groups])
 
 
+def _spread(w: np.ndarray, rel_err: np.ndarray, n_params: int) -> float:
+    """The rows' weighted variance of relative error, per degree of freedom left (s²)."""
+    return float(w * rel_err @ rel_err) / max(len(rel_err) - n_params, 1)
+
+
+def _prior_rows(x: np.ndarray, cols: list[int], width: np.ndarray, s2: float, n_rows: int, n_plans: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The prior's rows of the least squares, linearised at `x`: log(multiplier) ~ N(0, width²) for each fitted
+    table with a finite width, against the data's rows read with their own spread (s², `_spread`) and as one
+    observation per plan (a plan's rows share its host state and whatever mechanism the model lacks: they are
+    not independent). Row j reads c·x'_j ≈ c·(x_j − x_j log x_j), the linearised c·x_j·log x'_j = 0, with
+    c = √(s²·n_rows / n_plans) / (width_j·x_j). Traces the parameters explain exactly leave the prior no weight."""
+    a = np.zeros((len(PARAMS), len(PARAMS)))
+    b = np.zeros(len(PARAMS))
+    for j in cols:
+        if np.isfinite(width[j]):
+            c = np.sqrt(s2 * n_rows / n_plans) / (width[j] * x[j])
+            a[j, j], b[j] = c, c * (x[j] - x[j] * np.log(x[j]))
+    keep = np.abs(a).sum(axis=1) > 0
+    return a[keep], b[keep]
+
+
 def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: list[int], m: np.ndarray,
-                  max_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], int]:
+                  max_iter: int, width: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], int]:
     """Bounded least squares on relative error over the candidate parameters (the others held at `start`), each row
     weighted by its plan's share (`plan_weights`) and by `robust_weights` of its error at the current point, and
     relinearised until the point and the weights settle and the cost model at the new point agrees with the linear
@@ -335,43 +372,63 @@ def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: l
         fixed = [j for j in range(len(PARAMS)) if j not in cols]
         rhs = b - a[:, fixed] @ x[fixed] - a[:, cols] @ _LB[cols]
         sw = np.sqrt(w)[:, None]
+        s2 = _spread(w, t0 / m - 1, len(cols))
+        pa, pb = _prior_rows(x, cols, width, s2, len(m), len(groups))
         new = x.copy()
-        new[cols] = _LB[cols] + nnls(a[:, cols] * sw, rhs * sw[:, 0])
+        new[cols] = _LB[cols] + nnls(np.vstack([a[:, cols] * sw, pa[:, cols]]),
+                                     np.concatenate([rhs * sw[:, 0], pb - pa[:, cols] @ _LB[cols]]))
         lin = a @ new * m  # what the linear model predicts at the new point
         x = new
         exact = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups])
-        settled = np.max(np.abs(per_plan * robust_weights(exact / m - 1) - w) / w) < 0.05  # weights within 5%
+        w_new = per_plan * robust_weights(exact / m - 1)
+        settled = np.max(np.abs(w_new - w) / w) < 0.05  # weights within 5%
+        if len(pa):  # and the spread the prior was weighed against
+            settled &= abs(_spread(w_new, exact / m - 1, len(cols)) - s2) <= 0.05 * s2 + 1e-12
         if np.max(np.abs(exact - lin) / m) < 1e-6 and settled:
             break
     return x, a, w, cols, it
 
 
-def fit(groups: Sequence[_PlanGroup], start: Physical, max_iter: int = 12) -> Fit:
-    """Fit the parameters the traces determine: multipliers ≥ MIN_SCALE, overheads ≥ 0. A multiplier driven to
-    its bound, or a parameter whose standard error exceeds MAX_REL_STD_ERR of its value, is put back to its
-    start value (worst first) and the rest refitted: only what the measurements pin down moves."""
+def _std_errors(x: np.ndarray, a: np.ndarray, w: np.ndarray, resid: np.ndarray, off: list[int], width: np.ndarray,
+                n_plans: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One standard error per parameter in `off` (fitted off its bound), linearised, from the traces alone and with
+    the prior. A plan's rows count as one observation, as in the prior's weight: they share the plan's host state
+    and whatever mechanism the model lacks, so n rows of P plans scale the rows' spread by n / P."""
+    if not off or len(resid) <= len(off):
+        return {}, {}
+    s2 = _spread(w, resid, len(off))
+    pa = _prior_rows(x, off, width, s2, len(resid), n_plans)[0][:, off]
+    normal = (a[:, off] * w[:, None]).T @ a[:, off]
+    sd = lambda prec: np.sqrt(np.maximum(np.diag(s2 * len(resid) / n_plans * np.linalg.pinv(prec)), 0.0))  # noqa
+    names = [PARAMS[j] for j in off]
+    return dict(zip(names, sd(normal).tolist())), dict(zip(names, sd(normal + pa.T @ pa).tolist()))
+
+
+def fit(groups: Sequence[_PlanGroup], start: Physical, max_iter: int = 12, width: np.ndarray | None = None) -> Fit:
+    """Fit the parameters the traces determine: multipliers ≥ MIN_SCALE, overheads ≥ 0, each table's multiplier
+    under the prior `width` (`prior_widths`; None: no prior). A multiplier driven to its bound, or a parameter
+    whose standard error from the traces alone exceeds MAX_REL_STD_ERR of its value, is put back to its start
+    value (worst first) and the rest refitted: only what the measurements pin down moves. The standard errors
+    reported are the prior's and the traces' together."""
+    width = np.full(len(PARAMS), np.inf) if width is None else width
     m = np.concatenate([g.measured for g in groups])
     candidates = list(range(len(PARAMS)))
     undetermined: dict[str, str] = {}
     x = x0 = start.vector()
     while True:  # each refit starts where the last one ended, the parameters put back at their start values
         x = np.where(np.isin(np.arange(len(PARAMS)), candidates), x, x0)
-        x, a, w, cols, it = _gauss_newton(groups, x, candidates, m, max_iter)
+        x, a, w, cols, it = _gauss_newton(groups, x, candidates, m, max_iter, width)
         resid = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups]) / m - 1
         bound = [j for j in cols if x[j] <= _LB[j] * (1 + 1e-9)]
         off = [j for j in cols if j not in bound]
-        std: dict[str, float] = {}
-        if off and len(m) > len(off):  # the weighted fit's linearised covariance
-            s2 = float(w * resid @ resid) / (len(m) - len(off))
-            cov = s2 * np.linalg.pinv((a[:, off] * w[:, None]).T @ a[:, off])
-            std = {PARAMS[j]: float(np.sqrt(max(cov[i, i], 0.0))) for i, j in enumerate(off)}
+        data, std = _std_errors(x, a, w, resid, off, width, len(groups))
         worst: tuple[float, int, str] | None = None
         for j in cols:
             k = PARAMS[j]
             if j in bound and k in SCALED_TABLES:
                 why, score = f"fit ran to the bound {MIN_SCALE:g}x: the traces cannot tell it from the others", np.inf
-            elif k in std and std[k] > MAX_REL_STD_ERR * x[j]:
-                why, score = f"fitted {x[j]:.3g} ± {std[k]:.2g}: too loose to keep", std[k] / x[j]
+            elif k in data and data[k] > MAX_REL_STD_ERR * x[j]:
+                why, score = f"fitted {x[j]:.3g} ± {data[k]:.2g} by the traces alone: too loose to keep", data[k] / x[j]
             else:
                 continue
             if worst is None or score > worst[0]:
@@ -440,12 +497,14 @@ class Calibration:
     fitted_all: PlanErrors
     rows: int  # measured times the written profile was fitted on
     rms_rel_err: float  # their RMS relative error after the fit
+    prior_width: float  # the tables' prior width, sd of log(multiplier) (inf: none)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "profile"}
         d = {k: ([dataclasses.asdict(x) for x in v] if isinstance(v, tuple) else
                  dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
         d["profile"] = {"name": self.profile.fingerprint.name, "source": self.profile.fingerprint.source}
+        d["prior_width"] = self.prior_width if np.isfinite(self.prior_width) else None  # JSON has no inf
         return d
 
 
@@ -465,10 +524,11 @@ def _fits_for(profile: Profile, names: Sequence[str]) -> list[str]:
 
 
 def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequence[Path] = (),
-              progress: Callable[[str], None] | None = None) -> Calibration:
+              progress: Callable[[str], None] | None = None, prior_width: float | None = None) -> Calibration:
     """Fit `profile`'s physical parameters on (plan, trace) pairs. With `holdout` plans named, the profile is
     fitted on the others and judged on them; else every plan is judged by a fit on the other plans (leave one
-    plan out) and the profile is fitted on all. Needs at least two plans."""
+    plan out) and the profile is fitted on all. Needs at least two plans. `prior_width`: the tables' multipliers'
+    prior (`prior_widths`; default by how the base was obtained, inf for none)."""
     say = progress or (lambda _m: None)
     loaded = [load_pair(p, t) for p, t in pairs]
     by_plan: dict[Path, list[TracePair]] = {}
@@ -488,7 +548,8 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
     groups = {k: _PlanGroup(str(v[0].plan_path), v, profile, base) for k, v in by_plan.items()}
     train = [g for k, g in groups.items() if k not in held]
     say(f"fitting on {len(train)} plan(s), {sum(len(g.rows) for g in train)} measured times")
-    final = fit(train, start)
+    width = prior_widths(base, prior_width)
+    final = fit(train, start, width=width)
     errs = {k: g.errors(start) for k, g in groups.items()}  # before: the base profile
     held_rows, held_pool_b, held_pool_a = [], [], []
     if held:
@@ -501,7 +562,7 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
     else:
         for k, g in groups.items():
             say(f"leave-one-plan-out: predicting {g.name} from the other plans")
-            fold = fit([o for j, o in groups.items() if j != k], start)
+            fold = fit([o for j, o in groups.items() if j != k], start, width=width)
             after = g.errors(fold.point)
             held_rows.append(_plan_errors(g.name, "held-out", len(g.pairs), fold.plans, errs[k], after))
             held_pool_b.append(errs[k])
@@ -526,13 +587,14 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
             _UNDETERMINED
         params.append(ParamFit(k, PARAM_MEANING[k], b, f, final.std_err.get(k), status,
                                final.undetermined.get(k, "")))
-    prof = _written_profile(base, final, [p for g in train for p in g.pairs], held_all, params)
+    prior = float(width[PARAMS.index("gemm")])
+    prof = _written_profile(base, final, [p for g in train for p in g.pairs], held_all, params, prior)
     return Calibration(base.fingerprint.name, prof, tuple(params), "named" if held else "leave-one-plan-out",
-                       tuple(held_rows), tuple(fit_rows), held_all, fitted_all, final.rows, final.rms_rel_err)
+                       tuple(held_rows), tuple(fit_rows), held_all, fitted_all, final.rows, final.rms_rel_err, prior)
 
 
 def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all: PlanErrors,
-                     params: list[ParamFit]) -> Profile:
+                     params: list[ParamFit], prior_width: float) -> Profile:
     """The fitted profile with a fingerprint that says what it was fitted on."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     fp = base.fingerprint
@@ -544,6 +606,8 @@ def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all
         return f"{p.trace_path}" + (f" ({', '.join(said)})" if said else "")
 
     traces = ", ".join(described(p) for p in pairs)
+    prior = (f"the tables' multipliers under the prior log(multiplier) ~ N(0, {prior_width:g}²)"
+             if np.isfinite(prior_width) else "no prior on the tables")
     fitted = "; ".join(f"{x.name} {x.fitted:.4g}" + (f" ± {x.std_err:.2g}" if x.std_err is not None else "")
                        + ("" if x.status == "fitted" else f" ({x.status}{': ' + x.note if x.note else ''})")
                        for x in params)
@@ -551,7 +615,7 @@ def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all
     notes = (f"Calibrated {now} by `meshplan calibrate` from {fp.name} (sha256 {fp.sha256}) on {len(pairs)} "
              f"trace(s) of {len(plans)} plan(s) ({', '.join(plans)}): {traces}. {final.rows} measured unit times "
              "(forward and backward, median over replay iterations), least squares on relative error (robust, "
-             "soft-L1; each plan weighed alike), RMS relative error "
+             f"soft-L1; each plan weighed alike; {prior}), RMS relative error "
              f"after {final.rms_rel_err:.1%}. Table-time multipliers (host_copy kept) and overheads: {fitted}. "
              f"Held-out median |error| per unit {held_all.unit_median_before:.1%} before, "
              f"{held_all.unit_median_after:.1%} after. "
@@ -567,6 +631,6 @@ def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all
     return prof
 
 
-__all__ = ["Calibration", "Fit", "OVERHEADS", "PARAMS", "ParamFit", "Physical", "PlanErrors", "Row",
+__all__ = ["Calibration", "Fit", "OVERHEADS", "PARAMS", "PRIOR_WIDTH", "ParamFit", "Physical", "PlanErrors", "Row",
            "SCALED_TABLES", "TracePair", "calibrate", "calibrated_profile", "fit", "load_pair", "nnls",
-           "read_trace", "trace_rows"]
+           "prior_widths", "read_trace", "trace_rows"]
