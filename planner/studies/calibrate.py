@@ -8,9 +8,9 @@ P2P: 1/bandwidth) and the two fixed costs the cost model adds (`layer_overhead_s
 How a measured time depends on them is taken from the cost model itself, not re-derived here: each (plan,
 unit, stage), forward and backward together, is priced on the profile at the current parameters and on one
 profile per parameter nudged, which gives a Jacobian; bounded least squares on relative error (rows divided by
-the measured time; each plan weighed alike, each row robustly) then moves the parameters, and the step is
-repeated where the model is not linear in them (exposed ring transfers and offload copies are a max of compute and
-transfer) and until the robust weights settle. Each fitted profile is written the way the Jacobian priced it
+the measured time; each plan weighed alike, each row robustly; each table's multiplier under a log-normal prior
+around the base) then moves the parameters, and the step is repeated where the model is not linear in them (exposed
+ring transfers and offload copies are a max of compute and transfer) and until the robust weights settle. Each fitted profile is written the way the Jacobian priced it
 (`calibrated_profile`), so the fit and the written profile agree by construction.
 
 Error before and after is reported on plans the fit did not see (leave-one-plan-out, or named plans held
