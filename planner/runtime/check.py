@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -58,18 +59,22 @@ class Check:
             collect_full(ctx, "grad")
 
     def compare(self, ctx: Context, work: StepWork, step_loss: float) -> None:
-        """Rank 0 (which holds the whole step, whatever the feed): the reference step and the differences."""
+        """Rank 0 (which holds the whole step, whatever the feed): the reference step and the differences. Every
+        rank then waits for it here, outside the timed phases: else the other ranks' next step would wait for
+        rank 0 in its rings, hand-offs and all-reduce, and a traced replay's steps after the first would carry
+        the reference's time (2.3x the step on the README's 4-rank CPU plan)."""
         reference, self._reference = self._reference, None
-        if reference is None:
-            return
-        step = work.step
-        ctx.position.set(f"step {work.it} (plan step {step.step}) --check reference")
-        all_tokens = ctx.tokens.tokens(work.it, step.sequences, work.stream_offset)
-        ref_loss = reference_step(reference, step, all_tokens, ctx.device)
-        r = self.result
-        r.max_rel_grad_err = max(r.max_rel_grad_err, max_rel_grad_err(_whole(ctx), reference))
-        r.loss_abs_err = max(r.loss_abs_err, abs(ref_loss - step_loss))
-        r.units += len(step.units)
+        if reference is not None:
+            step = work.step
+            ctx.position.set(f"step {work.it} (plan step {step.step}) --check reference")
+            all_tokens = ctx.tokens.tokens(work.it, step.sequences, work.stream_offset)
+            ref_loss = reference_step(reference, step, all_tokens, ctx.device)
+            r = self.result
+            r.max_rel_grad_err = max(r.max_rel_grad_err, max_rel_grad_err(_whole(ctx), reference))
+            r.loss_abs_err = max(r.loss_abs_err, abs(ref_loss - step_loss))
+            r.units += len(step.units)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def _whole(ctx: Context) -> Decoder:

@@ -646,3 +646,29 @@ def test_cli_refuses_bad_plans_with_one_line(tmp_path, monkeypatch, capsys):
         assert exit_.value.code == 2, (args, out.err)
         assert err.startswith("error:") and message in err and "Traceback" not in err, (args, out.err)
         assert out.out == ""
+
+
+def test_check_holds_every_rank_until_rank_0s_reference_is_done(monkeypatch):
+    """--check: rank 0 runs the reference between the sync and the optimizer, then every rank meets it in a barrier
+    there, outside the timed phases; without it the other ranks' next step waited for rank 0 in its rings and
+    all-reduce, and a traced replay's later steps carried the reference's time."""
+    from types import SimpleNamespace
+
+    from planner.runtime import check as check_mod
+
+    calls: list[str] = []
+    monkeypatch.setattr(check_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(check_mod.dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(check_mod, "reference_step", lambda *a: calls.append("reference") or 1.0)
+    monkeypatch.setattr(check_mod, "max_rel_grad_err", lambda *a: 0.0)
+    ctx = SimpleNamespace(position=SimpleNamespace(set=lambda text: None), device="cpu", model=None, full=None,
+                          tokens=SimpleNamespace(tokens=lambda *a: {}))
+    work = SimpleNamespace(it=0, stream_offset=0, step=SimpleNamespace(step=0, sequences=[], units=[]))
+    other = check_mod.Check()  # a rank that holds no reference only waits
+    other.compare(ctx, work, 1.0)
+    assert calls == ["barrier"]
+    calls.clear()
+    rank0 = check_mod.Check()
+    rank0._reference = object()
+    rank0.compare(ctx, work, 1.0)
+    assert calls == ["reference", "barrier"] and rank0.result.loss_abs_err == 0.0
