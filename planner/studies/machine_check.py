@@ -9,8 +9,8 @@ under one folder:
    to profile.json;
 3. small real plans (the plan API) replayed with `meshplan replay --check` (bf16 on GPU, fp32 on CPU): one rank,
    and several ranks (NCCL on >= 2 GPUs; on one GPU the multi-rank path runs over gloo on the CPU, since the
-   executor maps local rank i to cuda:i); multi-rank plans get a second replay without --check for timing,
-   because rank 0's reference step would stall its peers inside their timed units;
+   executor maps local rank i to cuda:i); multi-rank plans get a second replay without --check for timing, as
+   --check gathers the whole model's gradients inside the timed gradient sync when pp or tp > 1;
 4. predicted vs measured per unit and per step (planner.simulate.measured) on the device's reference profile
    (its cluster preset's: analytic on GPU) and on the fresh one, with the mean absolute percentage error;
 5. summary.md and machine_check.json; `ok` is False when any check failed or was skipped for lack of time.
@@ -129,7 +129,9 @@ class ReplayCase:
 
     @property
     def separate_timing(self) -> bool:
-        """Multi-rank: rank 0's --check reference stalls its peers, so timing needs a replay of its own."""
+        """Multi-rank: timing gets a replay of its own. --check keeps rank 0's reference out of every rank's timed
+        phases (a barrier after it), but with pp or tp > 1 it gathers the whole model's gradients inside the timed
+        gradient sync."""
         return self.ranks > 1
 
 
