@@ -10,8 +10,9 @@ unit, stage), forward and backward together, is priced on the profile at the cur
 profile per parameter nudged, which gives a Jacobian; bounded least squares on relative error (rows divided by
 the measured time; each plan weighed alike, each row robustly; each table's multiplier under a log-normal prior
 around the base) then moves the parameters, and the step is repeated where the model is not linear in them (exposed
-ring transfers and offload copies are a max of compute and transfer) and until the robust weights settle. Each fitted profile is written the way the Jacobian priced it
-(`calibrated_profile`), so the fit and the written profile agree by construction.
+ring transfers and offload copies are a max of compute and transfer) and until the robust weights settle. Each
+fitted profile is written the way the Jacobian priced it (`calibrated_profile`), so the fit and the written profile
+agree by construction.
 
 Error before and after is reported on plans the fit did not see (leave-one-plan-out, or named plans held
 out), unit by unit and step by step (`planner.simulate.measured.compare_measured`), and on the fitted ones."""
