@@ -219,15 +219,17 @@ def replay_step(ctx: Context, work: StepWork, check: Check | None) -> StepRecord
     ctx.position.set(f"step {it} (plan step {step.step}) gradient all-reduce")
     try:
         step_loss = sync_gradients(ctx, loss)
-        if check is not None:
-            check.after_sync(ctx)
         device_sync(ctx.device)
     except Exception as e:
         raise rank_failure(ctx, e) from e
     t2, c2 = time.perf_counter(), time.process_time()
     gc_s = ctx.gc_clock.take()
     node += [node_cpu_s()] if node else []
-    if check is not None:
+    if check is not None:  # outside the timed phases: the gradients' gather (pp or tp > 1) and the reference
+        try:
+            check.after_sync(ctx)
+        except Exception as e:
+            raise rank_failure(ctx, e) from e
         check.compare(ctx, work, step_loss)
     node += [node_cpu_s()] if node else []
     t3, c3 = time.perf_counter(), time.process_time()

@@ -9,8 +9,8 @@ under one folder:
    to profile.json;
 3. small real plans (the plan API) replayed with `meshplan replay --check` (bf16 on GPU, fp32 on CPU): one rank,
    and several ranks (NCCL on >= 2 GPUs; on one GPU the multi-rank path runs over gloo on the CPU, since the
-   executor maps local rank i to cuda:i); multi-rank plans get a second replay without --check for timing, as
-   --check gathers the whole model's gradients inside the timed gradient sync when pp or tp > 1;
+   executor maps local rank i to cuda:i); multi-rank plans get a second replay without --check for timing, free of
+   the reference's copies and gathers between the steps;
 4. predicted vs measured per unit and per step (planner.simulate.measured) on the device's reference profile
    (its cluster preset's: analytic on GPU) and on the fresh one, with the mean absolute percentage error;
 5. summary.md and machine_check.json; `ok` is False when any check failed or was skipped for lack of time.
@@ -129,9 +129,9 @@ class ReplayCase:
 
     @property
     def separate_timing(self) -> bool:
-        """Multi-rank: timing gets a replay of its own. --check keeps rank 0's reference out of every rank's timed
-        phases (a barrier after it), but with pp or tp > 1 it gathers the whole model's gradients inside the timed
-        gradient sync."""
+        """Multi-rank: timing gets a replay of its own, without --check's whole-model copy and reference step on
+        rank 0 and its gathers between the steps: they stay out of the timed phases (rank 0's peers wait for it in
+        a barrier), but they move the host's memory and caches."""
         return self.ranks > 1
 
 
