@@ -383,8 +383,9 @@ def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: l
         exact = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups])
         w_new = per_plan * robust_weights(exact / m - 1)
         settled = np.max(np.abs(w_new - w) / w) < 0.05  # weights within 5%
-        if len(pa):  # and the spread the prior was weighed against
-            settled &= abs(_spread(w_new, exact / m - 1, len(cols)) - s2) <= 0.05 * s2 + 1e-12
+        if len(pa):  # and the spread the prior was weighed against, within 5% or with the prices no longer moving
+            settled &= (abs(_spread(w_new, exact / m - 1, len(cols)) - s2) <= 0.05 * s2
+                        or np.max(np.abs(exact - t0) / m) < 1e-6)
         if np.max(np.abs(exact - lin) / m) < 1e-6 and settled:
             break
     return x, a, w, cols, it
