@@ -702,6 +702,9 @@ def simulate_cmd(
         profile: Optional[str] = typer.Option(None, help="Re-simulate on another profile."),
         trace: Optional[Path] = typer.Option(None, help="Write a Chrome/Perfetto trace of step 0."),
         measured: Optional[Path] = typer.Option(None, help="A `meshplan replay --trace` file: predicted vs measured."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="With --measured: draw predicted against measured "
+                                            "per step and per unit (and the units' CPU where the trace has it), "
+                                            "PNG and SVG."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-simulate a plan: step time, breakdown, busiest and idlest ranks, peak memory."""
@@ -709,6 +712,9 @@ def simulate_cmd(
     from planner.simulate import simulate_plan
 
     writable(trace, "--trace")
+    writable(plot, "--plot")
+    if plot is not None and measured is None:
+        fail("--plot draws predicted against measured times: give the replay's trace with --measured")
     plan = load_plan(plan_path)
     validate(plan)
     cm = cost_model_for_plan(plan, profile)
@@ -728,6 +734,9 @@ def simulate_cmd(
         for why in pricing_differences(plan):  # the trace ran what the plan did not price
             warnings.warn(f"{plan_path}: {why} to compare its predicted times with the replay's")
         comparison = compare_measured(plan, cm, read_measured_trace(measured))
+        if plot is not None:
+            _plot_measured(comparison, plot, f"{plan_path.name} on {cm.profile.fingerprint.name} vs {measured.name}",
+                           quiet=as_json)
     if as_json:
         load = comparison and comparison.other_load
         extra = {} if comparison is None else {"measured": {
@@ -790,6 +799,24 @@ def simulate_cmd(
     out.print(t)
     if trace:
         out.print(escape(f"trace written to {trace}"), highlight=False)
+
+
+def _plot_measured(comparison, path: Path, title: str, quiet: bool) -> None:
+    """simulate --measured --plot: steps, units and (traces that have it) the units' own CPU, each a group."""
+    from planner.report import Comparison, plot_accuracy
+
+    def group(label: str, rows: list[dict], measured: str, predicted: str) -> Comparison | None:
+        rows = [x for x in rows if x.get(measured, 0.0) > 0 and predicted in x]
+        return Comparison(label, tuple(x[measured] for x in rows), tuple(x[predicted] for x in rows)) if rows else None
+
+    groups = [g for g in (group("steps", comparison.steps, "measured_s", "predicted_s"),
+                          group("units", comparison.units, "measured_s", "predicted_s"),
+                          group("units' own CPU", comparison.units, "thread_cpu_s", "predicted_cpu_s")) if g]
+    if not groups:
+        fail(f"--plot: the trace has no measured time to draw ({len(comparison.steps)} steps)")
+    paths = plot_accuracy(groups, path, title=title, measured_label="measured")
+    if not quiet:
+        err.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
 
 
 # -- profile: measured profiles ----------------------------------------------------------------------
@@ -1400,6 +1427,9 @@ def validate_cmd(
                                                            "parts and facets), memory}], held_out_by: {gpu, "
                                                            "sequence, layout, model: [{value, rows, mape, "
                                                            "mean_error}]}}."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the cases (PNG and SVG): predicted "
+                                            "against published, each set's errors, and each run's memory against "
+                                            "its GPU's."),
 ) -> None:
     """Reproduce published training measurements with the cost model: published, predicted and error per case,
     and the MAPE per set; and what each run needs per GPU (allocations and CUDA context) against the memory it
@@ -1409,11 +1439,14 @@ def validate_cmd(
     from planner.studies import validate_cost_model
 
     names = sets or list(CALIBRATION_SETS)
+    writable(plot, "--plot")
     if attention_kernel is not None:
         check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     reps = [validate_cost_model(profile, name, attention_kernel) for name in names]
     held = [r for rep in reps if rep.held_out for r in rep.rows]
     by_facet = {f: facet_errors(held, f) for f in FACETS}
+    if plot is not None:
+        _plot_validation(reps, plot, quiet=as_json)
     if as_json:
         by = {f: [{"value": v, "rows": n, "mape": mape, "mean_error": bias} for v, n, mape, bias in groups]
               for f, groups in by_facet.items()}
@@ -1450,6 +1483,23 @@ def validate_cmd(
         if held:
             summary += f"; held out: {sum(abs(r.error) for r in held) / len(held):.1%} over {len(held)} cases"
         out.print(summary)
+
+
+def _plot_validation(reps, path: Path, quiet: bool) -> None:
+    """validate --plot: every case in seconds (a layer's ms too), one group a set, and the runs' memory."""
+    from planner.report import Comparison, plot_accuracy
+
+    scale = {"ms": 1e-3, "s": 1.0}
+    groups = [Comparison(rep.name, tuple(r.published * scale[r.unit] for r in rep.rows),
+                         tuple(r.predicted * scale[r.unit] for r in rep.rows), rep.held_out)
+              for rep in reps if rep.rows]
+    memory = [(rep.name, [m.needed_bytes / m.hbm_bytes for m in rep.memory]) for rep in reps if rep.memory]
+    rows = [r for rep in reps for r in rep.rows]
+    title = (f"meshplan validate: {len(rows)} published cases of {len(groups)} set(s), MAPE "
+             f"{sum(abs(r.error) for r in rows) / max(1, len(rows)):.1%}")
+    paths = plot_accuracy(groups, path, title=title, measured_label="published", memory=memory)
+    if not quiet:
+        err.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
 
 
 def _facet_table(by_facet: dict[str, list[tuple[str, int, float, float]]]) -> Table:
@@ -1512,6 +1562,8 @@ def calibrate_cmd(
                                         "1 for an analytic one; inf: no prior)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {base, profile, params, "
                                                            "holdout, held_out, fitted, held_out_all, ...}."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw each plan's errors per step and per unit, "
+                                            "the base profile's and the fitted one's (PNG and SVG)."),
 ) -> None:
     """Fit a profile's physical parameters (GEMM, attention, memory and collective table times; per-layer and
     per-attention-call overheads) to measured replay traces and write the fitted profile; report the error
@@ -1521,6 +1573,7 @@ def calibrate_cmd(
     from planner.studies import calibrate
 
     writable(out_path, "--out")
+    writable(plot, "--plot")
     parsed = []
     for p in pairs:
         plan, sep, trace = p.partition(":")
@@ -1531,6 +1584,8 @@ def calibrate_cmd(
         fail(f"--prior-width {prior_width:g}: must be above 0 (inf fits without a prior)")
     res = calibrate(parsed, profile, holdout or (), prior_width=prior_width)
     res.profile.save(out_path)
+    if plot is not None:
+        _plot_calibration(res, plot, quiet=as_json)
     if as_json:
         sys.stdout.write(json.dumps({**res.to_dict(), "out": str(out_path)}) + "\n")
         return
@@ -1557,6 +1612,22 @@ def calibrate_cmd(
     out.print(t)
     out.print(escape(f"* wrote {out_path}: {res.profile.fingerprint.name} (sha256 {res.profile.fingerprint.sha256})"),
               highlight=False)
+
+
+def _plot_calibration(res, path: Path, quiet: bool) -> None:
+    """calibrate --plot: per plan, held out then fitted on, its errors per step and per unit before and after."""
+    from planner.report import Strip, plot_strips
+
+    plans = res.held_out + res.fitted
+    label = lambda e: f"{Path(e.plan).stem} ({e.role})"  # noqa: E731
+    panels = [(f"per {what}", [Strip(label(e), getattr(e, f"{what}_errors_after"), e.role == "held-out",
+                                     getattr(e, f"{what}_errors_before")) for e in plans])
+              for what in ("step", "unit")]
+    fit = "each plan held out in turn" if res.holdout == "leave-one-plan-out" else "named plans held out"
+    paths = plot_strips(panels, path, title=f"meshplan calibrate: {res.base} -> {res.profile.fingerprint.name} "
+                                            f"({fit})")
+    if not quiet:
+        err.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
 
 
 @app.command("report")

@@ -195,6 +195,13 @@ def test_simulate_measured_sets_the_units_cpu_beside_their_priced_compute(tmp_pa
     assert r.exit_code == 0, r.output
     assert "own CPU (s)" in r.stdout and "-50.0%" in r.stdout and "0.0040" in r.stdout
     assert "median |CPU error| per unit: 50.0%" in r.stdout
+    r = run("simulate", str(tmp_path / "plan.json"), "--measured", str(tmp_path / "t.json"), "--plot",
+            str(tmp_path / "m.png"))
+    assert r.exit_code == 0 and "wrote" in r.stderr, r.output
+    svg = (tmp_path / "m.svg").read_text()  # steps, units and their CPU, each a strip
+    assert (tmp_path / "m.png").exists() and all(g in svg for g in ("steps", "units", "own CPU"))
+    r = run("simulate", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "m2.png"))
+    assert r.exit_code == 2 and "--measured" in r.stderr and not (tmp_path / "m2.png").exists(), r.output
     for u in units:
         del u["thread_cpu_s"], u["helper_cpu_s"]
     (tmp_path / "t.json").write_text(json.dumps(doc))
@@ -399,6 +406,16 @@ def test_validate_prints_each_case_and_the_mape():
     assert all(m["headroom_bytes"] == pytest.approx(m["hbm_bytes"] - m["allocated_bytes"] - m["parts"]["context"])
                and m["fits"] == (m["headroom_bytes"] >= 0) for m in d["memory"])
     assert d["mape"] == pytest.approx(sum(abs(x["error"]) for x in d["rows"]) / 12)
+
+
+def test_validate_draws_the_cases_and_the_memory_of_every_set_asked(tmp_path):
+    r = run("validate", "--set", "korthikanti2022", "--set", "bloom2022", "--plot", str(tmp_path / "v.png"))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "v.png").stat().st_size > 0 and (tmp_path / "v.svg").stat().st_size > 0
+    svg = (tmp_path / "v.svg").read_text()
+    assert "korthikanti2022" in svg and "bloom2022" in svg and "memory needed / GPU memory" in svg
+    r = run("validate", "--set", "bloom2022", "--plot", str(tmp_path))
+    assert r.exit_code == 2 and "--plot" in r.stderr and "is a folder" in r.stderr, r.output
 
 
 def test_validate_sums_held_out_errors_by_kind_of_run():

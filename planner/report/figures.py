@@ -276,13 +276,14 @@ def plot_plan(plan: Plan, cm: CostModel, *, step: int = 0, gantt: Path | None = 
     s = cm.setup
     title = (f"{plan.meta.get('strategy', '?')}: {s.model.name} on {s.cluster.world_size} x {s.cluster.gpu}, "
              f"tp{cm.tp} pp{cm.pp} hdp{s.hdp}")
-    g = plot_gantt(sim, _stem(gantt), title=title, max_ranks=max_ranks) if gantt else []
-    m = plot_memory(memory_breakdown(st, sim, cm), _stem(memory), hbm_bytes=cm.budget.hbm_bytes,
+    g = plot_gantt(sim, figure_stem(gantt), title=title, max_ranks=max_ranks) if gantt else []
+    m = plot_memory(memory_breakdown(st, sim, cm), figure_stem(memory), hbm_bytes=cm.budget.hbm_bytes,
                     title=title) if memory else []
     return PlanFigures(g, m, sim)
 
 
-def _stem(path: Path) -> Path:
+def figure_stem(path: Path) -> Path:
+    """PATH without a .png / .svg suffix: save_figure writes both."""
     path = Path(path)
     return path.with_suffix("") if path.suffix in (".png", ".svg") else path
 

@@ -477,12 +477,18 @@ class PlanErrors:
     step_max_before: float
     step_median_after: float
     step_max_after: float
+    unit_errors_before: tuple[float, ...] = ()  # each (replay step, unit, stage)'s signed error
+    unit_errors_after: tuple[float, ...] = ()
+    step_errors_before: tuple[float, ...] = ()  # each replay step's signed error
+    step_errors_after: tuple[float, ...] = ()
 
 
 def _plan_errors(plan: str, role, traces: int, fitted_on, before, after) -> PlanErrors:
     (ub, sb), (ua, sa) = before, after
     stat = lambda e: (float(np.median(np.abs(e))), float(np.max(np.abs(e)))) if len(e) else (np.nan, np.nan)  # noqa
-    return PlanErrors(plan, role, traces, len(ub), tuple(fitted_on), *stat(ub), *stat(ua), *stat(sb), *stat(sa))
+    signed = lambda e: tuple(float(x) for x in e)  # noqa: E731
+    return PlanErrors(plan, role, traces, len(ub), tuple(fitted_on), *stat(ub), *stat(ua), *stat(sb), *stat(sa),
+                      signed(ub), signed(ua), signed(sb), signed(sa))
 
 
 @dataclass(frozen=True)

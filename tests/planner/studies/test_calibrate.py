@@ -279,8 +279,12 @@ def test_cli_writes_the_profile_and_prints_json(exact, tmp_path):
     assert doc["out"] == str(out) and doc["profile"]["name"] == f"{load_profile(BASE).fingerprint.name}.calibrated"
     assert {p["name"] for p in doc["params"]} == set(PARAMS) and len(doc["held_out"]) == 3
     assert load_profile(str(out)).fingerprint.name == f"{load_profile(BASE).fingerprint.name}.calibrated"
-    r = cli(*(f"{p}:{t}" for p, t in exact[:2]), "--profile", BASE, "--out", tmp_path / "cal2.json")
+    r = cli(*(f"{p}:{t}" for p, t in exact[:2]), "--profile", BASE, "--out", tmp_path / "cal2.json", "--plot",
+            tmp_path / "cal2.png")
     assert r.exit_code == 0 and "held-out" in r.stdout and "wrote" in r.stdout, r.output
+    svg = (tmp_path / "cal2.svg").read_text()  # each plan held out and fitted on, per step and per unit
+    assert (tmp_path / "cal2.png").exists() and "per step" in svg and "per unit" in svg and "(held-out)" in svg
+    assert all(len(e["step_errors_before"]) == len(e["step_errors_after"]) > 0 for e in doc["held_out"])
 
 
 def _fails(r, *words):
@@ -306,6 +310,7 @@ def test_cli_errors_are_one_line_and_write_nothing(exact, plans, tmp_path):
     _fails(cli(f"{p0}:{t0}", f"{p1}:{t1}", *args, "--holdout", tmp_path / "other.json"), "not one of")
     _fails(cli(f"{p0}:{t0}", f"{p1}:{t1}", *args, "--holdout", p0, "--holdout", p1), "every plan")
     _fails(cli(f"{p0}:{t0}", f"{p1}:{t1}", *args, "--prior-width", "0"), "--prior-width 0", "above 0")
+    _fails(cli(f"{p0}:{t0}", f"{p1}:{t1}", *args, "--plot", tmp_path), "--plot", "is a folder")
     assert not out.exists()
 
 
