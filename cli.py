@@ -1675,6 +1675,21 @@ def report_cmd(
     wrote("plan", [*figs.gantt, *figs.memory])
 
 
+def _draw_machine_check(res) -> list[Path]:
+    """machine-check's accuracy.png / .svg: units and steps of each plan on each profile, one group each."""
+    from planner.report import Comparison, plot_accuracy
+
+    groups = []
+    for a in res.accuracy:
+        for what, rows in (("units", a.units), ("steps", a.steps)):
+            rows = [x for x in rows if x["measured_s"] > 0]
+            if rows:
+                groups.append(Comparison(f"{a.case} {what} ({a.role})", tuple(x["measured_s"] for x in rows),
+                                         tuple(x["predicted_s"] for x in rows)))
+    return plot_accuracy(groups, res.out_dir / "accuracy.png", title=f"meshplan machine-check ({res.device}): "
+                         "predicted vs measured, warm iterations")
+
+
 # -- machine-check: one command that validates a machine end to end (planner/studies/machine_check) -----------
 @app.command("machine-check")
 def machine_check_cmd(
@@ -1702,7 +1717,8 @@ def machine_check_cmd(
         check_choice("--device", device, ("cpu", "cuda"))
     req = MachineCheckRequest(out_dir=out_dir, device=device, budget_s=budget_s, steps=steps, seed=seed,
                               cases=tuple(cases) if cases else None)
-    res = machine_check(req, progress=None if as_json else lambda m: err.print(escape(m), highlight=False))
+    res = machine_check(req, progress=None if as_json else lambda m: err.print(escape(m), highlight=False),
+                        draw=_draw_machine_check)
     if as_json:
         sys.stdout.write(json.dumps(res.to_dict(), default=str) + "\n")
         raise typer.Exit(0 if res.ok else 1)
@@ -1725,8 +1741,9 @@ def machine_check_cmd(
                       f"{a.step_mape:.1%}", ", ".join(f"{s['predicted_s'] * 1e3:.1f} / {s['measured_s'] * 1e3:.1f}"
                                                       for s in a.steps), host_ratio(a.host_slowdown))
         out.print(t)
-    out.print(escape(f"{'PASSED' if res.ok else 'FAILED'}; wrote {out_dir / 'summary.md'} and "
-                     f"{out_dir / 'machine_check.json'}"), highlight=False)
+    wrote = [out_dir / "summary.md", out_dir / "machine_check.json", *res.figures]
+    out.print(escape(f"{'PASSED' if res.ok else 'FAILED'}; wrote {', '.join(map(str, wrote[:-1]))} and {wrote[-1]}"),
+              highlight=False)
     if not res.ok:
         raise typer.Exit(1)
 

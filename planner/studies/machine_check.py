@@ -163,6 +163,7 @@ class MachineCheck:
     accuracy: list[Accuracy] = field(default_factory=list)
     elapsed_s: float = 0.0
     phase_budgets_s: dict[str, float] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)  # predicted vs measured, drawn (machine_check's `draw`)
 
     @property
     def ok(self) -> bool:
@@ -172,7 +173,8 @@ class MachineCheck:
         return {"ok": self.ok, "out_dir": str(self.out_dir), "device": self.device, "budget_s": self.budget_s,
                 "elapsed_s": self.elapsed_s, "phase_budgets_s": self.phase_budgets_s,
                 "environment": self.environment, "checks": [dataclasses.asdict(c) for c in self.checks],
-                "accuracy": [dataclasses.asdict(a) for a in self.accuracy]}
+                "accuracy": [dataclasses.asdict(a) for a in self.accuracy],
+                "figures": [str(f) for f in self.figures]}
 
 
 # ---- budgets and child processes ------------------------------------------------------------------------
@@ -793,9 +795,12 @@ def _compare_phase(res: MachineCheck, plans: dict[str, tuple[Plan, Path]], trace
                                        f"{len(a.units)} units, step MAPE {a.step_mape:.1%}"))
 
 
-def machine_check(req: MachineCheckRequest, progress: Callable[[str], None] | None = None) -> MachineCheck:
+def machine_check(req: MachineCheckRequest, progress: Callable[[str], None] | None = None,
+                  draw: Callable[[MachineCheck], list[Path]] | None = None) -> MachineCheck:
     """Run the five phases within req's budget (see the module's docstring) and write everything under
-    req.out_dir. Raises ProfileError only for a request this machine cannot serve (before any phase)."""
+    req.out_dir. `draw(result)` (the CLI's: planner.report, which this module does not import) draws its
+    predicted-vs-measured figures there and returns their paths, which summary.md lists. Raises ProfileError only
+    for a request this machine cannot serve (before any phase)."""
     say = progress or (lambda _m: None)
     t_start = time.monotonic()
     load_start = os.getloadavg()[0]  # other processes' share of the machine colours every timing
@@ -826,6 +831,11 @@ def machine_check(req: MachineCheckRequest, progress: Callable[[str], None] | No
     say("compare: predicted vs measured")
     _compare_phase(res, plans, traced, priced)
 
+    if draw is not None and res.accuracy:
+        try:
+            res.figures = list(draw(res))
+        except (OSError, ValueError) as e:  # a figure is a view of machine_check.json: its loss fails no check
+            say(f"compare: figure not drawn: {e}")
     env["load_average_end"] = os.getloadavg()[0]
     res.elapsed_s = time.monotonic() - t_start
     atomic_write_text(req.out_dir / "machine_check.json", json.dumps(res.to_dict(), indent=1, default=str) + "\n")
@@ -887,6 +897,8 @@ def summary_markdown(res: MachineCheck, plans: dict[str, tuple[Plan, Path]]) -> 
               "profile.rows.json: the profile child's rows, budgets and cuts per table",
               "- plans/: the replayed plans; traces/: measured traces (+ .chrome.json); logs/: every child's output",
               "- machine_check.json: all of the above as data"]
+    lines += [f"- {f.name}: predicted against measured, per unit and per step, each plan on each profile"
+              for f in res.figures]
     if len(pairs) >= 2 and (out / "profile.predict.json").exists():
         lines += ["", "Fit the fresh profile to these traces:", "",
                   f"    meshplan calibrate {' '.join(pairs)} --profile {out / 'profile.predict.json'} "

@@ -61,6 +61,8 @@ def test_cpu_mode_end_to_end(tmp_path):
     assert (out / "traces" / "cpu2-gloo.json").is_file()
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# meshplan machine-check: PASSED") and "unit MAPE" in summary
+    assert doc["figures"] == [str(out / "accuracy.png"), str(out / "accuracy.svg")]  # the CLI draws them
+    assert "cpu2-gloo units (fresh)" in (out / "accuracy.svg").read_text() and "- accuracy.png:" in summary
     assert json.loads((out / "machine_check.json").read_text())["ok"]
 
 
