@@ -421,6 +421,17 @@ def cpu(args: argparse.Namespace) -> None:
                          "breakdown": breakdowns[n]} for n in traces}}
     (work / "fidelity_cpu.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"\nJSON: {work / 'fidelity_cpu.json'}")
+    if traces:
+        from planner.report import Strip, plot_strips
+
+        # each plan's errors on the profile as given (grey), then fitted on the other plans (its LOPO fold)
+        def strip(n: str, what) -> Strip:
+            return (Strip(n, what(lopo[n]), True, what(base[n])) if n in lopo else Strip(n, what(base[n])))
+        paths = plot_strips([("per step", [strip(n, lambda f: (f.step_error,)) for n in traces]),
+                             ("per unit", [strip(n, lambda f: tuple(f.unit_errors)) for n in traces])],
+                            work / "fidelity_cpu.png", title=f"CPU replays on {args.profile}: the profile (before), "
+                            "each plan fitted on the others (after)")
+        print(f"Figure: {', '.join(map(str, paths))}")
 
 
 def main() -> None:

@@ -174,10 +174,12 @@ def strips_figure(panels: Sequence[tuple[str, Sequence[Strip]]], *, title: str, 
     for ax, (heading, rows) in zip(axes[0], panels):
         _strips(ax, rows, band)
         ax.set_title(heading, fontsize=9)
-    handles = [plt.Line2D([], [], ls="", marker="o", **_marker(False, _BEFORE), label="before"),
-               plt.Line2D([], [], ls="", marker="o", **_marker(True, "#333333"), label="after, held out"),
-               plt.Line2D([], [], ls="", marker="o", **_marker(False, "#333333"), label="after, fitted on")]
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=8)
+    rows = [r for _h, rs in panels for r in rs]
+    handles = [plt.Line2D([], [], ls="", marker="o", **_marker(held, color), label=label) for show, held, color, label
+               in ((any(r.before is not None for r in rows), False, _BEFORE, "before"),
+                   (any(r.held_out for r in rows), True, "#333333", "after, held out"),
+                   (any(not r.held_out for r in rows), False, "#333333", "after, fitted on")) if show]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig

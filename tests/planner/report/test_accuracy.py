@@ -56,6 +56,10 @@ def test_strips_draw_the_errors_before_grey_behind_the_errors_after():
     assert "25.0% (2) → 5.0% (2)" in notes and "20.0% (1) → 1.0% (1)" in notes
     before, after = _points(fig.axes[0])[:2]
     assert np.allclose(sorted(before[:, 0]), [20.0, 30.0]) and np.allclose(sorted(after[:, 0]), [-5.0, 5.0])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["before", "after, held out", "after, fitted on"]
+    matplotlib.pyplot.close(fig)
+    fig = strips_figure([("s", [Strip("a", (0.1,))])], title="t")  # no fit: nothing before, nothing fitted on
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["after, held out"]
     matplotlib.pyplot.close(fig)
 
 
