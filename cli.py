@@ -217,6 +217,22 @@ def writable(path: Optional[Path], option: str) -> None:
         fail(f"{option} {path}: no permission to write in {parent}")
 
 
+def writable_figure(path: Optional[Path], option: str) -> None:
+    """`writable` for a figure: PATH's stem gets a .png and an .svg, so PATH ends in one of them or in neither."""
+    if path is None:
+        return
+    writable(path, option)
+    if path.suffix not in ("", ".png", ".svg"):
+        fail(f"{option} {path}: a figure is written as PNG and SVG; give a name ending in .png, .svg or neither")
+    for ext in (".png", ".svg"):
+        writable(path.with_suffix(ext), option)
+
+
+def wrote_figure(paths: list[Path], quiet: bool) -> None:
+    if not quiet:
+        out.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         try:
@@ -712,7 +728,7 @@ def simulate_cmd(
     from planner.simulate import simulate_plan
 
     writable(trace, "--trace")
-    writable(plot, "--plot")
+    writable_figure(plot, "--plot")
     if plot is not None and measured is None:
         fail("--plot draws predicted against measured times: give the replay's trace with --measured")
     plan = load_plan(plan_path)
@@ -805,18 +821,13 @@ def _plot_measured(comparison, path: Path, title: str, quiet: bool) -> None:
     """simulate --measured --plot: steps, units and (traces that have it) the units' own CPU, each a group."""
     from planner.report import Comparison, plot_accuracy
 
-    def group(label: str, rows: list[dict], measured: str, predicted: str) -> Comparison | None:
-        rows = [x for x in rows if x.get(measured, 0.0) > 0 and predicted in x]
-        return Comparison(label, tuple(x[measured] for x in rows), tuple(x[predicted] for x in rows)) if rows else None
-
-    groups = [g for g in (group("steps", comparison.steps, "measured_s", "predicted_s"),
-                          group("units", comparison.units, "measured_s", "predicted_s"),
-                          group("units' own CPU", comparison.units, "thread_cpu_s", "predicted_cpu_s")) if g]
+    groups = [g for g in (Comparison.from_rows("steps", comparison.steps),
+                          Comparison.from_rows("units", comparison.units),
+                          Comparison.from_rows("units' own CPU", comparison.units, "thread_cpu_s", "predicted_cpu_s"))
+              if g.measured_s]
     if not groups:
         fail(f"--plot: the trace has no measured time to draw ({len(comparison.steps)} steps)")
-    paths = plot_accuracy(groups, path, title=title, measured_label="measured")
-    if not quiet:
-        err.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
+    wrote_figure(plot_accuracy(groups, path, title=title, measured_label="measured"), quiet)
 
 
 # -- profile: measured profiles ----------------------------------------------------------------------
@@ -1439,7 +1450,7 @@ def validate_cmd(
     from planner.studies import validate_cost_model
 
     names = sets or list(CALIBRATION_SETS)
-    writable(plot, "--plot")
+    writable_figure(plot, "--plot")
     if attention_kernel is not None:
         check_choice("--attention-kernel", attention_kernel, ATTENTION_KERNELS)
     reps = [validate_cost_model(profile, name, attention_kernel) for name in names]
@@ -1497,9 +1508,7 @@ def _plot_validation(reps, path: Path, quiet: bool) -> None:
     rows = [r for rep in reps for r in rep.rows]
     title = (f"meshplan validate: {len(rows)} published cases of {len(groups)} set(s), MAPE "
              f"{sum(abs(r.error) for r in rows) / max(1, len(rows)):.1%}")
-    paths = plot_accuracy(groups, path, title=title, measured_label="published", memory=memory)
-    if not quiet:
-        err.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
+    wrote_figure(plot_accuracy(groups, path, title=title, measured_label="published", memory=memory), quiet)
 
 
 def _facet_table(by_facet: dict[str, list[tuple[str, int, float, float]]]) -> Table:
@@ -1573,7 +1582,7 @@ def calibrate_cmd(
     from planner.studies import calibrate
 
     writable(out_path, "--out")
-    writable(plot, "--plot")
+    writable_figure(plot, "--plot")
     parsed = []
     for p in pairs:
         plan, sep, trace = p.partition(":")
@@ -1583,9 +1592,9 @@ def calibrate_cmd(
     if prior_width is not None and not prior_width > 0:
         fail(f"--prior-width {prior_width:g}: must be above 0 (inf fits without a prior)")
     res = calibrate(parsed, profile, holdout or (), prior_width=prior_width)
-    res.profile.save(out_path)
-    if plot is not None:
+    if plot is not None:  # before the profile: a figure that cannot be written leaves nothing behind
         _plot_calibration(res, plot, quiet=as_json)
+    res.profile.save(out_path)
     if as_json:
         sys.stdout.write(json.dumps({**res.to_dict(), "out": str(out_path)}) + "\n")
         return
@@ -1619,15 +1628,15 @@ def _plot_calibration(res, path: Path, quiet: bool) -> None:
     from planner.report import Strip, plot_strips
 
     plans = res.held_out + res.fitted
-    label = lambda e: f"{Path(e.plan).stem} ({e.role})"  # noqa: E731
-    panels = [(f"per {what}", [Strip(label(e), getattr(e, f"{what}_errors_after"), e.role == "held-out",
-                                     getattr(e, f"{what}_errors_before")) for e in plans])
-              for what in ("step", "unit")]
+    order = list(dict.fromkeys(e.plan for e in plans))  # a plan's colour, held out and fitted on alike
+    stems = [Path(p).stem for p in order]
+    name = {p: (st if stems.count(st) == 1 else p) for p, st in zip(order, stems)}  # the path where names clash
+    panels = [(f"per {what}", [Strip(f"{name[e.plan]} ({e.role})", getattr(e, f"{what}_errors_after"),
+                                     e.role == "held-out", getattr(e, f"{what}_errors_before"), order.index(e.plan))
+                               for e in plans]) for what in ("step", "unit")]
     fit = "each plan held out in turn" if res.holdout == "leave-one-plan-out" else "named plans held out"
-    paths = plot_strips(panels, path, title=f"meshplan calibrate: {res.base} -> {res.profile.fingerprint.name} "
-                                            f"({fit})")
-    if not quiet:
-        err.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
+    wrote_figure(plot_strips(panels, path, title=f"meshplan calibrate: {res.base} -> {res.profile.fingerprint.name} "
+                                                 f"({fit})"), quiet)
 
 
 @app.command("report")
@@ -1679,13 +1688,8 @@ def _draw_machine_check(res) -> list[Path]:
     """machine-check's accuracy.png / .svg: units and steps of each plan on each profile, one group each."""
     from planner.report import Comparison, plot_accuracy
 
-    groups = []
-    for a in res.accuracy:
-        for what, rows in (("units", a.units), ("steps", a.steps)):
-            rows = [x for x in rows if x["measured_s"] > 0]
-            if rows:
-                groups.append(Comparison(f"{a.case} {what} ({a.role})", tuple(x["measured_s"] for x in rows),
-                                         tuple(x["predicted_s"] for x in rows)))
+    groups = [g for a in res.accuracy for what, rows in (("units", a.units), ("steps", a.steps))
+              if (g := Comparison.from_rows(f"{a.case} {what} ({a.role})", rows)).measured_s]
     return plot_accuracy(groups, res.out_dir / "accuracy.png", title=f"meshplan machine-check ({res.device}): "
                          "predicted vs measured, warm iterations")
 

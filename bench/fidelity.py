@@ -424,13 +424,13 @@ def cpu(args: argparse.Namespace) -> None:
     if traces:
         from planner.report import Strip, plot_strips
 
-        # each plan's errors on the profile as given (grey), then fitted on the other plans (its LOPO fold)
+        # each plan's errors on the profile as given (grey), then fitted on the other plans (its LOPO fold, if any)
         def strip(n: str, what) -> Strip:
-            return (Strip(n, what(lopo[n]), True, what(base[n])) if n in lopo else Strip(n, what(base[n])))
+            return Strip(n, what(lopo[n]) if n in lopo else (), True, what(base[n]))
         paths = plot_strips([("per step", [strip(n, lambda f: (f.step_error,)) for n in traces]),
                              ("per unit", [strip(n, lambda f: tuple(f.unit_errors)) for n in traces])],
-                            work / "fidelity_cpu.png", title=f"CPU replays on {args.profile}: the profile (before), "
-                            "each plan fitted on the others (after)")
+                            work / "fidelity_cpu.png", title=f"CPU replays on {args.profile}",
+                            labels=("the profile", "fitted on the other plans", "fitted on it"))
         print(f"Figure: {', '.join(map(str, paths))}")
 
 

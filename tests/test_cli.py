@@ -197,7 +197,7 @@ def test_simulate_measured_sets_the_units_cpu_beside_their_priced_compute(tmp_pa
     assert "median |CPU error| per unit: 50.0%" in r.stdout
     r = run("simulate", str(tmp_path / "plan.json"), "--measured", str(tmp_path / "t.json"), "--plot",
             str(tmp_path / "m.png"))
-    assert r.exit_code == 0 and "wrote" in r.stderr, r.output
+    assert r.exit_code == 0 and "wrote" in r.stdout, r.output
     svg = (tmp_path / "m.svg").read_text()  # steps, units and their CPU, each a strip
     assert (tmp_path / "m.png").exists() and all(g in svg for g in ("steps", "units", "own CPU"))
     r = run("simulate", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "m2.png"))
@@ -416,6 +416,14 @@ def test_validate_draws_the_cases_and_the_memory_of_every_set_asked(tmp_path):
     assert "korthikanti2022" in svg and "bloom2022" in svg and "memory needed / GPU memory" in svg
     r = run("validate", "--set", "bloom2022", "--plot", str(tmp_path))
     assert r.exit_code == 2 and "--plot" in r.stderr and "is a folder" in r.stderr, r.output
+    (tmp_path / "w.svg").mkdir()  # the SVG's place is taken: refused before any work, the PNG not written either
+    r = run("validate", "--set", "bloom2022", "--plot", str(tmp_path / "w.png"))
+    assert r.exit_code == 2 and "w.svg: is a folder" in r.stderr and not (tmp_path / "w.png").exists(), r.output
+    r = run("validate", "--set", "bloom2022", "--plot", str(tmp_path / "v.pdf"))
+    assert r.exit_code == 2 and ".png, .svg or neither" in r.stderr, r.output
+    r = run("validate", "--set", "bloom2022", "--json", "--plot", str(tmp_path / "j"))  # stdout stays one JSON line
+    assert r.exit_code == 0 and json.loads(r.stdout)["sets"][0]["name"] == "bloom2022" and not r.stderr, r.output
+    assert (tmp_path / "j.png").exists() and (tmp_path / "j.svg").exists()
 
 
 def test_validate_sums_held_out_errors_by_kind_of_run():

@@ -1,11 +1,13 @@
-"""Figures of predicted against measured times, for `meshplan validate`, `simulate --measured` and `calibrate`:
+"""Figures of predicted against measured times, for `meshplan validate`, `simulate --measured`, `calibrate` and
+`machine-check`:
 
 - a parity plot: predicted against measured (or published) on log axes, y = x and its ±band shaded;
-- each group's errors (predicted / measured − 1) as a strip, its MAPE beside it: a calibration set, a kind of row,
-  a plan before and after a fit;
+- each group's errors (predicted / measured − 1) as a strip, its MAPE (mean |error|) beside it: a calibration set,
+  a kind of row, a plan before and after a fit;
 - for published runs, the memory each needs against its GPU's (every one of them ran, so none may exceed 1).
 
-Groups the model was designed or fitted on are drawn hollow, held-out ones filled.
+Groups the model was designed or fitted on are drawn hollow, held-out ones filled. Times that are not finite and
+positive (a unit measured at 0) cannot be drawn on log axes: they are left out and counted beside their strip.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from planner.report.figures import figure_stem, plt, save_figure
 
-_COLORS = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]  # ten strong colours, then pale
+# twenty strong colours: tab10, then the darkest shade of each of tab20b's and tab20c's five hues
+_COLORS = plt.get_cmap("tab10").colors + plt.get_cmap("tab20b").colors[::4] + plt.get_cmap("tab20c").colors[::4]
 _BEFORE = "#9a9a9a"
+STRIP_MAX_PCT = 100.0  # errors beyond +100% are drawn at the edge as ">": one outlier must not flatten the rest
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,24 @@ class Comparison:
         if len(self.measured_s) != len(self.predicted_s):
             raise ValueError(f"{self.label}: {len(self.measured_s)} measured times, {len(self.predicted_s)} predicted")
 
+    @classmethod
+    def from_rows(cls, label: str, rows: Sequence[dict], measured: str = "measured_s",
+                  predicted: str = "predicted_s", held_out: bool = True) -> "Comparison":
+        """The rows (dicts, e.g. `compare_measured`'s) that have both times."""
+        rows = [r for r in rows if measured in r and predicted in r]
+        return cls(label, tuple(float(r[measured]) for r in rows), tuple(float(r[predicted]) for r in rows), held_out)
+
+    @property
+    def drawable(self) -> np.ndarray:
+        """Which pairs a log axis can show: both times finite and positive."""
+        m, p = np.asarray(self.measured_s, dtype=float), np.asarray(self.predicted_s, dtype=float)
+        return np.isfinite(m) & np.isfinite(p) & (m > 0) & (p > 0)
+
     @property
     def errors(self) -> np.ndarray:
-        return np.asarray(self.predicted_s, dtype=float) / np.asarray(self.measured_s, dtype=float) - 1.0
+        """predicted / measured − 1 of the drawable pairs."""
+        ok = self.drawable
+        return np.asarray(self.predicted_s, dtype=float)[ok] / np.asarray(self.measured_s, dtype=float)[ok] - 1.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,8 @@ class Strip:
     errors: tuple[float, ...]
     held_out: bool = True
     before: tuple[float, ...] | None = None  # e.g. the base profile's errors, before a calibration
+    color: int | None = None  # the colour's index (rows of one plan share it); default: the row's own
+    left_out: int = 0  # pairs not drawn (not finite and positive), said beside the strip
 
 
 def _color(i: int) -> tuple[float, float, float]:
@@ -59,19 +80,26 @@ def _marker(held_out: bool, color) -> dict:
     return dict(color=color, markerfacecolor=color if held_out else "none", markeredgecolor=color)
 
 
+def _finite(values) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    return v[np.isfinite(v)]
+
+
 def _mape(e: np.ndarray) -> str:
     return f"{100 * np.mean(np.abs(e)):.1f}% ({len(e)})" if len(e) else "-"
 
 
 def _parity(ax: plt.Axes, groups: Sequence[Comparison], band: float, measured_label: str) -> None:
-    vals = np.array([v for g in groups for v in (*g.measured_s, *g.predicted_s) if v > 0], dtype=float)
+    vals = np.concatenate([np.r_[np.asarray(g.measured_s, float)[g.drawable], np.asarray(g.predicted_s, float)[
+        g.drawable]] for g in groups])
     lo, hi = (vals.min() / 1.4, vals.max() * 1.4) if len(vals) else (0.1, 10.0)
     line = np.geomspace(lo, hi, 50)
-    ax.fill_between(line, line * (1 - band), line * (1 + band), color="#e6e6e6", lw=0,
-                    label=f"±{band:.0%}")
-    ax.plot(line, line, color="#555555", lw=0.8, label="predicted = measured")
+    ax.fill_between(line, line * (1 - band), line * (1 + band), color="#e6e6e6", lw=0, label=f"±{band:.0%}")
+    ax.plot(line, line, color="#555555", lw=0.8, label=f"predicted = {measured_label}")
     for i, g in enumerate(groups):
-        ax.plot(g.measured_s, g.predicted_s, "o", ms=4.5, alpha=0.85, **_marker(g.held_out, _color(i)))
+        ok = g.drawable
+        ax.plot(np.asarray(g.measured_s, float)[ok], np.asarray(g.predicted_s, float)[ok], "o", ms=4.5, alpha=0.85,
+                **_marker(g.held_out, _color(i)))
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):  # 1-2-5 ticks as plain numbers: readable over a decade or over six
@@ -87,34 +115,46 @@ def _parity(ax: plt.Axes, groups: Sequence[Comparison], band: float, measured_la
     ax.legend(loc="upper left", fontsize=8, frameon=False)
 
 
+def _strip_points(ax: plt.Axes, pct: np.ndarray, y: np.ndarray, held_out: bool, color, ms: float) -> None:
+    """Errors in %, those past STRIP_MAX_PCT at the edge as '>'."""
+    over = pct > STRIP_MAX_PCT
+    ax.plot(pct[~over], y[~over], "o", ms=ms, alpha=0.85, **_marker(held_out, color))
+    if over.any():
+        ax.plot(np.full(over.sum(), STRIP_MAX_PCT), y[over], ">", ms=ms + 1.5, ls="", **_marker(held_out, color))
+
+
 def _strips(ax: plt.Axes, rows: Sequence[Strip], band: float, measured_label: str = "measured") -> None:
     """One row per Strip, top to bottom: its errors jittered around the row, MAPE on the right."""
     rng = np.random.default_rng(0)  # the same jitter on every draw
     ax.axvspan(-100 * band, 100 * band, color="#e6e6e6", lw=0)
     ax.axvline(0, color="#555555", lw=0.8)
     n = len(rows)
+    shown = []
     for i, r in enumerate(rows):
         y = n - 1 - i
-        color = _color(i)
-        if r.before is not None and len(r.before):
-            b = 100 * np.asarray(r.before, dtype=float)
-            ax.plot(b, y + 0.18 + rng.uniform(-0.08, 0.08, len(b)), "o", ms=3.5, alpha=0.7,
-                    **_marker(False, _BEFORE))
-        e = 100 * np.asarray(r.errors, dtype=float)
-        shift = -0.12 if r.before is not None else 0.0
-        ax.plot(e, y + shift + rng.uniform(-0.15, 0.15, len(e)) * (0.6 if r.before is not None else 1), "o", ms=4,
-                alpha=0.85, **_marker(r.held_out, color))
-        text = _mape(np.asarray(r.errors, dtype=float))
-        if r.before is not None:
-            text = f"{_mape(np.asarray(r.before, dtype=float))} → {text}"
+        color = _color(i if r.color is None else r.color)
+        e, b = _finite(r.errors), (_finite(r.before) if r.before is not None else None)
+        if b is not None and len(b):
+            _strip_points(ax, 100 * b, y + 0.18 + rng.uniform(-0.08, 0.08, len(b)), False, _BEFORE, 3.5)
+        spread = 0.09 if r.before is not None else 0.15
+        _strip_points(ax, 100 * e, y - (0.12 if r.before is not None else 0.0) + rng.uniform(-spread, spread, len(e)),
+                      r.held_out, color, 4.0)
+        shown += [*e, *(b if b is not None else ())]
+        text = _mape(e) if b is None else f"{_mape(b)} → {_mape(e)}"
+        if r.left_out:
+            text += f", {r.left_out} not drawn"
         ax.annotate(text, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
     ax.annotate("MAPE (n)", (1.01, n - 0.3), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
                 color="#555555")
     ax.set_yticks(range(n - 1, -1, -1), [r.label for r in rows], fontsize=8)
-    for i, tick in enumerate(ax.get_yticklabels()):
-        tick.set_color(_color(i))
+    for i, (tick, r) in enumerate(zip(ax.get_yticklabels(), rows)):
+        tick.set_color(_color(i if r.color is None else r.color))
+    pct = 100 * np.asarray(shown, dtype=float)
+    lo = min(-100 * band, pct.min() if len(pct) else 0.0)
+    hi = max(100 * band, min(pct.max(), STRIP_MAX_PCT) if len(pct) else 0.0)
+    ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.set_ylim(-0.7, n - 0.3)
-    ax.set_xlabel(f"error, % (predicted / {measured_label} − 1)")
+    ax.set_xlabel(f"error, % (predicted / {measured_label} − 1; past +{STRIP_MAX_PCT:g}%: >)")
     ax.grid(axis="x", alpha=0.25)
 
 
@@ -129,7 +169,8 @@ def accuracy_figure(groups: Sequence[Comparison], *, title: str, measured_label:
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + 1.5, max(4.6, 0.32 * n + 1.6)),
                              gridspec_kw={"width_ratios": [1.1, 1.0, 0.8][:panels]})
     _parity(axes[0], groups, band, measured_label)
-    _strips(axes[1], [Strip(g.label, tuple(g.errors), g.held_out) for g in groups], band, measured_label)
+    _strips(axes[1], [Strip(g.label, tuple(g.errors), g.held_out, left_out=int((~g.drawable).sum()))
+                      for g in groups], band, measured_label)
     if memory:
         _memory(axes[2], groups, memory)
     handles = [plt.Line2D([], [], ls="", marker="o", **_marker(True, "#333333"), label="held out"),
@@ -148,9 +189,9 @@ def _memory(ax: plt.Axes, groups: Sequence[Comparison], memory: Sequence[tuple[s
     n = len(groups)
     for label, ratios in memory:
         i = rows.get(label)
-        if i is None or not len(ratios):
+        r = _finite(ratios)
+        if i is None or not len(r):
             continue
-        r = np.asarray(ratios, dtype=float)
         y = n - 1 - i + rng.uniform(-0.15, 0.15, len(r))
         ok = r <= 1.0
         ax.plot(r[ok], y[ok], "o", ms=4, alpha=0.85, **_marker(groups[i].held_out, _color(i)))
@@ -162,9 +203,10 @@ def _memory(ax: plt.Axes, groups: Sequence[Comparison], memory: Sequence[tuple[s
     ax.grid(axis="x", alpha=0.25)
 
 
-def strips_figure(panels: Sequence[tuple[str, Sequence[Strip]]], *, title: str, band: float = 0.10) -> plt.Figure:
+def strips_figure(panels: Sequence[tuple[str, Sequence[Strip]]], *, title: str, band: float = 0.10,
+                  labels: tuple[str, str, str] = ("before", "after, held out", "after, fitted on")) -> plt.Figure:
     """Error strips alone, one panel per (heading, rows), each row's `before` errors grey behind its own (a fit's
-    plans: the base profile's errors, then the fitted one's)."""
+    plans: the base profile's errors, then the fitted one's). `labels` name the three kinds of points."""
     panels = [(h, rows) for h, rows in panels if rows]
     if not panels:
         raise ValueError("no errors to draw")
@@ -175,11 +217,12 @@ def strips_figure(panels: Sequence[tuple[str, Sequence[Strip]]], *, title: str, 
         _strips(ax, rows, band)
         ax.set_title(heading, fontsize=9)
     rows = [r for _h, rs in panels for r in rs]
+    drawn = [r for r in rows if len(r.errors)]
     handles = [plt.Line2D([], [], ls="", marker="o", **_marker(held, color), label=label) for show, held, color, label
-               in ((any(r.before is not None for r in rows), False, _BEFORE, "before"),
-                   (any(r.held_out for r in rows), True, "#333333", "after, held out"),
-                   (any(not r.held_out for r in rows), False, "#333333", "after, fitted on")) if show]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
+               in ((any(r.before is not None for r in rows), False, _BEFORE, labels[0]),
+                   (any(r.held_out for r in drawn), True, "#333333", labels[1]),
+                   (any(not r.held_out for r in drawn), False, "#333333", labels[2])) if show]
+    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), frameon=False, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig

@@ -39,7 +39,8 @@ STRATEGY_COLORS = {"static": "#7f7f7f", "dcp": "#1f77b4", "hdp-naive": "#ff7f0e"
 
 # ---- figure files ---------------------------------------------------------------------------------
 def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
-    """stem.png and stem.svg, each written atomically; the figure is closed."""
+    """stem.png and stem.svg, each written atomically, or neither (a failure removes the one written before it);
+    the figure is closed."""
     stem = Path(stem)
     paths = []
     try:
@@ -47,6 +48,10 @@ def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
             path = stem.with_name(f"{stem.name}.{ext}")
             atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight"))
             paths.append(path)
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
     finally:
         plt.close(fig)
     return paths

@@ -477,18 +477,19 @@ class PlanErrors:
     step_max_before: float
     step_median_after: float
     step_max_after: float
-    unit_errors_before: tuple[float, ...] = ()  # each (replay step, unit, stage)'s signed error
+    unit_errors_before: tuple[float, ...] = ()  # each (replay step, unit, stage)'s signed error (one plan's only)
     unit_errors_after: tuple[float, ...] = ()
     step_errors_before: tuple[float, ...] = ()  # each replay step's signed error
     step_errors_after: tuple[float, ...] = ()
 
 
-def _plan_errors(plan: str, role, traces: int, fitted_on, before, after) -> PlanErrors:
+def _plan_errors(plan: str, role, traces: int, fitted_on, before, after, signed: bool = True) -> PlanErrors:
+    """A plan's error statistics, and with `signed` its errors themselves (pooled rows repeat the plans': not)."""
     (ub, sb), (ua, sa) = before, after
     stat = lambda e: (float(np.median(np.abs(e))), float(np.max(np.abs(e)))) if len(e) else (np.nan, np.nan)  # noqa
-    signed = lambda e: tuple(float(x) for x in e)  # noqa: E731
+    each = (lambda e: tuple(float(x) for x in e)) if signed else (lambda e: ())
     return PlanErrors(plan, role, traces, len(ub), tuple(fitted_on), *stat(ub), *stat(ua), *stat(sb), *stat(sa),
-                      signed(ub), signed(ua), signed(sb), signed(sa))
+                      each(ub), each(ua), each(sb), each(sa))
 
 
 @dataclass(frozen=True)
@@ -585,9 +586,9 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
         fit_pool_a.append(after)
     n_traces = lambda rows: sum(r.traces for r in rows)  # noqa: E731
     held_all = _plan_errors("all held-out", "held-out", n_traces(held_rows), (), _pool(held_pool_b),
-                            _pool(held_pool_a))
+                            _pool(held_pool_a), signed=False)
     fitted_all = _plan_errors("all fitted", "fitted", n_traces(fit_rows), final.plans, _pool(fit_pool_b),
-                              _pool(fit_pool_a))
+                              _pool(fit_pool_a), signed=False)
     params = []
     for k in PARAMS:
         b, f = getattr(start, k), getattr(final.point, k)

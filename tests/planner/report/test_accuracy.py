@@ -3,6 +3,7 @@ errors and its MAPE, held-out groups are filled and fitted ones hollow, runs ove
 and the files come as PNG and SVG."""
 
 import matplotlib
+import matplotlib.figure
 import numpy as np
 import pytest
 
@@ -63,6 +64,28 @@ def test_strips_draw_the_errors_before_grey_behind_the_errors_after():
     matplotlib.pyplot.close(fig)
 
 
+def test_times_a_log_axis_cannot_show_are_left_out_and_counted_and_outliers_sit_at_the_edge():
+    g = Comparison("a", (1.0, 0.0, float("inf"), 2.0), (1.5, 1.0, 1.0, 12.0))  # +50%, two undrawable, +500%
+    assert list(g.drawable) == [True, False, False, True] and np.allclose(g.errors, [0.5, 5.0])
+    fig = accuracy_figure([g], title="t")
+    parity, strips = fig.axes[:2]
+    assert np.allclose(_points(parity)[0], [[1.0, 1.5], [2.0, 12.0]])
+    inside, edge = _points(strips)
+    assert np.allclose(inside[:, 0], [50.0]) and np.allclose(edge[:, 0], [100.0])  # +500% drawn at +100% as '>'
+    assert [ln.get_marker() for ln in strips.get_lines() if ln.get_linestyle() in ("None", "")] == ["o", ">"]
+    assert strips.get_xlim()[1] < 120 and "275.0% (2), 2 not drawn" in [t.get_text() for t in strips.texts]
+    matplotlib.pyplot.close(fig)
+
+
+def test_rows_of_one_plan_share_its_colour():
+    rows = [Strip("p (held-out)", (0.1,), True, None, 3), Strip("q (held-out)", (0.1,), True, None, 4),
+            Strip("p (fitted)", (0.1,), False, None, 3)]
+    fig = strips_figure([("s", rows)], title="t")
+    colors = [t.get_color() for t in fig.axes[0].get_yticklabels()]
+    assert colors[0] == colors[2] != colors[1]
+    matplotlib.pyplot.close(fig)
+
+
 def test_nothing_to_draw_is_an_error_and_mismatched_times_are_refused():
     with pytest.raises(ValueError, match="no predicted vs measured"):
         accuracy_figure([], title="t")
@@ -72,8 +95,20 @@ def test_nothing_to_draw_is_an_error_and_mismatched_times_are_refused():
         Comparison("a", (1.0, 2.0), (1.0,))
 
 
-def test_figures_are_written_as_png_and_svg(tmp_path):
+def test_figures_are_written_as_png_and_svg_or_not_at_all(tmp_path, monkeypatch):
     paths = plot_accuracy([Comparison("a", (1.0,), (1.2,))], tmp_path / "acc.png", title="t")
     assert paths == [tmp_path / "acc.png", tmp_path / "acc.svg"] and all(p.stat().st_size > 0 for p in paths)
-    paths = plot_strips([("s", [Strip("a", (0.1,))])], tmp_path / "strips", title="t")
+    paths = plot_strips([("s", [Strip("a", (0.1,))])], tmp_path / "strips", title="t",
+                        labels=("the profile", "fitted on the others", "fitted on it"))
     assert [p.name for p in paths] == ["strips.png", "strips.svg"]
+    savefig = matplotlib.figure.Figure.savefig
+
+    def no_svg(self, fname, *a, format=None, **kw):
+        if format == "svg":
+            raise OSError(28, "No space left on device")
+        return savefig(self, fname, *a, format=format, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_svg)
+    with pytest.raises(OSError, match="No space"):
+        plot_accuracy([Comparison("a", (1.0,), (1.2,))], tmp_path / "half.png", title="t")
+    assert not list(tmp_path.glob("half*")) and not list(tmp_path.glob(".half*"))  # the PNG went with the SVG
