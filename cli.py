@@ -228,8 +228,8 @@ def writable_figure(path: Optional[Path], option: str) -> None:
         writable(path.with_suffix(ext), option)
 
 
-def wrote_figure(paths: list[Path], quiet: bool) -> None:
-    if not quiet:
+def wrote_figure(paths: list[Path]) -> None:
+    if paths:
         out.print(escape("wrote " + ", ".join(str(p) for p in paths)), highlight=False, soft_wrap=True)
 
 
@@ -740,7 +740,7 @@ def simulate_cmd(
     rows = [{"step": x.step, "step_time_s": x.step_time_s, "lower_bound_s": x.lower_bound_s,
              "busiest_rank_s": max(x.per_rank_busy_s), "idlest_rank_s": min(x.per_rank_busy_s),
              "peak_memory_bytes": max(x.peak_memory_bytes), "breakdown": x.breakdown} for x in sims]
-    comparison = None
+    comparison, figures = None, []
     if measured is not None:
         import warnings
 
@@ -751,8 +751,8 @@ def simulate_cmd(
             warnings.warn(f"{plan_path}: {why} to compare its predicted times with the replay's")
         comparison = compare_measured(plan, cm, read_measured_trace(measured))
         if plot is not None:
-            _plot_measured(comparison, plot, f"{plan_path.name} on {cm.profile.fingerprint.name} vs {measured.name}",
-                           quiet=as_json)
+            figures = _plot_measured(comparison, plot,
+                                     f"{plan_path.name} on {cm.profile.fingerprint.name} vs {measured.name}")
     if as_json:
         load = comparison and comparison.other_load
         extra = {} if comparison is None else {"measured": {
@@ -815,9 +815,10 @@ def simulate_cmd(
     out.print(t)
     if trace:
         out.print(escape(f"trace written to {trace}"), highlight=False)
+    wrote_figure(figures)
 
 
-def _plot_measured(comparison, path: Path, title: str, quiet: bool) -> None:
+def _plot_measured(comparison, path: Path, title: str) -> list[Path]:
     """simulate --measured --plot: steps, units and (traces that have it) the units' own CPU, each a group."""
     from planner.report import Comparison, plot_accuracy
 
@@ -827,7 +828,7 @@ def _plot_measured(comparison, path: Path, title: str, quiet: bool) -> None:
               if g.measured_s]
     if not groups:
         fail(f"--plot: the trace has no measured time to draw ({len(comparison.steps)} steps)")
-    wrote_figure(plot_accuracy(groups, path, title=title, measured_label="measured"), quiet)
+    return plot_accuracy(groups, path, title=title, measured_label="measured")
 
 
 # -- profile: measured profiles ----------------------------------------------------------------------
@@ -1456,8 +1457,7 @@ def validate_cmd(
     reps = [validate_cost_model(profile, name, attention_kernel) for name in names]
     held = [r for rep in reps if rep.held_out for r in rep.rows]
     by_facet = {f: facet_errors(held, f) for f in FACETS}
-    if plot is not None:
-        _plot_validation(reps, plot, quiet=as_json)
+    figures = _plot_validation(reps, plot) if plot is not None else []
     if as_json:
         by = {f: [{"value": v, "rows": n, "mape": mape, "mean_error": bias} for v, n, mape, bias in groups]
               for f, groups in by_facet.items()}
@@ -1494,9 +1494,10 @@ def validate_cmd(
         if held:
             summary += f"; held out: {sum(abs(r.error) for r in held) / len(held):.1%} over {len(held)} cases"
         out.print(summary)
+    wrote_figure(figures)
 
 
-def _plot_validation(reps, path: Path, quiet: bool) -> None:
+def _plot_validation(reps, path: Path) -> list[Path]:
     """validate --plot: every case in seconds (a layer's ms too), one group a set, and the runs' memory."""
     from planner.report import Comparison, plot_accuracy
 
@@ -1508,7 +1509,7 @@ def _plot_validation(reps, path: Path, quiet: bool) -> None:
     rows = [r for rep in reps for r in rep.rows]
     title = (f"meshplan validate: {len(rows)} published cases of {len(groups)} set(s), MAPE "
              f"{sum(abs(r.error) for r in rows) / max(1, len(rows)):.1%}")
-    wrote_figure(plot_accuracy(groups, path, title=title, measured_label="published", memory=memory), quiet)
+    return plot_accuracy(groups, path, title=title, measured_label="published", memory=memory)
 
 
 def _facet_table(by_facet: dict[str, list[tuple[str, int, float, float]]]) -> Table:
@@ -1592,8 +1593,8 @@ def calibrate_cmd(
     if prior_width is not None and not prior_width > 0:
         fail(f"--prior-width {prior_width:g}: must be above 0 (inf fits without a prior)")
     res = calibrate(parsed, profile, holdout or (), prior_width=prior_width)
-    if plot is not None:  # before the profile: a figure that cannot be written leaves nothing behind
-        _plot_calibration(res, plot, quiet=as_json)
+    # the figure before the profile: one that cannot be written leaves nothing behind
+    figures = _plot_calibration(res, plot) if plot is not None else []
     res.profile.save(out_path)
     if as_json:
         sys.stdout.write(json.dumps({**res.to_dict(), "out": str(out_path)}) + "\n")
@@ -1621,9 +1622,10 @@ def calibrate_cmd(
     out.print(t)
     out.print(escape(f"* wrote {out_path}: {res.profile.fingerprint.name} (sha256 {res.profile.fingerprint.sha256})"),
               highlight=False)
+    wrote_figure(figures)
 
 
-def _plot_calibration(res, path: Path, quiet: bool) -> None:
+def _plot_calibration(res, path: Path) -> list[Path]:
     """calibrate --plot: per plan, held out then fitted on, its errors per step and per unit before and after."""
     from planner.report import Strip, plot_strips
 
@@ -1635,8 +1637,7 @@ def _plot_calibration(res, path: Path, quiet: bool) -> None:
                                      e.role == "held-out", getattr(e, f"{what}_errors_before"), order.index(e.plan))
                                for e in plans]) for what in ("step", "unit")]
     fit = "each plan held out in turn" if res.holdout == "leave-one-plan-out" else "named plans held out"
-    wrote_figure(plot_strips(panels, path, title=f"meshplan calibrate: {res.base} -> {res.profile.fingerprint.name} "
-                                                 f"({fit})"), quiet)
+    return plot_strips(panels, path, title=f"meshplan calibrate: {res.base} -> {res.profile.fingerprint.name} ({fit})")
 
 
 @app.command("report")
