@@ -54,10 +54,16 @@ class Comparison:
         return np.isfinite(m) & np.isfinite(p) & (m > 0) & (p > 0)
 
     @property
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        """(measured, predicted) of the drawable pairs."""
+        ok = self.drawable
+        return np.asarray(self.measured_s, dtype=float)[ok], np.asarray(self.predicted_s, dtype=float)[ok]
+
+    @property
     def errors(self) -> np.ndarray:
         """predicted / measured − 1 of the drawable pairs."""
-        ok = self.drawable
-        return np.asarray(self.predicted_s, dtype=float)[ok] / np.asarray(self.measured_s, dtype=float)[ok] - 1.0
+        m, p = self.points
+        return p / m - 1.0
 
 
 @dataclass(frozen=True)
@@ -90,16 +96,13 @@ def _mape(e: np.ndarray) -> str:
 
 
 def _parity(ax: plt.Axes, groups: Sequence[Comparison], band: float, measured_label: str) -> None:
-    vals = np.concatenate([np.r_[np.asarray(g.measured_s, float)[g.drawable], np.asarray(g.predicted_s, float)[
-        g.drawable]] for g in groups])
+    vals = np.concatenate([np.concatenate(g.points) for g in groups])
     lo, hi = (vals.min() / 1.4, vals.max() * 1.4) if len(vals) else (0.1, 10.0)
     line = np.geomspace(lo, hi, 50)
     ax.fill_between(line, line * (1 - band), line * (1 + band), color="#e6e6e6", lw=0, label=f"±{band:.0%}")
     ax.plot(line, line, color="#555555", lw=0.8, label=f"predicted = {measured_label}")
     for i, g in enumerate(groups):
-        ok = g.drawable
-        ax.plot(np.asarray(g.measured_s, float)[ok], np.asarray(g.predicted_s, float)[ok], "o", ms=4.5, alpha=0.85,
-                **_marker(g.held_out, _color(i)))
+        ax.plot(*g.points, "o", ms=4.5, alpha=0.85, **_marker(g.held_out, _color(i)))
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):  # 1-2-5 ticks as plain numbers: readable over a decade or over six
