@@ -1579,7 +1579,8 @@ def calibrate_cmd(
     per-attention-call overheads) to measured replay traces and write the fitted profile; report the error
     before and after on plans the fit did not see. Each plan weighs the same in the fit, a unit far off its
     price (beyond about 10%) pulls with a bounded force (robust least squares), and each table's multiplier
-    starts from a prior around the base (--prior-width)."""
+    starts from a prior around the base (--prior-width). Where the traces record each unit's own-thread CPU (CPU
+    replays), the compute parameters are fitted to it and the collectives to the wall times."""
     from planner.studies import calibrate
 
     writable(out_path, "--out")
@@ -1601,7 +1602,8 @@ def calibrate_cmd(
         return
     prior = f"prior width {res.prior_width:g}" if math.isfinite(res.prior_width) else "no prior"
     t = Table(title=escape(f"physical parameters: {res.base} -> {res.profile.fingerprint.name} "
-                           f"({res.rows} measured times, RMS error after {res.rms_rel_err:.1%}, {prior})"))
+                           f"({res.rows} measured times, RMS error after {res.rms_rel_err:.1%}, {prior}; "
+                           f"fitted to {res.basis})"))
     for c in ("parameter", "meaning", "base", "fitted", "± 1 s.e.", "status"):
         t.add_column(c, justify="left" if c in ("parameter", "meaning", "status") else "right")
     for p in res.params:
@@ -1612,13 +1614,17 @@ def calibrate_cmd(
         if p.note:
             out.print(escape(f"{p.name} {p.status}: {p.note}"), highlight=False, soft_wrap=True)
     t = Table(title=f"|predicted / measured - 1|, before -> after ({res.holdout})")
-    for c in ("plan", "role", "traces", "units", "unit median", "unit max", "step median", "step max"):
+    rows = res.held_out + (res.held_out_all,) + res.fitted + (res.fitted_all,)
+    cpu = any(math.isfinite(e.unit_cpu_median_before) for e in rows)  # CPU traces: the units' own-thread CPU too
+    for c in ("plan", "role", "traces", "units", "unit median", "unit max", "step median", "step max") + \
+            (("unit CPU median",) if cpu else ()):
         t.add_column(c, justify="left" if c in ("plan", "role") else "right")
-    arrow = lambda a, b: f"{a:.1%} -> {b:.1%}"  # noqa: E731
-    for e in res.held_out + (res.held_out_all,) + res.fitted + (res.fitted_all,):
+    arrow = lambda a, b: f"{a:.1%} -> {b:.1%}" if math.isfinite(a) else "-"  # noqa: E731
+    for e in rows:
         t.add_row(escape(e.plan), e.role, str(e.traces), str(e.units), arrow(e.unit_median_before, e.unit_median_after),
                   arrow(e.unit_max_before, e.unit_max_after), arrow(e.step_median_before, e.step_median_after),
-                  arrow(e.step_max_before, e.step_max_after))
+                  arrow(e.step_max_before, e.step_max_after),
+                  *((arrow(e.unit_cpu_median_before, e.unit_cpu_median_after),) if cpu else ()))
     out.print(t)
     out.print(escape(f"* wrote {out_path}: {res.profile.fingerprint.name} (sha256 {res.profile.fingerprint.sha256})"),
               highlight=False)

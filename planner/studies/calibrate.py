@@ -14,6 +14,10 @@ ring transfers and offload copies are a max of compute and transfer) and until t
 fitted profile is written the way the Jacobian priced it (`calibrated_profile`), so the fit and the written profile
 agree by construction.
 
+Where the traces record each unit's own-thread CPU (CPU replays, one torch thread a rank), the compute parameters are
+fitted to that CPU against the priced compute and the collectives to the wall times (`fit_plans`): waits for peers and
+for cores take wall time and no CPU.
+
 Error before and after is reported on plans the fit did not see (leave-one-plan-out, or named plans held
 out), unit by unit and step by step (`planner.simulate.measured.compare_measured`), and on the fitted ones."""
 
@@ -33,7 +37,7 @@ from costmodel.timing import CostModel
 from planner.plan import Plan, PlanError, validate
 from planner.plan.stream import load_plan, plan_fingerprint
 from planner.runtime.launch import pricing_differences
-from planner.simulate.measured import compare_measured, predicted_units_s, warm_steps
+from planner.simulate.measured import compare_measured, predicted_cpu_s, predicted_units_s, warm_steps
 from profiles.table import Profile, load_profile, read_json
 
 SCALED_TABLES = ("gemm", "attention", "memory", "collective")  # tables whose time_s the fit multiplies
@@ -112,6 +116,7 @@ class Row:
     unit: int
     stage: int
     measured_s: float
+    thread_cpu_s: float | None = None  # the same statistic of the members' own-thread CPU, where the trace has it
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,9 @@ def read_trace(path: Path) -> dict:
 def trace_rows(plan: Plan, trace: dict, origin: str) -> tuple[Row, ...]:
     """The trace's rows, after checking that every (plan step, unit, degree, stage) it names is the plan's."""
     steps = {s.step: s for s in plan.steps}
-    per: dict[tuple[int, int, int], dict[int, list[tuple[float, float]]]] = {}
+    # a rank's compute is its own thread's CPU only where torch ran it on one thread (the replay's default)
+    one_thread = (trace.get("meta") or {}).get("cpu_threads") == 1
+    per: dict[tuple[int, int, int], dict[int, list[tuple[float, float | None]]]] = {}
     for st in warm_steps(trace):  # a plan step's cold first replay left out when it was replayed again
         ps = st.get("plan_step")
         if ps not in steps:
@@ -154,11 +161,13 @@ def trace_rows(plan: Plan, trace: dict, origin: str) -> tuple[Row, ...]:
                 raise PlanError(f"{origin}: trace unit {uid} (stage {stage}) of plan step {ps} is not in the plan; "
                                 "pair each trace with the plan it replayed")
             per.setdefault((ps, uid, stage), {}).setdefault(int(st["step"]), []).append(
-                float(u["fwd_s"]) + float(u["bwd_s"]))
+                (float(u["fwd_s"]) + float(u["bwd_s"]), u.get("thread_cpu_s") if one_thread else None))
     rows = []
     for (ps, uid, stage), by_iter in sorted(per.items()):
-        t = float(np.median([np.mean(v) for v in by_iter.values()]))  # per iteration: mean over ranks
-        rows += [Row(ps, uid, stage, t)] if t > 0 else []
+        t = float(np.median([np.mean([w for w, _ in v]) for v in by_iter.values()]))  # per iteration: mean over ranks
+        cpus = [[c for _, c in v] for v in by_iter.values()]
+        cpu = float(np.median([np.mean(c) for c in cpus])) if all(None not in c for c in cpus) else None
+        rows += [Row(ps, uid, stage, t, cpu if cpu and cpu > 0 else None)] if t > 0 else []
     if not rows:
         raise PlanError(f"{origin}: trace has no unit with a positive time")
     return tuple(rows)
@@ -192,7 +201,7 @@ class _PlanGroup:
         self.rows = [r for p in pairs for r in p.rows]
         self.measured = np.array([r.measured_s for r in self.rows])
         self._cms: dict[tuple[float, ...], CostModel] = {}
-        self._pred: dict[tuple[float, ...], np.ndarray] = {}
+        self._pred: dict[tuple, np.ndarray] = {}
 
     def cost_model(self, p: Physical) -> CostModel:
         key = tuple(p.vector())
@@ -213,27 +222,70 @@ class _PlanGroup:
         return self._pred[key]
 
     def jacobian(self, p: Physical) -> np.ndarray:
-        """d(predicted row time) / d(parameter), by one nudged profile per parameter."""
-        x0, t0 = p.vector(), self.predict(p)
-        cols = []
-        for j, k in enumerate(PARAMS):
-            step = x0[j] * _NUDGE_SCALE if k in SCALED_TABLES else _NUDGE_OVERHEAD_S
-            x = x0.copy()
-            x[j] += step
-            cols.append((self.predict(Physical.from_vector(x)) - t0) / step)
-        return np.stack(cols, axis=1)
+        return _jacobian(self.predict, p)
 
-    def errors(self, p: Physical) -> tuple[np.ndarray, np.ndarray]:
-        """Relative errors (predicted / measured − 1) per unit and per step over the plan's traces, cold replays
-        left out as the fit leaves them out (`warm_steps`)."""
+    def predict_cpu(self, p: Physical) -> np.ndarray | None:
+        """Each row's priced compute as a member's own-thread CPU at `p` (`predicted_cpu_s`); None off a CPU
+        profile with cores."""
+        key = ("cpu",) + tuple(p.vector())
+        if key not in self._pred:
+            cm = self.cost_model(p)
+            steps = {s.step: s for s in self.plan.steps}
+            pred = {ps: predicted_cpu_s(steps[ps], cm) for ps in {r.plan_step for r in self.rows}}
+            if any(v is None for v in pred.values()):
+                return None
+            self._pred[key] = np.array([pred[r.plan_step][(r.unit, r.stage)] for r in self.rows])
+        return self._pred[key]
+
+    def cpu_rows(self) -> "_CpuRows | None":
+        """The plan's rows as its members' own-thread CPU, where every row's trace has it and the profile prices it
+        (a CPU profile with cores); else None."""
+        if any(r.thread_cpu_s is None for r in self.rows) or self.predict_cpu(Physical.of_profile(self.base)) is None:
+            return None
+        return _CpuRows(self)
+
+    def errors(self, p: Physical) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Relative errors (predicted / measured − 1) per unit and per step over the plan's traces, and of the units'
+        own-thread CPU where the traces and the profile have it (else none), cold replays left out as the fit leaves
+        them out (`warm_steps`)."""
         cm = self.cost_model(p)
-        units, steps = [], []
+        units, steps, cpu = [], [], []
         for pair in self.pairs:
             c = compare_measured(self.plan, cm, pair.trace)
             warm = {s["step"] for s in warm_steps(pair.trace)}
             units += [u["rel_err"] for u in c.units if u["step"] in warm]
+            cpu += [u["cpu_err"] for u in c.units if u["step"] in warm and "cpu_err" in u]
             steps += [s["rel_err"] for s in c.steps if s["step"] in warm]
-        return np.array(units, float), np.array(steps, float)
+        return np.array(units, float), np.array(steps, float), np.array(cpu, float)
+
+
+class _CpuRows:
+    """A plan's rows as own-thread CPU: the time a member's thread computed, against the compute the cost model
+    prices (`predicted_cpu_s`). Waits for peers, for a core another rank holds (time slices) and for transfers take
+    wall time and no CPU, so these rows tell the compute parameters from what scheduling did to the wall."""
+
+    def __init__(self, group: _PlanGroup):
+        self.name, self.rows = group.name, group.rows
+        self.measured = np.array([r.thread_cpu_s for r in group.rows], float)
+        self._group = group
+
+    def predict(self, p: Physical) -> np.ndarray:
+        return self._group.predict_cpu(p)
+
+    def jacobian(self, p: Physical) -> np.ndarray:
+        return _jacobian(self.predict, p)
+
+
+def _jacobian(predict: Callable[[Physical], np.ndarray], p: Physical) -> np.ndarray:
+    """d(predicted row time) / d(parameter), by one nudged profile per parameter."""
+    x0, t0 = p.vector(), predict(p)
+    cols = []
+    for j, k in enumerate(PARAMS):
+        step = x0[j] * _NUDGE_SCALE if k in SCALED_TABLES else _NUDGE_OVERHEAD_S
+        x = x0.copy()
+        x[j] += step
+        cols.append((predict(Physical.from_vector(x)) - t0) / step)
+    return np.stack(cols, axis=1)
 
 
 # ---- the fit -------------------------------------------------------------------------------------------
@@ -260,6 +312,9 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
     return x
 
 
+WALL_BASIS, CPU_BASIS = "wall time", "own-thread CPU, collectives to wall time"  # what a fit's rows were (fit_plans)
+
+
 @dataclass(frozen=True)
 class Fit:
     """Parameters fitted on some plans."""
@@ -274,7 +329,8 @@ class Fit:
     plans: tuple[str, ...]
     rows: int
     iterations: int
-    rms_rel_err: float  # root mean square of the rows' relative error after the fit
+    rms_rel_err: float  # root mean square of the rows' relative error after the fit (wall time)
+    basis: str = WALL_BASIS  # what the compute parameters were fitted to (fit_plans)
 
 
 MAX_REL_STD_ERR = 0.5  # a parameter known to worse than ±50% (one standard error) is kept at its start value
@@ -406,7 +462,8 @@ def _std_errors(x: np.ndarray, a: np.ndarray, w: np.ndarray, resid: np.ndarray, 
     return dict(zip(names, sd(normal).tolist())), dict(zip(names, sd(normal + pa.T @ pa).tolist()))
 
 
-def fit(groups: Sequence[_PlanGroup], start: Physical, max_iter: int = 12, width: np.ndarray | None = None) -> Fit:
+def fit(groups: Sequence[_PlanGroup | _CpuRows], start: Physical, max_iter: int = 12, width: np.ndarray | None = None,
+        only: Sequence[str] | None = None) -> Fit:
     """Fit the parameters the traces determine: multipliers ≥ MIN_SCALE, overheads ≥ 0, each table's multiplier
     under the prior `width` (`prior_widths`; None: no prior). A multiplier driven to its bound, or a parameter
     whose standard error from the traces alone exceeds MAX_REL_STD_ERR of its value, is put back to its start
@@ -414,7 +471,7 @@ def fit(groups: Sequence[_PlanGroup], start: Physical, max_iter: int = 12, width
     reported are the prior's and the traces' together."""
     width = np.full(len(PARAMS), np.inf) if width is None else width
     m = np.concatenate([g.measured for g in groups])
-    candidates = list(range(len(PARAMS)))
+    candidates = [PARAMS.index(k) for k in only] if only is not None else list(range(len(PARAMS)))
     undetermined: dict[str, str] = {}
     x = x0 = start.vector()
     while True:  # each refit starts where the last one ended, the parameters put back at their start values
@@ -444,6 +501,31 @@ def fit(groups: Sequence[_PlanGroup], start: Physical, max_iter: int = 12, width
     return Fit(Physical.from_vector(x), tuple(PARAMS[j] for j in ident), std,
                tuple(PARAMS[j] for j in bound), not_ident, undetermined, tuple(g.name for g in groups), len(m), it,
                float(np.sqrt(np.mean(resid ** 2))))
+
+
+COMPUTE_PARAMS = ("gemm", "attention", "memory", "layer_overhead_s", "attn_call_overhead_s")  # what a thread computes
+
+
+def fit_plans(groups: Sequence[_PlanGroup], start: Physical, width: np.ndarray | None = None) -> Fit:
+    """The parameters `fit` determines from the plans' traces. Where every row has its members' own-thread CPU (CPU
+    replays on a CPU profile), the compute parameters are fitted to that CPU (`_CpuRows`) and the collectives then
+    to the wall times, the compute held: a short unit whose wall time waited a scheduler slice for a core would
+    otherwise set a per-layer overhead the other plans pay (docs/COSTMODEL.md, Calibration). Elsewhere every
+    parameter is fitted to the wall times."""
+    cpu = [g.cpu_rows() for g in groups]
+    if any(c is None for c in cpu):
+        return fit(groups, start, width=width)
+    point = start
+    for _ in range(2):  # again where the collectives moved: a TP head's, priced into its compute, at the fitted rate
+        compute = fit(cpu, point, width=width, only=COMPUTE_PARAMS)
+        wall = fit(groups, compute.point, width=width, only=("collective",))
+        moved, point = wall.point.collective != point.collective, wall.point
+        if not moved:
+            break
+    return Fit(wall.point, compute.fitted + wall.fitted, {**compute.std_err, **wall.std_err},
+               compute.at_bound + wall.at_bound, compute.not_identifiable + wall.not_identifiable,
+               {**compute.undetermined, **wall.undetermined}, wall.plans, wall.rows,
+               compute.iterations + wall.iterations, wall.rms_rel_err, basis=CPU_BASIS)
 
 
 # ---- the study ----------------------------------------------------------------------------------------
@@ -481,15 +563,19 @@ class PlanErrors:
     unit_errors_after: tuple[float, ...] = ()
     step_errors_before: tuple[float, ...] = ()  # each replay step's signed error
     step_errors_after: tuple[float, ...] = ()
+    # the units' own-thread CPU against their priced compute (predicted_cpu_s), median |error|; nan where the traces
+    # or the profile lack it (GPU)
+    unit_cpu_median_before: float = float("nan")
+    unit_cpu_median_after: float = float("nan")
 
 
 def _plan_errors(plan: str, role, traces: int, fitted_on, before, after, signed: bool = True) -> PlanErrors:
     """A plan's error statistics, and with `signed` its errors themselves (pooled rows repeat the plans': not)."""
-    (ub, sb), (ua, sa) = before, after
+    (ub, sb, cb), (ua, sa, ca) = before, after
     stat = lambda e: (float(np.median(np.abs(e))), float(np.max(np.abs(e)))) if len(e) else (np.nan, np.nan)  # noqa
     each = (lambda e: tuple(float(x) for x in e)) if signed else (lambda e: ())
     return PlanErrors(plan, role, traces, len(ub), tuple(fitted_on), *stat(ub), *stat(ua), *stat(sb), *stat(sa),
-                      each(ub), each(ua), each(sb), each(sa))
+                      each(ub), each(ua), each(sb), each(sa), stat(cb)[0], stat(ca)[0])
 
 
 @dataclass(frozen=True)
@@ -507,19 +593,28 @@ class Calibration:
     rows: int  # measured times the written profile was fitted on
     rms_rel_err: float  # their RMS relative error after the fit
     prior_width: float  # the tables' prior width, sd of log(multiplier) (inf: none)
+    basis: str = WALL_BASIS  # what the written profile's compute parameters were fitted to (Fit.basis)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "profile"}
         d = {k: ([dataclasses.asdict(x) for x in v] if isinstance(v, tuple) else
                  dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
         d["profile"] = {"name": self.profile.fingerprint.name, "source": self.profile.fingerprint.source}
-        d["prior_width"] = self.prior_width if np.isfinite(self.prior_width) else None  # JSON has no inf
-        return d
+        return _finite(d)
 
 
-def _pool(errors: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.concatenate([e[0] for e in errors]) if errors else np.array([]),
-            np.concatenate([e[1] for e in errors]) if errors else np.array([]))
+def _finite(x):
+    """`x` with every non-finite float (no CPU errors: nan; no prior: inf) as None: JSON has neither."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_finite(v) for v in x)
+    return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
+def _pool(errors: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Plans' (unit, step, CPU) errors, each kind pooled."""
+    return tuple(np.concatenate([e[i] for e in errors]) if errors else np.array([]) for i in range(3))
 
 
 def _fits_for(profile: Profile, names: Sequence[str]) -> list[str]:
@@ -558,7 +653,7 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
     train = [g for k, g in groups.items() if k not in held]
     say(f"fitting on {len(train)} plan(s), {sum(len(g.rows) for g in train)} measured times")
     width = prior_widths(base, prior_width)
-    final = fit(train, start, width=width)
+    final = fit_plans(train, start, width=width)
     errs = {k: g.errors(start) for k, g in groups.items()}  # before: the base profile
     held_rows, held_pool_b, held_pool_a = [], [], []
     if held:
@@ -571,7 +666,7 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
     else:
         for k, g in groups.items():
             say(f"leave-one-plan-out: predicting {g.name} from the other plans")
-            fold = fit([o for j, o in groups.items() if j != k], start, width=width)
+            fold = fit_plans([o for j, o in groups.items() if j != k], start, width=width)
             after = g.errors(fold.point)
             held_rows.append(_plan_errors(g.name, "held-out", len(g.pairs), fold.plans, errs[k], after))
             held_pool_b.append(errs[k])
@@ -599,7 +694,8 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
     prior = float(width[PARAMS.index("gemm")])
     prof = _written_profile(base, final, [p for g in train for p in g.pairs], held_all, params, prior)
     return Calibration(base.fingerprint.name, prof, tuple(params), "named" if held else "leave-one-plan-out",
-                       tuple(held_rows), tuple(fit_rows), held_all, fitted_all, final.rows, final.rms_rel_err, prior)
+                       tuple(held_rows), tuple(fit_rows), held_all, fitted_all, final.rows, final.rms_rel_err, prior,
+                       final.basis)
 
 
 def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all: PlanErrors,
@@ -624,7 +720,7 @@ def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all
     notes = (f"Calibrated {now} by `meshplan calibrate` from {fp.name} (sha256 {fp.sha256}) on {len(pairs)} "
              f"trace(s) of {len(plans)} plan(s) ({', '.join(plans)}): {traces}. {final.rows} measured unit times "
              "(forward and backward, median over replay iterations), least squares on relative error (robust, "
-             f"soft-L1; each plan weighed alike; {prior}), RMS relative error "
+             f"soft-L1; each plan weighed alike; {prior}; fitted to {final.basis}), RMS relative error "
              f"after {final.rms_rel_err:.1%}. Table-time multipliers (host_copy kept) and overheads: {fitted}. "
              f"Held-out median |error| per unit {held_all.unit_median_before:.1%} before, "
              f"{held_all.unit_median_after:.1%} after. "
@@ -640,6 +736,6 @@ def _written_profile(base: Profile, final: Fit, pairs: list[TracePair], held_all
     return prof
 
 
-__all__ = ["Calibration", "Fit", "OVERHEADS", "PARAMS", "PRIOR_WIDTH", "ParamFit", "Physical", "PlanErrors", "Row",
-           "SCALED_TABLES", "TracePair", "calibrate", "calibrated_profile", "fit", "load_pair", "nnls",
-           "prior_widths", "read_trace", "trace_rows"]
+__all__ = ["COMPUTE_PARAMS", "CPU_BASIS", "Calibration", "Fit", "OVERHEADS", "PARAMS", "PRIOR_WIDTH", "ParamFit",
+           "Physical", "PlanErrors", "Row", "SCALED_TABLES", "TracePair", "WALL_BASIS", "calibrate",
+           "calibrated_profile", "fit", "fit_plans", "load_pair", "nnls", "prior_widths", "read_trace", "trace_rows"]
