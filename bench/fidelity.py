@@ -322,7 +322,7 @@ def cpu(args: argparse.Namespace) -> None:
         lopo[n] = figures(loaded[n], cm, docs[n])
         held[n], prior = cal.held_out[0], cal.prior_width
         fitted[n] = ", ".join(f"{p.name} {p.fitted:.3g}" if p.status == "fitted" else f"{p.name} -"
-                              for p in cal.params)
+                              for p in cal.params) + f" (fitted to {cal.basis})"
 
     cm0 = cost_model_for_plan(next(iter(loaded.values())), args.profile) if loaded else None
     other = cm0.profile.constants.get("host_other_cores") if cm0 else None

@@ -142,11 +142,15 @@ def read_trace(path: Path) -> dict:
     return doc
 
 
+def _one_thread(trace: dict) -> bool:
+    """Whether a rank's compute is its own thread's CPU: torch ran it on one thread (the replay's default)."""
+    return (trace.get("meta") or {}).get("cpu_threads") == 1
+
+
 def trace_rows(plan: Plan, trace: dict, origin: str) -> tuple[Row, ...]:
     """The trace's rows, after checking that every (plan step, unit, degree, stage) it names is the plan's."""
     steps = {s.step: s for s in plan.steps}
-    # a rank's compute is its own thread's CPU only where torch ran it on one thread (the replay's default)
-    one_thread = (trace.get("meta") or {}).get("cpu_threads") == 1
+    one_thread = _one_thread(trace)
     per: dict[tuple[int, int, int], dict[int, list[tuple[float, float | None]]]] = {}
     for st in warm_steps(trace):  # a plan step's cold first replay left out when it was replayed again
         ps = st.get("plan_step")
@@ -246,15 +250,16 @@ class _PlanGroup:
 
     def errors(self, p: Physical) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Relative errors (predicted / measured − 1) per unit and per step over the plan's traces, and of the units'
-        own-thread CPU where the traces and the profile have it (else none), cold replays left out as the fit leaves
-        them out (`warm_steps`)."""
+        own-thread CPU where the profile prices it and the trace's ranks computed on one thread (`_one_thread`; else
+        none), cold replays left out as the fit leaves them out (`warm_steps`)."""
         cm = self.cost_model(p)
         units, steps, cpu = [], [], []
         for pair in self.pairs:
             c = compare_measured(self.plan, cm, pair.trace)
             warm = {s["step"] for s in warm_steps(pair.trace)}
             units += [u["rel_err"] for u in c.units if u["step"] in warm]
-            cpu += [u["cpu_err"] for u in c.units if u["step"] in warm and "cpu_err" in u]
+            cpu += [u["cpu_err"] for u in c.units if u["step"] in warm and "cpu_err" in u] if _one_thread(pair.trace) \
+                else []
             steps += [s["rel_err"] for s in c.steps if s["step"] in warm]
         return np.array(units, float), np.array(steps, float), np.array(cpu, float)
 
@@ -463,19 +468,22 @@ def _std_errors(x: np.ndarray, a: np.ndarray, w: np.ndarray, resid: np.ndarray, 
 
 
 def fit(groups: Sequence[_PlanGroup | _CpuRows], start: Physical, max_iter: int = 12, width: np.ndarray | None = None,
-        only: Sequence[str] | None = None) -> Fit:
-    """Fit the parameters the traces determine: multipliers ≥ MIN_SCALE, overheads ≥ 0, each table's multiplier
-    under the prior `width` (`prior_widths`; None: no prior). A multiplier driven to its bound, or a parameter
-    whose standard error from the traces alone exceeds MAX_REL_STD_ERR of its value, is put back to its start
-    value (worst first) and the rest refitted: only what the measurements pin down moves. The standard errors
-    reported are the prior's and the traces' together."""
+        only: Sequence[str] | None = None, base: Physical | None = None) -> Fit:
+    """Fit the parameters the traces determine (`only` of them; the others held at `start`): multipliers ≥ MIN_SCALE,
+    overheads ≥ 0, each table's multiplier under the prior `width` (`prior_widths`; None: no prior). A multiplier
+    driven to its bound, or a parameter whose standard error from the traces alone exceeds MAX_REL_STD_ERR of its
+    value, is put back to `base` (default `start`; worst first) and the rest refitted: only what the measurements pin
+    down moves. The standard errors reported are the prior's and the traces' together."""
     width = np.full(len(PARAMS), np.inf) if width is None else width
     m = np.concatenate([g.measured for g in groups])
     candidates = [PARAMS.index(k) for k in only] if only is not None else list(range(len(PARAMS)))
     undetermined: dict[str, str] = {}
     x = x0 = start.vector()
+    back = x0 if base is None else base.vector()
     while True:  # each refit starts where the last one ended, the parameters put back at their start values
         x = np.where(np.isin(np.arange(len(PARAMS)), candidates), x, x0)
+        for k in undetermined:  # put back at the base, not where an earlier pass (fit_plans) left them
+            x[PARAMS.index(k)] = back[PARAMS.index(k)]
         x, a, w, cols, it = _gauss_newton(groups, x, candidates, m, max_iter, width)
         resid = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups]) / m - 1
         bound = [j for j in cols if x[j] <= _LB[j] * (1 + 1e-9)]
@@ -515,17 +523,18 @@ def fit_plans(groups: Sequence[_PlanGroup], start: Physical, width: np.ndarray |
     cpu = [g.cpu_rows() for g in groups]
     if any(c is None for c in cpu):
         return fit(groups, start, width=width)
-    point = start
+    point, iterations = start, 0
     for _ in range(2):  # again where the collectives moved: a TP head's, priced into its compute, at the fitted rate
-        compute = fit(cpu, point, width=width, only=COMPUTE_PARAMS)
-        wall = fit(groups, compute.point, width=width, only=("collective",))
+        compute = fit(cpu, point, width=width, only=COMPUTE_PARAMS, base=start)
+        wall = fit(groups, compute.point, width=width, only=("collective",), base=start)
         moved, point = wall.point.collective != point.collective, wall.point
+        iterations += compute.iterations + wall.iterations
         if not moved:
             break
     return Fit(wall.point, compute.fitted + wall.fitted, {**compute.std_err, **wall.std_err},
                compute.at_bound + wall.at_bound, compute.not_identifiable + wall.not_identifiable,
-               {**compute.undetermined, **wall.undetermined}, wall.plans, wall.rows,
-               compute.iterations + wall.iterations, wall.rms_rel_err, basis=CPU_BASIS)
+               {**compute.undetermined, **wall.undetermined}, wall.plans, wall.rows, iterations, wall.rms_rel_err,
+               basis=CPU_BASIS)
 
 
 # ---- the study ----------------------------------------------------------------------------------------

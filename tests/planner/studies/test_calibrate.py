@@ -186,7 +186,7 @@ def waiting_traces(plans, wait_s: float, plan: str, cpu: bool) -> list:
     """Traces made from TRUE in which every unit of `plan` also waited `wait_s` in its forward (for a core another
     rank held: wall time, no CPU), with each unit's own-thread CPU as TRUE prices it (`cpu`) or without it."""
     true = calibrated_profile(load_profile(BASE), TRUE)
-    pairs = write_traces(plans, true, tag=f".wait{int(cpu)}")
+    pairs = write_traces(plans, true, tag=f".wait{wait_s:g}.{plan}.{int(cpu)}")
     for plan_path, trace in pairs:
         doc, p = json.loads(trace.read_text()), load_plan(plan_path)
         cm = CostModel(cost_model_for_plan(p, BASE).setup, true)
@@ -225,6 +225,27 @@ def test_compute_is_fitted_to_the_threads_cpu_where_the_traces_have_it(plans):
     assert cpus.held_out_all.unit_cpu_median_after < 0.001 < cpus.held_out_all.unit_cpu_median_before
     assert math.isnan(walls.held_out_all.unit_cpu_median_after)
     assert json.loads(json.dumps(walls.to_dict(), allow_nan=False))["held_out_all"]["unit_cpu_median_after"] is None
+
+
+def test_the_cpu_fit_needs_every_plans_compute_on_one_thread(plans):
+    """CPU traces: the table says what the compute was fitted to and gives each plan's units' CPU error. A trace whose
+    ranks ran torch on four threads (its own thread's CPU is part of the compute) puts the whole fit on wall time, as
+    GPU traces are, and reports no CPU error for that plan."""
+    _, ps = plans
+    pairs = waiting_traces(plans, 0.0, "github", cpu=True)
+    r = cli(*(f"{p}:{t}" for p, t in pairs), "--profile", BASE, "--out", pairs[0][1].with_suffix(".fit.json"),
+            "--holdout", ps["ring"][1], "--prior-width", "inf")
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())
+    assert f"fitted to {CPU_BASIS}" in out and "unit CPU median" in out, out
+    threads = dict(pairs)[ps["tp"][1]]
+    doc = json.loads(threads.read_text())
+    doc["meta"]["cpu_threads"] = 4
+    threads.write_text(json.dumps(doc))
+    res = calibrate(pairs, BASE, holdout=[ps["ring"][1]], prior_width=math.inf)
+    assert res.basis == WALL_BASIS
+    cpu = {Path(e.plan).stem: e.unit_cpu_median_before for e in res.fitted}
+    assert math.isnan(cpu["tp"]) and all(math.isfinite(v) for k, v in cpu.items() if k != "tp"), cpu
 
 
 def test_the_prior_holds_a_table_the_traces_move_only_with_others(plans):
