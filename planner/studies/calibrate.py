@@ -215,15 +215,22 @@ class _PlanGroup:
             self._cms[key] = CostModel(self.setup, calibrated_profile(self.base, p))
         return self._cms[key]
 
-    def predict(self, p: Physical) -> np.ndarray:
-        """Predicted time of every row at `p`."""
-        key = tuple(p.vector())
+    def _priced(self, p: Physical, price) -> np.ndarray | None:
+        """Every row at `p` as `price(step, cost model)` gives each (unit, stage) of a plan step (cached per point and
+        pricing); None where it prices none."""
+        key = (price.__name__,) + tuple(p.vector())
         if key not in self._pred:
             cm = self.cost_model(p)
             steps = {s.step: s for s in self.plan.steps}
-            pred = {ps: predicted_units_s(steps[ps], cm) for ps in {r.plan_step for r in self.rows}}
+            pred = {ps: price(steps[ps], cm) for ps in {r.plan_step for r in self.rows}}
+            if any(v is None for v in pred.values()):
+                return None
             self._pred[key] = np.array([pred[r.plan_step][(r.unit, r.stage)] for r in self.rows])
         return self._pred[key]
+
+    def predict(self, p: Physical) -> np.ndarray:
+        """Predicted time of every row at `p`."""
+        return self._priced(p, predicted_units_s)
 
     def jacobian(self, p: Physical) -> np.ndarray:
         return _jacobian(self.predict, p)
@@ -231,15 +238,7 @@ class _PlanGroup:
     def predict_cpu(self, p: Physical) -> np.ndarray | None:
         """Each row's priced compute as a member's own-thread CPU at `p` (`predicted_cpu_s`); None off a CPU
         profile with cores."""
-        key = ("cpu",) + tuple(p.vector())
-        if key not in self._pred:
-            cm = self.cost_model(p)
-            steps = {s.step: s for s in self.plan.steps}
-            pred = {ps: predicted_cpu_s(steps[ps], cm) for ps in {r.plan_step for r in self.rows}}
-            if any(v is None for v in pred.values()):
-                return None
-            self._pred[key] = np.array([pred[r.plan_step][(r.unit, r.stage)] for r in self.rows])
-        return self._pred[key]
+        return self._priced(p, predicted_cpu_s)
 
     def cpu_rows(self) -> "_CpuRows | None":
         """The plan's rows as its members' own-thread CPU, where every row's trace has it and the profile prices it
