@@ -232,8 +232,8 @@ class _PlanGroup:
         """Predicted time of every row at `p`."""
         return self._priced(p, predicted_units_s)
 
-    def jacobian(self, p: Physical) -> np.ndarray:
-        return _jacobian(self.predict, p)
+    def jacobian(self, p: Physical, cols: Sequence[int]) -> np.ndarray:
+        return _jacobian(self.predict, p, cols)
 
     def predict_cpu(self, p: Physical) -> np.ndarray | None:
         """Each row's priced compute as a member's own-thread CPU at `p` (`predicted_cpu_s`); None off a CPU
@@ -276,20 +276,21 @@ class _CpuRows:
     def predict(self, p: Physical) -> np.ndarray:
         return self._group.predict_cpu(p)
 
-    def jacobian(self, p: Physical) -> np.ndarray:
-        return _jacobian(self.predict, p)
+    def jacobian(self, p: Physical, cols: Sequence[int]) -> np.ndarray:
+        return _jacobian(self.predict, p, cols)
 
 
-def _jacobian(predict: Callable[[Physical], np.ndarray], p: Physical) -> np.ndarray:
-    """d(predicted row time) / d(parameter), by one nudged profile per parameter."""
+def _jacobian(predict: Callable[[Physical], np.ndarray], p: Physical, cols: Sequence[int]) -> np.ndarray:
+    """d(predicted row time) / d(parameter) for the parameters `cols` (PARAMS indices), by one nudged profile each;
+    the other columns 0 (held parameters cost no pricing)."""
     x0, t0 = p.vector(), predict(p)
-    cols = []
-    for j, k in enumerate(PARAMS):
-        step = x0[j] * _NUDGE_SCALE if k in SCALED_TABLES else _NUDGE_OVERHEAD_S
+    jac = np.zeros((len(t0), len(PARAMS)))
+    for j in cols:
+        step = x0[j] * _NUDGE_SCALE if PARAMS[j] in SCALED_TABLES else _NUDGE_OVERHEAD_S
         x = x0.copy()
         x[j] += step
-        cols.append((predict(Physical.from_vector(x)) - t0) / step)
-    return np.stack(cols, axis=1)
+        jac[:, j] = (predict(Physical.from_vector(x)) - t0) / step
+    return jac
 
 
 # ---- the fit -------------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: l
         p = Physical.from_vector(x)
         t0 = np.concatenate([g.predict(p) for g in groups])
         w = per_plan * robust_weights(t0 / m - 1)
-        jac = np.concatenate([g.jacobian(p) for g in groups])
+        jac = np.concatenate([g.jacobian(p, candidates) for g in groups])  # held parameters' columns 0
         a = jac / m[:, None]
         b = (m - t0 + jac @ x) / m  # relative: measured ≈ t0 + J (x' − x)  ⇔  J x' / m ≈ (m − t0 + J x) / m
         cols = _identifiable(a, candidates)
@@ -438,7 +439,7 @@ def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: l
         new = x.copy()
         new[cols] = _LB[cols] + nnls(np.vstack([a[:, cols] * sw, pa[:, cols]]),
                                      np.concatenate([rhs * sw[:, 0], pb - pa[:, cols] @ _LB[cols]]))
-        lin = a @ new * m  # what the linear model predicts at the new point
+        lin = t0 + jac @ (new - x)  # what the linear model predicts at the new point
         x = new
         exact = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups])
         w_new = per_plan * robust_weights(exact / m - 1)

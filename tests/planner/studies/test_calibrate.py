@@ -19,7 +19,7 @@ from planner.simulate.measured import predicted_cpu_s, predicted_units_s
 from planner.simulate.step import simulate_step, unit_costs
 from planner.studies import Physical, calibrate, calibrated_profile
 from planner.studies.calibrate import (CPU_BASIS, OVERHEADS, PARAMS, PRIOR_WIDTH, SCALED_TABLES, WALL_BASIS,
-                                       load_pair, nnls, prior_widths)
+                                       fit, load_pair, nnls, prior_widths)
 from planner.plan import PlanError
 from planner.plan.stream import load_plan
 from planner.studies.machine_check import accuracy
@@ -329,6 +329,43 @@ def test_nnls_meets_its_optimality_conditions():
         assert (x >= 0).all() and (w[x == 0] <= 1e-9).all() and np.allclose(w[x > 0], 0, atol=1e-9)
     a = rng.normal(size=(10, 3))
     assert np.allclose(nnls(a, a @ np.array([1.0, 2.0, 3.0])), [1, 2, 3])
+
+
+
+class _Affine:
+    """A plan whose rows cost a fixed part plus a linear one in the parameters (a constant no parameter scales, as a
+    profile's unscaled terms): t = c + A x, measured exactly at `truth`; counts its pricings."""
+
+    name = "affine"
+
+    def __init__(self, truth: Physical):
+        rng = np.random.default_rng(5)
+        self.c, self.a = rng.uniform(1e-3, 2e-3, 12), rng.uniform(0.0, 1e-3, (12, len(PARAMS)))
+        self.a[:, len(SCALED_TABLES):] = rng.uniform(0.0, 3.0, (12, len(OVERHEADS)))
+        self.measured = self.c + self.a @ truth.vector()
+        self.rows, self.pricings = [None] * len(self.c), 0
+
+    def predict(self, p: Physical) -> np.ndarray:
+        self.pricings += 1
+        return self.c + self.a @ p.vector()
+
+    def jacobian(self, p: Physical, cols) -> np.ndarray:
+        from planner.studies.calibrate import _jacobian
+        return _jacobian(self.predict, p, cols)
+
+
+def test_a_subset_fit_prices_only_its_parameters_and_stops_when_the_linear_model_holds():
+    truth = Physical(gemm=1.0, attention=1.3, memory=1.0, collective=0.7, layer_overhead_s=0.0,
+                     attn_call_overhead_s=2e-4)
+    group = _Affine(truth)
+    f = fit([group], Physical(), only=("attention", "collective", "attn_call_overhead_s"))
+    assert f.point.vector() == pytest.approx(truth.vector(), rel=1e-6, abs=1e-9)
+    # one step lands on the truth (the model is linear), the next confirms it: the check compares the priced point
+    # with t0 + J(x' - x), not J x', which a fixed part would never match (12 iterations)
+    assert f.iterations == 2
+    # each iteration prices the point (twice: once for the Jacobian; a plan caches it), one nudge per fitted
+    # parameter and the new point, then the fit prices its result: 6 a step, not 9 with every parameter nudged
+    assert group.pricings == 2 * (2 + 3 + 1) + 1
 
 
 # ---- the command line ------------------------------------------------------------------------------------
