@@ -1593,7 +1593,14 @@ def calibrate_cmd(
         parsed.append((Path(plan), Path(trace)))
     if prior_width is not None and not prior_width > 0:
         fail(f"--prior-width {prior_width:g}: must be above 0 (inf fits without a prior)")
-    res = calibrate(parsed, profile, holdout or (), prior_width=prior_width)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=as_json) as prog:
+        task = prog.add_task("reading traces", total=None)  # a fit: the written one, and one per plan left out
+        res = calibrate(parsed, profile, holdout or (), prior_width=prior_width,
+                        progress=lambda what, done, fits: prog.update(task, description=what, completed=done,
+                                                                      total=fits))
     # the figure before the profile: one that cannot be written leaves nothing behind
     figures = _plot_calibration(res, plot) if plot is not None else []
     res.profile.save(out_path)

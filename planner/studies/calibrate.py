@@ -637,12 +637,14 @@ def _fits_for(profile: Profile, names: Sequence[str]) -> list[str]:
 
 
 def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequence[Path] = (),
-              progress: Callable[[str], None] | None = None, prior_width: float | None = None) -> Calibration:
+              progress: Callable[[str, int, int], None] | None = None,
+              prior_width: float | None = None) -> Calibration:
     """Fit `profile`'s physical parameters on (plan, trace) pairs. With `holdout` plans named, the profile is
     fitted on the others and judged on them; else every plan is judged by a fit on the other plans (leave one
     plan out) and the profile is fitted on all. Needs at least two plans. `prior_width`: the tables' multipliers'
-    prior (`prior_widths`; default by how the base was obtained, inf for none)."""
-    say = progress or (lambda _m: None)
+    prior (`prior_widths`; default by how the base was obtained, inf for none). `progress(what, fits done, fits)`
+    is called before each fit and once when all are done."""
+    say = progress or (lambda _what, _done, _total: None)
     loaded = [load_pair(p, t) for p, t in pairs]
     by_plan: dict[Path, list[TracePair]] = {}
     for lp in loaded:
@@ -660,7 +662,8 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
     start = Physical.of_profile(base)
     groups = {k: _PlanGroup(str(v[0].plan_path), v, profile, base) for k, v in by_plan.items()}
     train = [g for k, g in groups.items() if k not in held]
-    say(f"fitting on {len(train)} plan(s), {sum(len(g.rows) for g in train)} measured times")
+    fits = 1 if held else 1 + len(groups)
+    say(f"fitting the profile on {len(train)} plans", 0, fits)
     width = prior_widths(base, prior_width)
     final = fit_plans(train, start, width=width)
     errs = {k: g.errors(start) for k, g in groups.items()}  # before: the base profile
@@ -673,13 +676,14 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
             held_pool_b.append(errs[k])
             held_pool_a.append(after)
     else:
-        for k, g in groups.items():
-            say(f"leave-one-plan-out: predicting {g.name} from the other plans")
+        for i, (k, g) in enumerate(groups.items(), start=1):
+            say(f"predicting {Path(g.name).name} from the other plans", i, fits)
             fold = fit_plans([o for j, o in groups.items() if j != k], start, width=width)
             after = g.errors(fold.point)
             held_rows.append(_plan_errors(g.name, "held-out", len(g.pairs), fold.plans, errs[k], after))
             held_pool_b.append(errs[k])
             held_pool_a.append(after)
+    say("done", fits, fits)
     fit_rows, fit_pool_b, fit_pool_a = [], [], []
     for k, g in groups.items():
         if k in held:

@@ -284,8 +284,10 @@ def test_prior_widths_follow_how_the_base_was_obtained():
 
 
 def test_named_holdout_is_left_out_of_the_written_fit(plans, exact):
-    held = exact[-1][0]
-    res = calibrate(exact, BASE, holdout=[held])  # the default prior: exact traces leave it no weight
+    held, said = exact[-1][0], []
+    res = calibrate(exact, BASE, holdout=[held],  # the default prior: exact traces leave it no weight
+                    progress=lambda *a: said.append(a))
+    assert said == [(f"fitting the profile on {len(exact) - 1} plans", 0, 1), ("done", 1, 1)]  # one fit, no folds
     assert res.holdout == "named" and res.prior_width == PRIOR_WIDTH["measured"]
     assert [e.plan for e in res.held_out] == [str(held)]
     assert str(held) not in [e.plan for e in res.fitted]
