@@ -1599,7 +1599,7 @@ def calibrate_cmd(
                   console=err, transient=True, disable=as_json) as prog:
         task = prog.add_task("reading traces", total=None)  # a fit: the written one, and one per plan left out
         res = calibrate(parsed, profile, holdout or (), prior_width=prior_width,
-                        progress=lambda what, done, fits: prog.update(task, description=what, completed=done,
+                        progress=lambda what, done, fits: prog.update(task, description=escape(what), completed=done,
                                                                       total=fits))
     # the figure before the profile: one that cannot be written leaves nothing behind
     figures = _plot_calibration(res, plot) if plot is not None else []

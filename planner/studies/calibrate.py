@@ -7,12 +7,12 @@ P2P: 1/bandwidth) and the two fixed costs the cost model adds (`layer_overhead_s
 
 How a measured time depends on them is taken from the cost model itself, not re-derived here: each (plan,
 unit, stage), forward and backward together, is priced on the profile at the current parameters and on one
-profile per parameter nudged, which gives a Jacobian; bounded least squares on relative error (rows divided by
-the measured time; each plan weighed alike, each row robustly; each table's multiplier under a log-normal prior
-around the base) then moves the parameters, and the step is repeated where the model is not linear in them (exposed
-ring transfers and offload copies are a max of compute and transfer) and until the robust weights settle. Each
-fitted profile is written the way the Jacobian priced it (`calibrated_profile`), so the fit and the written profile
-agree by construction.
+profile per parameter being fitted, nudged, which gives a Jacobian; bounded least squares on relative error (rows
+divided by the measured time; each plan weighed alike, each row robustly; each table's multiplier under a log-normal
+prior around the base) then moves the parameters, and the step is repeated where the model is not linear in them
+(exposed ring transfers and offload copies are a max of compute and transfer) and until the parameters and the
+robust weights settle. Each fitted profile is written the way the Jacobian priced it (`calibrated_profile`), so the
+fit and the written profile agree by construction.
 
 Where the traces record each unit's own-thread CPU (CPU replays, one torch thread a rank), the compute parameters are
 fitted to that CPU against the priced compute and the collectives to the wall times (`fit_plans`): waits for peers and
@@ -54,6 +54,7 @@ PARAM_MEANING = {
 MIN_SCALE = 1e-3  # a table 1000x faster than its base is a failed fit, not hardware: the lower bound
 _NUDGE_SCALE = 1e-3  # relative nudge of a multiplier for the Jacobian
 _NUDGE_OVERHEAD_S = 1e-4  # absolute nudge of an overhead
+_STEP_SETTLED = 1e-3  # a relinearisation that moves no parameter by more than this (relative) ends the fit
 _NOT_IDENTIFIABLE = "not identifiable from these traces"
 _UNDETERMINED = "kept at base"
 
@@ -440,6 +441,8 @@ def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: l
         new[cols] = _LB[cols] + nnls(np.vstack([a[:, cols] * sw, pa[:, cols]]),
                                      np.concatenate([rhs * sw[:, 0], pb - pa[:, cols] @ _LB[cols]]))
         lin = t0 + jac @ (new - x)  # what the linear model predicts at the new point
+        # the step: each parameter's move relative to its value (an overhead's to at least its Jacobian nudge)
+        step = np.max(np.abs(new - x)[cols] / np.maximum(np.abs(x[cols]), _NUDGE_OVERHEAD_S), initial=0.0)
         x = new
         exact = np.concatenate([g.predict(Physical.from_vector(x)) for g in groups])
         w_new = per_plan * robust_weights(exact / m - 1)
@@ -447,7 +450,7 @@ def _gauss_newton(groups: Sequence[_PlanGroup], start: np.ndarray, candidates: l
         if len(pa):  # and the spread the prior was weighed against, within 5% or with the prices no longer moving
             settled &= (abs(_spread(w_new, exact / m - 1, len(cols)) - s2) <= 0.05 * s2
                         or np.max(np.abs(exact - t0) / m) < 1e-6)
-        if np.max(np.abs(exact - lin) / m) < 1e-6 and settled:
+        if np.max(np.abs(exact - lin) / m) < 1e-6 and settled and step < _STEP_SETTLED:
             break
     return x, a, w, cols, it
 
@@ -663,7 +666,7 @@ def calibrate(pairs: Sequence[tuple[Path, Path]], profile: str, holdout: Sequenc
     groups = {k: _PlanGroup(str(v[0].plan_path), v, profile, base) for k, v in by_plan.items()}
     train = [g for k, g in groups.items() if k not in held]
     fits = 1 if held else 1 + len(groups)
-    say(f"fitting the profile on {len(train)} plans", 0, fits)
+    say(f"fitting the profile on {len(train)} plan{'s' if len(train) > 1 else ''}", 0, fits)
     width = prior_widths(base, prior_width)
     final = fit_plans(train, start, width=width)
     errs = {k: g.errors(start) for k, g in groups.items()}  # before: the base profile

@@ -19,7 +19,7 @@ from planner.simulate.measured import predicted_cpu_s, predicted_units_s
 from planner.simulate.step import simulate_step, unit_costs
 from planner.studies import Physical, calibrate, calibrated_profile
 from planner.studies.calibrate import (CPU_BASIS, OVERHEADS, PARAMS, PRIOR_WIDTH, SCALED_TABLES, WALL_BASIS,
-                                       fit, load_pair, nnls, prior_widths)
+                                       _jacobian, fit, load_pair, nnls, prior_widths)
 from planner.plan import PlanError
 from planner.plan.stream import load_plan
 from planner.studies.machine_check import accuracy
@@ -287,13 +287,21 @@ def test_named_holdout_is_left_out_of_the_written_fit(plans, exact):
     held, said = exact[-1][0], []
     res = calibrate(exact, BASE, holdout=[held],  # the default prior: exact traces leave it no weight
                     progress=lambda *a: said.append(a))
-    assert said == [(f"fitting the profile on {len(exact) - 1} plans", 0, 1), ("done", 1, 1)]  # one fit, no folds
+    plans_fitted = len({p for p, _ in exact}) - 1
+    assert said == [(f"fitting the profile on {plans_fitted} plans", 0, 1), ("done", 1, 1)]  # one fit, no folds
     assert res.holdout == "named" and res.prior_width == PRIOR_WIDTH["measured"]
     assert [e.plan for e in res.held_out] == [str(held)]
     assert str(held) not in [e.plan for e in res.fitted]
     assert str(held) not in res.profile.constants["layer_overhead_s"]["source"]
     assert res.held_out[0].unit_median_after < 1e-6 < res.held_out[0].unit_median_before
 
+
+
+def test_leave_one_plan_out_reports_each_fit(exact):
+    said, two = [], exact[:2]
+    calibrate(two, BASE, prior_width=math.inf, progress=lambda *a: said.append(a))
+    folds = [(f"predicting {p.name} from the other plans", i, 3) for i, (p, _) in enumerate(two, start=1)]
+    assert said == [("fitting the profile on 2 plans", 0, 3), *folds, ("done", 3, 3)]
 
 def test_a_part_no_trace_exercises_stays_at_the_base(plans, exact):
     # two plans of packed documents on two ranks each (no TP collective, no ring transfer); the second of other
@@ -333,7 +341,6 @@ def test_nnls_meets_its_optimality_conditions():
     assert np.allclose(nnls(a, a @ np.array([1.0, 2.0, 3.0])), [1, 2, 3])
 
 
-
 class _Affine:
     """A plan whose rows cost a fixed part plus a linear one in the parameters (a constant no parameter scales, as a
     profile's unscaled terms): t = c + A x, measured exactly at `truth`; counts its pricings."""
@@ -352,7 +359,6 @@ class _Affine:
         return self.c + self.a @ p.vector()
 
     def jacobian(self, p: Physical, cols) -> np.ndarray:
-        from planner.studies.calibrate import _jacobian
         return _jacobian(self.predict, p, cols)
 
 
