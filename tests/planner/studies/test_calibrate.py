@@ -296,12 +296,12 @@ def test_named_holdout_is_left_out_of_the_written_fit(plans, exact):
     assert res.held_out[0].unit_median_after < 1e-6 < res.held_out[0].unit_median_before
 
 
-
 def test_leave_one_plan_out_reports_each_fit(exact):
     said, two = [], exact[:2]
     calibrate(two, BASE, prior_width=math.inf, progress=lambda *a: said.append(a))
     folds = [(f"predicting {p.name} from the other plans", i, 3) for i, (p, _) in enumerate(two, start=1)]
     assert said == [("fitting the profile on 2 plans", 0, 3), *folds, ("done", 3, 3)]
+
 
 def test_a_part_no_trace_exercises_stays_at_the_base(plans, exact):
     # two plans of packed documents on two ranks each (no TP collective, no ring transfer); the second of other
