@@ -33,7 +33,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -133,6 +133,26 @@ def quantised_gemm_flops(m: np.ndarray | float, n: int, k: np.ndarray | int, sms
         splits = np.where(tiles < sms, np.maximum(1.0, np.minimum(sms // tiles, k // SPLIT_K_MIN_K)), 1.0)
         flops = np.minimum(flops, np.ceil(tiles * splits / sms) * sms * a * b * 2.0 * k / splits)
     return flops
+
+
+# How each kind of lookup curve (Profile._curve's key[0]) follows its table's times: (table, power of the
+# table's time factor its y values take). Times scale with it, rates (FLOP/s, busbw) inversely; the collectives'
+# CPU is a column of its own that with_times_scaled leaves as it is.
+_CURVE_SCALING: dict[str, tuple[str, int]] = {
+    "gemm_exact": ("gemm", 1), "gemm_generic": ("gemm", 1), "attn": ("attention", -1),
+    "collective": ("collective", -1), "collective_cpu": ("collective", 0), "host_copy": ("host_copy", 1),
+    "memory": ("memory", 1)}
+
+
+def _rescaled(curve: Any, factor: float) -> Any:
+    """A lookup curve ((x, y), {group size: (x, y)} or None) with its y values times `factor` (a median, a running
+    maximum and a log-log blend of them all commute with a positive factor)."""
+    if curve is None or factor == 1.0:
+        return curve
+    if isinstance(curve, dict):
+        return {g: _rescaled(c, factor) for g, c in curve.items()}
+    xs, ys = curve
+    return xs, ys * factor
 
 
 def _series(df: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +271,42 @@ class Profile:
                                f"the cost model needs rows in each of {', '.join(names)}: measure them with "
                                f"`meshplan profile --ops {','.join(empty)}` or use a shipped profile")
 
+    # ---- derived profiles --------------------------------------------------------------------
+    def with_times_scaled(self, factors: dict[str, float], **changes: Any) -> "Profile":
+        """This profile with each named table's time_s multiplied by its factor (> 0) and `changes` to its other
+        fields (fingerprint, constants, fits). Its lookup curves are this profile's, rescaled, rather than rebuilt
+        from the tables: a calibration prices hundreds of such profiles, and rebuilding each one's curves cost more
+        than pricing the plans with them (docs/BENCHMARKS.md)."""
+        bad = {t: f for t, f in factors.items() if t not in TABLE_SCHEMA or not (math.isfinite(f) and f > 0)}
+        if bad:
+            raise ProfileError(f"profile {self.fingerprint.name!r}: cannot scale tables {bad}: each must be one of "
+                               f"{list(TABLE_SCHEMA)} with a finite factor > 0")
+        tables = {}
+        for t, df in self.tables.items():
+            df = df.copy()
+            if factors.get(t, 1.0) != 1.0 and len(df):
+                df["time_s"] = df["time_s"].astype(float) * factors[t]
+            tables[t] = df
+        origin, before = self.__dict__.get("_scaled_from", (self, {}))
+        out = replace(self, tables=tables, **changes)
+        out.path = None
+        out.__dict__["_scaled_from"] = (origin, {t: before.get(t, 1.0) * factors.get(t, 1.0)
+                                                 for t in set(before) | set(factors)})
+        return out
+
+    def _curve(self, key: tuple, build: Callable[["Profile"], Any]) -> Any:
+        """The lookup curve `key` (its first item names its kind in _CURVE_SCALING), built once per profile by
+        `build(profile)`; a profile made by with_times_scaled takes its origin's, rescaled."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            origin, factors = self.__dict__.get("_scaled_from", (None, {}))
+            if origin is None:
+                cache[key] = build(self)
+            else:
+                table, power = _CURVE_SCALING[key[0]]
+                cache[key] = _rescaled(origin._curve(key, build), factors.get(table, 1.0) ** power)
+        return cache[key]
+
     # ---- lookups ----------------------------------------------------------------------------
     @property
     def times_gemm_shapes(self) -> bool:
@@ -276,11 +332,9 @@ class Profile:
         xs, ys = self._gemm_generic(dtype)  # (cached) raises where the table has no `dtype` rows
         quantise = self.times_gemm_shapes
         if not quantise and np.ndim(k) == 0:  # a measured table's own series of this (n, k)
-            df = self.tables["gemm"]
-            exact = df[(df["dtype"] == dtype) & (df["n"] == n) & (df["k"] == k)]
-            if exact["m"].nunique() >= 2:
-                xs, ys = _series(exact, "m", "time_s")
-                return loglog_interp(m_arr, xs, ys, below="clamp", above="proportional")
+            exact = self._curve(("gemm_exact", dtype, int(n), int(k)), lambda p: p._gemm_exact(dtype, n, k))
+            if exact is not None:
+                return loglog_interp(m_arr, *exact, below="clamp", above="proportional")
         if not quantise:
             return loglog_interp(2.0 * m_arr * n * k_arr, xs, ys, below="clamp", above="proportional")
         sms, tm, tn = (self.constant(c) for c in ("gemm_sms", "gemm_tile_m", "gemm_tile_n"))
@@ -292,21 +346,25 @@ class Profile:
             t = np.maximum(t, ((m_arr * k_arr + k_arr * n) * elem + m_arr * n * out) / self.constant("hbm"))
         return t
 
+    def _gemm_exact(self, dtype: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The table's time-vs-m series of this exact (n, k), or None where it has fewer than two m points."""
+        df = self.tables["gemm"]
+        exact = df[(df["dtype"] == dtype) & (df["n"] == n) & (df["k"] == k)]
+        return _series(exact, "m", "time_s") if exact["m"].nunique() >= 2 else None
+
     def _gemm_generic(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-        key = ("gemm_generic", dtype)
-        cache = self.__dict__.setdefault("_cache", {})
-        if key not in cache:
-            df = self.tables["gemm"]
-            df = df[df["dtype"] == dtype]
-            if df.empty:
-                raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} GEMM table; "
-                                   f"dtypes present: {sorted(set(self.tables['gemm']['dtype']))}")
-            df = df.assign(flops=lambda t: 2.0 * t["m"] * t["n"] * t["k"])
-            xs, ys = _series(df, "flops", "time_s")
-            # Keep the lower envelope's monotone part: time never falls as work grows.
-            ys = np.maximum.accumulate(ys)
-            cache[key] = (xs, ys)
-        return cache[key]
+        return self._curve(("gemm_generic", dtype), lambda p: p._build_gemm_generic(dtype))
+
+    def _build_gemm_generic(self, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        df = self.tables["gemm"]
+        df = df[df["dtype"] == dtype]
+        if df.empty:
+            raise ProfileError(f"profile {self.fingerprint.name!r} has no {dtype} GEMM table; "
+                               f"dtypes present: {sorted(set(self.tables['gemm']['dtype']))}")
+        df = df.assign(flops=lambda t: 2.0 * t["m"] * t["n"] * t["k"])
+        xs, ys = _series(df, "flops", "time_s")
+        # Keep the lower envelope's monotone part: time never falls as work grows.
+        return xs, np.maximum.accumulate(ys)
 
     def attention_time_s(self, doc_len: np.ndarray | float, *, heads: int, head_dim: int, causal: bool = True,
                          direction: str = "fwd", dtype: str = "bf16", per_document: bool = False) -> np.ndarray:
@@ -321,10 +379,10 @@ class Profile:
         return attention_flops(floored, heads, head_dim, causal, direction) / rate
 
     def _attention_rate(self, direction: str, causal: bool, head_dim: int, dtype: str):
-        key = ("attn", direction, causal, head_dim, dtype)
-        cache = self.__dict__.setdefault("_cache", {})
-        if key in cache:
-            return cache[key]
+        return self._curve(("attn", direction, causal, head_dim, dtype),
+                           lambda p: p._build_attention_rate(direction, causal, head_dim, dtype))
+
+    def _build_attention_rate(self, direction: str, causal: bool, head_dim: int, dtype: str):
         df = self.tables["attention"]
         df = df[(df["direction"] == direction) & (df["dtype"] == dtype)]
         if "layout" in df.columns:  # measured profiles: only packed varlen calls; other layouts are for study
@@ -342,17 +400,14 @@ class Profile:
         lo = max([d for d in dims if d <= head_dim], default=dims[0])
         hi = min([d for d in dims if d >= head_dim], default=dims[-1])
         if lo == hi:  # measured at this head dim, or outside the measured ones: the nearest (no extrapolation)
-            cache[key] = _series(sub[sub["head_dim"] == lo], "doc_len", "rate")
-            return cache[key]
+            return _series(sub[sub["head_dim"] == lo], "doc_len", "rate")
         # Between two measured head dims: the rate interpolated log-log in the head dim at each length (a
         # kernel's rate per FLOP rises with the head dim: more work per loaded row of Q, K and V).
         xl, yl = _series(sub[sub["head_dim"] == lo], "doc_len", "rate")
         xh, yh = _series(sub[sub["head_dim"] == hi], "doc_len", "rate")
         xs = np.union1d(xl, xh)
         w = math.log(head_dim / lo) / math.log(hi / lo)
-        ys = np.exp((1 - w) * np.log(loglog_interp(xs, xl, yl)) + w * np.log(loglog_interp(xs, xh, yh)))
-        cache[key] = (xs, ys)
-        return cache[key]
+        return xs, np.exp((1 - w) * np.log(loglog_interp(xs, xl, yl)) + w * np.log(loglog_interp(xs, xh, yh)))
 
     def collective_time_s(self, op: str, nbytes: np.ndarray | float, group_size: int,
                           scope: str = "intra", concurrent_groups: int = 1) -> np.ndarray:
@@ -383,17 +438,16 @@ class Profile:
         """Group size -> (bytes, busbw) of one collective in one scope (the other scope when the profile has
         only one) with `concurrent_groups` groups at once (one group's rows when it has none for that many),
         built once per profile: planners price thousands of units, each a table lookup."""
-        cache = self.__dict__.setdefault("_cache", {})
-        key = ("collective", op, scope, concurrent_groups)
-        if key not in cache:
-            df = self._collective_rows(op, scope, concurrent_groups)
+        def build(p: Profile) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+            df = p._collective_rows(op, scope, concurrent_groups)
             curves = {}
             for g in sorted(set(int(x) for x in df["group_size"])):
                 sub = df[df["group_size"] == g]
                 bw = sub["bytes"].to_numpy(float) * bus_factor(op, g) / sub["time_s"].to_numpy(float)
                 curves[g] = _series(sub.assign(busbw=bw), "bytes", "busbw")
-            cache[key] = curves
-        return cache[key]
+            return curves
+
+        return self._curve(("collective", op, scope, concurrent_groups), build)
 
     def _collective_rows(self, op: str, scope: str, concurrent_groups: int) -> pd.DataFrame:
         """The collective table's rows of one op in one scope (the other scope when the profile has only one) with
@@ -416,46 +470,47 @@ class Profile:
         `group_size`, rows chosen as for the time. 0 where the profile has no such column (analytic profiles and
         ones measured before it)."""
         b = np.asarray(nbytes, dtype=float)
-        cache = self.__dict__.setdefault("_cache", {})
-        key = ("collective_cpu", op, scope, concurrent_groups, group_size)
-        if key not in cache:
-            df = self._collective_rows(op, scope, concurrent_groups)
+
+        def build(p: Profile) -> tuple[np.ndarray, np.ndarray] | None:
+            df = p._collective_rows(op, scope, concurrent_groups)
             df = df.dropna(subset=["cpu_s"]) if "cpu_s" in df.columns else df.iloc[:0]
             sizes = sorted(set(int(g) for g in df["group_size"]))
             g = max([x for x in sizes if x <= group_size], default=sizes[0] if sizes else 0)
             sub = df[df["group_size"] == g]
-            cache[key] = _series(sub.assign(cpu_s=np.maximum(sub["cpu_s"].to_numpy(float), 1e-9)), "bytes",
-                                 "cpu_s") if len(sub) else None
-        if cache[key] is None:
-            return np.zeros_like(b)
-        return loglog_interp(b, *cache[key])
+            return _series(sub.assign(cpu_s=np.maximum(sub["cpu_s"].to_numpy(float), 1e-9)), "bytes",
+                           "cpu_s") if len(sub) else None
+
+        curve = self._curve(("collective_cpu", op, scope, concurrent_groups, group_size), build)
+        return np.zeros_like(b) if curve is None else loglog_interp(b, *curve)
 
     def host_copy_time_s(self, nbytes: np.ndarray | float, direction: str = "d2h", pinned: bool = True) -> np.ndarray:
         """Host<->device copy time (on CPU profiles: memcpy, marked direction 'memcpy')."""
-        df = self.tables["host_copy"]
-        sub = df[(df["direction"] == direction) & (df["pinned"] == pinned)]
-        if sub.empty:
-            sub = df[df["direction"] == direction]
-        if sub.empty:
-            sub = df[df["direction"] == "memcpy"]
-        if sub.empty:
-            raise ProfileError(f"profile {self.fingerprint.name!r} has no host-copy table")
-        xs, ys = _series(sub, "bytes", "time_s")
+        def build(p: Profile) -> tuple[np.ndarray, np.ndarray]:
+            df = p.tables["host_copy"]
+            sub = df[(df["direction"] == direction) & (df["pinned"] == pinned)]
+            if sub.empty:
+                sub = df[df["direction"] == direction]
+            if sub.empty:
+                sub = df[df["direction"] == "memcpy"]
+            if sub.empty:
+                raise ProfileError(f"profile {p.fingerprint.name!r} has no host-copy table")
+            return _series(sub, "bytes", "time_s")
+
+        xs, ys = self._curve(("host_copy", direction, bool(pinned)), build)
         return loglog_interp(np.asarray(nbytes, dtype=float), xs, ys, below="clamp", above="proportional")
 
     def memory_time_s(self, nbytes: np.ndarray | float) -> np.ndarray:
         """A memory-bound kernel moving `nbytes` (read + written): the measured time-vs-bytes curve, the
         smallest size's time as the launch floor, the largest size's bandwidth held beyond it."""
-        key = ("memory",)
-        cache = self.__dict__.setdefault("_cache", {})
-        if key not in cache:
-            df = self.tables["memory"]
+        def build(p: Profile) -> tuple[np.ndarray, np.ndarray]:
+            df = p.tables["memory"]
             if df.empty:
-                raise ProfileError(f"profile {self.fingerprint.name!r} has no memory table; measure it with "
+                raise ProfileError(f"profile {p.fingerprint.name!r} has no memory table; measure it with "
                                    "`meshplan profile --ops memory`")
             xs, ys = _series(df, "bytes", "time_s")
-            cache[key] = (xs, np.maximum.accumulate(ys))  # moving more bytes never takes less time
-        xs, ys = cache[key]
+            return xs, np.maximum.accumulate(ys)  # moving more bytes never takes less time
+
+        xs, ys = self._curve(("memory",), build)
         return loglog_interp(np.asarray(nbytes, dtype=float), xs, ys, below="clamp", above="proportional")
 
     def memory_kind_ratio(self, kind: str) -> float:

@@ -88,12 +88,6 @@ def calibrated_profile(base: Profile, p: Physical, *, name: str | None = None, n
     """`base` with each scaled table's time_s multiplied by its parameter (host_copy kept), the achievable
     memory bandwidth `hbm` (GEMMs' memory-side bound, analytic profiles) divided by the memory multiplier, and
     the two overhead constants set. Fits (T(s) per model) are left out: they describe the base tables."""
-    tables = {}
-    for t, df in base.tables.items():
-        df = df.copy()
-        if t in SCALED_TABLES and len(df):
-            df["time_s"] = df["time_s"].astype(float) * getattr(p, t)
-        tables[t] = df
     constants = copy.deepcopy(base.constants)
     if "hbm" in constants:
         constants["hbm"]["value"] = float(constants["hbm"]["value"]) / p.memory
@@ -101,7 +95,8 @@ def calibrated_profile(base: Profile, p: Physical, *, name: str | None = None, n
         constants[k] = {"value": float(getattr(p, k)), "unit": "s", "source": overhead_source}
     fp = dataclasses.replace(base.fingerprint, sha256="", name=name or base.fingerprint.name,
                              notes=base.fingerprint.notes if notes is None else notes)
-    return Profile(fingerprint=fp, tables=tables, constants=constants)
+    return base.with_times_scaled({t: getattr(p, t) for t in SCALED_TABLES}, fingerprint=fp, constants=constants,
+                                  fits={})
 
 
 # ---- inputs: (plan, trace) pairs -------------------------------------------------------------------

@@ -127,3 +127,34 @@ def test_a_collectives_host_cpu_is_read_from_its_column_log_log_in_bytes():
     bare = Profile(fp, {"collective": pd.DataFrame([r[:-1] for r in rows], columns=cols[:-1])})
     assert float(bare.collective_cpu_s("send_recv", 1_000, 2)) == 0.0  # a profile measured before the column
     assert float(load_profile("h100-sxm.analytic").collective_cpu_s("send_recv", 1e6, 2)) == 0.0
+
+
+def _lookups(p: Profile) -> np.ndarray:
+    """One of each lookup the cost model makes, on a profile's tables."""
+    sizes = np.array([1e3, 1e5, 1e7])
+    return np.concatenate([
+        p.gemm_time_s(np.array([64.0, 512.0, 4096.0]), 128, 64),  # a measured table's own (n, k) series
+        p.gemm_time_s(np.array([100.0, 3000.0]), 1000, 700),  # the time-vs-FLOPs curve
+        p.attention_time_s(np.array([100.0, 2000.0]), heads=8, head_dim=96, direction="bwd"),
+        p.collective_time_s("all_reduce", sizes, 2), p.collective_time_s("send_recv", sizes, 2),
+        p.collective_cpu_s("send_recv", sizes, 2), p.host_copy_time_s(sizes, "d2h"),
+        p.memory_time_s(sizes)])
+
+
+@pytest.mark.parametrize("name", ["local-cpu.measured", "h100-sxm.analytic"])
+def test_a_profile_with_scaled_times_prices_as_one_built_from_its_tables(name):
+    factors = {"gemm": 1.3, "attention": 0.8, "memory": 2.0, "collective": 1.5}
+    base = load_profile(name)
+    early = base.with_times_scaled(factors)  # made before the base built any curve: it asks the base when priced
+    got = _lookups(early)
+    built = Profile.from_dict(json.loads(early.to_json()))  # the same tables, every curve built from them
+    assert np.allclose(got, _lookups(built), rtol=1e-12, atol=0)
+    assert np.allclose(_lookups(base.with_times_scaled(factors)), got, rtol=1e-12, atol=0)  # base's curves, rescaled
+    twice = base.with_times_scaled({"gemm": 1.3, "attention": 2.0}).with_times_scaled(
+        {"attention": 0.4, "memory": 2.0, "collective": 1.5})  # the factors compose
+    assert np.allclose(_lookups(twice), got, rtol=1e-12, atol=0)
+    assert np.array_equal(_lookups(base), _lookups(load_profile(name)))  # the base is left as it was
+    assert early.path is None and early.tables["host_copy"].equals(base.tables["host_copy"])
+    for bad in ({"gemm": 0.0}, {"gemm": math.nan}, {"flops": 2.0}):
+        with pytest.raises(ProfileError, match="cannot scale"):
+            base.with_times_scaled(bad)
