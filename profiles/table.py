@@ -28,6 +28,7 @@ Interpolation is piecewise-linear in log-log space. Extrapolation, by table:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -288,7 +289,8 @@ class Profile:
                 df["time_s"] = df["time_s"].astype(float) * factors[t]
             tables[t] = df
         origin, before = self.__dict__.get("_scaled_from", (self, {}))
-        out = replace(self, tables=tables, **changes)
+        own = {"constants": copy.deepcopy(self.constants), "fits": copy.deepcopy(self.fits)}  # not the origin's dicts
+        out = replace(self, tables=tables, **{**own, **changes})
         out.path = None
         out.__dict__["_scaled_from"] = (origin, {t: before.get(t, 1.0) * factors.get(t, 1.0)
                                                  for t in set(before) | set(factors)})

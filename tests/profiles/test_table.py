@@ -155,6 +155,8 @@ def test_a_profile_with_scaled_times_prices_as_one_built_from_its_tables(name):
     assert np.allclose(_lookups(twice), got, rtol=1e-12, atol=0)
     assert np.array_equal(_lookups(base), _lookups(load_profile(name)))  # the base is left as it was
     assert early.path is None and early.tables["host_copy"].equals(base.tables["host_copy"])
+    early.constants["x"] = {"value": 1.0}
+    assert "x" not in base.constants  # its own constants
     for bad in ({"gemm": 0.0}, {"gemm": math.nan}, {"flops": 2.0}):
         with pytest.raises(ProfileError, match="cannot scale"):
             base.with_times_scaled(bad)
