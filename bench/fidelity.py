@@ -20,7 +20,8 @@ its last member's start to its last member's end: planner.simulate.measured), fi
 --profile's), then leave-one-plan-out: each plan predicted by
 `meshplan calibrate`'s fit on the other five (planner.studies.calibrate with that plan held out). The measured step
 is broken down from the trace (slowest rank's units, P2P wait, TP all-reduces, gradient sync, optimizer, Python's
-garbage collector, CPU time / wall time) next to the prediction's terms, so a miss can be traced to its cause. Load
+garbage collector, CPU time / wall time) next to the prediction's terms, so a miss can be traced to its cause; the
+units' own-thread CPU against their priced compute, per plan and pooled by kind of unit (`unit_kind`). Load
 average at start and end, and per plan the host probe's time around its replay over the profile's (1: the host
 computed as fast as when profiled): the machine may be shared.
 
@@ -46,6 +47,9 @@ from pathlib import Path
 sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
 
 PROFILE = "local-cpu.measured"
+# Units' CPU is also reported by kind: context-parallel units, and packed ones at most this many tokens (a few ms of
+# the tiny model's compute, where fixed per-op costs and the host's state weigh most) or more [choice]
+SHORT_UNIT_TOKENS = 256
 LENGTHS = "lognormal:median=300,sigma=1.4,max=4096"
 MAX_CONTEXT_TOKENS = 4096
 
@@ -162,6 +166,8 @@ class PlanFigures:
     # pipelines, by op "F2/4" (kind, slice / slices): the median over its sliced units' ops of each op's priced
     # compute / median own-thread CPU − 1 (compare_measured's ops)
     slice_cpu_errors: dict[str, float] = field(default_factory=dict)
+    # the cpu_errors by kind of unit (unit_kind)
+    cpu_errors_by_kind: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def step_error(self) -> float:
@@ -185,8 +191,12 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
     for u in c.units:
         units.setdefault((u["unit"], u["stage"]), []).append(u)
     errs = [v[0]["predicted_s"] / statistics.median(x["measured_s"] for x in v) - 1 for v in units.values()]
-    cpu = [v[0]["predicted_cpu_s"] / statistics.median(x["thread_cpu_s"] for x in v) - 1 for v in units.values()
-           if "predicted_cpu_s" in v[0]]
+    cpu_by = {key: v[0]["predicted_cpu_s"] / statistics.median(x["thread_cpu_s"] for x in v) - 1
+              for key, v in units.items() if "predicted_cpu_s" in v[0]}
+    kind = {u.id: unit_kind(u) for u in plan.steps[0].units}
+    by_kind: dict[str, list[float]] = {}
+    for (uid, _), err in cpu_by.items():
+        by_kind.setdefault(kind[uid], []).append(err)
     slices = {u.id: u.slices for u in plan.steps[0].units}
     ops: dict[tuple, list[dict]] = {}
     for o in c.ops:
@@ -197,8 +207,18 @@ def figures(plan, cm, trace: dict) -> PlanFigures:
         err = v[0]["predicted_cpu_s"] / statistics.median(x["thread_cpu_s"] for x in v) - 1
         by_slice.setdefault(f"{kind}{j}/{slices[uid]}", []).append(err)
     return PlanFigures(c.steps[0]["predicted_s"], statistics.median(s["measured_s"] for s in c.steps), errs,
-                       c.host_slowdown, c.other_load.replay_cores if c.other_load else None, cpu,
-                       {k: statistics.median(v) for k, v in sorted(by_slice.items())})
+                       c.host_slowdown, c.other_load.replay_cores if c.other_load else None, list(cpu_by.values()),
+                       {k: statistics.median(v) for k, v in sorted(by_slice.items())}, by_kind)
+
+
+UNIT_KINDS = ("context-parallel", f"packed, <= {SHORT_UNIT_TOKENS} tokens", f"packed, > {SHORT_UNIT_TOKENS} tokens")
+
+
+def unit_kind(unit) -> str:
+    """One of UNIT_KINDS: a unit over several ranks, or a packed one by its tokens."""
+    if unit.degree > 1:
+        return UNIT_KINDS[0]
+    return UNIT_KINDS[1] if sum(p.end - p.start for p in unit.pieces) <= SHORT_UNIT_TOKENS else UNIT_KINDS[2]
 
 
 def measured_breakdown(trace: dict) -> dict[str, float]:
@@ -397,6 +417,16 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"| {n} | " + (f"{_pct(float(np.median(cpu)))} | {_abs_pct(float(np.median(np.abs(cpu))))} / "
                              f"{_abs_pct(float(np.max(np.abs(cpu))))} | " if cpu else "- | - | ")
               + f"{_ms(mb['thread_cpu_s'])} | {_ms(mb['helper_cpu_s'])} | {_ms(mb['outside_cpu_s'])} |")
+    pooled = {k: [(n, e) for n in traces for e in base[n].cpu_errors_by_kind.get(k, ())] for k in UNIT_KINDS}
+    if any(pooled.values()):
+        print("\nUnits' CPU error by kind of unit, pooled over the plans (each unit's, as above):\n")
+        print("| kind | units | plans | median (signed) | quartiles |")
+        print("|---|---|---|---|---|")
+        for k, v in pooled.items():
+            if v:
+                e = np.array([x for _, x in v])
+                print(f"| {k} | {len(v)} | {', '.join(dict.fromkeys(n for n, _ in v))} | {_pct(float(np.median(e)))} | "
+                      f"{_pct(float(np.percentile(e, 25)))} / {_pct(float(np.percentile(e, 75)))} |")
     sliced = [n for n in traces if base[n].slice_cpu_errors]
     if sliced:
         print("\nSliced units' pipeline ops, each op's own-thread CPU (the trace's ops) against its priced compute "
