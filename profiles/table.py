@@ -153,7 +153,18 @@ def _rescaled(curve: Any, factor: float) -> Any:
     if isinstance(curve, dict):
         return {g: _rescaled(c, factor) for g, c in curve.items()}
     xs, ys = curve
-    return xs, ys * factor
+    return xs, _read_only((ys * factor,))[0]
+
+
+def _read_only(curve: Any) -> Any:
+    """A cached lookup curve with its arrays made read-only: profiles made by with_times_scaled share them."""
+    if isinstance(curve, dict):
+        for c in curve.values():
+            _read_only(c)
+    elif curve is not None:
+        for a in curve:
+            a.setflags(write=False)
+    return curve
 
 
 def _series(df: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +188,9 @@ class Fingerprint:
 
 @dataclass
 class Profile:
-    """Tables + fingerprint + fitted coefficients, with the interpolation the cost model uses."""
+    """Tables + fingerprint + fitted coefficients, with the interpolation the cost model uses. Lookups cache the
+    curves they build from the tables (`_curve`), so the tables are read-only once a profile is priced: a changed
+    table is a new profile (`with_times_scaled`, or the constructor)."""
 
     fingerprint: Fingerprint
     tables: dict[str, pd.DataFrame]
@@ -303,10 +316,13 @@ class Profile:
         if key not in cache:
             origin, factors = self.__dict__.get("_scaled_from", (None, {}))
             if origin is None:
-                cache[key] = build(self)
+                cache[key] = _read_only(build(self))
             else:
                 table, power = _CURVE_SCALING[key[0]]
-                cache[key] = _rescaled(origin._curve(key, build), factors.get(table, 1.0) ** power)
+                try:
+                    cache[key] = _rescaled(origin._curve(key, build), factors.get(table, 1.0) ** power)
+                except ProfileError:  # raised again from this profile's own tables, naming it
+                    cache[key] = _read_only(build(self))
         return cache[key]
 
     # ---- lookups ----------------------------------------------------------------------------
@@ -334,7 +350,7 @@ class Profile:
         xs, ys = self._gemm_generic(dtype)  # (cached) raises where the table has no `dtype` rows
         quantise = self.times_gemm_shapes
         if not quantise and np.ndim(k) == 0:  # a measured table's own series of this (n, k)
-            exact = self._curve(("gemm_exact", dtype, int(n), int(k)), lambda p: p._gemm_exact(dtype, n, k))
+            exact = self._curve(("gemm_exact", dtype, n, k), lambda p: p._gemm_exact(dtype, n, k))
             if exact is not None:
                 return loglog_interp(m_arr, *exact, below="clamp", above="proportional")
         if not quantise:
@@ -498,7 +514,7 @@ class Profile:
                 raise ProfileError(f"profile {p.fingerprint.name!r} has no host-copy table")
             return _series(sub, "bytes", "time_s")
 
-        xs, ys = self._curve(("host_copy", direction, bool(pinned)), build)
+        xs, ys = self._curve(("host_copy", direction, pinned), build)
         return loglog_interp(np.asarray(nbytes, dtype=float), xs, ys, below="clamp", above="proportional")
 
     def memory_time_s(self, nbytes: np.ndarray | float) -> np.ndarray:
