@@ -218,7 +218,7 @@ def unit_kind(unit) -> str:
     """One of UNIT_KINDS: a unit over several ranks, or a packed one by its tokens."""
     if unit.degree > 1:
         return UNIT_KINDS[0]
-    return UNIT_KINDS[1] if sum(p.end - p.start for p in unit.pieces) <= SHORT_UNIT_TOKENS else UNIT_KINDS[2]
+    return UNIT_KINDS[1] if unit.tokens <= SHORT_UNIT_TOKENS else UNIT_KINDS[2]
 
 
 def measured_breakdown(trace: dict) -> dict[str, float]:

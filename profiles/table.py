@@ -302,8 +302,8 @@ class Profile:
                 df["time_s"] = df["time_s"].astype(float) * factors[t]
             tables[t] = df
         origin, before = self.__dict__.get("_scaled_from", (self, {}))
-        own = {"constants": copy.deepcopy(self.constants), "fits": copy.deepcopy(self.fits)}  # not the origin's dicts
-        out = replace(self, tables=tables, **{**own, **changes})
+        own = {k: copy.deepcopy(getattr(self, k)) for k in ("constants", "fits") if k not in changes}  # not shared
+        out = replace(self, tables=tables, **own, **changes)
         out.path = None
         out.__dict__["_scaled_from"] = (origin, {t: before.get(t, 1.0) * factors.get(t, 1.0)
                                                  for t in set(before) | set(factors)})
